@@ -1,0 +1,36 @@
+# The front door: `make` builds into build/, `make check` runs every test, `make demo` runs the tour.
+# Each target first installs missing Debian packages (scripts/install-deps.sh, idempotent).
+BUILD      ?= build
+ASAN_BUILD ?= build-asan
+PYTEST     ?= /usr/bin/python3 -m pytest
+
+.PHONY: all deps check check-unit check-asan check-integration demo bench clean
+
+all: deps $(BUILD)/build.ninja
+	ninja -C $(BUILD)
+
+deps:
+	@scripts/install-deps.sh
+
+$(BUILD)/build.ninja:
+	meson setup $(BUILD)
+
+$(ASAN_BUILD)/build.ninja:
+	meson setup $(ASAN_BUILD) -Db_sanitize=address,undefined -Db_lundef=false
+
+asan: deps $(ASAN_BUILD)/build.ninja
+	ninja -C $(ASAN_BUILD)
+
+check: all asan
+	meson test -C $(BUILD) --print-errorlogs
+	meson test -C $(ASAN_BUILD) --print-errorlogs
+	VDISK_BUILD=$(CURDIR)/$(ASAN_BUILD) $(PYTEST) -q tests/integration
+
+demo: all
+	scripts/demo.sh
+
+bench: all
+	bench/run.sh
+
+clean:
+	rm -rf $(BUILD) $(ASAN_BUILD)

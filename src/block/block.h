@@ -1,0 +1,263 @@
+/*
+ * block.h - the block layer's contract: nodes, drivers, chains.
+ *
+ * A BlockNode is one open layer: a protocol node (file, nbd) that moves bytes, or a format node
+ * (qcow2, raw) that interprets the bytes of its `file` child and may have a `backing` child.
+ * A backing chain is format nodes linked by `backing`: top -> ... -> base.
+ *
+ * Every I/O entry point takes byte offsets and lengths (no alignment required from callers) and
+ * returns 0 or -errno. Reads of regions a format does not allocate fall through to the backing node,
+ * or read as zeroes when there is none (or the offset is past the backing node's end).
+ *
+ * Threads: the vd_* I/O functions may be called from several threads on one node at once; a driver
+ * protects its own metadata (see each driver's header comment). Opening, closing and reshaping a
+ * chain (vd_node_set_backing, vd_node_unref) are done by one thread while no I/O is in flight.
+ */
+#ifndef VDISK_BLOCK_BLOCK_H
+#define VDISK_BLOCK_BLOCK_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "util/error.h"
+
+typedef struct BlockNode BlockNode;
+typedef struct BlockDriver BlockDriver;
+typedef struct json_t json_t; /* jansson */
+
+/* Request flags (vd_pwrite, vd_pwrite_zeroes, vd_pdiscard). */
+enum {
+    VD_REQ_FUA = 1 << 0,         /* durable before completion (write through) */
+    VD_REQ_MAY_UNMAP = 1 << 1,   /* write-zeroes may deallocate instead of writing zeroes */
+    VD_REQ_NO_FALLBACK = 1 << 2, /* write-zeroes must be fast (metadata only) or fail -ENOTSUP */
+    VD_REQ_FULL_DISCARD = 1 << 3 /* discard makes the range unallocated (backing shows through) */
+};
+
+/* Block status flags, per layer (driver) and across a chain (vd_block_status_above). */
+enum {
+    VD_BS_DATA = 1 << 0,         /* reads return data stored at *map in *file (or compressed) */
+    VD_BS_ZERO = 1 << 1,         /* reads return zeroes */
+    VD_BS_OFFSET_VALID = 1 << 2, /* st->offset / *map is a valid host offset in st->file */
+    VD_BS_ALLOCATED = 1 << 3     /* the content is decided by this layer, not by its backing */
+};
+
+typedef enum {
+    VD_PREALLOC_OFF,
+    VD_PREALLOC_METADATA,
+    VD_PREALLOC_FALLOC,
+    VD_PREALLOC_FULL
+} VdPrealloc;
+
+/* Open flags. */
+enum {
+    VD_OPEN_RDWR = 1 << 0,
+    VD_OPEN_NO_BACKING = 1 << 1,  /* do not open the backing chain (backing: null, or -u) */
+    VD_OPEN_ALLOW_PROBE = 1 << 2, /* backing files without a recorded format may be probed */
+    VD_OPEN_DIRECT = 1 << 3,      /* O_DIRECT on file nodes (cache.direct) */
+    VD_OPEN_FORCE_SHARE = 1 << 4, /* -U: open even if another process holds it (no locking) */
+    VD_OPEN_CHECK = 1 << 5        /* opened for check/repair: tolerate a corrupt or dirty image */
+};
+
+typedef struct VdOpenOptions {
+    const char *filename;     /* path (file protocol) or nbd URI */
+    const char *format;       /* "qcow2", "raw", NULL = probe (top image only: the user named it) */
+    const char *node_name;    /* optional; generated when NULL */
+    int flags;                /* VD_OPEN_* */
+    BlockNode *backing;       /* use this node as backing instead of the header's (takes a ref) */
+    BlockNode *file;          /* use this protocol node as the file child (takes a ref) */
+} VdOpenOptions;
+
+typedef struct VdCreateOptions {
+    const char *format;        /* "qcow2" or "raw" */
+    uint64_t size;             /* virtual size; 0 with backing_file = take the backing's size */
+    bool size_given;
+    const char *backing_file;  /* as it will be recorded (relative stays relative) */
+    const char *backing_fmt;
+    bool unsafe;               /* -u: do not open the backing file */
+    uint64_t cluster_size;     /* 0 = default (64 KiB) */
+    const char *compat;        /* "0.10" / "v2" or "1.1" / "v3"; NULL = 1.1 */
+    bool lazy_refcounts;
+    int refcount_bits;         /* 0 = default 16 */
+    VdPrealloc prealloc;
+    bool extended_l2;
+    const char *compression_type; /* NULL/"zlib" or "zstd" */
+} VdCreateOptions;
+
+typedef struct VdCheckResult {
+    int corruptions;
+    int leaks;
+    int check_errors;
+    int corruptions_fixed;
+    int leaks_fixed;
+    uint64_t image_end_offset;
+    uint64_t allocated_clusters;
+    uint64_t total_clusters;
+    uint64_t fragmented_clusters;
+    uint64_t compressed_clusters;
+    char *filename;
+    const char *format;
+} VdCheckResult;
+
+enum { VD_FIX_LEAKS = 1 << 0, VD_FIX_ERRORS = 1 << 1 };
+
+/* One extent of chain block status (see vd_block_status_above). */
+typedef struct VdBlockStatus {
+    int flags;        /* VD_BS_* */
+    int depth;        /* layer index from top (0) where allocated; if not allocated: layers visited */
+    uint64_t offset;  /* host offset in `file`, valid when VD_BS_OFFSET_VALID */
+    BlockNode *file;  /* the protocol node holding the data, when VD_BS_OFFSET_VALID */
+    BlockNode *layer; /* the layer deciding the content (NULL if unallocated everywhere) */
+} VdBlockStatus;
+
+/*
+ * The driver vtable. A format or protocol fills in what it supports; NULL means "not supported"
+ * (the generic layer turns that into -ENOTSUP or an emulation, as documented at each vd_* call).
+ */
+struct BlockDriver {
+    const char *name;
+    bool is_protocol;
+    bool supports_backing;
+    size_t state_size; /* bytes of driver state allocated in node->opaque */
+
+    /* Recognise the format from the first bytes of a file; returns a score 0..100. */
+    int (*probe)(const uint8_t *buf, size_t len, const char *filename);
+
+    int (*open)(BlockNode *bs, const VdOpenOptions *opts, VdError **errp);
+    void (*close)(BlockNode *bs);
+    int (*create)(const char *filename, const VdCreateOptions *opts, VdError **errp);
+
+    int (*pread)(BlockNode *bs, uint64_t offset, uint64_t bytes, void *buf);
+    int (*pwrite)(BlockNode *bs, uint64_t offset, uint64_t bytes, const void *buf, int flags);
+    int (*pwrite_zeroes)(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags);
+    int (*pdiscard)(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags);
+    /* Compressed write of whole clusters (convert -c); offset/bytes cluster aligned. */
+    int (*pwrite_compressed)(BlockNode *bs, uint64_t offset, uint64_t bytes, const void *buf);
+    int (*flush)(BlockNode *bs);
+
+    /*
+     * Status of [offset, offset+bytes) in this layer only. Sets *pnum (>0, <= bytes) to the
+     * length of the extent that shares the returned VD_BS_* flags; *map / *file when OFFSET_VALID.
+     */
+    int (*block_status)(BlockNode *bs, uint64_t offset, uint64_t bytes, uint64_t *pnum,
+                        uint64_t *map, BlockNode **file);
+
+    int64_t (*getlength)(BlockNode *bs);
+    int64_t (*allocated_size)(BlockNode *bs); /* bytes used on the host (info's disk size) */
+    int (*truncate)(BlockNode *bs, uint64_t size, bool shrink, VdPrealloc prealloc,
+                    VdError **errp);
+    /* Rewrite the recorded backing file name and format (NULL, NULL = no backing). */
+    int (*change_backing_file)(BlockNode *bs, const char *backing_file, const char *backing_fmt,
+                               VdError **errp);
+    int (*check)(BlockNode *bs, VdCheckResult *res, int fix, VdError **errp);
+    /* qemu-img measure: bytes needed for an image of opts holding src's data (src may be NULL). */
+    int (*measure)(const VdCreateOptions *opts, BlockNode *src, uint64_t *required,
+                   uint64_t *fully_allocated, VdError **errp);
+    /* Format-specific info as qemu-img's "format-specific" {"type":..,"data":{..}}; new ref. */
+    json_t *(*get_specific_info)(BlockNode *bs);
+    /* Cluster size, for map/convert granularity (0 = none). */
+    uint32_t (*cluster_size)(BlockNode *bs);
+};
+
+struct BlockNode {
+    const BlockDriver *drv;
+    void *opaque;            /* driver state, drv->state_size bytes */
+    char *node_name;
+    char *filename;          /* what the user named: path or URI */
+    BlockNode *file;         /* protocol child of a format node */
+    BlockNode *backing;      /* backing child (format nodes) or NULL */
+    char *backing_file;      /* backing name as recorded in the image (may be relative) */
+    char *backing_format;    /* backing format as recorded in the image, or NULL */
+    char *full_backing_filename; /* backing_file resolved against filename's directory */
+    int open_flags;          /* VD_OPEN_* it was opened with */
+    bool read_only;
+    int refcnt;
+};
+
+/* ---- registry ---- */
+const BlockDriver *vd_find_driver(const char *name);
+extern const BlockDriver vd_drv_file;
+extern const BlockDriver vd_drv_raw;
+extern const BlockDriver vd_drv_qcow2;
+
+/* ---- opening and chains ---- */
+
+/*
+ * Open an image and (unless VD_OPEN_NO_BACKING) its backing chain. Relative backing names resolve
+ * against the directory of the image naming them. A missing backing file or a loop is an error;
+ * a backing file with no recorded format is an error unless VD_OPEN_ALLOW_PROBE.
+ * Returns a node with refcnt 1, or NULL with *errp set.
+ */
+BlockNode *vd_open(const VdOpenOptions *opts, VdError **errp);
+/* Convenience: vd_open with only filename, format and flags. */
+BlockNode *vd_open_image(const char *filename, const char *format, int flags, VdError **errp);
+void vd_node_ref(BlockNode *bs);
+/* Drop a reference; the last one flushes, closes the driver and unrefs file and backing. */
+void vd_node_unref(BlockNode *bs);
+
+/* Probe a file's format ("qcow2" or "raw"); NULL with *errp on I/O error. */
+const char *vd_probe_format(const char *filename, VdError **errp);
+
+/* Create an image (file + format). */
+int vd_create(const VdCreateOptions *opts, const char *filename, VdError **errp);
+
+/* Replace bs's in-memory backing child (ref taken on new_backing, old one unref'ed). Does not touch the header. */
+void vd_node_set_backing(BlockNode *bs, BlockNode *new_backing);
+/* Rewrite bs's recorded backing file/format (header) and update bs->backing_file & co. */
+int vd_change_backing_file(BlockNode *bs, const char *backing_file, const char *backing_fmt,
+                           VdError **errp);
+
+/* Chain helpers: depth of `layer` under `top` (0 = top) or -1; bottom-most node. */
+int vd_chain_depth(BlockNode *top, BlockNode *layer);
+BlockNode *vd_chain_bottom(BlockNode *top);
+/* Find a node in top's chain by node name or by filename (as given or resolved). */
+BlockNode *vd_chain_find(BlockNode *top, const char *name_or_file);
+
+/*
+ * Resolve a backing name recorded in `image_filename` (relative to its directory, unless absolute
+ * or a URI). Returns a malloc'ed string.
+ */
+char *vd_resolve_backing_path(const char *image_filename, const char *backing_file);
+/* Express target_path relative to the directory of image_filename (for rebase/commit -b). */
+char *vd_relative_path(const char *image_filename, const char *target_path);
+
+/* ---- I/O: these validate ranges (past end = -EINVAL for writes; reads past end = -EINVAL) ---- */
+int64_t vd_getlength(BlockNode *bs);
+int vd_pread(BlockNode *bs, uint64_t offset, uint64_t bytes, void *buf);
+int vd_pwrite(BlockNode *bs, uint64_t offset, uint64_t bytes, const void *buf, int flags);
+/* Emulated with zero-filled writes when the driver cannot (unless VD_REQ_NO_FALLBACK). */
+int vd_pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags);
+/* A no-op (returns 0) where the driver cannot discard. */
+int vd_pdiscard(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags);
+int vd_pwrite_compressed(BlockNode *bs, uint64_t offset, uint64_t bytes, const void *buf);
+int vd_flush(BlockNode *bs);
+int vd_truncate(BlockNode *bs, uint64_t size, bool shrink, VdPrealloc prealloc, VdError **errp);
+
+/*
+ * Block status of one layer (bs only), with generic completion: a range a format leaves
+ * unallocated and that has no backing (or is past the backing's end) gets VD_BS_ZERO.
+ */
+int vd_block_status(BlockNode *bs, uint64_t offset, uint64_t bytes, uint64_t *pnum,
+                    VdBlockStatus *st);
+
+/*
+ * Block status across the chain from top down to, but excluding, base (base NULL = whole chain).
+ * The result describes the first extent starting at offset (*pnum bytes) that has one status:
+ * VD_BS_ALLOCATED set when some layer above base decides the content (st->depth, st->layer);
+ * unset when every layer above base defers to its backing (the data comes from base or below,
+ * or reads zero when the chain ends). This is what live copy uses to skip a shared base.
+ */
+int vd_block_status_above(BlockNode *top, BlockNode *base, uint64_t offset, uint64_t bytes,
+                          uint64_t *pnum, VdBlockStatus *st);
+
+/* Is [offset, offset+bytes) allocated in some layer above base? *pnum = extent length. */
+int vd_is_allocated_above(BlockNode *top, BlockNode *base, uint64_t offset, uint64_t bytes,
+                          uint64_t *pnum);
+
+/* ---- info ---- */
+int vd_check(BlockNode *bs, VdCheckResult *res, int fix, VdError **errp);
+void vd_check_result_clear(VdCheckResult *res);
+/* qemu-img info's JSON object for one node (without the backing chain); new reference. */
+json_t *vd_image_info(BlockNode *bs, VdError **errp);
+
+#endif
