@@ -1,0 +1,221 @@
+/*
+ * nbd-protocol.h - NBD wire constants (fixed newstyle handshake, transmission, structured replies)
+ * and the server-internal types shared by the handshake, transmission and server files.
+ * Every multi-byte field on the wire is big-endian; these are the only definitions of them.
+ */
+#ifndef VDISK_NBD_NBD_PROTOCOL_H
+#define VDISK_NBD_NBD_PROTOCOL_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "block/block.h"
+#include "block/tracking.h"
+#include "nbd/nbd-server.h"
+
+/* ---- handshake ---- */
+#define NBD_MAGIC 0x4e42444d41474943ULL      /* "NBDMAGIC" */
+#define NBD_OPTS_MAGIC 0x49484156454F5054ULL /* "IHAVEOPT" */
+#define NBD_REP_MAGIC 0x0003e889045565a9ULL  /* option reply magic */
+
+#define NBD_FLAG_FIXED_NEWSTYLE (1 << 0)
+#define NBD_FLAG_NO_ZEROES (1 << 1)
+#define NBD_FLAG_C_FIXED_NEWSTYLE (1 << 0)
+#define NBD_FLAG_C_NO_ZEROES (1 << 1)
+
+#define NBD_OPT_EXPORT_NAME 1
+#define NBD_OPT_ABORT 2
+#define NBD_OPT_LIST 3
+#define NBD_OPT_STARTTLS 5
+#define NBD_OPT_INFO 6
+#define NBD_OPT_GO 7
+#define NBD_OPT_STRUCTURED_REPLY 8
+#define NBD_OPT_LIST_META_CONTEXT 9
+#define NBD_OPT_SET_META_CONTEXT 10
+
+#define NBD_REP_ACK 1
+#define NBD_REP_SERVER 2
+#define NBD_REP_INFO 3
+#define NBD_REP_META_CONTEXT 4
+#define NBD_REP_ERR(n) ((1U << 31) | (n))
+#define NBD_REP_ERR_UNSUP NBD_REP_ERR(1)
+#define NBD_REP_ERR_POLICY NBD_REP_ERR(2)
+#define NBD_REP_ERR_INVALID NBD_REP_ERR(3)
+#define NBD_REP_ERR_PLATFORM NBD_REP_ERR(4)
+#define NBD_REP_ERR_TLS_REQD NBD_REP_ERR(5)
+#define NBD_REP_ERR_UNKNOWN NBD_REP_ERR(6)
+#define NBD_REP_ERR_SHUTDOWN NBD_REP_ERR(7)
+#define NBD_REP_ERR_BLOCK_SIZE_REQD NBD_REP_ERR(8)
+#define NBD_REP_ERR_TOO_BIG NBD_REP_ERR(9)
+
+#define NBD_INFO_EXPORT 0
+#define NBD_INFO_NAME 1
+#define NBD_INFO_DESCRIPTION 2
+#define NBD_INFO_BLOCK_SIZE 3
+
+/* ---- transmission flags (16 bits, sent with the export size) ---- */
+#define NBD_FLAG_HAS_FLAGS (1 << 0)
+#define NBD_FLAG_READ_ONLY (1 << 1)
+#define NBD_FLAG_SEND_FLUSH (1 << 2)
+#define NBD_FLAG_SEND_FUA (1 << 3)
+#define NBD_FLAG_ROTATIONAL (1 << 4)
+#define NBD_FLAG_SEND_TRIM (1 << 5)
+#define NBD_FLAG_SEND_WRITE_ZEROES (1 << 6)
+#define NBD_FLAG_SEND_DF (1 << 7)
+#define NBD_FLAG_CAN_MULTI_CONN (1 << 8)
+#define NBD_FLAG_SEND_RESIZE (1 << 9)
+#define NBD_FLAG_SEND_CACHE (1 << 10)
+#define NBD_FLAG_SEND_FAST_ZERO (1 << 11)
+
+/* ---- requests ---- */
+#define NBD_REQUEST_MAGIC 0x25609513U
+#define NBD_SIMPLE_REPLY_MAGIC 0x67446698U
+#define NBD_STRUCTURED_REPLY_MAGIC 0x668e33efU
+#define NBD_REQUEST_SIZE 28
+#define NBD_SIMPLE_REPLY_SIZE 16
+#define NBD_CHUNK_HEADER_SIZE 20
+
+#define NBD_CMD_FLAG_FUA (1 << 0)
+#define NBD_CMD_FLAG_NO_HOLE (1 << 1)
+#define NBD_CMD_FLAG_DF (1 << 2)
+#define NBD_CMD_FLAG_REQ_ONE (1 << 3)
+#define NBD_CMD_FLAG_FAST_ZERO (1 << 4)
+
+#define NBD_CMD_READ 0
+#define NBD_CMD_WRITE 1
+#define NBD_CMD_DISC 2
+#define NBD_CMD_FLUSH 3
+#define NBD_CMD_TRIM 4
+#define NBD_CMD_CACHE 5
+#define NBD_CMD_WRITE_ZEROES 6
+#define NBD_CMD_BLOCK_STATUS 7
+
+#define NBD_REPLY_FLAG_DONE (1 << 0)
+#define NBD_REPLY_TYPE_NONE 0
+#define NBD_REPLY_TYPE_OFFSET_DATA 1
+#define NBD_REPLY_TYPE_OFFSET_HOLE 2
+#define NBD_REPLY_TYPE_BLOCK_STATUS 5
+#define NBD_REPLY_TYPE_ERROR ((1 << 15) + 1)
+#define NBD_REPLY_TYPE_ERROR_OFFSET ((1 << 15) + 2)
+
+#define NBD_EPERM 1
+#define NBD_EIO 5
+#define NBD_ENOMEM 12
+#define NBD_EINVAL 22
+#define NBD_ENOSPC 28
+#define NBD_EOVERFLOW 75
+#define NBD_ENOTSUP 95
+#define NBD_ESHUTDOWN 108
+
+#define NBD_STATE_HOLE (1 << 0)
+#define NBD_STATE_ZERO (1 << 1)
+#define NBD_META_BASE_ALLOCATION "base:allocation"
+#define NBD_META_ID_BASE_ALLOCATION 1
+
+/* ---- server limits ---- */
+#define NBD_MAX_PAYLOAD (32u * 1024 * 1024) /* largest READ/WRITE/CACHE length we serve */
+#define NBD_MIN_BLOCK 1
+#define NBD_PREF_BLOCK 4096
+#define NBD_MAX_OPTION_LEN 65536            /* option payloads longer than this: disconnect */
+#define NBD_MAX_STRING 4096
+#define NBD_MAX_INFLIGHT_PER_CONN 64        /* reader stops reading when this many are queued */
+#define NBD_MAX_EXTENTS 1024                /* block status descriptors per reply */
+
+/* ---- server-internal types ---- */
+
+struct NbdExport {
+    char *id;
+    char *name;
+    char *description;
+    bool writable;
+    int refcnt;             /* server list + each connection; protected by the server lock */
+    bool deleted;           /* removed from the list; no new clients */
+    unsigned clients;       /* connections in transmission on it (server lock) */
+
+    pthread_mutex_t lock;   /* protects the fields below */
+    pthread_cond_t cond;
+    BlockNode *node;        /* ref held; swapped only while quiesced */
+    BlockTracker *tracker;  /* tracker of node; ref held */
+    unsigned quiesce;       /* drain_begin nesting: > 0 = new requests wait */
+    unsigned in_flight;     /* requests admitted and not yet finished */
+};
+
+typedef struct NbdConn NbdConn;
+struct NbdConn {
+    int fd;
+    NbdExport *exp;           /* set by the handshake (ref held) */
+    bool attached;            /* counted in exp->clients */
+    bool structured;          /* NBD_OPT_STRUCTURED_REPLY negotiated */
+    bool no_zeroes;
+    bool meta_base_alloc;     /* base:allocation selected for exp */
+    char *meta_export;        /* export name the meta context was selected for */
+    uint16_t tflags;          /* transmission flags sent */
+
+    pthread_mutex_t send_lock; /* serialises every write to fd during transmission */
+    pthread_mutex_t lock;      /* protects the fields below */
+    pthread_cond_t cond;       /* reader: in_flight/queued_bytes dropped */
+    pthread_cond_t wcond;      /* writer: a reply was queued or writer_exit set */
+    unsigned in_flight;        /* requests admitted whose reply is not yet sent (or dropped) */
+    uint64_t queued_bytes;     /* payload bytes reserved by those requests (memory bound) */
+    bool dead;                 /* a send failed: stop reading, drop further replies */
+    bool writer_exit;
+    struct NbdReply *rq_head, *rq_tail; /* replies waiting for the writer thread */
+    pthread_t writer;
+
+    pthread_t thread;
+    NbdConn *next;             /* server's connection list (server lock) */
+};
+
+/* nbd-server.c: lookup / refcount helpers for the handshake and transmission. */
+NbdExport *nbd_server_get_export(const char *name); /* new ref, NULL if absent */
+void nbd_export_unref(NbdExport *exp);
+void nbd_server_list_exports(void (*cb)(NbdExport *exp, void *opaque), void *opaque);
+bool nbd_server_shutting_down(void);
+/*
+ * Make conn a client of exp (steals the ref) before the handshake's final reply, so that the client
+ * count is right as soon as the client can send requests. -ENOENT if exp was deleted meanwhile,
+ * -ESHUTDOWN if the server is stopping (the ref is dropped then).
+ */
+int nbd_conn_attach(NbdConn *conn, NbdExport *exp);
+
+/* Admission against drain; returns the node and tracker to use (borrowed until export_leave). */
+void nbd_export_enter(NbdExport *exp, BlockNode **node, BlockTracker **tracker);
+void nbd_export_leave(NbdExport *exp);
+
+/* nbd-io.c: full reads/writes on a socket. 0 on success, -errno (or -EPIPE on EOF). */
+int nbd_read_full(int fd, void *buf, size_t len);
+int nbd_write_full(int fd, const void *buf, size_t len);
+int nbd_discard_bytes(int fd, uint64_t len);
+
+/* nbd-handshake.c: negotiate; 0 = conn->exp set and transmission may start, <0 = drop client. */
+int nbd_handshake(NbdConn *conn);
+
+/* nbd-transmission.c */
+int nbd_pool_start(unsigned nthreads);
+void nbd_pool_stop(void);
+/* Serve requests until the client disconnects; returns once every in-flight request replied. */
+void nbd_transmission(NbdConn *conn);
+
+/* big-endian helpers */
+static inline void nbd_put16(uint8_t *p, uint16_t v) { p[0] = v >> 8; p[1] = v; }
+static inline void nbd_put32(uint8_t *p, uint32_t v)
+{
+    p[0] = v >> 24; p[1] = v >> 16; p[2] = v >> 8; p[3] = v;
+}
+static inline void nbd_put64(uint8_t *p, uint64_t v)
+{
+    nbd_put32(p, v >> 32);
+    nbd_put32(p + 4, (uint32_t)v);
+}
+static inline uint16_t nbd_get16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+static inline uint32_t nbd_get32(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+static inline uint64_t nbd_get64(const uint8_t *p)
+{
+    return (uint64_t)nbd_get32(p) << 32 | nbd_get32(p + 4);
+}
+
+#endif

@@ -1,0 +1,709 @@
+/*
+ * nbd-server.c - the NBD server: listening socket, accept thread, connection threads, the export
+ * registry and export drain (quiesce) for node pivots.
+ * Locking: srv.lock guards the export list, the connection list and every export's refcnt/clients/
+ * deleted fields; exp->lock guards an export's node, tracker, quiesce and in_flight. Never take
+ * srv.lock while holding exp->lock. srv.lock is recursive so nbd_export_foreach callbacks may use
+ * the accessors and finders. A connection thread owns its NbdConn; others only shutdown() its fd.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "nbd/nbd-protocol.h"
+#include "util/log.h"
+
+#define NBD_HANDSHAKE_TIMEOUT_S 30
+#define NBD_SEND_TIMEOUT_S 30
+#define NBD_POOL_THREADS 4
+#define NBD_STOP_GRACE_S 5 /* time clients get to take their last replies at stop */
+
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t cond;      /* signalled when a connection ends or an export loses a client */
+    bool running;
+    bool stopping;
+    int listen_fd;
+    int wake[2];              /* accept thread wake-up pipe */
+    pthread_t accept_thread;
+    char *unix_path;          /* unlinked on stop */
+    uint32_t max_conns;
+    unsigned nconns;
+    NbdConn *conns;
+    NbdExport **exports;
+    size_t nexports;
+} srv = {
+    /* Recursive so that an nbd_export_foreach callback may still use the accessors/finders. */
+    .lock = PTHREAD_RECURSIVE_MUTEX_INITIALIZER_NP,
+    .cond = PTHREAD_COND_INITIALIZER,
+    .listen_fd = -1,
+    .wake = {-1, -1},
+};
+
+/* ---------------- exports ---------------- */
+
+static void export_free(NbdExport *exp)
+{
+    block_tracker_put(exp->tracker);
+    if (exp->node) {
+        vd_node_unref(exp->node);
+    }
+    pthread_mutex_destroy(&exp->lock);
+    pthread_cond_destroy(&exp->cond);
+    free(exp->id);
+    free(exp->name);
+    free(exp->description);
+    free(exp);
+}
+
+/* srv.lock held */
+static void export_unref_locked(NbdExport *exp)
+{
+    if (--exp->refcnt == 0) {
+        export_free(exp);
+    }
+}
+
+void nbd_export_unref(NbdExport *exp)
+{
+    if (!exp) {
+        return;
+    }
+    pthread_mutex_lock(&srv.lock);
+    export_unref_locked(exp);
+    pthread_mutex_unlock(&srv.lock);
+}
+
+static NbdExport *find_locked(const char *id, const char *name)
+{
+    for (size_t i = 0; i < srv.nexports; i++) {
+        NbdExport *e = srv.exports[i];
+        if ((id && strcmp(e->id, id) == 0) || (name && strcmp(e->name, name) == 0)) {
+            return e;
+        }
+    }
+    return NULL;
+}
+
+NbdExport *nbd_server_get_export(const char *name)
+{
+    pthread_mutex_lock(&srv.lock);
+    NbdExport *e = srv.stopping ? NULL : find_locked(NULL, name);
+    if (e) {
+        e->refcnt++;
+    }
+    pthread_mutex_unlock(&srv.lock);
+    return e;
+}
+
+void nbd_server_list_exports(void (*cb)(NbdExport *exp, void *opaque), void *opaque)
+{
+    /* Snapshot with refs so cb (which writes to a socket) runs without srv.lock. */
+    pthread_mutex_lock(&srv.lock);
+    size_t n = srv.nexports;
+    NbdExport **copy = n ? calloc(n, sizeof(*copy)) : NULL;
+    if (n && !copy) {
+        n = 0;
+    }
+    for (size_t i = 0; i < n; i++) {
+        copy[i] = srv.exports[i];
+        copy[i]->refcnt++;
+    }
+    pthread_mutex_unlock(&srv.lock);
+    for (size_t i = 0; i < n; i++) {
+        cb(copy[i], opaque);
+        nbd_export_unref(copy[i]);
+    }
+    free(copy);
+}
+
+bool nbd_server_shutting_down(void)
+{
+    pthread_mutex_lock(&srv.lock);
+    bool s = srv.stopping;
+    pthread_mutex_unlock(&srv.lock);
+    return s;
+}
+
+NbdExport *nbd_export_add(const char *id, const char *name, BlockNode *node, bool writable,
+                          const char *description, VdError **errp)
+{
+    if (!id || !*id || !node) {
+        vd_error_setg(errp, EINVAL, "export id and node are required");
+        return NULL;
+    }
+    if (!name) {
+        name = node->node_name ? node->node_name : id; /* QEMU: defaults to the node name */
+    }
+    if (strlen(name) > NBD_MAX_STRING || (description && strlen(description) > NBD_MAX_STRING)) {
+        vd_error_setg(errp, EINVAL, "export name or description too long");
+        return NULL;
+    }
+    if (writable && node->read_only) {
+        vd_error_setg(errp, EPERM, "node '%s' is read-only, cannot export it writable",
+                      node->node_name ? node->node_name : "?");
+        return NULL;
+    }
+    NbdExport *exp = calloc(1, sizeof(*exp));
+    if (!exp) {
+        vd_error_setg(errp, ENOMEM, "out of memory");
+        return NULL;
+    }
+    exp->id = strdup(id);
+    exp->name = strdup(name);
+    exp->description = description ? strdup(description) : NULL;
+    exp->tracker = block_tracker_get(node);
+    if (!exp->id || !exp->name || (description && !exp->description) || !exp->tracker) {
+        block_tracker_put(exp->tracker);
+        free(exp->id);
+        free(exp->name);
+        free(exp->description);
+        free(exp);
+        vd_error_setg(errp, ENOMEM, "out of memory");
+        return NULL;
+    }
+    exp->writable = writable;
+    exp->refcnt = 1;
+    pthread_mutex_init(&exp->lock, NULL);
+    pthread_cond_init(&exp->cond, NULL);
+
+    pthread_mutex_lock(&srv.lock);
+    int err = 0;
+    if (!srv.running || srv.stopping) {
+        err = ENOTCONN;
+        vd_error_setg(errp, err, "NBD server not running");
+    } else if (find_locked(id, NULL)) {
+        err = EEXIST;
+        vd_error_setg(errp, err, "export id '%s' already exists", id);
+    } else if (find_locked(NULL, name)) {
+        err = EEXIST;
+        vd_error_setg(errp, err, "export name '%s' already exists", name);
+    } else {
+        NbdExport **n = realloc(srv.exports, (srv.nexports + 1) * sizeof(*n));
+        if (!n) {
+            err = ENOMEM;
+            vd_error_setg(errp, err, "out of memory");
+        } else {
+            srv.exports = n;
+            srv.exports[srv.nexports++] = exp;
+        }
+    }
+    pthread_mutex_unlock(&srv.lock);
+    if (err) {
+        exp->node = NULL;
+        export_free(exp);
+        return NULL;
+    }
+    vd_node_ref(node);
+    pthread_mutex_lock(&exp->lock);
+    exp->node = node;
+    pthread_mutex_unlock(&exp->lock);
+    return exp;
+}
+
+/* srv.lock held: take exp out of the list (its list reference is dropped by the caller). */
+static void export_unlist_locked(NbdExport *exp)
+{
+    for (size_t i = 0; i < srv.nexports; i++) {
+        if (srv.exports[i] == exp) {
+            memmove(&srv.exports[i], &srv.exports[i + 1],
+                    (srv.nexports - i - 1) * sizeof(*srv.exports));
+            srv.nexports--;
+            break;
+        }
+    }
+    exp->deleted = true;
+}
+
+/* srv.lock held: hard-disconnect every client of exp and wait until they are gone. */
+static void export_kick_clients_locked(NbdExport *exp)
+{
+    for (NbdConn *c = srv.conns; c; c = c->next) {
+        if (c->exp == exp) {
+            shutdown(c->fd, SHUT_RDWR);
+        }
+    }
+    while (exp->clients > 0) {
+        pthread_cond_wait(&srv.cond, &srv.lock);
+    }
+}
+
+int nbd_export_del(const char *id, bool force, VdError **errp)
+{
+    pthread_mutex_lock(&srv.lock);
+    NbdExport *exp = id ? find_locked(id, NULL) : NULL;
+    if (!exp) {
+        pthread_mutex_unlock(&srv.lock);
+        vd_error_setg(errp, ENOENT, "export '%s' not found", id ? id : "");
+        return -ENOENT;
+    }
+    if (exp->clients > 0 && !force) {
+        pthread_mutex_unlock(&srv.lock);
+        vd_error_setg(errp, EBUSY, "export '%s' has %u connected client(s)", id, exp->clients);
+        return -EBUSY;
+    }
+    export_unlist_locked(exp);
+    export_kick_clients_locked(exp);
+    export_unref_locked(exp);
+    pthread_mutex_unlock(&srv.lock);
+    return 0;
+}
+
+NbdExport *nbd_export_find(const char *id)
+{
+    pthread_mutex_lock(&srv.lock);
+    NbdExport *e = id ? find_locked(id, NULL) : NULL;
+    pthread_mutex_unlock(&srv.lock);
+    return e;
+}
+
+NbdExport *nbd_export_find_by_name(const char *name)
+{
+    pthread_mutex_lock(&srv.lock);
+    NbdExport *e = name ? find_locked(NULL, name) : NULL;
+    pthread_mutex_unlock(&srv.lock);
+    return e;
+}
+
+void nbd_export_foreach(void (*cb)(NbdExport *exp, void *opaque), void *opaque)
+{
+    pthread_mutex_lock(&srv.lock);
+    for (size_t i = 0; i < srv.nexports; i++) {
+        cb(srv.exports[i], opaque);
+    }
+    pthread_mutex_unlock(&srv.lock);
+}
+
+const char *nbd_export_id(const NbdExport *exp) { return exp->id; }
+const char *nbd_export_name(const NbdExport *exp) { return exp->name; }
+bool nbd_export_writable(const NbdExport *exp) { return exp->writable; }
+
+BlockNode *nbd_export_node(const NbdExport *exp)
+{
+    NbdExport *e = (NbdExport *)exp;
+    pthread_mutex_lock(&e->lock);
+    BlockNode *n = e->node;
+    pthread_mutex_unlock(&e->lock);
+    return n;
+}
+
+unsigned nbd_export_client_count(const NbdExport *exp)
+{
+    pthread_mutex_lock(&srv.lock);
+    unsigned n = exp->clients;
+    pthread_mutex_unlock(&srv.lock);
+    return n;
+}
+
+int nbd_conn_attach(NbdConn *conn, NbdExport *exp)
+{
+    pthread_mutex_lock(&srv.lock);
+    int r = exp->deleted ? -ENOENT : srv.stopping ? -ESHUTDOWN : 0;
+    if (r < 0 || conn->exp) {
+        export_unref_locked(exp);
+        pthread_mutex_unlock(&srv.lock);
+        return r < 0 ? r : -EINVAL;
+    }
+    conn->exp = exp;
+    conn->attached = true;
+    exp->clients++;
+    pthread_mutex_unlock(&srv.lock);
+    return 0;
+}
+
+void nbd_export_enter(NbdExport *exp, BlockNode **node, BlockTracker **tracker)
+{
+    pthread_mutex_lock(&exp->lock);
+    while (exp->quiesce > 0) {
+        pthread_cond_wait(&exp->cond, &exp->lock);
+    }
+    exp->in_flight++;
+    *node = exp->node;
+    *tracker = exp->tracker;
+    pthread_mutex_unlock(&exp->lock);
+}
+
+void nbd_export_leave(NbdExport *exp)
+{
+    pthread_mutex_lock(&exp->lock);
+    if (--exp->in_flight == 0) {
+        pthread_cond_broadcast(&exp->cond);
+    }
+    pthread_mutex_unlock(&exp->lock);
+}
+
+void nbd_export_drain_begin(NbdExport *exp)
+{
+    pthread_mutex_lock(&exp->lock);
+    exp->quiesce++;
+    while (exp->in_flight > 0) {
+        pthread_cond_wait(&exp->cond, &exp->lock);
+    }
+    pthread_mutex_unlock(&exp->lock);
+}
+
+void nbd_export_set_node(NbdExport *exp, BlockNode *node)
+{
+    BlockTracker *t = block_tracker_get(node);
+    if (!t) {
+        return; /* ENOMEM: keep serving the old node rather than crash */
+    }
+    vd_node_ref(node);
+    pthread_mutex_lock(&exp->lock);
+    BlockNode *old = exp->node;
+    BlockTracker *old_t = exp->tracker;
+    exp->node = node;
+    exp->tracker = t;
+    pthread_mutex_unlock(&exp->lock);
+    block_tracker_put(old_t);
+    if (old) {
+        vd_node_unref(old);
+    }
+}
+
+void nbd_export_drain_end(NbdExport *exp)
+{
+    pthread_mutex_lock(&exp->lock);
+    if (exp->quiesce > 0 && --exp->quiesce == 0) {
+        pthread_cond_broadcast(&exp->cond);
+    }
+    pthread_mutex_unlock(&exp->lock);
+}
+
+/* ---------------- connections ---------------- */
+
+static void set_timeout(int fd, int optname, int seconds)
+{
+    struct timeval tv = {.tv_sec = seconds};
+    setsockopt(fd, SOL_SOCKET, optname, &tv, sizeof(tv));
+}
+
+static void conn_free(NbdConn *c)
+{
+    pthread_mutex_destroy(&c->send_lock);
+    pthread_mutex_destroy(&c->lock);
+    pthread_cond_destroy(&c->cond);
+    pthread_cond_destroy(&c->wcond);
+    free(c->meta_export);
+    free(c);
+}
+
+static void *conn_thread(void *arg)
+{
+    NbdConn *c = arg;
+    /* A client that stalls the handshake only holds its own thread, and not for ever. */
+    set_timeout(c->fd, SO_RCVTIMEO, NBD_HANDSHAKE_TIMEOUT_S);
+    int r = nbd_handshake(c);
+    if (r < 0 && r != -ECONNABORTED) {
+        vd_log(VD_LOG_INFO, "nbd: client dropped during handshake: %s", strerror(-r));
+    }
+    if (r == 0 && c->attached) {
+        vd_log(VD_LOG_DEBUG, "nbd: client attached to export '%s'", c->exp->name);
+        set_timeout(c->fd, SO_RCVTIMEO, 0);
+        nbd_transmission(c);
+    }
+    pthread_mutex_lock(&srv.lock);
+    if (c->attached) {
+        c->exp->clients--;
+        c->attached = false;
+    }
+    for (NbdConn **pp = &srv.conns; *pp; pp = &(*pp)->next) {
+        if (*pp == c) {
+            *pp = c->next;
+            break;
+        }
+    }
+    close(c->fd);
+    c->fd = -1;
+    if (c->exp) {
+        export_unref_locked(c->exp);
+        c->exp = NULL;
+    }
+    conn_free(c); /* before nconns drops: nbd_server_stop's return means every conn is freed */
+    srv.nconns--;
+    pthread_cond_broadcast(&srv.cond);
+    pthread_mutex_unlock(&srv.lock);
+    return NULL;
+}
+
+static void accept_one(int fd)
+{
+    pthread_mutex_lock(&srv.lock);
+    bool refuse = srv.stopping || (srv.max_conns && srv.nconns >= srv.max_conns);
+    pthread_mutex_unlock(&srv.lock);
+    if (refuse) {
+        close(fd);
+        return;
+    }
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)); /* fails harmlessly on unix */
+    /* A client that stops reading replies must not hold a worker for ever. */
+    set_timeout(fd, SO_SNDTIMEO, NBD_SEND_TIMEOUT_S);
+
+    NbdConn *c = calloc(1, sizeof(*c));
+    if (!c) {
+        close(fd);
+        return;
+    }
+    c->fd = fd;
+    pthread_mutex_init(&c->send_lock, NULL);
+    pthread_mutex_init(&c->lock, NULL);
+    pthread_cond_init(&c->cond, NULL);
+    pthread_cond_init(&c->wcond, NULL);
+
+    pthread_mutex_lock(&srv.lock);
+    c->next = srv.conns;
+    srv.conns = c;
+    srv.nconns++;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    int r = pthread_create(&c->thread, &attr, conn_thread, c);
+    pthread_attr_destroy(&attr);
+    if (r != 0) {
+        srv.conns = c->next;
+        srv.nconns--;
+        pthread_mutex_unlock(&srv.lock);
+        close(fd);
+        conn_free(c);
+        return;
+    }
+    pthread_mutex_unlock(&srv.lock);
+}
+
+static void *accept_thread(void *arg)
+{
+    (void)arg;
+    for (;;) {
+        struct pollfd p[2] = {{.fd = srv.listen_fd, .events = POLLIN},
+                              {.fd = srv.wake[0], .events = POLLIN}};
+        int n = poll(p, 2, -1);
+        if (n < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            break;
+        }
+        if (p[1].revents) {
+            break;
+        }
+        if (p[0].revents & POLLIN) {
+            int fd = accept4(srv.listen_fd, NULL, NULL, SOCK_CLOEXEC);
+            if (fd < 0) {
+                if (errno == EMFILE || errno == ENFILE || errno == ENOMEM) {
+                    usleep(100000); /* out of resources: back off instead of spinning */
+                }
+                continue;
+            }
+            accept_one(fd);
+        }
+    }
+    return NULL;
+}
+
+static int listen_unix(const char *path, VdError **errp)
+{
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    if (!path || strlen(path) >= sizeof(sa.sun_path)) {
+        vd_error_setg(errp, EINVAL, "invalid unix socket path");
+        return -EINVAL;
+    }
+    strcpy(sa.sun_path, path);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        int e = errno;
+        vd_error_setg_errno(errp, e, "socket");
+        return -e;
+    }
+    struct stat st;
+    if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode)) {
+        unlink(path); /* stale socket from an earlier run */
+    }
+    if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(fd, 64) < 0) {
+        int e = errno;
+        close(fd);
+        vd_error_setg_errno(errp, e, "cannot listen on '%s'", path);
+        return -e;
+    }
+    return fd;
+}
+
+static int listen_inet(const char *host, const char *port, VdError **errp)
+{
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+                             .ai_flags = AI_PASSIVE};
+    struct addrinfo *res = NULL;
+    int r = getaddrinfo(host, port, &hints, &res);
+    if (r != 0) {
+        vd_error_setg(errp, EINVAL, "cannot resolve %s:%s: %s", host, port, gai_strerror(r));
+        return -EINVAL;
+    }
+    int err = EADDRNOTAVAIL;
+    for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
+        int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
+        if (fd < 0) {
+            err = errno;
+            continue;
+        }
+        int one = 1;
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, 64) == 0) {
+            freeaddrinfo(res);
+            return fd;
+        }
+        err = errno;
+        close(fd);
+    }
+    freeaddrinfo(res);
+    vd_error_setg_errno(errp, err, "cannot listen on %s:%s", host, port);
+    return -err;
+}
+
+int nbd_server_start(const NbdServerAddress *addr, uint32_t max_connections, VdError **errp)
+{
+    pthread_mutex_lock(&srv.lock);
+    if (srv.running) {
+        pthread_mutex_unlock(&srv.lock);
+        vd_error_setg(errp, EEXIST, "NBD server already running");
+        return -EEXIST;
+    }
+    pthread_mutex_unlock(&srv.lock);
+
+    int fd;
+    char *upath = NULL;
+    if (addr && addr->type == NBD_ADDR_UNIX) {
+        fd = listen_unix(addr->path, errp);
+        if (fd >= 0 && !(upath = strdup(addr->path))) {
+            close(fd);
+            unlink(addr->path);
+            vd_error_setg(errp, ENOMEM, "out of memory");
+            return -ENOMEM;
+        }
+    } else {
+        const char *host = addr && addr->host ? addr->host : "127.0.0.1";
+        const char *port = addr && addr->port ? addr->port : "10809";
+        fd = listen_inet(host, port, errp);
+    }
+    if (fd < 0) {
+        return fd;
+    }
+    int r = nbd_pool_start(NBD_POOL_THREADS);
+    if (r < 0 || pipe2(srv.wake, O_CLOEXEC) < 0) {
+        if (r == 0) {
+            r = -errno;
+            nbd_pool_stop();
+        }
+        close(fd);
+        if (upath) {
+            unlink(upath);
+        }
+        free(upath);
+        vd_error_setg_errno(errp, -r, "cannot start the NBD server");
+        return r;
+    }
+    pthread_mutex_lock(&srv.lock);
+    srv.listen_fd = fd;
+    srv.unix_path = upath;
+    srv.max_conns = max_connections;
+    srv.stopping = false;
+    srv.running = true;
+    r = pthread_create(&srv.accept_thread, NULL, accept_thread, NULL);
+    if (r != 0) {
+        srv.running = false;
+        pthread_mutex_unlock(&srv.lock);
+        nbd_pool_stop();
+        close(fd);
+        close(srv.wake[0]);
+        close(srv.wake[1]);
+        if (upath) {
+            unlink(upath);
+        }
+        free(upath);
+        srv.unix_path = NULL;
+        vd_error_setg_errno(errp, r, "cannot start the NBD accept thread");
+        return -r;
+    }
+    pthread_mutex_unlock(&srv.lock);
+    return 0;
+}
+
+void nbd_server_stop(void)
+{
+    pthread_mutex_lock(&srv.lock);
+    if (!srv.running || srv.stopping) {
+        pthread_mutex_unlock(&srv.lock);
+        return;
+    }
+    srv.stopping = true;
+    pthread_mutex_unlock(&srv.lock);
+
+    /* 1. stop accepting */
+    ssize_t w = write(srv.wake[1], "x", 1);
+    (void)w;
+    pthread_join(srv.accept_thread, NULL);
+    close(srv.listen_fd);
+    srv.listen_fd = -1;
+    close(srv.wake[0]);
+    close(srv.wake[1]);
+    srv.wake[0] = srv.wake[1] = -1;
+    if (srv.unix_path) {
+        unlink(srv.unix_path);
+        free(srv.unix_path);
+        srv.unix_path = NULL;
+    }
+
+    /* 2. stop reading from clients; each finishes its in-flight requests, replies, and exits */
+    pthread_mutex_lock(&srv.lock);
+    for (NbdConn *c = srv.conns; c; c = c->next) {
+        shutdown(c->fd, SHUT_RD);
+    }
+    /* A client that does not read its replies would hold us up to the send timeout: cut it off. */
+    struct timespec deadline;
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    deadline.tv_sec += NBD_STOP_GRACE_S;
+    while (srv.nconns > 0) {
+        if (pthread_cond_timedwait(&srv.cond, &srv.lock, &deadline) == ETIMEDOUT) {
+            for (NbdConn *c = srv.conns; c; c = c->next) {
+                shutdown(c->fd, SHUT_RDWR);
+            }
+            deadline.tv_sec += 3600;
+        }
+    }
+    pthread_mutex_unlock(&srv.lock);
+
+    /* 3. no request can be queued any more */
+    nbd_pool_stop();
+
+    /* 4. drop the exports */
+    pthread_mutex_lock(&srv.lock);
+    while (srv.nexports > 0) {
+        NbdExport *e = srv.exports[srv.nexports - 1];
+        export_unlist_locked(e);
+        export_unref_locked(e);
+    }
+    free(srv.exports);
+    srv.exports = NULL;
+    srv.running = false;
+    srv.stopping = false;
+    pthread_mutex_unlock(&srv.lock);
+}
+
+bool nbd_server_running(void)
+{
+    pthread_mutex_lock(&srv.lock);
+    bool r = srv.running && !srv.stopping;
+    pthread_mutex_unlock(&srv.lock);
+    return r;
+}

@@ -1,0 +1,582 @@
+/*
+ * vdiskd.c - the daemon: builds block nodes (--blockdev), serves them over NBD (--nbd-server,
+ * --export, qemu-storage-daemon syntax) and is controlled over QMP (--qmp PATH).
+ * Promises: SIGTERM/SIGINT/QMP quit stop accepting, let in-flight requests finish, flush and close
+ * every image, and exit 0. Signals are blocked in every thread and taken by the main thread only.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <jansson.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "block/block.h"
+#include "block/graph.h"
+#include "nbd/nbd-server.h"
+#include "qmp/qmp.h"
+#include "util/error.h"
+#include "util/log.h"
+
+#define PROG "vdiskd"
+
+static int verbose;
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "Usage: " PROG " [options]\n"
+            "  --blockdev JSON|key=val,...     add a block node (blockdev-add options)\n"
+            "  --nbd-server addr.type=inet,addr.host=H,addr.port=P[,max-connections=N]\n"
+            "  --nbd-server addr.type=unix,addr.path=P[,max-connections=N]\n"
+            "  --export type=nbd,id=ID,node-name=NODE[,name=NAME][,writable=on|off]"
+            "[,description=TEXT]\n"
+            "  --qmp PATH                      serve QMP on a unix socket\n"
+            "  --pidfile PATH                  write the daemon's pid\n"
+            "  --daemonize                     detach once everything is set up\n"
+            "  -v, --verbose                   more messages (repeat for more)\n"
+            "  -h, --help\n");
+}
+
+/* ---- QEMU-style "key=value,key=value" lists (",," is a literal comma) ---- */
+
+typedef struct KvList {
+    size_t n;
+    char **keys;
+    char **vals;
+} KvList;
+
+static void kv_free(KvList *kv)
+{
+    for (size_t i = 0; i < kv->n; i++) {
+        free(kv->keys[i]);
+        free(kv->vals[i]);
+    }
+    free(kv->keys);
+    free(kv->vals);
+    memset(kv, 0, sizeof(*kv));
+}
+
+static int kv_parse(const char *s, KvList *kv, VdError **errp)
+{
+    memset(kv, 0, sizeof(*kv));
+    const char *p = s;
+    while (*p) {
+        const char *eq = strchr(p, '=');
+        const char *comma = strchr(p, ',');
+        if (!eq || (comma && comma < eq)) {
+            vd_error_setg(errp, EINVAL, "expected key=value in '%s'", s);
+            kv_free(kv);
+            return -EINVAL;
+        }
+        char *key = strndup(p, (size_t)(eq - p));
+        char *val = malloc(strlen(eq) + 1);
+        char **nk = realloc(kv->keys, (kv->n + 1) * sizeof(char *));
+        if (nk) {
+            kv->keys = nk;
+        }
+        char **nv = realloc(kv->vals, (kv->n + 1) * sizeof(char *));
+        if (nv) {
+            kv->vals = nv;
+        }
+        if (!key || !val || !nk || !nv) {
+            free(key);
+            free(val);
+            kv_free(kv);
+            vd_error_setg(errp, ENOMEM, "out of memory");
+            return -ENOMEM;
+        }
+        size_t o = 0;
+        p = eq + 1;
+        while (*p) {
+            if (*p == ',') {
+                if (p[1] == ',') {
+                    val[o++] = ',';
+                    p += 2;
+                    continue;
+                }
+                p++;
+                break;
+            }
+            val[o++] = *p++;
+        }
+        val[o] = 0;
+        kv->keys[kv->n] = key;
+        kv->vals[kv->n] = val;
+        kv->n++;
+    }
+    return 0;
+}
+
+static const char *kv_get(const KvList *kv, const char *key)
+{
+    const char *v = NULL;
+    for (size_t i = 0; i < kv->n; i++) {
+        if (strcmp(kv->keys[i], key) == 0) {
+            v = kv->vals[i]; /* last one wins, like QEMU */
+        }
+    }
+    return v;
+}
+
+static int kv_check_keys(const KvList *kv, const char *const *allowed, const char *what,
+                         VdError **errp)
+{
+    for (size_t i = 0; i < kv->n; i++) {
+        bool ok = false;
+        for (const char *const *a = allowed; *a; a++) {
+            ok |= strcmp(*a, kv->keys[i]) == 0;
+        }
+        if (!ok) {
+            vd_error_setg(errp, EINVAL, "%s: unknown parameter '%s'", what, kv->keys[i]);
+            return -EINVAL;
+        }
+    }
+    return 0;
+}
+
+static int parse_bool(const char *v, bool *out)
+{
+    if (!strcmp(v, "on") || !strcmp(v, "true") || !strcmp(v, "yes")) {
+        *out = true;
+    } else if (!strcmp(v, "off") || !strcmp(v, "false") || !strcmp(v, "no")) {
+        *out = false;
+    } else {
+        return -EINVAL;
+    }
+    return 0;
+}
+
+/* ---- the options ---- */
+
+/* A keyval value as JSON: on/off/true/false become booleans, plain integers numbers. */
+static json_t *keyval_value(const char *key, const char *v)
+{
+    const char *leaf = strrchr(key, '.');
+    leaf = leaf ? leaf + 1 : key;
+    bool is_name = !strcmp(leaf, "filename") || !strcmp(leaf, "node-name") ||
+                   !strcmp(leaf, "file") || !strcmp(leaf, "backing") || !strcmp(leaf, "path");
+    if (!is_name) {
+        if (!strcmp(v, "on") || !strcmp(v, "true")) {
+            return json_true();
+        }
+        if (!strcmp(v, "off") || !strcmp(v, "false")) {
+            return json_false();
+        }
+        char *end;
+        errno = 0;
+        long long n = strtoll(v, &end, 10);
+        if (*v && !*end && !errno) {
+            return json_integer(n);
+        }
+    }
+    if (!strcmp(v, "null") && !strcmp(leaf, "backing")) {
+        return json_null();
+    }
+    return json_string(v);
+}
+
+/* QSD's dotted form: driver=qcow2,node-name=n,file.driver=file,file.filename=x -> nested object. */
+static json_t *keyval_to_json(const char *arg, VdError **errp)
+{
+    KvList kv;
+    if (kv_parse(arg, &kv, errp) < 0) {
+        return NULL;
+    }
+    json_t *root = json_object();
+    for (size_t i = 0; root && i < kv.n; i++) {
+        json_t *obj = root;
+        char *key = kv.keys[i], *dot;
+        while ((dot = strchr(key, '.'))) {
+            *dot = 0;
+            json_t *child = json_object_get(obj, key);
+            if (!child) {
+                child = json_object();
+                json_object_set_new(obj, key, child);
+            }
+            if (!json_is_object(child)) {
+                vd_error_setg(errp, EINVAL, "--blockdev: '%s' is both a value and an object", key);
+                json_decref(root);
+                root = NULL;
+                break;
+            }
+            obj = child;
+            key = dot + 1;
+        }
+        if (root) {
+            json_object_set_new(obj, key, keyval_value(kv.keys[i], kv.vals[i]));
+        }
+    }
+    kv_free(&kv);
+    return root;
+}
+
+static int do_blockdev(const char *arg, VdError **errp)
+{
+    json_error_t jerr = {0};
+    json_t *opts;
+    if (arg[strspn(arg, " \t")] == '{') {
+        opts = json_loads(arg, 0, &jerr);
+    } else if (!(opts = keyval_to_json(arg, errp))) {
+        return -EINVAL;
+    }
+    if (!opts || !json_is_object(opts)) {
+        json_decref(opts);
+        vd_error_setg(errp, EINVAL, "--blockdev: expected a JSON object: %s",
+                      opts ? "not an object" : jerr.text);
+        return -EINVAL;
+    }
+    BlockNode *bs = graph_blockdev_add(opts, errp);
+    json_decref(opts);
+    if (!bs) {
+        vd_error_prepend(errp, "--blockdev: ");
+        return -EINVAL;
+    }
+    vd_log(VD_LOG_INFO, "added node '%s'", bs->node_name ? bs->node_name : "?");
+    return 0;
+}
+
+static int do_nbd_server(const char *arg, VdError **errp)
+{
+    static const char *const keys[] = {"addr.type", "addr.host", "addr.port", "addr.path",
+                                       "max-connections", NULL};
+    KvList kv;
+    int r = kv_parse(arg, &kv, errp);
+    if (r < 0) {
+        return r;
+    }
+    if ((r = kv_check_keys(&kv, keys, "--nbd-server", errp)) < 0) {
+        kv_free(&kv);
+        return r;
+    }
+    NbdServerAddress addr = {.type = NBD_ADDR_INET};
+    const char *type = kv_get(&kv, "addr.type");
+    uint32_t maxc = 0;
+    const char *mc = kv_get(&kv, "max-connections");
+    if (mc) {
+        char *end;
+        errno = 0;
+        unsigned long v = strtoul(mc, &end, 10);
+        if (errno || *end || !*mc || v > UINT32_MAX) {
+            vd_error_setg(errp, EINVAL, "--nbd-server: invalid max-connections '%s'", mc);
+            kv_free(&kv);
+            return -EINVAL;
+        }
+        maxc = (uint32_t)v;
+    }
+    if (!type || !strcmp(type, "inet")) {
+        addr.host = (char *)kv_get(&kv, "addr.host");
+        addr.port = (char *)kv_get(&kv, "addr.port");
+    } else if (!strcmp(type, "unix")) {
+        addr.type = NBD_ADDR_UNIX;
+        addr.path = (char *)kv_get(&kv, "addr.path");
+        if (!addr.path) {
+            vd_error_setg(errp, EINVAL, "--nbd-server: addr.path is required for unix");
+            kv_free(&kv);
+            return -EINVAL;
+        }
+    } else {
+        vd_error_setg(errp, EINVAL, "--nbd-server: unsupported addr.type '%s'", type);
+        kv_free(&kv);
+        return -EINVAL;
+    }
+    r = nbd_server_start(&addr, maxc, errp);
+    if (r == 0) {
+        if (addr.type == NBD_ADDR_UNIX) {
+            vd_log(VD_LOG_INFO, "NBD server listening on %s", addr.path);
+        } else {
+            vd_log(VD_LOG_INFO, "NBD server listening on %s:%s", addr.host ? addr.host : "127.0.0.1",
+                 addr.port ? addr.port : "10809");
+        }
+    }
+    kv_free(&kv);
+    return r;
+}
+
+static int do_export(const char *arg, VdError **errp)
+{
+    static const char *const keys[] = {"type", "id", "node-name", "name", "writable",
+                                       "description", "writethrough", NULL};
+    KvList kv;
+    /* QSD allows the type as a bare first word: --export nbd,id=... */
+    char *owned = NULL;
+    if (!strncmp(arg, "nbd,", 4) || !strcmp(arg, "nbd")) {
+        if (asprintf(&owned, "type=%s", arg) < 0) {
+            vd_error_setg(errp, ENOMEM, "out of memory");
+            return -ENOMEM;
+        }
+        arg = owned;
+    }
+    int r = kv_parse(arg, &kv, errp);
+    free(owned);
+    if (r < 0) {
+        return r;
+    }
+    if ((r = kv_check_keys(&kv, keys, "--export", errp)) < 0) {
+        kv_free(&kv);
+        return r;
+    }
+    const char *type = kv_get(&kv, "type"), *id = kv_get(&kv, "id");
+    const char *node_name = kv_get(&kv, "node-name");
+    const char *w = kv_get(&kv, "writable");
+    bool writable = false;
+    r = -EINVAL;
+    if (!type || strcmp(type, "nbd") != 0) {
+        vd_error_setg(errp, EINVAL, "--export: only type=nbd is supported");
+    } else if (!id || !node_name) {
+        vd_error_setg(errp, EINVAL, "--export: id and node-name are required");
+    } else if (w && parse_bool(w, &writable) < 0) {
+        vd_error_setg(errp, EINVAL, "--export: writable must be on or off");
+    } else {
+        BlockNode *bs = graph_find_node(node_name);
+        if (!bs) {
+            vd_error_setg(errp, ENOENT, "--export: node '%s' not found", node_name);
+        } else {
+            const char *name = kv_get(&kv, "name");
+            NbdExport *exp = nbd_export_add(id, name ? name : node_name, bs, writable,
+                                            kv_get(&kv, "description"), errp);
+            if (exp) {
+                vd_log(VD_LOG_INFO, "exporting '%s' as '%s'%s", node_name, nbd_export_name(exp),
+                     writable ? " (writable)" : "");
+                r = 0;
+            }
+        }
+    }
+    kv_free(&kv);
+    return r;
+}
+
+/* ---- lifecycle ---- */
+
+static void quit_handler(void)
+{
+    kill(getpid(), SIGTERM); /* the main thread does the orderly shutdown */
+}
+
+/* Written last, atomically (rename), so its appearance means "ready": exports are all served. */
+static int write_pidfile(const char *path, VdError **errp)
+{
+    char buf[32];
+    char *tmp = NULL;
+    int n = snprintf(buf, sizeof(buf), "%ld\n", (long)getpid());
+    if (asprintf(&tmp, "%s.tmp", path) < 0) {
+        vd_error_setg(errp, ENOMEM, "out of memory");
+        return -ENOMEM;
+    }
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    int e = fd < 0 ? errno : 0;
+    if (fd >= 0) {
+        if (write(fd, buf, (size_t)n) != n) {
+            e = errno ? errno : EIO;
+        }
+        if (close(fd) < 0 && !e) {
+            e = errno;
+        }
+        if (!e && rename(tmp, path) < 0) {
+            e = errno;
+        }
+        if (e) {
+            unlink(tmp);
+        }
+    }
+    if (e) {
+        free(tmp);
+        vd_error_setg_errno(errp, e, "cannot write pidfile '%s'", path);
+        return -e;
+    }
+    free(tmp);
+    return 0;
+}
+
+static void free_ptr(void *p)
+{
+    free(*(void **)p);
+}
+
+enum { OPT_BLOCKDEV = 256, OPT_NBD_SERVER, OPT_EXPORT, OPT_QMP, OPT_PIDFILE, OPT_DAEMONIZE };
+
+int main(int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        {"blockdev", required_argument, NULL, OPT_BLOCKDEV},
+        {"nbd-server", required_argument, NULL, OPT_NBD_SERVER},
+        {"export", required_argument, NULL, OPT_EXPORT},
+        {"qmp", required_argument, NULL, OPT_QMP},
+        {"pidfile", required_argument, NULL, OPT_PIDFILE},
+        {"daemonize", no_argument, NULL, OPT_DAEMONIZE},
+        {"verbose", no_argument, NULL, 'v'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    /* cleanup: freed on every return path, including the daemonizing parent's */
+    const char **blockdevs __attribute__((cleanup(free_ptr))) = calloc((size_t)argc, sizeof(char *));
+    const char **exports __attribute__((cleanup(free_ptr))) = calloc((size_t)argc, sizeof(char *));
+    size_t nblockdevs = 0, nexports = 0;
+    const char *nbd_server = NULL, *qmp_path = NULL, *pidfile = NULL;
+    bool daemonize = false;
+    if (!blockdevs || !exports) {
+        fprintf(stderr, PROG ": out of memory\n");
+        return 1;
+    }
+    int c;
+    while ((c = getopt_long(argc, argv, "vh", longopts, NULL)) != -1) {
+        switch (c) {
+        case OPT_BLOCKDEV:
+            blockdevs[nblockdevs++] = optarg;
+            break;
+        case OPT_NBD_SERVER:
+            if (nbd_server) {
+                fprintf(stderr, PROG ": --nbd-server may be given only once\n");
+                return 1;
+            }
+            nbd_server = optarg;
+            break;
+        case OPT_EXPORT:
+            exports[nexports++] = optarg;
+            break;
+        case OPT_QMP:
+            qmp_path = optarg;
+            break;
+        case OPT_PIDFILE:
+            pidfile = optarg;
+            break;
+        case OPT_DAEMONIZE:
+            daemonize = true;
+            break;
+        case 'v':
+            verbose++;
+            break;
+        case 'h':
+            usage(stdout);
+            return 0;
+        default:
+            usage(stderr);
+            return 1;
+        }
+    }
+    if (verbose) {
+        vd_log_set_level(verbose > 1 ? VD_LOG_DEBUG : VD_LOG_INFO);
+    }
+    if (optind < argc) {
+        fprintf(stderr, PROG ": unexpected argument '%s'\n", argv[optind]);
+        return 1;
+    }
+
+    /* Fork before any thread exists; the parent exits with the child's setup status. */
+    int status_pipe[2] = {-1, -1};
+    if (daemonize) {
+        if (pipe2(status_pipe, O_CLOEXEC) < 0) {
+            perror(PROG ": pipe");
+            return 1;
+        }
+        pid_t pid = fork();
+        if (pid < 0) {
+            perror(PROG ": fork");
+            return 1;
+        }
+        if (pid > 0) {
+            close(status_pipe[1]);
+            char st = 1;
+            ssize_t n;
+            do {
+                n = read(status_pipe[0], &st, 1);
+            } while (n < 0 && errno == EINTR);
+            if (n != 1) {
+                int ws;
+                waitpid(pid, &ws, 0);
+                return 1;
+            }
+            return st;
+        }
+        close(status_pipe[0]);
+        setsid();
+    }
+
+    /* Only the main thread takes the shutdown signals (threads inherit this mask). */
+    sigset_t sigs;
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGTERM);
+    sigaddset(&sigs, SIGINT);
+    sigaddset(&sigs, SIGHUP);
+    pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    VdError *err = NULL;
+    int r = 0;
+    for (size_t i = 0; i < nblockdevs && r == 0; i++) {
+        r = do_blockdev(blockdevs[i], &err);
+    }
+    if (r == 0 && nbd_server) {
+        r = do_nbd_server(nbd_server, &err);
+    }
+    if (r == 0 && nexports && !nbd_server_running()) {
+        vd_error_setg(&err, EINVAL, "--export needs --nbd-server");
+        r = -EINVAL;
+    }
+    for (size_t i = 0; i < nexports && r == 0; i++) {
+        r = do_export(exports[i], &err);
+    }
+    if (r == 0 && qmp_path) {
+        qmp_set_quit_handler(quit_handler);
+        r = qmp_server_start(qmp_path, &err);
+        if (r == 0) {
+            vd_log(VD_LOG_INFO, "QMP listening on %s", qmp_path);
+        }
+    }
+    if (r == 0 && pidfile) {
+        r = write_pidfile(pidfile, &err);
+    }
+    if (r < 0) {
+        vd_error_report_free(PROG, err);
+        nbd_server_stop();
+        if (qmp_path) {
+            qmp_server_stop();
+        }
+        graph_close_all();
+        if (daemonize) {
+            char st = 1;
+            ssize_t w = write(status_pipe[1], &st, 1);
+            (void)w;
+        }
+        return 1;
+    }
+    if (daemonize) {
+        char st = 0;
+        ssize_t w = write(status_pipe[1], &st, 1);
+        (void)w;
+        close(status_pipe[1]);
+        int devnull = open("/dev/null", O_RDWR);
+        if (devnull >= 0) {
+            dup2(devnull, STDIN_FILENO);
+            dup2(devnull, STDOUT_FILENO);
+            if (!verbose) {
+                dup2(devnull, STDERR_FILENO);
+            }
+            close(devnull);
+        }
+    }
+
+    int sig = 0;
+    while (sigwait(&sigs, &sig) != 0) {
+    }
+    vd_log(VD_LOG_INFO, "signal %d: shutting down", sig);
+
+    /* Order matters: no new NBD work, in-flight requests finish, then images are flushed. */
+    nbd_server_stop();
+    if (qmp_path) {
+        qmp_server_stop();
+    }
+    graph_close_all();
+    if (pidfile) {
+        unlink(pidfile);
+    }
+    vd_log(VD_LOG_INFO, "exit");
+    return 0;
+}

@@ -1,0 +1,290 @@
+/*
+ * test_nbd_server.c - unit tests of the range tracker (block/tracking.h) and of the NBD server's
+ * export API: add/find/del and drain + set_node (the pivot), driven through a real libnbd client.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <libnbd.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "block/block.h"
+#include "block/tracking.h"
+#include "nbd/nbd-server.h"
+
+/* ---------------- tracker ---------------- */
+
+struct excl_ctx {
+    BlockTracker *t;
+    int inside;       /* threads inside an exclusive section on the shared range */
+    int max_inside;
+    pthread_mutex_t lock;
+};
+
+static void *excl_worker(void *arg)
+{
+    struct excl_ctx *c = arg;
+    for (int i = 0; i < 200; i++) {
+        BtRequest r;
+        block_tracker_begin(c->t, &r, 1000 + (uint64_t)(i % 7), 100, BT_EXCLUSIVE);
+        pthread_mutex_lock(&c->lock);
+        c->inside++;
+        if (c->inside > c->max_inside) {
+            c->max_inside = c->inside;
+        }
+        pthread_mutex_unlock(&c->lock);
+        usleep(10);
+        pthread_mutex_lock(&c->lock);
+        c->inside--;
+        pthread_mutex_unlock(&c->lock);
+        block_tracker_end(c->t, &r);
+    }
+    return NULL;
+}
+
+static void test_tracker_exclusive(void **state)
+{
+    (void)state;
+    BlockNode fake = {0};
+    struct excl_ctx c = {.t = block_tracker_get(&fake)};
+    pthread_mutex_init(&c.lock, NULL);
+    assert_non_null(c.t);
+    assert_ptr_equal(block_tracker_get(&fake), c.t); /* one tracker per node */
+    block_tracker_put(c.t);
+    pthread_t th[4];
+    for (int i = 0; i < 4; i++) {
+        pthread_create(&th[i], NULL, excl_worker, &c);
+    }
+    for (int i = 0; i < 4; i++) {
+        pthread_join(th[i], NULL);
+    }
+    assert_int_equal(c.max_inside, 1);
+    assert_int_equal(block_tracker_in_flight(c.t), 0);
+    block_tracker_put(c.t);
+}
+
+static void test_tracker_shared_and_disjoint(void **state)
+{
+    (void)state;
+    BlockNode fake = {0};
+    BlockTracker *t = block_tracker_get(&fake);
+    BtRequest a, b, w;
+    /* shared + shared on one range, and exclusive on a disjoint range: none waits */
+    block_tracker_begin(t, &a, 0, 4096, BT_SHARED);
+    block_tracker_begin(t, &b, 0, 4096, BT_SHARED);
+    block_tracker_begin(t, &w, 1 << 20, 4096, BT_EXCLUSIVE);
+    assert_int_equal(block_tracker_in_flight(t), 3);
+    block_tracker_end(t, &w);
+    block_tracker_end(t, &b);
+    block_tracker_end(t, &a);
+    block_tracker_wait_idle(t);
+    block_tracker_put(t);
+}
+
+static void note_write(void *opaque, uint64_t offset, uint64_t bytes)
+{
+    uint64_t *sum = opaque;
+    sum[0] += bytes;
+    sum[1] = offset;
+}
+
+static void test_tracker_write_notifier(void **state)
+{
+    (void)state;
+    BlockNode fake = {0};
+    BlockTracker *t = block_tracker_get(&fake);
+    uint64_t sum[2] = {0, 0};
+    assert_int_equal(block_tracker_granularity(t), 4096);
+    assert_int_equal(block_tracker_add_write_notifier(t, note_write, sum), 0);
+    BtRequest r;
+    block_tracker_begin(t, &r, 100, 50, BT_SHARED);
+    block_tracker_end(t, &r);
+    assert_int_equal(sum[0], 0); /* reads do not notify */
+    block_tracker_begin(t, &r, 5000, 300, BT_EXCLUSIVE);
+    block_tracker_end(t, &r);
+    assert_int_equal(sum[0], 300); /* unwidened range */
+    assert_int_equal(sum[1], 5000);
+    block_tracker_remove_write_notifier(t, note_write, sum);
+    block_tracker_begin(t, &r, 0, 10, BT_EXCLUSIVE);
+    block_tracker_end(t, &r);
+    assert_int_equal(sum[0], 300);
+    block_tracker_put(t);
+}
+
+/* ---------------- NBD server: exports and pivot ---------------- */
+
+static char dir[] = "/tmp/test_nbd_server.XXXXXX";
+static char sock[256], img_a[256], img_b[256];
+
+static BlockNode *make_raw(const char *path)
+{
+    int fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0644);
+    assert_true(fd >= 0);
+    assert_int_equal(ftruncate(fd, 1 << 20), 0);
+    close(fd);
+    VdError *err = NULL;
+    BlockNode *bs = vd_open_image(path, "raw", VD_OPEN_RDWR, &err);
+    if (!bs) {
+        fail_msg("open %s: %s", path, vd_error_msg(err));
+    }
+    return bs;
+}
+
+static struct nbd_handle *client(const char *name)
+{
+    struct nbd_handle *h = nbd_create();
+    assert_non_null(h);
+    assert_int_equal(nbd_set_export_name(h, name), 0);
+    if (nbd_connect_unix(h, sock) < 0) {
+        fail_msg("connect: %s", nbd_get_error());
+    }
+    return h;
+}
+
+struct load {
+    struct nbd_handle *h;
+    int stop; /* atomic */
+    int errors;
+    int writes;
+};
+
+static void *load_thread(void *arg)
+{
+    struct load *l = arg;
+    char buf[4096];
+    memset(buf, 0x33, sizeof(buf));
+    while (!__atomic_load_n(&l->stop, __ATOMIC_RELAXED)) {
+        if (nbd_pwrite(l->h, buf, sizeof(buf), 65536, 0) < 0) {
+            l->errors++;
+        }
+        l->writes++;
+    }
+    return NULL;
+}
+
+/* A foreach callback that uses the accessors (as query-block-exports does). */
+static void count_cb(NbdExport *exp, void *opaque)
+{
+    assert_ptr_equal(nbd_export_find(nbd_export_id(exp)), exp);
+    assert_int_equal(nbd_export_client_count(exp), 0);
+    assert_true(nbd_export_writable(exp));
+    (*(int *)opaque)++;
+}
+
+static void test_export_pivot(void **state)
+{
+    (void)state;
+    VdError *err = NULL;
+    NbdServerAddress addr = {.type = NBD_ADDR_UNIX, .path = sock};
+    assert_int_equal(nbd_server_start(&addr, 0, &err), 0);
+    assert_int_equal(nbd_server_start(&addr, 0, NULL), -EEXIST);
+    assert_true(nbd_server_running());
+
+    BlockNode *a = make_raw(img_a), *b = make_raw(img_b);
+    NbdExport *exp = nbd_export_add("e0", "disk", a, true, "desc", &err);
+    assert_non_null(exp);
+    assert_null(nbd_export_add("e0", "other", a, true, NULL, NULL)); /* duplicate id */
+    assert_null(nbd_export_add("e1", "disk", a, true, NULL, NULL));  /* duplicate name */
+    assert_ptr_equal(nbd_export_find("e0"), exp);
+    assert_ptr_equal(nbd_export_find_by_name("disk"), exp);
+    assert_string_equal(nbd_export_name(exp), "disk");
+    assert_ptr_equal(nbd_export_node(exp), a);
+    int seen = 0;
+    nbd_export_foreach(count_cb, &seen);
+    assert_int_equal(seen, 1);
+
+    struct nbd_handle *h = client("disk");
+    char buf[4096], rbuf[4096];
+    memset(buf, 0x11, sizeof(buf));
+    assert_int_equal(nbd_pwrite(h, buf, sizeof(buf), 0, 0), 0);
+    assert_int_equal(nbd_export_client_count(exp), 1);
+    assert_int_equal(nbd_export_del("e0", false, NULL), -EBUSY);
+
+    /* a second connection hammers the export while we pivot: it must see no error */
+    struct load l = {.h = client("disk")};
+    pthread_t th;
+    pthread_create(&th, NULL, load_thread, &l);
+    usleep(20000);
+    nbd_export_drain_begin(exp);
+    nbd_export_set_node(exp, b);
+    nbd_export_drain_end(exp);
+    usleep(20000);
+    __atomic_store_n(&l.stop, 1, __ATOMIC_RELAXED);
+    pthread_join(th, NULL);
+    assert_int_equal(l.errors, 0);
+    assert_true(l.writes > 0);
+    assert_ptr_equal(nbd_export_node(exp), b);
+
+    memset(buf, 0x22, sizeof(buf));
+    assert_int_equal(nbd_pwrite(h, buf, sizeof(buf), 8192, 0), 0);
+    assert_int_equal(nbd_flush(h, 0), 0);
+    assert_int_equal(nbd_pread(h, rbuf, sizeof(rbuf), 8192, 0), 0);
+    assert_memory_equal(rbuf, buf, sizeof(buf));
+    /* the post-pivot write went to b, not a; the pre-pivot one stayed in a */
+    assert_int_equal(vd_pread(b, 8192, sizeof(rbuf), rbuf), 0);
+    assert_memory_equal(rbuf, buf, sizeof(buf));
+    assert_int_equal(vd_pread(a, 8192, sizeof(rbuf), rbuf), 0);
+    assert_int_equal(rbuf[0], 0);
+    assert_int_equal(vd_pread(a, 0, sizeof(rbuf), rbuf), 0);
+    assert_int_equal(rbuf[0], 0x11);
+
+    nbd_shutdown(h, 0);
+    nbd_close(h);
+    /* force-delete kicks the remaining client */
+    assert_int_equal(nbd_export_del("e0", true, &err), 0);
+    assert_null(nbd_export_find("e0"));
+    assert_true(nbd_pwrite(l.h, buf, sizeof(buf), 0, 0) < 0);
+    nbd_close(l.h);
+
+    nbd_server_stop();
+    assert_false(nbd_server_running());
+    assert_int_equal(access(sock, F_OK), -1);
+    assert_null(nbd_export_add("e2", NULL, a, false, NULL, NULL)); /* no server */
+
+    /* the server can be started again; stop drops the exports it still has */
+    assert_int_equal(nbd_server_start(&addr, 1, &err), 0);
+    exp = nbd_export_add("e2", NULL, a, false, NULL, &err);
+    assert_non_null(exp);
+    assert_string_equal(nbd_export_name(exp), a->node_name); /* name defaults to the node's */
+    assert_false(nbd_export_writable(exp));
+    h = client(a->node_name);
+    assert_int_equal(nbd_is_read_only(h), 1);
+    assert_true(nbd_pwrite(h, buf, sizeof(buf), 0, 0) < 0);
+    assert_int_equal(nbd_pread(h, rbuf, sizeof(rbuf), 0, 0), 0);
+    assert_int_equal(rbuf[0], 0x11);
+    nbd_server_stop(); /* with a client still connected */
+    assert_null(nbd_export_find("e2"));
+    nbd_close(h);
+    vd_node_unref(a);
+    vd_node_unref(b);
+}
+
+int main(void)
+{
+    if (!mkdtemp(dir)) {
+        return 1;
+    }
+    snprintf(sock, sizeof(sock), "%s/nbd.sock", dir);
+    snprintf(img_a, sizeof(img_a), "%s/a.raw", dir);
+    snprintf(img_b, sizeof(img_b), "%s/b.raw", dir);
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_tracker_exclusive),
+        cmocka_unit_test(test_tracker_shared_and_disjoint),
+        cmocka_unit_test(test_tracker_write_notifier),
+        cmocka_unit_test(test_export_pivot),
+    };
+    int r = cmocka_run_group_tests(tests, NULL, NULL);
+    unlink(img_a);
+    unlink(img_b);
+    unlink(sock);
+    rmdir(dir);
+    return r;
+}
