@@ -1,0 +1,1187 @@
+/*
+ * qcow2-cluster.c - qcow2 guest->host mapping (L1/L2, standard and extended entries) and the
+ * data paths: read, write with copy-on-write, write-zeroes, discard, compressed read/write
+ * (zlib raw deflate, zstd), block status and preallocation.
+ *
+ * Promises: a cluster is written in place only when its L2 entry has OFLAG_COPIED (refcount 1)
+ * and it is fully allocated; otherwise the whole cluster gets new contents (partial writes merge
+ * the old guest view: backing, zeroes, compressed or shared data) before the entry is switched,
+ * and the old host cluster is released afterwards. L2 tables without OFLAG_COPIED in L1 are
+ * copied before modification (snapshots stay intact). Runs under s->lock.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <zlib.h>
+#include <zstd.h>
+
+#include "formats/qcow2.h"
+
+typedef struct Q2Extent {
+    Qcow2ClusterType type;
+    uint64_t host;  /* host offset of the extent's first byte (NORMAL, ZERO_ALLOC) */
+    uint64_t entry; /* L2 entry of the first cluster (COMPRESSED) */
+    uint64_t len;
+} Q2Extent;
+
+static inline uint64_t l2e_get(const Qcow2State *s, const uint8_t *l2, uint64_t i)
+{
+    return qcow2_be64(l2 + i * s->l2e_size);
+}
+
+static inline uint64_t l2e_bitmap(const Qcow2State *s, const uint8_t *l2, uint64_t i)
+{
+    return s->extl2 ? qcow2_be64(l2 + i * 16 + 8) : 0;
+}
+
+static inline void l2e_set(const Qcow2State *s, uint8_t *l2, uint64_t i, uint64_t e, uint64_t bm)
+{
+    qcow2_put_be64(l2 + i * s->l2e_size, e);
+    if (s->extl2) {
+        qcow2_put_be64(l2 + i * 16 + 8, bm);
+    }
+}
+
+static inline bool has_zero_flag(const Qcow2State *s)
+{
+    return s->h.version >= 3 && !s->extl2;
+}
+
+/* Cluster-level type (ignores extended-L2 bitmaps). */
+static Qcow2ClusterType cluster_type(const Qcow2State *s, uint64_t e)
+{
+    if (e & QCOW2_OFLAG_COMPRESSED) {
+        return QCOW2_CLUSTER_COMPRESSED;
+    }
+    uint64_t off = e & QCOW2_L2E_OFFSET_MASK;
+    if (has_zero_flag(s) && (e & QCOW2_OFLAG_ZERO)) {
+        return off ? QCOW2_CLUSTER_ZERO_ALLOC : QCOW2_CLUSTER_ZERO_PLAIN;
+    }
+    return off ? QCOW2_CLUSTER_NORMAL : QCOW2_CLUSTER_UNALLOCATED;
+}
+
+/* Type of subcluster sc of an entry; *host = host offset of the subcluster. -EIO if invalid. */
+static int subcluster_type(const Qcow2State *s, uint64_t e, uint64_t bm, unsigned sc,
+                           Qcow2ClusterType *t, uint64_t *host)
+{
+    uint64_t off = e & QCOW2_L2E_OFFSET_MASK;
+    *host = 0;
+    if (e & QCOW2_OFLAG_COMPRESSED) {
+        *t = QCOW2_CLUSTER_COMPRESSED;
+        return 0;
+    }
+    if (off & (s->cluster_size - 1)) {
+        return -EIO; /* unaligned data cluster: corrupt image */
+    }
+    if (!s->extl2) {
+        *t = cluster_type(s, e);
+        *host = off;
+        return 0;
+    }
+    bool alloc = (bm >> sc) & 1;
+    bool zero = (bm >> (32 + sc)) & 1;
+    if (alloc && zero) {
+        return -EIO;
+    }
+    if (zero) {
+        *t = off ? QCOW2_CLUSTER_ZERO_ALLOC : QCOW2_CLUSTER_ZERO_PLAIN;
+    } else if (alloc) {
+        if (!off) {
+            return -EIO;
+        }
+        *t = QCOW2_CLUSTER_NORMAL;
+    } else {
+        /* unallocated subcluster; a host cluster may exist (qemu reports its offset) */
+        *t = QCOW2_CLUSTER_UNALLOCATED;
+    }
+    *host = off ? off + (uint64_t)sc * s->sc_size : 0;
+    return 0;
+}
+
+static int get_l2_ro(Qcow2State *s, uint64_t l1i, uint8_t **l2)
+{
+    *l2 = NULL;
+    if (l1i >= s->l1_size) {
+        return 0;
+    }
+    uint64_t off = s->l1[l1i] & QCOW2_L1E_OFFSET_MASK;
+    if (!off) {
+        return 0;
+    }
+    if (off & (s->cluster_size - 1)) {
+        return -EIO;
+    }
+    return q2_cache_get(s, &s->l2_cache, off, l2);
+}
+
+/*
+ * Describe the longest run starting at offset (<= bytes) whose (sub)clusters share one type
+ * (and for NORMAL / ZERO_ALLOC, contiguous host offsets). Compressed clusters are merged only
+ * when merge_compressed (block status); otherwise the run stops at the cluster's end.
+ */
+static int get_extent(Qcow2State *s, uint64_t offset, uint64_t bytes, bool merge_compressed,
+                      Q2Extent *x)
+{
+    uint64_t cs = s->cluster_size;
+    uint64_t pos = offset, end = offset + bytes;
+    bool first = true, stop = false;
+    int ret = 0;
+
+    while (pos < end && !stop) {
+        uint64_t l1i = pos >> (s->cluster_bits + s->l2_bits);
+        uint8_t *l2;
+        ret = get_l2_ro(s, l1i, &l2);
+        if (ret < 0) {
+            return ret;
+        }
+        if (!l2) {
+            uint64_t tend = (l1i + 1) << (s->cluster_bits + s->l2_bits);
+            if (first) {
+                x->type = QCOW2_CLUSTER_UNALLOCATED;
+                x->host = x->entry = 0;
+                first = false;
+            } else if (x->type != QCOW2_CLUSTER_UNALLOCATED || x->host) {
+                break;
+            }
+            pos = tend < end ? tend : end;
+            continue;
+        }
+        uint64_t idx = (pos >> s->cluster_bits) & (s->l2_entries - 1);
+        for (; idx < s->l2_entries && pos < end && !stop; idx++) {
+            uint64_t e = l2e_get(s, l2, idx);
+            uint64_t bm = l2e_bitmap(s, l2, idx);
+            uint64_t cstart = pos & ~(cs - 1);
+            if (e & QCOW2_OFLAG_COMPRESSED) {
+                if (first) {
+                    x->type = QCOW2_CLUSTER_COMPRESSED;
+                    x->entry = e;
+                    x->host = 0;
+                    first = false;
+                } else if (x->type != QCOW2_CLUSTER_COMPRESSED || !merge_compressed) {
+                    stop = true;
+                    break;
+                }
+                uint64_t cend = cstart + cs;
+                pos = cend < end ? cend : end;
+                if (!merge_compressed) {
+                    stop = true;
+                }
+                continue;
+            }
+            unsigned nsc = s->extl2 ? QCOW2_EXTL2_SUBCLUSTERS : 1;
+            unsigned sc = (unsigned)((pos - cstart) / s->sc_size);
+            for (; sc < nsc && pos < end; sc++) {
+                Qcow2ClusterType t;
+                uint64_t h;
+                ret = subcluster_type(s, e, bm, sc, &t, &h);
+                if (ret < 0) {
+                    q2_cache_put(&s->l2_cache, &l2);
+                    return ret;
+                }
+                uint64_t scstart = cstart + (uint64_t)sc * s->sc_size;
+                uint64_t hpos = h ? h + (pos - scstart) : 0;
+                if (first) {
+                    x->type = t;
+                    x->host = hpos;
+                    x->entry = e;
+                    first = false;
+                } else if (t != x->type || (hpos != 0) != (x->host != 0) ||
+                           (hpos && hpos != x->host + (pos - offset))) {
+                    stop = true;
+                    break;
+                }
+                uint64_t scend = scstart + s->sc_size;
+                pos = scend < end ? scend : end;
+            }
+        }
+        q2_cache_put(&s->l2_cache, &l2);
+    }
+    x->len = pos - offset;
+    return 0;
+}
+
+static int read_backing(Qcow2State *s, uint64_t offset, uint64_t bytes, uint8_t *buf)
+{
+    BlockNode *b = s->bs->backing;
+    if (!b) {
+        memset(buf, 0, bytes);
+        return 0;
+    }
+    int64_t blen = vd_getlength(b);
+    if (blen < 0) {
+        return (int)blen;
+    }
+    uint64_t avail = offset < (uint64_t)blen ? (uint64_t)blen - offset : 0;
+    uint64_t n = avail < bytes ? avail : bytes;
+    if (n) {
+        int ret = vd_pread(b, offset, n, buf);
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    memset(buf + n, 0, bytes - n);
+    return 0;
+}
+
+int q2_compress(Qcow2State *s, const uint8_t *src, uint8_t *dst, uint64_t dst_len)
+{
+    uint64_t cs = s->cluster_size;
+    if (s->compression_type == QCOW2_COMPRESSION_ZSTD) {
+        size_t r = ZSTD_compress(dst, dst_len, src, cs, ZSTD_CLEVEL_DEFAULT);
+        if (ZSTD_isError(r)) {
+            return -ENOSPC;
+        }
+        return (int)r;
+    }
+    z_stream z;
+    memset(&z, 0, sizeof(z));
+    if (deflateInit2(&z, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9, Z_DEFAULT_STRATEGY) != Z_OK) {
+        return -ENOMEM;
+    }
+    z.next_in = (Bytef *)src;
+    z.avail_in = (uInt)cs;
+    z.next_out = dst;
+    z.avail_out = (uInt)dst_len;
+    int zr = deflate(&z, Z_FINISH);
+    int len = (int)(dst_len - z.avail_out);
+    deflateEnd(&z);
+    return zr == Z_STREAM_END ? len : -ENOSPC;
+}
+
+int q2_decompress(Qcow2State *s, const uint8_t *src, uint64_t src_len, uint8_t *dst)
+{
+    uint64_t cs = s->cluster_size;
+    if (s->compression_type == QCOW2_COMPRESSION_ZSTD) {
+        ZSTD_DCtx *d = ZSTD_createDCtx();
+        if (!d) {
+            return -ENOMEM;
+        }
+        ZSTD_inBuffer in = { src, src_len, 0 };
+        ZSTD_outBuffer out = { dst, cs, 0 };
+        int ret = -EIO;
+        for (;;) {
+            size_t last_in = in.pos, last_out = out.pos;
+            size_t r = ZSTD_decompressStream(d, &out, &in);
+            if (ZSTD_isError(r)) {
+                break;
+            }
+            if (out.pos == cs) {
+                ret = 0;
+                break;
+            }
+            if (r == 0 || (in.pos == last_in && out.pos == last_out)) {
+                break; /* frame ended short, or no progress: corrupt */
+            }
+        }
+        ZSTD_freeDCtx(d);
+        return ret;
+    }
+    z_stream z;
+    memset(&z, 0, sizeof(z));
+    if (inflateInit2(&z, -12) != Z_OK) {
+        return -ENOMEM;
+    }
+    z.next_in = (Bytef *)src;
+    z.avail_in = (uInt)src_len;
+    z.next_out = dst;
+    z.avail_out = (uInt)cs;
+    int zr = inflate(&z, Z_FINISH);
+    bool ok = (zr == Z_STREAM_END || zr == Z_BUF_ERROR || zr == Z_OK) && z.avail_out == 0;
+    inflateEnd(&z);
+    return ok ? 0 : -EIO;
+}
+
+static int read_compressed_cluster(Qcow2State *s, uint64_t entry, uint8_t *out)
+{
+    uint64_t off, nb;
+    qcow2_compressed_extent(entry, s->cluster_bits, &off, &nb);
+    int64_t flen = vd_getlength(s->bs->file);
+    if (flen < 0) {
+        return (int)flen;
+    }
+    if (off >= (uint64_t)flen) {
+        return -EIO;
+    }
+    if (off + nb > (uint64_t)flen) {
+        nb = (uint64_t)flen - off; /* the last compressed cluster may end mid-sector */
+    }
+    uint8_t *in = malloc(nb);
+    if (!in) {
+        return -ENOMEM;
+    }
+    int ret = vd_pread(s->bs->file, off, nb, in);
+    if (ret == 0) {
+        ret = q2_decompress(s, in, nb, out);
+    }
+    free(in);
+    return ret;
+}
+
+int q2_read(Qcow2State *s, uint64_t offset, uint64_t bytes, uint8_t *buf)
+{
+    uint8_t *cbuf = NULL;
+    int ret = 0;
+    while (bytes > 0) {
+        Q2Extent x;
+        ret = get_extent(s, offset, bytes, false, &x);
+        if (ret < 0) {
+            break;
+        }
+        switch (x.type) {
+        case QCOW2_CLUSTER_NORMAL:
+            ret = vd_pread(s->bs->file, x.host, x.len, buf);
+            break;
+        case QCOW2_CLUSTER_ZERO_PLAIN:
+        case QCOW2_CLUSTER_ZERO_ALLOC:
+            memset(buf, 0, x.len);
+            break;
+        case QCOW2_CLUSTER_UNALLOCATED:
+            ret = read_backing(s, offset, x.len, buf);
+            break;
+        case QCOW2_CLUSTER_COMPRESSED:
+            if (!cbuf && !(cbuf = malloc(s->cluster_size))) {
+                ret = -ENOMEM;
+                break;
+            }
+            ret = read_compressed_cluster(s, x.entry, cbuf);
+            if (ret == 0) {
+                memcpy(buf, cbuf + (offset & (s->cluster_size - 1)), x.len);
+            }
+            break;
+        }
+        if (ret < 0) {
+            break;
+        }
+        offset += x.len;
+        bytes -= x.len;
+        buf += x.len;
+    }
+    free(cbuf);
+    return ret;
+}
+
+/* The guest view of a whole cluster (zero beyond the virtual size). */
+static int read_guest_cluster(Qcow2State *s, uint64_t cstart, uint8_t *buf)
+{
+    uint64_t n = s->cluster_size;
+    if (cstart >= s->h.size) {
+        memset(buf, 0, n);
+        return 0;
+    }
+    if (cstart + n > s->h.size) {
+        n = s->h.size - cstart;
+        memset(buf + n, 0, s->cluster_size - n);
+    }
+    return q2_read(s, cstart, n, buf);
+}
+
+/* Refuse to write guest data over the header, L1 table or refcount table. */
+static int overlap_check(Qcow2State *s, uint64_t host, uint64_t len)
+{
+    if (host < s->cluster_size) {
+        return -EIO;
+    }
+    uint64_t l1end = s->l1_offset + (uint64_t)s->l1_size * 8;
+    if (s->l1_size && host < l1end && host + len > s->l1_offset) {
+        return -EIO;
+    }
+    uint64_t rtend = s->reftable_offset + s->reftable_size * 8;
+    if (host < rtend && host + len > s->reftable_offset) {
+        return -EIO;
+    }
+    return 0;
+}
+
+/*
+ * Return the L2 table for l1i, writable: allocated and not shared (OFLAG_COPIED in L1).
+ * A shared table is copied first; a missing one is created zeroed. Pinned in the cache.
+ */
+static int get_l2_for_write(Qcow2State *s, uint64_t l1i, uint8_t **l2)
+{
+    int ret;
+    *l2 = NULL;
+    if (l1i >= s->l1_size) {
+        return -EIO;
+    }
+    uint64_t e = s->l1[l1i];
+    uint64_t old = e & QCOW2_L1E_OFFSET_MASK;
+    if (old & (s->cluster_size - 1)) {
+        return -EIO;
+    }
+    if (old && (e & QCOW2_OFLAG_COPIED)) {
+        if (overlap_check(s, old, s->cluster_size) < 0) {
+            return -EIO; /* an L2 table on top of the header or a top-level table: corrupt */
+        }
+        return q2_cache_get(s, &s->l2_cache, old, l2);
+    }
+    uint8_t *tmp = calloc(1, s->cluster_size);
+    if (!tmp) {
+        return -ENOMEM;
+    }
+    if (old) {
+        uint8_t *ot;
+        ret = q2_cache_get(s, &s->l2_cache, old, &ot);
+        if (ret < 0) {
+            free(tmp);
+            return ret;
+        }
+        memcpy(tmp, ot, s->cluster_size);
+        q2_cache_put(&s->l2_cache, &ot);
+    }
+    uint64_t newoff;
+    ret = q2_alloc_clusters(s, 1, &newoff);
+    if (ret < 0) {
+        free(tmp);
+        return ret;
+    }
+    /* refcount of the new table, then the table itself, are durable before L1 points at it */
+    ret = q2_cache_flush(s, &s->rb_cache);
+    if (ret == 0) {
+        ret = q2_file_flush(s);
+    }
+    if (ret == 0) {
+        ret = vd_pwrite(s->bs->file, newoff, s->cluster_size, tmp, 0);
+    }
+    if (ret == 0) {
+        ret = q2_file_flush(s);
+    }
+    if (ret == 0) {
+        uint8_t be[8];
+        qcow2_put_be64(be, newoff | QCOW2_OFLAG_COPIED);
+        ret = vd_pwrite(s->bs->file, s->l1_offset + l1i * 8, 8, be, 0);
+    }
+    if (ret < 0) {
+        free(tmp);
+        return ret;
+    }
+    s->l1[l1i] = newoff | QCOW2_OFLAG_COPIED;
+    ret = q2_cache_get_empty(s, &s->l2_cache, newoff, l2);
+    if (ret == 0) {
+        memcpy(*l2, tmp, s->cluster_size);
+    }
+    free(tmp);
+    if (ret < 0) {
+        return ret;
+    }
+    if (old) {
+        ret = q2_free_clusters(s, old, s->cluster_size);
+        if (ret < 0) {
+            q2_cache_put(&s->l2_cache, l2);
+            return ret;
+        }
+    }
+    return 0;
+}
+
+static bool entry_inplace(const Qcow2State *s, uint64_t e, uint64_t bm)
+{
+    if ((e & QCOW2_OFLAG_COMPRESSED) || !(e & QCOW2_OFLAG_COPIED) ||
+        !(e & QCOW2_L2E_OFFSET_MASK)) {
+        return false;
+    }
+    if (has_zero_flag(s) && (e & QCOW2_OFLAG_ZERO)) {
+        return false;
+    }
+    if (s->extl2 && (bm & QCOW2_L2_BITMAP_ALL_ALLOC) != QCOW2_L2_BITMAP_ALL_ALLOC) {
+        return false;
+    }
+    return true;
+}
+
+/* Host cluster that a rewrite of the whole cluster may reuse (owned, not compressed). */
+static uint64_t entry_reusable_host(const Qcow2State *s, uint64_t e)
+{
+    if ((e & QCOW2_OFLAG_COMPRESSED) || !(e & QCOW2_OFLAG_COPIED)) {
+        return 0;
+    }
+    return e & QCOW2_L2E_OFFSET_MASK;
+}
+
+/* Does the guest cluster at cstart read as zeroes (clipped to the virtual size)? */
+static int cluster_reads_zero(Qcow2State *s, uint64_t cstart, bool *zero);
+static int reads_zero(Qcow2State *s, uint64_t offset, uint64_t bytes, bool *zero);
+
+/*
+ * A cluster-sized buffer with the new contents of the guest cluster at cstart: its old view
+ * (or zeroes when zero is true) overlaid with the part of [offset, end) that falls inside.
+ */
+static int cow_buffer(Qcow2State *s, uint64_t cstart, bool zero, const uint8_t *buf,
+                      uint64_t offset, uint64_t end, uint8_t **out)
+{
+    uint64_t cs = s->cluster_size;
+    uint8_t *b = zero ? calloc(1, cs) : malloc(cs);
+    if (!b) {
+        return -ENOMEM;
+    }
+    if (!zero) {
+        int ret = read_guest_cluster(s, cstart, b);
+        if (ret < 0) {
+            free(b);
+            return ret;
+        }
+    }
+    uint64_t from = offset > cstart ? offset : cstart;
+    uint64_t to = end < cstart + cs ? end : cstart + cs;
+    memcpy(b + (from - cstart), buf + (from - offset), to - from);
+    *out = b;
+    return 0;
+}
+
+/* One step of a write: at most one L2 table's worth. Returns bytes done or -errno. */
+static int64_t write_step(Qcow2State *s, uint64_t offset, uint64_t bytes, const uint8_t *buf)
+{
+    uint64_t cs = s->cluster_size;
+    uint64_t l1i = offset >> (s->cluster_bits + s->l2_bits);
+    uint64_t idx0 = (offset >> s->cluster_bits) & (s->l2_entries - 1);
+    uint64_t in_off = offset & (cs - 1);
+    uint8_t *l2;
+    int ret = get_l2_for_write(s, l1i, &l2);
+    if (ret < 0) {
+        return ret;
+    }
+    uint64_t e0 = l2e_get(s, l2, idx0);
+    uint64_t bm0 = l2e_bitmap(s, l2, idx0);
+
+    if (entry_inplace(s, e0, bm0)) {
+        uint64_t base = e0 & QCOW2_L2E_OFFSET_MASK;
+        uint64_t n = cs - in_off < bytes ? cs - in_off : bytes;
+        uint64_t idx = idx0 + 1;
+        while (n < bytes && idx < s->l2_entries) {
+            uint64_t e = l2e_get(s, l2, idx);
+            if (!entry_inplace(s, e, l2e_bitmap(s, l2, idx)) ||
+                (e & QCOW2_L2E_OFFSET_MASK) != base + (idx - idx0) * cs) {
+                break;
+            }
+            n += bytes - n < cs ? bytes - n : cs;
+            idx++;
+        }
+        q2_cache_put(&s->l2_cache, &l2);
+        if (base & (cs - 1)) {
+            return -EIO;
+        }
+        ret = overlap_check(s, base + in_off, n);
+        if (ret == 0) {
+            ret = vd_pwrite(s->bs->file, base + in_off, n, buf, 0);
+        }
+        s->data_dirty = true;
+        return ret < 0 ? ret : (int64_t)n;
+    }
+
+    /* New contents for k whole clusters. */
+    uint64_t reuse = entry_reusable_host(s, e0);
+    uint64_t k = 1;
+    if (!reuse) {
+        uint64_t covered = cs - in_off;
+        uint64_t idx = idx0 + 1;
+        while (covered < bytes && idx < s->l2_entries) {
+            uint64_t e = l2e_get(s, l2, idx);
+            if (entry_inplace(s, e, l2e_bitmap(s, l2, idx)) || entry_reusable_host(s, e)) {
+                break;
+            }
+            covered += cs;
+            k++;
+            idx++;
+        }
+    }
+    uint64_t n = k * cs - in_off;
+    if (n > bytes) {
+        n = bytes;
+    }
+    uint64_t cstart = offset - in_off;
+    uint64_t end = offset + n;
+    bool head_partial = in_off != 0 || n < cs;
+    bool tail_partial = k > 1 && (end & (cs - 1)) != 0;
+    uint64_t tstart = end & ~(cs - 1);
+    /* 0: no copy-on-write; 1: rest reads zero (zero the host cluster); 2: merge in a buffer */
+    int head_mode = 0, tail_mode = 0;
+    uint8_t *hbuf = NULL, *tbuf = NULL;
+    uint64_t host = 0;
+
+    bool z;
+    if (head_partial) {
+        ret = cluster_reads_zero(s, cstart, &z);
+        if (ret < 0) {
+            goto out;
+        }
+        head_mode = z ? 1 : 2;
+    }
+    if (tail_partial) {
+        ret = cluster_reads_zero(s, tstart, &z);
+        if (ret < 0) {
+            goto out;
+        }
+        tail_mode = z ? 1 : 2;
+    }
+    /* old contents are read before the mapping can change */
+    if (head_mode == 2) {
+        ret = cow_buffer(s, cstart, false, buf, offset, end, &hbuf);
+        if (ret < 0) {
+            goto out;
+        }
+    }
+    if (tail_mode == 2) {
+        ret = cow_buffer(s, tstart, false, buf, offset, end, &tbuf);
+        if (ret < 0) {
+            goto out;
+        }
+    }
+    if (reuse) {
+        host = reuse;
+        if (host & (cs - 1)) {
+            ret = -EIO;
+            goto out;
+        }
+        ret = overlap_check(s, host, cs);
+        if (ret < 0) {
+            goto out;
+        }
+    } else {
+        ret = q2_alloc_clusters(s, k, &host);
+        if (ret < 0) {
+            goto out;
+        }
+    }
+    /* data first: zero the untouched parts in the file where that is cheap */
+    if (head_mode == 1 &&
+        vd_pwrite_zeroes(s->bs->file, host, cs, VD_REQ_NO_FALLBACK) < 0) {
+        head_mode = 2;
+        ret = cow_buffer(s, cstart, true, buf, offset, end, &hbuf);
+    }
+    if (ret == 0 && tail_mode == 1 &&
+        vd_pwrite_zeroes(s->bs->file, host + (k - 1) * cs, cs, VD_REQ_NO_FALLBACK) < 0) {
+        tail_mode = 2;
+        ret = cow_buffer(s, tstart, true, buf, offset, end, &tbuf);
+    }
+    uint64_t ds = offset, de = end;
+    if (ret == 0 && head_mode == 2) {
+        ret = vd_pwrite(s->bs->file, host, cs, hbuf, 0);
+        ds = cstart + cs;
+    }
+    if (ret == 0 && tail_mode == 2) {
+        ret = vd_pwrite(s->bs->file, host + (k - 1) * cs, cs, tbuf, 0);
+        de = tstart;
+    }
+    if (ret == 0 && ds < de) {
+        ret = vd_pwrite(s->bs->file, host + (ds - cstart), de - ds, buf + (ds - offset), 0);
+    }
+    s->data_dirty = true;
+    if (ret < 0) {
+        goto out; /* the new clusters leak; the old mapping is untouched */
+    }
+    /* then the mapping; old clusters are released later (batched, after the new entries) */
+    q2_cache_mark_dirty(&s->l2_cache, l2);
+    for (uint64_t i = 0; i < k; i++) {
+        uint64_t old = l2e_get(s, l2, idx0 + i);
+        l2e_set(s, l2, idx0 + i, (host + i * cs) | QCOW2_OFLAG_COPIED,
+                QCOW2_L2_BITMAP_ALL_ALLOC);
+        if (!reuse && ((old & QCOW2_OFLAG_COMPRESSED) || (old & QCOW2_L2E_OFFSET_MASK))) {
+            int r = q2_defer_free_l2_entry(s, old);
+            if (r < 0 && ret == 0) {
+                ret = r;
+            }
+        }
+    }
+out:
+    free(hbuf);
+    free(tbuf);
+    q2_cache_put(&s->l2_cache, &l2);
+    return ret < 0 ? ret : (int64_t)n;
+}
+
+int q2_write(Qcow2State *s, uint64_t offset, uint64_t bytes, const uint8_t *buf)
+{
+    while (bytes > 0) {
+        int64_t n = write_step(s, offset, bytes, buf);
+        if (n < 0) {
+            return (int)n;
+        }
+        offset += (uint64_t)n;
+        bytes -= (uint64_t)n;
+        buf += n;
+    }
+    return 0;
+}
+
+static int write_zero_bytes(Qcow2State *s, uint64_t offset, uint64_t bytes)
+{
+    uint64_t chunk = bytes < (1ULL << 20) ? bytes : (1ULL << 20);
+    uint8_t *z = calloc(1, chunk);
+    if (!z) {
+        return -ENOMEM;
+    }
+    int ret = 0;
+    while (bytes > 0 && ret == 0) {
+        uint64_t n = bytes < chunk ? bytes : chunk;
+        ret = q2_write(s, offset, n, z);
+        offset += n;
+        bytes -= n;
+    }
+    free(z);
+    return ret;
+}
+
+/* Does [offset, offset+bytes) already read as zeroes through this layer? */
+static int reads_zero(Qcow2State *s, uint64_t offset, uint64_t bytes, bool *zero)
+{
+    *zero = true;
+    while (bytes > 0) {
+        Q2Extent x;
+        int ret = get_extent(s, offset, bytes, true, &x);
+        if (ret < 0) {
+            return ret;
+        }
+        if (x.type == QCOW2_CLUSTER_UNALLOCATED) {
+            if (s->bs->backing) {
+                int64_t bl = vd_getlength(s->bs->backing);
+                if (bl < 0 || offset < (uint64_t)bl) {
+                    *zero = false;
+                    return 0;
+                }
+            }
+        } else if (x.type != QCOW2_CLUSTER_ZERO_PLAIN && x.type != QCOW2_CLUSTER_ZERO_ALLOC) {
+            *zero = false;
+            return 0;
+        }
+        offset += x.len;
+        bytes -= x.len;
+    }
+    return 0;
+}
+
+static int cluster_reads_zero(Qcow2State *s, uint64_t cstart, bool *zero)
+{
+    uint64_t n = s->cluster_size;
+    *zero = true;
+    if (cstart >= s->h.size) {
+        return 0;
+    }
+    if (cstart + n > s->h.size) {
+        n = s->h.size - cstart;
+    }
+    return reads_zero(s, cstart, n, zero);
+}
+
+enum { SET_UNALLOC, SET_ZERO };
+
+/*
+ * Rewrite the entries of whole clusters [first, first+count) (guest cluster indexes):
+ * SET_UNALLOC makes them unallocated; SET_ZERO makes them read as zeroes (keeping an owned,
+ * uncompressed host cluster unless unmap). Old host clusters are released afterwards.
+ */
+static int set_entries(Qcow2State *s, uint64_t first, uint64_t count, int mode, bool unmap)
+{
+    int ret = 0;
+    uint64_t c = first, endc = first + count;
+    while (c < endc && ret == 0) {
+        uint64_t l1i = c >> s->l2_bits;
+        uint64_t idx = c & (s->l2_entries - 1);
+        uint64_t n = s->l2_entries - idx;
+        if (n > endc - c) {
+            n = endc - c;
+        }
+        uint64_t l1e = l1i < s->l1_size ? s->l1[l1i] : 0;
+        if (mode == SET_UNALLOC && !(l1e & QCOW2_L1E_OFFSET_MASK)) {
+            c += n; /* nothing mapped here */
+            continue;
+        }
+        uint8_t *l2;
+        ret = get_l2_for_write(s, l1i, &l2);
+        if (ret < 0) {
+            return ret;
+        }
+        uint64_t *olds = malloc(n * sizeof(uint64_t));
+        if (!olds) {
+            q2_cache_put(&s->l2_cache, &l2);
+            return -ENOMEM;
+        }
+        uint64_t nold = 0;
+        bool changed = false;
+        for (uint64_t i = 0; i < n; i++) {
+            uint64_t old = l2e_get(s, l2, idx + i);
+            uint64_t obm = l2e_bitmap(s, l2, idx + i);
+            uint64_t ne = 0, nbm = 0;
+            bool release;
+            Qcow2ClusterType t = cluster_type(s, old);
+            bool owned = (old & QCOW2_OFLAG_COPIED) && t != QCOW2_CLUSTER_COMPRESSED;
+            if (mode == SET_UNALLOC) {
+                release = true;
+            } else if (unmap || !owned || !(old & QCOW2_L2E_OFFSET_MASK)) {
+                release = true;
+                if (s->extl2) {
+                    nbm = QCOW2_L2_BITMAP_ALL_ZEROES;
+                } else {
+                    ne = QCOW2_OFLAG_ZERO;
+                }
+            } else {
+                release = false; /* keep the preallocated host cluster */
+                uint64_t host = old & QCOW2_L2E_OFFSET_MASK;
+                if (s->extl2) {
+                    ne = host | QCOW2_OFLAG_COPIED;
+                    nbm = QCOW2_L2_BITMAP_ALL_ZEROES;
+                } else {
+                    ne = host | QCOW2_OFLAG_COPIED | QCOW2_OFLAG_ZERO;
+                }
+            }
+            if (ne == old && nbm == obm) {
+                continue;
+            }
+            l2e_set(s, l2, idx + i, ne, nbm);
+            changed = true;
+            if (release && ((old & QCOW2_OFLAG_COMPRESSED) || (old & QCOW2_L2E_OFFSET_MASK))) {
+                olds[nold++] = old;
+            }
+        }
+        if (changed) {
+            q2_cache_mark_dirty(&s->l2_cache, l2);
+        }
+        q2_cache_put(&s->l2_cache, &l2);
+        for (uint64_t j = 0; j < nold && ret == 0; j++) {
+            ret = q2_free_l2_entry_cluster(s, olds[j]);
+        }
+        free(olds);
+        c += n;
+    }
+    return ret;
+}
+
+/* Zero a piece lying within one cluster. */
+static int zero_in_cluster(Qcow2State *s, uint64_t ps, uint64_t pe, int flags)
+{
+    bool z;
+    int ret = reads_zero(s, ps, pe - ps, &z);
+    if (ret < 0 || z) {
+        return ret;
+    }
+    if (s->h.version >= 3) {
+        /* if the rest of the cluster already reads as zeroes, zero it whole in metadata */
+        uint64_t c0 = ps & ~(s->cluster_size - 1);
+        uint64_t c1 = c0 + s->cluster_size < s->h.size ? c0 + s->cluster_size : s->h.size;
+        bool z1 = true, z2 = true;
+        ret = c0 < ps ? reads_zero(s, c0, ps - c0, &z1) : 0;
+        if (ret == 0 && pe < c1) {
+            ret = reads_zero(s, pe, c1 - pe, &z2);
+        }
+        if (ret < 0) {
+            return ret;
+        }
+        if (z1 && z2) {
+            return set_entries(s, c0 >> s->cluster_bits, 1, SET_ZERO,
+                               flags & VD_REQ_MAY_UNMAP);
+        }
+    }
+    if (flags & VD_REQ_NO_FALLBACK) {
+        return -ENOTSUP;
+    }
+    return write_zero_bytes(s, ps, pe - ps);
+}
+
+static int zero_piece(Qcow2State *s, uint64_t ps, uint64_t pe, int flags)
+{
+    while (ps < pe) {
+        uint64_t ce = (ps | (s->cluster_size - 1)) + 1;
+        uint64_t e = ce < pe ? ce : pe;
+        int ret = zero_in_cluster(s, ps, e, flags);
+        if (ret < 0) {
+            return ret;
+        }
+        ps = e;
+    }
+    return 0;
+}
+
+int q2_zero(Qcow2State *s, uint64_t offset, uint64_t bytes, int flags)
+{
+    uint64_t cs = s->cluster_size;
+    uint64_t end = offset + bytes;
+    /* the partial last cluster of the image counts as whole */
+    uint64_t a = (offset + cs - 1) & ~(cs - 1);
+    uint64_t b = end >= s->h.size ? (end + cs - 1) & ~(cs - 1) : end & ~(cs - 1);
+    int ret;
+    if (a >= b) {
+        return zero_piece(s, offset, end, flags);
+    }
+    ret = zero_piece(s, offset, a, flags);
+    if (ret == 0 && b < end) {
+        ret = zero_piece(s, b, end, flags);
+    }
+    if (ret < 0) {
+        return ret;
+    }
+    uint64_t first = a >> s->cluster_bits, count = (b - a) >> s->cluster_bits;
+    if (s->h.version >= 3) {
+        return set_entries(s, first, count, SET_ZERO, flags & VD_REQ_MAY_UNMAP);
+    }
+    /* v2: no zero flag */
+    bool z;
+    ret = reads_zero(s, a, (b > s->h.size ? s->h.size : b) - a, &z);
+    if (ret < 0 || z) {
+        return ret;
+    }
+    if (!s->bs->backing && (flags & VD_REQ_MAY_UNMAP)) {
+        return set_entries(s, first, count, SET_UNALLOC, true);
+    }
+    if (flags & VD_REQ_NO_FALLBACK) {
+        return -ENOTSUP;
+    }
+    uint64_t wend = b > s->h.size ? s->h.size : b;
+    return write_zero_bytes(s, a, wend - a);
+}
+
+int q2_discard(Qcow2State *s, uint64_t offset, uint64_t bytes, int flags)
+{
+    uint64_t cs = s->cluster_size;
+    uint64_t end = offset + bytes;
+    uint64_t a = (offset + cs - 1) & ~(cs - 1);
+    uint64_t b = end >= s->h.size ? (end + cs - 1) & ~(cs - 1) : end & ~(cs - 1);
+    if (a >= b) {
+        return 0;
+    }
+    uint64_t first = a >> s->cluster_bits, count = (b - a) >> s->cluster_bits;
+    if (s->h.version < 3 && s->bs->backing && !(flags & VD_REQ_FULL_DISCARD)) {
+        return 0; /* v2 cannot hide backing data: discarding would expose it (as QEMU) */
+    }
+    if ((flags & VD_REQ_FULL_DISCARD) || s->h.version < 3) {
+        return set_entries(s, first, count, SET_UNALLOC, true);
+    }
+    if (s->bs->backing) {
+        return set_entries(s, first, count, SET_ZERO, true);
+    }
+    /* no backing: unallocated reads as zeroes, so just drop allocations */
+    return set_entries(s, first, count, SET_UNALLOC, true);
+}
+
+int q2_write_compressed(Qcow2State *s, uint64_t offset, uint64_t bytes, const uint8_t *buf)
+{
+    uint64_t cs = s->cluster_size;
+    int ret = 0;
+    if (offset & (cs - 1)) {
+        return -EINVAL;
+    }
+    uint8_t *in = malloc(cs);
+    uint8_t *out = malloc(cs);
+    if (!in || !out) {
+        free(in);
+        free(out);
+        return -ENOMEM;
+    }
+    while (bytes > 0 && ret == 0) {
+        uint64_t n = bytes < cs ? bytes : cs;
+        if (n < cs && offset + n < s->h.size) {
+            ret = -EINVAL; /* only whole clusters (or the image's tail) */
+            break;
+        }
+        memcpy(in, buf, n);
+        memset(in + n, 0, cs - n);
+        int clen = q2_compress(s, in, out, cs - 1);
+        if (clen < 0) {
+            ret = q2_write(s, offset, n, buf); /* incompressible: store it plainly */
+        } else {
+            uint8_t *l2;
+            uint64_t l1i = offset >> (s->cluster_bits + s->l2_bits);
+            uint64_t idx = (offset >> s->cluster_bits) & (s->l2_entries - 1);
+            ret = get_l2_for_write(s, l1i, &l2);
+            if (ret < 0) {
+                break;
+            }
+            uint64_t host;
+            ret = q2_alloc_bytes(s, (uint64_t)clen, &host);
+            if (ret == 0 && (host >> s->csize_shift)) {
+                ret = -EFBIG;
+            }
+            if (ret == 0) {
+                ret = vd_pwrite(s->bs->file, host, (uint64_t)clen, out, 0);
+                s->data_dirty = true;
+            }
+            if (ret == 0) {
+                uint64_t nsec = ((host + (uint64_t)clen - 1) >> 9) - (host >> 9);
+                uint64_t old = l2e_get(s, l2, idx);
+                l2e_set(s, l2, idx, QCOW2_OFLAG_COMPRESSED | (nsec << s->csize_shift) | host, 0);
+                q2_cache_mark_dirty(&s->l2_cache, l2);
+                q2_cache_put(&s->l2_cache, &l2);
+                if ((old & QCOW2_OFLAG_COMPRESSED) || (old & QCOW2_L2E_OFFSET_MASK)) {
+                    ret = q2_free_l2_entry_cluster(s, old);
+                }
+            } else {
+                q2_cache_put(&s->l2_cache, &l2);
+            }
+        }
+        offset += n;
+        bytes -= n;
+        buf += n;
+    }
+    free(in);
+    free(out);
+    return ret;
+}
+
+int q2_block_status(Qcow2State *s, uint64_t offset, uint64_t bytes, uint64_t *pnum,
+                    uint64_t *map)
+{
+    Q2Extent x;
+    int ret = get_extent(s, offset, bytes, true, &x);
+    if (ret < 0) {
+        return ret;
+    }
+    *pnum = x.len;
+    switch (x.type) {
+    case QCOW2_CLUSTER_NORMAL:
+        *map = x.host;
+        return VD_BS_DATA | VD_BS_ALLOCATED | VD_BS_OFFSET_VALID;
+    case QCOW2_CLUSTER_ZERO_ALLOC:
+        *map = x.host;
+        return VD_BS_ZERO | VD_BS_ALLOCATED | VD_BS_OFFSET_VALID;
+    case QCOW2_CLUSTER_ZERO_PLAIN:
+        return VD_BS_ZERO | VD_BS_ALLOCATED;
+    case QCOW2_CLUSTER_COMPRESSED:
+        return VD_BS_DATA | VD_BS_ALLOCATED;
+    default:
+        if (x.host) {
+            *map = x.host; /* extended L2: unallocated subclusters of a host cluster */
+            return VD_BS_OFFSET_VALID;
+        }
+        return 0;
+    }
+}
+
+static int write_file_zeroes(Qcow2State *s, uint64_t host, uint64_t len)
+{
+    uint64_t chunk = len < (4ULL << 20) ? len : (4ULL << 20);
+    uint8_t *z = calloc(1, chunk);
+    int ret = 0;
+    if (!z) {
+        return -ENOMEM;
+    }
+    while (len > 0 && ret == 0) {
+        uint64_t n = len < chunk ? len : chunk;
+        ret = vd_pwrite(s->bs->file, host, n, z, 0);
+        host += n;
+        len -= n;
+    }
+    free(z);
+    return ret;
+}
+
+int q2_preallocate(Qcow2State *s, uint64_t offset, uint64_t end, VdPrealloc mode)
+{
+    uint64_t cs = s->cluster_size;
+    uint64_t c = offset >> s->cluster_bits;
+    uint64_t endc = (end + cs - 1) >> s->cluster_bits;
+    int ret = 0;
+    while (c < endc) {
+        uint64_t l1i = c >> s->l2_bits;
+        uint64_t idx = c & (s->l2_entries - 1);
+        uint8_t *l2;
+        ret = get_l2_for_write(s, l1i, &l2);
+        if (ret < 0) {
+            return ret;
+        }
+        while (idx < s->l2_entries && c < endc) {
+            uint64_t e = l2e_get(s, l2, idx);
+            if (e & (QCOW2_L2E_OFFSET_MASK | QCOW2_OFLAG_COMPRESSED)) {
+                idx++;
+                c++;
+                continue;
+            }
+            uint64_t k = 1;
+            while (idx + k < s->l2_entries && c + k < endc &&
+                   !(l2e_get(s, l2, idx + k) & (QCOW2_L2E_OFFSET_MASK | QCOW2_OFLAG_COMPRESSED))) {
+                k++;
+            }
+            uint64_t host;
+            ret = q2_alloc_clusters(s, k, &host);
+            if (ret < 0) {
+                q2_cache_put(&s->l2_cache, &l2);
+                return ret;
+            }
+            if (mode == VD_PREALLOC_FALLOC) {
+                ret = vd_pwrite_zeroes(s->bs->file, host, k * cs, 0);
+            } else if (mode == VD_PREALLOC_FULL) {
+                ret = write_file_zeroes(s, host, k * cs);
+            }
+            if (ret < 0) {
+                q2_cache_put(&s->l2_cache, &l2);
+                return ret;
+            }
+            s->data_dirty = true;
+            for (uint64_t i = 0; i < k; i++) {
+                uint64_t old = l2e_get(s, l2, idx + i);
+                uint64_t ne = (host + i * cs) | QCOW2_OFLAG_COPIED;
+                /*
+                 * Extended L2 (as qemu): the subclusters stay unallocated, so a backing file
+                 * still shows through; zero bits are kept.
+                 */
+                uint64_t nbm = l2e_bitmap(s, l2, idx + i) & QCOW2_L2_BITMAP_ALL_ZEROES;
+                if (has_zero_flag(s) && (old & QCOW2_OFLAG_ZERO)) {
+                    ne |= QCOW2_OFLAG_ZERO; /* stays zero, now preallocated */
+                }
+                l2e_set(s, l2, idx + i, ne, nbm);
+            }
+            q2_cache_mark_dirty(&s->l2_cache, l2);
+            idx += k;
+            c += k;
+        }
+        q2_cache_put(&s->l2_cache, &l2);
+    }
+    return 0;
+}
+
+int q2_grow_l1(Qcow2State *s, uint64_t min_size)
+{
+    uint64_t cs = s->cluster_size;
+    if (min_size <= s->l1_size) {
+        return 0;
+    }
+    if (min_size * 8 > QCOW2_MAX_L1_SIZE) {
+        return -EFBIG;
+    }
+    uint64_t bytes = (min_size * 8 + cs - 1) & ~(cs - 1);
+    uint8_t *t = calloc(1, bytes);
+    uint64_t *nl1 = calloc(min_size, sizeof(uint64_t));
+    if (!t || !nl1) {
+        free(t);
+        free(nl1);
+        return -ENOMEM;
+    }
+    memcpy(nl1, s->l1, (size_t)s->l1_size * 8);
+    for (uint64_t i = 0; i < min_size; i++) {
+        qcow2_put_be64(t + 8 * i, nl1[i]);
+    }
+    uint64_t off;
+    int ret = q2_alloc_clusters(s, bytes / cs, &off);
+    if (ret == 0) {
+        ret = q2_cache_flush(s, &s->rb_cache);
+    }
+    if (ret == 0) {
+        ret = vd_pwrite(s->bs->file, off, bytes, t, 0);
+    }
+    if (ret == 0) {
+        ret = q2_file_flush(s);
+    }
+    free(t);
+    if (ret == 0) {
+        uint8_t hdr[12];
+        qcow2_put_be32(hdr, (uint32_t)min_size);
+        qcow2_put_be64(hdr + 4, off);
+        ret = q2_write_header_field(s, 36, hdr, 12);
+    }
+    if (ret == 0) {
+        ret = q2_file_flush(s);
+    }
+    if (ret < 0) {
+        free(nl1);
+        return ret;
+    }
+    uint64_t old_off = s->l1_offset;
+    uint64_t old_bytes = ((uint64_t)s->l1_size * 8 + cs - 1) & ~(cs - 1);
+    free(s->l1);
+    s->l1 = nl1;
+    s->l1_size = (uint32_t)min_size;
+    s->l1_offset = off;
+    s->h.l1_size = (uint32_t)min_size;
+    s->h.l1_table_offset = off;
+    if (old_off && old_bytes) {
+        ret = q2_free_clusters(s, old_off, old_bytes);
+    }
+    return ret;
+}

@@ -1,0 +1,177 @@
+/*
+ * qcow2.h - internal state of the qcow2 driver (vd_drv_qcow2), shared by qcow2.c (open/create/
+ * header), qcow2-cluster.c (guest->host mapping and data paths) and qcow2-refcount.c (metadata
+ * caches, refcounts, cluster allocator). Nothing here is a public contract.
+ *
+ * Locking: every field of Qcow2State is protected by s->lock, which each vtable entry point holds
+ * for the whole request (including its data I/O). Functions named q2_* assume the lock is held.
+ */
+#ifndef VDISK_FORMATS_QCOW2_H
+#define VDISK_FORMATS_QCOW2_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "block/block.h"
+#include "formats/qcow2-format.h"
+
+/* QEMU writes header_length 112 for v3 (compression_type byte + 7 bytes of padding). */
+#define Q2_V3_HEADER_LEN_CT 112
+#define Q2_L2_CACHE_MAX_BYTES (32ULL * 1024 * 1024)
+#define Q2_RB_CACHE_MIN_ENTRIES 16
+#define Q2_MAX_SNAPSHOTS 65536
+#define Q2_MAX_BACKING_NAME 1023
+#define Q2_MAX_PENDING_FREES 512
+/* Host offsets must fit in the 56-bit offset field of L1/L2 entries. */
+#define Q2_MAX_HOST_OFFSET (1ULL << 56)
+
+typedef struct Qcow2CacheEntry {
+    uint64_t offset; /* host offset of the table; 0 = slot empty */
+    uint8_t *data;
+    int ref;         /* pinned while > 0: never evicted */
+    bool dirty;
+    bool referenced; /* clock bit */
+    int hnext;       /* hash chain */
+} Qcow2CacheEntry;
+
+/*
+ * A write-back cache of cluster-sized metadata tables (L2 tables or refcount blocks).
+ * `depends`: before any dirty table of this cache is written, `depends` is written back and the
+ * file flushed (the ordering rules in qcow2.c).
+ */
+typedef struct Qcow2Cache {
+    Qcow2CacheEntry *e;
+    uint8_t *base;   /* n tables of cs bytes, contiguous: entry i's data is base + i * cs */
+    uint64_t cs;
+    int n;
+    int *buckets;
+    int nbuckets;
+    int hand;
+    struct Qcow2Cache *depends;
+    bool is_l2;
+} Qcow2Cache;
+
+typedef struct Qcow2Ext {
+    uint32_t type;
+    uint32_t len;
+    uint8_t *data;
+} Qcow2Ext;
+
+typedef struct Qcow2State {
+    pthread_mutex_t lock;
+    BlockNode *bs;
+    Qcow2Header h;
+    uint8_t *hdr_raw;      /* the header as read, header_length bytes (keeps unknown fields) */
+    uint32_t hdr_raw_len;
+
+    uint32_t cluster_bits;
+    uint64_t cluster_size;
+    uint32_t l2_bits;      /* log2(entries per L2 table) */
+    uint64_t l2_entries;
+    uint32_t l2e_size;     /* 8, or 16 with extended L2 */
+    bool extl2;
+    uint64_t sc_size;      /* subcluster size (== cluster_size without extended L2) */
+    uint32_t csize_shift;
+    uint64_t csize_mask;
+    uint64_t cluster_offset_mask;
+
+    uint64_t *l1;          /* host byte order, l1_size entries */
+    uint32_t l1_size;
+    uint64_t l1_offset;
+
+    uint64_t *reftable;    /* host byte order */
+    uint64_t reftable_size; /* entries */
+    uint64_t reftable_offset;
+    uint32_t refcount_order;
+    uint32_t rb_bits;      /* log2(refcount entries per refcount block) */
+    uint64_t refcount_max;
+
+    Qcow2Cache l2_cache;
+    Qcow2Cache rb_cache;
+
+    uint64_t free_cluster_index;
+    uint64_t scan_limit;   /* allocator sanity bound (clusters), refreshed from the file size */
+    uint64_t free_byte_offset; /* compressed-data packing cursor; 0 = none */
+    bool data_dirty;       /* data written since the last file flush */
+    /*
+     * L2 entries replaced by copy-on-write whose clusters are not released yet: batching the
+     * decrements avoids a flush per overwritten shared/compressed cluster. Applied at flush or
+     * when Q2_MAX_PENDING_FREES accumulate; lost on a crash, which only leaks.
+     */
+    uint64_t *pending_frees;
+    size_t nb_pending_frees;
+
+    Qcow2Ext *exts;        /* extensions other than backing format / end, in file order */
+    int nb_exts;
+    char *backing_file;
+    char *backing_fmt;
+
+    uint8_t compression_type;
+    bool read_only;
+} Qcow2State;
+
+static inline Qcow2State *q2_state(BlockNode *bs)
+{
+    return (Qcow2State *)bs->opaque;
+}
+
+/* ---- qcow2-refcount.c: caches ---- */
+int q2_cache_init(Qcow2Cache *c, int entries, uint64_t cluster_size, bool is_l2);
+void q2_cache_destroy(Qcow2Cache *c);
+/* Get (loading if needed) the table at offset; pinned until q2_cache_put. */
+int q2_cache_get(Qcow2State *s, Qcow2Cache *c, uint64_t offset, uint8_t **table);
+/* Same, but the table is new: no read, contents zeroed. */
+int q2_cache_get_empty(Qcow2State *s, Qcow2Cache *c, uint64_t offset, uint8_t **table);
+void q2_cache_put(Qcow2Cache *c, uint8_t **table);
+void q2_cache_mark_dirty(Qcow2Cache *c, uint8_t *table);
+int q2_cache_flush(Qcow2State *s, Qcow2Cache *c);
+/* Drop every entry (after flushing when flush is true). */
+int q2_cache_empty(Qcow2State *s, Qcow2Cache *c, bool flush);
+/* Forget a table (when its cluster is freed) without writing it. */
+void q2_cache_discard(Qcow2Cache *c, uint64_t offset);
+/* Record that c's dirty tables may only be written after dep's (see qcow2.c). */
+int q2_cache_set_dependency(Qcow2State *s, Qcow2Cache *c, Qcow2Cache *dep);
+/* Write back everything in dependency order and flush the file. */
+int q2_flush_all(Qcow2State *s);
+int q2_file_flush(Qcow2State *s);
+
+/* ---- qcow2-refcount.c: refcounts ---- */
+int q2_load_reftable(Qcow2State *s, VdError **errp);
+int q2_get_refcount(Qcow2State *s, uint64_t cluster_index, uint64_t *refcount);
+/* Add `addend` (+1/-1...) to the refcounts of clusters covering [offset, offset+length). */
+int q2_update_refcount(Qcow2State *s, uint64_t offset, uint64_t length, int64_t addend);
+/* Allocate n contiguous clusters (refcount 1); returns the host offset. */
+int q2_alloc_clusters(Qcow2State *s, uint64_t n, uint64_t *host);
+/* Allocate `bytes` (< cluster size) inside shared clusters for compressed data. */
+int q2_alloc_bytes(Qcow2State *s, uint64_t bytes, uint64_t *host);
+/* Release whatever an L2 entry references (normal, preallocated-zero or compressed). */
+int q2_free_l2_entry_cluster(Qcow2State *s, uint64_t l2_entry);
+int q2_free_clusters(Qcow2State *s, uint64_t offset, uint64_t length);
+/* Release the cluster(s) of a replaced L2 entry later (batched); see pending_frees. */
+int q2_defer_free_l2_entry(Qcow2State *s, uint64_t l2_entry);
+int q2_apply_pending_frees(Qcow2State *s);
+uint64_t q2_refblock_get(const Qcow2State *s, const uint8_t *rb, uint64_t index);
+void q2_refblock_set(const Qcow2State *s, uint8_t *rb, uint64_t index, uint64_t value);
+
+/* ---- qcow2-cluster.c ---- */
+int q2_read(Qcow2State *s, uint64_t offset, uint64_t bytes, uint8_t *buf);
+int q2_write(Qcow2State *s, uint64_t offset, uint64_t bytes, const uint8_t *buf);
+int q2_zero(Qcow2State *s, uint64_t offset, uint64_t bytes, int flags);
+int q2_discard(Qcow2State *s, uint64_t offset, uint64_t bytes, int flags);
+int q2_write_compressed(Qcow2State *s, uint64_t offset, uint64_t bytes, const uint8_t *buf);
+int q2_block_status(Qcow2State *s, uint64_t offset, uint64_t bytes, uint64_t *pnum,
+                    uint64_t *map);
+/* Give every unallocated cluster in [offset, end) a host cluster (preallocation). */
+int q2_preallocate(Qcow2State *s, uint64_t offset, uint64_t end, VdPrealloc mode);
+/* Grow the L1 table to at least min_size entries. */
+int q2_grow_l1(Qcow2State *s, uint64_t min_size);
+int q2_compress(Qcow2State *s, const uint8_t *src, uint8_t *dst, uint64_t dst_len);
+int q2_decompress(Qcow2State *s, const uint8_t *src, uint64_t src_len, uint8_t *dst);
+
+/* ---- qcow2.c ---- */
+int q2_write_header_field(Qcow2State *s, uint64_t off, const void *data, uint32_t len);
+
+/* qcow2_check_file / qcow2_measure: formats/qcow2-check.h */
+
+#endif
