@@ -1,0 +1,852 @@
+/*
+ * nbd.c - the "nbd" client protocol (vd_drv_nbd): a protocol node on an NBD server's export,
+ * spoken through libnbd (never a hand-written client).
+ *
+ * Promises: every byte moves through libnbd's synchronous calls; requests larger than the
+ * server's maximum block size (or 32 MiB) are split, and requests not aligned to its minimum
+ * block size are widened with a read-modify-write, so any byte range works on any server.
+ * Reads past the export's end return zeroes (formats read partial last clusters); writes past it
+ * fail -ENOSPC (an export cannot grow). A read-only export makes a read-only node (-EPERM).
+ * Threads: a libnbd handle is thread-safe, but concurrent synchronous calls on one handle
+ * serialize (one command in flight per handle). When the server advertises multi-conn (its cache,
+ * if any, is shared by all connections, so flush/FUA on one covers all), up to NBD_MAX_CONNS
+ * connections are opened and requests are spread over them round robin; otherwise one handle
+ * serializes everything. Unaligned writes take rmw_lock exclusively (aligned ones shared), so a
+ * read-modify-write never writes stale bytes back over a concurrent write.
+ */
+#include <errno.h>
+#include <jansson.h>
+#include <libnbd.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "block/block.h"
+#include "protocols/nbd.h"
+#include "util/log.h"
+
+#define NBD_MAX_CONNS 4
+/* Largest read/write payload per command when the server does not say (the spec's safe size). */
+#define NBD_IO_MAX (32U << 20)
+/* Largest zero/trim/block-status length per command (no payload; the wire field is 32 bits). */
+#define NBD_CMD_MAX (1U << 30)
+/* Extra multi-conn connections must be up within this, or the node makes do with fewer. */
+#define NBD_EXTRA_CONNECT_MS 2000
+
+typedef struct NbdState {
+    struct nbd_handle *h[NBD_MAX_CONNS];
+    int nconns;
+    unsigned next;            /* round-robin cursor (atomic) */
+    uint64_t size;            /* export size, fixed for the node's life */
+    uint32_t align;           /* server's minimum block size (power of two), 1 = byte granular */
+    uint32_t max_io;          /* largest read/write payload, a multiple of align */
+    bool read_only;           /* the export is read-only, or the node was opened read-only */
+    bool can_flush, can_fua, can_trim, can_zero, can_fast_zero, has_base_alloc, multi_conn;
+    bool lock_init;
+    pthread_rwlock_t rmw_lock; /* only used when align > 1, see header comment */
+} NbdState;
+
+static NbdState *ns_of(BlockNode *bs)
+{
+    return bs->opaque;
+}
+
+static struct nbd_handle *conn_pick(NbdState *s)
+{
+    if (s->nconns == 1) {
+        return s->h[0];
+    }
+    unsigned i = __atomic_fetch_add(&s->next, 1, __ATOMIC_RELAXED);
+    return s->h[i % (unsigned)s->nconns];
+}
+
+/* -errno of the last failed libnbd call on this thread (server errors arrive as errno values). */
+static int nbd_ret(void)
+{
+    int e = nbd_get_errno();
+    /*
+     * A lost connection is an I/O error for our callers (as in QEMU). Passing ESHUTDOWN on would
+     * be wrong once re-exported: NBD_ESHUTDOWN tells a client that *that* server is going away.
+     */
+    if (e <= 0 || e == ESHUTDOWN || e == ENOTCONN || e == EPIPE || e == ECONNRESET ||
+        e == ECONNABORTED) {
+        return -EIO;
+    }
+    return -e;
+}
+
+/* libnbd's message without its "nbd_connect_uri: " style function prefix. */
+static const char *nbd_msg(void)
+{
+    const char *m = nbd_get_error();
+    if (!m) {
+        return "unknown error";
+    }
+    if (!strncmp(m, "nbd_", 4)) {
+        const char *c = strstr(m, ": ");
+        if (c) {
+            return c + 2;
+        }
+    }
+    return m;
+}
+
+/* ---- URIs ---- */
+
+static bool uri_unreserved(unsigned char c)
+{
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+           c == '-' || c == '.' || c == '_' || c == '~';
+}
+
+/* Append s percent-encoded (keep_slash: '/' stays literal, for socket paths). */
+static char *pct_append(char *out, const char *s, bool keep_slash)
+{
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+        if (uri_unreserved(*p) || (keep_slash && *p == '/')) {
+            *out++ = (char)*p;
+        } else {
+            out += sprintf(out, "%%%02X", *p);
+        }
+    }
+    *out = '\0';
+    return out;
+}
+
+char *vd_nbd_make_uri(const char *host, const char *port, const char *unix_path,
+                      const char *export_name)
+{
+    bool has_host = host && *host;
+    bool has_unix = unix_path && *unix_path;
+    if (has_host == has_unix) {
+        errno = EINVAL;
+        return NULL;
+    }
+    if (!export_name) {
+        export_name = "";
+    }
+    if (!port || !*port) {
+        port = VD_NBD_DEFAULT_PORT;
+    }
+    for (const char *p = port; *p; p++) {
+        if (*p < '0' || *p > '9') {
+            errno = EINVAL;
+            return NULL;
+        }
+    }
+    /* Worst case every byte becomes %XX. */
+    size_t cap = 64 + 3 * strlen(export_name) + (has_host ? 3 * strlen(host) + strlen(port)
+                                                          : 3 * strlen(unix_path));
+    char *uri = malloc(cap);
+    if (!uri) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    char *o = uri;
+    if (has_host) {
+        bool v6 = strchr(host, ':') != NULL && host[0] != '[';
+        o += sprintf(o, "nbd://%s", v6 ? "[" : "");
+        if (v6) {
+            o += sprintf(o, "%s]", host); /* an IPv6 literal: hex digits and colons */
+        } else {
+            o = pct_append(o, host, false);
+        }
+        o += sprintf(o, ":%s/", port);
+        o = pct_append(o, export_name, false);
+    } else {
+        o += sprintf(o, "nbd+unix:///");
+        o = pct_append(o, export_name, false);
+        o += sprintf(o, "?socket=");
+        o = pct_append(o, unix_path, true);
+    }
+    return uri;
+}
+
+/* ---- connecting ---- */
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/*
+ * One connection to uri with base:allocation requested. timeout_ms < 0 blocks (the first
+ * connection: the user waits for the server as qemu-img does); otherwise gives up after it.
+ */
+static struct nbd_handle *conn_open(const char *uri, int timeout_ms, int *perr,
+                                    VdError **errp)
+{
+    struct nbd_handle *h = nbd_create();
+    if (!h) {
+        *perr = ENOMEM;
+        vd_error_setg(errp, ENOMEM, "Could not open '%s': %s", uri, nbd_msg());
+        return NULL;
+    }
+    if (nbd_add_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) == -1) {
+        goto fail;
+    }
+    if (timeout_ms < 0) {
+        if (nbd_connect_uri(h, uri) == -1) {
+            goto fail;
+        }
+        return h;
+    }
+    if (nbd_aio_connect_uri(h, uri) == -1) {
+        goto fail;
+    }
+    int64_t deadline = now_ms() + timeout_ms;
+    while (nbd_aio_is_connecting(h)) {
+        int64_t left = deadline - now_ms();
+        if (left <= 0) {
+            *perr = ETIMEDOUT;
+            vd_error_setg(errp, ETIMEDOUT, "Could not open '%s': connection timed out", uri);
+            nbd_close(h);
+            return NULL;
+        }
+        if (nbd_poll(h, (int)left) == -1) {
+            goto fail;
+        }
+    }
+    if (!nbd_aio_is_ready(h)) {
+        *perr = EIO;
+        vd_error_setg(errp, EIO, "Could not open '%s': the handshake did not complete", uri);
+        nbd_close(h);
+        return NULL;
+    }
+    return h;
+
+fail:;
+    int err = nbd_get_errno();
+    *perr = err > 0 ? err : EIO;
+    vd_error_setg(errp, *perr, "Could not open '%s': %s", uri, nbd_msg());
+    nbd_close(h);
+    return NULL;
+}
+
+static void conn_close(struct nbd_handle *h)
+{
+    if (h) {
+        /* A clean NBD_CMD_DISC, so servers do not log an aborted client. */
+        nbd_shutdown(h, 0);
+        nbd_close(h);
+    }
+}
+
+static int nbd_drv_open(BlockNode *bs, const VdOpenOptions *opts, VdError **errp)
+{
+    NbdState *s = ns_of(bs);
+    const char *uri = opts->filename;
+    memset(s, 0, sizeof(*s));
+    if (!uri || !*uri) {
+        vd_error_setg(errp, EINVAL, "The 'nbd' protocol needs a URI (nbd://HOST[:PORT]/EXPORT "
+                      "or nbd+unix:///EXPORT?socket=PATH)");
+        return -EINVAL;
+    }
+    int cerr = 0;
+    struct nbd_handle *h = conn_open(uri, -1, &cerr, errp);
+    if (!h) {
+        return -cerr;
+    }
+    int64_t size = nbd_get_size(h);
+    if (size < 0) {
+        int err = nbd_ret();
+        vd_error_setg(errp, -err, "Could not open '%s': could not get the export size: %s", uri,
+                      nbd_msg());
+        conn_close(h);
+        return err;
+    }
+    s->h[0] = h;
+    s->nconns = 1;
+    s->size = (uint64_t)size;
+    s->read_only = nbd_is_read_only(h) == 1 || !(opts->flags & VD_OPEN_RDWR);
+    s->can_flush = nbd_can_flush(h) == 1;
+    s->can_fua = nbd_can_fua(h) == 1;
+    s->can_trim = nbd_can_trim(h) == 1;
+    s->can_zero = nbd_can_zero(h) == 1;
+    s->can_fast_zero = nbd_can_fast_zero(h) == 1;
+    s->multi_conn = nbd_can_multi_conn(h) == 1;
+    s->has_base_alloc = nbd_can_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) == 1;
+
+    int64_t minb = nbd_get_block_size(h, LIBNBD_SIZE_MINIMUM);
+    int64_t maxb = nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM);
+    s->align = 1;
+    if (minb > 1 && minb <= 65536 && (minb & (minb - 1)) == 0) {
+        s->align = (uint32_t)minb;
+    }
+    s->max_io = NBD_IO_MAX;
+    if (maxb > 0 && (uint64_t)maxb < s->max_io) {
+        s->max_io = (uint32_t)maxb;
+    }
+    s->max_io -= s->max_io % s->align;
+    if (s->max_io == 0) {
+        s->max_io = s->align;
+    }
+    if (pthread_rwlock_init(&s->rmw_lock, NULL) != 0) {
+        vd_error_setg(errp, ENOMEM, "Could not open '%s': out of resources", uri);
+        conn_close(h);
+        s->h[0] = NULL;
+        return -ENOMEM;
+    }
+    s->lock_init = true;
+
+    if (s->multi_conn) {
+        for (int i = 1; i < NBD_MAX_CONNS; i++) {
+            VdError *local = NULL;
+            struct nbd_handle *x = conn_open(uri, NBD_EXTRA_CONNECT_MS, &cerr, &local);
+            if (!x) {
+                vd_log(VD_LOG_DEBUG, "nbd: using %d connection(s) to '%s': %s", s->nconns, uri,
+                       vd_error_msg(local));
+                vd_error_free(local);
+                break;
+            }
+            /* The same export must answer; anything else is not a usable extra connection. */
+            if (nbd_get_size(x) != size ||
+                (nbd_is_read_only(x) == 1) != (nbd_is_read_only(h) == 1)) {
+                conn_close(x);
+                break;
+            }
+            s->h[s->nconns++] = x;
+        }
+    }
+    bs->read_only = s->read_only;
+    return 0;
+}
+
+static void nbd_drv_close(BlockNode *bs)
+{
+    NbdState *s = ns_of(bs);
+    for (int i = 0; i < s->nconns; i++) {
+        conn_close(s->h[i]);
+        s->h[i] = NULL;
+    }
+    s->nconns = 0;
+    if (s->lock_init) {
+        pthread_rwlock_destroy(&s->rmw_lock);
+        s->lock_init = false;
+    }
+}
+
+int vd_nbd_connection_count(BlockNode *bs)
+{
+    if (!bs || bs->drv != &vd_drv_nbd) {
+        return 0;
+    }
+    return ns_of(bs)->nconns;
+}
+
+/* ---- I/O ---- */
+
+/* Read [off, off+len) where off is aligned and len is aligned or reaches the export's end. */
+static int read_direct(NbdState *s, struct nbd_handle *h, uint64_t off, uint64_t len,
+                       uint8_t *buf)
+{
+    while (len > 0) {
+        uint64_t n = len < s->max_io ? len : s->max_io;
+        if (nbd_pread(h, buf, (size_t)n, off, 0) == -1) {
+            return nbd_ret();
+        }
+        buf += n;
+        off += n;
+        len -= n;
+    }
+    return 0;
+}
+
+static int write_direct(NbdState *s, struct nbd_handle *h, uint64_t off, uint64_t len,
+                        const uint8_t *buf, uint32_t nflags)
+{
+    while (len > 0) {
+        uint64_t n = len < s->max_io ? len : s->max_io;
+        if (nbd_pwrite(h, buf, (size_t)n, off, nflags) == -1) {
+            return nbd_ret();
+        }
+        buf += n;
+        off += n;
+        len -= n;
+    }
+    return 0;
+}
+
+/* The server block containing off: [*start, *start + *blen), clipped at the export's end. */
+static void block_around(NbdState *s, uint64_t off, uint64_t *start, uint64_t *blen)
+{
+    *start = off - off % s->align;
+    *blen = s->size - *start < s->align ? s->size - *start : s->align;
+}
+
+static int nbd_drv_pread(BlockNode *bs, uint64_t offset, uint64_t bytes, void *buf)
+{
+    NbdState *s = ns_of(bs);
+    uint8_t *out = buf;
+    /* Past the end reads zeroes, like a file's tail (formats read whole clusters). */
+    if (offset >= s->size) {
+        memset(out, 0, bytes);
+        return 0;
+    }
+    if (bytes > s->size - offset) {
+        memset(out + (s->size - offset), 0, bytes - (s->size - offset));
+        bytes = s->size - offset;
+    }
+    struct nbd_handle *h = conn_pick(s);
+    if (s->align == 1) {
+        return read_direct(s, h, offset, bytes, out);
+    }
+    uint8_t *bounce = NULL;
+    int ret = 0;
+    while (bytes > 0 && ret == 0) {
+        uint64_t in = offset % s->align;
+        uint64_t n;
+        if (in == 0 && (bytes >= s->align || offset + bytes == s->size)) {
+            n = bytes >= s->align ? bytes - bytes % s->align : bytes;
+            ret = read_direct(s, h, offset, n, out);
+        } else {
+            /* A partial server block: read it whole, copy the caller's part. */
+            uint64_t start, blen;
+            block_around(s, offset, &start, &blen);
+            if (!bounce && !(bounce = malloc(s->align))) {
+                return -ENOMEM;
+            }
+            n = blen - in < bytes ? blen - in : bytes;
+            ret = read_direct(s, h, start, blen, bounce);
+            if (ret == 0) {
+                memcpy(out, bounce + in, n);
+            }
+        }
+        out += n;
+        offset += n;
+        bytes -= n;
+    }
+    free(bounce);
+    return ret;
+}
+
+static int nbd_drv_flush(BlockNode *bs);
+
+/* Write (align > 1 aware); nflags are libnbd command flags for every command sent. */
+static int do_write(NbdState *s, uint64_t offset, uint64_t bytes, const uint8_t *in,
+                    uint32_t nflags)
+{
+    struct nbd_handle *h = conn_pick(s);
+    if (s->align == 1) {
+        return write_direct(s, h, offset, bytes, in, nflags);
+    }
+    uint8_t *bounce = NULL;
+    int ret = 0;
+    while (bytes > 0 && ret == 0) {
+        uint64_t in_off = offset % s->align;
+        uint64_t n;
+        if (in_off == 0 && (bytes >= s->align || offset + bytes == s->size)) {
+            n = bytes >= s->align ? bytes - bytes % s->align : bytes;
+            pthread_rwlock_rdlock(&s->rmw_lock);
+            ret = write_direct(s, h, offset, n, in, nflags);
+            pthread_rwlock_unlock(&s->rmw_lock);
+        } else {
+            uint64_t start, blen;
+            block_around(s, offset, &start, &blen);
+            if (!bounce && !(bounce = malloc(s->align))) {
+                return -ENOMEM;
+            }
+            n = blen - in_off < bytes ? blen - in_off : bytes;
+            pthread_rwlock_wrlock(&s->rmw_lock);
+            ret = read_direct(s, h, start, blen, bounce);
+            if (ret == 0) {
+                memcpy(bounce + in_off, in, n);
+                ret = write_direct(s, h, start, blen, bounce, nflags);
+            }
+            pthread_rwlock_unlock(&s->rmw_lock);
+        }
+        in += n;
+        offset += n;
+        bytes -= n;
+    }
+    free(bounce);
+    return ret;
+}
+
+static int check_write(NbdState *s, uint64_t offset, uint64_t bytes)
+{
+    if (s->read_only) {
+        return -EPERM;
+    }
+    if (offset > s->size || bytes > s->size - offset) {
+        return -ENOSPC; /* an NBD export cannot grow */
+    }
+    return 0;
+}
+
+static int nbd_drv_pwrite(BlockNode *bs, uint64_t offset, uint64_t bytes, const void *buf,
+                          int flags)
+{
+    NbdState *s = ns_of(bs);
+    int ret = check_write(s, offset, bytes);
+    if (ret < 0) {
+        return ret;
+    }
+    bool fua = (flags & VD_REQ_FUA) && s->can_fua;
+    ret = do_write(s, offset, bytes, buf, fua ? LIBNBD_CMD_FLAG_FUA : 0);
+    if (ret == 0 && (flags & VD_REQ_FUA) && !fua) {
+        ret = nbd_drv_flush(bs);
+    }
+    return ret;
+}
+
+static int nbd_drv_pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags)
+{
+    NbdState *s = ns_of(bs);
+    int ret = check_write(s, offset, bytes);
+    if (ret < 0) {
+        return ret;
+    }
+    if (!s->can_zero) {
+        return -ENOTSUP; /* the generic layer writes zero buffers */
+    }
+    if ((flags & VD_REQ_NO_FALLBACK) && !s->can_fast_zero) {
+        return -ENOTSUP;
+    }
+    bool fua = (flags & VD_REQ_FUA) && s->can_fua;
+    uint32_t nflags = fua ? LIBNBD_CMD_FLAG_FUA : 0;
+    if (!(flags & VD_REQ_MAY_UNMAP)) {
+        nflags |= LIBNBD_CMD_FLAG_NO_HOLE;
+    }
+    if ((flags & VD_REQ_NO_FALLBACK) && s->can_fast_zero) {
+        nflags |= LIBNBD_CMD_FLAG_FAST_ZERO;
+    }
+    /* Partial server blocks at the edges go through the write path (read-modify-write). */
+    uint64_t head = (s->align - offset % s->align) % s->align;
+    if (head > bytes) {
+        head = bytes;
+    }
+    uint64_t tail = (bytes - head) % s->align;
+    if (offset + bytes == s->size) {
+        tail = 0; /* a short last block is a whole block */
+    }
+    if ((head || tail) && (flags & VD_REQ_NO_FALLBACK)) {
+        return -ENOTSUP;
+    }
+    uint8_t *zero = NULL;
+    if (head || tail) {
+        zero = calloc(1, s->align);
+        if (!zero) {
+            return -ENOMEM;
+        }
+    }
+    uint32_t wflags = fua ? LIBNBD_CMD_FLAG_FUA : 0;
+    if (head) {
+        ret = do_write(s, offset, head, zero, wflags);
+    }
+    uint64_t off = offset + head;
+    uint64_t mid = bytes - head - tail;
+    if (ret == 0 && mid > 0) {
+        struct nbd_handle *h = conn_pick(s);
+        /* Shared like any aligned write, so a concurrent read-modify-write cannot undo it. */
+        if (s->align > 1) {
+            pthread_rwlock_rdlock(&s->rmw_lock);
+        }
+        while (mid > 0) {
+            uint64_t n = mid < NBD_CMD_MAX ? mid : NBD_CMD_MAX;
+            if (nbd_zero(h, n, off, nflags) == -1) {
+                ret = nbd_ret();
+                /* Servers refuse FAST_ZERO with ENOTSUP (some say EOPNOTSUPP). */
+                if (ret == -EOPNOTSUPP) {
+                    ret = -ENOTSUP;
+                }
+                break;
+            }
+            off += n;
+            mid -= n;
+        }
+        if (s->align > 1) {
+            pthread_rwlock_unlock(&s->rmw_lock);
+        }
+    }
+    if (ret == 0 && tail) {
+        ret = do_write(s, off, tail, zero, wflags);
+    }
+    free(zero);
+    if (ret == 0 && (flags & VD_REQ_FUA) && !fua) {
+        ret = nbd_drv_flush(bs);
+    }
+    return ret;
+}
+
+static int nbd_drv_pdiscard(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags)
+{
+    NbdState *s = ns_of(bs);
+    int ret = check_write(s, offset, bytes);
+    if (ret < 0) {
+        return ret;
+    }
+    if (!s->can_trim) {
+        return -ENOTSUP; /* discard is advisory: the generic layer makes it a no-op */
+    }
+    /* Trim only whole server blocks; the edges are simply left alone (advisory). */
+    uint64_t start = (offset + s->align - 1) / s->align * s->align;
+    uint64_t end = offset + bytes;
+    if (end != s->size) {
+        end -= end % s->align;
+    }
+    struct nbd_handle *h = conn_pick(s);
+    while (start < end) {
+        uint64_t n = end - start < NBD_CMD_MAX ? end - start : NBD_CMD_MAX;
+        if (nbd_trim(h, n, start, 0) == -1) {
+            ret = nbd_ret();
+            return ret == -EOPNOTSUPP ? -ENOTSUP : ret;
+        }
+        start += n;
+    }
+    return 0;
+}
+
+static int nbd_drv_flush(BlockNode *bs)
+{
+    NbdState *s = ns_of(bs);
+    if (s->read_only || !s->can_flush || s->nconns == 0) {
+        return 0; /* nothing we wrote, or a server that does not cache */
+    }
+    /* With multi-conn a flush on one connection covers writes completed on all of them. */
+    if (nbd_flush(conn_pick(s), 0) == -1) {
+        return nbd_ret();
+    }
+    return 0;
+}
+
+typedef struct ExtentFirst {
+    uint32_t len;
+    uint32_t flags;
+    bool got;
+} ExtentFirst;
+
+static int extent_cb(void *opaque, const char *metacontext, uint64_t offset, uint32_t *entries,
+                     size_t nr_entries, int *error)
+{
+    ExtentFirst *f = opaque;
+    /* Servers may send other contexts (or, if buggy, repeat ours): keep base:allocation's first. */
+    if (strcmp(metacontext, LIBNBD_CONTEXT_BASE_ALLOCATION) != 0 || f->got || nr_entries < 2) {
+        return 0;
+    }
+    f->len = entries[0];
+    f->flags = entries[1];
+    f->got = true;
+    return 0;
+}
+
+static int nbd_drv_block_status(BlockNode *bs, uint64_t offset, uint64_t bytes, uint64_t *pnum,
+                                uint64_t *map, BlockNode **file)
+{
+    NbdState *s = ns_of(bs);
+    /* Like QEMU's nbd driver: the node maps identically onto itself. */
+    int ret = VD_BS_ALLOCATED | VD_BS_OFFSET_VALID;
+    *map = offset;
+    *file = bs;
+    *pnum = bytes;
+    if (!s->has_base_alloc || offset >= s->size) {
+        return ret | VD_BS_DATA;
+    }
+    uint64_t count = bytes < NBD_CMD_MAX ? bytes : NBD_CMD_MAX;
+    if (count > s->size - offset) {
+        count = s->size - offset;
+    }
+    if (s->align > 1) {
+        /* The server only answers for whole blocks: call a partial block data. */
+        uint64_t in = offset % s->align;
+        if (in) {
+            uint64_t n = s->align - in;
+            *pnum = n < bytes ? n : bytes;
+            return ret | VD_BS_DATA;
+        }
+        if (offset + count != s->size) {
+            count -= count % s->align;
+        }
+        if (count == 0) {
+            return ret | VD_BS_DATA;
+        }
+    }
+    ExtentFirst f = { 0 };
+    nbd_extent_callback cb = { .callback = extent_cb, .user_data = &f };
+    if (nbd_block_status(conn_pick(s), count, offset, cb, LIBNBD_CMD_FLAG_REQ_ONE) == -1) {
+        return nbd_ret();
+    }
+    if (!f.got || f.len == 0) {
+        return ret | VD_BS_DATA; /* no answer for this range: assume data (always safe) */
+    }
+    *pnum = f.len < bytes ? f.len : bytes;
+    if (!(f.flags & LIBNBD_STATE_HOLE)) {
+        ret |= VD_BS_DATA;
+    }
+    if (f.flags & LIBNBD_STATE_ZERO) {
+        ret |= VD_BS_ZERO;
+    }
+    return ret;
+}
+
+static int64_t nbd_drv_getlength(BlockNode *bs)
+{
+    return (int64_t)ns_of(bs)->size;
+}
+
+/*
+ * An export cannot grow: "resizing" to at most its size is a no-op (a format's file may be
+ * smaller than the export that holds it, as qcow2 on a block device), growing is refused.
+ */
+static int nbd_drv_truncate(BlockNode *bs, uint64_t size, bool shrink, VdPrealloc prealloc,
+                            VdError **errp)
+{
+    NbdState *s = ns_of(bs);
+    if (size > s->size) {
+        vd_error_setg(errp, ENOTSUP, "Cannot grow NBD export '%s' (%llu bytes) to %llu bytes",
+                      bs->filename, (unsigned long long)s->size, (unsigned long long)size);
+        return -ENOTSUP;
+    }
+    return 0;
+}
+
+/*
+ * "Creating" an image on an export (qemu-img create/convert onto nbd://): the export exists
+ * already; check it is writable and large enough, and zero its first sector so an old format
+ * header cannot be probed later (what QEMU's generic protocol create does).
+ */
+static int nbd_drv_create(const char *filename, const VdCreateOptions *opts, VdError **errp)
+{
+    VdOpenOptions o = { .filename = filename, .format = "nbd", .flags = VD_OPEN_RDWR };
+    VdError *local = NULL;
+    BlockNode *bs = vd_open(&o, &local);
+    if (!bs) {
+        int code = vd_error_code(local);
+        vd_error_propagate(errp, local);
+        return code > 0 ? -code : -EIO;
+    }
+    NbdState *s = ns_of(bs);
+    int ret = 0;
+    if (s->read_only) {
+        vd_error_setg(errp, EPERM, "Could not create '%s': the NBD export is read-only",
+                      filename);
+        ret = -EPERM;
+    } else if (opts->size > s->size) {
+        vd_error_setg(errp, ENOSPC, "Could not create '%s': the NBD export has %llu bytes, "
+                      "%llu needed", filename, (unsigned long long)s->size,
+                      (unsigned long long)opts->size);
+        ret = -ENOSPC;
+    } else if (s->size > 0) {
+        ret = vd_pwrite_zeroes(bs, 0, s->size < 512 ? s->size : 512, 0);
+        if (ret < 0) {
+            vd_error_setg_errno(errp, -ret, "Could not create '%s': writing the first sector "
+                                "failed", filename);
+        }
+    }
+    vd_node_unref(bs);
+    return ret;
+}
+
+static int nbd_drv_probe(const uint8_t *buf, size_t len, const char *filename)
+{
+    return 0; /* a protocol, never a format guess */
+}
+
+const BlockDriver vd_drv_nbd = {
+    .name = "nbd",
+    .is_protocol = true,
+    .supports_backing = false,
+    .state_size = sizeof(NbdState),
+    .probe = nbd_drv_probe,
+    .open = nbd_drv_open,
+    .close = nbd_drv_close,
+    .pread = nbd_drv_pread,
+    .pwrite = nbd_drv_pwrite,
+    .pwrite_zeroes = nbd_drv_pwrite_zeroes,
+    .pdiscard = nbd_drv_pdiscard,
+    .flush = nbd_drv_flush,
+    .block_status = nbd_drv_block_status,
+    .getlength = nbd_drv_getlength,
+    .truncate = nbd_drv_truncate,
+    .create = nbd_drv_create,
+};
+
+/* ---- opening from options (blockdev-add) ---- */
+
+BlockNode *vd_nbd_open(const char *host, const char *port, const char *unix_path,
+                       const char *export_name, const char *node_name, int flags,
+                       VdError **errp)
+{
+    bool has_host = host && *host;
+    bool has_unix = unix_path && *unix_path;
+    if (has_host == has_unix) {
+        vd_error_setg(errp, EINVAL, "NBD server: give exactly one of a host (inet) or a "
+                      "socket path (unix)");
+        return NULL;
+    }
+    char *uri = vd_nbd_make_uri(host, port, unix_path, export_name);
+    if (!uri) {
+        if (errno == EINVAL) {
+            vd_error_setg(errp, EINVAL, "NBD server: invalid port '%s'", port ? port : "");
+        } else {
+            vd_error_setg(errp, ENOMEM, "Out of memory");
+        }
+        return NULL;
+    }
+    VdOpenOptions o = { .filename = uri, .format = "nbd", .node_name = node_name,
+                        .flags = flags };
+    BlockNode *bs = vd_open(&o, errp);
+    free(uri);
+    return bs;
+}
+
+BlockNode *vd_nbd_open_qmp(json_t *options, int flags, VdError **errp)
+{
+    if (!json_is_object(options)) {
+        vd_error_setg(errp, EINVAL, "nbd: options must be an object");
+        return NULL;
+    }
+    json_t *server = json_object_get(options, "server");
+    if (!json_is_object(server)) {
+        vd_error_setg(errp, EINVAL, "nbd: parameter 'server' is missing");
+        return NULL;
+    }
+    const char *type = json_string_value(json_object_get(server, "type"));
+    const char *host = NULL, *path = NULL;
+    char portbuf[24];
+    const char *port = NULL;
+    if (!type) {
+        vd_error_setg(errp, EINVAL, "nbd: parameter 'server.type' is missing");
+        return NULL;
+    }
+    if (!strcmp(type, "inet")) {
+        host = json_string_value(json_object_get(server, "host"));
+        json_t *jp = json_object_get(server, "port");
+        if (json_is_string(jp)) {
+            port = json_string_value(jp);
+        } else if (json_is_integer(jp)) {
+            snprintf(portbuf, sizeof(portbuf), "%lld", (long long)json_integer_value(jp));
+            port = portbuf;
+        } else if (jp) {
+            vd_error_setg(errp, EINVAL, "nbd: 'server.port' must be a string or an integer");
+            return NULL;
+        }
+        if (!host || !*host) {
+            vd_error_setg(errp, EINVAL, "nbd: parameter 'server.host' is missing");
+            return NULL;
+        }
+    } else if (!strcmp(type, "unix")) {
+        path = json_string_value(json_object_get(server, "path"));
+        if (!path || !*path) {
+            vd_error_setg(errp, EINVAL, "nbd: parameter 'server.path' is missing");
+            return NULL;
+        }
+    } else {
+        vd_error_setg(errp, EINVAL, "nbd: unsupported server type '%s' (inet or unix)", type);
+        return NULL;
+    }
+    json_t *jexp = json_object_get(options, "export");
+    if (jexp && !json_is_string(jexp)) {
+        vd_error_setg(errp, EINVAL, "nbd: 'export' must be a string");
+        return NULL;
+    }
+    if (json_is_true(json_object_get(options, "read-only"))) {
+        flags &= ~VD_OPEN_RDWR;
+    }
+    const char *node_name = json_string_value(json_object_get(options, "node-name"));
+    return vd_nbd_open(host, port, path, json_string_value(jexp), node_name, flags, errp);
+}

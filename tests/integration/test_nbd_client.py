@@ -1,0 +1,429 @@
+"""vdisk as an NBD *client* (src/protocols/nbd.c): images opened over nbd:// and nbd+unix:// URIs.
+
+Servers are real peers (qemu-nbd, nbdkit), each started on a unix socket (or TCP port) in the
+test's temp dir and always killed by the fixture's finally. The oracle is qemu-img / qemu-io
+looking at the same URI (or the image file behind it after the server is gone).
+"""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from conftest import VDISK, qemu_img, qemu_io, run, sha256, vdisk
+
+pytestmark = [
+    pytest.mark.skipif(not os.path.exists(VDISK), reason="vdisk not built"),
+    pytest.mark.skipif(not shutil.which("qemu-nbd") or not shutil.which("nbdkit"),
+                       reason="qemu-nbd and nbdkit needed"),
+]
+
+MiB = 1024 * 1024
+
+
+def uri(sock, export=""):
+    return f"nbd+unix:///{export}?socket={sock}"
+
+
+def _wait_socket(path, proc=None, timeout=10):
+    end = time.time() + timeout
+    while time.time() < end:
+        if os.path.exists(path):
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect(path)
+                return
+            except OSError:
+                pass
+            finally:
+                s.close()
+        time.sleep(0.02)
+    raise AssertionError(f"server socket {path} did not appear")
+
+
+def _alive(pid):
+    """Running (a daemonized server's zombie may linger when nobody reaps it: that is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _kill_pidfile(pidfile, sig=signal.SIGTERM):
+    try:
+        with open(pidfile) as f:
+            pid = int(f.read().strip())
+    except (OSError, ValueError):
+        return
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return
+    for _ in range(250):
+        if not _alive(pid):
+            return
+        time.sleep(0.02)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+class Servers:
+    """Starts servers in tmp; kill_all() stops every one of them (called from the fixture)."""
+
+    def __init__(self, tmp):
+        self.tmp = str(tmp)
+        self.pidfiles = []
+        self.n = 0
+
+    def _paths(self):
+        self.n += 1
+        return (os.path.join(self.tmp, f"srv{self.n}.sock"),
+                os.path.join(self.tmp, f"srv{self.n}.pid"))
+
+    def qemu_nbd(self, image, fmt="qcow2", export=None, extra=()):
+        """Persistent qemu-nbd (-t) on a unix socket; returns the socket path."""
+        sock, pidfile = self._paths()
+        args = ["qemu-nbd", "-t", "-f", fmt, "-k", sock, "--fork", "--pid-file", pidfile]
+        if export is not None:
+            args += ["-x", export]
+        self.pidfiles.append(pidfile)
+        run([*args, *extra, image])
+        _wait_socket(sock)
+        return sock
+
+    def nbdkit(self, *args, tcp_port=None):
+        """nbdkit in the background; unix socket path returned (or the TCP port's URI base)."""
+        sock, pidfile = self._paths()
+        self.pidfiles.append(pidfile)
+        if tcp_port:
+            run(["nbdkit", "-i", "127.0.0.1", "-p", str(tcp_port), "-P", pidfile, *args])
+            end = time.time() + 10
+            while time.time() < end:
+                try:
+                    socket.create_connection(("127.0.0.1", tcp_port), timeout=1).close()
+                    return f"nbd://127.0.0.1:{tcp_port}"
+                except OSError:
+                    time.sleep(0.02)
+            raise AssertionError("nbdkit did not listen")
+        run(["nbdkit", "-U", sock, "-P", pidfile, *args])
+        _wait_socket(sock)
+        return sock
+
+    def kill_all(self, sig=signal.SIGTERM):
+        for p in self.pidfiles:
+            _kill_pidfile(p, sig)
+        self.pidfiles = []
+
+
+@pytest.fixture
+def srv(tmp_path):
+    s = Servers(tmp_path)
+    try:
+        yield s
+    finally:
+        s.kill_all()
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture
+def qcow2_img(tmp_path):
+    """8 MiB qcow2 with data, an explicit zero cluster and holes."""
+    img = str(tmp_path / "src.qcow2")
+    qemu_img("create", "-f", "qcow2", img, 8 * MiB)
+    qemu_io("-f", "qcow2", "-c", "write -P 5 64k 128k", "-c", "write -z 1M 64k",
+            "-c", "write -P 9 3M 4k", "-c", "write -P 7 8323072 65536", img)
+    return img
+
+
+def _vdisk_json(*args):
+    return json.loads(vdisk(*args).stdout)
+
+
+def _qemu_json(*args):
+    return json.loads(qemu_img(*args).stdout)
+
+
+# ---- info / map against qemu-img on the same URI ----
+
+def test_info_matches_qemu(srv, qcow2_img):
+    u = uri(srv.qemu_nbd(qcow2_img, "qcow2"))
+    v = _vdisk_json("info", "--output=json", u)
+    q = _qemu_json("info", "--output=json", u)
+    assert v["virtual-size"] == q["virtual-size"] == 8 * MiB
+    assert v["format"] == q["format"] == "raw"
+    assert "actual-size" not in v  # "disk size: unavailable", as qemu-img says
+    human = vdisk("info", u).stdout
+    assert "virtual size: 8 MiB (8388608 bytes)" in human
+
+
+@pytest.mark.parametrize("fmt_args", [(), ("-f", "raw")])
+def test_map_matches_qemu(srv, qcow2_img, fmt_args):
+    u = uri(srv.qemu_nbd(qcow2_img, "qcow2"))
+    v = _vdisk_json("map", "--output=json", *fmt_args, u)
+    q = _qemu_json("map", "--output=json", *fmt_args, u)
+    assert v == q
+    # The content the extents describe: data where written, zero elsewhere.
+    assert any(e["data"] and e["start"] == 65536 for e in v)
+
+
+def test_probe_qcow2_over_nbd(srv, qcow2_img):
+    """A qcow2 file exported as raw bytes: vdisk probes the format through NBD, like qemu-img."""
+    u = uri(srv.qemu_nbd(qcow2_img, "raw"))
+    v = _vdisk_json("info", "--output=json", u)
+    q = _qemu_json("info", "--output=json", u)
+    assert v["format"] == q["format"] == "qcow2"
+    assert v["virtual-size"] == q["virtual-size"] == 8 * MiB
+    vm = _vdisk_json("map", "--output=json", "-f", "qcow2", u)
+    qm = _qemu_json("map", "--output=json", "-f", "qcow2", u)
+    strip = lambda m: [{k: e[k] for k in ("start", "length", "data", "zero")} for e in m]
+    assert strip(vm) == strip(qm)
+
+
+def test_tcp_uri(srv):
+    port = free_port()
+    base = srv.nbdkit("pattern", "2M", tcp_port=port)
+    u = f"{base}/anything"
+    assert _vdisk_json("info", "--output=json", u)["virtual-size"] == 2 * MiB
+    # The pattern plugin: each 8-byte word is its big-endian offset; compare with qemu-io.
+    p = vdisk("io", "-f", "raw", "-c", "read -v 65536 16", u)
+    q = qemu_io("-f", "raw", "-r", "-c", "read -v 65536 16", u)
+    assert p.stdout.splitlines()[0] == q.stdout.splitlines()[0]
+
+
+# ---- writes read back by qemu-io ----
+
+def test_io_writes_read_back_by_qemu_io(srv):
+    sock = srv.nbdkit("memory", "16M")
+    u = uri(sock)
+    vdisk("io", "-f", "raw",
+          "-c", "write -P 1 0 4k",
+          "-c", "write -P 2 1000 70000",        # unaligned
+          "-c", "write -P 3 1M 3M",              # bigger than one request
+          "-c", "write -P 4 8M 1M", "-c", "write -z 8M 64k",
+          "-c", "write -P 5 10M 1M", "-c", "discard 10M 1M",
+          "-c", "write -f -P 6 12M 4k", "-c", "flush", u)
+    qemu_io("-f", "raw",
+            "-c", "read -P 1 0 1000", "-c", "read -P 2 1000 70000",
+            "-c", "read -P 0 71000 10000",
+            "-c", "read -P 3 1M 3M", "-c", "read -P 0 8M 64k", "-c", "read -P 4 8454144 983040",
+            "-c", "read -P 6 12M 4k", u)
+    # Trimmed memory reads back zero on nbdkit's memory plugin.
+    qemu_io("-f", "raw", "-c", "read -P 0 10M 1M", u)
+
+
+def test_io_into_qcow2_served_by_qemu_nbd(srv, tmp_path):
+    """vdisk io through qemu-nbd's qcow2 export; the image file then checked with qemu-io."""
+    img = str(tmp_path / "t.qcow2")
+    qemu_img("create", "-f", "qcow2", img, 4 * MiB)
+    sock = srv.qemu_nbd(img, "qcow2", export="exp")
+    vdisk("io", "-f", "raw", "-c", "write -P 0x5a 4096 8192", "-c", "write -z 1M 1M",
+          uri(sock, "exp"))
+    srv.kill_all()
+    qemu_io("-f", "qcow2", "-c", "read -P 0x5a 4096 8192", "-c", "read -P 0 0 4096",
+            "-c", "read -P 0 1M 1M", img)
+
+
+def test_write_zeroes_fallback_when_server_cannot_zero(srv, tmp_path):
+    log = str(tmp_path / "kit.log")
+    sock = srv.nbdkit("--filter=log", "--filter=nozero", "memory", "4M", f"logfile={log}",
+                      "zeromode=notrim")
+    u = uri(sock)
+    vdisk("io", "-f", "raw", "-c", "write -P 8 0 128k", "-c", "write -z 4096 65536", u)
+    qemu_io("-f", "raw", "-c", "read -P 8 0 4096", "-c", "read -P 0 4096 65536",
+            "-c", "read -P 8 69632 61440", u)
+
+
+def test_zero_flags_on_the_wire(srv, tmp_path):
+    """write -z sends NBD_CMD_WRITE_ZEROES with NO_HOLE (trim=0), -u allows a hole, -f is FUA."""
+    log = str(tmp_path / "kit.log")
+    sock = srv.nbdkit("--filter=log", "memory", "4M", f"logfile={log}")
+    vdisk("io", "-f", "raw", "-c", "write -z 0 64k", "-c", "write -z -u 64k 64k",
+          "-c", "write -f -P 1 1M 4k", uri(sock))
+    text = open(log).read()
+    assert "Zero id=" in text
+    lines = [l for l in text.splitlines() if " Zero " in l and "return" not in l]
+    assert "offset=0x0 count=0x10000 trim=0" in lines[0]
+    assert "offset=0x10000 count=0x10000 trim=1" in lines[1]
+    assert any("Write" in l and "offset=0x100000" in l and "fua=1" in l for l in text.splitlines())
+
+
+def test_min_and_max_block_size(srv):
+    """A server with 4 KiB minimum / 64 KiB maximum blocks that rejects anything else."""
+    sock = srv.nbdkit("--filter=blocksize-policy", "memory", "2M", "blocksize-minimum=4096",
+                      "blocksize-maximum=65536", "blocksize-error-policy=error")
+    u = uri(sock)
+    vdisk("io", "-f", "raw", "-c", "write -P 3 100 300000", "-c", "read -P 3 100 300000",
+          "-c", "write -z 5 9000", "-c", "read -P 0 5 9000", "-c", "read -P 0 0 100", u)
+    qemu_io("-f", "raw", "-c", "read -P 0 0 100", "-c", "read -P 0 5 9000",
+            "-c", "read -P 3 9005 291095", "-c", "read -P 0 300100 100000", u)
+
+
+# ---- convert ----
+
+def test_convert_from_nbd_identical_to_qemu_img(srv, qcow2_img, tmp_path):
+    u = uri(srv.qemu_nbd(qcow2_img, "qcow2"))
+    a, b = str(tmp_path / "v.qcow2"), str(tmp_path / "q.qcow2")
+    vdisk("convert", "-O", "qcow2", u, a)
+    qemu_img("convert", "-O", "qcow2", u, b)
+    assert sha256(a) == sha256(b)
+    qemu_img("compare", "-U", "-f", "qcow2", "-F", "qcow2", a, qcow2_img)
+
+
+def test_convert_from_nbd_to_raw(srv, qcow2_img, tmp_path):
+    u = uri(srv.qemu_nbd(qcow2_img, "qcow2"))
+    out = str(tmp_path / "o.raw")
+    vdisk("convert", "-f", "raw", "-O", "raw", u, out)
+    qemu_img("compare", "-U", "-f", "raw", "-F", "qcow2", out, qcow2_img)
+
+
+def test_convert_into_nbd_target(srv, qcow2_img, tmp_path):
+    """convert -n into an existing export (what storage migration without shared storage does)."""
+    sock = srv.nbdkit("memory", "8M")
+    u = uri(sock)
+    vdisk("convert", "-n", "-O", "raw", qcow2_img, u)
+    qemu_img("compare", "-f", "qcow2", "-F", "raw", qcow2_img, u)
+
+
+# ---- read-only exports and errors ----
+
+def test_read_only_export_refuses_writes(srv):
+    sock = srv.nbdkit("-r", "pattern", "1M")
+    u = uri(sock)
+    p = vdisk("io", "-f", "raw", "-c", "write -P 3 0 4k", u, check=False)
+    assert p.returncode != 0
+    assert "Operation not permitted" in p.stdout + p.stderr
+    # Unchanged: the pattern plugin's first word is offset 0, the second 8.
+    q = qemu_io("-f", "raw", "-r", "-c", "read -v 0 16", u).stdout
+    assert "00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 08" in q
+    # Reading works, and so does convert from it.
+    vdisk("io", "-f", "raw", "-c", "read 0 64k", u)
+
+
+def _one_line_error(p, needle):
+    assert p.returncode != 0
+    assert p.returncode > 0, p.stderr  # not a signal
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, p.stderr
+    assert needle in lines[0], p.stderr
+    return lines[0]
+
+
+def test_unreachable_server(tmp_path):
+    u = f"nbd://127.0.0.1:{free_port()}/exp"
+    line = _one_line_error(vdisk("info", u, check=False), u)
+    assert "refused" in line.lower()
+    u2 = uri(str(tmp_path / "nobody.sock"), "exp")
+    _one_line_error(vdisk("info", u2, check=False), u2)
+    _one_line_error(vdisk("convert", "-O", "qcow2", u2, str(tmp_path / "o.qcow2"), check=False),
+                    u2)
+
+
+def test_unknown_export(srv, qcow2_img):
+    sock = srv.qemu_nbd(qcow2_img, "qcow2", export="exp")
+    u = uri(sock, "nope")
+    line = _one_line_error(vdisk("info", u, check=False), u)
+    assert "nope" in line.split(u, 1)[1]
+
+
+def test_server_read_errors(srv, tmp_path):
+    sock = srv.nbdkit("--filter=error", "memory", "4M", "error-pread=EIO",
+                      "error-pread-rate=100%")
+    u = uri(sock)
+    # Data to read (an all-zero export would be converted from block status alone).
+    vdisk("io", "-f", "raw", "-c", "write -P 1 64k 64k", u)
+    p = vdisk("io", "-f", "raw", "-c", "read 0 4k", u, check=False)
+    assert p.returncode != 0 and p.returncode > 0
+    assert "Input/output error" in p.stdout + p.stderr
+    p = vdisk("convert", "-f", "raw", "-O", "qcow2", u, str(tmp_path / "o.qcow2"), check=False)
+    assert p.returncode > 0
+    assert "Input/output error" in p.stderr
+
+
+def test_server_write_errors(srv):
+    sock = srv.nbdkit("--filter=error", "memory", "4M", "error-pwrite=ENOSPC",
+                      "error-pwrite-rate=100%")
+    p = vdisk("io", "-f", "raw", "-c", "write -P 1 0 4k", uri(sock), check=False)
+    assert p.returncode > 0
+    assert "No space left on device" in p.stdout + p.stderr
+
+
+def test_unsupported_scheme(tmp_path):
+    p = vdisk("info", "nbdx://127.0.0.1/e", check=False)
+    _one_line_error(p, "nbdx://127.0.0.1/e")
+
+
+# ---- vdiskd: another server's export as a block node (blockdev-add driver nbd) ----
+
+def _vdiskd_on(back, tmp_path):
+    from conftest import VDISKD
+    if not os.path.exists(VDISKD):
+        pytest.skip("vdiskd not built")
+    dsock = str(tmp_path / "d.sock")
+    node = json.dumps({"driver": "raw", "node-name": "n0",
+                       "file": {"driver": "nbd", "export": "",
+                                "server": {"type": "unix", "path": back}}})
+    log = open(str(tmp_path / "vdiskd.log"), "w+")
+    proc = subprocess.Popen([VDISKD, "--blockdev", node,
+                             "--nbd-server", f"addr.type=unix,addr.path={dsock}",
+                             "--export", "type=nbd,id=e,node-name=n0,name=exp,writable=on"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    return proc, log, dsock
+
+
+def _stop(proc, log):
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    log.seek(0)
+    out = log.read()
+    log.close()
+    return out
+
+
+def test_vdiskd_backend_server_dies(srv, tmp_path):
+    """The server behind a node goes away: requests fail with EIO, nobody crashes or hangs."""
+    back = srv.nbdkit("memory", "8M")
+    proc, log, dsock = _vdiskd_on(back, tmp_path)
+    try:
+        _wait_socket(dsock)
+        srv.kill_all(signal.SIGKILL)  # a crash: nbdkit would wait for its clients on SIGTERM
+        p = qemu_io("-f", "raw", "-c", "write -P 4 0 64k", uri(dsock, "exp"), check=False)
+        assert "Input/output error" in p.stdout + p.stderr
+    finally:
+        out = _stop(proc, log)
+    assert proc.returncode == 0, out
+
+
+def test_vdiskd_blockdev_on_nbd_export(srv, tmp_path):
+    """vdiskd re-exports a node whose bytes live in nbdkit: writes land in nbdkit's memory."""
+    back = srv.nbdkit("memory", "8M")
+    proc, log, dsock = _vdiskd_on(back, tmp_path)
+    try:
+        _wait_socket(dsock)
+        qemu_io("-f", "raw", "-c", "write -P 4 64k 1M", "-c", "write -z 2M 64k", uri(dsock, "exp"))
+        # Through vdiskd's flush on close, the bytes are in the backend export.
+        qemu_io("-f", "raw", "-c", "read -P 4 64k 1M", "-c", "read -P 0 0 64k", uri(back))
+        vm = _vdisk_json("map", "--output=json", "-f", "raw", uri(dsock, "exp"))
+        qm = _qemu_json("map", "--output=json", "-f", "raw", uri(back))
+        strip = lambda m: [(e["start"], e["length"], e["data"], e["zero"]) for e in m]
+        assert strip(vm) == strip(qm)
+    finally:
+        out = _stop(proc, log)
+    assert proc.returncode == 0, out
