@@ -39,7 +39,13 @@ enum {
     VD_BS_DATA = 1 << 0,         /* reads return data stored at *map in *file (or compressed) */
     VD_BS_ZERO = 1 << 1,         /* reads return zeroes */
     VD_BS_OFFSET_VALID = 1 << 2, /* st->offset / *map is a valid host offset in st->file */
-    VD_BS_ALLOCATED = 1 << 3     /* the content is decided by this layer, not by its backing */
+    VD_BS_ALLOCATED = 1 << 3,    /* the content is decided by this layer, not by its backing */
+    /*
+     * Driver -> generic layer only (never in results): the data at *map may be a hole in *file;
+     * ask the file and add VD_BS_ZERO where it reads as zeroes (qcow2 with metadata
+     * preallocation sets this, as QEMU's BDRV_BLOCK_RECURSE, so map shows those clusters zero).
+     */
+    VD_BS_RECURSE = 1 << 4
 };
 
 typedef enum {
@@ -138,6 +144,8 @@ struct BlockDriver {
     /*
      * Status of [offset, offset+bytes) in this layer only. Sets *pnum (>0, <= bytes) to the
      * length of the extent that shares the returned VD_BS_* flags; *map / *file when OFFSET_VALID.
+     * Returning DATA or ZERO means this layer decides the content (the generic layer adds
+     * ALLOCATED); neither means "ask my backing" (the generic layer adds ZERO when there is none).
      */
     int (*block_status)(BlockNode *bs, uint64_t offset, uint64_t bytes, uint64_t *pnum,
                         uint64_t *map, BlockNode **file);
@@ -176,6 +184,11 @@ struct BlockNode {
 
 /* ---- registry ---- */
 const BlockDriver *vd_find_driver(const char *name);
+/*
+ * Add a driver to the registry (tests, drivers outside the built-in list). Call before any
+ * vd_open from one thread; a driver whose name is already registered is refused (-EEXIST).
+ */
+int vd_register_driver(const BlockDriver *drv);
 extern const BlockDriver vd_drv_file;
 extern const BlockDriver vd_drv_raw;
 extern const BlockDriver vd_drv_qcow2;
@@ -221,7 +234,12 @@ char *vd_resolve_backing_path(const char *image_filename, const char *backing_fi
 /* Express target_path relative to the directory of image_filename (for rebase/commit -b). */
 char *vd_relative_path(const char *image_filename, const char *target_path);
 
-/* ---- I/O: these validate ranges (past end = -EINVAL for writes; reads past end = -EINVAL) ---- */
+/*
+ * ---- I/O: these validate ranges (past end = -EINVAL for writes; reads past end = -EINVAL) ----
+ * Range checks apply to format nodes. Protocol nodes (file, nbd) take any range: formats grow
+ * their file by writing past its end, and a file node reads zeroes past its end. Writes to a
+ * read-only node fail with -EPERM. Zero-length requests succeed without calling the driver.
+ */
 int64_t vd_getlength(BlockNode *bs);
 int vd_pread(BlockNode *bs, uint64_t offset, uint64_t bytes, void *buf);
 int vd_pwrite(BlockNode *bs, uint64_t offset, uint64_t bytes, const void *buf, int flags);
@@ -239,6 +257,7 @@ int vd_truncate(BlockNode *bs, uint64_t size, bool shrink, VdPrealloc prealloc, 
  */
 int vd_block_status(BlockNode *bs, uint64_t offset, uint64_t bytes, uint64_t *pnum,
                     VdBlockStatus *st);
+/* Both status calls return 0 (status in *st) or -errno; offset at/after the end is -EINVAL. */
 
 /*
  * Block status across the chain from top down to, but excluding, base (base NULL = whole chain).

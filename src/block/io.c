@@ -1,0 +1,182 @@
+/*
+ * io.c - the vd_* I/O entry points: range checks, read-only enforcement and generic emulation
+ * (write-zeroes by writing zero buffers, discard as a no-op) in front of each driver.
+ *
+ * Range rule: on format nodes a request must lie within vd_getlength (else -EINVAL; zero-length
+ * requests always succeed). Protocol nodes are not range-checked: formats grow their file by
+ * writing past its end, and file reads past the end return zeroes.
+ * No locks here: concurrency is each driver's business (block.h), callers may add tracking.
+ */
+#include <errno.h>
+#include <stdlib.h>
+
+#include "block/block.h"
+
+/* Emulated write-zeroes writes at most this much per request. */
+#define ZERO_EMUL_CHUNK (1U << 20)
+
+int64_t vd_getlength(BlockNode *bs)
+{
+    if (!bs || !bs->drv) {
+        return -EINVAL;
+    }
+    if (!bs->drv->getlength) {
+        return -ENOTSUP;
+    }
+    return bs->drv->getlength(bs);
+}
+
+static int check_range(BlockNode *bs, uint64_t offset, uint64_t bytes)
+{
+    if (offset > (uint64_t)INT64_MAX || bytes > (uint64_t)INT64_MAX - offset) {
+        return -EINVAL;
+    }
+    if (bs->drv->is_protocol) {
+        return 0;
+    }
+    int64_t len = vd_getlength(bs);
+    if (len < 0) {
+        return (int)len;
+    }
+    if (offset + bytes > (uint64_t)len) {
+        return -EINVAL;
+    }
+    return 0;
+}
+
+int vd_pread(BlockNode *bs, uint64_t offset, uint64_t bytes, void *buf)
+{
+    int ret = check_range(bs, offset, bytes);
+    if (ret < 0 || bytes == 0) {
+        return ret;
+    }
+    if (!bs->drv->pread) {
+        return -ENOTSUP;
+    }
+    return bs->drv->pread(bs, offset, bytes, buf);
+}
+
+int vd_pwrite(BlockNode *bs, uint64_t offset, uint64_t bytes, const void *buf, int flags)
+{
+    if (bs->read_only) {
+        return -EPERM;
+    }
+    int ret = check_range(bs, offset, bytes);
+    if (ret < 0 || bytes == 0) {
+        return ret;
+    }
+    if (!bs->drv->pwrite) {
+        return -ENOTSUP;
+    }
+    return bs->drv->pwrite(bs, offset, bytes, buf, flags);
+}
+
+int vd_pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags)
+{
+    if (bs->read_only) {
+        return -EPERM;
+    }
+    int ret = check_range(bs, offset, bytes);
+    if (ret < 0 || bytes == 0) {
+        return ret;
+    }
+    if (bs->drv->pwrite_zeroes) {
+        ret = bs->drv->pwrite_zeroes(bs, offset, bytes, flags);
+        if (ret != -ENOTSUP) {
+            return ret;
+        }
+    }
+    if (flags & VD_REQ_NO_FALLBACK) {
+        return -ENOTSUP;
+    }
+    if (!bs->drv->pwrite) {
+        return -ENOTSUP;
+    }
+    /* Emulate: write real zeroes (the driver may still detect and optimise them). */
+    size_t chunk = bytes < ZERO_EMUL_CHUNK ? (size_t)bytes : ZERO_EMUL_CHUNK;
+    void *zero = calloc(1, chunk);
+    if (!zero) {
+        return -ENOMEM;
+    }
+    ret = 0;
+    while (bytes > 0) {
+        uint64_t n = bytes < chunk ? bytes : chunk;
+        ret = bs->drv->pwrite(bs, offset, n, zero, flags & VD_REQ_FUA);
+        if (ret < 0) {
+            break;
+        }
+        offset += n;
+        bytes -= n;
+    }
+    free(zero);
+    return ret;
+}
+
+int vd_pdiscard(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags)
+{
+    if (bs->read_only) {
+        return -EPERM;
+    }
+    int ret = check_range(bs, offset, bytes);
+    if (ret < 0 || bytes == 0) {
+        return ret;
+    }
+    if (!bs->drv->pdiscard) {
+        return 0; /* discard is advisory */
+    }
+    ret = bs->drv->pdiscard(bs, offset, bytes, flags);
+    return ret == -ENOTSUP ? 0 : ret;
+}
+
+int vd_pwrite_compressed(BlockNode *bs, uint64_t offset, uint64_t bytes, const void *buf)
+{
+    if (bs->read_only) {
+        return -EPERM;
+    }
+    int ret = check_range(bs, offset, bytes);
+    if (ret < 0 || bytes == 0) {
+        return ret;
+    }
+    if (!bs->drv->pwrite_compressed) {
+        return -ENOTSUP;
+    }
+    return bs->drv->pwrite_compressed(bs, offset, bytes, buf);
+}
+
+int vd_flush(BlockNode *bs)
+{
+    if (!bs || !bs->drv) {
+        return -EINVAL;
+    }
+    int ret = 0;
+    if (bs->drv->flush) {
+        ret = bs->drv->flush(bs);
+    }
+    /* The format's metadata is only durable once its file is. */
+    if (ret == 0 && bs->file) {
+        ret = vd_flush(bs->file);
+    }
+    /* A writable backing (commit's target) holds data we wrote too. */
+    if (ret == 0 && bs->backing && !bs->backing->read_only) {
+        ret = vd_flush(bs->backing);
+    }
+    return ret;
+}
+
+int vd_truncate(BlockNode *bs, uint64_t size, bool shrink, VdPrealloc prealloc, VdError **errp)
+{
+    if (bs->read_only) {
+        vd_error_setg(errp, EPERM, "Cannot resize '%s': opened read-only", bs->filename);
+        return -EPERM;
+    }
+    if (size > (uint64_t)INT64_MAX) {
+        vd_error_setg(errp, EINVAL, "Size %llu is too large", (unsigned long long)size);
+        return -EINVAL;
+    }
+    if (!bs->drv->truncate) {
+        vd_error_setg(errp, ENOTSUP, "Format '%s' of '%s' does not support resizing",
+                      bs->drv->name, bs->filename);
+        return -ENOTSUP;
+    }
+    return bs->drv->truncate(bs, size, shrink, prealloc, errp);
+}

@@ -1,0 +1,170 @@
+/*
+ * raw.c - the "raw" format: guest bytes are the file child's bytes, offset for offset.
+ *
+ * Every call passes straight through to bs->file via the vd_* layer, so the file node's range
+ * rules, zero-emulation and thread safety apply unchanged; raw keeps no state and needs no lock.
+ * Raw is the probing fallback: its score is the lowest non-zero one. A raw image whose format was
+ * guessed refuses writes that would make the next probe see another format (QEMU does the same):
+ * otherwise a guest could turn its disk into, say, a qcow2 file pointing at host files.
+ */
+#include <errno.h>
+#include <string.h>
+
+#include "block/block.h"
+#include "util/log.h"
+
+#define RAW_PROBE_BYTES 512
+
+typedef struct RawState {
+    bool probed; /* format was guessed, not given */
+} RawState;
+
+static int raw_probe(const uint8_t *buf, size_t len, const char *filename)
+{
+    return 1; /* anything can be raw; any real format match wins */
+}
+
+static int raw_open(BlockNode *bs, const VdOpenOptions *opts, VdError **errp)
+{
+    RawState *s = bs->opaque;
+    if (!bs->file) {
+        vd_error_setg(errp, EINVAL, "raw: '%s' has no file child", bs->filename);
+        return -EINVAL;
+    }
+    s->probed = opts->format == NULL;
+    if (s->probed && !bs->read_only) {
+        vd_log(VD_LOG_WARN, "Image format was not specified for '%s' and probing guessed raw; "
+               "writes that would change the detected format are refused. Specify the format "
+               "(-f raw) to remove the restrictions.", bs->filename);
+    }
+    return 0;
+}
+
+/* Would writing buf at offset make the first sector look like another format? */
+static bool raw_write_changes_format(BlockNode *bs, uint64_t offset, uint64_t bytes,
+                                     const void *buf)
+{
+    uint8_t head[RAW_PROBE_BYTES];
+    if (vd_pread(bs->file, 0, sizeof(head), head) < 0) {
+        return true; /* can't verify: refuse rather than risk it */
+    }
+    uint64_t n = RAW_PROBE_BYTES - offset < bytes ? RAW_PROBE_BYTES - offset : bytes;
+    if (buf) {
+        memcpy(head + offset, buf, n);
+    } else {
+        memset(head + offset, 0, n);
+    }
+    static const char *const formats[] = { "qcow2" };
+    for (size_t i = 0; i < sizeof(formats) / sizeof(formats[0]); i++) {
+        const BlockDriver *d = vd_find_driver(formats[i]);
+        if (d && d->probe && d->probe(head, sizeof(head), bs->filename) > 1) {
+            return true;
+        }
+    }
+    return false;
+}
+
+static void raw_close(BlockNode *bs)
+{
+}
+
+static int raw_pread(BlockNode *bs, uint64_t offset, uint64_t bytes, void *buf)
+{
+    return vd_pread(bs->file, offset, bytes, buf);
+}
+
+static int raw_pwrite(BlockNode *bs, uint64_t offset, uint64_t bytes, const void *buf, int flags)
+{
+    RawState *s = bs->opaque;
+    if (s->probed && offset < RAW_PROBE_BYTES && raw_write_changes_format(bs, offset, bytes, buf)) {
+        return -EPERM;
+    }
+    return vd_pwrite(bs->file, offset, bytes, buf, flags);
+}
+
+static int raw_pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags)
+{
+    return vd_pwrite_zeroes(bs->file, offset, bytes, flags);
+}
+
+static int raw_pdiscard(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags)
+{
+    return vd_pdiscard(bs->file, offset, bytes, flags);
+}
+
+static int raw_block_status(BlockNode *bs, uint64_t offset, uint64_t bytes, uint64_t *pnum,
+                            uint64_t *map, BlockNode **file)
+{
+    VdBlockStatus st;
+    int ret = vd_block_status(bs->file, offset, bytes, pnum, &st);
+    if (ret < 0) {
+        return ret;
+    }
+    if (st.flags & VD_BS_OFFSET_VALID) {
+        *map = st.offset;
+        *file = st.file;
+    } else {
+        /* A protocol without host offsets (e.g. NBD): the data is still at offset in file. */
+        *map = offset;
+        *file = bs->file;
+    }
+    /* Raw decides every byte itself (no backing). */
+    return (st.flags & (VD_BS_DATA | VD_BS_ZERO)) | VD_BS_OFFSET_VALID | VD_BS_ALLOCATED;
+}
+
+static int raw_flush(BlockNode *bs)
+{
+    return 0; /* vd_flush flushes the file child after this */
+}
+
+static int64_t raw_getlength(BlockNode *bs)
+{
+    return vd_getlength(bs->file);
+}
+
+static int64_t raw_allocated_size(BlockNode *bs)
+{
+    if (bs->file->drv->allocated_size) {
+        return bs->file->drv->allocated_size(bs->file);
+    }
+    return -ENOTSUP;
+}
+
+static int raw_truncate(BlockNode *bs, uint64_t size, bool shrink, VdPrealloc prealloc,
+                        VdError **errp)
+{
+    return vd_truncate(bs->file, size, shrink, prealloc, errp);
+}
+
+static int raw_create(const char *filename, const VdCreateOptions *opts, VdError **errp)
+{
+    if (opts->backing_file) {
+        vd_error_setg(errp, ENOTSUP, "Format 'raw' does not support backing files");
+        return -ENOTSUP;
+    }
+    if (opts->prealloc == VD_PREALLOC_METADATA) {
+        vd_error_setg(errp, EINVAL, "Unsupported preallocation mode 'metadata' for format raw");
+        return -EINVAL;
+    }
+    return vd_drv_file.create(filename, opts, errp);
+}
+
+const BlockDriver vd_drv_raw = {
+    .name = "raw",
+    .is_protocol = false,
+    .supports_backing = false,
+    .state_size = sizeof(RawState),
+    .probe = raw_probe,
+    .open = raw_open,
+    .close = raw_close,
+    .create = raw_create,
+    .pread = raw_pread,
+    .pwrite = raw_pwrite,
+    .pwrite_zeroes = raw_pwrite_zeroes,
+    .pdiscard = raw_pdiscard,
+    .flush = raw_flush,
+    .block_status = raw_block_status,
+    .getlength = raw_getlength,
+    .allocated_size = raw_allocated_size,
+    .truncate = raw_truncate,
+};
