@@ -1,7 +1,873 @@
-/* vdisk.c - placeholder main until the tool lands. */
+/*
+ * vdisk.c - the offline `vdisk` tool: dispatch `vdisk <command> [options]` and the helpers all
+ * commands share (size parsing, qemu-style human/JSON printing, progress, -o option lists).
+ * Output text, JSON keys and exit codes follow qemu-img 7.2 (and qemu-io for `vdisk io`).
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <jansson.h>
+#include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
-int main(void)
+#include <stdlib.h>
+#include <string.h>
+
+#include "tools/tool.h"
+
+bool tool_allow_probe;
+
+void tool_error(const char *fmt, ...)
 {
-    fprintf(stderr, "vdisk: not built yet\n");
+    va_list ap;
+    fflush(stdout);
+    fputs(TOOL_NAME ": ", stderr);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+}
+
+void tool_report(VdError *err, const char *prefix)
+{
+    if (prefix) {
+        tool_error("%s: %s", prefix, vd_error_msg(err));
+    } else {
+        tool_error("%s", vd_error_msg(err));
+    }
+    vd_error_free(err);
+}
+
+void tool_bad_option(const char *cmd, int c, const char *arg)
+{
+    if (c == ':') {
+        tool_error("option '%s' requires an argument (try '" TOOL_NAME " %s --help')", arg, cmd);
+    } else {
+        tool_error("unrecognized option '%s' (try '" TOOL_NAME " %s --help')", arg, cmd);
+    }
+}
+
+/* ---- numbers ---- */
+
+int tool_parse_uint(const char *s, uint64_t *out)
+{
+    if (!s || !*s || *s == '-' || *s == '+' || *s == ' ') {
+        return -EINVAL;
+    }
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 0);
+    if (errno || *end) {
+        return errno ? -errno : -EINVAL;
+    }
+    *out = v;
+    return 0;
+}
+
+int tool_parse_size(const char *s, uint64_t *out)
+{
+    if (!s || !*s) {
+        return -EINVAL;
+    }
+    const char *p = s;
+    while (*p == ' ' || *p == '\t') {
+        p++;
+    }
+    if (*p == '-' || *p == '+') {
+        return -EINVAL;
+    }
+    char *end;
+    uint64_t ival;
+    double frac = 0;
+    errno = 0;
+    if (p[0] == '0' && (p[1] == 'x' || p[1] == 'X')) {
+        ival = strtoull(p, &end, 16);
+        if (end == p + 2) {
+            return -EINVAL;
+        }
+    } else {
+        ival = strtoull(p, &end, 10);
+        if (end == p) {
+            return -EINVAL;
+        }
+        if (*end == '.') {
+            char *fend;
+            frac = strtod(end, &fend);
+            if (fend == end) {
+                fend = end + 1; /* "1." or "1.k": an empty fraction */
+                frac = 0;
+            }
+            end = fend;
+        }
+    }
+    if (errno == ERANGE) {
+        return -ERANGE;
+    }
+    uint64_t mul = 1;
+    switch (*end) {
+    case 'b': case 'B': mul = 1; end++; break;
+    case 'k': case 'K': mul = 1ull << 10; end++; break;
+    case 'm': case 'M': mul = 1ull << 20; end++; break;
+    case 'g': case 'G': mul = 1ull << 30; end++; break;
+    case 't': case 'T': mul = 1ull << 40; end++; break;
+    case 'p': case 'P': mul = 1ull << 50; end++; break;
+    case 'e': case 'E': mul = 1ull << 60; end++; break;
+    case '\0': break;
+    default: return -EINVAL;
+    }
+    if (*end) {
+        return -EINVAL;
+    }
+    if (frac != 0 && mul == 1) {
+        return -EINVAL; /* a fraction of a byte */
+    }
+    if (ival > UINT64_MAX / mul) {
+        return -ERANGE;
+    }
+    uint64_t v = ival * mul;
+    uint64_t f = (uint64_t)(frac * (double)mul);
+    if (v + f < v) {
+        return -ERANGE;
+    }
+    *out = v + f;
+    return 0;
+}
+
+int tool_parse_output(const char *arg)
+{
+    if (!arg || !strcmp(arg, "human")) {
+        return 0;
+    }
+    if (!strcmp(arg, "json")) {
+        return 1;
+    }
+    tool_error("--output must be used with human or json as argument.");
+    return -1;
+}
+
+void tool_size_to_str(uint64_t val, char *buf, size_t len)
+{
+    static const char *suffixes[] = { "", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei" };
+    int i;
+    /* Switch to the next unit once the integer part reaches 1000 (as QEMU does). */
+    frexp(val / (1000.0 / 1024.0), &i);
+    i = (i - 1) / 10;
+    if (i < 0) {
+        i = 0;
+    }
+    if (i > 6) {
+        i = 6;
+    }
+    uint64_t div = 1ULL << (i * 10);
+    snprintf(buf, len, "%0.3g %sB", (double)val / div, suffixes[i]);
+}
+
+void tool_cvtstr(double value, char *str, size_t size)
+{
+    const char *suffix;
+    char num[64];
+    if (value >= (double)(1ULL << 60)) {
+        suffix = " EiB";
+        snprintf(num, sizeof(num), "%.3f", value / (double)(1ULL << 60));
+    } else if (value >= (double)(1ULL << 50)) {
+        suffix = " PiB";
+        snprintf(num, sizeof(num), "%.3f", value / (double)(1ULL << 50));
+    } else if (value >= (double)(1ULL << 40)) {
+        suffix = " TiB";
+        snprintf(num, sizeof(num), "%.3f", value / (double)(1ULL << 40));
+    } else if (value >= (double)(1ULL << 30)) {
+        suffix = " GiB";
+        snprintf(num, sizeof(num), "%.3f", value / (double)(1ULL << 30));
+    } else if (value >= (double)(1ULL << 20)) {
+        suffix = " MiB";
+        snprintf(num, sizeof(num), "%.3f", value / (double)(1ULL << 20));
+    } else if (value >= 1024.0) {
+        suffix = " KiB";
+        snprintf(num, sizeof(num), "%.3f", value / 1024.0);
+    } else {
+        suffix = " bytes";
+        snprintf(num, sizeof(num), "%f", value);
+    }
+    char *trim = strstr(num, ".000");
+    if (trim) {
+        *trim = '\0';
+    }
+    snprintf(str, size, "%s%s", num, suffix);
+}
+
+bool tool_is_zero(const void *buf, size_t len)
+{
+    const unsigned char *p = buf;
+    if (len == 0) {
+        return true;
+    }
+    /* Check a few bytes first: data buffers usually differ early. */
+    size_t head = len < 16 ? len : 16;
+    for (size_t i = 0; i < head; i++) {
+        if (p[i]) {
+            return false;
+        }
+    }
+    return len <= 16 || memcmp(p, p + 16, len - 16) == 0;
+}
+
+/* ---- opening ---- */
+
+int tool_open_flags(int flags, bool force_share)
+{
+    if (force_share) {
+        flags |= VD_OPEN_FORCE_SHARE;
+    }
+    if (tool_allow_probe) {
+        flags |= VD_OPEN_ALLOW_PROBE;
+    }
+    return flags;
+}
+
+BlockNode *tool_open(const char *filename, const char *fmt, int flags)
+{
+    VdError *err = NULL;
+    if (fmt && !vd_find_driver(fmt)) {
+        tool_error("Unknown file format '%s'", fmt);
+        return NULL;
+    }
+    BlockNode *bs = vd_open_image(filename, fmt, tool_open_flags(flags, false), &err);
+    if (!bs) {
+        if (err) {
+            tool_report(err, NULL);
+        } else {
+            tool_error("Could not open '%s'", filename);
+        }
+    }
+    return bs;
+}
+
+/* ---- progress (qemu-progress.c behaviour) ---- */
+
+static struct {
+    bool enabled;
+    float current, last_print, min_skip;
+} progress;
+
+static void progress_show(void)
+{
+    printf("    (%3.2f/100%%)\r", progress.current);
+    fflush(stdout);
+}
+
+void progress_init(bool enabled, float min_skip)
+{
+    progress.enabled = enabled;
+    progress.current = progress.last_print = 0;
+    progress.min_skip = min_skip;
+}
+
+void progress_print(float delta, int max)
+{
+    if (!progress.enabled) {
+        return;
+    }
+    float current = max == 0 ? delta : progress.current + delta / 100 * max;
+    if (current > progress.last_print + progress.min_skip ||
+        current < progress.last_print - progress.min_skip || current == 100 || current == 0) {
+        progress.last_print = current;
+        progress.current = current;
+        progress_show();
+    }
+}
+
+void progress_end(void)
+{
+    if (progress.enabled) {
+        printf("\n");
+        fflush(stdout);
+    }
+}
+
+/* ---- QEMU-style JSON ---- */
+
+/* QEMU's QDict hash (tdb_hash): its 512 buckets decide the key order QEMU prints. */
+static unsigned qdict_bucket(const char *name)
+{
+    unsigned value = 0x238F13AF * (unsigned)strlen(name);
+    for (unsigned i = 0; name[i]; i++) {
+        value = value + (((unsigned)(unsigned char)name[i]) << (i * 5 % 24));
+    }
+    return (1103515243 * value + 12345) % 512;
+}
+
+typedef struct {
+    const char *key;
+    json_t *val;
+    unsigned bucket;
+    int idx;
+} KeyEnt;
+
+static int keyent_cmp(const void *a, const void *b)
+{
+    const KeyEnt *x = a, *y = b;
+    if (x->bucket != y->bucket) {
+        return x->bucket < y->bucket ? -1 : 1;
+    }
+    /* Same bucket: QEMU inserts at the head, so later keys come first. */
+    return y->idx - x->idx;
+}
+
+/* Keys of obj in QEMU's iteration order; caller frees. */
+static KeyEnt *qdict_order(json_t *obj, size_t *n)
+{
+    size_t cnt = json_object_size(obj);
+    KeyEnt *ents = calloc(cnt ? cnt : 1, sizeof(*ents));
+    if (!ents) {
+        *n = 0;
+        return NULL;
+    }
+    const char *key;
+    json_t *val;
+    size_t i = 0;
+    json_object_foreach(obj, key, val) {
+        ents[i].key = key;
+        ents[i].val = val;
+        ents[i].bucket = qdict_bucket(key);
+        ents[i].idx = (int)i;
+        i++;
+    }
+    qsort(ents, i, sizeof(*ents), keyent_cmp);
+    *n = i;
+    return ents;
+}
+
+static void qjson_string(FILE *f, const char *s)
+{
+    const unsigned char *p = (const unsigned char *)s;
+    fputc('"', f);
+    while (*p) {
+        unsigned cp = *p;
+        int extra = 0;
+        if (cp >= 0x80) {
+            if ((cp & 0xE0) == 0xC0) { cp &= 0x1F; extra = 1; }
+            else if ((cp & 0xF0) == 0xE0) { cp &= 0x0F; extra = 2; }
+            else if ((cp & 0xF8) == 0xF0) { cp &= 0x07; extra = 3; }
+            else { cp = 0xFFFD; }
+            p++;
+            for (int i = 0; i < extra; i++) {
+                if ((*p & 0xC0) != 0x80) {
+                    cp = 0xFFFD;
+                    break;
+                }
+                cp = (cp << 6) | (*p++ & 0x3F);
+            }
+        } else {
+            p++;
+        }
+        switch (cp) {
+        case '"': fputs("\\\"", f); break;
+        case '\\': fputs("\\\\", f); break;
+        case '\b': fputs("\\b", f); break;
+        case '\f': fputs("\\f", f); break;
+        case '\n': fputs("\\n", f); break;
+        case '\r': fputs("\\r", f); break;
+        case '\t': fputs("\\t", f); break;
+        default:
+            if (cp < 0x20 || cp >= 0x7F) {
+                if (cp >= 0x10000) {
+                    cp -= 0x10000;
+                    fprintf(f, "\\u%04X\\u%04X", 0xD800 | (cp >> 10), 0xDC00 | (cp & 0x3FF));
+                } else {
+                    fprintf(f, "\\u%04X", cp);
+                }
+            } else {
+                fputc((int)cp, f);
+            }
+        }
+    }
+    fputc('"', f);
+}
+
+static void qjson_value(FILE *f, json_t *v, int depth)
+{
+    switch (json_typeof(v)) {
+    case JSON_OBJECT: {
+        size_t n;
+        KeyEnt *ents = qdict_order(v, &n);
+        fputc('{', f);
+        for (size_t i = 0; i < n; i++) {
+            fprintf(f, "%s\n%*s", i ? "," : "", (depth + 1) * 4, "");
+            qjson_string(f, ents[i].key);
+            fputs(": ", f);
+            qjson_value(f, ents[i].val, depth + 1);
+        }
+        fprintf(f, "\n%*s}", depth * 4, "");
+        free(ents);
+        break;
+    }
+    case JSON_ARRAY: {
+        fputc('[', f);
+        size_t i;
+        json_t *e;
+        json_array_foreach(v, i, e) {
+            fprintf(f, "%s\n%*s", i ? "," : "", (depth + 1) * 4, "");
+            qjson_value(f, e, depth + 1);
+        }
+        fprintf(f, "\n%*s]", depth * 4, "");
+        break;
+    }
+    case JSON_STRING:
+        qjson_string(f, json_string_value(v));
+        break;
+    case JSON_INTEGER:
+        fprintf(f, "%" JSON_INTEGER_FORMAT, json_integer_value(v));
+        break;
+    case JSON_REAL:
+        fprintf(f, "%.17g", json_real_value(v));
+        break;
+    case JSON_TRUE:
+        fputs("true", f);
+        break;
+    case JSON_FALSE:
+        fputs("false", f);
+        break;
+    case JSON_NULL:
+        fputs("null", f);
+        break;
+    }
+}
+
+void qjson_print(FILE *f, json_t *v)
+{
+    qjson_value(f, v, 0);
+    fputc('\n', f);
+}
+
+static void dump_qobject(FILE *f, int indent, json_t *v);
+
+static void dump_qlist(FILE *f, int indent, json_t *list)
+{
+    size_t i;
+    json_t *e;
+    json_array_foreach(list, i, e) {
+        bool composite = json_is_object(e) || json_is_array(e);
+        fprintf(f, "%*s[%zu]:%c", indent * 4, "", i, composite ? '\n' : ' ');
+        dump_qobject(f, indent + 1, e);
+        if (!composite) {
+            fputc('\n', f);
+        }
+    }
+}
+
+void qdict_dump_human(FILE *f, json_t *obj, int indent)
+{
+    size_t n;
+    KeyEnt *ents = qdict_order(obj, &n);
+    for (size_t i = 0; i < n; i++) {
+        bool composite = json_is_object(ents[i].val) || json_is_array(ents[i].val);
+        fprintf(f, "%*s", indent * 4, "");
+        for (const char *k = ents[i].key; *k; k++) {
+            fputc(*k == '-' ? ' ' : *k, f);
+        }
+        fputc(':', f);
+        fputc(composite ? '\n' : ' ', f);
+        dump_qobject(f, indent + 1, ents[i].val);
+        if (!composite) {
+            fputc('\n', f);
+        }
+    }
+    free(ents);
+}
+
+static void dump_qobject(FILE *f, int indent, json_t *v)
+{
+    switch (json_typeof(v)) {
+    case JSON_OBJECT: qdict_dump_human(f, v, indent); break;
+    case JSON_ARRAY: dump_qlist(f, indent, v); break;
+    case JSON_STRING: fputs(json_string_value(v), f); break;
+    case JSON_INTEGER: fprintf(f, "%" JSON_INTEGER_FORMAT, json_integer_value(v)); break;
+    case JSON_REAL: fprintf(f, "%g", json_real_value(v)); break;
+    case JSON_TRUE: fputs("true", f); break;
+    case JSON_FALSE: fputs("false", f); break;
+    case JSON_NULL: fputs("null", f); break;
+    }
+}
+
+/* ---- -o option lists ---- */
+
+int tool_opts_parse(ToolOpts *o, const char *s)
+{
+    const char *p = s;
+    while (*p) {
+        /* One item up to an unescaped comma; ",," is a literal comma. */
+        size_t cap = strlen(p) + 1;
+        char *item = malloc(cap);
+        if (!item) {
+            return -ENOMEM;
+        }
+        size_t n = 0;
+        while (*p) {
+            if (*p == ',') {
+                if (p[1] == ',') {
+                    item[n++] = ',';
+                    p += 2;
+                    continue;
+                }
+                p++;
+                break;
+            }
+            item[n++] = *p++;
+        }
+        item[n] = '\0';
+        if (n == 0) {
+            free(item);
+            continue;
+        }
+        ToolOpt *nv = realloc(o->v, (o->n + 1) * sizeof(*nv));
+        if (!nv) {
+            free(item);
+            return -ENOMEM;
+        }
+        o->v = nv;
+        char *eq = strchr(item, '=');
+        char *key, *value;
+        if (eq) {
+            *eq = '\0';
+            key = item;
+            value = strdup(eq + 1);
+        } else {
+            /* "help" or a bare flag; qemu treats "key" as "key=on" for bools. */
+            key = item;
+            value = NULL;
+        }
+        if (eq && !value) {
+            free(item);
+            return -ENOMEM;
+        }
+        /* A later occurrence overrides an earlier one. */
+        for (int i = 0; i < o->n; i++) {
+            if (!strcmp(o->v[i].key, key)) {
+                free(o->v[i].key);
+                free(o->v[i].value);
+                o->v[i] = o->v[--o->n];
+                break;
+            }
+        }
+        o->v[o->n].key = key;
+        o->v[o->n].value = value;
+        o->n++;
+    }
+    return 0;
+}
+
+const char *tool_opts_get(const ToolOpts *o, const char *key)
+{
+    for (int i = 0; o && i < o->n; i++) {
+        if (!strcmp(o->v[i].key, key)) {
+            return o->v[i].value ? o->v[i].value : "on";
+        }
+    }
+    return NULL;
+}
+
+void tool_opts_free(ToolOpts *o)
+{
+    for (int i = 0; i < o->n; i++) {
+        free(o->v[i].key);
+        free(o->v[i].value);
+    }
+    free(o->v);
+    o->v = NULL;
+    o->n = 0;
+}
+
+static const char *const qcow2_opt_names[] = {
+    "size", "backing_file", "backing_fmt", "cluster_size", "compat", "lazy_refcounts",
+    "refcount_bits", "preallocation", "extended_l2", "compression_type", NULL
+};
+static const char *const raw_opt_names[] = { "size", "preallocation", NULL };
+
+static int parse_bool_opt(const char *key, const char *v, bool *out)
+{
+    if (!strcmp(v, "on") || !strcmp(v, "yes") || !strcmp(v, "true")) {
+        *out = true;
+    } else if (!strcmp(v, "off") || !strcmp(v, "no") || !strcmp(v, "false")) {
+        *out = false;
+    } else {
+        tool_error("Parameter '%s' expects 'on' or 'off'", key);
+        return -1;
+    }
+    return 0;
+}
+
+int tool_create_options(CreateSpec *spec, const char *fmt, const ToolOpts *o, const char *filename)
+{
+    VdCreateOptions *co = &spec->co;
+    memset(spec, 0, sizeof(*spec));
+    spec->o = o;
+    co->format = fmt;
+    bool is_qcow2 = !strcmp(fmt, "qcow2");
+    const char *const *names = is_qcow2 ? qcow2_opt_names : raw_opt_names;
+    for (int i = 0; o && i < o->n; i++) {
+        bool known = false;
+        for (int j = 0; names[j]; j++) {
+            if (!strcmp(names[j], o->v[i].key)) {
+                known = true;
+            }
+        }
+        if (!known) {
+            tool_error("%s: Invalid parameter '%s'", filename, o->v[i].key);
+            return -1;
+        }
+    }
+    const char *v;
+    if ((v = tool_opts_get(o, "size"))) {
+        if (tool_parse_size(v, &co->size) < 0 || co->size > INT64_MAX) {
+            tool_error("%s: Parameter 'size' expects a non-negative number below 2^63", filename);
+            return -1;
+        }
+        co->size_given = true;
+    }
+    co->backing_file = tool_opts_get(o, "backing_file");
+    co->backing_fmt = tool_opts_get(o, "backing_fmt");
+    if ((v = tool_opts_get(o, "cluster_size"))) {
+        if (tool_parse_size(v, &co->cluster_size) < 0) {
+            tool_error("%s: Parameter 'cluster_size' expects a non-negative number below 2^64",
+                       filename);
+            return -1;
+        }
+    }
+    co->compat = tool_opts_get(o, "compat");
+    if (co->compat && strcmp(co->compat, "0.10") && strcmp(co->compat, "v2") &&
+        strcmp(co->compat, "1.1") && strcmp(co->compat, "v3")) {
+        tool_error("%s: Parameter 'version' does not accept value '%s'", filename, co->compat);
+        return -1;
+    }
+    if ((v = tool_opts_get(o, "lazy_refcounts")) &&
+        parse_bool_opt("lazy_refcounts", v, &co->lazy_refcounts) < 0) {
+        return -1;
+    }
+    if ((v = tool_opts_get(o, "extended_l2")) &&
+        parse_bool_opt("extended_l2", v, &co->extended_l2) < 0) {
+        return -1;
+    }
+    if ((v = tool_opts_get(o, "refcount_bits"))) {
+        uint64_t rb;
+        if (tool_parse_uint(v, &rb) < 0 || rb > 64) {
+            tool_error("%s: Refcount width must be a power of two and may not exceed 64 bits",
+                       filename);
+            return -1;
+        }
+        co->refcount_bits = (int)rb;
+    }
+    if ((v = tool_opts_get(o, "preallocation"))) {
+        if (!strcmp(v, "off")) {
+            co->prealloc = VD_PREALLOC_OFF;
+        } else if (!strcmp(v, "metadata") && is_qcow2) {
+            co->prealloc = VD_PREALLOC_METADATA;
+        } else if (!strcmp(v, "falloc")) {
+            co->prealloc = VD_PREALLOC_FALLOC;
+        } else if (!strcmp(v, "full")) {
+            co->prealloc = VD_PREALLOC_FULL;
+        } else {
+            tool_error("%s: Parameter 'preallocation' does not accept value '%s'", filename, v);
+            return -1;
+        }
+    }
+    co->compression_type = tool_opts_get(o, "compression_type");
+    if (co->compression_type && strcmp(co->compression_type, "zlib") &&
+        strcmp(co->compression_type, "zstd")) {
+        tool_error("%s: Parameter 'compression-type' does not accept value '%s'", filename,
+                   co->compression_type);
+        return -1;
+    }
+    return 0;
+}
+
+void tool_print_formatting(const char *filename, const CreateSpec *spec)
+{
+    const VdCreateOptions *co = &spec->co;
+    const ToolOpts *o = spec->o;
+    const char *v;
+    printf("Formatting '%s', fmt=%s", filename, co->format);
+    if (!strcmp(co->format, "qcow2")) {
+        printf(" cluster_size=%" PRIu64, co->cluster_size ? co->cluster_size : 65536);
+        v = tool_opts_get(o, "extended_l2");
+        printf(" extended_l2=%s", v ? v : "off");
+        if ((v = tool_opts_get(o, "preallocation"))) {
+            printf(" preallocation=%s", v);
+        }
+        v = co->compression_type;
+        printf(" compression_type=%s", v ? v : "zlib");
+        printf(" size=%" PRIu64, co->size);
+        if (co->compat) {
+            printf(" compat=%s", co->compat);
+        }
+        if (co->backing_file) {
+            printf(" backing_file=%s", co->backing_file);
+        }
+        if (co->backing_fmt) {
+            printf(" backing_fmt=%s", co->backing_fmt);
+        }
+        v = tool_opts_get(o, "lazy_refcounts");
+        printf(" lazy_refcounts=%s", v ? v : "off");
+        printf(" refcount_bits=%d", co->refcount_bits ? co->refcount_bits : 16);
+    } else {
+        printf(" size=%" PRIu64, co->size);
+        if ((v = tool_opts_get(o, "preallocation"))) {
+            printf(" preallocation=%s", v);
+        }
+    }
+    printf("\n");
+    fflush(stdout);
+}
+
+void tool_print_create_help(const char *fmt)
+{
+    if (!strcmp(fmt, "qcow2")) {
+        printf("Supported qcow2 options:\n"
+               "  backing_file=<str>     - File name of a base image\n"
+               "  backing_fmt=<str>      - Image format of the base image\n"
+               "  cluster_size=<size>    - qcow2 cluster size\n"
+               "  compat=<str>           - Compatibility level (v2 [0.10] or v3 [1.1])\n"
+               "  compression_type=<str> - Compression method used for image cluster "
+               "compression\n"
+               "  extended_l2=<bool (on/off)> - Extended L2 tables\n"
+               "  lazy_refcounts=<bool (on/off)> - Postpone refcount updates\n"
+               "  preallocation=<str>    - Preallocation mode (allowed values: off, metadata, "
+               "falloc, full)\n"
+               "  refcount_bits=<num>    - Width of a reference count entry in bits\n"
+               "  size=<size>            - Virtual disk size\n");
+    } else {
+        printf("Supported raw options:\n"
+               "  preallocation=<str>    - Preallocation mode (allowed values: off, falloc, "
+               "full)\n"
+               "  size=<size>            - Virtual disk size\n");
+    }
+}
+
+/* ---- dispatcher ---- */
+
+static const struct {
+    const char *name;
+    int (*fn)(int, char **);
+    const char *usage;
+} commands[] = {
+    { "check", img_check, "check [-q] [-f fmt] [--output=ofmt] [-r leaks|all] [-U] filename" },
+    { "commit", img_commit, "commit [-q] [-f fmt] [-t cache] [-b base] [-d] [-p] filename" },
+    { "compare", img_compare,
+      "compare [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2" },
+    { "convert", img_convert,
+      "convert [-U] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt]\n"
+      "          [-B backing_file [-F backing_fmt]] [-o options] [-S sparse_size]\n"
+      "          [-m num_coroutines] [-W] [--target-is-zero] filename [filename2 [...]] "
+      "output_filename" },
+    { "create", img_create,
+      "create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]" },
+    { "info", img_info,
+      "info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename" },
+    { "io", img_io, "io [-f fmt] [-r] [-U] [-c 'command']... filename   (qemu-io style)" },
+    { "map", img_map,
+      "map [-f fmt] [--start-offset=offset] [--max-length=len] [--output=ofmt] [-U] filename" },
+    { "measure", img_measure,
+      "measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [-f fmt] filename]" },
+    { "rebase", img_rebase,
+      "rebase [-U] [-q] [-f fmt] [-t cache] [-T src_cache] [-p] [-u] -b backing_file "
+      "[-F backing_fmt] filename" },
+    { "resize", img_resize,
+      "resize [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size" },
+};
+
+static void print_help(void)
+{
+    printf("vdisk version " VDISK_VERSION "\n"
+           "usage: " TOOL_NAME " [standard options] command [command options]\n"
+           "QEMU-compatible disk image utility (qcow2, raw)\n"
+           "\n"
+           "    '-h', '--help'       display this help and exit\n"
+           "    '-V', '--version'    output version information and exit\n"
+           "    '--allow-probe'      allow probing the format of backing files that do not\n"
+           "                         record one (unsafe: a raw backing file could pose as\n"
+           "                         another format). The top image's format is probed when\n"
+           "                         -f is not given.\n"
+           "\n"
+           "Command syntax:\n");
+    for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++) {
+        printf("  %s\n", commands[i].usage);
+    }
+    printf("\n"
+           "Command parameters:\n"
+           "  'size' is the disk image size in bytes. Optional suffixes 'k' or 'K' (1024),\n"
+           "    'M', 'G', 'T', 'P' and 'E' are supported; 'b' is ignored.\n"
+           "  'options' is a comma separated list of format specific options in a name=value\n"
+           "    format. Use -o help for an overview of the options supported by the format.\n"
+           "  '-c' (convert) writes compressed clusters (qcow2 only)\n"
+           "  '-u' allows unsafe backing chains (create: do not open the backing file;\n"
+           "       rebase: only rewrite the backing file name in the header)\n"
+           "  '-p' show progress of command (only certain commands)\n"
+           "  '-q' use Quiet mode - do not print any output (except errors)\n"
+           "  '-U' open the image without taking locks (force share)\n"
+           "\n"
+           "Exit codes follow qemu-img: check exits 0 (clean), 1 (check failed), 2 (corruptions),\n"
+           "3 (leaks only), 63 (format cannot be checked); compare exits 0 (identical),\n"
+           "1 (different), 2 (cannot open), 3/4 (error while comparing); other commands\n"
+           "exit 0 on success and 1 on failure.\n"
+           "\n"
+           "Notes (as in qemu-img): commit -b implies -d (the top image is not emptied);\n"
+           "convert writes the target with cache=unsafe (no flushes) unless -t says otherwise;\n"
+           "convert -B copies only what differs from the new backing file, so the output\n"
+           "always reads like the source.\n"
+           "\n"
+           "'vdisk io' runs qemu-io style commands (read, write, discard, flush, map, length,\n"
+           "info, alloc) given with -c, or one per line from stdin when no -c is given (then\n"
+           "'flush' prints \"flushed\" and stdout is flushed after every command). Unlike\n"
+           "qemu-io, a failed command (I/O error, pattern mismatch) makes the exit status 1.\n"
+           "\n"
+           "Supported formats: qcow2 raw\n");
+}
+
+int main(int argc, char **argv)
+{
+    /* --allow-probe is global: accept it anywhere before "--". */
+    int w = 1;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--")) {
+            for (; i < argc; i++) {
+                argv[w++] = argv[i];
+            }
+            break;
+        }
+        if (!strcmp(argv[i], "--allow-probe")) {
+            tool_allow_probe = true;
+            continue;
+        }
+        argv[w++] = argv[i];
+    }
+    argc = w;
+    argv[argc] = NULL;
+
+    if (argc < 2) {
+        tool_error("Not enough arguments (try '" TOOL_NAME " --help')");
+        return 1;
+    }
+    const char *cmd = argv[1];
+    if (!strcmp(cmd, "-h") || !strcmp(cmd, "--help") || !strcmp(cmd, "help")) {
+        print_help();
+        return 0;
+    }
+    if (!strcmp(cmd, "-V") || !strcmp(cmd, "--version")) {
+        printf("vdisk version " VDISK_VERSION "\n");
+        return 0;
+    }
+    for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++) {
+        if (!strcmp(cmd, commands[i].name)) {
+            /* Commands see argv[0] = command name. */
+            if (argc >= 3 && (!strcmp(argv[2], "-h") || !strcmp(argv[2], "--help"))) {
+                printf("usage: " TOOL_NAME " %s\n", commands[i].usage);
+                return 0;
+            }
+            optind = 0;
+            opterr = 0;
+            int ret = commands[i].fn(argc - 1, argv + 1);
+            fflush(stdout);
+            return ret;
+        }
+    }
+    tool_error("Command not found: %s (try '" TOOL_NAME " --help')", cmd);
     return 1;
 }

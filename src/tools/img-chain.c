@@ -1,0 +1,466 @@
+/*
+ * img-chain.c - commands that reshape backing chains: commit (push a layer's data down into a
+ * base) and rebase (point an image at another backing file, copying what would change).
+ * Each node is opened once, with exactly the write access it needs (base for commit, the top
+ * image for rebase); everything else stays read-only. Messages follow qemu-img 7.2.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "tools/tool.h"
+
+#define SECTOR 512ull
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
+
+/* ================================ commit ================================ */
+
+typedef struct Layer {
+    char *filename;
+    char *format;
+} Layer;
+
+static void layers_free(Layer *l, int n)
+{
+    for (int i = 0; i < n; i++) {
+        free(l[i].filename);
+        free(l[i].format);
+    }
+    free(l);
+}
+
+int img_commit(int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        { "help", no_argument, NULL, 'h' },
+        { NULL, 0, NULL, 0 }
+    };
+    const char *fmt = NULL, *base_name = NULL, *cache = "writeback";
+    bool keep = false, progress = false, quiet = false;
+    int c;
+    while ((c = getopt_long(argc, argv, ":f:ht:b:dpqr:", longopts, NULL)) != -1) {
+        switch (c) {
+        case 'f': fmt = optarg; break;
+        case 't': cache = optarg; break;
+        case 'b': base_name = optarg; keep = true; break; /* -b implies -d, as in qemu-img */
+        case 'd': keep = true; break;
+        case 'p': progress = true; break;
+        case 'q': quiet = true; break;
+        case 'r': break;
+        case 'h': printf("usage: " TOOL_NAME " commit [-q] [-f fmt] [-t cache] [-b base] [-d] "
+                         "[-p] filename\n"); return 0;
+        default: tool_bad_option(argv[0], c, argv[optind - 1]); return 1;
+        }
+    }
+    if (quiet) {
+        progress = false;
+    }
+    if (optind != argc - 1) {
+        tool_error("Expecting one image file name");
+        return 1;
+    }
+    const char *filename = argv[optind];
+    int direct = (!strcmp(cache, "none") || !strcmp(cache, "directsync")) ? VD_OPEN_DIRECT : 0;
+
+    /* 1. Discover the chain (no locks: nothing is read or written through these nodes). */
+    BlockNode *probe = tool_open(filename, fmt, VD_OPEN_FORCE_SHARE);
+    if (!probe) {
+        return 1;
+    }
+    if (!probe->backing) {
+        tool_error("Image does not have a backing file");
+        vd_node_unref(probe);
+        return 1;
+    }
+    BlockNode *base_node = probe->backing;
+    if (base_name) {
+        base_node = vd_chain_find(probe->backing, base_name);
+        if (!base_node) {
+            tool_error("Did not find '%s' in the backing chain of '%s'", base_name, filename);
+            vd_node_unref(probe);
+            return 1;
+        }
+    }
+    int nlayers = vd_chain_depth(probe, base_node) + 1; /* top .. base inclusive */
+    Layer *layers = calloc((size_t)nlayers, sizeof(*layers));
+    if (!layers) {
+        tool_error("out of memory");
+        vd_node_unref(probe);
+        return 1;
+    }
+    int i = 0;
+    for (BlockNode *p = probe; p && i < nlayers; p = p->backing, i++) {
+        layers[i].filename = strdup(p->filename);
+        layers[i].format = strdup(p->drv->name);
+        if (!layers[i].filename || !layers[i].format) {
+            tool_error("out of memory");
+            vd_node_unref(probe);
+            layers_free(layers, nlayers);
+            return 1;
+        }
+    }
+    vd_node_unref(probe);
+
+    /* 2. Open base read-write (with its own chain), then the layers above it onto it. */
+    int ret = 1;
+    VdError *err = NULL;
+    uint8_t *buf = NULL;
+    BlockNode *top = NULL;
+    BlockNode *base = vd_open_image(layers[nlayers - 1].filename, layers[nlayers - 1].format,
+                                    tool_open_flags(VD_OPEN_RDWR | direct, false), &err);
+    if (!base) {
+        tool_report(err, NULL);
+        goto out;
+    }
+    BlockNode *below = base;
+    vd_node_ref(below);
+    for (i = nlayers - 2; i >= 0; i--) {
+        VdOpenOptions oo = {
+            .filename = layers[i].filename,
+            .format = layers[i].format,
+            .flags = tool_open_flags((i == 0 && !keep ? VD_OPEN_RDWR : 0) | direct, false),
+            .backing = below,
+        };
+        BlockNode *n = vd_open(&oo, &err);
+        vd_node_unref(below);
+        if (!n) {
+            tool_report(err, NULL);
+            goto out;
+        }
+        below = n;
+    }
+    top = below;
+
+    /* 3. Copy everything allocated above base into base. */
+    int64_t top_len = vd_getlength(top), base_len = vd_getlength(base);
+    if (top_len < 0 || base_len < 0) {
+        tool_error("Could not get the image size");
+        goto out;
+    }
+    if (base_len < top_len) {
+        if (vd_truncate(base, (uint64_t)top_len, false, VD_PREALLOC_OFF, &err) < 0) {
+            tool_report(err, "Could not resize the base image");
+            goto out;
+        }
+    }
+    buf = malloc(TOOL_BUF_SIZE);
+    if (!buf) {
+        tool_error("out of memory");
+        goto out;
+    }
+    progress_init(progress, 1.0);
+    progress_print(0, 100);
+    uint64_t len = (uint64_t)top_len;
+    int zflags = base->backing ? 0 : VD_REQ_MAY_UNMAP;
+    for (uint64_t off = 0; off < len;) {
+        VdBlockStatus st;
+        uint64_t n;
+        int r = vd_block_status_above(top, base, off, len - off, &n, &st);
+        if (r < 0 || n == 0) {
+            tool_error("Block status failed at offset %" PRIu64 ": %s", off,
+                       strerror(r < 0 ? -r : EIO));
+            goto out_progress;
+        }
+        /*
+         * ZERO without ALLOCATED means a layer above base ends before this range: the top
+         * reads zeroes there, so base must too (as qemu-img commit does).
+         */
+        if (st.flags & (VD_BS_ALLOCATED | VD_BS_ZERO)) {
+            if (st.flags & VD_BS_ZERO) {
+                r = vd_pwrite_zeroes(base, off, n, zflags);
+            } else {
+                n = MIN(n, TOOL_BUF_SIZE);
+                r = vd_pread(top, off, n, buf);
+                if (r == 0) {
+                    r = vd_pwrite(base, off, n, buf, 0);
+                }
+            }
+            if (r < 0) {
+                tool_error("Commit failed at offset %" PRIu64 ": %s", off, strerror(-r));
+                goto out_progress;
+            }
+        }
+        off += n;
+        progress_print(100.0f * (float)off / (float)len, 0);
+    }
+    int r = vd_flush(base);
+    if (r < 0) {
+        tool_error("Could not flush the base image: %s", strerror(-r));
+        goto out_progress;
+    }
+    /* 4. Empty the top image: its data now lives in base, which it reads through. */
+    if (!keep) {
+        r = vd_pdiscard(top, 0, len, VD_REQ_FULL_DISCARD);
+        if (r == 0) {
+            r = vd_flush(top);
+        }
+        if (r < 0) {
+            progress_end();
+            tool_error("Image committed, but could not empty the top image: %s", strerror(-r));
+            goto out;
+        }
+    }
+    progress_print(100, 0);
+    progress_end();
+    if (!quiet) {
+        printf("Image committed.\n");
+    }
+    ret = 0;
+    goto out;
+out_progress:
+    progress_end();
+out:
+    free(buf);
+    if (top) {
+        vd_node_unref(top);
+    }
+    if (base) {
+        vd_node_unref(base);
+    }
+    layers_free(layers, nlayers);
+    return ret;
+}
+
+/* ================================ rebase ================================ */
+
+/* Read [off, off+n) of bs, zero past its end (bs may be NULL = all zero). */
+static int read_or_zero(BlockNode *bs, int64_t blen, uint64_t off, uint64_t n, uint8_t *buf)
+{
+    if (!bs || off >= (uint64_t)blen) {
+        memset(buf, 0, n);
+        return 0;
+    }
+    uint64_t avail = MIN(n, (uint64_t)blen - off);
+    int r = vd_pread(bs, off, avail, buf);
+    if (avail < n) {
+        memset(buf + avail, 0, n - avail);
+    }
+    return r;
+}
+
+/* Does [off, off+n) of chain bs read as zeroes per block status? (*pnum = extent length) */
+static bool chain_reads_zero(BlockNode *bs, int64_t blen, uint64_t off, uint64_t n,
+                             uint64_t *pnum)
+{
+    if (!bs || off >= (uint64_t)blen) {
+        *pnum = n;
+        return true;
+    }
+    VdBlockStatus st;
+    uint64_t p;
+    if (vd_block_status_above(bs, NULL, off, MIN(n, (uint64_t)blen - off), &p, &st) < 0 ||
+        p == 0) {
+        *pnum = n;
+        return false;
+    }
+    *pnum = p;
+    return (st.flags & VD_BS_ZERO) || !(st.flags & VD_BS_ALLOCATED);
+}
+
+int img_rebase(int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        { "help", no_argument, NULL, 'h' },
+        { "force-share", no_argument, NULL, 'U' },
+        { NULL, 0, NULL, 0 }
+    };
+    const char *fmt = NULL, *new_name = NULL, *new_fmt = NULL, *cache = "writeback";
+    bool unsafe = false, progress = false, quiet = false;
+    int c;
+    while ((c = getopt_long(argc, argv, ":hf:F:b:upt:T:qU", longopts, NULL)) != -1) {
+        switch (c) {
+        case 'f': fmt = optarg; break;
+        case 'F': new_fmt = optarg; break;
+        case 'b': new_name = optarg; break;
+        case 'u': unsafe = true; break;
+        case 'p': progress = true; break;
+        case 't': cache = optarg; break;
+        case 'T': break;
+        case 'q': quiet = true; break;
+        case 'U': break;
+        case 'h': printf("usage: " TOOL_NAME " rebase [-U] [-q] [-f fmt] [-t cache] "
+                         "[-T src_cache] [-p] [-u] -b backing_file [-F backing_fmt] filename\n");
+            return 0;
+        default: tool_bad_option(argv[0], c, argv[optind - 1]); return 1;
+        }
+    }
+    if (quiet) {
+        progress = false;
+    }
+    if (optind != argc - 1) {
+        tool_error("Expecting one image file name");
+        return 1;
+    }
+    if (!new_name) {
+        tool_error("Must specify backing file (-b)");
+        return 1;
+    }
+    const char *filename = argv[optind];
+    bool flatten = new_name[0] == '\0';
+    if (!flatten && !new_fmt) {
+        tool_error("Could not change the backing file to '%s': backing format must be "
+                   "specified", new_name);
+        return 1;
+    }
+    if (new_fmt && !vd_find_driver(new_fmt)) {
+        tool_error("Invalid format name: '%s'", new_fmt);
+        return 1;
+    }
+    int direct = (!strcmp(cache, "none") || !strcmp(cache, "directsync")) ? VD_OPEN_DIRECT : 0;
+    int flags = VD_OPEN_RDWR | direct | (unsafe ? VD_OPEN_NO_BACKING : 0);
+    BlockNode *bs = tool_open(filename, fmt, flags);
+    if (!bs) {
+        return 1;
+    }
+    int ret = 1;
+    VdError *err = NULL;
+    BlockNode *newb = NULL;  /* our reference to the new backing (safe mode) */
+    BlockNode *prefix = NULL; /* new backing found inside the old chain */
+    uint8_t *buf_old = NULL, *buf_new = NULL;
+    char *newpath = NULL;
+
+    if (!unsafe) {
+        if (!flatten) {
+            newpath = vd_resolve_backing_path(bs->filename, new_name);
+            if (!newpath) {
+                tool_error("out of memory");
+                goto out;
+            }
+            /* Rebasing onto a layer of the current chain: only what lies between changes. */
+            if (bs->backing) {
+                prefix = vd_chain_find(bs->backing, newpath);
+                if (prefix && strcmp(prefix->drv->name, new_fmt)) {
+                    prefix = NULL;
+                }
+            }
+            if (prefix) {
+                newb = prefix;
+                vd_node_ref(newb);
+            } else {
+                newb = vd_open_image(newpath, new_fmt, tool_open_flags(direct, false), &err);
+                if (!newb) {
+                    tool_error("Could not open new backing file '%s': %s", newpath,
+                               vd_error_msg(err));
+                    vd_error_free(err);
+                    err = NULL;
+                    goto out;
+                }
+            }
+        }
+        int64_t size = vd_getlength(bs);
+        int64_t old_size = bs->backing ? vd_getlength(bs->backing) : 0;
+        int64_t new_size = newb ? vd_getlength(newb) : 0;
+        if (size < 0 || old_size < 0 || new_size < 0) {
+            tool_error("Could not get the image sizes");
+            goto out;
+        }
+        buf_old = malloc(TOOL_BUF_SIZE);
+        buf_new = malloc(TOOL_BUF_SIZE);
+        if (!buf_old || !buf_new) {
+            tool_error("out of memory");
+            goto out;
+        }
+        progress_init(progress, 2.0);
+        progress_print(0, 100);
+        for (uint64_t off = 0; off < (uint64_t)size;) {
+            uint64_t n = MIN(TOOL_BUF_SIZE, (uint64_t)size - off);
+            VdBlockStatus st;
+            uint64_t pn;
+            /* Allocated in the image itself: its content does not depend on the backing. */
+            int r = vd_block_status(bs, off, n, &pn, &st);
+            if (r < 0 || pn == 0) {
+                tool_error("error while reading image metadata: %s", strerror(r < 0 ? -r : EIO));
+                goto out_progress;
+            }
+            n = pn;
+            if (st.flags & VD_BS_ALLOCATED) {
+                off += n;
+                continue;
+            }
+            if (prefix && off < (uint64_t)old_size) {
+                n = MIN(n, (uint64_t)old_size - off);
+                r = vd_block_status_above(bs->backing, prefix, off, n, &pn, &st);
+                if (r < 0 || pn == 0) {
+                    tool_error("error while reading image metadata: %s",
+                               strerror(r < 0 ? -r : EIO));
+                    goto out_progress;
+                }
+                n = pn;
+                if (!(st.flags & VD_BS_ALLOCATED)) {
+                    off += n; /* nothing between the old and new backing: same data */
+                    continue;
+                }
+            }
+            /* Both read zero: nothing to do. */
+            uint64_t z1, z2;
+            bool zo = chain_reads_zero(bs->backing, old_size, off, n, &z1);
+            bool zn = chain_reads_zero(newb, new_size, off, n, &z2);
+            if (zo && zn) {
+                off += MIN(z1, z2);
+                continue;
+            }
+            bool old_is_zero = !bs->backing || off >= (uint64_t)old_size;
+            r = read_or_zero(bs->backing, old_size, off, n, buf_old);
+            if (r == 0) {
+                r = read_or_zero(newb, new_size, off, n, buf_new);
+            }
+            if (r < 0) {
+                tool_error("error while reading from backing file: %s", strerror(-r));
+                goto out_progress;
+            }
+            uint64_t i = 0;
+            while (i < n) {
+                uint64_t l = MIN(SECTOR, n - i);
+                bool differ = memcmp(buf_old + i, buf_new + i, l) != 0;
+                uint64_t j = i + l;
+                while (j < n) {
+                    uint64_t l2 = MIN(SECTOR, n - j);
+                    if ((memcmp(buf_old + j, buf_new + j, l2) != 0) != differ) {
+                        break;
+                    }
+                    j += l2;
+                }
+                if (differ) {
+                    r = old_is_zero ? vd_pwrite_zeroes(bs, off + i, j - i, 0)
+                                    : vd_pwrite(bs, off + i, j - i, buf_old + i, 0);
+                    if (r < 0) {
+                        tool_error("error while writing to the image: %s", strerror(-r));
+                        goto out_progress;
+                    }
+                }
+                i = j;
+            }
+            off += n;
+            progress_print(100.0f * (float)off / (float)size, 0);
+        }
+        progress_print(100, 0);
+        progress_end();
+    }
+
+    if (vd_change_backing_file(bs, flatten ? NULL : new_name, flatten ? NULL : new_fmt,
+                               &err) < 0) {
+        tool_error("Could not change the backing file to '%s': %s", new_name, vd_error_msg(err));
+        vd_error_free(err);
+        goto out;
+    }
+    int r = vd_flush(bs);
+    if (r < 0) {
+        tool_error("Could not flush the image: %s", strerror(-r));
+        goto out;
+    }
+    ret = 0;
+    goto out;
+out_progress:
+    progress_end();
+out:
+    free(buf_old);
+    free(buf_new);
+    free(newpath);
+    if (newb) {
+        vd_node_unref(newb);
+    }
+    vd_node_unref(bs);
+    return ret;
+}

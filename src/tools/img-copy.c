@@ -1,0 +1,1054 @@
+/*
+ * img-copy.c - convert (copy between formats) and compare (content equality), as qemu-img 7.2.
+ * convert plans extents in order from chain block status (holes and zeroes are never read);
+ * worker threads read, scan for zero runs (-S) and write, in plan order unless -W or -c.
+ * Sparse detection, zero handling and -B follow qemu-img so results read and allocate alike.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "tools/tool.h"
+
+#define SECTOR 512ull
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
+#define MAX(a, b) ((a) > (b) ? (a) : (b))
+
+static int parse_cache(const char *mode, bool *direct)
+{
+    if (!strcmp(mode, "none") || !strcmp(mode, "directsync")) {
+        *direct = true;
+    } else if (!strcmp(mode, "writeback") || !strcmp(mode, "unsafe") ||
+               !strcmp(mode, "writethrough")) {
+        *direct = false;
+    } else {
+        return -1;
+    }
+    return 0;
+}
+
+/* ================================ compare ================================ */
+
+/* Offset (relative to buf) of the first 512-byte sector holding a non-zero byte, or -1. */
+static int64_t find_nonzero(const uint8_t *buf, uint64_t n)
+{
+    uint64_t i;
+    for (i = 0; i + SECTOR <= n; i += SECTOR) {
+        if (!tool_is_zero(buf + i, SECTOR)) {
+            return (int64_t)i;
+        }
+    }
+    if (i < n && !tool_is_zero(buf + i, n - i)) {
+        return (int64_t)i;
+    }
+    return -1;
+}
+
+/* First differing 512-byte sector (relative offset), or -1 if equal. */
+static int64_t find_mismatch(const uint8_t *a, const uint8_t *b, uint64_t n)
+{
+    if (memcmp(a, b, n) == 0) {
+        return -1;
+    }
+    for (uint64_t i = 0; i < n; i += SECTOR) {
+        uint64_t len = MIN(SECTOR, n - i);
+        if (memcmp(a + i, b + i, len)) {
+            return (int64_t)i;
+        }
+    }
+    return -1;
+}
+
+static int check_empty(BlockNode *bs, uint64_t offset, uint64_t bytes, const char *filename,
+                       uint8_t *buf, bool quiet)
+{
+    int r = vd_pread(bs, offset, bytes, buf);
+    if (r < 0) {
+        tool_error("Error while reading offset %" PRIu64 " of %s: %s", offset, filename,
+                   strerror(-r));
+        return 4;
+    }
+    int64_t idx = find_nonzero(buf, bytes);
+    if (idx >= 0) {
+        if (!quiet) {
+            printf("Content mismatch at offset %" PRIu64 "!\n", offset + (uint64_t)idx);
+        }
+        return 1;
+    }
+    return 0;
+}
+
+int img_compare(int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        { "help", no_argument, NULL, 'h' },
+        { "force-share", no_argument, NULL, 'U' },
+        { NULL, 0, NULL, 0 }
+    };
+    const char *fmt1 = NULL, *fmt2 = NULL, *cache = "writeback";
+    bool progress = false, quiet = false, strict = false, force_share = false;
+    int c;
+    while ((c = getopt_long(argc, argv, ":hf:F:T:pqsU", longopts, NULL)) != -1) {
+        switch (c) {
+        case 'f': fmt1 = optarg; break;
+        case 'F': fmt2 = optarg; break;
+        case 'T': cache = optarg; break;
+        case 'p': progress = true; break;
+        case 'q': quiet = true; break;
+        case 's': strict = true; break;
+        case 'U': force_share = true; break;
+        case 'h': printf("usage: " TOOL_NAME " compare [-f fmt] [-F fmt] [-T src_cache] [-p] "
+                         "[-q] [-s] [-U] filename1 filename2\n"); return 0;
+        default: tool_bad_option(argv[0], c, argv[optind - 1]); return 2;
+        }
+    }
+    if (quiet) {
+        progress = false;
+    }
+    if (optind != argc - 2) {
+        tool_error("Expecting two image file names");
+        return 2;
+    }
+    const char *filename1 = argv[optind], *filename2 = argv[optind + 1];
+    bool direct = false;
+    if (parse_cache(cache, &direct) < 0) {
+        tool_error("Invalid source cache option: %s", cache);
+        return 2;
+    }
+    progress_init(progress, 2.0);
+    int flags = tool_open_flags(direct ? VD_OPEN_DIRECT : 0, force_share);
+    int ret;
+    uint8_t *buf1 = NULL, *buf2 = NULL;
+    BlockNode *bs2 = NULL;
+    BlockNode *bs1 = tool_open(filename1, fmt1, flags);
+    if (!bs1) {
+        ret = 2;
+        goto out;
+    }
+    bs2 = tool_open(filename2, fmt2, flags);
+    if (!bs2) {
+        ret = 2;
+        goto out;
+    }
+    buf1 = malloc(TOOL_BUF_SIZE);
+    buf2 = malloc(TOOL_BUF_SIZE);
+    if (!buf1 || !buf2) {
+        tool_error("out of memory");
+        ret = 2;
+        goto out;
+    }
+    int64_t size1 = vd_getlength(bs1), size2 = vd_getlength(bs2);
+    if (size1 < 0 || size2 < 0) {
+        tool_error("Can't get size of %s: %s", size1 < 0 ? filename1 : filename2,
+                   strerror((int)-(size1 < 0 ? size1 : size2)));
+        ret = 4;
+        goto out;
+    }
+    uint64_t total = (uint64_t)MIN(size1, size2);
+    uint64_t progress_base = (uint64_t)MAX(size1, size2);
+    progress_print(0, 100);
+    if (strict && size1 != size2) {
+        if (!quiet) {
+            printf("Strict mode: Image size mismatch!\n");
+        }
+        ret = 1;
+        goto out;
+    }
+    uint64_t offset = 0;
+    while (offset < total) {
+        VdBlockStatus st1, st2;
+        uint64_t pnum1, pnum2;
+        int r = vd_block_status_above(bs1, NULL, offset, (uint64_t)size1 - offset, &pnum1, &st1);
+        if (r < 0 || pnum1 == 0) {
+            tool_error("Sector allocation test failed for %s", filename1);
+            ret = 3;
+            goto out;
+        }
+        r = vd_block_status_above(bs2, NULL, offset, (uint64_t)size2 - offset, &pnum2, &st2);
+        if (r < 0 || pnum2 == 0) {
+            tool_error("Sector allocation test failed for %s", filename2);
+            ret = 3;
+            goto out;
+        }
+        bool alloc1 = st1.flags & VD_BS_ALLOCATED, alloc2 = st2.flags & VD_BS_ALLOCATED;
+        uint64_t chunk = MIN(pnum1, pnum2);
+        if (strict) {
+            /* Compare the statuses qemu-img compares: allocation, data, zero. */
+            int m = VD_BS_ALLOCATED | VD_BS_DATA | VD_BS_ZERO;
+            if ((st1.flags & m) != (st2.flags & m)) {
+                if (!quiet) {
+                    printf("Strict mode: Offset %" PRIu64 " block status mismatch!\n", offset);
+                }
+                ret = 1;
+                goto out;
+            }
+        }
+        if ((st1.flags & VD_BS_ZERO) && (st2.flags & VD_BS_ZERO)) {
+            /* both read zeroes */
+        } else if (alloc1 == alloc2) {
+            if (alloc1) {
+                chunk = MIN(chunk, TOOL_BUF_SIZE);
+                r = vd_pread(bs1, offset, chunk, buf1);
+                if (r < 0) {
+                    tool_error("Error while reading offset %" PRIu64 " of %s: %s", offset,
+                               filename1, strerror(-r));
+                    ret = 4;
+                    goto out;
+                }
+                r = vd_pread(bs2, offset, chunk, buf2);
+                if (r < 0) {
+                    tool_error("Error while reading offset %" PRIu64 " of %s: %s", offset,
+                               filename2, strerror(-r));
+                    ret = 4;
+                    goto out;
+                }
+                int64_t mis = find_mismatch(buf1, buf2, chunk);
+                if (mis >= 0) {
+                    if (!quiet) {
+                        printf("Content mismatch at offset %" PRIu64 "!\n",
+                               offset + (uint64_t)mis);
+                    }
+                    ret = 1;
+                    goto out;
+                }
+            }
+        } else {
+            chunk = MIN(chunk, TOOL_BUF_SIZE);
+            ret = alloc1 ? check_empty(bs1, offset, chunk, filename1, buf1, quiet)
+                         : check_empty(bs2, offset, chunk, filename2, buf1, quiet);
+            if (ret) {
+                goto out;
+            }
+        }
+        offset += chunk;
+        progress_print(((float)chunk / progress_base) * 100, 100);
+    }
+    if (size1 != size2) {
+        BlockNode *over = size1 > size2 ? bs1 : bs2;
+        const char *fover = size1 > size2 ? filename1 : filename2;
+        if (!quiet) {
+            printf("Warning: Image size mismatch!\n");
+        }
+        while (offset < progress_base) {
+            VdBlockStatus st;
+            uint64_t chunk;
+            int r = vd_block_status_above(over, NULL, offset, progress_base - offset, &chunk, &st);
+            if (r < 0 || chunk == 0) {
+                tool_error("Sector allocation test failed for %s", fover);
+                ret = 3;
+                goto out;
+            }
+            if ((st.flags & VD_BS_ALLOCATED) && !(st.flags & VD_BS_ZERO)) {
+                chunk = MIN(chunk, TOOL_BUF_SIZE);
+                ret = check_empty(over, offset, chunk, fover, buf1, quiet);
+                if (ret) {
+                    goto out;
+                }
+            }
+            offset += chunk;
+            progress_print(((float)chunk / progress_base) * 100, 100);
+        }
+    }
+    progress_print(100, 0);
+    if (!quiet) {
+        printf("Images are identical.\n");
+    }
+    ret = 0;
+out:
+    progress_end();
+    free(buf1);
+    free(buf2);
+    if (bs2) {
+        vd_node_unref(bs2);
+    }
+    if (bs1) {
+        vd_node_unref(bs1);
+    }
+    return ret;
+}
+
+/* ================================ convert ================================ */
+
+enum { ST_DATA, ST_ZERO, ST_BACKING };
+
+typedef struct Convert {
+    /* configuration (read-only while workers run) */
+    BlockNode **src;
+    uint64_t *src_size;
+    int nsrc;
+    uint64_t total;
+    BlockNode *target;
+    bool has_zero_init;
+    bool target_has_backing;
+    bool diff_backing;        /* -B differs from the source's backing: compare and copy diffs */
+    int64_t target_backing_len; /* -1 if no backing */
+    bool compressed;
+    uint64_t cluster_size;    /* target cluster size (compressed alignment) */
+    uint64_t min_sparse;      /* sectors; 0 = write everything */
+    uint64_t alignment;       /* sectors */
+    bool in_order;
+    uint64_t buf_size;        /* bytes per data chunk */
+
+    /* planner state, under lock */
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    uint64_t pos;             /* next byte (global) to plan */
+    uint64_t status_end;      /* end (global) of the cached status extent */
+    int status;
+    uint64_t next_seq, write_seq;
+    uint64_t done;            /* bytes finished (progress) */
+    int ret;
+    VdError *err;
+} Convert;
+
+typedef struct Chunk {
+    uint64_t offset, bytes; /* global == target offset */
+    int status;
+    uint64_t seq;
+} Chunk;
+
+static void convert_fail(Convert *s, int ret, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void convert_fail(Convert *s, int ret, const char *fmt, ...)
+{
+    pthread_mutex_lock(&s->lock);
+    if (s->ret == 0) {
+        s->ret = ret < 0 ? ret : -EIO;
+        char *msg = NULL;
+        va_list ap;
+        va_start(ap, fmt);
+        if (vasprintf(&msg, fmt, ap) < 0) {
+            msg = NULL;
+        }
+        va_end(ap);
+        vd_error_setg(&s->err, -s->ret, "%s", msg ? msg : "convert failed");
+        free(msg);
+    }
+    pthread_cond_broadcast(&s->cond);
+    pthread_mutex_unlock(&s->lock);
+}
+
+/* Which source holds global offset `pos`; sets *local. */
+static int select_src(const Convert *s, uint64_t pos, uint64_t *local, uint64_t *avail)
+{
+    uint64_t base = 0;
+    for (int i = 0; i < s->nsrc; i++) {
+        if (pos < base + s->src_size[i]) {
+            *local = pos - base;
+            *avail = base + s->src_size[i] - pos;
+            return i;
+        }
+        base += s->src_size[i];
+    }
+    return -1;
+}
+
+/* Plan the next chunk (called with the lock held). Returns 0 with chunk, 1 when done, <0 error. */
+static int plan_chunk(Convert *s, Chunk *ch)
+{
+    if (s->pos >= s->total) {
+        return 1;
+    }
+    if (s->status_end <= s->pos) {
+        uint64_t local, avail;
+        int i = select_src(s, s->pos, &local, &avail);
+        if (i < 0) {
+            return -EIO;
+        }
+        BlockNode *src = s->src[i];
+        BlockNode *base = (s->target_has_backing && !s->diff_backing) ? src->backing : NULL;
+        uint64_t want = MIN(avail, 1ull << 30);
+        uint64_t pnum = 0;
+        VdBlockStatus st;
+        int r = vd_block_status_above(src, base, local, want, &pnum, &st);
+        if (r < 0) {
+            vd_error_setg(&s->err, -r, "error while reading block status at offset %" PRIu64
+                          ": %s", local, strerror(-r));
+            return r;
+        }
+        if (pnum == 0 || pnum > want) {
+            vd_error_setg(&s->err, EIO, "error while reading block status at offset %" PRIu64
+                          ": invalid extent", local);
+            return -EIO;
+        }
+        if (st.flags & VD_BS_ZERO) {
+            s->status = ST_ZERO;
+        } else if (st.flags & (VD_BS_DATA | VD_BS_ALLOCATED)) {
+            s->status = ST_DATA;
+        } else {
+            s->status = base ? ST_BACKING : ST_ZERO;
+        }
+        /* Past the target backing's end zeroes need not be written. */
+        if (s->target_has_backing && !s->diff_backing && s->status == ST_ZERO &&
+            s->target_backing_len >= 0) {
+            uint64_t tbl = (uint64_t)s->target_backing_len;
+            if (s->pos >= tbl) {
+                s->status = ST_BACKING;
+            } else if (s->pos + pnum > tbl) {
+                pnum = tbl - s->pos;
+            }
+        }
+        s->status_end = s->pos + pnum;
+    }
+    uint64_t n = s->status_end - s->pos;
+    if (s->status == ST_DATA || s->diff_backing) {
+        n = MIN(n, s->buf_size);
+    } else if (s->status == ST_ZERO && s->min_sparse == 0) {
+        n = MIN(n, s->buf_size); /* -S 0: zeroes are written as data */
+    }
+    int status = s->status;
+    if (s->compressed) {
+        /* Compressed clusters are written whole: round to the target cluster size. */
+        uint64_t cs = s->cluster_size;
+        uint64_t cstart = s->pos / cs * cs;
+        if (cstart != s->pos || n < cs) {
+            n = MIN(cstart + cs, s->total) - s->pos;
+            status = ST_DATA;
+        } else {
+            n = n / cs * cs;
+        }
+        n = MIN(n, MAX(s->buf_size / cs, 1) * cs);
+        if (s->pos + n > s->status_end) {
+            s->status_end = s->pos; /* re-query after a forced whole cluster */
+        }
+    }
+    ch->offset = s->pos;
+    ch->bytes = n;
+    ch->status = status;
+    ch->seq = s->next_seq++;
+    s->pos += n;
+    return 0;
+}
+
+/* Read [offset, offset+bytes) of the concatenated sources. */
+static int convert_read(Convert *s, uint64_t offset, uint64_t bytes, uint8_t *buf)
+{
+    while (bytes) {
+        uint64_t local, avail;
+        int i = select_src(s, offset, &local, &avail);
+        if (i < 0) {
+            return -EIO;
+        }
+        uint64_t n = MIN(bytes, avail);
+        int r = vd_pread(s->src[i], local, n, buf);
+        if (r < 0) {
+            return r;
+        }
+        offset += n;
+        bytes -= n;
+        buf += n;
+    }
+    return 0;
+}
+
+static bool sector_zero(const uint8_t *buf, uint64_t blen, uint64_t idx)
+{
+    uint64_t off = idx * SECTOR;
+    return tool_is_zero(buf + off, MIN(SECTOR, blen - off));
+}
+
+/* qemu-img's is_allocated_sectors(): sectors [first, first+n) of buf; returns "is data". */
+static bool is_allocated_sectors(const uint8_t *buf, uint64_t blen, uint64_t first, uint64_t n,
+                                 uint64_t *pnum, uint64_t sector_num, uint64_t alignment)
+{
+    if (n == 0) {
+        *pnum = 0;
+        return false;
+    }
+    bool is_zero = sector_zero(buf, blen, first);
+    uint64_t i;
+    for (i = 1; i < n; i++) {
+        if (is_zero != sector_zero(buf, blen, first + i)) {
+            break;
+        }
+    }
+    if (i == n) {
+        *pnum = i;
+        return !is_zero;
+    }
+    uint64_t tail = (sector_num + i) & (alignment - 1);
+    if (tail) {
+        if (is_zero && i <= tail) {
+            /* The next sector is data and will rewrite this tail anyway. */
+            is_zero = false;
+        }
+        if (!is_zero) {
+            i += alignment - tail;
+            i = MIN(i, n);
+        } else {
+            i -= tail;
+        }
+    }
+    *pnum = i;
+    return !is_zero;
+}
+
+/* qemu-img's is_allocated_sectors_min(): zero runs shorter than min inside data are data. */
+static bool is_allocated_sectors_min(const uint8_t *buf, uint64_t blen, uint64_t first,
+                                     uint64_t n, uint64_t *pnum, uint64_t min,
+                                     uint64_t sector_num, uint64_t alignment)
+{
+    if (n < min) {
+        min = n;
+    }
+    if (!is_allocated_sectors(buf, blen, first, n, pnum, sector_num, alignment)) {
+        return false;
+    }
+    uint64_t used = *pnum, checked = *pnum;
+    first += *pnum;
+    n -= *pnum;
+    sector_num += *pnum;
+    while (n > 0) {
+        bool data = is_allocated_sectors(buf, blen, first, n, pnum, sector_num, alignment);
+        first += *pnum;
+        n -= *pnum;
+        sector_num += *pnum;
+        checked += *pnum;
+        if (data) {
+            used = checked;
+        } else if (*pnum >= min) {
+            break;
+        }
+    }
+    *pnum = used;
+    return true;
+}
+
+static int write_zero_range(Convert *s, uint64_t offset, uint64_t bytes)
+{
+    if (s->has_zero_init) {
+        return 0;
+    }
+    return vd_pwrite_zeroes(s->target, offset, bytes,
+                            s->target_has_backing ? 0 : VD_REQ_MAY_UNMAP);
+}
+
+/* Write a chunk of data (buf) with sparse detection; offsets are target offsets. */
+static int write_data(Convert *s, uint64_t offset, uint64_t bytes, const uint8_t *buf)
+{
+    if (s->compressed) {
+        uint64_t cs = s->cluster_size;
+        for (uint64_t o = 0; o < bytes; o += cs) {
+            uint64_t n = MIN(cs, bytes - o);
+            int r;
+            if (tool_is_zero(buf + o, n)) {
+                r = write_zero_range(s, offset + o, n);
+            } else {
+                r = vd_pwrite_compressed(s->target, offset + o, n, buf + o);
+                if (r == -ENOTSUP || (r == -EINVAL && n < cs)) {
+                    r = vd_pwrite(s->target, offset + o, n, buf + o, 0);
+                }
+            }
+            if (r < 0) {
+                return r;
+            }
+        }
+        return 0;
+    }
+    if (s->min_sparse == 0) {
+        return vd_pwrite(s->target, offset, bytes, buf, 0);
+    }
+    uint64_t nsec = (bytes + SECTOR - 1) / SECTOR;
+    uint64_t first = 0;
+    /* Sector numbers are relative to the target (alignment of the write requests). */
+    uint64_t sector_num = offset / SECTOR;
+    while (first < nsec) {
+        uint64_t cnt;
+        bool data = is_allocated_sectors_min(buf, bytes, first, nsec - first, &cnt,
+                                             s->min_sparse, sector_num, s->alignment);
+        uint64_t bo = first * SECTOR;
+        uint64_t bl = MIN(cnt * SECTOR, bytes - bo);
+        int r = data ? vd_pwrite(s->target, offset + bo, bl, buf + bo, 0)
+                     : write_zero_range(s, offset + bo, bl);
+        if (r < 0) {
+            return r;
+        }
+        first += cnt;
+        sector_num += cnt;
+    }
+    return 0;
+}
+
+/* Does the target's backing read [offset, offset+bytes) as zeroes (per block status)? */
+static bool backing_reads_zero(Convert *s, uint64_t offset, uint64_t bytes)
+{
+    BlockNode *b = s->target->backing;
+    uint64_t blen = s->target_backing_len > 0 ? (uint64_t)s->target_backing_len : 0;
+    uint64_t end = MIN(offset + bytes, blen);
+    while (offset < end) {
+        VdBlockStatus st;
+        uint64_t pnum;
+        if (vd_block_status_above(b, NULL, offset, end - offset, &pnum, &st) < 0 || pnum == 0 ||
+            !(st.flags & VD_BS_ZERO)) {
+            return false;
+        }
+        offset += pnum;
+    }
+    return true;
+}
+
+/* -B with a backing file other than the source's: write where source and backing differ. */
+static int write_diff(Convert *s, uint64_t offset, uint64_t bytes, const uint8_t *buf,
+                      uint8_t *bbuf)
+{
+    BlockNode *b = s->target->backing;
+    uint64_t blen = s->target_backing_len > 0 ? (uint64_t)s->target_backing_len : 0;
+    memset(bbuf, 0, bytes);
+    if (b && offset < blen) {
+        int r = vd_pread(b, offset, MIN(bytes, blen - offset), bbuf);
+        if (r < 0) {
+            return r;
+        }
+    }
+    uint64_t i = 0;
+    while (i < bytes) {
+        uint64_t len = MIN(SECTOR, bytes - i);
+        if (!memcmp(buf + i, bbuf + i, len)) {
+            i += len;
+            continue;
+        }
+        uint64_t j = i + len;
+        while (j < bytes) {
+            uint64_t l2 = MIN(SECTOR, bytes - j);
+            if (!memcmp(buf + j, bbuf + j, l2)) {
+                break;
+            }
+            j += l2;
+        }
+        int r = tool_is_zero(buf + i, j - i)
+                    ? vd_pwrite_zeroes(s->target, offset + i, j - i, 0)
+                    : vd_pwrite(s->target, offset + i, j - i, buf + i, 0);
+        if (r < 0) {
+            return r;
+        }
+        i = j;
+    }
+    return 0;
+}
+
+static void *convert_worker(void *opaque)
+{
+    Convert *s = opaque;
+    uint8_t *buf = malloc(MAX(s->buf_size, s->cluster_size));
+    uint8_t *bbuf = s->diff_backing ? malloc(s->buf_size) : NULL;
+    if (!buf || (s->diff_backing && !bbuf)) {
+        convert_fail(s, -ENOMEM, "out of memory");
+        free(buf);
+        free(bbuf);
+        return NULL;
+    }
+    for (;;) {
+        Chunk ch;
+        pthread_mutex_lock(&s->lock);
+        if (s->ret) {
+            pthread_mutex_unlock(&s->lock);
+            break;
+        }
+        int p = plan_chunk(s, &ch);
+        if (p < 0) {
+            s->ret = p;
+            pthread_cond_broadcast(&s->cond);
+        }
+        pthread_mutex_unlock(&s->lock);
+        if (p != 0) {
+            break;
+        }
+        int r = 0;
+        bool have_data = false;
+        if (ch.status == ST_DATA || (ch.status == ST_ZERO && s->diff_backing)) {
+            if (ch.status == ST_DATA) {
+                r = convert_read(s, ch.offset, ch.bytes, buf);
+                if (r < 0) {
+                    convert_fail(s, r, "error while reading at byte %" PRIu64 ": %s",
+                                 ch.offset, strerror(-r));
+                    break;
+                }
+            } else {
+                memset(buf, 0, ch.bytes);
+            }
+            have_data = true;
+        } else if (ch.status == ST_ZERO && s->min_sparse == 0 && !s->compressed) {
+            memset(buf, 0, ch.bytes); /* -S 0: fully allocate */
+            have_data = true;
+        }
+        if (s->in_order) {
+            pthread_mutex_lock(&s->lock);
+            while (s->write_seq != ch.seq && !s->ret) {
+                pthread_cond_wait(&s->cond, &s->lock);
+            }
+            bool stop = s->ret != 0;
+            pthread_mutex_unlock(&s->lock);
+            if (stop) {
+                break;
+            }
+        }
+        if (s->diff_backing && have_data) {
+            /* Zeroes over a backing range that reads zero: nothing to write. */
+            if (ch.status != ST_ZERO || !backing_reads_zero(s, ch.offset, ch.bytes)) {
+                r = write_diff(s, ch.offset, ch.bytes, buf, bbuf);
+            }
+        } else if (have_data) {
+            r = write_data(s, ch.offset, ch.bytes, buf);
+        } else if (ch.status == ST_ZERO) {
+            r = write_zero_range(s, ch.offset, ch.bytes);
+        }
+        if (r < 0) {
+            convert_fail(s, r, "error while writing at byte %" PRIu64 ": %s", ch.offset,
+                         strerror(-r));
+            break;
+        }
+        pthread_mutex_lock(&s->lock);
+        s->write_seq++;
+        s->done += ch.bytes;
+        float pct = s->total ? 100.0f * (float)s->done / (float)s->total : 100.0f;
+        progress_print(pct, 0);
+        pthread_cond_broadcast(&s->cond);
+        pthread_mutex_unlock(&s->lock);
+    }
+    free(buf);
+    free(bbuf);
+    return NULL;
+}
+
+/*
+ * cache=unsafe (convert's default target cache, as in qemu-img): never fdatasync the target.
+ * The library has no open flag for this yet, so the target's protocol node gets a copy of its
+ * driver whose flush does nothing (metadata is still written; only durability is skipped).
+ */
+static int noop_flush(BlockNode *bs)
+{
+    return 0;
+}
+
+static BlockDriver unsafe_proto_drv;
+
+static void set_cache_unsafe(BlockNode *target)
+{
+    BlockNode *f = target->file;
+    if (!f || !f->drv->is_protocol || !f->drv->flush) {
+        return;
+    }
+    unsafe_proto_drv = *f->drv;
+    unsafe_proto_drv.flush = noop_flush;
+    f->drv = &unsafe_proto_drv;
+}
+
+static bool same_file(const char *a, const char *b)
+{
+    struct stat sa, sb;
+    if (!a || !b || stat(a, &sa) < 0 || stat(b, &sb) < 0) {
+        return false;
+    }
+    return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
+int img_convert(int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        { "help", no_argument, NULL, 'h' },
+        { "force-share", no_argument, NULL, 'U' },
+        { "target-is-zero", no_argument, NULL, OPT_TARGET_IS_ZERO },
+        { NULL, 0, NULL, 0 }
+    };
+    const char *fmt = NULL, *out_fmt = NULL, *out_base = NULL, *base_fmt = NULL;
+    const char *cache = "unsafe", *src_cache = "writeback";
+    char *optstr = NULL;
+    bool compress = false, skip_create = false, progress = false, quiet = false;
+    bool force_share = false, ooo = false, target_is_zero = false;
+    uint64_t sparse = 4096, coroutines = 8;
+    int c, ret = 1;
+    ToolOpts o = { 0 };
+    Convert s;
+    memset(&s, 0, sizeof(s));
+    pthread_mutex_init(&s.lock, NULL);
+    pthread_cond_init(&s.cond, NULL);
+
+    while ((c = getopt_long(argc, argv, ":hf:O:B:CcF:o:l:S:pt:T:qnm:WUr:", longopts, NULL)) !=
+           -1) {
+        switch (c) {
+        case 'f': fmt = optarg; break;
+        case 'O': out_fmt = optarg; break;
+        case 'B': out_base = optarg; break;
+        case 'F': base_fmt = optarg; break;
+        case 'C': break; /* copy offloading: plain copies are used */
+        case 'c': compress = true; break;
+        case 'o': {
+            char *n;
+            if (optstr ? asprintf(&n, "%s,%s", optstr, optarg) < 0 : !(n = strdup(optarg))) {
+                tool_error("out of memory");
+                goto out;
+            }
+            free(optstr);
+            optstr = n;
+            break;
+        }
+        case 'l':
+            tool_error("snapshots are not supported");
+            goto out;
+        case 'S': {
+            uint64_t v;
+            if (tool_parse_size(optarg, &v) < 0 || v % SECTOR || v / SECTOR > 32768) {
+                tool_error("Invalid buffer size for sparse output specified. Valid sizes are "
+                           "multiples of 512 up to 16777216. Select 0 to disable sparse "
+                           "detection (fully allocates output).");
+                goto out;
+            }
+            sparse = v;
+            break;
+        }
+        case 'p': progress = true; break;
+        case 't': cache = optarg; break;
+        case 'T': src_cache = optarg; break;
+        case 'q': quiet = true; break;
+        case 'n': skip_create = true; break;
+        case 'm':
+            if (tool_parse_uint(optarg, &coroutines) < 0 || coroutines < 1 || coroutines > 16) {
+                tool_error("Invalid number of coroutines. Allowed number of coroutines is "
+                           "between 1 and 16");
+                goto out;
+            }
+            break;
+        case 'W': ooo = true; break;
+        case 'U': force_share = true; break;
+        case 'r': break; /* rate limit: accepted, not applied */
+        case OPT_TARGET_IS_ZERO: target_is_zero = true; break;
+        case 'h': printf("usage: " TOOL_NAME " convert [-U] [-c] [-p] [-q] [-n] [-f fmt] "
+                         "[-t cache] [-T src_cache] [-O output_fmt] [-B backing_file "
+                         "[-F backing_fmt]] [-o options] [-S sparse_size] [-m num_coroutines] "
+                         "[-W] [--target-is-zero] filename [filename2 [...]] output_filename\n");
+            ret = 0; goto out;
+        default: tool_bad_option(argv[0], c, argv[optind - 1]); goto out;
+        }
+    }
+    if (quiet) {
+        progress = false;
+    }
+    if (!out_fmt) {
+        out_fmt = "raw";
+    }
+    bool src_direct = false, dst_direct = false;
+    if (parse_cache(src_cache, &src_direct) < 0) {
+        tool_error("Invalid source cache option: %s", src_cache);
+        goto out;
+    }
+    if (parse_cache(cache, &dst_direct) < 0) {
+        tool_error("Invalid cache option: %s", cache);
+        goto out;
+    }
+    if (target_is_zero && !skip_create) {
+        tool_error("--target-is-zero requires use of -n flag");
+        goto out;
+    }
+    int nsrc = argc - optind - 1;
+    if (nsrc < 1) {
+        tool_error("Must specify image file name");
+        goto out;
+    }
+    const char *out_filename = argv[argc - 1];
+    if (nsrc > 1 && out_base) {
+        tool_error("-B makes no sense when concatenating multiple input images");
+        goto out;
+    }
+    if (skip_create && out_base) {
+        tool_error("Specifying backing image makes no sense when -n is used");
+        goto out;
+    }
+    const BlockDriver *drv = vd_find_driver(out_fmt);
+    if (!drv || drv->is_protocol) {
+        tool_error("Unknown file format '%s'", out_fmt);
+        goto out;
+    }
+    if (optstr && tool_opts_parse(&o, optstr) < 0) {
+        tool_error("out of memory");
+        goto out;
+    }
+    if (tool_opts_get(&o, "help")) {
+        tool_print_create_help(out_fmt);
+        ret = 0;
+        goto out;
+    }
+    if (compress && !drv->pwrite_compressed) {
+        tool_error("Compression not supported for this file format");
+        goto out;
+    }
+
+    s.nsrc = nsrc;
+    s.src = calloc((size_t)nsrc, sizeof(*s.src));
+    s.src_size = calloc((size_t)nsrc, sizeof(*s.src_size));
+    if (!s.src || !s.src_size) {
+        tool_error("out of memory");
+        goto out;
+    }
+    int sflags = tool_open_flags(src_direct ? VD_OPEN_DIRECT : 0, force_share);
+    for (int i = 0; i < nsrc; i++) {
+        s.src[i] = tool_open(argv[optind + i], fmt, sflags);
+        if (!s.src[i]) {
+            goto out;
+        }
+        int64_t len = vd_getlength(s.src[i]);
+        if (len < 0) {
+            tool_error("Could not get size of %s: %s", argv[optind + i], strerror((int)-len));
+            goto out;
+        }
+        s.src_size[i] = (uint64_t)len;
+        s.total += (uint64_t)len;
+    }
+
+    if (!skip_create) {
+        CreateSpec spec;
+        if (tool_create_options(&spec, out_fmt, &o, out_filename) < 0) {
+            goto out;
+        }
+        if (out_base) {
+            spec.co.backing_file = out_base;
+        }
+        if (base_fmt) {
+            spec.co.backing_fmt = base_fmt;
+        }
+        if (spec.co.backing_fmt && !spec.co.backing_file) {
+            tool_error("%s: error while converting %s: Backing format cannot be used without "
+                       "backing file", out_filename, out_fmt);
+            goto out;
+        }
+        if (spec.co.backing_file && !spec.co.backing_fmt) {
+            tool_error("%s: Backing file specified without backing format", out_filename);
+            goto out;
+        }
+        if (spec.co.backing_file && !drv->supports_backing) {
+            tool_error("%s: Backing file not supported for file format '%s'", out_filename,
+                       out_fmt);
+            goto out;
+        }
+        out_base = spec.co.backing_file;
+        if (compress && spec.co.prealloc != VD_PREALLOC_OFF) {
+            tool_error("Compression and preallocation not supported at the same time");
+            goto out;
+        }
+        spec.co.size = s.total;
+        spec.co.size_given = true;
+        spec.co.unsafe = true; /* the backing is opened below, with the target */
+        VdError *err = NULL;
+        if (vd_create(&spec.co, out_filename, &err) < 0) {
+            tool_report(err, out_filename);
+            goto out;
+        }
+        s.has_zero_init = !out_base;
+    } else {
+        s.has_zero_init = target_is_zero;
+    }
+
+    s.target = tool_open(out_filename, out_fmt, VD_OPEN_RDWR | (dst_direct ? VD_OPEN_DIRECT : 0));
+    if (!s.target) {
+        goto out;
+    }
+    if (!strcmp(cache, "unsafe")) {
+        set_cache_unsafe(s.target);
+    }
+    int64_t tlen = vd_getlength(s.target);
+    if (tlen < 0 || (uint64_t)tlen < s.total) {
+        tool_error("Target image is too small (%" PRId64 " bytes, need %" PRIu64 ")", tlen,
+                   s.total);
+        goto out;
+    }
+    /* Only a backing given with -B counts: with -n the target's own content is overwritten. */
+    s.target_has_backing = !skip_create && out_base && s.target->backing != NULL;
+    s.target_backing_len = -1;
+    if (s.target_has_backing) {
+        s.target_backing_len = vd_getlength(s.target->backing);
+        if (s.target_backing_len < 0) {
+            tool_error("Could not get the size of the backing file");
+            goto out;
+        }
+        /*
+         * qemu-img assumes -B names the source's own backing file and copies only what the
+         * source's top layer allocates. When it names something else, compare instead so the
+         * output still reads exactly like the source.
+         */
+        BlockNode *sb = s.src[0]->backing;
+        s.diff_backing = !(sb && same_file(sb->filename, s.target->backing->filename) &&
+                           !strcmp(sb->drv->name, s.target->backing->drv->name) &&
+                           vd_getlength(sb) == s.target_backing_len);
+        s.has_zero_init = false;
+    }
+    s.compressed = compress;
+    if (compress) {
+        uint32_t cs = s.target->drv->cluster_size ? s.target->drv->cluster_size(s.target) : 0;
+        if (!cs) {
+            tool_error("Compression not supported for this file format");
+            goto out;
+        }
+        s.cluster_size = cs;
+    }
+    s.min_sparse = sparse / SECTOR;
+    {
+        uint64_t a = 1;
+        while (a * 2 <= s.min_sparse) {
+            a *= 2;
+        }
+        s.alignment = s.min_sparse ? a : 1;
+    }
+    /* Compressed clusters land wherever they fit anyway: let them compress in parallel. */
+    s.in_order = !ooo && !compress;
+    s.buf_size = TOOL_BUF_SIZE;
+
+    progress_init(progress, 1.0);
+    progress_print(0, 100);
+    int nthreads = (int)MIN(coroutines, 4);
+    if (s.total < 4 * (uint64_t)TOOL_BUF_SIZE) {
+        nthreads = 1; /* small images: threads cost more than they save */
+    }
+    pthread_t tids[16];
+    int started = 0;
+    for (int i = 1; i < nthreads; i++) {
+        if (pthread_create(&tids[i], NULL, convert_worker, &s) != 0) {
+            break;
+        }
+        started++;
+    }
+    convert_worker(&s);
+    for (int i = 1; i <= started; i++) {
+        pthread_join(tids[i], NULL);
+    }
+    if (s.ret == 0) {
+        progress_print(100, 0);
+    }
+    progress_end();
+    if (s.ret < 0) {
+        if (s.err) {
+            tool_report(s.err, NULL);
+            s.err = NULL;
+        } else {
+            tool_error("error while converting: %s", strerror(-s.ret));
+        }
+        goto out;
+    }
+    /* cache=unsafe (convert's default) skips the explicit flush, like qemu-img. */
+    int r = strcmp(cache, "unsafe") ? vd_flush(s.target) : 0;
+    if (r < 0) {
+        tool_error("error while flushing %s: %s", out_filename, strerror(-r));
+        goto out;
+    }
+    ret = 0;
+out:
+    vd_error_free(s.err);
+    if (s.target) {
+        vd_node_unref(s.target);
+    }
+    for (int i = 0; s.src && i < s.nsrc; i++) {
+        if (s.src[i]) {
+            vd_node_unref(s.src[i]);
+        }
+    }
+    free(s.src);
+    free(s.src_size);
+    tool_opts_free(&o);
+    free(optstr);
+    pthread_mutex_destroy(&s.lock);
+    pthread_cond_destroy(&s.cond);
+    return ret;
+}

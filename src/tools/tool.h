@@ -1,0 +1,118 @@
+/*
+ * tool.h - shared helpers of the offline `vdisk` tool (qemu-img / qemu-io compatible front end).
+ *
+ * Every command is `int img_<name>(int argc, char **argv)` with argv[0] = the command name; it
+ * returns the process exit status. Errors reach the user as ONE line "vdisk: ..." on stderr.
+ * The tool never implements image-format logic: everything goes through src/block/block.h.
+ */
+#ifndef VDISK_TOOLS_TOOL_H
+#define VDISK_TOOLS_TOOL_H
+
+#include <inttypes.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "block/block.h"
+
+#define TOOL_NAME "vdisk"
+/* Copy buffer size (convert, commit, rebase, compare). */
+#define TOOL_BUF_SIZE (2u << 20)
+
+/* Set by --allow-probe (anywhere on the command line): backing files may be probed. */
+extern bool tool_allow_probe;
+
+/* Long-option ids shared by the commands (values above any short option letter). */
+enum {
+    OPT_OUTPUT = 256,
+    OPT_BACKING_CHAIN,
+    OPT_START_OFFSET,
+    OPT_MAX_LENGTH,
+    OPT_SIZE,
+    OPT_SHRINK,
+    OPT_PREALLOCATION,
+    OPT_TARGET_IS_ZERO,
+    OPT_HELP,
+    OPT_IMAGE_OPTS,
+    OPT_OBJECT,
+};
+
+/* "vdisk: msg" on stderr. */
+void tool_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* Print err (optionally prefixed "prefix: ") and free it. */
+void tool_report(VdError *err, const char *prefix);
+/* getopt helpers: report an unknown option / missing argument the qemu-img way. */
+void tool_bad_option(const char *cmd, int optopt_char, const char *arg);
+
+/* Parse a size with optional k/M/G/T/P/E suffix (qemu_strtosz rules; fractions allowed). */
+int tool_parse_size(const char *s, uint64_t *out);
+/* Parse a plain non-negative integer (decimal/hex/octal) fully; -EINVAL on junk. */
+int tool_parse_uint(const char *s, uint64_t *out);
+/* Parse an --output argument; returns 0 human, 1 json, -1 error (already reported). */
+int tool_parse_output(const char *arg);
+/* qemu's size_to_str ("1 GiB", "196 KiB", "1.5 MiB") into buf. */
+void tool_size_to_str(uint64_t val, char *buf, size_t len);
+/* qemu-io's cvtstr ("64 KiB", "1.500 KiB", "512 bytes"). */
+void tool_cvtstr(double value, char *buf, size_t len);
+
+/* Open flags for images the user named; adds FORCE_SHARE for -U and ALLOW_PROBE when requested. */
+int tool_open_flags(int flags, bool force_share);
+/* Open an image (prints the error, returns NULL on failure). */
+BlockNode *tool_open(const char *filename, const char *fmt, int flags);
+
+/* Is buf[0..len) all zero? (fast path via memcmp) */
+bool tool_is_zero(const void *buf, size_t len);
+
+/* qemu-img progress (-p): "    (x.xx/100%)\r" on stdout. */
+void progress_init(bool enabled, float min_skip);
+void progress_print(float delta, int max);
+void progress_end(void);
+
+/* Print a JSON value the way QEMU's pretty printer does (key order = QEMU's QDict order). */
+void qjson_print(FILE *f, json_t *v);
+/* qemu's human dump of a dict (keys '-' -> ' '), indentation in units of 4 spaces. */
+void qdict_dump_human(FILE *f, json_t *obj, int indentation);
+
+/* "-o" option lists: key=value[,key=value] with ",," escaping a comma. */
+typedef struct ToolOpt {
+    char *key;
+    char *value;
+} ToolOpt;
+typedef struct ToolOpts {
+    ToolOpt *v;
+    int n;
+} ToolOpts;
+int tool_opts_parse(ToolOpts *o, const char *s);
+const char *tool_opts_get(const ToolOpts *o, const char *key);
+void tool_opts_free(ToolOpts *o);
+
+/*
+ * Fill VdCreateOptions from -o options for `fmt`. Strings in *co point into `o`.
+ * Records the options the user set so tool_print_formatting can print them.
+ * Returns 0 or -1 (error printed).
+ */
+typedef struct CreateSpec {
+    VdCreateOptions co;
+    const ToolOpts *o;
+    char size_buf[32];
+} CreateSpec;
+int tool_create_options(CreateSpec *spec, const char *fmt, const ToolOpts *o, const char *filename);
+/* "Formatting 'f', fmt=qcow2 cluster_size=65536 ..." exactly like qemu-img. */
+void tool_print_formatting(const char *filename, const CreateSpec *spec);
+/* Print the -o help for a format. */
+void tool_print_create_help(const char *fmt);
+
+/* Commands. */
+int img_create(int argc, char **argv);
+int img_info(int argc, char **argv);
+int img_map(int argc, char **argv);
+int img_check(int argc, char **argv);
+int img_compare(int argc, char **argv);
+int img_convert(int argc, char **argv);
+int img_commit(int argc, char **argv);
+int img_rebase(int argc, char **argv);
+int img_resize(int argc, char **argv);
+int img_measure(int argc, char **argv);
+int img_io(int argc, char **argv);
+
+#endif

@@ -1,0 +1,206 @@
+"""vdisk commit / rebase on identical chains built twice: results must match qemu-img's."""
+import json
+import os
+
+import pytest
+
+from conftest import assert_qemu_check_clean, qemu_img, qemu_io, run, vdisk
+
+
+def make_chain(prefix):
+    """{p}base (4M) <- {p}mid <- {p}top (6M), relative names, overlapping writes and zeroes."""
+    qemu_img("create", "-f", "qcow2", f"{prefix}base.qcow2", "4M")
+    qemu_io("-c", "write -P 1 0 1M", "-c", "write -P 7 3M 1M", f"{prefix}base.qcow2")
+    qemu_img("create", "-f", "qcow2", "-b", f"{prefix}base.qcow2", "-F", "qcow2",
+             f"{prefix}mid.qcow2")
+    qemu_io("-c", "write -P 2 512k 1M", "-c", "write -z 3M 64k", f"{prefix}mid.qcow2")
+    qemu_img("create", "-f", "qcow2", "-b", f"{prefix}mid.qcow2", "-F", "qcow2",
+             f"{prefix}top.qcow2", "6M")
+    qemu_io("-c", "write -P 3 1M 512k", "-c", "write -P 4 5M 4k", "-c", "write -z 3211264 4k",
+            f"{prefix}top.qcow2")
+
+
+@pytest.fixture
+def chains(tmp):
+    os.chdir(tmp)
+    make_chain("q")
+    make_chain("v")
+    qemu_img("convert", "-O", "raw", "qtop.qcow2", "ref.raw")
+    return tmp
+
+
+def map_of(path):
+    """Allocation map without host offsets (qemu-img commit itself is not deterministic there)."""
+    out = qemu_img("map", "--output=json", path).stdout
+    return [{k: v for k, v in e.items() if k != "offset"} for e in json.loads(out)]
+
+
+def backing(path):
+    info = json.loads(qemu_img("info", "--output=json", path).stdout)
+    return info.get("backing-filename"), info.get("backing-filename-format")
+
+
+def same_result(*names):
+    for n in names:
+        qemu_img("compare", f"q{n}.qcow2", f"v{n}.qcow2")
+        assert map_of(f"v{n}.qcow2") == map_of(f"q{n}.qcow2"), n
+        assert_qemu_check_clean(f"v{n}.qcow2")
+
+
+# ---- commit ----
+
+@pytest.mark.parametrize("extra", [[], ["-d"], ["-q"], ["-p"], ["-f", "qcow2"], ["-t", "none"]])
+def test_commit_into_backing(chains, extra):
+    pq = qemu_img("commit", *extra, "qtop.qcow2")
+    pv = vdisk("commit", *extra, "vtop.qcow2")
+    if "-p" not in extra:
+        assert pv.stdout == pq.stdout
+    assert pv.stdout.endswith("" if "-q" in extra else "Image committed.\n")
+    same_result("top", "mid", "base")
+    qemu_img("compare", "-f", "raw", "ref.raw", "vtop.qcow2")
+
+
+def test_commit_to_base_through_intermediate(chains):
+    pq = qemu_img("commit", "-b", "qbase.qcow2", "qtop.qcow2")
+    pv = vdisk("commit", "-b", "vbase.qcow2", "vtop.qcow2")
+    assert pv.stdout == pq.stdout
+    same_result("top", "base")
+    qemu_img("compare", "-f", "raw", "ref.raw", "vbase.qcow2")
+    # -b implies -d: the top still reads the same through the (now invalid) chain above base.
+    assert map_of("vtop.qcow2") == map_of("qtop.qcow2")
+
+
+def test_commit_grows_base(chains):
+    vdisk("commit", "vtop.qcow2")
+    qemu_img("commit", "qtop.qcow2")
+    assert json.loads(qemu_img("info", "--output=json", "vmid.qcow2").stdout)["virtual-size"] \
+        == 6 << 20
+    same_result("mid")
+
+
+def test_commit_raw_base(tmp):
+    os.chdir(tmp)
+    for p in "qv":
+        qemu_img("create", "-f", "raw", f"{p}b.raw", "2M")
+        qemu_io("-f", "raw", "-c", "write -P 1 0 2M", f"{p}b.raw")
+        qemu_img("create", "-f", "qcow2", "-b", f"{p}b.raw", "-F", "raw", f"{p}t.qcow2")
+        qemu_io("-c", "write -P 2 64k 64k", "-c", "write -z 1M 4k", f"{p}t.qcow2")
+    qemu_img("commit", "qt.qcow2")
+    vdisk("commit", "vt.qcow2")
+    qemu_img("compare", "-f", "raw", "-F", "raw", "qb.raw", "vb.raw")
+    qemu_img("compare", "qt.qcow2", "vt.qcow2")
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["qbase.qcow2"], "Image does not have a backing file"),
+    (["-b", "nonexist.qcow2", "qtop.qcow2"], "Did not find 'nonexist.qcow2' in the backing chain"),
+    (["nonexist.qcow2"], None),
+])
+def test_commit_errors(chains, args, msg):
+    pq = qemu_img("commit", *args, check=False)
+    pv = vdisk("commit", *args, check=False)
+    assert pv.returncode == pq.returncode == 1
+    assert pv.stderr.startswith("vdisk: ") and pv.stderr.count("\n") == 1
+    if msg:
+        assert msg in pv.stderr
+
+
+# ---- rebase ----
+
+def test_rebase_onto_other_image(chains):
+    for p in "qv":
+        qemu_img("create", "-f", "qcow2", f"{p}other.qcow2", "5M")
+        qemu_io("-c", "write -P 9 0 2M", f"{p}other.qcow2")
+    pq = qemu_img("rebase", "-b", "qother.qcow2", "-F", "qcow2", "qtop.qcow2")
+    pv = vdisk("rebase", "-b", "vother.qcow2", "-F", "qcow2", "vtop.qcow2")
+    assert pv.stdout == pq.stdout == ""
+    assert backing("vtop.qcow2") == ("vother.qcow2", "qcow2")
+    qemu_img("compare", "-f", "raw", "ref.raw", "vtop.qcow2")
+    qemu_img("compare", "qtop.qcow2", "vtop.qcow2")
+    assert map_of("vtop.qcow2") == map_of("qtop.qcow2")
+    assert_qemu_check_clean("vtop.qcow2")
+
+
+def test_rebase_onto_base_in_chain(chains):
+    qemu_img("rebase", "-b", "qbase.qcow2", "-F", "qcow2", "qtop.qcow2")
+    vdisk("rebase", "-b", "vbase.qcow2", "-F", "qcow2", "vtop.qcow2")
+    assert backing("vtop.qcow2") == ("vbase.qcow2", "qcow2")
+    qemu_img("compare", "-f", "raw", "ref.raw", "vtop.qcow2")
+    assert map_of("vtop.qcow2") == map_of("qtop.qcow2")
+    assert_qemu_check_clean("vtop.qcow2")
+
+
+def test_rebase_flatten(chains):
+    qemu_img("rebase", "-b", "", "qtop.qcow2")
+    vdisk("rebase", "-b", "", "vtop.qcow2")
+    assert backing("vtop.qcow2") == (None, None)
+    qemu_img("compare", "-f", "raw", "ref.raw", "vtop.qcow2")
+    assert map_of("vtop.qcow2") == map_of("qtop.qcow2")
+    assert_qemu_check_clean("vtop.qcow2")
+
+
+def test_rebase_unsafe_only_rewrites_header(chains):
+    before = map_of("vtop.qcow2")
+    vdisk("rebase", "-u", "-b", "does-not-exist.qcow2", "-F", "qcow2", "vtop.qcow2")
+    assert backing("vtop.qcow2") == ("does-not-exist.qcow2", "qcow2")
+    vdisk("rebase", "-u", "-b", "vmid.qcow2", "-F", "qcow2", "vtop.qcow2")
+    assert map_of("vtop.qcow2") == before
+    qemu_img("compare", "-f", "raw", "ref.raw", "vtop.qcow2")
+    assert_qemu_check_clean("vtop.qcow2")
+
+
+def test_rebase_keeps_relative_name(tmp):
+    d = tmp / "imgs"
+    d.mkdir()
+    os.chdir(tmp)
+    qemu_img("create", "-f", "qcow2", d / "a.qcow2", "1M")
+    qemu_io("-c", "write -P 1 0 1M", d / "a.qcow2")
+    qemu_img("create", "-f", "qcow2", d / "b.qcow2", "1M")
+    qemu_img("create", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", d / "t.qcow2")
+    # The new name is relative to the image's directory, not to the cwd.
+    vdisk("rebase", "-b", "b.qcow2", "-F", "qcow2", "imgs/t.qcow2")
+    assert backing(d / "t.qcow2") == ("b.qcow2", "qcow2")
+    qemu_img("compare", d / "a.qcow2", d / "t.qcow2")
+
+
+def test_rebase_progress_and_quiet(chains):
+    assert vdisk("rebase", "-q", "-p", "-b", "", "vtop.qcow2").stdout == ""
+    pv = vdisk("rebase", "-p", "-b", "vmid.qcow2", "-F", "qcow2", "vtop.qcow2")
+    assert pv.stdout.startswith("    (0.00/100%)")
+
+
+@pytest.mark.parametrize("args", [
+    ["-b", "qmid.qcow2", "qtop.qcow2"],                # no -F
+    ["-b", "nonexist.qcow2", "-F", "qcow2", "qtop.qcow2"],
+    ["qtop.qcow2"],                                    # no -b
+    ["-b", "", "nonexist.qcow2"],
+])
+def test_rebase_errors(chains, args):
+    pq = qemu_img("rebase", *args, check=False)
+    pv = vdisk("rebase", *[a.replace("qtop", "vtop") for a in args], check=False)
+    assert pq.returncode == 1
+    assert pv.returncode == 1
+    assert pv.stderr.startswith("vdisk: ") and pv.stderr.count("\n") == 1, pv.stderr
+    # A failed rebase leaves the image untouched.
+    assert backing("vtop.qcow2") == ("vmid.qcow2", "qcow2")
+    qemu_img("compare", "-f", "raw", "ref.raw", "vtop.qcow2")
+
+
+@pytest.mark.parametrize("opts", ["compat=0.10", "extended_l2=on",
+                                  "cluster_size=4k,refcount_bits=1"])
+def test_commit_and_flatten_other_layouts(tmp, opts):
+    os.chdir(tmp)
+    qemu_img("create", "-f", "qcow2", "-o", opts, "b.qcow2", "4M")
+    qemu_io("-c", "write -P 1 0 2M", "b.qcow2")
+    qemu_img("create", "-f", "qcow2", "-o", opts, "-b", "b.qcow2", "-F", "qcow2", "t.qcow2")
+    qemu_io("-c", "write -P 2 1M 8k", "-c", "write -z 100k 3k", "-c", "discard 1536k 64k",
+            "t.qcow2")
+    qemu_img("convert", "-O", "raw", "t.qcow2", "ref.raw")
+    run(["cp", "t.qcow2", "flat.qcow2"])
+    vdisk("rebase", "-b", "", "flat.qcow2")
+    qemu_img("compare", "-f", "raw", "ref.raw", "flat.qcow2")
+    assert_qemu_check_clean("flat.qcow2")
+    vdisk("commit", "t.qcow2")
+    for img in ("b.qcow2", "t.qcow2"):
+        qemu_img("compare", "-f", "raw", "ref.raw", img)
+        assert_qemu_check_clean(img)

@@ -1,0 +1,245 @@
+"""vdisk convert / compare against qemu-img 7.2: same bytes, same allocation, same messages."""
+import json
+import os
+
+import pytest
+
+from conftest import assert_qemu_check_clean, qemu_img, qemu_io, run, sha256, vdisk
+
+
+@pytest.fixture
+def src(tmp):
+    """A qcow2 chain and a raw image with data, zero runs, holes and a small zero hole in data."""
+    os.chdir(tmp)
+    qemu_img("create", "-f", "qcow2", "base.qcow2", "8M")
+    qemu_io("-c", "write -P 1 0 1M", "-c", "write -P 6 6M 64k", "base.qcow2")
+    qemu_img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2")
+    qemu_io("-c", "write -P 2 512k 64k", "-c", "write -z 128k 64k", "-c", "write -P 3 2M 8k",
+            "-c", "write -z 2099200 2k", "-c", "write -P 4 3M 100k", "-c", "write -c 5M 64k",
+            "-c", "write -z 6M 64k", "top.qcow2")
+    qemu_img("convert", "-O", "raw", "top.qcow2", "src.raw")
+    return tmp
+
+
+def convert_both(args, out_q, out_v):
+    pq = qemu_img("convert", *args, out_q, check=False)
+    pv = vdisk("convert", *args, out_v, check=False)
+    assert pv.returncode == pq.returncode, pv.stderr
+    assert pv.stdout == pq.stdout
+    return pq, pv
+
+
+def jmap(path, fmt="qcow2"):
+    return json.loads(qemu_img("map", "-f", fmt, "--output=json", path).stdout)
+
+
+@pytest.mark.parametrize("args", [
+    ["-O", "raw", "top.qcow2"],
+    ["-O", "raw", "-f", "raw", "src.raw"],
+    ["-O", "raw", "-S", "0", "top.qcow2"],
+    ["-O", "raw", "-S", "64k", "-f", "raw", "src.raw"],
+    ["-O", "raw", "-m", "1", "-W", "top.qcow2"],
+])
+def test_convert_to_raw_byte_identical(src, args):
+    convert_both(args, "q.raw", "v.raw")
+    assert sha256("v.raw") == sha256("q.raw")
+    assert os.path.getsize("v.raw") == os.path.getsize("q.raw")
+
+
+@pytest.mark.parametrize("args", [
+    ["-O", "qcow2", "top.qcow2"],
+    ["-O", "qcow2", "-f", "raw", "src.raw"],
+    ["-O", "qcow2", "-S", "0", "-f", "raw", "src.raw"],
+    ["-O", "qcow2", "-S", "8k", "top.qcow2"],
+    ["-O", "qcow2", "-o", "cluster_size=4k", "top.qcow2"],
+    ["-O", "qcow2", "-o", "compat=0.10,cluster_size=128k", "-f", "raw", "src.raw"],
+    ["-O", "qcow2", "-o", "preallocation=metadata", "top.qcow2"],
+    ["-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2", "top.qcow2"],
+    ["-O", "qcow2", "-f", "qcow2", "base.qcow2"],
+])
+def test_convert_to_qcow2_like_qemu(src, args):
+    convert_both(args, "q.qcow2", "v.qcow2")
+    qemu_img("compare", "q.qcow2", "v.qcow2")
+    source = args[-1]
+    qemu_img("compare", "-f", "raw" if source.endswith(".raw") else "qcow2", "-F", "qcow2",
+             source, "v.qcow2")
+    assert_qemu_check_clean("v.qcow2")
+    # Same allocation as qemu-img's result (which clusters hold data, zeroes, or nothing).
+    strip = lambda m: [{k: e[k] for k in ("start", "length", "depth", "present", "zero", "data")}
+                       for e in m]
+    assert strip(jmap("v.qcow2")) == strip(jmap("q.qcow2"))
+    iq = json.loads(qemu_img("info", "--output=json", "q.qcow2").stdout)
+    iv = json.loads(qemu_img("info", "--output=json", "v.qcow2").stdout)
+    for k in ("filename", "actual-size"):
+        iq.pop(k)
+        iv.pop(k)
+    assert iv == iq
+
+
+def test_convert_result_reads_like_source(src):
+    for fmt in ("raw", "qcow2"):
+        vdisk("convert", "-O", fmt, "top.qcow2", f"o.{fmt}")
+        qemu_img("compare", "-F", fmt, "top.qcow2", f"o.{fmt}")
+        qemu_img("compare", "-f", "raw", "-F", fmt, "src.raw", f"o.{fmt}")
+
+
+def test_convert_compressed(src):
+    convert_both(["-c", "-O", "qcow2", "top.qcow2"], "q.qcow2", "v.qcow2")
+    qemu_img("compare", "top.qcow2", "v.qcow2")
+    assert_qemu_check_clean("v.qcow2")
+    chk = json.loads(qemu_img("check", "--output=json", "v.qcow2").stdout)
+    assert chk["compressed-clusters"] > 0
+    # Compressed output is smaller than an uncompressed conversion.
+    vdisk("convert", "-O", "qcow2", "top.qcow2", "plain.qcow2")
+    assert os.path.getsize("v.qcow2") < os.path.getsize("plain.qcow2")
+
+
+def test_convert_compressed_unaligned_tail(tmp):
+    os.chdir(tmp)
+    qemu_img("create", "-f", "raw", "s.raw", "200k")
+    qemu_io("-f", "raw", "-c", "write -P 5 0 200k", "s.raw")
+    convert_both(["-c", "-O", "qcow2", "-f", "raw", "s.raw"], "q.qcow2", "v.qcow2")
+    qemu_img("compare", "-f", "raw", "s.raw", "v.qcow2")
+    assert_qemu_check_clean("v.qcow2")
+
+
+def test_convert_backing_different_from_source_backing(src):
+    """-B naming another image: the output must still read exactly like the source."""
+    qemu_img("create", "-f", "qcow2", "other.qcow2", "8M")
+    qemu_io("-c", "write -P 9 0 8M", "other.qcow2")
+    vdisk("convert", "-O", "qcow2", "-B", "other.qcow2", "-F", "qcow2", "top.qcow2", "v.qcow2")
+    info = json.loads(qemu_img("info", "--output=json", "v.qcow2").stdout)
+    assert info["backing-filename"] == "other.qcow2"
+    qemu_img("compare", "top.qcow2", "v.qcow2")
+    assert_qemu_check_clean("v.qcow2")
+
+
+def test_convert_no_create(src):
+    qemu_img("create", "-f", "qcow2", "q.qcow2", "8M")
+    qemu_io("-c", "write -P 7 0 8M", "q.qcow2")
+    run(["cp", "q.qcow2", "v.qcow2"])
+    convert_both(["-n", "-O", "qcow2", "top.qcow2"], "q.qcow2", "v.qcow2")
+    qemu_img("compare", "top.qcow2", "v.qcow2")
+    qemu_img("compare", "q.qcow2", "v.qcow2")
+    assert_qemu_check_clean("v.qcow2")
+    # raw target, existing garbage must be overwritten (zero ranges too)
+    with open("v.raw", "wb") as f:
+        f.write(b"\xff" * (8 << 20))
+    vdisk("convert", "-n", "-O", "raw", "top.qcow2", "v.raw")
+    assert sha256("v.raw") == sha256("src.raw")
+
+
+def test_convert_target_is_zero(src):
+    qemu_img("create", "-f", "raw", "v.raw", "8M")
+    vdisk("convert", "-n", "--target-is-zero", "-O", "raw", "top.qcow2", "v.raw")
+    assert sha256("v.raw") == sha256("src.raw")
+    p = vdisk("convert", "--target-is-zero", "-O", "raw", "top.qcow2", "w.raw", check=False)
+    assert p.returncode == 1 and p.stderr.startswith("vdisk: ")
+
+
+def test_convert_concatenate(src):
+    convert_both(["-O", "raw", "-f", "raw", "src.raw", "src.raw"], "q.raw", "v.raw")
+    assert sha256("v.raw") == sha256("q.raw")
+
+
+def test_convert_progress(src):
+    # (text mode turns each \r into \n)
+    pq = run(["qemu-img", "convert", "-p", "-O", "raw", "top.qcow2", "q.raw"])
+    pv = vdisk("convert", "-p", "-O", "raw", "top.qcow2", "v.raw")
+    assert pv.stdout.startswith("    (0.00/100%)\n")
+    assert pv.stdout.endswith("    (100.00/100%)\n    (100.00/100%)\n")
+    assert pq.stdout.endswith("    (100.00/100%)\n    (100.00/100%)\n")
+    assert sha256("v.raw") == sha256("q.raw")
+
+
+def test_convert_quiet_and_cache_options(src):
+    p = vdisk("convert", "-q", "-t", "none", "-T", "writeback", "-O", "raw", "top.qcow2", "v.raw")
+    assert p.stdout == "" and p.stderr == ""
+    assert sha256("v.raw") == sha256("src.raw")
+
+
+@pytest.mark.parametrize("args", [
+    ["-O", "foo", "top.qcow2", "x"],
+    ["-O", "raw", "nonexist", "x"],
+    ["-O", "raw", "-S", "1000", "top.qcow2", "x"],
+    ["-O", "raw", "-c", "top.qcow2", "x"],
+    ["-O", "qcow2", "-B", "base.qcow2", "top.qcow2", "x"],
+    ["-O", "qcow2", "-F", "qcow2", "top.qcow2", "x"],
+    ["-O", "raw"],
+    ["-O", "qcow2", "-o", "cluster_size=3", "top.qcow2", "x"],
+])
+def test_convert_errors(src, args):
+    pq = qemu_img("convert", *args, check=False)
+    pv = vdisk("convert", *args, check=False)
+    assert pq.returncode == 1
+    assert pv.returncode == 1
+    assert pv.stderr.startswith("vdisk: ") and pv.stderr.count("\n") == 1, pv.stderr
+
+
+# ---- compare ----
+
+def compare_both(*args):
+    pq = qemu_img("compare", *args, check=False)
+    pv = vdisk("compare", *args, check=False)
+    assert (pv.returncode, pv.stdout) == (pq.returncode, pq.stdout), pv.stderr
+    return pv
+
+
+def test_compare_identical(src):
+    assert compare_both("top.qcow2", "src.raw").returncode == 0
+    assert compare_both("-f", "qcow2", "-F", "raw", "top.qcow2", "src.raw").stdout == \
+        "Images are identical.\n"
+    compare_both("base.qcow2", "base.qcow2")
+
+
+@pytest.mark.parametrize("where", ["0", "3196928", "7340543", "2099200"])
+def test_compare_mismatch_offset(src, where):
+    run(["cp", "src.raw", "d.raw"])
+    qemu_io("-f", "raw", "-c", f"write -P 0x55 {where} 1", "d.raw")
+    pv = compare_both("-F", "raw", "top.qcow2", "d.raw")
+    assert pv.returncode == 1 and pv.stdout.startswith("Content mismatch at offset ")
+    compare_both("-f", "raw", "d.raw", "top.qcow2")
+
+
+def test_compare_size_mismatch(src):
+    run(["cp", "src.raw", "big.raw"])
+    os.truncate("big.raw", 10 << 20)
+    assert compare_both("-f", "raw", "-F", "raw", "src.raw", "big.raw").returncode == 0
+    assert compare_both("-s", "-f", "raw", "-F", "raw", "src.raw", "big.raw").returncode == 1
+    qemu_io("-f", "raw", "-c", "write -P 1 9M 512", "big.raw")
+    assert compare_both("-f", "raw", "-F", "raw", "big.raw", "src.raw").returncode == 1
+
+
+def test_compare_strict_allocation(src):
+    vdisk("convert", "-O", "qcow2", "top.qcow2", "flat.qcow2")
+    # Same content, different allocation: strict mode reports it like qemu-img.
+    assert compare_both("-s", "top.qcow2", "flat.qcow2").returncode == 1
+
+
+def test_compare_errors(src):
+    pv = vdisk("compare", "top.qcow2", "nonexist", check=False)
+    assert pv.returncode == 2 and pv.stderr.count("\n") == 1
+    pv = vdisk("compare", "top.qcow2", check=False)
+    assert pv.returncode == 2
+    pv = vdisk("compare", "-q", "top.qcow2", "src.raw")
+    assert pv.stdout == ""
+
+
+def test_compare_progress(src):
+    pv = vdisk("compare", "-p", "top.qcow2", "src.raw")
+    assert pv.stdout.startswith("    (0.00/100%)\n")
+    assert pv.stdout.endswith("    (100.00/100%)\nImages are identical.\n\n")
+
+
+def test_convert_backing_for_flat_source(src):
+    """A source without backing converted onto -B: only differences land in the new image."""
+    qemu_img("create", "-f", "qcow2", "bk.qcow2", "8M")
+    qemu_io("-c", "write -P 1 0 1M", "-c", "write -P 9 4M 2M", "bk.qcow2")
+    vdisk("convert", "-O", "qcow2", "-B", "bk.qcow2", "-F", "qcow2", "-f", "raw", "src.raw",
+          "v.qcow2")
+    qemu_img("compare", "-f", "raw", "src.raw", "v.qcow2")
+    assert_qemu_check_clean("v.qcow2")
+    m = jmap("v.qcow2")
+    # The first MiB equals the backing except where top.qcow2 changed it: mostly not copied.
+    top_layer = sum(e["length"] for e in m if e["depth"] == 0 and e["present"])
+    assert top_layer < 8 << 20
