@@ -29,7 +29,8 @@ void qmp_set_quit_handler(void (*fn)(void));
  * Register a command handler. args is the "arguments" object (never NULL: {} when absent).
  * On success return a new reference to the "return" value ({} for none); on failure return NULL
  * with *errp set (reported as GenericError unless vd_error_code is ENOENT for a missing device:
- * DeviceNotFound).
+ * DeviceNotFound, or ENODEV for a missing block job: DeviceNotActive, QEMU's class for that).
+ * So use neither code for ordinary failures (e.g. a file that does not exist).
  */
 typedef json_t *(*QmpCommandFn)(json_t *args, VdError **errp);
 void qmp_register_command(const char *name, QmpCommandFn fn);

@@ -1,0 +1,176 @@
+/*
+ * qmp-args.c - argument checking for QMP commands and option objects (see qmp-args.h).
+ * Messages follow QEMU's QAPI input visitor word for word so clients can match on them.
+ * Stateless; safe from any thread.
+ */
+#include "qmp/qmp-args.h"
+
+#include <errno.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+static const char *type_name(QmpArgType t)
+{
+    switch (t) {
+    case QA_STR:
+    case QA_ENUM:
+        return "string";
+    case QA_BOOL:
+        return "boolean";
+    case QA_INT:
+    case QA_U32:
+    case QA_U64:
+        return "integer";
+    case QA_OBJ:
+        return "object";
+    case QA_ARRAY:
+        return "array";
+    case QA_REF:
+        return "BlockdevRef";
+    case QA_REF_NULL:
+        return "BlockdevRefOrNull";
+    case QA_ANY:
+        break;
+    }
+    return "value";
+}
+
+static int check_member(json_t *v, const char *prefix, const QmpArgSpec *s, VdError **errp)
+{
+    bool ok = true;
+    switch (s->type) {
+    case QA_STR:
+        ok = json_is_string(v);
+        break;
+    case QA_BOOL:
+        ok = json_is_boolean(v);
+        break;
+    case QA_INT:
+        ok = json_is_integer(v);
+        break;
+    case QA_U32:
+    case QA_U64:
+        if (!json_is_integer(v)) {
+            vd_error_setg(errp, EINVAL, "Parameter '%s%s' expects uint64", prefix, s->name);
+            return -EINVAL;
+        }
+        /* QEMU accepts negative numbers as their uint64 two's complement, hence the range. */
+        if (s->type == QA_U32 && (json_integer_value(v) < 0 ||
+                                  json_integer_value(v) > (json_int_t)UINT32_MAX)) {
+            vd_error_setg(errp, EINVAL, "Parameter '%s%s' expects uint32_t", prefix, s->name);
+            return -EINVAL;
+        }
+        return 0;
+    case QA_OBJ:
+        ok = json_is_object(v);
+        break;
+    case QA_ARRAY:
+        ok = json_is_array(v);
+        break;
+    case QA_ENUM:
+        if (!json_is_string(v)) {
+            ok = false;
+            break;
+        }
+        for (const char *const *e = s->enum_values; e && *e; e++) {
+            if (!strcmp(*e, json_string_value(v))) {
+                return 0;
+            }
+        }
+        vd_error_setg(errp, EINVAL, "Parameter '%s%s' does not accept value '%s'", prefix,
+                      s->name, json_string_value(v));
+        return -EINVAL;
+    case QA_REF:
+        ok = json_is_object(v) || json_is_string(v);
+        break;
+    case QA_REF_NULL:
+        ok = json_is_object(v) || json_is_string(v) || json_is_null(v);
+        break;
+    case QA_ANY:
+        return 0;
+    }
+    if (!ok) {
+        vd_error_setg(errp, EINVAL, "Invalid parameter type for '%s%s', expected: %s", prefix,
+                      s->name, type_name(s->type));
+        return -EINVAL;
+    }
+    if (s->type == QA_OBJ && s->nested) {
+        char sub[512];
+        snprintf(sub, sizeof(sub), "%s%s.", prefix, s->name);
+        return qmp_args_check1(v, sub, s->nested, errp);
+    }
+    return 0;
+}
+
+int qmp_args_check(json_t *obj, const char *prefix, const QmpArgSpec *const *specs, int nspecs,
+                   VdError **errp)
+{
+    if (obj && !json_is_object(obj)) {
+        vd_error_setg(errp, EINVAL, "Invalid parameter type for '%.*s', expected: object",
+                      prefix[0] ? (int)strlen(prefix) - 1 : 0, prefix);
+        return -EINVAL;
+    }
+    for (int i = 0; i < nspecs; i++) {
+        for (const QmpArgSpec *s = specs[i]; s->name; s++) {
+            json_t *v = obj ? json_object_get(obj, s->name) : NULL;
+            if (!v) {
+                if (s->required) {
+                    vd_error_setg(errp, EINVAL, "Parameter '%s%s' is missing", prefix, s->name);
+                    return -EINVAL;
+                }
+                continue;
+            }
+            int r = check_member(v, prefix, s, errp);
+            if (r < 0) {
+                return r;
+            }
+        }
+    }
+    const char *key;
+    json_t *val;
+    json_object_foreach(obj, key, val) {
+        bool known = false;
+        for (int i = 0; i < nspecs && !known; i++) {
+            for (const QmpArgSpec *s = specs[i]; s->name; s++) {
+                if (!strcmp(s->name, key)) {
+                    known = true;
+                    break;
+                }
+            }
+        }
+        if (!known) {
+            vd_error_setg(errp, EINVAL, "Parameter '%s%s' is unexpected", prefix, key);
+            return -EINVAL;
+        }
+    }
+    return 0;
+}
+
+int qmp_args_check1(json_t *obj, const char *prefix, const QmpArgSpec *spec, VdError **errp)
+{
+    const QmpArgSpec *const specs[] = {spec};
+    return qmp_args_check(obj, prefix, specs, 1, errp);
+}
+
+const char *qmp_arg_str(json_t *obj, const char *name, const char *dflt)
+{
+    json_t *v = obj ? json_object_get(obj, name) : NULL;
+    return json_is_string(v) ? json_string_value(v) : dflt;
+}
+
+bool qmp_arg_bool(json_t *obj, const char *name, bool dflt)
+{
+    json_t *v = obj ? json_object_get(obj, name) : NULL;
+    return json_is_boolean(v) ? json_is_true(v) : dflt;
+}
+
+void qmp_error_not_device(VdError **errp)
+{
+    if (errp && *errp && (vd_error_code(*errp) == ENOENT || vd_error_code(*errp) == ENODEV)) {
+        VdError *n = NULL;
+        vd_error_setg(&n, EIO, "%s", vd_error_msg(*errp));
+        vd_error_free(*errp);
+        *errp = n;
+    }
+}

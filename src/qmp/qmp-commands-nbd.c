@@ -1,0 +1,429 @@
+/*
+ * qmp-commands-nbd.c - NBD server and export commands: nbd-server-start/stop, block-export-add/
+ * del, query-block-exports, and the legacy nbd-server-add/remove. Runs on the QMP thread; the
+ * NBD server (nbd/nbd-server.h) does the work. BLOCK_EXPORT_DELETED is emitted for every export
+ * that goes away through these commands (deletion is synchronous here, so never "shutting-down").
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "block/graph.h"
+#include "nbd/nbd-server.h"
+#include "qmp/qmp-args.h"
+#include "qmp/qmp-internal.h"
+
+#define NBD_MAX_STRING 4096 /* NBD protocol limit on export names and descriptions */
+
+static const char *const sock_type_enum[] = {"inet", "unix", "vsock", "fd", NULL};
+static const char *const export_type_enum[] = {"nbd", "vhost-user-blk", "fuse", "vduse-blk",
+                                               NULL};
+static const char *const del_mode_enum[] = {"safe", "hard", NULL};
+
+static const QmpArgSpec inet_spec[] = {
+    {"host", QA_STR, true},
+    {"port", QA_STR, true},
+    {"numeric", QA_BOOL},
+    {"to", QA_U32},
+    {"ipv4", QA_BOOL},
+    {"ipv6", QA_BOOL},
+    {"keep-alive", QA_BOOL},
+    {"mptcp", QA_BOOL},
+    {NULL}};
+static const QmpArgSpec unix_spec[] = {
+    {"path", QA_STR, true},
+    {"abstract", QA_BOOL},
+    {"tight", QA_BOOL},
+    {NULL}};
+
+static void emit_export_deleted(const char *id)
+{
+    qmp_event_emit("BLOCK_EXPORT_DELETED", json_pack("{s:s}", "id", id));
+}
+
+/*
+ * addr: QEMU 7.2's nbd-server-start takes SocketAddressLegacy ({"type", "data": {...}}); the
+ * flat SocketAddress form ({"type", "host", "port"} / {"type", "path"}) of newer interfaces and
+ * of --nbd-server is accepted too.
+ */
+static int parse_addr(json_t *a, NbdServerAddress *out, VdError **errp)
+{
+    json_t *t = json_object_get(a, "type");
+    if (!t) {
+        vd_error_setg(errp, EINVAL, "Parameter 'addr.type' is missing");
+        return -EINVAL;
+    }
+    static const QmpArgSpec type_spec[] = {{"type", QA_ENUM, true, sock_type_enum}, {NULL}};
+    json_t *tonly = json_pack("{s:O}", "type", t);
+    /* QEMU names the tag without its "addr." path in this one message; so do we. */
+    int r = qmp_args_check1(tonly, json_is_string(t) ? "" : "addr.", type_spec, errp);
+    json_decref(tonly);
+    if (r < 0) {
+        return r;
+    }
+    const char *type = json_string_value(t);
+    if (strcmp(type, "inet") != 0 && strcmp(type, "unix") != 0) {
+        vd_error_setg(errp, ENOTSUP, "NBD server address type '%s' is not supported by vdiskd "
+                      "(use inet or unix)", type);
+        return -ENOTSUP;
+    }
+    const QmpArgSpec *variant = !strcmp(type, "inet") ? inet_spec : unix_spec;
+    json_t *fields;
+    if (json_object_get(a, "data") || (!json_object_get(a, "host") &&
+                                       !json_object_get(a, "path"))) {
+        static const QmpArgSpec legacy_spec[] = {{"type", QA_STR, true}, {"data", QA_OBJ, true},
+                                                 {NULL}};
+        if ((r = qmp_args_check1(a, "addr.", legacy_spec, errp)) < 0) {
+            return r;
+        }
+        fields = json_object_get(a, "data");
+        if ((r = qmp_args_check1(fields, "addr.data.", variant, errp)) < 0) {
+            return r;
+        }
+    } else {
+        static const QmpArgSpec type_str[] = {{"type", QA_STR, true}, {NULL}};
+        const QmpArgSpec *const specs[] = {type_str, variant};
+        if ((r = qmp_args_check(a, "addr.", specs, 2, errp)) < 0) {
+            return r;
+        }
+        fields = a;
+    }
+    if (!strcmp(type, "inet")) {
+        out->type = NBD_ADDR_INET;
+        out->host = (char *)qmp_arg_str(fields, "host", NULL);
+        out->port = (char *)qmp_arg_str(fields, "port", NULL);
+    } else {
+        if (qmp_arg_bool(fields, "abstract", false)) {
+            vd_error_setg(errp, ENOTSUP, "Abstract UNIX sockets are not supported by vdiskd");
+            return -ENOTSUP;
+        }
+        out->type = NBD_ADDR_UNIX;
+        out->path = (char *)qmp_arg_str(fields, "path", NULL);
+    }
+    return 0;
+}
+
+static json_t *cmd_nbd_server_start(json_t *args, VdError **errp)
+{
+    static const QmpArgSpec spec[] = {
+        {"addr", QA_OBJ, true},
+        {"tls-creds", QA_STR},
+        {"tls-authz", QA_STR},
+        {"max-connections", QA_U32},
+        {NULL}};
+    if (qmp_args_check1(args, "", spec, errp) < 0) {
+        return NULL;
+    }
+    NbdServerAddress addr = {0};
+    if (parse_addr(json_object_get(args, "addr"), &addr, errp) < 0) {
+        return NULL;
+    }
+    if (json_object_get(args, "tls-creds") || json_object_get(args, "tls-authz")) {
+        vd_error_setg(errp, ENOTSUP, "TLS is not supported by vdiskd");
+        return NULL;
+    }
+    if (nbd_server_running()) {
+        vd_error_setg(errp, EEXIST, "NBD server already running");
+        return NULL;
+    }
+    json_t *mc = json_object_get(args, "max-connections");
+    uint32_t max_conn = mc ? (uint32_t)json_integer_value(mc) : 0;
+    if (nbd_server_start(&addr, max_conn, errp) < 0) {
+        qmp_error_not_device(errp);
+        return NULL;
+    }
+    return json_object();
+}
+
+typedef struct IdList {
+    char **ids;
+    size_t n, cap;
+    bool oom;
+} IdList;
+
+static void collect_id(NbdExport *exp, void *opaque)
+{
+    IdList *l = opaque;
+    if (l->n == l->cap) {
+        size_t nc = l->cap ? l->cap * 2 : 8;
+        char **n = realloc(l->ids, nc * sizeof(*n));
+        if (!n) {
+            l->oom = true;
+            return;
+        }
+        l->ids = n;
+        l->cap = nc;
+    }
+    char *id = strdup(nbd_export_id(exp));
+    if (!id) {
+        l->oom = true;
+        return;
+    }
+    l->ids[l->n++] = id;
+}
+
+static json_t *cmd_nbd_server_stop(json_t *args, VdError **errp)
+{
+    static const QmpArgSpec spec[] = {{NULL}};
+    if (qmp_args_check1(args, "", spec, errp) < 0) {
+        return NULL;
+    }
+    if (!nbd_server_running()) {
+        vd_error_setg(errp, EINVAL, "NBD server not running");
+        return NULL;
+    }
+    IdList l = {0};
+    nbd_export_foreach(collect_id, &l);
+    nbd_server_stop();
+    for (size_t i = 0; i < l.n; i++) {
+        emit_export_deleted(l.ids[i]);
+        free(l.ids[i]);
+    }
+    free(l.ids);
+    return json_object();
+}
+
+/* The shared tail of block-export-add and nbd-server-add. */
+/* QEMU's id_wellformed(): a letter, then letters, digits, '-', '.', '_'. */
+static bool id_wellformed(const char *s)
+{
+    if (!((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z'))) {
+        return false;
+    }
+    for (s++; *s; s++) {
+        if (!((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') || (*s >= '0' && *s <= '9') ||
+              *s == '-' || *s == '.' || *s == '_')) {
+            return false;
+        }
+    }
+    return true;
+}
+
+static json_t *export_add(const char *id, const char *node_name, bool node_as_device,
+                          const char *name, bool writable, const char *description,
+                          VdError **errp)
+{
+    if (!node_as_device && !id_wellformed(id)) {
+        vd_error_setg(errp, EINVAL, "Invalid block export id");
+        return NULL;
+    }
+    if (nbd_export_find(id)) {
+        vd_error_setg(errp, EEXIST, "Block export id '%s' is already in use", id);
+        return NULL;
+    }
+    BlockNode *bs = graph_find_node(node_name);
+    if (!bs) {
+        vd_error_setg(errp, ENXIO, "Cannot find device='%s' nor node-name='%s'",
+                      node_as_device ? node_name : "", node_name);
+        return NULL;
+    }
+    if (!nbd_server_running()) {
+        vd_error_setg(errp, EINVAL, "NBD server not running");
+        return NULL;
+    }
+    if (strlen(name) > NBD_MAX_STRING) {
+        vd_error_setg(errp, EINVAL, "export name '%s' too long", name);
+        return NULL;
+    }
+    if (description && strlen(description) > NBD_MAX_STRING) {
+        vd_error_setg(errp, EINVAL, "description '%s' too long", description);
+        return NULL;
+    }
+    if (nbd_export_find_by_name(name)) {
+        vd_error_setg(errp, EEXIST, "NBD server already has export named '%s'", name);
+        return NULL;
+    }
+    if (writable && bs->read_only) {
+        /* (QEMU's legacy nbd-server-add lets this through; a writable export of a read-only
+         * node can only fail its writes, so vdiskd refuses it on both paths.) */
+        vd_error_setg(errp, EACCES, "Cannot export read-only node as writable");
+        return NULL;
+    }
+    if (!nbd_export_add(id, name, bs, writable, description, errp)) {
+        qmp_error_not_device(errp);
+        return NULL;
+    }
+    return json_object();
+}
+
+static json_t *cmd_block_export_add(json_t *args, VdError **errp)
+{
+    static const QmpArgSpec base_spec[] = {
+        {"type", QA_ENUM, true, export_type_enum},
+        {"id", QA_STR, true},
+        {"fixed-iothread", QA_BOOL},
+        {"iothread", QA_STR},
+        {"node-name", QA_STR, true},
+        {"writable", QA_BOOL},
+        {"writethrough", QA_BOOL},
+        {NULL}};
+    static const QmpArgSpec nbd_spec[] = {
+        {"name", QA_STR},
+        {"description", QA_STR},
+        {"bitmaps", QA_ARRAY},
+        {"allocation-depth", QA_BOOL},
+        {NULL}};
+    /* The union's tag first, so a non-nbd export gets a clear refusal, not "unexpected". */
+    json_t *t = json_object_get(args, "type");
+    if (!t) {
+        vd_error_setg(errp, EINVAL, "Parameter 'type' is missing");
+        return NULL;
+    }
+    const QmpArgSpec *const specs[] = {base_spec, nbd_spec};
+    if (json_is_string(t) && strcmp(json_string_value(t), "nbd") != 0) {
+        static const QmpArgSpec type_spec[] = {{"type", QA_ENUM, true, export_type_enum},
+                                               {NULL}};
+        json_t *tonly = json_pack("{s:O}", "type", t);
+        int r = qmp_args_check1(tonly, "", type_spec, errp);
+        json_decref(tonly);
+        if (r == 0) {
+            vd_error_setg(errp, ENOTSUP, "Export type '%s' is not supported by vdiskd (only nbd)",
+                          json_string_value(t));
+        }
+        return NULL;
+    }
+    if (qmp_args_check(args, "", specs, 2, errp) < 0) {
+        return NULL;
+    }
+    if (json_object_get(args, "iothread")) {
+        vd_error_setg(errp, ENOTSUP, "'iothread' is not supported by vdiskd");
+        return NULL;
+    }
+    if (json_array_size(json_object_get(args, "bitmaps")) > 0) {
+        vd_error_setg(errp, ENOTSUP, "Exporting dirty bitmaps is not supported by vdiskd");
+        return NULL;
+    }
+    const char *node = qmp_arg_str(args, "node-name", "");
+    /* writethrough: accepted; vdiskd's writes are flushed on NBD FLUSH/FUA like QEMU's default. */
+    return export_add(qmp_arg_str(args, "id", ""), node, false, qmp_arg_str(args, "name", node),
+                      qmp_arg_bool(args, "writable", false),
+                      qmp_arg_str(args, "description", NULL), errp);
+}
+
+static int export_del(const char *id, bool hard, VdError **errp)
+{
+    NbdExport *exp = nbd_export_find(id);
+    if (!exp) {
+        vd_error_setg(errp, ENXIO, "Export '%s' is not found", id);
+        return -ENXIO;
+    }
+    if (!hard && nbd_export_client_count(exp) > 0) {
+        vd_error_setg(errp, EBUSY, "export '%s' still in use (use mode='hard' to force client "
+                      "disconnect)", id);
+        return -EBUSY;
+    }
+    char *saved = strdup(id); /* id may point into the export, which is about to go */
+    if (!saved) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+        return -ENOMEM;
+    }
+    int r = nbd_export_del(saved, hard, errp);
+    if (r == 0) {
+        emit_export_deleted(saved);
+    } else {
+        qmp_error_not_device(errp);
+    }
+    free(saved);
+    return r;
+}
+
+static json_t *cmd_block_export_del(json_t *args, VdError **errp)
+{
+    static const QmpArgSpec spec[] = {
+        {"id", QA_STR, true},
+        {"mode", QA_ENUM, false, del_mode_enum},
+        {NULL}};
+    if (qmp_args_check1(args, "", spec, errp) < 0) {
+        return NULL;
+    }
+    bool hard = !strcmp(qmp_arg_str(args, "mode", "safe"), "hard");
+    if (export_del(qmp_arg_str(args, "id", ""), hard, errp) < 0) {
+        return NULL;
+    }
+    return json_object();
+}
+
+static void export_info(NbdExport *exp, void *opaque)
+{
+    json_t *list = opaque;
+    BlockNode *bs = nbd_export_node(exp);
+    json_array_append_new(list, json_pack("{s:s,s:s,s:s,s:b}", "type", "nbd", "id",
+                                          nbd_export_id(exp), "node-name",
+                                          bs && bs->node_name ? bs->node_name : "",
+                                          "shutting-down", 0));
+}
+
+static json_t *cmd_query_block_exports(json_t *args, VdError **errp)
+{
+    static const QmpArgSpec spec[] = {{NULL}};
+    if (qmp_args_check1(args, "", spec, errp) < 0) {
+        return NULL;
+    }
+    json_t *list = json_array();
+    if (!list) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+        return NULL;
+    }
+    nbd_export_foreach(export_info, list);
+    return list;
+}
+
+/* Legacy: the export's id is its name (which defaults to the device). */
+static json_t *cmd_nbd_server_add(json_t *args, VdError **errp)
+{
+    static const QmpArgSpec spec[] = {
+        {"device", QA_STR, true},
+        {"name", QA_STR},
+        {"description", QA_STR},
+        {"writable", QA_BOOL},
+        {"bitmap", QA_STR},
+        {NULL}};
+    if (qmp_args_check1(args, "", spec, errp) < 0) {
+        return NULL;
+    }
+    if (json_object_get(args, "bitmap")) {
+        vd_error_setg(errp, ENOTSUP, "Exporting dirty bitmaps is not supported by vdiskd");
+        return NULL;
+    }
+    if (!nbd_server_running()) {
+        vd_error_setg(errp, EINVAL, "NBD server not running");
+        return NULL;
+    }
+    const char *device = qmp_arg_str(args, "device", "");
+    const char *name = qmp_arg_str(args, "name", device);
+    return export_add(name, device, true, name, qmp_arg_bool(args, "writable", false),
+                      qmp_arg_str(args, "description", NULL), errp);
+}
+
+static json_t *cmd_nbd_server_remove(json_t *args, VdError **errp)
+{
+    static const QmpArgSpec spec[] = {
+        {"name", QA_STR, true},
+        {"mode", QA_ENUM, false, del_mode_enum},
+        {NULL}};
+    if (qmp_args_check1(args, "", spec, errp) < 0) {
+        return NULL;
+    }
+    const char *name = qmp_arg_str(args, "name", "");
+    NbdExport *exp = nbd_server_running() ? nbd_export_find_by_name(name) : NULL;
+    if (!exp) {
+        vd_error_setg(errp, ENXIO, "Export '%s' is not found", name);
+        return NULL;
+    }
+    bool hard = !strcmp(qmp_arg_str(args, "mode", "safe"), "hard");
+    if (export_del(nbd_export_id(exp), hard, errp) < 0) {
+        return NULL;
+    }
+    return json_object();
+}
+
+void qmp_commands_nbd_register(void)
+{
+    qmp_register_command("nbd-server-start", cmd_nbd_server_start);
+    qmp_register_command("nbd-server-stop", cmd_nbd_server_stop);
+    qmp_register_command("block-export-add", cmd_block_export_add);
+    qmp_register_command("block-export-del", cmd_block_export_del);
+    qmp_register_command("query-block-exports", cmd_query_block_exports);
+    qmp_register_command("nbd-server-add", cmd_nbd_server_add);
+    qmp_register_command("nbd-server-remove", cmd_nbd_server_remove);
+}
