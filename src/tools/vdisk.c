@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "tools/tool.h"
+#include "tools/virsh.h"
 
 bool tool_allow_probe;
 
@@ -771,6 +772,23 @@ static const struct {
       "[-F backing_fmt] filename" },
     { "resize", img_resize,
       "resize [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size" },
+    /* Online commands (virsh-like, over vdiskd's QMP socket): src/tools/virsh-jobs.c */
+    { "blockcommit", virsh_blockcommit,
+      "blockcommit DISK [--base B|--shallow] [--top T] [--active] [--pivot|--keep-overlay] "
+      "[--wait] [--verbose] [--bandwidth N] [--socket PATH]" },
+    { "blockcopy", virsh_blockcopy,
+      "blockcopy DISK DEST [--shallow] [--reuse-external] [--format F] [--wait] [--verbose]\n"
+      "          [--pivot|--finish] [--bandwidth N] [--granularity N] [--buf-size N]\n"
+      "          [--synchronous-writes] [--socket PATH]" },
+    { "blockjob", virsh_blockjob,
+      "blockjob DISK [--info|--abort|--pivot|--bandwidth N] [--socket PATH]" },
+    { "blockpull", virsh_blockpull,
+      "blockpull DISK [--base B] [--wait] [--verbose] [--bandwidth N] [--socket PATH]" },
+    { "domblklist", virsh_domblklist, "domblklist [--details] [--socket PATH]" },
+    { "snapshot-create", virsh_snapshot_create,
+      "snapshot-create DISK OVERLAY [--format F] [--reuse-external] [--socket PATH]\n"
+      "          (online commands: --socket defaults to $VDISK_SOCKET, else "
+      "/run/vdisk/vdiskd.qmp)" },
 };
 
 static void print_help(void)
