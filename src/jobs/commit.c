@@ -1,0 +1,827 @@
+/*
+ * commit.c - block-commit. The base is reopened read-write as a second node of its image and put in
+ * the chain in place of the read-only one (with the device's exports drained), so every reader of the
+ * chain and the copy see one coherent node.
+ * Non-active commit (top below the device): top..above-base are read-only while the guest writes to
+ * the device, so their content is copied into base without serialisation; then the overlay above top
+ * records base (header), and the chain drops top..above-base; base goes back to read-only.
+ * Active commit (top is the device): a dirty bitmap fed by the top's tracker write notifiers; each
+ * copy holds its range BT_SHARED on the top's tracker (guest writes are BT_EXCLUSIVE), so a copy of
+ * old data never lands after a newer write: the write either finished before (and its dirty bit was
+ * cleared only after it) or re-dirties the range after the copy. READY once in sync; complete drains
+ * the exports, copies what is still dirty, flushes base and swaps the exports onto base.
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "block/graph.h"
+#include "block/tracking.h"
+#include "jobs/blockops.h"
+#include "jobs/job.h"
+#include "util/log.h"
+
+#define COMMIT_CHUNK (1ULL << 20)
+#define IDLE_WAIT_NS 100000000ULL
+
+typedef struct Commit {
+    Job *job;
+    bool active;
+    BlockNode *dev;          /* ref: the node guests use (exports serve it) */
+    BlockNode *top;          /* ref: the top-most image committed */
+    BlockNode *above;        /* ref: the node whose backing is top (non-active only) */
+    BlockNode *base;         /* ref: the original (read-only) base node */
+    BlockNode *base_rw;      /* ref: base reopened read-write, in the chain while the job runs */
+    BlockNode *base_parent;  /* ref: the node whose backing was base */
+    char *backing_name, *backing_fmt; /* what `above` records at the end (non-active) */
+    uint64_t len, gran;
+    JobErrorAction on_error;
+    bool claimed;
+    bool base_swapped;       /* base_rw is in the chain */
+
+    /* active commit */
+    BlockTracker *tracker;   /* the top's */
+    bool notifier_added;
+    pthread_mutex_t lock;    /* guards below; leaf (taken inside the tracker's notifier lock) */
+    pthread_cond_t cond;
+    uint64_t *bitmap, nbits, dirty_bits;
+    bool kicked, should_complete, pivoted;
+} Commit;
+
+/* ---- dirty bitmap (c->lock held) ---- */
+
+static void bm_set(Commit *c, uint64_t offset, uint64_t bytes, bool dirty)
+{
+    if (bytes == 0 || offset >= c->len) {
+        return;
+    }
+    uint64_t first = offset / c->gran, last = (offset + bytes - 1) / c->gran;
+    if (last >= c->nbits) {
+        last = c->nbits - 1;
+    }
+    for (uint64_t i = first; i <= last; i++) {
+        uint64_t bit = 1ULL << (i % 64);
+        bool was = c->bitmap[i / 64] & bit;
+        if (dirty && !was) {
+            c->bitmap[i / 64] |= bit;
+            c->dirty_bits++;
+        } else if (!dirty && was) {
+            c->bitmap[i / 64] &= ~bit;
+            c->dirty_bits--;
+        }
+    }
+}
+
+static bool bm_get(Commit *c, uint64_t i)
+{
+    return c->bitmap[i / 64] & (1ULL << (i % 64));
+}
+
+static bool bm_next(Commit *c, uint64_t from, uint64_t *out)
+{
+    if (c->dirty_bits == 0) {
+        return false;
+    }
+    for (uint64_t n = 0; n < c->nbits; n++) {
+        uint64_t i = (from + n) % c->nbits;
+        if (bm_get(c, i)) {
+            *out = i;
+            return true;
+        }
+    }
+    return false;
+}
+
+static uint64_t dirty_bytes(Commit *c)
+{
+    pthread_mutex_lock(&c->lock);
+    uint64_t b = c->dirty_bits * c->gran;
+    pthread_mutex_unlock(&c->lock);
+    return b > c->len ? c->len : b;
+}
+
+/* Guest writes to the top (NBD worker threads, still holding their range). */
+static void commit_write_notify(void *opaque, uint64_t offset, uint64_t bytes)
+{
+    Commit *c = opaque;
+    pthread_mutex_lock(&c->lock);
+    bm_set(c, offset, bytes, true);
+    c->kicked = true;
+    pthread_cond_broadcast(&c->cond);
+    pthread_mutex_unlock(&c->lock);
+}
+
+/* ---- copying ---- */
+
+/*
+ * Make base_rw's [off, off+n) read what the chain above it reads there (where a layer above base
+ * decides; elsewhere base itself already decides). Caller excludes writers of the range.
+ */
+static int copy_range(Commit *c, uint64_t off, uint64_t n, uint8_t *buf, bool *is_read,
+                      uint64_t *copied)
+{
+    uint64_t end = off + n;
+    while (off < end) {
+        uint64_t pnum = 0;
+        VdBlockStatus st;
+        *is_read = true;
+        int r = vd_block_status_above(c->top, c->base_rw, off, end - off, &pnum, &st);
+        if (r < 0) {
+            return r;
+        }
+        if (pnum == 0 || pnum > end - off) {
+            pnum = end - off;
+        }
+        if (st.flags & VD_BS_ALLOCATED) {
+            if (st.flags & VD_BS_ZERO) {
+                *is_read = false;
+                r = vd_pwrite_zeroes(c->base_rw, off, pnum, 0);
+            } else {
+                for (uint64_t p = off; p < off + pnum && r == 0;) {
+                    uint64_t k = off + pnum - p < COMMIT_CHUNK ? off + pnum - p : COMMIT_CHUNK;
+                    *is_read = true;
+                    r = vd_pread(c->top, p, k, buf);
+                    if (r == 0) {
+                        *is_read = false;
+                        r = vd_pwrite(c->base_rw, p, k, buf, 0);
+                    }
+                    p += k;
+                }
+            }
+            if (r < 0) {
+                return r;
+            }
+            *copied += pnum;
+        }
+        off += pnum;
+    }
+    return 0;
+}
+
+/* An I/O error: 0 = go on (retry/skip), else the error to fail with. */
+static int commit_io_error(Commit *c, int r, bool is_read, int *ignored)
+{
+    JobErrorAction a = job_handle_io_error(c->job, c->on_error, is_read, r);
+    if (a == JOB_ERR_REPORT) {
+        return r;
+    }
+    if (a == JOB_ERR_STOP) {
+        job_pause_point(c->job);
+    } else {
+        *ignored = *ignored ? *ignored : r;
+    }
+    return 0;
+}
+
+static int commit_run_passive(Commit *c, uint8_t *buf, VdError **errp)
+{
+    job_progress_set_remaining(c->job, c->len);
+    int ignored = 0;
+    for (uint64_t off = 0; off < c->len;) {
+        job_pause_point(c->job);
+        if (job_is_cancelled(c->job)) {
+            return -ECANCELED;
+        }
+        uint64_t chunk = COMMIT_CHUNK, speed = job_get_speed(c->job);
+        if (speed && speed / 10 < chunk) {
+            chunk = speed / 10;
+        }
+        chunk = chunk / c->gran * c->gran;
+        chunk = chunk ? chunk : c->gran;
+        uint64_t n = c->len - off < chunk ? c->len - off : chunk;
+        bool is_read = false;
+        uint64_t copied = 0;
+        int r = copy_range(c, off, n, buf, &is_read, &copied);
+        if (r < 0) {
+            int e = commit_io_error(c, r, is_read, &ignored);
+            if (e < 0) {
+                vd_error_setg(errp, -e, "Commit %s error: %s", is_read ? "read" : "write",
+                              strerror(-e));
+                return e;
+            }
+            if (ignored != r) {
+                continue; /* stopped and resumed: retry */
+            }
+        }
+        job_progress_update(c->job, n);
+        if (copied) {
+            job_rate_limit(c->job, copied);
+        }
+        off += n;
+    }
+    if (ignored) {
+        /* The images above base cannot be dropped with a hole in the copy. */
+        vd_error_setg(errp, -ignored, "Commit failed: %s", strerror(-ignored));
+        return ignored;
+    }
+    return 0;
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+static int commit_scan(Commit *c)
+{
+    for (uint64_t off = 0; off < c->len;) {
+        if (job_is_cancelled(c->job)) {
+            return -ECANCELED;
+        }
+        uint64_t pnum = 0;
+        int r = vd_is_allocated_above(c->top, c->base_rw, off, c->len - off, &pnum);
+        if (r < 0) {
+            return r;
+        }
+        if (pnum == 0) {
+            pnum = c->len - off;
+        }
+        if (r > 0) {
+            pthread_mutex_lock(&c->lock);
+            bm_set(c, off, pnum, true);
+            pthread_mutex_unlock(&c->lock);
+        }
+        off += pnum;
+    }
+    return 0;
+}
+
+static int commit_run_active(Commit *c, uint8_t *buf, VdError **errp)
+{
+    Job *job = c->job;
+    int r = commit_scan(c);
+    if (r < 0) {
+        if (r != -ECANCELED) {
+            vd_error_setg(errp, -r, "Cannot read the block status of the top: %s", strerror(-r));
+        }
+        return r;
+    }
+    job_progress_set_remaining(job, dirty_bytes(c) ? dirty_bytes(c) : 1);
+    uint64_t cursor = 0;
+    int ignored = 0;
+    for (;;) {
+        job_pause_point(job);
+        if (job_is_cancelled(job)) {
+            return -ECANCELED;
+        }
+        uint64_t chunk = COMMIT_CHUNK, speed = job_get_speed(job);
+        if (speed && speed / 10 < chunk) {
+            chunk = speed / 10;
+        }
+        uint64_t max_bits = chunk / c->gran ? chunk / c->gran : 1;
+        pthread_mutex_lock(&c->lock);
+        uint64_t first = 0, nb = 0;
+        bool have = bm_next(c, cursor, &first);
+        while (have && first + nb < c->nbits && nb < max_bits && bm_get(c, first + nb)) {
+            nb++;
+        }
+        pthread_mutex_unlock(&c->lock);
+        if (!have) {
+            if (!job_is_ready(job)) {
+                job_progress_set_remaining(job, 0);
+                job_transition_to_ready(job);
+                continue;
+            }
+            pthread_mutex_lock(&c->lock);
+            bool done = c->should_complete;
+            pthread_mutex_unlock(&c->lock);
+            if (done || job_cancel_requested(job)) {
+                return 0;
+            }
+            uint64_t deadline = now_ns() + IDLE_WAIT_NS;
+            struct timespec ts = {.tv_sec = (time_t)(deadline / 1000000000ULL),
+                                  .tv_nsec = (long)(deadline % 1000000000ULL)};
+            job_set_busy(job, false);
+            pthread_mutex_lock(&c->lock);
+            while (!c->kicked && c->dirty_bits == 0) {
+                if (pthread_cond_timedwait(&c->cond, &c->lock, &ts) != 0) {
+                    break;
+                }
+            }
+            c->kicked = false;
+            pthread_mutex_unlock(&c->lock);
+            job_set_busy(job, true);
+            continue;
+        }
+        uint64_t off = first * c->gran, n = nb * c->gran;
+        n = off + n > c->len ? c->len - off : n;
+        /* Shared: excludes guest writes (exclusive) to the range, not guest reads. */
+        BtRequest req;
+        block_tracker_begin(c->tracker, &req, off, n, BT_SHARED);
+        pthread_mutex_lock(&c->lock);
+        bm_set(c, off, n, false);
+        pthread_mutex_unlock(&c->lock);
+        bool is_read = false;
+        uint64_t copied = 0;
+        r = copy_range(c, off, n, buf, &is_read, &copied);
+        if (r < 0) {
+            pthread_mutex_lock(&c->lock);
+            bm_set(c, off, n, true);
+            pthread_mutex_unlock(&c->lock);
+        }
+        block_tracker_end(c->tracker, &req);
+        cursor = first + nb;
+        if (r < 0) {
+            int e = commit_io_error(c, r, is_read, &ignored);
+            if (e < 0) {
+                vd_error_setg(errp, -e, "Commit %s error: %s", is_read ? "read" : "write",
+                              strerror(-e));
+                return e;
+            }
+            if (ignored) {
+                job_sleep_ns(job, 10000000); /* retry later, without spinning */
+            }
+            continue;
+        }
+        job_progress_update(job, n);
+        uint64_t rem = dirty_bytes(c);
+        job_progress_set_remaining(job, (!job_is_ready(job) && rem == 0) ? 1 : rem);
+        if (copied) {
+            job_rate_limit(job, copied);
+        }
+    }
+}
+
+static int commit_run(Job *job, VdError **errp)
+{
+    Commit *c = job_opaque(job);
+    uint8_t *buf = malloc(COMMIT_CHUNK);
+    if (!buf) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+        return -ENOMEM;
+    }
+    int r = c->active ? commit_run_active(c, buf, errp) : commit_run_passive(c, buf, errp);
+    free(buf);
+    return r;
+}
+
+static int commit_complete(Job *job, VdError **errp)
+{
+    Commit *c = job_opaque(job);
+    if (!c->active) {
+        vd_error_setg(errp, ENOTSUP, "The active block job '%s' cannot be completed",
+                      job_id(job));
+        return -ENOTSUP;
+    }
+    pthread_mutex_lock(&c->lock);
+    c->should_complete = true;
+    c->kicked = true;
+    pthread_cond_broadcast(&c->cond);
+    pthread_mutex_unlock(&c->lock);
+    return 0;
+}
+
+static bool commit_cancel(Job *job, bool force, bool ready)
+{
+    /* A ready active commit takes a soft cancel as "finish without pivot", as a mirror does. */
+    return force || !ready;
+}
+
+static void commit_kick(Job *job)
+{
+    Commit *c = job_opaque(job);
+    pthread_mutex_lock(&c->lock);
+    c->kicked = true;
+    pthread_cond_broadcast(&c->cond);
+    pthread_mutex_unlock(&c->lock);
+}
+
+/* Record base in the header of `above` (reopening it read-write when it is a read-only layer). */
+static int rewrite_above_header(Commit *c, VdError **errp)
+{
+    const char *fmt = c->backing_fmt;
+    if (!c->above->read_only) {
+        return vd_change_backing_file(c->above, c->backing_name, fmt, errp);
+    }
+    BlockNode *rw = blockops_open_rw(c->above, errp);
+    if (!rw) {
+        return -EIO;
+    }
+    int r = vd_change_backing_file(rw, c->backing_name, fmt, errp);
+    vd_node_unref(rw);
+    if (r == 0 && blockops_set_backing_strings(c->above, c->backing_name, fmt) < 0) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+        r = -ENOMEM;
+    }
+    return r;
+}
+
+/*
+ * Put a fresh read-only node of base back in the chain in place of base_rw (the job did not make
+ * base the guest's image), as QEMU reopens base read-only. drained: the caller drained the exports.
+ */
+static void restore_ro_base(Commit *c, bool drained)
+{
+    if (!c->base_swapped) {
+        return;
+    }
+    VdError *e = NULL;
+    int r = vd_flush(c->base_rw);
+    BlockNode *ro = r == 0 ? blockops_open_ro(c->base_rw, &e) : NULL;
+    if (!ro) {
+        vd_log(VD_LOG_WARN, "commit '%s': base '%s' stays read-write: %s", job_id(c->job),
+               c->base_rw->filename, e ? vd_error_msg(e) : strerror(-r));
+        vd_error_free(e);
+        return;
+    }
+    BlockopsExports set = {0};
+    if (!drained && blockops_exports_drain(c->dev, &set) < 0) {
+        vd_node_unref(ro);
+        return;
+    }
+    if (c->base_parent->backing == c->base_rw) {
+        vd_node_set_backing(c->base_parent, ro);
+    }
+    if (!drained) {
+        blockops_exports_resume(&set, NULL);
+    }
+    vd_node_unref(ro);
+    c->base_swapped = false;
+}
+
+static int commit_prepare(Job *job, VdError **errp)
+{
+    Commit *c = job_opaque(job);
+    BlockopsExports set;
+    if (blockops_exports_drain(c->dev, &set) < 0) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+        return -ENOMEM;
+    }
+    int r = 0;
+    uint64_t t0 = now_ns();
+    if (c->active) {
+        block_tracker_wait_idle(c->tracker);
+        uint8_t *buf = malloc(COMMIT_CHUNK);
+        r = buf ? 0 : -ENOMEM;
+        bool is_read = false;
+        while (r == 0) {
+            uint64_t first = 0, nb = 0;
+            pthread_mutex_lock(&c->lock);
+            bool have = bm_next(c, 0, &first);
+            while (have && first + nb < c->nbits && (nb + 1) * c->gran <= COMMIT_CHUNK &&
+                   bm_get(c, first + nb)) {
+                nb++;
+            }
+            if (have) {
+                nb = nb ? nb : 1;
+                bm_set(c, first * c->gran, nb * c->gran, false);
+            }
+            pthread_mutex_unlock(&c->lock);
+            if (!have) {
+                break;
+            }
+            uint64_t off = first * c->gran, n = nb * c->gran, copied = 0;
+            n = off + n > c->len ? c->len - off : n;
+            r = copy_range(c, off, n, buf, &is_read, &copied);
+        }
+        free(buf);
+        if (r == 0) {
+            r = vd_flush(c->base_rw);
+        }
+        if (r < 0) {
+            vd_error_setg(errp, -r, "Commit error while finishing: %s", strerror(-r));
+        }
+        pthread_mutex_lock(&c->lock);
+        bool pivot = c->should_complete;
+        pthread_mutex_unlock(&c->lock);
+        if (r == 0 && pivot) {
+            c->pivoted = true;
+            c->base_swapped = false; /* base_rw is now the guest's image */
+            blockops_exports_resume(&set, c->base_rw);
+        } else {
+            if (r == 0) {
+                restore_ro_base(c, true);
+            }
+            blockops_exports_resume(&set, NULL);
+        }
+        uint64_t us = (now_ns() - t0) / 1000;
+        vd_log(VD_LOG_INFO, "commit '%s': %s; guest I/O paused %llu us", job_id(job),
+               r < 0 ? "failed" : pivot ? "pivoted to the base" : "finished without pivot",
+               (unsigned long long)us);
+        return r;
+    }
+
+    /* Non-active: base has everything top..above-base decided; switch `above` onto it. */
+    r = vd_flush(c->base_rw);
+    if (r < 0) {
+        vd_error_setg(errp, -r, "Could not flush '%s': %s", c->base_rw->filename, strerror(-r));
+    }
+    BlockNode *final = NULL;
+    if (r == 0) {
+        r = rewrite_above_header(c, errp);
+    }
+    if (r == 0) {
+        /* Back to read-only, with metadata read after every write of the copy. */
+        final = blockops_open_ro(c->base_rw, errp);
+        if (!final) {
+            r = -EIO;
+        }
+    }
+    if (r == 0) {
+        vd_node_set_backing(c->above, final);
+        vd_node_unref(final);
+        c->base_swapped = false; /* base_rw left the chain with the committed images */
+    }
+    blockops_exports_resume(&set, NULL);
+    return r;
+}
+
+static void commit_abort(Job *job)
+{
+    restore_ro_base(job_opaque(job), false);
+}
+
+static void commit_clean(Job *job)
+{
+    Commit *c = job_opaque(job);
+    if (c->notifier_added) {
+        block_tracker_remove_write_notifier(c->tracker, commit_write_notify, c);
+        c->notifier_added = false;
+    }
+    if (c->claimed) {
+        blockops_release(c->dev);
+        c->claimed = false;
+    }
+}
+
+static void commit_free_state(Commit *c)
+{
+    if (!c) {
+        return;
+    }
+    if (c->notifier_added) {
+        block_tracker_remove_write_notifier(c->tracker, commit_write_notify, c);
+    }
+    if (c->claimed) {
+        blockops_release(c->dev);
+    }
+    if (c->tracker) {
+        block_tracker_put(c->tracker);
+    }
+    vd_node_unref(c->base_parent);
+    vd_node_unref(c->base_rw);
+    vd_node_unref(c->base);
+    vd_node_unref(c->above);
+    vd_node_unref(c->top);
+    vd_node_unref(c->dev);
+    free(c->backing_name);
+    free(c->backing_fmt);
+    free(c->bitmap);
+    pthread_mutex_destroy(&c->lock);
+    pthread_cond_destroy(&c->cond);
+    free(c);
+}
+
+static void commit_free(Job *job)
+{
+    commit_free_state(job_opaque(job));
+}
+
+static const JobDriver commit_driver = {
+    .type = "commit",
+    .run = commit_run,
+    .complete = commit_complete,
+    .cancel = commit_cancel,
+    .prepare = commit_prepare,
+    .abort = commit_abort,
+    .clean = commit_clean,
+    .kick = commit_kick,
+    .free = commit_free,
+};
+
+/* The node in dev's chain whose backing is bs (NULL if bs is dev or not in the chain). */
+static BlockNode *chain_parent(BlockNode *dev, BlockNode *bs)
+{
+    for (BlockNode *n = dev; n; n = n->backing) {
+        if (n->backing == bs) {
+            return n;
+        }
+    }
+    return NULL;
+}
+
+static uint64_t pow2_floor(uint64_t v)
+{
+    return v ? 1ULL << (63 - __builtin_clzll(v)) : 0;
+}
+
+json_t *commit_qmp_start(json_t *args, VdError **errp)
+{
+    const char *device = json_string_value(json_object_get(args, "device"));
+    const char *job_id = json_string_value(json_object_get(args, "job-id"));
+    const char *base_node = json_string_value(json_object_get(args, "base-node"));
+    const char *base_name = json_string_value(json_object_get(args, "base"));
+    const char *top_node = json_string_value(json_object_get(args, "top-node"));
+    const char *top_name = json_string_value(json_object_get(args, "top"));
+    const char *backing_file = json_string_value(json_object_get(args, "backing-file"));
+    const char *on_error = json_string_value(json_object_get(args, "on-error"));
+    json_t *jspeed = json_object_get(args, "speed");
+    int64_t speed = jspeed ? json_integer_value(jspeed) : 0;
+
+    if (json_object_get(args, "filter-node-name")) {
+        vd_error_setg(errp, ENOTSUP, "Parameter 'filter-node-name' is not supported");
+        return NULL;
+    }
+    BlockNode *dev = graph_find_node(device);
+    if (!dev) {
+        vd_error_setg(errp, EINVAL, "Cannot find device='%s' nor node-name='%s'", device, device);
+        return NULL;
+    }
+    if (!job_id) {
+        job_id = device;
+    }
+    if (speed < 0) {
+        vd_error_setg(errp, EINVAL, "Invalid parameter 'speed'");
+        return NULL;
+    }
+    JobErrorAction on_err = JOB_ERR_REPORT;
+    if (on_error && strcmp(on_error, "auto") && job_error_action_parse(on_error, &on_err) < 0) {
+        vd_error_setg(errp, EINVAL, "Parameter 'on-error' does not accept value '%s'", on_error);
+        return NULL;
+    }
+    if (top_node && top_name) {
+        vd_error_setg(errp, EINVAL, "'top-node' and 'top' are mutually exclusive");
+        return NULL;
+    }
+    if (base_node && base_name) {
+        vd_error_setg(errp, EINVAL, "'base-node' and 'base' are mutually exclusive");
+        return NULL;
+    }
+    BlockNode *top = dev;
+    if (top_node) {
+        top = graph_find_node(top_node);
+        if (!top) {
+            vd_error_setg(errp, EINVAL, "Cannot find device='%s' nor node-name='%s'", top_node,
+                          top_node);
+            return NULL;
+        }
+        if (vd_chain_depth(dev, top) < 0) {
+            vd_error_setg(errp, EINVAL, "'%s' is not in this backing file chain", top_node);
+            return NULL;
+        }
+    } else if (top_name) {
+        top = vd_chain_find(dev, top_name);
+        if (!top) {
+            vd_error_setg(errp, EINVAL, "Top image file %s not found", top_name);
+            return NULL;
+        }
+    }
+    BlockNode *base;
+    if (base_node) {
+        base = graph_find_node(base_node);
+        if (!base) {
+            vd_error_setg(errp, EINVAL, "Cannot find device='%s' nor node-name='%s'", base_node,
+                          base_node);
+            return NULL;
+        }
+        if (vd_chain_depth(top, base) < 0) {
+            vd_error_setg(errp, EINVAL, "'%s' is not in this backing file chain", base_node);
+            return NULL;
+        }
+    } else if (base_name) {
+        base = vd_chain_find(top, base_name);
+        if (!base) {
+            vd_error_setg(errp, EINVAL, "Can't find '%s' in the backing chain", base_name);
+            return NULL;
+        }
+    } else {
+        base = vd_chain_bottom(top);
+    }
+    if (!base || base == top) {
+        vd_error_setg(errp, EINVAL, "cannot commit an image into itself");
+        return NULL;
+    }
+    bool active = top == dev;
+    if (active && backing_file) {
+        vd_error_setg(errp, EINVAL, "'backing-file' specified, but 'top' is the active layer");
+        return NULL;
+    }
+    int64_t len = vd_getlength(top), blen = vd_getlength(base);
+    if (len < 0 || blen < 0) {
+        vd_error_setg(errp, EIO, "Could not inquire top image size");
+        return NULL;
+    }
+    if (blen < len) {
+        /* QEMU grows the base; vdisk keeps images as they are and refuses instead. */
+        vd_error_setg(errp, ENOTSUP, "Base '%s' is smaller than the top (%lld < %lld bytes)",
+                      base->node_name, (long long)blen, (long long)len);
+        return NULL;
+    }
+    if (active && dev->read_only) {
+        vd_error_setg(errp, EPERM, "Block node '%s' is read-only", device);
+        return NULL;
+    }
+
+    Commit *c = calloc(1, sizeof(*c));
+    if (!c) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+        return NULL;
+    }
+    pthread_mutex_init(&c->lock, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&c->cond, &ca);
+    pthread_condattr_destroy(&ca);
+    c->active = active;
+    c->on_error = on_err;
+    c->len = (uint64_t)len;
+    c->dev = dev;
+    vd_node_ref(dev);
+    c->top = top;
+    vd_node_ref(top);
+    c->base = base;
+    vd_node_ref(base);
+    c->base_parent = chain_parent(dev, base);
+    vd_node_ref(c->base_parent);
+    if (!active) {
+        c->above = chain_parent(dev, top);
+        vd_node_ref(c->above);
+        c->backing_name = backing_file ? strdup(backing_file)
+                                       : blockops_backing_name(c->above, base);
+        c->backing_fmt = strdup(base->drv->name);
+        if (!c->backing_name || !c->backing_fmt) {
+            vd_error_setg(errp, ENOMEM, "Out of memory");
+            commit_free_state(c);
+            return NULL;
+        }
+    }
+    c->tracker = block_tracker_get(top);
+    if (!c->tracker || !c->base_parent || (!active && !c->above)) {
+        vd_error_setg(errp, c->tracker ? EINVAL : ENOMEM, c->tracker ? "Top '%s' is not above base"
+                      : "Out of memory", top->node_name);
+        commit_free_state(c);
+        return NULL;
+    }
+    /* Whole clusters of both images per copy (qcow2 COW inside one cluster), at least 64 KiB. */
+    uint64_t g = block_tracker_granularity(c->tracker);
+    uint32_t bcs = base->drv->cluster_size ? base->drv->cluster_size(base) : 0;
+    g = bcs > g ? bcs : g;
+    g = g < 65536 ? 65536 : g;
+    c->gran = pow2_floor(g);
+    if (active) {
+        c->nbits = (c->len + c->gran - 1) / c->gran;
+        c->bitmap = calloc((c->nbits + 63) / 64 + 1, sizeof(uint64_t));
+        if (!c->bitmap) {
+            vd_error_setg(errp, ENOMEM, "Out of memory");
+            commit_free_state(c);
+            return NULL;
+        }
+    }
+    if (blockops_claim(dev, "commit", errp) < 0) {
+        commit_free_state(c);
+        return NULL;
+    }
+    c->claimed = true;
+    c->base_rw = blockops_open_rw(base, errp);
+    if (!c->base_rw) {
+        commit_free_state(c);
+        return NULL;
+    }
+    /*
+     * With the device's exports drained: put the writable base in the chain (one coherent node
+     * for readers and the copy), and for an active commit start tracking guest writes before the
+     * scan, so none is missed.
+     */
+    BlockopsExports set;
+    if (blockops_exports_drain(dev, &set) < 0) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+        commit_free_state(c);
+        return NULL;
+    }
+    if (active && block_tracker_add_write_notifier(c->tracker, commit_write_notify, c) < 0) {
+        blockops_exports_resume(&set, NULL);
+        vd_error_setg(errp, ENOMEM, "Cannot track guest writes");
+        commit_free_state(c);
+        return NULL;
+    }
+    c->notifier_added = active;
+    vd_node_set_backing(c->base_parent, c->base_rw);
+    c->base_swapped = true;
+    blockops_exports_resume(&set, NULL);
+
+    JobOptions jo = {.id = job_id, .speed = speed,
+                     .auto_finalize = !json_is_false(json_object_get(args, "auto-finalize")),
+                     .auto_dismiss = !json_is_false(json_object_get(args, "auto-dismiss"))};
+    Job *job = job_create(&commit_driver, &jo, c, errp);
+    if (!job) {
+        /* Put the read-only base back; base_rw holds nothing the chain above does not. */
+        if (blockops_exports_drain(dev, &set) == 0) {
+            vd_node_set_backing(c->base_parent, c->base);
+            blockops_exports_resume(&set, NULL);
+        }
+        commit_free_state(c);
+        return NULL;
+    }
+    c->job = job;
+    /* len from the start; an active commit's is what is dirty, known after its scan. */
+    job_progress_set_remaining(job, active ? 1 : c->len);
+    if (job_start(job, errp) < 0) {
+        return NULL;
+    }
+    return json_object();
+}

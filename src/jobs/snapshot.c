@@ -1,0 +1,468 @@
+/*
+ * snapshot.c - external snapshots of a running guest (blockdev-snapshot-sync, blockdev-snapshot) and
+ * the helpers stream.c / commit.c share (blockops.h). The switch to the overlay happens with every
+ * export serving the old top drained: requests admitted before it finished on the old top, requests
+ * after it go to the overlay, so no guest write is lost or reordered across the switch.
+ * Runs on the QMP thread; the claims registry has its own mutex (jobs release from their thread).
+ */
+#include "jobs/blockops.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "block/graph.h"
+#include "util/log.h"
+
+/* ---- exports ---- */
+
+typedef struct ExportScan {
+    BlockNode *node;
+    char **ids;
+    size_t n;
+    bool oom;
+} ExportScan;
+
+static void scan_cb(NbdExport *exp, void *opaque)
+{
+    ExportScan *s = opaque;
+    if (nbd_export_node(exp) != s->node || s->oom) {
+        return;
+    }
+    char **ids = realloc(s->ids, (s->n + 1) * sizeof(char *));
+    if (!ids) {
+        s->oom = true;
+        return;
+    }
+    s->ids = ids;
+    s->ids[s->n] = strdup(nbd_export_id(exp));
+    if (!s->ids[s->n]) {
+        s->oom = true;
+        return;
+    }
+    s->n++;
+}
+
+int blockops_exports_drain(BlockNode *node, BlockopsExports *set)
+{
+    set->exps = NULL;
+    set->n = 0;
+    if (!nbd_server_running()) {
+        return 0;
+    }
+    /* Collect ids under the server's lock, drain outside it (drain waits for requests). */
+    ExportScan scan = {.node = node};
+    nbd_export_foreach(scan_cb, &scan);
+    int r = 0;
+    if (scan.oom) {
+        r = -ENOMEM;
+    } else if (scan.n) {
+        set->exps = calloc(scan.n, sizeof(*set->exps));
+        if (!set->exps) {
+            r = -ENOMEM;
+        }
+    }
+    for (size_t i = 0; i < scan.n; i++) {
+        if (r == 0) {
+            NbdExport *e = nbd_export_find(scan.ids[i]);
+            if (e && nbd_export_node(e) == node) {
+                nbd_export_drain_begin(e);
+                set->exps[set->n++] = e;
+            }
+        }
+        free(scan.ids[i]);
+    }
+    free(scan.ids);
+    return r;
+}
+
+void blockops_exports_resume(BlockopsExports *set, BlockNode *new_node)
+{
+    for (size_t i = 0; i < set->n; i++) {
+        if (new_node) {
+            nbd_export_set_node(set->exps[i], new_node);
+        }
+        nbd_export_drain_end(set->exps[i]);
+    }
+    free(set->exps);
+    set->exps = NULL;
+    set->n = 0;
+}
+
+/* ---- names and reopening ---- */
+
+static bool is_uri(const char *s)
+{
+    return s && strstr(s, "://") != NULL;
+}
+
+char *blockops_backing_name(BlockNode *overlay, BlockNode *base)
+{
+    if (!base) {
+        return NULL;
+    }
+    const char *b = base->filename;
+    if (b[0] == '/' || is_uri(b) || !overlay || !overlay->filename || is_uri(overlay->filename)) {
+        return strdup(b);
+    }
+    /* Relative names are relative to the daemon's cwd: re-express them from overlay's directory. */
+    return vd_relative_path(overlay->filename, b);
+}
+
+static int dup_or_null(const char *s, char **out)
+{
+    *out = NULL;
+    if (s && !(*out = strdup(s))) {
+        return -ENOMEM;
+    }
+    return 0;
+}
+
+int blockops_set_backing_strings(BlockNode *bs, const char *name, const char *fmt)
+{
+    char *n = NULL, *f = NULL, *full = NULL;
+    if (dup_or_null(name, &n) < 0 || dup_or_null(fmt, &f) < 0 ||
+        (name && !(full = vd_resolve_backing_path(bs->filename, name)))) {
+        free(n);
+        free(f);
+        return -ENOMEM;
+    }
+    free(bs->backing_file);
+    free(bs->backing_format);
+    free(bs->full_backing_filename);
+    bs->backing_file = n;
+    bs->backing_format = f;
+    bs->full_backing_filename = full;
+    return 0;
+}
+
+static BlockNode *reopen(BlockNode *bs, bool rw, VdError **errp)
+{
+    VdOpenOptions o = {
+        .filename = bs->filename,
+        .format = bs->drv->name,
+        .node_name = bs->node_name,
+        .flags = (rw ? VD_OPEN_RDWR : 0) | (bs->open_flags & VD_OPEN_DIRECT) |
+                 (bs->backing ? 0 : VD_OPEN_NO_BACKING),
+        .backing = bs->backing,
+    };
+    BlockNode *n = vd_open(&o, errp);
+    if (!n) {
+        vd_error_prepend(errp, "Could not reopen '%s' %s: ", bs->filename,
+                         rw ? "read-write" : "read-only");
+    }
+    return n;
+}
+
+BlockNode *blockops_open_rw(BlockNode *bs, VdError **errp)
+{
+    return reopen(bs, true, errp);
+}
+
+BlockNode *blockops_open_ro(BlockNode *bs, VdError **errp)
+{
+    return reopen(bs, false, errp);
+}
+
+/* ---- claims ---- */
+
+#define MAX_CLAIMS 64
+static pthread_mutex_t claims_lock = PTHREAD_MUTEX_INITIALIZER;
+static BlockNode *claims[MAX_CLAIMS];
+static const char *claim_types[MAX_CLAIMS];
+
+/* A mirror of dev (its filter in front of dev serves the exports): mirror.c's claims are private. */
+typedef struct MirrorScan {
+    BlockNode *dev;
+    bool found;
+} MirrorScan;
+
+static void mirror_scan_cb(NbdExport *exp, void *opaque)
+{
+    MirrorScan *m = opaque;
+    BlockNode *n = nbd_export_node(exp);
+    if (n && n->drv && !strcmp(n->drv->name, "mirror-top") && n->backing == m->dev) {
+        m->found = true;
+    }
+}
+
+static bool mirrored(BlockNode *dev)
+{
+    MirrorScan m = {.dev = dev};
+    if (nbd_server_running()) {
+        nbd_export_foreach(mirror_scan_cb, &m);
+    }
+    return m.found;
+}
+
+int blockops_claim(BlockNode *dev, const char *job_type, VdError **errp)
+{
+    if (mirrored(dev)) {
+        vd_error_setg(errp, EBUSY, "Node '%s' is busy: block device is in use by block job: "
+                      "mirror", dev->node_name);
+        return -EBUSY;
+    }
+    pthread_mutex_lock(&claims_lock);
+    int slot = -1;
+    for (int i = 0; i < MAX_CLAIMS; i++) {
+        if (claims[i] == dev) {
+            pthread_mutex_unlock(&claims_lock);
+            vd_error_setg(errp, EBUSY, "Node '%s' is busy: block device is in use by block job: "
+                          "%s", dev->node_name, claim_types[i]);
+            return -EBUSY;
+        }
+        if (!claims[i] && slot < 0) {
+            slot = i;
+        }
+    }
+    if (slot < 0) {
+        pthread_mutex_unlock(&claims_lock);
+        vd_error_setg(errp, EAGAIN, "Too many block jobs");
+        return -EAGAIN;
+    }
+    claims[slot] = dev;
+    claim_types[slot] = job_type;
+    pthread_mutex_unlock(&claims_lock);
+    return 0;
+}
+
+void blockops_release(BlockNode *dev)
+{
+    pthread_mutex_lock(&claims_lock);
+    for (int i = 0; i < MAX_CLAIMS; i++) {
+        if (claims[i] == dev) {
+            claims[i] = NULL;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&claims_lock);
+}
+
+const char *blockops_busy(BlockNode *dev)
+{
+    if (mirrored(dev)) {
+        return "mirror";
+    }
+    pthread_mutex_lock(&claims_lock);
+    const char *type = NULL;
+    for (int i = 0; i < MAX_CLAIMS && !type; i++) {
+        type = claims[i] == dev ? claim_types[i] : NULL;
+    }
+    pthread_mutex_unlock(&claims_lock);
+    return type;
+}
+
+/* ---- the switch ---- */
+
+/* Is bs some graph node's backing (or file) child? */
+typedef struct ParentScan {
+    BlockNode *bs;
+    BlockNode *parent;
+} ParentScan;
+
+static void parent_cb(BlockNode *root, void *opaque)
+{
+    ParentScan *p = opaque;
+    for (BlockNode *n = root; n && !p->parent; n = n->backing) {
+        if (n->backing == p->bs || n->file == p->bs) {
+            p->parent = n;
+        }
+    }
+}
+
+static BlockNode *find_parent(BlockNode *bs)
+{
+    ParentScan p = {.bs = bs};
+    graph_foreach(parent_cb, &p);
+    return p.parent;
+}
+
+/*
+ * Put overlay (backing = old, already set up by the caller on its own or via vd_open) in front of
+ * old for every export: drain, swap, resume. The overlay is registered in the graph first so that
+ * a failure leaves nothing switched.
+ */
+static int switch_to_overlay(BlockNode *old, BlockNode *overlay, bool set_backing, VdError **errp)
+{
+    BlockopsExports set;
+    if (blockops_exports_drain(old, &set) < 0) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+        return -ENOMEM;
+    }
+    if (set_backing) {
+        /* Drained: no request of these exports reads through overlay yet. */
+        vd_node_set_backing(overlay, old);
+    }
+    /* Data the guest wrote before the switch must be durable below anything the overlay adds. */
+    int r = vd_flush(old);
+    if (r < 0) {
+        vd_log(VD_LOG_WARN, "snapshot: flushing '%s' failed: %s", old->filename, strerror(-r));
+    }
+    blockops_exports_resume(&set, overlay);
+    vd_log(VD_LOG_INFO, "snapshot: '%s' now on overlay '%s' (%s)", old->node_name,
+           overlay->node_name, overlay->filename);
+    return 0;
+}
+
+static BlockNode *find_dev(const char *device, const char *node_name, VdError **errp)
+{
+    BlockNode *bs = NULL;
+    if (device) {
+        bs = graph_find_node(device);
+    } else if (node_name) {
+        bs = graph_find_node(node_name);
+    }
+    if (!bs) {
+        vd_error_setg(errp, EINVAL, "Cannot find device='%s' nor node-name='%s'",
+                      device ? device : "", device ? "" : node_name ? node_name : "");
+    }
+    return bs;
+}
+
+json_t *snapshot_qmp_sync(json_t *args, VdError **errp)
+{
+    const char *device = json_string_value(json_object_get(args, "device"));
+    const char *node_name = json_string_value(json_object_get(args, "node-name"));
+    const char *file = json_string_value(json_object_get(args, "snapshot-file"));
+    const char *snap_name = json_string_value(json_object_get(args, "snapshot-node-name"));
+    const char *format = json_string_value(json_object_get(args, "format"));
+    const char *mode = json_string_value(json_object_get(args, "mode"));
+    bool existing = mode && !strcmp(mode, "existing");
+    if (!format) {
+        format = "qcow2";
+    }
+
+    BlockNode *old = find_dev(device, node_name, errp);
+    if (!old) {
+        return NULL;
+    }
+    if (node_name && !snap_name) {
+        vd_error_setg(errp, EINVAL, "New overlay node-name missing");
+        return NULL;
+    }
+    if (snap_name && graph_find_node(snap_name)) {
+        vd_error_setg(errp, EEXIST, "New overlay node-name already in use");
+        return NULL;
+    }
+    if (!vd_find_driver(format) || vd_find_driver(format)->is_protocol) {
+        vd_error_setg(errp, EINVAL, "Unknown driver '%s'", format);
+        return NULL;
+    }
+    BlockNode *parent = find_parent(old);
+    if (parent) {
+        vd_error_setg(errp, EBUSY, "Node '%s' is busy: node is used as backing hd of '%s'",
+                      old->node_name, parent->node_name);
+        return NULL;
+    }
+    const char *job_type = blockops_busy(old);
+    if (job_type) {
+        vd_error_setg(errp, EBUSY, "Node '%s' is busy: block device is in use by block job: %s",
+                      old->node_name, job_type);
+        return NULL;
+    }
+    if (!existing) {
+        if (!vd_find_driver(format)->supports_backing) {
+            vd_error_setg(errp, ENOTSUP, "Backing file not supported for file format '%s'",
+                          format);
+            return NULL;
+        }
+        /* The overlay records the old top by the name the user gave it (relative stays so). */
+        char *bname = blockops_backing_name(&(BlockNode){.filename = (char *)file}, old);
+        int64_t len = vd_getlength(old);
+        if (!bname || len < 0) {
+            free(bname);
+            vd_error_setg(errp, bname ? EIO : ENOMEM, "Cannot read the size of '%s'",
+                          old->filename);
+            return NULL;
+        }
+        VdCreateOptions co = {.format = format, .size = (uint64_t)len, .size_given = true,
+                              .backing_file = bname, .backing_fmt = old->drv->name,
+                              .unsafe = true};
+        int r = vd_create(&co, file, errp);
+        free(bname);
+        if (r < 0) {
+            return NULL;
+        }
+    }
+    VdOpenOptions oo = {.filename = file, .format = format, .node_name = snap_name,
+                        .flags = VD_OPEN_RDWR | (old->open_flags & VD_OPEN_DIRECT),
+                        .backing = old};
+    BlockNode *overlay = vd_open(&oo, errp);
+    if (overlay && !overlay->drv->supports_backing) {
+        vd_error_setg(errp, ENOTSUP, "The overlay does not support backing images");
+        vd_node_unref(overlay);
+        overlay = NULL;
+    }
+    /* vd_open already linked overlay -> old (a reference of its own). */
+    if (overlay && graph_register(overlay, errp) < 0) {
+        vd_node_unref(overlay);
+        overlay = NULL;
+    }
+    if (!overlay) {
+        if (!existing) {
+            unlink(file); /* we created it: a failed snapshot leaves nothing behind */
+        }
+        return NULL;
+    }
+    int r = switch_to_overlay(old, overlay, false, errp);
+    vd_node_unref(overlay); /* the graph and the exports hold theirs */
+    return r < 0 ? NULL : json_object();
+}
+
+json_t *snapshot_qmp_blockdev(json_t *args, VdError **errp)
+{
+    const char *node = json_string_value(json_object_get(args, "node"));
+    const char *ov = json_string_value(json_object_get(args, "overlay"));
+    BlockNode *old = graph_find_node(node);
+    if (!old) {
+        vd_error_setg(errp, EINVAL, "Cannot find device='%s' nor node-name='%s'", node, node);
+        return NULL;
+    }
+    BlockNode *overlay = graph_find_node(ov);
+    if (!overlay) {
+        vd_error_setg(errp, EINVAL, "Cannot find device='%s' nor node-name='%s'", ov, ov);
+        return NULL;
+    }
+    BlockNode *parent = find_parent(old);
+    if (parent) {
+        vd_error_setg(errp, EBUSY, "Node '%s' is busy: node is used as backing hd of '%s'",
+                      old->node_name, parent->node_name);
+        return NULL;
+    }
+    if (!overlay->drv->supports_backing || overlay->drv->is_protocol) {
+        vd_error_setg(errp, ENOTSUP, "The overlay does not support backing images");
+        return NULL;
+    }
+    if (overlay->backing) {
+        vd_error_setg(errp, EINVAL, "The overlay already has a backing image");
+        return NULL;
+    }
+    BlockopsExports probe;
+    if (find_parent(overlay) || blockops_exports_drain(overlay, &probe) < 0 || probe.n) {
+        if (probe.exps || probe.n) {
+            blockops_exports_resume(&probe, NULL);
+        }
+        vd_error_setg(errp, EBUSY, "The overlay is already in use");
+        return NULL;
+    }
+    if (overlay->read_only) {
+        vd_error_setg(errp, EPERM, "The overlay '%s' is read-only", ov);
+        return NULL;
+    }
+    const char *job_type = blockops_busy(old);
+    if (job_type) {
+        vd_error_setg(errp, EBUSY, "Node '%s' is busy: block device is in use by block job: %s",
+                      old->node_name, job_type);
+        return NULL;
+    }
+    int64_t olen = vd_getlength(overlay), len = vd_getlength(old);
+    if (olen < 0 || len < 0 || olen < len) {
+        vd_error_setg(errp, EINVAL, "The overlay is smaller than '%s'", node);
+        return NULL;
+    }
+    /* QEMU leaves the overlay's header as the user created it: only the graph changes. */
+    return switch_to_overlay(old, overlay, true, errp) < 0 ? NULL : json_object();
+}

@@ -1,0 +1,348 @@
+/*
+ * stream.c - block-stream: copy what the intermediate images (between the device's top and base)
+ * decide into the top while the guest keeps writing to it, then record base as the top's backing
+ * (header and chain) and drop the intermediates.
+ * Promise: a copy of old backing data never overwrites a newer guest write. Each chunk is copied
+ * holding the top's tracker range BT_EXCLUSIVE (the same tracker NBD requests use), and the top's
+ * allocation is re-checked under it: only ranges the top does not decide are filled. A guest write
+ * either finished before (the range is allocated: skipped) or waits until the copy ended (and then
+ * overwrites it). The intermediates are read-only, so what is copied cannot change meanwhile.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "block/graph.h"
+#include "block/tracking.h"
+#include "jobs/blockops.h"
+#include "jobs/job.h"
+#include "util/log.h"
+
+#define STREAM_CHUNK (1ULL << 20)
+
+typedef struct Stream {
+    Job *job;
+    BlockNode *top;           /* ref: the device node, written */
+    BlockNode *base;          /* ref or NULL: first node kept below the top */
+    char *backing_name;       /* recorded at the end (NULL: no backing) */
+    char *backing_fmt;
+    BlockTracker *tracker;    /* the top's */
+    uint64_t len, gran;
+    JobErrorAction on_error;
+    bool claimed;
+} Stream;
+
+/*
+ * Fill [off, off+n) of the top from its backing where the top does not decide the content and some
+ * layer above base does. Caller holds the range exclusively. *is_read tells which side failed.
+ */
+static int stream_range(Stream *s, uint64_t off, uint64_t n, uint8_t *buf, bool *is_read,
+                        uint64_t *copied)
+{
+    uint64_t end = off + n;
+    while (off < end) {
+        uint64_t pnum = 0;
+        VdBlockStatus st;
+        *is_read = false;
+        int r = vd_block_status(s->top, off, end - off, &pnum, &st);
+        if (r < 0) {
+            return r;
+        }
+        if (pnum == 0 || pnum > end - off) {
+            pnum = end - off;
+        }
+        if ((st.flags & VD_BS_ALLOCATED) || !s->top->backing || s->top->backing == s->base) {
+            off += pnum; /* the top (the guest, or an earlier copy) decides: keep it */
+            continue;
+        }
+        uint64_t p2 = 0;
+        VdBlockStatus st2;
+        *is_read = true;
+        r = vd_block_status_above(s->top->backing, s->base, off, pnum, &p2, &st2);
+        if (r < 0) {
+            return r;
+        }
+        if (p2 == 0 || p2 > pnum) {
+            p2 = pnum;
+        }
+        if (!(st2.flags & VD_BS_ALLOCATED)) {
+            /* From base (or nothing): still what the guest reads once base is the backing. */
+            off += p2;
+            continue;
+        }
+        if (st2.flags & VD_BS_ZERO) {
+            *is_read = false;
+            r = vd_pwrite_zeroes(s->top, off, p2, 0);
+        } else {
+            r = vd_pread(s->top->backing, off, p2, buf);
+            if (r == 0) {
+                *is_read = false;
+                r = vd_pwrite(s->top, off, p2, buf, 0);
+            }
+        }
+        if (r < 0) {
+            return r;
+        }
+        *copied += p2;
+        off += p2;
+    }
+    return 0;
+}
+
+static int stream_run(Job *job, VdError **errp)
+{
+    Stream *s = job_opaque(job);
+    uint8_t *buf = malloc(STREAM_CHUNK);
+    if (!buf) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+        return -ENOMEM;
+    }
+    job_progress_set_remaining(job, s->len);
+    int error = 0;
+    for (uint64_t off = 0; off < s->len;) {
+        job_pause_point(job);
+        if (job_is_cancelled(job)) {
+            free(buf);
+            return -ECANCELED;
+        }
+        uint64_t chunk = STREAM_CHUNK, speed = job_get_speed(job);
+        if (speed && speed / 10 < chunk) {
+            chunk = speed / 10; /* one 100 ms slice per copy: the limit stays smooth */
+        }
+        chunk = chunk / s->gran * s->gran;
+        if (chunk == 0) {
+            chunk = s->gran;
+        }
+        uint64_t n = s->len - off < chunk ? s->len - off : chunk;
+        BtRequest req;
+        block_tracker_begin(s->tracker, &req, off, n, BT_EXCLUSIVE);
+        bool is_read = false;
+        uint64_t copied = 0;
+        int r = stream_range(s, off, n, buf, &is_read, &copied);
+        block_tracker_end(s->tracker, &req);
+        if (r < 0) {
+            JobErrorAction a = job_handle_io_error(job, s->on_error, is_read, r);
+            if (a == JOB_ERR_STOP) {
+                job_pause_point(job);
+                continue; /* retry the same chunk */
+            }
+            /* Ignore: carry on, but the backing cannot be dropped with a hole in the copy. */
+            error = error ? error : r;
+            if (a == JOB_ERR_REPORT) {
+                break;
+            }
+        }
+        job_progress_update(job, n);
+        if (copied) {
+            job_rate_limit(job, copied);
+        }
+        off += n;
+    }
+    free(buf);
+    if (error) {
+        vd_error_setg(errp, -error, "Stream failed: %s", strerror(-error));
+    }
+    return error;
+}
+
+/* Finalization: with the top's exports drained, record base and drop the intermediates. */
+static int stream_prepare(Job *job, VdError **errp)
+{
+    Stream *s = job_opaque(job);
+    BlockopsExports set;
+    if (blockops_exports_drain(s->top, &set) < 0) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+        return -ENOMEM;
+    }
+    block_tracker_wait_idle(s->tracker);
+    int r = vd_flush(s->top);
+    if (r < 0) {
+        vd_error_setg(errp, -r, "Could not flush '%s': %s", s->top->filename, strerror(-r));
+    } else {
+        r = vd_change_backing_file(s->top, s->backing_name, s->backing_name ? s->backing_fmt : NULL,
+                                   errp);
+    }
+    if (r == 0) {
+        vd_node_set_backing(s->top, s->base);
+    }
+    blockops_exports_resume(&set, NULL);
+    if (r == 0) {
+        vd_log(VD_LOG_INFO, "stream '%s': '%s' now backed by %s", job_id(job), s->top->node_name,
+               s->base ? s->base->node_name : "nothing");
+    }
+    return r;
+}
+
+static void stream_clean(Job *job)
+{
+    Stream *s = job_opaque(job);
+    if (s->claimed) {
+        blockops_release(s->top);
+        s->claimed = false;
+    }
+}
+
+static void stream_free_state(Stream *s)
+{
+    if (!s) {
+        return;
+    }
+    if (s->claimed) {
+        blockops_release(s->top);
+    }
+    if (s->tracker) {
+        block_tracker_put(s->tracker);
+    }
+    vd_node_unref(s->top);
+    vd_node_unref(s->base);
+    free(s->backing_name);
+    free(s->backing_fmt);
+    free(s);
+}
+
+static void stream_free(Job *job)
+{
+    stream_free_state(job_opaque(job));
+}
+
+static const JobDriver stream_driver = {
+    .type = "stream",
+    .run = stream_run,
+    .prepare = stream_prepare,
+    .clean = stream_clean,
+    .free = stream_free,
+};
+
+json_t *stream_qmp_start(json_t *args, VdError **errp)
+{
+    const char *device = json_string_value(json_object_get(args, "device"));
+    const char *job_id = json_string_value(json_object_get(args, "job-id"));
+    const char *base_name = json_string_value(json_object_get(args, "base"));
+    const char *base_node = json_string_value(json_object_get(args, "base-node"));
+    const char *bottom = json_string_value(json_object_get(args, "bottom"));
+    const char *backing_file = json_string_value(json_object_get(args, "backing-file"));
+    const char *on_error = json_string_value(json_object_get(args, "on-error"));
+    json_t *jspeed = json_object_get(args, "speed");
+    int64_t speed = jspeed ? json_integer_value(jspeed) : 0;
+
+    if (base_name && base_node) {
+        vd_error_setg(errp, EINVAL, "'base' and 'base-node' cannot be specified at the same time");
+        return NULL;
+    }
+    if (base_name && bottom) {
+        vd_error_setg(errp, EINVAL, "'base' and 'bottom' cannot be specified at the same time");
+        return NULL;
+    }
+    if (bottom && base_node) {
+        vd_error_setg(errp, EINVAL, "'bottom' and 'base-node' cannot be specified at the same "
+                      "time");
+        return NULL;
+    }
+    if (json_object_get(args, "filter-node-name")) {
+        vd_error_setg(errp, ENOTSUP, "Parameter 'filter-node-name' is not supported");
+        return NULL;
+    }
+    BlockNode *top = graph_find_node(device);
+    if (!top) {
+        vd_error_setg(errp, EINVAL, "Cannot find device='%s' nor node-name='%s'", device, device);
+        return NULL;
+    }
+    if (!job_id) {
+        job_id = device;
+    }
+    BlockNode *base = NULL;
+    if (base_name) {
+        base = vd_chain_find(top->backing, base_name);
+        if (!base) {
+            vd_error_setg(errp, EINVAL, "Can't find '%s' in the backing chain", base_name);
+            return NULL;
+        }
+    } else if (base_node) {
+        BlockNode *b = graph_find_node(base_node);
+        if (!b) {
+            vd_error_setg(errp, EINVAL, "Cannot find device='%s' nor node-name='%s'", base_node,
+                          base_node);
+            return NULL;
+        }
+        if (b == top || vd_chain_depth(top, b) < 0) {
+            vd_error_setg(errp, EINVAL, "Node '%s' is not a backing image of '%s'", base_node,
+                          device);
+            return NULL;
+        }
+        base = b;
+    } else if (bottom) {
+        BlockNode *b = graph_find_node(bottom);
+        if (!b || b == top || vd_chain_depth(top, b) < 0) {
+            vd_error_setg(errp, EINVAL, "Node '%s' is not a backing image of '%s'", bottom,
+                          device);
+            return NULL;
+        }
+        base = b->backing;
+    }
+    if (!base && backing_file) {
+        vd_error_setg(errp, EINVAL, "backing file specified, but streaming the entire chain");
+        return NULL;
+    }
+    if (top->read_only) {
+        vd_error_setg(errp, EPERM, "Block node '%s' is read-only", device);
+        return NULL;
+    }
+    if (speed < 0) {
+        vd_error_setg(errp, EINVAL, "Invalid parameter 'speed'");
+        return NULL;
+    }
+    JobErrorAction on_err = JOB_ERR_REPORT;
+    if (on_error && strcmp(on_error, "auto") && job_error_action_parse(on_error, &on_err) < 0) {
+        vd_error_setg(errp, EINVAL, "Parameter 'on-error' does not accept value '%s'", on_error);
+        return NULL;
+    }
+    int64_t len = vd_getlength(top);
+    if (len < 0) {
+        vd_error_setg(errp, EIO, "Cannot get the length of '%s'", device);
+        return NULL;
+    }
+
+    Stream *s = calloc(1, sizeof(*s));
+    if (!s) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+        return NULL;
+    }
+    s->top = top;
+    vd_node_ref(top);
+    s->base = base;
+    vd_node_ref(base);
+    s->len = (uint64_t)len;
+    s->on_error = on_err;
+    if (base) {
+        s->backing_name = backing_file ? strdup(backing_file) : blockops_backing_name(top, base);
+        s->backing_fmt = strdup(base->drv->name);
+    }
+    s->tracker = block_tracker_get(top);
+    if (!s->tracker || (base && (!s->backing_name || !s->backing_fmt))) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+        stream_free_state(s);
+        return NULL;
+    }
+    s->gran = block_tracker_granularity(s->tracker);
+    if (blockops_claim(top, "stream", errp) < 0) {
+        stream_free_state(s);
+        return NULL;
+    }
+    s->claimed = true;
+    JobOptions jo = {.id = job_id, .speed = speed,
+                     .auto_finalize = json_is_false(json_object_get(args, "auto-finalize")) ? false
+                                                                                           : true,
+                     .auto_dismiss = json_is_false(json_object_get(args, "auto-dismiss")) ? false
+                                                                                         : true};
+    Job *job = job_create(&stream_driver, &jo, s, errp);
+    if (!job) {
+        stream_free_state(s);
+        return NULL;
+    }
+    s->job = job;
+    job_progress_set_remaining(job, s->len); /* query-block-jobs shows len from the start */
+    if (job_start(job, errp) < 0) {
+        return NULL;
+    }
+    return json_object();
+}

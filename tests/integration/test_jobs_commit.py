@@ -1,0 +1,214 @@
+"""block-commit through vdiskd while a guest writes over NBD.
+
+Non-active (top below the guest's image): mid's data goes into base, the guest's image then names
+base, and nothing the guest wrote or reads changes. Active (top is the guest's image): the job keeps
+base in sync with guest writes, goes READY, and block-job-complete moves the export onto base with no
+write lost. Content is compared byte for byte with a model of the original chain plus every guest
+write; events and resulting headers follow qemu-storage-daemon 7.2; qemu-img check must be clean.
+"""
+import os
+import random
+
+import pytest
+
+from conftest import VDISKD
+from blockops_helpers import (MiB, KiB, SIZE, make_chain, Served, write_cmds, Guest, guest_read,
+                              image_content, assert_same, chain_info, statuses, wait_status,
+                              check_clean)
+
+pytestmark = pytest.mark.skipif(not os.path.exists(VDISKD), reason="vdiskd not built")
+
+
+def test_commit_intermediate_with_concurrent_guest(tmp_path):
+    base, mid, top, model = make_chain(tmp_path)
+    below_top = image_content(tmp_path, mid, "mid0.raw")  # what base must hold afterwards
+    s = Served(tmp_path, top, need=("block-commit",))
+    try:
+        q = s.q
+        q.cmd("block-commit", job_id="c0", device="disk0", top="mid.qcow2", base="base.qcow2",
+              speed=MiB)
+        jobs = q.cmd("query-block-jobs")
+        assert len(jobs) == 1 and jobs[0]["type"] == "commit" and jobs[0]["len"] == SIZE
+        rng = random.Random(11)
+        g = Guest(s.uri, write_cmds(model, rng, 60, 0))
+        g.start()
+        g.join_checked()
+        assert q.cmd("query-block-jobs")[0]["status"] == "running", "the guest did not overlap"
+        # A stream job needs the same chain: refused while the commit runs.
+        assert "is busy" in q.error("block-stream", {"job-id": "s9", "device": "disk0"})
+        assert q.error("block-job-complete", {"device": "c0"}) in (
+            "The active block job 'c0' cannot be completed",
+            "Job 'c0' in state 'running' cannot accept command verb 'complete'")
+        q.cmd("block-job-set-speed", device="c0", speed=0)
+        done = q.get_event("BLOCK_JOB_COMPLETED", timeout=20)
+        assert "error" not in done["data"], done
+        assert done["data"]["offset"] == done["data"]["len"] == SIZE
+        wait_status(q, "c0", "null")
+        assert statuses(q, "c0") == ["created", "running", "waiting", "pending", "concluded",
+                                     "null"]
+        assert_same(guest_read(tmp_path, s.uri), bytes(model), "guest view after commit")
+        g = Guest(s.uri, write_cmds(model, rng, 10, 100))
+        g.start()
+        g.join_checked()
+        assert_same(guest_read(tmp_path, s.uri, "g2.raw"), bytes(model), "guest view, later")
+        s.stop()
+    finally:
+        s.close()
+    assert chain_info(top) == [("top.qcow2", "base.qcow2", "qcow2"), ("base.qcow2", None, None)]
+    assert_same(image_content(tmp_path, base, "base.raw"), below_top, "base after commit")
+    assert_same(image_content(tmp_path, top, "top.raw"), bytes(model), "chain after commit")
+    check_clean(base, mid, top)
+
+
+def test_active_commit_pivot_with_concurrent_guest(tmp_path):
+    base, mid, top, model = make_chain(tmp_path)
+    s = Served(tmp_path, top, need=("block-commit",))
+    try:
+        q = s.q
+        q.cmd("block-commit", job_id="c1", device="disk0", speed=MiB)
+        rng = random.Random(12)
+        g = Guest(s.uri, write_cmds(model, rng, 60, 0))
+        g.start()
+        g.join_checked()
+        jobs = q.cmd("query-block-jobs")
+        assert jobs[0]["status"] == "running" and not jobs[0]["ready"], jobs
+        q.cmd("block-job-set-speed", device="c1", speed=0)
+        ready = q.get_event("BLOCK_JOB_READY", timeout=20)
+        assert ready["data"]["type"] == "commit" and ready["data"]["device"] == "c1"
+        assert ready["data"]["offset"] == ready["data"]["len"] > 0
+        # While ready, the job keeps base in sync with every write.
+        g = Guest(s.uri, write_cmds(model, rng, 40, 100))
+        g.start()
+        g.join_checked()
+        q.cmd("block-job-complete", device="c1")
+        done = q.get_event("BLOCK_JOB_COMPLETED", timeout=20)
+        assert "error" not in done["data"], done
+        wait_status(q, "c1", "null")
+        assert statuses(q, "c1") == ["created", "running", "ready", "waiting", "pending",
+                                     "concluded", "null"]
+        assert_same(guest_read(tmp_path, s.uri), bytes(model), "guest view after pivot")
+        # After the pivot the export serves base: these land in base only.
+        g = Guest(s.uri, write_cmds(model, rng, 20, 200))
+        g.start()
+        g.join_checked()
+        assert_same(guest_read(tmp_path, s.uri, "g2.raw"), bytes(model), "guest view on base")
+        s.stop()
+    finally:
+        s.close()
+    # QEMU leaves top and mid as they were (headers included); base holds the guest's disk.
+    assert chain_info(top) == [("top.qcow2", "mid.qcow2", "qcow2"),
+                               ("mid.qcow2", "base.qcow2", "qcow2"), ("base.qcow2", None, None)]
+    assert_same(image_content(tmp_path, base, "base.raw"), bytes(model), "base after pivot")
+    check_clean(base, mid, top)
+
+
+def test_commit_errors(tmp_path):
+    base, mid, top, model = make_chain(tmp_path)
+    s = Served(tmp_path, top, need=("block-commit",))
+    try:
+        q = s.q
+        assert q.error("block-commit", {"job-id": "c", "device": "disk0", "top": "mid.qcow2",
+                                        "base": "top.qcow2"}) == \
+            "Can't find 'top.qcow2' in the backing chain"
+        assert q.error("block-commit", {"job-id": "c", "device": "disk0",
+                                        "top": "nonex.qcow2"}) == \
+            "Top image file nonex.qcow2 not found"
+        assert q.error("block-commit", {"job-id": "c", "device": "disk0",
+                                        "base": "nonex.qcow2"}) == \
+            "Can't find 'nonex.qcow2' in the backing chain"
+        assert q.error("block-commit", {"job-id": "c", "device": "disk0", "top": "base.qcow2"}) \
+            == "cannot commit an image into itself"
+        assert q.error("block-commit", {"job-id": "c", "device": "disk0", "top": "mid.qcow2",
+                                        "base": "mid.qcow2"}) == \
+            "cannot commit an image into itself"
+        assert q.cmd("query-block-jobs") == []
+        assert_same(guest_read(tmp_path, s.uri), bytes(model), "guest view")
+        s.stop()
+    finally:
+        s.close()
+    check_clean(base, mid, top)
+
+
+def test_active_commit_soft_cancel_when_ready(tmp_path):
+    """block-job-cancel of a ready active commit: base is in sync, the guest stays on top."""
+    base, mid, top, model = make_chain(tmp_path)
+    s = Served(tmp_path, top, need=("block-commit",))
+    try:
+        q = s.q
+        q.cmd("block-commit", job_id="c2", device="disk0")
+        rng = random.Random(13)
+        g = Guest(s.uri, write_cmds(model, rng, 30, 0))
+        g.start()
+        g.join_checked()
+        q.get_event("BLOCK_JOB_READY", timeout=20)
+        q.cmd("block-job-cancel", device="c2")
+        done = q.get_event("BLOCK_JOB_COMPLETED", timeout=20)
+        assert "error" not in done["data"], done
+        wait_status(q, "c2", "null")
+        assert statuses(q, "c2") == ["created", "running", "ready", "waiting", "pending",
+                                     "concluded", "null"]
+        at_cancel = bytes(model)
+        g = Guest(s.uri, write_cmds(model, rng, 20, 100))
+        g.start()
+        g.join_checked()
+        assert_same(guest_read(tmp_path, s.uri), bytes(model), "guest view (still on top)")
+        s.stop()
+    finally:
+        s.close()
+    assert chain_info(top)[0] == ("top.qcow2", "mid.qcow2", "qcow2")
+    assert_same(image_content(tmp_path, base, "base.raw"), at_cancel, "base at cancel")
+    assert_same(image_content(tmp_path, top, "top.raw"), bytes(model), "chain")
+    check_clean(base, mid, top)
+
+
+def test_commit_below_read_only_overlay(tmp_path):
+    """Four images: commit mid into base under a guest writing to top2; the overlay above mid
+    (top, a read-only backing layer) gets its header rewritten to name base."""
+    base, mid, top, model = make_chain(tmp_path)
+    from conftest import qemu_img
+    top2 = tmp_path / "top2.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "top.qcow2", "-F", "qcow2", top2)
+    s = Served(tmp_path, top2, need=("block-commit",))
+    try:
+        q = s.q
+        q.cmd("block-commit", job_id="c3", device="disk0", top="mid.qcow2", speed=2 * MiB)
+        g = Guest(s.uri, write_cmds(model, random.Random(14), 40, 0))
+        g.start()
+        g.join_checked()
+        done = q.get_event("BLOCK_JOB_COMPLETED", timeout=20)
+        assert "error" not in done["data"], done
+        assert_same(guest_read(tmp_path, s.uri), bytes(model), "guest view after commit")
+        s.stop()
+    finally:
+        s.close()
+    assert chain_info(top2) == [("top2.qcow2", "top.qcow2", "qcow2"),
+                                ("top.qcow2", "base.qcow2", "qcow2"), ("base.qcow2", None, None)]
+    assert_same(image_content(tmp_path, top2, "top2.raw"), bytes(model), "chain")
+    check_clean(base, mid, top, top2)
+
+
+def test_commit_cancel_keeps_chain(tmp_path):
+    base, mid, top, model = make_chain(tmp_path)
+    s = Served(tmp_path, top, need=("block-commit",))
+    try:
+        q = s.q
+        q.cmd("block-commit", job_id="c4", device="disk0", top="mid.qcow2", speed=256 * KiB)
+        g = Guest(s.uri, write_cmds(model, random.Random(15), 30, 0))
+        g.start()
+        g.join_checked()
+        q.cmd("block-job-cancel", device="c4")
+        ev = q.get_event("BLOCK_JOB_CANCELLED", timeout=10)
+        assert ev["data"]["type"] == "commit"
+        wait_status(q, "c4", "null")
+        assert statuses(q, "c4") == ["created", "running", "aborting", "concluded", "null"]
+        assert_same(guest_read(tmp_path, s.uri), bytes(model), "guest view after cancel")
+        # The chain is whole again: a new commit can run and finish.
+        q.cmd("block-commit", job_id="c5", device="disk0", top="mid.qcow2")
+        done = q.get_event("BLOCK_JOB_COMPLETED", timeout=20)
+        assert "error" not in done["data"], done
+        assert_same(guest_read(tmp_path, s.uri, "g2.raw"), bytes(model), "after the 2nd commit")
+        s.stop()
+    finally:
+        s.close()
+    assert chain_info(top) == [("top.qcow2", "base.qcow2", "qcow2"), ("base.qcow2", None, None)]
+    check_clean(base, mid, top)

@@ -1,0 +1,184 @@
+"""External snapshots of a running guest through vdiskd (blockdev-snapshot-sync, blockdev-snapshot).
+
+A guest (qemu-io over NBD, one request at a time) writes while the snapshot is taken. Afterwards the
+old top must hold exactly the writes acknowledged before the switch - the model after some prefix of
+the guest's writes - and the guest must see all of them: none lost, none reordered across the switch.
+Overlay headers are compared with what qemu-storage-daemon 7.2 writes; qemu-img check must be clean.
+"""
+import os
+import random
+import time
+
+import pytest
+
+from conftest import VDISKD, qemu_img
+from blockops_helpers import (MiB, KiB, SIZE, make_chain, Served, Guest, guest_read,
+                              image_content, assert_same, chain_info, check_clean)
+
+pytestmark = pytest.mark.skipif(not os.path.exists(VDISKD), reason="vdiskd not built")
+
+
+def gen_ops(rng, n):
+    ops = []
+    for i in range(n):
+        length = rng.randrange(512, 64 * KiB)
+        off = rng.randrange(0, SIZE - length)
+        ops.append((off, length, (i % 250) + 1 if rng.random() < 0.85 else None))
+    return ops
+
+
+def ops_cmds(ops):
+    """qemu-io arguments; a 1 ms pause after each write keeps the guest busy for >= len(ops) ms,
+    so the snapshot (taken 0.3 s in) lands in the middle on fast and slow machines alike."""
+    cmds = []
+    for off, length, pat in ops:
+        cmds += ["-c", f"write -P {pat} {off} {length}" if pat else f"write -z {off} {length}",
+                 "-c", "sleep 1"]
+    return cmds
+
+
+def apply(model, op):
+    off, length, pat = op
+    model[off:off + length] = bytes([pat]) * length if pat else bytes(length)
+
+
+def switch_point(initial, ops, old_top):
+    """The k such that old_top == initial + ops[:k] (none lost, none reordered), else fail."""
+    model = bytearray(initial)
+    if bytes(model) == old_top:
+        return 0
+    for k, op in enumerate(ops, 1):
+        apply(model, op)
+        if bytes(model) == old_top:
+            return k
+    raise AssertionError("the old top is not the disk after any prefix of the guest's writes")
+
+
+def run_guest_around(s, ops, action):
+    g = Guest(s.uri, ops_cmds(ops))
+    g.start()
+    time.sleep(0.3)
+    action()
+    g.join_checked()
+
+
+def test_snapshot_sync_under_guest_writes(tmp_path):
+    base, mid, top, model = make_chain(tmp_path)
+    initial = bytes(model)
+    s = Served(tmp_path, top, need=("blockdev-snapshot-sync",))
+    ops = gen_ops(random.Random(21), 500)
+    try:
+        q = s.q
+        run_guest_around(s, ops, lambda: q.cmd("blockdev-snapshot-sync", node_name="disk0",
+                                               snapshot_file="snap1.qcow2",
+                                               snapshot_node_name="snap1"))
+        for op in ops:
+            apply(model, op)
+        assert_same(guest_read(tmp_path, s.uri), bytes(model), "guest view")
+        # The new node is named; the old top keeps its name and is now the overlay's backing.
+        assert "busy" in q.error("blockdev-snapshot-sync", {"node-name": "disk0",
+                                                            "snapshot-file": "x.qcow2",
+                                                            "snapshot-node-name": "x"})
+        q.cmd("blockdev-snapshot-sync", node_name="snap1", snapshot_file=str(tmp_path / "snap2.qcow2"),
+              snapshot_node_name="snap2", format="qcow2")
+        s.stop()
+    finally:
+        s.close()
+    snap1, snap2 = tmp_path / "snap1.qcow2", tmp_path / "snap2.qcow2"
+    # As QSD: the backing is recorded by the name the old top was opened with.
+    assert chain_info(snap1) == [("snap1.qcow2", "top.qcow2", "qcow2"),
+                                 ("top.qcow2", "mid.qcow2", "qcow2"),
+                                 ("mid.qcow2", "base.qcow2", "qcow2"), ("base.qcow2", None, None)]
+    assert chain_info(snap2)[0] == ("snap2.qcow2", "snap1.qcow2", "qcow2")
+    k = switch_point(initial, ops, image_content(tmp_path, top, "top.raw"))
+    assert 0 < k < len(ops), f"the snapshot did not happen while the guest wrote (k={k})"
+    assert_same(image_content(tmp_path, snap2, "snap2.raw"), bytes(model), "whole chain")
+    info = qemu_img("info", "--output=json", snap1).stdout
+    assert '"virtual-size": %d' % SIZE in info
+    check_clean(base, mid, top, snap1, snap2)
+
+
+def test_blockdev_snapshot_under_guest_writes(tmp_path):
+    base, mid, top, model = make_chain(tmp_path)
+    initial = bytes(model)
+    ov = tmp_path / "ov.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "top.qcow2", "-F", "qcow2", ov)
+    s = Served(tmp_path, top, need=("blockdev-snapshot",))
+    ops = gen_ops(random.Random(22), 500)
+    try:
+        q = s.q
+        q.cmd("blockdev-add", driver="qcow2", node_name="ov",
+              file={"driver": "file", "filename": str(ov)}, backing=None)
+        run_guest_around(s, ops, lambda: q.cmd("blockdev-snapshot", node="disk0", overlay="ov"))
+        for op in ops:
+            apply(model, op)
+        assert_same(guest_read(tmp_path, s.uri), bytes(model), "guest view")
+        assert q.error("blockdev-snapshot", {"node": "disk0", "overlay": "ov"}) in (
+            "The overlay already has a backing image",
+            "Node 'disk0' is busy: node is used as backing hd of 'ov'")
+        s.stop()
+    finally:
+        s.close()
+    assert chain_info(ov)[0] == ("ov.qcow2", "top.qcow2", "qcow2")
+    k = switch_point(initial, ops, image_content(tmp_path, top, "top.raw"))
+    assert 0 < k < len(ops), f"the snapshot did not happen while the guest wrote (k={k})"
+    assert_same(image_content(tmp_path, ov, "ov.raw"), bytes(model), "whole chain")
+    check_clean(base, mid, top, ov)
+
+
+def test_snapshot_errors(tmp_path):
+    base, mid, top, model = make_chain(tmp_path)
+    s = Served(tmp_path, top, need=("blockdev-snapshot-sync", "blockdev-snapshot"))
+    try:
+        q = s.q
+        e = q.error
+        assert e("blockdev-snapshot-sync", {"node-name": "disk0", "snapshot-file": "x.qcow2"}) \
+            == "New overlay node-name missing"
+        assert e("blockdev-snapshot-sync", {"node-name": "nosuch", "snapshot-file": "y.qcow2",
+                                            "snapshot-node-name": "y"}) == \
+            "Cannot find device='' nor node-name='nosuch'"
+        assert e("blockdev-snapshot-sync", {"snapshot-file": "y.qcow2"}) == \
+            "Cannot find device='' nor node-name=''"
+        assert e("blockdev-snapshot-sync", {"node-name": "disk0", "snapshot-file": "y.qcow2",
+                                            "snapshot-node-name": "disk0"}) == \
+            "New overlay node-name already in use"
+        assert "is missing" in e("blockdev-snapshot-sync", {"node-name": "disk0"})
+        assert e("blockdev-snapshot", {"node": "nosuch", "overlay": "disk0"}) == \
+            "Cannot find device='nosuch' nor node-name='nosuch'"
+        assert e("blockdev-snapshot", {"node": "disk0", "overlay": "nosuch"}) == \
+            "Cannot find device='nosuch' nor node-name='nosuch'"
+        assert not (tmp_path / "x.qcow2").exists() and not (tmp_path / "y.qcow2").exists()
+        assert_same(guest_read(tmp_path, s.uri), bytes(model), "guest view")
+        s.stop()
+    finally:
+        s.close()
+    assert chain_info(top)[0] == ("top.qcow2", "mid.qcow2", "qcow2")
+
+
+def test_refused_while_a_job_uses_the_device(tmp_path):
+    base, mid, top, model = make_chain(tmp_path)
+    s = Served(tmp_path, top, need=("blockdev-snapshot-sync", "block-stream", "drive-mirror"))
+    try:
+        q = s.q
+        q.cmd("drive-mirror", job_id="m0", device="disk0", target=str(tmp_path / "m.qcow2"),
+              sync="full", format="qcow2", speed=64 * KiB)
+        busy = "Node 'disk0' is busy: block device is in use by block job: mirror"
+        assert q.error("blockdev-snapshot-sync", {"node-name": "disk0",
+                                                  "snapshot-file": "x.qcow2",
+                                                  "snapshot-node-name": "x"}) == busy
+        assert q.error("block-stream", {"job-id": "s0", "device": "disk0"}) == busy
+        q.cmd("block-job-cancel", device="m0", force=True)
+        q.get_event("BLOCK_JOB_CANCELLED", timeout=10)
+        q.cmd("block-stream", job_id="s1", device="disk0", speed=64 * KiB)
+        assert q.error("blockdev-snapshot-sync", {"node-name": "disk0",
+                                                  "snapshot-file": "x.qcow2",
+                                                  "snapshot-node-name": "x"}) == \
+            "Node 'disk0' is busy: block device is in use by block job: stream"
+        q.cmd("block-job-cancel", device="s1")
+        q.get_event("BLOCK_JOB_CANCELLED", timeout=10)
+        assert not (tmp_path / "x.qcow2").exists()
+        assert_same(guest_read(tmp_path, s.uri), bytes(model), "guest view")
+        s.stop()
+    finally:
+        s.close()
+    check_clean(base, mid, top)
