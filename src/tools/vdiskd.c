@@ -20,6 +20,8 @@
 
 #include "block/block.h"
 #include "block/graph.h"
+#include "jobs/blockops.h"
+#include "jobs/job.h"
 #include "nbd/nbd-server.h"
 #include "qmp/qmp.h"
 #include "util/error.h"
@@ -525,6 +527,8 @@ int main(int argc, char **argv)
     }
     if (r == 0 && qmp_path) {
         qmp_set_quit_handler(quit_handler);
+        jobs_qmp_register();     /* job verbs, query-block-jobs, drive-mirror, blockdev-mirror */
+        blockops_qmp_register(); /* block-stream, block-commit, blockdev-snapshot(-sync) */
         r = qmp_server_start(qmp_path, &err);
         if (r == 0) {
             vd_log(VD_LOG_INFO, "QMP listening on %s", qmp_path);
@@ -568,11 +572,16 @@ int main(int argc, char **argv)
     }
     vd_log(VD_LOG_INFO, "signal %d: shutting down", sig);
 
-    /* Order matters: no new NBD work, in-flight requests finish, then images are flushed. */
-    nbd_server_stop();
+    /*
+     * Order matters: no new QMP command can touch the graph or the exports; jobs are cancelled
+     * while exports still exist (a mirror puts its exports back on the source); then no new NBD
+     * work, in-flight requests finish, and finally every image is flushed and closed.
+     */
     if (qmp_path) {
         qmp_server_stop();
     }
+    job_cancel_all_sync();
+    nbd_server_stop();
     graph_close_all();
     if (pidfile) {
         unlink(pidfile);

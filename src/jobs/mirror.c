@@ -1,0 +1,1367 @@
+/*
+ * mirror.c - live block copy (drive-mirror / blockdev-mirror) through a "mirror-top" filter node.
+ * Promises: once READY every byte the guest reads from the source reads the same from the target;
+ * a copy of old data never lands after a newer guest write; the pivot is atomic for the guest.
+ * Locking: m->lock (bitmap, mode flags) is a leaf below the job mutex; see "Mechanism" below.
+ */
+#include "jobs/mirror.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "block/graph.h"
+#include "block/tracking.h"
+#include "jobs/blockops.h"
+#include "nbd/nbd-server.h"
+#include "util/log.h"
+
+/*
+ * Mechanism. Every export serving the source is switched (under drain) to the filter; guest writes
+ * go to the source and then either synchronously to the target (write-blocking) or into a dirty
+ * bitmap (background). The job thread copies dirty ranges source -> target holding the filter's
+ * tracker range, so a guest write to that range either finished before the copy read it, or starts
+ * after the copy and re-dirties the range. While the copy runs, the target's in-memory backing is
+ * the source itself, so a partial-cluster write into the target copies the rest of the cluster from
+ * the source (complete, current data); at the pivot it becomes base. Pivot (block-job-complete):
+ * drain exports, copy what is still dirty, flush the target, set its backing to base, swap every
+ * export from the filter to the target, resume. If guest writes outpace the background copy for a
+ * few seconds the job switches itself to write-blocking (query-block-jobs "vdisk-copy-mode").
+ */
+
+#define DEFAULT_BUF_SIZE (16ULL << 20)
+#define MAX_COPY_CHUNK (4ULL << 20) /* one copy holds guest writes to its range: keep it short */
+#define IDLE_WAIT_NS 100000000ULL   /* re-check for new dirty data at least every 100 ms */
+#define WINDOW_NS 1000000000ULL     /* write-rate vs copy-rate measurement window */
+#define OUTPACED_WINDOWS 3          /* consecutive windows before switching to write-blocking */
+
+typedef struct Mirror Mirror;
+
+/* The filter node's state: just a way back to the job (NULL once detached: pure pass-through). */
+typedef struct MirrorTop {
+    Mirror *m;
+} MirrorTop;
+
+struct Mirror {
+    Job *job;
+    BlockNode *source, *target, *base; /* refs (base may be NULL) */
+    bool base_is_source;
+    BlockNode *filter;                 /* ref */
+    BlockNode *target_orig_backing;    /* ref: restored when there is no pivot */
+    BlockNode *final_backing;          /* the target's backing once done (no ref: base or orig) */
+    bool shares_base;                  /* final_backing reads like base: base's data is skipped */
+    bool target_new;
+    BlockTracker *tracker;             /* the filter's */
+    uint64_t len, granularity, chunk, tracker_granularity;
+    bool rewrite_backing, skip_target_allocated;
+    char *backing_name, *backing_fmt;
+    JobErrorAction on_source_error, on_target_error;
+    char **export_ids;
+    size_t nexports;
+
+    pthread_mutex_t lock;  /* guards everything below; never held while calling job_* or vd_* */
+    pthread_cond_t cond;
+    uint64_t *bitmap;      /* 1 bit per granularity chunk: differs (or may differ) from target */
+    uint64_t nbits, dirty_bits;
+    bool kicked;
+    bool write_blocking;   /* effective copy mode */
+    bool auto_write_blocking; /* switched because guest writes outpaced the copy */
+    bool should_complete;
+    bool detached;         /* filter no longer in front of the source */
+    bool pivoted;
+    int pending_target_error; /* from a write-blocking guest write: handled by the job thread */
+};
+
+/* ---- nodes in use by a mirror (one job per source or target at a time) ---- */
+
+static pthread_mutex_t busy_lock = PTHREAD_MUTEX_INITIALIZER;
+static Mirror *busy_list[64];
+
+/* Claim source and target for m; refuses when either is already a mirror's source or target. */
+static int busy_claim(Mirror *m, const char *job_id, VdError **errp)
+{
+    pthread_mutex_lock(&busy_lock);
+    int free_slot = -1;
+    for (int i = 0; i < 64; i++) {
+        Mirror *o = busy_list[i];
+        if (!o) {
+            free_slot = free_slot < 0 ? i : free_slot;
+            continue;
+        }
+        BlockNode *nodes[] = {m->source, m->target};
+        for (int k = 0; k < 2; k++) {
+            if (nodes[k] == o->source || nodes[k] == o->target || nodes[k] == o->filter) {
+                pthread_mutex_unlock(&busy_lock);
+                vd_error_setg(errp, EBUSY, "Node '%s' is busy: block device is in use by block "
+                              "job: mirror", nodes[k]->node_name);
+                return -EBUSY;
+            }
+        }
+    }
+    if (free_slot < 0) {
+        pthread_mutex_unlock(&busy_lock);
+        vd_error_setg(errp, EAGAIN, "Too many mirror jobs (%s)", job_id);
+        return -EAGAIN;
+    }
+    busy_list[free_slot] = m;
+    pthread_mutex_unlock(&busy_lock);
+    return 0;
+}
+
+bool mirror_node_busy(BlockNode *node)
+{
+    bool busy = false;
+    pthread_mutex_lock(&busy_lock);
+    for (int i = 0; i < 64 && !busy; i++) {
+        Mirror *o = busy_list[i];
+        busy = o && (node == o->source || node == o->target || node == o->filter);
+    }
+    pthread_mutex_unlock(&busy_lock);
+    return busy;
+}
+
+static void busy_release(Mirror *m)
+{
+    pthread_mutex_lock(&busy_lock);
+    for (int i = 0; i < 64; i++) {
+        if (busy_list[i] == m) {
+            busy_list[i] = NULL;
+        }
+    }
+    pthread_mutex_unlock(&busy_lock);
+}
+
+/* ---- dirty bitmap (m->lock held) ---- */
+
+/* Returns how many chunks changed state. */
+static uint64_t bm_set(Mirror *m, uint64_t offset, uint64_t bytes, bool dirty)
+{
+    uint64_t changed = 0;
+    if (bytes == 0 || offset >= m->len) {
+        return 0;
+    }
+    uint64_t first = offset / m->granularity;
+    uint64_t last = (offset + bytes - 1) / m->granularity;
+    if (last >= m->nbits) {
+        last = m->nbits - 1;
+    }
+    for (uint64_t i = first; i <= last; i++) {
+        uint64_t bit = 1ULL << (i % 64);
+        bool was = m->bitmap[i / 64] & bit;
+        if (dirty && !was) {
+            m->bitmap[i / 64] |= bit;
+            m->dirty_bits++;
+            changed++;
+        } else if (!dirty && was) {
+            m->bitmap[i / 64] &= ~bit;
+            m->dirty_bits--;
+            changed++;
+        }
+    }
+    return changed;
+}
+
+static bool bm_get(Mirror *m, uint64_t i)
+{
+    return m->bitmap[i / 64] & (1ULL << (i % 64));
+}
+
+/* First dirty bit at or after `from` (wrapping once); false if none. */
+static bool bm_next(Mirror *m, uint64_t from, uint64_t *out)
+{
+    if (m->dirty_bits == 0) {
+        return false;
+    }
+    for (uint64_t n = 0; n < m->nbits;) {
+        uint64_t i = (from + n) % m->nbits;
+        uint64_t w = m->bitmap[i / 64] >> (i % 64);
+        if (w) {
+            *out = i + (uint64_t)__builtin_ctzll(w);
+            if (*out < m->nbits) {
+                return true;
+            }
+        }
+        n += 64 - i % 64;
+    }
+    return false;
+}
+
+static uint64_t dirty_bytes_locked(Mirror *m)
+{
+    uint64_t b = m->dirty_bits * m->granularity;
+    return b > m->len ? m->len : b;
+}
+
+/* Are a and b the same image (one file opened twice, e.g. by two blockdev-adds)? */
+static bool same_image(BlockNode *a, BlockNode *b)
+{
+    if (a == b) {
+        return true;
+    }
+    if (!a || !b || strcmp(a->drv->name, b->drv->name) != 0) {
+        return false;
+    }
+    char *pa = realpath(a->filename, NULL), *pb = realpath(b->filename, NULL);
+    bool same = pa && pb && !strcmp(pa, pb);
+    free(pa);
+    free(pb);
+    return same;
+}
+
+/* ---- guest writes through the filter (NBD worker threads, holding the filter's range) ---- */
+
+typedef enum { W_DATA, W_ZERO, W_DISCARD } WriteKind;
+
+static void mirror_kick_locked(Mirror *m)
+{
+    m->kicked = true;
+    pthread_cond_broadcast(&m->cond);
+}
+
+static void mirror_on_write(Mirror *m, WriteKind kind, uint64_t offset, uint64_t bytes,
+                            const void *buf, int flags)
+{
+    pthread_mutex_lock(&m->lock);
+    bool detached = m->detached, wb = m->write_blocking;
+    pthread_mutex_unlock(&m->lock);
+    if (detached) {
+        return;
+    }
+    int r = -EAGAIN;
+    if (wb && kind == W_DATA) {
+        r = vd_pwrite(m->target, offset, bytes, buf, flags & VD_REQ_FUA);
+    } else if (wb && kind == W_ZERO) {
+        r = vd_pwrite_zeroes(m->target, offset, bytes, flags & (VD_REQ_FUA | VD_REQ_MAY_UNMAP));
+    }
+    pthread_mutex_lock(&m->lock);
+    if (r < 0) {
+        /* Background mode, a discard, or a failed target write: the copy loop takes it from here. */
+        bm_set(m, offset, bytes, true);
+        if (r != -EAGAIN && !m->pending_target_error) {
+            m->pending_target_error = r;
+        }
+        mirror_kick_locked(m);
+    }
+    pthread_mutex_unlock(&m->lock);
+}
+
+static Mirror *top_mirror(BlockNode *bs)
+{
+    return __atomic_load_n(&((MirrorTop *)bs->opaque)->m, __ATOMIC_ACQUIRE);
+}
+
+static int64_t top_getlength(BlockNode *bs)
+{
+    return vd_getlength(bs->backing);
+}
+
+static int top_pread(BlockNode *bs, uint64_t offset, uint64_t bytes, void *buf)
+{
+    return vd_pread(bs->backing, offset, bytes, buf);
+}
+
+static int top_pwrite(BlockNode *bs, uint64_t offset, uint64_t bytes, const void *buf, int flags)
+{
+    int r = vd_pwrite(bs->backing, offset, bytes, buf, flags);
+    Mirror *m = top_mirror(bs);
+    if (r == 0 && m) {
+        mirror_on_write(m, W_DATA, offset, bytes, buf, flags);
+    }
+    return r;
+}
+
+static int top_pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags)
+{
+    int r = vd_pwrite_zeroes(bs->backing, offset, bytes, flags);
+    Mirror *m = top_mirror(bs);
+    if (r == 0 && m) {
+        mirror_on_write(m, W_ZERO, offset, bytes, NULL, flags);
+    }
+    return r;
+}
+
+static int top_pdiscard(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags)
+{
+    int r = vd_pdiscard(bs->backing, offset, bytes, flags);
+    Mirror *m = top_mirror(bs);
+    if (r == 0 && m) {
+        /* What a discarded range reads is the source's business: re-copy it. */
+        mirror_on_write(m, W_DISCARD, offset, bytes, NULL, flags);
+    }
+    return r;
+}
+
+static int top_flush(BlockNode *bs)
+{
+    /* vd_flush then flushes the source (our backing); write-blocking data is on the target too. */
+    Mirror *m = top_mirror(bs);
+    if (m) {
+        pthread_mutex_lock(&m->lock);
+        bool wb = m->write_blocking && !m->detached;
+        pthread_mutex_unlock(&m->lock);
+        if (wb) {
+            return vd_flush(m->target);
+        }
+    }
+    return 0;
+}
+
+static int top_block_status(BlockNode *bs, uint64_t offset, uint64_t bytes, uint64_t *pnum,
+                            uint64_t *map, BlockNode **file)
+{
+    *pnum = bytes;
+    return 0; /* everything is decided by the source below */
+}
+
+static uint32_t top_cluster_size(BlockNode *bs)
+{
+    Mirror *m = top_mirror(bs);
+    return m ? (uint32_t)m->tracker_granularity : 0;
+}
+
+static const BlockDriver mirror_top_driver = {
+    .name = "mirror-top",
+    .supports_backing = true,
+    .state_size = sizeof(MirrorTop),
+    .pread = top_pread,
+    .pwrite = top_pwrite,
+    .pwrite_zeroes = top_pwrite_zeroes,
+    .pdiscard = top_pdiscard,
+    .flush = top_flush,
+    .block_status = top_block_status,
+    .getlength = top_getlength,
+    .cluster_size = top_cluster_size,
+};
+
+/* A node of mirror_top_driver over source (block.c's node constructor is private). */
+static BlockNode *filter_new(Mirror *m, const char *job_id, const char *node_name)
+{
+    BlockNode *bs = calloc(1, sizeof(*bs));
+    if (!bs) {
+        return NULL;
+    }
+    bs->drv = &mirror_top_driver;
+    bs->refcnt = 1;
+    bs->open_flags = VD_OPEN_RDWR;
+    bs->opaque = calloc(1, sizeof(MirrorTop));
+    bs->filename = strdup(m->source->filename ? m->source->filename : "");
+    if (node_name) {
+        bs->node_name = strdup(node_name);
+    } else if (asprintf(&bs->node_name, "#mirror-top-%s", job_id) < 0) {
+        bs->node_name = NULL;
+    }
+    if (!bs->opaque || !bs->filename || !bs->node_name) {
+        free(bs->opaque);
+        free(bs->filename);
+        free(bs->node_name);
+        free(bs);
+        return NULL;
+    }
+    ((MirrorTop *)bs->opaque)->m = m;
+    vd_node_set_backing(bs, m->source);
+    return bs;
+}
+
+/* ---- exports ---- */
+
+typedef struct ExportScan {
+    BlockNode *node;
+    char **ids;
+    size_t n;
+    bool oom;
+} ExportScan;
+
+static void scan_cb(NbdExport *exp, void *opaque)
+{
+    ExportScan *s = opaque;
+    if (nbd_export_node(exp) != s->node) {
+        return;
+    }
+    char **ids = realloc(s->ids, (s->n + 1) * sizeof(char *));
+    char *id = strdup(nbd_export_id(exp));
+    if (!ids || !id) {
+        free(id);
+        if (ids) {
+            s->ids = ids;
+        }
+        s->oom = true;
+        return;
+    }
+    s->ids = ids;
+    s->ids[s->n++] = id;
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+/* Drain every export we switched that still serves `from`; returns them (NULL-padded). */
+static NbdExport **exports_drain(Mirror *m, BlockNode *from)
+{
+    NbdExport **exps = calloc(m->nexports + 1, sizeof(*exps));
+    if (!exps) {
+        return NULL;
+    }
+    for (size_t i = 0; i < m->nexports; i++) {
+        NbdExport *e = nbd_export_find(m->export_ids[i]);
+        if (e && nbd_export_node(e) == from) {
+            nbd_export_drain_begin(e);
+            exps[i] = e;
+        }
+    }
+    return exps;
+}
+
+static void exports_set_node_and_resume(Mirror *m, NbdExport **exps, BlockNode *to)
+{
+    for (size_t i = 0; i < m->nexports; i++) {
+        if (exps[i]) {
+            if (to) {
+                nbd_export_set_node(exps[i], to);
+            }
+            nbd_export_drain_end(exps[i]);
+        }
+    }
+    free(exps);
+}
+
+/* ---- copying ---- */
+
+/*
+ * Does [offset, offset+bytes) of the target read zeroes once it has its final backing? *pnum gets
+ * the length of the first extent with one answer. Only the target's own layer is consulted: during
+ * the copy its in-memory backing is the source.
+ */
+static int target_reads_zero(Mirror *m, uint64_t offset, uint64_t bytes, uint64_t *pnum, bool *zero,
+                             bool *allocated)
+{
+    uint64_t n = bytes, map = 0;
+    BlockNode *file = NULL;
+    int flags = 0;
+    if (m->target->drv->block_status) {
+        flags = m->target->drv->block_status(m->target, offset, bytes, &n, &map, &file);
+        if (flags < 0) {
+            return flags;
+        }
+    } else {
+        flags = VD_BS_DATA | VD_BS_ALLOCATED;
+    }
+    if (n == 0 || n > bytes) {
+        n = bytes;
+    }
+    bool alloc = (flags & (VD_BS_ALLOCATED | VD_BS_DATA | VD_BS_ZERO)) ||
+                 !m->target->drv->supports_backing;
+    *allocated = alloc && !(!m->target->drv->supports_backing && (flags & VD_BS_ZERO));
+    if (alloc) {
+        *zero = (flags & VD_BS_ZERO) != 0;
+    } else {
+        /* unallocated: reads the final backing, or zeroes without one */
+        *zero = m->final_backing == NULL;
+    }
+    *pnum = n;
+    return 0;
+}
+
+static int copy_data(Mirror *m, uint64_t offset, uint64_t bytes, uint8_t *buf, bool *is_read)
+{
+    while (bytes > 0) {
+        uint64_t n = bytes < m->chunk ? bytes : m->chunk;
+        *is_read = true;
+        int r = vd_pread(m->source, offset, n, buf);
+        if (r < 0) {
+            return r;
+        }
+        *is_read = false;
+        r = vd_pwrite(m->target, offset, n, buf, 0);
+        if (r < 0) {
+            return r;
+        }
+        offset += n;
+        bytes -= n;
+    }
+    return 0;
+}
+
+/*
+ * Make the target's [offset, offset+bytes) read what the source reads, for the content above base;
+ * what the source takes from base (and the target will too) is skipped, zeroes stay sparse.
+ * The caller holds the range (filter tracker) or has drained every writer.
+ */
+static int mirror_copy_range(Mirror *m, uint64_t offset, uint64_t bytes, uint8_t *buf,
+                             bool *is_read)
+{
+    uint64_t end = offset + bytes;
+    while (offset < end) {
+        uint64_t pnum = 0;
+        VdBlockStatus st;
+        *is_read = true;
+        int r;
+        if (m->base_is_source) {
+            /* sync=none: every dirty range is data the guest wrote after the start. */
+            st.flags = VD_BS_ALLOCATED | VD_BS_DATA;
+            pnum = end - offset;
+        } else if ((r = vd_block_status_above(m->source, m->base, offset, end - offset, &pnum,
+                                              &st)) < 0) {
+            return r;
+        }
+        if (pnum == 0 || pnum > end - offset) {
+            pnum = end - offset;
+        }
+        bool src_zero = (st.flags & VD_BS_ZERO) ||
+                        (!(st.flags & VD_BS_ALLOCATED) && m->base == NULL);
+        if ((st.flags & VD_BS_ALLOCATED) && !src_zero) {
+            if ((r = copy_data(m, offset, pnum, buf, is_read)) < 0) {
+                return r;
+            }
+        } else {
+            /* Source reads zero, or (unallocated above base) reads base: check the target. */
+            for (uint64_t pos = offset; pos < offset + pnum;) {
+                uint64_t tn;
+                bool tzero, talloc;
+                *is_read = false;
+                if ((r = target_reads_zero(m, pos, offset + pnum - pos, &tn, &tzero, &talloc)) < 0) {
+                    return r;
+                }
+                if (src_zero && !tzero) {
+                    r = vd_pwrite_zeroes(m->target, pos, tn, VD_REQ_MAY_UNMAP);
+                } else if (!src_zero && talloc) {
+                    /* The target holds its own data where the source shows base: copy base. */
+                    r = copy_data(m, pos, tn, buf, is_read);
+                } else {
+                    r = 0;
+                }
+                if (r < 0) {
+                    return r;
+                }
+                pos += tn;
+            }
+        }
+        offset += pnum;
+    }
+    return 0;
+}
+
+/* Initial dirty bitmap: what the source decides above base, plus/minus target allocations. */
+static int mirror_scan(Mirror *m)
+{
+    if (m->base_is_source) {
+        return 0;
+    }
+    for (uint64_t off = 0; off < m->len;) {
+        if (job_is_cancelled(m->job)) {
+            return -ECANCELED;
+        }
+        uint64_t pnum = 0;
+        VdBlockStatus st;
+        int r = vd_block_status_above(m->source, m->base, off, m->len - off, &pnum, &st);
+        if (r < 0) {
+            return r;
+        }
+        if (pnum == 0) {
+            pnum = m->len - off;
+        }
+        /* A target that will not share the source's base must get every byte. */
+        bool src_needs = (st.flags & VD_BS_ALLOCATED) != 0 || !m->shares_base;
+        for (uint64_t pos = off; pos < off + pnum;) {
+            uint64_t tn = off + pnum - pos;
+            bool tzero = true, talloc = false;
+            if (!m->target_new || m->skip_target_allocated) {
+                if ((r = target_reads_zero(m, pos, tn, &tn, &tzero, &talloc)) < 0) {
+                    return r;
+                }
+            }
+            bool dirty = m->skip_target_allocated ? (src_needs && !talloc)
+                                                  : (src_needs || talloc);
+            if (dirty) {
+                pthread_mutex_lock(&m->lock);
+                bm_set(m, pos, tn, true);
+                pthread_mutex_unlock(&m->lock);
+            }
+            pos += tn;
+        }
+        off += pnum;
+    }
+    return 0;
+}
+
+static void mirror_update_progress(Mirror *m, bool ready)
+{
+    pthread_mutex_lock(&m->lock);
+    uint64_t rem = dirty_bytes_locked(m);
+    pthread_mutex_unlock(&m->lock);
+    /* libvirt reads offset == len as "ready": never show it before READY. */
+    job_progress_set_remaining(m->job, (!ready && rem == 0) ? 1 : rem);
+}
+
+/* An I/O error of the copy: returns 0 to carry on (retry later) or the error to fail with. */
+static int mirror_io_error(Mirror *m, int r, bool is_read, VdError **errp)
+{
+    JobErrorAction a = job_handle_io_error(m->job, is_read ? m->on_source_error : m->on_target_error,
+                                           is_read, r);
+    if (a == JOB_ERR_REPORT) {
+        vd_error_setg(errp, -r, "Mirror %s error: %s", is_read ? "read" : "write", strerror(-r));
+        return r;
+    }
+    if (a == JOB_ERR_STOP) {
+        job_pause_point(m->job);
+    } else {
+        job_sleep_ns(m->job, 10000000); /* ignore: retry, but do not spin */
+    }
+    return 0;
+}
+
+static int mirror_run(Job *job, VdError **errp)
+{
+    Mirror *m = job_opaque(job);
+    uint8_t *buf = malloc(m->chunk);
+    if (!buf) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+        return -ENOMEM;
+    }
+    int r = mirror_scan(m);
+    if (r < 0) {
+        free(buf);
+        if (r != -ECANCELED) {
+            vd_error_setg(errp, -r, "Cannot read the block status of the source: %s", strerror(-r));
+        }
+        return r;
+    }
+    mirror_update_progress(m, false);
+    uint64_t cursor = 0, window_start = now_ns(), window_copied = 0;
+    pthread_mutex_lock(&m->lock);
+    uint64_t window_dirty_start = m->dirty_bits;
+    pthread_mutex_unlock(&m->lock);
+    int outpaced = 0;
+    for (;;) {
+        job_pause_point(job);
+        if (job_is_cancelled(job)) {
+            r = -ECANCELED;
+            break;
+        }
+        pthread_mutex_lock(&m->lock);
+        int terr = m->pending_target_error;
+        m->pending_target_error = 0;
+        pthread_mutex_unlock(&m->lock);
+        if (terr && (r = mirror_io_error(m, terr, false, errp)) < 0) {
+            break;
+        }
+
+        /*
+         * Are guest writes outpacing the copy? If a window's copying shrank the dirty set by less
+         * than a tenth of what it copied, guests re-dirty as fast as we copy and the job may never
+         * converge: stop accumulating, go write-blocking.
+         */
+        uint64_t t = now_ns();
+        if (t - window_start >= WINDOW_NS) {
+            pthread_mutex_lock(&m->lock);
+            uint64_t gained = window_dirty_start > m->dirty_bits
+                                  ? (window_dirty_start - m->dirty_bits) * m->granularity : 0;
+            bool stuck = m->dirty_bits > 0 && window_copied > 0 && gained * 10 < window_copied;
+            outpaced = stuck ? outpaced + 1 : 0;
+            if (outpaced >= OUTPACED_WINDOWS && !m->write_blocking) {
+                m->write_blocking = m->auto_write_blocking = true;
+                vd_log(VD_LOG_INFO, "mirror '%s': guest writes outpace the copy, switching to "
+                       "write-blocking", job_id(job));
+            }
+            window_dirty_start = m->dirty_bits;
+            pthread_mutex_unlock(&m->lock);
+            window_start = t;
+            window_copied = 0;
+        }
+
+        /* Under a speed limit, copy about one 100 ms slice at a time (rate limit fidelity). */
+        uint64_t speed = job_get_speed(job), chunk = m->chunk;
+        if (speed && speed / 10 < chunk) {
+            chunk = speed / 10;
+        }
+        pthread_mutex_lock(&m->lock);
+        uint64_t first;
+        bool have = bm_next(m, cursor, &first);
+        uint64_t nb = 0;
+        if (have) {
+            uint64_t max_bits = chunk / m->granularity;
+            if (max_bits == 0) {
+                max_bits = 1;
+            }
+            while (first + nb < m->nbits && nb < max_bits && bm_get(m, first + nb)) {
+                nb++;
+            }
+        }
+        pthread_mutex_unlock(&m->lock);
+
+        if (!have) {
+            bool ready = job_is_ready(job);
+            if (!ready) {
+                job_progress_set_remaining(job, 0);
+                job_transition_to_ready(job);
+                continue;
+            }
+            pthread_mutex_lock(&m->lock);
+            bool done = m->should_complete;
+            pthread_mutex_unlock(&m->lock);
+            if (done || job_cancel_requested(job)) {
+                r = 0;
+                break;
+            }
+            /* In sync: wait for guest writes (or a verb), then look again. */
+            struct timespec ts;
+            clock_gettime(CLOCK_MONOTONIC, &ts);
+            ts.tv_nsec += (long)IDLE_WAIT_NS;
+            if (ts.tv_nsec >= 1000000000L) {
+                ts.tv_sec++;
+                ts.tv_nsec -= 1000000000L;
+            }
+            job_set_busy(job, false);
+            pthread_mutex_lock(&m->lock);
+            while (!m->kicked && m->dirty_bits == 0) {
+                if (pthread_cond_timedwait(&m->cond, &m->lock, &ts) != 0) {
+                    break;
+                }
+            }
+            m->kicked = false;
+            pthread_mutex_unlock(&m->lock);
+            job_set_busy(job, true);
+            continue;
+        }
+
+        uint64_t off = first * m->granularity;
+        uint64_t n = nb * m->granularity;
+        if (off + n > m->len) {
+            n = m->len - off;
+        }
+        /*
+         * BT_SHARED is enough: the copy must exclude guest writes (BT_EXCLUSIVE) to the range, not
+         * guest reads; only this thread copies, so copies never overlap each other.
+         */
+        BtRequest req;
+        block_tracker_begin(m->tracker, &req, off, n, BT_SHARED);
+        pthread_mutex_lock(&m->lock);
+        bm_set(m, off, n, false);
+        pthread_mutex_unlock(&m->lock);
+        bool is_read = false;
+        r = mirror_copy_range(m, off, n, buf, &is_read);
+        if (r < 0) {
+            pthread_mutex_lock(&m->lock);
+            bm_set(m, off, n, true);
+            pthread_mutex_unlock(&m->lock);
+        }
+        block_tracker_end(m->tracker, &req);
+        cursor = first + nb;
+        if (r < 0) {
+            if ((r = mirror_io_error(m, r, is_read, errp)) < 0) {
+                break;
+            }
+            continue;
+        }
+        window_copied += n;
+        job_progress_update(job, n);
+        mirror_update_progress(m, job_is_ready(job));
+        job_rate_limit(job, n);
+    }
+    free(buf);
+    return r;
+}
+
+static int mirror_complete(Job *job, VdError **errp)
+{
+    Mirror *m = job_opaque(job);
+    pthread_mutex_lock(&m->lock);
+    m->should_complete = true;
+    mirror_kick_locked(m);
+    pthread_mutex_unlock(&m->lock);
+    return 0;
+}
+
+static bool mirror_cancel(Job *job, bool force, bool ready)
+{
+    /* Soft cancel of a ready mirror: finish with a consistent target, no pivot (virsh --finish). */
+    return force || !ready;
+}
+
+static void mirror_kick(Job *job)
+{
+    Mirror *m = job_opaque(job);
+    pthread_mutex_lock(&m->lock);
+    mirror_kick_locked(m);
+    pthread_mutex_unlock(&m->lock);
+}
+
+static void mirror_detach_filter(Mirror *m)
+{
+    pthread_mutex_lock(&m->lock);
+    m->detached = true;
+    pthread_mutex_unlock(&m->lock);
+    __atomic_store_n(&((MirrorTop *)m->filter->opaque)->m, NULL, __ATOMIC_RELEASE);
+}
+
+/*
+ * Finalization after a successful run: with guests quiesced, copy what is still dirty, flush, and
+ * either pivot (complete) or leave the guest on the source (soft cancel) with a consistent target.
+ */
+static int mirror_prepare(Job *job, VdError **errp)
+{
+    Mirror *m = job_opaque(job);
+    uint64_t t0 = now_ns();
+    NbdExport **exps = exports_drain(m, m->filter);
+    if (!exps) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+        return -ENOMEM;
+    }
+    block_tracker_wait_idle(m->tracker);
+    uint8_t *buf = malloc(m->chunk);
+    int r = buf ? 0 : -ENOMEM;
+    uint64_t copied = 0;
+    bool is_read = false;
+    while (r == 0) {
+        uint64_t first, nb = 0;
+        pthread_mutex_lock(&m->lock);
+        r = m->pending_target_error;
+        bool have = r == 0 && bm_next(m, 0, &first);
+        while (have && first + nb < m->nbits && (nb + 1) * m->granularity <= m->chunk &&
+               bm_get(m, first + nb)) {
+            nb++;
+        }
+        if (have) {
+            nb = nb ? nb : 1;
+            bm_set(m, first * m->granularity, nb * m->granularity, false);
+        }
+        pthread_mutex_unlock(&m->lock);
+        if (!have) {
+            break;
+        }
+        uint64_t off = first * m->granularity;
+        uint64_t n = nb * m->granularity;
+        n = off + n > m->len ? m->len - off : n;
+        r = mirror_copy_range(m, off, n, buf, &is_read);
+        copied += n;
+    }
+    free(buf);
+    if (r == 0) {
+        is_read = false;
+        r = vd_flush(m->target);
+    }
+    pthread_mutex_lock(&m->lock);
+    bool pivot = m->should_complete;
+    pthread_mutex_unlock(&m->lock);
+    if (r == 0 && pivot && m->rewrite_backing) {
+        VdError *e = NULL;
+        r = vd_change_backing_file(m->target, m->backing_name, m->backing_fmt, &e);
+        if (r < 0) {
+            vd_error_propagate(errp, e);
+        }
+    }
+    if (r < 0) {
+        vd_error_setg(errp, -r, "Mirror %s error while finishing: %s", is_read ? "read" : "write",
+                      strerror(-r));
+        exports_set_node_and_resume(m, exps, NULL); /* still on the filter; abort puts them back */
+        return r;
+    }
+    if (pivot) {
+        vd_node_set_backing(m->target, m->final_backing);
+        m->pivoted = true;
+    }
+    mirror_detach_filter(m);
+    exports_set_node_and_resume(m, exps, pivot ? m->target : m->source);
+    uint64_t us = (now_ns() - t0) / 1000;
+    vd_log(VD_LOG_INFO, "mirror '%s': %s; guest I/O paused %llu.%03llu ms (%llu bytes copied "
+           "while paused)", job_id(job), pivot ? "pivoted to the target" : "finished without pivot",
+           (unsigned long long)(us / 1000), (unsigned long long)(us % 1000),
+           (unsigned long long)copied);
+    return 0;
+}
+
+static void mirror_abort(Job *job)
+{
+    Mirror *m = job_opaque(job);
+    pthread_mutex_lock(&m->lock);
+    bool detached = m->detached;
+    pthread_mutex_unlock(&m->lock);
+    if (detached) {
+        return;
+    }
+    /* Guests go back to the source, which the job never wrote to. */
+    NbdExport **exps = exports_drain(m, m->filter);
+    block_tracker_wait_idle(m->tracker);
+    mirror_detach_filter(m);
+    if (exps) {
+        exports_set_node_and_resume(m, exps, m->source);
+    }
+}
+
+static void mirror_clean(Job *job)
+{
+    Mirror *m = job_opaque(job);
+    busy_release(m);
+    if (!m->pivoted) {
+        /* Drop the source from under the target: back to what it had (base for a new image). */
+        vd_node_set_backing(m->target, m->target_orig_backing ? m->target_orig_backing : m->base);
+    }
+}
+
+static void mirror_query(Job *job, json_t *info)
+{
+    Mirror *m = job_opaque(job);
+    pthread_mutex_lock(&m->lock);
+    json_object_set_new(info, "vdisk-copy-mode",
+                        json_string(m->write_blocking ? "write-blocking" : "background"));
+    json_object_set_new(info, "vdisk-auto-write-blocking", json_boolean(m->auto_write_blocking));
+    pthread_mutex_unlock(&m->lock);
+}
+
+static void mirror_free_state(Mirror *m)
+{
+    if (!m) {
+        return;
+    }
+    busy_release(m);
+    if (m->tracker) {
+        block_tracker_put(m->tracker);
+    }
+    vd_node_unref(m->filter);
+    vd_node_unref(m->target_orig_backing);
+    vd_node_unref(m->target);
+    vd_node_unref(m->base);
+    vd_node_unref(m->source);
+    for (size_t i = 0; i < m->nexports; i++) {
+        free(m->export_ids[i]);
+    }
+    free(m->export_ids);
+    free(m->backing_name);
+    free(m->backing_fmt);
+    free(m->bitmap);
+    pthread_mutex_destroy(&m->lock);
+    pthread_cond_destroy(&m->cond);
+    free(m);
+}
+
+static void mirror_free(Job *job)
+{
+    mirror_free_state(job_opaque(job));
+}
+
+static const JobDriver mirror_driver = {
+    .type = "mirror",
+    .run = mirror_run,
+    .complete = mirror_complete,
+    .cancel = mirror_cancel,
+    .prepare = mirror_prepare,
+    .abort = mirror_abort,
+    .clean = mirror_clean,
+    .kick = mirror_kick,
+    .query = mirror_query,
+    .free = mirror_free,
+};
+
+BlockNode *mirror_filter_node(Job *job)
+{
+    if (!job || strcmp(job_type(job), "mirror") != 0) {
+        return NULL;
+    }
+    Mirror *m = job_opaque(job);
+    pthread_mutex_lock(&m->lock);
+    BlockNode *f = m->detached ? NULL : m->filter;
+    pthread_mutex_unlock(&m->lock);
+    return f;
+}
+
+static uint64_t pow2_floor(uint64_t v)
+{
+    return v ? 1ULL << (63 - __builtin_clzll(v)) : 0;
+}
+
+Job *mirror_start(const MirrorOptions *o, VdError **errp)
+{
+    int64_t slen = vd_getlength(o->source), tlen = vd_getlength(o->target);
+    if (slen < 0 || tlen < 0) {
+        vd_error_setg(errp, EIO, "Cannot get the length of the source or the target");
+        return NULL;
+    }
+    if (tlen < slen) {
+        vd_error_setg(errp, EINVAL, "Target is smaller than the source (%lld < %lld bytes)",
+                      (long long)tlen, (long long)slen);
+        return NULL;
+    }
+    if (o->target->read_only) {
+        vd_error_setg(errp, EPERM, "Target '%s' is read-only", o->target->filename);
+        return NULL;
+    }
+    if (o->target == o->source || vd_chain_depth(o->source, o->target) >= 0) {
+        vd_error_setg(errp, EINVAL, "The target cannot be part of the source's chain");
+        return NULL;
+    }
+    uint64_t g = o->granularity;
+    if (g && (g < 512 || g > (64ULL << 20) || (g & (g - 1)))) {
+        vd_error_setg(errp, EINVAL, "Granularity must be a power of 2 between 512 and 64M");
+        return NULL;
+    }
+    uint32_t tcs = o->target->drv->cluster_size ? o->target->drv->cluster_size(o->target) : 0;
+    uint32_t scs = o->source->drv->cluster_size ? o->source->drv->cluster_size(o->source) : 0;
+    if (!g) {
+        g = tcs ? tcs : 65536;
+        g = g < 4096 ? 4096 : g > 65536 ? 65536 : g;
+    }
+    uint64_t buf_size = o->buf_size ? o->buf_size : DEFAULT_BUF_SIZE;
+    if (buf_size < g) {
+        vd_error_setg(errp, EINVAL, "Parameter 'buf-size' must be at least the granularity");
+        return NULL;
+    }
+
+    Mirror *m = calloc(1, sizeof(*m));
+    if (!m) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+        return NULL;
+    }
+    pthread_mutex_init(&m->lock, NULL);
+    pthread_condattr_t ca; /* the idle wait uses a CLOCK_MONOTONIC deadline */
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&m->cond, &ca);
+    pthread_condattr_destroy(&ca);
+    m->len = (uint64_t)slen;
+    m->granularity = g;
+    uint64_t chunk = buf_size < MAX_COPY_CHUNK ? buf_size : MAX_COPY_CHUNK;
+    m->chunk = chunk / g * g;
+    /* The filter's tracker must cover whole clusters of both images (COW inside one cluster). */
+    uint64_t tg = g;
+    tg = tcs > tg ? tcs : tg;
+    tg = scs > tg ? scs : tg;
+    m->tracker_granularity = pow2_floor(tg);
+    m->nbits = (m->len + g - 1) / g;
+    m->bitmap = calloc((m->nbits + 63) / 64 + 1, sizeof(uint64_t));
+    m->source = o->source;
+    vd_node_ref(m->source);
+    m->target = o->target;
+    vd_node_ref(m->target);
+    m->base = o->base_is_source ? o->source : o->base;
+    vd_node_ref(m->base);
+    m->base_is_source = o->base_is_source;
+    m->rewrite_backing = o->rewrite_backing;
+    m->skip_target_allocated = o->skip_target_allocated;
+    m->backing_name = o->backing_name ? strdup(o->backing_name) : NULL;
+    m->backing_fmt = o->backing_fmt ? strdup(o->backing_fmt) : NULL;
+    m->write_blocking = o->write_blocking;
+    m->on_source_error = o->on_source_error;
+    m->on_target_error = o->on_target_error;
+    m->target_orig_backing = o->target->backing;
+    vd_node_ref(m->target_orig_backing);
+    m->final_backing = o->keep_target_backing ? m->target_orig_backing : m->base;
+    m->target_new = o->target_new;
+    m->shares_base = same_image(m->final_backing, m->base);
+    m->filter = filter_new(m, o->job_id, o->filter_node_name);
+    if (!m->bitmap || !m->filter || (o->backing_name && !m->backing_name) ||
+        (o->backing_fmt && !m->backing_fmt)) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+        mirror_free_state(m);
+        return NULL;
+    }
+    m->tracker = block_tracker_get(m->filter);
+    ExportScan scan = {.node = o->source};
+    if (nbd_server_running()) {
+        nbd_export_foreach(scan_cb, &scan);
+    }
+    m->export_ids = scan.ids;
+    m->nexports = scan.n;
+    if (!m->tracker || scan.oom) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+        mirror_free_state(m);
+        return NULL;
+    }
+
+    if (busy_claim(m, o->job_id, errp) < 0) {
+        mirror_free_state(m);
+        return NULL;
+    }
+    JobOptions jo = {.id = o->job_id, .auto_finalize = o->auto_finalize,
+                     .auto_dismiss = o->auto_dismiss, .speed = o->speed};
+    Job *job = job_create(&mirror_driver, &jo, m, errp);
+    if (!job) {
+        mirror_free_state(m);
+        return NULL;
+    }
+    m->job = job;
+    /*
+     * From here guest writes to the source pass the filter. The target reads the source below
+     * its own layer until the pivot. Both happen before the scan, so no write is missed.
+     */
+    vd_node_set_backing(m->target, m->source);
+    NbdExport **exps = exports_drain(m, m->source);
+    exports_set_node_and_resume(m, exps, m->filter);
+    if (!exps) {
+        vd_log(VD_LOG_WARN, "mirror '%s': out of memory switching exports", o->job_id);
+    }
+    if (job_start(job, errp) < 0) {
+        return NULL; /* the job aborted: exports are back on the source */
+    }
+    return job;
+}
+
+/* ---- QMP ---- */
+
+static const char *str_arg(json_t *args, const char *key)
+{
+    return json_string_value(json_object_get(args, key));
+}
+
+static bool bool_arg(json_t *args, const char *key, bool dflt)
+{
+    json_t *v = json_object_get(args, key);
+    return json_is_boolean(v) ? json_is_true(v) : dflt;
+}
+
+static int int_arg(json_t *args, const char *key, int64_t *out, VdError **errp)
+{
+    json_t *v = json_object_get(args, key);
+    if (!v) {
+        return 0;
+    }
+    if (!json_is_integer(v)) {
+        vd_error_setg(errp, EINVAL, "Invalid parameter type for '%s', expected: integer", key);
+        return -EINVAL;
+    }
+    *out = json_integer_value(v);
+    return 0;
+}
+
+json_t *mirror_qmp_start(json_t *args, bool blockdev, VdError **errp)
+{
+    static const char *const drive_keys[] = {
+        "job-id", "device", "target", "format", "node-name", "replaces", "sync", "mode", "speed",
+        "granularity", "buf-size", "on-source-error", "on-target-error", "unmap", "copy-mode",
+        "auto-finalize", "auto-dismiss", "base-node", NULL};
+    static const char *const blockdev_keys[] = {
+        "job-id", "device", "target", "replaces", "sync", "speed", "granularity", "buf-size",
+        "on-source-error", "on-target-error", "filter-node-name", "copy-mode", "auto-finalize",
+        "auto-dismiss", "base-node", NULL};
+    const char *key;
+    json_t *val;
+    json_object_foreach(args, key, val) {
+        bool ok = false;
+        for (const char *const *k = blockdev ? blockdev_keys : drive_keys; *k; k++) {
+            ok |= !strcmp(*k, key);
+        }
+        if (!ok) {
+            vd_error_setg(errp, EINVAL, "Parameter '%s' is unexpected", key);
+            return NULL;
+        }
+    }
+    const char *device = str_arg(args, "device"), *target_name = str_arg(args, "target");
+    const char *sync = str_arg(args, "sync");
+    if (!device || !target_name || !sync) {
+        vd_error_setg(errp, EINVAL, "Parameter '%s' is missing",
+                      !device ? "device" : !target_name ? "target" : "sync");
+        return NULL;
+    }
+    if (json_object_get(args, "replaces")) {
+        vd_error_setg(errp, ENOTSUP, "Parameter 'replaces' is not supported");
+        return NULL;
+    }
+    BlockNode *source = graph_find_node(device);
+    if (!source) {
+        vd_error_setg(errp, EINVAL, "Cannot find device='%s' nor node-name='%s'", device, device);
+        return NULL;
+    }
+    /* A stream/commit of this chain (src/jobs/blockops.h) excludes a mirror of it. */
+    const char *other = blockops_busy(source);
+    if (other) {
+        vd_error_setg(errp, EBUSY, "Node '%s' is busy: block device is in use by block job: %s",
+                      source->node_name, other);
+        return NULL;
+    }
+    const char *job_id = str_arg(args, "job-id");
+    if (!job_id) {
+        job_id = device;
+    }
+    /* Refuse a bad or taken job id before any image is created. */
+    Job *existing_job = job_find(job_id);
+    if (existing_job || !job_id_wellformed(job_id)) {
+        job_unref(existing_job);
+        vd_error_setg(errp, EINVAL, existing_job ? "Job ID '%s' already in use"
+                                                 : "Invalid job ID '%s'", job_id);
+        return NULL;
+    }
+    MirrorOptions o = {.job_id = job_id, .source = source,
+                       .auto_finalize = bool_arg(args, "auto-finalize", true),
+                       .auto_dismiss = bool_arg(args, "auto-dismiss", true)};
+    int64_t v = 0;
+    o.filter_node_name = str_arg(args, "filter-node-name");
+    if (int_arg(args, "speed", &o.speed, errp) < 0 ||
+        int_arg(args, "granularity", &v, errp) < 0) {
+        return NULL;
+    }
+    if (o.speed < 0) {
+        vd_error_setg(errp, EINVAL, "Invalid parameter 'speed'");
+        return NULL;
+    }
+    o.granularity = v > 0 ? (uint64_t)v : 0;
+    if (v < 0) {
+        vd_error_setg(errp, EINVAL, "Granularity must be a power of 2 between 512 and 64M");
+        return NULL;
+    }
+    v = 0;
+    if (int_arg(args, "buf-size", &v, errp) < 0) {
+        return NULL;
+    }
+    if (v < 0) {
+        vd_error_setg(errp, EINVAL, "Invalid parameter 'buf-size'");
+        return NULL;
+    }
+    o.buf_size = (uint64_t)v;
+    if (job_error_action_parse(str_arg(args, "on-source-error"), &o.on_source_error) < 0 ||
+        job_error_action_parse(str_arg(args, "on-target-error"), &o.on_target_error) < 0) {
+        vd_error_setg(errp, EINVAL, "on-source-error/on-target-error: expected report, ignore, "
+                      "stop or enospc");
+        return NULL;
+    }
+    const char *cm = str_arg(args, "copy-mode");
+    if (cm && strcmp(cm, "background") && strcmp(cm, "write-blocking")) {
+        vd_error_setg(errp, EINVAL, "Parameter 'copy-mode' does not accept value '%s'", cm);
+        return NULL;
+    }
+    o.write_blocking = cm && !strcmp(cm, "write-blocking");
+
+    /* What the target shares: sync picks it, base-node (vdisk) overrides. */
+    const char *base_node = str_arg(args, "base-node");
+    if (!strcmp(sync, "full")) {
+        o.base = NULL;
+    } else if (!strcmp(sync, "top")) {
+        o.base = source->backing;
+    } else if (!strcmp(sync, "none")) {
+        o.base_is_source = true;
+    } else {
+        vd_error_setg(errp, EINVAL, "Parameter 'sync' does not accept value '%s'", sync);
+        return NULL;
+    }
+    if (base_node) {
+        BlockNode *b = vd_chain_find(source, base_node);
+        if (!b || b == source) {
+            vd_error_setg(errp, EINVAL, "Node '%s' is not a backing node of '%s'", base_node,
+                          device);
+            return NULL;
+        }
+        o.base = b;
+        o.base_is_source = false;
+        o.skip_target_allocated = true;
+    }
+    BlockNode *share = o.base_is_source ? source : o.base;
+    /* mode absolute-paths: record the shared image by its absolute path. */
+    char *share_path = share ? realpath(share->filename, NULL) : NULL;
+    const char *share_name = share_path ? share_path : share ? share->filename : NULL;
+
+    BlockNode *target = NULL;
+    Job *job = NULL;
+    bool created = false;
+    if (blockdev) {
+        target = graph_find_node(target_name);
+        if (!target) {
+            vd_error_setg(errp, EINVAL, "Cannot find device='%s' nor node-name='%s'",
+                          target_name, target_name);
+            goto out;
+        }
+        vd_node_ref(target);
+        /* blockdev-mirror leaves the target's backing chain as the user built it... */
+        o.rewrite_backing = false;
+        o.keep_target_backing = !base_node;
+        if (base_node) {
+            /* ...except with base-node, whose promise is "the target's backing is base". */
+            o.rewrite_backing = true;
+            o.backing_name = share_name;
+            o.backing_fmt = share->drv->name;
+        }
+    } else {
+        const char *mode = str_arg(args, "mode");
+        const char *format = str_arg(args, "format");
+        if (mode && strcmp(mode, "existing") && strcmp(mode, "absolute-paths")) {
+            vd_error_setg(errp, EINVAL, "Parameter 'mode' does not accept value '%s'", mode);
+            goto out;
+        }
+        bool existing = mode && !strcmp(mode, "existing");
+        const char *nn = str_arg(args, "node-name");
+        if (nn && graph_find_node(nn)) {
+            vd_error_setg(errp, EEXIST, "Duplicate nodes with node-name='%s'", nn);
+            goto out;
+        }
+        if (!format) {
+            format = existing ? NULL : source->drv->name;
+        }
+        if (format && strcmp(format, "qcow2") && strcmp(format, "raw")) {
+            vd_error_setg(errp, EINVAL, "Unsupported target format '%s'", format);
+            goto out;
+        }
+        char *tpath = realpath(target_name, NULL);
+        bool in_chain = false;
+        for (BlockNode *b = source; tpath && b; b = b->backing) {
+            char *bp = realpath(b->filename, NULL);
+            in_chain |= bp && !strcmp(bp, tpath);
+            free(bp);
+        }
+        free(tpath);
+        if (in_chain) {
+            vd_error_setg(errp, EINVAL, "Target '%s' is an image of the source's chain", target_name);
+            goto out;
+        }
+        if (!existing) {
+            if (share && format && !strcmp(format, "raw")) {
+                vd_error_setg(errp, EINVAL, "A raw target cannot have a backing file: use "
+                              "sync=full or format=qcow2");
+                goto out;
+            }
+            VdCreateOptions co = {.format = format, .size = (uint64_t)vd_getlength(source),
+                                  .size_given = true, .unsafe = true,
+                                  .backing_file = share_name,
+                                  .backing_fmt = share ? share->drv->name : NULL};
+            if (vd_create(&co, target_name, errp) < 0) {
+                goto out;
+            }
+            created = true;
+        }
+        VdOpenOptions oo = {.filename = target_name, .format = format,
+                            .node_name = str_arg(args, "node-name"),
+                            .flags = VD_OPEN_RDWR | VD_OPEN_NO_BACKING};
+        target = vd_open(&oo, errp);
+        if (!target) {
+            goto out;
+        }
+        /*
+         * A fresh target already names its backing. An existing one keeps what the user recorded
+         * (it may be a copy of base elsewhere), except that base-node promises "backing = base".
+         */
+        o.rewrite_backing = base_node != NULL;
+        o.backing_name = share_name;
+        o.backing_fmt = share ? share->drv->name : NULL;
+        if (o.rewrite_backing && target->full_backing_filename && share &&
+            !strcmp(target->full_backing_filename, share_name)) {
+            o.rewrite_backing = false; /* already right */
+        }
+        if (o.rewrite_backing && !share && !target->backing_file) {
+            o.rewrite_backing = false;
+        }
+        if (!strcmp(target->drv->name, "raw")) {
+            o.rewrite_backing = false;
+        }
+    }
+    o.target = target;
+    o.target_new = created;
+    job = mirror_start(&o, errp);
+    /*
+     * As in QEMU, the new target is a named node of the graph from now on (query-named-block-nodes
+     * shows what exports serve after the pivot). Without a pivot it stays until blockdev-del:
+     * the graph may only change on the QMP thread, which the job's end does not run on.
+     */
+    if (job && !blockdev) {
+        VdError *e = NULL;
+        if (graph_register(target, &e) < 0) {
+            vd_log(VD_LOG_WARN, "mirror '%s': cannot register node '%s': %s", job_id,
+                   target->node_name, vd_error_msg(e));
+            vd_error_free(e);
+        }
+    }
+out:
+    vd_node_unref(target);
+    free(share_path);
+    return job ? json_object() : NULL;
+}

@@ -1,0 +1,399 @@
+"""Live block copy through vdiskd: drive-mirror of a qcow2 chain served over NBD while a guest
+(qemu-io over NBD) keeps writing; pivot with block-job-complete; then the target is compared byte for
+byte with a model of what the guest wrote, and qemu-img check must find it clean. Cancel before ready
+must leave the guest on an untouched source. Event and reply shapes follow qemu-storage-daemon 7.2.
+"""
+import json
+import os
+import random
+import re
+import socket
+import time
+
+import pytest
+
+from conftest import VDISKD, qemu_img, qemu_io, assert_qemu_check_clean
+from qmp_client import start_vdiskd
+
+pytestmark = pytest.mark.skipif(not os.path.exists(VDISKD), reason="vdiskd not built")
+
+MiB = 1 << 20
+SIZE = 8 * MiB
+
+
+@pytest.fixture
+def tmp(tmp_path):
+    return tmp_path
+
+
+def make_chain(tmp):
+    """base: 0x11 in [0, 2M), 0x33 in [6M, 7M); top over base: 0x22 in [2M, 4M), zeroes at 6M+64K."""
+    base, top = tmp / "base.qcow2", tmp / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", base, SIZE)
+    qemu_io("-f", "qcow2", "-c", f"write -P 0x11 0 {2 * MiB}", "-c",
+            f"write -P 0x33 {6 * MiB} {MiB}", base)
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top)
+    qemu_io("-f", "qcow2", "-c", f"write -P 0x22 {2 * MiB} {2 * MiB}", "-c",
+            f"write -z {6 * MiB + 65536} 65536", top)
+    model = bytearray(SIZE)
+    model[0:2 * MiB] = b"\x11" * (2 * MiB)
+    model[2 * MiB:4 * MiB] = b"\x22" * (2 * MiB)
+    model[6 * MiB:7 * MiB] = b"\x33" * MiB
+    model[6 * MiB + 65536:6 * MiB + 131072] = bytes(65536)
+    return base, top, model
+
+
+def start(tmp, top):
+    sock = str(tmp / "nbd.sock")
+    d = start_vdiskd(tmp, "-v", "--blockdev", json.dumps({
+        "driver": "qcow2", "node-name": "disk0",
+        "file": {"driver": "file", "filename": str(top)}}),
+        "--nbd-server", f"addr.type=unix,addr.path={sock}",
+        "--export", "type=nbd,id=exp0,node-name=disk0,name=disk0,writable=on")
+    q = d.client()
+    names = {c["name"] for c in q.cmd("query-commands")}
+    if "drive-mirror" not in names:
+        q.close()
+        d.kill()
+        pytest.skip("this vdiskd does not register the job commands (jobs_qmp_register)")
+    return d, q, f"nbd+unix:///disk0?socket={sock}"
+
+
+def guest_writes(uri, model, rng, n, pattern_base):
+    """n random writes / write-zeroes through NBD in one qemu-io run, applied to the model."""
+    cmds = []
+    for i in range(n):
+        length = rng.randrange(1, 300 * 1024)
+        off = rng.randrange(0, SIZE - length)
+        if rng.random() < 0.8:
+            pat = (pattern_base + i) % 250 + 1
+            cmds += ["-c", f"write -P {pat} {off} {length}"]
+            model[off:off + length] = bytes([pat]) * length
+        else:
+            cmds += ["-c", f"write -z {off} {length}"]
+            model[off:off + length] = bytes(length)
+    qemu_io("-f", "raw", *cmds, uri, timeout=120)
+
+
+def read_image(tmp, path, name):
+    out = tmp / name
+    qemu_img("convert", "-O", "raw", path, out)
+    return out.read_bytes()
+
+
+def first_diff(a, b):
+    for i in range(min(len(a), len(b))):
+        if a[i] != b[i]:
+            return i, a[i], b[i]
+    return None
+
+
+def wait_status(q, job_id, status, timeout=15):
+    """Wait until a JOB_STATUS_CHANGE to status was seen (events stay in q.events)."""
+    end = time.time() + timeout
+    while status not in statuses(q, job_id):
+        assert time.time() < end, f"no status {status} for {job_id}; saw {statuses(q, job_id)}"
+        q.sock.settimeout(max(0.05, end - time.time()))
+        try:
+            q.events.append(q.recv())
+        except socket.timeout:
+            pass
+        finally:
+            q.sock.settimeout(10)
+
+
+def statuses(q, job_id):
+    return [e["data"]["status"] for e in q.events
+            if e["event"] == "JOB_STATUS_CHANGE" and e["data"]["id"] == job_id]
+
+
+def test_mirror_pivot_with_concurrent_guest(tmp):
+    base, top, model = make_chain(tmp)
+    tgt = tmp / "tgt.qcow2"
+    d, q, uri = start(tmp, top)
+    rng = random.Random(1)
+    try:
+        q.cmd("drive-mirror", job_id="m0", device="disk0", target=str(tgt), sync="top",
+              format="qcow2", speed=MiB)
+        jobs = q.cmd("query-block-jobs")
+        assert len(jobs) == 1 and jobs[0]["device"] == "m0" and jobs[0]["type"] == "mirror"
+        assert jobs[0]["status"] == "running" and jobs[0]["speed"] == MiB
+        for k in ("len", "offset", "busy", "paused", "io-status", "ready", "auto-finalize",
+                  "auto-dismiss"):
+            assert k in jobs[0], k
+        # The guest writes while the (rate-limited) copy runs.
+        guest_writes(uri, model, rng, 60, 0)
+        jobs = q.cmd("query-block-jobs")
+        # 2 MiB to copy at 1 MiB/s: the guest wrote while the copy was running.
+        assert jobs[0]["status"] == "running" and jobs[0]["offset"] < jobs[0]["len"], jobs
+        q.cmd("block-job-set-speed", device="m0", speed=0)
+        ready = q.get_event("BLOCK_JOB_READY", timeout=30)
+        assert ready["data"]["device"] == "m0" and ready["data"]["type"] == "mirror"
+        assert ready["data"]["offset"] == ready["data"]["len"]
+        # ... and while ready.
+        guest_writes(uri, model, rng, 40, 100)
+        q.cmd("block-job-complete", device="m0")
+        done = q.get_event("BLOCK_JOB_COMPLETED", timeout=30)
+        assert "error" not in done["data"], done
+        wait_status(q, "m0", "null")
+        assert statuses(q, "m0") == ["created", "running", "ready", "waiting", "pending",
+                                     "concluded", "null"]
+        assert q.cmd("query-block-jobs") == []
+        # After the pivot the export serves the target: these writes must land there only.
+        source_model = bytes(model)
+        guest_writes(uri, model, rng, 20, 200)
+        # The pivot's guest-visible pause is measured and logged.
+        m = re.search(r"mirror 'm0': pivoted to the target; guest I/O paused (\d+)\.(\d+) ms",
+                      d.output())
+        assert m, d.output()
+        assert int(m.group(1)) < 2000, m.group(0)
+        q.close()
+        d.stop_checked()  # SIGTERM: exit 0, no sanitizer report
+    finally:
+        q.close()
+        d.kill()
+    assert_qemu_check_clean(tgt)
+    assert_qemu_check_clean(top)
+    info = json.loads(qemu_img("info", "--output=json", tgt).stdout)
+    assert os.path.realpath(info["backing-filename"]) == os.path.realpath(base)
+    got = read_image(tmp, tgt, "tgt.raw")
+    assert got == bytes(model), first_diff(got, model)
+    src = read_image(tmp, top, "top.raw")
+    assert src == source_model, first_diff(src, source_model)
+    # Sparse: the shared base was not copied into the target.
+    tmap = json.loads(qemu_img("map", "--output=json", "-f", "qcow2", tgt).stdout)
+    assert not any(e["data"] and e["depth"] == 0 and e["start"] < 2 * MiB
+                   and e["start"] + e["length"] <= 2 * MiB and e["length"] >= MiB for e in tmap)
+
+
+def test_mirror_cancel_before_ready_leaves_source(tmp):
+    base, top, model = make_chain(tmp)
+    tgt = tmp / "tgt.qcow2"
+    d, q, uri = start(tmp, top)
+    rng = random.Random(2)
+    try:
+        q.cmd("drive-mirror", job_id="m1", device="disk0", target=str(tgt), sync="full",
+              format="qcow2", speed=64 * 1024)
+        guest_writes(uri, model, rng, 30, 7)
+        err = q.error("block-job-complete", {"device": "m1"})
+        assert err == "Job 'm1' in state 'running' cannot accept command verb 'complete'"
+        q.cmd("block-job-cancel", device="m1")
+        ev = q.get_event("BLOCK_JOB_CANCELLED", timeout=15)
+        assert ev["data"]["device"] == "m1" and ev["data"]["offset"] < ev["data"]["len"]
+        wait_status(q, "m1", "null")
+        assert statuses(q, "m1") == ["created", "running", "aborting", "concluded", "null"]
+        # The guest is still on the source.
+        guest_writes(uri, model, rng, 10, 50)
+        assert q.cmd("query-block-jobs") == []
+        r = q.execute("block-job-cancel", {"device": "m1"})
+        assert r["error"]["desc"] == "Block job 'm1' not found", r
+        # QEMU's class is DeviceNotActive; GenericError until the server maps ENODEV to it.
+        assert r["error"]["class"] in ("DeviceNotActive", "GenericError"), r
+        q.close()
+        d.stop_checked()  # SIGTERM: exit 0, no sanitizer report
+    finally:
+        q.close()
+        d.kill()
+    assert_qemu_check_clean(top)
+    src = read_image(tmp, top, "top.raw")
+    assert src == bytes(model), first_diff(src, model)
+
+
+def test_job_verbs_over_qmp(tmp):
+    base, top, model = make_chain(tmp)
+    d, q, uri = start(tmp, top)
+    try:
+        assert q.error("drive-mirror", {"job-id": "9x", "device": "disk0", "sync": "full",
+                                        "target": str(tmp / "never.qcow2")}) == \
+            "Invalid job ID '9x'"
+        assert not (tmp / "never.qcow2").exists()  # refused before any image is created
+        q.cmd("drive-mirror", job_id="m2", device="disk0", target=str(tmp / "t2.qcow2"),
+              sync="full", format="qcow2", auto_finalize=False, auto_dismiss=False)
+        q.get_event("BLOCK_JOB_READY", timeout=30)
+        # One mirror per node; a second is refused before any image is created.
+        assert q.error("drive-mirror", {"job-id": "m3", "device": "disk0", "sync": "full",
+                                        "target": str(tmp / "never.qcow2")}) == \
+            "Node 'disk0' is busy: block device is in use by block job: mirror"
+        assert not (tmp / "never.qcow2").exists()
+        assert q.error("drive-mirror", {"device": "nope", "sync": "full", "target": "x"}) \
+            == "Cannot find device='nope' nor node-name='nope'"  # GenericError, as QSD 7.2
+        q.cmd("job-pause", id="m2")
+        assert q.error("job-pause", {"id": "m2"}) == "Job is already paused"
+        j = q.cmd("query-block-jobs")[0]
+        assert j["paused"] is True and j["ready"] is True
+        q.cmd("job-resume", id="m2")
+        assert q.error("job-resume", {"id": "m2"}) == "Can't resume a job that was not paused"
+        assert q.error("job-finalize", {"id": "m2"}) == \
+            "Job 'm2' in state 'ready' cannot accept command verb 'finalize'"
+        assert q.error("job-cancel", {"id": "nope"}) == "Job not found"
+        q.cmd("job-complete", id="m2")
+        pend = q.get_event("BLOCK_JOB_PENDING", timeout=15)
+        assert pend["data"] == {"type": "mirror", "id": "m2"}
+        assert q.cmd("query-jobs")[0]["status"] == "pending"
+        q.cmd("job-finalize", id="m2")
+        q.get_event("BLOCK_JOB_COMPLETED", timeout=15)
+        assert q.cmd("query-jobs")[0]["status"] == "concluded"
+        q.cmd("job-dismiss", id="m2")
+        assert q.cmd("query-jobs") == []
+        q.close()
+        d.stop_checked()  # SIGTERM: exit 0, no sanitizer report
+    finally:
+        q.close()
+        d.kill()
+    assert_qemu_check_clean(tmp / "t2.qcow2")
+    got = read_image(tmp, tmp / "t2.qcow2", "t2.raw")
+    assert got == bytes(model), first_diff(got, model)
+
+
+def test_sigterm_during_mirror_exits_cleanly(tmp):
+    """Shutdown with a running job: the job is cancelled, guests' data stays on the source."""
+    base, top, model = make_chain(tmp)
+    d, q, uri = start(tmp, top)
+    try:
+        q.cmd("drive-mirror", job_id="m3", device="disk0", target=str(tmp / "t3.qcow2"),
+              sync="full", format="qcow2", speed=64 * 1024)
+        guest_writes(uri, model, random.Random(3), 10, 9)
+        q.close()
+        d.stop_checked()
+    finally:
+        q.close()
+        d.kill()
+    assert_qemu_check_clean(top)
+    src = read_image(tmp, top, "top.raw")
+    assert src == bytes(model), first_diff(src, model)
+
+
+def test_blockdev_mirror_write_blocking_to_added_node(tmp):
+    """blockdev-mirror into a node made by blockdev-add; copy-mode write-blocking; pivot."""
+    base, top, model = make_chain(tmp)
+    tgt = tmp / "bd.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", tgt, SIZE)
+    d, q, uri = start(tmp, top)
+    rng = random.Random(4)
+    try:
+        q.cmd("blockdev-add", driver="qcow2", node_name="tgt0",
+              file={"driver": "file", "filename": str(tgt)})
+        q.cmd("blockdev-mirror", job_id="m4", device="disk0", target="tgt0", sync="top",
+              copy_mode="write-blocking", granularity=65536, buf_size=MiB, speed=MiB)
+        j = q.cmd("query-block-jobs")[0]
+        assert j["vdisk-copy-mode"] == "write-blocking"
+        guest_writes(uri, model, rng, 40, 20)
+        q.cmd("block-job-set-speed", device="m4", speed=0)
+        q.get_event("BLOCK_JOB_READY", timeout=30)
+        guest_writes(uri, model, rng, 20, 80)
+        q.cmd("block-job-complete", device="m4")
+        q.get_event("BLOCK_JOB_COMPLETED", timeout=30)
+        after = bytes(model)
+        guest_writes(uri, model, rng, 10, 120)
+        q.close()
+        d.stop_checked()
+    finally:
+        q.close()
+        d.kill()
+    assert_qemu_check_clean(tgt)
+    got = read_image(tmp, tgt, "bd.raw")
+    assert got == bytes(model), first_diff(got, model)
+    src = read_image(tmp, top, "top.raw")
+    assert src == after, first_diff(src, after)
+
+
+def test_base_node_copies_above_base_and_skips_target_clusters(tmp):
+    """vdisk's base-node (seed semantics): base <- sn1 <- sn2, copy sn1+sn2 only, the target's
+    backing becomes base, clusters already allocated in an existing target are not copied."""
+    base, sn1, model = make_chain(tmp)          # base <- top(=sn1)
+    sn2 = tmp / "sn2.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "top.qcow2", "-F", "qcow2", sn2)
+    qemu_io("-f", "qcow2", "-c", f"write -P 0x44 {5 * MiB} {MiB}", sn2)
+    model[5 * MiB:6 * MiB] = b"\x44" * MiB
+    # An existing target over base that already holds sn1's [2M, 3M) (same bytes).
+    active = tmp / "active.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", active, SIZE)
+    qemu_io("-f", "qcow2", "-c", f"write -P 0x22 {2 * MiB} {MiB}", active)
+    d, q, uri = start(tmp, sn2)
+    try:
+        q.cmd("drive-mirror", job_id="m5", device="disk0", target=str(active), mode="existing",
+              format="qcow2", sync="top", base_node=str(base), auto_dismiss=False)
+        ready = q.get_event("BLOCK_JOB_READY", timeout=30)
+        # Above base: sn1's 2 MiB + 64K zero + sn2's 1 MiB, minus the 1 MiB the target has.
+        assert ready["data"]["len"] <= 2 * MiB + 65536 + 65536, ready
+        guest_writes(uri, model, random.Random(5), 20, 30)
+        q.cmd("block-job-complete", device="m5")
+        q.get_event("BLOCK_JOB_COMPLETED", timeout=30)
+        q.cmd("block-job-dismiss", id="m5")
+        q.close()
+        d.stop_checked()
+    finally:
+        q.close()
+        d.kill()
+    assert_qemu_check_clean(active)
+    info = json.loads(qemu_img("info", "--output=json", active).stdout)
+    assert os.path.realpath(os.path.join(str(tmp), info["backing-filename"])) == \
+        os.path.realpath(base)
+    got = read_image(tmp, active, "active.raw")
+    assert got == bytes(model), first_diff(got, model)
+
+
+def test_sync_none_raw_full_and_mirror_back_by_node_name(tmp):
+    """sync=none copies only new writes (the target is an overlay of the source); a raw full copy
+    gets every byte; a target named with node-name can itself be mirrored after the pivot."""
+    base, top, model = make_chain(tmp)
+    ov, raw, back = tmp / "overlay.qcow2", tmp / "full.raw", tmp / "back.qcow2"
+    d, q, uri = start(tmp, top)
+    rng = random.Random(6)
+    try:
+        # sync=none, soft cancel after ready: the overlay holds what the guest wrote meanwhile.
+        q.cmd("drive-mirror", job_id="n0", device="disk0", target=str(ov), sync="none",
+              format="qcow2")
+        q.get_event("BLOCK_JOB_READY", timeout=15)
+        guest_writes(uri, model, rng, 15, 40)
+        q.cmd("block-job-cancel", device="n0")
+        done = q.get_event("BLOCK_JOB_COMPLETED", timeout=15)
+        assert "error" not in done["data"], done
+        wait_status(q, "n0", "null")
+        # raw, sync=full, pivot, the new node is called "r0".
+        q.cmd("drive-mirror", device="disk0", job_id="r", target=str(raw), sync="full",
+              format="raw", node_name="r0")
+        q.get_event("BLOCK_JOB_READY", timeout=15)
+        guest_writes(uri, model, rng, 15, 60)
+        q.cmd("block-job-complete", device="r")
+        q.get_event("BLOCK_JOB_COMPLETED", timeout=15)
+        wait_status(q, "r", "null")
+        # Now the export serves r0: mirror it again, by its node name, back to qcow2.
+        q.cmd("drive-mirror", device="r0", target=str(back), sync="full", format="qcow2",
+              job_id="b")
+        guest_writes(uri, model, rng, 15, 80)
+        q.get_event("BLOCK_JOB_READY", timeout=15)
+        q.cmd("block-job-complete", device="b")
+        q.get_event("BLOCK_JOB_COMPLETED", timeout=15)
+        guest_writes(uri, model, rng, 5, 100)
+        q.close()
+        d.stop_checked()
+    finally:
+        q.close()
+        d.kill()
+    info = json.loads(qemu_img("info", "--output=json", ov).stdout)
+    assert os.path.realpath(info["backing-filename"]) == os.path.realpath(top)
+    assert info["format"] == "qcow2"
+    assert_qemu_check_clean(back)
+    got = read_image(tmp, back, "back.raw")
+    assert got == bytes(model), first_diff(got, model)
+
+
+def test_sigterm_with_pending_and_concluded_jobs(tmp):
+    """Shutdown with a job parked in PENDING (auto-finalize off): aborted, no leak, source kept."""
+    base, top, model = make_chain(tmp)
+    d, q, uri = start(tmp, top)
+    try:
+        q.cmd("drive-mirror", job_id="p0", device="disk0", target=str(tmp / "p0.qcow2"),
+              sync="top", format="qcow2", auto_finalize=False, auto_dismiss=False)
+        q.get_event("BLOCK_JOB_READY", timeout=15)
+        guest_writes(uri, model, random.Random(8), 10, 3)
+        q.cmd("block-job-complete", device="p0")
+        q.get_event("BLOCK_JOB_PENDING", timeout=15)
+        q.close()
+        d.stop_checked()
+    finally:
+        q.close()
+        d.kill()
+    src = read_image(tmp, top, "top.raw")
+    assert src == bytes(model), first_diff(src, model)
