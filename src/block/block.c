@@ -633,6 +633,20 @@ const char *vd_probe_format(const char *filename, VdError **errp)
 
 /* ---- creation ---- */
 
+int vd_protocol_create(const char *filename, const VdCreateOptions *opts, VdError **errp)
+{
+    const BlockDriver *drv = protocol_for(filename, errp);
+    if (!drv) {
+        return -ENOTSUP;
+    }
+    if (!drv->create) {
+        vd_error_setg(errp, ENOTSUP, "Protocol driver '%s' does not support image creation",
+                      drv->name);
+        return -ENOTSUP;
+    }
+    return drv->create(filename, opts, errp);
+}
+
 int vd_create(const VdCreateOptions *opts, const char *filename, VdError **errp)
 {
     if (!opts || !filename) {

@@ -165,6 +165,12 @@ struct BlockDriver {
     json_t *(*get_specific_info)(BlockNode *bs);
     /* Cluster size, for map/convert granularity (0 = none). */
     uint32_t (*cluster_size)(BlockNode *bs);
+    /*
+     * Internal snapshots as qemu-img info's "snapshots" array (objects with id, name,
+     * vm-state-size, date-sec, date-nsec, vm-clock-sec, vm-clock-nsec, icount when known);
+     * new reference, or NULL when there are none or the table cannot be read.
+     */
+    json_t *(*get_snapshots)(BlockNode *bs);
 };
 
 struct BlockNode {
@@ -213,6 +219,12 @@ const char *vd_probe_format(const char *filename, VdError **errp);
 
 /* Create an image (file + format). */
 int vd_create(const VdCreateOptions *opts, const char *filename, VdError **errp);
+/*
+ * Create the container of an image through the protocol its filename names (a host path: file;
+ * nbd://...: nbd): what a format driver's create calls before writing its metadata. opts->size
+ * and opts->prealloc are passed on to the protocol's create.
+ */
+int vd_protocol_create(const char *filename, const VdCreateOptions *opts, VdError **errp);
 
 /* Replace bs's in-memory backing child (ref taken on new_backing, old one unref'ed). Does not touch the header. */
 void vd_node_set_backing(BlockNode *bs, BlockNode *new_backing);

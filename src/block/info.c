@@ -3,7 +3,9 @@
  *
  * vd_image_info produces exactly the keys `qemu-img info --output=json` prints for one image
  * (without "backing-image"; the tool nests the chain itself), in the same order, so scripts
- * comparing the two see no difference. It only reads; no locks beyond the drivers' own.
+ * comparing the two see no difference: "snapshots" only for images with internal snapshots,
+ * "dirty-flag" only where QEMU's bdrv_get_info answers (qcow2, file, raw on a file).
+ * It only reads; no locks beyond the drivers' own.
  */
 #include <errno.h>
 #include <jansson.h>
@@ -27,6 +29,22 @@ static bool qcow2_dirty_on_disk(BlockNode *bs)
         return false;
     }
     return (qcow2_be64(hdr + 72) & QCOW2_INCOMPAT_DIRTY) != 0;
+}
+
+/*
+ * Does qemu-img print "dirty-flag" for this node? QEMU prints it when bdrv_get_info() succeeds:
+ * qcow2 and the file protocol answer; raw passes the question to its file; NBD does not answer
+ * (so a raw image on an NBD export has no "dirty-flag"; a qcow2 one has).
+ */
+static bool node_reports_dirty_flag(BlockNode *bs)
+{
+    if (!strcmp(bs->drv->name, "qcow2") || !strcmp(bs->drv->name, "file")) {
+        return true;
+    }
+    if (!strcmp(bs->drv->name, "raw") && bs->file && bs->file != bs) {
+        return node_reports_dirty_flag(bs->file);
+    }
+    return false;
 }
 
 static int64_t node_allocated_size(BlockNode *bs)
@@ -68,6 +86,13 @@ json_t *vd_image_info(BlockNode *bs, VdError **errp)
         return NULL;
     }
     int ret = 0;
+    /* qemu-img puts the internal snapshot list first, and only when there is one */
+    json_t *snaps = bs->drv->get_snapshots ? bs->drv->get_snapshots(bs) : NULL;
+    if (snaps && json_array_size(snaps) > 0) {
+        ret |= set_new(o, "snapshots", snaps);
+    } else {
+        json_decref(snaps);
+    }
     const char *full_backing = NULL;
     if (bs->backing_file && bs->backing_file[0]) {
         full_backing = bs->backing ? bs->backing->filename : bs->full_backing_filename;
@@ -98,8 +123,10 @@ json_t *vd_image_info(BlockNode *bs, VdError **errp)
         }
         ret |= set_new(o, "backing-filename", json_string(bs->backing_file));
     }
-    bool dirty = !strcmp(bs->drv->name, "qcow2") && qcow2_dirty_on_disk(bs);
-    ret |= set_new(o, "dirty-flag", json_boolean(dirty));
+    if (node_reports_dirty_flag(bs)) {
+        bool dirty = !strcmp(bs->drv->name, "qcow2") && qcow2_dirty_on_disk(bs);
+        ret |= set_new(o, "dirty-flag", json_boolean(dirty));
+    }
     if (ret) {
         json_decref(o);
         vd_error_setg(errp, ENOMEM, "Out of memory");

@@ -435,10 +435,16 @@ static int get_l2_for_write(Qcow2State *s, uint64_t l1i, uint8_t **l2)
         free(tmp);
         return ret;
     }
-    /* refcount of the new table, then the table itself, are durable before L1 points at it */
-    ret = q2_cache_flush(s, &s->rb_cache);
-    if (ret == 0) {
-        ret = q2_file_flush(s);
+    /*
+     * The refcount of the new table, then the table itself, are durable before L1 points at
+     * it. With lazy refcounts the dirty bit stands in for the refcount (repaired after a crash).
+     */
+    ret = 0;
+    if (!q2_refcounts_lazy(s)) {
+        ret = q2_cache_flush(s, &s->rb_cache);
+        if (ret == 0) {
+            ret = q2_file_flush(s);
+        }
     }
     if (ret == 0) {
         ret = vd_pwrite(s->bs->file, newoff, s->cluster_size, tmp, 0);

@@ -6,7 +6,9 @@
  * L2 cache is made to depend on the refcount cache (increments reach disk before any L2 entry
  * that uses them); decrements make the refcount cache depend on the L2 cache (the entry that
  * dropped the reference reaches disk first). New refcount blocks and a grown refcount table are
- * written and flushed before anything points at them. All functions run under s->lock.
+ * written and flushed before anything points at them. With lazy refcounts and the dirty bit set
+ * (q2_refcounts_lazy), increments carry no dependency: they reach the disk at flush, close or
+ * eviction. All functions run under s->lock.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -661,8 +663,10 @@ int q2_update_refcount(Qcow2State *s, uint64_t offset, uint64_t length, int64_t 
     }
     if (addend < 0) {
         ret = q2_cache_set_dependency(s, &s->rb_cache, &s->l2_cache);
-    } else {
+    } else if (!q2_refcounts_lazy(s)) {
         ret = q2_cache_set_dependency(s, &s->l2_cache, &s->rb_cache);
+    } else {
+        ret = 0; /* lazy: the dirty bit covers increments that are not on disk yet */
     }
     if (ret < 0) {
         return ret;

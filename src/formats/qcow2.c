@@ -21,8 +21,11 @@
  *    shared or compressed data does not flush per cluster; a crash before that only leaks.
  *  - .flush applies batched frees, writes the L2 cache (after its dependency), then the
  *    refcount cache, then flushes the file.
- * We never set the dirty bit (refcounts are never lazy); a dirty image opened read-write is
- * repaired with qcow2_check_file() first, then the bit is cleared.
+ *  - lazy refcounts (compat bit, read-write): the first write sets the dirty bit and flushes it;
+ *    then refcount increments are not ordered before L2 entries / new L2 tables (they are
+ *    written at flush, close or eviction). A clean close flushes everything, then clears the
+ *    bit. A dirty image opened read-write is repaired with qcow2_check_file() first, then the
+ *    bit is cleared (that is the crash recovery of lazy refcounts).
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -278,6 +281,11 @@ static int parse_header(BlockNode *bs, Qcow2State *s, int flags, VdError **errp)
         vd_error_setg(errp, EINVAL, "Image is not in qcow2 format");
         return -EINVAL;
     }
+    if (h->version == 1) {
+        vd_error_setg(errp, ENOTSUP, "Unsupported image format: qcow (version 1) images are "
+                      "not supported");
+        return -ENOTSUP;
+    }
     if (h->version != 2 && h->version != 3) {
         vd_error_setg(errp, ENOTSUP, "Unsupported qcow2 version %" PRIu32, h->version);
         return -ENOTSUP;
@@ -477,29 +485,60 @@ static int parse_header(BlockNode *bs, Qcow2State *s, int flags, VdError **errp)
         vd_error_setg(errp, EINVAL, "qcow2: L1 table is too small for the image size");
         return -EINVAL;
     }
-    if (h->l1_size && ((h->l1_table_offset & (cs - 1)) || h->l1_table_offset == 0 ||
-                       h->l1_table_offset + (uint64_t)h->l1_size * 8 > (uint64_t)flen)) {
+    /*
+     * Tables that lie outside the file (cut short, offset past EOF or 0) are damage that check
+     * diagnoses from the raw file, and that qemu-img info tolerates (QEMU validates these lazily).
+     * For a check or a read-only open we note it and go on (s->damaged: I/O then fails with
+     * -EIO); a read-write open must refuse, since any write could make things worse.
+     * Misaligned offsets and absurd sizes stay fatal, as in QEMU.
+     */
+    bool tolerate = (flags & VD_OPEN_CHECK) || !rw;
+    s->damaged = false;
+    s->snapshots_damaged = false;
+    if (h->l1_size && (h->l1_table_offset & (cs - 1))) {
         vd_error_setg(errp, EINVAL, "qcow2: L1 table offset invalid");
         return -EINVAL;
+    }
+    if (h->l1_size && (h->l1_table_offset == 0 ||
+                       h->l1_table_offset >= (uint64_t)flen ||
+                       (uint64_t)h->l1_size * 8 > (uint64_t)flen - h->l1_table_offset)) {
+        if (!tolerate) {
+            vd_error_setg(errp, EINVAL, "qcow2: L1 table offset invalid");
+            return -EINVAL;
+        }
+        s->damaged = true;
     }
     if (h->refcount_table_clusters == 0 ||
         (uint64_t)h->refcount_table_clusters * cs > QCOW2_MAX_REFTABLE_SIZE) {
         vd_error_setg(errp, EINVAL, "qcow2: reference count table size invalid");
         return -EINVAL;
     }
-    if ((h->refcount_table_offset & (cs - 1)) || h->refcount_table_offset == 0 ||
-        h->refcount_table_offset + (uint64_t)h->refcount_table_clusters * cs > (uint64_t)flen) {
+    if (h->refcount_table_offset & (cs - 1)) {
         vd_error_setg(errp, EINVAL, "qcow2: reference count table offset invalid");
         return -EINVAL;
+    }
+    if (h->refcount_table_offset == 0 || h->refcount_table_offset >= (uint64_t)flen ||
+        (uint64_t)h->refcount_table_clusters * cs > (uint64_t)flen - h->refcount_table_offset) {
+        if (!tolerate) {
+            vd_error_setg(errp, EINVAL, "qcow2: reference count table offset invalid");
+            return -EINVAL;
+        }
+        s->damaged = true;
     }
     if (h->nb_snapshots > Q2_MAX_SNAPSHOTS) {
         vd_error_setg(errp, EINVAL, "qcow2: too many snapshots");
         return -EINVAL;
     }
-    if (h->nb_snapshots && ((h->snapshots_offset & (cs - 1)) || !h->snapshots_offset ||
-                            h->snapshots_offset >= (uint64_t)flen)) {
+    if (h->nb_snapshots && ((h->snapshots_offset & (cs - 1)) || !h->snapshots_offset)) {
         vd_error_setg(errp, EINVAL, "qcow2: snapshot table offset invalid");
         return -EINVAL;
+    }
+    if (h->nb_snapshots && h->snapshots_offset >= (uint64_t)flen) {
+        if (!tolerate) {
+            vd_error_setg(errp, EINVAL, "qcow2: snapshot table offset invalid");
+            return -EINVAL;
+        }
+        s->snapshots_damaged = true;
     }
     s->l1_size = h->l1_size;
     s->l1_offset = h->l1_table_offset;
@@ -585,9 +624,11 @@ again:
         repaired = true;
         goto again;
     }
-    ret = load_l1(s, errp);
-    if (ret == 0) {
-        ret = q2_load_reftable(s, errp);
+    if (!s->damaged) {
+        ret = load_l1(s, errp);
+        if (ret == 0) {
+            ret = q2_load_reftable(s, errp);
+        }
     }
     if (ret == 0) {
         ret = init_caches(s, errp);
@@ -596,6 +637,10 @@ again:
         goto fail;
     }
     s->read_only = !rw;
+    s->metadata_prealloc = -1;
+    s->lazy_refcounts = rw && s->h.version >= 3 &&
+                        (s->h.compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS);
+    s->set_dirty = false;
     free(bs->backing_file);
     bs->backing_file = NULL;
     free(bs->backing_format);
@@ -615,22 +660,32 @@ fail:
     return ret;
 }
 
+static int clear_dirty(Qcow2State *s);
+
 static void qcow2_close(BlockNode *bs)
 {
     Qcow2State *s = q2_state(bs);
     pthread_mutex_lock(&s->lock);
-    if (!s->read_only) {
-        q2_flush_all(s);
+    if (!s->read_only && !s->damaged) {
+        /* a failed flush keeps the dirty bit: the next open repairs what did not reach disk */
+        if (q2_flush_all(s) == 0) {
+            clear_dirty(s);
+        }
     }
     q2_free_state(s);
     pthread_mutex_unlock(&s->lock);
     pthread_mutex_destroy(&s->lock);
 }
 
+/*
+ * Any file with the qcow magic is claimed, whatever its version: QEMU probes version 1 as qcow
+ * and >= 2 as qcow2, and then fails to open what it does not support. Probing such a file as
+ * raw instead would expose its metadata as guest data (and let writes destroy it), so the open
+ * refuses it with "Unsupported qcow2 version N" / the qcow (v1) message.
+ */
 static int qcow2_probe(const uint8_t *buf, size_t len, const char *filename)
 {
-    if (len >= 8 && qcow2_be32(buf) == QCOW2_MAGIC &&
-        (qcow2_be32(buf + 4) == 2 || qcow2_be32(buf + 4) == 3)) {
+    if (len >= 8 && qcow2_be32(buf) == QCOW2_MAGIC) {
         return 100;
     }
     return 0;
@@ -638,20 +693,61 @@ static int qcow2_probe(const uint8_t *buf, size_t len, const char *filename)
 
 /*
  * Before the first modification: we maintain no autoclear feature (bitmaps included), so per
- * spec their bits are cleared, telling other programs those structures are stale.
+ * spec their bits are cleared, telling other programs those structures are stale. With lazy
+ * refcounts, the dirty bit is set and flushed before any refcount update is deferred.
  */
 static int first_write(Qcow2State *s)
 {
-    if (s->h.version < 3 || !s->h.autoclear_features) {
+    int ret;
+    if (s->h.version >= 3 && s->h.autoclear_features) {
+        uint8_t be[8] = { 0 };
+        ret = vd_pwrite(s->bs->file, 88, 8, be, 0);
+        if (ret == 0) {
+            ret = q2_file_flush(s);
+        }
+        if (ret < 0) {
+            return ret;
+        }
+        s->h.autoclear_features = 0;
+    }
+    if (s->lazy_refcounts && !(s->h.incompatible_features & QCOW2_INCOMPAT_DIRTY)) {
+        uint8_t be[8];
+        qcow2_put_be64(be, s->h.incompatible_features | QCOW2_INCOMPAT_DIRTY);
+        ret = vd_pwrite(s->bs->file, 72, 8, be, 0);
+        if (ret == 0) {
+            ret = q2_file_flush(s);
+        }
+        if (ret < 0) {
+            return ret;
+        }
+        s->h.incompatible_features |= QCOW2_INCOMPAT_DIRTY;
+        s->set_dirty = true;
+    }
+    return 0;
+}
+
+/*
+ * Clean close (or the end of a lazy period): with every cache written and flushed, the refcounts
+ * on disk are exact again, so the dirty bit this open set can go. Lock held.
+ */
+static int clear_dirty(Qcow2State *s)
+{
+    if (!s->set_dirty || !(s->h.incompatible_features & QCOW2_INCOMPAT_DIRTY)) {
         return 0;
     }
-    uint8_t be[8] = { 0 };
-    int ret = vd_pwrite(s->bs->file, 88, 8, be, 0);
+    int ret = q2_flush_all(s);
+    if (ret < 0) {
+        return ret;
+    }
+    uint8_t be[8];
+    qcow2_put_be64(be, s->h.incompatible_features & ~QCOW2_INCOMPAT_DIRTY);
+    ret = vd_pwrite(s->bs->file, 72, 8, be, 0);
     if (ret == 0) {
         ret = q2_file_flush(s);
     }
     if (ret == 0) {
-        s->h.autoclear_features = 0;
+        s->h.incompatible_features &= ~QCOW2_INCOMPAT_DIRTY;
+        s->set_dirty = false;
     }
     return ret;
 }
@@ -661,6 +757,9 @@ static int first_write(Qcow2State *s)
 static int qcow2_pread(BlockNode *bs, uint64_t offset, uint64_t bytes, void *buf)
 {
     Qcow2State *s = q2_state(bs);
+    if (s->damaged) {
+        return -EIO;
+    }
     pthread_mutex_lock(&s->lock);
     int ret = q2_read(s, offset, bytes, buf);
     pthread_mutex_unlock(&s->lock);
@@ -672,6 +771,9 @@ static int qcow2_pwrite(BlockNode *bs, uint64_t offset, uint64_t bytes, const vo
     Qcow2State *s = q2_state(bs);
     if (s->read_only) {
         return -EROFS;
+    }
+    if (s->damaged) {
+        return -EIO;
     }
     pthread_mutex_lock(&s->lock);
     int ret = first_write(s);
@@ -691,6 +793,9 @@ static int qcow2_pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, i
     if (s->read_only) {
         return -EROFS;
     }
+    if (s->damaged) {
+        return -EIO;
+    }
     pthread_mutex_lock(&s->lock);
     int ret = first_write(s);
     if (ret == 0) {
@@ -709,6 +814,9 @@ static int qcow2_pdiscard(BlockNode *bs, uint64_t offset, uint64_t bytes, int fl
     if (s->read_only) {
         return -EROFS;
     }
+    if (s->damaged) {
+        return -EIO;
+    }
     pthread_mutex_lock(&s->lock);
     int ret = first_write(s);
     if (ret == 0) {
@@ -725,6 +833,9 @@ static int qcow2_pwrite_compressed(BlockNode *bs, uint64_t offset, uint64_t byte
     if (s->read_only) {
         return -EROFS;
     }
+    if (s->damaged) {
+        return -EIO;
+    }
     pthread_mutex_lock(&s->lock);
     int ret = first_write(s);
     if (ret == 0) {
@@ -737,7 +848,7 @@ static int qcow2_pwrite_compressed(BlockNode *bs, uint64_t offset, uint64_t byte
 static int qcow2_flush(BlockNode *bs)
 {
     Qcow2State *s = q2_state(bs);
-    if (s->read_only) {
+    if (s->read_only || s->damaged) {
         return 0;
     }
     pthread_mutex_lock(&s->lock);
@@ -746,13 +857,62 @@ static int qcow2_flush(BlockNode *bs)
     return ret;
 }
 
+/*
+ * Does the image look metadata-preallocated? As QEMU: count clusters with a non-zero refcount
+ * up to the end of the file; if that reaches max(stored * 10 / 9, stored + 2), where stored is
+ * the number of clusters the host file really stores, many referenced clusters are holes.
+ * Returns 1 / 0, or -errno. Lock held.
+ */
+static int detect_metadata_prealloc(Qcow2State *s)
+{
+    BlockNode *file = s->bs->file;
+    int64_t flen = vd_getlength(file);
+    if (flen < 0) {
+        return (int)flen;
+    }
+    if (!file->drv->allocated_size) {
+        return 0;
+    }
+    int64_t real = file->drv->allocated_size(file);
+    if (real < 0) {
+        return 0; /* unknown (e.g. NBD): no recursion, as QEMU when it cannot tell */
+    }
+    uint64_t real_clusters = (uint64_t)real / s->cluster_size;
+    uint64_t threshold = real_clusters * 10 / 9;
+    if (threshold < real_clusters + 2) {
+        threshold = real_clusters + 2;
+    }
+    uint64_t end = ((uint64_t)flen + s->cluster_size - 1) >> s->cluster_bits;
+    uint64_t count = 0;
+    for (uint64_t i = 0; i < end && count < threshold; i++) {
+        uint64_t rc;
+        int ret = q2_get_refcount(s, i, &rc);
+        if (ret < 0) {
+            return ret;
+        }
+        count += rc != 0;
+    }
+    return count >= threshold;
+}
+
 static int qcow2_block_status(BlockNode *bs, uint64_t offset, uint64_t bytes, uint64_t *pnum,
                               uint64_t *map, BlockNode **file)
 {
     Qcow2State *s = q2_state(bs);
+    if (s->damaged) {
+        return -EIO;
+    }
     pthread_mutex_lock(&s->lock);
     uint64_t m = 0;
+    if (s->metadata_prealloc < 0) {
+        int r = detect_metadata_prealloc(s);
+        s->metadata_prealloc = r > 0; /* an error only costs the extra zero information */
+    }
     int ret = q2_block_status(s, offset, bytes, pnum, &m);
+    if (ret >= 0 && s->metadata_prealloc && (ret & VD_BS_DATA) && !(ret & VD_BS_ZERO) &&
+        (ret & VD_BS_OFFSET_VALID)) {
+        ret |= VD_BS_RECURSE; /* preallocated clusters may be file holes: ask the file */
+    }
     pthread_mutex_unlock(&s->lock);
     if (ret >= 0 && (ret & VD_BS_OFFSET_VALID)) {
         if (map) {
@@ -852,6 +1012,11 @@ static int qcow2_truncate(BlockNode *bs, uint64_t size, bool shrink, VdPrealloc 
     if (s->read_only) {
         vd_error_setg(errp, EROFS, "qcow2: image is read-only");
         return -EROFS;
+    }
+    if (s->damaged) {
+        vd_error_setg(errp, EIO, "qcow2: image is corrupt (a metadata table lies outside the "
+                      "file); run 'check -r all'");
+        return -EIO;
     }
     pthread_mutex_lock(&s->lock);
     uint64_t old = s->h.size;
@@ -977,6 +1142,11 @@ static int qcow2_change_backing_file(BlockNode *bs, const char *backing_file,
         vd_error_setg(errp, EROFS, "qcow2: image is read-only");
         return -EROFS;
     }
+    if (s->damaged) {
+        vd_error_setg(errp, EIO, "qcow2: image is corrupt (a metadata table lies outside the "
+                      "file); run 'check -r all'");
+        return -EIO;
+    }
     if (backing_file && strlen(backing_file) > Q2_MAX_BACKING_NAME) {
         vd_error_setg(errp, EINVAL, "qcow2: backing file name too long");
         return -EINVAL;
@@ -1072,12 +1242,101 @@ static json_t *qcow2_get_specific_info(BlockNode *bs)
     return o;
 }
 
+/*
+ * The snapshot table, read on demand (info only; nothing else uses snapshots): per entry the
+ * fixed 40 bytes, extra data, id and name, each entry padded to 8 bytes (qcow2 spec). Like
+ * QEMU: a 64-bit VM state size in the extra data (>= 8 bytes) wins over the 32-bit field, and
+ * icount is reported only when the extra data has it (>= 24 bytes). Lock held.
+ */
+static json_t *read_snapshots(Qcow2State *s)
+{
+    /*
+     * A table past EOF (snapshots_damaged) reads as zeroes, as in QEMU: qemu-img info then lists
+     * that many empty snapshots, and so do we.
+     */
+    if (!s->h.nb_snapshots) {
+        return NULL;
+    }
+    json_t *arr = json_array();
+    if (!arr) {
+        return NULL;
+    }
+    uint64_t off = s->h.snapshots_offset;
+    uint8_t fix[40];
+    uint8_t extra[24];
+    char *id = NULL, *name = NULL;
+    for (uint32_t i = 0; i < s->h.nb_snapshots; i++) {
+        if (vd_pread(s->bs->file, off, sizeof(fix), fix) < 0) {
+            goto fail;
+        }
+        uint32_t id_len = ((uint32_t)fix[12] << 8) | fix[13];
+        uint32_t name_len = ((uint32_t)fix[14] << 8) | fix[15];
+        uint32_t extra_len = qcow2_be32(fix + 36);
+        if (extra_len > 1024) { /* QEMU's QCOW_MAX_SNAPSHOT_EXTRA_DATA */
+            goto fail;
+        }
+        memset(extra, 0, sizeof(extra));
+        uint32_t er = extra_len < sizeof(extra) ? extra_len : (uint32_t)sizeof(extra);
+        if (er && vd_pread(s->bs->file, off + 40, er, extra) < 0) {
+            goto fail;
+        }
+        id = calloc(1, id_len + 1);
+        name = calloc(1, name_len + 1);
+        if (!id || !name ||
+            (id_len && vd_pread(s->bs->file, off + 40 + extra_len, id_len, id) < 0) ||
+            (name_len && vd_pread(s->bs->file, off + 40 + extra_len + id_len, name_len,
+                                  name) < 0)) {
+            goto fail;
+        }
+        uint64_t vm_state = qcow2_be32(fix + 32);
+        if (extra_len >= 8) {
+            vm_state = qcow2_be64(extra);
+        }
+        uint64_t clock = qcow2_be64(fix + 24);
+        json_t *o = json_object();
+        if (!o || json_array_append_new(arr, o) < 0) {
+            json_decref(o);
+            goto fail;
+        }
+        /* key order as qemu-img 7.2 prints it */
+        if (extra_len >= 24) {
+            json_object_set_new(o, "icount", json_integer((json_int_t)qcow2_be64(extra + 16)));
+        }
+        json_object_set_new(o, "vm-clock-nsec", json_integer((json_int_t)(clock % 1000000000)));
+        json_object_set_new(o, "name", json_string(name));
+        json_object_set_new(o, "date-sec", json_integer(qcow2_be32(fix + 16)));
+        json_object_set_new(o, "date-nsec", json_integer(qcow2_be32(fix + 20)));
+        json_object_set_new(o, "vm-clock-sec", json_integer((json_int_t)(clock / 1000000000)));
+        json_object_set_new(o, "id", json_string(id));
+        json_object_set_new(o, "vm-state-size", json_integer((json_int_t)vm_state));
+        free(id);
+        free(name);
+        id = name = NULL;
+        off += (40ULL + extra_len + id_len + name_len + 7) & ~7ULL;
+    }
+    return arr;
+fail:
+    free(id);
+    free(name);
+    json_decref(arr);
+    return NULL;
+}
+
+static json_t *qcow2_get_snapshots(BlockNode *bs)
+{
+    Qcow2State *s = q2_state(bs);
+    pthread_mutex_lock(&s->lock);
+    json_t *arr = read_snapshots(s);
+    pthread_mutex_unlock(&s->lock);
+    return arr;
+}
+
 static int qcow2_check(BlockNode *bs, VdCheckResult *res, int fix, VdError **errp)
 {
     Qcow2State *s = q2_state(bs);
     pthread_mutex_lock(&s->lock);
     int ret = 0;
-    if (!s->read_only) {
+    if (!s->read_only && !s->damaged) {
         ret = q2_flush_all(s);
         if (ret < 0) {
             pthread_mutex_unlock(&s->lock);
@@ -1086,6 +1345,21 @@ static int qcow2_check(BlockNode *bs, VdCheckResult *res, int fix, VdError **err
         }
     }
     ret = qcow2_check_file(bs->file, res, s->read_only ? 0 : fix, errp);
+    if (!s->read_only && fix) {
+        /*
+         * A repair may clear the dirty / corrupt bits on disk even when it fixed nothing: take
+         * them over, or a later lazy write would defer refcounts without the dirty bit set.
+         */
+        uint8_t be[8];
+        if (s->h.version >= 3 && vd_pread(bs->file, 72, 8, be) == 0) {
+            uint64_t disk = qcow2_be64(be);
+            uint64_t bits = QCOW2_INCOMPAT_DIRTY | QCOW2_INCOMPAT_CORRUPT;
+            s->h.incompatible_features = (s->h.incompatible_features & ~bits) | (disk & bits);
+            if (!(disk & QCOW2_INCOMPAT_DIRTY)) {
+                s->set_dirty = false;
+            }
+        }
+    }
     if (!s->read_only && fix && (res->corruptions_fixed || res->leaks_fixed)) {
         /* the checker rewrote metadata on disk: reload it and forget cached tables */
         VdError *lerr = NULL;
@@ -1093,19 +1367,23 @@ static int qcow2_check(BlockNode *bs, VdCheckResult *res, int fix, VdError **err
         q2_cache_empty(s, &s->rb_cache, false);
         Qcow2Header keep = s->h;
         int r2 = parse_header(bs, s, bs->open_flags | VD_OPEN_CHECK, &lerr);
-        if (r2 == 0) {
+        if (r2 == 0 && !s->damaged) {
             r2 = load_l1(s, &lerr);
         }
-        if (r2 == 0) {
+        if (r2 == 0 && !s->damaged) {
             r2 = q2_load_reftable(s, &lerr);
         }
         if (r2 < 0) {
+            s->damaged = true; /* tables not (re)loaded: no I/O on them */
             s->h = keep;
             vd_error_propagate(errp, lerr);
             ret = ret < 0 ? ret : r2;
         }
         s->free_cluster_index = 0;
         s->free_byte_offset = 0;
+        if (!(s->h.incompatible_features & QCOW2_INCOMPAT_DIRTY)) {
+            s->set_dirty = false; /* the repair cleared it; the next write sets it again */
+        }
     }
     pthread_mutex_unlock(&s->lock);
     return ret;
@@ -1253,7 +1531,7 @@ static int qcow2_create(const char *filename, const VdCreateOptions *o, VdError 
     memset(&fo, 0, sizeof(fo));
     fo.format = "file";
     fo.prealloc = VD_PREALLOC_OFF;
-    ret = vd_drv_file.create(filename, &fo, errp);
+    ret = vd_protocol_create(filename, &fo, errp); /* file or nbd, as the name says */
     if (ret < 0) {
         return ret;
     }
@@ -1391,4 +1669,5 @@ const BlockDriver vd_drv_qcow2 = {
     .measure = qcow2_measure,
     .get_specific_info = qcow2_get_specific_info,
     .cluster_size = qcow2_cluster_size,
+    .get_snapshots = qcow2_get_snapshots,
 };

@@ -109,7 +109,39 @@ typedef struct Qcow2State {
 
     uint8_t compression_type;
     bool read_only;
+    /*
+     * Opened for check or read-only inspection although the L1 or refcount table lies outside
+     * the file (or on the header): l1/reftable are not loaded and every data, status or metadata
+     * request fails with -EIO. Only info and check (which reads the raw file) work.
+     */
+    bool damaged;
+    /*
+     * The snapshot table lies outside the file (allowed for read-only / check opens only); info
+     * lists what reads there, zeroes, as QEMU does.
+     */
+    bool snapshots_damaged;
+    /*
+     * Metadata preallocation detected (QEMU's heuristic: far more clusters referenced than the
+     * host file really stores): block status then marks data VD_BS_RECURSE so holes in the
+     * file show as zero. -1 = not checked yet (checked lazily, on the first block status).
+     */
+    int metadata_prealloc;
+    /*
+     * Lazy refcounts (compat bit set, opened read-write, v3): the first write sets the dirty bit
+     * (durably) and from then on refcount increments need not reach the disk before the L2
+     * entries or L2 tables that use them; they are written at flush/close or on eviction. A
+     * crash leaves stale refcounts behind the dirty bit; the next read-write open repairs them.
+     * set_dirty: this open set the bit, so a clean close clears it.
+     */
+    bool lazy_refcounts;
+    bool set_dirty;
 } Qcow2State;
+
+/* Are refcount updates deferred right now (lazy refcounts and the dirty bit is on disk)? */
+static inline bool q2_refcounts_lazy(const Qcow2State *s)
+{
+    return s->lazy_refcounts && (s->h.incompatible_features & QCOW2_INCOMPAT_DIRTY);
+}
 
 static inline Qcow2State *q2_state(BlockNode *bs)
 {

@@ -146,7 +146,7 @@ static int raw_create(const char *filename, const VdCreateOptions *opts, VdError
         vd_error_setg(errp, EINVAL, "Unsupported preallocation mode 'metadata' for format raw");
         return -EINVAL;
     }
-    return vd_drv_file.create(filename, opts, errp);
+    return vd_protocol_create(filename, opts, errp); /* file or nbd, as the name says */
 }
 
 const BlockDriver vd_drv_raw = {

@@ -16,6 +16,7 @@
 #include <pthread.h>
 
 #include <cmocka.h>
+#include <jansson.h>
 
 #include "block/block.h"
 #include "formats/qcow2.h"
@@ -424,7 +425,6 @@ static void test_damaged_headers(void **state)
         { 36, { 0x7f, 0xff, 0xff, 0xff }, 4 },       /* l1_size huge */
         { 36, { 0, 0, 0, 1 }, 4 },                   /* l1 too small for size */
         { 40, { 0, 0, 0, 0, 0, 0, 0x12, 0x34 }, 8 }, /* l1 offset unaligned */
-        { 40, { 0, 0, 0, 1, 0, 0, 0, 0 }, 8 },       /* l1 beyond EOF */
         { 48, { 0, 0, 0, 0, 0, 1, 0, 1 }, 8 },       /* reftable unaligned */
         { 56, { 0, 0x10, 0, 0 }, 4 },                /* reftable huge */
         { 96, { 0, 0, 0, 7 }, 4 },                   /* refcount_order */
@@ -456,6 +456,123 @@ static void test_damaged_headers(void **state)
     uint8_t b[512];
     assert_true(vd_pread(bs, 0, 512, b) < 0);
     vd_node_unref(bs);
+}
+
+/*
+ * Tables outside the file (L1 / refcount table past EOF or at 0, snapshot table past EOF):
+ * read-only and check opens succeed (as qemu-img info / check), I/O then fails with -EIO,
+ * vd_check diagnoses the damage; a read-write open is refused.
+ */
+static void test_tables_outside_file(void **state)
+{
+    struct {
+        long off;
+        uint8_t bytes[12];
+        size_t n;
+        bool io_ok; /* only the snapshot table is damaged: guest I/O still works */
+    } cases[] = {
+        { 40, { 0, 0, 0, 1, 0, 0, 0, 0 }, 8, false }, /* L1 beyond EOF */
+        { 40, { 0 }, 8, false },                      /* L1 at offset 0 */
+        { 48, { 0, 0, 0, 1, 0, 0, 0, 0 }, 8, false }, /* refcount table beyond EOF */
+        { 48, { 0 }, 8, false },                      /* refcount table at offset 0 */
+        { 60, { 0, 0, 0, 5, 0, 0, 0x01, 0, 0, 0, 0, 0 }, 12, true }, /* snapshots past EOF */
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        BlockNode *bs = create_open("tbl.qcow2", 1 << 20, 0, 0, NULL, false, NULL, NULL);
+        uint8_t buf[4096];
+        memset(buf, 0x5a, sizeof(buf));
+        assert_int_equal(vd_pwrite(bs, 0, sizeof(buf), buf, 0), 0);
+        vd_node_unref(bs);
+        /* the snapshot case writes nb_snapshots = 5 and snapshots_offset = 1 << 40 */
+        patch(path("tbl.qcow2"), cases[i].off, cases[i].bytes, cases[i].n);
+
+        VdError *err = NULL;
+        bs = vd_open_image(path("tbl.qcow2"), "qcow2", VD_OPEN_RDWR, &err);
+        assert_null(bs);
+        assert_non_null(err);
+        vd_error_free(err);
+        err = NULL;
+
+        bs = vd_open_image(path("tbl.qcow2"), "qcow2", 0, &err);
+        assert_non_null(bs);
+        uint8_t rd[4096];
+        uint64_t pnum;
+        VdBlockStatus st;
+        if (cases[i].io_ok) {
+            assert_int_equal(vd_pread(bs, 0, sizeof(rd), rd), 0);
+            assert_memory_equal(rd, buf, sizeof(rd));
+        } else {
+            assert_int_equal(vd_pread(bs, 0, sizeof(rd), rd), -EIO);
+            assert_int_equal(vd_block_status(bs, 0, 4096, &pnum, &st), -EIO);
+        }
+        json_t *info = vd_image_info(bs, &err);
+        assert_non_null(info);
+        json_decref(info);
+        vd_node_unref(bs);
+
+        bs = vd_open_image(path("tbl.qcow2"), "qcow2", VD_OPEN_CHECK, &err);
+        assert_non_null(bs);
+        VdCheckResult res;
+        assert_int_equal(vd_check(bs, &res, 0, &err), 0);
+        assert_true(res.corruptions > 0 || res.leaks > 0);
+        vd_check_result_clear(&res);
+        vd_node_unref(bs);
+    }
+}
+
+static uint64_t incompat_on_disk(const char *file)
+{
+    uint8_t b[8] = { 0 };
+    FILE *f = fopen(file, "rb");
+    assert_non_null(f);
+    assert_int_equal(fseek(f, 72, SEEK_SET), 0);
+    assert_int_equal(fread(b, 1, 8, f), 8);
+    fclose(f);
+    return qcow2_be64(b);
+}
+
+/*
+ * Lazy refcounts: the first write sets the dirty bit on disk, new L2 tables no longer wait for
+ * their refcounts, a clean close writes everything and clears the bit. Without the compat bit,
+ * the dirty bit is never set.
+ */
+static void test_lazy_refcounts(void **state)
+{
+    for (int lazy = 0; lazy < 2; lazy++) {
+        VdCreateOptions o;
+        memset(&o, 0, sizeof(o));
+        o.format = "qcow2";
+        o.size = 256ULL << 20;
+        o.size_given = true;
+        o.cluster_size = 4096;
+        o.lazy_refcounts = lazy;
+        VdError *err = NULL;
+        assert_int_equal(vd_drv_qcow2.create(path("lazy.qcow2"), &o, &err), 0);
+        BlockNode *bs = vd_open_image(path("lazy.qcow2"), "qcow2", VD_OPEN_RDWR, &err);
+        assert_non_null(bs);
+        assert_int_equal(incompat_on_disk(path("lazy.qcow2")) & QCOW2_INCOMPAT_DIRTY, 0);
+        for (int i = 0; i < 64; i++) {
+            write_pat(bs, (uint64_t)i << 22, 4096, (uint8_t)(i + 1)); /* a new L2 table each */
+        }
+        assert_int_equal(incompat_on_disk(path("lazy.qcow2")) & QCOW2_INCOMPAT_DIRTY,
+                         lazy ? QCOW2_INCOMPAT_DIRTY : 0);
+        assert_int_equal(q2_refcounts_lazy(q2_state(bs)), lazy);
+        assert_int_equal(vd_flush(bs), 0);
+        /* a flush keeps the bit (as QEMU); the refcounts on disk are exact now */
+        assert_int_equal(incompat_on_disk(path("lazy.qcow2")) & QCOW2_INCOMPAT_DIRTY,
+                         lazy ? QCOW2_INCOMPAT_DIRTY : 0);
+        write_pat(bs, 255ULL << 20, 4096, 0x99);
+        vd_node_unref(bs);
+        assert_int_equal(incompat_on_disk(path("lazy.qcow2")) & QCOW2_INCOMPAT_DIRTY, 0);
+        assert_clean(path("lazy.qcow2"));
+        bs = vd_open_image(path("lazy.qcow2"), "qcow2", 0, &err);
+        assert_non_null(bs);
+        for (int i = 0; i < 64; i++) {
+            assert_reads(bs, (uint64_t)i << 22, 4096, (uint8_t)(i + 1));
+        }
+        assert_reads(bs, 255ULL << 20, 4096, 0x99);
+        vd_node_unref(bs);
+    }
 }
 
 typedef struct {
@@ -623,9 +740,14 @@ static void test_prealloc_and_zero(void **state)
     BlockNode *bs = vd_open_image(path("pre.qcow2"), "qcow2", VD_OPEN_RDWR, &err);
     assert_non_null(bs);
     uint64_t pnum, map;
+    /* metadata preallocation detected: the driver asks the generic layer to look at the file */
     assert_int_equal(status(bs, 0, 4 << 20, &pnum, &map),
-                     VD_BS_DATA | VD_BS_ALLOCATED | VD_BS_OFFSET_VALID);
+                     VD_BS_DATA | VD_BS_ALLOCATED | VD_BS_OFFSET_VALID | VD_BS_RECURSE);
     assert_int_equal(pnum, 4 << 20); /* one contiguous extent */
+    /* ... and the generic layer reports the file's holes as zero, as qemu-img map does */
+    VdBlockStatus gst;
+    assert_int_equal(vd_block_status(bs, 0, 4 << 20, &pnum, &gst), 0);
+    assert_int_equal(gst.flags, VD_BS_DATA | VD_BS_ZERO | VD_BS_ALLOCATED | VD_BS_OFFSET_VALID);
     assert_reads(bs, 0, 4 << 20, 0);
     /* a partial cluster of data cannot be zeroed in metadata; whole clusters keep their host */
     write_pat(bs, 65536 + 100, 50, 0x44);
@@ -672,6 +794,8 @@ int main(void)
         cmocka_unit_test(test_compressed),
         cmocka_unit_test(test_backing_cow),
         cmocka_unit_test(test_damaged_headers),
+        cmocka_unit_test(test_tables_outside_file),
+        cmocka_unit_test(test_lazy_refcounts),
         cmocka_unit_test(test_threads),
         cmocka_unit_test(test_truncate),
         cmocka_unit_test(test_snapshot_cow),
