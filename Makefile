@@ -2,7 +2,7 @@
 # Each target first installs missing Debian packages (scripts/install-deps.sh, idempotent).
 BUILD      ?= build
 ASAN_BUILD ?= build-asan
-PYTEST     ?= /usr/bin/python3 -m pytest
+PYTEST     ?= /usr/bin/python3 -m pytest -p timeout --timeout=300
 
 .PHONY: all deps check check-unit check-asan check-integration demo bench clean
 
@@ -27,7 +27,8 @@ check: all asan
 	VDISK_BUILD=$(CURDIR)/$(ASAN_BUILD) $(PYTEST) -q tests/integration
 
 demo: all
-	scripts/demo.sh
+	VDISK=$(CURDIR)/$(BUILD)/src/tools/vdisk scripts/demo.sh
+	VDISK_BUILD=$(CURDIR)/$(BUILD) scripts/demo-live.sh
 
 bench: all
 	bench/run.sh

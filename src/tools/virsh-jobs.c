@@ -580,7 +580,8 @@ static WaitResult wait_job(QmpConn *c, const char *job, const char *label, bool 
             int64_t cur = json_integer_value(json_object_get(info, "offset"));
             int64_t end = json_integer_value(json_object_get(info, "len"));
             json_decref(info);
-            if (verbose && (cur != last_cur || end != last_end)) {
+            /* A job that has not sized its work yet (len 0) has no progress to show (virsh). */
+            if (verbose && (cur || end) && (cur != last_cur || end != last_end)) {
                 print_progress(label, (uint64_t)(end - cur), (uint64_t)end);
             }
             last_cur = cur;
