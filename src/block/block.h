@@ -62,7 +62,14 @@ enum {
     VD_OPEN_ALLOW_PROBE = 1 << 2, /* backing files without a recorded format may be probed */
     VD_OPEN_DIRECT = 1 << 3,      /* O_DIRECT on file nodes (cache.direct) */
     VD_OPEN_FORCE_SHARE = 1 << 4, /* -U: open even if another process holds it (no locking) */
-    VD_OPEN_CHECK = 1 << 5        /* opened for check/repair: tolerate a corrupt or dirty image */
+    VD_OPEN_CHECK = 1 << 5,       /* opened for check/repair: tolerate a corrupt or dirty image */
+    /*
+     * cache=unsafe (QEMU's BDRV_O_NO_FLUSH): nothing on this node or its file child ever reaches
+     * stable storage on purpose. vd_flush (and the flush at the last unref) still lets a format
+     * write its cached metadata into its file, but no fdatasync is issued, and VD_REQ_FUA is
+     * ignored. Backing nodes opened with it do not inherit it. A crash may lose anything.
+     */
+    VD_OPEN_NO_FLUSH = 1 << 6
 };
 
 typedef struct VdOpenOptions {

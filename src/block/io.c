@@ -6,8 +6,10 @@
  * requests always succeed). Protocol nodes are not range-checked: formats grow their file by
  * writing past its end, and file reads past the end return zeroes.
  * No locks here: concurrency is each driver's business (block.h), callers may add tracking.
+ * VD_OPEN_NO_FLUSH (cache=unsafe) is enforced here: no sync of that node's file, FUA dropped.
  */
 #include <errno.h>
+#include <stdbool.h>
 #include <stdlib.h>
 
 #include "block/block.h"
@@ -56,11 +58,18 @@ int vd_pread(BlockNode *bs, uint64_t offset, uint64_t bytes, void *buf)
     return bs->drv->pread(bs, offset, bytes, buf);
 }
 
+/* cache=unsafe: FUA would sync, which the node was opened to never do. */
+static int req_flags(const BlockNode *bs, int flags)
+{
+    return (bs->open_flags & VD_OPEN_NO_FLUSH) ? (flags & ~VD_REQ_FUA) : flags;
+}
+
 int vd_pwrite(BlockNode *bs, uint64_t offset, uint64_t bytes, const void *buf, int flags)
 {
     if (bs->read_only) {
         return -EPERM;
     }
+    flags = req_flags(bs, flags);
     int ret = check_range(bs, offset, bytes);
     if (ret < 0 || bytes == 0) {
         return ret;
@@ -76,6 +85,7 @@ int vd_pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags)
     if (bs->read_only) {
         return -EPERM;
     }
+    flags = req_flags(bs, flags);
     int ret = check_range(bs, offset, bytes);
     if (ret < 0 || bytes == 0) {
         return ret;
@@ -148,12 +158,22 @@ int vd_flush(BlockNode *bs)
     if (!bs || !bs->drv) {
         return -EINVAL;
     }
+    /*
+     * cache=unsafe: a protocol node never syncs; a format node still writes its cached metadata
+     * into its file (so the file is a complete image for other readers, like QEMU's flush_to_os)
+     * but does not sync its file child (vd_open gives the file node it opens the same flag;
+     * a caller-supplied opts.file keeps its own flags for its own flushes).
+     */
+    bool no_flush = (bs->open_flags & VD_OPEN_NO_FLUSH) != 0;
+    if (no_flush && bs->drv->is_protocol) {
+        return 0;
+    }
     int ret = 0;
     if (bs->drv->flush) {
         ret = bs->drv->flush(bs);
     }
     /* The format's metadata is only durable once its file is. */
-    if (ret == 0 && bs->file) {
+    if (ret == 0 && bs->file && !no_flush) {
         ret = vd_flush(bs->file);
     }
     /* A writable backing (commit's target) holds data we wrote too. */

@@ -957,67 +957,53 @@ int q2_discard(Qcow2State *s, uint64_t offset, uint64_t bytes, int flags)
     return set_entries(s, first, count, SET_UNALLOC, true);
 }
 
-int q2_write_compressed(Qcow2State *s, uint64_t offset, uint64_t bytes, const uint8_t *buf)
+int q2_compress_cluster(Qcow2State *s, uint64_t offset, uint64_t n, const uint8_t *buf,
+                        uint8_t *in, uint8_t *out)
 {
     uint64_t cs = s->cluster_size;
-    int ret = 0;
-    if (offset & (cs - 1)) {
-        return -EINVAL;
+    if ((offset & (cs - 1)) || n == 0 || n > cs || (n < cs && offset + n < s->h.size)) {
+        return -EINVAL; /* only whole clusters (or the image's tail) */
     }
-    uint8_t *in = malloc(cs);
-    uint8_t *out = malloc(cs);
-    if (!in || !out) {
-        free(in);
-        free(out);
-        return -ENOMEM;
+    memcpy(in, buf, n);
+    memset(in + n, 0, cs - n);
+    int clen = q2_compress(s, in, out, cs - 1);
+    return clen < 0 ? 0 : clen; /* incompressible: 0, stored plainly */
+}
+
+int q2_write_compressed_cluster(Qcow2State *s, uint64_t offset, uint64_t n, const uint8_t *buf,
+                                const uint8_t *out, int clen)
+{
+    if (clen <= 0) {
+        return q2_write(s, offset, n, buf);
     }
-    while (bytes > 0 && ret == 0) {
-        uint64_t n = bytes < cs ? bytes : cs;
-        if (n < cs && offset + n < s->h.size) {
-            ret = -EINVAL; /* only whole clusters (or the image's tail) */
-            break;
-        }
-        memcpy(in, buf, n);
-        memset(in + n, 0, cs - n);
-        int clen = q2_compress(s, in, out, cs - 1);
-        if (clen < 0) {
-            ret = q2_write(s, offset, n, buf); /* incompressible: store it plainly */
-        } else {
-            uint8_t *l2;
-            uint64_t l1i = offset >> (s->cluster_bits + s->l2_bits);
-            uint64_t idx = (offset >> s->cluster_bits) & (s->l2_entries - 1);
-            ret = get_l2_for_write(s, l1i, &l2);
-            if (ret < 0) {
-                break;
-            }
-            uint64_t host;
-            ret = q2_alloc_bytes(s, (uint64_t)clen, &host);
-            if (ret == 0 && (host >> s->csize_shift)) {
-                ret = -EFBIG;
-            }
-            if (ret == 0) {
-                ret = vd_pwrite(s->bs->file, host, (uint64_t)clen, out, 0);
-                s->data_dirty = true;
-            }
-            if (ret == 0) {
-                uint64_t nsec = ((host + (uint64_t)clen - 1) >> 9) - (host >> 9);
-                uint64_t old = l2e_get(s, l2, idx);
-                l2e_set(s, l2, idx, QCOW2_OFLAG_COMPRESSED | (nsec << s->csize_shift) | host, 0);
-                q2_cache_mark_dirty(&s->l2_cache, l2);
-                q2_cache_put(&s->l2_cache, &l2);
-                if ((old & QCOW2_OFLAG_COMPRESSED) || (old & QCOW2_L2E_OFFSET_MASK)) {
-                    ret = q2_free_l2_entry_cluster(s, old);
-                }
-            } else {
-                q2_cache_put(&s->l2_cache, &l2);
-            }
-        }
-        offset += n;
-        bytes -= n;
-        buf += n;
+    uint8_t *l2;
+    uint64_t l1i = offset >> (s->cluster_bits + s->l2_bits);
+    uint64_t idx = (offset >> s->cluster_bits) & (s->l2_entries - 1);
+    int ret = get_l2_for_write(s, l1i, &l2);
+    if (ret < 0) {
+        return ret;
     }
-    free(in);
-    free(out);
+    uint64_t host;
+    ret = q2_alloc_bytes(s, (uint64_t)clen, &host);
+    if (ret == 0 && (host >> s->csize_shift)) {
+        ret = -EFBIG;
+    }
+    if (ret == 0) {
+        ret = vd_pwrite(s->bs->file, host, (uint64_t)clen, out, 0);
+        s->data_dirty = true;
+    }
+    if (ret < 0) {
+        q2_cache_put(&s->l2_cache, &l2);
+        return ret;
+    }
+    uint64_t nsec = ((host + (uint64_t)clen - 1) >> 9) - (host >> 9);
+    uint64_t old = l2e_get(s, l2, idx);
+    l2e_set(s, l2, idx, QCOW2_OFLAG_COMPRESSED | (nsec << s->csize_shift) | host, 0);
+    q2_cache_mark_dirty(&s->l2_cache, l2);
+    q2_cache_put(&s->l2_cache, &l2);
+    if ((old & QCOW2_OFLAG_COMPRESSED) || (old & QCOW2_L2E_OFFSET_MASK)) {
+        ret = q2_free_l2_entry_cluster(s, old);
+    }
     return ret;
 }
 

@@ -93,6 +93,10 @@ static void cache_unhash(Qcow2Cache *c, int idx)
 int q2_file_flush(Qcow2State *s)
 {
     s->data_dirty = false;
+    /* cache=unsafe: ordering flushes are skipped too (a crash may lose anything, as in QEMU). */
+    if (s->bs->open_flags & VD_OPEN_NO_FLUSH) {
+        return 0;
+    }
     return vd_flush(s->bs->file);
 }
 

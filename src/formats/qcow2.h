@@ -191,7 +191,18 @@ int q2_read(Qcow2State *s, uint64_t offset, uint64_t bytes, uint8_t *buf);
 int q2_write(Qcow2State *s, uint64_t offset, uint64_t bytes, const uint8_t *buf);
 int q2_zero(Qcow2State *s, uint64_t offset, uint64_t bytes, int flags);
 int q2_discard(Qcow2State *s, uint64_t offset, uint64_t bytes, int flags);
-int q2_write_compressed(Qcow2State *s, uint64_t offset, uint64_t bytes, const uint8_t *buf);
+/*
+ * Compressed writes, in two steps so the costly one runs without s->lock:
+ * q2_compress_cluster (no lock needed; in and out are cluster-sized scratch buffers) compresses
+ * the n bytes at buf for the cluster at offset (whole clusters, or the image's tail) into out and
+ * returns the compressed length, 0 when the data does not compress (store it plainly), or
+ * -EINVAL for a misaligned request. q2_write_compressed_cluster (s->lock held) allocates, writes
+ * out and updates the L2 entry, or writes buf plainly when clen is 0.
+ */
+int q2_compress_cluster(Qcow2State *s, uint64_t offset, uint64_t n, const uint8_t *buf,
+                        uint8_t *in, uint8_t *out);
+int q2_write_compressed_cluster(Qcow2State *s, uint64_t offset, uint64_t n, const uint8_t *buf,
+                                const uint8_t *out, int clen);
 int q2_block_status(Qcow2State *s, uint64_t offset, uint64_t bytes, uint64_t *pnum,
                     uint64_t *map);
 /* Give every unallocated cluster in [offset, end) a host cluster (preallocation). */

@@ -8,6 +8,7 @@
  * otherwise a guest could turn its disk into, say, a qcow2 file pointing at host files.
  */
 #include <errno.h>
+#include <stdint.h>
 #include <string.h>
 
 #include "block/block.h"
@@ -96,6 +97,20 @@ static int raw_block_status(BlockNode *bs, uint64_t offset, uint64_t bytes, uint
                             uint64_t *map, BlockNode **file)
 {
     VdBlockStatus st;
+    int64_t flen = vd_getlength(bs->file);
+    if (flen < 0) {
+        return (int)flen;
+    }
+    if (offset >= (uint64_t)flen) {
+        /* The sector-rounding tail past the file's end (raw_getlength) reads as zeroes. */
+        *pnum = bytes;
+        *map = offset;
+        *file = bs->file;
+        return VD_BS_ZERO | VD_BS_OFFSET_VALID | VD_BS_ALLOCATED;
+    }
+    if (bytes > (uint64_t)flen - offset) {
+        bytes = (uint64_t)flen - offset;
+    }
     int ret = vd_block_status(bs->file, offset, bytes, pnum, &st);
     if (ret < 0) {
         return ret;
@@ -117,9 +132,43 @@ static int raw_flush(BlockNode *bs)
     return 0; /* vd_flush flushes the file child after this */
 }
 
+/*
+ * QEMU counts every node's length in whole 512-byte sectors (rounded up), so a raw image in a
+ * host file of 1000 bytes is 1024 bytes long; the tail reads as zeroes (a file node reads zeroes
+ * past its end) and writing it grows the file. Only over the file protocol: other protocols
+ * (NBD) cannot serve reads past their end.
+ */
 static int64_t raw_getlength(BlockNode *bs)
 {
-    return vd_getlength(bs->file);
+    int64_t len = vd_getlength(bs->file);
+    if (len > 0 && bs->file->drv == &vd_drv_file && (len % 512) != 0 && len <= INT64_MAX - 511) {
+        len = (len + 511) / 512 * 512;
+    }
+    return len;
+}
+
+/* qemu-img measure -O raw: a raw image always needs its whole (sector-rounded) virtual size. */
+static int raw_measure(const VdCreateOptions *opts, BlockNode *src, uint64_t *required,
+                       uint64_t *fully_allocated, VdError **errp)
+{
+    uint64_t size;
+    if (src) {
+        int64_t len = vd_getlength(src);
+        if (len < 0) {
+            vd_error_setg_errno(errp, (int)-len, "Unable to get image virtual_size");
+            return (int)len;
+        }
+        size = (uint64_t)len;
+    } else {
+        if (opts->size > (uint64_t)INT64_MAX - 511) {
+            vd_error_setg(errp, EINVAL, "Image size is too large");
+            return -EINVAL;
+        }
+        size = (opts->size + 511) / 512 * 512;
+    }
+    *required = size;
+    *fully_allocated = size;
+    return 0;
 }
 
 static int64_t raw_allocated_size(BlockNode *bs)
@@ -167,4 +216,5 @@ const BlockDriver vd_drv_raw = {
     .getlength = raw_getlength,
     .allocated_size = raw_allocated_size,
     .truncate = raw_truncate,
+    .measure = raw_measure,
 };

@@ -62,7 +62,11 @@ int img_commit(int argc, char **argv)
         return 1;
     }
     const char *filename = argv[optind];
-    int direct = (!strcmp(cache, "none") || !strcmp(cache, "directsync")) ? VD_OPEN_DIRECT : 0;
+    /* -t: none/directsync bypass the page cache; unsafe never syncs. */
+    int cache_flags = (!strcmp(cache, "none") || !strcmp(cache, "directsync")) ? VD_OPEN_DIRECT : 0;
+    if (!strcmp(cache, "unsafe")) {
+        cache_flags = VD_OPEN_NO_FLUSH;
+    }
 
     /* 1. Discover the chain (no locks: nothing is read or written through these nodes). */
     BlockNode *probe = tool_open(filename, fmt, VD_OPEN_FORCE_SHARE);
@@ -109,7 +113,7 @@ int img_commit(int argc, char **argv)
     uint8_t *buf = NULL;
     BlockNode *top = NULL;
     BlockNode *base = vd_open_image(layers[nlayers - 1].filename, layers[nlayers - 1].format,
-                                    tool_open_flags(VD_OPEN_RDWR | direct, false), &err);
+                                    tool_open_flags(VD_OPEN_RDWR | cache_flags, false), &err);
     if (!base) {
         tool_report(err, NULL);
         goto out;
@@ -120,7 +124,7 @@ int img_commit(int argc, char **argv)
         VdOpenOptions oo = {
             .filename = layers[i].filename,
             .format = layers[i].format,
-            .flags = tool_open_flags((i == 0 && !keep ? VD_OPEN_RDWR : 0) | direct, false),
+            .flags = tool_open_flags((i == 0 && !keep ? VD_OPEN_RDWR : 0) | cache_flags, false),
             .backing = below,
         };
         BlockNode *n = vd_open(&oo, &err);
@@ -308,8 +312,12 @@ int img_rebase(int argc, char **argv)
         tool_error("Invalid format name: '%s'", new_fmt);
         return 1;
     }
-    int direct = (!strcmp(cache, "none") || !strcmp(cache, "directsync")) ? VD_OPEN_DIRECT : 0;
-    int flags = VD_OPEN_RDWR | direct | (unsafe ? VD_OPEN_NO_BACKING : 0);
+    /* -t: none/directsync bypass the page cache; unsafe never syncs. */
+    int cache_flags = (!strcmp(cache, "none") || !strcmp(cache, "directsync")) ? VD_OPEN_DIRECT : 0;
+    if (!strcmp(cache, "unsafe")) {
+        cache_flags = VD_OPEN_NO_FLUSH;
+    }
+    int flags = VD_OPEN_RDWR | cache_flags | (unsafe ? VD_OPEN_NO_BACKING : 0);
     BlockNode *bs = tool_open(filename, fmt, flags);
     if (!bs) {
         return 1;
@@ -339,7 +347,7 @@ int img_rebase(int argc, char **argv)
                 newb = prefix;
                 vd_node_ref(newb);
             } else {
-                newb = vd_open_image(newpath, new_fmt, tool_open_flags(direct, false), &err);
+                newb = vd_open_image(newpath, new_fmt, tool_open_flags(cache_flags, false), &err);
                 if (!newb) {
                     tool_error("Could not open new backing file '%s': %s", newpath,
                                vd_error_msg(err));

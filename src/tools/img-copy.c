@@ -715,29 +715,6 @@ static void *convert_worker(void *opaque)
     return NULL;
 }
 
-/*
- * cache=unsafe (convert's default target cache, as in qemu-img): never fdatasync the target.
- * The library has no open flag for this yet, so the target's protocol node gets a copy of its
- * driver whose flush does nothing (metadata is still written; only durability is skipped).
- */
-static int noop_flush(BlockNode *bs)
-{
-    return 0;
-}
-
-static BlockDriver unsafe_proto_drv;
-
-static void set_cache_unsafe(BlockNode *target)
-{
-    BlockNode *f = target->file;
-    if (!f || !f->drv->is_protocol || !f->drv->flush) {
-        return;
-    }
-    unsafe_proto_drv = *f->drv;
-    unsafe_proto_drv.flush = noop_flush;
-    f->drv = &unsafe_proto_drv;
-}
-
 static bool same_file(const char *a, const char *b)
 {
     struct stat sa, sb;
@@ -942,12 +919,12 @@ int img_convert(int argc, char **argv)
         s.has_zero_init = target_is_zero;
     }
 
-    s.target = tool_open(out_filename, out_fmt, VD_OPEN_RDWR | (dst_direct ? VD_OPEN_DIRECT : 0));
+    /* cache=unsafe (convert's default target cache, as in qemu-img): never sync the target. */
+    s.target = tool_open(out_filename, out_fmt,
+                         VD_OPEN_RDWR | (dst_direct ? VD_OPEN_DIRECT : 0) |
+                         (!strcmp(cache, "unsafe") ? VD_OPEN_NO_FLUSH : 0));
     if (!s.target) {
         goto out;
-    }
-    if (!strcmp(cache, "unsafe")) {
-        set_cache_unsafe(s.target);
     }
     int64_t tlen = vd_getlength(s.target);
     if (tlen < 0 || (uint64_t)tlen < s.total) {
@@ -1027,8 +1004,8 @@ int img_convert(int argc, char **argv)
         }
         goto out;
     }
-    /* cache=unsafe (convert's default) skips the explicit flush, like qemu-img. */
-    int r = strcmp(cache, "unsafe") ? vd_flush(s.target) : 0;
+    /* With cache=unsafe this writes metadata but syncs nothing (VD_OPEN_NO_FLUSH). */
+    int r = vd_flush(s.target);
     if (r < 0) {
         tool_error("error while flushing %s: %s", out_filename, strerror(-r));
         goto out;

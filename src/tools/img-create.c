@@ -399,7 +399,7 @@ int img_measure(int argc, char **argv)
         ret = 0;
         goto out;
     }
-    if (!drv->measure && strcmp(out_fmt, "raw")) {
+    if (!drv->measure) {
         tool_error("Format driver '%s' does not support size measurement", out_fmt);
         goto out;
     }
@@ -424,10 +424,7 @@ int img_measure(int argc, char **argv)
     spec.co.size_given = true;
     uint64_t required = 0, full = 0;
     VdError *err = NULL;
-    if (!drv->measure) {
-        /* TEMPORARY until the raw driver has .measure: a raw image is its virtual size. */
-        required = full = src ? spec.co.size : (spec.co.size + 511) / 512 * 512;
-    } else if (drv->measure(&spec.co, src, &required, &full, &err) < 0) {
+    if (drv->measure(&spec.co, src, &required, &full, &err) < 0) {
         tool_report(err, NULL);
         goto out;
     }

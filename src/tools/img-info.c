@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "tools/tool.h"
 
@@ -28,6 +29,43 @@ static bool jint(json_t *o, const char *k, int64_t *out)
     }
     *out = json_integer_value(v);
     return true;
+}
+
+/*
+ * qemu-img's "Snapshot list:" table (QEMU's bdrv_snapshot_dump): fixed-width columns that long
+ * names simply push right, the date in local time, VM CLOCK as hh:mm:ss.mmm, ICOUNT blank when
+ * the snapshot has none.
+ */
+static void snapshot_list_dump(json_t *snaps)
+{
+    printf("Snapshot list:\n");
+    printf("%-10s%-17s%8s%20s%13s%11s\n", "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT");
+    size_t i;
+    json_t *sn;
+    json_array_foreach(snaps, i, sn) {
+        int64_t vmsize = 0, dsec = 0, csec = 0, cnsec = 0, icount;
+        jint(sn, "vm-state-size", &vmsize);
+        jint(sn, "date-sec", &dsec);
+        jint(sn, "vm-clock-sec", &csec);
+        jint(sn, "vm-clock-nsec", &cnsec);
+        char size[64], date[64] = "", clock[128], ic[64] = "";
+        tool_size_to_str((uint64_t)vmsize, size, sizeof(size));
+        time_t t = (time_t)dsec;
+        struct tm tm;
+        if (localtime_r(&t, &tm)) {
+            strftime(date, sizeof(date), "%Y-%m-%d %H:%M:%S", &tm);
+        }
+        uint64_t ns = (uint64_t)csec * 1000000000ull + (uint64_t)cnsec;
+        uint64_t secs = ns / 1000000000ull;
+        snprintf(clock, sizeof(clock), "%02d:%02d:%02d.%03d", (int)(secs / 3600),
+                 (int)((secs / 60) % 60), (int)(secs % 60), (int)((ns / 1000000) % 1000));
+        if (jint(sn, "icount", &icount)) {
+            snprintf(ic, sizeof(ic), "%" PRId64, icount);
+        }
+        const char *id = jstr(sn, "id"), *name = jstr(sn, "name");
+        printf("%-9s %-16s %8s%20s%13s%11s\n", id ? id : "", name ? name : "", size, date, clock,
+               ic);
+    }
 }
 
 static void info_dump_human(json_t *info)
@@ -71,6 +109,10 @@ static void info_dump_human(json_t *info)
         if (bff) {
             printf("backing file format: %s\n", bff);
         }
+    }
+    json_t *snaps = json_object_get(info, "snapshots");
+    if (json_is_array(snaps)) {
+        snapshot_list_dump(snaps);
     }
     json_t *spec = json_object_get(info, "format-specific");
     if (json_is_object(spec)) {

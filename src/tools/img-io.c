@@ -537,6 +537,8 @@ int img_io(int argc, char **argv)
         case 't':
             if (!strcmp(optarg, "none") || !strcmp(optarg, "directsync")) {
                 flags |= VD_OPEN_DIRECT;
+            } else if (!strcmp(optarg, "unsafe")) {
+                flags |= VD_OPEN_NO_FLUSH; /* `flush` then syncs nothing, as in qemu-io */
             }
             break;
         case 'h':

@@ -1,10 +1,12 @@
 """vdisk convert / compare against qemu-img 7.2: same bytes, same allocation, same messages."""
 import json
 import os
+import shutil
+import subprocess
 
 import pytest
 
-from conftest import assert_qemu_check_clean, qemu_img, qemu_io, run, sha256, vdisk
+from conftest import VDISK, assert_qemu_check_clean, qemu_img, qemu_io, run, sha256, vdisk
 
 
 @pytest.fixture
@@ -243,3 +245,56 @@ def test_convert_backing_for_flat_source(src):
     # The first MiB equals the backing except where top.qcow2 changed it: mostly not copied.
     top_layer = sum(e["length"] for e in m if e["depth"] == 0 and e["present"])
     assert top_layer < 8 << 20
+
+
+def _sync_calls(cmd, tmp):
+    """Number of fdatasync/fsync calls a command makes (via strace)."""
+    log = tmp / "strace.txt"
+    # LeakSanitizer cannot run under ptrace: keep sanitizer builds usable here.
+    env = dict(os.environ, ASAN_OPTIONS=os.environ.get("ASAN_OPTIONS", "") + ":detect_leaks=0")
+    subprocess.run(["strace", "-f", "-qq", "-e", "trace=fdatasync,fsync", "-o", str(log),
+                    *map(str, cmd)], check=True, capture_output=True, env=env, timeout=120)
+    return sum(1 for l in open(log) if "sync(" in l)
+
+
+@pytest.mark.skipif(not shutil.which("strace"), reason="needs strace")
+def test_convert_cache_unsafe_never_syncs(src):
+    """convert's default target cache is unsafe (qemu-img: cache = "unsafe"): besides creating the
+    target, the copy itself syncs nothing; -t writeback syncs at the end."""
+    def count(tool, *args):
+        for f in ("o.qcow2",):
+            if os.path.exists(f):
+                os.unlink(f)
+        return _sync_calls([tool, "convert", *args, "-O", "qcow2", "top.qcow2", "o.qcow2"], src)
+    vdisk_bin = VDISK
+    q_unsafe = count("qemu-img")
+    v_unsafe = count(vdisk_bin)
+    assert v_unsafe <= q_unsafe
+    v_unsafe_t = count(vdisk_bin, "-t", "unsafe")
+    assert v_unsafe_t == v_unsafe
+    assert count(vdisk_bin, "-t", "writeback") > v_unsafe
+    assert qemu_img("compare", "top.qcow2", "o.qcow2").returncode == 0
+    assert_qemu_check_clean("o.qcow2")
+
+
+@pytest.mark.parametrize("ctype", ["zlib", "zstd"])
+def test_convert_compressed_threads(tmp, ctype):
+    """convert -c with several workers (image > 8 MiB): clusters are compressed in parallel
+    outside the qcow2 lock; qemu-img must read the result back identically and check it clean,
+    with the same compressed/plain cluster split as its own output."""
+    os.chdir(tmp)
+    rnd = os.urandom(1 << 20)
+    with open("s.raw", "wb") as f:
+        for i in range(12):
+            # compressible text, incompressible random data and zero runs, interleaved
+            f.write(rnd.hex().encode()[: 1 << 20] if i % 3 == 0 else
+                    rnd if i % 3 == 1 else bytes(1 << 20))
+    opts = f"compression_type={ctype}"
+    qemu_img("convert", "-c", "-o", opts, "-f", "raw", "-O", "qcow2", "s.raw", "q.qcow2")
+    vdisk("convert", "-c", "-m", "4", "-o", opts, "-f", "raw", "-O", "qcow2", "s.raw", "v.qcow2")
+    assert qemu_img("compare", "-f", "raw", "-F", "qcow2", "s.raw", "v.qcow2").returncode == 0
+    assert_qemu_check_clean("v.qcow2")
+    cq = json.loads(qemu_img("check", "--output=json", "q.qcow2").stdout)
+    cv = json.loads(qemu_img("check", "--output=json", "v.qcow2").stdout)
+    for k in ("allocated-clusters", "compressed-clusters"):
+        assert cv[k] == cq[k], k

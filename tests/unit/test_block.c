@@ -318,6 +318,74 @@ static void expect_bytes(BlockNode *bs, uint64_t off, uint64_t len, int byte)
 /* ------------------------------------------------------------------------------------------ */
 /* paths */
 
+/* ---- VD_OPEN_NO_FLUSH (cache=unsafe) ---- */
+
+static int nf_syncs;
+static int (*nf_real_flush)(BlockNode *bs);
+static int nf_real_pwrite_flags;
+static int (*nf_real_pwrite)(BlockNode *bs, uint64_t offset, uint64_t bytes, const void *buf,
+                             int flags);
+
+static int nf_flush(BlockNode *bs)
+{
+    nf_syncs++;
+    return nf_real_flush(bs);
+}
+
+static int nf_pwrite(BlockNode *bs, uint64_t offset, uint64_t bytes, const void *buf, int flags)
+{
+    nf_real_pwrite_flags |= flags;
+    return nf_real_pwrite(bs, offset, bytes, buf, flags);
+}
+
+static BlockDriver nf_drv;
+
+/* Open name (a file node) with flags and make its driver count syncs and record write flags. */
+static BlockNode *nf_open_file(const char *name, int flags)
+{
+    BlockNode *f = open_ok(name, "file", flags);
+    nf_drv = *f->drv;
+    nf_real_flush = f->drv->flush;
+    nf_real_pwrite = f->drv->pwrite;
+    nf_drv.flush = nf_flush;
+    nf_drv.pwrite = nf_pwrite;
+    f->drv = &nf_drv;
+    return f;
+}
+
+static void test_open_no_flush(void **state)
+{
+    make_raw("nf.raw", 1 << 20);
+    for (int unsafe = 0; unsafe <= 1; unsafe++) {
+        int flags = VD_OPEN_RDWR | (unsafe ? VD_OPEN_NO_FLUSH : 0);
+        /* a protocol node alone */
+        BlockNode *f = nf_open_file("nf.raw", flags);
+        nf_syncs = 0;
+        nf_real_pwrite_flags = 0;
+        fill(f, 0, 4096, 1);
+        uint8_t b[512] = { 2 };
+        assert_int_equal(vd_pwrite(f, 4096, sizeof(b), b, VD_REQ_FUA), 0);
+        assert_int_equal(nf_real_pwrite_flags & VD_REQ_FUA, unsafe ? 0 : VD_REQ_FUA);
+        assert_int_equal(vd_flush(f), 0);
+        assert_int_equal(nf_syncs, unsafe ? 0 : 1);
+        /* a format node over it: its flush and its final flush at unref sync nothing */
+        VdOpenOptions o = { .filename = "nf.raw", .format = "raw", .flags = flags, .file = f };
+        VdError *err = NULL;
+        BlockNode *bs = vd_open(&o, &err);
+        assert_non_null(bs);
+        vd_node_unref(f); /* bs holds its own reference */
+        nf_syncs = 0;
+        fill(bs, 8192, 4096, 3);
+        assert_int_equal(vd_flush(bs), 0);
+        vd_node_unref(bs);
+        assert_int_equal(nf_syncs, unsafe ? 0 : 3); /* flush, unref of bs, unref of file */
+        /* the data still reached the file */
+        BlockNode *r = open_ok("nf.raw", "raw", 0);
+        expect_bytes(r, 8192, 4096, 3);
+        vd_node_unref(r);
+    }
+}
+
 static void test_resolve_backing_path(void **state)
 {
     struct { const char *img, *bk, *want; } cases[] = {
@@ -1236,6 +1304,7 @@ int main(void)
         cmocka_unit_test(test_create_with_backing),
         cmocka_unit_test(test_status_above_chain),
         cmocka_unit_test(test_status_recurse),
+        cmocka_unit_test(test_open_no_flush),
         cmocka_unit_test(test_info_json_raw),
         cmocka_unit_test(test_image_locking),
         cmocka_unit_test(test_qcow2_chain_vs_qemu_map),

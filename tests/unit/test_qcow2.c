@@ -618,6 +618,62 @@ static void test_threads(void **state)
     assert_clean(path("thr.qcow2"));
 }
 
+/* Compressed writes from several threads (convert -c): compression runs outside s->lock. */
+static void *compressed_writer(void *p)
+{
+    ThreadArg *a = p;
+    const uint64_t cs = 4096;
+    uint8_t buf[2 * 4096];
+    for (int i = 0; i < 64; i++) {
+        uint64_t cl = (uint64_t)i * 8 + (uint64_t)a->id * 2; /* two clusters per request */
+        for (uint64_t j = 0; j < sizeof(buf); j++) {
+            buf[j] = (uint8_t)((j / 64) ^ (uint64_t)(a->id * 31 + i));
+        }
+        if (vd_pwrite_compressed(a->bs, cl * cs, sizeof(buf), buf) < 0) {
+            return (void *)1;
+        }
+    }
+    return NULL;
+}
+
+static void test_compressed_threads(void **state)
+{
+    const uint64_t cs = 4096;
+    BlockNode *bs = create_open("cthr.qcow2", 4 << 20, cs, 0, NULL, false, NULL, NULL);
+    pthread_t t[4];
+    ThreadArg a[4];
+    for (int i = 0; i < 4; i++) {
+        a[i].bs = bs;
+        a[i].id = i;
+        pthread_create(&t[i], NULL, compressed_writer, &a[i]);
+    }
+    for (int i = 0; i < 4; i++) {
+        void *r;
+        pthread_join(t[i], &r);
+        assert_null(r);
+    }
+    uint8_t r[2 * 4096];
+    for (int id = 0; id < 4; id++) {
+        for (int i = 0; i < 64; i++) {
+            uint64_t cl = (uint64_t)i * 8 + (uint64_t)id * 2;
+            assert_int_equal(vd_pread(bs, cl * cs, sizeof(r), r), 0);
+            for (uint64_t j = 0; j < sizeof(r); j++) {
+                assert_int_equal(r[j], (uint8_t)((j / 64) ^ (uint64_t)(id * 31 + i)));
+            }
+        }
+    }
+    /* misaligned requests are still refused */
+    assert_int_equal(vd_pwrite_compressed(bs, 512, cs, r), -EINVAL);
+    vd_node_unref(bs);
+    assert_clean(path("cthr.qcow2"));
+    if (have_qemu_img()) {
+        char cmd[512];
+        snprintf(cmd, sizeof(cmd), "qemu-img check '%s' | grep -q '100.00%% compressed clusters'",
+                 path("cthr.qcow2"));
+        assert_int_equal(system(cmd), 0);
+    }
+}
+
 static void test_truncate(void **state)
 {
     BlockNode *bs = create_open("trunc.qcow2", 1 << 20, 0, 0, NULL, false, NULL, NULL);
@@ -792,6 +848,7 @@ int main(void)
         cmocka_unit_test(test_cache_eviction),
         cmocka_unit_test(test_zero_discard),
         cmocka_unit_test(test_compressed),
+        cmocka_unit_test(test_compressed_threads),
         cmocka_unit_test(test_backing_cow),
         cmocka_unit_test(test_damaged_headers),
         cmocka_unit_test(test_tables_outside_file),
