@@ -1,0 +1,768 @@
+#!/usr/bin/python3
+"""jobs_bench.py - block jobs over QMP: vdiskd vs qemu-storage-daemon (QSD) on the same chain.
+
+Driven by bench/jobs.sh (see there for the environment knobs).
+Chain: bench/bench.py's generator (base <- sn1 <- sn2, 4 GiB * scale virtual, base ~1.5 GiB * scale
+of random data in scattered extents, sn1/sn2 ~256 MiB * scale each), cached in the work dir.
+Every scenario runs on fresh copies (the files a daemon may write are copied, the read-only ones
+are symlinked) with a freshly started daemon serving sn2 over NBD (unix socket, host page cache),
+vdiskd and QSD interleaved scenario by scenario. Times are taken on this side of the QMP socket
+(a reader thread stamps every event on arrival): command sent -> BLOCK_JOB_READY / _COMPLETED.
+Guest load: fio's nbd engine, 4k randwrite iodepth 16 on the export, time based, logging every
+completion with a Unix-epoch stamp (write_lat_log, log_unix_epoch); with a job it starts ramp
+seconds before the job and is stopped (SIGINT) after BLOCK_JOB_COMPLETED, and IOPS / p99 / max
+latency are computed from the completions between the job command and the COMPLETED event (so
+they cover the copy and the pivot, at any scale); the no-job baseline runs fio alone.
+Per scenario: the daemon's peak RSS (VmHWM) and CPU time (utime+stime) just before it stops.
+Writes jobs.md and jobs.json to --out.
+"""
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import queue
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+MiB, GiB = 1 << 20, 1 << 30
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def log(msg):
+    print(f"[jobs-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def sh(*args, check=True):
+    p = subprocess.run([str(a) for a in args], capture_output=True, text=True)
+    if check and p.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, args))} failed ({p.returncode}):\n"
+                           f"{p.stdout}{p.stderr}")
+    return p
+
+
+def load_generator():
+    """bench/bench.py's gen(work, scale, seed): the image benchmark's chain, reused as is."""
+    spec = importlib.util.spec_from_file_location("vdisk_bench_gen", os.path.join(HERE, "bench.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.gen
+
+
+# ---------------------------------------------------------------- QMP
+
+class QMPError(Exception):
+    pass
+
+
+class QMP:
+    """QMP client whose reader thread stamps each message with time.monotonic() on arrival."""
+
+    def __init__(self, path, timeout=20):
+        end = time.time() + timeout
+        while True:
+            self.sock = socket.socket(socket.AF_UNIX)
+            try:
+                self.sock.connect(path)
+                break
+            except OSError:
+                self.sock.close()
+                if time.time() > end:
+                    raise
+                time.sleep(0.05)
+        self.replies = queue.Queue()
+        self.events = []          # (t, msg)
+        self.ev_cond = threading.Condition()
+        self.closed = False
+        self.t = threading.Thread(target=self._reader, daemon=True)
+        self.t.start()
+        greeting = self.replies.get(timeout=timeout)
+        if "QMP" not in greeting:
+            raise QMPError(f"no QMP greeting: {greeting}")
+        self.cmd("qmp_capabilities")
+
+    def _reader(self):
+        buf = b""
+        try:
+            while True:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    if not line.strip():
+                        continue
+                    t = time.monotonic()
+                    msg = json.loads(line)
+                    if "event" in msg:
+                        with self.ev_cond:
+                            self.events.append((t, msg))
+                            self.ev_cond.notify_all()
+                    else:
+                        self.replies.put(msg)
+        except OSError:
+            pass
+        self.closed = True
+        with self.ev_cond:
+            self.ev_cond.notify_all()
+        self.replies.put({"error": {"class": "Closed", "desc": "QMP connection closed"}})
+
+    def send(self, command, args=None):
+        """Send a command; returns the monotonic time just before it was sent and the reply."""
+        msg = {"execute": command}
+        if args:
+            msg["arguments"] = args
+        t = time.monotonic()
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        r = self.replies.get(timeout=120)
+        return t, r
+
+    def cmd(self, command, **args):
+        _, r = self.send(command, {k.replace("_", "-"): v for k, v in args.items()})
+        if "error" in r:
+            raise QMPError(f"{command}: {r['error'].get('desc')}")
+        return r["return"]
+
+    def wait_event(self, names, job, timeout):
+        """First event in names for job (device/id) not yet consumed: (t, msg) or None on timeout."""
+        end = time.monotonic() + timeout
+        with self.ev_cond:
+            while True:
+                for i, (t, m) in enumerate(self.events):
+                    d = m.get("data", {})
+                    if m["event"] in names and job in (d.get("device"), d.get("id")):
+                        return self.events.pop(i)
+                left = end - time.monotonic()
+                if left <= 0 or self.closed:
+                    return None
+                self.ev_cond.wait(left)
+
+    def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+# ---------------------------------------------------------------- daemons
+
+class Daemon:
+    def __init__(self, kind, image, rd, vdiskd):
+        self.kind = kind
+        self.sock = os.path.join(rd, f"{kind}-nbd.sock")
+        self.qmp_path = os.path.join(rd, f"{kind}-qmp.sock")
+        self.pidfile = os.path.join(rd, f"{kind}.pid")
+        self.logpath = os.path.join(rd, f"{kind}.log")
+        for p in (self.sock, self.qmp_path, self.pidfile):
+            if os.path.exists(p):
+                os.unlink(p)
+        # Same options for both: page cache (cache.direct=off), the chain opened from the headers.
+        if kind == "vdiskd":
+            node = json.dumps({"driver": "qcow2", "node-name": "sn2",
+                               "file": {"driver": "file", "node-name": "f2", "filename": image,
+                                        "cache": {"direct": False}}})
+            argv = [vdiskd, "-v", "--qmp", self.qmp_path, "--pidfile", self.pidfile,
+                    "--blockdev", node]
+        else:
+            argv = ["qemu-storage-daemon", "--pidfile", self.pidfile,
+                    "--blockdev", f"driver=file,node-name=f2,filename={image},cache.direct=off",
+                    "--blockdev", "driver=qcow2,node-name=sn2,file=f2",
+                    "--chardev", f"socket,path={self.qmp_path},server=on,wait=off,id=m",
+                    "--monitor", "chardev=m"]
+        argv += ["--nbd-server", f"addr.type=unix,addr.path={self.sock}",
+                 "--export", "type=nbd,id=e,node-name=sn2,name=sn2,writable=on"]
+        self.log = open(self.logpath, "w")
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
+        self.pid = self.proc.pid
+        end = time.time() + 30
+        while not (os.path.exists(self.pidfile) and os.path.exists(self.sock)
+                   and os.path.exists(self.qmp_path)):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{kind} exited {self.proc.returncode}:\n{self.output()}")
+            if time.time() > end:
+                self.stop()
+                raise RuntimeError(f"{kind} did not start:\n{self.output()}")
+            time.sleep(0.02)
+        self.q = QMP(self.qmp_path)
+
+    def uri(self):
+        return f"nbd+unix:///sn2?socket={self.sock}"
+
+    def output(self):
+        try:
+            return open(self.logpath).read()
+        except OSError:
+            return ""
+
+    def cpu_seconds(self):
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def hwm_kib(self):
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+        return None
+
+    def node_of(self, path):
+        """Node name of the format node whose file is path (chain members get automatic names)."""
+        real = os.path.realpath(path)
+        for n in self.q.cmd("query-named-block-nodes"):
+            if n.get("drv") == "qcow2" and os.path.realpath(n.get("file", "")) == real:
+                return n["node-name"]
+        raise RuntimeError(f"{self.kind}: no qcow2 node for {path}")
+
+    def stop(self):
+        try:
+            self.q.close()
+        except Exception:
+            pass
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+# ---------------------------------------------------------------- fio
+
+def fio_argv(uri, runtime, rate_iops, logprefix):
+    """fio 4k randwrite on the export; every completion goes to LOGPREFIX_clat.1.log stamped with
+    the Unix epoch (ms), so the statistics can be cut to exactly the job's window."""
+    a = ["fio", "--name=guest", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k",
+         "--iodepth=16", "--numjobs=1", "--time_based=1", f"--runtime={runtime}",
+         "--randrepeat=0", "--norandommap=1", "--output-format=json",
+         f"--output={logprefix}.json", f"--write_lat_log={logprefix}", "--log_avg_msec=0",
+         "--log_unix_epoch=1"]
+    if rate_iops:
+        a.append(f"--rate_iops={rate_iops}")
+    return a
+
+
+def fio_window(logprefix, t0, t1):
+    """IOPS, p99 / max completion latency of the writes that completed in [t0, t1] (epoch s)."""
+    lo, hi = t0 * 1000, t1 * 1000
+    lats = []
+    with open(f"{logprefix}_clat.1.log") as f:
+        for line in f:
+            ts, lat = line.split(",", 2)[:2]
+            ts = int(ts)
+            if lo <= ts <= hi:
+                lats.append(int(lat))
+    for ext in ("_clat.1.log", "_lat.1.log", "_slat.1.log"):
+        try:
+            os.unlink(logprefix + ext)
+        except OSError:
+            pass
+    if not lats:
+        return {"iops": 0, "p99_ms": None, "max_ms": None, "ios": 0, "window_s": t1 - t0}
+    lats.sort()
+    return {"iops": len(lats) / (t1 - t0), "p99_ms": lats[int(0.99 * (len(lats) - 1))] / 1e6,
+            "max_ms": lats[-1] / 1e6, "mean_ms": sum(lats) / len(lats) / 1e6, "ios": len(lats),
+            "window_s": t1 - t0}
+
+
+def fio_first_ts(logprefix):
+    with open(f"{logprefix}_clat.1.log") as f:
+        line = f.readline()
+    return int(line.split(",", 1)[0]) / 1000 if line else None
+
+
+class Guest:
+    """fio running against the export until stop() (SIGINT: fio ends cleanly, writes its logs)."""
+
+    def __init__(self, uri, rate_iops, ramp, logprefix):
+        self.logprefix = logprefix
+        self.proc = subprocess.Popen(fio_argv(uri, 3600, rate_iops, logprefix),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(ramp)  # fio connects and reaches a steady state before the job starts
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"fio exited early: {self.proc.stderr.read()}")
+
+    def stop(self, t0, t1):
+        """Stop fio; statistics of the completions in [t0, t1] (epoch seconds)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            _, err = self.proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+            raise RuntimeError("fio did not stop on SIGINT")
+        return fio_window(self.logprefix, t0, t1)
+
+
+# ---------------------------------------------------------------- scenarios
+
+LOADS = ("idle", "capped", "uncapped")  # capped's rate comes from --rate-iops
+
+
+def scenario_list(loads, which):
+    out = []
+    for load in loads:
+        if load != "idle":
+            out.append((f"baseline ({load})", "baseline", load))
+    for kind in ("mirror-full", "mirror-top", "mirror-base"):
+        for load in loads:
+            out.append((f"{kind} ({load})", kind, load))
+    # stream/commit: idle, and under the capped load (what the guest sees, e.g. at the switch)
+    for kind in ("stream", "commit", "commit-active"):
+        for load in loads:
+            if load != "uncapped":
+                out.append((f"{kind} ({load})", kind, load))
+    if which:
+        subs = [w for w in which.split(",") if w]
+        out = [s for s in out if any(w in s[0] for w in subs)]
+    return out
+
+
+DESCR = {
+    "baseline": "fio alone, no job: the reference for IOPS and p99",
+    "mirror-full": "drive-mirror sync=full, mode=absolute-paths (the daemon creates a qcow2 target "
+                   "with no backing), complete at READY (pivot)",
+    "mirror-top": "drive-mirror sync=top, mode=existing, target pre-created over sn1 (the source's "
+                  "backing: virsh blockcopy --shallow --reuse-external), pivot",
+    "mirror-base": "drive-mirror sync=top, mode=existing, target pre-created over base, vdiskd "
+                   "base-node=base (copies sn1+sn2); QEMU's mirror has no base: vdiskd only",
+    "stream": "block-stream device=sn2 base-node=base (pulls sn1 into sn2)",
+    "commit": "block-commit device=sn2 top-node=sn1 base-node=base (non-active commit)",
+    "commit-active": "block-commit device=sn2 base-node=sn1 (active commit: READY, then "
+                     "block-job-complete pivots the export to sn1)",
+}
+
+
+def prepare_run_dir(src, rd, kind):
+    """Fresh copies of the files the job may write; symlinks for those it only reads."""
+    if os.path.exists(rd):
+        shutil.rmtree(rd)
+    os.makedirs(rd)
+    writable = {"commit": ("base", "sn2"), "commit-active": ("sn1", "sn2")}.get(kind, ("sn2",))
+    for n in ("base", "sn1", "sn2"):
+        s, d = os.path.join(src, f"{n}.qcow2"), os.path.join(rd, f"{n}.qcow2")
+        if n in writable:
+            shutil.copyfile(s, d)
+        else:
+            os.symlink(s, d)
+    return os.path.join(rd, "sn2.qcow2")
+
+
+def run_one(kind, load, daemon_kind, src, work, a, vsize):
+    """One scenario on one daemon: returns a dict of measurements."""
+    rd = os.path.join(work, "run")
+    top = prepare_run_dir(src, rd, kind)
+    # equal footing: the chain is in the page cache and the copies are not dirty (fsync of our
+    # files only: a global sync would wait for the other users of a shared machine)
+    for n in ("base", "sn1", "sn2"):
+        fd = os.open(os.path.join(rd, f"{n}.qcow2"), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            while os.read(fd, 8 * MiB):
+                pass
+        finally:
+            os.close(fd)
+    tgt = os.path.join(rd, "target.qcow2")
+    if kind == "mirror-top":
+        sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", os.path.join(rd, "sn1.qcow2"),
+           "-F", "qcow2", tgt, vsize)
+    elif kind == "mirror-base":
+        sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", os.path.join(rd, "base.qcow2"),
+           "-F", "qcow2", tgt, vsize)
+    d = Daemon(daemon_kind, top, rd, a.vdiskd)
+    res = {}
+    guest = perf = None
+    timeout = a.timeout
+    try:
+        rate = a.rate_iops if load == "capped" else 0
+        if kind == "baseline":
+            lp = os.path.join(rd, "fio")
+            c0 = d.cpu_seconds()
+            p = subprocess.run(fio_argv(d.uri(), a.fio_secs + a.ramp, rate, lp),
+                               capture_output=True, text=True)
+            if p.returncode != 0:
+                raise RuntimeError(f"fio failed: {p.stderr}")
+            first = fio_first_ts(lp)
+            res["fio"] = fio_window(lp, first + a.ramp, first + a.ramp + a.fio_secs)
+            res["cpu_s"] = d.cpu_seconds() - c0
+            return res
+        q = d.q
+        nodes = {}
+        if kind in ("stream", "commit", "commit-active"):
+            nodes = {n: d.node_of(os.path.join(rd, f"{n}.qcow2")) for n in ("base", "sn1")}
+        if a.perf and daemon_kind == "vdiskd" and kind.startswith("mirror") and load in a.perf_loads:
+            pf = os.path.join(a.out, f"perf-jobs-{a.tag + '-' if a.tag else ''}{kind}-{load}.data")
+            # dwarf unwinding: the default build has no frame pointers
+            perf = subprocess.Popen(["perf", "record", "-q", "--call-graph", a.perf_callgraph,
+                                     "-F", str(a.perf_freq), "-o", pf, "-p", str(d.pid)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.5)
+            res["perf"] = pf
+        if load != "idle":
+            guest = Guest(d.uri(), rate, a.ramp, os.path.join(rd, "fio"))
+        c0 = d.cpu_seconds()
+        args = {"job-id": "j", "device": "sn2"}
+        needs_complete = True
+        if kind == "mirror-full":
+            args.update(target=tgt, format="qcow2", sync="full", mode="absolute-paths")
+            cmd = "drive-mirror"
+        elif kind == "mirror-top":
+            args.update(target=tgt, format="qcow2", sync="top", mode="existing")
+            cmd = "drive-mirror"
+        elif kind == "mirror-base":
+            args.update(target=tgt, format="qcow2", sync="top", mode="existing",
+                        **{"base-node": os.path.join(rd, "base.qcow2")})
+            cmd = "drive-mirror"
+        elif kind == "stream":
+            args.update({"base-node": nodes["base"]})
+            cmd, needs_complete = "block-stream", False
+        elif kind == "commit":
+            args.update({"top-node": nodes["sn1"], "base-node": nodes["base"]})
+            cmd, needs_complete = "block-commit", False
+        elif kind == "commit-active":
+            args.update({"base-node": nodes["sn1"]})
+            cmd = "block-commit"
+        w0 = time.time()
+        t0, r = q.send(cmd, args)
+        if "error" in r:
+            raise RuntimeError(f"{cmd}: {r['error'].get('desc')}")
+        if needs_complete:
+            ev = q.wait_event(("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"),
+                              "j", timeout)
+            if ev is None or ev[1]["event"] != "BLOCK_JOB_READY":
+                res["timeout"] = ev is None
+                res["error"] = (f"not READY within {timeout:.0f} s" if ev is None
+                                else f"{ev[1]['event']}: {ev[1]['data'].get('error')}")
+                if ev is None:
+                    res["ready_s"] = None
+                    q.send("block-job-cancel", {"device": "j", "force": True})
+                    q.wait_event(("BLOCK_JOB_CANCELLED", "BLOCK_JOB_COMPLETED"), "j", 60)
+                return res
+            res["ready_s"] = ev[0] - t0
+            res["copied_bytes"] = ev[1]["data"].get("len")
+            tc, r = q.send("block-job-complete", {"device": "j"})
+            if "error" in r:
+                raise RuntimeError(f"block-job-complete: {r['error'].get('desc')}")
+        ev = q.wait_event(("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"), "j", timeout)
+        if ev is None:
+            res["error"] = f"not COMPLETED within {timeout:.0f} s"
+            res["timeout"] = True
+            q.send("block-job-cancel", {"device": "j", "force": True})
+            q.wait_event(("BLOCK_JOB_CANCELLED", "BLOCK_JOB_COMPLETED"), "j", 60)
+            return res
+        if ev[1]["event"] != "BLOCK_JOB_COMPLETED" or ev[1]["data"].get("error"):
+            res["error"] = f"{ev[1]['event']}: {ev[1]['data'].get('error')}"
+            return res
+        res["completed_s"] = ev[0] - t0
+        res.setdefault("copied_bytes", ev[1]["data"].get("len"))
+        if needs_complete:
+            res["pivot_s"] = ev[0] - tc
+        res["cpu_s"] = d.cpu_seconds() - c0
+        if guest:
+            res["fio"] = guest.stop(w0, w0 + res["completed_s"])
+            guest = None
+        if daemon_kind == "vdiskd" and kind.startswith("mirror"):
+            m = None
+            for _ in range(20):  # the log line is written by the job thread around the event
+                m = re.search(r"mirror 'j': pivoted to the target; guest I/O paused (\d+\.\d+) ms "
+                              r"\((\d+) bytes copied", d.output())
+                if m:
+                    break
+                time.sleep(0.05)
+            if m:
+                res["logged_pause_ms"] = float(m.group(1))
+                res["paused_copy_bytes"] = int(m.group(2))
+        if a.verify and load == "idle" and kind.startswith("mirror"):
+            # nothing wrote to the guest: the target must read like the source chain
+            res["hwm_kib"] = d.hwm_kib()
+            d.stop()
+            p = sh("qemu-img", "compare", "-q", "-f", "qcow2", "-F", "qcow2", top, tgt, check=False)
+            res["verified"] = p.returncode == 0
+            if p.returncode != 0:
+                log(f"VERIFY FAILED: {daemon_kind} {kind}: {p.stdout}{p.stderr}")
+        return res
+    finally:
+        if guest:  # the job failed or timed out: stop the load, keep no statistics
+            try:
+                guest.stop(0, 0)
+            except Exception as e:
+                log(f"fio: {e}")
+        if d.proc.poll() is None:
+            try:
+                res["hwm_kib"] = d.hwm_kib()
+            except OSError:
+                pass
+        if perf:
+            perf.send_signal(signal.SIGINT)
+            perf.wait()
+        rc = d.stop()
+        if rc not in (0, -15, 143) and "verified" not in res:
+            log(f"warning: {daemon_kind} exited {rc}; log {d.logpath}")
+        shutil.copyfile(d.logpath, os.path.join(work, f"{daemon_kind}-last.log"))
+
+
+# ---------------------------------------------------------------- report
+
+def machine(work):
+    m = {"nproc": os.cpu_count(), "kernel": platform.release()}
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            m["cpu"] = line.split(":", 1)[1].strip()
+            break
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemTotal:"):
+            m["mem"] = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    m["loadavg"] = " ".join(open("/proc/loadavg").read().split()[:3])
+    p = sh("df", "-PT", work, check=False).stdout.splitlines()
+    m["fs"] = " ".join(p[1].split()[:2]) if len(p) > 1 else "?"
+    return m
+
+
+def med(vals):
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def f2(v, digits=2):
+    return "-" if v is None else f"{v:,.{digits}f}"
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}" if a is not None and b else "-"
+
+
+def report(meta, results, scen):
+    L = ["# Block jobs: vdiskd vs qemu-storage-daemon\n"]
+    m = meta["machine"]
+    L.append(f"Date: {meta['date']}  ")
+    L.append(f"Machine: {m['nproc']} CPUs ({m.get('cpu', '?')}), {m['mem']} RAM, kernel "
+             f"{m['kernel']}, work dir on {m['fs']}; load average at start {m['loadavg']}, "
+             f"at end {meta['loadavg_end']}  ")
+    L.append(f"Versions: {meta['versions']}  ")
+    ly = meta["chain"]["layers"]
+    L.append(f"Chain (bench/bench.py generator, scale {meta['scale']:g}, seed {meta['seed']}): "
+             f"{meta['chain']['virtual_size'] / MiB:.0f} MiB virtual; "
+             + ", ".join(f"{n} {ly[n]['data_bytes'] / MiB:.0f} MiB in {ly[n]['extents']} extents"
+                         for n in ("base", "sn1", "sn2")) + "  ")
+    L.append(f"Daemons serve sn2 over NBD (unix socket), cache.direct=off (host page cache) for "
+             f"both; each scenario on fresh copies with a freshly started daemon, vdiskd and QSD "
+             f"interleaved; {meta['reps']} repetition(s), median shown. Job defaults (no speed, "
+             f"granularity or buf-size given).  ")
+    L.append(f"Guest load: fio {meta['fio']} ioengine=nbd, randwrite 4k iodepth 16, 1 connection, "
+             f"over the whole disk; capped = --rate_iops={meta['rate_iops']}; fio starts "
+             f"{meta['ramp']} s before the job; IOPS, p99 and max latency are computed from fio's "
+             f"per-I/O completion log over exactly [job command, BLOCK_JOB_COMPLETED] (copy and "
+             f"pivot included); baseline = fio alone, {meta['fio_secs']} s after a {meta['ramp']} s "
+             f"ramp.  ")
+    L.append(f"Times are measured by the QMP client: command sent -> event received. "
+             f"Jobs still running after {meta['timeout']:.0f} s are cancelled (shown as '>T').\n")
+    if meta.get("note"):
+        L.append(f"**Note:** {meta['note']}\n")
+    L.append("Scenarios:\n")
+    for k, v in DESCR.items():
+        L.append(f"- **{k}**: {v}")
+    L.append("")
+
+    def get(name, dk, key, sub=None):
+        vals = []
+        for r in results.get(name, {}).get(dk, []):
+            v = r.get(sub, {}).get(key) if sub else r.get(key)
+            if key in ("ready_s", "completed_s") and r.get("timeout"):
+                v = float("inf")
+            vals.append(v)
+        return med(vals)
+
+    def table(title, rows, unit_note=""):
+        if not rows:
+            return
+        L.append(f"## {title}\n")
+        if unit_note:
+            L.append(unit_note + "\n")
+        L.append("| scenario | vdiskd | QSD | vdiskd/QSD |")
+        L.append("|---|---|---|---|")
+        for label, v, qv, digits in rows:
+            def cell(x):
+                if x == float("inf"):
+                    return f">{meta['timeout']:.0f}"
+                return f2(x, digits)
+            r = "-" if v == float("inf") or qv == float("inf") else ratio(v, qv)
+            L.append(f"| {label} | {cell(v)} | {cell(qv)} | {r} |")
+        L.append("")
+
+    names = [s[0] for s in scen]
+    jobs = [n for n in names if not n.startswith("baseline")]
+    mirrors = [n for n in names if n.startswith("mirror") or n.startswith("commit-active")]
+    L.append("vdiskd/QSD below 1 is better for vdiskd in every table except guest IOPS (above 1 "
+             "is better there).\n")
+    table("Time to READY (s)", [(n, get(n, "vdiskd", "ready_s"), get(n, "qsd", "ready_s"), 3)
+                                for n in mirrors])
+    table("Time to COMPLETED (s, from the job command)",
+          [(n, get(n, "vdiskd", "completed_s"), get(n, "qsd", "completed_s"), 3) for n in jobs])
+    table("Pivot pause (ms): block-job-complete sent -> BLOCK_JOB_COMPLETED received",
+          [(n, _ms(get(n, "vdiskd", "pivot_s")), _ms(get(n, "qsd", "pivot_s")), 1)
+           for n in mirrors],
+          "vdiskd's own measure of the guest-visible pause (drain -> exports resumed), from its "
+          "log: " + ", ".join(f"{n}: {f2(get(n, 'vdiskd', 'logged_pause_ms'), 1)} ms"
+                              for n in mirrors if n.startswith("mirror")))
+    table("Job length (MiB, the job's len at READY / COMPLETED: what the job copied, including "
+          "re-copies of guest-dirtied data; stream/commit count the whole disk in both daemons)",
+          [(n, _mib(get(n, "vdiskd", "copied_bytes")), _mib(get(n, "qsd", "copied_bytes")), 1)
+           for n in jobs])
+    loaded = [n for n in names if "(idle)" not in n]
+    table("Guest IOPS during the job (fio 4k randwrite over NBD)",
+          [(n, get(n, "vdiskd", "iops", "fio"), get(n, "qsd", "iops", "fio"), 0) for n in loaded])
+    table("Guest p99 write latency during the job (ms, fio clat)",
+          [(n, get(n, "vdiskd", "p99_ms", "fio"), get(n, "qsd", "p99_ms", "fio"), 2)
+           for n in loaded])
+    table("Guest max write latency during the job (ms, fio clat: the longest stall, usually "
+          "the pivot)",
+          [(n, get(n, "vdiskd", "max_ms", "fio"), get(n, "qsd", "max_ms", "fio"), 1)
+           for n in loaded])
+    table("Daemon CPU time during the job (s, utime+stime, all threads)",
+          [(n, get(n, "vdiskd", "cpu_s"), get(n, "qsd", "cpu_s"), 2) for n in names])
+    table("Peak RSS of the daemon (MiB, VmHWM at the end of the scenario)",
+          [(n, _mib(get(n, "vdiskd", "hwm_kib"), 1024), _mib(get(n, "qsd", "hwm_kib"), 1024), 1)
+           for n in names])
+    errs = [(n, dk, r["error"]) for n in names for dk in ("vdiskd", "qsd")
+            for r in results.get(n, {}).get(dk, []) if r.get("error")]
+    ver = [(n, dk, r["verified"]) for n in names for dk in ("vdiskd", "qsd")
+           for r in results.get(n, {}).get(dk, []) if "verified" in r]
+    if ver:
+        agg = {}
+        for n, dk, ok in ver:
+            k = (dk, n)
+            agg[k] = (agg.get(k, (0, 0))[0] + bool(ok), agg.get(k, (0, 0))[1] + 1)
+        L.append("Content check (idle mirrors: `qemu-img compare` source chain vs target after "
+                 "the pivot; identical/runs): " + ", ".join(f"{dk} {n}: {g}/{t}"
+                                                            for (dk, n), (g, t) in agg.items())
+                 + "\n")
+    if errs:
+        L.append("Errors / timeouts:\n")
+        for n, dk, e in errs:
+            L.append(f"- {dk} {n}: {e}")
+        L.append("")
+    return "\n".join(L)
+
+
+def _ms(v):
+    return None if v is None else (v if v == float("inf") else v * 1000)
+
+
+def _mib(v, unit=1):
+    """v * unit bytes in MiB."""
+    return None if v is None else v * unit / MiB
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--vdiskd", default="")
+    ap.add_argument("--work", default="")
+    ap.add_argument("--out", default="")
+    ap.add_argument("--scale", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=20261125)
+    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--loads", default="idle,capped,uncapped")
+    ap.add_argument("--only", default="")
+    ap.add_argument("--rate-iops", type=int, default=2000)
+    ap.add_argument("--fio-secs", type=int, default=10)
+    ap.add_argument("--ramp", type=int, default=1)
+    ap.add_argument("--timeout", type=float, default=0)
+    ap.add_argument("--daemons", default="vdiskd,qsd")
+    ap.add_argument("--perf", action="store_true")
+    ap.add_argument("--perf-loads", default="idle")
+    ap.add_argument("--perf-callgraph", default="dwarf,8192")
+    ap.add_argument("--perf-freq", type=int, default=499)
+    ap.add_argument("--no-verify", dest="verify", action="store_false")
+    ap.add_argument("--note", default="")
+    ap.add_argument("--tag", default="", help="write jobs-TAG.md/.json instead of jobs.md/.json")
+    ap.add_argument("--report-only", default="", help="re-render the markdown from a jobs.json")
+    a = ap.parse_args()
+    if a.report_only:
+        j = json.load(open(a.report_only))
+        loads = [x for x in j["meta"].get("loads", "idle,capped,uncapped").split(",") if x]
+        scen = [s for s in scenario_list(loads, j["meta"].get("only", "")) if s[0] in j["results"]]
+        md = report(j["meta"], j["results"], scen)
+        with open(a.report_only[:-5] + ".md", "w") as f:
+            f.write(md)
+        print(md)
+        return
+    if not (a.vdiskd and a.work and a.out):
+        sys.exit("jobs-bench: --vdiskd, --work and --out are required")
+    a.perf_loads = a.perf_loads.split(",")
+    if not a.timeout:
+        a.timeout = 60 + 240 * a.scale
+    work = os.path.abspath(a.work)
+    os.makedirs(work, exist_ok=True)
+    os.makedirs(a.out, exist_ok=True)
+    a.out = os.path.abspath(a.out)
+    loads = [x for x in a.loads.split(",") if x]
+    for x in loads:
+        if x not in LOADS:
+            sys.exit(f"jobs-bench: unknown load {x} (idle, capped, uncapped)")
+    daemons = [x for x in a.daemons.split(",") if x]
+
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": machine(work), "scale": a.scale, "seed": a.seed, "reps": a.reps,
+            "rate_iops": a.rate_iops, "ramp": a.ramp, "fio_secs": a.fio_secs,
+            "timeout": a.timeout, "note": a.note, "fio": sh("fio", "--version").stdout.strip(),
+            "loads": a.loads, "only": a.only}
+    if a.perf:
+        meta["note"] = (a.note + " " if a.note else "") + \
+            "perf was recording vdiskd during mirror runs: those numbers include its overhead."
+    rev = sh("git", "-C", os.path.dirname(HERE), "rev-parse", "--short", "HEAD", check=False)
+    meta["versions"] = (f"vdiskd {a.vdiskd} (tree {rev.stdout.strip()}, uncommitted changes "
+                        f"possible); qemu-storage-daemon "
+                        + sh("qemu-storage-daemon", "--version").stdout.split()[2])
+    gen = load_generator()
+    t = time.time()
+    src, chain = gen(work, a.scale, a.seed)
+    meta["chain"] = chain
+    log(f"chain ready in {src} ({time.time() - t:.1f} s)")
+    vsize = chain["virtual_size"]
+
+    scen = scenario_list(loads, a.only)
+    results = {}
+    for rep in range(a.reps):
+        for name, kind, load in scen:
+            for dk in daemons:
+                if kind == "mirror-base" and dk == "qsd":
+                    continue
+                try:
+                    r = run_one(kind, load, dk, src, work, a, vsize)
+                except Exception as e:  # keep going: one failure should not lose the whole run
+                    r = {"error": f"{type(e).__name__}: {e}"}
+                results.setdefault(name, {}).setdefault(dk, []).append(r)
+                brief = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
+                         if k not in ("fio", "perf")}
+                if "fio" in r:
+                    brief["iops"] = round(r["fio"]["iops"])
+                    brief["p99_ms"] = r["fio"]["p99_ms"]
+                log(f"rep {rep + 1} {dk:6} {name:26} {brief}")
+    shutil.rmtree(os.path.join(work, "run"), ignore_errors=True)
+    meta["loadavg_end"] = " ".join(open("/proc/loadavg").read().split()[:3])
+    md = report(meta, results, scen)
+    stem = f"jobs-{a.tag}" if a.tag else "jobs"
+    with open(os.path.join(a.out, stem + ".md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(a.out, stem + ".json"), "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=1, default=str)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
