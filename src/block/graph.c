@@ -3,7 +3,8 @@
  * blockdev-del, lookup by node-name. The registry holds the monitor-owned roots, one reference
  * each; children (file, backing) are reached through the nodes themselves, so lookups see every
  * node in the daemon. Options are fully checked (types, unknown keys, node-names) before anything
- * is opened, so a rejected blockdev-add leaves nothing behind. QMP thread (or startup) only.
+ * is opened, so a rejected blockdev-add leaves nothing behind. QMP thread (or startup) only: block
+ * jobs hand their graph changes to the QMP thread (qmp_defer), so the registry needs no lock.
  */
 #include "block/graph.h"
 
@@ -14,6 +15,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "protocols/nbd.h"
 #include "qmp/qmp-args.h"
 
 #define NODE_NAME_MAX 31 /* QEMU: node names are shorter than 32 bytes */
@@ -515,24 +517,22 @@ static BlockNode *child_node(json_t *ref, const Inherit *inh, bool is_backing, V
     return open_tree(ref, inh, is_backing, errp);
 }
 
+/* The libnbd URI of a blockdev-add nbd node: percent-encoded by nbd.c, so any export name works. */
 static char *nbd_uri(json_t *o, VdError **errp)
 {
     json_t *server = json_object_get(o, "server");
-    const char *type = qmp_arg_str(server, "type", "");
+    bool is_unix = !strcmp(qmp_arg_str(server, "type", ""), "unix");
     const char *exp = qmp_arg_str(o, "export", "");
-    char *uri = NULL;
-    int n;
-    if (!strcmp(type, "unix")) {
-        n = asprintf(&uri, "nbd+unix:///%s?socket=%s", exp, qmp_arg_str(server, "path", ""));
-    } else {
-        const char *host = qmp_arg_str(server, "host", "");
-        bool v6 = strchr(host, ':') != NULL;
-        n = asprintf(&uri, "nbd://%s%s%s:%s/%s", v6 ? "[" : "", host, v6 ? "]" : "",
-                     qmp_arg_str(server, "port", ""), exp);
-    }
-    if (n < 0) {
-        vd_error_setg(errp, ENOMEM, "Out of memory");
-        return NULL;
+    const char *port = is_unix ? NULL : qmp_arg_str(server, "port", "");
+    char *uri = is_unix ? vd_nbd_make_uri(NULL, NULL, qmp_arg_str(server, "path", ""), exp)
+                        : vd_nbd_make_uri(qmp_arg_str(server, "host", ""), port, NULL, exp);
+    if (!uri) {
+        if (errno == EINVAL) {
+            vd_error_setg(errp, EINVAL, "NBD server: invalid %s", is_unix ? "socket path"
+                          : "host or port");
+        } else {
+            vd_error_setg(errp, ENOMEM, "Out of memory");
+        }
     }
     return uri;
 }
@@ -711,5 +711,22 @@ int graph_blockdev_del(const char *node_name, VdError **errp)
     memmove(&roots[idx], &roots[idx + 1], (nroots - (size_t)idx - 1) * sizeof(*roots));
     nroots--;
     vd_node_unref(bs);
+    return 0;
+}
+
+int graph_unregister(BlockNode *node)
+{
+    ssize_t idx = node ? root_index(node) : -1;
+    if (idx < 0) {
+        return -ENOENT;
+    }
+    BlockNode *parent = NULL;
+    bool as_backing = false;
+    if (find_parent(node, &parent, &as_backing)) {
+        return -EBUSY; /* still reachable (and named) through another node: keep it */
+    }
+    memmove(&roots[idx], &roots[idx + 1], (nroots - (size_t)idx - 1) * sizeof(*roots));
+    nroots--;
+    vd_node_unref(node);
     return 0;
 }

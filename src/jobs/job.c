@@ -4,6 +4,11 @@
  * announced by JOB_STATUS_CHANGE); job_mutex guards all job fields and the list; events are queued
  * under job_mutex and emitted after it is dropped, by one flusher at a time, in queue order - so the
  * QMP server is never called with job_mutex held and clients see events in the order they happened.
+ * Where things run: `run` on the job's thread; everything after it (prepare/commit/abort/clean, the
+ * final events, auto-dismiss) on the QMP thread, handed over with qmp_defer, because those steps
+ * change the graph and the exports, which only the QMP thread may do (docs/concurrency.md). Without
+ * a QMP thread (unit tests, daemon shutdown after qmp_server_stop) the job's thread does it, and
+ * then no other thread changes the graph.
  */
 #include "jobs/job.h"
 
@@ -158,7 +163,7 @@ struct Job {
     bool cancelled;       /* any cancel requested */
     bool force_cancel;    /* hard cancel: run must fail with -ECANCELED */
     bool kicked;          /* a verb arrived: interrupt sleeps */
-    bool thread_running;
+    bool thread_running;  /* run, or the completion after it (job_run_done), not finished yet */
     bool finalizing;      /* prepare/commit or abort in progress (not twice) */
     IoStatus iostatus;
 
@@ -170,6 +175,11 @@ struct Job {
 
     pthread_t thread;
     pthread_cond_t cond;
+
+    /* run's result, handed to the QMP thread (job_run_done). */
+    QmpDeferred done_bh;
+    int run_ret;
+    VdError *run_err;
 };
 
 static pthread_mutex_t job_mutex = PTHREAD_MUTEX_INITIALIZER;
@@ -543,13 +553,23 @@ static void job_completed(Job *job, int ret, VdError *err)
     job_do_finalize(job);
 }
 
-static void *job_thread(void *arg)
+/*
+ * Serialises job completions that do not run on the QMP thread: at shutdown, after qmp_server_stop,
+ * several job threads may finish at once (and main runs the callbacks queued before the stop, or
+ * aborts parked jobs) - one graph writer at a time still. Taken before job_mutex, never while
+ * waiting for a job thread.
+ */
+static pthread_mutex_t completion_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* After run returned: completion (graph changes) on the QMP thread, or here without one. */
+static void job_run_done(void *opaque)
 {
-    Job *job = arg;
-    VdError *err = NULL;
-    int ret = job->drv->run(job, &err);
-    job_completed(job, ret, err);
-    vd_error_free(err);
+    Job *job = opaque;
+    pthread_mutex_lock(&completion_lock);
+    job_completed(job, job->run_ret, job->run_err);
+    pthread_mutex_unlock(&completion_lock);
+    vd_error_free(job->run_err);
+    job->run_err = NULL;
     /*
      * Drop the thread's reference before announcing the end, so that a job_wait_thread caller
      * holding its own reference is the one whose unref frees the job.
@@ -561,6 +581,18 @@ static void *job_thread(void *arg)
     pthread_mutex_unlock(&job_mutex);
     if (last) {
         job_free(job);
+    }
+}
+
+static void *job_thread(void *arg)
+{
+    Job *job = arg;
+    job->run_err = NULL;
+    job->run_ret = job->drv->run(job, &job->run_err);
+    job->done_bh.fn = job_run_done;
+    job->done_bh.opaque = job;
+    if (qmp_defer(&job->done_bh) < 0) {
+        job_run_done(job);
     }
     return NULL;
 }
@@ -632,7 +664,9 @@ void job_cancel_all_sync(void)
             break;
         }
         if (parked) {
+            pthread_mutex_lock(&completion_lock);
             job_user_cancel(victim, true, NULL);
+            pthread_mutex_unlock(&completion_lock);
         } else {
             job_wait_thread(victim);
         }

@@ -5,7 +5,9 @@
  * qapi/block-core.json (JOB_STATUS_CHANGE, BLOCK_JOB_READY/PENDING/COMPLETED/CANCELLED/ERROR).
  *
  * Threads and locks: one global job mutex guards every job's state and the job list. Verbs are called
- * from the QMP thread; `run` and the pause/sleep/progress helpers from the job's own thread. Driver
+ * from the QMP thread; `run` and the pause/sleep/progress helpers from the job's own thread. Once run
+ * returns, prepare/commit/abort/clean run on the QMP thread (qmp_defer), so they may change the graph
+ * and the exports; without a QMP thread (unit tests, shutdown) the job's thread runs them. Driver
  * callbacks (run, prepare, commit, abort, clean) are called WITHOUT the job mutex. Events are queued
  * under the mutex and emitted after it is released, in order.
  */
@@ -162,7 +164,10 @@ void job_unref(Job *job);
 /* Where events go (default qmp_event_emit); tests capture them. Steals data. */
 typedef void JobEventSink(const char *name, json_t *data);
 void job_set_event_sink(JobEventSink *fn);
-/* Wait until the job's thread has finished (tests, shutdown). */
+/*
+ * Wait until the job's thread has finished and its completion (finalization, which runs on the QMP
+ * thread when one runs) is done (tests, shutdown). Never call it on the QMP thread.
+ */
 void job_wait_thread(Job *job);
 /*
  * Register the QMP commands of jobs (query-jobs, query-block-jobs, job-*, block-job-*, drive-mirror,

@@ -71,6 +71,7 @@ struct Mirror {
     bool should_complete;
     bool detached;         /* filter no longer in front of the source */
     bool pivoted;
+    bool drop_target;      /* drive-mirror registered the target: unregister it unless pivoted */
     int pending_target_error; /* from a write-blocking guest write: handled by the job thread */
 };
 
@@ -900,6 +901,18 @@ static void mirror_clean(Job *job)
     if (!m->pivoted) {
         /* Drop the source from under the target: back to what it had (base for a new image). */
         vd_node_set_backing(m->target, m->target_orig_backing ? m->target_orig_backing : m->base);
+        /*
+         * As QEMU drops drive-mirror's target node when the job ends without a pivot. Runs on the
+         * QMP thread (job.c), the graph's only writer. An export the user put on it keeps it open.
+         */
+        if (m->drop_target) {
+            m->drop_target = false;
+            int r = graph_unregister(m->target);
+            if (r < 0 && r != -ENOENT) {
+                vd_log(VD_LOG_WARN, "mirror '%s': node '%s' stays registered: %s",
+                       job_id(job), m->target->node_name, strerror(-r));
+            }
+        }
     }
 }
 
@@ -1263,6 +1276,13 @@ json_t *mirror_qmp_start(json_t *args, bool blockdev, VdError **errp)
             goto out;
         }
         vd_node_ref(target);
+        /* A node a stream/commit works on cannot be written by a mirror either. */
+        const char *busy = blockops_busy(target);
+        if (busy) {
+            vd_error_setg(errp, EBUSY, "Node '%s' is busy: block device is in use by block job: "
+                          "%s", target->node_name, busy);
+            goto out;
+        }
         /* blockdev-mirror leaves the target's backing chain as the user built it... */
         o.rewrite_backing = false;
         o.keep_target_backing = !base_node;
@@ -1348,9 +1368,9 @@ json_t *mirror_qmp_start(json_t *args, bool blockdev, VdError **errp)
     o.target_new = created;
     job = mirror_start(&o, errp);
     /*
-     * As in QEMU, the new target is a named node of the graph from now on (query-named-block-nodes
-     * shows what exports serve after the pivot). Without a pivot it stays until blockdev-del:
-     * the graph may only change on the QMP thread, which the job's end does not run on.
+     * As in QEMU, the new target is a named node of the graph while the job runs and after a pivot
+     * (query-named-block-nodes shows what exports serve). Without a pivot mirror_clean drops it
+     * again; that runs on this (QMP) thread after this handler returned, so it sees drop_target.
      */
     if (job && !blockdev) {
         VdError *e = NULL;
@@ -1358,6 +1378,8 @@ json_t *mirror_qmp_start(json_t *args, bool blockdev, VdError **errp)
             vd_log(VD_LOG_WARN, "mirror '%s': cannot register node '%s': %s", job_id,
                    target->node_name, vd_error_msg(e));
             vd_error_free(e);
+        } else {
+            ((Mirror *)job_opaque(job))->drop_target = true;
         }
     }
 out:

@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "block/graph.h"
+#include "jobs/mirror.h"
 #include "util/log.h"
 
 /* ---- exports ---- */
@@ -174,7 +175,7 @@ static pthread_mutex_t claims_lock = PTHREAD_MUTEX_INITIALIZER;
 static BlockNode *claims[MAX_CLAIMS];
 static const char *claim_types[MAX_CLAIMS];
 
-/* A mirror of dev (its filter in front of dev serves the exports): mirror.c's claims are private. */
+/* Is dev a mirror's source or target (mirror_node_busy), or behind a mirror filter an export serves? */
 typedef struct MirrorScan {
     BlockNode *dev;
     bool found;
@@ -191,6 +192,10 @@ static void mirror_scan_cb(NbdExport *exp, void *opaque)
 
 static bool mirrored(BlockNode *dev)
 {
+    /* mirror.c's own claims first: they hold whether or not an export serves dev. */
+    if (mirror_node_busy(dev)) {
+        return true;
+    }
     MirrorScan m = {.dev = dev};
     if (nbd_server_running()) {
         nbd_export_foreach(mirror_scan_cb, &m);
@@ -351,16 +356,20 @@ json_t *snapshot_qmp_sync(json_t *args, VdError **errp)
         vd_error_setg(errp, EINVAL, "Unknown driver '%s'", format);
         return NULL;
     }
-    BlockNode *parent = find_parent(old);
-    if (parent) {
-        vd_error_setg(errp, EBUSY, "Node '%s' is busy: node is used as backing hd of '%s'",
-                      old->node_name, parent->node_name);
-        return NULL;
-    }
+    /*
+     * The job's claim first (as QEMU's op blockers): a drive-mirror target has the source as its
+     * backing while the copy runs, which would otherwise be reported instead.
+     */
     const char *job_type = blockops_busy(old);
     if (job_type) {
         vd_error_setg(errp, EBUSY, "Node '%s' is busy: block device is in use by block job: %s",
                       old->node_name, job_type);
+        return NULL;
+    }
+    BlockNode *parent = find_parent(old);
+    if (parent) {
+        vd_error_setg(errp, EBUSY, "Node '%s' is busy: node is used as backing hd of '%s'",
+                      old->node_name, parent->node_name);
         return NULL;
     }
     if (!existing) {
@@ -426,6 +435,12 @@ json_t *snapshot_qmp_blockdev(json_t *args, VdError **errp)
         vd_error_setg(errp, EINVAL, "Cannot find device='%s' nor node-name='%s'", ov, ov);
         return NULL;
     }
+    const char *job_type = blockops_busy(old); /* before find_parent: see snapshot_qmp_sync */
+    if (job_type) {
+        vd_error_setg(errp, EBUSY, "Node '%s' is busy: block device is in use by block job: %s",
+                      old->node_name, job_type);
+        return NULL;
+    }
     BlockNode *parent = find_parent(old);
     if (parent) {
         vd_error_setg(errp, EBUSY, "Node '%s' is busy: node is used as backing hd of '%s'",
@@ -450,12 +465,6 @@ json_t *snapshot_qmp_blockdev(json_t *args, VdError **errp)
     }
     if (overlay->read_only) {
         vd_error_setg(errp, EPERM, "The overlay '%s' is read-only", ov);
-        return NULL;
-    }
-    const char *job_type = blockops_busy(old);
-    if (job_type) {
-        vd_error_setg(errp, EBUSY, "Node '%s' is busy: block device is in use by block job: %s",
-                      old->node_name, job_type);
         return NULL;
     }
     int64_t olen = vd_getlength(overlay), len = vd_getlength(old);

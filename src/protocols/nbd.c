@@ -203,7 +203,8 @@ static struct nbd_handle *conn_open(const char *uri, int timeout_ms, int *perr,
         int64_t left = deadline - now_ms();
         if (left <= 0) {
             *perr = ETIMEDOUT;
-            vd_error_setg(errp, ETIMEDOUT, "Could not open '%s': connection timed out", uri);
+            vd_error_setg(errp, ETIMEDOUT, "Could not open '%s': the server did not complete "
+                          "the connection and handshake within %d ms", uri, timeout_ms);
             nbd_close(h);
             return NULL;
         }
@@ -236,6 +237,14 @@ static void conn_close(struct nbd_handle *h)
     }
 }
 
+static int first_connect_timeout_ms = -1; /* vd_nbd_set_connect_timeout */
+
+void vd_nbd_set_connect_timeout(int timeout_ms)
+{
+    __atomic_store_n(&first_connect_timeout_ms, timeout_ms < 0 ? -1 : timeout_ms,
+                     __ATOMIC_RELAXED);
+}
+
 static int nbd_drv_open(BlockNode *bs, const VdOpenOptions *opts, VdError **errp)
 {
     NbdState *s = ns_of(bs);
@@ -247,7 +256,8 @@ static int nbd_drv_open(BlockNode *bs, const VdOpenOptions *opts, VdError **errp
         return -EINVAL;
     }
     int cerr = 0;
-    struct nbd_handle *h = conn_open(uri, -1, &cerr, errp);
+    struct nbd_handle *h = conn_open(uri, __atomic_load_n(&first_connect_timeout_ms,
+                                                          __ATOMIC_RELAXED), &cerr, errp);
     if (!h) {
         return -cerr;
     }

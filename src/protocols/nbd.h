@@ -49,6 +49,13 @@ BlockNode *vd_nbd_open(const char *host, const char *port, const char *unix_path
  */
 BlockNode *vd_nbd_open_qmp(json_t *options, int flags, VdError **errp);
 
+/*
+ * How long opening a node waits for its first connection (TCP connect + NBD handshake), in ms;
+ * < 0 (the default) waits as long as the server takes, as qemu-img does. vdiskd bounds it so a
+ * server that accepts but never answers cannot block its QMP thread. Process-wide; set it at startup.
+ */
+void vd_nbd_set_connect_timeout(int timeout_ms);
+
 /* Number of NBD connections a node uses (1, or more when the server advertises multi-conn). */
 int vd_nbd_connection_count(BlockNode *bs);
 

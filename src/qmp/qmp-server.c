@@ -3,6 +3,8 @@
  * of clients, each answered once per JSON value it sends (errors included), never disconnected for
  * bad input. Commands run on this thread one at a time. Events from other threads go through a
  * locked queue + wake pipe; events emitted on this thread go out at once (before the reply).
+ * Deferred callbacks (qmp_defer: job completion, i.e. graph changes from other threads) use the same
+ * queue lock and wake pipe and run on this thread between commands, so the graph has one writer.
  */
 #include "qmp/qmp.h"
 
@@ -169,6 +171,59 @@ typedef struct QmpEv {
 static pthread_mutex_t ev_lock = PTHREAD_MUTEX_INITIALIZER;
 static QmpEv *ev_head, *ev_tail;
 static bool ev_accepting; /* the server runs: queue events and poke the wake pipe */
+static QmpDeferred *bh_head, *bh_tail; /* ev_lock; only while ev_accepting */
+
+int qmp_defer(QmpDeferred *d)
+{
+    pthread_mutex_lock(&ev_lock);
+    if (!ev_accepting) {
+        pthread_mutex_unlock(&ev_lock);
+        return -ESRCH;
+    }
+    d->next = NULL;
+    if (bh_tail) {
+        bh_tail->next = d;
+    } else {
+        bh_head = d;
+    }
+    bh_tail = d;
+    /* Under the lock so the pipe cannot be closed under us by qmp_server_stop. */
+    ssize_t w = write(srv.wake[1], "b", 1);
+    (void)w; /* a full pipe already means "wake up" */
+    pthread_mutex_unlock(&ev_lock);
+    return 0;
+}
+
+bool qmp_on_thread(void)
+{
+    pthread_mutex_lock(&ev_lock);
+    bool on = ev_accepting && pthread_equal(pthread_self(), srv.thread);
+    pthread_mutex_unlock(&ev_lock);
+    return on;
+}
+
+/* Run every queued callback (QMP thread, or the stopping thread after the join), in order. */
+static void run_deferred(void)
+{
+    for (;;) {
+        pthread_mutex_lock(&ev_lock);
+        QmpDeferred *d = bh_head;
+        if (d) {
+            bh_head = d->next;
+            if (!bh_head) {
+                bh_tail = NULL;
+            }
+        }
+        pthread_mutex_unlock(&ev_lock);
+        if (!d) {
+            return;
+        }
+        /* d may be freed by fn: read it first. */
+        void (*fn)(void *) = d->fn;
+        void *opaque = d->opaque;
+        fn(opaque);
+    }
+}
 
 static void client_flush(QmpClient *c)
 {
@@ -668,6 +723,7 @@ static void *server_thread(void *arg)
             while (read(srv.wake[0], buf, sizeof(buf)) > 0) {
             }
             drain_event_queue();
+            run_deferred();
         }
         /* Clients first: the array may grow in accept_client, and pfds matches the old one. */
         size_t nold = srv.nclients;
@@ -831,6 +887,11 @@ void qmp_server_stop(void)
     srv.wake[1] = -1;
     pthread_mutex_unlock(&ev_lock);
     drain_event_queue(); /* sends what was queued before the stop */
+    /*
+     * Queued before ev_accepting went false: run them here (no QMP thread any more, and later
+     * qmp_defer calls fail, so their callers run their work themselves).
+     */
+    run_deferred();
     close(srv.wake[0]);
     srv.wake[0] = -1;
 

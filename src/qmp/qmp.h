@@ -9,6 +9,7 @@
 #define VDISK_QMP_QMP_H
 
 #include <jansson.h>
+#include <stdbool.h>
 
 #include "util/error.h"
 
@@ -21,6 +22,28 @@ void qmp_server_stop(void);
  * Steals the reference to data (may be NULL). Safe from any thread.
  */
 void qmp_event_emit(const char *name, json_t *data);
+
+/*
+ * Deferred work for the QMP thread ("bottom half"): the graph of named nodes and the exports change
+ * only on the QMP thread (docs/concurrency.md), so other threads (block jobs finishing) hand their
+ * graph changes to it. The caller owns the struct; it must stay valid until fn has run. fn runs
+ * between commands, in queue order, with no server lock held; it may emit events and call anything a
+ * command handler may.
+ */
+typedef struct QmpDeferred {
+    void (*fn)(void *opaque);
+    void *opaque;
+    struct QmpDeferred *next; /* private to the server */
+} QmpDeferred;
+/*
+ * Queue d for the QMP thread and wake it: 0. -ESRCH when no QMP thread runs (not started, or
+ * stopping): nothing was queued, the caller runs fn itself (then no other thread changes the graph:
+ * startup, or shutdown after qmp_server_stop). Callbacks still queued when qmp_server_stop joins the
+ * thread run on the stopping thread before it returns. Safe from any thread.
+ */
+int qmp_defer(QmpDeferred *d);
+/* Is the caller the QMP thread? */
+bool qmp_on_thread(void);
 
 /* Called (on the QMP thread) when a client sends "quit"; the daemon then shuts down. */
 void qmp_set_quit_handler(void (*fn)(void));

@@ -23,6 +23,7 @@
 #include "jobs/blockops.h"
 #include "jobs/job.h"
 #include "nbd/nbd-server.h"
+#include "protocols/nbd.h"
 #include "qmp/qmp.h"
 #include "util/error.h"
 #include "util/log.h"
@@ -43,6 +44,9 @@ static void usage(FILE *f)
             "  --qmp PATH                      serve QMP on a unix socket\n"
             "  --pidfile PATH                  write the daemon's pid\n"
             "  --daemonize                     detach once everything is set up\n"
+            "  --nbd-connect-timeout MS        NBD client nodes: give up on a server that does not\n"
+            "                                  complete connect + handshake in MS ms (default "
+            "30000; 0 = wait forever)\n"
             "  -v, --verbose                   more messages (repeat for more)\n"
             "  -h, --help\n");
 }
@@ -402,7 +406,15 @@ static void free_ptr(void *p)
     free(*(void **)p);
 }
 
-enum { OPT_BLOCKDEV = 256, OPT_NBD_SERVER, OPT_EXPORT, OPT_QMP, OPT_PIDFILE, OPT_DAEMONIZE };
+enum { OPT_BLOCKDEV = 256, OPT_NBD_SERVER, OPT_EXPORT, OPT_QMP, OPT_PIDFILE, OPT_DAEMONIZE,
+       OPT_NBD_CONNECT_TIMEOUT };
+
+/*
+ * Default bound on an NBD client node's connect + handshake: blockdev-add runs on the QMP thread,
+ * and a server that accepts but never answers must not freeze the monitor (the server side uses
+ * the same 30 s for its handshake).
+ */
+#define DEFAULT_NBD_CONNECT_TIMEOUT_MS 30000
 
 int main(int argc, char **argv)
 {
@@ -413,6 +425,7 @@ int main(int argc, char **argv)
         {"qmp", required_argument, NULL, OPT_QMP},
         {"pidfile", required_argument, NULL, OPT_PIDFILE},
         {"daemonize", no_argument, NULL, OPT_DAEMONIZE},
+        {"nbd-connect-timeout", required_argument, NULL, OPT_NBD_CONNECT_TIMEOUT},
         {"verbose", no_argument, NULL, 'v'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
@@ -423,6 +436,7 @@ int main(int argc, char **argv)
     size_t nblockdevs = 0, nexports = 0;
     const char *nbd_server = NULL, *qmp_path = NULL, *pidfile = NULL;
     bool daemonize = false;
+    int nbd_connect_timeout_ms = DEFAULT_NBD_CONNECT_TIMEOUT_MS;
     if (!blockdevs || !exports) {
         fprintf(stderr, PROG ": out of memory\n");
         return 1;
@@ -452,6 +466,18 @@ int main(int argc, char **argv)
         case OPT_DAEMONIZE:
             daemonize = true;
             break;
+        case OPT_NBD_CONNECT_TIMEOUT: {
+            char *end = NULL;
+            errno = 0;
+            long ms = strtol(optarg, &end, 10);
+            if (errno || end == optarg || *end || ms < 0 || ms > 3600000) {
+                fprintf(stderr, PROG ": --nbd-connect-timeout: expected milliseconds (0 to "
+                        "3600000), got '%s'\n", optarg);
+                return 1;
+            }
+            nbd_connect_timeout_ms = ms == 0 ? -1 : (int)ms;
+            break;
+        }
         case 'v':
             verbose++;
             break;
@@ -466,6 +492,7 @@ int main(int argc, char **argv)
     if (verbose) {
         vd_log_set_level(verbose > 1 ? VD_LOG_DEBUG : VD_LOG_INFO);
     }
+    vd_nbd_set_connect_timeout(nbd_connect_timeout_ms);
     if (optind < argc) {
         fprintf(stderr, PROG ": unexpected argument '%s'\n", argv[optind]);
         return 1;

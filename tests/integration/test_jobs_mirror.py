@@ -199,6 +199,48 @@ def test_mirror_cancel_before_ready_leaves_source(tmp):
     assert src == bytes(model), first_diff(src, model)
 
 
+def node_names(q):
+    return {n["node-name"] for n in q.cmd("query-named-block-nodes")}
+
+
+def test_drive_mirror_target_dropped_after_cancel(tmp):
+    """As QEMU, drive-mirror's own target node leaves the graph when the job ends without a pivot
+    (hard cancel before ready, soft cancel once ready); its node-name can be reused at once."""
+    base, top, model = make_chain(tmp)
+    d, q, uri = start(tmp, top)
+    try:
+        q.cmd("drive-mirror", job_id="m5", device="disk0", target=str(tmp / "t5.qcow2"),
+              sync="full", format="qcow2", node_name="tgt5", speed=64 * 1024)
+        assert "tgt5" in node_names(q)
+        q.cmd("block-job-cancel", device="m5")
+        q.get_event("BLOCK_JOB_CANCELLED", timeout=15)
+        wait_status(q, "m5", "null")
+        assert "tgt5" not in node_names(q)
+        # Soft cancel of a ready mirror: finished without pivot, the target is dropped too.
+        q.cmd("drive-mirror", job_id="m6", device="disk0", target=str(tmp / "t6.qcow2"),
+              sync="full", format="qcow2", node_name="tgt5")
+        q.get_event("BLOCK_JOB_READY", timeout=30)
+        q.cmd("block-job-cancel", device="m6")
+        q.get_event("BLOCK_JOB_COMPLETED", timeout=15)
+        wait_status(q, "m6", "null")
+        assert "tgt5" not in node_names(q)
+        assert node_names(q) >= {"disk0"}
+        # A pivot keeps it: the export now serves it.
+        q.cmd("drive-mirror", job_id="m7", device="disk0", target=str(tmp / "t7.qcow2"),
+              sync="full", format="qcow2", node_name="tgt7")
+        q.get_event("BLOCK_JOB_READY", timeout=30)
+        q.cmd("block-job-complete", device="m7")
+        q.get_event("BLOCK_JOB_COMPLETED", timeout=15)
+        wait_status(q, "m7", "null")
+        assert "tgt7" in node_names(q)
+        assert [e["node-name"] for e in q.cmd("query-block-exports")] == ["tgt7"]
+        q.close()
+        d.stop_checked()
+    finally:
+        q.close()
+        d.kill()
+
+
 def test_job_verbs_over_qmp(tmp):
     base, top, model = make_chain(tmp)
     d, q, uri = start(tmp, top)

@@ -76,6 +76,41 @@ def test_stream_whole_chain(tmp_path):
     check_clean(base, mid, top)
 
 
+def test_graph_queries_while_stream_finishes(tmp_path):
+    """A job's end drops the streamed images from the chain. That happens on the QMP thread,
+    between commands, so a client walking the graph meanwhile always sees a whole chain (under
+    ASan/TSan a graph change from the job's thread showed up here as a race)."""
+    base, mid, top, model = make_chain(tmp_path)
+    s = Served(tmp_path, top)
+    q2 = s.d.client()
+    try:
+        s.q.cmd("block-stream", job_id="s9", device="disk0", speed=8 * MiB)
+        seen = set()
+        for _ in range(5000):
+            nodes = q2.cmd("query-named-block-nodes")
+            seen.add(len(nodes))
+            top_node = next(n for n in nodes if n["node-name"] == "disk0")
+            # Either the whole old chain (3 images + files) or the streamed top alone.
+            assert top_node["image"].get("backing-filename") in ("mid.qcow2", None), top_node
+            assert q2.cmd("query-block-exports")[0]["node-name"] == "disk0"
+            if any(e["event"] == "BLOCK_JOB_COMPLETED" for e in q2.events):
+                break
+        done = s.q.get_event("BLOCK_JOB_COMPLETED", timeout=20)
+        assert "error" not in done["data"], done
+        wait_status(s.q, "s9", "null")
+        nodes = q2.cmd("query-named-block-nodes")
+        assert "backing-filename" not in next(n for n in nodes
+                                              if n["node-name"] == "disk0")["image"]
+        assert len(nodes) == 2, nodes  # top and its file node
+        q2.close()
+        assert_same(guest_read(tmp_path, s.uri), bytes(model), "guest view after stream")
+        s.stop()
+    finally:
+        q2.close()
+        s.close()
+    check_clean(base, mid, top)
+
+
 def test_stream_errors(tmp_path):
     base, mid, top, model = make_chain(tmp_path)
     s = Served(tmp_path, top)

@@ -48,13 +48,17 @@ def test_inet_and_max_connections(tmp):
         qemu_io("-f", "raw", "-c", "write -P 0x42 0 64k", uri)
         # two connections held open; a third is refused
         c1, c2 = socket.create_connection(("127.0.0.1", port)), socket.create_connection(("127.0.0.1", port))
+        # Both were accepted (and counted) once the server greeted them.
         c1.recv(18)
         c2.recv(18)
-        time.sleep(0.1)
         p = run(["nbdinfo", uri], check=False, timeout=20)
         assert p.returncode != 0
         c1.close()
-        time.sleep(0.2)
+        # The slot frees once the server has seen c1 go: wait for that state, not for a time.
+        end = time.time() + 15
+        while run(["nbdinfo", "--size", uri], check=False, timeout=20).returncode != 0:
+            assert time.time() < end, "the closed connection's slot was never freed"
+            time.sleep(0.05)
         p = qemu_io("-f", "raw", "-c", "read -P 0x42 0 64k", uri)
         c2.close()
         assert d.stop() == 0, d.output()

@@ -13,7 +13,8 @@ import pytest
 
 from conftest import VDISKD, qemu_img
 from blockops_helpers import (MiB, KiB, SIZE, make_chain, Served, Guest, guest_read,
-                              image_content, assert_same, chain_info, check_clean)
+                              image_content, assert_same, chain_info, check_clean,
+                              wait_status)
 
 pytestmark = pytest.mark.skipif(not os.path.exists(VDISKD), reason="vdiskd not built")
 
@@ -153,6 +154,43 @@ def test_snapshot_errors(tmp_path):
     finally:
         s.close()
     assert chain_info(top)[0] == ("top.qcow2", "mid.qcow2", "qcow2")
+
+
+def test_mirror_and_stream_commit_exclude_each_other_without_exports(tmp_path):
+    """The claims do not depend on an NBD export serving the device: a mirror refuses stream,
+    commit and snapshots of its source, and a stream/commit refuses a mirror, both ways."""
+    base, mid, top, model = make_chain(tmp_path)
+    s = Served(tmp_path, top, need=("block-stream", "block-commit", "drive-mirror"))
+    try:
+        q = s.q
+        q.cmd("block-export-del", id="exp0")
+        q.get_event("BLOCK_EXPORT_DELETED", timeout=10)
+        q.cmd("drive-mirror", job_id="m0", device="disk0", target=str(tmp_path / "m.qcow2"),
+              sync="full", format="qcow2", speed=64 * KiB)
+        busy = "Node 'disk0' is busy: block device is in use by block job: mirror"
+        assert q.error("block-stream", {"job-id": "s0", "device": "disk0"}) == busy
+        assert q.error("block-commit", {"job-id": "c0", "device": "disk0"}) == busy
+        assert q.error("blockdev-snapshot-sync", {"node-name": "disk0",
+                                                  "snapshot-file": "x.qcow2",
+                                                  "snapshot-node-name": "x"}) == busy
+        q.cmd("block-job-cancel", device="m0", force=True)
+        q.get_event("BLOCK_JOB_CANCELLED", timeout=10)
+        wait_status(q, "m0", "null")
+        for job, args in (("stream", {"job_id": "s1", "device": "disk0", "speed": 64 * KiB}),
+                          ("commit", {"job_id": "s1", "device": "disk0", "speed": 64 * KiB})):
+            q.cmd("block-" + job, **args)
+            assert q.error("drive-mirror", {"job-id": "m1", "device": "disk0", "sync": "full",
+                                            "target": str(tmp_path / "never.qcow2")}) == \
+                f"Node 'disk0' is busy: block device is in use by block job: {job}"
+            assert not (tmp_path / "never.qcow2").exists()
+            q.cmd("block-job-cancel", device="s1", force=True)
+            q.get_event("BLOCK_JOB_CANCELLED", timeout=10)
+            wait_status(q, "s1", "null")
+            q.events.clear()
+        s.stop()
+    finally:
+        s.close()
+    check_clean(base, mid, top)
 
 
 def test_refused_while_a_job_uses_the_device(tmp_path):

@@ -266,7 +266,12 @@ def test_blockcopy_sigint_aborts(kind, tmp):
                                  "--bandwidth", "1", "--socket", srv.qmp],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
-            time.sleep(0.7)  # the job runs for ~5 s at 1 MiB/s
+            # vdisk installs its SIGINT handler before drive-mirror, which creates the target:
+            # once the file exists, Ctrl-C must abort the job (it runs ~5 s at 1 MiB/s).
+            end = time.time() + 30
+            while not (tmp / "copy.qcow2").exists():
+                assert proc.poll() is None and time.time() < end, proc.communicate(timeout=5)
+                time.sleep(0.01)
             proc.send_signal(2)  # SIGINT, as Ctrl-C: virsh aborts the job
             out, err = proc.communicate(timeout=30)
         finally:

@@ -27,6 +27,7 @@
 #include "block/tracking.h"
 #include "jobs/job.h"
 #include "jobs/mirror.h"
+#include "qmp/qmp.h"
 
 /* The library's qmp_event_emit may not be linked in unit tests: a weak fallback. */
 __attribute__((weak)) void qmp_event_emit(const char *name, json_t *data)
@@ -230,7 +231,16 @@ typedef struct Fake {
     int committed, aborted, cleaned, freed;
     bool stop_on_error;     /* exercise job_handle_io_error(STOP) once */
     bool error_reported;
+    int off_qmp_thread;     /* finalization steps that ran while a QMP thread ran elsewhere */
 } Fake;
+
+/* Finalization steps change the graph: with a QMP server running they must run on its thread. */
+static void fake_note_thread(Fake *f)
+{
+    if (!qmp_on_thread()) {
+        f->off_qmp_thread++;
+    }
+}
 
 static int fake_run(Job *job, VdError **errp)
 {
@@ -274,6 +284,7 @@ static bool fake_cancel(Job *job, bool force, bool ready)
 static int fake_prepare(Job *job, VdError **errp)
 {
     Fake *f = job_opaque(job);
+    fake_note_thread(f);
     if (f->prepare_ret) {
         vd_error_setg(errp, -f->prepare_ret, "prepare failed");
     }
@@ -281,8 +292,16 @@ static int fake_prepare(Job *job, VdError **errp)
 }
 
 static void fake_commit(Job *job) { ((Fake *)job_opaque(job))->committed++; }
-static void fake_abort(Job *job) { ((Fake *)job_opaque(job))->aborted++; }
-static void fake_clean(Job *job) { ((Fake *)job_opaque(job))->cleaned++; }
+static void fake_abort(Job *job)
+{
+    fake_note_thread(job_opaque(job));
+    ((Fake *)job_opaque(job))->aborted++;
+}
+static void fake_clean(Job *job)
+{
+    fake_note_thread(job_opaque(job));
+    ((Fake *)job_opaque(job))->cleaned++;
+}
 static void fake_free(Job *job) { ((Fake *)job_opaque(job))->freed++; }
 
 static const JobDriver fake_driver = {
@@ -315,6 +334,54 @@ static void wait_status(Job *job, JobStatus s)
         usleep(1000);
     }
     assert_string_equal(job_status_name(job_status(job)), job_status_name(s));
+}
+
+/*
+ * With a QMP server running, a job's end (prepare/commit/abort/clean, which pivot exports and drop
+ * nodes) runs on the QMP thread, never on the job's own thread: the graph has a single writer.
+ */
+static void test_completion_runs_on_qmp_thread(void **state)
+{
+    char path[] = "/tmp/vdisk-test-job-qmp-XXXXXX";
+    assert_non_null(mkdtemp(path));
+    char sock[128];
+    snprintf(sock, sizeof(sock), "%s/qmp.sock", path);
+    VdError *err = NULL;
+    assert_int_equal(qmp_server_start(sock, &err), 0);
+    assert_false(qmp_on_thread());
+
+    /* Success with auto-finalize: prepare, commit, clean. */
+    Fake f = {.ready_after = 1};
+    Job *job = start_fake(&f, "jq1", true, true);
+    wait_status(job, JOB_STATUS_READY);
+    assert_int_equal(job_user_complete(job, &err), 0);
+    job_wait_thread(job);
+    assert_int_equal(f.committed, 1);
+    assert_int_equal(f.cleaned, 1);
+    assert_int_equal(f.off_qmp_thread, 0);
+    job_unref(job);
+
+    /* Hard cancel: abort, clean. */
+    Fake g = {.ready_after = -1};
+    job = start_fake(&g, "jq2", true, true);
+    wait_status(job, JOB_STATUS_RUNNING);
+    assert_int_equal(job_user_cancel(job, true, &err), 0);
+    job_wait_thread(job);
+    assert_int_equal(g.aborted, 1);
+    assert_int_equal(g.cleaned, 1);
+    assert_int_equal(g.off_qmp_thread, 0);
+    job_unref(job);
+
+    qmp_server_stop();
+    rmdir(path);
+    /* Without a QMP thread the job's own thread finishes the job (unit tests, shutdown). */
+    Fake h = {.ready_after = 1};
+    job = start_fake(&h, "jq3", true, true);
+    wait_status(job, JOB_STATUS_READY);
+    assert_int_equal(job_user_complete(job, &err), 0);
+    job_wait_thread(job);
+    assert_int_equal(h.committed, 1);
+    job_unref(job);
 }
 
 static void test_ready_complete_auto(void **state)
@@ -558,7 +625,7 @@ typedef struct Guest {
     BlockNode *filter;
     BlockTracker *tracker;
     uint8_t *model;      /* what the guest must read */
-    volatile bool stop;
+    bool stop;           /* atomic: set by the test thread */
     unsigned seed;
     unsigned pause_us;   /* between requests: sets how fast this guest dirties the disk */
     unsigned max_len;    /* longest request */
@@ -567,11 +634,23 @@ typedef struct Guest {
 } Guest;
 
 /* Random writes, zero writes and discards through the filter, like NBD workers issue them. */
+/* Wait (up to 15 s: the machine is shared) until the guest has completed at least n requests. */
+static bool wait_guest_ops(Guest *g, int n)
+{
+    for (int i = 0; i < 15000; i++) {
+        if (__atomic_load_n(&g->ops, __ATOMIC_ACQUIRE) >= n) {
+            return true;
+        }
+        usleep(1000);
+    }
+    return false;
+}
+
 static void *guest_thread(void *arg)
 {
     Guest *g = arg;
     uint8_t *buf = malloc(256 * 1024);
-    while (!g->stop && buf) {
+    while (!__atomic_load_n(&g->stop, __ATOMIC_ACQUIRE) && buf) {
         unsigned r = rand_r(&g->seed);
         uint64_t len = 1 + rand_r(&g->seed) % g->max_len;
         uint64_t off = (uint64_t)rand_r(&g->seed) % (MSIZE - len);
@@ -598,7 +677,7 @@ static void *guest_thread(void *arg)
         }
         block_tracker_end(g->tracker, &req);
         g->errors += e != 0;
-        g->ops++;
+        __atomic_add_fetch(&g->ops, 1, __ATOMIC_RELEASE); /* read by the test thread */
         usleep(g->pause_us);
     }
     free(buf);
@@ -736,7 +815,7 @@ static void run_guest(Guest *g, pthread_t *th, Job *job, uint8_t *model, unsigne
 
 static void stop_guest(Guest *g, pthread_t th)
 {
-    g->stop = true;
+    __atomic_store_n(&g->stop, true, __ATOMIC_RELEASE);
     pthread_join(th, NULL);
     block_tracker_put(g->tracker);
     assert_int_equal(g->errors, 0);
@@ -760,7 +839,11 @@ static void mirror_pivot_case(bool write_blocking)
         run_guest(&g2, &th2, job, env.model, 8);
     }
     wait_status(job, JOB_STATUS_READY);
-    usleep(100000); /* keep writing while ready */
+    /* Keep writing while ready: each guest completes more requests after READY. */
+    int after_ready = __atomic_load_n(&g.ops, __ATOMIC_ACQUIRE);
+    int after_ready2 = __atomic_load_n(&g2.ops, __ATOMIC_ACQUIRE);
+    assert_true(wait_guest_ops(&g, after_ready + 3) && wait_guest_ops(&g2, after_ready2 + 3));
+    assert_true(wait_guest_ops(&g, 6) && wait_guest_ops(&g2, 6));
     json_t *q = job_query_block_info(job);
     assert_true(json_integer_value(json_object_get(q, "offset")) > 0);
     /* The guests dirty slower than the copy runs: background mode converges by itself. */
@@ -770,7 +853,6 @@ static void mirror_pivot_case(bool write_blocking)
     json_decref(q);
     stop_guest(&g, th);
     stop_guest(&g2, th2);
-    assert_true(g.ops > 5 && g2.ops > 5);
     VdError *err = NULL;
     assert_int_equal(job_user_complete(job, &err), 0);
     job_wait_thread(job);
@@ -1107,9 +1189,9 @@ static void test_mirror_copy_never_overwrites_newer_guest_data(void **state)
     pthread_t th;
     run_guest_at(&g, &th, job, model, 23, 200, 64 * 1024);
     wait_status(job, JOB_STATUS_READY);
-    usleep(20000);
+    /* Enough guest writes raced with the (slow) copies: wait for them, not for a time. */
+    assert_true(wait_guest_ops(&g, 21));
     stop_guest(&g, th);
-    assert_true(g.ops > 20);
     assert_int_equal(job_user_complete(job, &err), 0);
     job_wait_thread(job);
     job_unref(job);
@@ -1136,6 +1218,7 @@ int main(void)
         cmocka_unit_test(test_error_action_parse),
         cmocka_unit_test(test_ratelimit),
         cmocka_unit_test(test_ready_complete_auto),
+        cmocka_unit_test(test_completion_runs_on_qmp_thread),
         cmocka_unit_test(test_verbs_refused_with_qemu_messages),
         cmocka_unit_test(test_pause_resume_running_and_ready),
         cmocka_unit_test(test_manual_finalize),

@@ -165,9 +165,21 @@ static void *load_thread(void *arg)
         if (nbd_pwrite(l->h, buf, sizeof(buf), 65536, 0) < 0) {
             l->errors++;
         }
-        l->writes++;
+        __atomic_add_fetch(&l->writes, 1, __ATOMIC_RELEASE); /* read by the test thread */
     }
     return NULL;
+}
+
+/* Wait (up to 15 s: the machine is shared) until the load thread has done n writes. */
+static bool load_wait_writes(struct load *l, int n)
+{
+    for (int i = 0; i < 15000; i++) {
+        if (__atomic_load_n(&l->writes, __ATOMIC_ACQUIRE) >= n) {
+            return true;
+        }
+        usleep(1000);
+    }
+    return false;
 }
 
 /* A foreach callback that uses the accessors (as query-block-exports does). */
@@ -212,15 +224,16 @@ static void test_export_pivot(void **state)
     struct load l = {.h = client("disk")};
     pthread_t th;
     pthread_create(&th, NULL, load_thread, &l);
-    usleep(20000);
+    /* The pivot must happen while writes are in flight, and writes must go on after it. */
+    assert_true(load_wait_writes(&l, 3));
     nbd_export_drain_begin(exp);
     nbd_export_set_node(exp, b);
     nbd_export_drain_end(exp);
-    usleep(20000);
+    int at_pivot = __atomic_load_n(&l.writes, __ATOMIC_ACQUIRE);
+    assert_true(load_wait_writes(&l, at_pivot + 3));
     __atomic_store_n(&l.stop, 1, __ATOMIC_RELAXED);
     pthread_join(th, NULL);
     assert_int_equal(l.errors, 0);
-    assert_true(l.writes > 0);
     assert_ptr_equal(nbd_export_node(exp), b);
 
     memset(buf, 0x22, sizeof(buf));

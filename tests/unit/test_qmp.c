@@ -255,12 +255,66 @@ static void test_events_from_threads(void **state)
     close(raw.fd);
 }
 
+/* ---- qmp_defer: work handed to the QMP thread ---- */
+
+typedef struct Deferred {
+    QmpDeferred d;
+    int seq;
+    int on_thread; /* atomic */
+} Deferred;
+
+static void deferred_cb(void *opaque)
+{
+    Deferred *x = opaque;
+    __atomic_store_n(&x->on_thread, qmp_on_thread() ? 1 : -1, __ATOMIC_SEQ_CST);
+    /* On the QMP thread an event goes out at once: the client sees the order callbacks ran in. */
+    qmp_event_emit("DEFERRED", json_pack("{s:i}", "seq", x->seq));
+}
+
+static Deferred deferred[3];
+
+static void *defer_thread(void *arg)
+{
+    (void)arg;
+    for (int i = 0; i < 3; i++) {
+        deferred[i] = (Deferred){.d = {.fn = deferred_cb, .opaque = &deferred[i]}, .seq = i};
+        assert_int_equal(qmp_defer(&deferred[i].d), 0);
+    }
+    return NULL;
+}
+
+static void test_deferred_run_on_qmp_thread(void **state)
+{
+    Conn a;
+    conn_open(&a);
+    conn_negotiate(&a);
+    assert_false(qmp_on_thread());
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, defer_thread, NULL), 0);
+    pthread_join(t, NULL);
+    for (int i = 0; i < 3; i++) {
+        json_t *ev = conn_recv(&a);
+        assert_string_equal(json_string_value(json_object_get(ev, "event")), "DEFERRED");
+        assert_int_equal(json_integer_value(json_object_get(json_object_get(ev, "data"), "seq")),
+                         i);
+        json_decref(ev);
+        assert_int_equal(__atomic_load_n(&deferred[i].on_thread, __ATOMIC_SEQ_CST), 1);
+    }
+    close(a.fd);
+    /* No QMP thread: nothing is queued, the caller runs the work itself. */
+    qmp_server_stop();
+    Deferred late = {.d = {.fn = deferred_cb, .opaque = &late}};
+    assert_int_equal(qmp_defer(&late.d), -ESRCH);
+    assert_int_equal(late.on_thread, 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_lifecycle, setup, teardown),
         cmocka_unit_test_setup_teardown(test_commands_and_classes, setup, teardown),
         cmocka_unit_test_setup_teardown(test_events_from_threads, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_deferred_run_on_qmp_thread, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
