@@ -8,7 +8,7 @@ required=(
   build-essential meson ninja-build pkg-config
   zlib1g-dev libzstd-dev libjansson-dev libnbd-dev libcmocka-dev
   python3-pytest python3-pytest-timeout
-  qemu-utils qemu-system-common qemu-block-extra libnbd-bin nbdkit fio strace
+  qemu-utils qemu-system-common qemu-block-extra libnbd-bin nbdkit fio strace time
 )
 optional=(qemu-system-x86 busybox-static linux-image-cloud-amd64)
 
