@@ -268,6 +268,13 @@ int vd_pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags);
 int vd_pdiscard(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags);
 int vd_pwrite_compressed(BlockNode *bs, uint64_t offset, uint64_t bytes, const void *buf);
 int vd_flush(BlockNode *bs);
+/*
+ * vd_flush of bs and its file only, never its backing: a mirror target whose temporary backing is
+ * the source (the source's durability is not the target's business) flushes with this.
+ */
+int vd_flush_own(BlockNode *bs);
+/* How many syncs (protocol-node flushes) the calling thread has issued so far (diagnostics). */
+uint64_t vd_flush_thread_syncs(void);
 int vd_truncate(BlockNode *bs, uint64_t size, bool shrink, VdPrealloc prealloc, VdError **errp);
 
 /*

@@ -7,6 +7,8 @@
  * writing past its end, and file reads past the end return zeroes.
  * No locks here: concurrency is each driver's business (block.h), callers may add tracking.
  * VD_OPEN_NO_FLUSH (cache=unsafe) is enforced here: no sync of that node's file, FUA dropped.
+ * vd_flush follows a writable backing; vd_flush_own does not. Each thread counts its syncs
+ * (thread-local, lock-free) so a pivot can report how many it made while guests were drained.
  */
 #include <errno.h>
 #include <stdbool.h>
@@ -153,7 +155,18 @@ int vd_pwrite_compressed(BlockNode *bs, uint64_t offset, uint64_t bytes, const v
     return bs->drv->pwrite_compressed(bs, offset, bytes, buf);
 }
 
-int vd_flush(BlockNode *bs)
+/*
+ * Syncs (a protocol node's flush, i.e. fdatasync) issued by the calling thread: the jobs' pivots
+ * count how many they made while guest I/O was drained (vd_flush_thread_syncs).
+ */
+static __thread uint64_t thread_syncs;
+
+uint64_t vd_flush_thread_syncs(void)
+{
+    return thread_syncs;
+}
+
+static int flush_node(BlockNode *bs, bool follow_backing)
 {
     if (!bs || !bs->drv) {
         return -EINVAL;
@@ -170,17 +183,30 @@ int vd_flush(BlockNode *bs)
     }
     int ret = 0;
     if (bs->drv->flush) {
+        if (bs->drv->is_protocol) {
+            thread_syncs++;
+        }
         ret = bs->drv->flush(bs);
     }
     /* The format's metadata is only durable once its file is. */
     if (ret == 0 && bs->file && !no_flush) {
-        ret = vd_flush(bs->file);
+        ret = flush_node(bs->file, true);
     }
     /* A writable backing (commit's target) holds data we wrote too. */
-    if (ret == 0 && bs->backing && !bs->backing->read_only) {
-        ret = vd_flush(bs->backing);
+    if (ret == 0 && follow_backing && bs->backing && !bs->backing->read_only) {
+        ret = flush_node(bs->backing, true);
     }
     return ret;
+}
+
+int vd_flush(BlockNode *bs)
+{
+    return flush_node(bs, true);
+}
+
+int vd_flush_own(BlockNode *bs)
+{
+    return flush_node(bs, false);
 }
 
 int vd_truncate(BlockNode *bs, uint64_t size, bool shrink, VdPrealloc prealloc, VdError **errp)

@@ -10,6 +10,9 @@
  * old data never lands after a newer write: the write either finished before (and its dirty bit was
  * cleared only after it) or re-dirties the range after the copy. READY once in sync; complete drains
  * the exports, copies what is still dirty, flushes base and swaps the exports onto base.
+ * Pauses: base is flushed BEFORE the exports are drained (the job's copies are done by then); under
+ * drain only the tail copied there is flushed (active), nothing at all for a non-active commit,
+ * whose base no guest writes.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -412,7 +415,8 @@ static int rewrite_above_header(Commit *c, VdError **errp)
 
 /*
  * Put a fresh read-only node of base back in the chain in place of base_rw (the job did not make
- * base the guest's image), as QEMU reopens base read-only. drained: the caller drained the exports.
+ * base the guest's image), as QEMU reopens base read-only. drained: the caller drained the exports
+ * and already flushed base_rw after its last write (no sync while guests wait).
  */
 static void restore_ro_base(Commit *c, bool drained)
 {
@@ -420,7 +424,7 @@ static void restore_ro_base(Commit *c, bool drained)
         return;
     }
     VdError *e = NULL;
-    int r = vd_flush(c->base_rw);
+    int r = drained ? 0 : vd_flush(c->base_rw);
     BlockNode *ro = r == 0 ? blockops_open_ro(c->base_rw, &e) : NULL;
     if (!ro) {
         vd_log(VD_LOG_WARN, "commit '%s': base '%s' stays read-write: %s", job_id(c->job),
@@ -446,18 +450,25 @@ static void restore_ro_base(Commit *c, bool drained)
 static int commit_prepare(Job *job, VdError **errp)
 {
     Commit *c = job_opaque(job);
+    /* run returned: every copy of the job is written. Make them durable while guests still run. */
+    int r = vd_flush(c->base_rw);
+    if (r < 0) {
+        vd_error_setg(errp, -r, "Could not flush '%s': %s", c->base_rw->filename, strerror(-r));
+        return r;
+    }
+    uint64_t t0 = now_ns();
     BlockopsExports set;
     if (blockops_exports_drain(c->dev, &set) < 0) {
         vd_error_setg(errp, ENOMEM, "Out of memory");
         return -ENOMEM;
     }
-    int r = 0;
-    uint64_t t0 = now_ns();
+    uint64_t syncs0 = vd_flush_thread_syncs(); /* syncs this (QMP) thread makes while drained */
     if (c->active) {
         block_tracker_wait_idle(c->tracker);
         uint8_t *buf = malloc(COMMIT_CHUNK);
         r = buf ? 0 : -ENOMEM;
         bool is_read = false;
+        uint64_t tail = 0; /* bytes written to base_rw under drain */
         while (r == 0) {
             uint64_t first = 0, nb = 0;
             pthread_mutex_lock(&c->lock);
@@ -477,9 +488,11 @@ static int commit_prepare(Job *job, VdError **errp)
             uint64_t off = first * c->gran, n = nb * c->gran, copied = 0;
             n = off + n > c->len ? c->len - off : n;
             r = copy_range(c, off, n, buf, &is_read, &copied);
+            tail += copied;
         }
         free(buf);
-        if (r == 0) {
+        if (r == 0 && tail) {
+            /* Only the tail is not durable yet (base_rw's own writes: guests write the top). */
             r = vd_flush(c->base_rw);
         }
         if (r < 0) {
@@ -499,17 +512,18 @@ static int commit_prepare(Job *job, VdError **errp)
             blockops_exports_resume(&set, NULL);
         }
         uint64_t us = (now_ns() - t0) / 1000;
-        vd_log(VD_LOG_INFO, "commit '%s': %s; guest I/O paused %llu us", job_id(job),
+        vd_log(VD_LOG_INFO, "commit '%s': %s; guest I/O paused %llu us (%llu bytes copied while "
+               "paused, %llu syncs while paused)", job_id(job),
                r < 0 ? "failed" : pivot ? "pivoted to the base" : "finished without pivot",
-               (unsigned long long)us);
+               (unsigned long long)us, (unsigned long long)tail,
+               (unsigned long long)(vd_flush_thread_syncs() - syncs0));
         return r;
     }
 
-    /* Non-active: base has everything top..above-base decided; switch `above` onto it. */
-    r = vd_flush(c->base_rw);
-    if (r < 0) {
-        vd_error_setg(errp, -r, "Could not flush '%s': %s", c->base_rw->filename, strerror(-r));
-    }
+    /*
+     * Non-active: base has everything top..above-base decided (flushed above, and nothing writes
+     * base_rw any more: guests write above top); switch `above` onto it.
+     */
     BlockNode *final = NULL;
     if (r == 0) {
         r = rewrite_above_header(c, errp);
@@ -526,7 +540,12 @@ static int commit_prepare(Job *job, VdError **errp)
         vd_node_unref(final);
         c->base_swapped = false; /* base_rw left the chain with the committed images */
     }
+    uint64_t syncs = vd_flush_thread_syncs() - syncs0;
     blockops_exports_resume(&set, NULL);
+    uint64_t us = (now_ns() - t0) / 1000;
+    vd_log(VD_LOG_INFO, "commit '%s': %s; guest I/O paused %llu us (%llu syncs while paused)",
+           job_id(job), r < 0 ? "failed" : "committed", (unsigned long long)us,
+           (unsigned long long)syncs);
     return r;
 }
 

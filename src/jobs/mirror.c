@@ -26,9 +26,16 @@
  * after the copy and re-dirties the range. While the copy runs, the target's in-memory backing is
  * the source itself, so a partial-cluster write into the target copies the rest of the cluster from
  * the source (complete, current data); at the pivot it becomes base. Pivot (block-job-complete):
- * drain exports, copy what is still dirty, flush the target, set its backing to base, swap every
- * export from the filter to the target, resume. If guest writes outpace the background copy for a
- * few seconds the job switches itself to write-blocking (query-block-jobs "vdisk-copy-mode").
+ * the job thread copies what is dirty and flushes the target while guests still run (also before
+ * READY, as QEMU does); then, on the QMP thread: drain exports, copy the (small) dirty tail, flush
+ * the target's own layers only if that tail wrote anything (never the source, its temporary
+ * backing), set its backing to base, swap every export from the filter to the target, resume. So
+ * the guest's pause holds no sync when the guest was idle, and at most a sync of the tail otherwise.
+ * Durability: every copy the job writes to the target bumps target_gen; a flush records the
+ * generation it covers, so a copy is always flushed before the pivot. Write-blocking guest writes
+ * to the target are the guest's own: a guest flush reaches the target through top_flush.
+ * If guest writes outpace the background copy for a few seconds the job switches itself to
+ * write-blocking (query-block-jobs "vdisk-copy-mode").
  */
 
 #define DEFAULT_BUF_SIZE (16ULL << 20)
@@ -36,6 +43,7 @@
 #define IDLE_WAIT_NS 100000000ULL   /* re-check for new dirty data at least every 100 ms */
 #define WINDOW_NS 1000000000ULL     /* write-rate vs copy-rate measurement window */
 #define OUTPACED_WINDOWS 3          /* consecutive windows before switching to write-blocking */
+#define COMPLETE_ROUNDS 4           /* copy+flush rounds before the drained pivot, at most */
 
 typedef struct Mirror Mirror;
 
@@ -73,6 +81,14 @@ struct Mirror {
     bool pivoted;
     bool drop_target;      /* drive-mirror registered the target: unregister it unless pivoted */
     int pending_target_error; /* from a write-blocking guest write: handled by the job thread */
+
+    /*
+     * Copies written to the target (atomic; bumped after each write completed) and the value the
+     * last successful flush covered (read before it started). Only the job thread, then prepare
+     * on the QMP thread once run returned, flush: flushed_gen needs no lock.
+     */
+    uint64_t target_gen;
+    uint64_t flushed_gen;
 };
 
 /* ---- nodes in use by a mirror (one job per source or target at a time) ---- */
@@ -296,14 +312,17 @@ static int top_pdiscard(BlockNode *bs, uint64_t offset, uint64_t bytes, int flag
 
 static int top_flush(BlockNode *bs)
 {
-    /* vd_flush then flushes the source (our backing); write-blocking data is on the target too. */
+    /*
+     * vd_flush then flushes the source (our backing); write-blocking data is on the target too.
+     * The target's own layers only: its temporary backing is the source, flushed anyway.
+     */
     Mirror *m = top_mirror(bs);
     if (m) {
         pthread_mutex_lock(&m->lock);
         bool wb = m->write_blocking && !m->detached;
         pthread_mutex_unlock(&m->lock);
         if (wb) {
-            return vd_flush(m->target);
+            return vd_flush_own(m->target);
         }
     }
     return 0;
@@ -468,6 +487,30 @@ static int target_reads_zero(Mirror *m, uint64_t offset, uint64_t bytes, uint64_
     return 0;
 }
 
+/* A copy of ours reached the target (or may have, on error): the next flush must cover it. */
+static void target_written(Mirror *m)
+{
+    __atomic_add_fetch(&m->target_gen, 1, __ATOMIC_SEQ_CST);
+}
+
+/*
+ * Make every copy written to the target so far durable: the target's own layers (format + file),
+ * never its backing (the source during the copy, base after). A no-op when nothing was copied
+ * since the last successful flush.
+ */
+static int mirror_flush_target(Mirror *m)
+{
+    uint64_t gen = __atomic_load_n(&m->target_gen, __ATOMIC_SEQ_CST);
+    if (gen == m->flushed_gen) {
+        return 0;
+    }
+    int r = vd_flush_own(m->target);
+    if (r == 0) {
+        m->flushed_gen = gen;
+    }
+    return r;
+}
+
 static int copy_data(Mirror *m, uint64_t offset, uint64_t bytes, uint8_t *buf, bool *is_read)
 {
     while (bytes > 0) {
@@ -479,6 +522,7 @@ static int copy_data(Mirror *m, uint64_t offset, uint64_t bytes, uint8_t *buf, b
         }
         *is_read = false;
         r = vd_pwrite(m->target, offset, n, buf, 0);
+        target_written(m);
         if (r < 0) {
             return r;
         }
@@ -530,6 +574,7 @@ static int mirror_copy_range(Mirror *m, uint64_t offset, uint64_t bytes, uint8_t
                 }
                 if (src_zero && !tzero) {
                     r = vd_pwrite_zeroes(m->target, pos, tn, VD_REQ_MAY_UNMAP);
+                    target_written(m);
                 } else if (!src_zero && talloc) {
                     /* The target holds its own data where the source shows base: copy base. */
                     r = copy_data(m, pos, tn, buf, is_read);
@@ -637,7 +682,7 @@ static int mirror_run(Job *job, VdError **errp)
     pthread_mutex_lock(&m->lock);
     uint64_t window_dirty_start = m->dirty_bits;
     pthread_mutex_unlock(&m->lock);
-    int outpaced = 0;
+    int outpaced = 0, complete_rounds = 0;
     for (;;) {
         job_pause_point(job);
         if (job_is_cancelled(job)) {
@@ -697,15 +742,50 @@ static int mirror_run(Job *job, VdError **errp)
 
         if (!have) {
             bool ready = job_is_ready(job);
+            pthread_mutex_lock(&m->lock);
+            bool done = m->should_complete;
+            pthread_mutex_unlock(&m->lock);
+            done = ready && (done || job_cancel_requested(job));
+            if (!ready || done) {
+                /*
+                 * In sync: make the copies durable now, while guests run (QEMU flushes before
+                 * READY too), so the drained pivot only flushes the tail it copies itself.
+                 */
+                int fr = mirror_flush_target(m);
+                if (fr < 0 && done) {
+                    r = 0; /* prepare flushes again and fails the job with this error */
+                    break;
+                }
+                if (fr < 0) {
+                    if ((r = mirror_io_error(m, fr, false, errp)) < 0) {
+                        break;
+                    }
+                    continue;
+                }
+            }
             if (!ready) {
                 job_progress_set_remaining(job, 0);
                 job_transition_to_ready(job);
                 continue;
             }
-            pthread_mutex_lock(&m->lock);
-            bool done = m->should_complete;
-            pthread_mutex_unlock(&m->lock);
-            if (done || job_cancel_requested(job)) {
+            if (done) {
+                /*
+                 * Writes that came during the flush are copied and flushed here too, a few
+                 * rounds at most; the rest is the pivot's tail. From the second round on, guest
+                 * writes go to the target as well (write-blocking): the dirty set then only
+                 * shrinks, so this converges even under a guest writing faster than the copy.
+                 * Not before the first flush: the target's flush holds its driver lock while it
+                 * syncs, and a write-blocking guest write would wait for that whole sync.
+                 */
+                pthread_mutex_lock(&m->lock);
+                bool more = m->dirty_bits > 0;
+                if (more) {
+                    m->write_blocking = true;
+                }
+                pthread_mutex_unlock(&m->lock);
+                if (more && ++complete_rounds < COMPLETE_ROUNDS) {
+                    continue;
+                }
                 r = 0;
                 break;
             }
@@ -813,6 +893,7 @@ static int mirror_prepare(Job *job, VdError **errp)
         vd_error_setg(errp, ENOMEM, "Out of memory");
         return -ENOMEM;
     }
+    uint64_t syncs0 = vd_flush_thread_syncs(); /* syncs this (QMP) thread makes while drained */
     block_tracker_wait_idle(m->tracker);
     uint8_t *buf = malloc(m->chunk);
     int r = buf ? 0 : -ENOMEM;
@@ -843,8 +924,9 @@ static int mirror_prepare(Job *job, VdError **errp)
     }
     free(buf);
     if (r == 0) {
+        /* Only the tail (if any) is not durable yet: run flushed the rest before the drain. */
         is_read = false;
-        r = vd_flush(m->target);
+        r = mirror_flush_target(m);
     }
     pthread_mutex_lock(&m->lock);
     bool pivot = m->should_complete;
@@ -867,12 +949,14 @@ static int mirror_prepare(Job *job, VdError **errp)
         m->pivoted = true;
     }
     mirror_detach_filter(m);
+    uint64_t syncs = vd_flush_thread_syncs() - syncs0;
     exports_set_node_and_resume(m, exps, pivot ? m->target : m->source);
     uint64_t us = (now_ns() - t0) / 1000;
     vd_log(VD_LOG_INFO, "mirror '%s': %s; guest I/O paused %llu.%03llu ms (%llu bytes copied "
-           "while paused)", job_id(job), pivot ? "pivoted to the target" : "finished without pivot",
+           "while paused, %llu syncs while paused)", job_id(job),
+           pivot ? "pivoted to the target" : "finished without pivot",
            (unsigned long long)(us / 1000), (unsigned long long)(us % 1000),
-           (unsigned long long)copied);
+           (unsigned long long)copied, (unsigned long long)syncs);
     return 0;
 }
 

@@ -292,6 +292,14 @@ static BlockNode *find_parent(BlockNode *bs)
  */
 static int switch_to_overlay(BlockNode *old, BlockNode *overlay, bool set_backing, VdError **errp)
 {
+    /*
+     * Sync what the guest wrote so far while it still runs: the flush under drain below then only
+     * has the writes of the last moment to sync, and the guest waits for that much alone.
+     */
+    int r = vd_flush(old);
+    if (r < 0) {
+        vd_log(VD_LOG_WARN, "snapshot: flushing '%s' failed: %s", old->filename, strerror(-r));
+    }
     BlockopsExports set;
     if (blockops_exports_drain(old, &set) < 0) {
         vd_error_setg(errp, ENOMEM, "Out of memory");
@@ -302,7 +310,7 @@ static int switch_to_overlay(BlockNode *old, BlockNode *overlay, bool set_backin
         vd_node_set_backing(overlay, old);
     }
     /* Data the guest wrote before the switch must be durable below anything the overlay adds. */
-    int r = vd_flush(old);
+    r = vd_flush(old);
     if (r < 0) {
         vd_log(VD_LOG_WARN, "snapshot: flushing '%s' failed: %s", old->filename, strerror(-r));
     }

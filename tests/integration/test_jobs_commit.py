@@ -8,6 +8,8 @@ write; events and resulting headers follow qemu-storage-daemon 7.2; qemu-img che
 """
 import os
 import random
+import re
+import time
 
 import pytest
 
@@ -211,4 +213,39 @@ def test_commit_cancel_keeps_chain(tmp_path):
     finally:
         s.close()
     assert chain_info(top) == [("top.qcow2", "base.qcow2", "qcow2"), ("base.qcow2", None, None)]
+    check_clean(base, mid, top)
+
+
+def test_active_commit_pivot_of_idle_guest_syncs_nothing_while_paused(tmp_path, monkeypatch):
+    """base is flushed before the exports are drained; with an idle guest the drained pivot has no
+    tail to copy, so it syncs nothing while the guest waits (vdiskd logs the count of syncs its QMP
+    thread made while drained: a count, not a timing). A non-active commit logs its count too."""
+    monkeypatch.setenv("VDISK_LOG", "info")
+    base, mid, top, model = make_chain(tmp_path)
+    s = Served(tmp_path, top, need=("block-commit",))
+    try:
+        q = s.q
+        q.cmd("block-commit", job_id="c5", device="disk0")
+        q.get_event("BLOCK_JOB_READY", timeout=20)
+        g = Guest(s.uri, write_cmds(model, random.Random(15), 30, 7))
+        g.start()
+        g.join_checked()
+        q.cmd("block-job-complete", device="c5")
+        done = q.get_event("BLOCK_JOB_COMPLETED", timeout=20)
+        assert "error" not in done["data"], done
+        pat = re.compile(r"commit 'c5': pivoted to the base; guest I/O paused \d+ us "
+                         r"\((\d+) bytes copied while paused, (\d+) syncs while paused\)")
+        m = None
+        for _ in range(100):
+            m = pat.search(s.d.output())
+            if m:
+                break
+            time.sleep(0.05)
+        assert m, s.d.output()
+        assert (int(m.group(1)), int(m.group(2))) == (0, 0), m.group(0)
+        assert_same(guest_read(tmp_path, s.uri), bytes(model), "guest view after pivot")
+        s.stop()
+    finally:
+        s.close()
+    assert_same(image_content(tmp_path, base, "base.raw"), bytes(model), "base after pivot")
     check_clean(base, mid, top)

@@ -439,3 +439,86 @@ def test_sigterm_with_pending_and_concluded_jobs(tmp):
         d.kill()
     src = read_image(tmp, top, "top.raw")
     assert src == bytes(model), first_diff(src, model)
+
+
+def paused_line(d, pattern, timeout=5):
+    """The pivot's log line (written on the QMP thread around the final events)."""
+    end = time.time() + timeout
+    while True:
+        m = re.search(pattern, d.output())
+        if m or time.time() > end:
+            return m
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("mode", ["background", "write-blocking"])
+def test_mirror_pivot_of_idle_guest_syncs_nothing_while_paused(tmp, mode):
+    """The target is flushed before READY and again at complete while the guest still runs (as
+    QEMU's mirror does), so when the guest is idle during the pivot there is nothing left to copy or
+    sync while its I/O is drained. vdiskd counts the syncs (fdatasyncs) its QMP thread issues while
+    the exports are drained and logs them: 0 here. A count, not a wall-clock threshold. The source
+    (the target's temporary backing) is not synced for the target either."""
+    base, top, model = make_chain(tmp)
+    tgt = tmp / "tgt.qcow2"
+    d, q, uri = start(tmp, top)
+    rng = random.Random(31)
+    try:
+        q.cmd("drive-mirror", job_id="m5", device="disk0", target=str(tgt), sync="full",
+              copy_mode=mode, speed=4 * MiB)
+        guest_writes(uri, model, rng, 30, 0)  # while the copy runs
+        q.cmd("block-job-set-speed", device="m5", speed=0)
+        q.get_event("BLOCK_JOB_READY", timeout=30)
+        guest_writes(uri, model, rng, 30, 50)  # while ready: copied (or written through) + flushed
+        q.cmd("block-job-complete", device="m5")
+        done = q.get_event("BLOCK_JOB_COMPLETED", timeout=30)
+        assert "error" not in done["data"], done
+        m = paused_line(d, r"mirror 'm5': pivoted to the target; guest I/O paused [\d.]+ ms "
+                           r"\((\d+) bytes copied while paused, (\d+) syncs while paused\)")
+        assert m, d.output()
+        assert (int(m.group(1)), int(m.group(2))) == (0, 0), m.group(0)
+        guest_writes(uri, model, rng, 10, 100)  # on the target now
+        q.close()
+        d.stop_checked()
+    finally:
+        q.close()
+        d.kill()
+    assert_qemu_check_clean(tgt)
+    got = read_image(tmp, tgt, "tgt.raw")
+    assert got == bytes(model), first_diff(got, model)
+
+
+def test_mirror_complete_while_guest_writes(tmp):
+    """block-job-complete while a guest keeps writing: the pre-pivot copy+flush rounds (the later
+    ones write-blocking) and the drained tail lose no write; the target reads like the model."""
+    import threading
+    base, top, model = make_chain(tmp)
+    tgt = tmp / "tgt.qcow2"
+    d, q, uri = start(tmp, top)
+    rng = random.Random(33)
+    try:
+        q.cmd("drive-mirror", job_id="m8", device="disk0", target=str(tgt), sync="full")
+        q.get_event("BLOCK_JOB_READY", timeout=30)
+        errors = []
+
+        def writer():
+            try:
+                guest_writes(uri, model, rng, 400, 0)
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+        t = threading.Thread(target=writer)
+        t.start()
+        time.sleep(0.3)
+        q.cmd("block-job-complete", device="m8")
+        done = q.get_event("BLOCK_JOB_COMPLETED", timeout=30)
+        t.join(120)
+        assert not t.is_alive() and not errors, errors
+        assert "error" not in done["data"], done
+        guest_writes(uri, model, rng, 10, 100)  # on the target now
+        q.close()
+        d.stop_checked()
+    finally:
+        q.close()
+        d.kill()
+    assert_qemu_check_clean(tgt)
+    got = read_image(tmp, tgt, "tgt.raw")
+    assert got == bytes(model), first_diff(got, model)
