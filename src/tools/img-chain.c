@@ -15,6 +15,15 @@
 #define SECTOR 512ull
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
 
+/* Open flags for -t CACHE: none/directsync bypass the page cache; unsafe never syncs. */
+static int cache_open_flags(const char *cache)
+{
+    if (!strcmp(cache, "unsafe")) {
+        return VD_OPEN_NO_FLUSH;
+    }
+    return (!strcmp(cache, "none") || !strcmp(cache, "directsync")) ? VD_OPEN_DIRECT : 0;
+}
+
 /* ================================ commit ================================ */
 
 typedef struct Layer {
@@ -57,16 +66,11 @@ int img_commit(int argc, char **argv)
     if (quiet) {
         progress = false;
     }
-    if (optind != argc - 1) {
-        tool_error("Expecting one image file name");
+    const char *filename = tool_one_image(argc, argv);
+    if (!filename) {
         return 1;
     }
-    const char *filename = argv[optind];
-    /* -t: none/directsync bypass the page cache; unsafe never syncs. */
-    int cache_flags = (!strcmp(cache, "none") || !strcmp(cache, "directsync")) ? VD_OPEN_DIRECT : 0;
-    if (!strcmp(cache, "unsafe")) {
-        cache_flags = VD_OPEN_NO_FLUSH;
-    }
+    int cache_flags = cache_open_flags(cache);
 
     /* 1. Discover the chain (no locks: nothing is read or written through these nodes). */
     BlockNode *probe = tool_open(filename, fmt, VD_OPEN_FORCE_SHARE);
@@ -293,15 +297,14 @@ int img_rebase(int argc, char **argv)
     if (quiet) {
         progress = false;
     }
-    if (optind != argc - 1) {
-        tool_error("Expecting one image file name");
+    const char *filename = tool_one_image(argc, argv);
+    if (!filename) {
         return 1;
     }
     if (!new_name) {
         tool_error("Must specify backing file (-b)");
         return 1;
     }
-    const char *filename = argv[optind];
     bool flatten = new_name[0] == '\0';
     if (!flatten && !new_fmt) {
         tool_error("Could not change the backing file to '%s': backing format must be "
@@ -312,11 +315,7 @@ int img_rebase(int argc, char **argv)
         tool_error("Invalid format name: '%s'", new_fmt);
         return 1;
     }
-    /* -t: none/directsync bypass the page cache; unsafe never syncs. */
-    int cache_flags = (!strcmp(cache, "none") || !strcmp(cache, "directsync")) ? VD_OPEN_DIRECT : 0;
-    if (!strcmp(cache, "unsafe")) {
-        cache_flags = VD_OPEN_NO_FLUSH;
-    }
+    int cache_flags = cache_open_flags(cache);
     int flags = VD_OPEN_RDWR | cache_flags | (unsafe ? VD_OPEN_NO_BACKING : 0);
     BlockNode *bs = tool_open(filename, fmt, flags);
     if (!bs) {

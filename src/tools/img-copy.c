@@ -63,13 +63,23 @@ static int64_t find_mismatch(const uint8_t *a, const uint8_t *b, uint64_t n)
     return -1;
 }
 
-static int check_empty(BlockNode *bs, uint64_t offset, uint64_t bytes, const char *filename,
-                       uint8_t *buf, bool quiet)
+/* Read for compare; a read error is reported as qemu-img does and means exit status 4. */
+static int compare_read(BlockNode *bs, uint64_t offset, uint64_t bytes, const char *filename,
+                        uint8_t *buf)
 {
     int r = vd_pread(bs, offset, bytes, buf);
     if (r < 0) {
         tool_error("Error while reading offset %" PRIu64 " of %s: %s", offset, filename,
                    strerror(-r));
+        return 4;
+    }
+    return 0;
+}
+
+static int check_empty(BlockNode *bs, uint64_t offset, uint64_t bytes, const char *filename,
+                       uint8_t *buf, bool quiet)
+{
+    if (compare_read(bs, offset, bytes, filename, buf)) {
         return 4;
     }
     int64_t idx = find_nonzero(buf, bytes);
@@ -192,17 +202,8 @@ int img_compare(int argc, char **argv)
         } else if (alloc1 == alloc2) {
             if (alloc1) {
                 chunk = MIN(chunk, TOOL_BUF_SIZE);
-                r = vd_pread(bs1, offset, chunk, buf1);
-                if (r < 0) {
-                    tool_error("Error while reading offset %" PRIu64 " of %s: %s", offset,
-                               filename1, strerror(-r));
-                    ret = 4;
-                    goto out;
-                }
-                r = vd_pread(bs2, offset, chunk, buf2);
-                if (r < 0) {
-                    tool_error("Error while reading offset %" PRIu64 " of %s: %s", offset,
-                               filename2, strerror(-r));
+                if (compare_read(bs1, offset, chunk, filename1, buf1) ||
+                    compare_read(bs2, offset, chunk, filename2, buf2)) {
                     ret = 4;
                     goto out;
                 }
@@ -835,13 +836,8 @@ int img_convert(int argc, char **argv)
         tool_error("Specifying backing image makes no sense when -n is used");
         goto out;
     }
-    const BlockDriver *drv = vd_find_driver(out_fmt);
-    if (!drv || drv->is_protocol) {
-        tool_error("Unknown file format '%s'", out_fmt);
-        goto out;
-    }
-    if (optstr && tool_opts_parse(&o, optstr) < 0) {
-        tool_error("out of memory");
+    const BlockDriver *drv = tool_create_format(out_fmt, optstr, &o);
+    if (!drv) {
         goto out;
     }
     if (tool_opts_get(&o, "help")) {

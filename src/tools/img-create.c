@@ -75,12 +75,7 @@ int img_create(int argc, char **argv)
         default: tool_bad_option(argv[0], c, argv[optind - 1]); goto out;
         }
     }
-    if (!vd_find_driver(fmt) || vd_find_driver(fmt)->is_protocol) {
-        tool_error("Unknown file format '%s'", fmt);
-        goto out;
-    }
-    if (optstr && tool_opts_parse(&o, optstr) < 0) {
-        tool_error("out of memory");
+    if (!tool_create_format(fmt, optstr, &o)) {
         goto out;
     }
     if (opts_want_help(&o)) {
@@ -385,13 +380,8 @@ int img_measure(int argc, char **argv)
         tool_error("Either --size N or one filename must be specified.");
         goto out;
     }
-    const BlockDriver *drv = vd_find_driver(out_fmt);
-    if (!drv || drv->is_protocol) {
-        tool_error("Unknown file format '%s'", out_fmt);
-        goto out;
-    }
-    if (optstr && tool_opts_parse(&o, optstr) < 0) {
-        tool_error("out of memory");
+    const BlockDriver *drv = tool_create_format(out_fmt, optstr, &o);
+    if (!drv) {
         goto out;
     }
     if (opts_want_help(&o)) {

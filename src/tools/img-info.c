@@ -124,6 +124,17 @@ static void info_dump_human(json_t *info)
     }
 }
 
+/* The image operand and the --output choice (*json: 0 human, 1 json); NULL when either is bad. */
+static const char *image_and_output(int argc, char **argv, const char *output, int *json)
+{
+    const char *filename = tool_one_image(argc, argv);
+    if (!filename) {
+        return NULL;
+    }
+    *json = tool_parse_output(output);
+    return *json < 0 ? NULL : filename;
+}
+
 int img_info(int argc, char **argv)
 {
     static const struct option longopts[] = {
@@ -148,13 +159,9 @@ int img_info(int argc, char **argv)
         default: tool_bad_option(argv[0], c, argv[optind - 1]); return 1;
         }
     }
-    if (optind != argc - 1) {
-        tool_error("Expecting one image file name");
-        return 1;
-    }
-    const char *filename = argv[optind];
-    int json = tool_parse_output(output);
-    if (json < 0) {
+    int json;
+    const char *filename = image_and_output(argc, argv, output, &json);
+    if (!filename) {
         return 1;
     }
     int flags = tool_open_flags(chain ? 0 : VD_OPEN_NO_BACKING, force_share);
@@ -343,15 +350,12 @@ int img_map(int argc, char **argv)
         default: tool_bad_option(argv[0], c, argv[optind - 1]); return 1;
         }
     }
-    if (optind != argc - 1) {
-        tool_error("Expecting one image file name");
+    int json;
+    const char *filename = image_and_output(argc, argv, output, &json);
+    if (!filename) {
         return 1;
     }
-    int json = tool_parse_output(output);
-    if (json < 0) {
-        return 1;
-    }
-    BlockNode *bs = tool_open(argv[optind], fmt, tool_open_flags(0, force_share));
+    BlockNode *bs = tool_open(filename, fmt, tool_open_flags(0, force_share));
     if (!bs) {
         return 1;
     }
@@ -531,13 +535,9 @@ int img_check(int argc, char **argv)
         default: tool_bad_option(argv[0], c, argv[optind - 1]); return 1;
         }
     }
-    if (optind != argc - 1) {
-        tool_error("Expecting one image file name");
-        return 1;
-    }
-    const char *filename = argv[optind];
-    int json = tool_parse_output(output);
-    if (json < 0) {
+    int json;
+    const char *filename = image_and_output(argc, argv, output, &json);
+    if (!filename) {
         return 1;
     }
     if (fix && force_share) {

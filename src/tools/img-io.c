@@ -99,6 +99,55 @@ static int check_req(IoCtx *io, int64_t off, int64_t len)
     return 0;
 }
 
+/* qemu-io's message for an option getopt did not accept; returns -EINVAL. */
+static int bad_option(const char *cmd)
+{
+    printf("%s: invalid option -- '%c'\n", cmd, optopt);
+    return -EINVAL;
+}
+
+/* read, write and discard take exactly two operands after their options: "off len". */
+static int need_off_len(const char *cmd, const char *usage, int argc)
+{
+    if (optind != argc - 2) {
+        printf("%s: usage: %s\n", cmd, usage);
+        return -EINVAL;
+    }
+    return 0;
+}
+
+static int parse_off_len(char **argv, int64_t *off, int64_t *len)
+{
+    if (parse_num(argv[optind], off) < 0 || parse_num(argv[optind + 1], len) < 0) {
+        return -EINVAL;
+    }
+    return 0;
+}
+
+/* A request that needs a buffer is limited to 1 GiB, as in qemu-io. */
+static int check_buf_len(int64_t len, const char *arg)
+{
+    if (len > (int64_t)(1u << 30)) {
+        printf("length cannot exceed 1 GiB, given %s\n", arg);
+        return -EINVAL;
+    }
+    return 0;
+}
+
+/* Say how request R ended: "<cmd> failed: ..." or, unless QFLAG, qemu-io's timing report. */
+static int request_done(const char *cmd, const char *done, int r, double t, bool qflag,
+                        int64_t off, int64_t len)
+{
+    if (r < 0) {
+        printf("%s failed: %s\n", cmd, strerror(-r));
+        return r;
+    }
+    if (!qflag) {
+        print_report(done, t, off, len, len, 1);
+    }
+    return 0;
+}
+
 static void dump_buffer(const uint8_t *buf, int64_t offset, int64_t len)
 {
     for (int64_t i = 0; i < len; i += 16) {
@@ -130,24 +179,12 @@ static int cmd_read(IoCtx *io, int argc, char **argv)
         case 'v': vflag = true; break;
         case 'q': qflag = true; break;
         case 'C': break;
-        default:
-            printf("read: invalid option -- '%c'\n", optopt);
-            return -EINVAL;
+        default: return bad_option("read");
         }
     }
-    if (optind != argc - 2) {
-        printf("read: usage: read [-P pattern] [-v] [-q] off len\n");
-        return -EINVAL;
-    }
     int64_t off, len;
-    if (parse_num(argv[optind], &off) < 0) {
-        return -EINVAL;
-    }
-    if (parse_num(argv[optind + 1], &len) < 0) {
-        return -EINVAL;
-    }
-    if (len > (int64_t)(1u << 30)) {
-        printf("length cannot exceed 1 GiB, given %s\n", argv[optind + 1]);
+    if (need_off_len("read", "read [-P pattern] [-v] [-q] off len", argc) < 0 ||
+        parse_off_len(argv, &off, &len) < 0 || check_buf_len(len, argv[optind + 1]) < 0) {
         return -EINVAL;
     }
     uint8_t *buf = malloc(len ? (size_t)len : 1);
@@ -207,13 +244,10 @@ static int cmd_write(IoCtx *io, int argc, char **argv)
         case 'q': qflag = true; break;
         case 'f': fua = VD_REQ_FUA; break;
         case 'b': case 'C': break;
-        default:
-            printf("write: invalid option -- '%c'\n", optopt);
-            return -EINVAL;
+        default: return bad_option("write");
         }
     }
-    if (optind != argc - 2) {
-        printf("write: usage: write [-P pattern] [-z [-u]] [-c] [-f] [-q] off len\n");
+    if (need_off_len("write", "write [-P pattern] [-z [-u]] [-c] [-f] [-q] off len", argc) < 0) {
         return -EINVAL;
     }
     if (zflag && Pflag) {
@@ -229,14 +263,8 @@ static int cmd_write(IoCtx *io, int argc, char **argv)
         return -EINVAL;
     }
     int64_t off, len;
-    if (parse_num(argv[optind], &off) < 0) {
-        return -EINVAL;
-    }
-    if (parse_num(argv[optind + 1], &len) < 0) {
-        return -EINVAL;
-    }
-    if (!zflag && len > (int64_t)(1u << 30)) {
-        printf("length cannot exceed 1 GiB, given %s\n", argv[optind + 1]);
+    if (parse_off_len(argv, &off, &len) < 0 ||
+        (!zflag && check_buf_len(len, argv[optind + 1]) < 0)) {
         return -EINVAL;
     }
     uint8_t *buf = NULL;
@@ -262,14 +290,7 @@ static int cmd_write(IoCtx *io, int argc, char **argv)
     }
     double t = now() - t0;
     free(buf);
-    if (r < 0) {
-        printf("write failed: %s\n", strerror(-r));
-        return r;
-    }
-    if (!qflag) {
-        print_report("wrote", t, off, len, len, 1);
-    }
-    return 0;
+    return request_done("write", "wrote", r, t, qflag, off, len);
 }
 
 static int cmd_discard(IoCtx *io, int argc, char **argv)
@@ -281,20 +302,12 @@ static int cmd_discard(IoCtx *io, int argc, char **argv)
         switch (c) {
         case 'q': qflag = true; break;
         case 'C': break;
-        default:
-            printf("discard: invalid option -- '%c'\n", optopt);
-            return -EINVAL;
+        default: return bad_option("discard");
         }
     }
-    if (optind != argc - 2) {
-        printf("discard: usage: discard [-q] off len\n");
-        return -EINVAL;
-    }
     int64_t off, len;
-    if (parse_num(argv[optind], &off) < 0) {
-        return -EINVAL;
-    }
-    if (parse_num(argv[optind + 1], &len) < 0) {
+    if (need_off_len("discard", "discard [-q] off len", argc) < 0 ||
+        parse_off_len(argv, &off, &len) < 0) {
         return -EINVAL;
     }
     double t0 = now();
@@ -303,14 +316,7 @@ static int cmd_discard(IoCtx *io, int argc, char **argv)
         r = vd_pdiscard(io->bs, (uint64_t)off, (uint64_t)len, 0);
     }
     double t = now() - t0;
-    if (r < 0) {
-        printf("discard failed: %s\n", strerror(-r));
-        return r;
-    }
-    if (!qflag) {
-        print_report("discard", t, off, len, len, 1);
-    }
-    return 0;
+    return request_done("discard", "discard", r, t, qflag, off, len);
 }
 
 static int cmd_flush(IoCtx *io, int argc, char **argv)
@@ -557,12 +563,12 @@ int img_io(int argc, char **argv)
             return 1;
         }
     }
-    if (optind != argc - 1) {
-        tool_error("Expecting one image file name");
+    const char *filename = tool_one_image(argc, argv);
+    if (!filename) {
         free(cmds);
         return 1;
     }
-    BlockNode *bs = tool_open(argv[optind], fmt, tool_open_flags(flags, force_share));
+    BlockNode *bs = tool_open(filename, fmt, tool_open_flags(flags, force_share));
     if (!bs) {
         free(cmds);
         return 1;

@@ -50,6 +50,8 @@ int tool_parse_size(const char *s, uint64_t *out);
 int tool_parse_uint(const char *s, uint64_t *out);
 /* Parse an --output argument; returns 0 human, 1 json, -1 error (already reported). */
 int tool_parse_output(const char *arg);
+/* The one filename operand left after getopt, or NULL after "Expecting one image file name". */
+const char *tool_one_image(int argc, char **argv);
 /* qemu's size_to_str ("1 GiB", "196 KiB", "1.5 MiB") into buf. */
 void tool_size_to_str(uint64_t val, char *buf, size_t len);
 /* qemu-io's cvtstr ("64 KiB", "1.500 KiB", "512 bytes"). */
@@ -85,6 +87,9 @@ typedef struct ToolOpts {
 int tool_opts_parse(ToolOpts *o, const char *s);
 const char *tool_opts_get(const ToolOpts *o, const char *key);
 void tool_opts_free(ToolOpts *o);
+/* The image format (not a protocol) named FMT, with the -o string OPTSTR (may be NULL) parsed into
+ * O; NULL after "Unknown file format" or "out of memory". */
+const BlockDriver *tool_create_format(const char *fmt, const char *optstr, ToolOpts *o);
 
 /*
  * Fill VdCreateOptions from -o options for `fmt`. Strings in *co point into `o`.

@@ -145,6 +145,15 @@ int tool_parse_output(const char *arg)
     return -1;
 }
 
+const char *tool_one_image(int argc, char **argv)
+{
+    if (optind != argc - 1) {
+        tool_error("Expecting one image file name");
+        return NULL;
+    }
+    return argv[optind];
+}
+
 void tool_size_to_str(uint64_t val, char *buf, size_t len)
 {
     static const char *suffixes[] = { "", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei" };
@@ -554,6 +563,20 @@ int tool_opts_parse(ToolOpts *o, const char *s)
         o->n++;
     }
     return 0;
+}
+
+const BlockDriver *tool_create_format(const char *fmt, const char *optstr, ToolOpts *o)
+{
+    const BlockDriver *drv = vd_find_driver(fmt);
+    if (!drv || drv->is_protocol) {
+        tool_error("Unknown file format '%s'", fmt);
+        return NULL;
+    }
+    if (optstr && tool_opts_parse(o, optstr) < 0) {
+        tool_error("out of memory");
+        return NULL;
+    }
+    return drv;
 }
 
 const char *tool_opts_get(const ToolOpts *o, const char *key)

@@ -4,6 +4,7 @@
  * daemon. Output follows virsh; errors are one "vdisk: error: ..." line and exit status 1 (also
  * for a job that failed or was aborted). Only the QMP commands named below change server state.
  */
+#include <assert.h>
 #include <errno.h>
 #include <getopt.h>
 #include <limits.h>
@@ -36,36 +37,17 @@
 /* How long to wait for a job to end after a cancel / complete we sent. */
 #define END_TIMEOUT_MS 60000
 
-enum {
-    VO_SOCKET = 512,
-    VO_SHALLOW,
-    VO_REUSE_EXTERNAL,
-    VO_FORMAT,
-    VO_RAW,
-    VO_WAIT,
-    VO_VERBOSE,
-    VO_PIVOT,
-    VO_FINISH,
-    VO_BANDWIDTH,
-    VO_BYTES,
-    VO_GRANULARITY,
-    VO_BUF_SIZE,
-    VO_SYNC_WRITES,
-    VO_BASE_NODE,
-    VO_NODE_NAME,
-    VO_TIMEOUT,
-    VO_ASYNC,
-    VO_BASE,
-    VO_TOP,
-    VO_ACTIVE,
-    VO_KEEP_OVERLAY,
-    VO_INFO,
-    VO_ABORT,
-    VO_DETAILS,
-    VO_HELP,
-    VO_NAME,
-    VO_INACTIVE,
-};
+/* One long option of a command: a flag sets *flag; an option with a value stores optarg (or
+ * FIXED, for an alias such as --raw = --format raw) in *value. Tables end with name == NULL. */
+typedef struct {
+    const char *name;
+    bool *flag;
+    const char **value;
+    const char *fixed;
+} VOpt;
+
+#define VOPT_MAX 24
+#define VOPT_HELP 1000
 
 typedef enum {
     WAIT_ERROR = -1,
@@ -242,17 +224,23 @@ static const char *jstr(json_t *o, const char *key)
     return json_string_value(json_object_get(o, key));
 }
 
-static json_t *node_by_name(Graph *g, const char *name)
+/* The entry of ARRAY (nodes or exports) whose "node-name" is NAME (borrowed), or NULL. */
+static json_t *entry_by_node_name(json_t *array, const char *name)
 {
     size_t i;
-    json_t *n;
-    json_array_foreach(g->nodes, i, n) {
-        const char *nn = jstr(n, "node-name");
+    json_t *e;
+    json_array_foreach(array, i, e) {
+        const char *nn = jstr(e, "node-name");
         if (nn && !strcmp(nn, name)) {
-            return n;
+            return e;
         }
     }
     return NULL;
+}
+
+static json_t *node_by_name(Graph *g, const char *name)
+{
+    return entry_by_node_name(g->nodes, name);
 }
 
 static bool is_protocol_driver(const char *drv)
@@ -294,15 +282,7 @@ static const char *backing_filename(json_t *n)
 
 static bool is_exported(Graph *g, const char *node)
 {
-    size_t i;
-    json_t *e;
-    json_array_foreach(g->exports, i, e) {
-        const char *nn = jstr(e, "node-name");
-        if (nn && !strcmp(nn, node)) {
-            return true;
-        }
-    }
-    return false;
+    return entry_by_node_name(g->exports, node) != NULL;
 }
 
 /*
@@ -714,6 +694,78 @@ static int need_args(const char *cmd, int have, int want, const char *const *nam
     return 0;
 }
 
+/*
+ * Parse the options of command argv[0] by OPTS plus --help (which prints "usage: vdisk CMD
+ * USAGE_ARGS"), then check that NPOS operands named POS_NAMES follow (NPOS < 0: the caller checks).
+ * Returns 1 to go on, 0 after --help, -1 on bad usage (reported).
+ */
+static int parse_opts(int argc, char **argv, const VOpt *opts, const char *usage_args, int npos,
+                      const char *const *pos_names)
+{
+    struct option longopts[VOPT_MAX + 2];
+    int n = 0;
+    for (; opts[n].name; n++) {
+        assert(n < VOPT_MAX);
+        bool takes_arg = opts[n].value && !opts[n].fixed;
+        longopts[n] = (struct option){ opts[n].name, takes_arg ? required_argument : no_argument,
+                                       NULL, n + 1 };
+    }
+    longopts[n] = (struct option){ "help", no_argument, NULL, VOPT_HELP };
+    longopts[n + 1] = (struct option){ NULL, 0, NULL, 0 };
+    int c;
+    while ((c = getopt_long(argc, argv, ":", longopts, NULL)) != -1) {
+        if (c == VOPT_HELP) {
+            printf("usage: " TOOL_NAME " %s %s\n", argv[0], usage_args);
+            return 0;
+        }
+        if (c < 1 || c > n) { /* '?' or ':' (option values are 1..n, far below both) */
+            bad_usage(argv[0], c, argv);
+            return -1;
+        }
+        const VOpt *o = &opts[c - 1];
+        if (o->value) {
+            *o->value = o->fixed ? o->fixed : optarg;
+        } else {
+            *o->flag = true;
+        }
+    }
+    if (npos >= 0 && need_args(argv[0], argc - optind, npos, pos_names) < 0) {
+        return -1;
+    }
+    return 1;
+}
+
+/* The options every job-starting command (blockcopy, blockpull, blockcommit) takes. */
+typedef struct {
+    const char *sock, *bw, *timeout_s;
+    bool wait, verbose, bytes, async;
+} JobOpts;
+
+/* parse_opts() with the JobOpts options added after the command's own EXTRA ones. */
+static int parse_job_opts(int argc, char **argv, JobOpts *j, const VOpt *extra,
+                          const char *usage_args, int npos, const char *const *pos_names)
+{
+    const VOpt common[] = {
+        { "socket", NULL, &j->sock, NULL },
+        { "wait", &j->wait, NULL, NULL },
+        { "verbose", &j->verbose, NULL, NULL },
+        { "bandwidth", NULL, &j->bw, NULL },
+        { "bytes", &j->bytes, NULL, NULL },
+        { "timeout", NULL, &j->timeout_s, NULL },
+        { "async", &j->async, NULL, NULL },
+    };
+    const size_t ncommon = sizeof(common) / sizeof(common[0]);
+    VOpt all[VOPT_MAX + 1];
+    size_t n = 0;
+    for (; extra[n].name; n++) {
+        assert(n + ncommon < VOPT_MAX);
+        all[n] = extra[n];
+    }
+    memcpy(&all[n], common, sizeof(common));
+    all[n + ncommon] = (VOpt){ NULL, NULL, NULL, NULL };
+    return parse_opts(argc, argv, all, usage_args, npos, pos_names);
+}
+
 static int64_t timeout_ms_of(const char *arg, int *ok)
 {
     uint64_t v;
@@ -731,69 +783,172 @@ static int64_t timeout_ms_of(const char *arg, int *ok)
     return (int64_t)v * 1000;
 }
 
+/* --timeout in ms (0: none) and --bandwidth [--bytes] as a QMP speed (0: unlimited). */
+static int job_opts_numbers(const JobOpts *jo, int64_t *timeout_ms, int64_t *speed)
+{
+    int ok;
+    *timeout_ms = timeout_ms_of(jo->timeout_s, &ok);
+    *speed = 0;
+    if (!ok || (jo->bw && bandwidth_to_speed(jo->bw, jo->bytes, speed) < 0)) {
+        return -1;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------- shared job command flow */
+
+/* What blockcopy, blockpull and blockcommit share: the connection, the graph, the job id and the
+ * SIGINT handler installed while waiting. job_run_end() releases whatever was set up. */
+typedef struct {
+    QmpConn *conn;
+    Graph g;
+    char *job;
+    char *fail_msg;
+    struct sigaction old_int;
+    bool sig_installed;
+} JobRun;
+
+/* How one job command names itself in what it prints. */
+typedef struct {
+    const char *qmp_cmd;    /* "drive-mirror" */
+    const char *label;      /* progress label, "Block Copy" */
+    const char *aborted;    /* "Copy aborted" */
+    const char *failed;     /* "Copy failed" */
+    const char *fail_what;  /* "block copy failed" */
+} JobKind;
+
+/* libvirt's rule: --verbose and --async only make sense when the command waits. */
+static int check_blocking(bool blocking, bool verbose, bool async, const char *finish_opt)
+{
+    const char *opt = !blocking && verbose ? "--verbose" : !blocking && async ? "--async" : NULL;
+    if (opt) {
+        tool_error("error: %s requires at least one of --timeout, --wait, --pivot, or %s", opt,
+                   finish_opt);
+        return -1;
+    }
+    return 0;
+}
+
+/* Name the job for NODE and build its {"job-id", "device"} arguments. Returns the new object,
+ * or NULL (reported). */
+static json_t *job_run_args(JobRun *r, json_t *node)
+{
+    const char *nodename = jstr(node, "node-name");
+    r->job = job_id_for(nodename);
+    json_t *args = json_pack("{s:s,s:s}", "job-id", r->job ? r->job : "", "device", nodename);
+    if (!r->job || !args) {
+        tool_error("error: out of memory");
+        json_decref(args);
+        return NULL;
+    }
+    return args;
+}
+
+/* Start the job with ARGS (consumed). Without BLOCKING print STARTED and return 0; otherwise wait
+ * until it is ready (WANT_READY) or completed and return 1. Returns -1 when it could not start,
+ * was aborted or failed (all reported). */
+static int job_run_start(JobRun *r, const JobKind *k, json_t *args, bool blocking,
+                         const char *started, bool verbose, bool want_ready, int64_t timeout_ms,
+                         bool async)
+{
+    if (blocking) {
+        install_sigint(&r->old_int);
+        r->sig_installed = true;
+    }
+    VdError *err = NULL;
+    json_t *res = qmpc_execute(r->conn, k->qmp_cmd, args, &err);
+    if (!res) {
+        report(err, NULL);
+        return -1;
+    }
+    json_decref(res);
+    if (!blocking) {
+        say(started);
+        return 0;
+    }
+    switch (wait_job(r->conn, r->job, k->label, verbose, want_ready, timeout_ms, async,
+                     &r->fail_msg)) {
+    case WAIT_ERROR:
+        return -1;
+    case WAIT_CANCELLED:
+        say_done(k->aborted);
+        return -1;
+    case WAIT_FAILED:
+        say_done(k->failed);
+        fail_report(k->fail_what, r->fail_msg);
+        r->fail_msg = NULL;
+        return -1;
+    case WAIT_READY:
+    case WAIT_COMPLETED:
+        break;
+    }
+    return 1;
+}
+
+/* Pivot (block-job-complete) or finish (block-job-cancel) a ready job, wait for its end and say
+ * DONE_MSG. Returns 0, or -1 (reported). */
+static int job_run_finish(JobRun *r, const char *disk, bool pivot, const char *done_msg)
+{
+    if (job_verb(r->conn, pivot ? "block-job-complete" : "block-job-cancel", r->job, disk,
+                 pivot ? "pivot" : "finish") < 0) {
+        return -1;
+    }
+    WaitResult w = wait_end(r->conn, r->job, &r->fail_msg);
+    /* A soft cancel of a ready mirror ends it as COMPLETED (QEMU >= 6.2) or CANCELLED. */
+    if (w == WAIT_ERROR || w == WAIT_FAILED || (pivot && w == WAIT_CANCELLED)) {
+        if (w == WAIT_CANCELLED) {
+            tool_error("error: failed to pivot job for disk %s: job was cancelled", disk);
+        } else if (w == WAIT_FAILED) {
+            fail_report(pivot ? "failed to pivot job" : "failed to finish job", r->fail_msg);
+            r->fail_msg = NULL;
+        }
+        return -1;
+    }
+    say_done(done_msg);
+    return 0;
+}
+
+static void job_run_end(JobRun *r)
+{
+    if (r->sig_installed) {
+        sigaction(SIGINT, &r->old_int, NULL);
+    }
+    free(r->fail_msg);
+    free(r->job);
+    graph_free(&r->g);
+    qmpc_close(r->conn);
+}
+
 /* ------------------------------------------------------------ blockcopy */
 
 int virsh_blockcopy(int argc, char **argv)
 {
-    static const struct option longopts[] = {
-        { "socket", required_argument, NULL, VO_SOCKET },
-        { "shallow", no_argument, NULL, VO_SHALLOW },
-        { "reuse-external", no_argument, NULL, VO_REUSE_EXTERNAL },
-        { "format", required_argument, NULL, VO_FORMAT },
-        { "raw", no_argument, NULL, VO_RAW },
-        { "wait", no_argument, NULL, VO_WAIT },
-        { "verbose", no_argument, NULL, VO_VERBOSE },
-        { "pivot", no_argument, NULL, VO_PIVOT },
-        { "finish", no_argument, NULL, VO_FINISH },
-        { "bandwidth", required_argument, NULL, VO_BANDWIDTH },
-        { "bytes", no_argument, NULL, VO_BYTES },
-        { "granularity", required_argument, NULL, VO_GRANULARITY },
-        { "buf-size", required_argument, NULL, VO_BUF_SIZE },
-        { "synchronous-writes", no_argument, NULL, VO_SYNC_WRITES },
-        { "base-node", required_argument, NULL, VO_BASE_NODE },
-        { "node-name", required_argument, NULL, VO_NODE_NAME },
-        { "timeout", required_argument, NULL, VO_TIMEOUT },
-        { "async", no_argument, NULL, VO_ASYNC },
-        { "help", no_argument, NULL, VO_HELP },
-        { NULL, 0, NULL, 0 }
+    JobOpts jo = { 0 };
+    const char *format = NULL, *gran = NULL, *bufsz = NULL, *base_node = NULL, *node_name = NULL;
+    bool shallow = false, reuse = false, pivot = false, finish = false, sync_writes = false;
+    const VOpt opts[] = {
+        { "shallow", &shallow, NULL, NULL },
+        { "reuse-external", &reuse, NULL, NULL },
+        { "format", NULL, &format, NULL },
+        { "raw", NULL, &format, "raw" },
+        { "pivot", &pivot, NULL, NULL },
+        { "finish", &finish, NULL, NULL },
+        { "granularity", NULL, &gran, NULL },
+        { "buf-size", NULL, &bufsz, NULL },
+        { "synchronous-writes", &sync_writes, NULL, NULL },
+        { "base-node", NULL, &base_node, NULL },
+        { "node-name", NULL, &node_name, NULL },
+        { NULL, NULL, NULL, NULL }
     };
-    const char *sock = NULL, *format = NULL, *bw = NULL, *gran = NULL, *bufsz = NULL;
-    const char *base_node = NULL, *node_name = NULL, *timeout_s = NULL;
-    bool shallow = false, reuse = false, wait = false, verbose = false, pivot = false;
-    bool finish = false, bytes = false, sync_writes = false, async = false;
-    int c;
-    while ((c = getopt_long(argc, argv, ":", longopts, NULL)) != -1) {
-        switch (c) {
-        case VO_SOCKET: sock = optarg; break;
-        case VO_SHALLOW: shallow = true; break;
-        case VO_REUSE_EXTERNAL: reuse = true; break;
-        case VO_FORMAT: format = optarg; break;
-        case VO_RAW: format = "raw"; break;
-        case VO_WAIT: wait = true; break;
-        case VO_VERBOSE: verbose = true; break;
-        case VO_PIVOT: pivot = true; break;
-        case VO_FINISH: finish = true; break;
-        case VO_BANDWIDTH: bw = optarg; break;
-        case VO_BYTES: bytes = true; break;
-        case VO_GRANULARITY: gran = optarg; break;
-        case VO_BUF_SIZE: bufsz = optarg; break;
-        case VO_SYNC_WRITES: sync_writes = true; break;
-        case VO_BASE_NODE: base_node = optarg; break;
-        case VO_NODE_NAME: node_name = optarg; break;
-        case VO_TIMEOUT: timeout_s = optarg; break;
-        case VO_ASYNC: async = true; break;
-        case VO_HELP:
-            printf("usage: " TOOL_NAME " blockcopy DISK DEST [--shallow] [--reuse-external] "
-                   "[--format F] [--wait] [--verbose] [--pivot|--finish] [--timeout S] [--async] "
-                   "[--bandwidth N [--bytes]] [--granularity N] [--buf-size N] "
-                   "[--synchronous-writes] [--node-name N] [--base-node B] [--socket PATH]\n");
-            return 0;
-        default: bad_usage(argv[0], c, argv); return 1;
-        }
-    }
     static const char *const names[] = { "disk", "dest" };
-    if (need_args(argv[0], argc - optind, 2, names) < 0) {
-        return 1;
+    int p = parse_job_opts(argc, argv, &jo, opts,
+                           "DISK DEST [--shallow] [--reuse-external] [--format F] [--wait] "
+                           "[--verbose] [--pivot|--finish] [--timeout S] [--async] [--bandwidth N "
+                           "[--bytes]] [--granularity N] [--buf-size N] [--synchronous-writes] "
+                           "[--node-name N] [--base-node B] [--socket PATH]",
+                           2, names);
+    if (p <= 0) {
+        return p < 0;
     }
     const char *disk = argv[optind], *dest = argv[optind + 1];
     if (pivot && finish) {
@@ -801,24 +956,17 @@ int virsh_blockcopy(int argc, char **argv)
         return 1;
     }
     int ok;
-    int64_t timeout_ms = timeout_ms_of(timeout_s, &ok);
+    int64_t timeout_ms = timeout_ms_of(jo.timeout_s, &ok);
     if (!ok) {
         return 1;
     }
-    bool blocking = wait || pivot || finish || timeout_ms > 0;
-    if (!blocking && verbose) {
-        tool_error("error: --verbose requires at least one of --timeout, --wait, --pivot, or "
-                   "--finish");
-        return 1;
-    }
-    if (!blocking && async) {
-        tool_error("error: --async requires at least one of --timeout, --wait, --pivot, or "
-                   "--finish");
+    bool blocking = jo.wait || pivot || finish || timeout_ms > 0;
+    if (check_blocking(blocking, jo.verbose, jo.async, "--finish") < 0) {
         return 1;
     }
     int64_t speed = 0;
     uint64_t granularity = 0, buf_size = 0;
-    if ((bw && bandwidth_to_speed(bw, bytes, &speed) < 0) ||
+    if ((jo.bw && bandwidth_to_speed(jo.bw, jo.bytes, &speed) < 0) ||
         (gran && parse_num("granularity", gran, &granularity) < 0) ||
         (bufsz && parse_num("buf-size", bufsz, &buf_size) < 0)) {
         return 1;
@@ -830,28 +978,25 @@ int virsh_blockcopy(int argc, char **argv)
         return 1;
     }
 
+    static const JobKind kind = { "drive-mirror", "Block Copy", "Copy aborted", "Copy failed",
+                                  "block copy failed" };
     int ret = 1;
-    QmpConn *conn = NULL;
-    Graph g = { 0 };
-    char *job = NULL, *target = NULL, *fail_msg = NULL;
-    struct sigaction old_int;
-    bool sig_installed = false;
-    json_t *node = setup(sock, disk, &conn, &g);
-    if (!node) {
+    JobRun run = { 0 };
+    char *target = NULL;
+    json_t *node = setup(jo.sock, disk, &run.conn, &run.g);
+    json_t *args = node ? job_run_args(&run, node) : NULL;
+    if (!args) {
         goto out;
     }
-    const char *nodename = jstr(node, "node-name");
-    job = job_id_for(nodename);
     target = absolute_path(dest);
-    json_t *args = json_pack("{s:s,s:s,s:s,s:s,s:s}", "job-id", job ? job : "", "device",
-                             nodename, "target", target ? target : dest, "sync",
-                             shallow ? "top" : "full", "mode",
-                             reuse ? "existing" : "absolute-paths");
-    if (!job || !target || !args) {
+    if (!target) {
         tool_error("error: out of memory");
         json_decref(args);
         goto out;
     }
+    json_object_set_new(args, "target", json_string(target));
+    json_object_set_new(args, "sync", json_string(shallow ? "top" : "full"));
+    json_object_set_new(args, "mode", json_string(reuse ? "existing" : "absolute-paths"));
     if (format) {
         json_object_set_new(args, "format", json_string(format));
     }
@@ -874,67 +1019,24 @@ int virsh_blockcopy(int argc, char **argv)
         /* Not a QEMU 7.2 drive-mirror argument: passed through for daemons that have it. */
         json_object_set_new(args, "base-node", json_string(base_node));
     }
-    if (blocking) {
-        install_sigint(&old_int);
-        sig_installed = true;
-    }
-    VdError *err = NULL;
-    json_t *r = qmpc_execute(conn, "drive-mirror", args, &err);
-    if (!r) {
-        report(err, NULL);
+    int st = job_run_start(&run, &kind, args, blocking, "Block Copy started", jo.verbose, true,
+                           timeout_ms, jo.async);
+    if (st <= 0) {
+        ret = st < 0;
         goto out;
-    }
-    json_decref(r);
-    if (!blocking) {
-        say("Block Copy started");
-        ret = 0;
-        goto out;
-    }
-    switch (wait_job(conn, job, "Block Copy", verbose, true, timeout_ms, async, &fail_msg)) {
-    case WAIT_ERROR:
-        goto out;
-    case WAIT_CANCELLED:
-        say_done("Copy aborted");
-        goto out;
-    case WAIT_FAILED:
-        say_done("Copy failed");
-        fail_report("block copy failed", fail_msg);
-        fail_msg = NULL;
-        goto out;
-    case WAIT_READY:
-    case WAIT_COMPLETED:
-        break;
     }
     if (pivot || finish) {
-        if (job_verb(conn, pivot ? "block-job-complete" : "block-job-cancel", job, disk,
-                     pivot ? "pivot" : "finish") < 0) {
+        if (job_run_finish(&run, disk, pivot,
+                           pivot ? "Successfully pivoted" : "Successfully copied") < 0) {
             goto out;
         }
-        WaitResult w = wait_end(conn, job, &fail_msg);
-        /* A soft cancel of a ready mirror ends it as COMPLETED (QEMU >= 6.2) or CANCELLED. */
-        if (w == WAIT_ERROR || w == WAIT_FAILED || (pivot && w == WAIT_CANCELLED)) {
-            if (w == WAIT_CANCELLED) {
-                tool_error("error: failed to pivot job for disk %s: job was cancelled", disk);
-            } else if (w == WAIT_FAILED) {
-                fail_report(pivot ? "failed to pivot job" : "failed to finish job", fail_msg);
-                fail_msg = NULL;
-            }
-            goto out;
-        }
-        say_done(pivot ? "Successfully pivoted" : "Successfully copied");
     } else {
         say_done("Now in mirroring phase");
     }
     ret = 0;
 out:
-    if (sig_installed) {
-        sigaction(SIGINT, &old_int, NULL);
-    }
-    free(fail_msg);
-    free(job);
     free(target);
-    graph_free(&g);
-    qmpc_close(conn);
+    job_run_end(&run);
     return ret;
 }
 
@@ -942,72 +1044,44 @@ out:
 
 int virsh_blockpull(int argc, char **argv)
 {
-    static const struct option longopts[] = {
-        { "socket", required_argument, NULL, VO_SOCKET },
-        { "base", required_argument, NULL, VO_BASE },
-        { "wait", no_argument, NULL, VO_WAIT },
-        { "verbose", no_argument, NULL, VO_VERBOSE },
-        { "bandwidth", required_argument, NULL, VO_BANDWIDTH },
-        { "bytes", no_argument, NULL, VO_BYTES },
-        { "timeout", required_argument, NULL, VO_TIMEOUT },
-        { "async", no_argument, NULL, VO_ASYNC },
-        { "help", no_argument, NULL, VO_HELP },
-        { NULL, 0, NULL, 0 }
+    JobOpts jo = { 0 };
+    const char *base = NULL;
+    const VOpt opts[] = {
+        { "base", NULL, &base, NULL },
+        { NULL, NULL, NULL, NULL }
     };
-    const char *sock = NULL, *base = NULL, *bw = NULL, *timeout_s = NULL;
-    bool wait = false, verbose = false, bytes = false, async = false;
-    int c;
-    while ((c = getopt_long(argc, argv, ":", longopts, NULL)) != -1) {
-        switch (c) {
-        case VO_SOCKET: sock = optarg; break;
-        case VO_BASE: base = optarg; break;
-        case VO_WAIT: wait = true; break;
-        case VO_VERBOSE: verbose = true; break;
-        case VO_BANDWIDTH: bw = optarg; break;
-        case VO_BYTES: bytes = true; break;
-        case VO_TIMEOUT: timeout_s = optarg; break;
-        case VO_ASYNC: async = true; break;
-        case VO_HELP:
-            printf("usage: " TOOL_NAME " blockpull DISK [--base B] [--wait [--verbose] "
-                   "[--timeout S] [--async]] [--bandwidth N [--bytes]] [--socket PATH]\n");
-            return 0;
-        default: bad_usage(argv[0], c, argv); return 1;
-        }
-    }
     static const char *const names[] = { "disk" };
-    if (need_args(argv[0], argc - optind, 1, names) < 0) {
-        return 1;
+    int p = parse_job_opts(argc, argv, &jo, opts,
+                           "DISK [--base B] [--wait [--verbose] [--timeout S] [--async]] "
+                           "[--bandwidth N [--bytes]] [--socket PATH]",
+                           1, names);
+    if (p <= 0) {
+        return p < 0;
     }
     const char *disk = argv[optind];
-    if (verbose && !wait) {
+    if (jo.verbose && !jo.wait) {
         tool_error("error: Option --wait is required by option --verbose");
         return 1;
     }
-    if (async && !wait) {
+    if (jo.async && !jo.wait) {
         tool_error("error: Option --wait is required by option --async");
         return 1;
     }
-    int ok;
-    int64_t timeout_ms = timeout_ms_of(timeout_s, &ok);
-    int64_t speed = 0;
-    if (!ok || (bw && bandwidth_to_speed(bw, bytes, &speed) < 0)) {
+    int64_t timeout_ms, speed;
+    if (job_opts_numbers(&jo, &timeout_ms, &speed) < 0) {
         return 1;
     }
 
+    static const JobKind kind = { "block-stream", "Block Pull", "Pull aborted", "Pull failed",
+                                  "block pull failed" };
     int ret = 1;
-    QmpConn *conn = NULL;
-    Graph g = { 0 };
-    char *job = NULL, *fail_msg = NULL;
-    struct sigaction old_int;
-    bool sig_installed = false;
-    json_t *node = setup(sock, disk, &conn, &g);
-    if (!node) {
+    JobRun run = { 0 };
+    json_t *node = setup(jo.sock, disk, &run.conn, &run.g);
+    json_t *args = node ? job_run_args(&run, node) : NULL;
+    if (!args) {
         goto out;
     }
-    const char *nodename = jstr(node, "node-name");
-    job = job_id_for(nodename);
-    json_t *args = json_pack("{s:s,s:s}", "job-id", job ? job : "", "device", nodename);
-    if (!job || !args || (base && set_chain_arg(&g, args, "base", base) < 0)) {
+    if (base && set_chain_arg(&run.g, args, "base", base) < 0) {
         tool_error("error: out of memory");
         json_decref(args);
         goto out;
@@ -1015,47 +1089,16 @@ int virsh_blockpull(int argc, char **argv)
     if (speed) {
         json_object_set_new(args, "speed", json_integer(speed));
     }
-    if (wait) {
-        install_sigint(&old_int);
-        sig_installed = true;
-    }
-    VdError *err = NULL;
-    json_t *r = qmpc_execute(conn, "block-stream", args, &err);
-    if (!r) {
-        report(err, NULL);
+    int st = job_run_start(&run, &kind, args, jo.wait, "Block Pull started", jo.verbose, false,
+                           timeout_ms, jo.async);
+    if (st <= 0) {
+        ret = st < 0;
         goto out;
     }
-    json_decref(r);
-    if (!wait) {
-        say("Block Pull started");
-        ret = 0;
-        goto out;
-    }
-    switch (wait_job(conn, job, "Block Pull", verbose, false, timeout_ms, async, &fail_msg)) {
-    case WAIT_ERROR:
-        goto out;
-    case WAIT_CANCELLED:
-        say_done("Pull aborted");
-        goto out;
-    case WAIT_FAILED:
-        say_done("Pull failed");
-        fail_report("block pull failed", fail_msg);
-        fail_msg = NULL;
-        goto out;
-    case WAIT_READY:
-    case WAIT_COMPLETED:
-        say_done("Pull complete");
-        break;
-    }
+    say_done("Pull complete");
     ret = 0;
 out:
-    if (sig_installed) {
-        sigaction(SIGINT, &old_int, NULL);
-    }
-    free(fail_msg);
-    free(job);
-    graph_free(&g);
-    qmpc_close(conn);
+    job_run_end(&run);
     return ret;
 }
 
@@ -1063,53 +1106,26 @@ out:
 
 int virsh_blockcommit(int argc, char **argv)
 {
-    static const struct option longopts[] = {
-        { "socket", required_argument, NULL, VO_SOCKET },
-        { "base", required_argument, NULL, VO_BASE },
-        { "top", required_argument, NULL, VO_TOP },
-        { "shallow", no_argument, NULL, VO_SHALLOW },
-        { "active", no_argument, NULL, VO_ACTIVE },
-        { "pivot", no_argument, NULL, VO_PIVOT },
-        { "keep-overlay", no_argument, NULL, VO_KEEP_OVERLAY },
-        { "wait", no_argument, NULL, VO_WAIT },
-        { "verbose", no_argument, NULL, VO_VERBOSE },
-        { "bandwidth", required_argument, NULL, VO_BANDWIDTH },
-        { "bytes", no_argument, NULL, VO_BYTES },
-        { "timeout", required_argument, NULL, VO_TIMEOUT },
-        { "async", no_argument, NULL, VO_ASYNC },
-        { "help", no_argument, NULL, VO_HELP },
-        { NULL, 0, NULL, 0 }
+    JobOpts jo = { 0 };
+    const char *base = NULL, *top = NULL;
+    bool shallow = false, active = false, pivot = false, keep = false;
+    const VOpt opts[] = {
+        { "base", NULL, &base, NULL },
+        { "top", NULL, &top, NULL },
+        { "shallow", &shallow, NULL, NULL },
+        { "active", &active, NULL, NULL },
+        { "pivot", &pivot, NULL, NULL },
+        { "keep-overlay", &keep, NULL, NULL },
+        { NULL, NULL, NULL, NULL }
     };
-    const char *sock = NULL, *base = NULL, *top = NULL, *bw = NULL, *timeout_s = NULL;
-    bool shallow = false, active = false, pivot = false, keep = false, wait = false;
-    bool verbose = false, bytes = false, async = false;
-    int c;
-    while ((c = getopt_long(argc, argv, ":", longopts, NULL)) != -1) {
-        switch (c) {
-        case VO_SOCKET: sock = optarg; break;
-        case VO_BASE: base = optarg; break;
-        case VO_TOP: top = optarg; break;
-        case VO_SHALLOW: shallow = true; break;
-        case VO_ACTIVE: active = true; break;
-        case VO_PIVOT: pivot = true; break;
-        case VO_KEEP_OVERLAY: keep = true; break;
-        case VO_WAIT: wait = true; break;
-        case VO_VERBOSE: verbose = true; break;
-        case VO_BANDWIDTH: bw = optarg; break;
-        case VO_BYTES: bytes = true; break;
-        case VO_TIMEOUT: timeout_s = optarg; break;
-        case VO_ASYNC: async = true; break;
-        case VO_HELP:
-            printf("usage: " TOOL_NAME " blockcommit DISK [--base B | --shallow] [--top T] "
-                   "[--active] [--pivot|--keep-overlay] [--wait [--verbose] [--timeout S] "
-                   "[--async]] [--bandwidth N [--bytes]] [--socket PATH]\n");
-            return 0;
-        default: bad_usage(argv[0], c, argv); return 1;
-        }
-    }
     static const char *const names[] = { "disk" };
-    if (need_args(argv[0], argc - optind, 1, names) < 0) {
-        return 1;
+    int p = parse_job_opts(argc, argv, &jo, opts,
+                           "DISK [--base B | --shallow] [--top T] [--active] "
+                           "[--pivot|--keep-overlay] [--wait [--verbose] [--timeout S] [--async]] "
+                           "[--bandwidth N [--bytes]] [--socket PATH]",
+                           1, names);
+    if (p <= 0) {
+        return p < 0;
     }
     const char *disk = argv[optind];
     if (pivot && keep) {
@@ -1120,41 +1136,29 @@ int virsh_blockcommit(int argc, char **argv)
         tool_error("error: Options --base and --shallow are mutually exclusive");
         return 1;
     }
-    int ok;
-    int64_t timeout_ms = timeout_ms_of(timeout_s, &ok);
-    int64_t speed = 0;
-    if (!ok || (bw && bandwidth_to_speed(bw, bytes, &speed) < 0)) {
+    int64_t timeout_ms, speed;
+    if (job_opts_numbers(&jo, &timeout_ms, &speed) < 0) {
         return 1;
     }
     active = active || pivot || keep;
-    bool blocking = wait || pivot || keep || timeout_ms > 0;
-    if (!blocking && verbose) {
-        tool_error("error: --verbose requires at least one of --timeout, --wait, --pivot, or "
-                   "--keep-overlay");
-        return 1;
-    }
-    if (!blocking && async) {
-        tool_error("error: --async requires at least one of --timeout, --wait, --pivot, or "
-                   "--keep-overlay");
+    bool blocking = jo.wait || pivot || keep || timeout_ms > 0;
+    if (check_blocking(blocking, jo.verbose, jo.async, "--keep-overlay") < 0) {
         return 1;
     }
 
+    static const JobKind kind = { "block-commit", "Block commit", "Commit aborted",
+                                  "Commit failed", "block commit failed" };
     int ret = 1;
-    QmpConn *conn = NULL;
-    Graph g = { 0 };
-    char *job = NULL, *fail_msg = NULL;
-    struct sigaction old_int;
-    bool sig_installed = false;
-    json_t *node = setup(sock, disk, &conn, &g);
+    JobRun run = { 0 };
+    json_t *node = setup(jo.sock, disk, &run.conn, &run.g);
     if (!node) {
         goto out;
     }
-    const char *nodename = jstr(node, "node-name");
     /* Which layer is the top? (libvirt's checks: active commit iff top is the active layer) */
     json_t *top_node = node;
     if (top) {
         VdError *terr = NULL;
-        top_node = resolve_disk(&g, top, &terr);
+        top_node = resolve_disk(&run.g, top, &terr);
         vd_error_free(terr);
     }
     bool top_is_active = top_node == node;
@@ -1166,27 +1170,24 @@ int virsh_blockcommit(int argc, char **argv)
         tool_error("error: commit of '%s' active layer requires active flag", top ? top : disk);
         goto out;
     }
-    job = job_id_for(nodename);
-    json_t *args = json_pack("{s:s,s:s}", "job-id", job ? job : "", "device", nodename);
-    if (!job || !args) {
-        tool_error("error: out of memory");
-        json_decref(args);
+    json_t *args = job_run_args(&run, node);
+    if (!args) {
         goto out;
     }
-    if (!active && set_chain_arg(&g, args, "top", top) < 0) {
+    if (!active && set_chain_arg(&run.g, args, "top", top) < 0) {
         tool_error("error: out of memory");
         json_decref(args);
         goto out;
     }
     if (shallow) {
-        json_t *b = top_node ? backing_node(&g, top_node) : NULL;
+        json_t *b = top_node ? backing_node(&run.g, top_node) : NULL;
         if (!b) {
             tool_error("error: could not find the backing image of '%s'", top ? top : disk);
             json_decref(args);
             goto out;
         }
         json_object_set_new(args, "base-node", json_string(jstr(b, "node-name")));
-    } else if (base && set_chain_arg(&g, args, "base", base) < 0) {
+    } else if (base && set_chain_arg(&run.g, args, "base", base) < 0) {
         tool_error("error: out of memory");
         json_decref(args);
         goto out;
@@ -1194,53 +1195,19 @@ int virsh_blockcommit(int argc, char **argv)
     if (speed) {
         json_object_set_new(args, "speed", json_integer(speed));
     }
-    if (blocking) {
-        install_sigint(&old_int);
-        sig_installed = true;
-    }
-    VdError *err = NULL;
-    json_t *r = qmpc_execute(conn, "block-commit", args, &err);
-    if (!r) {
-        report(err, NULL);
+    int st = job_run_start(&run, &kind, args, blocking,
+                           active ? "Active Block Commit started" : "Block Commit started",
+                           jo.verbose, active, timeout_ms, jo.async);
+    if (st <= 0) {
+        ret = st < 0;
         goto out;
-    }
-    json_decref(r);
-    if (!blocking) {
-        say(active ? "Active Block Commit started" : "Block Commit started");
-        ret = 0;
-        goto out;
-    }
-    switch (wait_job(conn, job, "Block commit", verbose, active, timeout_ms, async, &fail_msg)) {
-    case WAIT_ERROR:
-        goto out;
-    case WAIT_CANCELLED:
-        say_done("Commit aborted");
-        goto out;
-    case WAIT_FAILED:
-        say_done("Commit failed");
-        fail_report("block commit failed", fail_msg);
-        fail_msg = NULL;
-        goto out;
-    case WAIT_READY:
-    case WAIT_COMPLETED:
-        break;
     }
     if (active && (pivot || keep)) {
-        if (job_verb(conn, pivot ? "block-job-complete" : "block-job-cancel", job, disk,
-                     pivot ? "pivot" : "finish") < 0) {
+        if (job_run_finish(&run, disk, pivot,
+                           pivot ? "Successfully pivoted" : "Commit complete, overlay image kept")
+            < 0) {
             goto out;
         }
-        WaitResult w = wait_end(conn, job, &fail_msg);
-        if (w == WAIT_ERROR || w == WAIT_FAILED || (pivot && w == WAIT_CANCELLED)) {
-            if (w == WAIT_CANCELLED) {
-                tool_error("error: failed to pivot job for disk %s: job was cancelled", disk);
-            } else if (w == WAIT_FAILED) {
-                fail_report(pivot ? "failed to pivot job" : "failed to finish job", fail_msg);
-                fail_msg = NULL;
-            }
-            goto out;
-        }
-        say_done(pivot ? "Successfully pivoted" : "Commit complete, overlay image kept");
     } else if (active) {
         say_done("Now in synchronized phase");
     } else {
@@ -1248,13 +1215,7 @@ int virsh_blockcommit(int argc, char **argv)
     }
     ret = 0;
 out:
-    if (sig_installed) {
-        sigaction(SIGINT, &old_int, NULL);
-    }
-    free(fail_msg);
-    free(job);
-    graph_free(&g);
-    qmpc_close(conn);
+    job_run_end(&run);
     return ret;
 }
 
@@ -1352,41 +1313,26 @@ static json_t *find_disk_job(QmpConn *c, const char *disk, json_t *node, VdError
 
 int virsh_blockjob(int argc, char **argv)
 {
-    static const struct option longopts[] = {
-        { "socket", required_argument, NULL, VO_SOCKET },
-        { "info", no_argument, NULL, VO_INFO },
-        { "abort", no_argument, NULL, VO_ABORT },
-        { "async", no_argument, NULL, VO_ASYNC },
-        { "pivot", no_argument, NULL, VO_PIVOT },
-        { "bandwidth", required_argument, NULL, VO_BANDWIDTH },
-        { "bytes", no_argument, NULL, VO_BYTES },
-        { "raw", no_argument, NULL, VO_RAW },
-        { "help", no_argument, NULL, VO_HELP },
-        { NULL, 0, NULL, 0 }
-    };
     const char *sock = NULL, *bw = NULL;
     bool info = false, abort_ = false, async = false, pivot = false, bytes = false, raw = false;
-    int c;
-    while ((c = getopt_long(argc, argv, ":", longopts, NULL)) != -1) {
-        switch (c) {
-        case VO_SOCKET: sock = optarg; break;
-        case VO_INFO: info = true; break;
-        case VO_ABORT: abort_ = true; break;
-        case VO_ASYNC: async = true; break;
-        case VO_PIVOT: pivot = true; break;
-        case VO_BANDWIDTH: bw = optarg; break;
-        case VO_BYTES: bytes = true; break;
-        case VO_RAW: raw = true; break;
-        case VO_HELP:
-            printf("usage: " TOOL_NAME " blockjob DISK [--info [--raw]|--abort [--async]|--pivot"
-                   "|--bandwidth N [--bytes]] [--socket PATH]\n");
-            return 0;
-        default: bad_usage(argv[0], c, argv); return 1;
-        }
-    }
+    const VOpt opts[] = {
+        { "socket", NULL, &sock, NULL },
+        { "info", &info, NULL, NULL },
+        { "abort", &abort_, NULL, NULL },
+        { "async", &async, NULL, NULL },
+        { "pivot", &pivot, NULL, NULL },
+        { "bandwidth", NULL, &bw, NULL },
+        { "bytes", &bytes, NULL, NULL },
+        { "raw", &raw, NULL, NULL },
+        { NULL, NULL, NULL, NULL }
+    };
     static const char *const names[] = { "disk" };
-    if (need_args(argv[0], argc - optind, 1, names) < 0) {
-        return 1;
+    int p = parse_opts(argc, argv, opts,
+                       "DISK [--info [--raw]|--abort [--async]|--pivot|--bandwidth N [--bytes]] "
+                       "[--socket PATH]",
+                       1, names);
+    if (p <= 0) {
+        return p < 0;
     }
     const char *disk = argv[optind];
     static const struct { const char *a, *b; } excl[] = {
@@ -1508,33 +1454,22 @@ out:
 
 int virsh_snapshot_create(int argc, char **argv)
 {
-    static const struct option longopts[] = {
-        { "socket", required_argument, NULL, VO_SOCKET },
-        { "format", required_argument, NULL, VO_FORMAT },
-        { "reuse-external", no_argument, NULL, VO_REUSE_EXTERNAL },
-        { "node-name", required_argument, NULL, VO_NODE_NAME },
-        { "help", no_argument, NULL, VO_HELP },
-        { NULL, 0, NULL, 0 }
-    };
     const char *sock = NULL, *format = NULL, *node_name = NULL;
     bool reuse = false;
-    int c;
-    while ((c = getopt_long(argc, argv, ":", longopts, NULL)) != -1) {
-        switch (c) {
-        case VO_SOCKET: sock = optarg; break;
-        case VO_FORMAT: format = optarg; break;
-        case VO_REUSE_EXTERNAL: reuse = true; break;
-        case VO_NODE_NAME: node_name = optarg; break;
-        case VO_HELP:
-            printf("usage: " TOOL_NAME " %s DISK OVERLAY [--format F] [--reuse-external] "
-                   "[--node-name N] [--socket PATH]\n", argv[0]);
-            return 0;
-        default: bad_usage(argv[0], c, argv); return 1;
-        }
-    }
+    const VOpt opts[] = {
+        { "socket", NULL, &sock, NULL },
+        { "format", NULL, &format, NULL },
+        { "reuse-external", &reuse, NULL, NULL },
+        { "node-name", NULL, &node_name, NULL },
+        { NULL, NULL, NULL, NULL }
+    };
     static const char *const names[] = { "disk", "overlay" };
-    if (need_args(argv[0], argc - optind, 2, names) < 0) {
-        return 1;
+    int p = parse_opts(argc, argv, opts,
+                       "DISK OVERLAY [--format F] [--reuse-external] [--node-name N] "
+                       "[--socket PATH]",
+                       2, names);
+    if (p <= 0) {
+        return p < 0;
     }
     const char *disk = argv[optind], *overlay = argv[optind + 1];
     int ret = 1;
@@ -1659,26 +1594,18 @@ static void table_free(Table *t)
 
 int virsh_domblklist(int argc, char **argv)
 {
-    static const struct option longopts[] = {
-        { "socket", required_argument, NULL, VO_SOCKET },
-        { "details", no_argument, NULL, VO_DETAILS },
-        { "inactive", no_argument, NULL, VO_INACTIVE },
-        { "help", no_argument, NULL, VO_HELP },
-        { NULL, 0, NULL, 0 }
-    };
     const char *sock = NULL;
     bool details = false;
-    int c;
-    while ((c = getopt_long(argc, argv, ":", longopts, NULL)) != -1) {
-        switch (c) {
-        case VO_SOCKET: sock = optarg; break;
-        case VO_DETAILS: details = true; break;
-        case VO_INACTIVE: break; /* virsh compatibility: a daemon has no inactive config */
-        case VO_HELP:
-            printf("usage: " TOOL_NAME " domblklist [--details] [--socket PATH]\n");
-            return 0;
-        default: bad_usage(argv[0], c, argv); return 1;
-        }
+    bool inactive = false; /* virsh compatibility: a daemon has no inactive config */
+    const VOpt opts[] = {
+        { "socket", NULL, &sock, NULL },
+        { "details", &details, NULL, NULL },
+        { "inactive", &inactive, NULL, NULL },
+        { NULL, NULL, NULL, NULL }
+    };
+    int p = parse_opts(argc, argv, opts, "[--details] [--socket PATH]", -1, NULL);
+    if (p <= 0) {
+        return p < 0;
     }
     if (optind < argc) {
         tool_error("error: unexpected data '%s'", argv[optind]);

@@ -45,6 +45,18 @@ const char *virsh_socket_path(const char *opt)
     return env && *env ? env : VIRSH_DEFAULT_SOCKET;
 }
 
+/* A failed poll/recv: -EINTR when a signal interrupted it (not an error here), else -errno with
+ * "<what> failed" in *errp. */
+static int sys_failed(const char *what, VdError **errp)
+{
+    int e = errno;
+    if (e == EINTR) {
+        return -EINTR;
+    }
+    vd_error_setg_errno(errp, e, "QMP %s failed", what);
+    return -e;
+}
+
 /*
  * Read whatever is available within timeout_ms into c->buf. 1 = got bytes, 0 = timeout,
  * -EINTR = interrupted by a signal, other -errno = error (EOF is -ECONNRESET).
@@ -54,11 +66,7 @@ static int fill(QmpConn *c, int timeout_ms, VdError **errp)
     struct pollfd pfd = { .fd = c->fd, .events = POLLIN };
     int r = poll(&pfd, 1, timeout_ms);
     if (r < 0) {
-        if (errno == EINTR) {
-            return -EINTR;
-        }
-        vd_error_setg_errno(errp, errno, "QMP poll failed");
-        return -errno;
+        return sys_failed("poll", errp);
     }
     if (r == 0) {
         return 0;
@@ -79,11 +87,7 @@ static int fill(QmpConn *c, int timeout_ms, VdError **errp)
     }
     ssize_t n = recv(c->fd, c->buf + c->len, c->cap - c->len - 1, 0);
     if (n < 0) {
-        if (errno == EINTR) {
-            return -EINTR;
-        }
-        vd_error_setg_errno(errp, errno, "QMP read failed");
-        return -errno;
+        return sys_failed("read", errp);
     }
     if (n == 0) {
         vd_error_setg(errp, ECONNRESET, "QMP connection closed by the server");
