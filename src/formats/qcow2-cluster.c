@@ -12,6 +12,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <zlib.h>
 #include <zstd.h>
@@ -318,7 +319,51 @@ static int read_compressed_cluster(Qcow2State *s, uint64_t entry, uint8_t *out)
     return ret;
 }
 
-int q2_read(Qcow2State *s, uint64_t offset, uint64_t bytes, uint8_t *buf)
+/* ---- lockless data I/O (see qcow2.c's header comment) ---- */
+
+void q2_lockless_wait_idle(Qcow2State *s)
+{
+    if (s->lockless_inflight == 0) {
+        return;
+    }
+    s->lockless_waiters++;
+    while (s->lockless_inflight > 0) {
+        pthread_cond_wait(&s->lockless_idle, &s->lock);
+    }
+    s->lockless_waiters--;
+}
+
+/* Test hook (unit tests only): sleep this long inside each lockless window to widen races. */
+unsigned q2_test_lockless_delay_us;
+
+/*
+ * Register one lockless data I/O and drop s->lock. Refused (the caller does the I/O under the
+ * lock) while someone waits for idle, so a waiter is never starved by a stream of new requests.
+ */
+static bool lockless_begin(Qcow2State *s)
+{
+    if (s->lockless_waiters > 0) {
+        return false;
+    }
+    s->lockless_inflight++;
+    pthread_mutex_unlock(&s->lock);
+    unsigned d = __atomic_load_n(&q2_test_lockless_delay_us, __ATOMIC_RELAXED);
+    if (d) {
+        usleep(d);
+    }
+    return true;
+}
+
+static void lockless_end(Qcow2State *s)
+{
+    pthread_mutex_lock(&s->lock);
+    if (--s->lockless_inflight == 0 && s->lockless_waiters > 0) {
+        pthread_cond_broadcast(&s->lockless_idle);
+    }
+}
+
+static int read_impl(Qcow2State *s, uint64_t offset, uint64_t bytes, uint8_t *buf,
+                     bool may_unlock)
 {
     uint8_t *cbuf = NULL;
     int ret = 0;
@@ -330,7 +375,16 @@ int q2_read(Qcow2State *s, uint64_t offset, uint64_t bytes, uint8_t *buf)
         }
         switch (x.type) {
         case QCOW2_CLUSTER_NORMAL:
-            ret = vd_pread(s->bs->file, x.host, x.len, buf);
+            /*
+             * The mapping was read under the lock; the host clusters cannot be freed or reused
+             * while the request is registered in lockless_inflight.
+             */
+            if (may_unlock && lockless_begin(s)) {
+                ret = vd_pread(s->bs->file, x.host, x.len, buf);
+                lockless_end(s);
+            } else {
+                ret = vd_pread(s->bs->file, x.host, x.len, buf);
+            }
             break;
         case QCOW2_CLUSTER_ZERO_PLAIN:
         case QCOW2_CLUSTER_ZERO_ALLOC:
@@ -359,6 +413,16 @@ int q2_read(Qcow2State *s, uint64_t offset, uint64_t bytes, uint8_t *buf)
     }
     free(cbuf);
     return ret;
+}
+
+int q2_read(Qcow2State *s, uint64_t offset, uint64_t bytes, uint8_t *buf)
+{
+    return read_impl(s, offset, bytes, buf, false);
+}
+
+int q2_read_unlocked_data(Qcow2State *s, uint64_t offset, uint64_t bytes, uint8_t *buf)
+{
+    return read_impl(s, offset, bytes, buf, true);
 }
 
 /* The guest view of a whole cluster (zero beyond the virtual size). */
@@ -535,7 +599,8 @@ static int cow_buffer(Qcow2State *s, uint64_t cstart, bool zero, const uint8_t *
 }
 
 /* One step of a write: at most one L2 table's worth. Returns bytes done or -errno. */
-static int64_t write_step(Qcow2State *s, uint64_t offset, uint64_t bytes, const uint8_t *buf)
+static int64_t write_step(Qcow2State *s, uint64_t offset, uint64_t bytes, const uint8_t *buf,
+                          bool may_unlock)
 {
     uint64_t cs = s->cluster_size;
     uint64_t l1i = offset >> (s->cluster_bits + s->l2_bits);
@@ -567,10 +632,20 @@ static int64_t write_step(Qcow2State *s, uint64_t offset, uint64_t bytes, const 
             return -EIO;
         }
         ret = overlap_check(s, base + in_off, n);
-        if (ret == 0) {
-            ret = vd_pwrite(s->bs->file, base + in_off, n, buf, 0);
-        }
         s->data_dirty = true;
+        if (ret == 0) {
+            /*
+             * An owned (COPIED), allocated cluster: no allocation, no COW, the mapping stays.
+             * Registered in lockless_inflight, nothing can free or reuse it meanwhile.
+             */
+            if (may_unlock && lockless_begin(s)) {
+                ret = vd_pwrite(s->bs->file, base + in_off, n, buf, 0);
+                lockless_end(s);
+                s->data_dirty = true; /* a metadata flush meanwhile may have cleared it */
+            } else {
+                ret = vd_pwrite(s->bs->file, base + in_off, n, buf, 0);
+            }
+        }
         return ret < 0 ? ret : (int64_t)n;
     }
 
@@ -695,10 +770,11 @@ out:
     return ret < 0 ? ret : (int64_t)n;
 }
 
-int q2_write(Qcow2State *s, uint64_t offset, uint64_t bytes, const uint8_t *buf)
+static int write_impl(Qcow2State *s, uint64_t offset, uint64_t bytes, const uint8_t *buf,
+                      bool may_unlock)
 {
     while (bytes > 0) {
-        int64_t n = write_step(s, offset, bytes, buf);
+        int64_t n = write_step(s, offset, bytes, buf, may_unlock);
         if (n < 0) {
             return (int)n;
         }
@@ -707,6 +783,16 @@ int q2_write(Qcow2State *s, uint64_t offset, uint64_t bytes, const uint8_t *buf)
         buf += n;
     }
     return 0;
+}
+
+int q2_write(Qcow2State *s, uint64_t offset, uint64_t bytes, const uint8_t *buf)
+{
+    return write_impl(s, offset, bytes, buf, false);
+}
+
+int q2_write_unlocked_data(Qcow2State *s, uint64_t offset, uint64_t bytes, const uint8_t *buf)
+{
+    return write_impl(s, offset, bytes, buf, true);
 }
 
 static int write_zero_bytes(Qcow2State *s, uint64_t offset, uint64_t bytes)

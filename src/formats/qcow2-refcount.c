@@ -836,16 +836,27 @@ int q2_apply_pending_frees(Qcow2State *s)
     return ret;
 }
 
+/*
+ * The list holds Q2_MAX_PENDING_FREES entries; it is applied when full, unless lockless data I/O
+ * is in flight (it may still use one of these clusters, mapped before the L2 entry changed):
+ * then it grows and is applied by the next write or flush that waited for idle.
+ */
 int q2_defer_free_l2_entry(Qcow2State *s, uint64_t e)
 {
-    if (!s->pending_frees) {
-        s->pending_frees = malloc(Q2_MAX_PENDING_FREES * sizeof(uint64_t));
-        if (!s->pending_frees) {
+    if (s->nb_pending_frees >= s->cap_pending_frees) {
+        size_t cap = s->cap_pending_frees ? s->cap_pending_frees * 2 : Q2_MAX_PENDING_FREES;
+        uint64_t *n = realloc(s->pending_frees, cap * sizeof(uint64_t));
+        if (!n) {
+            if (s->lockless_inflight > 0) {
+                return 0; /* cannot free safely now: leak it (check reclaims leaks) */
+            }
             return q2_free_l2_entry_cluster(s, e);
         }
+        s->pending_frees = n;
+        s->cap_pending_frees = cap;
     }
     s->pending_frees[s->nb_pending_frees++] = e;
-    if (s->nb_pending_frees == Q2_MAX_PENDING_FREES) {
+    if (s->nb_pending_frees >= Q2_MAX_PENDING_FREES && s->lockless_inflight == 0) {
         return q2_apply_pending_frees(s);
     }
     return 0;

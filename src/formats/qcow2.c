@@ -2,10 +2,29 @@
  * qcow2.c - the qcow2 format driver (vd_drv_qcow2): open/close with header and extension
  * parsing, create (qemu-img's layout), truncate, backing-file change, info, check, vtable.
  *
- * Locking: one pthread mutex per image (s->lock) is held for each whole request, data I/O
- * included. Simple and correct for requests from several threads; a finer scheme can come later.
- * Exception: compressed writes compress each cluster without the lock and take it per cluster
+ * Locking: one pthread mutex per image (s->lock) is held for each whole request, with two
+ * exceptions. Compressed writes compress each cluster without the lock and take it per cluster
  * for allocation, data write and L2 update only (so convert -c compresses in parallel).
+ * Lockless data I/O: pread of NORMAL clusters and pwrite that overwrites allocated clusters in
+ * place (COPIED, not compressed, no zero flag, all subclusters allocated: no allocation, no COW,
+ * the mapping stays) look the mapping up under the lock, count themselves in
+ * s->lockless_inflight, drop the lock for the data pread/pwrite, then re-take it and uncount.
+ * Invariants that make this safe without any range serialization by the caller:
+ *  - a host cluster is freed or repurposed (refcount decrement, discard, unmapping zero-write,
+ *    COW release of shared/compressed clusters, truncate, check/repair) only while
+ *    lockless_inflight == 0 and s->lock is held: those requests call q2_lockless_wait_idle()
+ *    at their start, before changing anything, and keep the lock to the end; the deferred COW
+ *    frees are applied only when nothing is in flight (else the list grows and the next write /
+ *    flush applies it after waiting). New lockless I/O maps through the current L2 entries,
+ *    which no longer point at a cluster whose reference was dropped, so the allocator never
+ *    hands out a cluster a lockless I/O is still using.
+ *  - while a thread waits for idle (lockless_waiters > 0) new data I/O is done under the lock,
+ *    so the wait ends.
+ *  - allocating writes, COW, compressed, backing and zero reads stay entirely under the lock;
+ *    metadata-only frees (old L2 / L1 / refcount tables) need no wait: data I/O never maps there.
+ *  - data_dirty is set before and after a lockless write, so the next flush syncs the file.
+ *  - getlength reads s->size_pub atomically (no lock); it is updated under the lock wherever
+ *    h.size changes (open, truncate, check reload).
  *
  * Metadata ordering (crash safety; after kill -9 `qemu-img check` shows at most leaks):
  *  - allocating: the refcount increment is made in the refcount-block cache and the L2 cache is
@@ -207,6 +226,7 @@ static void q2_free_state(Qcow2State *s)
     free(s->pending_frees);
     s->pending_frees = NULL;
     s->nb_pending_frees = 0;
+    s->cap_pending_frees = 0;
     free_exts(s);
     free(s->backing_file);
     s->backing_file = NULL;
@@ -588,6 +608,7 @@ static int qcow2_open(BlockNode *bs, const VdOpenOptions *opts, VdError **errp)
     memset(s, 0, sizeof(*s));
     s->bs = bs;
     pthread_mutex_init(&s->lock, NULL);
+    pthread_cond_init(&s->lockless_idle, NULL);
     if (!bs->file) {
         vd_error_setg(errp, EINVAL, "qcow2: '%s' has no file child", bs->filename);
         return -EINVAL;
@@ -640,6 +661,7 @@ again:
     }
     s->read_only = !rw;
     s->metadata_prealloc = -1;
+    q2_publish_size(s);
     s->lazy_refcounts = rw && s->h.version >= 3 &&
                         (s->h.compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS);
     s->set_dirty = false;
@@ -658,6 +680,7 @@ again:
     return 0;
 fail:
     q2_free_state(s);
+    pthread_cond_destroy(&s->lockless_idle);
     pthread_mutex_destroy(&s->lock);
     return ret;
 }
@@ -668,6 +691,7 @@ static void qcow2_close(BlockNode *bs)
 {
     Qcow2State *s = q2_state(bs);
     pthread_mutex_lock(&s->lock);
+    q2_lockless_wait_idle(s); /* none by contract (no request runs across close) */
     if (!s->read_only && !s->damaged) {
         /* a failed flush keeps the dirty bit: the next open repairs what did not reach disk */
         if (q2_flush_all(s) == 0) {
@@ -676,6 +700,7 @@ static void qcow2_close(BlockNode *bs)
     }
     q2_free_state(s);
     pthread_mutex_unlock(&s->lock);
+    pthread_cond_destroy(&s->lockless_idle);
     pthread_mutex_destroy(&s->lock);
 }
 
@@ -754,7 +779,10 @@ static int clear_dirty(Qcow2State *s)
     return ret;
 }
 
-/* ---- I/O entry points: each holds s->lock for the whole request ---- */
+/*
+ * ---- I/O entry points: each holds s->lock for the whole request, except lockless data I/O;
+ * those that may free or repurpose host clusters first wait for it to drain ----
+ */
 
 static int qcow2_pread(BlockNode *bs, uint64_t offset, uint64_t bytes, void *buf)
 {
@@ -763,7 +791,7 @@ static int qcow2_pread(BlockNode *bs, uint64_t offset, uint64_t bytes, void *buf
         return -EIO;
     }
     pthread_mutex_lock(&s->lock);
-    int ret = q2_read(s, offset, bytes, buf);
+    int ret = q2_read_unlocked_data(s, offset, bytes, buf);
     pthread_mutex_unlock(&s->lock);
     return ret;
 }
@@ -779,10 +807,16 @@ static int qcow2_pwrite(BlockNode *bs, uint64_t offset, uint64_t bytes, const vo
     }
     pthread_mutex_lock(&s->lock);
     int ret = first_write(s);
+    if (ret == 0 && s->nb_pending_frees >= Q2_MAX_PENDING_FREES) {
+        /* frees deferred while lockless I/O was in flight: apply them now that it is safe */
+        q2_lockless_wait_idle(s);
+        ret = q2_apply_pending_frees(s);
+    }
     if (ret == 0) {
-        ret = q2_write(s, offset, bytes, buf);
+        ret = q2_write_unlocked_data(s, offset, bytes, buf);
     }
     if (ret == 0 && (flags & VD_REQ_FUA)) {
+        q2_lockless_wait_idle(s); /* q2_flush_all applies deferred frees */
         ret = q2_flush_all(s);
     }
     pthread_mutex_unlock(&s->lock);
@@ -799,6 +833,7 @@ static int qcow2_pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, i
         return -EIO;
     }
     pthread_mutex_lock(&s->lock);
+    q2_lockless_wait_idle(s); /* may unmap / free clusters */
     int ret = first_write(s);
     if (ret == 0) {
         ret = q2_zero(s, offset, bytes, flags);
@@ -820,6 +855,7 @@ static int qcow2_pdiscard(BlockNode *bs, uint64_t offset, uint64_t bytes, int fl
         return -EIO;
     }
     pthread_mutex_lock(&s->lock);
+    q2_lockless_wait_idle(s); /* frees clusters */
     int ret = first_write(s);
     if (ret == 0) {
         ret = q2_discard(s, offset, bytes, flags);
@@ -862,6 +898,7 @@ static int qcow2_pwrite_compressed(BlockNode *bs, uint64_t offset, uint64_t byte
             break;
         }
         pthread_mutex_lock(&s->lock);
+        q2_lockless_wait_idle(s); /* replaces (frees) the old cluster */
         ret = first_write(s);
         if (ret == 0) {
             ret = q2_write_compressed_cluster(s, offset, n, p, out, clen);
@@ -883,6 +920,7 @@ static int qcow2_flush(BlockNode *bs)
         return 0;
     }
     pthread_mutex_lock(&s->lock);
+    q2_lockless_wait_idle(s); /* q2_flush_all applies deferred frees */
     int ret = q2_flush_all(s);
     pthread_mutex_unlock(&s->lock);
     return ret;
@@ -956,13 +994,11 @@ static int qcow2_block_status(BlockNode *bs, uint64_t offset, uint64_t bytes, ui
     return ret;
 }
 
+/* Called twice per NBD request: no lock, size_pub mirrors h.size (updated under the lock). */
 static int64_t qcow2_getlength(BlockNode *bs)
 {
     Qcow2State *s = q2_state(bs);
-    pthread_mutex_lock(&s->lock);
-    int64_t l = (int64_t)s->h.size;
-    pthread_mutex_unlock(&s->lock);
-    return l;
+    return (int64_t)__atomic_load_n(&s->size_pub, __ATOMIC_ACQUIRE);
 }
 
 static uint32_t qcow2_cluster_size(BlockNode *bs)
@@ -982,6 +1018,7 @@ static int update_size_field(Qcow2State *s, uint64_t size)
     }
     if (ret == 0) {
         s->h.size = size;
+        q2_publish_size(s);
     }
     return ret;
 }
@@ -1050,6 +1087,7 @@ static int qcow2_truncate(BlockNode *bs, uint64_t size, bool shrink, VdPrealloc 
         return -EIO;
     }
     pthread_mutex_lock(&s->lock);
+    q2_lockless_wait_idle(s); /* a shrink frees clusters */
     uint64_t old = s->h.size;
     uint64_t cs = s->cluster_size;
     uint64_t per_l1 = cs * s->l2_entries;
@@ -1219,6 +1257,7 @@ static int qcow2_change_backing_file(BlockNode *bs, const char *backing_file,
     }
     free(of);
     free(ofmt);
+    q2_lockless_wait_idle(s); /* q2_flush_all applies deferred frees */
     ret = q2_flush_all(s);
     if (ret == 0) {
         ret = vd_pwrite(bs->file, 0, s->cluster_size, buf, 0);
@@ -1366,6 +1405,7 @@ static int qcow2_check(BlockNode *bs, VdCheckResult *res, int fix, VdError **err
 {
     Qcow2State *s = q2_state(bs);
     pthread_mutex_lock(&s->lock);
+    q2_lockless_wait_idle(s); /* a repair may free or reuse any cluster */
     int ret = 0;
     if (!s->read_only && !s->damaged) {
         ret = q2_flush_all(s);
@@ -1410,6 +1450,7 @@ static int qcow2_check(BlockNode *bs, VdCheckResult *res, int fix, VdError **err
             vd_error_propagate(errp, lerr);
             ret = ret < 0 ? ret : r2;
         }
+        q2_publish_size(s);
         s->free_cluster_index = 0;
         s->free_byte_offset = 0;
         if (!(s->h.incompatible_features & QCOW2_INCOMPAT_DIRTY)) {

@@ -4,7 +4,8 @@
  * caches, refcounts, cluster allocator). Nothing here is a public contract.
  *
  * Locking: every field of Qcow2State is protected by s->lock, which each vtable entry point holds
- * for the whole request (including its data I/O). Functions named q2_* assume the lock is held.
+ * for the whole request, except the data I/O of reads of NORMAL clusters and in-place overwrites
+ * (see "lockless data I/O" in qcow2.c). Functions named q2_* assume the lock is held.
  */
 #ifndef VDISK_FORMATS_QCOW2_H
 #define VDISK_FORMATS_QCOW2_H
@@ -60,6 +61,16 @@ typedef struct Qcow2Ext {
 
 typedef struct Qcow2State {
     pthread_mutex_t lock;
+    /*
+     * Lockless data I/O (qcow2.c header): requests that mapped their range under the lock and
+     * now read/overwrite host clusters without it. Anything that may free or repurpose a host
+     * cluster first waits (q2_lockless_wait_idle) until this is 0; while someone waits
+     * (lockless_waiters > 0) no new lockless I/O starts, so the wait always ends.
+     */
+    unsigned lockless_inflight;
+    unsigned lockless_waiters;
+    pthread_cond_t lockless_idle;
+    uint64_t size_pub;     /* h.size, read with __atomic_load_n without the lock (getlength) */
     BlockNode *bs;
     Qcow2Header h;
     uint8_t *hdr_raw;      /* the header as read, header_length bytes (keeps unknown fields) */
@@ -101,6 +112,7 @@ typedef struct Qcow2State {
      */
     uint64_t *pending_frees;
     size_t nb_pending_frees;
+    size_t cap_pending_frees;
 
     Qcow2Ext *exts;        /* extensions other than backing format / end, in file order */
     int nb_exts;
@@ -189,6 +201,26 @@ void q2_refblock_set(const Qcow2State *s, uint8_t *rb, uint64_t index, uint64_t 
 /* ---- qcow2-cluster.c ---- */
 int q2_read(Qcow2State *s, uint64_t offset, uint64_t bytes, uint8_t *buf);
 int q2_write(Qcow2State *s, uint64_t offset, uint64_t bytes, const uint8_t *buf);
+/*
+ * The same, but reads of NORMAL clusters and in-place overwrites of COPIED clusters may drop
+ * s->lock around their data I/O (lockless data I/O; only for vtable pread/pwrite, which hold
+ * nothing else across the call). s->lock is held again on return.
+ */
+int q2_read_unlocked_data(Qcow2State *s, uint64_t offset, uint64_t bytes, uint8_t *buf);
+int q2_write_unlocked_data(Qcow2State *s, uint64_t offset, uint64_t bytes, const uint8_t *buf);
+/*
+ * Wait (s->lock held, dropped while waiting) until no lockless data I/O is in flight. Call it at
+ * the start of any request that may free or repurpose a host cluster, before changing anything:
+ * the lock is released while waiting, so no half-done state may be visible then.
+ */
+void q2_lockless_wait_idle(Qcow2State *s);
+/* Unit tests only: microseconds to sleep inside each lockless window (widens races). */
+extern unsigned q2_test_lockless_delay_us;
+/* Publish s->h.size for lock-free readers (call under the lock whenever h.size changes). */
+static inline void q2_publish_size(Qcow2State *s)
+{
+    __atomic_store_n(&s->size_pub, s->h.size, __ATOMIC_RELEASE);
+}
 int q2_zero(Qcow2State *s, uint64_t offset, uint64_t bytes, int flags);
 int q2_discard(Qcow2State *s, uint64_t offset, uint64_t bytes, int flags);
 /*

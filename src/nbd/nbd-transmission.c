@@ -2,7 +2,9 @@
  * nbd-transmission.c - the transmission phase. Per connection: a reader thread parses requests (and
  * write payloads) and hands them to a small shared worker pool, which runs the I/O and builds each
  * reply whole; the connection's writer thread sends replies (under its send lock), possibly out of
- * order. Workers never block on a socket, so a client that stops reading stalls only itself.
+ * order, except that a worker whose reply finds the queue empty and nobody sending sends it itself,
+ * non-blocking, and queues the rest. Workers never block on a socket, so a client that stops
+ * reading stalls only itself.
  * A malformed request gets an error reply, or - when the stream cannot be resynchronised (bad magic,
  * oversize write payload) - that client alone is disconnected after its in-flight requests finish.
  * Every request is admitted against export drain (nbd_export_enter) and bracketed by the node's
@@ -128,9 +130,29 @@ static void pool_submit(NbdRequest *req)
 typedef struct NbdReply {
     struct NbdReply *next;
     uint64_t reserve;  /* bytes of the connection's memory budget released once sent */
+    size_t off;        /* what is left to send: buf[off .. off + len) */
     size_t len;
-    uint8_t *buf;
+    uint8_t *buf;      /* freed when sent */
 } NbdReply;
+
+/*
+ * Payload buffers up to NBD_BUF_ALIGN_MAX are aligned like this, so O_DIRECT reads/writes of
+ * small requests need no bounce buffer. Larger ones use plain malloc: glibc serves big aligned
+ * allocations with a fresh mmap each time (measured: 1 MiB sequential I/O at half the rate, from
+ * page faults), while malloc's dynamic mmap threshold reuses heap memory; for those the file
+ * layer's per-thread bounce copy costs far less.
+ */
+#define NBD_BUF_ALIGN 4096
+#define NBD_BUF_ALIGN_MAX (64 * 1024)
+
+static void *aligned_alloc_buf(size_t len)
+{
+    if (len > NBD_BUF_ALIGN_MAX) {
+        return malloc(len);
+    }
+    void *p = NULL;
+    return posix_memalign(&p, NBD_BUF_ALIGN, len ? len : 1) == 0 ? p : NULL;
+}
 
 static void put_simple(uint8_t *p, uint64_t cookie, uint32_t err)
 {
@@ -230,8 +252,55 @@ static size_t build_read_chunks(uint8_t *buf, size_t cap, uint64_t cookie, uint6
     return out;
 }
 
-/* Hand a finished reply (buf may be NULL on ENOMEM: then the client is dropped) to the writer. */
-static void queue_reply(NbdConn *c, uint8_t *buf, size_t len, uint64_t reserve)
+/* Account a reply as finished (sent or dropped). c->lock held. */
+static void reply_done(NbdConn *c, uint64_t reserve)
+{
+    c->in_flight--;
+    c->queued_bytes -= reserve;
+    pthread_cond_broadcast(&c->cond);
+}
+
+/* A send failed: stop serving this client. c->lock held. */
+static void conn_fail(NbdConn *c)
+{
+    if (!c->dead) {
+        c->dead = true;
+        shutdown(c->fd, SHUT_RDWR); /* wakes the reader; later replies are dropped */
+    }
+}
+
+/*
+ * Send as much of buf as the socket takes now, never blocking (invariant 4: a client that stops
+ * reading must not stall a pool worker). Returns bytes sent (< len when the socket is full) or
+ * -errno.
+ */
+static ssize_t send_nonblocking(int fd, const uint8_t *buf, size_t len)
+{
+    size_t done = 0;
+    while (done < len) {
+        ssize_t n = send(fd, buf + done, len - done, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                break;
+            }
+            return -errno;
+        }
+        done += (size_t)n;
+    }
+    return (ssize_t)done;
+}
+
+/*
+ * Hand a finished reply, buf[off .. off + len) (buf may be NULL on ENOMEM: then the client is
+ * dropped), to the client.
+ * When nothing is queued and nobody is sending, the worker sends it itself, non-blocking (saves
+ * a wake-up and a context switch per reply); whatever the socket does not take at once is queued
+ * (at the head: it is mid-stream) for the writer thread, so the worker never blocks on a client.
+ */
+static void queue_reply(NbdConn *c, uint8_t *buf, size_t off, size_t len, uint64_t reserve)
 {
     NbdReply *r = buf ? malloc(sizeof(*r)) : NULL;
     pthread_mutex_lock(&c->lock);
@@ -239,17 +308,55 @@ static void queue_reply(NbdConn *c, uint8_t *buf, size_t len, uint64_t reserve)
         /* Cannot reply and the client would wait for ever: disconnect it instead. */
         free(buf);
         c->dead = true;
-        c->in_flight--;
-        c->queued_bytes -= reserve;
-        pthread_cond_broadcast(&c->cond);
+        reply_done(c, reserve);
         pthread_mutex_unlock(&c->lock);
         shutdown(c->fd, SHUT_RDWR);
         return;
     }
     r->next = NULL;
     r->buf = buf;
+    r->off = off;
     r->len = len;
     r->reserve = reserve;
+    if (c->dead) {
+        free(buf);
+        free(r);
+        reply_done(c, reserve);
+        pthread_mutex_unlock(&c->lock);
+        return;
+    }
+    if (!c->rq_head && !c->sending) {
+        c->sending = true;
+        pthread_mutex_unlock(&c->lock);
+        pthread_mutex_lock(&c->send_lock);
+        ssize_t n = send_nonblocking(c->fd, buf + off, len);
+        pthread_mutex_unlock(&c->send_lock);
+        pthread_mutex_lock(&c->lock);
+        c->sending = false;
+        if (n < 0 || (size_t)n == len) {
+            if (n < 0) {
+                conn_fail(c);
+            }
+            free(buf);
+            free(r);
+            reply_done(c, reserve);
+            if (c->rq_head) {
+                pthread_cond_signal(&c->wcond); /* queued while we were sending */
+            }
+            pthread_mutex_unlock(&c->lock);
+            return;
+        }
+        r->off = off + (size_t)n;
+        r->len = len - (size_t)n;
+        r->next = c->rq_head; /* the rest of this reply goes out before any other */
+        c->rq_head = r;
+        if (!c->rq_tail) {
+            c->rq_tail = r;
+        }
+        pthread_cond_signal(&c->wcond);
+        pthread_mutex_unlock(&c->lock);
+        return;
+    }
     if (c->rq_tail) {
         c->rq_tail->next = r;
     } else {
@@ -266,8 +373,12 @@ static void *writer_thread(void *arg)
     NbdConn *c = arg;
     pthread_mutex_lock(&c->lock);
     for (;;) {
-        while (!c->rq_head && !c->writer_exit) {
+        /* a worker sending directly owns the socket until it has queued its remainder */
+        while ((!c->rq_head || c->sending) && !c->writer_exit) {
             pthread_cond_wait(&c->wcond, &c->lock);
+        }
+        if (c->sending) {
+            break; /* writer_exit: nothing is in flight, so nobody can be sending */
         }
         NbdReply *r = c->rq_head;
         if (!r) {
@@ -278,24 +389,23 @@ static void *writer_thread(void *arg)
             c->rq_tail = NULL;
         }
         bool dead = c->dead;
+        c->sending = true;
         pthread_mutex_unlock(&c->lock);
 
         int ret = 0;
         if (!dead) {
             pthread_mutex_lock(&c->send_lock);
-            ret = nbd_write_full(c->fd, r->buf, r->len);
+            ret = nbd_write_full(c->fd, r->buf + r->off, r->len);
             pthread_mutex_unlock(&c->send_lock);
         }
         free(r->buf);
 
         pthread_mutex_lock(&c->lock);
-        if (ret < 0 && !c->dead) {
-            c->dead = true;
-            shutdown(c->fd, SHUT_RDWR); /* wakes the reader; later replies are dropped */
+        c->sending = false;
+        if (ret < 0) {
+            conn_fail(c);
         }
-        c->in_flight--;
-        c->queued_bytes -= r->reserve;
-        pthread_cond_broadcast(&c->cond);
+        reply_done(c, r->reserve);
         free(r);
     }
     pthread_mutex_unlock(&c->lock);
@@ -442,6 +552,7 @@ static void handle_request(NbdRequest *req)
     NbdConn *c = req->conn;
     NbdExport *exp = c->exp;
     uint8_t *rbuf = NULL; /* the reply being built */
+    size_t rbuf_off = 0;  /* it starts here in rbuf */
     size_t rlen = 0;
     int err = 0;
     uint32_t nerr = validate(req, vd_getlength(req->node));
@@ -452,21 +563,28 @@ static void handle_request(NbdRequest *req)
 
     switch (do_io ? req->type : 0xffff) {
     case NBD_CMD_READ: {
-        /* Read straight into the reply buffer, behind the room its headers need. */
-        size_t cap = chunked ? structured_read_cap(req->len) : NBD_SIMPLE_REPLY_SIZE + req->len;
-        rbuf = malloc(cap);
+        /*
+         * Read straight into the reply buffer, behind the room its headers need, rounded up so
+         * the data starts aligned (O_DIRECT then reads into it without a bounce buffer).
+         */
+        size_t room = chunked ? structured_read_cap(req->len) - req->len : NBD_SIMPLE_REPLY_SIZE;
+        room = (room + NBD_BUF_ALIGN - 1) / NBD_BUF_ALIGN * NBD_BUF_ALIGN;
+        size_t cap = room + req->len;
+        rbuf = aligned_alloc_buf(cap);
         if (!rbuf) {
             err = -ENOMEM;
             break;
         }
         block_tracker_begin(req->tracker, &tr, req->offset, req->len, BT_SHARED);
-        err = vd_pread(req->node, req->offset, req->len, rbuf + cap - req->len);
+        err = vd_pread(req->node, req->offset, req->len, rbuf + room);
         block_tracker_end(req->tracker, &tr);
         if (err == 0 && chunked) {
             rlen = build_read_chunks(rbuf, cap, req->cookie, req->offset, req->len);
         } else if (err == 0) {
-            put_simple(rbuf, req->cookie, 0);
-            rlen = cap;
+            /* the header right before the data, sent from there (rbuf_off) */
+            rbuf_off = room - NBD_SIMPLE_REPLY_SIZE;
+            put_simple(rbuf + rbuf_off, req->cookie, 0);
+            rlen = NBD_SIMPLE_REPLY_SIZE + req->len;
         }
         break;
     }
@@ -544,6 +662,7 @@ static void handle_request(NbdRequest *req)
     }
     if (nerr) {
         free(rbuf);
+        rbuf_off = 0;
         rbuf = build_error(c, req->cookie, nerr, msg, chunked, &rlen);
     } else if (!rbuf) {
         /* success without payload (also zero-length reads: no data follows) */
@@ -561,7 +680,7 @@ static void handle_request(NbdRequest *req)
             rlen = NBD_SIMPLE_REPLY_SIZE;
         }
     }
-    queue_reply(c, rbuf, rlen, request_reserve(req));
+    queue_reply(c, rbuf, rbuf_off, rlen, request_reserve(req));
     free(req);
 }
 
@@ -615,7 +734,7 @@ void nbd_transmission(NbdConn *c)
                 break; /* we will not buffer it and cannot skip it safely: disconnect */
             }
             if (req->len) {
-                req->data = malloc(req->len);
+                req->data = aligned_alloc_buf(req->len); /* O_DIRECT-ready */
                 if (!req->data || nbd_read_full(c->fd, req->data, req->len) < 0) {
                     free(req->data);
                     free(req);

@@ -126,14 +126,83 @@ static bool is_aligned(FileState *s, uint64_t offset, uint64_t bytes, const void
     return (offset % a) == 0 && (bytes % a) == 0 && ((uintptr_t)buf % a) == 0;
 }
 
+/*
+ * Per-thread bounce buffer, sized to the request (rounded up to the alignment, at most
+ * FILE_BOUNCE_MAX) and kept for the thread's next unaligned request: no allocation per 4 KiB
+ * request. Grown on demand; freed by a thread-exit destructor.
+ */
+static pthread_key_t bounce_key;
+static pthread_once_t bounce_once = PTHREAD_ONCE_INIT;
+static bool bounce_key_ok;
+
+typedef struct Bounce {
+    void *buf;
+    size_t size;
+    size_t align;
+} Bounce;
+
+static void bounce_destroy(void *p)
+{
+    Bounce *b = p;
+    free(b->buf);
+    free(b);
+}
+
+static void bounce_key_init(void)
+{
+    bounce_key_ok = pthread_key_create(&bounce_key, bounce_destroy) == 0;
+}
+
+/* An aligned buffer of at least `need` bytes (need <= FILE_BOUNCE_MAX), or NULL. */
+static void *bounce_get(size_t align, size_t need)
+{
+    pthread_once(&bounce_once, bounce_key_init);
+    if (!bounce_key_ok) {
+        return NULL;
+    }
+    Bounce *b = pthread_getspecific(bounce_key);
+    if (!b) {
+        b = calloc(1, sizeof(*b));
+        if (!b) {
+            return NULL;
+        }
+        if (pthread_setspecific(bounce_key, b) != 0) {
+            free(b);
+            return NULL;
+        }
+    }
+    if (b->buf && b->size >= need && b->align >= align) {
+        return b->buf;
+    }
+    size_t size = need < 65536 ? 65536 : need; /* small requests share one modest buffer */
+    size = (size + align - 1) / align * align;
+    void *n = NULL;
+    if (posix_memalign(&n, align, size) != 0) {
+        return NULL;
+    }
+    free(b->buf);
+    b->buf = n;
+    b->size = size;
+    b->align = align;
+    return n;
+}
+
+/* Bounce size for [offset, offset+bytes): the aligned span, capped at FILE_BOUNCE_MAX. */
+static size_t bounce_need(uint64_t a, uint64_t offset, uint64_t bytes)
+{
+    uint64_t head = offset % a;
+    uint64_t span = (head + bytes + a - 1) / a * a;
+    return span > FILE_BOUNCE_MAX ? FILE_BOUNCE_MAX : (size_t)span;
+}
+
 static int direct_pread(FileState *s, uint64_t offset, uint64_t bytes, void *buf)
 {
     if (is_aligned(s, offset, bytes, buf)) {
         return full_pread_ex(s->fd, buf, bytes, offset, true);
     }
     uint64_t a = s->align;
-    void *bounce = NULL;
-    if (posix_memalign(&bounce, a, FILE_BOUNCE_MAX) != 0) {
+    void *bounce = bounce_get(a, bounce_need(a, offset, bytes));
+    if (!bounce) {
         return -ENOMEM;
     }
     int ret = 0;
@@ -156,7 +225,6 @@ static int direct_pread(FileState *s, uint64_t offset, uint64_t bytes, void *buf
         offset += n;
         bytes -= n;
     }
-    free(bounce);
     return ret;
 }
 
@@ -169,8 +237,8 @@ static int direct_pwrite(FileState *s, uint64_t offset, uint64_t bytes, const vo
         pthread_rwlock_unlock(&s->rmw_lock);
         return ret;
     }
-    void *bounce = NULL;
-    if (posix_memalign(&bounce, a, FILE_BOUNCE_MAX) != 0) {
+    void *bounce = bounce_get(a, bounce_need(a, offset, bytes));
+    if (!bounce) {
         return -ENOMEM;
     }
     bool aligned_range = (offset % a) == 0 && (bytes % a) == 0;
@@ -223,7 +291,6 @@ static int direct_pwrite(FileState *s, uint64_t offset, uint64_t bytes, const vo
         bytes -= n;
     }
     pthread_rwlock_unlock(&s->rmw_lock);
-    free(bounce);
     return ret;
 }
 

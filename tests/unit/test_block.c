@@ -622,6 +622,50 @@ static void test_direct_io(void **state)
     vd_node_unref(bs);
 }
 
+/*
+ * O_DIRECT bounce buffers are per thread and sized to the request: a small request, then one
+ * larger than the 1 MiB bounce cap (split), then a small one again must all round-trip.
+ */
+static void test_direct_bounce_sizes(void **state)
+{
+    make_raw("db.raw", 4 << 20);
+    VdError *err = NULL;
+    BlockNode *bs = vd_open_image("db.raw", "raw", VD_OPEN_RDWR | VD_OPEN_DIRECT, &err);
+    if (!bs) {
+        vd_error_free(err);
+        skip();
+    }
+    BlockNode *f = bs->file;
+    const size_t big = (5u << 19) + 777; /* 2.5 MiB + 777 */
+    uint8_t *buf = malloc(big + 1), *rd = malloc(big + 1);
+    assert_non_null(buf);
+    assert_non_null(rd);
+    for (size_t i = 0; i <= big; i++) {
+        buf[i] = (uint8_t)(i * 13 + 5);
+    }
+    assert_int_equal(vd_pwrite(f, 4097, 100, buf + 1, 0), 0);       /* small, RMW */
+    assert_int_equal(vd_pwrite(f, 70001, big, buf + 1, 0), 0);      /* big, split */
+    assert_int_equal(vd_pwrite(f, 8192, 4096, buf + 1, 0), 0);      /* aligned range, odd buf */
+    assert_int_equal(vd_pread(f, 70001, big, rd + 1), 0);
+    assert_memory_equal(rd + 1, buf + 1, big);
+    assert_int_equal(vd_pread(f, 4097, 100, rd + 1), 0);
+    assert_memory_equal(rd + 1, buf + 1, 100);
+    assert_int_equal(vd_pread(f, 8192, 4096, rd + 1), 0);
+    assert_memory_equal(rd + 1, buf + 1, 4096);
+    /* aligned everything: no bounce at all */
+    uint8_t *al = NULL;
+    assert_int_equal(posix_memalign((void **)&al, 4096, 8192), 0);
+    memcpy(al, buf, 8192);
+    assert_int_equal(vd_pwrite(f, 1 << 20, 8192, al, 0), 0);
+    memset(al, 0, 8192);
+    assert_int_equal(vd_pread(f, 1 << 20, 8192, al), 0);
+    assert_memory_equal(al, buf, 8192);
+    free(al);
+    free(buf);
+    free(rd);
+    vd_node_unref(bs);
+}
+
 /* Concurrent unaligned O_DIRECT writes into the same 4 KiB blocks must not lose each other's
  * bytes (each one is a read-modify-write of whole blocks). */
 typedef struct DirectWriter {
@@ -1295,6 +1339,7 @@ int main(void)
         cmocka_unit_test(test_file_protocol),
         cmocka_unit_test(test_direct_io),
         cmocka_unit_test(test_direct_concurrent_rmw),
+        cmocka_unit_test(test_direct_bounce_sizes),
         cmocka_unit_test(test_zero_emulation),
         cmocka_unit_test(test_chain_relative_resolution),
         cmocka_unit_test(test_open_overrides),
