@@ -8,8 +8,10 @@
  * Active commit (top is the device): a dirty bitmap fed by the top's tracker write notifiers; each
  * copy holds its range BT_SHARED on the top's tracker (guest writes are BT_EXCLUSIVE), so a copy of
  * old data never lands after a newer write: the write either finished before (and its dirty bit was
- * cleared only after it) or re-dirties the range after the copy. READY once in sync; complete drains
- * the exports, copies what is still dirty, flushes base and swaps the exports onto base.
+ * cleared only after it) or re-dirties the range after the copy. READY once in sync; complete (or a
+ * soft cancel) first copies unthrottled for a bounded amount/time while guests run (so it finishes
+ * even when guests write faster than the speed limit), then drains the exports, copies what is
+ * still dirty, flushes base and swaps the exports onto base (no swap for a soft cancel).
  * Pauses: base is flushed BEFORE the exports are drained (the job's copies are done by then); under
  * drain only the tail copied there is flushed (active), nothing at all for a non-active commit,
  * whose base no guest writes.
@@ -28,6 +30,8 @@
 
 #define COMMIT_CHUNK (1ULL << 20)
 #define IDLE_WAIT_NS 100000000ULL
+#define COMMIT_FINISH_ROUNDS 4          /* finishing: copy at most this many times what was dirty */
+#define COMMIT_FINISH_NS 2000000000ULL  /* ... or for this long, before the drained tail copy */
 
 typedef struct Commit {
     Job *job;
@@ -266,12 +270,34 @@ static int commit_run_active(Commit *c, uint8_t *buf, VdError **errp)
     job_progress_set_remaining(job, dirty_bytes(c) ? dirty_bytes(c) : 1);
     uint64_t cursor = 0;
     int ignored = 0;
+    /*
+     * Finishing (ready, then complete or soft cancel): as the mirror does, stop waiting for the
+     * bitmap to empty by itself. The speed limit no longer applies (the user asked to finish),
+     * a bounded amount is copied while guests still run, and prepare copies the rest under drain,
+     * so this converges even when the guest writes faster than the copy.
+     */
+    bool finishing = false;
+    uint64_t finish_budget = 0, finish_copied = 0, finish_deadline = 0;
     for (;;) {
         job_pause_point(job);
         if (job_is_cancelled(job)) {
             return -ECANCELED;
         }
-        uint64_t chunk = COMMIT_CHUNK, speed = job_get_speed(job);
+        if (!finishing && job_is_ready(job)) {
+            pthread_mutex_lock(&c->lock);
+            bool done = c->should_complete;
+            pthread_mutex_unlock(&c->lock);
+            if (done || job_cancel_requested(job)) {
+                uint64_t d = dirty_bytes(c);
+                finishing = true;
+                finish_budget = COMMIT_FINISH_ROUNDS * (d > COMMIT_CHUNK ? d : COMMIT_CHUNK);
+                finish_deadline = now_ns() + COMMIT_FINISH_NS;
+            }
+        }
+        if (finishing && (finish_copied >= finish_budget || now_ns() >= finish_deadline)) {
+            return 0; /* prepare copies what is still dirty, guests drained */
+        }
+        uint64_t chunk = COMMIT_CHUNK, speed = finishing ? 0 : job_get_speed(job);
         if (speed && speed / 10 < chunk) {
             chunk = speed / 10;
         }
@@ -343,7 +369,9 @@ static int commit_run_active(Commit *c, uint8_t *buf, VdError **errp)
         job_progress_update(job, n);
         uint64_t rem = dirty_bytes(c);
         job_progress_set_remaining(job, (!job_is_ready(job) && rem == 0) ? 1 : rem);
-        if (copied) {
+        if (finishing) {
+            finish_copied += n;
+        } else if (copied) {
             job_rate_limit(job, copied);
         }
     }

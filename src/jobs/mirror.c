@@ -81,6 +81,7 @@ struct Mirror {
     bool pivoted;
     bool drop_target;      /* drive-mirror registered the target: unregister it unless pivoted */
     int pending_target_error; /* from a write-blocking guest write: handled by the job thread */
+    uint64_t stop_epoch;      /* bumped each time the job resumes from an error stop */
 
     /*
      * Copies written to the target (atomic; bumped after each write completed) and the value the
@@ -246,17 +247,35 @@ static void mirror_on_write(Mirror *m, WriteKind kind, uint64_t offset, uint64_t
     if (detached) {
         return;
     }
+    /*
+     * A target write issued while the job is stopped, or before a resume from an error stop,
+     * belongs to the episode the stop already reported: remember which one it was issued in.
+     */
+    JobStatus st0 = job_status(m->job);
+    bool stopped_at_issue = st0 == JOB_STATUS_PAUSED || st0 == JOB_STATUS_STANDBY;
+    uint64_t epoch = __atomic_load_n(&m->stop_epoch, __ATOMIC_ACQUIRE);
     int r = -EAGAIN;
     if (wb && kind == W_DATA) {
         r = vd_pwrite(m->target, offset, bytes, buf, flags & VD_REQ_FUA);
     } else if (wb && kind == W_ZERO) {
         r = vd_pwrite_zeroes(m->target, offset, bytes, flags & (VD_REQ_FUA | VD_REQ_MAY_UNMAP));
     }
+    /*
+     * The guest's write to the source succeeded; a failed target write only leaves the range
+     * dirty. While the job is stopped (e.g. paused on an earlier target error) that is all: the
+     * copy loop re-copies it after resume, and the stop already reported the target's failure.
+     */
+    bool stopped = stopped_at_issue;
+    if (r < 0 && r != -EAGAIN) {
+        JobStatus st = job_status(m->job);
+        stopped = stopped || st == JOB_STATUS_PAUSED || st == JOB_STATUS_STANDBY ||
+                  epoch != __atomic_load_n(&m->stop_epoch, __ATOMIC_ACQUIRE);
+    }
     pthread_mutex_lock(&m->lock);
     if (r < 0) {
         /* Background mode, a discard, or a failed target write: the copy loop takes it from here. */
         bm_set(m, offset, bytes, true);
-        if (r != -EAGAIN && !m->pending_target_error) {
+        if (r != -EAGAIN && !stopped && !m->pending_target_error) {
             m->pending_target_error = r;
         }
         mirror_kick_locked(m);
@@ -569,8 +588,11 @@ static int mirror_copy_range(Mirror *m, uint64_t offset, uint64_t bytes, uint8_t
                 uint64_t tn;
                 bool tzero, talloc;
                 *is_read = false;
-                if ((r = target_reads_zero(m, pos, offset + pnum - pos, &tn, &tzero, &talloc)) < 0) {
-                    return r;
+                if (target_reads_zero(m, pos, offset + pnum - pos, &tn, &tzero, &talloc) < 0) {
+                    /* Unknown target status (an optimisation): write what the source reads. */
+                    tn = offset + pnum - pos;
+                    tzero = false;
+                    talloc = true;
                 }
                 if (src_zero && !tzero) {
                     r = vd_pwrite_zeroes(m->target, pos, tn, VD_REQ_MAY_UNMAP);
@@ -616,10 +638,16 @@ static int mirror_scan(Mirror *m)
         for (uint64_t pos = off; pos < off + pnum;) {
             uint64_t tn = off + pnum - pos;
             bool tzero = true, talloc = false;
-            if (!m->target_new || m->skip_target_allocated) {
-                if ((r = target_reads_zero(m, pos, tn, &tn, &tzero, &talloc)) < 0) {
-                    return r;
-                }
+            if ((!m->target_new || m->skip_target_allocated) &&
+                target_reads_zero(m, pos, tn, &tn, &tzero, &talloc) < 0) {
+                /*
+                 * The target's block status is an optimisation: when it fails, assume the
+                 * least (the target may hold anything there) and copy every byte the source
+                 * decides; a real target failure shows up on the copy's writes.
+                 */
+                tn = off + pnum - pos;
+                tzero = false;
+                talloc = !m->skip_target_allocated;
             }
             bool dirty = m->skip_target_allocated ? (src_needs && !talloc)
                                                   : (src_needs || talloc);
@@ -655,6 +683,14 @@ static int mirror_io_error(Mirror *m, int r, bool is_read, VdError **errp)
     }
     if (a == JOB_ERR_STOP) {
         job_pause_point(m->job);
+        /*
+         * Resumed: target errors recorded by guest writes while we were stopped (their ranges are
+         * dirty, so they are re-copied) are stale: the user resumed because the target is fixed.
+         */
+        pthread_mutex_lock(&m->lock);
+        __atomic_add_fetch(&m->stop_epoch, 1, __ATOMIC_RELEASE);
+        m->pending_target_error = 0;
+        pthread_mutex_unlock(&m->lock);
     } else {
         job_sleep_ns(m->job, 10000000); /* ignore: retry, but do not spin */
     }

@@ -11,11 +11,11 @@ content byte for byte with a model of what the guest wrote:
   - a pivot while a pipelining client has many writes in flight.
 Every daemon (vdiskd, nbdkit, qemu-nbd) is killed by a finally, whatever the test did.
 
-Known vdiskd limitation kept out of these tests: a READY active block-commit whose speed limit the
-guest outpaces never finishes block-job-complete or a soft block-job-cancel (commit has no
-write-blocking switch / drained tail copy, unlike the mirror); the tests lift the limit first. And
-on-target-error=stop is exercised in background copy mode only: in write-blocking mode a guest
-write that failed on the target while the job was stopped re-stops the job right after the resume.
+Also covered: a READY active commit whose speed limit the guest outpaces still finishes
+block-job-complete and a soft block-job-cancel (bounded unthrottled rounds, then the drained tail);
+on-target-error=stop in write-blocking mode (guest writes failing on the target while the job is
+stopped only leave their range dirty: no second stop after the resume); a target whose block status
+fails (treated as unknown: the range is copied, not reported as a source error).
 """
 import os
 import random
@@ -301,7 +301,7 @@ def test_target_error_report_fails_job_guest_unharmed(tmp_path, procs, target, p
 
 @pytest.mark.parametrize("errno_name,policy,iostatus,mode", [
     ("EIO", "stop", "failed", "background"), ("ENOSPC", "stop", "nospace", "background"),
-    ("ENOSPC", "enospc", "nospace", "background")])
+    ("ENOSPC", "enospc", "nospace", "background"), ("EIO", "stop", "failed", "write-blocking")])
 def test_target_error_stop_pauses_then_resumes(tmp_path, procs, errno_name, policy, iostatus,
                                                mode):
     """on-target-error=stop (or enospc with ENOSPC): the job pauses with io-status failed/nospace,
@@ -334,6 +334,11 @@ def test_target_error_stop_pauses_then_resumes(tmp_path, procs, errno_name, poli
     j = job_info(q, "m")
     assert j["io-status"] == "ok", j
     wait_event(q, "BLOCK_JOB_READY", "m", timeout=30)
+    # the target is healthy: guest writes that failed on it while stopped do not stop it again
+    time.sleep(0.3)
+    j = job_info(q, "m")
+    assert not j["paused"] and j["io-status"] == "ok", j
+    assert len(events(q, "BLOCK_JOB_ERROR", "m")) == 1, events(q, "BLOCK_JOB_ERROR", "m")
     g.stop_writer()
     g.join_checked()
     source_model = bytes(model)
@@ -572,6 +577,74 @@ def test_outpaced_mirror_switches_to_write_blocking_and_converges(tmp_path, proc
     s.stop()
     check_clean(tgt, base, mid, top)
     assert_same(image_content(tmp_path, tgt, "tgt.raw"), bytes(model), "target after pivot")
+
+
+@pytest.mark.parametrize("verb", ["complete", "cancel"])
+def test_outpaced_ready_commit_finishes(tmp_path, procs, verb):
+    """A READY active commit under a speed limit the guest outpaces: block-job-complete (pivot to
+    base) and a soft block-job-cancel (no pivot) both finish while the guest keeps writing, as the
+    mirror does; the guest view and the resulting active image match the model."""
+    base, mid, top, model = make_chain(tmp_path)
+    s = served(procs, tmp_path, top, ("block-commit",))
+    q = s.q
+    q.cmd("block-commit", job_id="c", device="disk0")
+    wait_event(q, "BLOCK_JOB_READY", "c", timeout=30)
+    g = procs.add(PyGuest(s.sock, "disk0", model, seed=411, count=None, pause=0.002))
+    g.start()
+    q.cmd("block-job-set-speed", device="c", speed=256 * KiB)  # the guest now outpaces the copy
+    time.sleep(0.8)
+    n0 = g.done
+    q.cmd("block-job-complete" if verb == "complete" else "block-job-cancel", device="c")
+    done = wait_event(q, "BLOCK_JOB_COMPLETED", "c", timeout=15)
+    assert "error" not in done["data"], done
+    assert g.is_alive() and g.done > n0, (g.done, n0)  # finished while the guest was writing
+    wait_status(q, "c", "null")
+    time.sleep(0.2)  # the guest goes on after the job
+    g.stop_writer()
+    g.join_checked()
+    assert_same(guest_read(tmp_path, s.uri), bytes(model), "guest view")
+    s.stop()
+    active = base if verb == "complete" else top
+    assert_same(image_content(tmp_path, active, "active.raw"), bytes(model), active.name)
+    if verb == "cancel":
+        assert chain_info(top) == [("top.qcow2", "mid.qcow2", "qcow2"),
+                                   ("mid.qcow2", "base.qcow2", "qcow2"), ("base.qcow2", None, None)]
+    check_clean(base, mid, top)
+
+
+def test_target_block_status_error_is_not_a_source_error(tmp_path, procs):
+    """The target's block status failing (nbdkit error filter, error-extents) does not fail the
+    mirror as a "source" error: the target's status is an optimisation, the range is copied. The
+    job gets READY without BLOCK_JOB_ERROR and the pivoted target holds what the guest wrote."""
+    base, mid, top, model = make_chain(tmp_path)
+    nk = start_nbdkit(procs, tmp_path, "nbdkit", "--filter=error", "memory", str(SIZE),
+                      "error-extents=EIO", "error-extents-rate=100%")
+    s = served(procs, tmp_path, top, ("blockdev-mirror",))
+    q = s.q
+    g = procs.add(PyGuest(s.sock, "disk0", model, seed=412, count=200))
+    g.start()
+    q.cmd("blockdev-add", **{k.replace("-", "_"): v for k, v in nbd_node("tgt", nk).items()})
+    q.cmd("blockdev-mirror", job_id="m", device="disk0", target="tgt", sync="full",
+          on_target_error="stop")
+    wait_event(q, "BLOCK_JOB_READY", "m", timeout=30)
+    g.join_checked()
+    source_model = bytes(model)
+    q.cmd("block-job-complete", device="m")
+    done = wait_event(q, "BLOCK_JOB_COMPLETED", "m")
+    assert "error" not in done["data"], done
+    assert events(q, "BLOCK_JOB_ERROR", "m") == []
+
+    def read_no_extents(uri, name):
+        # the target still fails block status: read its bytes without asking for extents
+        out = tmp_path / name
+        subprocess.run(["nbdcopy", "--no-extents", uri, str(out)], check=True, timeout=60)
+        return out.read_bytes()
+    assert_same(read_no_extents(s.uri, "guest.raw"), bytes(model), "guest view after pivot")
+    s.stop()
+    assert_same(read_no_extents(f"nbd+unix:///?socket={nk}", "tgt.raw"), bytes(model),
+                "nbdkit target")
+    assert_same(image_content(tmp_path, top, "top.raw"), source_model, "source chain")
+    check_clean(base, mid, top)
 
 
 # ---------------------------------------------------------------------------------------------
