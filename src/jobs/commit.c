@@ -226,13 +226,6 @@ static int commit_run_passive(Commit *c, uint8_t *buf, VdError **errp)
     return 0;
 }
 
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-}
-
 static int commit_scan(Commit *c)
 {
     for (uint64_t off = 0; off < c->len;) {
@@ -291,10 +284,10 @@ static int commit_run_active(Commit *c, uint8_t *buf, VdError **errp)
                 uint64_t d = dirty_bytes(c);
                 finishing = true;
                 finish_budget = COMMIT_FINISH_ROUNDS * (d > COMMIT_CHUNK ? d : COMMIT_CHUNK);
-                finish_deadline = now_ns() + COMMIT_FINISH_NS;
+                finish_deadline = job_now_ns() + COMMIT_FINISH_NS;
             }
         }
-        if (finishing && (finish_copied >= finish_budget || now_ns() >= finish_deadline)) {
+        if (finishing && (finish_copied >= finish_budget || job_now_ns() >= finish_deadline)) {
             return 0; /* prepare copies what is still dirty, guests drained */
         }
         uint64_t chunk = COMMIT_CHUNK, speed = finishing ? 0 : job_get_speed(job);
@@ -321,7 +314,7 @@ static int commit_run_active(Commit *c, uint8_t *buf, VdError **errp)
             if (done || job_cancel_requested(job)) {
                 return 0;
             }
-            uint64_t deadline = now_ns() + IDLE_WAIT_NS;
+            uint64_t deadline = job_now_ns() + IDLE_WAIT_NS;
             struct timespec ts = {.tv_sec = (time_t)(deadline / 1000000000ULL),
                                   .tv_nsec = (long)(deadline % 1000000000ULL)};
             job_set_busy(job, false);
@@ -484,7 +477,7 @@ static int commit_prepare(Job *job, VdError **errp)
         vd_error_setg(errp, -r, "Could not flush '%s': %s", c->base_rw->filename, strerror(-r));
         return r;
     }
-    uint64_t t0 = now_ns();
+    uint64_t t0 = job_now_ns();
     BlockopsExports set;
     if (blockops_exports_drain(c->dev, &set) < 0) {
         vd_error_setg(errp, ENOMEM, "Out of memory");
@@ -539,7 +532,7 @@ static int commit_prepare(Job *job, VdError **errp)
             }
             blockops_exports_resume(&set, NULL);
         }
-        uint64_t us = (now_ns() - t0) / 1000;
+        uint64_t us = (job_now_ns() - t0) / 1000;
         vd_log(VD_LOG_INFO, "commit '%s': %s; guest I/O paused %llu us (%llu bytes copied while "
                "paused, %llu syncs while paused)", job_id(job),
                r < 0 ? "failed" : pivot ? "pivoted to the base" : "finished without pivot",
@@ -570,7 +563,7 @@ static int commit_prepare(Job *job, VdError **errp)
     }
     uint64_t syncs = vd_flush_thread_syncs() - syncs0;
     blockops_exports_resume(&set, NULL);
-    uint64_t us = (now_ns() - t0) / 1000;
+    uint64_t us = (job_now_ns() - t0) / 1000;
     vd_log(VD_LOG_INFO, "commit '%s': %s; guest I/O paused %llu us (%llu syncs while paused)",
            job_id(job), r < 0 ? "failed" : "committed", (unsigned long long)us,
            (unsigned long long)syncs);

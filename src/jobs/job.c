@@ -136,7 +136,7 @@ uint64_t job_ratelimit_account(JobRateLimit *rl, uint64_t speed, uint64_t now_ns
     return rl->slice_start_ns > now_ns ? rl->slice_start_ns - now_ns : 0;
 }
 
-static uint64_t now_ns(void)
+uint64_t job_now_ns(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -961,15 +961,15 @@ void job_rate_limit(Job *job, uint64_t bytes)
 {
     pthread_mutex_lock(&job_mutex);
     uint64_t speed = job->speed;
-    uint64_t delay = job_ratelimit_account(&job->rl, speed, now_ns(), bytes);
+    uint64_t delay = job_ratelimit_account(&job->rl, speed, job_now_ns(), bytes);
     pthread_mutex_unlock(&job_mutex);
-    uint64_t deadline = now_ns() + delay;
+    uint64_t deadline = job_now_ns() + delay;
     while (delay > 0) {
         job_sleep_ns(job, delay);
         pthread_mutex_lock(&job_mutex);
         bool stop = job->speed != speed || (job->cancelled && job->force_cancel);
         pthread_mutex_unlock(&job_mutex);
-        uint64_t now = now_ns();
+        uint64_t now = job_now_ns();
         if (stop || now >= deadline) {
             break; /* a new speed applies from the next chunk */
         }

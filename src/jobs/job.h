@@ -187,5 +187,7 @@ typedef struct JobRateLimit {
     uint64_t dispatched;
 } JobRateLimit;
 uint64_t job_ratelimit_account(JobRateLimit *rl, uint64_t speed, uint64_t now_ns, uint64_t bytes);
+/* CLOCK_MONOTONIC in nanoseconds: the clock of rate limits and measured pauses. */
+uint64_t job_now_ns(void);
 
 #endif

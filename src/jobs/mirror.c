@@ -432,13 +432,6 @@ static void scan_cb(NbdExport *exp, void *opaque)
     s->ids[s->n++] = id;
 }
 
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-}
-
 /* Drain every export we switched that still serves `from`; returns them (NULL-padded). */
 static NbdExport **exports_drain(Mirror *m, BlockNode *from)
 {
@@ -714,7 +707,7 @@ static int mirror_run(Job *job, VdError **errp)
         return r;
     }
     mirror_update_progress(m, false);
-    uint64_t cursor = 0, window_start = now_ns(), window_copied = 0;
+    uint64_t cursor = 0, window_start = job_now_ns(), window_copied = 0;
     pthread_mutex_lock(&m->lock);
     uint64_t window_dirty_start = m->dirty_bits;
     pthread_mutex_unlock(&m->lock);
@@ -738,7 +731,7 @@ static int mirror_run(Job *job, VdError **errp)
          * than a tenth of what it copied, guests re-dirty as fast as we copy and the job may never
          * converge: stop accumulating, go write-blocking.
          */
-        uint64_t t = now_ns();
+        uint64_t t = job_now_ns();
         if (t - window_start >= WINDOW_NS) {
             pthread_mutex_lock(&m->lock);
             uint64_t gained = window_dirty_start > m->dirty_bits
@@ -923,7 +916,7 @@ static void mirror_detach_filter(Mirror *m)
 static int mirror_prepare(Job *job, VdError **errp)
 {
     Mirror *m = job_opaque(job);
-    uint64_t t0 = now_ns();
+    uint64_t t0 = job_now_ns();
     NbdExport **exps = exports_drain(m, m->filter);
     if (!exps) {
         vd_error_setg(errp, ENOMEM, "Out of memory");
@@ -987,7 +980,7 @@ static int mirror_prepare(Job *job, VdError **errp)
     mirror_detach_filter(m);
     uint64_t syncs = vd_flush_thread_syncs() - syncs0;
     exports_set_node_and_resume(m, exps, pivot ? m->target : m->source);
-    uint64_t us = (now_ns() - t0) / 1000;
+    uint64_t us = (job_now_ns() - t0) / 1000;
     vd_log(VD_LOG_INFO, "mirror '%s': %s; guest I/O paused %llu.%03llu ms (%llu bytes copied "
            "while paused, %llu syncs while paused)", job_id(job),
            pivot ? "pivoted to the target" : "finished without pivot",

@@ -146,13 +146,6 @@ static int stream_run(Job *job, VdError **errp)
     return error;
 }
 
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-}
-
 /*
  * Finalization: with the top's exports drained, record base and drop the intermediates.
  * Every copy is made durable BEFORE the drain (run has returned: the job writes nothing more), so
@@ -167,7 +160,7 @@ static int stream_prepare(Job *job, VdError **errp)
         vd_error_setg(errp, -r, "Could not flush '%s': %s", s->top->filename, strerror(-r));
         return r;
     }
-    uint64_t t0 = now_ns();
+    uint64_t t0 = job_now_ns();
     BlockopsExports set;
     if (blockops_exports_drain(s->top, &set) < 0) {
         vd_error_setg(errp, ENOMEM, "Out of memory");
@@ -187,7 +180,7 @@ static int stream_prepare(Job *job, VdError **errp)
     }
     uint64_t syncs = vd_flush_thread_syncs() - syncs0;
     blockops_exports_resume(&set, NULL);
-    uint64_t us = (now_ns() - t0) / 1000;
+    uint64_t us = (job_now_ns() - t0) / 1000;
     if (r == 0) {
         vd_log(VD_LOG_INFO, "stream '%s': '%s' now backed by %s; guest I/O paused %llu.%03llu ms "
                "(%llu syncs while paused)", job_id(job), s->top->node_name,
