@@ -304,7 +304,6 @@ static int commit_run_active(Commit *c, uint8_t *buf, VdError **errp)
         pthread_mutex_unlock(&c->lock);
         if (!have) {
             if (!job_is_ready(job)) {
-                job_progress_set_remaining(job, 0);
                 job_transition_to_ready(job);
                 continue;
             }

@@ -980,7 +980,10 @@ void job_rate_limit(Job *job, uint64_t bytes)
 void job_transition_to_ready(Job *job)
 {
     pthread_mutex_lock(&job_mutex);
-    if (job->status == JOB_STATUS_RUNNING) {
+    /* A hard cancel of a job that was not yet ready stays one: no READY after it. */
+    if (job->status == JOB_STATUS_RUNNING && !(job->cancelled && job->force_cancel)) {
+        /* offset == len only together with READY: a cancel never sees one without the other */
+        job->progress_total = job->progress_current;
         job_transition(job, JOB_STATUS_READY);
         queue_event("BLOCK_JOB_READY", block_event_data(job));
     }

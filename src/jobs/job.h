@@ -145,7 +145,7 @@ bool job_is_cancelled(Job *job);
 /* Any cancel requested, soft (ready mirror: finish without pivot) or hard. */
 bool job_cancel_requested(Job *job);
 bool job_is_ready(Job *job);
-/* RUNNING -> READY, emits BLOCK_JOB_READY. */
+/* RUNNING -> READY (offset := len), emits BLOCK_JOB_READY; a no-op once hard-cancelled. */
 void job_transition_to_ready(Job *job);
 /* Progress: offset/len of query-block-jobs. */
 void job_progress_update(Job *job, uint64_t done);

@@ -793,7 +793,6 @@ static int mirror_run(Job *job, VdError **errp)
                 }
             }
             if (!ready) {
-                job_progress_set_remaining(job, 0);
                 job_transition_to_ready(job);
                 continue;
             }

@@ -509,7 +509,8 @@ def test_random_control_under_writes(tmp_path, procs, kind, ending, seed):
         if not c:
             assert "ready" not in statuses(q, "j"), log
             cev = events(q, "BLOCK_JOB_CANCELLED", "j")[0]["data"]
-            assert cev["offset"] < cev["len"], cev  # really before the end of the copy
+            if kind != "stream":  # a stream may be cancelled after its last copy, before its end
+                assert cev["offset"] < cev["len"], cev  # really before the end of the copy
     elif ending == "cancel-ready":
         wait_event(q, "BLOCK_JOB_READY", "j", timeout=30)
         time.sleep(rng.uniform(0, 0.2))

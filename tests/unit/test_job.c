@@ -232,6 +232,8 @@ typedef struct Fake {
     bool stop_on_error;     /* exercise job_handle_io_error(STOP) once */
     bool error_reported;
     int off_qmp_thread;     /* finalization steps that ran while a QMP thread ran elsewhere */
+    int ready_progress;     /* offset reached when going READY, of 100 (0 = all 100) */
+    bool ready_when_cancelled; /* try to go READY after a hard cancel (must be a no-op) */
 } Fake;
 
 /* Finalization steps change the graph: with a QMP server running they must run on its thread. */
@@ -248,6 +250,9 @@ static int fake_run(Job *job, VdError **errp)
     job_progress_set_remaining(job, 100);
     for (;;) {
         if (job_is_cancelled(job)) {
+            if (f->ready_when_cancelled) {
+                job_transition_to_ready(job);
+            }
             return -ECANCELED;
         }
         if (job_is_ready(job) && (f->should_complete || job_cancel_requested(job))) {
@@ -263,7 +268,7 @@ static int fake_run(Job *job, VdError **errp)
             return f->fail_with;
         }
         if (f->ready_after >= 0 && f->iterations == f->ready_after) {
-            job_progress_update(job, 100);
+            job_progress_update(job, f->ready_progress ? (uint64_t)f->ready_progress : 100);
             job_transition_to_ready(job);
         }
         job_sleep_ns(job, 2000000); /* 2 ms */
@@ -405,6 +410,38 @@ static void test_ready_complete_auto(void **state)
     assert_null(job_find("j1"));
     job_unref(job);
     assert_int_equal(f.freed, 1);
+}
+
+/* offset == len exactly when READY (libvirt reads it as ready), never before. */
+static void test_ready_sets_offset_to_len(void **state)
+{
+    Fake f = {.ready_after = 2, .ready_progress = 60};
+    Job *job = start_fake(&f, "jr", true, true);
+    VdError *err = NULL;
+    wait_status(job, JOB_STATUS_READY);
+    uint64_t cur, total;
+    job_progress_get(job, &cur, &total);
+    assert_int_equal(cur, 60);
+    assert_int_equal(total, 60);
+    assert_int_equal(job_user_complete(job, &err), 0);
+    job_wait_thread(job);
+    job_unref(job);
+}
+
+/* A job hard-cancelled before READY never becomes READY, and its offset stays below len. */
+static void test_no_ready_after_hard_cancel(void **state)
+{
+    Fake f = {.ready_after = -1, .ready_when_cancelled = true};
+    Job *job = start_fake(&f, "jc", true, true);
+    VdError *err = NULL;
+    wait_status(job, JOB_STATUS_RUNNING);
+    assert_int_equal(job_user_cancel(job, false, &err), 0);
+    job_wait_thread(job);
+    assert_events("created,running,aborting,BLOCK_JOB_CANCELLED,concluded,null,");
+    uint64_t cur, total;
+    job_progress_get(job, &cur, &total);
+    assert_true(cur < total);
+    job_unref(job);
 }
 
 static void test_verbs_refused_with_qemu_messages(void **state)
@@ -1218,6 +1255,8 @@ int main(void)
         cmocka_unit_test(test_error_action_parse),
         cmocka_unit_test(test_ratelimit),
         cmocka_unit_test(test_ready_complete_auto),
+        cmocka_unit_test(test_ready_sets_offset_to_len),
+        cmocka_unit_test(test_no_ready_after_hard_cancel),
         cmocka_unit_test(test_completion_runs_on_qmp_thread),
         cmocka_unit_test(test_verbs_refused_with_qemu_messages),
         cmocka_unit_test(test_pause_resume_running_and_ready),
