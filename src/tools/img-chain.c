@@ -40,6 +40,19 @@ static void layers_free(Layer *l, int n)
     free(l);
 }
 
+/* A chunk read from the top, written to base on the worker while the next one is read. */
+typedef struct CommitWrite {
+    BlockNode *base;
+    uint64_t off, n;
+    const uint8_t *buf;
+} CommitWrite;
+
+static int commit_write_task(void *arg)
+{
+    CommitWrite *w = arg;
+    return vd_pwrite(w->base, w->off, w->n, w->buf, 0);
+}
+
 int img_commit(int argc, char **argv)
 {
     static const struct option longopts[] = {
@@ -114,7 +127,10 @@ int img_commit(int argc, char **argv)
     /* 2. Open base read-write (with its own chain), then the layers above it onto it. */
     int ret = 1;
     VdError *err = NULL;
-    uint8_t *buf = NULL;
+    uint8_t *bufs[2] = {NULL, NULL};
+    ToolWorker *worker = NULL;
+    CommitWrite wt = {0};
+    bool writing = false; /* wt is on the worker */
     BlockNode *top = NULL;
     BlockNode *base = vd_open_image(layers[nlayers - 1].filename, layers[nlayers - 1].format,
                                     tool_open_flags(VD_OPEN_RDWR | cache_flags, false), &err);
@@ -153,11 +169,14 @@ int img_commit(int argc, char **argv)
             goto out;
         }
     }
-    buf = malloc(TOOL_BUF_SIZE);
-    if (!buf) {
+    bufs[0] = malloc(TOOL_BUF_SIZE);
+    bufs[1] = malloc(TOOL_BUF_SIZE);
+    worker = tool_worker_new();
+    if (!bufs[0] || !bufs[1] || !worker) {
         tool_error("out of memory");
         goto out;
     }
+    int cur = 0;
     progress_init(progress, 1.0);
     progress_print(0, 100);
     uint64_t len = (uint64_t)top_len;
@@ -176,24 +195,39 @@ int img_commit(int argc, char **argv)
          * reads zeroes there, so base must too (as qemu-img commit does).
          */
         if (st.flags & (VD_BS_ALLOCATED | VD_BS_ZERO)) {
+            uint64_t eoff = off; /* where a failure is reported */
             if (st.flags & VD_BS_ZERO) {
                 r = vd_pwrite_zeroes(base, off, n, zflags);
             } else {
                 n = MIN(n, TOOL_BUF_SIZE);
-                r = vd_pread(top, off, n, buf);
+                r = vd_pread(top, off, n, bufs[cur]);
+                if (r == 0 && writing) {
+                    writing = false;
+                    eoff = wt.off;
+                    r = tool_worker_wait(worker);
+                }
                 if (r == 0) {
-                    r = vd_pwrite(base, off, n, buf, 0);
+                    wt = (CommitWrite){base, off, n, bufs[cur]};
+                    tool_worker_submit(worker, commit_write_task, &wt);
+                    writing = true;
+                    cur ^= 1;
                 }
             }
             if (r < 0) {
-                tool_error("Commit failed at offset %" PRIu64 ": %s", off, strerror(-r));
+                tool_error("Commit failed at offset %" PRIu64 ": %s", eoff, strerror(-r));
                 goto out_progress;
             }
         }
         off += n;
         progress_print(100.0f * (float)off / (float)len, 0);
     }
-    int r = vd_flush(base);
+    int r = writing ? tool_worker_wait(worker) : 0;
+    writing = false;
+    if (r < 0) {
+        tool_error("Commit failed at offset %" PRIu64 ": %s", wt.off, strerror(-r));
+        goto out_progress;
+    }
+    r = vd_flush(base);
     if (r < 0) {
         tool_error("Could not flush the base image: %s", strerror(-r));
         goto out_progress;
@@ -220,7 +254,9 @@ int img_commit(int argc, char **argv)
 out_progress:
     progress_end();
 out:
-    free(buf);
+    tool_worker_free(worker); /* waits for a write still running */
+    free(bufs[0]);
+    free(bufs[1]);
     if (top) {
         vd_node_unref(top);
     }
@@ -232,21 +268,6 @@ out:
 }
 
 /* ================================ rebase ================================ */
-
-/* Read [off, off+n) of bs, zero past its end (bs may be NULL = all zero). */
-static int read_or_zero(BlockNode *bs, int64_t blen, uint64_t off, uint64_t n, uint8_t *buf)
-{
-    if (!bs || off >= (uint64_t)blen) {
-        memset(buf, 0, n);
-        return 0;
-    }
-    uint64_t avail = MIN(n, (uint64_t)blen - off);
-    int r = vd_pread(bs, off, avail, buf);
-    if (avail < n) {
-        memset(buf + avail, 0, n - avail);
-    }
-    return r;
-}
 
 /* Does [off, off+n) of chain bs read as zeroes per block status? (*pnum = extent length) */
 static bool chain_reads_zero(BlockNode *bs, int64_t blen, uint64_t off, uint64_t n,
@@ -326,6 +347,7 @@ int img_rebase(int argc, char **argv)
     BlockNode *newb = NULL;  /* our reference to the new backing (safe mode) */
     BlockNode *prefix = NULL; /* new backing found inside the old chain */
     uint8_t *buf_old = NULL, *buf_new = NULL;
+    ToolWorker *worker = NULL;
     char *newpath = NULL;
 
     if (!unsafe) {
@@ -365,7 +387,8 @@ int img_rebase(int argc, char **argv)
         }
         buf_old = malloc(TOOL_BUF_SIZE);
         buf_new = malloc(TOOL_BUF_SIZE);
-        if (!buf_old || !buf_new) {
+        worker = tool_worker_new();
+        if (!buf_old || !buf_new || !worker) {
             tool_error("out of memory");
             goto out;
         }
@@ -409,10 +432,13 @@ int img_rebase(int argc, char **argv)
                 continue;
             }
             bool old_is_zero = !bs->backing || off >= (uint64_t)old_size;
-            r = read_or_zero(bs->backing, old_size, off, n, buf_old);
-            if (r == 0) {
-                r = read_or_zero(newb, new_size, off, n, buf_new);
-            }
+            /* The two backings are read at once (the copies out of the page cache dominate). */
+            ToolRead rn = {newb, new_size, off, n, buf_new};
+            ToolRead ro = {bs->backing, old_size, off, n, buf_old};
+            tool_worker_submit(worker, tool_read_task, &rn);
+            r = tool_read_task(&ro);
+            int r2 = tool_worker_wait(worker);
+            r = r < 0 ? r : r2;
             if (r < 0) {
                 tool_error("error while reading from backing file: %s", strerror(-r));
                 goto out_progress;
@@ -462,6 +488,7 @@ int img_rebase(int argc, char **argv)
 out_progress:
     progress_end();
 out:
+    tool_worker_free(worker);
     free(buf_old);
     free(buf_new);
     free(newpath);

@@ -133,6 +133,7 @@ int img_compare(int argc, char **argv)
     int flags = tool_open_flags(direct ? VD_OPEN_DIRECT : 0, force_share);
     int ret;
     uint8_t *buf1 = NULL, *buf2 = NULL;
+    ToolWorker *worker = NULL;
     BlockNode *bs2 = NULL;
     BlockNode *bs1 = tool_open(filename1, fmt1, flags);
     if (!bs1) {
@@ -146,7 +147,8 @@ int img_compare(int argc, char **argv)
     }
     buf1 = malloc(TOOL_BUF_SIZE);
     buf2 = malloc(TOOL_BUF_SIZE);
-    if (!buf1 || !buf2) {
+    worker = tool_worker_new();
+    if (!buf1 || !buf2 || !worker) {
         tool_error("out of memory");
         ret = 2;
         goto out;
@@ -202,8 +204,16 @@ int img_compare(int argc, char **argv)
         } else if (alloc1 == alloc2) {
             if (alloc1) {
                 chunk = MIN(chunk, TOOL_BUF_SIZE);
-                if (compare_read(bs1, offset, chunk, filename1, buf1) ||
-                    compare_read(bs2, offset, chunk, filename2, buf2)) {
+                /* Both images at once: the page-cache copies dominate (tool-worker.c). */
+                ToolRead t2 = {bs2, -1, offset, chunk, buf2};
+                tool_worker_submit(worker, tool_read_task, &t2);
+                int r1 = compare_read(bs1, offset, chunk, filename1, buf1);
+                int r2 = tool_worker_wait(worker);
+                if (r2 < 0 && !r1) {
+                    tool_error("Error while reading offset %" PRIu64 " of %s: %s", offset,
+                               filename2, strerror(-r2));
+                }
+                if (r1 || r2 < 0) {
                     ret = 4;
                     goto out;
                 }
@@ -261,6 +271,7 @@ int img_compare(int argc, char **argv)
     ret = 0;
 out:
     progress_end();
+    tool_worker_free(worker);
     free(buf1);
     free(buf2);
     if (bs2) {

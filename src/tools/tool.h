@@ -65,6 +65,27 @@ BlockNode *tool_open(const char *filename, const char *fmt, int flags);
 /* Is buf[0..len) all zero? (fast path via memcmp) */
 bool tool_is_zero(const void *buf, size_t len);
 
+/*
+ * A second thread for overlapping two page-cache copies (tool-worker.c): submit runs fn(arg) in
+ * the background (after the previous task ended), wait returns its result. new returns NULL when
+ * no thread can be created (report it as out of memory); free waits for a running task.
+ */
+typedef struct ToolWorker ToolWorker;
+typedef int (*ToolTask)(void *arg);
+ToolWorker *tool_worker_new(void);
+void tool_worker_submit(ToolWorker *w, ToolTask fn, void *arg);
+int tool_worker_wait(ToolWorker *w);
+void tool_worker_free(ToolWorker *w);
+
+/* A pread as a ToolTask: reads [off, off+n) of bs into buf (zeros past len when len >= 0). */
+typedef struct ToolRead {
+    BlockNode *bs;    /* NULL reads zeros */
+    int64_t len;      /* < 0: no bound (plain vd_pread) */
+    uint64_t off, n;
+    uint8_t *buf;
+} ToolRead;
+int tool_read_task(void *arg);
+
 /* qemu-img progress (-p): "    (x.xx/100%)\r" on stdout. */
 void progress_init(bool enabled, float min_skip);
 void progress_print(float delta, int max);
