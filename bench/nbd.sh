@@ -13,7 +13,9 @@
 #      BENCH_NBD_WORK (cached images + sockets + server logs: /var/tmp/vdisk-bench-nbd),
 #      BENCH_NBD_PERF (a path prefix: `perf record --call-graph dwarf` vdiskd into PREFIX-<workload>.data;
 #      then `perf report -i PREFIX-randread-4k.data --no-children`),
-#      BENCH_NBD_NOTE (a line of text put at the top of the report), VDISKD (build/src/tools/vdiskd).
+#      BENCH_NBD_NOTE (a line of text put at the top of the report), VDISKD (build/src/tools/vdiskd),
+#      BENCH_NBD_VDISKD_ALT (a second vdiskd build; add server vdiskd-alt to BENCH_NBD_SERVERS to
+#      compare two builds in the same run).
 # Needs: fio (with the nbd engine), qemu-img, qemu-io, qemu-nbd, qemu-storage-daemon, python3, and
 # about 2 x BENCH_NBD_SIZE of free disk in the work dir.
 set -euo pipefail
@@ -37,4 +39,5 @@ exec /usr/bin/python3 "$ROOT/bench/nbd_bench.py" \
     --local-engine "${BENCH_NBD_LOCAL_ENGINE:-libaio}" \
     --cache "${BENCH_NBD_CACHE:-writeback}" \
     --perf "${BENCH_NBD_PERF:-}" \
-    --note "${BENCH_NBD_NOTE:-}"
+    --note "${BENCH_NBD_NOTE:-}" \
+    --vdiskd-alt "${BENCH_NBD_VDISKD_ALT:-}"

@@ -33,8 +33,9 @@ WORKLOADS = {
     "seqread-1M": ("read", "1M", 4),
     "seqwrite-1M": ("write", "1M", 4),
 }
-SERVERS = ["vdiskd", "qemu-nbd", "qsd", "local"]
-LABEL = {"vdiskd": "vdiskd", "qemu-nbd": "qemu-nbd", "qsd": "QSD", "local": "local file"}
+SERVERS = ["vdiskd", "vdiskd-alt", "qemu-nbd", "qsd", "local"]
+LABEL = {"vdiskd": "vdiskd", "vdiskd-alt": "vdiskd (alt build)", "qemu-nbd": "qemu-nbd", "qsd": "QSD",
+         "local": "local file"}
 EXPORT = "exp"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -116,7 +117,9 @@ def fsync(path):
 # ---------------------------------------------------------------- servers
 
 class Server:
-    def __init__(self, kind, qcow, work, vdiskd, direct=False):
+    def __init__(self, kind, qcow, work, vdiskd, direct=False, vdiskd_alt=None):
+        if kind == "vdiskd-alt":
+            vdiskd = vdiskd_alt
         self.kind = kind
         self.sock = os.path.join(work, f"{kind}.sock")
         self.pidfile = os.path.join(work, f"{kind}.pid")
@@ -124,7 +127,7 @@ class Server:
         for p in (self.sock, self.pidfile):
             if os.path.exists(p):
                 os.unlink(p)
-        if kind == "vdiskd":
+        if kind in ("vdiskd", "vdiskd-alt"):
             f = {"driver": "file", "filename": qcow}
             if direct:
                 f["cache"] = {"direct": True}
@@ -362,6 +365,8 @@ def main():
     ap.add_argument("--perf", default="",
                     help="path prefix: perf-record vdiskd into PREFIX-<workload>.data")
     ap.add_argument("--note", default="")
+    ap.add_argument("--vdiskd-alt", default="",
+                    help="a second vdiskd build, run as server 'vdiskd-alt' (A/B in the same run)")
     a = ap.parse_args()
 
     size = parse_size(a.size)
@@ -372,6 +377,8 @@ def main():
     for s in servers:
         if s not in SERVERS:
             sys.exit(f"nbd-bench: unknown server {s} (known: {', '.join(SERVERS)})")
+        if s == "vdiskd-alt" and not a.vdiskd_alt:
+            sys.exit("nbd-bench: server vdiskd-alt needs --vdiskd-alt (BENCH_NBD_VDISKD_ALT)")
     for w in workloads:
         if w not in WORKLOADS:
             sys.exit(f"nbd-bench: unknown workload {w} (known: {', '.join(WORKLOADS)})")
@@ -390,7 +397,8 @@ def main():
     meta["versions"] = "; ".join([
         sh("qemu-nbd", "--version").stdout.splitlines()[0],
         "qemu-storage-daemon " + sh("qemu-storage-daemon", "--version").stdout.split()[2],
-        "vdiskd " + a.vdiskd + vdisk_rev()])
+        "vdiskd " + a.vdiskd + vdisk_rev()]
+        + (["vdiskd (alt build) " + a.vdiskd_alt] if "vdiskd-alt" in servers else []))
 
     # Interleaved: for each repetition and workload, every server in turn, each one freshly started.
     # On a shared machine the load drifts; interleaving spreads that drift over all servers instead
@@ -407,7 +415,8 @@ def main():
                 srv = perf = None
                 try:
                     if s != "local":
-                        srv = Server(s, qcow, work, a.vdiskd, direct=a.cache == "none")
+                        srv = Server(s, qcow, work, a.vdiskd, direct=a.cache == "none",
+                                     vdiskd_alt=a.vdiskd_alt)
                         if s == "vdiskd" and a.perf:
                             # dwarf unwinding: the build has no frame pointers; -F 999 keeps the
                             # data small. One file per workload (the last repetition's).

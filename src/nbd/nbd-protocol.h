@@ -184,8 +184,11 @@ bool nbd_server_shutting_down(void);
  */
 int nbd_conn_attach(NbdConn *conn, NbdExport *exp);
 
-/* Admission against drain; returns the node and tracker to use (borrowed until export_leave). */
-void nbd_export_enter(NbdExport *exp, BlockNode **node, BlockTracker **tracker);
+/*
+ * Admission of n requests against drain (each later calls nbd_export_leave once): all of them or
+ * none wait for a drain to end. Returns the node and tracker they use (borrowed until they leave).
+ */
+void nbd_export_enter_n(NbdExport *exp, unsigned n, BlockNode **node, BlockTracker **tracker);
 void nbd_export_leave(NbdExport *exp);
 
 /* nbd-io.c: full reads/writes on a socket. 0 on success, -errno (or -EPIPE on EOF). */

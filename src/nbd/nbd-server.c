@@ -27,7 +27,7 @@
 
 #define NBD_HANDSHAKE_TIMEOUT_S 30
 #define NBD_SEND_TIMEOUT_S 30
-#define NBD_POOL_THREADS 4
+#define NBD_POOL_THREADS 4 /* workers for CPU-bound requests; more start for blocking I/O */
 #define NBD_STOP_GRACE_S 5 /* time clients get to take their last replies at stop */
 
 static struct {
@@ -323,13 +323,13 @@ int nbd_conn_attach(NbdConn *conn, NbdExport *exp)
     return 0;
 }
 
-void nbd_export_enter(NbdExport *exp, BlockNode **node, BlockTracker **tracker)
+void nbd_export_enter_n(NbdExport *exp, unsigned n, BlockNode **node, BlockTracker **tracker)
 {
     pthread_mutex_lock(&exp->lock);
     while (exp->quiesce > 0) {
         pthread_cond_wait(&exp->cond, &exp->lock);
     }
-    exp->in_flight++;
+    exp->in_flight += n;
     *node = exp->node;
     *tracker = exp->tracker;
     pthread_mutex_unlock(&exp->lock);

@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <getopt.h>
 #include <jansson.h>
+#include <malloc.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdbool.h>
@@ -437,6 +438,14 @@ int main(int argc, char **argv)
     const char *nbd_server = NULL, *qmp_path = NULL, *pidfile = NULL;
     bool daemonize = false;
     int nbd_connect_timeout_ms = DEFAULT_NBD_CONNECT_TIMEOUT_MS;
+    /*
+     * glibc gives each thread that allocates its own malloc arena (up to 8 per core), each keeping
+     * freed memory; vdiskd has dozens of threads (up to 16 NBD workers, a reader and a writer per
+     * client, job threads) that all allocate small per-request structures. Two arenas keep the
+     * contention low and the RSS from multiplying per thread (measured: 4k O_DIRECT reads 12.5 ->
+     * 11.3 MiB peak; large I/O buffers do not come from malloc at all: nbd-transmission.c).
+     */
+    mallopt(M_ARENA_MAX, 2);
     if (!blockdevs || !exports) {
         fprintf(stderr, PROG ": out of memory\n");
         return 1;
