@@ -126,7 +126,8 @@ guest() {
             return 1
         fi
         printf '%s' "$lines" >>guest.log
-        echo "$round" >guest.rounds
+        # rename(2) is atomic: a reader never sees the file truncated (empty) mid-update
+        echo "$round" >guest.rounds.tmp && mv -f guest.rounds.tmp guest.rounds
         sleep 0.05
     done
 }

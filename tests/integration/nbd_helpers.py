@@ -136,8 +136,9 @@ class RawClient:
     def send(self, data):
         self.s.sendall(data)
 
-    def closed_by_server(self, timeout=5):
-        """True when the server closed the connection (EOF or reset) within timeout."""
+    def closed_by_server(self, timeout=30):
+        """True when the server closed the connection (EOF or reset) within timeout (a deadline
+        for a loaded machine, not the expected latency: the close usually comes at once)."""
         self.s.settimeout(timeout)
         try:
             while True:

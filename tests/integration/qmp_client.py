@@ -96,8 +96,9 @@ class QMPClient:
         assert r["error"]["class"] == cls, r
         return r["error"]["desc"]
 
-    def get_event(self, name, timeout=5):
-        """Return (and remove) the first event called name, waiting up to timeout seconds."""
+    def get_event(self, name, timeout=30):
+        """Return (and remove) the first event called name, waiting up to timeout seconds (a
+        deadline for a loaded machine running an ASan build, not an expected latency)."""
         end = time.time() + timeout
         while True:
             for i, ev in enumerate(self.events):

@@ -27,8 +27,11 @@ def test_commit_intermediate_with_concurrent_guest(tmp_path):
     s = Served(tmp_path, top, need=("block-commit",))
     try:
         q = s.q
+        # 2 MiB of mid's data at 64 KiB/s: >= 30 s of copying, far longer than the guest's 60
+        # writes even on a loaded machine under ASan, so the guest really writes while the copy
+        # runs (at 1 MiB/s a slow guest outlasted the copy and the overlap check failed).
         q.cmd("block-commit", job_id="c0", device="disk0", top="mid.qcow2", base="base.qcow2",
-              speed=MiB)
+              speed=64 * KiB)
         jobs = q.cmd("query-block-jobs")
         assert len(jobs) == 1 and jobs[0]["type"] == "commit" and jobs[0]["len"] == SIZE
         rng = random.Random(11)
@@ -67,7 +70,9 @@ def test_active_commit_pivot_with_concurrent_guest(tmp_path):
     s = Served(tmp_path, top, need=("block-commit",))
     try:
         q = s.q
-        q.cmd("block-commit", job_id="c1", device="disk0", speed=MiB)
+        # top's 1.5 MiB (plus what the guest dirties) at 64 KiB/s: the copy outlasts the guest's
+        # 60 writes however slow the machine, so the job cannot be READY when we look.
+        q.cmd("block-commit", job_id="c1", device="disk0", speed=64 * KiB)
         rng = random.Random(12)
         g = Guest(s.uri, write_cmds(model, rng, 60, 0))
         g.start()
@@ -194,7 +199,8 @@ def test_commit_cancel_keeps_chain(tmp_path):
     s = Served(tmp_path, top, need=("block-commit",))
     try:
         q = s.q
-        q.cmd("block-commit", job_id="c4", device="disk0", top="mid.qcow2", speed=256 * KiB)
+        # 2 MiB at 64 KiB/s (>= 30 s): still running when the guest is done and we cancel
+        q.cmd("block-commit", job_id="c4", device="disk0", top="mid.qcow2", speed=64 * KiB)
         g = Guest(s.uri, write_cmds(model, random.Random(15), 30, 0))
         g.start()
         g.join_checked()

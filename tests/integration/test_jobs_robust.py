@@ -219,6 +219,15 @@ def wait_job(q, job_id, pred, timeout=15, what="condition"):
         time.sleep(0.05)
 
 
+def wait_progress(what, count, at_least, timeout=30):
+    """Wait until count() >= at_least (a writer made progress): event-driven, not a fixed sleep
+    that a loaded machine may not give the writer enough CPU in."""
+    end = time.time() + timeout
+    while count() < at_least:
+        assert time.time() < end, f"{what}: {count()} < {at_least} after {timeout}s"
+        time.sleep(0.01)
+
+
 def events(q, name, job_id=None):
     """Events called name seen so far (drains what is readable without blocking)."""
     q.sock.settimeout(0.01)
@@ -323,12 +332,14 @@ def test_target_error_stop_pauses_then_resumes(tmp_path, procs, errno_name, poli
     assert err["data"] == {"device": "m", "operation": "write", "action": "stop"}, err
     j = wait_job(q, "m", lambda j: j["paused"], what="pause")
     assert j["io-status"] == iostatus and j["status"] in ("paused", "running"), j
+    # the guest goes on meanwhile (wait for its writes rather than sleep: under load 0.5 s could
+    # pass without one), and the job stays stopped while it does
     n0 = g.done
-    time.sleep(0.5)
+    wait_progress("guest writes while the job is stopped", lambda: g.done, n0 + 20)
     j = job_info(q, "m")
     assert j["paused"] and j["io-status"] == iostatus and not j["ready"], j
     assert not events(q, "BLOCK_JOB_COMPLETED", "m")
-    assert g.done > n0 and not g.errors, (g.done, n0, g.errors)  # the guest goes on meanwhile
+    assert not g.errors, g.errors
     trigger.unlink()
     q.cmd("block-job-resume", device="m")
     j = job_info(q, "m")
@@ -395,14 +406,17 @@ def test_mirror_to_remote_nbd_export_and_pivot(tmp_path, procs, remote):
                              for k, v in nbd_node("remote0", rsock, "exp").items()})
     q.cmd("blockdev-mirror", job_id="mig", device="disk0", target="remote0", sync="full",
           speed=4 * MiB)
-    time.sleep(0.5)
+    # the guest writes while the rate-limited copy runs ...
+    wait_progress("guest writes during the copy", lambda: g.done, 25)
     q.cmd("block-job-set-speed", device="mig", speed=0)
     wait_event(q, "BLOCK_JOB_READY", "mig", timeout=30)
-    time.sleep(0.3)
+    # ... and while ready
+    wait_progress("guest writes while ready", lambda: g.done, g.done + 25)
     q.cmd("block-job-complete", device="mig")  # the guest is still writing
     done = wait_event(q, "BLOCK_JOB_COMPLETED", "mig")
     assert "error" not in done["data"], done
-    time.sleep(0.3)  # ... and goes on, now to the remote export
+    # ... and goes on, now to the remote export
+    wait_progress("guest writes after the pivot", lambda: g.done, g.done + 25)
     g.stop_writer()
     g.join_checked()
     assert g.done > 50, g.done
@@ -561,7 +575,9 @@ def test_outpaced_mirror_switches_to_write_blocking_and_converges(tmp_path, proc
           format="qcow2", speed=256 * KiB)
     j = job_info(q, "m")
     assert j["vdisk-copy-mode"] == "background" and j["vdisk-auto-write-blocking"] is False, j
-    j = wait_job(q, "m", lambda j: j["vdisk-copy-mode"] == "write-blocking", timeout=20,
+    # The switch needs three consecutive 1 s windows in which the guest re-dirties as fast as
+    # the job copies; a guest slowed down by a loaded machine takes longer to get there.
+    j = wait_job(q, "m", lambda j: j["vdisk-copy-mode"] == "write-blocking", timeout=60,
                  what="switch to write-blocking")
     assert j["vdisk-auto-write-blocking"] is True and not j["ready"], j
     assert j["speed"] == 256 * KiB, j  # the user's limit is kept
@@ -596,7 +612,7 @@ def test_outpaced_ready_commit_finishes(tmp_path, procs, verb):
     time.sleep(0.8)
     n0 = g.done
     q.cmd("block-job-complete" if verb == "complete" else "block-job-cancel", device="c")
-    done = wait_event(q, "BLOCK_JOB_COMPLETED", "c", timeout=15)
+    done = wait_event(q, "BLOCK_JOB_COMPLETED", "c", timeout=60)
     assert "error" not in done["data"], done
     assert g.is_alive() and g.done > n0, (g.done, n0)  # finished while the guest was writing
     wait_status(q, "c", "null")
@@ -657,7 +673,9 @@ def test_kill9_mid_job_keeps_source_chain(tmp_path, procs, kind):
     base, mid, top, model = make_chain(tmp_path)
     s = served(procs, tmp_path, top, ("drive-mirror", "block-stream", "block-commit"))
     q = s.q
-    start_job(q, kind, tmp_path, 256 * KiB)
+    # 64 KiB/s: a few MiB to copy takes tens of seconds, so the job is still mid-copy after the
+    # guest's writes however slowly they go (at 256 KiB/s an active commit could get READY first)
+    start_job(q, kind, tmp_path, 64 * KiB)
     # few, short writes: the guest must not allocate all of top (the stream would have nothing to do)
     g = PyGuest(s.sock, "disk0", model, seed=500 + len(kind), count=80, max_len=32 * KiB,
                 flush_every=20)
@@ -771,14 +789,18 @@ def test_pivot_with_pipelined_writes_in_flight(tmp_path, procs, job):
     w = procs.add(Pipeliner(s.sock, "disk0", seed=600 + len(job)))
     w.start()
     wait_event(q, "BLOCK_JOB_READY", "j", timeout=30)
-    while w.batches < 5 and w.is_alive():
-        time.sleep(0.01)
+    wait_progress("pipelined batches while ready", lambda: w.batches if w.is_alive() else 1 << 30,
+                  5)
     before = len(w.writes)
     q.cmd("block-job-complete", device="j")
     done = wait_event(q, "BLOCK_JOB_COMPLETED", "j")
     assert "error" not in done["data"], done
     after = len(w.writes)
-    time.sleep(0.3)
+    # Writes after the pivot (to the new image only): two more whole batches, so at least one
+    # was sent after COMPLETED (a fixed sleep could pass without one on a loaded machine).
+    b = w.batches
+    wait_progress("pipelined batches after the pivot",
+                  lambda: w.batches if w.is_alive() else 1 << 30, b + 2)
     w.stop_writer()
     assert w.exc is None, w.exc
     assert not w.is_alive(), "pipelining writer hung"

@@ -21,12 +21,13 @@ def test_stream_to_base_with_concurrent_guest(tmp_path):
     s = Served(tmp_path, top)
     try:
         q = s.q
-        # 1.5 MiB to pull from mid at 1 MiB/s: the guest writes while the copy runs, also into
+        # 1.5 MiB to pull from mid at 128 KiB/s (>= 10 s; at 1 MiB/s a guest slowed down by a
+        # loaded machine outlasted the copy): the guest writes while the copy runs, also into
         # the ranges being streamed (mid's [1M, 3M)).
-        q.cmd("block-stream", job_id="s0", device="disk0", base="base.qcow2", speed=MiB)
+        q.cmd("block-stream", job_id="s0", device="disk0", base="base.qcow2", speed=128 * KiB)
         jobs = q.cmd("query-block-jobs")
         assert len(jobs) == 1 and jobs[0]["type"] == "stream" and jobs[0]["device"] == "s0"
-        assert jobs[0]["len"] == SIZE and jobs[0]["speed"] == MiB
+        assert jobs[0]["len"] == SIZE and jobs[0]["speed"] == 128 * KiB
         rng = random.Random(7)
         g = Guest(s.uri, write_cmds(model, rng, 40, 0, lo=512 * KiB, hi=4 * MiB, max_len=100 * KiB)
                   + write_cmds(model, rng, 20, 100))
@@ -140,7 +141,8 @@ def test_stream_cancel_keeps_chain(tmp_path):
     s = Served(tmp_path, top)
     try:
         q = s.q
-        q.cmd("block-stream", job_id="s2", device="disk0", speed=256 * KiB)
+        # ~3.5 MiB to pull at 64 KiB/s (>= 50 s): still running when we cancel
+        q.cmd("block-stream", job_id="s2", device="disk0", speed=64 * KiB)
         g = Guest(s.uri, write_cmds(model, random.Random(9), 30, 5))
         g.start()
         g.join_checked()

@@ -328,10 +328,11 @@ def test_client_not_reading_replies_does_not_stall_others(daemon):
     for _ in range(5):
         still_serves(daemon)
     assert time.time() - t0 < 3
-    # and shutdown does not wait for the hog for ever (it is cut off after a grace period)
+    # and shutdown does not wait for the hog for ever (it is cut off after a grace period of 5 s;
+    # the bound leaves room for an ASan build's exit on a loaded machine)
     t0 = time.time()
-    assert daemon.stop() == 0, daemon.output()
-    assert time.time() - t0 < 10
+    assert daemon.stop(timeout=30) == 0, daemon.output()
+    assert time.time() - t0 < 20
     hog.close()
 
 

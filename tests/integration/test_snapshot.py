@@ -7,12 +7,13 @@ Overlay headers are compared with what qemu-storage-daemon 7.2 writes; qemu-img 
 """
 import os
 import random
-import time
+import subprocess
+import threading
 
 import pytest
 
 from conftest import VDISKD, qemu_img
-from blockops_helpers import (MiB, KiB, SIZE, make_chain, Served, Guest, guest_read,
+from blockops_helpers import (MiB, KiB, SIZE, make_chain, Served, guest_read,
                               image_content, assert_same, chain_info, check_clean,
                               wait_status)
 
@@ -29,8 +30,9 @@ def gen_ops(rng, n):
 
 
 def ops_cmds(ops):
-    """qemu-io arguments; a 1 ms pause after each write keeps the guest busy for >= len(ops) ms,
-    so the snapshot (taken 0.3 s in) lands in the middle on fast and slow machines alike."""
+    """qemu-io arguments; a 1 ms pause after each write keeps the guest busy for >= len(ops) ms
+    (plus the writes' own latency, which grows with the machine's load as the snapshot's does),
+    so a snapshot taken once the guest is under way lands in the middle of its writes."""
     cmds = []
     for off, length, pat in ops:
         cmds += ["-c", f"write -P {pat} {off} {length}" if pat else f"write -z {off} {length}",
@@ -55,12 +57,41 @@ def switch_point(initial, ops, old_top):
     raise AssertionError("the old top is not the disk after any prefix of the guest's writes")
 
 
-def run_guest_around(s, ops, action):
-    g = Guest(s.uri, ops_cmds(ops))
-    g.start()
-    time.sleep(0.3)
-    action()
-    g.join_checked()
+def run_guest_around(s, ops, action, started=10):
+    """Run the guest; once it has acknowledged `started` writes (qemu-io's line-buffered output
+    says so), do action while the rest (>= 1 ms each) are still to come; wait for the guest.
+
+    Event-driven: a fixed 0.3 s sleep before the action could end before a slow qemu-io (startup
+    alone takes ~0.2 s on a loaded machine) wrote anything, and the snapshot then came first."""
+    p = subprocess.Popen(["stdbuf", "-oL", "qemu-io", "-f", "raw", *ops_cmds(ops), s.uri],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, cv = [], threading.Condition()
+
+    def reader():
+        for line in p.stdout:
+            with cv:
+                out.append(line)
+                cv.notify_all()
+        with cv:
+            out.append(None)  # EOF
+            cv.notify_all()
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    try:
+        with cv:
+            ok = cv.wait_for(lambda: None in out or
+                             sum(ln.startswith("wrote ") for ln in out) >= started, timeout=60)
+        assert ok and None not in out, "guest did not get going:\n" + "".join(out[:-1])
+        action()
+        p.wait(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        t.join(10)
+    text = "".join(ln for ln in out if ln is not None)
+    assert p.returncode == 0 and "fail" not in text.lower() and "error" not in text.lower(), text
+    assert sum(ln.startswith("wrote ") for ln in out if ln) == len(ops), text[-2000:]
 
 
 def test_snapshot_sync_under_guest_writes(tmp_path):

@@ -9,15 +9,18 @@ export afterwards landing in the image the export was pivoted to.
 """
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
+import threading
 import time
 
 import pytest
 
 from conftest import VDISK, VDISKD, qemu_img, qemu_io
 from qmp_client import Daemon, QMPClient
+from nbd_helpers import RawClient, CMD_WRITE, CMD_WZ, CMD_FLUSH
 
 MiB = 1 << 20
 SIZE = 8 * MiB
@@ -191,6 +194,106 @@ def test_blockcopy_shallow_finish(kind, tmp):
     # only the top layer was copied: the base's 0x11 data is not allocated in the copy
     m = json.loads(qemu_img("map", "-U", "--output=json", tmp / "copy.qcow2").stdout)
     assert all(e["depth"] >= 1 for e in m if e["start"] < MiB and e["data"]), m
+
+
+class NbdGuest(threading.Thread):
+    """A guest writing through the export until stopped: one NBD connection, one request at a
+    time (random writes of patterns 1..0x4f, some write-zeroes), each applied to the model once
+    acknowledged. Every request must succeed."""
+
+    def __init__(self, sock, model, seed):
+        super().__init__(daemon=True)
+        self.sock, self.model, self.rng = sock, model, random.Random(seed)
+        self.done, self.errors, self.exc = 0, [], None
+        self.stop_ev = threading.Event()
+
+    def run(self):
+        try:
+            c = RawClient(self.sock, timeout=30)
+            c.greet()
+            c.go("disk0", structured=False)
+            while not self.stop_ev.is_set():
+                ln = self.rng.randrange(1, 128 * 1024)
+                off = self.rng.randrange(0, SIZE - ln)
+                if self.rng.random() < 0.85:
+                    data = bytes([self.rng.randrange(1, 0x50)]) * ln
+                    c.request(CMD_WRITE, off, ln, self.done + 1, 0, data)
+                else:
+                    data = bytes(ln)
+                    c.request(CMD_WZ, off, ln, self.done + 1)
+                cookie, err, _ = c.reply()
+                assert cookie == self.done + 1, (cookie, self.done)
+                if err:
+                    self.errors.append((off, ln, err))
+                else:
+                    self.model[off:off + ln] = data
+                self.done += 1
+            c.request(CMD_FLUSH, 0, 0, 1 << 40)
+            assert c.reply()[:2] == (1 << 40, 0)
+            c.disc()
+            c.close()
+        except BaseException as e:  # reported by stop_checked
+            self.exc = e
+
+    def wait_writes(self, n, timeout=60):
+        """Wait (event-driven, generous deadline) until n more writes were acknowledged."""
+        target, end = self.done + n, time.time() + timeout
+        while self.done < target:
+            assert self.is_alive() and time.time() < end, (self.done, target, self.exc)
+            time.sleep(0.01)
+
+    def stop_checked(self):
+        self.stop_ev.set()
+        self.join(60)
+        assert not self.is_alive(), "guest writer hung"
+        if self.exc:
+            raise self.exc
+        assert self.errors == [], self.errors[:10]
+
+
+def test_blockcopy_raw_pivot_under_guest_writes(kind, tmp):
+    """blockcopy --raw (virsh: the same as --format raw) onto a new file, --pivot, while a guest
+    keeps writing through the export: the destination is a raw image (no qcow2 header: its bytes
+    are the disk) holding exactly what the guest wrote, before, during and after the pivot; the
+    source chain gets none of the writes made after the pivot."""
+    (base, top), ref = make_chain(tmp)
+    dest = tmp / "copy.raw"
+    srv = Server(kind, tmp, top)
+    g = None
+    try:
+        srv.require("drive-mirror", "query-block-jobs", "block-job-complete")
+        model = bytearray(ref.read_bytes())
+        g = NbdGuest(srv.nbd, model, seed=7)
+        g.start()
+        g.wait_writes(20)  # the guest is writing before the job starts ...
+        p = srv.run("blockcopy", "exp0", dest, "--raw", "--pivot", "--verbose", timeout=120)
+        assert p.stdout == "\nSuccessfully pivoted\n", (p.stdout, p.stderr)
+        assert progress_re("Block Copy").match(p.stderr), repr(p.stderr)
+        assert g.is_alive(), g.exc  # ... never stopped during the copy and the pivot ...
+        assert domblklist(srv) == [["exp0", str(dest)]]
+        g.wait_writes(20)  # ... and goes on, on the destination now
+        g.stop_checked()
+        g = None
+        # What the guest reads through the export is the model ...
+        seen = tmp / "seen.raw"
+        qemu_img("convert", "-f", "raw", "-O", "raw", srv.uri(), seen)
+        assert seen.read_bytes() == bytes(model), "guest view after the pivot differs"
+        # ... and a last write lands in the destination only (0xee: never a writer pattern).
+        model[5 * MiB:5 * MiB + 65536] = b"\xee" * 65536
+        guest_write_then_stop(srv, 0xee, 5 * MiB)
+    finally:
+        if g is not None:
+            g.stop_ev.set()
+            g.join(60)
+        srv.stop()
+    info = json.loads(qemu_img("info", "--output=json", dest).stdout)
+    assert info["format"] == "raw" and info["virtual-size"] == SIZE, info
+    data = dest.read_bytes()
+    assert not data.startswith(b"QFI\xfb"), "the destination is a qcow2 image, not raw"
+    assert len(data) == SIZE and data == bytes(model), "destination differs from the guest's disk"
+    qemu_img("check", "-q", top)
+    p = qemu_io("-f", "qcow2", "-r", "-c", f"read -P 0xee {5 * MiB} 65536", top, check=False)
+    assert "Pattern verification failed" in p.stdout, "a write after the pivot reached the source"
 
 
 def test_blockcopy_reuse_external_wait_then_blockjob(kind, tmp):
@@ -566,6 +669,25 @@ def test_fake_server_hangs_up(tmp):
     assert cmd == "drive-mirror" and args == {
         "job-id": "disk0", "device": "disk0", "target": "/img/c.qcow2", "sync": "full",
         "mode": "absolute-paths", "speed": 3 * MiB}
+
+
+@pytest.mark.parametrize("fmt_args", [("--raw",), ("--format", "raw")])
+def test_fake_blockcopy_raw_is_format_raw(tmp, fmt_args):
+    """virsh's --raw is an alias of --format raw: drive-mirror gets "format": "raw" either way."""
+    script = dict(FAKE_GRAPH)
+    script["drive-mirror"] = lambda a, i: None
+    fake = FakeQmp(tmp, script)
+    try:
+        p = run_vdisk("blockcopy", "/img/top.qcow2", "/img/c.raw", *fmt_args, "--socket",
+                      fake.path, check=False)
+    finally:
+        fake.close()
+    assert p.returncode == 1
+    assert p.stderr == "vdisk: error: QMP connection closed by the server\n"
+    cmd, args = fake.seen[-1]
+    assert cmd == "drive-mirror" and args == {
+        "job-id": "disk0", "device": "disk0", "target": "/img/c.raw", "sync": "full",
+        "mode": "absolute-paths", "format": "raw"}, args
 
 
 def test_fake_not_qmp(tmp):

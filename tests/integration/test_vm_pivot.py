@@ -387,10 +387,12 @@ def test_vm_keeps_running_through_pivot(tmp):
 
         # The seed's live copy: sn1+sn2 onto active (backed by base), pivot.
         q.cmd("drive-mirror", job_id="vm", device="disk0", target=str(active), mode="existing",
-              format="qcow2", sync="full", base_node=bnode, speed=4 * MiB)
+              format="qcow2", sync="full", base_node=bnode, speed=MiB)
         t_mirror = time.monotonic()
-        # 15 MiB above base at 4 MiB/s: the guest writes while the copy runs; then full speed
-        # (the guest dirties several MiB/s, re-copied each time: a rate limit could starve it).
+        # 15 MiB above base at 1 MiB/s (>= 15 s): the guest writes while the copy runs, and its 3
+        # rounds fit in the copy however slow TCG is on a loaded machine (at 4 MiB/s, 3.75 s, a
+        # slow guest round let the job get READY first); then full speed (the guest dirties
+        # several MiB/s, re-copied each time: a rate limit could starve it).
         con.run_for(1.5, 3)
         assert q.cmd("query-block-jobs")[0]["ready"] is False
         q.cmd("block-job-set-speed", device="vm", speed=0)
