@@ -159,6 +159,7 @@ struct Job {
     bool auto_finalize, auto_dismiss;
     int pause_count;      /* > 0: the job must sit in a pause point */
     bool user_paused;     /* one of the pause_count is the user's (or an error "stop") */
+    bool parked;          /* the job thread sits in job_pause_point, PAUSED or STANDBY */
     bool busy;            /* false while sleeping or paused (query-block-jobs "busy") */
     bool cancelled;       /* any cancel requested */
     bool force_cancel;    /* hard cancel: run must fail with -ECANCELED */
@@ -701,6 +702,12 @@ int job_user_pause(Job *job, VdError **errp)
     if (r == 0) {
         job->user_paused = true;
         job->pause_count++;
+        /* Resumed but not yet back from its pause point: it is paused again as it stands. */
+        if (job->parked && job->status == JOB_STATUS_RUNNING) {
+            job_transition(job, JOB_STATUS_PAUSED);
+        } else if (job->parked && job->status == JOB_STATUS_READY) {
+            job_transition(job, JOB_STATUS_STANDBY);
+        }
         job_kick(job);
     }
     unlock_and_flush();
@@ -719,6 +726,13 @@ int job_user_resume(Job *job, VdError **errp)
         job->user_paused = false;
         job->pause_count--;
         job->iostatus = IOSTATUS_OK; /* a resume retries what failed */
+        /* As QEMU, whose resume re-enters the job at once: leave PAUSED / STANDBY before the
+         * verb returns, not when the job thread next runs (it finds its status already back). */
+        if (job->pause_count == 0 && job->parked && job->status == JOB_STATUS_PAUSED) {
+            job_transition(job, JOB_STATUS_RUNNING);
+        } else if (job->pause_count == 0 && job->parked && job->status == JOB_STATUS_STANDBY) {
+            job_transition(job, JOB_STATUS_READY);
+        }
         job_kick(job);
     }
     unlock_and_flush();
@@ -920,11 +934,13 @@ void job_pause_point(Job *job)
             job_transition(job, JOB_STATUS_STANDBY);
         }
         job->busy = false;
+        job->parked = true;
         unlock_and_flush();
         pthread_mutex_lock(&job_mutex);
         while (job->pause_count > 0 && !(job->cancelled && job->force_cancel)) {
             pthread_cond_wait(&job->cond, &job_mutex);
         }
+        job->parked = false;
         job->busy = true;
         if (job->status != resume_to) {
             job_transition(job, resume_to);
