@@ -240,6 +240,43 @@ static void export_kick_clients_locked(NbdExport *exp)
     }
 }
 
+/*
+ * srv.lock held: has the peer of c closed its end? Such a client only finishes its in-flight
+ * requests and goes; its connection thread may just not have run yet.
+ */
+static bool conn_leaving_locked(NbdConn *c)
+{
+    if (c->fd < 0) {
+        return true;
+    }
+    struct pollfd p = {.fd = c->fd, .events = POLLRDHUP};
+    return poll(&p, 1, 0) == 1 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR));
+}
+
+/*
+ * srv.lock held. Safe-mode delete right after a client disconnected (qemu-io has exited) must not
+ * see that client as connected: wait, bounded, for clients whose peer has gone to unwind. Returns
+ * the clients still attached (0: the export is free).
+ */
+#define NBD_LEAVING_WAIT_S 5
+static unsigned export_wait_leaving_locked(NbdExport *exp)
+{
+    struct timespec deadline;
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    deadline.tv_sec += NBD_LEAVING_WAIT_S;
+    while (exp->clients > 0) {
+        for (NbdConn *c = srv.conns; c; c = c->next) {
+            if (c->exp == exp && c->attached && !conn_leaving_locked(c)) {
+                return exp->clients; /* a client is still connected */
+            }
+        }
+        if (pthread_cond_timedwait(&srv.cond, &srv.lock, &deadline) == ETIMEDOUT) {
+            break;
+        }
+    }
+    return exp->clients;
+}
+
 int nbd_export_del(const char *id, bool force, VdError **errp)
 {
     pthread_mutex_lock(&srv.lock);
@@ -249,9 +286,19 @@ int nbd_export_del(const char *id, bool force, VdError **errp)
         vd_error_setg(errp, ENOENT, "export '%s' not found", id ? id : "");
         return -ENOENT;
     }
-    if (exp->clients > 0 && !force) {
+    exp->refcnt++; /* the wait drops srv.lock: keep exp alive, see whether it is still listed */
+    unsigned busy = force ? 0 : export_wait_leaving_locked(exp);
+    bool gone = exp->deleted; /* a server stop took it meanwhile */
+    export_unref_locked(exp);
+    if (gone) {
         pthread_mutex_unlock(&srv.lock);
-        vd_error_setg(errp, EBUSY, "export '%s' has %u connected client(s)", id, exp->clients);
+        vd_error_setg(errp, ENOENT, "export '%s' not found", id);
+        return -ENOENT;
+    }
+    if (busy > 0) {
+        pthread_mutex_unlock(&srv.lock);
+        vd_error_setg(errp, EBUSY, "export '%s' still in use (use mode='hard' to force client "
+                      "disconnect)", id);
         return -EBUSY;
     }
     export_unlist_locked(exp);

@@ -307,11 +307,6 @@ static int export_del(const char *id, bool hard, VdError **errp)
         vd_error_setg(errp, ENXIO, "Export '%s' is not found", id);
         return -ENXIO;
     }
-    if (!hard && nbd_export_client_count(exp) > 0) {
-        vd_error_setg(errp, EBUSY, "export '%s' still in use (use mode='hard' to force client "
-                      "disconnect)", id);
-        return -EBUSY;
-    }
     char *saved = strdup(id); /* id may point into the export, which is about to go */
     if (!saved) {
         vd_error_setg(errp, ENOMEM, "Out of memory");
