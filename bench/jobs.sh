@@ -5,7 +5,8 @@
 # daemon in turn (fresh copies, fresh daemon per scenario, same options: page cache):
 # drive-mirror sync=full / sync=top (target over sn1) / vdiskd base-node (target over base): time
 # to READY and COMPLETED and the pivot pause, idle and under a fio 4k randwrite load through NBD
-# (capped and uncapped; guest IOPS, p99 and max latency during the job vs fio alone);
+# (capped and uncapped; guest IOPS, p99 and max latency during the job vs fio alone, and guest IOPS
+# during the copy (job command -> READY) and during the pivot phase (complete -> COMPLETED) apart);
 # block-stream and block-commit (non-active and active); daemon CPU time and peak RSS (VmHWM).
 # See bench/jobs_bench.py for the method. Results: bench/out/jobs.md (+ jobs.json).
 # Env: BENCH_JOBS_SCALE (1; 0.05-0.25 for a quick run), BENCH_JOBS_REPS (1; median shown),
@@ -22,6 +23,8 @@
 #      BENCH_JOBS_PERF_CALLGRAPH (dwarf,8192), BENCH_JOBS_PERF_FREQ (499); then
 #      `perf report -i FILE --no-children --sort pid,sym`),
 #      VDISKD (default build/src/tools/vdiskd; the default debugoptimized build is fine).
+#      vdiskd's copy-engine knobs pass through the environment: VDISK_COPY_WORKERS, VDISK_COPY_UNIT,
+#      VDISK_COPY_NICE, VDISK_COPY_BUSY_WORKERS, VDISK_COPY_WRITEBACK (docs/concurrency.md).
 #      Re-render the markdown from a saved json: bench/jobs_bench.py --report-only bench/out/jobs.json
 # Needs: qemu-storage-daemon, qemu-img, fio with the nbd engine, python3, perf (optional), and
 # ~2.5 GiB * scale of disk for the cached chain plus ~5 GiB * scale for a run.

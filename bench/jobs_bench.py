@@ -256,16 +256,22 @@ def fio_argv(uri, runtime, rate_iops, logprefix):
     return a
 
 
-def fio_window(logprefix, t0, t1):
-    """IOPS, p99 / max completion latency of the writes that completed in [t0, t1] (epoch s)."""
+def fio_window(logprefix, t0, t1, sub=None):
+    """IOPS, p99 / max completion latency of the writes that completed in [t0, t1] (epoch s);
+    sub: {name: (a, b)} sub-windows whose IOPS are returned as iops_NAME (e.g. the copy before
+    READY and the pivot phase after block-job-complete)."""
     lo, hi = t0 * 1000, t1 * 1000
     lats = []
+    counts = {k: 0 for k in (sub or {})}
     with open(f"{logprefix}_clat.1.log") as f:
         for line in f:
             ts, lat = line.split(",", 2)[:2]
             ts = int(ts)
             if lo <= ts <= hi:
                 lats.append(int(lat))
+            for k, (a, b) in (sub or {}).items():
+                if a * 1000 <= ts <= b * 1000:
+                    counts[k] += 1
     for ext in ("_clat.1.log", "_lat.1.log", "_slat.1.log"):
         try:
             os.unlink(logprefix + ext)
@@ -274,9 +280,12 @@ def fio_window(logprefix, t0, t1):
     if not lats:
         return {"iops": 0, "p99_ms": None, "max_ms": None, "ios": 0, "window_s": t1 - t0}
     lats.sort()
-    return {"iops": len(lats) / (t1 - t0), "p99_ms": lats[int(0.99 * (len(lats) - 1))] / 1e6,
-            "max_ms": lats[-1] / 1e6, "mean_ms": sum(lats) / len(lats) / 1e6, "ios": len(lats),
-            "window_s": t1 - t0}
+    res = {"iops": len(lats) / (t1 - t0), "p99_ms": lats[int(0.99 * (len(lats) - 1))] / 1e6,
+           "max_ms": lats[-1] / 1e6, "mean_ms": sum(lats) / len(lats) / 1e6, "ios": len(lats),
+           "window_s": t1 - t0}
+    for k, (a, b) in (sub or {}).items():
+        res[f"iops_{k}"] = counts[k] / (b - a) if b > a else None
+    return res
 
 
 def fio_first_ts(logprefix):
@@ -296,7 +305,7 @@ class Guest:
         if self.proc.poll() is not None:
             raise RuntimeError(f"fio exited early: {self.proc.stderr.read()}")
 
-    def stop(self, t0, t1):
+    def stop(self, t0, t1, sub=None):
         """Stop fio; statistics of the completions in [t0, t1] (epoch seconds)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
@@ -306,7 +315,7 @@ class Guest:
             self.proc.kill()
             self.proc.communicate()
             raise RuntimeError("fio did not stop on SIGINT")
-        return fio_window(self.logprefix, t0, t1)
+        return fio_window(self.logprefix, t0, t1, sub)
 
 
 # ---------------------------------------------------------------- scenarios
@@ -474,7 +483,14 @@ def run_one(kind, load, daemon_kind, src, work, a, vsize):
             res["pivot_s"] = ev[0] - tc
         res["cpu_s"] = d.cpu_seconds() - c0
         if guest:
-            res["fio"] = guest.stop(w0, w0 + res["completed_s"])
+            sub = {}
+            if res.get("ready_s"):
+                # the copy (job command -> READY) and the pivot phase (complete -> COMPLETED)
+                sub = {"copy": (w0, w0 + res["ready_s"]),
+                       "pivot": (w0 + (tc - t0), w0 + res["completed_s"])}
+            else:
+                sub = {"copy": (w0, w0 + res["completed_s"])}
+            res["fio"] = guest.stop(w0, w0 + res["completed_s"], sub)
             guest = None
         if daemon_kind == "vdiskd" and kind.startswith("mirror"):
             m = None
@@ -626,6 +642,12 @@ def report(meta, results, scen):
     loaded = [n for n in names if "(idle)" not in n]
     table("Guest IOPS during the job (fio 4k randwrite over NBD)",
           [(n, get(n, "vdiskd", "iops", "fio"), get(n, "qsd", "iops", "fio"), 0) for n in loaded])
+    table("Guest IOPS during the copy only (job command -> READY; stream/commit: the whole job)",
+          [(n, get(n, "vdiskd", "iops_copy", "fio"), get(n, "qsd", "iops_copy", "fio"), 0)
+           for n in loaded])
+    table("Guest IOPS during the pivot phase (block-job-complete -> COMPLETED)",
+          [(n, get(n, "vdiskd", "iops_pivot", "fio"), get(n, "qsd", "iops_pivot", "fio"), 0)
+           for n in loaded if n in mirrors])
     table("Guest p99 write latency during the job (ms, fio clat)",
           [(n, get(n, "vdiskd", "p99_ms", "fio"), get(n, "qsd", "p99_ms", "fio"), 2)
            for n in loaded])
@@ -751,7 +773,11 @@ def main():
                          if k not in ("fio", "perf")}
                 if "fio" in r:
                     brief["iops"] = round(r["fio"]["iops"])
+                    for k in ("iops_copy", "iops_pivot"):
+                        if r["fio"].get(k) is not None:
+                            brief[k] = round(r["fio"][k])
                     brief["p99_ms"] = r["fio"]["p99_ms"]
+                    brief["max_ms"] = r["fio"]["max_ms"]
                 log(f"rep {rep + 1} {dk:6} {name:26} {brief}")
     shutil.rmtree(os.path.join(work, "run"), ignore_errors=True)
     meta["loadavg_end"] = " ".join(open("/proc/loadavg").read().split()[:3])

@@ -25,10 +25,10 @@
 #include "block/graph.h"
 #include "block/tracking.h"
 #include "jobs/blockops.h"
+#include "jobs/copy.h"
 #include "jobs/job.h"
 #include "util/log.h"
 
-#define COMMIT_CHUNK (1ULL << 20)
 #define IDLE_WAIT_NS 100000000ULL
 #define COMMIT_FINISH_ROUNDS 4          /* finishing: copy at most this many times what was dirty */
 #define COMMIT_FINISH_NS 2000000000ULL  /* ... or for this long, before the drained tail copy */
@@ -43,7 +43,8 @@ typedef struct Commit {
     BlockNode *base_rw;      /* ref: base reopened read-write, in the chain while the job runs */
     BlockNode *base_parent;  /* ref: the node whose backing was base */
     char *backing_name, *backing_fmt; /* what `above` records at the end (non-active) */
-    uint64_t len, gran;
+    uint64_t len, gran, unit;
+    CopyEngine *engine;      /* active: holds the top's range BT_SHARED; non-active: untracked */
     JobErrorAction on_error;
     bool claimed;
     bool base_swapped;       /* base_rw is in the chain */
@@ -126,8 +127,8 @@ static void commit_write_notify(void *opaque, uint64_t offset, uint64_t bytes)
  * Make base_rw's [off, off+n) read what the chain above it reads there (where a layer above base
  * decides; elsewhere base itself already decides). Caller excludes writers of the range.
  */
-static int copy_range(Commit *c, uint64_t off, uint64_t n, uint8_t *buf, bool *is_read,
-                      uint64_t *copied)
+static int copy_range(Commit *c, uint64_t off, uint64_t n, uint8_t *buf, uint64_t buf_size,
+                      bool *is_read, uint64_t *copied)
 {
     uint64_t end = off + n;
     while (off < end) {
@@ -147,9 +148,10 @@ static int copy_range(Commit *c, uint64_t off, uint64_t n, uint8_t *buf, bool *i
                 r = vd_pwrite_zeroes(c->base_rw, off, pnum, 0);
             } else {
                 for (uint64_t p = off; p < off + pnum && r == 0;) {
-                    uint64_t k = off + pnum - p < COMMIT_CHUNK ? off + pnum - p : COMMIT_CHUNK;
+                    uint64_t k = off + pnum - p < buf_size ? off + pnum - p : buf_size;
                     *is_read = true;
-                    r = vd_pread(c->top, p, k, buf);
+                    /* From the deciding layer itself: see copy_read_layer. */
+                    r = vd_pread(copy_read_layer(c->top, st.layer, p, k), p, k, buf);
                     if (r == 0) {
                         *is_read = false;
                         r = vd_pwrite(c->base_rw, p, k, buf, 0);
@@ -182,46 +184,51 @@ static int commit_io_error(Commit *c, int r, bool is_read, int *ignored)
     return 0;
 }
 
-static int commit_run_passive(Commit *c, uint8_t *buf, VdError **errp)
+/* One chunk, on a copy worker. Tracked (active run): the range is held; clear its bits only now. */
+static void commit_copy_chunk(void *opaque, CopyChunk *ch, uint8_t *buf, uint64_t buf_size)
+{
+    Commit *c = opaque;
+    bool bitmap = c->active && ch->tracked;
+    if (bitmap) {
+        pthread_mutex_lock(&c->lock);
+        bm_set(c, ch->off, ch->bytes, false);
+        pthread_mutex_unlock(&c->lock);
+    }
+    ch->ret = copy_range(c, ch->off, ch->bytes, buf, buf_size, &ch->is_read, &ch->copied);
+    if (ch->ret < 0 && bitmap) {
+        pthread_mutex_lock(&c->lock); /* back to dirty: retried after stop/ignore */
+        bm_set(c, ch->off, ch->bytes, true);
+        pthread_mutex_unlock(&c->lock);
+    }
+}
+
+/* top..above-base are read-only: what none of them allocates needs no copy (non-active). */
+static uint64_t commit_skip(void *opaque, uint64_t off, uint64_t max)
+{
+    Commit *c = opaque;
+    uint64_t pnum = 0;
+    int r = vd_is_allocated_above(c->top, c->base_rw, off, max, &pnum);
+    return r == 0 && pnum <= max ? pnum : 0;
+}
+
+static int commit_run_passive(Commit *c, VdError **errp)
 {
     job_progress_set_remaining(c->job, c->len);
-    int ignored = 0;
-    for (uint64_t off = 0; off < c->len;) {
-        job_pause_point(c->job);
-        if (job_is_cancelled(c->job)) {
-            return -ECANCELED;
-        }
-        uint64_t chunk = COMMIT_CHUNK, speed = job_get_speed(c->job);
-        if (speed && speed / 10 < chunk) {
-            chunk = speed / 10;
-        }
-        chunk = chunk / c->gran * c->gran;
-        chunk = chunk ? chunk : c->gran;
-        uint64_t n = c->len - off < chunk ? c->len - off : chunk;
-        bool is_read = false;
-        uint64_t copied = 0;
-        int r = copy_range(c, off, n, buf, &is_read, &copied);
-        if (r < 0) {
-            int e = commit_io_error(c, r, is_read, &ignored);
-            if (e < 0) {
-                vd_error_setg(errp, -e, "Commit %s error: %s", is_read ? "read" : "write",
-                              strerror(-e));
-                return e;
-            }
-            if (ignored != r) {
-                continue; /* stopped and resumed: retry */
-            }
-        }
-        job_progress_update(c->job, n);
-        if (copied) {
-            job_rate_limit(c->job, copied);
-        }
-        off += n;
+    CopySweep sw = {.job = c->job, .engine = c->engine, .len = c->len, .unit = c->unit,
+                    .align = c->gran, .on_error = c->on_error, .skip = commit_skip, .opaque = c};
+    int r = copy_sweep_run(&sw);
+    if (r == -ECANCELED) {
+        return r;
     }
-    if (ignored) {
+    if (r < 0) {
+        vd_error_setg(errp, -r, "Commit %s error: %s", sw.failed_is_read ? "read" : "write",
+                      strerror(-r));
+        return r;
+    }
+    if (sw.ignored) {
         /* The images above base cannot be dropped with a hole in the copy. */
-        vd_error_setg(errp, -ignored, "Commit failed: %s", strerror(-ignored));
-        return ignored;
+        vd_error_setg(errp, -sw.ignored, "Commit failed: %s", strerror(-sw.ignored));
+        return sw.ignored;
     }
     return 0;
 }
@@ -250,9 +257,81 @@ static int commit_scan(Commit *c)
     return 0;
 }
 
-static int commit_run_active(Commit *c, uint8_t *buf, VdError **errp)
+/*
+ * The next dirty range at or after *cursor (wrapping) overlapping no copy in flight: at most
+ * max_bytes, starting on a granularity boundary (whole clusters of top and base). With drained
+ * (prepare: untracked copies), its bits are cleared here instead of by the worker.
+ */
+static bool commit_pick(Commit *c, uint64_t *cursor, uint64_t max_bytes, bool drained,
+                        uint64_t *off, uint64_t *n)
+{
+    uint64_t g = c->gran, from = *cursor;
+    unsigned tries = copy_engine_max_in_flight(c->engine) + 2;
+    bool found = false;
+    uint64_t max_bits = max_bytes / g ? max_bytes / g : 1;
+    pthread_mutex_lock(&c->lock);
+    for (unsigned t = 0; t < tries && !found; t++) {
+        uint64_t first = 0, nb = 0;
+        if (!bm_next(c, from >= c->nbits ? 0 : from, &first)) {
+            break;
+        }
+        while (first + nb < c->nbits && nb < max_bits && bm_get(c, first + nb)) {
+            nb++;
+        }
+        uint64_t start = first * g, end = (first + nb) * g;
+        end = end > c->len ? c->len : end;
+        uint64_t skip = 0;
+        uint64_t e2 = copy_engine_clip(c->engine, start, end, &skip);
+        if (e2 == 0) {
+            from = skip / g;
+            continue;
+        }
+        *off = start;
+        *n = e2 - start;
+        *cursor = (e2 + g - 1) / g;
+        if (drained) {
+            bm_set(c, start, e2 - start, false);
+        }
+        found = true;
+    }
+    pthread_mutex_unlock(&c->lock);
+    return found;
+}
+
+typedef struct CommitReap {
+    Commit *c;
+    bool failed;
+    CopyChunk first_failure;
+    bool finishing;
+    uint64_t finish_copied;
+    uint64_t to_account;
+} CommitReap;
+
+static void commit_reaped(void *opaque, const CopyChunk *ch)
+{
+    CommitReap *cr = opaque;
+    Commit *c = cr->c;
+    if (ch->ret < 0) {
+        if (!cr->failed) { /* only the first of a batch is reported; the others retry */
+            cr->failed = true;
+            cr->first_failure = *ch;
+        }
+        return;
+    }
+    job_progress_update(c->job, ch->bytes);
+    uint64_t rem = dirty_bytes(c);
+    job_progress_set_remaining(c->job, (!job_is_ready(c->job) && rem == 0) ? 1 : rem);
+    if (cr->finishing) {
+        cr->finish_copied += ch->bytes;
+    } else if (ch->copied && job_get_speed(c->job)) {
+        cr->to_account += ch->copied;
+    }
+}
+
+static int commit_run_active(Commit *c, VdError **errp)
 {
     Job *job = c->job;
+    CopyEngine *e = c->engine;
     int r = commit_scan(c);
     if (r < 0) {
         if (r != -ECANCELED) {
@@ -263,123 +342,124 @@ static int commit_run_active(Commit *c, uint8_t *buf, VdError **errp)
     job_progress_set_remaining(job, dirty_bytes(c) ? dirty_bytes(c) : 1);
     uint64_t cursor = 0;
     int ignored = 0;
+    CommitReap cr = {.c = c};
     /*
      * Finishing (ready, then complete or soft cancel): as the mirror does, stop waiting for the
      * bitmap to empty by itself. The speed limit no longer applies (the user asked to finish),
      * a bounded amount is copied while guests still run, and prepare copies the rest under drain,
      * so this converges even when the guest writes faster than the copy.
      */
-    bool finishing = false;
-    uint64_t finish_budget = 0, finish_copied = 0, finish_deadline = 0;
+    uint64_t finish_budget = 0, finish_deadline = 0;
     for (;;) {
-        job_pause_point(job);
-        if (job_is_cancelled(job)) {
-            return -ECANCELED;
+        CopyChunk ch;
+        while (copy_engine_reap(e, &ch, false)) {
+            commit_reaped(&cr, &ch);
         }
-        if (!finishing && job_is_ready(job)) {
+        /* Quiet points (nothing in flight): see mirror_run. */
+        uint64_t speed = cr.finishing ? 0 : job_get_speed(job);
+        if (copy_engine_take_kick(e) || cr.failed || speed) {
+            copy_engine_drain(e, commit_reaped, &cr);
+        }
+        if (copy_engine_in_flight(e) == 0) {
+            if (cr.to_account) {
+                job_rate_limit(job, cr.to_account);
+                cr.to_account = 0;
+            }
+            if (cr.failed) {
+                cr.failed = false;
+                bool is_read = cr.first_failure.is_read;
+                int err = commit_io_error(c, cr.first_failure.ret, is_read, &ignored);
+                if (err < 0) {
+                    vd_error_setg(errp, -err, "Commit %s error: %s", is_read ? "read" : "write",
+                                  strerror(-err));
+                    r = err;
+                    break;
+                }
+                if (ignored) {
+                    job_sleep_ns(job, 10000000); /* retry later, without spinning */
+                }
+                continue;
+            }
+            job_pause_point(job);
+            if (job_is_cancelled(job)) {
+                r = -ECANCELED;
+                break;
+            }
+        }
+        if (!cr.finishing && job_is_ready(job)) {
             pthread_mutex_lock(&c->lock);
             bool done = c->should_complete;
             pthread_mutex_unlock(&c->lock);
             if (done || job_cancel_requested(job)) {
                 uint64_t d = dirty_bytes(c);
-                finishing = true;
-                finish_budget = COMMIT_FINISH_ROUNDS * (d > COMMIT_CHUNK ? d : COMMIT_CHUNK);
+                cr.finishing = true;
+                finish_budget = COMMIT_FINISH_ROUNDS * (d > c->unit ? d : c->unit);
                 finish_deadline = job_now_ns() + COMMIT_FINISH_NS;
             }
         }
-        if (finishing && (finish_copied >= finish_budget || job_now_ns() >= finish_deadline)) {
-            return 0; /* prepare copies what is still dirty, guests drained */
+        if (cr.finishing &&
+            (cr.finish_copied >= finish_budget || job_now_ns() >= finish_deadline)) {
+            r = 0; /* prepare copies what is still dirty, guests drained */
+            break;
         }
-        uint64_t chunk = COMMIT_CHUNK, speed = finishing ? 0 : job_get_speed(job);
-        if (speed && speed / 10 < chunk) {
-            chunk = speed / 10;
+        uint64_t chunk = c->unit;
+        unsigned max_in_flight = copy_engine_allowed(e);
+        if (speed) {
+            chunk = speed / 10 < chunk ? speed / 10 : chunk;
+            max_in_flight = 1;
         }
-        uint64_t max_bits = chunk / c->gran ? chunk / c->gran : 1;
-        pthread_mutex_lock(&c->lock);
-        uint64_t first = 0, nb = 0;
-        bool have = bm_next(c, cursor, &first);
-        while (have && first + nb < c->nbits && nb < max_bits && bm_get(c, first + nb)) {
-            nb++;
-        }
-        pthread_mutex_unlock(&c->lock);
-        if (!have) {
-            if (!job_is_ready(job)) {
-                job_transition_to_ready(job);
-                continue;
-            }
-            pthread_mutex_lock(&c->lock);
-            bool done = c->should_complete;
-            pthread_mutex_unlock(&c->lock);
-            if (done || job_cancel_requested(job)) {
-                return 0;
-            }
-            uint64_t deadline = job_now_ns() + IDLE_WAIT_NS;
-            struct timespec ts = {.tv_sec = (time_t)(deadline / 1000000000ULL),
-                                  .tv_nsec = (long)(deadline % 1000000000ULL)};
-            job_set_busy(job, false);
-            pthread_mutex_lock(&c->lock);
-            while (!c->kicked && c->dirty_bits == 0) {
-                if (pthread_cond_timedwait(&c->cond, &c->lock, &ts) != 0) {
-                    break;
-                }
-            }
-            c->kicked = false;
-            pthread_mutex_unlock(&c->lock);
-            job_set_busy(job, true);
+        unsigned in_flight = copy_engine_in_flight(e);
+        uint64_t off = 0, n = 0;
+        if (in_flight < max_in_flight && commit_pick(c, &cursor, chunk, false, &off, &n)) {
+            /* Shared: excludes guest writes (exclusive) to the range, not guest reads. */
+            copy_engine_submit(e, off, n, true);
             continue;
         }
-        uint64_t off = first * c->gran, n = nb * c->gran;
-        n = off + n > c->len ? c->len - off : n;
-        /* Shared: excludes guest writes (exclusive) to the range, not guest reads. */
-        BtRequest req;
-        block_tracker_begin(c->tracker, &req, off, n, BT_SHARED);
-        pthread_mutex_lock(&c->lock);
-        bm_set(c, off, n, false);
-        pthread_mutex_unlock(&c->lock);
-        bool is_read = false;
-        uint64_t copied = 0;
-        r = copy_range(c, off, n, buf, &is_read, &copied);
-        if (r < 0) {
-            pthread_mutex_lock(&c->lock);
-            bm_set(c, off, n, true);
-            pthread_mutex_unlock(&c->lock);
-        }
-        block_tracker_end(c->tracker, &req);
-        cursor = first + nb;
-        if (r < 0) {
-            int e = commit_io_error(c, r, is_read, &ignored);
-            if (e < 0) {
-                vd_error_setg(errp, -e, "Commit %s error: %s", is_read ? "read" : "write",
-                              strerror(-e));
-                return e;
-            }
-            if (ignored) {
-                job_sleep_ns(job, 10000000); /* retry later, without spinning */
+        if (in_flight > 0) {
+            if (copy_engine_reap(e, &ch, true)) {
+                commit_reaped(&cr, &ch);
             }
             continue;
         }
-        job_progress_update(job, n);
-        uint64_t rem = dirty_bytes(c);
-        job_progress_set_remaining(job, (!job_is_ready(job) && rem == 0) ? 1 : rem);
-        if (finishing) {
-            finish_copied += n;
-        } else if (copied) {
-            job_rate_limit(job, copied);
+        pthread_mutex_lock(&c->lock);
+        bool have = c->dirty_bits > 0;
+        pthread_mutex_unlock(&c->lock);
+        if (have) {
+            continue; /* dirtied since the pick */
         }
+        if (!job_is_ready(job)) {
+            job_transition_to_ready(job);
+            continue;
+        }
+        pthread_mutex_lock(&c->lock);
+        bool done = c->should_complete;
+        pthread_mutex_unlock(&c->lock);
+        if (done || job_cancel_requested(job)) {
+            r = 0;
+            break;
+        }
+        uint64_t deadline = job_now_ns() + IDLE_WAIT_NS;
+        struct timespec ts = {.tv_sec = (time_t)(deadline / 1000000000ULL),
+                              .tv_nsec = (long)(deadline % 1000000000ULL)};
+        job_set_busy(job, false);
+        pthread_mutex_lock(&c->lock);
+        while (!c->kicked && c->dirty_bits == 0) {
+            if (pthread_cond_timedwait(&c->cond, &c->lock, &ts) != 0) {
+                break;
+            }
+        }
+        c->kicked = false;
+        pthread_mutex_unlock(&c->lock);
+        job_set_busy(job, true);
     }
+    copy_engine_drain(e, NULL, NULL); /* failed/cancelled copies re-dirtied their ranges */
+    return r;
 }
 
 static int commit_run(Job *job, VdError **errp)
 {
     Commit *c = job_opaque(job);
-    uint8_t *buf = malloc(COMMIT_CHUNK);
-    if (!buf) {
-        vd_error_setg(errp, ENOMEM, "Out of memory");
-        return -ENOMEM;
-    }
-    int r = c->active ? commit_run_active(c, buf, errp) : commit_run_passive(c, buf, errp);
-    free(buf);
-    return r;
+    return c->active ? commit_run_active(c, errp) : commit_run_passive(c, errp);
 }
 
 static int commit_complete(Job *job, VdError **errp)
@@ -411,6 +491,7 @@ static void commit_kick(Job *job)
     c->kicked = true;
     pthread_cond_broadcast(&c->cond);
     pthread_mutex_unlock(&c->lock);
+    copy_engine_kick(c->engine); /* a verb: drain the copies in flight and look */
 }
 
 /* Record base in the header of `above` (reopening it read-write when it is a read-only layer). */
@@ -485,32 +566,35 @@ static int commit_prepare(Job *job, VdError **errp)
     uint64_t syncs0 = vd_flush_thread_syncs(); /* syncs this (QMP) thread makes while drained */
     if (c->active) {
         block_tracker_wait_idle(c->tracker);
-        uint8_t *buf = malloc(COMMIT_CHUNK);
-        r = buf ? 0 : -ENOMEM;
-        bool is_read = false;
+        /* Guests are drained: the engine copies the tail in parallel, holding no range. */
         uint64_t tail = 0; /* bytes written to base_rw under drain */
-        while (r == 0) {
-            uint64_t first = 0, nb = 0;
-            pthread_mutex_lock(&c->lock);
-            bool have = bm_next(c, 0, &first);
-            while (have && first + nb < c->nbits && (nb + 1) * c->gran <= COMMIT_CHUNK &&
-                   bm_get(c, first + nb)) {
-                nb++;
+        uint64_t cursor = 0;
+        for (;;) {
+            CopyChunk ch;
+            while (copy_engine_reap(c->engine, &ch, false)) {
+                tail += ch.copied;
+                r = ch.ret < 0 && r == 0 ? ch.ret : r;
             }
-            if (have) {
-                nb = nb ? nb : 1;
-                bm_set(c, first * c->gran, nb * c->gran, false);
+            uint64_t off = 0, n = 0;
+            if (r == 0 && copy_engine_in_flight(c->engine) < copy_engine_max_in_flight(c->engine)
+                && commit_pick(c, &cursor, c->unit, true, &off, &n)) {
+                copy_engine_submit(c->engine, off, n, false);
+                continue;
             }
-            pthread_mutex_unlock(&c->lock);
-            if (!have) {
+            if (copy_engine_in_flight(c->engine) == 0) {
+                pthread_mutex_lock(&c->lock);
+                bool more = r == 0 && c->dirty_bits > 0;
+                pthread_mutex_unlock(&c->lock);
+                if (more) {
+                    continue;
+                }
                 break;
             }
-            uint64_t off = first * c->gran, n = nb * c->gran, copied = 0;
-            n = off + n > c->len ? c->len - off : n;
-            r = copy_range(c, off, n, buf, &is_read, &copied);
-            tail += copied;
+            if (copy_engine_reap(c->engine, &ch, true)) {
+                tail += ch.copied;
+                r = ch.ret < 0 && r == 0 ? ch.ret : r;
+            }
         }
-        free(buf);
         if (r == 0 && tail) {
             /* Only the tail is not durable yet (base_rw's own writes: guests write the top). */
             r = vd_flush(c->base_rw);
@@ -598,6 +682,7 @@ static void commit_free_state(Commit *c)
     if (c->claimed) {
         blockops_release(c->dev);
     }
+    copy_engine_free(c->engine);
     if (c->tracker) {
         block_tracker_put(c->tracker);
     }
@@ -802,6 +887,20 @@ json_t *commit_qmp_start(json_t *args, VdError **errp)
     g = bcs > g ? bcs : g;
     g = g < 65536 ? 65536 : g;
     c->gran = pow2_floor(g);
+    /* Copy units of whole granules; copies in flight never share one (nor a base cluster). */
+    uint64_t unit = copy_engine_default_unit();
+    c->unit = unit < c->gran ? c->gran : unit / c->gran * c->gran;
+    CopyEngineOptions eo = {.workers = copy_engine_default_workers(), .buf_size = c->unit,
+                            .align = c->gran, .tracker = active ? c->tracker : NULL,
+                            .kind = BT_SHARED, .fn = commit_copy_chunk, .opaque = c};
+    /* base's image (base_rw, opened below, shares its file name) reaches the disk early. */
+    eo.writeback = copy_engine_writeback_node(base, &eo.writeback_every);
+    c->engine = copy_engine_new(&eo);
+    if (!c->engine) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+        commit_free_state(c);
+        return NULL;
+    }
     if (active) {
         c->nbits = (c->len + c->gran - 1) / c->gran;
         c->bitmap = calloc((c->nbits + 63) / 64 + 1, sizeof(uint64_t));

@@ -15,15 +15,17 @@
 #include "block/graph.h"
 #include "block/tracking.h"
 #include "jobs/blockops.h"
+#include "jobs/copy.h"
 #include "nbd/nbd-server.h"
 #include "util/log.h"
 
 /*
  * Mechanism. Every export serving the source is switched (under drain) to the filter; guest writes
  * go to the source and then either synchronously to the target (write-blocking) or into a dirty
- * bitmap (background). The job thread copies dirty ranges source -> target holding the filter's
- * tracker range, so a guest write to that range either finished before the copy read it, or starts
- * after the copy and re-dirties the range. While the copy runs, the target's in-memory backing is
+ * bitmap (background). The job thread picks dirty ranges and the copy engine (copy.c: a few
+ * workers, 1 MiB copies, never two in flight sharing an aligned block) copies them source -> target,
+ * each holding the filter's tracker range, so a guest write to that range either finished before the
+ * copy read it, or starts after the copy and re-dirties the range. While the copy runs, the target's in-memory backing is
  * the source itself, so a partial-cluster write into the target copies the rest of the cluster from
  * the source (complete, current data); at the pivot it becomes base. Pivot (block-job-complete):
  * the job thread copies what is dirty and flushes the target while guests still run (also before
@@ -39,7 +41,6 @@
  */
 
 #define DEFAULT_BUF_SIZE (16ULL << 20)
-#define MAX_COPY_CHUNK (4ULL << 20) /* one copy holds guest writes to its range: keep it short */
 #define IDLE_WAIT_NS 100000000ULL   /* re-check for new dirty data at least every 100 ms */
 #define WINDOW_NS 1000000000ULL     /* write-rate vs copy-rate measurement window */
 #define OUTPACED_WINDOWS 3          /* consecutive windows before switching to write-blocking */
@@ -63,6 +64,9 @@ struct Mirror {
     bool target_new;
     BlockTracker *tracker;             /* the filter's */
     uint64_t len, granularity, chunk, tracker_granularity;
+    uint64_t align;                    /* copies in flight never share an aligned block */
+    CopyEngine *engine;                /* the copy workers (created with the job) */
+    bool unmap;                        /* drive-mirror unmap: zeroes may unmap the target */
     bool rewrite_backing, skip_target_allocated;
     char *backing_name, *backing_fmt;
     JobErrorAction on_source_error, on_target_error;
@@ -258,7 +262,8 @@ static void mirror_on_write(Mirror *m, WriteKind kind, uint64_t offset, uint64_t
     if (wb && kind == W_DATA) {
         r = vd_pwrite(m->target, offset, bytes, buf, flags & VD_REQ_FUA);
     } else if (wb && kind == W_ZERO) {
-        r = vd_pwrite_zeroes(m->target, offset, bytes, flags & (VD_REQ_FUA | VD_REQ_MAY_UNMAP));
+        r = vd_pwrite_zeroes(m->target, offset, bytes,
+                             flags & (VD_REQ_FUA | (m->unmap ? VD_REQ_MAY_UNMAP : 0)));
     }
     /*
      * The guest's write to the source succeeded; a failed target write only leaves the range
@@ -523,12 +528,13 @@ static int mirror_flush_target(Mirror *m)
     return r;
 }
 
-static int copy_data(Mirror *m, uint64_t offset, uint64_t bytes, uint8_t *buf, bool *is_read)
+static int copy_data(Mirror *m, BlockNode *from, uint64_t offset, uint64_t bytes, uint8_t *buf,
+                     bool *is_read)
 {
     while (bytes > 0) {
         uint64_t n = bytes < m->chunk ? bytes : m->chunk;
         *is_read = true;
-        int r = vd_pread(m->source, offset, n, buf);
+        int r = vd_pread(from, offset, n, buf);
         if (r < 0) {
             return r;
         }
@@ -572,7 +578,9 @@ static int mirror_copy_range(Mirror *m, uint64_t offset, uint64_t bytes, uint8_t
         bool src_zero = (st.flags & VD_BS_ZERO) ||
                         (!(st.flags & VD_BS_ALLOCATED) && m->base == NULL);
         if ((st.flags & VD_BS_ALLOCATED) && !src_zero) {
-            if ((r = copy_data(m, offset, pnum, buf, is_read)) < 0) {
+            BlockNode *from = m->base_is_source ? m->source
+                                                : copy_read_layer(m->source, st.layer, offset, pnum);
+            if ((r = copy_data(m, from, offset, pnum, buf, is_read)) < 0) {
                 return r;
             }
         } else {
@@ -588,11 +596,11 @@ static int mirror_copy_range(Mirror *m, uint64_t offset, uint64_t bytes, uint8_t
                     talloc = true;
                 }
                 if (src_zero && !tzero) {
-                    r = vd_pwrite_zeroes(m->target, pos, tn, VD_REQ_MAY_UNMAP);
+                    r = vd_pwrite_zeroes(m->target, pos, tn, m->unmap ? VD_REQ_MAY_UNMAP : 0);
                     target_written(m);
                 } else if (!src_zero && talloc) {
                     /* The target holds its own data where the source shows base: copy base. */
-                    r = copy_data(m, pos, tn, buf, is_read);
+                    r = copy_data(m, m->source, pos, tn, buf, is_read);
                 } else {
                     r = 0;
                 }
@@ -690,40 +698,157 @@ static int mirror_io_error(Mirror *m, int r, bool is_read, VdError **errp)
     return 0;
 }
 
+/* ---- the copy loop: the coordinator (job thread) picks dirty ranges, the engine copies them ---- */
+
+/* One chunk, on a copy worker. Tracked (run): the range is held; clear its bits only now. */
+static void mirror_copy_chunk(void *opaque, CopyChunk *c, uint8_t *buf, uint64_t buf_size)
+{
+    Mirror *m = opaque;
+    if (c->tracked) {
+        pthread_mutex_lock(&m->lock);
+        bm_set(m, c->off, c->bytes, false);
+        pthread_mutex_unlock(&m->lock);
+    }
+    c->ret = mirror_copy_range(m, c->off, c->bytes, buf, &c->is_read);
+    if (c->ret < 0 && c->tracked) {
+        /* A failed chunk goes back to dirty: retried after the error policy's stop/ignore. */
+        pthread_mutex_lock(&m->lock);
+        bm_set(m, c->off, c->bytes, true);
+        pthread_mutex_unlock(&m->lock);
+    }
+    c->copied = c->bytes;
+}
+
+/*
+ * The next dirty range at or after *cursor (wrapping) that overlaps no copy in flight, at most
+ * max_bytes, starting on an `a` boundary (the engine's alignment, or the granularity when only
+ * one copy may be in flight). False when there is none right now.
+ */
+static bool mirror_pick(Mirror *m, uint64_t *cursor, uint64_t max_bytes, uint64_t a, uint64_t *off,
+                        uint64_t *n)
+{
+    uint64_t g = m->granularity, from = *cursor;
+    unsigned tries = copy_engine_max_in_flight(m->engine) + 2;
+    bool found = false;
+    pthread_mutex_lock(&m->lock);
+    for (unsigned t = 0; t < tries && !found; t++) {
+        uint64_t first;
+        if (!bm_next(m, from >= m->nbits ? 0 : from, &first)) {
+            break;
+        }
+        uint64_t start = first * g / a * a;
+        uint64_t limit = start + max_bytes;
+        limit = limit < (first + 1) * g ? (first + 1) * g : limit;
+        uint64_t last = first;
+        while (last + 1 < m->nbits && (last + 2) * g <= limit && bm_get(m, last + 1)) {
+            last++;
+        }
+        uint64_t end = ((last + 1) * g + a - 1) / a * a;
+        end = end > limit ? limit : end;
+        end = end > m->len ? m->len : end;
+        uint64_t skip = 0;
+        uint64_t e2 = copy_engine_clip(m->engine, start, end, &skip);
+        if (e2 == 0) {
+            from = skip / g;
+            continue;
+        }
+        *off = start;
+        *n = e2 - start;
+        *cursor = e2 / g;
+        found = true;
+    }
+    pthread_mutex_unlock(&m->lock);
+    return found;
+}
+
+
+typedef struct MirrorReap {
+    Mirror *m;
+    bool failed;           /* the first failure since the last quiet point */
+    CopyChunk first_failure;
+    uint64_t window_copied;
+    uint64_t to_account;   /* bytes for the rate limiter (only while a speed is set) */
+} MirrorReap;
+
+static void mirror_reaped(void *opaque, const CopyChunk *c)
+{
+    MirrorReap *mr = opaque;
+    if (c->ret < 0) {
+        /* Its range is dirty again; only the first failure is reported (the others retry). */
+        if (!mr->failed) {
+            mr->failed = true;
+            mr->first_failure = *c;
+        }
+        return;
+    }
+    mr->window_copied += c->bytes;
+    job_progress_update(mr->m->job, c->bytes);
+    mirror_update_progress(mr->m, job_is_ready(mr->m->job));
+    if (job_get_speed(mr->m->job)) {
+        mr->to_account += c->bytes;
+    }
+}
+
 static int mirror_run(Job *job, VdError **errp)
 {
     Mirror *m = job_opaque(job);
-    uint8_t *buf = malloc(m->chunk);
-    if (!buf) {
-        vd_error_setg(errp, ENOMEM, "Out of memory");
-        return -ENOMEM;
-    }
+    CopyEngine *e = m->engine;
     int r = mirror_scan(m);
     if (r < 0) {
-        free(buf);
         if (r != -ECANCELED) {
             vd_error_setg(errp, -r, "Cannot read the block status of the source: %s", strerror(-r));
         }
         return r;
     }
     mirror_update_progress(m, false);
-    uint64_t cursor = 0, window_start = job_now_ns(), window_copied = 0;
+    uint64_t cursor = 0, window_start = job_now_ns();
+    MirrorReap mr = {.m = m};
     pthread_mutex_lock(&m->lock);
     uint64_t window_dirty_start = m->dirty_bits;
     pthread_mutex_unlock(&m->lock);
     int outpaced = 0, complete_rounds = 0;
     for (;;) {
-        job_pause_point(job);
-        if (job_is_cancelled(job)) {
-            r = -ECANCELED;
-            break;
+        CopyChunk c;
+        while (copy_engine_reap(e, &c, false)) {
+            mirror_reaped(&mr, &c);
         }
+        /*
+         * Quiet points (nothing in flight), as between two copies of a serial loop: where the job
+         * pauses, sees a cancel, handles an error or sleeps for the speed limit. A verb (kick), a
+         * failure, a guest's target error or a speed limit drain the copies in flight first.
+         */
+        uint64_t speed = job_get_speed(job);
         pthread_mutex_lock(&m->lock);
-        int terr = m->pending_target_error;
-        m->pending_target_error = 0;
+        bool terr_pending = m->pending_target_error != 0;
         pthread_mutex_unlock(&m->lock);
-        if (terr && (r = mirror_io_error(m, terr, false, errp)) < 0) {
-            break;
+        if (copy_engine_take_kick(e) || mr.failed || terr_pending || speed) {
+            copy_engine_drain(e, mirror_reaped, &mr);
+        }
+        if (copy_engine_in_flight(e) == 0) {
+            if (mr.to_account) {
+                job_rate_limit(job, mr.to_account);
+                mr.to_account = 0;
+            }
+            if (mr.failed) {
+                mr.failed = false;
+                if ((r = mirror_io_error(m, mr.first_failure.ret, mr.first_failure.is_read,
+                                         errp)) < 0) {
+                    break;
+                }
+                continue;
+            }
+            job_pause_point(job);
+            if (job_is_cancelled(job)) {
+                r = -ECANCELED;
+                break;
+            }
+            pthread_mutex_lock(&m->lock);
+            int terr = m->pending_target_error;
+            m->pending_target_error = 0;
+            pthread_mutex_unlock(&m->lock);
+            if (terr && (r = mirror_io_error(m, terr, false, errp)) < 0) {
+                break;
+            }
         }
 
         /*
@@ -736,7 +861,8 @@ static int mirror_run(Job *job, VdError **errp)
             pthread_mutex_lock(&m->lock);
             uint64_t gained = window_dirty_start > m->dirty_bits
                                   ? (window_dirty_start - m->dirty_bits) * m->granularity : 0;
-            bool stuck = m->dirty_bits > 0 && window_copied > 0 && gained * 10 < window_copied;
+            bool stuck = m->dirty_bits > 0 && mr.window_copied > 0 &&
+                         gained * 10 < mr.window_copied;
             outpaced = stuck ? outpaced + 1 : 0;
             if (outpaced >= OUTPACED_WINDOWS && !m->write_blocking) {
                 m->write_blocking = m->auto_write_blocking = true;
@@ -746,133 +872,110 @@ static int mirror_run(Job *job, VdError **errp)
             window_dirty_start = m->dirty_bits;
             pthread_mutex_unlock(&m->lock);
             window_start = t;
-            window_copied = 0;
+            mr.window_copied = 0;
         }
 
-        /* Under a speed limit, copy about one 100 ms slice at a time (rate limit fidelity). */
-        uint64_t speed = job_get_speed(job), chunk = m->chunk;
-        if (speed && speed / 10 < chunk) {
-            chunk = speed / 10;
+        /*
+         * Under a speed limit: one copy at a time of about one 100 ms slice (rate limit
+         * fidelity, exactly the serial loop's behaviour). Unlimited: copy units of m->chunk
+         * aligned to the engine's alignment, as many in flight as the engine has workers.
+         */
+        uint64_t chunk = m->chunk, a = m->align;
+        unsigned max_in_flight = copy_engine_allowed(e);
+        if (speed) {
+            chunk = speed / 10 < chunk ? speed / 10 : chunk;
+            chunk = chunk / m->granularity * m->granularity;
+            chunk = chunk ? chunk : m->granularity;
+            a = m->granularity;
+            max_in_flight = 1;
         }
+        unsigned in_flight = copy_engine_in_flight(e);
+        uint64_t off = 0, n = 0;
+        if (in_flight < max_in_flight && mirror_pick(m, &cursor, chunk, a, &off, &n)) {
+            copy_engine_submit(e, off, n, true);
+            continue;
+        }
+        if (in_flight > 0) {
+            if (copy_engine_reap(e, &c, true)) {
+                mirror_reaped(&mr, &c);
+            }
+            continue;
+        }
+
+        /* Nothing in flight and nothing dirty. */
+        bool ready = job_is_ready(job);
         pthread_mutex_lock(&m->lock);
-        uint64_t first;
-        bool have = bm_next(m, cursor, &first);
-        uint64_t nb = 0;
-        if (have) {
-            uint64_t max_bits = chunk / m->granularity;
-            if (max_bits == 0) {
-                max_bits = 1;
-            }
-            while (first + nb < m->nbits && nb < max_bits && bm_get(m, first + nb)) {
-                nb++;
-            }
-        }
+        bool done = m->should_complete;
+        bool have = m->dirty_bits > 0;
         pthread_mutex_unlock(&m->lock);
-
-        if (!have) {
-            bool ready = job_is_ready(job);
-            pthread_mutex_lock(&m->lock);
-            bool done = m->should_complete;
-            pthread_mutex_unlock(&m->lock);
-            done = ready && (done || job_cancel_requested(job));
-            if (!ready || done) {
-                /*
-                 * In sync: make the copies durable now, while guests run (QEMU flushes before
-                 * READY too), so the drained pivot only flushes the tail it copies itself.
-                 */
-                int fr = mirror_flush_target(m);
-                if (fr < 0 && done) {
-                    r = 0; /* prepare flushes again and fails the job with this error */
+        if (have) {
+            continue; /* dirtied since the pick */
+        }
+        done = ready && (done || job_cancel_requested(job));
+        if (!ready || done) {
+            /*
+             * In sync: make the copies durable now, while guests run (QEMU flushes before
+             * READY too), so the drained pivot only flushes the tail it copies itself.
+             */
+            int fr = mirror_flush_target(m);
+            if (fr < 0 && done) {
+                r = 0; /* prepare flushes again and fails the job with this error */
+                break;
+            }
+            if (fr < 0) {
+                if ((r = mirror_io_error(m, fr, false, errp)) < 0) {
                     break;
                 }
-                if (fr < 0) {
-                    if ((r = mirror_io_error(m, fr, false, errp)) < 0) {
-                        break;
-                    }
-                    continue;
-                }
-            }
-            if (!ready) {
-                job_transition_to_ready(job);
                 continue;
             }
-            if (done) {
-                /*
-                 * Writes that came during the flush are copied and flushed here too, a few
-                 * rounds at most; the rest is the pivot's tail. From the second round on, guest
-                 * writes go to the target as well (write-blocking): the dirty set then only
-                 * shrinks, so this converges even under a guest writing faster than the copy.
-                 * Not before the first flush: the target's flush holds its driver lock while it
-                 * syncs, and a write-blocking guest write would wait for that whole sync.
-                 */
-                pthread_mutex_lock(&m->lock);
-                bool more = m->dirty_bits > 0;
-                if (more) {
-                    m->write_blocking = true;
-                }
-                pthread_mutex_unlock(&m->lock);
-                if (more && ++complete_rounds < COMPLETE_ROUNDS) {
-                    continue;
-                }
-                r = 0;
-                break;
-            }
-            /* In sync: wait for guest writes (or a verb), then look again. */
-            struct timespec ts;
-            clock_gettime(CLOCK_MONOTONIC, &ts);
-            ts.tv_nsec += (long)IDLE_WAIT_NS;
-            if (ts.tv_nsec >= 1000000000L) {
-                ts.tv_sec++;
-                ts.tv_nsec -= 1000000000L;
-            }
-            job_set_busy(job, false);
-            pthread_mutex_lock(&m->lock);
-            while (!m->kicked && m->dirty_bits == 0) {
-                if (pthread_cond_timedwait(&m->cond, &m->lock, &ts) != 0) {
-                    break;
-                }
-            }
-            m->kicked = false;
-            pthread_mutex_unlock(&m->lock);
-            job_set_busy(job, true);
+        }
+        if (!ready) {
+            job_transition_to_ready(job);
             continue;
         }
-
-        uint64_t off = first * m->granularity;
-        uint64_t n = nb * m->granularity;
-        if (off + n > m->len) {
-            n = m->len - off;
+        if (done) {
+            /*
+             * Writes that came during the flush are copied and flushed here too, a few
+             * rounds at most; the rest is the pivot's tail. From the second round on, guest
+             * writes go to the target as well (write-blocking): the dirty set then only
+             * shrinks, so this converges even under a guest writing faster than the copy.
+             * Not before the first flush: the target's flush holds its driver lock while it
+             * syncs, and a write-blocking guest write would wait for that whole sync.
+             */
+            pthread_mutex_lock(&m->lock);
+            bool more = m->dirty_bits > 0;
+            if (more) {
+                m->write_blocking = true;
+            }
+            pthread_mutex_unlock(&m->lock);
+            if (more && ++complete_rounds < COMPLETE_ROUNDS) {
+                continue;
+            }
+            r = 0;
+            break;
         }
-        /*
-         * BT_SHARED is enough: the copy must exclude guest writes (BT_EXCLUSIVE) to the range, not
-         * guest reads; only this thread copies, so copies never overlap each other.
-         */
-        BtRequest req;
-        block_tracker_begin(m->tracker, &req, off, n, BT_SHARED);
+        /* In sync: wait for guest writes (or a verb), then look again. */
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        ts.tv_nsec += (long)IDLE_WAIT_NS;
+        if (ts.tv_nsec >= 1000000000L) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000L;
+        }
+        job_set_busy(job, false);
         pthread_mutex_lock(&m->lock);
-        bm_set(m, off, n, false);
-        pthread_mutex_unlock(&m->lock);
-        bool is_read = false;
-        r = mirror_copy_range(m, off, n, buf, &is_read);
-        if (r < 0) {
-            pthread_mutex_lock(&m->lock);
-            bm_set(m, off, n, true);
-            pthread_mutex_unlock(&m->lock);
-        }
-        block_tracker_end(m->tracker, &req);
-        cursor = first + nb;
-        if (r < 0) {
-            if ((r = mirror_io_error(m, r, is_read, errp)) < 0) {
+        while (!m->kicked && m->dirty_bits == 0) {
+            if (pthread_cond_timedwait(&m->cond, &m->lock, &ts) != 0) {
                 break;
             }
-            continue;
         }
-        window_copied += n;
-        job_progress_update(job, n);
-        mirror_update_progress(m, job_is_ready(job));
-        job_rate_limit(job, n);
+        m->kicked = false;
+        pthread_mutex_unlock(&m->lock);
+        job_set_busy(job, true);
     }
-    free(buf);
+    /* Failed or cancelled copies re-dirtied their ranges; nothing may run after run returns. */
+    copy_engine_drain(e, NULL, NULL);
+    copy_engine_wait_writeback(e);
     return r;
 }
 
@@ -898,6 +1001,7 @@ static void mirror_kick(Job *job)
     pthread_mutex_lock(&m->lock);
     mirror_kick_locked(m);
     pthread_mutex_unlock(&m->lock);
+    copy_engine_kick(m->engine); /* a verb: drain the copies in flight and look */
 }
 
 static void mirror_detach_filter(Mirror *m)
@@ -923,34 +1027,62 @@ static int mirror_prepare(Job *job, VdError **errp)
     }
     uint64_t syncs0 = vd_flush_thread_syncs(); /* syncs this (QMP) thread makes while drained */
     block_tracker_wait_idle(m->tracker);
-    uint8_t *buf = malloc(m->chunk);
-    int r = buf ? 0 : -ENOMEM;
+    /* Guests are drained: the engine copies the tail in parallel, holding no tracker range. */
+    CopyEngine *eng = m->engine;
     uint64_t copied = 0;
     bool is_read = false;
-    while (r == 0) {
+    int r = 0;
+    for (;;) {
+        CopyChunk c;
+        while (copy_engine_reap(eng, &c, false)) {
+            if (c.ret < 0 && r == 0) {
+                r = c.ret;
+                is_read = c.is_read;
+            }
+        }
         uint64_t first, nb = 0;
-        pthread_mutex_lock(&m->lock);
-        r = m->pending_target_error;
-        bool have = r == 0 && bm_next(m, 0, &first);
-        while (have && first + nb < m->nbits && (nb + 1) * m->granularity <= m->chunk &&
-               bm_get(m, first + nb)) {
-            nb++;
+        bool have = false;
+        if (r == 0 && copy_engine_in_flight(eng) < copy_engine_max_in_flight(eng)) {
+            pthread_mutex_lock(&m->lock);
+            r = m->pending_target_error;
+            have = r == 0 && bm_next(m, 0, &first);
+            if (have) {
+                /* Aligned start, and whole units: submitted copies never share a cluster. */
+                first = first * m->granularity / m->align * m->align / m->granularity;
+                uint64_t max_bits = m->chunk / m->granularity;
+                while (first + nb < m->nbits && nb < max_bits &&
+                       (bm_get(m, first + nb) || (first + nb) * m->granularity % m->align)) {
+                    nb++;
+                }
+                nb = nb ? nb : 1;
+                uint64_t end = (first + nb) * m->granularity;
+                end = end > m->len ? m->len : end;
+                uint64_t clipped = copy_engine_clip(eng, first * m->granularity, end, NULL);
+                if (clipped == 0) {
+                    have = false; /* its cluster is still being copied: wait for that first */
+                } else {
+                    nb = (clipped - first * m->granularity + m->granularity - 1) / m->granularity;
+                    bm_set(m, first * m->granularity, nb * m->granularity, false);
+                }
+            }
+            pthread_mutex_unlock(&m->lock);
         }
         if (have) {
-            nb = nb ? nb : 1;
-            bm_set(m, first * m->granularity, nb * m->granularity, false);
+            uint64_t off = first * m->granularity;
+            uint64_t n = nb * m->granularity;
+            n = off + n > m->len ? m->len - off : n;
+            copy_engine_submit(eng, off, n, false);
+            copied += n;
+            continue;
         }
-        pthread_mutex_unlock(&m->lock);
-        if (!have) {
+        if (copy_engine_in_flight(eng) == 0) {
             break;
         }
-        uint64_t off = first * m->granularity;
-        uint64_t n = nb * m->granularity;
-        n = off + n > m->len ? m->len - off : n;
-        r = mirror_copy_range(m, off, n, buf, &is_read);
-        copied += n;
+        if (copy_engine_reap(eng, &c, true) && c.ret < 0 && r == 0) {
+            r = c.ret;
+            is_read = c.is_read;
+        }
     }
-    free(buf);
     if (r == 0) {
         /* Only the tail (if any) is not durable yet: run flushed the rest before the drain. */
         is_read = false;
@@ -1044,6 +1176,7 @@ static void mirror_free_state(Mirror *m)
         return;
     }
     busy_release(m);
+    copy_engine_free(m->engine); /* idle by now: run and prepare drained it */
     if (m->tracker) {
         block_tracker_put(m->tracker);
     }
@@ -1099,7 +1232,8 @@ static uint64_t pow2_floor(uint64_t v)
     return v ? 1ULL << (63 - __builtin_clzll(v)) : 0;
 }
 
-Job *mirror_start(const MirrorOptions *o, VdError **errp)
+/* mirror_start with drive-mirror's `unmap` (MirrorOptions has no field for it: mirror.h). */
+static Job *mirror_start_ex(const MirrorOptions *o, bool unmap, VdError **errp)
 {
     int64_t slen = vd_getlength(o->source), tlen = vd_getlength(o->target);
     if (slen < 0 || tlen < 0) {
@@ -1149,13 +1283,25 @@ Job *mirror_start(const MirrorOptions *o, VdError **errp)
     pthread_condattr_destroy(&ca);
     m->len = (uint64_t)slen;
     m->granularity = g;
-    uint64_t chunk = buf_size < MAX_COPY_CHUNK ? buf_size : MAX_COPY_CHUNK;
-    m->chunk = chunk / g * g;
+    m->unmap = unmap;
     /* The filter's tracker must cover whole clusters of both images (COW inside one cluster). */
     uint64_t tg = g;
     tg = tcs > tg ? tcs : tg;
     tg = scs > tg ? scs : tg;
     m->tracker_granularity = pow2_floor(tg);
+    /*
+     * Copy units: short (one copy holds guest writes to its range), whole aligned blocks of
+     * both images' clusters, and as many in flight as buf-size allows (at most the engine's
+     * default): 16 MiB by default -> 4 x 1 MiB.
+     */
+    m->align = m->tracker_granularity;
+    uint64_t unit = copy_engine_default_unit();
+    unit = buf_size < unit ? buf_size : unit;
+    m->chunk = unit / m->align * m->align;
+    m->chunk = m->chunk ? m->chunk : m->align;
+    uint64_t nworkers = buf_size / m->chunk;
+    unsigned maxw = copy_engine_default_workers();
+    nworkers = nworkers < 1 ? 1 : nworkers > maxw ? maxw : nworkers;
     m->nbits = (m->len + g - 1) / g;
     m->bitmap = calloc((m->nbits + 63) / 64 + 1, sizeof(uint64_t));
     m->source = o->source;
@@ -1185,13 +1331,19 @@ Job *mirror_start(const MirrorOptions *o, VdError **errp)
         return NULL;
     }
     m->tracker = block_tracker_get(m->filter);
+    CopyEngineOptions eo = {.workers = (unsigned)nworkers, .buf_size = m->chunk, .align = m->align,
+                            .tracker = m->tracker, .kind = BT_SHARED, .fn = mirror_copy_chunk,
+                            .opaque = m};
+    /* Early writeback of a local target file while copying (copy.h; not an NBD target). */
+    eo.writeback = copy_engine_writeback_node(m->target, &eo.writeback_every);
+    m->engine = m->tracker ? copy_engine_new(&eo) : NULL;
     ExportScan scan = {.node = o->source};
     if (nbd_server_running()) {
         nbd_export_foreach(scan_cb, &scan);
     }
     m->export_ids = scan.ids;
     m->nexports = scan.n;
-    if (!m->tracker || scan.oom) {
+    if (!m->tracker || !m->engine || scan.oom) {
         vd_error_setg(errp, ENOMEM, "Out of memory");
         mirror_free_state(m);
         return NULL;
@@ -1223,6 +1375,11 @@ Job *mirror_start(const MirrorOptions *o, VdError **errp)
         return NULL; /* the job aborted: exports are back on the source */
     }
     return job;
+}
+
+Job *mirror_start(const MirrorOptions *o, VdError **errp)
+{
+    return mirror_start_ex(o, true, errp);
 }
 
 /* ---- QMP ---- */
@@ -1348,6 +1505,11 @@ json_t *mirror_qmp_start(json_t *args, bool blockdev, VdError **errp)
         return NULL;
     }
     o.write_blocking = cm && !strcmp(cm, "write-blocking");
+    json_t *unmap = json_object_get(args, "unmap");
+    if (unmap && !json_is_boolean(unmap)) {
+        vd_error_setg(errp, EINVAL, "Invalid parameter type for 'unmap', expected: boolean");
+        return NULL;
+    }
 
     /* What the target shares: sync picks it, base-node (vdisk) overrides. */
     const char *base_node = str_arg(args, "base-node");
@@ -1478,7 +1640,11 @@ json_t *mirror_qmp_start(json_t *args, bool blockdev, VdError **errp)
     }
     o.target = target;
     o.target_new = created;
-    job = mirror_start(&o, errp);
+    /*
+     * unmap (drive-mirror only, as in QEMU; default true): where the source reads zeroes, the
+     * target's clusters may be unmapped; false writes zeroes and keeps its allocation.
+     */
+    job = mirror_start_ex(&o, bool_arg(args, "unmap", true), errp);
     /*
      * As in QEMU, the new target is a named node of the graph while the job runs and after a pivot
      * (query-named-block-nodes shows what exports serve). Without a pivot mirror_clean drops it

@@ -16,10 +16,9 @@
 #include "block/graph.h"
 #include "block/tracking.h"
 #include "jobs/blockops.h"
+#include "jobs/copy.h"
 #include "jobs/job.h"
 #include "util/log.h"
-
-#define STREAM_CHUNK (1ULL << 20)
 
 typedef struct Stream {
     Job *job;
@@ -28,7 +27,8 @@ typedef struct Stream {
     char *backing_name;       /* recorded at the end (NULL: no backing) */
     char *backing_fmt;
     BlockTracker *tracker;    /* the top's */
-    uint64_t len, gran;
+    CopyEngine *engine;       /* copies chunks holding the top's range BT_EXCLUSIVE */
+    uint64_t len, gran, unit;
     JobErrorAction on_error;
     bool claimed;
 } Stream;
@@ -75,7 +75,8 @@ static int stream_range(Stream *s, uint64_t off, uint64_t n, uint8_t *buf, bool 
             *is_read = false;
             r = vd_pwrite_zeroes(s->top, off, p2, 0);
         } else {
-            r = vd_pread(s->top->backing, off, p2, buf);
+            /* From the deciding intermediate itself: see copy_read_layer. */
+            r = vd_pread(copy_read_layer(s->top->backing, st2.layer, off, p2), off, p2, buf);
             if (r == 0) {
                 *is_read = false;
                 r = vd_pwrite(s->top, off, p2, buf, 0);
@@ -90,60 +91,52 @@ static int stream_range(Stream *s, uint64_t off, uint64_t n, uint8_t *buf, bool 
     return 0;
 }
 
+/* One chunk, on a copy worker holding [off, off+bytes) of the top exclusively. */
+static void stream_copy_chunk(void *opaque, CopyChunk *c, uint8_t *buf, uint64_t buf_size)
+{
+    c->ret = stream_range(opaque, c->off, c->bytes, buf, &c->is_read, &c->copied);
+}
+
+/*
+ * What the intermediates (read-only while the job runs) do not decide needs no copy: skipped
+ * without holding the top's range. stream_range re-checks everything else under the range.
+ */
+static uint64_t stream_skip(void *opaque, uint64_t off, uint64_t max)
+{
+    Stream *s = opaque;
+    if (!s->top->backing || s->top->backing == s->base) {
+        return max;
+    }
+    uint64_t pnum = 0;
+    VdBlockStatus st;
+    if (vd_block_status_above(s->top->backing, s->base, off, max, &pnum, &st) < 0 ||
+        (st.flags & VD_BS_ALLOCATED) || pnum > max) {
+        return 0; /* copy (an error shows up, with its policy, in the copy) */
+    }
+    return pnum;
+}
+
 static int stream_run(Job *job, VdError **errp)
 {
     Stream *s = job_opaque(job);
-    uint8_t *buf = malloc(STREAM_CHUNK);
-    if (!buf) {
-        vd_error_setg(errp, ENOMEM, "Out of memory");
-        return -ENOMEM;
-    }
     job_progress_set_remaining(job, s->len);
-    int error = 0;
-    for (uint64_t off = 0; off < s->len;) {
-        job_pause_point(job);
-        if (job_is_cancelled(job)) {
-            free(buf);
-            return -ECANCELED;
-        }
-        uint64_t chunk = STREAM_CHUNK, speed = job_get_speed(job);
-        if (speed && speed / 10 < chunk) {
-            chunk = speed / 10; /* one 100 ms slice per copy: the limit stays smooth */
-        }
-        chunk = chunk / s->gran * s->gran;
-        if (chunk == 0) {
-            chunk = s->gran;
-        }
-        uint64_t n = s->len - off < chunk ? s->len - off : chunk;
-        BtRequest req;
-        block_tracker_begin(s->tracker, &req, off, n, BT_EXCLUSIVE);
-        bool is_read = false;
-        uint64_t copied = 0;
-        int r = stream_range(s, off, n, buf, &is_read, &copied);
-        block_tracker_end(s->tracker, &req);
-        if (r < 0) {
-            JobErrorAction a = job_handle_io_error(job, s->on_error, is_read, r);
-            if (a == JOB_ERR_STOP) {
-                job_pause_point(job);
-                continue; /* retry the same chunk */
-            }
-            /* Ignore: carry on, but the backing cannot be dropped with a hole in the copy. */
-            error = error ? error : r;
-            if (a == JOB_ERR_REPORT) {
-                break;
-            }
-        }
-        job_progress_update(job, n);
-        if (copied) {
-            job_rate_limit(job, copied);
-        }
-        off += n;
+    CopySweep sw = {.job = job, .engine = s->engine, .len = s->len, .unit = s->unit,
+                    .align = s->gran, .on_error = s->on_error, .skip = stream_skip, .opaque = s};
+    int r = copy_sweep_run(&sw);
+    if (r == -ECANCELED) {
+        return r;
     }
-    free(buf);
+    int error = r < 0 ? r : sw.ignored;
     if (error) {
+        /* Ignored errors too: the backing cannot be dropped with a hole in the copy. */
         vd_error_setg(errp, -error, "Stream failed: %s", strerror(-error));
     }
     return error;
+}
+
+static void stream_kick(Job *job)
+{
+    copy_engine_kick(((Stream *)job_opaque(job))->engine);
 }
 
 /*
@@ -207,6 +200,7 @@ static void stream_free_state(Stream *s)
     if (s->claimed) {
         blockops_release(s->top);
     }
+    copy_engine_free(s->engine);
     if (s->tracker) {
         block_tracker_put(s->tracker);
     }
@@ -227,6 +221,7 @@ static const JobDriver stream_driver = {
     .run = stream_run,
     .prepare = stream_prepare,
     .clean = stream_clean,
+    .kick = stream_kick,
     .free = stream_free,
 };
 
@@ -341,6 +336,20 @@ json_t *stream_qmp_start(json_t *args, VdError **errp)
         return NULL;
     }
     s->gran = block_tracker_granularity(s->tracker);
+    /* Whole tracker blocks (the top's clusters) per copy: copies in flight never share one. */
+    uint64_t unit = copy_engine_default_unit();
+    s->unit = unit < s->gran ? s->gran : unit / s->gran * s->gran;
+    CopyEngineOptions eo = {.workers = copy_engine_default_workers(), .buf_size = s->unit,
+                            .align = s->gran, .tracker = s->tracker, .kind = BT_EXCLUSIVE,
+                            .fn = stream_copy_chunk, .opaque = s};
+    /* The top's data reaches the disk while streaming: prepare's flush finds little left. */
+    eo.writeback = copy_engine_writeback_node(top, &eo.writeback_every);
+    s->engine = copy_engine_new(&eo);
+    if (!s->engine) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+        stream_free_state(s);
+        return NULL;
+    }
     if (blockops_claim(top, "stream", errp) < 0) {
         stream_free_state(s);
         return NULL;

@@ -1,0 +1,571 @@
+/*
+ * copy.c - the block jobs' copy engine (see copy.h for the API and the ordering invariant).
+ *
+ * Why threads: every vd_* call is synchronous, so N requests in flight need N threads. A job gets
+ * its own small set (mirror: 4 by default, from buf-size / the copy unit) rather than a shared
+ * pool: a job's workers block only on its own ranges and its own images, a paused or stopped job
+ * holds no thread another job waits for, and the number of copies competing with guest requests
+ * for the CPU stays bounded per job. Idle workers sleep on a condition variable.
+ *
+ * Why the invariant holds with N copies in flight. Take a guest write W to a range R and a copy C
+ * of (part of) R, both on the same tracker, W exclusive:
+ *  - W began before C: C's begin waits until W ended. The job's dirty bit for R was set by W (or W
+ *    wrote the destination itself) before W ended, and C clears the bits only after its begin, so
+ *    C reads W's data (or, for stream, re-checks the top's allocation and skips R).
+ *  - C began before W: W waits until C ended, i.e. until C's write to the destination completed;
+ *    W's data then reaches the destination after it (write-blocking / stream), or W re-dirties R
+ *    and a later copy takes it.
+ * A later copy C' of R cannot overtake C: the coordinator never submits a chunk that overlaps one
+ * in flight (compared widened to `align`, at least the destination's cluster), and C stays "in
+ * flight" until the coordinator reaped it. So per range, copies and guest writes are totally
+ * ordered, whatever the number of workers.
+ */
+#include "jobs/copy.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+/* Early writeback of the destination's file every 256 MiB copied (copy_engine_writeback_node). */
+#define DEFAULT_WRITEBACK_BYTES (256ULL << 20)
+
+/* Copies in flight while the guest has requests in flight (copy_engine_allowed). */
+#define DEFAULT_BUSY_WORKERS 64 /* = all workers: measured no gain from fewer (BENCHMARKS.md) */
+
+typedef enum { SLOT_FREE, SLOT_QUEUED, SLOT_RUNNING, SLOT_DONE } SlotState;
+
+typedef struct Slot {
+    SlotState state;
+    uint64_t seq;          /* submission order: workers take the oldest queued */
+    uint64_t start, end;   /* widened to align, for clip */
+    CopyChunk c;
+} Slot;
+
+struct CopyEngine {
+    CopyEngineOptions o;
+    pthread_mutex_t lock;
+    pthread_cond_t work_cond;   /* workers: a slot was queued, or stop */
+    pthread_cond_t done_cond;   /* coordinator: a slot is done, or kicked */
+    Slot *slots;
+    uint8_t **bufs;
+    pthread_t *threads;
+    unsigned nthreads;          /* started */
+    unsigned in_flight;         /* slots not FREE */
+    uint64_t next_seq;
+    bool stop;
+    bool kicked;                /* for copy_engine_take_kick */
+    bool wake;                  /* interrupts a waiting reap */
+    unsigned busy_workers;      /* copies in flight while guest requests are (see allowed) */
+    /* early writeback (coordinator only, but wb_running is atomic) */
+    uint64_t wb_pending;
+    pthread_t wb_thread;
+    bool wb_started;
+    bool wb_running;
+};
+
+static void *wb_main(void *arg)
+{
+    CopyEngine *e = arg;
+    (void)vd_flush_own(e->o.writeback);
+    __atomic_store_n(&e->wb_running, false, __ATOMIC_RELEASE);
+    return NULL;
+}
+
+static void wb_join(CopyEngine *e)
+{
+    if (e->wb_started) {
+        pthread_join(e->wb_thread, NULL);
+        e->wb_started = false;
+    }
+}
+
+/* A finished copy wrote `bytes`: start a writeback of the destination every writeback_every. */
+static void wb_account(CopyEngine *e, uint64_t bytes)
+{
+    if (!e->o.writeback || !e->o.writeback_every) {
+        return;
+    }
+    e->wb_pending += bytes;
+    if (e->wb_pending < e->o.writeback_every ||
+        __atomic_load_n(&e->wb_running, __ATOMIC_ACQUIRE)) {
+        return;
+    }
+    wb_join(e);
+    e->wb_pending = 0;
+    __atomic_store_n(&e->wb_running, true, __ATOMIC_RELEASE);
+    if (pthread_create(&e->wb_thread, NULL, wb_main, e) == 0) {
+        e->wb_started = true;
+    } else {
+        __atomic_store_n(&e->wb_running, false, __ATOMIC_RELEASE);
+    }
+}
+
+typedef struct WorkerArg {
+    CopyEngine *e;
+    unsigned idx;
+} WorkerArg;
+
+static void *worker_main(void *arg)
+{
+    WorkerArg *wa = arg;
+    CopyEngine *e = wa->e;
+    uint8_t *buf = e->bufs[wa->idx];
+    free(wa);
+    const char *ns = getenv("VDISK_COPY_NICE");
+    int nice_v = ns ? atoi(ns) : 0;
+    if (nice_v > 0 && nice_v <= 19) {
+        /* Linux: a thread's own nice value (per-thread scheduling entity). */
+        (void)setpriority(PRIO_PROCESS, (id_t)gettid(), nice_v);
+    }
+    pthread_mutex_lock(&e->lock);
+    for (;;) {
+        Slot *s = NULL;
+        for (unsigned i = 0; i < e->o.workers; i++) {
+            Slot *t = &e->slots[i];
+            if (t->state == SLOT_QUEUED && (!s || t->seq < s->seq)) {
+                s = t;
+            }
+        }
+        if (!s) {
+            if (e->stop) {
+                break;
+            }
+            pthread_cond_wait(&e->work_cond, &e->lock);
+            continue;
+        }
+        s->state = SLOT_RUNNING;
+        CopyChunk c = s->c;
+        pthread_mutex_unlock(&e->lock);
+
+        BtRequest req;
+        if (c.tracked && e->o.tracker) {
+            block_tracker_begin(e->o.tracker, &req, c.off, c.bytes, e->o.kind);
+        }
+        c.ret = 0;
+        c.is_read = false;
+        c.copied = 0;
+        e->o.fn(e->o.opaque, &c, buf, e->o.buf_size);
+        if (c.tracked && e->o.tracker) {
+            block_tracker_end(e->o.tracker, &req);
+        }
+
+        pthread_mutex_lock(&e->lock);
+        s->c = c;
+        s->state = SLOT_DONE;
+        pthread_cond_broadcast(&e->done_cond);
+    }
+    pthread_mutex_unlock(&e->lock);
+    return NULL;
+}
+
+CopyEngine *copy_engine_new(const CopyEngineOptions *o)
+{
+    CopyEngine *e = calloc(1, sizeof(*e));
+    if (!e) {
+        return NULL;
+    }
+    e->o = *o;
+    if (e->o.workers == 0) {
+        e->o.workers = 1;
+    }
+    if (e->o.align == 0) {
+        e->o.align = 1;
+    }
+    pthread_mutex_init(&e->lock, NULL);
+    pthread_cond_init(&e->work_cond, NULL);
+    pthread_cond_init(&e->done_cond, NULL);
+    e->slots = calloc(e->o.workers, sizeof(*e->slots));
+    e->bufs = calloc(e->o.workers, sizeof(*e->bufs));
+    e->threads = calloc(e->o.workers, sizeof(*e->threads));
+    if (!e->slots || !e->bufs || !e->threads) {
+        copy_engine_free(e);
+        return NULL;
+    }
+    for (unsigned i = 0; i < e->o.workers; i++) {
+        e->bufs[i] = malloc(e->o.buf_size);
+        if (!e->bufs[i]) {
+            copy_engine_free(e);
+            return NULL;
+        }
+    }
+    for (unsigned i = 0; i < e->o.workers; i++) {
+        WorkerArg *wa = malloc(sizeof(*wa));
+        if (!wa) {
+            break;
+        }
+        wa->e = e;
+        wa->idx = i;
+        if (pthread_create(&e->threads[i], NULL, worker_main, wa) != 0) {
+            free(wa);
+            break;
+        }
+        e->nthreads++;
+    }
+    if (e->nthreads == 0) {
+        copy_engine_free(e);
+        return NULL;
+    }
+    /* Fewer threads than asked (EAGAIN): fewer requests in flight, still correct. */
+    e->o.workers = e->nthreads;
+    const char *bw = getenv("VDISK_COPY_BUSY_WORKERS");
+    long b = bw ? strtol(bw, NULL, 0) : DEFAULT_BUSY_WORKERS;
+    e->busy_workers = b >= 1 ? (unsigned)b : 1;
+    return e;
+}
+
+void copy_engine_free(CopyEngine *e)
+{
+    if (!e) {
+        return;
+    }
+    pthread_mutex_lock(&e->lock);
+    e->stop = true;
+    pthread_cond_broadcast(&e->work_cond);
+    pthread_mutex_unlock(&e->lock);
+    /* Workers finish what is queued, then exit: nothing is left half done. */
+    for (unsigned i = 0; i < e->nthreads; i++) {
+        pthread_join(e->threads[i], NULL);
+    }
+    wb_join(e);
+    if (e->bufs) {
+        for (unsigned i = 0; i < e->o.workers; i++) {
+            free(e->bufs[i]);
+        }
+    }
+    free(e->bufs);
+    free(e->threads);
+    free(e->slots);
+    pthread_mutex_destroy(&e->lock);
+    pthread_cond_destroy(&e->work_cond);
+    pthread_cond_destroy(&e->done_cond);
+    free(e);
+}
+
+unsigned copy_engine_in_flight(CopyEngine *e)
+{
+    pthread_mutex_lock(&e->lock);
+    unsigned n = e->in_flight;
+    pthread_mutex_unlock(&e->lock);
+    return n;
+}
+
+unsigned copy_engine_max_in_flight(CopyEngine *e)
+{
+    return e->o.workers;
+}
+
+unsigned copy_engine_allowed(CopyEngine *e)
+{
+    if (!e->o.tracker || e->busy_workers >= e->o.workers) {
+        return e->o.workers;
+    }
+    /* Requests on the tracker that are not our copies: the guest is doing I/O right now. */
+    pthread_mutex_lock(&e->lock);
+    unsigned ours = 0;
+    for (unsigned i = 0; i < e->o.workers; i++) {
+        ours += e->slots[i].state == SLOT_RUNNING && e->slots[i].c.tracked;
+    }
+    pthread_mutex_unlock(&e->lock);
+    unsigned all = block_tracker_in_flight(e->o.tracker);
+    return all > ours ? e->busy_workers : e->o.workers;
+}
+
+uint64_t copy_engine_clip(CopyEngine *e, uint64_t start, uint64_t end, uint64_t *skip_to)
+{
+    uint64_t a = e->o.align;
+    uint64_t ws = start & ~(a - 1);
+    uint64_t we = end > UINT64_MAX - (a - 1) ? UINT64_MAX : (end + a - 1) & ~(a - 1);
+    pthread_mutex_lock(&e->lock);
+    for (unsigned i = 0; i < e->o.workers; i++) {
+        Slot *s = &e->slots[i];
+        if (s->state == SLOT_FREE) {
+            continue;
+        }
+        if (ws < s->end && s->start < we) {
+            if (s->start <= ws) {
+                if (skip_to) {
+                    *skip_to = s->end;
+                }
+                pthread_mutex_unlock(&e->lock);
+                return 0;
+            }
+            /* s starts inside (start, end): stop before it (s->start is aligned, > ws). */
+            end = s->start < end ? s->start : end;
+            we = end;
+        }
+    }
+    pthread_mutex_unlock(&e->lock);
+    return end > start ? end : 0;
+}
+
+void copy_engine_submit(CopyEngine *e, uint64_t off, uint64_t bytes, bool tracked)
+{
+    uint64_t a = e->o.align;
+    pthread_mutex_lock(&e->lock);
+    for (unsigned i = 0; i < e->o.workers; i++) {
+        Slot *s = &e->slots[i];
+        if (s->state != SLOT_FREE) {
+            continue;
+        }
+        s->state = SLOT_QUEUED;
+        s->seq = e->next_seq++;
+        s->start = off & ~(a - 1);
+        uint64_t end = off + bytes;
+        s->end = end > UINT64_MAX - (a - 1) ? UINT64_MAX : (end + a - 1) & ~(a - 1);
+        memset(&s->c, 0, sizeof(s->c));
+        s->c.off = off;
+        s->c.bytes = bytes;
+        s->c.tracked = tracked;
+        e->in_flight++;
+        pthread_cond_signal(&e->work_cond);
+        break;
+    }
+    pthread_mutex_unlock(&e->lock);
+}
+
+bool copy_engine_reap(CopyEngine *e, CopyChunk *out, bool wait)
+{
+    pthread_mutex_lock(&e->lock);
+    for (;;) {
+        Slot *s = NULL;
+        for (unsigned i = 0; i < e->o.workers; i++) {
+            Slot *t = &e->slots[i];
+            if (t->state == SLOT_DONE && (!s || t->seq < s->seq)) {
+                s = t;
+            }
+        }
+        if (s) {
+            *out = s->c;
+            s->state = SLOT_FREE;
+            e->in_flight--;
+            pthread_mutex_unlock(&e->lock);
+            if (out->ret == 0 && out->copied) {
+                wb_account(e, out->copied);
+            }
+            return true;
+        }
+        if (!wait || e->in_flight == 0 || e->wake) {
+            e->wake = false;
+            pthread_mutex_unlock(&e->lock);
+            return false;
+        }
+        pthread_cond_wait(&e->done_cond, &e->lock);
+    }
+}
+
+void copy_engine_kick(CopyEngine *e)
+{
+    if (!e) {
+        return;
+    }
+    pthread_mutex_lock(&e->lock);
+    e->kicked = true;
+    e->wake = true;
+    pthread_cond_broadcast(&e->done_cond);
+    pthread_mutex_unlock(&e->lock);
+}
+
+bool copy_engine_take_kick(CopyEngine *e)
+{
+    pthread_mutex_lock(&e->lock);
+    bool k = e->kicked;
+    e->kicked = false;
+    pthread_mutex_unlock(&e->lock);
+    return k;
+}
+
+void copy_engine_drain(CopyEngine *e, void (*cb)(void *opaque, const CopyChunk *c), void *opaque)
+{
+    CopyChunk c;
+    while (copy_engine_in_flight(e) > 0) {
+        if (copy_engine_reap(e, &c, true) && cb) {
+            cb(opaque, &c);
+        }
+    }
+}
+
+void copy_engine_wait_writeback(CopyEngine *e)
+{
+    wb_join(e);
+}
+
+BlockNode *copy_engine_writeback_node(BlockNode *dst, uint64_t *every)
+{
+    BlockNode *f = dst ? dst->file : NULL;
+    if (!f || f->drv != &vd_drv_file || (f->open_flags & VD_OPEN_NO_FLUSH) ||
+        (dst->open_flags & VD_OPEN_NO_FLUSH)) {
+        *every = 0;
+        return NULL;
+    }
+    const char *s = getenv("VDISK_COPY_WRITEBACK");
+    *every = s ? strtoull(s, NULL, 0) : DEFAULT_WRITEBACK_BYTES;
+    return *every ? f : NULL;
+}
+
+/* Defaults; VDISK_COPY_WORKERS / VDISK_COPY_UNIT override them (benchmarks, tuning). */
+#define DEFAULT_WORKERS 4
+#define DEFAULT_UNIT (1ULL << 20)
+
+unsigned copy_engine_default_workers(void)
+{
+    const char *s = getenv("VDISK_COPY_WORKERS");
+    long v = s ? strtol(s, NULL, 0) : 0;
+    return v >= 1 && v <= 64 ? (unsigned)v : DEFAULT_WORKERS;
+}
+
+uint64_t copy_engine_default_unit(void)
+{
+    const char *s = getenv("VDISK_COPY_UNIT");
+    long long v = s ? strtoll(s, NULL, 0) : 0;
+    return v >= 4096 && v <= (64LL << 20) && !(v & (v - 1)) ? (uint64_t)v : DEFAULT_UNIT;
+}
+
+/* ---- linear sweep (stream, non-active commit) ---- */
+
+typedef struct SweepState {
+    CopySweep *sw;
+    CopyChunk *failed;     /* failures of the current batch (at most the workers) */
+    unsigned nfailed;
+    uint64_t to_account;
+} SweepState;
+
+static void sweep_reaped(void *opaque, const CopyChunk *c)
+{
+    SweepState *st = opaque;
+    if (c->ret < 0) {
+        st->failed[st->nfailed++] = *c;
+        return;
+    }
+    job_progress_update(st->sw->job, c->bytes);
+    if (c->copied && job_get_speed(st->sw->job)) {
+        st->to_account += c->copied;
+    }
+}
+
+static int chunk_cmp(const void *a, const void *b)
+{
+    const CopyChunk *x = a, *y = b;
+    return x->off < y->off ? -1 : x->off > y->off;
+}
+
+int copy_sweep_run(CopySweep *sw)
+{
+    CopyEngine *e = sw->engine;
+    unsigned nw = copy_engine_max_in_flight(e);
+    CopyChunk *failed = calloc(nw, sizeof(*failed));
+    CopyChunk *retry = calloc(nw, sizeof(*retry));
+    if (!failed || !retry) {
+        free(failed);
+        free(retry);
+        return -ENOMEM;
+    }
+    SweepState st = {.sw = sw, .failed = failed};
+    unsigned nretry = 0;
+    uint64_t off = 0;
+    int r = 0;
+    sw->ignored = 0;
+    for (;;) {
+        CopyChunk c;
+        while (copy_engine_reap(e, &c, false)) {
+            sweep_reaped(&st, &c);
+        }
+        uint64_t speed = job_get_speed(sw->job);
+        if (copy_engine_take_kick(e) || st.nfailed || speed) {
+            copy_engine_drain(e, sweep_reaped, &st);
+        }
+        if (copy_engine_in_flight(e) == 0) {
+            /* A quiet point, as between two copies of a serial loop. */
+            if (st.to_account) {
+                job_rate_limit(sw->job, st.to_account);
+                st.to_account = 0;
+            }
+            if (st.nfailed) {
+                qsort(failed, st.nfailed, sizeof(*failed), chunk_cmp);
+                for (unsigned i = 0; i < st.nfailed && r == 0; i++) {
+                    JobErrorAction a = job_handle_io_error(sw->job, sw->on_error, failed[i].is_read,
+                                                           failed[i].ret);
+                    if (a == JOB_ERR_STOP) {
+                        job_pause_point(sw->job);
+                        for (unsigned k = i; k < st.nfailed; k++) {
+                            retry[nretry++] = failed[k]; /* retried once resumed */
+                        }
+                        break;
+                    }
+                    if (!sw->ignored) {
+                        sw->ignored = failed[i].ret;
+                    }
+                    if (a == JOB_ERR_REPORT) {
+                        r = failed[i].ret;
+                        sw->failed_is_read = failed[i].is_read;
+                        break;
+                    }
+                    job_progress_update(sw->job, failed[i].bytes); /* ignored: skipped */
+                }
+                st.nfailed = 0;
+                if (r < 0) {
+                    break;
+                }
+            }
+            job_pause_point(sw->job);
+            if (job_is_cancelled(sw->job)) {
+                r = -ECANCELED;
+                break;
+            }
+        }
+        unsigned max_in_flight = speed ? 1 : copy_engine_allowed(e);
+        if (copy_engine_in_flight(e) < max_in_flight && (nretry || off < sw->len)) {
+            if (nretry) {
+                c = retry[0];
+                memmove(retry, retry + 1, --nretry * sizeof(*retry));
+                copy_engine_submit(e, c.off, c.bytes, true);
+                continue;
+            }
+            uint64_t chunk = sw->unit;
+            if (speed && speed / 10 < chunk) {
+                chunk = speed / 10; /* one 100 ms slice per copy: the limit stays smooth */
+            }
+            chunk = chunk / sw->align * sw->align;
+            chunk = chunk ? chunk : sw->align;
+            uint64_t n = sw->len - off < chunk ? sw->len - off : chunk;
+            uint64_t skip = sw->skip ? sw->skip(sw->opaque, off, sw->len - off) : 0;
+            skip = skip > sw->len - off ? sw->len - off : skip;
+            if (skip && off + skip < sw->len) {
+                skip = skip / sw->align * sw->align; /* chunks stay aligned */
+            }
+            if (skip) {
+                job_progress_update(sw->job, skip);
+                off += skip;
+                continue;
+            }
+            copy_engine_submit(e, off, n, true);
+            off += n;
+            continue;
+        }
+        if (copy_engine_in_flight(e) > 0) {
+            if (copy_engine_reap(e, &c, true)) {
+                sweep_reaped(&st, &c);
+            }
+            continue;
+        }
+        if (off >= sw->len && nretry == 0 && st.nfailed == 0) {
+            break;
+        }
+    }
+    copy_engine_drain(e, NULL, NULL);
+    wb_join(e);
+    free(failed);
+    free(retry);
+    return r;
+}
+
+BlockNode *copy_read_layer(BlockNode *top, BlockNode *layer, uint64_t offset, uint64_t bytes)
+{
+    if (!layer || layer == top) {
+        return top;
+    }
+    int64_t l = vd_getlength(layer);
+    return l >= 0 && offset + bytes <= (uint64_t)l ? layer : top;
+}
