@@ -797,19 +797,24 @@ static const struct {
       "resize [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size" },
     /* Online commands (virsh-like, over vdiskd's QMP socket): src/tools/virsh-jobs.c */
     { "blockcommit", virsh_blockcommit,
-      "blockcommit DISK [--base B|--shallow] [--top T] [--active] [--pivot|--keep-overlay] "
-      "[--wait] [--verbose] [--bandwidth N] [--socket PATH]" },
+      "blockcommit DISK [--base B|--shallow] [--top T] [--active] [--pivot|--keep-overlay]\n"
+      "          [--wait [--verbose] [--timeout S] [--async]] [--bandwidth N [--bytes]]\n"
+      "          [--socket PATH]" },
     { "blockcopy", virsh_blockcopy,
-      "blockcopy DISK DEST [--shallow] [--reuse-external] [--format F] [--wait] [--verbose]\n"
-      "          [--pivot|--finish] [--bandwidth N] [--granularity N] [--buf-size N]\n"
-      "          [--synchronous-writes] [--socket PATH]" },
+      "blockcopy DISK DEST [--shallow] [--reuse-external] [--format F|--raw] [--wait]\n"
+      "          [--verbose] [--pivot|--finish] [--timeout S] [--async] [--bandwidth N [--bytes]]\n"
+      "          [--granularity N] [--buf-size N] [--synchronous-writes] [--node-name N]\n"
+      "          [--base-node B] [--socket PATH]" },
     { "blockjob", virsh_blockjob,
-      "blockjob DISK [--info|--abort|--pivot|--bandwidth N] [--socket PATH]" },
+      "blockjob DISK [--info [--raw]|--abort [--async]|--pivot|--bandwidth N [--bytes]]\n"
+      "          [--socket PATH]" },
     { "blockpull", virsh_blockpull,
-      "blockpull DISK [--base B] [--wait] [--verbose] [--bandwidth N] [--socket PATH]" },
+      "blockpull DISK [--base B] [--wait [--verbose] [--timeout S] [--async]]\n"
+      "          [--bandwidth N [--bytes]] [--socket PATH]" },
     { "domblklist", virsh_domblklist, "domblklist [--details] [--socket PATH]" },
     { "snapshot-create", virsh_snapshot_create,
-      "snapshot-create DISK OVERLAY [--format F] [--reuse-external] [--socket PATH]\n"
+      "snapshot-create DISK OVERLAY [--format F] [--reuse-external] [--node-name N]\n"
+      "          [--socket PATH]\n"
       "          (online commands: --socket defaults to $VDISK_SOCKET, else "
       "/run/vdisk/vdiskd.qmp)" },
 };

@@ -942,7 +942,7 @@ int virsh_blockcopy(int argc, char **argv)
     };
     static const char *const names[] = { "disk", "dest" };
     int p = parse_job_opts(argc, argv, &jo, opts,
-                           "DISK DEST [--shallow] [--reuse-external] [--format F] [--wait] "
+                           "DISK DEST [--shallow] [--reuse-external] [--format F|--raw] [--wait] "
                            "[--verbose] [--pivot|--finish] [--timeout S] [--async] [--bandwidth N "
                            "[--bytes]] [--granularity N] [--buf-size N] [--synchronous-writes] "
                            "[--node-name N] [--base-node B] [--socket PATH]",
