@@ -306,7 +306,7 @@ int q2_cache_empty(Qcow2State *s, Qcow2Cache *c, bool flush)
     return 0;
 }
 
-int q2_flush_all(Qcow2State *s)
+int q2_writeback_all(Qcow2State *s)
 {
     int ret = q2_apply_pending_frees(s);
     if (ret == 0) {
@@ -316,11 +316,24 @@ int q2_flush_all(Qcow2State *s)
         ret = q2_cache_flush(s, &s->rb_cache);
     }
     if (ret == 0) {
-        ret = q2_file_flush(s);
-    }
-    if (ret == 0) {
+        /*
+         * Every table dirty until now went out in dependency order (each L2 write preceded by its
+         * data and refcounts and a file flush), so none of these dependencies is pending; what is
+         * dirtied from here on sets its own. Only the final file flush remains, which may run
+         * without the lock (qcow2_flush).
+         */
+        s->data_dirty = false;
         s->l2_cache.depends = NULL;
         s->rb_cache.depends = NULL;
+    }
+    return ret;
+}
+
+int q2_flush_all(Qcow2State *s)
+{
+    int ret = q2_writeback_all(s);
+    if (ret == 0) {
+        ret = q2_file_flush(s);
     }
     return ret;
 }

@@ -920,9 +920,19 @@ static int qcow2_flush(BlockNode *bs)
         return 0;
     }
     pthread_mutex_lock(&s->lock);
-    q2_lockless_wait_idle(s); /* q2_flush_all applies deferred frees */
-    int ret = q2_flush_all(s);
+    q2_lockless_wait_idle(s); /* q2_writeback_all applies deferred frees */
+    int ret = q2_writeback_all(s);
     pthread_mutex_unlock(&s->lock);
+    /*
+     * The file's own flush (an fdatasync: milliseconds to seconds) runs without the image lock,
+     * as QEMU's qcow2 flushes to the OS under its lock and the file after it: guest writes and
+     * allocations go on meanwhile instead of stalling behind the sync. Everything written before
+     * this flush was called is in the file already, so this sync makes it durable; later writes
+     * order themselves (they set their own dependencies and data_dirty).
+     */
+    if (ret == 0 && !(bs->open_flags & VD_OPEN_NO_FLUSH)) {
+        ret = vd_flush(bs->file);
+    }
     return ret;
 }
 

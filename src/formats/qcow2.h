@@ -176,7 +176,12 @@ int q2_cache_empty(Qcow2State *s, Qcow2Cache *c, bool flush);
 void q2_cache_discard(Qcow2Cache *c, uint64_t offset);
 /* Record that c's dirty tables may only be written after dep's (see qcow2.c). */
 int q2_cache_set_dependency(Qcow2State *s, Qcow2Cache *c, Qcow2Cache *dep);
-/* Write back everything in dependency order and flush the file. */
+/*
+ * Write back every dirty table (L2, refcount blocks) and apply deferred frees, in dependency
+ * order; the file is then consistent in the page cache and only its flush is missing. Lock held.
+ */
+int q2_writeback_all(Qcow2State *s);
+/* q2_writeback_all, then flush the file (lock held throughout). */
 int q2_flush_all(Qcow2State *s);
 int q2_file_flush(Qcow2State *s);
 
