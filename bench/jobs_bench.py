@@ -262,6 +262,7 @@ def fio_window(logprefix, t0, t1, sub=None):
     READY and the pivot phase after block-job-complete)."""
     lo, hi = t0 * 1000, t1 * 1000
     lats = []
+    worst = (-1, None)  # (latency ns, completion stamp ms): when the longest stall ended
     counts = {k: 0 for k in (sub or {})}
     with open(f"{logprefix}_clat.1.log") as f:
         for line in f:
@@ -269,6 +270,7 @@ def fio_window(logprefix, t0, t1, sub=None):
             ts = int(ts)
             if lo <= ts <= hi:
                 lats.append(int(lat))
+                worst = max(worst, (int(lat), ts))
             for k, (a, b) in (sub or {}).items():
                 if a * 1000 <= ts <= b * 1000:
                     counts[k] += 1
@@ -282,7 +284,10 @@ def fio_window(logprefix, t0, t1, sub=None):
     lats.sort()
     res = {"iops": len(lats) / (t1 - t0), "p99_ms": lats[int(0.99 * (len(lats) - 1))] / 1e6,
            "max_ms": lats[-1] / 1e6, "mean_ms": sum(lats) / len(lats) / 1e6, "ios": len(lats),
-           "window_s": t1 - t0}
+           "window_s": t1 - t0,
+           # seconds after the job command at which the longest stall began: tells copy, flush and
+           # pivot phases apart
+           "max_at_s": (worst[1] - worst[0] / 1e6) / 1000 - t0}
     for k, (a, b) in (sub or {}).items():
         res[f"iops_{k}"] = counts[k] / (b - a) if b > a else None
     return res
