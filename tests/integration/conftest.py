@@ -6,6 +6,7 @@ qemu-nbd, nbdinfo, ...) are the oracle; helpers here run them and fail loudly wi
 import hashlib
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -63,6 +64,31 @@ def assert_not_crashed(p):
 @pytest.fixture
 def tmp(tmp_path):
     return tmp_path
+
+
+def unix_listening(path):
+    """True once a unix socket bound to path is listening. bind() creates the path but connect()
+    is refused until listen(), a window a loaded machine can stretch (QEMU's tools and vdiskd
+    both bind, then listen), so the path's existence is no readiness signal. Read from
+    /proc/net/unix (flag __SO_ACCEPTCON): no connection is spent, as QEMU's monitor serves one at
+    a time."""
+    path = str(path)
+    with open("/proc/net/unix") as f:
+        next(f, None)
+        for line in f:
+            fields = line.rstrip("\n").split(None, 7)
+            if len(fields) == 8 and fields[7] == path and int(fields[3], 16) & 0x10000:
+                return True
+    return False
+
+
+def wait_unix_listening(path, proc, timeout=30):
+    """Wait (event-driven, generous deadline) until proc listens on the unix socket path."""
+    end = time.time() + timeout
+    while not unix_listening(path):
+        assert proc.poll() is None, f"{proc.args[0]} exited {proc.returncode}"
+        assert time.time() < end, f"nothing listening on {path} after {timeout}s"
+        time.sleep(0.02)
 
 
 # ---- Appended for the interop / differential / crash / bad-input suites ----

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import time
 
-from conftest import VDISKD
+from conftest import VDISKD, unix_listening
 
 
 _NO_ID = object()
@@ -116,13 +116,17 @@ class QMPClient:
                 self.sock.settimeout(10)
 
 
-def wait_socket(path, proc, log, timeout=10, probe=True):
+def wait_socket(path, proc, log, timeout=30, probe=True):
     end = time.time() + timeout
     while time.time() < end:
         if proc.poll() is not None:
             raise AssertionError(f"daemon exited {proc.returncode}:\n{read_log(log)}")
-        if os.path.exists(path) and not probe:
-            return
+        if not probe:
+            # bind() creates the path before listen(): wait for the listening socket itself
+            if unix_listening(path):
+                return
+            time.sleep(0.02)
+            continue
         if os.path.exists(path):
             try:
                 s = socket.socket(socket.AF_UNIX)
@@ -201,8 +205,8 @@ def start_qsd(tmp):
     return Daemon(["qemu-storage-daemon", "--chardev",
                    f"socket,path={path},server=on,wait=off,id=c0", "--monitor", "chardev=c0"],
                   path, os.path.join(str(tmp), "qsd.log"),
-                  # QEMU's monitor serves one connection at a time and creates the socket
-                  # only once listening: don't spend a connection on probing it.
+                  # QEMU's monitor serves one connection at a time: don't spend a connection
+                  # on probing it (wait_socket watches for its listening socket instead).
                   probe=False)
 
 

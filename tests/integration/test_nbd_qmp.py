@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from conftest import VDISKD, qemu_img, qemu_io, run
+from conftest import VDISKD, qemu_img, qemu_io, run, wait_unix_listening
 import nbd_helpers as H
 
 pytestmark = pytest.mark.skipif(not os.path.exists(VDISKD), reason="vdiskd not built")
@@ -18,7 +18,7 @@ def qmpd(tmp):
     qsock = os.path.join(str(tmp), "qmp.sock")
     d = H.Daemon(["--qmp", qsock], os.path.join(str(tmp), "nbd.sock"), tmp)
     try:
-        H.wait_path(qsock, d.proc)
+        wait_unix_listening(qsock, d.proc)  # the path exists from bind(), before listen()
         q = H.Qmp(qsock)
         yield d, q
         q.close()
@@ -92,7 +92,7 @@ def test_cmdline_export_listed_over_qmp(tmp):
     qsock = os.path.join(str(tmp), "qmp.sock")
     d = H.start_daemon(tmp, img, extra=["--qmp", qsock])
     try:
-        H.wait_path(qsock, d.proc)
+        wait_unix_listening(qsock, d.proc)  # the path exists from bind(), before listen()
         q = H.Qmp(qsock)
         exps = q.cmd("query-block-exports")["return"]
         assert len(exps) == 1 and exps[0]["id"] == "e0" and exps[0]["node-name"] == "n0"

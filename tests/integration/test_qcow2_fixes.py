@@ -13,6 +13,7 @@ import shutil
 import pytest
 
 from conftest import vdisk, qemu_img, qemu_io, assert_not_crashed, assert_qemu_check_clean
+from conftest import wait_unix_listening
 import corpus
 
 MiB = 1 << 20
@@ -115,18 +116,14 @@ def test_map_preallocation(tmp, compat, prealloc, creator):
 @pytest.fixture
 def qemu_nbd_export(tmp):
     import subprocess
-    import time
     back = tmp / "export.raw"
     with open(back, "wb") as f:
         f.truncate(64 * MiB)
     sock = tmp / "nbd.sock"
     p = subprocess.Popen(["qemu-nbd", "-t", "-f", "raw", "-k", str(sock), str(back)],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        if sock.exists():
-            break
-        time.sleep(0.05)
     try:
+        wait_unix_listening(sock, p)  # the path exists from bind(), before listen()
         yield f"nbd+unix:///?socket={sock}"
     finally:
         p.terminate()

@@ -9,7 +9,7 @@ import time
 import pytest
 
 import nbd_helpers as H
-from conftest import VDISKD, qemu_img, qemu_io, run
+from conftest import VDISKD, qemu_img, qemu_io, run, wait_unix_listening
 from qmp_client import file_node, fmt_node, start_qsd, start_vdiskd
 
 pytestmark = pytest.mark.skipif(not os.path.exists(VDISKD), reason="vdiskd not built")
@@ -260,9 +260,7 @@ def test_nbd_client_nodes(vd, tmp, img):
                             "type=nbd,id=e,node-name=q,name=base"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        end = time.time() + 10
-        while not os.path.exists(remote) and time.time() < end:
-            time.sleep(0.02)
+        wait_unix_listening(remote, qsd)  # the path exists from bind(), before listen()
         top = tmp / "top.qcow2"
         qemu_img("create", "-f", "qcow2", top, "1M")  # no backing in the header
         qemu_io("-f", "qcow2", "-c", "write -P 0x66 64k 64k", top)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import VDISKD, qemu_img, qemu_io
+from conftest import VDISKD, qemu_img, qemu_io, wait_unix_listening
 from qmp_client import start_vdiskd
 
 pytestmark = pytest.mark.skipif(not os.path.exists(VDISKD), reason="vdiskd not built")
@@ -84,10 +84,7 @@ def test_blockdev_add_nbd_export_name_needing_escapes(tmp_path, name):
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     d = None
     try:
-        for _ in range(200):
-            if os.path.exists(sock):
-                break
-            time.sleep(0.05)
+        wait_unix_listening(sock, srv)  # the path exists from bind(), before listen()
         d = start_vdiskd(tmp_path)
         q = d.client()
         q.cmd("blockdev-add", driver="nbd", node_name="n0", export=name,

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import VDISK, VDISKD, qemu_img, qemu_io
+from conftest import VDISK, VDISKD, qemu_img, qemu_io, unix_listening
 from qmp_client import Daemon, QMPClient
 from nbd_helpers import RawClient, CMD_WRITE, CMD_WZ, CMD_FLUSH
 
@@ -63,9 +63,11 @@ class Server:
         else:
             argv = [VDISKD, "--qmp", self.qmp, *common]
         self.d = Daemon(argv, self.qmp, str(tmp / f"{kind}.log"))
-        end = time.time() + 10
-        while not os.path.exists(self.nbd):
-            assert time.time() < end, "NBD socket did not appear:\n" + self.d.output()
+        # the path exists from bind(), before listen(): wait for the listening socket
+        end = time.time() + 30
+        while not unix_listening(self.nbd):
+            assert self.d.proc.poll() is None and time.time() < end, \
+                "NBD socket not listening:\n" + self.d.output()
             time.sleep(0.02)
 
     def uri(self):
