@@ -7,6 +7,7 @@ final content byte for byte with the model. The disks are large enough (and the 
 that the engine keeps several 1 MiB copies in flight while the guest writes into the same ranges:
 a copy of old data landing after a newer guest write would show up as a difference.
 """
+import contextlib
 import json
 import os
 import random
@@ -111,16 +112,32 @@ def served(tmp, top):
     return Served(tmp, top, need=("drive-mirror", "block-stream", "block-commit"))
 
 
+@contextlib.contextmanager
+def guest_running(tmp, top, model, seed, hi=BIG, warmup=20):
+    """vdiskd serving top and a RangeGuest writing [0, hi), `warmup` requests in. On a normal exit
+    the guest is stopped and checked (no errors seen) and the daemon stopped cleanly; on an error
+    both are torn down."""
+    s = served(tmp, top)
+    g = None
+    try:
+        g = RangeGuest(s.sock, model, seed=seed, lo=0, hi=hi)
+        g.start()
+        g.wait_done(warmup)
+        yield s, g
+        g.stop_checked()
+        g = None
+        s.stop()
+    finally:
+        if g:
+            g.stop_ev.set()
+        s.close()
+
+
 @pytest.mark.parametrize("copy_mode", ["background", "write-blocking"])
 def test_unthrottled_mirror_with_copies_in_flight_and_guest(tmp_path, copy_mode):
     base, top, model = big_chain(tmp_path)
     tgt = tmp_path / "tgt.qcow2"
-    s = served(tmp_path, top)
-    g = None
-    try:
-        g = RangeGuest(s.sock, model, seed=5, lo=0, hi=BIG)
-        g.start()
-        g.wait_done(20)
+    with guest_running(tmp_path, top, model, seed=5) as (s, g):
         s.q.cmd("drive-mirror", **{"job-id": "m", "device": "disk0", "target": str(tgt),
                                    "sync": "full", "format": "qcow2", "copy-mode": copy_mode})
         s.q.get_event("BLOCK_JOB_READY", timeout=120)
@@ -129,13 +146,6 @@ def test_unthrottled_mirror_with_copies_in_flight_and_guest(tmp_path, copy_mode)
         done = s.q.get_event("BLOCK_JOB_COMPLETED", timeout=120)
         assert "error" not in done["data"], done
         g.wait_done(g.done + 20)  # and after the pivot, onto the target
-        g.stop_checked()
-        g = None
-        s.stop()
-    finally:
-        if g:
-            g.stop_ev.set()
-        s.close()
     check_clean(tgt, top)
     assert_same(image_content(tmp_path, tgt, "tgt.raw"), bytes(model), "target after pivot")
     assert qemu_img("info", "--output=json", tgt).stdout.count("backing-filename") == 0
@@ -143,23 +153,11 @@ def test_unthrottled_mirror_with_copies_in_flight_and_guest(tmp_path, copy_mode)
 
 def test_unthrottled_stream_with_guest(tmp_path):
     base, top, model = big_chain(tmp_path)
-    s = served(tmp_path, top)
-    g = None
-    try:
-        g = RangeGuest(s.sock, model, seed=6, lo=0, hi=BIG)
-        g.start()
-        g.wait_done(20)
+    with guest_running(tmp_path, top, model, seed=6) as (s, g):
         s.q.cmd("block-stream", **{"job-id": "st", "device": "disk0"})
         done = s.q.get_event("BLOCK_JOB_COMPLETED", timeout=120)
         assert "error" not in done["data"], done
         g.wait_done(g.done + 20)
-        g.stop_checked()
-        g = None
-        s.stop()
-    finally:
-        if g:
-            g.stop_ev.set()
-        s.close()
     check_clean(top)
     assert chain_info(top) == [("top.qcow2", None, None)]
     assert_same(image_content(tmp_path, top, "top.raw"), bytes(model), "streamed top")
@@ -167,12 +165,7 @@ def test_unthrottled_stream_with_guest(tmp_path):
 
 def test_unthrottled_active_commit_with_guest(tmp_path):
     base, top, model = big_chain(tmp_path)
-    s = served(tmp_path, top)
-    g = None
-    try:
-        g = RangeGuest(s.sock, model, seed=7, lo=0, hi=BIG)
-        g.start()
-        g.wait_done(20)
+    with guest_running(tmp_path, top, model, seed=7) as (s, g):
         s.q.cmd("block-commit", **{"job-id": "c", "device": "disk0"})
         s.q.get_event("BLOCK_JOB_READY", timeout=120)
         g.wait_done(g.done + 50)
@@ -180,13 +173,6 @@ def test_unthrottled_active_commit_with_guest(tmp_path):
         done = s.q.get_event("BLOCK_JOB_COMPLETED", timeout=120)
         assert "error" not in done["data"], done
         g.wait_done(g.done + 20)  # now onto base
-        g.stop_checked()
-        g = None
-        s.stop()
-    finally:
-        if g:
-            g.stop_ev.set()
-        s.close()
     check_clean(base, top)
     assert_same(image_content(tmp_path, base, "base.raw"), bytes(model), "base after pivot")
 
@@ -210,12 +196,7 @@ def test_drive_mirror_unmap(tmp_path, unmap):
     qemu_io("-f", "qcow2", "-c", f"write -P 0x55 {20 * MiB} {28 * MiB}", tgt)
     model = bytearray(BIG)
     model[0:24 * MiB] = b"\x44" * (24 * MiB)
-    s = served(tmp_path, src)
-    g = None
-    try:
-        g = RangeGuest(s.sock, model, seed=8, lo=0, hi=16 * MiB)
-        g.start()
-        g.wait_done(10)
+    with guest_running(tmp_path, src, model, seed=8, hi=16 * MiB, warmup=10) as (s, g):
         args = {"job-id": "m", "device": "disk0", "target": str(tgt), "sync": "full",
                 "format": "qcow2", "mode": "existing"}
         if unmap is not None:
@@ -226,13 +207,6 @@ def test_drive_mirror_unmap(tmp_path, unmap):
         s.q.cmd("block-job-complete", device="m")
         done = s.q.get_event("BLOCK_JOB_COMPLETED", timeout=120)
         assert "error" not in done["data"], done
-        g.stop_checked()
-        g = None
-        s.stop()
-    finally:
-        if g:
-            g.stop_ev.set()
-        s.close()
     check_clean(tgt)
     assert_same(image_content(tmp_path, tgt, "tgt.raw"), bytes(model), "target")
     zmap = zero_region_map(tgt, 24 * MiB, BIG)
