@@ -8,13 +8,14 @@
  * Active commit (top is the device): a dirty bitmap fed by the top's tracker write notifiers; each
  * copy holds its range BT_SHARED on the top's tracker (guest writes are BT_EXCLUSIVE), so a copy of
  * old data never lands after a newer write: the write either finished before (and its dirty bit was
- * cleared only after it) or re-dirties the range after the copy. READY once in sync; complete (or a
- * soft cancel) first copies unthrottled for a bounded amount/time while guests run (so it finishes
- * even when guests write faster than the speed limit), then drains the exports, copies what is
- * still dirty, flushes base and swaps the exports onto base (no swap for a soft cancel).
- * Pauses: base is flushed BEFORE the exports are drained (the job's copies are done by then); under
- * drain only the tail copied there is flushed (active), nothing at all for a non-active commit,
- * whose base no guest writes.
+ * cleared only after it) or re-dirties the range after the copy. READY once in sync and flushed;
+ * while ready the job keeps copying and flushing base as guests write, so complete (or a soft
+ * cancel) normally drains the exports at once, copies the small dirty tail, flushes base once and
+ * swaps the exports onto base (no swap for a soft cancel). When much is dirty or unflushed (a guest
+ * writing faster than the copy), bounded finishing rounds copy and flush unthrottled first.
+ * Pauses: what the job copied is flushed BEFORE the exports are drained, except a few MiB that the
+ * drained flush of the tail covers anyway; a non-active commit flushes nothing under drain (no
+ * guest writes its base).
  */
 #include <errno.h>
 #include <pthread.h>
@@ -32,6 +33,8 @@
 #define IDLE_WAIT_NS 100000000ULL
 #define COMMIT_FINISH_ROUNDS 4          /* finishing: copy at most this many times what was dirty */
 #define COMMIT_FINISH_NS 2000000000ULL  /* ... or for this long, before the drained tail copy */
+/* Complete pivots at once (no finishing round) when this little is dirty or not yet flushed. */
+#define COMMIT_QUICK_TAIL (4ULL << 20)
 
 typedef struct Commit {
     Job *job;
@@ -48,6 +51,7 @@ typedef struct Commit {
     JobErrorAction on_error;
     bool claimed;
     bool base_swapped;       /* base_rw is in the chain */
+    uint64_t unflushed;      /* bytes copies wrote to base_rw since its last flush (coordinator) */
 
     /* active commit */
     BlockTracker *tracker;   /* the top's */
@@ -311,6 +315,8 @@ static void commit_reaped(void *opaque, const CopyChunk *ch)
 {
     CommitReap *cr = opaque;
     Commit *c = cr->c;
+    /* A failed copy may have written part of its range. */
+    c->unflushed += ch->ret < 0 ? ch->bytes : ch->copied;
     if (ch->ret < 0) {
         if (!cr->failed) { /* only the first of a batch is reported; the others retry */
             cr->failed = true;
@@ -326,6 +332,24 @@ static void commit_reaped(void *opaque, const CopyChunk *ch)
     } else if (ch->copied && job_get_speed(c->job)) {
         cr->to_account += ch->copied;
     }
+}
+
+/*
+ * Make base_rw's copies durable, on the coordinator with nothing in flight, while guests run: before
+ * READY and at the end of each finishing round (as the mirror, and QEMU, flush before READY), so
+ * prepare flushes under drain only the tail it copies itself and complete -> COMPLETED takes no
+ * sync of the whole commit.
+ */
+static int commit_flush_base(Commit *c)
+{
+    if (!c->unflushed) {
+        return 0;
+    }
+    uint64_t was = c->unflushed;
+    c->unflushed = 0;
+    int r = vd_flush(c->base_rw);
+    c->unflushed += r < 0 ? was : 0;
+    return r;
 }
 
 static int commit_run_active(Commit *c, VdError **errp)
@@ -350,6 +374,7 @@ static int commit_run_active(Commit *c, VdError **errp)
      * so this converges even when the guest writes faster than the copy.
      */
     uint64_t finish_budget = 0, finish_deadline = 0;
+    unsigned finish_rounds = 0;
     for (;;) {
         CopyChunk ch;
         while (copy_engine_reap(e, &ch, false)) {
@@ -393,14 +418,33 @@ static int commit_run_active(Commit *c, VdError **errp)
             if (done || job_cancel_requested(job)) {
                 uint64_t d = dirty_bytes(c);
                 cr.finishing = true;
-                finish_budget = COMMIT_FINISH_ROUNDS * (d > c->unit ? d : c->unit);
+                cr.finish_copied = 0;
+                finish_budget = d > c->unit ? d : c->unit;
                 finish_deadline = job_now_ns() + COMMIT_FINISH_NS;
             }
         }
-        if (cr.finishing &&
-            (cr.finish_copied >= finish_budget || job_now_ns() >= finish_deadline)) {
-            r = 0; /* prepare copies what is still dirty, guests drained */
-            break;
+        if (cr.finishing) {
+            /*
+             * Pivot as soon as what prepare must copy and flush with guests drained is small: the
+             * ready loop keeps base in sync and flushed, so usually at once. Otherwise rounds of
+             * "copy what was dirty at the round's start, flush it while guests run", a few at
+             * most (a guest writing faster than the copy leaves the rest to the drained tail).
+             */
+            uint64_t d = dirty_bytes(c);
+            bool round_over = cr.finish_copied >= finish_budget;
+            if (d + c->unflushed <= COMMIT_QUICK_TAIL || job_now_ns() >= finish_deadline ||
+                (round_over && ++finish_rounds >= COMMIT_FINISH_ROUNDS)) {
+                r = 0; /* prepare copies what is still dirty, guests drained */
+                break;
+            }
+            if (round_over) {
+                copy_engine_drain(e, commit_reaped, &cr);
+                (void)commit_flush_base(c); /* on error prepare flushes again, fails the job */
+                d = dirty_bytes(c);
+                cr.finish_copied = 0;
+                finish_budget = d > c->unit ? d : c->unit;
+                continue;
+            }
         }
         uint64_t chunk = c->unit;
         unsigned max_in_flight = copy_engine_allowed(e);
@@ -427,7 +471,21 @@ static int commit_run_active(Commit *c, VdError **errp)
         if (have) {
             continue; /* dirtied since the pick */
         }
+        if (cr.finishing) {
+            finish_budget = 0; /* in sync: this round is over (flush, maybe one more) */
+            continue;
+        }
         if (!job_is_ready(job)) {
+            int fr = commit_flush_base(c);
+            if (fr < 0) {
+                int err = commit_io_error(c, fr, false, &ignored);
+                if (err < 0) {
+                    vd_error_setg(errp, -err, "Commit write error: %s", strerror(-err));
+                    r = err;
+                    break;
+                }
+                continue;
+            }
             job_transition_to_ready(job);
             continue;
         }
@@ -435,8 +493,16 @@ static int commit_run_active(Commit *c, VdError **errp)
         bool done = c->should_complete;
         pthread_mutex_unlock(&c->lock);
         if (done || job_cancel_requested(job)) {
-            r = 0;
-            break;
+            continue; /* the finishing rounds above: flush, then prepare */
+        }
+        if (c->unflushed) {
+            /*
+             * Ready and in sync: keep base durable as the guest's writes are copied (a failure
+             * is left for the next try and for prepare), so complete finds nothing to flush
+             * but the tail and pivots at once.
+             */
+            (void)commit_flush_base(c);
+            continue;
         }
         uint64_t deadline = job_now_ns() + IDLE_WAIT_NS;
         struct timespec ts = {.tv_sec = (time_t)(deadline / 1000000000ULL),
@@ -452,7 +518,8 @@ static int commit_run_active(Commit *c, VdError **errp)
         pthread_mutex_unlock(&c->lock);
         job_set_busy(job, true);
     }
-    copy_engine_drain(e, NULL, NULL); /* failed/cancelled copies re-dirtied their ranges */
+    copy_engine_drain(e, commit_reaped, &cr); /* failed/cancelled copies re-dirtied their ranges */
+    copy_engine_wait_writeback(e);
     return r;
 }
 
@@ -551,8 +618,13 @@ static void restore_ro_base(Commit *c, bool drained)
 static int commit_prepare(Job *job, VdError **errp)
 {
     Commit *c = job_opaque(job);
-    /* run returned: every copy of the job is written. Make them durable while guests still run. */
-    int r = vd_flush(c->base_rw);
+    /*
+     * run returned: every copy of the job is written. Make them durable while guests still run
+     * (an active commit's run flushed all but what it copied after its last flush: when that is
+     * little, one flush under drain covers it with the tail, sparing a sync round trip).
+     */
+    int r = !c->active ? vd_flush(c->base_rw)
+            : c->unflushed > COMMIT_QUICK_TAIL ? commit_flush_base(c) : 0;
     if (r < 0) {
         vd_error_setg(errp, -r, "Could not flush '%s': %s", c->base_rw->filename, strerror(-r));
         return r;
@@ -572,7 +644,7 @@ static int commit_prepare(Job *job, VdError **errp)
         for (;;) {
             CopyChunk ch;
             while (copy_engine_reap(c->engine, &ch, false)) {
-                tail += ch.copied;
+                tail += ch.copied + (ch.ret < 0);
                 r = ch.ret < 0 && r == 0 ? ch.ret : r;
             }
             uint64_t off = 0, n = 0;
@@ -591,13 +663,14 @@ static int commit_prepare(Job *job, VdError **errp)
                 break;
             }
             if (copy_engine_reap(c->engine, &ch, true)) {
-                tail += ch.copied;
+                tail += ch.copied + (ch.ret < 0);
                 r = ch.ret < 0 && r == 0 ? ch.ret : r;
             }
         }
-        if (r == 0 && tail) {
-            /* Only the tail is not durable yet (base_rw's own writes: guests write the top). */
-            r = vd_flush(c->base_rw);
+        c->unflushed += tail;
+        if (r == 0) {
+            /* The tail and run's last copies (base_rw's own writes: guests write the top). */
+            r = commit_flush_base(c);
         }
         if (r < 0) {
             vd_error_setg(errp, -r, "Commit error while finishing: %s", strerror(-r));
