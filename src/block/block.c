@@ -16,93 +16,20 @@
 #include <unistd.h>
 
 #include "block/block.h"
-#include "protocols/file.h"
 #include "util/log.h"
-
-/*
- * The nbd client protocol (src/protocols/nbd.c, declared in protocols/nbd.h). A strong reference:
- * a weak one would not pull nbd.o out of the static archive.
- */
-extern const BlockDriver vd_drv_nbd;
 
 #define PROBE_BUF_SIZE 2048
 #define MAX_CHAIN_DEPTH 1000
 
-#define MAX_EXTRA_DRIVERS 8
-
-static const BlockDriver *extra_drivers[MAX_EXTRA_DRIVERS];
-static size_t n_extra_drivers;
-
-#define DRIVER_LIST_MAX (4 + MAX_EXTRA_DRIVERS)
-
-/* Built-in drivers first (format probing order), then registered ones; into the caller's list
- * so concurrent lookups share no scratch state. */
-static size_t driver_list(const BlockDriver *list[DRIVER_LIST_MAX])
-{
-    size_t i = 0;
-    list[i++] = &vd_drv_qcow2;
-    list[i++] = &vd_drv_raw;
-    list[i++] = &vd_drv_file;
-    list[i++] = &vd_drv_nbd;
-    for (size_t k = 0; k < n_extra_drivers; k++) {
-        list[i++] = extra_drivers[k];
-    }
-    return i;
-}
-
-int vd_register_driver(const BlockDriver *drv)
-{
-    if (!drv || !drv->name) {
-        return -EINVAL;
-    }
-    if (vd_find_driver(drv->name)) {
-        return -EEXIST;
-    }
-    if (n_extra_drivers >= MAX_EXTRA_DRIVERS) {
-        return -ENOSPC;
-    }
-    extra_drivers[n_extra_drivers++] = drv;
-    return 0;
-}
-
-const BlockDriver *vd_find_driver(const char *name)
-{
-    if (!name) {
-        return NULL;
-    }
-    const BlockDriver *list[DRIVER_LIST_MAX];
-    size_t n = driver_list(list);
-    for (size_t i = 0; i < n; i++) {
-        if (list[i] && !strcmp(list[i]->name, name)) {
-            return list[i];
-        }
-    }
-    return NULL;
-}
-
 /* ---- paths ---- */
-
-static bool is_uri(const char *s)
-{
-    /* "scheme://..." or "json:{...}": not host paths, never resolved or stat()ed. */
-    if (!strncmp(s, "json:", 5)) {
-        return true;
-    }
-    const char *p = s;
-    while ((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') ||
-           *p == '+' || *p == '-' || *p == '.') {
-        p++;
-    }
-    return p != s && !strncmp(p, "://", 3);
-}
 
 char *vd_resolve_backing_path(const char *image_filename, const char *backing_file)
 {
     if (!backing_file) {
         return NULL;
     }
-    if (backing_file[0] == '/' || is_uri(backing_file) || !image_filename ||
-        is_uri(image_filename)) {
+    if (backing_file[0] == '/' || vd_filename_is_uri(backing_file) || !image_filename ||
+        vd_filename_is_uri(image_filename)) {
         return strdup(backing_file);
     }
     const char *slash = strrchr(image_filename, '/');
@@ -205,7 +132,7 @@ char *vd_relative_path(const char *image_filename, const char *target_path)
     if (!target_path) {
         return NULL;
     }
-    if (is_uri(target_path) || !image_filename || is_uri(image_filename)) {
+    if (vd_filename_is_uri(target_path) || !image_filename || vd_filename_is_uri(image_filename)) {
         return strdup(target_path);
     }
     char *img = canonical_dir_path(image_filename);
@@ -309,6 +236,15 @@ static void node_free_unopened(BlockNode *bs)
     free(bs);
 }
 
+BlockNode *vd_filter_new(const BlockDriver *drv, BlockNode *child, const char *node_name)
+{
+    BlockNode *bs = node_new(drv, child->filename, node_name, VD_OPEN_RDWR);
+    if (bs) {
+        vd_node_set_backing(bs, child);
+    }
+    return bs;
+}
+
 void vd_node_ref(BlockNode *bs)
 {
     if (bs) {
@@ -340,27 +276,7 @@ void vd_node_unref(BlockNode *bs)
 
 /* ---- probing ---- */
 
-static const BlockDriver *probe_buf(const uint8_t *buf, size_t len, const char *filename)
-{
-    const BlockDriver *list[DRIVER_LIST_MAX];
-    size_t n = driver_list(list);
-    const BlockDriver *best = &vd_drv_raw;
-    int best_score = 0;
-    for (size_t i = 0; i < n; i++) {
-        const BlockDriver *d = list[i];
-        if (d->is_protocol || !d->probe) {
-            continue;
-        }
-        int score = d->probe(buf, len, filename);
-        if (score > best_score) {
-            best_score = score;
-            best = d;
-        }
-    }
-    return best;
-}
-
-static const BlockDriver *probe_node(BlockNode *proto, VdError **errp)
+static const BlockDriver *probe_node(BlockNode *proto, int *score, VdError **errp)
 {
     uint8_t buf[PROBE_BUF_SIZE];
     uint64_t len = PROBE_BUF_SIZE;
@@ -379,7 +295,11 @@ static const BlockDriver *probe_node(BlockNode *proto, VdError **errp)
                             proto->filename);
         return NULL;
     }
-    return probe_buf(buf, (size_t)len, proto->filename);
+    const BlockDriver *drv = vd_probe_bytes(buf, (size_t)len, proto->filename, score);
+    if (!drv) {
+        vd_error_setg(errp, ENOTSUP, "Could not determine the format of '%s'", proto->filename);
+    }
+    return drv;
 }
 
 /* ---- opening ---- */
@@ -390,23 +310,9 @@ typedef struct ChainSeen {
     int n;
 } ChainSeen;
 
-static const BlockDriver *protocol_for(const char *filename, VdError **errp)
-{
-    if (!is_uri(filename)) {
-        return &vd_drv_file;
-    }
-    /* nbd://, nbd+unix://, nbds:// (TLS), nbds+unix://: libnbd parses the rest. */
-    if (!strncmp(filename, "nbd", 3) &&
-        (filename[3] == ':' || filename[3] == '+' || filename[3] == 's')) {
-        return &vd_drv_nbd;
-    }
-    vd_error_setg(errp, ENOTSUP, "Could not open '%s': unknown protocol", filename);
-    return NULL;
-}
-
 static BlockNode *open_protocol(const char *filename, int flags, VdError **errp)
 {
-    const BlockDriver *drv = protocol_for(filename, errp);
+    const BlockDriver *drv = vd_protocol_for(filename, errp);
     if (!drv) {
         return NULL;
     }
@@ -429,7 +335,7 @@ static BlockNode *open_protocol(const char *filename, int flags, VdError **errp)
 /* Remember (dev, ino) of a host file in the chain; -ELOOP if it is already there. */
 static int chain_note_file(ChainSeen *seen, const char *filename, VdError **errp)
 {
-    if (is_uri(filename)) {
+    if (vd_filename_is_uri(filename)) {
         return 0;
     }
     struct stat st;
@@ -477,7 +383,7 @@ static int open_backing(BlockNode *bs, const VdOpenOptions *opts, ChainSeen *see
                       bs->backing_file, bs->filename, bs->backing_file, bs->filename);
         return -EPERM;
     }
-    if (!is_uri(full)) {
+    if (!vd_filename_is_uri(full)) {
         struct stat st;
         if (stat(full, &st) < 0) {
             int err = errno;
@@ -539,13 +445,14 @@ static BlockNode *open_one(const VdOpenOptions *opts, ChainSeen *seen, bool is_b
             return NULL;
         }
     } else {
-        drv = probe_node(proto, errp);
+        int score;
+        drv = probe_node(proto, &score, errp);
         if (!drv) {
             vd_node_unref(proto);
             return NULL;
         }
-        if (drv == &vd_drv_raw && !is_backing) {
-            vd_log(VD_LOG_DEBUG, "'%s': no format header found, using raw", filename);
+        if (score <= VD_PROBE_ANY && !is_backing) {
+            vd_log(VD_LOG_DEBUG, "'%s': no format header found, using %s", filename, drv->name);
         }
     }
     if (drv->is_protocol) {
@@ -566,8 +473,8 @@ static BlockNode *open_one(const VdOpenOptions *opts, ChainSeen *seen, bool is_b
         vd_node_unref(proto);
         return NULL;
     }
-    if (drv != &vd_drv_raw &&
-        vd_file_lock_for_format(proto, (opts->flags & VD_OPEN_RDWR) != 0, errp) < 0) {
+    if (!drv->passthrough && proto->drv->lock_for_format &&
+        proto->drv->lock_for_format(proto, (opts->flags & VD_OPEN_RDWR) != 0, errp) < 0) {
         vd_node_unref(proto);
         node_free_unopened(bs);
         return NULL;
@@ -626,7 +533,7 @@ const char *vd_probe_format(const char *filename, VdError **errp)
     if (!proto) {
         return NULL;
     }
-    const BlockDriver *drv = probe_node(proto, errp);
+    const BlockDriver *drv = probe_node(proto, NULL, errp);
     vd_node_unref(proto);
     return drv ? drv->name : NULL;
 }
@@ -635,7 +542,7 @@ const char *vd_probe_format(const char *filename, VdError **errp)
 
 int vd_protocol_create(const char *filename, const VdCreateOptions *opts, VdError **errp)
 {
-    const BlockDriver *drv = protocol_for(filename, errp);
+    const BlockDriver *drv = vd_protocol_for(filename, errp);
     if (!drv) {
         return -ENOTSUP;
     }
@@ -814,7 +721,7 @@ BlockNode *vd_chain_bottom(BlockNode *top)
 
 static bool same_host_file(const char *a, const char *b)
 {
-    if (is_uri(a) || is_uri(b)) {
+    if (vd_filename_is_uri(a) || vd_filename_is_uri(b)) {
         return false;
     }
     struct stat sa, sb;

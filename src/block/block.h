@@ -133,7 +133,31 @@ struct BlockDriver {
     bool supports_backing;
     size_t state_size; /* bytes of driver state allocated in node->opaque */
 
-    /* Recognise the format from the first bytes of a file; returns a score 0..100. */
+    /*
+     * Protocols: the URI schemes this driver opens ("nbd", "nbd+unix", ...; NULL-terminated), and
+     * whether it opens host paths (any filename that is not "scheme://..." or "json:"). vd_open
+     * picks a filename's protocol from these alone (vd_protocol_for).
+     */
+    const char *const *uri_schemes;
+    bool opens_host_paths;
+    /* Protocols: reads past the end return zeroes (a host file), so raw may round up its length. */
+    bool reads_zero_past_end;
+    /*
+     * I/O may wait for the network or a remote server (an NBD client): the NBD server runs such
+     * requests off its reader thread, and a copy does no early writeback of such a node.
+     */
+    bool may_block;
+    /*
+     * Formats: the guest's bytes are the file's bytes, there is no metadata (raw). Any other
+     * format keeps metadata in its file, so while it is open nobody else may write or resize
+     * that file: vd_open calls the file's lock_for_format for it.
+     */
+    bool passthrough;
+
+    /*
+     * Recognise the format from the first bytes of a file; returns a score 0..100. A format that
+     * takes any bytes (raw) answers VD_PROBE_ANY; a header match answers more.
+     */
     int (*probe)(const uint8_t *buf, size_t len, const char *filename);
 
     int (*open)(BlockNode *bs, const VdOpenOptions *opts, VdError **errp);
@@ -178,7 +202,20 @@ struct BlockDriver {
      * new reference, or NULL when there are none or the table cannot be read.
      */
     json_t *(*get_snapshots)(BlockNode *bs);
+    /*
+     * qemu-img info's "dirty-flag" (QEMU prints it where bdrv_get_info answers): 0 with *dirty
+     * set when this node answers, -errno otherwise. NULL: the node does not answer (no key).
+     */
+    int (*is_dirty)(BlockNode *bs, bool *dirty);
+    /*
+     * Protocols: take the locks a format with metadata needs on this node (file: no other writer
+     * or resizer; nothing under VD_OPEN_FORCE_SHARE). -EAGAIN with a message on a conflict.
+     * NULL: nothing to lock (an NBD export: its server decides).
+     */
+    int (*lock_for_format)(BlockNode *bs, bool writable, VdError **errp);
 };
+
+#define VD_PROBE_ANY 1 /* probe score of a format that takes any bytes (raw) */
 
 struct BlockNode {
     const BlockDriver *drv;
@@ -195,13 +232,20 @@ struct BlockNode {
     int refcnt;
 };
 
-/* ---- registry ---- */
+/* ---- registry (drivers.c: the one list of formats and protocols) ---- */
 const BlockDriver *vd_find_driver(const char *name);
 /*
  * Add a driver to the registry (tests, drivers outside the built-in list). Call before any
  * vd_open from one thread; a driver whose name is already registered is refused (-EEXIST).
  */
 int vd_register_driver(const BlockDriver *drv);
+/* Is this filename a URI ("scheme://..." or "json:...") rather than a host path? */
+bool vd_filename_is_uri(const char *filename);
+/* The protocol driver opening this filename (by its uri_schemes / opens_host_paths), or NULL. */
+const BlockDriver *vd_protocol_for(const char *filename, VdError **errp);
+/* The format whose probe scores these first bytes highest (*score: its score), or NULL. */
+const BlockDriver *vd_probe_bytes(const uint8_t *buf, size_t len, const char *filename,
+                                  int *score);
 extern const BlockDriver vd_drv_file;
 extern const BlockDriver vd_drv_raw;
 extern const BlockDriver vd_drv_qcow2;
@@ -217,6 +261,12 @@ extern const BlockDriver vd_drv_qcow2;
 BlockNode *vd_open(const VdOpenOptions *opts, VdError **errp);
 /* Convenience: vd_open with only filename, format and flags. */
 BlockNode *vd_open_image(const char *filename, const char *format, int flags, VdError **errp);
+/*
+ * A filter node of drv (a driver without open: a job's write hook) over child, which becomes its
+ * backing child (a reference is taken); read-write, named node_name (NULL: generated), with
+ * drv->state_size zeroed bytes in opaque. refcnt 1, or NULL when out of memory.
+ */
+BlockNode *vd_filter_new(const BlockDriver *drv, BlockNode *child, const char *node_name);
 void vd_node_ref(BlockNode *bs);
 /* Drop a reference; the last one flushes, closes the driver and unrefs file and backing. */
 void vd_node_unref(BlockNode *bs);
@@ -302,6 +352,11 @@ int vd_is_allocated_above(BlockNode *top, BlockNode *base, uint64_t offset, uint
 /* ---- info ---- */
 int vd_check(BlockNode *bs, VdCheckResult *res, int fix, VdError **errp);
 void vd_check_result_clear(VdCheckResult *res);
+/*
+ * qemu-img info's "dirty-flag" of bs: 0 with *dirty set, or -ENOTSUP when bs's driver does not
+ * answer (then info prints no "dirty-flag"). A format without metadata (raw) passes it to its file.
+ */
+int vd_is_dirty(BlockNode *bs, bool *dirty);
 /* qemu-img info's JSON object for one node (without the backing chain); new reference. */
 json_t *vd_image_info(BlockNode *bs, VdError **errp);
 

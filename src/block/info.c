@@ -4,7 +4,7 @@
  * vd_image_info produces exactly the keys `qemu-img info --output=json` prints for one image
  * (without "backing-image"; the tool nests the chain itself), in the same order, so scripts
  * comparing the two see no difference: "snapshots" only for images with internal snapshots,
- * "dirty-flag" only where QEMU's bdrv_get_info answers (qcow2, file, raw on a file).
+ * "dirty-flag" only where QEMU's bdrv_get_info answers (the driver's is_dirty).
  * It only reads; no locks beyond the drivers' own.
  */
 #include <errno.h>
@@ -13,38 +13,11 @@
 #include <string.h>
 
 #include "block/block.h"
-#include "formats/qcow2-format.h"
 
-/*
- * qcow2's dirty bit, read from the header on disk. The driver vtable has no "is dirty" hook, and
- * the header is the truth qemu-img reports too (a read-only open does not repair the image).
- */
-static bool qcow2_dirty_on_disk(BlockNode *bs)
+int vd_is_dirty(BlockNode *bs, bool *dirty)
 {
-    uint8_t hdr[80];
-    if (!bs->file || vd_pread(bs->file, 0, sizeof(hdr), hdr) < 0) {
-        return false;
-    }
-    if (qcow2_be32(hdr) != QCOW2_MAGIC || qcow2_be32(hdr + 4) < 3) {
-        return false;
-    }
-    return (qcow2_be64(hdr + 72) & QCOW2_INCOMPAT_DIRTY) != 0;
-}
-
-/*
- * Does qemu-img print "dirty-flag" for this node? QEMU prints it when bdrv_get_info() succeeds:
- * qcow2 and the file protocol answer; raw passes the question to its file; NBD does not answer
- * (so a raw image on an NBD export has no "dirty-flag"; a qcow2 one has).
- */
-static bool node_reports_dirty_flag(BlockNode *bs)
-{
-    if (!strcmp(bs->drv->name, "qcow2") || !strcmp(bs->drv->name, "file")) {
-        return true;
-    }
-    if (!strcmp(bs->drv->name, "raw") && bs->file && bs->file != bs) {
-        return node_reports_dirty_flag(bs->file);
-    }
-    return false;
+    *dirty = false;
+    return bs->drv->is_dirty ? bs->drv->is_dirty(bs, dirty) : -ENOTSUP;
 }
 
 static int64_t node_allocated_size(BlockNode *bs)
@@ -123,8 +96,8 @@ json_t *vd_image_info(BlockNode *bs, VdError **errp)
         }
         ret |= set_new(o, "backing-filename", json_string(bs->backing_file));
     }
-    if (node_reports_dirty_flag(bs)) {
-        bool dirty = !strcmp(bs->drv->name, "qcow2") && qcow2_dirty_on_disk(bs);
+    bool dirty;
+    if (vd_is_dirty(bs, &dirty) == 0) {
         ret |= set_new(o, "dirty-flag", json_boolean(dirty));
     }
     if (ret) {

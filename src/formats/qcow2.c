@@ -1728,6 +1728,19 @@ out:
     return ret;
 }
 
+/*
+ * qemu-img info's dirty-flag: the bit in the header on disk, which is what qemu-img reports too
+ * (a read-only open does not repair the image). An unreadable header reads as clean.
+ */
+static int qcow2_is_dirty(BlockNode *bs, bool *dirty)
+{
+    uint8_t hdr[80];
+    *dirty = bs->file && vd_pread(bs->file, 0, sizeof(hdr), hdr) == 0 &&
+             qcow2_be32(hdr) == QCOW2_MAGIC && qcow2_be32(hdr + 4) >= 3 &&
+             (qcow2_be64(hdr + 72) & QCOW2_INCOMPAT_DIRTY) != 0;
+    return 0;
+}
+
 const BlockDriver vd_drv_qcow2 = {
     .name = "qcow2",
     .is_protocol = false,
@@ -1752,4 +1765,5 @@ const BlockDriver vd_drv_qcow2 = {
     .get_specific_info = qcow2_get_specific_info,
     .cluster_size = qcow2_cluster_size,
     .get_snapshots = qcow2_get_snapshots,
+    .is_dirty = qcow2_is_dirty,
 };

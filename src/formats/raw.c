@@ -20,9 +20,15 @@ typedef struct RawState {
     bool probed; /* format was guessed, not given */
 } RawState;
 
+/* raw has no metadata of its own: the dirty-flag is its file's (QEMU's raw_get_info). */
+static int raw_is_dirty(BlockNode *bs, bool *dirty)
+{
+    return bs->file && bs->file != bs ? vd_is_dirty(bs->file, dirty) : -ENOTSUP;
+}
+
 static int raw_probe(const uint8_t *buf, size_t len, const char *filename)
 {
-    return 1; /* anything can be raw; any real format match wins */
+    return VD_PROBE_ANY; /* anything can be raw; any real format match wins */
 }
 
 static int raw_open(BlockNode *bs, const VdOpenOptions *opts, VdError **errp)
@@ -55,14 +61,9 @@ static bool raw_write_changes_format(BlockNode *bs, uint64_t offset, uint64_t by
     } else {
         memset(head + offset, 0, n);
     }
-    static const char *const formats[] = { "qcow2" };
-    for (size_t i = 0; i < sizeof(formats) / sizeof(formats[0]); i++) {
-        const BlockDriver *d = vd_find_driver(formats[i]);
-        if (d && d->probe && d->probe(head, sizeof(head), bs->filename) > 1) {
-            return true;
-        }
-    }
-    return false;
+    int score;
+    vd_probe_bytes(head, sizeof(head), bs->filename, &score);
+    return score > VD_PROBE_ANY;
 }
 
 static void raw_close(BlockNode *bs)
@@ -135,13 +136,14 @@ static int raw_flush(BlockNode *bs)
 /*
  * QEMU counts every node's length in whole 512-byte sectors (rounded up), so a raw image in a
  * host file of 1000 bytes is 1024 bytes long; the tail reads as zeroes (a file node reads zeroes
- * past its end) and writing it grows the file. Only over the file protocol: other protocols
- * (NBD) cannot serve reads past their end.
+ * past its end) and writing it grows the file. Only over a protocol that reads zeroes past its
+ * end (file): others (NBD) cannot serve reads past their end.
  */
 static int64_t raw_getlength(BlockNode *bs)
 {
     int64_t len = vd_getlength(bs->file);
-    if (len > 0 && bs->file->drv == &vd_drv_file && (len % 512) != 0 && len <= INT64_MAX - 511) {
+    if (len > 0 && bs->file->drv->reads_zero_past_end && (len % 512) != 0 &&
+        len <= INT64_MAX - 511) {
         len = (len + 511) / 512 * 512;
     }
     return len;
@@ -202,6 +204,7 @@ const BlockDriver vd_drv_raw = {
     .name = "raw",
     .is_protocol = false,
     .supports_backing = false,
+    .passthrough = true,
     .state_size = sizeof(RawState),
     .probe = raw_probe,
     .open = raw_open,
@@ -217,4 +220,5 @@ const BlockDriver vd_drv_raw = {
     .allocated_size = raw_allocated_size,
     .truncate = raw_truncate,
     .measure = raw_measure,
+    .is_dirty = raw_is_dirty,
 };

@@ -395,8 +395,8 @@ void copy_engine_wait_writeback(CopyEngine *e)
 BlockNode *copy_engine_writeback_node(BlockNode *dst, uint64_t *every)
 {
     BlockNode *f = dst ? dst->file : NULL;
-    if (!f || f->drv != &vd_drv_file || (f->open_flags & VD_OPEN_NO_FLUSH) ||
-        (dst->open_flags & VD_OPEN_NO_FLUSH)) {
+    if (!f || !f->drv->is_protocol || f->drv->may_block ||
+        (f->open_flags & VD_OPEN_NO_FLUSH) || (dst->open_flags & VD_OPEN_NO_FLUSH)) {
         *every = 0;
         return NULL;
     }

@@ -379,32 +379,18 @@ static const BlockDriver mirror_top_driver = {
     .cluster_size = top_cluster_size,
 };
 
-/* A node of mirror_top_driver over source (block.c's node constructor is private). */
+/* A node of mirror_top_driver over source, named node_name or "#mirror-top-<job>". */
 static BlockNode *filter_new(Mirror *m, const char *job_id, const char *node_name)
 {
-    BlockNode *bs = calloc(1, sizeof(*bs));
-    if (!bs) {
+    char *generated = NULL;
+    if (!node_name && asprintf(&generated, "#mirror-top-%s", job_id) < 0) {
         return NULL;
     }
-    bs->drv = &mirror_top_driver;
-    bs->refcnt = 1;
-    bs->open_flags = VD_OPEN_RDWR;
-    bs->opaque = calloc(1, sizeof(MirrorTop));
-    bs->filename = strdup(m->source->filename ? m->source->filename : "");
-    if (node_name) {
-        bs->node_name = strdup(node_name);
-    } else if (asprintf(&bs->node_name, "#mirror-top-%s", job_id) < 0) {
-        bs->node_name = NULL;
+    BlockNode *bs = vd_filter_new(&mirror_top_driver, m->source, node_name ? node_name : generated);
+    free(generated);
+    if (bs) {
+        ((MirrorTop *)bs->opaque)->m = m;
     }
-    if (!bs->opaque || !bs->filename || !bs->node_name) {
-        free(bs->opaque);
-        free(bs->filename);
-        free(bs->node_name);
-        free(bs);
-        return NULL;
-    }
-    ((MirrorTop *)bs->opaque)->m = m;
-    vd_node_set_backing(bs, m->source);
     return bs;
 }
 

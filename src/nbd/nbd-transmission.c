@@ -20,7 +20,6 @@
 #include <sys/uio.h>
 
 #include "nbd/nbd-protocol.h"
-#include "protocols/nbd.h"
 #include "util/log.h"
 
 #define NBD_MAX_QUEUED_BYTES (64u << 20) /* write payload buffered per connection before we stall */
@@ -883,7 +882,7 @@ static void handle_request(NbdRequest *req)
 static bool node_may_block(const BlockNode *n)
 {
     for (; n; n = n->file) {
-        if ((n->open_flags & VD_OPEN_DIRECT) || n->drv == &vd_drv_nbd) {
+        if ((n->open_flags & VD_OPEN_DIRECT) || n->drv->may_block) {
             return true;
         }
     }

@@ -23,7 +23,6 @@
 #include <unistd.h>
 
 #include "block/block.h"
-#include "protocols/file.h"
 
 /* Bounce buffers for O_DIRECT are at most this large; bigger requests are split. */
 #define FILE_BOUNCE_MAX (1U << 20)
@@ -489,9 +488,9 @@ static int file_lock(FileState *s, const char *path, unsigned perm, unsigned uns
     return ret;
 }
 
-int vd_file_lock_for_format(BlockNode *file, bool writable, VdError **errp)
+static int file_lock_for_format(BlockNode *file, bool writable, VdError **errp)
 {
-    if (!file || file->drv != &vd_drv_file || (file->open_flags & VD_OPEN_FORCE_SHARE)) {
+    if (file->open_flags & VD_OPEN_FORCE_SHARE) {
         return 0;
     }
     FileState *s = fs_of(file);
@@ -965,10 +964,19 @@ static int file_probe(const uint8_t *buf, size_t len, const char *filename)
     return 0; /* a protocol, never a format guess */
 }
 
+/* A host file has no dirty bit, but answers (QEMU's file driver has a get_info): not dirty. */
+static int file_is_dirty(BlockNode *bs, bool *dirty)
+{
+    *dirty = false;
+    return 0;
+}
+
 const BlockDriver vd_drv_file = {
     .name = "file",
     .is_protocol = true,
     .supports_backing = false,
+    .opens_host_paths = true,
+    .reads_zero_past_end = true,
     .state_size = sizeof(FileState),
     .probe = file_probe,
     .open = file_open,
@@ -983,4 +991,6 @@ const BlockDriver vd_drv_file = {
     .getlength = file_getlength,
     .allocated_size = file_allocated_size,
     .truncate = file_truncate,
+    .is_dirty = file_is_dirty,
+    .lock_for_format = file_lock_for_format,
 };

@@ -751,6 +751,11 @@ static int nbd_drv_create(const char *filename, const VdCreateOptions *opts, VdE
     return ret;
 }
 
+/* The schemes libnbd's nbd_connect_uri takes (TLS: nbds; a Unix socket: +unix; vsock). */
+static const char *const nbd_uri_schemes[] = {
+    "nbd", "nbds", "nbd+unix", "nbds+unix", "nbd+vsock", "nbds+vsock", NULL,
+};
+
 static int nbd_drv_probe(const uint8_t *buf, size_t len, const char *filename)
 {
     return 0; /* a protocol, never a format guess */
@@ -760,6 +765,8 @@ const BlockDriver vd_drv_nbd = {
     .name = "nbd",
     .is_protocol = true,
     .supports_backing = false,
+    .uri_schemes = nbd_uri_schemes,
+    .may_block = true,
     .state_size = sizeof(NbdState),
     .probe = nbd_drv_probe,
     .open = nbd_drv_open,

@@ -218,6 +218,84 @@ static const BlockDriver tc_drv = {
 };
 
 /* ------------------------------------------------------------------------------------------ */
+/* memproto: a protocol defined outside the tree ("vdmem://..."), bytes in one static buffer */
+
+#define MEM_MAX (4u << 20)
+static uint8_t mem_bytes[MEM_MAX];
+static uint64_t mem_len;
+
+static int mem_open(BlockNode *bs, const VdOpenOptions *opts, VdError **errp)
+{
+    return 0;
+}
+
+static int mem_create(const char *filename, const VdCreateOptions *opts, VdError **errp)
+{
+    memset(mem_bytes, 0, sizeof(mem_bytes));
+    mem_len = 0;
+    return 0;
+}
+
+static int mem_pread(BlockNode *bs, uint64_t offset, uint64_t bytes, void *buf)
+{
+    if (offset > MEM_MAX || bytes > MEM_MAX - offset) {
+        return -EIO;
+    }
+    memcpy(buf, mem_bytes + offset, bytes);
+    return 0;
+}
+
+static int mem_pwrite(BlockNode *bs, uint64_t offset, uint64_t bytes, const void *buf, int flags)
+{
+    if (offset > MEM_MAX || bytes > MEM_MAX - offset) {
+        return -ENOSPC;
+    }
+    memcpy(mem_bytes + offset, buf, bytes);
+    mem_len = offset + bytes > mem_len ? offset + bytes : mem_len;
+    return 0;
+}
+
+static int mem_block_status(BlockNode *bs, uint64_t offset, uint64_t bytes, uint64_t *pnum,
+                            uint64_t *map, BlockNode **file)
+{
+    *pnum = bytes;
+    *map = offset;
+    *file = bs;
+    return VD_BS_DATA | VD_BS_OFFSET_VALID;
+}
+
+static int64_t mem_getlength(BlockNode *bs)
+{
+    return (int64_t)mem_len;
+}
+
+static int mem_truncate(BlockNode *bs, uint64_t size, bool shrink, VdPrealloc prealloc,
+                        VdError **errp)
+{
+    if (size > MEM_MAX) {
+        return -ENOSPC;
+    }
+    mem_len = size;
+    return 0;
+}
+
+static const char *const mem_schemes[] = {"vdmem", NULL};
+
+static const BlockDriver mem_drv = {
+    .name = "vdmem",
+    .is_protocol = true,
+    .uri_schemes = mem_schemes,
+    .open = mem_open,
+    .close = tc_close,
+    .create = mem_create,
+    .pread = mem_pread,
+    .pwrite = mem_pwrite,
+    .block_status = mem_block_status,
+    .getlength = mem_getlength,
+    .truncate = mem_truncate,
+};
+
+/* ------------------------------------------------------------------------------------------ */
 /* helpers */
 
 static char tmpdir[256];
@@ -512,6 +590,65 @@ static void test_probe(void **state)
     /* Empty files are raw. */
     make_raw("empty.raw", 0);
     assert_string_equal(vd_probe_format("empty.raw", &err), "raw");
+}
+
+/* vd_protocol_for picks protocols by the schemes drivers declare, and nothing else. */
+static void test_protocol_by_scheme(void **state)
+{
+    VdError *err = NULL;
+    assert_string_equal(vd_protocol_for("/some/path", &err)->name, "file");
+    assert_string_equal(vd_protocol_for("rel/path:with:colons", &err)->name, "file");
+    assert_string_equal(vd_protocol_for("nbd://127.0.0.1/e", &err)->name, "nbd");
+    assert_string_equal(vd_protocol_for("nbds+unix:///e?socket=/s", &err)->name, "nbd");
+    assert_string_equal(vd_protocol_for("vdmem://disk", &err)->name, "vdmem");
+    assert_null(err);
+    const char *unknown[] = {"vdmemx://disk", "nbdx://h/e", "json:{\"driver\":\"file\"}"};
+    for (size_t i = 0; i < sizeof(unknown) / sizeof(unknown[0]); i++) {
+        assert_null(vd_protocol_for(unknown[i], &err));
+        assert_int_equal(vd_error_code(err), ENOTSUP);
+        assert_non_null(strstr(vd_error_msg(err), "unknown protocol"));
+        vd_error_free(err);
+        err = NULL;
+    }
+}
+
+/*
+ * A protocol registered from outside the tree carries formats with no other change: qcow2 is
+ * created on it, probed, written and read back; raw on it is not rounded up to 512 bytes (it
+ * does not read zeroes past its end), and it takes no format locks (it has no lock_for_format).
+ */
+static void test_new_protocol_carries_formats(void **state)
+{
+    VdCreateOptions co = { .format = "qcow2", .size = 1 << 20, .size_given = true };
+    VdError *err = NULL;
+    if (vd_create(&co, "vdmem://disk", &err) < 0) {
+        fail_msg("create qcow2 on vdmem: %s", vd_error_msg(err));
+    }
+    assert_memory_equal(mem_bytes, "QFI\xfb", 4);
+    BlockNode *bs = open_ok("vdmem://disk", NULL, VD_OPEN_RDWR);
+    assert_string_equal(bs->drv->name, "qcow2");
+    assert_string_equal(bs->file->drv->name, "vdmem");
+    fill(bs, 65536 + 512, 4096, 0x5a);
+    expect_bytes(bs, 65536 + 512, 4096, 0x5a);
+    expect_bytes(bs, 0, 65536, 0);
+    json_t *info = vd_image_info(bs, &err);
+    assert_non_null(info);
+    assert_string_equal(json_string_value(json_object_get(info, "format")), "qcow2");
+    assert_true(json_is_false(json_object_get(info, "dirty-flag")));
+    json_decref(info);
+    vd_node_unref(bs);
+
+    assert_int_equal(mem_create("vdmem://r", NULL, &err), 0);
+    uint8_t odd[1000];
+    memset(odd, 0x11, sizeof(odd));
+    assert_int_equal(mem_pwrite(NULL, 0, sizeof(odd), odd, 0), 0);
+    BlockNode *r = open_ok("vdmem://r", "raw", 0);
+    assert_int_equal(vd_getlength(r), 1000);
+    info = vd_image_info(r, &err);
+    assert_non_null(info);
+    assert_null(json_object_get(info, "dirty-flag")); /* vdmem does not answer; raw asks it */
+    json_decref(info);
+    vd_node_unref(r);
 }
 
 static void test_file_protocol(void **state)
@@ -1328,7 +1465,7 @@ static void test_info_json_raw(void **state)
 int main(void)
 {
     vd_log_set_level(VD_LOG_ERROR); /* the probed-raw warning is expected here */
-    if (vd_register_driver(&tc_drv) < 0) {
+    if (vd_register_driver(&tc_drv) < 0 || vd_register_driver(&mem_drv) < 0) {
         return 1;
     }
     const struct CMUnitTest tests[] = {
@@ -1336,6 +1473,8 @@ int main(void)
         cmocka_unit_test(test_relative_path),
         cmocka_unit_test(test_raw_io_and_ranges),
         cmocka_unit_test(test_probe),
+        cmocka_unit_test(test_protocol_by_scheme),
+        cmocka_unit_test(test_new_protocol_carries_formats),
         cmocka_unit_test(test_file_protocol),
         cmocka_unit_test(test_direct_io),
         cmocka_unit_test(test_direct_concurrent_rmw),
