@@ -69,7 +69,7 @@ class Served:
         missing = [n for n in (*need, "query-block-jobs") if n not in names]
         if missing:
             self.close()
-            pytest.skip(f"this vdiskd does not register {missing} (blockops_qmp_register / "
+            pytest.fail(f"this vdiskd does not register {missing} (blockops_qmp_register / "
                         "jobs_qmp_register)")
         self.uri = f"nbd+unix:///disk0?socket={self.sock}"
 

@@ -5,6 +5,7 @@ qemu-nbd, nbdinfo, ...) are the oracle; helpers here run them and fail loudly wi
 """
 import hashlib
 import os
+import socket
 import subprocess
 import time
 
@@ -64,6 +65,47 @@ def assert_not_crashed(p):
 @pytest.fixture
 def tmp(tmp_path):
     return tmp_path
+
+
+def pytest_sessionstart(session):
+    """A missing binary fails the run: no test skips because vdisk or vdiskd was not built."""
+    missing = [p for p in (VDISK, VDISKD) if not os.access(p, os.X_OK)]
+    if missing:
+        raise pytest.UsageError(f"not built: {', '.join(missing)} (run make, or set VDISK_BUILD)")
+
+
+@pytest.fixture
+def vd(tmp):
+    """A vdiskd with a QMP socket in tmp; stopped and checked (exit status, sanitizer output)
+    at the end, also after a test sent "quit"."""
+    from qmp_client import start_vdiskd  # qmp_client imports this module
+    d = start_vdiskd(tmp)
+    try:
+        yield d
+    except BaseException:
+        d.kill()
+        raise
+    d.stop_checked()
+
+
+@pytest.fixture
+def qsd(tmp):
+    """qemu-storage-daemon with a QMP socket in tmp (the oracle for reply shapes)."""
+    from qmp_client import start_qsd
+    d = start_qsd(tmp)
+    try:
+        yield d
+    finally:
+        d.kill()
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nobody listened on a moment ago."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
 
 
 def unix_listening(path):

@@ -6,19 +6,13 @@ base in sync with guest writes, goes READY, and block-job-complete moves the exp
 write lost. Content is compared byte for byte with a model of the original chain plus every guest
 write; events and resulting headers follow qemu-storage-daemon 7.2; qemu-img check must be clean.
 """
-import os
 import random
 import re
 import time
 
-import pytest
-
-from conftest import VDISKD
 from blockops_helpers import (MiB, KiB, SIZE, make_chain, Served, write_cmds, Guest, guest_read,
                               image_content, assert_same, chain_info, statuses, wait_status,
                               check_clean)
-
-pytestmark = pytest.mark.skipif(not os.path.exists(VDISKD), reason="vdiskd not built")
 
 
 def test_commit_intermediate_with_concurrent_guest(tmp_path):

@@ -9,18 +9,16 @@ a copy of old data landing after a newer guest write would show up as a differen
 """
 import contextlib
 import json
-import os
 import random
 import threading
 
 import pytest
 
-from conftest import VDISKD, qemu_img, qemu_io
+from conftest import qemu_img, qemu_io
 from blockops_helpers import (MiB, KiB, Served, image_content, assert_same, chain_info,
                               wait_status, check_clean)
 from nbd_helpers import RawClient, CMD_WRITE, CMD_WZ, CMD_FLUSH
 
-pytestmark = pytest.mark.skipif(not os.path.exists(VDISKD), reason="vdiskd not built")
 
 BIG = 48 * MiB
 

@@ -27,12 +27,10 @@ import time
 
 import pytest
 
-from conftest import VDISKD, qemu_img
+from conftest import qemu_img
 from blockops_helpers import (MiB, KiB, SIZE, make_chain, Served, guest_read, image_content,
                               assert_same, chain_info, statuses, wait_status, check_clean)
 from nbd_helpers import RawClient, start_daemon, CMD_WRITE, CMD_WZ, CMD_FLUSH
-
-pytestmark = pytest.mark.skipif(not os.path.exists(VDISKD), reason="vdiskd not built")
 
 
 # ---------------------------------------------------------------------------------------------

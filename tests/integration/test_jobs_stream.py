@@ -3,17 +3,11 @@ into the top, newer guest writes are never overwritten by copies of old backing 
 then names the base (or nothing), and the guest-visible content equals a model of the original chain
 plus every guest write. Event sequence and resulting headers follow qemu-storage-daemon 7.2.
 """
-import os
 import random
 
-import pytest
-
-from conftest import VDISKD
 from blockops_helpers import (MiB, KiB, SIZE, make_chain, Served, write_cmds, Guest, guest_read,
                               image_content, assert_same, chain_info, statuses, wait_status,
                               check_clean)
-
-pytestmark = pytest.mark.skipif(not os.path.exists(VDISKD), reason="vdiskd not built")
 
 
 def test_stream_to_base_with_concurrent_guest(tmp_path):

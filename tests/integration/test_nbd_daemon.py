@@ -6,19 +6,10 @@ import time
 
 import pytest
 
-from conftest import VDISKD, assert_not_crashed, qemu_img, qemu_io, run
+from conftest import VDISKD, assert_not_crashed, free_port, qemu_img, qemu_io, run
 import nbd_helpers as H
 
-pytestmark = pytest.mark.skipif(not os.path.exists(VDISKD), reason="vdiskd not built")
 SIZE = 4 * 1024 * 1024
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def wait_tcp(port, proc, timeout=10):

@@ -9,12 +9,10 @@ import struct
 
 import pytest
 
-from conftest import VDISKD, qemu_img, qemu_io
+from conftest import qemu_img, qemu_io
 import nbd_helpers as H
 
 SIZE = 4 * 1024 * 1024
-
-pytestmark = pytest.mark.skipif(not os.path.exists(VDISKD), reason="vdiskd not built")
 
 
 @pytest.fixture

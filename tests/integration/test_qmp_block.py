@@ -1,24 +1,10 @@
 """blockdev-add / blockdev-del / query-named-block-nodes over vdiskd's QMP, with
 qemu-storage-daemon 7.2 as the oracle for reply shapes and error texts."""
-import os
 
 import pytest
 
-from conftest import VDISKD, qemu_img
+from conftest import qemu_img
 from qmp_client import file_node, fmt_node, start_qsd, start_vdiskd
-
-pytestmark = pytest.mark.skipif(not os.path.exists(VDISKD), reason="vdiskd not built")
-
-
-@pytest.fixture
-def vd(tmp):
-    d = start_vdiskd(tmp)
-    try:
-        yield d
-    except BaseException:
-        d.kill()
-        raise
-    d.stop_checked()  # also after "quit": exit status and sanitizer output are checked
 
 
 @pytest.fixture

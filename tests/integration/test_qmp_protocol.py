@@ -10,31 +10,10 @@ import threading
 import pytest
 
 from conftest import VDISKD
-from qmp_client import QMPClient, start_qsd, start_vdiskd
+from qmp_client import QMPClient, start_vdiskd
 
-pytestmark = pytest.mark.skipif(not os.path.exists(VDISKD), reason="vdiskd not built")
 
 NEED_CAPS = "Expecting capabilities negotiation with 'qmp_capabilities'"
-
-
-@pytest.fixture
-def vd(tmp):
-    d = start_vdiskd(tmp)
-    try:
-        yield d
-    except BaseException:
-        d.kill()
-        raise
-    d.stop_checked()  # also after "quit": exit status and sanitizer output are checked
-
-
-@pytest.fixture
-def qsd(tmp):
-    d = start_qsd(tmp)
-    try:
-        yield d
-    finally:
-        d.kill()
 
 
 def shape(v):

@@ -5,19 +5,14 @@ old top must hold exactly the writes acknowledged before the switch - the model 
 the guest's writes - and the guest must see all of them: none lost, none reordered across the switch.
 Overlay headers are compared with what qemu-storage-daemon 7.2 writes; qemu-img check must be clean.
 """
-import os
 import random
 import subprocess
 import threading
 
-import pytest
-
-from conftest import VDISKD, qemu_img
+from conftest import qemu_img
 from blockops_helpers import (MiB, KiB, SIZE, make_chain, Served, guest_read,
                               image_content, assert_same, chain_info, check_clean,
                               wait_status)
-
-pytestmark = pytest.mark.skipif(not os.path.exists(VDISKD), reason="vdiskd not built")
 
 
 def gen_ops(rng, n):

@@ -1,6 +1,6 @@
 """vdiskd served to real NBD clients: qemu-io, qemu-img, nbdinfo, nbdcopy, fio.
 
-Raw and qcow2 images (qcow2 cases skip while the driver is not built). The oracle is the image file
+Raw and qcow2 images. The oracle is the image file
 itself, read back by qemu-img / qemu-io after the daemon exits.
 """
 import json
@@ -13,10 +13,9 @@ import time
 
 import pytest
 
-from conftest import VDISKD, assert_qemu_check_clean, qemu_img, qemu_io, run
+from conftest import assert_qemu_check_clean, qemu_img, qemu_io, run
 import nbd_helpers as H
 
-pytestmark = pytest.mark.skipif(not os.path.exists(VDISKD), reason="vdiskd not built")
 SIZE = 16 * 1024 * 1024
 
 
@@ -26,15 +25,6 @@ def make_image(tmp, fmt, size=SIZE, name="disk"):
     return img
 
 
-def start_or_skip(tmp, img, fmt, **kw):
-    try:
-        return H.start_daemon(tmp, img, fmt, **kw)
-    except AssertionError as e:
-        if fmt != "raw" and ("driver" in str(e) or "format" in str(e) or "qcow2" in str(e)):
-            pytest.skip(f"{fmt} not available in vdiskd yet: {e}")
-        raise
-
-
 @pytest.fixture(params=["raw", "qcow2"])
 def fmt(request):
     return request.param
@@ -42,7 +32,7 @@ def fmt(request):
 
 def test_qemu_io_patterns_and_compare(tmp, fmt):
     img = make_image(tmp, fmt)
-    d = start_or_skip(tmp, img, fmt)
+    d = H.start_daemon(tmp, img, fmt)
     try:
         u = d.uri()
         qemu_io("-f", "raw", "-c", "write -P 0xab 0 1M", "-c", "write -P 0xcd 3M 100k",
@@ -68,7 +58,7 @@ def test_nbdinfo_and_map(tmp, fmt):
     img = make_image(tmp, fmt)
     qemu_io("-f", fmt, "-c", "write -P 1 0 192k", "-c", "write -P 2 2M 64k",
             "-c", "write -z 4M 128k", img)
-    d = start_or_skip(tmp, img, fmt, writable=False, description="a disk")
+    d = H.start_daemon(tmp, img, fmt, writable=False, description="a disk")
     try:
         info = json.loads(run(["nbdinfo", "--json", d.uri()]).stdout)
         e = info["exports"][0]
@@ -104,7 +94,7 @@ def test_nbdcopy_both_ways(tmp, fmt):
             f.seek(i)
             f.write(os.urandom(70000))
     img = make_image(tmp, fmt)
-    d = start_or_skip(tmp, img, fmt)
+    d = H.start_daemon(tmp, img, fmt)
     try:
         run(["nbdcopy", src, d.uri()], timeout=60)
         out = os.path.join(str(tmp), "out.raw")
@@ -119,7 +109,7 @@ def test_nbdcopy_both_ways(tmp, fmt):
 @pytest.mark.skipif(not shutil.which("fio"), reason="fio not installed")
 def test_fio_two_connections_verify(tmp, fmt):
     img = make_image(tmp, fmt)
-    d = start_or_skip(tmp, img, fmt)
+    d = H.start_daemon(tmp, img, fmt)
     try:
         job = os.path.join(str(tmp), "nbd.fio")
         # two jobs = two NBD connections, each writing and verifying its own half
@@ -151,7 +141,7 @@ offset=8M
 
 def test_sigint_and_concurrent_clients(tmp):
     img = make_image(tmp, "raw")
-    d = start_or_skip(tmp, img, "raw")
+    d = H.start_daemon(tmp, img, "raw")
     try:
         procs = [subprocess.Popen(["qemu-io", "-f", "raw", "-c", f"write -P {i + 1} {i}M 1M",
                                    "-c", f"read -P {i + 1} {i}M 1M", d.uri()],
@@ -169,7 +159,7 @@ def test_sigint_and_concurrent_clients(tmp):
 
 def test_kill9_under_write_load(tmp, fmt):
     img = make_image(tmp, fmt, size=64 * 1024 * 1024)
-    d = start_or_skip(tmp, img, fmt)
+    d = H.start_daemon(tmp, img, fmt)
     try:
         # data made durable before the load starts (FUA via qemu-io -f raw writes + flush)
         qemu_io("-f", "raw", "-c", "write -P 0x77 0 2M", "-c", "flush", d.uri())
@@ -198,7 +188,7 @@ def test_qcow2_backing_chain_read_and_map(tmp):
     top = os.path.join(str(tmp), "top.qcow2")
     qemu_img("create", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
     qemu_io("-f", "qcow2", "-c", "write -P 0x7a 512k 64k", "-c", "write -z 4M 64k", top)
-    d = start_or_skip(tmp, top, "qcow2", writable=False)
+    d = H.start_daemon(tmp, top, "qcow2", writable=False)
     try:
         u = d.uri()
         qemu_img("compare", "-U", "-f", "qcow2", "-F", "raw", top, u)
@@ -227,7 +217,7 @@ def test_qcow2_concurrent_allocating_writes(tmp):
     """Three clients allocate the same clusters at once (sub-cluster, overlapping): the image stays
     consistent and every 4k block holds one whole write."""
     img = make_image(tmp, "qcow2")
-    d = start_or_skip(tmp, img, "qcow2")
+    d = H.start_daemon(tmp, img, "qcow2")
     try:
         procs = []
         for k in range(3):

@@ -14,13 +14,10 @@ import time
 
 import pytest
 
-from conftest import VDISK, qemu_img, qemu_io, run, sha256, vdisk
+from conftest import free_port, qemu_img, qemu_io, run, sha256, vdisk
 
-pytestmark = [
-    pytest.mark.skipif(not os.path.exists(VDISK), reason="vdisk not built"),
-    pytest.mark.skipif(not shutil.which("qemu-nbd") or not shutil.which("nbdkit"),
-                       reason="qemu-nbd and nbdkit needed"),
-]
+pytestmark = pytest.mark.skipif(not shutil.which("qemu-nbd") or not shutil.which("nbdkit"),
+                                reason="qemu-nbd and nbdkit needed")
 
 MiB = 1024 * 1024
 
@@ -129,14 +126,6 @@ def srv(tmp_path):
         yield s
     finally:
         s.kill_all()
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 @pytest.fixture
@@ -370,8 +359,6 @@ def test_unsupported_scheme(tmp_path):
 
 def _vdiskd_on(back, tmp_path):
     from conftest import VDISKD
-    if not os.path.exists(VDISKD):
-        pytest.skip("vdiskd not built")
     dsock = str(tmp_path / "d.sock")
     node = json.dumps({"driver": "raw", "node-name": "n0",
                        "file": {"driver": "nbd", "export": "",
