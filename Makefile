@@ -3,8 +3,10 @@
 BUILD      ?= build
 ASAN_BUILD ?= build-asan
 PYTEST     ?= /usr/bin/python3 -m pytest -p timeout --timeout=300
+PREFIX     ?= /usr/local
+DESTDIR    ?=
 
-.PHONY: all deps check check-unit check-asan check-integration demo bench clean
+.PHONY: all deps install check check-unit check-asan check-integration demo bench clean
 
 all: deps $(BUILD)/build.ninja
 	ninja -C $(BUILD)
@@ -20,6 +22,11 @@ $(ASAN_BUILD)/build.ninja:
 
 asan: deps $(ASAN_BUILD)/build.ninja
 	ninja -C $(ASAN_BUILD)
+
+# vdisk, vdiskd, their man pages, the systemd unit and bash completion under $(DESTDIR)$(PREFIX).
+install: all
+	meson configure $(BUILD) -Dprefix=$(PREFIX)
+	DESTDIR="$(DESTDIR)" meson install -C $(BUILD)
 
 check: all asan
 	meson test -C $(BUILD) --print-errorlogs

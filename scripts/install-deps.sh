@@ -9,6 +9,7 @@ required=(
   zlib1g-dev libzstd-dev libjansson-dev libnbd-dev libcmocka-dev
   python3-pytest python3-pytest-timeout
   qemu-utils qemu-system-common qemu-block-extra libnbd-bin nbdkit fio strace time
+  scdoc man-db groff-base systemd bash-completion
 )
 optional=(qemu-system-x86 busybox-static linux-image-cloud-amd64)
 
