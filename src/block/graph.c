@@ -23,6 +23,9 @@
 
 static BlockNode **roots;
 static size_t nroots, roots_cap;
+/* The roots graph_register added (a subset of roots; no reference of their own). */
+static BlockNode **implicit;
+static size_t nimplicit, implicit_cap;
 
 /* ---- lookup ---- */
 
@@ -72,20 +75,30 @@ static ssize_t root_index(BlockNode *bs)
     return -1;
 }
 
+/* Room for one more entry in a node array (*v, n used of *cap). */
+static int nodes_reserve(BlockNode ***v, size_t n, size_t *cap, VdError **errp)
+{
+    if (n < *cap) {
+        return 0;
+    }
+    size_t nc = *cap ? *cap * 2 : 16;
+    BlockNode **nv = realloc(*v, nc * sizeof(**v));
+    if (!nv) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+        return -ENOMEM;
+    }
+    *v = nv;
+    *cap = nc;
+    return 0;
+}
+
 static int roots_append(BlockNode *bs, VdError **errp)
 {
-    if (nroots == roots_cap) {
-        size_t nc = roots_cap ? roots_cap * 2 : 16;
-        BlockNode **n = realloc(roots, nc * sizeof(*n));
-        if (!n) {
-            vd_error_setg(errp, ENOMEM, "Out of memory");
-            return -ENOMEM;
-        }
-        roots = n;
-        roots_cap = nc;
+    int r = nodes_reserve(&roots, nroots, &roots_cap, errp);
+    if (r == 0) {
+        roots[nroots++] = bs;
     }
-    roots[nroots++] = bs;
-    return 0;
+    return r;
 }
 
 int graph_register(BlockNode *node, VdError **errp)
@@ -102,11 +115,53 @@ int graph_register(BlockNode *node, VdError **errp)
         vd_error_setg(errp, EEXIST, "Duplicate nodes with node-name='%s'", node->node_name);
         return -EEXIST;
     }
-    int r = roots_append(node, errp);
+    int r = nodes_reserve(&implicit, nimplicit, &implicit_cap, errp);
+    if (r == 0) {
+        r = roots_append(node, errp);
+    }
     if (r == 0) {
         vd_node_ref(node);
+        implicit[nimplicit++] = node;
     }
     return r;
+}
+
+static ssize_t implicit_index(BlockNode *bs)
+{
+    for (size_t i = 0; i < nimplicit; i++) {
+        if (implicit[i] == bs) {
+            return (ssize_t)i;
+        }
+    }
+    return -1;
+}
+
+/* Remove roots[idx] (and its implicit mark) and drop the registry's reference. */
+static void root_remove(size_t idx)
+{
+    BlockNode *bs = roots[idx];
+    memmove(&roots[idx], &roots[idx + 1], (nroots - idx - 1) * sizeof(*roots));
+    nroots--;
+    ssize_t k = implicit_index(bs);
+    if (k >= 0) {
+        implicit[k] = implicit[--nimplicit];
+    }
+    vd_node_unref(bs);
+}
+
+void graph_replace_node(BlockNode *old, BlockNode *new_node)
+{
+    ssize_t idx = old && new_node && old != new_node ? root_index(old) : -1;
+    if (idx < 0) {
+        return;
+    }
+    vd_node_ref(new_node);
+    roots[idx] = new_node;
+    ssize_t k = implicit_index(old);
+    if (k >= 0) {
+        implicit[k] = new_node;
+    }
+    vd_node_unref(old);
 }
 
 void graph_foreach(void (*cb)(BlockNode *node, void *opaque), void *opaque)
@@ -127,6 +182,9 @@ void graph_close_all(void)
     free(roots);
     roots = NULL;
     roots_cap = 0;
+    free(implicit);
+    implicit = NULL;
+    nimplicit = implicit_cap = 0;
 }
 
 /* ---- BlockdevOptions schema (the subset vdiskd implements) ---- */
@@ -708,9 +766,7 @@ int graph_blockdev_del(const char *node_name, VdError **errp)
                       node_name);
         return -EBUSY;
     }
-    memmove(&roots[idx], &roots[idx + 1], (nroots - (size_t)idx - 1) * sizeof(*roots));
-    nroots--;
-    vd_node_unref(bs);
+    root_remove((size_t)idx);
     return 0;
 }
 
@@ -725,8 +781,20 @@ int graph_unregister(BlockNode *node)
     if (find_parent(node, &parent, &as_backing)) {
         return -EBUSY; /* still reachable (and named) through another node: keep it */
     }
-    memmove(&roots[idx], &roots[idx + 1], (nroots - (size_t)idx - 1) * sizeof(*roots));
-    nroots--;
-    vd_node_unref(node);
+    root_remove((size_t)idx);
     return 0;
+}
+
+void graph_drop_implicit(BlockNode *node)
+{
+    if (node && implicit_index(node) >= 0) {
+        graph_unregister(node);
+    }
+}
+
+BlockNode *graph_backing_parent(BlockNode *bs)
+{
+    BlockNode *parent = NULL;
+    bool as_backing = false;
+    return bs && find_parent(bs, &parent, &as_backing) && as_backing ? parent : NULL;
 }

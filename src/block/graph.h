@@ -18,8 +18,22 @@ BlockNode *graph_blockdev_add(json_t *options, VdError **errp);
 /* blockdev-del: refuses (-EBUSY) while the node is in use by an export, a job or another node. */
 int graph_blockdev_del(const char *node_name, VdError **errp);
 BlockNode *graph_find_node(const char *node_name);
-/* Register an already open node under its node_name (snapshots, mirror targets). Takes a ref. */
+/*
+ * Register an already open node under its node_name (snapshots, mirror targets, commit's base).
+ * Takes a ref. Such a registration is implicit (QEMU's nodes a job created, not blockdev-add's):
+ * graph_drop_implicit releases it once the node left the guest's chain.
+ */
 int graph_register(BlockNode *node, VdError **errp);
+/*
+ * A job made `new` the image `old` was (commit's read-write reopen of base, or its return to
+ * read-only): the registry slot of `old`, if it has one, holds `new` from now on, so one node name
+ * names one node. No-op when old is not registered.
+ */
+void graph_replace_node(BlockNode *old, BlockNode *new_node);
+/* Unregister node if it was registered implicitly and no registered tree uses it any more. */
+void graph_drop_implicit(BlockNode *node);
+/* The node whose backing is bs among the registered trees (NULL if none): bs is a middle layer. */
+BlockNode *graph_backing_parent(BlockNode *bs);
 /*
  * Drop a registered node's registration (the graph's reference), e.g. a drive-mirror target after a
  * cancel. -ENOENT if not registered, -EBUSY while another node still has it as a child.

@@ -607,12 +607,33 @@ static void restore_ro_base(Commit *c, bool drained)
     }
     if (c->base_parent->backing == c->base_rw) {
         vd_node_set_backing(c->base_parent, ro);
+        graph_replace_node(c->base_rw, ro);
     }
     if (!drained) {
         blockops_exports_resume(&set, NULL);
     }
     vd_node_unref(ro);
     c->base_swapped = false;
+}
+
+/*
+ * After an active commit's pivot the images above base left the guest's chain: overlays a job
+ * registered (snapshots) go, as QEMU drops them; blockdev-add's nodes stay until blockdev-del.
+ * base_rw stays findable by its name (registered) whatever still leads to it.
+ */
+static void commit_drop_overlays(Commit *c)
+{
+    for (BlockNode *n = c->dev; n && n != c->base_rw; n = n->backing) {
+        graph_drop_implicit(n);
+    }
+    if (graph_find_node(c->base_rw->node_name) != c->base_rw) {
+        VdError *e = NULL;
+        if (graph_register(c->base_rw, &e) < 0) {
+            vd_log(VD_LOG_WARN, "commit '%s': node '%s' not registered: %s", job_id(c->job),
+                   c->base_rw->node_name, vd_error_msg(e));
+            vd_error_free(e);
+        }
+    }
 }
 
 static int commit_prepare(Job *job, VdError **errp)
@@ -682,6 +703,7 @@ static int commit_prepare(Job *job, VdError **errp)
             c->pivoted = true;
             c->base_swapped = false; /* base_rw is now the guest's image */
             blockops_exports_resume(&set, c->base_rw);
+            commit_drop_overlays(c);
         } else {
             if (r == 0) {
                 restore_ro_base(c, true);
@@ -714,6 +736,7 @@ static int commit_prepare(Job *job, VdError **errp)
     }
     if (r == 0) {
         vd_node_set_backing(c->above, final);
+        graph_replace_node(c->base_rw, final);
         vd_node_unref(final);
         c->base_swapped = false; /* base_rw left the chain with the committed images */
     }
@@ -1012,6 +1035,7 @@ json_t *commit_qmp_start(json_t *args, VdError **errp)
     }
     c->notifier_added = active;
     vd_node_set_backing(c->base_parent, c->base_rw);
+    graph_replace_node(base, c->base_rw); /* one node per name, also while the job runs */
     c->base_swapped = true;
     blockops_exports_resume(&set, NULL);
 
@@ -1023,6 +1047,7 @@ json_t *commit_qmp_start(json_t *args, VdError **errp)
         /* Put the read-only base back; base_rw holds nothing the chain above does not. */
         if (blockops_exports_drain(dev, &set) == 0) {
             vd_node_set_backing(c->base_parent, c->base);
+            graph_replace_node(c->base_rw, c->base);
             blockops_exports_resume(&set, NULL);
         }
         commit_free_state(c);

@@ -453,6 +453,30 @@ static void exports_set_node_and_resume(Mirror *m, NbdExport **exps, BlockNode *
     free(exps);
 }
 
+/*
+ * A layer under another node that no export serves could only pivot by rewriting that node's
+ * backing, which the mirror does not do: refuse it rather than "complete" without any effect.
+ */
+static int check_not_middle_layer(BlockNode *source, VdError **errp)
+{
+    ExportScan scan = {.node = source};
+    if (nbd_server_running()) {
+        nbd_export_foreach(scan_cb, &scan);
+    }
+    for (size_t i = 0; i < scan.n; i++) {
+        free(scan.ids[i]);
+    }
+    free(scan.ids);
+    BlockNode *parent = scan.n == 0 && !scan.oom ? graph_backing_parent(source) : NULL;
+    if (parent) {
+        vd_error_setg(errp, EINVAL, "Node '%s' is a backing layer of '%s' and no export serves "
+                      "it: its copy could not pivot (copy the disk's top image instead)",
+                      source->node_name, parent->node_name ? parent->node_name : "");
+        return -EINVAL;
+    }
+    return 0;
+}
+
 /* ---- copying ---- */
 
 /*
@@ -1308,7 +1332,7 @@ static Job *mirror_start_ex(const MirrorOptions *o, bool unmap, VdError **errp)
     vd_node_ref(m->target_orig_backing);
     m->final_backing = o->keep_target_backing ? m->target_orig_backing : m->base;
     m->target_new = o->target_new;
-    m->shares_base = same_image(m->final_backing, m->base);
+    m->shares_base = o->backing_matches || same_image(m->final_backing, m->base);
     m->filter = filter_new(m, o->job_id, o->filter_node_name);
     if (!m->bitmap || !m->filter || (o->backing_name && !m->backing_name) ||
         (o->backing_fmt && !m->backing_fmt)) {
@@ -1370,6 +1394,78 @@ Job *mirror_start(const MirrorOptions *o, VdError **errp)
 
 /* ---- QMP ---- */
 
+/* Is `path` (a resolved backing name) the file of node n? */
+static bool node_is_file(BlockNode *n, const char *path)
+{
+    char *a = realpath(n->filename, NULL), *b = realpath(path, NULL);
+    bool same = a && b && !strcmp(a, b);
+    free(a);
+    free(b);
+    return same;
+}
+
+/*
+ * drive-mirror onto an existing target (mode=existing, no base-node). Its header's backing chain is
+ * what the file reads once the job is over, so the copy must fill in everything the guest reads
+ * and that chain does not hold:
+ *  - backing = an image of the source's chain: copy everything above that image (as base-node
+ *    does; also for sync=top when it lies deeper than the source's backing), header untouched;
+ *  - sync=full, backing elsewhere: open it as the target's backing and copy every byte;
+ *  - sync=top, backing elsewhere or none: refused, unless the caller vouches that it reads like
+ *    the source's backing (x-backing-matches): then it stays the target's backing, not copied.
+ * Sets o->base / o->keep_target_backing / o->backing_matches and target's in-memory backing.
+ */
+static int existing_target_backing(MirrorOptions *o, BlockNode *target, bool matches,
+                                   VdError **errp)
+{
+    if (o->base_is_source) {
+        return 0; /* sync=none: only new writes are copied; the target is the caller's business */
+    }
+    const char *tb = target->backing_file && target->backing_file[0] &&
+                     target->drv->supports_backing ? target->full_backing_filename : NULL;
+    bool shallow = o->base != NULL;
+    if (!tb) {
+        if (shallow && !matches) {
+            vd_error_setg(errp, EINVAL, "Target '%s' has no backing file: a shallow copy would "
+                          "leave out what '%s' and its backing hold (copy everything, or pass "
+                          "x-backing-matches if the target holds that data already)",
+                          target->filename, o->base->filename);
+            return -EINVAL;
+        }
+        o->keep_target_backing = true; /* none, as its header says */
+        o->backing_matches = matches;
+        return 0;
+    }
+    for (BlockNode *n = o->source->backing; n; n = n->backing) {
+        if (node_is_file(n, tb)) {
+            o->base = n;
+            return 0;
+        }
+    }
+    if (node_is_file(o->source, tb)) {
+        vd_error_setg(errp, EINVAL, "Target '%s' is backed by the source '%s' itself",
+                      target->filename, o->source->filename);
+        return -EINVAL;
+    }
+    if (shallow && !matches) {
+        vd_error_setg(errp, EINVAL, "Target '%s' has backing file '%s', which is not part of the "
+                      "source's backing chain: its content cannot be assumed to match '%s' (pass "
+                      "x-backing-matches, or vdisk blockcopy --backing-matches, if it does)",
+                      target->filename, target->backing_file, o->base->filename);
+        return -EINVAL;
+    }
+    BlockNode *chain = vd_open_image(tb, target->backing_format, 0, errp);
+    if (!chain) {
+        vd_error_prepend(errp, "Could not open the target's backing file: ");
+        return -EIO;
+    }
+    vd_node_set_backing(target, chain);
+    vd_node_unref(chain);
+    o->keep_target_backing = true;
+    o->backing_matches = shallow; /* full: nothing shared, every byte copied */
+    return 0;
+}
+
 static const char *str_arg(json_t *args, const char *key)
 {
     return json_string_value(json_object_get(args, key));
@@ -1400,7 +1496,7 @@ json_t *mirror_qmp_start(json_t *args, bool blockdev, VdError **errp)
     static const char *const drive_keys[] = {
         "job-id", "device", "target", "format", "node-name", "replaces", "sync", "mode", "speed",
         "granularity", "buf-size", "on-source-error", "on-target-error", "unmap", "copy-mode",
-        "auto-finalize", "auto-dismiss", "base-node", NULL};
+        "auto-finalize", "auto-dismiss", "base-node", "x-backing-matches", NULL};
     static const char *const blockdev_keys[] = {
         "job-id", "device", "target", "replaces", "sync", "speed", "granularity", "buf-size",
         "on-source-error", "on-target-error", "filter-node-name", "copy-mode", "auto-finalize",
@@ -1438,6 +1534,9 @@ json_t *mirror_qmp_start(json_t *args, bool blockdev, VdError **errp)
     if (other) {
         vd_error_setg(errp, EBUSY, "Node '%s' is busy: block device is in use by block job: %s",
                       source->node_name, other);
+        return NULL;
+    }
+    if (check_not_middle_layer(source, errp) < 0) {
         return NULL;
     }
     const char *job_id = str_arg(args, "job-id");
@@ -1494,6 +1593,14 @@ json_t *mirror_qmp_start(json_t *args, bool blockdev, VdError **errp)
     json_t *unmap = json_object_get(args, "unmap");
     if (unmap && !json_is_boolean(unmap)) {
         vd_error_setg(errp, EINVAL, "Invalid parameter type for 'unmap', expected: boolean");
+        return NULL;
+    }
+    /* vdisk extension: the caller vouches that an existing target's backing reads like the
+     * source's (existing_target_backing). */
+    json_t *matches = json_object_get(args, "x-backing-matches");
+    if (matches && !json_is_boolean(matches)) {
+        vd_error_setg(errp, EINVAL, "Invalid parameter type for 'x-backing-matches', expected: "
+                      "boolean");
         return NULL;
     }
 
@@ -1606,9 +1713,13 @@ json_t *mirror_qmp_start(json_t *args, bool blockdev, VdError **errp)
         if (!target) {
             goto out;
         }
+        if (existing && !base_node &&
+            existing_target_backing(&o, target, json_is_true(matches), errp) < 0) {
+            goto out;
+        }
         /*
          * A fresh target already names its backing. An existing one keeps what the user recorded
-         * (it may be a copy of base elsewhere), except that base-node promises "backing = base".
+         * (existing_target_backing), except that base-node promises "backing = base".
          */
         o.rewrite_backing = base_node != NULL;
         o.backing_name = share_name;

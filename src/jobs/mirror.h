@@ -34,6 +34,8 @@ typedef struct MirrorOptions {
     bool target_new;
     /* blockdev-mirror: after the pivot the target keeps its own backing instead of base. */
     bool keep_target_backing;
+    /* The caller vouches that the target's own backing reads like base: base is not copied. */
+    bool backing_matches;
     uint64_t granularity;      /* 0 = default (target cluster size within [4 KiB, 64 KiB]) */
     uint64_t buf_size;         /* 0 = default 16 MiB: largest copy in flight */
     int64_t speed;

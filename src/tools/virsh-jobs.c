@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -926,9 +927,11 @@ int virsh_blockcopy(int argc, char **argv)
     JobOpts jo = { 0 };
     const char *format = NULL, *gran = NULL, *bufsz = NULL, *base_node = NULL, *node_name = NULL;
     bool shallow = false, reuse = false, pivot = false, finish = false, sync_writes = false;
+    bool backing_matches = false;
     const VOpt opts[] = {
         { "shallow", &shallow, NULL, NULL },
         { "reuse-external", &reuse, NULL, NULL },
+        { "backing-matches", &backing_matches, NULL, NULL },
         { "format", NULL, &format, NULL },
         { "raw", NULL, &format, "raw" },
         { "pivot", &pivot, NULL, NULL },
@@ -942,7 +945,8 @@ int virsh_blockcopy(int argc, char **argv)
     };
     static const char *const names[] = { "disk", "dest" };
     int p = parse_job_opts(argc, argv, &jo, opts,
-                           "DISK DEST [--shallow] [--reuse-external] [--format F|--raw] [--wait] "
+                           "DISK DEST [--shallow] [--reuse-external [--backing-matches]] "
+                           "[--format F|--raw] [--wait] "
                            "[--verbose] [--pivot|--finish] [--timeout S] [--async] [--bandwidth N "
                            "[--bytes]] [--granularity N] [--buf-size N] [--synchronous-writes] "
                            "[--node-name N] [--base-node B] [--socket PATH]",
@@ -953,6 +957,18 @@ int virsh_blockcopy(int argc, char **argv)
     const char *disk = argv[optind], *dest = argv[optind + 1];
     if (pivot && finish) {
         tool_error("error: Options --pivot and --finish are mutually exclusive");
+        return 1;
+    }
+    if (backing_matches && !reuse) {
+        tool_error("error: Option --reuse-external is required by option --backing-matches");
+        return 1;
+    }
+    /* libvirt's rule: without --reuse-external the copy creates DEST, so an existing file (not a
+     * block device) is refused rather than overwritten. */
+    struct stat dst;
+    if (!reuse && stat(dest, &dst) == 0 && !S_ISBLK(dst.st_mode)) {
+        tool_error("error: external destination file for disk %s already exists and is not a "
+                   "block device: %s (use --reuse-external to copy onto it)", disk, dest);
         return 1;
     }
     int ok;
@@ -1018,6 +1034,10 @@ int virsh_blockcopy(int argc, char **argv)
     if (base_node) {
         /* Not a QEMU 7.2 drive-mirror argument: passed through for daemons that have it. */
         json_object_set_new(args, "base-node", json_string(base_node));
+    }
+    if (backing_matches) {
+        /* vdiskd's extension (existing target whose backing is outside the source's chain). */
+        json_object_set_new(args, "x-backing-matches", json_true());
     }
     int st = job_run_start(&run, &kind, args, blocking, "Block Copy started", jo.verbose, true,
                            timeout_ms, jo.async);

@@ -197,11 +197,12 @@ def test_blockcopy_shallow_finish(kind, tmp):
 class NbdGuest(threading.Thread):
     """A guest writing through the export until stopped: one NBD connection, one request at a
     time (random writes of patterns 1..0x4f, some write-zeroes), each applied to the model once
-    acknowledged. Every request must succeed."""
+    acknowledged. Every request must succeed. Writes fall in [lo, hi)."""
 
-    def __init__(self, sock, model, seed):
+    def __init__(self, sock, model, seed, lo=0, hi=SIZE):
         super().__init__(daemon=True)
         self.sock, self.model, self.rng = sock, model, random.Random(seed)
+        self.lo, self.hi = lo, hi
         self.done, self.errors, self.exc = 0, [], None
         self.stop_ev = threading.Event()
 
@@ -211,8 +212,8 @@ class NbdGuest(threading.Thread):
             c.greet()
             c.go("disk0", structured=False)
             while not self.stop_ev.is_set():
-                ln = self.rng.randrange(1, 128 * 1024)
-                off = self.rng.randrange(0, SIZE - ln)
+                ln = self.rng.randrange(1, min(128 * 1024, self.hi - self.lo))
+                off = self.rng.randrange(self.lo, self.hi - ln)
                 if self.rng.random() < 0.85:
                     data = bytes([self.rng.randrange(1, 0x50)]) * ln
                     c.request(CMD_WRITE, off, ln, self.done + 1, 0, data)
