@@ -699,6 +699,38 @@ int vd_change_backing_file(BlockNode *bs, const char *backing_file, const char *
     return 0;
 }
 
+/* Internal snapshots: refuse formats without them, and read-only nodes, before the driver. */
+static int snapshot_check(BlockNode *bs, bool supported, VdError **errp)
+{
+    if (!supported) {
+        vd_error_setg(errp, ENOTSUP, "Block driver does not support snapshots");
+        return -ENOTSUP;
+    }
+    if (bs->read_only) {
+        vd_error_setg(errp, EPERM, "'%s' is opened read-only", bs->filename);
+        return -EPERM;
+    }
+    return 0;
+}
+
+int vd_snapshot_create(BlockNode *bs, const char *name, VdError **errp)
+{
+    int ret = snapshot_check(bs, bs->drv->snapshot_create != NULL, errp);
+    return ret < 0 ? ret : bs->drv->snapshot_create(bs, name, errp);
+}
+
+int vd_snapshot_goto(BlockNode *bs, const char *id_or_name, VdError **errp)
+{
+    int ret = snapshot_check(bs, bs->drv->snapshot_goto != NULL, errp);
+    return ret < 0 ? ret : bs->drv->snapshot_goto(bs, id_or_name, errp);
+}
+
+int vd_snapshot_delete(BlockNode *bs, const char *id, const char *name, VdError **errp)
+{
+    int ret = snapshot_check(bs, bs->drv->snapshot_delete != NULL, errp);
+    return ret < 0 ? ret : bs->drv->snapshot_delete(bs, id, name, errp);
+}
+
 int vd_chain_depth(BlockNode *top, BlockNode *layer)
 {
     int d = 0;

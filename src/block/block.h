@@ -79,6 +79,8 @@ typedef struct VdOpenOptions {
     int flags;                /* VD_OPEN_* */
     BlockNode *backing;       /* use this node as backing instead of the header's (takes a ref) */
     BlockNode *file;          /* use this protocol node as the file child (takes a ref) */
+    /* Serve this internal snapshot (id, else name) instead of the active image; read-only. */
+    const char *snapshot;
 } VdOpenOptions;
 
 typedef struct VdCreateOptions {
@@ -213,6 +215,10 @@ struct BlockDriver {
      * NULL: nothing to lock (an NBD export: its server decides).
      */
     int (*lock_for_format)(BlockNode *bs, bool writable, VdError **errp);
+    /* Internal snapshots (qemu-img snapshot -c / -a / -d); see vd_snapshot_create & co. */
+    int (*snapshot_create)(BlockNode *bs, const char *name, VdError **errp);
+    int (*snapshot_goto)(BlockNode *bs, const char *id_or_name, VdError **errp);
+    int (*snapshot_delete)(BlockNode *bs, const char *id, const char *name, VdError **errp);
 };
 
 #define VD_PROBE_ANY 1 /* probe score of a format that takes any bytes (raw) */
@@ -348,6 +354,18 @@ int vd_block_status_above(BlockNode *top, BlockNode *base, uint64_t offset, uint
 /* Is [offset, offset+bytes) allocated in some layer above base? *pnum = extent length. */
 int vd_is_allocated_above(BlockNode *top, BlockNode *base, uint64_t offset, uint64_t bytes,
                           uint64_t *pnum);
+
+/*
+ * ---- internal snapshots (formats with snapshot_* in their vtable: qcow2) ----
+ * create: a new snapshot named `name` (ids are numbered by the driver; names may repeat) of the
+ * active image, dated now. goto: revert the active image to the snapshot whose id, else name, is
+ * id_or_name. delete: remove the first snapshot matching id and name (either may be NULL).
+ * The list is vd_image_info's "snapshots" (bs->drv->get_snapshots). -ENOTSUP with a message when
+ * the format has no internal snapshots.
+ */
+int vd_snapshot_create(BlockNode *bs, const char *name, VdError **errp);
+int vd_snapshot_goto(BlockNode *bs, const char *id_or_name, VdError **errp);
+int vd_snapshot_delete(BlockNode *bs, const char *id, const char *name, VdError **errp);
 
 /* ---- info ---- */
 int vd_check(BlockNode *bs, VdCheckResult *res, int fix, VdError **errp);

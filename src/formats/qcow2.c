@@ -662,6 +662,9 @@ again:
     s->read_only = !rw;
     s->metadata_prealloc = -1;
     q2_publish_size(s);
+    if (opts && opts->snapshot && (ret = q2_snapshot_load(s, opts->snapshot, errp)) < 0) {
+        goto fail;
+    }
     s->lazy_refcounts = rw && s->h.version >= 3 &&
                         (s->h.compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS);
     s->set_dirty = false;
@@ -723,7 +726,7 @@ static int qcow2_probe(const uint8_t *buf, size_t len, const char *filename)
  * spec their bits are cleared, telling other programs those structures are stale. With lazy
  * refcounts, the dirty bit is set and flushed before any refcount update is deferred.
  */
-static int first_write(Qcow2State *s)
+int q2_first_write(Qcow2State *s)
 {
     int ret;
     if (s->h.version >= 3 && s->h.autoclear_features) {
@@ -806,7 +809,7 @@ static int qcow2_pwrite(BlockNode *bs, uint64_t offset, uint64_t bytes, const vo
         return -EIO;
     }
     pthread_mutex_lock(&s->lock);
-    int ret = first_write(s);
+    int ret = q2_first_write(s);
     if (ret == 0 && s->nb_pending_frees >= Q2_MAX_PENDING_FREES) {
         /* frees deferred while lockless I/O was in flight: apply them now that it is safe */
         q2_lockless_wait_idle(s);
@@ -834,7 +837,7 @@ static int qcow2_pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, i
     }
     pthread_mutex_lock(&s->lock);
     q2_lockless_wait_idle(s); /* may unmap / free clusters */
-    int ret = first_write(s);
+    int ret = q2_first_write(s);
     if (ret == 0) {
         ret = q2_zero(s, offset, bytes, flags);
     }
@@ -856,7 +859,7 @@ static int qcow2_pdiscard(BlockNode *bs, uint64_t offset, uint64_t bytes, int fl
     }
     pthread_mutex_lock(&s->lock);
     q2_lockless_wait_idle(s); /* frees clusters */
-    int ret = first_write(s);
+    int ret = q2_first_write(s);
     if (ret == 0) {
         ret = q2_discard(s, offset, bytes, flags);
     }
@@ -899,7 +902,7 @@ static int qcow2_pwrite_compressed(BlockNode *bs, uint64_t offset, uint64_t byte
         }
         pthread_mutex_lock(&s->lock);
         q2_lockless_wait_idle(s); /* replaces (frees) the old cluster */
-        ret = first_write(s);
+        ret = q2_first_write(s);
         if (ret == 0) {
             ret = q2_write_compressed_cluster(s, offset, n, p, out, clen);
         }
@@ -1106,7 +1109,7 @@ static int qcow2_truncate(BlockNode *bs, uint64_t size, bool shrink, VdPrealloc 
         ret = -EINVAL;
         goto out;
     }
-    ret = first_write(s);
+    ret = q2_first_write(s);
     if (ret < 0) {
         vd_error_setg_errno(errp, -ret, "qcow2: could not update the header");
         goto out;
@@ -1245,7 +1248,7 @@ static int qcow2_change_backing_file(BlockNode *bs, const char *backing_file,
     s->backing_file = nf;
     s->backing_fmt = nfmt;
     uint8_t *buf = malloc(s->cluster_size);
-    if (buf && first_write(s) < 0) {
+    if (buf && q2_first_write(s) < 0) {
         free(buf);
         buf = NULL;
     }
@@ -1320,95 +1323,6 @@ static json_t *qcow2_get_specific_info(BlockNode *bs)
     json_object_set_new(o, "type", json_string("qcow2"));
     json_object_set_new(o, "data", data);
     return o;
-}
-
-/*
- * The snapshot table, read on demand (info only; nothing else uses snapshots): per entry the
- * fixed 40 bytes, extra data, id and name, each entry padded to 8 bytes (qcow2 spec). Like
- * QEMU: a 64-bit VM state size in the extra data (>= 8 bytes) wins over the 32-bit field, and
- * icount is reported only when the extra data has it (>= 24 bytes). Lock held.
- */
-static json_t *read_snapshots(Qcow2State *s)
-{
-    /*
-     * A table past EOF (snapshots_damaged) reads as zeroes, as in QEMU: qemu-img info then lists
-     * that many empty snapshots, and so do we.
-     */
-    if (!s->h.nb_snapshots) {
-        return NULL;
-    }
-    json_t *arr = json_array();
-    if (!arr) {
-        return NULL;
-    }
-    uint64_t off = s->h.snapshots_offset;
-    uint8_t fix[40];
-    uint8_t extra[24];
-    char *id = NULL, *name = NULL;
-    for (uint32_t i = 0; i < s->h.nb_snapshots; i++) {
-        if (vd_pread(s->bs->file, off, sizeof(fix), fix) < 0) {
-            goto fail;
-        }
-        uint32_t id_len = ((uint32_t)fix[12] << 8) | fix[13];
-        uint32_t name_len = ((uint32_t)fix[14] << 8) | fix[15];
-        uint32_t extra_len = qcow2_be32(fix + 36);
-        if (extra_len > 1024) { /* QEMU's QCOW_MAX_SNAPSHOT_EXTRA_DATA */
-            goto fail;
-        }
-        memset(extra, 0, sizeof(extra));
-        uint32_t er = extra_len < sizeof(extra) ? extra_len : (uint32_t)sizeof(extra);
-        if (er && vd_pread(s->bs->file, off + 40, er, extra) < 0) {
-            goto fail;
-        }
-        id = calloc(1, id_len + 1);
-        name = calloc(1, name_len + 1);
-        if (!id || !name ||
-            (id_len && vd_pread(s->bs->file, off + 40 + extra_len, id_len, id) < 0) ||
-            (name_len && vd_pread(s->bs->file, off + 40 + extra_len + id_len, name_len,
-                                  name) < 0)) {
-            goto fail;
-        }
-        uint64_t vm_state = qcow2_be32(fix + 32);
-        if (extra_len >= 8) {
-            vm_state = qcow2_be64(extra);
-        }
-        uint64_t clock = qcow2_be64(fix + 24);
-        json_t *o = json_object();
-        if (!o || json_array_append_new(arr, o) < 0) {
-            json_decref(o);
-            goto fail;
-        }
-        /* key order as qemu-img 7.2 prints it */
-        if (extra_len >= 24) {
-            json_object_set_new(o, "icount", json_integer((json_int_t)qcow2_be64(extra + 16)));
-        }
-        json_object_set_new(o, "vm-clock-nsec", json_integer((json_int_t)(clock % 1000000000)));
-        json_object_set_new(o, "name", json_string(name));
-        json_object_set_new(o, "date-sec", json_integer(qcow2_be32(fix + 16)));
-        json_object_set_new(o, "date-nsec", json_integer(qcow2_be32(fix + 20)));
-        json_object_set_new(o, "vm-clock-sec", json_integer((json_int_t)(clock / 1000000000)));
-        json_object_set_new(o, "id", json_string(id));
-        json_object_set_new(o, "vm-state-size", json_integer((json_int_t)vm_state));
-        free(id);
-        free(name);
-        id = name = NULL;
-        off += (40ULL + extra_len + id_len + name_len + 7) & ~7ULL;
-    }
-    return arr;
-fail:
-    free(id);
-    free(name);
-    json_decref(arr);
-    return NULL;
-}
-
-static json_t *qcow2_get_snapshots(BlockNode *bs)
-{
-    Qcow2State *s = q2_state(bs);
-    pthread_mutex_lock(&s->lock);
-    json_t *arr = read_snapshots(s);
-    pthread_mutex_unlock(&s->lock);
-    return arr;
 }
 
 static int qcow2_check(BlockNode *bs, VdCheckResult *res, int fix, VdError **errp)
@@ -1764,6 +1678,9 @@ const BlockDriver vd_drv_qcow2 = {
     .measure = qcow2_measure,
     .get_specific_info = qcow2_get_specific_info,
     .cluster_size = qcow2_cluster_size,
-    .get_snapshots = qcow2_get_snapshots,
+    .get_snapshots = q2_get_snapshots,
+    .snapshot_create = q2_snapshot_create,
+    .snapshot_goto = q2_snapshot_goto,
+    .snapshot_delete = q2_snapshot_delete,
     .is_dirty = qcow2_is_dirty,
 };

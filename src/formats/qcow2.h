@@ -251,6 +251,16 @@ int q2_decompress(Qcow2State *s, const uint8_t *src, uint64_t src_len, uint8_t *
 
 /* ---- qcow2.c ---- */
 int q2_write_header_field(Qcow2State *s, uint64_t off, const void *data, uint32_t len);
+/* Before the first modification of an open: clear autoclear bits, set the lazy dirty bit. */
+int q2_first_write(Qcow2State *s);
+
+/* ---- qcow2-snapshot.c: internal snapshots (vtable entries; they take s->lock) ---- */
+json_t *q2_get_snapshots(BlockNode *bs);
+int q2_snapshot_create(BlockNode *bs, const char *name, VdError **errp);
+int q2_snapshot_goto(BlockNode *bs, const char *id_or_name, VdError **errp);
+int q2_snapshot_delete(BlockNode *bs, const char *id, const char *name, VdError **errp);
+/* At open (read-only): make the snapshot's L1 and size the ones this node serves. */
+int q2_snapshot_load(Qcow2State *s, const char *id_or_name, VdError **errp);
 
 /* qcow2_check_file / qcow2_measure: formats/qcow2-check.h */
 

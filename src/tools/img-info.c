@@ -36,7 +36,7 @@ static bool jint(json_t *o, const char *k, int64_t *out)
  * names simply push right, the date in local time, VM CLOCK as hh:mm:ss.mmm, ICOUNT blank when
  * the snapshot has none.
  */
-static void snapshot_list_dump(json_t *snaps)
+void tool_snapshot_dump(json_t *snaps)
 {
     printf("Snapshot list:\n");
     printf("%-10s%-17s%8s%20s%13s%11s\n", "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT");
@@ -112,7 +112,7 @@ static void info_dump_human(json_t *info)
     }
     json_t *snaps = json_object_get(info, "snapshots");
     if (json_is_array(snaps)) {
-        snapshot_list_dump(snaps);
+        tool_snapshot_dump(snaps);
     }
     json_t *spec = json_object_get(info, "format-specific");
     if (json_is_object(spec)) {

@@ -93,6 +93,8 @@ void progress_end(void);
 
 /* Print a JSON value the way QEMU's pretty printer does (key order = QEMU's QDict order). */
 void qjson_print(FILE *f, json_t *v);
+/* qemu-img's "Snapshot list:" table of a "snapshots" array (info, snapshot -l). */
+void tool_snapshot_dump(json_t *snaps);
 /* qemu's human dump of a dict (keys '-' -> ' '), indentation in units of 4 spaces. */
 void qdict_dump_human(FILE *f, json_t *obj, int indentation);
 
@@ -140,5 +142,6 @@ int img_rebase(int argc, char **argv);
 int img_resize(int argc, char **argv);
 int img_measure(int argc, char **argv);
 int img_io(int argc, char **argv);
+int img_snapshot(int argc, char **argv);
 
 #endif

@@ -40,10 +40,12 @@ void tool_report(VdError *err, const char *prefix)
 
 void tool_bad_option(const char *cmd, int c, const char *arg)
 {
+    (void)cmd;
+    /* qemu-img's words; its "Try 'qemu-img --help'" second line is left out (one-line errors) */
     if (c == ':') {
-        tool_error("option '%s' requires an argument (try '" TOOL_NAME " %s --help')", arg, cmd);
+        tool_error("missing argument for option '%s'", arg);
     } else {
-        tool_error("unrecognized option '%s' (try '" TOOL_NAME " %s --help')", arg, cmd);
+        tool_error("unrecognized option '%s'", arg);
     }
 }
 
@@ -795,6 +797,8 @@ static const struct {
       "[-F backing_fmt] filename" },
     { "resize", img_resize,
       "resize [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size" },
+    { "snapshot", img_snapshot,
+      "snapshot [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] filename" },
     /* Online commands (virsh-like, over vdiskd's QMP socket): src/tools/virsh-jobs.c */
     { "blockcommit", virsh_blockcommit,
       "blockcommit DISK [--base B|--shallow] [--top T] [--active] [--pivot|--keep-overlay]\n"

@@ -1,0 +1,123 @@
+/*
+ * img-snapshot.c - `vdisk snapshot`: list, create, apply and delete internal snapshots, with
+ * qemu-img 7.2's options, messages and exit codes. The format work is the driver's
+ * (vd_snapshot_*); -l opens read-only (and may share with -U), the others read-write.
+ */
+#include <getopt.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "tools/tool.h"
+
+#define SNAPSHOT_USAGE                                                                           \
+    "usage: " TOOL_NAME " snapshot [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] "    \
+    "filename\n"
+
+/* The id of the first snapshot named `name` (qemu-img's bdrv_snapshot_find), or NULL. */
+static const char *find_by_name(json_t *snaps, const char *name)
+{
+    size_t i;
+    json_t *sn;
+    json_array_foreach(snaps, i, sn) {
+        const char *n = json_string_value(json_object_get(sn, "name"));
+        if (n && !strcmp(n, name)) {
+            return json_string_value(json_object_get(sn, "id"));
+        }
+    }
+    return NULL;
+}
+
+static void report(const char *what, const char *name, VdError *err)
+{
+    tool_error("Could not %s snapshot '%s': %s", what, name, vd_error_msg(err));
+    vd_error_free(err);
+}
+
+int img_snapshot(int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        { "help", no_argument, NULL, 'h' },
+        { NULL, 0, NULL, 0 }
+    };
+    char action = 0;
+    const char *name = NULL;
+    bool force_share = false;
+    int c;
+    while ((c = getopt_long(argc, argv, ":la:c:d:hqU", longopts, NULL)) != -1) {
+        switch (c) {
+        case 'l': case 'a': case 'c': case 'd':
+            if (action) {
+                tool_error("Cannot mix '-l', '-a', '-c', '-d'");
+                return 1;
+            }
+            action = (char)c;
+            name = optarg;
+            break;
+        case 'q': break; /* nothing is printed but the list, which -q does not hide */
+        case 'U': force_share = true; break;
+        case 'h': printf(SNAPSHOT_USAGE); return 0;
+        default: tool_bad_option(argv[0], c, argv[optind - 1]); return 1;
+        }
+    }
+    const char *filename = tool_one_image(argc, argv);
+    if (!filename) {
+        return 1;
+    }
+    if (force_share && action != 'l') {
+        tool_error("Could not open '%s': force-share=on can only be used with read-only images",
+                   filename);
+        return 1;
+    }
+    int flags = action == 'l' ? 0 : VD_OPEN_RDWR;
+    VdError *err = NULL;
+    BlockNode *bs = vd_open_image(filename, NULL, tool_open_flags(flags, force_share), &err);
+    if (!bs) {
+        tool_report(err, NULL);
+        return 1;
+    }
+    json_t *snaps = bs->drv->get_snapshots ? bs->drv->get_snapshots(bs) : NULL;
+    int ret = 0;
+    switch (action) {
+    case 'l':
+        if (snaps && json_array_size(snaps)) {
+            tool_snapshot_dump(snaps);
+        }
+        break;
+    case 'c':
+        if (vd_snapshot_create(bs, name, &err) < 0) {
+            int code = vd_error_code(err);
+            vd_error_free(err);
+            /* qemu-img prints the errno, not the driver's message */
+            tool_error("Could not create snapshot '%s': %d (%s)", name, -code, strerror(code));
+            ret = 1;
+        }
+        break;
+    case 'a':
+        if (vd_snapshot_goto(bs, name, &err) < 0) {
+            report("apply", name, err);
+            ret = 1;
+        }
+        break;
+    case 'd': {
+        const char *id = snaps ? find_by_name(snaps, name) : NULL;
+        if (!id) {
+            tool_error("Could not delete snapshot '%s': snapshot not found", name);
+            ret = 1;
+        } else if (vd_snapshot_delete(bs, id, name, &err) < 0) {
+            report("delete", name, err);
+            ret = 1;
+        }
+        break;
+    }
+    default:
+        break; /* no action: qemu-img opens the image and does nothing */
+    }
+    json_decref(snaps);
+    if (ret == 0 && action != 'l' && vd_flush(bs) < 0) {
+        tool_error("Could not flush '%s'", filename);
+        ret = 1;
+    }
+    vd_node_unref(bs);
+    return ret;
+}
