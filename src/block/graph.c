@@ -243,6 +243,7 @@ static const QmpArgSpec qcow2_spec[] = {
     {"cache-clean-interval", QA_INT},
     {"encrypt", QA_ANY},
     {"data-file", QA_ANY},
+    {"snapshot", QA_STR}, /* vdisk: serve this internal snapshot (id or name), read-only */
     {NULL}};
 
 /* SocketAddress (flat), as blockdev-add's nbd "server" takes it. */
@@ -667,6 +668,14 @@ static BlockNode *open_tree(json_t *o, const Inherit *parent, bool is_backing, V
     opts.format = drv;
     opts.file = file;
     opts.backing = backing;
+    opts.snapshot = qmp_arg_str(o, "snapshot", NULL);
+    if (opts.snapshot && !inh.read_only) {
+        vd_error_setg(errp, EINVAL, "'snapshot' (an internal snapshot) can only be opened with "
+                      "read-only=true");
+        vd_node_unref(file);
+        vd_node_unref(backing);
+        return NULL;
+    }
     BlockNode *bs = vd_open(&opts, errp);
     /* vd_open took its own references on file and backing. */
     vd_node_unref(file);

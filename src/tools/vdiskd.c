@@ -169,7 +169,8 @@ static json_t *keyval_value(const char *key, const char *v)
     const char *leaf = strrchr(key, '.');
     leaf = leaf ? leaf + 1 : key;
     bool is_name = !strcmp(leaf, "filename") || !strcmp(leaf, "node-name") ||
-                   !strcmp(leaf, "file") || !strcmp(leaf, "backing") || !strcmp(leaf, "path");
+                   !strcmp(leaf, "file") || !strcmp(leaf, "backing") || !strcmp(leaf, "path") ||
+                   !strcmp(leaf, "snapshot");
     if (!is_name) {
         if (!strcmp(v, "on") || !strcmp(v, "true")) {
             return json_true();
