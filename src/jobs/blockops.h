@@ -49,17 +49,42 @@ void blockops_release(BlockNode *dev);
 /* The type of the job that claimed dev ("stream", "commit"), or NULL. */
 const char *blockops_busy(BlockNode *dev);
 
-/* QMP handlers (QMP thread). Return {} or NULL with *errp set. */
-json_t *snapshot_qmp_sync(json_t *args, VdError **errp);
-json_t *snapshot_qmp_blockdev(json_t *args, VdError **errp);
-json_t *stream_qmp_start(json_t *args, VdError **errp);
-json_t *commit_qmp_start(json_t *args, VdError **errp);
-
 /*
- * Register block-stream, block-commit, blockdev-snapshot-sync and blockdev-snapshot with
- * qmp_register_command. vdiskd's main calls it once before qmp_server_start (next to
- * jobs_qmp_register). Defined in src/qmp/qmp-commands-blockjobs2.c.
+ * The requests below are the commands' arguments, typed: src/qmp/ checks the JSON and fills them
+ * (absent strings NULL, defaults as noted). Strings are borrowed. Each *_start / snapshot_* runs
+ * on the QMP thread and returns 0, or -errno with *errp set and nothing changed.
  */
-void blockops_qmp_register(void);
+typedef struct StreamRequest { /* block-stream */
+    const char *job_id;                 /* NULL = device */
+    const char *device;                 /* required */
+    const char *base, *base_node, *bottom, *backing_file;
+    int64_t speed;
+    int on_error;                       /* JobErrorAction, default JOB_ERR_REPORT */
+    bool has_filter_node_name;          /* refused */
+    bool auto_finalize, auto_dismiss;   /* default true */
+} StreamRequest;
+int stream_request_start(const StreamRequest *r, VdError **errp);
+
+typedef struct CommitRequest { /* block-commit */
+    const char *job_id;                 /* NULL = device */
+    const char *device;                 /* required */
+    const char *base_node, *base, *top_node, *top, *backing_file;
+    int64_t speed;
+    int on_error;                       /* JobErrorAction, default JOB_ERR_REPORT */
+    bool has_filter_node_name;          /* refused */
+    bool auto_finalize, auto_dismiss;   /* default true */
+} CommitRequest;
+int commit_request_start(const CommitRequest *r, VdError **errp);
+
+typedef struct SnapshotSyncRequest { /* blockdev-snapshot-sync */
+    const char *device, *node_name;     /* one of them names the node to snapshot */
+    const char *snapshot_file;          /* required */
+    const char *snapshot_node_name;
+    const char *format;                 /* NULL = qcow2 */
+    bool mode_existing;                 /* mode=existing (else absolute-paths: create it) */
+} SnapshotSyncRequest;
+int snapshot_sync(const SnapshotSyncRequest *r, VdError **errp);
+/* blockdev-snapshot: put the named overlay node on top of node. */
+int snapshot_blockdev(const char *node, const char *overlay, VdError **errp);
 
 #endif

@@ -829,47 +829,37 @@ static uint64_t pow2_floor(uint64_t v)
     return v ? 1ULL << (63 - __builtin_clzll(v)) : 0;
 }
 
-json_t *commit_qmp_start(json_t *args, VdError **errp)
+int commit_request_start(const CommitRequest *r, VdError **errp)
 {
-    const char *device = json_string_value(json_object_get(args, "device"));
-    const char *job_id = json_string_value(json_object_get(args, "job-id"));
-    const char *base_node = json_string_value(json_object_get(args, "base-node"));
-    const char *base_name = json_string_value(json_object_get(args, "base"));
-    const char *top_node = json_string_value(json_object_get(args, "top-node"));
-    const char *top_name = json_string_value(json_object_get(args, "top"));
-    const char *backing_file = json_string_value(json_object_get(args, "backing-file"));
-    const char *on_error = json_string_value(json_object_get(args, "on-error"));
-    json_t *jspeed = json_object_get(args, "speed");
-    int64_t speed = jspeed ? json_integer_value(jspeed) : 0;
+    const char *device = r->device, *job_id = r->job_id, *base_node = r->base_node;
+    const char *base_name = r->base, *top_node = r->top_node, *top_name = r->top;
+    const char *backing_file = r->backing_file;
+    int64_t speed = r->speed;
 
-    if (json_object_get(args, "filter-node-name")) {
+    if (r->has_filter_node_name) {
         vd_error_setg(errp, ENOTSUP, "Parameter 'filter-node-name' is not supported");
-        return NULL;
+        return -ENOTSUP;
     }
     BlockNode *dev = graph_find_node(device);
     if (!dev) {
         vd_error_setg(errp, EINVAL, "Cannot find device='%s' nor node-name='%s'", device, device);
-        return NULL;
+        return -EINVAL;
     }
     if (!job_id) {
         job_id = device;
     }
     if (speed < 0) {
         vd_error_setg(errp, EINVAL, "Invalid parameter 'speed'");
-        return NULL;
+        return -EINVAL;
     }
-    JobErrorAction on_err = JOB_ERR_REPORT;
-    if (on_error && strcmp(on_error, "auto") && job_error_action_parse(on_error, &on_err) < 0) {
-        vd_error_setg(errp, EINVAL, "Parameter 'on-error' does not accept value '%s'", on_error);
-        return NULL;
-    }
+    JobErrorAction on_err = (JobErrorAction)r->on_error;
     if (top_node && top_name) {
         vd_error_setg(errp, EINVAL, "'top-node' and 'top' are mutually exclusive");
-        return NULL;
+        return -EINVAL;
     }
     if (base_node && base_name) {
         vd_error_setg(errp, EINVAL, "'base-node' and 'base' are mutually exclusive");
-        return NULL;
+        return -EINVAL;
     }
     BlockNode *top = dev;
     if (top_node) {
@@ -877,17 +867,17 @@ json_t *commit_qmp_start(json_t *args, VdError **errp)
         if (!top) {
             vd_error_setg(errp, EINVAL, "Cannot find device='%s' nor node-name='%s'", top_node,
                           top_node);
-            return NULL;
+            return -EINVAL;
         }
         if (vd_chain_depth(dev, top) < 0) {
             vd_error_setg(errp, EINVAL, "'%s' is not in this backing file chain", top_node);
-            return NULL;
+            return -EINVAL;
         }
     } else if (top_name) {
         top = vd_chain_find(dev, top_name);
         if (!top) {
             vd_error_setg(errp, EINVAL, "Top image file %s not found", top_name);
-            return NULL;
+            return -EINVAL;
         }
     }
     BlockNode *base;
@@ -896,50 +886,50 @@ json_t *commit_qmp_start(json_t *args, VdError **errp)
         if (!base) {
             vd_error_setg(errp, EINVAL, "Cannot find device='%s' nor node-name='%s'", base_node,
                           base_node);
-            return NULL;
+            return -EINVAL;
         }
         if (vd_chain_depth(top, base) < 0) {
             vd_error_setg(errp, EINVAL, "'%s' is not in this backing file chain", base_node);
-            return NULL;
+            return -EINVAL;
         }
     } else if (base_name) {
         base = vd_chain_find(top, base_name);
         if (!base) {
             vd_error_setg(errp, EINVAL, "Can't find '%s' in the backing chain", base_name);
-            return NULL;
+            return -EINVAL;
         }
     } else {
         base = vd_chain_bottom(top);
     }
     if (!base || base == top) {
         vd_error_setg(errp, EINVAL, "cannot commit an image into itself");
-        return NULL;
+        return -EINVAL;
     }
     bool active = top == dev;
     if (active && backing_file) {
         vd_error_setg(errp, EINVAL, "'backing-file' specified, but 'top' is the active layer");
-        return NULL;
+        return -EINVAL;
     }
     int64_t len = vd_getlength(top), blen = vd_getlength(base);
     if (len < 0 || blen < 0) {
         vd_error_setg(errp, EIO, "Could not inquire top image size");
-        return NULL;
+        return -EIO;
     }
     if (blen < len) {
         /* QEMU grows the base; vdisk keeps images as they are and refuses instead. */
         vd_error_setg(errp, ENOTSUP, "Base '%s' is smaller than the top (%lld < %lld bytes)",
                       base->node_name, (long long)blen, (long long)len);
-        return NULL;
+        return -ENOTSUP;
     }
     if (active && dev->read_only) {
         vd_error_setg(errp, EPERM, "Block node '%s' is read-only", device);
-        return NULL;
+        return -EPERM;
     }
 
     Commit *c = calloc(1, sizeof(*c));
     if (!c) {
         vd_error_setg(errp, ENOMEM, "Out of memory");
-        return NULL;
+        return -ENOMEM;
     }
     pthread_mutex_init(&c->lock, NULL);
     pthread_condattr_t ca;
@@ -967,15 +957,16 @@ json_t *commit_qmp_start(json_t *args, VdError **errp)
         if (!c->backing_name || !c->backing_fmt) {
             vd_error_setg(errp, ENOMEM, "Out of memory");
             commit_free_state(c);
-            return NULL;
+            return -ENOMEM;
         }
     }
     c->tracker = block_tracker_get(top);
     if (!c->tracker || !c->base_parent || (!active && !c->above)) {
-        vd_error_setg(errp, c->tracker ? EINVAL : ENOMEM, c->tracker ? "Top '%s' is not above base"
-                      : "Out of memory", top->node_name);
+        int err = c->tracker ? EINVAL : ENOMEM;
+        vd_error_setg(errp, err, c->tracker ? "Top '%s' is not above base" : "Out of memory",
+                      top->node_name);
         commit_free_state(c);
-        return NULL;
+        return -err;
     }
     /* Whole clusters of both images per copy (qcow2 COW inside one cluster), at least 64 KiB. */
     uint64_t g = block_tracker_granularity(c->tracker);
@@ -995,7 +986,7 @@ json_t *commit_qmp_start(json_t *args, VdError **errp)
     if (!c->engine) {
         vd_error_setg(errp, ENOMEM, "Out of memory");
         commit_free_state(c);
-        return NULL;
+        return -ENOMEM;
     }
     if (active) {
         c->nbits = (c->len + c->gran - 1) / c->gran;
@@ -1003,18 +994,19 @@ json_t *commit_qmp_start(json_t *args, VdError **errp)
         if (!c->bitmap) {
             vd_error_setg(errp, ENOMEM, "Out of memory");
             commit_free_state(c);
-            return NULL;
+            return -ENOMEM;
         }
     }
-    if (blockops_claim(dev, "commit", errp) < 0) {
+    int ret = blockops_claim(dev, "commit", errp);
+    if (ret < 0) {
         commit_free_state(c);
-        return NULL;
+        return ret;
     }
     c->claimed = true;
     c->base_rw = blockops_open_rw(base, errp);
     if (!c->base_rw) {
         commit_free_state(c);
-        return NULL;
+        return -EIO;
     }
     /*
      * With the device's exports drained: put the writable base in the chain (one coherent node
@@ -1025,13 +1017,13 @@ json_t *commit_qmp_start(json_t *args, VdError **errp)
     if (blockops_exports_drain(dev, &set) < 0) {
         vd_error_setg(errp, ENOMEM, "Out of memory");
         commit_free_state(c);
-        return NULL;
+        return -ENOMEM;
     }
     if (active && block_tracker_add_write_notifier(c->tracker, commit_write_notify, c) < 0) {
         blockops_exports_resume(&set, NULL);
         vd_error_setg(errp, ENOMEM, "Cannot track guest writes");
         commit_free_state(c);
-        return NULL;
+        return -ENOMEM;
     }
     c->notifier_added = active;
     vd_node_set_backing(c->base_parent, c->base_rw);
@@ -1039,9 +1031,8 @@ json_t *commit_qmp_start(json_t *args, VdError **errp)
     c->base_swapped = true;
     blockops_exports_resume(&set, NULL);
 
-    JobOptions jo = {.id = job_id, .speed = speed,
-                     .auto_finalize = !json_is_false(json_object_get(args, "auto-finalize")),
-                     .auto_dismiss = !json_is_false(json_object_get(args, "auto-dismiss"))};
+    JobOptions jo = {.id = job_id, .speed = speed, .auto_finalize = r->auto_finalize,
+                     .auto_dismiss = r->auto_dismiss};
     Job *job = job_create(&commit_driver, &jo, c, errp);
     if (!job) {
         /* Put the read-only base back; base_rw holds nothing the chain above does not. */
@@ -1051,13 +1042,10 @@ json_t *commit_qmp_start(json_t *args, VdError **errp)
             blockops_exports_resume(&set, NULL);
         }
         commit_free_state(c);
-        return NULL;
+        return -EINVAL;
     }
     c->job = job;
     /* len from the start; an active commit's is what is dirty, known after its scan. */
     job_progress_set_remaining(job, active ? 1 : c->len);
-    if (job_start(job, errp) < 0) {
-        return NULL;
-    }
-    return json_object();
+    return job_start(job, errp);
 }

@@ -169,12 +169,6 @@ void job_set_event_sink(JobEventSink *fn);
  * thread when one runs) is done (tests, shutdown). Never call it on the QMP thread.
  */
 void job_wait_thread(Job *job);
-/*
- * Register the QMP commands of jobs (query-jobs, query-block-jobs, job-*, block-job-*, drive-mirror,
- * blockdev-mirror) with qmp_register_command. vdiskd's main calls it once before qmp_server_start.
- * Defined in src/qmp/qmp-commands-jobs.c.
- */
-void jobs_qmp_register(void);
 /* Cancel every job (force) and wait for their threads (daemon shutdown, before nbd_server_stop). */
 void job_cancel_all_sync(void);
 

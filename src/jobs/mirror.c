@@ -1392,7 +1392,7 @@ Job *mirror_start(const MirrorOptions *o, VdError **errp)
     return mirror_start_ex(o, true, errp);
 }
 
-/* ---- QMP ---- */
+/* ---- drive-mirror / blockdev-mirror ---- */
 
 /* Is `path` (a resolved backing name) the file of node n? */
 static bool node_is_file(BlockNode *n, const char *path)
@@ -1466,80 +1466,29 @@ static int existing_target_backing(MirrorOptions *o, BlockNode *target, bool mat
     return 0;
 }
 
-static const char *str_arg(json_t *args, const char *key)
+int mirror_request_start(const MirrorRequest *r, VdError **errp)
 {
-    return json_string_value(json_object_get(args, key));
-}
-
-static bool bool_arg(json_t *args, const char *key, bool dflt)
-{
-    json_t *v = json_object_get(args, key);
-    return json_is_boolean(v) ? json_is_true(v) : dflt;
-}
-
-static int int_arg(json_t *args, const char *key, int64_t *out, VdError **errp)
-{
-    json_t *v = json_object_get(args, key);
-    if (!v) {
-        return 0;
-    }
-    if (!json_is_integer(v)) {
-        vd_error_setg(errp, EINVAL, "Invalid parameter type for '%s', expected: integer", key);
-        return -EINVAL;
-    }
-    *out = json_integer_value(v);
-    return 0;
-}
-
-json_t *mirror_qmp_start(json_t *args, bool blockdev, VdError **errp)
-{
-    static const char *const drive_keys[] = {
-        "job-id", "device", "target", "format", "node-name", "replaces", "sync", "mode", "speed",
-        "granularity", "buf-size", "on-source-error", "on-target-error", "unmap", "copy-mode",
-        "auto-finalize", "auto-dismiss", "base-node", "x-backing-matches", NULL};
-    static const char *const blockdev_keys[] = {
-        "job-id", "device", "target", "replaces", "sync", "speed", "granularity", "buf-size",
-        "on-source-error", "on-target-error", "filter-node-name", "copy-mode", "auto-finalize",
-        "auto-dismiss", "base-node", NULL};
-    const char *key;
-    json_t *val;
-    json_object_foreach(args, key, val) {
-        bool ok = false;
-        for (const char *const *k = blockdev ? blockdev_keys : drive_keys; *k; k++) {
-            ok |= !strcmp(*k, key);
-        }
-        if (!ok) {
-            vd_error_setg(errp, EINVAL, "Parameter '%s' is unexpected", key);
-            return NULL;
-        }
-    }
-    const char *device = str_arg(args, "device"), *target_name = str_arg(args, "target");
-    const char *sync = str_arg(args, "sync");
-    if (!device || !target_name || !sync) {
-        vd_error_setg(errp, EINVAL, "Parameter '%s' is missing",
-                      !device ? "device" : !target_name ? "target" : "sync");
-        return NULL;
-    }
-    if (json_object_get(args, "replaces")) {
+    const char *device = r->device, *target_name = r->target;
+    if (r->has_replaces) {
         vd_error_setg(errp, ENOTSUP, "Parameter 'replaces' is not supported");
-        return NULL;
+        return -ENOTSUP;
     }
     BlockNode *source = graph_find_node(device);
     if (!source) {
         vd_error_setg(errp, EINVAL, "Cannot find device='%s' nor node-name='%s'", device, device);
-        return NULL;
+        return -EINVAL;
     }
     /* A stream/commit of this chain (src/jobs/blockops.h) excludes a mirror of it. */
     const char *other = blockops_busy(source);
     if (other) {
         vd_error_setg(errp, EBUSY, "Node '%s' is busy: block device is in use by block job: %s",
                       source->node_name, other);
-        return NULL;
+        return -EBUSY;
     }
     if (check_not_middle_layer(source, errp) < 0) {
-        return NULL;
+        return -EINVAL;
     }
-    const char *job_id = str_arg(args, "job-id");
+    const char *job_id = r->job_id;
     if (!job_id) {
         job_id = device;
     }
@@ -1549,79 +1498,43 @@ json_t *mirror_qmp_start(json_t *args, bool blockdev, VdError **errp)
         job_unref(existing_job);
         vd_error_setg(errp, EINVAL, existing_job ? "Job ID '%s' already in use"
                                                  : "Invalid job ID '%s'", job_id);
-        return NULL;
+        return -EINVAL;
     }
-    MirrorOptions o = {.job_id = job_id, .source = source,
-                       .auto_finalize = bool_arg(args, "auto-finalize", true),
-                       .auto_dismiss = bool_arg(args, "auto-dismiss", true)};
-    int64_t v = 0;
-    o.filter_node_name = str_arg(args, "filter-node-name");
-    if (int_arg(args, "speed", &o.speed, errp) < 0 ||
-        int_arg(args, "granularity", &v, errp) < 0) {
-        return NULL;
-    }
+    MirrorOptions o = {.job_id = job_id, .source = source, .auto_finalize = r->auto_finalize,
+                       .auto_dismiss = r->auto_dismiss, .filter_node_name = r->filter_node_name,
+                       .speed = r->speed, .granularity = r->granularity,
+                       .on_source_error = (JobErrorAction)r->on_source_error,
+                       .on_target_error = (JobErrorAction)r->on_target_error,
+                       .write_blocking = r->write_blocking};
     if (o.speed < 0) {
         vd_error_setg(errp, EINVAL, "Invalid parameter 'speed'");
-        return NULL;
+        return -EINVAL;
     }
-    o.granularity = v > 0 ? (uint64_t)v : 0;
-    if (v < 0) {
-        vd_error_setg(errp, EINVAL, "Granularity must be a power of 2 between 512 and 64M");
-        return NULL;
-    }
-    v = 0;
-    if (int_arg(args, "buf-size", &v, errp) < 0) {
-        return NULL;
-    }
-    if (v < 0) {
+    if (r->buf_size < 0) {
         vd_error_setg(errp, EINVAL, "Invalid parameter 'buf-size'");
-        return NULL;
+        return -EINVAL;
     }
-    o.buf_size = (uint64_t)v;
-    if (job_error_action_parse(str_arg(args, "on-source-error"), &o.on_source_error) < 0 ||
-        job_error_action_parse(str_arg(args, "on-target-error"), &o.on_target_error) < 0) {
-        vd_error_setg(errp, EINVAL, "on-source-error/on-target-error: expected report, ignore, "
-                      "stop or enospc");
-        return NULL;
-    }
-    const char *cm = str_arg(args, "copy-mode");
-    if (cm && strcmp(cm, "background") && strcmp(cm, "write-blocking")) {
-        vd_error_setg(errp, EINVAL, "Parameter 'copy-mode' does not accept value '%s'", cm);
-        return NULL;
-    }
-    o.write_blocking = cm && !strcmp(cm, "write-blocking");
-    json_t *unmap = json_object_get(args, "unmap");
-    if (unmap && !json_is_boolean(unmap)) {
-        vd_error_setg(errp, EINVAL, "Invalid parameter type for 'unmap', expected: boolean");
-        return NULL;
-    }
-    /* vdisk extension: the caller vouches that an existing target's backing reads like the
-     * source's (existing_target_backing). */
-    json_t *matches = json_object_get(args, "x-backing-matches");
-    if (matches && !json_is_boolean(matches)) {
-        vd_error_setg(errp, EINVAL, "Invalid parameter type for 'x-backing-matches', expected: "
-                      "boolean");
-        return NULL;
-    }
+    o.buf_size = (uint64_t)r->buf_size;
 
     /* What the target shares: sync picks it, base-node (vdisk) overrides. */
-    const char *base_node = str_arg(args, "base-node");
-    if (!strcmp(sync, "full")) {
+    const char *base_node = r->base_node;
+    if (r->sync == MIRROR_SYNC_FULL) {
         o.base = NULL;
-    } else if (!strcmp(sync, "top")) {
+    } else if (r->sync == MIRROR_SYNC_TOP) {
         o.base = source->backing;
-    } else if (!strcmp(sync, "none")) {
+    } else if (r->sync == MIRROR_SYNC_NONE) {
         o.base_is_source = true;
     } else {
-        vd_error_setg(errp, EINVAL, "Parameter 'sync' does not accept value '%s'", sync);
-        return NULL;
+        vd_error_setg(errp, ENOTSUP, "Sync mode '%s' not supported",
+                      r->sync == MIRROR_SYNC_BITMAP ? "bitmap" : "incremental");
+        return -ENOTSUP;
     }
     if (base_node) {
         BlockNode *b = vd_chain_find(source, base_node);
         if (!b || b == source) {
             vd_error_setg(errp, EINVAL, "Node '%s' is not a backing node of '%s'", base_node,
                           device);
-            return NULL;
+            return -EINVAL;
         }
         o.base = b;
         o.base_is_source = false;
@@ -1635,7 +1548,7 @@ json_t *mirror_qmp_start(json_t *args, bool blockdev, VdError **errp)
     BlockNode *target = NULL;
     Job *job = NULL;
     bool created = false;
-    if (blockdev) {
+    if (r->blockdev) {
         target = graph_find_node(target_name);
         if (!target) {
             vd_error_setg(errp, EINVAL, "Cannot find device='%s' nor node-name='%s'",
@@ -1660,14 +1573,9 @@ json_t *mirror_qmp_start(json_t *args, bool blockdev, VdError **errp)
             o.backing_fmt = share->drv->name;
         }
     } else {
-        const char *mode = str_arg(args, "mode");
-        const char *format = str_arg(args, "format");
-        if (mode && strcmp(mode, "existing") && strcmp(mode, "absolute-paths")) {
-            vd_error_setg(errp, EINVAL, "Parameter 'mode' does not accept value '%s'", mode);
-            goto out;
-        }
-        bool existing = mode && !strcmp(mode, "existing");
-        const char *nn = str_arg(args, "node-name");
+        const char *format = r->format;
+        bool existing = r->mode_existing;
+        const char *nn = r->node_name;
         if (nn && graph_find_node(nn)) {
             vd_error_setg(errp, EEXIST, "Duplicate nodes with node-name='%s'", nn);
             goto out;
@@ -1707,14 +1615,14 @@ json_t *mirror_qmp_start(json_t *args, bool blockdev, VdError **errp)
             created = true;
         }
         VdOpenOptions oo = {.filename = target_name, .format = format,
-                            .node_name = str_arg(args, "node-name"),
+                            .node_name = nn,
                             .flags = VD_OPEN_RDWR | VD_OPEN_NO_BACKING};
         target = vd_open(&oo, errp);
         if (!target) {
             goto out;
         }
         if (existing && !base_node &&
-            existing_target_backing(&o, target, json_is_true(matches), errp) < 0) {
+            existing_target_backing(&o, target, r->backing_matches, errp) < 0) {
             goto out;
         }
         /*
@@ -1741,13 +1649,13 @@ json_t *mirror_qmp_start(json_t *args, bool blockdev, VdError **errp)
      * unmap (drive-mirror only, as in QEMU; default true): where the source reads zeroes, the
      * target's clusters may be unmapped; false writes zeroes and keeps its allocation.
      */
-    job = mirror_start_ex(&o, bool_arg(args, "unmap", true), errp);
+    job = mirror_start_ex(&o, r->unmap, errp);
     /*
      * As in QEMU, the new target is a named node of the graph while the job runs and after a pivot
      * (query-named-block-nodes shows what exports serve). Without a pivot mirror_clean drops it
      * again; that runs on this (QMP) thread after this handler returned, so it sees drop_target.
      */
-    if (job && !blockdev) {
+    if (job && !r->blockdev) {
         VdError *e = NULL;
         if (graph_register(target, &e) < 0) {
             vd_log(VD_LOG_WARN, "mirror '%s': cannot register node '%s': %s", job_id,
@@ -1760,5 +1668,8 @@ json_t *mirror_qmp_start(json_t *args, bool blockdev, VdError **errp)
 out:
     vd_node_unref(target);
     free(share_path);
-    return job ? json_object() : NULL;
+    if (job) {
+        return 0;
+    }
+    return errp && *errp && vd_error_code(*errp) > 0 ? -vd_error_code(*errp) : -EINVAL;
 }

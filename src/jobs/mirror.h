@@ -57,7 +57,45 @@ bool mirror_node_busy(BlockNode *node);
 /* The filter node guests write through (tests drive it directly); NULL once detached. */
 BlockNode *mirror_filter_node(Job *job);
 
-/* QMP drive-mirror (blockdev = false) / blockdev-mirror (true). Returns {} or NULL + *errp. */
-json_t *mirror_qmp_start(json_t *args, bool blockdev, VdError **errp);
+typedef enum MirrorSync { /* QAPI MirrorSyncMode, in its order */
+    MIRROR_SYNC_TOP,
+    MIRROR_SYNC_FULL,
+    MIRROR_SYNC_NONE,
+    MIRROR_SYNC_INCREMENTAL,
+    MIRROR_SYNC_BITMAP
+} MirrorSync;
+
+/*
+ * drive-mirror / blockdev-mirror as the user asked for it, typed (src/qmp/ checks the JSON and
+ * fills this; absent members keep the defaults written next to them). Strings are borrowed.
+ */
+typedef struct MirrorRequest {
+    bool blockdev;                /* true: target names a node; false: a file (drive-mirror) */
+    const char *job_id;           /* NULL = device */
+    const char *device, *target;  /* required */
+    const char *format;           /* drive-mirror: NULL = the source's (or probed if existing) */
+    const char *node_name;        /* drive-mirror: the new target node's name */
+    bool has_replaces;            /* refused: vdiskd replaces nothing but the source */
+    int sync;                     /* MirrorSync */
+    bool mode_existing;           /* drive-mirror mode=existing (else absolute-paths: create) */
+    int64_t speed;                /* 0 */
+    uint32_t granularity;         /* 0 = default */
+    int64_t buf_size;             /* 0 = default */
+    int on_source_error, on_target_error; /* JobErrorAction, default JOB_ERR_REPORT */
+    bool unmap;                   /* drive-mirror, default true */
+    bool write_blocking;          /* copy-mode write-blocking (default background) */
+    bool auto_finalize, auto_dismiss; /* default true */
+    const char *filter_node_name; /* blockdev-mirror; NULL = generated */
+    const char *base_node;        /* vdisk's extension: share what comes from this backing node */
+    /* vdisk's extension (drive-mirror x-backing-matches): the caller vouches that an existing
+     * target's own backing reads like the source's (see existing_target_backing in mirror.c). */
+    bool backing_matches;
+} MirrorRequest;
+
+/*
+ * Resolve a request's names against the graph, create/open the target (drive-mirror) and start
+ * the job. 0, or -errno with *errp set and nothing left behind. QMP thread.
+ */
+int mirror_request_start(const MirrorRequest *r, VdError **errp);
 
 #endif

@@ -335,34 +335,31 @@ static BlockNode *find_dev(const char *device, const char *node_name, VdError **
     return bs;
 }
 
-json_t *snapshot_qmp_sync(json_t *args, VdError **errp)
+int snapshot_sync(const SnapshotSyncRequest *req, VdError **errp)
 {
-    const char *device = json_string_value(json_object_get(args, "device"));
-    const char *node_name = json_string_value(json_object_get(args, "node-name"));
-    const char *file = json_string_value(json_object_get(args, "snapshot-file"));
-    const char *snap_name = json_string_value(json_object_get(args, "snapshot-node-name"));
-    const char *format = json_string_value(json_object_get(args, "format"));
-    const char *mode = json_string_value(json_object_get(args, "mode"));
-    bool existing = mode && !strcmp(mode, "existing");
+    const char *device = req->device, *node_name = req->node_name;
+    const char *file = req->snapshot_file, *snap_name = req->snapshot_node_name;
+    const char *format = req->format;
+    bool existing = req->mode_existing;
     if (!format) {
         format = "qcow2";
     }
 
     BlockNode *old = find_dev(device, node_name, errp);
     if (!old) {
-        return NULL;
+        return -EINVAL;
     }
     if (node_name && !snap_name) {
         vd_error_setg(errp, EINVAL, "New overlay node-name missing");
-        return NULL;
+        return -EINVAL;
     }
     if (snap_name && graph_find_node(snap_name)) {
         vd_error_setg(errp, EEXIST, "New overlay node-name already in use");
-        return NULL;
+        return -EEXIST;
     }
     if (!vd_find_driver(format) || vd_find_driver(format)->is_protocol) {
         vd_error_setg(errp, EINVAL, "Unknown driver '%s'", format);
-        return NULL;
+        return -EINVAL;
     }
     /*
      * The job's claim first (as QEMU's op blockers): a drive-mirror target has the source as its
@@ -372,19 +369,19 @@ json_t *snapshot_qmp_sync(json_t *args, VdError **errp)
     if (job_type) {
         vd_error_setg(errp, EBUSY, "Node '%s' is busy: block device is in use by block job: %s",
                       old->node_name, job_type);
-        return NULL;
+        return -EBUSY;
     }
     BlockNode *parent = find_parent(old);
     if (parent) {
         vd_error_setg(errp, EBUSY, "Node '%s' is busy: node is used as backing hd of '%s'",
                       old->node_name, parent->node_name);
-        return NULL;
+        return -EBUSY;
     }
     if (!existing) {
         if (!vd_find_driver(format)->supports_backing) {
             vd_error_setg(errp, ENOTSUP, "Backing file not supported for file format '%s'",
                           format);
-            return NULL;
+            return -ENOTSUP;
         }
         /* The overlay records the old top by the name the user gave it (relative stays so). */
         char *bname = blockops_backing_name(&(BlockNode){.filename = (char *)file}, old);
@@ -393,7 +390,7 @@ json_t *snapshot_qmp_sync(json_t *args, VdError **errp)
             free(bname);
             vd_error_setg(errp, bname ? EIO : ENOMEM, "Cannot read the size of '%s'",
                           old->filename);
-            return NULL;
+            return bname ? -EIO : -ENOMEM;
         }
         VdCreateOptions co = {.format = format, .size = (uint64_t)len, .size_given = true,
                               .backing_file = bname, .backing_fmt = old->drv->name,
@@ -401,7 +398,7 @@ json_t *snapshot_qmp_sync(json_t *args, VdError **errp)
         int r = vd_create(&co, file, errp);
         free(bname);
         if (r < 0) {
-            return NULL;
+            return r;
         }
     }
     VdOpenOptions oo = {.filename = file, .format = format, .node_name = snap_name,
@@ -422,46 +419,44 @@ json_t *snapshot_qmp_sync(json_t *args, VdError **errp)
         if (!existing) {
             unlink(file); /* we created it: a failed snapshot leaves nothing behind */
         }
-        return NULL;
+        return -EIO;
     }
     int r = switch_to_overlay(old, overlay, false, errp);
     vd_node_unref(overlay); /* the graph and the exports hold theirs */
-    return r < 0 ? NULL : json_object();
+    return r < 0 ? r : 0;
 }
 
-json_t *snapshot_qmp_blockdev(json_t *args, VdError **errp)
+int snapshot_blockdev(const char *node, const char *ov, VdError **errp)
 {
-    const char *node = json_string_value(json_object_get(args, "node"));
-    const char *ov = json_string_value(json_object_get(args, "overlay"));
     BlockNode *old = graph_find_node(node);
     if (!old) {
         vd_error_setg(errp, EINVAL, "Cannot find device='%s' nor node-name='%s'", node, node);
-        return NULL;
+        return -EINVAL;
     }
     BlockNode *overlay = graph_find_node(ov);
     if (!overlay) {
         vd_error_setg(errp, EINVAL, "Cannot find device='%s' nor node-name='%s'", ov, ov);
-        return NULL;
+        return -EINVAL;
     }
-    const char *job_type = blockops_busy(old); /* before find_parent: see snapshot_qmp_sync */
+    const char *job_type = blockops_busy(old); /* before find_parent: see snapshot_sync */
     if (job_type) {
         vd_error_setg(errp, EBUSY, "Node '%s' is busy: block device is in use by block job: %s",
                       old->node_name, job_type);
-        return NULL;
+        return -EBUSY;
     }
     BlockNode *parent = find_parent(old);
     if (parent) {
         vd_error_setg(errp, EBUSY, "Node '%s' is busy: node is used as backing hd of '%s'",
                       old->node_name, parent->node_name);
-        return NULL;
+        return -EBUSY;
     }
     if (!overlay->drv->supports_backing || overlay->drv->is_protocol) {
         vd_error_setg(errp, ENOTSUP, "The overlay does not support backing images");
-        return NULL;
+        return -ENOTSUP;
     }
     if (overlay->backing) {
         vd_error_setg(errp, EINVAL, "The overlay already has a backing image");
-        return NULL;
+        return -EINVAL;
     }
     BlockopsExports probe;
     if (find_parent(overlay) || blockops_exports_drain(overlay, &probe) < 0 || probe.n) {
@@ -469,17 +464,18 @@ json_t *snapshot_qmp_blockdev(json_t *args, VdError **errp)
             blockops_exports_resume(&probe, NULL);
         }
         vd_error_setg(errp, EBUSY, "The overlay is already in use");
-        return NULL;
+        return -EBUSY;
     }
     if (overlay->read_only) {
         vd_error_setg(errp, EPERM, "The overlay '%s' is read-only", ov);
-        return NULL;
+        return -EPERM;
     }
     int64_t olen = vd_getlength(overlay), len = vd_getlength(old);
     if (olen < 0 || len < 0 || olen < len) {
         vd_error_setg(errp, EINVAL, "The overlay is smaller than '%s'", node);
-        return NULL;
+        return -EINVAL;
     }
     /* QEMU leaves the overlay's header as the user created it: only the graph changes. */
-    return switch_to_overlay(old, overlay, true, errp) < 0 ? NULL : json_object();
+    int r = switch_to_overlay(old, overlay, true, errp);
+    return r < 0 ? r : 0;
 }

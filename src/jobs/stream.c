@@ -225,39 +225,33 @@ static const JobDriver stream_driver = {
     .free = stream_free,
 };
 
-json_t *stream_qmp_start(json_t *args, VdError **errp)
+int stream_request_start(const StreamRequest *r, VdError **errp)
 {
-    const char *device = json_string_value(json_object_get(args, "device"));
-    const char *job_id = json_string_value(json_object_get(args, "job-id"));
-    const char *base_name = json_string_value(json_object_get(args, "base"));
-    const char *base_node = json_string_value(json_object_get(args, "base-node"));
-    const char *bottom = json_string_value(json_object_get(args, "bottom"));
-    const char *backing_file = json_string_value(json_object_get(args, "backing-file"));
-    const char *on_error = json_string_value(json_object_get(args, "on-error"));
-    json_t *jspeed = json_object_get(args, "speed");
-    int64_t speed = jspeed ? json_integer_value(jspeed) : 0;
+    const char *device = r->device, *job_id = r->job_id, *base_name = r->base;
+    const char *base_node = r->base_node, *bottom = r->bottom, *backing_file = r->backing_file;
+    int64_t speed = r->speed;
 
     if (base_name && base_node) {
         vd_error_setg(errp, EINVAL, "'base' and 'base-node' cannot be specified at the same time");
-        return NULL;
+        return -EINVAL;
     }
     if (base_name && bottom) {
         vd_error_setg(errp, EINVAL, "'base' and 'bottom' cannot be specified at the same time");
-        return NULL;
+        return -EINVAL;
     }
     if (bottom && base_node) {
         vd_error_setg(errp, EINVAL, "'bottom' and 'base-node' cannot be specified at the same "
                       "time");
-        return NULL;
+        return -EINVAL;
     }
-    if (json_object_get(args, "filter-node-name")) {
+    if (r->has_filter_node_name) {
         vd_error_setg(errp, ENOTSUP, "Parameter 'filter-node-name' is not supported");
-        return NULL;
+        return -ENOTSUP;
     }
     BlockNode *top = graph_find_node(device);
     if (!top) {
         vd_error_setg(errp, EINVAL, "Cannot find device='%s' nor node-name='%s'", device, device);
-        return NULL;
+        return -EINVAL;
     }
     if (!job_id) {
         job_id = device;
@@ -267,19 +261,19 @@ json_t *stream_qmp_start(json_t *args, VdError **errp)
         base = vd_chain_find(top->backing, base_name);
         if (!base) {
             vd_error_setg(errp, EINVAL, "Can't find '%s' in the backing chain", base_name);
-            return NULL;
+            return -EINVAL;
         }
     } else if (base_node) {
         BlockNode *b = graph_find_node(base_node);
         if (!b) {
             vd_error_setg(errp, EINVAL, "Cannot find device='%s' nor node-name='%s'", base_node,
                           base_node);
-            return NULL;
+            return -EINVAL;
         }
         if (b == top || vd_chain_depth(top, b) < 0) {
             vd_error_setg(errp, EINVAL, "Node '%s' is not a backing image of '%s'", base_node,
                           device);
-            return NULL;
+            return -EINVAL;
         }
         base = b;
     } else if (bottom) {
@@ -287,37 +281,33 @@ json_t *stream_qmp_start(json_t *args, VdError **errp)
         if (!b || b == top || vd_chain_depth(top, b) < 0) {
             vd_error_setg(errp, EINVAL, "Node '%s' is not a backing image of '%s'", bottom,
                           device);
-            return NULL;
+            return -EINVAL;
         }
         base = b->backing;
     }
     if (!base && backing_file) {
         vd_error_setg(errp, EINVAL, "backing file specified, but streaming the entire chain");
-        return NULL;
+        return -EINVAL;
     }
     if (top->read_only) {
         vd_error_setg(errp, EPERM, "Block node '%s' is read-only", device);
-        return NULL;
+        return -EPERM;
     }
     if (speed < 0) {
         vd_error_setg(errp, EINVAL, "Invalid parameter 'speed'");
-        return NULL;
+        return -EINVAL;
     }
-    JobErrorAction on_err = JOB_ERR_REPORT;
-    if (on_error && strcmp(on_error, "auto") && job_error_action_parse(on_error, &on_err) < 0) {
-        vd_error_setg(errp, EINVAL, "Parameter 'on-error' does not accept value '%s'", on_error);
-        return NULL;
-    }
+    JobErrorAction on_err = (JobErrorAction)r->on_error;
     int64_t len = vd_getlength(top);
     if (len < 0) {
         vd_error_setg(errp, EIO, "Cannot get the length of '%s'", device);
-        return NULL;
+        return -EIO;
     }
 
     Stream *s = calloc(1, sizeof(*s));
     if (!s) {
         vd_error_setg(errp, ENOMEM, "Out of memory");
-        return NULL;
+        return -ENOMEM;
     }
     s->top = top;
     vd_node_ref(top);
@@ -333,7 +323,7 @@ json_t *stream_qmp_start(json_t *args, VdError **errp)
     if (!s->tracker || (base && (!s->backing_name || !s->backing_fmt))) {
         vd_error_setg(errp, ENOMEM, "Out of memory");
         stream_free_state(s);
-        return NULL;
+        return -ENOMEM;
     }
     s->gran = block_tracker_granularity(s->tracker);
     /* Whole tracker blocks (the top's clusters) per copy: copies in flight never share one. */
@@ -348,27 +338,22 @@ json_t *stream_qmp_start(json_t *args, VdError **errp)
     if (!s->engine) {
         vd_error_setg(errp, ENOMEM, "Out of memory");
         stream_free_state(s);
-        return NULL;
+        return -ENOMEM;
     }
-    if (blockops_claim(top, "stream", errp) < 0) {
+    int ret = blockops_claim(top, "stream", errp);
+    if (ret < 0) {
         stream_free_state(s);
-        return NULL;
+        return ret;
     }
     s->claimed = true;
-    JobOptions jo = {.id = job_id, .speed = speed,
-                     .auto_finalize = json_is_false(json_object_get(args, "auto-finalize")) ? false
-                                                                                           : true,
-                     .auto_dismiss = json_is_false(json_object_get(args, "auto-dismiss")) ? false
-                                                                                         : true};
+    JobOptions jo = {.id = job_id, .speed = speed, .auto_finalize = r->auto_finalize,
+                     .auto_dismiss = r->auto_dismiss};
     Job *job = job_create(&stream_driver, &jo, s, errp);
     if (!job) {
         stream_free_state(s);
-        return NULL;
+        return -EINVAL;
     }
     s->job = job;
     job_progress_set_remaining(job, s->len); /* query-block-jobs shows len from the start */
-    if (job_start(job, errp) < 0) {
-        return NULL;
-    }
-    return json_object();
+    return job_start(job, errp);
 }

@@ -10,6 +10,8 @@
 #include <stdio.h>
 #include <string.h>
 
+const QmpArgSpec qmp_no_args[] = {{NULL}};
+
 static const char *type_name(QmpArgType t)
 {
     switch (t) {
@@ -151,6 +153,61 @@ int qmp_args_check1(json_t *obj, const char *prefix, const QmpArgSpec *spec, VdE
 {
     const QmpArgSpec *const specs[] = {spec};
     return qmp_args_check(obj, prefix, specs, 1, errp);
+}
+
+static void store_member(json_t *v, const QmpArgSpec *s, char *out)
+{
+    void *f = out + s->at - 1;
+    switch (s->type) {
+    case QA_STR:
+        *(const char **)f = json_string_value(v);
+        break;
+    case QA_BOOL:
+        *(bool *)f = json_is_true(v);
+        break;
+    case QA_INT:
+        *(int64_t *)f = json_integer_value(v);
+        break;
+    case QA_U32:
+        *(uint32_t *)f = (uint32_t)json_integer_value(v);
+        break;
+    case QA_U64:
+        *(uint64_t *)f = (uint64_t)json_integer_value(v); /* negative: two's complement, as QEMU */
+        break;
+    case QA_ENUM:
+        *(int *)f = 0;
+        for (int i = 0; s->enum_values[i]; i++) {
+            if (!strcmp(s->enum_values[i], json_string_value(v))) {
+                *(int *)f = i;
+                break;
+            }
+        }
+        break;
+    default:
+        *(json_t **)f = v;
+        break;
+    }
+}
+
+int qmp_args_parse(json_t *obj, const QmpArgSpec *spec, void *out, VdError **errp)
+{
+    int r = qmp_args_check1(obj, "", spec, errp);
+    if (r < 0) {
+        return r;
+    }
+    for (const QmpArgSpec *s = spec; s->name; s++) {
+        json_t *v = obj ? json_object_get(obj, s->name) : NULL;
+        if (!v) {
+            continue;
+        }
+        if (s->at) {
+            store_member(v, s, out);
+        }
+        if (s->has_at) {
+            *(bool *)((char *)out + s->has_at - 1) = true;
+        }
+    }
+    return 0;
 }
 
 const char *qmp_arg_str(json_t *obj, const char *name, const char *dflt)

@@ -1,13 +1,16 @@
 /*
- * qmp-args.h - QAPI-style checking of a command's "arguments" object (and nested option objects
- * such as blockdev-add's) against a static member list, with QEMU's error texts, so a QMP client
- * sees the same "Parameter 'x' is missing" / "... is unexpected" / "Invalid parameter type" replies.
- * Pure functions: no state, callable from any thread.
+ * qmp-args.h - the one argument-spec mechanism of vdiskd's QMP: a command's members (name, JSON
+ * type, required, enum values, where the value goes in a typed struct) in a static table. The
+ * server checks every command's "arguments" against its table before the handler runs, with
+ * QEMU's error texts ("Parameter 'x' is missing" / "... is unexpected" / "Invalid parameter type
+ * for 'x', expected: string"); the handler then fills its typed request struct from the same
+ * table (qmp_args_parse), so lower layers never see JSON. Pure functions, callable from any thread.
  */
 #ifndef VDISK_QMP_QMP_ARGS_H
 #define VDISK_QMP_QMP_ARGS_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <jansson.h>
 
 #include "util/error.h"
@@ -32,7 +35,22 @@ typedef struct QmpArgSpec {
     bool required;
     const char *const *enum_values; /* QA_ENUM: NULL-terminated */
     const struct QmpArgSpec *nested; /* QA_OBJ: member list of the nested object, or NULL */
+    /*
+     * Where qmp_args_parse stores the value in the caller's struct: QMP_AT(Type, field); 0 = not
+     * stored. The field's C type follows the member's: QA_STR const char * (borrowed from the
+     * arguments: valid while they are), QA_BOOL bool, QA_INT int64_t, QA_U32 uint32_t, QA_U64
+     * uint64_t, QA_ENUM int (the index in enum_values), anything else json_t * (borrowed).
+     * A member that is absent leaves its field as the caller initialised it: that is the default.
+     */
+    size_t at;
+    size_t has_at; /* optional QMP_AT of a bool set to true when the member is present */
 } QmpArgSpec;
+
+/* The table of a command without arguments. */
+extern const QmpArgSpec qmp_no_args[];
+
+/* A field of the request struct a spec member fills (offset + 1, so that 0 means "none"). */
+#define QMP_AT(type, field) (offsetof(type, field) + 1)
 
 /*
  * Check obj's members against the specs (each a list ended by {NULL}), visiting members in spec
@@ -44,6 +62,12 @@ int qmp_args_check(json_t *obj, const char *prefix, const QmpArgSpec *const *spe
                    VdError **errp);
 /* Convenience: one spec list. */
 int qmp_args_check1(json_t *obj, const char *prefix, const QmpArgSpec *spec, VdError **errp);
+
+/*
+ * Check obj against spec (as qmp_args_check1 with prefix "") and store every present member
+ * through its `at` into out. On error out is left untouched. Returns 0 or -EINVAL with *errp set.
+ */
+int qmp_args_parse(json_t *obj, const QmpArgSpec *spec, void *out, VdError **errp);
 
 /*
  * The server reports ENOENT as DeviceNotFound and ENODEV as DeviceNotActive (qmp.h). Lower layers

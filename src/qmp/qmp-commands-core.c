@@ -8,13 +8,8 @@
 #include "qmp/qmp-args.h"
 #include "qmp/qmp-internal.h"
 
-static const QmpArgSpec no_args[] = {{NULL}};
-
 static json_t *cmd_query_version(json_t *args, VdError **errp)
 {
-    if (qmp_args_check1(args, "", no_args, errp) < 0) {
-        return NULL;
-    }
     json_t *v = qmp_version_object();
     if (!v) {
         vd_error_setg(errp, ENOMEM, "Out of memory");
@@ -24,9 +19,6 @@ static json_t *cmd_query_version(json_t *args, VdError **errp)
 
 static json_t *cmd_query_commands(json_t *args, VdError **errp)
 {
-    if (qmp_args_check1(args, "", no_args, errp) < 0) {
-        return NULL;
-    }
     json_t *v = qmp_command_list();
     if (!v) {
         vd_error_setg(errp, ENOMEM, "Out of memory");
@@ -37,9 +29,6 @@ static json_t *cmd_query_commands(json_t *args, VdError **errp)
 /* The server acts on a successful "quit" after the reply is sent (qmp-server.c). */
 static json_t *cmd_quit(json_t *args, VdError **errp)
 {
-    if (qmp_args_check1(args, "", no_args, errp) < 0) {
-        return NULL;
-    }
     return json_object();
 }
 
@@ -52,8 +41,8 @@ static json_t *cmd_qmp_capabilities(json_t *args, VdError **errp)
 
 void qmp_commands_core_register(void)
 {
-    qmp_register_command("qmp_capabilities", cmd_qmp_capabilities);
-    qmp_register_command("query-version", cmd_query_version);
-    qmp_register_command("query-commands", cmd_query_commands);
-    qmp_register_command("quit", cmd_quit);
+    qmp_register_command("qmp_capabilities", qmp_no_args, cmd_qmp_capabilities);
+    qmp_register_command("query-version", qmp_no_args, cmd_query_version);
+    qmp_register_command("query-commands", qmp_no_args, cmd_query_commands);
+    qmp_register_command("quit", qmp_no_args, cmd_quit);
 }

@@ -103,17 +103,15 @@ static int parse_addr(json_t *a, NbdServerAddress *out, VdError **errp)
     return 0;
 }
 
+static const QmpArgSpec nbd_server_start_args[] = {
+    {"addr", QA_OBJ, true}, /* a union on "type": parse_addr checks its members */
+    {"tls-creds", QA_STR},
+    {"tls-authz", QA_STR},
+    {"max-connections", QA_U32},
+    {NULL}};
+
 static json_t *cmd_nbd_server_start(json_t *args, VdError **errp)
 {
-    static const QmpArgSpec spec[] = {
-        {"addr", QA_OBJ, true},
-        {"tls-creds", QA_STR},
-        {"tls-authz", QA_STR},
-        {"max-connections", QA_U32},
-        {NULL}};
-    if (qmp_args_check1(args, "", spec, errp) < 0) {
-        return NULL;
-    }
     NbdServerAddress addr = {0};
     if (parse_addr(json_object_get(args, "addr"), &addr, errp) < 0) {
         return NULL;
@@ -164,10 +162,6 @@ static void collect_id(NbdExport *exp, void *opaque)
 
 static json_t *cmd_nbd_server_stop(json_t *args, VdError **errp)
 {
-    static const QmpArgSpec spec[] = {{NULL}};
-    if (qmp_args_check1(args, "", spec, errp) < 0) {
-        return NULL;
-    }
     if (!nbd_server_running()) {
         vd_error_setg(errp, EINVAL, "NBD server not running");
         return NULL;
@@ -322,15 +316,13 @@ static int export_del(const char *id, bool hard, VdError **errp)
     return r;
 }
 
+static const QmpArgSpec block_export_del_args[] = {
+    {"id", QA_STR, true},
+    {"mode", QA_ENUM, false, del_mode_enum},
+    {NULL}};
+
 static json_t *cmd_block_export_del(json_t *args, VdError **errp)
 {
-    static const QmpArgSpec spec[] = {
-        {"id", QA_STR, true},
-        {"mode", QA_ENUM, false, del_mode_enum},
-        {NULL}};
-    if (qmp_args_check1(args, "", spec, errp) < 0) {
-        return NULL;
-    }
     bool hard = !strcmp(qmp_arg_str(args, "mode", "safe"), "hard");
     if (export_del(qmp_arg_str(args, "id", ""), hard, errp) < 0) {
         return NULL;
@@ -350,10 +342,6 @@ static void export_info(NbdExport *exp, void *opaque)
 
 static json_t *cmd_query_block_exports(json_t *args, VdError **errp)
 {
-    static const QmpArgSpec spec[] = {{NULL}};
-    if (qmp_args_check1(args, "", spec, errp) < 0) {
-        return NULL;
-    }
     json_t *list = json_array();
     if (!list) {
         vd_error_setg(errp, ENOMEM, "Out of memory");
@@ -364,18 +352,16 @@ static json_t *cmd_query_block_exports(json_t *args, VdError **errp)
 }
 
 /* Legacy: the export's id is its name (which defaults to the device). */
+static const QmpArgSpec nbd_server_add_args[] = {
+    {"device", QA_STR, true},
+    {"name", QA_STR},
+    {"description", QA_STR},
+    {"writable", QA_BOOL},
+    {"bitmap", QA_STR},
+    {NULL}};
+
 static json_t *cmd_nbd_server_add(json_t *args, VdError **errp)
 {
-    static const QmpArgSpec spec[] = {
-        {"device", QA_STR, true},
-        {"name", QA_STR},
-        {"description", QA_STR},
-        {"writable", QA_BOOL},
-        {"bitmap", QA_STR},
-        {NULL}};
-    if (qmp_args_check1(args, "", spec, errp) < 0) {
-        return NULL;
-    }
     if (json_object_get(args, "bitmap")) {
         vd_error_setg(errp, ENOTSUP, "Exporting dirty bitmaps is not supported by vdiskd");
         return NULL;
@@ -390,15 +376,13 @@ static json_t *cmd_nbd_server_add(json_t *args, VdError **errp)
                       qmp_arg_str(args, "description", NULL), errp);
 }
 
+static const QmpArgSpec nbd_server_remove_args[] = {
+    {"name", QA_STR, true},
+    {"mode", QA_ENUM, false, del_mode_enum},
+    {NULL}};
+
 static json_t *cmd_nbd_server_remove(json_t *args, VdError **errp)
 {
-    static const QmpArgSpec spec[] = {
-        {"name", QA_STR, true},
-        {"mode", QA_ENUM, false, del_mode_enum},
-        {NULL}};
-    if (qmp_args_check1(args, "", spec, errp) < 0) {
-        return NULL;
-    }
     const char *name = qmp_arg_str(args, "name", "");
     NbdExport *exp = nbd_server_running() ? nbd_export_find_by_name(name) : NULL;
     if (!exp) {
@@ -414,11 +398,12 @@ static json_t *cmd_nbd_server_remove(json_t *args, VdError **errp)
 
 void qmp_commands_nbd_register(void)
 {
-    qmp_register_command("nbd-server-start", cmd_nbd_server_start);
-    qmp_register_command("nbd-server-stop", cmd_nbd_server_stop);
-    qmp_register_command("block-export-add", cmd_block_export_add);
-    qmp_register_command("block-export-del", cmd_block_export_del);
-    qmp_register_command("query-block-exports", cmd_query_block_exports);
-    qmp_register_command("nbd-server-add", cmd_nbd_server_add);
-    qmp_register_command("nbd-server-remove", cmd_nbd_server_remove);
+    qmp_register_command("nbd-server-start", nbd_server_start_args, cmd_nbd_server_start);
+    qmp_register_command("nbd-server-stop", qmp_no_args, cmd_nbd_server_stop);
+    /* BlockExportOptions is a union on "type": the handler checks the variant's members. */
+    qmp_register_command("block-export-add", NULL, cmd_block_export_add);
+    qmp_register_command("block-export-del", block_export_del_args, cmd_block_export_del);
+    qmp_register_command("query-block-exports", qmp_no_args, cmd_query_block_exports);
+    qmp_register_command("nbd-server-add", nbd_server_add_args, cmd_nbd_server_add);
+    qmp_register_command("nbd-server-remove", nbd_server_remove_args, cmd_nbd_server_remove);
 }

@@ -27,5 +27,7 @@ void (*qmp_quit_handler(void))(void);
 void qmp_commands_core_register(void);
 void qmp_commands_block_register(void);
 void qmp_commands_nbd_register(void);
+void qmp_commands_jobs_register(void);     /* job verbs, query-jobs, query-block-jobs */
+void qmp_commands_blockops_register(void); /* mirror, stream, commit, snapshots */
 
 #endif

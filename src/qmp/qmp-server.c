@@ -37,6 +37,7 @@
 
 typedef struct QmpCmd {
     char *name;
+    const QmpArgSpec *args; /* NULL: the handler checks its arguments itself */
     QmpCommandFn fn;
 } QmpCmd;
 
@@ -45,7 +46,7 @@ static QmpCmd *cmds;
 static size_t ncmds, cmds_cap;
 static void (*quit_fn)(void);
 
-void qmp_register_command(const char *name, QmpCommandFn fn)
+void qmp_register_command(const char *name, const QmpArgSpec *args, QmpCommandFn fn)
 {
     if (!name || !fn) {
         return;
@@ -54,6 +55,7 @@ void qmp_register_command(const char *name, QmpCommandFn fn)
     for (size_t i = 0; i < ncmds; i++) {
         if (!strcmp(cmds[i].name, name)) {
             cmds[i].fn = fn; /* re-registering replaces: the last one wins */
+            cmds[i].args = args;
             pthread_mutex_unlock(&reg_lock);
             return;
         }
@@ -73,18 +75,21 @@ void qmp_register_command(const char *name, QmpCommandFn fn)
     if (dup) {
         cmds[ncmds].name = dup;
         cmds[ncmds].fn = fn;
+        cmds[ncmds].args = args;
         ncmds++;
     }
     pthread_mutex_unlock(&reg_lock);
 }
 
-static QmpCommandFn find_command(const char *name)
+/* The handler of name (NULL if none) and its argument table (*args; NULL: checks its own). */
+static QmpCommandFn find_command(const char *name, const QmpArgSpec **args)
 {
     QmpCommandFn fn = NULL;
     pthread_mutex_lock(&reg_lock);
     for (size_t i = 0; i < ncmds; i++) {
         if (!strcmp(cmds[i].name, name)) {
             fn = cmds[i].fn;
+            *args = cmds[i].args;
             break;
         }
     }
@@ -479,11 +484,12 @@ static void handle_request(QmpClient *c, json_t *req)
         cls = "CommandNotFound";
         vd_error_setg(&err, EINVAL, "Expecting capabilities negotiation with 'qmp_capabilities'");
     } else {
-        QmpCommandFn fn = find_command(name);
+        const QmpArgSpec *spec = NULL;
+        QmpCommandFn fn = find_command(name, &spec);
         if (!fn) {
             cls = "CommandNotFound";
             vd_error_setg(&err, EINVAL, "The command %s has not been found", name);
-        } else {
+        } else if (!spec || qmp_args_check1(args, "", spec, &err) == 0) {
             ret = fn(args, &err);
             if (!ret) {
                 if (!err) {
@@ -816,6 +822,8 @@ int qmp_server_start(const char *socket_path, VdError **errp)
     qmp_commands_core_register();
     qmp_commands_block_register();
     qmp_commands_nbd_register();
+    qmp_commands_jobs_register();
+    qmp_commands_blockops_register();
 
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (fd < 0) {

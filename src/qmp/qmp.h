@@ -11,6 +11,7 @@
 #include <jansson.h>
 #include <stdbool.h>
 
+#include "qmp/qmp-args.h"
 #include "util/error.h"
 
 int qmp_server_start(const char *socket_path, VdError **errp);
@@ -49,13 +50,17 @@ bool qmp_on_thread(void);
 void qmp_set_quit_handler(void (*fn)(void));
 
 /*
- * Register a command handler. args is the "arguments" object (never NULL: {} when absent).
+ * Register a command: its argument table (qmp-args.h; {{NULL}} for none) and its handler. The
+ * server checks the "arguments" object against the table before calling fn, so a handler only
+ * sees arguments of the right names and JSON types (QEMU's errors otherwise). A NULL table is for
+ * a union whose members depend on a tag (blockdev-add): fn then checks with qmp_args_check itself.
+ * fn gets the "arguments" object (never NULL: {} when absent).
  * On success return a new reference to the "return" value ({} for none); on failure return NULL
  * with *errp set (reported as GenericError unless vd_error_code is ENOENT for a missing device:
  * DeviceNotFound, or ENODEV for a missing block job: DeviceNotActive, QEMU's class for that).
  * So use neither code for ordinary failures (e.g. a file that does not exist).
  */
 typedef json_t *(*QmpCommandFn)(json_t *args, VdError **errp);
-void qmp_register_command(const char *name, QmpCommandFn fn);
+void qmp_register_command(const char *name, const QmpArgSpec *args, QmpCommandFn fn);
 
 #endif

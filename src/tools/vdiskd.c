@@ -21,7 +21,6 @@
 
 #include "block/block.h"
 #include "block/graph.h"
-#include "jobs/blockops.h"
 #include "jobs/job.h"
 #include "nbd/nbd-server.h"
 #include "protocols/nbd.h"
@@ -564,8 +563,6 @@ int main(int argc, char **argv)
     }
     if (r == 0 && qmp_path) {
         qmp_set_quit_handler(quit_handler);
-        jobs_qmp_register();     /* job verbs, query-block-jobs, drive-mirror, blockdev-mirror */
-        blockops_qmp_register(); /* block-stream, block-commit, blockdev-snapshot(-sync) */
         r = qmp_server_start(qmp_path, &err);
         if (r == 0) {
             vd_log(VD_LOG_INFO, "QMP listening on %s", qmp_path);

@@ -119,10 +119,10 @@ static int setup(void **state)
 {
     snprintf(sock_path, sizeof(sock_path), "/tmp/vdisk-test-qmp-%d.sock", (int)getpid());
     unlink(sock_path);
-    qmp_register_command("x-ok", cmd_ok);
-    qmp_register_command("x-enoent", cmd_enoent);
-    qmp_register_command("x-silent", cmd_silent_fail);
-    qmp_register_command("x-enodev", cmd_enodev);
+    qmp_register_command("x-ok", NULL, cmd_ok);
+    qmp_register_command("x-enoent", NULL, cmd_enoent);
+    qmp_register_command("x-silent", NULL, cmd_silent_fail);
+    qmp_register_command("x-enodev", NULL, cmd_enodev);
     qmp_set_quit_handler(on_quit);
     VdError *err = NULL;
     int r = qmp_server_start(sock_path, &err);

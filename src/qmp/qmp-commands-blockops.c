@@ -1,0 +1,222 @@
+/*
+ * qmp-commands-blockops.c - QMP commands that start a copy or reshape a live chain: drive-mirror,
+ * blockdev-mirror, block-stream, block-commit, blockdev-snapshot-sync and blockdev-snapshot. Each
+ * command is one argument table in QEMU 7.2's QAPI member order (so the first bad member is the
+ * one QEMU names) that fills the typed request of src/jobs/; the semantics live there. Handlers
+ * run on the QMP thread, one at a time, after the server checked the arguments against the table.
+ */
+#include <errno.h>
+
+#include "jobs/blockops.h"
+#include "jobs/mirror.h"
+#include "qmp/qmp-args.h"
+#include "qmp/qmp-internal.h"
+
+/* BlockdevOnError, listed in JobErrorAction's order so the index is the action; then "auto". */
+static const char *const on_error_values[] = {"report", "ignore", "stop", "enospc", "auto", NULL};
+#define ON_ERROR_AUTO 4
+/* MirrorSyncMode, in MirrorSync's order. */
+static const char *const sync_values[] = {"top", "full", "none", "incremental", "bitmap", NULL};
+/* NewImageMode: index 0 is "existing" (a bool in the requests). */
+static const char *const image_mode_values[] = {"existing", "absolute-paths", NULL};
+/* MirrorCopyMode: index 1 is "write-blocking" (a bool in MirrorRequest). */
+static const char *const copy_mode_values[] = {"background", "write-blocking", NULL};
+
+/* As QEMU's block_job_error_action: "auto" acts as "enospc" for a job. */
+static int job_error_action(int on_error)
+{
+    return on_error == ON_ERROR_AUTO ? JOB_ERR_ENOSPC : on_error;
+}
+
+/* The index of "existing" in image_mode_values is 0: true means mode=existing. */
+static bool is_existing(int mode)
+{
+    return mode == 0;
+}
+
+/* ---- drive-mirror / blockdev-mirror ---- */
+
+/* MirrorRequest plus the members whose QAPI enum becomes a bool there. */
+typedef struct MirrorArgs {
+    MirrorRequest r;
+    int mode, copy_mode;
+} MirrorArgs;
+
+#define M(field) QMP_AT(MirrorArgs, r.field)
+static const QmpArgSpec drive_mirror_args[] = {
+    {"job-id", QA_STR, .at = M(job_id)},
+    {"device", QA_STR, true, .at = M(device)},
+    {"target", QA_STR, true, .at = M(target)},
+    {"format", QA_STR, .at = M(format)},
+    {"node-name", QA_STR, .at = M(node_name)},
+    {"replaces", QA_STR, .has_at = M(has_replaces)},
+    {"sync", QA_ENUM, true, sync_values, .at = M(sync)},
+    {"mode", QA_ENUM, false, image_mode_values, .at = QMP_AT(MirrorArgs, mode)},
+    {"speed", QA_INT, .at = M(speed)},
+    {"granularity", QA_U32, .at = M(granularity)},
+    {"buf-size", QA_INT, .at = M(buf_size)},
+    {"on-source-error", QA_ENUM, false, on_error_values, .at = M(on_source_error)},
+    {"on-target-error", QA_ENUM, false, on_error_values, .at = M(on_target_error)},
+    {"unmap", QA_BOOL, .at = M(unmap)},
+    {"copy-mode", QA_ENUM, false, copy_mode_values, .at = QMP_AT(MirrorArgs, copy_mode)},
+    {"auto-finalize", QA_BOOL, .at = M(auto_finalize)},
+    {"auto-dismiss", QA_BOOL, .at = M(auto_dismiss)},
+    {"base-node", QA_STR, .at = M(base_node)}, /* vdisk's extensions */
+    {"x-backing-matches", QA_BOOL, .at = M(backing_matches)},
+    {NULL}};
+
+static const QmpArgSpec blockdev_mirror_args[] = {
+    {"job-id", QA_STR, .at = M(job_id)},
+    {"device", QA_STR, true, .at = M(device)},
+    {"target", QA_STR, true, .at = M(target)},
+    {"replaces", QA_STR, .has_at = M(has_replaces)},
+    {"sync", QA_ENUM, true, sync_values, .at = M(sync)},
+    {"speed", QA_INT, .at = M(speed)},
+    {"granularity", QA_U32, .at = M(granularity)},
+    {"buf-size", QA_INT, .at = M(buf_size)},
+    {"on-source-error", QA_ENUM, false, on_error_values, .at = M(on_source_error)},
+    {"on-target-error", QA_ENUM, false, on_error_values, .at = M(on_target_error)},
+    {"filter-node-name", QA_STR, .at = M(filter_node_name)},
+    {"copy-mode", QA_ENUM, false, copy_mode_values, .at = QMP_AT(MirrorArgs, copy_mode)},
+    {"auto-finalize", QA_BOOL, .at = M(auto_finalize)},
+    {"auto-dismiss", QA_BOOL, .at = M(auto_dismiss)},
+    {"base-node", QA_STR, .at = M(base_node)}, /* vdisk's extension */
+    {NULL}};
+#undef M
+
+static json_t *mirror(json_t *args, const QmpArgSpec *spec, bool blockdev, VdError **errp)
+{
+    MirrorArgs a = {.r = {.blockdev = blockdev, .unmap = true, .auto_finalize = true,
+                          .auto_dismiss = true},
+                    .mode = 1 /* absolute-paths */};
+    if (qmp_args_parse(args, spec, &a, errp) < 0) {
+        return NULL;
+    }
+    a.r.mode_existing = is_existing(a.mode);
+    a.r.write_blocking = a.copy_mode == 1;
+    a.r.on_source_error = job_error_action(a.r.on_source_error);
+    a.r.on_target_error = job_error_action(a.r.on_target_error);
+    return mirror_request_start(&a.r, errp) < 0 ? NULL : json_object();
+}
+
+static json_t *cmd_drive_mirror(json_t *args, VdError **errp)
+{
+    return mirror(args, drive_mirror_args, false, errp);
+}
+
+static json_t *cmd_blockdev_mirror(json_t *args, VdError **errp)
+{
+    return mirror(args, blockdev_mirror_args, true, errp);
+}
+
+/* ---- block-stream / block-commit ---- */
+
+#define S(field) QMP_AT(StreamRequest, field)
+static const QmpArgSpec block_stream_args[] = {
+    {"job-id", QA_STR, .at = S(job_id)},
+    {"device", QA_STR, true, .at = S(device)},
+    {"base", QA_STR, .at = S(base)},
+    {"base-node", QA_STR, .at = S(base_node)},
+    {"backing-file", QA_STR, .at = S(backing_file)},
+    {"bottom", QA_STR, .at = S(bottom)},
+    {"speed", QA_INT, .at = S(speed)},
+    {"on-error", QA_ENUM, false, on_error_values, .at = S(on_error)},
+    {"filter-node-name", QA_STR, .has_at = S(has_filter_node_name)},
+    {"auto-finalize", QA_BOOL, .at = S(auto_finalize)},
+    {"auto-dismiss", QA_BOOL, .at = S(auto_dismiss)},
+    {NULL}};
+#undef S
+
+#define C(field) QMP_AT(CommitRequest, field)
+static const QmpArgSpec block_commit_args[] = {
+    {"job-id", QA_STR, .at = C(job_id)},
+    {"device", QA_STR, true, .at = C(device)},
+    {"base-node", QA_STR, .at = C(base_node)},
+    {"base", QA_STR, .at = C(base)},
+    {"top-node", QA_STR, .at = C(top_node)},
+    {"top", QA_STR, .at = C(top)},
+    {"backing-file", QA_STR, .at = C(backing_file)},
+    {"speed", QA_INT, .at = C(speed)},
+    {"on-error", QA_ENUM, false, on_error_values, .at = C(on_error)},
+    {"filter-node-name", QA_STR, .has_at = C(has_filter_node_name)},
+    {"auto-finalize", QA_BOOL, .at = C(auto_finalize)},
+    {"auto-dismiss", QA_BOOL, .at = C(auto_dismiss)},
+    {NULL}};
+#undef C
+
+static json_t *cmd_block_stream(json_t *args, VdError **errp)
+{
+    StreamRequest r = {.auto_finalize = true, .auto_dismiss = true};
+    if (qmp_args_parse(args, block_stream_args, &r, errp) < 0) {
+        return NULL;
+    }
+    r.on_error = job_error_action(r.on_error);
+    return stream_request_start(&r, errp) < 0 ? NULL : json_object();
+}
+
+static json_t *cmd_block_commit(json_t *args, VdError **errp)
+{
+    CommitRequest r = {.auto_finalize = true, .auto_dismiss = true};
+    if (qmp_args_parse(args, block_commit_args, &r, errp) < 0) {
+        return NULL;
+    }
+    r.on_error = job_error_action(r.on_error);
+    return commit_request_start(&r, errp) < 0 ? NULL : json_object();
+}
+
+/* ---- snapshots ---- */
+
+typedef struct SnapshotSyncArgs {
+    SnapshotSyncRequest r;
+    int mode;
+} SnapshotSyncArgs;
+
+#define X(field) QMP_AT(SnapshotSyncArgs, r.field)
+static const QmpArgSpec blockdev_snapshot_sync_args[] = {
+    {"device", QA_STR, .at = X(device)},
+    {"node-name", QA_STR, .at = X(node_name)},
+    {"snapshot-file", QA_STR, true, .at = X(snapshot_file)},
+    {"snapshot-node-name", QA_STR, .at = X(snapshot_node_name)},
+    {"format", QA_STR, .at = X(format)},
+    {"mode", QA_ENUM, false, image_mode_values, .at = QMP_AT(SnapshotSyncArgs, mode)},
+    {NULL}};
+#undef X
+
+typedef struct SnapshotArgs {
+    const char *node, *overlay;
+} SnapshotArgs;
+
+static const QmpArgSpec blockdev_snapshot_args[] = {
+    {"node", QA_STR, true, .at = QMP_AT(SnapshotArgs, node)},
+    {"overlay", QA_STR, true, .at = QMP_AT(SnapshotArgs, overlay)},
+    {NULL}};
+
+static json_t *cmd_blockdev_snapshot_sync(json_t *args, VdError **errp)
+{
+    SnapshotSyncArgs a = {.mode = 1 /* absolute-paths */};
+    if (qmp_args_parse(args, blockdev_snapshot_sync_args, &a, errp) < 0) {
+        return NULL;
+    }
+    a.r.mode_existing = is_existing(a.mode);
+    return snapshot_sync(&a.r, errp) < 0 ? NULL : json_object();
+}
+
+static json_t *cmd_blockdev_snapshot(json_t *args, VdError **errp)
+{
+    SnapshotArgs a = {0};
+    if (qmp_args_parse(args, blockdev_snapshot_args, &a, errp) < 0) {
+        return NULL;
+    }
+    return snapshot_blockdev(a.node, a.overlay, errp) < 0 ? NULL : json_object();
+}
+
+void qmp_commands_blockops_register(void)
+{
+    qmp_register_command("drive-mirror", drive_mirror_args, cmd_drive_mirror);
+    qmp_register_command("blockdev-mirror", blockdev_mirror_args, cmd_blockdev_mirror);
+    qmp_register_command("block-stream", block_stream_args, cmd_block_stream);
+    qmp_register_command("block-commit", block_commit_args, cmd_block_commit);
+    qmp_register_command("blockdev-snapshot-sync", blockdev_snapshot_sync_args,
+                         cmd_blockdev_snapshot_sync);
+    qmp_register_command("blockdev-snapshot", blockdev_snapshot_args, cmd_blockdev_snapshot);
+}

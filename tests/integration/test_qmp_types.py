@@ -1,0 +1,222 @@
+"""Every QMP command's arguments are type-checked exactly as QEMU checks them.
+
+Table-driven with qemu-storage-daemon as the oracle: the tables are QSD's own schema
+(query-qmp-schema). For every command vdiskd offers, every top-level member (and, for the unions
+blockdev-add and block-export-add, the members of the variant used) is sent with values of each
+wrong JSON type, each required member is left out once, and one unexpected member is added. vdiskd's
+error (class and text) must equal QSD's for the same message, and the bad command must change
+nothing in vdiskd: nodes, jobs, exports, and the files in the test directory.
+"""
+import hashlib
+import json
+import os
+import re
+
+import pytest
+
+from conftest import VDISKD, qemu_img
+from qmp_client import start_qsd, start_vdiskd
+
+pytestmark = pytest.mark.skipif(not os.path.exists(VDISKD), reason="vdiskd not built")
+
+# A reply that comes from argument checking (the QAPI input visitor), not from the command.
+ARG_ERROR = re.compile(r"^(Invalid parameter type for '[^']*', expected: \S+"
+                       r"|Parameter '[^']*' (is missing|is unexpected|expects \S+"
+                       r"|does not accept value '.*'))$")
+
+# Members vdiskd adds to QEMU's commands (QSD would call them unexpected): checked on vdiskd alone.
+VDISK_EXTENSIONS = {"drive-mirror": {"base-node": "string", "x-backing-matches": "boolean"},
+                    "blockdev-mirror": {"base-node": "string"}}
+
+
+def valid_args(tmp):
+    """Well-typed values for each required member, naming nothing that exists: once the types
+    pass, every command fails on its first lookup, so no case starts anything (not even where
+    QEMU accepts a value this test sends as "wrong", such as a negative speed)."""
+    nodir = f"{tmp}/no-such-dir"
+    return {
+        "blockdev-add": {"driver": "file", "node-name": "new0", "filename": f"{nodir}/a.img"},
+        "blockdev-del": {"node-name": "nx"},
+        "block-export-add": {"type": "nbd", "id": "e0", "node-name": "nx"},
+        "block-export-del": {"id": "ex"},
+        "nbd-server-start": {"addr": {"type": "unix", "data": {"path": f"{nodir}/nbd.sock"}}},
+        "nbd-server-add": {"device": "nx"},
+        "nbd-server-remove": {"name": "nx"},
+        "drive-mirror": {"device": "nx", "target": f"{nodir}/mirror.img", "sync": "full"},
+        "blockdev-mirror": {"device": "nx", "target": "t0", "sync": "full"},
+        "block-stream": {"device": "nx"},
+        "block-commit": {"device": "nx"},
+        "blockdev-snapshot-sync": {"node-name": "nx", "snapshot-file": f"{nodir}/snap.img"},
+        "blockdev-snapshot": {"node": "nx", "overlay": "t0"},
+        "block-job-set-speed": {"device": "jx", "speed": 0},
+        "block-job-cancel": {"device": "jx"},
+        "block-job-pause": {"device": "jx"},
+        "block-job-resume": {"device": "jx"},
+        "block-job-complete": {"device": "jx"},
+        "block-job-finalize": {"id": "jx"},
+        "block-job-dismiss": {"id": "jx"},
+        "job-pause": {"id": "jx"},
+        "job-resume": {"id": "jx"},
+        "job-cancel": {"id": "jx"},
+        "job-complete": {"id": "jx"},
+        "job-finalize": {"id": "jx"},
+        "job-dismiss": {"id": "jx"},
+        "query-named-block-nodes": {},
+    }
+
+
+def wrong_values(kind):
+    """Values of every JSON type but kind's (ints also out of unsigned ranges)."""
+    common = [None, {"a": 1}, [1]]
+    return {
+        "string": [5, True, 1.5] + common,
+        "boolean": [0, "no"] + common,
+        "int": ["5", True, 1.5, -1, 2 ** 32] + common,
+        "number": ["5", True] + common,
+        "enum": [5, "no-such-value"] + common,
+        "object": [5, "x", True, [1], None],
+        "array": [5, "x", {"a": 1}, None],
+        "alternate": [5, True, 1.5, [1]],
+    }.get(kind, [])
+
+
+class Schema:
+    """QSD's introspected schema: commands' members with a type kind per member."""
+
+    def __init__(self, entries):
+        self.by_name = {e["name"]: e for e in entries}
+        self.commands = {e["name"]: e for e in entries if e["meta-type"] == "command"}
+
+    def kind(self, type_name):
+        e = self.by_name[type_name]
+        mt = e["meta-type"]
+        if mt == "builtin":
+            return e["json-type"]
+        return mt  # enum, object, array, alternate
+
+    def members(self, command, args):
+        """[(name, kind, required)] in schema order, with the variant chosen by args (unions)."""
+        t = self.by_name[self.commands[command]["arg-type"]]
+        out = [(m["name"], self.kind(m["type"]), "default" not in m) for m in t["members"]]
+        if "tag" in t:
+            case = args.get(t["tag"])
+            for v in t["variants"]:
+                if v["case"] == case:
+                    vt = self.by_name[v["type"]]
+                    out += [(m["name"], self.kind(m["type"]), "default" not in m)
+                            for m in vt["members"]]
+        return out
+
+
+def cases(schema, command, base):
+    """(label, arguments) for every wrong type, every missing required member, one unexpected."""
+    out = []
+    for name, kind, required in schema.members(command, base):
+        for v in wrong_values(kind):
+            out.append((f"{name}={json.dumps(v)}", {**base, name: v}))
+        if required:
+            out.append((f"without {name}", {k: v for k, v in base.items() if k != name}))
+    out.append(("unexpected member", {**base, "x-no-such-member": 1}))
+    return out
+
+
+def state(client, tmp):
+    files = {}
+    for f in sorted(os.listdir(tmp)):
+        p = os.path.join(tmp, f)
+        if os.path.isfile(p) and f.endswith(".qcow2"):
+            with open(p, "rb") as fh:
+                files[f] = hashlib.sha256(fh.read()).hexdigest()
+        else:
+            files[f] = None
+    return (client.cmd("query-named-block-nodes"), client.cmd("query-block-jobs"),
+            client.cmd("query-block-exports"), files)
+
+
+@pytest.fixture(scope="module")
+def daemons(tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp("qmptypes"))
+    dirs = [os.path.join(tmp, "vd"), os.path.join(tmp, "qsd")]  # each daemon its own images
+    for d in dirs:
+        os.makedirs(d)
+        for img in ("src.qcow2", "tgt.qcow2"):
+            qemu_img("create", "-q", "-f", "qcow2", os.path.join(d, img), "1M")
+    vd = start_vdiskd(dirs[0])
+    qsd = start_qsd(dirs[1])
+    try:
+        c, q = vd.client(), qsd.client()
+        for client, d in ((c, dirs[0]), (q, dirs[1])):
+            for node, img in (("n0", "src.qcow2"), ("t0", "tgt.qcow2")):
+                client.cmd("blockdev-add", driver="qcow2", node_name=node,
+                           file={"driver": "file", "filename": os.path.join(d, img)})
+        yield dirs[0], c, q, Schema(q.cmd("query-qmp-schema"))
+        c.close()
+        q.close()
+    except BaseException:
+        vd.kill()
+        raise
+    finally:
+        qsd.kill()
+    vd.stop_checked()
+
+
+def vdiskd_commands():
+    return sorted(valid_args("/t"))
+
+
+def test_every_vdiskd_command_is_in_the_table(daemons):
+    tmp, c, q, schema = daemons
+    offered = {x["name"] for x in c.cmd("query-commands")}
+    no_args = {n for n in offered if n in schema.commands
+               and not schema.by_name[schema.commands[n]["arg-type"]]["members"]}
+    # Commands without arguments are covered by test_commands_without_arguments.
+    assert offered - no_args - {"qmp_capabilities"} == set(valid_args(tmp))
+    assert set(valid_args(tmp)) <= set(schema.commands)
+
+
+def test_commands_without_arguments(daemons):
+    tmp, c, q, schema = daemons
+    offered = sorted(x["name"] for x in c.cmd("query-commands"))
+    checked = 0
+    for name in offered:
+        if name == "qmp_capabilities" or name not in schema.commands or name == "quit":
+            continue
+        if schema.by_name[schema.commands[name]["arg-type"]]["members"]:
+            continue
+        for args in ({"x-no-such-member": 1}, {"flat": 5}):
+            assert c.execute(name, args) == q.execute(name, args), (name, args)
+            checked += 1
+    assert checked >= 6  # query-version, query-commands, query-block, query-jobs, ...
+
+
+@pytest.mark.parametrize("command", vdiskd_commands())
+def test_wrong_types_match_qsd_and_change_nothing(daemons, command):
+    tmp, c, q, schema = daemons
+    base = valid_args(tmp)[command]
+    before = state(c, tmp)
+    mismatches = []
+    compared = 0
+    for label, args in cases(schema, command, base):
+        mine, theirs = c.execute(command, args), q.execute(command, args)
+        me, qe = mine.get("error", {}), theirs.get("error", {})
+        if not (ARG_ERROR.match(qe.get("desc", "")) or ARG_ERROR.match(me.get("desc", ""))):
+            continue  # the types were right for QEMU: semantics, not this test's subject
+        compared += 1
+        if mine != theirs:
+            mismatches.append(f"{label}: vdiskd {mine} / qsd {theirs}")
+        assert state(c, tmp) == before, f"{command} {label} changed vdiskd's state"
+    assert not mismatches, "\n".join(mismatches)
+    assert compared >= len(schema.members(command, base)), compared
+
+
+@pytest.mark.parametrize("command", sorted(VDISK_EXTENSIONS))
+def test_vdisk_extension_members_are_typed(daemons, command):
+    tmp, c, q, schema = daemons
+    base = valid_args(tmp)[command]
+    before = state(c, tmp)
+    for name, kind in VDISK_EXTENSIONS[command].items():
+        for v in wrong_values(kind):
+            r = c.execute(command, {**base, name: v})
+            assert r == {"error": {"class": "GenericError", "desc":
+                                   f"Invalid parameter type for '{name}', expected: {kind}"}}, r
+            assert state(c, tmp) == before
