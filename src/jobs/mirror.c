@@ -803,6 +803,15 @@ static int mirror_run(Job *job, VdError **errp)
 {
     Mirror *m = job_opaque(job);
     CopyEngine *e = m->engine;
+    /*
+     * As QEMU's mirror_run: a target of another size fails the job before any copy, since a
+     * pivot would change the size of the disk under the guest (or lose its tail).
+     */
+    int64_t tlen = vd_getlength(m->target);
+    if (tlen != (int64_t)m->len) {
+        vd_error_setg(errp, EINVAL, "Source and target image have different sizes");
+        return -EINVAL;
+    }
     int r = mirror_scan(m);
     if (r < 0) {
         if (r != -ECANCELED) {
@@ -1250,11 +1259,6 @@ static Job *mirror_start_ex(const MirrorOptions *o, bool unmap, VdError **errp)
         vd_error_setg(errp, EIO, "Cannot get the length of the source or the target");
         return NULL;
     }
-    if (tlen < slen) {
-        vd_error_setg(errp, EINVAL, "Target is smaller than the source (%lld < %lld bytes)",
-                      (long long)tlen, (long long)slen);
-        return NULL;
-    }
     if (o->target->read_only) {
         vd_error_setg(errp, EPERM, "Target '%s' is read-only", o->target->filename);
         return NULL;
@@ -1325,7 +1329,9 @@ static Job *mirror_start_ex(const MirrorOptions *o, bool unmap, VdError **errp)
     m->skip_target_allocated = o->skip_target_allocated;
     m->backing_name = o->backing_name ? strdup(o->backing_name) : NULL;
     m->backing_fmt = o->backing_fmt ? strdup(o->backing_fmt) : NULL;
-    m->write_blocking = o->write_blocking;
+    /* A target of another size fails the job in mirror_run (as QEMU's): no guest write may
+     * reach it before that, so it starts in background mode. */
+    m->write_blocking = o->write_blocking && tlen == slen;
     m->on_source_error = o->on_source_error;
     m->on_target_error = o->on_target_error;
     m->target_orig_backing = o->target->backing;
