@@ -10,6 +10,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 struct BlockTracker {
     BlockNode *node;        /* key only: no reference held (the user holds the node) */
@@ -19,6 +20,7 @@ struct BlockTracker {
     pthread_cond_t cond;
     BtRequest *head, *tail; /* begin order */
     unsigned count;
+    uint64_t ended, lat_ns; /* block_tracker_stats */
     BlockTracker *next_tracker;
     pthread_mutex_t notifier_lock; /* guards the notifier array and is held while calling them */
     struct {
@@ -27,6 +29,13 @@ struct BlockTracker {
     } *notifiers;
     size_t nnotifiers;
 };
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
 
 static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
 static BlockTracker *registry;
@@ -122,6 +131,7 @@ void block_tracker_begin(BlockTracker *t, BtRequest *req, uint64_t offset, uint6
     req->offset = offset;
     req->bytes = bytes;
     req->next = NULL;
+    req->t_begin = now_ns();
 
     pthread_mutex_lock(&t->lock);
     req->prev = t->tail;
@@ -160,6 +170,9 @@ void block_tracker_end(BlockTracker *t, BtRequest *req)
         t->tail = req->prev;
     }
     t->count--;
+    t->ended++;
+    uint64_t now = now_ns();
+    t->lat_ns += now > req->t_begin ? now - req->t_begin : 0;
     /* Broadcast: waiters re-check; lists are short (bounded by in-flight requests). */
     pthread_cond_broadcast(&t->cond);
     pthread_mutex_unlock(&t->lock);
@@ -171,6 +184,14 @@ void block_tracker_wait_idle(BlockTracker *t)
     while (t->count > 0) {
         pthread_cond_wait(&t->cond, &t->lock);
     }
+    pthread_mutex_unlock(&t->lock);
+}
+
+void block_tracker_stats(BlockTracker *t, uint64_t *ended, uint64_t *lat_ns)
+{
+    pthread_mutex_lock(&t->lock);
+    *ended = t->ended;
+    *lat_ns = t->lat_ns;
     pthread_mutex_unlock(&t->lock);
 }
 

@@ -38,6 +38,7 @@ typedef struct BtRequest {
     uint64_t start, end;   /* widened range [start, end) */
     uint64_t offset, bytes; /* as the caller gave them (for write notifiers) */
     BtKind kind;
+    uint64_t t_begin;       /* CLOCK_MONOTONIC ns at begin (latency statistics) */
     struct BtRequest *prev, *next;
 } BtRequest;
 
@@ -54,6 +55,11 @@ void block_tracker_end(BlockTracker *t, BtRequest *req);
 void block_tracker_wait_idle(BlockTracker *t);
 /* Number of requests in flight (begun, not ended), for tests and diagnostics. */
 unsigned block_tracker_in_flight(BlockTracker *t);
+/*
+ * Requests ended since the tracker was created and the sum of their latencies (begin -> end, waits
+ * for earlier requests included), for the copy engine's guest-priority budget (jobs/copy.h).
+ */
+void block_tracker_stats(BlockTracker *t, uint64_t *ended, uint64_t *lat_ns);
 /* The granularity ranges are widened to (a power of two, >= 4096). */
 uint64_t block_tracker_granularity(BlockTracker *t);
 

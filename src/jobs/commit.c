@@ -33,7 +33,7 @@
 #define IDLE_WAIT_NS 100000000ULL
 #define COMMIT_FINISH_ROUNDS 4          /* finishing: copy at most this many times what was dirty */
 #define COMMIT_FINISH_NS 2000000000ULL  /* ... or for this long, before the drained tail copy */
-/* Complete pivots at once (no finishing round) when this little is dirty or not yet flushed. */
+/* After a finishing round, pivot when this little is dirty or not yet flushed (the drained tail). */
 #define COMMIT_QUICK_TAIL (4ULL << 20)
 
 typedef struct Commit {
@@ -55,6 +55,7 @@ typedef struct Commit {
 
     /* active commit */
     BlockTracker *tracker;   /* the top's */
+    BlockTracker *dev_tracker; /* non-active: the device's (guest activity for the copy's pacing) */
     bool notifier_added;
     pthread_mutex_t lock;    /* guards below; leaf (taken inside the tracker's notifier lock) */
     pthread_cond_t cond;
@@ -418,6 +419,7 @@ static int commit_run_active(Commit *c, VdError **errp)
             if (done || job_cancel_requested(job)) {
                 uint64_t d = dirty_bytes(c);
                 cr.finishing = true;
+                copy_engine_set_urgent(e); /* asked to finish: no more guest-priority pacing */
                 cr.finish_copied = 0;
                 finish_budget = d > c->unit ? d : c->unit;
                 finish_deadline = job_now_ns() + COMMIT_FINISH_NS;
@@ -425,21 +427,25 @@ static int commit_run_active(Commit *c, VdError **errp)
         }
         if (cr.finishing) {
             /*
-             * Pivot as soon as what prepare must copy and flush with guests drained is small: the
-             * ready loop keeps base in sync and flushed, so usually at once. Otherwise rounds of
-             * "copy what was dirty at the round's start, flush it while guests run", a few at
-             * most (a guest writing faster than the copy leaves the rest to the drained tail).
+             * Rounds of "copy what was dirty at the round's start, flush it while guests run".
+             * Pivot when nothing is left (the ready loop keeps base in sync and flushed, so an
+             * idle guest's commit pivots at once and syncs nothing while drained), or after a
+             * round when what prepare must copy and flush with guests drained is small, or after
+             * a few rounds (a guest writing faster than the copy leaves the rest to the tail).
              */
             uint64_t d = dirty_bytes(c);
             bool round_over = cr.finish_copied >= finish_budget;
-            if (d + c->unflushed <= COMMIT_QUICK_TAIL || job_now_ns() >= finish_deadline ||
-                (round_over && ++finish_rounds >= COMMIT_FINISH_ROUNDS)) {
+            bool clean = d == 0 && c->unflushed == 0 && copy_engine_in_flight(e) == 0;
+            if (clean || job_now_ns() >= finish_deadline ||
+                finish_rounds >= COMMIT_FINISH_ROUNDS ||
+                (finish_rounds > 0 && d + c->unflushed <= COMMIT_QUICK_TAIL)) {
                 r = 0; /* prepare copies what is still dirty, guests drained */
                 break;
             }
             if (round_over) {
                 copy_engine_drain(e, commit_reaped, &cr);
                 (void)commit_flush_base(c); /* on error prepare flushes again, fails the job */
+                finish_rounds++;
                 d = dirty_bytes(c);
                 cr.finish_copied = 0;
                 finish_budget = d > c->unit ? d : c->unit;
@@ -782,6 +788,9 @@ static void commit_free_state(Commit *c)
     if (c->tracker) {
         block_tracker_put(c->tracker);
     }
+    if (c->dev_tracker) {
+        block_tracker_put(c->dev_tracker);
+    }
     vd_node_unref(c->base_parent);
     vd_node_unref(c->base_rw);
     vd_node_unref(c->base);
@@ -980,6 +989,9 @@ int commit_request_start(const CommitRequest *r, VdError **errp)
     CopyEngineOptions eo = {.workers = copy_engine_default_workers(), .buf_size = c->unit,
                             .align = c->gran, .tracker = active ? c->tracker : NULL,
                             .kind = BT_SHARED, .fn = commit_copy_chunk, .opaque = c};
+    /* Non-active: no range held, but the copy still yields to the device's guest I/O. */
+    c->dev_tracker = active ? NULL : block_tracker_get(dev);
+    eo.guest = c->dev_tracker;
     /* base's image (base_rw, opened below, shares its file name) reaches the disk early. */
     eo.writeback = copy_engine_writeback_node(base, &eo.writeback_every);
     c->engine = copy_engine_new(&eo);

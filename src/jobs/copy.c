@@ -27,13 +27,16 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <time.h>
 #include <unistd.h>
 
 /* Early writeback of the destination's file every 256 MiB copied (copy_engine_writeback_node). */
 #define DEFAULT_WRITEBACK_BYTES (256ULL << 20)
 
-/* Copies in flight while the guest has requests in flight (copy_engine_allowed). */
-#define DEFAULT_BUSY_WORKERS 64 /* = all workers: measured no gain from fewer (BENCHMARKS.md) */
+/* Guest priority: the budget's floor (share of the time a copy may run while the guest is busy). */
+#define DEFAULT_GUEST_FLOOR 0.10
+#define BUDGET_START_SHARE 0.5
+#define BUDGET_MAX_GAP_NS 1000000000ULL /* a pause after one slow copy never exceeds this */
 
 typedef enum { SLOT_FREE, SLOT_QUEUED, SLOT_RUNNING, SLOT_DONE } SlotState;
 
@@ -58,7 +61,16 @@ struct CopyEngine {
     bool stop;
     bool kicked;                /* for copy_engine_take_kick */
     bool wake;                  /* interrupts a waiting reap */
-    unsigned busy_workers;      /* copies in flight while guest requests are (see allowed) */
+    uint64_t kick_gen;          /* bumped by kick: ends a worker's pacing wait */
+    /* guest priority (docs/guest-priority.md), under lock */
+    BlockTracker *guest;        /* whose requests are the guest's; NULL: no pacing */
+    bool own_on_guest;          /* our tracked copies are on `guest` too (subtract them) */
+    bool urgent;                /* copy_engine_set_urgent: no pacing */
+    CopyBudget budget;
+    uint64_t win_start;         /* current window: start, tracker and own totals at its start */
+    uint64_t win_ended, win_lat, win_own_ended, win_own_lat;
+    uint64_t own_ended, own_lat;    /* our tracked copies on `guest`: count, summed latency */
+    uint64_t last_end_ns, last_copy_ns; /* the last copy: when it ended, how long it ran */
     /* early writeback (coordinator only, but wb_running is atomic) */
     uint64_t wb_pending;
     pthread_t wb_thread;
@@ -103,6 +115,117 @@ static void wb_account(CopyEngine *e, uint64_t bytes)
     }
 }
 
+static uint64_t now_ns(void)
+{
+    return job_now_ns();
+}
+
+/* ---- guest priority: the budget (pure) ---- */
+
+void copy_budget_init(CopyBudget *b, double floor)
+{
+    memset(b, 0, sizeof(*b));
+    b->floor = floor > 0.01 ? (floor < 1 ? floor : 1) : 0.01;
+    b->share = BUDGET_START_SHARE > b->floor ? BUDGET_START_SHARE : b->floor;
+}
+
+void copy_budget_update(CopyBudget *b, const CopyWindow *w)
+{
+    b->guest_active = w->guest_done > 0 || w->guest_in_flight > 0;
+    if (!b->guest_active) {
+        return; /* the share is kept for the guest's next burst */
+    }
+    if (w->guest_done == 0) {
+        /* Requests in flight a whole window without one finishing: the guest is stalled. */
+        b->share = b->share / 2 > b->floor ? b->share / 2 : b->floor;
+        return;
+    }
+    uint64_t mean = w->guest_lat_ns / w->guest_done;
+    mean = mean ? mean : 1;
+    /* Low-water mark of the guest's latency, drifting up ~5 %/s so a slower machine is learnt. */
+    if (b->ref_ns == 0 || mean < b->ref_ns) {
+        b->ref_ns = mean;
+    } else {
+        b->ref_ns += b->ref_ns / 1024 + 1;
+    }
+    if (mean > 2 * b->ref_ns) {
+        b->share = b->share / 2 > b->floor ? b->share / 2 : b->floor;
+    } else if (2 * mean < 3 * b->ref_ns) {
+        b->share = b->share + 0.05 < 1 ? b->share + 0.05 : 1;
+    }
+}
+
+unsigned copy_budget_allowed(const CopyBudget *b, unsigned workers)
+{
+    return b->guest_active ? 1 : (workers ? workers : 1);
+}
+
+uint64_t copy_budget_gap_ns(const CopyBudget *b, uint64_t copy_ns)
+{
+    if (!b->guest_active || b->share >= 1) {
+        return 0;
+    }
+    double gap = (double)copy_ns * (1 - b->share) / b->share;
+    return gap > (double)BUDGET_MAX_GAP_NS ? BUDGET_MAX_GAP_NS : (uint64_t)gap;
+}
+
+/* ---- guest priority: feeding the budget and pacing the workers (engine lock held) ---- */
+
+/* Close the window if it is over: what the guest did in it updates the budget. */
+static void budget_tick_locked(CopyEngine *e, uint64_t now)
+{
+    if (!e->guest || now - e->win_start < COPY_WINDOW_NS) {
+        return;
+    }
+    /* The tracker's lock is a leaf taken after ours (it never calls back into the engine). */
+    uint64_t ended, lat;
+    block_tracker_stats(e->guest, &ended, &lat);
+    unsigned in_flight = block_tracker_in_flight(e->guest);
+    unsigned ours = 0;
+    for (unsigned i = 0; e->own_on_guest && i < e->o.workers; i++) {
+        ours += e->slots[i].state == SLOT_RUNNING && e->slots[i].c.tracked;
+    }
+    uint64_t de = ended - e->win_ended, dl = lat - e->win_lat;
+    uint64_t oe = e->own_ended - e->win_own_ended, ol = e->own_lat - e->win_own_lat;
+    CopyWindow w = {.guest_done = de > oe ? de - oe : 0, .guest_lat_ns = dl > ol ? dl - ol : 0,
+                    .guest_in_flight = in_flight > ours ? in_flight - ours : 0};
+    copy_budget_update(&e->budget, &w);
+    e->win_start = now;
+    e->win_ended = ended;
+    e->win_lat = lat;
+    e->win_own_ended = e->own_ended;
+    e->win_own_lat = e->own_lat;
+}
+
+/*
+ * A worker about to run a tracked copy: while the guest is active, wait until the last copy's
+ * run time is followed by its gap (the budget's share of the time). Woken early by stop, kick
+ * (a verb: the coordinator drains and must not wait for the pacing) and urgency; re-evaluated
+ * every window, so a guest that goes idle releases it at once.
+ */
+static void pace_locked(CopyEngine *e)
+{
+    if (!e->guest) {
+        return;
+    }
+    uint64_t kick0 = e->kick_gen;
+    for (;;) {
+        uint64_t now = now_ns();
+        budget_tick_locked(e, now);
+        if (e->stop || e->urgent || e->kick_gen != kick0) {
+            return;
+        }
+        uint64_t at = e->last_end_ns + copy_budget_gap_ns(&e->budget, e->last_copy_ns);
+        if (now >= at) {
+            return;
+        }
+        uint64_t until = at - now < COPY_WINDOW_NS ? at : now + COPY_WINDOW_NS;
+        struct timespec ts = {.tv_sec = (time_t)(until / 1000000000ULL),
+                              .tv_nsec = (long)(until % 1000000000ULL)};
+        pthread_cond_timedwait(&e->work_cond, &e->lock, &ts);
+    }
+}
+
 typedef struct WorkerArg {
     CopyEngine *e;
     unsigned idx;
@@ -138,9 +261,13 @@ static void *worker_main(void *arg)
         }
         s->state = SLOT_RUNNING;
         CopyChunk c = s->c;
+        if (c.tracked) {
+            pace_locked(e);
+        }
         pthread_mutex_unlock(&e->lock);
 
         BtRequest req;
+        uint64_t t0 = now_ns();
         if (c.tracked && e->o.tracker) {
             block_tracker_begin(e->o.tracker, &req, c.off, c.bytes, e->o.kind);
         }
@@ -151,8 +278,17 @@ static void *worker_main(void *arg)
         if (c.tracked && e->o.tracker) {
             block_tracker_end(e->o.tracker, &req);
         }
+        uint64_t t1 = now_ns();
 
         pthread_mutex_lock(&e->lock);
+        if (c.tracked) {
+            e->last_end_ns = t1;
+            e->last_copy_ns = t1 - t0;
+            if (e->own_on_guest) {
+                e->own_ended++;
+                e->own_lat += t1 - req.t_begin;
+            }
+        }
         s->c = c;
         s->state = SLOT_DONE;
         pthread_cond_broadcast(&e->done_cond);
@@ -175,7 +311,11 @@ CopyEngine *copy_engine_new(const CopyEngineOptions *o)
         e->o.align = 1;
     }
     pthread_mutex_init(&e->lock, NULL);
-    pthread_cond_init(&e->work_cond, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC); /* pace_locked's deadlines */
+    pthread_cond_init(&e->work_cond, &ca);
+    pthread_condattr_destroy(&ca);
     pthread_cond_init(&e->done_cond, NULL);
     e->slots = calloc(e->o.workers, sizeof(*e->slots));
     e->bufs = calloc(e->o.workers, sizeof(*e->bufs));
@@ -210,9 +350,17 @@ CopyEngine *copy_engine_new(const CopyEngineOptions *o)
     }
     /* Fewer threads than asked (EAGAIN): fewer requests in flight, still correct. */
     e->o.workers = e->nthreads;
-    const char *bw = getenv("VDISK_COPY_BUSY_WORKERS");
-    long b = bw ? strtol(bw, NULL, 0) : DEFAULT_BUSY_WORKERS;
-    e->busy_workers = b >= 1 ? (unsigned)b : 1;
+    /* VDISK_COPY_GUEST_PRIORITY=0: no pacing (A/B benchmarks); VDISK_COPY_GUEST_FLOOR: percent. */
+    const char *gp = getenv("VDISK_COPY_GUEST_PRIORITY");
+    e->guest = gp && !strcmp(gp, "0") ? NULL : o->guest ? o->guest : o->tracker;
+    e->own_on_guest = e->guest && e->guest == o->tracker;
+    const char *fl = getenv("VDISK_COPY_GUEST_FLOOR");
+    long pct = fl ? strtol(fl, NULL, 0) : 0;
+    copy_budget_init(&e->budget, pct >= 1 && pct <= 100 ? pct / 100.0 : DEFAULT_GUEST_FLOOR);
+    e->win_start = now_ns();
+    if (e->guest) {
+        block_tracker_stats(e->guest, &e->win_ended, &e->win_lat);
+    }
     return e;
 }
 
@@ -259,18 +407,22 @@ unsigned copy_engine_max_in_flight(CopyEngine *e)
 
 unsigned copy_engine_allowed(CopyEngine *e)
 {
-    if (!e->o.tracker || e->busy_workers >= e->o.workers) {
-        return e->o.workers;
-    }
-    /* Requests on the tracker that are not our copies: the guest is doing I/O right now. */
     pthread_mutex_lock(&e->lock);
-    unsigned ours = 0;
-    for (unsigned i = 0; i < e->o.workers; i++) {
-        ours += e->slots[i].state == SLOT_RUNNING && e->slots[i].c.tracked;
+    unsigned n = e->o.workers;
+    if (e->guest && !e->urgent) {
+        budget_tick_locked(e, now_ns());
+        n = copy_budget_allowed(&e->budget, e->o.workers);
     }
     pthread_mutex_unlock(&e->lock);
-    unsigned all = block_tracker_in_flight(e->o.tracker);
-    return all > ours ? e->busy_workers : e->o.workers;
+    return n;
+}
+
+void copy_engine_set_urgent(CopyEngine *e)
+{
+    pthread_mutex_lock(&e->lock);
+    e->urgent = true;
+    pthread_cond_broadcast(&e->work_cond);
+    pthread_mutex_unlock(&e->lock);
 }
 
 uint64_t copy_engine_clip(CopyEngine *e, uint64_t start, uint64_t end, uint64_t *skip_to)
@@ -320,7 +472,8 @@ void copy_engine_submit(CopyEngine *e, uint64_t off, uint64_t bytes, bool tracke
         s->c.bytes = bytes;
         s->c.tracked = tracked;
         e->in_flight++;
-        pthread_cond_signal(&e->work_cond);
+        /* Broadcast: a worker pacing on this condition must not swallow the wake-up. */
+        pthread_cond_broadcast(&e->work_cond);
         break;
     }
     pthread_mutex_unlock(&e->lock);
@@ -364,7 +517,9 @@ void copy_engine_kick(CopyEngine *e)
     pthread_mutex_lock(&e->lock);
     e->kicked = true;
     e->wake = true;
+    e->kick_gen++;
     pthread_cond_broadcast(&e->done_cond);
+    pthread_cond_broadcast(&e->work_cond); /* ends a pacing wait */
     pthread_mutex_unlock(&e->lock);
 }
 

@@ -62,6 +62,12 @@ typedef struct CopyEngineOptions {
      */
     BlockNode *writeback;
     uint64_t writeback_every;
+    /*
+     * Guest priority (docs/guest-priority.md): the tracker whose requests are the guest's (NULL:
+     * `tracker`; non-active commit holds no range but watches the device's). NULL and no tracker:
+     * no pacing.
+     */
+    BlockTracker *guest;
 } CopyEngineOptions;
 
 CopyEngine *copy_engine_new(const CopyEngineOptions *o);
@@ -72,11 +78,38 @@ void copy_engine_free(CopyEngine *e);
 unsigned copy_engine_in_flight(CopyEngine *e);
 unsigned copy_engine_max_in_flight(CopyEngine *e);
 /*
- * Guest priority: how many copies may be in flight now. All workers while no guest request is in
- * flight on the engine's tracker; fewer (1 by default, VDISK_COPY_BUSY_WORKERS) while one is, so
- * an active guest competes with one copy for the CPU and waits for at most one unit.
+ * Guest priority (docs/guest-priority.md): how many copies may be in flight now. All workers while
+ * the guest is idle; one while it is active, which the worker paces to the budget's share of the
+ * time (copy_budget_*). Never 0: the copy always converges.
  */
 unsigned copy_engine_allowed(CopyEngine *e);
+/* The user asked to finish (complete, soft cancel): copies run unpaced until the engine is freed. */
+void copy_engine_set_urgent(CopyEngine *e);
+
+/*
+ * The guest-priority budget, a pure state machine (unit-tested) updated once per window of
+ * COPY_WINDOW_NS from what the guest's tracker saw: while the guest is active, one copy runs for
+ * at most `share` of the time. AIMD on the guest's mean request latency against its low-water
+ * mark: above 2x it the share halves, below 1.5x it grows by 1/20; never below `floor` (> 0).
+ */
+#define COPY_WINDOW_NS 20000000ULL
+typedef struct CopyBudget {
+    double share;        /* (floor..1]: fraction of the time one copy may run, guest active */
+    double floor;        /* > 0: the copy always progresses */
+    uint64_t ref_ns;     /* the guest's latency low-water mark (0: none yet); drifts up slowly */
+    bool guest_active;   /* the guest did I/O in the last window */
+} CopyBudget;
+typedef struct CopyWindow {
+    uint64_t guest_done;      /* guest requests that ended in the window */
+    uint64_t guest_lat_ns;    /* their summed latency */
+    unsigned guest_in_flight; /* guest requests in flight at the window's end */
+} CopyWindow;
+void copy_budget_init(CopyBudget *b, double floor);
+void copy_budget_update(CopyBudget *b, const CopyWindow *w);
+/* Copies allowed in flight: all `workers` while the guest is idle, else 1. */
+unsigned copy_budget_allowed(const CopyBudget *b, unsigned workers);
+/* How long to wait after a copy that took copy_ns before the next starts (0: guest idle). */
+uint64_t copy_budget_gap_ns(const CopyBudget *b, uint64_t copy_ns);
 /*
  * May [start, end) be submitted? Returns the end it must be clipped to (> start) so it does not
  * overlap a request in flight; 0 when start itself is inside one (then *skip_to, if not NULL, gets

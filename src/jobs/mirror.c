@@ -190,24 +190,31 @@ static bool bm_get(Mirror *m, uint64_t i)
     return m->bitmap[i / 64] & (1ULL << (i % 64));
 }
 
-/* First dirty bit at or after `from` (wrapping once); false if none. */
+/* First dirty bit in [lo, hi); false if none. */
+static bool bm_find(Mirror *m, uint64_t lo, uint64_t hi, uint64_t *out)
+{
+    for (uint64_t i = lo; i < hi; i = (i / 64 + 1) * 64) {
+        uint64_t w = m->bitmap[i / 64] >> (i % 64);
+        if (w) {
+            *out = i + (uint64_t)__builtin_ctzll(w);
+            return *out < hi;
+        }
+    }
+    return false;
+}
+
+/*
+ * First dirty bit at or after `from` (wrapping once); false if none. The two halves are searched
+ * separately: stepping word by word across the wrap of a bitmap whose length is not a multiple of
+ * 64 skipped the bits at the start of word 0, and the copy loop then spun forever on them.
+ */
 static bool bm_next(Mirror *m, uint64_t from, uint64_t *out)
 {
     if (m->dirty_bits == 0) {
         return false;
     }
-    for (uint64_t n = 0; n < m->nbits;) {
-        uint64_t i = (from + n) % m->nbits;
-        uint64_t w = m->bitmap[i / 64] >> (i % 64);
-        if (w) {
-            *out = i + (uint64_t)__builtin_ctzll(w);
-            if (*out < m->nbits) {
-                return true;
-            }
-        }
-        n += 64 - i % 64;
-    }
-    return false;
+    from = from < m->nbits ? from : 0;
+    return bm_find(m, from, m->nbits, out) || bm_find(m, 0, from, out);
 }
 
 static uint64_t dirty_bytes_locked(Mirror *m)
@@ -1005,6 +1012,7 @@ static int mirror_complete(Job *job, VdError **errp)
     m->should_complete = true;
     mirror_kick_locked(m);
     pthread_mutex_unlock(&m->lock);
+    copy_engine_set_urgent(m->engine); /* finish now: no more guest-priority pacing */
     return 0;
 }
 

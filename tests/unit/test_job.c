@@ -1371,6 +1371,150 @@ static void test_copy_engine_concurrency_and_no_overlap(void **state)
     pthread_cond_destroy(&p.cond);
 }
 
+/* ---- guest priority: the copy budget (docs/guest-priority.md) ---- */
+
+static CopyWindow busy_window(uint64_t mean_ns)
+{
+    return (CopyWindow){.guest_done = 100, .guest_lat_ns = 100 * mean_ns, .guest_in_flight = 8};
+}
+
+/*
+ * A guest whose latency rises (the copy is hurting it) shrinks the copy's share window by window
+ * down to the floor and never below: the copy gets one request in flight and a finite pause, so it
+ * always progresses. A guest stalled for a whole window counts as hurt too.
+ */
+static void test_copy_budget_shrinks_under_a_busy_guest_but_never_to_zero(void **state)
+{
+    CopyBudget b;
+    copy_budget_init(&b, 0.10);
+    CopyWindow w = busy_window(100000); /* 100 us: the guest's unhurt latency */
+    copy_budget_update(&b, &w);
+    assert_true(b.guest_active);
+    assert_int_equal(copy_budget_allowed(&b, 4), 1);
+    double s0 = b.share;
+    assert_true(s0 > 0.10);
+    w = busy_window(500000); /* 5x: hurt */
+    copy_budget_update(&b, &w);
+    assert_true(b.share < s0);
+    double prev = b.share;
+    for (int i = 0; i < 100; i++) {
+        copy_budget_update(&b, &w);
+        assert_true(b.share <= prev);
+        assert_true(b.share >= 0.10);
+        prev = b.share;
+    }
+    assert_true(b.share < 0.11); /* reached the floor */
+    assert_int_equal(copy_budget_allowed(&b, 4), 1);
+    /* At the floor a 1 ms copy is followed by ~9 ms of pause: finite, and not zero. */
+    uint64_t gap = copy_budget_gap_ns(&b, 1000000);
+    assert_true(gap >= 8000000 && gap <= 10000000);
+    /* Stalled: requests in flight, none finished in the window. Still the floor, not zero. */
+    CopyWindow stalled = {.guest_done = 0, .guest_lat_ns = 0, .guest_in_flight = 3};
+    for (int i = 0; i < 10; i++) {
+        copy_budget_update(&b, &stalled);
+    }
+    assert_true(b.guest_active);
+    assert_true(b.share >= 0.10);
+    assert_int_equal(copy_budget_allowed(&b, 4), 1);
+    /* A floor of 0 is refused: the copy must converge. */
+    copy_budget_init(&b, 0);
+    assert_true(b.floor > 0);
+    for (int i = 0; i < 100; i++) {
+        copy_budget_update(&b, &stalled);
+    }
+    assert_true(b.share > 0);
+    assert_true(copy_budget_gap_ns(&b, 1000000) < 2000000000ULL);
+}
+
+/*
+ * An idle guest leaves the whole engine to the copy (all workers, no pause), and a guest whose
+ * latency stays near its low-water mark lets the share grow back to a copy running all the time.
+ */
+static void test_copy_budget_idle_guest_gets_everything_and_share_recovers(void **state)
+{
+    CopyBudget b;
+    copy_budget_init(&b, 0.10);
+    CopyWindow idle = {0};
+    copy_budget_update(&b, &idle);
+    assert_false(b.guest_active);
+    assert_int_equal(copy_budget_allowed(&b, 4), 4);
+    assert_int_equal(copy_budget_gap_ns(&b, 5000000), 0);
+    CopyWindow hurt = busy_window(100000);
+    copy_budget_update(&b, &hurt); /* learns the low-water mark */
+    hurt = busy_window(400000);
+    for (int i = 0; i < 20; i++) {
+        copy_budget_update(&b, &hurt);
+    }
+    double low = b.share;
+    assert_true(low < 0.2);
+    CopyWindow fine = busy_window(110000);
+    for (int i = 0; i < 40; i++) {
+        copy_budget_update(&b, &fine);
+    }
+    assert_true(b.share > low);
+    assert_true(b.share >= 1.0);
+    assert_int_equal(copy_budget_gap_ns(&b, 5000000), 0);
+    assert_int_equal(copy_budget_allowed(&b, 4), 1); /* busy guest: one copy at a time */
+    /* The guest stops: everything for the copy again. */
+    copy_budget_update(&b, &idle);
+    assert_int_equal(copy_budget_allowed(&b, 4), 4);
+}
+
+static void noop_fn(void *opaque, CopyChunk *c, uint8_t *buf, uint64_t buf_size)
+{
+    c->copied = c->bytes;
+    c->ret = 0;
+}
+
+/*
+ * The engine reads the guest's activity from its tracker: while a guest request is in flight,
+ * one copy at a time; once the guest is gone (after a window), all workers. Its own tracked copies
+ * on the same tracker are not mistaken for the guest's. A kick ends a pacing wait, so a drain
+ * never waits for the pacing.
+ */
+static void test_copy_engine_yields_to_guest_requests_on_its_tracker(void **state)
+{
+    BlockNode *n = mem_node();
+    BlockTracker *t = block_tracker_get(n);
+    assert_non_null(t);
+    CopyEngineOptions o = {.workers = 4, .buf_size = 65536, .align = 65536, .tracker = t,
+                           .kind = BT_SHARED, .fn = noop_fn};
+    CopyEngine *e = copy_engine_new(&o);
+    assert_non_null(e);
+    BtRequest guest;
+    block_tracker_begin(t, &guest, 1 << 20, 4096, BT_EXCLUSIVE);
+    unsigned allowed = 4;
+    for (int i = 0; i < 200 && allowed != 1; i++) { /* within a window or two */
+        usleep(5000);
+        allowed = copy_engine_allowed(e);
+    }
+    assert_int_equal(allowed, 1);
+    /* Our own copies while the guest is busy: they run (paced), and are reaped. */
+    CopyChunk c;
+    for (unsigned i = 0; i < 3; i++) {
+        copy_engine_submit(e, i * 65536, 65536, true);
+        copy_engine_kick(e); /* no waiting for the pacing */
+        assert_true(copy_engine_reap(e, &c, true) || copy_engine_reap(e, &c, true));
+        assert_int_equal(c.ret, 0);
+    }
+    block_tracker_end(t, &guest);
+    for (int i = 0; i < 200 && allowed != 4; i++) {
+        usleep(5000);
+        allowed = copy_engine_allowed(e);
+    }
+    assert_int_equal(allowed, 4);
+    /* Only our copies on the tracker now: still "guest idle", all workers. */
+    for (unsigned i = 0; i < 4; i++) {
+        copy_engine_submit(e, (8 + i) * 65536, 65536, true);
+    }
+    usleep(30000);
+    assert_int_equal(copy_engine_allowed(e), 4);
+    copy_engine_drain(e, NULL, NULL);
+    copy_engine_free(e);
+    block_tracker_put(t);
+    vd_node_unref(n);
+}
+
 /*
  * Several copies in flight (unthrottled: the 4 MiB disk is four 1 MiB copies at once, re-copies of
  * dirtied ranges after) while two background-mode guests hammer the disk through the filter: the
@@ -1390,11 +1534,17 @@ static void test_mirror_parallel_copies_never_overwrite_newer_guest_data(void **
     memcpy(model, sd->data, MSIZE);
     sd->delay_us = 20000;
     ev_reset();
+    /*
+     * All workers in flight while the guests write: guest priority would hold the copy to one
+     * paced request and this test is about many racing them.
+     */
+    setenv("VDISK_COPY_GUEST_PRIORITY", "0", 1);
     MirrorOptions o = {.job_id = "m11", .source = src, .target = dst, .target_new = true,
                        .write_blocking = false, .granularity = 65536, .auto_finalize = true,
                        .auto_dismiss = true};
     VdError *err = NULL;
     Job *job = mirror_start(&o, &err);
+    unsetenv("VDISK_COPY_GUEST_PRIORITY"); /* read when the engine was created */
     assert_non_null(job);
     job_ref(job);
     Guest g, g2;
@@ -1453,6 +1603,9 @@ int main(void)
         cmocka_unit_test(test_mirror_switches_to_write_blocking_when_outpaced),
         cmocka_unit_test(test_mirror_copy_never_overwrites_newer_guest_data),
         cmocka_unit_test(test_copy_engine_concurrency_and_no_overlap),
+        cmocka_unit_test(test_copy_budget_shrinks_under_a_busy_guest_but_never_to_zero),
+        cmocka_unit_test(test_copy_budget_idle_guest_gets_everything_and_share_recovers),
+        cmocka_unit_test(test_copy_engine_yields_to_guest_requests_on_its_tracker),
         cmocka_unit_test(test_mirror_parallel_copies_never_overwrite_newer_guest_data),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
