@@ -89,6 +89,49 @@ typedef struct Qcow2Header {
     uint8_t compression_type;
 } Qcow2Header;
 
+/* Bytes qcow2_header_decode reads: the v3 header through compression_type, and padding. */
+#define QCOW2_HEADER_DECODE_SIZE (QCOW2_V3_HEADER_SIZE + 8)
+
+static inline uint64_t qcow2_be64(const uint8_t *p);
+static inline uint32_t qcow2_be32(const uint8_t *p);
+
+/*
+ * Decode the header's fixed fields from the first QCOW2_HEADER_DECODE_SIZE bytes of an image
+ * (zero-padded where the file is shorter). Version 2 gets version 3's defaults (refcount_order 4,
+ * header_length 72, no feature bits); compression_type is read only where header_length covers
+ * it. Nothing is validated: the driver and the checker each do that, with their own messages.
+ */
+static inline void qcow2_header_decode(const uint8_t *buf, Qcow2Header *h)
+{
+    memset(h, 0, sizeof(*h));
+    h->magic = qcow2_be32(buf);
+    h->version = qcow2_be32(buf + 4);
+    h->backing_file_offset = qcow2_be64(buf + 8);
+    h->backing_file_size = qcow2_be32(buf + 16);
+    h->cluster_bits = qcow2_be32(buf + 20);
+    h->size = qcow2_be64(buf + 24);
+    h->crypt_method = qcow2_be32(buf + 32);
+    h->l1_size = qcow2_be32(buf + 36);
+    h->l1_table_offset = qcow2_be64(buf + 40);
+    h->refcount_table_offset = qcow2_be64(buf + 48);
+    h->refcount_table_clusters = qcow2_be32(buf + 56);
+    h->nb_snapshots = qcow2_be32(buf + 60);
+    h->snapshots_offset = qcow2_be64(buf + 64);
+    if (h->version < 3) {
+        h->refcount_order = 4;
+        h->header_length = QCOW2_V2_HEADER_SIZE;
+        return;
+    }
+    h->incompatible_features = qcow2_be64(buf + 72);
+    h->compatible_features = qcow2_be64(buf + 80);
+    h->autoclear_features = qcow2_be64(buf + 88);
+    h->refcount_order = qcow2_be32(buf + 96);
+    h->header_length = qcow2_be32(buf + 100);
+    if (h->header_length > 104) {
+        h->compression_type = buf[104];
+    }
+}
+
 /* Cluster types as the L2 entry says (per subcluster with extended L2). */
 typedef enum {
     QCOW2_CLUSTER_UNALLOCATED,

@@ -272,7 +272,7 @@ static int parse_header(BlockNode *bs, Qcow2State *s, int flags, VdError **errp)
                             bs->filename);
         return (int)flen;
     }
-    uint8_t fix[QCOW2_V3_HEADER_SIZE + 8];
+    uint8_t fix[QCOW2_HEADER_DECODE_SIZE];
     memset(fix, 0, sizeof(fix));
     if (flen < QCOW2_V2_HEADER_SIZE) {
         vd_error_setg(errp, EINVAL, "Image is not in qcow2 format (file too short)");
@@ -285,20 +285,7 @@ static int parse_header(BlockNode *bs, Qcow2State *s, int flags, VdError **errp)
         return ret;
     }
     Qcow2Header *h = &s->h;
-    memset(h, 0, sizeof(*h));
-    h->magic = qcow2_be32(fix);
-    h->version = qcow2_be32(fix + 4);
-    h->backing_file_offset = qcow2_be64(fix + 8);
-    h->backing_file_size = qcow2_be32(fix + 16);
-    h->cluster_bits = qcow2_be32(fix + 20);
-    h->size = qcow2_be64(fix + 24);
-    h->crypt_method = qcow2_be32(fix + 32);
-    h->l1_size = qcow2_be32(fix + 36);
-    h->l1_table_offset = qcow2_be64(fix + 40);
-    h->refcount_table_offset = qcow2_be64(fix + 48);
-    h->refcount_table_clusters = qcow2_be32(fix + 56);
-    h->nb_snapshots = qcow2_be32(fix + 60);
-    h->snapshots_offset = qcow2_be64(fix + 64);
+    qcow2_header_decode(fix, h);
     if (h->magic != QCOW2_MAGIC) {
         vd_error_setg(errp, EINVAL, "Image is not in qcow2 format");
         return -EINVAL;
@@ -317,19 +304,11 @@ static int parse_header(BlockNode *bs, Qcow2State *s, int flags, VdError **errp)
         return -EINVAL;
     }
     uint64_t cs = 1ULL << h->cluster_bits;
-    if (h->version == 2) {
-        h->refcount_order = 4;
-        h->header_length = QCOW2_V2_HEADER_SIZE;
-    } else {
+    if (h->version == 3) {
         if ((uint64_t)flen < QCOW2_V3_HEADER_SIZE) {
             vd_error_setg(errp, EINVAL, "qcow2 header truncated");
             return -EINVAL;
         }
-        h->incompatible_features = qcow2_be64(fix + 72);
-        h->compatible_features = qcow2_be64(fix + 80);
-        h->autoclear_features = qcow2_be64(fix + 88);
-        h->refcount_order = qcow2_be32(fix + 96);
-        h->header_length = qcow2_be32(fix + 100);
         if (h->header_length < QCOW2_V3_HEADER_SIZE) {
             vd_error_setg(errp, EINVAL, "qcow2 header too small");
             return -EINVAL;
@@ -337,9 +316,6 @@ static int parse_header(BlockNode *bs, Qcow2State *s, int flags, VdError **errp)
         if (h->header_length > cs) {
             vd_error_setg(errp, EINVAL, "qcow2 header exceeds cluster size");
             return -EINVAL;
-        }
-        if (h->header_length > 104 && (uint64_t)flen > 104) {
-            h->compression_type = fix[104];
         }
     }
     if (h->refcount_order > 6) {
