@@ -5,6 +5,7 @@
  * guards its list; a global mutex guards the node -> tracker registry and refcounts.
  */
 #include "block/tracking.h"
+#include "util/lock.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -42,17 +43,17 @@ static BlockTracker *registry;
 
 BlockTracker *block_tracker_get(BlockNode *node)
 {
-    pthread_mutex_lock(&registry_lock);
+    vd_mutex_lock(&registry_lock);
     for (BlockTracker *t = registry; t; t = t->next_tracker) {
         if (t->node == node) {
             t->refcnt++;
-            pthread_mutex_unlock(&registry_lock);
+            vd_mutex_unlock(&registry_lock);
             return t;
         }
     }
     BlockTracker *t = calloc(1, sizeof(*t));
     if (!t) {
-        pthread_mutex_unlock(&registry_lock);
+        vd_mutex_unlock(&registry_lock);
         return NULL;
     }
     t->node = node;
@@ -70,7 +71,7 @@ BlockTracker *block_tracker_get(BlockNode *node)
     pthread_cond_init(&t->cond, NULL);
     t->next_tracker = registry;
     registry = t;
-    pthread_mutex_unlock(&registry_lock);
+    vd_mutex_unlock(&registry_lock);
     return t;
 }
 
@@ -79,9 +80,9 @@ void block_tracker_put(BlockTracker *t)
     if (!t) {
         return;
     }
-    pthread_mutex_lock(&registry_lock);
+    vd_mutex_lock(&registry_lock);
     if (--t->refcnt > 0) {
-        pthread_mutex_unlock(&registry_lock);
+        vd_mutex_unlock(&registry_lock);
         return;
     }
     for (BlockTracker **pp = &registry; *pp; pp = &(*pp)->next_tracker) {
@@ -90,7 +91,7 @@ void block_tracker_put(BlockTracker *t)
             break;
         }
     }
-    pthread_mutex_unlock(&registry_lock);
+    vd_mutex_unlock(&registry_lock);
     pthread_mutex_destroy(&t->lock);
     pthread_mutex_destroy(&t->notifier_lock);
     pthread_cond_destroy(&t->cond);
@@ -133,7 +134,7 @@ void block_tracker_begin(BlockTracker *t, BtRequest *req, uint64_t offset, uint6
     req->next = NULL;
     req->t_begin = now_ns();
 
-    pthread_mutex_lock(&t->lock);
+    vd_mutex_lock(&t->lock);
     req->prev = t->tail;
     if (t->tail) {
         t->tail->next = req;
@@ -143,22 +144,22 @@ void block_tracker_begin(BlockTracker *t, BtRequest *req, uint64_t offset, uint6
     t->tail = req;
     t->count++;
     while (must_wait(req)) {
-        pthread_cond_wait(&t->cond, &t->lock);
+        vd_cond_wait(&t->cond, &t->lock);
     }
-    pthread_mutex_unlock(&t->lock);
+    vd_mutex_unlock(&t->lock);
 }
 
 void block_tracker_end(BlockTracker *t, BtRequest *req)
 {
     if (req->kind == BT_EXCLUSIVE) {
         /* Still holding the range: see the ordering argument in tracking.h. */
-        pthread_mutex_lock(&t->notifier_lock);
+        vd_mutex_lock(&t->notifier_lock);
         for (size_t i = 0; i < t->nnotifiers; i++) {
             t->notifiers[i].fn(t->notifiers[i].opaque, req->offset, req->bytes);
         }
-        pthread_mutex_unlock(&t->notifier_lock);
+        vd_mutex_unlock(&t->notifier_lock);
     }
-    pthread_mutex_lock(&t->lock);
+    vd_mutex_lock(&t->lock);
     if (req->prev) {
         req->prev->next = req->next;
     } else {
@@ -174,17 +175,17 @@ void block_tracker_end(BlockTracker *t, BtRequest *req)
     uint64_t now = now_ns();
     t->lat_ns += now > req->t_begin ? now - req->t_begin : 0;
     /* Broadcast: waiters re-check; lists are short (bounded by in-flight requests). */
-    pthread_cond_broadcast(&t->cond);
-    pthread_mutex_unlock(&t->lock);
+    vd_cond_broadcast(&t->cond);
+    vd_mutex_unlock(&t->lock);
 }
 
 void block_tracker_wait_idle(BlockTracker *t)
 {
-    pthread_mutex_lock(&t->lock);
+    vd_mutex_lock(&t->lock);
     while (t->count > 0) {
-        pthread_cond_wait(&t->cond, &t->lock);
+        vd_cond_wait(&t->cond, &t->lock);
     }
-    pthread_mutex_unlock(&t->lock);
+    vd_mutex_unlock(&t->lock);
 }
 
 void block_tracker_stats(BlockTracker *t, uint64_t *ended, uint64_t *lat_ns)
@@ -197,9 +198,9 @@ void block_tracker_stats(BlockTracker *t, uint64_t *ended, uint64_t *lat_ns)
 
 unsigned block_tracker_in_flight(BlockTracker *t)
 {
-    pthread_mutex_lock(&t->lock);
+    vd_mutex_lock(&t->lock);
     unsigned n = t->count;
-    pthread_mutex_unlock(&t->lock);
+    vd_mutex_unlock(&t->lock);
     return n;
 }
 
@@ -210,23 +211,23 @@ uint64_t block_tracker_granularity(BlockTracker *t)
 
 int block_tracker_add_write_notifier(BlockTracker *t, BtWriteNotifier *fn, void *opaque)
 {
-    pthread_mutex_lock(&t->notifier_lock);
+    vd_mutex_lock(&t->notifier_lock);
     void *n = realloc(t->notifiers, (t->nnotifiers + 1) * sizeof(*t->notifiers));
     if (!n) {
-        pthread_mutex_unlock(&t->notifier_lock);
+        vd_mutex_unlock(&t->notifier_lock);
         return -ENOMEM;
     }
     t->notifiers = n;
     t->notifiers[t->nnotifiers].fn = fn;
     t->notifiers[t->nnotifiers].opaque = opaque;
     t->nnotifiers++;
-    pthread_mutex_unlock(&t->notifier_lock);
+    vd_mutex_unlock(&t->notifier_lock);
     return 0;
 }
 
 void block_tracker_remove_write_notifier(BlockTracker *t, BtWriteNotifier *fn, void *opaque)
 {
-    pthread_mutex_lock(&t->notifier_lock);
+    vd_mutex_lock(&t->notifier_lock);
     for (size_t i = 0; i < t->nnotifiers; i++) {
         if (t->notifiers[i].fn == fn && t->notifiers[i].opaque == opaque) {
             memmove(&t->notifiers[i], &t->notifiers[i + 1],
@@ -235,5 +236,5 @@ void block_tracker_remove_write_notifier(BlockTracker *t, BtWriteNotifier *fn, v
             break;
         }
     }
-    pthread_mutex_unlock(&t->notifier_lock);
+    vd_mutex_unlock(&t->notifier_lock);
 }

@@ -18,6 +18,7 @@
 #include <zstd.h>
 
 #include "formats/qcow2.h"
+#include "util/lock.h"
 
 typedef struct Q2Extent {
     Qcow2ClusterType type;
@@ -328,7 +329,7 @@ void q2_lockless_wait_idle(Qcow2State *s)
     }
     s->lockless_waiters++;
     while (s->lockless_inflight > 0) {
-        pthread_cond_wait(&s->lockless_idle, &s->lock);
+        vd_cond_wait(&s->lockless_idle, &s->lock);
     }
     s->lockless_waiters--;
 }
@@ -346,7 +347,7 @@ static bool lockless_begin(Qcow2State *s)
         return false;
     }
     s->lockless_inflight++;
-    pthread_mutex_unlock(&s->lock);
+    vd_mutex_unlock(&s->lock);
     unsigned d = __atomic_load_n(&q2_test_lockless_delay_us, __ATOMIC_RELAXED);
     if (d) {
         usleep(d);
@@ -356,9 +357,9 @@ static bool lockless_begin(Qcow2State *s)
 
 static void lockless_end(Qcow2State *s)
 {
-    pthread_mutex_lock(&s->lock);
+    vd_mutex_lock(&s->lock);
     if (--s->lockless_inflight == 0 && s->lockless_waiters > 0) {
-        pthread_cond_broadcast(&s->lockless_idle);
+        vd_cond_broadcast(&s->lockless_idle);
     }
 }
 

@@ -24,6 +24,7 @@
 
 #include "nbd/nbd-protocol.h"
 #include "util/log.h"
+#include "util/lock.h"
 
 #define NBD_HANDSHAKE_TIMEOUT_S 30
 #define NBD_SEND_TIMEOUT_S 30
@@ -81,9 +82,9 @@ void nbd_export_unref(NbdExport *exp)
     if (!exp) {
         return;
     }
-    pthread_mutex_lock(&srv.lock);
+    vd_mutex_lock(&srv.lock);
     export_unref_locked(exp);
-    pthread_mutex_unlock(&srv.lock);
+    vd_mutex_unlock(&srv.lock);
 }
 
 static NbdExport *find_locked(const char *id, const char *name)
@@ -99,19 +100,19 @@ static NbdExport *find_locked(const char *id, const char *name)
 
 NbdExport *nbd_server_get_export(const char *name)
 {
-    pthread_mutex_lock(&srv.lock);
+    vd_mutex_lock(&srv.lock);
     NbdExport *e = srv.stopping ? NULL : find_locked(NULL, name);
     if (e) {
         e->refcnt++;
     }
-    pthread_mutex_unlock(&srv.lock);
+    vd_mutex_unlock(&srv.lock);
     return e;
 }
 
 void nbd_server_list_exports(void (*cb)(NbdExport *exp, void *opaque), void *opaque)
 {
     /* Snapshot with refs so cb (which writes to a socket) runs without srv.lock. */
-    pthread_mutex_lock(&srv.lock);
+    vd_mutex_lock(&srv.lock);
     size_t n = srv.nexports;
     NbdExport **copy = n ? calloc(n, sizeof(*copy)) : NULL;
     if (n && !copy) {
@@ -121,7 +122,7 @@ void nbd_server_list_exports(void (*cb)(NbdExport *exp, void *opaque), void *opa
         copy[i] = srv.exports[i];
         copy[i]->refcnt++;
     }
-    pthread_mutex_unlock(&srv.lock);
+    vd_mutex_unlock(&srv.lock);
     for (size_t i = 0; i < n; i++) {
         cb(copy[i], opaque);
         nbd_export_unref(copy[i]);
@@ -131,9 +132,9 @@ void nbd_server_list_exports(void (*cb)(NbdExport *exp, void *opaque), void *opa
 
 bool nbd_server_shutting_down(void)
 {
-    pthread_mutex_lock(&srv.lock);
+    vd_mutex_lock(&srv.lock);
     bool s = srv.stopping;
-    pthread_mutex_unlock(&srv.lock);
+    vd_mutex_unlock(&srv.lock);
     return s;
 }
 
@@ -179,7 +180,7 @@ NbdExport *nbd_export_add(const char *id, const char *name, BlockNode *node, boo
     pthread_mutex_init(&exp->lock, NULL);
     pthread_cond_init(&exp->cond, NULL);
 
-    pthread_mutex_lock(&srv.lock);
+    vd_mutex_lock(&srv.lock);
     int err = 0;
     if (!srv.running || srv.stopping) {
         err = ENOTCONN;
@@ -200,16 +201,16 @@ NbdExport *nbd_export_add(const char *id, const char *name, BlockNode *node, boo
             srv.exports[srv.nexports++] = exp;
         }
     }
-    pthread_mutex_unlock(&srv.lock);
+    vd_mutex_unlock(&srv.lock);
     if (err) {
         exp->node = NULL;
         export_free(exp);
         return NULL;
     }
     vd_node_ref(node);
-    pthread_mutex_lock(&exp->lock);
+    vd_mutex_lock(&exp->lock);
     exp->node = node;
-    pthread_mutex_unlock(&exp->lock);
+    vd_mutex_unlock(&exp->lock);
     return exp;
 }
 
@@ -236,7 +237,7 @@ static void export_kick_clients_locked(NbdExport *exp)
         }
     }
     while (exp->clients > 0) {
-        pthread_cond_wait(&srv.cond, &srv.lock);
+        vd_cond_wait(&srv.cond, &srv.lock);
     }
 }
 
@@ -270,7 +271,7 @@ static unsigned export_wait_leaving_locked(NbdExport *exp)
                 return exp->clients; /* a client is still connected */
             }
         }
-        if (pthread_cond_timedwait(&srv.cond, &srv.lock, &deadline) == ETIMEDOUT) {
+        if (vd_cond_timedwait(&srv.cond, &srv.lock, &deadline) == ETIMEDOUT) {
             break;
         }
     }
@@ -279,10 +280,10 @@ static unsigned export_wait_leaving_locked(NbdExport *exp)
 
 int nbd_export_del(const char *id, bool force, VdError **errp)
 {
-    pthread_mutex_lock(&srv.lock);
+    vd_mutex_lock(&srv.lock);
     NbdExport *exp = id ? find_locked(id, NULL) : NULL;
     if (!exp) {
-        pthread_mutex_unlock(&srv.lock);
+        vd_mutex_unlock(&srv.lock);
         vd_error_setg(errp, ENOENT, "export '%s' not found", id ? id : "");
         return -ENOENT;
     }
@@ -291,12 +292,12 @@ int nbd_export_del(const char *id, bool force, VdError **errp)
     bool gone = exp->deleted; /* a server stop took it meanwhile */
     export_unref_locked(exp);
     if (gone) {
-        pthread_mutex_unlock(&srv.lock);
+        vd_mutex_unlock(&srv.lock);
         vd_error_setg(errp, ENOENT, "export '%s' not found", id);
         return -ENOENT;
     }
     if (busy > 0) {
-        pthread_mutex_unlock(&srv.lock);
+        vd_mutex_unlock(&srv.lock);
         vd_error_setg(errp, EBUSY, "export '%s' still in use (use mode='hard' to force client "
                       "disconnect)", id);
         return -EBUSY;
@@ -304,33 +305,33 @@ int nbd_export_del(const char *id, bool force, VdError **errp)
     export_unlist_locked(exp);
     export_kick_clients_locked(exp);
     export_unref_locked(exp);
-    pthread_mutex_unlock(&srv.lock);
+    vd_mutex_unlock(&srv.lock);
     return 0;
 }
 
 NbdExport *nbd_export_find(const char *id)
 {
-    pthread_mutex_lock(&srv.lock);
+    vd_mutex_lock(&srv.lock);
     NbdExport *e = id ? find_locked(id, NULL) : NULL;
-    pthread_mutex_unlock(&srv.lock);
+    vd_mutex_unlock(&srv.lock);
     return e;
 }
 
 NbdExport *nbd_export_find_by_name(const char *name)
 {
-    pthread_mutex_lock(&srv.lock);
+    vd_mutex_lock(&srv.lock);
     NbdExport *e = name ? find_locked(NULL, name) : NULL;
-    pthread_mutex_unlock(&srv.lock);
+    vd_mutex_unlock(&srv.lock);
     return e;
 }
 
 void nbd_export_foreach(void (*cb)(NbdExport *exp, void *opaque), void *opaque)
 {
-    pthread_mutex_lock(&srv.lock);
+    vd_mutex_lock(&srv.lock);
     for (size_t i = 0; i < srv.nexports; i++) {
         cb(srv.exports[i], opaque);
     }
-    pthread_mutex_unlock(&srv.lock);
+    vd_mutex_unlock(&srv.lock);
 }
 
 const char *nbd_export_id(const NbdExport *exp) { return exp->id; }
@@ -340,65 +341,65 @@ bool nbd_export_writable(const NbdExport *exp) { return exp->writable; }
 BlockNode *nbd_export_node(const NbdExport *exp)
 {
     NbdExport *e = (NbdExport *)exp;
-    pthread_mutex_lock(&e->lock);
+    vd_mutex_lock(&e->lock);
     BlockNode *n = e->node;
-    pthread_mutex_unlock(&e->lock);
+    vd_mutex_unlock(&e->lock);
     return n;
 }
 
 unsigned nbd_export_client_count(const NbdExport *exp)
 {
-    pthread_mutex_lock(&srv.lock);
+    vd_mutex_lock(&srv.lock);
     unsigned n = exp->clients;
-    pthread_mutex_unlock(&srv.lock);
+    vd_mutex_unlock(&srv.lock);
     return n;
 }
 
 int nbd_conn_attach(NbdConn *conn, NbdExport *exp)
 {
-    pthread_mutex_lock(&srv.lock);
+    vd_mutex_lock(&srv.lock);
     int r = exp->deleted ? -ENOENT : srv.stopping ? -ESHUTDOWN : 0;
     if (r < 0 || conn->exp) {
         export_unref_locked(exp);
-        pthread_mutex_unlock(&srv.lock);
+        vd_mutex_unlock(&srv.lock);
         return r < 0 ? r : -EINVAL;
     }
     conn->exp = exp;
     conn->attached = true;
     exp->clients++;
-    pthread_mutex_unlock(&srv.lock);
+    vd_mutex_unlock(&srv.lock);
     return 0;
 }
 
 void nbd_export_enter_n(NbdExport *exp, unsigned n, BlockNode **node, BlockTracker **tracker)
 {
-    pthread_mutex_lock(&exp->lock);
+    vd_mutex_lock(&exp->lock);
     while (exp->quiesce > 0) {
-        pthread_cond_wait(&exp->cond, &exp->lock);
+        vd_cond_wait(&exp->cond, &exp->lock);
     }
     exp->in_flight += n;
     *node = exp->node;
     *tracker = exp->tracker;
-    pthread_mutex_unlock(&exp->lock);
+    vd_mutex_unlock(&exp->lock);
 }
 
 void nbd_export_leave(NbdExport *exp)
 {
-    pthread_mutex_lock(&exp->lock);
+    vd_mutex_lock(&exp->lock);
     if (--exp->in_flight == 0) {
-        pthread_cond_broadcast(&exp->cond);
+        vd_cond_broadcast(&exp->cond);
     }
-    pthread_mutex_unlock(&exp->lock);
+    vd_mutex_unlock(&exp->lock);
 }
 
 void nbd_export_drain_begin(NbdExport *exp)
 {
-    pthread_mutex_lock(&exp->lock);
+    vd_mutex_lock(&exp->lock);
     exp->quiesce++;
     while (exp->in_flight > 0) {
-        pthread_cond_wait(&exp->cond, &exp->lock);
+        vd_cond_wait(&exp->cond, &exp->lock);
     }
-    pthread_mutex_unlock(&exp->lock);
+    vd_mutex_unlock(&exp->lock);
 }
 
 void nbd_export_set_node(NbdExport *exp, BlockNode *node)
@@ -408,12 +409,12 @@ void nbd_export_set_node(NbdExport *exp, BlockNode *node)
         return; /* ENOMEM: keep serving the old node rather than crash */
     }
     vd_node_ref(node);
-    pthread_mutex_lock(&exp->lock);
+    vd_mutex_lock(&exp->lock);
     BlockNode *old = exp->node;
     BlockTracker *old_t = exp->tracker;
     exp->node = node;
     exp->tracker = t;
-    pthread_mutex_unlock(&exp->lock);
+    vd_mutex_unlock(&exp->lock);
     block_tracker_put(old_t);
     if (old) {
         vd_node_unref(old);
@@ -422,11 +423,11 @@ void nbd_export_set_node(NbdExport *exp, BlockNode *node)
 
 void nbd_export_drain_end(NbdExport *exp)
 {
-    pthread_mutex_lock(&exp->lock);
+    vd_mutex_lock(&exp->lock);
     if (exp->quiesce > 0 && --exp->quiesce == 0) {
-        pthread_cond_broadcast(&exp->cond);
+        vd_cond_broadcast(&exp->cond);
     }
-    pthread_mutex_unlock(&exp->lock);
+    vd_mutex_unlock(&exp->lock);
 }
 
 /* ---------------- connections ---------------- */
@@ -461,7 +462,7 @@ static void *conn_thread(void *arg)
         set_timeout(c->fd, SO_RCVTIMEO, 0);
         nbd_transmission(c);
     }
-    pthread_mutex_lock(&srv.lock);
+    vd_mutex_lock(&srv.lock);
     if (c->attached) {
         c->exp->clients--;
         c->attached = false;
@@ -480,16 +481,16 @@ static void *conn_thread(void *arg)
     }
     conn_free(c); /* before nconns drops: nbd_server_stop's return means every conn is freed */
     srv.nconns--;
-    pthread_cond_broadcast(&srv.cond);
-    pthread_mutex_unlock(&srv.lock);
+    vd_cond_broadcast(&srv.cond);
+    vd_mutex_unlock(&srv.lock);
     return NULL;
 }
 
 static void accept_one(int fd)
 {
-    pthread_mutex_lock(&srv.lock);
+    vd_mutex_lock(&srv.lock);
     bool refuse = srv.stopping || (srv.max_conns && srv.nconns >= srv.max_conns);
-    pthread_mutex_unlock(&srv.lock);
+    vd_mutex_unlock(&srv.lock);
     if (refuse) {
         close(fd);
         return;
@@ -510,7 +511,7 @@ static void accept_one(int fd)
     pthread_cond_init(&c->cond, NULL);
     pthread_cond_init(&c->wcond, NULL);
 
-    pthread_mutex_lock(&srv.lock);
+    vd_mutex_lock(&srv.lock);
     c->next = srv.conns;
     srv.conns = c;
     srv.nconns++;
@@ -522,12 +523,12 @@ static void accept_one(int fd)
     if (r != 0) {
         srv.conns = c->next;
         srv.nconns--;
-        pthread_mutex_unlock(&srv.lock);
+        vd_mutex_unlock(&srv.lock);
         close(fd);
         conn_free(c);
         return;
     }
-    pthread_mutex_unlock(&srv.lock);
+    vd_mutex_unlock(&srv.lock);
 }
 
 static void *accept_thread(void *arg)
@@ -620,13 +621,13 @@ static int listen_inet(const char *host, const char *port, VdError **errp)
 
 int nbd_server_start(const NbdServerAddress *addr, uint32_t max_connections, VdError **errp)
 {
-    pthread_mutex_lock(&srv.lock);
+    vd_mutex_lock(&srv.lock);
     if (srv.running) {
-        pthread_mutex_unlock(&srv.lock);
+        vd_mutex_unlock(&srv.lock);
         vd_error_setg(errp, EEXIST, "NBD server already running");
         return -EEXIST;
     }
-    pthread_mutex_unlock(&srv.lock);
+    vd_mutex_unlock(&srv.lock);
 
     int fd;
     char *upath = NULL;
@@ -660,7 +661,7 @@ int nbd_server_start(const NbdServerAddress *addr, uint32_t max_connections, VdE
         vd_error_setg_errno(errp, -r, "cannot start the NBD server");
         return r;
     }
-    pthread_mutex_lock(&srv.lock);
+    vd_mutex_lock(&srv.lock);
     srv.listen_fd = fd;
     srv.unix_path = upath;
     srv.max_conns = max_connections;
@@ -669,7 +670,7 @@ int nbd_server_start(const NbdServerAddress *addr, uint32_t max_connections, VdE
     r = pthread_create(&srv.accept_thread, NULL, accept_thread, NULL);
     if (r != 0) {
         srv.running = false;
-        pthread_mutex_unlock(&srv.lock);
+        vd_mutex_unlock(&srv.lock);
         nbd_pool_stop();
         close(fd);
         close(srv.wake[0]);
@@ -682,19 +683,19 @@ int nbd_server_start(const NbdServerAddress *addr, uint32_t max_connections, VdE
         vd_error_setg_errno(errp, r, "cannot start the NBD accept thread");
         return -r;
     }
-    pthread_mutex_unlock(&srv.lock);
+    vd_mutex_unlock(&srv.lock);
     return 0;
 }
 
 void nbd_server_stop(void)
 {
-    pthread_mutex_lock(&srv.lock);
+    vd_mutex_lock(&srv.lock);
     if (!srv.running || srv.stopping) {
-        pthread_mutex_unlock(&srv.lock);
+        vd_mutex_unlock(&srv.lock);
         return;
     }
     srv.stopping = true;
-    pthread_mutex_unlock(&srv.lock);
+    vd_mutex_unlock(&srv.lock);
 
     /* 1. stop accepting */
     ssize_t w = write(srv.wake[1], "x", 1);
@@ -712,7 +713,7 @@ void nbd_server_stop(void)
     }
 
     /* 2. stop reading from clients; each finishes its in-flight requests, replies, and exits */
-    pthread_mutex_lock(&srv.lock);
+    vd_mutex_lock(&srv.lock);
     for (NbdConn *c = srv.conns; c; c = c->next) {
         shutdown(c->fd, SHUT_RD);
     }
@@ -721,20 +722,20 @@ void nbd_server_stop(void)
     clock_gettime(CLOCK_REALTIME, &deadline);
     deadline.tv_sec += NBD_STOP_GRACE_S;
     while (srv.nconns > 0) {
-        if (pthread_cond_timedwait(&srv.cond, &srv.lock, &deadline) == ETIMEDOUT) {
+        if (vd_cond_timedwait(&srv.cond, &srv.lock, &deadline) == ETIMEDOUT) {
             for (NbdConn *c = srv.conns; c; c = c->next) {
                 shutdown(c->fd, SHUT_RDWR);
             }
             deadline.tv_sec += 3600;
         }
     }
-    pthread_mutex_unlock(&srv.lock);
+    vd_mutex_unlock(&srv.lock);
 
     /* 3. no request can be queued any more */
     nbd_pool_stop();
 
     /* 4. drop the exports */
-    pthread_mutex_lock(&srv.lock);
+    vd_mutex_lock(&srv.lock);
     while (srv.nexports > 0) {
         NbdExport *e = srv.exports[srv.nexports - 1];
         export_unlist_locked(e);
@@ -744,13 +745,13 @@ void nbd_server_stop(void)
     srv.exports = NULL;
     srv.running = false;
     srv.stopping = false;
-    pthread_mutex_unlock(&srv.lock);
+    vd_mutex_unlock(&srv.lock);
 }
 
 bool nbd_server_running(void)
 {
-    pthread_mutex_lock(&srv.lock);
+    vd_mutex_lock(&srv.lock);
     bool r = srv.running && !srv.stopping;
-    pthread_mutex_unlock(&srv.lock);
+    vd_mutex_unlock(&srv.lock);
     return r;
 }

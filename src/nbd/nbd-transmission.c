@@ -21,6 +21,7 @@
 
 #include "nbd/nbd-protocol.h"
 #include "util/log.h"
+#include "util/lock.h"
 
 #define NBD_MAX_QUEUED_BYTES (64u << 20) /* write payload buffered per connection before we stall */
 #define NBD_ZERO_GRAIN 4096              /* granularity of OFFSET_HOLE detection in read replies */
@@ -79,7 +80,7 @@ static void handle_request(NbdRequest *req);
 static void *pool_worker(void *arg)
 {
     PoolWorker *w = arg;
-    pthread_mutex_lock(&pool.lock);
+    vd_mutex_lock(&pool.lock);
     for (;;) {
         NbdRequest *req = pool.head;
         if (req) {
@@ -88,30 +89,30 @@ static void *pool_worker(void *arg)
                 pool.tail = NULL;
             }
             pool.blocking += req->may_block;
-            pthread_mutex_unlock(&pool.lock);
+            vd_mutex_unlock(&pool.lock);
         } else if (pool.stop) {
             break;
         } else {
             w->next_idle = pool.idle;
             pool.idle = w;
             pool.nidle++;
-            pthread_mutex_unlock(&pool.lock);
+            vd_mutex_unlock(&pool.lock);
             while (sem_wait(&w->sem) < 0 && errno == EINTR) {
             }
             /* the submitter took us off the idle stack and counted the request in blocking */
             req = w->req;
             w->req = NULL;
             if (!req) {
-                pthread_mutex_lock(&pool.lock); /* woken by nbd_pool_stop */
+                vd_mutex_lock(&pool.lock); /* woken by nbd_pool_stop */
                 continue;
             }
         }
         bool may_block = req->may_block;
         handle_request(req); /* frees req */
-        pthread_mutex_lock(&pool.lock);
+        vd_mutex_lock(&pool.lock);
         pool.blocking -= may_block;
     }
-    pthread_mutex_unlock(&pool.lock);
+    vd_mutex_unlock(&pool.lock);
     return NULL;
 }
 
@@ -140,7 +141,7 @@ int nbd_pool_start(unsigned nthreads)
     if (nthreads == 0 || nthreads > NBD_POOL_MAX_WORKERS) {
         return -EINVAL;
     }
-    pthread_mutex_lock(&pool.lock);
+    vd_mutex_lock(&pool.lock);
     pool.stop = false;
     pool.nthreads = pool.nidle = pool.blocking = 0;
     pool.idle = NULL;
@@ -152,13 +153,13 @@ int nbd_pool_start(unsigned nthreads)
     if (pool.nthreads > 0) {
         r = 0; /* fewer workers still work */
     }
-    pthread_mutex_unlock(&pool.lock);
+    vd_mutex_unlock(&pool.lock);
     return r;
 }
 
 void nbd_pool_stop(void)
 {
-    pthread_mutex_lock(&pool.lock);
+    vd_mutex_lock(&pool.lock);
     pool.stop = true;
     /* nobody submits any more: no worker is started after this, none goes idle again */
     while (pool.idle) {
@@ -169,7 +170,7 @@ void nbd_pool_stop(void)
         sem_post(&w->sem);
     }
     unsigned n = pool.nthreads;
-    pthread_mutex_unlock(&pool.lock);
+    vd_mutex_unlock(&pool.lock);
     for (unsigned i = 0; i < n; i++) {
         pthread_join(pool.workers[i].thread, NULL);
         sem_destroy(&pool.workers[i].sem);
@@ -182,7 +183,7 @@ static void pool_submit(NbdRequest *head, unsigned n)
 {
     PoolWorker *wake[NBD_POOL_MAX_WORKERS];
     unsigned nwake = 0;
-    pthread_mutex_lock(&pool.lock);
+    vd_mutex_lock(&pool.lock);
     for (unsigned i = 0; i < n; i++) {
         NbdRequest *req = head;
         head = req->next;
@@ -213,7 +214,7 @@ static void pool_submit(NbdRequest *head, unsigned n)
         }
         pool.tail = req;
     }
-    pthread_mutex_unlock(&pool.lock);
+    vd_mutex_unlock(&pool.lock);
     for (unsigned i = 0; i < nwake; i++) {
         sem_post(&wake[i]->sem);
     }
@@ -279,17 +280,17 @@ static void *nbd_buf_alloc(size_t len)
         void *p = NULL;
         return posix_memalign(&p, NBD_BUF_ALIGN, len ? len : 1) == 0 ? p : NULL;
     }
-    pthread_mutex_lock(&bufcache.lock);
+    vd_mutex_lock(&bufcache.lock);
     for (unsigned i = bufcache.n; i-- > 0;) { /* the most recently freed first: its pages are warm */
         if (bufcache.e[i].size == size) {
             void *p = bufcache.e[i].p;
             bufcache.e[i] = bufcache.e[--bufcache.n];
             bufcache.bytes -= size;
-            pthread_mutex_unlock(&bufcache.lock);
+            vd_mutex_unlock(&bufcache.lock);
             return p;
         }
     }
-    pthread_mutex_unlock(&bufcache.lock);
+    vd_mutex_unlock(&bufcache.lock);
     void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     return p == MAP_FAILED ? NULL : p;
 }
@@ -302,7 +303,7 @@ static void nbd_buf_free(void *p, size_t len)
         free(p);
         return;
     }
-    pthread_mutex_lock(&bufcache.lock);
+    vd_mutex_lock(&bufcache.lock);
     if (bufcache.n < NBD_BUF_CACHE_SLOTS && bufcache.bytes + size <= NBD_BUF_CACHE_MAX) {
         bufcache.e[bufcache.n].p = p;
         bufcache.e[bufcache.n].size = size;
@@ -310,7 +311,7 @@ static void nbd_buf_free(void *p, size_t len)
         bufcache.bytes += size;
         p = NULL;
     }
-    pthread_mutex_unlock(&bufcache.lock);
+    vd_mutex_unlock(&bufcache.lock);
     if (p) {
         munmap(p, size);
     }
@@ -419,7 +420,7 @@ static void reply_done(NbdConn *c, uint64_t reserve)
 {
     c->in_flight--;
     c->queued_bytes -= reserve;
-    pthread_cond_broadcast(&c->cond);
+    vd_cond_broadcast(&c->cond);
 }
 
 /* A send failed: stop serving this client. c->lock held. */
@@ -475,13 +476,13 @@ static void queue_reply(NbdConn *c, uint8_t *buf, size_t bufsize, size_t off, si
                         uint64_t reserve)
 {
     NbdReply *r = buf ? malloc(sizeof(*r)) : NULL;
-    pthread_mutex_lock(&c->lock);
+    vd_mutex_lock(&c->lock);
     if (!r) {
         /* Cannot reply and the client would wait for ever: disconnect it instead. */
         nbd_buf_free(buf, bufsize);
         c->dead = true;
         reply_done(c, reserve);
-        pthread_mutex_unlock(&c->lock);
+        vd_mutex_unlock(&c->lock);
         shutdown(c->fd, SHUT_RDWR);
         return;
     }
@@ -495,7 +496,7 @@ static void queue_reply(NbdConn *c, uint8_t *buf, size_t bufsize, size_t off, si
         nbd_buf_free(buf, bufsize);
         free(r);
         reply_done(c, reserve);
-        pthread_mutex_unlock(&c->lock);
+        vd_mutex_unlock(&c->lock);
         return;
     }
     if (c->rq_tail) {
@@ -505,7 +506,7 @@ static void queue_reply(NbdConn *c, uint8_t *buf, size_t bufsize, size_t off, si
     }
     c->rq_tail = r;
     if (c->sending) {
-        pthread_mutex_unlock(&c->lock); /* the owner of the send side sends it */
+        vd_mutex_unlock(&c->lock); /* the owner of the send side sends it */
         return;
     }
     c->sending = true;
@@ -518,18 +519,18 @@ static void queue_reply(NbdConn *c, uint8_t *buf, size_t bufsize, size_t off, si
         if (sent == NBD_DIRECT_SEND_MAX || c->dead) {
             /* hand the rest to the writer (it also drops them if the connection is dead) */
             c->sending = false;
-            pthread_cond_signal(&c->wcond);
+            vd_cond_signal(&c->wcond);
             break;
         }
         c->rq_head = r->next;
         if (!c->rq_head) {
             c->rq_tail = NULL;
         }
-        pthread_mutex_unlock(&c->lock);
-        pthread_mutex_lock(&c->send_lock);
+        vd_mutex_unlock(&c->lock);
+        vd_mutex_lock(&c->send_lock);
         ssize_t n = send_nonblocking(c->fd, r->buf + r->off, r->len);
-        pthread_mutex_unlock(&c->send_lock);
-        pthread_mutex_lock(&c->lock);
+        vd_mutex_unlock(&c->send_lock);
+        vd_mutex_lock(&c->lock);
         if (n >= 0 && (size_t)n < r->len) {
             /* the socket is full: the rest of this reply goes out first, by the writer */
             r->off += (size_t)n;
@@ -540,7 +541,7 @@ static void queue_reply(NbdConn *c, uint8_t *buf, size_t bufsize, size_t off, si
                 c->rq_tail = r;
             }
             c->sending = false;
-            pthread_cond_signal(&c->wcond);
+            vd_cond_signal(&c->wcond);
             break;
         }
         if (n < 0) {
@@ -550,7 +551,7 @@ static void queue_reply(NbdConn *c, uint8_t *buf, size_t bufsize, size_t off, si
         reply_done(c, r->reserve);
         free(r);
     }
-    pthread_mutex_unlock(&c->lock);
+    vd_mutex_unlock(&c->lock);
 }
 
 /*
@@ -560,11 +561,11 @@ static void queue_reply(NbdConn *c, uint8_t *buf, size_t bufsize, size_t off, si
 static void *writer_thread(void *arg)
 {
     NbdConn *c = arg;
-    pthread_mutex_lock(&c->lock);
+    vd_mutex_lock(&c->lock);
     for (;;) {
         /* a worker sending directly owns the socket and sends what is queued */
         while ((!c->rq_head || c->sending) && !c->writer_exit) {
-            pthread_cond_wait(&c->wcond, &c->lock);
+            vd_cond_wait(&c->wcond, &c->lock);
         }
         if (c->sending) {
             break; /* writer_exit: nothing is in flight, so nobody can be sending */
@@ -579,17 +580,17 @@ static void *writer_thread(void *arg)
         }
         bool dead = c->dead;
         c->sending = true;
-        pthread_mutex_unlock(&c->lock);
+        vd_mutex_unlock(&c->lock);
 
         int ret = 0;
         if (!dead) {
-            pthread_mutex_lock(&c->send_lock);
+            vd_mutex_lock(&c->send_lock);
             ret = nbd_write_full(c->fd, r->buf + r->off, r->len);
-            pthread_mutex_unlock(&c->send_lock);
+            vd_mutex_unlock(&c->send_lock);
         }
         nbd_buf_free(r->buf, r->bufsize);
 
-        pthread_mutex_lock(&c->lock);
+        vd_mutex_lock(&c->lock);
         c->sending = false;
         if (ret < 0) {
             conn_fail(c);
@@ -597,7 +598,7 @@ static void *writer_thread(void *arg)
         reply_done(c, r->reserve);
         free(r);
     }
-    pthread_mutex_unlock(&c->lock);
+    vd_mutex_unlock(&c->lock);
     return NULL;
 }
 
@@ -960,10 +961,10 @@ static void batch_flush(NbdConn *c, ReqBatch *b)
     if (b->n == 0) {
         return;
     }
-    pthread_mutex_lock(&c->lock);
+    vd_mutex_lock(&c->lock);
     c->in_flight += b->n;
     c->queued_bytes += b->reserve;
-    pthread_mutex_unlock(&c->lock);
+    vd_mutex_unlock(&c->lock);
     /* all at once: a drain must not start between two of them (it would wait for the first) */
     BlockNode *node;
     BlockTracker *tracker;
@@ -993,20 +994,20 @@ void nbd_transmission(NbdConn *c)
     ReqBatch batch = {0};
     for (;;) {
         /* Back-pressure: stop reading while this client has too much outstanding. */
-        pthread_mutex_lock(&c->lock);
+        vd_mutex_lock(&c->lock);
         bool full = c->in_flight + batch.n >= NBD_MAX_INFLIGHT_PER_CONN ||
                     c->queued_bytes + batch.reserve >= NBD_MAX_QUEUED_BYTES;
-        pthread_mutex_unlock(&c->lock);
+        vd_mutex_unlock(&c->lock);
         if (full || batch.n >= NBD_SUBMIT_BATCH || rbuf_avail(&rb) < NBD_REQUEST_SIZE) {
             batch_flush(c, &batch);
         }
-        pthread_mutex_lock(&c->lock);
+        vd_mutex_lock(&c->lock);
         while ((c->in_flight >= NBD_MAX_INFLIGHT_PER_CONN ||
                 c->queued_bytes >= NBD_MAX_QUEUED_BYTES) && !c->dead) {
-            pthread_cond_wait(&c->cond, &c->lock);
+            vd_cond_wait(&c->cond, &c->lock);
         }
         bool dead = c->dead;
-        pthread_mutex_unlock(&c->lock);
+        vd_mutex_unlock(&c->lock);
         if (dead) {
             break;
         }
@@ -1066,12 +1067,12 @@ void nbd_transmission(NbdConn *c)
     batch_flush(c, &batch); /* requests read before a disconnect are still answered */
     free(rb.buf);
     /* Let every request already handed out finish and reply before the socket closes. */
-    pthread_mutex_lock(&c->lock);
+    vd_mutex_lock(&c->lock);
     while (c->in_flight > 0) {
-        pthread_cond_wait(&c->cond, &c->lock);
+        vd_cond_wait(&c->cond, &c->lock);
     }
     c->writer_exit = true;
-    pthread_cond_signal(&c->wcond);
-    pthread_mutex_unlock(&c->lock);
+    vd_cond_signal(&c->wcond);
+    vd_mutex_unlock(&c->lock);
     pthread_join(c->writer, NULL);
 }

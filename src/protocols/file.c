@@ -23,6 +23,7 @@
 #include <unistd.h>
 
 #include "block/block.h"
+#include "util/lock.h"
 
 /* Bounce buffers for O_DIRECT are at most this large; bigger requests are split. */
 #define FILE_BOUNCE_MAX (1U << 20)
@@ -231,9 +232,9 @@ static int direct_pwrite(FileState *s, uint64_t offset, uint64_t bytes, const vo
 {
     uint64_t a = s->align;
     if (is_aligned(s, offset, bytes, buf)) {
-        pthread_rwlock_rdlock(&s->rmw_lock);
+        vd_rwlock_rdlock(&s->rmw_lock);
         int ret = full_pwrite(s->fd, buf, bytes, offset);
-        pthread_rwlock_unlock(&s->rmw_lock);
+        vd_rwlock_unlock(&s->rmw_lock);
         return ret;
     }
     void *bounce = bounce_get(a, bounce_need(a, offset, bytes));
@@ -243,9 +244,9 @@ static int direct_pwrite(FileState *s, uint64_t offset, uint64_t bytes, const vo
     bool aligned_range = (offset % a) == 0 && (bytes % a) == 0;
     /* Aligned range from an unaligned buffer needs no RMW: copy and write. */
     if (aligned_range) {
-        pthread_rwlock_rdlock(&s->rmw_lock);
+        vd_rwlock_rdlock(&s->rmw_lock);
     } else {
-        pthread_rwlock_wrlock(&s->rmw_lock);
+        vd_rwlock_wrlock(&s->rmw_lock);
     }
     int ret = 0;
     const uint8_t *in = buf;
@@ -289,7 +290,7 @@ static int direct_pwrite(FileState *s, uint64_t offset, uint64_t bytes, const vo
         offset += n;
         bytes -= n;
     }
-    pthread_rwlock_unlock(&s->rmw_lock);
+    vd_rwlock_unlock(&s->rmw_lock);
     return ret;
 }
 
@@ -362,7 +363,7 @@ static void file_unlock(FileState *s)
     if (!s->locked) {
         return;
     }
-    pthread_mutex_lock(&own_locks_mutex);
+    vd_mutex_lock(&own_locks_mutex);
     OwnLock *o = own_find(s->dev, s->ino);
     for (int i = 0; i < 2 * PERM_COUNT; i++) {
         if (s->lock_mask & (1u << i)) {
@@ -381,7 +382,7 @@ static void file_unlock(FileState *s)
             *o = own_locks[--n_own_locks];
         }
     }
-    pthread_mutex_unlock(&own_locks_mutex);
+    vd_mutex_unlock(&own_locks_mutex);
     s->locked = false;
     s->lock_mask = 0;
 }
@@ -404,7 +405,7 @@ static int file_lock(FileState *s, const char *path, unsigned perm, unsigned uns
         s->ino = st.st_ino;
     }
 
-    pthread_mutex_lock(&own_locks_mutex);
+    vd_mutex_lock(&own_locks_mutex);
     uint8_t added = 0;
     int ret = 0;
     for (int i = 0; i < 2 * PERM_COUNT && ret == 0; i++) {
@@ -423,7 +424,7 @@ static int file_lock(FileState *s, const char *path, unsigned perm, unsigned uns
                 ofd_lock(s->fd, lock_index_byte(i), F_UNLCK);
             }
         }
-        pthread_mutex_unlock(&own_locks_mutex);
+        vd_mutex_unlock(&own_locks_mutex);
         return 0;
     }
     /* Bytes held by other fds of this process (ours through s are not in own yet for `added`). */
@@ -484,7 +485,7 @@ static int file_lock(FileState *s, const char *path, unsigned perm, unsigned uns
         s->lock_mask |= added;
         s->locked = s->lock_mask != 0;
     }
-    pthread_mutex_unlock(&own_locks_mutex);
+    vd_mutex_unlock(&own_locks_mutex);
     return ret;
 }
 

@@ -26,6 +26,7 @@
 #include "block/block.h"
 #include "protocols/nbd.h"
 #include "util/log.h"
+#include "util/lock.h"
 
 #define NBD_MAX_CONNS 4
 /* Largest read/write payload per command when the server does not say (the spec's safe size). */
@@ -451,9 +452,9 @@ static int do_write(NbdState *s, uint64_t offset, uint64_t bytes, const uint8_t 
         uint64_t n;
         if (in_off == 0 && (bytes >= s->align || offset + bytes == s->size)) {
             n = bytes >= s->align ? bytes - bytes % s->align : bytes;
-            pthread_rwlock_rdlock(&s->rmw_lock);
+            vd_rwlock_rdlock(&s->rmw_lock);
             ret = write_direct(s, h, offset, n, in, nflags);
-            pthread_rwlock_unlock(&s->rmw_lock);
+            vd_rwlock_unlock(&s->rmw_lock);
         } else {
             uint64_t start, blen;
             block_around(s, offset, &start, &blen);
@@ -461,13 +462,13 @@ static int do_write(NbdState *s, uint64_t offset, uint64_t bytes, const uint8_t 
                 return -ENOMEM;
             }
             n = blen - in_off < bytes ? blen - in_off : bytes;
-            pthread_rwlock_wrlock(&s->rmw_lock);
+            vd_rwlock_wrlock(&s->rmw_lock);
             ret = read_direct(s, h, start, blen, bounce);
             if (ret == 0) {
                 memcpy(bounce + in_off, in, n);
                 ret = write_direct(s, h, start, blen, bounce, nflags);
             }
-            pthread_rwlock_unlock(&s->rmw_lock);
+            vd_rwlock_unlock(&s->rmw_lock);
         }
         in += n;
         offset += n;
@@ -554,7 +555,7 @@ static int nbd_drv_pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes,
         struct nbd_handle *h = conn_pick(s);
         /* Shared like any aligned write, so a concurrent read-modify-write cannot undo it. */
         if (s->align > 1) {
-            pthread_rwlock_rdlock(&s->rmw_lock);
+            vd_rwlock_rdlock(&s->rmw_lock);
         }
         while (mid > 0) {
             uint64_t n = mid < NBD_CMD_MAX ? mid : NBD_CMD_MAX;
@@ -570,7 +571,7 @@ static int nbd_drv_pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes,
             mid -= n;
         }
         if (s->align > 1) {
-            pthread_rwlock_unlock(&s->rmw_lock);
+            vd_rwlock_unlock(&s->rmw_lock);
         }
     }
     if (ret == 0 && tail) {

@@ -13,6 +13,7 @@
 #include <sys/stat.h>
 
 #include "tools/tool.h"
+#include "util/lock.h"
 
 #define SECTOR 512ull
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
@@ -328,7 +329,7 @@ static void convert_fail(Convert *s, int ret, const char *fmt, ...)
 
 static void convert_fail(Convert *s, int ret, const char *fmt, ...)
 {
-    pthread_mutex_lock(&s->lock);
+    vd_mutex_lock(&s->lock);
     if (s->ret == 0) {
         s->ret = ret < 0 ? ret : -EIO;
         char *msg = NULL;
@@ -341,8 +342,8 @@ static void convert_fail(Convert *s, int ret, const char *fmt, ...)
         vd_error_setg(&s->err, -s->ret, "%s", msg ? msg : "convert failed");
         free(msg);
     }
-    pthread_cond_broadcast(&s->cond);
-    pthread_mutex_unlock(&s->lock);
+    vd_cond_broadcast(&s->cond);
+    vd_mutex_unlock(&s->lock);
 }
 
 /* Which source holds global offset `pos`; sets *local. */
@@ -656,17 +657,17 @@ static void *convert_worker(void *opaque)
     }
     for (;;) {
         Chunk ch;
-        pthread_mutex_lock(&s->lock);
+        vd_mutex_lock(&s->lock);
         if (s->ret) {
-            pthread_mutex_unlock(&s->lock);
+            vd_mutex_unlock(&s->lock);
             break;
         }
         int p = plan_chunk(s, &ch);
         if (p < 0) {
             s->ret = p;
-            pthread_cond_broadcast(&s->cond);
+            vd_cond_broadcast(&s->cond);
         }
-        pthread_mutex_unlock(&s->lock);
+        vd_mutex_unlock(&s->lock);
         if (p != 0) {
             break;
         }
@@ -689,12 +690,12 @@ static void *convert_worker(void *opaque)
             have_data = true;
         }
         if (s->in_order) {
-            pthread_mutex_lock(&s->lock);
+            vd_mutex_lock(&s->lock);
             while (s->write_seq != ch.seq && !s->ret) {
-                pthread_cond_wait(&s->cond, &s->lock);
+                vd_cond_wait(&s->cond, &s->lock);
             }
             bool stop = s->ret != 0;
-            pthread_mutex_unlock(&s->lock);
+            vd_mutex_unlock(&s->lock);
             if (stop) {
                 break;
             }
@@ -714,13 +715,13 @@ static void *convert_worker(void *opaque)
                          strerror(-r));
             break;
         }
-        pthread_mutex_lock(&s->lock);
+        vd_mutex_lock(&s->lock);
         s->write_seq++;
         s->done += ch.bytes;
         float pct = s->total ? 100.0f * (float)s->done / (float)s->total : 100.0f;
         progress_print(pct, 0);
-        pthread_cond_broadcast(&s->cond);
-        pthread_mutex_unlock(&s->lock);
+        vd_cond_broadcast(&s->cond);
+        vd_mutex_unlock(&s->lock);
     }
     free(buf);
     free(bbuf);

@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "tool.h"
+#include "util/lock.h"
 
 struct ToolWorker {
     pthread_t thread;
@@ -25,23 +26,23 @@ struct ToolWorker {
 static void *worker_main(void *opaque)
 {
     ToolWorker *w = opaque;
-    pthread_mutex_lock(&w->lock);
+    vd_mutex_lock(&w->lock);
     for (;;) {
         while (!w->fn && !w->quit) {
-            pthread_cond_wait(&w->cond, &w->lock);
+            vd_cond_wait(&w->cond, &w->lock);
         }
         if (w->quit) {
             break;
         }
         ToolTask fn = w->fn;
-        pthread_mutex_unlock(&w->lock);
+        vd_mutex_unlock(&w->lock);
         int r = fn(w->arg);
-        pthread_mutex_lock(&w->lock);
+        vd_mutex_lock(&w->lock);
         w->result = r;
         w->fn = NULL;
-        pthread_cond_broadcast(&w->cond);
+        vd_cond_broadcast(&w->cond);
     }
-    pthread_mutex_unlock(&w->lock);
+    vd_mutex_unlock(&w->lock);
     return NULL;
 }
 
@@ -64,24 +65,24 @@ ToolWorker *tool_worker_new(void)
 
 void tool_worker_submit(ToolWorker *w, ToolTask fn, void *arg)
 {
-    pthread_mutex_lock(&w->lock);
+    vd_mutex_lock(&w->lock);
     while (w->fn) { /* one task at a time */
-        pthread_cond_wait(&w->cond, &w->lock);
+        vd_cond_wait(&w->cond, &w->lock);
     }
     w->fn = fn;
     w->arg = arg;
-    pthread_cond_broadcast(&w->cond);
-    pthread_mutex_unlock(&w->lock);
+    vd_cond_broadcast(&w->cond);
+    vd_mutex_unlock(&w->lock);
 }
 
 int tool_worker_wait(ToolWorker *w)
 {
-    pthread_mutex_lock(&w->lock);
+    vd_mutex_lock(&w->lock);
     while (w->fn) {
-        pthread_cond_wait(&w->cond, &w->lock);
+        vd_cond_wait(&w->cond, &w->lock);
     }
     int r = w->result;
-    pthread_mutex_unlock(&w->lock);
+    vd_mutex_unlock(&w->lock);
     return r;
 }
 
@@ -90,13 +91,13 @@ void tool_worker_free(ToolWorker *w)
     if (!w) {
         return;
     }
-    pthread_mutex_lock(&w->lock);
+    vd_mutex_lock(&w->lock);
     while (w->fn) {
-        pthread_cond_wait(&w->cond, &w->lock);
+        vd_cond_wait(&w->cond, &w->lock);
     }
     w->quit = true;
-    pthread_cond_broadcast(&w->cond);
-    pthread_mutex_unlock(&w->lock);
+    vd_cond_broadcast(&w->cond);
+    vd_mutex_unlock(&w->lock);
     pthread_join(w->thread, NULL);
     pthread_mutex_destroy(&w->lock);
     pthread_cond_destroy(&w->cond);
