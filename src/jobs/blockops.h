@@ -28,11 +28,15 @@ int blockops_exports_drain(BlockNode *node, BlockopsExports *set);
 void blockops_exports_resume(BlockopsExports *set, BlockNode *new_node);
 
 /*
- * The backing name to record in overlay's header for base: base's name relative to overlay's
- * directory when base was named relatively, else its absolute name (QEMU records base->filename,
- * which is the same in the usual case of one directory). malloc'ed; NULL on ENOMEM.
+ * The backing name to record in overlay's header for base: absolute when overlay's header names
+ * its backing by an absolute name now, else relative to overlay's directory (a new image, with no
+ * backing name yet, gets a relative one). Names stay as the user wrote them (QEMU writes
+ * base->filename, absolute when the images were opened by absolute paths). URIs are unchanged.
+ * malloc'ed; NULL on ENOMEM.
  */
 char *blockops_backing_name(BlockNode *overlay, BlockNode *base);
+/* base's canonical absolute name (mode=absolute-paths); malloc'ed, NULL on ENOMEM. */
+char *blockops_backing_name_absolute(BlockNode *base);
 /* Set bs's in-memory backing_file/backing_format/full_backing_filename (no header write). */
 int blockops_set_backing_strings(BlockNode *bs, const char *name, const char *fmt);
 /* A second, read-write node of bs's image with the same node name and bs's backing child. */
@@ -82,6 +86,8 @@ typedef struct SnapshotSyncRequest { /* blockdev-snapshot-sync */
     const char *snapshot_node_name;
     const char *format;                 /* NULL = qcow2 */
     bool mode_existing;                 /* mode=existing (else absolute-paths: create it) */
+    bool mode_absolute;                 /* mode=absolute-paths given: record the old top by an
+                                         * absolute name (omitted: relative, vdisk's default) */
 } SnapshotSyncRequest;
 int snapshot_sync(const SnapshotSyncRequest *r, VdError **errp);
 /* blockdev-snapshot: put the named overlay node on top of node. */

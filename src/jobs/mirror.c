@@ -1555,9 +1555,8 @@ int mirror_request_start(const MirrorRequest *r, VdError **errp)
         o.skip_target_allocated = true;
     }
     BlockNode *share = o.base_is_source ? source : o.base;
-    /* mode absolute-paths: record the shared image by its absolute path. */
-    char *share_path = share ? realpath(share->filename, NULL) : NULL;
-    const char *share_name = share_path ? share_path : share ? share->filename : NULL;
+    /* The name a target records for share: as the user writes names (blockops_backing_name). */
+    char *share_name = NULL;
 
     BlockNode *target = NULL;
     Job *job = NULL;
@@ -1583,6 +1582,11 @@ int mirror_request_start(const MirrorRequest *r, VdError **errp)
         if (base_node) {
             /* ...except with base-node, whose promise is "the target's backing is base". */
             o.rewrite_backing = true;
+            share_name = blockops_backing_name(target, share);
+            if (!share_name) {
+                vd_error_setg(errp, ENOMEM, "Out of memory");
+                goto out;
+            }
             o.backing_name = share_name;
             o.backing_fmt = share->drv->name;
         }
@@ -1619,6 +1623,14 @@ int mirror_request_start(const MirrorRequest *r, VdError **errp)
                               "sync=full or format=qcow2");
                 goto out;
             }
+            /* Relative to the target, unless the caller asked for absolute-paths explicitly. */
+            share_name = !share ? NULL : r->mode_absolute ? blockops_backing_name_absolute(share)
+                       : blockops_backing_name(&(BlockNode){.filename = (char *)target_name},
+                                               share);
+            if (share && !share_name) {
+                vd_error_setg(errp, ENOMEM, "Out of memory");
+                goto out;
+            }
             VdCreateOptions co = {.format = format, .size = (uint64_t)vd_getlength(source),
                                   .size_given = true, .unsafe = true,
                                   .backing_file = share_name,
@@ -1644,10 +1656,17 @@ int mirror_request_start(const MirrorRequest *r, VdError **errp)
          * (existing_target_backing), except that base-node promises "backing = base".
          */
         o.rewrite_backing = base_node != NULL;
+        if (o.rewrite_backing && share && !share_name) {
+            share_name = blockops_backing_name(target, share);
+            if (!share_name) {
+                vd_error_setg(errp, ENOMEM, "Out of memory");
+                goto out;
+            }
+        }
         o.backing_name = share_name;
         o.backing_fmt = share ? share->drv->name : NULL;
         if (o.rewrite_backing && target->full_backing_filename && share &&
-            !strcmp(target->full_backing_filename, share_name)) {
+            node_is_file(share, target->full_backing_filename)) {
             o.rewrite_backing = false; /* already right */
         }
         if (o.rewrite_backing && !share && !target->backing_file) {
@@ -1681,7 +1700,7 @@ int mirror_request_start(const MirrorRequest *r, VdError **errp)
     }
 out:
     vd_node_unref(target);
-    free(share_path);
+    free(share_name);
     if (job) {
         return 0;
     }

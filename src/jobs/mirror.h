@@ -78,6 +78,8 @@ typedef struct MirrorRequest {
     bool has_replaces;            /* refused: vdiskd replaces nothing but the source */
     int sync;                     /* MirrorSync */
     bool mode_existing;           /* drive-mirror mode=existing (else absolute-paths: create) */
+    bool mode_absolute;           /* mode=absolute-paths given: the target names its backing by
+                                   * an absolute path (omitted: relative, vdisk's default) */
     int64_t speed;                /* 0 */
     uint32_t granularity;         /* 0 = default */
     int64_t buf_size;             /* 0 = default */

@@ -100,17 +100,32 @@ static bool is_uri(const char *s)
     return s && strstr(s, "://") != NULL;
 }
 
+/* base's file by a canonical absolute name (URIs unchanged). */
+char *blockops_backing_name_absolute(BlockNode *base)
+{
+    if (!base) {
+        return NULL;
+    }
+    char *real = is_uri(base->filename) ? NULL : realpath(base->filename, NULL);
+    return real ? real : strdup(base->filename);
+}
+
 char *blockops_backing_name(BlockNode *overlay, BlockNode *base)
 {
     if (!base) {
         return NULL;
     }
-    const char *b = base->filename;
-    if (b[0] == '/' || is_uri(b) || !overlay || !overlay->filename || is_uri(overlay->filename)) {
-        return strdup(b);
+    if (is_uri(base->filename) || !overlay || !overlay->filename || is_uri(overlay->filename)) {
+        return strdup(base->filename);
     }
-    /* Relative names are relative to the daemon's cwd: re-express them from overlay's directory. */
-    return vd_relative_path(overlay->filename, b);
+    /* The header's own style: an absolute name stays absolute, anything else is relative. */
+    char *abs = blockops_backing_name_absolute(base);
+    if (!abs || (overlay->backing_file && overlay->backing_file[0] == '/')) {
+        return abs;
+    }
+    char *rel = vd_relative_path(overlay->filename, abs);
+    free(abs);
+    return rel;
 }
 
 static int dup_or_null(const char *s, char **out)
@@ -383,8 +398,9 @@ int snapshot_sync(const SnapshotSyncRequest *req, VdError **errp)
                           format);
             return -ENOTSUP;
         }
-        /* The overlay records the old top by the name the user gave it (relative stays so). */
-        char *bname = blockops_backing_name(&(BlockNode){.filename = (char *)file}, old);
+        /* Relative to the overlay unless the caller asked for absolute-paths explicitly. */
+        char *bname = req->mode_absolute ? blockops_backing_name_absolute(old)
+                           : blockops_backing_name(&(BlockNode){.filename = (char *)file}, old);
         int64_t len = vd_getlength(old);
         if (!bname || len < 0) {
             free(bname);

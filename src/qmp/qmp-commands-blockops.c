@@ -34,6 +34,14 @@ static bool is_existing(int mode)
     return mode == 0;
 }
 
+/* mode=absolute-paths given explicitly (MODE_OMITTED otherwise): absolute backing names; without
+ * it vdiskd records them relative (QEMU's default is absolute-paths; docs/blockops.md). */
+#define MODE_OMITTED (-1)
+static bool is_absolute(int mode)
+{
+    return mode == 1;
+}
+
 /* ---- drive-mirror / blockdev-mirror ---- */
 
 /* MirrorRequest plus the members whose QAPI enum becomes a bool there. */
@@ -88,11 +96,12 @@ static json_t *mirror(json_t *args, const QmpArgSpec *spec, bool blockdev, VdErr
 {
     MirrorArgs a = {.r = {.blockdev = blockdev, .unmap = true, .auto_finalize = true,
                           .auto_dismiss = true},
-                    .mode = 1 /* absolute-paths */};
+                    .mode = MODE_OMITTED};
     if (qmp_args_parse(args, spec, &a, errp) < 0) {
         return NULL;
     }
     a.r.mode_existing = is_existing(a.mode);
+    a.r.mode_absolute = is_absolute(a.mode);
     a.r.write_blocking = a.copy_mode == 1;
     a.r.on_source_error = job_error_action(a.r.on_source_error);
     a.r.on_target_error = job_error_action(a.r.on_target_error);
@@ -193,11 +202,12 @@ static const QmpArgSpec blockdev_snapshot_args[] = {
 
 static json_t *cmd_blockdev_snapshot_sync(json_t *args, VdError **errp)
 {
-    SnapshotSyncArgs a = {.mode = 1 /* absolute-paths */};
+    SnapshotSyncArgs a = {.mode = MODE_OMITTED};
     if (qmp_args_parse(args, blockdev_snapshot_sync_args, &a, errp) < 0) {
         return NULL;
     }
     a.r.mode_existing = is_existing(a.mode);
+    a.r.mode_absolute = is_absolute(a.mode);
     return snapshot_sync(&a.r, errp) < 0 ? NULL : json_object();
 }
 

@@ -432,6 +432,32 @@ static int set_chain_arg(Graph *g, json_t *args, const char *key, const char *va
     return r;
 }
 
+/*
+ * --absolute-backing for blockcommit / blockpull: QEMU's "backing-file" set to the absolute name
+ * of the base the job's arguments chose (base-node, base, or else the bottom of TOP's chain).
+ * Without it the daemon decides (vdiskd: as the rewritten header names its backing now).
+ */
+static int set_absolute_backing(Graph *g, json_t *args, json_t *top)
+{
+    const char *bn = jstr(args, "base-node");
+    json_t *b = bn ? node_by_name(g, bn) : NULL;
+    const char *file = b ? jstr(b, "file") : jstr(args, "base");
+    if (!file && !bn) {
+        json_t *n = top;
+        for (int i = 0; n && backing_node(g, n) && i < 1000; i++) {
+            n = backing_node(g, n);
+        }
+        file = n && n != top ? jstr(n, "file") : NULL;
+    }
+    if (!file) {
+        return 0; /* no base: nothing is recorded */
+    }
+    char *abs = absolute_path(file);
+    int r = abs ? json_object_set_new(args, "backing-file", json_string(abs)) : -1;
+    free(abs);
+    return r;
+}
+
 /* --------------------------------------------------------- job waiting */
 
 static void print_progress(const char *label, uint64_t remaining, uint64_t total)
@@ -740,6 +766,7 @@ static int parse_opts(int argc, char **argv, const VOpt *opts, const char *usage
 typedef struct {
     const char *sock, *bw, *timeout_s;
     bool wait, verbose, bytes, async;
+    bool absolute; /* --absolute-backing: record backing names by absolute paths */
 } JobOpts;
 
 /* parse_opts() with the JobOpts options added after the command's own EXTRA ones. */
@@ -754,6 +781,7 @@ static int parse_job_opts(int argc, char **argv, JobOpts *j, const VOpt *extra,
         { "bytes", &j->bytes, NULL, NULL },
         { "timeout", NULL, &j->timeout_s, NULL },
         { "async", &j->async, NULL, NULL },
+        { "absolute-backing", &j->absolute, NULL, NULL },
     };
     const size_t ncommon = sizeof(common) / sizeof(common[0]);
     VOpt all[VOPT_MAX + 1];
@@ -1012,7 +1040,10 @@ int virsh_blockcopy(int argc, char **argv)
     }
     json_object_set_new(args, "target", json_string(target));
     json_object_set_new(args, "sync", json_string(shallow ? "top" : "full"));
-    json_object_set_new(args, "mode", json_string(reuse ? "existing" : "absolute-paths"));
+    /* Without a mode vdiskd records the backing name relative to DEST (QEMU: absolute). */
+    if (reuse || jo.absolute) {
+        json_object_set_new(args, "mode", json_string(reuse ? "existing" : "absolute-paths"));
+    }
     if (format) {
         json_object_set_new(args, "format", json_string(format));
     }
@@ -1066,14 +1097,17 @@ int virsh_blockpull(int argc, char **argv)
 {
     JobOpts jo = { 0 };
     const char *base = NULL;
+    bool keep_relative = false; /* libvirt's flag: relative names are vdiskd's default */
     const VOpt opts[] = {
         { "base", NULL, &base, NULL },
+        { "keep-relative", &keep_relative, NULL, NULL },
         { NULL, NULL, NULL, NULL }
     };
     static const char *const names[] = { "disk" };
     int p = parse_job_opts(argc, argv, &jo, opts,
-                           "DISK [--base B] [--wait [--verbose] [--timeout S] [--async]] "
-                           "[--bandwidth N [--bytes]] [--socket PATH]",
+                           "DISK [--base B] [--keep-relative|--absolute-backing] [--wait "
+                           "[--verbose] [--timeout S] [--async]] [--bandwidth N [--bytes]] "
+                           "[--socket PATH]",
                            1, names);
     if (p <= 0) {
         return p < 0;
@@ -1101,7 +1135,8 @@ int virsh_blockpull(int argc, char **argv)
     if (!args) {
         goto out;
     }
-    if (base && set_chain_arg(&run.g, args, "base", base) < 0) {
+    if (base && (set_chain_arg(&run.g, args, "base", base) < 0 ||
+                 (jo.absolute && set_absolute_backing(&run.g, args, node) < 0))) {
         tool_error("error: out of memory");
         json_decref(args);
         goto out;
@@ -1128,8 +1163,9 @@ int virsh_blockcommit(int argc, char **argv)
 {
     JobOpts jo = { 0 };
     const char *base = NULL, *top = NULL;
-    bool shallow = false, active = false, pivot = false, keep = false;
+    bool shallow = false, active = false, pivot = false, keep = false, keep_relative = false;
     const VOpt opts[] = {
+        { "keep-relative", &keep_relative, NULL, NULL },
         { "base", NULL, &base, NULL },
         { "top", NULL, &top, NULL },
         { "shallow", &shallow, NULL, NULL },
@@ -1141,6 +1177,7 @@ int virsh_blockcommit(int argc, char **argv)
     static const char *const names[] = { "disk" };
     int p = parse_job_opts(argc, argv, &jo, opts,
                            "DISK [--base B | --shallow] [--top T] [--active] "
+                           "[--keep-relative|--absolute-backing] "
                            "[--pivot|--keep-overlay] [--wait [--verbose] [--timeout S] [--async]] "
                            "[--bandwidth N [--bytes]] [--socket PATH]",
                            1, names);
@@ -1154,6 +1191,10 @@ int virsh_blockcommit(int argc, char **argv)
     }
     if (base && shallow) {
         tool_error("error: Options --base and --shallow are mutually exclusive");
+        return 1;
+    }
+    if (keep_relative && jo.absolute) {
+        tool_error("error: Options --keep-relative and --absolute-backing are mutually exclusive");
         return 1;
     }
     int64_t timeout_ms, speed;
@@ -1208,6 +1249,12 @@ int virsh_blockcommit(int argc, char **argv)
         }
         json_object_set_new(args, "base-node", json_string(jstr(b, "node-name")));
     } else if (base && set_chain_arg(&run.g, args, "base", base) < 0) {
+        tool_error("error: out of memory");
+        json_decref(args);
+        goto out;
+    }
+    /* An active commit rewrites no header (QEMU refuses backing-file for it). */
+    if (jo.absolute && !active && set_absolute_backing(&run.g, args, top_node) < 0) {
         tool_error("error: out of memory");
         json_decref(args);
         goto out;
@@ -1475,17 +1522,19 @@ out:
 int virsh_snapshot_create(int argc, char **argv)
 {
     const char *sock = NULL, *format = NULL, *node_name = NULL;
-    bool reuse = false;
+    bool reuse = false, absolute = false;
     const VOpt opts[] = {
         { "socket", NULL, &sock, NULL },
         { "format", NULL, &format, NULL },
         { "reuse-external", &reuse, NULL, NULL },
+        { "absolute-backing", &absolute, NULL, NULL },
         { "node-name", NULL, &node_name, NULL },
         { NULL, NULL, NULL, NULL }
     };
     static const char *const names[] = { "disk", "overlay" };
     int p = parse_opts(argc, argv, opts,
-                       "DISK OVERLAY [--format F] [--reuse-external] [--node-name N] "
+                       "DISK OVERLAY [--format F] [--reuse-external] [--absolute-backing] "
+                       "[--node-name N] "
                        "[--socket PATH]",
                        2, names);
     if (p <= 0) {
@@ -1501,13 +1550,16 @@ int virsh_snapshot_create(int argc, char **argv)
         goto out;
     }
     file = absolute_path(overlay);
-    json_t *args = json_pack("{s:s,s:s,s:s}", "node-name", jstr(node, "node-name"),
-                             "snapshot-file", file ? file : overlay, "mode",
-                             reuse ? "existing" : "absolute-paths");
+    json_t *args = json_pack("{s:s,s:s}", "node-name", jstr(node, "node-name"),
+                             "snapshot-file", file ? file : overlay);
     if (!file || !args) {
         tool_error("error: out of memory");
         json_decref(args);
         goto out;
+    }
+    /* Without a mode vdiskd records the old top relative to the overlay (QEMU: absolute). */
+    if (reuse || absolute) {
+        json_object_set_new(args, "mode", json_string(reuse ? "existing" : "absolute-paths"));
     }
     if (format) {
         json_object_set_new(args, "format", json_string(format));

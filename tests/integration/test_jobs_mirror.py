@@ -156,7 +156,9 @@ def test_mirror_pivot_with_concurrent_guest(tmp):
     assert_qemu_check_clean(tgt)
     assert_qemu_check_clean(top)
     info = json.loads(qemu_img("info", "--output=json", tgt).stdout)
-    assert os.path.realpath(info["backing-filename"]) == os.path.realpath(base)
+    # recorded relative to the target (vdisk keeps backing names relative by default)
+    assert os.path.realpath(os.path.join(os.path.dirname(str(tgt)), info["backing-filename"])) \
+        == os.path.realpath(base)
     got = read_image(tmp, tgt, "tgt.raw")
     assert got == bytes(model), first_diff(got, model)
     src = read_image(tmp, top, "top.raw")
@@ -415,7 +417,9 @@ def test_sync_none_raw_full_and_mirror_back_by_node_name(tmp):
         q.close()
         d.kill()
     info = json.loads(qemu_img("info", "--output=json", ov).stdout)
-    assert os.path.realpath(info["backing-filename"]) == os.path.realpath(top)
+    # recorded relative to the target (vdisk keeps backing names relative by default)
+    assert os.path.realpath(os.path.join(os.path.dirname(str(ov)), info["backing-filename"])) \
+        == os.path.realpath(top)
     assert info["format"] == "qcow2"
     assert_qemu_check_clean(back)
     got = read_image(tmp, back, "back.raw")
