@@ -25,6 +25,7 @@
 #include "nbd/nbd-protocol.h"
 #include "util/log.h"
 #include "util/lock.h"
+#include "util/sockperm.h"
 
 #define NBD_HANDSHAKE_TIMEOUT_S 30
 #define NBD_SEND_TIMEOUT_S 30
@@ -568,7 +569,6 @@ static int listen_unix(const char *path, VdError **errp)
         vd_error_setg(errp, EINVAL, "invalid unix socket path");
         return -EINVAL;
     }
-    strcpy(sa.sun_path, path);
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0) {
         int e = errno;
@@ -579,11 +579,10 @@ static int listen_unix(const char *path, VdError **errp)
     if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode)) {
         unlink(path); /* stale socket from an earlier run */
     }
-    if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(fd, 64) < 0) {
-        int e = errno;
+    int r = vd_socket_listen_unix(fd, path, 64, "NBD socket", errp);
+    if (r < 0) {
         close(fd);
-        vd_error_setg_errno(errp, e, "cannot listen on '%s'", path);
-        return -e;
+        return r;
     }
     return fd;
 }

@@ -14,6 +14,7 @@
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdio.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -25,11 +26,12 @@
 #include "qmp/qmp-args.h"
 #include "qmp/qmp-internal.h"
 #include "util/log.h"
+#include "util/sockperm.h"
 
 #define QMP_MAX_VALUE (16u << 20)   /* one JSON value from a client */
 #define QMP_MAX_DEPTH 1024          /* nesting of one value */
 #define QMP_MAX_OUTPUT (64u << 20)  /* unsent output before a client is dropped */
-#define QMP_MAX_CLIENTS 64
+#define QMP_DEFAULT_MAX_CLIENTS 64
 #define QMP_READ_CHUNK 65536
 #define QMP_DUMP_FLAGS (JSON_ENSURE_ASCII | JSON_PRESERVE_ORDER)
 
@@ -149,6 +151,7 @@ typedef struct QmpClient {
     bool scalar;    /* the value is a bare top-level scalar (not {..} / [..] / "..") */
     bool in_str, esc;
     int depth;
+    uint64_t last_active; /* srv.activity when this client last sent something */
     bool overflow;  /* too big or too deep: being skipped, answered with an error at its end */
     bool too_deep;
     /* pending output */
@@ -163,6 +166,7 @@ static struct {
     int wake[2];
     char *path;
     bool stop; /* set under ev_lock, read by the thread after a wake-up */
+    uint64_t activity; /* counts reads from clients: the recency of each client's last input */
     QmpClient **clients;
     size_t nclients;
 } srv = {.listen_fd = -1, .wake = {-1, -1}};
@@ -657,17 +661,47 @@ static void client_free(QmpClient *c)
     free(c);
 }
 
-static void accept_client(void)
+static unsigned max_clients = QMP_DEFAULT_MAX_CLIENTS;
+
+void qmp_server_set_max_clients(unsigned n)
+{
+    max_clients = n ? n : 1;
+}
+
+/*
+ * At the limit, the client that has been quiet longest makes room for the new one: idle or
+ * stuck connections can never lock the management client out (a refusal would), and only the
+ * socket's owner (mode 0600/0660) can connect at all.
+ */
+static void make_room(void)
+{
+    size_t live = 0;
+    QmpClient *quietest = NULL;
+    for (size_t i = 0; i < srv.nclients; i++) {
+        QmpClient *c = srv.clients[i];
+        if (c->dead) {
+            continue;
+        }
+        live++;
+        if (!quietest || c->last_active < quietest->last_active) {
+            quietest = c;
+        }
+    }
+    if (live >= max_clients && quietest) {
+        vd_log(VD_LOG_WARN, "QMP: %zu clients (the limit): closing the one quiet longest", live);
+        quietest->dead = true;
+        shutdown(quietest->fd, SHUT_RDWR);
+    }
+}
+
+/* Accept one pending connection: false when none is left. */
+static bool accept_client(void)
 {
     int fd = accept4(srv.listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
     if (fd < 0) {
-        return;
+        return false;
     }
-    if (srv.nclients >= QMP_MAX_CLIENTS) {
-        vd_log(VD_LOG_WARN, "QMP: too many clients (%d), refusing one", QMP_MAX_CLIENTS);
-        close(fd);
-        return;
-    }
+    make_room();
     QmpClient *c = calloc(1, sizeof(*c));
     QmpClient **n = realloc(srv.clients, (srv.nclients + 1) * sizeof(*n));
     if (!c || !n) {
@@ -676,15 +710,17 @@ static void accept_client(void)
             srv.clients = n;
         }
         close(fd);
-        return;
+        return false;
     }
     srv.clients = n;
     c->fd = fd;
+    c->last_active = ++srv.activity;
     srv.clients[srv.nclients++] = c;
     json_t *greet = json_pack("{s:{s:o,s:[]}}", "QMP", "version", qmp_version_object(),
                               "capabilities");
     client_send_json(c, greet);
     json_decref(greet);
+    return true;
 }
 
 static void *server_thread(void *arg)
@@ -746,12 +782,13 @@ static void *server_thread(void *arg)
                                  errno != EWOULDBLOCK)) {
                     c->dead = true;
                 } else if (got > 0) {
+                    c->last_active = ++srv.activity;
                     client_feed(c, buf, (size_t)got);
                 }
             }
         }
-        if (pfds[1].revents & POLLIN) {
-            accept_client();
+        /* Every pending connection (bounded: a flood must not starve the clients). */
+        for (int i = 0; i < 256 && (pfds[1].revents & POLLIN) && accept_client(); i++) {
         }
         size_t k = 0;
         for (size_t i = 0; i < srv.nclients; i++) {
@@ -831,18 +868,8 @@ int qmp_server_start(const char *socket_path, VdError **errp)
         vd_error_setg_errno(errp, -r, "Failed to create QMP socket");
         return r;
     }
-    if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
-        r = -errno;
-        vd_error_setg_errno(errp, -r, "Failed to bind QMP socket '%s'", socket_path);
+    if ((r = vd_socket_listen_unix(fd, socket_path, 16, "QMP socket", errp)) < 0) {
         close(fd);
-        return r;
-    }
-    /* Before listen(): nobody can connect yet, so the 0600 mode has no window. */
-    if (chmod(socket_path, 0600) < 0 || listen(fd, 16) < 0) {
-        r = -errno;
-        vd_error_setg_errno(errp, -r, "Failed to set up QMP socket '%s'", socket_path);
-        close(fd);
-        unlink(socket_path);
         return r;
     }
     if (pipe2(srv.wake, O_CLOEXEC | O_NONBLOCK) < 0) {

@@ -1,7 +1,8 @@
 /*
  * qmp.h - the QMP server's contract with vdiskd (main, NBD, jobs).
  *
- * The server listens on a UNIX socket (mode 0600) and serves any number of clients from its own
+ * The server listens on a UNIX socket (mode 0600, or 0660 with vd_socket_set_group: util/sockperm.h)
+ * and serves its clients (qmp_server_set_max_clients) from its own
  * thread: greeting, qmp_capabilities negotiation, command dispatch, events. Commands run on the QMP
  * thread one at a time, so command handlers never race with each other.
  */
@@ -15,6 +16,12 @@
 #include "util/error.h"
 
 int qmp_server_start(const char *socket_path, VdError **errp);
+/*
+ * How many clients may be connected at once (default 64; set before qmp_server_start). A client
+ * beyond it is accepted and the one that has sent nothing for longest is disconnected instead,
+ * so idle connections cannot lock management out.
+ */
+void qmp_server_set_max_clients(unsigned n);
 /* Stop serving, close client sockets, remove the socket file. */
 void qmp_server_stop(void);
 

@@ -27,6 +27,7 @@
 #include "qmp/qmp.h"
 #include "util/error.h"
 #include "util/log.h"
+#include "util/sockperm.h"
 
 #define PROG "vdiskd"
 
@@ -42,6 +43,10 @@ static void usage(FILE *f)
             "  --export type=nbd,id=ID,node-name=NODE[,name=NAME][,writable=on|off]"
             "[,description=TEXT]\n"
             "  --qmp PATH                      serve QMP on a unix socket\n"
+            "  --qmp-max-clients N             QMP clients at once (default 64); one more makes\n"
+            "                                  the client quiet longest disconnect\n"
+            "  --socket-group GROUP            unix sockets (QMP, NBD) mode 0660 for GROUP\n"
+            "                                  (default 0600: the daemon's user only)\n"
             "  --pidfile PATH                  write the daemon's pid\n"
             "  --daemonize                     detach once everything is set up\n"
             "  --nbd-connect-timeout MS        NBD client nodes: give up on a server that does not\n"
@@ -408,7 +413,7 @@ static void free_ptr(void *p)
 }
 
 enum { OPT_BLOCKDEV = 256, OPT_NBD_SERVER, OPT_EXPORT, OPT_QMP, OPT_PIDFILE, OPT_DAEMONIZE,
-       OPT_NBD_CONNECT_TIMEOUT };
+       OPT_NBD_CONNECT_TIMEOUT, OPT_QMP_MAX_CLIENTS, OPT_SOCKET_GROUP };
 
 /*
  * Default bound on an NBD client node's connect + handshake: blockdev-add runs on the QMP thread,
@@ -424,6 +429,8 @@ int main(int argc, char **argv)
         {"nbd-server", required_argument, NULL, OPT_NBD_SERVER},
         {"export", required_argument, NULL, OPT_EXPORT},
         {"qmp", required_argument, NULL, OPT_QMP},
+        {"qmp-max-clients", required_argument, NULL, OPT_QMP_MAX_CLIENTS},
+        {"socket-group", required_argument, NULL, OPT_SOCKET_GROUP},
         {"pidfile", required_argument, NULL, OPT_PIDFILE},
         {"daemonize", no_argument, NULL, OPT_DAEMONIZE},
         {"nbd-connect-timeout", required_argument, NULL, OPT_NBD_CONNECT_TIMEOUT},
@@ -472,6 +479,26 @@ int main(int argc, char **argv)
         case OPT_PIDFILE:
             pidfile = optarg;
             break;
+        case OPT_QMP_MAX_CLIENTS: {
+            char *end = NULL;
+            errno = 0;
+            long n = strtol(optarg, &end, 10);
+            if (errno || end == optarg || *end || n < 1 || n > 65536) {
+                fprintf(stderr, PROG ": --qmp-max-clients: expected 1 to 65536, got '%s'\n",
+                        optarg);
+                return 1;
+            }
+            qmp_server_set_max_clients((unsigned)n);
+            break;
+        }
+        case OPT_SOCKET_GROUP: {
+            VdError *gerr = NULL;
+            if (vd_socket_set_group(optarg, &gerr) < 0) {
+                vd_error_report_free(PROG, gerr);
+                return 1;
+            }
+            break;
+        }
         case OPT_DAEMONIZE:
             daemonize = true;
             break;
