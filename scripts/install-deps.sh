@@ -10,6 +10,7 @@ required=(
   python3-pytest python3-pytest-timeout
   qemu-utils qemu-system-common qemu-block-extra libnbd-bin nbdkit fio strace time
   scdoc man-db groff-base systemd bash-completion
+  librbd-dev ceph-mon ceph-osd ceph-common iproute2
 )
 optional=(qemu-system-x86 busybox-static linux-image-cloud-amd64)
 
