@@ -142,6 +142,11 @@ struct BlockDriver {
      */
     const char *const *uri_schemes;
     bool opens_host_paths;
+    /*
+     * Protocols: filenames starting with this prefix are this driver's too, and never host paths
+     * (QEMU's "rbd:POOL/IMAGE", which has no "//"). NULL: none.
+     */
+    const char *filename_prefix;
     /* Protocols: reads past the end return zeroes (a host file), so raw may round up its length. */
     bool reads_zero_past_end;
     /*
@@ -245,9 +250,9 @@ const BlockDriver *vd_find_driver(const char *name);
  * vd_open from one thread; a driver whose name is already registered is refused (-EEXIST).
  */
 int vd_register_driver(const BlockDriver *drv);
-/* Is this filename a URI ("scheme://..." or "json:...") rather than a host path? */
+/* Is this filename a URI ("scheme://...", "json:..." or a filename_prefix) rather than a host path? */
 bool vd_filename_is_uri(const char *filename);
-/* The protocol driver opening this filename (by its uri_schemes / opens_host_paths), or NULL. */
+/* The protocol opening this filename (filename_prefix / uri_schemes / opens_host_paths) or NULL. */
 const BlockDriver *vd_protocol_for(const char *filename, VdError **errp);
 /* The format whose probe scores these first bytes highest (*score: its score), or NULL. */
 const BlockDriver *vd_probe_bytes(const uint8_t *buf, size_t len, const char *filename,

@@ -9,7 +9,7 @@
 
 #include "block/block.h"
 
-extern const BlockDriver vd_drv_qcow2, vd_drv_raw, vd_drv_file, vd_drv_nbd;
+extern const BlockDriver vd_drv_qcow2, vd_drv_raw, vd_drv_file, vd_drv_nbd, vd_drv_rbd;
 
 /* Format probing asks formats in this order (the first of equal scores wins). */
 static const BlockDriver *const builtin_drivers[] = {
@@ -17,6 +17,7 @@ static const BlockDriver *const builtin_drivers[] = {
     &vd_drv_raw,
     &vd_drv_file,
     &vd_drv_nbd,
+    &vd_drv_rbd,
 };
 
 #define N_BUILTIN (sizeof(builtin_drivers) / sizeof(builtin_drivers[0]))
@@ -75,10 +76,23 @@ static size_t uri_scheme_len(const char *s)
     return p != s && !strncmp(p, "://", 3) ? (size_t)(p - s) : 0;
 }
 
+/* The protocol whose filename_prefix starts s, or NULL. */
+static const BlockDriver *driver_by_prefix(const char *s)
+{
+    const BlockDriver *d;
+    for (size_t i = 0; (d = driver_at(i)); i++) {
+        if (d->is_protocol && d->filename_prefix &&
+            !strncmp(s, d->filename_prefix, strlen(d->filename_prefix))) {
+            return d;
+        }
+    }
+    return NULL;
+}
+
 bool vd_filename_is_uri(const char *s)
 {
-    /* "scheme://..." or "json:{...}": not host paths, never resolved or stat()ed. */
-    return !strncmp(s, "json:", 5) || uri_scheme_len(s) > 0;
+    /* "scheme://...", "json:{...}", "rbd:...": not host paths, never resolved or stat()ed. */
+    return !strncmp(s, "json:", 5) || uri_scheme_len(s) > 0 || driver_by_prefix(s) != NULL;
 }
 
 static bool driver_has_scheme(const BlockDriver *d, const char *scheme, size_t len)
@@ -93,9 +107,12 @@ static bool driver_has_scheme(const BlockDriver *d, const char *scheme, size_t l
 
 const BlockDriver *vd_protocol_for(const char *filename, VdError **errp)
 {
+    const BlockDriver *d = driver_by_prefix(filename);
+    if (d) {
+        return d;
+    }
     size_t len = uri_scheme_len(filename);
     bool uri = vd_filename_is_uri(filename);
-    const BlockDriver *d;
     for (size_t i = 0; (d = driver_at(i)); i++) {
         if (d->is_protocol &&
             (uri ? driver_has_scheme(d, filename, len) : d->opens_host_paths)) {

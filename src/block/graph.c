@@ -16,6 +16,7 @@
 #include <sys/stat.h>
 
 #include "protocols/nbd.h"
+#include "protocols/rbd.h"
 #include "qmp/qmp-args.h"
 
 #define NODE_NAME_MAX 31 /* QEMU: node names are shorter than 32 bytes */
@@ -273,6 +274,20 @@ static const QmpArgSpec nbd_spec[] = {
     {"open-timeout", QA_U32},
     {NULL}};
 
+/* BlockdevOptionsRbd; encrypt, key-secret, auth-client-required and server are refused below. */
+static const QmpArgSpec rbd_spec[] = {
+    {"pool", QA_STR, true},
+    {"namespace", QA_STR},
+    {"image", QA_STR, true},
+    {"conf", QA_STR},
+    {"snapshot", QA_STR},
+    {"user", QA_STR},
+    {"encrypt", QA_ANY},
+    {"auth-client-required", QA_ANY},
+    {"key-secret", QA_STR},
+    {"server", QA_ANY},
+    {NULL}};
+
 typedef struct DriverSpec {
     const char *name;
     const QmpArgSpec *spec;
@@ -283,6 +298,7 @@ static const DriverSpec drivers[] = {
     {"raw", raw_spec},
     {"qcow2", qcow2_spec},
     {"nbd", nbd_spec},
+    {"rbd", rbd_spec},
     {NULL, NULL}};
 
 /* Drivers QEMU knows but vdiskd does not implement: a clearer error than "does not accept". */
@@ -290,7 +306,7 @@ static const char *const qemu_only_drivers[] = {
     "blkdebug", "blklogwrites", "blkreplay", "blkverify", "bochs", "cloop", "compress",
     "copy-before-write", "copy-on-read", "dmg", "ftp", "ftps", "gluster", "host_cdrom",
     "host_device", "http", "https", "iscsi", "luks", "nfs", "null-aio", "null-co", "nvme",
-    "parallels", "preallocate", "qcow", "qed", "quorum", "rbd", "replication", "snapshot-access",
+    "parallels", "preallocate", "qcow", "qed", "quorum", "replication", "snapshot-access",
     "ssh", "throttle", "vdi", "vhdx", "vmdk", "vpc", "vvfat", "io_uring", "virtio-blk-vfio-pci",
     NULL};
 
@@ -337,7 +353,7 @@ static int check_options(json_t *o, const char *prefix, VdError **errp)
         for (const char *const *q = qemu_only_drivers; *q; q++) {
             if (!strcmp(*q, dname)) {
                 vd_error_setg(errp, ENOTSUP, "Block driver '%s' is not supported by vdiskd "
-                              "(supported: file, raw, qcow2, nbd)", dname);
+                              "(supported: file, raw, qcow2, nbd, rbd)", dname);
                 return -ENOTSUP;
             }
         }
@@ -407,6 +423,15 @@ static int check_options(json_t *o, const char *prefix, VdError **errp)
         vd_error_setg(errp, ENOTSUP, "'%sdetect-zeroes': '%s' is not supported by vdiskd", prefix,
                       dz);
         return -ENOTSUP;
+    }
+    const char *const rbd_refused[] = {"key-secret", "auth-client-required", "server"};
+    for (size_t i = 0; i < sizeof(rbd_refused) / sizeof(rbd_refused[0]); i++) {
+        if (!strcmp(dname, "rbd") && json_object_get(o, rbd_refused[i])) {
+            vd_error_setg(errp, ENOTSUP, "'%s%s' is not supported by vdiskd (name the cluster "
+                          "and its keys in a Ceph configuration file: 'conf')", prefix,
+                          rbd_refused[i]);
+            return -ENOTSUP;
+        }
     }
     if (json_object_get(o, "tls-creds")) {
         vd_error_setg(errp, ENOTSUP, "'%stls-creds': TLS is not supported by vdiskd", prefix);
@@ -596,6 +621,34 @@ static char *nbd_uri(json_t *o, VdError **errp)
     return uri;
 }
 
+/* The QEMU-style filename of a blockdev-add rbd node (rbd.c escapes the parts). */
+static char *rbd_filename(json_t *o, VdError **errp)
+{
+    char *name = vd_rbd_make_filename(qmp_arg_str(o, "pool", ""),
+                                      qmp_arg_str(o, "namespace", NULL),
+                                      qmp_arg_str(o, "image", ""),
+                                      qmp_arg_str(o, "snapshot", NULL),
+                                      qmp_arg_str(o, "conf", NULL), qmp_arg_str(o, "user", NULL));
+    if (!name) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+    }
+    return name;
+}
+
+/* Open a protocol node by the filename built for it (freed here; NULL: *errp is set already). */
+static BlockNode *open_by_name(VdOpenOptions *opts, const char *drv, char *filename,
+                               VdError **errp)
+{
+    if (!filename) {
+        return NULL;
+    }
+    opts->filename = filename;
+    opts->format = drv;
+    BlockNode *bs = vd_open(opts, errp);
+    free(filename);
+    return bs;
+}
+
 /* Pass 3: open. Returns a node with one reference (the caller's), or NULL. */
 static BlockNode *open_tree(json_t *o, const Inherit *parent, bool is_backing, VdError **errp)
 {
@@ -625,15 +678,11 @@ static BlockNode *open_tree(json_t *o, const Inherit *parent, bool is_backing, V
                           "this build of vdiskd");
             return NULL;
         }
-        char *uri = nbd_uri(o, errp);
-        if (!uri) {
-            return NULL;
-        }
-        opts.filename = uri;
-        opts.format = "nbd";
-        BlockNode *bs = vd_open(&opts, errp);
-        free(uri);
-        return bs;
+        return open_by_name(&opts, "nbd", nbd_uri(o, errp), errp);
+    }
+
+    if (!strcmp(drv, "rbd")) {
+        return open_by_name(&opts, "rbd", rbd_filename(o, errp), errp);
     }
 
     /* Format drivers: raw, qcow2. */
