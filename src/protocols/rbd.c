@@ -18,6 +18,7 @@
 
 #include "block/block.h"
 #include "protocols/rbd.h"
+#include "util/lock.h"
 
 #define RBD_PREFIX "rbd:"
 /* How long connecting may take before the open fails (a conf file may say otherwise). */
@@ -396,12 +397,12 @@ static uint64_t size_now(RbdState *s)
 /* Resize to exactly size (growing or shrinking), keeping s->size in step. */
 static int set_size(RbdState *s, uint64_t size)
 {
-    pthread_mutex_lock(&s->size_lock);
+    vd_mutex_lock(&s->size_lock);
     int r = rbd_resize(s->image, size);
     if (r == 0) {
         __atomic_store_n(&s->size, size, __ATOMIC_RELEASE);
     }
-    pthread_mutex_unlock(&s->size_lock);
+    vd_mutex_unlock(&s->size_lock);
     return r;
 }
 
@@ -411,7 +412,7 @@ static int grow_for(RbdState *s, uint64_t end)
     if (end <= size_now(s)) {
         return 0;
     }
-    pthread_mutex_lock(&s->size_lock);
+    vd_mutex_lock(&s->size_lock);
     int r = 0;
     if (end > s->size) {
         r = rbd_resize(s->image, end);
@@ -419,7 +420,7 @@ static int grow_for(RbdState *s, uint64_t end)
             __atomic_store_n(&s->size, end, __ATOMIC_RELEASE);
         }
     }
-    pthread_mutex_unlock(&s->size_lock);
+    vd_mutex_unlock(&s->size_lock);
     return r;
 }
 
