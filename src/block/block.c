@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "block/block.h"
+#include "block/dirty-bitmap.h"
 #include "util/log.h"
 
 #define PROBE_BUF_SIZE 2048
@@ -233,6 +234,7 @@ static void node_free_unopened(BlockNode *bs)
     free(bs->filename);
     free(bs->node_name);
     free(bs->opaque);
+    vd_bitmaps_free(bs);
     free(bs);
 }
 
@@ -265,6 +267,13 @@ void vd_node_unref(BlockNode *bs)
         if (ret < 0) {
             vd_log(VD_LOG_WARN, "flushing '%s' on close failed: %s", bs->filename,
                    strerror(-ret));
+        }
+        VdError *err = NULL;
+        if (vd_bitmaps_store(bs, &err) < 0) {
+            /* the bitmaps stay marked in use in the image: inconsistent, never silently wrong */
+            vd_log(VD_LOG_WARN, "storing the bitmaps of '%s' failed: %s", bs->filename,
+                   vd_error_msg(err));
+            vd_error_free(err);
         }
     }
     /* The format writes its last metadata through file in close, so file goes after. */
@@ -483,6 +492,13 @@ static BlockNode *open_one(const VdOpenOptions *opts, ChainSeen *seen, bool is_b
     int ret = drv->open(bs, opts, errp);
     if (ret < 0) {
         vd_error_setg_errno(errp, -ret, "Could not open '%s' as %s", filename, drv->name);
+        node_free_unopened(bs);
+        return NULL;
+    }
+    if (!(opts->flags & VD_OPEN_CHECK) && vd_bitmaps_load(bs, errp) < 0) {
+        /* close without storing: the image's bitmaps stay exactly as they were */
+        vd_error_prepend(errp, "Could not open '%s': ", filename);
+        drv->close(bs);
         node_free_unopened(bs);
         return NULL;
     }

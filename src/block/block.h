@@ -25,6 +25,7 @@
 typedef struct BlockNode BlockNode;
 typedef struct BlockDriver BlockDriver;
 typedef struct json_t json_t; /* jansson */
+typedef struct VdBitmapList VdBitmapList; /* block/dirty-bitmap.h */
 
 /* Request flags (vd_pwrite, vd_pwrite_zeroes, vd_pdiscard). */
 enum {
@@ -126,6 +127,22 @@ typedef struct VdBlockStatus {
 } VdBlockStatus;
 
 /*
+ * One persistent dirty bitmap as a format stores it (the qcow2 bitmaps extension): what a driver
+ * hands the dirty-bitmap module at open and takes back at close. data holds one bit per
+ * granule, LSB first in each byte (the qcow2 on-disk order), ceil(ceil(size / granularity) / 8)
+ * bytes; all zero may be data == NULL.
+ */
+typedef struct VdStoredBitmap {
+    char *name;
+    uint32_t granularity_bits;
+    bool enabled;      /* qcow2 `auto`: tracks writes */
+    bool inconsistent; /* qcow2 `in_use` when read: not saved cleanly, contents unknown */
+    uint8_t *data;
+} VdStoredBitmap;
+
+void vd_stored_bitmaps_free(VdStoredBitmap *list, size_t n);
+
+/*
  * The driver vtable. A format or protocol fills in what it supports; NULL means "not supported"
  * (the generic layer turns that into -ENOTSUP or an emulation, as documented at each vd_* call).
  */
@@ -224,6 +241,19 @@ struct BlockDriver {
     int (*snapshot_create)(BlockNode *bs, const char *name, VdError **errp);
     int (*snapshot_goto)(BlockNode *bs, const char *id_or_name, VdError **errp);
     int (*snapshot_delete)(BlockNode *bs, const char *id, const char *name, VdError **errp);
+
+    /*
+     * Persistent dirty bitmaps (NULL: the format cannot store any). bitmaps_load returns the
+     * bitmaps stored in the image (new array, *n entries, maybe 0); on a read-write image it
+     * first marks them in use on disk, so a crash before bitmaps_store shows them inconsistent.
+     * bitmaps_store replaces the stored set by list (clean, not in use); an inconsistent entry
+     * keeps what the image has for that name. bitmaps_can_store checks a new bitmap's name and
+     * granularity against the format's limits (with the set already stored).
+     */
+    int (*bitmaps_load)(BlockNode *bs, VdStoredBitmap **list, size_t *n, VdError **errp);
+    int (*bitmaps_store)(BlockNode *bs, const VdStoredBitmap *list, size_t n, VdError **errp);
+    int (*bitmaps_can_store)(BlockNode *bs, const char *name, uint32_t granularity_bits,
+                             VdError **errp);
 };
 
 #define VD_PROBE_ANY 1 /* probe score of a format that takes any bytes (raw) */
@@ -241,6 +271,8 @@ struct BlockNode {
     int open_flags;          /* VD_OPEN_* it was opened with */
     bool read_only;
     int refcnt;
+    /* Named dirty bitmaps (block/dirty-bitmap.h); NULL until the first one. */
+    VdBitmapList *bitmaps;
 };
 
 /* ---- registry (drivers.c: the one list of formats and protocols) ---- */

@@ -7,6 +7,8 @@
  * writing past its end, and file reads past the end return zeroes.
  * No locks here: concurrency is each driver's business (block.h), callers may add tracking.
  * VD_OPEN_NO_FLUSH (cache=unsafe) is enforced here: no sync of that node's file, FUA dropped.
+ * Every successful write, write-zeroes, discard or compressed write sets the range in the node's
+ * enabled dirty bitmaps (vd_bitmaps_note_write), and a resize resizes them.
  * vd_flush follows a writable backing; vd_flush_own does not. Each thread counts its syncs
  * (thread-local, lock-free) so a pivot can report how many it made while guests were drained.
  */
@@ -15,6 +17,7 @@
 #include <stdlib.h>
 
 #include "block/block.h"
+#include "block/dirty-bitmap.h"
 
 /* Emulated write-zeroes writes at most this much per request. */
 #define ZERO_EMUL_CHUNK (1U << 20)
@@ -66,6 +69,16 @@ static int req_flags(const BlockNode *bs, int flags)
     return (bs->open_flags & VD_OPEN_NO_FLUSH) ? (flags & ~VD_REQ_FUA) : flags;
 }
 
+/*
+ * A write-like request reached the driver and finished with ret: the range is dirty in bs's
+ * bitmaps even on failure (part of it may have been written), as QEMU marks it.
+ */
+static int noted(BlockNode *bs, uint64_t offset, uint64_t bytes, int ret)
+{
+    vd_bitmaps_note_write(bs, offset, bytes);
+    return ret;
+}
+
 int vd_pwrite(BlockNode *bs, uint64_t offset, uint64_t bytes, const void *buf, int flags)
 {
     if (bs->read_only) {
@@ -79,10 +92,18 @@ int vd_pwrite(BlockNode *bs, uint64_t offset, uint64_t bytes, const void *buf, i
     if (!bs->drv->pwrite) {
         return -ENOTSUP;
     }
-    return bs->drv->pwrite(bs, offset, bytes, buf, flags);
+    return noted(bs, offset, bytes, bs->drv->pwrite(bs, offset, bytes, buf, flags));
 }
 
+static int pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags);
+
 int vd_pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags)
+{
+    int ret = pwrite_zeroes(bs, offset, bytes, flags);
+    return ret == -EINVAL || ret == -EPERM ? ret : noted(bs, offset, bytes, ret);
+}
+
+static int pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags)
 {
     if (bs->read_only) {
         return -EPERM;
@@ -137,7 +158,7 @@ int vd_pdiscard(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags)
         return 0; /* discard is advisory */
     }
     ret = bs->drv->pdiscard(bs, offset, bytes, flags);
-    return ret == -ENOTSUP ? 0 : ret;
+    return noted(bs, offset, bytes, ret == -ENOTSUP ? 0 : ret);
 }
 
 int vd_pwrite_compressed(BlockNode *bs, uint64_t offset, uint64_t bytes, const void *buf)
@@ -152,7 +173,7 @@ int vd_pwrite_compressed(BlockNode *bs, uint64_t offset, uint64_t bytes, const v
     if (!bs->drv->pwrite_compressed) {
         return -ENOTSUP;
     }
-    return bs->drv->pwrite_compressed(bs, offset, bytes, buf);
+    return noted(bs, offset, bytes, bs->drv->pwrite_compressed(bs, offset, bytes, buf));
 }
 
 /*
@@ -224,5 +245,10 @@ int vd_truncate(BlockNode *bs, uint64_t size, bool shrink, VdPrealloc prealloc, 
                       bs->drv->name, bs->filename);
         return -ENOTSUP;
     }
-    return bs->drv->truncate(bs, size, shrink, prealloc, errp);
+    int ret = bs->drv->truncate(bs, size, shrink, prealloc, errp);
+    if (ret == 0 && vd_bitmaps_resize(bs, size) < 0) {
+        vd_error_setg(errp, ENOMEM, "Out of memory resizing the bitmaps of '%s'", bs->filename);
+        return -ENOMEM;
+    }
+    return ret;
 }

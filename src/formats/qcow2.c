@@ -107,6 +107,38 @@ static int add_ext(Qcow2State *s, uint32_t type, const uint8_t *data, uint32_t l
     return 0;
 }
 
+static int build_header(Qcow2State *s, uint8_t *buf);
+
+int q2_update_header_ext(Qcow2State *s, uint32_t type, const uint8_t *data, uint32_t len,
+                         uint64_t autoclear)
+{
+    int i = 0;
+    while (i < s->nb_exts && s->exts[i].type != type) {
+        i++;
+    }
+    if (i < s->nb_exts) {
+        free(s->exts[i].data);
+        memmove(&s->exts[i], &s->exts[i + 1], sizeof(Qcow2Ext) * (size_t)(s->nb_exts - i - 1));
+        s->nb_exts--;
+    }
+    int ret = data ? add_ext(s, type, data, len) : 0;
+    uint8_t *buf = malloc(s->cluster_size);
+    if (ret < 0 || !buf) {
+        free(buf);
+        return -ENOMEM;
+    }
+    s->h.autoclear_features = autoclear;
+    ret = build_header(s, buf);
+    if (ret == 0) {
+        ret = vd_pwrite(s->bs->file, 0, s->cluster_size, buf, 0);
+    }
+    if (ret == 0) {
+        ret = q2_file_flush(s);
+    }
+    free(buf);
+    return ret;
+}
+
 static int add_feature_table(Qcow2State *s)
 {
     size_t n = sizeof(q2_features) / sizeof(q2_features[0]);
@@ -698,15 +730,18 @@ static int qcow2_probe(const uint8_t *buf, size_t len, const char *filename)
 }
 
 /*
- * Before the first modification: we maintain no autoclear feature (bitmaps included), so per
- * spec their bits are cleared, telling other programs those structures are stale. With lazy
- * refcounts, the dirty bit is set and flushed before any refcount update is deferred.
+ * Before the first modification: autoclear features we do not maintain are cleared, telling
+ * other programs those structures are stale (per spec); the bitmaps bit stays when qcow2-bitmap.c
+ * holds the bitmaps (they are in use on disk and stored at close). With lazy refcounts, the
+ * dirty bit is set and flushed before any refcount update is deferred.
  */
 int q2_first_write(Qcow2State *s)
 {
     int ret;
-    if (s->h.version >= 3 && s->h.autoclear_features) {
-        uint8_t be[8] = { 0 };
+    uint64_t keep = s->bitmaps_loaded ? QCOW2_AUTOCLEAR_BITMAPS : 0;
+    if (s->h.version >= 3 && (s->h.autoclear_features & ~keep)) {
+        uint8_t be[8];
+        qcow2_put_be64(be, s->h.autoclear_features & keep);
         ret = vd_pwrite(s->bs->file, 88, 8, be, 0);
         if (ret == 0) {
             ret = q2_file_flush(s);
@@ -714,7 +749,7 @@ int q2_first_write(Qcow2State *s)
         if (ret < 0) {
             return ret;
         }
-        s->h.autoclear_features = 0;
+        s->h.autoclear_features &= keep;
     }
     if (s->lazy_refcounts && !(s->h.incompatible_features & QCOW2_INCOMPAT_DIRTY)) {
         uint8_t be[8];
@@ -1279,6 +1314,10 @@ static json_t *qcow2_get_specific_info(BlockNode *bs)
                                                                                        : "zlib"));
         json_object_set_new(data, "lazy-refcounts",
                             json_boolean(s->h.compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS));
+        json_t *bitmaps = q2_bitmaps_info(s);
+        if (bitmaps) {
+            json_object_set_new(data, "bitmaps", bitmaps);
+        }
         json_object_set_new(data, "refcount-bits",
                             json_integer((json_int_t)1 << s->refcount_order));
         json_object_set_new(data, "corrupt",
@@ -1659,4 +1698,7 @@ const BlockDriver vd_drv_qcow2 = {
     .snapshot_goto = q2_snapshot_goto,
     .snapshot_delete = q2_snapshot_delete,
     .is_dirty = qcow2_is_dirty,
+    .bitmaps_load = q2_bitmaps_load,
+    .bitmaps_store = q2_bitmaps_store,
+    .bitmaps_can_store = q2_bitmaps_can_store,
 };

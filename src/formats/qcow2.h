@@ -147,6 +147,12 @@ typedef struct Qcow2State {
      */
     bool lazy_refcounts;
     bool set_dirty;
+    /*
+     * The bitmaps extension is in the dirty-bitmap module's hands (qcow2-bitmap.c loaded it):
+     * first_write keeps autoclear bit 0 and close stores the bitmaps. Without it (check opens,
+     * damaged images) the bit is cleared at the first write, as for any unknown autoclear bit.
+     */
+    bool bitmaps_loaded;
 } Qcow2State;
 
 /* Are refcount updates deferred right now (lazy refcounts and the dirty bit is on disk)? */
@@ -261,6 +267,20 @@ int q2_snapshot_goto(BlockNode *bs, const char *id_or_name, VdError **errp);
 int q2_snapshot_delete(BlockNode *bs, const char *id, const char *name, VdError **errp);
 /* At open (read-only): make the snapshot's L1 and size the ones this node serves. */
 int q2_snapshot_load(Qcow2State *s, const char *id_or_name, VdError **errp);
+/*
+ * Set header extension `type` to data (len bytes; data NULL = remove it) and the autoclear
+ * features, rewrite the header cluster and flush. Lock held.
+ */
+int q2_update_header_ext(Qcow2State *s, uint32_t type, const uint8_t *data, uint32_t len,
+                         uint64_t autoclear);
+
+/* ---- qcow2-bitmap.c: the bitmaps extension (vtable hooks, block.h) ---- */
+int q2_bitmaps_load(BlockNode *bs, VdStoredBitmap **list, size_t *n, VdError **errp);
+int q2_bitmaps_store(BlockNode *bs, const VdStoredBitmap *list, size_t n, VdError **errp);
+int q2_bitmaps_can_store(BlockNode *bs, const char *name, uint32_t granularity_bits,
+                         VdError **errp);
+/* qemu-img info's "bitmaps" list, read from the image; NULL when none. Lock held. */
+json_t *q2_bitmaps_info(Qcow2State *s);
 
 /* qcow2_check_file / qcow2_measure: formats/qcow2-check.h */
 
