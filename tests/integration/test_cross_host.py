@@ -1,0 +1,152 @@
+"""Host-to-host live copy over a real link: two network namespaces joined by a veth pair stand for
+hosts A and B (addresses exist only inside them), a tbf qdisc limits the rate, nbdkit's nbd plugin
+with the delay filter adds latency. vdiskd on B serves an empty qcow2 target whose backing is B's own
+copy of base; vdiskd on A mirrors the guest's top onto it (drive-mirror sync=top onto the existing
+export, as libvirt migrates storage) while the guest writes over NBD; after the pivot the guest runs
+from B and B's image is byte-exact. (Known gap: the mirror still re-sends base's data, because an
+NBD export cannot tell the target's own layer from its backing - see docs/rbd-and-hosts.md.)
+"""
+import contextlib
+import json
+import os
+import random
+import subprocess
+import time
+
+import pytest
+
+from conftest import VDISKD, qemu_img, qemu_io, run
+from qmp_client import Daemon
+from blockops_helpers import Guest, assert_same, write_cmds
+
+MiB = 1 << 20
+SIZE = 24 * MiB
+A_ADDR, B_ADDR = "10.231.77.1", "10.231.77.2"
+
+
+def sh(*cmd):
+    return run(list(cmd), timeout=30)
+
+
+@contextlib.contextmanager
+def two_hosts(rate="200mbit"):
+    """Namespaces A and B, veth A<->B with addresses inside them, tbf on both ends; removed after."""
+    tag = f"vd{os.getpid() % 100000}"
+    a, b = f"{tag}a", f"{tag}b"
+    created = []
+    try:
+        for ns in (a, b):
+            sh("ip", "netns", "add", ns)
+            created.append(ns)
+        sh("ip", "-n", a, "link", "add", "va", "type", "veth", "peer", "name", "vb", "netns", b)
+        for ns, dev, addr in ((a, "va", A_ADDR), (b, "vb", B_ADDR)):
+            sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+            sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+               "rate", rate, "burst", "256kb", "latency", "50ms")
+        yield a, b
+    finally:
+        for ns in created:
+            run(["ip", "netns", "del", ns], check=False, timeout=30)
+
+
+def vdiskd_in(ns, tmp, name, *extra):
+    qmp = str(tmp / f"{name}-qmp.sock")
+    return Daemon(["ip", "netns", "exec", ns, VDISKD, "--qmp", qmp, *extra], qmp,
+                  str(tmp / f"{name}.log"))
+
+
+def wait_unix(path, proc, timeout=20):
+    end = time.time() + timeout
+    while not os.path.exists(path):
+        assert proc.poll() is None, "process exited early"
+        assert time.time() < end, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def test_shallow_live_copy_to_another_host_with_guest_writing(tmp):
+    # base: 0x11 in [0, 8M) (both hosts have it); the guest's top: 0x22 in [10M, 12M).
+    base, top = tmp / "base.qcow2", tmp / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", base, SIZE)
+    qemu_io("-f", "qcow2", "-c", f"write -P 0x11 0 {8 * MiB}", base)
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top)
+    qemu_io("-f", "qcow2", "-c", f"write -P 0x22 {10 * MiB} {2 * MiB}", top)
+    model = bytearray(SIZE)
+    model[0:8 * MiB] = b"\x11" * (8 * MiB)
+    model[10 * MiB:12 * MiB] = b"\x22" * (2 * MiB)
+    hostb = tmp / "hostb"
+    hostb.mkdir()
+    bbase, btgt = hostb / "base.qcow2", hostb / "disk.qcow2"
+    subprocess.run(["cp", str(base), str(bbase)], check=True)
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", btgt)
+
+    procs = []
+    rng = random.Random(7)
+    with two_hosts() as (nsa, nsb):
+        try:
+            db = vdiskd_in(nsb, tmp, "b", "--blockdev", json.dumps({
+                "driver": "qcow2", "node-name": "disk0",
+                "file": {"driver": "file", "filename": str(btgt)}}),
+                "--nbd-server", f"addr.type=inet,addr.host={B_ADDR},addr.port=10809",
+                "--export", "type=nbd,id=in0,node-name=disk0,name=incoming,writable=on")
+            procs.append(db)
+            # The link's latency: a delaying NBD proxy on A in front of B.
+            proxy_sock = str(tmp / "proxy.sock")
+            proxy = subprocess.Popen(
+                ["ip", "netns", "exec", nsa, "nbdkit", "-f", "-U", proxy_sock,
+                 "--filter=delay", "nbd", f"hostname={B_ADDR}", "port=10809", "export=incoming",
+                 "delay-read=5ms", "delay-write=5ms", "delay-zero=5ms"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wait_unix(proxy_sock, proxy)
+            sock = str(tmp / "guest.sock")
+            da = vdiskd_in(nsa, tmp, "a", "--blockdev", json.dumps({
+                "driver": "qcow2", "node-name": "disk0",
+                "file": {"driver": "file", "filename": str(top)}}),
+                "--nbd-server", f"addr.type=unix,addr.path={sock}",
+                "--export", "type=nbd,id=exp0,node-name=disk0,name=disk0,writable=on")
+            procs.append(da)
+            uri = f"nbd+unix:///disk0?socket={sock}"
+            q = da.client()
+            # Guest writes avoid base's range [0, 8M), so base staying unsent is visible on B.
+            # As libvirt migrates storage: drive-mirror onto the existing NBD export. B's export
+            # reads base where its own layer is empty: the caller vouches for that.
+            q.cmd("drive-mirror", job_id="mv", device="disk0", sync="top", mode="existing",
+                  format="raw", target=f"nbd+unix:///incoming?socket={proxy_sock}",
+                  speed=2 * MiB, x_backing_matches=True)
+            g = Guest(uri, write_cmds(model, rng, 40, 0, lo=8 * MiB, hi=SIZE))
+            g.start()
+            g.join_checked(120)
+            q.cmd("block-job-set-speed", device="mv", speed=0)
+            q.get_event("BLOCK_JOB_READY", timeout=120)
+            g = Guest(uri, write_cmds(model, rng, 20, 60, lo=8 * MiB, hi=SIZE))
+            g.start()
+            g.join_checked(120)
+            frozen = bytes(model)
+            q.cmd("block-job-complete", device="mv")
+            done = q.get_event("BLOCK_JOB_COMPLETED", timeout=120)
+            assert "error" not in done["data"], done
+            # The guest now runs from host B: these writes travel over the link.
+            g = Guest(uri, write_cmds(model, rng, 20, 120, lo=8 * MiB, hi=SIZE))
+            g.start()
+            g.join_checked(120)
+            q.close()
+            da.stop_checked()
+            procs.remove(da)
+            db.stop_checked()
+            procs.remove(db)
+        finally:
+            for d in procs:
+                d.kill()
+            if "proxy" in locals() and proxy.poll() is None:
+                proxy.terminate()
+                proxy.wait(timeout=15)
+    got = tmp / "b.raw"
+    qemu_img("convert", "-O", "raw", btgt, got)
+    assert_same(got.read_bytes(), bytes(model), "host B's disk after the move")
+    a_now = tmp / "a.raw"
+    qemu_img("convert", "-O", "raw", top, a_now)
+    assert_same(a_now.read_bytes(), frozen, "host A's disk after the pivot")
+    # B's disk is still its own overlay on its own base (the move did not flatten it).
+    info = json.loads(qemu_img("info", "--output=json", btgt).stdout)
+    assert info["backing-filename"] == "base.qcow2", info
