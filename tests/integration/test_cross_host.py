@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import VDISKD, qemu_img, qemu_io, run
+from conftest import VDISKD, qemu_img, qemu_io, run, vdisk
 from qmp_client import Daemon
 from blockops_helpers import Guest, assert_same, write_cmds
 
@@ -65,7 +65,10 @@ def wait_unix(path, proc, timeout=20):
         time.sleep(0.05)
 
 
-def test_shallow_live_copy_to_another_host_with_guest_writing(tmp):
+@pytest.mark.parametrize("via", ["qmp", "virsh"])
+def test_shallow_live_copy_to_another_host_with_guest_writing(tmp, via):
+    """via=qmp: drive-mirror with the guest writing while copying and while ready; via=virsh: the
+    README's `vdisk blockcopy ... --pivot` after the guest wrote (one blocking command)."""
     # base: 0x11 in [0, 8M) (both hosts have it); the guest's top: 0x22 in [10M, 12M).
     base, top = tmp / "base.qcow2", tmp / "top.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", base, SIZE)
@@ -108,24 +111,31 @@ def test_shallow_live_copy_to_another_host_with_guest_writing(tmp):
             procs.append(da)
             uri = f"nbd+unix:///disk0?socket={sock}"
             q = da.client()
-            # Guest writes avoid base's range [0, 8M), so base staying unsent is visible on B.
-            # As libvirt migrates storage: drive-mirror onto the existing NBD export. B's export
-            # reads base where its own layer is empty: the caller vouches for that.
-            q.cmd("drive-mirror", job_id="mv", device="disk0", sync="top", mode="existing",
-                  format="raw", target=f"nbd+unix:///incoming?socket={proxy_sock}",
-                  speed=2 * MiB, x_backing_matches=True)
+            # Guest writes stay out of base's range [0, 8M).
+            target = f"nbd+unix:///incoming?socket={proxy_sock}"
+            if via == "qmp":
+                # As libvirt migrates storage: drive-mirror onto the existing NBD export. B's
+                # export reads base where its own layer is empty: the caller vouches for that.
+                q.cmd("drive-mirror", job_id="mv", device="disk0", sync="top", mode="existing",
+                      format="raw", target=target, speed=2 * MiB, x_backing_matches=True)
             g = Guest(uri, write_cmds(model, rng, 40, 0, lo=8 * MiB, hi=SIZE))
             g.start()
             g.join_checked(120)
-            q.cmd("block-job-set-speed", device="mv", speed=0)
-            q.get_event("BLOCK_JOB_READY", timeout=120)
-            g = Guest(uri, write_cmds(model, rng, 20, 60, lo=8 * MiB, hi=SIZE))
-            g.start()
-            g.join_checked(120)
+            if via == "qmp":
+                q.cmd("block-job-set-speed", device="mv", speed=0)
+                q.get_event("BLOCK_JOB_READY", timeout=120)
+                g = Guest(uri, write_cmds(model, rng, 20, 60, lo=8 * MiB, hi=SIZE))
+                g.start()
+                g.join_checked(120)
+                q.cmd("block-job-complete", device="mv")
+                done = q.get_event("BLOCK_JOB_COMPLETED", timeout=120)
+                assert "error" not in done["data"], done
+            else:
+                p = vdisk("blockcopy", "--socket", da.qmp_path, "disk0", target, "--shallow",
+                          "--reuse-external", "--backing-matches", "--raw", "--verbose",
+                          "--pivot", timeout=120)
+                assert "Successfully pivoted" in p.stdout, p.stdout
             frozen = bytes(model)
-            q.cmd("block-job-complete", device="mv")
-            done = q.get_event("BLOCK_JOB_COMPLETED", timeout=120)
-            assert "error" not in done["data"], done
             # The guest now runs from host B: these writes travel over the link.
             g = Guest(uri, write_cmds(model, rng, 20, 120, lo=8 * MiB, hi=SIZE))
             g.start()
