@@ -40,5 +40,27 @@ demo: all
 bench: all
 	bench/run.sh
 
+# libFuzzer targets (fuzz/), built with clang + ASan/UBSan in their own directory. `make fuzz` runs
+# each for FUZZ_SECONDS on a scratch copy of its committed seed corpus (fuzz/corpus/<target>);
+# a crash stops the run and leaves crash-* in $(FUZZ_BUILD). FUZZ_JOBS runs several at once.
+FUZZ_BUILD   ?= build-fuzz
+FUZZ_SECONDS ?= 20
+FUZZ_TARGETS ?= qcow2 nbd qmp
+
+$(FUZZ_BUILD)/build.ninja:
+	CC=clang meson setup $(FUZZ_BUILD) -Dfuzz=true -Db_sanitize=address,undefined \
+	  -Db_lundef=false -Dbuildtype=debugoptimized
+
+fuzz-build: deps $(FUZZ_BUILD)/build.ninja
+	ninja -C $(FUZZ_BUILD) $(addprefix fuzz/fuzz_,$(FUZZ_TARGETS))
+
+fuzz: fuzz-build
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p $(FUZZ_BUILD)/corpus-$$t && cp -n fuzz/corpus/$$t/* $(FUZZ_BUILD)/corpus-$$t/ ; \
+	  echo "fuzz_$$t: $(FUZZ_SECONDS) s"; \
+	  (cd $(FUZZ_BUILD) && ASAN_OPTIONS=detect_leaks=0 ./fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) \
+	    -timeout=60 -detect_leaks=0 -rss_limit_mb=2048 -print_final_stats=1 corpus-$$t) || exit 1; \
+	done
+
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD)

@@ -562,6 +562,16 @@ static void *accept_thread(void *arg)
     return NULL;
 }
 
+int nbd_server_add_client(int fd)
+{
+    if (!nbd_server_running()) {
+        close(fd);
+        return -ESRCH;
+    }
+    accept_one(fd);
+    return 0;
+}
+
 static int listen_unix(const char *path, VdError **errp)
 {
     struct sockaddr_un sa = {.sun_family = AF_UNIX};

@@ -30,6 +30,9 @@ int nbd_server_start(const NbdServerAddress *addr, uint32_t max_connections, VdE
 /* Stop listening, disconnect every client (after their in-flight requests finish), drop exports. */
 void nbd_server_stop(void);
 bool nbd_server_running(void);
+/* Serve a client that is already connected (fd is taken: a socketpair in fuzz/); the server must
+ * be running. 0, or -ESRCH (fd closed) when it is not. */
+int nbd_server_add_client(int fd);
 
 /* Add an export (takes a reference on node). name must be unique. */
 NbdExport *nbd_export_add(const char *id, const char *name, BlockNode *node, bool writable,
