@@ -980,6 +980,15 @@ static int mirror_run(Job *job, VdError **errp)
             r = 0;
             break;
         }
+        if (__atomic_load_n(&m->target_gen, __ATOMIC_SEQ_CST) != m->flushed_gen) {
+            /*
+             * Ready and in sync after copying what the guest dirtied: make it durable now, while
+             * guests run, so complete finds nothing to flush but the drained tail (a failure is
+             * retried here and reported by the completion's own flush).
+             */
+            (void)mirror_flush_target(m);
+            continue;
+        }
         /* In sync: wait for guest writes (or a verb), then look again. */
         struct timespec ts;
         clock_gettime(CLOCK_MONOTONIC, &ts);
