@@ -256,14 +256,20 @@ def fio_argv(uri, runtime, rate_iops, logprefix):
     return a
 
 
-def fio_window(logprefix, t0, t1, sub=None):
+SERIES_STEP = 0.1  # s: the timeline's bins (guest IOPS and latency over time, bench/plot.py)
+
+
+def fio_window(logprefix, t0, t1, sub=None, series=None):
     """IOPS, p99 / max completion latency of the writes that completed in [t0, t1] (epoch s);
     sub: {name: (a, b)} sub-windows whose IOPS are returned as iops_NAME (e.g. the copy before
-    READY and the pivot phase after block-job-complete)."""
+    READY and the pivot phase after block-job-complete); series: (a, b) epoch seconds: a timeline
+    of completions in bins of SERIES_STEP (IOPS, mean and max latency), times relative to t0."""
     lo, hi = t0 * 1000, t1 * 1000
     lats = []
     worst = (-1, None)  # (latency ns, completion stamp ms): when the longest stall ended
     counts = {k: 0 for k in (sub or {})}
+    nb = int((series[1] - series[0]) / SERIES_STEP) + 1 if series else 0
+    bins_n, bins_sum, bins_max = [0] * nb, [0] * nb, [0] * nb
     with open(f"{logprefix}_clat.1.log") as f:
         for line in f:
             ts, lat = line.split(",", 2)[:2]
@@ -274,6 +280,12 @@ def fio_window(logprefix, t0, t1, sub=None):
             for k, (a, b) in (sub or {}).items():
                 if a * 1000 <= ts <= b * 1000:
                     counts[k] += 1
+            if nb:
+                i = int((ts / 1000 - series[0]) / SERIES_STEP)
+                if 0 <= i < nb:
+                    bins_n[i] += 1
+                    bins_sum[i] += int(lat)
+                    bins_max[i] = max(bins_max[i], int(lat))
     for ext in ("_clat.1.log", "_lat.1.log", "_slat.1.log"):
         try:
             os.unlink(logprefix + ext)
@@ -282,12 +294,19 @@ def fio_window(logprefix, t0, t1, sub=None):
     if not lats:
         return {"iops": 0, "p99_ms": None, "max_ms": None, "ios": 0, "window_s": t1 - t0}
     lats.sort()
-    res = {"iops": len(lats) / (t1 - t0), "p99_ms": lats[int(0.99 * (len(lats) - 1))] / 1e6,
+    res = {}
+    if nb:
+        res["series"] = {"t0": round(series[0] - t0, 3), "step": SERIES_STEP,
+                         "iops": [round(n / SERIES_STEP) for n in bins_n],
+                         "mean_ms": [round(bins_sum[i] / bins_n[i] / 1e6, 3) if bins_n[i] else None
+                                     for i in range(nb)],
+                         "max_ms": [round(m / 1e6, 2) if m else None for m in bins_max]}
+    res.update({"iops": len(lats) / (t1 - t0), "p99_ms": lats[int(0.99 * (len(lats) - 1))] / 1e6,
            "max_ms": lats[-1] / 1e6, "mean_ms": sum(lats) / len(lats) / 1e6, "ios": len(lats),
            "window_s": t1 - t0,
            # seconds after the job command at which the longest stall began: tells copy, flush and
            # pivot phases apart
-           "max_at_s": (worst[1] - worst[0] / 1e6) / 1000 - t0}
+           "max_at_s": (worst[1] - worst[0] / 1e6) / 1000 - t0})
     for k, (a, b) in (sub or {}).items():
         res[f"iops_{k}"] = counts[k] / (b - a) if b > a else None
     return res
@@ -302,15 +321,22 @@ def fio_first_ts(logprefix):
 class Guest:
     """fio running against the export until stop() (SIGINT: fio ends cleanly, writes its logs)."""
 
-    def __init__(self, uri, rate_iops, ramp, logprefix):
+    def __init__(self, uri, rate_iops, ramp, logprefix, image):
         self.logprefix = logprefix
         self.proc = subprocess.Popen(fio_argv(uri, 3600, rate_iops, logprefix),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        time.sleep(ramp)  # fio connects and reaches a steady state before the job starts
+        # fio connects and reaches a steady state before the job starts: wait until its writes
+        # show (the guest's image grows by 1 MiB: allocating writes; a loaded machine can take
+        # seconds to start fio), then `ramp` seconds more
+        size0, end = os.path.getsize(image), time.time() + 20
+        while (os.path.getsize(image) < size0 + MiB and time.time() < end
+               and self.proc.poll() is None):
+            time.sleep(0.02)
+        time.sleep(ramp)
         if self.proc.poll() is not None:
             raise RuntimeError(f"fio exited early: {self.proc.stderr.read()}")
 
-    def stop(self, t0, t1, sub=None):
+    def stop(self, t0, t1, sub=None, series=None):
         """Stop fio; statistics of the completions in [t0, t1] (epoch seconds)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
@@ -320,12 +346,13 @@ class Guest:
             self.proc.kill()
             self.proc.communicate()
             raise RuntimeError("fio did not stop on SIGINT")
-        return fio_window(self.logprefix, t0, t1, sub)
+        return fio_window(self.logprefix, t0, t1, sub, series)
 
 
 # ---------------------------------------------------------------- scenarios
 
 LOADS = ("idle", "capped", "uncapped")  # capped's rate comes from --rate-iops
+TAIL_S = 0.8  # s of guest I/O kept after COMPLETED for the timeline
 
 
 def scenario_list(loads, which):
@@ -333,7 +360,7 @@ def scenario_list(loads, which):
     for load in loads:
         if load != "idle":
             out.append((f"baseline ({load})", "baseline", load))
-    for kind in ("mirror-full", "mirror-top", "mirror-base"):
+    for kind in ("mirror-full", "mirror-wb", "mirror-top", "mirror-base"):
         for load in loads:
             out.append((f"{kind} ({load})", kind, load))
     # stream/commit: idle, and under the capped load (what the guest sees, e.g. at the switch)
@@ -341,9 +368,14 @@ def scenario_list(loads, which):
         for load in loads:
             if load != "uncapped":
                 out.append((f"{kind} ({load})", kind, load))
+    for kind in ("commit-active",):  # item 1 of the issue: active commit under a guest at full speed
+        if "uncapped" in loads:
+            out.append((f"{kind} (uncapped)", kind, "uncapped"))
     if which:
         subs = [w for w in which.split(",") if w]
-        out = [s for s in out if any(w in s[0] for w in subs)]
+        # "=NAME" selects exactly that scenario name (e.g. "=mirror-full (uncapped)")
+        out = [s for s in out if any(s[0] == w[1:] if w.startswith("=") else w in s[0]
+                                     for w in subs)]
     return out
 
 
@@ -351,6 +383,8 @@ DESCR = {
     "baseline": "fio alone, no job: the reference for IOPS and p99",
     "mirror-full": "drive-mirror sync=full, mode=absolute-paths (the daemon creates a qcow2 target "
                    "with no backing), complete at READY (pivot)",
+    "mirror-wb": "the same with copy-mode=write-blocking (guest writes reach the target "
+                 "synchronously)",
     "mirror-top": "drive-mirror sync=top, mode=existing, target pre-created over sn1 (the source's "
                   "backing: virsh blockcopy --shallow --reuse-external), pivot",
     "mirror-base": "drive-mirror sync=top, mode=existing, target pre-created over base, vdiskd "
@@ -428,12 +462,14 @@ def run_one(kind, load, daemon_kind, src, work, a, vsize):
             time.sleep(0.5)
             res["perf"] = pf
         if load != "idle":
-            guest = Guest(d.uri(), rate, a.ramp, os.path.join(rd, "fio"))
+            guest = Guest(d.uri(), rate, a.ramp, os.path.join(rd, "fio"), top)
         c0 = d.cpu_seconds()
         args = {"job-id": "j", "device": "sn2"}
         needs_complete = True
-        if kind == "mirror-full":
+        if kind in ("mirror-full", "mirror-wb"):
             args.update(target=tgt, format="qcow2", sync="full", mode="absolute-paths")
+            if kind == "mirror-wb":
+                args["copy-mode"] = "write-blocking"
             cmd = "drive-mirror"
         elif kind == "mirror-top":
             args.update(target=tgt, format="qcow2", sync="top", mode="existing")
@@ -495,7 +531,10 @@ def run_one(kind, load, daemon_kind, src, work, a, vsize):
                        "pivot": (w0 + (tc - t0), w0 + res["completed_s"])}
             else:
                 sub = {"copy": (w0, w0 + res["completed_s"])}
-            res["fio"] = guest.stop(w0, w0 + res["completed_s"], sub)
+            # the timeline shows the guest from before the job to a while after it
+            time.sleep(TAIL_S)
+            res["fio"] = guest.stop(w0, w0 + res["completed_s"], sub,
+                                    (w0 - a.ramp + 0.2, w0 + res["completed_s"] + TAIL_S))
             guest = None
         if daemon_kind == "vdiskd" and kind.startswith("mirror"):
             m = None
@@ -599,14 +638,29 @@ def report(meta, results, scen):
         L.append(f"- **{k}**: {v}")
     L.append("")
 
-    def get(name, dk, key, sub=None):
+    def vals_of(name, dk, key, sub=None):
         vals = []
         for r in results.get(name, {}).get(dk, []):
             v = r.get(sub, {}).get(key) if sub else r.get(key)
             if key in ("ready_s", "completed_s") and r.get("timeout"):
                 v = float("inf")
             vals.append(v)
+        return [v for v in vals if v is not None]
+
+    spreads = {}  # (label, daemon) -> (min, max) of the repetitions, shown next to the median
+
+    def get(name, dk, key, sub=None):
+        vals = vals_of(name, dk, key, sub)
+        if len(vals) > 1:
+            spreads[(name, dk, key, sub)] = (min(vals), max(vals))
         return med(vals)
+
+    def rel(name, dk, key, base_key=None):
+        """The guest's figure during the job over its no-job baseline (same daemon, same load)."""
+        load = name[name.find("(") + 1:name.find(")")]
+        b = get(f"baseline ({load})", dk, base_key or key, "fio")
+        v = get(name, dk, key, "fio")
+        return None if v is None or not b else v / b
 
     def table(title, rows, unit_note=""):
         if not rows:
@@ -620,7 +674,13 @@ def report(meta, results, scen):
             def cell(x):
                 if x == float("inf"):
                     return f">{meta['timeout']:.0f}"
-                return f2(x, digits)
+                c = f2(x, digits)
+                for k, (lo, hi) in spreads.items():  # the spread of that very figure, if any
+                    if x is not None and k[0] == label and med(vals_of(*k)) == x and lo != hi:
+                        if lo != float("inf") and hi != float("inf"):
+                            c += f" [{f2(lo, digits)}–{f2(hi, digits)}]"
+                        break
+                return c
             r = "-" if v == float("inf") or qv == float("inf") else ratio(v, qv)
             L.append(f"| {label} | {cell(v)} | {cell(qv)} | {r} |")
         L.append("")
@@ -647,6 +707,14 @@ def report(meta, results, scen):
     loaded = [n for n in names if "(idle)" not in n]
     table("Guest IOPS during the job (fio 4k randwrite over NBD)",
           [(n, get(n, "vdiskd", "iops", "fio"), get(n, "qsd", "iops", "fio"), 0) for n in loaded])
+    shares = [n for n in loaded if not n.startswith("baseline")]
+    table("Guest IOPS during the job as a share of the same daemon's no-job IOPS (goal >= 0.5, "
+          "aim 0.8)",
+          [(n, rel(n, "vdiskd", "iops"), rel(n, "qsd", "iops"), 2) for n in shares])
+    table("Guest mean latency during the job over the no-job mean (goal <= 2)",
+          [(n, rel(n, "vdiskd", "mean_ms"), rel(n, "qsd", "mean_ms"), 2) for n in shares])
+    table("Guest p99 latency during the job over the no-job p99 (goal <= 3)",
+          [(n, rel(n, "vdiskd", "p99_ms"), rel(n, "qsd", "p99_ms"), 2) for n in shares])
     table("Guest IOPS during the copy only (job command -> READY; stream/commit: the whole job)",
           [(n, get(n, "vdiskd", "iops_copy", "fio"), get(n, "qsd", "iops_copy", "fio"), 0)
            for n in loaded])

@@ -8,7 +8,7 @@ required=(
   build-essential meson ninja-build pkg-config
   zlib1g-dev libzstd-dev libjansson-dev libnbd-dev libcmocka-dev
   python3-pytest python3-pytest-timeout
-  qemu-utils qemu-system-common qemu-block-extra libnbd-bin nbdkit fio strace time
+  qemu-utils qemu-system-common qemu-block-extra libnbd-bin nbdkit fio strace time gnuplot-nox
   scdoc man-db groff-base systemd bash-completion
   librbd-dev ceph-mon ceph-osd ceph-common iproute2
 )
