@@ -1,0 +1,110 @@
+#!/usr/bin/python3
+"""cross_host_bench.py - live copy throughput across a real link: vdiskd against
+qemu-storage-daemon, both mirroring the same source (sync=full, blockdev-mirror) onto an NBD export
+on "host B" (a network namespace joined by a veth pair with a tbf rate limit) behind nbdkit's delay
+filter (latency per request). Prints MiB/s per daemon and the link rate. Root (namespaces).
+
+  bench/cross_host_bench.py [--size-mib 512] [--rate 1gbit] [--delay-ms 5] [--reps 1]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests", "integration"))
+os.environ.setdefault("VDISK_BUILD", os.path.join(ROOT, "build"))
+
+from qmp_client import Daemon  # noqa: E402
+from conftest import VDISKD  # noqa: E402
+from test_cross_host import two_hosts, wait_unix, B_ADDR  # noqa: E402
+
+MiB = 1 << 20
+
+
+def daemon(kind, ns, tmp, name):
+    qmp = os.path.join(tmp, f"{name}.qmp")
+    if kind == "vdiskd":
+        argv = [VDISKD, "--qmp", qmp]
+    else:
+        argv = ["qemu-storage-daemon", "--chardev", f"socket,path={qmp},server=on,wait=off,id=c0",
+                "--monitor", "chardev=c0"]
+    # Probe by connecting: /proc/net/unix (the other way) only lists this namespace's sockets.
+    return Daemon(["ip", "netns", "exec", ns, *argv], qmp, os.path.join(tmp, f"{name}.log"))
+
+
+def one_run(kind, nsa, nsb, tmp, src, size, delay_ms):
+    tgt = os.path.join(tmp, "target.raw")
+    with open(tgt, "wb") as f:
+        f.truncate(size)
+    b = daemon("vdiskd", nsb, tmp, "b")
+    proxy = a = None
+    try:
+        qb = b.client()
+        qb.cmd("blockdev-add", driver="raw", node_name="t",
+               file={"driver": "file", "filename": tgt})
+        qb.cmd("nbd-server-start", addr={"type": "inet", "data": {"host": B_ADDR,
+                                                                  "port": "10809"}})
+        qb.cmd("block-export-add", type="nbd", id="e", node_name="t", name="incoming",
+               writable=True)
+        psock = os.path.join(tmp, "proxy.sock")
+        if os.path.exists(psock):
+            os.unlink(psock)  # the last run's: wait_unix waits for the new one
+        proxy = subprocess.Popen(
+            ["ip", "netns", "exec", nsa, "nbdkit", "-f", "-U", psock, "--filter=delay", "nbd",
+             f"hostname={B_ADDR}", "port=10809", "export=incoming", f"delay-read={delay_ms}ms",
+             f"delay-write={delay_ms}ms", f"delay-zero={delay_ms}ms"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_unix(psock, proxy)
+        a = daemon(kind, nsa, tmp, "a")
+        q = a.client()
+        q.cmd("blockdev-add", driver="raw", node_name="src",
+              file={"driver": "file", "filename": src})
+        q.cmd("blockdev-add", driver="raw", node_name="remote",
+              file={"driver": "nbd", "server": {"type": "unix", "path": psock},
+                    "export": "incoming"})
+        t0 = time.monotonic()
+        q.cmd("blockdev-mirror", job_id="m", device="src", target="remote", sync="full")
+        q.get_event("BLOCK_JOB_READY", timeout=3600)
+        secs = time.monotonic() - t0
+        q.cmd("block-job-cancel", device="m")
+        q.get_event("BLOCK_JOB_COMPLETED", timeout=600)
+        q.close()
+        qb.close()
+        return size / MiB / secs
+    finally:
+        for d in (a, b):
+            if d:
+                d.kill()
+        if proxy and proxy.poll() is None:
+            proxy.terminate()
+            proxy.wait(timeout=15)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-mib", type=int, default=512)
+    ap.add_argument("--rate", default="1gbit")
+    ap.add_argument("--delay-ms", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=1)
+    args = ap.parse_args()
+    size = args.size_mib * MiB
+    with tempfile.TemporaryDirectory(prefix="vdisk-xhost-") as tmp:
+        src = os.path.join(tmp, "src.raw")
+        with open(src, "wb") as f:
+            for _ in range(args.size_mib):
+                f.write(os.urandom(MiB))
+        with two_hosts(args.rate) as (nsa, nsb):
+            for kind in ("vdiskd", "qemu-storage-daemon"):
+                rates = [one_run(kind, nsa, nsb, tmp, src, size, args.delay_ms)
+                         for _ in range(args.reps)]
+                print(json.dumps({"daemon": kind, "size_mib": args.size_mib, "rate": args.rate,
+                                  "delay_ms": args.delay_ms,
+                                  "mib_per_s": [round(r, 1) for r in rates]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
