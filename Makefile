@@ -40,6 +40,12 @@ demo: all
 bench: all
 	bench/run.sh
 
+# kill -9 of vdiskd during guest writes and block jobs, then qemu-img check and the flushed
+# writes verified (scripts/crash-campaign.py; make check runs a few trials).
+TRIALS ?= 25
+crash-campaign: all
+	VDISK_BUILD=$(CURDIR)/$(BUILD) /usr/bin/python3 scripts/crash-campaign.py $(TRIALS)
+
 # libFuzzer targets (fuzz/), built with clang + ASan/UBSan in their own directory. `make fuzz` runs
 # each for FUZZ_SECONDS on a scratch copy of its committed seed corpus (fuzz/corpus/<target>);
 # a crash stops the run and leaves crash-* in $(FUZZ_BUILD). FUZZ_JOBS runs several at once.
