@@ -45,6 +45,7 @@
 #define WINDOW_NS 1000000000ULL     /* write-rate vs copy-rate measurement window */
 #define OUTPACED_WINDOWS 3          /* consecutive windows before switching to write-blocking */
 #define COMPLETE_ROUNDS 4           /* copy+flush rounds before the drained pivot, at most */
+#define RATE_NS 1000000000ULL       /* query-block-jobs rates: samples at least 1 s apart */
 
 typedef struct Mirror Mirror;
 
@@ -94,6 +95,13 @@ struct Mirror {
      */
     uint64_t target_gen;
     uint64_t flushed_gen;
+
+    /*
+     * Progress report (query-block-jobs): bytes copied by the job (atomic) and bytes guest writes
+     * made dirty (m->lock); rates over the time since the previous sample, at least RATE_NS apart.
+     */
+    uint64_t copied_total, dirtied_total;
+    uint64_t rate_t, rate_copied, rate_dirtied, copy_rate, dirty_rate;
 };
 
 /* ---- nodes in use by a mirror (one job per source or target at a time) ---- */
@@ -286,7 +294,7 @@ static void mirror_on_write(Mirror *m, WriteKind kind, uint64_t offset, uint64_t
     pthread_mutex_lock(&m->lock);
     if (r < 0) {
         /* Background mode, a discard, or a failed target write: the copy loop takes it from here. */
-        bm_set(m, offset, bytes, true);
+        m->dirtied_total += bm_set(m, offset, bytes, true) * m->granularity;
         if (r != -EAGAIN && !stopped && !m->pending_target_error) {
             m->pending_target_error = r;
         }
@@ -727,6 +735,9 @@ static void mirror_copy_chunk(void *opaque, CopyChunk *c, uint8_t *buf, uint64_t
         pthread_mutex_unlock(&m->lock);
     }
     c->ret = mirror_copy_range(m, c->off, c->bytes, buf, &c->is_read);
+    if (c->ret == 0) {
+        __atomic_add_fetch(&m->copied_total, c->bytes, __ATOMIC_RELAXED);
+    }
     if (c->ret < 0 && c->tracked) {
         /* A failed chunk goes back to dirty: retried after the error policy's stop/ignore. */
         pthread_mutex_lock(&m->lock);
@@ -1196,14 +1207,72 @@ static void mirror_clean(Job *job)
     }
 }
 
+/*
+ * query-block-jobs (job mutex held; m->lock is below it). QEMU 8.2's actively-synced: in sync and
+ * every guest write reaches both images. vdisk's: the phase, what is dirty, how fast the job copies
+ * and guests dirty (bytes/s since the previous sample), and the seconds to READY at those rates
+ * (0 once ready; absent while unknown, e.g. when guests dirty as fast as the job copies).
+ */
 static void mirror_query(Job *job, json_t *info)
 {
     Mirror *m = job_opaque(job);
+    bool ready = json_is_true(json_object_get(info, "ready"));
+    uint64_t now = job_now_ns();
+    uint64_t copied = __atomic_load_n(&m->copied_total, __ATOMIC_RELAXED);
     pthread_mutex_lock(&m->lock);
+    if (m->rate_t == 0 || now - m->rate_t >= RATE_NS) {
+        if (m->rate_t) {
+            double secs = (double)(now - m->rate_t) / 1e9;
+            m->copy_rate = (uint64_t)((double)(copied - m->rate_copied) / secs);
+            m->dirty_rate = (uint64_t)((double)(m->dirtied_total - m->rate_dirtied) / secs);
+        }
+        m->rate_t = now;
+        m->rate_copied = copied;
+        m->rate_dirtied = m->dirtied_total;
+    }
+    uint64_t dirty = dirty_bytes_locked(m);
+    bool synced = ready && m->write_blocking && dirty == 0 && !m->pending_target_error;
+    const char *phase = m->detached ? "finished"
+                      : m->should_complete ? "completing" : ready ? "mirroring" : "copying";
+    json_object_set_new(info, "actively-synced", json_boolean(synced));
     json_object_set_new(info, "vdisk-copy-mode",
                         json_string(m->write_blocking ? "write-blocking" : "background"));
     json_object_set_new(info, "vdisk-auto-write-blocking", json_boolean(m->auto_write_blocking));
+    json_object_set_new(info, "vdisk-phase", json_string(phase));
+    json_object_set_new(info, "vdisk-dirty-bytes", json_integer((json_int_t)dirty));
+    json_object_set_new(info, "vdisk-copy-rate", json_integer((json_int_t)m->copy_rate));
+    json_object_set_new(info, "vdisk-dirty-rate", json_integer((json_int_t)m->dirty_rate));
+    if (ready) {
+        json_object_set_new(info, "vdisk-eta-ready", json_integer(0));
+    } else if (m->copy_rate > m->dirty_rate) {
+        uint64_t net = m->copy_rate - m->dirty_rate;
+        json_object_set_new(info, "vdisk-eta-ready", json_integer((json_int_t)((dirty + net - 1)
+                                                                               / net)));
+    }
     pthread_mutex_unlock(&m->lock);
+}
+
+int mirror_change_copy_mode(Job *job, bool write_blocking, VdError **errp)
+{
+    if (strcmp(job_type(job), "mirror") != 0) {
+        vd_error_setg(errp, EINVAL, "Job type %s doesn't match requested type mirror",
+                      job_type(job));
+        return -EINVAL;
+    }
+    Mirror *m = job_opaque(job);
+    pthread_mutex_lock(&m->lock);
+    bool current = m->write_blocking;
+    if (current != write_blocking && write_blocking) {
+        m->write_blocking = true; /* the next guest write goes to both images */
+        mirror_kick_locked(m);
+    }
+    pthread_mutex_unlock(&m->lock);
+    if (current && !write_blocking) {
+        /* As QEMU 8.2: only background -> write-blocking is implemented. */
+        vd_error_setg(errp, ENOTSUP, "Change to copy mode 'background' is not implemented");
+        return -ENOTSUP;
+    }
+    return 0;
 }
 
 static void mirror_free_state(Mirror *m)

@@ -54,6 +54,12 @@ Job *mirror_start(const MirrorOptions *opts, VdError **errp);
 /* Is node the source or target of a mirror job that has not finished (for other jobs' claims)? */
 bool mirror_node_busy(BlockNode *node);
 
+/*
+ * block-job-change (QEMU 8.2): switch a mirror's copy mode. Only background -> write-blocking, as
+ * QEMU; the same mode is a no-op. -EINVAL for a job of another type.
+ */
+int mirror_change_copy_mode(Job *job, bool write_blocking, VdError **errp);
+
 /* The filter node guests write through (tests drive it directly); NULL once detached. */
 BlockNode *mirror_filter_node(Job *job);
 

@@ -6,6 +6,7 @@
  * run on the QMP thread, one at a time, after the server checked the arguments against the table.
  */
 #include <errno.h>
+#include <string.h>
 
 #include "jobs/blockops.h"
 #include "jobs/mirror.h"
@@ -220,8 +221,62 @@ static json_t *cmd_blockdev_snapshot(json_t *args, VdError **errp)
     return snapshot_blockdev(a.node, a.overlay, errp) < 0 ? NULL : json_object();
 }
 
+/* ---- block-job-change (QEMU 8.2) ---- */
+
+/* JobType; only the mirror branch has members (copy-mode). */
+static const char *const job_type_values[] = {"commit", "stream", "mirror", "backup", "create",
+                                              "amend", "snapshot-load", "snapshot-save",
+                                              "snapshot-delete", NULL};
+#define JOB_TYPE_MIRROR 2
+
+typedef struct JobChangeArgs {
+    const char *id;
+    int type, copy_mode;
+    bool has_copy_mode;
+} JobChangeArgs;
+
+static const QmpArgSpec block_job_change_args[] = {
+    {"id", QA_STR, true, .at = QMP_AT(JobChangeArgs, id)},
+    {"type", QA_ENUM, true, job_type_values, .at = QMP_AT(JobChangeArgs, type)},
+    {"copy-mode", QA_ENUM, false, copy_mode_values, .at = QMP_AT(JobChangeArgs, copy_mode),
+     .has_at = QMP_AT(JobChangeArgs, has_copy_mode)},
+    {NULL}};
+
+static json_t *cmd_block_job_change(json_t *args, VdError **errp)
+{
+    JobChangeArgs a = {0};
+    if (qmp_args_parse(args, block_job_change_args, &a, errp) < 0) {
+        return NULL;
+    }
+    /* The union's branch: copy-mode belongs to (and is required by) type mirror only. */
+    if (a.type == JOB_TYPE_MIRROR && !a.has_copy_mode) {
+        vd_error_setg(errp, EINVAL, "Parameter 'copy-mode' is missing");
+        return NULL;
+    }
+    if (a.type != JOB_TYPE_MIRROR && a.has_copy_mode) {
+        vd_error_setg(errp, EINVAL, "Parameter 'copy-mode' is unexpected");
+        return NULL;
+    }
+    Job *job = job_find(a.id);
+    if (!job) {
+        vd_error_setg(errp, ENODEV, "Block job '%s' not found", a.id);
+        return NULL;
+    }
+    int r = 0;
+    if (strcmp(job_type(job), job_type_values[a.type]) != 0) {
+        vd_error_setg(errp, EINVAL, "Job type %s doesn't match requested type %s",
+                      job_type(job), job_type_values[a.type]);
+        r = -EINVAL;
+    } else if (a.type == JOB_TYPE_MIRROR) {
+        r = mirror_change_copy_mode(job, a.copy_mode == 1, errp);
+    }
+    job_unref(job);
+    return r < 0 ? NULL : json_object();
+}
+
 void qmp_commands_blockops_register(void)
 {
+    qmp_register_command("block-job-change", block_job_change_args, cmd_block_job_change);
     qmp_register_command("drive-mirror", drive_mirror_args, cmd_drive_mirror);
     qmp_register_command("blockdev-mirror", blockdev_mirror_args, cmd_blockdev_mirror);
     qmp_register_command("block-stream", block_stream_args, cmd_block_stream);

@@ -1345,6 +1345,47 @@ static double pretty_capacity(uint64_t val, const char **unit)
     return v;
 }
 
+/* A byte count or rate the way virsh prints capacities ("12.000 MiB"). */
+static void print_capacity(const char *label, uint64_t v, const char *suffix)
+{
+    const char *unit;
+    double val = pretty_capacity(v, &unit);
+    printf(", %s %.3f %s%s", label, val, unit, suffix);
+}
+
+/*
+ * blockjob --verbose: the job's phase, what is dirty, copy and dirty rates and the time to READY
+ * (vdiskd's query-block-jobs extensions; a daemon without them shows its status only).
+ */
+static void print_job_details(json_t *job)
+{
+    const char *phase = jstr(job, "vdisk-phase");
+    printf("    Phase: %s", phase ? phase : jstr(job, "status") ? jstr(job, "status") : "unknown");
+    json_t *dirty = json_object_get(job, "vdisk-dirty-bytes");
+    json_t *crate = json_object_get(job, "vdisk-copy-rate");
+    json_t *drate = json_object_get(job, "vdisk-dirty-rate");
+    json_t *eta = json_object_get(job, "vdisk-eta-ready");
+    if (json_is_integer(dirty)) {
+        print_capacity("dirty", (uint64_t)json_integer_value(dirty), "");
+    }
+    if (json_is_integer(crate)) {
+        print_capacity("copy rate", (uint64_t)json_integer_value(crate), "/s");
+    }
+    if (json_is_integer(drate)) {
+        print_capacity("dirty rate", (uint64_t)json_integer_value(drate), "/s");
+    }
+    if (json_is_integer(eta)) {
+        printf(", ready in %" PRId64 " s", (int64_t)json_integer_value(eta));
+    } else if (json_is_integer(crate)) {
+        printf(", ready: unknown");
+    }
+    json_t *synced = json_object_get(job, "actively-synced");
+    if (json_is_boolean(synced)) {
+        printf(", actively synced: %s", json_is_true(synced) ? "yes" : "no");
+    }
+    printf("\n");
+}
+
 /* The job running on this disk: our id for its node, the node name itself, or DISK verbatim. */
 static json_t *find_disk_job(QmpConn *c, const char *disk, json_t *node, VdError **errp)
 {
@@ -1382,9 +1423,11 @@ int virsh_blockjob(int argc, char **argv)
 {
     const char *sock = NULL, *bw = NULL;
     bool info = false, abort_ = false, async = false, pivot = false, bytes = false, raw = false;
+    bool verbose = false;
     const VOpt opts[] = {
         { "socket", NULL, &sock, NULL },
         { "info", &info, NULL, NULL },
+        { "verbose", &verbose, NULL, NULL },
         { "abort", &abort_, NULL, NULL },
         { "async", &async, NULL, NULL },
         { "pivot", &pivot, NULL, NULL },
@@ -1395,7 +1438,8 @@ int virsh_blockjob(int argc, char **argv)
     };
     static const char *const names[] = { "disk" };
     int p = parse_opts(argc, argv, opts,
-                       "DISK [--info [--raw]|--abort [--async]|--pivot|--bandwidth N [--bytes]] "
+                       "DISK [--info [--raw|--verbose]|--abort [--async]|--pivot|--bandwidth N "
+                       "[--bytes]] "
                        "[--socket PATH]",
                        1, names);
     if (p <= 0) {
@@ -1404,11 +1448,14 @@ int virsh_blockjob(int argc, char **argv)
     const char *disk = argv[optind];
     static const struct { const char *a, *b; } excl[] = {
         { "raw", "abort" }, { "raw", "pivot" }, { "raw", "async" }, { "raw", "bandwidth" },
+        { "verbose", "abort" }, { "verbose", "pivot" }, { "verbose", "async" },
+        { "verbose", "bandwidth" }, { "verbose", "raw" },
         { "info", "abort" }, { "info", "pivot" }, { "info", "async" }, { "info", "bandwidth" },
         { "bytes", "abort" }, { "bytes", "pivot" }, { "bytes", "async" },
     };
-    bool set[] = { raw, info, bytes, abort_, pivot, async, bw != NULL };
-    const char *setnames[] = { "raw", "info", "bytes", "abort", "pivot", "async", "bandwidth" };
+    bool set[] = { raw, info, bytes, abort_, pivot, async, bw != NULL, verbose };
+    const char *setnames[] = { "raw", "info", "bytes", "abort", "pivot", "async", "bandwidth",
+                               "verbose" };
     for (size_t i = 0; i < sizeof(excl) / sizeof(excl[0]); i++) {
         bool a = false, b = false;
         for (size_t k = 0; k < sizeof(set) / sizeof(set[0]); k++) {
@@ -1505,6 +1552,9 @@ int virsh_blockjob(int argc, char **argv)
             printf("    Bandwidth limit: %" PRIu64 " bytes/s (%-.3lf %s/s)", spd, val, unit);
         }
         printf("\n");
+        if (verbose) {
+            print_job_details(job);
+        }
     }
     printf("\n");
     ret = 0;
