@@ -102,6 +102,7 @@ struct Mirror {
      */
     uint64_t copied_total, dirtied_total;
     uint64_t rate_t, rate_copied, rate_dirtied, copy_rate, dirty_rate;
+    bool verify;           /* x-verify: compare source and target before finishing */
 };
 
 /* ---- nodes in use by a mirror (one job per source or target at a time) ---- */
@@ -817,6 +818,96 @@ static void mirror_reaped(void *opaque, const CopyChunk *c)
     }
 }
 
+/*
+ * What the target reads at [off, off+n) once it has its final backing (its own layer where it
+ * decides, else the final backing, else zeroes): during the copy its in-memory backing is the
+ * source, which would hide a range the copy missed.
+ */
+static int target_final_pread(Mirror *m, uint64_t off, uint64_t n, uint8_t *buf)
+{
+    while (n > 0) {
+        uint64_t pnum = n;
+        bool zero, alloc;
+        int r = target_reads_zero(m, off, n, &pnum, &zero, &alloc);
+        if (r < 0) {
+            return r;
+        }
+        pnum = pnum ? pnum : n;
+        BlockNode *fb = m->final_backing;
+        int64_t fblen = fb ? vd_getlength(fb) : 0;
+        if (alloc || zero) {
+            r = alloc ? vd_pread(m->target, off, pnum, buf) : (memset(buf, 0, pnum), 0);
+        } else if (fblen < 0) {
+            r = (int)fblen;
+        } else {
+            uint64_t in = (uint64_t)fblen > off ? (uint64_t)fblen - off : 0;
+            in = in < pnum ? in : pnum;
+            memset(buf + in, 0, pnum - in);
+            r = in ? vd_pread(fb, off, in, buf) : 0;
+        }
+        if (r < 0) {
+            return r;
+        }
+        off += pnum;
+        buf += pnum;
+        n -= pnum;
+    }
+    return 0;
+}
+
+/*
+ * x-verify: before the pivot (or the end of a soft cancel), compare every byte the guest reads
+ * from the source with what the target will read on its own. Each unit holds the filter's range
+ * (BT_SHARED: guest writes to it wait) and first copies what is dirty in it, so the comparison is
+ * exact; writes after a unit was checked are copied by the tail. Reads the whole disk twice.
+ */
+static int mirror_verify(Mirror *m, VdError **errp)
+{
+    uint64_t unit = m->chunk;
+    uint8_t *a = malloc(unit), *b = malloc(unit);
+    int r = a && b ? 0 : -ENOMEM;
+    uint64_t bad = UINT64_MAX;
+    for (uint64_t off = 0; r == 0 && off < m->len; off += unit) {
+        if (job_is_cancelled(m->job)) {
+            r = -ECANCELED;
+            break;
+        }
+        uint64_t n = m->len - off < unit ? m->len - off : unit;
+        BtRequest req;
+        block_tracker_begin(m->tracker, &req, off, n, BT_SHARED);
+        pthread_mutex_lock(&m->lock);
+        bool dirty = bm_set(m, off, n, false) > 0;
+        pthread_mutex_unlock(&m->lock);
+        bool is_read = false;
+        if (dirty && (r = mirror_copy_range(m, off, n, a, &is_read)) < 0) {
+            pthread_mutex_lock(&m->lock);
+            bm_set(m, off, n, true);
+            pthread_mutex_unlock(&m->lock);
+        }
+        if (r == 0 && (r = vd_pread(m->source, off, n, a)) == 0) {
+            r = target_final_pread(m, off, n, b);
+        }
+        block_tracker_end(m->tracker, &req);
+        for (uint64_t i = 0; r == 0 && i < n && bad == UINT64_MAX; i++) {
+            bad = a[i] != b[i] ? off + i : bad;
+        }
+        if (bad != UINT64_MAX) {
+            break;
+        }
+    }
+    free(a);
+    free(b);
+    if (bad != UINT64_MAX) {
+        vd_error_setg(errp, EIO, "Verification failed: source and target differ at offset %llu; "
+                      "not pivoting", (unsigned long long)bad);
+        return -EIO;
+    }
+    if (r < 0 && r != -ECANCELED) {
+        vd_error_setg(errp, -r, "Verification could not read: %s", strerror(-r));
+    }
+    return r == 0 ? mirror_flush_target(m) : r;
+}
+
 static int mirror_run(Job *job, VdError **errp)
 {
     Mirror *m = job_opaque(job);
@@ -988,7 +1079,7 @@ static int mirror_run(Job *job, VdError **errp)
             if (more && ++complete_rounds < COMPLETE_ROUNDS) {
                 continue;
             }
-            r = 0;
+            r = m->verify ? mirror_verify(m, errp) : 0;
             break;
         }
         if (__atomic_load_n(&m->target_gen, __ATOMIC_SEQ_CST) != m->flushed_gen) {
@@ -1425,6 +1516,7 @@ static Job *mirror_start_ex(const MirrorOptions *o, bool unmap, VdError **errp)
     m->final_backing = o->keep_target_backing ? m->target_orig_backing : m->base;
     m->target_new = o->target_new;
     m->shares_base = o->backing_matches || same_image(m->final_backing, m->base);
+    m->verify = o->verify;
     m->filter = filter_new(m, o->job_id, o->filter_node_name);
     if (!m->bitmap || !m->filter || (o->backing_name && !m->backing_name) ||
         (o->backing_fmt && !m->backing_fmt)) {
@@ -1597,7 +1689,7 @@ int mirror_request_start(const MirrorRequest *r, VdError **errp)
                        .speed = r->speed, .granularity = r->granularity,
                        .on_source_error = (JobErrorAction)r->on_source_error,
                        .on_target_error = (JobErrorAction)r->on_target_error,
-                       .write_blocking = r->write_blocking};
+                       .write_blocking = r->write_blocking, .verify = r->verify};
     if (o.speed < 0) {
         vd_error_setg(errp, EINVAL, "Invalid parameter 'speed'");
         return -EINVAL;

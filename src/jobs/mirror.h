@@ -36,6 +36,8 @@ typedef struct MirrorOptions {
     bool keep_target_backing;
     /* The caller vouches that the target's own backing reads like base: base is not copied. */
     bool backing_matches;
+    /* x-verify: compare source and target (as it reads on its own) before finishing. */
+    bool verify;
     uint64_t granularity;      /* 0 = default (target cluster size within [4 KiB, 64 KiB]) */
     uint64_t buf_size;         /* 0 = default 16 MiB: largest copy in flight */
     int64_t speed;
@@ -98,6 +100,7 @@ typedef struct MirrorRequest {
     /* vdisk's extension (drive-mirror x-backing-matches): the caller vouches that an existing
      * target's own backing reads like the source's (see existing_target_backing in mirror.c). */
     bool backing_matches;
+    bool verify;                  /* vdisk's extension x-verify (see MirrorOptions.verify) */
 } MirrorRequest;
 
 /*

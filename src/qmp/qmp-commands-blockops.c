@@ -72,6 +72,7 @@ static const QmpArgSpec drive_mirror_args[] = {
     {"auto-dismiss", QA_BOOL, .at = M(auto_dismiss)},
     {"base-node", QA_STR, .at = M(base_node)}, /* vdisk's extensions */
     {"x-backing-matches", QA_BOOL, .at = M(backing_matches)},
+    {"x-verify", QA_BOOL, .at = M(verify)},
     {NULL}};
 
 static const QmpArgSpec blockdev_mirror_args[] = {
@@ -89,7 +90,8 @@ static const QmpArgSpec blockdev_mirror_args[] = {
     {"copy-mode", QA_ENUM, false, copy_mode_values, .at = QMP_AT(MirrorArgs, copy_mode)},
     {"auto-finalize", QA_BOOL, .at = M(auto_finalize)},
     {"auto-dismiss", QA_BOOL, .at = M(auto_dismiss)},
-    {"base-node", QA_STR, .at = M(base_node)}, /* vdisk's extension */
+    {"base-node", QA_STR, .at = M(base_node)}, /* vdisk's extensions */
+    {"x-verify", QA_BOOL, .at = M(verify)},
     {NULL}};
 #undef M
 

@@ -955,8 +955,9 @@ int virsh_blockcopy(int argc, char **argv)
     JobOpts jo = { 0 };
     const char *format = NULL, *gran = NULL, *bufsz = NULL, *base_node = NULL, *node_name = NULL;
     bool shallow = false, reuse = false, pivot = false, finish = false, sync_writes = false;
-    bool backing_matches = false;
+    bool backing_matches = false, verify = false;
     const VOpt opts[] = {
+        { "verify", &verify, NULL, NULL },
         { "shallow", &shallow, NULL, NULL },
         { "reuse-external", &reuse, NULL, NULL },
         { "backing-matches", &backing_matches, NULL, NULL },
@@ -973,7 +974,7 @@ int virsh_blockcopy(int argc, char **argv)
     };
     static const char *const names[] = { "disk", "dest" };
     int p = parse_job_opts(argc, argv, &jo, opts,
-                           "DISK DEST [--shallow] [--reuse-external [--backing-matches]] "
+                           "DISK DEST [--shallow] [--reuse-external [--backing-matches]] [--verify] "
                            "[--format F|--raw] [--wait] "
                            "[--verbose] [--pivot|--finish] [--timeout S] [--async] [--bandwidth N "
                            "[--bytes]] [--granularity N] [--buf-size N] [--synchronous-writes] "
@@ -1069,6 +1070,10 @@ int virsh_blockcopy(int argc, char **argv)
     if (backing_matches) {
         /* vdiskd's extension (existing target whose backing is outside the source's chain). */
         json_object_set_new(args, "x-backing-matches", json_true());
+    }
+    if (verify) {
+        /* vdiskd's extension: compare source and target before the pivot / finish. */
+        json_object_set_new(args, "x-verify", json_true());
     }
     int st = job_run_start(&run, &kind, args, blocking, "Block Copy started", jo.verbose, true,
                            timeout_ms, jo.async);
