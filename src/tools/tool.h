@@ -46,6 +46,8 @@ void tool_bad_option(const char *cmd, int optopt_char, const char *arg);
 
 /* Parse a size with optional k/M/G/T/P/E suffix (qemu_strtosz rules; fractions allowed). */
 int tool_parse_size(const char *s, uint64_t *out);
+/* qemu-img's cvtnum message for a size it cannot parse (on one line; qemu-img uses two). */
+void tool_invalid_size(const char *what);
 /* Parse a plain non-negative integer (decimal/hex/octal) fully; -EINVAL on junk. */
 int tool_parse_uint(const char *s, uint64_t *out);
 /* Parse an --output argument; returns 0 human, 1 json, -1 error (already reported). */
@@ -143,5 +145,7 @@ int img_resize(int argc, char **argv);
 int img_measure(int argc, char **argv);
 int img_io(int argc, char **argv);
 int img_snapshot(int argc, char **argv);
+int img_dd(int argc, char **argv);
+int img_bench(int argc, char **argv);
 
 #endif

@@ -51,6 +51,12 @@ void tool_bad_option(const char *cmd, int c, const char *arg)
 
 /* ---- numbers ---- */
 
+void tool_invalid_size(const char *what)
+{
+    tool_error("Invalid %s specified. You may use k, M, G, T, P or E suffixes for kilobytes, "
+               "megabytes, gigabytes, terabytes, petabytes and exabytes.", what);
+}
+
 int tool_parse_uint(const char *s, uint64_t *out)
 {
     if (!s || !*s || *s == '-' || *s == '+' || *s == ' ') {
@@ -774,6 +780,10 @@ static const struct {
     int (*fn)(int, char **);
     const char *usage;
 } commands[] = {
+    { "bench", img_bench,
+      "bench [-c count] [-d depth] [-f fmt] [--flush-interval=flush_interval] [-i aio] [-n]\n"
+      "          [--no-drain] [-o offset] [--pattern=pattern] [-q] [-s buffer_size]\n"
+      "          [-S step_size] [-t cache] [-w] [-U] filename" },
     { "check", img_check, "check [-q] [-f fmt] [--output=ofmt] [-r leaks|all] [-U] filename" },
     { "commit", img_commit, "commit [-q] [-f fmt] [-t cache] [-b base] [-d] [-p] filename" },
     { "compare", img_compare,
@@ -785,6 +795,9 @@ static const struct {
       "output_filename" },
     { "create", img_create,
       "create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]" },
+    { "dd", img_dd,
+      "dd [-U] [-f fmt] [-O output_fmt] [bs=block_size] [count=blocks] [skip=blocks] if=input "
+      "of=output" },
     { "info", img_info,
       "info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename" },
     { "io", img_io, "io [-f fmt] [-r] [-U] [-c 'command']... filename   (qemu-io style)" },

@@ -14,8 +14,8 @@ from conftest import BUILD, ROOT, qemu_img, qemu_io, run, wait_unix_listening
 PREFIX = "/usr/local"
 # Commands the man page must describe (vdisk --help lists them; the page is written by hand).
 COMMANDS = ["check", "commit", "compare", "convert", "create", "info", "io", "map", "measure",
-            "rebase", "resize", "snapshot", "blockcommit", "blockcopy", "blockjob", "blockpull",
-            "domblklist", "snapshot-create"]
+            "rebase", "resize", "snapshot", "dd", "bench", "blockcommit", "blockcopy", "blockjob",
+            "blockpull", "domblklist", "snapshot-create"]
 
 
 @pytest.fixture(scope="module")
