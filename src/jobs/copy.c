@@ -37,6 +37,7 @@
 #define DEFAULT_GUEST_FLOOR 0.10
 #define BUDGET_START_SHARE 0.5
 #define BUDGET_MAX_GAP_NS 1000000000ULL /* a pause after one slow copy never exceeds this */
+#define BUDGET_MAX_SHARE 64.0 /* above 1: copies in flight (capped by the workers), no pause */
 
 typedef enum { SLOT_FREE, SLOT_QUEUED, SLOT_RUNNING, SLOT_DONE } SlotState;
 
@@ -151,13 +152,19 @@ void copy_budget_update(CopyBudget *b, const CopyWindow *w)
     if (mean > 2 * b->ref_ns) {
         b->share = b->share / 2 > b->floor ? b->share / 2 : b->floor;
     } else if (2 * mean < 3 * b->ref_ns) {
-        b->share = b->share + 0.05 < 1 ? b->share + 0.05 : 1;
+        /* Below one copy: +1/20 of the time; above: +1/20 of a copy in flight. */
+        b->share = b->share + 0.05 < BUDGET_MAX_SHARE ? b->share + 0.05 : BUDGET_MAX_SHARE;
     }
 }
 
 unsigned copy_budget_allowed(const CopyBudget *b, unsigned workers)
 {
-    return b->guest_active ? 1 : (workers ? workers : 1);
+    workers = workers ? workers : 1;
+    if (!b->guest_active || b->share >= workers) {
+        return workers;
+    }
+    /* An unhurt guest lets the share grow past one copy: floor(share) in flight, at least 1. */
+    return b->share >= 2 ? (unsigned)b->share : 1;
 }
 
 uint64_t copy_budget_gap_ns(const CopyBudget *b, uint64_t copy_ns)

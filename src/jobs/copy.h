@@ -88,13 +88,14 @@ void copy_engine_set_urgent(CopyEngine *e);
 
 /*
  * The guest-priority budget, a pure state machine (unit-tested) updated once per window of
- * COPY_WINDOW_NS from what the guest's tracker saw: while the guest is active, one copy runs for
- * at most `share` of the time. AIMD on the guest's mean request latency against its low-water
- * mark: above 2x it the share halves, below 1.5x it grows by 1/20; never below `floor` (> 0).
+ * COPY_WINDOW_NS from what the guest's tracker saw: while the guest is active, `share` < 1 is the
+ * fraction of the time one copy may run, share >= 2 the copies in flight (no pause). AIMD on the
+ * guest's mean request latency against its low-water mark: above 2x it the share halves, below
+ * 1.5x it grows by 1/20; never below `floor` (> 0).
  */
 #define COPY_WINDOW_NS 20000000ULL
 typedef struct CopyBudget {
-    double share;        /* (floor..1]: fraction of the time one copy may run, guest active */
+    double share;        /* [floor..64]: < 1 the time one copy may run, >= 2 copies in flight */
     double floor;        /* > 0: the copy always progresses */
     uint64_t ref_ns;     /* the guest's latency low-water mark (0: none yet); drifts up slowly */
     bool guest_active;   /* the guest did I/O in the last window */
@@ -106,7 +107,7 @@ typedef struct CopyWindow {
 } CopyWindow;
 void copy_budget_init(CopyBudget *b, double floor);
 void copy_budget_update(CopyBudget *b, const CopyWindow *w);
-/* Copies allowed in flight: all `workers` while the guest is idle, else 1. */
+/* Copies allowed in flight: all `workers` while the guest is idle, else max(1, floor(share)). */
 unsigned copy_budget_allowed(const CopyBudget *b, unsigned workers);
 /* How long to wait after a copy that took copy_ns before the next starts (0: guest idle). */
 uint64_t copy_budget_gap_ns(const CopyBudget *b, uint64_t copy_ns);
