@@ -737,6 +737,11 @@ int vd_snapshot_create(BlockNode *bs, const char *name, VdError **errp)
 
 int vd_snapshot_goto(BlockNode *bs, const char *id_or_name, VdError **errp)
 {
+    /* As QEMU: reverting would change data behind the bitmaps' backs */
+    if (vd_bitmaps_any(bs)) {
+        vd_error_setg(errp, EBUSY, "Device has active dirty bitmaps");
+        return -EBUSY;
+    }
     int ret = snapshot_check(bs, bs->drv->snapshot_goto != NULL, errp);
     return ret < 0 ? ret : bs->drv->snapshot_goto(bs, id_or_name, errp);
 }

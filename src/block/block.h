@@ -248,12 +248,14 @@ struct BlockDriver {
      * first marks them in use on disk, so a crash before bitmaps_store shows them inconsistent.
      * bitmaps_store replaces the stored set by list (clean, not in use); an inconsistent entry
      * keeps what the image has for that name. bitmaps_can_store checks a new bitmap's name and
-     * granularity against the format's limits (with the set already stored).
+     * granularity against the format's limits (with the set already stored). bitmaps_remove
+     * deletes one stored bitmap now (the others stay as the image has them), as QEMU's remove.
      */
     int (*bitmaps_load)(BlockNode *bs, VdStoredBitmap **list, size_t *n, VdError **errp);
     int (*bitmaps_store)(BlockNode *bs, const VdStoredBitmap *list, size_t n, VdError **errp);
     int (*bitmaps_can_store)(BlockNode *bs, const char *name, uint32_t granularity_bits,
                              VdError **errp);
+    int (*bitmaps_remove)(BlockNode *bs, const char *name, VdError **errp);
 };
 
 #define VD_PROBE_ANY 1 /* probe score of a format that takes any bytes (raw) */

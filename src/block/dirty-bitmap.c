@@ -14,6 +14,7 @@
 #include <jansson.h>
 
 #include "block/dirty-bitmap.h"
+#include "util/lock.h"
 
 typedef struct VdDirtyBitmap {
     char *name;
@@ -168,13 +169,13 @@ int vd_bitmaps_load(BlockNode *bs, VdError **errp)
             }
         }
         bm->persistent = true;
-        bm->enabled = list[i].enabled;
+        bm->enabled = list[i].enabled && !list[i].inconsistent; /* QEMU: not recording */
         bm->inconsistent = list[i].inconsistent;
         bm->readonly = bs->read_only;
-        pthread_mutex_lock(&l->lock);
+        vd_mutex_lock(&l->lock);
         bm->next = l->head; /* newest first: image order reversed, as QEMU lists them */
         l->head = bm;
-        pthread_mutex_unlock(&l->lock);
+        vd_mutex_unlock(&l->lock);
     }
     vd_stored_bitmaps_free(list, n);
     return ret;
@@ -187,7 +188,7 @@ int vd_bitmaps_store(BlockNode *bs, VdError **errp)
         return 0;
     }
     if (l) {
-        pthread_mutex_lock(&l->lock);
+        vd_mutex_lock(&l->lock);
     }
     size_t n = 0;
     for (VdDirtyBitmap *bm = l ? l->head : NULL; bm; bm = bm->next) {
@@ -214,7 +215,7 @@ int vd_bitmaps_store(BlockNode *bs, VdError **errp)
         memcpy(sb->data, bm->bits, bytes_for(bm->nbits));
     }
     if (l) {
-        pthread_mutex_unlock(&l->lock);
+        vd_mutex_unlock(&l->lock);
     }
     if (ret < 0) {
         vd_error_setg(errp, ENOMEM, "Out of memory storing bitmaps");
@@ -256,7 +257,7 @@ void vd_bitmaps_note_write(BlockNode *bs, uint64_t offset, uint64_t bytes)
     if (!l || bytes == 0) {
         return;
     }
-    pthread_mutex_lock(&l->lock);
+    vd_mutex_lock(&l->lock);
     for (VdDirtyBitmap *bm = l->head; bm; bm = bm->next) {
         if (!bm->enabled || bm->inconsistent || offset >= bm->size) {
             continue;
@@ -264,7 +265,7 @@ void vd_bitmaps_note_write(BlockNode *bs, uint64_t offset, uint64_t bytes)
         uint64_t end = bytes > bm->size - offset ? bm->size : offset + bytes;
         bits_fill(bm->bits, offset >> bm->gran_bits, (end - 1) >> bm->gran_bits, true);
     }
-    pthread_mutex_unlock(&l->lock);
+    vd_mutex_unlock(&l->lock);
 }
 
 int vd_bitmaps_resize(BlockNode *bs, uint64_t size)
@@ -274,7 +275,7 @@ int vd_bitmaps_resize(BlockNode *bs, uint64_t size)
         return 0;
     }
     int ret = 0;
-    pthread_mutex_lock(&l->lock);
+    vd_mutex_lock(&l->lock);
     for (VdDirtyBitmap *bm = l->head; bm && ret == 0; bm = bm->next) {
         uint64_t nbits = nbits_for(size, bm->gran_bits);
         uint8_t *nb = calloc(1, bytes_for(nbits) + 1);
@@ -292,7 +293,7 @@ int vd_bitmaps_resize(BlockNode *bs, uint64_t size)
         bm->nbits = nbits;
         bm->size = size;
     }
-    pthread_mutex_unlock(&l->lock);
+    vd_mutex_unlock(&l->lock);
     return ret;
 }
 
@@ -302,9 +303,9 @@ bool vd_bitmaps_any(BlockNode *bs)
     if (!l) {
         return false;
     }
-    pthread_mutex_lock(&l->lock);
+    vd_mutex_lock(&l->lock);
     bool any = l->head != NULL;
-    pthread_mutex_unlock(&l->lock);
+    vd_mutex_unlock(&l->lock);
     return any;
 }
 
@@ -337,13 +338,13 @@ static VdDirtyBitmap *lookup_locked(BlockNode *bs, const char *name, VdBitmapLis
 {
     VdBitmapList *l = __atomic_load_n(&bs->bitmaps, __ATOMIC_ACQUIRE);
     if (l) {
-        pthread_mutex_lock(&l->lock);
+        vd_mutex_lock(&l->lock);
         VdDirtyBitmap *bm = find_locked(l, name);
         if (bm) {
             *pl = l;
             return bm;
         }
-        pthread_mutex_unlock(&l->lock);
+        vd_mutex_unlock(&l->lock);
     }
     vd_error_setg(errp, ENOENT, "Dirty bitmap '%s' not found", name);
     return NULL;
@@ -383,9 +384,9 @@ int vd_bitmap_add(BlockNode *bs, const char *name, uint64_t granularity, bool pe
         vd_error_setg(errp, ENOMEM, "Out of memory");
         return -ENOMEM;
     }
-    pthread_mutex_lock(&l->lock);
+    vd_mutex_lock(&l->lock);
     bool exists = find_locked(l, name) != NULL;
-    pthread_mutex_unlock(&l->lock);
+    vd_mutex_unlock(&l->lock);
     if (exists) {
         vd_error_setg(errp, EEXIST, "Bitmap already exists: %s", name);
         return -EEXIST;
@@ -415,16 +416,16 @@ int vd_bitmap_add(BlockNode *bs, const char *name, uint64_t granularity, bool pe
     bm->enabled = !disabled;
     bm->persistent = persistent;
     bm->readonly = bs->read_only;
-    pthread_mutex_lock(&l->lock);
+    vd_mutex_lock(&l->lock);
     if (find_locked(l, name)) { /* only the QMP thread adds: cannot happen, but stay exact */
-        pthread_mutex_unlock(&l->lock);
+        vd_mutex_unlock(&l->lock);
         bitmap_free(bm);
         vd_error_setg(errp, EEXIST, "Bitmap already exists: %s", name);
         return -EEXIST;
     }
     bm->next = l->head;
     l->head = bm;
-    pthread_mutex_unlock(&l->lock);
+    vd_mutex_unlock(&l->lock);
     return 0;
 }
 
@@ -444,14 +445,16 @@ int vd_bitmap_remove(BlockNode *bs, const char *name, VdError **errp)
             }
         }
     }
-    pthread_mutex_unlock(&l->lock);
+    vd_mutex_unlock(&l->lock);
     if (ret < 0) {
         return ret;
     }
-    bool was_persistent = bm->persistent;
-    bitmap_free(bm);
     /* As QEMU: a persistent bitmap leaves the image at once, not at close. */
-    return was_persistent ? vd_bitmaps_store(bs, errp) : 0;
+    if (bm->persistent && !bs->read_only && bs->drv->bitmaps_remove) {
+        ret = bs->drv->bitmaps_remove(bs, bm->name, errp);
+    }
+    bitmap_free(bm);
+    return ret;
 }
 
 /* Look name up, run the checks, then op (may be NULL) on it, all under the list's lock. */
@@ -469,7 +472,7 @@ static int bitmap_apply(BlockNode *bs, const char *name, int checks, BitmapOp *o
     if (ret == 0 && op) {
         op(bm, arg);
     }
-    pthread_mutex_unlock(&l->lock);
+    vd_mutex_unlock(&l->lock);
     return ret;
 }
 
@@ -530,7 +533,7 @@ static VdDirtyBitmap *snapshot_source(const VdBitmapRef *r, uint64_t dst_size, V
     }
     memcpy(copy->bits, src->bits, bytes_for(src->nbits));
 out:
-    pthread_mutex_unlock(&l->lock);
+    vd_mutex_unlock(&l->lock);
     return copy;
 }
 
@@ -564,7 +567,7 @@ int vd_bitmap_merge(BlockNode *bs, const char *target, const VdBitmapRef *srcs, 
     int ret = bitmap_check(dst, CHECK_ALL, errp);
     uint64_t dst_size = dst->size;
     uint32_t dst_gbits = dst->gran_bits;
-    pthread_mutex_unlock(&l->lock);
+    vd_mutex_unlock(&l->lock);
     if (ret < 0) {
         return ret;
     }
@@ -594,7 +597,7 @@ int vd_bitmap_merge(BlockNode *bs, const char *target, const VdBitmapRef *srcs, 
             dst->bits[i] |= acc->bits[i];
         }
     }
-    pthread_mutex_unlock(&l->lock);
+    vd_mutex_unlock(&l->lock);
     bitmap_free(acc);
     return ret;
 }
@@ -626,7 +629,7 @@ json_t *vd_bitmaps_info(BlockNode *bs)
     if (!arr) {
         return NULL;
     }
-    pthread_mutex_lock(&l->lock);
+    vd_mutex_lock(&l->lock);
     for (VdDirtyBitmap *bm = l->head; bm; bm = bm->next) {
         json_t *o = json_object();
         if (!o) {
@@ -643,12 +646,17 @@ json_t *vd_bitmaps_info(BlockNode *bs)
         }
         json_array_append_new(arr, o);
     }
-    pthread_mutex_unlock(&l->lock);
+    vd_mutex_unlock(&l->lock);
     if (json_array_size(arr) == 0) {
         json_decref(arr);
         return NULL;
     }
     return arr;
+}
+
+int vd_bitmap_check_exists(BlockNode *bs, const char *name, VdError **errp)
+{
+    return bitmap_apply(bs, name, 0, NULL, 0, errp);
 }
 
 int vd_bitmap_check_usable(BlockNode *bs, const char *name, VdError **errp)
@@ -670,7 +678,7 @@ int vd_bitmap_status(BlockNode *bs, const char *name, uint64_t offset, uint64_t 
         return -ENOENT;
     }
     if (offset >= bm->size || bytes == 0) {
-        pthread_mutex_unlock(&l->lock);
+        vd_mutex_unlock(&l->lock);
         return -EINVAL;
     }
     uint64_t end = bytes > bm->size - offset ? bm->size : offset + bytes;
@@ -680,7 +688,7 @@ int vd_bitmap_status(BlockNode *bs, const char *name, uint64_t offset, uint64_t 
     for (i++; pos < end && bit_get(bm->bits, i) == d; i++) {
         pos += 1ULL << bm->gran_bits;
     }
-    pthread_mutex_unlock(&l->lock);
+    vd_mutex_unlock(&l->lock);
     *pnum = (pos < end ? pos : end) - offset;
     *dirty = d;
     return 0;

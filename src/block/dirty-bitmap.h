@@ -61,6 +61,8 @@ int vd_bitmap_merge(BlockNode *bs, const char *target, const VdBitmapRef *srcs, 
 /* ---- readers ---- */
 /* query-named-block-nodes' "dirty-bitmaps" (newest first, as QEMU), or NULL when none; new ref. */
 json_t *vd_bitmaps_info(BlockNode *bs);
+/* Does bitmap name exist on bs? 0, or -ENOENT with QEMU's "Dirty bitmap '%s' not found". */
+int vd_bitmap_check_exists(BlockNode *bs, const char *name, VdError **errp);
 /* Check that name exists and may be exported (not inconsistent); sets QEMU's errors. */
 int vd_bitmap_check_usable(BlockNode *bs, const char *name, VdError **errp);
 /* Mark busy (an NBD export, a job holds it) or free again. */

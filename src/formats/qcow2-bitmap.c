@@ -16,6 +16,8 @@
 #include <jansson.h>
 
 #include "formats/qcow2.h"
+#include "util/lock.h"
+#include "util/log.h"
 
 #define BM_EXT_LEN 24
 #define BM_ENTRY_FIXED 24
@@ -370,11 +372,15 @@ static int write_dir(Qcow2State *s, BmDir *dir, const BmDir *old, VdError **errp
         vd_error_setg_errno(errp, -ret, "qcow2: could not write the bitmap directory");
         return ret;
     }
-    if (old && old->offset) {
-        q2_free_clusters(s, old->offset, old->size);
-    }
     dir->offset = off;
     dir->size = size;
+    if (old && old->offset) {
+        /* made durable at once: an open that is killed right after must not leak it */
+        q2_free_clusters(s, old->offset, old->size);
+        if (q2_flush_all(s) < 0) {
+            vd_log(VD_LOG_WARN, "qcow2: freeing the old bitmap directory did not reach the disk");
+        }
+    }
     return 0;
 }
 
@@ -402,7 +408,7 @@ int q2_bitmaps_load(BlockNode *bs, VdStoredBitmap **list, size_t *n, VdError **e
     if (s->damaged) {
         return 0;
     }
-    pthread_mutex_lock(&s->lock);
+    vd_mutex_lock(&s->lock);
     BmDir d;
     int ret = read_dir(s, &d, errp);
     if (ret == 0 && !s->read_only && d.n == 0 && find_ext(s) >= 0) {
@@ -452,7 +458,7 @@ int q2_bitmaps_load(BlockNode *bs, VdStoredBitmap **list, size_t *n, VdError **e
     if (ret == 0) {
         s->bitmaps_loaded = true;
     }
-    pthread_mutex_unlock(&s->lock);
+    vd_mutex_unlock(&s->lock);
     uint32_t count = d.n;
     dir_clear(&d);
     if (ret < 0) {
@@ -521,17 +527,30 @@ static int write_bitmap(Qcow2State *s, const VdStoredBitmap *b, BmEntry *e)
     return ret;
 }
 
+/*
+ * Start changing the stored set: 1 when this image's bitmaps are not ours to write (read-only,
+ * damaged, not loaded); else lock and read the current directory into *old (the lock stays held,
+ * also when reading fails).
+ */
+static int lock_dir(Qcow2State *s, BmDir *old, VdError **errp)
+{
+    if (s->read_only || s->damaged || !s->bitmaps_loaded) {
+        return 1;
+    }
+    vd_mutex_lock(&s->lock);
+    return read_dir(s, old, errp);
+}
+
 int q2_bitmaps_store(BlockNode *bs, const VdStoredBitmap *list, size_t n, VdError **errp)
 {
     Qcow2State *s = q2_state(bs);
-    if (s->read_only || s->damaged || !s->bitmaps_loaded) {
+    BmDir old, nd = { 0 };
+    int ret = lock_dir(s, &old, errp);
+    if (ret > 0) {
         return 0;
     }
-    pthread_mutex_lock(&s->lock);
-    BmDir old, nd = { 0 };
-    int ret = read_dir(s, &old, errp);
     if (ret == 0 && old.n == 0 && n == 0) {
-        pthread_mutex_unlock(&s->lock);
+        vd_mutex_unlock(&s->lock);
         return 0;
     }
     bool *kept = calloc(old.n + 1, sizeof(bool));
@@ -600,8 +619,46 @@ int q2_bitmaps_store(BlockNode *bs, const VdStoredBitmap *list, size_t n, VdErro
             }
         }
     }
-    pthread_mutex_unlock(&s->lock);
+    vd_mutex_unlock(&s->lock);
     free(kept);
+    dir_clear(&old);
+    dir_clear(&nd);
+    return ret;
+}
+
+int q2_bitmaps_remove(BlockNode *bs, const char *name, VdError **errp)
+{
+    Qcow2State *s = q2_state(bs);
+    BmDir old, nd = { 0 };
+    int ret = lock_dir(s, &old, errp);
+    if (ret > 0) {
+        return 0;
+    }
+    int gone = -1;
+    for (uint32_t i = 0; ret == 0 && i < old.n; i++) {
+        if (strcmp(old.e[i].name, name) == 0) {
+            gone = (int)i;
+        }
+    }
+    if (ret == 0 && gone >= 0) {
+        nd.e = calloc(old.n, sizeof(BmEntry));
+        ret = nd.e ? 0 : -ENOMEM;
+        for (uint32_t i = 0; i < old.n && ret == 0; i++) {
+            if ((int)i != gone) {
+                ret = copy_entry(&nd.e[nd.n], &old.e[i]);
+                nd.n += ret == 0;
+            }
+        }
+        if (ret < 0) {
+            vd_error_setg(errp, ENOMEM, "qcow2: out of memory");
+        } else {
+            ret = write_dir(s, &nd, &old, errp);
+        }
+        if (ret == 0) {
+            free_bitmap_clusters(s, &old.e[gone]);
+        }
+    }
+    vd_mutex_unlock(&s->lock);
     dir_clear(&old);
     dir_clear(&nd);
     return ret;
@@ -629,14 +686,14 @@ int q2_bitmaps_can_store(BlockNode *bs, const char *name, uint32_t granularity_b
                       (unsigned long long)BM_MAX_DATA);
         return -EFBIG;
     }
-    pthread_mutex_lock(&s->lock);
+    vd_mutex_lock(&s->lock);
     BmDir d;
     int ret = read_dir(s, &d, errp);
     if (ret == 0 && d.n >= BM_MAX_BITMAPS) {
         vd_error_setg(errp, ENOSPC, "Maximum number of persistent bitmaps is already reached");
         ret = -ENOSPC;
     }
-    pthread_mutex_unlock(&s->lock);
+    vd_mutex_unlock(&s->lock);
     dir_clear(&d);
     return ret;
 }

@@ -1701,4 +1701,5 @@ const BlockDriver vd_drv_qcow2 = {
     .bitmaps_load = q2_bitmaps_load,
     .bitmaps_store = q2_bitmaps_store,
     .bitmaps_can_store = q2_bitmaps_can_store,
+    .bitmaps_remove = q2_bitmaps_remove,
 };

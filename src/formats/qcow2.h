@@ -279,6 +279,7 @@ int q2_bitmaps_load(BlockNode *bs, VdStoredBitmap **list, size_t *n, VdError **e
 int q2_bitmaps_store(BlockNode *bs, const VdStoredBitmap *list, size_t n, VdError **errp);
 int q2_bitmaps_can_store(BlockNode *bs, const char *name, uint32_t granularity_bits,
                          VdError **errp);
+int q2_bitmaps_remove(BlockNode *bs, const char *name, VdError **errp);
 /* qemu-img info's "bitmaps" list, read from the image; NULL when none. Lock held. */
 json_t *q2_bitmaps_info(Qcow2State *s);
 

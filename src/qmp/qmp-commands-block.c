@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "block/dirty-bitmap.h"
 #include "block/graph.h"
 #include "nbd/nbd-server.h"
 #include "qmp/qmp-args.h"
@@ -162,6 +163,10 @@ static json_t *block_device_info(BlockNode *bs, bool flat, VdError **errp)
                              json_pack("{s:b,s:b,s:b}", "writeback", 1, "direct",
                                        (bs->open_flags & VD_OPEN_DIRECT) != 0, "no-flush", 0));
     r |= json_object_set_new(o, "write_threshold", json_integer(0));
+    json_t *bitmaps = vd_bitmaps_info(bs);
+    if (bitmaps) {
+        r |= json_object_set_new(o, "dirty-bitmaps", bitmaps);
+    }
     if (r) {
         json_decref(o);
         vd_error_setg(errp, ENOMEM, "Out of memory");

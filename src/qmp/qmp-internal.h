@@ -29,5 +29,6 @@ void qmp_commands_block_register(void);
 void qmp_commands_nbd_register(void);
 void qmp_commands_jobs_register(void);     /* job verbs, query-jobs, query-block-jobs */
 void qmp_commands_blockops_register(void); /* mirror, stream, commit, snapshots */
+void qmp_commands_bitmap_register(void);
 
 #endif

@@ -861,6 +861,7 @@ int qmp_server_start(const char *socket_path, VdError **errp)
     qmp_commands_nbd_register();
     qmp_commands_jobs_register();
     qmp_commands_blockops_register();
+    qmp_commands_bitmap_register();
 
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (fd < 0) {
