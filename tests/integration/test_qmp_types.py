@@ -14,10 +14,9 @@ import re
 
 import pytest
 
-from conftest import VDISKD, qemu_img
+from conftest import qemu_img
 from qmp_client import start_qsd, start_vdiskd
 
-pytestmark = pytest.mark.skipif(not os.path.exists(VDISKD), reason="vdiskd not built")
 
 # A reply that comes from argument checking (the QAPI input visitor), not from the command.
 ARG_ERROR = re.compile(r"^(Invalid parameter type for '[^']*', expected: \S+"

@@ -12,7 +12,6 @@ import pytest
 from conftest import VDISKD
 from qmp_client import QMPClient, start_vdiskd
 
-pytestmark = pytest.mark.skipif(not os.path.exists(VDISKD), reason="vdiskd not built")
 
 
 def start_with_umask(tmp, mask, *extra):
