@@ -2,7 +2,7 @@
 # Each target first installs missing Debian packages (scripts/install-deps.sh, idempotent).
 BUILD      ?= build
 ASAN_BUILD ?= build-asan
-PYTEST     ?= /usr/bin/python3 -m pytest -p timeout --timeout=300
+PYTEST     ?= /usr/bin/python3 -m pytest -p timeout --timeout=300 --durations=25
 PREFIX     ?= /usr/local
 DESTDIR    ?=
 
