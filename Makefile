@@ -6,7 +6,7 @@ PYTEST     ?= /usr/bin/python3 -m pytest -p timeout --timeout=300 --durations=25
 PREFIX     ?= /usr/local
 DESTDIR    ?=
 
-.PHONY: all deps install check check-unit check-asan check-integration demo bench clean
+.PHONY: all deps install check check-unit check-asan check-integration demo bench clean fuzz-build fuzz-deps
 
 all: deps $(BUILD)/build.ninja
 	ninja -C $(BUILD)
@@ -57,7 +57,12 @@ $(FUZZ_BUILD)/build.ninja:
 	CC=clang meson setup $(FUZZ_BUILD) -Dfuzz=true -Db_sanitize=address,undefined \
 	  -Db_lundef=false -Dbuildtype=debugoptimized
 
-fuzz-build: deps $(FUZZ_BUILD)/build.ninja
+fuzz-build: deps fuzz-deps $(FUZZ_BUILD)/build.ninja
+
+# clang is needed only by the fuzzers, so make check does not install it.
+fuzz-deps:
+	@command -v clang >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq --no-install-recommends clang; }
 	ninja -C $(FUZZ_BUILD) $(addprefix fuzz/fuzz_,$(FUZZ_TARGETS))
 
 fuzz: fuzz-build
