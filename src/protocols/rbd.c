@@ -8,6 +8,7 @@
  * Block status comes from rbd_diff_iterate2 (object map when the image has fast-diff), so copies
  * of sparse images stay sparse. A snapshot, or a node opened read-only, opens the image read-only.
  */
+#include <dlfcn.h>
 #include <errno.h>
 #include <pthread.h>
 #include <rados/librados.h>
@@ -46,6 +47,81 @@ typedef struct RbdState {
     pthread_mutex_t size_lock;
     bool lock_init;
 } RbdState;
+
+/*
+ * librbd and librados are loaded when the first rbd node is opened, not linked: linked, their
+ * start-up (libceph-common, boost, ibverbs) costs every vdisk and vdiskd process a few ms, and
+ * about half a second under ASan, whether or not it ever touches Ceph. The headers still give
+ * each pointer its exact type.
+ */
+#define RBD_LIB_FUNCS(X) \
+    X(rados_conf_parse_env) \
+    X(rados_conf_read_file) \
+    X(rados_conf_set) \
+    X(rados_connect) \
+    X(rados_create) \
+    X(rados_ioctx_create) \
+    X(rados_ioctx_destroy) \
+    X(rados_ioctx_set_namespace) \
+    X(rados_shutdown) \
+    X(rbd_aio_create_completion) \
+    X(rbd_aio_discard) \
+    X(rbd_aio_flush) \
+    X(rbd_aio_get_return_value) \
+    X(rbd_aio_read) \
+    X(rbd_aio_release) \
+    X(rbd_aio_wait_for_complete) \
+    X(rbd_aio_write) \
+    X(rbd_aio_write_zeroes) \
+    X(rbd_close) \
+    X(rbd_create4) \
+    X(rbd_diff_iterate2) \
+    X(rbd_get_features) \
+    X(rbd_get_flags) \
+    X(rbd_get_size) \
+    X(rbd_image_options_create) \
+    X(rbd_image_options_destroy) \
+    X(rbd_open) \
+    X(rbd_open_read_only) \
+    X(rbd_resize)
+
+static struct {
+#define X(f) __typeof__(f) *f;
+    RBD_LIB_FUNCS(X)
+#undef X
+} lib;
+
+static pthread_once_t lib_once = PTHREAD_ONCE_INIT;
+static char lib_error[256];
+
+static void lib_load_once(void)
+{
+    void *rados = dlopen("librados.so.2", RTLD_NOW | RTLD_LOCAL);
+    void *rbd = rados ? dlopen("librbd.so.1", RTLD_NOW | RTLD_LOCAL) : NULL;
+    if (!rbd) {
+        snprintf(lib_error, sizeof(lib_error), "cannot load librbd (Debian: apt-get install "
+                 "librbd1): %s", dlerror());
+        return;
+    }
+#define X(f)                                                                         \
+    if (!lib_error[0] && !(lib.f = (__typeof__(f) *)dlsym(!strncmp(#f, "rbd_", 4) ? rbd    \
+                                                                : rados, #f))) {     \
+        snprintf(lib_error, sizeof(lib_error), "librbd has no %s: %s", #f, dlerror()); \
+    }
+    RBD_LIB_FUNCS(X)
+#undef X
+}
+
+/* Load librbd once per process; 0, or -ENOSYS with a message when it cannot be loaded. */
+static int lib_load(VdError **errp)
+{
+    pthread_once(&lib_once, lib_load_once);
+    if (lib_error[0]) {
+        vd_error_setg(errp, ENOSYS, "rbd: %s", lib_error);
+        return -ENOSYS;
+    }
+    return 0;
+}
 
 static RbdState *rs_of(BlockNode *bs)
 {
@@ -232,15 +308,15 @@ char *vd_rbd_make_filename(const char *pool, const char *nspace, const char *ima
 static void rbd_state_close(RbdState *s)
 {
     if (s->have_image) {
-        rbd_close(s->image);
+        lib.rbd_close(s->image);
         s->have_image = false;
     }
     if (s->have_io) {
-        rados_ioctx_destroy(s->io);
+        lib.rados_ioctx_destroy(s->io);
         s->have_io = false;
     }
     if (s->connected) {
-        rados_shutdown(s->cluster);
+        lib.rados_shutdown(s->cluster);
         s->connected = false;
     }
     if (s->lock_init) {
@@ -252,44 +328,48 @@ static void rbd_state_close(RbdState *s)
 /* Connect to the cluster sp names and open an I/O context on its pool (and namespace). */
 static int cluster_connect(RbdState *s, const RbdSpec *sp, const char *filename, VdError **errp)
 {
-    int r = rados_create(&s->cluster, sp->user);
+    int r = lib_load(errp);
+    if (r < 0) {
+        return r;
+    }
+    r = lib.rados_create(&s->cluster, sp->user);
     if (r < 0) {
         vd_error_setg_errno(errp, -r, "Could not open '%s': cannot create a cluster handle",
                             filename);
         return r;
     }
     s->connected = true; /* rados_shutdown also frees a handle that never connected */
-    rados_conf_set(s->cluster, "client_mount_timeout", RBD_MOUNT_TIMEOUT);
+    lib.rados_conf_set(s->cluster, "client_mount_timeout", RBD_MOUNT_TIMEOUT);
     /* No conf named: the default search (CEPH_CONF, /etc/ceph/ceph.conf), none is fine. */
-    r = rados_conf_read_file(s->cluster, sp->conf);
+    r = lib.rados_conf_read_file(s->cluster, sp->conf);
     if (r < 0 && sp->conf) {
         vd_error_setg_errno(errp, -r, "Could not open '%s': cannot read the Ceph configuration "
                             "'%s'", filename, sp->conf);
         return r;
     }
-    rados_conf_parse_env(s->cluster, NULL);
+    lib.rados_conf_parse_env(s->cluster, NULL);
     for (int i = 0; i < sp->nkv; i++) {
-        r = rados_conf_set(s->cluster, sp->key[i], sp->val[i]);
+        r = lib.rados_conf_set(s->cluster, sp->key[i], sp->val[i]);
         if (r < 0) {
             vd_error_setg_errno(errp, -r, "Could not open '%s': bad Ceph option %s=%s", filename,
                                 sp->key[i], sp->val[i]);
             return r;
         }
     }
-    r = rados_connect(s->cluster);
+    r = lib.rados_connect(s->cluster);
     if (r < 0) {
         vd_error_setg_errno(errp, -r, "Could not open '%s': cannot connect to the Ceph cluster",
                             filename);
         return r;
     }
-    r = rados_ioctx_create(s->cluster, sp->pool, &s->io);
+    r = lib.rados_ioctx_create(s->cluster, sp->pool, &s->io);
     if (r < 0) {
         vd_error_setg_errno(errp, -r, "Could not open '%s': cannot open pool '%s'", filename,
                             sp->pool);
         return r;
     }
     s->have_io = true;
-    rados_ioctx_set_namespace(s->io, sp->nspace ? sp->nspace : "");
+    lib.rados_ioctx_set_namespace(s->io, sp->nspace ? sp->nspace : "");
     return 0;
 }
 
@@ -314,8 +394,8 @@ static int rbd_drv_open(BlockNode *bs, const VdOpenOptions *opts, VdError **errp
     }
     s->read_only = sp.snap || !(opts->flags & VD_OPEN_RDWR);
     s->no_flush = (opts->flags & VD_OPEN_NO_FLUSH) != 0;
-    r = s->read_only ? rbd_open_read_only(s->io, sp.image, &s->image, sp.snap)
-                     : rbd_open(s->io, sp.image, &s->image, NULL);
+    r = s->read_only ? lib.rbd_open_read_only(s->io, sp.image, &s->image, sp.snap)
+                     : lib.rbd_open(s->io, sp.image, &s->image, NULL);
     if (r < 0) {
         vd_error_setg_errno(errp, -r, "Could not open '%s': cannot open image '%s'%s%s",
                             opts->filename, sp.image, sp.snap ? " at snapshot " : "",
@@ -324,10 +404,10 @@ static int rbd_drv_open(BlockNode *bs, const VdOpenOptions *opts, VdError **errp
     }
     s->have_image = true;
     uint64_t features = 0, flags = 0;
-    if (rbd_get_features(s->image, &features) == 0 && rbd_get_flags(s->image, &flags) == 0) {
+    if (lib.rbd_get_features(s->image, &features) == 0 && lib.rbd_get_flags(s->image, &flags) == 0) {
         s->fast_diff = (features & RBD_FEATURE_FAST_DIFF) && !(flags & RBD_FLAG_FAST_DIFF_INVALID);
     }
-    r = rbd_get_size(s->image, &s->size);
+    r = lib.rbd_get_size(s->image, &s->size);
     if (r < 0) {
         vd_error_setg_errno(errp, -r, "Could not open '%s': cannot get the image size",
                             opts->filename);
@@ -356,33 +436,33 @@ static ssize_t aio_run(RbdState *s, RbdOp op, uint64_t off, uint64_t len, void *
                        int zero_flags)
 {
     rbd_completion_t c;
-    int r = rbd_aio_create_completion(NULL, NULL, &c);
+    int r = lib.rbd_aio_create_completion(NULL, NULL, &c);
     if (r < 0) {
         return r;
     }
     switch (op) {
     case RBD_OP_READ:
-        r = rbd_aio_read(s->image, off, (size_t)len, buf, c);
+        r = lib.rbd_aio_read(s->image, off, (size_t)len, buf, c);
         break;
     case RBD_OP_WRITE:
-        r = rbd_aio_write(s->image, off, (size_t)len, buf, c);
+        r = lib.rbd_aio_write(s->image, off, (size_t)len, buf, c);
         break;
     case RBD_OP_DISCARD:
-        r = rbd_aio_discard(s->image, off, len, c);
+        r = lib.rbd_aio_discard(s->image, off, len, c);
         break;
     case RBD_OP_ZERO:
-        r = rbd_aio_write_zeroes(s->image, off, (size_t)len, c, zero_flags, 0);
+        r = lib.rbd_aio_write_zeroes(s->image, off, (size_t)len, c, zero_flags, 0);
         break;
     case RBD_OP_FLUSH:
-        r = rbd_aio_flush(s->image, c);
+        r = lib.rbd_aio_flush(s->image, c);
         break;
     }
     ssize_t ret = r;
     if (r == 0) {
-        rbd_aio_wait_for_complete(c);
-        ret = rbd_aio_get_return_value(c);
+        lib.rbd_aio_wait_for_complete(c);
+        ret = lib.rbd_aio_get_return_value(c);
     }
-    rbd_aio_release(c);
+    lib.rbd_aio_release(c);
     if (ret > 0 && op != RBD_OP_READ) {
         ret = 0; /* librbd answers a write with 0 or its length, depending on the path */
     }
@@ -398,7 +478,7 @@ static uint64_t size_now(RbdState *s)
 static int set_size(RbdState *s, uint64_t size)
 {
     vd_mutex_lock(&s->size_lock);
-    int r = rbd_resize(s->image, size);
+    int r = lib.rbd_resize(s->image, size);
     if (r == 0) {
         __atomic_store_n(&s->size, size, __ATOMIC_RELEASE);
     }
@@ -415,7 +495,7 @@ static int grow_for(RbdState *s, uint64_t end)
     vd_mutex_lock(&s->size_lock);
     int r = 0;
     if (end > s->size) {
-        r = rbd_resize(s->image, end);
+        r = lib.rbd_resize(s->image, end);
         if (r == 0) {
             __atomic_store_n(&s->size, end, __ATOMIC_RELEASE);
         }
@@ -555,7 +635,7 @@ static int rbd_drv_block_status(BlockNode *bs, uint64_t offset, uint64_t bytes, 
         return ret | VD_BS_DATA; /* listing every object would cost more than copying zeroes */
     }
     DiffScan d = {.offset = offset};
-    int r = rbd_diff_iterate2(s->image, NULL, offset, bytes, 1, 1, diff_cb, &d);
+    int r = lib.rbd_diff_iterate2(s->image, NULL, offset, bytes, 1, 1, diff_cb, &d);
     if (r < 0 && r != DIFF_STOP) {
         return r;
     }
@@ -577,7 +657,7 @@ static int64_t rbd_drv_getlength(BlockNode *bs)
 {
     RbdState *s = rs_of(bs);
     uint64_t size;
-    int r = rbd_get_size(s->image, &size);
+    int r = lib.rbd_get_size(s->image, &size);
     if (r < 0) {
         return r;
     }
@@ -631,15 +711,15 @@ static int rbd_drv_create(const char *filename, const VdCreateOptions *opts, VdE
     r = cluster_connect(&s, &sp, filename, errp);
     if (r == 0) {
         rbd_image_options_t io_opts;
-        rbd_image_options_create(&io_opts);
-        r = rbd_create4(s.io, sp.image, opts->size, io_opts);
-        rbd_image_options_destroy(io_opts);
+        lib.rbd_image_options_create(&io_opts);
+        r = lib.rbd_create4(s.io, sp.image, opts->size, io_opts);
+        lib.rbd_image_options_destroy(io_opts);
         if (r < 0) {
             vd_error_setg_errno(errp, -r, "Could not create '%s'", filename);
         }
     }
     if (r == 0 && opts->prealloc == VD_PREALLOC_FULL && opts->size > 0) {
-        r = rbd_open(s.io, sp.image, &s.image, NULL);
+        r = lib.rbd_open(s.io, sp.image, &s.image, NULL);
         if (r == 0) {
             s.have_image = true;
             /* write_zeroes of a whole image can exceed size_t on 32 bits: not a concern here. */

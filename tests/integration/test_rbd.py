@@ -293,3 +293,25 @@ def test_virsh_blockcopy_onto_ceph_as_readme_shows(ceph, tmp):
     assert_same(read_rbd_with_qemu(tmp, img), bytes(want), "Ceph image after blockcopy")
     # The guest's post-pivot write went to Ceph only.
     qemu_io("-f", "qcow2", "-c", "read -P 0 0 64k", src)
+
+
+def test_librbd_is_loaded_only_when_an_rbd_node_opens(tmp):
+    """librbd is dlopen'ed on first use: a vdisk that never touches Ceph does not load it (so a
+    broken or absent librbd costs nothing), and an rbd open reports why it cannot load it."""
+    fake = tmp / "libs"
+    fake.mkdir()
+    (fake / "librados.so.2").write_bytes(b"not an ELF file")
+    env = dict(os.environ, LD_LIBRARY_PATH=str(fake))
+    img = tmp / "a.qcow2"
+    qemu_img("create", "-f", "qcow2", img, "1M")
+    p = subprocess.run([VDISK, "info", str(img)], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "file format: qcow2" in p.stdout
+    p = subprocess.run([VDISK, "info", "rbd:rbd/none"], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert_not_crashed(p)
+    assert p.returncode == 1
+    assert "cannot load librbd" in p.stderr and "librados.so.2" in p.stderr, p.stderr
+    maps = subprocess.run(["ldd", VDISK], capture_output=True, text=True, timeout=60).stdout
+    assert "librbd" not in maps and "librados" not in maps, maps
