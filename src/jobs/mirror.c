@@ -62,6 +62,8 @@ struct Mirror {
     BlockNode *target_orig_backing;    /* ref: restored when there is no pivot */
     BlockNode *final_backing;          /* the target's backing once done (no ref: base or orig) */
     bool shares_base;                  /* final_backing reads like base: base's data is skipped */
+    bool target_holds_base;            /* shares_base on a target without layers (NBD export,
+                                        * raw): where the source reads base, its data is base's */
     bool target_new;
     BlockTracker *tracker;             /* the filter's */
     uint64_t len, granularity, chunk, tracker_granularity;
@@ -624,7 +626,7 @@ static int mirror_copy_range(Mirror *m, uint64_t offset, uint64_t bytes, uint8_t
                 if (src_zero && !tzero) {
                     r = vd_pwrite_zeroes(m->target, pos, tn, m->unmap ? VD_REQ_MAY_UNMAP : 0);
                     target_written(m);
-                } else if (!src_zero && talloc) {
+                } else if (!src_zero && talloc && !m->target_holds_base) {
                     /* The target holds its own data where the source shows base: copy base. */
                     r = copy_data(m, m->source, pos, tn, buf, is_read);
                 } else {
@@ -676,6 +678,8 @@ static int mirror_scan(Mirror *m)
                 tzero = false;
                 talloc = !m->skip_target_allocated;
             }
+            /* A layerless target vouched for by x-backing-matches holds base's data already. */
+            talloc = talloc && !(m->target_holds_base && !src_needs);
             bool dirty = m->skip_target_allocated ? (src_needs && !talloc)
                                                   : (src_needs || talloc);
             if (dirty) {
@@ -1516,6 +1520,7 @@ static Job *mirror_start_ex(const MirrorOptions *o, bool unmap, VdError **errp)
     m->final_backing = o->keep_target_backing ? m->target_orig_backing : m->base;
     m->target_new = o->target_new;
     m->shares_base = o->backing_matches || same_image(m->final_backing, m->base);
+    m->target_holds_base = m->shares_base && !m->target->drv->supports_backing;
     m->verify = o->verify;
     m->filter = filter_new(m, o->job_id, o->filter_node_name);
     if (!m->bitmap || !m->filter || (o->backing_name && !m->backing_name) ||

@@ -3,13 +3,14 @@ hosts A and B (addresses exist only inside them), a tbf qdisc limits the rate, n
 with the delay filter adds latency. vdiskd on B serves an empty qcow2 target whose backing is B's own
 copy of base; vdiskd on A mirrors the guest's top onto it (drive-mirror sync=top onto the existing
 export, as libvirt migrates storage) while the guest writes over NBD; after the pivot the guest runs
-from B and B's image is byte-exact. (Known gap: the mirror still re-sends base's data, because an
-NBD export cannot tell the target's own layer from its backing - see docs/rbd-and-hosts.md.)
+from B and B's image is byte-exact, and base's data never crossed the link (nbdkit's log filter on
+the proxy records every write sent to B).
 """
 import contextlib
 import json
 import os
 import random
+import re
 import subprocess
 import time
 
@@ -57,6 +58,13 @@ def vdiskd_in(ns, tmp, name, *extra):
                   str(tmp / f"{name}.log"))
 
 
+def proxy_writes(logfile):
+    """(offset, count) of every write and write-zeroes nbdkit's log filter saw reach B."""
+    pat = re.compile(r"connection=\d+ (?:Write|Zero) id=\d+ offset=(0x[0-9a-f]+) count=(0x[0-9a-f]+)")
+    with open(logfile) as f:
+        return [(int(m[1], 16), int(m[2], 16)) for m in pat.finditer(f.read())]
+
+
 def wait_unix(path, proc, timeout=20):
     end = time.time() + timeout
     while not os.path.exists(path):
@@ -95,10 +103,10 @@ def test_shallow_live_copy_to_another_host_with_guest_writing(tmp, via):
                 "--export", "type=nbd,id=in0,node-name=disk0,name=incoming,writable=on")
             procs.append(db)
             # The link's latency: a delaying NBD proxy on A in front of B.
-            proxy_sock = str(tmp / "proxy.sock")
+            proxy_sock, proxy_log = str(tmp / "proxy.sock"), str(tmp / "proxy.log")
             proxy = subprocess.Popen(
                 ["ip", "netns", "exec", nsa, "nbdkit", "-f", "-U", proxy_sock,
-                 "--filter=delay", "nbd", f"hostname={B_ADDR}", "port=10809", "export=incoming",
+                 "--filter=log", "--filter=delay", "nbd", f"logfile={proxy_log}", f"hostname={B_ADDR}", "port=10809", "export=incoming",
                  "delay-read=5ms", "delay-write=5ms", "delay-zero=5ms"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             wait_unix(proxy_sock, proxy)
@@ -136,6 +144,11 @@ def test_shallow_live_copy_to_another_host_with_guest_writing(tmp, via):
                           "--pivot", timeout=120)
                 assert "Successfully pivoted" in p.stdout, p.stdout
             frozen = bytes(model)
+            # Shallow: base's [0, 8M) is on B already, so no write to it crossed the link; the
+            # top's 2M and the guest's writes did.
+            sent = proxy_writes(proxy_log)
+            assert not [w for w in sent if w[0] < 8 * MiB], sent[:10]
+            assert sum(c for o, c in sent if 10 * MiB <= o < 12 * MiB) >= 2 * MiB, sent[:10]
             # The guest now runs from host B: these writes travel over the link.
             g = Guest(uri, write_cmds(model, rng, 20, 120, lo=8 * MiB, hi=SIZE))
             g.start()
@@ -160,3 +173,6 @@ def test_shallow_live_copy_to_another_host_with_guest_writing(tmp, via):
     # B's disk is still its own overlay on its own base (the move did not flatten it).
     info = json.loads(qemu_img("info", "--output=json", btgt).stdout)
     assert info["backing-filename"] == "base.qcow2", info
+    # ... and holds none of base's clusters itself.
+    own = json.loads(qemu_img("map", "--output=json", btgt).stdout)
+    assert not [e for e in own if e["depth"] == 0 and e["data"] and e["start"] < 8 * MiB], own
