@@ -147,5 +147,6 @@ int img_io(int argc, char **argv);
 int img_snapshot(int argc, char **argv);
 int img_dd(int argc, char **argv);
 int img_bench(int argc, char **argv);
+int img_bitmap(int argc, char **argv);
 
 #endif

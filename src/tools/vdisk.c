@@ -784,6 +784,9 @@ static const struct {
       "bench [-c count] [-d depth] [-f fmt] [--flush-interval=flush_interval] [-i aio] [-n]\n"
       "          [--no-drain] [-o offset] [--pattern=pattern] [-q] [-s buffer_size]\n"
       "          [-S step_size] [-t cache] [-w] [-U] filename" },
+    { "bitmap", img_bitmap,
+      "bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)...\n"
+      "          [-b source_file [-F source_fmt]] [-g granularity] [-f fmt] filename bitmap" },
     { "check", img_check, "check [-q] [-f fmt] [--output=ofmt] [-r leaks|all] [-U] filename" },
     { "commit", img_commit, "commit [-q] [-f fmt] [-t cache] [-b base] [-d] [-p] filename" },
     { "compare", img_compare,
