@@ -84,6 +84,15 @@ def one_run(kind, nsa, nsb, tmp, src, size, delay_ms):
             proxy.wait(timeout=15)
 
 
+def link_mib_per_s(rate):
+    """tc's rate ("1gbit", "200mbit", "500kbit") in MiB/s of payload at most."""
+    units = {"gbit": 1e9, "mbit": 1e6, "kbit": 1e3, "bit": 1}
+    for u, mult in units.items():
+        if rate.endswith(u):
+            return float(rate[:-len(u)]) * mult / 8 / MiB
+    raise ValueError(f"rate {rate!r}: expected a number with gbit, mbit or kbit")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-mib", type=int, default=512)
@@ -103,7 +112,10 @@ def main():
                          for _ in range(args.reps)]
                 print(json.dumps({"daemon": kind, "size_mib": args.size_mib, "rate": args.rate,
                                   "delay_ms": args.delay_ms,
-                                  "mib_per_s": [round(r, 1) for r in rates]}), flush=True)
+                                  "mib_per_s": [round(r, 1) for r in rates],
+                                  "link_mib_per_s": round(link_mib_per_s(args.rate), 1),
+                                  "of_link": round(max(rates) / link_mib_per_s(args.rate), 2)}),
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -2,26 +2,33 @@
  * nbd.c - the "nbd" client protocol (vd_drv_nbd): a protocol node on an NBD server's export,
  * spoken through libnbd (never a hand-written client).
  *
- * Promises: every byte moves through libnbd's synchronous calls; requests larger than the
- * server's maximum block size (or 32 MiB) are split, and requests not aligned to its minimum
- * block size are widened with a read-modify-write, so any byte range works on any server.
- * Reads past the export's end return zeroes (formats read partial last clusters); writes past it
- * fail -ENOSPC (an export cannot grow). A read-only export makes a read-only node (-EPERM).
- * Threads: a libnbd handle is thread-safe, but concurrent synchronous calls on one handle
- * serialize (one command in flight per handle). When the server advertises multi-conn (its cache,
- * if any, is shared by all connections, so flush/FUA on one covers all), up to NBD_MAX_CONNS
- * connections are opened and requests are spread over them round robin; otherwise one handle
- * serializes everything. Unaligned writes take rmw_lock exclusively (aligned ones shared), so a
- * read-modify-write never writes stale bytes back over a concurrent write.
+ * Promises: every byte moves through libnbd; requests larger than the server's maximum block size
+ * (or 32 MiB) are split, and requests not aligned to its minimum block size are widened with a
+ * read-modify-write, so any byte range works on any server. Reads past the export's end return
+ * zeroes (formats read partial last clusters); writes past it fail -ENOSPC (an export cannot
+ * grow). A read-only export makes a read-only node (-EPERM).
+ * Threads: libnbd's synchronous calls hold the handle for the whole round trip (one command in
+ * flight per handle), which over a link with latency caps throughput at one request per round
+ * trip. So commands go through libnbd's aio calls: each connection has a pump thread that owns the
+ * socket's readiness (poll + nbd_aio_notify_*); a caller submits, kicks the pump and sleeps until
+ * its completion callback ran. Concurrent callers (copy workers, NBD server threads) and the
+ * pieces of one split request are all in flight together. When the server advertises multi-conn
+ * (its cache, if any, is shared by all connections, so flush/FUA on one covers all), up to
+ * NBD_MAX_CONNS connections are opened and requests spread over them round robin. Unaligned writes
+ * take rmw_lock exclusively (aligned ones shared), so a read-modify-write never writes stale bytes
+ * back over a concurrent write. Lock order: libnbd's handle lock, then NbdConn.lock (a leaf).
  */
 #include <errno.h>
 #include <jansson.h>
 #include <libnbd.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "block/block.h"
 #include "protocols/nbd.h"
@@ -35,9 +42,31 @@
 #define NBD_CMD_MAX (1U << 30)
 /* Extra multi-conn connections must be up within this, or the node makes do with fewer. */
 #define NBD_EXTRA_CONNECT_MS 2000
+/* Commands one caller has in flight at once (the pieces of one split request). */
+#define NBD_BATCH 16
+
+/* One connection: the handle and the thread that moves its socket. */
+typedef struct NbdConn {
+    struct nbd_handle *h;
+    int wake_fd;              /* eventfd: a submission may have changed the socket's direction */
+    bool pump_started;
+    bool stop;                /* atomic: the pump exits */
+    pthread_t pump;
+    pthread_mutex_t lock;     /* guards NbdReq.done/err of this connection's commands */
+    pthread_cond_t cond;      /* a command of this connection completed */
+} NbdConn;
+
+/* One command's outcome, filled in by its completion callback (or by a failed submission). */
+typedef struct NbdReq {
+    NbdConn *c;
+    int err;                  /* errno, 0 = success */
+    bool done;
+} NbdReq;
+
+typedef enum { OP_READ, OP_WRITE, OP_ZERO, OP_TRIM, OP_FLUSH, OP_STATUS } NbdOp;
 
 typedef struct NbdState {
-    struct nbd_handle *h[NBD_MAX_CONNS];
+    NbdConn conn[NBD_MAX_CONNS];
     int nconns;
     unsigned next;            /* round-robin cursor (atomic) */
     uint64_t size;            /* export size, fixed for the node's life */
@@ -54,19 +83,18 @@ static NbdState *ns_of(BlockNode *bs)
     return bs->opaque;
 }
 
-static struct nbd_handle *conn_pick(NbdState *s)
+static NbdConn *conn_pick(NbdState *s)
 {
     if (s->nconns == 1) {
-        return s->h[0];
+        return &s->conn[0];
     }
     unsigned i = __atomic_fetch_add(&s->next, 1, __ATOMIC_RELAXED);
-    return s->h[i % (unsigned)s->nconns];
+    return &s->conn[i % (unsigned)s->nconns];
 }
 
-/* -errno of the last failed libnbd call on this thread (server errors arrive as errno values). */
-static int nbd_ret(void)
+/* -errno for a command's errno e (server errors arrive as errno values). */
+static int errno_ret(int e)
 {
-    int e = nbd_get_errno();
     /*
      * A lost connection is an I/O error for our callers (as in QEMU). Passing ESHUTDOWN on would
      * be wrong once re-exported: NBD_ESHUTDOWN tells a client that *that* server is going away.
@@ -76,6 +104,12 @@ static int nbd_ret(void)
         return -EIO;
     }
     return -e;
+}
+
+/* -errno of the last failed libnbd call on this thread. */
+static int nbd_ret(void)
+{
+    return errno_ret(nbd_get_errno());
 }
 
 /* libnbd's message without its "nbd_connect_uri: " style function prefix. */
@@ -238,6 +272,206 @@ static void conn_close(struct nbd_handle *h)
     }
 }
 
+/* ---- the pump: one thread per connection moves its socket ---- */
+
+static void pump_kick(NbdConn *c)
+{
+    uint64_t one = 1;
+    /* A full counter (EAGAIN) has a wake-up pending already. */
+    if (write(c->wake_fd, &one, sizeof(one)) < 0) {
+        return;
+    }
+}
+
+/*
+ * Wait until the socket can move the way libnbd wants (or a submission kicked us), then let
+ * libnbd read or write. A dead connection has no socket: the pump only waits to be stopped, and
+ * libnbd has failed every command in flight (their callbacks ran with an error).
+ */
+static void *pump_main(void *opaque)
+{
+    NbdConn *c = opaque;
+    while (!__atomic_load_n(&c->stop, __ATOMIC_ACQUIRE)) {
+        int fd = nbd_aio_get_fd(c->h);
+        unsigned dir = fd >= 0 ? nbd_aio_get_direction(c->h) : 0;
+        struct pollfd p[2] = {{.fd = c->wake_fd, .events = POLLIN}, {.fd = -1}};
+        if (fd >= 0 && dir) {
+            p[1].fd = fd;
+            p[1].events = (short)(((dir & LIBNBD_AIO_DIRECTION_READ) ? POLLIN : 0) |
+                                  ((dir & LIBNBD_AIO_DIRECTION_WRITE) ? POLLOUT : 0));
+        }
+        if (poll(p, 2, -1) < 0) {
+            continue; /* EINTR */
+        }
+        if (p[0].revents & POLLIN) {
+            uint64_t n;
+            if (read(c->wake_fd, &n, sizeof(n)) < 0) {
+                n = 0; /* another read drained it */
+            }
+        }
+        short ev = p[1].revents;
+        if ((ev & (POLLIN | POLLHUP | POLLERR)) && (dir & LIBNBD_AIO_DIRECTION_READ)) {
+            nbd_aio_notify_read(c->h);
+        } else if ((ev & (POLLOUT | POLLHUP | POLLERR)) && (dir & LIBNBD_AIO_DIRECTION_WRITE)) {
+            nbd_aio_notify_write(c->h);
+        }
+    }
+    return NULL;
+}
+
+/* Take over a connected handle: start its pump. On failure the handle is closed. */
+static int conn_start(NbdConn *c, struct nbd_handle *h)
+{
+    memset(c, 0, sizeof(*c));
+    c->h = h;
+    c->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (c->wake_fd < 0) {
+        conn_close(h);
+        c->h = NULL;
+        return -errno;
+    }
+    pthread_mutex_init(&c->lock, NULL);
+    pthread_cond_init(&c->cond, NULL);
+    int r = pthread_create(&c->pump, NULL, pump_main, c);
+    if (r != 0) {
+        pthread_mutex_destroy(&c->lock);
+        pthread_cond_destroy(&c->cond);
+        close(c->wake_fd);
+        conn_close(h);
+        c->h = NULL;
+        return -r;
+    }
+    c->pump_started = true;
+    return 0;
+}
+
+/* Stop the pump (no command may be in flight), disconnect cleanly, free. */
+static void conn_stop(NbdConn *c)
+{
+    if (!c->pump_started) {
+        return;
+    }
+    __atomic_store_n(&c->stop, true, __ATOMIC_RELEASE);
+    pump_kick(c);
+    pthread_join(c->pump, NULL);
+    conn_close(c->h); /* nbd_shutdown drives the socket itself now the pump is gone */
+    c->h = NULL;
+    close(c->wake_fd);
+    pthread_mutex_destroy(&c->lock);
+    pthread_cond_destroy(&c->cond);
+    c->pump_started = false;
+}
+
+static int req_done_cb(void *opaque, int *error)
+{
+    NbdReq *r = opaque;
+    NbdConn *c = r->c;
+    pthread_mutex_lock(&c->lock);
+    r->err = *error;
+    r->done = true; /* the waiter may return (and free r) as soon as the lock is dropped */
+    pthread_cond_broadcast(&c->cond);
+    pthread_mutex_unlock(&c->lock);
+    return 1; /* retire the command */
+}
+
+/*
+ * Submit one command on c; its outcome lands in *r. A submission libnbd refuses never calls the
+ * callback later (it may have run already, if the connection died while sending): r is then done
+ * with that error.
+ */
+static void req_submit(NbdConn *c, NbdReq *r, NbdOp op, uint64_t off, uint64_t n, uint8_t *buf,
+                       uint32_t flags, nbd_extent_callback *ext)
+{
+    r->c = c;
+    r->err = 0;
+    r->done = false;
+    nbd_completion_callback cb = {.callback = req_done_cb, .user_data = r};
+    int64_t cookie;
+    switch (op) {
+    case OP_READ:
+        cookie = nbd_aio_pread(c->h, buf, (size_t)n, off, cb, flags);
+        break;
+    case OP_WRITE:
+        cookie = nbd_aio_pwrite(c->h, buf, (size_t)n, off, cb, flags);
+        break;
+    case OP_ZERO:
+        cookie = nbd_aio_zero(c->h, n, off, cb, flags);
+        break;
+    case OP_TRIM:
+        cookie = nbd_aio_trim(c->h, n, off, cb, flags);
+        break;
+    case OP_FLUSH:
+        cookie = nbd_aio_flush(c->h, cb, flags);
+        break;
+    default:
+        cookie = nbd_aio_block_status(c->h, n, off, *ext, cb, flags);
+        break;
+    }
+    if (cookie == -1) {
+        int e = nbd_get_errno();
+        if (nbd_aio_is_dead(c->h) == 1 || nbd_aio_is_closed(c->h) == 1) {
+            e = EIO; /* the pump saw the server go: libnbd calls that a wrong state (EINVAL) */
+        }
+        pthread_mutex_lock(&c->lock);
+        if (!r->done) {
+            r->done = true;
+            r->err = e > 0 ? e : EIO;
+        }
+        pthread_mutex_unlock(&c->lock);
+        return;
+    }
+    pump_kick(c);
+}
+
+/* Wait for n commands submitted on c; the first error among them (-errno), else 0. */
+static int reqs_wait(NbdConn *c, NbdReq *r, size_t n)
+{
+    int ret = 0;
+    pthread_mutex_lock(&c->lock);
+    for (size_t i = 0; i < n; i++) {
+        while (!r[i].done) {
+            pthread_cond_wait(&c->cond, &c->lock);
+        }
+        if (r[i].err && ret == 0) {
+            ret = errno_ret(r[i].err);
+        }
+    }
+    pthread_mutex_unlock(&c->lock);
+    return ret;
+}
+
+/*
+ * op over [off, off+len) as commands of at most `piece` bytes, up to NBD_BATCH in flight at
+ * once (buf advances with off; NULL for commands without payload).
+ */
+static int run_cmds(NbdConn *c, NbdOp op, uint64_t off, uint64_t len, uint8_t *buf,
+                    uint64_t piece, uint32_t flags)
+{
+    NbdReq r[NBD_BATCH];
+    int ret = 0;
+    while (len > 0 && ret == 0) {
+        size_t n = 0;
+        for (; n < NBD_BATCH && len > 0; n++) {
+            uint64_t k = len < piece ? len : piece;
+            req_submit(c, &r[n], op, off, k, buf, flags, NULL);
+            off += k;
+            len -= k;
+            buf = buf ? buf + k : NULL;
+        }
+        ret = reqs_wait(c, r, n);
+    }
+    return ret;
+}
+
+/* One command without a range to split (flush, block status). */
+static int run_one(NbdConn *c, NbdOp op, uint64_t off, uint64_t len, uint32_t flags,
+                   nbd_extent_callback *ext)
+{
+    NbdReq r;
+    req_submit(c, &r, op, off, len, NULL, flags, ext);
+    return reqs_wait(c, &r, 1);
+}
+
 static int first_connect_timeout_ms = -1; /* vd_nbd_set_connect_timeout */
 
 void vd_nbd_set_connect_timeout(int timeout_ms)
@@ -270,8 +504,6 @@ static int nbd_drv_open(BlockNode *bs, const VdOpenOptions *opts, VdError **errp
         conn_close(h);
         return err;
     }
-    s->h[0] = h;
-    s->nconns = 1;
     s->size = (uint64_t)size;
     s->read_only = nbd_is_read_only(h) == 1 || !(opts->flags & VD_OPEN_RDWR);
     s->can_flush = nbd_can_flush(h) == 1;
@@ -299,10 +531,17 @@ static int nbd_drv_open(BlockNode *bs, const VdOpenOptions *opts, VdError **errp
     if (pthread_rwlock_init(&s->rmw_lock, NULL) != 0) {
         vd_error_setg(errp, ENOMEM, "Could not open '%s': out of resources", uri);
         conn_close(h);
-        s->h[0] = NULL;
         return -ENOMEM;
     }
     s->lock_init = true;
+    int r = conn_start(&s->conn[0], h);
+    if (r < 0) {
+        vd_error_setg(errp, -r, "Could not open '%s': %s", uri, strerror(-r));
+        pthread_rwlock_destroy(&s->rmw_lock);
+        s->lock_init = false;
+        return r;
+    }
+    s->nconns = 1;
 
     if (s->multi_conn) {
         for (int i = 1; i < NBD_MAX_CONNS; i++) {
@@ -320,7 +559,10 @@ static int nbd_drv_open(BlockNode *bs, const VdOpenOptions *opts, VdError **errp
                 conn_close(x);
                 break;
             }
-            s->h[s->nconns++] = x;
+            if (conn_start(&s->conn[s->nconns], x) < 0) {
+                break;
+            }
+            s->nconns++;
         }
     }
     bs->read_only = s->read_only;
@@ -331,8 +573,7 @@ static void nbd_drv_close(BlockNode *bs)
 {
     NbdState *s = ns_of(bs);
     for (int i = 0; i < s->nconns; i++) {
-        conn_close(s->h[i]);
-        s->h[i] = NULL;
+        conn_stop(&s->conn[i]);
     }
     s->nconns = 0;
     if (s->lock_init) {
@@ -352,34 +593,16 @@ int vd_nbd_connection_count(BlockNode *bs)
 /* ---- I/O ---- */
 
 /* Read [off, off+len) where off is aligned and len is aligned or reaches the export's end. */
-static int read_direct(NbdState *s, struct nbd_handle *h, uint64_t off, uint64_t len,
-                       uint8_t *buf)
+static int read_direct(NbdState *s, NbdConn *c, uint64_t off, uint64_t len, uint8_t *buf)
 {
-    while (len > 0) {
-        uint64_t n = len < s->max_io ? len : s->max_io;
-        if (nbd_pread(h, buf, (size_t)n, off, 0) == -1) {
-            return nbd_ret();
-        }
-        buf += n;
-        off += n;
-        len -= n;
-    }
-    return 0;
+    return run_cmds(c, OP_READ, off, len, buf, s->max_io, 0);
 }
 
-static int write_direct(NbdState *s, struct nbd_handle *h, uint64_t off, uint64_t len,
+static int write_direct(NbdState *s, NbdConn *c, uint64_t off, uint64_t len,
                         const uint8_t *buf, uint32_t nflags)
 {
-    while (len > 0) {
-        uint64_t n = len < s->max_io ? len : s->max_io;
-        if (nbd_pwrite(h, buf, (size_t)n, off, nflags) == -1) {
-            return nbd_ret();
-        }
-        buf += n;
-        off += n;
-        len -= n;
-    }
-    return 0;
+    /* libnbd only reads a write's buffer. */
+    return run_cmds(c, OP_WRITE, off, len, (uint8_t *)buf, s->max_io, nflags);
 }
 
 /* The server block containing off: [*start, *start + *blen), clipped at the export's end. */
@@ -402,9 +625,9 @@ static int nbd_drv_pread(BlockNode *bs, uint64_t offset, uint64_t bytes, void *b
         memset(out + (s->size - offset), 0, bytes - (s->size - offset));
         bytes = s->size - offset;
     }
-    struct nbd_handle *h = conn_pick(s);
+    NbdConn *c = conn_pick(s);
     if (s->align == 1) {
-        return read_direct(s, h, offset, bytes, out);
+        return read_direct(s, c, offset, bytes, out);
     }
     uint8_t *bounce = NULL;
     int ret = 0;
@@ -413,7 +636,7 @@ static int nbd_drv_pread(BlockNode *bs, uint64_t offset, uint64_t bytes, void *b
         uint64_t n;
         if (in == 0 && (bytes >= s->align || offset + bytes == s->size)) {
             n = bytes >= s->align ? bytes - bytes % s->align : bytes;
-            ret = read_direct(s, h, offset, n, out);
+            ret = read_direct(s, c, offset, n, out);
         } else {
             /* A partial server block: read it whole, copy the caller's part. */
             uint64_t start, blen;
@@ -422,7 +645,7 @@ static int nbd_drv_pread(BlockNode *bs, uint64_t offset, uint64_t bytes, void *b
                 return -ENOMEM;
             }
             n = blen - in < bytes ? blen - in : bytes;
-            ret = read_direct(s, h, start, blen, bounce);
+            ret = read_direct(s, c, start, blen, bounce);
             if (ret == 0) {
                 memcpy(out, bounce + in, n);
             }
@@ -441,9 +664,9 @@ static int nbd_drv_flush(BlockNode *bs);
 static int do_write(NbdState *s, uint64_t offset, uint64_t bytes, const uint8_t *in,
                     uint32_t nflags)
 {
-    struct nbd_handle *h = conn_pick(s);
+    NbdConn *c = conn_pick(s);
     if (s->align == 1) {
-        return write_direct(s, h, offset, bytes, in, nflags);
+        return write_direct(s, c, offset, bytes, in, nflags);
     }
     uint8_t *bounce = NULL;
     int ret = 0;
@@ -453,7 +676,7 @@ static int do_write(NbdState *s, uint64_t offset, uint64_t bytes, const uint8_t 
         if (in_off == 0 && (bytes >= s->align || offset + bytes == s->size)) {
             n = bytes >= s->align ? bytes - bytes % s->align : bytes;
             vd_rwlock_rdlock(&s->rmw_lock);
-            ret = write_direct(s, h, offset, n, in, nflags);
+            ret = write_direct(s, c, offset, n, in, nflags);
             vd_rwlock_unlock(&s->rmw_lock);
         } else {
             uint64_t start, blen;
@@ -463,10 +686,10 @@ static int do_write(NbdState *s, uint64_t offset, uint64_t bytes, const uint8_t 
             }
             n = blen - in_off < bytes ? blen - in_off : bytes;
             vd_rwlock_wrlock(&s->rmw_lock);
-            ret = read_direct(s, h, start, blen, bounce);
+            ret = read_direct(s, c, start, blen, bounce);
             if (ret == 0) {
                 memcpy(bounce + in_off, in, n);
-                ret = write_direct(s, h, start, blen, bounce, nflags);
+                ret = write_direct(s, c, start, blen, bounce, nflags);
             }
             vd_rwlock_unlock(&s->rmw_lock);
         }
@@ -552,24 +775,14 @@ static int nbd_drv_pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes,
     uint64_t off = offset + head;
     uint64_t mid = bytes - head - tail;
     if (ret == 0 && mid > 0) {
-        struct nbd_handle *h = conn_pick(s);
         /* Shared like any aligned write, so a concurrent read-modify-write cannot undo it. */
         if (s->align > 1) {
             vd_rwlock_rdlock(&s->rmw_lock);
         }
-        while (mid > 0) {
-            uint64_t n = mid < NBD_CMD_MAX ? mid : NBD_CMD_MAX;
-            if (nbd_zero(h, n, off, nflags) == -1) {
-                ret = nbd_ret();
-                /* Servers refuse FAST_ZERO with ENOTSUP (some say EOPNOTSUPP). */
-                if (ret == -EOPNOTSUPP) {
-                    ret = -ENOTSUP;
-                }
-                break;
-            }
-            off += n;
-            mid -= n;
-        }
+        ret = run_cmds(conn_pick(s), OP_ZERO, off, mid, NULL, NBD_CMD_MAX, nflags);
+        /* Servers refuse FAST_ZERO with ENOTSUP (some say EOPNOTSUPP). */
+        ret = ret == -EOPNOTSUPP ? -ENOTSUP : ret;
+        off += mid;
         if (s->align > 1) {
             vd_rwlock_unlock(&s->rmw_lock);
         }
@@ -600,16 +813,11 @@ static int nbd_drv_pdiscard(BlockNode *bs, uint64_t offset, uint64_t bytes, int 
     if (end != s->size) {
         end -= end % s->align;
     }
-    struct nbd_handle *h = conn_pick(s);
-    while (start < end) {
-        uint64_t n = end - start < NBD_CMD_MAX ? end - start : NBD_CMD_MAX;
-        if (nbd_trim(h, n, start, 0) == -1) {
-            ret = nbd_ret();
-            return ret == -EOPNOTSUPP ? -ENOTSUP : ret;
-        }
-        start += n;
+    if (start >= end) {
+        return 0;
     }
-    return 0;
+    ret = run_cmds(conn_pick(s), OP_TRIM, start, end - start, NULL, NBD_CMD_MAX, 0);
+    return ret == -EOPNOTSUPP ? -ENOTSUP : ret;
 }
 
 static int nbd_drv_flush(BlockNode *bs)
@@ -619,10 +827,7 @@ static int nbd_drv_flush(BlockNode *bs)
         return 0; /* nothing we wrote, or a server that does not cache */
     }
     /* With multi-conn a flush on one connection covers writes completed on all of them. */
-    if (nbd_flush(conn_pick(s), 0) == -1) {
-        return nbd_ret();
-    }
-    return 0;
+    return run_one(conn_pick(s), OP_FLUSH, 0, 0, 0, NULL);
 }
 
 typedef struct ExtentFirst {
@@ -678,8 +883,9 @@ static int nbd_drv_block_status(BlockNode *bs, uint64_t offset, uint64_t bytes, 
     }
     ExtentFirst f = { 0 };
     nbd_extent_callback cb = { .callback = extent_cb, .user_data = &f };
-    if (nbd_block_status(conn_pick(s), count, offset, cb, LIBNBD_CMD_FLAG_REQ_ONE) == -1) {
-        return nbd_ret();
+    int r = run_one(conn_pick(s), OP_STATUS, offset, count, LIBNBD_CMD_FLAG_REQ_ONE, &cb);
+    if (r < 0) {
+        return r;
     }
     if (!f.got || f.len == 0) {
         return ret | VD_BS_DATA; /* no answer for this range: assume data (always safe) */
