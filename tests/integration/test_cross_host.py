@@ -18,7 +18,7 @@ import pytest
 
 from conftest import VDISKD, qemu_img, qemu_io, run, vdisk
 from qmp_client import Daemon
-from blockops_helpers import Guest, assert_same, write_cmds
+from blockops_helpers import Guest, assert_same, guest_read, image_content, write_cmds
 
 MiB = 1 << 20
 SIZE = 24 * MiB
@@ -176,3 +176,169 @@ def test_shallow_live_copy_to_another_host_with_guest_writing(tmp, via):
     # ... and holds none of base's clusters itself.
     own = json.loads(qemu_img("map", "--output=json", btgt).stdout)
     assert not [e for e in own if e["depth"] == 0 and e["data"] and e["start"] < 8 * MiB], own
+
+
+# ---- post-copy: the guest moves to B first, B pulls the rest from A ----
+
+A_PORT = "10810"
+
+
+def link_proxy(nsa, tmp, a_sock):
+    """A's export on A's address for B, read-only (A's copy stays as it was at the switch), with
+    the link's latency and a log of what B read."""
+    log = str(tmp / "link.log")
+    p = subprocess.Popen(
+        ["ip", "netns", "exec", nsa, "nbdkit", "-f", "-r", "-i", A_ADDR, "-p", A_PORT,
+         "--filter=log", "--filter=delay", "nbd", f"socket={a_sock}", "export=disk0",
+         f"logfile={log}", "delay-read=5ms"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    end = time.time() + 20
+    while not os.path.exists(log) or "Ready" not in open(log).read():
+        assert p.poll() is None and time.time() < end, "link proxy did not start"
+        time.sleep(0.05)
+    return p, log
+
+
+def read_bytes_logged(logfile):
+    pat = re.compile(r"connection=\d+ Read id=\d+ offset=0x[0-9a-f]+ count=(0x[0-9a-f]+)")
+    with open(logfile) as f:
+        return sum(int(m[1], 16) for m in pat.finditer(f.read()))
+
+
+@contextlib.contextmanager
+def post_copy_setup(tmp, rng):
+    """Host A runs the guest's disk (the guest writes to it); host B gets an empty overlay whose
+    backing is A's disk over NBD. Yields (ctx dict); everything is stopped after."""
+    disk = tmp / "a.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", disk, SIZE)
+    model = bytearray(SIZE)
+    qemu_io("-f", "qcow2", "-c", f"write -P 0x44 {MiB} {6 * MiB}", disk)
+    model[MiB:7 * MiB] = b"\x44" * (6 * MiB)
+    hostb = tmp / "hostb"
+    hostb.mkdir()
+    ov = hostb / "disk.qcow2"
+    # Unsafe (-u): B's backing is only reachable from B's namespace.
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", f"nbd://{A_ADDR}:{A_PORT}/disk0",
+             "-F", "raw", ov, SIZE)
+    procs, proxy = [], None
+    with two_hosts() as (nsa, nsb):
+        try:
+            a_sock = str(tmp / "a.sock")
+            da = vdiskd_in(nsa, tmp, "a", "--blockdev", json.dumps({
+                "driver": "qcow2", "node-name": "disk0",
+                "file": {"driver": "file", "filename": str(disk)}}),
+                "--nbd-server", f"addr.type=unix,addr.path={a_sock}",
+                "--export", "type=nbd,id=exp0,node-name=disk0,name=disk0,writable=on")
+            procs.append(da)
+            a_uri = f"nbd+unix:///disk0?socket={a_sock}"
+            g = Guest(a_uri, write_cmds(model, rng, 30, 0, lo=0, hi=SIZE))
+            g.start()
+            g.join_checked(120)
+            proxy, link_log = link_proxy(nsa, tmp, a_sock)
+            ctx = {"nsa": nsa, "nsb": nsb, "da": da, "disk": disk, "ov": ov, "model": model,
+                   "frozen": bytes(model), "proxy": proxy, "link_log": link_log, "procs": procs}
+
+            def switch():
+                """The guest's disk on B: the overlay over A's export, served to the guest."""
+                b_sock = str(tmp / "b.sock")
+                before = read_bytes_logged(link_log)
+                db = vdiskd_in(nsb, tmp, "b", "--blockdev", json.dumps({
+                    "driver": "qcow2", "node-name": "disk0",
+                    "file": {"driver": "file", "filename": str(ov)}}),
+                    "--nbd-server", f"addr.type=unix,addr.path={b_sock}",
+                    "--export", "type=nbd,id=exp0,node-name=disk0,name=disk0,writable=on")
+                procs.append(db)
+                ctx["switch_read"] = read_bytes_logged(link_log) - before
+                return db, f"nbd+unix:///disk0?socket={b_sock}"
+
+            ctx["switch"] = switch
+            yield ctx
+            for d in list(procs):
+                d.stop_checked()
+                procs.remove(d)
+        finally:
+            for d in procs:
+                d.kill()
+            if proxy and proxy.poll() is None:
+                proxy.terminate()
+                proxy.wait(timeout=15)
+
+
+def test_post_copy_guest_runs_on_b_while_b_pulls_the_rest_from_a(tmp):
+    """Post-copy: the guest switches to B at once (nothing copied at the switch), reads what B has
+    not pulled yet from A over the link, writes on B; block-stream pulls the rest while the guest
+    writes, then B's disk stands alone and the link to A is gone. A's disk stays frozen."""
+    rng = random.Random(11)
+    with post_copy_setup(tmp, rng) as ctx:
+        model = ctx["model"]
+        db, b_uri = ctx["switch"]()
+        # The switch itself moved nothing: B only opened A's export.
+        assert ctx["switch_read"] < MiB, ctx["switch_read"]
+        # Before any pull, the guest on B reads A's disk (through the link), byte for byte.
+        assert_same(guest_read(tmp, b_uri), ctx["frozen"], "the guest's disk on B at the switch")
+        assert read_bytes_logged(ctx["link_log"]) >= 6 * MiB  # ... read over the link
+        qb = db.client()
+        qb.cmd("block-stream", job_id="pull", device="disk0", speed=8 * MiB)
+        g = Guest(b_uri, write_cmds(model, rng, 40, 100, lo=0, hi=SIZE))
+        g.start()
+        g.join_checked(120)
+        qb.cmd("block-job-set-speed", device="pull", speed=0)
+        done = qb.get_event("BLOCK_JOB_COMPLETED", timeout=120)
+        assert "error" not in done["data"], done
+        # The pull dropped the backing: no node on B reads A any more, so the link can go.
+        nodes = qb.cmd("query-named-block-nodes")
+        assert not [n for n in nodes if n.get("drv") == "nbd" or "nbd:" in n.get("file", "")], nodes
+        ctx["proxy"].kill()
+        ctx["proxy"].wait(timeout=15)
+        g = Guest(b_uri, write_cmds(model, rng, 20, 200, lo=0, hi=SIZE))
+        g.start()
+        g.join_checked(120)
+        assert_same(guest_read(tmp, b_uri), bytes(model), "the guest's disk on B after the pull")
+        qb.close()
+    info = json.loads(qemu_img("info", "--output=json", ctx["ov"]).stdout)
+    assert "backing-filename" not in info, info
+    assert_same(image_content(tmp, ctx["ov"], "b.raw"), bytes(model), "B's image")
+    assert_same(image_content(tmp, ctx["disk"], "a.raw"), ctx["frozen"], "A's image (frozen)")
+
+
+def test_post_copy_link_to_a_fails_midway_the_guest_sees_eio_never_wrong_data(tmp):
+    """The link to A drops while B is still pulling: the pull fails, the guest's reads of what B
+    has not pulled fail with EIO, everything else reads right; B's own data is intact."""
+    rng = random.Random(12)
+    with post_copy_setup(tmp, rng) as ctx:
+        model = ctx["model"]
+        db, b_uri = ctx["switch"]()
+        qb = db.client()
+        qb.cmd("block-stream", job_id="pull", device="disk0", speed=2 * MiB)
+        end = time.time() + 60
+        while True:
+            jobs = qb.cmd("query-block-jobs")
+            assert jobs and time.time() < end, jobs
+            if jobs[0]["offset"] > 0:
+                break
+            time.sleep(0.05)
+        ctx["proxy"].kill()  # the link to A is gone
+        ctx["proxy"].wait(timeout=15)
+        done = qb.get_event("BLOCK_JOB_COMPLETED", timeout=120)
+        assert "error" in done["data"], done
+        # The guest keeps writing whole clusters on B (no read of A needed).
+        for i, off in enumerate(range(20 * MiB, 22 * MiB, 64 * 1024)):
+            qemu_io("-f", "raw", "-c", f"write -P {0x60 + i % 16} {off} 64k", b_uri)
+            model[off:off + 65536] = bytes([0x60 + i % 16]) * 65536
+        failed = ok = 0
+        b_sock = b_uri.split("socket=")[1]
+        for off in range(0, SIZE, MiB):
+            part = tmp / "part.raw"
+            spec = json.dumps({"driver": "raw", "offset": off, "size": MiB, "file": {
+                "driver": "nbd", "server": {"type": "unix", "path": b_sock},
+                "export": "disk0"}})
+            p = run(["qemu-img", "convert", "-O", "raw", f"json:{spec}", str(part)],
+                    check=False, timeout=60)
+            if p.returncode != 0:
+                assert "Input/output error" in p.stdout + p.stderr, p.stderr
+                failed += 1
+            else:
+                assert_same(part.read_bytes(), bytes(model[off:off + MiB]), f"B at {off}")
+                ok += 1
+        assert failed > 0 and ok > 0, (failed, ok)
+        qb.close()
