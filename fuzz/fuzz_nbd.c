@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "block/block.h"
+#include "block/dirty-bitmap.h"
 #include "nbd/nbd-server.h"
 
 int LLVMFuzzerInitialize(int *argc, char ***argv);
@@ -31,8 +32,11 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     VdError *err = NULL;
     BlockNode *bs = vd_open_image(path, "raw", VD_OPEN_RDWR, &err);
     NbdServerAddress addr = {.type = NBD_ADDR_UNIX, .path = sock};
+    /* a (non-persistent) bitmap exported too, so the fuzzer reaches qemu:dirty-bitmap:b */
+    VdBitmapRef bm = {.node = bs, .name = "b"};
     if (!bs || nbd_server_start(&addr, 0, &err) < 0 ||
-        !nbd_export_add("disk", "disk", bs, true, "fuzz", &err)) {
+        vd_bitmap_add(bs, "b", 4096, false, false, &err) < 0 ||
+        !nbd_export_add_bitmaps("disk", "disk", bs, true, "fuzz", &bm, 1, &err)) {
         fprintf(stderr, "fuzz_nbd: setup failed: %s\n", err ? vd_error_msg(err) : "?");
         abort();
     }

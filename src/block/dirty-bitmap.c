@@ -664,6 +664,28 @@ int vd_bitmap_check_usable(BlockNode *bs, const char *name, VdError **errp)
     return bitmap_apply(bs, name, CHECK_BUSY | CHECK_INCONSISTENT, NULL, 0, errp);
 }
 
+int vd_bitmap_is_recording(BlockNode *bs, const char *name)
+{
+    VdBitmapList *l;
+    VdDirtyBitmap *bm = lookup_locked(bs, name, &l, NULL);
+    if (!bm) {
+        return -ENOENT;
+    }
+    int enabled = bm->enabled;
+    vd_mutex_unlock(&l->lock);
+    return enabled;
+}
+
+BlockNode *vd_bitmap_find_in_chain(BlockNode *bs, const char *name)
+{
+    for (; bs; bs = bs->backing) {
+        if (vd_bitmap_is_recording(bs, name) >= 0) {
+            return bs;
+        }
+    }
+    return NULL;
+}
+
 int vd_bitmap_set_busy(BlockNode *bs, const char *name, bool busy, VdError **errp)
 {
     return bitmap_apply(bs, name, 0, op_busy, busy ? 1 : -1, errp);

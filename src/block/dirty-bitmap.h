@@ -65,6 +65,11 @@ json_t *vd_bitmaps_info(BlockNode *bs);
 int vd_bitmap_check_exists(BlockNode *bs, const char *name, VdError **errp);
 /* Check that name exists and may be exported (not inconsistent); sets QEMU's errors. */
 int vd_bitmap_check_usable(BlockNode *bs, const char *name, VdError **errp);
+/* 1 when name on bs records writes, 0 when disabled, -ENOENT when absent. */
+int vd_bitmap_is_recording(BlockNode *bs, const char *name);
+/* The node of bs's backing chain (bs first) holding a bitmap called name, or NULL (QEMU's lookup
+ * of a bare bitmap name for an NBD export). */
+BlockNode *vd_bitmap_find_in_chain(BlockNode *bs, const char *name);
 /* Mark busy (an NBD export, a job holds it) or free again. */
 int vd_bitmap_set_busy(BlockNode *bs, const char *name, bool busy, VdError **errp);
 /*

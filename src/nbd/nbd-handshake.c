@@ -143,7 +143,7 @@ static int opt_info_go(NbdConn *c, uint32_t opt, const uint8_t *p, uint32_t len)
         return r;
     }
     if (c->meta_export && strcmp(c->meta_export, name) != 0) {
-        c->meta_base_alloc = false; /* contexts were selected for another export */
+        nbd_meta_reset(c); /* contexts were selected for another export */
     }
     c->tflags = export_tflags(exp);
     /* Count the client before it hears ACK: from then on it may send requests. */
@@ -155,16 +155,6 @@ static int opt_info_go(NbdConn *c, uint32_t opt, const uint8_t *p, uint32_t len)
     }
     r = send_rep(c, opt, NBD_REP_ACK, NULL, 0);
     return r < 0 ? r : 1;
-}
-
-/* Does a query select base:allocation? (LIST also accepts the namespace "base:".) */
-static bool query_matches(const uint8_t *q, uint32_t ql, bool list)
-{
-    static const char ba[] = NBD_META_BASE_ALLOCATION;
-    if (ql == sizeof(ba) - 1 && memcmp(q, ba, ql) == 0) {
-        return true;
-    }
-    return list && ql == 5 && memcmp(q, "base:", 5) == 0;
 }
 
 static int opt_meta(NbdConn *c, uint32_t opt, const uint8_t *p, uint32_t len)
@@ -185,8 +175,8 @@ static int opt_meta(NbdConn *c, uint32_t opt, const uint8_t *p, uint32_t len)
     name[nl] = 0;
     uint32_t nq = nbd_get32(p + 4 + nl);
     /* Validate every query before answering anything. */
-    uint64_t pos = 4 + (uint64_t)nl + 4;
-    bool match = false;
+    const uint64_t first = 4 + (uint64_t)nl + 4;
+    uint64_t pos = first;
     for (uint32_t i = 0; i < nq; i++) {
         if (pos + 4 > len) {
             return send_err(c, opt, NBD_REP_ERR_INVALID, "truncated query");
@@ -195,7 +185,6 @@ static int opt_meta(NbdConn *c, uint32_t opt, const uint8_t *p, uint32_t len)
         if (ql > NBD_MAX_STRING || pos + 4 + ql > len) {
             return send_err(c, opt, NBD_REP_ERR_INVALID, "bad query length");
         }
-        match |= query_matches(p + pos + 4, ql, list);
         pos += 4 + ql;
     }
     if (pos != len) {
@@ -205,26 +194,38 @@ static int opt_meta(NbdConn *c, uint32_t opt, const uint8_t *p, uint32_t len)
     if (!exp) {
         return send_err(c, opt, NBD_REP_ERR_UNKNOWN, "export not found");
     }
-    nbd_export_unref(exp);
-    if (list && nq == 0) {
-        match = true; /* empty LIST: every context the server knows */
+    uint32_t nctx = 1 + exp->nbitmaps;
+    bool *sel = calloc(nctx, sizeof(*sel));
+    char *saved = list ? NULL : strdup(name);
+    if (!sel || (!list && !saved)) {
+        free(sel);
+        nbd_export_unref(exp);
+        return send_err(c, opt, NBD_REP_ERR_INVALID, "out of memory");
     }
-    if (!list) {
-        c->meta_base_alloc = match;
-        free(c->meta_export);
-        c->meta_export = strdup(name);
-        if (!c->meta_export) {
-            c->meta_base_alloc = false;
-            return send_err(c, opt, NBD_REP_ERR_INVALID, "out of memory");
-        }
+    for (pos = first; pos < len; pos += 4 + nbd_get32(p + pos)) {
+        nbd_meta_match(exp, p + pos + 4, nbd_get32(p + pos), list, sel);
+    }
+    if (list && nq == 0) {
+        memset(sel, 1, nctx * sizeof(*sel)); /* empty LIST: every context the export has */
     }
     int r = 0;
-    if (match) {
-        uint8_t buf[4 + sizeof(NBD_META_BASE_ALLOCATION)];
-        nbd_put32(buf, list ? 0 : NBD_META_ID_BASE_ALLOCATION);
-        memcpy(buf + 4, NBD_META_BASE_ALLOCATION, sizeof(NBD_META_BASE_ALLOCATION) - 1);
-        r = send_rep(c, opt, NBD_REP_META_CONTEXT, buf,
-                     (uint32_t)(4 + sizeof(NBD_META_BASE_ALLOCATION) - 1));
+    uint8_t buf[4 + NBD_MAX_STRING + 1];
+    for (uint32_t i = 0; i < nctx && r == 0; i++) {
+        if (sel[i]) {
+            nbd_put32(buf, list ? 0 : i + 1);
+            size_t l = nbd_meta_name(exp, i, (char *)buf + 4);
+            r = send_rep(c, opt, NBD_REP_META_CONTEXT, buf, (uint32_t)(4 + l));
+        }
+    }
+    nbd_export_unref(exp);
+    if (list) {
+        free(sel);
+    } else { /* a SET replaces the previous selection, even when it selects nothing */
+        nbd_meta_reset(c);
+        c->meta_sel = sel;
+        c->meta_nsel = nctx;
+        free(c->meta_export);
+        c->meta_export = saved;
     }
     if (r == 0) {
         r = send_rep(c, opt, NBD_REP_ACK, NULL, 0);
@@ -308,7 +309,7 @@ int nbd_handshake(NbdConn *c)
             nbd_put64(rep, (uint64_t)export_size(exp));
             nbd_put16(rep + 8, export_tflags(exp));
             if (c->meta_export && strcmp(c->meta_export, (char *)p) != 0) {
-                c->meta_base_alloc = false;
+                nbd_meta_reset(c);
             }
             free(p);
             c->tflags = export_tflags(exp);

@@ -112,6 +112,8 @@
 #define NBD_STATE_ZERO (1 << 1)
 #define NBD_META_BASE_ALLOCATION "base:allocation"
 #define NBD_META_ID_BASE_ALLOCATION 1
+#define NBD_META_DIRTY_BITMAP "qemu:dirty-bitmap:" /* + bitmap name (QEMU's namespace) */
+#define NBD_STATE_DIRTY (1 << 0)
 
 /* ---- server limits ---- */
 #define NBD_MAX_PAYLOAD (32u * 1024 * 1024) /* largest READ/WRITE/CACHE length we serve */
@@ -124,6 +126,12 @@
 
 /* ---- server-internal types ---- */
 
+/* A dirty bitmap an export serves as qemu:dirty-bitmap:NAME (node ref held, bitmap kept busy). */
+typedef struct NbdExportBitmap {
+    BlockNode *node;
+    char *name;
+} NbdExportBitmap;
+
 struct NbdExport {
     char *id;
     char *name;
@@ -132,6 +140,8 @@ struct NbdExport {
     int refcnt;             /* server list + each connection; protected by the server lock */
     bool deleted;           /* removed from the list; no new clients */
     unsigned clients;       /* connections in transmission on it (server lock) */
+    NbdExportBitmap *bitmaps; /* fixed at creation; metadata context i + 1 is bitmaps[i] */
+    uint32_t nbitmaps;
 
     pthread_mutex_t lock;   /* protects the fields below */
     pthread_cond_t cond;
@@ -148,8 +158,13 @@ struct NbdConn {
     bool attached;            /* counted in exp->clients */
     bool structured;          /* NBD_OPT_STRUCTURED_REPLY negotiated */
     bool no_zeroes;
-    bool meta_base_alloc;     /* base:allocation selected for exp */
-    char *meta_export;        /* export name the meta context was selected for */
+    /*
+     * Metadata contexts selected (NBD_OPT_SET_META_CONTEXT) for the export named meta_export:
+     * meta_sel[0] base:allocation, meta_sel[i] the export's bitmap i - 1; context id = index + 1.
+     */
+    bool *meta_sel;
+    uint32_t meta_nsel;
+    char *meta_export;
     uint16_t tflags;          /* transmission flags sent */
 
     pthread_mutex_t send_lock; /* serialises every write to fd during transmission */
@@ -205,6 +220,23 @@ void nbd_pool_stop(void);
 /* Serve requests until the client disconnects; returns once every in-flight request replied. */
 void nbd_transmission(NbdConn *conn);
 
+/* nbd-meta.c: metadata contexts */
+/* Mark in sel (1 + exp->nbitmaps entries) the contexts query q (ql bytes) names; list = a LIST
+ * query, where namespaces ("base:", "qemu:", "qemu:dirty-bitmap:") select all their contexts. */
+void nbd_meta_match(const NbdExport *exp, const uint8_t *q, uint32_t ql, bool list, bool *sel);
+/* The name of context index i of exp into buf (NBD_MAX_STRING + 1 bytes); its length. */
+size_t nbd_meta_name(const NbdExport *exp, uint32_t i, char *buf);
+/* Forget the connection's selection (a new SET, another export, the end of the connection). */
+void nbd_meta_reset(NbdConn *c);
+/* Did the client select any context (may it send BLOCK_STATUS)? */
+bool nbd_meta_any(const NbdConn *c);
+/*
+ * The reply to BLOCK_STATUS [offset, offset+len) of node: one chunk per selected context (the
+ * last flagged DONE), in a new buffer *buf of *blen bytes. 0 or -errno.
+ */
+int nbd_meta_block_status(NbdConn *c, BlockNode *node, uint64_t cookie, uint64_t offset,
+                          uint32_t len, bool req_one, uint8_t **buf, size_t *blen);
+
 /* big-endian helpers */
 static inline void nbd_put16(uint8_t *p, uint16_t v) { p[0] = v >> 8; p[1] = v; }
 static inline void nbd_put32(uint8_t *p, uint32_t v)
@@ -215,6 +247,16 @@ static inline void nbd_put64(uint8_t *p, uint64_t v)
 {
     nbd_put32(p, v >> 32);
     nbd_put32(p + 4, (uint32_t)v);
+}
+/* A structured reply chunk's header (NBD_CHUNK_HEADER_SIZE bytes). */
+static inline void nbd_put_chunk(uint8_t *p, uint64_t cookie, uint16_t flags, uint16_t type,
+                                 uint32_t len)
+{
+    nbd_put32(p, NBD_STRUCTURED_REPLY_MAGIC);
+    nbd_put16(p + 4, flags);
+    nbd_put16(p + 6, type);
+    nbd_put64(p + 8, cookie);
+    nbd_put32(p + 16, len);
 }
 static inline uint16_t nbd_get16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
 static inline uint32_t nbd_get32(const uint8_t *p)

@@ -22,6 +22,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "block/dirty-bitmap.h"
 #include "nbd/nbd-protocol.h"
 #include "util/log.h"
 #include "util/lock.h"
@@ -58,6 +59,15 @@ static struct {
 
 static void export_free(NbdExport *exp)
 {
+    for (uint32_t i = 0; i < exp->nbitmaps; i++) {
+        NbdExportBitmap *b = &exp->bitmaps[i];
+        if (b->node) { /* busy and referenced once the export was set up */
+            vd_bitmap_set_busy(b->node, b->name, false, NULL);
+            vd_node_unref(b->node);
+        }
+        free(b->name);
+    }
+    free(exp->bitmaps);
     block_tracker_put(exp->tracker);
     if (exp->node) {
         vd_node_unref(exp->node);
@@ -142,6 +152,33 @@ bool nbd_server_shutting_down(void)
 NbdExport *nbd_export_add(const char *id, const char *name, BlockNode *node, bool writable,
                           const char *description, VdError **errp)
 {
+    return nbd_export_add_bitmaps(id, name, node, writable, description, NULL, 0, errp);
+}
+
+/* Check the bitmaps an export is to serve, as QEMU's nbd_export_create does (same errors). */
+static int check_export_bitmaps(const VdBitmapRef *bitmaps, size_t n, bool writable,
+                                VdError **errp)
+{
+    for (size_t i = 0; i < n; i++) {
+        int r = vd_bitmap_check_usable(bitmaps[i].node, bitmaps[i].name, errp);
+        if (r < 0) {
+            return r;
+        }
+        /* a read-only export of a bitmap still recording the node's writes: its view moves */
+        if (!writable && !bitmaps[i].node->read_only &&
+            vd_bitmap_is_recording(bitmaps[i].node, bitmaps[i].name) == 1) {
+            vd_error_setg(errp, EINVAL, "Enabled bitmap '%s' incompatible with readonly export",
+                          bitmaps[i].name);
+            return -EINVAL;
+        }
+    }
+    return 0;
+}
+
+NbdExport *nbd_export_add_bitmaps(const char *id, const char *name, BlockNode *node,
+                                  bool writable, const char *description,
+                                  const VdBitmapRef *bitmaps, size_t nbitmaps, VdError **errp)
+{
     if (!id || !*id || !node) {
         vd_error_setg(errp, EINVAL, "export id and node are required");
         return NULL;
@@ -180,6 +217,29 @@ NbdExport *nbd_export_add(const char *id, const char *name, BlockNode *node, boo
     exp->refcnt = 1;
     pthread_mutex_init(&exp->lock, NULL);
     pthread_cond_init(&exp->cond, NULL);
+    if (check_export_bitmaps(bitmaps, nbitmaps, writable, errp) < 0) {
+        export_free(exp);
+        return NULL;
+    }
+    exp->bitmaps = calloc(nbitmaps ? nbitmaps : 1, sizeof(*exp->bitmaps));
+    if (!exp->bitmaps) {
+        export_free(exp);
+        vd_error_setg(errp, ENOMEM, "out of memory");
+        return NULL;
+    }
+    for (size_t i = 0; i < nbitmaps; i++) {
+        NbdExportBitmap *b = &exp->bitmaps[exp->nbitmaps++];
+        b->name = strdup(bitmaps[i].name);
+        if (!b->name) {
+            export_free(exp);
+            vd_error_setg(errp, ENOMEM, "out of memory");
+            return NULL;
+        }
+        /* checked above; the QMP thread alone changes bitmaps, so this cannot fail now */
+        vd_bitmap_set_busy(bitmaps[i].node, b->name, true, NULL);
+        vd_node_ref(bitmaps[i].node);
+        b->node = bitmaps[i].node;
+    }
 
     vd_mutex_lock(&srv.lock);
     int err = 0;
@@ -446,6 +506,7 @@ static void conn_free(NbdConn *c)
     pthread_cond_destroy(&c->cond);
     pthread_cond_destroy(&c->wcond);
     free(c->meta_export);
+    nbd_meta_reset(c);
     free(c);
 }
 

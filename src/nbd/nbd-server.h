@@ -14,6 +14,7 @@
 #include <stdint.h>
 
 #include "block/block.h"
+#include "block/dirty-bitmap.h"
 #include "util/error.h"
 
 typedef struct NbdExport NbdExport;
@@ -37,6 +38,15 @@ int nbd_server_add_client(int fd);
 /* Add an export (takes a reference on node). name must be unique. */
 NbdExport *nbd_export_add(const char *id, const char *name, BlockNode *node, bool writable,
                           const char *description, VdError **errp);
+/*
+ * Add an export that also serves bitmaps (each on its own node, looked up by the caller) as the
+ * metadata contexts qemu:dirty-bitmap:NAME. Each must exist and be usable (not busy, not
+ * inconsistent) and, for a read-only export of a writable node, disabled - QEMU's rules and
+ * errors. They stay busy (cannot be changed or removed) until the export is gone.
+ */
+NbdExport *nbd_export_add_bitmaps(const char *id, const char *name, BlockNode *node,
+                                  bool writable, const char *description,
+                                  const VdBitmapRef *bitmaps, size_t nbitmaps, VdError **errp);
 /* Remove: refuses with -EBUSY while clients are connected unless force (mode "hard"). */
 int nbd_export_del(const char *id, bool force, VdError **errp);
 NbdExport *nbd_export_find(const char *id);

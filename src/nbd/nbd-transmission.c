@@ -324,15 +324,6 @@ static void put_simple(uint8_t *p, uint64_t cookie, uint32_t err)
     nbd_put64(p + 8, cookie);
 }
 
-static void put_chunk(uint8_t *p, uint64_t cookie, uint16_t flags, uint16_t type, uint32_t len)
-{
-    nbd_put32(p, NBD_STRUCTURED_REPLY_MAGIC);
-    nbd_put16(p + 4, flags);
-    nbd_put16(p + 6, type);
-    nbd_put64(p + 8, cookie);
-    nbd_put32(p + 16, len);
-}
-
 /* Build a structured error chunk, or a simple error reply, into a new buffer. */
 static uint8_t *build_error(NbdConn *c, uint64_t cookie, uint32_t err, const char *msg,
                             bool chunk, size_t *len)
@@ -344,7 +335,7 @@ static uint8_t *build_error(NbdConn *c, uint64_t cookie, uint32_t err, const cha
         return NULL;
     }
     if (chunk) {
-        put_chunk(b, cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, (uint32_t)(6 + ml));
+        nbd_put_chunk(b, cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, (uint32_t)(6 + ml));
         nbd_put32(b + NBD_CHUNK_HEADER_SIZE, err);
         nbd_put16(b + NBD_CHUNK_HEADER_SIZE + 4, (uint16_t)ml);
         memcpy(b + NBD_CHUNK_HEADER_SIZE + 6, msg, ml);
@@ -376,7 +367,7 @@ static size_t build_read_chunks(uint8_t *buf, size_t cap, uint64_t cookie, uint6
     const uint8_t *src = buf + cap - len;
     size_t out = 0, pos = 0;
     if (len == 0) {
-        put_chunk(buf, cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, 0);
+        nbd_put_chunk(buf, cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, 0);
         return NBD_CHUNK_HEADER_SIZE;
     }
     while (pos < len) {
@@ -398,12 +389,12 @@ static size_t build_read_chunks(uint8_t *buf, size_t cap, uint64_t cookie, uint6
         }
         uint16_t flags = end == len ? NBD_REPLY_FLAG_DONE : 0;
         if (zero) {
-            put_chunk(buf + out, cookie, flags, NBD_REPLY_TYPE_OFFSET_HOLE, 12);
+            nbd_put_chunk(buf + out, cookie, flags, NBD_REPLY_TYPE_OFFSET_HOLE, 12);
             nbd_put64(buf + out + NBD_CHUNK_HEADER_SIZE, off + pos);
             nbd_put32(buf + out + NBD_CHUNK_HEADER_SIZE + 8, (uint32_t)(end - pos));
             out += NBD_CHUNK_HEADER_SIZE + 12;
         } else {
-            put_chunk(buf + out, cookie, flags, NBD_REPLY_TYPE_OFFSET_DATA,
+            nbd_put_chunk(buf + out, cookie, flags, NBD_REPLY_TYPE_OFFSET_DATA,
                       (uint32_t)(8 + end - pos));
             nbd_put64(buf + out + NBD_CHUNK_HEADER_SIZE, off + pos);
             out += NBD_CHUNK_HEADER_SIZE + 8;
@@ -631,53 +622,6 @@ static uint32_t errno_to_nbd(int err)
     }
 }
 
-static uint32_t bs_to_nbd(int bs)
-{
-    /* Like qemu-nbd: a range without data reads from nowhere (hole); ZERO says it reads zero. */
-    return (bs & VD_BS_DATA ? 0 : NBD_STATE_HOLE) | (bs & VD_BS_ZERO ? NBD_STATE_ZERO : 0);
-}
-
-/* Collect base:allocation extents; returns count or -errno. desc holds (len, flags) pairs. */
-static int collect_extents(NbdRequest *req, uint8_t *desc)
-{
-    uint64_t pos = req->offset, end = req->offset + req->len;
-    int n = 0;
-    uint32_t cur_len = 0, cur_flags = 0;
-    while (pos < end) {
-        uint64_t pnum = 0;
-        VdBlockStatus st = {0};
-        int r = vd_block_status_above(req->node, NULL, pos, end - pos, &pnum, &st);
-        if (r < 0) {
-            return r;
-        }
-        if (pnum == 0) {
-            return -EIO; /* a driver that makes no progress must not loop us for ever */
-        }
-        if (pnum > end - pos) {
-            pnum = end - pos;
-        }
-        uint32_t f = bs_to_nbd(st.flags);
-        if (n > 0 && f == cur_flags) {
-            cur_len += (uint32_t)pnum; /* total <= req->len < 2^32 */
-        } else {
-            if (n > 0) {
-                nbd_put32(desc + 8 * (n - 1), cur_len);
-                nbd_put32(desc + 8 * (n - 1) + 4, cur_flags);
-                if ((req->flags & NBD_CMD_FLAG_REQ_ONE) || n == NBD_MAX_EXTENTS) {
-                    return n;
-                }
-            }
-            n++;
-            cur_len = (uint32_t)pnum;
-            cur_flags = f;
-        }
-        pos += pnum;
-    }
-    nbd_put32(desc + 8 * (n - 1), cur_len);
-    nbd_put32(desc + 8 * (n - 1) + 4, cur_flags);
-    return n;
-}
-
 static bool is_write_cmd(uint16_t t)
 {
     return t == NBD_CMD_WRITE || t == NBD_CMD_TRIM || t == NBD_CMD_WRITE_ZEROES;
@@ -713,7 +657,7 @@ static uint32_t validate(NbdRequest *req, int64_t size)
     if (req->type == NBD_CMD_READ && req->len > NBD_MAX_PAYLOAD) {
         return NBD_EINVAL;
     }
-    if (req->type == NBD_CMD_BLOCK_STATUS && (!c->meta_base_alloc || req->len == 0)) {
+    if (req->type == NBD_CMD_BLOCK_STATUS && (!nbd_meta_any(c) || req->len == 0)) {
         return NBD_EINVAL;
     }
     if (req->type == NBD_CMD_FLUSH) {
@@ -808,26 +752,12 @@ static void handle_request(NbdRequest *req)
         break;
     case NBD_CMD_CACHE:
         break; /* advisory; the host page cache does the work */
-    case NBD_CMD_BLOCK_STATUS: {
-        size_t hdr = NBD_CHUNK_HEADER_SIZE + 4;
-        rbuf = malloc(hdr + 8 * NBD_MAX_EXTENTS);
-        if (!rbuf) {
-            err = -ENOMEM;
-            break;
-        }
+    case NBD_CMD_BLOCK_STATUS:
         block_tracker_begin(req->tracker, &tr, req->offset, req->len, BT_SHARED);
-        int n = collect_extents(req, rbuf + hdr);
+        err = nbd_meta_block_status(c, req->node, req->cookie, req->offset, req->len,
+                                    req->flags & NBD_CMD_FLAG_REQ_ONE, &rbuf, &rlen);
         block_tracker_end(req->tracker, &tr);
-        if (n < 0) {
-            err = n;
-            break;
-        }
-        rlen = hdr + 8 * (size_t)n;
-        put_chunk(rbuf, req->cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS,
-                  (uint32_t)(rlen - NBD_CHUNK_HEADER_SIZE));
-        nbd_put32(rbuf + NBD_CHUNK_HEADER_SIZE, NBD_META_ID_BASE_ALLOCATION);
         break;
-    }
     default:
         break;
     }
@@ -862,7 +792,7 @@ static void handle_request(NbdRequest *req)
         if (chunked) {
             rbuf = malloc(NBD_CHUNK_HEADER_SIZE);
             if (rbuf) {
-                put_chunk(rbuf, req->cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, 0);
+                nbd_put_chunk(rbuf, req->cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, 0);
             }
             rlen = NBD_CHUNK_HEADER_SIZE;
         } else {

@@ -139,19 +139,18 @@ static json_t *cmd_disable(json_t *args, VdError **errp)
     return bitmap_cmd(args, do_disable, errp);
 }
 
-/*
- * merge's bitmaps: [BlockDirtyBitmapOrStr]; a string names a bitmap on the target's node, an
- * object {node, name} one on any node. Element errors use QEMU's texts (its visitor calls a list
- * element of the wrong type 'null').
- */
-static int merge_sources(json_t *list, BlockNode *bs, VdBitmapRef *refs, VdError **errp)
+int qmp_bitmap_refs(json_t *list, BlockNode *bs, bool chain, VdBitmapRef *refs, VdError **errp)
 {
     size_t i;
     json_t *el;
     json_array_foreach(list, i, el) {
         if (json_is_string(el)) {
-            refs[i].node = bs;
             refs[i].name = json_string_value(el);
+            refs[i].node = chain ? vd_bitmap_find_in_chain(bs, refs[i].name) : bs;
+            if (!refs[i].node) {
+                vd_error_setg(errp, ENOENT, "Bitmap '%s' is not found", refs[i].name);
+                return -ENOENT;
+            }
             continue;
         }
         if (!json_is_object(el)) {
@@ -191,7 +190,7 @@ static json_t *cmd_merge(json_t *args, VdError **errp)
     BlockNode *bs = find_node(a.node, false, errp);
     int ret = bs ? vd_bitmap_check_exists(bs, a.target, errp) : -EINVAL;
     if (ret == 0) {
-        ret = merge_sources(a.bitmaps, bs, refs, errp);
+        ret = qmp_bitmap_refs(a.bitmaps, bs, false, refs, errp);
     }
     if (ret == 0) {
         ret = vd_bitmap_merge(bs, a.target, refs, n, errp);

@@ -195,7 +195,7 @@ static bool id_wellformed(const char *s)
 
 static json_t *export_add(const char *id, const char *node_name, bool node_as_device,
                           const char *name, bool writable, const char *description,
-                          VdError **errp)
+                          json_t *bitmaps, VdError **errp)
 {
     if (!node_as_device && !id_wellformed(id)) {
         vd_error_setg(errp, EINVAL, "Invalid block export id");
@@ -233,7 +233,18 @@ static json_t *export_add(const char *id, const char *node_name, bool node_as_de
         vd_error_setg(errp, EACCES, "Cannot export read-only node as writable");
         return NULL;
     }
-    if (!nbd_export_add(id, name, bs, writable, description, errp)) {
+    size_t n = json_array_size(bitmaps);
+    VdBitmapRef *refs = calloc(n ? n : 1, sizeof(*refs));
+    if (!refs) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+        return NULL;
+    }
+    NbdExport *exp = NULL;
+    if (qmp_bitmap_refs(bitmaps, bs, true, refs, errp) == 0) {
+        exp = nbd_export_add_bitmaps(id, name, bs, writable, description, refs, n, errp);
+    }
+    free(refs);
+    if (!exp) {
         qmp_error_not_device(errp);
         return NULL;
     }
@@ -283,15 +294,12 @@ static json_t *cmd_block_export_add(json_t *args, VdError **errp)
         vd_error_setg(errp, ENOTSUP, "'iothread' is not supported by vdiskd");
         return NULL;
     }
-    if (json_array_size(json_object_get(args, "bitmaps")) > 0) {
-        vd_error_setg(errp, ENOTSUP, "Exporting dirty bitmaps is not supported by vdiskd");
-        return NULL;
-    }
     const char *node = qmp_arg_str(args, "node-name", "");
     /* writethrough: accepted; vdiskd's writes are flushed on NBD FLUSH/FUA like QEMU's default. */
     return export_add(qmp_arg_str(args, "id", ""), node, false, qmp_arg_str(args, "name", node),
                       qmp_arg_bool(args, "writable", false),
-                      qmp_arg_str(args, "description", NULL), errp);
+                      qmp_arg_str(args, "description", NULL), json_object_get(args, "bitmaps"),
+                      errp);
 }
 
 static int export_del(const char *id, bool hard, VdError **errp)
@@ -362,18 +370,18 @@ static const QmpArgSpec nbd_server_add_args[] = {
 
 static json_t *cmd_nbd_server_add(json_t *args, VdError **errp)
 {
-    if (json_object_get(args, "bitmap")) {
-        vd_error_setg(errp, ENOTSUP, "Exporting dirty bitmaps is not supported by vdiskd");
-        return NULL;
-    }
     if (!nbd_server_running()) {
         vd_error_setg(errp, EINVAL, "NBD server not running");
         return NULL;
     }
     const char *device = qmp_arg_str(args, "device", "");
     const char *name = qmp_arg_str(args, "name", device);
-    return export_add(name, device, true, name, qmp_arg_bool(args, "writable", false),
-                      qmp_arg_str(args, "description", NULL), errp);
+    json_t *bitmap = json_object_get(args, "bitmap");
+    json_t *bitmaps = bitmap ? json_pack("[O]", bitmap) : NULL;
+    json_t *ret = export_add(name, device, true, name, qmp_arg_bool(args, "writable", false),
+                             qmp_arg_str(args, "description", NULL), bitmaps, errp);
+    json_decref(bitmaps);
+    return ret;
 }
 
 static const QmpArgSpec nbd_server_remove_args[] = {

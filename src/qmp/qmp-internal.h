@@ -7,6 +7,7 @@
 
 #include <jansson.h>
 
+#include "block/dirty-bitmap.h"
 #include "qmp/qmp.h"
 
 /* The QEMU version vdiskd claims in the greeting and query-version (what its QMP mimics). */
@@ -30,5 +31,13 @@ void qmp_commands_nbd_register(void);
 void qmp_commands_jobs_register(void);     /* job verbs, query-jobs, query-block-jobs */
 void qmp_commands_blockops_register(void); /* mirror, stream, commit, snapshots */
 void qmp_commands_bitmap_register(void);
+
+/*
+ * A [BlockDirtyBitmapOrStr] argument (merge's sources, an export's bitmaps) into refs (one per
+ * element, names borrowed from list): a string names a bitmap on bs (chain: on bs or the first
+ * node of its backing chain that has it, else QEMU's "Bitmap '%s' is not found"), an object
+ * {node, name} one on any node. Element errors use QEMU's texts. 0 or -errno.
+ */
+int qmp_bitmap_refs(json_t *list, BlockNode *bs, bool chain, VdBitmapRef *refs, VdError **errp);
 
 #endif

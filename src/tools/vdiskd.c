@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include "block/block.h"
+#include "block/dirty-bitmap.h"
 #include "block/graph.h"
 #include "jobs/job.h"
 #include "nbd/nbd-server.h"
@@ -137,13 +138,27 @@ static const char *kv_get(const KvList *kv, const char *key)
     return v;
 }
 
+/* The N of key "PREFIX.N" when pattern is "PREFIX.*" (a keyval list element), else -1. */
+static long list_index(const char *key, const char *pattern)
+{
+    size_t pl = strlen(pattern);
+    if (pl < 2 || strcmp(pattern + pl - 2, ".*") != 0 || strncmp(key, pattern, pl - 1) != 0) {
+        return -1;
+    }
+    const char *digits = key + pl - 1;
+    char *end;
+    errno = 0;
+    long v = strtol(digits, &end, 10);
+    return *digits >= '0' && *digits <= '9' && !*end && !errno && v < 65536 ? v : -1;
+}
+
 static int kv_check_keys(const KvList *kv, const char *const *allowed, const char *what,
                          VdError **errp)
 {
     for (size_t i = 0; i < kv->n; i++) {
         bool ok = false;
         for (const char *const *a = allowed; *a; a++) {
-            ok |= strcmp(*a, kv->keys[i]) == 0;
+            ok |= strcmp(*a, kv->keys[i]) == 0 || list_index(kv->keys[i], *a) >= 0;
         }
         if (!ok) {
             vd_error_setg(errp, EINVAL, "%s: unknown parameter '%s'", what, kv->keys[i]);
@@ -312,10 +327,43 @@ static int do_nbd_server(const char *arg, VdError **errp)
     return r;
 }
 
+/* bitmaps.0=NAME,bitmaps.1=... (as qemu-storage-daemon): bitmaps of bs or its backing chain,
+ * numbered from 0 without gaps. Their count, or -errno. */
+static int export_bitmaps(const KvList *kv, BlockNode *bs, VdBitmapRef *refs, int max,
+                          VdError **errp)
+{
+    int n = 0;
+    for (size_t i = 0; i < kv->n; i++) {
+        n += list_index(kv->keys[i], "bitmaps.*") >= 0;
+    }
+    if (n > max) {
+        vd_error_setg(errp, EINVAL, "--export: at most %d bitmaps", max);
+        return -EINVAL;
+    }
+    for (int k = 0; k < n; k++) {
+        refs[k].name = NULL;
+        for (size_t i = 0; i < kv->n; i++) {
+            if (list_index(kv->keys[i], "bitmaps.*") == k) {
+                refs[k].name = kv->vals[i];
+            }
+        }
+        if (!refs[k].name) {
+            vd_error_setg(errp, EINVAL, "--export: bitmaps.%d is missing", k);
+            return -EINVAL;
+        }
+        refs[k].node = vd_bitmap_find_in_chain(bs, refs[k].name);
+        if (!refs[k].node) {
+            vd_error_setg(errp, ENOENT, "Bitmap '%s' is not found", refs[k].name);
+            return -ENOENT;
+        }
+    }
+    return n;
+}
+
 static int do_export(const char *arg, VdError **errp)
 {
     static const char *const keys[] = {"type", "id", "node-name", "name", "writable",
-                                       "description", "writethrough", NULL};
+                                       "description", "writethrough", "bitmaps.*", NULL};
     KvList kv;
     /* QSD allows the type as a bare first word: --export nbd,id=... */
     char *owned = NULL;
@@ -352,8 +400,12 @@ static int do_export(const char *arg, VdError **errp)
             vd_error_setg(errp, ENOENT, "--export: node '%s' not found", node_name);
         } else {
             const char *name = kv_get(&kv, "name");
-            NbdExport *exp = nbd_export_add(id, name ? name : node_name, bs, writable,
-                                            kv_get(&kv, "description"), errp);
+            VdBitmapRef refs[64];
+            int n = export_bitmaps(&kv, bs, refs, 64, errp);
+            NbdExport *exp = n < 0 ? NULL
+                             : nbd_export_add_bitmaps(id, name ? name : node_name, bs, writable,
+                                                      kv_get(&kv, "description"), refs,
+                                                      (size_t)n, errp);
             if (exp) {
                 vd_log(VD_LOG_INFO, "exporting '%s' as '%s'%s", node_name, nbd_export_name(exp),
                      writable ? " (writable)" : "");

@@ -8,6 +8,7 @@ import json
 import struct
 
 from conftest import run
+from qmp_client import start_qsd, start_vdiskd
 
 BITMAP_EXT = 0x23852875
 
@@ -62,3 +63,39 @@ def patch(path, offset, data):
     with open(path, "r+b") as f:
         f.seek(offset)
         f.write(data)
+
+
+def _replies(tmp, start, steps_fn):
+    d = start(tmp)
+    try:
+        with d.client() as c:
+            steps = steps_fn(tmp)
+            return steps, [c.execute(cmd, args) for cmd, args in steps]
+    finally:
+        if start is start_vdiskd:
+            d.stop_checked()
+        else:
+            d.kill()
+
+
+def _node_bitmaps(reply):
+    return {n["node-name"]: n.get("dirty-bitmaps") for n in reply["return"]
+            if not n["node-name"].startswith("#")}
+
+
+def assert_replies_match_qsd(tmp, steps_fn):
+    """Run the QMP commands steps_fn(dir) builds (dir: one of its own per daemon) on
+    qemu-storage-daemon, then on vdiskd: every reply must be QSD's (success or error class and
+    text); query-named-block-nodes is compared by each named node's dirty-bitmaps,
+    query-block-exports by the export ids."""
+    (tmp / "q").mkdir()
+    (tmp / "v").mkdir()
+    _, q = _replies(tmp / "q", start_qsd, steps_fn)
+    steps, v = _replies(tmp / "v", start_vdiskd, steps_fn)
+    for (cmd, args), rq, rv in zip(steps, q, v):
+        if cmd == "query-named-block-nodes":
+            assert _node_bitmaps(rv) == _node_bitmaps(rq)
+        elif cmd == "query-block-exports":
+            assert sorted(e["id"] for e in rv["return"]) == sorted(e["id"] for e in rq["return"])
+        else:
+            assert rv == rq, (cmd, args)

@@ -91,9 +91,10 @@ class Daemon:
 
 
 def start_daemon(tmp, image, fmt="raw", writable=True, name="exp", extra=(), read_only_node=False,
-                 description=None):
+                 description=None, bitmaps=()):
     sock = os.path.join(str(tmp), "nbd.sock")
     exp = f"type=nbd,id=e0,node-name=n0,name={name},writable={'on' if writable else 'off'}"
+    exp += "".join(f",bitmaps.{i}={b}" for i, b in enumerate(bitmaps))
     if description:
         exp += ",description=" + description.replace(",", ",,")
     args = ["--blockdev", blockdev_json(image, fmt, read_only=read_only_node),

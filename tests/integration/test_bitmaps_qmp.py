@@ -84,35 +84,10 @@ STEPS = [
 ]
 
 
-def run(tmp, start):
-    d = start(tmp)
-    try:
-        with d.client() as c:
-            steps = images(tmp) + STEPS
-            return steps, [c.execute(cmd, args) for cmd, args in steps]
-    finally:
-        if start is start_vdiskd:
-            d.stop_checked()
-        else:
-            d.kill()
-
-
 def test_bitmap_commands_match_qsd(tmp):
     """Every reply (success or error class and text) and the dirty-bitmaps of every node in
     query-named-block-nodes are those of qemu-storage-daemon."""
-    (tmp / "q").mkdir()
-    (tmp / "v").mkdir()
-    _, q = run(tmp / "q", start_qsd)
-    steps, v = run(tmp / "v", start_vdiskd)
-    for (cmd, args), rq, rv in zip(steps, q, v):
-        if cmd == "query-named-block-nodes":
-            bq = {n["node-name"]: n.get("dirty-bitmaps") for n in rq["return"]
-                  if not n["node-name"].startswith("#")}
-            bv = {n["node-name"]: n.get("dirty-bitmaps") for n in rv["return"]
-                  if not n["node-name"].startswith("#")}
-            assert bq == bv
-        else:
-            assert rq == rv, (cmd, args)
+    B.assert_replies_match_qsd(tmp, lambda t: images(t) + STEPS)
 
 
 def test_bitmaps_of_the_image_appear_and_persist(tmp):
