@@ -5,7 +5,8 @@
  * under job_mutex and emitted after it is dropped, by one flusher at a time, in queue order - so the
  * QMP server is never called with job_mutex held and clients see events in the order they happened.
  * Where things run: `run` on the job's thread; everything after it (prepare/commit/abort/clean, the
- * final events, auto-dismiss) on the QMP thread, handed over with qmp_defer, because those steps
+ * final events, auto-dismiss) on the QMP thread, handed over with the host's defer function
+ * (job_set_host; vdiskd's QMP server installs qmp_defer), because those steps
  * change the graph and the exports, which only the QMP thread may do (docs/concurrency.md). Without
  * a QMP thread (unit tests, daemon shutdown after qmp_server_stop) the job's thread does it, and
  * then no other thread changes the graph.
@@ -19,7 +20,6 @@
 #include <string.h>
 #include <time.h>
 
-#include "qmp/qmp.h"
 #include "util/log.h"
 
 /* ---- the tables (qapi/job.json semantics; same shape as QEMU 7.2's job.c tables) ---- */
@@ -178,7 +178,7 @@ struct Job {
     pthread_cond_t cond;
 
     /* run's result, handed to the QMP thread (job_run_done). */
-    QmpDeferred done_bh;
+    VdDeferred done_bh;
     int run_ret;
     VdError *run_err;
 };
@@ -196,11 +196,30 @@ typedef struct QueuedEvent {
 
 static QueuedEvent *ev_head, *ev_tail; /* job_mutex */
 static pthread_mutex_t emit_mutex = PTHREAD_MUTEX_INITIALIZER;
-static JobEventSink *event_sink = qmp_event_emit;
+/* The host's (job_set_host): none until a QMP server starts, then events are dropped. */
+static JobEventSink *host_emit;
+static VdDeferFn *host_defer;
+static JobEventSink *event_sink; /* a test's capture (job_set_event_sink), else host_emit */
+
+void job_set_host(JobEventSink *emit, VdDeferFn *defer)
+{
+    host_emit = emit;
+    host_defer = defer;
+}
 
 void job_set_event_sink(JobEventSink *fn)
 {
-    event_sink = fn ? fn : qmp_event_emit;
+    event_sink = fn;
+}
+
+static void emit_event(const char *name, json_t *data)
+{
+    JobEventSink *sink = event_sink ? event_sink : host_emit;
+    if (sink) {
+        sink(name, data);
+    } else {
+        json_decref(data);
+    }
 }
 
 /* job_mutex held. On ENOMEM the event is lost (logged): never fail a state change for it. */
@@ -246,7 +265,7 @@ static void flush_events(void)
             if (!e) {
                 break;
             }
-            event_sink(e->name, e->data);
+            emit_event(e->name, e->data);
             free(e->name);
             free(e);
         }
@@ -592,7 +611,7 @@ static void *job_thread(void *arg)
     job->run_ret = job->drv->run(job, &job->run_err);
     job->done_bh.fn = job_run_done;
     job->done_bh.opaque = job;
-    if (qmp_defer(&job->done_bh) < 0) {
+    if (!host_defer || host_defer(&job->done_bh) < 0) {
         job_run_done(job);
     }
     return NULL;

@@ -6,7 +6,7 @@
  *
  * Threads and locks: one global job mutex guards every job's state and the job list. Verbs are called
  * from the QMP thread; `run` and the pause/sleep/progress helpers from the job's own thread. Once run
- * returns, prepare/commit/abort/clean run on the QMP thread (qmp_defer), so they may change the graph
+ * returns, prepare/commit/abort/clean run on the QMP thread (job_set_host), so they may change the graph
  * and the exports; without a QMP thread (unit tests, shutdown) the job's thread runs them. Driver
  * callbacks (run, prepare, commit, abort, clean) are called WITHOUT the job mutex. Events are queued
  * under the mutex and emitted after it is released, in order.
@@ -18,6 +18,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "util/defer.h"
 #include "util/error.h"
 
 typedef enum JobStatus {
@@ -161,8 +162,15 @@ JobErrorAction job_handle_io_error(Job *job, JobErrorAction policy, bool is_read
 /* ---- references and the event sink ---- */
 void job_ref(Job *job);
 void job_unref(Job *job);
-/* Where events go (default qmp_event_emit); tests capture them. Steals data. */
+/* Where events go; steals data. */
 typedef void JobEventSink(const char *name, json_t *data);
+/*
+ * The jobs' host (vdiskd's QMP server, when it starts) installs where events go and where a job's
+ * completion runs (defer: the thread that may change the graph; -ESRCH: none, the job's thread
+ * runs it). Until then events are dropped and completions run on the job's thread.
+ */
+void job_set_host(JobEventSink *emit, VdDeferFn *defer);
+/* Tests capture events here instead of the host's sink; NULL goes back to the host's. */
 void job_set_event_sink(JobEventSink *fn);
 /*
  * Wait until the job's thread has finished and its completion (finalization, which runs on the QMP

@@ -161,6 +161,8 @@ static json_t *qmp_job_dismiss(json_t *args, VdError **errp)
 
 void qmp_commands_jobs_register(void)
 {
+    /* The QMP server hosts the jobs: their events go to its clients, their ends run on its thread. */
+    job_set_host(qmp_event_emit, qmp_defer);
     static const struct {
         const char *name;
         const QmpArgSpec *args;

@@ -13,6 +13,7 @@
 #include <stdbool.h>
 
 #include "qmp/qmp-args.h"
+#include "util/defer.h"
 #include "util/error.h"
 
 int qmp_server_start(const char *socket_path, VdError **errp);
@@ -38,11 +39,7 @@ void qmp_event_emit(const char *name, json_t *data);
  * between commands, in queue order, with no server lock held; it may emit events and call anything a
  * command handler may.
  */
-typedef struct QmpDeferred {
-    void (*fn)(void *opaque);
-    void *opaque;
-    struct QmpDeferred *next; /* private to the server */
-} QmpDeferred;
+typedef VdDeferred QmpDeferred; /* util/defer.h: fn, opaque, and a link private to the server */
 /*
  * Queue d for the QMP thread and wake it: 0. -ESRCH when no QMP thread runs (not started, or
  * stopping): nothing was queued, the caller runs fn itself (then no other thread changes the graph:
