@@ -21,6 +21,7 @@
 #include <stdint.h>
 
 #include "util/error.h"
+#include "util/optspec.h"
 
 typedef struct BlockNode BlockNode;
 typedef struct BlockDriver BlockDriver;
@@ -164,6 +165,16 @@ struct BlockDriver {
      * (QEMU's "rbd:POOL/IMAGE", which has no "//"). NULL: none.
      */
     const char *filename_prefix;
+    /*
+     * blockdev-add: this driver's members beyond the common ones (node-name, read-only, cache...),
+     * checked by the QMP layer before anything opens. NULL: blockdev-add does not offer it.
+     */
+    const VdOptSpec *blockdev_options;
+    /*
+     * Protocols: the filename vd_open takes for a blockdev-add node, built from its checked
+     * options; a new string, or NULL with *errp set. NULL: the "filename" member as it is.
+     */
+    char *(*blockdev_filename)(const VdOptReader *opts, VdError **errp);
     /* Protocols: reads past the end return zeroes (a host file), so raw may round up its length. */
     bool reads_zero_past_end;
     /*

@@ -1,20 +1,23 @@
 /*
- * graph.h - vdiskd's named block nodes: blockdev-add / blockdev-del and node-name lookup.
- *
- * Nodes are added from QMP-style option objects (blockdev-add's arguments). The graph holds one
+ * graph.h - vdiskd's named block nodes: the registry blockdev-add fills (qmp/qmp-blockdev.c parses
+ * its options and opens the tree), blockdev-del and node-name lookup. The graph holds one
  * reference per named node; exports and jobs take their own. All calls run on the QMP thread
  * (or at startup before it starts, or at shutdown after it stopped), so the registry needs no lock
- * of its own; block jobs' final graph changes run there too (job.h, qmp_defer).
+ * of its own; block jobs' final graph changes run there too (job.h, job_set_host).
  */
 #ifndef VDISK_BLOCK_GRAPH_H
 #define VDISK_BLOCK_GRAPH_H
 
-#include <jansson.h>
-
 #include "block/block.h"
 
-/* blockdev-add: build a node (and its file/backing children) from options; registers node-name. */
-BlockNode *graph_blockdev_add(json_t *options, VdError **errp);
+/*
+ * blockdev-add's checks and registration: may a new format node open file (writable or not)
+ * without sharing a host file with a writer, or writing under a reader? -EBUSY if not. After
+ * the open, graph_add_root checks the whole new tree (backing files from headers too) the same
+ * way and registers bs as a monitor-owned root (taking over the caller's reference on success).
+ */
+int graph_check_sharing(BlockNode *file, bool writable, VdError **errp);
+int graph_add_root(BlockNode *bs, VdError **errp);
 /* blockdev-del: refuses (-EBUSY) while the node is in use by an export, a job or another node. */
 int graph_blockdev_del(const char *node_name, VdError **errp);
 BlockNode *graph_find_node(const char *node_name);

@@ -1670,10 +1670,30 @@ static int qcow2_is_dirty(BlockNode *bs, bool *dirty)
     return 0;
 }
 
+/* BlockdevOptionsQcow2 (encrypt and data-file are refused by the QMP layer). */
+static const VdOptSpec qcow2_blockdev_options[] = {
+    {"file", VD_OPT_REF, true},
+    {"backing", VD_OPT_REF_NULL},
+    {"lazy-refcounts", VD_OPT_BOOL},
+    {"pass-discard-request", VD_OPT_BOOL},
+    {"pass-discard-snapshot", VD_OPT_BOOL},
+    {"pass-discard-other", VD_OPT_BOOL},
+    {"overlap-check", VD_OPT_ANY},
+    {"cache-size", VD_OPT_INT},
+    {"l2-cache-size", VD_OPT_INT},
+    {"l2-cache-entry-size", VD_OPT_INT},
+    {"refcount-cache-size", VD_OPT_INT},
+    {"cache-clean-interval", VD_OPT_INT},
+    {"encrypt", VD_OPT_ANY},
+    {"data-file", VD_OPT_ANY},
+    {"snapshot", VD_OPT_STR}, /* vdisk: serve this internal snapshot (id or name), read-only */
+    {NULL}};
+
 const BlockDriver vd_drv_qcow2 = {
     .name = "qcow2",
     .is_protocol = false,
     .supports_backing = true,
+    .blockdev_options = qcow2_blockdev_options,
     .state_size = sizeof(Qcow2State),
     .probe = qcow2_probe,
     .open = qcow2_open,

@@ -200,11 +200,19 @@ static int raw_create(const char *filename, const VdCreateOptions *opts, VdError
     return vd_protocol_create(filename, opts, errp); /* file or nbd, as the name says */
 }
 
+/* BlockdevOptionsRaw; a non-zero offset or a size is refused by the QMP layer. */
+static const VdOptSpec raw_blockdev_options[] = {
+    {"file", VD_OPT_REF, true},
+    {"offset", VD_OPT_INT},
+    {"size", VD_OPT_INT},
+    {NULL}};
+
 const BlockDriver vd_drv_raw = {
     .name = "raw",
     .is_protocol = false,
     .supports_backing = false,
     .passthrough = true,
+    .blockdev_options = raw_blockdev_options,
     .state_size = sizeof(RawState),
     .probe = raw_probe,
     .open = raw_open,

@@ -972,11 +972,26 @@ static int file_is_dirty(BlockNode *bs, bool *dirty)
     return 0;
 }
 
+static const char *const on_off_auto_enum[] = {"auto", "on", "off", NULL};
+static const char *const aio_enum[] = {"threads", "native", "io_uring", NULL};
+
+/* BlockdevOptionsFile, as blockdev-add takes it (the filename is vd_open's). */
+static const VdOptSpec file_blockdev_options[] = {
+    {"filename", VD_OPT_STR, true},
+    {"pr-manager", VD_OPT_STR},
+    {"locking", VD_OPT_ENUM, false, on_off_auto_enum},
+    {"aio", VD_OPT_ENUM, false, aio_enum},
+    {"aio-max-batch", VD_OPT_INT},
+    {"drop-cache", VD_OPT_BOOL},
+    {"x-check-cache-dropped", VD_OPT_BOOL},
+    {NULL}};
+
 const BlockDriver vd_drv_file = {
     .name = "file",
     .is_protocol = true,
     .supports_backing = false,
     .opens_host_paths = true,
+    .blockdev_options = file_blockdev_options,
     .reads_zero_past_end = true,
     .state_size = sizeof(FileState),
     .probe = file_probe,

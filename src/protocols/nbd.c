@@ -968,11 +968,44 @@ static int nbd_drv_probe(const uint8_t *buf, size_t len, const char *filename)
     return 0; /* a protocol, never a format guess */
 }
 
+/* BlockdevOptionsNbd (tls-creds is refused by the QMP layer). */
+static const VdOptSpec nbd_blockdev_options[] = {
+    {"server", VD_OPT_SOCKADDR, true},
+    {"export", VD_OPT_STR},
+    {"tls-creds", VD_OPT_STR},
+    {"tls-hostname", VD_OPT_STR},
+    {"x-dirty-bitmap", VD_OPT_STR},
+    {"reconnect-delay", VD_OPT_U32},
+    {"open-timeout", VD_OPT_U32},
+    {NULL}};
+
+/* The libnbd URI of a blockdev-add nbd node: percent-encoded, so any export name works. */
+static char *nbd_blockdev_filename(const VdOptReader *o, VdError **errp)
+{
+    const char *type = o->str(o, "server.type");
+    bool is_unix = type && !strcmp(type, "unix");
+    const char *exp = o->str(o, "export");
+    char *uri = vd_nbd_make_uri(is_unix ? NULL : o->str(o, "server.host"),
+                                is_unix ? NULL : o->str(o, "server.port"),
+                                is_unix ? o->str(o, "server.path") : NULL, exp ? exp : "");
+    if (!uri) {
+        if (errno == EINVAL) {
+            vd_error_setg(errp, EINVAL, "NBD server: invalid %s", is_unix ? "socket path"
+                          : "host or port");
+        } else {
+            vd_error_setg(errp, ENOMEM, "Out of memory");
+        }
+    }
+    return uri;
+}
+
 const BlockDriver vd_drv_nbd = {
     .name = "nbd",
     .is_protocol = true,
     .supports_backing = false,
     .uri_schemes = nbd_uri_schemes,
+    .blockdev_options = nbd_blockdev_options,
+    .blockdev_filename = nbd_blockdev_filename,
     .may_block = true,
     .state_size = sizeof(NbdState),
     .probe = nbd_drv_probe,

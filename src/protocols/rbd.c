@@ -740,11 +740,42 @@ static int rbd_drv_probe(const uint8_t *buf, size_t len, const char *filename)
     return 0; /* a protocol, never a format guess */
 }
 
+#define RBD_CONF_HINT " (name the cluster and its keys in a Ceph configuration file: 'conf')"
+
+/* BlockdevOptionsRbd; encrypt is refused by the QMP layer, the keys and monitors here. */
+static const VdOptSpec rbd_blockdev_options[] = {
+    {"pool", VD_OPT_STR, true},
+    {"namespace", VD_OPT_STR},
+    {"image", VD_OPT_STR, true},
+    {"conf", VD_OPT_STR},
+    {"snapshot", VD_OPT_STR},
+    {"user", VD_OPT_STR},
+    {"encrypt", VD_OPT_ANY},
+    {"key-secret", VD_OPT_STR, .unsupported = RBD_CONF_HINT},
+    {"auth-client-required", VD_OPT_ANY, .unsupported = RBD_CONF_HINT},
+    {"server", VD_OPT_ANY, .unsupported = RBD_CONF_HINT},
+    {NULL}};
+
+/* The QEMU-style filename of a blockdev-add rbd node (vd_rbd_make_filename escapes the parts). */
+static char *rbd_blockdev_filename(const VdOptReader *o, VdError **errp)
+{
+    const char *pool = o->str(o, "pool"), *image = o->str(o, "image");
+    char *name = vd_rbd_make_filename(pool ? pool : "", o->str(o, "namespace"),
+                                      image ? image : "", o->str(o, "snapshot"),
+                                      o->str(o, "conf"), o->str(o, "user"));
+    if (!name) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+    }
+    return name;
+}
+
 const BlockDriver vd_drv_rbd = {
     .name = "rbd",
     .is_protocol = true,
     .supports_backing = false,
     .filename_prefix = RBD_PREFIX,
+    .blockdev_options = rbd_blockdev_options,
+    .blockdev_filename = rbd_blockdev_filename,
     .may_block = true, /* every request waits for the cluster */
     .state_size = sizeof(RbdState),
     .probe = rbd_drv_probe,

@@ -25,6 +25,7 @@ static const char *type_name(QmpArgType t)
     case QA_U64:
         return "integer";
     case QA_OBJ:
+    case QA_SOCKADDR:
         return "object";
     case QA_ARRAY:
         return "array";
@@ -65,6 +66,7 @@ static int check_member(json_t *v, const char *prefix, const QmpArgSpec *s, VdEr
         }
         return 0;
     case QA_OBJ:
+    case QA_SOCKADDR: /* the union's variant: checked by whoever reads it (qmp-blockdev.c) */
         ok = json_is_object(v);
         break;
     case QA_ARRAY:

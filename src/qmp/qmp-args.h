@@ -14,43 +14,27 @@
 #include <jansson.h>
 
 #include "util/error.h"
+#include "util/optspec.h"
 
-typedef enum {
-    QA_STR,      /* JSON string */
-    QA_BOOL,     /* true / false */
-    QA_INT,      /* any JSON integer (int64) */
-    QA_U32,      /* integer 0..UINT32_MAX */
-    QA_U64,      /* integer >= 0 */
-    QA_OBJ,      /* object, checked by the caller (or nested spec below) */
-    QA_ARRAY,    /* array, contents checked by the caller */
-    QA_ENUM,     /* string from enum_values */
-    QA_REF,      /* BlockdevRef: object or node-name string */
-    QA_REF_NULL, /* BlockdevRefOrNull: object, node-name string or null */
-    QA_ANY       /* anything: accepted and ignored by vdiskd */
-} QmpArgType;
-
-typedef struct QmpArgSpec {
-    const char *name;
-    QmpArgType type;
-    bool required;
-    const char *const *enum_values; /* QA_ENUM: NULL-terminated */
-    const struct QmpArgSpec *nested; /* QA_OBJ: member list of the nested object, or NULL */
-    /*
-     * Where qmp_args_parse stores the value in the caller's struct: QMP_AT(Type, field); 0 = not
-     * stored. The field's C type follows the member's: QA_STR const char * (borrowed from the
-     * arguments: valid while they are), QA_BOOL bool, QA_INT int64_t, QA_U32 uint32_t, QA_U64
-     * uint64_t, QA_ENUM int (the index in enum_values), anything else json_t * (borrowed).
-     * A member that is absent leaves its field as the caller initialised it: that is the default.
-     */
-    size_t at;
-    size_t has_at; /* optional QMP_AT of a bool set to true when the member is present */
-} QmpArgSpec;
+/* QMP's names for the shared option spec (util/optspec.h). */
+typedef VdOptType QmpArgType;
+typedef VdOptSpec QmpArgSpec;
+#define QA_STR VD_OPT_STR
+#define QA_BOOL VD_OPT_BOOL
+#define QA_INT VD_OPT_INT
+#define QA_U32 VD_OPT_U32
+#define QA_U64 VD_OPT_U64
+#define QA_OBJ VD_OPT_OBJ
+#define QA_ARRAY VD_OPT_ARRAY
+#define QA_ENUM VD_OPT_ENUM
+#define QA_REF VD_OPT_REF
+#define QA_REF_NULL VD_OPT_REF_NULL
+#define QA_ANY VD_OPT_ANY
+#define QA_SOCKADDR VD_OPT_SOCKADDR
+#define QMP_AT VD_OPT_AT
 
 /* The table of a command without arguments. */
 extern const QmpArgSpec qmp_no_args[];
-
-/* A field of the request struct a spec member fills (offset + 1, so that 0 means "none"). */
-#define QMP_AT(type, field) (offsetof(type, field) + 1)
 
 /*
  * Check obj's members against the specs (each a list ended by {NULL}), visiting members in spec

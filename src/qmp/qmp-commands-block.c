@@ -15,7 +15,7 @@
 
 static json_t *cmd_blockdev_add(json_t *args, VdError **errp)
 {
-    BlockNode *bs = graph_blockdev_add(args, errp);
+    BlockNode *bs = qmp_blockdev_add(args, errp);
     if (!bs) {
         qmp_error_not_device(errp);
         return NULL;

@@ -26,6 +26,14 @@ void qmp_server_set_max_clients(unsigned n);
 /* Stop serving, close client sockets, remove the socket file. */
 void qmp_server_stop(void);
 
+typedef struct BlockNode BlockNode;
+/*
+ * blockdev-add (the command, and vdiskd's --blockdev): check options as QEMU's BlockdevOptions,
+ * open the node with its file/backing children and register it under its node-name. Returns the
+ * node (the graph holds the reference), or NULL with *errp set and nothing opened or registered.
+ */
+BlockNode *qmp_blockdev_add(json_t *options, VdError **errp);
+
 /*
  * Broadcast an event to every negotiated client: {"event": name, "data": data, "timestamp": ...}.
  * Steals the reference to data (may be NULL). Safe from any thread.

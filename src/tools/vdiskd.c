@@ -260,7 +260,7 @@ static int do_blockdev(const char *arg, VdError **errp)
                       opts ? "not an object" : jerr.text);
         return -EINVAL;
     }
-    BlockNode *bs = graph_blockdev_add(opts, errp);
+    BlockNode *bs = qmp_blockdev_add(opts, errp);
     json_decref(opts);
     if (!bs) {
         vd_error_prepend(errp, "--blockdev: ");

@@ -1,0 +1,400 @@
+/*
+ * qmp-blockdev.c - blockdev-add: QMP BlockdevOptions checked (types, unknown keys, unsupported
+ * members, node-names) against the common members and the driver's own table (BlockDriver.
+ * blockdev_options) before anything is opened, so a rejected blockdev-add leaves nothing behind;
+ * then the tree is opened and registered in the graph (block/graph.h). QMP thread (or startup).
+ */
+#include <ctype.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "block/graph.h"
+#include "qmp/qmp-args.h"
+#include "qmp/qmp.h"
+
+#define NODE_NAME_MAX 31 /* QEMU: node names are shorter than 32 bytes */
+#define PREFIX_MAX 512
+
+/* ---- BlockdevOptions: the common members (each driver declares its own: blockdev_options) ---- */
+
+static const char *const discard_enum[] = {"ignore", "unmap", "off", "on", NULL};
+static const char *const detect_zeroes_enum[] = {"off", "on", "unmap", NULL};
+static const char *const sock_type_enum[] = {"inet", "unix", "vsock", "fd", NULL};
+
+static const QmpArgSpec cache_spec[] = {
+    {"direct", QA_BOOL},
+    {"no-flush", QA_BOOL},
+    {NULL}};
+
+/* BlockdevOptions' base members (driver is checked on its own first). */
+static const QmpArgSpec base_spec[] = {
+    {"driver", QA_STR, true},
+    {"node-name", QA_STR},
+    {"discard", QA_ENUM, false, discard_enum},
+    {"cache", QA_OBJ, false, NULL, cache_spec},
+    {"read-only", QA_BOOL},
+    {"auto-read-only", QA_BOOL},
+    {"force-share", QA_BOOL},
+    {"detect-zeroes", QA_ENUM, false, detect_zeroes_enum},
+    {NULL}};
+
+/* SocketAddress (flat), as blockdev-add's nbd "server" takes it. */
+static const QmpArgSpec sock_base_spec[] = {{"type", QA_ENUM, true, sock_type_enum}, {NULL}};
+static const QmpArgSpec sock_inet_spec[] = {
+    {"host", QA_STR, true},
+    {"port", QA_STR, true},
+    {"numeric", QA_BOOL},
+    {"to", QA_INT},
+    {"ipv4", QA_BOOL},
+    {"ipv6", QA_BOOL},
+    {"keep-alive", QA_BOOL},
+    {NULL}};
+static const QmpArgSpec sock_unix_spec[] = {
+    {"path", QA_STR, true},
+    {"abstract", QA_BOOL},
+    {"tight", QA_BOOL},
+    {NULL}};
+
+/* Drivers QEMU knows but vdiskd does not implement: a clearer error than "does not accept". */
+static const char *const qemu_only_drivers[] = {
+    "blkdebug", "blklogwrites", "blkreplay", "blkverify", "bochs", "cloop", "compress",
+    "copy-before-write", "copy-on-read", "dmg", "ftp", "ftps", "gluster", "host_cdrom",
+    "host_device", "http", "https", "iscsi", "luks", "nfs", "null-aio", "null-co", "nvme",
+    "parallels", "preallocate", "qcow", "qed", "quorum", "replication", "snapshot-access",
+    "ssh", "throttle", "vdi", "vhdx", "vmdk", "vpc", "vvfat", "io_uring", "virtio-blk-vfio-pci",
+    NULL};
+
+/* QEMU's id_wellformed(): a letter, then letters, digits, '-', '.', '_'. */
+static bool node_name_wellformed(const char *s)
+{
+    if (!isalpha((unsigned char)s[0])) {
+        return false;
+    }
+    for (const char *p = s + 1; *p; p++) {
+        if (!isalnum((unsigned char)*p) && !strchr("-._", *p)) {
+            return false;
+        }
+    }
+    return true;
+}
+
+/* A SocketAddress member (nbd's "server"): the union's tag first, then its variant's members. */
+static int check_sockaddr(json_t *server, const char *sub, VdError **errp)
+{
+    /* Unknown members can only be judged once the variant is known. */
+    json_t *t = json_object_get(server, "type");
+    json_t *tonly = json_pack("{s:O}", "type", t ? t : json_null());
+    int r;
+    if (!t) {
+        vd_error_setg(errp, EINVAL, "Parameter '%stype' is missing", sub);
+        r = -EINVAL;
+    } else {
+        r = qmp_args_check1(tonly, sub, sock_base_spec, errp);
+    }
+    json_decref(tonly);
+    if (r < 0) {
+        return r;
+    }
+    const char *type = qmp_arg_str(server, "type", "");
+    const QmpArgSpec *vs = !strcmp(type, "inet") ? sock_inet_spec
+                         : !strcmp(type, "unix") ? sock_unix_spec : NULL;
+    if (!vs) {
+        vd_error_setg(errp, ENOTSUP, "NBD server address type '%s' is not supported by "
+                      "vdiskd (use inet or unix)", type);
+        return -ENOTSUP;
+    }
+    const QmpArgSpec *const ss[] = {sock_base_spec, vs};
+    return qmp_args_check(server, sub, ss, 2, errp);
+}
+
+/* Pass 1: types, enums, unknown keys, recursively, with dotted names as QEMU reports them. */
+static int check_options(json_t *o, const char *prefix, VdError **errp)
+{
+    json_t *drv = json_object_get(o, "driver");
+    if (!drv) {
+        vd_error_setg(errp, EINVAL, "Parameter '%sdriver' is missing", prefix);
+        return -EINVAL;
+    }
+    if (!json_is_string(drv)) {
+        vd_error_setg(errp, EINVAL, "Invalid parameter type for '%sdriver', expected: string",
+                      prefix);
+        return -EINVAL;
+    }
+    const char *dname = json_string_value(drv);
+    const BlockDriver *d = vd_find_driver(dname);
+    if (!d || !d->blockdev_options) {
+        for (const char *const *q = qemu_only_drivers; *q; q++) {
+            if (!strcmp(*q, dname)) {
+                vd_error_setg(errp, ENOTSUP, "Block driver '%s' is not supported by vdiskd "
+                              "(supported: file, raw, qcow2, nbd, rbd)", dname);
+                return -ENOTSUP;
+            }
+        }
+        vd_error_setg(errp, EINVAL, "Parameter '%sdriver' does not accept value '%s'", prefix,
+                      dname);
+        return -EINVAL;
+    }
+    const QmpArgSpec *const specs[] = {base_spec, d->blockdev_options};
+    int r = qmp_args_check(o, prefix, specs, 2, errp);
+    if (r < 0) {
+        return r;
+    }
+    char sub[PREFIX_MAX];
+    const char *children[] = {"file", "backing"};
+    for (int i = 0; i < 2; i++) {
+        json_t *c = json_object_get(o, children[i]);
+        if (json_is_object(c)) {
+            snprintf(sub, sizeof(sub), "%s%s.", prefix, children[i]);
+            if ((r = check_options(c, sub, errp)) < 0) {
+                return r;
+            }
+        }
+    }
+    for (const QmpArgSpec *s = d->blockdev_options; s->name; s++) {
+        json_t *v = json_object_get(o, s->name);
+        if (s->type == QA_SOCKADDR && v) {
+            snprintf(sub, sizeof(sub), "%s%s.", prefix, s->name);
+            if ((r = check_sockaddr(v, sub, errp)) < 0) {
+                return r;
+            }
+        }
+    }
+    /* Options vdiskd accepts in the schema but cannot honour: refuse rather than ignore. */
+    if (json_object_get(o, "encrypt") || json_object_get(o, "data-file")) {
+        vd_error_setg(errp, ENOTSUP, "'%s%s' is not supported by vdiskd", prefix,
+                      json_object_get(o, "encrypt") ? "encrypt" : "data-file");
+        return -ENOTSUP;
+    }
+    json_t *off = json_object_get(o, "offset"), *size = json_object_get(o, "size");
+    if ((off && json_integer_value(off) != 0) || size) {
+        vd_error_setg(errp, ENOTSUP, "'%s%s' of the raw driver is not supported by vdiskd",
+                      prefix, size ? "size" : "offset");
+        return -ENOTSUP;
+    }
+    const char *dz = qmp_arg_str(o, "detect-zeroes", "off");
+    if (strcmp(dz, "off") != 0) {
+        vd_error_setg(errp, ENOTSUP, "'%sdetect-zeroes': '%s' is not supported by vdiskd", prefix,
+                      dz);
+        return -ENOTSUP;
+    }
+    for (const QmpArgSpec *s = d->blockdev_options; s->name; s++) {
+        if (s->unsupported && json_object_get(o, s->name)) {
+            vd_error_setg(errp, ENOTSUP, "'%s%s' is not supported by vdiskd%s", prefix, s->name,
+                          s->unsupported);
+            return -ENOTSUP;
+        }
+    }
+    if (json_object_get(o, "tls-creds")) {
+        vd_error_setg(errp, ENOTSUP, "'%stls-creds': TLS is not supported by vdiskd", prefix);
+        return -ENOTSUP;
+    }
+    return 0;
+}
+
+/* Pass 2: node-names valid and unique, within the new tree and against existing nodes. */
+static int check_names(json_t *o, const char **seen, int *nseen, int max, VdError **errp)
+{
+    const char *name = qmp_arg_str(o, "node-name", NULL);
+    if (name) {
+        if (!node_name_wellformed(name)) {
+            vd_error_setg(errp, EINVAL, "Invalid node-name: '%s'", name);
+            return -EINVAL;
+        }
+        if (strlen(name) > NODE_NAME_MAX) {
+            vd_error_setg(errp, EINVAL, "Node name too long");
+            return -EINVAL;
+        }
+        bool dup = graph_find_node(name) != NULL;
+        for (int i = 0; i < *nseen && !dup; i++) {
+            dup = !strcmp(seen[i], name);
+        }
+        if (dup) {
+            vd_error_setg(errp, EEXIST, "Duplicate nodes with node-name='%s'", name);
+            return -EEXIST;
+        }
+        if (*nseen < max) {
+            seen[(*nseen)++] = name;
+        }
+    }
+    const char *children[] = {"file", "backing"};
+    for (int i = 0; i < 2; i++) {
+        json_t *c = json_object_get(o, children[i]);
+        int r;
+        if (json_is_object(c) && (r = check_names(c, seen, nseen, max, errp)) < 0) {
+            return r;
+        }
+    }
+    return 0;
+}
+
+/* Inherited by children that do not set them, as QEMU's child options inherit. */
+typedef struct Inherit {
+    bool read_only;
+    bool direct;
+    bool force_share;
+} Inherit;
+
+static BlockNode *open_tree(json_t *o, const Inherit *parent, bool is_backing, VdError **errp);
+
+/* A child given as a node-name reference or an inline object; returns a new reference. */
+static BlockNode *child_node(json_t *ref, const Inherit *inh, bool is_backing, VdError **errp)
+{
+    if (json_is_string(ref)) {
+        const char *name = json_string_value(ref);
+        BlockNode *bs = graph_find_node(name);
+        if (!bs) {
+            vd_error_setg(errp, ENXIO, "Cannot find device='%s' nor node-name='%s'", name, name);
+            return NULL;
+        }
+        vd_node_ref(bs);
+        return bs;
+    }
+    return open_tree(ref, inh, is_backing, errp);
+}
+
+/* The driver's view of its checked options (VdOptReader): string members by dotted path. */
+typedef struct JsonReader {
+    VdOptReader r;
+    json_t *obj;
+} JsonReader;
+
+static const char *json_reader_str(const VdOptReader *r, const char *path)
+{
+    json_t *v = ((const JsonReader *)r)->obj;
+    char key[PREFIX_MAX];
+    while (v && *path) {
+        const char *dot = strchr(path, '.');
+        size_t n = dot ? (size_t)(dot - path) : strlen(path);
+        if (n >= sizeof(key)) {
+            return NULL;
+        }
+        memcpy(key, path, n);
+        key[n] = '\0';
+        v = json_object_get(v, key);
+        path += dot ? n + 1 : n;
+    }
+    return json_is_string(v) ? json_string_value(v) : NULL;
+}
+
+/* Open a protocol node by the filename built for it (freed here; NULL: *errp is set already). */
+static BlockNode *open_by_name(VdOpenOptions *opts, const char *drv, char *filename,
+                               VdError **errp)
+{
+    if (!filename) {
+        return NULL;
+    }
+    opts->filename = filename;
+    opts->format = drv;
+    BlockNode *bs = vd_open(opts, errp);
+    free(filename);
+    return bs;
+}
+
+/* Pass 3: open. Returns a node with one reference (the caller's), or NULL. */
+static BlockNode *open_tree(json_t *o, const Inherit *parent, bool is_backing, VdError **errp)
+{
+    const char *drv = qmp_arg_str(o, "driver", "");
+    json_t *cache = json_object_get(o, "cache");
+    Inherit inh = {
+        .read_only = is_backing || qmp_arg_bool(o, "read-only", parent->read_only),
+        .direct = qmp_arg_bool(cache, "direct", parent->direct),
+        .force_share = qmp_arg_bool(o, "force-share", parent->force_share),
+    };
+    if (inh.force_share && !inh.read_only) {
+        vd_error_setg(errp, EINVAL, "force-share=on can only be used with read-only images");
+        return NULL;
+    }
+    int flags = (inh.read_only ? 0 : VD_OPEN_RDWR) | (inh.direct ? VD_OPEN_DIRECT : 0) |
+                (inh.force_share ? VD_OPEN_FORCE_SHARE : 0);
+    VdOpenOptions opts = {.node_name = qmp_arg_str(o, "node-name", NULL), .flags = flags};
+
+    const BlockDriver *d = vd_find_driver(drv); /* check_options found it */
+    if (d->is_protocol) {
+        if (!d->blockdev_filename) {
+            opts.filename = qmp_arg_str(o, "filename", "");
+            opts.format = drv;
+            return vd_open(&opts, errp);
+        }
+        JsonReader reader = {{json_reader_str}, o};
+        return open_by_name(&opts, drv, d->blockdev_filename(&reader.r, errp), errp);
+    }
+
+    /* Formats (raw, qcow2): a file child, maybe a backing one. */
+    BlockNode *file = child_node(json_object_get(o, "file"), &inh, false, errp);
+    if (!file) {
+        return NULL;
+    }
+    if (!inh.read_only && file->read_only) {
+        vd_error_setg(errp, EACCES, "Block node '%s' is read-only: cannot open '%s' read-write "
+                      "on it", file->node_name, opts.node_name ? opts.node_name : drv);
+        vd_node_unref(file);
+        return NULL;
+    }
+    BlockNode *backing = NULL;
+    json_t *bref = json_object_get(o, "backing");
+    if (json_is_null(bref)) {
+        opts.flags |= VD_OPEN_NO_BACKING;
+    } else if (bref) {
+        backing = child_node(bref, &inh, true, errp);
+        if (!backing) {
+            vd_error_prepend(errp, "Could not open backing file: ");
+            vd_node_unref(file);
+            return NULL;
+        }
+    }
+    /* Before opening: a read-write qcow2 open may already write (dirty flag, repairs). */
+    if (!(inh.force_share) && graph_check_sharing(file, !inh.read_only, errp) < 0) {
+        vd_node_unref(file);
+        vd_node_unref(backing);
+        return NULL;
+    }
+    opts.format = drv;
+    opts.file = file;
+    opts.backing = backing;
+    opts.snapshot = qmp_arg_str(o, "snapshot", NULL);
+    if (opts.snapshot && !inh.read_only) {
+        vd_error_setg(errp, EINVAL, "'snapshot' (an internal snapshot) can only be opened with "
+                      "read-only=true");
+        vd_node_unref(file);
+        vd_node_unref(backing);
+        return NULL;
+    }
+    BlockNode *bs = vd_open(&opts, errp);
+    /* vd_open took its own references on file and backing. */
+    vd_node_unref(file);
+    vd_node_unref(backing);
+    return bs;
+}
+
+BlockNode *qmp_blockdev_add(json_t *options, VdError **errp)
+{
+    if (!json_is_object(options)) {
+        vd_error_setg(errp, EINVAL, "Invalid parameter type, expected: object");
+        return NULL;
+    }
+    int r = check_options(options, "", errp);
+    if (r < 0) {
+        return NULL;
+    }
+    if (!json_object_get(options, "node-name")) {
+        vd_error_setg(errp, EINVAL, "'node-name' must be specified for the root node");
+        return NULL;
+    }
+    const char *seen[64];
+    int nseen = 0;
+    if (check_names(options, seen, &nseen, 64, errp) < 0) {
+        return NULL;
+    }
+    Inherit top = {0};
+    BlockNode *bs = open_tree(options, &top, false, errp);
+    if (!bs) {
+        return NULL;
+    }
+    if (graph_add_root(bs, errp) < 0) {
+        vd_node_unref(bs);
+        return NULL;
+    }
+    return bs; /* the registry owns the reference vd_open returned */
+}
