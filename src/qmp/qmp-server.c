@@ -25,6 +25,7 @@
 
 #include "qmp/qmp-args.h"
 #include "qmp/qmp-internal.h"
+#include "util/lock.h"
 #include "util/log.h"
 #include "util/sockperm.h"
 
@@ -53,12 +54,12 @@ void qmp_register_command(const char *name, const QmpArgSpec *args, QmpCommandFn
     if (!name || !fn) {
         return;
     }
-    pthread_mutex_lock(&reg_lock);
+    vd_mutex_lock(&reg_lock);
     for (size_t i = 0; i < ncmds; i++) {
         if (!strcmp(cmds[i].name, name)) {
             cmds[i].fn = fn; /* re-registering replaces: the last one wins */
             cmds[i].args = args;
-            pthread_mutex_unlock(&reg_lock);
+            vd_mutex_unlock(&reg_lock);
             return;
         }
     }
@@ -66,7 +67,7 @@ void qmp_register_command(const char *name, const QmpArgSpec *args, QmpCommandFn
         size_t nc = cmds_cap ? cmds_cap * 2 : 32;
         QmpCmd *n = realloc(cmds, nc * sizeof(*n));
         if (!n) {
-            pthread_mutex_unlock(&reg_lock);
+            vd_mutex_unlock(&reg_lock);
             vd_log(VD_LOG_ERROR, "out of memory registering QMP command '%s'", name);
             return;
         }
@@ -80,14 +81,14 @@ void qmp_register_command(const char *name, const QmpArgSpec *args, QmpCommandFn
         cmds[ncmds].args = args;
         ncmds++;
     }
-    pthread_mutex_unlock(&reg_lock);
+    vd_mutex_unlock(&reg_lock);
 }
 
 /* The handler of name (NULL if none) and its argument table (*args; NULL: checks its own). */
 static QmpCommandFn find_command(const char *name, const QmpArgSpec **args)
 {
     QmpCommandFn fn = NULL;
-    pthread_mutex_lock(&reg_lock);
+    vd_mutex_lock(&reg_lock);
     for (size_t i = 0; i < ncmds; i++) {
         if (!strcmp(cmds[i].name, name)) {
             fn = cmds[i].fn;
@@ -95,7 +96,7 @@ static QmpCommandFn find_command(const char *name, const QmpArgSpec **args)
             break;
         }
     }
-    pthread_mutex_unlock(&reg_lock);
+    vd_mutex_unlock(&reg_lock);
     return fn;
 }
 
@@ -105,7 +106,7 @@ json_t *qmp_command_list(void)
     if (!list) {
         return NULL;
     }
-    pthread_mutex_lock(&reg_lock);
+    vd_mutex_lock(&reg_lock);
     for (size_t i = 0; i < ncmds; i++) {
         if (json_array_append_new(list, json_pack("{s:s}", "name", cmds[i].name)) < 0) {
             json_decref(list);
@@ -113,22 +114,22 @@ json_t *qmp_command_list(void)
             break;
         }
     }
-    pthread_mutex_unlock(&reg_lock);
+    vd_mutex_unlock(&reg_lock);
     return list;
 }
 
 void qmp_set_quit_handler(void (*fn)(void))
 {
-    pthread_mutex_lock(&reg_lock);
+    vd_mutex_lock(&reg_lock);
     quit_fn = fn;
-    pthread_mutex_unlock(&reg_lock);
+    vd_mutex_unlock(&reg_lock);
 }
 
 void (*qmp_quit_handler(void))(void)
 {
-    pthread_mutex_lock(&reg_lock);
+    vd_mutex_lock(&reg_lock);
     void (*fn)(void) = quit_fn;
-    pthread_mutex_unlock(&reg_lock);
+    vd_mutex_unlock(&reg_lock);
     return fn;
 }
 
@@ -184,9 +185,9 @@ static QmpDeferred *bh_head, *bh_tail; /* ev_lock; only while ev_accepting */
 
 int qmp_defer(QmpDeferred *d)
 {
-    pthread_mutex_lock(&ev_lock);
+    vd_mutex_lock(&ev_lock);
     if (!ev_accepting) {
-        pthread_mutex_unlock(&ev_lock);
+        vd_mutex_unlock(&ev_lock);
         return -ESRCH;
     }
     d->next = NULL;
@@ -199,15 +200,15 @@ int qmp_defer(QmpDeferred *d)
     /* Under the lock so the pipe cannot be closed under us by qmp_server_stop. */
     ssize_t w = write(srv.wake[1], "b", 1);
     (void)w; /* a full pipe already means "wake up" */
-    pthread_mutex_unlock(&ev_lock);
+    vd_mutex_unlock(&ev_lock);
     return 0;
 }
 
 bool qmp_on_thread(void)
 {
-    pthread_mutex_lock(&ev_lock);
+    vd_mutex_lock(&ev_lock);
     bool on = ev_accepting && pthread_equal(pthread_self(), srv.thread);
-    pthread_mutex_unlock(&ev_lock);
+    vd_mutex_unlock(&ev_lock);
     return on;
 }
 
@@ -215,7 +216,7 @@ bool qmp_on_thread(void)
 static void run_deferred(void)
 {
     for (;;) {
-        pthread_mutex_lock(&ev_lock);
+        vd_mutex_lock(&ev_lock);
         QmpDeferred *d = bh_head;
         if (d) {
             bh_head = d->next;
@@ -223,7 +224,7 @@ static void run_deferred(void)
                 bh_tail = NULL;
             }
         }
-        pthread_mutex_unlock(&ev_lock);
+        vd_mutex_unlock(&ev_lock);
         if (!d) {
             return;
         }
@@ -346,10 +347,10 @@ static void deliver_event_text(const char *text)
 
 static void drain_event_queue(void)
 {
-    pthread_mutex_lock(&ev_lock);
+    vd_mutex_lock(&ev_lock);
     QmpEv *list = ev_head;
     ev_head = ev_tail = NULL;
-    pthread_mutex_unlock(&ev_lock);
+    vd_mutex_unlock(&ev_lock);
     while (list) {
         QmpEv *next = list->next;
         deliver_event_text(list->text);
@@ -376,24 +377,24 @@ void qmp_event_emit(const char *name, json_t *data)
         return;
     }
 
-    pthread_mutex_lock(&ev_lock);
+    vd_mutex_lock(&ev_lock);
     bool on_thread = ev_accepting && pthread_equal(pthread_self(), srv.thread);
     if (on_thread) {
         /* From a command handler: keep order with earlier queued events, then send now. */
-        pthread_mutex_unlock(&ev_lock);
+        vd_mutex_unlock(&ev_lock);
         drain_event_queue();
         deliver_event_text(text);
         free(text);
         return;
     }
     if (!ev_accepting) {
-        pthread_mutex_unlock(&ev_lock);
+        vd_mutex_unlock(&ev_lock);
         free(text);
         return;
     }
     QmpEv *e = calloc(1, sizeof(*e));
     if (!e) {
-        pthread_mutex_unlock(&ev_lock);
+        vd_mutex_unlock(&ev_lock);
         free(text);
         return;
     }
@@ -407,7 +408,7 @@ void qmp_event_emit(const char *name, json_t *data)
     /* Written under the lock so the pipe cannot be closed under us by qmp_server_stop. */
     ssize_t w = write(srv.wake[1], "e", 1);
     (void)w; /* a full pipe already means "wake up" */
-    pthread_mutex_unlock(&ev_lock);
+    vd_mutex_unlock(&ev_lock);
 }
 
 /* ---- dispatch ---- */
@@ -729,9 +730,9 @@ static void *server_thread(void *arg)
     struct pollfd *pfds = NULL;
     size_t pfds_cap = 0;
     for (;;) {
-        pthread_mutex_lock(&ev_lock);
+        vd_mutex_lock(&ev_lock);
         bool stop = srv.stop;
-        pthread_mutex_unlock(&ev_lock);
+        vd_mutex_unlock(&ev_lock);
         if (stop) {
             break;
         }
@@ -883,13 +884,13 @@ int qmp_server_start(const char *socket_path, VdError **errp)
     srv.path = strdup(socket_path);
     srv.listen_fd = fd;
     srv.stop = false;
-    pthread_mutex_lock(&ev_lock);
+    vd_mutex_lock(&ev_lock);
     ev_accepting = true;
     /* Hold ev_lock across creation so srv.thread is set before emitters compare with it. */
     r = pthread_create(&srv.thread, NULL, server_thread, NULL);
     if (r != 0) {
         ev_accepting = false;
-        pthread_mutex_unlock(&ev_lock);
+        vd_mutex_unlock(&ev_lock);
         vd_error_setg_errno(errp, r, "Failed to start the QMP thread");
         close(fd);
         close(srv.wake[0]);
@@ -900,7 +901,7 @@ int qmp_server_start(const char *socket_path, VdError **errp)
         srv.path = NULL;
         return -r;
     }
-    pthread_mutex_unlock(&ev_lock);
+    vd_mutex_unlock(&ev_lock);
     srv.running = true;
     return 0;
 }
@@ -910,18 +911,18 @@ void qmp_server_stop(void)
     if (!srv.running) {
         return;
     }
-    pthread_mutex_lock(&ev_lock);
+    vd_mutex_lock(&ev_lock);
     srv.stop = true;
     ssize_t w = write(srv.wake[1], "s", 1);
     (void)w;
-    pthread_mutex_unlock(&ev_lock);
+    vd_mutex_unlock(&ev_lock);
     pthread_join(srv.thread, NULL);
 
-    pthread_mutex_lock(&ev_lock);
+    vd_mutex_lock(&ev_lock);
     ev_accepting = false;
     close(srv.wake[1]);
     srv.wake[1] = -1;
-    pthread_mutex_unlock(&ev_lock);
+    vd_mutex_unlock(&ev_lock);
     drain_event_queue(); /* sends what was queued before the stop */
     /*
      * Queued before ev_accepting went false: run them here (no QMP thread any more, and later
