@@ -28,6 +28,7 @@
 #include <jansson.h>
 
 #include "formats/qcow2.h"
+#include "util/lock.h"
 
 #define Q2_SNAP_MAX_EXTRA 1024 /* QEMU's QCOW_MAX_SNAPSHOT_EXTRA_DATA */
 #define Q2_SNAP_EXTRA_SIZE 24  /* vm_state_size_large, disk_size, icount (what QEMU 7.2 writes) */
@@ -462,14 +463,14 @@ static int begin_modify(Qcow2State *s, VdError **errp)
         vd_error_setg(errp, EIO, "qcow2: image is corrupt; run 'check -r all'");
         return -EIO;
     }
-    pthread_mutex_lock(&s->lock);
+    vd_mutex_lock(&s->lock);
     q2_lockless_wait_idle(s);
     int ret = q2_first_write(s);
     if (ret == 0) {
         ret = q2_flush_all(s);
     }
     if (ret < 0) {
-        pthread_mutex_unlock(&s->lock);
+        vd_mutex_unlock(&s->lock);
         vd_error_setg_errno(errp, -ret, "qcow2: could not flush the image");
     }
     return ret;
@@ -498,7 +499,7 @@ static int drop_refs(Qcow2State *s, const uint64_t *l1, uint32_t n, uint64_t l1_
 /* Common exit of the modifying operations: unlock, and give a failure its message. */
 static int end_modify(Qcow2State *s, int ret, VdError **errp, const char *what)
 {
-    pthread_mutex_unlock(&s->lock);
+    vd_mutex_unlock(&s->lock);
     if (ret < 0 && errp && !*errp) {
         vd_error_setg_errno(errp, -ret, "%s", what);
     }
@@ -807,9 +808,9 @@ json_t *q2_get_snapshots(BlockNode *bs)
 {
     Qcow2State *s = q2_state(bs);
     Q2SnapTable t;
-    pthread_mutex_lock(&s->lock);
+    vd_mutex_lock(&s->lock);
     int ret = table_read(s, &t);
-    pthread_mutex_unlock(&s->lock);
+    vd_mutex_unlock(&s->lock);
     if (ret < 0 || !t.n) {
         return NULL;
     }

@@ -58,6 +58,7 @@
 
 #include "formats/qcow2-check.h"
 #include "formats/qcow2.h"
+#include "util/lock.h"
 
 static const struct {
     uint8_t type, bit;
@@ -701,7 +702,7 @@ static int clear_dirty(Qcow2State *s);
 static void qcow2_close(BlockNode *bs)
 {
     Qcow2State *s = q2_state(bs);
-    pthread_mutex_lock(&s->lock);
+    vd_mutex_lock(&s->lock);
     q2_lockless_wait_idle(s); /* none by contract (no request runs across close) */
     if (!s->read_only && !s->damaged) {
         /* a failed flush keeps the dirty bit: the next open repairs what did not reach disk */
@@ -710,7 +711,7 @@ static void qcow2_close(BlockNode *bs)
         }
     }
     q2_free_state(s);
-    pthread_mutex_unlock(&s->lock);
+    vd_mutex_unlock(&s->lock);
     pthread_cond_destroy(&s->lockless_idle);
     pthread_mutex_destroy(&s->lock);
 }
@@ -804,9 +805,9 @@ static int qcow2_pread(BlockNode *bs, uint64_t offset, uint64_t bytes, void *buf
     if (s->damaged) {
         return -EIO;
     }
-    pthread_mutex_lock(&s->lock);
+    vd_mutex_lock(&s->lock);
     int ret = q2_read_unlocked_data(s, offset, bytes, buf);
-    pthread_mutex_unlock(&s->lock);
+    vd_mutex_unlock(&s->lock);
     return ret;
 }
 
@@ -819,7 +820,7 @@ static int qcow2_pwrite(BlockNode *bs, uint64_t offset, uint64_t bytes, const vo
     if (s->damaged) {
         return -EIO;
     }
-    pthread_mutex_lock(&s->lock);
+    vd_mutex_lock(&s->lock);
     int ret = q2_first_write(s);
     if (ret == 0 && s->nb_pending_frees >= Q2_MAX_PENDING_FREES) {
         /* frees deferred while lockless I/O was in flight: apply them now that it is safe */
@@ -833,7 +834,7 @@ static int qcow2_pwrite(BlockNode *bs, uint64_t offset, uint64_t bytes, const vo
         q2_lockless_wait_idle(s); /* q2_flush_all applies deferred frees */
         ret = q2_flush_all(s);
     }
-    pthread_mutex_unlock(&s->lock);
+    vd_mutex_unlock(&s->lock);
     return ret;
 }
 
@@ -846,7 +847,7 @@ static int qcow2_pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, i
     if (s->damaged) {
         return -EIO;
     }
-    pthread_mutex_lock(&s->lock);
+    vd_mutex_lock(&s->lock);
     q2_lockless_wait_idle(s); /* may unmap / free clusters */
     int ret = q2_first_write(s);
     if (ret == 0) {
@@ -855,7 +856,7 @@ static int qcow2_pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, i
     if (ret == 0 && (flags & VD_REQ_FUA)) {
         ret = q2_flush_all(s);
     }
-    pthread_mutex_unlock(&s->lock);
+    vd_mutex_unlock(&s->lock);
     return ret;
 }
 
@@ -868,13 +869,13 @@ static int qcow2_pdiscard(BlockNode *bs, uint64_t offset, uint64_t bytes, int fl
     if (s->damaged) {
         return -EIO;
     }
-    pthread_mutex_lock(&s->lock);
+    vd_mutex_lock(&s->lock);
     q2_lockless_wait_idle(s); /* frees clusters */
     int ret = q2_first_write(s);
     if (ret == 0) {
         ret = q2_discard(s, offset, bytes, flags);
     }
-    pthread_mutex_unlock(&s->lock);
+    vd_mutex_unlock(&s->lock);
     return ret;
 }
 
@@ -911,13 +912,13 @@ static int qcow2_pwrite_compressed(BlockNode *bs, uint64_t offset, uint64_t byte
             ret = clen;
             break;
         }
-        pthread_mutex_lock(&s->lock);
+        vd_mutex_lock(&s->lock);
         q2_lockless_wait_idle(s); /* replaces (frees) the old cluster */
         ret = q2_first_write(s);
         if (ret == 0) {
             ret = q2_write_compressed_cluster(s, offset, n, p, out, clen);
         }
-        pthread_mutex_unlock(&s->lock);
+        vd_mutex_unlock(&s->lock);
         offset += n;
         bytes -= n;
         p += n;
@@ -933,10 +934,10 @@ static int qcow2_flush(BlockNode *bs)
     if (s->read_only || s->damaged) {
         return 0;
     }
-    pthread_mutex_lock(&s->lock);
+    vd_mutex_lock(&s->lock);
     q2_lockless_wait_idle(s); /* q2_writeback_all applies deferred frees */
     int ret = q2_writeback_all(s);
-    pthread_mutex_unlock(&s->lock);
+    vd_mutex_unlock(&s->lock);
     /*
      * The file's own flush (an fdatasync: milliseconds to seconds) runs without the image lock,
      * as QEMU's qcow2 flushes to the OS under its lock and the file after it: guest writes and
@@ -995,7 +996,7 @@ static int qcow2_block_status(BlockNode *bs, uint64_t offset, uint64_t bytes, ui
     if (s->damaged) {
         return -EIO;
     }
-    pthread_mutex_lock(&s->lock);
+    vd_mutex_lock(&s->lock);
     uint64_t m = 0;
     if (s->metadata_prealloc < 0) {
         int r = detect_metadata_prealloc(s);
@@ -1006,7 +1007,7 @@ static int qcow2_block_status(BlockNode *bs, uint64_t offset, uint64_t bytes, ui
         (ret & VD_BS_OFFSET_VALID)) {
         ret |= VD_BS_RECURSE; /* preallocated clusters may be file holes: ask the file */
     }
-    pthread_mutex_unlock(&s->lock);
+    vd_mutex_unlock(&s->lock);
     if (ret >= 0 && (ret & VD_BS_OFFSET_VALID)) {
         if (map) {
             *map = m;
@@ -1110,7 +1111,7 @@ static int qcow2_truncate(BlockNode *bs, uint64_t size, bool shrink, VdPrealloc 
                       "file); run 'check -r all'");
         return -EIO;
     }
-    pthread_mutex_lock(&s->lock);
+    vd_mutex_lock(&s->lock);
     q2_lockless_wait_idle(s); /* a shrink frees clusters */
     uint64_t old = s->h.size;
     uint64_t cs = s->cluster_size;
@@ -1221,7 +1222,7 @@ static int qcow2_truncate(BlockNode *bs, uint64_t size, bool shrink, VdPrealloc 
         vd_error_setg_errno(errp, -ret, "qcow2: could not resize the image");
     }
 out:
-    pthread_mutex_unlock(&s->lock);
+    vd_mutex_unlock(&s->lock);
     return ret;
 }
 
@@ -1244,7 +1245,7 @@ static int qcow2_change_backing_file(BlockNode *bs, const char *backing_file,
         vd_error_setg(errp, EINVAL, "qcow2: backing file name too long");
         return -EINVAL;
     }
-    pthread_mutex_lock(&s->lock);
+    vd_mutex_lock(&s->lock);
     char *of = s->backing_file, *ofmt = s->backing_fmt;
     char *nf = backing_file && *backing_file ? strdup(backing_file) : NULL;
     char *nfmt = nf && backing_fmt && *backing_fmt ? strdup(backing_fmt) : NULL;
@@ -1252,7 +1253,7 @@ static int qcow2_change_backing_file(BlockNode *bs, const char *backing_file,
     if ((backing_file && *backing_file && !nf) || (nf && backing_fmt && *backing_fmt && !nfmt)) {
         free(nf);
         free(nfmt);
-        pthread_mutex_unlock(&s->lock);
+        vd_mutex_unlock(&s->lock);
         vd_error_setg(errp, ENOMEM, "qcow2: out of memory");
         return -ENOMEM;
     }
@@ -1270,7 +1271,7 @@ static int qcow2_change_backing_file(BlockNode *bs, const char *backing_file,
         free(nf);
         free(nfmt);
         free(buf);
-        pthread_mutex_unlock(&s->lock);
+        vd_mutex_unlock(&s->lock);
         if (ret == -ENOSPC) {
             vd_error_setg(errp, EINVAL, "qcow2: the backing file name does not fit in the "
                           "header cluster");
@@ -1290,7 +1291,7 @@ static int qcow2_change_backing_file(BlockNode *bs, const char *backing_file,
         ret = q2_file_flush(s);
     }
     free(buf);
-    pthread_mutex_unlock(&s->lock);
+    vd_mutex_unlock(&s->lock);
     if (ret < 0) {
         vd_error_setg_errno(errp, -ret, "qcow2: could not write the header");
     }
@@ -1306,7 +1307,7 @@ static json_t *qcow2_get_specific_info(BlockNode *bs)
     if (!data) {
         return NULL;
     }
-    pthread_mutex_lock(&s->lock);
+    vd_mutex_lock(&s->lock);
     if (s->h.version >= 3) {
         json_object_set_new(data, "compat", json_string("1.1"));
         json_object_set_new(data, "compression-type",
@@ -1329,7 +1330,7 @@ static json_t *qcow2_get_specific_info(BlockNode *bs)
         json_object_set_new(data, "refcount-bits",
                             json_integer((json_int_t)1 << s->refcount_order));
     }
-    pthread_mutex_unlock(&s->lock);
+    vd_mutex_unlock(&s->lock);
     json_t *o = json_object();
     if (!o) {
         json_decref(data);
@@ -1343,13 +1344,13 @@ static json_t *qcow2_get_specific_info(BlockNode *bs)
 static int qcow2_check(BlockNode *bs, VdCheckResult *res, int fix, VdError **errp)
 {
     Qcow2State *s = q2_state(bs);
-    pthread_mutex_lock(&s->lock);
+    vd_mutex_lock(&s->lock);
     q2_lockless_wait_idle(s); /* a repair may free or reuse any cluster */
     int ret = 0;
     if (!s->read_only && !s->damaged) {
         ret = q2_flush_all(s);
         if (ret < 0) {
-            pthread_mutex_unlock(&s->lock);
+            vd_mutex_unlock(&s->lock);
             vd_error_setg_errno(errp, -ret, "qcow2: could not flush before check");
             return ret;
         }
@@ -1396,7 +1397,7 @@ static int qcow2_check(BlockNode *bs, VdCheckResult *res, int fix, VdError **err
             s->set_dirty = false; /* the repair cleared it; the next write sets it again */
         }
     }
-    pthread_mutex_unlock(&s->lock);
+    vd_mutex_unlock(&s->lock);
     return ret;
 }
 
@@ -1647,9 +1648,9 @@ out:
         return -EIO;
     }
     Qcow2State *qs = q2_state(bs);
-    pthread_mutex_lock(&qs->lock);
+    vd_mutex_lock(&qs->lock);
     ret = preallocate_locked(qs, 0, size, o->prealloc);
-    pthread_mutex_unlock(&qs->lock);
+    vd_mutex_unlock(&qs->lock);
     vd_node_unref(bs);
     if (ret < 0) {
         vd_error_setg_errno(errp, -ret, "Could not preallocate '%s'", filename);
