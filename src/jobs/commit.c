@@ -28,6 +28,7 @@
 #include "jobs/blockops.h"
 #include "jobs/copy.h"
 #include "jobs/job.h"
+#include "util/lock.h"
 #include "util/log.h"
 
 #define IDLE_WAIT_NS 100000000ULL
@@ -109,9 +110,9 @@ static bool bm_next(Commit *c, uint64_t from, uint64_t *out)
 
 static uint64_t dirty_bytes(Commit *c)
 {
-    pthread_mutex_lock(&c->lock);
+    vd_mutex_lock(&c->lock);
     uint64_t b = c->dirty_bits * c->gran;
-    pthread_mutex_unlock(&c->lock);
+    vd_mutex_unlock(&c->lock);
     return b > c->len ? c->len : b;
 }
 
@@ -119,11 +120,11 @@ static uint64_t dirty_bytes(Commit *c)
 static void commit_write_notify(void *opaque, uint64_t offset, uint64_t bytes)
 {
     Commit *c = opaque;
-    pthread_mutex_lock(&c->lock);
+    vd_mutex_lock(&c->lock);
     bm_set(c, offset, bytes, true);
     c->kicked = true;
-    pthread_cond_broadcast(&c->cond);
-    pthread_mutex_unlock(&c->lock);
+    vd_cond_broadcast(&c->cond);
+    vd_mutex_unlock(&c->lock);
 }
 
 /* ---- copying ---- */
@@ -195,15 +196,15 @@ static void commit_copy_chunk(void *opaque, CopyChunk *ch, uint8_t *buf, uint64_
     Commit *c = opaque;
     bool bitmap = c->active && ch->tracked;
     if (bitmap) {
-        pthread_mutex_lock(&c->lock);
+        vd_mutex_lock(&c->lock);
         bm_set(c, ch->off, ch->bytes, false);
-        pthread_mutex_unlock(&c->lock);
+        vd_mutex_unlock(&c->lock);
     }
     ch->ret = copy_range(c, ch->off, ch->bytes, buf, buf_size, &ch->is_read, &ch->copied);
     if (ch->ret < 0 && bitmap) {
-        pthread_mutex_lock(&c->lock); /* back to dirty: retried after stop/ignore */
+        vd_mutex_lock(&c->lock); /* back to dirty: retried after stop/ignore */
         bm_set(c, ch->off, ch->bytes, true);
-        pthread_mutex_unlock(&c->lock);
+        vd_mutex_unlock(&c->lock);
     }
 }
 
@@ -253,9 +254,9 @@ static int commit_scan(Commit *c)
             pnum = c->len - off;
         }
         if (r > 0) {
-            pthread_mutex_lock(&c->lock);
+            vd_mutex_lock(&c->lock);
             bm_set(c, off, pnum, true);
-            pthread_mutex_unlock(&c->lock);
+            vd_mutex_unlock(&c->lock);
         }
         off += pnum;
     }
@@ -274,7 +275,7 @@ static bool commit_pick(Commit *c, uint64_t *cursor, uint64_t max_bytes, bool dr
     unsigned tries = copy_engine_max_in_flight(c->engine) + 2;
     bool found = false;
     uint64_t max_bits = max_bytes / g ? max_bytes / g : 1;
-    pthread_mutex_lock(&c->lock);
+    vd_mutex_lock(&c->lock);
     for (unsigned t = 0; t < tries && !found; t++) {
         uint64_t first = 0, nb = 0;
         if (!bm_next(c, from >= c->nbits ? 0 : from, &first)) {
@@ -299,7 +300,7 @@ static bool commit_pick(Commit *c, uint64_t *cursor, uint64_t max_bytes, bool dr
         }
         found = true;
     }
-    pthread_mutex_unlock(&c->lock);
+    vd_mutex_unlock(&c->lock);
     return found;
 }
 
@@ -413,9 +414,9 @@ static int commit_run_active(Commit *c, VdError **errp)
             }
         }
         if (!cr.finishing && job_is_ready(job)) {
-            pthread_mutex_lock(&c->lock);
+            vd_mutex_lock(&c->lock);
             bool done = c->should_complete;
-            pthread_mutex_unlock(&c->lock);
+            vd_mutex_unlock(&c->lock);
             if (done || job_cancel_requested(job)) {
                 uint64_t d = dirty_bytes(c);
                 cr.finishing = true;
@@ -471,9 +472,9 @@ static int commit_run_active(Commit *c, VdError **errp)
             }
             continue;
         }
-        pthread_mutex_lock(&c->lock);
+        vd_mutex_lock(&c->lock);
         bool have = c->dirty_bits > 0;
-        pthread_mutex_unlock(&c->lock);
+        vd_mutex_unlock(&c->lock);
         if (have) {
             continue; /* dirtied since the pick */
         }
@@ -495,9 +496,9 @@ static int commit_run_active(Commit *c, VdError **errp)
             job_transition_to_ready(job);
             continue;
         }
-        pthread_mutex_lock(&c->lock);
+        vd_mutex_lock(&c->lock);
         bool done = c->should_complete;
-        pthread_mutex_unlock(&c->lock);
+        vd_mutex_unlock(&c->lock);
         if (done || job_cancel_requested(job)) {
             continue; /* the finishing rounds above: flush, then prepare */
         }
@@ -514,14 +515,14 @@ static int commit_run_active(Commit *c, VdError **errp)
         struct timespec ts = {.tv_sec = (time_t)(deadline / 1000000000ULL),
                               .tv_nsec = (long)(deadline % 1000000000ULL)};
         job_set_busy(job, false);
-        pthread_mutex_lock(&c->lock);
+        vd_mutex_lock(&c->lock);
         while (!c->kicked && c->dirty_bits == 0) {
-            if (pthread_cond_timedwait(&c->cond, &c->lock, &ts) != 0) {
+            if (vd_cond_timedwait(&c->cond, &c->lock, &ts) != 0) {
                 break;
             }
         }
         c->kicked = false;
-        pthread_mutex_unlock(&c->lock);
+        vd_mutex_unlock(&c->lock);
         job_set_busy(job, true);
     }
     copy_engine_drain(e, commit_reaped, &cr); /* failed/cancelled copies re-dirtied their ranges */
@@ -543,11 +544,11 @@ static int commit_complete(Job *job, VdError **errp)
                       job_id(job));
         return -ENOTSUP;
     }
-    pthread_mutex_lock(&c->lock);
+    vd_mutex_lock(&c->lock);
     c->should_complete = true;
     c->kicked = true;
-    pthread_cond_broadcast(&c->cond);
-    pthread_mutex_unlock(&c->lock);
+    vd_cond_broadcast(&c->cond);
+    vd_mutex_unlock(&c->lock);
     return 0;
 }
 
@@ -560,10 +561,10 @@ static bool commit_cancel(Job *job, bool force, bool ready)
 static void commit_kick(Job *job)
 {
     Commit *c = job_opaque(job);
-    pthread_mutex_lock(&c->lock);
+    vd_mutex_lock(&c->lock);
     c->kicked = true;
-    pthread_cond_broadcast(&c->cond);
-    pthread_mutex_unlock(&c->lock);
+    vd_cond_broadcast(&c->cond);
+    vd_mutex_unlock(&c->lock);
     copy_engine_kick(c->engine); /* a verb: drain the copies in flight and look */
 }
 
@@ -681,9 +682,9 @@ static int commit_prepare(Job *job, VdError **errp)
                 continue;
             }
             if (copy_engine_in_flight(c->engine) == 0) {
-                pthread_mutex_lock(&c->lock);
+                vd_mutex_lock(&c->lock);
                 bool more = r == 0 && c->dirty_bits > 0;
-                pthread_mutex_unlock(&c->lock);
+                vd_mutex_unlock(&c->lock);
                 if (more) {
                     continue;
                 }
@@ -702,9 +703,9 @@ static int commit_prepare(Job *job, VdError **errp)
         if (r < 0) {
             vd_error_setg(errp, -r, "Commit error while finishing: %s", strerror(-r));
         }
-        pthread_mutex_lock(&c->lock);
+        vd_mutex_lock(&c->lock);
         bool pivot = c->should_complete;
-        pthread_mutex_unlock(&c->lock);
+        vd_mutex_unlock(&c->lock);
         if (r == 0 && pivot) {
             c->pivoted = true;
             c->base_swapped = false; /* base_rw is now the guest's image */

@@ -30,6 +30,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "util/lock.h"
+
 /* Early writeback of the destination's file every 256 MiB copied (copy_engine_writeback_node). */
 #define DEFAULT_WRITEBACK_BYTES (256ULL << 20)
 
@@ -229,7 +231,7 @@ static void pace_locked(CopyEngine *e)
         uint64_t until = at - now < COPY_WINDOW_NS ? at : now + COPY_WINDOW_NS;
         struct timespec ts = {.tv_sec = (time_t)(until / 1000000000ULL),
                               .tv_nsec = (long)(until % 1000000000ULL)};
-        pthread_cond_timedwait(&e->work_cond, &e->lock, &ts);
+        vd_cond_timedwait(&e->work_cond, &e->lock, &ts);
     }
 }
 
@@ -250,7 +252,7 @@ static void *worker_main(void *arg)
         /* Linux: a thread's own nice value (per-thread scheduling entity). */
         (void)setpriority(PRIO_PROCESS, (id_t)gettid(), nice_v);
     }
-    pthread_mutex_lock(&e->lock);
+    vd_mutex_lock(&e->lock);
     for (;;) {
         Slot *s = NULL;
         for (unsigned i = 0; i < e->o.workers; i++) {
@@ -263,7 +265,7 @@ static void *worker_main(void *arg)
             if (e->stop) {
                 break;
             }
-            pthread_cond_wait(&e->work_cond, &e->lock);
+            vd_cond_wait(&e->work_cond, &e->lock);
             continue;
         }
         s->state = SLOT_RUNNING;
@@ -271,7 +273,7 @@ static void *worker_main(void *arg)
         if (c.tracked) {
             pace_locked(e);
         }
-        pthread_mutex_unlock(&e->lock);
+        vd_mutex_unlock(&e->lock);
 
         BtRequest req;
         uint64_t t0 = now_ns();
@@ -287,7 +289,7 @@ static void *worker_main(void *arg)
         }
         uint64_t t1 = now_ns();
 
-        pthread_mutex_lock(&e->lock);
+        vd_mutex_lock(&e->lock);
         if (c.tracked) {
             e->last_end_ns = t1;
             e->last_copy_ns = t1 - t0;
@@ -298,9 +300,9 @@ static void *worker_main(void *arg)
         }
         s->c = c;
         s->state = SLOT_DONE;
-        pthread_cond_broadcast(&e->done_cond);
+        vd_cond_broadcast(&e->done_cond);
     }
-    pthread_mutex_unlock(&e->lock);
+    vd_mutex_unlock(&e->lock);
     return NULL;
 }
 
@@ -376,10 +378,10 @@ void copy_engine_free(CopyEngine *e)
     if (!e) {
         return;
     }
-    pthread_mutex_lock(&e->lock);
+    vd_mutex_lock(&e->lock);
     e->stop = true;
-    pthread_cond_broadcast(&e->work_cond);
-    pthread_mutex_unlock(&e->lock);
+    vd_cond_broadcast(&e->work_cond);
+    vd_mutex_unlock(&e->lock);
     /* Workers finish what is queued, then exit: nothing is left half done. */
     for (unsigned i = 0; i < e->nthreads; i++) {
         pthread_join(e->threads[i], NULL);
@@ -401,9 +403,9 @@ void copy_engine_free(CopyEngine *e)
 
 unsigned copy_engine_in_flight(CopyEngine *e)
 {
-    pthread_mutex_lock(&e->lock);
+    vd_mutex_lock(&e->lock);
     unsigned n = e->in_flight;
-    pthread_mutex_unlock(&e->lock);
+    vd_mutex_unlock(&e->lock);
     return n;
 }
 
@@ -414,22 +416,22 @@ unsigned copy_engine_max_in_flight(CopyEngine *e)
 
 unsigned copy_engine_allowed(CopyEngine *e)
 {
-    pthread_mutex_lock(&e->lock);
+    vd_mutex_lock(&e->lock);
     unsigned n = e->o.workers;
     if (e->guest && !e->urgent) {
         budget_tick_locked(e, now_ns());
         n = copy_budget_allowed(&e->budget, e->o.workers);
     }
-    pthread_mutex_unlock(&e->lock);
+    vd_mutex_unlock(&e->lock);
     return n;
 }
 
 void copy_engine_set_urgent(CopyEngine *e)
 {
-    pthread_mutex_lock(&e->lock);
+    vd_mutex_lock(&e->lock);
     e->urgent = true;
-    pthread_cond_broadcast(&e->work_cond);
-    pthread_mutex_unlock(&e->lock);
+    vd_cond_broadcast(&e->work_cond);
+    vd_mutex_unlock(&e->lock);
 }
 
 uint64_t copy_engine_clip(CopyEngine *e, uint64_t start, uint64_t end, uint64_t *skip_to)
@@ -437,7 +439,7 @@ uint64_t copy_engine_clip(CopyEngine *e, uint64_t start, uint64_t end, uint64_t 
     uint64_t a = e->o.align;
     uint64_t ws = start & ~(a - 1);
     uint64_t we = end > UINT64_MAX - (a - 1) ? UINT64_MAX : (end + a - 1) & ~(a - 1);
-    pthread_mutex_lock(&e->lock);
+    vd_mutex_lock(&e->lock);
     for (unsigned i = 0; i < e->o.workers; i++) {
         Slot *s = &e->slots[i];
         if (s->state == SLOT_FREE) {
@@ -448,7 +450,7 @@ uint64_t copy_engine_clip(CopyEngine *e, uint64_t start, uint64_t end, uint64_t 
                 if (skip_to) {
                     *skip_to = s->end;
                 }
-                pthread_mutex_unlock(&e->lock);
+                vd_mutex_unlock(&e->lock);
                 return 0;
             }
             /* s starts inside (start, end): stop before it (s->start is aligned, > ws). */
@@ -456,14 +458,14 @@ uint64_t copy_engine_clip(CopyEngine *e, uint64_t start, uint64_t end, uint64_t 
             we = end;
         }
     }
-    pthread_mutex_unlock(&e->lock);
+    vd_mutex_unlock(&e->lock);
     return end > start ? end : 0;
 }
 
 void copy_engine_submit(CopyEngine *e, uint64_t off, uint64_t bytes, bool tracked)
 {
     uint64_t a = e->o.align;
-    pthread_mutex_lock(&e->lock);
+    vd_mutex_lock(&e->lock);
     for (unsigned i = 0; i < e->o.workers; i++) {
         Slot *s = &e->slots[i];
         if (s->state != SLOT_FREE) {
@@ -480,15 +482,15 @@ void copy_engine_submit(CopyEngine *e, uint64_t off, uint64_t bytes, bool tracke
         s->c.tracked = tracked;
         e->in_flight++;
         /* Broadcast: a worker pacing on this condition must not swallow the wake-up. */
-        pthread_cond_broadcast(&e->work_cond);
+        vd_cond_broadcast(&e->work_cond);
         break;
     }
-    pthread_mutex_unlock(&e->lock);
+    vd_mutex_unlock(&e->lock);
 }
 
 bool copy_engine_reap(CopyEngine *e, CopyChunk *out, bool wait)
 {
-    pthread_mutex_lock(&e->lock);
+    vd_mutex_lock(&e->lock);
     for (;;) {
         Slot *s = NULL;
         for (unsigned i = 0; i < e->o.workers; i++) {
@@ -501,7 +503,7 @@ bool copy_engine_reap(CopyEngine *e, CopyChunk *out, bool wait)
             *out = s->c;
             s->state = SLOT_FREE;
             e->in_flight--;
-            pthread_mutex_unlock(&e->lock);
+            vd_mutex_unlock(&e->lock);
             if (out->ret == 0 && out->copied) {
                 wb_account(e, out->copied);
             }
@@ -509,10 +511,10 @@ bool copy_engine_reap(CopyEngine *e, CopyChunk *out, bool wait)
         }
         if (!wait || e->in_flight == 0 || e->wake) {
             e->wake = false;
-            pthread_mutex_unlock(&e->lock);
+            vd_mutex_unlock(&e->lock);
             return false;
         }
-        pthread_cond_wait(&e->done_cond, &e->lock);
+        vd_cond_wait(&e->done_cond, &e->lock);
     }
 }
 
@@ -521,21 +523,21 @@ void copy_engine_kick(CopyEngine *e)
     if (!e) {
         return;
     }
-    pthread_mutex_lock(&e->lock);
+    vd_mutex_lock(&e->lock);
     e->kicked = true;
     e->wake = true;
     e->kick_gen++;
-    pthread_cond_broadcast(&e->done_cond);
-    pthread_cond_broadcast(&e->work_cond); /* ends a pacing wait */
-    pthread_mutex_unlock(&e->lock);
+    vd_cond_broadcast(&e->done_cond);
+    vd_cond_broadcast(&e->work_cond); /* ends a pacing wait */
+    vd_mutex_unlock(&e->lock);
 }
 
 bool copy_engine_take_kick(CopyEngine *e)
 {
-    pthread_mutex_lock(&e->lock);
+    vd_mutex_lock(&e->lock);
     bool k = e->kicked;
     e->kicked = false;
-    pthread_mutex_unlock(&e->lock);
+    vd_mutex_unlock(&e->lock);
     return k;
 }
 

@@ -20,6 +20,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "util/lock.h"
 #include "util/log.h"
 
 /* ---- the tables (qapi/job.json semantics; same shape as QEMU 7.2's job.c tables) ---- */
@@ -253,7 +254,7 @@ static void flush_events(void)
             return;
         }
         for (;;) {
-            pthread_mutex_lock(&job_mutex);
+            vd_mutex_lock(&job_mutex);
             QueuedEvent *e = ev_head;
             if (e) {
                 ev_head = e->next;
@@ -261,7 +262,7 @@ static void flush_events(void)
                     ev_tail = NULL;
                 }
             }
-            pthread_mutex_unlock(&job_mutex);
+            vd_mutex_unlock(&job_mutex);
             if (!e) {
                 break;
             }
@@ -269,10 +270,10 @@ static void flush_events(void)
             free(e->name);
             free(e);
         }
-        pthread_mutex_unlock(&emit_mutex);
-        pthread_mutex_lock(&job_mutex);
+        vd_mutex_unlock(&emit_mutex);
+        vd_mutex_lock(&job_mutex);
         bool more = ev_head != NULL;
-        pthread_mutex_unlock(&job_mutex);
+        vd_mutex_unlock(&job_mutex);
         if (!more) {
             return;
         }
@@ -281,7 +282,7 @@ static void flush_events(void)
 
 static void unlock_and_flush(void)
 {
-    pthread_mutex_unlock(&job_mutex);
+    vd_mutex_unlock(&job_mutex);
     flush_events();
 }
 
@@ -323,7 +324,7 @@ static int verb_check(Job *job, JobVerb verb, VdError **errp)
 static void job_kick(Job *job)
 {
     job->kicked = true;
-    pthread_cond_broadcast(&job->cond);
+    vd_cond_broadcast(&job->cond);
     if (job->drv->kick) {
         job->drv->kick(job);
     }
@@ -363,10 +364,10 @@ Job *job_create(const JobDriver *drv, const JobOptions *opts, void *opaque, VdEr
         vd_error_setg(errp, EINVAL, "Invalid parameter 'speed'");
         return NULL;
     }
-    pthread_mutex_lock(&job_mutex);
+    vd_mutex_lock(&job_mutex);
     for (Job *j = jobs_head; j; j = j->next) {
         if (!strcmp(j->id, opts->id)) {
-            pthread_mutex_unlock(&job_mutex);
+            vd_mutex_unlock(&job_mutex);
             vd_error_setg(errp, EEXIST, "Job ID '%s' already in use", opts->id);
             return NULL;
         }
@@ -374,7 +375,7 @@ Job *job_create(const JobDriver *drv, const JobOptions *opts, void *opaque, VdEr
     Job *job = calloc(1, sizeof(*job));
     if (!job || !(job->id = strdup(opts->id)) ||
         !(job->device = strdup(opts->device ? opts->device : opts->id))) {
-        pthread_mutex_unlock(&job_mutex);
+        vd_mutex_unlock(&job_mutex);
         if (job) {
             free(job->id);
             free(job);
@@ -422,9 +423,9 @@ const char *job_type(Job *job)
 
 JobStatus job_status(Job *job)
 {
-    pthread_mutex_lock(&job_mutex);
+    vd_mutex_lock(&job_mutex);
     JobStatus s = job->status;
-    pthread_mutex_unlock(&job_mutex);
+    vd_mutex_unlock(&job_mutex);
     return s;
 }
 
@@ -433,7 +434,7 @@ Job *job_find(const char *id)
     if (!id) {
         return NULL;
     }
-    pthread_mutex_lock(&job_mutex);
+    vd_mutex_lock(&job_mutex);
     Job *j = jobs_head;
     while (j && strcmp(j->id, id) != 0) {
         j = j->next;
@@ -441,14 +442,14 @@ Job *job_find(const char *id)
     if (j) {
         job_ref(j);
     }
-    pthread_mutex_unlock(&job_mutex);
+    vd_mutex_unlock(&job_mutex);
     return j;
 }
 
 void job_foreach(void (*cb)(Job *job, void *opaque), void *opaque)
 {
     /* Snapshot with references so cb runs without the mutex. */
-    pthread_mutex_lock(&job_mutex);
+    vd_mutex_lock(&job_mutex);
     size_t n = 0;
     for (Job *j = jobs_head; j; j = j->next) {
         n++;
@@ -459,7 +460,7 @@ void job_foreach(void (*cb)(Job *job, void *opaque), void *opaque)
         job_ref(j);
         arr[i++] = j;
     }
-    pthread_mutex_unlock(&job_mutex);
+    vd_mutex_unlock(&job_mutex);
     for (size_t k = 0; k < i; k++) {
         cb(arr[k], opaque);
         job_unref(arr[k]);
@@ -491,7 +492,7 @@ static void set_error_locked(Job *job, int ret, VdError *err)
 /* From ABORTING on: abort + clean, the final event, CONCLUDED (and NULL with auto-dismiss). */
 static void job_finish_abort(Job *job)
 {
-    pthread_mutex_lock(&job_mutex);
+    vd_mutex_lock(&job_mutex);
     job_transition(job, JOB_STATUS_ABORTING);
     unlock_and_flush();
     if (job->drv->abort) {
@@ -500,7 +501,7 @@ static void job_finish_abort(Job *job)
     if (job->drv->clean) {
         job->drv->clean(job);
     }
-    pthread_mutex_lock(&job_mutex);
+    vd_mutex_lock(&job_mutex);
     if (job->cancelled && job->ret == -ECANCELED) {
         queue_event("BLOCK_JOB_CANCELLED", block_event_data(job));
     } else {
@@ -522,10 +523,10 @@ static void job_do_finalize(Job *job)
     VdError *err = NULL;
     int r = job->drv->prepare ? job->drv->prepare(job, &err) : 0;
     if (r < 0) {
-        pthread_mutex_lock(&job_mutex);
+        vd_mutex_lock(&job_mutex);
         job->ret = r;
         set_error_locked(job, r, err);
-        pthread_mutex_unlock(&job_mutex);
+        vd_mutex_unlock(&job_mutex);
         vd_error_free(err);
         job_finish_abort(job);
         return;
@@ -536,7 +537,7 @@ static void job_do_finalize(Job *job)
     if (job->drv->clean) {
         job->drv->clean(job);
     }
-    pthread_mutex_lock(&job_mutex);
+    vd_mutex_lock(&job_mutex);
     queue_event("BLOCK_JOB_COMPLETED", block_event_data(job));
     job_transition(job, JOB_STATUS_CONCLUDED);
     Job *drop = job->auto_dismiss ? job_do_dismiss_locked(job) : NULL;
@@ -547,7 +548,7 @@ static void job_do_finalize(Job *job)
 /* After run returned (job thread). */
 static void job_completed(Job *job, int ret, VdError *err)
 {
-    pthread_mutex_lock(&job_mutex);
+    vd_mutex_lock(&job_mutex);
     job->busy = false;
     if (ret == 0 && job->cancelled && job->force_cancel) {
         ret = -ECANCELED;
@@ -556,7 +557,7 @@ static void job_completed(Job *job, int ret, VdError *err)
     if (ret < 0) {
         set_error_locked(job, ret, err);
         job->finalizing = true;
-        pthread_mutex_unlock(&job_mutex);
+        vd_mutex_unlock(&job_mutex);
         job_finish_abort(job);
         return;
     }
@@ -585,20 +586,20 @@ static pthread_mutex_t completion_lock = PTHREAD_MUTEX_INITIALIZER;
 static void job_run_done(void *opaque)
 {
     Job *job = opaque;
-    pthread_mutex_lock(&completion_lock);
+    vd_mutex_lock(&completion_lock);
     job_completed(job, job->run_ret, job->run_err);
-    pthread_mutex_unlock(&completion_lock);
+    vd_mutex_unlock(&completion_lock);
     vd_error_free(job->run_err);
     job->run_err = NULL;
     /*
      * Drop the thread's reference before announcing the end, so that a job_wait_thread caller
      * holding its own reference is the one whose unref frees the job.
      */
-    pthread_mutex_lock(&job_mutex);
+    vd_mutex_lock(&job_mutex);
     bool last = __atomic_sub_fetch(&job->refcnt, 1, __ATOMIC_ACQ_REL) == 0;
     job->thread_running = false;
-    pthread_cond_broadcast(&job->cond);
-    pthread_mutex_unlock(&job_mutex);
+    vd_cond_broadcast(&job->cond);
+    vd_mutex_unlock(&job_mutex);
     if (last) {
         job_free(job);
     }
@@ -619,7 +620,7 @@ static void *job_thread(void *arg)
 
 int job_start(Job *job, VdError **errp)
 {
-    pthread_mutex_lock(&job_mutex);
+    vd_mutex_lock(&job_mutex);
     job_transition(job, JOB_STATUS_RUNNING);
     job->thread_running = true;
     job_ref(job);
@@ -632,7 +633,7 @@ int job_start(Job *job, VdError **errp)
         job->thread_running = false;
         job->ret = -r;
         set_error_locked(job, -r, NULL);
-        pthread_mutex_unlock(&job_mutex);
+        vd_mutex_unlock(&job_mutex);
         job_unref(job);
         vd_error_setg_errno(errp, r, "Cannot start job '%s'", job->id);
         job_finish_abort(job);
@@ -644,17 +645,17 @@ int job_start(Job *job, VdError **errp)
 
 void job_wait_thread(Job *job)
 {
-    pthread_mutex_lock(&job_mutex);
+    vd_mutex_lock(&job_mutex);
     while (job->thread_running) {
-        pthread_cond_wait(&job->cond, &job_mutex);
+        vd_cond_wait(&job->cond, &job_mutex);
     }
-    pthread_mutex_unlock(&job_mutex);
+    vd_mutex_unlock(&job_mutex);
 }
 
 void job_cancel_all_sync(void)
 {
     for (;;) {
-        pthread_mutex_lock(&job_mutex);
+        vd_mutex_lock(&job_mutex);
         Job *victim = NULL;
         bool parked = false;
         for (Job *j = jobs_head; j; j = j->next) {
@@ -679,14 +680,14 @@ void job_cancel_all_sync(void)
                 job_kick(victim);
             }
         }
-        pthread_mutex_unlock(&job_mutex);
+        vd_mutex_unlock(&job_mutex);
         if (!victim) {
             break;
         }
         if (parked) {
-            pthread_mutex_lock(&completion_lock);
+            vd_mutex_lock(&completion_lock);
             job_user_cancel(victim, true, NULL);
-            pthread_mutex_unlock(&completion_lock);
+            vd_mutex_unlock(&completion_lock);
         } else {
             job_wait_thread(victim);
         }
@@ -694,7 +695,7 @@ void job_cancel_all_sync(void)
     }
     /* Dismiss what is left (concluded jobs nobody dismissed) so their state is freed. */
     for (;;) {
-        pthread_mutex_lock(&job_mutex);
+        vd_mutex_lock(&job_mutex);
         Job *j = jobs_head;
         while (j && j->status != JOB_STATUS_CONCLUDED) {
             j = j->next;
@@ -712,7 +713,7 @@ void job_cancel_all_sync(void)
 
 int job_user_pause(Job *job, VdError **errp)
 {
-    pthread_mutex_lock(&job_mutex);
+    vd_mutex_lock(&job_mutex);
     int r = verb_check(job, JOB_VERB_PAUSE, errp);
     if (r == 0 && job->user_paused) {
         vd_error_setg(errp, EBUSY, "Job is already paused");
@@ -735,7 +736,7 @@ int job_user_pause(Job *job, VdError **errp)
 
 int job_user_resume(Job *job, VdError **errp)
 {
-    pthread_mutex_lock(&job_mutex);
+    vd_mutex_lock(&job_mutex);
     int r = verb_check(job, JOB_VERB_RESUME, errp);
     if (r == 0 && !job->user_paused) {
         vd_error_setg(errp, EINVAL, "Can't resume a job that was not paused");
@@ -760,10 +761,10 @@ int job_user_resume(Job *job, VdError **errp)
 
 int job_user_cancel(Job *job, bool force, VdError **errp)
 {
-    pthread_mutex_lock(&job_mutex);
+    vd_mutex_lock(&job_mutex);
     int r = verb_check(job, JOB_VERB_CANCEL, errp);
     if (r < 0) {
-        pthread_mutex_unlock(&job_mutex);
+        vd_mutex_unlock(&job_mutex);
         return r;
     }
     if (job->status == JOB_STATUS_PENDING && !job->finalizing) {
@@ -772,7 +773,7 @@ int job_user_cancel(Job *job, bool force, VdError **errp)
         job->ret = -ECANCELED;
         set_error_locked(job, -ECANCELED, NULL);
         job->finalizing = true;
-        pthread_mutex_unlock(&job_mutex);
+        vd_mutex_unlock(&job_mutex);
         job_finish_abort(job);
         return 0;
     }
@@ -792,18 +793,18 @@ int job_user_cancel(Job *job, bool force, VdError **errp)
 
 int job_user_complete(Job *job, VdError **errp)
 {
-    pthread_mutex_lock(&job_mutex);
+    vd_mutex_lock(&job_mutex);
     int r = verb_check(job, JOB_VERB_COMPLETE, errp);
     if (r == 0 && (job->pause_count > 0 || job->cancelled || !job->drv->complete)) {
         vd_error_setg(errp, EBUSY, "The active block job '%s' cannot be completed", job->id);
         r = -EBUSY;
     }
-    pthread_mutex_unlock(&job_mutex);
+    vd_mutex_unlock(&job_mutex);
     if (r < 0) {
         return r;
     }
     r = job->drv->complete(job, errp);
-    pthread_mutex_lock(&job_mutex);
+    vd_mutex_lock(&job_mutex);
     job_kick(job);
     unlock_and_flush();
     return r;
@@ -811,19 +812,19 @@ int job_user_complete(Job *job, VdError **errp)
 
 int job_user_finalize(Job *job, VdError **errp)
 {
-    pthread_mutex_lock(&job_mutex);
+    vd_mutex_lock(&job_mutex);
     int r = verb_check(job, JOB_VERB_FINALIZE, errp);
     if (r == 0 && job->finalizing) {
         vd_error_setg(errp, EBUSY, "Job '%s' is already being finalized", job->id);
         r = -EBUSY;
     }
     if (r < 0) {
-        pthread_mutex_unlock(&job_mutex);
+        vd_mutex_unlock(&job_mutex);
         return r;
     }
     job->finalizing = true;
     job_ref(job);
-    pthread_mutex_unlock(&job_mutex);
+    vd_mutex_unlock(&job_mutex);
     job_do_finalize(job);
     job_unref(job);
     return 0;
@@ -831,7 +832,7 @@ int job_user_finalize(Job *job, VdError **errp)
 
 int job_user_dismiss(Job *job, VdError **errp)
 {
-    pthread_mutex_lock(&job_mutex);
+    vd_mutex_lock(&job_mutex);
     int r = verb_check(job, JOB_VERB_DISMISS, errp);
     Job *drop = r == 0 ? job_do_dismiss_locked(job) : NULL;
     unlock_and_flush();
@@ -841,7 +842,7 @@ int job_user_dismiss(Job *job, VdError **errp)
 
 int job_set_speed(Job *job, int64_t speed, VdError **errp)
 {
-    pthread_mutex_lock(&job_mutex);
+    vd_mutex_lock(&job_mutex);
     int r = verb_check(job, JOB_VERB_SET_SPEED, errp);
     if (r == 0 && speed < 0) {
         vd_error_setg(errp, EINVAL, "Invalid parameter 'speed'");
@@ -851,7 +852,7 @@ int job_set_speed(Job *job, int64_t speed, VdError **errp)
         job->speed = (uint64_t)speed;
         job_kick(job);
     }
-    pthread_mutex_unlock(&job_mutex);
+    vd_mutex_unlock(&job_mutex);
     return r;
 }
 
@@ -864,7 +865,7 @@ static const char *iostatus_name(IoStatus s)
 
 json_t *job_query_info(Job *job)
 {
-    pthread_mutex_lock(&job_mutex);
+    vd_mutex_lock(&job_mutex);
     json_t *o = json_pack("{s:s, s:s, s:s, s:I, s:I}", "id", job->id, "type", job->drv->type,
                           "status", job_status_name(job->status),
                           "current-progress", (json_int_t)job->progress_current,
@@ -873,13 +874,13 @@ json_t *job_query_info(Job *job)
                             job->status == JOB_STATUS_ABORTING)) {
         json_object_set_new(o, "error", json_string(job->error));
     }
-    pthread_mutex_unlock(&job_mutex);
+    vd_mutex_unlock(&job_mutex);
     return o;
 }
 
 json_t *job_query_block_info(Job *job)
 {
-    pthread_mutex_lock(&job_mutex);
+    vd_mutex_lock(&job_mutex);
     bool ready = job->status == JOB_STATUS_READY || job->status == JOB_STATUS_STANDBY;
     json_t *o = json_pack("{s:s, s:s, s:I, s:I, s:b, s:b, s:I, s:s, s:b, s:s, s:b, s:b}",
                           "device", job->device, "type", job->drv->type,
@@ -897,7 +898,7 @@ json_t *job_query_block_info(Job *job)
     if (o && job->drv->query) {
         job->drv->query(job, o);
     }
-    pthread_mutex_unlock(&job_mutex);
+    vd_mutex_unlock(&job_mutex);
     return o;
 }
 
@@ -905,46 +906,46 @@ json_t *job_query_block_info(Job *job)
 
 uint64_t job_get_speed(Job *job)
 {
-    pthread_mutex_lock(&job_mutex);
+    vd_mutex_lock(&job_mutex);
     uint64_t s = job->speed;
-    pthread_mutex_unlock(&job_mutex);
+    vd_mutex_unlock(&job_mutex);
     return s;
 }
 
 void job_set_busy(Job *job, bool busy)
 {
-    pthread_mutex_lock(&job_mutex);
+    vd_mutex_lock(&job_mutex);
     job->busy = busy;
-    pthread_mutex_unlock(&job_mutex);
+    vd_mutex_unlock(&job_mutex);
 }
 
 bool job_is_cancelled(Job *job)
 {
-    pthread_mutex_lock(&job_mutex);
+    vd_mutex_lock(&job_mutex);
     bool c = job->cancelled && job->force_cancel;
-    pthread_mutex_unlock(&job_mutex);
+    vd_mutex_unlock(&job_mutex);
     return c;
 }
 
 bool job_cancel_requested(Job *job)
 {
-    pthread_mutex_lock(&job_mutex);
+    vd_mutex_lock(&job_mutex);
     bool c = job->cancelled;
-    pthread_mutex_unlock(&job_mutex);
+    vd_mutex_unlock(&job_mutex);
     return c;
 }
 
 bool job_is_ready(Job *job)
 {
-    pthread_mutex_lock(&job_mutex);
+    vd_mutex_lock(&job_mutex);
     bool r = job->status == JOB_STATUS_READY || job->status == JOB_STATUS_STANDBY;
-    pthread_mutex_unlock(&job_mutex);
+    vd_mutex_unlock(&job_mutex);
     return r;
 }
 
 void job_pause_point(Job *job)
 {
-    pthread_mutex_lock(&job_mutex);
+    vd_mutex_lock(&job_mutex);
     while (job->pause_count > 0 && !(job->cancelled && job->force_cancel)) {
         JobStatus resume_to = job->status;
         if (job->status == JOB_STATUS_RUNNING) {
@@ -955,9 +956,9 @@ void job_pause_point(Job *job)
         job->busy = false;
         job->parked = true;
         unlock_and_flush();
-        pthread_mutex_lock(&job_mutex);
+        vd_mutex_lock(&job_mutex);
         while (job->pause_count > 0 && !(job->cancelled && job->force_cancel)) {
-            pthread_cond_wait(&job->cond, &job_mutex);
+            vd_cond_wait(&job->cond, &job_mutex);
         }
         job->parked = false;
         job->busy = true;
@@ -965,14 +966,14 @@ void job_pause_point(Job *job)
             job_transition(job, resume_to);
         }
         unlock_and_flush();
-        pthread_mutex_lock(&job_mutex);
+        vd_mutex_lock(&job_mutex);
     }
-    pthread_mutex_unlock(&job_mutex);
+    vd_mutex_unlock(&job_mutex);
 }
 
 void job_sleep_ns(Job *job, uint64_t ns)
 {
-    pthread_mutex_lock(&job_mutex);
+    vd_mutex_lock(&job_mutex);
     if (!job->kicked && ns > 0) {
         struct timespec ts;
         clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -981,29 +982,29 @@ void job_sleep_ns(Job *job, uint64_t ns)
         ts.tv_nsec = (long)(t % 1000000000ULL);
         job->busy = false;
         while (!job->kicked) {
-            if (pthread_cond_timedwait(&job->cond, &job_mutex, &ts) == ETIMEDOUT) {
+            if (vd_cond_timedwait(&job->cond, &job_mutex, &ts) == ETIMEDOUT) {
                 break;
             }
         }
         job->busy = true;
     }
     job->kicked = false;
-    pthread_mutex_unlock(&job_mutex);
+    vd_mutex_unlock(&job_mutex);
     job_pause_point(job);
 }
 
 void job_rate_limit(Job *job, uint64_t bytes)
 {
-    pthread_mutex_lock(&job_mutex);
+    vd_mutex_lock(&job_mutex);
     uint64_t speed = job->speed;
     uint64_t delay = job_ratelimit_account(&job->rl, speed, job_now_ns(), bytes);
-    pthread_mutex_unlock(&job_mutex);
+    vd_mutex_unlock(&job_mutex);
     uint64_t deadline = job_now_ns() + delay;
     while (delay > 0) {
         job_sleep_ns(job, delay);
-        pthread_mutex_lock(&job_mutex);
+        vd_mutex_lock(&job_mutex);
         bool stop = job->speed != speed || (job->cancelled && job->force_cancel);
-        pthread_mutex_unlock(&job_mutex);
+        vd_mutex_unlock(&job_mutex);
         uint64_t now = job_now_ns();
         if (stop || now >= deadline) {
             break; /* a new speed applies from the next chunk */
@@ -1014,7 +1015,7 @@ void job_rate_limit(Job *job, uint64_t bytes)
 
 void job_transition_to_ready(Job *job)
 {
-    pthread_mutex_lock(&job_mutex);
+    vd_mutex_lock(&job_mutex);
     /* A hard cancel of a job that was not yet ready stays one: no READY after it. */
     if (job->status == JOB_STATUS_RUNNING && !(job->cancelled && job->force_cancel)) {
         /* offset == len only together with READY: a cancel never sees one without the other */
@@ -1027,27 +1028,27 @@ void job_transition_to_ready(Job *job)
 
 void job_progress_update(Job *job, uint64_t done)
 {
-    pthread_mutex_lock(&job_mutex);
+    vd_mutex_lock(&job_mutex);
     job->progress_current += done;
     if (job->progress_total < job->progress_current) {
         job->progress_total = job->progress_current;
     }
-    pthread_mutex_unlock(&job_mutex);
+    vd_mutex_unlock(&job_mutex);
 }
 
 void job_progress_set_remaining(Job *job, uint64_t remaining)
 {
-    pthread_mutex_lock(&job_mutex);
+    vd_mutex_lock(&job_mutex);
     job->progress_total = job->progress_current + remaining;
-    pthread_mutex_unlock(&job_mutex);
+    vd_mutex_unlock(&job_mutex);
 }
 
 void job_progress_get(Job *job, uint64_t *current, uint64_t *total)
 {
-    pthread_mutex_lock(&job_mutex);
+    vd_mutex_lock(&job_mutex);
     *current = job->progress_current;
     *total = job->progress_total;
-    pthread_mutex_unlock(&job_mutex);
+    vd_mutex_unlock(&job_mutex);
 }
 
 JobErrorAction job_handle_io_error(Job *job, JobErrorAction policy, bool is_read, int err)
@@ -1056,7 +1057,7 @@ JobErrorAction job_handle_io_error(Job *job, JobErrorAction policy, bool is_read
     if (policy == JOB_ERR_ENOSPC) {
         policy = (err == -ENOSPC || err == ENOSPC) ? JOB_ERR_STOP : JOB_ERR_REPORT;
     }
-    pthread_mutex_lock(&job_mutex);
+    vd_mutex_lock(&job_mutex);
     queue_event("BLOCK_JOB_ERROR", json_pack("{s:s, s:s, s:s}", "device", job->device,
                                              "operation", is_read ? "read" : "write",
                                              "action", names[policy]));

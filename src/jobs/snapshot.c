@@ -16,6 +16,7 @@
 
 #include "block/graph.h"
 #include "jobs/mirror.h"
+#include "util/lock.h"
 #include "util/log.h"
 
 /* ---- exports ---- */
@@ -225,11 +226,11 @@ int blockops_claim(BlockNode *dev, const char *job_type, VdError **errp)
                       "mirror", dev->node_name);
         return -EBUSY;
     }
-    pthread_mutex_lock(&claims_lock);
+    vd_mutex_lock(&claims_lock);
     int slot = -1;
     for (int i = 0; i < MAX_CLAIMS; i++) {
         if (claims[i] == dev) {
-            pthread_mutex_unlock(&claims_lock);
+            vd_mutex_unlock(&claims_lock);
             vd_error_setg(errp, EBUSY, "Node '%s' is busy: block device is in use by block job: "
                           "%s", dev->node_name, claim_types[i]);
             return -EBUSY;
@@ -239,26 +240,26 @@ int blockops_claim(BlockNode *dev, const char *job_type, VdError **errp)
         }
     }
     if (slot < 0) {
-        pthread_mutex_unlock(&claims_lock);
+        vd_mutex_unlock(&claims_lock);
         vd_error_setg(errp, EAGAIN, "Too many block jobs");
         return -EAGAIN;
     }
     claims[slot] = dev;
     claim_types[slot] = job_type;
-    pthread_mutex_unlock(&claims_lock);
+    vd_mutex_unlock(&claims_lock);
     return 0;
 }
 
 void blockops_release(BlockNode *dev)
 {
-    pthread_mutex_lock(&claims_lock);
+    vd_mutex_lock(&claims_lock);
     for (int i = 0; i < MAX_CLAIMS; i++) {
         if (claims[i] == dev) {
             claims[i] = NULL;
             break;
         }
     }
-    pthread_mutex_unlock(&claims_lock);
+    vd_mutex_unlock(&claims_lock);
 }
 
 const char *blockops_busy(BlockNode *dev)
@@ -266,12 +267,12 @@ const char *blockops_busy(BlockNode *dev)
     if (mirrored(dev)) {
         return "mirror";
     }
-    pthread_mutex_lock(&claims_lock);
+    vd_mutex_lock(&claims_lock);
     const char *type = NULL;
     for (int i = 0; i < MAX_CLAIMS && !type; i++) {
         type = claims[i] == dev ? claim_types[i] : NULL;
     }
-    pthread_mutex_unlock(&claims_lock);
+    vd_mutex_unlock(&claims_lock);
     return type;
 }
 
