@@ -17,6 +17,7 @@
 #include "jobs/blockops.h"
 #include "jobs/copy.h"
 #include "nbd/nbd-server.h"
+#include "util/lock.h"
 #include "util/log.h"
 
 /*
@@ -115,7 +116,7 @@ static Mirror *busy_list[64];
 /* Claim source and target for m; refuses when either is already a mirror's source or target. */
 static int busy_claim(Mirror *m, const char *job_id, VdError **errp)
 {
-    pthread_mutex_lock(&busy_lock);
+    vd_mutex_lock(&busy_lock);
     int free_slot = -1;
     for (int i = 0; i < 64; i++) {
         Mirror *o = busy_list[i];
@@ -126,7 +127,7 @@ static int busy_claim(Mirror *m, const char *job_id, VdError **errp)
         BlockNode *nodes[] = {m->source, m->target};
         for (int k = 0; k < 2; k++) {
             if (nodes[k] == o->source || nodes[k] == o->target || nodes[k] == o->filter) {
-                pthread_mutex_unlock(&busy_lock);
+                vd_mutex_unlock(&busy_lock);
                 vd_error_setg(errp, EBUSY, "Node '%s' is busy: block device is in use by block "
                               "job: mirror", nodes[k]->node_name);
                 return -EBUSY;
@@ -134,36 +135,36 @@ static int busy_claim(Mirror *m, const char *job_id, VdError **errp)
         }
     }
     if (free_slot < 0) {
-        pthread_mutex_unlock(&busy_lock);
+        vd_mutex_unlock(&busy_lock);
         vd_error_setg(errp, EAGAIN, "Too many mirror jobs (%s)", job_id);
         return -EAGAIN;
     }
     busy_list[free_slot] = m;
-    pthread_mutex_unlock(&busy_lock);
+    vd_mutex_unlock(&busy_lock);
     return 0;
 }
 
 bool mirror_node_busy(BlockNode *node)
 {
     bool busy = false;
-    pthread_mutex_lock(&busy_lock);
+    vd_mutex_lock(&busy_lock);
     for (int i = 0; i < 64 && !busy; i++) {
         Mirror *o = busy_list[i];
         busy = o && (node == o->source || node == o->target || node == o->filter);
     }
-    pthread_mutex_unlock(&busy_lock);
+    vd_mutex_unlock(&busy_lock);
     return busy;
 }
 
 static void busy_release(Mirror *m)
 {
-    pthread_mutex_lock(&busy_lock);
+    vd_mutex_lock(&busy_lock);
     for (int i = 0; i < 64; i++) {
         if (busy_list[i] == m) {
             busy_list[i] = NULL;
         }
     }
-    pthread_mutex_unlock(&busy_lock);
+    vd_mutex_unlock(&busy_lock);
 }
 
 /* ---- dirty bitmap (m->lock held) ---- */
@@ -257,15 +258,15 @@ typedef enum { W_DATA, W_ZERO, W_DISCARD } WriteKind;
 static void mirror_kick_locked(Mirror *m)
 {
     m->kicked = true;
-    pthread_cond_broadcast(&m->cond);
+    vd_cond_broadcast(&m->cond);
 }
 
 static void mirror_on_write(Mirror *m, WriteKind kind, uint64_t offset, uint64_t bytes,
                             const void *buf, int flags)
 {
-    pthread_mutex_lock(&m->lock);
+    vd_mutex_lock(&m->lock);
     bool detached = m->detached, wb = m->write_blocking;
-    pthread_mutex_unlock(&m->lock);
+    vd_mutex_unlock(&m->lock);
     if (detached) {
         return;
     }
@@ -294,7 +295,7 @@ static void mirror_on_write(Mirror *m, WriteKind kind, uint64_t offset, uint64_t
         stopped = stopped || st == JOB_STATUS_PAUSED || st == JOB_STATUS_STANDBY ||
                   epoch != __atomic_load_n(&m->stop_epoch, __ATOMIC_ACQUIRE);
     }
-    pthread_mutex_lock(&m->lock);
+    vd_mutex_lock(&m->lock);
     if (r < 0) {
         /* Background mode, a discard, or a failed target write: the copy loop takes it from here. */
         m->dirtied_total += bm_set(m, offset, bytes, true) * m->granularity;
@@ -303,7 +304,7 @@ static void mirror_on_write(Mirror *m, WriteKind kind, uint64_t offset, uint64_t
         }
         mirror_kick_locked(m);
     }
-    pthread_mutex_unlock(&m->lock);
+    vd_mutex_unlock(&m->lock);
 }
 
 static Mirror *top_mirror(BlockNode *bs)
@@ -360,9 +361,9 @@ static int top_flush(BlockNode *bs)
      */
     Mirror *m = top_mirror(bs);
     if (m) {
-        pthread_mutex_lock(&m->lock);
+        vd_mutex_lock(&m->lock);
         bool wb = m->write_blocking && !m->detached;
-        pthread_mutex_unlock(&m->lock);
+        vd_mutex_unlock(&m->lock);
         if (wb) {
             return vd_flush_own(m->target);
         }
@@ -683,9 +684,9 @@ static int mirror_scan(Mirror *m)
             bool dirty = m->skip_target_allocated ? (src_needs && !talloc)
                                                   : (src_needs || talloc);
             if (dirty) {
-                pthread_mutex_lock(&m->lock);
+                vd_mutex_lock(&m->lock);
                 bm_set(m, pos, tn, true);
-                pthread_mutex_unlock(&m->lock);
+                vd_mutex_unlock(&m->lock);
             }
             pos += tn;
         }
@@ -696,9 +697,9 @@ static int mirror_scan(Mirror *m)
 
 static void mirror_update_progress(Mirror *m, bool ready)
 {
-    pthread_mutex_lock(&m->lock);
+    vd_mutex_lock(&m->lock);
     uint64_t rem = dirty_bytes_locked(m);
-    pthread_mutex_unlock(&m->lock);
+    vd_mutex_unlock(&m->lock);
     /* libvirt reads offset == len as "ready": never show it before READY. */
     job_progress_set_remaining(m->job, (!ready && rem == 0) ? 1 : rem);
 }
@@ -718,10 +719,10 @@ static int mirror_io_error(Mirror *m, int r, bool is_read, VdError **errp)
          * Resumed: target errors recorded by guest writes while we were stopped (their ranges are
          * dirty, so they are re-copied) are stale: the user resumed because the target is fixed.
          */
-        pthread_mutex_lock(&m->lock);
+        vd_mutex_lock(&m->lock);
         __atomic_add_fetch(&m->stop_epoch, 1, __ATOMIC_RELEASE);
         m->pending_target_error = 0;
-        pthread_mutex_unlock(&m->lock);
+        vd_mutex_unlock(&m->lock);
     } else {
         job_sleep_ns(m->job, 10000000); /* ignore: retry, but do not spin */
     }
@@ -735,9 +736,9 @@ static void mirror_copy_chunk(void *opaque, CopyChunk *c, uint8_t *buf, uint64_t
 {
     Mirror *m = opaque;
     if (c->tracked) {
-        pthread_mutex_lock(&m->lock);
+        vd_mutex_lock(&m->lock);
         bm_set(m, c->off, c->bytes, false);
-        pthread_mutex_unlock(&m->lock);
+        vd_mutex_unlock(&m->lock);
     }
     c->ret = mirror_copy_range(m, c->off, c->bytes, buf, &c->is_read);
     if (c->ret == 0) {
@@ -745,9 +746,9 @@ static void mirror_copy_chunk(void *opaque, CopyChunk *c, uint8_t *buf, uint64_t
     }
     if (c->ret < 0 && c->tracked) {
         /* A failed chunk goes back to dirty: retried after the error policy's stop/ignore. */
-        pthread_mutex_lock(&m->lock);
+        vd_mutex_lock(&m->lock);
         bm_set(m, c->off, c->bytes, true);
-        pthread_mutex_unlock(&m->lock);
+        vd_mutex_unlock(&m->lock);
     }
     c->copied = c->bytes;
 }
@@ -763,7 +764,7 @@ static bool mirror_pick(Mirror *m, uint64_t *cursor, uint64_t max_bytes, uint64_
     uint64_t g = m->granularity, from = *cursor;
     unsigned tries = copy_engine_max_in_flight(m->engine) + 2;
     bool found = false;
-    pthread_mutex_lock(&m->lock);
+    vd_mutex_lock(&m->lock);
     for (unsigned t = 0; t < tries && !found; t++) {
         uint64_t first;
         if (!bm_next(m, from >= m->nbits ? 0 : from, &first)) {
@@ -790,7 +791,7 @@ static bool mirror_pick(Mirror *m, uint64_t *cursor, uint64_t max_bytes, uint64_
         *cursor = e2 / g;
         found = true;
     }
-    pthread_mutex_unlock(&m->lock);
+    vd_mutex_unlock(&m->lock);
     return found;
 }
 
@@ -879,14 +880,14 @@ static int mirror_verify(Mirror *m, VdError **errp)
         uint64_t n = m->len - off < unit ? m->len - off : unit;
         BtRequest req;
         block_tracker_begin(m->tracker, &req, off, n, BT_SHARED);
-        pthread_mutex_lock(&m->lock);
+        vd_mutex_lock(&m->lock);
         bool dirty = bm_set(m, off, n, false) > 0;
-        pthread_mutex_unlock(&m->lock);
+        vd_mutex_unlock(&m->lock);
         bool is_read = false;
         if (dirty && (r = mirror_copy_range(m, off, n, a, &is_read)) < 0) {
-            pthread_mutex_lock(&m->lock);
+            vd_mutex_lock(&m->lock);
             bm_set(m, off, n, true);
-            pthread_mutex_unlock(&m->lock);
+            vd_mutex_unlock(&m->lock);
         }
         if (r == 0 && (r = vd_pread(m->source, off, n, a)) == 0) {
             r = target_final_pread(m, off, n, b);
@@ -935,9 +936,9 @@ static int mirror_run(Job *job, VdError **errp)
     mirror_update_progress(m, false);
     uint64_t cursor = 0, window_start = job_now_ns();
     MirrorReap mr = {.m = m};
-    pthread_mutex_lock(&m->lock);
+    vd_mutex_lock(&m->lock);
     uint64_t window_dirty_start = m->dirty_bits;
-    pthread_mutex_unlock(&m->lock);
+    vd_mutex_unlock(&m->lock);
     int outpaced = 0, complete_rounds = 0;
     for (;;) {
         CopyChunk c;
@@ -950,9 +951,9 @@ static int mirror_run(Job *job, VdError **errp)
          * failure, a guest's target error or a speed limit drain the copies in flight first.
          */
         uint64_t speed = job_get_speed(job);
-        pthread_mutex_lock(&m->lock);
+        vd_mutex_lock(&m->lock);
         bool terr_pending = m->pending_target_error != 0;
-        pthread_mutex_unlock(&m->lock);
+        vd_mutex_unlock(&m->lock);
         if (copy_engine_take_kick(e) || mr.failed || terr_pending || speed) {
             copy_engine_drain(e, mirror_reaped, &mr);
         }
@@ -974,10 +975,10 @@ static int mirror_run(Job *job, VdError **errp)
                 r = -ECANCELED;
                 break;
             }
-            pthread_mutex_lock(&m->lock);
+            vd_mutex_lock(&m->lock);
             int terr = m->pending_target_error;
             m->pending_target_error = 0;
-            pthread_mutex_unlock(&m->lock);
+            vd_mutex_unlock(&m->lock);
             if (terr && (r = mirror_io_error(m, terr, false, errp)) < 0) {
                 break;
             }
@@ -990,7 +991,7 @@ static int mirror_run(Job *job, VdError **errp)
          */
         uint64_t t = job_now_ns();
         if (t - window_start >= WINDOW_NS) {
-            pthread_mutex_lock(&m->lock);
+            vd_mutex_lock(&m->lock);
             uint64_t gained = window_dirty_start > m->dirty_bits
                                   ? (window_dirty_start - m->dirty_bits) * m->granularity : 0;
             bool stuck = m->dirty_bits > 0 && mr.window_copied > 0 &&
@@ -1002,7 +1003,7 @@ static int mirror_run(Job *job, VdError **errp)
                        "write-blocking", job_id(job));
             }
             window_dirty_start = m->dirty_bits;
-            pthread_mutex_unlock(&m->lock);
+            vd_mutex_unlock(&m->lock);
             window_start = t;
             mr.window_copied = 0;
         }
@@ -1036,10 +1037,10 @@ static int mirror_run(Job *job, VdError **errp)
 
         /* Nothing in flight and nothing dirty. */
         bool ready = job_is_ready(job);
-        pthread_mutex_lock(&m->lock);
+        vd_mutex_lock(&m->lock);
         bool done = m->should_complete;
         bool have = m->dirty_bits > 0;
-        pthread_mutex_unlock(&m->lock);
+        vd_mutex_unlock(&m->lock);
         if (have) {
             continue; /* dirtied since the pick */
         }
@@ -1074,12 +1075,12 @@ static int mirror_run(Job *job, VdError **errp)
              * Not before the first flush: the target's flush holds its driver lock while it
              * syncs, and a write-blocking guest write would wait for that whole sync.
              */
-            pthread_mutex_lock(&m->lock);
+            vd_mutex_lock(&m->lock);
             bool more = m->dirty_bits > 0;
             if (more) {
                 m->write_blocking = true;
             }
-            pthread_mutex_unlock(&m->lock);
+            vd_mutex_unlock(&m->lock);
             if (more && ++complete_rounds < COMPLETE_ROUNDS) {
                 continue;
             }
@@ -1104,14 +1105,14 @@ static int mirror_run(Job *job, VdError **errp)
             ts.tv_nsec -= 1000000000L;
         }
         job_set_busy(job, false);
-        pthread_mutex_lock(&m->lock);
+        vd_mutex_lock(&m->lock);
         while (!m->kicked && m->dirty_bits == 0) {
-            if (pthread_cond_timedwait(&m->cond, &m->lock, &ts) != 0) {
+            if (vd_cond_timedwait(&m->cond, &m->lock, &ts) != 0) {
                 break;
             }
         }
         m->kicked = false;
-        pthread_mutex_unlock(&m->lock);
+        vd_mutex_unlock(&m->lock);
         job_set_busy(job, true);
     }
     /* Failed or cancelled copies re-dirtied their ranges; nothing may run after run returns. */
@@ -1123,10 +1124,10 @@ static int mirror_run(Job *job, VdError **errp)
 static int mirror_complete(Job *job, VdError **errp)
 {
     Mirror *m = job_opaque(job);
-    pthread_mutex_lock(&m->lock);
+    vd_mutex_lock(&m->lock);
     m->should_complete = true;
     mirror_kick_locked(m);
-    pthread_mutex_unlock(&m->lock);
+    vd_mutex_unlock(&m->lock);
     copy_engine_set_urgent(m->engine); /* finish now: no more guest-priority pacing */
     return 0;
 }
@@ -1140,17 +1141,17 @@ static bool mirror_cancel(Job *job, bool force, bool ready)
 static void mirror_kick(Job *job)
 {
     Mirror *m = job_opaque(job);
-    pthread_mutex_lock(&m->lock);
+    vd_mutex_lock(&m->lock);
     mirror_kick_locked(m);
-    pthread_mutex_unlock(&m->lock);
+    vd_mutex_unlock(&m->lock);
     copy_engine_kick(m->engine); /* a verb: drain the copies in flight and look */
 }
 
 static void mirror_detach_filter(Mirror *m)
 {
-    pthread_mutex_lock(&m->lock);
+    vd_mutex_lock(&m->lock);
     m->detached = true;
-    pthread_mutex_unlock(&m->lock);
+    vd_mutex_unlock(&m->lock);
     __atomic_store_n(&((MirrorTop *)m->filter->opaque)->m, NULL, __ATOMIC_RELEASE);
 }
 
@@ -1185,7 +1186,7 @@ static int mirror_prepare(Job *job, VdError **errp)
         uint64_t first, nb = 0;
         bool have = false;
         if (r == 0 && copy_engine_in_flight(eng) < copy_engine_max_in_flight(eng)) {
-            pthread_mutex_lock(&m->lock);
+            vd_mutex_lock(&m->lock);
             r = m->pending_target_error;
             have = r == 0 && bm_next(m, 0, &first);
             if (have) {
@@ -1207,7 +1208,7 @@ static int mirror_prepare(Job *job, VdError **errp)
                     bm_set(m, first * m->granularity, nb * m->granularity, false);
                 }
             }
-            pthread_mutex_unlock(&m->lock);
+            vd_mutex_unlock(&m->lock);
         }
         if (have) {
             uint64_t off = first * m->granularity;
@@ -1230,9 +1231,9 @@ static int mirror_prepare(Job *job, VdError **errp)
         is_read = false;
         r = mirror_flush_target(m);
     }
-    pthread_mutex_lock(&m->lock);
+    vd_mutex_lock(&m->lock);
     bool pivot = m->should_complete;
-    pthread_mutex_unlock(&m->lock);
+    vd_mutex_unlock(&m->lock);
     if (r == 0 && pivot && m->rewrite_backing) {
         VdError *e = NULL;
         r = vd_change_backing_file(m->target, m->backing_name, m->backing_fmt, &e);
@@ -1265,9 +1266,9 @@ static int mirror_prepare(Job *job, VdError **errp)
 static void mirror_abort(Job *job)
 {
     Mirror *m = job_opaque(job);
-    pthread_mutex_lock(&m->lock);
+    vd_mutex_lock(&m->lock);
     bool detached = m->detached;
-    pthread_mutex_unlock(&m->lock);
+    vd_mutex_unlock(&m->lock);
     if (detached) {
         return;
     }
@@ -1314,7 +1315,7 @@ static void mirror_query(Job *job, json_t *info)
     bool ready = json_is_true(json_object_get(info, "ready"));
     uint64_t now = job_now_ns();
     uint64_t copied = __atomic_load_n(&m->copied_total, __ATOMIC_RELAXED);
-    pthread_mutex_lock(&m->lock);
+    vd_mutex_lock(&m->lock);
     if (m->rate_t == 0 || now - m->rate_t >= RATE_NS) {
         if (m->rate_t) {
             double secs = (double)(now - m->rate_t) / 1e9;
@@ -1344,7 +1345,7 @@ static void mirror_query(Job *job, json_t *info)
         json_object_set_new(info, "vdisk-eta-ready", json_integer((json_int_t)((dirty + net - 1)
                                                                                / net)));
     }
-    pthread_mutex_unlock(&m->lock);
+    vd_mutex_unlock(&m->lock);
 }
 
 int mirror_change_copy_mode(Job *job, bool write_blocking, VdError **errp)
@@ -1355,13 +1356,13 @@ int mirror_change_copy_mode(Job *job, bool write_blocking, VdError **errp)
         return -EINVAL;
     }
     Mirror *m = job_opaque(job);
-    pthread_mutex_lock(&m->lock);
+    vd_mutex_lock(&m->lock);
     bool current = m->write_blocking;
     if (current != write_blocking && write_blocking) {
         m->write_blocking = true; /* the next guest write goes to both images */
         mirror_kick_locked(m);
     }
-    pthread_mutex_unlock(&m->lock);
+    vd_mutex_unlock(&m->lock);
     if (current && !write_blocking) {
         /* As QEMU 8.2: only background -> write-blocking is implemented. */
         vd_error_setg(errp, ENOTSUP, "Change to copy mode 'background' is not implemented");
@@ -1421,9 +1422,9 @@ BlockNode *mirror_filter_node(Job *job)
         return NULL;
     }
     Mirror *m = job_opaque(job);
-    pthread_mutex_lock(&m->lock);
+    vd_mutex_lock(&m->lock);
     BlockNode *f = m->detached ? NULL : m->filter;
-    pthread_mutex_unlock(&m->lock);
+    vd_mutex_unlock(&m->lock);
     return f;
 }
 
