@@ -36,6 +36,18 @@ def daemon(kind, ns, tmp, name):
     return Daemon(["ip", "netns", "exec", ns, *argv], qmp, os.path.join(tmp, f"{name}.log"))
 
 
+def mirror_rate(q, device, target, size):
+    """blockdev-mirror sync=full of device onto target: MiB/s up to BLOCK_JOB_READY. Then
+    cancelled (after READY: the target stays a complete copy)."""
+    t0 = time.monotonic()
+    q.cmd("blockdev-mirror", job_id="m", device=device, target=target, sync="full")
+    q.get_event("BLOCK_JOB_READY", timeout=3600)
+    secs = time.monotonic() - t0
+    q.cmd("block-job-cancel", device="m")
+    q.get_event("BLOCK_JOB_COMPLETED", timeout=600)
+    return size / MiB / secs
+
+
 def one_run(kind, nsa, nsb, tmp, src, size, delay_ms):
     tgt = os.path.join(tmp, "target.raw")
     with open(tgt, "wb") as f:
@@ -66,15 +78,10 @@ def one_run(kind, nsa, nsb, tmp, src, size, delay_ms):
         q.cmd("blockdev-add", driver="raw", node_name="remote",
               file={"driver": "nbd", "server": {"type": "unix", "path": psock},
                     "export": "incoming"})
-        t0 = time.monotonic()
-        q.cmd("blockdev-mirror", job_id="m", device="src", target="remote", sync="full")
-        q.get_event("BLOCK_JOB_READY", timeout=3600)
-        secs = time.monotonic() - t0
-        q.cmd("block-job-cancel", device="m")
-        q.get_event("BLOCK_JOB_COMPLETED", timeout=600)
+        rate = mirror_rate(q, "src", "remote", size)
         q.close()
         qb.close()
-        return size / MiB / secs
+        return rate
     finally:
         for d in (a, b):
             if d:

@@ -7,14 +7,18 @@
 #  3. block jobs under a guest: vdiskd vs qemu-storage-daemon, mirror (background and
 #     write-blocking), stream, commit, active commit, idle / capped (2000 IOPS) / uncapped fio
 #     4k random writes (bench/jobs_bench.py), and the guest's IOPS/latency timeline through each job
-#     (bench/plot.py -> jobs-timeline.png).
+#     (bench/plot.py -> jobs-timeline.png);
+#  4. hosts (~3 min at scale 1): blockdev-mirror onto Ceph RBD (a throwaway memstore cluster) and
+#     across a veth link (1 Gbit/s tbf, 0 and 5 ms added latency), vdiskd vs qemu-storage-daemon
+#     (bench/hosts_bench.py; root, ceph, qemu-block-extra, nbdkit: a part that cannot run is noted
+#     in hosts.md, the run goes on).
 # The chain: bench/bench.py's generator, seeded (4 GiB * scale virtual; base 1.5 GiB * scale of
 # random data, sn1/sn2 256 MiB * scale scattered over the disk; 64 KiB clusters; made with qemu-img).
 # Results (committed, not an ignored folder): bench/results/ - machine.md, results.md/.json,
 # guest-nbd.md/.json, jobs.md/.json, jobs-timeline.png; then BENCHMARKS.md is regenerated from them
 # (bench/report.py; BENCH_REPORT=0: not, BENCH_REPORT_TO=FILE: elsewhere).
 # Env: BENCH_SCALE (1), BENCH_REPS (3: medians of 3 with the spread everywhere), BENCH_SEED,
-#      BENCH_PARTS (offline,nbd,jobs), BENCH_OUT (bench/results), BENCH_WORK (cached chain and
+#      BENCH_PARTS (offline,nbd,jobs,hosts), BENCH_OUT (bench/results), BENCH_WORK (cached chain and
 #      run files: /var/tmp/vdisk-bench), BENCH_NBD_RUNTIME (3 s per NBD cell),
 #      BENCH_JOBS_SCENARIOS (comma-separated scenario names or substrings, see jobs_bench.py),
 #      BENCH_ONLY / BENCH_DROP_CACHES (offline part, see bench.py), VDISK, VDISKD.
@@ -27,7 +31,7 @@ VDISKD="${VDISKD:-$ROOT/build/src/tools/vdiskd}"
 SCALE="${BENCH_SCALE:-1}"
 REPS="${BENCH_REPS:-3}"
 SEED="${BENCH_SEED:-20261125}"
-PARTS="${BENCH_PARTS:-offline,nbd,jobs}"
+PARTS="${BENCH_PARTS:-offline,nbd,jobs,hosts}"
 OUT="${BENCH_OUT:-$ROOT/bench/results}"
 WORK="${BENCH_WORK:-/var/tmp/vdisk-bench}"
 # What fits ~25 min at scale 1 with 3 repetitions on 2 cores (measured: ~20 s per job run at scale
@@ -59,22 +63,27 @@ stamp() { echo "[bench $(date -u +%H:%M:%S)] $*" >&2; }
 } > "$OUT/machine.md"
 
 if [[ ",$PARTS," == *",offline,"* ]]; then
-    stamp "part 1/3: offline commands, vdisk vs qemu-img"
+    stamp "part 1/4: offline commands, vdisk vs qemu-img"
     $PY "$ROOT/bench/bench.py" --vdisk "$VDISK" --work "$WORK" --out "$OUT" --scale "$SCALE" \
         --reps "$REPS" --seed "$SEED" --only "${BENCH_ONLY:-}" \
         $([ "${BENCH_DROP_CACHES:-0}" = 1 ] && echo --drop-caches) > /dev/null
 fi
 if [[ ",$PARTS," == *",nbd,"* ]]; then
-    stamp "part 2/3: guest I/O over NBD into a fresh overlay, vdiskd vs qemu-nbd"
+    stamp "part 2/4: guest I/O over NBD into a fresh overlay, vdiskd vs qemu-nbd"
     $PY "$ROOT/bench/guest_nbd.py" --vdiskd "$VDISKD" --work "$WORK" --out "$OUT" \
         --scale "$SCALE" --seed "$SEED" --reps "$REPS" --runtime "${BENCH_NBD_RUNTIME:-3}" > /dev/null
 fi
 if [[ ",$PARTS," == *",jobs,"* ]]; then
-    stamp "part 3/3: block jobs under guest load, vdiskd vs qemu-storage-daemon"
+    stamp "part 3/4: block jobs under guest load, vdiskd vs qemu-storage-daemon"
     $PY "$ROOT/bench/jobs_bench.py" --vdiskd "$VDISKD" --work "$WORK" --out "$OUT" \
         --scale "$SCALE" --seed "$SEED" --reps "$REPS" --loads idle,capped,uncapped \
         --only "$SCENARIOS" --rate-iops 2000 --fio-secs 5 --ramp 1 > /dev/null
     $PY "$ROOT/bench/plot.py" "$OUT/jobs.json" "$OUT/jobs-timeline.png"
+fi
+if [[ ",$PARTS," == *",hosts,"* ]]; then
+    stamp "part 4/4: onto Ceph and across hosts, vdiskd vs qemu-storage-daemon"
+    VDISK_BUILD="$(dirname "$(dirname "$(dirname "$VDISKD")")")" $PY "$ROOT/bench/hosts_bench.py" \
+        --out "$OUT" --scale "$SCALE" --reps "$REPS" > /dev/null || stamp "part 4 failed (hosts.md)"
 fi
 # BENCHMARKS.md from this run (the goals checked by script; bench/results/notes.md: the reading)
 if [ "${BENCH_REPORT:-1}" = 1 ]; then
