@@ -6,6 +6,7 @@ import json
 import os
 import random
 import subprocess
+import time
 
 import pytest
 
@@ -267,7 +268,8 @@ def test_live_copy_of_running_guest_onto_ceph(ceph, tmp):
 
 
 def test_virsh_blockcopy_onto_ceph_as_readme_shows(ceph, tmp):
-    """`vdisk blockcopy disk0 rbd:... --format raw --pivot` creates the image, copies, pivots."""
+    """`vdisk blockcopy disk0 rbd:... --format raw --pivot` creates the image, copies, pivots;
+    then the README's move to another host sharing the Ceph cluster."""
     src = tmp / "d.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", src, 8 * MiB)
     qemu_io("-f", "qcow2", "-c", f"write -P 0x44 {MiB} {3 * MiB}", src)
@@ -284,13 +286,39 @@ def test_virsh_blockcopy_onto_ceph_as_readme_shows(ceph, tmp):
                   "--verbose", "--pivot", timeout=120)
         assert "Successfully pivoted" in p.stdout
         qemu_io("-f", "raw", "-c", "write -P 0x55 0 64k", uri)
+        # The README's move to another host on the same Ceph: A lets the image go ...
+        q = d.client()
+        node = [e for e in q.cmd("query-block-exports") if e["id"] == "exp0"][0]["node-name"]
+        q.cmd("block-export-del", id="exp0")
+        end = time.time() + 30
+        while q.cmd("query-block-exports"):
+            assert time.time() < end, "export not removed"
+            time.sleep(0.05)
+        q.cmd("blockdev-del", node_name=node)
+        q.close()
         d.stop_checked()
     finally:
         d.kill()
+    # ... and "host B" serves the same RBD image; the guest continues there.
+    pool_image = img.split(":")[1]
+    sock_b = str(tmp / "nbd-b.sock")
+    db = start_vdiskd(tmp, "--blockdev", json.dumps({
+        "driver": "raw", "node-name": "disk0",
+        "file": {"driver": "rbd", "pool": pool_image.split("/")[0],
+                 "image": pool_image.split("/")[1], "conf": ceph}}),
+        "--nbd-server", f"addr.type=unix,addr.path={sock_b}",
+        "--export", "type=nbd,id=disk0,node-name=disk0,name=disk0,writable=on")
+    try:
+        qemu_io("-f", "raw", "-c", f"write -P 0x66 {7 * MiB} 64k",
+                f"nbd+unix:///disk0?socket={sock_b}")
+        db.stop_checked()
+    finally:
+        db.kill()
     want = bytearray(8 * MiB)
     want[MiB:4 * MiB] = b"\x44" * (3 * MiB)
     want[0:64 * KiB] = b"\x55" * (64 * KiB)
-    assert_same(read_rbd_with_qemu(tmp, img), bytes(want), "Ceph image after blockcopy")
+    want[7 * MiB:7 * MiB + 64 * KiB] = b"\x66" * (64 * KiB)
+    assert_same(read_rbd_with_qemu(tmp, img), bytes(want), "Ceph image after blockcopy and move")
     # The guest's post-pivot write went to Ceph only.
     qemu_io("-f", "qcow2", "-c", "read -P 0 0 64k", src)
 
