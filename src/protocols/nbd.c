@@ -330,12 +330,15 @@ static int conn_start(NbdConn *c, struct nbd_handle *h)
         c->h = NULL;
         return -errno;
     }
-    pthread_mutex_init(&c->lock, NULL);
-    pthread_cond_init(&c->cond, NULL);
-    int r = pthread_create(&c->pump, NULL, pump_main, c);
-    if (r != 0) {
+    int r = pthread_mutex_init(&c->lock, NULL);
+    if (r == 0 && (r = pthread_cond_init(&c->cond, NULL)) != 0) {
+        pthread_mutex_destroy(&c->lock);
+    }
+    if (r == 0 && (r = pthread_create(&c->pump, NULL, pump_main, c)) != 0) {
         pthread_mutex_destroy(&c->lock);
         pthread_cond_destroy(&c->cond);
+    }
+    if (r != 0) {
         close(c->wake_fd);
         conn_close(h);
         c->h = NULL;
@@ -366,11 +369,11 @@ static int req_done_cb(void *opaque, int *error)
 {
     NbdReq *r = opaque;
     NbdConn *c = r->c;
-    pthread_mutex_lock(&c->lock);
+    vd_mutex_lock(&c->lock);
     r->err = *error;
     r->done = true; /* the waiter may return (and free r) as soon as the lock is dropped */
-    pthread_cond_broadcast(&c->cond);
-    pthread_mutex_unlock(&c->lock);
+    vd_cond_broadcast(&c->cond);
+    vd_mutex_unlock(&c->lock);
     return 1; /* retire the command */
 }
 
@@ -412,12 +415,12 @@ static void req_submit(NbdConn *c, NbdReq *r, NbdOp op, uint64_t off, uint64_t n
         if (nbd_aio_is_dead(c->h) == 1 || nbd_aio_is_closed(c->h) == 1) {
             e = EIO; /* the pump saw the server go: libnbd calls that a wrong state (EINVAL) */
         }
-        pthread_mutex_lock(&c->lock);
+        vd_mutex_lock(&c->lock);
         if (!r->done) {
             r->done = true;
             r->err = e > 0 ? e : EIO;
         }
-        pthread_mutex_unlock(&c->lock);
+        vd_mutex_unlock(&c->lock);
         return;
     }
     pump_kick(c);
@@ -427,16 +430,16 @@ static void req_submit(NbdConn *c, NbdReq *r, NbdOp op, uint64_t off, uint64_t n
 static int reqs_wait(NbdConn *c, NbdReq *r, size_t n)
 {
     int ret = 0;
-    pthread_mutex_lock(&c->lock);
+    vd_mutex_lock(&c->lock);
     for (size_t i = 0; i < n; i++) {
         while (!r[i].done) {
-            pthread_cond_wait(&c->cond, &c->lock);
+            vd_cond_wait(&c->cond, &c->lock);
         }
         if (r[i].err && ret == 0) {
             ret = errno_ret(r[i].err);
         }
     }
-    pthread_mutex_unlock(&c->lock);
+    vd_mutex_unlock(&c->lock);
     return ret;
 }
 
