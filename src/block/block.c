@@ -247,6 +247,24 @@ BlockNode *vd_filter_new(const BlockDriver *drv, BlockNode *child, const char *n
     return bs;
 }
 
+int64_t vd_filter_getlength(BlockNode *bs)
+{
+    return vd_getlength(bs->backing);
+}
+
+int vd_filter_pread(BlockNode *bs, uint64_t offset, uint64_t bytes, void *buf)
+{
+    return vd_pread(bs->backing, offset, bytes, buf);
+}
+
+int vd_filter_block_status(BlockNode *bs, uint64_t offset, uint64_t bytes, uint64_t *pnum,
+                           uint64_t *map, BlockNode **file)
+{
+    (void)bs, (void)offset, (void)map, (void)file;
+    *pnum = bytes;
+    return 0;
+}
+
 void vd_node_ref(BlockNode *bs)
 {
     if (bs) {

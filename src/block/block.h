@@ -323,6 +323,12 @@ BlockNode *vd_open_image(const char *filename, const char *format, int flags, Vd
  * drv->state_size zeroed bytes in opaque. refcnt 1, or NULL when out of memory.
  */
 BlockNode *vd_filter_new(const BlockDriver *drv, BlockNode *child, const char *node_name);
+/* Pass-through callbacks for such filters: the child (backing) answers; block status says
+ * "decided below" for the whole range. */
+int64_t vd_filter_getlength(BlockNode *bs);
+int vd_filter_pread(BlockNode *bs, uint64_t offset, uint64_t bytes, void *buf);
+int vd_filter_block_status(BlockNode *bs, uint64_t offset, uint64_t bytes, uint64_t *pnum,
+                           uint64_t *map, BlockNode **file);
 void vd_node_ref(BlockNode *bs);
 /* Drop a reference; the last one flushes, closes the driver and unrefs file and backing. */
 void vd_node_unref(BlockNode *bs);

@@ -691,16 +691,11 @@ int vd_bitmap_set_busy(BlockNode *bs, const char *name, bool busy, VdError **err
     return bitmap_apply(bs, name, 0, op_busy, busy ? 1 : -1, errp);
 }
 
-int vd_bitmap_status(BlockNode *bs, const char *name, uint64_t offset, uint64_t bytes,
-                     uint64_t *pnum, bool *dirty)
+/* The extent of bm starting at offset (see vd_bitmap_status). */
+static int extent_of(const VdDirtyBitmap *bm, uint64_t offset, uint64_t bytes, uint64_t *pnum,
+                     bool *dirty)
 {
-    VdBitmapList *l;
-    VdDirtyBitmap *bm = lookup_locked(bs, name, &l, NULL);
-    if (!bm) {
-        return -ENOENT;
-    }
     if (offset >= bm->size || bytes == 0) {
-        vd_mutex_unlock(&l->lock);
         return -EINVAL;
     }
     uint64_t end = bytes > bm->size - offset ? bm->size : offset + bytes;
@@ -710,8 +705,77 @@ int vd_bitmap_status(BlockNode *bs, const char *name, uint64_t offset, uint64_t 
     for (i++; pos < end && bit_get(bm->bits, i) == d; i++) {
         pos += 1ULL << bm->gran_bits;
     }
-    vd_mutex_unlock(&l->lock);
     *pnum = (pos < end ? pos : end) - offset;
     *dirty = d;
     return 0;
+}
+
+int vd_bitmap_status(BlockNode *bs, const char *name, uint64_t offset, uint64_t bytes,
+                     uint64_t *pnum, bool *dirty)
+{
+    VdBitmapList *l;
+    VdDirtyBitmap *bm = lookup_locked(bs, name, &l, NULL);
+    if (!bm) {
+        return -ENOENT;
+    }
+    int r = extent_of(bm, offset, bytes, pnum, dirty);
+    vd_mutex_unlock(&l->lock);
+    return r;
+}
+
+VdBitmapSaved *vd_bitmap_save_and_clear(BlockNode *bs, const char *name, VdError **errp)
+{
+    VdBitmapList *l;
+    VdDirtyBitmap *bm = lookup_locked(bs, name, &l, errp);
+    if (!bm) {
+        return NULL;
+    }
+    VdDirtyBitmap *copy = bitmap_new(bm->name, bm->gran_bits, bm->size);
+    if (copy) {
+        memcpy(copy->bits, bm->bits, bytes_for(bm->nbits));
+        memset(bm->bits, 0, bytes_for(bm->nbits));
+    } else {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+    }
+    vd_mutex_unlock(&l->lock);
+    return copy;
+}
+
+int vd_bitmap_saved_status(const VdBitmapSaved *saved, uint64_t offset, uint64_t bytes,
+                           uint64_t *pnum, bool *dirty)
+{
+    return extent_of(saved, offset, bytes, pnum, dirty);
+}
+
+void vd_bitmap_saved_reset(VdBitmapSaved *saved, uint64_t offset, uint64_t bytes)
+{
+    if (bytes == 0 || offset >= saved->size) {
+        return;
+    }
+    uint64_t end = bytes > saved->size - offset ? saved->size : offset + bytes;
+    /* only granules entirely inside the range: a partly covered one keeps its bit */
+    uint64_t g = 1ULL << saved->gran_bits;
+    uint64_t first = (offset + g - 1) >> saved->gran_bits;
+    uint64_t last_end = end == saved->size ? saved->nbits : end >> saved->gran_bits;
+    if (last_end > first) {
+        bits_fill(saved->bits, first, last_end - 1, false);
+    }
+}
+
+void vd_bitmap_restore(BlockNode *bs, const char *name, VdBitmapSaved *saved)
+{
+    VdBitmapList *l;
+    VdDirtyBitmap *bm = saved ? lookup_locked(bs, name, &l, NULL) : NULL;
+    if (bm) {
+        if (bm->size == saved->size) {
+            or_into(bm->bits, bm->gran_bits, saved);
+        }
+        vd_mutex_unlock(&l->lock);
+    }
+    bitmap_free(saved);
+}
+
+void vd_bitmap_saved_free(VdBitmapSaved *saved)
+{
+    bitmap_free(saved);
 }

@@ -79,4 +79,18 @@ int vd_bitmap_set_busy(BlockNode *bs, const char *name, bool busy, VdError **err
 int vd_bitmap_status(BlockNode *bs, const char *name, uint64_t offset, uint64_t bytes,
                      uint64_t *pnum, bool *dirty);
 
+/*
+ * A job's private copy of a bitmap (blockdev-backup with a bitmap): save_and_clear takes the bits
+ * and empties the bitmap, which goes on recording; restore ORs a copy back (no checks: the job
+ * holds the bitmap busy) and frees it. saved_reset clears the granules wholly inside a range
+ * (copied, under bitmap-mode=always).
+ */
+typedef struct VdDirtyBitmap VdBitmapSaved;
+VdBitmapSaved *vd_bitmap_save_and_clear(BlockNode *bs, const char *name, VdError **errp);
+int vd_bitmap_saved_status(const VdBitmapSaved *saved, uint64_t offset, uint64_t bytes,
+                           uint64_t *pnum, bool *dirty);
+void vd_bitmap_saved_reset(VdBitmapSaved *saved, uint64_t offset, uint64_t bytes);
+void vd_bitmap_restore(BlockNode *bs, const char *name, VdBitmapSaved *saved);
+void vd_bitmap_saved_free(VdBitmapSaved *saved);
+
 #endif

@@ -312,16 +312,6 @@ static Mirror *top_mirror(BlockNode *bs)
     return __atomic_load_n(&((MirrorTop *)bs->opaque)->m, __ATOMIC_ACQUIRE);
 }
 
-static int64_t top_getlength(BlockNode *bs)
-{
-    return vd_getlength(bs->backing);
-}
-
-static int top_pread(BlockNode *bs, uint64_t offset, uint64_t bytes, void *buf)
-{
-    return vd_pread(bs->backing, offset, bytes, buf);
-}
-
 static int top_pwrite(BlockNode *bs, uint64_t offset, uint64_t bytes, const void *buf, int flags)
 {
     int r = vd_pwrite(bs->backing, offset, bytes, buf, flags);
@@ -371,13 +361,6 @@ static int top_flush(BlockNode *bs)
     return 0;
 }
 
-static int top_block_status(BlockNode *bs, uint64_t offset, uint64_t bytes, uint64_t *pnum,
-                            uint64_t *map, BlockNode **file)
-{
-    *pnum = bytes;
-    return 0; /* everything is decided by the source below */
-}
-
 static uint32_t top_cluster_size(BlockNode *bs)
 {
     Mirror *m = top_mirror(bs);
@@ -388,13 +371,13 @@ static const BlockDriver mirror_top_driver = {
     .name = "mirror-top",
     .supports_backing = true,
     .state_size = sizeof(MirrorTop),
-    .pread = top_pread,
+    .pread = vd_filter_pread,
     .pwrite = top_pwrite,
     .pwrite_zeroes = top_pwrite_zeroes,
     .pdiscard = top_pdiscard,
     .flush = top_flush,
-    .block_status = top_block_status,
-    .getlength = top_getlength,
+    .block_status = vd_filter_block_status,
+    .getlength = vd_filter_getlength,
     .cluster_size = top_cluster_size,
 };
 

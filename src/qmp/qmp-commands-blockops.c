@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <string.h>
 
+#include "jobs/backup.h"
 #include "jobs/blockops.h"
 #include "jobs/mirror.h"
 #include "qmp/qmp-args.h"
@@ -176,6 +177,53 @@ static json_t *cmd_block_commit(json_t *args, VdError **errp)
     return commit_request_start(&r, errp) < 0 ? NULL : json_object();
 }
 
+/* ---- blockdev-backup ---- */
+
+/* BitmapSyncMode, in BackupBitmapMode's order. */
+static const char *const bitmap_mode_values[] = {"on-success", "never", "always", NULL};
+
+/* BackupPerf (x-perf): checked, ignored. */
+static const QmpArgSpec backup_perf_args[] = {
+    {"use-copy-range", QA_BOOL},
+    {"max-workers", QA_INT},
+    {"max-chunk", QA_INT},
+    {NULL}};
+
+#define K(field) QMP_AT(BackupRequest, field)
+static const QmpArgSpec blockdev_backup_args[] = {
+    {"job-id", QA_STR, .at = K(job_id)},
+    {"device", QA_STR, true, .at = K(device)},
+    {"sync", QA_ENUM, true, sync_values, .at = K(sync)},
+    {"speed", QA_INT, .at = K(speed)},
+    {"bitmap", QA_STR, .at = K(bitmap)},
+    {"bitmap-mode", QA_ENUM, false, bitmap_mode_values, .at = K(bitmap_mode),
+     .has_at = K(has_bitmap_mode)},
+    {"compress", QA_BOOL, .at = K(compress)},
+    {"on-source-error", QA_ENUM, false, on_error_values, .at = K(on_source_error)},
+    {"on-target-error", QA_ENUM, false, on_error_values, .at = K(on_target_error)},
+    {"auto-finalize", QA_BOOL, .at = K(auto_finalize)},
+    {"auto-dismiss", QA_BOOL, .at = K(auto_dismiss)},
+    {"filter-node-name", QA_STR, .at = K(filter_node_name)},
+    {"x-perf", QA_OBJ, .nested = backup_perf_args, .has_at = K(has_x_perf)},
+    {"target", QA_STR, true, .at = K(target)},
+    {NULL}};
+#undef K
+
+static json_t *cmd_blockdev_backup(json_t *args, VdError **errp)
+{
+    BackupRequest r = {.auto_finalize = true, .auto_dismiss = true};
+    if (qmp_args_parse(args, blockdev_backup_args, &r, errp) < 0) {
+        return NULL;
+    }
+    r.on_source_error = job_error_action(r.on_source_error);
+    r.on_target_error = job_error_action(r.on_target_error);
+    if (backup_request_start(&r, errp) < 0) {
+        qmp_error_not_device(errp); /* QEMU's backup errors are all GenericError */
+        return NULL;
+    }
+    return json_object();
+}
+
 /* ---- snapshots ---- */
 
 typedef struct SnapshotSyncArgs {
@@ -282,6 +330,7 @@ void qmp_commands_blockops_register(void)
     qmp_register_command("drive-mirror", drive_mirror_args, cmd_drive_mirror);
     qmp_register_command("blockdev-mirror", blockdev_mirror_args, cmd_blockdev_mirror);
     qmp_register_command("block-stream", block_stream_args, cmd_block_stream);
+    qmp_register_command("blockdev-backup", blockdev_backup_args, cmd_blockdev_backup);
     qmp_register_command("block-commit", block_commit_args, cmd_block_commit);
     qmp_register_command("blockdev-snapshot-sync", blockdev_snapshot_sync_args,
                          cmd_blockdev_snapshot_sync);

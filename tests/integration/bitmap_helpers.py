@@ -98,4 +98,4 @@ def assert_replies_match_qsd(tmp, steps_fn):
         elif cmd == "query-block-exports":
             assert sorted(e["id"] for e in rv["return"]) == sorted(e["id"] for e in rq["return"])
         else:
-            assert rv == rq, (cmd, args)
+            assert rv == rq, (cmd, args, rv, rq)

@@ -44,6 +44,7 @@ def valid_args(tmp):
         "drive-mirror": {"device": "nx", "target": f"{nodir}/mirror.img", "sync": "full"},
         "blockdev-mirror": {"device": "nx", "target": "t0", "sync": "full"},
         "block-stream": {"device": "nx"},
+        "blockdev-backup": {"device": "nx", "target": "t0", "sync": "full"},
         "block-commit": {"device": "nx"},
         "blockdev-snapshot-sync": {"node-name": "nx", "snapshot-file": f"{nodir}/snap.img"},
         "blockdev-snapshot": {"node": "nx", "overlay": "t0"},
