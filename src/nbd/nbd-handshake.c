@@ -4,6 +4,8 @@
  * sync, otherwise the client alone is dropped; no option payload larger than 1 MiB is buffered.
  */
 #include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -18,9 +20,9 @@ static int send_rep(NbdConn *c, uint32_t opt, uint32_t type, const void *data, u
     nbd_put32(h + 8, opt);
     nbd_put32(h + 12, type);
     nbd_put32(h + 16, len);
-    int r = nbd_write_full(c->fd, h, sizeof(h));
+    int r = nbd_conn_write(c, h, sizeof(h));
     if (r == 0 && len) {
-        r = nbd_write_full(c->fd, data, len);
+        r = nbd_conn_write(c, data, len);
     }
     return r;
 }
@@ -233,18 +235,41 @@ static int opt_meta(NbdConn *c, uint32_t opt, const uint8_t *p, uint32_t len)
     return r;
 }
 
+static int send_tls_reqd(NbdConn *c, uint32_t opt)
+{
+    char msg[64];
+    snprintf(msg, sizeof(msg), "Option 0x%" PRIx32 " not permitted before TLS", opt);
+    return send_err(c, opt, NBD_REP_ERR_TLS_REQD, msg);
+}
+
+/* NBD_OPT_STARTTLS: acknowledge in clear, then the TLS handshake (nbd-tls.c). */
+static int opt_starttls(NbdConn *c, uint32_t len)
+{
+    if (len != 0) {
+        return send_err(c, NBD_OPT_STARTTLS, NBD_REP_ERR_INVALID, "option takes no data");
+    }
+    if (!c->tls_creds) {
+        return send_err(c, NBD_OPT_STARTTLS, NBD_REP_ERR_POLICY, "TLS not configured");
+    }
+    if (c->tls) {
+        return send_err(c, NBD_OPT_STARTTLS, NBD_REP_ERR_INVALID, "TLS already enabled");
+    }
+    int r = send_rep(c, NBD_OPT_STARTTLS, NBD_REP_ACK, NULL, 0);
+    return r < 0 ? r : nbd_tls_starttls(c);
+}
+
 int nbd_handshake(NbdConn *c)
 {
     uint8_t h[18];
     nbd_put64(h, NBD_MAGIC);
     nbd_put64(h + 8, NBD_OPTS_MAGIC);
     nbd_put16(h + 16, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
-    int r = nbd_write_full(c->fd, h, sizeof(h));
+    int r = nbd_conn_write(c, h, sizeof(h));
     if (r < 0) {
         return r;
     }
     uint8_t cf[4];
-    if ((r = nbd_read_full(c->fd, cf, 4)) < 0) {
+    if ((r = nbd_conn_read(c, cf, 4)) < 0) {
         return r;
     }
     uint32_t cflags = nbd_get32(cf);
@@ -256,7 +281,7 @@ int nbd_handshake(NbdConn *c)
 
     for (;;) {
         uint8_t oh[16];
-        if ((r = nbd_read_full(c->fd, oh, sizeof(oh))) < 0) {
+        if ((r = nbd_conn_read(c, oh, sizeof(oh))) < 0) {
             return r;
         }
         if (nbd_get64(oh) != NBD_OPTS_MAGIC) {
@@ -271,7 +296,7 @@ int nbd_handshake(NbdConn *c)
             if (len > NBD_OPT_DISCARD_LIMIT || opt == NBD_OPT_EXPORT_NAME) {
                 return -E2BIG;
             }
-            if ((r = nbd_discard_bytes(c->fd, len)) < 0 ||
+            if ((r = nbd_conn_discard(c, len)) < 0 ||
                 (r = send_err(c, opt, NBD_REP_ERR_TOO_BIG, "option too large")) < 0) {
                 return r;
             }
@@ -281,7 +306,7 @@ int nbd_handshake(NbdConn *c)
         if (!p) {
             return -ENOMEM;
         }
-        if ((r = nbd_read_full(c->fd, p, len)) < 0) {
+        if ((r = nbd_conn_read(c, p, len)) < 0) {
             free(p);
             return r;
         }
@@ -297,7 +322,22 @@ int nbd_handshake(NbdConn *c)
             continue;
         }
 
+        if (c->tls_creds && !c->tls && opt != NBD_OPT_STARTTLS && opt != NBD_OPT_ABORT) {
+            /* TLS required: nothing but STARTTLS (or ABORT) in clear, as qemu-nbd */
+            free(p);
+            if (opt == NBD_OPT_EXPORT_NAME) {
+                return -EACCES; /* no way to reply: close */
+            }
+            if ((r = send_tls_reqd(c, opt)) < 0) {
+                return r;
+            }
+            continue;
+        }
+
         switch (opt) {
+        case NBD_OPT_STARTTLS:
+            r = opt_starttls(c, len);
+            break;
         case NBD_OPT_EXPORT_NAME: {
             NbdExport *exp = (len <= NBD_MAX_STRING && !memchr(p, 0, len))
                                  ? nbd_server_get_export((char *)p) : NULL;
@@ -316,7 +356,7 @@ int nbd_handshake(NbdConn *c)
             if ((r = nbd_conn_attach(c, exp)) < 0) {
                 return r; /* deleted meanwhile: no way to say so but hanging up */
             }
-            return nbd_write_full(c->fd, rep, c->no_zeroes ? 10 : sizeof(rep));
+            return nbd_conn_write(c, rep, c->no_zeroes ? 10 : sizeof(rep));
         }
         case NBD_OPT_ABORT:
             send_rep(c, opt, NBD_REP_ACK, NULL, 0); /* best effort: the client may be gone */

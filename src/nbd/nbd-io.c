@@ -44,17 +44,3 @@ int nbd_write_full(int fd, const void *buf, size_t len)
     }
     return 0;
 }
-
-int nbd_discard_bytes(int fd, uint64_t len)
-{
-    uint8_t buf[4096];
-    while (len > 0) {
-        size_t chunk = len > sizeof(buf) ? sizeof(buf) : (size_t)len;
-        int r = nbd_read_full(fd, buf, chunk);
-        if (r < 0) {
-            return r;
-        }
-        len -= chunk;
-    }
-    return 0;
-}

@@ -13,6 +13,7 @@
 #include "block/block.h"
 #include "block/tracking.h"
 #include "nbd/nbd-server.h"
+#include "util/tls-creds.h"
 
 /* ---- handshake ---- */
 #define NBD_MAGIC 0x4e42444d41474943ULL      /* "NBDMAGIC" */
@@ -166,6 +167,9 @@ struct NbdConn {
     uint32_t meta_nsel;
     char *meta_export;
     uint16_t tflags;          /* transmission flags sent */
+    VdTlsCreds *tls_creds;    /* the server's (borrowed: it outlives its connections); NULL = plain */
+    VdAuthz *tls_authz;       /* likewise, NULL = any peer the credentials admit */
+    gnutls_session_t tls;     /* after NBD_OPT_STARTTLS: every byte goes through it */
 
     pthread_mutex_t send_lock; /* serialises every write to fd during transmission */
     pthread_mutex_t lock;      /* protects the fields below */
@@ -209,7 +213,19 @@ void nbd_export_leave(NbdExport *exp);
 /* nbd-io.c: full reads/writes on a socket. 0 on success, -errno (or -EPIPE on EOF). */
 int nbd_read_full(int fd, void *buf, size_t len);
 int nbd_write_full(int fd, const void *buf, size_t len);
-int nbd_discard_bytes(int fd, uint64_t len);
+
+/*
+ * nbd-tls.c: a connection's byte I/O (through its TLS session when it has one; straight to the
+ * socket otherwise), 0 / -errno as nbd-io.c; nbd_conn_recv returns what arrived (0 at EOF).
+ */
+ssize_t nbd_conn_recv(NbdConn *c, void *buf, size_t len);
+int nbd_conn_read(NbdConn *c, void *buf, size_t len);
+int nbd_conn_write(NbdConn *c, const void *buf, size_t len);
+int nbd_conn_discard(NbdConn *c, uint64_t len);
+/* After NBD_OPT_STARTTLS was acknowledged: handshake, check the peer. <0 = drop the client. */
+int nbd_tls_starttls(NbdConn *c);
+/* End the TLS session, if any (before the socket is closed). */
+void nbd_tls_close(NbdConn *c);
 
 /* nbd-handshake.c: negotiate; 0 = conn->exp set and transmission may start, <0 = drop client. */
 int nbd_handshake(NbdConn *conn);

@@ -43,6 +43,8 @@ static struct {
     pthread_t accept_thread;
     char *unix_path;          /* unlinked on stop */
     uint32_t max_conns;
+    VdTlsCreds *tls_creds;    /* ref held while running; NULL = no TLS */
+    VdAuthz *tls_authz;       /* ref held; NULL = no authz */
     unsigned nconns;
     NbdConn *conns;
     NbdExport **exports;
@@ -535,6 +537,7 @@ static void *conn_thread(void *arg)
             break;
         }
     }
+    nbd_tls_close(c);
     close(c->fd);
     c->fd = -1;
     if (c->exp) {
@@ -568,6 +571,8 @@ static void accept_one(int fd)
         return;
     }
     c->fd = fd;
+    c->tls_creds = srv.tls_creds; /* set before the server runs, dropped after its last client */
+    c->tls_authz = srv.tls_authz;
     pthread_mutex_init(&c->send_lock, NULL);
     pthread_mutex_init(&c->lock, NULL);
     pthread_cond_init(&c->cond, NULL);
@@ -691,6 +696,12 @@ static int listen_inet(const char *host, const char *port, VdError **errp)
 
 int nbd_server_start(const NbdServerAddress *addr, uint32_t max_connections, VdError **errp)
 {
+    return nbd_server_start_tls(addr, max_connections, NULL, NULL, errp);
+}
+
+int nbd_server_start_tls(const NbdServerAddress *addr, uint32_t max_connections,
+                         VdTlsCreds *tls_creds, VdAuthz *tls_authz, VdError **errp)
+{
     vd_mutex_lock(&srv.lock);
     if (srv.running) {
         vd_mutex_unlock(&srv.lock);
@@ -735,11 +746,15 @@ int nbd_server_start(const NbdServerAddress *addr, uint32_t max_connections, VdE
     srv.listen_fd = fd;
     srv.unix_path = upath;
     srv.max_conns = max_connections;
+    srv.tls_creds = tls_creds;
+    srv.tls_authz = tls_authz;
     srv.stopping = false;
     srv.running = true;
     r = pthread_create(&srv.accept_thread, NULL, accept_thread, NULL);
     if (r != 0) {
         srv.running = false;
+        srv.tls_creds = NULL;
+        srv.tls_authz = NULL;
         vd_mutex_unlock(&srv.lock);
         nbd_pool_stop();
         close(fd);
@@ -813,6 +828,10 @@ void nbd_server_stop(void)
     }
     free(srv.exports);
     srv.exports = NULL;
+    vd_tls_creds_unref(srv.tls_creds);
+    vd_authz_unref(srv.tls_authz);
+    srv.tls_creds = NULL;
+    srv.tls_authz = NULL;
     srv.running = false;
     srv.stopping = false;
     vd_mutex_unlock(&srv.lock);

@@ -16,6 +16,7 @@
 #include "block/block.h"
 #include "block/dirty-bitmap.h"
 #include "util/error.h"
+#include "util/tls-creds.h"
 
 typedef struct NbdExport NbdExport;
 
@@ -28,6 +29,20 @@ typedef struct NbdServerAddress {
 
 /* Start listening; only one server at a time (-EEXIST otherwise). max_connections 0 = unlimited. */
 int nbd_server_start(const NbdServerAddress *addr, uint32_t max_connections, VdError **errp);
+/*
+ * The same, with NBD over TLS (nbd-server-start's tls-creds, tls-authz): a client must send
+ * NBD_OPT_STARTTLS before anything else, and must pass tls_authz (NULL = anyone the credentials
+ * admit). On success the server takes both references (dropped at stop); on failure, not.
+ */
+int nbd_server_start_tls(const NbdServerAddress *addr, uint32_t max_connections,
+                         VdTlsCreds *tls_creds, VdAuthz *tls_authz, VdError **errp);
+/*
+ * The objects nbd-server-start's tls-creds / tls-authz name (either NULL = none): new references
+ * in *creds / *authz, or -errno with QEMU's message ("No TLS credentials with id 'x'", ...).
+ * tls-authz without tls-creds is refused (qemu-nbd refuses it too).
+ */
+int nbd_server_tls_lookup(const char *tls_creds, const char *tls_authz, VdTlsCreds **creds,
+                          VdAuthz **authz, VdError **errp);
 /* Stop listening, disconnect every client (after their in-flight requests finish), drop exports. */
 void nbd_server_stop(void);
 bool nbd_server_running(void);

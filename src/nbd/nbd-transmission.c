@@ -500,6 +500,12 @@ static void queue_reply(NbdConn *c, uint8_t *buf, size_t bufsize, size_t off, si
         vd_mutex_unlock(&c->lock); /* the owner of the send side sends it */
         return;
     }
+    if (c->tls) {
+        /* A TLS record cannot be sent in part without blocking: the writer sends it. */
+        vd_cond_signal(&c->wcond);
+        vd_mutex_unlock(&c->lock);
+        return;
+    }
     c->sending = true;
     for (unsigned sent = 0;; sent++) {
         r = c->rq_head;
@@ -576,7 +582,7 @@ static void *writer_thread(void *arg)
         int ret = 0;
         if (!dead) {
             vd_mutex_lock(&c->send_lock);
-            ret = nbd_write_full(c->fd, r->buf + r->off, r->len);
+            ret = nbd_conn_write(c, r->buf + r->off, r->len);
             vd_mutex_unlock(&c->send_lock);
         }
         nbd_buf_free(r->buf, r->bufsize);
@@ -839,7 +845,7 @@ static size_t rbuf_avail(const RecvBuf *b)
 }
 
 /* Have at least n (<= NBD_RBUF_SIZE) bytes buffered; blocks. 0, -errno or -EPIPE at EOF. */
-static int rbuf_need(int fd, RecvBuf *b, size_t n)
+static int rbuf_need(NbdConn *c, RecvBuf *b, size_t n)
 {
     if (rbuf_avail(b) >= n) {
         return 0;
@@ -850,12 +856,9 @@ static int rbuf_need(int fd, RecvBuf *b, size_t n)
         b->start = 0;
     }
     while (b->end < n) {
-        ssize_t r = recv(fd, b->buf + b->end, NBD_RBUF_SIZE - b->end, 0);
+        ssize_t r = nbd_conn_recv(c, b->buf + b->end, NBD_RBUF_SIZE - b->end);
         if (r < 0) {
-            if (errno == EINTR) {
-                continue;
-            }
-            return -errno;
+            return (int)r;
         }
         if (r == 0) {
             return -EPIPE;
@@ -866,12 +869,12 @@ static int rbuf_need(int fd, RecvBuf *b, size_t n)
 }
 
 /* Read len bytes: what is buffered first, the rest straight from the socket. */
-static int rbuf_read(int fd, RecvBuf *b, uint8_t *dst, size_t len)
+static int rbuf_read(NbdConn *c, RecvBuf *b, uint8_t *dst, size_t len)
 {
     size_t have = rbuf_avail(b) < len ? rbuf_avail(b) : len;
     memcpy(dst, b->buf + b->start, have);
     b->start += have;
-    return have < len ? nbd_read_full(fd, dst + have, len - have) : 0;
+    return have < len ? nbd_conn_read(c, dst + have, len - have) : 0;
 }
 
 typedef struct {
@@ -942,7 +945,7 @@ void nbd_transmission(NbdConn *c)
             break;
         }
 
-        if (rbuf_need(c->fd, &rb, NBD_REQUEST_SIZE) < 0) {
+        if (rbuf_need(c, &rb, NBD_REQUEST_SIZE) < 0) {
             break;
         }
         const uint8_t *h = rb.buf + rb.start;
@@ -977,7 +980,7 @@ void nbd_transmission(NbdConn *c)
                     batch_flush(c, &batch); /* the rest of the payload may take a while */
                 }
                 req->data = nbd_buf_alloc(req->len); /* O_DIRECT-ready */
-                if (!req->data || rbuf_read(c->fd, &rb, req->data, req->len) < 0) {
+                if (!req->data || rbuf_read(c, &rb, req->data, req->len) < 0) {
                     nbd_buf_free(req->data, req->len);
                     free(req);
                     break;

@@ -116,17 +116,22 @@ static json_t *cmd_nbd_server_start(json_t *args, VdError **errp)
     if (parse_addr(json_object_get(args, "addr"), &addr, errp) < 0) {
         return NULL;
     }
-    if (json_object_get(args, "tls-creds") || json_object_get(args, "tls-authz")) {
-        vd_error_setg(errp, ENOTSUP, "TLS is not supported by vdiskd");
-        return NULL;
-    }
     if (nbd_server_running()) {
         vd_error_setg(errp, EEXIST, "NBD server already running");
         return NULL;
     }
+    VdTlsCreds *creds = NULL;
+    VdAuthz *authz = NULL;
+    if (nbd_server_tls_lookup(qmp_arg_str(args, "tls-creds", NULL),
+                              qmp_arg_str(args, "tls-authz", NULL), &creds, &authz, errp) < 0) {
+        qmp_error_not_device(errp);
+        return NULL;
+    }
     json_t *mc = json_object_get(args, "max-connections");
     uint32_t max_conn = mc ? (uint32_t)json_integer_value(mc) : 0;
-    if (nbd_server_start(&addr, max_conn, errp) < 0) {
+    if (nbd_server_start_tls(&addr, max_conn, creds, authz, errp) < 0) {
+        vd_tls_creds_unref(creds);
+        vd_authz_unref(authz);
         qmp_error_not_device(errp);
         return NULL;
     }

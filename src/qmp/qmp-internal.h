@@ -31,6 +31,7 @@ void qmp_commands_nbd_register(void);
 void qmp_commands_jobs_register(void);     /* job verbs, query-jobs, query-block-jobs */
 void qmp_commands_blockops_register(void); /* mirror, stream, commit, snapshots */
 void qmp_commands_bitmap_register(void);
+void qmp_commands_object_register(void);  /* object-add, object-del */
 
 /*
  * A [BlockDirtyBitmapOrStr] argument (merge's sources, an export's bitmaps) into refs (one per

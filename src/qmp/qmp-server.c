@@ -860,6 +860,7 @@ int qmp_server_start(const char *socket_path, VdError **errp)
     qmp_commands_core_register();
     qmp_commands_block_register();
     qmp_commands_nbd_register();
+    qmp_commands_object_register();
     qmp_commands_jobs_register();
     qmp_commands_blockops_register();
     qmp_commands_bitmap_register();

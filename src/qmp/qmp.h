@@ -72,6 +72,12 @@ void qmp_set_quit_handler(void (*fn)(void));
  * DeviceNotFound, or ENODEV for a missing block job: DeviceNotActive, QEMU's class for that).
  * So use neither code for ordinary failures (e.g. a file that does not exist).
  */
+/*
+ * object-add's work, for vdiskd's --object too: args as QMP's ObjectOptions ({"qom-type", "id",
+ * ...}); tls-creds-x509, tls-creds-psk and authz-simple. 0 or -errno with *errp set.
+ */
+int qmp_object_add(json_t *args, VdError **errp);
+
 typedef json_t *(*QmpCommandFn)(json_t *args, VdError **errp);
 void qmp_register_command(const char *name, const QmpArgSpec *args, QmpCommandFn fn);
 

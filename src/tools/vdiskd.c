@@ -39,8 +39,12 @@ static void usage(FILE *f)
     fprintf(f,
             "Usage: " PROG " [options]\n"
             "  --blockdev JSON|key=val,...     add a block node (blockdev-add options)\n"
+            "  --object tls-creds-x509,id=ID,dir=DIR[,endpoint=server|client][,verify-peer=on|off]\n"
+            "  --object tls-creds-psk,id=ID,dir=DIR[,endpoint=server|client][,username=U]\n"
+            "  --object authz-simple,id=ID,identity=NAME\n"
             "  --nbd-server addr.type=inet,addr.host=H,addr.port=P[,max-connections=N]\n"
             "  --nbd-server addr.type=unix,addr.path=P[,max-connections=N]\n"
+            "               [,tls-creds=ID[,tls-authz=ID]] (NBD over TLS, required of clients)\n"
             "  --export type=nbd,id=ID,node-name=NODE[,name=NAME][,writable=on|off]"
             "[,description=TEXT]\n"
             "  --qmp PATH                      serve QMP on a unix socket\n"
@@ -273,7 +277,7 @@ static int do_blockdev(const char *arg, VdError **errp)
 static int do_nbd_server(const char *arg, VdError **errp)
 {
     static const char *const keys[] = {"addr.type", "addr.host", "addr.port", "addr.path",
-                                       "max-connections", NULL};
+                                       "max-connections", "tls-creds", "tls-authz", NULL};
     KvList kv;
     int r = kv_parse(arg, &kv, errp);
     if (r < 0) {
@@ -314,8 +318,20 @@ static int do_nbd_server(const char *arg, VdError **errp)
         kv_free(&kv);
         return -EINVAL;
     }
-    r = nbd_server_start(&addr, maxc, errp);
-    if (r == 0) {
+    VdTlsCreds *creds;
+    VdAuthz *authz;
+    r = nbd_server_tls_lookup(kv_get(&kv, "tls-creds"), kv_get(&kv, "tls-authz"), &creds,
+                              &authz, errp);
+    if (r < 0) {
+        vd_error_prepend(errp, "--nbd-server: ");
+        kv_free(&kv);
+        return r;
+    }
+    r = nbd_server_start_tls(&addr, maxc, creds, authz, errp);
+    if (r < 0) {
+        vd_tls_creds_unref(creds);
+        vd_authz_unref(authz);
+    } else {
         if (addr.type == NBD_ADDR_UNIX) {
             vd_log(VD_LOG_INFO, "NBD server listening on %s", addr.path);
         } else {
@@ -358,6 +374,32 @@ static int export_bitmaps(const KvList *kv, BlockNode *bs, VdBitmapRef *refs, in
         }
     }
     return n;
+}
+
+/* QSD's --object TYPE,id=ID,...: object-add's arguments, the type as the bare first word. */
+static int do_object(const char *arg, VdError **errp)
+{
+    const char *comma = strchr(arg, ',');
+    size_t tl = comma ? (size_t)(comma - arg) : strlen(arg);
+    json_t *opts;
+    if (memchr(arg, '=', tl)) {
+        opts = keyval_to_json(arg, errp); /* qom-type=TYPE,... */
+    } else {
+        opts = keyval_to_json(comma ? comma + 1 : "", errp);
+        if (opts) {
+            json_object_set_new(opts, "qom-type", json_stringn(arg, tl));
+        }
+    }
+    if (!opts) {
+        vd_error_prepend(errp, "--object: ");
+        return -EINVAL;
+    }
+    int r = qmp_object_add(opts, errp);
+    json_decref(opts);
+    if (r < 0) {
+        vd_error_prepend(errp, "--object: ");
+    }
+    return r;
 }
 
 static int do_export(const char *arg, VdError **errp)
@@ -465,7 +507,7 @@ static void free_ptr(void *p)
 }
 
 enum { OPT_BLOCKDEV = 256, OPT_NBD_SERVER, OPT_EXPORT, OPT_QMP, OPT_PIDFILE, OPT_DAEMONIZE,
-       OPT_NBD_CONNECT_TIMEOUT, OPT_QMP_MAX_CLIENTS, OPT_SOCKET_GROUP };
+       OPT_NBD_CONNECT_TIMEOUT, OPT_QMP_MAX_CLIENTS, OPT_SOCKET_GROUP, OPT_OBJECT };
 
 /*
  * Default bound on an NBD client node's connect + handshake: blockdev-add runs on the QMP thread,
@@ -477,6 +519,7 @@ enum { OPT_BLOCKDEV = 256, OPT_NBD_SERVER, OPT_EXPORT, OPT_QMP, OPT_PIDFILE, OPT
 int main(int argc, char **argv)
 {
     static const struct option longopts[] = {
+        {"object", required_argument, NULL, OPT_OBJECT},
         {"blockdev", required_argument, NULL, OPT_BLOCKDEV},
         {"nbd-server", required_argument, NULL, OPT_NBD_SERVER},
         {"export", required_argument, NULL, OPT_EXPORT},
@@ -493,7 +536,8 @@ int main(int argc, char **argv)
     /* cleanup: freed on every return path, including the daemonizing parent's */
     const char **blockdevs __attribute__((cleanup(free_ptr))) = calloc((size_t)argc, sizeof(char *));
     const char **exports __attribute__((cleanup(free_ptr))) = calloc((size_t)argc, sizeof(char *));
-    size_t nblockdevs = 0, nexports = 0;
+    const char **objects __attribute__((cleanup(free_ptr))) = calloc((size_t)argc, sizeof(char *));
+    size_t nblockdevs = 0, nexports = 0, nobjects = 0;
     const char *nbd_server = NULL, *qmp_path = NULL, *pidfile = NULL;
     bool daemonize = false;
     int nbd_connect_timeout_ms = DEFAULT_NBD_CONNECT_TIMEOUT_MS;
@@ -505,13 +549,16 @@ int main(int argc, char **argv)
      * 11.3 MiB peak; large I/O buffers do not come from malloc at all: nbd-transmission.c).
      */
     mallopt(M_ARENA_MAX, 2);
-    if (!blockdevs || !exports) {
+    if (!blockdevs || !exports || !objects) {
         fprintf(stderr, PROG ": out of memory\n");
         return 1;
     }
     int c;
     while ((c = getopt_long(argc, argv, "vh", longopts, NULL)) != -1) {
         switch (c) {
+        case OPT_OBJECT:
+            objects[nobjects++] = optarg;
+            break;
         case OPT_BLOCKDEV:
             blockdevs[nblockdevs++] = optarg;
             break;
@@ -627,6 +674,10 @@ int main(int argc, char **argv)
 
     VdError *err = NULL;
     int r = 0;
+    /* Objects first: blockdevs (NBD clients) and the NBD server name them. */
+    for (size_t i = 0; i < nobjects && r == 0; i++) {
+        r = do_object(objects[i], &err);
+    }
     for (size_t i = 0; i < nblockdevs && r == 0; i++) {
         r = do_blockdev(blockdevs[i], &err);
     }

@@ -143,7 +143,7 @@ def test_export_serves_data_inet_and_unix_flat(vd, tmp, img):
             "Parameter 'addr.tls-creds' is unexpected"
         c.cmd("nbd-server-stop")
         assert c.error("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}},
-                                            "tls-creds": "t"}) == "TLS is not supported by vdiskd"
+                                            "tls-creds": "t"}) == "No TLS credentials with id 't'"
         assert "not supported" in c.error("nbd-server-start",
                                           {"addr": {"type": "vsock",
                                                     "data": {"cid": "1", "port": "2"}}})

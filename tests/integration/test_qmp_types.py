@@ -68,6 +68,9 @@ def valid_args(tmp):
         "block-dirty-bitmap-enable": {"node": "nx", "name": "b0"},
         "block-dirty-bitmap-disable": {"node": "nx", "name": "b0"},
         "block-dirty-bitmap-merge": {"node": "nx", "target": "b0", "bitmaps": ["b1"]},
+        "object-add": {"qom-type": "tls-creds-x509", "id": "o0", "dir": nodir,
+                       "endpoint": "server"},
+        "object-del": {"id": "nx"},
     }
 
 

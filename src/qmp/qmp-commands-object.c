@@ -1,0 +1,152 @@
+/*
+ * qmp-commands-object.c - object-add / object-del for the objects vdiskd has (util/tls-creds.h):
+ * tls-creds-x509, tls-creds-psk and authz-simple, with QEMU's ObjectOptions union as the argument
+ * table (every other qom-type QEMU knows is refused by name). vdiskd's --object goes through
+ * qmp_object_add too, so the command line and QMP accept exactly the same objects.
+ */
+#include <errno.h>
+#include <string.h>
+
+#include "qmp/qmp-args.h"
+#include "qmp/qmp-internal.h"
+#include "util/tls-creds.h"
+
+/* QEMU 7.2's ObjectType, so an unknown type gets QEMU's "does not accept value". */
+static const char *const qom_type_enum[] = {
+    "authz-list", "authz-listfile", "authz-pam", "authz-simple", "can-bus", "can-host-socketcan",
+    "colo-compare", "cryptodev-backend", "cryptodev-backend-builtin", "cryptodev-backend-lkcf",
+    "cryptodev-vhost-user", "dbus-vmstate", "filter-buffer", "filter-dump", "filter-mirror",
+    "filter-redirector", "filter-replay", "filter-rewriter", "input-barrier", "input-linux",
+    "iothread", "main-loop", "memory-backend-epc", "memory-backend-file", "memory-backend-memfd",
+    "memory-backend-ram", "pef-guest", "pr-manager-helper", "qtest", "rng-builtin", "rng-egd",
+    "rng-random", "secret", "secret_keyring", "sev-guest", "thread-context", "s390-pv-guest",
+    "throttle-group", "tls-creds-anon", "tls-creds-psk", "tls-creds-x509", "tls-cipher-suites",
+    "x-remote-object", "x-vfio-user-server", NULL};
+static const char *const endpoint_enum[] = {"client", "server", NULL};
+
+typedef struct ObjectAddArgs {
+    int qom_type; /* index in qom_type_enum */
+    const char *id, *dir, *priority, *username, *identity, *passwordid;
+    int endpoint; /* index in endpoint_enum */
+    bool verify_peer;
+} ObjectAddArgs;
+
+#define OBJECT_BASE_MEMBERS                                                                  \
+    {"qom-type", QA_ENUM, true, qom_type_enum, .at = QMP_AT(ObjectAddArgs, qom_type)},       \
+    {"id", QA_STR, true, .at = QMP_AT(ObjectAddArgs, id)}
+
+/* TlsCredsProperties' members, then each type's own (QEMU's order, which decides which error
+ * a message with several bad members gets). */
+#define TLS_CREDS_MEMBERS                                                                    \
+    OBJECT_BASE_MEMBERS,                                                                     \
+    {"verify-peer", QA_BOOL, .at = QMP_AT(ObjectAddArgs, verify_peer)},                      \
+    {"dir", QA_STR, .at = QMP_AT(ObjectAddArgs, dir)},                                       \
+    {"endpoint", QA_ENUM, false, endpoint_enum, .at = QMP_AT(ObjectAddArgs, endpoint)},      \
+    {"priority", QA_STR, .at = QMP_AT(ObjectAddArgs, priority)},                             \
+    {"loaded", QA_BOOL}
+
+static const QmpArgSpec object_base_spec[] = {OBJECT_BASE_MEMBERS, {NULL}};
+static const QmpArgSpec x509_spec[] = {
+    TLS_CREDS_MEMBERS,
+    {"sanity-check", QA_BOOL},
+    {"passwordid", QA_STR, .at = QMP_AT(ObjectAddArgs, passwordid)},
+    {NULL}};
+static const QmpArgSpec psk_spec[] = {
+    TLS_CREDS_MEMBERS,
+    {"username", QA_STR, .at = QMP_AT(ObjectAddArgs, username)},
+    {NULL}};
+static const QmpArgSpec authz_simple_spec[] = {
+    OBJECT_BASE_MEMBERS,
+    {"identity", QA_STR, true, .at = QMP_AT(ObjectAddArgs, identity)},
+    {NULL}};
+
+typedef struct ObjectVariant {
+    const char *type;
+    const QmpArgSpec *spec; /* the whole member list: base + variant */
+} ObjectVariant;
+
+static const ObjectVariant variants[] = {
+    {"tls-creds-x509", x509_spec},
+    {"tls-creds-psk", psk_spec},
+    {"authz-simple", authz_simple_spec},
+    {NULL, NULL}};
+
+static int add_checked(const char *type, const ObjectAddArgs *a, VdError **errp)
+{
+    if (!strcmp(type, "authz-simple")) {
+        return vd_authz_simple_add(a->id, a->identity, errp);
+    }
+    if (a->passwordid) {
+        vd_error_setg(errp, ENOTSUP, "passwordid (an encrypted private key) is not supported "
+                      "by vdiskd");
+        return -ENOTSUP;
+    }
+    if (!a->dir) {
+        vd_error_setg(errp, EINVAL, "Missing 'dir' property value");
+        return -EINVAL;
+    }
+    VdTlsCredsOptions o = {.id = a->id, .psk = !strcmp(type, "tls-creds-psk"), .dir = a->dir,
+                           .server = a->endpoint == 1, .verify_peer = a->verify_peer,
+                           .priority = a->priority, .username = a->username};
+    return vd_tls_creds_add(&o, errp);
+}
+
+int qmp_object_add(json_t *args, VdError **errp)
+{
+    /* The union's tag and id first (QEMU's order): the tag decides which members are expected. */
+    json_t *base = json_object();
+    const char *keys[] = {"qom-type", "id"};
+    for (int i = 0; i < 2; i++) {
+        json_t *v = json_object_get(args, keys[i]);
+        if (v) {
+            json_object_set(base, keys[i], v);
+        }
+    }
+    ObjectAddArgs a = {.verify_peer = true};
+    int r = qmp_args_parse(base, object_base_spec, &a, errp);
+    json_decref(base);
+    if (r < 0) {
+        return r;
+    }
+    const char *type = qom_type_enum[a.qom_type];
+    const ObjectVariant *v = variants;
+    while (v->type && strcmp(v->type, type) != 0) {
+        v++;
+    }
+    if (!v->type) {
+        vd_error_setg(errp, ENOTSUP, "Object type '%s' is not supported by vdiskd (supported: "
+                      "tls-creds-x509, tls-creds-psk, authz-simple)", type);
+        return -ENOTSUP;
+    }
+    if ((r = qmp_args_parse(args, v->spec, &a, errp)) < 0) {
+        return r;
+    }
+    return add_checked(type, &a, errp);
+}
+
+static json_t *cmd_object_add(json_t *args, VdError **errp)
+{
+    if (qmp_object_add(args, errp) < 0) {
+        qmp_error_not_device(errp); /* a missing file is a GenericError in QEMU */
+        return NULL;
+    }
+    return json_object();
+}
+
+static const QmpArgSpec object_del_args[] = {{"id", QA_STR, true}, {NULL}};
+
+static json_t *cmd_object_del(json_t *args, VdError **errp)
+{
+    if (vd_object_del(qmp_arg_str(args, "id", ""), errp) < 0) {
+        qmp_error_not_device(errp);
+        return NULL;
+    }
+    return json_object();
+}
+
+void qmp_commands_object_register(void)
+{
+    /* ObjectOptions is a union on "qom-type": qmp_object_add checks the variant's members. */
+    qmp_register_command("object-add", NULL, cmd_object_add);
+    qmp_register_command("object-del", object_del_args, cmd_object_del);
+}
