@@ -337,7 +337,9 @@ typedef struct ChainSeen {
     int n;
 } ChainSeen;
 
-static BlockNode *open_protocol(const char *filename, int flags, VdError **errp)
+/* tls_creds: passed on to the protocol driver (nbd), NULL for none. */
+static BlockNode *open_protocol(const char *filename, int flags, const char *tls_creds,
+                               VdError **errp)
 {
     const BlockDriver *drv = vd_protocol_for(filename, errp);
     if (!drv) {
@@ -348,7 +350,8 @@ static BlockNode *open_protocol(const char *filename, int flags, VdError **errp)
         vd_error_setg(errp, ENOMEM, "Out of memory opening '%s'", filename);
         return NULL;
     }
-    VdOpenOptions po = { .filename = filename, .format = drv->name, .flags = flags };
+    VdOpenOptions po = { .filename = filename, .format = drv->name, .flags = flags,
+                         .tls_creds = tls_creds };
     int ret = drv->open(bs, &po, errp);
     if (ret < 0) {
         node_free_unopened(bs);
@@ -456,7 +459,7 @@ static BlockNode *open_one(const VdOpenOptions *opts, ChainSeen *seen, bool is_b
         vd_node_ref(opts->file);
         proto = opts->file;
     } else {
-        proto = open_protocol(filename, opts->flags, errp);
+        proto = open_protocol(filename, opts->flags, opts->tls_creds, errp);
         if (!proto) {
             return NULL;
         }
@@ -563,7 +566,7 @@ BlockNode *vd_open_image(const char *filename, const char *format, int flags, Vd
 
 const char *vd_probe_format(const char *filename, VdError **errp)
 {
-    BlockNode *proto = open_protocol(filename, VD_OPEN_FORCE_SHARE, errp);
+    BlockNode *proto = open_protocol(filename, VD_OPEN_FORCE_SHARE, NULL, errp);
     if (!proto) {
         return NULL;
     }

@@ -83,6 +83,8 @@ typedef struct VdOpenOptions {
     BlockNode *file;          /* use this protocol node as the file child (takes a ref) */
     /* Serve this internal snapshot (id, else name) instead of the active image; read-only. */
     const char *snapshot;
+    /* nbd: the id of a tls-creds object (client endpoint, util/tls-creds.h): NBD over TLS. */
+    const char *tls_creds;
 } VdOpenOptions;
 
 typedef struct VdCreateOptions {

@@ -34,6 +34,7 @@
 #include "protocols/nbd.h"
 #include "util/log.h"
 #include "util/lock.h"
+#include "util/tls-creds.h"
 
 #define NBD_MAX_CONNS 4
 /* Largest read/write payload per command when the server does not say (the spec's safe size). */
@@ -76,6 +77,7 @@ typedef struct NbdState {
     bool can_flush, can_fua, can_trim, can_zero, can_fast_zero, has_base_alloc, multi_conn;
     bool lock_init;
     pthread_rwlock_t rmw_lock; /* only used when align > 1, see header comment */
+    VdTlsCreds *tls;          /* NBD over TLS with these credentials (ref held), or NULL */
 } NbdState;
 
 static NbdState *ns_of(BlockNode *bs)
@@ -212,8 +214,33 @@ static int64_t now_ms(void)
  * One connection to uri with base:allocation requested. timeout_ms < 0 blocks (the first
  * connection: the user waits for the server as qemu-img does); otherwise gives up after it.
  */
-static struct nbd_handle *conn_open(const char *uri, int timeout_ms, int *perr,
-                                    VdError **errp)
+/*
+ * TLS required, with the credentials of a tls-creds object (QEMU's layout: x509 dir with
+ * ca-cert.pem and client-{cert,key}.pem, or dir/keys.psk and a user name). -1 = libnbd error.
+ */
+static int conn_set_tls(struct nbd_handle *h, const VdTlsCreds *tls)
+{
+    if (nbd_set_tls(h, LIBNBD_TLS_REQUIRE) == -1) {
+        return -1;
+    }
+    if (!vd_tls_creds_is_psk(tls)) {
+        if (nbd_set_tls_certificates(h, vd_tls_creds_dir(tls)) == -1) {
+            return -1;
+        }
+        return nbd_set_tls_verify_peer(h, vd_tls_creds_verify_peer(tls));
+    }
+    char *psk = NULL;
+    if (asprintf(&psk, "%s/keys.psk", vd_tls_creds_dir(tls)) < 0) {
+        errno = ENOMEM;
+        return -1;
+    }
+    int r = nbd_set_tls_psk_file(h, psk);
+    free(psk);
+    return r == -1 ? -1 : nbd_set_tls_username(h, vd_tls_creds_username(tls));
+}
+
+static struct nbd_handle *conn_open(const char *uri, const VdTlsCreds *tls, int timeout_ms,
+                                    int *perr, VdError **errp)
 {
     struct nbd_handle *h = nbd_create();
     if (!h) {
@@ -221,7 +248,8 @@ static struct nbd_handle *conn_open(const char *uri, int timeout_ms, int *perr,
         vd_error_setg(errp, ENOMEM, "Could not open '%s': %s", uri, nbd_msg());
         return NULL;
     }
-    if (nbd_add_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) == -1) {
+    if (nbd_add_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) == -1 ||
+        (tls && conn_set_tls(h, tls) == -1)) {
         goto fail;
     }
     if (timeout_ms < 0) {
@@ -483,19 +511,35 @@ void vd_nbd_set_connect_timeout(int timeout_ms)
                      __ATOMIC_RELAXED);
 }
 
+static int nbd_drv_open_conns(BlockNode *bs, const VdOpenOptions *opts, VdError **errp);
+
 static int nbd_drv_open(BlockNode *bs, const VdOpenOptions *opts, VdError **errp)
 {
     NbdState *s = ns_of(bs);
-    const char *uri = opts->filename;
     memset(s, 0, sizeof(*s));
+    if (opts->tls_creds && !(s->tls = vd_tls_creds_get(opts->tls_creds, false, errp))) {
+        return -EINVAL;
+    }
+    int r = nbd_drv_open_conns(bs, opts, errp);
+    if (r < 0) {
+        vd_tls_creds_unref(s->tls);
+        s->tls = NULL;
+    }
+    return r;
+}
+
+static int nbd_drv_open_conns(BlockNode *bs, const VdOpenOptions *opts, VdError **errp)
+{
+    NbdState *s = ns_of(bs);
+    const char *uri = opts->filename;
     if (!uri || !*uri) {
         vd_error_setg(errp, EINVAL, "The 'nbd' protocol needs a URI (nbd://HOST[:PORT]/EXPORT "
                       "or nbd+unix:///EXPORT?socket=PATH)");
         return -EINVAL;
     }
     int cerr = 0;
-    struct nbd_handle *h = conn_open(uri, __atomic_load_n(&first_connect_timeout_ms,
-                                                          __ATOMIC_RELAXED), &cerr, errp);
+    struct nbd_handle *h = conn_open(uri, s->tls, __atomic_load_n(&first_connect_timeout_ms,
+                                                                  __ATOMIC_RELAXED), &cerr, errp);
     if (!h) {
         return -cerr;
     }
@@ -549,7 +593,7 @@ static int nbd_drv_open(BlockNode *bs, const VdOpenOptions *opts, VdError **errp
     if (s->multi_conn) {
         for (int i = 1; i < NBD_MAX_CONNS; i++) {
             VdError *local = NULL;
-            struct nbd_handle *x = conn_open(uri, NBD_EXTRA_CONNECT_MS, &cerr, &local);
+            struct nbd_handle *x = conn_open(uri, s->tls, NBD_EXTRA_CONNECT_MS, &cerr, &local);
             if (!x) {
                 vd_log(VD_LOG_DEBUG, "nbd: using %d connection(s) to '%s': %s", s->nconns, uri,
                        vd_error_msg(local));
@@ -583,6 +627,8 @@ static void nbd_drv_close(BlockNode *bs)
         pthread_rwlock_destroy(&s->rmw_lock);
         s->lock_init = false;
     }
+    vd_tls_creds_unref(s->tls);
+    s->tls = NULL;
 }
 
 int vd_nbd_connection_count(BlockNode *bs)
@@ -971,18 +1017,22 @@ static int nbd_drv_probe(const uint8_t *buf, size_t len, const char *filename)
     return 0; /* a protocol, never a format guess */
 }
 
-/* BlockdevOptionsNbd (tls-creds is refused by the QMP layer). */
+/* BlockdevOptionsNbd; tls-creds names a tls-creds object (VdOpenOptions.tls_creds). */
 static const VdOptSpec nbd_blockdev_options[] = {
     {"server", VD_OPT_SOCKADDR, true},
     {"export", VD_OPT_STR},
     {"tls-creds", VD_OPT_STR},
-    {"tls-hostname", VD_OPT_STR},
+    {"tls-hostname", VD_OPT_STR, .unsupported = " (the server's certificate is checked against "
+                                                "server.host)"},
     {"x-dirty-bitmap", VD_OPT_STR},
     {"reconnect-delay", VD_OPT_U32},
     {"open-timeout", VD_OPT_U32},
     {NULL}};
 
-/* The libnbd URI of a blockdev-add nbd node: percent-encoded, so any export name works. */
+/*
+ * The libnbd URI of a blockdev-add nbd node: percent-encoded, so any export name works; nbds://
+ * (TLS) with tls-creds, whose files nbd_drv_open gives libnbd itself.
+ */
 static char *nbd_blockdev_filename(const VdOptReader *o, VdError **errp)
 {
     const char *type = o->str(o, "server.type");
@@ -991,6 +1041,15 @@ static char *nbd_blockdev_filename(const VdOptReader *o, VdError **errp)
     char *uri = vd_nbd_make_uri(is_unix ? NULL : o->str(o, "server.host"),
                                 is_unix ? NULL : o->str(o, "server.port"),
                                 is_unix ? o->str(o, "server.path") : NULL, exp ? exp : "");
+    if (uri && o->str(o, "tls-creds")) {
+        char *tls_uri = NULL; /* "nbd://..." / "nbd+unix://...": the same with "nbds" */
+        if (asprintf(&tls_uri, "nbds%s", uri + 3) < 0) {
+            tls_uri = NULL;
+            errno = ENOMEM;
+        }
+        free(uri);
+        uri = tls_uri;
+    }
     if (!uri) {
         if (errno == EINVAL) {
             vd_error_setg(errp, EINVAL, "NBD server: invalid %s", is_unix ? "socket path"

@@ -186,10 +186,6 @@ static int check_options(json_t *o, const char *prefix, VdError **errp)
             return -ENOTSUP;
         }
     }
-    if (json_object_get(o, "tls-creds")) {
-        vd_error_setg(errp, ENOTSUP, "'%stls-creds': TLS is not supported by vdiskd", prefix);
-        return -ENOTSUP;
-    }
     return 0;
 }
 
@@ -318,6 +314,7 @@ static BlockNode *open_tree(json_t *o, const Inherit *parent, bool is_backing, V
             return vd_open(&opts, errp);
         }
         JsonReader reader = {{json_reader_str}, o};
+        opts.tls_creds = qmp_arg_str(o, "tls-creds", NULL); /* nbd: NBD over TLS */
         return open_by_name(&opts, drv, d->blockdev_filename(&reader.r, errp), errp);
     }
 

@@ -219,11 +219,11 @@ def test_authz_simple_admits_the_same_clients_as_qemu_nbd(tmp, pki):
     assert results["vdiskd"] == results["qemu-nbd"] == [True, False], results
 
 
-def run_qemu_nbd(tmp, img, port, extra):
+def run_qemu_nbd(tmp, img, port, extra, fmt="qcow2"):
     import subprocess
     import time
     log = open(os.path.join(str(tmp), "qemu-nbd.log"), "w")
-    p = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "-b", "127.0.0.1", "-p", str(port),
+    p = subprocess.Popen(["qemu-nbd", "-f", fmt, "-b", "127.0.0.1", "-p", str(port),
                           "-x", "disk", "--persistent", "--shared=4", *extra, img],
                          stdout=log, stderr=subprocess.STDOUT)
     end = time.time() + 15
@@ -291,6 +291,75 @@ def test_starttls_to_a_plain_server_is_refused_by_policy(tmp):
             assert recv_rep(s)[:2] == (NBD_OPT_STARTTLS, NBD_REP_ERR_POLICY)
     finally:
         vd.stop_checked()
+
+
+# ---------------- vdiskd as a TLS client of qemu-nbd ----------------
+
+def mirror_to_tls_qemu_nbd(tmp, server_creds, client_creds):
+    """vdiskd mirrors a qcow2 disk (its guest writing meanwhile) onto a qemu-nbd TLS export
+    through an nbd node with tls-creds; returns (source, target, error of blockdev-add or None)."""
+    src = make_image(tmp)
+    tgt = os.path.join(str(tmp), "target.raw")
+    qemu_img("create", "-q", "-f", "raw", tgt, "4M")
+    port = free_port()
+    qn = run_qemu_nbd(tmp, tgt, port, ["--object", server_creds,
+                                            "--tls-creds", "tls0"], fmt="raw")
+    vd = start_vdiskd(tmp, "-v", "--object", client_creds)
+    err = None
+    try:
+        c = vd.client()
+        c.cmd("blockdev-add", **{"driver": "qcow2", "node-name": "d0",
+                                 "file": {"driver": "file", "filename": src}})
+        r = c.execute("blockdev-add", {"driver": "nbd", "node-name": "t0", "export": "disk",
+                                       "server": {"type": "inet", "host": "127.0.0.1",
+                                                  "port": str(port)},
+                                       "tls-creds": "tlsc"})
+        if "error" in r:
+            err = r["error"]["desc"]
+        else:
+            nodes = {n["node-name"]: n for n in c.cmd("query-named-block-nodes")}
+            assert nodes["t0"]["file"].startswith("nbds://"), nodes["t0"]
+            c.cmd("blockdev-mirror", job_id="m0", device="d0", target="t0", sync="full")
+            c.get_event("BLOCK_JOB_READY", timeout=60)
+            c.cmd("block-job-complete", device="m0")
+            ev = c.get_event("BLOCK_JOB_COMPLETED", timeout=60)
+            assert "error" not in ev["data"], ev
+        c.close()
+    finally:
+        vd.stop_checked()
+        qn.terminate()
+        qn.wait(timeout=15)
+    return src, tgt, err
+
+
+def test_vdiskd_mirrors_onto_a_qemu_nbd_x509_export(tmp, pki):
+    src, tgt, err = mirror_to_tls_qemu_nbd(tmp, x509_obj(pki["server"], "server"),
+                                           x509_obj(pki["client"], "client", id="tlsc"))
+    assert err is None, err
+    qemu_img("compare", "-f", "qcow2", "-F", "raw", src, tgt)
+    qemu_io("-f", "raw", "-c", f"read -P {PATTERN} 0 1M", tgt)
+
+
+def test_vdiskd_mirrors_onto_a_qemu_nbd_psk_export(tmp, pki):
+    src, tgt, err = mirror_to_tls_qemu_nbd(
+        tmp, f"tls-creds-psk,id=tls0,endpoint=server,dir={pki['psk_server']}",
+        f"tls-creds-psk,id=tlsc,endpoint=client,username=qemu,dir={pki['psk_client']}")
+    assert err is None, err
+    qemu_img("compare", "-f", "qcow2", "-F", "raw", src, tgt)
+
+
+@pytest.mark.parametrize("who", ["psk_wrong", "foreign_trust"])
+def test_vdiskd_refuses_a_server_it_cannot_authenticate(tmp, pki, who):
+    if who == "psk_wrong":
+        server = f"tls-creds-psk,id=tls0,endpoint=server,dir={pki['psk_server']}"
+        client = f"tls-creds-psk,id=tlsc,endpoint=client,username=qemu,dir={pki[who]}"
+    else:
+        server = x509_obj(pki["server"], "server")
+        client = x509_obj(pki[who], "client", id="tlsc")
+    src, tgt, err = mirror_to_tls_qemu_nbd(tmp, server, client)
+    assert err and "Could not open 'nbds://127.0.0.1:" in err, err
+    with open(tgt, "rb") as f:
+        assert f.read() == bytes(4 << 20)  # nothing was written
 
 
 # ---------------- a few raw protocol helpers ----------------
