@@ -208,6 +208,13 @@ struct BlockDriver {
     /* Compressed write of whole clusters (convert -c); offset/bytes cluster aligned. */
     int (*pwrite_compressed)(BlockNode *bs, uint64_t offset, uint64_t bytes, const void *buf);
     int (*flush)(BlockNode *bs);
+    /*
+     * Copy offloading (convert -C): write [offset, offset+bytes) of bs with the bytes at
+     * src_offset of the protocol node src, without passing them through this process. -ENOTSUP
+     * when this pair of nodes cannot (the caller then copies through a buffer).
+     */
+    int (*copy_range_to)(BlockNode *bs, uint64_t offset, uint64_t bytes, BlockNode *src,
+                         uint64_t src_offset);
 
     /*
      * Status of [offset, offset+bytes) in this layer only. Sets *pnum (>0, <= bytes) to the
@@ -381,6 +388,15 @@ int vd_pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags);
 /* A no-op (returns 0) where the driver cannot discard. */
 int vd_pdiscard(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags);
 int vd_pwrite_compressed(BlockNode *bs, uint64_t offset, uint64_t bytes, const void *buf);
+/*
+ * Copy offloading (io.c): make [dst_offset, dst_offset+bytes) of dst read as
+ * [src_offset, ...) of src reads, by copy_file_range between the host files holding them.
+ * Only data src stores in a host file (block status DATA with a host offset) can be offloaded;
+ * anything else, or a dst whose driver cannot, is -ENOTSUP (copy through a buffer instead).
+ * On error part of the range may have been written.
+ */
+int vd_copy_range(BlockNode *src, uint64_t src_offset, BlockNode *dst, uint64_t dst_offset,
+                  uint64_t bytes);
 int vd_flush(BlockNode *bs);
 /*
  * vd_flush of bs and its file only, never its backing: a mirror target whose temporary backing is

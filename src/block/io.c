@@ -7,8 +7,8 @@
  * writing past its end, and file reads past the end return zeroes.
  * No locks here: concurrency is each driver's business (block.h), callers may add tracking.
  * VD_OPEN_NO_FLUSH (cache=unsafe) is enforced here: no sync of that node's file, FUA dropped.
- * Every successful write, write-zeroes, discard or compressed write sets the range in the node's
- * enabled dirty bitmaps (vd_bitmaps_note_write), and a resize resizes them.
+ * Every successful write, write-zeroes, discard, compressed write or offloaded copy sets the
+ * range in the node's enabled dirty bitmaps (vd_bitmaps_note_write), and a resize resizes them.
  * vd_flush follows a writable backing; vd_flush_own does not. Each thread counts its syncs
  * (thread-local, lock-free) so a pivot can report how many it made while guests were drained.
  */
@@ -251,4 +251,49 @@ int vd_truncate(BlockNode *bs, uint64_t size, bool shrink, VdPrealloc prealloc, 
         return -ENOMEM;
     }
     return ret;
+}
+
+/*
+ * Copy offloading (qemu-img convert -C): find where src's data lives in a host file (block
+ * status) and have dst's driver fill its range from there (copy_range_to, ending in
+ * copy_file_range between two file nodes). 0 only when every byte went through the kernel.
+ */
+int vd_copy_range(BlockNode *src, uint64_t src_offset, BlockNode *dst, uint64_t dst_offset,
+                  uint64_t bytes)
+{
+    if (dst->read_only) {
+        return -EPERM;
+    }
+    int ret = check_range(src, src_offset, bytes);
+    if (ret == 0) {
+        ret = check_range(dst, dst_offset, bytes);
+    }
+    if (ret < 0 || bytes == 0) {
+        return ret;
+    }
+    if (!dst->drv->copy_range_to) {
+        return -ENOTSUP;
+    }
+    while (bytes > 0) {
+        uint64_t pnum;
+        VdBlockStatus st;
+        ret = vd_block_status_above(src, NULL, src_offset, bytes, &pnum, &st);
+        if (ret < 0) {
+            return ret;
+        }
+        /* Compressed, zero or backing-less holes have no host bytes to hand over. */
+        if ((st.flags & (VD_BS_DATA | VD_BS_ZERO | VD_BS_OFFSET_VALID)) !=
+                (VD_BS_DATA | VD_BS_OFFSET_VALID) || !st.file || pnum == 0) {
+            return -ENOTSUP;
+        }
+        pnum = pnum < bytes ? pnum : bytes;
+        ret = dst->drv->copy_range_to(dst, dst_offset, pnum, st.file, st.offset);
+        if (noted(dst, dst_offset, pnum, ret) < 0) {
+            return ret;
+        }
+        src_offset += pnum;
+        dst_offset += pnum;
+        bytes -= pnum;
+    }
+    return 0;
 }

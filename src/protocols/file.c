@@ -667,6 +667,39 @@ static int do_fallocate(int fd, int mode, uint64_t offset, uint64_t len)
     return 0;
 }
 
+/*
+ * Copy offloading between two file nodes: copy_file_range (reflinks or in-kernel copies).
+ * The kernel refusing the pair (other filesystem, O_DIRECT rules, no support) is -ENOTSUP so
+ * the caller copies through a buffer; a source ending early is -ENOTSUP too (those bytes read
+ * as zeroes, which only a buffered copy writes).
+ */
+static int file_copy_range_to(BlockNode *bs, uint64_t offset, uint64_t bytes, BlockNode *src,
+                              uint64_t src_offset)
+{
+    if (src->drv != &vd_drv_file) {
+        return -ENOTSUP;
+    }
+    int in = fs_of(src)->fd, out = fs_of(bs)->fd;
+    loff_t off_in = (loff_t)src_offset, off_out = (loff_t)offset;
+    while (bytes > 0) {
+        size_t n = bytes > (1u << 30) ? (1u << 30) : (size_t)bytes;
+        ssize_t r = copy_file_range(in, &off_in, out, &off_out, n, 0);
+        if (r < 0 && errno == EINTR) {
+            continue;
+        }
+        if (r < 0) {
+            int e = errno;
+            return (e == EXDEV || e == EINVAL || e == ENOSYS || e == EOPNOTSUPP ||
+                    e == EBADF) ? -ENOTSUP : -e;
+        }
+        if (r == 0) {
+            return -ENOTSUP;
+        }
+        bytes -= (uint64_t)r;
+    }
+    return 0;
+}
+
 static int file_pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags)
 {
     FileState *s = fs_of(bs);
@@ -1001,6 +1034,7 @@ const BlockDriver vd_drv_file = {
     .pread = file_pread,
     .pwrite = file_pwrite,
     .pwrite_zeroes = file_pwrite_zeroes,
+    .copy_range_to = file_copy_range_to,
     .pdiscard = file_pdiscard,
     .flush = file_flush,
     .block_status = file_block_status,

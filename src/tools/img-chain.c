@@ -16,12 +16,14 @@
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
 
 /* Open flags for -t CACHE: none/directsync bypass the page cache; unsafe never syncs. */
-static int cache_open_flags(const char *cache)
+/* -t/-T as qemu-img: an unknown cache mode is an error (-1 after its message). */
+static int cache_flags_or_error(const char *cache, const char *what, int *flags)
 {
-    if (!strcmp(cache, "unsafe")) {
-        return VD_OPEN_NO_FLUSH;
+    if (tool_cache_flags(cache, flags) < 0) {
+        tool_error("Invalid %scache option: %s", what, cache);
+        return -1;
     }
-    return (!strcmp(cache, "none") || !strcmp(cache, "directsync")) ? VD_OPEN_DIRECT : 0;
+    return 0;
 }
 
 /* ================================ commit ================================ */
@@ -61,6 +63,8 @@ int img_commit(int argc, char **argv)
     };
     const char *fmt = NULL, *base_name = NULL, *cache = "writeback";
     bool keep = false, progress = false, quiet = false;
+    uint64_t rate = 0;
+    ToolRate rl;
     int c;
     while ((c = getopt_long(argc, argv, ":f:ht:b:dpqr:", longopts, NULL)) != -1) {
         switch (c) {
@@ -70,9 +74,13 @@ int img_commit(int argc, char **argv)
         case 'd': keep = true; break;
         case 'p': progress = true; break;
         case 'q': quiet = true; break;
-        case 'r': break;
-        case 'h': printf("usage: " TOOL_NAME " commit [-q] [-f fmt] [-t cache] [-b base] [-d] "
-                         "[-p] filename\n"); return 0;
+        case 'r':
+            if (tool_parse_rate(optarg, &rate) < 0) {
+                return 1;
+            }
+            break;
+        case 'h': printf("usage: " TOOL_NAME " commit [-q] [-f fmt] [-t cache] [-b base] "
+                         "[-r rate_limit] [-d] [-p] filename\n"); return 0;
         default: tool_bad_option(argv[0], c, argv[optind - 1]); return 1;
         }
     }
@@ -83,7 +91,11 @@ int img_commit(int argc, char **argv)
     if (!filename) {
         return 1;
     }
-    int cache_flags = cache_open_flags(cache);
+    int cache_flags;
+    if (cache_flags_or_error(cache, "", &cache_flags) < 0) {
+        return 1;
+    }
+    tool_rate_init(&rl, rate); /* destroyed at out: */
 
     /* 1. Discover the chain (no locks: nothing is read or written through these nodes). */
     BlockNode *probe = tool_open(filename, fmt, VD_OPEN_FORCE_SHARE);
@@ -181,6 +193,8 @@ int img_commit(int argc, char **argv)
     progress_print(0, 100);
     uint64_t len = (uint64_t)top_len;
     int zflags = base->backing ? 0 : VD_REQ_MAY_UNMAP;
+    /* -r: what commit writes into base (its data and zeroes), as qemu-img's job speed. */
+    uint64_t chunk = tool_rate_chunk(&rl, TOOL_BUF_SIZE);
     for (uint64_t off = 0; off < len;) {
         VdBlockStatus st;
         uint64_t n;
@@ -196,6 +210,10 @@ int img_commit(int argc, char **argv)
          */
         if (st.flags & (VD_BS_ALLOCATED | VD_BS_ZERO)) {
             uint64_t eoff = off; /* where a failure is reported */
+            if (rate) {
+                n = MIN(n, chunk);
+                tool_rate_wait(&rl, n);
+            }
             if (st.flags & VD_BS_ZERO) {
                 r = vd_pwrite_zeroes(base, off, n, zflags);
             } else {
@@ -264,6 +282,7 @@ out:
         vd_node_unref(base);
     }
     layers_free(layers, nlayers);
+    tool_rate_destroy(&rl);
     return ret;
 }
 
@@ -288,6 +307,36 @@ static bool chain_reads_zero(BlockNode *bs, int64_t blen, uint64_t off, uint64_t
     return (st.flags & VD_BS_ZERO) || !(st.flags & VD_BS_ALLOCATED);
 }
 
+/*
+ * The image's current backing chain, opened on its own (src_flags: -T, -U). A backing file
+ * without a recorded format is never probed unless --allow-probe: vd_open's message then.
+ */
+static BlockNode *open_old_backing(BlockNode *bs, int src_flags)
+{
+    VdError *err = NULL;
+    BlockNode *old = NULL;
+    if (!bs->backing_format && !(src_flags & VD_OPEN_ALLOW_PROBE)) {
+        BlockNode *chain = vd_open_image(bs->filename, bs->drv->name, src_flags, &err);
+        if (chain) { /* only reached if the driver found a format after all */
+            old = chain->backing;
+            if (old) {
+                vd_node_ref(old);
+            }
+            vd_node_unref(chain);
+            return old;
+        }
+        tool_report(err, NULL);
+        return NULL;
+    }
+    old = vd_open_image(bs->full_backing_filename, bs->backing_format, src_flags, &err);
+    if (!old) {
+        tool_error("Could not open old backing file '%s': %s", bs->full_backing_filename,
+                   vd_error_msg(err));
+        vd_error_free(err);
+    }
+    return old;
+}
+
 int img_rebase(int argc, char **argv)
 {
     static const struct option longopts[] = {
@@ -296,7 +345,8 @@ int img_rebase(int argc, char **argv)
         { NULL, 0, NULL, 0 }
     };
     const char *fmt = NULL, *new_name = NULL, *new_fmt = NULL, *cache = "writeback";
-    bool unsafe = false, progress = false, quiet = false;
+    const char *src_cache = "writeback";
+    bool unsafe = false, progress = false, quiet = false, force_share = false;
     int c;
     while ((c = getopt_long(argc, argv, ":hf:F:b:upt:T:qU", longopts, NULL)) != -1) {
         switch (c) {
@@ -306,9 +356,9 @@ int img_rebase(int argc, char **argv)
         case 'u': unsafe = true; break;
         case 'p': progress = true; break;
         case 't': cache = optarg; break;
-        case 'T': break;
+        case 'T': src_cache = optarg; break;
         case 'q': quiet = true; break;
-        case 'U': break;
+        case 'U': force_share = true; break;
         case 'h': printf("usage: " TOOL_NAME " rebase [-U] [-q] [-f fmt] [-t cache] "
                          "[-T src_cache] [-p] [-u] -b backing_file [-F backing_fmt] filename\n");
             return 0;
@@ -336,11 +386,25 @@ int img_rebase(int argc, char **argv)
         tool_error("Invalid format name: '%s'", new_fmt);
         return 1;
     }
-    int cache_flags = cache_open_flags(cache);
-    int flags = VD_OPEN_RDWR | cache_flags | (unsafe ? VD_OPEN_NO_BACKING : 0);
-    BlockNode *bs = tool_open(filename, fmt, flags);
+    int cache_flags, src_flags;
+    if (cache_flags_or_error(cache, "", &cache_flags) < 0 ||
+        cache_flags_or_error(src_cache, "source ", &src_flags) < 0) {
+        return 1;
+    }
+    /* The backing files (old and new) are opened with -T and -U, as qemu-img does. */
+    src_flags = tool_open_flags(src_flags, force_share);
+    BlockNode *bs = tool_open(filename, fmt, VD_OPEN_RDWR | cache_flags | VD_OPEN_NO_BACKING);
     if (!bs) {
         return 1;
+    }
+    if (!unsafe && bs->backing_file && bs->backing_file[0]) {
+        BlockNode *old = open_old_backing(bs, src_flags);
+        if (!old) {
+            vd_node_unref(bs);
+            return 1;
+        }
+        vd_node_set_backing(bs, old);
+        vd_node_unref(old);
     }
     int ret = 1;
     VdError *err = NULL;
@@ -368,7 +432,7 @@ int img_rebase(int argc, char **argv)
                 newb = prefix;
                 vd_node_ref(newb);
             } else {
-                newb = vd_open_image(newpath, new_fmt, tool_open_flags(cache_flags, false), &err);
+                newb = vd_open_image(newpath, new_fmt, src_flags, &err);
                 if (!newb) {
                     tool_error("Could not open new backing file '%s': %s", newpath,
                                vd_error_msg(err));

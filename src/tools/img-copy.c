@@ -19,19 +19,6 @@
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
 #define MAX(a, b) ((a) > (b) ? (a) : (b))
 
-static int parse_cache(const char *mode, bool *direct)
-{
-    if (!strcmp(mode, "none") || !strcmp(mode, "directsync")) {
-        *direct = true;
-    } else if (!strcmp(mode, "writeback") || !strcmp(mode, "unsafe") ||
-               !strcmp(mode, "writethrough")) {
-        *direct = false;
-    } else {
-        return -1;
-    }
-    return 0;
-}
-
 /* ================================ compare ================================ */
 
 /* Offset (relative to buf) of the first 512-byte sector holding a non-zero byte, or -1. */
@@ -125,13 +112,13 @@ int img_compare(int argc, char **argv)
         return 2;
     }
     const char *filename1 = argv[optind], *filename2 = argv[optind + 1];
-    bool direct = false;
-    if (parse_cache(cache, &direct) < 0) {
+    int cflags;
+    if (tool_cache_flags(cache, &cflags) < 0) {
         tool_error("Invalid source cache option: %s", cache);
         return 2;
     }
     progress_init(progress, 2.0);
-    int flags = tool_open_flags(direct ? VD_OPEN_DIRECT : 0, force_share);
+    int flags = tool_open_flags(cflags & VD_OPEN_DIRECT, force_share);
     int ret;
     uint8_t *buf1 = NULL, *buf2 = NULL;
     ToolWorker *worker = NULL;
@@ -305,6 +292,10 @@ typedef struct Convert {
     uint64_t alignment;       /* sectors */
     bool in_order;
     uint64_t buf_size;        /* bytes per data chunk */
+    ToolRate rate;            /* -r: target write rate */
+
+    /* -C: offload data chunks (copy_file_range); cleared for good by the first failure */
+    bool copy_range;
 
     /* planner state, under lock */
     pthread_mutex_t lock;
@@ -438,8 +429,11 @@ static int plan_chunk(Convert *s, Chunk *ch)
     return 0;
 }
 
-/* Read [offset, offset+bytes) of the concatenated sources. */
-static int convert_read(Convert *s, uint64_t offset, uint64_t bytes, uint8_t *buf)
+/*
+ * [offset, offset+bytes) of the concatenated sources, piece by piece: copy=false reads them into
+ * buf, copy=true has the kernel copy them into the target at the same offsets (-C).
+ */
+static int convert_pieces(Convert *s, uint64_t offset, uint64_t bytes, uint8_t *buf, bool copy)
 {
     while (bytes) {
         uint64_t local, avail;
@@ -448,15 +442,21 @@ static int convert_read(Convert *s, uint64_t offset, uint64_t bytes, uint8_t *bu
             return -EIO;
         }
         uint64_t n = MIN(bytes, avail);
-        int r = vd_pread(s->src[i], local, n, buf);
+        int r = copy ? vd_copy_range(s->src[i], local, s->target, offset, n)
+                     : vd_pread(s->src[i], local, n, buf);
         if (r < 0) {
             return r;
         }
         offset += n;
         bytes -= n;
-        buf += n;
+        buf += copy ? 0 : n;
     }
     return 0;
+}
+
+static int convert_read(Convert *s, uint64_t offset, uint64_t bytes, uint8_t *buf)
+{
+    return convert_pieces(s, offset, bytes, buf, false);
 }
 
 static bool sector_zero(const uint8_t *buf, uint64_t blen, uint64_t idx)
@@ -673,7 +673,9 @@ static void *convert_worker(void *opaque)
         }
         int r = 0;
         bool have_data = false;
-        if (ch.status == ST_DATA || (ch.status == ST_ZERO && s->diff_backing)) {
+        bool offload = ch.status == ST_DATA && !s->diff_backing &&
+                       __atomic_load_n(&s->copy_range, __ATOMIC_RELAXED);
+        if (!offload && (ch.status == ST_DATA || (ch.status == ST_ZERO && s->diff_backing))) {
             if (ch.status == ST_DATA) {
                 r = convert_read(s, ch.offset, ch.bytes, buf);
                 if (r < 0) {
@@ -698,6 +700,23 @@ static void *convert_worker(void *opaque)
             vd_mutex_unlock(&s->lock);
             if (stop) {
                 break;
+            }
+        }
+        if (have_data || offload || (ch.status == ST_ZERO && !s->has_zero_init)) {
+            tool_rate_wait(&s->rate, ch.bytes);
+        }
+        if (offload) {
+            r = convert_pieces(s, ch.offset, ch.bytes, NULL, true);
+            if (r < 0) {
+                /* As qemu-img: offloading failed once, copy through buffers from now on. */
+                __atomic_store_n(&s->copy_range, false, __ATOMIC_RELAXED);
+                r = convert_read(s, ch.offset, ch.bytes, buf);
+                if (r < 0) {
+                    convert_fail(s, r, "error while reading at byte %" PRIu64 ": %s",
+                                 ch.offset, strerror(-r));
+                    break;
+                }
+                have_data = true;
             }
         }
         if (s->diff_backing && have_data) {
@@ -750,13 +769,16 @@ int img_convert(int argc, char **argv)
     char *optstr = NULL;
     bool compress = false, skip_create = false, progress = false, quiet = false;
     bool force_share = false, ooo = false, target_is_zero = false;
-    uint64_t sparse = 4096, coroutines = 8;
+    bool copy_range = false, explicit_sparse = false;
+    uint64_t sparse = 4096, coroutines = 8, rate = 0;
+    ToolSnapParam snap = { 0 };
     int c, ret = 1;
     ToolOpts o = { 0 };
     Convert s;
     memset(&s, 0, sizeof(s));
     pthread_mutex_init(&s.lock, NULL);
     pthread_cond_init(&s.cond, NULL);
+    tool_rate_init(&s.rate, 0);
 
     while ((c = getopt_long(argc, argv, ":hf:O:B:CcF:o:l:S:pt:T:qnm:WUr:", longopts, NULL)) !=
            -1) {
@@ -765,7 +787,7 @@ int img_convert(int argc, char **argv)
         case 'O': out_fmt = optarg; break;
         case 'B': out_base = optarg; break;
         case 'F': base_fmt = optarg; break;
-        case 'C': break; /* copy offloading: plain copies are used */
+        case 'C': copy_range = true; break;
         case 'c': compress = true; break;
         case 'o': {
             char *n;
@@ -778,8 +800,11 @@ int img_convert(int argc, char **argv)
             break;
         }
         case 'l':
-            tool_error("snapshots are not supported");
-            goto out;
+            tool_opts_free(&snap.opts);
+            if (tool_snapshot_param_parse(optarg, &snap) < 0) {
+                goto out;
+            }
+            break;
         case 'S': {
             uint64_t v;
             if (tool_parse_size(optarg, &v) < 0 || v % SECTOR || v / SECTOR > 32768) {
@@ -789,6 +814,7 @@ int img_convert(int argc, char **argv)
                 goto out;
             }
             sparse = v;
+            explicit_sparse = true;
             break;
         }
         case 'p': progress = true; break;
@@ -805,12 +831,17 @@ int img_convert(int argc, char **argv)
             break;
         case 'W': ooo = true; break;
         case 'U': force_share = true; break;
-        case 'r': break; /* rate limit: accepted, not applied */
+        case 'r':
+            if (tool_parse_rate(optarg, &rate) < 0) {
+                goto out;
+            }
+            break;
         case OPT_TARGET_IS_ZERO: target_is_zero = true; break;
         case 'h': printf("usage: " TOOL_NAME " convert [-U] [-c] [-p] [-q] [-n] [-f fmt] "
-                         "[-t cache] [-T src_cache] [-O output_fmt] [-B backing_file "
-                         "[-F backing_fmt]] [-o options] [-S sparse_size] [-m num_coroutines] "
-                         "[-W] [--target-is-zero] filename [filename2 [...]] output_filename\n");
+                         "[-C] [-t cache] [-T src_cache] [-O output_fmt] [-B backing_file "
+                         "[-F backing_fmt]] [-o options] [-l snapshot_param] [-S sparse_size] "
+                         "[-r rate_limit] [-m num_coroutines] [-W] [--target-is-zero] "
+                         "filename [filename2 [...]] output_filename\n");
             ret = 0; goto out;
         default: tool_bad_option(argv[0], c, argv[optind - 1]); goto out;
         }
@@ -821,12 +852,25 @@ int img_convert(int argc, char **argv)
     if (!out_fmt) {
         out_fmt = "raw";
     }
-    bool src_direct = false, dst_direct = false;
-    if (parse_cache(src_cache, &src_direct) < 0) {
+    /* qemu-img's order of these checks */
+    if (compress && copy_range) {
+        tool_error("Cannot enable copy offloading when -c is used");
+        goto out;
+    }
+    if (explicit_sparse && copy_range) {
+        tool_error("Cannot enable copy offloading when -S is used");
+        goto out;
+    }
+    if (skip_create && optstr) {
+        tool_error("-o has no effect when skipping image creation");
+        goto out;
+    }
+    int src_cflags, dst_cflags;
+    if (tool_cache_flags(src_cache, &src_cflags) < 0) {
         tool_error("Invalid source cache option: %s", src_cache);
         goto out;
     }
-    if (parse_cache(cache, &dst_direct) < 0) {
+    if (tool_cache_flags(cache, &dst_cflags) < 0) {
         tool_error("Invalid cache option: %s", cache);
         goto out;
     }
@@ -835,6 +879,15 @@ int img_convert(int argc, char **argv)
         goto out;
     }
     int nsrc = argc - optind - 1;
+    const BlockDriver *drv = tool_create_format(out_fmt, optstr, &o);
+    if (!drv) {
+        goto out;
+    }
+    if (tool_opts_get(&o, "help")) { /* before the file names, as qemu-img */
+        tool_print_create_help(out_fmt);
+        ret = 0;
+        goto out;
+    }
     if (nsrc < 1) {
         tool_error("Must specify image file name");
         goto out;
@@ -846,15 +899,6 @@ int img_convert(int argc, char **argv)
     }
     if (skip_create && out_base) {
         tool_error("Specifying backing image makes no sense when -n is used");
-        goto out;
-    }
-    const BlockDriver *drv = tool_create_format(out_fmt, optstr, &o);
-    if (!drv) {
-        goto out;
-    }
-    if (tool_opts_get(&o, "help")) {
-        tool_print_create_help(out_fmt);
-        ret = 0;
         goto out;
     }
     if (compress && !drv->pwrite_compressed) {
@@ -869,10 +913,15 @@ int img_convert(int argc, char **argv)
         tool_error("out of memory");
         goto out;
     }
-    int sflags = tool_open_flags(src_direct ? VD_OPEN_DIRECT : 0, force_share);
+    int sflags = tool_open_flags(src_cflags & VD_OPEN_DIRECT, force_share);
     for (int i = 0; i < nsrc; i++) {
-        s.src[i] = tool_open(argv[optind + i], fmt, sflags);
+        s.src[i] = i == 0 ? tool_open_snapshot(argv[optind], fmt, sflags, &snap)
+                          : tool_open(argv[optind + i], fmt, sflags);
         if (!s.src[i]) {
+            goto out;
+        }
+        if (i == 0 && snap.id_or_name && nsrc > 1) {
+            tool_error("No support for concatenating multiple snapshot");
             goto out;
         }
         int64_t len = vd_getlength(s.src[i]);
@@ -929,8 +978,7 @@ int img_convert(int argc, char **argv)
 
     /* cache=unsafe (convert's default target cache, as in qemu-img): never sync the target. */
     s.target = tool_open(out_filename, out_fmt,
-                         VD_OPEN_RDWR | (dst_direct ? VD_OPEN_DIRECT : 0) |
-                         (!strcmp(cache, "unsafe") ? VD_OPEN_NO_FLUSH : 0));
+                         VD_OPEN_RDWR | dst_cflags);
     if (!s.target) {
         goto out;
     }
@@ -979,7 +1027,9 @@ int img_convert(int argc, char **argv)
     }
     /* Compressed clusters land wherever they fit anyway: let them compress in parallel. */
     s.in_order = !ooo && !compress;
-    s.buf_size = TOOL_BUF_SIZE;
+    s.copy_range = copy_range;
+    s.rate.rate = rate;
+    s.buf_size = tool_rate_chunk(&s.rate, TOOL_BUF_SIZE);
 
     progress_init(progress, 1.0);
     progress_print(0, 100);
@@ -1035,5 +1085,7 @@ out:
     free(optstr);
     pthread_mutex_destroy(&s.lock);
     pthread_cond_destroy(&s.cond);
+    tool_rate_destroy(&s.rate);
+    tool_opts_free(&snap.opts);
     return ret;
 }

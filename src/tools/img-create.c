@@ -218,11 +218,10 @@ int img_resize(int argc, char **argv)
     bool quiet = false, shrink = false;
     VdPrealloc prealloc = VD_PREALLOC_OFF;
     int c;
-    while ((c = getopt_long(argc, argv, ":f:hqU", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, ":f:hq", longopts, NULL)) != -1) {
         switch (c) {
         case 'f': fmt = optarg; break;
         case 'q': quiet = true; break;
-        case 'U': break;
         case OPT_SHRINK: shrink = true; break;
         case OPT_PREALLOCATION:
             if (!strcmp(optarg, "off")) {
@@ -333,6 +332,7 @@ int img_measure(int argc, char **argv)
     bool size_given = false, force_share = false;
     int c, ret = 1;
     ToolOpts o = { 0 };
+    ToolSnapParam snap = { 0 };
     BlockNode *src = NULL;
     while ((c = getopt_long(argc, argv, ":hf:O:o:l:U", longopts, NULL)) != -1) {
         switch (c) {
@@ -345,8 +345,11 @@ int img_measure(int argc, char **argv)
             }
             break;
         case 'l':
-            tool_error("snapshots are not supported");
-            goto out;
+            tool_opts_free(&snap.opts);
+            if (tool_snapshot_param_parse(optarg, &snap) < 0) {
+                goto out;
+            }
+            break;
         case 'U': force_share = true; break;
         case OPT_OUTPUT: output = optarg; break;
         case OPT_SIZE:
@@ -359,7 +362,8 @@ int img_measure(int argc, char **argv)
             size_given = true;
             break;
         case 'h': printf("usage: " TOOL_NAME " measure [--output=ofmt] [-O output_fmt] "
-                         "[-o options] [--size N | [-f fmt] filename]\n"); ret = 0; goto out;
+                         "[-o options] [--size N | [-f fmt] [-l snapshot_param] filename]\n");
+            ret = 0; goto out;
         default: tool_bad_option(argv[0], c, argv[optind - 1]); goto out;
         }
     }
@@ -398,7 +402,7 @@ int img_measure(int argc, char **argv)
         goto out;
     }
     if (filename) {
-        src = tool_open(filename, fmt, tool_open_flags(0, force_share));
+        src = tool_open_snapshot(filename, fmt, tool_open_flags(0, force_share), &snap);
         if (!src) {
             goto out;
         }
@@ -447,6 +451,7 @@ out:
         vd_node_unref(src);
     }
     tool_opts_free(&o);
+    tool_opts_free(&snap.opts);
     free(optstr);
     return ret;
 }

@@ -509,7 +509,8 @@ int img_check(int argc, char **argv)
     };
     const char *fmt = NULL, *output = NULL;
     bool force_share = false, quiet = false;
-    int fix = 0, flags = VD_OPEN_CHECK;
+    const char *src_cache = "writeback";
+    int fix = 0, flags = VD_OPEN_CHECK, cflags;
     int c;
     while ((c = getopt_long(argc, argv, ":hf:r:T:qU", longopts, NULL)) != -1) {
         switch (c) {
@@ -527,11 +528,11 @@ int img_check(int argc, char **argv)
             }
             break;
         case OPT_OUTPUT: output = optarg; break;
-        case 'T': break;
+        case 'T': src_cache = optarg; break;
         case 'q': quiet = true; break;
         case 'U': force_share = true; break;
         case 'h': printf("usage: " TOOL_NAME " check [-q] [-f fmt] [--output=ofmt] "
-                         "[-r leaks|all] [-U] filename\n"); return 0;
+                         "[-r leaks|all] [-T src_cache] [-U] filename\n"); return 0;
         default: tool_bad_option(argv[0], c, argv[optind - 1]); return 1;
         }
     }
@@ -540,6 +541,11 @@ int img_check(int argc, char **argv)
     if (!filename) {
         return 1;
     }
+    if (tool_cache_flags(src_cache, &cflags) < 0) {
+        tool_error("Invalid source cache option: %s", src_cache);
+        return 1;
+    }
+    flags |= cflags & VD_OPEN_DIRECT;
     if (fix && force_share) {
         tool_error("-U is not allowed with -r");
         return 1;

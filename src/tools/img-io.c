@@ -30,11 +30,12 @@ static double now(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
-static void timestr(double secs, char *ts, size_t size)
+/* fixed: always h:mm:ss.ss (qemu-io's VERBOSE_FIXED_TIME, used by -C). */
+static void timestr(double secs, char *ts, size_t size, bool fixed)
 {
     unsigned long s = (unsigned long)secs;
     double frac = secs - (double)s;
-    if (s) {
+    if (s || fixed) {
         snprintf(ts, size, "%u:%02u:%05.2f", (unsigned)(s / 3600), (unsigned)((s / 60) % 60),
                  (double)(s % 60) + frac);
     } else {
@@ -42,11 +43,18 @@ static void timestr(double secs, char *ts, size_t size)
     }
 }
 
+/* machine (-C): "bytes,ops,time,bytes/sec,ops/sec" on one line, as qemu-io. */
 static void print_report(const char *op, double t, int64_t offset, int64_t count, int64_t total,
-                         int cnt)
+                         int cnt, bool machine)
 {
     char s1[64], s2[64], ts[64];
-    timestr(t, ts, sizeof(ts));
+    timestr(t, ts, sizeof(ts), machine);
+    if (machine) {
+        printf("%" PRId64 ",%d,%s,%.3f,%.3f\n", total, cnt, ts,
+               t > 0 ? (double)total / t : (double)total * 1e9,
+               t > 0 ? (double)cnt / t : (double)cnt * 1e9);
+        return;
+    }
     tool_cvtstr((double)total, s1, sizeof(s1));
     tool_cvtstr(t > 0 ? (double)total / t : (double)total * 1e9, s2, sizeof(s2));
     printf("%s %" PRId64 "/%" PRId64 " bytes at offset %" PRId64 "\n", op, total, count, offset);
@@ -136,14 +144,14 @@ static int check_buf_len(int64_t len, const char *arg)
 
 /* Say how request R ended: "<cmd> failed: ..." or, unless QFLAG, qemu-io's timing report. */
 static int request_done(const char *cmd, const char *done, int r, double t, bool qflag,
-                        int64_t off, int64_t len)
+                        bool machine, int64_t off, int64_t len)
 {
     if (r < 0) {
         printf("%s failed: %s\n", cmd, strerror(-r));
         return r;
     }
     if (!qflag) {
-        print_report(done, t, off, len, len, 1);
+        print_report(done, t, off, len, len, 1, machine);
     }
     return 0;
 }
@@ -165,7 +173,7 @@ static void dump_buffer(const uint8_t *buf, int64_t offset, int64_t len)
 
 static int cmd_read(IoCtx *io, int argc, char **argv)
 {
-    bool vflag = false, qflag = false;
+    bool vflag = false, qflag = false, Cflag = false;
     int pattern = -1, c;
     optind = 0;
     while ((c = getopt(argc, argv, "+P:vqC")) != -1) {
@@ -178,7 +186,7 @@ static int cmd_read(IoCtx *io, int argc, char **argv)
             break;
         case 'v': vflag = true; break;
         case 'q': qflag = true; break;
-        case 'C': break;
+        case 'C': Cflag = true; break;
         default: return bad_option("read");
         }
     }
@@ -218,7 +226,7 @@ static int cmd_read(IoCtx *io, int argc, char **argv)
         if (vflag) {
             dump_buffer(buf, off, len);
         }
-        print_report("read", t, off, len, len, 1);
+        print_report("read", t, off, len, len, 1, Cflag);
     }
     free(buf);
     return ret;
@@ -227,6 +235,7 @@ static int cmd_read(IoCtx *io, int argc, char **argv)
 static int cmd_write(IoCtx *io, int argc, char **argv)
 {
     bool zflag = false, uflag = false, cflag = false, qflag = false, Pflag = false;
+    bool Cflag = false;
     int fua = 0, pattern = 0xcd, c;
     optind = 0;
     while ((c = getopt(argc, argv, "+P:zucqfbC")) != -1) {
@@ -243,7 +252,11 @@ static int cmd_write(IoCtx *io, int argc, char **argv)
         case 'c': cflag = true; break;
         case 'q': qflag = true; break;
         case 'f': fua = VD_REQ_FUA; break;
-        case 'b': case 'C': break;
+        case 'C': Cflag = true; break;
+        case 'b':
+            /* qcow2's VM state area is not the disk: never write it there instead */
+            printf("write -b (VM state) is not supported\n");
+            return -ENOTSUP;
         default: return bad_option("write");
         }
     }
@@ -290,18 +303,18 @@ static int cmd_write(IoCtx *io, int argc, char **argv)
     }
     double t = now() - t0;
     free(buf);
-    return request_done("write", "wrote", r, t, qflag, off, len);
+    return request_done("write", "wrote", r, t, qflag, Cflag, off, len);
 }
 
 static int cmd_discard(IoCtx *io, int argc, char **argv)
 {
-    bool qflag = false;
+    bool qflag = false, Cflag = false;
     int c;
     optind = 0;
     while ((c = getopt(argc, argv, "+qC")) != -1) {
         switch (c) {
         case 'q': qflag = true; break;
-        case 'C': break;
+        case 'C': Cflag = true; break;
         default: return bad_option("discard");
         }
     }
@@ -316,7 +329,7 @@ static int cmd_discard(IoCtx *io, int argc, char **argv)
         r = vd_pdiscard(io->bs, (uint64_t)off, (uint64_t)len, 0);
     }
     double t = now() - t0;
-    return request_done("discard", "discard", r, t, qflag, off, len);
+    return request_done("discard", "discard", r, t, qflag, Cflag, off, len);
 }
 
 static int cmd_flush(IoCtx *io, int argc, char **argv)
@@ -540,13 +553,16 @@ int img_io(int argc, char **argv)
         case 'r': flags &= ~VD_OPEN_RDWR; break;
         case 'U': force_share = true; break;
         case 'n': flags |= VD_OPEN_DIRECT; break;
-        case 't':
-            if (!strcmp(optarg, "none") || !strcmp(optarg, "directsync")) {
-                flags |= VD_OPEN_DIRECT;
-            } else if (!strcmp(optarg, "unsafe")) {
-                flags |= VD_OPEN_NO_FLUSH; /* `flush` then syncs nothing, as in qemu-io */
+        case 't': {
+            int cflags; /* unsafe: `flush` then syncs nothing, as in qemu-io */
+            if (tool_cache_flags(optarg, &cflags) < 0) {
+                tool_error("Invalid cache option: %s", optarg);
+                free(cmds);
+                return 1;
             }
+            flags |= cflags;
             break;
+        }
         case 'h':
             printf("usage: " TOOL_NAME " io [-f fmt] [-r] [-U] [-n] [-c 'cmd']... filename\n"
                    "Commands: read [-P pat] [-v] [-q] off len | write [-P pat] [-z [-u]] [-c] "

@@ -121,3 +121,99 @@ int img_snapshot(int argc, char **argv)
     vd_node_unref(bs);
     return ret;
 }
+
+/* ---- -l snapshot_param of convert and measure ---- */
+
+int tool_snapshot_param_parse(const char *arg, ToolSnapParam *p)
+{
+    memset(p, 0, sizeof(*p));
+    if (strncmp(arg, "snapshot.", 9) != 0) {
+        p->id_or_name = arg;
+        return 0;
+    }
+    if (tool_opts_parse(&p->opts, arg) < 0) {
+        tool_error("Failed in parsing snapshot param '%s'", arg);
+        return -1;
+    }
+    for (int i = 0; i < p->opts.n; i++) {
+        const char *k = p->opts.v[i].key;
+        if (strcmp(k, "snapshot.id") && strcmp(k, "snapshot.name")) {
+            /* qemu-img prints these two on two lines */
+            tool_error("Invalid parameter '%s'", k);
+            tool_error("Failed in parsing snapshot param '%s'", arg);
+            tool_opts_free(&p->opts);
+            return -1;
+        }
+    }
+    p->id = tool_opts_get(&p->opts, "snapshot.id");
+    p->name = tool_opts_get(&p->opts, "snapshot.name");
+    p->given = true;
+    return 0;
+}
+
+/* The id of the snapshot the parameter selects (QEMU's find_snapshot_by_id_and_name). */
+static const char *snapshot_param_find(json_t *snaps, const ToolSnapParam *p)
+{
+    size_t i;
+    json_t *sn;
+    if (p->id_or_name) {
+        json_array_foreach(snaps, i, sn) {
+            const char *id = json_string_value(json_object_get(sn, "id"));
+            if (id && !strcmp(id, p->id_or_name)) {
+                return id;
+            }
+        }
+        return find_by_name(snaps, p->id_or_name);
+    }
+    if (!p->id && !p->name) {
+        return NULL;
+    }
+    json_array_foreach(snaps, i, sn) {
+        const char *id = json_string_value(json_object_get(sn, "id"));
+        const char *name = json_string_value(json_object_get(sn, "name"));
+        if (id && name && (!p->id || !strcmp(p->id, id)) && (!p->name || !strcmp(p->name, name))) {
+            return id;
+        }
+    }
+    return NULL;
+}
+
+BlockNode *tool_open_snapshot(const char *filename, const char *fmt, int flags,
+                              const ToolSnapParam *p)
+{
+    BlockNode *bs = tool_open(filename, fmt, flags & ~VD_OPEN_RDWR);
+    if (!bs || (!p->given && !p->id_or_name)) {
+        return bs;
+    }
+    if (!bs->drv->get_snapshots) {
+        tool_error("Failed to load snapshot: Block format '%s' used by device '' does not "
+                   "support temporarily loading internal snapshots", bs->drv->name);
+        vd_node_unref(bs);
+        return NULL;
+    }
+    json_t *snaps = bs->drv->get_snapshots(bs);
+    const char *id = snaps ? snapshot_param_find(snaps, p) : NULL;
+    char *id_copy = id ? strdup(id) : NULL;
+    json_decref(snaps);
+    char *drv_name = strdup(bs->drv->name);
+    vd_node_unref(bs);
+    if (!id || !id_copy || !drv_name) {
+        tool_error(id && (!id_copy || !drv_name) ? "out of memory"
+                                                  : "Failed to load snapshot: Can't find snapshot");
+        free(id_copy);
+        free(drv_name);
+        return NULL;
+    }
+    /* The id is unique in the table, and the driver matches ids first: this is the one found. */
+    VdOpenOptions o = { .filename = filename, .format = drv_name,
+                        .flags = tool_open_flags(flags & ~VD_OPEN_RDWR, false),
+                        .snapshot = id_copy };
+    VdError *err = NULL;
+    bs = vd_open(&o, &err);
+    if (!bs) {
+        tool_report(err, "Failed to load snapshot");
+    }
+    free(id_copy);
+    free(drv_name);
+    return bs;
+}

@@ -9,6 +9,7 @@
 #define VDISK_TOOLS_TOOL_H
 
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -61,6 +62,11 @@ void tool_cvtstr(double value, char *buf, size_t len);
 
 /* Open flags for images the user named; adds FORCE_SHARE for -U and ALLOW_PROBE when requested. */
 int tool_open_flags(int flags, bool force_share);
+/*
+ * Open flags for a -t/-T cache mode (none/off/directsync: O_DIRECT, unsafe: no flushes,
+ * writeback/writethrough: neither); -1 for a name qemu-img refuses (caller prints its message).
+ */
+int tool_cache_flags(const char *mode, int *flags);
 /* Open an image (prints the error, returns NULL on failure). */
 BlockNode *tool_open(const char *filename, const char *fmt, int flags);
 
@@ -87,6 +93,22 @@ typedef struct ToolRead {
     uint8_t *buf;
 } ToolRead;
 int tool_read_task(void *arg);
+
+/* `-r rate_limit` (tool-ratelimit.c): write at most rate bytes per second (0 = no limit). */
+typedef struct ToolRate {
+    uint64_t rate;
+    double start; /* CLOCK_MONOTONIC seconds of the first request, < 0 before it */
+    uint64_t sent;
+    pthread_mutex_t lock;
+} ToolRate;
+/* Parse -r's argument (size suffixes); qemu-img's "Invalid rate limit specified" on error. */
+int tool_parse_rate(const char *arg, uint64_t *rate);
+void tool_rate_init(ToolRate *r, uint64_t bytes_per_sec);
+void tool_rate_destroy(ToolRate *r);
+/* A request size that keeps the pace even (<= chunk). */
+uint64_t tool_rate_chunk(const ToolRate *r, uint64_t chunk);
+/* Wait until `bytes` more may be written. */
+void tool_rate_wait(ToolRate *r, uint64_t bytes);
 
 /* qemu-img progress (-p): "    (x.xx/100%)\r" on stdout. */
 void progress_init(bool enabled, float min_skip);
@@ -131,6 +153,19 @@ int tool_create_options(CreateSpec *spec, const char *fmt, const ToolOpts *o, co
 void tool_print_formatting(const char *filename, const CreateSpec *spec);
 /* Print the -o help for a format. */
 void tool_print_create_help(const char *fmt);
+
+/* `-l snapshot_param` (convert, measure): "snapshot.id=ID,snapshot.name=NAME" or an id or name. */
+typedef struct ToolSnapParam {
+    bool given;             /* the snapshot.* form */
+    const char *id, *name;  /* snapshot.id / snapshot.name (point into opts), may be NULL */
+    const char *id_or_name; /* the plain form */
+    ToolOpts opts;
+} ToolSnapParam;
+/* 0, or -1 after qemu-img's "Failed in parsing snapshot param" message. */
+int tool_snapshot_param_parse(const char *arg, ToolSnapParam *p);
+/* Open filename read-only at the snapshot p selects (none selected: the active image). */
+BlockNode *tool_open_snapshot(const char *filename, const char *fmt, int flags,
+                              const ToolSnapParam *p);
 
 /* Commands. */
 int img_create(int argc, char **argv);

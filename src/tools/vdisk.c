@@ -241,6 +241,21 @@ int tool_open_flags(int flags, bool force_share)
     return flags;
 }
 
+int tool_cache_flags(const char *mode, int *flags)
+{
+    /* bdrv_parse_cache_mode's names; "off" is an old spelling of "none" */
+    if (!strcmp(mode, "none") || !strcmp(mode, "off") || !strcmp(mode, "directsync")) {
+        *flags = VD_OPEN_DIRECT;
+    } else if (!strcmp(mode, "unsafe")) {
+        *flags = VD_OPEN_NO_FLUSH;
+    } else if (!strcmp(mode, "writeback") || !strcmp(mode, "writethrough")) {
+        *flags = 0;
+    } else {
+        return -1;
+    }
+    return 0;
+}
+
 BlockNode *tool_open(const char *filename, const char *fmt, int flags)
 {
     VdError *err = NULL;
