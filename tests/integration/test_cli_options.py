@@ -220,6 +220,15 @@ def test_source_cache_none_opens_with_o_direct(imgs, cmd, direct_file):
 
 # ---- rebase -U ----
 
+def holds_write_perm_lock(ino):
+    """Someone holds QEMU's "write" permission lock byte (100 + 1) on inode ino (/proc/locks)."""
+    for line in open("/proc/locks"):
+        f = line.split()
+        if "OFDLCK" in f and f[-3].endswith(f":{ino}") and int(f[-2]) <= 101 <= int(f[-1]):
+            return True
+    return False
+
+
 def test_rebase_U_opens_a_backing_another_process_writes(imgs):
     """Without -U the new backing's write lock (held by qemu-io) stops both tools; with it both
     rebase, and the result is the same."""
@@ -230,7 +239,9 @@ def test_rebase_U_opens_a_backing_another_process_writes(imgs):
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
     try:
         deadline = time.monotonic() + 30
-        while qemu_img("info", "new.qcow2", check=False).returncode == 0:
+        # wait for its locks without opening the image (an open could race qemu-io's locking)
+        ino = os.stat("new.qcow2").st_ino
+        while not holds_write_perm_lock(ino):
             assert time.monotonic() < deadline and holder.poll() is None
             time.sleep(0.05)
         args = ["rebase", "-b", "new.qcow2", "-F", "qcow2"]
