@@ -5,11 +5,17 @@ Each trial: a qcow2 chain base <- mid <- top served by vdiskd over NBD; a guest 
 client here) writes random 4 KiB blocks and flushes every few writes, remembering which writes a
 completed flush covered; an operation may start over QMP (none, block-stream of mid into top,
 block-commit of mid into base, an active commit of top without completing it, drive-mirror of top
-to a new file without completing it); vdiskd is killed with SIGKILL at a random moment. Then:
+to a new file without completing it, a mirror killed inside its pivot (block-job-complete sent,
+the kill a few milliseconds later), a blockdev-snapshot-sync killed while it creates the overlay
+and switches the guest onto it); vdiskd is killed with SIGKILL at a random moment. Then:
 qemu-img check finds no corruption in any image (leaked clusters are allowed, as QEMU's), and the
 guest's disk (top's chain, read by qemu-img) holds every flushed write, while a block written after
-the last flush reads as one of the values it may have. Exits 1 on the first failure, with the seed.
-Not covered yet: kills inside a pivot (block-job-complete) and a snapshot switch.
+the last flush reads as one of the values it may have. Where the kill may have come before or after
+a switch (pivot, snapshot), the guest's disk is whichever side of it the daemon was on: one of the
+two (the mirror's copy or top; the new overlay or top) must hold every flushed write, and every
+image that qemu-img can open must be clean (a new overlay cut off while being created may not
+open at all: then the switch did not happen and top must hold everything).
+Exits 1 on the first failure, with the seed.
 """
 import json
 import os
@@ -29,7 +35,7 @@ VDISKD = os.path.join(os.environ.get("VDISK_BUILD", os.path.join(ROOT, "build"))
 BLK = 4096
 SIZE = 16 << 20
 NBLK = SIZE // BLK
-OPS = ["writes", "stream", "commit", "active-commit", "mirror"]
+OPS = ["writes", "stream", "commit", "active-commit", "mirror", "pivot", "snapshot"]
 
 
 class Nbd:
@@ -127,15 +133,33 @@ def qmp(path):
     f = s.makefile("rw")
     f.readline()
 
-    def cmd(name, **args):
+    events = []
+
+    def send(name, **args):
         args = {k.replace("_", "-"): v for k, v in args.items()}
         f.write(json.dumps({"execute": name, "arguments": args}) + "\n")
         f.flush()
+
+    def cmd(name, **args):
+        send(name, **args)
         while True:
             r = json.loads(f.readline())
             if "event" not in r:
                 return r
+            events.append(r["event"])
+
+    def wait_event(name):
+        """Until the event (bounded by the socket's 30 s timeout per line, 1000 lines)."""
+        for _ in range(1000):
+            if name in events:
+                return
+            r = json.loads(f.readline())
+            if "event" in r:
+                events.append(r["event"])
+        raise AssertionError(f"no {name}")
     cmd("qmp_capabilities")
+    cmd.send = send
+    cmd.wait_event = wait_event
     return s, cmd
 
 
@@ -170,11 +194,20 @@ def trial(d, rng, op):
             r = cmd("block-commit", device="top", job_id="j", top=mid, base=base)
         elif op == "active-commit":
             r = cmd("block-commit", device="top", job_id="j", base=mid)
-        elif op == "mirror":
+        elif op in ("mirror", "pivot"):
             r = cmd("drive-mirror", device="top", job_id="j", sync="full",
                     target=os.path.join(d, "copy.qcow2"), format="qcow2")
         assert "return" in r, (op, r)
-        time.sleep(rng.uniform(0, 1.5))
+        if op == "pivot":
+            cmd.wait_event("BLOCK_JOB_READY")
+            cmd.send("block-job-complete", device="j")  # no waiting for the reply: kill inside
+            time.sleep(rng.uniform(0, 0.05))
+        elif op == "snapshot":
+            cmd.send("blockdev-snapshot-sync", node_name="top", format="qcow2",
+                     snapshot_file=os.path.join(d, "snap.qcow2"), snapshot_node_name="snap")
+            time.sleep(rng.uniform(0, 0.05))
+        else:
+            time.sleep(rng.uniform(0, 1.5))
         p.send_signal(signal.SIGKILL)
         p.wait(timeout=30)
         guest.join(timeout=30)
@@ -184,14 +217,31 @@ def trial(d, rng, op):
             p.kill()
             p.wait()
         log.close()
+    # the images the guest's disk may be after a kill around a switch (the first: before it)
+    switch_to = {"pivot": "copy.qcow2", "snapshot": "snap.qcow2"}.get(op)
+    candidates = [top]
     for img in os.listdir(d):
         if img.endswith(".qcow2"):
-            c = run("qemu-img", "check", "-U", os.path.join(d, img), check=False)
+            c = run("qemu-img", "check", "-U", "-f", "qcow2", os.path.join(d, img), check=False)
+            if img == switch_to and c.returncode == 1 and "Could not open" in c.stderr:
+                continue  # cut off while being created: the switch cannot have happened
             assert c.returncode in (0, 3), f"{img}: qemu-img check {c.returncode}\n{c.stdout}"
-    raw = os.path.join(d, "disk.raw")
-    run("qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", top, raw)
-    with open(raw, "rb") as f:
-        disk = f.read()
+            if img == switch_to:
+                candidates.append(os.path.join(d, img))
+    errors = []
+    for img in candidates:
+        raw = os.path.join(d, "disk.raw")
+        run("qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", img, raw)
+        with open(raw, "rb") as f:
+            err = model_error(f.read(), guest, initial)
+        if err is None:
+            return len(guest.history), guest.durable, img != top
+        errors.append(f"{os.path.basename(img)}: {err}")
+    raise AssertionError("; ".join(errors))
+
+
+def model_error(disk, guest, initial):
+    """None if disk holds every flushed write and only values a block may have, else why not."""
     final, maybe = {}, {}
     for i, (b, v) in enumerate(guest.history):
         if i < guest.durable:
@@ -203,9 +253,9 @@ def trial(d, rng, op):
         got = disk[b * BLK:(b + 1) * BLK]
         ok = {final[b]} if b in final else {initial[b * BLK]}
         ok |= maybe.get(b, set())
-        assert got == bytes([got[0]]) * BLK and got[0] in ok, \
-            f"block {b}: read {got[0]} (torn: {got != bytes([got[0]]) * BLK}), allowed {ok}"
-    return len(guest.history), guest.durable
+        if not (got == bytes([got[0]]) * BLK and got[0] in ok):
+            return f"block {b}: read {got[0]} (torn: {got != bytes([got[0]]) * BLK}), allowed {ok}"
+    return None
 
 
 def main():
@@ -214,11 +264,12 @@ def main():
     rng = random.Random(seed)
     counts = {op: 0 for op in OPS}
     writes = flushed = 0
+    switched = {"pivot": 0, "snapshot": 0}  # trials whose kill came after the switch
     for t in range(trials):
         op = OPS[t % len(OPS)]
         d = tempfile.mkdtemp(prefix="vdisk-crash-")
         try:
-            w, f = trial(d, rng, op)
+            w, f, after = trial(d, rng, op)
         except BaseException as e:
             print(f"crash-campaign: trial {t} ({op}) FAILED, seed {seed}, dir kept: {d}\n{e}")
             sys.exit(1)
@@ -226,8 +277,15 @@ def main():
         counts[op] += 1
         writes += w
         flushed += f
+        if op in switched:
+            switched[op] += after
+        if (t + 1) % 50 == 0 and t + 1 < trials:
+            print(f"crash-campaign: {t + 1} trials passed {counts}, switch passed in "
+                  f"{switched} (seed {seed})", flush=True)
     print(f"crash-campaign: {trials} trials {counts}, {writes} guest writes ({flushed} covered by "
-          f"a completed flush), 0 corrupt images, 0 lost flushed writes (seed {seed})")
+          f"a completed flush), 0 corrupt images, 0 lost flushed writes (seed {seed}); the guest "
+          f"was found on the far side of the switch in {switched['pivot']} pivot and "
+          f"{switched['snapshot']} snapshot trials")
 
 
 if __name__ == "__main__":
