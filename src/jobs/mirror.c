@@ -63,6 +63,7 @@ struct Mirror {
     BlockNode *target_orig_backing;    /* ref: restored when there is no pivot */
     BlockNode *final_backing;          /* the target's backing once done (no ref: base or orig) */
     bool shares_base;                  /* final_backing reads like base: base's data is skipped */
+    bool backing_matches_unseen;       /* vouched for, but not opened: it may not read zero */
     bool target_holds_base;            /* shares_base on a target without layers (NBD export,
                                         * raw): where the source reads base, its data is base's */
     bool target_new;
@@ -509,8 +510,9 @@ static int target_reads_zero(Mirror *m, uint64_t offset, uint64_t bytes, uint64_
     if (alloc) {
         *zero = (flags & VD_BS_ZERO) != 0;
     } else {
-        /* unallocated: reads the final backing, or zeroes without one */
-        *zero = m->final_backing == NULL;
+        /* unallocated: reads the final backing, or zeroes without one - unless the caller
+         * vouched (x-backing-matches) that below the target lies what base holds */
+        *zero = m->final_backing == NULL && !m->backing_matches_unseen;
     }
     *pnum = n;
     return 0;
@@ -1504,6 +1506,7 @@ static Job *mirror_start_ex(const MirrorOptions *o, bool unmap, VdError **errp)
     m->final_backing = o->keep_target_backing ? m->target_orig_backing : m->base;
     m->target_new = o->target_new;
     m->shares_base = o->backing_matches || same_image(m->final_backing, m->base);
+    m->backing_matches_unseen = o->backing_matches && !m->final_backing;
     m->target_holds_base = m->shares_base && !m->target->drv->supports_backing;
     m->verify = o->verify;
     m->filter = filter_new(m, o->job_id, o->filter_node_name);
@@ -1738,6 +1741,8 @@ int mirror_request_start(const MirrorRequest *r, VdError **errp)
         /* blockdev-mirror leaves the target's backing chain as the user built it... */
         o.rewrite_backing = false;
         o.keep_target_backing = !base_node;
+        /* x-backing-matches: that chain reads like base, which is then not copied (shallow) */
+        o.backing_matches = r->backing_matches && o.base;
         if (base_node) {
             /* ...except with base-node, whose promise is "the target's backing is base". */
             o.rewrite_backing = true;

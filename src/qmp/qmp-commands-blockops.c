@@ -92,6 +92,7 @@ static const QmpArgSpec blockdev_mirror_args[] = {
     {"auto-finalize", QA_BOOL, .at = M(auto_finalize)},
     {"auto-dismiss", QA_BOOL, .at = M(auto_dismiss)},
     {"base-node", QA_STR, .at = M(base_node)}, /* vdisk's extensions */
+    {"x-backing-matches", QA_BOOL, .at = M(backing_matches)},
     {"x-verify", QA_BOOL, .at = M(verify)},
     {NULL}};
 #undef M

@@ -141,6 +141,39 @@ def test_backing_matches_trusts_a_copy_of_the_base(tmp, chain3):
     assert got == bytes(model), f"destination differs at {first_diff(got, bytes(model))}"
 
 
+def own_bytes(img):
+    """Bytes the image itself holds (data and zero clusters), not its backing chain."""
+    m = json.loads(qemu_img("map", "-U", "--output=json", img).stdout)
+    return sum(e["length"] for e in m if e["depth"] == 0)
+
+
+def test_blockdev_mirror_backing_matches_copies_only_the_top(tmp, chain3):
+    """blockdev-mirror x-backing-matches onto a target node opened without its backing (what an
+    NBD export of an overlay on another host looks like): the caller vouches that what lies
+    below it (a flattened copy of mid's chain, named in its header) reads like the source's
+    backing, so the target receives exactly the top's clusters (data and zeroes) and the file
+    with its backing reads like the guest's disk; the guest, pivoted, still reads its disk."""
+    from qmp_client import QMPClient
+    base, mid, top, ref, srv, guest = chain3
+    qemu_img("convert", "-U", "-O", "qcow2", mid, tmp / "midcopy.qcow2")
+    dest = tmp / "trusted.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "midcopy.qcow2", "-F", "qcow2", dest)
+    with QMPClient(srv.qmp) as q:
+        q.cmd("blockdev-add", driver="qcow2", backing=None, **{"node-name": "t0"},
+              file={"driver": "file", "filename": str(dest)})
+        q.cmd("blockdev-mirror", device="disk0", target="t0", sync="top",
+              **{"job-id": "m0", "x-backing-matches": True})
+        q.get_event("BLOCK_JOB_READY", timeout=120)
+        q.cmd("block-job-cancel", device="m0")  # ready: finish without a pivot
+        ev = q.get_event("BLOCK_JOB_COMPLETED", timeout=120)
+        assert "error" not in ev["data"], ev
+        q.cmd("blockdev-del", **{"node-name": "t0"})
+    assert guest_view(srv, tmp) == ref.read_bytes()
+    srv.stop()
+    same_content(dest, ref)
+    assert own_bytes(dest) == own_bytes(top)
+
+
 def test_existing_destination_without_reuse_external_is_refused(tmp, chain3):
     base, mid, top, ref, srv, guest = chain3
     dest = tmp / "precious.qcow2"

@@ -25,7 +25,7 @@ ARG_ERROR = re.compile(r"^(Invalid parameter type for '[^']*', expected: \S+"
 
 # Members vdiskd adds to QEMU's commands (QSD would call them unexpected): checked on vdiskd alone.
 VDISK_EXTENSIONS = {"drive-mirror": {"base-node": "string", "x-backing-matches": "boolean"},
-                    "blockdev-mirror": {"base-node": "string"}}
+                    "blockdev-mirror": {"base-node": "string", "x-backing-matches": "boolean"}}
 
 
 def valid_args(tmp):
