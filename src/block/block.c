@@ -691,6 +691,53 @@ void vd_node_set_backing(BlockNode *bs, BlockNode *new_backing)
     }
 }
 
+/* A node's in-memory backing strings: the name as recorded, its format, the name resolved. */
+typedef struct BackingStrings {
+    char *file, *format, *full;
+} BackingStrings;
+
+static void backing_strings_free(BackingStrings *s)
+{
+    free(s->file);
+    free(s->format);
+    free(s->full);
+}
+
+/* New copies for bs (name and fmt may be NULL); -ENOMEM with nothing allocated. */
+static int backing_strings_dup(BlockNode *bs, const char *name, const char *fmt,
+                               BackingStrings *s)
+{
+    *s = (BackingStrings){0};
+    if ((name && (!(s->file = strdup(name)) ||
+                  !(s->full = vd_resolve_backing_path(bs->filename, name)))) ||
+        (fmt && !(s->format = strdup(fmt)))) {
+        backing_strings_free(s);
+        return -ENOMEM;
+    }
+    return 0;
+}
+
+/* Replace bs's strings by s's (which bs owns from now on). */
+static void backing_strings_install(BlockNode *bs, BackingStrings *s)
+{
+    free(bs->backing_file);
+    free(bs->backing_format);
+    free(bs->full_backing_filename);
+    bs->backing_file = s->file;
+    bs->backing_format = s->format;
+    bs->full_backing_filename = s->full;
+}
+
+int vd_set_backing_strings(BlockNode *bs, const char *name, const char *fmt)
+{
+    BackingStrings n;
+    if (backing_strings_dup(bs, name, fmt, &n) < 0) {
+        return -ENOMEM;
+    }
+    backing_strings_install(bs, &n);
+    return 0;
+}
+
 int vd_change_backing_file(BlockNode *bs, const char *backing_file, const char *backing_fmt,
                            VdError **errp)
 {
@@ -710,29 +757,17 @@ int vd_change_backing_file(BlockNode *bs, const char *backing_file, const char *
                       bs->filename);
         return -EPERM;
     }
-    char *nf = backing_file ? strdup(backing_file) : NULL;
-    char *nfmt = backing_fmt ? strdup(backing_fmt) : NULL;
-    char *nfull = backing_file ? vd_resolve_backing_path(bs->filename, backing_file) : NULL;
-    if ((backing_file && (!nf || !nfull)) || (backing_fmt && !nfmt)) {
-        free(nf);
-        free(nfmt);
-        free(nfull);
+    BackingStrings n;
+    if (backing_strings_dup(bs, backing_file, backing_fmt, &n) < 0) {
         vd_error_setg(errp, ENOMEM, "Out of memory");
         return -ENOMEM;
     }
     int ret = bs->drv->change_backing_file(bs, backing_file, backing_fmt, errp);
     if (ret < 0) {
-        free(nf);
-        free(nfmt);
-        free(nfull);
+        backing_strings_free(&n);
         return ret;
     }
-    free(bs->backing_file);
-    free(bs->backing_format);
-    free(bs->full_backing_filename);
-    bs->backing_file = nf;
-    bs->backing_format = nfmt;
-    bs->full_backing_filename = nfull;
+    backing_strings_install(bs, &n);
     return 0;
 }
 

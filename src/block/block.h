@@ -356,6 +356,8 @@ int vd_protocol_create(const char *filename, const VdCreateOptions *opts, VdErro
 
 /* Replace bs's in-memory backing child (ref taken on new_backing, old one unref'ed). Does not touch the header. */
 void vd_node_set_backing(BlockNode *bs, BlockNode *new_backing);
+/* Set bs's in-memory backing_file/backing_format/full_backing_filename (no header write). */
+int vd_set_backing_strings(BlockNode *bs, const char *name, const char *fmt);
 /* Rewrite bs's recorded backing file/format (header) and update bs->backing_file & co. */
 int vd_change_backing_file(BlockNode *bs, const char *backing_file, const char *backing_fmt,
                            VdError **errp);

@@ -1,7 +1,7 @@
 /*
  * blockops.h - live chain reshaping in vdiskd: external snapshots (blockdev-snapshot-sync,
  * blockdev-snapshot), block-stream and block-commit (non-active and active), and the helpers they
- * share (switching NBD exports under drain, the backing name to record, per-node job claims).
+ * share (switching NBD exports under drain, per-node job claims; block/chain.h has the rest).
  * Everything here that reshapes a chain does it with every export of the affected chain drained,
  * so a guest request sees either the old chain or the new one, never half of a change.
  */
@@ -13,6 +13,7 @@
 #include <stddef.h>
 
 #include "block/block.h"
+#include "block/chain.h"
 #include "nbd/nbd-server.h"
 #include "util/error.h"
 
@@ -28,25 +29,9 @@ int blockops_exports_drain(BlockNode *node, BlockopsExports *set);
 void blockops_exports_resume(BlockopsExports *set, BlockNode *new_node);
 
 /*
- * The backing name to record in overlay's header for base: absolute when overlay's header names
- * its backing by an absolute name now, else relative to overlay's directory (a new image, with no
- * backing name yet, gets a relative one). Names stay as the user wrote them (QEMU writes
- * base->filename, absolute when the images were opened by absolute paths). URIs are unchanged.
- * malloc'ed; NULL on ENOMEM.
- */
-char *blockops_backing_name(BlockNode *overlay, BlockNode *base);
-/* base's canonical absolute name (mode=absolute-paths); malloc'ed, NULL on ENOMEM. */
-char *blockops_backing_name_absolute(BlockNode *base);
-/* Set bs's in-memory backing_file/backing_format/full_backing_filename (no header write). */
-int blockops_set_backing_strings(BlockNode *bs, const char *name, const char *fmt);
-/* A second, read-write node of bs's image with the same node name and bs's backing child. */
-BlockNode *blockops_open_rw(BlockNode *bs, VdError **errp);
-/* Same, read-only (fresh metadata after a writer changed the image). */
-BlockNode *blockops_open_ro(BlockNode *bs, VdError **errp);
-
-/*
- * One stream/commit job per chain at a time: claim the device (the node guests use) for a job.
- * -EBUSY with QEMU's "Node '%s' is busy: block device is in use by block job: %s" otherwise.
+ * One job per chain at a time: claim the device (the node guests use) for a stream/commit job in
+ * the claims registry (block/claims.h), also refused while an export serves a mirror's filter over
+ * it. -EBUSY with QEMU's "Node '%s' is busy: block device is in use by block job: %s" otherwise.
  */
 int blockops_claim(BlockNode *dev, const char *job_type, VdError **errp);
 void blockops_release(BlockNode *dev);

@@ -575,13 +575,13 @@ static int rewrite_above_header(Commit *c, VdError **errp)
     if (!c->above->read_only) {
         return vd_change_backing_file(c->above, c->backing_name, fmt, errp);
     }
-    BlockNode *rw = blockops_open_rw(c->above, errp);
+    BlockNode *rw = vd_reopen(c->above, true, errp);
     if (!rw) {
         return -EIO;
     }
     int r = vd_change_backing_file(rw, c->backing_name, fmt, errp);
     vd_node_unref(rw);
-    if (r == 0 && blockops_set_backing_strings(c->above, c->backing_name, fmt) < 0) {
+    if (r == 0 && vd_set_backing_strings(c->above, c->backing_name, fmt) < 0) {
         vd_error_setg(errp, ENOMEM, "Out of memory");
         r = -ENOMEM;
     }
@@ -600,7 +600,7 @@ static void restore_ro_base(Commit *c, bool drained)
     }
     VdError *e = NULL;
     int r = drained ? 0 : vd_flush(c->base_rw);
-    BlockNode *ro = r == 0 ? blockops_open_ro(c->base_rw, &e) : NULL;
+    BlockNode *ro = r == 0 ? vd_reopen(c->base_rw, false, &e) : NULL;
     if (!ro) {
         vd_log(VD_LOG_WARN, "commit '%s': base '%s' stays read-write: %s", job_id(c->job),
                c->base_rw->filename, e ? vd_error_msg(e) : strerror(-r));
@@ -736,7 +736,7 @@ static int commit_prepare(Job *job, VdError **errp)
     }
     if (r == 0) {
         /* Back to read-only, with metadata read after every write of the copy. */
-        final = blockops_open_ro(c->base_rw, errp);
+        final = vd_reopen(c->base_rw, false, errp);
         if (!final) {
             r = -EIO;
         }
@@ -962,7 +962,7 @@ int commit_request_start(const CommitRequest *r, VdError **errp)
         c->above = chain_parent(dev, top);
         vd_node_ref(c->above);
         c->backing_name = backing_file ? strdup(backing_file)
-                                       : blockops_backing_name(c->above, base);
+                                       : vd_backing_name(c->above, base);
         c->backing_fmt = strdup(base->drv->name);
         if (!c->backing_name || !c->backing_fmt) {
             vd_error_setg(errp, ENOMEM, "Out of memory");
@@ -1016,7 +1016,7 @@ int commit_request_start(const CommitRequest *r, VdError **errp)
         return ret;
     }
     c->claimed = true;
-    c->base_rw = blockops_open_rw(base, errp);
+    c->base_rw = vd_reopen(base, true, errp);
     if (!c->base_rw) {
         commit_free_state(c);
         return -EIO;

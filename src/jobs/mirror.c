@@ -12,9 +12,10 @@
 #include <string.h>
 #include <time.h>
 
+#include "block/chain.h"
+#include "block/claims.h"
 #include "block/graph.h"
 #include "block/tracking.h"
-#include "jobs/blockops.h"
 #include "jobs/copy.h"
 #include "nbd/nbd-server.h"
 #include "util/lock.h"
@@ -109,63 +110,17 @@ struct Mirror {
     bool verify;           /* x-verify: compare source and target before finishing */
 };
 
-/* ---- nodes in use by a mirror (one job per source or target at a time) ---- */
+/* ---- nodes in use by a mirror: its source, target and filter (block/claims.h) ---- */
 
-static pthread_mutex_t busy_lock = PTHREAD_MUTEX_INITIALIZER;
-static Mirror *busy_list[64];
-
-/* Claim source and target for m; refuses when either is already a mirror's source or target. */
 static int busy_claim(Mirror *m, const char *job_id, VdError **errp)
 {
-    vd_mutex_lock(&busy_lock);
-    int free_slot = -1;
-    for (int i = 0; i < 64; i++) {
-        Mirror *o = busy_list[i];
-        if (!o) {
-            free_slot = free_slot < 0 ? i : free_slot;
-            continue;
-        }
-        BlockNode *nodes[] = {m->source, m->target};
-        for (int k = 0; k < 2; k++) {
-            if (nodes[k] == o->source || nodes[k] == o->target || nodes[k] == o->filter) {
-                vd_mutex_unlock(&busy_lock);
-                vd_error_setg(errp, EBUSY, "Node '%s' is busy: block device is in use by block "
-                              "job: mirror", nodes[k]->node_name);
-                return -EBUSY;
-            }
-        }
-    }
-    if (free_slot < 0) {
-        vd_mutex_unlock(&busy_lock);
-        vd_error_setg(errp, EAGAIN, "Too many mirror jobs (%s)", job_id);
-        return -EAGAIN;
-    }
-    busy_list[free_slot] = m;
-    vd_mutex_unlock(&busy_lock);
-    return 0;
-}
-
-bool mirror_node_busy(BlockNode *node)
-{
-    bool busy = false;
-    vd_mutex_lock(&busy_lock);
-    for (int i = 0; i < 64 && !busy; i++) {
-        Mirror *o = busy_list[i];
-        busy = o && (node == o->source || node == o->target || node == o->filter);
-    }
-    vd_mutex_unlock(&busy_lock);
-    return busy;
+    BlockNode *const nodes[] = {m->source, m->target, m->filter};
+    return vd_claim_nodes(m, "mirror", nodes, 3, errp);
 }
 
 static void busy_release(Mirror *m)
 {
-    vd_mutex_lock(&busy_lock);
-    for (int i = 0; i < 64; i++) {
-        if (busy_list[i] == m) {
-            busy_list[i] = NULL;
-        }
-    }
-    vd_mutex_unlock(&busy_lock);
+    vd_release_claims(m);
 }
 
 /* ---- dirty bitmap (m->lock held) ---- */
@@ -1654,8 +1609,8 @@ int mirror_request_start(const MirrorRequest *r, VdError **errp)
         vd_error_setg(errp, EINVAL, "Cannot find device='%s' nor node-name='%s'", device, device);
         return -EINVAL;
     }
-    /* A stream/commit of this chain (src/jobs/blockops.h) excludes a mirror of it. */
-    const char *other = blockops_busy(source);
+    /* A job on this chain (block/claims.h) excludes a mirror of it. */
+    const char *other = vd_claimed_by(source);
     if (other) {
         vd_error_setg(errp, EBUSY, "Node '%s' is busy: block device is in use by block job: %s",
                       source->node_name, other);
@@ -1717,7 +1672,7 @@ int mirror_request_start(const MirrorRequest *r, VdError **errp)
         o.skip_target_allocated = true;
     }
     BlockNode *share = o.base_is_source ? source : o.base;
-    /* The name a target records for share: as the user writes names (blockops_backing_name). */
+    /* The name a target records for share: as the user writes names (vd_backing_name). */
     char *share_name = NULL;
 
     BlockNode *target = NULL;
@@ -1732,7 +1687,7 @@ int mirror_request_start(const MirrorRequest *r, VdError **errp)
         }
         vd_node_ref(target);
         /* A node a stream/commit works on cannot be written by a mirror either. */
-        const char *busy = blockops_busy(target);
+        const char *busy = vd_claimed_by(target);
         if (busy) {
             vd_error_setg(errp, EBUSY, "Node '%s' is busy: block device is in use by block job: "
                           "%s", target->node_name, busy);
@@ -1746,7 +1701,7 @@ int mirror_request_start(const MirrorRequest *r, VdError **errp)
         if (base_node) {
             /* ...except with base-node, whose promise is "the target's backing is base". */
             o.rewrite_backing = true;
-            share_name = blockops_backing_name(target, share);
+            share_name = vd_backing_name(target, share);
             if (!share_name) {
                 vd_error_setg(errp, ENOMEM, "Out of memory");
                 goto out;
@@ -1788,8 +1743,8 @@ int mirror_request_start(const MirrorRequest *r, VdError **errp)
                 goto out;
             }
             /* Relative to the target, unless the caller asked for absolute-paths explicitly. */
-            share_name = !share ? NULL : r->mode_absolute ? blockops_backing_name_absolute(share)
-                       : blockops_backing_name(&(BlockNode){.filename = (char *)target_name},
+            share_name = !share ? NULL : r->mode_absolute ? vd_backing_name_absolute(share)
+                       : vd_backing_name(&(BlockNode){.filename = (char *)target_name},
                                                share);
             if (share && !share_name) {
                 vd_error_setg(errp, ENOMEM, "Out of memory");
@@ -1821,7 +1776,7 @@ int mirror_request_start(const MirrorRequest *r, VdError **errp)
          */
         o.rewrite_backing = base_node != NULL;
         if (o.rewrite_backing && share && !share_name) {
-            share_name = blockops_backing_name(target, share);
+            share_name = vd_backing_name(target, share);
             if (!share_name) {
                 vd_error_setg(errp, ENOMEM, "Out of memory");
                 goto out;

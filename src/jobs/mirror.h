@@ -53,9 +53,6 @@ typedef struct MirrorOptions {
  */
 Job *mirror_start(const MirrorOptions *opts, VdError **errp);
 
-/* Is node the source or target of a mirror job that has not finished (for other jobs' claims)? */
-bool mirror_node_busy(BlockNode *node);
-
 /*
  * block-job-change (QEMU 8.2): switch a mirror's copy mode. Only background -> write-blocking, as
  * QEMU; the same mode is a no-op. -EINVAL for a job of another type.

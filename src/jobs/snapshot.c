@@ -1,22 +1,20 @@
 /*
- * snapshot.c - external snapshots of a running guest (blockdev-snapshot-sync, blockdev-snapshot) and
- * the helpers stream.c / commit.c share (blockops.h). The switch to the overlay happens with every
- * export serving the old top drained: requests admitted before it finished on the old top, requests
- * after it go to the overlay, so no guest write is lost or reordered across the switch.
- * Runs on the QMP thread; the claims registry has its own mutex (jobs release from their thread).
+ * snapshot.c - external snapshots of a running guest (blockdev-snapshot-sync, blockdev-snapshot)
+ * and what stream.c / commit.c share that needs the NBD server (blockops.h: drained exports,
+ * claims). The switch to the overlay happens with every export serving the old top drained:
+ * requests admitted before it finished on the old top, requests after it go to the overlay, so no
+ * guest write is lost or reordered across the switch. Runs on the QMP thread; the claims registry
+ * (block/claims.c) has its own mutex.
  */
 #include "jobs/blockops.h"
 
 #include <errno.h>
-#include <limits.h>
-#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
+#include "block/claims.h"
 #include "block/graph.h"
-#include "jobs/mirror.h"
-#include "util/lock.h"
 #include "util/log.h"
 
 /* ---- exports ---- */
@@ -94,104 +92,9 @@ void blockops_exports_resume(BlockopsExports *set, BlockNode *new_node)
     set->n = 0;
 }
 
-/* ---- names and reopening ---- */
+/* ---- claims (block/claims.h), and exported mirror filters ---- */
 
-static bool is_uri(const char *s)
-{
-    return s && strstr(s, "://") != NULL;
-}
-
-/* base's file by a canonical absolute name (URIs unchanged). */
-char *blockops_backing_name_absolute(BlockNode *base)
-{
-    if (!base) {
-        return NULL;
-    }
-    char *real = is_uri(base->filename) ? NULL : realpath(base->filename, NULL);
-    return real ? real : strdup(base->filename);
-}
-
-char *blockops_backing_name(BlockNode *overlay, BlockNode *base)
-{
-    if (!base) {
-        return NULL;
-    }
-    if (is_uri(base->filename) || !overlay || !overlay->filename || is_uri(overlay->filename)) {
-        return strdup(base->filename);
-    }
-    /* The header's own style: an absolute name stays absolute, anything else is relative. */
-    char *abs = blockops_backing_name_absolute(base);
-    if (!abs || (overlay->backing_file && overlay->backing_file[0] == '/')) {
-        return abs;
-    }
-    char *rel = vd_relative_path(overlay->filename, abs);
-    free(abs);
-    return rel;
-}
-
-static int dup_or_null(const char *s, char **out)
-{
-    *out = NULL;
-    if (s && !(*out = strdup(s))) {
-        return -ENOMEM;
-    }
-    return 0;
-}
-
-int blockops_set_backing_strings(BlockNode *bs, const char *name, const char *fmt)
-{
-    char *n = NULL, *f = NULL, *full = NULL;
-    if (dup_or_null(name, &n) < 0 || dup_or_null(fmt, &f) < 0 ||
-        (name && !(full = vd_resolve_backing_path(bs->filename, name)))) {
-        free(n);
-        free(f);
-        return -ENOMEM;
-    }
-    free(bs->backing_file);
-    free(bs->backing_format);
-    free(bs->full_backing_filename);
-    bs->backing_file = n;
-    bs->backing_format = f;
-    bs->full_backing_filename = full;
-    return 0;
-}
-
-static BlockNode *reopen(BlockNode *bs, bool rw, VdError **errp)
-{
-    VdOpenOptions o = {
-        .filename = bs->filename,
-        .format = bs->drv->name,
-        .node_name = bs->node_name,
-        .flags = (rw ? VD_OPEN_RDWR : 0) | (bs->open_flags & VD_OPEN_DIRECT) |
-                 (bs->backing ? 0 : VD_OPEN_NO_BACKING),
-        .backing = bs->backing,
-    };
-    BlockNode *n = vd_open(&o, errp);
-    if (!n) {
-        vd_error_prepend(errp, "Could not reopen '%s' %s: ", bs->filename,
-                         rw ? "read-write" : "read-only");
-    }
-    return n;
-}
-
-BlockNode *blockops_open_rw(BlockNode *bs, VdError **errp)
-{
-    return reopen(bs, true, errp);
-}
-
-BlockNode *blockops_open_ro(BlockNode *bs, VdError **errp)
-{
-    return reopen(bs, false, errp);
-}
-
-/* ---- claims ---- */
-
-#define MAX_CLAIMS 64
-static pthread_mutex_t claims_lock = PTHREAD_MUTEX_INITIALIZER;
-static BlockNode *claims[MAX_CLAIMS];
-static const char *claim_types[MAX_CLAIMS];
-
-/* Is dev a mirror's source or target (mirror_node_busy), or behind a mirror filter an export serves? */
+/* Is dev behind a mirror filter an export serves (a mirror that has released its claims)? */
 typedef struct MirrorScan {
     BlockNode *dev;
     bool found;
@@ -206,12 +109,8 @@ static void mirror_scan_cb(NbdExport *exp, void *opaque)
     }
 }
 
-static bool mirrored(BlockNode *dev)
+static bool mirror_exported_over(BlockNode *dev)
 {
-    /* mirror.c's own claims first: they hold whether or not an export serves dev. */
-    if (mirror_node_busy(dev)) {
-        return true;
-    }
     MirrorScan m = {.dev = dev};
     if (nbd_server_running()) {
         nbd_export_foreach(mirror_scan_cb, &m);
@@ -221,59 +120,25 @@ static bool mirrored(BlockNode *dev)
 
 int blockops_claim(BlockNode *dev, const char *job_type, VdError **errp)
 {
-    if (mirrored(dev)) {
+    /* The registry first: a mirror's claims hold whether or not an export serves dev. */
+    const char *holder = vd_claimed_by(dev);
+    if (holder || mirror_exported_over(dev)) {
         vd_error_setg(errp, EBUSY, "Node '%s' is busy: block device is in use by block job: "
-                      "mirror", dev->node_name);
+                      "%s", dev->node_name, holder ? holder : "mirror");
         return -EBUSY;
     }
-    vd_mutex_lock(&claims_lock);
-    int slot = -1;
-    for (int i = 0; i < MAX_CLAIMS; i++) {
-        if (claims[i] == dev) {
-            vd_mutex_unlock(&claims_lock);
-            vd_error_setg(errp, EBUSY, "Node '%s' is busy: block device is in use by block job: "
-                          "%s", dev->node_name, claim_types[i]);
-            return -EBUSY;
-        }
-        if (!claims[i] && slot < 0) {
-            slot = i;
-        }
-    }
-    if (slot < 0) {
-        vd_mutex_unlock(&claims_lock);
-        vd_error_setg(errp, EAGAIN, "Too many block jobs");
-        return -EAGAIN;
-    }
-    claims[slot] = dev;
-    claim_types[slot] = job_type;
-    vd_mutex_unlock(&claims_lock);
-    return 0;
+    return vd_claim_nodes(dev, job_type, &dev, 1, errp);
 }
 
 void blockops_release(BlockNode *dev)
 {
-    vd_mutex_lock(&claims_lock);
-    for (int i = 0; i < MAX_CLAIMS; i++) {
-        if (claims[i] == dev) {
-            claims[i] = NULL;
-            break;
-        }
-    }
-    vd_mutex_unlock(&claims_lock);
+    vd_release_claims(dev);
 }
 
 const char *blockops_busy(BlockNode *dev)
 {
-    if (mirrored(dev)) {
-        return "mirror";
-    }
-    vd_mutex_lock(&claims_lock);
-    const char *type = NULL;
-    for (int i = 0; i < MAX_CLAIMS && !type; i++) {
-        type = claims[i] == dev ? claim_types[i] : NULL;
-    }
-    vd_mutex_unlock(&claims_lock);
-    return type;
+    const char *holder = vd_claimed_by(dev);
+    return holder ? holder : mirror_exported_over(dev) ? "mirror" : NULL;
 }
 
 /* ---- the switch ---- */
@@ -400,8 +265,8 @@ int snapshot_sync(const SnapshotSyncRequest *req, VdError **errp)
             return -ENOTSUP;
         }
         /* Relative to the overlay unless the caller asked for absolute-paths explicitly. */
-        char *bname = req->mode_absolute ? blockops_backing_name_absolute(old)
-                           : blockops_backing_name(&(BlockNode){.filename = (char *)file}, old);
+        char *bname = req->mode_absolute ? vd_backing_name_absolute(old)
+                           : vd_backing_name(&(BlockNode){.filename = (char *)file}, old);
         int64_t len = vd_getlength(old);
         if (!bname || len < 0) {
             free(bname);

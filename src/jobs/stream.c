@@ -316,7 +316,7 @@ int stream_request_start(const StreamRequest *r, VdError **errp)
     s->len = (uint64_t)len;
     s->on_error = on_err;
     if (base) {
-        s->backing_name = backing_file ? strdup(backing_file) : blockops_backing_name(top, base);
+        s->backing_name = backing_file ? strdup(backing_file) : vd_backing_name(top, base);
         s->backing_fmt = strdup(base->drv->name);
     }
     s->tracker = block_tracker_get(top);
