@@ -25,6 +25,7 @@
 #include "block/dirty-bitmap.h"
 #include "block/graph.h"
 #include "block/tracking.h"
+#include "block/users.h"
 #include "jobs/blockops.h"
 #include "jobs/job.h"
 #include "jobs/mirror.h"
@@ -40,7 +41,7 @@ typedef struct Backup {
     uint64_t len, cluster, nclusters;
     int sync;                            /* MirrorSync */
     JobErrorAction on_source_error, on_target_error;
-    BlockopsExports exports;             /* switched to the filter (drained during setup) */
+    VdDrainedUsers exports;             /* switched to the filter (drained during setup) */
     bool filter_in, claimed_source, claimed_target;
     char *bm_name;                       /* user bitmap (busy while the job runs), or NULL */
     int bm_mode;
@@ -381,9 +382,9 @@ static void backup_detach(Backup *b)
     if (!b->filter_in) {
         return;
     }
-    BlockopsExports set;
-    if (blockops_exports_drain(b->filter, &set) == 0) {
-        blockops_exports_resume(&set, b->source);
+    VdDrainedUsers set;
+    if (vd_node_users_drain(b->filter, &set) == 0) {
+        vd_node_users_resume(&set, b->source);
     }
     __atomic_store_n(&((BackupTop *)b->filter->opaque)->b, NULL, __ATOMIC_RELEASE);
     b->filter_in = false;
@@ -672,7 +673,7 @@ int backup_request_start(const BackupRequest *r, VdError **errp)
     }
     b->claimed_source = true;
     /* the point in time: guests are held while the marks are made and the filter goes in */
-    if (blockops_exports_drain(src, &b->exports) < 0) {
+    if (vd_node_users_drain(src, &b->exports) < 0) {
         vd_error_setg(errp, ENOMEM, "Out of memory");
         backup_free_state(b);
         return -ENOMEM;
@@ -692,11 +693,11 @@ int backup_request_start(const BackupRequest *r, VdError **errp)
         ret = mark_todo(b, errp);
     }
     if (ret < 0) {
-        blockops_exports_resume(&b->exports, NULL);
+        vd_node_users_resume(&b->exports, NULL);
         backup_free_state(b);
         return ret;
     }
-    blockops_exports_resume(&b->exports, b->filter);
+    vd_node_users_resume(&b->exports, b->filter);
     b->filter_in = true;
     JobOptions jo = {.id = r->job_id ? r->job_id : r->device, .speed = r->speed,
                      .auto_finalize = r->auto_finalize, .auto_dismiss = r->auto_dismiss};

@@ -1,7 +1,7 @@
 /*
  * blockops.h - live chain reshaping in vdiskd: external snapshots (blockdev-snapshot-sync,
  * blockdev-snapshot), block-stream and block-commit (non-active and active), and the helpers they
- * share (switching NBD exports under drain, per-node job claims; block/chain.h has the rest).
+ * share (per-node job claims; block/ has the rest: chain.h, claims.h, users.h).
  * Everything here that reshapes a chain does it with every export of the affected chain drained,
  * so a guest request sees either the old chain or the new one, never half of a change.
  */
@@ -14,19 +14,7 @@
 
 #include "block/block.h"
 #include "block/chain.h"
-#include "nbd/nbd-server.h"
 #include "util/error.h"
-
-/* The exports that served one node, drained (new requests wait, in-flight ones finished). */
-typedef struct BlockopsExports {
-    NbdExport **exps;
-    size_t n;
-} BlockopsExports;
-
-/* Drain every export serving node (none when no NBD server runs). -ENOMEM on failure. */
-int blockops_exports_drain(BlockNode *node, BlockopsExports *set);
-/* Point the drained exports at new_node (NULL = keep their node), resume them, free the set. */
-void blockops_exports_resume(BlockopsExports *set, BlockNode *new_node);
 
 /*
  * One job per chain at a time: claim the device (the node guests use) for a stream/commit job in

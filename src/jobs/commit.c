@@ -25,6 +25,7 @@
 
 #include "block/graph.h"
 #include "block/tracking.h"
+#include "block/users.h"
 #include "jobs/blockops.h"
 #include "jobs/copy.h"
 #include "jobs/job.h"
@@ -607,8 +608,8 @@ static void restore_ro_base(Commit *c, bool drained)
         vd_error_free(e);
         return;
     }
-    BlockopsExports set = {0};
-    if (!drained && blockops_exports_drain(c->dev, &set) < 0) {
+    VdDrainedUsers set = {0};
+    if (!drained && vd_node_users_drain(c->dev, &set) < 0) {
         vd_node_unref(ro);
         return;
     }
@@ -617,7 +618,7 @@ static void restore_ro_base(Commit *c, bool drained)
         graph_replace_node(c->base_rw, ro);
     }
     if (!drained) {
-        blockops_exports_resume(&set, NULL);
+        vd_node_users_resume(&set, NULL);
     }
     vd_node_unref(ro);
     c->base_swapped = false;
@@ -658,8 +659,8 @@ static int commit_prepare(Job *job, VdError **errp)
         return r;
     }
     uint64_t t0 = job_now_ns();
-    BlockopsExports set;
-    if (blockops_exports_drain(c->dev, &set) < 0) {
+    VdDrainedUsers set;
+    if (vd_node_users_drain(c->dev, &set) < 0) {
         vd_error_setg(errp, ENOMEM, "Out of memory");
         return -ENOMEM;
     }
@@ -709,13 +710,13 @@ static int commit_prepare(Job *job, VdError **errp)
         if (r == 0 && pivot) {
             c->pivoted = true;
             c->base_swapped = false; /* base_rw is now the guest's image */
-            blockops_exports_resume(&set, c->base_rw);
+            vd_node_users_resume(&set, c->base_rw);
             commit_drop_overlays(c);
         } else {
             if (r == 0) {
                 restore_ro_base(c, true);
             }
-            blockops_exports_resume(&set, NULL);
+            vd_node_users_resume(&set, NULL);
         }
         uint64_t us = (job_now_ns() - t0) / 1000;
         vd_log(VD_LOG_INFO, "commit '%s': %s; guest I/O paused %llu us (%llu bytes copied while "
@@ -748,7 +749,7 @@ static int commit_prepare(Job *job, VdError **errp)
         c->base_swapped = false; /* base_rw left the chain with the committed images */
     }
     uint64_t syncs = vd_flush_thread_syncs() - syncs0;
-    blockops_exports_resume(&set, NULL);
+    vd_node_users_resume(&set, NULL);
     uint64_t us = (job_now_ns() - t0) / 1000;
     vd_log(VD_LOG_INFO, "commit '%s': %s; guest I/O paused %llu us (%llu syncs while paused)",
            job_id(job), r < 0 ? "failed" : "committed", (unsigned long long)us,
@@ -1026,14 +1027,14 @@ int commit_request_start(const CommitRequest *r, VdError **errp)
      * for readers and the copy), and for an active commit start tracking guest writes before the
      * scan, so none is missed.
      */
-    BlockopsExports set;
-    if (blockops_exports_drain(dev, &set) < 0) {
+    VdDrainedUsers set;
+    if (vd_node_users_drain(dev, &set) < 0) {
         vd_error_setg(errp, ENOMEM, "Out of memory");
         commit_free_state(c);
         return -ENOMEM;
     }
     if (active && block_tracker_add_write_notifier(c->tracker, commit_write_notify, c) < 0) {
-        blockops_exports_resume(&set, NULL);
+        vd_node_users_resume(&set, NULL);
         vd_error_setg(errp, ENOMEM, "Cannot track guest writes");
         commit_free_state(c);
         return -ENOMEM;
@@ -1042,17 +1043,17 @@ int commit_request_start(const CommitRequest *r, VdError **errp)
     vd_node_set_backing(c->base_parent, c->base_rw);
     graph_replace_node(base, c->base_rw); /* one node per name, also while the job runs */
     c->base_swapped = true;
-    blockops_exports_resume(&set, NULL);
+    vd_node_users_resume(&set, NULL);
 
     JobOptions jo = {.id = job_id, .speed = speed, .auto_finalize = r->auto_finalize,
                      .auto_dismiss = r->auto_dismiss};
     Job *job = job_create(&commit_driver, &jo, c, errp);
     if (!job) {
         /* Put the read-only base back; base_rw holds nothing the chain above does not. */
-        if (blockops_exports_drain(dev, &set) == 0) {
+        if (vd_node_users_drain(dev, &set) == 0) {
             vd_node_set_backing(c->base_parent, c->base);
             graph_replace_node(c->base_rw, c->base);
-            blockops_exports_resume(&set, NULL);
+            vd_node_users_resume(&set, NULL);
         }
         commit_free_state(c);
         return -EINVAL;

@@ -16,8 +16,8 @@
 #include "block/claims.h"
 #include "block/graph.h"
 #include "block/tracking.h"
+#include "block/users.h"
 #include "jobs/copy.h"
-#include "nbd/nbd-server.h"
 #include "util/lock.h"
 #include "util/log.h"
 
@@ -76,8 +76,6 @@ struct Mirror {
     bool rewrite_backing, skip_target_allocated;
     char *backing_name, *backing_fmt;
     JobErrorAction on_source_error, on_target_error;
-    char **export_ids;
-    size_t nexports;
 
     pthread_mutex_t lock;  /* guards everything below; never held while calling job_* or vd_* */
     pthread_cond_t cond;
@@ -352,63 +350,26 @@ static BlockNode *filter_new(Mirror *m, const char *job_id, const char *node_nam
     return bs;
 }
 
-/* ---- exports ---- */
+/* ---- the node's users (NBD exports; block/users.h) ---- */
 
-typedef struct ExportScan {
-    BlockNode *node;
-    char **ids;
-    size_t n;
-    bool oom;
-} ExportScan;
-
-static void scan_cb(NbdExport *exp, void *opaque)
+/* Drain every user of `from` (NULL on ENOMEM: nothing drained). */
+static VdDrainedUsers *exports_drain(Mirror *m, BlockNode *from)
 {
-    ExportScan *s = opaque;
-    if (nbd_export_node(exp) != s->node) {
-        return;
-    }
-    char **ids = realloc(s->ids, (s->n + 1) * sizeof(char *));
-    char *id = strdup(nbd_export_id(exp));
-    if (!ids || !id) {
-        free(id);
-        if (ids) {
-            s->ids = ids;
-        }
-        s->oom = true;
-        return;
-    }
-    s->ids = ids;
-    s->ids[s->n++] = id;
-}
-
-/* Drain every export we switched that still serves `from`; returns them (NULL-padded). */
-static NbdExport **exports_drain(Mirror *m, BlockNode *from)
-{
-    NbdExport **exps = calloc(m->nexports + 1, sizeof(*exps));
-    if (!exps) {
+    VdDrainedUsers *set = calloc(1, sizeof(*set));
+    if (set && vd_node_users_drain(from, set) < 0) {
+        free(set);
         return NULL;
     }
-    for (size_t i = 0; i < m->nexports; i++) {
-        NbdExport *e = nbd_export_find(m->export_ids[i]);
-        if (e && nbd_export_node(e) == from) {
-            nbd_export_drain_begin(e);
-            exps[i] = e;
-        }
-    }
-    return exps;
+    return set;
 }
 
-static void exports_set_node_and_resume(Mirror *m, NbdExport **exps, BlockNode *to)
+/* Point them at `to` (NULL: keep their node) and resume them; set NULL: nothing was drained. */
+static void exports_set_node_and_resume(Mirror *m, VdDrainedUsers *set, BlockNode *to)
 {
-    for (size_t i = 0; i < m->nexports; i++) {
-        if (exps[i]) {
-            if (to) {
-                nbd_export_set_node(exps[i], to);
-            }
-            nbd_export_drain_end(exps[i]);
-        }
+    if (set) {
+        vd_node_users_resume(set, to);
+        free(set);
     }
-    free(exps);
 }
 
 /*
@@ -417,15 +378,7 @@ static void exports_set_node_and_resume(Mirror *m, NbdExport **exps, BlockNode *
  */
 static int check_not_middle_layer(BlockNode *source, VdError **errp)
 {
-    ExportScan scan = {.node = source};
-    if (nbd_server_running()) {
-        nbd_export_foreach(scan_cb, &scan);
-    }
-    for (size_t i = 0; i < scan.n; i++) {
-        free(scan.ids[i]);
-    }
-    free(scan.ids);
-    BlockNode *parent = scan.n == 0 && !scan.oom ? graph_backing_parent(source) : NULL;
+    BlockNode *parent = vd_node_user_count(source) == 0 ? graph_backing_parent(source) : NULL;
     if (parent) {
         vd_error_setg(errp, EINVAL, "Node '%s' is a backing layer of '%s' and no export serves "
                       "it: its copy could not pivot (copy the disk's top image instead)",
@@ -1103,7 +1056,7 @@ static int mirror_prepare(Job *job, VdError **errp)
 {
     Mirror *m = job_opaque(job);
     uint64_t t0 = job_now_ns();
-    NbdExport **exps = exports_drain(m, m->filter);
+    VdDrainedUsers *exps = exports_drain(m, m->filter);
     if (!exps) {
         vd_error_setg(errp, ENOMEM, "Out of memory");
         return -ENOMEM;
@@ -1213,7 +1166,7 @@ static void mirror_abort(Job *job)
         return;
     }
     /* Guests go back to the source, which the job never wrote to. */
-    NbdExport **exps = exports_drain(m, m->filter);
+    VdDrainedUsers *exps = exports_drain(m, m->filter);
     block_tracker_wait_idle(m->tracker);
     mirror_detach_filter(m);
     if (exps) {
@@ -1326,10 +1279,6 @@ static void mirror_free_state(Mirror *m)
     vd_node_unref(m->target);
     vd_node_unref(m->base);
     vd_node_unref(m->source);
-    for (size_t i = 0; i < m->nexports; i++) {
-        free(m->export_ids[i]);
-    }
-    free(m->export_ids);
     free(m->backing_name);
     free(m->backing_fmt);
     free(m->bitmap);
@@ -1478,13 +1427,7 @@ static Job *mirror_start_ex(const MirrorOptions *o, bool unmap, VdError **errp)
     /* Early writeback of a local target file while copying (copy.h; not an NBD target). */
     eo.writeback = copy_engine_writeback_node(m->target, &eo.writeback_every);
     m->engine = m->tracker ? copy_engine_new(&eo) : NULL;
-    ExportScan scan = {.node = o->source};
-    if (nbd_server_running()) {
-        nbd_export_foreach(scan_cb, &scan);
-    }
-    m->export_ids = scan.ids;
-    m->nexports = scan.n;
-    if (!m->tracker || !m->engine || scan.oom) {
+    if (!m->tracker || !m->engine) {
         vd_error_setg(errp, ENOMEM, "Out of memory");
         mirror_free_state(m);
         return NULL;
@@ -1507,7 +1450,7 @@ static Job *mirror_start_ex(const MirrorOptions *o, bool unmap, VdError **errp)
      * its own layer until the pivot. Both happen before the scan, so no write is missed.
      */
     vd_node_set_backing(m->target, m->source);
-    NbdExport **exps = exports_drain(m, m->source);
+    VdDrainedUsers *exps = exports_drain(m, m->source);
     exports_set_node_and_resume(m, exps, m->filter);
     if (!exps) {
         vd_log(VD_LOG_WARN, "mirror '%s': out of memory switching exports", o->job_id);

@@ -1,7 +1,7 @@
 /*
  * snapshot.c - external snapshots of a running guest (blockdev-snapshot-sync, blockdev-snapshot)
- * and what stream.c / commit.c share that needs the NBD server (blockops.h: drained exports,
- * claims). The switch to the overlay happens with every export serving the old top drained:
+ * and the stream/commit claims (blockops.h). The switch to the overlay happens with every user of
+ * the old top (NBD exports, block/users.h) drained:
  * requests admitted before it finished on the old top, requests after it go to the overlay, so no
  * guest write is lost or reordered across the switch. Runs on the QMP thread; the claims registry
  * (block/claims.c) has its own mutex.
@@ -15,107 +15,20 @@
 
 #include "block/claims.h"
 #include "block/graph.h"
+#include "block/users.h"
 #include "util/log.h"
 
-/* ---- exports ---- */
+/* ---- claims (block/claims.h), and served mirror filters ---- */
 
-typedef struct ExportScan {
-    BlockNode *node;
-    char **ids;
-    size_t n;
-    bool oom;
-} ExportScan;
-
-static void scan_cb(NbdExport *exp, void *opaque)
+/* Is dev behind a mirror filter some user serves (a mirror that has released its claims)? */
+static bool mirror_filter_over(BlockNode *n, void *dev)
 {
-    ExportScan *s = opaque;
-    if (nbd_export_node(exp) != s->node || s->oom) {
-        return;
-    }
-    char **ids = realloc(s->ids, (s->n + 1) * sizeof(char *));
-    if (!ids) {
-        s->oom = true;
-        return;
-    }
-    s->ids = ids;
-    s->ids[s->n] = strdup(nbd_export_id(exp));
-    if (!s->ids[s->n]) {
-        s->oom = true;
-        return;
-    }
-    s->n++;
-}
-
-int blockops_exports_drain(BlockNode *node, BlockopsExports *set)
-{
-    set->exps = NULL;
-    set->n = 0;
-    if (!nbd_server_running()) {
-        return 0;
-    }
-    /* Collect ids under the server's lock, drain outside it (drain waits for requests). */
-    ExportScan scan = {.node = node};
-    nbd_export_foreach(scan_cb, &scan);
-    int r = 0;
-    if (scan.oom) {
-        r = -ENOMEM;
-    } else if (scan.n) {
-        set->exps = calloc(scan.n, sizeof(*set->exps));
-        if (!set->exps) {
-            r = -ENOMEM;
-        }
-    }
-    for (size_t i = 0; i < scan.n; i++) {
-        if (r == 0) {
-            NbdExport *e = nbd_export_find(scan.ids[i]);
-            if (e && nbd_export_node(e) == node) {
-                nbd_export_drain_begin(e);
-                set->exps[set->n++] = e;
-            }
-        }
-        free(scan.ids[i]);
-    }
-    free(scan.ids);
-    return r;
-}
-
-void blockops_exports_resume(BlockopsExports *set, BlockNode *new_node)
-{
-    for (size_t i = 0; i < set->n; i++) {
-        if (new_node) {
-            nbd_export_set_node(set->exps[i], new_node);
-        }
-        nbd_export_drain_end(set->exps[i]);
-    }
-    free(set->exps);
-    set->exps = NULL;
-    set->n = 0;
-}
-
-/* ---- claims (block/claims.h), and exported mirror filters ---- */
-
-/* Is dev behind a mirror filter an export serves (a mirror that has released its claims)? */
-typedef struct MirrorScan {
-    BlockNode *dev;
-    bool found;
-} MirrorScan;
-
-static void mirror_scan_cb(NbdExport *exp, void *opaque)
-{
-    MirrorScan *m = opaque;
-    BlockNode *n = nbd_export_node(exp);
-    if (n && n->drv && !strcmp(n->drv->name, "mirror-top") && n->backing == m->dev) {
-        m->found = true;
-    }
+    return n && n->drv && !strcmp(n->drv->name, "mirror-top") && n->backing == dev;
 }
 
 static bool mirror_exported_over(BlockNode *dev)
 {
-    MirrorScan m = {.dev = dev};
-    if (nbd_server_running()) {
-        nbd_export_foreach(mirror_scan_cb, &m);
-    }
-    return m.found;
+    return vd_node_users_any(mirror_filter_over, dev);
 }
 
 int blockops_claim(BlockNode *dev, const char *job_type, VdError **errp)
@@ -181,8 +94,8 @@ static int switch_to_overlay(BlockNode *old, BlockNode *overlay, bool set_backin
     if (r < 0) {
         vd_log(VD_LOG_WARN, "snapshot: flushing '%s' failed: %s", old->filename, strerror(-r));
     }
-    BlockopsExports set;
-    if (blockops_exports_drain(old, &set) < 0) {
+    VdDrainedUsers set;
+    if (vd_node_users_drain(old, &set) < 0) {
         vd_error_setg(errp, ENOMEM, "Out of memory");
         return -ENOMEM;
     }
@@ -195,7 +108,7 @@ static int switch_to_overlay(BlockNode *old, BlockNode *overlay, bool set_backin
     if (r < 0) {
         vd_log(VD_LOG_WARN, "snapshot: flushing '%s' failed: %s", old->filename, strerror(-r));
     }
-    blockops_exports_resume(&set, overlay);
+    vd_node_users_resume(&set, overlay);
     vd_log(VD_LOG_INFO, "snapshot: '%s' now on overlay '%s' (%s)", old->node_name,
            overlay->node_name, overlay->filename);
     return 0;
@@ -340,11 +253,7 @@ int snapshot_blockdev(const char *node, const char *ov, VdError **errp)
         vd_error_setg(errp, EINVAL, "The overlay already has a backing image");
         return -EINVAL;
     }
-    BlockopsExports probe;
-    if (find_parent(overlay) || blockops_exports_drain(overlay, &probe) < 0 || probe.n) {
-        if (probe.exps || probe.n) {
-            blockops_exports_resume(&probe, NULL);
-        }
+    if (find_parent(overlay) || vd_node_user_count(overlay) > 0) {
         vd_error_setg(errp, EBUSY, "The overlay is already in use");
         return -EBUSY;
     }

@@ -15,6 +15,7 @@
 
 #include "block/graph.h"
 #include "block/tracking.h"
+#include "block/users.h"
 #include "jobs/blockops.h"
 #include "jobs/copy.h"
 #include "jobs/job.h"
@@ -154,8 +155,8 @@ static int stream_prepare(Job *job, VdError **errp)
         return r;
     }
     uint64_t t0 = job_now_ns();
-    BlockopsExports set;
-    if (blockops_exports_drain(s->top, &set) < 0) {
+    VdDrainedUsers set;
+    if (vd_node_users_drain(s->top, &set) < 0) {
         vd_error_setg(errp, ENOMEM, "Out of memory");
         return -ENOMEM;
     }
@@ -172,7 +173,7 @@ static int stream_prepare(Job *job, VdError **errp)
         vd_node_set_backing(s->top, s->base);
     }
     uint64_t syncs = vd_flush_thread_syncs() - syncs0;
-    blockops_exports_resume(&set, NULL);
+    vd_node_users_resume(&set, NULL);
     uint64_t us = (job_now_ns() - t0) / 1000;
     if (r == 0) {
         vd_log(VD_LOG_INFO, "stream '%s': '%s' now backed by %s; guest I/O paused %llu.%03llu ms "

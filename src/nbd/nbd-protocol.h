@@ -12,6 +12,7 @@
 
 #include "block/block.h"
 #include "block/tracking.h"
+#include "block/users.h"
 #include "nbd/nbd-server.h"
 #include "util/tls-creds.h"
 
@@ -150,6 +151,7 @@ struct NbdExport {
     BlockTracker *tracker;  /* tracker of node; ref held */
     unsigned quiesce;       /* drain_begin nesting: > 0 = new requests wait */
     unsigned in_flight;     /* requests admitted and not yet finished */
+    VdNodeUser user;        /* registered while listed: jobs drain and repoint it (users.h) */
 };
 
 typedef struct NbdConn NbdConn;

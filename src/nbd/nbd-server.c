@@ -151,6 +151,39 @@ bool nbd_server_shutting_down(void)
     return s;
 }
 
+/* The export as a user of its node (block/users.h): block jobs drain and repoint it there. */
+static NbdExport *user_export(VdNodeUser *u)
+{
+    return (NbdExport *)((char *)u - offsetof(NbdExport, user));
+}
+
+static BlockNode *user_node(VdNodeUser *u)
+{
+    return nbd_export_node(user_export(u));
+}
+
+static void user_drain_begin(VdNodeUser *u)
+{
+    nbd_export_drain_begin(user_export(u));
+}
+
+static void user_set_node(VdNodeUser *u, BlockNode *node)
+{
+    nbd_export_set_node(user_export(u), node);
+}
+
+static void user_drain_end(VdNodeUser *u)
+{
+    nbd_export_drain_end(user_export(u));
+}
+
+static const VdNodeUserOps export_user_ops = {
+    .node = user_node,
+    .drain_begin = user_drain_begin,
+    .set_node = user_set_node,
+    .drain_end = user_drain_end,
+};
+
 NbdExport *nbd_export_add(const char *id, const char *name, BlockNode *node, bool writable,
                           const char *description, VdError **errp)
 {
@@ -274,6 +307,8 @@ NbdExport *nbd_export_add_bitmaps(const char *id, const char *name, BlockNode *n
     vd_mutex_lock(&exp->lock);
     exp->node = node;
     vd_mutex_unlock(&exp->lock);
+    exp->user.ops = &export_user_ops;
+    vd_node_user_add(&exp->user);
     return exp;
 }
 
@@ -285,6 +320,7 @@ static void export_unlist_locked(NbdExport *exp)
             memmove(&srv.exports[i], &srv.exports[i + 1],
                     (srv.nexports - i - 1) * sizeof(*srv.exports));
             srv.nexports--;
+            vd_node_user_remove(&exp->user);
             break;
         }
     }
