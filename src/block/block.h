@@ -299,6 +299,8 @@ struct BlockNode {
 
 /* ---- registry (drivers.c: the one list of formats and protocols) ---- */
 const BlockDriver *vd_find_driver(const char *name);
+/* The i-th driver (built-ins first, then registered ones), NULL past the end. */
+const BlockDriver *vd_driver_at(size_t i);
 /*
  * Add a driver to the registry (tests, drivers outside the built-in list). Call before any
  * vd_open from one thread; a driver whose name is already registered is refused (-EEXIST).

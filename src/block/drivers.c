@@ -26,8 +26,7 @@ static const BlockDriver *const builtin_drivers[] = {
 static const BlockDriver *extra_drivers[MAX_EXTRA_DRIVERS];
 static size_t n_extra_drivers;
 
-/* The i-th driver (built-ins first, then registered ones), NULL past the end. */
-static const BlockDriver *driver_at(size_t i)
+const BlockDriver *vd_driver_at(size_t i)
 {
     if (i < N_BUILTIN) {
         return builtin_drivers[i];
@@ -57,7 +56,7 @@ const BlockDriver *vd_find_driver(const char *name)
         return NULL;
     }
     const BlockDriver *d;
-    for (size_t i = 0; (d = driver_at(i)); i++) {
+    for (size_t i = 0; (d = vd_driver_at(i)); i++) {
         if (!strcmp(d->name, name)) {
             return d;
         }
@@ -80,7 +79,7 @@ static size_t uri_scheme_len(const char *s)
 static const BlockDriver *driver_by_prefix(const char *s)
 {
     const BlockDriver *d;
-    for (size_t i = 0; (d = driver_at(i)); i++) {
+    for (size_t i = 0; (d = vd_driver_at(i)); i++) {
         if (d->is_protocol && d->filename_prefix &&
             !strncmp(s, d->filename_prefix, strlen(d->filename_prefix))) {
             return d;
@@ -113,7 +112,7 @@ const BlockDriver *vd_protocol_for(const char *filename, VdError **errp)
     }
     size_t len = uri_scheme_len(filename);
     bool uri = vd_filename_is_uri(filename);
-    for (size_t i = 0; (d = driver_at(i)); i++) {
+    for (size_t i = 0; (d = vd_driver_at(i)); i++) {
         if (d->is_protocol &&
             (uri ? driver_has_scheme(d, filename, len) : d->opens_host_paths)) {
             return d;
@@ -129,7 +128,7 @@ const BlockDriver *vd_probe_bytes(const uint8_t *buf, size_t len, const char *fi
     const BlockDriver *best = NULL;
     int best_score = 0;
     const BlockDriver *d;
-    for (size_t i = 0; (d = driver_at(i)); i++) {
+    for (size_t i = 0; (d = vd_driver_at(i)); i++) {
         if (d->is_protocol || !d->probe) {
             continue;
         }

@@ -66,6 +66,19 @@ static const char *const qemu_only_drivers[] = {
     "ssh", "throttle", "vdi", "vhdx", "vmdk", "vpc", "vvfat", "io_uring", "virtio-blk-vfio-pci",
     NULL};
 
+/* "qcow2, raw, ...": the drivers blockdev-add offers, from the registry. */
+static void offered_drivers(char *buf, size_t size)
+{
+    size_t len = 0;
+    const BlockDriver *d;
+    for (size_t i = 0; (d = vd_driver_at(i)) && len < size; i++) {
+        if (d->blockdev_options) {
+            int n = snprintf(buf + len, size - len, "%s%s", len ? ", " : "", d->name);
+            len += n > 0 ? (size_t)n : 0;
+        }
+    }
+}
+
 /* QEMU's id_wellformed(): a letter, then letters, digits, '-', '.', '_'. */
 static bool node_name_wellformed(const char *s)
 {
@@ -127,8 +140,10 @@ static int check_options(json_t *o, const char *prefix, VdError **errp)
     if (!d || !d->blockdev_options) {
         for (const char *const *q = qemu_only_drivers; *q; q++) {
             if (!strcmp(*q, dname)) {
+                char list[256] = "";
+                offered_drivers(list, sizeof(list));
                 vd_error_setg(errp, ENOTSUP, "Block driver '%s' is not supported by vdiskd "
-                              "(supported: file, raw, qcow2, nbd, rbd)", dname);
+                              "(supported: %s)", dname, list);
                 return -ENOTSUP;
             }
         }
