@@ -71,9 +71,8 @@ int img_snapshot(int argc, char **argv)
     }
     int flags = action == 'l' ? 0 : VD_OPEN_RDWR;
     VdError *err = NULL;
-    BlockNode *bs = vd_open_image(filename, NULL, tool_open_flags(flags, force_share), &err);
+    BlockNode *bs = tool_open(filename, NULL, tool_open_flags(flags, force_share));
     if (!bs) {
-        tool_report(err, NULL);
         return 1;
     }
     json_t *snaps = bs->drv->get_snapshots ? bs->drv->get_snapshots(bs) : NULL;

@@ -259,14 +259,20 @@ int tool_cache_flags(const char *mode, int *flags)
 BlockNode *tool_open(const char *filename, const char *fmt, int flags)
 {
     VdError *err = NULL;
+    /* qemu-img's wording: "Could not open 'F': " before the cause (which may name F again) */
     if (fmt && !vd_find_driver(fmt)) {
-        tool_error("Unknown file format '%s'", fmt);
+        tool_error("Could not open '%s': Unknown driver '%s'", filename, fmt);
         return NULL;
     }
     BlockNode *bs = vd_open_image(filename, fmt, tool_open_flags(flags, false), &err);
     if (!bs) {
         if (err) {
-            tool_report(err, NULL);
+            char *prefix = NULL;
+            if (asprintf(&prefix, "Could not open '%s'", filename) < 0) {
+                prefix = NULL;
+            }
+            tool_report(err, prefix);
+            free(prefix);
         } else {
             tool_error("Could not open '%s'", filename);
         }
@@ -802,15 +808,16 @@ static const struct {
     { "bitmap", img_bitmap,
       "bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)...\n"
       "          [-b source_file [-F source_fmt]] [-g granularity] [-f fmt] filename bitmap" },
-    { "check", img_check, "check [-q] [-f fmt] [--output=ofmt] [-r leaks|all] [-U] filename" },
-    { "commit", img_commit, "commit [-q] [-f fmt] [-t cache] [-b base] [-d] [-p] filename" },
+    { "check", img_check, "check [-q] [-f fmt] [--output=ofmt] [-r leaks|all] [-T src_cache] [-U] filename" },
+    { "commit", img_commit,
+      "commit [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] filename" },
     { "compare", img_compare,
       "compare [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2" },
     { "convert", img_convert,
-      "convert [-U] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt]\n"
-      "          [-B backing_file [-F backing_fmt]] [-o options] [-S sparse_size]\n"
-      "          [-m num_coroutines] [-W] [--target-is-zero] filename [filename2 [...]] "
-      "output_filename" },
+      "convert [-U] [-C] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt]\n"
+      "          [-B backing_file [-F backing_fmt]] [-o options] [-l snapshot_param]\n"
+      "          [-S sparse_size] [-r rate_limit] [-m num_coroutines] [-W] [--target-is-zero]\n"
+      "          filename [filename2 [...]] output_filename" },
     { "create", img_create,
       "create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]" },
     { "dd", img_dd,
@@ -818,11 +825,13 @@ static const struct {
       "of=output" },
     { "info", img_info,
       "info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename" },
-    { "io", img_io, "io [-f fmt] [-r] [-U] [-c 'command']... filename   (qemu-io style)" },
+    { "io", img_io,
+      "io [-f fmt] [-r] [-U] [-n] [-t cache] [-c 'command']... filename   (qemu-io style)" },
     { "map", img_map,
       "map [-f fmt] [--start-offset=offset] [--max-length=len] [--output=ofmt] [-U] filename" },
     { "measure", img_measure,
-      "measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [-f fmt] filename]" },
+      "measure [--output=ofmt] [-O output_fmt] [-o options]\n"
+      "          [--size N | [-f fmt] [-l snapshot_param] filename]" },
     { "rebase", img_rebase,
       "rebase [-U] [-q] [-f fmt] [-t cache] [-T src_cache] [-p] [-u] -b backing_file "
       "[-F backing_fmt] filename" },

@@ -287,3 +287,22 @@ def test_io_write_b_is_refused_not_written_to_the_disk(imgs):
     assert p.returncode == 1 and "not supported" in p.stdout
     qemu_img("convert", "-O", "raw", "src.qcow2", "after.raw")
     assert sha256("after.raw") == before
+
+
+# ---- qemu-img's words when an image cannot be opened ----
+
+@pytest.mark.parametrize("cmd", [
+    ["info", "{missing}"], ["check", "{missing}"], ["map", "{missing}"],
+    ["convert", "{missing}", "out.raw"], ["compare", "src.qcow2", "{missing}"],
+    ["snapshot", "-l", "{missing}"], ["commit", "{missing}"], ["rebase", "-b", "", "{missing}"],
+    ["measure", "-O", "qcow2", "{missing}"], ["dd", "if={missing}", "of=out.raw"],
+    ["bench", "-c", "1", "{missing}"], ["info", "-f", "qcow2", "src.raw"],
+    ["check", "-f", "bogus", "src.qcow2"], ["convert", "-f", "bogus", "src.qcow2", "out.raw"],
+    ["map", "-f", "bogus", "src.qcow2"], ["resize", "-f", "bogus", "src.qcow2", "32M"],
+])
+def test_open_errors_word_for_word(imgs, cmd):
+    cmd = [a.replace("{missing}", "missing.img") for a in cmd]
+    pq = qemu_img(*cmd, check=False)
+    pv = vdisk(*cmd, check=False)
+    same_error(pq, pv)
+    assert pv.returncode in (1, 2)
