@@ -633,7 +633,7 @@ static int64_t write_step(Qcow2State *s, uint64_t offset, uint64_t bytes, const 
             return -EIO;
         }
         ret = overlap_check(s, base + in_off, n);
-        s->data_dirty = true;
+        q2_data_written(s);
         if (ret == 0) {
             /*
              * An owned (COPIED), allocated cluster: no allocation, no COW, the mapping stays.
@@ -642,7 +642,7 @@ static int64_t write_step(Qcow2State *s, uint64_t offset, uint64_t bytes, const 
             if (may_unlock && lockless_begin(s)) {
                 ret = vd_pwrite(s->bs->file, base + in_off, n, buf, 0);
                 lockless_end(s);
-                s->data_dirty = true; /* a metadata flush meanwhile may have cleared it */
+                q2_data_written(s); /* a metadata flush meanwhile may have cleared it */
             } else {
                 ret = vd_pwrite(s->bs->file, base + in_off, n, buf, 0);
             }
@@ -747,7 +747,7 @@ static int64_t write_step(Qcow2State *s, uint64_t offset, uint64_t bytes, const 
     if (ret == 0 && ds < de) {
         ret = vd_pwrite(s->bs->file, host + (ds - cstart), de - ds, buf + (ds - offset), 0);
     }
-    s->data_dirty = true;
+    q2_data_written(s);
     if (ret < 0) {
         goto out; /* the new clusters leak; the old mapping is untouched */
     }
@@ -1077,7 +1077,7 @@ int q2_write_compressed_cluster(Qcow2State *s, uint64_t offset, uint64_t n, cons
     }
     if (ret == 0) {
         ret = vd_pwrite(s->bs->file, host, (uint64_t)clen, out, 0);
-        s->data_dirty = true;
+        q2_data_written(s);
     }
     if (ret < 0) {
         q2_cache_put(&s->l2_cache, &l2);
@@ -1182,7 +1182,7 @@ int q2_preallocate(Qcow2State *s, uint64_t offset, uint64_t end, VdPrealloc mode
                 q2_cache_put(&s->l2_cache, &l2);
                 return ret;
             }
-            s->data_dirty = true;
+            q2_data_written(s);
             for (uint64_t i = 0; i < k; i++) {
                 uint64_t old = l2e_get(s, l2, idx + i);
                 uint64_t ne = (host + i * cs) | QCOW2_OFLAG_COPIED;

@@ -275,6 +275,7 @@ void q2_cache_mark_dirty(Qcow2Cache *c, uint8_t *table)
     int i = cache_index_of(c, table);
     if (i >= 0) {
         c->e[i].dirty = true;
+        c->dirtied++;
     }
 }
 

@@ -53,6 +53,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <jansson.h>
 
@@ -928,15 +929,78 @@ static int qcow2_pwrite_compressed(BlockNode *bs, uint64_t offset, uint64_t byte
     return ret;
 }
 
+/*
+ * Before a flush takes the lock: sync the guest data written so far WITHOUT the lock. Writing
+ * back a dirty L2 table needs the data it points at (and the refcounts of its new clusters)
+ * durable first, and that sync, made under the lock, covered everything written since the last
+ * one (after a stream or a mirror, hundreds of MiB: measured 0.3-0.6 s with every allocating
+ * guest write waiting for the lock). So each pass writes the dirty refcount blocks (pwrites only,
+ * under the lock) and syncs the file without it; if nothing was written meanwhile (data_gen and
+ * the refcount cache's dirtied unchanged), data_dirty and the L2 cache's dependency are settled
+ * and the write-back under the lock makes no sync before its L2 writes (the same number of syncs
+ * as before, one of them moved out of the lock). Under a busy writer the next pass syncs only what
+ * was written during the previous one (at most Q2_PRESYNC_PASSES, another only while one took
+ * over 25 ms: a backlog whose sync under the lock would stall guests), so the sync left under
+ * the lock is short, while a flush-heavy guest with little written between flushes pays no extra
+ * sync.
+ */
+#define Q2_PRESYNC_PASSES 3
+static int presync_data(BlockNode *bs, Qcow2State *s)
+{
+    if (bs->open_flags & VD_OPEN_NO_FLUSH) {
+        return 0;
+    }
+    for (int pass = 0; pass < Q2_PRESYNC_PASSES; pass++) {
+        vd_mutex_lock(&s->lock);
+        bool dirty = s->data_dirty;
+        uint64_t gen = s->data_gen;
+        /* refcounts first only when they depend on nothing (else the lock's write-back orders) */
+        bool rb = s->l2_cache.depends == &s->rb_cache && !s->rb_cache.depends;
+        int ret = rb ? q2_cache_flush(s, &s->rb_cache) : 0;
+        uint64_t rgen = s->rb_cache.dirtied;
+        vd_mutex_unlock(&s->lock);
+        if (ret < 0) {
+            return ret;
+        }
+        if (!dirty && !rb) {
+            return 0;
+        }
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        ret = vd_flush(bs->file);
+        if (ret < 0) {
+            return ret;
+        }
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        vd_mutex_lock(&s->lock);
+        /* a write in flight during the sync bumps data_gen when it ends (lockless ones too) */
+        if (s->data_gen == gen) {
+            s->data_dirty = false; /* everything written before the sync began is durable */
+        }
+        if (rb && s->rb_cache.dirtied == rgen && s->l2_cache.depends == &s->rb_cache) {
+            s->l2_cache.depends = NULL; /* the refcounts written above are durable */
+        }
+        vd_mutex_unlock(&s->lock);
+        int64_t ms = (t1.tv_sec - t0.tv_sec) * 1000 + (t1.tv_nsec - t0.tv_nsec) / 1000000;
+        if (ms < 25) {
+            break;
+        }
+    }
+    return 0;
+}
+
 static int qcow2_flush(BlockNode *bs)
 {
     Qcow2State *s = q2_state(bs);
     if (s->read_only || s->damaged) {
         return 0;
     }
+    int ret = presync_data(bs, s);
     vd_mutex_lock(&s->lock);
     q2_lockless_wait_idle(s); /* q2_writeback_all applies deferred frees */
-    int ret = q2_writeback_all(s);
+    if (ret == 0) {
+        ret = q2_writeback_all(s);
+    }
     vd_mutex_unlock(&s->lock);
     /*
      * The file's own flush (an fdatasync: milliseconds to seconds) runs without the image lock,

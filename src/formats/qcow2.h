@@ -50,6 +50,7 @@ typedef struct Qcow2Cache {
     int nbuckets;
     int hand;
     struct Qcow2Cache *depends;
+    uint64_t dirtied; /* bumped by each q2_cache_mark_dirty */
     bool is_l2;
 } Qcow2Cache;
 
@@ -105,6 +106,7 @@ typedef struct Qcow2State {
     uint64_t scan_limit;   /* allocator sanity bound (clusters), refreshed from the file size */
     uint64_t free_byte_offset; /* compressed-data packing cursor; 0 = none */
     bool data_dirty;       /* data written since the last file flush */
+    uint64_t data_gen;     /* bumped with each data_dirty = true (q2_data_written) */
     /*
      * L2 entries replaced by copy-on-write whose clusters are not released yet: batching the
      * decrements avoids a flush per overwritten shared/compressed cluster. Applied at flush or
@@ -159,6 +161,13 @@ typedef struct Qcow2State {
 static inline bool q2_refcounts_lazy(const Qcow2State *s)
 {
     return s->lazy_refcounts && (s->h.incompatible_features & QCOW2_INCOMPAT_DIRTY);
+}
+
+/* Guest data went to the file (lock held): the next L2 write-back syncs the file first. */
+static inline void q2_data_written(Qcow2State *s)
+{
+    s->data_dirty = true;
+    s->data_gen++;
 }
 
 static inline Qcow2State *q2_state(BlockNode *bs)
