@@ -98,6 +98,7 @@ typedef struct CopyBudget {
     double share;        /* [floor..64]: < 1 the time one copy may run, >= 2 copies in flight */
     double floor;        /* > 0: the copy always progresses */
     uint64_t ref_ns;     /* the guest's latency low-water mark (0: none yet); drifts up slowly */
+    double hurt;         /* mean latency above hurt * ref: halve; below (1 + hurt) / 2 * ref: grow */
     bool guest_active;   /* the guest did I/O in the last window */
 } CopyBudget;
 typedef struct CopyWindow {
