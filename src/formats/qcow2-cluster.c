@@ -573,6 +573,16 @@ static uint64_t entry_reusable_host(const Qcow2State *s, uint64_t e)
 static int cluster_reads_zero(Qcow2State *s, uint64_t cstart, bool *zero);
 static int reads_zero(Qcow2State *s, uint64_t offset, uint64_t bytes, bool *zero);
 
+/* Copy the part of the write [offset, end) (bytes buf) that falls in cluster cstart into b. */
+static void overlay_guest_bytes(const Qcow2State *s, uint64_t cstart, uint8_t *b,
+                                const uint8_t *buf, uint64_t offset, uint64_t end)
+{
+    uint64_t cs = s->cluster_size;
+    uint64_t from = offset > cstart ? offset : cstart;
+    uint64_t to = end < cstart + cs ? end : cstart + cs;
+    memcpy(b + (from - cstart), buf + (from - offset), to - from);
+}
+
 /*
  * A cluster-sized buffer with the new contents of the guest cluster at cstart: its old view
  * (or zeroes when zero is true) overlaid with the part of [offset, end) that falls inside.
@@ -592,11 +602,117 @@ static int cow_buffer(Qcow2State *s, uint64_t cstart, bool zero, const uint8_t *
             return ret;
         }
     }
-    uint64_t from = offset > cstart ? offset : cstart;
-    uint64_t to = end < cstart + cs ? end : cstart + cs;
-    memcpy(b + (from - cstart), buf + (from - offset), to - from);
+    overlay_guest_bytes(s, cstart, b, buf, offset, end);
     *out = b;
     return 0;
+}
+
+/* Does an allocating write in flight without the lock cover part of [start, end)? */
+static bool alloc_overlaps(const Qcow2State *s, uint64_t start, uint64_t end)
+{
+    for (const Q2AllocInFlight *a = s->allocs; a; a = a->next) {
+        if (a->start < end && start < a->end) {
+            return true;
+        }
+    }
+    return false;
+}
+
+static void alloc_done(Qcow2State *s, Q2AllocInFlight *me)
+{
+    for (Q2AllocInFlight **pp = &s->allocs; *pp; pp = &(*pp)->next) {
+        if (*pp == me) {
+            *pp = me->next;
+            break;
+        }
+    }
+    vd_cond_broadcast(&s->alloc_done);
+}
+
+/* Does the whole guest cluster at cstart read from the backing file (nothing in this layer)? */
+static int cow_from_backing(Qcow2State *s, uint64_t cstart, bool *backing)
+{
+    uint64_t n = s->cluster_size;
+    *backing = false;
+    if (!s->bs->backing || cstart >= s->h.size) {
+        return 0;
+    }
+    if (cstart + n > s->h.size) {
+        n = s->h.size - cstart;
+    }
+    Q2Extent x;
+    int ret = get_extent(s, cstart, n, false, &x);
+    if (ret == 0) {
+        *backing = x.type == QCOW2_CLUSTER_UNALLOCATED && x.len == n;
+    }
+    return ret;
+}
+
+/* cow_buffer for a cluster that reads from the backing file: no metadata, no lock needed. */
+static int cow_buffer_backing(Qcow2State *s, uint64_t cstart, const uint8_t *buf,
+                              uint64_t offset, uint64_t end, uint8_t **out)
+{
+    uint64_t cs = s->cluster_size;
+    uint8_t *b = malloc(cs);
+    if (!b) {
+        return -ENOMEM;
+    }
+    uint64_t size = __atomic_load_n(&s->size_pub, __ATOMIC_ACQUIRE);
+    uint64_t n = cstart + cs <= size ? cs : size - cstart;
+    memset(b + n, 0, cs - n);
+    int ret = read_backing(s, cstart, n, b);
+    if (ret < 0) {
+        free(b);
+        return ret;
+    }
+    overlay_guest_bytes(s, cstart, b, buf, offset, end);
+    *out = b;
+    return 0;
+}
+
+/*
+ * The data of an allocating write into the k host clusters at host, for guest [offset, end)
+ * inside me's clusters: head/tail copy-on-write (mode 1: zero the cluster, 2: the merged buffer
+ * in *hbuf / *tbuf, read here from the backing file when *_backing) and the guest bytes. May run
+ * without s->lock (it touches no metadata).
+ */
+static int write_new_clusters(Qcow2State *s, const Q2AllocInFlight *me, uint64_t host, uint64_t k,
+                              int head_mode, int tail_mode, bool head_backing, bool tail_backing,
+                              uint8_t **hbuf, uint8_t **tbuf, const uint8_t *buf, uint64_t offset,
+                              uint64_t end)
+{
+    uint64_t cs = s->cluster_size, cstart = me->start, tstart = me->end - cs;
+    int ret = 0;
+    if (head_mode == 2 && head_backing) {
+        ret = cow_buffer_backing(s, cstart, buf, offset, end, hbuf);
+    }
+    if (ret == 0 && tail_mode == 2 && tail_backing) {
+        ret = cow_buffer_backing(s, tstart, buf, offset, end, tbuf);
+    }
+    /* data first: zero the untouched parts in the file where that is cheap */
+    if (ret == 0 && head_mode == 1 &&
+        vd_pwrite_zeroes(s->bs->file, host, cs, VD_REQ_NO_FALLBACK) < 0) {
+        head_mode = 2;
+        ret = cow_buffer(s, cstart, true, buf, offset, end, hbuf);
+    }
+    if (ret == 0 && tail_mode == 1 &&
+        vd_pwrite_zeroes(s->bs->file, host + (k - 1) * cs, cs, VD_REQ_NO_FALLBACK) < 0) {
+        tail_mode = 2;
+        ret = cow_buffer(s, tstart, true, buf, offset, end, tbuf);
+    }
+    uint64_t ds = offset, de = end;
+    if (ret == 0 && head_mode == 2) {
+        ret = vd_pwrite(s->bs->file, host, cs, *hbuf, 0);
+        ds = cstart + cs;
+    }
+    if (ret == 0 && tail_mode == 2) {
+        ret = vd_pwrite(s->bs->file, host + (k - 1) * cs, cs, *tbuf, 0);
+        de = tstart;
+    }
+    if (ret == 0 && ds < de) {
+        ret = vd_pwrite(s->bs->file, host + (ds - cstart), de - ds, buf + (ds - offset), 0);
+    }
+    return ret;
 }
 
 /* One step of a write: at most one L2 table's worth. Returns bytes done or -errno. */
@@ -695,15 +811,35 @@ static int64_t write_step(Qcow2State *s, uint64_t offset, uint64_t bytes, const 
         }
         tail_mode = z ? 1 : 2;
     }
-    /* old contents are read before the mapping can change */
+    /*
+     * Another allocating write of these guest clusters still in flight without the lock (below):
+     * wait until it put its L2 entries in, then redo this step on the new mapping.
+     */
+    Q2AllocInFlight me = {.start = cstart, .end = cstart + k * cs};
+    if (alloc_overlaps(s, me.start, me.end)) {
+        q2_cache_put(&s->l2_cache, &l2);
+        vd_cond_wait(&s->alloc_done, &s->lock);
+        return 0;
+    }
+    /*
+     * Old contents: read now (under the lock, before the mapping can change) unless they come
+     * whole from the backing file, read-only below, which the unlocked part reads itself.
+     */
+    bool head_backing = false, tail_backing = false;
     if (head_mode == 2) {
-        ret = cow_buffer(s, cstart, false, buf, offset, end, &hbuf);
+        ret = cow_from_backing(s, cstart, &head_backing);
+        if (ret == 0 && !head_backing) {
+            ret = cow_buffer(s, cstart, false, buf, offset, end, &hbuf);
+        }
         if (ret < 0) {
             goto out;
         }
     }
     if (tail_mode == 2) {
-        ret = cow_buffer(s, tstart, false, buf, offset, end, &tbuf);
+        ret = cow_from_backing(s, tstart, &tail_backing);
+        if (ret == 0 && !tail_backing) {
+            ret = cow_buffer(s, tstart, false, buf, offset, end, &tbuf);
+        }
         if (ret < 0) {
             goto out;
         }
@@ -724,31 +860,28 @@ static int64_t write_step(Qcow2State *s, uint64_t offset, uint64_t bytes, const 
             goto out;
         }
     }
-    /* data first: zero the untouched parts in the file where that is cheap */
-    if (head_mode == 1 &&
-        vd_pwrite_zeroes(s->bs->file, host, cs, VD_REQ_NO_FALLBACK) < 0) {
-        head_mode = 2;
-        ret = cow_buffer(s, cstart, true, buf, offset, end, &hbuf);
-    }
-    if (ret == 0 && tail_mode == 1 &&
-        vd_pwrite_zeroes(s->bs->file, host + (k - 1) * cs, cs, VD_REQ_NO_FALLBACK) < 0) {
-        tail_mode = 2;
-        ret = cow_buffer(s, tstart, true, buf, offset, end, &tbuf);
-    }
-    uint64_t ds = offset, de = end;
-    if (ret == 0 && head_mode == 2) {
-        ret = vd_pwrite(s->bs->file, host, cs, hbuf, 0);
-        ds = cstart + cs;
-    }
-    if (ret == 0 && tail_mode == 2) {
-        ret = vd_pwrite(s->bs->file, host + (k - 1) * cs, cs, tbuf, 0);
-        de = tstart;
-    }
-    if (ret == 0 && ds < de) {
-        ret = vd_pwrite(s->bs->file, host + (ds - cstart), de - ds, buf + (ds - offset), 0);
+    /*
+     * The data goes in without the lock (as QEMU's qcow2 writes outside its lock): the new
+     * clusters are ours (refcount taken, no L2 entry points at them yet), `me` keeps other
+     * writers of these guest clusters out, and lockless_inflight keeps whatever frees or
+     * repurposes clusters (discard, zero, flush's deferred frees, truncate, check) waiting. The
+     * L2 table is re-fetched afterwards: nothing can replace it meanwhile (that too waits).
+     */
+    q2_cache_put(&s->l2_cache, &l2);
+    me.next = s->allocs;
+    s->allocs = &me;
+    bool unlocked = may_unlock && lockless_begin(s);
+    ret = write_new_clusters(s, &me, host, k, head_mode, tail_mode, head_backing, tail_backing,
+                             &hbuf, &tbuf, buf, offset, end);
+    if (unlocked) {
+        lockless_end(s);
     }
     q2_data_written(s);
+    if (ret == 0) {
+        ret = get_l2_for_write(s, l1i, &l2);
+    }
     if (ret < 0) {
+        alloc_done(s, &me);
         goto out; /* the new clusters leak; the old mapping is untouched */
     }
     /* then the mapping; old clusters are released later (batched, after the new entries) */
@@ -764,6 +897,7 @@ static int64_t write_step(Qcow2State *s, uint64_t offset, uint64_t bytes, const 
             }
         }
     }
+    alloc_done(s, &me); /* after the entries: a waiter redoes its step on them */
 out:
     free(hbuf);
     free(tbuf);

@@ -20,7 +20,13 @@
  *    hands out a cluster a lockless I/O is still using.
  *  - while a thread waits for idle (lockless_waiters > 0) new data I/O is done under the lock,
  *    so the wait ends.
- *  - allocating writes, COW, compressed, backing and zero reads stay entirely under the lock;
+ *  - allocating writes (qcow2_pwrite) map, read copy-on-write data that is not the backing
+ *    file's, allocate and later set their L2 entries under the lock, but write the data (and read
+ *    copy-on-write data from the backing file) without it, counted in lockless_inflight and
+ *    registered in s->allocs: another allocating write of the same guest clusters waits on
+ *    alloc_done and redoes its step on the new mapping, so two writers never both allocate one
+ *    guest cluster. Data is written before its L2 entry, as before.
+ *  - compressed writes, zero writes and other reads stay under the lock;
  *    metadata-only frees (old L2 / L1 / refcount tables) need no wait: data I/O never maps there.
  *  - data_dirty is set before and after a lockless write, so the next flush syncs the file.
  *  - getlength reads s->size_pub atomically (no lock); it is updated under the lock wherever
@@ -619,6 +625,7 @@ static int qcow2_open(BlockNode *bs, const VdOpenOptions *opts, VdError **errp)
     s->bs = bs;
     pthread_mutex_init(&s->lock, NULL);
     pthread_cond_init(&s->lockless_idle, NULL);
+    pthread_cond_init(&s->alloc_done, NULL);
     if (!bs->file) {
         vd_error_setg(errp, EINVAL, "qcow2: '%s' has no file child", bs->filename);
         return -EINVAL;
@@ -694,6 +701,7 @@ again:
 fail:
     q2_free_state(s);
     pthread_cond_destroy(&s->lockless_idle);
+    pthread_cond_destroy(&s->alloc_done);
     pthread_mutex_destroy(&s->lock);
     return ret;
 }
@@ -714,6 +722,7 @@ static void qcow2_close(BlockNode *bs)
     q2_free_state(s);
     vd_mutex_unlock(&s->lock);
     pthread_cond_destroy(&s->lockless_idle);
+    pthread_cond_destroy(&s->alloc_done);
     pthread_mutex_destroy(&s->lock);
 }
 

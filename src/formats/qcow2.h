@@ -60,6 +60,12 @@ typedef struct Qcow2Ext {
     uint8_t *data;
 } Qcow2Ext;
 
+/* Guest clusters [start, end) an allocating write is filling without the lock (its stack). */
+typedef struct Q2AllocInFlight {
+    uint64_t start, end;
+    struct Q2AllocInFlight *next;
+} Q2AllocInFlight;
+
 typedef struct Qcow2State {
     pthread_mutex_t lock;
     /*
@@ -71,6 +77,12 @@ typedef struct Qcow2State {
     unsigned lockless_inflight;
     unsigned lockless_waiters;
     pthread_cond_t lockless_idle;
+    /*
+     * Allocating writes whose data I/O runs without the lock (also counted in
+     * lockless_inflight): another write of the same guest clusters waits on alloc_done.
+     */
+    struct Q2AllocInFlight *allocs;
+    pthread_cond_t alloc_done;
     uint64_t size_pub;     /* h.size, read with __atomic_load_n without the lock (getlength) */
     BlockNode *bs;
     Qcow2Header h;
