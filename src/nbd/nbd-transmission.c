@@ -5,7 +5,8 @@
  * non-blocking, together with whatever other workers queued meanwhile, unless another thread owns
  * the send side already (then that one sends it); what the socket does not take goes to the
  * connection's writer thread, the only one that blocks on the socket. So replies go out possibly
- * out of order, and a client that stops reading stalls only itself.
+ * out of order, and a client that stops reading stalls only itself. Over TLS (nbd-tls.c) a record
+ * cannot be sent in part without blocking, so every reply goes through the writer thread there.
  * A malformed request gets an error reply, or - when the stream cannot be resynchronised (bad magic,
  * oversize write payload) - that client alone is disconnected after its in-flight requests finish.
  * Every request is admitted against export drain (nbd_export_enter_n) and bracketed by the node's
