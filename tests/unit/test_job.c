@@ -337,7 +337,7 @@ static Job *start_fake(Fake *f, const char *id, bool auto_finalize, bool auto_di
 
 static void wait_status(Job *job, JobStatus s)
 {
-    for (int i = 0; i < 15000 && job_status(job) != s; i++) { /* 15 s: the machine is shared */
+    for (int i = 0; i < 60000 && job_status(job) != s; i++) { /* 60 s: the machine is shared */
         usleep(1000);
     }
     assert_string_equal(job_status_name(job_status(job)), job_status_name(s));
