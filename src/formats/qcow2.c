@@ -1,6 +1,6 @@
 /*
- * qcow2.c - the qcow2 format driver (vd_drv_qcow2): open/close with header and extension
- * parsing, create (qemu-img's layout), truncate, backing-file change, info, check, vtable.
+ * qcow2.c - the qcow2 format driver (vd_drv_qcow2): open/close (header parsing in qcow2-header.c,
+ * create in qcow2-create.c), I/O entry points, truncate, backing-file change, info, check, vtable.
  *
  * Locking: one pthread mutex per image (s->lock) is held for each whole request, with two
  * exceptions. Compressed writes compress each cluster without the lock and take it per cluster
@@ -66,193 +66,6 @@
 #include "formats/qcow2-check.h"
 #include "formats/qcow2.h"
 #include "util/lock.h"
-
-static const struct {
-    uint8_t type, bit;
-    const char *name;
-} q2_features[] = {
-    { 0, 0, "dirty bit" },
-    { 0, 1, "corrupt bit" },
-    { 0, 2, "external data file" },
-    { 0, 3, "compression type" },
-    { 0, 4, "extended L2 entries" },
-    { 1, 0, "lazy refcounts" },
-    { 2, 0, "bitmaps" },
-    { 2, 1, "raw external data" },
-};
-
-int q2_write_header_field(Qcow2State *s, uint64_t off, const void *data, uint32_t len)
-{
-    return vd_pwrite(s->bs->file, off, len, data, 0);
-}
-
-static void free_exts(Qcow2State *s)
-{
-    for (int i = 0; i < s->nb_exts; i++) {
-        free(s->exts[i].data);
-    }
-    free(s->exts);
-    s->exts = NULL;
-    s->nb_exts = 0;
-}
-
-static int add_ext(Qcow2State *s, uint32_t type, const uint8_t *data, uint32_t len)
-{
-    Qcow2Ext *n = realloc(s->exts, sizeof(Qcow2Ext) * (size_t)(s->nb_exts + 1));
-    if (!n) {
-        return -ENOMEM;
-    }
-    s->exts = n;
-    uint8_t *d = malloc(len ? len : 1);
-    if (!d) {
-        return -ENOMEM;
-    }
-    memcpy(d, data, len);
-    s->exts[s->nb_exts].type = type;
-    s->exts[s->nb_exts].len = len;
-    s->exts[s->nb_exts].data = d;
-    s->nb_exts++;
-    return 0;
-}
-
-static int build_header(Qcow2State *s, uint8_t *buf);
-
-int q2_update_header_ext(Qcow2State *s, uint32_t type, const uint8_t *data, uint32_t len,
-                         uint64_t autoclear)
-{
-    int i = 0;
-    while (i < s->nb_exts && s->exts[i].type != type) {
-        i++;
-    }
-    if (i < s->nb_exts) {
-        free(s->exts[i].data);
-        memmove(&s->exts[i], &s->exts[i + 1], sizeof(Qcow2Ext) * (size_t)(s->nb_exts - i - 1));
-        s->nb_exts--;
-    }
-    int ret = data ? add_ext(s, type, data, len) : 0;
-    uint8_t *buf = malloc(s->cluster_size);
-    if (ret < 0 || !buf) {
-        free(buf);
-        return -ENOMEM;
-    }
-    s->h.autoclear_features = autoclear;
-    ret = build_header(s, buf);
-    if (ret == 0) {
-        ret = vd_pwrite(s->bs->file, 0, s->cluster_size, buf, 0);
-    }
-    if (ret == 0) {
-        ret = q2_file_flush(s);
-    }
-    free(buf);
-    return ret;
-}
-
-static int add_feature_table(Qcow2State *s)
-{
-    size_t n = sizeof(q2_features) / sizeof(q2_features[0]);
-    uint8_t *t = calloc(n, 48);
-    if (!t) {
-        return -ENOMEM;
-    }
-    for (size_t i = 0; i < n; i++) {
-        t[i * 48] = q2_features[i].type;
-        t[i * 48 + 1] = q2_features[i].bit;
-        strncpy((char *)t + i * 48 + 2, q2_features[i].name, 46);
-    }
-    int ret = add_ext(s, QCOW2_EXT_FEATURE_TABLE, t, (uint32_t)(n * 48));
-    free(t);
-    return ret;
-}
-
-/*
- * Build the whole header cluster from s (fixed header, backing format, preserved extensions,
- * end marker, backing file name). -ENOSPC if it does not fit in the first cluster.
- */
-static int build_header(Qcow2State *s, uint8_t *buf)
-{
-    uint64_t cs = s->cluster_size;
-    uint32_t hlen = s->h.version >= 3 ? s->h.header_length : QCOW2_V2_HEADER_SIZE;
-    memset(buf, 0, cs);
-    if (s->hdr_raw && s->h.version >= 3 && s->hdr_raw_len == hlen) {
-        memcpy(buf, s->hdr_raw, hlen); /* keeps fields we do not know */
-    }
-    qcow2_put_be32(buf + 0, QCOW2_MAGIC);
-    qcow2_put_be32(buf + 4, s->h.version);
-    qcow2_put_be32(buf + 20, s->h.cluster_bits);
-    qcow2_put_be64(buf + 24, s->h.size);
-    qcow2_put_be32(buf + 32, 0);
-    qcow2_put_be32(buf + 36, s->l1_size);
-    qcow2_put_be64(buf + 40, s->l1_offset);
-    qcow2_put_be64(buf + 48, s->reftable_offset);
-    qcow2_put_be32(buf + 56, s->h.refcount_table_clusters);
-    qcow2_put_be32(buf + 60, s->h.nb_snapshots);
-    qcow2_put_be64(buf + 64, s->h.snapshots_offset);
-    if (s->h.version >= 3) {
-        qcow2_put_be64(buf + 72, s->h.incompatible_features);
-        qcow2_put_be64(buf + 80, s->h.compatible_features);
-        qcow2_put_be64(buf + 88, s->h.autoclear_features);
-        qcow2_put_be32(buf + 96, s->h.refcount_order);
-        qcow2_put_be32(buf + 100, hlen);
-        if (hlen > 104) {
-            buf[104] = s->compression_type;
-        }
-    }
-    uint64_t off = hlen;
-    if (s->backing_fmt) {
-        uint32_t l = (uint32_t)strlen(s->backing_fmt);
-        uint64_t need = 8 + ((l + 7ULL) & ~7ULL);
-        if (off + need + 8 > cs) {
-            return -ENOSPC;
-        }
-        qcow2_put_be32(buf + off, QCOW2_EXT_BACKING_FORMAT);
-        qcow2_put_be32(buf + off + 4, l);
-        memcpy(buf + off + 8, s->backing_fmt, l);
-        off += need;
-    }
-    for (int i = 0; i < s->nb_exts; i++) {
-        uint64_t need = 8 + ((s->exts[i].len + 7ULL) & ~7ULL);
-        if (off + need + 8 > cs) {
-            return -ENOSPC;
-        }
-        qcow2_put_be32(buf + off, s->exts[i].type);
-        qcow2_put_be32(buf + off + 4, s->exts[i].len);
-        memcpy(buf + off + 8, s->exts[i].data, s->exts[i].len);
-        off += need;
-    }
-    off += 8; /* end of extensions */
-    if (s->backing_file) {
-        uint64_t l = strlen(s->backing_file);
-        if (l > Q2_MAX_BACKING_NAME || off + l > cs) {
-            return -ENOSPC;
-        }
-        memcpy(buf + off, s->backing_file, l);
-        qcow2_put_be64(buf + 8, off);
-        qcow2_put_be32(buf + 16, (uint32_t)l);
-    } else {
-        qcow2_put_be64(buf + 8, 0);
-        qcow2_put_be32(buf + 16, 0);
-    }
-    return 0;
-}
-
-static const char *feature_name(Qcow2State *s, int type, int bit, char *tmp, size_t tmplen)
-{
-    for (int i = 0; i < s->nb_exts; i++) {
-        if (s->exts[i].type != QCOW2_EXT_FEATURE_TABLE) {
-            continue;
-        }
-        for (uint32_t o = 0; o + 48 <= s->exts[i].len; o += 48) {
-            const uint8_t *e = s->exts[i].data + o;
-            if (e[0] == type && e[1] == bit) {
-                snprintf(tmp, tmplen, "%.46s", (const char *)e + 2);
-                return tmp;
-            }
-        }
-    }
-    snprintf(tmp, tmplen, "Unknown incompatible feature: %llx", 1ULL << bit);
-    return tmp;
-}
-
 static void q2_free_state(Qcow2State *s)
 {
     q2_cache_destroy(&s->l2_cache);
@@ -267,7 +80,7 @@ static void q2_free_state(Qcow2State *s)
     s->pending_frees = NULL;
     s->nb_pending_frees = 0;
     s->cap_pending_frees = 0;
-    free_exts(s);
+    q2_free_exts(s);
     free(s->backing_file);
     s->backing_file = NULL;
     free(s->backing_fmt);
@@ -300,286 +113,6 @@ static int load_l1(Qcow2State *s, VdError **errp)
         s->l1[i] = qcow2_be64(raw + 8 * i);
     }
     free(raw);
-    return 0;
-}
-
-/* Parse and validate the header; fills s->h, geometry, extensions and backing names. */
-static int parse_header(BlockNode *bs, Qcow2State *s, int flags, VdError **errp)
-{
-    int64_t flen = vd_getlength(bs->file);
-    if (flen < 0) {
-        vd_error_setg_errno(errp, (int)-flen, "qcow2: could not get the size of '%s'",
-                            bs->filename);
-        return (int)flen;
-    }
-    uint8_t fix[QCOW2_HEADER_DECODE_SIZE];
-    memset(fix, 0, sizeof(fix));
-    if (flen < QCOW2_V2_HEADER_SIZE) {
-        vd_error_setg(errp, EINVAL, "Image is not in qcow2 format (file too short)");
-        return -EINVAL;
-    }
-    uint64_t rd = (uint64_t)flen < sizeof(fix) ? (uint64_t)flen : sizeof(fix);
-    int ret = vd_pread(bs->file, 0, rd, fix);
-    if (ret < 0) {
-        vd_error_setg_errno(errp, -ret, "qcow2: could not read the header");
-        return ret;
-    }
-    Qcow2Header *h = &s->h;
-    qcow2_header_decode(fix, h);
-    if (h->magic != QCOW2_MAGIC) {
-        vd_error_setg(errp, EINVAL, "Image is not in qcow2 format");
-        return -EINVAL;
-    }
-    if (h->version == 1) {
-        vd_error_setg(errp, ENOTSUP, "Unsupported image format: qcow (version 1) images are "
-                      "not supported");
-        return -ENOTSUP;
-    }
-    if (h->version != 2 && h->version != 3) {
-        vd_error_setg(errp, ENOTSUP, "Unsupported qcow2 version %" PRIu32, h->version);
-        return -ENOTSUP;
-    }
-    if (h->cluster_bits < QCOW2_MIN_CLUSTER_BITS || h->cluster_bits > QCOW2_MAX_CLUSTER_BITS) {
-        vd_error_setg(errp, EINVAL, "Unsupported cluster size: 2^%" PRIu32, h->cluster_bits);
-        return -EINVAL;
-    }
-    uint64_t cs = 1ULL << h->cluster_bits;
-    if (h->version == 3) {
-        if ((uint64_t)flen < QCOW2_V3_HEADER_SIZE) {
-            vd_error_setg(errp, EINVAL, "qcow2 header truncated");
-            return -EINVAL;
-        }
-        if (h->header_length < QCOW2_V3_HEADER_SIZE) {
-            vd_error_setg(errp, EINVAL, "qcow2 header too small");
-            return -EINVAL;
-        }
-        if (h->header_length > cs) {
-            vd_error_setg(errp, EINVAL, "qcow2 header exceeds cluster size");
-            return -EINVAL;
-        }
-    }
-    if (h->refcount_order > 6) {
-        vd_error_setg(errp, EINVAL, "qcow2: refcount width 2^%" PRIu32 " bits is not supported",
-                      h->refcount_order);
-        return -EINVAL;
-    }
-
-    /* the header cluster: extensions and backing name must lie inside it */
-    uint64_t hc = (uint64_t)flen < cs ? (uint64_t)flen : cs;
-    uint8_t *hbuf = calloc(1, cs);
-    if (!hbuf) {
-        vd_error_setg(errp, ENOMEM, "qcow2: out of memory");
-        return -ENOMEM;
-    }
-    ret = vd_pread(bs->file, 0, hc, hbuf);
-    if (ret < 0) {
-        free(hbuf);
-        vd_error_setg_errno(errp, -ret, "qcow2: could not read the header");
-        return ret;
-    }
-    free(s->hdr_raw);
-    s->hdr_raw_len = h->header_length;
-    s->hdr_raw = malloc(h->header_length);
-    if (!s->hdr_raw) {
-        free(hbuf);
-        return -ENOMEM;
-    }
-    memcpy(s->hdr_raw, hbuf, h->header_length);
-
-    free_exts(s);
-    free(s->backing_fmt);
-    s->backing_fmt = NULL;
-    free(s->backing_file);
-    s->backing_file = NULL;
-    uint64_t off = h->header_length;
-    uint64_t ext_end = h->backing_file_offset && h->backing_file_offset < cs
-                           ? h->backing_file_offset : cs;
-    ret = 0;
-    while (off + 8 <= ext_end) {
-        uint32_t type = qcow2_be32(hbuf + off);
-        uint32_t len = qcow2_be32(hbuf + off + 4);
-        if (type == QCOW2_EXT_END) {
-            break;
-        }
-        if (len > ext_end - off - 8) {
-            vd_error_setg(errp, EINVAL, "qcow2: header extension 0x%08" PRIx32
-                          " extends past the header cluster", type);
-            ret = -EINVAL;
-            break;
-        }
-        if (type == QCOW2_EXT_BACKING_FORMAT) {
-            if (len > 1023) {
-                vd_error_setg(errp, EINVAL, "qcow2: backing format name too long");
-                ret = -EINVAL;
-                break;
-            }
-            s->backing_fmt = strndup((const char *)hbuf + off + 8, len);
-            if (!s->backing_fmt) {
-                ret = -ENOMEM;
-                break;
-            }
-        } else {
-            ret = add_ext(s, type, hbuf + off + 8, len);
-            if (ret < 0) {
-                break;
-            }
-        }
-        off += 8 + ((len + 7ULL) & ~7ULL);
-    }
-    if (ret == 0 && h->backing_file_offset) {
-        if (h->backing_file_size > Q2_MAX_BACKING_NAME ||
-            h->backing_file_offset > cs - h->backing_file_size ||
-            h->backing_file_offset + h->backing_file_size > hc) {
-            vd_error_setg(errp, EINVAL, "qcow2: backing file name is invalid or too long");
-            ret = -EINVAL;
-        } else if (h->backing_file_size) {
-            s->backing_file = strndup((const char *)hbuf + h->backing_file_offset,
-                                      h->backing_file_size);
-            if (!s->backing_file) {
-                ret = -ENOMEM;
-            }
-        }
-    }
-    free(hbuf);
-    if (ret < 0) {
-        if (ret == -ENOMEM) {
-            vd_error_setg(errp, ENOMEM, "qcow2: out of memory");
-        }
-        return ret;
-    }
-
-    /* features */
-    if (h->crypt_method != 0) {
-        vd_error_setg(errp, ENOTSUP, "qcow2: encrypted images are not supported "
-                      "(encryption method %" PRIu32 ")", h->crypt_method);
-        return -ENOTSUP;
-    }
-    if (h->incompatible_features & QCOW2_INCOMPAT_DATA_FILE) {
-        vd_error_setg(errp, ENOTSUP, "qcow2: images with an external data file are not "
-                      "supported");
-        return -ENOTSUP;
-    }
-    uint64_t unknown = h->incompatible_features & ~QCOW2_INCOMPAT_KNOWN;
-    if (unknown) {
-        char msg[512] = "", tmp[80];
-        for (int b = 0; b < 64; b++) {
-            if (unknown & (1ULL << b)) {
-                size_t l = strlen(msg);
-                snprintf(msg + l, sizeof(msg) - l, "%s%s", l ? ", " : "",
-                         feature_name(s, 0, b, tmp, sizeof(tmp)));
-            }
-        }
-        vd_error_setg(errp, ENOTSUP, "Unsupported qcow2 feature(s): %s", msg);
-        return -ENOTSUP;
-    }
-    bool rw = flags & VD_OPEN_RDWR;
-    if ((h->incompatible_features & QCOW2_INCOMPAT_CORRUPT) && rw && !(flags & VD_OPEN_CHECK)) {
-        vd_error_setg(errp, EACCES, "qcow2: image is corrupt; cannot be opened read/write "
-                      "(run 'check -r all' to repair it)");
-        return -EACCES;
-    }
-    s->compression_type = h->compression_type;
-    if (s->compression_type > QCOW2_COMPRESSION_ZSTD) {
-        vd_error_setg(errp, ENOTSUP, "qcow2: unknown compression type %u", s->compression_type);
-        return -ENOTSUP;
-    }
-    if (s->compression_type != 0 && !(h->incompatible_features & QCOW2_INCOMPAT_COMPRESSION)) {
-        vd_error_setg(errp, EINVAL, "qcow2: compression type set without its feature bit");
-        return -EINVAL;
-    }
-    s->extl2 = (h->incompatible_features & QCOW2_INCOMPAT_EXTL2) != 0;
-    if (s->extl2 && h->cluster_bits < 14) {
-        vd_error_setg(errp, EINVAL, "qcow2: extended L2 entries need clusters of 16k or more");
-        return -EINVAL;
-    }
-
-    /* geometry */
-    s->cluster_bits = h->cluster_bits;
-    s->cluster_size = cs;
-    s->l2e_size = s->extl2 ? 16 : 8;
-    s->l2_bits = h->cluster_bits - (s->extl2 ? 4 : 3);
-    s->l2_entries = 1ULL << s->l2_bits;
-    s->sc_size = s->extl2 ? cs / QCOW2_EXTL2_SUBCLUSTERS : cs;
-    s->csize_shift = 62 - (h->cluster_bits - 8);
-    s->csize_mask = (1ULL << (h->cluster_bits - 8)) - 1;
-    s->cluster_offset_mask = (1ULL << s->csize_shift) - 1;
-    s->refcount_order = h->refcount_order;
-    s->rb_bits = h->cluster_bits + 3 - h->refcount_order;
-    s->refcount_max = h->refcount_order == 6 ? UINT64_MAX
-                                             : (1ULL << (1u << h->refcount_order)) - 1;
-
-    /* sizes and table locations */
-    if (h->size > (1ULL << 62)) {
-        vd_error_setg(errp, EFBIG, "qcow2: virtual size too large");
-        return -EFBIG;
-    }
-    uint64_t per_l1 = cs * s->l2_entries;
-    uint64_t need_l1 = (h->size + per_l1 - 1) / per_l1;
-    if ((uint64_t)h->l1_size * 8 > QCOW2_MAX_L1_SIZE) {
-        vd_error_setg(errp, EFBIG, "qcow2: active L1 table too large");
-        return -EFBIG;
-    }
-    if (h->l1_size < need_l1) {
-        vd_error_setg(errp, EINVAL, "qcow2: L1 table is too small for the image size");
-        return -EINVAL;
-    }
-    /*
-     * Tables that lie outside the file (cut short, offset past EOF or 0) are damage that check
-     * diagnoses from the raw file, and that qemu-img info tolerates (QEMU validates these lazily).
-     * For a check or a read-only open we note it and go on (s->damaged: I/O then fails with
-     * -EIO); a read-write open must refuse, since any write could make things worse.
-     * Misaligned offsets and absurd sizes stay fatal, as in QEMU.
-     */
-    bool tolerate = (flags & VD_OPEN_CHECK) || !rw;
-    s->damaged = false;
-    s->snapshots_damaged = false;
-    if (h->l1_size && (h->l1_table_offset & (cs - 1))) {
-        vd_error_setg(errp, EINVAL, "qcow2: L1 table offset invalid");
-        return -EINVAL;
-    }
-    if (h->l1_size && (h->l1_table_offset == 0 ||
-                       h->l1_table_offset >= (uint64_t)flen ||
-                       (uint64_t)h->l1_size * 8 > (uint64_t)flen - h->l1_table_offset)) {
-        if (!tolerate) {
-            vd_error_setg(errp, EINVAL, "qcow2: L1 table offset invalid");
-            return -EINVAL;
-        }
-        s->damaged = true;
-    }
-    if (h->refcount_table_clusters == 0 ||
-        (uint64_t)h->refcount_table_clusters * cs > QCOW2_MAX_REFTABLE_SIZE) {
-        vd_error_setg(errp, EINVAL, "qcow2: reference count table size invalid");
-        return -EINVAL;
-    }
-    if (h->refcount_table_offset & (cs - 1)) {
-        vd_error_setg(errp, EINVAL, "qcow2: reference count table offset invalid");
-        return -EINVAL;
-    }
-    if (h->refcount_table_offset == 0 || h->refcount_table_offset >= (uint64_t)flen ||
-        (uint64_t)h->refcount_table_clusters * cs > (uint64_t)flen - h->refcount_table_offset) {
-        if (!tolerate) {
-            vd_error_setg(errp, EINVAL, "qcow2: reference count table offset invalid");
-            return -EINVAL;
-        }
-        s->damaged = true;
-    }
-    if (h->nb_snapshots > Q2_MAX_SNAPSHOTS) {
-        vd_error_setg(errp, EINVAL, "qcow2: too many snapshots");
-        return -EINVAL;
-    }
-    if (h->nb_snapshots && ((h->snapshots_offset & (cs - 1)) || !h->snapshots_offset)) {
-        vd_error_setg(errp, EINVAL, "qcow2: snapshot table offset invalid");
-        return -EINVAL;
-    }
-    if (h->nb_snapshots && h->snapshots_offset >= (uint64_t)flen) {
-        if (!tolerate) {
-            vd_error_setg(errp, EINVAL, "qcow2: snapshot table offset invalid");
-            return -EINVAL;
-        }
-        s->snapshots_damaged = true;
-    }
-    s->l1_size = h->l1_size;
-    s->l1_offset = h->l1_table_offset;
     return 0;
 }
 
@@ -631,7 +164,7 @@ static int qcow2_open(BlockNode *bs, const VdOpenOptions *opts, VdError **errp)
         return -EINVAL;
     }
 again:
-    ret = parse_header(bs, s, flags, errp);
+    ret = q2_parse_header(bs, s, flags, errp);
     if (ret < 0) {
         goto fail;
     }
@@ -1145,7 +678,7 @@ static int image_end(Qcow2State *s, uint64_t *end)
     return 0;
 }
 
-static int preallocate_locked(Qcow2State *s, uint64_t from, uint64_t to, VdPrealloc mode)
+int q2_preallocate_locked(Qcow2State *s, uint64_t from, uint64_t to, VdPrealloc mode)
 {
     int ret = q2_preallocate(s, from, to, mode);
     if (ret < 0) {
@@ -1286,7 +819,7 @@ static int qcow2_truncate(BlockNode *bs, uint64_t size, bool shrink, VdPrealloc 
         ret = q2_zero(s, old, tail_end - old, 0);
     }
     if (ret == 0 && prealloc != VD_PREALLOC_OFF) {
-        ret = preallocate_locked(s, old, size, prealloc);
+        ret = q2_preallocate_locked(s, old, size, prealloc);
     }
     if (ret == 0) {
         ret = q2_flush_all(s);
@@ -1337,7 +870,7 @@ static int qcow2_change_backing_file(BlockNode *bs, const char *backing_file,
         free(buf);
         buf = NULL;
     }
-    ret = buf ? build_header(s, buf) : -ENOMEM;
+    ret = buf ? q2_build_header(s, buf) : -ENOMEM;
     if (ret < 0) {
         s->backing_file = of;
         s->backing_fmt = ofmt;
@@ -1450,7 +983,7 @@ static int qcow2_check(BlockNode *bs, VdCheckResult *res, int fix, VdError **err
         q2_cache_empty(s, &s->l2_cache, false);
         q2_cache_empty(s, &s->rb_cache, false);
         Qcow2Header keep = s->h;
-        int r2 = parse_header(bs, s, bs->open_flags | VD_OPEN_CHECK, &lerr);
+        int r2 = q2_parse_header(bs, s, bs->open_flags | VD_OPEN_CHECK, &lerr);
         if (r2 == 0 && !s->damaged) {
             r2 = load_l1(s, &lerr);
         }
@@ -1474,262 +1007,6 @@ static int qcow2_check(BlockNode *bs, VdCheckResult *res, int fix, VdError **err
     return ret;
 }
 
-/* ---- create ---- */
-
-static int parse_create_opts(const VdCreateOptions *o, uint32_t *cbits, uint32_t *version,
-                             uint32_t *rorder, uint8_t *ctype, VdError **errp)
-{
-    uint64_t cs = o->cluster_size ? o->cluster_size : 65536;
-    if (cs < 512 || cs > (2ULL << 20) || (cs & (cs - 1))) {
-        vd_error_setg(errp, EINVAL, "Cluster size must be a power of two between 512 and "
-                      "2048k");
-        return -EINVAL;
-    }
-    *cbits = (uint32_t)__builtin_ctzll(cs);
-    if (!o->compat || !strcmp(o->compat, "1.1") || !strcmp(o->compat, "v3")) {
-        *version = 3;
-    } else if (!strcmp(o->compat, "0.10") || !strcmp(o->compat, "v2")) {
-        *version = 2;
-    } else {
-        vd_error_setg(errp, EINVAL, "Invalid parameter '%s'", o->compat);
-        return -EINVAL;
-    }
-    int rb = o->refcount_bits ? o->refcount_bits : 16;
-    if (rb < 1 || rb > 64 || (rb & (rb - 1))) {
-        vd_error_setg(errp, EINVAL, "Refcount width must be a power of two and may not exceed "
-                      "64 bits");
-        return -EINVAL;
-    }
-    *rorder = (uint32_t)__builtin_ctz((unsigned)rb);
-    if (*version == 2 && rb != 16) {
-        vd_error_setg(errp, EINVAL, "Different refcount widths than 16 bits require "
-                      "compatibility level 1.1 or above (use compat=1.1 or greater)");
-        return -EINVAL;
-    }
-    if (*version == 2 && o->lazy_refcounts) {
-        vd_error_setg(errp, EINVAL, "Lazy refcounts only supported with compatibility level 1.1 "
-                      "and above (use compat=1.1 or greater)");
-        return -EINVAL;
-    }
-    if (o->extended_l2) {
-        if (*version == 2) {
-            vd_error_setg(errp, EINVAL, "Extended L2 entries are only supported with "
-                          "compatibility level 1.1 and above (use compat=1.1 or greater)");
-            return -EINVAL;
-        }
-        if (cs < 16384) {
-            vd_error_setg(errp, EINVAL, "Extended L2 entries are only supported with cluster "
-                          "sizes of at least 16384 bytes");
-            return -EINVAL;
-        }
-    }
-    *ctype = QCOW2_COMPRESSION_ZLIB;
-    if (o->compression_type && strcmp(o->compression_type, "zlib")) {
-        if (strcmp(o->compression_type, "zstd")) {
-            vd_error_setg(errp, EINVAL, "Invalid compression type '%s'", o->compression_type);
-            return -EINVAL;
-        }
-        if (*version == 2) {
-            vd_error_setg(errp, EINVAL, "Non-zlib compression type is only supported with "
-                          "compatibility level 1.1 and above (use compat=1.1 or greater)");
-            return -EINVAL;
-        }
-        *ctype = QCOW2_COMPRESSION_ZSTD;
-    }
-    return 0;
-}
-
-static int qcow2_create(const char *filename, const VdCreateOptions *o, VdError **errp)
-{
-    uint32_t cbits, version, rorder;
-    uint8_t ctype;
-    int ret = parse_create_opts(o, &cbits, &version, &rorder, &ctype, errp);
-    if (ret < 0) {
-        return ret;
-    }
-    uint64_t cs = 1ULL << cbits;
-    uint64_t size = o->size;
-    if (!o->size_given && size == 0 && o->backing_file) {
-        char *path = vd_resolve_backing_path(filename, o->backing_file);
-        if (!path) {
-            vd_error_setg(errp, ENOMEM, "out of memory");
-            return -ENOMEM;
-        }
-        BlockNode *b = vd_open_image(path, o->backing_fmt, VD_OPEN_NO_BACKING, errp);
-        free(path);
-        if (!b) {
-            vd_error_prepend(errp, "Could not open backing image: ");
-            return -EINVAL;
-        }
-        int64_t l = vd_getlength(b);
-        vd_node_unref(b);
-        if (l < 0) {
-            vd_error_setg_errno(errp, (int)-l, "Could not get the size of the backing image");
-            return (int)l;
-        }
-        size = (uint64_t)l;
-    }
-    if (o->backing_file && o->prealloc != VD_PREALLOC_OFF && !o->extended_l2) {
-        vd_error_setg(errp, EINVAL, "Backing file and preallocation can only be used at the "
-                      "same time if extended_l2 is on");
-        return -EINVAL;
-    }
-    uint32_t l2_bits = cbits - (o->extended_l2 ? 4 : 3);
-    uint64_t per_l1 = cs << l2_bits;
-    if (size > (1ULL << 62)) {
-        vd_error_setg(errp, EFBIG, "Image size too large");
-        return -EFBIG;
-    }
-    size = (size + 511) & ~511ULL; /* qemu-img rounds virtual sizes up to whole sectors */
-    if (size > (1ULL << 62)) {
-        vd_error_setg(errp, EFBIG, "Image size too large");
-        return -EFBIG;
-    }
-    uint64_t l1_size = (size + per_l1 - 1) / per_l1;
-    if (l1_size * 8 > QCOW2_MAX_L1_SIZE) {
-        vd_error_setg(errp, EFBIG, "Image size too large for this cluster size: the L1 table "
-                      "would exceed %u bytes", QCOW2_MAX_L1_SIZE);
-        return -EFBIG;
-    }
-    if (o->backing_file && strlen(o->backing_file) > Q2_MAX_BACKING_NAME) {
-        vd_error_setg(errp, EINVAL, "Backing file name too long");
-        return -EINVAL;
-    }
-
-    /* layout: header, refcount table, refcount block(s), L1 table (as qemu-img) */
-    uint64_t rbe = 1ULL << (cbits + 3 - rorder);
-    uint64_t l1_cl = (l1_size * 8 + cs - 1) / cs;
-    uint64_t rt_cl = 1, rb_cl = 1;
-    for (int i = 0; i < 64; i++) {
-        uint64_t total = 1 + rt_cl + rb_cl + l1_cl;
-        uint64_t nrb = (total + rbe - 1) / rbe;
-        uint64_t nrt = (nrb * 8 + cs - 1) / cs;
-        if (nrb == rb_cl && nrt == rt_cl) {
-            break;
-        }
-        rb_cl = nrb;
-        rt_cl = nrt;
-    }
-    uint64_t total = 1 + rt_cl + rb_cl + l1_cl;
-
-    VdCreateOptions fo;
-    memset(&fo, 0, sizeof(fo));
-    fo.format = "file";
-    fo.prealloc = VD_PREALLOC_OFF;
-    ret = vd_protocol_create(filename, &fo, errp); /* file or nbd, as the name says */
-    if (ret < 0) {
-        return ret;
-    }
-    BlockNode *file = vd_open_image(filename, "file", VD_OPEN_RDWR, errp);
-    if (!file) {
-        return -EIO;
-    }
-
-    Qcow2State *s = calloc(1, sizeof(*s));
-    uint8_t *meta = calloc(total - 1 ? total - 1 : 1, cs);
-    uint8_t *hdr = calloc(1, cs);
-    if (!s || !meta || !hdr) {
-        ret = -ENOMEM;
-        goto out;
-    }
-    BlockNode fake;
-    memset(&fake, 0, sizeof(fake));
-    fake.file = file;
-    s->bs = &fake;
-    s->cluster_bits = cbits;
-    s->cluster_size = cs;
-    s->h.version = version;
-    s->h.cluster_bits = cbits;
-    s->h.size = size;
-    s->l1_size = (uint32_t)l1_size;
-    s->l1_offset = (1 + rt_cl + rb_cl) * cs;
-    s->reftable_offset = cs;
-    s->h.refcount_table_clusters = (uint32_t)rt_cl;
-    s->h.refcount_order = rorder;
-    s->h.header_length = Q2_V3_HEADER_LEN_CT;
-    s->compression_type = ctype;
-    s->refcount_order = rorder;
-    if (ctype != QCOW2_COMPRESSION_ZLIB) {
-        s->h.incompatible_features |= QCOW2_INCOMPAT_COMPRESSION;
-    }
-    if (o->extended_l2) {
-        s->h.incompatible_features |= QCOW2_INCOMPAT_EXTL2;
-    }
-    if (o->lazy_refcounts) {
-        s->h.compatible_features |= QCOW2_COMPAT_LAZY_REFCOUNTS;
-    }
-    if (o->backing_file && *o->backing_file) {
-        s->backing_file = strdup(o->backing_file);
-        if (o->backing_fmt && *o->backing_fmt) {
-            s->backing_fmt = strdup(o->backing_fmt);
-        }
-    }
-    if (version >= 3 && add_feature_table(s) < 0) {
-        ret = -ENOMEM;
-        goto out;
-    }
-    ret = build_header(s, hdr);
-    if (ret < 0) {
-        vd_error_setg(errp, EINVAL, "Backing file name does not fit in the header cluster");
-        goto out;
-    }
-    /* refcount table (cluster 1..), refcount blocks, then the (zero) L1 table */
-    uint8_t *rt = meta;
-    uint8_t *rbs = meta + rt_cl * cs;
-    for (uint64_t i = 0; i < rb_cl; i++) {
-        qcow2_put_be64(rt + 8 * i, (1 + rt_cl + i) * cs);
-    }
-    uint64_t referenced = 1 + rt_cl + rb_cl + (l1_size ? l1_cl : 0);
-    s->rb_bits = cbits + 3 - rorder;
-    for (uint64_t c = 0; c < referenced; c++) {
-        q2_refblock_set(s, rbs + (c / rbe) * cs, c % rbe, 1);
-    }
-    ret = vd_pwrite(file, cs, (rt_cl + rb_cl) * cs, meta, 0);
-    if (ret == 0 && l1_size) {
-        ret = vd_pwrite(file, s->l1_offset, l1_size * 8, meta + (rt_cl + rb_cl) * cs, 0);
-    }
-    if (ret == 0) {
-        ret = vd_flush(file);
-    }
-    if (ret == 0) {
-        ret = vd_pwrite(file, 0, cs, hdr, 0);
-    }
-    if (ret == 0) {
-        ret = vd_flush(file);
-    }
-    if (ret < 0) {
-        vd_error_setg_errno(errp, -ret, "Could not write the qcow2 image '%s'", filename);
-    }
-out:
-    if (s) {
-        free(s->backing_file);
-        free(s->backing_fmt);
-        free_exts(s);
-    }
-    free(s);
-    free(meta);
-    free(hdr);
-    vd_node_unref(file);
-    if (ret == -ENOMEM) {
-        vd_error_setg(errp, ENOMEM, "out of memory");
-    }
-    if (ret < 0 || o->prealloc == VD_PREALLOC_OFF || size == 0) {
-        return ret;
-    }
-    BlockNode *bs = vd_open_image(filename, "qcow2", VD_OPEN_RDWR | VD_OPEN_NO_BACKING, errp);
-    if (!bs) {
-        return -EIO;
-    }
-    Qcow2State *qs = q2_state(bs);
-    vd_mutex_lock(&qs->lock);
-    ret = preallocate_locked(qs, 0, size, o->prealloc);
-    vd_mutex_unlock(&qs->lock);
-    vd_node_unref(bs);
-    if (ret < 0) {
-        vd_error_setg_errno(errp, -ret, "Could not preallocate '%s'", filename);
-    }
-    return ret;
-}
 
 /*
  * qemu-img info's dirty-flag: the bit in the header on disk, which is what qemu-img reports too
@@ -1772,7 +1049,7 @@ const BlockDriver vd_drv_qcow2 = {
     .probe = qcow2_probe,
     .open = qcow2_open,
     .close = qcow2_close,
-    .create = qcow2_create,
+    .create = q2_create,
     .pread = qcow2_pread,
     .pwrite = qcow2_pwrite,
     .pwrite_zeroes = qcow2_pwrite_zeroes,

@@ -276,8 +276,23 @@ int q2_grow_l1(Qcow2State *s, uint64_t min_size);
 int q2_compress(Qcow2State *s, const uint8_t *src, uint8_t *dst, uint64_t dst_len);
 int q2_decompress(Qcow2State *s, const uint8_t *src, uint64_t src_len, uint8_t *dst);
 
-/* ---- qcow2.c ---- */
+/* ---- qcow2-header.c: the header cluster ---- */
 int q2_write_header_field(Qcow2State *s, uint64_t off, const void *data, uint32_t len);
+/* Parse and validate the header; fills s->h, geometry, extensions and backing names. */
+int q2_parse_header(BlockNode *bs, Qcow2State *s, int flags, VdError **errp);
+/* The whole header cluster from s; -ENOSPC if it does not fit in the first cluster. */
+int q2_build_header(Qcow2State *s, uint8_t *buf);
+int q2_add_ext(Qcow2State *s, uint32_t type, const uint8_t *data, uint32_t len);
+void q2_free_exts(Qcow2State *s);
+/* Add the feature name table extension (create). */
+int q2_add_feature_table(Qcow2State *s);
+
+/* ---- qcow2-create.c ---- */
+int q2_create(const char *filename, const VdCreateOptions *o, VdError **errp);
+
+/* ---- qcow2.c ---- */
+/* Preallocate [from, to) and grow the file to the image end; lock held. */
+int q2_preallocate_locked(Qcow2State *s, uint64_t from, uint64_t to, VdPrealloc mode);
 /* Before the first modification of an open: clear autoclear bits, set the lazy dirty bit. */
 int q2_first_write(Qcow2State *s);
 
