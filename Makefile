@@ -58,12 +58,12 @@ $(FUZZ_BUILD)/build.ninja:
 	  -Db_lundef=false -Dbuildtype=debugoptimized
 
 fuzz-build: deps fuzz-deps $(FUZZ_BUILD)/build.ninja
+	ninja -C $(FUZZ_BUILD) $(addprefix fuzz/fuzz_,$(FUZZ_TARGETS))
 
 # clang is needed only by the fuzzers, so make check does not install it.
 fuzz-deps:
 	@command -v clang >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	  apt-get install -y -qq --no-install-recommends clang; }
-	ninja -C $(FUZZ_BUILD) $(addprefix fuzz/fuzz_,$(FUZZ_TARGETS))
 
 fuzz: fuzz-build
 	@for t in $(FUZZ_TARGETS); do \

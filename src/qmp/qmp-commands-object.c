@@ -1,10 +1,13 @@
 /*
  * qmp-commands-object.c - object-add / object-del for the objects vdiskd has (util/tls-creds.h):
- * tls-creds-x509, tls-creds-psk and authz-simple, with QEMU's ObjectOptions union as the argument
- * table (every other qom-type QEMU knows is refused by name). vdiskd's --object goes through
- * qmp_object_add too, so the command line and QMP accept exactly the same objects.
+ * tls-creds-x509, tls-creds-psk, authz-simple, authz-list and authz-listfile, with QEMU's
+ * ObjectOptions union as the argument table (every other qom-type QEMU knows is refused by name).
+ * vdiskd's --object goes through qmp_object_add too, so the command line and QMP accept exactly
+ * the same objects; an authz-listfile's file is read with authz-list's own table.
  */
 #include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "qmp/qmp-args.h"
@@ -23,12 +26,17 @@ static const char *const qom_type_enum[] = {
     "throttle-group", "tls-creds-anon", "tls-creds-psk", "tls-creds-x509", "tls-cipher-suites",
     "x-remote-object", "x-vfio-user-server", NULL};
 static const char *const endpoint_enum[] = {"client", "server", NULL};
+static const char *const policy_enum[] = {"deny", "allow", NULL}; /* QAuthZListPolicy */
+static const char *const format_enum[] = {"exact", "glob", NULL}; /* QAuthZListFormat */
 
 typedef struct ObjectAddArgs {
     int qom_type; /* index in qom_type_enum */
-    const char *id, *dir, *priority, *username, *identity, *passwordid;
+    const char *id, *dir, *priority, *username, *identity, *passwordid, *filename;
     int endpoint; /* index in endpoint_enum */
     bool verify_peer;
+    int policy;     /* authz-list: index in policy_enum */
+    json_t *rules;  /* authz-list: [QAuthZListRule] */
+    bool refresh;   /* authz-listfile */
 } ObjectAddArgs;
 
 #define OBJECT_BASE_MEMBERS                                                                  \
@@ -59,6 +67,21 @@ static const QmpArgSpec authz_simple_spec[] = {
     OBJECT_BASE_MEMBERS,
     {"identity", QA_STR, true, .at = QMP_AT(ObjectAddArgs, identity)},
     {NULL}};
+#define AUTHZ_LIST_MEMBERS                                                                   \
+    {"policy", QA_ENUM, false, policy_enum, .at = QMP_AT(ObjectAddArgs, policy)},            \
+    {"rules", QA_ARRAY, .at = QMP_AT(ObjectAddArgs, rules)}
+static const QmpArgSpec authz_list_spec[] = {OBJECT_BASE_MEMBERS, AUTHZ_LIST_MEMBERS, {NULL}};
+static const QmpArgSpec authz_list_file_members[] = {AUTHZ_LIST_MEMBERS, {NULL}};
+static const QmpArgSpec authz_listfile_spec[] = {
+    OBJECT_BASE_MEMBERS,
+    {"filename", QA_STR, true, .at = QMP_AT(ObjectAddArgs, filename)},
+    {"refresh", QA_BOOL, .at = QMP_AT(ObjectAddArgs, refresh)},
+    {NULL}};
+static const QmpArgSpec rule_spec[] = { /* QAuthZListRule */
+    {"match", QA_STR, true},
+    {"policy", QA_ENUM, true, policy_enum},
+    {"format", QA_ENUM, false, format_enum},
+    {NULL}};
 
 typedef struct ObjectVariant {
     const char *type;
@@ -69,12 +92,71 @@ static const ObjectVariant variants[] = {
     {"tls-creds-x509", x509_spec},
     {"tls-creds-psk", psk_spec},
     {"authz-simple", authz_simple_spec},
+    {"authz-list", authz_list_spec},
+    {"authz-listfile", authz_listfile_spec},
     {NULL, NULL}};
+
+/* An authz-list's members (checked against authz_list_spec's) into *out: 0 or -errno. */
+static int rules_parse(const ObjectAddArgs *a, VdAuthzList *out, VdError **errp)
+{
+    size_t n = a->rules ? json_array_size(a->rules) : 0;
+    *out = (VdAuthzList){.allow = a->policy == 1};
+    if (n && !(out->rules = calloc(n, sizeof(*out->rules)))) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+        return -ENOMEM;
+    }
+    for (size_t i = 0; i < n; i++) {
+        json_t *r = json_array_get(a->rules, i);
+        char prefix[48];
+        snprintf(prefix, sizeof(prefix), "rules[%zu].", i);
+        if (qmp_args_check1(r, prefix, rule_spec, errp) < 0) {
+            vd_authz_list_clear(out);
+            return -EINVAL;
+        }
+        VdAuthzRule *rule = &out->rules[out->n];
+        rule->allow = !strcmp(qmp_arg_str(r, "policy", ""), "allow");
+        rule->glob = !strcmp(qmp_arg_str(r, "format", "exact"), "glob");
+        if (!(rule->match = strdup(qmp_arg_str(r, "match", "")))) {
+            vd_authz_list_clear(out);
+            vd_error_setg(errp, ENOMEM, "Out of memory");
+            return -ENOMEM;
+        }
+        out->n++;
+    }
+    return 0;
+}
+
+/* VdAuthzListParse: an authz-listfile's text, a JSON object of authz-list's members. */
+static int listfile_parse(const char *text, const char *filename, VdAuthzList *out,
+                          VdError **errp)
+{
+    json_error_t jerr;
+    json_t *obj = json_loads(text, JSON_REJECT_DUPLICATES, &jerr);
+    int r = -EINVAL;
+    ObjectAddArgs a = {0};
+    if (!obj) {
+        vd_error_setg(errp, EINVAL, "JSON parse error in '%s': %s", filename, jerr.text);
+    } else if (!json_is_object(obj)) {
+        vd_error_setg(errp, EINVAL, "File '%s' must contain a JSON object", filename);
+    } else if (qmp_args_parse(obj, authz_list_file_members, &a, errp) == 0) {
+        r = rules_parse(&a, out, errp);
+    }
+    json_decref(obj);
+    return r;
+}
 
 static int add_checked(const char *type, const ObjectAddArgs *a, VdError **errp)
 {
     if (!strcmp(type, "authz-simple")) {
         return vd_authz_simple_add(a->id, a->identity, errp);
+    }
+    if (!strcmp(type, "authz-list")) {
+        VdAuthzList list;
+        int r = rules_parse(a, &list, errp);
+        return r < 0 ? r : vd_authz_list_add(a->id, &list, errp);
+    }
+    if (!strcmp(type, "authz-listfile")) {
+        return vd_authz_listfile_add(a->id, a->filename, a->refresh, listfile_parse, errp);
     }
     if (a->passwordid) {
         vd_error_setg(errp, ENOTSUP, "passwordid (an encrypted private key) is not supported "
@@ -102,7 +184,7 @@ int qmp_object_add(json_t *args, VdError **errp)
             json_object_set(base, keys[i], v);
         }
     }
-    ObjectAddArgs a = {.verify_peer = true};
+    ObjectAddArgs a = {.verify_peer = true, .refresh = true};
     int r = qmp_args_parse(base, object_base_spec, &a, errp);
     json_decref(base);
     if (r < 0) {
@@ -115,7 +197,8 @@ int qmp_object_add(json_t *args, VdError **errp)
     }
     if (!v->type) {
         vd_error_setg(errp, ENOTSUP, "Object type '%s' is not supported by vdiskd (supported: "
-                      "tls-creds-x509, tls-creds-psk, authz-simple)", type);
+                      "tls-creds-x509, tls-creds-psk, authz-simple, authz-list, authz-listfile)",
+                      type);
         return -ENOTSUP;
     }
     if ((r = qmp_args_parse(args, v->spec, &a, errp)) < 0) {

@@ -42,6 +42,9 @@ static void usage(FILE *f)
             "  --object tls-creds-x509,id=ID,dir=DIR[,endpoint=server|client][,verify-peer=on|off]\n"
             "  --object tls-creds-psk,id=ID,dir=DIR[,endpoint=server|client][,username=U]\n"
             "  --object authz-simple,id=ID,identity=NAME\n"
+            "  --object authz-list,id=ID[,policy=deny|allow][,rules.N.match=M,rules.N.policy=P\n"
+            "               [,rules.N.format=exact|glob]...] (or --object '{JSON}')\n"
+            "  --object authz-listfile,id=ID,filename=FILE[,refresh=on|off]\n"
             "  --nbd-server addr.type=inet,addr.host=H,addr.port=P[,max-connections=N]\n"
             "  --nbd-server addr.type=unix,addr.path=P[,max-connections=N]\n"
             "               [,tls-creds=ID[,tls-authz=ID]] (NBD over TLS, required of clients)\n"
@@ -193,7 +196,7 @@ static json_t *keyval_value(const char *key, const char *v)
     leaf = leaf ? leaf + 1 : key;
     bool is_name = !strcmp(leaf, "filename") || !strcmp(leaf, "node-name") ||
                    !strcmp(leaf, "file") || !strcmp(leaf, "backing") || !strcmp(leaf, "path") ||
-                   !strcmp(leaf, "snapshot");
+                   !strcmp(leaf, "snapshot") || !strcmp(leaf, "match") || !strcmp(leaf, "identity");
     if (!is_name) {
         if (!strcmp(v, "on") || !strcmp(v, "true")) {
             return json_true();
@@ -212,6 +215,37 @@ static json_t *keyval_value(const char *key, const char *v)
         return json_null();
     }
     return json_string(v);
+}
+
+/* QEMU's keyval lists: an object whose keys are exactly 0..n-1 becomes an array, at any depth. */
+static json_t *keyval_lists(json_t *v)
+{
+    if (!json_is_object(v)) {
+        return v;
+    }
+    const char *key;
+    json_t *child;
+    void *tmp;
+    json_object_foreach_safe(v, tmp, key, child) {
+        json_object_set_new(v, key, keyval_lists(json_incref(child)));
+    }
+    size_t n = json_object_size(v);
+    json_t *arr = json_array();
+    for (size_t i = 0; arr && i < n; i++) {
+        char idx[24];
+        snprintf(idx, sizeof(idx), "%zu", i);
+        if (!(child = json_object_get(v, idx))) {
+            json_decref(arr);
+            return v;
+        }
+        json_array_append(arr, child);
+    }
+    if (!arr || n == 0) {
+        json_decref(arr);
+        return v;
+    }
+    json_decref(v);
+    return arr;
 }
 
 /* QSD's dotted form: driver=qcow2,node-name=n,file.driver=file,file.filename=x -> nested object. */
@@ -246,7 +280,7 @@ static json_t *keyval_to_json(const char *arg, VdError **errp)
         }
     }
     kv_free(&kv);
-    return root;
+    return keyval_lists(root);
 }
 
 static int do_blockdev(const char *arg, VdError **errp)
@@ -382,7 +416,15 @@ static int do_object(const char *arg, VdError **errp)
     const char *comma = strchr(arg, ',');
     size_t tl = comma ? (size_t)(comma - arg) : strlen(arg);
     json_t *opts;
-    if (memchr(arg, '=', tl)) {
+    json_error_t jerr = {0};
+    if (arg[strspn(arg, " \t")] == '{') { /* QSD's JSON form */
+        if (!(opts = json_loads(arg, 0, &jerr)) || !json_is_object(opts)) {
+            vd_error_setg(errp, EINVAL, "--object: expected a JSON object: %s",
+                          opts ? "not an object" : jerr.text);
+            json_decref(opts);
+            return -EINVAL;
+        }
+    } else if (memchr(arg, '=', tl)) {
         opts = keyval_to_json(arg, errp); /* qom-type=TYPE,... */
     } else {
         opts = keyval_to_json(comma ? comma + 1 : "", errp);

@@ -1,17 +1,21 @@
 /*
  * tls-creds.c - the object registry behind object-add / object-del: TLS credentials (GnuTLS,
- * loaded when added) and authz-simple. Invariants: an id is in the registry at most once; an
- * object is freed when its last reference goes (the registry's, the NBD server's, a node's), so a
- * user never sees its credentials change or vanish. One mutex guards the list and the counts.
+ * loaded when added) and authorization lists (authz-simple, authz-list, authz-listfile).
+ * Invariants: an id is in the registry at most once; an object is freed when its last reference
+ * goes (the registry's, the NBD server's, a node's), so a user never sees its credentials change
+ * or vanish. One mutex guards the list and the counts; an authz-listfile's own mutex guards its
+ * rules, which are reloaded when the file changes (checked at each decision).
  */
 #include <errno.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "util/lock.h"
+#include "util/log.h"
 #include "util/tls-creds.h"
 
 typedef enum { OBJ_TLS_CREDS, OBJ_AUTHZ } ObjKind;
@@ -31,9 +35,24 @@ struct VdTlsCreds {
     gnutls_psk_server_credentials_t psk_srv; /* psk, server endpoint */
 };
 
+/* The state of an authz-listfile's file when its rules were read (a change means: reload). */
+typedef struct FileStamp {
+    dev_t dev;
+    ino_t ino;
+    off_t size;
+    struct timespec mtime, ctime;
+} FileStamp;
+
 struct VdAuthz {
     VdObject obj;
-    char *identity;
+    char *identity;         /* authz-simple; NULL for the lists */
+    VdAuthzList list;       /* authz-list; authz-listfile: the rules last read */
+    bool list_ok;           /* authz-listfile: the last read succeeded (else: deny everyone) */
+    char *filename;         /* authz-listfile, else NULL */
+    bool refresh;           /* authz-listfile: reread when the file changes */
+    FileStamp stamp;        /* authz-listfile: the file as last read */
+    VdAuthzListParse parse; /* authz-listfile: the file's JSON into rules */
+    pthread_mutex_t lock;   /* authz-listfile: list, list_ok, stamp */
 };
 
 static pthread_mutex_t reg_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -62,6 +81,26 @@ static void creds_free(VdTlsCreds *c)
     free(c->username);
 }
 
+void vd_authz_list_clear(VdAuthzList *l)
+{
+    for (size_t i = 0; i < l->n; i++) {
+        free(l->rules[i].match);
+    }
+    free(l->rules);
+    l->rules = NULL;
+    l->n = 0;
+}
+
+static void authz_free(VdAuthz *a)
+{
+    free(a->identity);
+    vd_authz_list_clear(&a->list);
+    if (a->filename) {
+        pthread_mutex_destroy(&a->lock);
+    }
+    free(a->filename);
+}
+
 static void obj_unref(VdObject *o)
 {
     if (!o) {
@@ -76,7 +115,7 @@ static void obj_unref(VdObject *o)
     if (o->kind == OBJ_TLS_CREDS) {
         creds_free((VdTlsCreds *)o);
     } else {
-        free(((VdAuthz *)o)->identity);
+        authz_free((VdAuthz *)o);
     }
     free(o->id);
     free(o);
@@ -351,30 +390,151 @@ int vd_tls_creds_setup_session(const VdTlsCreds *c, gnutls_session_t s, VdError 
 
 /* ---- authorization ---- */
 
-int vd_authz_simple_add(const char *id, const char *identity, VdError **errp)
+/* A new authz object of id, its members set by fill (which may fail), registered; 0 or -errno. */
+static int authz_new(const char *id, VdAuthz **out, VdError **errp)
 {
     VdAuthz *a = calloc(1, sizeof(*a));
     if (a) {
         a->obj.kind = OBJ_AUTHZ;
         a->obj.id = strdup(id);
-        a->identity = strdup(identity);
     }
-    if (!a || !a->obj.id || !a->identity) {
-        if (a) {
-            free(a->obj.id);
-            free(a->identity);
-        }
+    if (!a || !a->obj.id) {
         free(a);
         vd_error_setg(errp, ENOMEM, "Out of memory");
         return -ENOMEM;
     }
-    int r = obj_register(&a->obj, errp);
+    *out = a;
+    return 0;
+}
+
+/* Register a, or free it (and its members) if that fails. */
+static int authz_register(VdAuthz *a, int r, VdError **errp)
+{
+    if (r == 0) {
+        r = obj_register(&a->obj, errp);
+    }
     if (r < 0) {
+        authz_free(a);
         free(a->obj.id);
-        free(a->identity);
         free(a);
     }
     return r;
+}
+
+int vd_authz_simple_add(const char *id, const char *identity, VdError **errp)
+{
+    VdAuthz *a;
+    int r = authz_new(id, &a, errp);
+    if (r < 0) {
+        return r;
+    }
+    if (!(a->identity = strdup(identity))) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+        r = -ENOMEM;
+    }
+    return authz_register(a, r, errp);
+}
+
+int vd_authz_list_add(const char *id, VdAuthzList *list, VdError **errp)
+{
+    VdAuthz *a;
+    int r = authz_new(id, &a, errp);
+    if (r < 0) {
+        vd_authz_list_clear(list);
+        return r;
+    }
+    a->list = *list;
+    *list = (VdAuthzList){0};
+    return authz_register(a, 0, errp);
+}
+
+static void stamp_of(const struct stat *st, FileStamp *f)
+{
+    *f = (FileStamp){.dev = st->st_dev, .ino = st->st_ino, .size = st->st_size,
+                     .mtime = st->st_mtim, .ctime = st->st_ctim};
+}
+
+static bool stamp_equal(const FileStamp *a, const FileStamp *b)
+{
+    return a->dev == b->dev && a->ino == b->ino && a->size == b->size &&
+           a->mtime.tv_sec == b->mtime.tv_sec && a->mtime.tv_nsec == b->mtime.tv_nsec &&
+           a->ctime.tv_sec == b->ctime.tv_sec && a->ctime.tv_nsec == b->ctime.tv_nsec;
+}
+
+/* Read a->filename into a->list (QEMU's texts for an unreadable file); caller holds a->lock. */
+static int listfile_load(VdAuthz *a, VdError **errp)
+{
+    FILE *f = fopen(a->filename, "re");
+    struct stat st;
+    if (!f || fstat(fileno(f), &st) < 0) {
+        int e = errno;
+        vd_error_setg(errp, e, "Unable to read '%s': Failed to open file \u201c%s\u201d: %s",
+                      a->filename, a->filename, strerror(e));
+        if (f) {
+            fclose(f);
+        }
+        return -e;
+    }
+    size_t cap = (size_t)st.st_size + 1, len = 0;
+    char *text = malloc(cap);
+    int r = text ? 0 : -ENOMEM;
+    while (r == 0) {
+        size_t n = fread(text + len, 1, cap - 1 - len, f);
+        len += n;
+        if (len < cap - 1 && n == 0) {
+            break;
+        }
+        if (len == cap - 1) { /* the file grew while being read */
+            char *t = realloc(text, cap * 2);
+            r = t ? 0 : -ENOMEM;
+            text = t ? t : text;
+            cap *= 2;
+        }
+    }
+    int e = ferror(f) ? errno : 0;
+    fclose(f);
+    if (r == 0 && e) {
+        vd_error_setg_errno(errp, e, "Unable to read '%s'", a->filename);
+        r = -e;
+    } else if (r < 0) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+    }
+    VdAuthzList list = {0};
+    if (r == 0) {
+        text[len] = 0;
+        r = a->parse(text, a->filename, &list, errp);
+    }
+    free(text);
+    vd_authz_list_clear(&a->list);
+    a->list = list;
+    a->list_ok = r == 0;
+    stamp_of(&st, &a->stamp);
+    return r;
+}
+
+int vd_authz_listfile_add(const char *id, const char *filename, bool refresh,
+                          VdAuthzListParse parse, VdError **errp)
+{
+    VdAuthz *a;
+    int r = authz_new(id, &a, errp);
+    if (r < 0) {
+        return r;
+    }
+    a->refresh = refresh;
+    a->parse = parse;
+    if (!(a->filename = strdup(filename))) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+        free(a->obj.id);
+        free(a);
+        return -ENOMEM;
+    }
+    pthread_mutex_init(&a->lock, NULL);
+    r = listfile_load(a, errp);
+    if (r == 0 && refresh && filename[0] != '/') {
+        vd_error_setg(errp, EINVAL, "Filename must be an absolute path");
+        r = -EINVAL;
+    }
+    return authz_register(a, r, errp);
 }
 
 VdAuthz *vd_authz_get(const char *id, VdError **errp)
@@ -391,7 +551,69 @@ void vd_authz_unref(VdAuthz *a)
     obj_unref(a ? &a->obj : NULL);
 }
 
-bool vd_authz_is_allowed(const VdAuthz *a, const char *identity)
+/* QEMU's glob (GLib's g_pattern_match_simple): '*' any run, '?' one character, nothing else. */
+static bool glob_match(const char *p, const char *s)
 {
-    return identity && !strcmp(a->identity, identity);
+    const char *star = NULL, *resume = NULL;
+    while (*s) {
+        if (*p == '*') {
+            star = ++p;
+            resume = s;
+        } else if (*p && (*p == '?' || *p == *s)) {
+            p++;
+            s++;
+        } else if (star) {
+            p = star;
+            s = ++resume;
+        } else {
+            return false;
+        }
+    }
+    while (*p == '*') {
+        p++;
+    }
+    return !*p;
+}
+
+/* QEMU's authz-list: the first rule that matches decides, else the list's policy. */
+static bool list_allows(const VdAuthzList *l, const char *identity)
+{
+    for (size_t i = 0; i < l->n; i++) {
+        const VdAuthzRule *r = &l->rules[i];
+        if (r->glob ? glob_match(r->match, identity) : !strcmp(r->match, identity)) {
+            return r->allow;
+        }
+    }
+    return l->allow;
+}
+
+/* authz-listfile: reread the file if it changed since (refresh), then decide. */
+static bool listfile_allows(VdAuthz *a, const char *identity)
+{
+    vd_mutex_lock(&a->lock);
+    struct stat st;
+    FileStamp now;
+    /* A file removed keeps the rules last read, as QEMU's watch reacts to changes and creation. */
+    if (a->refresh && stat(a->filename, &st) == 0 && (stamp_of(&st, &now),
+                                                      !stamp_equal(&now, &a->stamp))) {
+        VdError *err = NULL;
+        if (listfile_load(a, &err) < 0) { /* QEMU then denies everyone until the next change */
+            vd_log(VD_LOG_ERROR, "authz-listfile '%s': %s", a->obj.id, vd_error_msg(err));
+            vd_error_free(err);
+        }
+    }
+    bool ok = a->list_ok && list_allows(&a->list, identity);
+    vd_mutex_unlock(&a->lock);
+    return ok;
+}
+
+bool vd_authz_is_allowed(VdAuthz *a, const char *identity)
+{
+    if (!identity) {
+        return false;
+    }
+    if (a->identity) {
+        return !strcmp(a->identity, identity);
+    }
+    return a->filename ? listfile_allows(a, identity) : list_allows(&a->list, identity);
 }

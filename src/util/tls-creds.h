@@ -1,7 +1,7 @@
 /*
  * tls-creds.h - vdiskd's user-created objects, as QEMU's object-add makes them: TLS credentials
  * (tls-creds-x509, tls-creds-psk: a directory of PEM files / a keys.psk file, for one endpoint)
- * and authorization lists (authz-simple). Ids share one namespace. Objects are reference counted:
+ * and authorization lists (authz-simple, authz-list, authz-listfile). Ids share one namespace. Objects are reference counted:
  * object-del drops the registry's reference, a user (the NBD server, an NBD client node) keeps
  * its own until it is done, as QOM does. Credentials are loaded (and checked) when added, so a
  * missing or broken file is reported by object-add, not by the first client. Thread-safe.
@@ -30,6 +30,27 @@ typedef struct VdTlsCredsOptions {
 /* object-add: 0, or -errno with *errp set (-EEXIST for a taken id). */
 int vd_tls_creds_add(const VdTlsCredsOptions *o, VdError **errp);
 int vd_authz_simple_add(const char *id, const char *identity, VdError **errp);
+
+/* authz-list's rules: the first whose match fits the identity decides, else the list's policy. */
+typedef struct VdAuthzRule {
+    char *match; /* owned */
+    bool allow;  /* policy=allow, else deny */
+    bool glob;   /* format=glob ('*' and '?'), else exact */
+} VdAuthzRule;
+typedef struct VdAuthzList {
+    bool allow; /* the default policy */
+    size_t n;
+    VdAuthzRule *rules; /* owned */
+} VdAuthzList;
+void vd_authz_list_clear(VdAuthzList *l);
+/* authz-list: takes list's rules (list is left empty, also on error). */
+int vd_authz_list_add(const char *id, VdAuthzList *list, VdError **errp);
+/* An authz-listfile's JSON text (a QAuthZList's members) into *out; 0 or -errno with *errp set. */
+typedef int (*VdAuthzListParse)(const char *text, const char *filename, VdAuthzList *out,
+                                VdError **errp);
+/* authz-listfile: the rules are read now and, with refresh, again whenever the file changes. */
+int vd_authz_listfile_add(const char *id, const char *filename, bool refresh,
+                          VdAuthzListParse parse, VdError **errp);
 /* object-del: drops the registry's reference; users keep theirs. -ENOENT if absent. */
 int vd_object_del(const char *id, VdError **errp);
 
@@ -48,6 +69,6 @@ int vd_tls_creds_setup_session(const VdTlsCreds *c, gnutls_session_t s, VdError 
 
 VdAuthz *vd_authz_get(const char *id, VdError **errp); /* new reference */
 void vd_authz_unref(VdAuthz *a);
-bool vd_authz_is_allowed(const VdAuthz *a, const char *identity);
+bool vd_authz_is_allowed(VdAuthz *a, const char *identity);
 
 #endif
