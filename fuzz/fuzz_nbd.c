@@ -13,6 +13,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "fuzz-exchange.h"
 #include "block/block.h"
 #include "block/dirty-bitmap.h"
 #include "nbd/nbd-server.h"
@@ -53,37 +54,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (nbd_server_add_client(sv[1]) < 0) {
         abort();
     }
-    /* Send the input while reading replies (either side may fill a socket buffer), then EOF. */
-    size_t sent = 0;
-    bool eof_sent = false;
-    char buf[65536];
-    for (int rounds = 0; rounds < 100000; rounds++) {
-        struct pollfd p = {.fd = sv[0], .events = POLLIN | (eof_sent ? 0 : POLLOUT)};
-        int r = poll(&p, 1, 30000);
-        if (r <= 0) {
-            fprintf(stderr, "fuzz_nbd: the server neither answered nor hung up in 30 s\n");
-            abort(); /* a hang */
-        }
-        if (p.revents & POLLOUT) {
-            ssize_t w = send(sv[0], data + sent, size - sent, MSG_DONTWAIT | MSG_NOSIGNAL);
-            if (w > 0) {
-                sent += (size_t)w;
-            }
-            if (w < 0 && errno != EAGAIN) {
-                sent = size; /* the server hung up */
-            }
-            if (sent == size) {
-                shutdown(sv[0], SHUT_WR);
-                eof_sent = true;
-            }
-        }
-        if (p.revents & (POLLIN | POLLHUP | POLLERR)) {
-            ssize_t got = recv(sv[0], buf, sizeof(buf), MSG_DONTWAIT);
-            if (got == 0 || (got < 0 && errno != EAGAIN)) {
-                break; /* the server closed the connection */
-            }
-        }
-    }
+    fuzz_exchange("fuzz_nbd", sv[0], data, size);
     close(sv[0]);
     return 0;
 }

@@ -2,7 +2,8 @@
  * fuzz_qmp.c - libFuzzer target: the input is what a QMP client sends after negotiating,
  * fed to vdiskd's QMP server (JSON scanner, parser, dispatcher, every command's argument table
  * and handler). Inputs naming a command that opens or creates host files or sockets
- * (blockdev-add, drive-mirror, blockdev-snapshot-sync, nbd-server-*, block-export-add) are skipped:
+ * (blockdev-add, drive-mirror, blockdev-snapshot-sync, nbd-server-*, block-export-add,
+ * authz-listfile) are skipped:
  * the graph stays empty, so the other commands fail on their first lookup, after their checks.
  * Promise under test: any bytes get answers, never a crash, a hang or a sanitizer report.
  */
@@ -16,6 +17,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "fuzz-exchange.h"
 #include "qmp/qmp.h"
 
 int LLVMFuzzerInitialize(int *argc, char ***argv);
@@ -37,7 +39,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
 static bool names_host_resource(const uint8_t *data, size_t size)
 {
     static const char *const words[] = {"blockdev-add", "mirror", "snapshot-sync", "nbd-server",
-                                        "export-add", "quit"};
+                                        "export-add", "quit", "listfile"};
     for (size_t i = 0; i < sizeof(words) / sizeof(words[0]); i++) {
         if (memmem(data, size, words[i], strlen(words[i]))) {
             return true;
@@ -60,35 +62,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (send(fd, neg, sizeof(neg) - 1, MSG_NOSIGNAL) < 0) {
         abort();
     }
-    size_t sent = 0;
-    bool eof_sent = size == 0;
-    if (eof_sent) {
-        shutdown(fd, SHUT_WR);
-    }
-    char buf[65536];
-    for (int rounds = 0; rounds < 100000; rounds++) {
-        struct pollfd p = {.fd = fd, .events = POLLIN | (eof_sent ? 0 : POLLOUT)};
-        if (poll(&p, 1, 30000) <= 0) {
-            fprintf(stderr, "fuzz_qmp: the server neither answered nor hung up in 30 s\n");
-            abort();
-        }
-        if (p.revents & POLLOUT) {
-            ssize_t w = send(fd, data + sent, size - sent, MSG_DONTWAIT | MSG_NOSIGNAL);
-            if (w > 0) {
-                sent += (size_t)w;
-            }
-            if ((w < 0 && errno != EAGAIN) || sent == size) {
-                shutdown(fd, SHUT_WR);
-                eof_sent = true;
-            }
-        }
-        if (p.revents & (POLLIN | POLLHUP | POLLERR)) {
-            ssize_t got = recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
-            if (got == 0 || (got < 0 && errno != EAGAIN)) {
-                break;
-            }
-        }
-    }
+    fuzz_exchange("fuzz_qmp", fd, data, size);
     close(fd);
     return 0;
 }

@@ -82,8 +82,9 @@ static int check_member(json_t *v, const char *prefix, const QmpArgSpec *s, VdEr
                 return 0;
             }
         }
-        vd_error_setg(errp, EINVAL, "Parameter '%s%s' does not accept value '%s'", prefix,
-                      s->name, json_string_value(v));
+        /* QEMU's enum visitor names the member alone, without its path ('aio', not 'file.aio') */
+        vd_error_setg(errp, EINVAL, "Parameter '%s' does not accept value '%s'", s->name,
+                      json_string_value(v));
         return -EINVAL;
     case QA_REF:
         ok = json_is_object(v) || json_is_string(v);

@@ -461,6 +461,8 @@ static bool stamp_equal(const FileStamp *a, const FileStamp *b)
            a->ctime.tv_sec == b->ctime.tv_sec && a->ctime.tv_nsec == b->ctime.tv_nsec;
 }
 
+#define AUTHZ_FILE_MAX (1u << 20) /* an authz-listfile's size: rules, not a disk */
+
 /* Read a->filename into a->list (QEMU's texts for an unreadable file); caller holds a->lock. */
 static int listfile_load(VdAuthz *a, VdError **errp)
 {
@@ -475,7 +477,7 @@ static int listfile_load(VdAuthz *a, VdError **errp)
         }
         return -e;
     }
-    size_t cap = (size_t)st.st_size + 1, len = 0;
+    size_t cap = (st.st_size > AUTHZ_FILE_MAX ? AUTHZ_FILE_MAX : (size_t)st.st_size) + 1, len = 0;
     char *text = malloc(cap);
     int r = text ? 0 : -ENOMEM;
     while (r == 0) {
@@ -484,7 +486,11 @@ static int listfile_load(VdAuthz *a, VdError **errp)
         if (len < cap - 1 && n == 0) {
             break;
         }
-        if (len == cap - 1) { /* the file grew while being read */
+        if (len == cap - 1 && cap > AUTHZ_FILE_MAX) {
+            vd_error_setg(errp, EFBIG, "Unable to read '%s': larger than %u bytes", a->filename,
+                          AUTHZ_FILE_MAX);
+            r = -EFBIG;
+        } else if (len == cap - 1) { /* the file grew while being read (or is not a regular file) */
             char *t = realloc(text, cap * 2);
             r = t ? 0 : -ENOMEM;
             text = t ? t : text;
@@ -496,7 +502,7 @@ static int listfile_load(VdAuthz *a, VdError **errp)
     if (r == 0 && e) {
         vd_error_setg_errno(errp, e, "Unable to read '%s'", a->filename);
         r = -e;
-    } else if (r < 0) {
+    } else if (r == -ENOMEM) {
         vd_error_setg(errp, ENOMEM, "Out of memory");
     }
     VdAuthzList list = {0};
