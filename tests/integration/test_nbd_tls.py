@@ -2,6 +2,7 @@
 option syntax) serves qemu-img, qemu-io and nbdinfo as TLS clients; a client without TLS, with a
 certificate from another CA, trusting another CA, with the wrong PSK key, or failing tls-authz gets
 no data. Certificates come from certtool at test time (tls_helpers.py)."""
+import json
 import os
 import socket
 import struct
@@ -219,6 +220,132 @@ def test_authz_simple_admits_the_same_clients_as_qemu_nbd(tmp, pki):
     assert results["vdiskd"] == results["qemu-nbd"] == [True, False], results
 
 
+def clients_admitted(port, pki):
+    """[client1 reads through TLS, client2 reads through TLS] against the server at port."""
+    return [qemu_reads_pattern(port, x509_obj(pki[w], "client"))[0] for w in ("client", "client2")]
+
+
+def qemu_nbd_admits(tmp, pki, authz_obj):
+    """What qemu-nbd, given authz_obj as tls-authz (id auth0), admits (of client1, client2)."""
+    img = os.path.join(str(tmp), "qn.qcow2")
+    if not os.path.exists(img):
+        qemu_img("create", "-q", "-f", "qcow2", img, "4M")
+        qemu_io("-f", "qcow2", "-c", f"write -P {PATTERN} 0 1M", img)
+    port = free_port()
+    qn = run_qemu_nbd(tmp, img, port, ["--object", x509_obj(pki["server"], "server"),
+                                       "--object", authz_obj, "--tls-creds", "tls0",
+                                       "--tls-authz", "auth0"])
+    try:
+        return clients_admitted(port, pki)
+    finally:
+        qn.terminate()
+        qn.wait(timeout=15)
+
+
+def test_authz_list_admits_the_same_clients_as_qemu_nbd(tmp, pki):
+    dn = client_dn(pki)
+    cases = [
+        # exact allow of client1 under a deny policy
+        (json.dumps({"qom-type": "authz-list", "id": "auth0", "policy": "deny",
+                     "rules": [{"match": dn, "policy": "allow"}]}), [True, False]),
+        # globs under an allow policy: the first matching rule decides ('?' is one character)
+        (json.dumps({"qom-type": "authz-list", "id": "auth0", "policy": "allow",
+                     "rules": [{"match": "*CN=c?ient1", "policy": "allow", "format": "glob"},
+                               {"match": "*CN=*", "policy": "deny", "format": "glob"}]}),
+         [True, False]),
+        # the keyval form of the command line: rules.N.member (commas in the DN doubled)
+        (f"authz-list,id=auth0,policy=deny,rules.0.match={dn.replace(',', ',,')},"
+         "rules.0.policy=deny,rules.1.match=*,rules.1.policy=allow,rules.1.format=glob",
+         [False, True]),
+        # no rules: the policy (deny by default)
+        ("authz-list,id=auth0", [False, False]),
+    ]
+    for obj, expected in cases:
+        vd, port, img = tls_vdiskd(tmp, [x509_obj(pki["server"], "server"), obj], authz="auth0")
+        try:
+            mine = clients_admitted(port, pki)
+        finally:
+            vd.stop_checked()
+        assert mine == qemu_nbd_admits(tmp, pki, obj) == expected, (obj, mine)
+
+
+def test_authz_listfile_reads_and_refreshes_its_file(tmp, pki):
+    """qemu-nbd 7.2 (Debian) has no authz-listfile: at every step vdiskd must decide as qemu-nbd
+    does with an authz-list holding the file's current rules."""
+    dn = client_dn(pki)
+    path = os.path.join(str(tmp), "authz.json")
+
+    def write(text):
+        with open(path + ".new", "w") as f:
+            f.write(text)
+        os.rename(path + ".new", path)  # atomically, as an administrator would
+
+    def rules(match):
+        return json.dumps({"policy": "deny", "rules": [{"match": match, "policy": "allow"}]})
+
+    def oracle(text):
+        return qemu_nbd_admits(tmp, pki, json.dumps({"qom-type": "authz-list", "id": "auth0",
+                                                    **json.loads(text)}))
+
+    first = rules(dn.replace("client1", "client2"))
+    write(first)
+    objs = [x509_obj(pki["server"], "server"), f"authz-listfile,id=auth0,filename={path}",
+            f"authz-listfile,id=auth1,filename={path},refresh=off"]
+    vd, port, img = tls_vdiskd(tmp, objs, authz="auth0")
+    try:
+        assert clients_admitted(port, pki) == oracle(first) == [False, True]
+        write(rules(dn))  # rewritten while the server runs: the next client sees the new rules
+        assert clients_admitted(port, pki) == oracle(rules(dn)) == [True, False]
+        write('{"policy": "perhaps"}')  # unreadable rules: QEMU denies everyone until fixed
+        assert clients_admitted(port, pki) == [False, False]
+        write(first)
+        assert clients_admitted(port, pki) == [False, True]
+        c = vd.client()  # the same server, now with the refresh=off object as tls-authz
+        c.cmd("nbd-server-stop")
+        c.cmd("nbd-server-start", addr={"type": "inet", "data": {"host": "127.0.0.1",
+                                                                 "port": str(port)}},
+              tls_creds="tls0", tls_authz="auth1")
+        c.cmd("nbd-server-add", device="d0", name="disk", writable=True)
+        write(rules(dn))  # not reread: auth1 keeps the rules it read at creation (first)
+        assert clients_admitted(port, pki) == [False, True]
+        c.close()
+    finally:
+        vd.stop_checked()
+
+
+def test_authz_listfile_errors(tmp):
+    """QEMU's texts (authz/listfile.c); qemu-storage-daemon 7.2 has no authz-listfile to compare."""
+    d = str(tmp)
+    files = {"ok.json": '{"rules": []}', "arr.json": "[1]", "bad.json": '{"policy": "perhaps"}',
+             "type.json": '{"rules": [{"match": 5, "policy": "allow"}]}'}
+    for name, text in files.items():
+        with open(os.path.join(d, name), "w") as f:
+            f.write(text)
+    vd = start_vdiskd(d)
+    try:
+        c = vd.client()
+
+        def add(**kw):
+            r = c.execute("object-add", {"qom-type": "authz-listfile", "id": "a0", **kw})
+            return r.get("error", {}).get("desc", r)
+        assert add() == "Parameter 'filename' is missing"
+        assert add(filename=5) == "Invalid parameter type for 'filename', expected: string"
+        assert add(filename=f"{d}/ok.json", refresh="no") == \
+            "Invalid parameter type for 'refresh', expected: boolean"
+        assert add(filename=f"{d}/none.json") == (
+            f"Unable to read '{d}/none.json': Failed to open file \u201c{d}/none.json\u201d: "
+            "No such file or directory")
+        assert add(filename=f"{d}/arr.json") == f"File '{d}/arr.json' must contain a JSON object"
+        assert add(filename=f"{d}/bad.json") == "Parameter 'policy' does not accept value 'perhaps'"
+        assert add(filename=f"{d}/type.json") == \
+            "Invalid parameter type for 'rules[0].match', expected: string"
+        assert add(filename=f"{d}/ok.json") == {"return": {}}
+        assert [x["id"] for x in c.cmd("query-block-exports")] == []  # nothing else changed
+        c.close()
+    finally:
+        vd.stop_checked()
+
+
 def run_qemu_nbd(tmp, img, port, extra, fmt="qcow2"):
     import subprocess
     import time
@@ -243,6 +370,7 @@ def run_qemu_nbd(tmp, img, port, extra, fmt="qcow2"):
 def test_object_and_server_errors_match_qsd(tmp, pki):
     nodir = os.path.join(str(tmp), "nodir")
     sock = os.path.join(str(tmp), "n.sock")
+
     cases = [
         ("object-add", {"qom-type": "tls-creds-x509", "id": "t1", "dir": nodir,
                         "endpoint": "server"}),
@@ -253,6 +381,19 @@ def test_object_and_server_errors_match_qsd(tmp, pki):
                         "endpoint": "client"}),  # duplicate id
         ("object-add", {"qom-type": "no-such-type", "id": "t2"}),
         ("object-add", {"qom-type": "authz-simple", "id": "a1", "identity": "x"}),
+        ("object-add", {"qom-type": "authz-list", "id": "a2"}),
+        ("object-add", {"qom-type": "authz-list", "id": "a3", "policy": "allow",
+                        "rules": [{"match": "x", "policy": "deny", "format": "glob"}]}),
+        ("object-add", {"qom-type": "authz-list", "id": "a4", "policy": "maybe"}),
+        ("object-add", {"qom-type": "authz-list", "id": "a4", "rules": [5]}),
+        ("object-add", {"qom-type": "authz-list", "id": "a4", "rules": [{"policy": "allow"}]}),
+        ("object-add", {"qom-type": "authz-list", "id": "a4",
+                        "rules": [{"match": 1, "policy": "allow"}]}),
+        ("object-add", {"qom-type": "authz-list", "id": "a4",
+                        "rules": [{"match": "x", "policy": "allow", "format": "regex"}]}),
+        ("object-add", {"qom-type": "authz-list", "id": "a4", "rules": {"match": "x"}}),
+        ("object-del", {"id": "a2"}),
+
         ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}},
                               "tls-creds": "nope"}),
         ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}},
