@@ -839,7 +839,7 @@ static const struct {
       "resize [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size" },
     { "snapshot", img_snapshot,
       "snapshot [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] filename" },
-    /* Online commands (virsh-like, over vdiskd's QMP socket): src/tools/virsh-jobs.c */
+    /* Online commands (virsh-like, over vdiskd's QMP socket): src/tools/virsh-*.c */
     { "blockcommit", virsh_blockcommit,
       "blockcommit DISK [--base B|--shallow] [--top T] [--active] [--pivot|--keep-overlay]\n"
       "          [--wait [--verbose] [--timeout S] [--async]] [--bandwidth N [--bytes]]\n"
