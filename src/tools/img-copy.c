@@ -1,7 +1,8 @@
 /*
  * img-copy.c - convert (copy between formats) and compare (content equality), as qemu-img 7.2.
  * convert plans extents in order from chain block status (holes and zeroes are never read);
- * worker threads read, scan for zero runs (-S) and write, in plan order unless -W or -c.
+ * worker threads read ahead; in plan order (unless -W or -c) the worker holding the write turn
+ * scans for zero runs (-S) and writes every chunk already read, so writes follow back to back.
  * Sparse detection, zero handling and -B follow qemu-img so results read and allocate alike.
  */
 #include <errno.h>
@@ -275,6 +276,10 @@ out:
 
 enum { ST_DATA, ST_ZERO, ST_BACKING };
 
+/* At most this many copy threads (qemu-img's -m goes to 16; 4 keep 2 cores busy). */
+#define CONVERT_MAX_THREADS 4
+
+
 typedef struct Convert {
     /* configuration (read-only while workers run) */
     BlockNode **src;
@@ -299,7 +304,9 @@ typedef struct Convert {
 
     /* planner state, under lock */
     pthread_mutex_t lock;
-    pthread_cond_t cond;
+    struct ConvertTurn *turn; /* one per worker */
+    int nworkers;             /* turn[] slots handed out */
+    bool writer_active;       /* in-order mode: a worker is writing the ready chunks */
     uint64_t pos;             /* next byte (global) to plan */
     uint64_t status_end;      /* end (global) of the cached status extent */
     int status;
@@ -314,6 +321,29 @@ typedef struct Chunk {
     int status;
     uint64_t seq;
 } Chunk;
+
+/*
+ * A worker's chunk and buffers. In order (the default), a chunk read ahead is marked ready and
+ * whichever worker holds the write turn writes every ready chunk in sequence, so consecutive
+ * writes need no wake-up of another thread on the critical path; the owner only waits until its
+ * buffer is free again (a wake-up off the critical path).
+ */
+typedef struct ConvertTurn {
+    pthread_cond_t cond;      /* the owner waits here for its chunk to be written */
+    Chunk ch;
+    uint8_t *buf, *bbuf;
+    bool have_data, offload;
+    bool ready;               /* read, not yet written (under s->lock) */
+    bool writing;             /* another worker is writing from buf: the owner must not free it */
+} ConvertTurn;
+
+/* Under s->lock, after a failure: every worker waiting for its chunk stops waiting. */
+static void convert_wake_all(Convert *s)
+{
+    for (int i = 0; i < s->nworkers; i++) {
+        vd_cond_signal(&s->turn[i].cond);
+    }
+}
 
 static void convert_fail(Convert *s, int ret, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
@@ -333,7 +363,7 @@ static void convert_fail(Convert *s, int ret, const char *fmt, ...)
         vd_error_setg(&s->err, -s->ret, "%s", msg ? msg : "convert failed");
         free(msg);
     }
-    vd_cond_broadcast(&s->cond);
+    convert_wake_all(s);
     vd_mutex_unlock(&s->lock);
 }
 
@@ -644,106 +674,164 @@ static int write_diff(Convert *s, uint64_t offset, uint64_t bytes, const uint8_t
     return 0;
 }
 
+/* Read (or zero-fill) t's chunk into its buffer unless the write offloads it; <0: failed. */
+static int convert_fill_chunk(Convert *s, ConvertTurn *t)
+{
+    const Chunk *ch = &t->ch;
+    t->have_data = false;
+    t->offload = ch->status == ST_DATA && !s->diff_backing &&
+                 __atomic_load_n(&s->copy_range, __ATOMIC_RELAXED);
+    if (!t->offload && (ch->status == ST_DATA || (ch->status == ST_ZERO && s->diff_backing))) {
+        if (ch->status == ST_DATA) {
+            int r = convert_read(s, ch->offset, ch->bytes, t->buf);
+            if (r < 0) {
+                convert_fail(s, r, "error while reading at byte %" PRIu64 ": %s", ch->offset,
+                             strerror(-r));
+                return r;
+            }
+        } else {
+            memset(t->buf, 0, ch->bytes);
+        }
+        t->have_data = true;
+    } else if (ch->status == ST_ZERO && s->min_sparse == 0 && !s->compressed) {
+        memset(t->buf, 0, ch->bytes); /* -S 0: fully allocate */
+        t->have_data = true;
+    }
+    return 0;
+}
+
+/* Write t's chunk into the target (any worker may, see ConvertTurn); <0: failed. */
+static int convert_write_chunk(Convert *s, ConvertTurn *t)
+{
+    const Chunk *ch = &t->ch;
+    int r = 0;
+    if (t->have_data || t->offload || (ch->status == ST_ZERO && !s->has_zero_init)) {
+        tool_rate_wait(&s->rate, ch->bytes);
+    }
+    if (t->offload) {
+        r = convert_pieces(s, ch->offset, ch->bytes, NULL, true);
+        if (r < 0) {
+            /* As qemu-img: offloading failed once, copy through buffers from now on. */
+            __atomic_store_n(&s->copy_range, false, __ATOMIC_RELAXED);
+            r = convert_read(s, ch->offset, ch->bytes, t->buf);
+            if (r < 0) {
+                convert_fail(s, r, "error while reading at byte %" PRIu64 ": %s", ch->offset,
+                             strerror(-r));
+                return r;
+            }
+            t->have_data = true;
+        }
+    }
+    if (s->diff_backing && t->have_data) {
+        /* Zeroes over a backing range that reads zero: nothing to write. */
+        if (ch->status != ST_ZERO || !backing_reads_zero(s, ch->offset, ch->bytes)) {
+            r = write_diff(s, ch->offset, ch->bytes, t->buf, t->bbuf);
+        }
+    } else if (t->have_data) {
+        r = write_data(s, ch->offset, ch->bytes, t->buf);
+    } else if (ch->status == ST_ZERO) {
+        r = write_zero_range(s, ch->offset, ch->bytes);
+    }
+    if (r < 0) {
+        convert_fail(s, r, "error while writing at byte %" PRIu64 ": %s", ch->offset,
+                     strerror(-r));
+    }
+    return r;
+}
+
+/* Under s->lock: a chunk is written. */
+static void convert_chunk_done(Convert *s, const Chunk *ch)
+{
+    s->done += ch->bytes;
+    float pct = s->total ? 100.0f * (float)s->done / (float)s->total : 100.0f;
+    progress_print(pct, 0);
+}
+
+/*
+ * Under s->lock, called by the worker whose ready chunk is next: write ready chunks in sequence
+ * (its own first, then any read meanwhile) until the next one is not read yet. A worker whose
+ * chunk becomes ready while this runs finds writer_active set and waits: this loop takes it.
+ */
+static void convert_write_ready(Convert *s)
+{
+    s->writer_active = true;
+    while (!s->ret) {
+        ConvertTurn *t = NULL;
+        for (int i = 0; i < s->nworkers && !t; i++) {
+            if (s->turn[i].ready && s->turn[i].ch.seq == s->write_seq) {
+                t = &s->turn[i];
+            }
+        }
+        if (!t) {
+            break;
+        }
+        t->writing = true;
+        vd_mutex_unlock(&s->lock);
+        int r = convert_write_chunk(s, t);
+        vd_mutex_lock(&s->lock);
+        t->writing = false;
+        t->ready = false;
+        if (r == 0) {
+            s->write_seq++;
+            convert_chunk_done(s, &t->ch);
+        }
+        vd_cond_signal(&t->cond);
+    }
+    s->writer_active = false;
+}
+
 static void *convert_worker(void *opaque)
 {
     Convert *s = opaque;
-    uint8_t *buf = malloc(MAX(s->buf_size, s->cluster_size));
-    uint8_t *bbuf = s->diff_backing ? malloc(s->buf_size) : NULL;
-    if (!buf || (s->diff_backing && !bbuf)) {
+    vd_mutex_lock(&s->lock);
+    ConvertTurn *me = &s->turn[s->nworkers++]; /* img_convert starts <= CONVERT_MAX_THREADS */
+    vd_mutex_unlock(&s->lock);
+    me->buf = malloc(MAX(s->buf_size, s->cluster_size));
+    me->bbuf = s->diff_backing ? malloc(s->buf_size) : NULL;
+    if (!me->buf || (s->diff_backing && !me->bbuf)) {
         convert_fail(s, -ENOMEM, "out of memory");
-        free(buf);
-        free(bbuf);
-        return NULL;
+        goto out;
     }
     for (;;) {
-        Chunk ch;
         vd_mutex_lock(&s->lock);
-        if (s->ret) {
-            vd_mutex_unlock(&s->lock);
-            break;
-        }
-        int p = plan_chunk(s, &ch);
+        int p = s->ret ? 1 : plan_chunk(s, &me->ch);
         if (p < 0) {
             s->ret = p;
-            vd_cond_broadcast(&s->cond);
+            convert_wake_all(s);
         }
         vd_mutex_unlock(&s->lock);
-        if (p != 0) {
+        if (p != 0 || convert_fill_chunk(s, me) < 0) {
             break;
         }
-        int r = 0;
-        bool have_data = false;
-        bool offload = ch.status == ST_DATA && !s->diff_backing &&
-                       __atomic_load_n(&s->copy_range, __ATOMIC_RELAXED);
-        if (!offload && (ch.status == ST_DATA || (ch.status == ST_ZERO && s->diff_backing))) {
-            if (ch.status == ST_DATA) {
-                r = convert_read(s, ch.offset, ch.bytes, buf);
-                if (r < 0) {
-                    convert_fail(s, r, "error while reading at byte %" PRIu64 ": %s",
-                                 ch.offset, strerror(-r));
-                    break;
-                }
-            } else {
-                memset(buf, 0, ch.bytes);
-            }
-            have_data = true;
-        } else if (ch.status == ST_ZERO && s->min_sparse == 0 && !s->compressed) {
-            memset(buf, 0, ch.bytes); /* -S 0: fully allocate */
-            have_data = true;
-        }
-        if (s->in_order) {
-            vd_mutex_lock(&s->lock);
-            while (s->write_seq != ch.seq && !s->ret) {
-                vd_cond_wait(&s->cond, &s->lock);
-            }
-            bool stop = s->ret != 0;
-            vd_mutex_unlock(&s->lock);
-            if (stop) {
+        if (!s->in_order) {
+            if (convert_write_chunk(s, me) < 0) {
                 break;
             }
-        }
-        if (have_data || offload || (ch.status == ST_ZERO && !s->has_zero_init)) {
-            tool_rate_wait(&s->rate, ch.bytes);
-        }
-        if (offload) {
-            r = convert_pieces(s, ch.offset, ch.bytes, NULL, true);
-            if (r < 0) {
-                /* As qemu-img: offloading failed once, copy through buffers from now on. */
-                __atomic_store_n(&s->copy_range, false, __ATOMIC_RELAXED);
-                r = convert_read(s, ch.offset, ch.bytes, buf);
-                if (r < 0) {
-                    convert_fail(s, r, "error while reading at byte %" PRIu64 ": %s",
-                                 ch.offset, strerror(-r));
-                    break;
-                }
-                have_data = true;
-            }
-        }
-        if (s->diff_backing && have_data) {
-            /* Zeroes over a backing range that reads zero: nothing to write. */
-            if (ch.status != ST_ZERO || !backing_reads_zero(s, ch.offset, ch.bytes)) {
-                r = write_diff(s, ch.offset, ch.bytes, buf, bbuf);
-            }
-        } else if (have_data) {
-            r = write_data(s, ch.offset, ch.bytes, buf);
-        } else if (ch.status == ST_ZERO) {
-            r = write_zero_range(s, ch.offset, ch.bytes);
-        }
-        if (r < 0) {
-            convert_fail(s, r, "error while writing at byte %" PRIu64 ": %s", ch.offset,
-                         strerror(-r));
-            break;
+            vd_mutex_lock(&s->lock);
+            convert_chunk_done(s, &me->ch);
+            vd_mutex_unlock(&s->lock);
+            continue;
         }
         vd_mutex_lock(&s->lock);
-        s->write_seq++;
-        s->done += ch.bytes;
-        float pct = s->total ? 100.0f * (float)s->done / (float)s->total : 100.0f;
-        progress_print(pct, 0);
-        vd_cond_broadcast(&s->cond);
+        me->ready = true;
+        if (!s->writer_active && s->write_seq == me->ch.seq) {
+            convert_write_ready(s);
+        }
+        /* after a failure, only until no other worker writes from our buffer */
+        while (me->ready && (!s->ret || me->writing)) {
+            vd_cond_wait(&me->cond, &s->lock);
+        }
+        me->ready = false;
+        bool stop = s->ret != 0;
         vd_mutex_unlock(&s->lock);
+        if (stop) {
+            break;
+        }
     }
-    free(buf);
-    free(bbuf);
+out:
+    free(me->buf);
+    free(me->bbuf);
+    me->buf = me->bbuf = NULL;
     return NULL;
 }
 
@@ -777,7 +865,12 @@ int img_convert(int argc, char **argv)
     Convert s;
     memset(&s, 0, sizeof(s));
     pthread_mutex_init(&s.lock, NULL);
-    pthread_cond_init(&s.cond, NULL);
+    ConvertTurn turns[CONVERT_MAX_THREADS];
+    memset(turns, 0, sizeof(turns));
+    for (int i = 0; i < CONVERT_MAX_THREADS; i++) {
+        pthread_cond_init(&turns[i].cond, NULL);
+    }
+    s.turn = turns;
     tool_rate_init(&s.rate, 0);
 
     while ((c = getopt_long(argc, argv, ":hf:O:B:CcF:o:l:S:pt:T:qnm:WUr:", longopts, NULL)) !=
@@ -1033,11 +1126,11 @@ int img_convert(int argc, char **argv)
 
     progress_init(progress, 1.0);
     progress_print(0, 100);
-    int nthreads = (int)MIN(coroutines, 4);
+    int nthreads = (int)MIN(coroutines, CONVERT_MAX_THREADS);
     if (s.total < 4 * (uint64_t)TOOL_BUF_SIZE) {
         nthreads = 1; /* small images: threads cost more than they save */
     }
-    pthread_t tids[16];
+    pthread_t tids[CONVERT_MAX_THREADS];
     int started = 0;
     for (int i = 1; i < nthreads; i++) {
         if (pthread_create(&tids[i], NULL, convert_worker, &s) != 0) {
@@ -1084,7 +1177,9 @@ out:
     tool_opts_free(&o);
     free(optstr);
     pthread_mutex_destroy(&s.lock);
-    pthread_cond_destroy(&s.cond);
+    for (int i = 0; i < CONVERT_MAX_THREADS; i++) {
+        pthread_cond_destroy(&turns[i].cond);
+    }
     tool_rate_destroy(&s.rate);
     tool_opts_free(&snap.opts);
     return ret;

@@ -78,6 +78,26 @@ def test_convert_to_qcow2_like_qemu(src, args):
     assert iv == iq
 
 
+@pytest.mark.parametrize("threads", ["1", "4"])
+def test_convert_writes_in_order_with_many_chunks(tmp, threads):
+    """Chunks read ahead by several workers are written in guest order (one worker writes every
+    chunk ready in sequence): the output's clusters ascend with the guest offset as in
+    qemu-img's output, and read like the source."""
+    os.chdir(tmp)
+    qemu_img("create", "-f", "qcow2", "s.qcow2", "48M")
+    qemu_io(*[a for i in range(24) for a in
+              ("-c", f"write -P {i + 1} {i * 2 * 1024 * 1024 + (i % 3) * 65536} {(i % 4) * 256 + 320}k")],
+            "s.qcow2")
+    convert_both(["-m", threads, "-O", "qcow2", "s.qcow2"], "q.qcow2", "v.qcow2")
+    qemu_img("compare", "s.qcow2", "v.qcow2")
+    assert_qemu_check_clean("v.qcow2")
+    for out in ("q.qcow2", "v.qcow2"):
+        data = [e for e in jmap(out) if e["data"]]
+        assert len(data) == 24, out
+        offs = [e["offset"] for e in data]
+        assert offs == sorted(offs), out
+
+
 def test_convert_result_reads_like_source(src):
     for fmt in ("raw", "qcow2"):
         vdisk("convert", "-O", fmt, "top.qcow2", f"o.{fmt}")
