@@ -337,6 +337,45 @@ static BlockNode *open_old_backing(BlockNode *bs, int src_flags)
     return old;
 }
 
+/* One extent of a safe rebase: the old and new backings' contents at [off, off+n). */
+typedef struct RebaseSlot {
+    BlockNode *bs;
+    uint64_t off, n;
+    bool old_is_zero;
+    uint8_t *buf_old, *buf_new;
+} RebaseSlot;
+
+/*
+ * Writer task: where the old backing's content differs from the new one's, write the old
+ * content into the image (zeroes past the old backing's end), in runs of 512-byte sectors.
+ */
+static int rebase_write_task(void *arg)
+{
+    RebaseSlot *sl = arg;
+    uint64_t i = 0, n = sl->n;
+    while (i < n) {
+        uint64_t l = MIN(SECTOR, n - i);
+        bool differ = memcmp(sl->buf_old + i, sl->buf_new + i, l) != 0;
+        uint64_t j = i + l;
+        while (j < n) {
+            uint64_t l2 = MIN(SECTOR, n - j);
+            if ((memcmp(sl->buf_old + j, sl->buf_new + j, l2) != 0) != differ) {
+                break;
+            }
+            j += l2;
+        }
+        if (differ) {
+            int r = sl->old_is_zero ? vd_pwrite_zeroes(sl->bs, sl->off + i, j - i, 0)
+                                    : vd_pwrite(sl->bs, sl->off + i, j - i, sl->buf_old + i, 0);
+            if (r < 0) {
+                return r;
+            }
+        }
+        i = j;
+    }
+    return 0;
+}
+
 int img_rebase(int argc, char **argv)
 {
     static const struct option longopts[] = {
@@ -410,8 +449,8 @@ int img_rebase(int argc, char **argv)
     VdError *err = NULL;
     BlockNode *newb = NULL;  /* our reference to the new backing (safe mode) */
     BlockNode *prefix = NULL; /* new backing found inside the old chain */
-    uint8_t *buf_old = NULL, *buf_new = NULL;
-    ToolWorker *worker = NULL;
+    RebaseSlot slot[2] = { 0 }; /* double buffering: one read here, one written by writer */
+    ToolWorker *worker = NULL, *writer = NULL;
     char *newpath = NULL;
 
     if (!unsafe) {
@@ -449,15 +488,22 @@ int img_rebase(int argc, char **argv)
             tool_error("Could not get the image sizes");
             goto out;
         }
-        buf_old = malloc(TOOL_BUF_SIZE);
-        buf_new = malloc(TOOL_BUF_SIZE);
+        for (int k = 0; k < 2; k++) {
+            slot[k].bs = bs;
+            slot[k].buf_old = malloc(TOOL_BUF_SIZE);
+            slot[k].buf_new = malloc(TOOL_BUF_SIZE);
+        }
         worker = tool_worker_new();
-        if (!buf_old || !buf_new || !worker) {
+        writer = tool_worker_new();
+        if (!slot[0].buf_old || !slot[0].buf_new || !slot[1].buf_old || !slot[1].buf_new ||
+            !worker || !writer) {
             tool_error("out of memory");
             goto out;
         }
         progress_init(progress, 2.0);
         progress_print(0, 100);
+        int cur = 0;
+        bool writing = false; /* the writer holds slot[!cur] */
         for (uint64_t off = 0; off < (uint64_t)size;) {
             uint64_t n = MIN(TOOL_BUF_SIZE, (uint64_t)size - off);
             VdBlockStatus st;
@@ -495,10 +541,16 @@ int img_rebase(int argc, char **argv)
                 off += MIN(z1, z2);
                 continue;
             }
-            bool old_is_zero = !bs->backing || off >= (uint64_t)old_size;
-            /* The two backings are read at once (the copies out of the page cache dominate). */
-            ToolRead rn = {newb, new_size, off, n, buf_new};
-            ToolRead ro = {bs->backing, old_size, off, n, buf_old};
+            /*
+             * The two backings are read at once (the copies out of the page cache dominate),
+             * while the writer compares and writes the previous extent from the other slot.
+             */
+            RebaseSlot *sl = &slot[cur];
+            sl->off = off;
+            sl->n = n;
+            sl->old_is_zero = !bs->backing || off >= (uint64_t)old_size;
+            ToolRead rn = {newb, new_size, off, n, sl->buf_new};
+            ToolRead ro = {bs->backing, old_size, off, n, sl->buf_old};
             tool_worker_submit(worker, tool_read_task, &rn);
             r = tool_read_task(&ro);
             int r2 = tool_worker_wait(worker);
@@ -507,30 +559,24 @@ int img_rebase(int argc, char **argv)
                 tool_error("error while reading from backing file: %s", strerror(-r));
                 goto out_progress;
             }
-            uint64_t i = 0;
-            while (i < n) {
-                uint64_t l = MIN(SECTOR, n - i);
-                bool differ = memcmp(buf_old + i, buf_new + i, l) != 0;
-                uint64_t j = i + l;
-                while (j < n) {
-                    uint64_t l2 = MIN(SECTOR, n - j);
-                    if ((memcmp(buf_old + j, buf_new + j, l2) != 0) != differ) {
-                        break;
-                    }
-                    j += l2;
-                }
-                if (differ) {
-                    r = old_is_zero ? vd_pwrite_zeroes(bs, off + i, j - i, 0)
-                                    : vd_pwrite(bs, off + i, j - i, buf_old + i, 0);
-                    if (r < 0) {
-                        tool_error("error while writing to the image: %s", strerror(-r));
-                        goto out_progress;
-                    }
-                }
-                i = j;
+            if (writing && (r = tool_worker_wait(writer)) < 0) {
+                writing = false;
+                tool_error("error while writing to the image: %s", strerror(-r));
+                goto out_progress;
             }
+            tool_worker_submit(writer, rebase_write_task, sl);
+            writing = true;
+            cur = !cur;
             off += n;
             progress_print(100.0f * (float)off / (float)size, 0);
+        }
+        if (writing) {
+            writing = false;
+            int r = tool_worker_wait(writer);
+            if (r < 0) {
+                tool_error("error while writing to the image: %s", strerror(-r));
+                goto out_progress;
+            }
         }
         progress_print(100, 0);
         progress_end();
@@ -552,9 +598,12 @@ int img_rebase(int argc, char **argv)
 out_progress:
     progress_end();
 out:
+    tool_worker_free(writer); /* waits for a write still running */
     tool_worker_free(worker);
-    free(buf_old);
-    free(buf_new);
+    for (int k = 0; k < 2; k++) {
+        free(slot[k].buf_old);
+        free(slot[k].buf_new);
+    }
     free(newpath);
     if (newb) {
         vd_node_unref(newb);
