@@ -52,6 +52,10 @@ typedef struct MirrorOptions {
  * start the job. On error nothing is left changed.
  */
 Job *mirror_start(const MirrorOptions *opts, VdError **errp);
+/* mirror_start with drive-mirror's `unmap` (false: zero writes never unmap the target). */
+Job *mirror_start_ex(const MirrorOptions *opts, bool unmap, VdError **errp);
+/* drive-mirror registered the new target: mirror_clean unregisters it unless pivoted. */
+void mirror_drop_target_at_end(Job *job);
 
 /*
  * block-job-change (QEMU 8.2): switch a mirror's copy mode. Only background -> write-blocking, as
@@ -95,7 +99,7 @@ typedef struct MirrorRequest {
     const char *filter_node_name; /* blockdev-mirror; NULL = generated */
     const char *base_node;        /* vdisk's extension: share what comes from this backing node */
     /* vdisk's extension (drive-mirror x-backing-matches): the caller vouches that an existing
-     * target's own backing reads like the source's (see existing_target_backing in mirror.c). */
+     * target's own backing reads like the source's (existing_target_backing, mirror-request.c). */
     bool backing_matches;
     bool verify;                  /* vdisk's extension x-verify (see MirrorOptions.verify) */
 } MirrorRequest;
