@@ -75,6 +75,9 @@ static void fuzz_exchange(const char *who, int fd, const uint8_t *data, size_t s
     for (int rounds = 0; rounds < 1000000; rounds++) {
         struct pollfd p = {.fd = fd, .events = POLLIN | (eof_sent ? 0 : POLLOUT)};
         int r = poll(&p, 1, 30000);
+        if (r < 0 && errno == EINTR) {
+            continue; /* libFuzzer's SIGALRM (its -timeout watchdog), not the server */
+        }
         if (r <= 0) {
             double quiet = fuzz_now() - quiet_since;
             fprintf(stderr, "%s: the server has neither answered nor hung up for %.0f s\n", who,
