@@ -520,7 +520,23 @@ static int nbd_drv_open(BlockNode *bs, const VdOpenOptions *opts, VdError **errp
     if (opts->tls_creds && !(s->tls = vd_tls_creds_get(opts->tls_creds, false, errp))) {
         return -EINVAL;
     }
-    int r = nbd_drv_open_conns(bs, opts, errp);
+    int r = 0;
+    /*
+     * libnbd 1.14 checks a server's certificate only against a host name, which a unix socket
+     * has not: it would accept any certificate there. QEMU checks the chain; refuse rather than
+     * connect unauthenticated (PSK authenticates both ends by itself).
+     */
+    if (s->tls && !vd_tls_creds_is_psk(s->tls) && vd_tls_creds_verify_peer(s->tls) &&
+        opts->filename && !strncmp(opts->filename, "nbds+unix:", 10)) {
+        vd_error_setg(errp, ENOTSUP, "x509 TLS over a unix socket is not supported by vdiskd: "
+                      "libnbd 1.14 does not verify the server's certificate there (use TCP, "
+                      "tls-creds-psk, or verify-peer=off on '%s' to accept any server)",
+                      opts->tls_creds);
+        r = -ENOTSUP;
+    }
+    if (r == 0) {
+        r = nbd_drv_open_conns(bs, opts, errp);
+    }
     if (r < 0) {
         vd_tls_creds_unref(s->tls);
         s->tls = NULL;
@@ -1022,8 +1038,8 @@ static const VdOptSpec nbd_blockdev_options[] = {
     {"server", VD_OPT_SOCKADDR, true},
     {"export", VD_OPT_STR},
     {"tls-creds", VD_OPT_STR},
-    {"tls-hostname", VD_OPT_STR, .unsupported = " (the server's certificate is checked against "
-                                                "server.host)"},
+    {"tls-hostname", VD_OPT_STR, .unsupported = " (libnbd 1.14 can check the server's "
+                                                "certificate against server.host only)"},
     {"x-dirty-bitmap", VD_OPT_STR},
     {"reconnect-delay", VD_OPT_U32},
     {"open-timeout", VD_OPT_U32},

@@ -503,6 +503,49 @@ def test_vdiskd_refuses_a_server_it_cannot_authenticate(tmp, pki, who):
         assert f.read() == bytes(4 << 20)  # nothing was written
 
 
+def test_x509_client_over_a_unix_socket_never_accepts_an_unverified_server(tmp, pki):
+    """libnbd 1.14 verifies a server certificate only against a TCP host name: over a unix socket
+    it would take any. qemu-io refuses a server its CA did not sign there; vdiskd must not
+    connect either (it refuses x509 over unix unless verify-peer=off says any server will do)."""
+    img = os.path.join(str(tmp), "t.raw")
+    qemu_img("create", "-q", "-f", "raw", img, "1M")
+    sock = os.path.join(str(tmp), "qn.sock")
+    import subprocess
+    import time
+    qn = subprocess.Popen(["qemu-nbd", "-f", "raw", "-k", sock, "-x", "disk", "--object",
+                           x509_obj(pki["server"], "server") + ",verify-peer=off",
+                           "--tls-creds", "tls0", img])
+    try:
+        for _ in range(300):
+            if os.path.exists(sock):
+                break
+            time.sleep(0.05)
+        opts = f"driver=nbd,server.type=unix,server.path={sock},export=disk,tls-creds=tls0"
+        p = run(["qemu-io", "-r", "--object", x509_obj(pki["foreign_trust"], "client"),
+                 "--image-opts", opts, "-c", "read 0 4k"], check=False, timeout=60)
+        assert p.returncode != 0, p.stdout  # the oracle: QEMU checks the chain over unix too
+        vd = start_vdiskd(tmp, "--object", x509_obj(pki["foreign_trust"], "client", id="bad"),
+                          "--object", x509_obj(pki["client"], "client", id="any") +
+                          ",verify-peer=off")
+        try:
+            c = vd.client()
+            node = {"driver": "nbd", "export": "disk", "server": {"type": "unix", "path": sock}}
+            r = c.execute("blockdev-add", {**node, "node-name": "t0", "tls-creds": "bad"})
+            assert "libnbd 1.14 does not verify the server's certificate" in \
+                r["error"]["desc"], r
+            assert c.cmd("query-named-block-nodes") == []
+            # verify-peer=off: the user said any server will do, so the connection is made
+            c.cmd("blockdev-add", **{**node, "node-name": "t1", "tls-creds": "any"})
+            assert [n["node-name"] for n in c.cmd("query-named-block-nodes")] == ["t1"]
+            c.cmd("blockdev-del", node_name="t1")
+            c.close()
+        finally:
+            vd.stop_checked()
+    finally:
+        qn.terminate()
+        qn.wait(timeout=15)
+
+
 # ---------------- a few raw protocol helpers ----------------
 
 def recv_exact(s, n):
