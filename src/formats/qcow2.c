@@ -1021,6 +1021,9 @@ static int qcow2_is_dirty(BlockNode *bs, bool *dirty)
     return 0;
 }
 
+/* Qcow2OverlapCheckMode: overlap-check's string form (accepted; vdisk's checks are its own). */
+static const char *const overlap_check_modes[] = {"none", "constant", "cached", "all", NULL};
+
 /* BlockdevOptionsQcow2 (encrypt and data-file are refused by the QMP layer). */
 static const VdOptSpec qcow2_blockdev_options[] = {
     {"file", VD_OPT_REF, true},
@@ -1029,14 +1032,15 @@ static const VdOptSpec qcow2_blockdev_options[] = {
     {"pass-discard-request", VD_OPT_BOOL},
     {"pass-discard-snapshot", VD_OPT_BOOL},
     {"pass-discard-other", VD_OPT_BOOL},
-    {"overlap-check", VD_OPT_ANY},
+    {"overlap-check", VD_OPT_ALT, .enum_values = overlap_check_modes,
+     .alt_name = "Qcow2OverlapChecks"},
     {"cache-size", VD_OPT_INT},
     {"l2-cache-size", VD_OPT_INT},
     {"l2-cache-entry-size", VD_OPT_INT},
     {"refcount-cache-size", VD_OPT_INT},
     {"cache-clean-interval", VD_OPT_INT},
-    {"encrypt", VD_OPT_ANY},
-    {"data-file", VD_OPT_ANY},
+    {"encrypt", VD_OPT_OBJ},  /* BlockdevQcow2Encryption */
+    {"data-file", VD_OPT_REF},
     {"snapshot", VD_OPT_STR}, /* vdisk: serve this internal snapshot (id or name), read-only */
     {NULL}};
 

@@ -750,10 +750,10 @@ static const VdOptSpec rbd_blockdev_options[] = {
     {"conf", VD_OPT_STR},
     {"snapshot", VD_OPT_STR},
     {"user", VD_OPT_STR},
-    {"encrypt", VD_OPT_ANY},
+    {"encrypt", VD_OPT_OBJ}, /* RbdEncryptionOptions */
     {"key-secret", VD_OPT_STR, .unsupported = RBD_CONF_HINT},
-    {"auth-client-required", VD_OPT_ANY, .unsupported = RBD_CONF_HINT},
-    {"server", VD_OPT_ANY, .unsupported = RBD_CONF_HINT},
+    {"auth-client-required", VD_OPT_ARRAY, .unsupported = RBD_CONF_HINT},
+    {"server", VD_OPT_ARRAY, .unsupported = RBD_CONF_HINT},
     {NULL}};
 
 /* The QEMU-style filename of a blockdev-add rbd node (vd_rbd_make_filename escapes the parts). */

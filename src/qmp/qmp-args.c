@@ -34,6 +34,7 @@ static const char *type_name(QmpArgType t)
     case QA_REF_NULL:
         return "BlockdevRefOrNull";
     case QA_ANY:
+    case QA_ALT: /* named by the spec's alt_name */
         break;
     }
     return "value";
@@ -94,10 +95,18 @@ static int check_member(json_t *v, const char *prefix, const QmpArgSpec *s, VdEr
         break;
     case QA_ANY:
         return 0;
+    case QA_ALT:
+        ok = json_is_object(v);
+        if (json_is_string(v)) {
+            QmpArgSpec as_enum = *s;
+            as_enum.type = QA_ENUM;
+            return check_member(v, prefix, &as_enum, errp);
+        }
+        break;
     }
     if (!ok) {
         vd_error_setg(errp, EINVAL, "Invalid parameter type for '%s%s', expected: %s", prefix,
-                      s->name, type_name(s->type));
+                      s->name, s->type == QA_ALT ? s->alt_name : type_name(s->type));
         return -EINVAL;
     }
     if (s->type == QA_OBJ && s->nested) {

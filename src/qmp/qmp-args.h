@@ -30,6 +30,7 @@ typedef VdOptSpec QmpArgSpec;
 #define QA_REF VD_OPT_REF
 #define QA_REF_NULL VD_OPT_REF_NULL
 #define QA_ANY VD_OPT_ANY
+#define QA_ALT VD_OPT_ALT
 #define QA_SOCKADDR VD_OPT_SOCKADDR
 #define QMP_AT VD_OPT_AT
 

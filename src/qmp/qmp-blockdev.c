@@ -147,8 +147,8 @@ static int check_options(json_t *o, const char *prefix, VdError **errp)
                 return -ENOTSUP;
             }
         }
-        vd_error_setg(errp, EINVAL, "Parameter '%sdriver' does not accept value '%s'", prefix,
-                      dname);
+        /* the bare member name, as QEMU's enum visitor says it at any depth */
+        vd_error_setg(errp, EINVAL, "Parameter 'driver' does not accept value '%s'", dname);
         return -EINVAL;
     }
     const QmpArgSpec *const specs[] = {base_spec, d->blockdev_options};

@@ -139,8 +139,33 @@ static json_t *cmd_disable(json_t *args, VdError **errp)
     return bitmap_cmd(args, do_disable, errp);
 }
 
+int qmp_bitmap_refs_check(json_t *list, VdError **errp)
+{
+    size_t i;
+    json_t *el;
+    json_array_foreach(list, i, el) {
+        if (json_is_string(el)) {
+            continue;
+        }
+        if (!json_is_object(el)) {
+            vd_error_setg(errp, EINVAL, "Invalid parameter type for 'null', expected: "
+                          "BlockDirtyBitmapOrStr");
+            return -EINVAL;
+        }
+        char prefix[48];
+        snprintf(prefix, sizeof(prefix), "bitmaps[%zu].", i);
+        if (qmp_args_check1(el, prefix, bitmap_args, errp) < 0) {
+            return -EINVAL;
+        }
+    }
+    return 0;
+}
+
 int qmp_bitmap_refs(json_t *list, BlockNode *bs, bool chain, VdBitmapRef *refs, VdError **errp)
 {
+    if (qmp_bitmap_refs_check(list, errp) < 0) {
+        return -EINVAL;
+    }
     size_t i;
     json_t *el;
     json_array_foreach(list, i, el) {
@@ -153,16 +178,8 @@ int qmp_bitmap_refs(json_t *list, BlockNode *bs, bool chain, VdBitmapRef *refs, 
             }
             continue;
         }
-        if (!json_is_object(el)) {
-            vd_error_setg(errp, EINVAL, "Invalid parameter type for 'null', expected: "
-                          "BlockDirtyBitmapOrStr");
-            return -EINVAL;
-        }
-        char prefix[48];
-        snprintf(prefix, sizeof(prefix), "bitmaps[%zu].", i);
         BitmapArgs a = {0};
-        if (qmp_args_check1(el, prefix, bitmap_args, errp) < 0 ||
-            qmp_args_parse(el, bitmap_args, &a, errp) < 0) {
+        if (qmp_args_parse(el, bitmap_args, &a, errp) < 0) {
             return -EINVAL;
         }
         refs[i].node = find_node(a.node, false, errp);
@@ -177,7 +194,8 @@ int qmp_bitmap_refs(json_t *list, BlockNode *bs, bool chain, VdBitmapRef *refs, 
 static json_t *cmd_merge(json_t *args, VdError **errp)
 {
     MergeArgs a = {0};
-    if (qmp_args_parse(args, merge_args, &a, errp) < 0) {
+    if (qmp_args_parse(args, merge_args, &a, errp) < 0 ||
+        qmp_bitmap_refs_check(a.bitmaps, errp) < 0) {
         return NULL;
     }
     size_t n = json_array_size(a.bitmaps);

@@ -292,7 +292,8 @@ static json_t *cmd_block_export_add(json_t *args, VdError **errp)
         }
         return NULL;
     }
-    if (qmp_args_check(args, "", specs, 2, errp) < 0) {
+    if (qmp_args_check(args, "", specs, 2, errp) < 0 ||
+        qmp_bitmap_refs_check(json_object_get(args, "bitmaps"), errp) < 0) {
         return NULL;
     }
     if (json_object_get(args, "iothread")) {

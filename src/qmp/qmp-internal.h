@@ -40,5 +40,7 @@ void qmp_commands_object_register(void);  /* object-add, object-del */
  * {node, name} one on any node. Element errors use QEMU's texts. 0 or -errno.
  */
 int qmp_bitmap_refs(json_t *list, BlockNode *bs, bool chain, VdBitmapRef *refs, VdError **errp);
+/* The elements' types alone (QEMU checks them with the other arguments, before any lookup). */
+int qmp_bitmap_refs_check(json_t *list, VdError **errp);
 
 #endif

@@ -22,6 +22,7 @@ typedef enum {
     VD_OPT_REF,      /* BlockdevRef: object or node-name string */
     VD_OPT_REF_NULL, /* BlockdevRefOrNull: object, node-name string or null */
     VD_OPT_ANY,      /* anything: accepted and ignored by vdiskd */
+    VD_OPT_ALT,      /* QAPI alternate of a string from enum_values and an object; alt_name */
     VD_OPT_SOCKADDR  /* SocketAddress (flat): object, its "type" picks the variant's members */
 } VdOptType;
 
@@ -31,6 +32,7 @@ typedef struct VdOptSpec {
     bool required;
     const char *const *enum_values; /* VD_OPT_ENUM: NULL-terminated */
     const struct VdOptSpec *nested; /* VD_OPT_OBJ: member list of the nested object, or NULL */
+    const char *alt_name;           /* VD_OPT_ALT: the alternate's QAPI name, for errors */
     /*
      * Where a parser stores the value in the caller's struct: VD_OPT_AT(Type, field); 0 = not
      * stored. The field's C type follows the member's: STR const char * (borrowed from the

@@ -34,9 +34,10 @@ def valid_args(tmp):
     QEMU accepts a value this test sends as "wrong", such as a negative speed)."""
     nodir = f"{tmp}/no-such-dir"
     return {
-        "blockdev-add": {"driver": "file", "node-name": "new0", "filename": f"{nodir}/a.img"},
+        "blockdev-add": {"driver": "qcow2", "node-name": "new0",
+                         "file": {"driver": "file", "filename": f"{nodir}/a.img"}},
         "blockdev-del": {"node-name": "nx"},
-        "block-export-add": {"type": "nbd", "id": "e0", "node-name": "nx"},
+        "block-export-add": {"type": "nbd", "id": "e0", "node-name": "nx", "bitmaps": ["b0"]},
         "block-export-del": {"id": "ex"},
         "nbd-server-start": {"addr": {"type": "unix", "data": {"path": f"{nodir}/nbd.sock"}}},
         "nbd-server-add": {"device": "nx"},
@@ -113,15 +114,50 @@ class Schema:
 
     def members(self, command, args):
         """[(name, kind, required)] in schema order, with the variant chosen by args (unions)."""
-        t = self.by_name[self.commands[command]["arg-type"]]
-        out = [(m["name"], self.kind(m["type"]), "default" not in m) for m in t["members"]]
+        return [(m["name"], self.kind(m["type"]), "default" not in m)
+                for m in self.object_members(self.commands[command]["arg-type"], args)]
+
+    def object_members(self, type_name, value):
+        """The schema members of an object type, with the variant value's tag picks."""
+        t = self.by_name[type_name]
+        out = list(t["members"])
         if "tag" in t:
-            case = args.get(t["tag"])
             for v in t["variants"]:
-                if v["case"] == case:
-                    vt = self.by_name[v["type"]]
-                    out += [(m["name"], self.kind(m["type"]), "default" not in m)
-                            for m in vt["members"]]
+                if v["case"] == value.get(t["tag"]):
+                    out += self.by_name[v["type"]]["members"]
+        return out
+
+    def object_type(self, type_name):
+        """The object type a member's value may be: itself, or an alternate's object branch."""
+        e = self.by_name[type_name]
+        if e["meta-type"] == "object":
+            return type_name
+        if e["meta-type"] == "alternate":
+            for m in e["members"]:
+                if self.by_name[m["type"]]["meta-type"] == "object":
+                    return m["type"]
+        return None
+
+    def nested_cases(self, type_name, value, path):
+        """(label, value) with one member inside value (an object of type_name) made wrong:
+        each member of a nested object or array element, recursively; every member at this
+        depth for nested objects, whose top level the caller covers itself."""
+        out = []
+        for m in self.object_members(type_name, value):
+            name, mt = m["name"], m["type"]
+            e = self.by_name[mt]
+            if e["meta-type"] == "array":
+                for v in wrong_values(self.kind(e["element-type"])):
+                    out.append((f"{path}{name}=[{json.dumps(v)}]", {**value, name: [v]}))
+                continue
+            sub = self.object_type(mt)
+            if sub and isinstance(value.get(name), dict):
+                inner = value[name]
+                cases = [(f"{path}{name}.{x['name']}={json.dumps(v)}", {**inner, x["name"]: v})
+                         for x in self.object_members(sub, inner)
+                         for v in wrong_values(self.kind(x["type"]))]
+                cases += self.nested_cases(sub, inner, f"{path}{name}.")
+                out += [(label, {**value, name: v}) for label, v in cases]
         return out
 
 
@@ -134,6 +170,7 @@ def cases(schema, command, base):
         if required:
             out.append((f"without {name}", {k: v for k, v in base.items() if k != name}))
     out.append(("unexpected member", {**base, "x-no-such-member": 1}))
+    out += schema.nested_cases(schema.commands[command]["arg-type"], base, "")
     return out
 
 
