@@ -791,6 +791,20 @@ int vd_snapshot_create(BlockNode *bs, const char *name, VdError **errp)
     return ret < 0 ? ret : bs->drv->snapshot_create(bs, name, errp);
 }
 
+int vd_amend(BlockNode *bs, const VdAmendOptions *opts, VdError **errp)
+{
+    if (!bs->drv->amend) {
+        vd_error_setg(errp, ENOTSUP, "Format driver '%s' does not support option amendment",
+                      bs->drv->name);
+        return -ENOTSUP;
+    }
+    if (bs->read_only) {
+        vd_error_setg(errp, EPERM, "'%s' is opened read-only", bs->filename);
+        return -EPERM;
+    }
+    return bs->drv->amend(bs, opts, errp);
+}
+
 int vd_snapshot_goto(BlockNode *bs, const char *id_or_name, VdError **errp)
 {
     /* As QEMU: reverting would change data behind the bitmaps' backs */

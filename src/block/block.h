@@ -103,6 +103,18 @@ typedef struct VdCreateOptions {
     const char *compression_type; /* NULL/"zlib" or "zstd" */
 } VdCreateOptions;
 
+/*
+ * Changes to an existing image's format options (qemu-img amend). Fields left at their "keep"
+ * value are not touched. progress (may be NULL) is told how far the work has come, done <= total.
+ */
+typedef struct VdAmendOptions {
+    const char *compat;   /* "0.10"/"v2" or "1.1"/"v3"; NULL: keep */
+    int lazy_refcounts;   /* 0 / 1; -1: keep */
+    int refcount_bits;    /* 0: keep */
+    void (*progress)(void *opaque, uint64_t done, uint64_t total);
+    void *opaque;
+} VdAmendOptions;
+
 typedef struct VdCheckResult {
     int corruptions;
     int leaks;
@@ -261,6 +273,8 @@ struct BlockDriver {
     int (*snapshot_create)(BlockNode *bs, const char *name, VdError **errp);
     int (*snapshot_goto)(BlockNode *bs, const char *id_or_name, VdError **errp);
     int (*snapshot_delete)(BlockNode *bs, const char *id, const char *name, VdError **errp);
+    /* qemu-img amend of a read-write node with nothing else in flight; see vd_amend. */
+    int (*amend)(BlockNode *bs, const VdAmendOptions *opts, VdError **errp);
 
     /*
      * Persistent dirty bitmaps (NULL: the format cannot store any). bitmaps_load returns the
@@ -444,6 +458,13 @@ int vd_is_allocated_above(BlockNode *top, BlockNode *base, uint64_t offset, uint
 int vd_snapshot_create(BlockNode *bs, const char *name, VdError **errp);
 int vd_snapshot_goto(BlockNode *bs, const char *id_or_name, VdError **errp);
 int vd_snapshot_delete(BlockNode *bs, const char *id, const char *name, VdError **errp);
+
+/*
+ * Amend a format's options in place (qemu-img amend): the image is consistent on disk after
+ * every step, and on failure it reads as before (some options may already be changed).
+ * -ENOTSUP "Format driver 'X' does not support option amendment" for formats without amend.
+ */
+int vd_amend(BlockNode *bs, const VdAmendOptions *opts, VdError **errp);
 
 /* ---- info ---- */
 int vd_check(BlockNode *bs, VdCheckResult *res, int fix, VdError **errp);

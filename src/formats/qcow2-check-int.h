@@ -2,7 +2,8 @@
  * qcow2-check-int.h - what the two halves of the offline checker share: the check state (Chk), the
  * format limits it enforces, and the helpers each half calls in the other. qcow2-check.c loads the
  * header and tables and runs the passes; qcow2-check-refcount.c counts references and checks,
- * repairs or rebuilds the refcount structures. Nothing outside these two files includes this.
+ * repairs or rebuilds the refcount structures; qcow2-check-amend.c reuses both to rewrite an image
+ * for amend. Nothing outside these three files includes this.
  */
 #ifndef VDISK_FORMATS_QCOW2_CHECK_INT_H
 #define VDISK_FORMATS_QCOW2_CHECK_INT_H
@@ -116,6 +117,9 @@ static inline uint64_t off_in_cluster(Chk *c, uint64_t off)
 }
 
 /* ---- qcow2-check.c ---- */
+/* Load header and tables (active L1, reftable, snapshots); refusals set errp. */
+int chk_load(Chk *c, VdError **errp);
+void chk_free_tables(Chk *c);
 int chk_load_u64_table(Chk *c, uint64_t offset, uint64_t entries, uint64_t **out);
 
 /* ---- qcow2-check-refcount.c ---- */
@@ -124,6 +128,10 @@ int chk_check_oflag_copied(Chk *c, int fix);
 void chk_compare_refcounts(Chk *c, int fix, bool *rebuild, uint64_t *highest);
 bool chk_has_refblock(Chk *c, uint64_t k);
 int chk_rb_writeback(Chk *c);
+/*
+ * Write a new refcount structure from c->refs with c->refcount_order (which may differ from the
+ * header's: the header switch writes the new order with the new table, in one write).
+ */
 int chk_rebuild_refcounts(Chk *c);
 int chk_set_stored_refcount(Chk *c, uint64_t idx, uint64_t val);
 int chk_stored_refcount(Chk *c, uint64_t idx, uint64_t *val);

@@ -788,10 +788,16 @@ int chk_rebuild_refcounts(Chk *c)
         res->check_errors++;
         goto out;
     }
-    uint8_t hp[12];
+    /* [48, 100): reftable offset and size, and (amend) the refcount order, in one write */
+    uint8_t hp[52];
+    bool new_order = c->refcount_order != c->h.refcount_order;
+    ret = new_order ? chk_read_padded(c, 48, sizeof(hp), hp) : 0;
     qcow2_put_be64(hp, rt_offset);
     qcow2_put_be32(hp + 8, (uint32_t)nrt);
-    ret = vd_pwrite(c->file, 48, sizeof(hp), hp, 0);
+    qcow2_put_be32(hp + 48, c->refcount_order);
+    if (ret == 0) {
+        ret = vd_pwrite(c->file, 48, new_order ? sizeof(hp) : 12, hp, 0);
+    }
     if (ret == 0) {
         ret = vd_flush(c->file);
     }
@@ -811,6 +817,7 @@ int chk_rebuild_refcounts(Chk *c)
     c->reftable_offset = rt_offset;
     c->h.refcount_table_offset = rt_offset;
     c->h.refcount_table_clusters = (uint32_t)nrt;
+    c->h.refcount_order = c->refcount_order;
     ret = 0;
 out:
     free(block);

@@ -649,7 +649,7 @@ fail:
 
 /* ---- one check pass ---- */
 
-static void chk_free_tables(Chk *c)
+void chk_free_tables(Chk *c)
 {
     free(c->reftable);
     c->reftable = NULL;
@@ -664,8 +664,7 @@ static void chk_free_tables(Chk *c)
     c->rb_valid = false;
 }
 
-/* Load header and tables; refusals and unreadable tables set errp. */
-static int chk_load(Chk *c, VdError **errp)
+int chk_load(Chk *c, VdError **errp)
 {
     int64_t len = vd_getlength(c->file);
     if (len < 0) {

@@ -7,6 +7,7 @@
 #ifndef VDISK_FORMATS_QCOW2_CHECK_H
 #define VDISK_FORMATS_QCOW2_CHECK_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "block/block.h"
@@ -39,6 +40,22 @@ int qcow2_check_file(BlockNode *file, VdCheckResult *res, int fix, VdError **err
  */
 int qcow2_measure(const VdCreateOptions *opts, BlockNode *src, uint64_t *required,
                   uint64_t *fully_allocated, VdError **errp);
+
+/*
+ * The on-disk part of qcow2 amend, on an image nobody has open (qcow2-check-amend.c): write a new
+ * refcount structure with refcount_bits-bit entries (0: keep the width) and, with
+ * expand_zeroes, turn every zero cluster (active and snapshot L2 tables) into a form version 2
+ * reads as zeroes: unallocated when there is no backing file, else a zeroed cluster. Refuses an
+ * image with errors (leaks are fine: they become free space). progress: per L2 table.
+ */
+typedef struct Qcow2AmendFile {
+    uint32_t refcount_bits;
+    bool expand_zeroes;
+    bool has_backing;
+    void (*progress)(void *opaque, uint64_t done, uint64_t total);
+    void *opaque;
+} Qcow2AmendFile;
+int qcow2_amend_file(BlockNode *file, const Qcow2AmendFile *a, VdError **errp);
 
 /* Bytes of refcount table + blocks needed to count `clusters` clusters plus themselves. */
 uint64_t qcow2_refcount_metadata_size(uint64_t clusters, uint64_t cluster_size,

@@ -259,6 +259,31 @@ static void qcow2_close(BlockNode *bs)
     pthread_mutex_destroy(&s->lock);
 }
 
+void q2_close_state(BlockNode *bs)
+{
+    qcow2_close(bs);
+}
+
+int q2_open_state(BlockNode *bs, VdError **errp)
+{
+    Qcow2State *s = q2_state(bs);
+    bool bitmaps_loaded = s->bitmaps_loaded;
+    int ret = qcow2_open(bs, NULL, errp);
+    if (ret < 0) {
+        /* a state close can take: every request fails with -EIO, close writes nothing */
+        memset(s, 0, sizeof(*s));
+        s->bs = bs;
+        pthread_mutex_init(&s->lock, NULL);
+        pthread_cond_init(&s->lockless_idle, NULL);
+        pthread_cond_init(&s->alloc_done, NULL);
+        s->damaged = true;
+        s->read_only = true;
+        return ret;
+    }
+    s->bitmaps_loaded = bitmaps_loaded; /* the bitmaps stay in the dirty-bitmap module's hands */
+    return 0;
+}
+
 /*
  * Any file with the qcow magic is claimed, whatever its version: QEMU probes version 1 as qcow
  * and >= 2 as qcow2, and then fails to open what it does not support. Probing such a file as
@@ -1072,6 +1097,7 @@ const BlockDriver vd_drv_qcow2 = {
     .snapshot_create = q2_snapshot_create,
     .snapshot_goto = q2_snapshot_goto,
     .snapshot_delete = q2_snapshot_delete,
+    .amend = q2_amend,
     .is_dirty = qcow2_is_dirty,
     .bitmaps_load = q2_bitmaps_load,
     .bitmaps_store = q2_bitmaps_store,

@@ -295,6 +295,16 @@ int q2_create(const char *filename, const VdCreateOptions *o, VdError **errp);
 int q2_preallocate_locked(Qcow2State *s, uint64_t from, uint64_t to, VdPrealloc mode);
 /* Before the first modification of an open: clear autoclear bits, set the lazy dirty bit. */
 int q2_first_write(Qcow2State *s);
+/*
+ * Amend's close and open of the driver state on the same node: close writes every cache and
+ * clears the dirty bit; open reads the file again with bs->open_flags. A failed open leaves a
+ * damaged state that fails every request and that close accepts.
+ */
+void q2_close_state(BlockNode *bs);
+int q2_open_state(BlockNode *bs, VdError **errp);
+
+/* ---- qcow2-amend.c: qemu-img amend (vtable) ---- */
+int q2_amend(BlockNode *bs, const VdAmendOptions *o, VdError **errp);
 
 /* ---- qcow2-snapshot.c: internal snapshots (vtable entries; they take s->lock) ---- */
 json_t *q2_get_snapshots(BlockNode *bs);

@@ -168,6 +168,7 @@ BlockNode *tool_open_snapshot(const char *filename, const char *fmt, int flags,
                               const ToolSnapParam *p);
 
 /* Commands. */
+int img_amend(int argc, char **argv);
 int img_create(int argc, char **argv);
 int img_info(int argc, char **argv);
 int img_map(int argc, char **argv);

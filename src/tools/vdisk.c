@@ -801,6 +801,8 @@ static const struct {
     int (*fn)(int, char **);
     const char *usage;
 } commands[] = {
+    { "amend", img_amend,
+      "amend [-p] [-q] [-f fmt] [-t cache] [--force] -o options filename" },
     { "bench", img_bench,
       "bench [-c count] [-d depth] [-f fmt] [--flush-interval=flush_interval] [-i aio] [-n]\n"
       "          [--no-drain] [-o offset] [--pattern=pattern] [-q] [-s buffer_size]\n"

@@ -1,0 +1,160 @@
+/*
+ * qcow2-amend.c - qemu-img amend for qcow2 (the vtable's amend): compat 0.10 <-> 1.1,
+ * lazy_refcounts, refcount_bits. The driver state is closed (caches written, dirty bit cleared),
+ * the file is changed step by step, each step leaving a consistent image, and the state is opened
+ * again. Order as QEMU's: upgrade, refcount width, lazy refcounts, downgrade last.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "formats/qcow2-check.h"
+#include "formats/qcow2.h"
+
+/* Version 3's header length as vdisk writes it (with the compression type byte). */
+static void set_v3_defaults(Qcow2State *s)
+{
+    s->h.version = 3;
+    s->h.header_length = Q2_V3_HEADER_LEN_CT;
+    s->h.refcount_order = 4;
+    s->h.incompatible_features = 0;
+    s->h.compatible_features = 0;
+    s->h.autoclear_features = 0;
+    s->compression_type = QCOW2_COMPRESSION_ZLIB;
+    free(s->hdr_raw); /* a version 2 header has no fields to keep */
+    s->hdr_raw = NULL;
+    s->hdr_raw_len = 0;
+}
+
+/* Rewrite the header cluster from s (open state, no request in flight). */
+static int rewrite_header(Qcow2State *s)
+{
+    /* type 0 is the end marker: no extension of that type exists, so only the rewrite happens */
+    return q2_update_header_ext(s, QCOW2_EXT_END, NULL, 0, s->h.autoclear_features);
+}
+
+/* Header changes on the open state: version, lazy refcounts. */
+static int amend_header(BlockNode *bs, int version, int lazy, VdError **errp)
+{
+    Qcow2State *s = q2_state(bs);
+    int ret = 0;
+    if (version == 3 && s->h.version == 2) {
+        set_v3_defaults(s);
+        ret = q2_add_feature_table(s);
+    } else if (version == 2 && s->h.version == 3) {
+        s->h.version = 2;
+        s->h.autoclear_features = 0;
+        /* version 2 has no feature table; the bitmaps extension was refused before */
+        ret = q2_update_header_ext(s, QCOW2_EXT_FEATURE_TABLE, NULL, 0, 0);
+    }
+    if (ret == 0 && lazy >= 0 && s->h.version >= 3) {
+        if (lazy) {
+            s->h.compatible_features |= QCOW2_COMPAT_LAZY_REFCOUNTS;
+        } else {
+            s->h.compatible_features &= ~QCOW2_COMPAT_LAZY_REFCOUNTS;
+        }
+    }
+    if (ret == 0) {
+        ret = rewrite_header(s);
+    }
+    if (ret < 0) {
+        vd_error_setg_errno(errp, -ret, "Could not update the image header");
+    }
+    return ret;
+}
+
+/* Refusals, in QEMU's words, before anything changes. */
+static int amend_check(Qcow2State *s, const VdAmendOptions *o, int version, int rbits,
+                       VdError **errp)
+{
+    if (version < 3 && o->lazy_refcounts == 1) {
+        vd_error_setg(errp, EINVAL, "Lazy refcounts only supported with compatibility level "
+                      "1.1 and above (use compat=1.1 or greater)");
+        return -EINVAL;
+    }
+    if (version < 3 && o->refcount_bits && o->refcount_bits != 16) {
+        vd_error_setg(errp, EINVAL, "Refcount widths other than 16 bits require compatibility "
+                      "level 1.1 or above (use compat=1.1 or greater)");
+        return -EINVAL;
+    }
+    if (version < 3 && rbits != 16) {
+        vd_error_setg(errp, EINVAL, "compat=0.10 requires refcount_bits=16");
+        return -EINVAL;
+    }
+    if (version < 3 && s->h.version >= 3) {
+        uint64_t incompat = s->h.incompatible_features &
+                            ~(QCOW2_INCOMPAT_DIRTY | QCOW2_INCOMPAT_COMPRESSION);
+        if (incompat) {
+            vd_error_setg(errp, ENOTSUP, "Cannot downgrade an image with incompatible features "
+                          "0x%" PRIx64 " set", incompat);
+            return -ENOTSUP;
+        }
+        for (int i = 0; i < s->nb_exts; i++) {
+            if (s->exts[i].type == QCOW2_EXT_BITMAPS) {
+                /* QEMU leaves them to be found inconsistent; vdisk refuses to drop them */
+                vd_error_setg(errp, ENOTSUP, "Cannot downgrade an image with persistent dirty "
+                              "bitmaps (remove them first)");
+                return -ENOTSUP;
+            }
+        }
+    }
+    return 0;
+}
+
+int q2_amend(BlockNode *bs, const VdAmendOptions *o, VdError **errp)
+{
+    Qcow2State *s = q2_state(bs);
+    int old_version = (int)s->h.version;
+    int version = old_version;
+    if (o->compat) {
+        version = !strcmp(o->compat, "0.10") || !strcmp(o->compat, "v2") ? 2 : 3;
+    }
+    int old_bits = 1 << s->h.refcount_order;
+    int rbits = o->refcount_bits ? o->refcount_bits : old_bits;
+    if (s->damaged) {
+        vd_error_setg(errp, EIO, "The image is damaged: repair it with 'check -r all' first");
+        return -EIO;
+    }
+    int ret = amend_check(s, o, version, rbits, errp);
+    if (ret < 0) {
+        return ret;
+    }
+    /* From here on the file is changed with the driver state closed (flushed, not dirty). */
+    q2_close_state(bs);
+    if (version == 3 && old_version == 2) {
+        ret = q2_open_state(bs, errp);
+        if (ret == 0) {
+            ret = amend_header(bs, 3, -1, errp);
+            q2_close_state(bs);
+        }
+        if (ret < 0) {
+            goto reopen;
+        }
+    }
+    if (rbits != old_bits || version < old_version) {
+        Qcow2AmendFile a = {
+            .refcount_bits = (uint32_t)rbits,
+            .expand_zeroes = version < old_version,
+            .has_backing = bs->backing_file != NULL,
+            .progress = o->progress,
+            .opaque = o->opaque,
+        };
+        ret = qcow2_amend_file(bs->file, &a, errp);
+        if (ret < 0) {
+            goto reopen;
+        }
+    }
+    if (version < old_version || o->lazy_refcounts >= 0) {
+        ret = q2_open_state(bs, errp);
+        if (ret == 0) {
+            ret = amend_header(bs, version, o->lazy_refcounts, errp);
+            q2_close_state(bs);
+        }
+    }
+reopen:;
+    VdError *err = NULL;
+    int r = q2_open_state(bs, ret < 0 ? &err : errp);
+    vd_error_free(err);
+    return ret < 0 ? ret : r;
+}
