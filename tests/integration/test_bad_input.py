@@ -202,3 +202,40 @@ def test_check_repair_like_qemu(tmp, kind, mode):
     assert after.returncode == 0, f"still not clean after vdisk check -r {mode}:\n{after.stdout}"
     cmp = _run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", v, content])
     assert cmp.returncode == 0, f"repair changed the guest content: {cmp.stdout}"
+
+
+# ---- the daemon: blockdev-add of a damaged image, read-write, changes nothing QSD leaves ----
+
+def test_daemon_blockdev_add_of_damaged_images_changes_no_file(corp, tmp):
+    """Every damaged image is opened read-write with blockdev-add (then blockdev-del) by vdiskd
+    and, on a copy, by qemu-storage-daemon: vdiskd answers (error or success, never a crash or
+    hang) and leaves every file of the chain as it was (sha256) unless QSD changed it too."""
+    from qmp_client import start_qsd, start_vdiskd
+    d, c, ref = corp
+    (tmp / "vd").mkdir()
+    (tmp / "qsd").mkdir()
+    vd, qsd = start_vdiskd(str(tmp / "vd")), start_qsd(str(tmp / "qsd"))
+    modified = []
+    try:
+        v, q = vd.client(), qsd.client()
+        for i, name in enumerate(CASE_NAMES):
+            case = c[name]
+            imgs = {"v": _copy_case(case, tmp / f"v{i}"), "q": _copy_case(case, tmp / f"q{i}")}
+            before = {f.name: sha256(f) for f in case.files}
+            # (QSD recurses for minutes on a backing loop: vdiskd alone there, nothing may change)
+            for who, client in (("v", v),) + ((("q", q),) if name not in QEMU_HANGS else ()):
+                opts = {"driver": "qcow2", "node-name": f"n{i}", "file": {
+                    "driver": "file", "filename": str(imgs[who])}}
+                if "error" not in client.execute("blockdev-add", opts):
+                    client.cmd("blockdev-del", node_name=f"n{i}")
+            for f in case.files:
+                q_same = sha256(tmp / f"q{i}" / f.name) == before[f.name]
+                if q_same and sha256(tmp / f"v{i}" / f.name) != before[f.name]:
+                    modified.append(f"{name}: {f.name} ({case.what})")
+        assert v.cmd("query-named-block-nodes") == []
+        v.close()
+        q.close()
+    finally:
+        qsd.kill()
+        vd.stop_checked()
+    assert not modified, "vdiskd modified files QSD left alone:\n" + "\n".join(modified)

@@ -440,3 +440,61 @@ def test_structured_read_holes_match_simple_read(daemon):
     assert err == 0 and data[:65536] == b"\x5a" * 65536 and len(data) == 4 * 1024 * 1024 - 4096
     simple.close()
     st.close()
+
+
+def test_malformed_requests_leave_a_qcow2_image_unmodified(tmp):
+    """Malformed NBD traffic against a writable qcow2 export: every request is refused or the
+    client dropped, and once vdiskd has stopped the image file is byte for byte what it was
+    (sha256) and qemu-img check finds it clean."""
+    from conftest import sha256, run
+    img = os.path.join(str(tmp), "disk.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", img, SIZE)
+    qemu_io("-f", "qcow2", "-c", "write -P 0x5a 0 64k", "-c", "write -P 0x33 1M 64k", img)
+    before = sha256(img)
+    d = H.start_daemon(tmp, img, fmt="qcow2")
+    hdr = struct.Struct(">IHHQQI")
+    # (after handshake?, bytes sent) - each on its own connection; the server may answer with
+    # an error or hang up, and neither may write anything.
+    cases = [
+        (True, hdr.pack(H.REQ_MAGIC, 0, H.CMD_WRITE, 1, SIZE - 2, 4) + b"abcd"),   # past the end
+        (True, hdr.pack(H.REQ_MAGIC, 0, H.CMD_WRITE, 2, 2**64 - 512, 512) + b"\xee" * 512),
+        (True, hdr.pack(H.REQ_MAGIC, 0, H.CMD_WRITE, 3, 0, 65536) + b"\xee" * 1000),  # cut off
+        (True, hdr.pack(H.REQ_MAGIC, 0, H.CMD_WRITE, 4, 0, 64 << 20)),  # oversize payload
+        (True, hdr.pack(H.REQ_MAGIC, 0x8000, H.CMD_WRITE, 5, 0, 512) + b"\xee" * 512),  # bad flag
+        (True, hdr.pack(0xDEADBEEF, 0, H.CMD_WRITE, 6, 0, 512) + b"\xee" * 512),  # bad magic
+        (True, hdr.pack(H.REQ_MAGIC, 0, H.CMD_WZ, 7, SIZE - 4096, 8192)),  # zeroes past the end
+        (True, hdr.pack(H.REQ_MAGIC, 0, H.CMD_TRIM, 8, SIZE, 4096)),  # trim past the end
+        (True, hdr.pack(H.REQ_MAGIC, 0x8000, H.CMD_WZ, 9, 0, 4096)),  # zeroes, unknown flag
+        (True, hdr.pack(H.REQ_MAGIC, 0, H.CMD_WZ, 10, 0, 0xFFFFFFFF)),  # zeroes past the end
+        (True, hdr.pack(H.REQ_MAGIC, 0, 42, 11, 0, 512) + b"\xee" * 512),  # unknown command
+        (True, hdr.pack(H.REQ_MAGIC, 0, H.CMD_WRITE, 12, 0, 512)[:20]),  # header cut off
+        (False, struct.pack(">QII", H.IHAVEOPT, H.OPT_GO, 0xFFFFFFFF)),  # handshake garbage
+        (False, b"\xff" * 64),
+    ]
+    try:
+        for after_go, data in cases:
+            c = H.RawClient(d.sock, timeout=10)
+            try:
+                c.greet()
+                if after_go:
+                    c.go()
+                c.send(data)
+                c.s.shutdown(socket.SHUT_WR)
+                while c.s.recv(65536):  # every reply, until the server hangs up
+                    pass
+            except OSError:
+                pass  # the server hung up first: allowed
+            finally:
+                c.close()
+        # still serving the unchanged data to a well-behaved client
+        c = H.RawClient(d.sock)
+        c.greet()
+        c.go()
+        assert c.read(0, 4096, cookie=1) == (1, 0, b"\x5a" * 4096)
+        assert c.read(1 << 20, 4096, cookie=2) == (2, 0, b"\x33" * 4096)
+        c.close()
+        assert d.stop() == 0, d.output()
+    finally:
+        d.kill()
+    assert sha256(img) == before, "malformed NBD requests modified the image"
+    run(["qemu-img", "check", "-f", "qcow2", img])
