@@ -6,7 +6,8 @@ PYTEST     ?= /usr/bin/python3 -m pytest -p timeout --timeout=300 --durations=25
 PREFIX     ?= /usr/local
 DESTDIR    ?=
 
-.PHONY: all deps install check check-unit check-asan check-integration demo bench clean fuzz-build fuzz-deps
+.PHONY: all deps install check check-unit check-asan check-integration demo bench clean fuzz-build fuzz-deps \
+	crash-campaign resume-campaign
 
 all: deps $(BUILD)/build.ninja
 	ninja -C $(BUILD)
@@ -45,6 +46,11 @@ bench: all
 TRIALS ?= 25
 crash-campaign: all
 	VDISK_BUILD=$(CURDIR)/$(BUILD) /usr/bin/python3 scripts/crash-campaign.py $(TRIALS)
+
+# kill -9 of vdiskd --state-dir during live copies with a guest writing, restart, job-resume:
+# target == source and the bytes copied after the restart bounded (scripts/resume-campaign.py).
+resume-campaign: all
+	VDISK_BUILD=$(CURDIR)/$(BUILD) /usr/bin/python3 scripts/resume-campaign.py $(TRIALS)
 
 # libFuzzer targets (fuzz/), built with clang + ASan/UBSan in their own directory. `make fuzz` runs
 # each for FUZZ_SECONDS on a scratch copy of its committed seed corpus (fuzz/corpus/<target>);

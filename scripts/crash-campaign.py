@@ -163,6 +163,14 @@ def qmp(path):
     return s, cmd
 
 
+def kill9(p, guest, qmp_sock):
+    """SIGKILL the daemon, then let the guest notice (its next request fails) and stop."""
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=30)
+    guest.join(timeout=30)
+    qmp_sock.close()
+
+
 def trial(d, rng, op):
     base, mid, top = (os.path.join(d, n) for n in ("base.qcow2", "mid.qcow2", "top.qcow2"))
     run("qemu-img", "create", "-q", "-f", "qcow2", base, str(SIZE))
@@ -208,10 +216,7 @@ def trial(d, rng, op):
             time.sleep(rng.uniform(0, 0.05))
         else:
             time.sleep(rng.uniform(0, 1.5))
-        p.send_signal(signal.SIGKILL)
-        p.wait(timeout=30)
-        guest.join(timeout=30)
-        s.close()
+        kill9(p, guest, s)
     finally:
         if p.poll() is None:
             p.kill()
@@ -243,11 +248,12 @@ def trial(d, rng, op):
     raise AssertionError("; ".join(errors))
 
 
-def model_error(disk, guest, initial):
-    """None if disk holds every flushed write and only values a block may have, else why not."""
+def model_error(disk, guest, initial, settled_from=None):
+    """None if disk holds every flushed write and only values a block may have, else why not.
+    Writes from index settled_from on (made after a restart, all landed) are certain again."""
     final, maybe = {}, {}
     for i, (b, v) in enumerate(guest.history):
-        if i < guest.durable:
+        if i < guest.durable or (settled_from is not None and i >= settled_from):
             final[b] = v
             maybe.pop(b, None)
         else:

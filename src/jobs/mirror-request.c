@@ -302,6 +302,12 @@ int mirror_request_start(const MirrorRequest *r, VdError **errp)
     }
     o.target = target;
     o.target_new = created;
+    o.resume = r->resume;
+    o.journal_desc = !r->resume && job_journal_dir() ? mirror_request_to_json(r) : NULL;
+    if (!r->resume && job_journal_dir() && !o.journal_desc) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+        goto out;
+    }
     /*
      * unmap (drive-mirror only, as in QEMU; default true): where the source reads zeroes, the
      * target's clusters may be unmapped; false writes zeroes and keeps its allocation.
@@ -323,6 +329,7 @@ int mirror_request_start(const MirrorRequest *r, VdError **errp)
         }
     }
 out:
+    json_decref(o.journal_desc);
     vd_node_unref(target);
     free(share_name);
     if (job) {

@@ -18,6 +18,7 @@
 #include "block/tracking.h"
 #include "block/users.h"
 #include "jobs/copy.h"
+#include "jobs/journal.h"
 #include "util/lock.h"
 #include "util/log.h"
 
@@ -40,6 +41,10 @@
  * to the target are the guest's own: a guest flush reaches the target through top_flush.
  * If guest writes outpace the background copy for a few seconds the job switches itself to
  * write-blocking (query-block-jobs "vdisk-copy-mode").
+ * Resumable (vdiskd --state-dir, docs/resumable.md): a journal marks each segment a guest write
+ * touches before the write reaches the source, and the job clears a segment only after a target
+ * flush covered its copies; a job re-created from its journal starts PAUSED and, once resumed,
+ * compares the marked segments and copies what differs.
  */
 
 #define DEFAULT_BUF_SIZE (16ULL << 20)
@@ -48,6 +53,7 @@
 #define OUTPACED_WINDOWS 3          /* consecutive windows before switching to write-blocking */
 #define COMPLETE_ROUNDS 4           /* copy+flush rounds before the drained pivot, at most */
 #define RATE_NS 1000000000ULL       /* query-block-jobs rates: samples at least 1 s apart */
+#define JOURNAL_CLEAR_NS 1000000000ULL /* clear the journal's in-sync segments about every second */
 
 typedef struct Mirror Mirror;
 
@@ -98,6 +104,11 @@ struct Mirror {
      */
     uint64_t target_gen;
     uint64_t flushed_gen;
+    /*
+     * The same for write-blocking guest writes to the target, counted only for the journal's
+     * clears (job thread): the job's own flushes must not sync after each guest write.
+     */
+    uint64_t guest_gen, guest_flushed_gen;
 
     /*
      * Progress report (query-block-jobs): bytes copied by the job (atomic) and bytes guest writes
@@ -106,6 +117,9 @@ struct Mirror {
     uint64_t copied_total, dirtied_total;
     uint64_t rate_t, rate_copied, rate_dirtied, copy_rate, dirty_rate;
     bool verify;           /* x-verify: compare source and target before finishing */
+    JobJournal *journal;   /* progress on disk (NULL: no --state-dir); the job thread clears */
+    bool resumed;          /* re-created from a journal after a restart */
+    uint64_t journal_t;    /* last clear (job thread) */
 };
 
 /* ---- nodes in use by a mirror: its source, target and filter (block/claims.h) ---- */
@@ -238,6 +252,9 @@ static void mirror_on_write(Mirror *m, WriteKind kind, uint64_t offset, uint64_t
         r = vd_pwrite_zeroes(m->target, offset, bytes,
                              flags & (VD_REQ_FUA | (m->unmap ? VD_REQ_MAY_UNMAP : 0)));
     }
+    if (r != -EAGAIN) {
+        __atomic_add_fetch(&m->guest_gen, 1, __ATOMIC_SEQ_CST); /* a journal clear flushes it */
+    }
     /*
      * The guest's write to the source succeeded; a failed target write only leaves the range
      * dirty. While the job is stopped (e.g. paused on an earlier target error) that is all: the
@@ -266,35 +283,40 @@ static Mirror *top_mirror(BlockNode *bs)
     return __atomic_load_n(&((MirrorTop *)bs->opaque)->m, __ATOMIC_ACQUIRE);
 }
 
+/*
+ * A guest write through the filter: the journal marks its segments before the source sees it (so
+ * after a crash it is in the target or marked), then the source, then the mirror's share.
+ */
+static int top_write(BlockNode *bs, WriteKind kind, uint64_t offset, uint64_t bytes,
+                     const void *buf, int flags)
+{
+    Mirror *m = top_mirror(bs);
+    JobJournal *j = m ? m->journal : NULL;
+    job_journal_write_begin(j, offset, bytes);
+    int r = kind == W_DATA ? vd_pwrite(bs->backing, offset, bytes, buf, flags)
+          : kind == W_ZERO ? vd_pwrite_zeroes(bs->backing, offset, bytes, flags)
+                           : vd_pdiscard(bs->backing, offset, bytes, flags);
+    if (r == 0 && m) {
+        /* A discarded range reads what the source decides: it is re-copied like a write. */
+        mirror_on_write(m, kind, offset, bytes, buf, flags);
+    }
+    job_journal_write_end(j, offset, bytes);
+    return r;
+}
+
 static int top_pwrite(BlockNode *bs, uint64_t offset, uint64_t bytes, const void *buf, int flags)
 {
-    int r = vd_pwrite(bs->backing, offset, bytes, buf, flags);
-    Mirror *m = top_mirror(bs);
-    if (r == 0 && m) {
-        mirror_on_write(m, W_DATA, offset, bytes, buf, flags);
-    }
-    return r;
+    return top_write(bs, W_DATA, offset, bytes, buf, flags);
 }
 
 static int top_pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags)
 {
-    int r = vd_pwrite_zeroes(bs->backing, offset, bytes, flags);
-    Mirror *m = top_mirror(bs);
-    if (r == 0 && m) {
-        mirror_on_write(m, W_ZERO, offset, bytes, NULL, flags);
-    }
-    return r;
+    return top_write(bs, W_ZERO, offset, bytes, NULL, flags);
 }
 
 static int top_pdiscard(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags)
 {
-    int r = vd_pdiscard(bs->backing, offset, bytes, flags);
-    Mirror *m = top_mirror(bs);
-    if (r == 0 && m) {
-        /* What a discarded range reads is the source's business: re-copy it. */
-        mirror_on_write(m, W_DISCARD, offset, bytes, NULL, flags);
-    }
-    return r;
+    return top_write(bs, W_DISCARD, offset, bytes, NULL, flags);
 }
 
 static int top_flush(BlockNode *bs)
@@ -430,6 +452,22 @@ static int mirror_flush_target(Mirror *m)
     int r = vd_flush_own(m->target);
     if (r == 0) {
         m->flushed_gen = gen;
+    }
+    return r;
+}
+
+/* mirror_flush_target, also covering write-blocking guest writes (the journal's clears). */
+static int mirror_flush_target_all(Mirror *m)
+{
+    uint64_t guest = __atomic_load_n(&m->guest_gen, __ATOMIC_SEQ_CST);
+    if (guest == m->guest_flushed_gen) {
+        return mirror_flush_target(m);
+    }
+    uint64_t gen = __atomic_load_n(&m->target_gen, __ATOMIC_SEQ_CST);
+    int r = vd_flush_own(m->target);
+    if (r == 0) {
+        m->flushed_gen = gen;
+        m->guest_flushed_gen = guest;
     }
     return r;
 }
@@ -612,6 +650,8 @@ static int mirror_io_error(Mirror *m, int r, bool is_read, VdError **errp)
 static void mirror_copy_chunk(void *opaque, CopyChunk *c, uint8_t *buf, uint64_t buf_size)
 {
     Mirror *m = opaque;
+    JobJournal *j = c->tracked ? m->journal : NULL; /* (prepare's tail needs no bookkeeping) */
+    job_journal_copy_begin(j, c->off, c->bytes);    /* before the range stops counting dirty */
     if (c->tracked) {
         vd_mutex_lock(&m->lock);
         bm_set(m, c->off, c->bytes, false);
@@ -627,6 +667,7 @@ static void mirror_copy_chunk(void *opaque, CopyChunk *c, uint8_t *buf, uint64_t
         bm_set(m, c->off, c->bytes, true);
         vd_mutex_unlock(&m->lock);
     }
+    job_journal_copy_end(j, c->off, c->bytes);
     c->copied = c->bytes;
 }
 
@@ -790,6 +831,77 @@ static int mirror_verify(Mirror *m, VdError **errp)
     return r == 0 ? mirror_flush_target(m) : r;
 }
 
+/* ---- progress on disk (jobs/journal.h) ---- */
+
+/* Does the job still have work in [off, off+bytes)? (the journal's clear asks, job thread) */
+static bool mirror_range_dirty(void *opaque, uint64_t off, uint64_t bytes)
+{
+    Mirror *m = opaque;
+    uint64_t first = off / m->granularity, last = (off + bytes - 1) / m->granularity, hit;
+    vd_mutex_lock(&m->lock);
+    bool dirty = bm_find(m, first, last + 1 < m->nbits ? last + 1 : m->nbits, &hit);
+    vd_mutex_unlock(&m->lock);
+    return dirty;
+}
+
+/*
+ * About once a second: the segments in sync with nothing in flight are cleared in the journal,
+ * after a target flush that covers every copy into them (a failed flush keeps them marked).
+ */
+static void mirror_journal_tick(Mirror *m)
+{
+    uint64_t t = job_now_ns();
+    if (!m->journal || t - m->journal_t < JOURNAL_CLEAR_NS) {
+        return;
+    }
+    m->journal_t = t;
+    if (job_journal_clear_collect(m->journal, mirror_range_dirty, m) > 0 &&
+        mirror_flush_target_all(m) == 0) {
+        (void)job_journal_clear_commit(m->journal);
+    }
+}
+
+/*
+ * Resumed from a journal: only its marked segments may differ. Compare them (the source as the
+ * guest reads it, the target as it reads on its own) and mark dirty what differs, so the copy
+ * after a restart writes what was left, not what the journal's coarse segments cover. Guest
+ * writes meanwhile dirty their own ranges (the filter is in place): this only adds bits.
+ */
+static int mirror_resume_scan(Mirror *m)
+{
+    uint64_t seg = job_journal_segment(m->journal), unit = m->chunk;
+    uint8_t *a = malloc(unit), *b = malloc(unit);
+    int r = a && b ? 0 : -ENOMEM;
+    for (uint64_t i = 0; r == 0 && i < job_journal_nsegments(m->journal); i++) {
+        if (!job_journal_marked(m->journal, i)) {
+            continue;
+        }
+        uint64_t end = (i + 1) * seg > m->len ? m->len : (i + 1) * seg;
+        for (uint64_t off = i * seg; r == 0 && off < end; off += unit) {
+            if (job_is_cancelled(m->job)) {
+                r = -ECANCELED;
+                break;
+            }
+            uint64_t n = end - off < unit ? end - off : unit;
+            if ((r = vd_pread(m->source, off, n, a)) < 0 ||
+                (r = target_final_pread(m, off, n, b)) < 0) {
+                break;
+            }
+            for (uint64_t g = 0; g < n; g += m->granularity) {
+                uint64_t gn = n - g < m->granularity ? n - g : m->granularity;
+                if (memcmp(a + g, b + g, gn) != 0) {
+                    vd_mutex_lock(&m->lock);
+                    bm_set(m, off + g, gn, true);
+                    vd_mutex_unlock(&m->lock);
+                }
+            }
+        }
+    }
+    free(a);
+    free(b);
+    return r;
+}
+
 static int mirror_run(Job *job, VdError **errp)
 {
     Mirror *m = job_opaque(job);
@@ -803,7 +915,10 @@ static int mirror_run(Job *job, VdError **errp)
         vd_error_setg(errp, EINVAL, "Source and target image have different sizes");
         return -EINVAL;
     }
-    int r = mirror_scan(m);
+    if (m->resumed) {
+        job_pause_point(job); /* re-created PAUSED: nothing runs before job-resume */
+    }
+    int r = m->resumed ? mirror_resume_scan(m) : mirror_scan(m);
     if (r < 0) {
         if (r != -ECANCELED) {
             vd_error_setg(errp, -r, "Cannot read the block status of the source: %s", strerror(-r));
@@ -822,6 +937,7 @@ static int mirror_run(Job *job, VdError **errp)
         while (copy_engine_reap(e, &c, false)) {
             mirror_reaped(&mr, &c);
         }
+        mirror_journal_tick(m);
         /*
          * Quiet points (nothing in flight), as between two copies of a serial loop: where the job
          * pauses, sees a cancel, handles an error or sleeps for the speed limit. A verb (kick), a
@@ -1125,6 +1241,8 @@ static int mirror_prepare(Job *job, VdError **errp)
         return r;
     }
     if (pivot) {
+        /* Before guests reach the target: a journal left behind would copy over their writes. */
+        job_journal_remove(m->journal);
         vd_node_set_backing(m->target, m->final_backing);
         m->pivoted = true;
     }
@@ -1162,6 +1280,9 @@ static void mirror_clean(Job *job)
 {
     Mirror *m = job_opaque(job);
     busy_release(m);
+    if (!job_journal_keeping_all()) {
+        job_journal_remove(m->journal); /* over (vdiskd's shutdown keeps it: resumed next time) */
+    }
     if (!m->pivoted) {
         /* Drop the source from under the target: back to what it had (base for a new image). */
         vd_node_set_backing(m->target, m->target_orig_backing ? m->target_orig_backing : m->base);
@@ -1215,6 +1336,10 @@ static void mirror_query(Job *job, json_t *info)
     json_object_set_new(info, "vdisk-dirty-bytes", json_integer((json_int_t)dirty));
     json_object_set_new(info, "vdisk-copy-rate", json_integer((json_int_t)m->copy_rate));
     json_object_set_new(info, "vdisk-dirty-rate", json_integer((json_int_t)m->dirty_rate));
+    json_object_set_new(info, "vdisk-copied-bytes", json_integer((json_int_t)copied));
+    if (m->resumed) {
+        json_object_set_new(info, "vdisk-resumed", json_true());
+    }
     if (ready) {
         json_object_set_new(info, "vdisk-eta-ready", json_integer(0));
     } else if (m->copy_rate > m->dirty_rate) {
@@ -1266,6 +1391,7 @@ static void mirror_free_state(Mirror *m)
     free(m->backing_name);
     free(m->backing_fmt);
     free(m->bitmap);
+    job_journal_close(m->journal);
     pthread_mutex_destroy(&m->lock);
     pthread_cond_destroy(&m->cond);
     free(m);
@@ -1289,6 +1415,26 @@ static const JobDriver mirror_driver = {
     .free = mirror_free,
 };
 
+typedef struct FilterOf {
+    BlockNode *source, *filter;
+} FilterOf;
+
+static void filter_of_cb(Job *job, void *opaque)
+{
+    FilterOf *f = opaque;
+    if (!f->filter && !strcmp(job_type(job), "mirror") &&
+        ((Mirror *)job_opaque(job))->source == f->source) {
+        f->filter = mirror_filter_node(job);
+    }
+}
+
+BlockNode *mirror_filter_of_source(BlockNode *source)
+{
+    FilterOf f = {.source = source};
+    job_foreach(filter_of_cb, &f);
+    return f.filter;
+}
+
 BlockNode *mirror_filter_node(Job *job)
 {
     if (!job || strcmp(job_type(job), "mirror") != 0) {
@@ -1299,6 +1445,42 @@ BlockNode *mirror_filter_node(Job *job)
     BlockNode *f = m->detached ? NULL : m->filter;
     vd_mutex_unlock(&m->lock);
     return f;
+}
+
+/*
+ * The job's journal, before any guest write passes the filter: a new one (every segment marked)
+ * when vdiskd has a --state-dir, or the one the job is resumed from, if it still fits the images.
+ */
+static int mirror_journal_open(Mirror *m, const MirrorOptions *o, VdError **errp)
+{
+    uint64_t seg = job_journal_segment_size(m->len, m->granularity);
+    if (o->resume) {
+        seg = job_journal_segment(o->resume);
+        if (job_journal_len(o->resume) != m->len || seg < m->granularity ||
+            seg % m->granularity) {
+            vd_error_setg(errp, EINVAL, "Job journal of '%s' does not fit the images (length "
+                          "%llu, segment %llu; now %llu, granularity %llu)", o->job_id,
+                          (unsigned long long)job_journal_len(o->resume),
+                          (unsigned long long)seg, (unsigned long long)m->len,
+                          (unsigned long long)m->granularity);
+            return -EINVAL;
+        }
+        m->journal = o->resume;
+        m->resumed = true;
+        return 0;
+    }
+    if (!o->journal_desc) {
+        return 0;
+    }
+    json_t *desc = json_pack("{s:s, s:O, s:I}", "type", "mirror", "request", o->journal_desc,
+                             "granularity", (json_int_t)m->granularity);
+    int r = desc ? job_journal_create(NULL, o->job_id, desc, m->len, seg, &m->journal, errp)
+                 : -ENOMEM;
+    if (!desc) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+    }
+    json_decref(desc);
+    return r;
 }
 
 static uint64_t pow2_floor(uint64_t v)
@@ -1416,7 +1598,7 @@ Job *mirror_start_ex(const MirrorOptions *o, bool unmap, VdError **errp)
         return NULL;
     }
 
-    if (busy_claim(m, o->job_id, errp) < 0) {
+    if (busy_claim(m, o->job_id, errp) < 0 || mirror_journal_open(m, o, errp) < 0) {
         mirror_free_state(m);
         return NULL;
     }
@@ -1424,10 +1606,17 @@ Job *mirror_start_ex(const MirrorOptions *o, bool unmap, VdError **errp)
                      .auto_dismiss = o->auto_dismiss, .speed = o->speed};
     Job *job = job_create(&mirror_driver, &jo, m, errp);
     if (!job) {
+        if (m->resumed) {
+            m->journal = NULL; /* the caller's again: kept for the next start */
+        }
+        job_journal_remove(m->journal);
         mirror_free_state(m);
         return NULL;
     }
     m->job = job;
+    if (m->resumed) {
+        job_user_pause(job, NULL); /* offered back PAUSED: job-resume continues it */
+    }
     /*
      * From here guest writes to the source pass the filter. The target reads the source below
      * its own layer until the pivot. Both happen before the scan, so no write is missed.

@@ -12,6 +12,7 @@
 
 #include "block/block.h"
 #include "jobs/job.h"
+#include "jobs/journal.h"
 #include "util/error.h"
 
 typedef struct MirrorOptions {
@@ -45,6 +46,10 @@ typedef struct MirrorOptions {
     JobErrorAction on_source_error, on_target_error;
     bool auto_finalize, auto_dismiss;
     const char *filter_node_name; /* blockdev-mirror filter-node-name; NULL = generated */
+    /* vdiskd --state-dir: the request as the journal records it (borrowed; NULL = none) */
+    json_t *journal_desc;
+    /* Re-create the job from this journal (PAUSED; ownership passes to the job on success). */
+    JobJournal *resume;
 } MirrorOptions;
 
 /*
@@ -102,6 +107,7 @@ typedef struct MirrorRequest {
      * target's own backing reads like the source's (existing_target_backing, mirror-request.c). */
     bool backing_matches;
     bool verify;                  /* vdisk's extension x-verify (see MirrorOptions.verify) */
+    JobJournal *resume;           /* mirror_resume_journals: the job's journal (not from QMP) */
 } MirrorRequest;
 
 /*
@@ -109,5 +115,19 @@ typedef struct MirrorRequest {
  * the job. 0, or -errno with *errp set and nothing left behind. QMP thread.
  */
 int mirror_request_start(const MirrorRequest *r, VdError **errp);
+
+/* ---- resumable copies (mirror-journal.c; docs/resumable.md) ---- */
+
+/* The request as a journal records it / read back (strings borrowed from j). */
+json_t *mirror_request_to_json(const MirrorRequest *r);
+int mirror_request_from_json(json_t *j, MirrorRequest *r, VdError **errp);
+/*
+ * vdiskd at start, after --blockdev and before --export: re-create every mirror the state
+ * directory holds a journal of, PAUSED. A journal that cannot be resumed is logged and kept.
+ * Returns how many were resumed.
+ */
+int mirror_resume_journals(void);
+/* The filter of a running mirror of `source` (exports created later serve it), else NULL. */
+BlockNode *mirror_filter_of_source(BlockNode *source);
 
 #endif

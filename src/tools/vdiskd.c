@@ -23,6 +23,8 @@
 #include "block/dirty-bitmap.h"
 #include "block/graph.h"
 #include "jobs/job.h"
+#include "jobs/journal.h"
+#include "jobs/mirror.h"
 #include "nbd/nbd-server.h"
 #include "protocols/nbd.h"
 #include "qmp/qmp.h"
@@ -57,6 +59,8 @@ static void usage(FILE *f)
             "                                  (default 0600: the daemon's user only)\n"
             "  --pidfile PATH                  write the daemon's pid\n"
             "  --daemonize                     detach once everything is set up\n"
+            "  --state-dir DIR                 keep live copies' progress in DIR: after a crash or\n"
+            "                                  restart they come back PAUSED (job-resume)\n"
             "  --nbd-connect-timeout MS        NBD client nodes: give up on a server that does not\n"
             "                                  complete connect + handshake in MS ms (default "
             "30000; 0 = wait forever)\n"
@@ -483,11 +487,14 @@ static int do_export(const char *arg, VdError **errp)
         if (!bs) {
             vd_error_setg(errp, ENOENT, "--export: node '%s' not found", node_name);
         } else {
+            /* A resumed copy of this node: guests write through its filter. */
+            BlockNode *filter = mirror_filter_of_source(bs);
             const char *name = kv_get(&kv, "name");
             VdBitmapRef refs[64];
             int n = export_bitmaps(&kv, bs, refs, 64, errp);
             NbdExport *exp = n < 0 ? NULL
-                             : nbd_export_add_bitmaps(id, name ? name : node_name, bs, writable,
+                             : nbd_export_add_bitmaps(id, name ? name : node_name,
+                                                      filter ? filter : bs, writable,
                                                       kv_get(&kv, "description"), refs,
                                                       (size_t)n, errp);
             if (exp) {
@@ -549,7 +556,8 @@ static void free_ptr(void *p)
 }
 
 enum { OPT_BLOCKDEV = 256, OPT_NBD_SERVER, OPT_EXPORT, OPT_QMP, OPT_PIDFILE, OPT_DAEMONIZE,
-       OPT_NBD_CONNECT_TIMEOUT, OPT_QMP_MAX_CLIENTS, OPT_SOCKET_GROUP, OPT_OBJECT };
+       OPT_NBD_CONNECT_TIMEOUT, OPT_QMP_MAX_CLIENTS, OPT_SOCKET_GROUP, OPT_OBJECT,
+       OPT_STATE_DIR };
 
 /*
  * Default bound on an NBD client node's connect + handshake: blockdev-add runs on the QMP thread,
@@ -570,6 +578,7 @@ int main(int argc, char **argv)
         {"socket-group", required_argument, NULL, OPT_SOCKET_GROUP},
         {"pidfile", required_argument, NULL, OPT_PIDFILE},
         {"daemonize", no_argument, NULL, OPT_DAEMONIZE},
+        {"state-dir", required_argument, NULL, OPT_STATE_DIR},
         {"nbd-connect-timeout", required_argument, NULL, OPT_NBD_CONNECT_TIMEOUT},
         {"verbose", no_argument, NULL, 'v'},
         {"help", no_argument, NULL, 'h'},
@@ -580,7 +589,7 @@ int main(int argc, char **argv)
     const char **exports __attribute__((cleanup(free_ptr))) = calloc((size_t)argc, sizeof(char *));
     const char **objects __attribute__((cleanup(free_ptr))) = calloc((size_t)argc, sizeof(char *));
     size_t nblockdevs = 0, nexports = 0, nobjects = 0;
-    const char *nbd_server = NULL, *qmp_path = NULL, *pidfile = NULL;
+    const char *nbd_server = NULL, *qmp_path = NULL, *pidfile = NULL, *state_dir = NULL;
     bool daemonize = false;
     int nbd_connect_timeout_ms = DEFAULT_NBD_CONNECT_TIMEOUT_MS;
     /*
@@ -642,6 +651,9 @@ int main(int argc, char **argv)
         }
         case OPT_DAEMONIZE:
             daemonize = true;
+            break;
+        case OPT_STATE_DIR:
+            state_dir = optarg;
             break;
         case OPT_NBD_CONNECT_TIMEOUT: {
             char *end = NULL;
@@ -723,6 +735,16 @@ int main(int argc, char **argv)
     for (size_t i = 0; i < nblockdevs && r == 0; i++) {
         r = do_blockdev(blockdevs[i], &err);
     }
+    /*
+     * Journalled copies come back (PAUSED) before any export exists: their filters are in front
+     * of the sources, so an export created below serves the filter and no guest write is missed.
+     */
+    if (r == 0 && state_dir && (r = job_journal_set_dir(state_dir, &err)) == 0) {
+        int n = mirror_resume_journals();
+        if (n) {
+            vd_log(VD_LOG_INFO, "%d block job(s) resumed from '%s', paused", n, state_dir);
+        }
+    }
     if (r == 0 && nbd_server) {
         r = do_nbd_server(nbd_server, &err);
     }
@@ -785,6 +807,14 @@ int main(int argc, char **argv)
      */
     if (qmp_path) {
         qmp_server_stop();
+    }
+    if (state_dir) {
+        /*
+         * Journalled jobs survive the stop: no guest write may reach a source after its copy's
+         * filter is gone, so the guests stop first, then the jobs (keeping their journals).
+         */
+        job_journal_keep_all();
+        nbd_server_stop();
     }
     job_cancel_all_sync();
     nbd_server_stop();

@@ -1,0 +1,160 @@
+"""Resumable live copies (vdiskd --state-dir, docs/resumable.md): a copy survives a stop or a
+kill -9 of vdiskd, comes back PAUSED under its id, and job-resume finishes it; cancel drops its
+journal; a journal whose images are gone is kept and logged. A few trials of the kill -9
+campaign (scripts/resume-campaign.py; `make resume-campaign TRIALS=N` runs many)."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import BUILD, ROOT, qemu_img, qemu_io
+from qmp_client import fmt_node, start_vdiskd
+
+SIZE = 16 << 20
+
+
+def chain(tmp):
+    base, top = tmp / "base.qcow2", tmp / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", base, SIZE)
+    qemu_io("-f", "qcow2", "-c", f"write -P 7 0 {SIZE // 2}", base)
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
+    qemu_io("-f", "qcow2", "-c", f"write -P 9 {SIZE // 4} {SIZE // 2}", top)
+    return top
+
+
+def daemon(tmp, top, state, *extra):
+    return start_vdiskd(tmp, "--state-dir", str(state), "--blockdev",
+                        json.dumps(fmt_node("qcow2", "top", top)), *extra,
+                        "--nbd-server", f"addr.type=unix,addr.path={tmp / 'nbd.sock'}",
+                        "--export", "type=nbd,id=e0,node-name=top,name=disk,writable=on")
+
+
+def guest_write(tmp, pattern, off, length):
+    qemu_io("-f", "raw", "-c", f"write -P {pattern} {off} {length}",
+            f"nbd+unix:///disk?socket={tmp / 'nbd.sock'}")
+
+
+def job(c, job_id="j"):
+    return next((j for j in c.cmd("query-block-jobs") if j["device"] == job_id), None)
+
+
+def wait_status(c, status, limit=60):
+    for _ in range(limit * 50):
+        j = job(c)
+        if j and (j["status"] == status or (status == "ready" and j["ready"])):
+            return j
+        time.sleep(0.02)
+    raise AssertionError(f"job never {status}: {job(c)}")
+
+
+def start_slow_copy(tmp, c, blockdev):
+    """A copy held back by a speed limit (1 MiB/s: it is still copying when vdiskd stops)."""
+    if blockdev:
+        c.cmd("blockdev-mirror", job_id="j", device="top", target="tgt", sync="full",
+              speed=1 << 20)
+    else:
+        c.cmd("drive-mirror", job_id="j", device="top", target=str(tmp / "copy.qcow2"),
+              format="qcow2", sync="full", speed=1 << 20)
+
+
+@pytest.mark.parametrize("blockdev", [False, True], ids=["drive-mirror", "blockdev-mirror"])
+def test_stopped_copy_comes_back_paused_and_finishes(tmp, blockdev):
+    top, state, copy = chain(tmp), tmp / "state", tmp / "copy.qcow2"
+    state.mkdir()
+    extra = []
+    if blockdev:
+        qemu_img("create", "-q", "-f", "qcow2", copy, SIZE)
+        extra = ["--blockdev", json.dumps(fmt_node("qcow2", "tgt", copy))]
+    d = daemon(tmp, top, state, *extra)
+    try:
+        with d.client() as c:
+            start_slow_copy(tmp, c, blockdev)
+            guest_write(tmp, 0x31, 1 << 20, 64 << 10)
+            assert sorted(os.listdir(state)) == ["j.json", "j.map"]
+    finally:
+        d.stop_checked()  # SIGTERM: the journal stays
+    assert sorted(os.listdir(state)) == ["j.json", "j.map"]
+    d = daemon(tmp, top, state, *extra)
+    try:
+        with d.client() as c:
+            j = job(c)
+            assert j["status"] == "paused" and j["vdisk-resumed"] is True, j
+            # the export serves the copy's filter: this write is tracked although the job waits
+            exp = c.cmd("query-block-exports")
+            assert exp[0]["node-name"] == "#mirror-top-j", exp
+            guest_write(tmp, 0x42, 5 << 20, 128 << 10)
+            c.cmd("block-job-set-speed", device="j", speed=0)
+            c.cmd("job-resume", id="j")
+            wait_status(c, "ready")
+            c.cmd("block-job-complete", device="j")
+            c.get_event("BLOCK_JOB_COMPLETED")
+            assert os.listdir(state) == []
+            guest_write(tmp, 0x53, 9 << 20, 4096)  # now on the copy
+    finally:
+        d.stop_checked()
+    # the copy holds the guest's disk: qemu-io reads back every write, top lacks the last one
+    qemu_io("-f", "qcow2", "-c", "read -P 0x31 1M 64k", "-c", "read -P 0x42 5M 128k",
+            "-c", "read -P 0x53 9M 4k", "-c", f"read -P 9 {SIZE // 4} 64k", copy)
+    p = qemu_img("compare", "-f", "qcow2", "-F", "qcow2", top, copy, check=False)
+    assert p.returncode == 1 and "9437184" in p.stdout, p.stdout
+
+
+def stopped_copy(tmp):
+    """A drive-mirror still copying when vdiskd stopped (SIGTERM): (top, state dir)."""
+    top, state = chain(tmp), tmp / "state"
+    state.mkdir()
+    d = daemon(tmp, top, state)
+    try:
+        with d.client() as c:
+            start_slow_copy(tmp, c, False)
+    finally:
+        d.stop_checked()
+    return top, state
+
+
+def test_cancel_of_a_resumed_copy_drops_its_journal(tmp):
+    top, state = stopped_copy(tmp)
+    d = daemon(tmp, top, state)
+    try:
+        with d.client() as c:
+            assert job(c)["status"] == "paused"
+            c.cmd("block-job-cancel", device="j", force=True)
+            c.get_event("BLOCK_JOB_CANCELLED")
+            assert os.listdir(state) == []
+            exp = c.cmd("query-block-exports")
+            assert exp[0]["node-name"] == "top", exp  # back on the source
+    finally:
+        d.stop_checked()
+    d = daemon(tmp, top, state)  # and nothing comes back
+    try:
+        with d.client() as c:
+            assert c.cmd("query-block-jobs") == []
+    finally:
+        d.stop_checked()
+
+
+def test_journal_whose_target_is_gone_is_kept_and_logged(tmp):
+    top, state = stopped_copy(tmp)
+    os.unlink(tmp / "copy.qcow2")
+    d = daemon(tmp, top, state, "-v")
+    try:
+        with d.client() as c:
+            assert c.cmd("query-block-jobs") == []
+            assert c.cmd("query-block-exports")[0]["node-name"] == "top"
+        guest_write(tmp, 0x61, 0, 4096)
+        assert "j.json' not resumed (kept)" in d.output(), d.output()
+        assert sorted(os.listdir(state)) == ["j.json", "j.map"]
+    finally:
+        d.stop_checked()
+
+
+def test_resume_campaign_few_trials():
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "resume-campaign.py"), "3"],
+                       capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "VDISK_BUILD": BUILD})
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "3 trials passed" in p.stdout and "target == source in every trial" in p.stdout, \
+        p.stdout
