@@ -12,6 +12,52 @@
 
 const QmpArgSpec qmp_no_args[] = {{NULL}};
 
+static const char *const sockaddr_types[] = {"inet", "unix", "vsock", "fd", NULL};
+const QmpArgSpec qmp_sockaddr_tag[] = {{"type", QA_ENUM, true, sockaddr_types}, {NULL}};
+const QmpArgSpec qmp_sockaddr_inet[] = {
+    {"host", QA_STR, true},
+    {"port", QA_STR, true},
+    {"numeric", QA_BOOL},
+    {"to", QA_U16},
+    {"ipv4", QA_BOOL},
+    {"ipv6", QA_BOOL},
+    {"keep-alive", QA_BOOL},
+    {"mptcp", QA_BOOL},
+    {NULL}};
+const QmpArgSpec qmp_sockaddr_unix[] = {
+    {"path", QA_STR, true},
+    {"abstract", QA_BOOL},
+    {"tight", QA_BOOL},
+    {NULL}};
+
+int qmp_sockaddr_variant(json_t *addr, const char *prefix, const char *tag_prefix,
+                         const QmpArgSpec **variant, VdError **errp)
+{
+    json_t *t = json_object_get(addr, "type");
+    if (!t) {
+        vd_error_setg(errp, EINVAL, "Parameter '%stype' is missing", prefix);
+        return -EINVAL;
+    }
+    json_t *tonly = json_pack("{s:O}", "type", t);
+    int r = tonly ? qmp_args_check1(tonly, tag_prefix, qmp_sockaddr_tag, errp) : -ENOMEM;
+    json_decref(tonly);
+    if (r < 0) {
+        if (r == -ENOMEM) {
+            vd_error_setg(errp, ENOMEM, "out of memory");
+        }
+        return r;
+    }
+    const char *type = json_string_value(t);
+    *variant = !strcmp(type, "inet") ? qmp_sockaddr_inet
+             : !strcmp(type, "unix") ? qmp_sockaddr_unix : NULL;
+    if (!*variant) {
+        vd_error_setg(errp, ENOTSUP, "NBD server address type '%s' is not supported by vdiskd "
+                      "(use inet or unix)", type);
+        return -ENOTSUP;
+    }
+    return 0;
+}
+
 static const char *type_name(QmpArgType t)
 {
     switch (t) {
@@ -21,6 +67,7 @@ static const char *type_name(QmpArgType t)
     case QA_BOOL:
         return "boolean";
     case QA_INT:
+    case QA_U16:
     case QA_U32:
     case QA_U64:
         return "integer";
@@ -53,17 +100,24 @@ static int check_member(json_t *v, const char *prefix, const QmpArgSpec *s, VdEr
     case QA_INT:
         ok = json_is_integer(v);
         break;
+    case QA_U16:
     case QA_U32:
     case QA_U64:
         if (!json_is_integer(v)) {
             vd_error_setg(errp, EINVAL, "Parameter '%s%s' expects uint64", prefix, s->name);
             return -EINVAL;
         }
-        /* QEMU accepts negative numbers as their uint64 two's complement, hence the range. */
-        if (s->type == QA_U32 && (json_integer_value(v) < 0 ||
-                                  json_integer_value(v) > (json_int_t)UINT32_MAX)) {
-            vd_error_setg(errp, EINVAL, "Parameter '%s%s' expects uint32_t", prefix, s->name);
-            return -EINVAL;
+        /*
+         * QEMU reads every unsigned member as a uint64 (negative numbers as their two's
+         * complement), then checks the narrower range, naming the member without its path.
+         */
+        if (s->type != QA_U64) {
+            json_int_t max = s->type == QA_U16 ? (json_int_t)UINT16_MAX : (json_int_t)UINT32_MAX;
+            if (json_integer_value(v) < 0 || json_integer_value(v) > max) {
+                vd_error_setg(errp, EINVAL, "Parameter '%s' expects %s", s->name,
+                              s->type == QA_U16 ? "uint16_t" : "uint32_t");
+                return -EINVAL;
+            }
         }
         return 0;
     case QA_OBJ:
@@ -179,6 +233,9 @@ static void store_member(json_t *v, const QmpArgSpec *s, char *out)
         break;
     case QA_INT:
         *(int64_t *)f = json_integer_value(v);
+        break;
+    case QA_U16:
+        *(uint16_t *)f = (uint16_t)json_integer_value(v);
         break;
     case QA_U32:
         *(uint32_t *)f = (uint32_t)json_integer_value(v);

@@ -22,6 +22,7 @@ typedef VdOptSpec QmpArgSpec;
 #define QA_STR VD_OPT_STR
 #define QA_BOOL VD_OPT_BOOL
 #define QA_INT VD_OPT_INT
+#define QA_U16 VD_OPT_U16
 #define QA_U32 VD_OPT_U32
 #define QA_U64 VD_OPT_U64
 #define QA_OBJ VD_OPT_OBJ
@@ -60,6 +61,23 @@ int qmp_args_parse(json_t *obj, const QmpArgSpec *spec, void *out, VdError **err
  * re-code them to EIO.
  */
 void qmp_error_not_device(VdError **errp);
+
+/*
+ * SocketAddress, one table for every command that takes one (blockdev-add nbd "server",
+ * nbd-server-start "addr"): the union's tag (QEMU's four types) and the inet and unix variants
+ * (InetSocketAddress: "to" is a uint16, "mptcp" a bool, as qemu-storage-daemon 7.2 has them).
+ */
+extern const QmpArgSpec qmp_sockaddr_tag[];
+extern const QmpArgSpec qmp_sockaddr_inet[];
+extern const QmpArgSpec qmp_sockaddr_unix[];
+/*
+ * Check a SocketAddress's tag alone (unknown members are judged once the variant is known) and
+ * set *variant to the members of the variants vdiskd serves (inet, unix). prefix names members
+ * in "missing" messages, tag_prefix in the tag's type/value message. 0, -EINVAL, or -ENOTSUP for
+ * vsock / fd.
+ */
+int qmp_sockaddr_variant(json_t *addr, const char *prefix, const char *tag_prefix,
+                         const QmpArgSpec **variant, VdError **errp);
 
 /* Accessors with defaults (after checking). */
 const char *qmp_arg_str(json_t *obj, const char *name, const char *dflt);

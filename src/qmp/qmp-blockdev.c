@@ -21,7 +21,6 @@
 
 static const char *const discard_enum[] = {"ignore", "unmap", "off", "on", NULL};
 static const char *const detect_zeroes_enum[] = {"off", "on", "unmap", NULL};
-static const char *const sock_type_enum[] = {"inet", "unix", "vsock", "fd", NULL};
 
 static const QmpArgSpec cache_spec[] = {
     {"direct", QA_BOOL},
@@ -38,23 +37,6 @@ static const QmpArgSpec base_spec[] = {
     {"auto-read-only", QA_BOOL},
     {"force-share", QA_BOOL},
     {"detect-zeroes", QA_ENUM, false, detect_zeroes_enum},
-    {NULL}};
-
-/* SocketAddress (flat), as blockdev-add's nbd "server" takes it. */
-static const QmpArgSpec sock_base_spec[] = {{"type", QA_ENUM, true, sock_type_enum}, {NULL}};
-static const QmpArgSpec sock_inet_spec[] = {
-    {"host", QA_STR, true},
-    {"port", QA_STR, true},
-    {"numeric", QA_BOOL},
-    {"to", QA_INT},
-    {"ipv4", QA_BOOL},
-    {"ipv6", QA_BOOL},
-    {"keep-alive", QA_BOOL},
-    {NULL}};
-static const QmpArgSpec sock_unix_spec[] = {
-    {"path", QA_STR, true},
-    {"abstract", QA_BOOL},
-    {"tight", QA_BOOL},
     {NULL}};
 
 /* Drivers QEMU knows but vdiskd does not implement: a clearer error than "does not accept". */
@@ -96,29 +78,12 @@ static bool node_name_wellformed(const char *s)
 /* A SocketAddress member (nbd's "server"): the union's tag first, then its variant's members. */
 static int check_sockaddr(json_t *server, const char *sub, VdError **errp)
 {
-    /* Unknown members can only be judged once the variant is known. */
-    json_t *t = json_object_get(server, "type");
-    json_t *tonly = json_pack("{s:O}", "type", t ? t : json_null());
-    int r;
-    if (!t) {
-        vd_error_setg(errp, EINVAL, "Parameter '%stype' is missing", sub);
-        r = -EINVAL;
-    } else {
-        r = qmp_args_check1(tonly, sub, sock_base_spec, errp);
-    }
-    json_decref(tonly);
+    const QmpArgSpec *vs;
+    int r = qmp_sockaddr_variant(server, sub, sub, &vs, errp);
     if (r < 0) {
         return r;
     }
-    const char *type = qmp_arg_str(server, "type", "");
-    const QmpArgSpec *vs = !strcmp(type, "inet") ? sock_inet_spec
-                         : !strcmp(type, "unix") ? sock_unix_spec : NULL;
-    if (!vs) {
-        vd_error_setg(errp, ENOTSUP, "NBD server address type '%s' is not supported by "
-                      "vdiskd (use inet or unix)", type);
-        return -ENOTSUP;
-    }
-    const QmpArgSpec *const ss[] = {sock_base_spec, vs};
+    const QmpArgSpec *const ss[] = {qmp_sockaddr_tag, vs};
     return qmp_args_check(server, sub, ss, 2, errp);
 }
 

@@ -15,26 +15,9 @@
 
 #define NBD_MAX_STRING 4096 /* NBD protocol limit on export names and descriptions */
 
-static const char *const sock_type_enum[] = {"inet", "unix", "vsock", "fd", NULL};
 static const char *const export_type_enum[] = {"nbd", "vhost-user-blk", "fuse", "vduse-blk",
                                                NULL};
 static const char *const del_mode_enum[] = {"safe", "hard", NULL};
-
-static const QmpArgSpec inet_spec[] = {
-    {"host", QA_STR, true},
-    {"port", QA_STR, true},
-    {"numeric", QA_BOOL},
-    {"to", QA_U32},
-    {"ipv4", QA_BOOL},
-    {"ipv6", QA_BOOL},
-    {"keep-alive", QA_BOOL},
-    {"mptcp", QA_BOOL},
-    {NULL}};
-static const QmpArgSpec unix_spec[] = {
-    {"path", QA_STR, true},
-    {"abstract", QA_BOOL},
-    {"tight", QA_BOOL},
-    {NULL}};
 
 static void emit_export_deleted(const char *id)
 {
@@ -48,26 +31,13 @@ static void emit_export_deleted(const char *id)
  */
 static int parse_addr(json_t *a, NbdServerAddress *out, VdError **errp)
 {
-    json_t *t = json_object_get(a, "type");
-    if (!t) {
-        vd_error_setg(errp, EINVAL, "Parameter 'addr.type' is missing");
-        return -EINVAL;
-    }
-    static const QmpArgSpec type_spec[] = {{"type", QA_ENUM, true, sock_type_enum}, {NULL}};
-    json_t *tonly = json_pack("{s:O}", "type", t);
-    /* QEMU names the tag without its "addr." path in this one message; so do we. */
-    int r = qmp_args_check1(tonly, json_is_string(t) ? "" : "addr.", type_spec, errp);
-    json_decref(tonly);
+    /* QEMU names the tag without its "addr." path in its value's message; so do we. */
+    const QmpArgSpec *variant;
+    int r = qmp_sockaddr_variant(a, "addr.", json_is_string(json_object_get(a, "type")) ? "" :
+                                 "addr.", &variant, errp);
     if (r < 0) {
         return r;
     }
-    const char *type = json_string_value(t);
-    if (strcmp(type, "inet") != 0 && strcmp(type, "unix") != 0) {
-        vd_error_setg(errp, ENOTSUP, "NBD server address type '%s' is not supported by vdiskd "
-                      "(use inet or unix)", type);
-        return -ENOTSUP;
-    }
-    const QmpArgSpec *variant = !strcmp(type, "inet") ? inet_spec : unix_spec;
     json_t *fields;
     if (json_object_get(a, "data") || (!json_object_get(a, "host") &&
                                        !json_object_get(a, "path"))) {
@@ -81,14 +51,13 @@ static int parse_addr(json_t *a, NbdServerAddress *out, VdError **errp)
             return r;
         }
     } else {
-        static const QmpArgSpec type_str[] = {{"type", QA_STR, true}, {NULL}};
-        const QmpArgSpec *const specs[] = {type_str, variant};
+        const QmpArgSpec *const specs[] = {qmp_sockaddr_tag, variant};
         if ((r = qmp_args_check(a, "addr.", specs, 2, errp)) < 0) {
             return r;
         }
         fields = a;
     }
-    if (!strcmp(type, "inet")) {
+    if (variant == qmp_sockaddr_inet) {
         out->type = NBD_ADDR_INET;
         out->host = (char *)qmp_arg_str(fields, "host", NULL);
         out->port = (char *)qmp_arg_str(fields, "port", NULL);

@@ -14,6 +14,7 @@ typedef enum {
     VD_OPT_STR,      /* JSON string */
     VD_OPT_BOOL,     /* true / false */
     VD_OPT_INT,      /* any JSON integer (int64) */
+    VD_OPT_U16,      /* integer 0..UINT16_MAX */
     VD_OPT_U32,      /* integer 0..UINT32_MAX */
     VD_OPT_U64,      /* integer >= 0 */
     VD_OPT_OBJ,      /* object, checked by the caller (or nested spec below) */
@@ -36,7 +37,7 @@ typedef struct VdOptSpec {
     /*
      * Where a parser stores the value in the caller's struct: VD_OPT_AT(Type, field); 0 = not
      * stored. The field's C type follows the member's: STR const char * (borrowed from the
-     * arguments: valid while they are), BOOL bool, INT int64_t, U32 uint32_t, U64 uint64_t, ENUM
+     * arguments: valid while they are), BOOL bool, INT int64_t, U16 uint16_t, U32 uint32_t, U64 uint64_t, ENUM
      * int (the index in enum_values), anything else json_t * (borrowed). A member that is absent
      * leaves its field as the caller initialised it: that is the default.
      */

@@ -289,3 +289,26 @@ def test_commands_newer_than_qsd_are_typed(daemons, command):
             assert r == {"error": {"class": "GenericError", "desc":
                                    f"Invalid parameter type for '{name}', expected: string"}}, r
             assert state(c, tmp) == before
+
+
+# SocketAddress's members by value, not only by JSON type: QEMU checks an unsigned member's range
+# after reading it as a uint64 and then names the member without its path ("to" is a uint16).
+SOCKADDR_VALUES = [{"to": -1}, {"to": 65536}, {"to": "1"}, {"mptcp": "yes"}, {"mptcp": 1},
+                   {"mptcp": True, "x-no-such-member": 1}, {"numeric": True, "keep-alive": 0}]
+
+
+@pytest.mark.parametrize("extra", SOCKADDR_VALUES, ids=lambda e: json.dumps(e, sort_keys=True))
+@pytest.mark.parametrize("command", ["blockdev-add", "nbd-server-start"])
+def test_socket_address_members_as_qsd(daemons, command, extra):
+    tmp, c, q, schema = daemons
+    inet = {"host": "127.0.0.1", "port": "1", **extra}
+    if command == "blockdev-add":
+        args = {"driver": "nbd", "node-name": "nbd0", "export": "e",
+                "server": {"type": "inet", **inet}}
+    else:
+        args = {"addr": {"type": "inet", "data": inet}}
+    before = state(c, tmp)
+    want, got = q.execute(command, args), c.execute(command, args)
+    assert "error" in want, want
+    assert got == want
+    assert state(c, tmp) == before
