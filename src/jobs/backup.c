@@ -22,13 +22,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "block/claims.h"
 #include "block/dirty-bitmap.h"
 #include "block/graph.h"
 #include "block/tracking.h"
 #include "block/users.h"
 #include "jobs/blockops.h"
 #include "jobs/job.h"
-#include "jobs/mirror.h"
 #include "util/log.h"
 
 #define BACKUP_MIN_CLUSTER (64 * 1024)
@@ -42,7 +42,7 @@ typedef struct Backup {
     int sync;                            /* MirrorSync */
     JobErrorAction on_source_error, on_target_error;
     VdDrainedUsers exports;             /* switched to the filter (drained during setup) */
-    bool filter_in, claimed_source, claimed_target;
+    bool filter_in, claimed;             /* claimed: source and target (owner b) */
     char *bm_name;                       /* user bitmap (busy while the job runs), or NULL */
     int bm_mode;
     VdBitmapSaved *bm_saved;             /* its bits at the start */
@@ -430,13 +430,9 @@ static void backup_clean(Job *job)
 {
     Backup *b = job_opaque(job);
     backup_detach(b);
-    if (b->claimed_source) {
-        blockops_release(b->source);
-        b->claimed_source = false;
-    }
-    if (b->claimed_target) {
-        blockops_release(b->target);
-        b->claimed_target = false;
+    if (b->claimed) {
+        vd_release_claims(b);
+        b->claimed = false;
     }
 }
 
@@ -455,11 +451,8 @@ static void backup_free_state(Backup *b)
     }
     backup_detach(b);
     backup_bitmap_finish(b, false);
-    if (b->claimed_source) {
-        blockops_release(b->source);
-    }
-    if (b->claimed_target) {
-        blockops_release(b->target);
+    if (b->claimed) {
+        vd_release_claims(b);
     }
     if (b->tracker) {
         block_tracker_put(b->tracker);
@@ -662,16 +655,12 @@ int backup_request_start(const BackupRequest *r, VdError **errp)
         return -ENOMEM;
     }
     /* the target first: QEMU names it when both are taken */
-    if ((ret = blockops_claim(tgt, "backup", errp)) < 0) {
+    BlockNode *const nodes[] = {tgt, src};
+    if ((ret = blockops_claim_nodes(b, "backup", nodes, 2, errp)) < 0) {
         backup_free_state(b);
         return ret;
     }
-    b->claimed_target = true;
-    if ((ret = blockops_claim(src, "backup", errp)) < 0) {
-        backup_free_state(b);
-        return ret;
-    }
-    b->claimed_source = true;
+    b->claimed = true;
     /* the point in time: guests are held while the marks are made and the filter goes in */
     if (vd_node_users_drain(src, &b->exports) < 0) {
         vd_error_setg(errp, ENOMEM, "Out of memory");

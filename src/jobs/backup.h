@@ -18,7 +18,7 @@ typedef enum BackupBitmapMode { BITMAP_ON_SUCCESS, BITMAP_NEVER, BITMAP_ALWAYS }
 typedef struct BackupRequest {
     const char *job_id;           /* NULL = device */
     const char *device, *target;  /* required: node names */
-    int sync;                     /* MirrorSync (jobs/mirror.h): top, full, none, incremental,
+    int sync;                     /* MirrorSync (jobs/job.h): top, full, none, incremental,
                                    * bitmap */
     int64_t speed;                /* 0 */
     const char *bitmap;           /* on the device's node */

@@ -23,6 +23,10 @@
  */
 int blockops_claim(BlockNode *dev, const char *job_type, VdError **errp);
 void blockops_release(BlockNode *dev);
+/* The same for several nodes held by owner (backup: target, source), all or none, the first busy
+ * node named; vd_release_claims(owner) releases them. */
+int blockops_claim_nodes(const void *owner, const char *job_type, BlockNode *const *nodes,
+                         size_t n, VdError **errp);
 /* The type of the job that claimed dev ("stream", "commit"), or NULL. */
 const char *blockops_busy(BlockNode *dev);
 

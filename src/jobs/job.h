@@ -56,6 +56,15 @@ typedef enum JobErrorAction {
     JOB_ERR_ENOSPC
 } JobErrorAction;
 
+/* QAPI MirrorSyncMode, in its order: what a copy job (mirror, backup) copies. */
+typedef enum MirrorSync {
+    MIRROR_SYNC_TOP,
+    MIRROR_SYNC_FULL,
+    MIRROR_SYNC_NONE,
+    MIRROR_SYNC_INCREMENTAL,
+    MIRROR_SYNC_BITMAP
+} MirrorSync;
+
 const char *job_status_name(JobStatus s);
 const char *job_verb_name(JobVerb v);
 /* The two tables (pure; unit-tested exhaustively). */

@@ -71,14 +71,6 @@ int mirror_change_copy_mode(Job *job, bool write_blocking, VdError **errp);
 /* The filter node guests write through (tests drive it directly); NULL once detached. */
 BlockNode *mirror_filter_node(Job *job);
 
-typedef enum MirrorSync { /* QAPI MirrorSyncMode, in its order */
-    MIRROR_SYNC_TOP,
-    MIRROR_SYNC_FULL,
-    MIRROR_SYNC_NONE,
-    MIRROR_SYNC_INCREMENTAL,
-    MIRROR_SYNC_BITMAP
-} MirrorSync;
-
 /*
  * drive-mirror / blockdev-mirror as the user asked for it, typed (src/qmp/ checks the JSON and
  * fills this; absent members keep the defaults written next to them). Strings are borrowed.

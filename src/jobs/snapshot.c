@@ -31,16 +31,24 @@ static bool mirror_exported_over(BlockNode *dev)
     return vd_node_users_any(mirror_filter_over, dev);
 }
 
+int blockops_claim_nodes(const void *owner, const char *job_type, BlockNode *const *nodes,
+                         size_t n, VdError **errp)
+{
+    for (size_t i = 0; i < n; i++) {
+        /* The registry first: a mirror's claims hold whether or not an export serves the node. */
+        const char *holder = vd_claimed_by(nodes[i]);
+        if (holder || mirror_exported_over(nodes[i])) {
+            vd_error_setg(errp, EBUSY, "Node '%s' is busy: block device is in use by block job: "
+                          "%s", nodes[i]->node_name, holder ? holder : "mirror");
+            return -EBUSY;
+        }
+    }
+    return vd_claim_nodes(owner, job_type, nodes, n, errp);
+}
+
 int blockops_claim(BlockNode *dev, const char *job_type, VdError **errp)
 {
-    /* The registry first: a mirror's claims hold whether or not an export serves dev. */
-    const char *holder = vd_claimed_by(dev);
-    if (holder || mirror_exported_over(dev)) {
-        vd_error_setg(errp, EBUSY, "Node '%s' is busy: block device is in use by block job: "
-                      "%s", dev->node_name, holder ? holder : "mirror");
-        return -EBUSY;
-    }
-    return vd_claim_nodes(dev, job_type, &dev, 1, errp);
+    return blockops_claim_nodes(dev, job_type, &dev, 1, errp);
 }
 
 void blockops_release(BlockNode *dev)
