@@ -22,8 +22,9 @@ import subprocess
 import sys
 import time
 
+import procstat
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 WORKLOADS = {"randwrite-4k": "randwrite", "randread-4k": "randread"}
 LABEL = {"vdiskd": "vdiskd", "qemu-nbd": "qemu-nbd"}
 
@@ -89,9 +90,7 @@ class Server:
                 else f"nbd+unix:///exp?socket={self.sock}")
 
     def cpu_seconds(self):
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return procstat.cpu_seconds(self.proc.pid)
 
     def stop(self, kill=False):
         """kill: SIGKILL, no final flush (the overlay is thrown away right after, so its dirty

@@ -33,8 +33,9 @@ import sys
 import threading
 import time
 
+import procstat
+
 MiB, GiB = 1 << 20, 1 << 30
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -206,16 +207,10 @@ class Daemon:
             return ""
 
     def cpu_seconds(self):
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return procstat.cpu_seconds(self.pid)
 
     def hwm_kib(self):
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-        return None
+        return procstat.hwm_kib(self.pid)
 
     def node_of(self, path):
         """Node name of the format node whose file is path (chain members get automatic names)."""

@@ -24,6 +24,8 @@ import subprocess
 import sys
 import time
 
+import procstat
+
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
 # name -> (fio rw, block size, iodepth)
@@ -37,7 +39,6 @@ SERVERS = ["vdiskd", "vdiskd-alt", "qemu-nbd", "qsd", "local"]
 LABEL = {"vdiskd": "vdiskd", "vdiskd-alt": "vdiskd (alt build)", "qemu-nbd": "qemu-nbd", "qsd": "QSD",
          "local": "local file"}
 EXPORT = "exp"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def log(msg):
@@ -178,16 +179,10 @@ class Server:
 
     def cpu_seconds(self):
         """utime+stime of the whole process (all threads) so far."""
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return procstat.cpu_seconds(self.pid)
 
     def hwm_kib(self):
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-        return None
+        return procstat.hwm_kib(self.pid)
 
     def stop(self):
         if self.proc.poll() is None:
