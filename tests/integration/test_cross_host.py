@@ -58,6 +58,16 @@ def vdiskd_in(ns, tmp, name, *extra):
                   str(tmp / f"{name}.log"))
 
 
+def vdiskd_serving(ns, tmp, name, image, nbd_addr, export="id=exp0,name=disk0", *extra):
+    """vdiskd in ns with the qcow2 image as node disk0, exported writable over NBD at nbd_addr
+    (--nbd-server's addr.* keyvals); export: the export's id and name."""
+    return vdiskd_in(ns, tmp, name, "--blockdev", json.dumps({
+        "driver": "qcow2", "node-name": "disk0",
+        "file": {"driver": "file", "filename": str(image)}}),
+        "--nbd-server", nbd_addr,
+        "--export", f"type=nbd,{export},node-name=disk0,writable=on", *extra)
+
+
 def proxy_writes(logfile):
     """(offset, count) of every write and write-zeroes nbdkit's log filter saw reach B."""
     pat = re.compile(r"connection=\d+ (?:Write|Zero) id=\d+ offset=(0x[0-9a-f]+) count=(0x[0-9a-f]+)")
@@ -96,11 +106,9 @@ def test_shallow_live_copy_to_another_host_with_guest_writing(tmp, via):
     rng = random.Random(7)
     with two_hosts() as (nsa, nsb):
         try:
-            db = vdiskd_in(nsb, tmp, "b", "--blockdev", json.dumps({
-                "driver": "qcow2", "node-name": "disk0",
-                "file": {"driver": "file", "filename": str(btgt)}}),
-                "--nbd-server", f"addr.type=inet,addr.host={B_ADDR},addr.port=10809",
-                "--export", "type=nbd,id=in0,node-name=disk0,name=incoming,writable=on")
+            db = vdiskd_serving(nsb, tmp, "b", btgt,
+                                f"addr.type=inet,addr.host={B_ADDR},addr.port=10809",
+                                "id=in0,name=incoming")
             procs.append(db)
             # The link's latency: a delaying NBD proxy on A in front of B.
             proxy_sock, proxy_log = str(tmp / "proxy.sock"), str(tmp / "proxy.log")
@@ -111,11 +119,7 @@ def test_shallow_live_copy_to_another_host_with_guest_writing(tmp, via):
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             wait_unix(proxy_sock, proxy)
             sock = str(tmp / "guest.sock")
-            da = vdiskd_in(nsa, tmp, "a", "--blockdev", json.dumps({
-                "driver": "qcow2", "node-name": "disk0",
-                "file": {"driver": "file", "filename": str(top)}}),
-                "--nbd-server", f"addr.type=unix,addr.path={sock}",
-                "--export", "type=nbd,id=exp0,node-name=disk0,name=disk0,writable=on")
+            da = vdiskd_serving(nsa, tmp, "a", top, f"addr.type=unix,addr.path={sock}")
             procs.append(da)
             uri = f"nbd+unix:///disk0?socket={sock}"
             q = da.client()
@@ -224,12 +228,9 @@ def post_copy_setup(tmp, rng):
     with two_hosts() as (nsa, nsb):
         try:
             a_sock = str(tmp / "a.sock")
-            da = vdiskd_in(nsa, tmp, "a", "--blockdev", json.dumps({
-                "driver": "qcow2", "node-name": "disk0",
-                "file": {"driver": "file", "filename": str(disk)}}),
-                "--nbd-server", f"addr.type=unix,addr.path={a_sock}",
-                "--export", "type=nbd,id=exp0,node-name=disk0,name=disk0,writable=on",
-                "--export", "type=nbd,id=ro,node-name=disk0,name=disk0-ro")
+            da = vdiskd_serving(nsa, tmp, "a", disk, f"addr.type=unix,addr.path={a_sock}",
+                                "id=exp0,name=disk0",
+                                "--export", "type=nbd,id=ro,node-name=disk0,name=disk0-ro")
             procs.append(da)
             a_uri = f"nbd+unix:///disk0?socket={a_sock}"
             g = Guest(a_uri, write_cmds(model, rng, 30, 0, lo=0, hi=SIZE))
@@ -243,11 +244,7 @@ def post_copy_setup(tmp, rng):
                 """The guest's disk on B: the overlay over A's export, served to the guest."""
                 b_sock = str(tmp / "b.sock")
                 before = read_bytes_logged(link_log)
-                db = vdiskd_in(nsb, tmp, "b", "--blockdev", json.dumps({
-                    "driver": "qcow2", "node-name": "disk0",
-                    "file": {"driver": "file", "filename": str(ov)}}),
-                    "--nbd-server", f"addr.type=unix,addr.path={b_sock}",
-                    "--export", "type=nbd,id=exp0,node-name=disk0,name=disk0,writable=on")
+                db = vdiskd_serving(nsb, tmp, "b", ov, f"addr.type=unix,addr.path={b_sock}")
                 procs.append(db)
                 ctx["switch_read"] = read_bytes_logged(link_log) - before
                 return db, f"nbd+unix:///disk0?socket={b_sock}"
