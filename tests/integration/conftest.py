@@ -5,6 +5,7 @@ qemu-nbd, nbdinfo, ...) are the oracle; helpers here run them and fail loudly wi
 """
 import hashlib
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -67,11 +68,20 @@ def tmp(tmp_path):
     return tmp_path
 
 
+# The real peers the tests use as the oracle (scripts/install-deps.sh installs them all).
+PEERS = ("qemu-img", "qemu-io", "qemu-nbd", "qemu-storage-daemon", "nbdinfo", "nbdcopy", "nbdkit",
+         "fio", "strace")
+
+
 def pytest_sessionstart(session):
-    """A missing binary fails the run: no test skips because vdisk or vdiskd was not built."""
+    """A missing binary or peer fails the run: no test skips because vdisk or vdiskd was not
+    built or a peer is not installed."""
     missing = [p for p in (VDISK, VDISKD) if not os.access(p, os.X_OK)]
     if missing:
         raise pytest.UsageError(f"not built: {', '.join(missing)} (run make, or set VDISK_BUILD)")
+    missing = [p for p in PEERS if not shutil.which(p)]
+    if missing:
+        raise pytest.UsageError(f"not installed: {', '.join(missing)} (scripts/install-deps.sh)")
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """vdisk commit / rebase on identical chains built twice: results must match qemu-img's."""
 import json
 import os
-import shutil
 import subprocess
 
 import pytest
@@ -242,7 +241,6 @@ def test_commit_and_flatten_other_layouts(tmp, opts):
         assert_qemu_check_clean(img)
 
 
-@pytest.mark.skipif(not shutil.which("strace"), reason="needs strace")
 @pytest.mark.parametrize("cmd", ["commit", "rebase"])
 def test_cache_unsafe_syncs_nothing(tmp, cmd):
     """-t unsafe (VD_OPEN_NO_FLUSH): like qemu-img, commit and rebase then never fdatasync;

@@ -1,7 +1,6 @@
 """vdisk convert / compare against qemu-img 7.2: same bytes, same allocation, same messages."""
 import json
 import os
-import shutil
 import subprocess
 
 import pytest
@@ -277,7 +276,6 @@ def _sync_calls(cmd, tmp):
     return sum(1 for l in open(log) if "sync(" in l)
 
 
-@pytest.mark.skipif(not shutil.which("strace"), reason="needs strace")
 def test_convert_cache_unsafe_never_syncs(src):
     """convert's default target cache is unsafe (qemu-img: cache = "unsafe"): besides creating the
     target, the copy itself syncs nothing; -t writeback syncs at the end."""

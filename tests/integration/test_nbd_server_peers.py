@@ -5,7 +5,6 @@ itself, read back by qemu-img / qemu-io after the daemon exits.
 """
 import json
 import os
-import shutil
 import signal
 import subprocess
 import threading
@@ -106,7 +105,6 @@ def test_nbdcopy_both_ways(tmp, fmt):
     qemu_img("compare", "-f", "raw", "-F", fmt, src, img)
 
 
-@pytest.mark.skipif(not shutil.which("fio"), reason="fio not installed")
 def test_fio_two_connections_verify(tmp, fmt):
     img = make_image(tmp, fmt)
     d = H.start_daemon(tmp, img, fmt)

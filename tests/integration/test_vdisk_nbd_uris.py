@@ -6,7 +6,6 @@ looking at the same URI (or the image file behind it after the server is gone).
 """
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -15,9 +14,6 @@ import time
 import pytest
 
 from conftest import free_port, qemu_img, qemu_io, run, sha256, vdisk
-
-pytestmark = pytest.mark.skipif(not shutil.which("qemu-nbd") or not shutil.which("nbdkit"),
-                                reason="qemu-nbd and nbdkit needed")
 
 MiB = 1024 * 1024
 

@@ -10,7 +10,6 @@ export afterwards landing in the image the export was pivoted to.
 import json
 import random
 import re
-import shutil
 import subprocess
 import threading
 import time
@@ -92,8 +91,6 @@ class Server:
 
 @pytest.fixture(params=SERVERS)
 def kind(request):
-    if request.param == "qsd" and not shutil.which("qemu-storage-daemon"):
-        pytest.skip("qemu-storage-daemon not installed")
     return request.param
 
 
