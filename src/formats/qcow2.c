@@ -406,7 +406,12 @@ static int qcow2_pwrite(BlockNode *bs, uint64_t offset, uint64_t bytes, const vo
     return ret;
 }
 
-static int qcow2_pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags)
+/*
+ * Zero writes and discards may unmap or free clusters: they wait for lockless data I/O to drain
+ * and keep the lock to the end (see "Locking" above).
+ */
+static int modify_mapping(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags,
+                          int (*op)(Qcow2State *, uint64_t, uint64_t, int))
 {
     Qcow2State *s = q2_state(bs);
     if (s->read_only) {
@@ -416,10 +421,10 @@ static int qcow2_pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, i
         return -EIO;
     }
     vd_mutex_lock(&s->lock);
-    q2_lockless_wait_idle(s); /* may unmap / free clusters */
+    q2_lockless_wait_idle(s);
     int ret = q2_first_write(s);
     if (ret == 0) {
-        ret = q2_zero(s, offset, bytes, flags);
+        ret = op(s, offset, bytes, flags);
     }
     if (ret == 0 && (flags & VD_REQ_FUA)) {
         ret = q2_flush_all(s);
@@ -428,23 +433,15 @@ static int qcow2_pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, i
     return ret;
 }
 
+static int qcow2_pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags)
+{
+    return modify_mapping(bs, offset, bytes, flags, q2_zero);
+}
+
 static int qcow2_pdiscard(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags)
 {
-    Qcow2State *s = q2_state(bs);
-    if (s->read_only) {
-        return -EROFS;
-    }
-    if (s->damaged) {
-        return -EIO;
-    }
-    vd_mutex_lock(&s->lock);
-    q2_lockless_wait_idle(s); /* frees clusters */
-    int ret = q2_first_write(s);
-    if (ret == 0) {
-        ret = q2_discard(s, offset, bytes, flags);
-    }
-    vd_mutex_unlock(&s->lock);
-    return ret;
+    /* As before: a discard ignores FUA here (the NBD server flushes the node for FUA itself). */
+    return modify_mapping(bs, offset, bytes, flags & ~VD_REQ_FUA, q2_discard);
 }
 
 static int qcow2_pwrite_compressed(BlockNode *bs, uint64_t offset, uint64_t bytes,
