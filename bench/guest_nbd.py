@@ -95,15 +95,9 @@ class Server:
     def stop(self, kill=False):
         """kill: SIGKILL, no final flush (the overlay is thrown away right after, so its dirty
         pages are dropped instead of written back into the next run)."""
-        if self.proc.poll() is None:
-            if kill:
-                self.proc.kill()
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if kill and self.proc.poll() is None:
+            self.proc.kill()
+        procstat.stop(self.proc)
         self.log.close()
 
 

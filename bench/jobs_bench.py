@@ -225,13 +225,7 @@ class Daemon:
             self.q.close()
         except Exception:
             pass
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        procstat.stop(self.proc)
         self.log.close()
         return self.proc.returncode
 

@@ -1,7 +1,8 @@
-"""procstat.py - what the benchmarks read about a server process from /proc: CPU time
-(utime+stime of all its threads) and peak RSS (VmHWM). Shared by guest_nbd.py, nbd_bench.py and
+"""procstat.py - what the benchmarks read about a server process from /proc (CPU time: utime+stime
+of all its threads; peak RSS: VmHWM), and how they stop it. Shared by guest_nbd.py, nbd_bench.py and
 jobs_bench.py (they run as scripts from bench/, so this module is on their path)."""
 import os
+import subprocess
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -20,3 +21,14 @@ def hwm_kib(pid):
             if line.startswith("VmHWM:"):
                 return int(line.split()[1])
     return None
+
+
+def stop(proc, timeout=60):
+    """SIGTERM, then SIGKILL if it has not exited within timeout seconds; waits for it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
