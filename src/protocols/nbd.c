@@ -16,7 +16,14 @@
  * (its cache, if any, is shared by all connections, so flush/FUA on one covers all), up to
  * NBD_MAX_CONNS connections are opened and requests spread over them round robin. Unaligned writes
  * take rmw_lock exclusively (aligned ones shared), so a read-modify-write never writes stale bytes
- * back over a concurrent write. Lock order: libnbd's handle lock, then NbdConn.lock (a leaf).
+ * back over a concurrent write.
+ * A lost link (the connection closes or resets, or nothing moves on the socket for the stall
+ * timeout while commands are outstanding) never hangs a caller and never returns wrong data: the
+ * pump drops the connection (its commands fail) and reconnects in the background; commands that
+ * failed on the link wait for the new connection up to reconnect-delay after the loss and are sent
+ * again (all NBD commands are idempotent), else fail with EIO (QEMU's reconnect-delay semantics).
+ * Lock order: NbdConn.hlock (shared by submitters, exclusive for the pump's handle swap), libnbd's
+ * handle lock, then NbdConn.lock (a leaf).
  */
 #include <errno.h>
 #include <jansson.h>
@@ -27,6 +34,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -45,28 +53,48 @@
 #define NBD_EXTRA_CONNECT_MS 2000
 /* Commands one caller has in flight at once (the pieces of one split request). */
 #define NBD_BATCH 16
+/* Default stall timeout (x-stall-timeout): commands outstanding and the socket silent this long. */
+#define NBD_STALL_DEFAULT_S 60
+/* One reconnection attempt (connect + handshake) gives up after this; the pump then retries. */
+#define NBD_RECONNECT_TRY_MS 2000
+/* Pause between failed reconnection attempts grows up to this. */
+#define NBD_RECONNECT_PAUSE_MAX_MS 1000
+/* A command is sent again at most this often after link losses, then fails. */
+#define NBD_MAX_RESENDS 16
 
-/* One connection: the handle and the thread that moves its socket. */
+typedef struct NbdState NbdState;
+
+/* One connection: the handle and the thread that moves its socket (and replaces it when lost). */
 typedef struct NbdConn {
-    struct nbd_handle *h;
+    NbdState *s;
+    struct nbd_handle *h;     /* NULL while the link is down; changed only by the pump, under hlock */
+    pthread_rwlock_t hlock;   /* shared: a submitter calling libnbd on h; exclusive: swapping h */
     int wake_fd;              /* eventfd: a submission may have changed the socket's direction */
     bool pump_started;
     bool stop;                /* atomic: the pump exits */
     pthread_t pump;
-    pthread_mutex_t lock;     /* guards NbdReq.done/err of this connection's commands */
-    pthread_cond_t cond;      /* a command of this connection completed */
+    pthread_mutex_t lock;     /* guards NbdReq.done/err of this connection's commands, up, down_ms */
+    pthread_cond_t cond;      /* a command completed, or the link came back (CLOCK_MONOTONIC) */
+    bool up;                  /* h is a live connection */
+    int64_t down_ms;          /* when the link was lost (!up) */
+    unsigned long epoch;      /* connections made after losses: which one a command went on */
 } NbdConn;
 
-/* One command's outcome, filled in by its completion callback (or by a failed submission). */
+typedef enum { OP_READ, OP_WRITE, OP_ZERO, OP_TRIM, OP_FLUSH, OP_STATUS } NbdOp;
+
+/* One command and its outcome, filled in by its completion callback (or a failed submission). */
 typedef struct NbdReq {
     NbdConn *c;
+    NbdOp op;
+    uint64_t off, len;
+    uint8_t *buf;
+    uint32_t flags;
+    nbd_extent_callback *ext;
     int err;                  /* errno, 0 = success */
     bool done;
 } NbdReq;
 
-typedef enum { OP_READ, OP_WRITE, OP_ZERO, OP_TRIM, OP_FLUSH, OP_STATUS } NbdOp;
-
-typedef struct NbdState {
+struct NbdState {
     NbdConn conn[NBD_MAX_CONNS];
     int nconns;
     unsigned next;            /* round-robin cursor (atomic) */
@@ -74,11 +102,16 @@ typedef struct NbdState {
     uint32_t align;           /* server's minimum block size (power of two), 1 = byte granular */
     uint32_t max_io;          /* largest read/write payload, a multiple of align */
     bool read_only;           /* the export is read-only, or the node was opened read-only */
+    bool export_read_only;    /* the server said so (a reconnection must say the same) */
     bool can_flush, can_fua, can_trim, can_zero, can_fast_zero, has_base_alloc, multi_conn;
     bool lock_init;
     pthread_rwlock_t rmw_lock; /* only used when align > 1, see header comment */
     VdTlsCreds *tls;          /* NBD over TLS with these credentials (ref held), or NULL */
-} NbdState;
+    char *uri;                /* libnbd's URI (vdisk's own query parameters removed) */
+    int64_t reconnect_ms;     /* reconnect-delay: how long commands wait for a lost link */
+    int64_t open_timeout_ms;  /* open-timeout: first connection retried this long (0: once) */
+    int64_t stall_ms;         /* x-stall-timeout: a silent link with commands outstanding; 0 off */
+};
 
 static NbdState *ns_of(BlockNode *bs)
 {
@@ -311,15 +344,125 @@ static void pump_kick(NbdConn *c)
     }
 }
 
+static bool pump_stopping(NbdConn *c)
+{
+    return __atomic_load_n(&c->stop, __ATOMIC_ACQUIRE);
+}
+
+/* An absolute CLOCK_MONOTONIC deadline ms from now (the clock NbdConn.cond waits on). */
+static struct timespec deadline_in(int64_t ms)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    ts.tv_sec += ms / 1000;
+    ts.tv_nsec += (ms % 1000) * 1000000;
+    if (ts.tv_nsec >= 1000000000) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000;
+    }
+    return ts;
+}
+
+/* Sleep up to ms, or until the node closes (the wake-up eventfd). */
+static void pump_pause(NbdConn *c, int64_t ms)
+{
+    struct pollfd p = {.fd = c->wake_fd, .events = POLLIN};
+    if (poll(&p, 1, (int)ms) > 0) {
+        uint64_t n;
+        if (read(c->wake_fd, &n, sizeof(n)) < 0) {
+            n = 0;
+        }
+    }
+}
+
+/*
+ * A link that stays silent with commands outstanding: make the socket fail, so libnbd retires
+ * them with an error and the pump reconnects. SO_LINGER 0: when libnbd closes the socket the
+ * kernel resets the connection and drops what it still had queued, so no write of this
+ * connection can reach the server later, after its retry on the next connection.
+ */
+static void conn_kill(NbdConn *c, int fd)
+{
+    struct linger l = {.l_onoff = 1, .l_linger = 0};
+    (void)setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof(l));
+    (void)shutdown(fd, SHUT_RDWR);
+}
+
+/* The connection died: close it (its commands have all failed) and mark the link down. */
+static void link_lost(NbdConn *c)
+{
+    vd_rwlock_wrlock(&c->hlock); /* no submitter is inside libnbd on it any more */
+    struct nbd_handle *old = c->h;
+    c->h = NULL;
+    vd_rwlock_unlock(&c->hlock);
+    if (old) {
+        nbd_close(old);
+    }
+    vd_mutex_lock(&c->lock);
+    c->up = false;
+    c->down_ms = now_ms();
+    vd_cond_broadcast(&c->cond);
+    vd_mutex_unlock(&c->lock);
+    vd_log(VD_LOG_WARN, "nbd: lost the connection to '%s'; reconnecting (commands wait %lld ms)",
+           c->s->uri, (long long)c->s->reconnect_ms);
+}
+
+static struct nbd_handle *conn_open(const char *uri, const VdTlsCreds *tls, int timeout_ms,
+                                    int *perr, VdError **errp);
+static void conn_close(struct nbd_handle *h);
+
+/* A new connection must serve the same export: same size, same writability. */
+static bool conn_same_export(NbdState *s, struct nbd_handle *h)
+{
+    return nbd_get_size(h) == (int64_t)s->size &&
+           (nbd_is_read_only(h) == 1) == s->export_read_only;
+}
+
+/* Connect again until it works or the node closes; attempts are spaced out, never given up. */
+static void link_restore(NbdConn *c)
+{
+    NbdState *s = c->s;
+    int64_t pause = 50;
+    while (!pump_stopping(c)) {
+        int err = 0;
+        VdError *local = NULL;
+        struct nbd_handle *h = conn_open(s->uri, s->tls, NBD_RECONNECT_TRY_MS, &err, &local);
+        vd_error_free(local);
+        if (h && conn_same_export(s, h)) {
+            vd_rwlock_wrlock(&c->hlock);
+            c->h = h;
+            vd_rwlock_unlock(&c->hlock);
+            vd_mutex_lock(&c->lock);
+            c->up = true;
+            c->epoch++;
+            vd_cond_broadcast(&c->cond);
+            vd_mutex_unlock(&c->lock);
+            vd_log(VD_LOG_WARN, "nbd: reconnected to '%s'", s->uri);
+            return;
+        }
+        conn_close(h);
+        pump_pause(c, pause);
+        pause = pause * 2 > NBD_RECONNECT_PAUSE_MAX_MS ? NBD_RECONNECT_PAUSE_MAX_MS : pause * 2;
+    }
+}
+
 /*
  * Wait until the socket can move the way libnbd wants (or a submission kicked us), then let
- * libnbd read or write. A dead connection has no socket: the pump only waits to be stopped, and
- * libnbd has failed every command in flight (their callbacks ran with an error).
+ * libnbd read or write. A connection that died (libnbd has failed its commands) or stalled is
+ * replaced; only the pump changes c->h, so it reads it without the lock.
  */
 static void *pump_main(void *opaque)
 {
     NbdConn *c = opaque;
-    while (!__atomic_load_n(&c->stop, __ATOMIC_ACQUIRE)) {
+    int64_t stall_ms = c->s->stall_ms;
+    int64_t moved = now_ms();
+    while (!pump_stopping(c)) {
+        if (!c->h || nbd_aio_is_dead(c->h) == 1 || nbd_aio_is_closed(c->h) == 1) {
+            link_lost(c);
+            link_restore(c);
+            moved = now_ms();
+            continue;
+        }
         int fd = nbd_aio_get_fd(c->h);
         unsigned dir = fd >= 0 ? nbd_aio_get_direction(c->h) : 0;
         struct pollfd p[2] = {{.fd = c->wake_fd, .events = POLLIN}, {.fd = -1}};
@@ -328,41 +471,65 @@ static void *pump_main(void *opaque)
             p[1].events = (short)(((dir & LIBNBD_AIO_DIRECTION_READ) ? POLLIN : 0) |
                                   ((dir & LIBNBD_AIO_DIRECTION_WRITE) ? POLLOUT : 0));
         }
-        if (poll(p, 2, -1) < 0) {
+        int wait_ms = stall_ms ? (stall_ms < 1000 ? (int)stall_ms : 1000) : -1;
+        int n = poll(p, 2, wait_ms);
+        if (n < 0) {
             continue; /* EINTR */
         }
         if (p[0].revents & POLLIN) {
-            uint64_t n;
-            if (read(c->wake_fd, &n, sizeof(n)) < 0) {
-                n = 0; /* another read drained it */
+            uint64_t v;
+            if (read(c->wake_fd, &v, sizeof(v)) < 0) {
+                v = 0; /* another read drained it */
             }
         }
         short ev = p[1].revents;
         if ((ev & (POLLIN | POLLHUP | POLLERR)) && (dir & LIBNBD_AIO_DIRECTION_READ)) {
             nbd_aio_notify_read(c->h);
+            moved = now_ms();
         } else if ((ev & (POLLOUT | POLLHUP | POLLERR)) && (dir & LIBNBD_AIO_DIRECTION_WRITE)) {
             nbd_aio_notify_write(c->h);
+            moved = now_ms();
+        } else if (nbd_aio_in_flight(c->h) <= 0) {
+            moved = now_ms(); /* an idle link is not a stalled one */
+        } else if (stall_ms && fd >= 0 && now_ms() - moved >= stall_ms) {
+            vd_log(VD_LOG_WARN, "nbd: no progress on '%s' for %lld ms with commands outstanding",
+                   c->s->uri, (long long)stall_ms);
+            conn_kill(c, fd);
+            moved = now_ms();
         }
     }
     return NULL;
 }
 
 /* Take over a connected handle: start its pump. On failure the handle is closed. */
-static int conn_start(NbdConn *c, struct nbd_handle *h)
+static int conn_start(NbdState *s, NbdConn *c, struct nbd_handle *h)
 {
     memset(c, 0, sizeof(*c));
+    c->s = s;
     c->h = h;
+    c->up = true;
     c->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (c->wake_fd < 0) {
         conn_close(h);
         c->h = NULL;
         return -errno;
     }
-    int r = pthread_mutex_init(&c->lock, NULL);
-    if (r == 0 && (r = pthread_cond_init(&c->cond, NULL)) != 0) {
-        pthread_mutex_destroy(&c->lock);
+    pthread_condattr_t ca;
+    int r = pthread_condattr_init(&ca);
+    if (r == 0) {
+        r = pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+        if (r == 0 && (r = pthread_cond_init(&c->cond, &ca)) == 0) {
+            if ((r = pthread_mutex_init(&c->lock, NULL)) != 0) {
+                pthread_cond_destroy(&c->cond);
+            } else if ((r = pthread_rwlock_init(&c->hlock, NULL)) != 0) {
+                pthread_mutex_destroy(&c->lock);
+                pthread_cond_destroy(&c->cond);
+            }
+        }
+        pthread_condattr_destroy(&ca);
     }
     if (r == 0 && (r = pthread_create(&c->pump, NULL, pump_main, c)) != 0) {
+        pthread_rwlock_destroy(&c->hlock);
         pthread_mutex_destroy(&c->lock);
         pthread_cond_destroy(&c->cond);
     }
@@ -388,6 +555,7 @@ static void conn_stop(NbdConn *c)
     conn_close(c->h); /* nbd_shutdown drives the socket itself now the pump is gone */
     c->h = NULL;
     close(c->wake_fd);
+    pthread_rwlock_destroy(&c->hlock);
     pthread_mutex_destroy(&c->lock);
     pthread_cond_destroy(&c->cond);
     c->pump_started = false;
@@ -406,43 +574,50 @@ static int req_done_cb(void *opaque, int *error)
 }
 
 /*
- * Submit one command on c; its outcome lands in *r. A submission libnbd refuses never calls the
- * callback later (it may have run already, if the connection died while sending): r is then done
- * with that error.
+ * Submit r (its op and range set) on c; its outcome lands in r. A submission libnbd refuses never
+ * calls the callback later (it may have run already, if the connection died while sending): r is
+ * then done with that error; ENOTCONN when the link is down.
  */
-static void req_submit(NbdConn *c, NbdReq *r, NbdOp op, uint64_t off, uint64_t n, uint8_t *buf,
-                       uint32_t flags, nbd_extent_callback *ext)
+static void req_submit(NbdConn *c, NbdReq *r)
 {
     r->c = c;
     r->err = 0;
     r->done = false;
     nbd_completion_callback cb = {.callback = req_done_cb, .user_data = r};
-    int64_t cookie;
-    switch (op) {
-    case OP_READ:
-        cookie = nbd_aio_pread(c->h, buf, (size_t)n, off, cb, flags);
-        break;
-    case OP_WRITE:
-        cookie = nbd_aio_pwrite(c->h, buf, (size_t)n, off, cb, flags);
-        break;
-    case OP_ZERO:
-        cookie = nbd_aio_zero(c->h, n, off, cb, flags);
-        break;
-    case OP_TRIM:
-        cookie = nbd_aio_trim(c->h, n, off, cb, flags);
-        break;
-    case OP_FLUSH:
-        cookie = nbd_aio_flush(c->h, cb, flags);
-        break;
-    default:
-        cookie = nbd_aio_block_status(c->h, n, off, *ext, cb, flags);
-        break;
-    }
-    if (cookie == -1) {
-        int e = nbd_get_errno();
-        if (nbd_aio_is_dead(c->h) == 1 || nbd_aio_is_closed(c->h) == 1) {
-            e = EIO; /* the pump saw the server go: libnbd calls that a wrong state (EINVAL) */
+    int64_t cookie = -1;
+    int e = ENOTCONN;
+    vd_rwlock_rdlock(&c->hlock);
+    struct nbd_handle *h = c->h;
+    if (h) {
+        switch (r->op) {
+        case OP_READ:
+            cookie = nbd_aio_pread(h, r->buf, (size_t)r->len, r->off, cb, r->flags);
+            break;
+        case OP_WRITE:
+            cookie = nbd_aio_pwrite(h, r->buf, (size_t)r->len, r->off, cb, r->flags);
+            break;
+        case OP_ZERO:
+            cookie = nbd_aio_zero(h, r->len, r->off, cb, r->flags);
+            break;
+        case OP_TRIM:
+            cookie = nbd_aio_trim(h, r->len, r->off, cb, r->flags);
+            break;
+        case OP_FLUSH:
+            cookie = nbd_aio_flush(h, cb, r->flags);
+            break;
+        default:
+            cookie = nbd_aio_block_status(h, r->len, r->off, *r->ext, cb, r->flags);
+            break;
         }
+        if (cookie == -1) {
+            e = nbd_get_errno();
+            if (nbd_aio_is_dead(h) == 1 || nbd_aio_is_closed(h) == 1) {
+                e = ENOTCONN; /* the pump saw the server go: libnbd calls that a wrong state */
+            }
+        }
+    }
+    vd_rwlock_unlock(&c->hlock);
+    if (cookie == -1) {
         vd_mutex_lock(&c->lock);
         if (!r->done) {
             r->done = true;
@@ -454,21 +629,90 @@ static void req_submit(NbdConn *c, NbdReq *r, NbdOp op, uint64_t off, uint64_t n
     pump_kick(c);
 }
 
-/* Wait for n commands submitted on c; the first error among them (-errno), else 0. */
-static int reqs_wait(NbdConn *c, NbdReq *r, size_t n)
+/* Wait for n commands submitted on c. */
+static void reqs_wait(NbdConn *c, NbdReq *r, size_t n)
 {
-    int ret = 0;
     vd_mutex_lock(&c->lock);
     for (size_t i = 0; i < n; i++) {
         while (!r[i].done) {
             vd_cond_wait(&c->cond, &c->lock);
         }
-        if (r[i].err && ret == 0) {
-            ret = errno_ret(r[i].err);
-        }
     }
     vd_mutex_unlock(&c->lock);
-    return ret;
+}
+
+/* Did a command fail because the connection went, rather than by the server's answer? */
+static bool link_error(int e)
+{
+    return e == ENOTCONN || e == EPIPE || e == ECONNRESET || e == ECONNABORTED ||
+           e == ESHUTDOWN || e == ETIMEDOUT;
+}
+
+static unsigned long link_generation(NbdConn *c)
+{
+    vd_mutex_lock(&c->lock);
+    unsigned long g = c->epoch;
+    vd_mutex_unlock(&c->lock);
+    return g;
+}
+
+/*
+ * Commands sent on connection `gen` (or while it was down) failed on the link: wait until a newer
+ * connection is up (true), or reconnect-delay has passed since the loss (false: they fail). The
+ * pump may not have seen the loss yet (still up, same connection): it will at its next wake-up,
+ * give it a second.
+ */
+static bool link_wait(NbdConn *c, unsigned long gen)
+{
+    vd_mutex_lock(&c->lock);
+    int64_t notice_by = now_ms() + 1000;
+    while (!(c->up && c->epoch != gen)) {
+        int64_t until = c->up ? notice_by : c->down_ms + c->s->reconnect_ms;
+        int64_t left = until - now_ms();
+        if (left <= 0) {
+            break;
+        }
+        struct timespec dl = deadline_in(left);
+        vd_cond_timedwait(&c->cond, &c->lock, &dl);
+    }
+    bool ok = c->up && c->epoch != gen;
+    vd_mutex_unlock(&c->lock);
+    return ok;
+}
+
+/*
+ * Run n prepared commands on c: all in flight at once; those that failed on the link are sent
+ * again on the restored one (bounded). The first error (-errno), else 0.
+ */
+static int reqs_run(NbdConn *c, NbdReq *r, size_t n)
+{
+    unsigned long gen = link_generation(c);
+    for (size_t i = 0; i < n; i++) {
+        req_submit(c, &r[i]);
+    }
+    reqs_wait(c, r, n);
+    for (unsigned round = 0; round < NBD_MAX_RESENDS; round++) {
+        size_t lost = 0;
+        for (size_t i = 0; i < n; i++) {
+            lost += r[i].err && link_error(r[i].err);
+        }
+        if (lost == 0 || !link_wait(c, gen)) {
+            break;
+        }
+        gen = link_generation(c);
+        for (size_t i = 0; i < n; i++) {
+            if (r[i].err && link_error(r[i].err)) {
+                req_submit(c, &r[i]);
+            }
+        }
+        reqs_wait(c, r, n);
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (r[i].err) {
+            return errno_ret(r[i].err);
+        }
+    }
+    return 0;
 }
 
 /*
@@ -484,12 +728,12 @@ static int run_cmds(NbdConn *c, NbdOp op, uint64_t off, uint64_t len, uint8_t *b
         size_t n = 0;
         for (; n < NBD_BATCH && len > 0; n++) {
             uint64_t k = len < piece ? len : piece;
-            req_submit(c, &r[n], op, off, k, buf, flags, NULL);
+            r[n] = (NbdReq){.op = op, .off = off, .len = k, .buf = buf, .flags = flags};
             off += k;
             len -= k;
             buf = buf ? buf + k : NULL;
         }
-        ret = reqs_wait(c, r, n);
+        ret = reqs_run(c, r, n);
     }
     return ret;
 }
@@ -498,9 +742,8 @@ static int run_cmds(NbdConn *c, NbdOp op, uint64_t off, uint64_t len, uint8_t *b
 static int run_one(NbdConn *c, NbdOp op, uint64_t off, uint64_t len, uint32_t flags,
                    nbd_extent_callback *ext)
 {
-    NbdReq r;
-    req_submit(c, &r, op, off, len, NULL, flags, ext);
-    return reqs_wait(c, &r, 1);
+    NbdReq r = {.op = op, .off = off, .len = len, .flags = flags, .ext = ext};
+    return reqs_run(c, &r, 1);
 }
 
 static int first_connect_timeout_ms = -1; /* vd_nbd_set_connect_timeout */
@@ -511,12 +754,104 @@ void vd_nbd_set_connect_timeout(int timeout_ms)
                      __ATOMIC_RELAXED);
 }
 
+/*
+ * vdisk's own URI query parameters (seconds; the blockdev-add options of the same names become
+ * these): "reconnect-delay", "open-timeout", "x-stall-timeout". They are taken out of the URI
+ * (into s) and the rest, libnbd's, stays in s->uri.
+ */
+static const struct {
+    const char *key;
+    size_t at;
+} nbd_uri_opts[] = {
+    {"reconnect-delay", offsetof(NbdState, reconnect_ms)},
+    {"open-timeout", offsetof(NbdState, open_timeout_ms)},
+    {"x-stall-timeout", offsetof(NbdState, stall_ms)},
+};
+
+static int uri_take_options(NbdState *s, const char *in, VdError **errp)
+{
+    s->stall_ms = NBD_STALL_DEFAULT_S * 1000;
+    s->uri = strdup(in);
+    if (!s->uri) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+        return -ENOMEM;
+    }
+    char *q = strchr(s->uri, '?');
+    if (!q) {
+        return 0;
+    }
+    char *out = q; /* kept parameters are copied down over the taken ones */
+    char *p = q + 1;
+    while (*p) {
+        size_t n = strcspn(p, "&");
+        char save = p[n];
+        p[n] = '\0';
+        bool taken = false;
+        for (size_t i = 0; i < sizeof(nbd_uri_opts) / sizeof(nbd_uri_opts[0]); i++) {
+            size_t kl = strlen(nbd_uri_opts[i].key);
+            if (strncmp(p, nbd_uri_opts[i].key, kl) || p[kl] != '=') {
+                continue;
+            }
+            char *end;
+            errno = 0;
+            unsigned long v = strtoul(p + kl + 1, &end, 10);
+            if (!p[kl + 1] || *end || errno || v > 86400 * 365) {
+                vd_error_setg(errp, EINVAL, "NBD URI parameter '%s': expected seconds, got "
+                              "'%s'", nbd_uri_opts[i].key, p + kl + 1);
+                return -EINVAL;
+            }
+            *(int64_t *)((char *)s + nbd_uri_opts[i].at) = (int64_t)v * 1000;
+            taken = true;
+        }
+        if (!taken) {
+            *out = out == q ? '?' : '&';
+            out++;
+            memmove(out, p, n + 1);
+            out += n;
+        }
+        p += n + (save ? 1 : 0);
+    }
+    *out = '\0';
+    return 0;
+}
+
+/*
+ * The first connection: tried once (timeout_ms: vdiskd --nbd-connect-timeout, -1 blocks), or,
+ * with open-timeout, again and again until that has passed (QEMU's open-timeout).
+ */
+static struct nbd_handle *first_conn_open(NbdState *s, int *perr, VdError **errp)
+{
+    int timeout_ms = __atomic_load_n(&first_connect_timeout_ms, __ATOMIC_RELAXED);
+    int64_t deadline = now_ms() + s->open_timeout_ms;
+    for (unsigned tries = 1;; tries++) {
+        int64_t left = deadline - now_ms();
+        int t = timeout_ms;
+        if (s->open_timeout_ms > 0 && (t < 0 || t > left)) {
+            t = left > 0 ? (int)left : 1;
+        }
+        VdError *local = NULL;
+        struct nbd_handle *h = conn_open(s->uri, s->tls, t, perr, &local);
+        if (h || s->open_timeout_ms <= 0 || deadline - now_ms() <= 0 || tries >= 100000) {
+            vd_error_propagate(errp, local);
+            return h;
+        }
+        vd_error_free(local);
+        struct timespec pause = {.tv_nsec = 200 * 1000000L};
+        nanosleep(&pause, NULL);
+    }
+}
+
 static int nbd_drv_open_conns(BlockNode *bs, const VdOpenOptions *opts, VdError **errp);
 
 static int nbd_drv_open(BlockNode *bs, const VdOpenOptions *opts, VdError **errp)
 {
     NbdState *s = ns_of(bs);
     memset(s, 0, sizeof(*s));
+    if (!opts->filename || !*opts->filename) {
+        vd_error_setg(errp, EINVAL, "The 'nbd' protocol needs a URI (nbd://HOST[:PORT]/EXPORT "
+                      "or nbd+unix:///EXPORT?socket=PATH)");
+        return -EINVAL;
+    }
     if (opts->tls_creds && !(s->tls = vd_tls_creds_get(opts->tls_creds, false, errp))) {
         return -EINVAL;
     }
@@ -535,11 +870,16 @@ static int nbd_drv_open(BlockNode *bs, const VdOpenOptions *opts, VdError **errp
         r = -ENOTSUP;
     }
     if (r == 0) {
+        r = uri_take_options(s, opts->filename, errp);
+    }
+    if (r == 0) {
         r = nbd_drv_open_conns(bs, opts, errp);
     }
     if (r < 0) {
         vd_tls_creds_unref(s->tls);
         s->tls = NULL;
+        free(s->uri);
+        s->uri = NULL;
     }
     return r;
 }
@@ -547,15 +887,9 @@ static int nbd_drv_open(BlockNode *bs, const VdOpenOptions *opts, VdError **errp
 static int nbd_drv_open_conns(BlockNode *bs, const VdOpenOptions *opts, VdError **errp)
 {
     NbdState *s = ns_of(bs);
-    const char *uri = opts->filename;
-    if (!uri || !*uri) {
-        vd_error_setg(errp, EINVAL, "The 'nbd' protocol needs a URI (nbd://HOST[:PORT]/EXPORT "
-                      "or nbd+unix:///EXPORT?socket=PATH)");
-        return -EINVAL;
-    }
+    const char *uri = s->uri;
     int cerr = 0;
-    struct nbd_handle *h = conn_open(uri, s->tls, __atomic_load_n(&first_connect_timeout_ms,
-                                                                  __ATOMIC_RELAXED), &cerr, errp);
+    struct nbd_handle *h = first_conn_open(s, &cerr, errp);
     if (!h) {
         return -cerr;
     }
@@ -568,7 +902,8 @@ static int nbd_drv_open_conns(BlockNode *bs, const VdOpenOptions *opts, VdError 
         return err;
     }
     s->size = (uint64_t)size;
-    s->read_only = nbd_is_read_only(h) == 1 || !(opts->flags & VD_OPEN_RDWR);
+    s->export_read_only = nbd_is_read_only(h) == 1;
+    s->read_only = s->export_read_only || !(opts->flags & VD_OPEN_RDWR);
     s->can_flush = nbd_can_flush(h) == 1;
     s->can_fua = nbd_can_fua(h) == 1;
     s->can_trim = nbd_can_trim(h) == 1;
@@ -597,7 +932,7 @@ static int nbd_drv_open_conns(BlockNode *bs, const VdOpenOptions *opts, VdError 
         return -ENOMEM;
     }
     s->lock_init = true;
-    int r = conn_start(&s->conn[0], h);
+    int r = conn_start(s, &s->conn[0], h);
     if (r < 0) {
         vd_error_setg(errp, -r, "Could not open '%s': %s", uri, strerror(-r));
         pthread_rwlock_destroy(&s->rmw_lock);
@@ -617,12 +952,11 @@ static int nbd_drv_open_conns(BlockNode *bs, const VdOpenOptions *opts, VdError 
                 break;
             }
             /* The same export must answer; anything else is not a usable extra connection. */
-            if (nbd_get_size(x) != size ||
-                (nbd_is_read_only(x) == 1) != (nbd_is_read_only(h) == 1)) {
+            if (!conn_same_export(s, x)) {
                 conn_close(x);
                 break;
             }
-            if (conn_start(&s->conn[s->nconns], x) < 0) {
+            if (conn_start(s, &s->conn[s->nconns], x) < 0) {
                 break;
             }
             s->nconns++;
@@ -645,6 +979,8 @@ static void nbd_drv_close(BlockNode *bs)
     }
     vd_tls_creds_unref(s->tls);
     s->tls = NULL;
+    free(s->uri);
+    s->uri = NULL;
 }
 
 int vd_nbd_connection_count(BlockNode *bs)
@@ -1043,6 +1379,7 @@ static const VdOptSpec nbd_blockdev_options[] = {
     {"x-dirty-bitmap", VD_OPT_STR},
     {"reconnect-delay", VD_OPT_U32},
     {"open-timeout", VD_OPT_U32},
+    {"x-stall-timeout", VD_OPT_U32},
     {NULL}};
 
 /*
@@ -1065,6 +1402,21 @@ static char *nbd_blockdev_filename(const VdOptReader *o, VdError **errp)
         }
         free(uri);
         uri = tls_uri;
+    }
+    /* The link options travel in the URI as vdisk's own parameters (uri_take_options). */
+    for (size_t i = 0; uri && i < sizeof(nbd_uri_opts) / sizeof(nbd_uri_opts[0]); i++) {
+        unsigned long long v;
+        if (!o->num(o, nbd_uri_opts[i].key, &v)) {
+            continue;
+        }
+        char *with = NULL;
+        if (asprintf(&with, "%s%c%s=%llu", uri, strchr(uri, '?') ? '&' : '?',
+                     nbd_uri_opts[i].key, v) < 0) {
+            with = NULL;
+            errno = ENOMEM;
+        }
+        free(uri);
+        uri = with;
     }
     if (!uri) {
         if (errno == EINVAL) {

@@ -236,7 +236,7 @@ typedef struct JsonReader {
     json_t *obj;
 } JsonReader;
 
-static const char *json_reader_str(const VdOptReader *r, const char *path)
+static json_t *json_reader_get(const VdOptReader *r, const char *path)
 {
     json_t *v = ((const JsonReader *)r)->obj;
     char key[PREFIX_MAX];
@@ -251,7 +251,23 @@ static const char *json_reader_str(const VdOptReader *r, const char *path)
         v = json_object_get(v, key);
         path += dot ? n + 1 : n;
     }
+    return v;
+}
+
+static const char *json_reader_str(const VdOptReader *r, const char *path)
+{
+    json_t *v = json_reader_get(r, path);
     return json_is_string(v) ? json_string_value(v) : NULL;
+}
+
+static bool json_reader_num(const VdOptReader *r, const char *path, unsigned long long *out)
+{
+    json_t *v = json_reader_get(r, path);
+    if (!json_is_integer(v) || json_integer_value(v) < 0) {
+        return false;
+    }
+    *out = (unsigned long long)json_integer_value(v);
+    return true;
 }
 
 /* Open a protocol node by the filename built for it (freed here; NULL: *errp is set already). */
@@ -293,7 +309,7 @@ static BlockNode *open_tree(json_t *o, const Inherit *parent, bool is_backing, V
             opts.format = drv;
             return vd_open(&opts, errp);
         }
-        JsonReader reader = {{json_reader_str}, o};
+        JsonReader reader = {{json_reader_str, json_reader_num}, o};
         opts.tls_creds = qmp_arg_str(o, "tls-creds", NULL); /* nbd: NBD over TLS */
         return open_by_name(&opts, drv, d->blockdev_filename(&reader.r, errp), errp);
     }

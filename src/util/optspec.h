@@ -55,10 +55,12 @@ typedef struct VdOptSpec {
 
 /*
  * Read access to an option object already checked against its spec, for the layer that declared
- * the spec: str returns the string member at a dotted path ("server.host"), or NULL if absent.
+ * the spec: str returns the string member at a dotted path ("server.host"), or NULL if absent;
+ * num the integer member there (>= 0) in *out, false if absent.
  */
 typedef struct VdOptReader {
     const char *(*str)(const struct VdOptReader *r, const char *path);
+    bool (*num)(const struct VdOptReader *r, const char *path, unsigned long long *out);
 } VdOptReader;
 
 #endif

@@ -1,0 +1,245 @@
+"""A lost link under the NBD client (src/protocols/nbd.c): QEMU's nbd options reconnect-delay and
+open-timeout, and vdisk's stall detection (x-stall-timeout). vdiskd serves a guest (qemu-io) from
+an nbd node whose server goes away (nbdkit killed and restarted on the same socket) or whose link
+goes silent (a veth in the test's own network namespaces set down): the guest's I/O waits while
+reconnect-delay lasts and completes right once the server is back, or fails with EIO after it;
+never wrong data, never an endless hang. Assertions are on content and state, never on time.
+"""
+import json
+import os
+import subprocess
+import time
+
+from conftest import VDISKD, qemu_img, qemu_io, run
+from qmp_client import Daemon
+from test_cross_host import two_hosts, vdiskd_in, B_ADDR
+
+MiB = 1 << 20
+SIZE = 4 * MiB
+
+
+def wait_for(pred, what, timeout=90):
+    end = time.time() + timeout
+    while not pred():
+        assert time.time() < end, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def nbdkit_file(path, listen, ns=None):
+    """nbdkit's file plugin on path; listen = ["-U", sock] or ["-i", addr, "-p", port]."""
+    pre = ["ip", "netns", "exec", ns] if ns else []
+    p = subprocess.Popen([*pre, "nbdkit", "-f", *listen, "file", str(path)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if listen[0] == "-U":
+        wait_for(lambda: os.path.exists(listen[1]) or p.poll() is not None, "nbdkit's socket")
+    else:
+        # Listening inside ns: probe from there.
+        wait_for(lambda: p.poll() is not None or run(
+            ["ip", "netns", "exec", ns, "nbdinfo", "--size", f"nbd://{listen[1]}:{listen[3]}"],
+            check=False, timeout=30).returncode == 0, "nbdkit listening")
+    assert p.poll() is None, "nbdkit exited"
+    return p
+
+
+def stop(p):
+    if p and p.poll() is None:
+        p.kill()
+        p.wait(timeout=15)
+
+
+def served(tmp, nbd_file, name="d", ns=None):
+    """vdiskd serving a raw node on an nbd node (nbd_file: the nbd driver's options) to the
+    guest over a unix socket; returns (daemon, guest URI)."""
+    sock = str(tmp / f"{name}-guest.sock")
+    args = ["--blockdev", json.dumps({"driver": "raw", "node-name": "disk0",
+                                      "file": dict(driver="nbd", **nbd_file)}),
+            "--nbd-server", f"addr.type=unix,addr.path={sock}",
+            "--export", "type=nbd,id=e0,node-name=disk0,name=disk0,writable=on"]
+    if ns:
+        d = vdiskd_in(ns, tmp, name, *args)
+    else:
+        qmp = str(tmp / f"{name}-qmp.sock")
+        d = Daemon([VDISKD, "--qmp", qmp, *args], qmp, str(tmp / f"{name}.log"))
+    return d, f"nbd+unix:///disk0?socket={sock}"
+
+
+def image(tmp, size=SIZE):
+    f = tmp / "remote.raw"
+    qemu_img("create", "-q", "-f", "raw", f, size)
+    qemu_io("-f", "raw", "-c", f"write -P 0x11 0 {size}", f)
+    return f
+
+
+def expect(f, runs):
+    """f's bytes are the (offset, length, byte) runs, 0x11 elsewhere."""
+    want = bytearray(b"\x11" * SIZE)
+    for off, n, b in runs:
+        want[off:off + n] = bytes([b]) * n
+    assert f.read_bytes() == bytes(want)
+
+
+def guest(uri, *cmds):
+    """qemu-io on the guest's URI, in the background."""
+    argv = ["qemu-io", "-f", "raw"]
+    for c in cmds:
+        argv += ["-c", c]
+    return subprocess.Popen([*argv, uri], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def finished(p, timeout=120):
+    out, _ = p.communicate(timeout=timeout)
+    return p.returncode, out
+
+
+def test_guest_io_waits_for_the_server_to_come_back_within_reconnect_delay(tmp):
+    f = image(tmp)
+    sock = str(tmp / "srv.sock")
+    srv = nbdkit_file(f, ["-U", sock])
+    d = None
+    try:
+        d, uri = served(tmp, {"server": {"type": "unix", "path": sock}, "reconnect-delay": 300})
+        qemu_io("-f", "raw", "-c", f"write -P 0x22 0 {MiB}", uri)
+        stop(srv)
+        wait_for(lambda: "lost the connection" in d.output(), "vdiskd to see the loss")
+        g = guest(uri, f"write -P 0x33 {MiB} {MiB}", f"read -P 0x22 0 {MiB}",
+                  f"read -P 0x33 {MiB} {MiB}")
+        time.sleep(1)
+        assert g.poll() is None, "the guest's I/O did not wait for the server: " + g.stdout.read()
+        os.unlink(sock)
+        srv = nbdkit_file(f, ["-U", sock])
+        rc, out = finished(g)
+        assert rc == 0 and "Pattern verification failed" not in out, out
+        assert "reconnected" in d.output()
+        d.stop_checked()
+        d = None
+    finally:
+        stop(srv)
+        if d:
+            d.kill()
+    expect(f, [(0, MiB, 0x22), (MiB, MiB, 0x33)])
+
+
+def test_guest_io_fails_with_eio_after_reconnect_delay_then_works_once_server_is_back(tmp):
+    f = image(tmp)
+    sock = str(tmp / "srv.sock")
+    srv = nbdkit_file(f, ["-U", sock])
+    d = None
+    try:
+        d, uri = served(tmp, {"server": {"type": "unix", "path": sock}, "reconnect-delay": 1})
+        stop(srv)
+        wait_for(lambda: "lost the connection" in d.output(), "vdiskd to see the loss")
+        p = qemu_io("-f", "raw", "-c", f"write -P 0x44 0 {MiB}", "-c", f"read 0 {MiB}", uri,
+                    check=False)
+        assert "Input/output error" in p.stdout + p.stderr, p.stdout + p.stderr
+        os.unlink(sock)
+        srv = nbdkit_file(f, ["-U", sock])
+        # The client keeps reconnecting in the background: no restart of vdiskd needed.
+        wait_for(lambda: "reconnected" in d.output(), "the reconnection")
+        qemu_io("-f", "raw", "-c", f"write -P 0x55 {2 * MiB} 64k",
+                "-c", f"read -P 0x11 {MiB} {MiB}", "-c", f"read -P 0x55 {2 * MiB} 64k", uri)
+        d.stop_checked()
+        d = None
+    finally:
+        stop(srv)
+        if d:
+            d.kill()
+    # The failed write reached nothing or all of its bytes (never other data).
+    data = f.read_bytes()
+    assert data[:MiB] in (b"\x11" * MiB, b"\x44" * MiB) or set(data[:MiB]) <= {0x11, 0x44}
+    assert data[MiB:2 * MiB] == b"\x11" * MiB
+    assert data[2 * MiB:2 * MiB + 65536] == b"\x55" * 65536
+
+
+def test_open_timeout_waits_for_a_server_that_starts_late(tmp):
+    f = image(tmp)
+    sock = str(tmp / "late.sock")
+    qmp = str(tmp / "d-qmp.sock")
+    d = Daemon([VDISKD, "--qmp", qmp], qmp, str(tmp / "d.log"))
+    srv = None
+    try:
+        q = d.client()
+        # Without open-timeout a missing server fails the open at once.
+        r = q.execute("blockdev-add", {"driver": "nbd", "node-name": "n0",
+                                       "server": {"type": "unix", "path": sock}})
+        assert "error" in r, r
+        q.close()
+        opener = subprocess.Popen(
+            ["/usr/bin/python3", "-c",
+             "import sys; sys.path.insert(0, sys.argv[2]); from qmp_client import QMPClient;"
+             "q = QMPClient(sys.argv[1]); print(q.execute('blockdev-add', {'driver': 'nbd',"
+             " 'node-name': 'n1', 'server': {'type': 'unix', 'path': sys.argv[3]},"
+             " 'open-timeout': 300}))", qmp, os.path.dirname(__file__), sock],
+            stdout=subprocess.PIPE, text=True)
+        time.sleep(1)
+        assert opener.poll() is None, "blockdev-add did not wait for the server"
+        srv = nbdkit_file(f, ["-U", sock])
+        out, _ = opener.communicate(timeout=120)
+        assert "error" not in out and "return" in out, out
+        q = d.client()
+        nodes = q.cmd("query-named-block-nodes")
+        assert [n for n in nodes if n["node-name"] == "n1"], nodes
+        q.close()
+        d.stop_checked()
+        d = None
+    finally:
+        stop(srv)
+        if d:
+            d.kill()
+
+
+def link(ns, dev, state):
+    run(["ip", "-n", ns, "link", "set", dev, state], timeout=30)
+
+
+def silent_link_run(tmp, reconnect_delay):
+    """Host B serves remote.raw over the veth; vdiskd on A serves it to the guest through an nbd
+    node with a 2 s stall timeout. The link goes silent (B's end set down) while the guest
+    writes; returns (guest's exit status, output, vdiskd log, the file)."""
+    f = image(tmp)
+    with two_hosts("1gbit") as (nsa, nsb):
+        srv = nbdkit_file(f, ["-i", B_ADDR, "-p", "10809"], ns=nsb)
+        d = None
+        try:
+            d, uri = served(tmp, {"server": {"type": "inet", "host": B_ADDR, "port": "10809"},
+                                  "reconnect-delay": reconnect_delay, "x-stall-timeout": 2},
+                            ns=nsa)
+            qemu_io("-f", "raw", "-c", f"write -P 0x22 0 {MiB}", uri)
+            link(nsb, "vb", "down")
+            g = guest(uri, f"write -P 0x33 {MiB} {MiB}", f"read -P 0x33 {MiB} {MiB}")
+            wait_for(lambda: "no progress" in d.output(), "the stall to be seen")
+            if reconnect_delay > 10:
+                assert g.poll() is None, "the guest's I/O did not wait: " + g.stdout.read()
+            else:
+                rc, out = finished(g)
+            link(nsb, "vb", "up")
+            if reconnect_delay > 10:
+                rc, out = finished(g)
+            else:
+                wait_for(lambda: "reconnected" in d.output(), "the reconnection")
+                qemu_io("-f", "raw", "-c", f"read -P 0x22 0 {MiB}", uri)
+            log = d.output()
+            d.stop_checked()
+            d = None
+        finally:
+            stop(srv)
+            if d:
+                d.kill()
+    return rc, out, log, f
+
+
+def test_silent_link_is_detected_and_guest_io_completes_after_the_link_returns(tmp):
+    rc, out, log, f = silent_link_run(tmp, 300)
+    assert rc == 0 and "Pattern verification failed" not in out, out
+    assert "reconnected" in log, log
+    expect(f, [(0, MiB, 0x22), (MiB, MiB, 0x33)])
+
+
+def test_silent_link_gives_the_guest_eio_after_reconnect_delay_never_wrong_data(tmp):
+    rc, out, log, f = silent_link_run(tmp, 1)
+    assert "Input/output error" in out, out
+    assert "Pattern verification failed" not in out, out
+    data = f.read_bytes()
+    assert data[:MiB] == b"\x22" * MiB
+    assert set(data[MiB:2 * MiB]) <= {0x11, 0x33}
+    assert data[2 * MiB:] == b"\x11" * (SIZE - 2 * MiB)
