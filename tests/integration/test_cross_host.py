@@ -210,9 +210,10 @@ def read_bytes_logged(logfile):
 
 
 @contextlib.contextmanager
-def post_copy_setup(tmp, rng):
+def post_copy_setup(tmp, rng, link_options=""):
     """Host A runs the guest's disk (the guest writes to it); host B gets an empty overlay whose
-    backing is A's disk over NBD. Yields (ctx dict); everything is stopped after."""
+    backing is A's disk over NBD (link_options: the nbd URI's query, "?reconnect-delay=..").
+    Yields (ctx dict); everything is stopped after."""
     disk = tmp / "a.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", disk, SIZE)
     model = bytearray(SIZE)
@@ -222,7 +223,7 @@ def post_copy_setup(tmp, rng):
     hostb.mkdir()
     ov = hostb / "disk.qcow2"
     # Unsafe (-u): B's backing is only reachable from B's namespace.
-    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", f"nbd://{A_ADDR}:{A_PORT}/disk0-ro",
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", f"nbd://{A_ADDR}:{A_PORT}/disk0-ro{link_options}",
              "-F", "raw", ov, SIZE)
     procs, proxy = [], None
     with two_hosts() as (nsa, nsb):
@@ -340,3 +341,48 @@ def test_post_copy_link_to_a_fails_midway_the_guest_sees_eio_never_wrong_data(tm
                 ok += 1
         assert failed > 0 and ok > 0, (failed, ok)
         qb.close()
+
+
+def test_post_copy_link_to_a_lost_midway_with_reconnect_delay_is_a_pause_then_the_pull_ends(tmp):
+    """The backing URI has reconnect-delay and a 2 s stall timeout: the link to A goes silent
+    (A's end of the veth set down) while B pulls; the guest's reads of what B has not pulled wait
+    (a pause, not an error), and once the link is back they return A's data and the pull ends."""
+    rng = random.Random(13)
+    with post_copy_setup(tmp, rng, "?reconnect-delay=300&x-stall-timeout=2") as ctx:
+        model = ctx["model"]
+        db, b_uri = ctx["switch"]()
+        # The guest writes on B first (whole and partial clusters).
+        g = Guest(b_uri, write_cmds(model, rng, 20, 300, lo=0, hi=SIZE))
+        g.start()
+        g.join_checked(120)
+        qb = db.client()
+        qb.cmd("block-stream", job_id="pull", device="disk0", speed=2 * MiB)
+        end = time.time() + 60
+        while True:
+            jobs = qb.cmd("query-block-jobs")
+            assert jobs and time.time() < end, jobs
+            if jobs[0]["offset"] > 0:
+                break
+            time.sleep(0.05)
+        run(["ip", "-n", ctx["nsa"], "link", "set", "va", "down"], timeout=30)
+        out = tmp / "during.raw"
+        reader = subprocess.Popen(["qemu-img", "convert", "-O", "raw", b_uri, str(out)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        end = time.time() + 90
+        while "no progress" not in db.output():
+            assert time.time() < end and reader.poll() is None, db.output()
+            time.sleep(0.05)
+        assert reader.poll() is None, "the guest's read did not wait for the link"
+        run(["ip", "-n", ctx["nsa"], "link", "set", "va", "up"], timeout=30)
+        msg, _ = reader.communicate(timeout=240)
+        assert reader.returncode == 0, msg
+        assert_same(out.read_bytes(), bytes(model), "what the guest read across the pause")
+        qb.cmd("block-job-set-speed", device="pull", speed=0)
+        done = qb.get_event("BLOCK_JOB_COMPLETED", timeout=240)
+        assert "error" not in done["data"], done
+        assert "reconnected" in db.output()
+        qb.close()
+    info = json.loads(qemu_img("info", "--output=json", ctx["ov"]).stdout)
+    assert "backing-filename" not in info, info
+    assert_same(image_content(tmp, ctx["ov"], "b.raw"), bytes(model), "B's image")
+    assert_same(image_content(tmp, ctx["disk"], "a.raw"), ctx["frozen"], "A's image (frozen)")
