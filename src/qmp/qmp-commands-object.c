@@ -1,9 +1,9 @@
 /*
- * qmp-commands-object.c - object-add / object-del for the objects vdiskd has (util/tls-creds.h):
- * tls-creds-x509, tls-creds-psk, authz-simple, authz-list and authz-listfile, with QEMU's
- * ObjectOptions union as the argument table (every other qom-type QEMU knows is refused by name).
- * vdiskd's --object goes through qmp_object_add too, so the command line and QMP accept exactly
- * the same objects; an authz-listfile's file is read with authz-list's own table.
+ * qmp-commands-object.c - object-add / object-del for the objects vdiskd has (util/tls-creds.h,
+ * util/secret.h): tls-creds-x509, tls-creds-psk, authz-simple, authz-list, authz-listfile and
+ * secret, with QEMU's ObjectOptions union as the argument table (every other qom-type QEMU knows
+ * is refused by name). vdiskd's --object goes through qmp_object_add too, so the command line and
+ * QMP accept exactly the same objects; an authz-listfile's file is read with authz-list's own table.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -12,6 +12,7 @@
 
 #include "qmp/qmp-args.h"
 #include "qmp/qmp-internal.h"
+#include "util/secret.h"
 #include "util/tls-creds.h"
 
 /* QEMU 7.2's ObjectType, so an unknown type gets QEMU's "does not accept value". */
@@ -28,6 +29,7 @@ static const char *const qom_type_enum[] = {
 static const char *const endpoint_enum[] = {"client", "server", NULL};
 static const char *const policy_enum[] = {"deny", "allow", NULL}; /* QAuthZListPolicy */
 static const char *const format_enum[] = {"exact", "glob", NULL}; /* QAuthZListFormat */
+static const char *const secret_format_enum[] = {"raw", "base64", NULL};
 
 typedef struct ObjectAddArgs {
     int qom_type; /* index in qom_type_enum */
@@ -37,6 +39,8 @@ typedef struct ObjectAddArgs {
     int policy;     /* authz-list: index in policy_enum */
     json_t *rules;  /* authz-list: [QAuthZListRule] */
     bool refresh;   /* authz-listfile */
+    const char *data, *file, *keyid, *iv; /* secret */
+    int format;                           /* secret: index in secret_format_enum */
 } ObjectAddArgs;
 
 #define OBJECT_BASE_MEMBERS                                                                  \
@@ -83,6 +87,17 @@ static const QmpArgSpec rule_spec[] = { /* QAuthZListRule */
     {"format", QA_ENUM, false, format_enum},
     {NULL}};
 
+/* SecretCommonProperties, then SecretProperties' own. */
+static const QmpArgSpec secret_spec[] = {
+    OBJECT_BASE_MEMBERS,
+    {"loaded", QA_BOOL},
+    {"format", QA_ENUM, false, secret_format_enum, .at = QMP_AT(ObjectAddArgs, format)},
+    {"keyid", QA_STR, .at = QMP_AT(ObjectAddArgs, keyid)},
+    {"iv", QA_STR, .at = QMP_AT(ObjectAddArgs, iv)},
+    {"data", QA_STR, .at = QMP_AT(ObjectAddArgs, data)},
+    {"file", QA_STR, .at = QMP_AT(ObjectAddArgs, file)},
+    {NULL}};
+
 typedef struct ObjectVariant {
     const char *type;
     const QmpArgSpec *spec; /* the whole member list: base + variant */
@@ -94,6 +109,7 @@ static const ObjectVariant variants[] = {
     {"authz-simple", authz_simple_spec},
     {"authz-list", authz_list_spec},
     {"authz-listfile", authz_listfile_spec},
+    {"secret", secret_spec},
     {NULL, NULL}};
 
 /* An authz-list's members (checked against authz_list_spec's) into *out: 0 or -errno. */
@@ -158,6 +174,12 @@ static int add_checked(const char *type, const ObjectAddArgs *a, VdError **errp)
     if (!strcmp(type, "authz-listfile")) {
         return vd_authz_listfile_add(a->id, a->filename, a->refresh, listfile_parse, errp);
     }
+    if (!strcmp(type, "secret")) {
+        VdSecretOptions so = {.id = a->id, .data = a->data, .file = a->file,
+                              .format = secret_format_enum[a->format], .keyid = a->keyid,
+                              .iv = a->iv};
+        return vd_secret_add(&so, errp);
+    }
     if (a->passwordid) {
         vd_error_setg(errp, ENOTSUP, "passwordid (an encrypted private key) is not supported "
                       "by vdiskd");
@@ -197,8 +219,8 @@ int qmp_object_add(json_t *args, VdError **errp)
     }
     if (!v->type) {
         vd_error_setg(errp, ENOTSUP, "Object type '%s' is not supported by vdiskd (supported: "
-                      "tls-creds-x509, tls-creds-psk, authz-simple, authz-list, authz-listfile)",
-                      type);
+                      "tls-creds-x509, tls-creds-psk, authz-simple, authz-list, authz-listfile, "
+                      "secret)", type);
         return -ENOTSUP;
     }
     if ((r = qmp_args_parse(args, v->spec, &a, errp)) < 0) {

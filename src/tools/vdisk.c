@@ -14,6 +14,7 @@
 
 #include "tools/tool.h"
 #include "tools/virsh.h"
+#include "util/secret.h"
 
 bool tool_allow_probe;
 
@@ -913,6 +914,75 @@ static void print_help(void)
            "Supported formats: qcow2 raw\n");
 }
 
+/* The commands where qemu-img (and qemu-io, for `io`) take --object. */
+static bool takes_objects(const char *cmd)
+{
+    static const char *const names[] = {"amend", "bench", "bitmap", "check", "commit", "compare",
+        "convert", "create", "dd", "info", "io", "map", "measure", "rebase", "resize",
+        "snapshot", NULL};
+    for (size_t i = 0; names[i]; i++) {
+        if (!strcmp(cmd, names[i])) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* One --object argument: "secret,id=..." or "qom-type=secret,id=..." (the objects vdisk has). */
+static int tool_object_add(const char *arg)
+{
+    VdError *err = NULL;
+    const char *rest = NULL;
+    if (!strncmp(arg, "secret,", 7)) {
+        rest = arg + 7;
+    } else if (!strncmp(arg, "qom-type=secret,", 16)) {
+        rest = arg + 16;
+    } else {
+        size_t tl = strcspn(arg, ",");
+        const char *type = !strncmp(arg, "qom-type=", 9) ? arg + 9 : arg;
+        tool_error("Object type '%.*s' is not supported by vdisk (supported: secret)",
+                   (int)(arg + tl - type), type);
+        return -1;
+    }
+    if (vd_secret_add_keyval(rest, &err) < 0) {
+        tool_report(err, NULL);
+        return -1;
+    }
+    return 0;
+}
+
+/* Take every --object ARG / --object=ARG out of argv (before "--") and add the objects. */
+static int take_objects(int *argc, char **argv)
+{
+    int w = 2;
+    for (int i = 2; i < *argc; i++) {
+        if (!strcmp(argv[i], "--")) {
+            while (i < *argc) {
+                argv[w++] = argv[i++];
+            }
+            break;
+        }
+        const char *val = NULL;
+        if (!strcmp(argv[i], "--object")) {
+            if (i + 1 >= *argc) {
+                tool_error("missing argument for option '--object'");
+                return -1;
+            }
+            val = argv[++i];
+        } else if (!strncmp(argv[i], "--object=", 9)) {
+            val = argv[i] + 9;
+        }
+        if (!val) {
+            argv[w++] = argv[i];
+        } else if (tool_object_add(val) < 0) {
+            return -1;
+        }
+    }
+    *argc = w;
+    argv[w] = NULL;
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     /* --allow-probe is global: accept it anywhere before "--". */
@@ -952,6 +1022,9 @@ int main(int argc, char **argv)
             if (argc >= 3 && (!strcmp(argv[2], "-h") || !strcmp(argv[2], "--help"))) {
                 printf("usage: " TOOL_NAME " %s\n", commands[i].usage);
                 return 0;
+            }
+            if (takes_objects(cmd) && take_objects(&argc, argv) < 0) {
+                return 1;
             }
             optind = 0;
             opterr = 0;

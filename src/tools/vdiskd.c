@@ -47,6 +47,7 @@ static void usage(FILE *f)
             "  --object authz-list,id=ID[,policy=deny|allow][,rules.N.match=M,rules.N.policy=P\n"
             "               [,rules.N.format=exact|glob]...] (or --object '{JSON}')\n"
             "  --object authz-listfile,id=ID,filename=FILE[,refresh=on|off]\n"
+            "  --object secret,id=ID,data=SECRET|file=PATH[,format=raw|base64]\n"
             "  --nbd-server addr.type=inet,addr.host=H,addr.port=P[,max-connections=N]\n"
             "  --nbd-server addr.type=unix,addr.path=P[,max-connections=N]\n"
             "               [,tls-creds=ID[,tls-authz=ID]] (NBD over TLS, required of clients)\n"
@@ -200,7 +201,9 @@ static json_t *keyval_value(const char *key, const char *v)
     leaf = leaf ? leaf + 1 : key;
     bool is_name = !strcmp(leaf, "filename") || !strcmp(leaf, "node-name") ||
                    !strcmp(leaf, "file") || !strcmp(leaf, "backing") || !strcmp(leaf, "path") ||
-                   !strcmp(leaf, "snapshot") || !strcmp(leaf, "match") || !strcmp(leaf, "identity");
+                   !strcmp(leaf, "snapshot") || !strcmp(leaf, "match") || !strcmp(leaf, "identity") ||
+                   !strcmp(leaf, "id") || !strcmp(leaf, "data") || !strcmp(leaf, "keyid") ||
+                   !strcmp(leaf, "iv") || !strcmp(leaf, "key-secret");
     if (!is_name) {
         if (!strcmp(v, "on") || !strcmp(v, "true")) {
             return json_true();

@@ -1,6 +1,7 @@
 /*
  * tls-creds.c - the object registry behind object-add / object-del: TLS credentials (GnuTLS,
- * loaded when added) and authorization lists (authz-simple, authz-list, authz-listfile).
+ * loaded when added), authorization lists (authz-simple, authz-list, authz-listfile) and secrets
+ * (util/secret.c parses them; their bytes are wiped when the last reference goes).
  * Invariants: an id is in the registry at most once; an object is freed when its last reference
  * goes (the registry's, the NBD server's, a node's), so a user never sees its credentials change
  * or vanish. One mutex guards the list and the counts; an authz-listfile's own mutex guards its
@@ -16,9 +17,10 @@
 
 #include "util/lock.h"
 #include "util/log.h"
+#include "util/secret.h"
 #include "util/tls-creds.h"
 
-typedef enum { OBJ_TLS_CREDS, OBJ_AUTHZ } ObjKind;
+typedef enum { OBJ_TLS_CREDS, OBJ_AUTHZ, OBJ_SECRET } ObjKind;
 
 typedef struct VdObject {
     ObjKind kind;
@@ -54,6 +56,12 @@ struct VdAuthz {
     VdAuthzListParse parse; /* authz-listfile: the file's JSON into rules */
     pthread_mutex_t lock;   /* authz-listfile: list, list_ok, stamp */
 };
+
+typedef struct VdSecretObj {
+    VdObject obj;
+    uint8_t *data;
+    size_t len;
+} VdSecretObj;
 
 static pthread_mutex_t reg_lock = PTHREAD_MUTEX_INITIALIZER;
 static VdObject *reg_head;
@@ -114,6 +122,8 @@ static void obj_unref(VdObject *o)
     }
     if (o->kind == OBJ_TLS_CREDS) {
         creds_free((VdTlsCreds *)o);
+    } else if (o->kind == OBJ_SECRET) {
+        vd_secret_free(((VdSecretObj *)o)->data, ((VdSecretObj *)o)->len);
     } else {
         authz_free((VdAuthz *)o);
     }
@@ -622,4 +632,56 @@ bool vd_authz_is_allowed(VdAuthz *a, const char *identity)
         return !strcmp(a->identity, identity);
     }
     return a->filename ? listfile_allows(a, identity) : list_allows(&a->list, identity);
+}
+
+/* ---- secrets (the bytes; util/secret.c makes them from the object's options) ---- */
+
+int vd_object_add_secret(const char *id, uint8_t *data, size_t len, VdError **errp)
+{
+    VdSecretObj *o = calloc(1, sizeof(*o));
+    if (!o || !(o->obj.id = strdup(id))) {
+        free(o);
+        vd_secret_free(data, len);
+        vd_error_setg(errp, ENOMEM, "out of memory");
+        return -ENOMEM;
+    }
+    o->obj.kind = OBJ_SECRET;
+    o->data = data;
+    o->len = len;
+    int r = obj_register(&o->obj, errp);
+    if (r < 0) {
+        o->obj.refcnt = 1;
+        obj_unref(&o->obj);
+    }
+    return r;
+}
+
+int vd_object_secret_copy(const char *id, uint8_t **data, size_t *len, VdError **errp)
+{
+    vd_mutex_lock(&reg_lock);
+    VdObject *o = find_locked(id);
+    if (!o || o->kind != OBJ_SECRET) {
+        vd_mutex_unlock(&reg_lock);
+        if (o) {
+            vd_error_setg(errp, EINVAL, "Object '%s' is not a secret", id);
+        } else {
+            vd_error_setg(errp, ENOENT, "No secret with id '%s'", id);
+        }
+        return o ? -EINVAL : -ENOENT;
+    }
+    VdSecretObj *s = (VdSecretObj *)o;
+    /* one byte more: a NUL after the secret, for callers that use it as a string */
+    uint8_t *copy = malloc(s->len + 1);
+    if (copy) {
+        memcpy(copy, s->data, s->len);
+        copy[s->len] = 0;
+        *len = s->len;
+    }
+    vd_mutex_unlock(&reg_lock);
+    if (!copy) {
+        vd_error_setg(errp, ENOMEM, "out of memory");
+        return -ENOMEM;
+    }
+    *data = copy;
+    return 0;
 }
