@@ -425,7 +425,8 @@ static int open_backing(BlockNode *bs, const VdOpenOptions *opts, ChainSeen *see
     VdOpenOptions bo = {
         .filename = full,
         .format = bs->backing_format,
-        .flags = opts->flags & (VD_OPEN_ALLOW_PROBE | VD_OPEN_DIRECT | VD_OPEN_FORCE_SHARE),
+        .flags = opts->flags & (VD_OPEN_ALLOW_PROBE | VD_OPEN_DIRECT | VD_OPEN_FORCE_SHARE |
+                                VD_OPEN_NO_IO),
     };
     VdError *local = NULL;
     BlockNode *backing = open_one(&bo, seen, true, &local);

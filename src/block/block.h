@@ -20,6 +20,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "crypto/luks.h"
 #include "util/error.h"
 #include "util/optspec.h"
 
@@ -71,7 +72,12 @@ enum {
      * write its cached metadata into its file, but no fdatasync is issued, and VD_REQ_FUA is
      * ignored. Backing nodes opened with it do not inherit it. A crash may lose anything.
      */
-    VD_OPEN_NO_FLUSH = 1 << 6
+    VD_OPEN_NO_FLUSH = 1 << 6,
+    /*
+     * Metadata only (qemu-img info, QEMU's BDRV_O_NO_IO): an encrypted image opens without its
+     * key, and reading or writing its guest data fails with -EACCES.
+     */
+    VD_OPEN_NO_IO = 1 << 7
 };
 
 typedef struct VdOpenOptions {
@@ -85,6 +91,11 @@ typedef struct VdOpenOptions {
     const char *snapshot;
     /* nbd: the id of a tls-creds object (client endpoint, util/tls-creds.h): NBD over TLS. */
     const char *tls_creds;
+    /*
+     * Encrypted formats: the id of the secret object (util/secret.h) holding the password
+     * (luks: key-secret, qcow2: encrypt.key-secret). Not passed to backing files.
+     */
+    const char *key_secret;
 } VdOpenOptions;
 
 typedef struct VdCreateOptions {
@@ -101,6 +112,13 @@ typedef struct VdCreateOptions {
     VdPrealloc prealloc;
     bool extended_l2;
     const char *compression_type; /* NULL/"zlib" or "zstd" */
+    /*
+     * Encryption: format luks always; qcow2 when encrypt_format is "luks" ("aes", QEMU's legacy
+     * qcow encryption, is refused). key_secret names the secret object with the password.
+     */
+    const char *encrypt_format;
+    const char *key_secret;
+    VdLuksCreateOptions luks;
 } VdCreateOptions;
 
 /*
@@ -309,6 +327,7 @@ struct BlockNode {
     int refcnt;
     /* Named dirty bitmaps (block/dirty-bitmap.h); NULL until the first one. */
     VdBitmapList *bitmaps;
+    bool encrypted;          /* the format encrypts its data (info's "encrypted"); set by open */
 };
 
 /* ---- registry (drivers.c: the one list of formats and protocols) ---- */

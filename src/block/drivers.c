@@ -10,10 +10,12 @@
 #include "block/block.h"
 
 extern const BlockDriver vd_drv_qcow2, vd_drv_raw, vd_drv_file, vd_drv_nbd, vd_drv_rbd;
+extern const BlockDriver vd_drv_luks;
 
 /* Format probing asks formats in this order (the first of equal scores wins). */
 static const BlockDriver *const builtin_drivers[] = {
     &vd_drv_qcow2,
+    &vd_drv_luks,
     &vd_drv_raw,
     &vd_drv_file,
     &vd_drv_nbd,

@@ -96,6 +96,9 @@ json_t *vd_image_info(BlockNode *bs, VdError **errp)
         }
         ret |= set_new(o, "backing-filename", json_string(bs->backing_file));
     }
+    if (bs->encrypted) {
+        ret |= set_new(o, "encrypted", json_true());
+    }
     bool dirty;
     if (vd_is_dirty(bs, &dirty) == 0) {
         ret |= set_new(o, "dirty-flag", json_boolean(dirty));

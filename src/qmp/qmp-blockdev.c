@@ -43,7 +43,7 @@ static const QmpArgSpec base_spec[] = {
 static const char *const qemu_only_drivers[] = {
     "blkdebug", "blklogwrites", "blkreplay", "blkverify", "bochs", "cloop", "compress",
     "copy-before-write", "copy-on-read", "dmg", "ftp", "ftps", "gluster", "host_cdrom",
-    "host_device", "http", "https", "iscsi", "luks", "nfs", "null-aio", "null-co", "nvme",
+    "host_device", "http", "https", "iscsi", "nfs", "null-aio", "null-co", "nvme",
     "parallels", "preallocate", "qcow", "qed", "quorum", "replication", "snapshot-access",
     "ssh", "throttle", "vdi", "vhdx", "vmdk", "vpc", "vvfat", "io_uring", "virtio-blk-vfio-pci",
     NULL};
@@ -347,6 +347,9 @@ static BlockNode *open_tree(json_t *o, const Inherit *parent, bool is_backing, V
     opts.file = file;
     opts.backing = backing;
     opts.snapshot = qmp_arg_str(o, "snapshot", NULL);
+    /* the password of an encrypted format: luks "key-secret", qcow2 "encrypt": {"key-secret"} */
+    opts.key_secret = qmp_arg_str(o, "key-secret",
+                                  qmp_arg_str(json_object_get(o, "encrypt"), "key-secret", NULL));
     if (opts.snapshot && !inh.read_only) {
         vd_error_setg(errp, EINVAL, "'snapshot' (an internal snapshot) can only be opened with "
                       "read-only=true");

@@ -164,7 +164,7 @@ int img_info(int argc, char **argv)
     if (!filename) {
         return 1;
     }
-    int flags = tool_open_flags(chain ? 0 : VD_OPEN_NO_BACKING, force_share);
+    int flags = tool_open_flags(VD_OPEN_NO_IO | (chain ? 0 : VD_OPEN_NO_BACKING), force_share);
     BlockNode *top = tool_open(filename, fmt, flags);
     if (!top) {
         return 1;

@@ -632,9 +632,63 @@ void tool_opts_free(ToolOpts *o)
 
 static const char *const qcow2_opt_names[] = {
     "size", "backing_file", "backing_fmt", "cluster_size", "compat", "lazy_refcounts",
-    "refcount_bits", "preallocation", "extended_l2", "compression_type", NULL
+    "refcount_bits", "preallocation", "extended_l2", "compression_type", "encryption",
+    "encrypt.format", "encrypt.key-secret", "encrypt.cipher-alg", "encrypt.cipher-mode",
+    "encrypt.ivgen-alg", "encrypt.ivgen-hash-alg", "encrypt.hash-alg", "encrypt.iter-time", NULL
 };
 static const char *const raw_opt_names[] = { "size", "preallocation", NULL };
+/* QEMU's LUKS create options, in the order qemu-img prints them (qcow2: "encrypt." before each) */
+static const char *const luks_opt_names[] = {
+    "size", "key-secret", "cipher-alg", "cipher-mode", "ivgen-alg", "ivgen-hash-alg",
+    "hash-alg", "iter-time", "preallocation", NULL
+};
+
+/* The LUKS members of co from -o (names after prefix: "" for luks, "encrypt." for qcow2). */
+static int luks_create_options(VdCreateOptions *co, const ToolOpts *o, const char *prefix,
+                               const char *filename)
+{
+    char key[64];
+#define LUKS_OPT(name) (snprintf(key, sizeof(key), "%s%s", prefix, name), tool_opts_get(o, key))
+    co->key_secret = LUKS_OPT("key-secret");
+    co->luks.cipher_alg = LUKS_OPT("cipher-alg");
+    co->luks.cipher_mode = LUKS_OPT("cipher-mode");
+    co->luks.ivgen_alg = LUKS_OPT("ivgen-alg");
+    co->luks.ivgen_hash_alg = LUKS_OPT("ivgen-hash-alg");
+    co->luks.hash_alg = LUKS_OPT("hash-alg");
+    const char *v = LUKS_OPT("iter-time");
+#undef LUKS_OPT
+    if (v && (tool_parse_uint(v, &co->luks.iter_time) < 0 || co->luks.iter_time == 0)) {
+        tool_error("%s: Parameter '%s' expects a positive number", filename, key);
+        return -1;
+    }
+    return 0;
+}
+
+/* qcow2's encryption=on / encrypt.*: only encrypt.format=luks (QEMU's legacy AES is refused). */
+static int qcow2_encrypt_options(VdCreateOptions *co, const ToolOpts *o, const char *filename)
+{
+    const char *fmt = tool_opts_get(o, "encrypt.format");
+    const char *legacy = tool_opts_get(o, "encryption");
+    bool any = false;
+    for (int i = 0; o && i < o->n; i++) {
+        any |= !strncmp(o->v[i].key, "encrypt.", 8);
+    }
+    if ((legacy && strcmp(legacy, "off") != 0) || (fmt && !strcmp(fmt, "aes"))) {
+        tool_error("%s: Legacy AES-CBC qcow2 encryption (encryption=on, encrypt.format=aes) is "
+                   "not supported: use encrypt.format=luks", filename);
+        return -1;
+    }
+    if (fmt && strcmp(fmt, "luks") != 0) {
+        tool_error("%s: Parameter 'encrypt.format' does not accept value '%s'", filename, fmt);
+        return -1;
+    }
+    if (any && !fmt) {
+        tool_error("%s: Parameter 'encrypt.format' is missing", filename);
+        return -1;
+    }
+    co->encrypt_format = fmt;
+    return fmt ? luks_create_options(co, o, "encrypt.", filename) : 0;
+}
 
 static int parse_bool_opt(const char *key, const char *v, bool *out)
 {
@@ -655,8 +709,9 @@ int tool_create_options(CreateSpec *spec, const char *fmt, const ToolOpts *o, co
     memset(spec, 0, sizeof(*spec));
     spec->o = o;
     co->format = fmt;
-    bool is_qcow2 = !strcmp(fmt, "qcow2");
-    const char *const *names = is_qcow2 ? qcow2_opt_names : raw_opt_names;
+    bool is_qcow2 = !strcmp(fmt, "qcow2"), is_luks = !strcmp(fmt, "luks");
+    const char *const *names = is_qcow2 ? qcow2_opt_names
+                             : is_luks ? luks_opt_names : raw_opt_names;
     for (int i = 0; o && i < o->n; i++) {
         bool known = false;
         for (int j = 0; names[j]; j++) {
@@ -730,7 +785,23 @@ int tool_create_options(CreateSpec *spec, const char *fmt, const ToolOpts *o, co
                    co->compression_type);
         return -1;
     }
-    return 0;
+    if (is_luks) {
+        return luks_create_options(co, o, "", filename);
+    }
+    return is_qcow2 ? qcow2_encrypt_options(co, o, filename) : 0;
+}
+
+/* " key=value" for each of names[] set in o (after prefix), in names' order. */
+static void print_given(const ToolOpts *o, const char *prefix, const char *const *names)
+{
+    char key[64];
+    for (int i = 0; names[i]; i++) {
+        snprintf(key, sizeof(key), "%s%s", prefix, names[i]);
+        const char *v = tool_opts_get(o, key);
+        if (v && strcmp(names[i], "size") != 0 && strcmp(names[i], "preallocation") != 0) {
+            printf(" %s=%s", key, v);
+        }
+    }
 }
 
 void tool_print_formatting(const char *filename, const CreateSpec *spec)
@@ -740,6 +811,13 @@ void tool_print_formatting(const char *filename, const CreateSpec *spec)
     const char *v;
     printf("Formatting '%s', fmt=%s", filename, co->format);
     if (!strcmp(co->format, "qcow2")) {
+        if ((v = tool_opts_get(o, "encryption"))) {
+            printf(" encryption=%s", v);
+        }
+        if ((v = tool_opts_get(o, "encrypt.format"))) {
+            printf(" encrypt.format=%s", v);
+        }
+        print_given(o, "encrypt.", luks_opt_names);
         printf(" cluster_size=%" PRIu64, co->cluster_size ? co->cluster_size : 65536);
         v = tool_opts_get(o, "extended_l2");
         printf(" extended_l2=%s", v ? v : "off");
@@ -763,6 +841,9 @@ void tool_print_formatting(const char *filename, const CreateSpec *spec)
         printf(" refcount_bits=%d", co->refcount_bits ? co->refcount_bits : 16);
     } else {
         printf(" size=%" PRIu64, co->size);
+        if (!strcmp(co->format, "luks")) {
+            print_given(o, "", luks_opt_names);
+        }
         if ((v = tool_opts_get(o, "preallocation"))) {
             printf(" preallocation=%s", v);
         }
