@@ -220,6 +220,11 @@ struct BlockDriver {
      * that file: vd_open calls the file's lock_for_format for it.
      */
     bool passthrough;
+    /*
+     * Formats: flush syncs the file child itself, in the order its metadata needs (qcow2: data
+     * and refcounts, then the L2 tables, then the file), so vd_flush does not sync it again.
+     */
+    bool flush_syncs_file;
 
     /*
      * Recognise the format from the first bytes of a file; returns a score 0..100. A format that

@@ -209,8 +209,8 @@ static int flush_node(BlockNode *bs, bool follow_backing)
         }
         ret = bs->drv->flush(bs);
     }
-    /* The format's metadata is only durable once its file is. */
-    if (ret == 0 && bs->file && !no_flush) {
+    /* The format's metadata is only durable once its file is (unless the driver synced it). */
+    if (ret == 0 && bs->file && !no_flush && !bs->drv->flush_syncs_file) {
         ret = flush_node(bs->file, true);
     }
     /* A writable backing (commit's target) holds data we wrote too. */

@@ -556,8 +556,9 @@ static int presync_data(BlockNode *bs, Qcow2State *s)
 static int qcow2_flush(BlockNode *bs)
 {
     Qcow2State *s = q2_state(bs);
+    bool may_sync = !(bs->open_flags & VD_OPEN_NO_FLUSH);
     if (s->read_only || s->damaged) {
-        return 0;
+        return may_sync ? vd_flush(bs->file) : 0; /* flush_syncs_file: the file is ours to sync */
     }
     int ret = presync_data(bs, s);
     vd_mutex_lock(&s->lock);
@@ -573,7 +574,7 @@ static int qcow2_flush(BlockNode *bs)
      * this flush was called is in the file already, so this sync makes it durable; later writes
      * order themselves (they set their own dependencies and data_dirty).
      */
-    if (ret == 0 && !(bs->open_flags & VD_OPEN_NO_FLUSH)) {
+    if (ret == 0 && may_sync) {
         ret = vd_flush(bs->file);
     }
     return ret;
@@ -1082,6 +1083,7 @@ const BlockDriver vd_drv_qcow2 = {
     .pdiscard = qcow2_pdiscard,
     .pwrite_compressed = qcow2_pwrite_compressed,
     .flush = qcow2_flush,
+    .flush_syncs_file = true,
     .block_status = qcow2_block_status,
     .getlength = qcow2_getlength,
     .truncate = qcow2_truncate,

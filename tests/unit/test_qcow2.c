@@ -1123,6 +1123,32 @@ static void test_alloc_concurrent_same_clusters(void **state)
     assert_clean(img);
 }
 
+/*
+ * A qcow2 flush syncs its file once per ordering point and vd_flush adds none (flush_syncs_file):
+ * after an allocating write, one sync for the data and refcounts and one after the L2 tables; a
+ * flush with nothing written since, one. The data is in the file afterwards.
+ */
+static void test_flush_sync_count(void **state)
+{
+    (void)state;
+    BlockNode *bs = create_open("fs.qcow2", 4 << 20, 65536, 0, NULL, false, NULL, NULL);
+    write_pat(bs, 65536, 65536, 7);
+    uint64_t s0 = vd_flush_thread_syncs();
+    assert_int_equal(vd_flush(bs), 0);
+    uint64_t s1 = vd_flush_thread_syncs();
+    assert_int_equal(s1 - s0, 2);
+    assert_int_equal(vd_flush(bs), 0);
+    assert_int_equal(vd_flush_thread_syncs() - s1, 1);
+    vd_node_unref(bs);
+    VdError *err = NULL;
+    bs = vd_open_image(path("fs.qcow2"), "qcow2", 0, &err);
+    assert_non_null(bs);
+    assert_reads(bs, 65536, 65536, 7);
+    assert_reads(bs, 0, 65536, 0);
+    vd_node_unref(bs);
+    assert_clean(path("fs.qcow2"));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1146,6 +1172,7 @@ int main(void)
         cmocka_unit_test(test_prealloc_and_zero),
         cmocka_unit_test(test_lockless_stress),
         cmocka_unit_test(test_alloc_concurrent_same_clusters),
+        cmocka_unit_test(test_flush_sync_count),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
