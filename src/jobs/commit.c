@@ -431,16 +431,20 @@ static int commit_run_active(Commit *c, VdError **errp)
             /*
              * Rounds of "copy what was dirty at the round's start, flush it while guests run".
              * Pivot when nothing is left (the ready loop keeps base in sync and flushed, so an
-             * idle guest's commit pivots at once and syncs nothing while drained), or after a
-             * round when what prepare must copy and flush with guests drained is small, or after
-             * a few rounds (a guest writing faster than the copy leaves the rest to the tail).
+             * idle guest's commit pivots at once and syncs nothing while drained), or when what
+             * prepare must copy and flush with guests drained is small: at once if a guest is
+             * writing (something is dirty: a round would put a copy and a flush on the path to
+             * COMPLETED and still leave a tail dirtied meanwhile; the drained flush covers both),
+             * after the first round if only unflushed copies are left (an idle guest, whose
+             * pivot then syncs nothing while drained), or after a few rounds (a guest writing
+             * faster than the copy leaves the rest to the tail).
              */
             uint64_t d = dirty_bytes(c);
             bool round_over = cr.finish_copied >= finish_budget;
             bool clean = d == 0 && c->unflushed == 0 && copy_engine_in_flight(e) == 0;
             if (clean || job_now_ns() >= finish_deadline ||
                 finish_rounds >= COMMIT_FINISH_ROUNDS ||
-                (finish_rounds > 0 && d + c->unflushed <= COMMIT_QUICK_TAIL)) {
+                ((finish_rounds > 0 || d > 0) && d + c->unflushed <= COMMIT_QUICK_TAIL)) {
                 r = 0; /* prepare copies what is still dirty, guests drained */
                 break;
             }

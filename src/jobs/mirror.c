@@ -52,6 +52,7 @@
 #define WINDOW_NS 1000000000ULL     /* write-rate vs copy-rate measurement window */
 #define OUTPACED_WINDOWS 3          /* consecutive windows before switching to write-blocking */
 #define COMPLETE_ROUNDS 4           /* copy+flush rounds before the drained pivot, at most */
+#define MIRROR_QUICK_TAIL (4ULL << 20) /* ... only while more than this is dirty after one */
 #define RATE_NS 1000000000ULL       /* query-block-jobs rates: samples at least 1 s apart */
 #define JOURNAL_CLEAR_NS 1000000000ULL /* clear the journal's in-sync segments about every second */
 
@@ -1069,7 +1070,12 @@ static int mirror_run(Job *job, VdError **errp)
              * syncs, and a write-blocking guest write would wait for that whole sync.
              */
             vd_mutex_lock(&m->lock);
-            bool more = m->dirty_bits > 0;
+            /*
+             * A small tail is the drained pivot's to copy: another round would put a copy and
+             * a flush (syncs) on the path to COMPLETED and leave a new tail behind anyway.
+             */
+            bool more = m->dirty_bits > 0 &&
+                        m->dirty_bits * m->granularity > MIRROR_QUICK_TAIL;
             if (more) {
                 m->write_blocking = true;
             }

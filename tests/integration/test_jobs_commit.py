@@ -216,17 +216,27 @@ def test_commit_cancel_keeps_chain(tmp_path):
     check_clean(base, mid, top)
 
 
+def ready_active_commit(tmp_path, job_id):
+    """The chain served by vdiskd with an active commit of its top, READY."""
+    base, mid, top, model = make_chain(tmp_path)
+    s = Served(tmp_path, top, need=("block-commit",))
+    try:
+        s.q.cmd("block-commit", job_id=job_id, device="disk0")
+        s.q.get_event("BLOCK_JOB_READY", timeout=20)
+    except BaseException:
+        s.close()
+        raise
+    return base, mid, top, model, s
+
+
 def test_active_commit_pivot_of_idle_guest_syncs_nothing_while_paused(tmp_path, monkeypatch):
     """base is flushed before the exports are drained; with an idle guest the drained pivot has no
     tail to copy, so it syncs nothing while the guest waits (vdiskd logs the count of syncs its QMP
     thread made while drained: a count, not a timing). A non-active commit logs its count too."""
     monkeypatch.setenv("VDISK_LOG", "info")
-    base, mid, top, model = make_chain(tmp_path)
-    s = Served(tmp_path, top, need=("block-commit",))
+    base, mid, top, model, s = ready_active_commit(tmp_path, "c5")
     try:
         q = s.q
-        q.cmd("block-commit", job_id="c5", device="disk0")
-        q.get_event("BLOCK_JOB_READY", timeout=20)
         g = Guest(s.uri, write_cmds(model, random.Random(15), 30, 7))
         g.start()
         g.join_checked()
@@ -247,5 +257,29 @@ def test_active_commit_pivot_of_idle_guest_syncs_nothing_while_paused(tmp_path, 
         s.stop()
     finally:
         s.close()
+    assert_same(image_content(tmp_path, base, "base.raw"), bytes(model), "base after pivot")
+    check_clean(base, mid, top)
+
+
+def test_active_commit_complete_while_guest_writes(tmp_path):
+    """block-job-complete while a guest keeps writing: with something dirty at that moment the
+    job copies it in the drained tail instead of a finishing round first; no write is lost (the
+    guest's connection follows the pivot), base reads like the model and every image is clean."""
+    base, mid, top, model, s = ready_active_commit(tmp_path, "c6")
+    try:
+        q = s.q
+        g = Guest(s.uri, write_cmds(model, random.Random(16), 300, 11))
+        g.start()
+        time.sleep(0.2)  # let the guest get going (not an assertion)
+        q.cmd("block-job-complete", device="c6")
+        done = q.get_event("BLOCK_JOB_COMPLETED", timeout=30)
+        g.join_checked(120)
+        assert "error" not in done["data"], done
+        assert_same(guest_read(tmp_path, s.uri), bytes(model), "guest view after pivot")
+        s.stop()
+    finally:
+        s.close()
+    assert chain_info(top) == [("top.qcow2", "mid.qcow2", "qcow2"),
+                               ("mid.qcow2", "base.qcow2", "qcow2"), ("base.qcow2", None, None)]
     assert_same(image_content(tmp_path, base, "base.raw"), bytes(model), "base after pivot")
     check_clean(base, mid, top)
