@@ -279,6 +279,11 @@ def main():
         d = tempfile.mkdtemp(prefix="vdisk-crash-")
         try:
             w, f, after, lk = trial(d, rng, op)
+        except KeyboardInterrupt:  # stopped (SIGINT): report the trials that completed
+            shutil.rmtree(d, ignore_errors=True)
+            trials = t
+            print(f"crash-campaign: interrupted during trial {t}", flush=True)
+            break
         except BaseException as e:
             print(f"crash-campaign: trial {t} ({op}) FAILED, seed {seed}, dir kept: {d}\n{e}")
             sys.exit(1)
