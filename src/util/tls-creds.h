@@ -1,9 +1,9 @@
 /*
  * tls-creds.h - vdiskd's user-created objects, as QEMU's object-add makes them: TLS credentials
  * (tls-creds-x509, tls-creds-psk: a directory of PEM files / a keys.psk file, for one endpoint)
- * and authorization lists (authz-simple, authz-list, authz-listfile). Ids share one namespace. Objects are reference counted:
- * object-del drops the registry's reference, a user (the NBD server, an NBD client node) keeps
- * its own until it is done, as QOM does. Credentials are loaded (and checked) when added, so a
+ * and authorization lists (authz-simple, authz-list, authz-listfile). Ids share one namespace.
+ * Objects are reference counted: object-del drops the registry's reference, a user (the NBD
+ * server, an NBD client node) keeps its own until it is done, as QOM does. Credentials are loaded (and checked) when added, so a
  * missing or broken file is reported by object-add, not by the first client. Thread-safe.
  */
 #ifndef VDISK_UTIL_TLS_CREDS_H
