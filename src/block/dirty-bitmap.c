@@ -664,6 +664,11 @@ int vd_bitmap_check_usable(BlockNode *bs, const char *name, VdError **errp)
     return bitmap_apply(bs, name, CHECK_BUSY | CHECK_INCONSISTENT, NULL, 0, errp);
 }
 
+int vd_bitmap_check_clearable(BlockNode *bs, const char *name, VdError **errp)
+{
+    return bitmap_apply(bs, name, CHECK_ALL, NULL, 0, errp);
+}
+
 int vd_bitmap_is_recording(BlockNode *bs, const char *name)
 {
     VdBitmapList *l;

@@ -65,6 +65,8 @@ json_t *vd_bitmaps_info(BlockNode *bs);
 int vd_bitmap_check_exists(BlockNode *bs, const char *name, VdError **errp);
 /* Check that name exists and may be exported (not inconsistent); sets QEMU's errors. */
 int vd_bitmap_check_usable(BlockNode *bs, const char *name, VdError **errp);
+/* Could block-dirty-bitmap-clear clear it (exists, not busy, read-only or inconsistent)? */
+int vd_bitmap_check_clearable(BlockNode *bs, const char *name, VdError **errp);
 /* 1 when name on bs records writes, 0 when disabled, -ENOENT when absent. */
 int vd_bitmap_is_recording(BlockNode *bs, const char *name);
 /* The node of bs's backing chain (bs first) holding a bitmap called name, or NULL (QEMU's lookup

@@ -70,4 +70,23 @@ int snapshot_sync(const SnapshotSyncRequest *r, VdError **errp);
 /* blockdev-snapshot: put the named overlay node on top of node. */
 int snapshot_blockdev(const char *node, const char *overlay, VdError **errp);
 
+/*
+ * The same in two steps, for QMP transaction's all-or-nothing: *_prepare checks everything and
+ * (blockdev-snapshot-sync) creates, opens and registers the overlay, switching nothing;
+ * snapshot_commit then switches the guest onto it, or snapshot_abort undoes the prepare (the
+ * overlay closed and out of the graph; an image file it created stays, as QEMU's). Until then
+ * the old node counts as the overlay's backing (a second snapshot of it is refused as busy).
+ * *p must stay where it is between prepare and commit / abort.
+ */
+typedef struct SnapshotPrepared {
+    BlockNode *old, *overlay; /* overlay: a reference held (sync) or the graph's (blockdev) */
+    bool set_backing;         /* blockdev-snapshot: link overlay -> old at the switch */
+    struct SnapshotPrepared *next; /* the prepared, not yet committed ones (QMP thread) */
+} SnapshotPrepared;
+int snapshot_sync_prepare(const SnapshotSyncRequest *r, SnapshotPrepared *p, VdError **errp);
+int snapshot_blockdev_prepare(const char *node, const char *overlay, SnapshotPrepared *p,
+                              VdError **errp);
+int snapshot_commit(SnapshotPrepared *p, VdError **errp);
+void snapshot_abort(SnapshotPrepared *p);
+
 #endif

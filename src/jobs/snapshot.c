@@ -80,11 +80,39 @@ static void parent_cb(BlockNode *root, void *opaque)
     }
 }
 
+/*
+ * Snapshots prepared in a QMP transaction and not yet committed or aborted (QMP thread only):
+ * their old node counts as the overlay's backing already, as QEMU switches in its prepare step,
+ * so a later action on the same node gets QEMU's "busy" refusal.
+ */
+static SnapshotPrepared *pending;
+
 static BlockNode *find_parent(BlockNode *bs)
 {
+    for (SnapshotPrepared *p = pending; p; p = p->next) {
+        if (p->old == bs) {
+            return p->overlay;
+        }
+    }
     ParentScan p = {.bs = bs};
     graph_foreach(parent_cb, &p);
     return p.parent;
+}
+
+static void pending_add(SnapshotPrepared *prep)
+{
+    prep->next = pending;
+    pending = prep;
+}
+
+static void pending_remove(SnapshotPrepared *prep)
+{
+    for (SnapshotPrepared **pp = &pending; *pp; pp = &(*pp)->next) {
+        if (*pp == prep) {
+            *pp = prep->next;
+            return;
+        }
+    }
 }
 
 /*
@@ -137,8 +165,9 @@ static BlockNode *find_dev(const char *device, const char *node_name, VdError **
     return bs;
 }
 
-int snapshot_sync(const SnapshotSyncRequest *req, VdError **errp)
+int snapshot_sync_prepare(const SnapshotSyncRequest *req, SnapshotPrepared *prep, VdError **errp)
 {
+    *prep = (SnapshotPrepared){0};
     const char *device = req->device, *node_name = req->node_name;
     const char *file = req->snapshot_file, *snap_name = req->snapshot_node_name;
     const char *format = req->format;
@@ -224,21 +253,52 @@ int snapshot_sync(const SnapshotSyncRequest *req, VdError **errp)
         }
         return -EIO;
     }
-    int r = switch_to_overlay(old, overlay, false, errp);
-    vd_node_unref(overlay); /* the graph and the exports hold theirs */
-    return r < 0 ? r : 0;
+    *prep = (SnapshotPrepared){.old = old, .overlay = overlay};
+    pending_add(prep);
+    return 0;
 }
 
-int snapshot_blockdev(const char *node, const char *ov, VdError **errp)
+int snapshot_commit(SnapshotPrepared *prep, VdError **errp)
 {
+    pending_remove(prep);
+    int r = switch_to_overlay(prep->old, prep->overlay, prep->set_backing, errp);
+    if (r < 0) {
+        snapshot_abort(prep);
+        return r;
+    }
+    if (!prep->set_backing) {
+        vd_node_unref(prep->overlay); /* the graph and the exports hold theirs */
+    }
+    *prep = (SnapshotPrepared){0};
+    return 0;
+}
+
+void snapshot_abort(SnapshotPrepared *prep)
+{
+    pending_remove(prep);
+    if (prep->overlay && !prep->set_backing) {
+        /* blockdev-snapshot-sync's own overlay: out of the graph and closed; the image file it
+         * created stays, as QEMU leaves it */
+        graph_unregister(prep->overlay);
+        vd_node_unref(prep->overlay);
+    }
+    *prep = (SnapshotPrepared){0};
+}
+
+int snapshot_sync(const SnapshotSyncRequest *req, VdError **errp)
+{
+    SnapshotPrepared prep;
+    int r = snapshot_sync_prepare(req, &prep, errp);
+    return r < 0 ? r : snapshot_commit(&prep, errp);
+}
+
+int snapshot_blockdev_prepare(const char *node, const char *ov, SnapshotPrepared *prep,
+                              VdError **errp)
+{
+    *prep = (SnapshotPrepared){0};
     BlockNode *old = graph_find_node(node);
     if (!old) {
         vd_error_setg(errp, EINVAL, "Cannot find device='%s' nor node-name='%s'", node, node);
-        return -EINVAL;
-    }
-    BlockNode *overlay = graph_find_node(ov);
-    if (!overlay) {
-        vd_error_setg(errp, EINVAL, "Cannot find device='%s' nor node-name='%s'", ov, ov);
         return -EINVAL;
     }
     const char *job_type = blockops_busy(old); /* before find_parent: see snapshot_sync */
@@ -252,6 +312,12 @@ int snapshot_blockdev(const char *node, const char *ov, VdError **errp)
         vd_error_setg(errp, EBUSY, "Node '%s' is busy: node is used as backing hd of '%s'",
                       old->node_name, parent->node_name);
         return -EBUSY;
+    }
+    /* the overlay is looked up after the node's blockers, as QEMU's */
+    BlockNode *overlay = graph_find_node(ov);
+    if (!overlay) {
+        vd_error_setg(errp, EINVAL, "Cannot find device='%s' nor node-name='%s'", ov, ov);
+        return -EINVAL;
     }
     if (!overlay->drv->supports_backing || overlay->drv->is_protocol) {
         vd_error_setg(errp, ENOTSUP, "The overlay does not support backing images");
@@ -275,6 +341,14 @@ int snapshot_blockdev(const char *node, const char *ov, VdError **errp)
         return -EINVAL;
     }
     /* QEMU leaves the overlay's header as the user created it: only the graph changes. */
-    int r = switch_to_overlay(old, overlay, true, errp);
-    return r < 0 ? r : 0;
+    *prep = (SnapshotPrepared){.old = old, .overlay = overlay, .set_backing = true};
+    pending_add(prep);
+    return 0;
+}
+
+int snapshot_blockdev(const char *node, const char *ov, VdError **errp)
+{
+    SnapshotPrepared prep;
+    int r = snapshot_blockdev_prepare(node, ov, &prep, errp);
+    return r < 0 ? r : snapshot_commit(&prep, errp);
 }

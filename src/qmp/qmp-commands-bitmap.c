@@ -19,7 +19,7 @@ typedef struct BitmapArgs {
     const char *node, *name;
 } BitmapArgs;
 
-static const QmpArgSpec bitmap_args[] = {
+const QmpArgSpec qmp_bitmap_args[] = {
     {"node", QA_STR, true, .at = QMP_AT(BitmapArgs, node)},
     {"name", QA_STR, true, .at = QMP_AT(BitmapArgs, name)},
     {NULL}};
@@ -30,7 +30,7 @@ typedef struct AddArgs {
     bool has_granularity, persistent, disabled;
 } AddArgs;
 
-static const QmpArgSpec add_args[] = {
+const QmpArgSpec qmp_bitmap_add_args[] = {
     {"node", QA_STR, true, .at = QMP_AT(AddArgs, node)},
     {"name", QA_STR, true, .at = QMP_AT(AddArgs, name)},
     {"granularity", QA_U32, .at = QMP_AT(AddArgs, granularity),
@@ -75,22 +75,116 @@ static json_t *reply(int ret, VdError **errp)
     return json_object();
 }
 
-static json_t *cmd_add(json_t *args, VdError **errp)
+/* block-dirty-bitmap-add; *added (may be NULL) = the node it was added to. 0 or -errno. */
+static int bitmap_add(json_t *args, BlockNode **added, const char **name, VdError **errp)
 {
     AddArgs a = {0};
-    if (qmp_args_parse(args, add_args, &a, errp) < 0) {
-        return NULL;
+    if (qmp_args_parse(args, qmp_bitmap_add_args, &a, errp) < 0) {
+        return -EINVAL;
     }
     BlockNode *bs = find_node(a.node, true, errp);
     if (!bs) {
-        return NULL;
+        return -EINVAL;
     }
     if (a.has_granularity && a.granularity == 0) {
         vd_error_setg(errp, EINVAL, "Granularity must be power of 2 and at least 512");
-        return NULL;
+        return -EINVAL;
     }
-    return reply(vd_bitmap_add(bs, a.name, a.granularity, a.persistent, a.disabled, errp),
-                 errp);
+    int r = vd_bitmap_add(bs, a.name, a.granularity, a.persistent, a.disabled, errp);
+    if (r == 0 && added) {
+        *added = bs;
+        *name = a.name;
+    }
+    return r;
+}
+
+static json_t *cmd_add(json_t *args, VdError **errp)
+{
+    return reply(bitmap_add(args, NULL, NULL, errp), errp);
+}
+
+/* transaction actions: add (undone by removing it) and clear (undone by restoring the bits) */
+typedef struct BitmapActionState {
+    BlockNode *bs;
+    char *name;
+    VdBitmapSaved *saved; /* clear: the bits before */
+} BitmapActionState;
+
+static void bitmap_action_free(void *state)
+{
+    BitmapActionState *st = state;
+    if (st->saved) {
+        vd_bitmap_saved_free(st->saved);
+    }
+    free(st->name);
+    free(st);
+}
+
+static void bitmap_add_abort(void *state)
+{
+    BitmapActionState *st = state;
+    vd_bitmap_remove(st->bs, st->name, NULL);
+    bitmap_action_free(st);
+}
+
+static void bitmap_clear_abort(void *state)
+{
+    BitmapActionState *st = state;
+    vd_bitmap_restore(st->bs, st->name, st->saved);
+    st->saved = NULL; /* restore took it */
+    bitmap_action_free(st);
+}
+
+static int bitmap_action(BitmapActionState *st, QmpAction *act, void (*abort_fn)(void *),
+                         VdError **errp)
+{
+    if (!st->name) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+        abort_fn(st);
+        return -ENOMEM;
+    }
+    *act = (QmpAction){.state = st, .commit = bitmap_action_free, .abort = abort_fn};
+    return 0;
+}
+
+int qmp_action_bitmap_add(json_t *data, QmpAction *act, VdError **errp)
+{
+    BitmapActionState *st = calloc(1, sizeof(*st));
+    const char *name = NULL;
+    int r = st ? bitmap_add(data, &st->bs, &name, errp) : -ENOMEM;
+    if (r < 0) {
+        if (!st) {
+            vd_error_setg(errp, ENOMEM, "Out of memory");
+        }
+        free(st);
+        return r;
+    }
+    st->name = strdup(name);
+    return bitmap_action(st, act, bitmap_add_abort, errp);
+}
+
+int qmp_action_bitmap_clear(json_t *data, QmpAction *act, VdError **errp)
+{
+    BitmapArgs a = {0};
+    if (qmp_args_parse(data, qmp_bitmap_args, &a, errp) < 0) {
+        return -EINVAL;
+    }
+    BlockNode *bs = find_node(a.node, false, errp);
+    BitmapActionState *st = bs ? calloc(1, sizeof(*st)) : NULL;
+    if (bs && !st) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+    }
+    if (!st) {
+        return bs ? -ENOMEM : -EINVAL;
+    }
+    st->bs = bs;
+    if (vd_bitmap_check_clearable(bs, a.name, errp) < 0 ||
+        !(st->saved = vd_bitmap_save_and_clear(bs, a.name, errp))) {
+        free(st);
+        return -EINVAL;
+    }
+    st->name = strdup(a.name);
+    return bitmap_action(st, act, bitmap_clear_abort, errp);
 }
 
 typedef int BitmapCmd(BlockNode *bs, const char *name, VdError **errp);
@@ -99,7 +193,7 @@ typedef int BitmapCmd(BlockNode *bs, const char *name, VdError **errp);
 static json_t *bitmap_cmd(json_t *args, BitmapCmd *fn, VdError **errp)
 {
     BitmapArgs a = {0};
-    if (qmp_args_parse(args, bitmap_args, &a, errp) < 0) {
+    if (qmp_args_parse(args, qmp_bitmap_args, &a, errp) < 0) {
         return NULL;
     }
     BlockNode *bs = find_node(a.node, false, errp);
@@ -154,7 +248,7 @@ int qmp_bitmap_refs_check(json_t *list, VdError **errp)
         }
         char prefix[48];
         snprintf(prefix, sizeof(prefix), "bitmaps[%zu].", i);
-        if (qmp_args_check1(el, prefix, bitmap_args, errp) < 0) {
+        if (qmp_args_check1(el, prefix, qmp_bitmap_args, errp) < 0) {
             return -EINVAL;
         }
     }
@@ -179,7 +273,7 @@ int qmp_bitmap_refs(json_t *list, BlockNode *bs, bool chain, VdBitmapRef *refs, 
             continue;
         }
         BitmapArgs a = {0};
-        if (qmp_args_parse(el, bitmap_args, &a, errp) < 0) {
+        if (qmp_args_parse(el, qmp_bitmap_args, &a, errp) < 0) {
             return -EINVAL;
         }
         refs[i].node = find_node(a.node, false, errp);
@@ -219,10 +313,10 @@ static json_t *cmd_merge(json_t *args, VdError **errp)
 
 void qmp_commands_bitmap_register(void)
 {
-    qmp_register_command("block-dirty-bitmap-add", add_args, cmd_add);
-    qmp_register_command("block-dirty-bitmap-remove", bitmap_args, cmd_remove);
-    qmp_register_command("block-dirty-bitmap-clear", bitmap_args, cmd_clear);
-    qmp_register_command("block-dirty-bitmap-enable", bitmap_args, cmd_enable);
-    qmp_register_command("block-dirty-bitmap-disable", bitmap_args, cmd_disable);
+    qmp_register_command("block-dirty-bitmap-add", qmp_bitmap_add_args, cmd_add);
+    qmp_register_command("block-dirty-bitmap-remove", qmp_bitmap_args, cmd_remove);
+    qmp_register_command("block-dirty-bitmap-clear", qmp_bitmap_args, cmd_clear);
+    qmp_register_command("block-dirty-bitmap-enable", qmp_bitmap_args, cmd_enable);
+    qmp_register_command("block-dirty-bitmap-disable", qmp_bitmap_args, cmd_disable);
     qmp_register_command("block-dirty-bitmap-merge", merge_args, cmd_merge);
 }

@@ -6,6 +6,7 @@
  * run on the QMP thread, one at a time, after the server checked the arguments against the table.
  */
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "jobs/backup.h"
@@ -13,6 +14,7 @@
 #include "jobs/mirror.h"
 #include "qmp/qmp-args.h"
 #include "qmp/qmp-internal.h"
+#include "util/log.h"
 
 /* BlockdevOnError, listed in JobErrorAction's order so the index is the action; then "auto". */
 static const char *const on_error_values[] = {"report", "ignore", "stop", "enospc", "auto", NULL};
@@ -233,7 +235,7 @@ typedef struct SnapshotSyncArgs {
 } SnapshotSyncArgs;
 
 #define X(field) QMP_AT(SnapshotSyncArgs, r.field)
-static const QmpArgSpec blockdev_snapshot_sync_args[] = {
+const QmpArgSpec qmp_snapshot_sync_args[] = {
     {"device", QA_STR, .at = X(device)},
     {"node-name", QA_STR, .at = X(node_name)},
     {"snapshot-file", QA_STR, true, .at = X(snapshot_file)},
@@ -247,29 +249,90 @@ typedef struct SnapshotArgs {
     const char *node, *overlay;
 } SnapshotArgs;
 
-static const QmpArgSpec blockdev_snapshot_args[] = {
+const QmpArgSpec qmp_snapshot_args[] = {
     {"node", QA_STR, true, .at = QMP_AT(SnapshotArgs, node)},
     {"overlay", QA_STR, true, .at = QMP_AT(SnapshotArgs, overlay)},
     {NULL}};
 
-static json_t *cmd_blockdev_snapshot_sync(json_t *args, VdError **errp)
+static int parse_snapshot_sync(json_t *args, SnapshotSyncRequest *r, VdError **errp)
 {
     SnapshotSyncArgs a = {.mode = MODE_OMITTED};
-    if (qmp_args_parse(args, blockdev_snapshot_sync_args, &a, errp) < 0) {
+    if (qmp_args_parse(args, qmp_snapshot_sync_args, &a, errp) < 0) {
+        return -EINVAL;
+    }
+    *r = a.r;
+    r->mode_existing = is_existing(a.mode);
+    r->mode_absolute = is_absolute(a.mode);
+    return 0;
+}
+
+static json_t *cmd_blockdev_snapshot_sync(json_t *args, VdError **errp)
+{
+    SnapshotSyncRequest r;
+    if (parse_snapshot_sync(args, &r, errp) < 0) {
         return NULL;
     }
-    a.r.mode_existing = is_existing(a.mode);
-    a.r.mode_absolute = is_absolute(a.mode);
-    return snapshot_sync(&a.r, errp) < 0 ? NULL : json_object();
+    return snapshot_sync(&r, errp) < 0 ? NULL : json_object();
 }
 
 static json_t *cmd_blockdev_snapshot(json_t *args, VdError **errp)
 {
     SnapshotArgs a = {0};
-    if (qmp_args_parse(args, blockdev_snapshot_args, &a, errp) < 0) {
+    if (qmp_args_parse(args, qmp_snapshot_args, &a, errp) < 0) {
         return NULL;
     }
     return snapshot_blockdev(a.node, a.overlay, errp) < 0 ? NULL : json_object();
+}
+
+/* transaction actions: prepare opens (sync) and checks; the switch is the commit */
+static void snapshot_action_commit(void *state)
+{
+    VdError *err = NULL;
+    if (snapshot_commit(state, &err) < 0) {
+        vd_log(VD_LOG_ERROR, "transaction: snapshot switch failed: %s", vd_error_msg(err));
+        vd_error_free(err);
+    }
+    free(state);
+}
+
+static void snapshot_action_abort(void *state)
+{
+    snapshot_abort(state);
+    free(state);
+}
+
+static int snapshot_action(json_t *data, bool sync, QmpAction *act, VdError **errp)
+{
+    SnapshotPrepared *p = calloc(1, sizeof(*p));
+    SnapshotSyncRequest r;
+    SnapshotArgs a = {0};
+    int ret = p ? 0 : -ENOMEM;
+    if (!p) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+    } else if (sync) {
+        ret = parse_snapshot_sync(data, &r, errp);
+        ret = ret < 0 ? ret : snapshot_sync_prepare(&r, p, errp);
+    } else {
+        ret = qmp_args_parse(data, qmp_snapshot_args, &a, errp);
+        ret = ret < 0 ? ret : snapshot_blockdev_prepare(a.node, a.overlay, p, errp);
+    }
+    if (ret < 0) {
+        free(p);
+        return ret;
+    }
+    *act = (QmpAction){.state = p, .commit = snapshot_action_commit,
+                       .abort = snapshot_action_abort};
+    return 0;
+}
+
+int qmp_action_snapshot_sync(json_t *data, QmpAction *act, VdError **errp)
+{
+    return snapshot_action(data, true, act, errp);
+}
+
+int qmp_action_snapshot(json_t *data, QmpAction *act, VdError **errp)
+{
+    return snapshot_action(data, false, act, errp);
 }
 
 /* ---- block-job-change (QEMU 8.2) ---- */
@@ -333,7 +396,7 @@ void qmp_commands_blockops_register(void)
     qmp_register_command("block-stream", block_stream_args, cmd_block_stream);
     qmp_register_command("blockdev-backup", blockdev_backup_args, cmd_blockdev_backup);
     qmp_register_command("block-commit", block_commit_args, cmd_block_commit);
-    qmp_register_command("blockdev-snapshot-sync", blockdev_snapshot_sync_args,
+    qmp_register_command("blockdev-snapshot-sync", qmp_snapshot_sync_args,
                          cmd_blockdev_snapshot_sync);
-    qmp_register_command("blockdev-snapshot", blockdev_snapshot_args, cmd_blockdev_snapshot);
+    qmp_register_command("blockdev-snapshot", qmp_snapshot_args, cmd_blockdev_snapshot);
 }

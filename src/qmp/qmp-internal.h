@@ -32,6 +32,24 @@ void qmp_commands_jobs_register(void);     /* job verbs, query-jobs, query-block
 void qmp_commands_blockops_register(void); /* mirror, stream, commit, snapshots */
 void qmp_commands_bitmap_register(void);
 void qmp_commands_object_register(void);  /* object-add, object-del */
+void qmp_commands_transaction_register(void);
+
+/*
+ * One action of a QMP transaction (qmp-commands-transaction.c). A family offers an action as its
+ * argument table (the action's "data", checked with the other arguments before anything runs)
+ * and a prepare function: prepare does all the checks and whatever can still be undone, filling
+ * act; then every action is committed, or (one prepare failed) every prepared one aborted.
+ */
+typedef struct QmpAction {
+    void *state;                  /* prepare's, freed by commit / abort */
+    void (*commit)(void *state);
+    void (*abort)(void *state);
+} QmpAction;
+typedef int QmpActionPrepare(json_t *data, QmpAction *act, VdError **errp);
+extern const QmpArgSpec qmp_snapshot_sync_args[], qmp_snapshot_args[];
+QmpActionPrepare qmp_action_snapshot_sync, qmp_action_snapshot;
+extern const QmpArgSpec qmp_bitmap_add_args[], qmp_bitmap_args[];
+QmpActionPrepare qmp_action_bitmap_add, qmp_action_bitmap_clear;
 
 /*
  * A [BlockDirtyBitmapOrStr] argument (merge's sources, an export's bitmaps) into refs (one per

@@ -858,6 +858,7 @@ int qmp_server_start(const char *socket_path, VdError **errp)
     }
 
     qmp_commands_core_register();
+    qmp_commands_transaction_register();
     qmp_commands_block_register();
     qmp_commands_nbd_register();
     qmp_commands_object_register();

@@ -72,6 +72,8 @@ def valid_args(tmp):
         "object-add": {"qom-type": "tls-creds-x509", "id": "o0", "dir": nodir,
                        "endpoint": "server"},
         "object-del": {"id": "nx"},
+        "transaction": {"actions": [{"type": "block-dirty-bitmap-add",
+                                     "data": {"node": "nx", "name": "b0"}}]},
     }
 
 
