@@ -41,8 +41,12 @@ def read_raw(img, out, tool="qemu"):
         return f.read()
 
 
-def crash_once(img, rnd, size, cluster, max_delay):
-    """Run one workload, kill it; return (ops sent in order, number of completed flushes)."""
+def crash_once(img, rnd, size, cluster, max_delay, after_flush=False):
+    """Run one workload, kill it; return (ops sent in order, number of completed flushes).
+
+    The kill comes a random time after the start, or with after_flush, that long after the
+    first flush completed: on a loaded machine the tool may not even have started within
+    max_delay, and a run whose kills all land before any flush tests much less."""
     proc = subprocess.Popen([VDISK, "io", "-f", "qcow2", str(img)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
     sent = []
@@ -91,6 +95,11 @@ def crash_once(img, rnd, size, cluster, max_delay):
     wt = threading.Thread(target=writer, daemon=True)
     rt.start()
     wt.start()
+    if after_flush:
+        for _ in range(6000):   # at most 60 s for the first flush, then kill anyway
+            if flushes[0] or proc.poll() is not None:
+                break
+            time.sleep(0.01)
     time.sleep(rnd.uniform(0.05, max_delay))
     alive = proc.poll() is None
     if alive:
@@ -177,11 +186,12 @@ def test_kill9_during_writes(tmp, opts, backing):
         bargs = ["-b", "base.qcow2", "-F", "qcow2"]
     qemu_img("create", "-q", "-f", "qcow2", "-o", opts, *bargs, img, size)
     old = read_raw(img, tmp / "r.raw")
-    iterations = scaled(5)
+    iterations = scaled(5, minimum=2)   # odd iterations kill after a flush completed
     log = []
     for it in range(iterations):
         tag = f"[VDISK_TEST_SEED={SEED} case-seed={seed} iteration {it}]"
-        sent, nflush = crash_once(img, rnd, size, cluster, max_delay=0.6)
+        sent, nflush = crash_once(img, rnd, size, cluster, max_delay=0.6,
+                                  after_flush=it % 2 == 1)
         chk = qemu_img("check", "-f", "qcow2", img, check=False)
         if lazy and chk.returncode == 2:
             # lazy refcounts: stale refcounts after a crash are by design, but only with the
