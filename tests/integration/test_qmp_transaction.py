@@ -20,29 +20,30 @@ def state(c, d):
 
 @pytest.fixture
 def pair(tmp):
-    out = []
-    for who in ("vd", "qsd"):
-        d = os.path.join(str(tmp), who)
-        os.makedirs(d)
-        for img in ("base.qcow2", "ov.qcow2"):
-            qemu_img("create", "-q", "-f", "qcow2", os.path.join(d, img), "1M")
-        daemon = start_vdiskd(d) if who == "vd" else start_qsd(d)
-        c = daemon.client()
-        for node, img in (("n0", "base.qcow2"), ("ov", "ov.qcow2")):
-            c.cmd("blockdev-add", driver="qcow2", node_name=node,
-                  file={"driver": "file", "filename": os.path.join(d, img)})
-        c.cmd("block-dirty-bitmap-add", node="n0", name="old")
-        # a guest's disk: the export holds the chain (QEMU drops an overlay nobody uses)
-        c.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": f"{d}/nbd.sock"}})
-        c.cmd("block-export-add", type="nbd", id="e0", node_name="n0", writable=True)
-        out.append((daemon, c, d))
+    out, daemons = [], []
     try:
+        for who in ("vd", "qsd"):
+            d = os.path.join(str(tmp), who)
+            os.makedirs(d)
+            for img in ("base.qcow2", "ov.qcow2"):
+                qemu_img("create", "-q", "-f", "qcow2", os.path.join(d, img), "1M")
+            daemons.append(start_vdiskd(d) if who == "vd" else start_qsd(d))
+            c = daemons[-1].client()
+            out.append((daemons[-1], c, d))
+            for node, img in (("n0", "base.qcow2"), ("ov", "ov.qcow2")):
+                c.cmd("blockdev-add", driver="qcow2", node_name=node,
+                      file={"driver": "file", "filename": os.path.join(d, img)})
+            c.cmd("block-dirty-bitmap-add", node="n0", name="old")
+            # a guest's disk: the export holds the chain (QEMU drops an overlay nobody uses)
+            c.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": f"{d}/nbd.sock"}})
+            c.cmd("block-export-add", type="nbd", id="e0", node_name="n0", writable=True)
         yield out
-    finally:
         for daemon, c, d in out:
             c.close()
-        out[1][0].kill()
-        out[0][0].stop_checked()
+        daemons[0].stop_checked()
+    finally:
+        for daemon in daemons:  # also when the setup failed half-way: nothing left running
+            daemon.kill()
 
 
 def both(pair, actions, **extra):
