@@ -110,6 +110,8 @@ struct Mirror {
      * clears (job thread): the job's own flushes must not sync after each guest write.
      */
     uint64_t guest_gen, guest_flushed_gen;
+    /* Guest writes that reached the source, and the value its last journal flush covered. */
+    uint64_t source_gen, source_flushed_gen;
 
     /*
      * Progress report (query-block-jobs): bytes copied by the job (atomic) and bytes guest writes
@@ -298,6 +300,7 @@ static int top_write(BlockNode *bs, WriteKind kind, uint64_t offset, uint64_t by
           : kind == W_ZERO ? vd_pwrite_zeroes(bs->backing, offset, bytes, flags)
                            : vd_pdiscard(bs->backing, offset, bytes, flags);
     if (r == 0 && m) {
+        __atomic_add_fetch(&m->source_gen, 1, __ATOMIC_SEQ_CST);
         /* A discarded range reads what the source decides: it is re-copied like a write. */
         mirror_on_write(m, kind, offset, bytes, buf, flags);
     }
@@ -846,8 +849,27 @@ static bool mirror_range_dirty(void *opaque, uint64_t off, uint64_t bytes)
 }
 
 /*
+ * The source's side of a clear: guest writes it holds only in caches (an unflushed qcow2 L2
+ * update) would be lost by a crash while their copy in the target survives, and the two would
+ * differ in a segment the journal calls clean. So the guests' writes are made durable too.
+ */
+static int mirror_flush_source(Mirror *m)
+{
+    uint64_t gen = __atomic_load_n(&m->source_gen, __ATOMIC_SEQ_CST);
+    if (gen == m->source_flushed_gen) {
+        return 0;
+    }
+    int r = vd_flush(m->source);
+    if (r == 0) {
+        m->source_flushed_gen = gen;
+    }
+    return r;
+}
+
+/*
  * About once a second: the segments in sync with nothing in flight are cleared in the journal,
- * after a target flush that covers every copy into them (a failed flush keeps them marked).
+ * after flushes of the source and the target that cover every guest write and every copy into
+ * them (a failed flush keeps them marked).
  */
 static void mirror_journal_tick(Mirror *m)
 {
@@ -857,7 +879,7 @@ static void mirror_journal_tick(Mirror *m)
     }
     m->journal_t = t;
     if (job_journal_clear_collect(m->journal, mirror_range_dirty, m) > 0 &&
-        mirror_flush_target_all(m) == 0) {
+        mirror_flush_source(m) == 0 && mirror_flush_target_all(m) == 0) {
         (void)job_journal_clear_commit(m->journal);
     }
 }
