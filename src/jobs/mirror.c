@@ -71,7 +71,8 @@ struct Mirror {
     BlockNode *target_orig_backing;    /* ref: restored when there is no pivot */
     BlockNode *final_backing;          /* the target's backing once done (no ref: base or orig) */
     bool shares_base;                  /* final_backing reads like base: base's data is skipped */
-    bool backing_matches_unseen;       /* vouched for, but not opened: it may not read zero */
+    bool backing_unseen;               /* vouched for, or named by the target's header, but not
+                                        * opened: what it reads is unknown, maybe not zero */
     bool target_holds_base;            /* shares_base on a target without layers (NBD export,
                                         * raw): where the source reads base, its data is base's */
     bool target_new;
@@ -430,7 +431,7 @@ static int target_reads_zero(Mirror *m, uint64_t offset, uint64_t bytes, uint64_
     } else {
         /* unallocated: reads the final backing, or zeroes without one - unless the caller
          * vouched (x-backing-matches) that below the target lies what base holds */
-        *zero = m->final_backing == NULL && !m->backing_matches_unseen;
+        *zero = m->final_backing == NULL && !m->backing_unseen;
     }
     *pnum = n;
     return 0;
@@ -1603,7 +1604,14 @@ Job *mirror_start_ex(const MirrorOptions *o, bool unmap, VdError **errp)
     m->final_backing = o->keep_target_backing ? m->target_orig_backing : m->base;
     m->target_new = o->target_new;
     m->shares_base = o->backing_matches || same_image(m->final_backing, m->base);
-    m->backing_matches_unseen = o->backing_matches && !m->final_backing;
+    /*
+     * A target added with "backing": null whose header names a backing file reads that file
+     * once opened on its own: its unallocated clusters are not zero (a top's zero clusters
+     * must be written), as for a vouched-for backing the job never sees.
+     */
+    bool header_backing = o->target->drv->supports_backing && o->target->backing_file &&
+                          o->target->backing_file[0];
+    m->backing_unseen = (o->backing_matches || header_backing) && !m->final_backing;
     m->target_holds_base = m->shares_base && !m->target->drv->supports_backing;
     m->verify = o->verify;
     m->filter = filter_new(m, o->job_id, o->filter_node_name);
