@@ -2,7 +2,11 @@
 # Each target first installs missing Debian packages (scripts/install-deps.sh, idempotent).
 BUILD      ?= build
 ASAN_BUILD ?= build-asan
-PYTEST     ?= /usr/bin/python3 -m pytest -p timeout --timeout=300 --durations=25
+# pytest-xdist: one worker per core (tests use tmp_path, kernel-chosen ports and per-process netns
+# names); --dist loadgroup keeps the tests sharing one costly module fixture (the Ceph cluster,
+# `make install`) on one worker (pytest.mark.xdist_group).
+PYTEST_JOBS ?= $(shell nproc)
+PYTEST     ?= /usr/bin/python3 -m pytest -p timeout --timeout=300 --durations=25 -n $(PYTEST_JOBS) --dist loadgroup
 PREFIX     ?= /usr/local
 DESTDIR    ?=
 

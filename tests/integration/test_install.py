@@ -11,6 +11,9 @@ import pytest
 
 from conftest import BUILD, ROOT, qemu_img, qemu_io, run, wait_unix_listening
 
+# `make install` on the build dir runs once (module fixture): keep these on one xdist worker.
+pytestmark = pytest.mark.xdist_group("install")
+
 PREFIX = "/usr/local"
 # Commands the man page must describe (vdisk --help lists them; the page is written by hand).
 COMMANDS = ["check", "commit", "compare", "convert", "create", "info", "io", "map", "measure",
@@ -22,6 +25,10 @@ COMMANDS = ["check", "commit", "compare", "convert", "create", "info", "io", "ma
 def dest(tmp_path_factory):
     """A DESTDIR with the build installed by `make install` (the build dir of this test run)."""
     d = tmp_path_factory.mktemp("destdir")
+    # `make install` builds first: on a stale build dir that would relink the binaries the other
+    # tests (and xdist workers) are running. Install what was tested, or say why not.
+    dry = run(["ninja", "-C", BUILD, "-n"], timeout=120).stdout
+    assert "no work to do" in dry, f"{BUILD} is older than the sources (rebuild it):\n{dry}"
     run(["make", "-C", ROOT, "install", f"BUILD={BUILD}", f"PREFIX={PREFIX}", f"DESTDIR={d}"],
         timeout=600)
     return d

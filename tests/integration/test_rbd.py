@@ -14,6 +14,9 @@ from conftest import ROOT, VDISK, assert_not_crashed, qemu_img, qemu_io, run, vd
 from qmp_client import start_vdiskd
 from blockops_helpers import Guest, assert_same, write_cmds
 
+# one Ceph cluster (module fixture) serves every test here: keep them on one xdist worker.
+pytestmark = pytest.mark.xdist_group("ceph")
+
 MiB = 1 << 20
 KiB = 1 << 10
 CEPH_DEV = os.path.join(ROOT, "scripts", "ceph-dev.sh")
