@@ -243,3 +243,46 @@ def test_silent_link_gives_the_guest_eio_after_reconnect_delay_never_wrong_data(
     assert data[:MiB] == b"\x22" * MiB
     assert set(data[MiB:2 * MiB]) <= {0x11, 0x33}
     assert data[2 * MiB:] == b"\x11" * (SIZE - 2 * MiB)
+
+
+def test_mirror_across_a_silent_link_follows_on_target_error_stop_then_resumes(tmp):
+    """A mirror onto B over the veth, on-target-error=stop, reconnect-delay 0: the silent link
+    fails the copy's writes (stall timeout), the job pauses instead of hanging; once the link is
+    back (the client reconnects by itself) block-job-resume finishes the copy, byte-exact."""
+    src = tmp / "src.raw"
+    src.write_bytes(os.urandom(SIZE))
+    tgt = tmp / "remote.raw"
+    qemu_img("create", "-q", "-f", "raw", tgt, SIZE)
+    with two_hosts("1gbit") as (nsa, nsb):
+        srv = nbdkit_file(tgt, ["-i", B_ADDR, "-p", "10809"], ns=nsb)
+        d = None
+        try:
+            d = vdiskd_in(nsa, tmp, "a")
+            q = d.client()
+            q.cmd("blockdev-add", driver="raw", node_name="src",
+                  file={"driver": "file", "filename": str(src)})
+            q.cmd("blockdev-add", driver="raw", node_name="tgt",
+                  file={"driver": "nbd", "x-stall-timeout": 2, "reconnect-delay": 0,
+                        "server": {"type": "inet", "host": B_ADDR, "port": "10809"}})
+            q.cmd("blockdev-mirror", job_id="m", device="src", target="tgt", sync="full",
+                  speed=MiB, on_target_error="stop")
+            link(nsb, "vb", "down")
+            err = q.get_event("BLOCK_JOB_ERROR", timeout=120)
+            assert err["data"]["action"] == "stop" and err["data"]["operation"] == "write", err
+            wait_for(lambda: q.cmd("query-block-jobs")[0]["paused"], "the job to pause")
+            link(nsb, "vb", "up")
+            wait_for(lambda: "reconnected" in d.output(), "the reconnection")
+            q.cmd("block-job-set-speed", device="m", speed=0)
+            q.cmd("block-job-resume", device="m")
+            q.get_event("BLOCK_JOB_READY", timeout=120)
+            q.cmd("block-job-cancel", device="m")
+            done = q.get_event("BLOCK_JOB_COMPLETED", timeout=120)
+            assert "error" not in done["data"], done
+            q.close()
+            d.stop_checked()
+            d = None
+        finally:
+            stop(srv)
+            if d:
+                d.kill()
+    assert tgt.read_bytes() == src.read_bytes()
