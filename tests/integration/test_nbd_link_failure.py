@@ -47,6 +47,13 @@ def stop(p):
         p.wait(timeout=15)
 
 
+def stop_both(srv, d):
+    """After a failure: nbdkit and vdiskd killed (a passing test stopped vdiskd checked)."""
+    stop(srv)
+    if d:
+        d.kill()
+
+
 def served(tmp, nbd_file, name="d", ns=None):
     """vdiskd serving a raw node on an nbd node (nbd_file: the nbd driver's options) to the
     guest over a unix socket; returns (daemon, guest URI)."""
@@ -114,9 +121,7 @@ def test_guest_io_waits_for_the_server_to_come_back_within_reconnect_delay(tmp):
         d.stop_checked()
         d = None
     finally:
-        stop(srv)
-        if d:
-            d.kill()
+        stop_both(srv, d)
     expect(f, [(0, MiB, 0x22), (MiB, MiB, 0x33)])
 
 
@@ -141,9 +146,7 @@ def test_guest_io_fails_with_eio_after_reconnect_delay_then_works_once_server_is
         d.stop_checked()
         d = None
     finally:
-        stop(srv)
-        if d:
-            d.kill()
+        stop_both(srv, d)
     # The failed write reached nothing or all of its bytes (never other data).
     data = f.read_bytes()
     assert data[:MiB] in (b"\x11" * MiB, b"\x44" * MiB) or set(data[:MiB]) <= {0x11, 0x44}
@@ -183,9 +186,7 @@ def test_open_timeout_waits_for_a_server_that_starts_late(tmp):
         d.stop_checked()
         d = None
     finally:
-        stop(srv)
-        if d:
-            d.kill()
+        stop_both(srv, d)
 
 
 def link(ns, dev, state):
@@ -222,9 +223,7 @@ def silent_link_run(tmp, reconnect_delay):
             d.stop_checked()
             d = None
         finally:
-            stop(srv)
-            if d:
-                d.kill()
+            stop_both(srv, d)
     return rc, out, log, f
 
 
@@ -282,7 +281,5 @@ def test_mirror_across_a_silent_link_follows_on_target_error_stop_then_resumes(t
             d.stop_checked()
             d = None
         finally:
-            stop(srv)
-            if d:
-                d.kill()
+            stop_both(srv, d)
     assert tgt.read_bytes() == src.read_bytes()
