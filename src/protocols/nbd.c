@@ -75,7 +75,7 @@ typedef struct NbdConn {
     pthread_t pump;
     pthread_mutex_t lock;     /* guards NbdReq.done/err of this connection's commands, up, down_ms */
     pthread_cond_t cond;      /* a command completed, or the link came back (CLOCK_MONOTONIC) */
-    bool up;                  /* h is a live connection */
+    bool up;                  /* h is a live connection (written under lock, atomically) */
     int64_t down_ms;          /* when the link was lost (!up) */
     unsigned long epoch;      /* connections made after losses: which one a command went on */
 } NbdConn;
@@ -118,12 +118,19 @@ static NbdState *ns_of(BlockNode *bs)
     return bs->opaque;
 }
 
+/* Round robin over the connections, passing over those whose link is down (if any is up). */
 static NbdConn *conn_pick(NbdState *s)
 {
     if (s->nconns == 1) {
         return &s->conn[0];
     }
     unsigned i = __atomic_fetch_add(&s->next, 1, __ATOMIC_RELAXED);
+    for (unsigned k = 0; k < (unsigned)s->nconns; k++) {
+        NbdConn *c = &s->conn[(i + k) % (unsigned)s->nconns];
+        if (__atomic_load_n(&c->up, __ATOMIC_RELAXED)) {
+            return c;
+        }
+    }
     return &s->conn[i % (unsigned)s->nconns];
 }
 
@@ -399,7 +406,7 @@ static void link_lost(NbdConn *c)
         nbd_close(old);
     }
     vd_mutex_lock(&c->lock);
-    c->up = false;
+    __atomic_store_n(&c->up, false, __ATOMIC_RELAXED); /* also read unlocked by conn_pick */
     c->down_ms = now_ms();
     vd_cond_broadcast(&c->cond);
     vd_mutex_unlock(&c->lock);
@@ -433,7 +440,7 @@ static void link_restore(NbdConn *c)
             c->h = h;
             vd_rwlock_unlock(&c->hlock);
             vd_mutex_lock(&c->lock);
-            c->up = true;
+            __atomic_store_n(&c->up, true, __ATOMIC_RELAXED);
             c->epoch++;
             vd_cond_broadcast(&c->cond);
             vd_mutex_unlock(&c->lock);
