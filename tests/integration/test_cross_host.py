@@ -259,7 +259,8 @@ def post_copy_setup(tmp, rng, link_options=""):
             for d in procs:
                 d.kill()
             if proxy and proxy.poll() is None:
-                proxy.terminate()
+                # kill: after a link loss nbdkit may wait for a half-open connection of B's.
+                proxy.kill()
                 proxy.wait(timeout=15)
 
 
