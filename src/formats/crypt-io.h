@@ -1,7 +1,7 @@
 /*
  * crypt-io.h - encrypted data I/O for formats (raw LUKS, qcow2 encrypt.format=luks): bytes of a
  * protocol node encrypted in 512-byte sectors whose IVs count from an IV origin that the format
- * chooses (the payload start for LUKS, the guest offset for qcow2). Requests need no alignment:
+ * chooses (the payload start for raw LUKS, offset 0 of the file for qcow2). Requests need no alignment:
  * partial sectors are read, decrypted, merged and re-encrypted (read-modify-write) under the
  * exclusive side of the lock, every other request holds its shared side, so two writes to one
  * sector never interleave.

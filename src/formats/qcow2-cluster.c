@@ -363,6 +363,23 @@ static void lockless_end(Qcow2State *s)
     }
 }
 
+/*
+ * Guest data at host offset host of the file: plain, or through the LUKS cipher. QEMU numbers
+ * a LUKS-encrypted qcow2 sector by its host offset (crypt_physical_offset; only the legacy AES
+ * format used guest offsets), so the IV follows the data when a cluster is rewritten elsewhere.
+ */
+static int data_pread(Qcow2State *s, uint64_t host, uint64_t n, uint8_t *buf)
+{
+    return s->crypt.luks ? vd_crypt_pread(&s->crypt, s->bs->file, host, host, n, buf)
+                         : vd_pread(s->bs->file, host, n, buf);
+}
+
+static int data_pwrite(Qcow2State *s, uint64_t host, uint64_t n, const uint8_t *buf)
+{
+    return s->crypt.luks ? vd_crypt_pwrite(&s->crypt, s->bs->file, host, host, n, buf, 0)
+                         : vd_pwrite(s->bs->file, host, n, buf, 0);
+}
+
 static int read_impl(Qcow2State *s, uint64_t offset, uint64_t bytes, uint8_t *buf,
                      bool may_unlock)
 {
@@ -381,10 +398,10 @@ static int read_impl(Qcow2State *s, uint64_t offset, uint64_t bytes, uint8_t *bu
              * while the request is registered in lockless_inflight.
              */
             if (may_unlock && lockless_begin(s)) {
-                ret = vd_pread(s->bs->file, x.host, x.len, buf);
+                ret = data_pread(s, x.host, x.len, buf);
                 lockless_end(s);
             } else {
-                ret = vd_pread(s->bs->file, x.host, x.len, buf);
+                ret = data_pread(s, x.host, x.len, buf);
             }
             break;
         case QCOW2_CLUSTER_ZERO_PLAIN:
@@ -690,27 +707,29 @@ static int write_new_clusters(Qcow2State *s, const Q2AllocInFlight *me, uint64_t
         ret = cow_buffer_backing(s, tstart, buf, offset, end, tbuf);
     }
     /* data first: zero the untouched parts in the file where that is cheap */
+    /* zeroes in the file are not zeroes through a cipher: encrypted images write them */
     if (ret == 0 && head_mode == 1 &&
-        vd_pwrite_zeroes(s->bs->file, host, cs, VD_REQ_NO_FALLBACK) < 0) {
+        (s->crypt.luks || vd_pwrite_zeroes(s->bs->file, host, cs, VD_REQ_NO_FALLBACK) < 0)) {
         head_mode = 2;
         ret = cow_buffer(s, cstart, true, buf, offset, end, hbuf);
     }
     if (ret == 0 && tail_mode == 1 &&
-        vd_pwrite_zeroes(s->bs->file, host + (k - 1) * cs, cs, VD_REQ_NO_FALLBACK) < 0) {
+        (s->crypt.luks ||
+         vd_pwrite_zeroes(s->bs->file, host + (k - 1) * cs, cs, VD_REQ_NO_FALLBACK) < 0)) {
         tail_mode = 2;
         ret = cow_buffer(s, tstart, true, buf, offset, end, tbuf);
     }
     uint64_t ds = offset, de = end;
     if (ret == 0 && head_mode == 2) {
-        ret = vd_pwrite(s->bs->file, host, cs, *hbuf, 0);
+        ret = data_pwrite(s, host, cs, *hbuf);
         ds = cstart + cs;
     }
     if (ret == 0 && tail_mode == 2) {
-        ret = vd_pwrite(s->bs->file, host + (k - 1) * cs, cs, *tbuf, 0);
+        ret = data_pwrite(s, host + (k - 1) * cs, cs, *tbuf);
         de = tstart;
     }
     if (ret == 0 && ds < de) {
-        ret = vd_pwrite(s->bs->file, host + (ds - cstart), de - ds, buf + (ds - offset), 0);
+        ret = data_pwrite(s, host + (ds - cstart), de - ds, buf + (ds - offset));
     }
     return ret;
 }
@@ -756,11 +775,11 @@ static int64_t write_step(Qcow2State *s, uint64_t offset, uint64_t bytes, const 
              * Registered in lockless_inflight, nothing can free or reuse it meanwhile.
              */
             if (may_unlock && lockless_begin(s)) {
-                ret = vd_pwrite(s->bs->file, base + in_off, n, buf, 0);
+                ret = data_pwrite(s, base + in_off, n, buf);
                 lockless_end(s);
                 q2_data_written(s); /* a metadata flush meanwhile may have cleared it */
             } else {
-                ret = vd_pwrite(s->bs->file, base + in_off, n, buf, 0);
+                ret = data_pwrite(s, base + in_off, n, buf);
             }
         }
         return ret < 0 ? ret : (int64_t)n;

@@ -44,6 +44,8 @@
 #define QCOW2_EXT_BACKING_FORMAT 0xe2792acaU
 #define QCOW2_EXT_FEATURE_TABLE 0x6803f857U
 #define QCOW2_EXT_CRYPTO 0x0537be77U
+#define QCOW2_CRYPT_AES 1u  /* header crypt_method: legacy AES-CBC (refused) */
+#define QCOW2_CRYPT_LUKS 2u /* LUKS header in clusters named by the crypto extension */
 #define QCOW2_EXT_BITMAPS 0x23852875U
 #define QCOW2_EXT_DATA_FILE 0x44415441U
 

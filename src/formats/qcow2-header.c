@@ -123,7 +123,7 @@ int q2_build_header(Qcow2State *s, uint8_t *buf)
     qcow2_put_be32(buf + 4, s->h.version);
     qcow2_put_be32(buf + 20, s->h.cluster_bits);
     qcow2_put_be64(buf + 24, s->h.size);
-    qcow2_put_be32(buf + 32, 0);
+    qcow2_put_be32(buf + 32, s->h.crypt_method);
     qcow2_put_be32(buf + 36, s->l1_size);
     qcow2_put_be64(buf + 40, s->l1_offset);
     qcow2_put_be64(buf + 48, s->reftable_offset);
@@ -342,10 +342,29 @@ int q2_parse_header(BlockNode *bs, Qcow2State *s, int flags, VdError **errp)
     }
 
     /* features */
-    if (h->crypt_method != 0) {
-        vd_error_setg(errp, ENOTSUP, "qcow2: encrypted images are not supported "
-                      "(encryption method %" PRIu32 ")", h->crypt_method);
+    if (h->crypt_method == QCOW2_CRYPT_AES) {
+        vd_error_setg(errp, ENOTSUP, "qcow2: legacy AES-CBC encryption is not supported "
+                      "(convert such images with qemu-img)");
         return -ENOTSUP;
+    }
+    if (h->crypt_method > QCOW2_CRYPT_LUKS) {
+        vd_error_setg(errp, ENOTSUP, "qcow2: unknown encryption method %" PRIu32,
+                      h->crypt_method);
+        return -ENOTSUP;
+    }
+    s->crypto_off = s->crypto_len = 0;
+    for (int i = 0; i < s->nb_exts; i++) {
+        if (s->exts[i].type == QCOW2_EXT_CRYPTO && s->exts[i].len == 16) {
+            s->crypto_off = qcow2_be64(s->exts[i].data);
+            s->crypto_len = qcow2_be64(s->exts[i].data + 8);
+        }
+    }
+    if (h->crypt_method == QCOW2_CRYPT_LUKS &&
+        (!s->crypto_len || (s->crypto_off & (cs - 1)) || s->crypto_off >= (uint64_t)flen ||
+         s->crypto_len > (uint64_t)flen - s->crypto_off)) {
+        vd_error_setg(errp, EINVAL, "qcow2: the LUKS encryption header extension is missing "
+                      "or points outside the file");
+        return -EINVAL;
     }
     if (h->incompatible_features & QCOW2_INCOMPAT_DATA_FILE) {
         vd_error_setg(errp, ENOTSUP, "qcow2: images with an external data file are not "

@@ -81,6 +81,7 @@ static void q2_free_state(Qcow2State *s)
     s->nb_pending_frees = 0;
     s->cap_pending_frees = 0;
     q2_free_exts(s);
+    vd_crypt_close(&s->crypt);
     free(s->backing_file);
     s->backing_file = NULL;
     free(s->backing_fmt);
@@ -146,6 +147,16 @@ static int init_caches(Qcow2State *s, VdError **errp)
     return 0;
 }
 
+/* The LUKS header's bytes, inside the clusters the crypto header extension names. */
+static int crypto_hdr_read(void *opaque, uint64_t offset, void *buf, size_t len)
+{
+    Qcow2State *s = opaque;
+    if (offset > s->crypto_len || len > s->crypto_len - offset) {
+        return -EINVAL;
+    }
+    return vd_pread(s->bs->file, s->crypto_off + offset, len, buf);
+}
+
 static int qcow2_open(BlockNode *bs, const VdOpenOptions *opts, VdError **errp)
 {
     Qcow2State *s = q2_state(bs);
@@ -208,6 +219,15 @@ again:
     }
     if (ret < 0) {
         goto fail;
+    }
+    if (s->h.crypt_method == QCOW2_CRYPT_LUKS) {
+        /* amend reopens without options: metadata only, as qemu-img amend needs no key */
+        ret = vd_crypt_open(&s->crypt, crypto_hdr_read, s, opts ? opts->key_secret : NULL,
+                            !opts || (flags & VD_OPEN_NO_IO), "encrypt.key-secret", errp);
+        if (ret < 0) {
+            goto fail;
+        }
+        bs->encrypted = true;
     }
     s->read_only = !rw;
     s->metadata_prealloc = -1;
@@ -451,6 +471,9 @@ static int qcow2_pwrite_compressed(BlockNode *bs, uint64_t offset, uint64_t byte
     if (s->read_only) {
         return -EROFS;
     }
+    if (s->crypt.luks) {
+        return -ENOTSUP; /* QEMU: compression and encryption are exclusive */
+    }
     if (s->damaged) {
         return -EIO;
     }
@@ -637,6 +660,9 @@ static int qcow2_block_status(BlockNode *bs, uint64_t offset, uint64_t bytes, ui
         ret |= VD_BS_RECURSE; /* preallocated clusters may be file holes: ask the file */
     }
     vd_mutex_unlock(&s->lock);
+    if (ret >= 0 && s->crypt.luks) {
+        ret &= ~(VD_BS_OFFSET_VALID | VD_BS_RECURSE); /* ciphertext: no host offset (QEMU) */
+    }
     if (ret >= 0 && (ret & VD_BS_OFFSET_VALID)) {
         if (map) {
             *map = m;
@@ -959,6 +985,12 @@ static json_t *qcow2_get_specific_info(BlockNode *bs)
         json_object_set_new(data, "refcount-bits",
                             json_integer((json_int_t)1 << s->refcount_order));
     }
+    if (s->crypt.luks) {
+        /* QCryptoBlockInfo: the LUKS members and the union's tag */
+        json_t *enc = vd_luks_info(s->crypt.luks);
+        json_object_set_new(enc, "format", json_string("luks"));
+        json_object_set_new(data, "encrypt", enc);
+    }
     vd_mutex_unlock(&s->lock);
     json_t *o = json_object();
     if (!o) {
@@ -1047,7 +1079,14 @@ static int qcow2_is_dirty(BlockNode *bs, bool *dirty)
 /* Qcow2OverlapCheckMode: overlap-check's string form (accepted; vdisk's checks are its own). */
 static const char *const overlap_check_modes[] = {"none", "constant", "cached", "all", NULL};
 
-/* BlockdevOptionsQcow2 (encrypt and data-file are refused by the QMP layer). */
+/* BlockdevQcow2Encryption: a union on format (aes is refused by the QMP layer). */
+static const char *const encrypt_formats[] = {"aes", "luks", NULL};
+static const VdOptSpec qcow2_encrypt_options[] = {
+    {"format", VD_OPT_ENUM, true, encrypt_formats},
+    {"key-secret", VD_OPT_STR},
+    {NULL}};
+
+/* BlockdevOptionsQcow2 (data-file is refused by the QMP layer). */
 static const VdOptSpec qcow2_blockdev_options[] = {
     {"file", VD_OPT_REF, true},
     {"backing", VD_OPT_REF_NULL},
@@ -1062,7 +1101,7 @@ static const VdOptSpec qcow2_blockdev_options[] = {
     {"l2-cache-entry-size", VD_OPT_INT},
     {"refcount-cache-size", VD_OPT_INT},
     {"cache-clean-interval", VD_OPT_INT},
-    {"encrypt", VD_OPT_OBJ},  /* BlockdevQcow2Encryption */
+    {"encrypt", VD_OPT_OBJ, .nested = qcow2_encrypt_options},
     {"data-file", VD_OPT_REF},
     {"snapshot", VD_OPT_STR}, /* vdisk: serve this internal snapshot (id or name), read-only */
     {NULL}};

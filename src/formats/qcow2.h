@@ -15,6 +15,7 @@
 #include <stdint.h>
 
 #include "block/block.h"
+#include "formats/crypt-io.h"
 #include "formats/qcow2-format.h"
 
 /* QEMU writes header_length 112 for v3 (compression_type byte + 7 bytes of padding). */
@@ -130,6 +131,13 @@ typedef struct Qcow2State {
 
     Qcow2Ext *exts;        /* extensions other than backing format / end, in file order */
     int nb_exts;
+    /*
+     * encrypt.format=luks (crypt_method 2): the LUKS header's clusters (the crypto header
+     * extension) and the unlocked cipher; data clusters are encrypted in 512-byte sectors with
+     * the host offset as IV (as QEMU does). crypt.luks is NULL on a plain image.
+     */
+    uint64_t crypto_off, crypto_len;
+    VdCryptIO crypt;
     char *backing_file;
     char *backing_fmt;
 

@@ -142,9 +142,14 @@ static int check_options(json_t *o, const char *prefix, VdError **errp)
         }
     }
     /* Options vdiskd accepts in the schema but cannot honour: refuse rather than ignore. */
-    if (json_object_get(o, "encrypt") || json_object_get(o, "data-file")) {
-        vd_error_setg(errp, ENOTSUP, "'%s%s' is not supported by vdiskd", prefix,
-                      json_object_get(o, "encrypt") ? "encrypt" : "data-file");
+    if (json_object_get(o, "data-file")) {
+        vd_error_setg(errp, ENOTSUP, "'%sdata-file' is not supported by vdiskd", prefix);
+        return -ENOTSUP;
+    }
+    const char *encfmt = qmp_arg_str(json_object_get(o, "encrypt"), "format", "luks");
+    if (strcmp(encfmt, "luks") != 0) {
+        vd_error_setg(errp, ENOTSUP, "'%sencrypt.format': '%s' (legacy AES) is not supported by "
+                      "vdiskd", prefix, encfmt);
         return -ENOTSUP;
     }
     json_t *off = json_object_get(o, "offset"), *size = json_object_get(o, "size");

@@ -151,7 +151,7 @@ static json_t *block_device_info(BlockNode *bs, bool flat, VdError **errp)
         r |= json_object_set_new(o, "backing_file", json_string(backing_file));
     }
     r |= json_object_set_new(o, "backing_file_depth", json_integer(depth));
-    r |= json_object_set_new(o, "encrypted", json_false());
+    r |= json_object_set_new(o, "encrypted", json_boolean(bs->encrypted));
     r |= json_object_set_new(o, "detect_zeroes", json_string("off"));
     static const char *const throttle[] = {"bps", "bps_rd", "bps_wr", "iops", "iops_rd",
                                            "iops_wr"};

@@ -202,3 +202,87 @@ def test_legacy_aes_refused(tmp):
     p = vdisk("create", "-f", "luks", tmp / "k.luks", "1M", check=False)
     assert p.returncode == 1
     assert p.stderr == f"vdisk: {tmp / 'k.luks'}: Parameter 'key-secret' is required for cipher\n"
+
+
+# ---- qcow2 with encrypt.format=luks ----
+
+def qcow2_opts(path, secret="s0"):
+    return f"driver=qcow2,file.filename={path},encrypt.key-secret={secret}"
+
+
+def qemu_io_qcow2(path, *cmds, check=True):
+    args = ["--object", SECRET, "--image-opts", qcow2_opts(path)]
+    for c in cmds:
+        args += ["-c", c]
+    return qemu_io(*args, check=check)
+
+
+def assert_pattern_reads(reader, checks):
+    for cmd in checks:
+        out = reader(cmd)
+        assert out.returncode == 0 and "Pattern verification failed" not in out.stdout, \
+            f"{cmd}: {out.stdout}{out.stderr}"
+
+
+def test_qcow2_luks_written_by_qemu_served_by_vdiskd(tmp):
+    img = tmp / "q.qcow2"
+    qemu_create("-f", "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=s0,"
+                "encrypt.iter-time=10", img, "4M")
+    qemu_io_qcow2(img, "write -P 0xa5 0 64k", "write -P 0x3c 1000k 100k", "write -z 2M 64k")
+    d = serve(tmp, img, fmt="qcow2", writable=False)
+    try:
+        assert_pattern_reads(lambda c: nbd_io(d, c, check=False, read_only=True),
+                             ("read -P 0xa5 0 64k", "read -P 0x3c 1000k 100k",
+                              "read -P 0 2M 64k", "read -P 0 3M 1M", "read -P 0xa5 1000 3000"))
+    finally:
+        assert d.stop() == 0, d.output()
+        d.kill()
+
+
+def test_qcow2_luks_created_and_written_by_vdisk_read_by_qemu(tmp):
+    img = tmp / "v.qcow2"
+    p = vdisk("create", "-f", "qcow2", "--object", SECRET, "-o",
+              "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", img, "4M")
+    assert "encrypt.format=luks encrypt.key-secret=s0 encrypt.iter-time=10 cluster_size" in p.stdout
+    d = serve(tmp, img, fmt="qcow2")
+    try:
+        # new clusters, partial clusters (copy-on-write of encrypted zeroes), unaligned writes
+        nbd_io(d, "write -P 0x5a 0 64k", "write -P 0x77 100 1000", "write -P 0x42 200k 10k",
+               "write -P 0x43 3M 1M", "write -P 0x44 3000k 333")
+    finally:
+        assert d.stop() == 0, d.output()
+        d.kill()
+    assert_pattern_reads(lambda c: qemu_io_qcow2(img, c, check=False),
+                         ("read -P 0x5a 0 100", "read -P 0x77 100 1000", "read -P 0x5a 1100 64436",
+                          "read -P 0 64k 136k", "read -P 0x42 200k 10k", "read -P 0 210k 46k",
+                          "read -P 0x43 3M 1M", "read -P 0x44 3000k 333"))
+    qemu_img("check", "--object", SECRET, "--image-opts", qcow2_opts(img))
+    assert qemu_img("info", img).stdout == vdisk("info", img).stdout
+    assert qemu_img("info", "--output=json", img).stdout == \
+        vdisk("info", "--output=json", img).stdout
+    # the guest's bytes are not in the file in clear
+    assert b"\x43" * 4096 not in img.read_bytes()
+
+
+def test_qcow2_luks_wrong_password_and_no_key(tmp, vd):
+    img = tmp / "w.qcow2"
+    qemu_create("-f", "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=s0,"
+                "encrypt.iter-time=10", img, "1M")
+    before = sha256(img)
+    node = {"driver": "qcow2", "node-name": "n0",
+            "file": {"driver": "file", "filename": str(img)}}
+    with vd.client() as c:
+        ok(c, "object-add", {"qom-type": "secret", "id": "bad", "data": "nope"})
+        assert c.error("blockdev-add", {**node, "encrypt": {"format": "luks",
+                                                            "key-secret": "bad"}}) == \
+            "Invalid password, cannot unlock any keyslot"
+        assert c.error("blockdev-add", node) == \
+            "Parameter 'encrypt.key-secret' is required for cipher"
+        assert "not supported" in c.error("blockdev-add", {**node, "encrypt": {
+            "format": "aes", "key-secret": "bad"}})
+    assert sha256(img) == before
+    p = vdisk("check", img, check=False)
+    assert p.returncode == 1
+    assert p.stderr == f"vdisk: Could not open '{img}': Parameter 'encrypt.key-secret' is " \
+                       "required for cipher\n"
+    assert sha256(img) == before

@@ -185,7 +185,7 @@ def test_vdiskd_specific_refusals(vd, images):
             "blockdev-add", dict(file_node(raw, "x"), **{"detect-zeroes": "on"}))
         assert "not supported" in c.error(
             "blockdev-add", fmt_node("raw", "x", raw, offset=512))
-        assert "not supported" in c.error(
+        assert "Parameter 'encrypt.format' is missing" == c.error(
             "blockdev-add", fmt_node("qcow2", "x", images / "lone.qcow2", encrypt={}))
         assert "force-share" in c.error(
             "blockdev-add", dict(file_node(raw, "x"), **{"force-share": True}))
