@@ -337,12 +337,14 @@ typedef struct ChainSeen {
     int n;
 } ChainSeen;
 
-/* tls_creds: passed on to the protocol driver (nbd), NULL for none. */
-static BlockNode *open_protocol(const char *filename, int flags, const char *tls_creds,
-                               VdError **errp)
+/*
+ * drv: the protocol (NULL: the one the filename names). tls_creds and options: passed on to the
+ * driver (nbd's TLS, the node's json:/--image-opts options), NULL for none.
+ */
+static BlockNode *open_protocol(const BlockDriver *drv, const char *filename, int flags,
+                               const char *tls_creds, json_t *options, VdError **errp)
 {
-    const BlockDriver *drv = vd_protocol_for(filename, errp);
-    if (!drv) {
+    if (!drv && !(drv = vd_protocol_for(filename, errp))) {
         return NULL;
     }
     BlockNode *bs = node_new(drv, filename, NULL, flags);
@@ -351,7 +353,7 @@ static BlockNode *open_protocol(const char *filename, int flags, const char *tls
         return NULL;
     }
     VdOpenOptions po = { .filename = filename, .format = drv->name, .flags = flags,
-                         .tls_creds = tls_creds };
+                         .tls_creds = tls_creds, .options = options };
     int ret = drv->open(bs, &po, errp);
     if (ret < 0) {
         node_free_unopened(bs);
@@ -451,6 +453,9 @@ static BlockNode *open_one(const VdOpenOptions *opts, ChainSeen *seen, bool is_b
         vd_error_setg(errp, EINVAL, "No image filename given");
         return NULL;
     }
+    if (!opts->file && !strncmp(filename, "json:", 5)) {
+        return vd_open_json(filename, opts->format, opts->flags, errp);
+    }
     if (chain_note_file(seen, filename, errp) < 0) {
         return NULL;
     }
@@ -460,7 +465,9 @@ static BlockNode *open_one(const VdOpenOptions *opts, ChainSeen *seen, bool is_b
         vd_node_ref(opts->file);
         proto = opts->file;
     } else {
-        proto = open_protocol(filename, opts->flags, opts->tls_creds, errp);
+        const BlockDriver *named = opts->format ? vd_find_driver(opts->format) : NULL;
+        proto = open_protocol(named && named->is_protocol ? named : NULL, filename, opts->flags,
+                              opts->tls_creds, opts->options, errp);
         if (!proto) {
             return NULL;
         }
@@ -567,7 +574,7 @@ BlockNode *vd_open_image(const char *filename, const char *format, int flags, Vd
 
 const char *vd_probe_format(const char *filename, VdError **errp)
 {
-    BlockNode *proto = open_protocol(filename, VD_OPEN_FORCE_SHARE, NULL, errp);
+    BlockNode *proto = open_protocol(NULL, filename, VD_OPEN_FORCE_SHARE, NULL, NULL, errp);
     if (!proto) {
         return NULL;
     }

@@ -96,6 +96,11 @@ typedef struct VdOpenOptions {
      * (luks: key-secret, qcow2: encrypt.key-secret). Not passed to backing files.
      */
     const char *key_secret;
+    /*
+     * The node's own options when it comes from an option tree (json:, --image-opts; options.c):
+     * driver-specific members (null-co's size, blkdebug's rules) are read from here. May be NULL.
+     */
+    json_t *options;
 } VdOpenOptions;
 
 typedef struct VdCreateOptions {
@@ -313,6 +318,23 @@ struct BlockDriver {
     int (*bitmaps_can_store)(BlockNode *bs, const char *name, uint32_t granularity_bits,
                              VdError **errp);
     int (*bitmaps_remove)(BlockNode *bs, const char *name, VdError **errp);
+
+    /*
+     * Protocols (blkdebug): an event of the format above this node (VD_DEBUG_*), fired by the
+     * generic layer before the format's request: reads and writes of guest data, write-zeroes,
+     * flushes. Requests a format makes on its own (metadata, probing) fire nothing.
+     */
+    void (*debug_event)(BlockNode *bs, int event);
+};
+
+/* Events for BlockDriver.debug_event (QEMU's blkdebug names in comments). */
+enum {
+    VD_DEBUG_READ_AIO,      /* read_aio */
+    VD_DEBUG_WRITE_AIO,     /* write_aio */
+    VD_DEBUG_PWRITEV_ZERO,  /* pwritev_zero */
+    VD_DEBUG_FLUSH_TO_OS,   /* flush_to_os */
+    VD_DEBUG_FLUSH_TO_DISK, /* flush_to_disk */
+    VD_DEBUG_N
 };
 
 #define VD_PROBE_ANY 1 /* probe score of a format that takes any bytes (raw) */
@@ -381,6 +403,25 @@ int vd_filter_block_status(BlockNode *bs, uint64_t offset, uint64_t bytes, uint6
 void vd_node_ref(BlockNode *bs);
 /* Drop a reference; the last one flushes, closes the driver and unrefs file and backing. */
 void vd_node_unref(BlockNode *bs);
+
+/*
+ * ---- option trees (options.c): json:{...} pseudo-filenames and --image-opts ----
+ * parse_json takes the whole "json:{...}" string, parse_keyval "k=v,file.k=v" (",," escapes a
+ * comma); both nest dotted keys and return a new reference, or NULL with *errp set.
+ * vd_open_options opens a tree as QEMU's bdrv_open does ("driver" may be left out to probe, or
+ * with protocol to open just the protocol node a "filename" names; a "file" or "backing" child
+ * is an object or a file name; "backing": null opens none). vd_open
+ * calls vd_open_json for any filename starting with "json:" (format: the driver when the tree
+ * names none). The getters accept JSON-typed values and their string forms ("on", "1048576");
+ * an absent key leaves *out unchanged.
+ */
+json_t *vd_options_parse_json(const char *filename, VdError **errp);
+json_t *vd_options_parse_keyval(const char *s, VdError **errp);
+BlockNode *vd_open_options(json_t *options, int flags, bool protocol, VdError **errp);
+BlockNode *vd_open_json(const char *filename, const char *format, int flags, VdError **errp);
+const char *vd_options_str(json_t *o, const char *key);
+int vd_options_bool(json_t *o, const char *key, bool *out, VdError **errp);
+int vd_options_u64(json_t *o, const char *key, uint64_t *out, VdError **errp);
 
 /* Probe a file's format ("qcow2" or "raw"); NULL with *errp on I/O error. */
 const char *vd_probe_format(const char *filename, VdError **errp);

@@ -9,7 +9,8 @@
 
 #include "block/block.h"
 
-extern const BlockDriver vd_drv_qcow2, vd_drv_raw, vd_drv_file, vd_drv_nbd, vd_drv_rbd;
+extern const BlockDriver vd_drv_qcow2, vd_drv_raw, vd_drv_file, vd_drv_nbd, vd_drv_rbd,
+    vd_drv_null_co, vd_drv_blkdebug;
 extern const BlockDriver vd_drv_luks;
 
 /* Format probing asks formats in this order (the first of equal scores wins). */
@@ -20,6 +21,8 @@ static const BlockDriver *const builtin_drivers[] = {
     &vd_drv_file,
     &vd_drv_nbd,
     &vd_drv_rbd,
+    &vd_drv_null_co,
+    &vd_drv_blkdebug,
 };
 
 #define N_BUILTIN (sizeof(builtin_drivers) / sizeof(builtin_drivers[0]))

@@ -51,6 +51,14 @@ static int check_range(BlockNode *bs, uint64_t offset, uint64_t bytes)
     return 0;
 }
 
+/* A format node's request: tell its file child (blkdebug) first. */
+static void debug_event(BlockNode *bs, int event)
+{
+    if (!bs->drv->is_protocol && bs->file && bs->file->drv->debug_event) {
+        bs->file->drv->debug_event(bs->file, event);
+    }
+}
+
 int vd_pread(BlockNode *bs, uint64_t offset, uint64_t bytes, void *buf)
 {
     int ret = check_range(bs, offset, bytes);
@@ -60,6 +68,7 @@ int vd_pread(BlockNode *bs, uint64_t offset, uint64_t bytes, void *buf)
     if (!bs->drv->pread) {
         return -ENOTSUP;
     }
+    debug_event(bs, VD_DEBUG_READ_AIO);
     return bs->drv->pread(bs, offset, bytes, buf);
 }
 
@@ -92,6 +101,7 @@ int vd_pwrite(BlockNode *bs, uint64_t offset, uint64_t bytes, const void *buf, i
     if (!bs->drv->pwrite) {
         return -ENOTSUP;
     }
+    debug_event(bs, VD_DEBUG_WRITE_AIO);
     return noted(bs, offset, bytes, bs->drv->pwrite(bs, offset, bytes, buf, flags));
 }
 
@@ -113,6 +123,7 @@ static int pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, int fla
     if (ret < 0 || bytes == 0) {
         return ret;
     }
+    debug_event(bs, VD_DEBUG_PWRITEV_ZERO);
     if (bs->drv->pwrite_zeroes) {
         ret = bs->drv->pwrite_zeroes(bs, offset, bytes, flags);
         if (ret != -ENOTSUP) {
@@ -203,6 +214,7 @@ static int flush_node(BlockNode *bs, bool follow_backing)
         return 0;
     }
     int ret = 0;
+    debug_event(bs, VD_DEBUG_FLUSH_TO_OS);
     if (bs->drv->flush) {
         if (bs->drv->is_protocol) {
             thread_syncs++;
@@ -211,6 +223,7 @@ static int flush_node(BlockNode *bs, bool follow_backing)
     }
     /* The format's metadata is only durable once its file is (unless the driver synced it). */
     if (ret == 0 && bs->file && !no_flush && !bs->drv->flush_syncs_file) {
+        debug_event(bs, VD_DEBUG_FLUSH_TO_DISK);
         ret = flush_node(bs->file, true);
     }
     /* A writable backing (commit's target) holds data we wrote too. */

@@ -1070,7 +1070,7 @@ int img_convert(int argc, char **argv)
     }
 
     /* cache=unsafe (convert's default target cache, as in qemu-img): never sync the target. */
-    s.target = tool_open(out_filename, out_fmt,
+    s.target = tool_open_plain(out_filename, out_fmt,
                          VD_OPEN_RDWR | dst_cflags);
     if (!s.target) {
         goto out;

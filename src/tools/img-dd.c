@@ -128,7 +128,7 @@ int img_dd(int argc, char **argv)
     if (skip_past) {
         tool_error("%s: cannot skip to specified offset", a.in); /* qemu-img goes on: exit 0 */
     }
-    dst = tool_open(a.out, out_fmt, VD_OPEN_RDWR | VD_OPEN_NO_FLUSH);
+    dst = tool_open_plain(a.out, out_fmt, VD_OPEN_RDWR | VD_OPEN_NO_FLUSH);
     buf = malloc(a.bs);
     if (!dst || !buf) {
         if (dst) {

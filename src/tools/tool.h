@@ -67,8 +67,14 @@ int tool_open_flags(int flags, bool force_share);
  * writeback/writethrough: neither); -1 for a name qemu-img refuses (caller prints its message).
  */
 int tool_cache_flags(const char *mode, int *flags);
-/* Open an image (prints the error, returns NULL on failure). */
+/* Set by --image-opts: the image operands are option lists (driver=...,file.filename=...). */
+extern bool tool_image_opts;
+/*
+ * Open an image the user named (prints the error, returns NULL on failure); with --image-opts
+ * filename is an option list. tool_open_plain: always a file name (convert's and dd's targets).
+ */
 BlockNode *tool_open(const char *filename, const char *fmt, int flags);
+BlockNode *tool_open_plain(const char *filename, const char *fmt, int flags);
 
 /* Is buf[0..len) all zero? (fast path via memcmp) */
 bool tool_is_zero(const void *buf, size_t len);

@@ -17,6 +17,7 @@
 #include "util/secret.h"
 
 bool tool_allow_probe;
+bool tool_image_opts;
 
 void tool_error(const char *fmt, ...)
 {
@@ -257,7 +258,31 @@ int tool_cache_flags(const char *mode, int *flags)
     return 0;
 }
 
+/* --image-opts: FILENAME is "driver=...,file.filename=..." (QEMU's keyval). */
+static BlockNode *open_image_opts(const char *optstr, const char *fmt, int flags)
+{
+    if (fmt) {
+        tool_error("--image-opts and --format are mutually exclusive");
+        return NULL;
+    }
+    VdError *err = NULL;
+    json_t *o = vd_options_parse_keyval(optstr, &err);
+    BlockNode *bs = o ? vd_open_options(o, tool_open_flags(flags, false), false, &err) : NULL;
+    json_decref(o);
+    if (!bs) {
+        tool_error("Could not open '%s': %s", optstr, vd_error_msg(err));
+        vd_error_free(err);
+    }
+    return bs;
+}
+
 BlockNode *tool_open(const char *filename, const char *fmt, int flags)
+{
+    return tool_image_opts ? open_image_opts(filename, fmt, flags)
+                           : tool_open_plain(filename, fmt, flags);
+}
+
+BlockNode *tool_open_plain(const char *filename, const char *fmt, int flags)
 {
     VdError *err = NULL;
     /* qemu-img's wording: "Could not open 'F': " before the cause (which may name F again) */
@@ -955,6 +980,8 @@ static void print_help(void)
            "\n"
            "    '-h', '--help'       display this help and exit\n"
            "    '-V', '--version'    output version information and exit\n"
+           "    '--image-opts'       (any command but create) the image operands are option\n"
+           "                         lists as QEMU's: driver=qcow2,file.filename=a.qcow2\n"
            "    '--allow-probe'      allow probing the format of backing files that do not\n"
            "                         record one (unsafe: a raw backing file could pose as\n"
            "                         another format). The top image's format is probed when\n"
@@ -1077,6 +1104,11 @@ int main(int argc, char **argv)
         }
         if (!strcmp(argv[i], "--allow-probe")) {
             tool_allow_probe = true;
+            continue;
+        }
+        /* every command that opens existing images takes it, as qemu-img's (not create) */
+        if (!strcmp(argv[i], "--image-opts") && i > 1 && strcmp(argv[1], "create")) {
+            tool_image_opts = true;
             continue;
         }
         argv[w++] = argv[i];

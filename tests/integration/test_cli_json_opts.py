@@ -1,0 +1,149 @@
+"""json: pseudo-filenames, --image-opts, the null-co driver and blkdebug fault injection, with
+qemu-img / qemu-io as the oracle: the same command line must give the same output, exit code and
+error text (vdisk's errors say "vdisk:" where QEMU's say "qemu-img:").
+"""
+import json
+
+import pytest
+
+from conftest import qemu_img, qemu_io, run, vdisk
+
+
+
+def same(args, qemu="qemu-img", strip_ops=False):
+    """Run the command with QEMU's tool and vdisk; compare exit code, stdout and stderr."""
+    q = run([qemu, *args], check=False)
+    v = vdisk(*(["io"] if qemu == "qemu-io" else []), *args, check=False)
+    qout, vout = q.stdout, v.stdout
+    if strip_ops:  # qemu-io's timing lines
+        qout = "\n".join(x for x in qout.splitlines() if " ops; " not in x)
+        vout = "\n".join(x for x in vout.splitlines() if " ops; " not in x)
+    assert v.returncode == q.returncode, (q, v)
+    assert vout == qout
+    assert v.stderr.replace("vdisk: ", f"{qemu}: ") == q.stderr
+    return v
+
+
+def null_json(**kw):
+    return "json:" + json.dumps({"driver": "null-co", **kw})
+
+
+def blkdebug_raw(path, *rules, key="inject-error"):
+    return "json:" + json.dumps({"driver": "raw", "file": {
+        "driver": "blkdebug", "image": {"driver": "file", "filename": path}, key: list(rules)}})
+
+
+@pytest.fixture
+def raw_src(tmp_path):
+    p = str(tmp_path / "src.raw")
+    qemu_img("create", "-f", "raw", p, "1M")
+    qemu_io("-f", "raw", "-c", "write -P 0x5a 0 1M", p)
+    return p
+
+
+def test_null_co_map_and_size_as_qemu(tmp_path):
+    same(["map", "--output=json", null_json(size=1 << 20, **{"read-zeroes": True})])
+    same(["map", "--output=json", null_json(size=1 << 20)])
+    q = json.loads(qemu_img("info", "--output=json", null_json()).stdout)
+    v = json.loads(vdisk("info", "--output=json", null_json()).stdout)
+    assert v["virtual-size"] == q["virtual-size"] == 1 << 30
+    assert v["format"] == q["format"] == "null-co"
+
+
+def test_null_co_reads_zeroes_and_discards_writes():
+    opts = "driver=null-co,size=1M,read-zeroes=on"
+    p = vdisk("io", "--image-opts", "-c", "write -P 7 0 4k", "-c", "read -P 0 0 4k", opts)
+    assert "read 4096/4096 bytes at offset 0" in p.stdout
+
+
+def test_json_filename_for_a_qcow2_tree_reads_what_qemu_wrote(tmp_path):
+    img = str(tmp_path / "a.qcow2")
+    qemu_img("create", "-f", "qcow2", img, "1M")
+    qemu_io("-c", "write -P 3 64k 64k", img)
+    tree = "json:" + json.dumps({"driver": "qcow2", "file": {"driver": "file", "filename": img}})
+    p = vdisk("io", "-c", "read -P 3 64k 64k", "-c", "read -P 0 0 64k", tree)
+    assert p.stdout.count("read 65536/65536") == 2
+    flat = "json:" + json.dumps({"file.driver": "file", "file.filename": img})  # format probed
+    assert json.loads(vdisk("info", "--output=json", flat).stdout)["format"] == "qcow2"
+    same(["map", "--output=json", tree])
+
+
+def test_json_backing_name_written_by_qemu_is_followed(tmp_path):
+    base = str(tmp_path / "base.qcow2")
+    qemu_img("create", "-f", "qcow2", base, "1M")
+    qemu_io("-c", "write -P 9 0 1M", base)
+    top = str(tmp_path / "top.qcow2")
+    backing = "json:" + json.dumps({"driver": "qcow2", "file": {"driver": "file", "filename": base}})
+    qemu_img("create", "-f", "qcow2", "-b", backing, "-F", "qcow2", top)
+    vdisk("io", "-c", "write -P 1 0 64k", top)
+    qemu_io("-c", "read -P 1 0 64k", "-c", "read -P 9 64k 960k", top)
+    p = vdisk("io", "-c", "read -P 1 0 64k", "-c", "read -P 9 64k 960k", top)
+    assert p.stdout.count("bytes at offset") == 2
+    assert vdisk("check", top).returncode == 0
+
+
+def test_image_opts_on_info_convert_compare_check(tmp_path):
+    img = str(tmp_path / "i.qcow2")
+    qemu_img("create", "-f", "qcow2", img, "1M")
+    qemu_io("-c", "write -P 4 0 512k", img)
+    opts = f"driver=qcow2,file.driver=file,file.filename={img}"
+    assert json.loads(vdisk("info", "--image-opts", "--output=json", opts).stdout)["format"] == "qcow2"
+    out = str(tmp_path / "o.raw")
+    vdisk("convert", "--image-opts", "-O", "raw", opts, out)
+    qemu_img("compare", "-f", "qcow2", "-F", "raw", img, out)
+    vdisk("compare", "--image-opts", opts, f"driver=raw,file.filename={out}")
+    vdisk("check", "--image-opts", opts)
+    same(["map", "--image-opts", "--output=json", opts])
+
+
+def test_image_opts_errors_as_qemu(tmp_path):
+    img = str(tmp_path / "e.qcow2")
+    qemu_img("create", "-f", "qcow2", img, "1M")
+    same(["info", "--image-opts", "-f", "qcow2", f"driver=qcow2,file.filename={img}"])
+    same(["info", "json:" + json.dumps({"driver": "qcow2", "file": {"driver": "file",
+                                                                    "filename": img}, "foo": 1})])
+    same(["info", 'json:{"driver":"nosuch"}'])
+    same(["info", "json:[1]"])
+    p = vdisk("create", "--image-opts", "-f", "raw", str(tmp_path / "x.raw"), "1M", check=False)
+    assert p.returncode == 1 and "--image-opts" in p.stderr
+
+
+def test_blkdebug_failing_source_makes_convert_fail_as_qemu_img(tmp_path, raw_src):
+    for errno_ in (5, 28):
+        src = blkdebug_raw(raw_src, {"event": "read_aio", "errno": errno_})
+        same(["convert", "-f", "raw", "-O", "raw", src, str(tmp_path / "out.raw")])
+
+
+def test_blkdebug_config_file_form(tmp_path, raw_src):
+    cfg = tmp_path / "rules.cfg"
+    cfg.write_text('# fail the first data read\n[inject-error]\nevent = "read_aio"\n'
+                   'errno = "5"\nonce = "on"\n')
+    same(["convert", "-O", "raw", f"blkdebug:{cfg}:{raw_src}", str(tmp_path / "o.raw")])
+    same(["-f", "raw", "-c", "read 0 512", "-c", "read -P 0x5a 0 512",
+          f"blkdebug:{cfg}:{raw_src}"], qemu="qemu-io", strip_ops=True)
+
+
+def test_blkdebug_once_sector_and_writes_as_qemu_io(raw_src):
+    same(["-c", "read 0 512", "-c", "read 0 512",
+          blkdebug_raw(raw_src, {"event": "read_aio", "errno": 5, "once": True})],
+         qemu="qemu-io", strip_ops=True)
+    same(["-c", "write 0 512", "-c", "write 4096 512", "-c", "write 4096 512",
+          blkdebug_raw(raw_src, {"event": "write_aio", "errno": 5, "sector": 8})],
+         qemu="qemu-io", strip_ops=True)
+
+
+def test_blkdebug_set_state_arms_a_rule_later(raw_src):
+    tree = "json:" + json.dumps({"driver": "raw", "file": {
+        "driver": "blkdebug", "image": {"driver": "file", "filename": raw_src},
+        "set-state": [{"event": "read_aio", "state": 1, "new_state": 2}],
+        "inject-error": [{"event": "read_aio", "state": 2, "errno": 5, "once": True}]}})
+    v = same(["-c", "read 0 512", "-c", "read 0 512", "-c", "read 0 512", tree],
+             qemu="qemu-io", strip_ops=True)
+    assert "read failed: Input/output error" in v.stdout
+
+
+def test_blkdebug_unknown_event_refused(raw_src):
+    p = vdisk("info", blkdebug_raw(raw_src, {"event": "nosuch"}), check=False)
+    q = qemu_img("info", blkdebug_raw(raw_src, {"event": "nosuch"}), check=False)
+    assert p.returncode == q.returncode == 1
+    assert "invalid parameter value: nosuch" in p.stderr and "nosuch" in q.stderr
