@@ -465,7 +465,9 @@ static BlockNode *open_one(const VdOpenOptions *opts, ChainSeen *seen, bool is_b
         vd_node_ref(opts->file);
         proto = opts->file;
     } else {
-        const BlockDriver *named = opts->format ? vd_find_driver(opts->format) : NULL;
+        /* an option tree names its protocol; a plain filename's scheme or path decides */
+        const BlockDriver *named = opts->options && opts->format ? vd_find_driver(opts->format)
+                                                                 : NULL;
         proto = open_protocol(named && named->is_protocol ? named : NULL, filename, opts->flags,
                               opts->tls_creds, opts->options, errp);
         if (!proto) {
