@@ -1070,8 +1070,10 @@ int img_convert(int argc, char **argv)
     }
 
     /* cache=unsafe (convert's default target cache, as in qemu-img): never sync the target. */
-    s.target = tool_open_plain(out_filename, out_fmt,
-                         VD_OPEN_RDWR | dst_cflags);
+    /* an encrypted target opens with the secret it was created with (qemu-img's key secrets) */
+    const char *key = tool_opts_get(&o, "key-secret");
+    s.target = tool_open_keyed(out_filename, out_fmt, VD_OPEN_RDWR | dst_cflags,
+                               key ? key : tool_opts_get(&o, "encrypt.key-secret"));
     if (!s.target) {
         goto out;
     }
@@ -1100,6 +1102,9 @@ int img_convert(int argc, char **argv)
                            !strcmp(sb->drv->name, s.target->backing->drv->name) &&
                            vd_getlength(sb) == s.target_backing_len);
         s.has_zero_init = false;
+    }
+    if (s.target->encrypted && !s.target->drv->supports_backing) {
+        s.has_zero_init = false; /* raw LUKS: unwritten sectors decrypt to noise, not zeroes */
     }
     s.compressed = compress;
     if (compress) {

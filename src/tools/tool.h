@@ -75,6 +75,9 @@ extern bool tool_image_opts;
  */
 BlockNode *tool_open(const char *filename, const char *fmt, int flags);
 BlockNode *tool_open_plain(const char *filename, const char *fmt, int flags);
+/* tool_open of an encrypted image with the password in secret object key_secret (NULL: none). */
+BlockNode *tool_open_keyed(const char *filename, const char *fmt, int flags,
+                           const char *key_secret);
 
 /* Is buf[0..len) all zero? (fast path via memcmp) */
 bool tool_is_zero(const void *buf, size_t len);

@@ -284,13 +284,21 @@ BlockNode *tool_open(const char *filename, const char *fmt, int flags)
 
 BlockNode *tool_open_plain(const char *filename, const char *fmt, int flags)
 {
+    return tool_open_keyed(filename, fmt, flags, NULL);
+}
+
+BlockNode *tool_open_keyed(const char *filename, const char *fmt, int flags,
+                           const char *key_secret)
+{
     VdError *err = NULL;
     /* qemu-img's wording: "Could not open 'F': " before the cause (which may name F again) */
     if (fmt && !vd_find_driver(fmt)) {
         tool_error("Could not open '%s': Unknown driver '%s'", filename, fmt);
         return NULL;
     }
-    BlockNode *bs = vd_open_image(filename, fmt, tool_open_flags(flags, false), &err);
+    VdOpenOptions oo = {.filename = filename, .format = fmt,
+                        .flags = tool_open_flags(flags, false), .key_secret = key_secret};
+    BlockNode *bs = vd_open(&oo, &err);
     if (!bs) {
         if (err) {
             char *prefix = NULL;

@@ -286,3 +286,18 @@ def test_qcow2_luks_wrong_password_and_no_key(tmp, vd):
     assert p.stderr == f"vdisk: Could not open '{img}': Parameter 'encrypt.key-secret' is " \
                        "required for cipher\n"
     assert sha256(img) == before
+
+
+def test_convert_plain_to_encrypted_read_by_qemu(tmp):
+    src = tmp / "plain.raw"
+    with open(src, "wb") as f:
+        f.truncate(2 << 20)
+        f.write(os.urandom(300000))
+    for fmt, opts, image_opts in (
+            ("luks", "key-secret=s0,iter-time=10", luks_opts),
+            ("qcow2", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", qcow2_opts)):
+        dst = tmp / f"enc.{fmt}"
+        vdisk("convert", "--object", SECRET, "-O", fmt, "-o", opts, src, dst)
+        p = qemu_img("compare", "--object", SECRET, "--image-opts", image_opts(dst),
+                     f"driver=raw,file.filename={src}", check=False)
+        assert p.returncode == 0, p.stdout + p.stderr
