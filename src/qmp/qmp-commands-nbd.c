@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "block/graph.h"
+#include "jobs/mirror.h"
 #include "nbd/nbd-server.h"
 #include "qmp/qmp-args.h"
 #include "qmp/qmp-internal.h"
@@ -214,8 +215,13 @@ static json_t *export_add(const char *id, const char *node_name, bool node_as_de
         return NULL;
     }
     NbdExport *exp = NULL;
+    /* A node a mirror copies is written through the mirror's filter, or the write is never
+     * copied (nor journalled): an export added while the copy runs uses the filter, as
+     * vdiskd's --export does for a resumed copy. The bitmaps stay the node's own. */
+    BlockNode *filter = mirror_filter_of_source(bs);
     if (qmp_bitmap_refs(bitmaps, bs, true, refs, errp) == 0) {
-        exp = nbd_export_add_bitmaps(id, name, bs, writable, description, refs, n, errp);
+        exp = nbd_export_add_bitmaps(id, name, filter ? filter : bs, writable, description, refs,
+                                     n, errp);
     }
     free(refs);
     if (!exp) {

@@ -527,3 +527,37 @@ def test_mirror_complete_while_guest_writes(tmp):
     assert_qemu_check_clean(tgt)
     got = read_image(tmp, tgt, "tgt.raw")
     assert got == bytes(model), first_diff(got, model)
+
+
+@pytest.mark.parametrize("cmd", ["block-export-add", "nbd-server-add"])
+def test_export_added_during_mirror_writes_through_the_copy(tmp, cmd):
+    """An export of the source added over QMP while a mirror runs: its writes reach the target
+    (the export uses the mirror's filter, as QEMU's dirty bitmap sees every writer of the node)."""
+    base, top, model = make_chain(tmp)
+    tgt = tmp / "late.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", tgt, SIZE)
+    d, q, uri = start(tmp, top)
+    rng = random.Random(9)
+    try:
+        q.cmd("blockdev-add", driver="qcow2", node_name="tgt0",
+              file={"driver": "file", "filename": str(tgt)})
+        q.cmd("blockdev-mirror", job_id="m9", device="disk0", target="tgt0", sync="top")
+        q.get_event("BLOCK_JOB_READY", timeout=30)
+        # everything is copied now: only tracked writes can still reach the target
+        if cmd == "block-export-add":
+            q.cmd("block-export-add", type="nbd", id="late", node_name="disk0", name="late",
+                  writable=True)
+        else:
+            q.cmd("nbd-server-add", device="disk0", name="late", writable=True)
+        late = uri.replace("/disk0?", "/late?")
+        guest_writes(late, model, rng, 30, 40)
+        q.cmd("block-job-complete", device="m9")
+        q.get_event("BLOCK_JOB_COMPLETED", timeout=30)
+        q.close()
+        d.stop_checked()
+    finally:
+        q.close()
+        d.kill()
+    assert_qemu_check_clean(tgt)
+    got = read_image(tmp, tgt, "late.raw")
+    assert got == bytes(model), first_diff(got, model)
