@@ -776,6 +776,13 @@ static int qcow2_truncate(BlockNode *bs, uint64_t size, bool shrink, VdPrealloc 
         ret = -EINVAL;
         goto out;
     }
+    if (prealloc != VD_PREALLOC_OFF && s->h.crypt_method) {
+        /* preallocated clusters hold plaintext zeroes, which would read back as noise */
+        vd_error_setg(errp, ENOTSUP, "Preallocation of encrypted images is not supported by "
+                      "vdisk");
+        ret = -ENOTSUP;
+        goto out;
+    }
     ret = q2_first_write(s);
     if (ret < 0) {
         vd_error_setg_errno(errp, -ret, "qcow2: could not update the header");

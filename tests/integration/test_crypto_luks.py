@@ -301,3 +301,24 @@ def test_convert_plain_to_encrypted_read_by_qemu(tmp):
         p = qemu_img("compare", "--object", SECRET, "--image-opts", image_opts(dst),
                      f"driver=raw,file.filename={src}", check=False)
         assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_qcow2_luks_resize_preallocation_refused_plain_grow_reads_zeroes(tmp):
+    """Preallocated clusters would hold plaintext zeroes that decrypt to noise: a resize with
+    --preallocation is refused and leaves the file as it was; a plain grow reads zeroes."""
+    img = tmp / "g.qcow2"
+    qemu_create("-f", "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=s0,"
+                "encrypt.iter-time=10", img, "1M")
+    opts = f"driver=qcow2,file.filename={img},encrypt.key-secret=s0"
+    qemu_io("--object", SECRET, "--image-opts", opts, "-c", "write -P 0x5a 0 1M")
+    before = sha256(img)
+    for mode in ("metadata", "falloc", "full"):
+        p = vdisk("resize", "--object", SECRET, "--image-opts", f"--preallocation={mode}", opts,
+                  "2M", check=False)
+        assert p.returncode == 1, p.stdout + p.stderr
+        assert "Preallocation of encrypted images is not supported" in p.stderr, p.stderr
+        assert sha256(img) == before
+    vdisk("resize", "--object", SECRET, "--image-opts", opts, "2M")
+    assert json.loads(qemu_img("info", "--output=json", img).stdout)["virtual-size"] == 2 << 20
+    qemu_io("--object", SECRET, "--image-opts", opts, "-c", "read -P 0x5a 0 1M",
+            "-c", "read -P 0 1M 1M")
