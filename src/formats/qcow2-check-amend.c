@@ -149,7 +149,7 @@ static int walk_zero_entries(Chk *c, Expand *x, bool has_backing, bool apply,
     for (size_t t = 0; t < x->set.n; t++) {
         /* how many L1 tables reach this table: each of them references its clusters */
         uint64_t paths = refs_of(x->orig, x->norig, c->cluster_bits, x->set.off[t]);
-        bool dirty = false;
+        bool dirty = false, zeroed = false;
         ret = chk_read_padded(c, x->set.off[t], cs, l2);
         if (ret < 0) {
             vd_error_setg_errno(errp, -ret, "Could not read an L2 table");
@@ -175,6 +175,7 @@ static int walk_zero_entries(Chk *c, Expand *x, bool has_backing, bool apply,
                     vd_error_setg_errno(errp, -ret, "Could not write zeroes");
                     goto out;
                 }
+                zeroed = apply;
                 break;
             case Z_NEW:
                 if (!apply) {
@@ -197,6 +198,12 @@ static int walk_zero_entries(Chk *c, Expand *x, bool has_backing, bool apply,
                 qcow2_put_be64(l2 + 8 * i, ne);
                 dirty = true;
             }
+        }
+        /* the zeroes are durable before the entry stops saying "zero": a crash in between
+         * must not show a former zero cluster's old contents */
+        if (zeroed && (ret = vd_flush(c->file)) < 0) {
+            vd_error_setg_errno(errp, -ret, "Could not flush");
+            goto out;
         }
         if (dirty && (ret = vd_pwrite(c->file, x->set.off[t], cs, l2, 0)) < 0) {
             vd_error_setg_errno(errp, -ret, "Could not write an L2 table");
