@@ -1,4 +1,5 @@
-"""Shared pieces of the live chain tests (test_jobs_stream.py, test_jobs_commit.py, test_snapshot.py).
+"""Shared pieces of the live chain tests (jobs/test_jobs_stream.py, jobs/test_jobs_commit.py,
+jobs/test_jobs_snapshot.py).
 
 A three-image qcow2 chain with known content and a byte model of what the guest sees; vdiskd serving
 its top over NBD (unix socket); a guest writer (qemu-io over nbd+unix) whose writes are applied to

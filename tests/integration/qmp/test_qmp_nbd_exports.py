@@ -204,7 +204,7 @@ def test_unsupported_export_options(vd, img):
         assert "not supported" in c.error("block-export-add", {"type": "fuse", "id": "e",
                                                                "node-name": "d",
                                                                "mountpoint": "/x"})
-        # (exported bitmaps are supported: test_nbd_dirty_bitmap.py)
+        # (exported bitmaps are supported: nbd/test_nbd_dirty_bitmap.py)
 
 
 def test_quit_with_exports_flushes(tmp, img):

@@ -16,46 +16,12 @@ import time
 
 import pytest
 
-from conftest import VDISKD, qemu_img, qemu_io, run, vdisk
-from qmp_client import Daemon
+from conftest import qemu_img, qemu_io, run, vdisk
 from blockops_helpers import Guest, assert_same, guest_read, image_content, write_cmds
+from netns_helpers import A_ADDR, B_ADDR, two_hosts, vdiskd_in
 
 MiB = 1 << 20
 SIZE = 24 * MiB
-A_ADDR, B_ADDR = "10.231.77.1", "10.231.77.2"
-
-
-def sh(*cmd):
-    return run(list(cmd), timeout=30)
-
-
-@contextlib.contextmanager
-def two_hosts(rate="200mbit"):
-    """Namespaces A and B, veth A<->B with addresses inside them, tbf on both ends; removed after."""
-    tag = f"vd{os.getpid() % 100000}"
-    a, b = f"{tag}a", f"{tag}b"
-    created = []
-    try:
-        for ns in (a, b):
-            sh("ip", "netns", "add", ns)
-            created.append(ns)
-        sh("ip", "-n", a, "link", "add", "va", "type", "veth", "peer", "name", "vb", "netns", b)
-        for ns, dev, addr in ((a, "va", A_ADDR), (b, "vb", B_ADDR)):
-            sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
-            sh("ip", "-n", ns, "link", "set", dev, "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-            sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
-               "rate", rate, "burst", "256kb", "latency", "50ms")
-        yield a, b
-    finally:
-        for ns in created:
-            run(["ip", "netns", "del", ns], check=False, timeout=30)
-
-
-def vdiskd_in(ns, tmp, name, *extra):
-    qmp = str(tmp / f"{name}-qmp.sock")
-    return Daemon(["ip", "netns", "exec", ns, VDISKD, "--qmp", qmp, *extra], qmp,
-                  str(tmp / f"{name}.log"))
 
 
 def vdiskd_serving(ns, tmp, name, image, nbd_addr, export="id=exp0,name=disk0", *extra):

@@ -11,8 +11,9 @@ import subprocess
 import time
 
 from conftest import VDISKD, qemu_img, qemu_io, run
+import qmp_client
 from qmp_client import Daemon
-from test_cross_host import two_hosts, vdiskd_in, B_ADDR
+from netns_helpers import two_hosts, vdiskd_in, B_ADDR
 
 MiB = 1 << 20
 SIZE = 4 * MiB
@@ -178,7 +179,7 @@ def test_open_timeout_waits_for_a_server_that_starts_late(tmp):
              "import sys; sys.path.insert(0, sys.argv[2]); from qmp_client import QMPClient;"
              "q = QMPClient(sys.argv[1]); print(q.execute('blockdev-add', {'driver': 'nbd',"
              " 'node-name': 'n1', 'server': {'type': 'unix', 'path': sys.argv[3]},"
-             " 'open-timeout': 300}))", qmp, os.path.dirname(__file__), sock],
+             " 'open-timeout': 300}))", qmp, os.path.dirname(qmp_client.__file__), sock],
             stdout=subprocess.PIPE, text=True)
         time.sleep(1)
         assert opener.poll() is None, "blockdev-add did not wait for the server"
