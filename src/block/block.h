@@ -355,6 +355,7 @@ struct BlockNode {
     /* Named dirty bitmaps (block/dirty-bitmap.h); NULL until the first one. */
     VdBitmapList *bitmaps;
     bool encrypted;          /* the format encrypts its data (info's "encrypted"); set by open */
+    uint64_t flush_requests; /* atomic: flushes asked of this node (vd_flush_requests) */
 };
 
 /* ---- registry (drivers.c: the one list of formats and protocols) ---- */
@@ -488,6 +489,15 @@ int vd_flush(BlockNode *bs);
 int vd_flush_own(BlockNode *bs);
 /* How many syncs (protocol-node flushes) the calling thread has issued so far (diagnostics). */
 uint64_t vd_flush_thread_syncs(void);
+/* ... and every thread of the process together (tests count the syncs made while drained). */
+uint64_t vd_flush_total_syncs(void);
+/*
+ * How many flushes were asked of bs so far, directly or through a node above it (counted when
+ * the flush starts). A frontend's durability promises go through here: the NBD server makes FUA
+ * a flush after the (tracked) write. An active commit reads it to know whether a guest asked for
+ * durability since a moment when base held every write (see commit.c, the drained pivot).
+ */
+uint64_t vd_flush_requests(BlockNode *bs);
 int vd_truncate(BlockNode *bs, uint64_t size, bool shrink, VdPrealloc prealloc, VdError **errp);
 
 /*

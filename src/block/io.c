@@ -192,10 +192,21 @@ int vd_pwrite_compressed(BlockNode *bs, uint64_t offset, uint64_t bytes, const v
  * count how many they made while guest I/O was drained (vd_flush_thread_syncs).
  */
 static __thread uint64_t thread_syncs;
+static uint64_t total_syncs; /* atomic */
 
 uint64_t vd_flush_thread_syncs(void)
 {
     return thread_syncs;
+}
+
+uint64_t vd_flush_total_syncs(void)
+{
+    return __atomic_load_n(&total_syncs, __ATOMIC_RELAXED);
+}
+
+uint64_t vd_flush_requests(BlockNode *bs)
+{
+    return __atomic_load_n(&bs->flush_requests, __ATOMIC_SEQ_CST);
 }
 
 static int flush_node(BlockNode *bs, bool follow_backing)
@@ -213,11 +224,13 @@ static int flush_node(BlockNode *bs, bool follow_backing)
     if (no_flush && bs->drv->is_protocol) {
         return 0;
     }
+    __atomic_add_fetch(&bs->flush_requests, 1, __ATOMIC_SEQ_CST);
     int ret = 0;
     debug_event(bs, VD_DEBUG_FLUSH_TO_OS);
     if (bs->drv->flush) {
         if (bs->drv->is_protocol) {
             thread_syncs++;
+            __atomic_add_fetch(&total_syncs, 1, __ATOMIC_RELAXED);
         }
         ret = bs->drv->flush(bs);
     }

@@ -10,8 +10,11 @@
  * old data never lands after a newer write: the write either finished before (and its dirty bit was
  * cleared only after it) or re-dirties the range after the copy. READY once in sync and flushed;
  * while ready the job keeps copying and flushing base as guests write, so complete (or a soft
- * cancel) normally drains the exports at once, copies the small dirty tail, flushes base once and
- * swaps the exports onto base (no swap for a soft cancel). When much is dirty or unflushed (a guest
+ * cancel) normally drains the exports at once, copies the small dirty tail and swaps the exports
+ * onto base (no swap for a soft cancel). It syncs base under drain only when a guest flushed since
+ * base last held every write durably (then after a flush made while guests still ran, so the
+ * drained sync covers the tail only); otherwise what is not yet synced is the guest's own
+ * unflushed writes, which its next flush (of base) makes durable. When much is dirty (a guest
  * writing faster than the copy), bounded finishing rounds copy and flush unthrottled first.
  * Pauses: what the job copied is flushed BEFORE the exports are drained, except a few MiB that the
  * drained flush of the tail covers anyway; a non-active commit flushes nothing under drain (no
@@ -54,6 +57,14 @@ typedef struct Commit {
     bool claimed;
     bool base_swapped;       /* base_rw is in the chain */
     uint64_t unflushed;      /* bytes copies wrote to base_rw since its last flush (coordinator) */
+    /*
+     * Active: the last clean point (coordinator): nothing dirty, no copy in flight, so every
+     * guest write acknowledged before it was in base_rw. clean_flush_req: the device's
+     * vd_flush_requests read just before; clean_durable: a flush of base_rw made after it
+     * succeeded (or nothing was unflushed then). See commit_pivot_needs_sync.
+     */
+    bool clean_seen, clean_durable;
+    uint64_t clean_flush_req;
 
     /* active commit */
     BlockTracker *tracker;   /* the top's */
@@ -352,7 +363,39 @@ static int commit_flush_base(Commit *c)
     c->unflushed = 0;
     int r = vd_flush(c->base_rw);
     c->unflushed += r < 0 ? was : 0;
+    if (r == 0 && c->clean_seen) {
+        c->clean_durable = true; /* this flush started after the clean point */
+    }
     return r;
+}
+
+/*
+ * A clean point (coordinator, no copy in flight): flush_req is the device's vd_flush_requests,
+ * read BEFORE the bitmap was found empty. A guest flush counted in it started after the writes
+ * it covers were acknowledged, whose dirty bits were set before that: they were all copied (the
+ * bitmap was empty after the read and every copy was reaped), so a base_rw flush started from
+ * here on makes them durable in base.
+ */
+static void commit_note_clean(Commit *c, uint64_t flush_req)
+{
+    c->clean_seen = true;
+    c->clean_flush_req = flush_req;
+    c->clean_durable = c->unflushed == 0;
+}
+
+/*
+ * Must the pivot sync base_rw while guests are drained? Only if a guest may have been promised
+ * durability for a write base_rw does not hold durably: not when base_rw was flushed after the
+ * last clean point and no guest flush (or FUA write) has started since it. The writes since then
+ * (copied by the drained tail or earlier, not yet synced) were never flushed by the guest; after
+ * the pivot they are in base_rw, and the guest's next flush, now of base_rw, syncs them - the
+ * promise a disk makes for writes it acknowledged without FUA. Call with guests drained for the
+ * final answer (no flush starts until they resume).
+ */
+static bool commit_pivot_needs_sync(Commit *c)
+{
+    return !c->clean_seen || !c->clean_durable ||
+           vd_flush_requests(c->dev) != c->clean_flush_req;
 }
 
 static int commit_run_active(Commit *c, VdError **errp)
@@ -442,8 +485,10 @@ static int commit_run_active(Commit *c, VdError **errp)
             uint64_t d = dirty_bytes(c);
             bool round_over = cr.finish_copied >= finish_budget;
             bool clean = d == 0 && c->unflushed == 0 && copy_engine_in_flight(e) == 0;
+            /* No guest flush since base was durable: the drained pivot will not sync. */
+            bool quiet = !commit_pivot_needs_sync(c);
             if (clean || job_now_ns() >= finish_deadline ||
-                finish_rounds >= COMMIT_FINISH_ROUNDS ||
+                finish_rounds >= COMMIT_FINISH_ROUNDS || (quiet && d <= COMMIT_QUICK_TAIL) ||
                 ((finish_rounds > 0 || d > 0) && d + c->unflushed <= COMMIT_QUICK_TAIL)) {
                 r = 0; /* prepare copies what is still dirty, guests drained */
                 break;
@@ -477,12 +522,14 @@ static int commit_run_active(Commit *c, VdError **errp)
             }
             continue;
         }
+        uint64_t flush_req = vd_flush_requests(c->dev); /* before the bitmap: see note_clean */
         vd_mutex_lock(&c->lock);
         bool have = c->dirty_bits > 0;
         vd_mutex_unlock(&c->lock);
         if (have) {
             continue; /* dirtied since the pick */
         }
+        commit_note_clean(c, flush_req);
         if (cr.finishing) {
             finish_budget = 0; /* in sync: this round is over (flush, maybe one more) */
             continue;
@@ -652,12 +699,13 @@ static int commit_prepare(Job *job, VdError **errp)
 {
     Commit *c = job_opaque(job);
     /*
-     * run returned: every copy of the job is written. Make them durable while guests still run
-     * (an active commit's run flushed all but what it copied after its last flush: when that is
-     * little, one flush under drain covers it with the tail, sparing a sync round trip).
+     * run returned: every copy of the job is written. Make them durable while guests still run,
+     * so that a sync under drain (when one is needed: commit_pivot_needs_sync) covers only the
+     * tail copied there. When none is needed, the copies not yet synced wait for the guest's
+     * next flush (of base, after the pivot), and complete -> COMPLETED makes no sync at all.
      */
     int r = !c->active ? vd_flush(c->base_rw)
-            : c->unflushed > COMMIT_QUICK_TAIL ? commit_flush_base(c) : 0;
+            : commit_pivot_needs_sync(c) ? commit_flush_base(c) : 0;
     if (r < 0) {
         vd_error_setg(errp, -r, "Could not flush '%s': %s", c->base_rw->filename, strerror(-r));
         return r;
@@ -701,16 +749,23 @@ static int commit_prepare(Job *job, VdError **errp)
             }
         }
         c->unflushed += tail;
-        if (r == 0) {
-            /* The tail and run's last copies (base_rw's own writes: guests write the top). */
+        vd_mutex_lock(&c->lock);
+        bool pivot = c->should_complete;
+        vd_mutex_unlock(&c->lock);
+        /*
+         * The tail and run's last copies (base_rw's own writes: guests write the top): synced
+         * now if a guest asked for durability since base was last durable (guests are drained:
+         * no flush starts meanwhile), or if base goes back to read-only (soft cancel).
+         */
+        uint64_t left = 0;
+        if (r == 0 && (!pivot || commit_pivot_needs_sync(c))) {
             r = commit_flush_base(c);
+        } else if (r == 0) {
+            left = c->unflushed;
         }
         if (r < 0) {
             vd_error_setg(errp, -r, "Commit error while finishing: %s", strerror(-r));
         }
-        vd_mutex_lock(&c->lock);
-        bool pivot = c->should_complete;
-        vd_mutex_unlock(&c->lock);
         if (r == 0 && pivot) {
             c->pivoted = true;
             c->base_swapped = false; /* base_rw is now the guest's image */
@@ -724,10 +779,10 @@ static int commit_prepare(Job *job, VdError **errp)
         }
         uint64_t us = (job_now_ns() - t0) / 1000;
         vd_log(VD_LOG_INFO, "commit '%s': %s; guest I/O paused %llu us (%llu bytes copied while "
-               "paused, %llu syncs while paused)", job_id(job),
-               r < 0 ? "failed" : pivot ? "pivoted to the base" : "finished without pivot",
+               "paused, %llu syncs while paused, %llu bytes left for the guest's next flush)",
+               job_id(job), r < 0 ? "failed" : pivot ? "pivoted to the base" : "finished without pivot",
                (unsigned long long)us, (unsigned long long)tail,
-               (unsigned long long)(vd_flush_thread_syncs() - syncs0));
+               (unsigned long long)(vd_flush_thread_syncs() - syncs0), (unsigned long long)left);
         return r;
     }
 

@@ -8,7 +8,12 @@ write; events and resulting headers follow qemu-storage-daemon 7.2; qemu-img che
 """
 import random
 import re
+import threading
 import time
+
+import pytest
+
+import nbd_helpers as H
 
 from blockops_helpers import (MiB, KiB, SIZE, make_chain, Served, write_cmds, Guest, guest_read,
                               image_content, assert_same, chain_info, statuses, wait_status,
@@ -229,6 +234,20 @@ def ready_active_commit(tmp_path, job_id):
     return base, mid, top, model, s
 
 
+def pivot_log(s, job_id):
+    """vdiskd's log line of the pivot (VDISK_LOG=info): groups are the bytes copied, the syncs made
+    and the bytes left unsynced while the guest was drained."""
+    pat = re.compile(rf"commit '{job_id}': pivoted to the base; guest I/O paused \d+ us "
+                     r"\((\d+) bytes copied while paused, (\d+) syncs while paused, "
+                     r"(\d+) bytes left")
+    for _ in range(100):
+        m = pat.search(s.d.output())
+        if m:
+            return m
+        time.sleep(0.05)
+    raise AssertionError(s.d.output())
+
+
 def test_active_commit_pivot_of_idle_guest_syncs_nothing_while_paused(tmp_path, monkeypatch):
     """base is flushed before the exports are drained; with an idle guest the drained pivot has no
     tail to copy, so it syncs nothing while the guest waits (vdiskd logs the count of syncs its QMP
@@ -243,15 +262,7 @@ def test_active_commit_pivot_of_idle_guest_syncs_nothing_while_paused(tmp_path, 
         q.cmd("block-job-complete", device="c5")
         done = q.get_event("BLOCK_JOB_COMPLETED", timeout=20)
         assert "error" not in done["data"], done
-        pat = re.compile(r"commit 'c5': pivoted to the base; guest I/O paused \d+ us "
-                         r"\((\d+) bytes copied while paused, (\d+) syncs while paused\)")
-        m = None
-        for _ in range(100):
-            m = pat.search(s.d.output())
-            if m:
-                break
-            time.sleep(0.05)
-        assert m, s.d.output()
+        m = pivot_log(s, "c5")
         assert (int(m.group(1)), int(m.group(2))) == (0, 0), m.group(0)
         assert_same(guest_read(tmp_path, s.uri), bytes(model), "guest view after pivot")
         s.stop()
@@ -281,5 +292,93 @@ def test_active_commit_complete_while_guest_writes(tmp_path):
         s.close()
     assert chain_info(top) == [("top.qcow2", "mid.qcow2", "qcow2"),
                                ("mid.qcow2", "base.qcow2", "qcow2"), ("base.qcow2", None, None)]
+    assert_same(image_content(tmp_path, base, "base.raw"), bytes(model), "base after pivot")
+    check_clean(base, mid, top)
+
+
+class PipelinedGuest(threading.Thread):
+    """A guest keeping `depth` writes of random extents in flight on one NBD connection
+    (nbd_helpers.RawClient), batch after batch until stopped. The extents of one batch never
+    overlap, so the model applies a batch whatever order the server completes it in. With
+    flushes, every batch is followed by NBD_CMD_FLUSH; without, the guest never asks for one."""
+
+    def __init__(self, sock, model, rng, depth=8, flushes=False):
+        super().__init__(daemon=True)
+        self.c = H.RawClient(sock, timeout=60)
+        self.c.greet()
+        self.c.go("disk0", structured=False)
+        self.model, self.rng, self.depth, self.flushes = model, rng, depth, flushes
+        self.batches, self.stop, self.error = 0, False, None
+
+    def batch(self):
+        taken, reqs = [], []
+        while len(reqs) < self.depth:
+            length = self.rng.randrange(512, 64 * KiB)
+            off = self.rng.randrange(0, SIZE - length)
+            if any(off < e and s < off + length for s, e in taken):
+                continue
+            taken.append((off, off + length))
+            reqs.append((off, self.rng.randbytes(length)))
+        for i, (off, data) in enumerate(reqs):
+            self.c.request(H.CMD_WRITE, off, len(data), i + 1, 0, data)
+        for _ in reqs:
+            cookie, err, _ = self.c.reply()
+            assert err == 0, f"write {cookie} failed: {err}"
+        for off, data in reqs:
+            self.model[off:off + len(data)] = data
+        if self.flushes:
+            self.c.request(H.CMD_FLUSH, 0, 0, 100)
+            assert self.c.reply()[1] == 0, "flush failed"
+
+    def run(self):
+        try:
+            while not self.stop:
+                self.batch()
+                self.batches += 1
+        except BaseException as e:  # reported by join_checked
+            self.error = e
+
+    def wait_batches(self, n, timeout=60):
+        end = time.time() + timeout
+        while self.batches < n and self.error is None:
+            assert time.time() < end, f"guest made {self.batches} batches, not {n}"
+            time.sleep(0.01)
+
+    def join_checked(self):
+        self.stop = True
+        self.join(60)
+        assert not self.is_alive(), "guest writer hung"
+        self.c.close()
+        if self.error:
+            raise self.error
+
+
+@pytest.mark.parametrize("flushes", [False, True], ids=["no-guest-flush", "guest-flushes"])
+def test_active_commit_complete_under_pipelined_guest(tmp_path, monkeypatch, flushes):
+    """block-job-complete while a guest keeps 8 writes in flight (and, in one case, flushes after
+    every batch): base ends byte for byte like the model and clean. Base is synced while the
+    guest waits only when the guest asked for durability since base last held every write
+    durably: a guest that never flushes costs the drained pivot no sync at all (what it wrote
+    since is synced by its next flush, of base); a flushing guest costs at most the tail's
+    qcow2 flush (a data sync and one after the L2 tables), the rest synced before the drain."""
+    monkeypatch.setenv("VDISK_LOG", "info")
+    base, mid, top, model, s = ready_active_commit(tmp_path, "c7")
+    try:
+        q = s.q
+        g = PipelinedGuest(s.sock, model, random.Random(17), flushes=flushes)
+        g.start()
+        g.wait_batches(5)
+        q.cmd("block-job-complete", device="c7")
+        done = q.get_event("BLOCK_JOB_COMPLETED", timeout=30)
+        assert "error" not in done["data"], done
+        g.wait_batches(g.batches + 3)  # these land in base, the guest's image now
+        g.join_checked()
+        m = pivot_log(s, "c7")
+        syncs = int(m.group(2))
+        assert syncs <= 2 if flushes else syncs == 0, m.group(0)
+        assert_same(guest_read(tmp_path, s.uri), bytes(model), "guest view after pivot")
+        s.stop()
+    finally:
+        s.close()
     assert_same(image_content(tmp_path, base, "base.raw"), bytes(model), "base after pivot")
     check_clean(base, mid, top)
