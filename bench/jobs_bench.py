@@ -536,6 +536,20 @@ def run_one(kind, load, daemon_kind, src, work, a, vsize):
             if m:
                 res["logged_pause_ms"] = float(m.group(1))
                 res["paused_copy_bytes"] = int(m.group(2))
+        if daemon_kind == "vdiskd" and kind == "commit-active":
+            m = None
+            for _ in range(20):  # written by prepare around the event
+                m = re.search(r"commit 'j': pivoted to the base; guest I/O paused (\d+) us "
+                              r"\((\d+) bytes copied while paused, (\d+) syncs while paused",
+                              d.output())
+                if m:
+                    break
+                time.sleep(0.05)
+            if m:
+                res["logged_pause_ms"] = int(m.group(1)) / 1000
+                res["paused_copy_bytes"] = int(m.group(2))
+                # base is synced under drain only after a guest flush (fio here never flushes)
+                res["paused_syncs"] = int(m.group(3))
         if a.verify and load == "idle" and kind.startswith("mirror"):
             # nothing wrote to the guest: the target must read like the source chain
             res["hwm_kib"] = d.hwm_kib()
@@ -688,7 +702,10 @@ def report(meta, results, scen):
            for n in mirrors],
           "vdiskd's own measure of the guest-visible pause (drain -> exports resumed), from its "
           "log: " + ", ".join(f"{n}: {f2(get(n, 'vdiskd', 'logged_pause_ms'), 1)} ms"
-                              for n in mirrors if n.startswith("mirror")))
+                              + (f" ({f2(get(n, 'vdiskd', 'paused_syncs'), 0)} syncs)"
+                                 if n.startswith("commit-active") else "")
+                              for n in mirrors) + "; the bench's fio guest never flushes, so "
+          "an active commit's pivot syncs nothing while it waits (docs/guest-priority.md)")
     table("Job length (MiB, the job's len at READY / COMPLETED: what the job copied, including "
           "re-copies of guest-dirtied data; stream/commit count the whole disk in both daemons)",
           [(n, _mib(get(n, "vdiskd", "copied_bytes")), _mib(get(n, "qsd", "copied_bytes")), 1)

@@ -485,17 +485,24 @@ static int commit_run_active(Commit *c, VdError **errp)
             uint64_t d = dirty_bytes(c);
             bool round_over = cr.finish_copied >= finish_budget;
             bool clean = d == 0 && c->unflushed == 0 && copy_engine_in_flight(e) == 0;
-            /* No guest flush since base was durable: the drained pivot will not sync. */
+            /*
+             * No guest flush since base was durable: the drained pivot will not sync, so the
+             * rounds need not flush either, and only the drained copy is left to keep small.
+             */
             bool quiet = !commit_pivot_needs_sync(c);
+            bool small = quiet ? d <= COMMIT_QUICK_TAIL
+                               : (finish_rounds > 0 || d > 0) &&
+                                 d + c->unflushed <= COMMIT_QUICK_TAIL;
             if (clean || job_now_ns() >= finish_deadline ||
-                finish_rounds >= COMMIT_FINISH_ROUNDS || (quiet && d <= COMMIT_QUICK_TAIL) ||
-                ((finish_rounds > 0 || d > 0) && d + c->unflushed <= COMMIT_QUICK_TAIL)) {
+                finish_rounds >= COMMIT_FINISH_ROUNDS || small) {
                 r = 0; /* prepare copies what is still dirty, guests drained */
                 break;
             }
             if (round_over) {
                 copy_engine_drain(e, commit_reaped, &cr);
-                (void)commit_flush_base(c); /* on error prepare flushes again, fails the job */
+                if (!quiet) {
+                    (void)commit_flush_base(c); /* on error prepare flushes again, fails */
+                }
                 finish_rounds++;
                 d = dirty_bytes(c);
                 cr.finish_copied = 0;
