@@ -78,6 +78,9 @@ typedef struct NbdConn {
     bool up;                  /* h is a live connection (written under lock, atomically) */
     int64_t down_ms;          /* when the link was lost (!up) */
     unsigned long epoch;      /* connections made after losses: which one a command went on */
+    bool killing;             /* the pump reset this connection for a stall (until link_lost) */
+    int64_t killed_ms;        /* when */
+    bool wrong_export;        /* the last reconnection reached a server with another export */
 } NbdConn;
 
 typedef enum { OP_READ, OP_WRITE, OP_ZERO, OP_TRIM, OP_FLUSH, OP_STATUS } NbdOp;
@@ -92,7 +95,28 @@ typedef struct NbdReq {
     nbd_extent_callback *ext;
     int err;                  /* errno, 0 = success */
     bool done;
+    int64_t fence_until;      /* failed on a stall kill: the server may still hold it this long */
 } NbdReq;
+
+/* A range the server may still write: a write of a connection reset for a stall (fence_add). */
+typedef struct NbdFence {
+    uint64_t off, len;
+    int64_t until_ms;
+} NbdFence;
+
+#define NBD_MAX_FENCES 32
+
+/*
+ * What must not change when the connection is made again (conn_identity): a server that answers
+ * differently is serving another export (or the same one configured otherwise).
+ */
+typedef struct NbdIdentity {
+    int64_t size;
+    unsigned flags;           /* NBD_ID_*: libnbd's can_... and is_... answers */
+    int64_t block_min, block_pref, block_max;
+    char *name;               /* canonical export name (NBD_INFO_NAME), or what we asked for */
+    char *descr;              /* NBD_INFO_DESCRIPTION, NULL if the server offers none */
+} NbdIdentity;
 
 struct NbdState {
     NbdConn conn[NBD_MAX_CONNS];
@@ -111,6 +135,10 @@ struct NbdState {
     int64_t reconnect_ms;     /* reconnect-delay: how long commands wait for a lost link */
     int64_t open_timeout_ms;  /* open-timeout: first connection retried this long (0: once) */
     int64_t stall_ms;         /* x-stall-timeout: a silent link with commands outstanding; 0 off */
+    NbdIdentity id;           /* the export as the first connection saw it */
+    pthread_mutex_t fence_lock; /* guards fences (nfences also read atomically, unlocked) */
+    NbdFence fences[NBD_MAX_FENCES];
+    int nfences;
 };
 
 static NbdState *ns_of(BlockNode *bs)
@@ -288,8 +316,9 @@ static struct nbd_handle *conn_open(const char *uri, const VdTlsCreds *tls, int 
         vd_error_setg(errp, ENOMEM, "Could not open '%s': %s", uri, nbd_msg());
         return NULL;
     }
+    /* full info: the export's name and description too, part of its identity (identity_of). */
     if (nbd_add_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) == -1 ||
-        (tls && conn_set_tls(h, tls) == -1)) {
+        nbd_set_full_info(h, true) == -1 || (tls && conn_set_tls(h, tls) == -1)) {
         goto fail;
     }
     if (timeout_ms < 0) {
@@ -407,6 +436,7 @@ static void link_lost(NbdConn *c)
     }
     vd_mutex_lock(&c->lock);
     __atomic_store_n(&c->up, false, __ATOMIC_RELAXED); /* also read unlocked by conn_pick */
+    c->killing = false; /* every command of the old handle has completed by now */
     c->down_ms = now_ms();
     vd_cond_broadcast(&c->cond);
     vd_mutex_unlock(&c->lock);
@@ -418,11 +448,95 @@ static struct nbd_handle *conn_open(const char *uri, const VdTlsCreds *tls, int 
                                     int *perr, VdError **errp);
 static void conn_close(struct nbd_handle *h);
 
-/* A new connection must serve the same export: same size, same writability. */
-static bool conn_same_export(NbdState *s, struct nbd_handle *h)
+enum {
+    NBD_ID_READ_ONLY = 1 << 0, NBD_ID_FLUSH = 1 << 1, NBD_ID_FUA = 1 << 2,
+    NBD_ID_ROTATIONAL = 1 << 3, NBD_ID_TRIM = 1 << 4, NBD_ID_ZERO = 1 << 5,
+    NBD_ID_FAST_ZERO = 1 << 6, NBD_ID_DF = 1 << 7, NBD_ID_MULTI_CONN = 1 << 8,
+    NBD_ID_CACHE = 1 << 9, NBD_ID_BASE_ALLOC = 1 << 10,
+};
+
+static const struct {
+    unsigned bit;
+    const char *what;
+    int (*get)(struct nbd_handle *h);
+} nbd_id_flags[] = {
+    {NBD_ID_READ_ONLY, "read-only", nbd_is_read_only},
+    {NBD_ID_FLUSH, "flush", nbd_can_flush},
+    {NBD_ID_FUA, "FUA", nbd_can_fua},
+    {NBD_ID_ROTATIONAL, "rotational", nbd_is_rotational},
+    {NBD_ID_TRIM, "trim", nbd_can_trim},
+    {NBD_ID_ZERO, "write zeroes", nbd_can_zero},
+    {NBD_ID_FAST_ZERO, "fast zero", nbd_can_fast_zero},
+    {NBD_ID_DF, "structured replies (DF)", nbd_can_df},
+    {NBD_ID_MULTI_CONN, "multi-conn", nbd_can_multi_conn},
+    {NBD_ID_CACHE, "cache", nbd_can_cache},
+};
+
+static void identity_free(NbdIdentity *id)
 {
-    return nbd_get_size(h) == (int64_t)s->size &&
-           (nbd_is_read_only(h) == 1) == s->export_read_only;
+    free(id->name);
+    free(id->descr);
+    id->name = id->descr = NULL;
+}
+
+/* Everything a connected h says about its export that must not change on a reconnection. */
+static void identity_of(struct nbd_handle *h, NbdIdentity *id)
+{
+    id->size = nbd_get_size(h);
+    id->flags = 0;
+    for (size_t i = 0; i < sizeof(nbd_id_flags) / sizeof(nbd_id_flags[0]); i++) {
+        id->flags |= nbd_id_flags[i].get(h) == 1 ? nbd_id_flags[i].bit : 0;
+    }
+    if (nbd_can_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) == 1) {
+        id->flags |= NBD_ID_BASE_ALLOC;
+    }
+    id->block_min = nbd_get_block_size(h, LIBNBD_SIZE_MINIMUM);
+    id->block_pref = nbd_get_block_size(h, LIBNBD_SIZE_PREFERRED);
+    id->block_max = nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM);
+    id->name = nbd_get_canonical_export_name(h);
+    id->descr = nbd_get_export_description(h);
+}
+
+static bool str_differ(const char *a, const char *b)
+{
+    return (a == NULL) != (b == NULL) || (a && strcmp(a, b));
+}
+
+/* What differs between the export a and b (a static description), NULL if nothing. */
+static const char *identity_diff(const NbdIdentity *a, const NbdIdentity *b)
+{
+    if (a->size != b->size) {
+        return "size";
+    }
+    for (size_t i = 0; i < sizeof(nbd_id_flags) / sizeof(nbd_id_flags[0]); i++) {
+        if ((a->flags ^ b->flags) & nbd_id_flags[i].bit) {
+            return nbd_id_flags[i].what;
+        }
+    }
+    if ((a->flags ^ b->flags) & NBD_ID_BASE_ALLOC) {
+        return "meta context base:allocation";
+    }
+    if (a->block_min != b->block_min || a->block_pref != b->block_pref ||
+        a->block_max != b->block_max) {
+        return "block sizes";
+    }
+    if (str_differ(a->name, b->name)) {
+        return "export name";
+    }
+    if (str_differ(a->descr, b->descr)) {
+        return "export description";
+    }
+    return NULL;
+}
+
+/* A new connection must serve the same export: NULL if it does, else what differs. */
+static const char *conn_other_export(NbdState *s, struct nbd_handle *h)
+{
+    NbdIdentity now;
+    identity_of(h, &now);
+    const char *d = identity_diff(&s->id, &now);
+    identity_free(&now);
+    return d;
 }
 
 /* Connect again until it works or the node closes; attempts are spaced out, never given up. */
@@ -435,17 +549,32 @@ static void link_restore(NbdConn *c)
         VdError *local = NULL;
         struct nbd_handle *h = conn_open(s->uri, s->tls, NBD_RECONNECT_TRY_MS, &err, &local);
         vd_error_free(local);
-        if (h && conn_same_export(s, h)) {
+        const char *other = h ? conn_other_export(s, h) : NULL;
+        if (h && !other) {
             vd_rwlock_wrlock(&c->hlock);
             c->h = h;
             vd_rwlock_unlock(&c->hlock);
             vd_mutex_lock(&c->lock);
             __atomic_store_n(&c->up, true, __ATOMIC_RELAXED);
             c->epoch++;
+            c->wrong_export = false;
             vd_cond_broadcast(&c->cond);
             vd_mutex_unlock(&c->lock);
             vd_log(VD_LOG_WARN, "nbd: reconnected to '%s'", s->uri);
             return;
+        }
+        if (other) {
+            /* Not the export the node was opened on: its commands fail now, none is sent. */
+            vd_mutex_lock(&c->lock);
+            bool first = !c->wrong_export;
+            c->wrong_export = true;
+            vd_cond_broadcast(&c->cond);
+            vd_mutex_unlock(&c->lock);
+            if (first) {
+                vd_log(VD_LOG_ERROR, "nbd: the server now at '%s' serves a different export "
+                       "(its %s changed): I/O fails until the original export answers again",
+                       s->uri, other);
+            }
         }
         conn_close(h);
         pump_pause(c, pause);
@@ -501,6 +630,10 @@ static void *pump_main(void *opaque)
         } else if (stall_ms && fd >= 0 && now_ms() - moved >= stall_ms) {
             vd_log(VD_LOG_WARN, "nbd: no progress on '%s' for %lld ms with commands outstanding",
                    c->s->uri, (long long)stall_ms);
+            vd_mutex_lock(&c->lock);
+            c->killing = true; /* its failing writes are fenced (req_done_cb) */
+            c->killed_ms = now_ms();
+            vd_mutex_unlock(&c->lock);
             conn_kill(c, fd);
             moved = now_ms();
         }
@@ -573,6 +706,9 @@ static int req_done_cb(void *opaque, int *error)
     NbdReq *r = opaque;
     NbdConn *c = r->c;
     vd_mutex_lock(&c->lock);
+    if (*error && c->killing) {
+        r->fence_until = c->killed_ms + c->s->stall_ms;
+    }
     r->err = *error;
     r->done = true; /* the waiter may return (and free r) as soon as the lock is dropped */
     vd_cond_broadcast(&c->cond);
@@ -590,6 +726,7 @@ static void req_submit(NbdConn *c, NbdReq *r)
     r->c = c;
     r->err = 0;
     r->done = false;
+    r->fence_until = 0;
     nbd_completion_callback cb = {.callback = req_done_cb, .user_data = r};
     int64_t cookie = -1;
     int e = ENOTCONN;
@@ -665,26 +802,95 @@ static unsigned long link_generation(NbdConn *c)
 
 /*
  * Commands sent on connection `gen` (or while it was down) failed on the link: wait until a newer
- * connection is up (true), or reconnect-delay has passed since the loss (false: they fail). The
- * pump may not have seen the loss yet (still up, same connection): it will at its next wake-up,
- * give it a second.
+ * connection is up and not_before (ms, a fence's end) has passed (true), or reconnect-delay has
+ * passed since the loss, or the server answering is another export (false: they fail). The pump
+ * may not have seen the loss yet (still up, same connection): it will at its next wake-up, give
+ * it a second.
  */
-static bool link_wait(NbdConn *c, unsigned long gen)
+static bool link_wait(NbdConn *c, unsigned long gen, int64_t not_before)
 {
     vd_mutex_lock(&c->lock);
     int64_t notice_by = now_ms() + 1000;
-    while (!(c->up && c->epoch != gen)) {
-        int64_t until = c->up ? notice_by : c->down_ms + c->s->reconnect_ms;
-        int64_t left = until - now_ms();
-        if (left <= 0) {
+    bool ok = false;
+    while (!c->wrong_export) {
+        int64_t now = now_ms();
+        bool newer = c->up && c->epoch != gen;
+        if (newer && now >= not_before) {
+            ok = true;
             break;
         }
-        struct timespec dl = deadline_in(left);
+        int64_t give_up = c->up && !newer ? notice_by : c->down_ms + c->s->reconnect_ms;
+        if (now >= give_up) {
+            break;
+        }
+        int64_t wake = newer && not_before < give_up ? not_before : give_up;
+        struct timespec dl = deadline_in(wake - now);
         vd_cond_timedwait(&c->cond, &c->lock, &dl);
     }
-    bool ok = c->up && c->epoch != gen;
     vd_mutex_unlock(&c->lock);
     return ok;
+}
+
+/* ---- fences: writes a stall kill left with a server that may still apply them ---- */
+
+static bool is_write_op(NbdOp op)
+{
+    return op == OP_WRITE || op == OP_ZERO || op == OP_TRIM;
+}
+
+/* The server may write [off, off+len) until until_ms: no write of ours may land there before. */
+static void fence_add(NbdState *s, uint64_t off, uint64_t len, int64_t until_ms)
+{
+    vd_mutex_lock(&s->fence_lock);
+    int n = s->nfences;
+    if (n == NBD_MAX_FENCES) {
+        /* Full: one fence over the whole export, lasting as long as the longest. */
+        int64_t last = until_ms;
+        for (int i = 0; i < n; i++) {
+            last = s->fences[i].until_ms > last ? s->fences[i].until_ms : last;
+        }
+        off = 0;
+        len = s->size;
+        until_ms = last;
+        n = 0;
+    }
+    s->fences[n] = (NbdFence){.off = off, .len = len, .until_ms = until_ms};
+    __atomic_store_n(&s->nfences, n + 1, __ATOMIC_RELEASE);
+    vd_mutex_unlock(&s->fence_lock);
+    vd_log(VD_LOG_WARN, "nbd: a write to [%llu, +%llu) may still be applied by the server of "
+           "'%s' (its connection was reset): writes there wait %lld ms", (unsigned long long)off,
+           (unsigned long long)len, s->uri, (long long)(until_ms - now_ms()));
+}
+
+/* Wait until no fence covers [off, off+len) (expired fences are dropped). */
+static void fence_wait(NbdState *s, uint64_t off, uint64_t len)
+{
+    if (__atomic_load_n(&s->nfences, __ATOMIC_ACQUIRE) == 0) {
+        return;
+    }
+    for (;;) {
+        int64_t now = now_ms(), until = 0;
+        vd_mutex_lock(&s->fence_lock);
+        int k = 0;
+        for (int i = 0; i < s->nfences; i++) {
+            NbdFence f = s->fences[i];
+            if (f.until_ms <= now) {
+                continue;
+            }
+            s->fences[k++] = f;
+            if (f.off < off + len && off < f.off + f.len && f.until_ms > until) {
+                until = f.until_ms;
+            }
+        }
+        __atomic_store_n(&s->nfences, k, __ATOMIC_RELEASE);
+        vd_mutex_unlock(&s->fence_lock);
+        if (!until) {
+            return;
+        }
+        int64_t ms = until - now;
+        struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (ms % 1000) * 1000000L};
+        nanosleep(&ts, NULL);
+    }
 }
 
 /*
@@ -700,10 +906,23 @@ static int reqs_run(NbdConn *c, NbdReq *r, size_t n)
     reqs_wait(c, r, n);
     for (unsigned round = 0; round < NBD_MAX_RESENDS; round++) {
         size_t lost = 0;
+        int64_t not_before = 0;
         for (size_t i = 0; i < n; i++) {
-            lost += r[i].err && link_error(r[i].err);
+            if (!r[i].err || !link_error(r[i].err)) {
+                continue;
+            }
+            lost++;
+            /*
+             * Reset for a stall, the old connection may still hold this write inside a live
+             * server, which can apply it late: not sent again, and no write of ours lands on
+             * its range, before the fence ends (see docs/rbd-and-hosts.md, "Link failures").
+             */
+            if (r[i].fence_until && is_write_op(r[i].op)) {
+                fence_add(c->s, r[i].off, r[i].len, r[i].fence_until);
+                not_before = r[i].fence_until > not_before ? r[i].fence_until : not_before;
+            }
         }
-        if (lost == 0 || !link_wait(c, gen)) {
+        if (lost == 0 || !link_wait(c, gen, not_before)) {
             break;
         }
         gen = link_generation(c);
@@ -909,6 +1128,7 @@ static int nbd_drv_open_conns(BlockNode *bs, const VdOpenOptions *opts, VdError 
         return err;
     }
     s->size = (uint64_t)size;
+    identity_of(h, &s->id);
     s->export_read_only = nbd_is_read_only(h) == 1;
     s->read_only = s->export_read_only || !(opts->flags & VD_OPEN_RDWR);
     s->can_flush = nbd_can_flush(h) == 1;
@@ -935,6 +1155,14 @@ static int nbd_drv_open_conns(BlockNode *bs, const VdOpenOptions *opts, VdError 
     }
     if (pthread_rwlock_init(&s->rmw_lock, NULL) != 0) {
         vd_error_setg(errp, ENOMEM, "Could not open '%s': out of resources", uri);
+        identity_free(&s->id);
+        conn_close(h);
+        return -ENOMEM;
+    }
+    if (pthread_mutex_init(&s->fence_lock, NULL) != 0) {
+        vd_error_setg(errp, ENOMEM, "Could not open '%s': out of resources", uri);
+        pthread_rwlock_destroy(&s->rmw_lock);
+        identity_free(&s->id);
         conn_close(h);
         return -ENOMEM;
     }
@@ -943,6 +1171,8 @@ static int nbd_drv_open_conns(BlockNode *bs, const VdOpenOptions *opts, VdError 
     if (r < 0) {
         vd_error_setg(errp, -r, "Could not open '%s': %s", uri, strerror(-r));
         pthread_rwlock_destroy(&s->rmw_lock);
+        pthread_mutex_destroy(&s->fence_lock);
+        identity_free(&s->id);
         s->lock_init = false;
         return r;
     }
@@ -959,7 +1189,7 @@ static int nbd_drv_open_conns(BlockNode *bs, const VdOpenOptions *opts, VdError 
                 break;
             }
             /* The same export must answer; anything else is not a usable extra connection. */
-            if (!conn_same_export(s, x)) {
+            if (conn_other_export(s, x)) {
                 conn_close(x);
                 break;
             }
@@ -982,6 +1212,8 @@ static void nbd_drv_close(BlockNode *bs)
     s->nconns = 0;
     if (s->lock_init) {
         pthread_rwlock_destroy(&s->rmw_lock);
+        pthread_mutex_destroy(&s->fence_lock);
+        identity_free(&s->id);
         s->lock_init = false;
     }
     vd_tls_creds_unref(s->tls);
@@ -1109,6 +1341,7 @@ static int do_write(NbdState *s, uint64_t offset, uint64_t bytes, const uint8_t 
     return ret;
 }
 
+/* A write, zero or trim may go ahead (once no fence covers its range). */
 static int check_write(NbdState *s, uint64_t offset, uint64_t bytes)
 {
     if (s->read_only) {
@@ -1117,6 +1350,7 @@ static int check_write(NbdState *s, uint64_t offset, uint64_t bytes)
     if (offset > s->size || bytes > s->size - offset) {
         return -ENOSPC; /* an NBD export cannot grow */
     }
+    fence_wait(s, offset, bytes);
     return 0;
 }
 

@@ -10,6 +10,8 @@ import os
 import subprocess
 import time
 
+import pytest
+
 from conftest import VDISKD, qemu_img, qemu_io, run
 import qmp_client
 from qmp_client import Daemon
@@ -290,3 +292,203 @@ def test_mirror_across_a_silent_link_follows_on_target_error_stop_then_resumes(t
         finally:
             stop_both(srv, d)
     assert tgt.read_bytes() == src.read_bytes()
+
+
+class HoldingServer:
+    """A minimal NBD server (fixed newstyle, OPT_GO, simple replies) on a unix socket, serving
+    a bytearray. The first write it receives it reads whole and then holds, unanswered, with
+    its connection's reading stopped: a live server stuck on one request, as a server whose
+    storage hangs is. It applies the held write late: at once after a write of other bytes to
+    an overlapping range was applied on a later connection (the stale write of the issue), or
+    else `late` seconds after a later connection arrived."""
+
+    def __init__(self, path, size, late=0.5):
+        import socket
+        import threading
+        self.data = bytearray(b"\x11" * size)
+        self.lock = threading.Condition()
+        self.held = None          # (offset, bytes) while held
+        self.applied_late = None  # what the late write overwrote: the data there before it
+        self.newer_overlap = False
+        self.conns = 0
+        self.late = late
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        self.sock.listen(8)
+        self.threads = []
+        self.done = False
+        self.accepter = threading.Thread(target=self.accept_loop, daemon=True)
+        self.accepter.start()
+
+    def accept_loop(self):
+        import threading
+        while not self.done:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.conns += 1
+                n = self.conns
+                self.lock.notify_all()
+            t = threading.Thread(target=self.serve, args=(c, n), daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    @staticmethod
+    def recv_all(c, n):
+        b = b""
+        while len(b) < n:
+            k = c.recv(n - len(b))
+            if not k:
+                raise EOFError
+            b += k
+        return b
+
+    def serve(self, c, n):
+        import struct
+        try:
+            c.sendall(struct.pack(">QQH", 0x4E42444D41474943, 0x49484156454F5054, 3))
+            self.recv_all(c, 4)
+            while True:
+                _, opt, ln = struct.unpack(">QII", self.recv_all(c, 16))
+                self.recv_all(c, ln)
+                if opt == 7:  # OPT_GO: NBD_INFO_EXPORT (size, HAS_FLAGS|SEND_FLUSH), ACK
+                    info = struct.pack(">HQH", 0, len(self.data), 1 | 4)
+                    c.sendall(struct.pack(">QIII", 0x3E889045565A9, opt, 3, len(info)) + info)
+                    c.sendall(struct.pack(">QIII", 0x3E889045565A9, opt, 1, 0))
+                    break
+                c.sendall(struct.pack(">QIII", 0x3E889045565A9, opt, 2**31 + 1, 0))
+            while True:
+                _, _, typ, handle, off, ln = struct.unpack(">IHHQQI", self.recv_all(c, 28))
+                if typ == 2:  # DISC
+                    return
+                payload = self.recv_all(c, ln) if typ == 1 else b""
+                reply = b""
+                with self.lock:
+                    if typ == 1 and self.held is None and self.applied_late is None:
+                        self.held = (off, payload)
+                        self.hold(n)
+                        return
+                    if typ == 0:
+                        reply = bytes(self.data[off:off + ln])
+                    elif typ == 1:
+                        self.data[off:off + ln] = payload
+                        h = self.held
+                        if h and off < h[0] + len(h[1]) and h[0] < off + ln and payload != h[1]:
+                            self.newer_overlap = True
+                            self.lock.notify_all()
+                c.sendall(struct.pack(">IIQ", 0x67446698, 0, handle) + reply)
+        except (EOFError, OSError):
+            return
+        finally:
+            c.close()
+
+    def hold(self, n):
+        """Called with the lock held: wait for a later connection, then for the trigger."""
+        import time
+        end = time.time() + 120
+        while self.conns <= n and time.time() < end and not self.done:
+            self.lock.wait(0.1)
+        late_at = time.time() + self.late
+        while not self.newer_overlap and time.time() < min(late_at, end) and not self.done:
+            self.lock.wait(0.05)
+        off, payload = self.held
+        self.applied_late = bytes(self.data[off:off + len(payload)])
+        self.data[off:off + len(payload)] = payload
+        self.held = None
+
+    def close(self):
+        self.done = True
+        with self.lock:
+            self.lock.notify_all()
+        self.sock.close()
+        for t in self.threads:
+            t.join(timeout=30)
+
+
+@pytest.mark.parametrize("reconnect_delay", [60, 0])
+def test_a_write_held_by_a_stalled_server_never_lands_after_a_newer_write(tmp, reconnect_delay):
+    """The server reads the guest's write (0xAA) and sits on it; the client's stall detection
+    resets the connection and reconnects; the server applies the held write late. With
+    reconnect-delay the guest's write completes, without it it fails with EIO; either way the
+    guest's next write (0xBB) to the same range completes and must be what stays: the held
+    write was not sent again before the server could have applied it, and the later write
+    waited for that too (the stall kill's fence)."""
+    sock = str(tmp / "hold.sock")
+    srv = HoldingServer(sock, SIZE)
+    d = None
+    try:
+        d, uri = served(tmp, {"server": {"type": "unix", "path": sock},
+                              "reconnect-delay": reconnect_delay, "x-stall-timeout": 3})
+        p = qemu_io("-f", "raw", "-c", "write -P 0xaa 0 64k", "-c", "write -P 0xbb 0 64k",
+                    "-c", "read -P 0xbb 0 64k", uri, check=False)
+        out = p.stdout + p.stderr
+        log = d.output()
+        d.stop_checked()
+        d = None
+    finally:
+        if d:
+            d.kill()
+        srv.close()
+    # The held write did land late, over the data before it (not over 0xBB: that came later).
+    assert srv.applied_late is not None and srv.held is None
+    assert "Pattern verification failed" not in out, out
+    assert ("Input/output error" in out) == (reconnect_delay == 0), out
+    assert out.count("wrote 65536/65536") == (2 if reconnect_delay else 1), out
+    assert bytes(srv.data[:65536]) == b"\xbb" * 65536, "a stale write landed after a newer one"
+    assert bytes(srv.data[65536:]) == b"\x11" * (SIZE - 65536)
+    assert "no progress" in log and "reconnected" in log, log
+    assert "may still be applied" in log, log
+
+
+def nbdkit_variant(path, sock, extra):
+    """nbdkit's file plugin on path at sock, with extra arguments (filters and their keys)."""
+    filters = [a for a in extra if a.startswith("--filter=")]
+    keys = [a for a in extra if not a.startswith("--filter=")]
+    p = subprocess.Popen(["nbdkit", "-f", "-U", sock, *filters, "file", str(path), *keys],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: os.path.exists(sock) or p.poll() is not None, "nbdkit's socket")
+    assert p.poll() is None, "nbdkit exited"
+    return p
+
+
+@pytest.mark.parametrize("other,what", [
+    (["--filter=blocksize", "minblock=4096"], "block sizes"),
+    (["--filter=nozero"], "write zeroes"),
+    (["--filter=multi-conn", "multi-conn-mode=disable"], "multi-conn"),
+    (["--filter=exportname", "exportdesc=fixed:another disk"], "export description"),
+    (["--filter=truncate", "truncate=2M"], "size"),
+])
+def test_a_reconnection_to_another_export_fails_the_io_until_the_original_is_back(tmp, other,
+                                                                                 what):
+    """nbdkit is restarted on the same socket serving the same file but as an export that
+    differs in one property NBD shows: the client must not take it for the export it opened.
+    The guest's I/O fails with EIO at once (not after reconnect-delay), nothing is written;
+    once the original export is back the node reconnects by itself and works."""
+    f = image(tmp)
+    sock = str(tmp / "srv.sock")
+    srv = nbdkit_file(f, ["-U", sock])
+    d = None
+    try:
+        d, uri = served(tmp, {"server": {"type": "unix", "path": sock}, "reconnect-delay": 300})
+        qemu_io("-f", "raw", "-c", f"write -P 0x22 0 {MiB}", uri)
+        stop(srv)
+        os.unlink(sock)
+        srv = nbdkit_variant(f, sock, other)
+        wait_for(lambda: "serves a different export" in d.output(), "the new server's check")
+        assert f"its {what} changed" in d.output(), d.output()
+        g = guest(uri, f"write -P 0x33 {MiB} 64k", f"read -P 0x22 0 64k")
+        rc, out = finished(g, timeout=60)
+        assert out.count("Input/output error") == 2, out
+        stop(srv)
+        os.unlink(sock)
+        srv = nbdkit_file(f, ["-U", sock])
+        wait_for(lambda: all_reconnected(d), "the reconnection to the original export")
+        qemu_io("-f", "raw", "-c", f"read -P 0x22 0 {MiB}", "-c", f"write -P 0x44 {MiB} 64k",
+                uri)
+        d.stop_checked()
+        d = None
+    finally:
+        stop_both(srv, d)
+    expect(f, [(0, MiB, 0x22), (MiB, 65536, 0x44)])
