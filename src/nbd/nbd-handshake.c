@@ -196,7 +196,7 @@ static int opt_meta(NbdConn *c, uint32_t opt, const uint8_t *p, uint32_t len)
     if (!exp) {
         return send_err(c, opt, NBD_REP_ERR_UNKNOWN, "export not found");
     }
-    uint32_t nctx = 1 + exp->nbitmaps;
+    uint32_t nctx = nbd_meta_count(exp);
     bool *sel = calloc(nctx, sizeof(*sel));
     char *saved = list ? NULL : strdup(name);
     if (!sel || (!list && !saved)) {

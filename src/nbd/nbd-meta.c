@@ -1,7 +1,9 @@
 /*
- * nbd-meta.c - the NBD server's metadata contexts: base:allocation (block status of the chain)
- * and QEMU's qemu:dirty-bitmap:NAME (bit 0 = dirty) for each bitmap the export was created with.
- * Context ids are fixed per export: 1 base:allocation, i + 2 the export's bitmap i. A
+ * nbd-meta.c - the NBD server's metadata contexts: base:allocation (block status of the chain),
+ * QEMU's qemu:dirty-bitmap:NAME (bit 0 = dirty) for each bitmap the export was created with, and
+ * QEMU's qemu:allocation-depth when the export was created with allocation-depth.
+ * Context ids are fixed per export: 1 base:allocation, i + 2 the export's bitmap i, then
+ * nbitmaps + 2 qemu:allocation-depth. A
  * BLOCK_STATUS reply has one chunk per selected context, in id order, the last one flagged DONE;
  * extents never run past the request, merge equal neighbours, at most NBD_MAX_EXTENTS a chunk.
  */
@@ -17,8 +19,22 @@ static bool is(const uint8_t *q, uint32_t ql, const char *s)
     return ql == strlen(s) && memcmp(q, s, ql) == 0;
 }
 
+uint32_t nbd_meta_count(const NbdExport *exp)
+{
+    return 1 + exp->nbitmaps + (exp->alloc_depth ? 1 : 0);
+}
+
+static bool is_depth_ctx(const NbdExport *exp, uint32_t i)
+{
+    return exp->alloc_depth && i == 1 + exp->nbitmaps;
+}
+
 void nbd_meta_match(const NbdExport *exp, const uint8_t *q, uint32_t ql, bool list, bool *sel)
 {
+    if (exp->alloc_depth &&
+        (is(q, ql, NBD_META_ALLOCATION_DEPTH) || (list && is(q, ql, "qemu:")))) {
+        sel[1 + exp->nbitmaps] = true;
+    }
     const size_t pl = strlen(NBD_META_DIRTY_BITMAP);
     if (is(q, ql, NBD_META_BASE_ALLOCATION) || (list && is(q, ql, "base:"))) {
         sel[0] = true;
@@ -34,6 +50,10 @@ void nbd_meta_match(const NbdExport *exp, const uint8_t *q, uint32_t ql, bool li
 
 size_t nbd_meta_name(const NbdExport *exp, uint32_t i, char *buf)
 {
+    if (is_depth_ctx(exp, i)) {
+        strcpy(buf, NBD_META_ALLOCATION_DEPTH);
+        return strlen(NBD_META_ALLOCATION_DEPTH);
+    }
     const char *name = i == 0 ? NBD_META_BASE_ALLOCATION : exp->bitmaps[i - 1].name;
     size_t pl = i == 0 ? 0 : strlen(NBD_META_DIRTY_BITMAP);
     size_t nl = strlen(name);
@@ -80,6 +100,31 @@ static int allocation_status(const NbdExport *exp, uint32_t ctx, BlockNode *node
     return r;
 }
 
+/*
+ * QEMU's allocation depth: 0 where no layer of the chain decides (the chain's end reads zero),
+ * else 1 + the number of backing steps from the export's node to the deciding layer. A job's
+ * filter node (no driver open: a write hook) is not a layer of the image and is not counted.
+ */
+static int depth_status(const NbdExport *exp, uint32_t ctx, BlockNode *node, uint64_t pos,
+                        uint64_t bytes, uint64_t *pnum, uint32_t *flags)
+{
+    (void)exp;
+    (void)ctx;
+    VdBlockStatus st = {0};
+    int r = vd_block_status_above(node, NULL, pos, bytes, pnum, &st);
+    uint32_t depth = 0;
+    if (r == 0 && (st.flags & VD_BS_ALLOCATED)) {
+        for (BlockNode *p = node; p; p = p->backing) {
+            depth += p->drv->open ? 1 : 0;
+            if (p == st.layer) {
+                break;
+            }
+        }
+    }
+    *flags = depth;
+    return r;
+}
+
 static int bitmap_status(const NbdExport *exp, uint32_t ctx, BlockNode *node, uint64_t pos,
                          uint64_t bytes, uint64_t *pnum, uint32_t *flags)
 {
@@ -99,7 +144,8 @@ static int bitmap_status(const NbdExport *exp, uint32_t ctx, BlockNode *node, ui
 static int collect_extents(const NbdExport *exp, uint32_t ctx, BlockNode *node, uint64_t offset,
                            uint32_t len, bool req_one, uint8_t *desc)
 {
-    StatusFn *fn = ctx == 0 ? allocation_status : bitmap_status;
+    StatusFn *fn = ctx == 0 ? allocation_status
+                   : is_depth_ctx(exp, ctx) ? depth_status : bitmap_status;
     uint64_t pos = offset, end = offset + len;
     int n = 0;
     uint32_t cur_len = 0, cur_flags = 0;
@@ -144,7 +190,7 @@ int nbd_meta_block_status(NbdConn *c, BlockNode *node, uint64_t cookie, uint64_t
     const size_t hdr = NBD_CHUNK_HEADER_SIZE + 4, chunk_max = hdr + 8 * NBD_MAX_EXTENTS;
     uint32_t nsel = 0, last = 0;
     /* a selection made against an export of the same name that changed since: ignore extras */
-    uint32_t limit = c->meta_nsel < 1 + exp->nbitmaps ? c->meta_nsel : 1 + exp->nbitmaps;
+    uint32_t limit = c->meta_nsel < nbd_meta_count(exp) ? c->meta_nsel : nbd_meta_count(exp);
     for (uint32_t i = 0; i < limit; i++) {
         if (c->meta_sel[i]) {
             nsel++;

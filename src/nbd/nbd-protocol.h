@@ -116,6 +116,8 @@
 #define NBD_META_ID_BASE_ALLOCATION 1
 #define NBD_META_DIRTY_BITMAP "qemu:dirty-bitmap:" /* + bitmap name (QEMU's namespace) */
 #define NBD_STATE_DIRTY (1 << 0)
+/* QEMU's: per extent, the chain layer deciding it (1 = the export's node, 0 = none). */
+#define NBD_META_ALLOCATION_DEPTH "qemu:allocation-depth"
 
 /* ---- server limits ---- */
 #define NBD_MAX_PAYLOAD (32u * 1024 * 1024) /* largest READ/WRITE/CACHE length we serve */
@@ -144,6 +146,7 @@ struct NbdExport {
     unsigned clients;       /* connections in transmission on it (server lock) */
     NbdExportBitmap *bitmaps; /* fixed at creation; metadata context i + 1 is bitmaps[i] */
     uint32_t nbitmaps;
+    bool alloc_depth;       /* serves qemu:allocation-depth, context index 1 + nbitmaps */
 
     pthread_mutex_t lock;   /* protects the fields below */
     pthread_cond_t cond;
@@ -239,7 +242,9 @@ void nbd_pool_stop(void);
 void nbd_transmission(NbdConn *conn);
 
 /* nbd-meta.c: metadata contexts */
-/* Mark in sel (1 + exp->nbitmaps entries) the contexts query q (ql bytes) names; list = a LIST
+/* The contexts exp serves: base:allocation, its bitmaps, then qemu:allocation-depth if asked. */
+uint32_t nbd_meta_count(const NbdExport *exp);
+/* Mark in sel (nbd_meta_count entries) the contexts query q (ql bytes) names; list = a LIST
  * query, where namespaces ("base:", "qemu:", "qemu:dirty-bitmap:") select all their contexts. */
 void nbd_meta_match(const NbdExport *exp, const uint8_t *q, uint32_t ql, bool list, bool *sel);
 /* The name of context index i of exp into buf (NBD_MAX_STRING + 1 bytes); its length. */

@@ -214,6 +214,14 @@ NbdExport *nbd_export_add_bitmaps(const char *id, const char *name, BlockNode *n
                                   bool writable, const char *description,
                                   const VdBitmapRef *bitmaps, size_t nbitmaps, VdError **errp)
 {
+    return nbd_export_add_full(id, name, node, writable, description, bitmaps, nbitmaps, false,
+                               errp);
+}
+
+NbdExport *nbd_export_add_full(const char *id, const char *name, BlockNode *node, bool writable,
+                               const char *description, const VdBitmapRef *bitmaps,
+                               size_t nbitmaps, bool alloc_depth, VdError **errp)
+{
     if (!id || !*id || !node) {
         vd_error_setg(errp, EINVAL, "export id and node are required");
         return NULL;
@@ -249,6 +257,7 @@ NbdExport *nbd_export_add_bitmaps(const char *id, const char *name, BlockNode *n
         return NULL;
     }
     exp->writable = writable;
+    exp->alloc_depth = alloc_depth;
     exp->refcnt = 1;
     pthread_mutex_init(&exp->lock, NULL);
     pthread_cond_init(&exp->cond, NULL);

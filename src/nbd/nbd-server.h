@@ -62,6 +62,10 @@ NbdExport *nbd_export_add(const char *id, const char *name, BlockNode *node, boo
 NbdExport *nbd_export_add_bitmaps(const char *id, const char *name, BlockNode *node,
                                   bool writable, const char *description,
                                   const VdBitmapRef *bitmaps, size_t nbitmaps, VdError **errp);
+/* Likewise, also serving qemu:allocation-depth when alloc_depth (QEMU's allocation-depth). */
+NbdExport *nbd_export_add_full(const char *id, const char *name, BlockNode *node, bool writable,
+                               const char *description, const VdBitmapRef *bitmaps,
+                               size_t nbitmaps, bool alloc_depth, VdError **errp);
 /* Remove: refuses with -EBUSY while clients are connected unless force (mode "hard"). */
 int nbd_export_del(const char *id, bool force, VdError **errp);
 NbdExport *nbd_export_find(const char *id);

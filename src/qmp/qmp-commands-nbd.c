@@ -170,7 +170,7 @@ static bool id_wellformed(const char *s)
 
 static json_t *export_add(const char *id, const char *node_name, bool node_as_device,
                           const char *name, bool writable, const char *description,
-                          json_t *bitmaps, VdError **errp)
+                          json_t *bitmaps, bool alloc_depth, VdError **errp)
 {
     if (!node_as_device && !id_wellformed(id)) {
         vd_error_setg(errp, EINVAL, "Invalid block export id");
@@ -220,8 +220,8 @@ static json_t *export_add(const char *id, const char *node_name, bool node_as_de
      * vdiskd's --export does for a resumed copy. The bitmaps stay the node's own. */
     BlockNode *filter = mirror_filter_of_source(bs);
     if (qmp_bitmap_refs(bitmaps, bs, true, refs, errp) == 0) {
-        exp = nbd_export_add_bitmaps(id, name, filter ? filter : bs, writable, description, refs,
-                                     n, errp);
+        exp = nbd_export_add_full(id, name, filter ? filter : bs, writable, description, refs,
+                                  n, alloc_depth, errp);
     }
     free(refs);
     if (!exp) {
@@ -280,7 +280,7 @@ static json_t *cmd_block_export_add(json_t *args, VdError **errp)
     return export_add(qmp_arg_str(args, "id", ""), node, false, qmp_arg_str(args, "name", node),
                       qmp_arg_bool(args, "writable", false),
                       qmp_arg_str(args, "description", NULL), json_object_get(args, "bitmaps"),
-                      errp);
+                      qmp_arg_bool(args, "allocation-depth", false), errp);
 }
 
 static int export_del(const char *id, bool hard, VdError **errp)
@@ -360,7 +360,7 @@ static json_t *cmd_nbd_server_add(json_t *args, VdError **errp)
     json_t *bitmap = json_object_get(args, "bitmap");
     json_t *bitmaps = bitmap ? json_pack("[O]", bitmap) : NULL;
     json_t *ret = export_add(name, device, true, name, qmp_arg_bool(args, "writable", false),
-                             qmp_arg_str(args, "description", NULL), bitmaps, errp);
+                             qmp_arg_str(args, "description", NULL), bitmaps, false, errp);
     json_decref(bitmaps);
     return ret;
 }

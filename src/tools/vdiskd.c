@@ -454,7 +454,8 @@ static int do_object(const char *arg, VdError **errp)
 static int do_export(const char *arg, VdError **errp)
 {
     static const char *const keys[] = {"type", "id", "node-name", "name", "writable",
-                                       "description", "writethrough", "bitmaps.*", NULL};
+                                       "description", "writethrough", "bitmaps.*",
+                                       "allocation-depth", NULL};
     KvList kv;
     /* QSD allows the type as a bare first word: --export nbd,id=... */
     char *owned = NULL;
@@ -477,7 +478,8 @@ static int do_export(const char *arg, VdError **errp)
     const char *type = kv_get(&kv, "type"), *id = kv_get(&kv, "id");
     const char *node_name = kv_get(&kv, "node-name");
     const char *w = kv_get(&kv, "writable");
-    bool writable = false;
+    const char *ad = kv_get(&kv, "allocation-depth");
+    bool writable = false, alloc_depth = false;
     r = -EINVAL;
     if (!type || strcmp(type, "nbd") != 0) {
         vd_error_setg(errp, EINVAL, "--export: only type=nbd is supported");
@@ -485,6 +487,8 @@ static int do_export(const char *arg, VdError **errp)
         vd_error_setg(errp, EINVAL, "--export: id and node-name are required");
     } else if (w && parse_bool(w, &writable) < 0) {
         vd_error_setg(errp, EINVAL, "--export: writable must be on or off");
+    } else if (ad && parse_bool(ad, &alloc_depth) < 0) {
+        vd_error_setg(errp, EINVAL, "--export: allocation-depth must be on or off");
     } else {
         BlockNode *bs = graph_find_node(node_name);
         if (!bs) {
@@ -496,10 +500,10 @@ static int do_export(const char *arg, VdError **errp)
             VdBitmapRef refs[64];
             int n = export_bitmaps(&kv, bs, refs, 64, errp);
             NbdExport *exp = n < 0 ? NULL
-                             : nbd_export_add_bitmaps(id, name ? name : node_name,
-                                                      filter ? filter : bs, writable,
-                                                      kv_get(&kv, "description"), refs,
-                                                      (size_t)n, errp);
+                             : nbd_export_add_full(id, name ? name : node_name,
+                                                   filter ? filter : bs, writable,
+                                                   kv_get(&kv, "description"), refs, (size_t)n,
+                                                   alloc_depth, errp);
             if (exp) {
                 vd_log(VD_LOG_INFO, "exporting '%s' as '%s'%s", node_name, nbd_export_name(exp),
                      writable ? " (writable)" : "");

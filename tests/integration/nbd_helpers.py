@@ -91,11 +91,13 @@ class Daemon:
 
 
 def start_daemon(tmp, image, fmt="raw", writable=True, name="exp", extra=(), read_only_node=False,
-                 description=None, bitmaps=(), blockdev=None):
+                 description=None, bitmaps=(), blockdev=None, allocation_depth=False):
     """vdiskd exporting node n0: image opened as fmt, or the blockdev JSON text given."""
     sock = os.path.join(str(tmp), "nbd.sock")
     exp = f"type=nbd,id=e0,node-name=n0,name={name},writable={'on' if writable else 'off'}"
     exp += "".join(f",bitmaps.{i}={b}" for i, b in enumerate(bitmaps))
+    if allocation_depth:
+        exp += ",allocation-depth=on"
     if description:
         exp += ",description=" + description.replace(",", ",,")
     args = ["--blockdev", blockdev or blockdev_json(image, fmt, read_only=read_only_node),
