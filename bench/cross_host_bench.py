@@ -20,9 +20,19 @@ os.environ.setdefault("VDISK_BUILD", os.path.join(ROOT, "build"))
 
 from qmp_client import Daemon  # noqa: E402
 from conftest import VDISKD  # noqa: E402
-from test_cross_host import two_hosts, wait_unix, B_ADDR  # noqa: E402
+from netns_helpers import two_hosts, B_ADDR  # noqa: E402
 
 MiB = 1 << 20
+
+
+def wait_unix(path, proc, timeout=20):
+    """path exists (a unix socket bound in another network namespace: /proc/net/unix of ours
+    does not list it)."""
+    end = time.time() + timeout
+    while not os.path.exists(path):
+        assert proc.poll() is None, "process exited early"
+        assert time.time() < end, f"{path} did not appear"
+        time.sleep(0.05)
 
 
 def daemon(kind, ns, tmp, name):
@@ -48,7 +58,10 @@ def mirror_rate(q, device, target, size):
     return size / MiB / secs
 
 
-def one_run(kind, nsa, nsb, tmp, src, size, delay_ms):
+def one_run(kind, nsa, nsb, tmp, src, size, delay_ms, proxy_on_b=False, cc=None):
+    """proxy_on_b: the delay proxy runs on B in front of B's export (A's daemon is then the TCP
+    sender on the link, as without a proxy); else on A, where nbdkit sends over TCP. cc: vdiskd's
+    x-tcp-congestion for its connections (proxy_on_b only)."""
     tgt = os.path.join(tmp, "target.raw")
     with open(tgt, "wb") as f:
         f.truncate(size)
@@ -58,26 +71,46 @@ def one_run(kind, nsa, nsb, tmp, src, size, delay_ms):
         qb = b.client()
         qb.cmd("blockdev-add", driver="raw", node_name="t",
                file={"driver": "file", "filename": tgt})
-        qb.cmd("nbd-server-start", addr={"type": "inet", "data": {"host": B_ADDR,
-                                                                  "port": "10809"}})
+        bsock = os.path.join(tmp, "b-export.sock")
+        if proxy_on_b:
+            qb.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": bsock}})
+        else:
+            qb.cmd("nbd-server-start", addr={"type": "inet", "data": {"host": B_ADDR,
+                                                                      "port": "10809"}})
         qb.cmd("block-export-add", type="nbd", id="e", node_name="t", name="incoming",
                writable=True)
         psock = os.path.join(tmp, "proxy.sock")
         if os.path.exists(psock):
             os.unlink(psock)  # the last run's: wait_unix waits for the new one
-        proxy = subprocess.Popen(
-            ["ip", "netns", "exec", nsa, "nbdkit", "-f", "-U", psock, "--filter=delay", "nbd",
-             f"hostname={B_ADDR}", "port=10809", "export=incoming", f"delay-read={delay_ms}ms",
-             f"delay-write={delay_ms}ms", f"delay-zero={delay_ms}ms"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_unix(psock, proxy)
+        delays = [f"delay-read={delay_ms}ms", f"delay-write={delay_ms}ms",
+                  f"delay-zero={delay_ms}ms"]
+        if proxy_on_b:
+            proxy = subprocess.Popen(
+                ["ip", "netns", "exec", nsb, "nbdkit", "-f", "-i", B_ADDR, "-p", "10810",
+                 "--filter=delay", "nbd", f"socket={bsock}", "export=incoming", *delays],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            end = time.time() + 30
+            while subprocess.run(["ip", "netns", "exec", nsa, "nbdinfo", "--size",
+                                  f"nbd://{B_ADDR}:10810/incoming"], capture_output=True,
+                                 timeout=30).returncode != 0:
+                assert proxy.poll() is None and time.time() < end, "proxy did not start"
+                time.sleep(0.1)
+            server = {"type": "inet", "host": B_ADDR, "port": "10810"}
+        else:
+            proxy = subprocess.Popen(
+                ["ip", "netns", "exec", nsa, "nbdkit", "-f", "-U", psock, "--filter=delay",
+                 "nbd", f"hostname={B_ADDR}", "port=10809", "export=incoming", *delays],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wait_unix(psock, proxy)
+            server = {"type": "unix", "path": psock}
         a = daemon(kind, nsa, tmp, "a")
         q = a.client()
         q.cmd("blockdev-add", driver="raw", node_name="src",
               file={"driver": "file", "filename": src})
-        q.cmd("blockdev-add", driver="raw", node_name="remote",
-              file={"driver": "nbd", "server": {"type": "unix", "path": psock},
-                    "export": "incoming"})
+        remote = {"driver": "nbd", "server": server, "export": "incoming"}
+        if cc:
+            remote["x-tcp-congestion"] = cc
+        q.cmd("blockdev-add", driver="raw", node_name="remote", file=remote)
         rate = mirror_rate(q, "src", "remote", size)
         q.close()
         qb.close()

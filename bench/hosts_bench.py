@@ -97,7 +97,15 @@ def ceph_part(tmp, size_mib, reps):
     return res
 
 
+# The cross-host variants, interleaved per repetition: (key, daemon, x-tcp-congestion).
+CROSS_HOST_VARIANTS = (("vdiskd", "vdiskd", None),
+                       ("qemu-storage-daemon", "qemu-storage-daemon", None),
+                       ("vdiskd-cubic", "vdiskd", "cubic"))
+
+
 def cross_host_part(tmp, size_mib, reps, rate="1gbit"):
+    """The delay proxy sits on B in front of B's export: A's daemon is the TCP sender on the
+    link, as in a deployment without a proxy (docs/rbd-and-hosts.md)."""
     src = os.path.join(tmp, "xsrc.raw")
     random_file(src, size_mib)
     out = []
@@ -105,9 +113,12 @@ def cross_host_part(tmp, size_mib, reps, rate="1gbit"):
         for delay in (0, 5):
             row = {"rate": rate, "delay_ms": delay, "size_mib": size_mib,
                    "link_mib_per_s": round(xh.link_mib_per_s(rate), 1)}
-            for kind in ("vdiskd", "qemu-storage-daemon"):
-                row[kind] = [round(xh.one_run(kind, nsa, nsb, tmp, src, size_mib * MiB, delay), 1)
-                             for _ in range(reps)]
+            for key, _, _ in CROSS_HOST_VARIANTS:
+                row[key] = []
+            for _ in range(reps):
+                for key, kind, cc in CROSS_HOST_VARIANTS:
+                    row[key].append(round(xh.one_run(kind, nsa, nsb, tmp, src, size_mib * MiB,
+                                                     delay, proxy_on_b=True, cc=cc), 1))
             out.append(row)
     return out
 
@@ -130,13 +141,18 @@ def markdown(res):
         L.append("")
     x = res.get("cross-host")
     if x:
-        L += ["## Across hosts (network namespaces, veth, tbf; nbdkit delay filter for latency)", "",
+        L += ["## Across hosts (network namespaces, veth, tbf; nbdkit delay filter on B for "
+              "latency; the daemon on A is the TCP sender)", "",
               "| link | added latency | daemon | MiB/s | of the link's rate |", "|---|---|---|---|---|"]
+        names = {"vdiskd-cubic": "vdiskd, x-tcp-congestion=cubic"}
         for row in x:
-            for kind in ("vdiskd", "qemu-storage-daemon"):
-                m = statistics.median(row[kind])
+            for key, _, _ in CROSS_HOST_VARIANTS:
+                if not row.get(key):
+                    continue
+                m = statistics.median(row[key])
                 L.append(f"| {row['rate']} ({row['link_mib_per_s']} MiB/s) | {row['delay_ms']} ms "
-                         f"| {kind} | {spread(row[kind])} | {m / row['link_mib_per_s']:.2f}x |")
+                         f"| {names.get(key, key)} | {spread(row[key])} | "
+                         f"{m / row['link_mib_per_s']:.2f}x |")
         L.append("")
     for part, err in res.get("errors", {}).items():
         L += [f"{part}: not measured ({err})", ""]

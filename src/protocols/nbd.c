@@ -34,6 +34,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -135,6 +137,7 @@ struct NbdState {
     int64_t reconnect_ms;     /* reconnect-delay: how long commands wait for a lost link */
     int64_t open_timeout_ms;  /* open-timeout: first connection retried this long (0: once) */
     int64_t stall_ms;         /* x-stall-timeout: a silent link with commands outstanding; 0 off */
+    char *tcp_cc;             /* x-tcp-congestion: the connections' TCP congestion control */
     NbdIdentity id;           /* the export as the first connection saw it */
     pthread_mutex_t fence_lock; /* guards fences (nfences also read atomically, unlocked) */
     NbdFence fences[NBD_MAX_FENCES];
@@ -307,8 +310,8 @@ static int conn_set_tls(struct nbd_handle *h, const VdTlsCreds *tls)
     return r == -1 ? -1 : nbd_set_tls_username(h, vd_tls_creds_username(tls));
 }
 
-static struct nbd_handle *conn_open(const char *uri, const VdTlsCreds *tls, int timeout_ms,
-                                    int *perr, VdError **errp)
+static struct nbd_handle *conn_open_uri(const char *uri, const VdTlsCreds *tls, int timeout_ms,
+                                        int *perr, VdError **errp)
 {
     struct nbd_handle *h = nbd_create();
     if (!h) {
@@ -358,6 +361,37 @@ fail:;
     vd_error_setg(errp, *perr, "Could not open '%s': %s", uri, nbd_msg());
     nbd_close(h);
     return NULL;
+}
+
+/*
+ * x-tcp-congestion: this connection's TCP congestion control (TCP_CONGESTION on its socket
+ * only; the host's default stays). -1 with *perr set when the kernel refuses the name.
+ */
+static int conn_set_congestion(NbdState *s, struct nbd_handle *h, int *perr, VdError **errp)
+{
+    int fd = nbd_aio_get_fd(h);
+    if (fd < 0 || setsockopt(fd, IPPROTO_TCP, TCP_CONGESTION, s->tcp_cc,
+                             (socklen_t)strlen(s->tcp_cc)) < 0) {
+        int e = fd < 0 ? EIO : errno;
+        *perr = e;
+        vd_error_setg(errp, e, "Could not open '%s': x-tcp-congestion=%s: %s%s", s->uri,
+                      s->tcp_cc, strerror(e), e == EOPNOTSUPP ? " (not a TCP connection)"
+                      : e == EPERM ? " (not in net.ipv4.tcp_allowed_congestion_control, "
+                      "and no CAP_NET_ADMIN)" : "");
+        return -1;
+    }
+    return 0;
+}
+
+/* One connection of node s (its URI, TLS and socket options), see conn_open_uri. */
+static struct nbd_handle *conn_open(NbdState *s, int timeout_ms, int *perr, VdError **errp)
+{
+    struct nbd_handle *h = conn_open_uri(s->uri, s->tls, timeout_ms, perr, errp);
+    if (h && s->tcp_cc && conn_set_congestion(s, h, perr, errp) < 0) {
+        nbd_close(h);
+        return NULL;
+    }
+    return h;
 }
 
 static void conn_close(struct nbd_handle *h)
@@ -444,8 +478,7 @@ static void link_lost(NbdConn *c)
            c->s->uri, (long long)c->s->reconnect_ms);
 }
 
-static struct nbd_handle *conn_open(const char *uri, const VdTlsCreds *tls, int timeout_ms,
-                                    int *perr, VdError **errp);
+static struct nbd_handle *conn_open(NbdState *s, int timeout_ms, int *perr, VdError **errp);
 static void conn_close(struct nbd_handle *h);
 
 enum {
@@ -547,7 +580,7 @@ static void link_restore(NbdConn *c)
     while (!pump_stopping(c)) {
         int err = 0;
         VdError *local = NULL;
-        struct nbd_handle *h = conn_open(s->uri, s->tls, NBD_RECONNECT_TRY_MS, &err, &local);
+        struct nbd_handle *h = conn_open(s, NBD_RECONNECT_TRY_MS, &err, &local);
         vd_error_free(local);
         const char *other = h ? conn_other_export(s, h) : NULL;
         if (h && !other) {
@@ -994,6 +1027,9 @@ static const struct {
     {"x-stall-timeout", offsetof(NbdState, stall_ms)},
 };
 
+/* A string one: the TCP congestion control of the node's connections (conn_set_congestion). */
+#define NBD_URI_CC "x-tcp-congestion"
+
 static int uri_take_options(NbdState *s, const char *in, VdError **errp)
 {
     s->stall_ms = NBD_STALL_DEFAULT_S * 1000;
@@ -1013,6 +1049,23 @@ static int uri_take_options(NbdState *s, const char *in, VdError **errp)
         char save = p[n];
         p[n] = '\0';
         bool taken = false;
+        if (!strncmp(p, NBD_URI_CC "=", strlen(NBD_URI_CC) + 1)) {
+            const char *v = p + strlen(NBD_URI_CC) + 1;
+            /* A kernel name (TCP_CA_NAME_MAX 16): letters, digits, '_' (reno, cubic, bbr...). */
+            if (!*v || strlen(v) >= 16 || strspn(v, "abcdefghijklmnopqrstuvwxyz0123456789_") !=
+                                              strlen(v)) {
+                vd_error_setg(errp, EINVAL, "NBD URI parameter '%s': expected the name of a TCP "
+                              "congestion control algorithm, got '%s'", NBD_URI_CC, v);
+                return -EINVAL;
+            }
+            free(s->tcp_cc);
+            s->tcp_cc = strdup(v);
+            if (!s->tcp_cc) {
+                vd_error_setg(errp, ENOMEM, "Out of memory");
+                return -ENOMEM;
+            }
+            taken = true;
+        }
         for (size_t i = 0; i < sizeof(nbd_uri_opts) / sizeof(nbd_uri_opts[0]); i++) {
             size_t kl = strlen(nbd_uri_opts[i].key);
             if (strncmp(p, nbd_uri_opts[i].key, kl) || p[kl] != '=') {
@@ -1056,7 +1109,7 @@ static struct nbd_handle *first_conn_open(NbdState *s, int *perr, VdError **errp
             t = left > 0 ? (int)left : 1;
         }
         VdError *local = NULL;
-        struct nbd_handle *h = conn_open(s->uri, s->tls, t, perr, &local);
+        struct nbd_handle *h = conn_open(s, t, perr, &local);
         if (h || s->open_timeout_ms <= 0 || deadline - now_ms() <= 0 || tries >= 100000) {
             vd_error_propagate(errp, local);
             return h;
@@ -1106,6 +1159,8 @@ static int nbd_drv_open(BlockNode *bs, const VdOpenOptions *opts, VdError **errp
         s->tls = NULL;
         free(s->uri);
         s->uri = NULL;
+        free(s->tcp_cc);
+        s->tcp_cc = NULL;
     }
     return r;
 }
@@ -1181,7 +1236,7 @@ static int nbd_drv_open_conns(BlockNode *bs, const VdOpenOptions *opts, VdError 
     if (s->multi_conn) {
         for (int i = 1; i < NBD_MAX_CONNS; i++) {
             VdError *local = NULL;
-            struct nbd_handle *x = conn_open(uri, s->tls, NBD_EXTRA_CONNECT_MS, &cerr, &local);
+            struct nbd_handle *x = conn_open(s, NBD_EXTRA_CONNECT_MS, &cerr, &local);
             if (!x) {
                 vd_log(VD_LOG_DEBUG, "nbd: using %d connection(s) to '%s': %s", s->nconns, uri,
                        vd_error_msg(local));
@@ -1220,6 +1275,8 @@ static void nbd_drv_close(BlockNode *bs)
     s->tls = NULL;
     free(s->uri);
     s->uri = NULL;
+    free(s->tcp_cc);
+    s->tcp_cc = NULL;
 }
 
 int vd_nbd_connection_count(BlockNode *bs)
@@ -1621,6 +1678,7 @@ static const VdOptSpec nbd_blockdev_options[] = {
     {"reconnect-delay", VD_OPT_U32},
     {"open-timeout", VD_OPT_U32},
     {"x-stall-timeout", VD_OPT_U32},
+    {NBD_URI_CC, VD_OPT_STR},
     {NULL}};
 
 /*
@@ -1653,6 +1711,22 @@ static char *nbd_blockdev_filename(const VdOptReader *o, VdError **errp)
         char *with = NULL;
         if (asprintf(&with, "%s%c%s=%llu", uri, strchr(uri, '?') ? '&' : '?',
                      nbd_uri_opts[i].key, v) < 0) {
+            with = NULL;
+            errno = ENOMEM;
+        }
+        free(uri);
+        uri = with;
+    }
+    const char *cc = uri ? o->str(o, NBD_URI_CC) : NULL;
+    if (cc && (!*cc || strspn(cc, "abcdefghijklmnopqrstuvwxyz0123456789_") != strlen(cc))) {
+        vd_error_setg(errp, EINVAL, "Parameter '%s' expects the name of a TCP congestion "
+                      "control algorithm", NBD_URI_CC);
+        free(uri);
+        return NULL;
+    }
+    if (cc) {
+        char *with = NULL;
+        if (asprintf(&with, "%s%c%s=%s", uri, strchr(uri, '?') ? '&' : '?', NBD_URI_CC, cc) < 0) {
             with = NULL;
             errno = ENOMEM;
         }

@@ -103,3 +103,75 @@ def test_blockdev_add_nbd_export_name_needing_escapes(tmp_path, name):
             d.kill()
         srv.terminate()
         srv.wait(10)
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def congestion_of(port):
+    """The congestion control `ss` shows for each established connection to 127.0.0.1:port."""
+    out = subprocess.run(["ss", "-tinH", "state", "established", "dst", f"127.0.0.1:{port}"],
+                         capture_output=True, text=True, timeout=30).stdout
+    known = ("reno", "cubic", "bbr", "bbr2", "dctcp", "vegas", "westwood", "htcp")
+    return [w for w in out.split() if w in known]
+
+
+def test_x_tcp_congestion_sets_it_on_the_nodes_connections_only(tmp_path):
+    """x-tcp-congestion (a vdisk extension): the node's TCP sockets use the named congestion
+    control, other connections keep the host's default; a name the kernel does not know, or a
+    unix socket, is refused at blockdev-add."""
+    default = open("/proc/sys/net/ipv4/tcp_congestion_control").read().strip()
+    want = "reno" if default != "reno" else "cubic"
+    port = free_port()
+    srv = subprocess.Popen(["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "memory", "1M"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    d = None
+    try:
+        end = time.time() + 30
+        while subprocess.run(["nbdinfo", "--size", f"nbd://127.0.0.1:{port}"],
+                             capture_output=True, timeout=30).returncode != 0:
+            assert srv.poll() is None and time.time() < end, "nbdkit did not start"
+            time.sleep(0.1)
+        d = start_vdiskd(tmp_path)
+        q = d.client()
+        server = {"type": "inet", "host": "127.0.0.1", "port": str(port)}
+        q.cmd("blockdev-add", driver="nbd", node_name="plain", server=server)
+        assert set(congestion_of(port)) == {default}, congestion_of(port)
+        q.cmd("blockdev-add", driver="nbd", node_name="tuned", server=server,
+              **{"x-tcp-congestion": want})
+        # nbdkit's memory plugin allows multi-conn: 1..4 connections per node.
+        got = congestion_of(port)
+        assert want in got and default in got, got
+        q.cmd("blockdev-del", node_name="plain")
+        assert set(congestion_of(port)) == {want}, congestion_of(port)
+        r = q.execute("blockdev-add", {"driver": "nbd", "node-name": "bad", "server": server,
+                                       "x-tcp-congestion": "nosuchalgo"})
+        assert "x-tcp-congestion=nosuchalgo" in r["error"]["desc"], r
+        r = q.execute("blockdev-add", {"driver": "nbd", "node-name": "bad", "server": server,
+                                       "x-tcp-congestion": "cubic&open-timeout=1"})
+        assert "error" in r, r
+        usock = str(tmp_path / "u.sock")
+        u = subprocess.Popen(["nbdkit", "-f", "-U", usock, "memory", "1M"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_unix_listening(usock, u)
+            r = q.execute("blockdev-add", {"driver": "nbd", "node-name": "bad",
+                                           "server": {"type": "unix", "path": usock},
+                                           "x-tcp-congestion": want})
+            assert "not a TCP connection" in r["error"]["desc"], r
+        finally:
+            u.kill()
+            u.wait(10)
+        q.close()
+        d.stop_checked()
+        d = None
+    finally:
+        if d:
+            d.kill()
+        srv.kill()
+        srv.wait(10)
