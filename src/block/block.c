@@ -751,6 +751,12 @@ int vd_set_backing_strings(BlockNode *bs, const char *name, const char *fmt)
 int vd_change_backing_file(BlockNode *bs, const char *backing_file, const char *backing_fmt,
                            VdError **errp)
 {
+    return vd_change_backing_file_flags(bs, backing_file, backing_fmt, 0, errp);
+}
+
+int vd_change_backing_file_flags(BlockNode *bs, const char *backing_file,
+                                 const char *backing_fmt, int flags, VdError **errp)
+{
     if (backing_file && !backing_file[0]) {
         backing_file = NULL;
     }
@@ -772,7 +778,7 @@ int vd_change_backing_file(BlockNode *bs, const char *backing_file, const char *
         vd_error_setg(errp, ENOMEM, "Out of memory");
         return -ENOMEM;
     }
-    int ret = bs->drv->change_backing_file(bs, backing_file, backing_fmt, errp);
+    int ret = bs->drv->change_backing_file(bs, backing_file, backing_fmt, flags, errp);
     if (ret < 0) {
         backing_strings_free(&n);
         return ret;

@@ -269,9 +269,12 @@ struct BlockDriver {
     int64_t (*allocated_size)(BlockNode *bs); /* bytes used on the host (info's disk size) */
     int (*truncate)(BlockNode *bs, uint64_t size, bool shrink, VdPrealloc prealloc,
                     VdError **errp);
-    /* Rewrite the recorded backing file name and format (NULL, NULL = no backing). */
+    /*
+     * Rewrite the recorded backing file name and format (NULL, NULL = no backing). flags:
+     * VD_BACKING_UNSYNCED (see vd_change_backing_file_flags).
+     */
     int (*change_backing_file)(BlockNode *bs, const char *backing_file, const char *backing_fmt,
-                               VdError **errp);
+                               int flags, VdError **errp);
     int (*check)(BlockNode *bs, VdCheckResult *res, int fix, VdError **errp);
     /* qemu-img measure: bytes needed for an image of opts holding src's data (src may be NULL). */
     int (*measure)(const VdCreateOptions *opts, BlockNode *src, uint64_t *required,
@@ -443,6 +446,16 @@ int vd_set_backing_strings(BlockNode *bs, const char *name, const char *fmt);
 /* Rewrite bs's recorded backing file/format (header) and update bs->backing_file & co. */
 int vd_change_backing_file(BlockNode *bs, const char *backing_file, const char *backing_fmt,
                            VdError **errp);
+/*
+ * The same with flags. VD_BACKING_UNSYNCED: the header is written without a flush before it or
+ * a sync after it, for a job's pivot with guests drained. The caller has already made durable
+ * everything the new header relies on (the data a stream or commit copied: a flush made before
+ * the drain), and flushes bs itself (after resuming the guests) before it reports the change
+ * done; until then a crash leaves the old header, whose backing file is still there.
+ */
+enum { VD_BACKING_UNSYNCED = 1 << 0 };
+int vd_change_backing_file_flags(BlockNode *bs, const char *backing_file,
+                                 const char *backing_fmt, int flags, VdError **errp);
 
 /* Chain helpers: depth of `layer` under `top` (0 = top) or -1; bottom-most node. */
 int vd_chain_depth(BlockNode *top, BlockNode *layer);

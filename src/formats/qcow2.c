@@ -891,7 +891,7 @@ out:
 /* ---- backing file ---- */
 
 static int qcow2_change_backing_file(BlockNode *bs, const char *backing_file,
-                                     const char *backing_fmt, VdError **errp)
+                                     const char *backing_fmt, int flags, VdError **errp)
 {
     Qcow2State *s = q2_state(bs);
     if (s->read_only) {
@@ -944,12 +944,21 @@ static int qcow2_change_backing_file(BlockNode *bs, const char *backing_file,
     }
     free(of);
     free(ofmt);
-    q2_lockless_wait_idle(s); /* q2_flush_all applies deferred frees */
-    ret = q2_flush_all(s);
+    /*
+     * Unsynced: no metadata the header names moves meanwhile (L1 and refcount table moves write
+     * the header themselves), and what the new backing must not be read in place of is durable
+     * (the caller's contract), so only the header is written; bs's next flush syncs it.
+     */
+    bool unsynced = flags & VD_BACKING_UNSYNCED;
+    ret = 0;
+    if (!unsynced) {
+        q2_lockless_wait_idle(s); /* q2_flush_all applies deferred frees */
+        ret = q2_flush_all(s);
+    }
     if (ret == 0) {
         ret = vd_pwrite(bs->file, 0, s->cluster_size, buf, 0);
     }
-    if (ret == 0) {
+    if (ret == 0 && !unsynced) {
         ret = q2_file_flush(s);
     }
     free(buf);

@@ -162,19 +162,29 @@ static int stream_prepare(Job *job, VdError **errp)
     }
     uint64_t syncs0 = vd_flush_thread_syncs(); /* syncs this (QMP) thread makes while drained */
     block_tracker_wait_idle(s->tracker);
-    r = vd_flush(s->top);
-    if (r < 0) {
-        vd_error_setg(errp, -r, "Could not flush '%s': %s", s->top->filename, strerror(-r));
-    } else {
-        r = vd_change_backing_file(s->top, s->backing_name, s->backing_name ? s->backing_fmt : NULL,
-                                   errp);
-    }
+    /*
+     * Only the header is written while guests wait. It relies on what the stream copied, durable
+     * since the flush above; what guests wrote since is theirs (a cluster they allocated after
+     * it reads from the new backing exactly as from the old one if the allocation is lost: the
+     * stream had already put every cluster the dropped layers held into top). The header is
+     * synced below, with guests running, before COMPLETED (after which the dropped layers may
+     * be deleted); a crash before that leaves the old header, whose backing is still there.
+     */
+    r = vd_change_backing_file_flags(s->top, s->backing_name,
+                                     s->backing_name ? s->backing_fmt : NULL, VD_BACKING_UNSYNCED,
+                                     errp);
     if (r == 0) {
         vd_node_set_backing(s->top, s->base);
     }
     uint64_t syncs = vd_flush_thread_syncs() - syncs0;
     vd_node_users_resume(&set, NULL);
     uint64_t us = (job_now_ns() - t0) / 1000;
+    if (r == 0) {
+        r = vd_flush(s->top);
+        if (r < 0) {
+            vd_error_setg(errp, -r, "Could not flush '%s': %s", s->top->filename, strerror(-r));
+        }
+    }
     if (r == 0) {
         vd_log(VD_LOG_INFO, "stream '%s': '%s' now backed by %s; guest I/O paused %llu.%03llu ms "
                "(%llu syncs while paused)", job_id(job), s->top->node_name,

@@ -18,6 +18,7 @@ import pytest
 
 from conftest import qemu_img, qemu_io, assert_qemu_check_clean
 from qmp_client import start_vdiskd
+import nbd_helpers as H
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -115,6 +116,63 @@ class Guest(threading.Thread):
     def join_checked(self, timeout=60):
         self.join(timeout)
         assert not self.is_alive(), "guest writer hung"
+        if self.error:
+            raise self.error
+
+
+class PipelinedGuest(threading.Thread):
+    """A guest keeping `depth` writes of random extents in flight on one NBD connection
+    (nbd_helpers.RawClient), batch after batch until stopped. The extents of one batch never
+    overlap, so the model applies a batch whatever order the server completes it in. With
+    flushes, every batch is followed by NBD_CMD_FLUSH; without, the guest never asks for one."""
+
+    def __init__(self, sock, model, rng, depth=8, flushes=False):
+        super().__init__(daemon=True)
+        self.c = H.RawClient(sock, timeout=60)
+        self.c.greet()
+        self.c.go("disk0", structured=False)
+        self.model, self.rng, self.depth, self.flushes = model, rng, depth, flushes
+        self.batches, self.stop, self.error = 0, False, None
+
+    def batch(self):
+        taken, reqs = [], []
+        while len(reqs) < self.depth:
+            length = self.rng.randrange(512, 64 * KiB)
+            off = self.rng.randrange(0, SIZE - length)
+            if any(off < e and s < off + length for s, e in taken):
+                continue
+            taken.append((off, off + length))
+            reqs.append((off, self.rng.randbytes(length)))
+        for i, (off, data) in enumerate(reqs):
+            self.c.request(H.CMD_WRITE, off, len(data), i + 1, 0, data)
+        for _ in reqs:
+            cookie, err, _ = self.c.reply()
+            assert err == 0, f"write {cookie} failed: {err}"
+        for off, data in reqs:
+            self.model[off:off + len(data)] = data
+        if self.flushes:
+            self.c.request(H.CMD_FLUSH, 0, 0, 100)
+            assert self.c.reply()[1] == 0, "flush failed"
+
+    def run(self):
+        try:
+            while not self.stop:
+                self.batch()
+                self.batches += 1
+        except BaseException as e:  # reported by join_checked
+            self.error = e
+
+    def wait_batches(self, n, timeout=60):
+        end = time.time() + timeout
+        while self.batches < n and self.error is None:
+            assert time.time() < end, f"guest made {self.batches} batches, not {n}"
+            time.sleep(0.01)
+
+    def join_checked(self):
+        self.stop = True
+        self.join(60)
+        assert not self.is_alive(), "guest writer hung"
+        self.c.close()
         if self.error:
             raise self.error
 

@@ -188,7 +188,7 @@ static int tc_create(const char *filename, const VdCreateOptions *opts, VdError 
 }
 
 static int tc_change_backing(BlockNode *bs, const char *backing_file, const char *backing_fmt,
-                             VdError **errp)
+                             int flags, VdError **errp)
 {
     TcState *s = bs->opaque;
     memset(s->h.backing, 0, sizeof(s->h.backing));

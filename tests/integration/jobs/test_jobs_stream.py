@@ -4,10 +4,12 @@ then names the base (or nothing), and the guest-visible content equals a model o
 plus every guest write. Event sequence and resulting headers follow qemu-storage-daemon 7.2.
 """
 import random
+import re
+import time
 
 from blockops_helpers import (MiB, KiB, SIZE, make_chain, Served, write_cmds, Guest, guest_read,
-                              image_content, assert_same, chain_info, statuses, wait_status,
-                              check_clean)
+                              PipelinedGuest, image_content, assert_same, chain_info, statuses,
+                              wait_status, check_clean)
 
 
 def test_stream_to_base_with_concurrent_guest(tmp_path):
@@ -154,4 +156,41 @@ def test_stream_cancel_keeps_chain(tmp_path):
     # Part of mid's data may already be in top; the chain and what it reads are unchanged.
     assert chain_info(top)[0] == ("top.qcow2", "mid.qcow2", "qcow2")
     assert_same(image_content(tmp_path, top, "top.raw"), bytes(model), "chain")
+    check_clean(base, mid, top)
+
+
+def test_stream_pivot_under_pipelined_guest_syncs_nothing_while_paused(tmp_path, monkeypatch):
+    """The stream's end while a guest keeps 8 writes in flight: the copy is made durable before
+    the guest is drained, and with the guest drained only the top's header is written (synced
+    after the guest resumed, before BLOCK_JOB_COMPLETED), so vdiskd logs 0 syncs while paused
+    (it made 4 before). Content equals the model, the header names base, images are clean."""
+    monkeypatch.setenv("VDISK_LOG", "info")
+    base, mid, top, model = make_chain(tmp_path)
+    s = Served(tmp_path, top)
+    try:
+        q = s.q
+        g = PipelinedGuest(s.sock, model, random.Random(23))
+        g.start()
+        g.wait_batches(5)
+        q.cmd("block-stream", job_id="s7", device="disk0", base="base.qcow2")
+        done = q.get_event("BLOCK_JOB_COMPLETED", timeout=30)
+        assert "error" not in done["data"], done
+        g.wait_batches(g.batches + 3)
+        g.join_checked()
+        pat = re.compile(r"stream 's7': '[^']*' now backed by \S+; guest I/O paused [\d.]+ ms "
+                         r"\((\d+) syncs while paused\)")
+        m = None
+        for _ in range(100):
+            m = pat.search(s.d.output())
+            if m:
+                break
+            time.sleep(0.05)
+        assert m, s.d.output()
+        assert int(m.group(1)) == 0, m.group(0)
+        assert_same(guest_read(tmp_path, s.uri), bytes(model), "guest view after stream")
+        s.stop()
+    finally:
+        s.close()
+    assert chain_info(top) == [("top.qcow2", "base.qcow2", "qcow2"), ("base.qcow2", None, None)]
+    assert_same(image_content(tmp_path, top, "top.raw"), bytes(model), "top image")
     check_clean(base, mid, top)
