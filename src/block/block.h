@@ -153,7 +153,11 @@ typedef struct VdCheckResult {
     const char *format;
 } VdCheckResult;
 
-enum { VD_FIX_LEAKS = 1 << 0, VD_FIX_ERRORS = 1 << 1 };
+/*
+ * vd_check's `fix`: what to repair, and VD_CHECK_QUIET: no per-problem lines on stderr (the
+ * counts in VdCheckResult only; allowed on a read-only node, which is never repaired).
+ */
+enum { VD_FIX_LEAKS = 1 << 0, VD_FIX_ERRORS = 1 << 1, VD_CHECK_QUIET = 1 << 16 };
 
 /* One extent of chain block status (see vd_block_status_above). */
 typedef struct VdBlockStatus {

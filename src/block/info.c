@@ -128,7 +128,7 @@ int vd_check(BlockNode *bs, VdCheckResult *res, int fix, VdError **errp)
         vd_error_setg(errp, ENOTSUP, "This image format does not support checks");
         return -ENOTSUP;
     }
-    if (fix && bs->read_only) {
+    if ((fix & (VD_FIX_LEAKS | VD_FIX_ERRORS)) && bs->read_only) {
         vd_error_setg(errp, EPERM, "Cannot repair '%s': opened read-only", bs->filename);
         return -EPERM;
     }

@@ -17,7 +17,7 @@
  * Extra bit for the `fix` argument of qcow2_check_file (beside VD_FIX_LEAKS / VD_FIX_ERRORS):
  * do not print the per-problem lines on stderr (for the automatic repair done at open).
  */
-#define QCOW2_CHECK_QUIET (1 << 16)
+#define QCOW2_CHECK_QUIET VD_CHECK_QUIET
 
 /*
  * Check (and with fix, repair) the qcow2 image stored in `file`. Fills *res like qemu-img check

@@ -1032,7 +1032,8 @@ static int qcow2_check(BlockNode *bs, VdCheckResult *res, int fix, VdError **err
             return ret;
         }
     }
-    ret = qcow2_check_file(bs->file, res, s->read_only ? 0 : fix, errp);
+    ret = qcow2_check_file(bs->file, res, s->read_only ? fix & VD_CHECK_QUIET : fix, errp);
+    fix &= VD_FIX_LEAKS | VD_FIX_ERRORS;
     if (!s->read_only && fix) {
         /*
          * A repair may clear the dirty / corrupt bits on disk even when it fixed nothing: take
