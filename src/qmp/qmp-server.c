@@ -237,6 +237,10 @@ static void run_deferred(void)
 
 static void client_flush(QmpClient *c)
 {
+    if (c->fd < 0) {
+        c->out_off = c->out_len = 0; /* a socketless session (qmp_session_run): answers dropped */
+        return;
+    }
     while (!c->dead && c->out_off < c->out_len) {
         ssize_t n = send(c->fd, c->out + c->out_off, c->out_len - c->out_off,
                          MSG_NOSIGNAL | MSG_DONTWAIT);
@@ -836,6 +840,36 @@ static int prepare_path(const char *path, VdError **errp)
     return 0;
 }
 
+static void register_commands(void)
+{
+    qmp_commands_core_register();
+    qmp_commands_transaction_register();
+    qmp_commands_block_register();
+    qmp_commands_nbd_register();
+    qmp_commands_object_register();
+    qmp_commands_jobs_register();
+    qmp_commands_blockops_register();
+    qmp_commands_bitmap_register();
+}
+
+int qmp_session_run(const char *buf, size_t len, VdError **errp)
+{
+    if (srv.running) {
+        vd_error_setg(errp, EBUSY, "The QMP server runs: its thread runs the commands");
+        return -EBUSY;
+    }
+    static bool registered;
+    if (!registered) {
+        register_commands();
+        registered = true;
+    }
+    QmpClient c = {.fd = -1};
+    client_feed(&c, buf, len);
+    free(c.in); /* a value cut off by the end of input is dropped, as at a disconnect */
+    free(c.out);
+    return 0;
+}
+
 int qmp_server_start(const char *socket_path, VdError **errp)
 {
     if (srv.running) {
@@ -857,14 +891,7 @@ int qmp_server_start(const char *socket_path, VdError **errp)
         return r;
     }
 
-    qmp_commands_core_register();
-    qmp_commands_transaction_register();
-    qmp_commands_block_register();
-    qmp_commands_nbd_register();
-    qmp_commands_object_register();
-    qmp_commands_jobs_register();
-    qmp_commands_blockops_register();
-    qmp_commands_bitmap_register();
+    register_commands();
 
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (fd < 0) {

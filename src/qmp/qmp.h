@@ -26,6 +26,15 @@ void qmp_server_set_max_clients(unsigned n);
 /* Stop serving, close client sockets, remove the socket file. */
 void qmp_server_stop(void);
 
+/*
+ * One client session without a socket or a thread (the fuzzer's): buf is everything the client
+ * sends, from qmp_capabilities on (no greeting); values are scanned, parsed and dispatched as the
+ * server does, on the calling thread, and the answers are formatted and dropped. Only while no
+ * server runs (-EBUSY otherwise), from one thread: the caller is then the only one running
+ * commands, as the QMP thread would be. Registers the commands on first use.
+ */
+int qmp_session_run(const char *buf, size_t len, VdError **errp);
+
 typedef struct BlockNode BlockNode;
 /*
  * blockdev-add (the command, and vdiskd's --blockdev): check options as QEMU's BlockdevOptions,
