@@ -184,15 +184,14 @@ struct NbdConn {
     uint64_t queued_bytes;     /* payload bytes reserved by those requests (memory bound) */
     bool dead;                 /* a send failed: stop reading, drop further replies */
     bool writer_exit;
+    bool writer_done;          /* the writer has left (its recycled thread may serve others) */
     /*
      * A thread owns the send side: the writer while it sends, or a worker sending its reply
      * directly (non-blocking) because the queue was empty. Whoever owns it is the only sender.
      */
     bool sending;
     struct NbdReply *rq_head, *rq_tail; /* replies waiting for the writer thread */
-    pthread_t writer;
 
-    pthread_t thread;
     NbdConn *next;             /* server's connection list (server lock) */
 };
 

@@ -26,6 +26,7 @@
 #include "nbd/nbd-protocol.h"
 #include "util/log.h"
 #include "util/lock.h"
+#include "util/thread-cache.h"
 #include "util/sockperm.h"
 
 #define NBD_HANDSHAKE_TIMEOUT_S 30
@@ -557,7 +558,7 @@ static void conn_free(NbdConn *c)
     free(c);
 }
 
-static void *conn_thread(void *arg)
+static void conn_thread(void *arg)
 {
     NbdConn *c = arg;
     /* A client that stalls the handshake only holds its own thread, and not for ever. */
@@ -593,7 +594,6 @@ static void *conn_thread(void *arg)
     srv.nconns--;
     vd_cond_broadcast(&srv.cond);
     vd_mutex_unlock(&srv.lock);
-    return NULL;
 }
 
 static void accept_one(int fd)
@@ -627,12 +627,8 @@ static void accept_one(int fd)
     c->next = srv.conns;
     srv.conns = c;
     srv.nconns++;
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    int r = pthread_create(&c->thread, &attr, conn_thread, c);
-    pthread_attr_destroy(&attr);
-    if (r != 0) {
+    /* a recycled thread: clients that connect for one command each do not cost a thread */
+    if (vd_thread_run(conn_thread, c) < 0) {
         srv.conns = c->next;
         srv.nconns--;
         vd_mutex_unlock(&srv.lock);

@@ -23,6 +23,7 @@
 #include "nbd/nbd-protocol.h"
 #include "util/log.h"
 #include "util/lock.h"
+#include "util/thread-cache.h"
 
 #define NBD_MAX_QUEUED_BYTES (64u << 20) /* write payload buffered per connection before we stall */
 #define NBD_ZERO_GRAIN 4096              /* granularity of OFFSET_HOLE detection in read replies */
@@ -556,7 +557,7 @@ static void queue_reply(NbdConn *c, uint8_t *buf, size_t bufsize, size_t off, si
  * The connection's writer thread: sends, with blocking sends, the replies a worker could not send
  * without blocking, in queue order. It owns the send side while it sends.
  */
-static void *writer_thread(void *arg)
+static void writer_thread(void *arg)
 {
     NbdConn *c = arg;
     vd_mutex_lock(&c->lock);
@@ -596,8 +597,9 @@ static void *writer_thread(void *arg)
         reply_done(c, r->reserve);
         free(r);
     }
+    c->writer_done = true; /* the last touch of c: the reader frees it once it sees this */
+    vd_cond_broadcast(&c->cond);
     vd_mutex_unlock(&c->lock);
-    return NULL;
 }
 
 /* ---------------- request handling ---------------- */
@@ -921,7 +923,7 @@ void nbd_transmission(NbdConn *c)
     if (!rb.buf) {
         return;
     }
-    if (pthread_create(&c->writer, NULL, writer_thread, c) != 0) {
+    if (vd_thread_run(writer_thread, c) < 0) {
         free(rb.buf);
         return; /* cannot serve: the caller closes the connection */
     }
@@ -1007,6 +1009,8 @@ void nbd_transmission(NbdConn *c)
     }
     c->writer_exit = true;
     vd_cond_signal(&c->wcond);
+    while (!c->writer_done) {
+        vd_cond_wait(&c->cond, &c->lock);
+    }
     vd_mutex_unlock(&c->lock);
-    pthread_join(c->writer, NULL);
 }
