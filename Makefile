@@ -62,6 +62,9 @@ resume-campaign: all
 FUZZ_BUILD   ?= build-fuzz
 FUZZ_SECONDS ?= 20
 FUZZ_TARGETS ?= qcow2 nbd qmp
+# A 16 MiB quarantine (ASan's default: 256) still catches use after free of anything freed in the
+# last few thousand inputs, and reusing memory sooner halves the page faults per input.
+FUZZ_ASAN_OPTIONS ?= detect_leaks=0:quarantine_size_mb=16
 
 $(FUZZ_BUILD)/build.ninja:
 	CC=clang meson setup $(FUZZ_BUILD) -Dfuzz=true -Db_sanitize=address,undefined \
@@ -79,7 +82,7 @@ fuzz: fuzz-build
 	@for t in $(FUZZ_TARGETS); do \
 	  mkdir -p $(FUZZ_BUILD)/corpus-$$t && cp -n fuzz/corpus/$$t/* $(FUZZ_BUILD)/corpus-$$t/ ; \
 	  echo "fuzz_$$t: $(FUZZ_SECONDS) s"; \
-	  (cd $(FUZZ_BUILD) && ASAN_OPTIONS=detect_leaks=0 ./fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) \
+	  (cd $(FUZZ_BUILD) && ASAN_OPTIONS=$(FUZZ_ASAN_OPTIONS) ./fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) \
 	    -timeout=60 -detect_leaks=0 -rss_limit_mb=2048 -print_final_stats=1 corpus-$$t) || exit 1; \
 	done
 
