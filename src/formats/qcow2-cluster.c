@@ -995,6 +995,38 @@ static int reads_zero(Qcow2State *s, uint64_t offset, uint64_t bytes, bool *zero
     return 0;
 }
 
+/* Does the backing chain read [offset, offset+bytes) as zeroes? Block status only, no data read. */
+static int backing_reads_zero(Qcow2State *s, uint64_t offset, uint64_t bytes, bool *zero)
+{
+    BlockNode *b = s->bs->backing;
+    int64_t bl = vd_getlength(b);
+    if (bl < 0) {
+        return (int)bl;
+    }
+    uint64_t end = offset + bytes < (uint64_t)bl ? offset + bytes : (uint64_t)bl;
+    *zero = true;
+    while (offset < end) {
+        VdBlockStatus st;
+        uint64_t pnum;
+        int ret = vd_block_status_above(b, NULL, offset, end - offset, &pnum, &st);
+        if (ret < 0) {
+            return ret;
+        }
+        if (pnum == 0 || !(st.flags & VD_BS_ZERO)) {
+            *zero = false;
+            return 0;
+        }
+        offset += pnum;
+    }
+    return 0;
+}
+
+/*
+ * Does the guest cluster at cstart read as zeroes, its backing chain included? A partial write
+ * into such a cluster zeroes the new host cluster in the file (fallocate) and writes only the
+ * guest's bytes, instead of a cluster-sized buffer that is mostly zeroes: after a snapshot, every
+ * first write into an empty area of the disk is such a write (QEMU's is_zero_cow does the same).
+ */
 static int cluster_reads_zero(Qcow2State *s, uint64_t cstart, bool *zero)
 {
     uint64_t n = s->cluster_size;
@@ -1005,7 +1037,16 @@ static int cluster_reads_zero(Qcow2State *s, uint64_t cstart, bool *zero)
     if (cstart + n > s->h.size) {
         n = s->h.size - cstart;
     }
-    return reads_zero(s, cstart, n, zero);
+    int ret = reads_zero(s, cstart, n, zero);
+    if (ret < 0 || *zero || !s->bs->backing) {
+        return ret;
+    }
+    Q2Extent x;
+    ret = get_extent(s, cstart, n, false, &x);
+    if (ret < 0 || x.type != QCOW2_CLUSTER_UNALLOCATED || x.len != n) {
+        return ret;
+    }
+    return backing_reads_zero(s, cstart, n, zero);
 }
 
 enum { SET_UNALLOC, SET_ZERO };

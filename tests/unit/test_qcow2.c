@@ -1149,6 +1149,82 @@ static void test_flush_sync_count(void **state)
     assert_clean(path("fs.qcow2"));
 }
 
+/* Counting wrapper of a file node's driver: bytes of data written, write-zeroes calls. */
+static uint64_t cw_bytes;
+static int cw_zeroes;
+static const BlockDriver *cw_real;
+static BlockDriver cw_drv;
+
+static int cw_pwrite(BlockNode *bs, uint64_t offset, uint64_t bytes, const void *buf, int flags)
+{
+    cw_bytes += bytes;
+    return cw_real->pwrite(bs, offset, bytes, buf, flags);
+}
+
+static int cw_pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags)
+{
+    cw_zeroes++;
+    return cw_real->pwrite_zeroes(bs, offset, bytes, flags);
+}
+
+/*
+ * A 4 KiB write into a cluster that reads as zeroes through the whole backing chain (after a
+ * snapshot, the first write into an empty area of the disk) zeroes the new host cluster in the
+ * file and writes the 4 KiB only, not a 64 KiB buffer of mostly zeroes; over backing data it
+ * still copies the whole cluster. Contents and consistency are checked after each.
+ */
+static void test_cow_of_zeroes_writes_guest_bytes(void **state)
+{
+    (void)state;
+    BlockNode *base = create_open("cz-base.qcow2", 4 << 20, 65536, 0, NULL, false, NULL, NULL);
+    write_pat(base, 0, 1 << 20, 0x5b); /* data in the first MiB only */
+    vd_node_unref(base);
+    BlockNode *mid = create_open("cz-mid.qcow2", 4 << 20, 65536, 0, NULL, false, NULL,
+                                 path("cz-base.qcow2"));
+    vd_node_unref(mid);
+    BlockNode *top = create_open("cz-top.qcow2", 8 << 20, 65536, 0, NULL, false, NULL,
+                                 path("cz-mid.qcow2"));
+    write_pat(top, 3 << 20, 65536, 0x07); /* allocates the L2 table: not counted below */
+    cw_real = top->file->drv;
+    cw_drv = *cw_real;
+    cw_drv.pwrite = cw_pwrite;
+    cw_drv.pwrite_zeroes = cw_pwrite_zeroes;
+    top->file->drv = &cw_drv;
+    const struct {
+        uint64_t cluster;
+        uint8_t old, v;
+        uint64_t bytes;
+        int zeroes;
+    } cases[] = {
+        { 2 << 20, 0, 0x01, 4096, 1 },      /* zero in every layer */
+        { 6 << 20, 0, 0x02, 4096, 1 },      /* past the backing's end */
+        { 65536, 0x5b, 0x03, 65536, 0 },    /* backing data: copied */
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        cw_bytes = 0;
+        cw_zeroes = 0;
+        write_pat(top, cases[i].cluster + 8192, 4096, cases[i].v);
+        assert_int_equal(cw_bytes, cases[i].bytes);
+        assert_int_equal(cw_zeroes, cases[i].zeroes);
+        assert_reads(top, cases[i].cluster, 8192, cases[i].old);
+        assert_reads(top, cases[i].cluster + 8192, 4096, cases[i].v);
+        assert_reads(top, cases[i].cluster + 12288, 65536 - 12288, cases[i].old);
+    }
+    top->file->drv = cw_real;
+    vd_node_unref(top);
+    assert_clean(path("cz-top.qcow2"));
+    VdError *err = NULL;
+    top = vd_open_image(path("cz-top.qcow2"), "qcow2", 0, &err);
+    assert_non_null(top);
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        assert_reads(top, cases[i].cluster, 8192, cases[i].old);
+        assert_reads(top, cases[i].cluster + 8192, 4096, cases[i].v);
+        assert_reads(top, cases[i].cluster + 12288, 65536 - 12288, cases[i].old);
+    }
+    assert_reads(top, 3 << 20, 65536, 0x07);
+    vd_node_unref(top);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1173,6 +1249,7 @@ int main(void)
         cmocka_unit_test(test_lockless_stress),
         cmocka_unit_test(test_alloc_concurrent_same_clusters),
         cmocka_unit_test(test_flush_sync_count),
+        cmocka_unit_test(test_cow_of_zeroes_writes_guest_bytes),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
