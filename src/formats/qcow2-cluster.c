@@ -688,6 +688,29 @@ static int cow_buffer_backing(Qcow2State *s, uint64_t cstart, const uint8_t *buf
 }
 
 /*
+ * Make the newly allocated host cluster at host read as zeroes in the file without writing a
+ * buffer of them; <0 when that is not cheap (the caller writes them). Nothing to do when the
+ * cluster starts at or past the file's end on a file that reads zeroes there: no one has written
+ * it since (it is ours, and the file never shrinks while allocating writes are in flight), and
+ * whatever later extends the file past it leaves a hole that reads zeroes. Zeroes in the file
+ * are not zeroes through a cipher: encrypted images always write them.
+ */
+static int zero_new_cluster(Qcow2State *s, uint64_t host)
+{
+    BlockNode *f = s->bs->file;
+    if (s->crypt.luks) {
+        return -ENOTSUP;
+    }
+    if (f->drv->reads_zero_past_end) {
+        int64_t len = vd_getlength(f);
+        if (len >= 0 && host >= (uint64_t)len) {
+            return 0;
+        }
+    }
+    return vd_pwrite_zeroes(f, host, s->cluster_size, VD_REQ_NO_FALLBACK);
+}
+
+/*
  * The data of an allocating write into the k host clusters at host, for guest [offset, end)
  * inside me's clusters: head/tail copy-on-write (mode 1: zero the cluster, 2: the merged buffer
  * in *hbuf / *tbuf, read here from the backing file when *_backing) and the guest bytes. May run
@@ -707,15 +730,11 @@ static int write_new_clusters(Qcow2State *s, const Q2AllocInFlight *me, uint64_t
         ret = cow_buffer_backing(s, tstart, buf, offset, end, tbuf);
     }
     /* data first: zero the untouched parts in the file where that is cheap */
-    /* zeroes in the file are not zeroes through a cipher: encrypted images write them */
-    if (ret == 0 && head_mode == 1 &&
-        (s->crypt.luks || vd_pwrite_zeroes(s->bs->file, host, cs, VD_REQ_NO_FALLBACK) < 0)) {
+    if (ret == 0 && head_mode == 1 && zero_new_cluster(s, host) < 0) {
         head_mode = 2;
         ret = cow_buffer(s, cstart, true, buf, offset, end, hbuf);
     }
-    if (ret == 0 && tail_mode == 1 &&
-        (s->crypt.luks ||
-         vd_pwrite_zeroes(s->bs->file, host + (k - 1) * cs, cs, VD_REQ_NO_FALLBACK) < 0)) {
+    if (ret == 0 && tail_mode == 1 && zero_new_cluster(s, host + (k - 1) * cs) < 0) {
         tail_mode = 2;
         ret = cow_buffer(s, tstart, true, buf, offset, end, tbuf);
     }

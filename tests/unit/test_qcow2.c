@@ -1169,9 +1169,10 @@ static int cw_pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, int 
 
 /*
  * A 4 KiB write into a cluster that reads as zeroes through the whole backing chain (after a
- * snapshot, the first write into an empty area of the disk) zeroes the new host cluster in the
- * file and writes the 4 KiB only, not a 64 KiB buffer of mostly zeroes; over backing data it
- * still copies the whole cluster. Contents and consistency are checked after each.
+ * snapshot, the first write into an empty area of the disk) writes the 4 KiB only, not a 64 KiB
+ * buffer of mostly zeroes: the new host cluster needs no zeroing at the file's end, and one
+ * write-zeroes where it reuses a freed cluster (whose old bytes must not show). Over backing
+ * data the whole cluster is still copied. Contents and consistency are checked after each.
  */
 static void test_cow_of_zeroes_writes_guest_bytes(void **state)
 {
@@ -1195,12 +1196,18 @@ static void test_cow_of_zeroes_writes_guest_bytes(void **state)
         uint8_t old, v;
         uint64_t bytes;
         int zeroes;
+        bool reuse; /* free the cluster written with 0x07 first: the allocator takes it again */
     } cases[] = {
-        { 2 << 20, 0, 0x01, 4096, 1 },      /* zero in every layer */
-        { 6 << 20, 0, 0x02, 4096, 1 },      /* past the backing's end */
-        { 65536, 0x5b, 0x03, 65536, 0 },    /* backing data: copied */
+        { 2 << 20, 0, 0x01, 4096, 0, false },      /* zero in every layer, at the file's end */
+        { 6 << 20, 0, 0x02, 4096, 0, false },      /* past the backing's end */
+        { 65536, 0x5b, 0x03, 65536, 0, false },    /* backing data: copied */
+        { 5 << 19, 0, 0x04, 4096, 1, true },       /* zero chain, a reused host cluster */
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        if (cases[i].reuse) {
+            assert_int_equal(vd_pdiscard(top, 3 << 20, 65536, VD_REQ_FULL_DISCARD), 0);
+            assert_int_equal(vd_flush(top), 0); /* its metadata: not counted below */
+        }
         cw_bytes = 0;
         cw_zeroes = 0;
         write_pat(top, cases[i].cluster + 8192, 4096, cases[i].v);
@@ -1221,7 +1228,7 @@ static void test_cow_of_zeroes_writes_guest_bytes(void **state)
         assert_reads(top, cases[i].cluster + 8192, 4096, cases[i].v);
         assert_reads(top, cases[i].cluster + 12288, 65536 - 12288, cases[i].old);
     }
-    assert_reads(top, 3 << 20, 65536, 0x07);
+    assert_reads(top, 3 << 20, 65536, 0);
     vd_node_unref(top);
 }
 
