@@ -139,6 +139,7 @@ struct NbdState {
     int64_t stall_ms;         /* x-stall-timeout: a silent link with commands outstanding; 0 off */
     char *tcp_cc;             /* x-tcp-congestion: the connections' TCP congestion control */
     NbdIdentity id;           /* the export as the first connection saw it */
+    BlockNode *bs;            /* the node (its name for events) */
     pthread_mutex_t fence_lock; /* guards fences (nfences also read atomically, unlocked) */
     NbdFence fences[NBD_MAX_FENCES];
     int nfences;
@@ -572,6 +573,23 @@ static const char *conn_other_export(NbdState *s, struct nbd_handle *h)
     return d;
 }
 
+static VdNbdEventSink *event_sink; /* vd_nbd_set_event_sink */
+
+void vd_nbd_set_event_sink(VdNbdEventSink *fn)
+{
+    __atomic_store_n(&event_sink, fn, __ATOMIC_RELEASE);
+}
+
+static void nbd_event(const char *name, json_t *data)
+{
+    VdNbdEventSink *fn = __atomic_load_n(&event_sink, __ATOMIC_ACQUIRE);
+    if (fn && data) {
+        fn(name, data);
+    } else {
+        json_decref(data);
+    }
+}
+
 /* Connect again until it works or the node closes; attempts are spaced out, never given up. */
 static void link_restore(NbdConn *c)
 {
@@ -607,6 +625,10 @@ static void link_restore(NbdConn *c)
                 vd_log(VD_LOG_ERROR, "nbd: the server now at '%s' serves a different export "
                        "(its %s changed): I/O fails until the original export answers again",
                        s->uri, other);
+                nbd_event("X_NBD_EXPORT_CHANGED",
+                          json_pack("{s:s,s:s,s:s}", "node-name",
+                                    s->bs->node_name ? s->bs->node_name : "", "uri", s->uri,
+                                    "changed", other));
             }
         }
         conn_close(h);
@@ -1126,6 +1148,7 @@ static int nbd_drv_open(BlockNode *bs, const VdOpenOptions *opts, VdError **errp
 {
     NbdState *s = ns_of(bs);
     memset(s, 0, sizeof(*s));
+    s->bs = bs;
     if (!opts->filename || !*opts->filename) {
         vd_error_setg(errp, EINVAL, "The 'nbd' protocol needs a URI (nbd://HOST[:PORT]/EXPORT "
                       "or nbd+unix:///EXPORT?socket=PATH)");

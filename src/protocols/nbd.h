@@ -59,4 +59,14 @@ void vd_nbd_set_connect_timeout(int timeout_ms);
 /* Number of NBD connections a node uses (1, or more when the server advertises multi-conn). */
 int vd_nbd_connection_count(BlockNode *bs);
 
+/*
+ * Where the client's events go (vdiskd: its QMP clients); none by default. Called from the
+ * connection's own thread, data a new reference the sink takes. Events:
+ *   X_NBD_EXPORT_CHANGED {"node-name", "uri", "changed"}: a reconnection reached a server whose
+ *   export differs from the one the node opened ("changed" names what); its I/O fails with EIO
+ *   until the original export answers again.
+ */
+typedef void VdNbdEventSink(const char *name, json_t *data);
+void vd_nbd_set_event_sink(VdNbdEventSink *fn);
+
 #endif

@@ -689,6 +689,8 @@ int main(int argc, char **argv)
         vd_log_set_level(verbose > 1 ? VD_LOG_DEBUG : VD_LOG_INFO);
     }
     vd_nbd_set_connect_timeout(nbd_connect_timeout_ms);
+    /* The NBD client's events (a reconnection to another export) go to the QMP clients. */
+    vd_nbd_set_event_sink(qmp_event_emit);
     if (optind < argc) {
         fprintf(stderr, PROG ": unexpected argument '%s'\n", argv[optind]);
         return 1;

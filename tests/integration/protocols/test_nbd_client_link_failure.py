@@ -472,10 +472,13 @@ def test_a_reconnection_to_another_export_fails_the_io_until_the_original_is_bac
     d = None
     try:
         d, uri = served(tmp, {"server": {"type": "unix", "path": sock}, "reconnect-delay": 300})
+        q = d.client()
         qemu_io("-f", "raw", "-c", f"write -P 0x22 0 {MiB}", uri)
         stop(srv)
         os.unlink(sock)
         srv = nbdkit_variant(f, sock, other)
+        ev = q.get_event("X_NBD_EXPORT_CHANGED", timeout=60)
+        assert ev["data"]["changed"] == what and ev["data"]["uri"].endswith(sock), ev
         wait_for(lambda: "serves a different export" in d.output(), "the new server's check")
         assert f"its {what} changed" in d.output(), d.output()
         g = guest(uri, f"write -P 0x33 {MiB} 64k", f"read -P 0x22 0 64k")
@@ -487,6 +490,7 @@ def test_a_reconnection_to_another_export_fails_the_io_until_the_original_is_bac
         wait_for(lambda: all_reconnected(d), "the reconnection to the original export")
         qemu_io("-f", "raw", "-c", f"read -P 0x22 0 {MiB}", "-c", f"write -P 0x44 {MiB} 64k",
                 uri)
+        q.close()
         d.stop_checked()
         d = None
     finally:
