@@ -15,6 +15,8 @@ a switch (pivot, snapshot), the guest's disk is whichever side of it the daemon 
 two (the mirror's copy or top; the new overlay or top) must hold every flushed write, and every
 image that qemu-img can open must be clean (a new overlay cut off while being created may not
 open at all: then the switch did not happen and top must hold everything).
+A `transaction` trial snapshots three guests' disks in one QMP transaction (with bitmaps) and
+kills inside it; what it checks is in trial_transaction. CRASH_OPS=a,b runs only those operations.
 Exits 1 on the first failure, with the seed.
 """
 import json
@@ -35,7 +37,9 @@ VDISKD = os.path.join(os.environ.get("VDISK_BUILD", os.path.join(ROOT, "build"))
 BLK = 4096
 SIZE = 16 << 20
 NBLK = SIZE // BLK
-OPS = ["writes", "stream", "commit", "active-commit", "mirror", "pivot", "snapshot"]
+OPS = ["writes", "stream", "commit", "active-commit", "mirror", "pivot", "snapshot",
+       "transaction"]
+TX_DISKS = 3  # disks snapshotted by one transaction
 
 
 class Nbd:
@@ -85,14 +89,16 @@ class Nbd:
 class Guest(threading.Thread):
     """Writes until the daemon dies; history[i] = (block, value); durable = writes a flush covered."""
 
-    def __init__(self, path, rng):
+    def __init__(self, path, rng, export=b"disk"):
         super().__init__(daemon=True)
-        self.path, self.rng = path, rng
+        self.path, self.rng, self.export = path, rng, export
         self.history, self.durable = [], 0
+        self.connected = threading.Event()
 
     def run(self):
         try:
-            c = Nbd(self.path)
+            c = Nbd(self.path, self.export)
+            self.connected.set()
             while True:
                 for _ in range(self.rng.randrange(1, 8)):
                     b, v = self.rng.randrange(NBLK), self.rng.randrange(1, 256)
@@ -135,13 +141,13 @@ def qmp(path):
 
     events = []
 
-    def send(name, **args):
+    def send(command, **args):
         args = {k.replace("_", "-"): v for k, v in args.items()}
-        f.write(json.dumps({"execute": name, "arguments": args}) + "\n")
+        f.write(json.dumps({"execute": command, "arguments": args}) + "\n")
         f.flush()
 
-    def cmd(name, **args):
-        send(name, **args)
+    def cmd(command, **args):
+        send(command, **args)
         while True:
             r = json.loads(f.readline())
             if "event" not in r:
@@ -164,11 +170,107 @@ def qmp(path):
 
 
 def kill9(p, guest, qmp_sock):
-    """SIGKILL the daemon, then let the guest notice (its next request fails) and stop."""
+    """SIGKILL the daemon, then let the guests notice (their next request fails) and stop."""
     p.send_signal(signal.SIGKILL)
     p.wait(timeout=30)
-    guest.join(timeout=30)
+    for g in guest if isinstance(guest, list) else [guest]:
+        g.join(timeout=30)
     qmp_sock.close()
+
+
+def check_image(path):
+    """qemu-img check of one image: its JSON, or None when it cannot be opened as qcow2."""
+    c = run("qemu-img", "check", "-U", "-f", "qcow2", "--output=json", path, check=False)
+    if c.returncode == 1 and "Could not open" in c.stderr:
+        return None
+    assert c.returncode in (0, 3), f"{path}: qemu-img check {c.returncode}\n{c.stdout}{c.stderr}"
+    return json.loads(c.stdout)
+
+
+def trial_transaction(d, rng):
+    """TX_DISKS guests, each on its own chain base_i <- top_i with a persistent bitmap; one
+    transaction snapshots every top (blockdev-snapshot-sync) and adds a bitmap to each; SIGKILL
+    0-250 ms after it is sent (inside the overlays' creation or the switches).
+
+    What the disk shows afterwards, and must: the transaction prepares (creates) every overlay
+    before it switches any disk, so a guest write reaches an overlay only once all overlays are
+    complete qcow2 images on top of their disk's top. Management's rule after a crash is
+    therefore: every overlay complete (opens as qcow2, backing = that top) -> the transaction
+    happened, each disk is its overlay's chain; any overlay missing or cut off -> it did not,
+    each disk is its top. Checked: every image that opens is clean (leaks allowed); no overlay
+    holds data unless every overlay is complete; each disk, chosen by that rule, holds every
+    flushed write of its guest and no torn block."""
+    nsock, qsock = os.path.join(d, "nbd.sock"), os.path.join(d, "qmp.sock")
+    tops, snaps, initial = [], [], bytearray(SIZE)
+    initial[:SIZE // 2] = b"\x07" * (SIZE // 2)
+    args = [VDISKD, "--qmp", qsock, "--nbd-server", f"addr.type=unix,addr.path={nsock}"]
+    for i in range(TX_DISKS):
+        base, top = os.path.join(d, f"base{i}.qcow2"), os.path.join(d, f"top{i}.qcow2")
+        run("qemu-img", "create", "-q", "-f", "qcow2", base, str(SIZE))
+        run("qemu-io", "-f", "qcow2", "-c", f"write -P 7 0 {SIZE // 2}", base)
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
+        tops.append(top)
+        snaps.append(os.path.join(d, f"snap{i}.qcow2"))
+        args += ["--blockdev", json.dumps({"driver": "qcow2", "node-name": f"top{i}", "file": {
+            "driver": "file", "filename": top}}),
+            "--export", f"type=nbd,id=e{i},node-name=top{i},name=disk{i},writable=on"]
+    log = open(os.path.join(d, "vdiskd.log"), "w")
+    p = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        for path in (nsock, qsock):
+            wait_listening(path, p)
+        s, cmd = qmp(qsock)
+        for i in range(TX_DISKS):
+            r = cmd("block-dirty-bitmap-add", node=f"top{i}", name="b", persistent=True)
+            assert "return" in r, r
+        guests = [Guest(nsock, rng, f"disk{i}".encode()) for i in range(TX_DISKS)]
+        for g in guests:
+            g.start()
+        for g in guests:
+            assert g.connected.wait(30), "a guest could not connect"
+        time.sleep(rng.uniform(0, 0.3))
+        actions = [{"type": "blockdev-snapshot-sync", "data": {
+            "node-name": f"top{i}", "snapshot-file": snaps[i], "snapshot-node-name": f"snap{i}",
+            "format": "qcow2"}} for i in range(TX_DISKS)]
+        actions += [{"type": "block-dirty-bitmap-add", "data": {"node": f"top{i}", "name": "t"}}
+                    for i in range(TX_DISKS)]
+        cmd.send("transaction", actions=actions)  # no waiting for the reply: kill inside
+        time.sleep(rng.uniform(0, 0.25))
+        kill9(p, guests, s)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        log.close()
+    leaks = 0
+    for i in range(TX_DISKS):
+        for img in (os.path.join(d, f"base{i}.qcow2"), tops[i]):
+            c = check_image(img)
+            assert c is not None, f"{img} cannot be opened"
+            leaks += c.get("leaks", 0)
+    complete, with_data = 0, []
+    for i, snap in enumerate(snaps):
+        c = check_image(snap) if os.path.exists(snap) else None
+        if c is None:
+            continue  # not created yet, or cut off before its header
+        leaks += c.get("leaks", 0)
+        info = json.loads(run("qemu-img", "info", "-U", "--output=json", snap).stdout)
+        if info.get("full-backing-filename", info.get("backing-filename")) == tops[i]:
+            complete += 1
+        if c.get("allocated-clusters", 0) > 0:
+            with_data.append(i)
+    assert not with_data or complete == TX_DISKS, \
+        f"guest data in overlays {with_data} but only {complete} of {TX_DISKS} overlays complete"
+    switched = complete == TX_DISKS
+    for i, g in enumerate(guests):
+        raw = os.path.join(d, "disk.raw")
+        run("qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw",
+            snaps[i] if switched else tops[i], raw)
+        with open(raw, "rb") as f:
+            err = model_error(f.read(), g, initial)
+        assert err is None, f"disk {i} ({'overlay' if switched else 'top'}): {err}"
+    return (sum(len(g.history) for g in guests), sum(g.durable for g in guests),
+            bool(with_data), leaks, switched)
 
 
 def trial(d, rng, op):
@@ -271,14 +373,21 @@ def main():
     trials = int(os.environ.get("TRIALS", sys.argv[1] if len(sys.argv) > 1 else "5"))
     seed = int(os.environ.get("SEED", random.SystemRandom().randrange(1 << 31)))
     rng = random.Random(seed)
-    counts = {op: 0 for op in OPS}
+    ops = os.environ.get("CRASH_OPS", ",".join(OPS)).split(",")  # a subset, in turn
+    assert set(ops) <= set(OPS), f"CRASH_OPS: known operations are {OPS}"
+    counts = {op: 0 for op in ops}
     writes = flushed = leaks = leaky = 0
-    switched = {"pivot": 0, "snapshot": 0}  # trials whose kill came after the switch
+    switched = {"pivot": 0, "snapshot": 0, "transaction": 0}  # kill after a (first) switch
+    tx_complete = 0  # transaction trials that had created every overlay before the kill
     for t in range(trials):
-        op = OPS[t % len(OPS)]
+        op = ops[t % len(ops)]
         d = tempfile.mkdtemp(prefix="vdisk-crash-")
         try:
-            w, f, after, lk = trial(d, rng, op)
+            if op == "transaction":
+                w, f, after, lk, complete = trial_transaction(d, rng)
+                tx_complete += complete
+            else:
+                w, f, after, lk = trial(d, rng, op)
         except KeyboardInterrupt:  # stopped (SIGINT): report the trials that completed
             shutil.rmtree(d, ignore_errors=True)
             trials = t
@@ -302,7 +411,9 @@ def main():
           f"a completed flush), 0 corrupt images, 0 lost flushed writes (seed {seed}); the guest "
           f"was found on the far side of the switch in {switched['pivot']} pivot and "
           f"{switched['snapshot']} snapshot trials; {leaky} trials left leaked clusters "
-          f"({leaks} in all, allowed as QEMU's)")
+          f"({leaks} in all, allowed as QEMU's); transaction of {TX_DISKS} snapshots: every "
+          f"overlay created in {tx_complete}, guest data in an overlay in "
+          f"{switched['transaction']}")
 
 
 if __name__ == "__main__":
