@@ -196,7 +196,7 @@ static char img[64];
  * and flushes; model[b] = the value block b holds once a flush covered it (0 = never written).
  * Returns how many writes/flushes it issued before the first failure (or all of them).
  */
-static int workload(int n, bool tear, uint8_t *model)
+static int workload(int n, bool tear, bool cache, uint8_t *model)
 {
     VdCreateOptions co = {.format = "qcow2", .size = IMG_SIZE, .size_given = true,
                           .cluster_size = 65536};
@@ -211,11 +211,13 @@ static int workload(int n, bool tear, uint8_t *model)
     Fault *f = filt->opaque;
     f->budget = n < 0 ? 1 << 30 : n;
     f->tear = tear;
+    f->cache = cache;
     VdOpenOptions oo = {.filename = img, .format = "qcow2", .file = filt, .flags = VD_OPEN_RDWR};
     BlockNode *bs = vd_open(&oo, &err);
-    vd_node_unref(filt);
     if (!bs) {
         vd_error_free(err);
+        log_clear(f);
+        vd_node_unref(filt);
         return 0;
     }
     uint8_t pending[NBLK];
@@ -246,6 +248,8 @@ static int workload(int n, bool tear, uint8_t *model)
         issued++;
     }
     vd_node_unref(bs); /* its final writes fail too once the filter is dead */
+    log_clear(f);
+    vd_node_unref(filt);
     return issued;
 }
 
@@ -279,24 +283,25 @@ static void verify(const uint8_t *model, int n, bool tear)
     vd_node_unref(bs);
 }
 
-static void every_fault_point(bool tear)
+static void every_fault_point(bool tear, bool cache)
 {
     uint8_t model[NBLK];
     memset(model, 0, sizeof(model));
-    int total = workload(-1, false, model);
+    int total = workload(-1, false, cache, model);
     assert_true(total > 0);
     /* the clean run's own writes below qcow2 bound the fault points: count them once more */
     int points = 0;
     for (int n = 0; n < 4096; n++) {
         memset(model, 0, sizeof(model));
-        int issued = workload(n, tear, model);
+        int issued = workload(n, tear, cache, model);
         verify(model, n, tear);
         points++;
         if (issued == NOPS) {
             break; /* the budget outlived the workload: every point was tried */
         }
     }
-    print_message("%d fault points (%s)\n", points, tear ? "torn writes" : "failed writes");
+    print_message("%d fault points (%s)\n", points,
+                  cache ? "volatile cache" : tear ? "torn writes" : "failed writes");
     assert_true(points > NOPS); /* qcow2 writes metadata too: more points than guest ops */
 }
 
@@ -398,12 +403,18 @@ static void test_amend_downgrade_crash_at_every_point(void **state)
 
 static void test_failed_write_at_every_point(void **state)
 {
-    every_fault_point(false);
+    every_fault_point(false, false);
 }
 
 static void test_torn_write_at_every_point(void **state)
 {
-    every_fault_point(true);
+    every_fault_point(true, false);
+}
+
+/* refcounts before L2, L2 before L1, data before its L2 entry: with writes reordered */
+static void test_cached_write_at_every_point(void **state)
+{
+    every_fault_point(false, true);
 }
 
 int main(void)
@@ -413,6 +424,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_failed_write_at_every_point),
         cmocka_unit_test(test_torn_write_at_every_point),
+        cmocka_unit_test(test_cached_write_at_every_point),
         cmocka_unit_test(test_amend_downgrade_crash_at_every_point),
     };
     int r = cmocka_run_group_tests(tests, NULL, NULL);
