@@ -17,8 +17,8 @@
  * unflushed writes, which its next flush (of base) makes durable. When much is dirty (a guest
  * writing faster than the copy), bounded finishing rounds copy and flush unthrottled first.
  * Pauses: what the job copied is flushed BEFORE the exports are drained, except a few MiB that the
- * drained flush of the tail covers anyway; a non-active commit flushes nothing under drain (no
- * guest writes its base).
+ * drained flush of the tail covers anyway; a non-active commit rewrites the header above top and
+ * reopens base read-only before the drain, so the drained section only switches the chain.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -717,9 +717,30 @@ static int commit_prepare(Job *job, VdError **errp)
         vd_error_setg(errp, -r, "Could not flush '%s': %s", c->base_rw->filename, strerror(-r));
         return r;
     }
+    /*
+     * Non-active: base has everything top..above-base decided (durable since the flush above;
+     * nothing writes base_rw any more: guests write above top). Record base in `above`'s header
+     * and open base read-only again while guests still run: the header's syncs and the open's
+     * reads cost the guest nothing here, and the header is already right for a crash from now on
+     * (base reads like the chain it replaces). Readers go by the in-memory chain, switched below
+     * with the exports drained.
+     */
+    BlockNode *final = NULL;
+    if (!c->active) {
+        r = rewrite_above_header(c, errp);
+        if (r == 0) {
+            /* Back to read-only, with metadata read after every write of the copy. */
+            final = vd_reopen(c->base_rw, false, errp);
+            r = final ? 0 : -EIO;
+        }
+        if (r < 0) {
+            return r;
+        }
+    }
     uint64_t t0 = job_now_ns();
     VdDrainedUsers set;
     if (vd_node_users_drain(c->dev, &set) < 0) {
+        vd_node_unref(final);
         vd_error_setg(errp, ENOMEM, "Out of memory");
         return -ENOMEM;
     }
@@ -793,27 +814,11 @@ static int commit_prepare(Job *job, VdError **errp)
         return r;
     }
 
-    /*
-     * Non-active: base has everything top..above-base decided (flushed above, and nothing writes
-     * base_rw any more: guests write above top); switch `above` onto it.
-     */
-    BlockNode *final = NULL;
-    if (r == 0) {
-        r = rewrite_above_header(c, errp);
-    }
-    if (r == 0) {
-        /* Back to read-only, with metadata read after every write of the copy. */
-        final = vd_reopen(c->base_rw, false, errp);
-        if (!final) {
-            r = -EIO;
-        }
-    }
-    if (r == 0) {
-        vd_node_set_backing(c->above, final);
-        graph_replace_node(c->base_rw, final);
-        vd_node_unref(final);
-        c->base_swapped = false; /* base_rw left the chain with the committed images */
-    }
+    /* Non-active: switch `above` onto base (header and read-only base made above). */
+    vd_node_set_backing(c->above, final);
+    graph_replace_node(c->base_rw, final);
+    vd_node_unref(final);
+    c->base_swapped = false; /* base_rw left the chain with the committed images */
     uint64_t syncs = vd_flush_thread_syncs() - syncs0;
     vd_node_users_resume(&set, NULL);
     uint64_t us = (job_now_ns() - t0) / 1000;

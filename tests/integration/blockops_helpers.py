@@ -177,6 +177,17 @@ class PipelinedGuest(threading.Thread):
             raise self.error
 
 
+def wait_log(served, pattern):
+    """The first match of pattern (a compiled regex) in vdiskd's log, waiting up to 5 s for the
+    line (a job writes it around its event)."""
+    for _ in range(100):
+        m = pattern.search(served.d.output())
+        if m:
+            return m
+        time.sleep(0.05)
+    raise AssertionError(served.d.output())
+
+
 def guest_read(tmp, uri, name="guest.raw"):
     """Everything the guest sees now, read over NBD."""
     out = tmp / name

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from blockops_helpers import (MiB, KiB, SIZE, make_chain, Served, write_cmds, Guest, guest_read,
-                              PipelinedGuest,
+                              PipelinedGuest, wait_log,
                               image_content, assert_same, chain_info, statuses, wait_status,
                               check_clean)
 
@@ -238,12 +238,7 @@ def pivot_log(s, job_id):
     pat = re.compile(rf"commit '{job_id}': pivoted to the base; guest I/O paused \d+ us "
                      r"\((\d+) bytes copied while paused, (\d+) syncs while paused, "
                      r"(\d+) bytes left")
-    for _ in range(100):
-        m = pat.search(s.d.output())
-        if m:
-            return m
-        time.sleep(0.05)
-    raise AssertionError(s.d.output())
+    return wait_log(s, pat)
 
 
 def test_active_commit_pivot_of_idle_guest_syncs_nothing_while_paused(tmp_path, monkeypatch):
@@ -322,4 +317,37 @@ def test_active_commit_complete_under_pipelined_guest(tmp_path, monkeypatch, flu
     finally:
         s.close()
     assert_same(image_content(tmp_path, base, "base.raw"), bytes(model), "base after pivot")
+    check_clean(base, mid, top)
+
+
+def test_commit_intermediate_under_pipelined_guest_syncs_nothing_while_paused(tmp_path,
+                                                                              monkeypatch):
+    """A non-active commit's end while a guest keeps 8 writes in flight: base is flushed, the
+    guest image's header rewritten (naming base) and base reopened read-only before the guest
+    is drained, so the drained switch of the chain makes no sync (it made the header's syncs
+    before). Base holds what mid held, the guest's view equals the model, images are clean."""
+    monkeypatch.setenv("VDISK_LOG", "info")
+    base, mid, top, model = make_chain(tmp_path)
+    below_top = image_content(tmp_path, mid, "mid0.raw")
+    s = Served(tmp_path, top, need=("block-commit",))
+    try:
+        q = s.q
+        g = PipelinedGuest(s.sock, model, random.Random(29))
+        g.start()
+        g.wait_batches(5)
+        q.cmd("block-commit", job_id="c8", device="disk0", top="mid.qcow2", base="base.qcow2")
+        done = q.get_event("BLOCK_JOB_COMPLETED", timeout=30)
+        assert "error" not in done["data"], done
+        g.wait_batches(g.batches + 3)
+        g.join_checked()
+        pat = re.compile(r"commit 'c8': committed; guest I/O paused \d+ us "
+                         r"\((\d+) syncs while paused\)")
+        m = wait_log(s, pat)
+        assert int(m.group(1)) == 0, m.group(0)
+        assert_same(guest_read(tmp_path, s.uri), bytes(model), "guest view after commit")
+        s.stop()
+    finally:
+        s.close()
+    assert chain_info(top) == [("top.qcow2", "base.qcow2", "qcow2"), ("base.qcow2", None, None)]
+    assert_same(image_content(tmp_path, base, "base.raw"), below_top, "base after commit")
     check_clean(base, mid, top)

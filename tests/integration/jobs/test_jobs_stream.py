@@ -5,10 +5,9 @@ plus every guest write. Event sequence and resulting headers follow qemu-storage
 """
 import random
 import re
-import time
 
 from blockops_helpers import (MiB, KiB, SIZE, make_chain, Served, write_cmds, Guest, guest_read,
-                              PipelinedGuest, image_content, assert_same, chain_info, statuses,
+                              PipelinedGuest, wait_log, image_content, assert_same, chain_info, statuses,
                               wait_status, check_clean)
 
 
@@ -179,13 +178,7 @@ def test_stream_pivot_under_pipelined_guest_syncs_nothing_while_paused(tmp_path,
         g.join_checked()
         pat = re.compile(r"stream 's7': '[^']*' now backed by \S+; guest I/O paused [\d.]+ ms "
                          r"\((\d+) syncs while paused\)")
-        m = None
-        for _ in range(100):
-            m = pat.search(s.d.output())
-            if m:
-                break
-            time.sleep(0.05)
-        assert m, s.d.output()
+        m = wait_log(s, pat)
         assert int(m.group(1)) == 0, m.group(0)
         assert_same(guest_read(tmp_path, s.uri), bytes(model), "guest view after stream")
         s.stop()
