@@ -17,6 +17,7 @@
 
 #include "block/block.h"
 #include "block/dirty-bitmap.h"
+#include "block/write-hooks.h"
 #include "util/log.h"
 
 #define PROBE_BUF_SIZE 2048
@@ -235,6 +236,7 @@ static void node_free_unopened(BlockNode *bs)
     free(bs->node_name);
     free(bs->opaque);
     vd_bitmaps_free(bs);
+    vd_write_hooks_free(bs);
     free(bs);
 }
 
@@ -255,6 +257,33 @@ int64_t vd_filter_getlength(BlockNode *bs)
 int vd_filter_pread(BlockNode *bs, uint64_t offset, uint64_t bytes, void *buf)
 {
     return vd_pread(bs->backing, offset, bytes, buf);
+}
+
+int vd_filter_pwrite(BlockNode *bs, uint64_t offset, uint64_t bytes, const void *buf, int flags)
+{
+    return vd_pwrite(bs->backing, offset, bytes, buf, flags);
+}
+
+int vd_filter_pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags)
+{
+    return vd_pwrite_zeroes(bs->backing, offset, bytes, flags);
+}
+
+int vd_filter_pdiscard(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags)
+{
+    return vd_pdiscard(bs->backing, offset, bytes, flags);
+}
+
+int vd_filter_flush(BlockNode *bs)
+{
+    (void)bs;
+    return 0;
+}
+
+uint32_t vd_filter_cluster_size(BlockNode *bs)
+{
+    BlockNode *child = bs->backing;
+    return child && child->drv->cluster_size ? child->drv->cluster_size(child) : 0;
 }
 
 int vd_filter_block_status(BlockNode *bs, uint64_t offset, uint64_t bytes, uint64_t *pnum,

@@ -28,6 +28,7 @@ typedef struct BlockNode BlockNode;
 typedef struct BlockDriver BlockDriver;
 typedef struct json_t json_t; /* jansson */
 typedef struct VdBitmapList VdBitmapList; /* block/dirty-bitmap.h */
+typedef struct VdWriteHooks VdWriteHooks; /* block/write-hooks.h */
 
 /* Request flags (vd_pwrite, vd_pwrite_zeroes, vd_pdiscard). */
 enum {
@@ -361,6 +362,8 @@ struct BlockNode {
     int refcnt;
     /* Named dirty bitmaps (block/dirty-bitmap.h); NULL until the first one. */
     VdBitmapList *bitmaps;
+    /* Write hooks (block/write-hooks.h): every write to this node passes them; NULL until one. */
+    VdWriteHooks *write_hooks;
     bool encrypted;          /* the format encrypts its data (info's "encrypted"); set by open */
     uint64_t flush_requests; /* atomic: flushes asked of this node (vd_flush_requests) */
 };
@@ -403,9 +406,15 @@ BlockNode *vd_open_image(const char *filename, const char *format, int flags, Vd
  */
 BlockNode *vd_filter_new(const BlockDriver *drv, BlockNode *child, const char *node_name);
 /* Pass-through callbacks for such filters: the child (backing) answers; block status says
- * "decided below" for the whole range. */
+ * "decided below" for the whole range; flush does nothing itself (vd_flush goes on to the child);
+ * cluster_size is the child's (so a tracker on the filter widens as one on the child would). */
 int64_t vd_filter_getlength(BlockNode *bs);
 int vd_filter_pread(BlockNode *bs, uint64_t offset, uint64_t bytes, void *buf);
+int vd_filter_pwrite(BlockNode *bs, uint64_t offset, uint64_t bytes, const void *buf, int flags);
+int vd_filter_pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags);
+int vd_filter_pdiscard(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags);
+int vd_filter_flush(BlockNode *bs);
+uint32_t vd_filter_cluster_size(BlockNode *bs);
 int vd_filter_block_status(BlockNode *bs, uint64_t offset, uint64_t bytes, uint64_t *pnum,
                            uint64_t *map, BlockNode **file);
 void vd_node_ref(BlockNode *bs);

@@ -9,6 +9,7 @@
  * VD_OPEN_NO_FLUSH (cache=unsafe) is enforced here: no sync of that node's file, FUA dropped.
  * Every successful write, write-zeroes, discard, compressed write or offloaded copy sets the
  * range in the node's enabled dirty bitmaps (vd_bitmaps_note_write), and a resize resizes them.
+ * Each of them that passes the checks runs inside the node's write hooks (block/write-hooks.h).
  * vd_flush follows a writable backing; vd_flush_own does not. Each thread counts its syncs
  * (thread-local, lock-free) so a pivot can report how many it made while guests were drained.
  */
@@ -18,6 +19,7 @@
 
 #include "block/block.h"
 #include "block/dirty-bitmap.h"
+#include "block/write-hooks.h"
 
 /* Emulated write-zeroes writes at most this much per request. */
 #define ZERO_EMUL_CHUNK (1U << 20)
@@ -88,6 +90,24 @@ static int noted(BlockNode *bs, uint64_t offset, uint64_t bytes, int ret)
     return ret;
 }
 
+/* The driver's part of each write-like request, run inside the node's write hooks. */
+static int pwrite_io(BlockNode *bs, const VdWriteReq *w)
+{
+    debug_event(bs, VD_DEBUG_WRITE_AIO);
+    return bs->drv->pwrite(bs, w->offset, w->bytes, w->buf, w->flags);
+}
+
+static int pdiscard_io(BlockNode *bs, const VdWriteReq *w)
+{
+    int ret = bs->drv->pdiscard(bs, w->offset, w->bytes, w->flags);
+    return ret == -ENOTSUP ? 0 : ret;
+}
+
+static int pwrite_compressed_io(BlockNode *bs, const VdWriteReq *w)
+{
+    return bs->drv->pwrite_compressed(bs, w->offset, w->bytes, w->buf);
+}
+
 int vd_pwrite(BlockNode *bs, uint64_t offset, uint64_t bytes, const void *buf, int flags)
 {
     if (bs->read_only) {
@@ -101,8 +121,9 @@ int vd_pwrite(BlockNode *bs, uint64_t offset, uint64_t bytes, const void *buf, i
     if (!bs->drv->pwrite) {
         return -ENOTSUP;
     }
-    debug_event(bs, VD_DEBUG_WRITE_AIO);
-    return noted(bs, offset, bytes, bs->drv->pwrite(bs, offset, bytes, buf, flags));
+    VdWriteReq w = {.kind = VD_WRITE_DATA, .offset = offset, .bytes = bytes, .buf = buf,
+                    .flags = flags};
+    return noted(bs, offset, bytes, vd_write_hooks_run(bs, &w, pwrite_io));
 }
 
 static int pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags);
@@ -112,6 +133,8 @@ int vd_pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags)
     int ret = pwrite_zeroes(bs, offset, bytes, flags);
     return ret == -EINVAL || ret == -EPERM ? ret : noted(bs, offset, bytes, ret);
 }
+
+static int pwrite_zeroes_io(BlockNode *bs, const VdWriteReq *w);
 
 static int pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags)
 {
@@ -123,6 +146,14 @@ static int pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, int fla
     if (ret < 0 || bytes == 0) {
         return ret;
     }
+    VdWriteReq w = {.kind = VD_WRITE_ZEROES, .offset = offset, .bytes = bytes, .flags = flags};
+    return vd_write_hooks_run(bs, &w, pwrite_zeroes_io);
+}
+
+static int pwrite_zeroes_io(BlockNode *bs, const VdWriteReq *w)
+{
+    uint64_t offset = w->offset, bytes = w->bytes;
+    int flags = w->flags, ret;
     debug_event(bs, VD_DEBUG_PWRITEV_ZERO);
     if (bs->drv->pwrite_zeroes) {
         ret = bs->drv->pwrite_zeroes(bs, offset, bytes, flags);
@@ -168,8 +199,8 @@ int vd_pdiscard(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags)
     if (!bs->drv->pdiscard) {
         return 0; /* discard is advisory */
     }
-    ret = bs->drv->pdiscard(bs, offset, bytes, flags);
-    return noted(bs, offset, bytes, ret == -ENOTSUP ? 0 : ret);
+    VdWriteReq w = {.kind = VD_WRITE_DISCARD, .offset = offset, .bytes = bytes, .flags = flags};
+    return noted(bs, offset, bytes, vd_write_hooks_run(bs, &w, pdiscard_io));
 }
 
 int vd_pwrite_compressed(BlockNode *bs, uint64_t offset, uint64_t bytes, const void *buf)
@@ -184,7 +215,8 @@ int vd_pwrite_compressed(BlockNode *bs, uint64_t offset, uint64_t bytes, const v
     if (!bs->drv->pwrite_compressed) {
         return -ENOTSUP;
     }
-    return noted(bs, offset, bytes, bs->drv->pwrite_compressed(bs, offset, bytes, buf));
+    VdWriteReq w = {.kind = VD_WRITE_DATA, .offset = offset, .bytes = bytes, .buf = buf};
+    return noted(bs, offset, bytes, vd_write_hooks_run(bs, &w, pwrite_compressed_io));
 }
 
 /*
@@ -284,6 +316,19 @@ int vd_truncate(BlockNode *bs, uint64_t size, bool shrink, VdPrealloc prealloc, 
  * status) and have dst's driver fill its range from there (copy_range_to, ending in
  * copy_file_range between two file nodes). 0 only when every byte went through the kernel.
  */
+/* One offloaded piece: the destination's write request (no buffer) and where the data lives. */
+typedef struct CopyRangeReq {
+    VdWriteReq w; /* first: copy_range_io gets &c.w */
+    BlockNode *file;
+    uint64_t file_offset;
+} CopyRangeReq;
+
+static int copy_range_io(BlockNode *bs, const VdWriteReq *w)
+{
+    const CopyRangeReq *c = (const CopyRangeReq *)w;
+    return bs->drv->copy_range_to(bs, w->offset, w->bytes, c->file, c->file_offset);
+}
+
 int vd_copy_range(BlockNode *src, uint64_t src_offset, BlockNode *dst, uint64_t dst_offset,
                   uint64_t bytes)
 {
@@ -313,7 +358,9 @@ int vd_copy_range(BlockNode *src, uint64_t src_offset, BlockNode *dst, uint64_t 
             return -ENOTSUP;
         }
         pnum = pnum < bytes ? pnum : bytes;
-        ret = dst->drv->copy_range_to(dst, dst_offset, pnum, st.file, st.offset);
+        CopyRangeReq c = {.w = {.kind = VD_WRITE_DATA, .offset = dst_offset, .bytes = pnum},
+                          .file = st.file, .file_offset = st.offset};
+        ret = vd_write_hooks_run(dst, &c.w, copy_range_io);
         if (noted(dst, dst_offset, pnum, ret) < 0) {
             return ret;
         }

@@ -41,6 +41,29 @@ static uint64_t now_ns(void)
 static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
 static BlockTracker *registry;
 
+static BlockTracker *tracker_alloc(BlockNode *node, uint64_t granularity)
+{
+    BlockTracker *t = calloc(1, sizeof(*t));
+    if (!t) {
+        return NULL;
+    }
+    t->node = node;
+    t->refcnt = 1;
+    t->granularity = granularity;
+    pthread_mutex_init(&t->lock, NULL);
+    pthread_mutex_init(&t->notifier_lock, NULL);
+    pthread_cond_init(&t->cond, NULL);
+    return t;
+}
+
+BlockTracker *block_tracker_new(uint64_t granularity)
+{
+    if (granularity < 4096 || (granularity & (granularity - 1))) {
+        granularity = 4096;
+    }
+    return tracker_alloc(NULL, granularity);
+}
+
 BlockTracker *block_tracker_get(BlockNode *node)
 {
     vd_mutex_lock(&registry_lock);
@@ -51,24 +74,19 @@ BlockTracker *block_tracker_get(BlockNode *node)
             return t;
         }
     }
-    BlockTracker *t = calloc(1, sizeof(*t));
+    /* Widen to the cluster so concurrent allocating writes into one cluster serialise. */
+    uint64_t g = 4096;
+    if (node && node->drv && node->drv->cluster_size) {
+        uint64_t cs = node->drv->cluster_size(node);
+        if (cs > g && (cs & (cs - 1)) == 0 && cs <= (64u << 20)) {
+            g = cs;
+        }
+    }
+    BlockTracker *t = tracker_alloc(node, g);
     if (!t) {
         vd_mutex_unlock(&registry_lock);
         return NULL;
     }
-    t->node = node;
-    t->refcnt = 1;
-    t->granularity = 4096;
-    /* Widen to the cluster so concurrent allocating writes into one cluster serialise. */
-    if (node && node->drv && node->drv->cluster_size) {
-        uint64_t cs = node->drv->cluster_size(node);
-        if (cs > t->granularity && (cs & (cs - 1)) == 0 && cs <= (64u << 20)) {
-            t->granularity = cs;
-        }
-    }
-    pthread_mutex_init(&t->lock, NULL);
-    pthread_mutex_init(&t->notifier_lock, NULL);
-    pthread_cond_init(&t->cond, NULL);
     t->next_tracker = registry;
     registry = t;
     vd_mutex_unlock(&registry_lock);

@@ -45,6 +45,11 @@ typedef struct BtRequest {
 /* The tracker of node (created on first use), with a new reference; NULL on ENOMEM. */
 BlockTracker *block_tracker_get(BlockNode *node);
 void block_tracker_put(BlockTracker *t);
+/*
+ * A tracker of no node (a job's own, e.g. for its write hook: block/write-hooks.h), ranges widened
+ * to granularity (a power of two, at least 4096). refcnt 1 (block_tracker_put frees); NULL on ENOMEM.
+ */
+BlockTracker *block_tracker_new(uint64_t granularity);
 
 /* Wait until [offset, offset+bytes) may proceed as kind, then mark it in flight. bytes 0 = 1. */
 void block_tracker_begin(BlockTracker *t, BtRequest *req, uint64_t offset, uint64_t bytes,

@@ -1,16 +1,18 @@
 /*
- * backup.c - blockdev-backup: a point-in-time copy of a running disk through a "backup-top"
- * copy-before-write filter. Promise: when the job completes, the target reads (in every cluster
- * the sync mode covers) exactly what the source read at the moment the job started.
+ * backup.c - blockdev-backup: a point-in-time copy of a running disk, copying before write.
+ * Promise: when the job completes, the target reads (in every cluster the sync mode covers)
+ * exactly what the source read at the moment the job started.
  * Mechanism: at start, under drain of the device's exports, a "to copy" bit is set per cluster
  * (the sync mode's choice: everything, the top's allocation, a user bitmap's dirty clusters, or -
- * sync=none - every cluster, copied only before it is overwritten) and the exports are switched
- * to the filter. A guest write, write-zeroes or discard through the filter holds its clusters
- * exclusively in the filter's tracker (the NBD server does, widened to the job's cluster size),
- * and before it reaches the source, copies those of its clusters still marked from the source
- * (still the old data) to the target and unmarks them. The job thread copies the remaining
- * marked clusters, each run holding its range BT_SHARED in the same tracker, so no guest write
- * can change a cluster while it is copied, and a cluster is copied once, old data only.
+ * sync=none - every cluster, copied only before it is overwritten), the job hooks every write to
+ * the source (block/write-hooks.h: whoever issues it - the exports, an export or a node added
+ * later, another job) and the exports are switched to a "backup-top" filter node (a pure
+ * pass-through, as QEMU's graph shows one). The hook holds each write's clusters exclusively in
+ * the job's tracker (widened to the job's cluster size) and, before the write reaches the source,
+ * copies those of its clusters still marked from the source (still the old data) to the target
+ * and unmarks them. The job thread copies the remaining marked clusters, each run holding its
+ * range BT_SHARED in the same tracker, so no write can change a cluster while it is copied, and
+ * a cluster is copied once, old data only.
  * A failed copy-before-write never fails the guest's write (the guest comes first): it fails the
  * job instead (QEMU 7.2's default, on-cbw-error=break-guest-write, fails the guest write).
  */
@@ -27,6 +29,7 @@
 #include "block/graph.h"
 #include "block/tracking.h"
 #include "block/users.h"
+#include "block/write-hooks.h"
 #include "jobs/blockops.h"
 #include "jobs/job.h"
 #include "util/log.h"
@@ -37,12 +40,13 @@
 typedef struct Backup {
     Job *job;
     BlockNode *source, *target, *filter; /* refs */
-    BlockTracker *tracker;               /* the filter's */
+    BlockTracker *tracker;               /* the job's: its write hook and its copies */
     uint64_t len, cluster, nclusters;
     int sync;                            /* MirrorSync */
     JobErrorAction on_source_error, on_target_error;
     VdDrainedUsers exports;             /* switched to the filter (drained during setup) */
     bool filter_in, claimed;             /* claimed: source and target (owner b) */
+    bool hooked;                         /* the source's write hook is in */
     char *bm_name;                       /* user bitmap (busy while the job runs), or NULL */
     int bm_mode;
     VdBitmapSaved *bm_saved;             /* its bits at the start */
@@ -52,11 +56,6 @@ typedef struct Backup {
     uint64_t copied;
     int cbw_error;                       /* first failed copy-before-write (fails the job) */
 } Backup;
-
-/* The filter's state: the way back to the job (NULL once detached: pure pass-through). */
-typedef struct BackupTop {
-    Backup *b;
-} BackupTop;
 
 static bool todo_get(const Backup *b, uint64_t i)
 {
@@ -120,7 +119,7 @@ static int copy_clusters(Backup *b, uint64_t first, uint64_t n, uint8_t *buf, bo
     return 0;
 }
 
-/* ---- copy before write (guest threads, holding [offset, offset+bytes) widened exclusively) ---- */
+/* ---- copy before write (any writer's thread, holding [offset, offset+bytes) widened exclusively) ---- */
 
 static void copy_before_write(Backup *b, uint64_t offset, uint64_t bytes)
 {
@@ -168,61 +167,23 @@ static void copy_before_write(Backup *b, uint64_t offset, uint64_t bytes)
     }
 }
 
-static Backup *top_backup(BlockNode *bs)
+/* The source's write hook (block/write-hooks.h): old data out before any write lands. */
+static void source_before_write(void *opaque, const VdWriteReq *w)
 {
-    return __atomic_load_n(&((BackupTop *)bs->opaque)->b, __ATOMIC_ACQUIRE);
-}
-
-static void top_before_write(BlockNode *bs, uint64_t offset, uint64_t bytes)
-{
-    Backup *b = top_backup(bs);
-    if (b) {
-        copy_before_write(b, offset, bytes);
-    }
-}
-
-static int top_pwrite(BlockNode *bs, uint64_t offset, uint64_t bytes, const void *buf, int flags)
-{
-    top_before_write(bs, offset, bytes);
-    return vd_pwrite(bs->backing, offset, bytes, buf, flags);
-}
-
-static int top_pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags)
-{
-    top_before_write(bs, offset, bytes);
-    return vd_pwrite_zeroes(bs->backing, offset, bytes, flags);
-}
-
-static int top_pdiscard(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags)
-{
-    top_before_write(bs, offset, bytes);
-    return vd_pdiscard(bs->backing, offset, bytes, flags);
-}
-
-static int top_flush(BlockNode *bs)
-{
-    (void)bs;
-    return 0; /* vd_flush goes on to the source below */
-}
-
-static uint32_t top_cluster_size(BlockNode *bs)
-{
-    Backup *b = top_backup(bs);
-    return b ? (uint32_t)b->cluster : 0; /* guest writes are serialised per backup cluster */
+    copy_before_write(opaque, w->offset, w->bytes);
 }
 
 static const BlockDriver backup_top_driver = {
     .name = "backup-top",
     .supports_backing = true,
-    .state_size = sizeof(BackupTop),
     .pread = vd_filter_pread,
-    .pwrite = top_pwrite,
-    .pwrite_zeroes = top_pwrite_zeroes,
-    .pdiscard = top_pdiscard,
-    .flush = top_flush,
+    .pwrite = vd_filter_pwrite,
+    .pwrite_zeroes = vd_filter_pwrite_zeroes,
+    .pdiscard = vd_filter_pdiscard,
+    .flush = vd_filter_flush,
     .block_status = vd_filter_block_status,
     .getlength = vd_filter_getlength,
-    .cluster_size = top_cluster_size,
+    .cluster_size = vd_filter_cluster_size,
 };
 
 /* ---- the job ---- */
@@ -376,18 +337,20 @@ static int backup_prepare(Job *job, VdError **errp)
     return r;
 }
 
-/* Take the filter out: exports back onto the source, writes pass straight through. */
+/* Take the filter and the hook out: exports back onto the source, writes pass straight through. */
 static void backup_detach(Backup *b)
 {
-    if (!b->filter_in) {
-        return;
+    if (b->filter_in) {
+        VdDrainedUsers set;
+        if (vd_node_users_drain(b->filter, &set) == 0) {
+            vd_node_users_resume(&set, b->source);
+        }
+        b->filter_in = false;
     }
-    VdDrainedUsers set;
-    if (vd_node_users_drain(b->filter, &set) == 0) {
-        vd_node_users_resume(&set, b->source);
+    if (b->hooked) {
+        vd_write_hook_remove(b->source, b); /* waits for the writes inside it */
+        b->hooked = false;
     }
-    __atomic_store_n(&((BackupTop *)b->filter->opaque)->b, NULL, __ATOMIC_RELEASE);
-    b->filter_in = false;
 }
 
 /* The user bitmap at the end: success leaves what guests dirtied since the start (on-success,
@@ -633,8 +596,9 @@ static Backup *backup_new(const BackupRequest *r, BlockNode *src, BlockNode *tgt
         backup_free_state(b);
         return NULL;
     }
-    ((BackupTop *)b->filter->opaque)->b = b;
-    b->tracker = block_tracker_get(b->filter); /* granularity: the backup cluster */
+    /* Whole backup clusters, and whole source clusters (allocating writes into one serialise). */
+    uint32_t scs = src->drv->cluster_size ? src->drv->cluster_size(src) : 0;
+    b->tracker = block_tracker_new(scs > b->cluster ? scs : b->cluster);
     if (!b->tracker) {
         vd_error_setg(errp, ENOMEM, "Out of memory");
         backup_free_state(b);
@@ -681,6 +645,11 @@ int backup_request_start(const BackupRequest *r, VdError **errp)
     if (ret == 0) {
         ret = mark_todo(b, errp);
     }
+    VdWriteHook hook = {.tracker = b->tracker, .before = source_before_write, .opaque = b};
+    if (ret == 0 && (ret = vd_write_hook_add(src, &hook)) < 0) {
+        vd_error_setg(errp, -ret, "Out of memory");
+    }
+    b->hooked = ret == 0;
     if (ret < 0) {
         vd_node_users_resume(&b->exports, NULL);
         backup_free_state(b);

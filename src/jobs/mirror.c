@@ -17,18 +17,22 @@
 #include "block/graph.h"
 #include "block/tracking.h"
 #include "block/users.h"
+#include "block/write-hooks.h"
 #include "jobs/copy.h"
 #include "jobs/journal.h"
 #include "util/lock.h"
 #include "util/log.h"
 
 /*
- * Mechanism. Every export serving the source is switched (under drain) to the filter; guest writes
- * go to the source and then either synchronously to the target (write-blocking) or into a dirty
- * bitmap (background). The job thread picks dirty ranges and the copy engine (copy.c: a few
+ * Mechanism. Every export serving the source is switched (under drain) to the filter (so the pivot
+ * can swap it for the target), and the job hooks every write to the source, whoever issues it
+ * (block/write-hooks.h: the exports through the filter, an export or node added later, another
+ * job): it goes to the source and then either synchronously to the target (write-blocking) or into
+ * a dirty bitmap (background). The job thread picks dirty ranges and the copy engine (copy.c: a few
  * workers, 1 MiB copies, never two in flight sharing an aligned block) copies them source -> target,
- * each holding the filter's tracker range, so a guest write to that range either finished before the
- * copy read it, or starts after the copy and re-dirties the range. While the copy runs, the target's in-memory backing is
+ * each holding its range in the job's tracker, where the hook holds each write's range exclusively,
+ * so a write to that range either finished before the copy read it, or starts after the copy and
+ * re-dirties the range. While the copy runs, the target's in-memory backing is
  * the source itself, so a partial-cluster write into the target copies the rest of the cluster from
  * the source (complete, current data); at the pivot it becomes base. Pivot (block-job-complete):
  * the job thread copies what is dirty and flushes the target while guests still run (also before
@@ -58,7 +62,7 @@
 
 typedef struct Mirror Mirror;
 
-/* The filter node's state: just a way back to the job (NULL once detached: pure pass-through). */
+/* The filter node's state: the way back to the job for a guest's flush (NULL once detached). */
 typedef struct MirrorTop {
     Mirror *m;
 } MirrorTop;
@@ -76,7 +80,8 @@ struct Mirror {
     bool target_holds_base;            /* shares_base on a target without layers (NBD export,
                                         * raw): where the source reads base, its data is base's */
     bool target_new;
-    BlockTracker *tracker;             /* the filter's */
+    BlockTracker *tracker;             /* the job's: its write hook and its copies */
+    BlockTracker *guest_tracker;       /* the filter's (its exports'): guest-priority pacing */
     uint64_t len, granularity, chunk, tracker_granularity;
     uint64_t align;                    /* copies in flight never share an aligned block */
     CopyEngine *engine;                /* the copy workers (created with the job) */
@@ -123,6 +128,7 @@ struct Mirror {
     bool verify;           /* x-verify: compare source and target before finishing */
     JobJournal *journal;   /* progress on disk (NULL: no --state-dir); the job thread clears */
     bool resumed;          /* re-created from a journal after a restart */
+    int hook_error;        /* the source's write hook could not be added (the job fails) */
     uint64_t journal_t;    /* last clear (job thread) */
 };
 
@@ -223,7 +229,7 @@ static bool same_image(BlockNode *a, BlockNode *b)
     return same;
 }
 
-/* ---- guest writes through the filter (NBD worker threads, holding the filter's range) ---- */
+/* ---- writes to the source, whoever issues them (the source's write hook, holding its range) ---- */
 
 typedef enum { W_DATA, W_ZERO, W_DISCARD } WriteKind;
 
@@ -288,40 +294,29 @@ static Mirror *top_mirror(BlockNode *bs)
 }
 
 /*
- * A guest write through the filter: the journal marks its segments before the source sees it (so
- * after a crash it is in the target or marked), then the source, then the mirror's share.
+ * Any write to the source (block/write-hooks.h): through the filter (the exports), an export or a
+ * node added later, another job. The journal marks its segments before the source sees it (so
+ * after a crash it is in the target or marked), then the source, then the mirror's share; the hook
+ * holds the range in m->tracker throughout, where the job's copies hold it shared.
  */
-static int top_write(BlockNode *bs, WriteKind kind, uint64_t offset, uint64_t bytes,
-                     const void *buf, int flags)
+static void source_before_write(void *opaque, const VdWriteReq *w)
 {
-    Mirror *m = top_mirror(bs);
-    JobJournal *j = m ? m->journal : NULL;
-    job_journal_write_begin(j, offset, bytes);
-    int r = kind == W_DATA ? vd_pwrite(bs->backing, offset, bytes, buf, flags)
-          : kind == W_ZERO ? vd_pwrite_zeroes(bs->backing, offset, bytes, flags)
-                           : vd_pdiscard(bs->backing, offset, bytes, flags);
-    if (r == 0 && m) {
+    Mirror *m = opaque;
+    job_journal_write_begin(m->journal, w->offset, w->bytes);
+}
+
+static void source_after_write(void *opaque, const VdWriteReq *w, int ret)
+{
+    Mirror *m = opaque;
+    if (ret == 0) {
         __atomic_add_fetch(&m->source_gen, 1, __ATOMIC_SEQ_CST);
-        /* A discarded range reads what the source decides: it is re-copied like a write. */
-        mirror_on_write(m, kind, offset, bytes, buf, flags);
+        /* A discarded range reads what the source decides: it is re-copied like a write. An
+         * offloaded copy (no buffer) is re-copied too. */
+        WriteKind kind = w->kind == VD_WRITE_ZEROES ? W_ZERO
+                       : w->kind == VD_WRITE_DATA && w->buf ? W_DATA : W_DISCARD;
+        mirror_on_write(m, kind, w->offset, w->bytes, w->buf, w->flags);
     }
-    job_journal_write_end(j, offset, bytes);
-    return r;
-}
-
-static int top_pwrite(BlockNode *bs, uint64_t offset, uint64_t bytes, const void *buf, int flags)
-{
-    return top_write(bs, W_DATA, offset, bytes, buf, flags);
-}
-
-static int top_pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags)
-{
-    return top_write(bs, W_ZERO, offset, bytes, NULL, flags);
-}
-
-static int top_pdiscard(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags)
-{
-    return top_write(bs, W_DISCARD, offset, bytes, NULL, flags);
+    job_journal_write_end(m->journal, w->offset, w->bytes);
 }
 
 static int top_flush(BlockNode *bs)
@@ -342,24 +337,18 @@ static int top_flush(BlockNode *bs)
     return 0;
 }
 
-static uint32_t top_cluster_size(BlockNode *bs)
-{
-    Mirror *m = top_mirror(bs);
-    return m ? (uint32_t)m->tracker_granularity : 0;
-}
-
 static const BlockDriver mirror_top_driver = {
     .name = "mirror-top",
     .supports_backing = true,
     .state_size = sizeof(MirrorTop),
     .pread = vd_filter_pread,
-    .pwrite = top_pwrite,
-    .pwrite_zeroes = top_pwrite_zeroes,
-    .pdiscard = top_pdiscard,
+    .pwrite = vd_filter_pwrite,
+    .pwrite_zeroes = vd_filter_pwrite_zeroes,
+    .pdiscard = vd_filter_pdiscard,
     .flush = top_flush,
     .block_status = vd_filter_block_status,
     .getlength = vd_filter_getlength,
-    .cluster_size = top_cluster_size,
+    .cluster_size = vd_filter_cluster_size,
 };
 
 /* A node of mirror_top_driver over source, named node_name or "#mirror-top-<job>". */
@@ -502,7 +491,7 @@ static int copy_data(Mirror *m, BlockNode *from, uint64_t offset, uint64_t bytes
 /*
  * Make the target's [offset, offset+bytes) read what the source reads, for the content above base;
  * what the source takes from base (and the target will too) is skipped, zeroes stay sparse.
- * The caller holds the range (filter tracker) or has drained every writer.
+ * The caller holds the range (the job's tracker) or has drained every writer.
  */
 static int mirror_copy_range(Mirror *m, uint64_t offset, uint64_t bytes, uint8_t *buf,
                              bool *is_read)
@@ -785,7 +774,7 @@ static int target_final_pread(Mirror *m, uint64_t off, uint64_t n, uint8_t *buf)
 
 /*
  * x-verify: before the pivot (or the end of a soft cancel), compare every byte the guest reads
- * from the source with what the target will read on its own. Each unit holds the filter's range
+ * from the source with what the target will read on its own. Each unit holds the job's range
  * (BT_SHARED: guest writes to it wait) and first copies what is dirty in it, so the comparison is
  * exact; writes after a unit was checked are copied by the tail. Reads the whole disk twice.
  */
@@ -889,7 +878,7 @@ static void mirror_journal_tick(Mirror *m)
  * Resumed from a journal: only its marked segments may differ. Compare them (the source as the
  * guest reads it, the target as it reads on its own) and mark dirty what differs, so the copy
  * after a restart writes what was left, not what the journal's coarse segments cover. Guest
- * writes meanwhile dirty their own ranges (the filter is in place): this only adds bits.
+ * writes meanwhile dirty their own ranges (the hook is in place): this only adds bits.
  */
 static int mirror_resume_scan(Mirror *m)
 {
@@ -934,6 +923,11 @@ static int mirror_run(Job *job, VdError **errp)
      * As QEMU's mirror_run: a target of another size fails the job before any copy, since a
      * pivot would change the size of the disk under the guest (or lose its tail).
      */
+    if (m->hook_error < 0) {
+        vd_error_setg(errp, -m->hook_error, "Cannot watch the writes to '%s': %s",
+                      m->source->node_name, strerror(-m->hook_error));
+        return m->hook_error;
+    }
     int64_t tlen = vd_getlength(m->target);
     if (tlen != (int64_t)m->len) {
         vd_error_setg(errp, EINVAL, "Source and target image have different sizes");
@@ -1169,11 +1163,13 @@ static void mirror_kick(Job *job)
     copy_engine_kick(m->engine); /* a verb: drain the copies in flight and look */
 }
 
+/* Writes to the source no longer concern the job (waits for those inside the hook). */
 static void mirror_detach_filter(Mirror *m)
 {
     vd_mutex_lock(&m->lock);
     m->detached = true;
     vd_mutex_unlock(&m->lock);
+    vd_write_hook_remove(m->source, m);
     __atomic_store_n(&((MirrorTop *)m->filter->opaque)->m, NULL, __ATOMIC_RELEASE);
 }
 
@@ -1408,10 +1404,10 @@ static void mirror_free_state(Mirror *m)
         return;
     }
     busy_release(m);
+    vd_write_hook_remove(m->source, m); /* a job that never ran: no-op once detached */
     copy_engine_free(m->engine); /* idle by now: run and prepare drained it */
-    if (m->tracker) {
-        block_tracker_put(m->tracker);
-    }
+    block_tracker_put(m->tracker);
+    block_tracker_put(m->guest_tracker);
     vd_node_unref(m->filter);
     vd_node_unref(m->target_orig_backing);
     vd_node_unref(m->target);
@@ -1563,7 +1559,7 @@ Job *mirror_start_ex(const MirrorOptions *o, bool unmap, VdError **errp)
     m->len = (uint64_t)slen;
     m->granularity = g;
     m->unmap = unmap;
-    /* The filter's tracker must cover whole clusters of both images (COW inside one cluster). */
+    /* The hook's tracker must cover whole clusters of both images (COW inside one cluster). */
     uint64_t tg = g;
     tg = tcs > tg ? tcs : tg;
     tg = scs > tg ? scs : tg;
@@ -1621,14 +1617,15 @@ Job *mirror_start_ex(const MirrorOptions *o, bool unmap, VdError **errp)
         mirror_free_state(m);
         return NULL;
     }
-    m->tracker = block_tracker_get(m->filter);
+    m->tracker = block_tracker_new(m->tracker_granularity);
+    m->guest_tracker = block_tracker_get(m->filter);
     CopyEngineOptions eo = {.workers = (unsigned)nworkers, .buf_size = m->chunk, .align = m->align,
                             .tracker = m->tracker, .kind = BT_SHARED, .fn = mirror_copy_chunk,
-                            .opaque = m};
+                            .opaque = m, .guest = m->guest_tracker};
     /* Early writeback of a local target file while copying (copy.h; not an NBD target). */
     eo.writeback = copy_engine_writeback_node(m->target, &eo.writeback_every);
-    m->engine = m->tracker ? copy_engine_new(&eo) : NULL;
-    if (!m->tracker || !m->engine) {
+    m->engine = m->tracker && m->guest_tracker ? copy_engine_new(&eo) : NULL;
+    if (!m->engine) {
         vd_error_setg(errp, ENOMEM, "Out of memory");
         mirror_free_state(m);
         return NULL;
@@ -1654,11 +1651,15 @@ Job *mirror_start_ex(const MirrorOptions *o, bool unmap, VdError **errp)
         job_user_pause(job, NULL); /* offered back PAUSED: job-resume continues it */
     }
     /*
-     * From here guest writes to the source pass the filter. The target reads the source below
-     * its own layer until the pivot. Both happen before the scan, so no write is missed.
+     * From here every write to the source passes the job's hook, and the exports serve the filter
+     * (which the pivot swaps for the target). The target reads the source below its own layer
+     * until the pivot. All before the scan, so no write is missed.
      */
     vd_node_set_backing(m->target, m->source);
     VdDrainedUsers *exps = exports_drain(m, m->source);
+    VdWriteHook hook = {.tracker = m->tracker, .before = source_before_write,
+                        .after = source_after_write, .opaque = m};
+    m->hook_error = vd_write_hook_add(m->source, &hook); /* fails the job at its start */
     exports_set_node_and_resume(m, exps, m->filter);
     if (!exps) {
         vd_log(VD_LOG_WARN, "mirror '%s': out of memory switching exports", o->job_id);

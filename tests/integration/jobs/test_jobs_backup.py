@@ -9,6 +9,7 @@ import shutil
 import subprocess
 
 import bitmap_helpers as B
+import pytest
 from conftest import assert_qemu_check_clean, qemu_img, qemu_io_cmds
 from qmp_client import file_node, fmt_node, start_vdiskd
 
@@ -117,6 +118,56 @@ def test_full_backup_is_the_disk_at_the_start(tmp):
             ev = run_backup(c, Guest(uri, model, 5), sync="full", speed=8 * MiB)
             assert ev["data"]["len"] == ev["data"]["offset"] == SIZE
             assert c.cmd("query-block-jobs") == []
+    finally:
+        d.stop_checked()
+    assert_same(tgt, ref)
+    assert_same(src, model)
+    assert_qemu_check_clean(tgt)
+    assert_qemu_check_clean(src)
+
+
+def add_late_writer(c, how):
+    """A writable export of the backup's source made after the job started: by block-export-add,
+    by nbd-server-add, or of a raw node added over the source (writes reach the source from
+    above, through a node the job never saw). Returns the export's name."""
+    if how == "block-export-add":
+        c.cmd("block-export-add", type="nbd", id="late", node_name="src", name="late",
+              writable=True)
+    elif how == "nbd-server-add":
+        c.cmd("nbd-server-add", device="src", name="late", writable=True)
+    else:
+        c.cmd("blockdev-add", driver="raw", node_name="over", file="src")
+        c.cmd("block-export-add", type="nbd", id="late", node_name="over", name="late",
+              writable=True)
+    return "late"
+
+
+@pytest.mark.parametrize("how", ["block-export-add", "nbd-server-add", "raw-node-over-source"])
+def test_backup_copies_before_writes_of_an_export_added_after_the_start(tmp, how):
+    """A writer that appears after blockdev-backup started (a new export of the source, or of a
+    node over it) still copies before write: with the job paused, so that nothing but the
+    copy-before-write can save the old data, two NBD clients write all over the disk through the
+    late export; after the job completes the target equals the disk at the start (a raw
+    snapshot taken before vdiskd opened it) and the disk equals the start plus the writes."""
+    src = source_image(tmp, seed=11)
+    ref = snapshot_raw(src, tmp / "ref.raw")
+    model = shutil.copy(ref, tmp / "model.raw")
+    tgt = tmp / "tgt.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", tgt, SIZE)
+    d, uri = daemon(tmp, src, fmt_node("qcow2", "tgt", tgt))
+    try:
+        with d.client() as c:
+            c.cmd("blockdev-backup", job_id="bk", device="src", target="tgt", sync="full",
+                  speed=4 * MiB)
+            c.cmd("block-job-pause", device="bk")
+            late = uri.replace("/exp?", "/" + add_late_writer(c, how) + "?")
+            guest = Guest(late, model, 12)
+            guest.write(per=60)
+            c.cmd("block-job-resume", device="bk")
+            guest.write(per=60)
+            ev = c.get_event("BLOCK_JOB_COMPLETED", timeout=120)
+            assert "error" not in ev["data"], ev
+            c.cmd("block-export-del", id="late")
     finally:
         d.stop_checked()
     assert_same(tgt, ref)

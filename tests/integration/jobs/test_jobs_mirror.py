@@ -529,10 +529,11 @@ def test_mirror_complete_while_guest_writes(tmp):
     assert got == bytes(model), first_diff(got, model)
 
 
-@pytest.mark.parametrize("cmd", ["block-export-add", "nbd-server-add"])
+@pytest.mark.parametrize("cmd", ["block-export-add", "nbd-server-add", "raw-node-over-source"])
 def test_export_added_during_mirror_writes_through_the_copy(tmp, cmd):
-    """An export of the source added over QMP while a mirror runs: its writes reach the target
-    (the export uses the mirror's filter, as QEMU's dirty bitmap sees every writer of the node)."""
+    """An export of the source added over QMP while a mirror runs, or an export of a raw node
+    added over the source: its writes reach the target (the job hooks every write to the source,
+    as QEMU's dirty bitmap sees every writer of the node)."""
     base, top, model = make_chain(tmp)
     tgt = tmp / "late.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", tgt, SIZE)
@@ -547,8 +548,12 @@ def test_export_added_during_mirror_writes_through_the_copy(tmp, cmd):
         if cmd == "block-export-add":
             q.cmd("block-export-add", type="nbd", id="late", node_name="disk0", name="late",
                   writable=True)
-        else:
+        elif cmd == "nbd-server-add":
             q.cmd("nbd-server-add", device="disk0", name="late", writable=True)
+        else:
+            q.cmd("blockdev-add", driver="raw", node_name="over", file="disk0")
+            q.cmd("block-export-add", type="nbd", id="late", node_name="over", name="late",
+                  writable=True)
         late = uri.replace("/disk0?", "/late?")
         guest_writes(late, model, rng, 30, 40)
         q.cmd("block-job-complete", device="m9")
