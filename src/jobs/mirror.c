@@ -417,10 +417,28 @@ static int target_reads_zero(Mirror *m, uint64_t offset, uint64_t bytes, uint64_
     *allocated = alloc && !(!m->target->drv->supports_backing && (flags & VD_BS_ZERO));
     if (alloc) {
         *zero = (flags & VD_BS_ZERO) != 0;
+    } else if (m->final_backing) {
+        /* unallocated: reads the final backing (zeroes past its end) */
+        int64_t fblen = vd_getlength(m->final_backing);
+        if (fblen < 0) {
+            return (int)fblen;
+        }
+        *zero = offset >= (uint64_t)fblen;
+        if (!*zero) {
+            uint64_t fn = 0;
+            VdBlockStatus st = {0};
+            n = n < (uint64_t)fblen - offset ? n : (uint64_t)fblen - offset;
+            int r = vd_block_status_above(m->final_backing, NULL, offset, n, &fn, &st);
+            if (r < 0) {
+                return r;
+            }
+            n = fn && fn < n ? fn : n;
+            *zero = (st.flags & VD_BS_ZERO) || !(st.flags & VD_BS_ALLOCATED);
+        }
     } else {
-        /* unallocated: reads the final backing, or zeroes without one - unless the caller
-         * vouched (x-backing-matches) that below the target lies what base holds */
-        *zero = m->final_backing == NULL && !m->backing_unseen;
+        /* no backing: zeroes - unless the caller vouched (x-backing-matches) that below the
+         * target lies what base holds */
+        *zero = !m->backing_unseen;
     }
     *pnum = n;
     return 0;
@@ -488,6 +506,60 @@ static int copy_data(Mirror *m, BlockNode *from, uint64_t offset, uint64_t bytes
     return 0;
 }
 
+static int target_final_pread(Mirror *m, uint64_t off, uint64_t n, uint8_t *buf);
+
+/*
+ * The source's allocation says nothing about what the target's final backing holds: a copy with
+ * no base in the source's chain (a raw or NBD source, sync=full) onto a target that keeps a
+ * backing of its own. There every unit the source reads is compared with what the target reads
+ * on its own (its layer, else that backing) and only a unit that differs is written - the source
+ * text's third case: "compare the read data with the data in base to decide if a copy is needed".
+ */
+static bool compare_with_final_backing(const Mirror *m)
+{
+    return m->base == NULL && m->final_backing != NULL;
+}
+
+/* copy_data where compare_with_final_backing: write only the granularity units that differ. */
+static int copy_differing(Mirror *m, BlockNode *from, uint64_t offset, uint64_t bytes,
+                          uint8_t *buf, bool *is_read)
+{
+    uint8_t *cmp = malloc(m->chunk);
+    int r = cmp ? 0 : -ENOMEM;
+    *is_read = false;
+    while (r == 0 && bytes > 0) {
+        uint64_t n = bytes < m->chunk ? bytes : m->chunk;
+        *is_read = true;
+        if ((r = vd_pread(from, offset, n, buf)) < 0) {
+            break;
+        }
+        *is_read = false;
+        if ((r = target_final_pread(m, offset, n, cmp)) < 0) {
+            break;
+        }
+        for (uint64_t pos = 0; r == 0 && pos < n;) {
+            uint64_t unit = m->granularity - (offset + pos) % m->granularity;
+            unit = unit < n - pos ? unit : n - pos;
+            uint64_t run = 0; /* units that differ, written at once */
+            while (pos + run < n && memcmp(buf + pos + run, cmp + pos + run, unit) != 0) {
+                run += unit;
+                unit = m->granularity < n - pos - run ? m->granularity : n - pos - run;
+            }
+            if (run) {
+                r = vd_pwrite(m->target, offset + pos, run, buf + pos, 0);
+                target_written(m);
+                pos += run;
+            } else {
+                pos += unit;
+            }
+        }
+        offset += n;
+        bytes -= n;
+    }
+    free(cmp);
+    return r;
+}
+
 /*
  * Make the target's [offset, offset+bytes) read what the source reads, for the content above base;
  * what the source takes from base (and the target will too) is skipped, zeroes stay sparse.
@@ -518,7 +590,9 @@ static int mirror_copy_range(Mirror *m, uint64_t offset, uint64_t bytes, uint8_t
         if ((st.flags & VD_BS_ALLOCATED) && !src_zero) {
             BlockNode *from = m->base_is_source ? m->source
                                                 : copy_read_layer(m->source, st.layer, offset, pnum);
-            if ((r = copy_data(m, from, offset, pnum, buf, is_read)) < 0) {
+            r = compare_with_final_backing(m) ? copy_differing(m, from, offset, pnum, buf, is_read)
+                                              : copy_data(m, from, offset, pnum, buf, is_read);
+            if (r < 0) {
                 return r;
             }
         } else {
