@@ -74,14 +74,20 @@ typedef struct Commit {
     pthread_cond_t cond;
     uint64_t *bitmap, nbits, dirty_bits;
     bool kicked, should_complete, pivoted;
+    /* query-block-jobs (active): bytes guest writes made dirty, and the rates' samples */
+    uint64_t dirtied_total;
+    JobRates rates;
+    uint64_t copied_total;   /* bytes the job copied (atomic) */
 } Commit;
 
 /* ---- dirty bitmap (c->lock held) ---- */
 
-static void bm_set(Commit *c, uint64_t offset, uint64_t bytes, bool dirty)
+/* Returns how many chunks changed state. */
+static uint64_t bm_set(Commit *c, uint64_t offset, uint64_t bytes, bool dirty)
 {
+    uint64_t changed = 0;
     if (bytes == 0 || offset >= c->len) {
-        return;
+        return 0;
     }
     uint64_t first = offset / c->gran, last = (offset + bytes - 1) / c->gran;
     if (last >= c->nbits) {
@@ -93,11 +99,14 @@ static void bm_set(Commit *c, uint64_t offset, uint64_t bytes, bool dirty)
         if (dirty && !was) {
             c->bitmap[i / 64] |= bit;
             c->dirty_bits++;
+            changed++;
         } else if (!dirty && was) {
             c->bitmap[i / 64] &= ~bit;
             c->dirty_bits--;
+            changed++;
         }
     }
+    return changed;
 }
 
 static bool bm_get(Commit *c, uint64_t i)
@@ -133,7 +142,7 @@ static void commit_write_notify(void *opaque, uint64_t offset, uint64_t bytes)
 {
     Commit *c = opaque;
     vd_mutex_lock(&c->lock);
-    bm_set(c, offset, bytes, true);
+    c->dirtied_total += bm_set(c, offset, bytes, true) * c->gran;
     c->kicked = true;
     vd_cond_broadcast(&c->cond);
     vd_mutex_unlock(&c->lock);
@@ -339,6 +348,7 @@ static void commit_reaped(void *opaque, const CopyChunk *ch)
         return;
     }
     job_progress_update(c->job, ch->bytes);
+    __atomic_add_fetch(&c->copied_total, ch->bytes, __ATOMIC_RELAXED);
     uint64_t rem = dirty_bytes(c);
     job_progress_set_remaining(c->job, (!job_is_ready(c->job) && rem == 0) ? 1 : rem);
     if (cr->finishing) {
@@ -883,6 +893,27 @@ static void commit_free(Job *job)
     commit_free_state(job_opaque(job));
 }
 
+/*
+ * query-block-jobs of an active commit (job mutex held; c->lock is below it): mirror's progress
+ * members (job_rates_report). actively-synced stays false: guest writes reach base only through
+ * the job's copies (QEMU's active commit is a background-mode mirror too).
+ */
+static void commit_query(Job *job, json_t *info)
+{
+    Commit *c = job_opaque(job);
+    if (!c->active) {
+        return; /* QEMU's members only */
+    }
+    bool ready = json_is_true(json_object_get(info, "ready"));
+    uint64_t copied = __atomic_load_n(&c->copied_total, __ATOMIC_RELAXED);
+    vd_mutex_lock(&c->lock);
+    job_rates_sample(&c->rates, job_now_ns(), copied, c->dirtied_total);
+    uint64_t dirty = c->dirty_bits * c->gran > c->len ? c->len : c->dirty_bits * c->gran;
+    const char *phase = c->should_complete ? "completing" : ready ? "mirroring" : "copying";
+    job_rates_report(info, &c->rates, phase, false, dirty, copied);
+    vd_mutex_unlock(&c->lock);
+}
+
 static const JobDriver commit_driver = {
     .type = "commit",
     .run = commit_run,
@@ -892,6 +923,7 @@ static const JobDriver commit_driver = {
     .abort = commit_abort,
     .clean = commit_clean,
     .kick = commit_kick,
+    .query = commit_query,
     .free = commit_free,
 };
 

@@ -144,6 +144,40 @@ uint64_t job_now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
 }
 
+void job_rates_sample(JobRates *r, uint64_t now_ns, uint64_t copied, uint64_t dirtied)
+{
+    if (r->t && now_ns - r->t < 1000000000ULL) {
+        return;
+    }
+    if (r->t) {
+        double secs = (double)(now_ns - r->t) / 1e9;
+        r->copy_rate = (uint64_t)((double)(copied - r->copied) / secs);
+        r->dirty_rate = (uint64_t)((double)(dirtied - r->dirtied) / secs);
+    }
+    r->t = now_ns;
+    r->copied = copied;
+    r->dirtied = dirtied;
+}
+
+void job_rates_report(json_t *info, const JobRates *r, const char *phase, bool synced,
+                      uint64_t dirty, uint64_t copied)
+{
+    bool ready = json_is_true(json_object_get(info, "ready"));
+    json_object_set_new(info, "actively-synced", json_boolean(synced));
+    json_object_set_new(info, "vdisk-phase", json_string(phase));
+    json_object_set_new(info, "vdisk-dirty-bytes", json_integer((json_int_t)dirty));
+    json_object_set_new(info, "vdisk-copy-rate", json_integer((json_int_t)r->copy_rate));
+    json_object_set_new(info, "vdisk-dirty-rate", json_integer((json_int_t)r->dirty_rate));
+    json_object_set_new(info, "vdisk-copied-bytes", json_integer((json_int_t)copied));
+    if (ready) {
+        json_object_set_new(info, "vdisk-eta-ready", json_integer(0));
+    } else if (r->copy_rate > r->dirty_rate) {
+        uint64_t net = r->copy_rate - r->dirty_rate;
+        json_object_set_new(info, "vdisk-eta-ready",
+                            json_integer((json_int_t)((dirty + net - 1) / net)));
+    }
+}
+
 /* ---- jobs ---- */
 
 typedef enum { IOSTATUS_OK, IOSTATUS_FAILED, IOSTATUS_NOSPACE } IoStatus;

@@ -201,4 +201,23 @@ uint64_t job_ratelimit_account(JobRateLimit *rl, uint64_t speed, uint64_t now_ns
 /* CLOCK_MONOTONIC in nanoseconds: the clock of rate limits and measured pauses. */
 uint64_t job_now_ns(void);
 
+/*
+ * The live progress a copy job with a dirty bitmap (mirror, active commit) adds to
+ * query-block-jobs: copy and dirty rates in bytes/s over the time since the previous sample
+ * (samples at least 1 s apart; 0 until two were taken). The caller serialises (its own lock).
+ */
+typedef struct JobRates {
+    uint64_t t, copied, dirtied; /* the previous sample */
+    uint64_t copy_rate, dirty_rate;
+} JobRates;
+/* Take a sample of the job's running totals if the previous one is at least 1 s old. */
+void job_rates_sample(JobRates *r, uint64_t now_ns, uint64_t copied, uint64_t dirtied);
+/*
+ * Set QEMU 8.2's actively-synced and vdisk's vdisk-phase, vdisk-dirty-bytes, vdisk-copy-rate,
+ * vdisk-dirty-rate, vdisk-copied-bytes and vdisk-eta-ready (seconds to READY at these rates: 0 once
+ * ready, absent while guests dirty as fast as the job copies) in info.
+ */
+void job_rates_report(json_t *info, const JobRates *r, const char *phase, bool synced,
+                      uint64_t dirty, uint64_t copied);
+
 #endif

@@ -57,7 +57,6 @@
 #define OUTPACED_WINDOWS 3          /* consecutive windows before switching to write-blocking */
 #define COMPLETE_ROUNDS 4           /* copy+flush rounds before the drained pivot, at most */
 #define MIRROR_QUICK_TAIL (4ULL << 20) /* ... only while more than this is dirty after one */
-#define RATE_NS 1000000000ULL       /* query-block-jobs rates: samples at least 1 s apart */
 #define JOURNAL_CLEAR_NS 1000000000ULL /* clear the journal's in-sync segments about every second */
 
 typedef struct Mirror Mirror;
@@ -121,10 +120,10 @@ struct Mirror {
 
     /*
      * Progress report (query-block-jobs): bytes copied by the job (atomic) and bytes guest writes
-     * made dirty (m->lock); rates over the time since the previous sample, at least RATE_NS apart.
+     * made dirty (m->lock); rates sampled by job_rates_sample (jobs/job.h).
      */
     uint64_t copied_total, dirtied_total;
-    uint64_t rate_t, rate_copied, rate_dirtied, copy_rate, dirty_rate;
+    JobRates rates;
     bool verify;           /* x-verify: compare source and target before finishing */
     JobJournal *journal;   /* progress on disk (NULL: no --state-dir); the job thread clears */
     bool resumed;          /* re-created from a journal after a restart */
@@ -1410,41 +1409,19 @@ static void mirror_query(Job *job, json_t *info)
 {
     Mirror *m = job_opaque(job);
     bool ready = json_is_true(json_object_get(info, "ready"));
-    uint64_t now = job_now_ns();
     uint64_t copied = __atomic_load_n(&m->copied_total, __ATOMIC_RELAXED);
     vd_mutex_lock(&m->lock);
-    if (m->rate_t == 0 || now - m->rate_t >= RATE_NS) {
-        if (m->rate_t) {
-            double secs = (double)(now - m->rate_t) / 1e9;
-            m->copy_rate = (uint64_t)((double)(copied - m->rate_copied) / secs);
-            m->dirty_rate = (uint64_t)((double)(m->dirtied_total - m->rate_dirtied) / secs);
-        }
-        m->rate_t = now;
-        m->rate_copied = copied;
-        m->rate_dirtied = m->dirtied_total;
-    }
+    job_rates_sample(&m->rates, job_now_ns(), copied, m->dirtied_total);
     uint64_t dirty = dirty_bytes_locked(m);
     bool synced = ready && m->write_blocking && dirty == 0 && !m->pending_target_error;
     const char *phase = m->detached ? "finished"
                       : m->should_complete ? "completing" : ready ? "mirroring" : "copying";
-    json_object_set_new(info, "actively-synced", json_boolean(synced));
+    job_rates_report(info, &m->rates, phase, synced, dirty, copied);
     json_object_set_new(info, "vdisk-copy-mode",
                         json_string(m->write_blocking ? "write-blocking" : "background"));
     json_object_set_new(info, "vdisk-auto-write-blocking", json_boolean(m->auto_write_blocking));
-    json_object_set_new(info, "vdisk-phase", json_string(phase));
-    json_object_set_new(info, "vdisk-dirty-bytes", json_integer((json_int_t)dirty));
-    json_object_set_new(info, "vdisk-copy-rate", json_integer((json_int_t)m->copy_rate));
-    json_object_set_new(info, "vdisk-dirty-rate", json_integer((json_int_t)m->dirty_rate));
-    json_object_set_new(info, "vdisk-copied-bytes", json_integer((json_int_t)copied));
     if (m->resumed) {
         json_object_set_new(info, "vdisk-resumed", json_true());
-    }
-    if (ready) {
-        json_object_set_new(info, "vdisk-eta-ready", json_integer(0));
-    } else if (m->copy_rate > m->dirty_rate) {
-        uint64_t net = m->copy_rate - m->dirty_rate;
-        json_object_set_new(info, "vdisk-eta-ready", json_integer((json_int_t)((dirty + net - 1)
-                                                                               / net)));
     }
     vd_mutex_unlock(&m->lock);
 }

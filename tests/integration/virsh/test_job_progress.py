@@ -6,12 +6,13 @@ block-job-change switches the copy mode as QEMU 8.2 (background -> write-blockin
 blockjob --verbose shows it. A real NBD client writes throughout; the copy is checked with
 qemu-img compare after the pivot.
 """
+import contextlib
 import time
 
 import pytest
 
 from qmp_client import QMPClient, QMPError
-from test_virsh_cli import Server, NbdGuest, make_chain, domblklist
+from test_virsh_cli import Server, NbdGuest, make_chain, domblklist, same_content
 
 MiB = 1 << 20
 QEMU_MEMBERS = {"device", "type", "len", "offset", "busy", "paused", "speed", "io-status",
@@ -24,26 +25,46 @@ def job_info(q, dev="disk0"):
     return jobs[0]
 
 
-@pytest.fixture
-def copying(tmp):
-    """A blockcopy at 1 MiB/s (about 5 s of work) with a guest writing through the export."""
+def wait_copy_rate(q, timeout=60):
+    """Poll (bounded) until the copy rate shows (two samples at least 1 s apart) or READY; offset
+    never reaches len before READY meanwhile."""
+    end = time.time() + timeout
+    while True:
+        info = job_info(q)
+        assert info["ready"] or info["offset"] < info["len"], info
+        if info["vdisk-copy-rate"] > 0 or info["ready"]:
+            return info
+        assert time.time() < end, info
+        time.sleep(0.3)
+
+
+@contextlib.contextmanager
+def guest_on_chain(tmp, seed):
+    """vdiskd serving make_chain's top with an NBD guest writing into [4M, 6M) (5 writes done)."""
     (base, top), ref = make_chain(tmp)
     srv = Server("vdiskd", tmp, top)
     g = None
     try:
         model = bytearray(ref.read_bytes())
-        g = NbdGuest(srv.nbd, model, seed=5, lo=4 * MiB, hi=6 * MiB)
+        g = NbdGuest(srv.nbd, model, seed=seed, lo=4 * MiB, hi=6 * MiB)
         g.start()
         g.wait_writes(5)
-        p = srv.run("blockcopy", "exp0", tmp / "copy.qcow2", "--bandwidth", "1")
-        assert p.stdout == "Block Copy started\n"
-        with QMPClient(srv.qmp) as q:
-            yield srv, q, g, model
+        yield srv, g, model, base
     finally:
         if g is not None and g.is_alive():
             g.stop_ev.set()
             g.join(60)
         srv.stop()
+
+
+@pytest.fixture
+def copying(tmp):
+    """A blockcopy at 1 MiB/s (about 5 s of work) with a guest writing through the export."""
+    with guest_on_chain(tmp, 5) as (srv, g, model, _):
+        p = srv.run("blockcopy", "exp0", tmp / "copy.qcow2", "--bandwidth", "1")
+        assert p.stdout == "Block Copy started\n"
+        with QMPClient(srv.qmp) as q:
+            yield srv, q, g, model
 
 
 def test_progress_fields_before_and_after_ready(tmp, copying):
@@ -54,15 +75,7 @@ def test_progress_fields_before_and_after_ready(tmp, copying):
     assert info["actively-synced"] is False
     assert info["offset"] < info["len"], info  # never 100 % before READY
     assert info["vdisk-dirty-bytes"] > 0
-    # rates need two samples at least 1 s apart: poll (bounded) until the copy rate shows
-    end = time.time() + 60
-    while True:
-        info = job_info(q)
-        assert info["ready"] or info["offset"] < info["len"], info
-        if info["vdisk-copy-rate"] > 0 or info["ready"]:
-            break
-        assert time.time() < end, info
-        time.sleep(0.3)
+    info = wait_copy_rate(q)
     if not info["ready"]:
         assert info["vdisk-dirty-rate"] >= 0
         if info["vdisk-copy-rate"] > info["vdisk-dirty-rate"]:
@@ -81,6 +94,46 @@ def test_progress_fields_before_and_after_ready(tmp, copying):
     g.stop_checked()
     srv.run("blockjob", "exp0", "--pivot")
     assert domblklist(srv) == [["exp0", str(tmp / "copy.qcow2")]]
+
+
+def test_active_commit_progress_fields(tmp):
+    """An active commit at 1 MiB/s with a guest writing: mirror's progress members (phase, dirty
+    bytes, rates, ETA; actively-synced false: guest writes reach base only through the job's
+    copies), never 100 % before READY; after the pivot base holds the guest's disk."""
+    with guest_on_chain(tmp, 6) as (srv, g, model, base):
+        p = srv.run("blockcommit", "exp0", "--active", "--bandwidth", "1")
+        assert p.stdout == "Active Block Commit started\n", p.stdout
+        with QMPClient(srv.qmp) as q:
+            info = job_info(q)
+            assert QEMU_MEMBERS <= set(info) and info["type"] == "commit", info
+            assert info["ready"] is False and info["vdisk-phase"] == "copying", info
+            assert info["actively-synced"] is False and info["offset"] < info["len"], info
+            end = time.time() + 30  # the job's first scan of the top marks what it holds
+            while info["vdisk-dirty-bytes"] == 0:
+                assert time.time() < end and not info["ready"], info
+                time.sleep(0.1)
+                info = job_info(q)
+            assert info["vdisk-dirty-bytes"] <= 5 * MiB, info  # the top: 2 MiB + the guest's 2 MiB
+            info = wait_copy_rate(q)
+            if not info["ready"]:
+                assert info["vdisk-copied-bytes"] > 0 and info["vdisk-dirty-rate"] >= 0, info
+                if info["vdisk-copy-rate"] > info["vdisk-dirty-rate"]:
+                    assert info["vdisk-eta-ready"] >= 0, info
+                else:
+                    assert "vdisk-eta-ready" not in info, info
+                v = srv.run("blockjob", "exp0", "--info", "--verbose").stdout
+                assert "    Phase: copying, dirty " in v and ", copy rate " in v, v
+            q.cmd("block-job-set-speed", device=info["device"], speed=0)
+            q.get_event("BLOCK_JOB_READY", timeout=60)
+            info = job_info(q)
+            assert info["ready"] and info["vdisk-eta-ready"] == 0, info
+            assert info["vdisk-phase"] == "mirroring" and info["actively-synced"] is False, info
+            g.stop_checked()
+        srv.run("blockjob", "exp0", "--pivot")
+        assert domblklist(srv) == [["exp0", str(base)]]
+    raw = tmp / "model.raw"
+    raw.write_bytes(bytes(model))
+    same_content(base, raw)
 
 
 def test_block_job_change_to_write_blocking(tmp, copying):
