@@ -967,8 +967,8 @@ static const struct {
       "          [--granularity N] [--buf-size N] [--synchronous-writes] [--node-name N]\n"
       "          [--base-node B] [--socket PATH]" },
     { "blockjob", virsh_blockjob,
-      "blockjob DISK [--info [--raw]|--abort [--async]|--pivot|--bandwidth N [--bytes]]\n"
-      "          [--socket PATH]" },
+      "blockjob DISK [--info [--raw]|--abort [--async]|--pivot|--bandwidth N [--bytes]|\n"
+      "          --resume] [--socket PATH]" },
     { "blockpull", virsh_blockpull,
       "blockpull DISK [--base B] [--wait [--verbose] [--timeout S] [--async]]\n"
       "          [--bandwidth N [--bytes]] [--socket PATH]" },

@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <getopt.h>
 #include <jansson.h>
+#include <limits.h>
 #include <malloc.h>
 #include <pthread.h>
 #include <signal.h>
@@ -61,7 +62,9 @@ static void usage(FILE *f)
             "  --pidfile PATH                  write the daemon's pid\n"
             "  --daemonize                     detach once everything is set up\n"
             "  --state-dir DIR                 keep live copies' progress in DIR: after a crash or\n"
-            "                                  restart they come back PAUSED (job-resume)\n"
+            "                                  restart they come back PAUSED (job-resume); default:\n"
+            "                                  $STATE_DIRECTORY (systemd's StateDirectory=), else\n"
+            "                                  none; '' = none\n"
             "  --nbd-connect-timeout MS        NBD client nodes: give up on a server that does not\n"
             "                                  complete connect + handshake in MS ms (default "
             "30000; 0 = wait forever)\n"
@@ -694,6 +697,24 @@ int main(int argc, char **argv)
     if (optind < argc) {
         fprintf(stderr, PROG ": unexpected argument '%s'\n", argv[optind]);
         return 1;
+    }
+    /*
+     * No --state-dir: the directory systemd made for the service (StateDirectory=, the packaged
+     * unit's /var/lib/vdisk; the first one if it lists several), else none - a vdiskd run by hand
+     * (tests, trials, several side by side) leaves no journal behind. --state-dir '' = none.
+     */
+    char env_state_dir[PATH_MAX];
+    const char *sd_env = getenv("STATE_DIRECTORY");
+    if (!state_dir && sd_env && *sd_env) {
+        size_t n = strcspn(sd_env, ":");
+        if (n < sizeof(env_state_dir)) {
+            memcpy(env_state_dir, sd_env, n);
+            env_state_dir[n] = '\0';
+            state_dir = env_state_dir;
+        }
+    }
+    if (state_dir && !*state_dir) {
+        state_dir = NULL;
     }
 
     /* Fork before any thread exists; the parent exits with the child's setup status. */

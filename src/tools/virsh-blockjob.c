@@ -1,6 +1,8 @@
 /*
  * virsh-blockjob.c - `vdisk blockjob`: show (query-block-jobs), --abort/--pivot
- * (block-job-cancel/-complete) and --bandwidth (block-job-set-speed) a disk's job, as virsh.
+ * (block-job-cancel/-complete) and --bandwidth (block-job-set-speed) a disk's job, as virsh;
+ * --resume (block-job-resume, a vdisk extension) continues a paused one, e.g. a copy vdiskd
+ * offered back after a restart (docs/resumable.md).
  */
 #include <assert.h>
 #include <errno.h>
@@ -156,7 +158,7 @@ int virsh_blockjob(int argc, char **argv)
 {
     const char *sock = NULL, *bw = NULL;
     bool info = false, abort_ = false, async = false, pivot = false, bytes = false, raw = false;
-    bool verbose = false;
+    bool verbose = false, resume = false;
     const VOpt opts[] = {
         { "socket", NULL, &sock, NULL },
         { "info", &info, NULL, NULL },
@@ -167,12 +169,13 @@ int virsh_blockjob(int argc, char **argv)
         { "bandwidth", NULL, &bw, NULL },
         { "bytes", &bytes, NULL, NULL },
         { "raw", &raw, NULL, NULL },
+        { "resume", &resume, NULL, NULL },
         { NULL, NULL, NULL, NULL }
     };
     static const char *const names[] = { "disk" };
     int p = vs_parse_opts(argc, argv, opts,
                           "DISK [--info [--raw|--verbose]|--abort [--async]|--pivot|--bandwidth N "
-                          "[--bytes]] "
+                          "[--bytes]|--resume] "
                           "[--socket PATH]",
                           1, names);
     if (p <= 0) {
@@ -185,10 +188,13 @@ int virsh_blockjob(int argc, char **argv)
         { "verbose", "bandwidth" }, { "verbose", "raw" },
         { "info", "abort" }, { "info", "pivot" }, { "info", "async" }, { "info", "bandwidth" },
         { "bytes", "abort" }, { "bytes", "pivot" }, { "bytes", "async" },
+        { "resume", "raw" }, { "resume", "info" }, { "resume", "bytes" }, { "resume", "abort" },
+        { "resume", "pivot" }, { "resume", "async" }, { "resume", "bandwidth" },
+        { "resume", "verbose" },
     };
-    bool set[] = { raw, info, bytes, abort_, pivot, async, bw != NULL, verbose };
+    bool set[] = { raw, info, bytes, abort_, pivot, async, bw != NULL, verbose, resume };
     const char *setnames[] = { "raw", "info", "bytes", "abort", "pivot", "async", "bandwidth",
-                               "verbose" };
+                               "verbose", "resume" };
     for (size_t i = 0; i < sizeof(excl) / sizeof(excl[0]); i++) {
         bool a = false, b = false;
         for (size_t k = 0; k < sizeof(set) / sizeof(set[0]); k++) {
@@ -224,7 +230,7 @@ int virsh_blockjob(int argc, char **argv)
     vd_error_free(err); /* a job id that is no disk is still worth looking up */
     err = NULL;
     job = find_disk_job(conn, disk, node, &err);
-    bool querying = !(bw || abort_ || pivot || async);
+    bool querying = !(bw || abort_ || pivot || async || resume);
     if (!job) {
         if (querying && vd_error_code(err) == ENOENT) {
             /* virsh: not an error for --info */
@@ -246,6 +252,14 @@ int virsh_blockjob(int argc, char **argv)
             goto out;
         }
         json_decref(r);
+        printf("\n");
+        ret = 0;
+        goto out;
+    }
+    if (resume) {
+        if (vs_job_verb(conn, "block-job-resume", id, disk, "resume") < 0) {
+            goto out;
+        }
         printf("\n");
         ret = 0;
         goto out;

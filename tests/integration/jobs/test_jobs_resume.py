@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import BUILD, ROOT, qemu_img, qemu_io
+from conftest import BUILD, ROOT, qemu_img, qemu_io, vdisk
 from qmp_client import fmt_node, start_vdiskd
 
 SIZE = 16 << 20
@@ -149,6 +149,54 @@ def test_journal_whose_target_is_gone_is_kept_and_logged(tmp):
         assert sorted(os.listdir(state)) == ["j.json", "j.map"]
     finally:
         d.stop_checked()
+
+
+def test_vdisk_blockjob_resume_continues_a_copy_offered_back(tmp):
+    """`vdisk blockjob DISK --resume` (block-job-resume) continues the copy vdiskd offered back
+    paused after a restart; on a job that runs it fails and says so; the copy then finishes and
+    reads like the disk."""
+    top, state = stopped_copy(tmp)
+    d = daemon(tmp, top, state)
+    try:
+        with d.client() as c:
+            assert job(c)["status"] == "paused"
+            c.cmd("block-job-set-speed", device="j", speed=0)
+            # the copy's job id (what query-block-jobs lists: "j") names it as DISK does
+            p = vdisk("blockjob", "j", "--resume", "--socket", d.qmp_path)
+            assert p.stdout == "\n", p.stdout
+            wait_status(c, "ready")
+            p = vdisk("blockjob", "j", "--resume", "--socket", d.qmp_path, check=False)
+            assert p.returncode == 1 and "failed to resume job for disk j" in p.stderr, p.stderr
+            p = vdisk("blockjob", "j", "--resume", "--info", "--socket", d.qmp_path, check=False)
+            assert p.returncode == 1 and "mutually exclusive" in p.stderr, p.stderr
+            c.cmd("block-job-complete", device="j")
+            c.get_event("BLOCK_JOB_COMPLETED")
+            assert os.listdir(state) == []
+    finally:
+        d.stop_checked()
+    p = qemu_img("compare", "-f", "qcow2", "-F", "qcow2", top, tmp / "copy.qcow2", check=False)
+    assert p.returncode == 0, p.stdout
+
+
+@pytest.mark.parametrize("arg", [None, ""], ids=["default", "turned-off"])
+def test_state_dir_defaults_to_systemds_state_directory(tmp, monkeypatch, arg):
+    """Without --state-dir vdiskd journals in $STATE_DIRECTORY (systemd sets it from the unit's
+    StateDirectory=; the first of a list); --state-dir '' turns journals off."""
+    state = tmp / "state"
+    state.mkdir()
+    monkeypatch.setenv("STATE_DIRECTORY", f"{state}:{tmp / 'other'}")
+    extra = [] if arg is None else ["--state-dir", arg]
+    d = start_vdiskd(tmp, *extra, "--blockdev", json.dumps(fmt_node("qcow2", "top", chain(tmp))))
+    try:
+        with d.client() as c:
+            start_slow_copy(tmp, c, False)
+            want = ["j.json", "j.map"] if arg is None else []
+            assert sorted(os.listdir(state)) == want
+            c.cmd("block-job-cancel", device="j", force=True)
+            c.get_event("BLOCK_JOB_CANCELLED")
+    finally:
+        d.stop_checked()
+    assert not (tmp / "other").exists()
 
 
 def test_resume_campaign_few_trials():
