@@ -88,6 +88,8 @@ typedef struct VdOpenOptions {
     int flags;                /* VD_OPEN_* */
     BlockNode *backing;       /* use this node as backing instead of the header's (takes a ref) */
     BlockNode *file;          /* use this protocol node as the file child (takes a ref) */
+    /* qcow2: use this node as the external data file (takes a ref); NULL: the recorded name */
+    BlockNode *data_file;
     /* Serve this internal snapshot (id, else name) instead of the active image; read-only. */
     const char *snapshot;
     /* nbd: the id of a tls-creds object (client endpoint, util/tls-creds.h): NBD over TLS. */
@@ -122,6 +124,8 @@ typedef struct VdCreateOptions {
      * Encryption: format luks always; qcow2 when encrypt_format is "luks" ("aes", QEMU's legacy
      * qcow encryption, is refused). key_secret names the secret object with the password.
      */
+    const char *data_file;     /* qcow2: external data file, created (as recorded) */
+    bool data_file_raw;        /* qcow2: the data file stays a valid raw image */
     const char *encrypt_format;
     const char *key_secret;
     VdLuksCreateOptions luks;

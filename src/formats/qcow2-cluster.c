@@ -60,7 +60,7 @@ static Qcow2ClusterType cluster_type(const Qcow2State *s, uint64_t e)
     if (has_zero_flag(s) && (e & QCOW2_OFLAG_ZERO)) {
         return off ? QCOW2_CLUSTER_ZERO_ALLOC : QCOW2_CLUSTER_ZERO_PLAIN;
     }
-    return off ? QCOW2_CLUSTER_NORMAL : QCOW2_CLUSTER_UNALLOCATED;
+    return q2_l2e_has_host(s, e) ? QCOW2_CLUSTER_NORMAL : QCOW2_CLUSTER_UNALLOCATED;
 }
 
 /* Type of subcluster sc of an entry; *host = host offset of the subcluster. -EIO if invalid. */
@@ -89,7 +89,7 @@ static int subcluster_type(const Qcow2State *s, uint64_t e, uint64_t bm, unsigne
     if (zero) {
         *t = off ? QCOW2_CLUSTER_ZERO_ALLOC : QCOW2_CLUSTER_ZERO_PLAIN;
     } else if (alloc) {
-        if (!off) {
+        if (!q2_l2e_has_host(s, e)) {
             return -EIO;
         }
         *t = QCOW2_CLUSTER_NORMAL;
@@ -370,14 +370,22 @@ static void lockless_end(Qcow2State *s)
  */
 static int data_pread(Qcow2State *s, uint64_t host, uint64_t n, uint8_t *buf)
 {
-    return s->crypt.luks ? vd_crypt_pread(&s->crypt, s->bs->file, host, host, n, buf)
-                         : vd_pread(s->bs->file, host, n, buf);
+    BlockNode *data = q2_data_node(s);
+    if (!data) {
+        return -EIO; /* metadata-only open without its data file */
+    }
+    return s->crypt.luks ? vd_crypt_pread(&s->crypt, data, host, host, n, buf)
+                         : vd_pread(data, host, n, buf);
 }
 
 static int data_pwrite(Qcow2State *s, uint64_t host, uint64_t n, const uint8_t *buf)
 {
-    return s->crypt.luks ? vd_crypt_pwrite(&s->crypt, s->bs->file, host, host, n, buf, 0)
-                         : vd_pwrite(s->bs->file, host, n, buf, 0);
+    BlockNode *data = q2_data_node(s);
+    if (!data) {
+        return -EIO;
+    }
+    return s->crypt.luks ? vd_crypt_pwrite(&s->crypt, data, host, host, n, buf, 0)
+                         : vd_pwrite(data, host, n, buf, 0);
 }
 
 static int read_impl(Qcow2State *s, uint64_t offset, uint64_t bytes, uint8_t *buf,
@@ -461,6 +469,9 @@ static int read_guest_cluster(Qcow2State *s, uint64_t cstart, uint8_t *buf)
 /* Refuse to write guest data over the header, L1 table or refcount table. */
 static int overlap_check(Qcow2State *s, uint64_t host, uint64_t len)
 {
+    if (s->has_data_file) {
+        return 0; /* guest data never lands in the image file */
+    }
     if (host < s->cluster_size) {
         return -EIO;
     }
@@ -564,8 +575,7 @@ static int get_l2_for_write(Qcow2State *s, uint64_t l1i, uint8_t **l2)
 
 static bool entry_inplace(const Qcow2State *s, uint64_t e, uint64_t bm)
 {
-    if ((e & QCOW2_OFLAG_COMPRESSED) || !(e & QCOW2_OFLAG_COPIED) ||
-        !(e & QCOW2_L2E_OFFSET_MASK)) {
+    if ((e & QCOW2_OFLAG_COMPRESSED) || !(e & QCOW2_OFLAG_COPIED) || !q2_l2e_has_host(s, e)) {
         return false;
     }
     if (has_zero_flag(s) && (e & QCOW2_OFLAG_ZERO)) {
@@ -697,8 +707,8 @@ static int cow_buffer_backing(Qcow2State *s, uint64_t cstart, const uint8_t *buf
  */
 static int zero_new_cluster(Qcow2State *s, uint64_t host)
 {
-    BlockNode *f = s->bs->file;
-    if (s->crypt.luks) {
+    BlockNode *f = q2_data_node(s); /* the image file, or the external data file */
+    if (s->crypt.luks || !f) {
         return -ENOTSUP;
     }
     if (f->drv->reads_zero_past_end) {
@@ -892,6 +902,8 @@ static int64_t write_step(Qcow2State *s, uint64_t offset, uint64_t bytes, const 
         if (ret < 0) {
             goto out;
         }
+    } else if (s->has_data_file) {
+        host = cstart; /* data file: the guest offset, not refcounted */
     } else {
         ret = q2_alloc_clusters(s, k, &host);
         if (ret < 0) {
@@ -1112,7 +1124,7 @@ static int set_entries(Qcow2State *s, uint64_t first, uint64_t count, int mode, 
             bool owned = (old & QCOW2_OFLAG_COPIED) && t != QCOW2_CLUSTER_COMPRESSED;
             if (mode == SET_UNALLOC) {
                 release = true;
-            } else if (unmap || !owned || !(old & QCOW2_L2E_OFFSET_MASK)) {
+            } else if (unmap || !owned || !q2_l2e_has_host(s, old)) {
                 release = true;
                 if (s->extl2) {
                     nbm = QCOW2_L2_BITMAP_ALL_ZEROES;
@@ -1131,6 +1143,21 @@ static int set_entries(Qcow2State *s, uint64_t first, uint64_t count, int mode, 
             }
             if (ne == old && nbm == obm) {
                 continue;
+            }
+            if (s->has_data_file && t != QCOW2_CLUSTER_COMPRESSED && q2_l2e_has_host(s, old) &&
+                (release || s->data_file_raw)) {
+                /*
+                 * As QEMU: a released data file cluster is discarded there, and a raw data file
+                 * must read what the guest reads, so its zeroed clusters are zeroed there too.
+                 */
+                uint64_t host = old & QCOW2_L2E_OFFSET_MASK;
+                int r = s->data_file ? vd_pwrite_zeroes(s->data_file, host, s->cluster_size,
+                                                        release ? VD_REQ_MAY_UNMAP : 0)
+                                     : -EIO;
+                if (r < 0) {
+                    ret = r;
+                    break;
+                }
             }
             l2e_set(s, l2, idx + i, ne, nbm);
             changed = true;
@@ -1250,7 +1277,8 @@ int q2_discard(Qcow2State *s, uint64_t offset, uint64_t bytes, int flags)
     if ((flags & VD_REQ_FULL_DISCARD) || s->h.version < 3) {
         return set_entries(s, first, count, SET_UNALLOC, true);
     }
-    if (s->bs->backing) {
+    if (s->bs->backing || s->has_data_file) {
+        /* a data file's discarded clusters read zero, as QEMU marks them (and data file raw) */
         return set_entries(s, first, count, SET_ZERO, true);
     }
     /* no backing: unallocated reads as zeroes, so just drop allocations */
@@ -1273,6 +1301,9 @@ int q2_compress_cluster(Qcow2State *s, uint64_t offset, uint64_t n, const uint8_
 int q2_write_compressed_cluster(Qcow2State *s, uint64_t offset, uint64_t n, const uint8_t *buf,
                                 const uint8_t *out, int clen)
 {
+    if (s->has_data_file) {
+        return -ENOTSUP; /* as QEMU: no compressed clusters with an external data file */
+    }
     if (clen <= 0) {
         return q2_write(s, offset, n, buf);
     }
@@ -1346,7 +1377,7 @@ static int write_file_zeroes(Qcow2State *s, uint64_t host, uint64_t len)
     }
     while (len > 0 && ret == 0) {
         uint64_t n = len < chunk ? len : chunk;
-        ret = vd_pwrite(s->bs->file, host, n, z, 0);
+        ret = vd_pwrite(q2_data_node(s), host, n, z, 0);
         host += n;
         len -= n;
     }
@@ -1370,24 +1401,25 @@ int q2_preallocate(Qcow2State *s, uint64_t offset, uint64_t end, VdPrealloc mode
         }
         while (idx < s->l2_entries && c < endc) {
             uint64_t e = l2e_get(s, l2, idx);
-            if (e & (QCOW2_L2E_OFFSET_MASK | QCOW2_OFLAG_COMPRESSED)) {
+            if ((e & QCOW2_OFLAG_COMPRESSED) || q2_l2e_has_host(s, e)) {
                 idx++;
                 c++;
                 continue;
             }
             uint64_t k = 1;
             while (idx + k < s->l2_entries && c + k < endc &&
-                   !(l2e_get(s, l2, idx + k) & (QCOW2_L2E_OFFSET_MASK | QCOW2_OFLAG_COMPRESSED))) {
+                   !(l2e_get(s, l2, idx + k) & QCOW2_OFLAG_COMPRESSED) &&
+                   !q2_l2e_has_host(s, l2e_get(s, l2, idx + k))) {
                 k++;
             }
-            uint64_t host;
-            ret = q2_alloc_clusters(s, k, &host);
+            uint64_t host = c << s->cluster_bits; /* data file: identity, not refcounted */
+            ret = s->has_data_file ? 0 : q2_alloc_clusters(s, k, &host);
             if (ret < 0) {
                 q2_cache_put(&s->l2_cache, &l2);
                 return ret;
             }
             if (mode == VD_PREALLOC_FALLOC) {
-                ret = vd_pwrite_zeroes(s->bs->file, host, k * cs, 0);
+                ret = vd_pwrite_zeroes(q2_data_node(s), host, k * cs, 0);
             } else if (mode == VD_PREALLOC_FULL) {
                 ret = write_file_zeroes(s, host, k * cs);
             }

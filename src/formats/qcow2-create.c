@@ -99,6 +99,34 @@ static int add_luks(const char *filename, const VdCreateOptions *o, VdError **er
     return ret;
 }
 
+/*
+ * The external data file, created empty with the image's size (an existing file is emptied,
+ * as qemu-img create does). A relative name is relative to the image's directory, as vdisk
+ * opens it (QEMU 7.2: the working directory).
+ */
+static int create_data_file(const char *filename, const char *data_file, uint64_t size,
+                            VdError **errp)
+{
+    if (strlen(data_file) > 1023) {
+        vd_error_setg(errp, EINVAL, "data-file name too long");
+        return -EINVAL;
+    }
+    char *path = vd_filename_is_uri(data_file) ? strdup(data_file)
+                                               : vd_resolve_backing_path(filename, data_file);
+    if (!path) {
+        vd_error_setg(errp, ENOMEM, "out of memory");
+        return -ENOMEM;
+    }
+    VdCreateOptions fo;
+    memset(&fo, 0, sizeof(fo));
+    fo.format = "file";
+    fo.size = size;
+    fo.size_given = true;
+    int ret = vd_protocol_create(path, &fo, errp);
+    free(path);
+    return ret;
+}
+
 static int parse_create_opts(const VdCreateOptions *o, uint32_t *cbits, uint32_t *version,
                              uint32_t *rorder, uint8_t *ctype, VdError **errp)
 {
@@ -145,6 +173,25 @@ static int parse_create_opts(const VdCreateOptions *o, uint32_t *cbits, uint32_t
                           "sizes of at least 16384 bytes");
             return -EINVAL;
         }
+    }
+    if (o->data_file_raw && !o->data_file) {
+        vd_error_setg(errp, EINVAL, "data-file-raw requires data-file");
+        return -EINVAL;
+    }
+    if (o->data_file && *version == 2) {
+        vd_error_setg(errp, EINVAL, "External data files are only supported with compatibility "
+                      "level 1.1 and above (use version=v3 or greater)");
+        return -EINVAL;
+    }
+    if (o->data_file_raw && o->backing_file) {
+        vd_error_setg(errp, EINVAL, "Backing file and data-file-raw cannot be used at the same "
+                      "time");
+        return -EINVAL;
+    }
+    if (o->data_file && o->encrypt_format) {
+        vd_error_setg(errp, ENOTSUP, "Encryption with an external data file is not supported "
+                      "by vdisk");
+        return -ENOTSUP;
     }
     *ctype = QCOW2_COMPRESSION_ZLIB;
     if (o->compression_type && strcmp(o->compression_type, "zlib")) {
@@ -239,6 +286,9 @@ int q2_create(const char *filename, const VdCreateOptions *o, VdError **errp)
     memset(&fo, 0, sizeof(fo));
     fo.format = "file";
     fo.prealloc = VD_PREALLOC_OFF;
+    if (o->data_file && (ret = create_data_file(filename, o->data_file, size, errp)) < 0) {
+        return ret;
+    }
     ret = vd_protocol_create(filename, &fo, errp); /* file or nbd, as the name says */
     if (ret < 0) {
         return ret;
@@ -280,6 +330,18 @@ int q2_create(const char *filename, const VdCreateOptions *o, VdError **errp)
     }
     if (o->lazy_refcounts) {
         s->h.compatible_features |= QCOW2_COMPAT_LAZY_REFCOUNTS;
+    }
+    if (o->data_file) {
+        s->h.incompatible_features |= QCOW2_INCOMPAT_DATA_FILE;
+        if (o->data_file_raw) {
+            s->h.autoclear_features |= QCOW2_AUTOCLEAR_DATA_FILE_RAW;
+        }
+        /* after the backing format, before the feature table, as QEMU orders them */
+        if (q2_add_ext(s, QCOW2_EXT_DATA_FILE, (const uint8_t *)o->data_file,
+                       (uint32_t)strlen(o->data_file)) < 0) {
+            ret = -ENOMEM;
+            goto out;
+        }
     }
     if (o->backing_file && *o->backing_file) {
         s->backing_file = strdup(o->backing_file);
@@ -339,7 +401,10 @@ out:
     if (ret == 0 && o->encrypt_format) {
         ret = add_luks(filename, o, errp);
     }
-    if (ret < 0 || o->prealloc == VD_PREALLOC_OFF || size == 0) {
+    /* a raw data file must read as the image does: map it 1:1 (QEMU's metadata preallocation) */
+    VdPrealloc prealloc = o->data_file_raw && o->prealloc == VD_PREALLOC_OFF
+                              ? VD_PREALLOC_METADATA : o->prealloc;
+    if (ret < 0 || prealloc == VD_PREALLOC_OFF || size == 0) {
         return ret;
     }
     BlockNode *bs = vd_open_image(filename, "qcow2", VD_OPEN_RDWR | VD_OPEN_NO_BACKING, errp);
@@ -348,7 +413,7 @@ out:
     }
     Qcow2State *qs = q2_state(bs);
     vd_mutex_lock(&qs->lock);
-    ret = q2_preallocate_locked(qs, 0, size, o->prealloc);
+    ret = q2_preallocate_locked(qs, 0, size, prealloc);
     vd_mutex_unlock(&qs->lock);
     vd_node_unref(bs);
     if (ret < 0) {

@@ -366,8 +366,19 @@ int q2_parse_header(BlockNode *bs, Qcow2State *s, int flags, VdError **errp)
                       "or points outside the file");
         return -EINVAL;
     }
-    if (h->incompatible_features & QCOW2_INCOMPAT_DATA_FILE) {
-        vd_error_setg(errp, ENOTSUP, "qcow2: images with an external data file are not "
+    s->has_data_file = (h->incompatible_features & QCOW2_INCOMPAT_DATA_FILE) != 0;
+    s->data_file_raw = s->has_data_file && (h->autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW);
+    free(s->data_file_name);
+    s->data_file_name = NULL;
+    for (int i = 0; i < s->nb_exts && s->has_data_file; i++) {
+        if (s->exts[i].type == QCOW2_EXT_DATA_FILE &&
+            !(s->data_file_name = strndup((const char *)s->exts[i].data, s->exts[i].len))) {
+            vd_error_setg(errp, ENOMEM, "qcow2: out of memory");
+            return -ENOMEM;
+        }
+    }
+    if (s->has_data_file && h->crypt_method) {
+        vd_error_setg(errp, ENOTSUP, "qcow2: encryption with an external data file is not "
                       "supported");
         return -ENOTSUP;
     }

@@ -92,10 +92,19 @@ static void cache_unhash(Qcow2Cache *c, int idx)
 
 int q2_file_flush(Qcow2State *s)
 {
+    bool data = s->data_dirty;
     s->data_dirty = false;
     /* cache=unsafe: ordering flushes are skipped too (a crash may lose anything, as in QEMU). */
     if (s->bs->open_flags & VD_OPEN_NO_FLUSH) {
         return 0;
+    }
+    if (data && s->has_data_file) {
+        /* guest data lives in the data file: it must be stable before metadata points at it */
+        int ret = s->data_file ? vd_flush(s->data_file) : -EIO;
+        if (ret < 0) {
+            s->data_dirty = true;
+            return ret;
+        }
     }
     return vd_flush(s->bs->file);
 }
@@ -824,6 +833,9 @@ int q2_free_clusters(Qcow2State *s, uint64_t offset, uint64_t length)
 
 int q2_free_l2_entry_cluster(Qcow2State *s, uint64_t e)
 {
+    if (s->has_data_file) {
+        return 0; /* data file clusters are not refcounted (the data stays where it was) */
+    }
     if (e & QCOW2_OFLAG_COMPRESSED) {
         uint64_t off, nb;
         qcow2_compressed_extent(e, s->cluster_bits, &off, &nb);

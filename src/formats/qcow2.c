@@ -82,6 +82,8 @@ static void q2_free_state(Qcow2State *s)
     s->cap_pending_frees = 0;
     q2_free_exts(s);
     vd_crypt_close(&s->crypt);
+    free(s->data_file_name);
+    s->data_file_name = NULL;
     free(s->backing_file);
     s->backing_file = NULL;
     free(s->backing_fmt);
@@ -157,6 +159,57 @@ static int crypto_hdr_read(void *opaque, uint64_t offset, void *buf, size_t len)
     return vd_pread(s->bs->file, s->crypto_off + offset, len, buf);
 }
 
+/*
+ * The external data file: the node the caller opened (json:/blockdev-add "data-file"), else the
+ * name the image records, resolved against the image's directory as a backing file name is
+ * (QEMU 7.2 resolves it against the working directory: a deliberate difference, README).
+ * A metadata-only open (info) goes on without it, as qemu-img info does.
+ */
+static int open_data_file(BlockNode *bs, Qcow2State *s, BlockNode *given, int flags,
+                          VdError **errp)
+{
+    if (given) {
+        if ((flags & VD_OPEN_RDWR) && given->read_only) {
+            vd_error_setg(errp, EACCES, "qcow2: the data file node '%s' is read-only",
+                          given->node_name);
+            return -EACCES;
+        }
+        vd_node_ref(given);
+        s->data_file = given;
+        return 0;
+    }
+    if (!s->data_file_name) {
+        if (flags & VD_OPEN_NO_IO) {
+            return 0;
+        }
+        vd_error_setg(errp, EINVAL, "'data-file' is required for this image");
+        return -EINVAL;
+    }
+    char *full = vd_filename_is_uri(s->data_file_name)
+                     ? strdup(s->data_file_name)
+                     : vd_resolve_backing_path(bs->filename, s->data_file_name);
+    if (!full) {
+        vd_error_setg(errp, ENOMEM, "qcow2: out of memory");
+        return -ENOMEM;
+    }
+    VdError *local = NULL;
+    const BlockDriver *proto = vd_protocol_for(full, &local);
+    int pflags = flags & (VD_OPEN_RDWR | VD_OPEN_DIRECT | VD_OPEN_FORCE_SHARE | VD_OPEN_NO_FLUSH);
+    s->data_file = proto ? vd_open_image(full, proto->name, pflags, &local) : NULL;
+    free(full);
+    if (!s->data_file) {
+        if (flags & VD_OPEN_NO_IO) {
+            vd_error_free(local);
+            return 0;
+        }
+        int code = vd_error_code(local);
+        vd_error_propagate(errp, local);
+        vd_error_prepend(errp, "Could not open data file '%s': ", s->data_file_name);
+        return code ? -code : -EIO;
+    }
+    return 0;
+}
+
 static int qcow2_open(BlockNode *bs, const VdOpenOptions *opts, VdError **errp)
 {
     Qcow2State *s = q2_state(bs);
@@ -220,6 +273,10 @@ again:
     if (ret < 0) {
         goto fail;
     }
+    if (s->has_data_file && !s->data_file &&
+        (ret = open_data_file(bs, s, opts ? opts->data_file : NULL, flags, errp)) < 0) {
+        goto fail;
+    }
     if (s->h.crypt_method == QCOW2_CRYPT_LUKS) {
         /* amend reopens without options: metadata only, as qemu-img amend needs no key */
         ret = vd_crypt_open(&s->crypt, crypto_hdr_read, s, opts ? opts->key_secret : NULL,
@@ -252,6 +309,8 @@ again:
     }
     return 0;
 fail:
+    vd_node_unref(s->data_file);
+    s->data_file = NULL;
     q2_free_state(s);
     pthread_cond_destroy(&s->lockless_idle);
     pthread_cond_destroy(&s->alloc_done);
@@ -261,7 +320,7 @@ fail:
 
 static int clear_dirty(Qcow2State *s);
 
-static void qcow2_close(BlockNode *bs)
+static void close_state(BlockNode *bs, bool keep_data_file)
 {
     Qcow2State *s = q2_state(bs);
     vd_mutex_lock(&s->lock);
@@ -274,21 +333,35 @@ static void qcow2_close(BlockNode *bs)
     }
     q2_free_state(s);
     vd_mutex_unlock(&s->lock);
+    if (!keep_data_file) {
+        vd_node_unref(s->data_file);
+        s->data_file = NULL;
+    }
     pthread_cond_destroy(&s->lockless_idle);
     pthread_cond_destroy(&s->alloc_done);
     pthread_mutex_destroy(&s->lock);
 }
 
+static void qcow2_close(BlockNode *bs)
+{
+    close_state(bs, false);
+}
+
+/* Amend's close keeps the data file node open for its q2_open_state. */
 void q2_close_state(BlockNode *bs)
 {
-    qcow2_close(bs);
+    close_state(bs, true);
 }
 
 int q2_open_state(BlockNode *bs, VdError **errp)
 {
     Qcow2State *s = q2_state(bs);
     bool bitmaps_loaded = s->bitmaps_loaded;
-    int ret = qcow2_open(bs, NULL, errp);
+    BlockNode *data_file = s->data_file;
+    VdOpenOptions o = { .filename = bs->filename, .flags = bs->open_flags | VD_OPEN_NO_IO,
+                        .data_file = data_file };
+    int ret = qcow2_open(bs, data_file ? &o : NULL, errp);
+    vd_node_unref(data_file); /* qcow2_open took its own reference */
     if (ret < 0) {
         /* a state close can take: every request fails with -EIO, close writes nothing */
         memset(s, 0, sizeof(*s));
@@ -327,7 +400,8 @@ static int qcow2_probe(const uint8_t *buf, size_t len, const char *filename)
 int q2_first_write(Qcow2State *s)
 {
     int ret;
-    uint64_t keep = s->bitmaps_loaded ? QCOW2_AUTOCLEAR_BITMAPS : 0;
+    uint64_t keep = (s->bitmaps_loaded ? QCOW2_AUTOCLEAR_BITMAPS : 0) |
+                    (s->data_file_raw ? QCOW2_AUTOCLEAR_DATA_FILE_RAW : 0);
     if (s->h.version >= 3 && (s->h.autoclear_features & ~keep)) {
         uint8_t be[8];
         qcow2_put_be64(be, s->h.autoclear_features & keep);
@@ -554,7 +628,11 @@ static int presync_data(BlockNode *bs, Qcow2State *s)
         }
         struct timespec t0, t1;
         clock_gettime(CLOCK_MONOTONIC, &t0);
-        ret = vd_flush(bs->file);
+        /* the data file holds the data; the image file the refcounts written above */
+        ret = s->has_data_file && dirty ? vd_flush(q2_data_node(s)) : 0;
+        if (ret == 0 && (!s->has_data_file || rb)) {
+            ret = vd_flush(bs->file);
+        }
         if (ret < 0) {
             return ret;
         }
@@ -583,6 +661,9 @@ static int qcow2_flush(BlockNode *bs)
     if (s->read_only || s->damaged) {
         return may_sync ? vd_flush(bs->file) : 0; /* flush_syncs_file: the file is ours to sync */
     }
+    if (s->has_data_file && !s->data_file) {
+        return -EIO;
+    }
     int ret = presync_data(bs, s);
     vd_mutex_lock(&s->lock);
     q2_lockless_wait_idle(s); /* q2_writeback_all applies deferred frees */
@@ -599,6 +680,9 @@ static int qcow2_flush(BlockNode *bs)
      */
     if (ret == 0 && may_sync) {
         ret = vd_flush(bs->file);
+    }
+    if (ret == 0 && may_sync && s->has_data_file) {
+        ret = vd_flush(s->data_file); /* a FUA write's data may still be only there */
     }
     return ret;
 }
@@ -651,7 +735,8 @@ static int qcow2_block_status(BlockNode *bs, uint64_t offset, uint64_t bytes, ui
     vd_mutex_lock(&s->lock);
     uint64_t m = 0;
     if (s->metadata_prealloc < 0) {
-        int r = detect_metadata_prealloc(s);
+        /* data file clusters have no refcounts to count: never the heuristic (as QEMU) */
+        int r = s->has_data_file ? 0 : detect_metadata_prealloc(s);
         s->metadata_prealloc = r > 0; /* an error only costs the extra zero information */
     }
     int ret = q2_block_status(s, offset, bytes, pnum, &m);
@@ -668,7 +753,7 @@ static int qcow2_block_status(BlockNode *bs, uint64_t offset, uint64_t bytes, ui
             *map = m;
         }
         if (file) {
-            *file = bs->file;
+            *file = q2_data_node(s);
         }
     }
     return ret;
@@ -851,10 +936,27 @@ static int qcow2_truncate(BlockNode *bs, uint64_t size, bool shrink, VdPrealloc 
                 ret = vd_truncate(s->bs->file, end, true, VD_PREALLOC_OFF, NULL);
             }
         }
+        if (ret == 0 && s->has_data_file) {
+            ret = s->data_file ? vd_truncate(s->data_file, size, true, VD_PREALLOC_OFF, NULL)
+                               : -EIO; /* the data file follows the virtual size (QEMU) */
+        }
         if (ret < 0) {
             vd_error_setg_errno(errp, -ret, "qcow2: could not shrink the image");
         }
         goto out;
+    }
+    if (s->has_data_file) {
+        /* the data file grows with the image; a raw one is mapped 1:1 (metadata preallocation) */
+        ret = s->data_file ? vd_truncate(s->data_file, size, false, VD_PREALLOC_OFF, errp) : -EIO;
+        if (ret < 0) {
+            if (!s->data_file) {
+                vd_error_setg(errp, EIO, "qcow2: the data file is not open");
+            }
+            goto out;
+        }
+        if (s->data_file_raw && prealloc == VD_PREALLOC_OFF) {
+            prealloc = VD_PREALLOC_METADATA;
+        }
     }
     uint64_t need = (size + per_l1 - 1) / per_l1;
     ret = q2_grow_l1(s, need);
@@ -992,6 +1094,12 @@ static json_t *qcow2_get_specific_info(BlockNode *bs)
         }
         json_object_set_new(data, "refcount-bits",
                             json_integer((json_int_t)1 << s->refcount_order));
+        if (s->data_file_name) {
+            json_object_set_new(data, "data-file", json_string(s->data_file_name));
+        }
+        if (s->has_data_file) {
+            json_object_set_new(data, "data-file-raw", json_boolean(s->data_file_raw));
+        }
         json_object_set_new(data, "corrupt",
                             json_boolean(s->h.incompatible_features & QCOW2_INCOMPAT_CORRUPT));
         json_object_set_new(data, "extended-l2", json_boolean(s->extl2));

@@ -138,6 +138,18 @@ typedef struct Qcow2State {
      */
     uint64_t crypto_off, crypto_len;
     VdCryptIO crypt;
+    /*
+     * External data file (incompatible bit 2, the data file extension): guest data lives in
+     * data_file at the guest offset (host offset == guest offset, so an L2 entry with
+     * OFLAG_COPIED and offset 0 is cluster 0's data), no data cluster is refcounted, compression
+     * and internal snapshots are refused. data_file_raw (autoclear bit 1): the data file stays a
+     * valid raw image, so zeroing keeps its bytes zero too. has_data_file with data_file NULL: a
+     * metadata-only open (info) whose data file could not be opened; data I/O fails with -EIO.
+     */
+    bool has_data_file;
+    bool data_file_raw;
+    char *data_file_name;  /* as the extension records it */
+    BlockNode *data_file;
     char *backing_file;
     char *backing_fmt;
 
@@ -188,6 +200,22 @@ static inline void q2_data_written(Qcow2State *s)
 {
     s->data_dirty = true;
     s->data_gen++;
+}
+
+/* The node guest data clusters live in: the external data file, else the image file. */
+static inline BlockNode *q2_data_node(const Qcow2State *s)
+{
+    return s->has_data_file ? s->data_file : s->bs->file;
+}
+
+/*
+ * Does an (uncompressed) L2 entry map host data? Offset 0 is unallocated in the image file but
+ * a valid data file offset: there, OFLAG_COPIED says it is mapped (every data file cluster has
+ * refcount 1, as QEMU's qcow2_get_cluster_type reads it).
+ */
+static inline bool q2_l2e_has_host(const Qcow2State *s, uint64_t e)
+{
+    return (e & QCOW2_L2E_OFFSET_MASK) || (s->has_data_file && (e & QCOW2_OFLAG_COPIED));
 }
 
 static inline Qcow2State *q2_state(BlockNode *bs)

@@ -665,7 +665,8 @@ void tool_opts_free(ToolOpts *o)
 
 static const char *const qcow2_opt_names[] = {
     "size", "backing_file", "backing_fmt", "cluster_size", "compat", "lazy_refcounts",
-    "refcount_bits", "preallocation", "extended_l2", "compression_type", "encryption",
+    "refcount_bits", "preallocation", "extended_l2", "compression_type", "data_file",
+    "data_file_raw", "encryption",
     "encrypt.format", "encrypt.key-secret", "encrypt.cipher-alg", "encrypt.cipher-mode",
     "encrypt.ivgen-alg", "encrypt.ivgen-hash-alg", "encrypt.hash-alg", "encrypt.iter-time", NULL
 };
@@ -788,6 +789,11 @@ int tool_create_options(CreateSpec *spec, const char *fmt, const ToolOpts *o, co
         parse_bool_opt("extended_l2", v, &co->extended_l2) < 0) {
         return -1;
     }
+    co->data_file = tool_opts_get(o, "data_file");
+    if ((v = tool_opts_get(o, "data_file_raw")) &&
+        parse_bool_opt("data_file_raw", v, &co->data_file_raw) < 0) {
+        return -1;
+    }
     if ((v = tool_opts_get(o, "refcount_bits"))) {
         uint64_t rb;
         if (tool_parse_uint(v, &rb) < 0 || rb > 64) {
@@ -868,6 +874,12 @@ void tool_print_formatting(const char *filename, const CreateSpec *spec)
         }
         if (co->backing_fmt) {
             printf(" backing_fmt=%s", co->backing_fmt);
+        }
+        if (co->data_file) {
+            printf(" data_file=%s", co->data_file);
+        }
+        if ((v = tool_opts_get(o, "data_file_raw"))) {
+            printf(" data_file_raw=%s", v);
         }
         v = tool_opts_get(o, "lazy_refcounts");
         printf(" lazy_refcounts=%s", v ? v : "off");
