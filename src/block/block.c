@@ -229,6 +229,7 @@ static void node_free_unopened(BlockNode *bs)
     if (bs->backing) {
         vd_node_unref(bs->backing);
     }
+    vd_node_unref(bs->data_file);
     free(bs->backing_file);
     free(bs->backing_format);
     free(bs->full_backing_filename);

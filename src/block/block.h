@@ -139,6 +139,8 @@ typedef struct VdAmendOptions {
     const char *compat;   /* "0.10"/"v2" or "1.1"/"v3"; NULL: keep */
     int lazy_refcounts;   /* 0 / 1; -1: keep */
     int refcount_bits;    /* 0: keep */
+    const char *data_file; /* qcow2: the data file name to record; NULL: keep, "": none */
+    int data_file_raw;    /* qcow2: 0 clears data-file-raw (1 only where set); -1: keep */
     void (*progress)(void *opaque, uint64_t done, uint64_t total);
     void *opaque;
 } VdAmendOptions;
@@ -358,6 +360,8 @@ struct BlockNode {
     char *filename;          /* what the user named: path or URI */
     BlockNode *file;         /* protocol child of a format node */
     BlockNode *backing;      /* backing child (format nodes) or NULL */
+    /* A format's external data child (qcow2 data_file), set by its open, or NULL. */
+    BlockNode *data_file;
     char *backing_file;      /* backing name as recorded in the image (may be relative) */
     char *backing_format;    /* backing format as recorded in the image, or NULL */
     char *full_backing_filename; /* backing_file resolved against filename's directory */

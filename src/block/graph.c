@@ -306,7 +306,7 @@ static bool find_parent(BlockNode *bs, BlockNode **parent, bool *as_backing)
         while (sp > 0) {
             BlockNode *n = stack[--sp];
             for (int depth = 0; n && depth < 4096; depth++) {
-                if (n->backing == bs || n->file == bs) {
+                if (n->backing == bs || n->file == bs || n->data_file == bs) {
                     *parent = n;
                     *as_backing = n->backing == bs;
                     return true;

@@ -293,6 +293,12 @@ static BlockNode *open_tree_format(json_t *o, const BlockDriver *drv, int flags,
                           ? vd_options_str(o, "key-secret")
                           : vd_options_str(json_object_get(o, "encrypt"), "key-secret"),
     };
+    json_t *dref = json_object_get(o, "data-file");
+    if (dref && !(opts.data_file = open_child(dref, "data-file", flags & ~VD_OPEN_NO_BACKING,
+                                              true, errp))) {
+        vd_node_unref(file);
+        return NULL;
+    }
     json_t *bref = json_object_get(o, "backing");
     if (json_is_null(bref)) {
         opts.flags |= VD_OPEN_NO_BACKING;
@@ -300,10 +306,12 @@ static BlockNode *open_tree_format(json_t *o, const BlockDriver *drv, int flags,
                                                     false, errp))) {
         vd_error_prepend(errp, "Could not open backing file: ");
         vd_node_unref(file);
+        vd_node_unref(opts.data_file);
         return NULL;
     }
     BlockNode *bs = vd_open(&opts, errp);
     vd_node_unref(file);
+    vd_node_unref(opts.data_file);
     vd_node_unref(opts.backing);
     return bs;
 }

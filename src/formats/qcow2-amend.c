@@ -34,11 +34,22 @@ static int rewrite_header(Qcow2State *s)
     return q2_update_header_ext(s, QCOW2_EXT_END, NULL, 0, s->h.autoclear_features);
 }
 
-/* Header changes on the open state: version, lazy refcounts. */
-static int amend_header(BlockNode *bs, int version, int lazy, VdError **errp)
+/* Header changes on the open state: version, lazy refcounts, the data file's name and raw bit. */
+static int amend_header(BlockNode *bs, int version, int lazy, const VdAmendOptions *o,
+                        VdError **errp)
 {
     Qcow2State *s = q2_state(bs);
     int ret = 0;
+    if (o && o->data_file_raw == 0) {
+        s->h.autoclear_features &= ~QCOW2_AUTOCLEAR_DATA_FILE_RAW;
+        s->data_file_raw = false;
+    }
+    if (o && o->data_file) {
+        /* "" drops the name: the image then opens only with a data-file option (as QEMU) */
+        ret = q2_update_header_ext(s, QCOW2_EXT_DATA_FILE,
+                                   *o->data_file ? (const uint8_t *)o->data_file : NULL,
+                                   (uint32_t)strlen(o->data_file), s->h.autoclear_features);
+    }
     if (version == 3 && s->h.version == 2) {
         set_v3_defaults(s);
         ret = q2_add_feature_table(s);
@@ -68,6 +79,19 @@ static int amend_header(BlockNode *bs, int version, int lazy, VdError **errp)
 static int amend_check(Qcow2State *s, const VdAmendOptions *o, int version, int rbits,
                        VdError **errp)
 {
+    if (o->data_file && !s->has_data_file) {
+        vd_error_setg(errp, EINVAL, "data-file can only be set for images that use an external "
+                      "data file");
+        return -EINVAL;
+    }
+    if (o->data_file && strlen(o->data_file) > 1023) {
+        vd_error_setg(errp, EINVAL, "data-file name too long");
+        return -EINVAL;
+    }
+    if (o->data_file_raw == 1 && !s->data_file_raw) {
+        vd_error_setg(errp, EINVAL, "data-file-raw cannot be set on existing images");
+        return -EINVAL;
+    }
     if (version < 3 && o->lazy_refcounts == 1) {
         vd_error_setg(errp, EINVAL, "Lazy refcounts only supported with compatibility level "
                       "1.1 and above (use compat=1.1 or greater)");
@@ -125,7 +149,7 @@ int q2_amend(BlockNode *bs, const VdAmendOptions *o, VdError **errp)
     if (version == 3 && old_version == 2) {
         ret = q2_open_state(bs, errp);
         if (ret == 0) {
-            ret = amend_header(bs, 3, -1, errp);
+            ret = amend_header(bs, 3, -1, NULL, errp);
             q2_close_state(bs);
         }
         if (ret < 0) {
@@ -145,10 +169,10 @@ int q2_amend(BlockNode *bs, const VdAmendOptions *o, VdError **errp)
             goto reopen;
         }
     }
-    if (version < old_version || o->lazy_refcounts >= 0) {
+    if (version < old_version || o->lazy_refcounts >= 0 || o->data_file || o->data_file_raw >= 0) {
         ret = q2_open_state(bs, errp);
         if (ret == 0) {
-            ret = amend_header(bs, version, o->lazy_refcounts, errp);
+            ret = amend_header(bs, version, o->lazy_refcounts, o, errp);
             q2_close_state(bs);
         }
     }

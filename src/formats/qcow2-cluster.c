@@ -1151,9 +1151,10 @@ static int set_entries(Qcow2State *s, uint64_t first, uint64_t count, int mode, 
                  * must read what the guest reads, so its zeroed clusters are zeroed there too.
                  */
                 uint64_t host = old & QCOW2_L2E_OFFSET_MASK;
-                int r = s->data_file ? vd_pwrite_zeroes(s->data_file, host, s->cluster_size,
-                                                        release ? VD_REQ_MAY_UNMAP : 0)
-                                     : -EIO;
+                BlockNode *data = s->bs->data_file;
+                int r = data ? vd_pwrite_zeroes(data, host, s->cluster_size,
+                                                release ? VD_REQ_MAY_UNMAP : 0)
+                             : -EIO;
                 if (r < 0) {
                     ret = r;
                     break;

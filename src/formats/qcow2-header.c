@@ -67,12 +67,24 @@ int q2_update_header_ext(Qcow2State *s, uint32_t type, const uint8_t *data, uint
     while (i < s->nb_exts && s->exts[i].type != type) {
         i++;
     }
-    if (i < s->nb_exts) {
+    int ret = 0;
+    if (i < s->nb_exts && data) {
+        /* replaced where it stands: QEMU keeps its extensions in one order too */
+        uint8_t *d = malloc(len ? len : 1);
+        if (!d) {
+            return -ENOMEM;
+        }
+        memcpy(d, data, len);
+        free(s->exts[i].data);
+        s->exts[i].data = d;
+        s->exts[i].len = len;
+    } else if (i < s->nb_exts) {
         free(s->exts[i].data);
         memmove(&s->exts[i], &s->exts[i + 1], sizeof(Qcow2Ext) * (size_t)(s->nb_exts - i - 1));
         s->nb_exts--;
+    } else if (data) {
+        ret = q2_add_ext(s, type, data, len);
     }
-    int ret = data ? q2_add_ext(s, type, data, len) : 0;
     uint8_t *buf = malloc(s->cluster_size);
     if (ret < 0 || !buf) {
         free(buf);

@@ -100,7 +100,7 @@ int q2_file_flush(Qcow2State *s)
     }
     if (data && s->has_data_file) {
         /* guest data lives in the data file: it must be stable before metadata points at it */
-        int ret = s->data_file ? vd_flush(s->data_file) : -EIO;
+        int ret = s->bs->data_file ? vd_flush(s->bs->data_file) : -EIO;
         if (ret < 0) {
             s->data_dirty = true;
             return ret;

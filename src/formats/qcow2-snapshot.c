@@ -533,6 +533,10 @@ int q2_snapshot_create(BlockNode *bs, const char *name, VdError **errp)
         ret = -EINVAL; /* a refcount of 1 cannot be shared (QEMU fails the same way) */
         goto out;
     }
+    if (s->has_data_file) {
+        ret = -ENOTSUP; /* data file clusters cannot be shared (QEMU fails the same way) */
+        goto out;
+    }
     /* the new id: one more than the largest numeric id (QEMU's find_new_snapshot_id) */
     unsigned long max_id = 0;
     for (uint32_t i = 0; i < t.n; i++) {

@@ -175,7 +175,7 @@ static int open_data_file(BlockNode *bs, Qcow2State *s, BlockNode *given, int fl
             return -EACCES;
         }
         vd_node_ref(given);
-        s->data_file = given;
+        bs->data_file = given;
         return 0;
     }
     if (!s->data_file_name) {
@@ -195,16 +195,15 @@ static int open_data_file(BlockNode *bs, Qcow2State *s, BlockNode *given, int fl
     VdError *local = NULL;
     const BlockDriver *proto = vd_protocol_for(full, &local);
     int pflags = flags & (VD_OPEN_RDWR | VD_OPEN_DIRECT | VD_OPEN_FORCE_SHARE | VD_OPEN_NO_FLUSH);
-    s->data_file = proto ? vd_open_image(full, proto->name, pflags, &local) : NULL;
+    bs->data_file = proto ? vd_open_image(full, proto->name, pflags, &local) : NULL;
     free(full);
-    if (!s->data_file) {
+    if (!bs->data_file) {
         if (flags & VD_OPEN_NO_IO) {
             vd_error_free(local);
             return 0;
         }
         int code = vd_error_code(local);
-        vd_error_propagate(errp, local);
-        vd_error_prepend(errp, "Could not open data file '%s': ", s->data_file_name);
+        vd_error_propagate(errp, local); /* "Could not open 'NAME': ...", as QEMU says it */
         return code ? -code : -EIO;
     }
     return 0;
@@ -273,7 +272,13 @@ again:
     if (ret < 0) {
         goto fail;
     }
-    if (s->has_data_file && !s->data_file &&
+    if (opts && opts->data_file && !s->has_data_file) {
+        vd_error_setg(errp, EINVAL, "'data-file' can only be set for images with an external "
+                      "data file");
+        ret = -EINVAL;
+        goto fail;
+    }
+    if (s->has_data_file && !bs->data_file &&
         (ret = open_data_file(bs, s, opts ? opts->data_file : NULL, flags, errp)) < 0) {
         goto fail;
     }
@@ -309,8 +314,6 @@ again:
     }
     return 0;
 fail:
-    vd_node_unref(s->data_file);
-    s->data_file = NULL;
     q2_free_state(s);
     pthread_cond_destroy(&s->lockless_idle);
     pthread_cond_destroy(&s->alloc_done);
@@ -320,7 +323,7 @@ fail:
 
 static int clear_dirty(Qcow2State *s);
 
-static void close_state(BlockNode *bs, bool keep_data_file)
+static void qcow2_close(BlockNode *bs)
 {
     Qcow2State *s = q2_state(bs);
     vd_mutex_lock(&s->lock);
@@ -333,35 +336,22 @@ static void close_state(BlockNode *bs, bool keep_data_file)
     }
     q2_free_state(s);
     vd_mutex_unlock(&s->lock);
-    if (!keep_data_file) {
-        vd_node_unref(s->data_file);
-        s->data_file = NULL;
-    }
     pthread_cond_destroy(&s->lockless_idle);
     pthread_cond_destroy(&s->alloc_done);
     pthread_mutex_destroy(&s->lock);
 }
 
-static void qcow2_close(BlockNode *bs)
-{
-    close_state(bs, false);
-}
-
-/* Amend's close keeps the data file node open for its q2_open_state. */
+/* Amend's close: the data file node stays (bs->data_file) for its q2_open_state. */
 void q2_close_state(BlockNode *bs)
 {
-    close_state(bs, true);
+    qcow2_close(bs);
 }
 
 int q2_open_state(BlockNode *bs, VdError **errp)
 {
     Qcow2State *s = q2_state(bs);
     bool bitmaps_loaded = s->bitmaps_loaded;
-    BlockNode *data_file = s->data_file;
-    VdOpenOptions o = { .filename = bs->filename, .flags = bs->open_flags | VD_OPEN_NO_IO,
-                        .data_file = data_file };
-    int ret = qcow2_open(bs, data_file ? &o : NULL, errp);
-    vd_node_unref(data_file); /* qcow2_open took its own reference */
+    int ret = qcow2_open(bs, NULL, errp); /* bs->data_file is still open */
     if (ret < 0) {
         /* a state close can take: every request fails with -EIO, close writes nothing */
         memset(s, 0, sizeof(*s));
@@ -545,8 +535,8 @@ static int qcow2_pwrite_compressed(BlockNode *bs, uint64_t offset, uint64_t byte
     if (s->read_only) {
         return -EROFS;
     }
-    if (s->crypt.luks) {
-        return -ENOTSUP; /* QEMU: compression and encryption are exclusive */
+    if (s->crypt.luks || s->has_data_file) {
+        return -ENOTSUP; /* QEMU: compression excludes encryption and external data files */
     }
     if (s->damaged) {
         return -EIO;
@@ -661,7 +651,7 @@ static int qcow2_flush(BlockNode *bs)
     if (s->read_only || s->damaged) {
         return may_sync ? vd_flush(bs->file) : 0; /* flush_syncs_file: the file is ours to sync */
     }
-    if (s->has_data_file && !s->data_file) {
+    if (s->has_data_file && !bs->data_file) {
         return -EIO;
     }
     int ret = presync_data(bs, s);
@@ -682,7 +672,7 @@ static int qcow2_flush(BlockNode *bs)
         ret = vd_flush(bs->file);
     }
     if (ret == 0 && may_sync && s->has_data_file) {
-        ret = vd_flush(s->data_file); /* a FUA write's data may still be only there */
+        ret = vd_flush(bs->data_file); /* a FUA write's data may still be only there */
     }
     return ret;
 }
@@ -937,7 +927,7 @@ static int qcow2_truncate(BlockNode *bs, uint64_t size, bool shrink, VdPrealloc 
             }
         }
         if (ret == 0 && s->has_data_file) {
-            ret = s->data_file ? vd_truncate(s->data_file, size, true, VD_PREALLOC_OFF, NULL)
+            ret = bs->data_file ? vd_truncate(bs->data_file, size, true, VD_PREALLOC_OFF, NULL)
                                : -EIO; /* the data file follows the virtual size (QEMU) */
         }
         if (ret < 0) {
@@ -947,9 +937,10 @@ static int qcow2_truncate(BlockNode *bs, uint64_t size, bool shrink, VdPrealloc 
     }
     if (s->has_data_file) {
         /* the data file grows with the image; a raw one is mapped 1:1 (metadata preallocation) */
-        ret = s->data_file ? vd_truncate(s->data_file, size, false, VD_PREALLOC_OFF, errp) : -EIO;
+        ret = bs->data_file ? vd_truncate(bs->data_file, size, false, VD_PREALLOC_OFF, errp)
+                            : -EIO;
         if (ret < 0) {
-            if (!s->data_file) {
+            if (!bs->data_file) {
                 vd_error_setg(errp, EIO, "qcow2: the data file is not open");
             }
             goto out;
@@ -1211,7 +1202,7 @@ static const VdOptSpec qcow2_encrypt_options[] = {
     {"key-secret", VD_OPT_STR},
     {NULL}};
 
-/* BlockdevOptionsQcow2 (data-file is refused by the QMP layer). */
+/* BlockdevOptionsQcow2. */
 static const VdOptSpec qcow2_blockdev_options[] = {
     {"file", VD_OPT_REF, true},
     {"backing", VD_OPT_REF_NULL},

@@ -140,16 +140,16 @@ typedef struct Qcow2State {
     VdCryptIO crypt;
     /*
      * External data file (incompatible bit 2, the data file extension): guest data lives in
-     * data_file at the guest offset (host offset == guest offset, so an L2 entry with
+     * bs->data_file at the guest offset (host offset == guest offset, so an L2 entry with
      * OFLAG_COPIED and offset 0 is cluster 0's data), no data cluster is refcounted, compression
      * and internal snapshots are refused. data_file_raw (autoclear bit 1): the data file stays a
-     * valid raw image, so zeroing keeps its bytes zero too. has_data_file with data_file NULL: a
-     * metadata-only open (info) whose data file could not be opened; data I/O fails with -EIO.
+     * valid raw image, so zeroing keeps its bytes zero too. has_data_file with bs->data_file
+     * NULL: a metadata-only open (info) whose data file could not be opened; data I/O fails
+     * with -EIO. The node is the BlockNode's data_file child (the generic layer frees it).
      */
     bool has_data_file;
     bool data_file_raw;
     char *data_file_name;  /* as the extension records it */
-    BlockNode *data_file;
     char *backing_file;
     char *backing_fmt;
 
@@ -205,7 +205,7 @@ static inline void q2_data_written(Qcow2State *s)
 /* The node guest data clusters live in: the external data file, else the image file. */
 static inline BlockNode *q2_data_node(const Qcow2State *s)
 {
-    return s->has_data_file ? s->data_file : s->bs->file;
+    return s->has_data_file ? s->bs->data_file : s->bs->file;
 }
 
 /*

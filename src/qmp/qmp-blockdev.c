@@ -122,8 +122,8 @@ static int check_options(json_t *o, const char *prefix, VdError **errp)
         return r;
     }
     char sub[PREFIX_MAX];
-    const char *children[] = {"file", "backing"};
-    for (int i = 0; i < 2; i++) {
+    const char *children[] = {"file", "backing", "data-file"};
+    for (int i = 0; i < 3; i++) {
         json_t *c = json_object_get(o, children[i]);
         if (json_is_object(c)) {
             snprintf(sub, sizeof(sub), "%s%s.", prefix, children[i]);
@@ -142,10 +142,6 @@ static int check_options(json_t *o, const char *prefix, VdError **errp)
         }
     }
     /* Options vdiskd accepts in the schema but cannot honour: refuse rather than ignore. */
-    if (json_object_get(o, "data-file")) {
-        vd_error_setg(errp, ENOTSUP, "'%sdata-file' is not supported by vdiskd", prefix);
-        return -ENOTSUP;
-    }
     const char *encfmt = qmp_arg_str(json_object_get(o, "encrypt"), "format", "luks");
     if (strcmp(encfmt, "luks") != 0) {
         vd_error_setg(errp, ENOTSUP, "'%sencrypt.format': '%s' (legacy AES) is not supported by "
@@ -199,8 +195,8 @@ static int check_names(json_t *o, const char **seen, int *nseen, int max, VdErro
             seen[(*nseen)++] = name;
         }
     }
-    const char *children[] = {"file", "backing"};
-    for (int i = 0; i < 2; i++) {
+    const char *children[] = {"file", "backing", "data-file"};
+    for (int i = 0; i < 3; i++) {
         json_t *c = json_object_get(o, children[i]);
         int r;
         if (json_is_object(c) && (r = check_names(c, seen, nseen, max, errp)) < 0) {
@@ -331,6 +327,11 @@ static BlockNode *open_tree(json_t *o, const Inherit *parent, bool is_backing, V
         return NULL;
     }
     BlockNode *backing = NULL;
+    json_t *dref = json_object_get(o, "data-file");
+    if (dref && !(opts.data_file = child_node(dref, &inh, false, errp))) {
+        vd_node_unref(file);
+        return NULL;
+    }
     json_t *bref = json_object_get(o, "backing");
     if (json_is_null(bref)) {
         opts.flags |= VD_OPEN_NO_BACKING;
@@ -339,6 +340,7 @@ static BlockNode *open_tree(json_t *o, const Inherit *parent, bool is_backing, V
         if (!backing) {
             vd_error_prepend(errp, "Could not open backing file: ");
             vd_node_unref(file);
+            vd_node_unref(opts.data_file);
             return NULL;
         }
     }
@@ -360,12 +362,14 @@ static BlockNode *open_tree(json_t *o, const Inherit *parent, bool is_backing, V
                       "read-only=true");
         vd_node_unref(file);
         vd_node_unref(backing);
+        vd_node_unref(opts.data_file);
         return NULL;
     }
     BlockNode *bs = vd_open(&opts, errp);
-    /* vd_open took its own references on file and backing. */
+    /* vd_open took its own references on file, backing and data file. */
     vd_node_unref(file);
     vd_node_unref(backing);
+    vd_node_unref(opts.data_file);
     return bs;
 }
 

@@ -114,9 +114,11 @@ static int amend_parse(const ToolOpts *o, VdAmendOptions *ao, uint64_t *size, bo
         (ao->lazy_refcounts = parse_on_off("lazy_refcounts", v)) < 0) {
         return -1;
     }
-    if ((v = tool_opts_get(o, "data_file_raw")) && parse_on_off("data_file_raw", v) < 0) {
+    if ((v = tool_opts_get(o, "data_file_raw")) &&
+        (ao->data_file_raw = parse_on_off("data_file_raw", v)) < 0) {
         return -1;
     }
+    ao->data_file = tool_opts_get(o, "data_file");
     if ((v = tool_opts_get(o, "refcount_bits"))) {
         uint64_t rb;
         if (tool_parse_uint(v, &rb) < 0 || rb == 0 || rb > 64 || (rb & (rb - 1))) {
@@ -135,15 +137,6 @@ static int amend_parse(const ToolOpts *o, VdAmendOptions *ao, uint64_t *size, bo
     if (tool_opts_get(o, "backing_file") || tool_opts_get(o, "backing_fmt")) {
         tool_error("Cannot amend the backing file");
         fprintf(stderr, "You can use 'qemu-img rebase' instead.\n");
-        return -1;
-    }
-    if (tool_opts_get(o, "data_file")) {
-        /* vdisk opens no image with an external data file (README: deliberate differences) */
-        tool_error("data-file can only be set for images that use an external data file");
-        return -1;
-    }
-    if (tool_opts_get(o, "data_file_raw")) {
-        tool_error("data-file-raw cannot be set on existing images");
         return -1;
     }
     for (int i = 0; i < o->n; i++) {
@@ -187,7 +180,7 @@ int img_amend(int argc, char **argv)
     int c, ret = 1;
     ToolOpts o = { 0 };
     BlockNode *bs = NULL;
-    VdAmendOptions ao = { .lazy_refcounts = -1, .progress = amend_progress };
+    VdAmendOptions ao = { .lazy_refcounts = -1, .data_file_raw = -1, .progress = amend_progress };
     uint64_t size = 0;
     bool size_given = false;
     VdError *err = NULL;

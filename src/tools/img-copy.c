@@ -583,7 +583,7 @@ static int write_data(Convert *s, uint64_t offset, uint64_t bytes, const uint8_t
                 r = write_zero_range(s, offset + o, n);
             } else {
                 r = vd_pwrite_compressed(s->target, offset + o, n, buf + o);
-                if (r == -ENOTSUP || (r == -EINVAL && n < cs)) {
+                if (r == -EINVAL && n < cs) {
                     r = vd_pwrite(s->target, offset + o, n, buf + o, 0);
                 }
             }
@@ -1054,6 +1054,10 @@ int img_convert(int argc, char **argv)
         out_base = spec.co.backing_file;
         if (compress && spec.co.prealloc != VD_PREALLOC_OFF) {
             tool_error("Compression and preallocation not supported at the same time");
+            goto out;
+        }
+        if (compress && spec.co.encrypt_format) {
+            tool_error("Compression and encryption not supported at the same time");
             goto out;
         }
         spec.co.size = s.total;
