@@ -188,11 +188,6 @@ static int parse_create_opts(const VdCreateOptions *o, uint32_t *cbits, uint32_t
                       "time");
         return -EINVAL;
     }
-    if (o->data_file && o->encrypt_format) {
-        vd_error_setg(errp, ENOTSUP, "Encryption with an external data file is not supported "
-                      "by vdisk");
-        return -ENOTSUP;
-    }
     *ctype = QCOW2_COMPRESSION_ZLIB;
     if (o->compression_type && strcmp(o->compression_type, "zlib")) {
         if (strcmp(o->compression_type, "zstd")) {

@@ -389,11 +389,6 @@ int q2_parse_header(BlockNode *bs, Qcow2State *s, int flags, VdError **errp)
             return -ENOMEM;
         }
     }
-    if (s->has_data_file && h->crypt_method) {
-        vd_error_setg(errp, ENOTSUP, "qcow2: encryption with an external data file is not "
-                      "supported");
-        return -ENOTSUP;
-    }
     uint64_t unknown = h->incompatible_features & ~QCOW2_INCOMPAT_KNOWN;
     if (unknown) {
         char msg[512] = "", tmp[80];
