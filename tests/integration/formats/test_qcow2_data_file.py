@@ -324,4 +324,4 @@ def test_encrypted_data_file_image_reads_both_ways(tmp):
                      "read -P 0x5b 512k 4k", "-c", "read -P 0 64k 64k", spec).stdout
         assert "Pattern verification failed" not in out and out.count("read ") == 3
         assert b"\x5a" * 4096 not in (d / "d.raw").read_bytes()  # ciphertext only
-        in_dir(d, "qemu-img", "check", "a.qcow2")
+        in_dir(d, "qemu-img", "check", *sec, "--image-opts", spec)
