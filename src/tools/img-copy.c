@@ -977,7 +977,7 @@ int img_convert(int argc, char **argv)
         goto out;
     }
     if (tool_opts_get(&o, "help")) { /* before the file names, as qemu-img */
-        tool_print_create_help(out_fmt);
+        tool_print_create_help(out_fmt, nsrc >= 1 ? argv[argc - 1] : NULL);
         ret = 0;
         goto out;
     }

@@ -79,7 +79,7 @@ int img_create(int argc, char **argv)
         goto out;
     }
     if (opts_want_help(&o)) {
-        tool_print_create_help(fmt);
+        tool_print_create_help(fmt, optind < argc ? argv[optind] : NULL);
         ret = 0;
         goto out;
     }
@@ -389,7 +389,7 @@ int img_measure(int argc, char **argv)
         goto out;
     }
     if (opts_want_help(&o)) {
-        tool_print_create_help(out_fmt);
+        tool_print_create_help(out_fmt, NULL);
         ret = 0;
         goto out;
     }

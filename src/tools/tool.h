@@ -161,7 +161,7 @@ int tool_create_options(CreateSpec *spec, const char *fmt, const ToolOpts *o, co
 /* "Formatting 'f', fmt=qcow2 cluster_size=65536 ..." exactly like qemu-img. */
 void tool_print_formatting(const char *filename, const CreateSpec *spec);
 /* Print the -o help for a format. */
-void tool_print_create_help(const char *fmt);
+void tool_print_create_help(const char *fmt, const char *target);
 
 /* `-l snapshot_param` (convert, measure): "snapshot.id=ID,snapshot.name=NAME" or an id or name. */
 typedef struct ToolSnapParam {

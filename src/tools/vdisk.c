@@ -897,27 +897,86 @@ void tool_print_formatting(const char *filename, const CreateSpec *spec)
     fflush(stdout);
 }
 
-void tool_print_create_help(const char *fmt)
+typedef struct {
+    const char *name, *help;
+} CreateOptHelp;
+
+/* qemu-img 7.2's create options (format level), sorted by name as it prints them. */
+static const CreateOptHelp qcow2_help[] = {
+    { "backing_file", "<str>     - File name of a base image" },
+    { "backing_fmt", "<str>      - Image format of the base image" },
+    { "cluster_size", "<size>    - qcow2 cluster size" },
+    { "compat", "<str>           - Compatibility level (v2 [0.10] or v3 [1.1])" },
+    { "compression_type", "<str> - Compression method used for image cluster compression" },
+    { "data_file", "<str>        - File name of an external data file" },
+    { "data_file_raw", "<bool (on/off)> - The external data file must stay valid as a raw image" },
+    { "encrypt.cipher-alg", "<str> - Name of encryption cipher algorithm" },
+    { "encrypt.cipher-mode", "<str> - Name of encryption cipher mode" },
+    { "encrypt.format", "<str>   - Encrypt the image, format choices: 'aes', 'luks'" },
+    { "encrypt.hash-alg", "<str> - Name of encryption hash algorithm" },
+    { "encrypt.iter-time", "<num> - Time to spend in PBKDF in milliseconds" },
+    { "encrypt.ivgen-alg", "<str> - Name of IV generator algorithm" },
+    { "encrypt.ivgen-hash-alg", "<str> - Name of IV generator hash algorithm" },
+    { "encrypt.key-secret", "<str> - ID of secret providing qcow AES key or LUKS passphrase" },
+    { "encryption", "<bool (on/off)> - Encrypt the image with format 'aes'. (Deprecated in favor "
+                    "of encrypt.format=aes)" },
+    { "extended_l2", "<bool (on/off)> - Extended L2 tables" },
+    { "lazy_refcounts", "<bool (on/off)> - Postpone refcount updates" },
+    { "preallocation", "<str>    - Preallocation mode (allowed values: off, metadata, falloc, "
+                       "full)" },
+    { "refcount_bits", "<num>    - Width of a reference count entry in bits" },
+    { "size", "<size>            - Virtual disk size" },
+    { NULL, NULL }
+};
+static const CreateOptHelp luks_help[] = {
+    { "cipher-alg", "<str>       - Name of encryption cipher algorithm" },
+    { "cipher-mode", "<str>      - Name of encryption cipher mode" },
+    { "hash-alg", "<str>         - Name of encryption hash algorithm" },
+    { "iter-time", "<num>        - Time to spend in PBKDF in milliseconds" },
+    { "ivgen-alg", "<str>        - Name of IV generator algorithm" },
+    { "ivgen-hash-alg", "<str>   - Name of IV generator hash algorithm" },
+    { "key-secret", "<str>       - ID of the secret that provides the keyslot passphrase" },
+    { "size", "<size>            - Virtual disk size" },
+    { NULL, NULL }
+};
+static const CreateOptHelp raw_help[] = {
+    { "size", "<size>            - Virtual disk size" },
+    { NULL, NULL }
+};
+/* The file protocol's own (qemu-img adds them once a target filename is given). */
+static const CreateOptHelp file_help[] = {
+    { "preallocation", "<str>    - Preallocation mode (allowed values: off, falloc, full)" },
+    { "size", "<size>            - Virtual disk size" },
+    { NULL, NULL }
+};
+
+/*
+ * qemu-img's "-o help": without a target filename the format's options and two closing lines;
+ * with one, "Supported options:" and the format's and the protocol's merged by name (qemu-img
+ * 7.2 also lists file's extent_size_hint and nocow, which vdisk does not take).
+ */
+void tool_print_create_help(const char *fmt, const char *target)
 {
-    if (!strcmp(fmt, "qcow2")) {
-        printf("Supported qcow2 options:\n"
-               "  backing_file=<str>     - File name of a base image\n"
-               "  backing_fmt=<str>      - Image format of the base image\n"
-               "  cluster_size=<size>    - qcow2 cluster size\n"
-               "  compat=<str>           - Compatibility level (v2 [0.10] or v3 [1.1])\n"
-               "  compression_type=<str> - Compression method used for image cluster "
-               "compression\n"
-               "  extended_l2=<bool (on/off)> - Extended L2 tables\n"
-               "  lazy_refcounts=<bool (on/off)> - Postpone refcount updates\n"
-               "  preallocation=<str>    - Preallocation mode (allowed values: off, metadata, "
-               "falloc, full)\n"
-               "  refcount_bits=<num>    - Width of a reference count entry in bits\n"
-               "  size=<size>            - Virtual disk size\n");
-    } else {
-        printf("Supported raw options:\n"
-               "  preallocation=<str>    - Preallocation mode (allowed values: off, falloc, "
-               "full)\n"
-               "  size=<size>            - Virtual disk size\n");
+    const CreateOptHelp *f = !strcmp(fmt, "qcow2") ? qcow2_help
+                           : !strcmp(fmt, "luks") ? luks_help : raw_help;
+    if (!target) {
+        printf("Supported %s options:\n", fmt);
+        for (; f->name; f++) {
+            printf("  %s=%s\n", f->name, f->help);
+        }
+        printf("\nThe protocol level may support further options.\n"
+               "Specify the target filename to include those options.\n");
+        return;
+    }
+    printf("Supported options:\n");
+    const CreateOptHelp *p = file_help;
+    while (f->name || p->name) {
+        int c = !f->name ? 1 : !p->name ? -1 : strcmp(f->name, p->name);
+        const CreateOptHelp *e = c <= 0 ? f++ : p++;
+        if (c == 0) {
+            p++; /* both have it: qemu-img lists it once */
+        }
+        printf("  %s=%s\n", e->name, e->help);
     }
 }
 

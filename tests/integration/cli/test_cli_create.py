@@ -128,9 +128,29 @@ def test_create_backing_without_format_is_refused(tmp):
     assert not (tmp / "b.qcow2").exists()
 
 
-def test_create_option_help(tmp):
-    p = vdisk("create", "-f", "qcow2", "-o", "help")
-    assert "cluster_size=<size>" in p.stdout and "lazy_refcounts" in p.stdout
+@pytest.mark.parametrize("fmt", ["qcow2", "raw", "luks"])
+@pytest.mark.parametrize("cmd", ["create -f", "convert -O"])
+def test_option_help_without_target_is_qemu_imgs(tmp, fmt, cmd):
+    """-o help with no target filename: the format's options (encryption's included) and the
+    two closing lines, byte for byte as qemu-img 7.2."""
+    args = [*cmd.split(), fmt, "-o", "help"]
+    pv, pq = vdisk(*args), qemu_img(*args)
+    assert pv.stdout == pq.stdout
+    assert pv.stdout.endswith("\nThe protocol level may support further options.\n"
+                              "Specify the target filename to include those options.\n")
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw", "luks"])
+def test_option_help_with_target_merges_the_file_protocols(tmp, fmt):
+    """With a target: one merged list; qemu-img's also has file's extent_size_hint and nocow,
+    which vdisk does not take (README), and nothing is created."""
+    pv = vdisk("create", "-f", fmt, "-o", "help", tmp / "x.img")
+    pq = qemu_img("create", "-f", fmt, "-o", "help", tmp / "x.img")
+    qemu_lines = [l for l in pq.stdout.splitlines()
+                  if not l.startswith(("  extent_size_hint=", "  nocow="))]
+    assert pv.stdout.splitlines() == qemu_lines
+    assert pv.stdout.startswith("Supported options:\n")
+    assert not (tmp / "x.img").exists()
 
 
 # ---- resize ----
