@@ -1151,9 +1151,7 @@ int img_convert(int argc, char **argv)
     for (int i = 1; i <= started; i++) {
         pthread_join(tids[i], NULL);
     }
-    if (s.ret == 0) {
-        progress_print(100, 0);
-    }
+    progress_print(100, 0); /* qemu-img shows 100 % also when the copy failed */
     progress_end();
     if (s.ret < 0) {
         if (s.err) {

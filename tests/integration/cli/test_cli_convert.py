@@ -316,3 +316,22 @@ def test_convert_compressed_threads(tmp, ctype):
     cv = json.loads(qemu_img("check", "--output=json", "v.qcow2").stdout)
     for k in ("allocated-clusters", "compressed-clusters"):
         assert cv[k] == cq[k], k
+
+
+def test_convert_progress_after_a_read_error_ends_at_100_as_qemu_img(tmp):
+    """qemu-img -p prints 100 % and ends the line also when the copy fails (then the error)."""
+    (tmp / "in.raw").write_bytes(os.urandom(4 << 20))
+    src = ('json:{"driver":"raw","file":{"driver":"blkdebug","image":{"driver":"file",'
+           f'"filename":"{tmp / "in.raw"}"}},"inject-error":[{{"event":"read_aio","errno":5,'
+           '"sector":4096}]}}')
+    outs = []
+    for tool in ("qemu-img", VDISK):
+        p = subprocess.run([tool, "convert", "-p", "-O", "raw", src, str(tmp / "o.raw")],
+                           capture_output=True, timeout=120)
+        assert p.returncode == 1
+        assert p.stderr.decode().endswith("error while reading at byte 2097152: "
+                                          "Input/output error\n")
+        outs.append(p.stdout)
+    for out in outs:
+        assert out.startswith(b"    (0.00/100%)\r")
+        assert out.endswith(b"\r    (100.00/100%)\r\n")
