@@ -142,6 +142,14 @@ static int check_options(json_t *o, const char *prefix, VdError **errp)
         }
     }
     /* Options vdiskd accepts in the schema but cannot honour: refuse rather than ignore. */
+    for (const QmpArgSpec *s = d->blockdev_options; d->is_protocol && s->name; s++) {
+        if (s->type == VD_OPT_REF && json_is_string(json_object_get(o, s->name))) {
+            /* a protocol opens its child from the option tree itself (blkdebug's image) */
+            vd_error_setg(errp, ENOTSUP, "'%s%s' as a node name is not supported by vdiskd: give "
+                          "it as an object", prefix, s->name);
+            return -ENOTSUP;
+        }
+    }
     const char *encfmt = qmp_arg_str(json_object_get(o, "encrypt"), "format", "luks");
     if (strcmp(encfmt, "luks") != 0) {
         vd_error_setg(errp, ENOTSUP, "'%sencrypt.format': '%s' (legacy AES) is not supported by "
@@ -149,7 +157,7 @@ static int check_options(json_t *o, const char *prefix, VdError **errp)
         return -ENOTSUP;
     }
     json_t *off = json_object_get(o, "offset"), *size = json_object_get(o, "size");
-    if ((off && json_integer_value(off) != 0) || size) {
+    if (!strcmp(dname, "raw") && ((off && json_integer_value(off) != 0) || size)) {
         vd_error_setg(errp, ENOTSUP, "'%s%s' of the raw driver is not supported by vdiskd",
                       prefix, size ? "size" : "offset");
         return -ENOTSUP;
@@ -306,9 +314,22 @@ static BlockNode *open_tree(json_t *o, const Inherit *parent, bool is_backing, V
     const BlockDriver *d = vd_find_driver(drv); /* check_options found it */
     if (d->is_protocol) {
         if (!d->blockdev_filename) {
-            opts.filename = qmp_arg_str(o, "filename", "");
+            /*
+             * The driver reads its own members from the option tree (null-co's size, blkdebug's
+             * image and rules); one without a filename is named by its URI ("null-co://").
+             */
+            char *uri = NULL;
+            const char *fn = qmp_arg_str(o, "filename", NULL);
+            if (!fn && d->uri_schemes && asprintf(&uri, "%s://", d->uri_schemes[0]) < 0) {
+                vd_error_setg(errp, ENOMEM, "Out of memory");
+                return NULL;
+            }
+            opts.filename = fn ? fn : uri ? uri : drv;
             opts.format = drv;
-            return vd_open(&opts, errp);
+            opts.options = o;
+            BlockNode *bs = vd_open(&opts, errp);
+            free(uri);
+            return bs;
         }
         JsonReader reader = {{json_reader_str, json_reader_num}, o};
         opts.tls_creds = qmp_arg_str(o, "tls-creds", NULL); /* nbd: NBD over TLS */

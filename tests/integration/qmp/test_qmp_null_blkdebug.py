@@ -1,0 +1,90 @@
+"""blockdev-add of null-co and blkdebug in vdiskd, with qemu-storage-daemon as the oracle: the
+same commands are accepted or refused with the same replies, and what an NBD client reads from
+an export of such a node is the same through both daemons."""
+import pytest
+
+from conftest import qemu_io, run
+from qmp_client import file_node
+
+MiB = 1 << 20
+
+
+def _export_read(c, sock, node, cmds, writable=False):
+    """Export node over NBD on sock, run qemu-io commands against it, stop; qemu-io's result."""
+    c.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(sock)}})
+    c.cmd("block-export-add", type="nbd", id="e0", writable=writable, **{"node-name": node})
+    try:
+        args = []
+        for cmd in cmds:
+            args += ["-c", cmd]
+        return run(["qemu-io", "-f", "raw", *([] if writable else ["-r"]), *args,
+                    f"nbd+unix:///{node}?socket={sock}"], check=False)
+    finally:
+        c.cmd("block-export-del", id="e0")
+        c.cmd("nbd-server-stop")
+
+
+def _both(vd, qsd, fn):
+    return [fn(d, name) for d, name in ((vd, "v"), (qsd, "q"))]
+
+
+@pytest.mark.parametrize("args", [
+    {"size": MiB, "read-zeroes": True},
+    {"read-zeroes": True},
+    {"size": 4 * MiB, "latency-ns": 1000, "read-zeroes": True},
+])
+def test_null_co_node_size_and_zeroes_as_qsd(tmp, vd, qsd, args):
+    def go(d, name):
+        with d.client() as c:
+            c.cmd("blockdev-add", driver="null-co", **{"node-name": "n0", **args})
+            nodes = c.cmd("query-named-block-nodes", flat=True)
+            size = [n["image"]["virtual-size"] for n in nodes if n["node-name"] == "n0"]
+            p = _export_read(c, tmp / f"{name}.sock", "n0",
+                             ["read -P 0 0 64k", "length", "write -P 1 0 4k", "read -P 0 0 4k"],
+                             writable=True)
+            c.cmd("blockdev-del", **{"node-name": "n0"})
+            return size, p.returncode, "Pattern verification failed" in p.stdout, \
+                [l for l in p.stdout.splitlines() if l.startswith(("wrote", "read ", "1 MiB",
+                                                                 "4 MiB", "1 GiB"))]
+    v, q = _both(vd, qsd, go)
+    assert v == q
+    assert v[0] == [args.get("size", 1 << 30)]
+    assert v[1] == 0 and not v[2]  # zeroes read back, the write went nowhere
+    assert len(v[3]) == 4, v[3]
+
+
+def test_blkdebug_inject_error_reaches_the_nbd_client_as_qsd(tmp, vd, qsd):
+    """A raw node over blkdebug over a file, read errors injected at sector 128 (64 KiB): an NBD
+    client reads the first 64 KiB and gets EIO after, through both daemons."""
+    img = tmp / "in.raw"
+    img.write_bytes(b"\x05" * MiB)
+
+    def go(d, name):
+        with d.client() as c:
+            c.cmd("blockdev-add", driver="blkdebug", **{
+                "node-name": "b0", "image": file_node(img),
+                "inject-error": [{"event": "read_aio", "errno": 5, "sector": 128}]})
+            c.cmd("blockdev-add", driver="raw", **{"node-name": "r0", "file": "b0"})
+            p = _export_read(c, tmp / f"{name}.sock", "r0",
+                             ["read -P 5 0 64k", "read -P 5 64k 64k"])
+            c.cmd("blockdev-del", **{"node-name": "r0"})
+            c.cmd("blockdev-del", **{"node-name": "b0"})
+            return (p.stdout.count("read 65536/65536 bytes at offset 0"),
+                    "Input/output error" in p.stdout + p.stderr,
+                    "offset 65536\n" in p.stdout)
+    v, q = _both(vd, qsd, go)
+    assert v == q == (1, True, False)
+
+
+@pytest.mark.parametrize("args", [
+    {"driver": "blkdebug", "node-name": "b1"},
+    {"driver": "null-co", "node-name": "n1", "size": "big"},
+    {"driver": "null-co", "node-name": "n1", "bogus": 1},
+    {"driver": "blkdebug", "node-name": "b1", "image": {"driver": "file", "filename": "/nonexistent"}},
+])
+def test_null_co_and_blkdebug_refusals_match_qsd(tmp, vd, qsd, args):
+    def go(d, name):
+        with d.client() as c:
+            return c.error("blockdev-add", args)
+    v, q = _both(vd, qsd, go)
+    assert v == q
