@@ -209,6 +209,12 @@ struct BlockDriver {
     const char *const *uri_schemes;
     bool opens_host_paths;
     /*
+     * Protocols that open host paths: does this path name something of this driver's (QEMU's
+     * bdrv_probe_device: host_device takes block and character devices)? Asked before the
+     * opens_host_paths drivers. NULL: never.
+     */
+    bool (*probe_device)(const char *filename);
+    /*
      * Protocols: filenames starting with this prefix are this driver's too, and never host paths
      * (QEMU's "rbd:POOL/IMAGE", which has no "//"). NULL: none.
      */
@@ -393,6 +399,7 @@ const BlockDriver *vd_protocol_for(const char *filename, VdError **errp);
 const BlockDriver *vd_probe_bytes(const uint8_t *buf, size_t len, const char *filename,
                                   int *score);
 extern const BlockDriver vd_drv_file;
+extern const BlockDriver vd_drv_host_device;
 extern const BlockDriver vd_drv_raw;
 extern const BlockDriver vd_drv_qcow2;
 
@@ -405,6 +412,8 @@ extern const BlockDriver vd_drv_qcow2;
  * Returns a node with refcnt 1, or NULL with *errp set.
  */
 BlockNode *vd_open(const VdOpenOptions *opts, VdError **errp);
+/* The protocol node alone for a filename, by the protocol it names (vd_protocol_for). */
+BlockNode *vd_open_protocol(const char *filename, int flags, VdError **errp);
 /* Convenience: vd_open with only filename, format and flags. */
 BlockNode *vd_open_image(const char *filename, const char *format, int flags, VdError **errp);
 /*

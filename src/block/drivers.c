@@ -9,8 +9,8 @@
 
 #include "block/block.h"
 
-extern const BlockDriver vd_drv_qcow2, vd_drv_raw, vd_drv_file, vd_drv_nbd, vd_drv_rbd,
-    vd_drv_null_co, vd_drv_blkdebug;
+extern const BlockDriver vd_drv_qcow2, vd_drv_raw, vd_drv_file, vd_drv_host_device, vd_drv_nbd,
+    vd_drv_rbd, vd_drv_null_co, vd_drv_blkdebug;
 extern const BlockDriver vd_drv_luks;
 
 /* Format probing asks formats in this order (the first of equal scores wins). */
@@ -19,6 +19,7 @@ static const BlockDriver *const builtin_drivers[] = {
     &vd_drv_luks,
     &vd_drv_raw,
     &vd_drv_file,
+    &vd_drv_host_device,
     &vd_drv_nbd,
     &vd_drv_rbd,
     &vd_drv_null_co,
@@ -117,6 +118,11 @@ const BlockDriver *vd_protocol_for(const char *filename, VdError **errp)
     }
     size_t len = uri_scheme_len(filename);
     bool uri = vd_filename_is_uri(filename);
+    for (size_t i = 0; !uri && (d = vd_driver_at(i)); i++) {
+        if (d->is_protocol && d->probe_device && d->probe_device(filename)) {
+            return d;
+        }
+    }
     for (size_t i = 0; (d = vd_driver_at(i)); i++) {
         if (d->is_protocol &&
             (uri ? driver_has_scheme(d, filename, len) : d->opens_host_paths)) {

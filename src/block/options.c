@@ -242,7 +242,7 @@ static int node_flags(json_t *o, int flags, VdError **errp)
 static BlockNode *open_tree(json_t *o, int flags, bool protocol, VdError **errp);
 
 /* A protocol node for a file name: the protocol it names (path: file, nbd://: nbd ...). */
-static BlockNode *open_protocol_by_name(const char *filename, int flags, VdError **errp)
+BlockNode *vd_open_protocol(const char *filename, int flags, VdError **errp)
 {
     const BlockDriver *p = vd_protocol_for(filename, errp);
     return p ? vd_open_image(filename, p->name, flags, errp) : NULL;
@@ -257,7 +257,7 @@ static BlockNode *open_child(json_t *ref, const char *what, int flags, bool prot
 {
     if (json_is_string(ref)) {
         const char *name = json_string_value(ref);
-        return protocol ? open_protocol_by_name(name, flags, errp)
+        return protocol ? vd_open_protocol(name, flags, errp)
                         : vd_open_image(name, NULL, flags, errp);
     }
     if (json_is_object(ref)) {
@@ -341,7 +341,7 @@ static BlockNode *open_tree(json_t *o, int flags, bool protocol, VdError **errp)
             vd_error_setg(errp, EINVAL, "The options name no driver and no filename");
             goto out;
         }
-        bs = protocol ? open_protocol_by_name(filename, flags, errp)
+        bs = protocol ? vd_open_protocol(filename, flags, errp)
                       : vd_open_image(filename, NULL, flags, errp);
     } else if (drv && drv->is_protocol) {
         /* a protocol named without a filename: its URI ("null-co://") or its name */

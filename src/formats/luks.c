@@ -129,7 +129,7 @@ static int luks_create(const char *filename, const VdCreateOptions *o, VdError *
         vd_error_setg(errp, EFBIG, "The image size is too large for file format 'luks'");
         r = -EFBIG;
     } else if ((r = vd_protocol_create(filename, &fo, errp)) == 0 &&
-               !(file = vd_open_image(filename, "file", VD_OPEN_RDWR, errp))) {
+               !(file = vd_open_protocol(filename, VD_OPEN_RDWR, errp))) {
         r = -EIO;
     }
     if (r == 0) {

@@ -288,7 +288,7 @@ int q2_create(const char *filename, const VdCreateOptions *o, VdError **errp)
     if (ret < 0) {
         return ret;
     }
-    BlockNode *file = vd_open_image(filename, "file", VD_OPEN_RDWR, errp);
+    BlockNode *file = vd_open_protocol(filename, VD_OPEN_RDWR, errp);
     if (!file) {
         return -EIO;
     }

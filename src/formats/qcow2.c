@@ -193,9 +193,8 @@ static int open_data_file(BlockNode *bs, Qcow2State *s, BlockNode *given, int fl
         return -ENOMEM;
     }
     VdError *local = NULL;
-    const BlockDriver *proto = vd_protocol_for(full, &local);
     int pflags = flags & (VD_OPEN_RDWR | VD_OPEN_DIRECT | VD_OPEN_FORCE_SHARE | VD_OPEN_NO_FLUSH);
-    bs->data_file = proto ? vd_open_image(full, proto->name, pflags, &local) : NULL;
+    bs->data_file = vd_open_protocol(full, pflags, &local);
     free(full);
     if (!bs->data_file) {
         if (flags & VD_OPEN_NO_IO) {

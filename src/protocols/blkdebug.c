@@ -256,8 +256,7 @@ static int blkdebug_open(BlockNode *bs, const VdOpenOptions *opts, VdError **err
         s->image = vd_open_options(img, flags, true, errp);
     } else if (json_is_string(img) || image_name) {
         const char *name = image_name ? image_name : json_string_value(img);
-        const BlockDriver *p = vd_protocol_for(name, errp);
-        s->image = p ? vd_open_image(name, p->name, flags, errp) : NULL;
+        s->image = vd_open_protocol(name, flags, errp);
     } else {
         vd_error_setg(errp, EINVAL, "A block device must be specified for \"image\"");
     }

@@ -545,6 +545,19 @@ static int file_open(BlockNode *bs, const VdOpenOptions *opts, VdError **errp)
         vd_error_setg(errp, EISDIR, "Could not open '%s': Is a directory", path);
         return -EISDIR;
     }
+    /* As QEMU: a device is host_device's, a regular file file's (the name picks for a path). */
+    bool device = S_ISBLK(st.st_mode) || S_ISCHR(st.st_mode);
+    if (bs->drv == &vd_drv_file && device) {
+        close(fd);
+        vd_error_setg(errp, EINVAL, "'file' driver requires '%s' to be a regular file", path);
+        return -EINVAL;
+    }
+    if (bs->drv == &vd_drv_host_device && !device) {
+        close(fd);
+        vd_error_setg(errp, EINVAL, "'host_device' driver requires '%s' to be either a character "
+                      "or block device", path);
+        return -EINVAL;
+    }
     s->fd = fd;
     s->is_blockdev = S_ISBLK(st.st_mode);
     s->direct = (oflags & O_DIRECT) != 0;
@@ -993,6 +1006,12 @@ static int file_create(const char *filename, const VdCreateOptions *opts, VdErro
     return 0;
 }
 
+static bool host_device_probe_device(const char *filename)
+{
+    struct stat st;
+    return stat(filename, &st) == 0 && (S_ISBLK(st.st_mode) || S_ISCHR(st.st_mode));
+}
+
 static int file_probe(const uint8_t *buf, size_t len, const char *filename)
 {
     return 0; /* a protocol, never a format guess */
@@ -1024,6 +1043,33 @@ const BlockDriver vd_drv_file = {
     .is_protocol = true,
     .supports_backing = false,
     .opens_host_paths = true,
+    .blockdev_options = file_blockdev_options,
+    .reads_zero_past_end = true,
+    .state_size = sizeof(FileState),
+    .probe = file_probe,
+    .open = file_open,
+    .close = file_close,
+    .create = file_create,
+    .pread = file_pread,
+    .pwrite = file_pwrite,
+    .pwrite_zeroes = file_pwrite_zeroes,
+    .copy_range_to = file_copy_range_to,
+    .pdiscard = file_pdiscard,
+    .flush = file_flush,
+    .block_status = file_block_status,
+    .getlength = file_getlength,
+    .allocated_size = file_allocated_size,
+    .truncate = file_truncate,
+    .is_dirty = file_is_dirty,
+    .lock_for_format = file_lock_for_format,
+};
+
+/* Block and character devices by path (QEMU's host_device): the file driver's I/O. */
+const BlockDriver vd_drv_host_device = {
+    .name = "host_device",
+    .is_protocol = true,
+    .supports_backing = false,
+    .probe_device = host_device_probe_device,
     .blockdev_options = file_blockdev_options,
     .reads_zero_past_end = true,
     .state_size = sizeof(FileState),

@@ -41,9 +41,9 @@ static const QmpArgSpec base_spec[] = {
 
 /* Drivers QEMU knows but vdiskd does not implement: a clearer error than "does not accept". */
 static const char *const qemu_only_drivers[] = {
-    "blkdebug", "blklogwrites", "blkreplay", "blkverify", "bochs", "cloop", "compress",
+    "blklogwrites", "blkreplay", "blkverify", "bochs", "cloop", "compress",
     "copy-before-write", "copy-on-read", "dmg", "ftp", "ftps", "gluster", "host_cdrom",
-    "host_device", "http", "https", "iscsi", "nfs", "null-aio", "null-co", "nvme",
+    "http", "https", "iscsi", "nfs", "null-aio", "nvme",
     "parallels", "preallocate", "qcow", "qed", "quorum", "replication", "snapshot-access",
     "ssh", "throttle", "vdi", "vhdx", "vmdk", "vpc", "vvfat", "io_uring", "virtio-blk-vfio-pci",
     NULL};
