@@ -15,6 +15,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <jansson.h>
+
 #include "block/block.h"
 #include "block/dirty-bitmap.h"
 #include "block/write-hooks.h"
@@ -454,9 +456,14 @@ static int open_backing(BlockNode *bs, const VdOpenOptions *opts, ChainSeen *see
             return -err;
         }
     }
+    json_t *bopt = opts->backing_options;
+    const char *key = vd_options_str(bopt, "key-secret");
     VdOpenOptions bo = {
         .filename = full,
         .format = bs->backing_format,
+        /* luks: key-secret; qcow2: encrypt.key-secret */
+        .key_secret = key ? key : vd_options_str(json_object_get(bopt, "encrypt"), "key-secret"),
+        .backing_options = json_object_get(bopt, "backing"),
         .flags = opts->flags & (VD_OPEN_ALLOW_PROBE | VD_OPEN_DIRECT | VD_OPEN_FORCE_SHARE |
                                 VD_OPEN_NO_IO),
     };

@@ -100,6 +100,12 @@ typedef struct VdOpenOptions {
      */
     const char *key_secret;
     /*
+     * Options for the backing file opened by the name the image records (json:/--image-opts
+     * "backing": {...} naming no driver, file or filename, as QEMU merges them): its key-secret
+     * (`backing.encrypt.key-secret`), and its own "backing" member for the next layer. May be NULL.
+     */
+    json_t *backing_options;
+    /*
      * The node's own options when it comes from an option tree (json:, --image-opts; options.c):
      * driver-specific members (null-co's size, blkdebug's rules) are read from here. May be NULL.
      */

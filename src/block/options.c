@@ -302,6 +302,9 @@ static BlockNode *open_tree_format(json_t *o, const BlockDriver *drv, int flags,
     json_t *bref = json_object_get(o, "backing");
     if (json_is_null(bref)) {
         opts.flags |= VD_OPEN_NO_BACKING;
+    } else if (json_is_object(bref) && !json_object_get(bref, "driver") &&
+               !json_object_get(bref, "file") && !json_object_get(bref, "filename")) {
+        opts.backing_options = bref; /* options for the backing the image names */
     } else if (bref && !(opts.backing = open_child(bref, "backing", flags & ~VD_OPEN_RDWR,
                                                     false, errp))) {
         vd_error_prepend(errp, "Could not open backing file: ");

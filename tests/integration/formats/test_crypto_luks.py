@@ -322,3 +322,29 @@ def test_qcow2_luks_resize_preallocation_refused_plain_grow_reads_zeroes(tmp):
     assert json.loads(qemu_img("info", "--output=json", img).stdout)["virtual-size"] == 2 << 20
     qemu_io("--object", SECRET, "--image-opts", opts, "-c", "read -P 0x5a 0 1M",
             "-c", "read -P 0 1M 1M")
+
+
+def test_key_for_an_encrypted_backing_file_as_qemu(tmp):
+    """backing.encrypt.key-secret (--image-opts, json:) unlocks the backing file the image names,
+    two layers down too (backing.backing.*), as qemu-io takes it; without it the open fails."""
+    sec = ["--object", "secret,id=s0,data=pw"]
+    base, top, t2 = tmp / "base.qcow2", tmp / "top.qcow2", tmp / "t2.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", *sec, "-o",
+             "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", base, "1M")
+    qemu_io(*sec, "--image-opts", "-c", "write -P 7 0 64k",
+            f"driver=qcow2,file.filename={base},encrypt.key-secret=s0")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
+    qemu_img("create", "-q", "-f", "qcow2", "-b", top, "-F", "qcow2", t2)
+    for spec in (f"driver=qcow2,file.filename={top},backing.encrypt.key-secret=s0",
+                 f"driver=qcow2,file.filename={t2},backing.backing.encrypt.key-secret=s0"):
+        for tool in (["qemu-io"], [VDISK, "io"]):
+            out = run([*tool, *sec, "--image-opts", "-c", "read -P 7 0 64k", "-c",
+                       "read -P 0 64k 64k", spec]).stdout
+            assert "Pattern verification failed" not in out and out.count("read ") == 2, out
+    js = ('json:{"driver":"qcow2","file":{"driver":"file","filename":"%s"},'
+          '"backing":{"encrypt":{"key-secret":"s0"}}}' % top)
+    vdisk("convert", *sec, "-O", "raw", js, tmp / "v.raw")
+    qemu_img("convert", *sec, "-O", "raw", js, tmp / "q.raw")
+    assert (tmp / "v.raw").read_bytes() == (tmp / "q.raw").read_bytes()
+    p = vdisk("io", "-c", "read 0 512", top, check=False)
+    assert p.returncode == 1 and "Parameter 'encrypt.key-secret' is required" in p.stderr
