@@ -208,10 +208,10 @@ void block_tracker_wait_idle(BlockTracker *t)
 
 void block_tracker_stats(BlockTracker *t, uint64_t *ended, uint64_t *lat_ns)
 {
-    pthread_mutex_lock(&t->lock);
+    vd_mutex_lock(&t->lock);
     *ended = t->ended;
     *lat_ns = t->lat_ns;
-    pthread_mutex_unlock(&t->lock);
+    vd_mutex_unlock(&t->lock);
 }
 
 unsigned block_tracker_in_flight(BlockTracker *t)

@@ -19,6 +19,7 @@
 #include <jansson.h>
 
 #include "block/block.h"
+#include "util/lock.h"
 
 typedef int Event; /* VD_DEBUG_* */
 
@@ -278,7 +279,7 @@ static void blkdebug_close(BlockNode *bs)
 static void blkdebug_debug_event(BlockNode *bs, int event)
 {
     BlkdebugState *s = bs->opaque;
-    pthread_mutex_lock(&s->lock);
+    vd_mutex_lock(&s->lock);
     int64_t new_state = s->state;
     for (size_t i = 0; i < s->n; i++) {
         Rule *r = &s->rules[i];
@@ -292,7 +293,7 @@ static void blkdebug_debug_event(BlockNode *bs, int event)
         }
     }
     s->state = new_state;
-    pthread_mutex_unlock(&s->lock);
+    vd_mutex_unlock(&s->lock);
 }
 
 /* The error an active rule injects into a request of [offset, offset+bytes) (flush: 0, 0). */
@@ -300,7 +301,7 @@ static int rule_check(BlockNode *bs, uint64_t offset, uint64_t bytes)
 {
     BlkdebugState *s = bs->opaque;
     int err = 0;
-    pthread_mutex_lock(&s->lock);
+    vd_mutex_lock(&s->lock);
     for (size_t i = 0; i < s->n && !err; i++) {
         Rule *r = &s->rules[i];
         uint64_t so = (uint64_t)r->sector * 512;
@@ -314,7 +315,7 @@ static int rule_check(BlockNode *bs, uint64_t offset, uint64_t bytes)
             r->active = false;
         }
     }
-    pthread_mutex_unlock(&s->lock);
+    vd_mutex_unlock(&s->lock);
     return -err;
 }
 

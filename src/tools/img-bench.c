@@ -14,6 +14,7 @@
 #include <time.h>
 
 #include "tools/tool.h"
+#include "util/lock.h"
 
 #define BENCH_USAGE                                                                              \
     "usage: " TOOL_NAME " bench [-c count] [-d depth] [-f fmt] [--flush-interval=flush_interval]" \
@@ -42,7 +43,7 @@ static void *bench_worker(void *arg)
 {
     Bench *b = arg;
     uint8_t *buf = malloc(b->bufsize ? b->bufsize : 1);
-    pthread_mutex_lock(&b->lock);
+    vd_mutex_lock(&b->lock);
     if (!buf) {
         b->err = -ENOMEM;
     } else {
@@ -50,7 +51,7 @@ static void *bench_worker(void *arg)
     }
     for (;;) {
         while (b->flushing && !b->err) {
-            pthread_cond_wait(&b->cond, &b->lock);
+            vd_cond_wait(&b->cond, &b->lock);
         }
         if (b->err || b->issued >= b->count) {
             break;
@@ -60,11 +61,11 @@ static void *bench_worker(void *arg)
         b->next_off = b->size <= b->bufsize ? 0 : b->next_off % (b->size - b->bufsize);
         b->issued++;
         b->in_flight++;
-        pthread_mutex_unlock(&b->lock);
+        vd_mutex_unlock(&b->lock);
         int r = off > b->size || b->size - off < b->bufsize ? -EIO
                 : b->write ? vd_pwrite(b->bs, off, b->bufsize, buf, 0)
                            : vd_pread(b->bs, off, b->bufsize, buf);
-        pthread_mutex_lock(&b->lock);
+        vd_mutex_lock(&b->lock);
         b->in_flight--;
         b->completed++;
         if (r < 0 && !b->err) {
@@ -74,7 +75,7 @@ static void *bench_worker(void *arg)
             if (b->drain) {
                 b->flushing = true;
                 while (b->in_flight && !b->err) {
-                    pthread_cond_wait(&b->cond, &b->lock);
+                    vd_cond_wait(&b->cond, &b->lock);
                 }
             }
             r = vd_flush(b->bs);
@@ -83,10 +84,10 @@ static void *bench_worker(void *arg)
             }
             b->flushing = false;
         }
-        pthread_cond_broadcast(&b->cond);
+        vd_cond_broadcast(&b->cond);
     }
-    pthread_cond_broadcast(&b->cond);
-    pthread_mutex_unlock(&b->lock);
+    vd_cond_broadcast(&b->cond);
+    vd_mutex_unlock(&b->lock);
     free(buf);
     return NULL;
 }

@@ -30,6 +30,7 @@
 #include "jobs/job.h"
 #include "jobs/mirror.h"
 #include "qmp/qmp.h"
+#include "util/lock.h"
 
 /* The library's qmp_event_emit may not be linked in unit tests: a weak fallback. */
 __attribute__((weak)) void qmp_event_emit(const char *name, json_t *data)
@@ -61,7 +62,7 @@ static json_t *ev_last_completed;
 
 static void sink(const char *name, json_t *data)
 {
-    pthread_mutex_lock(&ev_lock);
+    vd_mutex_lock(&ev_lock);
     char item[128];
     if (!strcmp(name, "JOB_STATUS_CHANGE")) {
         snprintf(item, sizeof(item), "%s,", json_string_value(json_object_get(data, "status")));
@@ -75,18 +76,18 @@ static void sink(const char *name, json_t *data)
         ev_last_completed = json_incref(data);
     }
     strncat(ev_log, item, sizeof(ev_log) - strlen(ev_log) - 1);
-    pthread_cond_broadcast(&ev_cond);
-    pthread_mutex_unlock(&ev_lock);
+    vd_cond_broadcast(&ev_cond);
+    vd_mutex_unlock(&ev_lock);
     json_decref(data);
 }
 
 static void ev_reset(void)
 {
-    pthread_mutex_lock(&ev_lock);
+    vd_mutex_lock(&ev_lock);
     ev_log[0] = 0;
     json_decref(ev_last_completed);
     ev_last_completed = NULL;
-    pthread_mutex_unlock(&ev_lock);
+    vd_mutex_unlock(&ev_lock);
 }
 
 /* Wait (up to 5 s) until the log ends with suffix. */
@@ -95,7 +96,7 @@ static bool ev_wait_suffix(const char *suffix)
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     ts.tv_sec += 5;
-    pthread_mutex_lock(&ev_lock);
+    vd_mutex_lock(&ev_lock);
     bool ok = false;
     for (;;) {
         size_t l = strlen(ev_log), s = strlen(suffix);
@@ -103,23 +104,23 @@ static bool ev_wait_suffix(const char *suffix)
             ok = true;
             break;
         }
-        if (pthread_cond_timedwait(&ev_cond, &ev_lock, &ts) != 0) {
+        if (vd_cond_timedwait(&ev_cond, &ev_lock, &ts) != 0) {
             break;
         }
     }
     if (!ok) {
         fprintf(stderr, "events so far: %s\n(wanted suffix %s)\n", ev_log, suffix);
     }
-    pthread_mutex_unlock(&ev_lock);
+    vd_mutex_unlock(&ev_lock);
     return ok;
 }
 
 static void assert_events(const char *expected)
 {
     assert_true(ev_wait_suffix(expected));
-    pthread_mutex_lock(&ev_lock);
+    vd_mutex_lock(&ev_lock);
     assert_string_equal(ev_log, expected);
-    pthread_mutex_unlock(&ev_lock);
+    vd_mutex_unlock(&ev_lock);
 }
 
 /* ---- the tables ---- */
@@ -1037,9 +1038,9 @@ typedef struct MemDisk {
 static int mem_pread(BlockNode *bs, uint64_t off, uint64_t n, void *buf)
 {
     MemDisk *d = bs->opaque;
-    pthread_mutex_lock(&d->lock);
+    vd_mutex_lock(&d->lock);
     memcpy(buf, d->data + off, n);
-    pthread_mutex_unlock(&d->lock);
+    vd_mutex_unlock(&d->lock);
     if (d->delay_us && n >= (1u << 20)) {
         usleep(d->delay_us); /* the data is read: now it can go stale */
     }
@@ -1052,9 +1053,9 @@ static int mem_pwrite(BlockNode *bs, uint64_t off, uint64_t n, const void *buf, 
     if (d->fail) {
         return d->fail;
     }
-    pthread_mutex_lock(&d->lock);
+    vd_mutex_lock(&d->lock);
     memcpy(d->data + off, buf, n);
-    pthread_mutex_unlock(&d->lock);
+    vd_mutex_unlock(&d->lock);
     return 0;
 }
 
@@ -1272,7 +1273,7 @@ static void probe_fn(void *opaque, CopyChunk *c, uint8_t *buf, uint64_t buf_size
     EngProbe *p = opaque;
     uint64_t s = c->off & ~(PROBE_ALIGN - 1);
     uint64_t e = (c->off + c->bytes + PROBE_ALIGN - 1) & ~(PROBE_ALIGN - 1);
-    pthread_mutex_lock(&p->lock);
+    vd_mutex_lock(&p->lock);
     unsigned slot = 0;
     for (unsigned i = 0; i < 16; i++) {
         if (p->end[i] == 0) {
@@ -1293,18 +1294,18 @@ static void probe_fn(void *opaque, CopyChunk *c, uint8_t *buf, uint64_t buf_size
     p->calls++;
     p->max_active = p->nactive > p->max_active ? p->nactive : p->max_active;
     memset(buf, 0xab, c->bytes < buf_size ? c->bytes : buf_size); /* the worker's own buffer */
-    pthread_cond_broadcast(&p->cond);
+    vd_cond_broadcast(&p->cond);
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     ts.tv_sec += 10; /* a safety net only: the wait ends when the others arrive */
     while (p->nactive < p->hold_until) {
-        if (pthread_cond_timedwait(&p->cond, &p->lock, &ts) != 0) {
+        if (vd_cond_timedwait(&p->cond, &p->lock, &ts) != 0) {
             break;
         }
     }
     p->nactive--;
     p->start[slot] = p->end[slot] = 0;
-    pthread_mutex_unlock(&p->lock);
+    vd_mutex_unlock(&p->lock);
     c->copied = c->bytes;
     c->ret = c->off == 3 * PROBE_ALIGN ? -EIO : 0;
     c->is_read = true;
@@ -1347,9 +1348,9 @@ static void test_copy_engine_concurrency_and_no_overlap(void **state)
     assert_int_equal(p.max_active, 4);
 
     /* Random, mostly overlapping candidates through clip: no two in flight ever overlap. */
-    pthread_mutex_lock(&p.lock);
+    vd_mutex_lock(&p.lock);
     p.hold_until = 0;
-    pthread_mutex_unlock(&p.lock);
+    vd_mutex_unlock(&p.lock);
     unsigned seed = 99, submitted = 4, reaped = 4, failures = 0;
     for (int i = 0; i < 2000; i++) {
         uint64_t off = (uint64_t)(rand_r(&seed) % 64) * 16384;

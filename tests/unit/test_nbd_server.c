@@ -20,6 +20,7 @@
 #include "block/block.h"
 #include "block/tracking.h"
 #include "nbd/nbd-server.h"
+#include "util/lock.h"
 
 /* ---------------- tracker ---------------- */
 
@@ -36,16 +37,16 @@ static void *excl_worker(void *arg)
     for (int i = 0; i < 200; i++) {
         BtRequest r;
         block_tracker_begin(c->t, &r, 1000 + (uint64_t)(i % 7), 100, BT_EXCLUSIVE);
-        pthread_mutex_lock(&c->lock);
+        vd_mutex_lock(&c->lock);
         c->inside++;
         if (c->inside > c->max_inside) {
             c->max_inside = c->inside;
         }
-        pthread_mutex_unlock(&c->lock);
+        vd_mutex_unlock(&c->lock);
         usleep(10);
-        pthread_mutex_lock(&c->lock);
+        vd_mutex_lock(&c->lock);
         c->inside--;
-        pthread_mutex_unlock(&c->lock);
+        vd_mutex_unlock(&c->lock);
         block_tracker_end(c->t, &r);
     }
     return NULL;

@@ -20,6 +20,7 @@
 
 #include "block/block.h"
 #include "formats/qcow2.h"
+#include "util/lock.h"
 
 static char tmpdir[64];
 
@@ -264,13 +265,13 @@ static void test_cache_eviction(void **state)
     /* 4 KiB clusters: one L2 table maps 2 MiB; a 2-entry cache must evict constantly */
     BlockNode *bs = create_open("evict.qcow2", 64 << 20, 4096, 0, NULL, false, NULL, NULL);
     Qcow2State *s = q2_state(bs);
-    pthread_mutex_lock(&s->lock);
+    vd_mutex_lock(&s->lock);
     assert_int_equal(q2_flush_all(s), 0);
     q2_cache_destroy(&s->l2_cache);
     assert_int_equal(q2_cache_init(&s->l2_cache, 2, s->cluster_size, true), 0);
     q2_cache_destroy(&s->rb_cache);
     assert_int_equal(q2_cache_init(&s->rb_cache, 2, s->cluster_size, false), 0);
-    pthread_mutex_unlock(&s->lock);
+    vd_mutex_unlock(&s->lock);
     for (int i = 0; i < 20; i++) {
         write_pat(bs, (uint64_t)i * (3 << 20) % (64 << 20) + 4096 * i, 5000, (uint8_t)(i + 1));
     }
