@@ -10,10 +10,6 @@
 
 #include "tools/tool.h"
 
-#define AMEND_USAGE                                                                              \
-    "usage: " TOOL_NAME " amend [-p] [-q] [-f fmt] [-t cache] [--force] "         \
-    "-o options filename\n"
-
 /* qcow2's amend options as `-o help` lists them (qemu-img 7.2's order and words). */
 static const struct {
     const char *name, *help;
@@ -197,7 +193,7 @@ int img_amend(int argc, char **argv)
         case 'p': progress = true; break;
         case 'q': quiet = true; break;
         case OPT_FORCE: break; /* only meaningful for encryption keyslots */
-        case 'h': printf(AMEND_USAGE); ret = 0; goto out;
+        case 'h': tool_print_usage("amend"); ret = 0; goto out;
         default: tool_bad_option(argv[0], c, argv[optind - 1]); goto out;
         }
     }

@@ -16,11 +16,6 @@
 #include "tools/tool.h"
 #include "util/lock.h"
 
-#define BENCH_USAGE                                                                              \
-    "usage: " TOOL_NAME " bench [-c count] [-d depth] [-f fmt] [--flush-interval=flush_interval]" \
-    " [-i aio] [-n] [--no-drain] [-o offset] [--pattern=pattern] [-q] [-s buffer_size]"          \
-    " [-S step_size] [-t cache] [-w] [-U] filename\n"
-
 enum { OPT_PATTERN = 400, OPT_FLUSH_INTERVAL, OPT_NO_DRAIN };
 
 typedef struct Bench {
@@ -170,7 +165,7 @@ int img_bench(int argc, char **argv)
             }
             break;
         case OPT_NO_DRAIN: b.drain = false; break;
-        case 'h': printf(BENCH_USAGE); return 0;
+        case 'h': tool_print_usage("bench"); return 0;
         default: tool_bad_option(argv[0], c, argv[optind - 1]); return 1;
         }
     }

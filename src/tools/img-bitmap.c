@@ -12,10 +12,6 @@
 #include "block/dirty-bitmap.h"
 #include "tools/tool.h"
 
-#define BITMAP_USAGE                                                                             \
-    "usage: " TOOL_NAME " bitmap (--merge SOURCE | --add | --remove | --clear | --enable | "     \
-    "--disable)... [-b source_file [-F source_fmt]] [-g granularity] [-f fmt] filename bitmap\n"
-
 enum {
     OPT_ADD = OPT_OBJECT + 1,
     OPT_REMOVE,
@@ -81,7 +77,7 @@ int img_bitmap(int argc, char **argv)
     }
     while ((c = getopt_long(argc, argv, ":b:hg:F:f:", longopts, NULL)) != -1) {
         switch (c) {
-        case 'h': printf(BITMAP_USAGE); free(acts); return 0;
+        case 'h': tool_print_usage("bitmap"); free(acts); return 0;
         case 'b': src_filename = optarg; break;
         case 'F': src_fmt = optarg; break;
         case 'f': fmt = optarg; break;

@@ -79,8 +79,7 @@ int img_commit(int argc, char **argv)
                 return 1;
             }
             break;
-        case 'h': printf("usage: " TOOL_NAME " commit [-q] [-f fmt] [-t cache] [-b base] "
-                         "[-r rate_limit] [-d] [-p] filename\n"); return 0;
+        case 'h': tool_print_usage("commit"); return 0;
         default: tool_bad_option(argv[0], c, argv[optind - 1]); return 1;
         }
     }
@@ -398,8 +397,7 @@ int img_rebase(int argc, char **argv)
         case 'T': src_cache = optarg; break;
         case 'q': quiet = true; break;
         case 'U': force_share = true; break;
-        case 'h': printf("usage: " TOOL_NAME " rebase [-U] [-q] [-f fmt] [-t cache] "
-                         "[-T src_cache] [-p] [-u] -b backing_file [-F backing_fmt] filename\n");
+        case 'h': tool_print_usage("rebase");
             return 0;
         default: tool_bad_option(argv[0], c, argv[optind - 1]); return 1;
         }

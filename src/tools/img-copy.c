@@ -100,8 +100,7 @@ int img_compare(int argc, char **argv)
         case 'q': quiet = true; break;
         case 's': strict = true; break;
         case 'U': force_share = true; break;
-        case 'h': printf("usage: " TOOL_NAME " compare [-f fmt] [-F fmt] [-T src_cache] [-p] "
-                         "[-q] [-s] [-U] filename1 filename2\n"); return 0;
+        case 'h': tool_print_usage("compare"); return 0;
         default: tool_bad_option(argv[0], c, argv[optind - 1]); return 2;
         }
     }
@@ -930,11 +929,7 @@ int img_convert(int argc, char **argv)
             }
             break;
         case OPT_TARGET_IS_ZERO: target_is_zero = true; break;
-        case 'h': printf("usage: " TOOL_NAME " convert [-U] [-c] [-p] [-q] [-n] [-f fmt] "
-                         "[-C] [-t cache] [-T src_cache] [-O output_fmt] [-B backing_file "
-                         "[-F backing_fmt]] [-o options] [-l snapshot_param] [-S sparse_size] "
-                         "[-r rate_limit] [-m num_coroutines] [-W] [--target-is-zero] "
-                         "filename [filename2 [...]] output_filename\n");
+        case 'h': tool_print_usage("convert");
             ret = 0; goto out;
         default: tool_bad_option(argv[0], c, argv[optind - 1]); goto out;
         }

@@ -69,8 +69,7 @@ int img_create(int argc, char **argv)
                 goto out;
             }
             break;
-        case 'h': printf("usage: " TOOL_NAME " create [-q] [-f fmt] [-b backing_file "
-                         "[-F backing_fmt]] [-u] [-o options] filename [size]\n");
+        case 'h': tool_print_usage("create");
             ret = 0; goto out;
         default: tool_bad_option(argv[0], c, argv[optind - 1]); goto out;
         }
@@ -205,8 +204,7 @@ int img_resize(int argc, char **argv)
     /* The size may be negative: take it out before getopt sees "-1M" as an option. */
     if (argc < 3) {
         if (argc == 2 && (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help"))) {
-            printf("usage: " TOOL_NAME " resize [-f fmt] [--preallocation=prealloc] [-q] "
-                   "[--shrink] filename [+ | -]size\n");
+            tool_print_usage("resize");
             return 0;
         }
         tool_error("Expecting image file name and size");
@@ -237,8 +235,7 @@ int img_resize(int argc, char **argv)
                 return 1;
             }
             break;
-        case 'h': printf("usage: " TOOL_NAME " resize [-f fmt] [--preallocation=prealloc] [-q] "
-                         "[--shrink] filename [+ | -]size\n"); return 0;
+        case 'h': tool_print_usage("resize"); return 0;
         default: tool_bad_option(argv[0], c, argv[optind - 1]); return 1;
         }
     }
@@ -361,8 +358,7 @@ int img_measure(int argc, char **argv)
             }
             size_given = true;
             break;
-        case 'h': printf("usage: " TOOL_NAME " measure [--output=ofmt] [-O output_fmt] "
-                         "[-o options] [--size N | [-f fmt] [-l snapshot_param] filename]\n");
+        case 'h': tool_print_usage("measure");
             ret = 0; goto out;
         default: tool_bad_option(argv[0], c, argv[optind - 1]); goto out;
         }

@@ -10,10 +10,6 @@
 
 #include "tools/tool.h"
 
-#define DD_USAGE                                                                                 \
-    "usage: " TOOL_NAME " dd [-U] [-f fmt] [-O output_fmt] [bs=block_size] [count=blocks] "     \
-    "[skip=blocks] if=input of=output\n"
-
 typedef struct DdArgs {
     uint64_t bs, count, skip;
     bool has_count, has_skip;
@@ -76,7 +72,7 @@ int img_dd(int argc, char **argv)
         case 'f': fmt = optarg; break;
         case 'O': out_fmt = optarg; break;
         case 'U': force_share = true; break;
-        case 'h': printf(DD_USAGE); return 0;
+        case 'h': tool_print_usage("dd"); return 0;
         default: tool_bad_option(argv[0], c, argv[optind - 1]); return 1;
         }
     }

@@ -154,8 +154,7 @@ int img_info(int argc, char **argv)
         case OPT_OUTPUT: output = optarg; break;
         case OPT_BACKING_CHAIN: chain = true; break;
         case 'U': force_share = true; break;
-        case 'h': printf("usage: " TOOL_NAME " info [-f fmt] [--output=ofmt] [--backing-chain] "
-                         "[-U] filename\n"); return 0;
+        case 'h': tool_print_usage("info"); return 0;
         default: tool_bad_option(argv[0], c, argv[optind - 1]); return 1;
         }
     }
@@ -345,8 +344,7 @@ int img_map(int argc, char **argv)
                 return 1;
             }
             break;
-        case 'h': printf("usage: " TOOL_NAME " map [-f fmt] [--start-offset=offset] "
-                         "[--max-length=len] [--output=ofmt] [-U] filename\n"); return 0;
+        case 'h': tool_print_usage("map"); return 0;
         default: tool_bad_option(argv[0], c, argv[optind - 1]); return 1;
         }
     }
@@ -531,8 +529,7 @@ int img_check(int argc, char **argv)
         case 'T': src_cache = optarg; break;
         case 'q': quiet = true; break;
         case 'U': force_share = true; break;
-        case 'h': printf("usage: " TOOL_NAME " check [-q] [-f fmt] [--output=ofmt] "
-                         "[-r leaks|all] [-T src_cache] [-U] filename\n"); return 0;
+        case 'h': tool_print_usage("check"); return 0;
         default: tool_bad_option(argv[0], c, argv[optind - 1]); return 1;
         }
     }

@@ -10,10 +10,6 @@
 
 #include "tools/tool.h"
 
-#define SNAPSHOT_USAGE                                                                           \
-    "usage: " TOOL_NAME " snapshot [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] "    \
-    "filename\n"
-
 /* The id of the first snapshot named `name` (qemu-img's bdrv_snapshot_find), or NULL. */
 static const char *find_by_name(json_t *snaps, const char *name)
 {
@@ -56,7 +52,7 @@ int img_snapshot(int argc, char **argv)
             break;
         case 'q': break; /* nothing is printed but the list, which -q does not hide */
         case 'U': force_share = true; break;
-        case 'h': printf(SNAPSHOT_USAGE); return 0;
+        case 'h': tool_print_usage("snapshot"); return 0;
         default: tool_bad_option(argv[0], c, argv[optind - 1]); return 1;
         }
     }

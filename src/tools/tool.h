@@ -38,6 +38,8 @@ enum {
     OPT_OBJECT,
 };
 
+/* "usage: vdisk CMD ...": CMD's syntax as `vdisk --help` lists it (the one table, in vdisk.c). */
+void tool_print_usage(const char *cmd);
 /* "vdisk: msg" on stderr. */
 void tool_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* Print err (optionally prefixed "prefix: ") and free it. */

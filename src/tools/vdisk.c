@@ -1030,26 +1030,38 @@ static const struct {
     /* Online commands (virsh-like, over vdiskd's QMP socket): src/tools/virsh-*.c */
     { "blockcommit", virsh_blockcommit,
       "blockcommit DISK [--base B|--shallow] [--top T] [--active] [--pivot|--keep-overlay]\n"
-      "          [--wait [--verbose] [--timeout S] [--async]] [--bandwidth N [--bytes]]\n"
-      "          [--socket PATH]" },
+      "          [--keep-relative|--absolute-backing] [--wait [--verbose] [--timeout S]\n"
+      "          [--async]] [--bandwidth N [--bytes]] [--socket PATH]" },
     { "blockcopy", virsh_blockcopy,
-      "blockcopy DISK DEST [--shallow] [--reuse-external] [--format F|--raw] [--wait]\n"
-      "          [--verbose] [--pivot|--finish] [--timeout S] [--async] [--bandwidth N [--bytes]]\n"
+      "blockcopy DISK DEST [--shallow] [--reuse-external [--backing-matches]] [--verify]\n"
+      "          [--format F|--raw] [--wait] [--verbose] [--pivot|--finish] [--timeout S]\n"
+      "          [--async] [--bandwidth N [--bytes]]\n"
       "          [--granularity N] [--buf-size N] [--synchronous-writes] [--node-name N]\n"
       "          [--base-node B] [--socket PATH]" },
     { "blockjob", virsh_blockjob,
-      "blockjob DISK [--info [--raw]|--abort [--async]|--pivot|--bandwidth N [--bytes]|\n"
-      "          --resume] [--socket PATH]" },
+      "blockjob DISK [--info [--raw|--verbose]|--abort [--async]|--pivot|--bandwidth N\n"
+      "          [--bytes]|--resume] [--socket PATH]" },
     { "blockpull", virsh_blockpull,
-      "blockpull DISK [--base B] [--wait [--verbose] [--timeout S] [--async]]\n"
-      "          [--bandwidth N [--bytes]] [--socket PATH]" },
+      "blockpull DISK [--base B] [--keep-relative|--absolute-backing] [--wait [--verbose]\n"
+      "          [--timeout S] [--async]] [--bandwidth N [--bytes]] [--socket PATH]" },
     { "domblklist", virsh_domblklist, "domblklist [--details] [--socket PATH]" },
     { "snapshot-create", virsh_snapshot_create,
-      "snapshot-create DISK OVERLAY [--format F] [--reuse-external] [--node-name N]\n"
-      "          [--socket PATH]\n"
+      "snapshot-create DISK OVERLAY [--format F] [--reuse-external] [--absolute-backing]\n"
+      "          [--node-name N] [--socket PATH]\n"
       "          (online commands: --socket defaults to $VDISK_SOCKET, else "
       "/run/vdisk/vdiskd.qmp)" },
 };
+
+void tool_print_usage(const char *cmd)
+{
+    for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++) {
+        if (!strcmp(cmd, commands[i].name)) {
+            printf("usage: " TOOL_NAME " %s\n", commands[i].usage);
+            return;
+        }
+    }
+    abort(); /* every command has its line in commands[] */
+}
 
 static void print_help(void)
 {
@@ -1212,7 +1224,7 @@ int main(int argc, char **argv)
         if (!strcmp(cmd, commands[i].name)) {
             /* Commands see argv[0] = command name. */
             if (argc >= 3 && (!strcmp(argv[2], "-h") || !strcmp(argv[2], "--help"))) {
-                printf("usage: " TOOL_NAME " %s\n", commands[i].usage);
+                tool_print_usage(cmd);
                 return 0;
             }
             if (takes_objects(cmd) && take_objects(&argc, argv) < 0) {

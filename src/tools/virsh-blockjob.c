@@ -173,11 +173,7 @@ int virsh_blockjob(int argc, char **argv)
         { NULL, NULL, NULL, NULL }
     };
     static const char *const names[] = { "disk" };
-    int p = vs_parse_opts(argc, argv, opts,
-                          "DISK [--info [--raw|--verbose]|--abort [--async]|--pivot|--bandwidth N "
-                          "[--bytes]|--resume] "
-                          "[--socket PATH]",
-                          1, names);
+    int p = vs_parse_opts(argc, argv, opts, 1, names);
     if (p <= 0) {
         return p < 0;
     }

@@ -423,12 +423,11 @@ static int need_args(const char *cmd, int have, int want, const char *const *nam
 }
 
 /*
- * Parse the options of command argv[0] by OPTS plus --help (which prints "usage: vdisk CMD
- * USAGE_ARGS"), then check that NPOS operands named POS_NAMES follow (NPOS < 0: the caller checks).
+ * Parse the options of command argv[0] by OPTS plus --help (which prints the command's line of
+ * `vdisk --help`), then check that NPOS operands named POS_NAMES follow (NPOS < 0: the caller checks).
  * Returns 1 to go on, 0 after --help, -1 on bad usage (reported).
  */
-int vs_parse_opts(int argc, char **argv, const VOpt *opts, const char *usage_args, int npos,
-                  const char *const *pos_names)
+int vs_parse_opts(int argc, char **argv, const VOpt *opts, int npos, const char *const *pos_names)
 {
     struct option longopts[VOPT_MAX + 2];
     int n = 0;
@@ -443,7 +442,7 @@ int vs_parse_opts(int argc, char **argv, const VOpt *opts, const char *usage_arg
     int c;
     while ((c = getopt_long(argc, argv, ":", longopts, NULL)) != -1) {
         if (c == VOPT_HELP) {
-            printf("usage: " TOOL_NAME " %s %s\n", argv[0], usage_args);
+            tool_print_usage(argv[0]);
             return 0;
         }
         if (c < 1 || c > n) { /* '?' or ':' (option values are 1..n, far below both) */
@@ -465,8 +464,8 @@ int vs_parse_opts(int argc, char **argv, const VOpt *opts, const char *usage_arg
 
 
 /* vs_parse_opts() with the JobOpts options added after the command's own EXTRA ones. */
-int vs_parse_job_opts(int argc, char **argv, JobOpts *j, const VOpt *extra,
-                      const char *usage_args, int npos, const char *const *pos_names)
+int vs_parse_job_opts(int argc, char **argv, JobOpts *j, const VOpt *extra, int npos,
+                      const char *const *pos_names)
 {
     const VOpt common[] = {
         { "socket", NULL, &j->sock, NULL },
@@ -487,7 +486,7 @@ int vs_parse_job_opts(int argc, char **argv, JobOpts *j, const VOpt *extra,
     }
     memcpy(&all[n], common, sizeof(common));
     all[n + ncommon] = (VOpt){ NULL, NULL, NULL, NULL };
-    return vs_parse_opts(argc, argv, all, usage_args, npos, pos_names);
+    return vs_parse_opts(argc, argv, all, npos, pos_names);
 }
 
 int64_t vs_timeout_ms_of(const char *arg, int *ok)

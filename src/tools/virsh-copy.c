@@ -44,13 +44,7 @@ int virsh_blockcopy(int argc, char **argv)
         { NULL, NULL, NULL, NULL }
     };
     static const char *const names[] = { "disk", "dest" };
-    static const char usage[] =
-        "DISK DEST [--shallow] [--reuse-external [--backing-matches]] [--verify] "
-        "[--format F|--raw] [--wait] "
-        "[--verbose] [--pivot|--finish] [--timeout S] [--async] [--bandwidth N "
-        "[--bytes]] [--granularity N] [--buf-size N] [--synchronous-writes] "
-        "[--node-name N] [--base-node B] [--socket PATH]";
-    int p = vs_parse_job_opts(argc, argv, &jo, opts, usage, 2, names);
+    int p = vs_parse_job_opts(argc, argv, &jo, opts, 2, names);
     if (p <= 0) {
         return p < 0;
     }
@@ -180,11 +174,7 @@ int virsh_blockpull(int argc, char **argv)
         { NULL, NULL, NULL, NULL }
     };
     static const char *const names[] = { "disk" };
-    int p = vs_parse_job_opts(argc, argv, &jo, opts,
-                              "DISK [--base B] [--keep-relative|--absolute-backing] [--wait "
-                              "[--verbose] [--timeout S] [--async]] [--bandwidth N [--bytes]] "
-                              "[--socket PATH]",
-                              1, names);
+    int p = vs_parse_job_opts(argc, argv, &jo, opts, 1, names);
     if (p <= 0) {
         return p < 0;
     }
@@ -251,12 +241,7 @@ int virsh_blockcommit(int argc, char **argv)
         { NULL, NULL, NULL, NULL }
     };
     static const char *const names[] = { "disk" };
-    static const char usage[] =
-        "DISK [--base B | --shallow] [--top T] [--active] "
-        "[--keep-relative|--absolute-backing] "
-        "[--pivot|--keep-overlay] [--wait [--verbose] [--timeout S] [--async]] "
-        "[--bandwidth N [--bytes]] [--socket PATH]";
-    int p = vs_parse_job_opts(argc, argv, &jo, opts, usage, 1, names);
+    int p = vs_parse_job_opts(argc, argv, &jo, opts, 1, names);
     if (p <= 0) {
         return p < 0;
     }

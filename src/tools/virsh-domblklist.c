@@ -100,7 +100,7 @@ int virsh_domblklist(int argc, char **argv)
         { "inactive", &inactive, NULL, NULL },
         { NULL, NULL, NULL, NULL }
     };
-    int p = vs_parse_opts(argc, argv, opts, "[--details] [--socket PATH]", -1, NULL);
+    int p = vs_parse_opts(argc, argv, opts, -1, NULL);
     if (p <= 0) {
         return p < 0;
     }

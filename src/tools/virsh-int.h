@@ -94,10 +94,9 @@ int vs_job_verb(QmpConn *c, const char *cmd, const char *job, const char *disk,
 void vs_say_done(const char *msg);
 void vs_fail_report(const char *what, char *fail_msg);
 json_t *vs_setup(const char *sock, const char *disk, QmpConn **cp, Graph *g);
-int vs_parse_opts(int argc, char **argv, const VOpt *opts, const char *usage_args, int npos,
-                  const char *const *pos_names);
-int vs_parse_job_opts(int argc, char **argv, JobOpts *j, const VOpt *extra,
-                      const char *usage_args, int npos, const char *const *pos_names);
+int vs_parse_opts(int argc, char **argv, const VOpt *opts, int npos, const char *const *pos_names);
+int vs_parse_job_opts(int argc, char **argv, JobOpts *j, const VOpt *extra, int npos,
+                      const char *const *pos_names);
 int64_t vs_timeout_ms_of(const char *arg, int *ok);
 int vs_job_opts_numbers(const JobOpts *jo, int64_t *timeout_ms, int64_t *speed);
 int vs_check_blocking(bool blocking, bool verbose, bool async, const char *finish_opt);

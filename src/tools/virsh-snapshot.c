@@ -33,11 +33,7 @@ int virsh_snapshot_create(int argc, char **argv)
         { NULL, NULL, NULL, NULL }
     };
     static const char *const names[] = { "disk", "overlay" };
-    int p = vs_parse_opts(argc, argv, opts,
-                          "DISK OVERLAY [--format F] [--reuse-external] [--absolute-backing] "
-                          "[--node-name N] "
-                          "[--socket PATH]",
-                          2, names);
+    int p = vs_parse_opts(argc, argv, opts, 2, names);
     if (p <= 0) {
         return p < 0;
     }

@@ -15,10 +15,21 @@ from conftest import BUILD, ROOT, qemu_img, qemu_io, run, wait_unix_listening
 pytestmark = pytest.mark.xdist_group("install")
 
 PREFIX = "/usr/local"
-# Commands the man page must describe (vdisk --help lists them; the page is written by hand).
-COMMANDS = ["check", "commit", "compare", "convert", "create", "info", "io", "map", "measure",
-            "rebase", "resize", "snapshot", "dd", "bench", "blockcommit", "blockcopy", "blockjob",
-            "blockpull", "domblklist", "snapshot-create"]
+OPTION = re.compile(r"(?:^|[][ |'(])(--?[a-zA-Z][-a-zA-Z0-9]*)")
+
+
+def help_commands(vdisk):
+    """{command: its options} from `vdisk --help`'s "Command syntax:" section: the list the man
+    page and the bash completion must cover (the completion reads the same section)."""
+    section = run([vdisk, "--help"]).stdout.split("Command syntax:\n")[1].split("\n\n")[0]
+    cmds, cur = {}, None
+    for line in section.splitlines():
+        m = re.match(r"  ([a-z][a-z0-9-]*)( |$)", line)
+        if m:
+            cur = m[1]
+            cmds[cur] = set()
+        cmds[cur].update(OPTION.findall(line))
+    return cmds
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +95,18 @@ def test_man_page_renders_without_warnings(dest, page):
     name = os.path.basename(page).split(".")[0]
     assert "\nNAME\n" in text and f"\n       {name} - " in text
     if name == "vdisk":
-        missing = [c for c in COMMANDS if f"\n       {c} " not in text]
+        # every command of `vdisk --help` with all its options (one line each: no filling)
+        wide = subprocess.run(["man", "--nh", "--nj", "-l", installed(dest, "share", "man", page)],
+                              capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "MANWIDTH": "1000"}).stdout
+        entries = {m[1]: m[0] for m in re.finditer(r"(?m)^       ([a-z][a-z0-9-]*) .*$",
+                                                    re.sub(".\b", "", wide))}
+        cmds = help_commands(installed(dest, "bin", "vdisk"))
+        assert len(cmds) >= 20 and {"amend", "bitmap", "dd", "bench", "blockcopy"} <= set(cmds)
+        missing = {c: sorted(opts - set(OPTION.findall(entries.get(c, ""))))
+                   for c, opts in cmds.items()}
+        missing = {c: o for c, o in missing.items() if c not in entries or o}
         assert not missing, f"vdisk(1) does not describe {missing}"
-        helped = run([installed(dest, "bin", "vdisk"), "--help"]).stdout
-        assert all(f"\n  {c} " in helped for c in COMMANDS)
 
 
 def test_systemd_unit_verifies(dest, tmp):
@@ -118,6 +137,11 @@ def complete(dest, *words):
 
 
 def test_bash_completion_offers_commands_and_their_options(dest):
+    cmds = help_commands(installed(dest, "bin", "vdisk"))
+    assert complete(dest, "vdisk", "") == list(cmds)
+    for c, opts in cmds.items():
+        offered = {o.rstrip("=") for o in complete(dest, "vdisk", c, "-")}
+        assert offered >= opts, f"{c}: not offered {sorted(opts - offered)}"
     assert complete(dest, "vdisk", "re") == ["rebase", "resize"]
     assert complete(dest, "vdisk", "block") == ["blockcommit", "blockcopy", "blockjob",
                                                 "blockpull"]
