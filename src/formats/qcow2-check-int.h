@@ -15,7 +15,7 @@
 #include "formats/qcow2-format.h"
 
 /* Limits (the same as QEMU's, so the same images are accepted). */
-#define CHK_MAX_SNAPSHOTS 65536U
+#define CHK_MAX_SNAPSHOTS ((uint32_t)QCOW2_MAX_SNAPSHOTS)
 #define CHK_MAX_SNAPSHOT_EXTRA 1024U
 #define CHK_MAX_SNAPSHOTS_SIZE (1024ULL * CHK_MAX_SNAPSHOTS)
 #define CHK_SNAPSHOT_HEADER_SIZE 40

@@ -13,6 +13,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "util/error.h"
+
 #define QCOW2_MAGIC 0x514649fbU /* "QFI\xfb" */
 
 #define QCOW2_MIN_CLUSTER_BITS 9
@@ -66,6 +68,8 @@
 /* Limits we enforce when opening (QEMU's are similar): keep metadata tables sane. */
 #define QCOW2_MAX_L1_SIZE (32U * 1024 * 1024)       /* bytes */
 #define QCOW2_MAX_REFTABLE_SIZE (8U * 1024 * 1024)  /* bytes */
+#define QCOW2_MAX_SNAPSHOTS 65536
+#define QCOW2_MAX_BACKING_NAME 1023
 
 /* The decoded header (host byte order). */
 typedef struct Qcow2Header {
@@ -101,7 +105,7 @@ static inline uint32_t qcow2_be32(const uint8_t *p);
  * Decode the header's fixed fields from the first QCOW2_HEADER_DECODE_SIZE bytes of an image
  * (zero-padded where the file is shorter). Version 2 gets version 3's defaults (refcount_order 4,
  * header_length 72, no feature bits); compression_type is read only where header_length covers
- * it. Nothing is validated: the driver and the checker each do that, with their own messages.
+ * it. Nothing is validated here: qcow2_header_validate does that.
  */
 static inline void qcow2_header_decode(const uint8_t *buf, Qcow2Header *h)
 {
@@ -133,6 +137,23 @@ static inline void qcow2_header_decode(const uint8_t *buf, Qcow2Header *h)
         h->compression_type = buf[104];
     }
 }
+
+/* qcow2_header_validate flags */
+#define QCOW2_VALIDATE_RDWR 1u   /* opened for writing: a corrupt image is refused... */
+#define QCOW2_VALIDATE_REPAIR 2u /* ...unless opened to be checked / repaired, which also accepts
+                                    an image without a reference count table and leaves the
+                                    snapshot table to the check (as QEMU's BDRV_O_CHECK) */
+
+/*
+ * The one validator of the header's fixed fields, for the driver's open and the checker alike:
+ * QEMU's open-time rules in QEMU's order, failing with QEMU's message (what qemu-img prints
+ * after "Could not open 'FILE': ") and a negative errno. cl/cl_len: the header cluster as read
+ * (zero-padded past EOF; NULL is allowed), where the feature name table names unknown
+ * incompatible features. Extensions, the backing file name's bytes and whether the tables lie
+ * inside the file are the caller's concern.
+ */
+int qcow2_header_validate(const Qcow2Header *h, const uint8_t *cl, uint64_t cl_len,
+                          unsigned flags, VdError **errp);
 
 /* Cluster types as the L2 entry says (per subcluster with extended L2). */
 typedef enum {

@@ -2,7 +2,8 @@
  * qcow2-header.c - the qcow2 header cluster: parsing and validating the fixed header, its
  * extensions and backing names at open (q2_parse_header), and writing it back whole
  * (q2_build_header / q2_update_header_ext). Unknown header fields and extensions are preserved.
- * Field decoding is shared with the checker (qcow2_header_decode in qcow2-format.h).
+ * The fixed fields are decoded and validated as the checker does it, by the same code
+ * (qcow2_header_decode, qcow2_header_validate in qcow2-format.h).
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -190,24 +191,6 @@ int q2_build_header(Qcow2State *s, uint8_t *buf)
     return 0;
 }
 
-static const char *feature_name(Qcow2State *s, int type, int bit, char *tmp, size_t tmplen)
-{
-    for (int i = 0; i < s->nb_exts; i++) {
-        if (s->exts[i].type != QCOW2_EXT_FEATURE_TABLE) {
-            continue;
-        }
-        for (uint32_t o = 0; o + 48 <= s->exts[i].len; o += 48) {
-            const uint8_t *e = s->exts[i].data + o;
-            if (e[0] == type && e[1] == bit) {
-                snprintf(tmp, tmplen, "%.46s", (const char *)e + 2);
-                return tmp;
-            }
-        }
-    }
-    snprintf(tmp, tmplen, "Unknown incompatible feature: %llx", 1ULL << bit);
-    return tmp;
-}
-
 /* Parse and validate the header; fills s->h, geometry, extensions and backing names. */
 int q2_parse_header(BlockNode *bs, Qcow2State *s, int flags, VdError **errp)
 {
@@ -217,12 +200,10 @@ int q2_parse_header(BlockNode *bs, Qcow2State *s, int flags, VdError **errp)
                             bs->filename);
         return (int)flen;
     }
+    /* Past EOF the header reads as zeroes, as QEMU reads it (so a cut-short header fails on
+       the field it lacks, with QEMU's words). */
     uint8_t fix[QCOW2_HEADER_DECODE_SIZE];
     memset(fix, 0, sizeof(fix));
-    if (flen < QCOW2_V2_HEADER_SIZE) {
-        vd_error_setg(errp, EINVAL, "Image is not in qcow2 format (file too short)");
-        return -EINVAL;
-    }
     uint64_t rd = (uint64_t)flen < sizeof(fix) ? (uint64_t)flen : sizeof(fix);
     int ret = vd_pread(bs->file, 0, rd, fix);
     if (ret < 0) {
@@ -231,55 +212,28 @@ int q2_parse_header(BlockNode *bs, Qcow2State *s, int flags, VdError **errp)
     }
     Qcow2Header *h = &s->h;
     qcow2_header_decode(fix, h);
-    if (h->magic != QCOW2_MAGIC) {
-        vd_error_setg(errp, EINVAL, "Image is not in qcow2 format");
-        return -EINVAL;
-    }
-    if (h->version == 1) {
-        vd_error_setg(errp, ENOTSUP, "Unsupported image format: qcow (version 1) images are "
-                      "not supported");
-        return -ENOTSUP;
-    }
-    if (h->version != 2 && h->version != 3) {
-        vd_error_setg(errp, ENOTSUP, "Unsupported qcow2 version %" PRIu32, h->version);
-        return -ENOTSUP;
-    }
-    if (h->cluster_bits < QCOW2_MIN_CLUSTER_BITS || h->cluster_bits > QCOW2_MAX_CLUSTER_BITS) {
-        vd_error_setg(errp, EINVAL, "Unsupported cluster size: 2^%" PRIu32, h->cluster_bits);
-        return -EINVAL;
-    }
-    uint64_t cs = 1ULL << h->cluster_bits;
-    if (h->version == 3) {
-        if ((uint64_t)flen < QCOW2_V3_HEADER_SIZE) {
-            vd_error_setg(errp, EINVAL, "qcow2 header truncated");
-            return -EINVAL;
-        }
-        if (h->header_length < QCOW2_V3_HEADER_SIZE) {
-            vd_error_setg(errp, EINVAL, "qcow2 header too small");
-            return -EINVAL;
-        }
-        if (h->header_length > cs) {
-            vd_error_setg(errp, EINVAL, "qcow2 header exceeds cluster size");
-            return -EINVAL;
-        }
-    }
-    if (h->refcount_order > 6) {
-        vd_error_setg(errp, EINVAL, "qcow2: refcount width 2^%" PRIu32 " bits is not supported",
-                      h->refcount_order);
-        return -EINVAL;
-    }
+    bool cs_valid = h->cluster_bits >= QCOW2_MIN_CLUSTER_BITS &&
+                    h->cluster_bits <= QCOW2_MAX_CLUSTER_BITS;
+    uint64_t cs = cs_valid ? 1ULL << h->cluster_bits : 0;
 
     /* the header cluster: extensions and backing name must lie inside it */
     uint64_t hc = (uint64_t)flen < cs ? (uint64_t)flen : cs;
-    uint8_t *hbuf = calloc(1, cs);
-    if (!hbuf) {
+    uint8_t *hbuf = cs ? calloc(1, cs) : NULL;
+    if (cs && !hbuf) {
         vd_error_setg(errp, ENOMEM, "qcow2: out of memory");
         return -ENOMEM;
     }
-    ret = vd_pread(bs->file, 0, hc, hbuf);
+    ret = hbuf ? vd_pread(bs->file, 0, hc, hbuf) : 0;
     if (ret < 0) {
         free(hbuf);
         vd_error_setg_errno(errp, -ret, "qcow2: could not read the header");
+        return ret;
+    }
+    bool rw = flags & VD_OPEN_RDWR;
+    ret = qcow2_header_validate(h, hbuf, cs, (rw ? QCOW2_VALIDATE_RDWR : 0) |
+                                (flags & VD_OPEN_CHECK ? QCOW2_VALIDATE_REPAIR : 0), errp);
+    if (ret < 0) {
+        free(hbuf);
         return ret;
     }
     free(s->hdr_raw);
@@ -359,11 +313,6 @@ int q2_parse_header(BlockNode *bs, Qcow2State *s, int flags, VdError **errp)
                       "(convert such images with qemu-img)");
         return -ENOTSUP;
     }
-    if (h->crypt_method > QCOW2_CRYPT_LUKS) {
-        vd_error_setg(errp, ENOTSUP, "qcow2: unknown encryption method %" PRIu32,
-                      h->crypt_method);
-        return -ENOTSUP;
-    }
     s->crypto_off = s->crypto_len = 0;
     for (int i = 0; i < s->nb_exts; i++) {
         if (s->exts[i].type == QCOW2_EXT_CRYPTO && s->exts[i].len == 16) {
@@ -389,39 +338,8 @@ int q2_parse_header(BlockNode *bs, Qcow2State *s, int flags, VdError **errp)
             return -ENOMEM;
         }
     }
-    uint64_t unknown = h->incompatible_features & ~QCOW2_INCOMPAT_KNOWN;
-    if (unknown) {
-        char msg[512] = "", tmp[80];
-        for (int b = 0; b < 64; b++) {
-            if (unknown & (1ULL << b)) {
-                size_t l = strlen(msg);
-                snprintf(msg + l, sizeof(msg) - l, "%s%s", l ? ", " : "",
-                         feature_name(s, 0, b, tmp, sizeof(tmp)));
-            }
-        }
-        vd_error_setg(errp, ENOTSUP, "Unsupported qcow2 feature(s): %s", msg);
-        return -ENOTSUP;
-    }
-    bool rw = flags & VD_OPEN_RDWR;
-    if ((h->incompatible_features & QCOW2_INCOMPAT_CORRUPT) && rw && !(flags & VD_OPEN_CHECK)) {
-        vd_error_setg(errp, EACCES, "qcow2: image is corrupt; cannot be opened read/write "
-                      "(run 'check -r all' to repair it)");
-        return -EACCES;
-    }
     s->compression_type = h->compression_type;
-    if (s->compression_type > QCOW2_COMPRESSION_ZSTD) {
-        vd_error_setg(errp, ENOTSUP, "qcow2: unknown compression type %u", s->compression_type);
-        return -ENOTSUP;
-    }
-    if (s->compression_type != 0 && !(h->incompatible_features & QCOW2_INCOMPAT_COMPRESSION)) {
-        vd_error_setg(errp, EINVAL, "qcow2: compression type set without its feature bit");
-        return -EINVAL;
-    }
     s->extl2 = (h->incompatible_features & QCOW2_INCOMPAT_EXTL2) != 0;
-    if (s->extl2 && h->cluster_bits < 14) {
-        vd_error_setg(errp, EINVAL, "qcow2: extended L2 entries need clusters of 16k or more");
-        return -EINVAL;
-    }
 
     /* geometry */
     s->cluster_bits = h->cluster_bits;
@@ -438,72 +356,51 @@ int q2_parse_header(BlockNode *bs, Qcow2State *s, int flags, VdError **errp)
     s->refcount_max = h->refcount_order == 6 ? UINT64_MAX
                                              : (1ULL << (1u << h->refcount_order)) - 1;
 
-    /* sizes and table locations */
-    if (h->size > (1ULL << 62)) {
-        vd_error_setg(errp, EFBIG, "qcow2: virtual size too large");
-        return -EFBIG;
-    }
-    uint64_t per_l1 = cs * s->l2_entries;
-    uint64_t need_l1 = (h->size + per_l1 - 1) / per_l1;
-    if ((uint64_t)h->l1_size * 8 > QCOW2_MAX_L1_SIZE) {
-        vd_error_setg(errp, EFBIG, "qcow2: active L1 table too large");
-        return -EFBIG;
-    }
-    if (h->l1_size < need_l1) {
-        vd_error_setg(errp, EINVAL, "qcow2: L1 table is too small for the image size");
-        return -EINVAL;
-    }
     /*
      * Tables that lie outside the file (cut short, offset past EOF or 0) are damage that check
      * diagnoses from the raw file, and that qemu-img info tolerates (QEMU validates these lazily).
      * For a check or a read-only open we note it and go on (s->damaged: I/O then fails with
      * -EIO); a read-write open must refuse, since any write could make things worse.
-     * Misaligned offsets and absurd sizes stay fatal, as in QEMU.
+     * Misaligned offsets and absurd sizes were refused by qcow2_header_validate, as in QEMU; an
+     * open for check may also have no reference count table at all (the check reports it).
      */
     bool tolerate = (flags & VD_OPEN_CHECK) || !rw;
     s->damaged = false;
     s->snapshots_damaged = false;
-    if (h->l1_size && (h->l1_table_offset & (cs - 1))) {
-        vd_error_setg(errp, EINVAL, "qcow2: L1 table offset invalid");
-        return -EINVAL;
-    }
     if (h->l1_size && (h->l1_table_offset == 0 ||
                        h->l1_table_offset >= (uint64_t)flen ||
                        (uint64_t)h->l1_size * 8 > (uint64_t)flen - h->l1_table_offset)) {
         if (!tolerate) {
-            vd_error_setg(errp, EINVAL, "qcow2: L1 table offset invalid");
+            vd_error_setg(errp, EINVAL, "Active L1 table offset invalid");
             return -EINVAL;
         }
         s->damaged = true;
     }
-    if (h->refcount_table_clusters == 0 ||
-        (uint64_t)h->refcount_table_clusters * cs > QCOW2_MAX_REFTABLE_SIZE) {
-        vd_error_setg(errp, EINVAL, "qcow2: reference count table size invalid");
-        return -EINVAL;
-    }
-    if (h->refcount_table_offset & (cs - 1)) {
-        vd_error_setg(errp, EINVAL, "qcow2: reference count table offset invalid");
-        return -EINVAL;
-    }
-    if (h->refcount_table_offset == 0 || h->refcount_table_offset >= (uint64_t)flen ||
+    if (h->refcount_table_clusters == 0 || h->refcount_table_offset == 0 ||
+        h->refcount_table_offset >= (uint64_t)flen ||
         (uint64_t)h->refcount_table_clusters * cs > (uint64_t)flen - h->refcount_table_offset) {
         if (!tolerate) {
-            vd_error_setg(errp, EINVAL, "qcow2: reference count table offset invalid");
+            vd_error_setg(errp, EINVAL, "Reference count table offset invalid");
             return -EINVAL;
         }
         s->damaged = true;
     }
-    if (h->nb_snapshots > Q2_MAX_SNAPSHOTS) {
-        vd_error_setg(errp, EINVAL, "qcow2: too many snapshots");
+    if ((flags & VD_OPEN_CHECK) && h->nb_snapshots > Q2_MAX_SNAPSHOTS) {
+        /* qemu-img check -r all would rewrite such a table; vdisk does not try */
+        vd_error_setg(errp, EINVAL, "Snapshot table too large");
         return -EINVAL;
     }
-    if (h->nb_snapshots && ((h->snapshots_offset & (cs - 1)) || !h->snapshots_offset)) {
-        vd_error_setg(errp, EINVAL, "qcow2: snapshot table offset invalid");
+    if (flags & VD_OPEN_CHECK) {
+        /* the validator left the snapshot table to the check, which reports what is wrong */
+        s->snapshots_damaged = (h->snapshots_offset & (cs - 1)) ||
+                               (h->nb_snapshots && (!h->snapshots_offset ||
+                                                    h->snapshots_offset >= (uint64_t)flen));
+    } else if (h->nb_snapshots && !h->snapshots_offset) {
+        vd_error_setg(errp, EINVAL, "Snapshot table offset invalid");
         return -EINVAL;
-    }
-    if (h->nb_snapshots && h->snapshots_offset >= (uint64_t)flen) {
+    } else if (h->nb_snapshots && h->snapshots_offset >= (uint64_t)flen) {
         if (!tolerate) {
-            vd_error_setg(errp, EINVAL, "qcow2: snapshot table offset invalid");
+            vd_error_setg(errp, EINVAL, "Snapshot table offset invalid");
             return -EINVAL;
         }
         s->snapshots_damaged = true;
