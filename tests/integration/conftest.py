@@ -168,6 +168,19 @@ def qemu_map(path, fmt="qcow2"):
     return _json.loads(qemu_img("map", "-U", "--output=json", "-f", fmt, path).stdout)
 
 
+def merged_map(entries, keys=("present", "zero", "data")):
+    """A map's extents as [(values of keys), length], adjacent extents with equal keys merged:
+    comparable between tools that split extents differently."""
+    out = []
+    for e in entries:
+        k = tuple(e[key] for key in keys)
+        if out and out[-1][0] == k:
+            out[-1][1] += e["length"]
+        else:
+            out.append([k, e["length"]])
+    return out
+
+
 def io_cmds(ops):
     """Turn model ops into qemu-io / vdisk io command strings.
 

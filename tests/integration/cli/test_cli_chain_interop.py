@@ -17,7 +17,7 @@ import zlib
 import pytest
 
 from conftest import (GuestModel, assert_qemu_check_clean, assert_same_guest_content, io_cmds,
-                      qemu_img, qemu_info, qemu_io_cmds, qemu_map, vdisk, VDISK)
+                      merged_map, qemu_img, qemu_info, qemu_io_cmds, qemu_map, vdisk, VDISK)
 
 MiB = 1 << 20
 SIZE = 4 * MiB
@@ -51,14 +51,7 @@ def chains(tmp):
 
 
 def _norm_map(path):
-    out = []
-    for e in qemu_map(path):
-        k = (e["present"], e["zero"], e["data"], e["depth"])
-        if out and out[-1][0] == k:
-            out[-1][1] += e["length"]
-        else:
-            out.append([k, e["length"]])
-    return out
+    return merged_map(qemu_map(path), ("present", "zero", "data", "depth"))
 
 
 def _backing(path):

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import (GuestModel, assert_not_crashed, assert_qemu_check_clean,
                       assert_same_guest_content, io_cmds, qemu_img, qemu_info, qemu_io_cmds,
-                      qemu_map, vdisk)
+                      merged_map, qemu_map, vdisk)
 
 MiB = 1 << 20
 
@@ -22,17 +22,6 @@ def _img(tmp, opts=""):
     qemu_io_cmds(p, io_cmds([("write", 0, 100000, 1), ("write", 3 * MiB + 5, 900000, 2),
                              ("zero", 2 * MiB, 65536)]))
     return p
-
-
-def _norm(m):
-    out = []
-    for e in m:
-        k = (e["present"], e["zero"], e["data"])
-        if out and out[-1][0] == k:
-            out[-1][1] += e["length"]
-        else:
-            out.append([k, e["length"]])
-    return out
 
 
 @pytest.mark.parametrize("args", [
@@ -56,7 +45,7 @@ def test_resize_like_qemu(tmp, args, opts):
     assert qemu_info(v)["virtual-size"] == qemu_info(q)["virtual-size"]
     assert_qemu_check_clean(v)
     assert_same_guest_content(v, q, "qcow2", "qcow2")
-    assert _norm(qemu_map(v)) == _norm(qemu_map(q)), "allocation differs from qemu-img's"
+    assert merged_map(qemu_map(v)) == merged_map(qemu_map(q)), "allocation differs from qemu-img's"
 
 
 def test_resize_shrink_needs_flag(tmp):

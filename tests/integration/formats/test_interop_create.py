@@ -11,7 +11,7 @@ import pytest
 
 from conftest import (GuestModel, assert_qemu_check_clean, assert_same_guest_content,
                       io_cmds, qemu_img, qemu_info, qemu_io_cmds, qemu_map, vdisk, vdisk_io,
-                      assert_not_crashed, pattern_reads, assert_map_agrees)
+                      assert_not_crashed, pattern_reads, assert_map_agrees, merged_map)
 
 MiB = 1 << 20
 
@@ -114,16 +114,7 @@ def test_vdisk_create_qemu_reads(tmp, optstr):
     assert vi.get("dirty-flag", False) is False
 
     # A fresh image maps like qemu-img's (preallocation shows as present/data/zero the same way).
-    def norm(m):
-        out = []
-        for e in m:
-            k = (e["present"], e["zero"], e["data"])
-            if out and out[-1][0] == k:
-                out[-1][1] += e["length"]
-            else:
-                out.append([k, e["length"]])
-        return out
-    assert norm(qemu_map(img)) == norm(qemu_map(twin)), optstr
+    assert merged_map(qemu_map(img)) == merged_map(qemu_map(twin)), optstr
     prealloc = _opts(optstr).get("preallocation", "off")
     st = os.stat(img)
     if prealloc in ("falloc", "full"):

@@ -27,7 +27,7 @@ import time
 
 import pytest
 
-from conftest import qemu_img
+from conftest import qemu_img, wait_unix_listening
 from blockops_helpers import (MiB, KiB, SIZE, make_chain, Served, guest_read, image_content,
                               assert_same, chain_info, statuses, wait_status, check_clean)
 from nbd_helpers import RawClient, start_daemon, CMD_WRITE, CMD_WZ, CMD_FLUSH
@@ -72,22 +72,6 @@ def procs():
         p.close_all()
 
 
-def wait_unix_socket(path, proc, timeout=10):
-    end = time.time() + timeout
-    while time.time() < end:
-        assert proc.poll() is None, f"{proc.args[0]} exited {proc.returncode}"
-        if os.path.exists(path):
-            try:
-                s = socket.socket(socket.AF_UNIX)
-                s.connect(path)
-                s.close()
-                return
-            except OSError:
-                pass
-        time.sleep(0.02)
-    raise AssertionError(f"{path} did not appear")
-
-
 def start_nbdkit(procs, tmp, name, *args):
     """nbdkit in the foreground on a unix socket; killed by procs."""
     sock = str(tmp / f"{name}.sock")
@@ -95,7 +79,7 @@ def start_nbdkit(procs, tmp, name, *args):
     p = procs.add(subprocess.Popen(["nbdkit", "-f", "-U", sock, *args], stdout=log,
                                    stderr=subprocess.STDOUT))
     log.close()
-    wait_unix_socket(sock, p)
+    wait_unix_listening(sock, p)
     return sock
 
 
@@ -391,7 +375,7 @@ def test_mirror_to_remote_nbd_export_and_pivot(tmp_path, procs, remote):
         p = procs.add(subprocess.Popen(["qemu-nbd", "-t", "-k", rsock, "-f", "qcow2", "-x", "exp",
                                         str(rimg)], stdout=log, stderr=subprocess.STDOUT))
         log.close()
-        wait_unix_socket(rsock, p)
+        wait_unix_listening(rsock, p)
 
         def rstop():
             p.terminate()

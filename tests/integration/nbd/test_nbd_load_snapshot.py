@@ -1,14 +1,13 @@
 """vdiskd serving a qcow2 internal snapshot read-only (qemu-nbd -l's job), with qemu-nbd -l as
 the oracle: the same snapshot read through both servers is the same bytes, and is what the guest
 had written when the snapshot was taken; the image is never modified by serving it."""
-import os
 import subprocess
 
 import pytest
 
 from conftest import (GuestModel, io_cmds, qemu_img, qemu_io, qemu_io_cmds, run, sha256, vdisk,
                       VDISKD, wait_unix_listening)
-from nbd_helpers import Daemon
+from nbd_helpers import start_daemon
 from qmp_client import QMPError, file_node
 
 MiB = 1 << 20
@@ -40,15 +39,7 @@ def image(tmp):
 
 
 def serve(tmp, blockdev, name="snap"):
-    sock = os.path.join(str(tmp), "nbd.sock")
-    d = Daemon(["--blockdev", blockdev, "--nbd-server", f"addr.type=unix,addr.path={sock}",
-                "--export", f"type=nbd,id=e0,node-name=n0,name={name}"], sock, tmp)
-    try:
-        d.wait_ready()
-    except BaseException:
-        d.kill()
-        raise
-    return d
+    return start_daemon(tmp, None, name=name, writable=False, blockdev=blockdev)
 
 
 def nbd_read_all(uri, out):

@@ -9,14 +9,13 @@ mixed in, then read everything back pipelined; the image must hold exactly what 
 and pass qemu-img check.
 """
 import json
-import os
 import random
 import threading
 
 import pytest
 
 from conftest import assert_qemu_check_clean, qemu_img, qemu_io
-from nbd_helpers import CMD_FLUSH, CMD_READ, CMD_WRITE, FLAG_FUA, Daemon, RawClient
+from nbd_helpers import CMD_FLUSH, CMD_READ, CMD_WRITE, FLAG_FUA, RawClient, start_daemon
 
 MiB = 1 << 20
 SIZE = 16 * MiB
@@ -24,19 +23,11 @@ SIZES = [512, 4096, 4096, 8192, 65536, 69632, 4096, 1 * MiB, 4096, 512, 131072]
 
 
 def start(tmp, image, direct):
-    sock = os.path.join(str(tmp), "nbd.sock")
     f = {"driver": "file", "filename": str(image)}
     if direct:
         f["cache"] = {"direct": True}
     node = json.dumps({"driver": "qcow2", "node-name": "n0", "file": f})
-    d = Daemon(["--blockdev", node, "--nbd-server", f"addr.type=unix,addr.path={sock}",
-                "--export", "type=nbd,id=e0,node-name=n0,name=exp,writable=on"], sock, tmp)
-    try:
-        d.wait_ready()
-    except BaseException:
-        d.kill()
-        raise
-    return d
+    return start_daemon(tmp, image, blockdev=node)
 
 
 def pipeline(c, reqs):
