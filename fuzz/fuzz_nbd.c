@@ -19,6 +19,7 @@
 #include "block/block.h"
 #include "block/dirty-bitmap.h"
 #include "nbd/nbd-server.h"
+#include "util/lock.h"
 
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -41,25 +42,25 @@ static int mem_open(BlockNode *bs, const VdOpenOptions *opts, VdError **errp)
 /* vd_* checked the range against getlength: off + n <= DISK_SIZE */
 static int mem_pread(BlockNode *bs, uint64_t off, uint64_t n, void *buf)
 {
-    pthread_mutex_lock(&disk_lock);
+    vd_mutex_lock(&disk_lock);
     memcpy(buf, disk + off, n);
-    pthread_mutex_unlock(&disk_lock);
+    vd_mutex_unlock(&disk_lock);
     return 0;
 }
 
 static int mem_pwrite(BlockNode *bs, uint64_t off, uint64_t n, const void *buf, int flags)
 {
-    pthread_mutex_lock(&disk_lock);
+    vd_mutex_lock(&disk_lock);
     memcpy(disk + off, buf, n);
-    pthread_mutex_unlock(&disk_lock);
+    vd_mutex_unlock(&disk_lock);
     return 0;
 }
 
 static int mem_pwrite_zeroes(BlockNode *bs, uint64_t off, uint64_t n, int flags)
 {
-    pthread_mutex_lock(&disk_lock);
+    vd_mutex_lock(&disk_lock);
     memset(disk + off, 0, n);
-    pthread_mutex_unlock(&disk_lock);
+    vd_mutex_unlock(&disk_lock);
     return 0;
 }
 
@@ -83,13 +84,13 @@ static bool block_is_zero(uint64_t off)
 static int mem_block_status(BlockNode *bs, uint64_t off, uint64_t n, uint64_t *pnum,
                             uint64_t *map, BlockNode **file)
 {
-    pthread_mutex_lock(&disk_lock);
+    vd_mutex_lock(&disk_lock);
     bool zero = block_is_zero(off & ~4095ull);
     uint64_t end = (off & ~4095ull) + 4096;
     while (end < off + n && block_is_zero(end) == zero) {
         end += 4096;
     }
-    pthread_mutex_unlock(&disk_lock);
+    vd_mutex_unlock(&disk_lock);
     *pnum = end - off < n ? end - off : n;
     *map = off;
     *file = bs;

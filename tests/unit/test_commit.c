@@ -27,6 +27,7 @@
 #include "block/users.h"
 #include "jobs/blockops.h"
 #include "jobs/job.h"
+#include "util/lock.h"
 
 #define SIZE (4u << 20)
 
@@ -51,13 +52,13 @@ static BlockNode *guest_node(VdNodeUser *u)
 static void guest_drain_begin(VdNodeUser *u)
 {
     Guest *g = (Guest *)u;
-    pthread_mutex_lock(&g->lock);
+    vd_mutex_lock(&g->lock);
     g->drained = true;
     while (g->in_flight > 0) {
-        pthread_cond_wait(&g->cond, &g->lock);
+        vd_cond_wait(&g->cond, &g->lock);
     }
     g->syncs_at_drain = vd_flush_total_syncs();
-    pthread_mutex_unlock(&g->lock);
+    vd_mutex_unlock(&g->lock);
 }
 
 static void guest_set_node(VdNodeUser *u, BlockNode *node)
@@ -71,12 +72,12 @@ static void guest_set_node(VdNodeUser *u, BlockNode *node)
 static void guest_drain_end(VdNodeUser *u)
 {
     Guest *g = (Guest *)u;
-    pthread_mutex_lock(&g->lock);
+    vd_mutex_lock(&g->lock);
     g->drained_syncs += vd_flush_total_syncs() - g->syncs_at_drain;
     g->drains++;
     g->drained = false;
-    pthread_cond_broadcast(&g->cond);
-    pthread_mutex_unlock(&g->lock);
+    vd_cond_broadcast(&g->cond);
+    vd_mutex_unlock(&g->lock);
 }
 
 static const VdNodeUserOps guest_ops = {
@@ -91,18 +92,18 @@ static void *guest_thread(void *arg)
     uint8_t *buf = malloc(64 * 1024);
     assert_non_null(buf);
     for (;;) {
-        pthread_mutex_lock(&g->lock);
+        vd_mutex_lock(&g->lock);
         while (g->drained && !g->stop) {
-            pthread_cond_wait(&g->cond, &g->lock);
+            vd_cond_wait(&g->cond, &g->lock);
         }
         if (g->stop) {
-            pthread_mutex_unlock(&g->lock);
+            vd_mutex_unlock(&g->lock);
             break;
         }
         g->in_flight++;
         BlockNode *node = g->node;
         vd_node_ref(node);
-        pthread_mutex_unlock(&g->lock);
+        vd_mutex_unlock(&g->lock);
 
         uint64_t len = 1 + rand_r(&g->seed) % (64 * 1024);
         uint64_t off = (uint64_t)rand_r(&g->seed) % (SIZE - len);
@@ -123,12 +124,12 @@ static void *guest_thread(void *arg)
         }
         vd_node_unref(node);
 
-        pthread_mutex_lock(&g->lock);
+        vd_mutex_lock(&g->lock);
         g->errors += e != 0;
         g->ops++;
         g->in_flight--;
-        pthread_cond_broadcast(&g->cond);
-        pthread_mutex_unlock(&g->lock);
+        vd_cond_broadcast(&g->cond);
+        vd_mutex_unlock(&g->lock);
         usleep(200);
     }
     free(buf);
@@ -137,9 +138,9 @@ static void *guest_thread(void *arg)
 
 static int guest_ops_now(Guest *g)
 {
-    pthread_mutex_lock(&g->lock);
+    vd_mutex_lock(&g->lock);
     int n = g->ops;
-    pthread_mutex_unlock(&g->lock);
+    vd_mutex_unlock(&g->lock);
     return n;
 }
 
@@ -244,10 +245,10 @@ static uint64_t commit_under_guest(bool flushes, int *drains)
     assert_non_null(job);
     wait_status(job, JOB_STATUS_READY);
     wait_guest_ops(&g, guest_ops_now(&g) + 20); /* written while ready */
-    pthread_mutex_lock(&g.lock);
+    vd_mutex_lock(&g.lock);
     uint64_t before = g.drained_syncs; /* the job's start drained the guest too */
     int drains_before = g.drains;
-    pthread_mutex_unlock(&g.lock);
+    vd_mutex_unlock(&g.lock);
     assert_int_equal(job_user_complete(job, &err), 0);
     job_wait_thread(job);
     assert_int_equal(job_status(job), JOB_STATUS_CONCLUDED);
@@ -258,12 +259,12 @@ static uint64_t commit_under_guest(bool flushes, int *drains)
     assert_int_equal(job_user_dismiss(job, &err), 0);
     job_unref(job);
 
-    pthread_mutex_lock(&g.lock);
+    vd_mutex_lock(&g.lock);
     g.stop = true;
-    pthread_cond_broadcast(&g.cond);
+    vd_cond_broadcast(&g.cond);
     uint64_t syncs = g.drained_syncs - before;
     *drains = g.drains - drains_before;
-    pthread_mutex_unlock(&g.lock);
+    vd_mutex_unlock(&g.lock);
     pthread_join(th, NULL);
     vd_node_user_remove(&g.user);
     assert_int_equal(g.errors, 0);
