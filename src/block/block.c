@@ -505,8 +505,9 @@ static BlockNode *open_one(const VdOpenOptions *opts, ChainSeen *seen, bool is_b
         /* an option tree names its protocol; a plain filename's scheme or path decides */
         const BlockDriver *named = opts->options && opts->format ? vd_find_driver(opts->format)
                                                                  : NULL;
-        proto = open_protocol(named && named->is_protocol ? named : NULL, filename, opts->flags,
-                              opts->tls_creds, opts->options, errp);
+        proto = open_protocol(named && named->is_protocol ? named : NULL, filename,
+                              opts->flags & ~VD_OPEN_WRITETHROUGH, opts->tls_creds, opts->options,
+                              errp);
         if (!proto) {
             return NULL;
         }
@@ -534,6 +535,7 @@ static BlockNode *open_one(const VdOpenOptions *opts, ChainSeen *seen, bool is_b
     }
     if (drv->is_protocol) {
         /* "-f file": the protocol node itself is the image. */
+        proto->open_flags |= opts->flags & VD_OPEN_WRITETHROUGH;
         if (opts->node_name) {
             char *nn = strdup(opts->node_name);
             if (nn) {

@@ -78,7 +78,14 @@ enum {
      * Metadata only (qemu-img info, QEMU's BDRV_O_NO_IO): an encrypted image opens without its
      * key, and reading or writing its guest data fails with -EACCES.
      */
-    VD_OPEN_NO_IO = 1 << 7
+    VD_OPEN_NO_IO = 1 << 7,
+    /*
+     * Write-through (cache=writethrough / directsync: QEMU's disabled write cache): every write,
+     * write-zeroes and compressed write on this node is followed by a flush of the node before
+     * it completes, as QEMU's BlockBackend does. Only the node opened with it: its file, data
+     * file and backing children are opened without it (the format orders its own metadata).
+     */
+    VD_OPEN_WRITETHROUGH = 1 << 8
 };
 
 typedef struct VdOpenOptions {

@@ -108,6 +108,15 @@ static int pwrite_compressed_io(BlockNode *bs, const VdWriteReq *w)
     return bs->drv->pwrite_compressed(bs, w->offset, w->bytes, w->buf);
 }
 
+/* VD_OPEN_WRITETHROUGH: a completed write is flushed before it is reported (QEMU's FUA). */
+static int write_through(BlockNode *bs, int ret)
+{
+    if (ret == 0 && (bs->open_flags & VD_OPEN_WRITETHROUGH)) {
+        ret = vd_flush(bs);
+    }
+    return ret;
+}
+
 int vd_pwrite(BlockNode *bs, uint64_t offset, uint64_t bytes, const void *buf, int flags)
 {
     if (bs->read_only) {
@@ -123,7 +132,7 @@ int vd_pwrite(BlockNode *bs, uint64_t offset, uint64_t bytes, const void *buf, i
     }
     VdWriteReq w = {.kind = VD_WRITE_DATA, .offset = offset, .bytes = bytes, .buf = buf,
                     .flags = flags};
-    return noted(bs, offset, bytes, vd_write_hooks_run(bs, &w, pwrite_io));
+    return write_through(bs, noted(bs, offset, bytes, vd_write_hooks_run(bs, &w, pwrite_io)));
 }
 
 static int pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags);
@@ -131,7 +140,7 @@ static int pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, int fla
 int vd_pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags)
 {
     int ret = pwrite_zeroes(bs, offset, bytes, flags);
-    return ret == -EINVAL || ret == -EPERM ? ret : noted(bs, offset, bytes, ret);
+    return ret == -EINVAL || ret == -EPERM ? ret : write_through(bs, noted(bs, offset, bytes, ret));
 }
 
 static int pwrite_zeroes_io(BlockNode *bs, const VdWriteReq *w);
@@ -216,7 +225,8 @@ int vd_pwrite_compressed(BlockNode *bs, uint64_t offset, uint64_t bytes, const v
         return -ENOTSUP;
     }
     VdWriteReq w = {.kind = VD_WRITE_DATA, .offset = offset, .bytes = bytes, .buf = buf};
-    return noted(bs, offset, bytes, vd_write_hooks_run(bs, &w, pwrite_compressed_io));
+    return write_through(bs, noted(bs, offset, bytes,
+                                   vd_write_hooks_run(bs, &w, pwrite_compressed_io)));
 }
 
 /*

@@ -281,7 +281,8 @@ static BlockNode *open_tree_format(json_t *o, const BlockDriver *drv, int flags,
         vd_error_setg(errp, ENOTSUP, "raw: 'offset' and 'size' are not supported");
         return NULL;
     }
-    BlockNode *file = open_child(fref, "file", flags & ~VD_OPEN_NO_BACKING, true, errp);
+    BlockNode *file = open_child(fref, "file", flags & ~(VD_OPEN_NO_BACKING | VD_OPEN_WRITETHROUGH),
+                                 true, errp);
     if (!file) {
         return NULL;
     }
@@ -294,7 +295,8 @@ static BlockNode *open_tree_format(json_t *o, const BlockDriver *drv, int flags,
                           : vd_options_str(json_object_get(o, "encrypt"), "key-secret"),
     };
     json_t *dref = json_object_get(o, "data-file");
-    if (dref && !(opts.data_file = open_child(dref, "data-file", flags & ~VD_OPEN_NO_BACKING,
+    if (dref && !(opts.data_file = open_child(dref, "data-file",
+                                              flags & ~(VD_OPEN_NO_BACKING | VD_OPEN_WRITETHROUGH),
                                               true, errp))) {
         vd_node_unref(file);
         return NULL;

@@ -182,12 +182,10 @@ int img_bench(int argc, char **argv)
         tool_error("Flush interval can't be smaller than depth");
         return 1;
     }
-    int flags = b.write ? VD_OPEN_RDWR : 0;
-    if (!strcmp(cache, "none") || !strcmp(cache, "directsync")) {
-        flags |= VD_OPEN_DIRECT;
-    } else if (!strcmp(cache, "unsafe")) {
-        flags |= VD_OPEN_NO_FLUSH;
-    } else if (strcmp(cache, "writeback") && strcmp(cache, "writethrough")) {
+    int flags = b.write ? VD_OPEN_RDWR : 0, cflags;
+    if (tool_cache_flags(cache, &cflags) == 0) {
+        flags |= cflags;
+    } else {
         tool_error("Invalid cache mode");
         return 1;
     }

@@ -246,11 +246,15 @@ int tool_open_flags(int flags, bool force_share)
 int tool_cache_flags(const char *mode, int *flags)
 {
     /* bdrv_parse_cache_mode's names; "off" is an old spelling of "none" */
-    if (!strcmp(mode, "none") || !strcmp(mode, "off") || !strcmp(mode, "directsync")) {
+    if (!strcmp(mode, "none") || !strcmp(mode, "off")) {
         *flags = VD_OPEN_DIRECT;
+    } else if (!strcmp(mode, "directsync")) {
+        *flags = VD_OPEN_DIRECT | VD_OPEN_WRITETHROUGH;
     } else if (!strcmp(mode, "unsafe")) {
         *flags = VD_OPEN_NO_FLUSH;
-    } else if (!strcmp(mode, "writeback") || !strcmp(mode, "writethrough")) {
+    } else if (!strcmp(mode, "writethrough")) {
+        *flags = VD_OPEN_WRITETHROUGH;
+    } else if (!strcmp(mode, "writeback")) {
         *flags = 0;
     } else {
         return -1;

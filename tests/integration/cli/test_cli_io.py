@@ -230,3 +230,43 @@ def test_image_locking_and_force_share(tmp):
         holder.stdin.close()
         holder.wait(timeout=30)
     assert vdisk("info", p).returncode == 0
+
+
+def _write_sync_sequence(cmd, img, tmp):
+    """The image's pwrite*/fdatasync/fsync calls in order ('w' / 's'), and whether the image was
+    opened with O_DIRECT, from strace."""
+    log = tmp / "strace.txt"
+    env = dict(os.environ, ASAN_OPTIONS=os.environ.get("ASAN_OPTIONS", "") + ":detect_leaks=0")
+    subprocess.run(["strace", "-f", "-qq", "-e",
+                    "trace=openat,pwrite64,pwritev,pwritev2,fdatasync,fsync", "-o", str(log),
+                    *map(str, cmd)], check=True, capture_output=True, env=env, timeout=120)
+    seq, direct = "", False
+    for line in open(log):
+        if "openat(" in line and str(img) in line and "O_DIRECT" in line:
+            direct = True
+        elif "pwrite" in line and "= -1" not in line:
+            seq += "w"
+        elif "sync(" in line:
+            seq += "s"
+    return seq, direct
+
+
+@pytest.mark.parametrize("tool", ["qemu-io", "vdisk"])
+@pytest.mark.parametrize("cache", ["writeback", "writethrough", "directsync", "none"])
+def test_cache_mode_syncs_each_write_as_qemu(tmp, tool, cache):
+    """-t writethrough and directsync make each write durable before the next one starts (a sync
+    after every write), as QEMU's disabled write cache does; writeback and none do not; none and
+    directsync open with O_DIRECT. qemu-io is checked against the same rules."""
+    img = tmp / "r.raw"
+    qemu_img("create", "-q", "-f", "raw", img, "4M")
+    argv = ["qemu-io"] if tool == "qemu-io" else [VDISK, "io"]
+    writes = ["write -P 1 0 64k", "write -P 2 64k 64k", "write -P 3 1M 64k", "write -P 4 2M 4k"]
+    seq, direct = _write_sync_sequence([*argv, "-f", "raw", "-t", cache,
+                                        *sum((["-c", w] for w in writes), []), img], img, tmp)
+    assert seq.count("w") == len(writes), seq
+    assert direct == (cache in ("none", "directsync"))
+    if cache in ("writethrough", "directsync"):
+        assert "ww" not in seq and seq.startswith("ws"), seq
+    else:
+        assert seq.startswith("wwww"), seq
+    qemu_io("-f", "raw", "-c", "read -P 4 2M 4k", "-c", "read -P 2 64k 64k", img)
