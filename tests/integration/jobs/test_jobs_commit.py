@@ -241,6 +241,20 @@ def pivot_log(s, job_id):
     return wait_log(s, pat)
 
 
+def wait_caught_up(q, job_id, quiet_polls=3, interval=0.2, timeout=60):
+    """Wait (bounded) until the job has copied what an idle guest left dirty: vdisk-dirty-bytes 0 in
+    several polls in a row (a chunk's bits clear when its copy starts, so one poll could catch a
+    copy still in flight). Without it, complete could race the last copies on a loaded machine
+    and find a tail to copy under drain, which is not what the idle-guest test is about."""
+    deadline = time.monotonic() + timeout
+    quiet = 0
+    while quiet < quiet_polls:
+        assert time.monotonic() < deadline, f"job {job_id} still has dirty bytes after {timeout} s"
+        jobs = {j["device"]: j for j in q.cmd("query-block-jobs")}
+        quiet = quiet + 1 if jobs[job_id]["vdisk-dirty-bytes"] == 0 else 0
+        time.sleep(interval)
+
+
 def test_active_commit_pivot_of_idle_guest_syncs_nothing_while_paused(tmp_path, monkeypatch):
     """base is flushed before the exports are drained; with an idle guest the drained pivot has no
     tail to copy, so it syncs nothing while the guest waits (vdiskd logs the count of syncs its QMP
@@ -252,6 +266,7 @@ def test_active_commit_pivot_of_idle_guest_syncs_nothing_while_paused(tmp_path, 
         g = Guest(s.uri, write_cmds(model, random.Random(15), 30, 7))
         g.start()
         g.join_checked()
+        wait_caught_up(q, "c5")
         q.cmd("block-job-complete", device="c5")
         done = q.get_event("BLOCK_JOB_COMPLETED", timeout=20)
         assert "error" not in done["data"], done
