@@ -340,16 +340,20 @@ static int backup_prepare(Job *job, VdError **errp)
 /* Take the filter and the hook out: exports back onto the source, writes pass straight through. */
 static void backup_detach(Backup *b)
 {
-    if (b->filter_in) {
-        VdDrainedUsers set;
-        if (vd_node_users_drain(b->filter, &set) == 0) {
-            vd_node_users_resume(&set, b->source);
-        }
-        b->filter_in = false;
-    }
+    VdDrainedUsers set;
+    bool drained = b->filter_in && vd_node_users_drain(b->filter, &set) == 0;
+    b->filter_in = false;
     if (b->hooked) {
-        vd_write_hook_remove(b->source, b); /* waits for the writes inside it */
+        /*
+         * Waits for the writes inside the hook. Done while the exports are drained: their writes
+         * each hold the hook's lock shared, and a guest writing without pause could otherwise keep
+         * the exclusive remove waiting (glibc's rwlock prefers readers) and the job from ending.
+         */
+        vd_write_hook_remove(b->source, b);
         b->hooked = false;
+    }
+    if (drained) {
+        vd_node_users_resume(&set, b->source);
     }
 }
 
