@@ -1171,9 +1171,9 @@ static int cw_pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, int 
 /*
  * A 4 KiB write into a cluster that reads as zeroes through the whole backing chain (after a
  * snapshot, the first write into an empty area of the disk) writes the 4 KiB only, not a 64 KiB
- * buffer of mostly zeroes: one write-zeroes of the new host cluster, also at the file's end (so
- * map sees the cluster as data, as QEMU's) and where it reuses a freed cluster (whose old bytes
- * must not show). Over backing data the whole cluster is still copied. Contents and consistency
+ * buffer of mostly zeroes: no zeroing of the new host cluster at the file's end (an overlay's;
+ * a hole reads zeroes), one write-zeroes where it reuses a freed cluster (whose old bytes must not
+ * show). Over backing data the whole cluster is still copied. Contents and consistency
  * are checked after each.
  */
 static void test_cow_of_zeroes_writes_guest_bytes(void **state)
@@ -1200,8 +1200,8 @@ static void test_cow_of_zeroes_writes_guest_bytes(void **state)
         int zeroes;
         bool reuse; /* free the cluster written with 0x07 first: the allocator takes it again */
     } cases[] = {
-        { 2 << 20, 0, 0x01, 4096, 1, false },      /* zero in every layer, at the file's end */
-        { 6 << 20, 0, 0x02, 4096, 1, false },      /* past the backing's end */
+        { 2 << 20, 0, 0x01, 4096, 0, false },      /* zero in every layer, at the file's end */
+        { 6 << 20, 0, 0x02, 4096, 0, false },      /* past the backing's end */
         { 65536, 0x5b, 0x03, 65536, 0, false },    /* backing data: copied */
         { 5 << 19, 0, 0x04, 4096, 1, true },       /* zero chain, a reused host cluster */
     };
