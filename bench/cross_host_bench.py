@@ -124,6 +124,52 @@ def one_run(kind, nsa, nsb, tmp, src, size, delay_ms, proxy_on_b=False, cc=None)
             proxy.wait(timeout=15)
 
 
+TCP_SINK = r"""
+import socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(1)
+print("listening", flush=True)
+c, _ = s.accept()
+n, t0 = 0, None
+while True:
+    d = c.recv(1 << 20)
+    if not d:
+        break
+    if t0 is None:
+        t0 = time.monotonic()
+    n += len(d)
+print(n, time.monotonic() - t0, flush=True)
+"""
+
+
+def tcp_mib_per_s(nsa, nsb, size, port=10811):
+    """What one bulk TCP stream from A to B carries over the same link, in MiB/s of payload
+    (as iperf would report it): the rate a user measures for "the link". Below tc's nominal
+    rate by the Ethernet/IP/TCP headers (1448 bytes of payload per 1514 on the wire)."""
+    sink = subprocess.Popen(["ip", "netns", "exec", nsb, sys.executable, "-c", TCP_SINK, B_ADDR,
+                             str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert sink.stdout.readline().strip() == "listening", "tcp sink did not start"
+        send = ("import socket, sys\n"
+                "s = socket.create_connection((sys.argv[1], int(sys.argv[2])))\n"
+                "buf = b'x' * (1 << 20)\n"
+                "for _ in range(int(sys.argv[3])):\n"
+                "    s.sendall(buf)\n"
+                "s.close()\n")
+        subprocess.run(["ip", "netns", "exec", nsa, sys.executable, "-c", send, B_ADDR, str(port),
+                        str(size // MiB)], check=True, timeout=600)
+        out, _ = sink.communicate(timeout=60)
+        nbytes, secs = out.split()
+        assert int(nbytes) == size // MiB * MiB, f"tcp sink received {nbytes} bytes"
+        return int(nbytes) / MiB / float(secs)
+    finally:
+        if sink.poll() is None:
+            sink.kill()
+            sink.wait(timeout=15)
+
+
 def link_mib_per_s(rate):
     """tc's rate ("1gbit", "200mbit", "500kbit") in MiB/s of payload at most."""
     units = {"gbit": 1e9, "mbit": 1e6, "kbit": 1e3, "bit": 1}
@@ -147,6 +193,8 @@ def main():
             for _ in range(args.size_mib):
                 f.write(os.urandom(MiB))
         with two_hosts(args.rate) as (nsa, nsb):
+            print(json.dumps({"tcp_mib_per_s": round(tcp_mib_per_s(nsa, nsb, size), 1)}),
+                  flush=True)
             for kind in ("vdiskd", "qemu-storage-daemon"):
                 rates = [one_run(kind, nsa, nsb, tmp, src, size, args.delay_ms)
                          for _ in range(args.reps)]

@@ -126,9 +126,12 @@ def main():
             v, q, link = med(x["vdiskd"]), med(x["qemu-storage-daemon"]), x["link_mib_per_s"]
             if v is None:
                 continue
+            tcp = med(x.get("tcp") or [])
+            tcp_txt = (f"; one bulk TCP stream {tcp:,.1f} = {tcp / link:.2f}x, vdiskd "
+                       f"{v / tcp:.2f}x of it" if tcp else "")
             rows.append(("5 cross-host", f"mirror across {x['rate']} + {x['delay_ms']} ms: "
                          f">= 0.9x the link's {link} MiB/s",
-                         f"{v:,.1f} MiB/s = {v / link:.2f}x (QSD {fmt(q, 1)})",
+                         f"{v:,.1f} MiB/s = {v / link:.2f}x (QSD {fmt(q, 1)}{tcp_txt})",
                          verdict(v / link >= 0.9)))
             c3 = med(x.get("vdiskd-cubic") or [])
             if c3 is not None:
