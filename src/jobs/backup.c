@@ -32,6 +32,7 @@
 #include "block/write-hooks.h"
 #include "jobs/blockops.h"
 #include "jobs/job.h"
+#include "util/lock.h"
 #include "util/log.h"
 
 #define BACKUP_MIN_CLUSTER (64 * 1024)
@@ -134,22 +135,22 @@ static void copy_before_write(Backup *b, uint64_t offset, uint64_t bytes)
     uint8_t *buf = NULL;
     uint64_t copied = 0;
     for (uint64_t i = first; i <= last; i++) {
-        pthread_mutex_lock(&b->lock);
+        vd_mutex_lock(&b->lock);
         bool todo = todo_get(b, i) && !b->cbw_error;
-        pthread_mutex_unlock(&b->lock);
+        vd_mutex_unlock(&b->lock);
         if (!todo) {
             continue;
         }
         if (!buf && !(buf = malloc(b->cluster))) {
-            pthread_mutex_lock(&b->lock);
+            vd_mutex_lock(&b->lock);
             b->cbw_error = b->cbw_error ? b->cbw_error : -ENOMEM;
-            pthread_cond_broadcast(&b->cond);
-            pthread_mutex_unlock(&b->lock);
+            vd_cond_broadcast(&b->cond);
+            vd_mutex_unlock(&b->lock);
             return;
         }
         bool is_read;
         int r = copy_clusters(b, i, 1, buf, &is_read);
-        pthread_mutex_lock(&b->lock);
+        vd_mutex_lock(&b->lock);
         if (r == 0) {
             todo_set(b, i, false);
             b->copied += b->cluster;
@@ -157,8 +158,8 @@ static void copy_before_write(Backup *b, uint64_t offset, uint64_t bytes)
         } else if (!b->cbw_error) {
             b->cbw_error = r; /* the point-in-time copy is broken: the job fails */
         }
-        pthread_cond_broadcast(&b->cond);
-        pthread_mutex_unlock(&b->lock);
+        vd_cond_broadcast(&b->cond);
+        vd_mutex_unlock(&b->lock);
     }
     free(buf);
     Job *job = __atomic_load_n(&b->job, __ATOMIC_ACQUIRE); /* NULL while the job is created */
@@ -200,7 +201,7 @@ static uint64_t todo_bytes(Backup *b)
 /* The next run of marked clusters from *pos (at most max clusters); 0 when none is left. */
 static uint64_t next_run(Backup *b, uint64_t *pos, uint64_t max)
 {
-    pthread_mutex_lock(&b->lock);
+    vd_mutex_lock(&b->lock);
     uint64_t i = *pos;
     while (i < b->nclusters && !todo_get(b, i)) {
         i++;
@@ -209,16 +210,16 @@ static uint64_t next_run(Backup *b, uint64_t *pos, uint64_t max)
     while (i + n < b->nclusters && n < max && todo_get(b, i + n)) {
         n++;
     }
-    pthread_mutex_unlock(&b->lock);
+    vd_mutex_unlock(&b->lock);
     *pos = i;
     return n;
 }
 
 static int cbw_error(Backup *b)
 {
-    pthread_mutex_lock(&b->lock);
+    vd_mutex_lock(&b->lock);
     int e = b->cbw_error;
-    pthread_mutex_unlock(&b->lock);
+    vd_mutex_unlock(&b->lock);
     return e;
 }
 
@@ -233,24 +234,24 @@ static int copy_run(Backup *b, uint64_t first, uint64_t n, uint8_t *buf, JobErro
     bool is_read = false;
     uint64_t done = 0;
     for (uint64_t i = first; i < first + n && r == 0;) {
-        pthread_mutex_lock(&b->lock);
+        vd_mutex_lock(&b->lock);
         uint64_t k = 0;
         while (i + k < first + n && todo_get(b, i + k)) {
             k++;
         }
-        pthread_mutex_unlock(&b->lock);
+        vd_mutex_unlock(&b->lock);
         if (k == 0) {
             i++;
             continue;
         }
         r = copy_clusters(b, i, k, buf, &is_read);
         if (r == 0) {
-            pthread_mutex_lock(&b->lock);
+            vd_mutex_lock(&b->lock);
             for (uint64_t j = i; j < i + k; j++) {
                 todo_set(b, j, false);
             }
             b->copied += k * b->cluster;
-            pthread_mutex_unlock(&b->lock);
+            vd_mutex_unlock(&b->lock);
             job_progress_update(b->job, k * b->cluster);
             done += k * b->cluster;
         }
@@ -406,9 +407,9 @@ static void backup_clean(Job *job)
 static void backup_kick(Job *job)
 {
     Backup *b = job_opaque(job);
-    pthread_mutex_lock(&b->lock);
-    pthread_cond_broadcast(&b->cond);
-    pthread_mutex_unlock(&b->lock);
+    vd_mutex_lock(&b->lock);
+    vd_cond_broadcast(&b->cond);
+    vd_mutex_unlock(&b->lock);
 }
 
 static void backup_free_state(Backup *b)
