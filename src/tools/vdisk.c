@@ -1067,11 +1067,33 @@ void tool_print_usage(const char *cmd)
     abort(); /* every command has its line in commands[] */
 }
 
+static int cmp_names(const void *a, const void *b)
+{
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/* qemu-img's last help line: every format and protocol driver, sorted, from the registry. */
+static void print_supported_formats(void)
+{
+    const char *names[64];
+    size_t n = 0;
+    const BlockDriver *d;
+    for (size_t i = 0; n < sizeof(names) / sizeof(names[0]) && (d = vd_driver_at(i)); i++) {
+        names[n++] = d->name;
+    }
+    qsort(names, n, sizeof(names[0]), cmp_names);
+    printf("Supported formats:");
+    for (size_t i = 0; i < n; i++) {
+        printf(" %s", names[i]);
+    }
+    printf("\n");
+}
+
 static void print_help(void)
 {
     printf("vdisk version " VDISK_VERSION "\n"
            "usage: " TOOL_NAME " [standard options] command [command options]\n"
-           "QEMU-compatible disk image utility (qcow2, raw)\n"
+           "QEMU-compatible disk image utility (qcow2, raw, LUKS)\n"
            "\n"
            "    '-h', '--help'       display this help and exit\n"
            "    '-V', '--version'    output version information and exit\n"
@@ -1113,8 +1135,8 @@ static void print_help(void)
            "info, alloc) given with -c, or one per line from stdin when no -c is given (then\n"
            "'flush' prints \"flushed\" and stdout is flushed after every command). Unlike\n"
            "qemu-io, a failed command (I/O error, pattern mismatch) makes the exit status 1.\n"
-           "\n"
-           "Supported formats: qcow2 raw\n");
+           "\n");
+    print_supported_formats();
 }
 
 /* The commands where qemu-img (and qemu-io, for `io`) take --object. */

@@ -155,6 +155,26 @@ def test_help_and_version():
     assert vdisk("info", "--help").stdout.startswith("usage: vdisk info")
 
 
+def supported_formats(help_text):
+    line = [l for l in help_text.splitlines() if l.startswith("Supported formats:")]
+    assert len(line) == 1, help_text
+    return line[0].split(":", 1)[1].split()
+
+
+def test_help_lists_the_drivers_it_has(tmp):
+    """The help's "Supported formats:" line, as qemu-img's: the driver registry's names, sorted,
+    each one of qemu-img's; the formats `vdisk create` makes are there, one it lacks is not and
+    is refused by name."""
+    ours = supported_formats(vdisk("--help").stdout)
+    assert ours == sorted(ours)
+    assert set(ours) <= set(supported_formats(qemu_img("--help").stdout)), ours
+    for fmt in ("qcow2", "raw", "luks"):
+        assert fmt in ours, ours
+    assert "vmdk" not in ours
+    p = vdisk("create", "-f", "vmdk", tmp / "x.vmdk", "1M", check=False)
+    assert p.returncode == 1 and "Unknown file format 'vmdk'" in p.stderr, p.stderr
+
+
 @pytest.mark.parametrize("args", [[], ["frobnicate"], ["info"], ["info", "--bogus", "x"],
                                   ["convert", "-O"], ["map", "a", "b"]])
 def test_usage_errors_are_one_line(args):
