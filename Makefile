@@ -2,10 +2,15 @@
 # Each target first installs missing Debian packages (scripts/install-deps.sh, idempotent).
 BUILD      ?= build
 ASAN_BUILD ?= build-asan
-# pytest-xdist: one worker per core (tests use tmp_path, kernel-chosen ports and per-process netns
-# names); --dist loadgroup keeps the tests sharing one costly module fixture (the Ceph cluster,
+# pytest-xdist: three workers per two cores (tests use tmp_path, kernel-chosen ports and
+# per-process netns names). A test spends most of its time waiting (for a daemon, a peer's
+# process start, a rate-limited job), so one worker per core left a third of the CPU idle;
+# --dist loadgroup keeps the tests sharing one costly module fixture (the Ceph cluster,
 # `make install`) on one worker (pytest.mark.xdist_group).
-PYTEST_JOBS ?= $(shell nproc)
+NPROC      := $(shell nproc)
+PYTEST_JOBS ?= $(shell echo $$(( ($(NPROC) * 3 + 1) / 2 )))
+# The unit suites sleep too (threads handing work over, timed waits): two per core.
+UNIT_JOBS  ?= $(shell echo $$(( $(NPROC) * 2 )))
 PYTEST     ?= /usr/bin/python3 -m pytest -p timeout --timeout=300 --durations=25 -n $(PYTEST_JOBS) --dist loadgroup
 PREFIX     ?= /usr/local
 DESTDIR    ?=
@@ -34,8 +39,8 @@ install: all
 	DESTDIR="$(DESTDIR)" meson install -C $(BUILD)
 
 check: all asan
-	meson test -C $(BUILD) --print-errorlogs
-	meson test -C $(ASAN_BUILD) --print-errorlogs
+	meson test -C $(BUILD) --print-errorlogs --num-processes $(UNIT_JOBS)
+	meson test -C $(ASAN_BUILD) --print-errorlogs --num-processes $(UNIT_JOBS)
 	VDISK_BUILD=$(CURDIR)/$(ASAN_BUILD) $(PYTEST) -q tests/integration
 
 demo: all
