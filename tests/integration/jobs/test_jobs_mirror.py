@@ -3,26 +3,22 @@
 byte with a model of what the guest wrote, and qemu-img check must find it clean. Cancel before ready
 must leave the guest on an untouched source. Event and reply shapes follow qemu-storage-daemon 7.2.
 """
+import contextlib
 import json
 import os
 import random
 import re
-import socket
 import time
 
 import pytest
 
 from conftest import qemu_img, qemu_io, assert_qemu_check_clean
 from qmp_client import start_vdiskd
+from blockops_helpers import statuses, wait_status
 
 
 MiB = 1 << 20
 SIZE = 8 * MiB
-
-
-@pytest.fixture
-def tmp(tmp_path):
-    return tmp_path
 
 
 def make_chain(tmp):
@@ -58,6 +54,20 @@ def start(tmp, top):
     return d, q, f"nbd+unix:///disk0?socket={sock}"
 
 
+@contextlib.contextmanager
+def served(tmp, top):
+    """start(): the daemon, its QMP client and the guest's URI. A body that returns stops the
+    daemon with SIGTERM and checks it (exit 0, no sanitizer report); one that raises kills it."""
+    d, q, uri = start(tmp, top)
+    try:
+        yield d, q, uri
+        q.close()
+        d.stop_checked()
+    finally:
+        q.close()
+        d.kill()
+
+
 def guest_writes(uri, model, rng, n, pattern_base):
     """n random writes / write-zeroes through NBD in one qemu-io run, applied to the model."""
     cmds = []
@@ -80,6 +90,12 @@ def read_image(tmp, path, name):
     return out.read_bytes()
 
 
+def assert_reads(tmp, path, name, expected):
+    """The image at path, converted to raw by qemu-img (as tmp/name), holds exactly expected."""
+    got = read_image(tmp, path, name)
+    assert got == bytes(expected), first_diff(got, expected)
+
+
 def first_diff(a, b):
     for i in range(min(len(a), len(b))):
         if a[i] != b[i]:
@@ -87,31 +103,11 @@ def first_diff(a, b):
     return None
 
 
-def wait_status(q, job_id, status, timeout=15):
-    """Wait until a JOB_STATUS_CHANGE to status was seen (events stay in q.events)."""
-    end = time.time() + timeout
-    while status not in statuses(q, job_id):
-        assert time.time() < end, f"no status {status} for {job_id}; saw {statuses(q, job_id)}"
-        q.sock.settimeout(max(0.05, end - time.time()))
-        try:
-            q.events.append(q.recv())
-        except socket.timeout:
-            pass
-        finally:
-            q.sock.settimeout(10)
-
-
-def statuses(q, job_id):
-    return [e["data"]["status"] for e in q.events
-            if e["event"] == "JOB_STATUS_CHANGE" and e["data"]["id"] == job_id]
-
-
 def test_mirror_pivot_with_concurrent_guest(tmp):
     base, top, model = make_chain(tmp)
     tgt = tmp / "tgt.qcow2"
-    d, q, uri = start(tmp, top)
     rng = random.Random(1)
-    try:
+    with served(tmp, top) as (d, q, uri):
         q.cmd("drive-mirror", job_id="m0", device="disk0", target=str(tgt), sync="top",
               format="qcow2", speed=128 * 1024)
         jobs = q.cmd("query-block-jobs")
@@ -148,21 +144,14 @@ def test_mirror_pivot_with_concurrent_guest(tmp):
                       d.output())
         assert m, d.output()
         assert int(m.group(1)) < 2000, m.group(0)
-        q.close()
-        d.stop_checked()  # SIGTERM: exit 0, no sanitizer report
-    finally:
-        q.close()
-        d.kill()
     assert_qemu_check_clean(tgt)
     assert_qemu_check_clean(top)
     info = json.loads(qemu_img("info", "--output=json", tgt).stdout)
     # recorded relative to the target (vdisk keeps backing names relative by default)
     assert os.path.realpath(os.path.join(os.path.dirname(str(tgt)), info["backing-filename"])) \
         == os.path.realpath(base)
-    got = read_image(tmp, tgt, "tgt.raw")
-    assert got == bytes(model), first_diff(got, model)
-    src = read_image(tmp, top, "top.raw")
-    assert src == source_model, first_diff(src, source_model)
+    assert_reads(tmp, tgt, "tgt.raw", model)
+    assert_reads(tmp, top, "top.raw", source_model)
     # Sparse: the shared base was not copied into the target.
     tmap = json.loads(qemu_img("map", "--output=json", "-f", "qcow2", tgt).stdout)
     assert not any(e["data"] and e["depth"] == 0 and e["start"] < 2 * MiB
@@ -172,9 +161,8 @@ def test_mirror_pivot_with_concurrent_guest(tmp):
 def test_mirror_cancel_before_ready_leaves_source(tmp):
     base, top, model = make_chain(tmp)
     tgt = tmp / "tgt.qcow2"
-    d, q, uri = start(tmp, top)
     rng = random.Random(2)
-    try:
+    with served(tmp, top) as (d, q, uri):
         q.cmd("drive-mirror", job_id="m1", device="disk0", target=str(tgt), sync="full",
               format="qcow2", speed=64 * 1024)
         guest_writes(uri, model, rng, 30, 7)
@@ -192,14 +180,8 @@ def test_mirror_cancel_before_ready_leaves_source(tmp):
         assert r["error"]["desc"] == "Block job 'm1' not found", r
         # QEMU's class is DeviceNotActive; GenericError until the server maps ENODEV to it.
         assert r["error"]["class"] in ("DeviceNotActive", "GenericError"), r
-        q.close()
-        d.stop_checked()  # SIGTERM: exit 0, no sanitizer report
-    finally:
-        q.close()
-        d.kill()
     assert_qemu_check_clean(top)
-    src = read_image(tmp, top, "top.raw")
-    assert src == bytes(model), first_diff(src, model)
+    assert_reads(tmp, top, "top.raw", model)
 
 
 def node_names(q):
@@ -210,8 +192,7 @@ def test_drive_mirror_target_dropped_after_cancel(tmp):
     """As QEMU, drive-mirror's own target node leaves the graph when the job ends without a pivot
     (hard cancel before ready, soft cancel once ready); its node-name can be reused at once."""
     base, top, model = make_chain(tmp)
-    d, q, uri = start(tmp, top)
-    try:
+    with served(tmp, top) as (d, q, uri):
         q.cmd("drive-mirror", job_id="m5", device="disk0", target=str(tmp / "t5.qcow2"),
               sync="full", format="qcow2", node_name="tgt5", speed=64 * 1024)
         assert "tgt5" in node_names(q)
@@ -237,17 +218,11 @@ def test_drive_mirror_target_dropped_after_cancel(tmp):
         wait_status(q, "m7", "null")
         assert "tgt7" in node_names(q)
         assert [e["node-name"] for e in q.cmd("query-block-exports")] == ["tgt7"]
-        q.close()
-        d.stop_checked()
-    finally:
-        q.close()
-        d.kill()
 
 
 def test_job_verbs_over_qmp(tmp):
     base, top, model = make_chain(tmp)
-    d, q, uri = start(tmp, top)
-    try:
+    with served(tmp, top) as (d, q, uri):
         assert q.error("drive-mirror", {"job-id": "9x", "device": "disk0", "sync": "full",
                                         "target": str(tmp / "never.qcow2")}) == \
             "Invalid job ID '9x'"
@@ -280,32 +255,19 @@ def test_job_verbs_over_qmp(tmp):
         assert q.cmd("query-jobs")[0]["status"] == "concluded"
         q.cmd("job-dismiss", id="m2")
         assert q.cmd("query-jobs") == []
-        q.close()
-        d.stop_checked()  # SIGTERM: exit 0, no sanitizer report
-    finally:
-        q.close()
-        d.kill()
     assert_qemu_check_clean(tmp / "t2.qcow2")
-    got = read_image(tmp, tmp / "t2.qcow2", "t2.raw")
-    assert got == bytes(model), first_diff(got, model)
+    assert_reads(tmp, tmp / "t2.qcow2", "t2.raw", model)
 
 
 def test_sigterm_during_mirror_exits_cleanly(tmp):
     """Shutdown with a running job: the job is cancelled, guests' data stays on the source."""
     base, top, model = make_chain(tmp)
-    d, q, uri = start(tmp, top)
-    try:
+    with served(tmp, top) as (d, q, uri):
         q.cmd("drive-mirror", job_id="m3", device="disk0", target=str(tmp / "t3.qcow2"),
               sync="full", format="qcow2", speed=64 * 1024)
         guest_writes(uri, model, random.Random(3), 10, 9)
-        q.close()
-        d.stop_checked()
-    finally:
-        q.close()
-        d.kill()
     assert_qemu_check_clean(top)
-    src = read_image(tmp, top, "top.raw")
-    assert src == bytes(model), first_diff(src, model)
+    assert_reads(tmp, top, "top.raw", model)
 
 
 def test_blockdev_mirror_write_blocking_to_added_node(tmp):
@@ -313,9 +275,8 @@ def test_blockdev_mirror_write_blocking_to_added_node(tmp):
     base, top, model = make_chain(tmp)
     tgt = tmp / "bd.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", tgt, SIZE)
-    d, q, uri = start(tmp, top)
     rng = random.Random(4)
-    try:
+    with served(tmp, top) as (d, q, uri):
         q.cmd("blockdev-add", driver="qcow2", node_name="tgt0",
               file={"driver": "file", "filename": str(tgt)})
         q.cmd("blockdev-mirror", job_id="m4", device="disk0", target="tgt0", sync="top",
@@ -330,16 +291,9 @@ def test_blockdev_mirror_write_blocking_to_added_node(tmp):
         q.get_event("BLOCK_JOB_COMPLETED", timeout=30)
         after = bytes(model)
         guest_writes(uri, model, rng, 10, 120)
-        q.close()
-        d.stop_checked()
-    finally:
-        q.close()
-        d.kill()
     assert_qemu_check_clean(tgt)
-    got = read_image(tmp, tgt, "bd.raw")
-    assert got == bytes(model), first_diff(got, model)
-    src = read_image(tmp, top, "top.raw")
-    assert src == after, first_diff(src, after)
+    assert_reads(tmp, tgt, "bd.raw", model)
+    assert_reads(tmp, top, "top.raw", after)
 
 
 def test_base_node_copies_above_base_and_skips_target_clusters(tmp):
@@ -354,8 +308,7 @@ def test_base_node_copies_above_base_and_skips_target_clusters(tmp):
     active = tmp / "active.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", active, SIZE)
     qemu_io("-f", "qcow2", "-c", f"write -P 0x22 {2 * MiB} {MiB}", active)
-    d, q, uri = start(tmp, sn2)
-    try:
+    with served(tmp, sn2) as (d, q, uri):
         q.cmd("drive-mirror", job_id="m5", device="disk0", target=str(active), mode="existing",
               format="qcow2", sync="top", base_node=str(base), auto_dismiss=False)
         ready = q.get_event("BLOCK_JOB_READY", timeout=30)
@@ -365,17 +318,11 @@ def test_base_node_copies_above_base_and_skips_target_clusters(tmp):
         q.cmd("block-job-complete", device="m5")
         q.get_event("BLOCK_JOB_COMPLETED", timeout=30)
         q.cmd("block-job-dismiss", id="m5")
-        q.close()
-        d.stop_checked()
-    finally:
-        q.close()
-        d.kill()
     assert_qemu_check_clean(active)
     info = json.loads(qemu_img("info", "--output=json", active).stdout)
     assert os.path.realpath(os.path.join(str(tmp), info["backing-filename"])) == \
         os.path.realpath(base)
-    got = read_image(tmp, active, "active.raw")
-    assert got == bytes(model), first_diff(got, model)
+    assert_reads(tmp, active, "active.raw", model)
 
 
 def test_sync_none_raw_full_and_mirror_back_by_node_name(tmp):
@@ -383,9 +330,8 @@ def test_sync_none_raw_full_and_mirror_back_by_node_name(tmp):
     gets every byte; a target named with node-name can itself be mirrored after the pivot."""
     base, top, model = make_chain(tmp)
     ov, raw, back = tmp / "overlay.qcow2", tmp / "full.raw", tmp / "back.qcow2"
-    d, q, uri = start(tmp, top)
     rng = random.Random(6)
-    try:
+    with served(tmp, top) as (d, q, uri):
         # sync=none, soft cancel after ready: the overlay holds what the guest wrote meanwhile.
         q.cmd("drive-mirror", job_id="n0", device="disk0", target=str(ov), sync="none",
               format="qcow2")
@@ -411,39 +357,26 @@ def test_sync_none_raw_full_and_mirror_back_by_node_name(tmp):
         q.cmd("block-job-complete", device="b")
         q.get_event("BLOCK_JOB_COMPLETED", timeout=15)
         guest_writes(uri, model, rng, 5, 100)
-        q.close()
-        d.stop_checked()
-    finally:
-        q.close()
-        d.kill()
     info = json.loads(qemu_img("info", "--output=json", ov).stdout)
     # recorded relative to the target (vdisk keeps backing names relative by default)
     assert os.path.realpath(os.path.join(os.path.dirname(str(ov)), info["backing-filename"])) \
         == os.path.realpath(top)
     assert info["format"] == "qcow2"
     assert_qemu_check_clean(back)
-    got = read_image(tmp, back, "back.raw")
-    assert got == bytes(model), first_diff(got, model)
+    assert_reads(tmp, back, "back.raw", model)
 
 
 def test_sigterm_with_pending_and_concluded_jobs(tmp):
     """Shutdown with a job parked in PENDING (auto-finalize off): aborted, no leak, source kept."""
     base, top, model = make_chain(tmp)
-    d, q, uri = start(tmp, top)
-    try:
+    with served(tmp, top) as (d, q, uri):
         q.cmd("drive-mirror", job_id="p0", device="disk0", target=str(tmp / "p0.qcow2"),
               sync="top", format="qcow2", auto_finalize=False, auto_dismiss=False)
         q.get_event("BLOCK_JOB_READY", timeout=15)
         guest_writes(uri, model, random.Random(8), 10, 3)
         q.cmd("block-job-complete", device="p0")
         q.get_event("BLOCK_JOB_PENDING", timeout=15)
-        q.close()
-        d.stop_checked()
-    finally:
-        q.close()
-        d.kill()
-    src = read_image(tmp, top, "top.raw")
-    assert src == bytes(model), first_diff(src, model)
+    assert_reads(tmp, top, "top.raw", model)
 
 
 def paused_line(d, pattern, timeout=5):
@@ -465,9 +398,8 @@ def test_mirror_pivot_of_idle_guest_syncs_nothing_while_paused(tmp, mode):
     (the target's temporary backing) is not synced for the target either."""
     base, top, model = make_chain(tmp)
     tgt = tmp / "tgt.qcow2"
-    d, q, uri = start(tmp, top)
     rng = random.Random(31)
-    try:
+    with served(tmp, top) as (d, q, uri):
         q.cmd("drive-mirror", job_id="m5", device="disk0", target=str(tgt), sync="full",
               copy_mode=mode, speed=4 * MiB)
         guest_writes(uri, model, rng, 30, 0)  # while the copy runs
@@ -482,14 +414,8 @@ def test_mirror_pivot_of_idle_guest_syncs_nothing_while_paused(tmp, mode):
         assert m, d.output()
         assert (int(m.group(1)), int(m.group(2))) == (0, 0), m.group(0)
         guest_writes(uri, model, rng, 10, 100)  # on the target now
-        q.close()
-        d.stop_checked()
-    finally:
-        q.close()
-        d.kill()
     assert_qemu_check_clean(tgt)
-    got = read_image(tmp, tgt, "tgt.raw")
-    assert got == bytes(model), first_diff(got, model)
+    assert_reads(tmp, tgt, "tgt.raw", model)
 
 
 def test_mirror_complete_while_guest_writes(tmp):
@@ -498,9 +424,8 @@ def test_mirror_complete_while_guest_writes(tmp):
     import threading
     base, top, model = make_chain(tmp)
     tgt = tmp / "tgt.qcow2"
-    d, q, uri = start(tmp, top)
     rng = random.Random(33)
-    try:
+    with served(tmp, top) as (d, q, uri):
         q.cmd("drive-mirror", job_id="m8", device="disk0", target=str(tgt), sync="full")
         q.get_event("BLOCK_JOB_READY", timeout=30)
         errors = []
@@ -519,14 +444,8 @@ def test_mirror_complete_while_guest_writes(tmp):
         assert not t.is_alive() and not errors, errors
         assert "error" not in done["data"], done
         guest_writes(uri, model, rng, 10, 100)  # on the target now
-        q.close()
-        d.stop_checked()
-    finally:
-        q.close()
-        d.kill()
     assert_qemu_check_clean(tgt)
-    got = read_image(tmp, tgt, "tgt.raw")
-    assert got == bytes(model), first_diff(got, model)
+    assert_reads(tmp, tgt, "tgt.raw", model)
 
 
 @pytest.mark.parametrize("cmd", ["block-export-add", "nbd-server-add", "raw-node-over-source"])
@@ -537,9 +456,8 @@ def test_export_added_during_mirror_writes_through_the_copy(tmp, cmd):
     base, top, model = make_chain(tmp)
     tgt = tmp / "late.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", tgt, SIZE)
-    d, q, uri = start(tmp, top)
     rng = random.Random(9)
-    try:
+    with served(tmp, top) as (d, q, uri):
         q.cmd("blockdev-add", driver="qcow2", node_name="tgt0",
               file={"driver": "file", "filename": str(tgt)})
         q.cmd("blockdev-mirror", job_id="m9", device="disk0", target="tgt0", sync="top")
@@ -558,11 +476,5 @@ def test_export_added_during_mirror_writes_through_the_copy(tmp, cmd):
         guest_writes(late, model, rng, 30, 40)
         q.cmd("block-job-complete", device="m9")
         q.get_event("BLOCK_JOB_COMPLETED", timeout=30)
-        q.close()
-        d.stop_checked()
-    finally:
-        q.close()
-        d.kill()
     assert_qemu_check_clean(tgt)
-    got = read_image(tmp, tgt, "late.raw")
-    assert got == bytes(model), first_diff(got, model)
+    assert_reads(tmp, tgt, "late.raw", model)
