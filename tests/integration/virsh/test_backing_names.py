@@ -31,11 +31,8 @@ def compare_elsewhere(img, ref):
 @pytest.fixture
 def served(tmp):
     (base, mid, top), ref = make_chain(tmp, layers=3)
-    srv = Server("vdiskd", tmp, top)
-    try:
+    with Server("vdiskd", tmp, top) as srv:
         yield base, mid, top, ref, srv
-    finally:
-        srv.stop()
 
 
 def test_commit_pull_snapshot_copy_record_relative_names(tmp, served):
@@ -61,12 +58,9 @@ def test_relative_names_across_directories(tmp):
     os.rename(top, tmp / "b" / "top.qcow2")
     base, top = tmp / "a" / "base.qcow2", tmp / "b" / "top.qcow2"
     qemu_img("rebase", "-u", "-b", "../a/base.qcow2", "-F", "qcow2", top)
-    srv = Server("vdiskd", tmp, top)
-    try:
+    with Server("vdiskd", tmp, top) as srv:
         srv.run("snapshot-create", "exp0", tmp / "b" / "snap.qcow2")
         srv.run("blockcopy", "exp0", tmp / "c.qcow2", "--shallow", "--finish")
-    finally:
-        srv.stop()
     assert backing_of(tmp / "b" / "snap.qcow2") == "top.qcow2"
     assert backing_of(tmp / "c.qcow2") == "b/top.qcow2"
     compare_elsewhere(tmp / "b" / "snap.qcow2", ref)
@@ -76,11 +70,8 @@ def test_relative_names_across_directories(tmp):
 def test_absolute_header_stays_absolute(tmp):
     (base, mid, top), ref = make_chain(tmp, layers=3)
     qemu_img("rebase", "-u", "-b", str(mid), "-F", "qcow2", top)
-    srv = Server("vdiskd", tmp, top)
-    try:
+    with Server("vdiskd", tmp, top) as srv:
         srv.run("blockcommit", "exp0", "--top", "exp0[1]", "--shallow", "--wait")
-    finally:
-        srv.stop()
     assert backing_of(top) == str(base)
     compare_elsewhere(top, ref)
 
@@ -88,8 +79,7 @@ def test_absolute_header_stays_absolute(tmp):
 def test_absolute_backing_option(kind, tmp):  # noqa: F811
     """--absolute-backing on every command, on vdiskd and on qemu-storage-daemon alike."""
     (base, mid, top), ref = make_chain(tmp, layers=3)
-    srv = Server(kind, tmp, top)
-    try:
+    with Server(kind, tmp, top) as srv:
         srv.require("block-commit", "block-stream", "drive-mirror", "blockdev-snapshot-sync")
         srv.run("blockcommit", "exp0", "--top", "exp0[1]", "--base", "exp0[2]", "--wait",
                 "--absolute-backing")
@@ -97,8 +87,6 @@ def test_absolute_backing_option(kind, tmp):  # noqa: F811
         srv.run("blockcopy", "exp0", tmp / "copy.qcow2", "--shallow", "--finish",
                 "--absolute-backing")
         srv.run("blockpull", "exp0", "--base", "exp0[2]", "--wait", "--absolute-backing")
-    finally:
-        srv.stop()
     assert backing_of(top) == str(base)
     assert backing_of(tmp / "copy.qcow2") == str(top)
     assert backing_of(tmp / "snap.qcow2") == str(base)

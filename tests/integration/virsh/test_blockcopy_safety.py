@@ -235,8 +235,7 @@ def test_disk_named_by_export_target_name(tmp):
     """The export id is the disk's target name (virsh's vda): every command takes it, with
     libvirt's vda[N] for backing layers."""
     (base, mid, top), ref = make_chain(tmp, layers=3)
-    srv = Server("vdiskd", tmp, top)
-    try:
+    with Server("vdiskd", tmp, top) as srv:
         from qmp_client import QMPClient
         with QMPClient(srv.qmp) as q:
             q.cmd("block-export-add", type="nbd", id="vda", **{"node-name": "disk0"},
@@ -251,7 +250,5 @@ def test_disk_named_by_export_target_name(tmp):
         assert srv.run("blockjob", "vda", "--info").stderr == "\rBlock Copy: [100.00 %]"
         srv.run("blockjob", "vda", "--pivot")
         assert domblklist(srv) == [["vda", str(dest)]]
-    finally:
-        srv.stop()
     same_content(dest, ref)
     assert backing_of(dest) == "base.qcow2"

@@ -88,6 +88,13 @@ class Server:
     def stop(self):
         self.d.kill()
 
+    # `with Server(...) as srv:` stops the daemon however the body ends
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
 
 @pytest.fixture(params=SERVERS)
 def kind(request):
@@ -154,8 +161,7 @@ def guest_write_then_stop(srv, pattern, offset):
 
 def test_blockcopy_full_pivot(kind, tmp):
     (base, top), ref = make_chain(tmp)
-    srv = Server(kind, tmp, top)
-    try:
+    with Server(kind, tmp, top) as srv:
         srv.require("drive-mirror", "query-block-jobs", "block-job-complete")
         p = srv.run("blockcopy", "exp0", tmp / "copy.qcow2", "--pivot", "--verbose")
         assert p.stdout == "\nSuccessfully pivoted\n"
@@ -164,8 +170,6 @@ def test_blockcopy_full_pivot(kind, tmp):
         rows = domblklist(srv)
         assert rows == [["exp0", str(tmp / "copy.qcow2")]]
         guest_write_then_stop(srv, 0x5a, 5 * MiB)
-    finally:
-        srv.stop()
     assert backing_of(tmp / "copy.qcow2") is None  # full copy: flattened
     with open(ref, "r+b") as f:
         f.seek(5 * MiB)
@@ -178,8 +182,7 @@ def test_blockcopy_full_pivot(kind, tmp):
 
 def test_blockcopy_shallow_finish(kind, tmp):
     (base, top), ref = make_chain(tmp)
-    srv = Server(kind, tmp, top)
-    try:
+    with Server(kind, tmp, top) as srv:
         srv.require("drive-mirror", "query-block-jobs", "block-job-cancel")
         p = srv.run("blockcopy", "exp0", tmp / "copy.qcow2", "--shallow", "--finish",
                     "--granularity", "65536", "--buf-size", "1048576", "--synchronous-writes")
@@ -188,8 +191,6 @@ def test_blockcopy_shallow_finish(kind, tmp):
         # --finish does not pivot: the export still serves the original top
         assert domblklist(srv) == [["exp0", str(top)]]
         assert srv.run("blockjob", "exp0", "--info").stdout == "No current block job for exp0\n"
-    finally:
-        srv.stop()
     assert backing_of(tmp / "copy.qcow2") == recorded(kind, base)  # shares the backing chain
     same_content(tmp / "copy.qcow2", ref)
     # only the top layer was copied: the base's 0x11 data is not allocated in the copy
@@ -302,8 +303,7 @@ def test_blockcopy_reuse_external_wait_then_blockjob(kind, tmp):
     (base, top), ref = make_chain(tmp)
     dest = tmp / "pre.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", dest, SIZE)
-    srv = Server(kind, tmp, top)
-    try:
+    with Server(kind, tmp, top) as srv:
         srv.require("drive-mirror", "query-block-jobs", "block-job-complete",
                     "block-job-set-speed")
         p = srv.run("blockcopy", "exp0", dest, "--reuse-external", "--format", "qcow2", "--wait",
@@ -321,8 +321,6 @@ def test_blockcopy_reuse_external_wait_then_blockjob(kind, tmp):
         srv.run("blockjob", "exp0", "--pivot")
         assert domblklist(srv) == [["exp0", str(dest)]]
         guest_write_then_stop(srv, 0x66, 0)
-    finally:
-        srv.stop()
     with open(ref, "r+b") as f:
         f.write(b"\x66" * 65536)
     same_content(dest, ref)
@@ -330,8 +328,7 @@ def test_blockcopy_reuse_external_wait_then_blockjob(kind, tmp):
 
 def test_blockcopy_async_then_abort(kind, tmp):
     (base, top), ref = make_chain(tmp)
-    srv = Server(kind, tmp, top)
-    try:
+    with Server(kind, tmp, top) as srv:
         srv.require("drive-mirror", "query-block-jobs", "block-job-cancel")
         # 1 MiB/s over ~5 MiB of data: still running when we look
         p = srv.run("blockcopy", "exp0", tmp / "copy.qcow2", "--bandwidth", "1")
@@ -342,15 +339,12 @@ def test_blockcopy_async_then_abort(kind, tmp):
         assert srv.run("blockjob", "exp0", "--abort").stdout == "\n"
         assert srv.run("blockjob", "exp0").stdout == "No current block job for exp0\n"
         assert domblklist(srv) == [["exp0", str(top)]]
-    finally:
-        srv.stop()
     same_content(top, ref)
 
 
 def test_blockcopy_timeout_aborts(kind, tmp):
     (base, top), ref = make_chain(tmp)
-    srv = Server(kind, tmp, top)
-    try:
+    with Server(kind, tmp, top) as srv:
         srv.require("drive-mirror", "query-block-jobs", "block-job-cancel")
         # ~5 MiB at 1 MiB/s cannot be ready within 1 s: virsh aborts the job on --timeout
         p = srv.run("blockcopy", "exp0", tmp / "copy.qcow2", "--bandwidth", "1", "--timeout", "1",
@@ -359,15 +353,12 @@ def test_blockcopy_timeout_aborts(kind, tmp):
         assert p.stdout == "\nCopy aborted\n"
         assert srv.run("blockjob", "exp0").stdout == "No current block job for exp0\n"
         assert domblklist(srv) == [["exp0", str(top)]]
-    finally:
-        srv.stop()
     same_content(top, ref)
 
 
 def test_blockcopy_sigint_aborts(kind, tmp):
     (base, top), ref = make_chain(tmp)
-    srv = Server(kind, tmp, top)
-    try:
+    with Server(kind, tmp, top) as srv:
         srv.require("drive-mirror", "query-block-jobs", "block-job-cancel")
         proc = subprocess.Popen([VDISK, "blockcopy", "exp0", str(tmp / "copy.qcow2"), "--wait",
                                  "--bandwidth", "1", "--socket", srv.qmp],
@@ -389,8 +380,6 @@ def test_blockcopy_sigint_aborts(kind, tmp):
         assert out.decode() == "\nCopy aborted\n" and err == b""
         assert srv.run("blockjob", "exp0").stdout == "No current block job for exp0\n"
         assert domblklist(srv) == [["exp0", str(top)]]
-    finally:
-        srv.stop()
     same_content(top, ref)
 
 
@@ -398,8 +387,7 @@ def test_blockcopy_sigint_aborts(kind, tmp):
 
 def test_blockpull_wait_verbose(kind, tmp):
     (base, top), ref = make_chain(tmp)
-    srv = Server(kind, tmp, top)
-    try:
+    with Server(kind, tmp, top) as srv:
         srv.require("block-stream", "query-block-jobs")
         p = srv.run("blockpull", "exp0", "--wait", "--verbose")
         assert p.stdout == "\nPull complete\n"
@@ -407,22 +395,17 @@ def test_blockpull_wait_verbose(kind, tmp):
         assert p.stderr.endswith("\rBlock Pull: [100.00 %]")
         rows = domblklist(srv, details=True)
         assert [r[0] for r in rows] == ["exp0"], rows  # chain is one layer now
-    finally:
-        srv.stop()
     assert backing_of(top) is None
     same_content(top, ref)
 
 
 def test_blockpull_partial_base(kind, tmp):
     (base, mid, top), ref = make_chain(tmp, layers=3)
-    srv = Server(kind, tmp, top)
-    try:
+    with Server(kind, tmp, top) as srv:
         srv.require("block-stream", "query-block-jobs")
         p = srv.run("blockpull", "exp0", "--base", "exp0[2]", "--wait")
         assert p.stdout == "\nPull complete\n"
         assert p.stderr == ""
-    finally:
-        srv.stop()
     assert backing_of(top) == recorded(kind, base)
     same_content(top, ref)
 
@@ -431,16 +414,13 @@ def test_blockpull_partial_base(kind, tmp):
 
 def test_blockcommit_active_pivot(kind, tmp):
     (base, top), ref = make_chain(tmp)
-    srv = Server(kind, tmp, top)
-    try:
+    with Server(kind, tmp, top) as srv:
         srv.require("block-commit", "query-block-jobs", "block-job-complete")
         p = srv.run("blockcommit", "exp0", "--active", "--pivot", "--verbose")
         assert p.stdout == "\nSuccessfully pivoted\n"
         assert progress_re("Block commit").match(p.stderr), repr(p.stderr)
         assert domblklist(srv) == [["exp0", str(base)]]
         guest_write_then_stop(srv, 0x77, 7 * MiB)
-    finally:
-        srv.stop()
     with open(ref, "r+b") as f:
         f.seek(7 * MiB)
         f.write(b"\x77" * 65536)
@@ -449,8 +429,7 @@ def test_blockcommit_active_pivot(kind, tmp):
 
 def test_blockcommit_active_wait_then_keep_overlay(kind, tmp):
     (base, top), ref = make_chain(tmp)
-    srv = Server(kind, tmp, top)
-    try:
+    with Server(kind, tmp, top) as srv:
         srv.require("block-commit", "query-block-jobs", "block-job-cancel")
         p = srv.run("blockcommit", "exp0", "--active", "--wait")
         assert p.stdout == "\nNow in synchronized phase\n"
@@ -459,8 +438,6 @@ def test_blockcommit_active_wait_then_keep_overlay(kind, tmp):
         srv.run("blockjob", "exp0", "--abort")  # ready active commit: finish, no pivot
         assert srv.run("blockjob", "exp0").stdout == "No current block job for exp0\n"
         assert domblklist(srv) == [["exp0", str(top)]]
-    finally:
-        srv.stop()
     same_content(base, ref)  # everything the guest sees is now in base too
     same_content(top, ref)
 
@@ -468,8 +445,7 @@ def test_blockcommit_active_wait_then_keep_overlay(kind, tmp):
 @pytest.mark.parametrize("base_args", [("--base", "exp0[2]"), ("--shallow",)])
 def test_blockcommit_intermediate(kind, tmp, base_args):
     (base, mid, top), ref = make_chain(tmp, layers=3)
-    srv = Server(kind, tmp, top)
-    try:
+    with Server(kind, tmp, top) as srv:
         srv.require("block-commit", "query-block-jobs")
         # --top by file name; the base by libvirt's index notation, or --shallow (top's backing)
         p = srv.run("blockcommit", "exp0", "--top", mid, *base_args, "--wait", "--verbose")
@@ -477,30 +453,24 @@ def test_blockcommit_intermediate(kind, tmp, base_args):
         assert p.stderr.endswith("\rBlock commit: [100.00 %]")
         rows = domblklist(srv, details=True)
         assert [r[0] for r in rows] == ["exp0", "exp0[1]"] and rows[1][3] == str(base), rows
-    finally:
-        srv.stop()
     assert backing_of(top) == recorded(kind, base)
     same_content(top, ref)
 
 
 def test_blockcommit_active_layer_needs_active(kind, tmp):
     (base, top), ref = make_chain(tmp)
-    srv = Server(kind, tmp, top)
-    try:
+    with Server(kind, tmp, top) as srv:
         p = srv.run("blockcommit", "exp0", "--wait", check=False)
         assert p.returncode == 1
         assert p.stderr == "vdisk: error: commit of 'exp0' active layer requires active flag\n"
         assert p.stdout == ""
-    finally:
-        srv.stop()
 
 
 # ------------------------------------------------------------ snapshot-create
 
 def test_snapshot_create(kind, tmp):
     (base, top), ref = make_chain(tmp)
-    srv = Server(kind, tmp, top)
-    try:
+    with Server(kind, tmp, top) as srv:
         srv.require("blockdev-snapshot-sync")
         p = srv.run("snapshot-create", "exp0", tmp / "snap.qcow2", "--format", "qcow2")
         assert p.stdout == f"Disk snapshot {tmp / 'snap.qcow2'} created\n"
@@ -508,8 +478,6 @@ def test_snapshot_create(kind, tmp):
         assert [(r[0], r[3]) for r in rows] == [("exp0", str(tmp / "snap.qcow2")),
                                                 ("exp0[1]", str(top)), ("exp0[2]", str(base))]
         guest_write_then_stop(srv, 0x99, 0)
-    finally:
-        srv.stop()
     assert backing_of(tmp / "snap.qcow2") == recorded(kind, top)
     same_content(top, ref)  # the old top is frozen
     with open(ref, "r+b") as f:
@@ -521,8 +489,7 @@ def test_snapshot_create(kind, tmp):
 
 def test_errors_are_one_line(kind, tmp):
     (base, top), ref = make_chain(tmp)
-    srv = Server(kind, tmp, top)
-    try:
+    with Server(kind, tmp, top) as srv:
         p = srv.run("blockcopy", "nosuch", tmp / "x.qcow2", check=False)
         assert p.returncode == 1 and p.stdout == ""
         assert p.stderr == ("vdisk: error: disk 'nosuch' not found (no export, node or image of "
@@ -546,8 +513,6 @@ def test_errors_are_one_line(kind, tmp):
             assert p.returncode == 1 and p.stdout == ""
             assert p.stderr.startswith("vdisk: error: ") and p.stderr.count("\n") == 1, p.stderr
             assert "missing.qcow2" in p.stderr, p.stderr
-    finally:
-        srv.stop()
     p = run_vdisk("domblklist", "--socket", tmp / "nope.sock", check=False)
     assert p.returncode == 1
     assert p.stderr.startswith("vdisk: error: Failed to connect to QMP socket ")
@@ -556,13 +521,10 @@ def test_errors_are_one_line(kind, tmp):
 
 def test_default_socket_from_env(kind, tmp, monkeypatch):
     (base, top), ref = make_chain(tmp)
-    srv = Server(kind, tmp, top)
-    try:
+    with Server(kind, tmp, top) as srv:
         monkeypatch.setenv("VDISK_SOCKET", srv.qmp)
         out = run_vdisk("domblklist").stdout
         assert out.split("\n")[2].split() == ["exp0", str(top)], out
-    finally:
-        srv.stop()
 
 
 # ------------------------------------------------- scripted QMP server (no daemon)
