@@ -9,6 +9,7 @@ QEMU tools (qemu-img convert/info/check).
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import threading
@@ -83,6 +84,18 @@ class Served:
         self.q.close()
         self.d.stop_checked()
 
+    # `with Served(...) as s:` a body that returns stops the daemon checked (exit 0, no
+    # sanitizer report); the daemon is killed whatever happened.
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                self.stop()
+        finally:
+            self.close()
+
 
 def write_cmds(model, rng, n, pattern_base, lo=0, hi=SIZE, max_len=200 * KiB):
     """n random writes / write-zeroes as qemu-io -c arguments, applied to the model in order."""
@@ -118,6 +131,11 @@ class Guest(threading.Thread):
         assert not self.is_alive(), "guest writer hung"
         if self.error:
             raise self.error
+
+    def run_checked(self):
+        """Write all of it now: start, then join_checked."""
+        self.start()
+        self.join_checked()
 
 
 class PipelinedGuest(threading.Thread):
@@ -186,6 +204,23 @@ def wait_log(served, pattern):
             return m
         time.sleep(0.05)
     raise AssertionError(served.d.output())
+
+
+def job_under_pipelined_guest(tmp, served, model, seed, pattern, what, command, **args):
+    """`command` runs to BLOCK_JOB_COMPLETED while a PipelinedGuest (seeded) keeps writes in
+    flight, and 3 batches more after it; the job's log line (pattern, group 1 the syncs made
+    while the guest was paused) counts 0 syncs, and the guest reads the model."""
+    g = PipelinedGuest(served.sock, model, random.Random(seed))
+    g.start()
+    g.wait_batches(5)
+    served.q.cmd(command, **args)
+    done = served.q.get_event("BLOCK_JOB_COMPLETED", timeout=30)
+    assert "error" not in done["data"], done
+    g.wait_batches(g.batches + 3)
+    g.join_checked()
+    m = wait_log(served, re.compile(pattern))
+    assert int(m.group(1)) == 0, m.group(0)
+    assert_same(guest_read(tmp, served.uri), bytes(model), what)
 
 
 def guest_read(tmp, uri, name="guest.raw"):

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from blockops_helpers import (MiB, KiB, SIZE, make_chain, Served, write_cmds, Guest, guest_read,
-                              PipelinedGuest, wait_log,
+                              PipelinedGuest, wait_log, job_under_pipelined_guest,
                               image_content, assert_same, chain_info, statuses, wait_status,
                               check_clean)
 
@@ -21,8 +21,7 @@ from blockops_helpers import (MiB, KiB, SIZE, make_chain, Served, write_cmds, Gu
 def test_commit_intermediate_with_concurrent_guest(tmp_path):
     base, mid, top, model = make_chain(tmp_path)
     below_top = image_content(tmp_path, mid, "mid0.raw")  # what base must hold afterwards
-    s = Served(tmp_path, top, need=("block-commit",))
-    try:
+    with Served(tmp_path, top, need=("block-commit",)) as s:
         q = s.q
         # 2 MiB of mid's data at 64 KiB/s: >= 30 s of copying, far longer than the guest's 60
         # writes even on a loaded machine under ASan, so the guest really writes while the copy
@@ -32,9 +31,7 @@ def test_commit_intermediate_with_concurrent_guest(tmp_path):
         jobs = q.cmd("query-block-jobs")
         assert len(jobs) == 1 and jobs[0]["type"] == "commit" and jobs[0]["len"] == SIZE
         rng = random.Random(11)
-        g = Guest(s.uri, write_cmds(model, rng, 60, 0))
-        g.start()
-        g.join_checked()
+        Guest(s.uri, write_cmds(model, rng, 60, 0)).run_checked()
         assert q.cmd("query-block-jobs")[0]["status"] == "running", "the guest did not overlap"
         # A stream job needs the same chain: refused while the commit runs.
         assert "is busy" in q.error("block-stream", {"job-id": "s9", "device": "disk0"})
@@ -49,13 +46,8 @@ def test_commit_intermediate_with_concurrent_guest(tmp_path):
         assert statuses(q, "c0") == ["created", "running", "waiting", "pending", "concluded",
                                      "null"]
         assert_same(guest_read(tmp_path, s.uri), bytes(model), "guest view after commit")
-        g = Guest(s.uri, write_cmds(model, rng, 10, 100))
-        g.start()
-        g.join_checked()
+        Guest(s.uri, write_cmds(model, rng, 10, 100)).run_checked()
         assert_same(guest_read(tmp_path, s.uri, "g2.raw"), bytes(model), "guest view, later")
-        s.stop()
-    finally:
-        s.close()
     assert chain_info(top) == [("top.qcow2", "base.qcow2", "qcow2"), ("base.qcow2", None, None)]
     assert_same(image_content(tmp_path, base, "base.raw"), below_top, "base after commit")
     assert_same(image_content(tmp_path, top, "top.raw"), bytes(model), "chain after commit")
@@ -64,16 +56,13 @@ def test_commit_intermediate_with_concurrent_guest(tmp_path):
 
 def test_active_commit_pivot_with_concurrent_guest(tmp_path):
     base, mid, top, model = make_chain(tmp_path)
-    s = Served(tmp_path, top, need=("block-commit",))
-    try:
+    with Served(tmp_path, top, need=("block-commit",)) as s:
         q = s.q
         # top's 1.5 MiB (plus what the guest dirties) at 64 KiB/s: the copy outlasts the guest's
         # 60 writes however slow the machine, so the job cannot be READY when we look.
         q.cmd("block-commit", job_id="c1", device="disk0", speed=64 * KiB)
         rng = random.Random(12)
-        g = Guest(s.uri, write_cmds(model, rng, 60, 0))
-        g.start()
-        g.join_checked()
+        Guest(s.uri, write_cmds(model, rng, 60, 0)).run_checked()
         jobs = q.cmd("query-block-jobs")
         assert jobs[0]["status"] == "running" and not jobs[0]["ready"], jobs
         q.cmd("block-job-set-speed", device="c1", speed=0)
@@ -81,9 +70,7 @@ def test_active_commit_pivot_with_concurrent_guest(tmp_path):
         assert ready["data"]["type"] == "commit" and ready["data"]["device"] == "c1"
         assert ready["data"]["offset"] == ready["data"]["len"] > 0
         # While ready, the job keeps base in sync with every write.
-        g = Guest(s.uri, write_cmds(model, rng, 40, 100))
-        g.start()
-        g.join_checked()
+        Guest(s.uri, write_cmds(model, rng, 40, 100)).run_checked()
         q.cmd("block-job-complete", device="c1")
         done = q.get_event("BLOCK_JOB_COMPLETED", timeout=20)
         assert "error" not in done["data"], done
@@ -92,13 +79,8 @@ def test_active_commit_pivot_with_concurrent_guest(tmp_path):
                                      "concluded", "null"]
         assert_same(guest_read(tmp_path, s.uri), bytes(model), "guest view after pivot")
         # After the pivot the export serves base: these land in base only.
-        g = Guest(s.uri, write_cmds(model, rng, 20, 200))
-        g.start()
-        g.join_checked()
+        Guest(s.uri, write_cmds(model, rng, 20, 200)).run_checked()
         assert_same(guest_read(tmp_path, s.uri, "g2.raw"), bytes(model), "guest view on base")
-        s.stop()
-    finally:
-        s.close()
     # QEMU leaves top and mid as they were (headers included); base holds the guest's disk.
     assert chain_info(top) == [("top.qcow2", "mid.qcow2", "qcow2"),
                                ("mid.qcow2", "base.qcow2", "qcow2"), ("base.qcow2", None, None)]
@@ -108,8 +90,7 @@ def test_active_commit_pivot_with_concurrent_guest(tmp_path):
 
 def test_commit_errors(tmp_path):
     base, mid, top, model = make_chain(tmp_path)
-    s = Served(tmp_path, top, need=("block-commit",))
-    try:
+    with Served(tmp_path, top, need=("block-commit",)) as s:
         q = s.q
         assert q.error("block-commit", {"job-id": "c", "device": "disk0", "top": "mid.qcow2",
                                         "base": "top.qcow2"}) == \
@@ -127,23 +108,17 @@ def test_commit_errors(tmp_path):
             "cannot commit an image into itself"
         assert q.cmd("query-block-jobs") == []
         assert_same(guest_read(tmp_path, s.uri), bytes(model), "guest view")
-        s.stop()
-    finally:
-        s.close()
     check_clean(base, mid, top)
 
 
 def test_active_commit_soft_cancel_when_ready(tmp_path):
     """block-job-cancel of a ready active commit: base is in sync, the guest stays on top."""
     base, mid, top, model = make_chain(tmp_path)
-    s = Served(tmp_path, top, need=("block-commit",))
-    try:
+    with Served(tmp_path, top, need=("block-commit",)) as s:
         q = s.q
         q.cmd("block-commit", job_id="c2", device="disk0")
         rng = random.Random(13)
-        g = Guest(s.uri, write_cmds(model, rng, 30, 0))
-        g.start()
-        g.join_checked()
+        Guest(s.uri, write_cmds(model, rng, 30, 0)).run_checked()
         q.get_event("BLOCK_JOB_READY", timeout=20)
         q.cmd("block-job-cancel", device="c2")
         done = q.get_event("BLOCK_JOB_COMPLETED", timeout=20)
@@ -152,13 +127,8 @@ def test_active_commit_soft_cancel_when_ready(tmp_path):
         assert statuses(q, "c2") == ["created", "running", "ready", "waiting", "pending",
                                      "concluded", "null"]
         at_cancel = bytes(model)
-        g = Guest(s.uri, write_cmds(model, rng, 20, 100))
-        g.start()
-        g.join_checked()
+        Guest(s.uri, write_cmds(model, rng, 20, 100)).run_checked()
         assert_same(guest_read(tmp_path, s.uri), bytes(model), "guest view (still on top)")
-        s.stop()
-    finally:
-        s.close()
     assert chain_info(top)[0] == ("top.qcow2", "mid.qcow2", "qcow2")
     assert_same(image_content(tmp_path, base, "base.raw"), at_cancel, "base at cancel")
     assert_same(image_content(tmp_path, top, "top.raw"), bytes(model), "chain")
@@ -172,19 +142,13 @@ def test_commit_below_read_only_overlay(tmp_path):
     from conftest import qemu_img
     top2 = tmp_path / "top2.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-b", "top.qcow2", "-F", "qcow2", top2)
-    s = Served(tmp_path, top2, need=("block-commit",))
-    try:
+    with Served(tmp_path, top2, need=("block-commit",)) as s:
         q = s.q
         q.cmd("block-commit", job_id="c3", device="disk0", top="mid.qcow2", speed=2 * MiB)
-        g = Guest(s.uri, write_cmds(model, random.Random(14), 40, 0))
-        g.start()
-        g.join_checked()
+        Guest(s.uri, write_cmds(model, random.Random(14), 40, 0)).run_checked()
         done = q.get_event("BLOCK_JOB_COMPLETED", timeout=20)
         assert "error" not in done["data"], done
         assert_same(guest_read(tmp_path, s.uri), bytes(model), "guest view after commit")
-        s.stop()
-    finally:
-        s.close()
     assert chain_info(top2) == [("top2.qcow2", "top.qcow2", "qcow2"),
                                 ("top.qcow2", "base.qcow2", "qcow2"), ("base.qcow2", None, None)]
     assert_same(image_content(tmp_path, top2, "top2.raw"), bytes(model), "chain")
@@ -193,14 +157,11 @@ def test_commit_below_read_only_overlay(tmp_path):
 
 def test_commit_cancel_keeps_chain(tmp_path):
     base, mid, top, model = make_chain(tmp_path)
-    s = Served(tmp_path, top, need=("block-commit",))
-    try:
+    with Served(tmp_path, top, need=("block-commit",)) as s:
         q = s.q
         # 2 MiB at 64 KiB/s (>= 30 s): still running when the guest is done and we cancel
         q.cmd("block-commit", job_id="c4", device="disk0", top="mid.qcow2", speed=64 * KiB)
-        g = Guest(s.uri, write_cmds(model, random.Random(15), 30, 0))
-        g.start()
-        g.join_checked()
+        Guest(s.uri, write_cmds(model, random.Random(15), 30, 0)).run_checked()
         q.cmd("block-job-cancel", device="c4")
         ev = q.get_event("BLOCK_JOB_CANCELLED", timeout=10)
         assert ev["data"]["type"] == "commit"
@@ -212,9 +173,6 @@ def test_commit_cancel_keeps_chain(tmp_path):
         done = q.get_event("BLOCK_JOB_COMPLETED", timeout=20)
         assert "error" not in done["data"], done
         assert_same(guest_read(tmp_path, s.uri, "g2.raw"), bytes(model), "after the 2nd commit")
-        s.stop()
-    finally:
-        s.close()
     assert chain_info(top) == [("top.qcow2", "base.qcow2", "qcow2"), ("base.qcow2", None, None)]
     check_clean(base, mid, top)
 
@@ -263,9 +221,7 @@ def test_active_commit_pivot_of_idle_guest_syncs_nothing_while_paused(tmp_path, 
     base, mid, top, model, s = ready_active_commit(tmp_path, "c5")
     try:
         q = s.q
-        g = Guest(s.uri, write_cmds(model, random.Random(15), 30, 7))
-        g.start()
-        g.join_checked()
+        Guest(s.uri, write_cmds(model, random.Random(15), 30, 7)).run_checked()
         wait_caught_up(q, "c5")
         q.cmd("block-job-complete", device="c5")
         done = q.get_event("BLOCK_JOB_COMPLETED", timeout=20)
@@ -344,25 +300,11 @@ def test_commit_intermediate_under_pipelined_guest_syncs_nothing_while_paused(tm
     monkeypatch.setenv("VDISK_LOG", "info")
     base, mid, top, model = make_chain(tmp_path)
     below_top = image_content(tmp_path, mid, "mid0.raw")
-    s = Served(tmp_path, top, need=("block-commit",))
-    try:
-        q = s.q
-        g = PipelinedGuest(s.sock, model, random.Random(29))
-        g.start()
-        g.wait_batches(5)
-        q.cmd("block-commit", job_id="c8", device="disk0", top="mid.qcow2", base="base.qcow2")
-        done = q.get_event("BLOCK_JOB_COMPLETED", timeout=30)
-        assert "error" not in done["data"], done
-        g.wait_batches(g.batches + 3)
-        g.join_checked()
-        pat = re.compile(r"commit 'c8': committed; guest I/O paused \d+ us "
-                         r"\((\d+) syncs while paused\)")
-        m = wait_log(s, pat)
-        assert int(m.group(1)) == 0, m.group(0)
-        assert_same(guest_read(tmp_path, s.uri), bytes(model), "guest view after commit")
-        s.stop()
-    finally:
-        s.close()
+    with Served(tmp_path, top, need=("block-commit",)) as s:
+        job_under_pipelined_guest(
+            tmp_path, s, model, 29, r"commit 'c8': committed; guest I/O paused \d+ us "
+            r"\((\d+) syncs while paused\)", "guest view after commit",
+            "block-commit", job_id="c8", device="disk0", top="mid.qcow2", base="base.qcow2")
     assert chain_info(top) == [("top.qcow2", "base.qcow2", "qcow2"), ("base.qcow2", None, None)]
     assert_same(image_content(tmp_path, base, "base.raw"), below_top, "base after commit")
     check_clean(base, mid, top)

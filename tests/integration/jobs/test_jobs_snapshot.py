@@ -155,8 +155,7 @@ def test_blockdev_snapshot_under_guest_writes(tmp_path):
 
 def test_snapshot_errors(tmp_path):
     base, mid, top, model = make_chain(tmp_path)
-    s = Served(tmp_path, top, need=("blockdev-snapshot-sync", "blockdev-snapshot"))
-    try:
+    with Served(tmp_path, top, need=("blockdev-snapshot-sync", "blockdev-snapshot")) as s:
         q = s.q
         e = q.error
         assert e("blockdev-snapshot-sync", {"node-name": "disk0", "snapshot-file": "x.qcow2"}) \
@@ -176,9 +175,6 @@ def test_snapshot_errors(tmp_path):
             "Cannot find device='nosuch' nor node-name='nosuch'"
         assert not (tmp_path / "x.qcow2").exists() and not (tmp_path / "y.qcow2").exists()
         assert_same(guest_read(tmp_path, s.uri), bytes(model), "guest view")
-        s.stop()
-    finally:
-        s.close()
     assert chain_info(top)[0] == ("top.qcow2", "mid.qcow2", "qcow2")
 
 
@@ -186,8 +182,7 @@ def test_mirror_and_stream_commit_exclude_each_other_without_exports(tmp_path):
     """The claims do not depend on an NBD export serving the device: a mirror refuses stream,
     commit and snapshots of its source, and a stream/commit refuses a mirror, both ways."""
     base, mid, top, model = make_chain(tmp_path)
-    s = Served(tmp_path, top, need=("block-stream", "block-commit", "drive-mirror"))
-    try:
+    with Served(tmp_path, top, need=("block-stream", "block-commit", "drive-mirror")) as s:
         q = s.q
         q.cmd("block-export-del", id="exp0")
         q.get_event("BLOCK_EXPORT_DELETED", timeout=10)
@@ -213,16 +208,12 @@ def test_mirror_and_stream_commit_exclude_each_other_without_exports(tmp_path):
             q.get_event("BLOCK_JOB_CANCELLED", timeout=10)
             wait_status(q, "s1", "null")
             q.events.clear()
-        s.stop()
-    finally:
-        s.close()
     check_clean(base, mid, top)
 
 
 def test_refused_while_a_job_uses_the_device(tmp_path):
     base, mid, top, model = make_chain(tmp_path)
-    s = Served(tmp_path, top, need=("blockdev-snapshot-sync", "block-stream", "drive-mirror"))
-    try:
+    with Served(tmp_path, top, need=("blockdev-snapshot-sync", "block-stream", "drive-mirror")) as s:
         q = s.q
         q.cmd("drive-mirror", job_id="m0", device="disk0", target=str(tmp_path / "m.qcow2"),
               sync="full", format="qcow2", speed=64 * KiB)
@@ -242,7 +233,4 @@ def test_refused_while_a_job_uses_the_device(tmp_path):
         q.get_event("BLOCK_JOB_CANCELLED", timeout=10)
         assert not (tmp_path / "x.qcow2").exists()
         assert_same(guest_read(tmp_path, s.uri), bytes(model), "guest view")
-        s.stop()
-    finally:
-        s.close()
     check_clean(base, mid, top)

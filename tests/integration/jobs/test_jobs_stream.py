@@ -4,17 +4,15 @@ then names the base (or nothing), and the guest-visible content equals a model o
 plus every guest write. Event sequence and resulting headers follow qemu-storage-daemon 7.2.
 """
 import random
-import re
 
 from blockops_helpers import (MiB, KiB, SIZE, make_chain, Served, write_cmds, Guest, guest_read,
-                              PipelinedGuest, wait_log, image_content, assert_same, chain_info, statuses,
+                              job_under_pipelined_guest, image_content, assert_same, chain_info, statuses,
                               wait_status, check_clean)
 
 
 def test_stream_to_base_with_concurrent_guest(tmp_path):
     base, mid, top, model = make_chain(tmp_path)
-    s = Served(tmp_path, top)
-    try:
+    with Served(tmp_path, top) as s:
         q = s.q
         # 1.5 MiB to pull from mid at 128 KiB/s (>= 10 s; at 1 MiB/s a guest slowed down by a
         # loaded machine outlasted the copy): the guest writes while the copy runs, also into
@@ -39,13 +37,8 @@ def test_stream_to_base_with_concurrent_guest(tmp_path):
                                      "null"]
         assert_same(guest_read(tmp_path, s.uri), bytes(model), "guest view after stream")
         # The guest keeps writing on the shortened chain.
-        g = Guest(s.uri, write_cmds(model, rng, 10, 200))
-        g.start()
-        g.join_checked()
+        Guest(s.uri, write_cmds(model, rng, 10, 200)).run_checked()
         assert_same(guest_read(tmp_path, s.uri, "g2.raw"), bytes(model), "guest view, later")
-        s.stop()
-    finally:
-        s.close()
     assert chain_info(top) == [("top.qcow2", "base.qcow2", "qcow2"), ("base.qcow2", None, None)]
     assert_same(image_content(tmp_path, top, "top.raw"), bytes(model), "top image")
     check_clean(base, mid, top)
@@ -53,20 +46,14 @@ def test_stream_to_base_with_concurrent_guest(tmp_path):
 
 def test_stream_whole_chain(tmp_path):
     base, mid, top, model = make_chain(tmp_path)
-    s = Served(tmp_path, top)
-    try:
+    with Served(tmp_path, top) as s:
         q = s.q
         q.cmd("block-stream", job_id="s1", device="disk0", speed=2 * MiB)
         rng = random.Random(8)
-        g = Guest(s.uri, write_cmds(model, rng, 40, 3))
-        g.start()
-        g.join_checked()
+        Guest(s.uri, write_cmds(model, rng, 40, 3)).run_checked()
         done = q.get_event("BLOCK_JOB_COMPLETED", timeout=20)
         assert "error" not in done["data"], done
         assert_same(guest_read(tmp_path, s.uri), bytes(model), "guest view after stream")
-        s.stop()
-    finally:
-        s.close()
     assert chain_info(top) == [("top.qcow2", None, None)]
     assert_same(image_content(tmp_path, top, "top.raw"), bytes(model), "top image")
     check_clean(base, mid, top)
@@ -109,8 +96,7 @@ def test_graph_queries_while_stream_finishes(tmp_path):
 
 def test_stream_errors(tmp_path):
     base, mid, top, model = make_chain(tmp_path)
-    s = Served(tmp_path, top)
-    try:
+    with Served(tmp_path, top) as s:
         q = s.q
         assert q.error("block-stream", {"job-id": "x", "device": "disk0", "base": "base.qcow2",
                                         "base-node": "b"}) == \
@@ -125,22 +111,16 @@ def test_stream_errors(tmp_path):
             "Cannot find device='nosuch' nor node-name='nosuch'"
         assert "is missing" in q.error("block-stream", {"job-id": "x"})
         assert q.cmd("query-block-jobs") == []
-        s.stop()
-    finally:
-        s.close()
     assert chain_info(top)[0] == ("top.qcow2", "mid.qcow2", "qcow2")
 
 
 def test_stream_cancel_keeps_chain(tmp_path):
     base, mid, top, model = make_chain(tmp_path)
-    s = Served(tmp_path, top)
-    try:
+    with Served(tmp_path, top) as s:
         q = s.q
         # ~3.5 MiB to pull at 64 KiB/s (>= 50 s): still running when we cancel
         q.cmd("block-stream", job_id="s2", device="disk0", speed=64 * KiB)
-        g = Guest(s.uri, write_cmds(model, random.Random(9), 30, 5))
-        g.start()
-        g.join_checked()
+        Guest(s.uri, write_cmds(model, random.Random(9), 30, 5)).run_checked()
         assert q.error("block-job-complete", {"device": "s2"}) == \
             "Job 's2' in state 'running' cannot accept command verb 'complete'"
         q.cmd("block-job-cancel", device="s2")
@@ -149,9 +129,6 @@ def test_stream_cancel_keeps_chain(tmp_path):
         wait_status(q, "s2", "null")
         assert statuses(q, "s2") == ["created", "running", "aborting", "concluded", "null"]
         assert_same(guest_read(tmp_path, s.uri), bytes(model), "guest view after cancel")
-        s.stop()
-    finally:
-        s.close()
     # Part of mid's data may already be in top; the chain and what it reads are unchanged.
     assert chain_info(top)[0] == ("top.qcow2", "mid.qcow2", "qcow2")
     assert_same(image_content(tmp_path, top, "top.raw"), bytes(model), "chain")
@@ -165,25 +142,11 @@ def test_stream_pivot_under_pipelined_guest_syncs_nothing_while_paused(tmp_path,
     (it made 4 before). Content equals the model, the header names base, images are clean."""
     monkeypatch.setenv("VDISK_LOG", "info")
     base, mid, top, model = make_chain(tmp_path)
-    s = Served(tmp_path, top)
-    try:
-        q = s.q
-        g = PipelinedGuest(s.sock, model, random.Random(23))
-        g.start()
-        g.wait_batches(5)
-        q.cmd("block-stream", job_id="s7", device="disk0", base="base.qcow2")
-        done = q.get_event("BLOCK_JOB_COMPLETED", timeout=30)
-        assert "error" not in done["data"], done
-        g.wait_batches(g.batches + 3)
-        g.join_checked()
-        pat = re.compile(r"stream 's7': '[^']*' now backed by \S+; guest I/O paused [\d.]+ ms "
-                         r"\((\d+) syncs while paused\)")
-        m = wait_log(s, pat)
-        assert int(m.group(1)) == 0, m.group(0)
-        assert_same(guest_read(tmp_path, s.uri), bytes(model), "guest view after stream")
-        s.stop()
-    finally:
-        s.close()
+    with Served(tmp_path, top) as s:
+        job_under_pipelined_guest(
+            tmp_path, s, model, 23, r"stream 's7': '[^']*' now backed by \S+; guest I/O paused "
+            r"[\d.]+ ms \((\d+) syncs while paused\)", "guest view after stream",
+            "block-stream", job_id="s7", device="disk0", base="base.qcow2")
     assert chain_info(top) == [("top.qcow2", "base.qcow2", "qcow2"), ("base.qcow2", None, None)]
     assert_same(image_content(tmp_path, top, "top.raw"), bytes(model), "top image")
     check_clean(base, mid, top)
