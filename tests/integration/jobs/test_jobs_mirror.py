@@ -14,7 +14,7 @@ import pytest
 
 from conftest import qemu_img, qemu_io, assert_qemu_check_clean
 from qmp_client import start_vdiskd
-from blockops_helpers import statuses, wait_status
+from blockops_helpers import statuses, wait_status, write_cmds
 
 
 MiB = 1 << 20
@@ -70,18 +70,8 @@ def served(tmp, top):
 
 def guest_writes(uri, model, rng, n, pattern_base):
     """n random writes / write-zeroes through NBD in one qemu-io run, applied to the model."""
-    cmds = []
-    for i in range(n):
-        length = rng.randrange(1, 300 * 1024)
-        off = rng.randrange(0, SIZE - length)
-        if rng.random() < 0.8:
-            pat = (pattern_base + i) % 250 + 1
-            cmds += ["-c", f"write -P {pat} {off} {length}"]
-            model[off:off + length] = bytes([pat]) * length
-        else:
-            cmds += ["-c", f"write -z {off} {length}"]
-            model[off:off + length] = bytes(length)
-    qemu_io("-f", "raw", *cmds, uri, timeout=120)
+    qemu_io("-f", "raw", *write_cmds(model, rng, n, pattern_base, max_len=300 * 1024), uri,
+            timeout=120)
 
 
 def read_image(tmp, path, name):
