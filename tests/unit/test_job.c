@@ -1212,21 +1212,53 @@ static void test_mirror_switches_to_write_blocking_when_outpaced(void **state)
 }
 
 /*
+ * The races below: two memory nodes, the source filled with (i * mul + add) and each of its reads
+ * slowed by delay_us so copies stay in flight; returns the model (what the guest sees), a copy.
+ */
+static uint8_t *race_setup(BlockNode **src, BlockNode **dst, unsigned mul, unsigned add,
+                           int delay_us)
+{
+    *src = mem_node();
+    *dst = mem_node();
+    MemDisk *sd = (*src)->opaque;
+    for (uint32_t i = 0; i < MSIZE; i++) {
+        sd->data[i] = (uint8_t)(i * mul + add);
+    }
+    uint8_t *model = malloc(MSIZE);
+    memcpy(model, sd->data, MSIZE);
+    sd->delay_us = delay_us;
+    ev_reset();
+    return model;
+}
+
+/* Complete the mirror (guests stopped): source and target both hold exactly the model. */
+static void race_finish(Job *job, BlockNode *src, BlockNode *dst, uint8_t *model)
+{
+    VdError *err = NULL;
+    assert_int_equal(job_user_complete(job, &err), 0);
+    job_wait_thread(job);
+    job_unref(job);
+    assert_int_equal(memcmp(((MemDisk *)src->opaque)->data, model, MSIZE), 0);
+    const uint8_t *t = ((MemDisk *)dst->opaque)->data;
+    for (uint32_t i = 0; i < MSIZE; i++) {
+        if (t[i] != model[i]) {
+            fail_msg("target byte %u is 0x%02x, the guest wrote 0x%02x", i, t[i], model[i]);
+        }
+    }
+    free(model);
+    vd_node_unref(src);
+    vd_node_unref(dst);
+}
+
+/*
  * The copy's read of the source is slow (50 ms) while a write-blocking guest hammers the same
  * range: unless copies and guest writes are serialised, the copy would write the old data it read
  * over the guest's newer data in the target (write-blocking writes leave nothing dirty to redo).
  */
 static void test_mirror_copy_never_overwrites_newer_guest_data(void **state)
 {
-    BlockNode *src = mem_node(), *dst = mem_node();
-    MemDisk *sd = src->opaque;
-    for (uint32_t i = 0; i < MSIZE; i++) {
-        sd->data[i] = (uint8_t)(i * 7 + 1);
-    }
-    uint8_t *model = malloc(MSIZE);
-    memcpy(model, sd->data, MSIZE);
-    sd->delay_us = 50000;
-    ev_reset();
+    BlockNode *src, *dst;
+    uint8_t *model = race_setup(&src, &dst, 7, 1, 50000);
     MirrorOptions o = {.job_id = "m10", .source = src, .target = dst, .target_new = true,
                        .write_blocking = true, .granularity = 65536, .auto_finalize = true,
                        .auto_dismiss = true};
@@ -1241,19 +1273,7 @@ static void test_mirror_copy_never_overwrites_newer_guest_data(void **state)
     /* Enough guest writes raced with the (slow) copies: wait for them, not for a time. */
     assert_true(wait_guest_ops(&g, 21));
     stop_guest(&g, th);
-    assert_int_equal(job_user_complete(job, &err), 0);
-    job_wait_thread(job);
-    job_unref(job);
-    assert_int_equal(memcmp(sd->data, model, MSIZE), 0);
-    const uint8_t *t = ((MemDisk *)dst->opaque)->data;
-    for (uint32_t i = 0; i < MSIZE; i++) {
-        if (t[i] != model[i]) {
-            fail_msg("target byte %u is 0x%02x, the guest wrote 0x%02x", i, t[i], model[i]);
-        }
-    }
-    free(model);
-    vd_node_unref(src);
-    vd_node_unref(dst);
+    race_finish(job, src, dst, model);
 }
 
 /* ---- copy engine ---- */
@@ -1546,15 +1566,8 @@ static void test_copy_engine_yields_to_guest_requests_on_its_tracker(void **stat
  */
 static void test_mirror_parallel_copies_never_overwrite_newer_guest_data(void **state)
 {
-    BlockNode *src = mem_node(), *dst = mem_node();
-    MemDisk *sd = src->opaque;
-    for (uint32_t i = 0; i < MSIZE; i++) {
-        sd->data[i] = (uint8_t)(i * 13 + 5);
-    }
-    uint8_t *model = malloc(MSIZE);
-    memcpy(model, sd->data, MSIZE);
-    sd->delay_us = 20000;
-    ev_reset();
+    BlockNode *src, *dst;
+    uint8_t *model = race_setup(&src, &dst, 13, 5, 20000);
     /*
      * All workers in flight while the guests write: guest priority would hold the copy to one
      * paced request and this test is about many racing them.
@@ -1576,19 +1589,7 @@ static void test_mirror_parallel_copies_never_overwrite_newer_guest_data(void **
     assert_true(wait_guest_ops(&g, 30) && wait_guest_ops(&g2, 30));
     stop_guest(&g, th);
     stop_guest(&g2, th2);
-    assert_int_equal(job_user_complete(job, &err), 0);
-    job_wait_thread(job);
-    job_unref(job);
-    assert_int_equal(memcmp(sd->data, model, MSIZE), 0);
-    const uint8_t *t = ((MemDisk *)dst->opaque)->data;
-    for (uint32_t i = 0; i < MSIZE; i++) {
-        if (t[i] != model[i]) {
-            fail_msg("target byte %u is 0x%02x, the guest wrote 0x%02x", i, t[i], model[i]);
-        }
-    }
-    free(model);
-    vd_node_unref(src);
-    vd_node_unref(dst);
+    race_finish(job, src, dst, model);
 }
 
 int main(void)
