@@ -24,7 +24,8 @@
 #      `perf report -i FILE --no-children --sort pid,sym`),
 #      VDISKD (default build/src/tools/vdiskd; the default debugoptimized build is fine).
 #      vdiskd's copy-engine knobs pass through the environment: VDISK_COPY_WORKERS, VDISK_COPY_UNIT,
-#      VDISK_COPY_NICE, VDISK_COPY_GUEST_PRIORITY, VDISK_COPY_GUEST_FLOOR, VDISK_COPY_WRITEBACK
+#      VDISK_COPY_NICE, VDISK_COPY_GUEST_PRIORITY, VDISK_COPY_GUEST_FLOOR, VDISK_COPY_GUEST_CONVERGE,
+#      VDISK_COPY_WRITEBACK
 #      (docs/concurrency.md, docs/guest-priority.md).
 #      Re-render the markdown from a saved json: bench/jobs_bench.py --report-only bench/out/jobs.json
 # Needs: qemu-storage-daemon, qemu-img, fio with the nbd engine, python3, perf (optional), and

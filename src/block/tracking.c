@@ -21,7 +21,8 @@ struct BlockTracker {
     pthread_cond_t cond;
     BtRequest *head, *tail; /* begin order */
     unsigned count;
-    uint64_t ended, lat_ns; /* block_tracker_stats */
+    unsigned others;        /* in flight, not a job's own (block_tracker_begin_job) */
+    uint64_t ended, lat_ns; /* block_tracker_stats: requests not a job's own */
     BlockTracker *next_tracker;
     pthread_mutex_t notifier_lock; /* guards the notifier array and is held while calling them */
     struct {
@@ -136,8 +137,8 @@ static bool must_wait(const BtRequest *req)
     return false;
 }
 
-void block_tracker_begin(BlockTracker *t, BtRequest *req, uint64_t offset, uint64_t bytes,
-                         BtKind kind)
+static void tracker_begin(BlockTracker *t, BtRequest *req, uint64_t offset, uint64_t bytes,
+                          BtKind kind, bool job)
 {
     uint64_t g = t->granularity;
     if (bytes == 0) {
@@ -151,6 +152,7 @@ void block_tracker_begin(BlockTracker *t, BtRequest *req, uint64_t offset, uint6
     req->bytes = bytes;
     req->next = NULL;
     req->t_begin = now_ns();
+    req->job = job;
 
     vd_mutex_lock(&t->lock);
     req->prev = t->tail;
@@ -161,10 +163,23 @@ void block_tracker_begin(BlockTracker *t, BtRequest *req, uint64_t offset, uint6
     }
     t->tail = req;
     t->count++;
+    t->others += !job;
     while (must_wait(req)) {
         vd_cond_wait(&t->cond, &t->lock);
     }
     vd_mutex_unlock(&t->lock);
+}
+
+void block_tracker_begin(BlockTracker *t, BtRequest *req, uint64_t offset, uint64_t bytes,
+                         BtKind kind)
+{
+    tracker_begin(t, req, offset, bytes, kind, false);
+}
+
+void block_tracker_begin_job(BlockTracker *t, BtRequest *req, uint64_t offset, uint64_t bytes,
+                             BtKind kind)
+{
+    tracker_begin(t, req, offset, bytes, kind, true);
 }
 
 void block_tracker_end(BlockTracker *t, BtRequest *req)
@@ -189,9 +204,12 @@ void block_tracker_end(BlockTracker *t, BtRequest *req)
         t->tail = req->prev;
     }
     t->count--;
-    t->ended++;
-    uint64_t now = now_ns();
-    t->lat_ns += now > req->t_begin ? now - req->t_begin : 0;
+    if (!req->job) {
+        t->others--;
+        t->ended++;
+        uint64_t now = now_ns();
+        t->lat_ns += now > req->t_begin ? now - req->t_begin : 0;
+    }
     /* Broadcast: waiters re-check; lists are short (bounded by in-flight requests). */
     vd_cond_broadcast(&t->cond);
     vd_mutex_unlock(&t->lock);
@@ -206,11 +224,12 @@ void block_tracker_wait_idle(BlockTracker *t)
     vd_mutex_unlock(&t->lock);
 }
 
-void block_tracker_stats(BlockTracker *t, uint64_t *ended, uint64_t *lat_ns)
+void block_tracker_stats(BlockTracker *t, uint64_t *ended, uint64_t *lat_ns, unsigned *in_flight)
 {
     vd_mutex_lock(&t->lock);
     *ended = t->ended;
     *lat_ns = t->lat_ns;
+    *in_flight = t->others;
     vd_mutex_unlock(&t->lock);
 }
 

@@ -39,6 +39,7 @@ typedef struct BtRequest {
     uint64_t offset, bytes; /* as the caller gave them (for write notifiers) */
     BtKind kind;
     uint64_t t_begin;       /* CLOCK_MONOTONIC ns at begin (latency statistics) */
+    bool job;               /* block_tracker_begin_job: not in block_tracker_stats */
     struct BtRequest *prev, *next;
 } BtRequest;
 
@@ -54,6 +55,12 @@ BlockTracker *block_tracker_new(uint64_t granularity);
 /* Wait until [offset, offset+bytes) may proceed as kind, then mark it in flight. bytes 0 = 1. */
 void block_tracker_begin(BlockTracker *t, BtRequest *req, uint64_t offset, uint64_t bytes,
                          BtKind kind);
+/*
+ * The same for a job's own request (a copy engine's copy): ordered like any other, but left out
+ * of block_tracker_stats, which then describes only the other users (the guest's requests).
+ */
+void block_tracker_begin_job(BlockTracker *t, BtRequest *req, uint64_t offset, uint64_t bytes,
+                             BtKind kind);
 /* Mark finished; wakes requests waiting on it. */
 void block_tracker_end(BlockTracker *t, BtRequest *req);
 /* Wait until no request is in flight on this tracker. */
@@ -61,10 +68,12 @@ void block_tracker_wait_idle(BlockTracker *t);
 /* Number of requests in flight (begun, not ended), for tests and diagnostics. */
 unsigned block_tracker_in_flight(BlockTracker *t);
 /*
- * Requests ended since the tracker was created and the sum of their latencies (begin -> end, waits
- * for earlier requests included), for the copy engine's guest-priority budget (jobs/copy.h).
+ * Requests other than a job's own (block_tracker_begin_job) ended since the tracker was created,
+ * the sum of their latencies (begin -> end, waits for earlier requests included) and how many are
+ * in flight now, for the copy engine's guest-priority budget (jobs/copy.h). Read together under
+ * the tracker's lock, so a job's copy ending meanwhile never shows up in them.
  */
-void block_tracker_stats(BlockTracker *t, uint64_t *ended, uint64_t *lat_ns);
+void block_tracker_stats(BlockTracker *t, uint64_t *ended, uint64_t *lat_ns, unsigned *in_flight);
 /* The granularity ranges are widened to (a power of two, >= 4096). */
 uint64_t block_tracker_granularity(BlockTracker *t);
 

@@ -436,6 +436,7 @@ static int commit_run_active(Commit *c, VdError **errp)
         while (copy_engine_reap(e, &ch, false)) {
             commit_reaped(&cr, &ch);
         }
+        copy_engine_note_dirty(e, dirty_bytes(c)); /* the convergence floor */
         /* Quiet points (nothing in flight): see mirror_run. */
         uint64_t speed = cr.finishing ? 0 : job_get_speed(job);
         if (copy_engine_take_kick(e) || cr.failed || speed) {

@@ -74,13 +74,15 @@ struct CopyEngine {
     uint64_t kick_gen;          /* bumped by kick: ends a worker's pacing wait */
     /* guest priority (docs/guest-priority.md), under lock */
     BlockTracker *guest;        /* whose requests are the guest's; NULL: no pacing */
-    bool own_on_guest;          /* our tracked copies are on `guest` too (subtract them) */
     bool urgent;                /* copy_engine_set_urgent: no pacing */
+    bool converge;              /* the floor rises while the job loses ground (note_dirty) */
     CopyBudget budget;
-    uint64_t win_start;         /* current window: start, tracker and own totals at its start */
-    uint64_t win_ended, win_lat, win_own_ended, win_own_lat;
-    uint64_t own_ended, own_lat;    /* our tracked copies on `guest`: count, summed latency */
+    uint64_t win_start;         /* current window: start, the guest's totals at its start */
+    uint64_t win_ended, win_lat;
     uint64_t last_end_ns, last_copy_ns; /* the last copy: when it ended, how long it ran */
+    /* convergence (copy_engine_note_dirty): the progress window's start, dirty set, copies */
+    uint64_t prog_start, prog_dirty, prog_copied;
+    bool prog_started;
     /* early writeback (coordinator only, but wb_running is atomic) */
     uint64_t wb_pending;
     pthread_t wb_thread;
@@ -136,6 +138,7 @@ void copy_budget_init(CopyBudget *b, double floor)
 {
     memset(b, 0, sizeof(*b));
     b->floor = floor > 0.01 ? (floor < 1 ? floor : 1) : 0.01;
+    b->base_floor = b->floor;
     b->share = BUDGET_START_SHARE > b->floor ? BUDGET_START_SHARE : b->floor;
     b->hurt = DEFAULT_GUEST_HURT;
 }
@@ -186,6 +189,25 @@ uint64_t copy_budget_gap_ns(const CopyBudget *b, uint64_t copy_ns)
     return gap > (double)BUDGET_MAX_GAP_NS ? BUDGET_MAX_GAP_NS : (uint64_t)gap;
 }
 
+void copy_budget_progress(CopyBudget *b, uint64_t dirty0, uint64_t dirty1, uint64_t copied,
+                          unsigned workers)
+{
+    if (dirty1 <= COPY_CONVERGED_BYTES) {
+        b->floor = b->base_floor; /* keeping up: the guest gets its priority back */
+        return;
+    }
+    uint64_t gained = dirty0 > dirty1 ? dirty0 - dirty1 : 0;
+    /* No copy ended in the window (one long copy, or its gap): losing only if the set grew. */
+    bool losing = copied ? gained < copied / 2 : dirty1 > dirty0;
+    if (!losing) {
+        return; /* gaining at least half of what it copies: it converges at this floor */
+    }
+    double cap = workers ? workers : 1;
+    b->floor = 2 * b->floor < cap ? 2 * b->floor : cap;
+    b->share = b->share > b->floor ? b->share : b->floor;
+    b->raised++;
+}
+
 /* ---- guest priority: feeding the budget and pacing the workers (engine lock held) ---- */
 
 /* Close the window if it is over: what the guest did in it updates the budget. */
@@ -194,24 +216,23 @@ static void budget_tick_locked(CopyEngine *e, uint64_t now)
     if (!e->guest || now - e->win_start < COPY_WINDOW_NS) {
         return;
     }
-    /* The tracker's lock is a leaf taken after ours (it never calls back into the engine). */
+    /*
+     * The tracker's lock is a leaf taken after ours (it never calls back into the engine). Our
+     * copies are not in its stats (block_tracker_begin_job). Subtracting them afterwards, as
+     * before, raced with a copy that had ended in the tracker but not yet here: a window then
+     * lost a whole copy's latency (100+ ms under ASan), read as a guest mean of ~0, and the
+     * low-water mark fell to ~1 ns, so every later window looked hurt and the share sat at the
+     * floor for minutes.
+     */
     uint64_t ended, lat;
-    block_tracker_stats(e->guest, &ended, &lat);
-    unsigned in_flight = block_tracker_in_flight(e->guest);
-    unsigned ours = 0;
-    for (unsigned i = 0; e->own_on_guest && i < e->o.workers; i++) {
-        ours += e->slots[i].state == SLOT_RUNNING && e->slots[i].c.tracked;
-    }
-    uint64_t de = ended - e->win_ended, dl = lat - e->win_lat;
-    uint64_t oe = e->own_ended - e->win_own_ended, ol = e->own_lat - e->win_own_lat;
-    CopyWindow w = {.guest_done = de > oe ? de - oe : 0, .guest_lat_ns = dl > ol ? dl - ol : 0,
-                    .guest_in_flight = in_flight > ours ? in_flight - ours : 0};
+    unsigned in_flight;
+    block_tracker_stats(e->guest, &ended, &lat, &in_flight);
+    CopyWindow w = {.guest_done = ended - e->win_ended, .guest_lat_ns = lat - e->win_lat,
+                    .guest_in_flight = in_flight};
     copy_budget_update(&e->budget, &w);
     e->win_start = now;
     e->win_ended = ended;
     e->win_lat = lat;
-    e->win_own_ended = e->own_ended;
-    e->win_own_lat = e->own_lat;
 }
 
 /*
@@ -286,7 +307,7 @@ static void *worker_main(void *arg)
         BtRequest req;
         uint64_t t0 = now_ns();
         if (c.tracked && e->o.tracker) {
-            block_tracker_begin(e->o.tracker, &req, c.off, c.bytes, e->o.kind);
+            block_tracker_begin_job(e->o.tracker, &req, c.off, c.bytes, e->o.kind);
         }
         c.ret = 0;
         c.is_read = false;
@@ -301,10 +322,7 @@ static void *worker_main(void *arg)
         if (c.tracked) {
             e->last_end_ns = t1;
             e->last_copy_ns = t1 - t0;
-            if (e->own_on_guest) {
-                e->own_ended++;
-                e->own_lat += t1 - req.t_begin;
-            }
+            e->prog_copied += c.ret == 0 ? c.bytes : 0;
         }
         s->c = c;
         s->state = SLOT_DONE;
@@ -370,10 +388,12 @@ CopyEngine *copy_engine_new(const CopyEngineOptions *o)
     /* VDISK_COPY_GUEST_PRIORITY=0: no pacing (A/B benchmarks); VDISK_COPY_GUEST_FLOOR: percent. */
     const char *gp = getenv("VDISK_COPY_GUEST_PRIORITY");
     e->guest = gp && !strcmp(gp, "0") ? NULL : o->guest ? o->guest : o->tracker;
-    e->own_on_guest = e->guest && e->guest == o->tracker;
     const char *fl = getenv("VDISK_COPY_GUEST_FLOOR");
     long pct = fl ? strtol(fl, NULL, 0) : 0;
     copy_budget_init(&e->budget, pct >= 1 && pct <= 100 ? pct / 100.0 : DEFAULT_GUEST_FLOOR);
+    /* VDISK_COPY_GUEST_CONVERGE=0: the floor stays fixed (A/B measurements of the rule). */
+    const char *cv = getenv("VDISK_COPY_GUEST_CONVERGE");
+    e->converge = !(cv && !strcmp(cv, "0"));
     const char *hu = getenv("VDISK_COPY_GUEST_HURT");
     long hpct = hu ? strtol(hu, NULL, 0) : 0;
     if (hpct >= 110 && hpct <= 1000) {
@@ -381,7 +401,8 @@ CopyEngine *copy_engine_new(const CopyEngineOptions *o)
     }
     e->win_start = now_ns();
     if (e->guest) {
-        block_tracker_stats(e->guest, &e->win_ended, &e->win_lat);
+        unsigned in_flight;
+        block_tracker_stats(e->guest, &e->win_ended, &e->win_lat, &in_flight);
     }
     return e;
 }
@@ -437,6 +458,26 @@ unsigned copy_engine_allowed(CopyEngine *e)
     }
     vd_mutex_unlock(&e->lock);
     return n;
+}
+
+void copy_engine_note_dirty(CopyEngine *e, uint64_t dirty)
+{
+    uint64_t now = now_ns();
+    vd_mutex_lock(&e->lock);
+    if (!e->prog_started || now - e->prog_start >= COPY_PROGRESS_NS) {
+        if (e->prog_started && e->guest && e->converge && !e->urgent) {
+            double floor0 = e->budget.floor;
+            copy_budget_progress(&e->budget, e->prog_dirty, dirty, e->prog_copied, e->o.workers);
+            if (e->budget.floor > floor0) {
+                vd_cond_broadcast(&e->work_cond); /* a pacing worker re-reads its gap */
+            }
+        }
+        e->prog_started = true;
+        e->prog_start = now;
+        e->prog_dirty = dirty;
+        e->prog_copied = 0;
+    }
+    vd_mutex_unlock(&e->lock);
 }
 
 void copy_engine_set_urgent(CopyEngine *e)

@@ -85,18 +85,32 @@ unsigned copy_engine_max_in_flight(CopyEngine *e);
 unsigned copy_engine_allowed(CopyEngine *e);
 /* The user asked to finish (complete, soft cancel): copies run unpaced until the engine is freed. */
 void copy_engine_set_urgent(CopyEngine *e);
+/*
+ * The coordinator's dirty set (mirror, active commit: bytes still to copy), reported on every
+ * turn of its loop: it drives the convergence floor (copy_budget_progress). Jobs that copy a
+ * fixed range once (stream, non-active commit) do not call it: they converge at any share.
+ */
+void copy_engine_note_dirty(CopyEngine *e, uint64_t dirty);
 
 /*
  * The guest-priority budget, a pure state machine (unit-tested) updated once per window of
  * COPY_WINDOW_NS from what the guest's tracker saw: while the guest is active, `share` < 1 is the
  * fraction of the time one copy may run, share >= 2 the copies in flight (no pause). AIMD on the
- * guest's mean request latency against its low-water mark: above 2x it the share halves, below
- * 1.5x it grows by 1/20; never below `floor` (> 0).
+ * guest's mean request latency against its low-water mark: above `hurt` x it the share halves,
+ * below halfway to it it grows by 1/20; never below `floor` (> 0).
+ * Convergence: once per COPY_PROGRESS_NS the coordinator's dirty set is compared with what the
+ * job copied meanwhile. While the guest takes back more than half of what the job copies (the
+ * dirty set shrank by less than half the bytes copied), the floor doubles, up to all the workers
+ * with no pause; it returns to `base_floor` once at most COPY_CONVERGED_BYTES are dirty.
  */
 #define COPY_WINDOW_NS 20000000ULL
+#define COPY_PROGRESS_NS 1000000000ULL
+#define COPY_CONVERGED_BYTES (4ULL << 20)
 typedef struct CopyBudget {
     double share;        /* [floor..64]: < 1 the time one copy may run, >= 2 copies in flight */
-    double floor;        /* > 0: the copy always progresses */
+    double floor;        /* > 0: the copy always progresses; raised while it does not converge */
+    double base_floor;   /* the configured floor (VDISK_COPY_GUEST_FLOOR) */
+    unsigned raised;     /* times the floor was doubled (diagnostics, tests) */
     uint64_t ref_ns;     /* the guest's latency low-water mark (0: none yet); drifts up slowly */
     double hurt;         /* mean latency above hurt * ref: halve; below (1 + hurt) / 2 * ref: grow */
     bool guest_active;   /* the guest did I/O in the last window */
@@ -112,6 +126,12 @@ void copy_budget_update(CopyBudget *b, const CopyWindow *w);
 unsigned copy_budget_allowed(const CopyBudget *b, unsigned workers);
 /* How long to wait after a copy that took copy_ns before the next starts (0: guest idle). */
 uint64_t copy_budget_gap_ns(const CopyBudget *b, uint64_t copy_ns);
+/*
+ * One progress window: dirty0/dirty1 the dirty bytes at its start and end, copied the bytes the
+ * job's copies cleaned in it; `workers` caps the raised floor (all of them in flight, no pause).
+ */
+void copy_budget_progress(CopyBudget *b, uint64_t dirty0, uint64_t dirty1, uint64_t copied,
+                          unsigned workers);
 /*
  * May [start, end) be submitted? Returns the end it must be clipped to (> start) so it does not
  * overlap a request in flight; 0 when start itself is inside one (then *skip_to, if not NULL, gets

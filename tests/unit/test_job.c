@@ -1508,6 +1508,95 @@ static void noop_fn(void *opaque, CopyChunk *c, uint8_t *buf, uint64_t buf_size)
 }
 
 /*
+ * The convergence floor: while the guest takes back more than half of what the job copies (the
+ * dirty set shrank by less than half the bytes copied in a progress window), the floor doubles
+ * window by window up to every worker in flight with no pause, whatever the guest's latency says;
+ * it holds while the job gains, and falls back to the configured floor once the dirty set is small.
+ */
+static void test_copy_budget_floor_rises_until_the_copy_gains_on_the_guest(void **state)
+{
+    const uint64_t M = 1 << 20;
+    CopyBudget b;
+    copy_budget_init(&b, 0.10);
+    CopyWindow calm = busy_window(100000), hurt = busy_window(500000);
+    copy_budget_update(&b, &calm);
+    for (int i = 0; i < 20; i++) {
+        copy_budget_update(&b, &hurt);
+    }
+    assert_true(b.share < 0.11);
+    /* Copied 8 MiB, the set shrank by 1 MiB only: losing, the floor doubles. */
+    copy_budget_progress(&b, 40 * M, 39 * M, 8 * M, 4);
+    assert_true(b.floor > 0.19 && b.floor < 0.21);
+    assert_true(b.share >= b.floor);
+    for (int i = 0; i < 20; i++) {
+        copy_budget_update(&b, &hurt); /* a hurt guest cannot take it below the raised floor */
+    }
+    assert_true(b.share >= 0.19);
+    uint64_t gap_before = copy_budget_gap_ns(&b, 1000000);
+    assert_true(gap_before < 5000000); /* ~4 ms after a 1 ms copy, not ~9 ms */
+    /* Gaining at least half of what it copies: the floor holds. */
+    copy_budget_progress(&b, 39 * M, 34 * M, 8 * M, 4);
+    assert_true(b.floor > 0.19 && b.floor < 0.21);
+    /* No copy ended in the window: losing only if the set grew. */
+    copy_budget_progress(&b, 34 * M, 34 * M, 0, 4);
+    assert_true(b.floor < 0.21);
+    copy_budget_progress(&b, 34 * M, 36 * M, 0, 4);
+    assert_true(b.floor > 0.39 && b.floor < 0.41);
+    /* Still losing: up to all four workers, no pause, under a hurt guest. */
+    for (int i = 0; i < 10; i++) {
+        copy_budget_progress(&b, 36 * M, 36 * M, 16 * M, 4);
+        copy_budget_update(&b, &hurt);
+    }
+    assert_true(b.floor <= 4.0 && b.floor > 3.99);
+    assert_int_equal(copy_budget_allowed(&b, 4), 4);
+    assert_int_equal(copy_budget_gap_ns(&b, 1000000), 0);
+    assert_true(b.raised >= 6);
+    /* Caught up (at most COPY_CONVERGED_BYTES dirty): the guest gets its priority back. */
+    copy_budget_progress(&b, 36 * M, COPY_CONVERGED_BYTES, 40 * M, 4);
+    assert_true(b.floor < 0.11);
+    for (int i = 0; i < 20; i++) {
+        copy_budget_update(&b, &hurt);
+    }
+    assert_int_equal(copy_budget_allowed(&b, 4), 1);
+    assert_true(copy_budget_gap_ns(&b, 1000000) >= 8000000);
+}
+
+/*
+ * A job's own requests (block_tracker_begin_job) are ordered like any other on the tracker but
+ * are not in its stats: the budget reads the guest from them without subtracting the copies
+ * afterwards (which raced with a copy ending and once drove the latency low-water mark to ~0).
+ */
+static void test_tracker_stats_leave_out_the_jobs_own_requests(void **state)
+{
+    BlockNode *n = mem_node();
+    BlockTracker *t = block_tracker_get(n);
+    assert_non_null(t);
+    uint64_t ended0, lat0, ended, lat;
+    unsigned in_flight;
+    block_tracker_stats(t, &ended0, &lat0, &in_flight);
+    assert_int_equal(in_flight, 0);
+    BtRequest job, guest;
+    block_tracker_begin_job(t, &job, 0, 65536, BT_SHARED);
+    block_tracker_begin(t, &guest, 1 << 20, 4096, BT_EXCLUSIVE);
+    assert_int_equal(block_tracker_in_flight(t), 2);
+    block_tracker_stats(t, &ended, &lat, &in_flight);
+    assert_int_equal(in_flight, 1);
+    usleep(2000);
+    block_tracker_end(t, &job);
+    block_tracker_stats(t, &ended, &lat, &in_flight);
+    assert_int_equal(ended, ended0);
+    assert_int_equal(lat, lat0);
+    assert_int_equal(in_flight, 1);
+    block_tracker_end(t, &guest);
+    block_tracker_stats(t, &ended, &lat, &in_flight);
+    assert_int_equal(ended, ended0 + 1);
+    assert_true(lat >= lat0 + 2000000); /* the guest's request spanned the 2 ms */
+    assert_int_equal(in_flight, 0);
+    block_tracker_put(t);
+    vd_node_unref(n);
+}
+
+/*
  * The engine reads the guest's activity from its tracker: while a guest request is in flight,
  * one copy at a time; once the guest is gone (after a window), all workers. Its own tracked copies
  * on the same tracker are not mistaken for the guest's. A kick ends a pacing wait, so a drain
@@ -1627,6 +1716,8 @@ int main(void)
         cmocka_unit_test(test_copy_engine_concurrency_and_no_overlap),
         cmocka_unit_test(test_copy_budget_shrinks_under_a_busy_guest_but_never_to_zero),
         cmocka_unit_test(test_copy_budget_idle_guest_gets_everything_and_share_recovers),
+        cmocka_unit_test(test_copy_budget_floor_rises_until_the_copy_gains_on_the_guest),
+        cmocka_unit_test(test_tracker_stats_leave_out_the_jobs_own_requests),
         cmocka_unit_test(test_copy_engine_yields_to_guest_requests_on_its_tracker),
         cmocka_unit_test(test_mirror_parallel_copies_never_overwrite_newer_guest_data),
     };
