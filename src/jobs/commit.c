@@ -596,7 +596,20 @@ static int commit_run_active(Commit *c, VdError **errp)
         job_set_busy(job, true);
     }
     copy_engine_drain(e, commit_reaped, &cr); /* failed/cancelled copies re-dirtied their ranges */
-    copy_engine_wait_writeback(e);
+    /*
+     * An early writeback may still be syncing base's file. Wait for it here, while guests run,
+     * when prepare syncs base (it would wait behind it while guests are drained): a failure, a
+     * soft cancel, a guest flush since base was durable. A pivot that syncs nothing need not
+     * wait for a disk sync it does not rely on (the wait was once 49 ms of complete ->
+     * COMPLETED): the writeback ends on its own and is joined when the job is freed, after
+     * the event; base_rw, whose file it syncs, lives as long as the job.
+     */
+    vd_mutex_lock(&c->lock);
+    bool pivot = c->should_complete;
+    vd_mutex_unlock(&c->lock);
+    if (r < 0 || !pivot || commit_pivot_needs_sync(c)) {
+        copy_engine_wait_writeback(e);
+    }
     return r;
 }
 

@@ -147,7 +147,10 @@ void copy_engine_submit(CopyEngine *e, uint64_t off, uint64_t bytes, bool tracke
 bool copy_engine_reap(CopyEngine *e, CopyChunk *out, bool wait);
 /* Reap every request in flight (cb, if not NULL, sees each result). */
 void copy_engine_drain(CopyEngine *e, void (*cb)(void *opaque, const CopyChunk *c), void *opaque);
-/* Wait for an early writeback in progress (before run returns: see CopyEngineOptions). */
+/*
+ * Wait for an early writeback in progress (see CopyEngineOptions): before the destination is
+ * synced or closed. copy_engine_free waits for it too.
+ */
 void copy_engine_wait_writeback(CopyEngine *e);
 /* A verb arrived (pause, cancel, set-speed...): the coordinator should drain and look. */
 void copy_engine_kick(CopyEngine *e);
