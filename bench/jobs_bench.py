@@ -357,6 +357,10 @@ def scenario_list(loads, which):
         for load in loads:
             if load != "uncapped":
                 out.append((f"{kind} ({load})", kind, load))
+    # item 2 of the issue: an external snapshot under the capped guest (its longest wait)
+    for load in loads:
+        if load != "uncapped":
+            out.append((f"snapshot ({load})", "snapshot", load))
     for kind in ("commit-active",):  # item 1 of the issue: active commit under a guest at full speed
         if "uncapped" in loads:
             out.append((f"{kind} (uncapped)", kind, "uncapped"))
@@ -382,6 +386,9 @@ DESCR = {
     "commit": "block-commit device=sn2 top-node=sn1 base-node=base (non-active commit)",
     "commit-active": "block-commit device=sn2 base-node=sn1 (active commit: READY, then "
                      "block-job-complete pivots the export to sn1)",
+    "snapshot": "blockdev-snapshot-sync node-name=sn2 (a new qcow2 overlay the daemon creates; "
+                "the export moves onto it): no job, so 'COMPLETED' is the command's reply and the "
+                "guest's figures cover [command, reply + 0.3 s]",
 }
 
 
@@ -453,6 +460,24 @@ def run_one(kind, load, daemon_kind, src, work, a, vsize):
         if load != "idle":
             guest = Guest(d.uri(), rate, a.ramp, os.path.join(rd, "fio"), top)
         c0 = d.cpu_seconds()
+        if kind == "snapshot":
+            # No job: the command's round trip, and what the guest saw around it (its longest
+            # wait is the stall the switch to the new overlay cost it).
+            w0 = time.time()
+            t0, r = q.send("blockdev-snapshot-sync",
+                           {"node-name": "sn2", "snapshot-file": os.path.join(rd, "snap.qcow2"),
+                            "snapshot-node-name": "snap", "format": "qcow2"})
+            if "error" in r:
+                raise RuntimeError(f"blockdev-snapshot-sync: {r['error'].get('desc')}")
+            res["completed_s"] = time.monotonic() - t0
+            res["cpu_s"] = d.cpu_seconds() - c0
+            if guest:
+                time.sleep(TAIL_S)
+                end = w0 + res["completed_s"] + 0.3
+                res["fio"] = guest.stop(w0, end, {"copy": (w0, end)},
+                                        (w0 - a.ramp + 0.2, end + TAIL_S))
+                guest = None
+            return res
         args = {"job-id": "j", "device": "sn2"}
         needs_complete = True
         if kind in ("mirror-full", "mirror-wb"):
