@@ -5,6 +5,11 @@
  * N of a workload that allocates clusters, L2 tables and refcount blocks, the image reopened
  * without the filter must check clean for qemu-img (leaks allowed, as after a QEMU crash) and
  * hold every write a completed flush covered: qcow2's ordering promises, tested.
+ *
+ * With a volatile write cache (unflushed writes lost at the fault, all but the newest), the same
+ * is done for amend's downgrade, compressed-cluster writes, internal snapshot create / goto /
+ * delete and the persistent-bitmap store: crashed at each of their writes and flushes, and once
+ * more right after they return (what they acknowledged must already be durable).
  */
 #include <errno.h>
 #include <setjmp.h>
@@ -17,8 +22,10 @@
 #include <unistd.h>
 
 #include <cmocka.h>
+#include <jansson.h>
 
 #include "block/block.h"
+#include "block/dirty-bitmap.h"
 #include "util/log.h"
 
 #define IMG_SIZE (8u << 20)
@@ -192,17 +199,13 @@ static const BlockDriver fault_drv = {
 static char img[64];
 
 /*
- * The workload over a fault filter with budget n: writes (new clusters, rewrites), a discard
- * and flushes; model[b] = the value block b holds once a flush covered it (0 = never written).
- * Returns how many writes/flushes it issued before the first failure (or all of them).
+ * img opened as qcow2 over a fault filter that lets n writes/flushes through (n < 0: all), its
+ * failing one torn or not, with or without the volatile cache. NULL when the open itself hit
+ * the fault (the filter is gone then).
  */
-static int workload(int n, bool tear, bool cache, uint8_t *model)
+static BlockNode *open_faulty(int n, bool tear, bool cache, BlockNode **filtp)
 {
-    VdCreateOptions co = {.format = "qcow2", .size = IMG_SIZE, .size_given = true,
-                          .cluster_size = 65536};
-    unlink(img);
     VdError *err = NULL;
-    assert_int_equal(vd_create(&co, img, &err), 0);
     BlockNode *file = vd_open_image(img, "file", VD_OPEN_RDWR, &err);
     assert_non_null(file);
     BlockNode *filt = vd_filter_new(&fault_drv, file, NULL);
@@ -218,10 +221,84 @@ static int workload(int n, bool tear, bool cache, uint8_t *model)
         vd_error_free(err);
         log_clear(f);
         vd_node_unref(filt);
+        *filtp = NULL;
+        return NULL;
+    }
+    *filtp = filt;
+    return bs;
+}
+
+/* An operation on an open image: 0 when it completed (everything it did acknowledged). */
+typedef int (*FaultOp)(BlockNode *bs, void *opaque);
+
+/*
+ * op on img (qcow2 over the volatile-cache filter with budget n). The power goes at the n-th
+ * write/flush, or - when the budget outlived op - right after op returned, before anything else
+ * (the close) is written: what op acknowledged must already be durable. True if op completed.
+ */
+static bool run_with_power_cut(int n, FaultOp op, void *opaque)
+{
+    BlockNode *filt;
+    BlockNode *bs = open_faulty(n, false, true, &filt);
+    if (!bs) {
+        return false;
+    }
+    int r = op(bs, opaque);
+    Fault *f = filt->opaque;
+    bool done = r == 0 && f->budget >= 0;
+    if (f->budget >= 0) {
+        log_crash(filt);
+        f->budget = -1;
+    }
+    vd_node_unref(bs); /* its closing writes fail: the power is off */
+    log_clear(f);
+    vd_node_unref(filt);
+    return done;
+}
+
+/*
+ * What each 4 KiB block may hold after a crash: the value a completed flush covered (0 = never
+ * written: zeroes), or one written after that flush (op values are 1..63, one bit each) - an
+ * unflushed write may or may not have reached the disk, and so may the failing one.
+ */
+typedef struct {
+    uint8_t flushed[NBLK];
+    uint8_t pending[NBLK];
+    uint64_t later[NBLK];
+} Model;
+
+static void model_write(Model *m, unsigned b, uint8_t v, bool ok)
+{
+    m->later[b] |= 1ull << v;
+    if (ok) {
+        m->pending[b] = v;
+    }
+}
+
+static void model_flushed(Model *m)
+{
+    memcpy(m->flushed, m->pending, NBLK);
+    memset(m->later, 0, sizeof(m->later));
+}
+
+/*
+ * The workload over a fault filter with budget n: writes (new clusters, rewrites), a discard
+ * and flushes, recorded in the model. Returns how many writes/flushes it issued before the first
+ * failure (or all of them).
+ */
+static int workload(int n, bool tear, bool cache, Model *model)
+{
+    VdCreateOptions co = {.format = "qcow2", .size = IMG_SIZE, .size_given = true,
+                          .cluster_size = 65536};
+    unlink(img);
+    VdError *err = NULL;
+    assert_int_equal(vd_create(&co, img, &err), 0);
+    BlockNode *filt;
+    BlockNode *bs = open_faulty(n, tear, cache, &filt);
+    if (!bs) {
         return 0;
     }
-    uint8_t pending[NBLK];
-    memcpy(pending, model, NBLK);
+    Fault *f = filt->opaque;
     unsigned seed = 7;
     uint8_t buf[BLK];
     int issued = 0;
@@ -234,13 +311,11 @@ static int workload(int n, bool tear, bool cache, uint8_t *model)
         if (i % 7 == 6) {
             r = vd_flush(bs);
             if (r == 0) {
-                memcpy(model, pending, NBLK);
+                model_flushed(model);
             }
         } else {
             r = vd_pwrite(bs, (uint64_t)b * BLK, BLK, buf, 0);
-            if (r == 0) {
-                pending[b] = v;
-            }
+            model_write(model, b, v, r == 0);
         }
         if (r < 0) {
             break;
@@ -253,8 +328,11 @@ static int workload(int n, bool tear, bool cache, uint8_t *model)
     return issued;
 }
 
-/* Reopened without the filter: clean for qemu-img, and every flushed write there. */
-static void verify(const uint8_t *model, int n, bool tear)
+/*
+ * Reopened without the filter: clean for qemu-img, every flushed write there, and nothing else
+ * but later writes (each byte: no torn block may mix in anything never written there).
+ */
+static void verify(const Model *model, int n, bool tear)
 {
     char cmd[256];
     snprintf(cmd, sizeof(cmd), "qemu-img check -q '%s' >/dev/null 2>&1", img);
@@ -269,14 +347,11 @@ static void verify(const uint8_t *model, int n, bool tear)
     assert_non_null(bs);
     uint8_t buf[BLK];
     for (unsigned b = 0; b < NBLK; b++) {
-        if (!model[b]) {
-            continue;
-        }
         assert_int_equal(vd_pread(bs, (uint64_t)b * BLK, BLK, buf), 0);
         for (unsigned i = 0; i < BLK; i++) {
-            if (buf[i] != model[b]) {
+            if (buf[i] != model->flushed[b] && !(buf[i] < 64 && (model->later[b] >> buf[i] & 1))) {
                 fail_msg("fault after %d operations (%s): block %u byte %u is %u, flushed %u",
-                         n, tear ? "torn" : "failed", b, i, buf[i], model[b]);
+                         n, tear ? "torn" : "failed", b, i, buf[i], model->flushed[b]);
             }
         }
     }
@@ -285,14 +360,14 @@ static void verify(const uint8_t *model, int n, bool tear)
 
 static void every_fault_point(bool tear, bool cache)
 {
-    uint8_t model[NBLK];
-    memset(model, 0, sizeof(model));
+    Model *model = calloc(1, sizeof(Model));
+    assert_non_null(model);
     int total = workload(-1, false, cache, model);
     assert_true(total > 0);
     /* the clean run's own writes below qcow2 bound the fault points: count them once more */
     int points = 0;
     for (int n = 0; n < 4096; n++) {
-        memset(model, 0, sizeof(model));
+        memset(model, 0, sizeof(*model));
         int issued = workload(n, tear, cache, model);
         verify(model, n, tear);
         points++;
@@ -300,6 +375,7 @@ static void every_fault_point(bool tear, bool cache)
             break; /* the budget outlived the workload: every point was tried */
         }
     }
+    free(model);
     print_message("%d fault points (%s)\n", points,
                   cache ? "volatile cache" : tear ? "torn writes" : "failed writes");
     assert_true(points > NOPS); /* qcow2 writes metadata too: more points than guest ops */
@@ -335,34 +411,20 @@ static int sh(const char *fmt, ...)
     return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
 }
 
-/* amend compat=0.10 of img through the cache filter with budget n: true if it completed. */
+static int amend_op(BlockNode *bs, void *opaque)
+{
+    VdAmendOptions ao = {.compat = "0.10", .lazy_refcounts = -1};
+    VdError *err = NULL;
+    int r = vd_amend(bs, &ao, &err);
+    vd_error_free(err);
+    return r;
+}
+
+/* amend compat=0.10 of a copy of amend_src, the power cut at its n-th write: true if it completed. */
 static bool amend_with_fault(int n)
 {
     copy_file(amend_src, img);
-    VdError *err = NULL;
-    BlockNode *file = vd_open_image(img, "file", VD_OPEN_RDWR, &err);
-    assert_non_null(file);
-    BlockNode *filt = vd_filter_new(&fault_drv, file, NULL);
-    assert_non_null(filt);
-    vd_node_unref(file);
-    Fault *f = filt->opaque;
-    f->budget = n < 0 ? 1 << 30 : n;
-    f->cache = true;
-    VdOpenOptions oo = {.filename = img, .format = "qcow2", .file = filt, .flags = VD_OPEN_RDWR};
-    BlockNode *bs = vd_open(&oo, &err);
-    if (!bs) {
-        vd_error_free(err);
-        vd_node_unref(filt);
-        return false;
-    }
-    VdAmendOptions ao = {.compat = "0.10", .lazy_refcounts = -1};
-    int r = vd_amend(bs, &ao, &err);
-    vd_error_free(err);
-    bool done = r == 0 && f->budget >= 0;
-    vd_node_unref(bs); /* its closing writes fail too once the filter is dead */
-    log_clear(f);
-    vd_node_unref(filt);
-    return done;
+    return run_with_power_cut(n, amend_op, NULL);
 }
 
 static void test_amend_downgrade_crash_at_every_point(void **state)
@@ -401,6 +463,537 @@ static void test_amend_downgrade_crash_at_every_point(void **state)
     unlink(amend_raw);
 }
 
+/* ---- compressed clusters ---- */
+
+#define CL (64u << 10)
+#define CL_BLKS (CL / BLK)
+#define NOPS_C 40
+
+/*
+ * Compressed writes of whole clusters (sharing host clusters: q2_alloc_bytes packs them), many
+ * over clusters already compressed (the old bytes' refcount drops while their host cluster may
+ * still hold others), 4 KiB plain writes into compressed clusters (copy-on-write out of them)
+ * and a flush every eighth op, recorded in the Model opaque.
+ */
+static int compressed_op(BlockNode *bs, void *opaque)
+{
+    Model *model = opaque;
+    uint8_t *buf = malloc(CL);
+    assert_non_null(buf);
+    unsigned seed = 11;
+    int r = 0;
+    for (int i = 0; i < NOPS_C && r == 0; i++) {
+        seed = seed * 1103515245 + 12345;
+        unsigned c = (seed >> 8) % 24 * 3; /* 24 clusters: most ops hit one already written */
+        uint8_t v = (uint8_t)(i + 1);
+        memset(buf, v, CL);
+        if (i % 8 == 7) {
+            r = vd_flush(bs);
+            if (r == 0) {
+                model_flushed(model);
+            }
+        } else if (i % 8 == 3) {
+            unsigned b = c * CL_BLKS + (seed >> 16) % CL_BLKS;
+            r = vd_pwrite(bs, (uint64_t)b * BLK, BLK, buf, 0);
+            model_write(model, b, v, r == 0);
+        } else {
+            r = vd_pwrite_compressed(bs, (uint64_t)c * CL, CL, buf);
+            for (unsigned b = c * CL_BLKS; b < (c + 1) * CL_BLKS; b++) {
+                model_write(model, b, v, r == 0);
+            }
+        }
+    }
+    free(buf);
+    return r;
+}
+
+static void test_compressed_crash_at_every_point(void **state)
+{
+    Model *model = calloc(1, sizeof(Model));
+    assert_non_null(model);
+    VdCreateOptions co = {.format = "qcow2", .size = IMG_SIZE, .size_given = true,
+                          .cluster_size = CL};
+    int points = 0;
+    bool done = false;
+    for (int n = 0; n < 4096 && !done; n++) {
+        unlink(img);
+        VdError *err = NULL;
+        assert_int_equal(vd_create(&co, img, &err), 0);
+        memset(model, 0, sizeof(*model));
+        done = run_with_power_cut(n, compressed_op, model);
+        verify(model, n, false);
+        points++;
+    }
+    assert_true(done);
+    free(model);
+    /* the completed run left compressed clusters: qemu-img counts them */
+    assert_int_equal(sh("qemu-img check '%s' | grep -q 'compressed clusters'", img), 0);
+    print_message("%d fault points in compressed writes\n", points);
+    assert_true(points > NOPS_C);
+}
+
+/* ---- internal snapshots ---- */
+
+#define SN_SIZE (4u << 20)
+#define SN_W (3u * CL + 8192) /* the guest write after the operation: in a cluster s1 shares */
+
+static char sn_src[80], sn_tmp[80];
+
+typedef struct {
+    const char *what; /* "create", "goto", "delete" */
+    const char *name;
+} SnapOp;
+
+/* The operation, then a 4 KiB write of 0x44 at SN_W and a flush (the operation left COPIED
+ * right, or the write goes in place into a cluster a snapshot still uses). */
+static int snapshot_op(BlockNode *bs, void *opaque)
+{
+    const SnapOp *op = opaque;
+    VdError *err = NULL;
+    int r = !strcmp(op->what, "create") ? vd_snapshot_create(bs, op->name, &err)
+            : !strcmp(op->what, "goto") ? vd_snapshot_goto(bs, op->name, &err)
+                                        : vd_snapshot_delete(bs, NULL, op->name, &err);
+    vd_error_free(err);
+    if (r < 0) {
+        return r;
+    }
+    uint8_t buf[BLK];
+    memset(buf, 0x44, BLK);
+    r = vd_pwrite(bs, SN_W, BLK, buf, 0);
+    return r < 0 ? r : vd_flush(bs);
+}
+
+static uint8_t *read_file(const char *path, size_t size)
+{
+    uint8_t *p = malloc(size);
+    assert_non_null(p);
+    FILE *fp = fopen(path, "rb");
+    assert_non_null(fp);
+    assert_int_equal(fread(p, 1, size, fp), size);
+    fclose(fp);
+    return p;
+}
+
+/* The guest's bytes of img's active image ("" ) or of snapshot name, as qemu-img reads them. */
+static uint8_t *export_raw(const char *image, const char *snapshot)
+{
+    char l[96] = "";
+    if (*snapshot) {
+        snprintf(l, sizeof(l), "-l '%s'", snapshot);
+    }
+    unlink(sn_tmp);
+    assert_int_equal(sh("qemu-img convert %s -f qcow2 -O raw '%s' '%s'", l, image, sn_tmp), 0);
+    return read_file(sn_tmp, SN_SIZE);
+}
+
+/* The names of img's snapshots as qemu-img lists them, one spawn per crash point. */
+static char sn_names[256];
+
+static void list_snapshots(void)
+{
+    char cmd[160];
+    snprintf(cmd, sizeof(cmd), "qemu-img snapshot -l '%s' | awk 'NR > 2 { printf \" %%s \", $2 }'",
+             img);
+    FILE *p = popen(cmd, "r");
+    assert_non_null(p);
+    size_t len = fread(sn_names, 1, sizeof(sn_names) - 1, p);
+    sn_names[len] = 0;
+    assert_int_equal(pclose(p), 0);
+}
+
+static bool has_snapshot(const char *name)
+{
+    char w[32];
+    snprintf(w, sizeof(w), " %s ", name);
+    return strstr(sn_names, w) != NULL;
+}
+
+/*
+ * After a crash the image may hold leaked clusters, and OFLAG_COPIED flags that disagree with
+ * refcounts that are not final yet. qemu-img counts any such disagreement as an error, but two
+ * kinds are harmless, and no order of writes avoids both (QEMU's own create and delete pass
+ * through them too):
+ *  - COPIED missing where the refcount is 1 (a snapshot's references dropped, the flags not yet
+ *    restored): one copy-on-write too many;
+ *  - COPIED set where the refcount is above 1 only because of a leak - qemu-img finds a single
+ *    reference (snapshot create raised the refcounts, the table entry that would use them never
+ *    came): the active image is still its only user, writing in place is right.
+ * Anything else is corruption: a COPIED flag on a cluster really used twice (a write would go
+ * into the snapshot), a refcount below its references. Then `check -r all` must make it clean.
+ */
+static int copied_tolerated; /* crash points left with only such harmless flag mismatches */
+
+static void check_snapshot_image(const char *what, int n)
+{
+    char out[128];
+    snprintf(out, sizeof(out), "%s.check", img);
+    int rc = sh("qemu-img check '%s' >'%s' 2>&1", img, out);
+    if (rc == 0 || rc == 3) {
+        unlink(out);
+        return;
+    }
+    FILE *fp = fopen(out, "r");
+    assert_non_null(fp);
+    char line[256];
+    /* clusters whose only excess over one reference is a leak */
+    static bool single[SN_SIZE * 4 / CL];
+    memset(single, 0, sizeof(single));
+    unsigned long long c, rcount, refs, entry;
+    while (fgets(line, sizeof(line), fp)) {
+        if (sscanf(line, "Leaked cluster %llu refcount=%llu reference=%llu", &c, &rcount,
+                   &refs) == 3 && refs == 1 && c < sizeof(single)) {
+            single[c] = true;
+        }
+    }
+    rewind(fp);
+    bool bad = rc != 2;
+    while (fgets(line, sizeof(line), fp)) {
+        if (strncmp(line, "ERROR", 5)) {
+            continue;
+        }
+        if ((sscanf(line, "ERROR OFLAG_COPIED data cluster: l2_entry=%llx refcount=%llu", &entry,
+                    &rcount) == 2 ||
+             sscanf(line, "ERROR OFLAG_COPIED L2 cluster: l1_index=%*d l1_entry=%llx "
+                    "refcount=%llu", &entry, &rcount) == 2)) {
+            uint64_t cl = (entry & 0x00fffffffffffe00ull) / CL;
+            bool copied = entry >> 63;
+            if ((!copied && rcount == 1) || (copied && cl < sizeof(single) && single[cl])) {
+                continue;
+            }
+        }
+        bad = true;
+    }
+    fclose(fp);
+    if (bad) {
+        sh("cat '%s' >&2", out);
+        fail_msg("snapshot %s crashed after %d writes/flushes: qemu-img check exit %d", what, n,
+                 rc);
+    }
+    copied_tolerated++;
+    char fixed[96];
+    snprintf(fixed, sizeof(fixed), "%s.fixed", img);
+    copy_file(img, fixed);
+    rc = sh("qemu-img check -q -r all '%s' >/dev/null 2>&1 && qemu-img check -q '%s' >/dev/null 2>&1",
+            fixed, fixed);
+    unlink(fixed);
+    unlink(out);
+    assert_int_equal(rc, 0);
+}
+
+static void expect_bytes(const uint8_t *got, const uint8_t *want, const char *what, int n,
+                         const char *whose)
+{
+    for (size_t i = 0; i < SN_SIZE; i++) {
+        if (got[i] != want[i]) {
+            fail_msg("snapshot %s crashed after %d writes/flushes: %s byte %zu is 0x%02x, "
+                     "not 0x%02x", what, n, whose, i, got[i], want[i]);
+        }
+    }
+}
+
+/*
+ * Active image: exactly one of the allowed contents (old, or the snapshot's for goto), where the
+ * 4 KiB at SN_W may be the 0x44 write already; required to be once the operation completed.
+ * Returns which one it is.
+ */
+static int expect_active(const uint8_t *got, const uint8_t *const *allowed, int nallowed,
+                         const SnapOp *op, int n, bool done)
+{
+    bool w = true;
+    for (size_t i = SN_W; i < SN_W + BLK && w; i++) {
+        w = got[i] == 0x44;
+    }
+    if (done && !w) {
+        fail_msg("snapshot %s completed, but its flushed guest write is lost", op->what);
+    }
+    for (int k = 0; k < nallowed; k++) {
+        bool same = memcmp(got, allowed[k], SN_W) == 0 &&
+                    memcmp(got + SN_W + BLK, allowed[k] + SN_W + BLK,
+                           SN_SIZE - SN_W - BLK) == 0 &&
+                    (w || memcmp(got + SN_W, allowed[k] + SN_W, BLK) == 0);
+        if (same) {
+            return k;
+        }
+    }
+    expect_bytes(got, allowed[0], op->what, n, "the active image");
+    fail_msg("snapshot %s crashed after %d writes/flushes: the active image is a mix",
+             op->what, n);
+    return -1;
+}
+
+/*
+ * The image: 4 MiB, 64 KiB clusters, made by qemu-io / qemu-img. s1 over 0x11 data; then 0x22
+ * over part of it and new clusters; s2; then 0x33 (old and new clusters). So clusters are
+ * shared by the active image and both snapshots, by one snapshot only, or by none.
+ */
+static void snapshot_crash_at_every_point(const char *what, const char *name)
+{
+    snprintf(sn_src, sizeof(sn_src), "%s.sn", img);
+    snprintf(sn_tmp, sizeof(sn_tmp), "%s.sntmp", img);
+    assert_int_equal(sh("qemu-img create -q -f qcow2 -o cluster_size=65536 '%s' 4M", sn_src), 0);
+    assert_int_equal(sh("qemu-io -f qcow2 -c 'write -P 0x11 0 1M' '%s' >/dev/null", sn_src), 0);
+    assert_int_equal(sh("qemu-img snapshot -c s1 '%s'", sn_src), 0);
+    assert_int_equal(sh("qemu-io -f qcow2 -c 'write -P 0x22 512k 1M' '%s' >/dev/null", sn_src),
+                     0);
+    assert_int_equal(sh("qemu-img snapshot -c s2 '%s'", sn_src), 0);
+    assert_int_equal(sh("qemu-io -f qcow2 -c 'write -P 0x33 1M 1M' -c 'write -P 0x55 3M 64k' "
+                        "'%s' >/dev/null", sn_src), 0);
+    uint8_t *active = export_raw(sn_src, "");
+    uint8_t *s1 = export_raw(sn_src, "s1");
+    uint8_t *s2 = export_raw(sn_src, "s2");
+    SnapOp op = {what, name};
+    bool is_create = !strcmp(what, "create"), is_goto = !strcmp(what, "goto");
+    bool is_delete = !is_create && !is_goto;
+    int points = 0, switched = 0;
+    copied_tolerated = 0;
+    bool done = false;
+    for (int n = 0; n < 4096 && !done; n++) {
+        copy_file(sn_src, img);
+        done = run_with_power_cut(n, snapshot_op, &op);
+        points++;
+        check_snapshot_image(what, n);
+        list_snapshots();
+        /* the snapshots the operation leaves alone are untouched; a deleted one is whole or gone */
+        uint8_t *got;
+        bool have_s1 = has_snapshot("s1");
+        if (!have_s1 && !is_delete) {
+            fail_msg("snapshot %s crashed after %d writes/flushes: s1 is gone", what, n);
+        }
+        if (have_s1) {
+            got = export_raw(img, "s1");
+            expect_bytes(got, s1, what, n, "s1");
+            free(got);
+        }
+        if (!has_snapshot("s2")) {
+            fail_msg("snapshot %s crashed after %d writes/flushes: s2 is gone", what, n);
+        }
+        got = export_raw(img, "s2");
+        expect_bytes(got, s2, what, n, "s2");
+        free(got);
+        /* crashed after the operation took effect (the table, or goto's L1, switched) */
+        switched += !done && (is_create ? has_snapshot(name) : is_delete ? !have_s1 : false);
+        if (is_create && has_snapshot(name)) {
+            got = export_raw(img, name);
+            expect_bytes(got, active, what, n, name);
+            free(got);
+        }
+        if (done && !is_goto && has_snapshot(name) != is_create) {
+            fail_msg("snapshot %s completed, but %s is %s", what, name,
+                     is_create ? "missing" : "still there");
+        }
+        got = export_raw(img, "");
+        const uint8_t *allowed[2] = {is_goto && done ? s1 : active, s1};
+        int k = expect_active(got, allowed, is_goto && !done ? 2 : 1, &op, n, done);
+        switched += is_goto && !done && k == 1;
+        free(got);
+    }
+    assert_true(done);
+    print_message("%d fault points in snapshot %s, %d of them after the switch, %d with "
+                  "harmless OFLAG_COPIED mismatches\n", points, what, switched, copied_tolerated);
+    assert_true(points > 4);
+    assert_true(switched > 0); /* both sides of the switch were crashed on */
+    free(active);
+    free(s1);
+    free(s2);
+    unlink(sn_src);
+    unlink(sn_tmp);
+}
+
+/* create: L1 copy, refcounts up and durable, COPIED cleared, then the table entry */
+static void test_snapshot_create_crash_at_every_point(void **state)
+{
+    snapshot_crash_at_every_point("create", "s3");
+}
+
+/* goto: the snapshot's refcounts up and durable before the active L1 is overwritten */
+static void test_snapshot_goto_crash_at_every_point(void **state)
+{
+    snapshot_crash_at_every_point("goto", "s1");
+}
+
+/* delete: the table entry goes first, its references after */
+static void test_snapshot_delete_crash_at_every_point(void **state)
+{
+    snapshot_crash_at_every_point("delete", "s1");
+}
+
+/* ---- persistent dirty bitmaps ---- */
+
+#define BM_CLUSTERS (SN_SIZE / CL)
+#define BM_W1 (2u << 20)
+#define BM_W2 ((3u << 20) + CL + 4096)
+
+/*
+ * Opened read-write, the image's bitmaps are marked in use on disk (the open's own writes); then
+ * a new persistent bitmap b2, two guest writes, a flush, and the bitmaps stored as a close stores
+ * them (new tables and directory, then the header, then the old ones freed).
+ */
+static int bitmap_op(BlockNode *bs, void *opaque)
+{
+    VdError *err = NULL;
+    int r = vd_bitmap_add(bs, "b2", 0, true, false, &err);
+    uint8_t buf[BLK];
+    memset(buf, 0x66, BLK);
+    if (r == 0) {
+        r = vd_pwrite(bs, BM_W1, BLK, buf, 0);
+    }
+    if (r == 0) {
+        r = vd_pwrite(bs, BM_W2, BLK, buf, 0);
+    }
+    if (r == 0) {
+        r = vd_flush(bs);
+    }
+    if (r == 0) {
+        r = vd_bitmaps_store(bs, &err);
+    }
+    vd_error_free(err);
+    return r;
+}
+
+/* qemu-img info of img, once per crash point */
+static json_t *image_info(void)
+{
+    char cmd[256];
+    snprintf(cmd, sizeof(cmd), "qemu-img info --output=json '%s'", img);
+    FILE *p = popen(cmd, "r");
+    assert_non_null(p);
+    json_t *info = json_loadf(p, 0, NULL);
+    assert_int_equal(pclose(p), 0);
+    assert_non_null(info);
+    return info;
+}
+
+/* The flags qemu-img info lists for bitmap name: -1 absent, else 1 when "in-use", 0 when not */
+static int bitmap_in_use(json_t *info, const char *name)
+{
+    json_t *bms = json_object_get(json_object_get(json_object_get(info, "format-specific"),
+                                                  "data"), "bitmaps");
+    int r = -1;
+    size_t i;
+    json_t *b;
+    json_array_foreach(bms, i, b) {
+        if (!strcmp(json_string_value(json_object_get(b, "name")), name)) {
+            r = 0;
+            size_t j;
+            json_t *fl;
+            json_array_foreach(json_object_get(b, "flags"), j, fl) {
+                r |= !strcmp(json_string_value(fl), "in-use");
+            }
+        }
+    }
+    return r;
+}
+
+/* The dirty 64 KiB clusters of a consistent bitmap, as qemu-nbd exports it (nbdinfo --map). */
+static void bitmap_dirty(const char *name, bool *dirty)
+{
+    char cmd[256];
+    snprintf(cmd, sizeof(cmd), "nbdinfo --map=qemu:dirty-bitmap:%s -- "
+             "[ qemu-nbd -r -f qcow2 -B %s '%s' ]", name, name, img);
+    FILE *p = popen(cmd, "r");
+    assert_non_null(p);
+    memset(dirty, 0, BM_CLUSTERS * sizeof(bool));
+    unsigned long long off, len;
+    unsigned type;
+    char line[256];
+    uint64_t covered = 0;
+    while (fgets(line, sizeof(line), p)) {
+        assert_int_equal(sscanf(line, "%llu %llu %u", &off, &len, &type), 3);
+        for (uint64_t c = off / CL; c < (off + len + CL - 1) / CL && c < BM_CLUSTERS; c++) {
+            dirty[c] |= type & 1;
+        }
+        covered += len;
+    }
+    assert_int_equal(pclose(p), 0);
+    assert_int_equal(covered, SN_SIZE);
+}
+
+/*
+ * The image (4 MiB, 64 KiB clusters, made by qemu-img and qemu-io): b0 enabled with cluster 0
+ * dirty, b1 disabled with cluster 16 dirty. After each crash qemu-img check must find no
+ * corruption; b0 and b1 must still be there; a bitmap not flagged in use must be right - b1
+ * exactly as it was, b0 and b2 dirty wherever the guest's bytes changed (and b0 at cluster 0):
+ * a consistent bitmap that misses a write would make an incremental backup miss it. Once the
+ * store completed, all three are consistent and exact.
+ */
+static void test_bitmap_store_crash_at_every_point(void **state)
+{
+    char src[80];
+    snprintf(src, sizeof(src), "%s.bm", img);
+    snprintf(sn_tmp, sizeof(sn_tmp), "%s.bmtmp", img);
+    assert_int_equal(sh("qemu-img create -q -f qcow2 -o cluster_size=65536 '%s' 4M", src), 0);
+    assert_int_equal(sh("qemu-io -f qcow2 -c 'write -P 0x11 0 4M' '%s' >/dev/null", src), 0);
+    assert_int_equal(sh("qemu-img bitmap --add '%s' b0 && qemu-img bitmap --add '%s' b1", src,
+                        src), 0);
+    assert_int_equal(sh("qemu-io -f qcow2 -c 'write -P 0x22 1M 4k' '%s' >/dev/null && "
+                        "qemu-img bitmap --disable '%s' b1 && "
+                        "qemu-io -f qcow2 -c 'write -P 0x22 2M 4k' '%s' >/dev/null && "
+                        "qemu-img bitmap --clear '%s' b0 && "
+                        "qemu-io -f qcow2 -c 'write -P 0x33 0 4k' '%s' >/dev/null",
+                        src, src, src, src, src), 0);
+    /* b0: cluster 0 dirty; b1: cluster 16, disabled since */
+    uint8_t *orig = export_raw(src, "");
+    int points = 0;
+    bool done = false;
+    bool dirty[BM_CLUSTERS];
+    int consistent[3] = {0, 0, 0}; /* crashed runs where the bitmap was checked bit by bit */
+    for (int n = 0; n < 4096 && !done; n++) {
+        copy_file(src, img);
+        done = run_with_power_cut(n, bitmap_op, NULL);
+        points++;
+        int rc = sh("qemu-img check -q '%s' >/dev/null 2>&1", img);
+        if (rc != 0 && rc != 3) {
+            fail_msg("bitmap store crashed after %d writes/flushes: qemu-img check exit %d", n, rc);
+        }
+        uint8_t *now = export_raw(img, "");
+        bool changed[BM_CLUSTERS];
+        for (unsigned c = 0; c < BM_CLUSTERS; c++) {
+            changed[c] = memcmp(now + (size_t)c * CL, orig + (size_t)c * CL, CL) != 0;
+        }
+        if (done && (!changed[BM_W1 / CL] || !changed[BM_W2 / CL])) {
+            fail_msg("bitmap store completed, but a flushed guest write is lost");
+        }
+        free(now);
+        const char *names[3] = {"b0", "b1", "b2"};
+        json_t *info = image_info();
+        for (int k = 0; k < 3; k++) {
+            int use = bitmap_in_use(info, names[k]);
+            if (use < 0 && k < 2) {
+                fail_msg("bitmap store crashed after %d writes/flushes: %s is gone", n, names[k]);
+            }
+            if (done && use != 0) {
+                fail_msg("bitmap store completed, but %s is %s", names[k],
+                         use < 0 ? "missing" : "in use");
+            }
+            if (use != 0) {
+                continue; /* inconsistent: management must not trust it, and cannot */
+            }
+            bitmap_dirty(names[k], dirty);
+            consistent[k] += !done;
+            for (unsigned c = 0; c < BM_CLUSTERS; c++) {
+                bool want = k == 1 ? c == 16
+                                   : changed[c] || (k == 0 && c == 0);
+                bool bad = k == 1 || done ? dirty[c] != want : want && !dirty[c];
+                if (bad) {
+                    fail_msg("bitmap store %s after %d writes/flushes: consistent %s has "
+                             "cluster %u %s", done ? "completed" : "crashed", n, names[k], c,
+                             dirty[c] ? "dirty" : "clean, but the guest wrote there");
+                }
+            }
+        }
+        json_decref(info);
+    }
+    assert_true(done);
+    print_message("%d fault points in the bitmap store; consistent after a crash: b0 %d, b1 %d, "
+                  "b2 %d times\n", points, consistent[0], consistent[1], consistent[2]);
+    assert_true(points > 4);
+    /* crashes before the open marked them in use and after the store: both were checked */
+    assert_true(consistent[0] > 0 && consistent[2] > 0);
+    free(orig);
+    unlink(src);
+    unlink(sn_tmp);
+}
+
 static void test_failed_write_at_every_point(void **state)
 {
     every_fault_point(false, false);
@@ -426,6 +1019,11 @@ int main(void)
         cmocka_unit_test(test_torn_write_at_every_point),
         cmocka_unit_test(test_cached_write_at_every_point),
         cmocka_unit_test(test_amend_downgrade_crash_at_every_point),
+        cmocka_unit_test(test_compressed_crash_at_every_point),
+        cmocka_unit_test(test_snapshot_create_crash_at_every_point),
+        cmocka_unit_test(test_snapshot_goto_crash_at_every_point),
+        cmocka_unit_test(test_snapshot_delete_crash_at_every_point),
+        cmocka_unit_test(test_bitmap_store_crash_at_every_point),
     };
     int r = cmocka_run_group_tests(tests, NULL, NULL);
     unlink(img);
