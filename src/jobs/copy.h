@@ -86,9 +86,10 @@ unsigned copy_engine_allowed(CopyEngine *e);
 /* The user asked to finish (complete, soft cancel): copies run unpaced until the engine is freed. */
 void copy_engine_set_urgent(CopyEngine *e);
 /*
- * The coordinator's dirty set (mirror, active commit: bytes still to copy), reported on every
- * turn of its loop: it drives the convergence floor (copy_budget_progress). Jobs that copy a
- * fixed range once (stream, non-active commit) do not call it: they converge at any share.
+ * The coordinator's dirty set (active commit: bytes still to copy), reported on every turn of its
+ * loop: it drives the convergence floor (copy_budget_progress). Jobs that copy a fixed range once
+ * (stream, non-active commit) converge at any share; a mirror converges by switching itself to
+ * write-blocking (docs/guest-priority.md says why it does not call this).
  */
 void copy_engine_note_dirty(CopyEngine *e, uint64_t dirty);
 

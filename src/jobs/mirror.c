@@ -1068,10 +1068,6 @@ static int mirror_run(Job *job, VdError **errp)
             }
         }
 
-        vd_mutex_lock(&m->lock);
-        uint64_t dirty_now = m->dirty_bits * m->granularity;
-        vd_mutex_unlock(&m->lock);
-        copy_engine_note_dirty(e, dirty_now); /* the convergence floor */
         /*
          * Are guest writes outpacing the copy? If a window's copying shrank the dirty set by less
          * than a tenth of what it copied, guests re-dirty as fast as we copy and the job may never
