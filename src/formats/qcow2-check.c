@@ -97,21 +97,20 @@ static int parse_extensions(Chk *c, VdError **errp)
         return ret;
     }
     uint64_t off = start;
-    while (end - off >= 8) {
-        uint32_t type = qcow2_be32(buf + off);
-        uint32_t len = qcow2_be32(buf + off + 4);
-        off += 8;
-        if (len > end - off) {
+    Qcow2ExtView e;
+    /* QEMU's qcow2_read_extensions: an overlong extension is refused even as the end marker. */
+    while (qcow2_ext_next(buf, end, &off, &e)) {
+        if (!e.fits) {
             vd_error_setg(errp, EINVAL, "Header extension too large");
             free(buf);
             return -EINVAL;
         }
-        if (type == QCOW2_EXT_END) {
+        if (e.type == QCOW2_EXT_END) {
             break;
         }
-        const uint8_t *d = buf + off;
-        if (type == QCOW2_EXT_BITMAPS) {
-            if (len != 24) {
+        const uint8_t *d = e.data;
+        if (e.type == QCOW2_EXT_BITMAPS) {
+            if (e.len != 24) {
                 vd_error_setg(errp, EINVAL, "bitmaps_ext: Invalid extension length");
                 free(buf);
                 return -EINVAL;
@@ -146,18 +145,14 @@ static int parse_extensions(Chk *c, VdError **errp)
                     return -EINVAL;
                 }
             }
-        } else if (type == QCOW2_EXT_CRYPTO) {
-            if (len != 16) {
+        } else if (e.type == QCOW2_EXT_CRYPTO) {
+            if (e.len != 16) {
                 vd_error_setg(errp, EINVAL, "Invalid encryption header extension length");
                 free(buf);
                 return -EINVAL;
             }
             c->crypto_offset = qcow2_be64(d);
             c->crypto_length = qcow2_be64(d + 8);
-        }
-        off += ((uint64_t)len + 7) & ~7ULL;
-        if (off > end) {
-            break;
         }
     }
     free(buf);

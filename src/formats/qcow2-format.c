@@ -24,19 +24,19 @@ static void feature_name(const Qcow2Header *h, const uint8_t *cl, uint64_t cl_le
 {
     uint64_t end = h->backing_file_offset ? h->backing_file_offset : cl_len;
     end = end < cl_len ? end : cl_len;
-    for (uint64_t off = h->header_length; cl && off + 8 <= end;) {
-        uint32_t type = qcow2_be32(cl + off), elen = qcow2_be32(cl + off + 4);
-        if (type == QCOW2_EXT_END || elen > end - off - 8) {
+    uint64_t off = h->header_length;
+    Qcow2ExtView ext;
+    while (cl && qcow2_ext_next(cl, end, &off, &ext)) {
+        if (ext.type == QCOW2_EXT_END || !ext.fits) {
             break;
         }
-        for (uint32_t o = 0; type == QCOW2_EXT_FEATURE_TABLE && o + 48 <= elen; o += 48) {
-            const uint8_t *e = cl + off + 8 + o;
+        for (uint32_t o = 0; ext.type == QCOW2_EXT_FEATURE_TABLE && o + 48 <= ext.len; o += 48) {
+            const uint8_t *e = ext.data + o;
             if (e[0] == 0 && e[1] == bit) {
                 snprintf(buf, len, "%.46s", (const char *)e + 2);
                 return;
             }
         }
-        off += 8 + ((elen + 7ULL) & ~7ULL);
     }
     snprintf(buf, len, "Unknown incompatible feature: %llx", 1ULL << bit);
 }

@@ -190,6 +190,35 @@ static inline void qcow2_put_be32(uint8_t *p, uint32_t v)
     memcpy(p, &v, 4);
 }
 
+/*
+ * One header extension (type, length, data): whether its data lies before the extensions' end
+ * is in fits, and the caller says what an overlong one means (the driver's open and the checker
+ * word it as qemu-img's open and check do, and test it before or after the end marker).
+ */
+typedef struct Qcow2ExtView {
+    uint32_t type;
+    uint32_t len;
+    const uint8_t *data;
+    bool fits;
+} Qcow2ExtView;
+
+/*
+ * The one walk over the header extensions in buf[0, end): the extension at *off into *e, and *off
+ * moved past it (its data padded to 8 bytes). False when fewer than 8 bytes are left before end.
+ */
+static inline bool qcow2_ext_next(const uint8_t *buf, uint64_t end, uint64_t *off, Qcow2ExtView *e)
+{
+    if (*off > end || end - *off < 8) {
+        return false;
+    }
+    e->type = qcow2_be32(buf + *off);
+    e->len = qcow2_be32(buf + *off + 4);
+    e->data = buf + *off + 8;
+    e->fits = e->len <= end - *off - 8;
+    *off += 8 + ((e->len + 7ULL) & ~7ULL);
+    return true;
+}
+
 /* Offsets and size of a compressed cluster descriptor (L2 entry without flags). */
 static inline void qcow2_compressed_extent(uint64_t l2_entry, uint32_t cluster_bits,
                                            uint64_t *host_offset, uint64_t *nb_bytes)

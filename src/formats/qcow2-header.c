@@ -254,36 +254,34 @@ int q2_parse_header(BlockNode *bs, Qcow2State *s, int flags, VdError **errp)
     uint64_t ext_end = h->backing_file_offset && h->backing_file_offset < cs
                            ? h->backing_file_offset : cs;
     ret = 0;
-    while (off + 8 <= ext_end) {
-        uint32_t type = qcow2_be32(hbuf + off);
-        uint32_t len = qcow2_be32(hbuf + off + 4);
-        if (type == QCOW2_EXT_END) {
+    Qcow2ExtView e;
+    while (qcow2_ext_next(hbuf, ext_end, &off, &e)) {
+        if (e.type == QCOW2_EXT_END) {
             break;
         }
-        if (len > ext_end - off - 8) {
+        if (!e.fits) {
             vd_error_setg(errp, EINVAL, "qcow2: header extension 0x%08" PRIx32
-                          " extends past the header cluster", type);
+                          " extends past the header cluster", e.type);
             ret = -EINVAL;
             break;
         }
-        if (type == QCOW2_EXT_BACKING_FORMAT) {
-            if (len > 1023) {
+        if (e.type == QCOW2_EXT_BACKING_FORMAT) {
+            if (e.len > 1023) {
                 vd_error_setg(errp, EINVAL, "qcow2: backing format name too long");
                 ret = -EINVAL;
                 break;
             }
-            s->backing_fmt = strndup((const char *)hbuf + off + 8, len);
+            s->backing_fmt = strndup((const char *)e.data, e.len);
             if (!s->backing_fmt) {
                 ret = -ENOMEM;
                 break;
             }
         } else {
-            ret = q2_add_ext(s, type, hbuf + off + 8, len);
+            ret = q2_add_ext(s, e.type, e.data, e.len);
             if (ret < 0) {
                 break;
             }
         }
-        off += 8 + ((len + 7ULL) & ~7ULL);
     }
     if (ret == 0 && h->backing_file_offset) {
         if (h->backing_file_size > Q2_MAX_BACKING_NAME ||
