@@ -295,30 +295,30 @@ int graph_add_root(BlockNode *bs, VdError **errp)
     return roots_append(bs, errp);
 }
 
+static void walk_all(void (*cb)(BlockNode *n, void *opaque), void *opaque);
+
+typedef struct ParentOf {
+    BlockNode *bs, *parent;
+    bool as_backing;
+} ParentOf;
+
+static void parent_visit(BlockNode *n, void *opaque)
+{
+    ParentOf *p = opaque;
+    if (!p->parent && (n->backing == p->bs || n->file == p->bs || n->data_file == p->bs)) {
+        p->parent = n;
+        p->as_backing = n->backing == p->bs;
+    }
+}
+
 /* Who holds bs as a child? Sets *parent and whether it is the backing link. */
 static bool find_parent(BlockNode *bs, BlockNode **parent, bool *as_backing)
 {
-    for (size_t i = 0; i < nroots; i++) {
-        /* Walk each root's tree iteratively over backing, recursively over file. */
-        BlockNode *stack[64];
-        int sp = 0;
-        stack[sp++] = roots[i];
-        while (sp > 0) {
-            BlockNode *n = stack[--sp];
-            for (int depth = 0; n && depth < 4096; depth++) {
-                if (n->backing == bs || n->file == bs || n->data_file == bs) {
-                    *parent = n;
-                    *as_backing = n->backing == bs;
-                    return true;
-                }
-                if (n->file && sp < 64) {
-                    stack[sp++] = n->file;
-                }
-                n = n->backing;
-            }
-        }
-    }
-    return false;
+    ParentOf p = {.bs = bs};
+    walk_all(parent_visit, &p);
+    *parent = p.parent;
+    *as_backing = p.as_backing;
+    return p.parent != NULL;
 }
 
 int graph_blockdev_del(const char *node_name, VdError **errp)
@@ -382,4 +382,119 @@ BlockNode *graph_backing_parent(BlockNode *bs)
     BlockNode *parent = NULL;
     bool as_backing = false;
     return bs && find_parent(bs, &parent, &as_backing) && as_backing ? parent : NULL;
+}
+
+/*
+ * Calls cb(n, opaque) for every node of every registered tree (a node reachable twice: twice), each
+ * root's tree iteratively over backing, recursively over file.
+ */
+static void walk_all(void (*cb)(BlockNode *n, void *opaque), void *opaque)
+{
+    for (size_t i = 0; i < nroots; i++) {
+        BlockNode *stack[64];
+        int sp = 0;
+        stack[sp++] = roots[i];
+        while (sp > 0) {
+            BlockNode *n = stack[--sp];
+            for (int depth = 0; n && depth < 4096; depth++) {
+                cb(n, opaque);
+                if (n->file && sp < 64) {
+                    stack[sp++] = n->file;
+                }
+                n = n->backing;
+            }
+        }
+    }
+}
+
+typedef struct Ancestors {
+    BlockNode **v;
+    size_t n, cap;
+    bool grew, oom;
+} Ancestors;
+
+static bool ancestors_has(const Ancestors *a, BlockNode *bs)
+{
+    for (size_t i = 0; i < a->n; i++) {
+        if (a->v[i] == bs) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* n is above the set's members (or bs, a->v[0] while collecting): add it. */
+static void ancestors_visit(BlockNode *n, void *opaque)
+{
+    Ancestors *a = opaque;
+    if (a->oom || ancestors_has(a, n) ||
+        !((n->file && ancestors_has(a, n->file)) || (n->backing && ancestors_has(a, n->backing)))) {
+        return;
+    }
+    if (a->n == a->cap) {
+        size_t cap = a->cap ? a->cap * 2 : 8;
+        BlockNode **v = realloc(a->v, cap * sizeof(*v));
+        if (!v) {
+            a->oom = true;
+            return;
+        }
+        a->v = v;
+        a->cap = cap;
+    }
+    a->v[a->n++] = n;
+    a->grew = true;
+}
+
+int graph_ancestors(BlockNode *bs, BlockNode ***out, size_t *n)
+{
+    Ancestors a = {.v = malloc(8 * sizeof(BlockNode *)), .cap = 8};
+    *out = NULL;
+    *n = 0;
+    if (!a.v) {
+        return -ENOMEM;
+    }
+    a.v[a.n++] = bs;
+    /* Until no new parent shows up: the trees are small, a pass each level is cheap. */
+    do {
+        a.grew = false;
+        walk_all(ancestors_visit, &a);
+    } while (a.grew && !a.oom);
+    if (a.oom) {
+        free(a.v);
+        return -ENOMEM;
+    }
+    memmove(a.v, a.v + 1, (a.n - 1) * sizeof(*a.v));
+    if (a.n == 1) {
+        free(a.v);
+        a.v = NULL;
+    }
+    *out = a.v;
+    *n = a.n - 1;
+    return 0;
+}
+
+typedef struct Repoint {
+    BlockNode *from, *to, *skip;
+} Repoint;
+
+static void repoint_visit(BlockNode *n, void *opaque)
+{
+    Repoint *r = opaque;
+    if (n == r->skip || n == r->to) {
+        return;
+    }
+    if (n->backing == r->from) {
+        vd_node_set_backing(n, r->to);
+    }
+    if (n->file == r->from) {
+        vd_node_ref(r->to);
+        n->file = r->to;
+        vd_node_unref(r->from);
+    }
+}
+
+void graph_repoint_parents(BlockNode *from, BlockNode *to, BlockNode *skip)
+{
+    Repoint r = {.from = from, .to = to, .skip = skip};
+    walk_all(repoint_visit, &r);
 }

@@ -38,6 +38,17 @@ void graph_drop_implicit(BlockNode *node);
 /* The node whose backing is bs among the registered trees (NULL if none): bs is a middle layer. */
 BlockNode *graph_backing_parent(BlockNode *bs);
 /*
+ * Every node of the registered trees above bs: those with bs as their file or backing child, their
+ * parents, and so on (each once; bs itself not included). A new array in *out (NULL when none).
+ * -ENOMEM with nothing returned.
+ */
+int graph_ancestors(BlockNode *bs, BlockNode ***out, size_t *n);
+/*
+ * A pivot: every registered node whose file or backing child is `from` (except `skip`, and `to`
+ * itself) has `to` there from now on. Its users must be drained (nothing in flight through it).
+ */
+void graph_repoint_parents(BlockNode *from, BlockNode *to, BlockNode *skip);
+/*
  * Drop a registered node's registration (the graph's reference), e.g. a drive-mirror target after a
  * cancel. -ENOENT if not registered, -EBUSY while another node still has it as a child.
  */

@@ -62,23 +62,30 @@ int vd_node_users_drain(BlockNode *node, VdDrainedUsers *set)
 {
     set->v = NULL;
     set->n = 0;
+    return vd_node_users_drain_more(node, set);
+}
+
+int vd_node_users_drain_more(BlockNode *node, VdDrainedUsers *set)
+{
     size_t n = vd_node_user_count(node);
     if (n == 0) {
         return 0;
     }
-    set->v = calloc(n, sizeof(*set->v));
-    if (!set->v) {
+    VdNodeUser **v = realloc(set->v, (set->n + n) * sizeof(*v));
+    if (!v) {
         return -ENOMEM;
     }
+    set->v = v;
+    size_t first = set->n;
     /* Users are added and removed on this thread only: the count cannot have grown. */
     vd_mutex_lock(&users_lock);
-    for (VdNodeUser *u = users; u && set->n < n; u = u->next) {
+    for (VdNodeUser *u = users; u && set->n < first + n; u = u->next) {
         if (u->ops->node(u) == node) {
             set->v[set->n++] = u;
         }
     }
     vd_mutex_unlock(&users_lock);
-    for (size_t i = 0; i < set->n; i++) {
+    for (size_t i = first; i < set->n; i++) {
         set->v[i]->ops->drain_begin(set->v[i]);
     }
     return 0;

@@ -39,6 +39,8 @@ typedef struct VdDrainedUsers {
 
 /* Drain every user of node (none: set->n == 0). -ENOMEM with nothing drained. */
 int vd_node_users_drain(BlockNode *node, VdDrainedUsers *set);
+/* The same, adding them to a set already drained (or zeroed). -ENOMEM: the set stays as it was. */
+int vd_node_users_drain_more(BlockNode *node, VdDrainedUsers *set);
 /* Point the drained users at new_node (NULL = keep their node), resume them, empty the set. */
 void vd_node_users_resume(VdDrainedUsers *set, BlockNode *new_node);
 /* How many users node has now. */

@@ -38,7 +38,10 @@
  * the job thread copies what is dirty and flushes the target while guests still run (also before
  * READY, as QEMU does); then, on the QMP thread: drain exports, copy the (small) dirty tail, flush
  * the target's own layers only if that tail wrote anything (never the source, its temporary
- * backing), set its backing to base, swap every export from the filter to the target, resume. So
+ * backing), set its backing to base, swap every export from the filter (and any added on the source
+ * since) to the target, repoint the nodes over the source (a raw node added over it) at the target,
+ * resume. Every writer is drained there, not only the filter's: the exports of any node above the
+ * source too, so no write races the tail or reaches the old source after the pivot. So
  * the guest's pause holds no sync when the guest was idle, and at most a sync of the tail otherwise.
  * Durability: every copy the job writes to the target bumps target_gen; a flush records the
  * generation it covers, so a copy is always flushed before the pivot. Write-blocking guest writes
@@ -385,6 +388,50 @@ static void exports_set_node_and_resume(Mirror *m, VdDrainedUsers *set, BlockNod
         vd_node_users_resume(set, to);
         free(set);
     }
+}
+
+/*
+ * Every way a write reaches the source from outside, drained for the pivot or the abort: the exports
+ * on the filter (the guests), exports added on the source itself since the start, and the exports
+ * of every node above the source (a raw node over it, their parents).
+ */
+typedef struct MirrorDrained {
+    VdDrainedUsers filter, source, above;
+} MirrorDrained;
+
+/* Resume them: the filter's users on `guests`, the source's on `source_users` (NULL: keep). */
+static void drained_resume(MirrorDrained *d, BlockNode *guests, BlockNode *source_users)
+{
+    vd_node_users_resume(&d->above, NULL);
+    vd_node_users_resume(&d->source, source_users);
+    vd_node_users_resume(&d->filter, guests);
+    free(d);
+}
+
+/* NULL on ENOMEM: nothing drained. */
+static MirrorDrained *drain_every_writer(Mirror *m)
+{
+    MirrorDrained *d = calloc(1, sizeof(*d));
+    BlockNode **up = NULL;
+    size_t n = 0;
+    int r = d ? graph_ancestors(m->source, &up, &n) : -ENOMEM;
+    if (r == 0) {
+        r = vd_node_users_drain(m->filter, &d->filter);
+    }
+    if (r == 0) {
+        r = vd_node_users_drain(m->source, &d->source);
+    }
+    for (size_t i = 0; i < n && r == 0; i++) {
+        if (up[i] != m->filter) { /* drained already (when it is registered) */
+            r = vd_node_users_drain_more(up[i], &d->above);
+        }
+    }
+    free(up);
+    if (r < 0 && d) {
+        drained_resume(d, NULL, NULL);
+        d = NULL;
+    }
+    return d;
 }
 
 /* ---- copying ---- */
@@ -1254,7 +1301,7 @@ static int mirror_prepare(Job *job, VdError **errp)
 {
     Mirror *m = job_opaque(job);
     uint64_t t0 = job_now_ns();
-    VdDrainedUsers *exps = exports_drain(m, m->filter);
+    MirrorDrained *exps = drain_every_writer(m);
     if (!exps) {
         vd_error_setg(errp, ENOMEM, "Out of memory");
         return -ENOMEM;
@@ -1335,18 +1382,20 @@ static int mirror_prepare(Job *job, VdError **errp)
     if (r < 0) {
         vd_error_setg(errp, -r, "Mirror %s error while finishing: %s", is_read ? "read" : "write",
                       strerror(-r));
-        exports_set_node_and_resume(m, exps, NULL); /* still on the filter; abort puts them back */
+        drained_resume(exps, NULL, NULL); /* still on the filter; abort puts them back */
         return r;
     }
     if (pivot) {
         /* Before guests reach the target: a journal left behind would copy over their writes. */
         job_journal_remove(m->journal);
         vd_node_set_backing(m->target, m->final_backing);
+        /* As QEMU's bdrv_replace_node: a node over the source reads and writes the target now. */
+        graph_repoint_parents(m->source, m->target, m->filter);
         m->pivoted = true;
     }
     mirror_detach_filter(m);
     uint64_t syncs = vd_flush_thread_syncs() - syncs0;
-    exports_set_node_and_resume(m, exps, pivot ? m->target : m->source);
+    drained_resume(exps, pivot ? m->target : m->source, pivot ? m->target : NULL);
     uint64_t us = (job_now_ns() - t0) / 1000;
     vd_log(VD_LOG_INFO, "mirror '%s': %s; guest I/O paused %llu.%03llu ms (%llu bytes copied "
            "while paused, %llu syncs while paused)", job_id(job),
@@ -1366,11 +1415,11 @@ static void mirror_abort(Job *job)
         return;
     }
     /* Guests go back to the source, which the job never wrote to. */
-    VdDrainedUsers *exps = exports_drain(m, m->filter);
+    MirrorDrained *exps = drain_every_writer(m);
     block_tracker_wait_idle(m->tracker);
     mirror_detach_filter(m);
     if (exps) {
-        exports_set_node_and_resume(m, exps, m->source);
+        drained_resume(exps, m->source, NULL);
     }
 }
 

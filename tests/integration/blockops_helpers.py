@@ -142,21 +142,23 @@ class PipelinedGuest(threading.Thread):
     """A guest keeping `depth` writes of random extents in flight on one NBD connection
     (nbd_helpers.RawClient), batch after batch until stopped. The extents of one batch never
     overlap, so the model applies a batch whatever order the server completes it in. With
-    flushes, every batch is followed by NBD_CMD_FLUSH; without, the guest never asks for one."""
+    flushes, every batch is followed by NBD_CMD_FLUSH; without, the guest never asks for one.
+    It writes export `name`, inside [lo, hi)."""
 
-    def __init__(self, sock, model, rng, depth=8, flushes=False):
+    def __init__(self, sock, model, rng, depth=8, flushes=False, name="disk0", lo=0, hi=SIZE):
         super().__init__(daemon=True)
         self.c = H.RawClient(sock, timeout=60)
         self.c.greet()
-        self.c.go("disk0", structured=False)
+        self.c.go(name, structured=False)
         self.model, self.rng, self.depth, self.flushes = model, rng, depth, flushes
+        self.lo, self.hi = lo, hi
         self.batches, self.stop, self.error = 0, False, None
 
     def batch(self):
         taken, reqs = [], []
         while len(reqs) < self.depth:
             length = self.rng.randrange(512, 64 * KiB)
-            off = self.rng.randrange(0, SIZE - length)
+            off = self.rng.randrange(self.lo, self.hi - length)
             if any(off < e and s < off + length for s, e in taken):
                 continue
             taken.append((off, off + length))

@@ -468,3 +468,48 @@ def test_export_added_during_mirror_writes_through_the_copy(tmp, cmd):
         q.get_event("BLOCK_JOB_COMPLETED", timeout=30)
     assert_qemu_check_clean(tgt)
     assert_reads(tmp, tgt, "late.raw", model)
+
+
+@pytest.mark.parametrize("sync_mode", ["background", "write-blocking"])
+def test_pivot_with_a_writer_through_a_node_over_the_source(tmp, sync_mode):
+    """A raw node added over the source with its own export: a client writing through it without
+    pause while the guest writes too and the mirror pivots. The pivot drains that writer as well as
+    the guests (no write races the drained tail) and, as QEMU's node replacement, points the node at
+    the target: every write of both, before, during and after the pivot, is in the target."""
+    from blockops_helpers import PipelinedGuest
+    base, top, model = make_chain(tmp)
+    tgt = tmp / "over.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", tgt, SIZE)
+    sock = str(tmp / "nbd.sock")
+    writers = []
+    try:
+        with served(tmp, top) as (d, q, uri):
+            q.cmd("blockdev-add", driver="qcow2", node_name="tgt0",
+                  file={"driver": "file", "filename": str(tgt)})
+            q.cmd("blockdev-mirror", job_id="mo", device="disk0", target="tgt0", sync="top",
+                  copy_mode=sync_mode)
+            q.get_event("BLOCK_JOB_READY", timeout=30)
+            q.cmd("blockdev-add", driver="raw", node_name="over", file="disk0")
+            q.cmd("block-export-add", type="nbd", id="late", node_name="over", name="late",
+                  writable=True)
+            # disjoint halves: each writer's order is its own, the model needs no order between them
+            writers = [PipelinedGuest(sock, model, random.Random(5), name="late", lo=SIZE // 2),
+                       PipelinedGuest(sock, model, random.Random(6), name="disk0", hi=SIZE // 2)]
+            for w in writers:
+                w.start()
+            for w in writers:
+                w.wait_batches(5)
+            q.cmd("block-job-complete", device="mo")
+            done = q.get_event("BLOCK_JOB_COMPLETED", timeout=60)
+            assert "error" not in done["data"], done
+            after = [w.batches for w in writers]
+            for w, n in zip(writers, after):
+                w.wait_batches(n + 5)  # both keep writing after the pivot
+            for w in writers:
+                w.join_checked()
+            writers = []
+    finally:
+        for w in writers:
+            w.stop = True
+    assert_qemu_check_clean(tgt)
+    assert_reads(tmp, tgt, "over.raw", model)
