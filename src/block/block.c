@@ -209,7 +209,7 @@ static BlockNode *node_new(const BlockDriver *drv, const char *filename, const c
             bs->node_name = NULL;
         }
     }
-    if (!bs->filename || !bs->node_name) {
+    if (!bs->filename || !bs->node_name || vd_write_hooks_init(bs) < 0) {
         free(bs->filename);
         free(bs->node_name);
         free(bs->opaque);

@@ -389,7 +389,7 @@ struct BlockNode {
     int refcnt;
     /* Named dirty bitmaps (block/dirty-bitmap.h); NULL until the first one. */
     VdBitmapList *bitmaps;
-    /* Write hooks (block/write-hooks.h): every write to this node passes them; NULL until one. */
+    /* Write hooks (block/write-hooks.h): every write to this node passes them; made with the node. */
     VdWriteHooks *write_hooks;
     bool encrypted;          /* the format encrypts its data (info's "encrypted"); set by open */
     uint64_t flush_requests; /* atomic: flushes asked of this node (vd_flush_requests) */

@@ -1,8 +1,10 @@
 /*
- * write-hooks.c - a node's write hooks (write-hooks.h). The list hangs off the node, created on the
- * first add and kept until the node is freed; requests hold its read-write lock shared for their
- * whole run, add/remove hold it alone, so a hook is never removed under a request inside it.
- * A node without hooks costs one atomic load per write.
+ * write-hooks.c - a node's write hooks (write-hooks.h). The list hangs off the node from its
+ * creation to its end; requests hold its read-write lock shared for their whole run, add/remove
+ * hold it alone, so a hook is never removed under a request inside it, and the first add waits for
+ * the writes already in flight (a list made lazily on the first add let a write that had found none
+ * run on unhooked after the add returned: a mirror's first copy could read its range before it
+ * landed, and no hook marked it). A node without hooks costs one uncontended read lock per write.
  */
 #include "block/write-hooks.h"
 
@@ -11,7 +13,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "util/lock.h"
 
 struct VdWriteHooks {
     pthread_rwlock_t lock; /* shared by requests, exclusive for add/remove */
@@ -19,30 +20,22 @@ struct VdWriteHooks {
     size_t n;
 };
 
-/* Serialises the creation of a node's list (rare: once per node that ever gets a hook). */
-static pthread_mutex_t create_lock = PTHREAD_MUTEX_INITIALIZER;
-
-static VdWriteHooks *hooks_get(BlockNode *bs, bool create)
+int vd_write_hooks_init(BlockNode *bs)
 {
-    VdWriteHooks *h = __atomic_load_n(&bs->write_hooks, __ATOMIC_ACQUIRE);
-    if (h || !create) {
-        return h;
+    VdWriteHooks *h = calloc(1, sizeof(*h));
+    if (!h) {
+        return -ENOMEM;
     }
-    vd_mutex_lock(&create_lock);
-    h = bs->write_hooks;
-    if (!h && (h = calloc(1, sizeof(*h)))) {
-        pthread_rwlock_init(&h->lock, NULL);
-        __atomic_store_n(&bs->write_hooks, h, __ATOMIC_RELEASE);
-    }
-    vd_mutex_unlock(&create_lock);
-    return h;
+    pthread_rwlock_init(&h->lock, NULL);
+    bs->write_hooks = h;
+    return 0;
 }
 
 int vd_write_hook_add(BlockNode *bs, const VdWriteHook *hook)
 {
-    VdWriteHooks *h = hooks_get(bs, true);
+    VdWriteHooks *h = bs->write_hooks;
     if (!h) {
-        return -ENOMEM;
+        return -EINVAL;
     }
     pthread_rwlock_wrlock(&h->lock);
     VdWriteHook *v = realloc(h->v, (h->n + 1) * sizeof(*v));
@@ -56,7 +49,7 @@ int vd_write_hook_add(BlockNode *bs, const VdWriteHook *hook)
 
 void vd_write_hook_remove(BlockNode *bs, void *opaque)
 {
-    VdWriteHooks *h = hooks_get(bs, false);
+    VdWriteHooks *h = bs->write_hooks;
     if (!h) {
         return;
     }
@@ -99,7 +92,7 @@ static int run_from(BlockNode *bs, VdWriteHooks *h, size_t i, const VdWriteReq *
 int vd_write_hooks_run(BlockNode *bs, const VdWriteReq *w,
                        int (*io)(BlockNode *bs, const VdWriteReq *w))
 {
-    VdWriteHooks *h = hooks_get(bs, false);
+    VdWriteHooks *h = bs->write_hooks;
     if (!h) {
         return io(bs, w);
     }

@@ -45,15 +45,22 @@ typedef struct VdWriteHook {
     void *opaque;
 } VdWriteHook;
 
-/* Register a copy of *h on bs (see above for when it takes effect). -ENOMEM, nothing added. */
+/*
+ * Register a copy of *h on bs (see above for when it takes effect). -ENOMEM, nothing added;
+ * -EINVAL on a node that has no hook list (one not made by block.c, e.g. a stack placeholder).
+ */
 int vd_write_hook_add(BlockNode *bs, const VdWriteHook *h);
 /* Unregister the hook with this opaque (a no-op when none is registered). */
 void vd_write_hook_remove(BlockNode *bs, void *opaque);
 
 /*
- * For io.c: run io(bs, w) inside bs's hooks (directly when it has none) and return its result.
+ * For block.c and io.c: vd_write_hooks_init gives a new node its (empty) list before anyone can
+ * write to it, so every write holds the list's lock shared even while no hook is registered and
+ * the first add waits for the writes in flight like any other; -ENOMEM. vd_write_hooks_run runs
+ * io(bs, w) inside bs's hooks (directly on a node without a list) and returns its result.
  * vd_write_hooks_free: at the node's end, when nobody can write to it any more.
  */
+int vd_write_hooks_init(BlockNode *bs);
 int vd_write_hooks_run(BlockNode *bs, const VdWriteReq *w,
                        int (*io)(BlockNode *bs, const VdWriteReq *w));
 void vd_write_hooks_free(BlockNode *bs);

@@ -26,6 +26,7 @@
 #include "block/block.h"
 #include "block/graph.h"
 #include "block/tracking.h"
+#include "block/write-hooks.h"
 #include "jobs/copy.h"
 #include "jobs/job.h"
 #include "jobs/mirror.h"
@@ -1087,6 +1088,7 @@ static BlockNode *mem_node(void)
     pthread_mutex_init(&((MemDisk *)bs->opaque)->lock, NULL);
     bs->filename = strdup("mem");
     bs->node_name = strdup("mem0");
+    assert_int_equal(vd_write_hooks_init(bs), 0); /* as every node block.c makes */
     return bs;
 }
 

@@ -513,3 +513,61 @@ def test_pivot_with_a_writer_through_a_node_over_the_source(tmp, sync_mode):
             w.stop = True
     assert_qemu_check_clean(tgt)
     assert_reads(tmp, tgt, "over.raw", model)
+
+
+def test_start_waits_for_a_write_in_flight_through_another_node(tmp):
+    """A write through a raw node over the source (not an export of the source: the start drains
+    those) is still in flight when the mirror starts, held 2 s by nbdkit's delay filter under the
+    source. The job's first hook waits for it, so either the first copy of its range reads it or
+    the hook marks it; before, it ran on unhooked while the copy read the old data, and the target
+    never got it."""
+    import subprocess
+    import nbd_helpers as H
+    src, tgt = tmp / "src.raw", tmp / "delay-tgt.qcow2"
+    src.write_bytes(b"\x11" * SIZE)
+    model = bytearray(b"\x11" * SIZE)
+    qemu_img("create", "-q", "-f", "qcow2", tgt, SIZE)
+    kit = tmp / "kit.sock"
+    srv = subprocess.Popen(["nbdkit", "-f", "-U", str(kit), "--filter=delay", "file",
+                            str(src), "delay-write=2"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    H.wait_path(str(kit), srv)
+    sock = str(tmp / "nbd.sock")
+    d = start_vdiskd(tmp, "--blockdev", json.dumps({
+        "driver": "raw", "node-name": "disk0",
+        "file": {"driver": "nbd", "export": "", "server": {"type": "unix", "path": str(kit)}}}),
+        "--nbd-server", f"addr.type=unix,addr.path={sock}",
+        "--export", "type=nbd,id=exp0,node-name=disk0,name=disk0,writable=on")
+    c = None
+    try:
+        with d.client() as q:
+            q.cmd("blockdev-add", driver="raw", node_name="over", file="disk0")
+            q.cmd("block-export-add", type="nbd", id="late", node_name="over", name="late",
+                  writable=True)
+            c = H.RawClient(sock, timeout=30)
+            c.greet()
+            c.go("late", structured=False)
+            off, data = 3 * MiB + 4096, b"\x5a" * (256 * 1024)
+            c.request(H.CMD_WRITE, off, len(data), 7, 0, data)
+            model[off:off + len(data)] = data
+            time.sleep(0.5)  # the write is inside nbdkit's delay now
+            q.cmd("blockdev-add", driver="qcow2", node_name="tgt0",
+                  file={"driver": "file", "filename": str(tgt)})
+            q.cmd("blockdev-mirror", job_id="md", device="disk0", target="tgt0", sync="full")
+            cookie, err, _ = c.reply()
+            assert (cookie, err) == (7, 0)
+            q.get_event("BLOCK_JOB_READY", timeout=60)
+            q.cmd("block-job-complete", device="md")
+            ev = q.get_event("BLOCK_JOB_COMPLETED", timeout=60)
+            assert "error" not in ev["data"], ev
+        c.close()
+        c = None
+        d.stop_checked()
+    finally:
+        if c:
+            c.close()
+        d.kill()
+        srv.terminate()
+        srv.wait()
+    assert_qemu_check_clean(tgt)
+    assert_reads(tmp, tgt, "delay.raw", model)
