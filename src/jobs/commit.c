@@ -5,10 +5,12 @@
  * Non-active commit (top below the device): top..above-base are read-only while the guest writes to
  * the device, so their content is copied into base without serialisation; then the overlay above top
  * records base (header), and the chain drops top..above-base; base goes back to read-only.
- * Active commit (top is the device): a dirty bitmap fed by the top's tracker write notifiers; each
- * copy holds its range BT_SHARED on the top's tracker (guest writes are BT_EXCLUSIVE), so a copy of
- * old data never lands after a newer write: the write either finished before (and its dirty bit was
- * cleared only after it) or re-dirties the range after the copy. READY once in sync and flushed;
+ * Active commit (top is the device): a dirty bitmap fed by the top's write hook (block/write-hooks.h),
+ * which every write to top passes whoever issues it (the exports, a node added over top, another
+ * job); each copy holds its range BT_SHARED on the job's own tracker, which the hook holds
+ * BT_EXCLUSIVE around each write, so a copy of old data never lands after a newer write: the write
+ * either finished before (and its dirty bit was cleared only after it) or re-dirties the range after
+ * the copy. READY once in sync and flushed;
  * while ready the job keeps copying and flushing base as guests write, so complete (or a soft
  * cancel) normally drains the exports at once, copies the small dirty tail and swaps the exports
  * onto base (no swap for a soft cancel). It syncs base under drain only when a guest flushed since
@@ -29,6 +31,7 @@
 #include "block/graph.h"
 #include "block/tracking.h"
 #include "block/users.h"
+#include "block/write-hooks.h"
 #include "jobs/blockops.h"
 #include "jobs/copy.h"
 #include "jobs/job.h"
@@ -67,10 +70,11 @@ typedef struct Commit {
     uint64_t clean_flush_req;
 
     /* active commit */
-    BlockTracker *tracker;   /* the top's */
+    BlockTracker *tracker;   /* the top's (its exports' requests: the copy's pacing) */
     BlockTracker *dev_tracker; /* non-active: the device's (guest activity for the copy's pacing) */
-    bool notifier_added;
-    pthread_mutex_t lock;    /* guards below; leaf (taken inside the tracker's notifier lock) */
+    BlockTracker *hook_tracker; /* active: the job's own; the hook's writes and the copies hold it */
+    bool hooked;             /* active: the hook is on top */
+    pthread_mutex_t lock;    /* guards below; leaf (taken inside the write hook) */
     pthread_cond_t cond;
     uint64_t *bitmap, nbits, dirty_bits;
     bool kicked, should_complete, pivoted;
@@ -137,15 +141,28 @@ static uint64_t dirty_bytes(Commit *c)
     return b > c->len ? c->len : b;
 }
 
-/* Guest writes to the top (NBD worker threads, still holding their range). */
-static void commit_write_notify(void *opaque, uint64_t offset, uint64_t bytes)
+/*
+ * Any write to the top, whoever issues it (its write hook; the writer's thread, still holding the
+ * range in hook_tracker). Marked whatever the result: a failed write may have changed part of it.
+ */
+static void commit_after_write(void *opaque, const VdWriteReq *w, int ret)
 {
     Commit *c = opaque;
+    (void)ret;
     vd_mutex_lock(&c->lock);
-    c->dirtied_total += bm_set(c, offset, bytes, true) * c->gran;
+    c->dirtied_total += bm_set(c, w->offset, w->bytes, true) * c->gran;
     c->kicked = true;
     vd_cond_broadcast(&c->cond);
     vd_mutex_unlock(&c->lock);
+}
+
+/* Writes to top no longer concern the job (waits for those inside the hook: call it drained). */
+static void commit_unhook(Commit *c)
+{
+    if (c->hooked) {
+        vd_write_hook_remove(c->top, c);
+        c->hooked = false;
+    }
 }
 
 /* ---- copying ---- */
@@ -770,7 +787,7 @@ static int commit_prepare(Job *job, VdError **errp)
     }
     uint64_t syncs0 = vd_flush_thread_syncs(); /* syncs this (QMP) thread makes while drained */
     if (c->active) {
-        block_tracker_wait_idle(c->tracker);
+        block_tracker_wait_idle(c->hook_tracker);
         /* Guests are drained: the engine copies the tail in parallel, holding no range. */
         uint64_t tail = 0; /* bytes written to base_rw under drain */
         uint64_t cursor = 0;
@@ -818,6 +835,8 @@ static int commit_prepare(Job *job, VdError **errp)
         if (r < 0) {
             vd_error_setg(errp, -r, "Commit error while finishing: %s", strerror(-r));
         }
+        /* Still drained: a guest writing without pause cannot starve the hook's removal. */
+        commit_unhook(c);
         if (r == 0 && pivot) {
             c->pivoted = true;
             c->base_swapped = false; /* base_rw is now the guest's image */
@@ -854,16 +873,19 @@ static int commit_prepare(Job *job, VdError **errp)
 
 static void commit_abort(Job *job)
 {
-    restore_ro_base(job_opaque(job), false);
+    Commit *c = job_opaque(job);
+    VdDrainedUsers set;
+    if (c->hooked && vd_node_users_drain(c->dev, &set) == 0) {
+        commit_unhook(c); /* drained, as in prepare */
+        vd_node_users_resume(&set, NULL);
+    }
+    restore_ro_base(c, false);
 }
 
 static void commit_clean(Job *job)
 {
     Commit *c = job_opaque(job);
-    if (c->notifier_added) {
-        block_tracker_remove_write_notifier(c->tracker, commit_write_notify, c);
-        c->notifier_added = false;
-    }
+    commit_unhook(c);
     if (c->claimed) {
         blockops_release(c->dev);
         c->claimed = false;
@@ -875,15 +897,16 @@ static void commit_free_state(Commit *c)
     if (!c) {
         return;
     }
-    if (c->notifier_added) {
-        block_tracker_remove_write_notifier(c->tracker, commit_write_notify, c);
-    }
+    commit_unhook(c);
     if (c->claimed) {
         blockops_release(c->dev);
     }
     copy_engine_free(c->engine);
     if (c->tracker) {
         block_tracker_put(c->tracker);
+    }
+    if (c->hook_tracker) {
+        block_tracker_put(c->hook_tracker);
     }
     if (c->dev_tracker) {
         block_tracker_put(c->dev_tracker);
@@ -1105,15 +1128,19 @@ int commit_request_start(const CommitRequest *r, VdError **errp)
     /* Copy units of whole granules; copies in flight never share one (nor a base cluster). */
     uint64_t unit = copy_engine_default_unit();
     c->unit = unit < c->gran ? c->gran : unit / c->gran * c->gran;
+    c->hook_tracker = active ? block_tracker_new(c->gran) : NULL;
     CopyEngineOptions eo = {.workers = copy_engine_default_workers(), .buf_size = c->unit,
-                            .align = c->gran, .tracker = active ? c->tracker : NULL,
+                            .align = c->gran, .tracker = c->hook_tracker,
                             .kind = BT_SHARED, .fn = commit_copy_chunk, .opaque = c};
-    /* Non-active: no range held, but the copy still yields to the device's guest I/O. */
+    /*
+     * The copy yields to the guests' I/O: active, the top's exports' requests; non-active (no
+     * range held), the device's.
+     */
     c->dev_tracker = active ? NULL : block_tracker_get(dev);
-    eo.guest = c->dev_tracker;
+    eo.guest = active ? c->tracker : c->dev_tracker;
     /* base's image (base_rw, opened below, shares its file name) reaches the disk early. */
     eo.writeback = copy_engine_writeback_node(base, &eo.writeback_every);
-    c->engine = copy_engine_new(&eo);
+    c->engine = !active || c->hook_tracker ? copy_engine_new(&eo) : NULL;
     if (!c->engine) {
         vd_error_setg(errp, ENOMEM, "Out of memory");
         commit_free_state(c);
@@ -1150,13 +1177,14 @@ int commit_request_start(const CommitRequest *r, VdError **errp)
         commit_free_state(c);
         return -ENOMEM;
     }
-    if (active && block_tracker_add_write_notifier(c->tracker, commit_write_notify, c) < 0) {
+    VdWriteHook hook = {.tracker = c->hook_tracker, .after = commit_after_write, .opaque = c};
+    if (active && vd_write_hook_add(top, &hook) < 0) {
         vd_node_users_resume(&set, NULL);
         vd_error_setg(errp, ENOMEM, "Cannot track guest writes");
         commit_free_state(c);
         return -ENOMEM;
     }
-    c->notifier_added = active;
+    c->hooked = active;
     vd_node_set_backing(c->base_parent, c->base_rw);
     graph_replace_node(base, c->base_rw); /* one node per name, also while the job runs */
     c->base_swapped = true;

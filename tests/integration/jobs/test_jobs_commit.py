@@ -308,3 +308,35 @@ def test_commit_intermediate_under_pipelined_guest_syncs_nothing_while_paused(tm
     assert chain_info(top) == [("top.qcow2", "base.qcow2", "qcow2"), ("base.qcow2", None, None)]
     assert_same(image_content(tmp_path, base, "base.raw"), below_top, "base after commit")
     check_clean(base, mid, top)
+
+
+def test_active_commit_sees_writes_through_a_node_over_the_top(tmp_path):
+    """A raw node added over the top with its own export: a client writing through it (not through
+    the top's export, whose requests the top's tracker sees) while the guest writes too and the
+    commit is ready. The job learns of every write from the top's write hook, so base gets them
+    all; before, those through the raw node were never marked and base lacked them."""
+    base, mid, top, model, s = ready_active_commit(tmp_path, "c9")
+    try:
+        q = s.q
+        q.cmd("blockdev-add", driver="raw", node_name="over", file="disk0")
+        q.cmd("block-export-add", type="nbd", id="late", node_name="over", name="late",
+              writable=True)
+        # disjoint halves: each writer's order is its own, the model needs no order between them
+        ws = [PipelinedGuest(s.sock, model, random.Random(21), name="late", lo=SIZE // 2),
+              PipelinedGuest(s.sock, model, random.Random(22), hi=SIZE // 2)]
+        for w in ws:
+            w.start()
+        for w in ws:
+            w.wait_batches(20)
+        for w in ws:
+            w.join_checked()
+        q.cmd("block-export-del", id="late")
+        q.cmd("block-job-complete", device="c9")
+        done = q.get_event("BLOCK_JOB_COMPLETED", timeout=30)
+        assert "error" not in done["data"], done
+        assert_same(guest_read(tmp_path, s.uri), bytes(model), "guest view after pivot")
+        s.stop()
+    finally:
+        s.close()
+    assert_same(image_content(tmp_path, base, "base.raw"), bytes(model), "base after pivot")
+    check_clean(base, mid, top)
