@@ -663,7 +663,8 @@ int backup_request_start(const BackupRequest *r, VdError **errp)
     vd_node_users_resume(&b->exports, b->filter);
     b->filter_in = true;
     JobOptions jo = {.id = r->job_id ? r->job_id : r->device, .speed = r->speed,
-                     .auto_finalize = r->auto_finalize, .auto_dismiss = r->auto_dismiss};
+                     .auto_finalize = r->auto_finalize, .auto_dismiss = r->auto_dismiss,
+                     .node = b->source->node_name};
     Job *job = job_create(&backup_driver, &jo, b, errp);
     if (!job) {
         backup_free_state(b);

@@ -1191,7 +1191,7 @@ int commit_request_start(const CommitRequest *r, VdError **errp)
     vd_node_users_resume(&set, NULL);
 
     JobOptions jo = {.id = job_id, .speed = speed, .auto_finalize = r->auto_finalize,
-                     .auto_dismiss = r->auto_dismiss};
+                     .auto_dismiss = r->auto_dismiss, .node = dev->node_name};
     Job *job = job_create(&commit_driver, &jo, c, errp);
     if (!job) {
         /* Put the read-only base back; base_rw holds nothing the chain above does not. */

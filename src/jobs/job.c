@@ -185,6 +185,7 @@ typedef enum { IOSTATUS_OK, IOSTATUS_FAILED, IOSTATUS_NOSPACE } IoStatus;
 struct Job {
     char *id;
     char *device;
+    char *node;              /* JobOptions.node (NULL: none) */
     const JobDriver *drv;
     void *opaque;
     int refcnt;
@@ -377,6 +378,7 @@ static void job_free(Job *job)
     pthread_cond_destroy(&job->cond);
     free(job->id);
     free(job->device);
+    free(job->node);
     free(job->error);
     free(job);
 }
@@ -408,10 +410,12 @@ Job *job_create(const JobDriver *drv, const JobOptions *opts, void *opaque, VdEr
     }
     Job *job = calloc(1, sizeof(*job));
     if (!job || !(job->id = strdup(opts->id)) ||
-        !(job->device = strdup(opts->device ? opts->device : opts->id))) {
+        !(job->device = strdup(opts->device ? opts->device : opts->id)) ||
+        (opts->node && !(job->node = strdup(opts->node)))) {
         vd_mutex_unlock(&job_mutex);
         if (job) {
             free(job->id);
+            free(job->device);
             free(job);
         }
         vd_error_setg(errp, ENOMEM, "Out of memory");
@@ -928,6 +932,10 @@ json_t *job_query_block_info(Job *job)
     if (o && job->error && (job->status == JOB_STATUS_CONCLUDED ||
                             job->status == JOB_STATUS_ABORTING)) {
         json_object_set_new(o, "error", json_string(job->error));
+    }
+    if (o && job->node) {
+        /* vdisk: the node it works on, so a job with its own id is found by its disk's name */
+        json_object_set_new(o, "vdisk-node", json_string(job->node));
     }
     if (o && job->drv->query) {
         job->drv->query(job, o);

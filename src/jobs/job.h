@@ -108,6 +108,8 @@ typedef struct JobOptions {
     bool auto_finalize;      /* QEMU default true */
     bool auto_dismiss;       /* QEMU default true */
     int64_t speed;           /* bytes/s, 0 = unlimited, < 0 refused */
+    /* The node the job works on (the disk a user names it by): query-block-jobs "vdisk-node". */
+    const char *node;        /* NULL: none reported */
 } JobOptions;
 
 /* Create a job in CREATED (emits JOB_STATUS_CHANGE). opaque is the driver's state. */

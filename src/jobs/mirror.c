@@ -1736,7 +1736,8 @@ Job *mirror_start_ex(const MirrorOptions *o, bool unmap, VdError **errp)
         return NULL;
     }
     JobOptions jo = {.id = o->job_id, .auto_finalize = o->auto_finalize,
-                     .auto_dismiss = o->auto_dismiss, .speed = o->speed};
+                     .auto_dismiss = o->auto_dismiss, .speed = o->speed,
+                     .node = m->source->node_name};
     Job *job = job_create(&mirror_driver, &jo, m, errp);
     if (!job) {
         if (m->resumed) {

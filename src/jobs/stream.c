@@ -358,7 +358,7 @@ int stream_request_start(const StreamRequest *r, VdError **errp)
     }
     s->claimed = true;
     JobOptions jo = {.id = job_id, .speed = speed, .auto_finalize = r->auto_finalize,
-                     .auto_dismiss = r->auto_dismiss};
+                     .auto_dismiss = r->auto_dismiss, .node = s->top->node_name};
     Job *job = job_create(&stream_driver, &jo, s, errp);
     if (!job) {
         stream_free_state(s);

@@ -121,8 +121,31 @@ static void print_job_details(json_t *job)
     printf("\n");
 }
 
-/* The job running on this disk: our id for its node, the node name itself, or DISK verbatim. */
-static json_t *find_disk_job(QmpConn *c, const char *disk, json_t *node, VdError **errp)
+/*
+ * The job of a mirror whose filter an export with id DISK serves: vdiskd names the filter
+ * "#mirror-top-<job id>" and does not list it among the nodes (NULL: none such).
+ */
+static const char *filter_job_id(Graph *g, const char *disk)
+{
+    static const char prefix[] = "#mirror-top-";
+    size_t i;
+    json_t *e;
+    json_array_foreach(g->exports, i, e) {
+        const char *id = vs_jstr(e, "id"), *en = vs_jstr(e, "node-name");
+        if (id && en && !strcmp(id, disk) && !strncmp(en, prefix, sizeof(prefix) - 1)) {
+            return en + sizeof(prefix) - 1;
+        }
+    }
+    return NULL;
+}
+
+/*
+ * The job running on this disk: our id for its node, the node name itself, or DISK verbatim; else
+ * a job with an id of its own that works on the disk's node (query-block-jobs "vdisk-node") or
+ * whose filter DISK's export serves.
+ */
+static json_t *find_disk_job(QmpConn *c, Graph *g, const char *disk, json_t *node,
+                             VdError **errp)
 {
     json_t *jobs = qmpc_execute(c, "query-block-jobs", NULL, errp);
     if (!jobs) {
@@ -130,16 +153,16 @@ static json_t *find_disk_job(QmpConn *c, const char *disk, json_t *node, VdError
     }
     const char *nodename = node ? vs_jstr(node, "node-name") : NULL;
     char *ours = nodename ? vs_job_id_for(nodename) : NULL;
-    const char *cands[] = { ours, nodename, disk };
+    const char *cands[] = { ours, nodename, disk, filter_job_id(g, disk), nodename };
     json_t *found = NULL;
-    for (int k = 0; k < 3 && !found; k++) {
+    for (int k = 0; k < 5 && !found; k++) {
         size_t i;
         json_t *j;
         if (!cands[k]) {
             continue;
         }
         json_array_foreach(jobs, i, j) {
-            const char *dev = vs_jstr(j, "device");
+            const char *dev = vs_jstr(j, k < 4 ? "device" : "vdisk-node");
             if (dev && !strcmp(dev, cands[k])) {
                 found = json_incref(j);
                 break;
@@ -225,7 +248,7 @@ int virsh_blockjob(int argc, char **argv)
     node = vs_resolve_disk(&g, disk, &err);
     vd_error_free(err); /* a job id that is no disk is still worth looking up */
     err = NULL;
-    job = find_disk_job(conn, disk, node, &err);
+    job = find_disk_job(conn, &g, disk, node, &err);
     bool querying = !(bw || abort_ || pivot || async || resume);
     if (!job) {
         if (querying && vd_error_code(err) == ENOENT) {

@@ -151,24 +151,34 @@ def test_journal_whose_target_is_gone_is_kept_and_logged(tmp):
         d.stop_checked()
 
 
-def test_vdisk_blockjob_resume_continues_a_copy_offered_back(tmp):
+@pytest.mark.parametrize("name", ["j", "top", "e0"], ids=["job-id", "node", "export-id"])
+def test_vdisk_blockjob_resume_continues_a_copy_offered_back(tmp, name):
     """`vdisk blockjob DISK --resume` (block-job-resume) continues the copy vdiskd offered back
     paused after a restart; on a job that runs it fails and says so; the copy then finishes and
-    reads like the disk."""
+    reads like the disk. DISK is the copy's own job id ("j", not the disk's), or the disk: its node
+    or its export's id, which name the job by the node query-block-jobs reports (vdisk-node)."""
     top, state = stopped_copy(tmp)
     d = daemon(tmp, top, state)
     try:
         with d.client() as c:
             assert job(c)["status"] == "paused"
+            assert job(c)["vdisk-node"] == "top"
             c.cmd("block-job-set-speed", device="j", speed=0)
-            # the copy's job id (what query-block-jobs lists: "j") names it as DISK does
-            p = vdisk("blockjob", "j", "--resume", "--socket", d.qmp_path)
+            p = vdisk("blockjob", name, "--raw", "--socket", d.qmp_path)
+            assert p.stdout.startswith(" type=Copy\n"), p.stdout
+            p = vdisk("blockjob", name, "--resume", "--socket", d.qmp_path)
             assert p.stdout == "\n", p.stdout
             wait_status(c, "ready")
-            p = vdisk("blockjob", "j", "--resume", "--socket", d.qmp_path, check=False)
-            assert p.returncode == 1 and "failed to resume job for disk j" in p.stderr, p.stderr
-            p = vdisk("blockjob", "j", "--resume", "--info", "--socket", d.qmp_path, check=False)
+            p = vdisk("blockjob", name, "--resume", "--socket", d.qmp_path, check=False)
+            assert p.returncode == 1 and f"failed to resume job for disk {name}" in p.stderr, \
+                p.stderr
+            p = vdisk("blockjob", name, "--resume", "--info", "--socket", d.qmp_path,
+                      check=False)
             assert p.returncode == 1 and "mutually exclusive" in p.stderr, p.stderr
+            # another disk's name finds nothing
+            p = vdisk("blockjob", "nosuchdisk", "--resume", "--socket", d.qmp_path, check=False)
+            assert p.returncode == 1 and "No current block job for nosuchdisk" in p.stderr, \
+                p.stderr
             c.cmd("block-job-complete", device="j")
             c.get_event("BLOCK_JOB_COMPLETED")
             assert os.listdir(state) == []
