@@ -6,7 +6,7 @@
 set -euo pipefail
 required=(
   build-essential meson ninja-build pkg-config
-  zlib1g-dev libzstd-dev libjansson-dev libnbd-dev libcmocka-dev libgnutls28-dev gnutls-bin
+  zlib1g-dev libzstd-dev libjansson-dev libnbd-dev libcmocka-dev libgnutls28-dev nettle-dev gnutls-bin
   python3-pytest python3-pytest-timeout python3-pytest-xdist
   qemu-utils qemu-system-common qemu-block-extra libnbd-bin nbdkit fio strace time gnuplot-nox
   scdoc man-db groff-base systemd bash-completion

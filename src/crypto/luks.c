@@ -1,6 +1,7 @@
 /*
- * luks.c - LUKS1 headers, key slots and sector encryption on GnuTLS (PBKDF2, hashes, AES-XTS and
- * AES-CBC; no primitive is written here). Invariants: a VdLuks is immutable once opened or created
+ * luks.c - LUKS1 headers, key slots and sector encryption: PBKDF2, hashes and AES-CBC/XTS from
+ * GnuTLS, the other ciphers and modes QEMU offers (aes/serpent/twofish/cast5 in ecb, cbc, ctr,
+ * xts) from nettle's ciphers and mode functions; no primitive is written here. Invariants: a VdLuks is immutable once opened or created
  * (sector calls share it between threads; each call makes its own cipher handles), and every
  * buffer that held a key (master key, slot keys, split key material, passwords) is wiped before
  * it is freed. Layout of new headers follows QEMU's crypto/block-luks.c: 4 KiB for the header,
@@ -10,6 +11,13 @@
 #include <errno.h>
 #include <gnutls/crypto.h>
 #include <gnutls/gnutls.h>
+#include <nettle/cbc.h>
+#include <nettle/ctr.h>
+#include <nettle/hmac.h>
+#include <nettle/nettle-meta.h>
+#include <nettle/pbkdf2.h>
+#include <nettle/ripemd160.h>
+#include <nettle/xts.h>
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -37,18 +45,59 @@
 #define AES_BLOCK 16u
 
 enum { IV_PLAIN, IV_PLAIN64, IV_ESSIV };
+enum { MODE_ECB, MODE_CBC, MODE_XTS, MODE_CTR };
+
+/* QEMU's cipher modes and IV generators (QCryptoCipherMode, QCryptoIVGenAlgorithm), by value. */
+static const char *const mode_names[] = {"ecb", "cbc", "xts", "ctr", NULL};
+static const char *const ivgen_names[] = {"plain", "plain64", "essiv", NULL};
+
+/*
+ * A block cipher with one key size: its name in a LUKS header ("aes"), QEMU's name for it
+ * ("aes-128") and nettle's implementation.
+ */
+typedef struct LuksCipher {
+    const char *family;
+    const char *qapi;
+    size_t key_len;
+    const struct nettle_cipher *nc;
+} LuksCipher;
+
+static const LuksCipher ciphers[] = {
+    {"aes", "aes-128", 16, &nettle_aes128},
+    {"aes", "aes-192", 24, &nettle_aes192},
+    {"aes", "aes-256", 32, &nettle_aes256},
+    {"cast5", "cast5-128", 16, &nettle_cast128},
+    {"serpent", "serpent-128", 16, &nettle_serpent128},
+    {"serpent", "serpent-192", 24, &nettle_serpent192},
+    {"serpent", "serpent-256", 32, &nettle_serpent256},
+    {"twofish", "twofish-128", 16, &nettle_twofish128},
+    {"twofish", "twofish-192", 24, &nettle_twofish192},
+    {"twofish", "twofish-256", 32, &nettle_twofish256},
+    {NULL, NULL, 0, NULL}};
+
+static const LuksCipher *cipher_by_family(const char *family, size_t key_len)
+{
+    for (const LuksCipher *c = ciphers; c->family; c++) {
+        if (!strcmp(c->family, family) && c->key_len == key_len) {
+            return c;
+        }
+    }
+    return NULL;
+}
 
 /* The sector cipher a header names (payload and key material use the same one). */
 typedef struct LuksAlg {
-    gnutls_cipher_algorithm_t cipher;
-    size_t key_len;
-    int key_bits;  /* AES key size in bits ("aes-256"); xts keys are two of them */
-    bool xts;
+    const LuksCipher *cipher; /* one key's cipher; xts keys are two of them */
+    int mode;
+    size_t key_len;           /* the whole key (xts: both halves) */
+    size_t iv_len;            /* the cipher's block; 0 in ecb mode, which takes no IV */
+    gnutls_cipher_algorithm_t gnutls; /* GnuTLS's faster AES-CBC/XTS, or UNKNOWN: nettle's modes */
     int ivgen;
     gnutls_digest_algorithm_t ivhash; /* essiv */
     const char *ivhash_name;
-    gnutls_cipher_algorithm_t essiv_cipher; /* AES-CBC with the hash's length as key */
+    const LuksCipher *essiv_cipher; /* the cipher's family keyed by the hash's length */
 } LuksAlg;
+
 
 typedef struct LuksSlot {
     uint32_t active, iters, key_offset, stripes;
@@ -80,6 +129,7 @@ typedef struct HashName {
 } HashName;
 
 static const HashName hashes[] = {
+    {"md5", GNUTLS_DIG_MD5, GNUTLS_MAC_MD5},
     {"sha1", GNUTLS_DIG_SHA1, GNUTLS_MAC_SHA1},
     {"sha224", GNUTLS_DIG_SHA224, GNUTLS_MAC_SHA224},
     {"sha256", GNUTLS_DIG_SHA256, GNUTLS_MAC_SHA256},
@@ -98,72 +148,122 @@ static const HashName *hash_by_name(const char *name)
     return NULL;
 }
 
-static gnutls_cipher_algorithm_t aes_cbc(size_t key_len)
+static int name_index(const char *const *names, const char *name)
 {
-    return key_len == 16 ? GNUTLS_CIPHER_AES_128_CBC : key_len == 24 ? GNUTLS_CIPHER_AES_192_CBC
-         : key_len == 32 ? GNUTLS_CIPHER_AES_256_CBC : GNUTLS_CIPHER_UNKNOWN;
+    for (int i = 0; names[i]; i++) {
+        if (!strcmp(names[i], name)) {
+            return i;
+        }
+    }
+    return -1;
+}
+
+/* GnuTLS's AES in the modes it has (faster than nettle's generic modes), else UNKNOWN. */
+static gnutls_cipher_algorithm_t gnutls_alg(const LuksCipher *c, int mode)
+{
+    if (strcmp(c->family, "aes") != 0) {
+        return GNUTLS_CIPHER_UNKNOWN;
+    }
+    if (mode == MODE_CBC) {
+        return c->key_len == 16 ? GNUTLS_CIPHER_AES_128_CBC
+             : c->key_len == 24 ? GNUTLS_CIPHER_AES_192_CBC : GNUTLS_CIPHER_AES_256_CBC;
+    }
+    if (mode == MODE_XTS && c->key_len != 24) {
+        return c->key_len == 16 ? GNUTLS_CIPHER_AES_128_XTS : GNUTLS_CIPHER_AES_256_XTS;
+    }
+    return GNUTLS_CIPHER_UNKNOWN;
 }
 
 /*
- * The sector cipher for cipher name "aes", a mode "xts-plain64" / "cbc-essiv:sha256" / ... and a
- * key length in bytes (xts: two AES keys).
+ * ESSIV's cipher: the sector cipher's family with the IV hash's length as key (dm-crypt's rule,
+ * which QEMU follows), with QEMU's messages.
+ */
+static int essiv_cipher(LuksAlg *a, VdError **errp)
+{
+    size_t dlen = gnutls_hash_get_len(a->ivhash);
+    if (dlen == a->cipher->key_len) {
+        a->essiv_cipher = a->cipher;
+        return 0;
+    }
+    static const char *const display[][2] = {{"aes", "AES"}, {"serpent", "Serpent"},
+                                             {"twofish", "Twofish"}};
+    for (size_t i = 0; i < sizeof(display) / sizeof(display[0]); i++) {
+        if (!strcmp(display[i][0], a->cipher->family)) {
+            a->essiv_cipher = cipher_by_family(a->cipher->family, dlen);
+            if (!a->essiv_cipher) {
+                vd_error_setg(errp, ENOTSUP, "No %s cipher with key size %zu available",
+                              display[i][1], dlen);
+                return -ENOTSUP;
+            }
+            return 0;
+        }
+    }
+    vd_error_setg(errp, ENOTSUP, "Cipher %s not supported with essiv", a->cipher->qapi);
+    return -ENOTSUP;
+}
+
+/*
+ * The sector cipher for a header's cipher name ("aes"), mode ("xts-plain64", "cbc-essiv:sha256",
+ * ...) and key length in bytes (xts: two keys): QEMU's parse, in its order, with its messages.
  */
 static int alg_setup(LuksAlg *a, const char *cipher, const char *mode, size_t key_len,
                      VdError **errp)
 {
     memset(a, 0, sizeof(*a));
-    char chain[LUKS_NAME_LEN + 1], ivgen[LUKS_NAME_LEN + 1] = "";
+    char chain[LUKS_NAME_LEN + 1];
     snprintf(chain, sizeof(chain), "%s", mode);
-    char *dash = strchr(chain, '-');
-    if (dash) {
-        *dash = 0;
-        snprintf(ivgen, sizeof(ivgen), "%s", dash + 1);
+    char *ivgen = strchr(chain, '-');
+    if (!ivgen) {
+        vd_error_setg(errp, EINVAL, "Unexpected cipher mode string format '%s'", mode);
+        return -EINVAL;
     }
-    char *colon = strchr(ivgen, ':');
-    const char *ivhash = NULL;
-    if (colon) {
-        *colon = 0;
-        ivhash = colon + 1;
+    *ivgen++ = 0;
+    char *ivhash = strchr(ivgen, ':');
+    const HashName *h = NULL;
+    if (ivhash) {
+        *ivhash++ = 0;
+        if (!(h = hash_by_name(ivhash))) {
+            vd_error_setg(errp, ENOTSUP, "Hash algorithm '%s' not supported", ivhash);
+            return -ENOTSUP;
+        }
     }
-    if (strcmp(cipher, "aes") != 0) {
-        vd_error_setg(errp, ENOTSUP, "Cipher name '%s' is not supported", cipher);
+    a->mode = name_index(mode_names, chain);
+    if (a->mode < 0) {
+        vd_error_setg(errp, ENOTSUP, "Cipher mode '%s' not supported", chain);
         return -ENOTSUP;
     }
-    a->xts = !strcmp(chain, "xts");
-    if (!a->xts && strcmp(chain, "cbc") != 0) {
-        vd_error_setg(errp, ENOTSUP, "Cipher mode '%s' is not supported", chain);
+    size_t one_key = a->mode == MODE_XTS ? key_len / 2 : key_len;
+    a->cipher = cipher_by_family(cipher, one_key);
+    if (!a->cipher) {
+        vd_error_setg(errp, ENOTSUP, "Algorithm '%s' with key size %zu bytes not supported", cipher,
+                      one_key);
         return -ENOTSUP;
     }
     a->key_len = key_len;
-    a->key_bits = (int)(a->xts ? key_len * 4 : key_len * 8);
-    a->cipher = a->xts ? (key_len == 32 ? GNUTLS_CIPHER_AES_128_XTS
-                          : key_len == 64 ? GNUTLS_CIPHER_AES_256_XTS : GNUTLS_CIPHER_UNKNOWN)
-                       : aes_cbc(key_len);
-    if (a->cipher == GNUTLS_CIPHER_UNKNOWN) {
-        vd_error_setg(errp, ENOTSUP, "Cipher aes with key size %zu bytes in %s mode is not "
-                      "supported", key_len, chain);
+    a->iv_len = a->mode == MODE_ECB ? 0 : a->cipher->nc->block_size;
+    a->gnutls = gnutls_alg(a->cipher, a->mode);
+    a->ivgen = name_index(ivgen_names, ivgen);
+    if (a->ivgen < 0) {
+        vd_error_setg(errp, ENOTSUP, "IV generator '%s' not supported", ivgen);
         return -ENOTSUP;
     }
-    if (!strcmp(ivgen, "plain64")) {
-        a->ivgen = IV_PLAIN64;
-    } else if (!strcmp(ivgen, "plain")) {
-        a->ivgen = IV_PLAIN;
-    } else if (!strcmp(ivgen, "essiv")) {
-        const HashName *h = ivhash ? hash_by_name(ivhash) : NULL;
+    if (a->ivgen == IV_ESSIV) {
         if (!h) {
-            vd_error_setg(errp, ENOTSUP, "Hash '%s' is not supported", ivhash ? ivhash : "");
-            return -ENOTSUP;
+            vd_error_setg(errp, EINVAL, "Missing IV generator hash specification");
+            return -EINVAL;
         }
-        a->ivgen = IV_ESSIV;
         a->ivhash = h->dig;
         a->ivhash_name = h->name;
-        a->essiv_cipher = aes_cbc(gnutls_hash_get_len(h->dig));
-        if (a->essiv_cipher == GNUTLS_CIPHER_UNKNOWN) {
-            vd_error_setg(errp, ENOTSUP, "Hash '%s' cannot key an ESSIV cipher", ivhash);
-            return -ENOTSUP;
-        }
-    } else {
-        vd_error_setg(errp, ENOTSUP, "IV generator '%s' is not supported", ivgen);
+        return essiv_cipher(a, errp);
+    }
+    return 0;
+}
+
+/* Can the sector cipher run at all? QEMU asks when it makes the cipher (unlock, create). */
+static int alg_usable(const LuksAlg *a, VdError **errp)
+{
+    if (a->mode == MODE_XTS && a->cipher->nc->block_size != 16) {
+        vd_error_setg(errp, ENOTSUP, "Unsupported cipher mode xts");
         return -ENOTSUP;
     }
     return 0;
@@ -172,52 +272,143 @@ static int alg_setup(LuksAlg *a, const char *cipher, const char *mode, size_t ke
 /* ---- the sector cipher ---- */
 
 /*
+ * One call's cipher state: GnuTLS's handle, or nettle contexts for the data key (data), the
+ * decrypting direction (dec: cbc, ecb and xts decrypt with their own key schedule), the xts tweak
+ * key (tweak) and the ESSIV key (essiv). Made per call, so a VdLuks stays shareable.
+ */
+typedef struct SectorCipher {
+    const LuksAlg *a;
+    gnutls_cipher_hd_t h;
+    void *data, *tweak, *essiv;
+    size_t data_size, tweak_size, essiv_size;
+    bool enc;
+} SectorCipher;
+
+static void *nettle_ctx(const struct nettle_cipher *nc, bool enc, const uint8_t *key,
+                        size_t *size)
+{
+    void *ctx = malloc(nc->context_size);
+    if (ctx) {
+        (enc ? nc->set_encrypt_key : nc->set_decrypt_key)(ctx, key);
+        *size = nc->context_size;
+    }
+    return ctx;
+}
+
+static void sector_cipher_free(SectorCipher *sc)
+{
+    if (sc->h) {
+        gnutls_cipher_deinit(sc->h);
+    }
+    vd_secret_free(sc->data, sc->data ? sc->data_size : 0);
+    vd_secret_free(sc->tweak, sc->tweak ? sc->tweak_size : 0);
+    vd_secret_free(sc->essiv, sc->essiv ? sc->essiv_size : 0);
+}
+
+static int sector_cipher_init(SectorCipher *sc, const LuksAlg *a, const uint8_t *key,
+                              const uint8_t *essiv_key, bool enc)
+{
+    memset(sc, 0, sizeof(*sc));
+    sc->a = a;
+    sc->enc = enc;
+    const struct nettle_cipher *nc = a->cipher->nc;
+    bool ok = true;
+    if (a->gnutls != GNUTLS_CIPHER_UNKNOWN) {
+        uint8_t iv[AES_BLOCK] = {0};
+        gnutls_datum_t k = {(unsigned char *)key, (unsigned int)a->key_len};
+        gnutls_datum_t ivd = {iv, AES_BLOCK};
+        ok = gnutls_cipher_init(&sc->h, a->gnutls, &k, &ivd) == 0;
+        if (!ok) {
+            sc->h = NULL;
+        }
+    } else {
+        /* ctr and the xts tweak only ever encrypt */
+        bool data_enc = enc || a->mode == MODE_CTR;
+        ok = (sc->data = nettle_ctx(nc, data_enc, key, &sc->data_size)) != NULL;
+        if (ok && a->mode == MODE_XTS) {
+            ok = (sc->tweak = nettle_ctx(nc, true, key + a->key_len / 2, &sc->tweak_size)) != NULL;
+        }
+    }
+    if (ok && a->ivgen == IV_ESSIV && a->iv_len) {
+        ok = (sc->essiv = nettle_ctx(a->essiv_cipher->nc, true, essiv_key, &sc->essiv_size)) !=
+             NULL;
+    }
+    if (!ok) {
+        sector_cipher_free(sc);
+        return -EIO;
+    }
+    return 0;
+}
+
+/* The IV of a sector (QEMU's ivgens: little-endian sector number, ESSIV encrypts it). */
+static void sector_iv(const SectorCipher *sc, uint64_t sector, uint8_t *iv)
+{
+    const LuksAlg *a = sc->a;
+    memset(iv, 0, a->iv_len);
+    if (a->ivgen == IV_PLAIN) {
+        uint32_t le = htole32((uint32_t)sector);
+        memcpy(iv, &le, a->iv_len < sizeof(le) ? a->iv_len : sizeof(le));
+    } else {
+        uint64_t le = htole64(sector);
+        memcpy(iv, &le, a->iv_len < sizeof(le) ? a->iv_len : sizeof(le));
+    }
+    if (a->ivgen == IV_ESSIV && a->iv_len) {
+        a->essiv_cipher->nc->encrypt(sc->essiv, a->iv_len, iv, iv);
+    }
+}
+
+static int sector_crypt(const SectorCipher *sc, uint8_t *iv, uint8_t *buf)
+{
+    const LuksAlg *a = sc->a;
+    const struct nettle_cipher *nc = a->cipher->nc;
+    size_t n = VD_LUKS_SECTOR_SIZE;
+    if (sc->h) {
+        gnutls_cipher_set_iv(sc->h, iv, AES_BLOCK);
+        int r = sc->enc ? gnutls_cipher_encrypt(sc->h, buf, n) : gnutls_cipher_decrypt(sc->h, buf, n);
+        return r == 0 ? 0 : -EIO;
+    }
+    switch (a->mode) {
+    case MODE_ECB:
+        (sc->enc ? nc->encrypt : nc->decrypt)(sc->data, n, buf, buf);
+        break;
+    case MODE_CBC:
+        (sc->enc ? cbc_encrypt : cbc_decrypt)(sc->data, sc->enc ? nc->encrypt : nc->decrypt,
+                                              nc->block_size, iv, n, buf, buf);
+        break;
+    case MODE_CTR:
+        ctr_crypt(sc->data, nc->encrypt, nc->block_size, iv, n, buf, buf);
+        break;
+    default: /* MODE_XTS */
+        if (sc->enc) {
+            xts_encrypt_message(sc->data, sc->tweak, nc->encrypt, iv, n, buf, buf);
+        } else {
+            xts_decrypt_message(sc->data, sc->tweak, nc->decrypt, nc->encrypt, iv, n, buf, buf);
+        }
+        break;
+    }
+    return 0;
+}
+
+/*
  * Encrypt or decrypt len bytes (whole sectors) in place with key; the first sector is number
  * first_sector. ESSIV's IV key is H(key), given as essiv_key.
  */
 static int sectors_crypt(const LuksAlg *a, const uint8_t *key, const uint8_t *essiv_key,
                          uint64_t first_sector, uint8_t *buf, size_t len, bool enc)
 {
-    gnutls_cipher_hd_t h = NULL, ivh = NULL;
-    uint8_t iv[AES_BLOCK] = {0};
-    gnutls_datum_t k = {(unsigned char *)key, (unsigned int)a->key_len};
-    gnutls_datum_t ivd = {iv, AES_BLOCK};
-    int r = gnutls_cipher_init(&h, a->cipher, &k, &ivd);
-    if (r == 0 && a->ivgen == IV_ESSIV) {
-        gnutls_datum_t ek = {(unsigned char *)essiv_key,
-                             (unsigned int)gnutls_hash_get_len(a->ivhash)};
-        r = gnutls_cipher_init(&ivh, a->essiv_cipher, &ek, &ivd);
+    SectorCipher sc;
+    uint8_t iv[AES_BLOCK];
+    int r = sector_cipher_init(&sc, a, key, essiv_key, enc);
+    if (r < 0) {
+        return r;
     }
     for (size_t done = 0; r == 0 && done < len; done += VD_LUKS_SECTOR_SIZE) {
-        uint64_t sector = first_sector + done / VD_LUKS_SECTOR_SIZE;
-        memset(iv, 0, sizeof(iv));
-        if (a->ivgen == IV_PLAIN) {
-            uint32_t le = htole32((uint32_t)sector);
-            memcpy(iv, &le, sizeof(le));
-        } else {
-            uint64_t le = htole64(sector);
-            memcpy(iv, &le, sizeof(le));
-        }
-        if (a->ivgen == IV_ESSIV) {
-            /* one CBC block under a zero IV is the ECB encryption ESSIV asks for */
-            uint8_t zero[AES_BLOCK] = {0};
-            gnutls_cipher_set_iv(ivh, zero, AES_BLOCK);
-            r = gnutls_cipher_encrypt(ivh, iv, AES_BLOCK);
-        }
-        if (r == 0) {
-            gnutls_cipher_set_iv(h, iv, AES_BLOCK);
-            r = enc ? gnutls_cipher_encrypt(h, buf + done, VD_LUKS_SECTOR_SIZE)
-                    : gnutls_cipher_decrypt(h, buf + done, VD_LUKS_SECTOR_SIZE);
-        }
+        sector_iv(&sc, first_sector + done / VD_LUKS_SECTOR_SIZE, iv);
+        r = sector_crypt(&sc, iv, buf + done);
     }
-    if (ivh) {
-        gnutls_cipher_deinit(ivh);
-    }
-    if (h) {
-        gnutls_cipher_deinit(h);
-    }
+    sector_cipher_free(&sc);
     explicit_bzero(iv, sizeof(iv));
-    return r == 0 ? 0 : -EIO;
+    return r;
 }
 
 /* ESSIV's key for a sector key: its hash. */
@@ -261,13 +452,22 @@ static int af_diffuse(gnutls_digest_algorithm_t dig, uint8_t *block, size_t len)
     for (size_t i = 0; i * dlen < len; i++) {
         size_t n = len - i * dlen < dlen ? len - i * dlen : dlen;
         uint32_t be = htobe32((uint32_t)i);
-        gnutls_hash_hd_t h;
-        if (gnutls_hash_init(&h, dig) < 0) {
-            return -EIO;
+        if (dig == GNUTLS_DIG_RMD160) {
+            /* GnuTLS's hash API refuses RIPEMD-160: nettle's */
+            struct ripemd160_ctx c;
+            ripemd160_init(&c);
+            ripemd160_update(&c, sizeof(be), (const uint8_t *)&be);
+            ripemd160_update(&c, n, block + i * dlen);
+            ripemd160_digest(&c, RIPEMD160_DIGEST_SIZE, out);
+        } else {
+            gnutls_hash_hd_t h;
+            if (gnutls_hash_init(&h, dig) < 0) {
+                return -EIO;
+            }
+            gnutls_hash(h, &be, sizeof(be));
+            gnutls_hash(h, block + i * dlen, n);
+            gnutls_hash_deinit(h, out);
         }
-        gnutls_hash(h, &be, sizeof(be));
-        gnutls_hash(h, block + i * dlen, n);
-        gnutls_hash_deinit(h, out);
         memcpy(block + i * dlen, out, n);
     }
     explicit_bzero(out, sizeof(out));
@@ -396,21 +596,17 @@ static int check_header(VdLuks *l, const uint8_t *h, VdError **errp)
         return -ENOTSUP;
     }
     parse_header(l, h);
-    const HashName *hn = hash_by_name(l->hash_spec);
-    if (!hn) {
-        vd_error_setg(errp, ENOTSUP, "Hash '%s' is not supported", l->hash_spec);
-        return -ENOTSUP;
-    }
-    l->hash = hn->dig;
-    l->mac = hn->mac;
-    if (l->key_bytes == 0 || l->key_bytes > LUKS_MAX_KEY) {
-        vd_error_setg(errp, EINVAL, "LUKS key size %u is invalid", l->key_bytes);
-        return -EINVAL;
-    }
     int r = alg_setup(&l->alg, l->cipher_name, l->cipher_mode, l->key_bytes, errp);
     if (r < 0) {
         return r;
     }
+    const HashName *hn = hash_by_name(l->hash_spec);
+    if (!hn) {
+        vd_error_setg(errp, ENOTSUP, "Hash algorithm '%s' not supported", l->hash_spec);
+        return -ENOTSUP;
+    }
+    l->hash = hn->dig;
+    l->mac = hn->mac;
     uint64_t hdr_sectors = (LUKS_HDR_SIZE + VD_LUKS_SECTOR_SIZE - 1) / VD_LUKS_SECTOR_SIZE;
     for (int i = 0; i < LUKS_NUM_SLOTS; i++) {
         const LuksSlot *s = &l->slots[i];
@@ -449,9 +645,18 @@ static int check_header(VdLuks *l, const uint8_t *h, VdError **errp)
 
 /* ---- unlocking ---- */
 
-static int pbkdf2(gnutls_mac_algorithm_t mac, const void *pw, size_t pwlen, const uint8_t *salt,
+static int luks_pbkdf2(gnutls_mac_algorithm_t mac, const void *pw, size_t pwlen, const uint8_t *salt,
                   uint32_t iters, uint8_t *out, size_t outlen)
 {
+    if (mac == GNUTLS_MAC_RMD160) {
+        /* GnuTLS's PBKDF2 refuses RIPEMD-160 (QEMU and cryptsetup take it): nettle's */
+        struct hmac_ripemd160_ctx ctx;
+        hmac_ripemd160_set_key(&ctx, pwlen, pw);
+        PBKDF2(&ctx, hmac_ripemd160_update, hmac_ripemd160_digest, RIPEMD160_DIGEST_SIZE, iters,
+               LUKS_SALT_LEN, salt, outlen, out);
+        explicit_bzero(&ctx, sizeof(ctx));
+        return 0;
+    }
     gnutls_datum_t key = {(unsigned char *)pw, (unsigned int)pwlen};
     gnutls_datum_t s = {(unsigned char *)salt, LUKS_SALT_LEN};
     return gnutls_pbkdf2(mac, &key, &s, iters, out, outlen) == 0 ? 0 : -EIO;
@@ -461,7 +666,7 @@ static int pbkdf2(gnutls_mac_algorithm_t mac, const void *pw, size_t pwlen, cons
 static bool master_key_matches(const VdLuks *l, const uint8_t *key)
 {
     uint8_t digest[LUKS_DIGEST_LEN];
-    bool ok = pbkdf2(l->mac, key, l->key_bytes, l->mk_salt, l->mk_iters, digest,
+    bool ok = luks_pbkdf2(l->mac, key, l->key_bytes, l->mk_salt, l->mk_iters, digest,
                      sizeof(digest)) == 0 &&
               gnutls_memcmp(digest, l->mk_digest, sizeof(digest)) == 0;
     explicit_bzero(digest, sizeof(digest));
@@ -483,7 +688,7 @@ static int try_slot(const VdLuks *l, const LuksSlot *s, VdLuksReadFn rd, void *o
         r = -EINVAL;
     }
     if (r == 0) {
-        r = pbkdf2(l->mac, pw, pwlen, s->salt, s->iters, slot_key, l->key_bytes);
+        r = luks_pbkdf2(l->mac, pw, pwlen, s->salt, s->iters, slot_key, l->key_bytes);
     }
     if (r == 0) {
         r = essiv_key_of(&l->alg, slot_key, essiv);
@@ -534,6 +739,10 @@ int vd_luks_open(VdLuksReadFn rd, void *opaque, const char *password, size_t pwl
         return r;
     }
     if (password) {
+        if ((r = alg_usable(&l->alg, errp)) < 0) {
+            vd_luks_free(l);
+            return r;
+        }
         uint8_t *key = malloc(l->key_bytes);
         r = key ? 0 : -ENOMEM;
         for (int i = 0; r == 0 && i < LUKS_NUM_SLOTS; i++) {
@@ -578,7 +787,7 @@ static int pbkdf2_rate(gnutls_mac_algorithm_t mac, size_t key_len, uint64_t *rat
     uint64_t iters = 1u << 15;
     for (int round = 0; round < 40; round++) {
         uint64_t t0 = thread_cpu_ms();
-        if (pbkdf2(mac, key, key_len, salt, (uint32_t)iters, out, key_len) < 0) {
+        if (luks_pbkdf2(mac, key, key_len, salt, (uint32_t)iters, out, key_len) < 0) {
             return -EIO;
         }
         uint64_t ms = thread_cpu_ms() - t0;
@@ -611,41 +820,70 @@ static int random_uuid(char *out)
     return 0;
 }
 
+/* A create option's value must be one of QEMU's enum values (QAPI's message), or NULL. */
+static int check_enum(const char *param, const char *value, const char *const *values,
+                      VdError **errp)
+{
+    if (value && name_index(values, value) < 0) {
+        vd_error_setg(errp, EINVAL, "Parameter '%s' does not accept value '%s'", param, value);
+        return -EINVAL;
+    }
+    return 0;
+}
+
 /* Names and key length of the create options (QEMU's defaults for what is not given). */
 static int create_names(VdLuks *l, const VdLuksCreateOptions *o, VdError **errp)
 {
+    /* QEMU 7.2's QCryptoCipherAlgorithm and QCryptoHashAlgorithm values */
+    static const char *const alg_values[] = {
+        "aes-128", "aes-192", "aes-256", "des", "3des", "cast5-128", "serpent-128", "serpent-192",
+        "serpent-256", "twofish-128", "twofish-192", "twofish-256", NULL};
+    static const char *const hash_values[] = {"md5", "sha1", "sha224", "sha256", "sha384",
+                                              "sha512", "ripemd160", NULL};
+    if (check_enum("cipher-alg", o->cipher_alg, alg_values, errp) < 0 ||
+        check_enum("cipher-mode", o->cipher_mode, mode_names, errp) < 0 ||
+        check_enum("ivgen-alg", o->ivgen_alg, ivgen_names, errp) < 0 ||
+        check_enum("ivgen-hash-alg", o->ivgen_hash_alg, hash_values, errp) < 0 ||
+        check_enum("hash-alg", o->hash_alg, hash_values, errp) < 0) {
+        return -EINVAL;
+    }
     const char *calg = o->cipher_alg ? o->cipher_alg : "aes-256";
     const char *mode = o->cipher_mode ? o->cipher_mode : "xts";
     const char *ivgen = o->ivgen_alg ? o->ivgen_alg : "plain64";
     const char *hash = o->hash_alg ? o->hash_alg : "sha256";
-    int bits = !strcmp(calg, "aes-128") ? 128 : !strcmp(calg, "aes-192") ? 192
-             : !strcmp(calg, "aes-256") ? 256 : 0;
-    if (!bits) {
-        vd_error_setg(errp, ENOTSUP, "Cipher algorithm '%s' is not supported (aes-128, aes-192, "
-                      "aes-256)", calg);
+    const char *ivhash = o->ivgen_hash_alg;
+    if (!ivhash && !strcmp(ivgen, "essiv")) {
+        ivhash = "sha256";
+    }
+    const LuksCipher *c = ciphers;
+    while (c->family && strcmp(c->qapi, calg) != 0) {
+        c++;
+    }
+    if (!c->family) {
+        vd_error_setg(errp, ENOTSUP, "Algorithm '%s' not supported", calg);
         return -ENOTSUP;
     }
-    if (strcmp(mode, "xts") != 0 && strcmp(mode, "cbc") != 0) {
-        vd_error_setg(errp, ENOTSUP, "Cipher mode '%s' is not supported (xts, cbc)", mode);
-        return -ENOTSUP;
-    }
-    const HashName *hn = hash_by_name(hash);
-    if (!hn) {
-        vd_error_setg(errp, ENOTSUP, "Hash algorithm '%s' is not supported", hash);
-        return -ENOTSUP;
-    }
-    snprintf(l->cipher_name, sizeof(l->cipher_name), "aes");
-    if (!strcmp(ivgen, "essiv")) {
-        snprintf(l->cipher_mode, sizeof(l->cipher_mode), "%s-essiv:%s", mode,
-                 o->ivgen_hash_alg ? o->ivgen_hash_alg : "sha256");
+    snprintf(l->cipher_name, sizeof(l->cipher_name), "%s", c->family);
+    /* as QEMU, an IV hash given with plain/plain64 is written (and ignored on reading) */
+    if (ivhash) {
+        snprintf(l->cipher_mode, sizeof(l->cipher_mode), "%s-%s:%s", mode, ivgen, ivhash);
     } else {
         snprintf(l->cipher_mode, sizeof(l->cipher_mode), "%s-%s", mode, ivgen);
     }
     snprintf(l->hash_spec, sizeof(l->hash_spec), "%s", hash);
+    const HashName *hn = hash_by_name(hash);
     l->hash = hn->dig;
     l->mac = hn->mac;
-    l->key_bytes = (uint32_t)(bits / 8 * (strcmp(mode, "xts") ? 1 : 2));
-    return alg_setup(&l->alg, l->cipher_name, l->cipher_mode, l->key_bytes, errp);
+    l->key_bytes = (uint32_t)(c->key_len * (strcmp(mode, "xts") ? 1 : 2));
+    int r = alg_setup(&l->alg, l->cipher_name, l->cipher_mode, l->key_bytes, errp);
+    return r < 0 ? r : alg_usable(&l->alg, errp);
+}
+
+int vd_luks_check_options(const VdLuksCreateOptions *o, VdError **errp)
+{
+    VdLuks scratch;
+    memset(&scratch, 0, sizeof(scratch));
+    return create_names(&scratch, o, errp);
 }
 
 /* Iterations for iter_time ms at rate/s, divided (QEMU divides the digest's by 8), >= 1000. */
@@ -690,7 +928,7 @@ int vd_luks_create(const VdLuksCreateOptions *o, const char *password, size_t pw
         goto fail;
     }
     if ((r = iters_for(rate, iter_time, 8, &l->mk_iters, errp)) < 0 ||
-        (r = pbkdf2(l->mac, key, l->key_bytes, l->mk_salt, l->mk_iters, l->mk_digest,
+        (r = luks_pbkdf2(l->mac, key, l->key_bytes, l->mk_salt, l->mk_iters, l->mk_digest,
                     LUKS_DIGEST_LEN)) < 0) {
         goto fail;
     }
@@ -714,7 +952,7 @@ int vd_luks_create(const VdLuksCreateOptions *o, const char *password, size_t pw
     l->material = calloc(1, split);
     if (!l->material || gnutls_rnd(GNUTLS_RND_NONCE, s->salt, LUKS_SALT_LEN) < 0 ||
         af_run(l->hash, l->material, LUKS_STRIPES, key, l->key_bytes, true) < 0 ||
-        pbkdf2(l->mac, password, pwlen, s->salt, s->iters, slot_key, l->key_bytes) < 0 ||
+        luks_pbkdf2(l->mac, password, pwlen, s->salt, s->iters, slot_key, l->key_bytes) < 0 ||
         essiv_key_of(&l->alg, slot_key, essiv) < 0 ||
         sectors_crypt(&l->alg, slot_key, essiv, 0, l->material, split, true) < 0) {
         vd_error_setg(errp, EIO, "Unable to make the LUKS key slot");
@@ -768,9 +1006,6 @@ bool vd_luks_unlocked(const VdLuks *l)
 
 json_t *vd_luks_info(const VdLuks *l)
 {
-    char calg[16];
-    snprintf(calg, sizeof(calg), "aes-%d", l->alg.key_bits);
-    static const char *const ivgen_names[] = {"plain", "plain64", "essiv"};
     json_t *slots = json_array();
     for (int i = 0; i < LUKS_NUM_SLOTS; i++) {
         const LuksSlot *s = &l->slots[i];
@@ -786,8 +1021,8 @@ json_t *vd_luks_info(const VdLuks *l)
         json_array_append_new(slots, o);
     }
     json_t *info = json_object();
-    json_object_set_new(info, "cipher-alg", json_string(calg));
-    json_object_set_new(info, "cipher-mode", json_string(l->alg.xts ? "xts" : "cbc"));
+    json_object_set_new(info, "cipher-alg", json_string(l->alg.cipher->qapi));
+    json_object_set_new(info, "cipher-mode", json_string(mode_names[l->alg.mode]));
     json_object_set_new(info, "ivgen-alg", json_string(ivgen_names[l->alg.ivgen]));
     if (l->alg.ivgen == IV_ESSIV) {
         json_object_set_new(info, "ivgen-hash-alg", json_string(l->alg.ivhash_name));

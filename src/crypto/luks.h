@@ -25,11 +25,11 @@ typedef int (*VdLuksWriteFn)(void *opaque, uint64_t offset, const void *buf, siz
 
 /* QEMU's QCryptoBlockCreateOptionsLUKS; NULL / 0 members take QEMU's defaults. */
 typedef struct VdLuksCreateOptions {
-    const char *cipher_alg;     /* aes-128, aes-192, aes-256 (default) */
-    const char *cipher_mode;    /* xts (default), cbc */
+    const char *cipher_alg;     /* aes-256 (default), aes-128/192, serpent-*, twofish-*, cast5-128 */
+    const char *cipher_mode;    /* xts (default), cbc, ecb, ctr */
     const char *ivgen_alg;      /* plain64 (default), plain, essiv */
     const char *ivgen_hash_alg; /* essiv's hash (default sha256) */
-    const char *hash_alg;       /* PBKDF2 and anti-forensic hash: sha256 (default), sha1, sha512... */
+    const char *hash_alg;       /* PBKDF2 and anti-forensic hash: sha256 (default), md5, sha1, ... */
     uint64_t iter_time;         /* milliseconds of PBKDF2 per key slot (default 2000) */
 } VdLuksCreateOptions;
 
@@ -46,6 +46,8 @@ int vd_luks_open(VdLuksReadFn rd, void *opaque, const char *password, size_t pwl
  */
 int vd_luks_create(const VdLuksCreateOptions *o, const char *password, size_t pwlen,
                    VdLuks **out, VdError **errp);
+/* Would vd_luks_create take these options? QEMU's refusals and messages; 0 or -errno. */
+int vd_luks_check_options(const VdLuksCreateOptions *o, VdError **errp);
 /* Write a created header and its key material at offsets 0 .. vd_luks_header_len(). */
 int vd_luks_write_header(VdLuks *l, VdLuksWriteFn wr, void *opaque, VdError **errp);
 /* The bytes the header and key slots take (= the payload offset of a raw LUKS image). */

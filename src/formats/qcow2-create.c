@@ -35,6 +35,9 @@ static int check_encrypt_opts(const VdCreateOptions *o, VdError **errp)
                       "vdisk");
         return -ENOTSUP;
     }
+    if (vd_luks_check_options(&o->luks, errp) < 0) {
+        return -EINVAL;
+    }
     if (!o->key_secret) {
         vd_error_setg(errp, EINVAL, "Parameter 'encrypt.key-secret' is required for cipher");
         return -EINVAL;

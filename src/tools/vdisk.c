@@ -695,7 +695,12 @@ static int luks_create_options(VdCreateOptions *co, const ToolOpts *o, const cha
     co->luks.hash_alg = LUKS_OPT("hash-alg");
     const char *v = LUKS_OPT("iter-time");
 #undef LUKS_OPT
-    if (v && (tool_parse_uint(v, &co->luks.iter_time) < 0 || co->luks.iter_time == 0)) {
+    if (v && tool_parse_uint(v, &co->luks.iter_time) < 0) {
+        tool_error("%s: Parameter '%s' expects a number", filename, key);
+        return -1;
+    }
+    if (v && co->luks.iter_time == 0) {
+        /* qemu-img 7.2 divides by it (erratic results): refused */
         tool_error("%s: Parameter '%s' expects a positive number", filename, key);
         return -1;
     }
