@@ -19,6 +19,7 @@
 #include <jansson.h>
 
 #include "block/block.h"
+#include "block/graph.h"
 #include "util/lock.h"
 
 typedef int Event; /* VD_DEBUG_* */
@@ -253,7 +254,16 @@ static int blkdebug_open(BlockNode *bs, const VdOpenOptions *opts, VdError **err
     }
     json_t *img = json_object_get(o, "image");
     int flags = bs->open_flags & ~VD_OPEN_NO_BACKING;
-    if (json_is_object(img)) {
+    /* a node name (vdiskd's blockdev-add, as QSD): that node; elsewhere a string is a filename */
+    BlockNode *named = json_is_string(img) ? graph_find_node(json_string_value(img)) : NULL;
+    if (named && (flags & VD_OPEN_RDWR) && named->read_only) {
+        vd_error_setg(errp, EACCES, "Block node '%s' is read-only: cannot open '%s' read-write "
+                      "on it", json_string_value(img), opts->node_name ? opts->node_name
+                                                                        : "blkdebug");
+    } else if (named) {
+        vd_node_ref(named);
+        s->image = named;
+    } else if (json_is_object(img)) {
         s->image = vd_open_options(img, flags, true, errp);
     } else if (json_is_string(img) || image_name) {
         const char *name = image_name ? image_name : json_string_value(img);

@@ -141,13 +141,17 @@ static int check_options(json_t *o, const char *prefix, VdError **errp)
             }
         }
     }
-    /* Options vdiskd accepts in the schema but cannot honour: refuse rather than ignore. */
+    /*
+     * A protocol's child given as a node name (blkdebug's image): the driver takes that node
+     * from the graph when it opens; it must exist (QSD's message).
+     */
     for (const QmpArgSpec *s = d->blockdev_options; d->is_protocol && s->name; s++) {
-        if (s->type == VD_OPT_REF && json_is_string(json_object_get(o, s->name))) {
-            /* a protocol opens its child from the option tree itself (blkdebug's image) */
-            vd_error_setg(errp, ENOTSUP, "'%s%s' as a node name is not supported by vdiskd: give "
-                          "it as an object", prefix, s->name);
-            return -ENOTSUP;
+        json_t *ref = json_object_get(o, s->name);
+        if (s->type == VD_OPT_REF && json_is_string(ref) &&
+            !graph_find_node(json_string_value(ref))) {
+            vd_error_setg(errp, ENXIO, "Cannot find device='%s' nor node-name='%s'",
+                          json_string_value(ref), json_string_value(ref));
+            return -ENXIO;
         }
     }
     const char *encfmt = qmp_arg_str(json_object_get(o, "encrypt"), "format", "luks");

@@ -88,3 +88,35 @@ def test_null_co_and_blkdebug_refusals_match_qsd(tmp, vd, qsd, args):
             return c.error("blockdev-add", args)
     v, q = _both(vd, qsd, go)
     assert v == q
+
+
+def test_blkdebug_image_by_node_name_as_qsd(tmp, vd, qsd):
+    """blkdebug's image named by an existing node (QSD's form): errors are injected into reads of
+    that node's data; the node cannot be deleted while blkdebug uses it, and an unknown name is
+    refused; the same replies and NBD reads through both daemons."""
+    img = tmp / "in.raw"
+    img.write_bytes(b"\x07" * MiB)
+
+    def go(d, name):
+        with d.client() as c:
+            c.cmd("blockdev-add", **file_node(img, "f0"))
+            missing = c.error("blockdev-add", {"driver": "blkdebug", "node-name": "bx",
+                                               "image": "nosuch"})
+            c.cmd("blockdev-add", driver="blkdebug", **{
+                "node-name": "b0", "image": "f0",
+                "inject-error": [{"event": "read_aio", "errno": 5, "sector": 256}]})
+            c.cmd("blockdev-add", driver="raw", **{"node-name": "r0", "file": "b0"})
+            busy = c.error("blockdev-del", {"node-name": "f0"}) is not None
+            # one connection per read: after an error QSD's connection fails every later read
+            outs = [_export_read(c, tmp / f"{name}.sock", "r0", [cmd]).stdout
+                    for cmd in ("read -P 7 0 128k", "read -P 7 128k 64k", "read -P 7 192k 64k")]
+            for n in ("r0", "b0", "f0"):
+                c.cmd("blockdev-del", **{"node-name": n})
+            return (missing, busy, ["bytes at offset" in o for o in outs],
+                    ["Input/output error" in o for o in outs],
+                    any("Pattern verification failed" in o for o in outs))
+    v, q = _both(vd, qsd, go)
+    assert v == q
+    # the read covering sector 256 fails, those around it read the file's bytes
+    assert v == ("Cannot find device='nosuch' nor node-name='nosuch'", True, [True, False, True],
+                 [False, True, False], False)
