@@ -145,7 +145,7 @@ int img_bench(int argc, char **argv)
             }
             break;
         case 'S':
-            if (bench_num(optarg, true, 0, INT32_MAX, "step size", &step) < 0) {
+            if (bench_num(optarg, true, 0, INT32_MAX, "step_size", &step) < 0) {
                 return 1;
             }
             step_set = true;
@@ -187,6 +187,10 @@ int img_bench(int argc, char **argv)
         flags |= cflags;
     } else {
         tool_error("Invalid cache mode");
+        return 1;
+    }
+    if (strcmp(aio, "threads") && strcmp(aio, "native") && strcmp(aio, "io_uring")) {
+        tool_error("Invalid aio option: %s", aio);
         return 1;
     }
     if (strcmp(aio, "threads")) {

@@ -41,10 +41,6 @@ static bool opts_want_help(const ToolOpts *o)
     return false;
 }
 
-static const char *invalid_size_msg =
-    "Invalid image size specified. You may use k, M, G, T, P or E suffixes for kilobytes, "
-    "megabytes, gigabytes, terabytes, petabytes and exabytes.";
-
 int img_create(int argc, char **argv)
 {
     static const struct option longopts[] = {
@@ -97,7 +93,7 @@ int img_create(int argc, char **argv)
             goto out;
         }
         if (r < 0) {
-            tool_error("%s", invalid_size_msg);
+            tool_invalid_size("image size");
             goto out;
         }
         size_given = true;
@@ -351,9 +347,7 @@ int img_measure(int argc, char **argv)
         case OPT_OUTPUT: output = optarg; break;
         case OPT_SIZE:
             if (tool_parse_size(optarg, &img_size) < 0 || img_size > INT64_MAX) {
-                tool_error("Invalid image size specified. You may use k, M, G, T, P or E "
-                           "suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes "
-                           "and exabytes.");
+                tool_invalid_size("image size");
                 goto out;
             }
             size_given = true;

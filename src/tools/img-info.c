@@ -330,17 +330,13 @@ int img_map(int argc, char **argv)
         case 'U': force_share = true; break;
         case OPT_START_OFFSET:
             if (tool_parse_size(optarg, &start) < 0 || start > INT64_MAX) {
-                tool_error("Invalid start offset specified! You may use k, M, G, T, P or E "
-                           "suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes "
-                           "and exabytes.");
+                tool_invalid_size("start offset");
                 return 1;
             }
             break;
         case OPT_MAX_LENGTH:
             if (tool_parse_size(optarg, &max_length) < 0 || max_length > INT64_MAX) {
-                tool_error("Invalid max length specified! You may use k, M, G, T, P or E "
-                           "suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes "
-                           "and exabytes.");
+                tool_invalid_size("max length");
                 return 1;
             }
             break;

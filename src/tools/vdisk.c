@@ -55,8 +55,9 @@ void tool_bad_option(const char *cmd, int c, const char *arg)
 
 void tool_invalid_size(const char *what)
 {
-    tool_error("Invalid %s specified. You may use k, M, G, T, P or E suffixes for kilobytes, "
-               "megabytes, gigabytes, terabytes, petabytes and exabytes.", what);
+    /* qemu-img's two lines, each with the program's name */
+    tool_error("Invalid %s specified. You may use k, M, G, T, P or E suffixes for", what);
+    tool_error("kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.");
 }
 
 int tool_parse_uint(const char *s, uint64_t *out)
