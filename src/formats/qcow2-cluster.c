@@ -531,19 +531,18 @@ static int get_l2_for_write(Qcow2State *s, uint64_t l1i, uint8_t **l2)
     /*
      * The refcount of the new table, then the table itself, are durable before L1 points at
      * it. With lazy refcounts the dirty bit stands in for the refcount (repaired after a crash).
+     * Each is written durably on its own (FUA: a sync of just that range) rather than by
+     * syncing the whole file (QEMU's way): the table holds zeroes or entries already on disk, so
+     * no guest data needs to be durable for it, and a whole-file sync here writes back every
+     * data byte dirtied since the last one - 0.1-0.3 s each time a mirror into a new image
+     * reaches the next 512 MiB of the disk, while s->lock holds every other writer.
      */
     ret = 0;
     if (!q2_refcounts_lazy(s)) {
-        ret = q2_cache_flush(s, &s->rb_cache);
-        if (ret == 0) {
-            ret = q2_file_flush(s);
-        }
+        ret = q2_cache_write_durable(s, &s->rb_cache);
     }
     if (ret == 0) {
-        ret = vd_pwrite(s->bs->file, newoff, s->cluster_size, tmp, 0);
-    }
-    if (ret == 0) {
-        ret = q2_file_flush(s);
+        ret = vd_pwrite(s->bs->file, newoff, s->cluster_size, tmp, VD_REQ_FUA);
     }
     if (ret == 0) {
         uint8_t be[8];

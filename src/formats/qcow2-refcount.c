@@ -121,7 +121,8 @@ static int cache_flush_dependency(Qcow2State *s, Qcow2Cache *c)
     return q2_file_flush(s);
 }
 
-static int cache_write_entry(Qcow2State *s, Qcow2Cache *c, int idx)
+/* flags: 0, or VD_REQ_FUA for a table that must be durable when this returns. */
+static int cache_write_entry(Qcow2State *s, Qcow2Cache *c, int idx, int flags)
 {
     Qcow2CacheEntry *e = &c->e[idx];
     int ret;
@@ -140,7 +141,7 @@ static int cache_write_entry(Qcow2State *s, Qcow2Cache *c, int idx)
             return ret;
         }
     }
-    ret = vd_pwrite(s->bs->file, e->offset, s->cluster_size, e->data, 0);
+    ret = vd_pwrite(s->bs->file, e->offset, s->cluster_size, e->data, flags);
     if (ret < 0) {
         return ret;
     }
@@ -148,18 +149,28 @@ static int cache_write_entry(Qcow2State *s, Qcow2Cache *c, int idx)
     return 0;
 }
 
-int q2_cache_flush(Qcow2State *s, Qcow2Cache *c)
+static int cache_write_all(Qcow2State *s, Qcow2Cache *c, int flags)
 {
     int result = 0;
     for (int i = 0; i < c->n; i++) {
         if (c->e[i].offset && c->e[i].dirty) {
-            int ret = cache_write_entry(s, c, i);
+            int ret = cache_write_entry(s, c, i, flags);
             if (ret < 0 && result == 0) {
                 result = ret;
             }
         }
     }
     return result;
+}
+
+int q2_cache_flush(Qcow2State *s, Qcow2Cache *c)
+{
+    return cache_write_all(s, c, 0);
+}
+
+int q2_cache_write_durable(Qcow2State *s, Qcow2Cache *c)
+{
+    return cache_write_all(s, c, VD_REQ_FUA);
 }
 
 int q2_cache_set_dependency(Qcow2State *s, Qcow2Cache *c, Qcow2Cache *dep)
@@ -202,7 +213,7 @@ static int cache_find_victim(Qcow2State *s, Qcow2Cache *c, int *out)
             e->referenced = false;
             continue;
         }
-        int ret = cache_write_entry(s, c, i);
+        int ret = cache_write_entry(s, c, i, 0);
         if (ret < 0) {
             return ret;
         }

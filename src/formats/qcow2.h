@@ -233,6 +233,12 @@ int q2_cache_get_empty(Qcow2State *s, Qcow2Cache *c, uint64_t offset, uint8_t **
 void q2_cache_put(Qcow2Cache *c, uint8_t **table);
 void q2_cache_mark_dirty(Qcow2Cache *c, uint8_t *table);
 int q2_cache_flush(Qcow2State *s, Qcow2Cache *c);
+/*
+ * Write c's dirty tables each durably (VD_REQ_FUA: a sync of just that range), after their
+ * dependencies (which a whole-file flush settles, as in q2_cache_flush). For ordering a few
+ * metadata writes without syncing every other dirty byte of the file.
+ */
+int q2_cache_write_durable(Qcow2State *s, Qcow2Cache *c);
 /* Drop every entry (after flushing when flush is true). */
 int q2_cache_empty(Qcow2State *s, Qcow2Cache *c, bool flush);
 /* Forget a table (when its cluster is freed) without writing it. */

@@ -88,6 +88,25 @@ static void log_write(BlockNode *bs, uint64_t off, uint64_t len, const void *buf
     }
 }
 
+/*
+ * A FUA write is durable when it completes, but makes nothing before it durable: it is not
+ * logged, and what earlier unflushed writes of the same bytes would restore or rewrite at the
+ * crash becomes its data there (the disk holds it whatever happens to those).
+ */
+static void log_durable(BlockNode *bs, uint64_t off, uint64_t len, const void *buf)
+{
+    Fault *f = bs->opaque;
+    for (int i = 0; f->cache && i < f->nlog; i++) {
+        Unflushed *u = &f->log[i];
+        uint64_t s = off > u->off ? off : u->off;
+        uint64_t e = off + len < u->off + u->len ? off + len : u->off + u->len;
+        if (s < e) {
+            memcpy(u->old + (s - u->off), (const uint8_t *)buf + (s - off), e - s);
+            memcpy(u->new + (s - u->off), (const uint8_t *)buf + (s - off), e - s);
+        }
+    }
+}
+
 /* The power goes: every unflushed write but the newest is undone (newest first), then the
  * newest is written again over whatever the undoing restored under it. */
 static void log_crash(BlockNode *bs)
@@ -131,6 +150,13 @@ static int fault_pwrite(BlockNode *bs, uint64_t off, uint64_t bytes, const void 
             vd_pwrite(bs->backing, off, bytes / 2 & ~511ull, buf, 0);
         }
         return -EIO;
+    }
+    if (flags & VD_REQ_FUA) {
+        int r = vd_pwrite(bs->backing, off, bytes, buf, flags);
+        if (r == 0) {
+            log_durable(bs, off, bytes, buf);
+        }
+        return r;
     }
     log_write(bs, off, bytes, buf);
     return vd_pwrite(bs->backing, off, bytes, buf, flags);
