@@ -239,6 +239,11 @@ static int alg_setup(LuksAlg *a, const char *cipher, const char *mode, size_t ke
                       one_key);
         return -ENOTSUP;
     }
+    if (a->mode == MODE_XTS && key_len % 2) {
+        /* a header's key size is untrusted: 65 would pass as two 32-byte keys */
+        vd_error_setg(errp, EINVAL, "XTS cipher key length should be a multiple of 2");
+        return -EINVAL;
+    }
     a->key_len = key_len;
     a->iv_len = a->mode == MODE_ECB ? 0 : a->cipher->nc->block_size;
     a->gnutls = gnutls_alg(a->cipher, a->mode);
@@ -599,6 +604,11 @@ static int check_header(VdLuks *l, const uint8_t *h, VdError **errp)
     int r = alg_setup(&l->alg, l->cipher_name, l->cipher_mode, l->key_bytes, errp);
     if (r < 0) {
         return r;
+    }
+    if (l->key_bytes > LUKS_MAX_KEY) {
+        /* alg_setup admits only ciphers' own key sizes; every key buffer is LUKS_MAX_KEY bytes */
+        vd_error_setg(errp, EINVAL, "LUKS key size %u is invalid", l->key_bytes);
+        return -EINVAL;
     }
     const HashName *hn = hash_by_name(l->hash_spec);
     if (!hn) {

@@ -231,3 +231,31 @@ def test_aes_192_cbc_against_cryptsetup_and_openssl(tmp):
         for pat, off, n in WRITES:
             for s in range(off // 512, (off + n) // 512):
                 assert openssl_decrypt(img, key, payload, s) == bytes([pat]) * 512, (img, s)
+
+
+@pytest.mark.parametrize("key_bytes", [33, 65, 0, 66])
+def test_header_key_size_refused_as_qemu(tmp, key_bytes):
+    """The header's key size is untrusted: an odd one for xts (65 would pass as two 32-byte AES
+    keys and overrun every 64-byte key buffer) or one no cipher has is refused as QEMU refuses
+    it, before any password is tried. The key slots are moved apart so that the size passes the
+    slots' overlap check and reaches the cipher's."""
+    img = tmp / "k.luks"
+    qemu_img("create", "-q", "-f", "luks", "--object", SECRET, "-o", "key-secret=s0,iter-time=10",
+             img, "1M")  # aes-256-xts: 64 key bytes, slots 504 sectors apart
+    with open(img, "r+b") as f:
+        f.seek(108)
+        f.write(key_bytes.to_bytes(4, "big"))
+        f.seek(104)
+        f.write((8 + 8 * 528).to_bytes(4, "big"))  # payload offset, after 8 slots of 528 sectors
+        for i in range(8):
+            f.seek(208 + 48 * i + 40)
+            f.write((8 + 528 * i).to_bytes(4, "big"))
+    before = img.read_bytes()
+    args = ("--object", SECRET, "--image-opts", luks_opts(img), "-c", "read 0 512")
+    theirs = qemu_io(*args, check=False)
+    ours = vdisk("io", *args, check=False)
+    assert_not_crashed(ours)
+    assert theirs.returncode != 0 and ours.returncode != 0
+    msg = theirs.stderr.strip().split(": ")[-1]
+    assert ours.stderr.strip().endswith(msg), f"qemu {theirs.stderr!r}, vdisk {ours.stderr!r}"
+    assert img.read_bytes() == before
