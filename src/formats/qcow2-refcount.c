@@ -683,9 +683,14 @@ static int alloc_refblock(Qcow2State *s, uint64_t ri)
     if (ret < 0) {
         return ret;
     }
+    /*
+     * Durable at once (FUA): a caller may make a refcount in this block durable with a FUA write
+     * of the block alone (a new L2 table, get_l2_for_write) and then point L1 at the cluster; the
+     * block is reachable only through this entry. Rare: once per refcount block.
+     */
     uint8_t be[8];
     qcow2_put_be64(be, b << s->cluster_bits);
-    ret = vd_pwrite(s->bs->file, s->reftable_offset + ri * 8, 8, be, 0);
+    ret = vd_pwrite(s->bs->file, s->reftable_offset + ri * 8, 8, be, VD_REQ_FUA);
     if (ret < 0) {
         return ret;
     }
