@@ -8,7 +8,7 @@ import struct
 import subprocess
 import time
 
-from conftest import VDISKD
+from conftest import VDISKD, daemon_log
 
 NBDMAGIC = 0x4E42444D41474943
 IHAVEOPT = 0x49484156454F5054
@@ -39,7 +39,7 @@ class Daemon:
 
     def __init__(self, args, sock, tmp):
         self.sock = sock
-        self.log = open(os.path.join(str(tmp), "vdiskd.log"), "w+")
+        self.log = daemon_log(os.path.join(str(tmp), "vdiskd.log"))
         # the pidfile appears once every export is served: our readiness signal
         self.pidfile = os.path.join(str(tmp), "vdiskd.pid")
         if os.path.exists(self.pidfile):

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import time
 
-from conftest import VDISKD, unix_listening
+from conftest import VDISKD, daemon_log, unix_listening
 
 
 _NO_ID = object()
@@ -150,7 +150,7 @@ class Daemon:
 
     def __init__(self, argv, qmp_path, logpath, probe=True):
         self.qmp_path = qmp_path
-        self.log = open(logpath, "w+")
+        self.log = daemon_log(logpath)
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
         try:
             wait_socket(qmp_path, self.proc, self.log, probe=probe)

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import free_port, qemu_img, qemu_io, run, sha256, vdisk
+from conftest import daemon_log, free_port, qemu_img, qemu_io, run, sha256, vdisk
 
 MiB = 1024 * 1024
 
@@ -392,7 +392,7 @@ def _vdiskd_on(back, tmp_path):
     node = json.dumps({"driver": "raw", "node-name": "n0",
                        "file": {"driver": "nbd", "export": "",
                                 "server": {"type": "unix", "path": back}}})
-    log = open(str(tmp_path / "vdiskd.log"), "w+")
+    log = daemon_log(str(tmp_path / "vdiskd.log"))
     proc = subprocess.Popen([VDISKD, "--blockdev", node,
                              "--nbd-server", f"addr.type=unix,addr.path={dsock}",
                              "--export", "type=nbd,id=e,node-name=n0,name=exp,writable=on"],

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from conftest import BUILD, ROOT, qemu_img, qemu_io, run, wait_unix_listening
+from conftest import BUILD, ROOT, daemon_log, qemu_img, qemu_io, run, wait_unix_listening
 
 # `make install` on the build dir runs once (module fixture): keep these on one xdist worker.
 pytestmark = pytest.mark.xdist_group("install")
@@ -68,7 +68,7 @@ def test_installed_binaries_serve_an_image(dest, tmp):
     run([vdisk, "io", "-f", "qcow2", "-c", "write -P 0x3c 64k 128k", img])
     assert qemu_img("check", "-f", "qcow2", img, check=False).returncode == 0
     sock = str(tmp / "nbd.sock")
-    with open(tmp / "vdiskd.log", "w+") as log:
+    with daemon_log(tmp / "vdiskd.log") as log:
         p = subprocess.Popen([vdiskd, "--blockdev", "driver=qcow2,node-name=n0,file.driver=file,"
                               f"file.filename={img}", "--nbd-server",
                               f"addr.type=unix,addr.path={sock}",
