@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests", "integration"))
@@ -56,6 +57,37 @@ def mirror_rate(q, device, target, size):
     q.cmd("block-job-cancel", device="m")
     q.get_event("BLOCK_JOB_COMPLETED", timeout=600)
     return size / MiB / secs
+
+
+class RunFailed(Exception):
+    """One copy across the link failed; the message says how and what the daemons said."""
+
+
+def log_tail(d, lines=8):
+    try:
+        return " | ".join(d.output().strip().splitlines()[-lines:])
+    except (OSError, ValueError):
+        return "(log closed)"
+
+
+def describe_failure(e, daemons, proxy):
+    """e, plus which process had already exited (a daemon that died closes its QMP socket: the
+    client sees only "QMP connection closed") and the last lines of each daemon's log."""
+    here = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == __file__]
+    where = f" at {here[-1].name}: {here[-1].line}" if here else ""
+    parts = [f"{type(e).__name__}: {e}{where}"]
+    for host, d in daemons.items():
+        if d is None:
+            continue
+        try:
+            rc = d.proc.wait(timeout=1)  # one that is dying: its exit status, not "running"
+        except subprocess.TimeoutExpired:
+            rc = None
+        state = "running" if rc is None else f"exited {rc}"
+        parts.append(f"daemon on {host} {state}; log: {log_tail(d)}")
+    if proxy is not None and proxy.poll() is not None:
+        parts.append(f"nbdkit proxy exited {proxy.returncode}")
+    return "; ".join(parts)
 
 
 def one_run(kind, nsa, nsb, tmp, src, size, delay_ms, proxy_on_b=False, cc=None):
@@ -115,6 +147,8 @@ def one_run(kind, nsa, nsb, tmp, src, size, delay_ms, proxy_on_b=False, cc=None)
         q.close()
         qb.close()
         return rate
+    except Exception as e:
+        raise RunFailed(describe_failure(e, {"A": a, "B": b}, proxy)) from e
     finally:
         for d in (a, b):
             if d:

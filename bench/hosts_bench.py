@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests", "integration"))
@@ -103,6 +104,18 @@ CROSS_HOST_VARIANTS = (("vdiskd", "vdiskd", None),
                        ("vdiskd-cubic", "vdiskd", "cubic"))
 
 
+def one_sample(row, key, run, tries=2):
+    """run() once, again if it failed: a failed copy costs one sample, recorded with what the
+    daemons said (row["failures"]), not the whole part. None if every try failed."""
+    for _ in range(tries):
+        try:
+            return run()
+        except xh.RunFailed as e:
+            row.setdefault("failures", []).append(f"{key}: {e}")
+            print(f"hosts bench: {key} failed: {e}", file=sys.stderr, flush=True)
+    return None
+
+
 def cross_host_part(tmp, size_mib, reps, rate="1gbit"):
     """The delay proxy sits on B in front of B's export: A's daemon is the TCP sender on the
     link, as in a deployment without a proxy (docs/rbd-and-hosts.md)."""
@@ -119,8 +132,10 @@ def cross_host_part(tmp, size_mib, reps, rate="1gbit"):
             for _ in range(reps):
                 row["tcp"].append(round(xh.tcp_mib_per_s(nsa, nsb, size_mib * MiB), 1))
                 for key, kind, cc in CROSS_HOST_VARIANTS:
-                    row[key].append(round(xh.one_run(kind, nsa, nsb, tmp, src, size_mib * MiB,
-                                                     delay, proxy_on_b=True, cc=cc), 1))
+                    mibs = one_sample(row, key, lambda: xh.one_run(
+                        kind, nsa, nsb, tmp, src, size_mib * MiB, delay, proxy_on_b=True, cc=cc))
+                    if mibs is not None:
+                        row[key].append(round(mibs, 1))
             out.append(row)
     return out
 
@@ -163,6 +178,9 @@ def markdown(res):
                          f"| {names.get(key, key)} | {spread(row[key])} | "
                          f"{m / row['link_mib_per_s']:.2f}x | {of_tcp} |")
         L.append("")
+        for row in x:
+            for f in row.get("failures", []):
+                L += [f"Failed run ({row['delay_ms']} ms, retried): {f}", ""]
     for part, err in res.get("errors", {}).items():
         L += [f"{part}: not measured ({err})", ""]
     return "\n".join(L)
@@ -186,6 +204,7 @@ def main():
                 res[name] = fn(tmp, size_mib, args.reps)
             except Exception as e:  # a part that cannot run is reported, the others still run
                 res["errors"][name] = f"{type(e).__name__}: {e}"
+                traceback.print_exc()  # to make bench's log: where it failed
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "hosts.json"), "w") as f:
         json.dump(res, f, indent=1)
