@@ -43,8 +43,12 @@ def daemon(kind, ns, tmp, name):
     else:
         argv = ["qemu-storage-daemon", "--chardev", f"socket,path={qmp},server=on,wait=off,id=c0",
                 "--monitor", "chardev=c0"]
-    # Probe by connecting: /proc/net/unix (the other way) only lists this namespace's sockets.
-    return Daemon(["ip", "netns", "exec", ns, *argv], qmp, os.path.join(tmp, f"{name}.log"))
+    # Never probe qemu-storage-daemon by connecting: QEMU 7.2's socket chardev aborts
+    # ("tcp_chr_change_state: Assertion `s->state == TCP_CHARDEV_STATE_DISCONNECTED'") when the
+    # client's connection is accepted before it saw the probe's close, and the client reads EOF.
+    # Daemon then watches the daemon's own namespace's /proc/PID/net/unix for the listener.
+    return Daemon(["ip", "netns", "exec", ns, *argv], qmp, os.path.join(tmp, f"{name}.log"),
+                  probe=kind == "vdiskd")
 
 
 def mirror_rate(q, device, target, size):

@@ -138,14 +138,15 @@ def free_port():
     return port
 
 
-def unix_listening(path):
+def unix_listening(path, pid=None):
     """True once a unix socket bound to path is listening. bind() creates the path but connect()
     is refused until listen(), a window a loaded machine can stretch (QEMU's tools and vdiskd
     both bind, then listen), so the path's existence is no readiness signal. Read from
     /proc/net/unix (flag __SO_ACCEPTCON): no connection is spent, as QEMU's monitor serves one at
-    a time."""
+    a time. pid: read the list of that process's network namespace (/proc/PID/net/unix), for a
+    daemon in another one (ip netns exec), whose sockets /proc/net/unix does not list."""
     path = str(path)
-    with open("/proc/net/unix") as f:
+    with open(f"/proc/{pid}/net/unix" if pid else "/proc/net/unix") as f:
         next(f, None)
         for line in f:
             fields = line.rstrip("\n").split(None, 7)

@@ -123,7 +123,7 @@ def wait_socket(path, proc, log, timeout=30, probe=True):
             raise AssertionError(f"daemon exited {proc.returncode}:\n{read_log(log)}")
         if not probe:
             # bind() creates the path before listen(): wait for the listening socket itself
-            if unix_listening(path):
+            if unix_listening(path, proc.pid):
                 return
             time.sleep(0.02)
             continue
