@@ -153,13 +153,13 @@ def test_shallow_live_copy_to_another_host_with_guest_writing(tmp, via):
 A_PORT = "10810"
 
 
-def link_proxy(nsa, tmp, a_sock):
+def link_proxy(nsa, tmp, a_sock, export="disk0-ro"):
     """A's read-only export (A's copy stays as it was at the switch) on A's address for B, with
     the link's latency and a log of what B read."""
     log = str(tmp / "link.log")
     p = subprocess.Popen(
         ["ip", "netns", "exec", nsa, "nbdkit", "-f", "-i", A_ADDR, "-p", A_PORT,
-         "--filter=log", "--filter=delay", "nbd", f"socket={a_sock}", "export=disk0-ro",
+         "--filter=log", "--filter=delay", "nbd", f"socket={a_sock}", f"export={export}",
          f"logfile={log}", "delay-read=5ms"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     end = time.time() + 20
@@ -353,3 +353,101 @@ def test_post_copy_link_to_a_lost_midway_with_reconnect_delay_is_a_pause_then_th
     assert "backing-filename" not in info, info
     assert_same(image_content(tmp, ctx["ov"], "b.raw"), bytes(model), "B's image")
     assert_same(image_content(tmp, ctx["disk"], "a.raw"), ctx["frozen"], "A's image (frozen)")
+
+
+def test_post_copy_leaves_the_shared_base_on_b(tmp):
+    """Post-copy of a disk over a base both hosts hold: A exports its top layer's *file* (the
+    qcow2's bytes) read-only; B opens it as a qcow2 over NBD whose backing is B's own base, under
+    B's overlay. The guest writes on A, switches to B, writes on B during the pull; block-stream
+    down to B's base pulls only A's top layer. Nothing of base crosses the link: what B read
+    through it is at most A's top file, which is smaller than base's data."""
+    rng = random.Random(14)
+    # base: 0x11 in [0, 16M) (both hosts hold it); the guest's top on A: 0x22 in [18M, 19M).
+    base, top = tmp / "base.qcow2", tmp / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", base, SIZE)
+    qemu_io("-f", "qcow2", "-c", f"write -P 0x11 0 {16 * MiB}", base)
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top)
+    qemu_io("-f", "qcow2", "-c", f"write -P 0x22 {18 * MiB} {MiB}", top)
+    model = bytearray(SIZE)
+    model[0:16 * MiB] = b"\x11" * (16 * MiB)
+    model[18 * MiB:19 * MiB] = b"\x22" * MiB
+    hostb = tmp / "hostb"
+    hostb.mkdir()
+    bbase, ov = hostb / "base.qcow2", hostb / "disk.qcow2"
+    subprocess.run(["cp", str(base), str(bbase)], check=True)
+    # B's overlay names B's base; at open its backing is A's top over NBD (the --blockdev below),
+    # and the pull down to base leaves the header as it is written here.
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", str(bbase), "-F", "qcow2", ov, SIZE)
+    procs, proxy = [], None
+    with two_hosts() as (nsa, nsb):
+        try:
+            a_sock = str(tmp / "a.sock")
+            da = vdiskd_in(nsa, tmp, "a", "--blockdev", json.dumps({
+                "driver": "qcow2", "node-name": "disk0",
+                "file": {"driver": "file", "node-name": "disk0-file", "filename": str(top)}}),
+                "--nbd-server", f"addr.type=unix,addr.path={a_sock}",
+                "--export", "type=nbd,id=exp0,node-name=disk0,name=disk0,writable=on",
+                "--export", "type=nbd,id=top,node-name=disk0-file,name=disk0-top")
+            procs.append(da)
+            a_uri = f"nbd+unix:///disk0?socket={a_sock}"
+            g = Guest(a_uri, write_cmds(model, rng, 30, 0, lo=12 * MiB, hi=SIZE))
+            g.start()
+            g.join_checked(120)
+            # The switch: the guest's last flush on A (a migration stops and flushes the guest),
+            # so A's top file holds its metadata; from here A's disk is frozen.
+            qemu_io("-f", "raw", "-c", "flush", a_uri)
+            frozen = bytes(model)
+            proxy, link_log = link_proxy(nsa, tmp, a_sock, "disk0-top")
+            b_sock = str(tmp / "b.sock")
+            db = vdiskd_in(nsb, tmp, "b", "--blockdev", json.dumps({
+                "driver": "qcow2", "node-name": "base", "read-only": True,
+                "file": {"driver": "file", "filename": str(bbase)}}),
+                "--blockdev", json.dumps({
+                    "driver": "qcow2", "node-name": "a-top", "read-only": True,
+                    "file": {"driver": "nbd", "export": "disk0-top", "server": {
+                        "type": "inet", "host": A_ADDR, "port": A_PORT}},
+                    "backing": "base"}),
+                "--blockdev", json.dumps({
+                    "driver": "qcow2", "node-name": "disk0",
+                    "file": {"driver": "file", "filename": str(ov)}, "backing": "a-top"}),
+                "--nbd-server", f"addr.type=unix,addr.path={b_sock}",
+                "--export", "type=nbd,id=exp0,node-name=disk0,name=disk0,writable=on")
+            procs.append(db)
+            b_uri = f"nbd+unix:///disk0?socket={b_sock}"
+            assert_same(guest_read(tmp, b_uri), frozen, "the guest's disk on B at the switch")
+            before_pull = read_bytes_logged(link_log)
+            g = Guest(b_uri, write_cmds(model, rng, 40, 100, lo=0, hi=SIZE))
+            g.start()
+            p = vdisk("blockpull", "--socket", db.qmp_path, "disk0", "--base", "base",
+                      "--bandwidth", "4", "--wait", "--verbose", timeout=120)
+            assert "Pull complete" in p.stdout, p.stdout
+            g.join_checked(120)
+            qb = db.client()
+            # disk0 now reads base under it; the node made by --blockdev stays until deleted
+            # (as in QEMU), and deleting it, which nothing uses any more, closes the link to A.
+            assert qb.cmd("query-named-block-nodes")  # a-top is still there ...
+            qb.cmd("blockdev-del", node_name="a-top")
+            nodes = qb.cmd("query-named-block-nodes")
+            assert not [n for n in nodes if n.get("drv") == "nbd" or n["node-name"] == "a-top"], \
+                nodes
+            qb.close()
+            proxy.kill()
+            proxy.wait(timeout=15)
+            assert_same(guest_read(tmp, b_uri), bytes(model), "the guest's disk on B after the pull")
+            pulled = read_bytes_logged(link_log) - before_pull
+            for d in list(procs):
+                d.stop_checked()
+                procs.remove(d)
+        finally:
+            for d in procs:
+                d.kill()
+            if proxy and proxy.poll() is None:
+                proxy.kill()
+                proxy.wait(timeout=15)
+    # What the pull (and the guest's reads meanwhile) fetched is A's top layer - its file's data
+    # clusters and metadata - not base's 16 MiB, which only B's base supplies.
+    assert 0 < pulled <= os.path.getsize(top) < 16 * MiB, (pulled, os.path.getsize(top))
+    info = json.loads(qemu_img("info", "--output=json", ov).stdout)
+    assert info.get("full-backing-filename", info.get("backing-filename")) == str(bbase), info
+    assert_same(image_content(tmp, ov, "b.raw"), bytes(model), "B's image over B's base")
+    assert_same(image_content(tmp, top, "a.raw"), frozen, "A's image (frozen)")
