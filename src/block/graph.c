@@ -498,3 +498,30 @@ void graph_repoint_parents(BlockNode *from, BlockNode *to, BlockNode *skip)
     Repoint r = {.from = from, .to = to, .skip = skip};
     walk_all(repoint_visit, &r);
 }
+
+int graph_drain_writers(BlockNode *bs, BlockNode *skip, GraphDrained *d)
+{
+    BlockNode **up = NULL;
+    size_t n = 0;
+    *d = (GraphDrained){0};
+    int r = graph_ancestors(bs, &up, &n);
+    if (r == 0) {
+        r = vd_node_users_drain(bs, &d->own);
+    }
+    for (size_t i = 0; i < n && r == 0; i++) {
+        if (up[i] != skip) {
+            r = vd_node_users_drain_more(up[i], &d->above);
+        }
+    }
+    free(up);
+    if (r < 0) {
+        graph_resume_writers(d, NULL);
+    }
+    return r;
+}
+
+void graph_resume_writers(GraphDrained *d, BlockNode *to)
+{
+    vd_node_users_resume(&d->above, NULL);
+    vd_node_users_resume(&d->own, to);
+}

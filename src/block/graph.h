@@ -9,6 +9,7 @@
 #define VDISK_BLOCK_GRAPH_H
 
 #include "block/block.h"
+#include "block/users.h"
 
 /*
  * blockdev-add's checks and registration: may a new format node open file (writable or not)
@@ -48,6 +49,21 @@ int graph_ancestors(BlockNode *bs, BlockNode ***out, size_t *n);
  * itself) has `to` there from now on. Its users must be drained (nothing in flight through it).
  */
 void graph_repoint_parents(BlockNode *from, BlockNode *to, BlockNode *skip);
+/*
+ * Every way I/O reaches a node from outside, drained for a pivot (mirror's, active commit's) or a
+ * chain switch: the node's own users (exports, including those added while a job ran) and the
+ * users of every registered node above it (a raw node over it with its own export, their parents).
+ */
+typedef struct GraphDrained {
+    VdDrainedUsers own, above;
+} GraphDrained;
+/*
+ * Drain them all, each once; `skip` (NULL: none) is a node above bs whose users the caller drains
+ * itself (mirror's filter). -ENOMEM with nothing drained.
+ */
+int graph_drain_writers(BlockNode *bs, BlockNode *skip, GraphDrained *d);
+/* Resume them: bs's own users on `to` (NULL: keep their node), the others on their own node. */
+void graph_resume_writers(GraphDrained *d, BlockNode *to);
 /*
  * Drop a registered node's registration (the graph's reference), e.g. a drive-mirror target after a
  * cancel. -ENOENT if not registered, -EBUSY while another node still has it as a child.

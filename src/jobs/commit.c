@@ -707,8 +707,8 @@ static void restore_ro_base(Commit *c, bool drained)
         vd_error_free(e);
         return;
     }
-    VdDrainedUsers set = {0};
-    if (!drained && vd_node_users_drain(c->dev, &set) < 0) {
+    GraphDrained set;
+    if (!drained && graph_drain_writers(c->base_parent, NULL, &set) < 0) {
         vd_node_unref(ro);
         return;
     }
@@ -717,7 +717,7 @@ static void restore_ro_base(Commit *c, bool drained)
         graph_replace_node(c->base_rw, ro);
     }
     if (!drained) {
-        vd_node_users_resume(&set, NULL);
+        graph_resume_writers(&set, NULL);
     }
     vd_node_unref(ro);
     c->base_swapped = false;
@@ -779,8 +779,12 @@ static int commit_prepare(Job *job, VdError **errp)
         }
     }
     uint64_t t0 = job_now_ns();
-    VdDrainedUsers set;
-    if (vd_node_users_drain(c->dev, &set) < 0) {
+    /*
+     * Every writer of the node that goes (active: the top) or whose backing changes (`above`),
+     * and of every node over it: exports added during the job, a raw node over it with its own.
+     */
+    GraphDrained set;
+    if (graph_drain_writers(c->active ? c->top : c->above, NULL, &set) < 0) {
         vd_node_unref(final);
         vd_error_setg(errp, ENOMEM, "Out of memory");
         return -ENOMEM;
@@ -840,13 +844,15 @@ static int commit_prepare(Job *job, VdError **errp)
         if (r == 0 && pivot) {
             c->pivoted = true;
             c->base_swapped = false; /* base_rw is now the guest's image */
-            vd_node_users_resume(&set, c->base_rw);
+            /* As QEMU's bdrv_replace_node: a node over the top reads and writes base now. */
+            graph_repoint_parents(c->top, c->base_rw, NULL);
+            graph_resume_writers(&set, c->base_rw);
             commit_drop_overlays(c);
         } else {
             if (r == 0) {
                 restore_ro_base(c, true);
             }
-            vd_node_users_resume(&set, NULL);
+            graph_resume_writers(&set, NULL);
         }
         uint64_t us = (job_now_ns() - t0) / 1000;
         vd_log(VD_LOG_INFO, "commit '%s': %s; guest I/O paused %llu us (%llu bytes copied while "
@@ -863,7 +869,7 @@ static int commit_prepare(Job *job, VdError **errp)
     vd_node_unref(final);
     c->base_swapped = false; /* base_rw left the chain with the committed images */
     uint64_t syncs = vd_flush_thread_syncs() - syncs0;
-    vd_node_users_resume(&set, NULL);
+    graph_resume_writers(&set, NULL);
     uint64_t us = (job_now_ns() - t0) / 1000;
     vd_log(VD_LOG_INFO, "commit '%s': %s; guest I/O paused %llu us (%llu syncs while paused)",
            job_id(job), r < 0 ? "failed" : "committed", (unsigned long long)us,
@@ -874,10 +880,10 @@ static int commit_prepare(Job *job, VdError **errp)
 static void commit_abort(Job *job)
 {
     Commit *c = job_opaque(job);
-    VdDrainedUsers set;
-    if (c->hooked && vd_node_users_drain(c->dev, &set) == 0) {
-        commit_unhook(c); /* drained, as in prepare */
-        vd_node_users_resume(&set, NULL);
+    GraphDrained set;
+    if (c->hooked && graph_drain_writers(c->top, NULL, &set) == 0) {
+        commit_unhook(c); /* every writer drained, as in prepare */
+        graph_resume_writers(&set, NULL);
     }
     restore_ro_base(c, false);
 }
@@ -1171,15 +1177,15 @@ int commit_request_start(const CommitRequest *r, VdError **errp)
      * for readers and the copy), and for an active commit start tracking guest writes before the
      * scan, so none is missed.
      */
-    VdDrainedUsers set;
-    if (vd_node_users_drain(dev, &set) < 0) {
+    GraphDrained set; /* readers of base_parent's chain: everything above it */
+    if (graph_drain_writers(c->base_parent, NULL, &set) < 0) {
         vd_error_setg(errp, ENOMEM, "Out of memory");
         commit_free_state(c);
         return -ENOMEM;
     }
     VdWriteHook hook = {.tracker = c->hook_tracker, .after = commit_after_write, .opaque = c};
     if (active && vd_write_hook_add(top, &hook) < 0) {
-        vd_node_users_resume(&set, NULL);
+        graph_resume_writers(&set, NULL);
         vd_error_setg(errp, ENOMEM, "Cannot track guest writes");
         commit_free_state(c);
         return -ENOMEM;
@@ -1188,17 +1194,17 @@ int commit_request_start(const CommitRequest *r, VdError **errp)
     vd_node_set_backing(c->base_parent, c->base_rw);
     graph_replace_node(base, c->base_rw); /* one node per name, also while the job runs */
     c->base_swapped = true;
-    vd_node_users_resume(&set, NULL);
+    graph_resume_writers(&set, NULL);
 
     JobOptions jo = {.id = job_id, .speed = speed, .auto_finalize = r->auto_finalize,
                      .auto_dismiss = r->auto_dismiss, .node = dev->node_name};
     Job *job = job_create(&commit_driver, &jo, c, errp);
     if (!job) {
         /* Put the read-only base back; base_rw holds nothing the chain above does not. */
-        if (vd_node_users_drain(dev, &set) == 0) {
+        if (graph_drain_writers(c->base_parent, NULL, &set) == 0) {
             vd_node_set_backing(c->base_parent, c->base);
             graph_replace_node(c->base_rw, c->base);
-            vd_node_users_resume(&set, NULL);
+            graph_resume_writers(&set, NULL);
         }
         commit_free_state(c);
         return -EINVAL;

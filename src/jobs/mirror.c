@@ -392,18 +392,18 @@ static void exports_set_node_and_resume(Mirror *m, VdDrainedUsers *set, BlockNod
 
 /*
  * Every way a write reaches the source from outside, drained for the pivot or the abort: the exports
- * on the filter (the guests), exports added on the source itself since the start, and the exports
- * of every node above the source (a raw node over it, their parents).
+ * on the filter (the guests), and (graph_drain_writers) exports added on the source itself since
+ * the start and the exports of every node above the source (a raw node over it, their parents).
  */
 typedef struct MirrorDrained {
-    VdDrainedUsers filter, source, above;
+    VdDrainedUsers filter;
+    GraphDrained rest;
 } MirrorDrained;
 
 /* Resume them: the filter's users on `guests`, the source's on `source_users` (NULL: keep). */
 static void drained_resume(MirrorDrained *d, BlockNode *guests, BlockNode *source_users)
 {
-    vd_node_users_resume(&d->above, NULL);
-    vd_node_users_resume(&d->source, source_users);
+    graph_resume_writers(&d->rest, source_users);
     vd_node_users_resume(&d->filter, guests);
     free(d);
 }
@@ -412,24 +412,15 @@ static void drained_resume(MirrorDrained *d, BlockNode *guests, BlockNode *sourc
 static MirrorDrained *drain_every_writer(Mirror *m)
 {
     MirrorDrained *d = calloc(1, sizeof(*d));
-    BlockNode **up = NULL;
-    size_t n = 0;
-    int r = d ? graph_ancestors(m->source, &up, &n) : -ENOMEM;
-    if (r == 0) {
-        r = vd_node_users_drain(m->filter, &d->filter);
+    if (!d || vd_node_users_drain(m->filter, &d->filter) < 0) {
+        free(d);
+        return NULL;
     }
-    if (r == 0) {
-        r = vd_node_users_drain(m->source, &d->source);
-    }
-    for (size_t i = 0; i < n && r == 0; i++) {
-        if (up[i] != m->filter) { /* drained already (when it is registered) */
-            r = vd_node_users_drain_more(up[i], &d->above);
-        }
-    }
-    free(up);
-    if (r < 0 && d) {
-        drained_resume(d, NULL, NULL);
-        d = NULL;
+    /* The filter's own users are drained already (it is above the source when registered). */
+    if (graph_drain_writers(m->source, m->filter, &d->rest) < 0) {
+        vd_node_users_resume(&d->filter, NULL);
+        free(d);
+        return NULL;
     }
     return d;
 }

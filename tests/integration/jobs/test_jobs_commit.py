@@ -340,3 +340,47 @@ def test_active_commit_sees_writes_through_a_node_over_the_top(tmp_path):
         s.close()
     assert_same(image_content(tmp_path, base, "base.raw"), bytes(model), "base after pivot")
     check_clean(base, mid, top)
+
+
+def test_active_commit_pivot_with_a_writer_through_a_node_over_the_top(tmp_path):
+    """A raw node over the top with its own export: a client writing through it without pause
+    while the guest writes too, ACROSS block-job-complete. The pivot drains that writer with the
+    guests (no write of it races the drained tail or the hook's removal) and, as QEMU's
+    bdrv_replace_node, points the raw node at base: every acknowledged write of both, before,
+    during and after the pivot, is in base; the top is no longer anyone's child (blockdev-del)."""
+    base, mid, top, model, s = ready_active_commit(tmp_path, "c10")
+    ws = []
+    try:
+        q = s.q
+        q.cmd("blockdev-add", driver="raw", node_name="over", file="disk0")
+        q.cmd("block-export-add", type="nbd", id="late", node_name="over", name="late",
+              writable=True)
+        # disjoint halves: each writer's order is its own, the model needs no order between them
+        ws = [PipelinedGuest(s.sock, model, random.Random(23), name="late", lo=SIZE // 2),
+              PipelinedGuest(s.sock, model, random.Random(24), hi=SIZE // 2)]
+        for w in ws:
+            w.start()
+        for w in ws:
+            w.wait_batches(5)
+        q.cmd("block-job-complete", device="c10")
+        done = q.get_event("BLOCK_JOB_COMPLETED", timeout=60)
+        assert "error" not in done["data"], done
+        after = [w.batches for w in ws]
+        for w, n in zip(ws, after):
+            w.wait_batches(n + 5)  # both keep writing after the pivot, now into base
+        for w in ws:
+            w.join_checked()
+        ws = []
+        assert_same(guest_read(tmp_path, s.uri), bytes(model), "guest view after pivot")
+        late = f"nbd+unix:///late?socket={s.sock}"
+        assert_same(guest_read(tmp_path, late, "late.raw"), bytes(model), "raw node after pivot")
+        q.cmd("block-export-del", id="late")
+        # Only the raw node's old edge to the top would keep it: the guest's export moved to base.
+        q.cmd("blockdev-del", node_name="disk0")
+        s.stop()
+    finally:
+        for w in ws:
+            w.stop = True
+        s.close()
+    assert_same(image_content(tmp_path, base, "base.raw"), bytes(model), "base after pivot")
+    check_clean(base, mid, top)
