@@ -13,8 +13,9 @@
  * socket's readiness (poll + nbd_aio_notify_*); a caller submits, kicks the pump and sleeps until
  * its completion callback ran. Concurrent callers (copy workers, NBD server threads) and the
  * pieces of one split request are all in flight together. When the server advertises multi-conn
- * (its cache, if any, is shared by all connections, so flush/FUA on one covers all), up to
- * NBD_MAX_CONNS connections are opened and requests spread over them round robin. Unaligned writes
+ * (its cache, if any, is shared by all connections, so flush/FUA on one covers all) and the socket
+ * is local (not TCP: conn_is_tcp), up to NBD_MAX_CONNS connections are opened and requests spread
+ * over them round robin. Unaligned writes
  * take rmw_lock exclusively (aligned ones shared), so a read-modify-write never writes stale bytes
  * back over a concurrent write.
  * A lost link (the connection closes or resets, or nothing moves on the socket for the stall
@@ -382,6 +383,23 @@ static int conn_set_congestion(NbdState *s, struct nbd_handle *h, int *perr, VdE
         return -1;
     }
     return 0;
+}
+
+/*
+ * Whether h's socket is TCP. Extra multi-conn connections are opened only over a local socket
+ * (unix, vsock): since commands go through the aio pump, one connection already carries every
+ * request in flight, and over TCP more connections are only more flows sharing the same link,
+ * each probing for its share. Across a 1 Gbit/s tbf link (+5 ms) a mirror reached 94 MiB/s
+ * with one connection and 84 MiB/s with four (medians, one ahead in 4 pairs of 4); QEMU's
+ * client uses one.
+ */
+static bool conn_is_tcp(struct nbd_handle *h)
+{
+    int fd = nbd_aio_get_fd(h);
+    int dom = 0;
+    socklen_t len = sizeof(dom);
+    return fd >= 0 && getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &dom, &len) == 0 &&
+           (dom == AF_INET || dom == AF_INET6);
 }
 
 /* One connection of node s (its URI, TLS and socket options), see conn_open_uri. */
@@ -1215,6 +1233,7 @@ static int nbd_drv_open_conns(BlockNode *bs, const VdOpenOptions *opts, VdError 
     s->can_zero = nbd_can_zero(h) == 1;
     s->can_fast_zero = nbd_can_fast_zero(h) == 1;
     s->multi_conn = nbd_can_multi_conn(h) == 1;
+    bool extra_conns = s->multi_conn && !conn_is_tcp(h);
     s->has_base_alloc = nbd_can_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) == 1;
 
     int64_t minb = nbd_get_block_size(h, LIBNBD_SIZE_MINIMUM);
@@ -1256,7 +1275,7 @@ static int nbd_drv_open_conns(BlockNode *bs, const VdOpenOptions *opts, VdError 
     }
     s->nconns = 1;
 
-    if (s->multi_conn) {
+    if (extra_conns) {
         for (int i = 1; i < NBD_MAX_CONNS; i++) {
             VdError *local = NULL;
             struct nbd_handle *x = conn_open(s, NBD_EXTRA_CONNECT_MS, &cerr, &local);
