@@ -182,11 +182,17 @@ unsigned copy_budget_allowed(const CopyBudget *b, unsigned workers)
 
 uint64_t copy_budget_gap_ns(const CopyBudget *b, uint64_t copy_ns)
 {
-    if (!b->guest_active || b->share >= 1) {
+    if (!b->guest_active || b->share >= 1 || b->behind) {
         return 0;
     }
     double gap = (double)copy_ns * (1 - b->share) / b->share;
     return gap > (double)BUDGET_MAX_GAP_NS ? BUDGET_MAX_GAP_NS : (uint64_t)gap;
+}
+
+void copy_budget_dirty(CopyBudget *b, uint64_t dirty)
+{
+    b->caught_up = b->caught_up || dirty <= COPY_CONVERGED_BYTES;
+    b->behind = b->caught_up && dirty > COPY_KEEPUP_BYTES;
 }
 
 void copy_budget_progress(CopyBudget *b, uint64_t dirty0, uint64_t dirty1, uint64_t copied,
@@ -464,6 +470,13 @@ void copy_engine_note_dirty(CopyEngine *e, uint64_t dirty)
 {
     uint64_t now = now_ns();
     vd_mutex_lock(&e->lock);
+    bool was_behind = e->budget.behind;
+    if (e->guest && e->converge) {
+        copy_budget_dirty(&e->budget, dirty);
+        if (e->budget.behind && !was_behind) {
+            vd_cond_broadcast(&e->work_cond); /* a pacing worker goes now */
+        }
+    }
     if (!e->prog_started || now - e->prog_start >= COPY_PROGRESS_NS) {
         if (e->prog_started && e->guest && e->converge && !e->urgent) {
             double floor0 = e->budget.floor;

@@ -103,10 +103,14 @@ void copy_engine_note_dirty(CopyEngine *e, uint64_t dirty);
  * job copied meanwhile. While the guest takes back more than half of what the job copies (the
  * dirty set shrank by less than half the bytes copied), the floor doubles, up to all the workers
  * with no pause; it returns to `base_floor` once at most COPY_CONVERGED_BYTES are dirty.
+ * Keeping up: once the set has been at most COPY_CONVERGED_BYTES (the job caught up, as while
+ * READY), a set above COPY_KEEPUP_BYTES is copied with no pause whatever the share, so it stays
+ * about that small and a complete finds only that to copy while the guest waits.
  */
 #define COPY_WINDOW_NS 20000000ULL
 #define COPY_PROGRESS_NS 1000000000ULL
 #define COPY_CONVERGED_BYTES (4ULL << 20)
+#define COPY_KEEPUP_BYTES (1ULL << 20)
 typedef struct CopyBudget {
     double share;        /* [floor..64]: < 1 the time one copy may run, >= 2 copies in flight */
     double floor;        /* > 0: the copy always progresses; raised while it does not converge */
@@ -115,6 +119,8 @@ typedef struct CopyBudget {
     uint64_t ref_ns;     /* the guest's latency low-water mark (0: none yet); drifts up slowly */
     double hurt;         /* mean latency above hurt * ref: halve; below (1 + hurt) / 2 * ref: grow */
     bool guest_active;   /* the guest did I/O in the last window */
+    bool caught_up;      /* the dirty set was at most COPY_CONVERGED_BYTES once (copy_budget_dirty) */
+    bool behind;         /* caught up, and more than COPY_KEEPUP_BYTES dirty now: no pause */
 } CopyBudget;
 typedef struct CopyWindow {
     uint64_t guest_done;      /* guest requests that ended in the window */
@@ -133,6 +139,8 @@ uint64_t copy_budget_gap_ns(const CopyBudget *b, uint64_t copy_ns);
  */
 void copy_budget_progress(CopyBudget *b, uint64_t dirty0, uint64_t dirty1, uint64_t copied,
                           unsigned workers);
+/* The dirty set now (every turn of the coordinator's loop): keeping up (see above). */
+void copy_budget_dirty(CopyBudget *b, uint64_t dirty);
 /*
  * May [start, end) be submitted? Returns the end it must be clipped to (> start) so it does not
  * overlap a request in flight; 0 when start itself is inside one (then *skip_to, if not NULL, gets

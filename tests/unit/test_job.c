@@ -1564,6 +1564,47 @@ static void test_copy_budget_floor_rises_until_the_copy_gains_on_the_guest(void 
 }
 
 /*
+ * Keeping up: once the dirty set was small (caught up, as while READY), a set above
+ * COPY_KEEPUP_BYTES is copied with no pause whatever the guest's latency says, so a complete finds
+ * about that much to copy; before it was ever small (the first pass), the guest keeps its priority.
+ */
+static void test_copy_budget_keeps_up_once_caught_up(void **state)
+{
+    const uint64_t M = 1 << 20;
+    CopyBudget b;
+    copy_budget_init(&b, 0.10);
+    CopyWindow calm = busy_window(100000), hurt = busy_window(500000);
+    copy_budget_update(&b, &calm);
+    for (int i = 0; i < 20; i++) {
+        copy_budget_update(&b, &hurt);
+    }
+    assert_true(b.share < 0.11);
+    /* The first pass: much dirty, never caught up: paced at the share. */
+    copy_budget_dirty(&b, 400 * M);
+    assert_false(b.behind);
+    assert_true(copy_budget_gap_ns(&b, 1000000) >= 8000000);
+    /* Caught up: at most COPY_KEEPUP_BYTES dirty is left to the paced copy. */
+    copy_budget_dirty(&b, COPY_CONVERGED_BYTES);
+    assert_true(b.caught_up);
+    assert_true(b.behind); /* 4 MiB > COPY_KEEPUP_BYTES: copy it now */
+    assert_int_equal(copy_budget_gap_ns(&b, 1000000), 0);
+    copy_budget_dirty(&b, COPY_KEEPUP_BYTES);
+    assert_false(b.behind);
+    assert_true(copy_budget_gap_ns(&b, 1000000) >= 8000000);
+    /* The guest dirties more: no pause until the set is that small again. */
+    copy_budget_dirty(&b, COPY_KEEPUP_BYTES + 64 * 1024);
+    assert_true(b.behind);
+    assert_int_equal(copy_budget_gap_ns(&b, 1000000), 0);
+    assert_int_equal(copy_budget_allowed(&b, 4), 1); /* one copy: more is the floor's to give */
+    copy_budget_dirty(&b, 0);
+    assert_false(b.behind);
+    /* An idle guest still gets no pause and every worker. */
+    copy_budget_update(&b, &(CopyWindow){0});
+    assert_int_equal(copy_budget_gap_ns(&b, 1000000), 0);
+    assert_int_equal(copy_budget_allowed(&b, 4), 4);
+}
+
+/*
  * A job's own requests (block_tracker_begin_job) are ordered like any other on the tracker but
  * are not in its stats: the budget reads the guest from them without subtracting the copies
  * afterwards (which raced with a copy ending and once drove the latency low-water mark to ~0).
@@ -1719,6 +1760,7 @@ int main(void)
         cmocka_unit_test(test_copy_budget_shrinks_under_a_busy_guest_but_never_to_zero),
         cmocka_unit_test(test_copy_budget_idle_guest_gets_everything_and_share_recovers),
         cmocka_unit_test(test_copy_budget_floor_rises_until_the_copy_gains_on_the_guest),
+        cmocka_unit_test(test_copy_budget_keeps_up_once_caught_up),
         cmocka_unit_test(test_tracker_stats_leave_out_the_jobs_own_requests),
         cmocka_unit_test(test_copy_engine_yields_to_guest_requests_on_its_tracker),
         cmocka_unit_test(test_mirror_parallel_copies_never_overwrite_newer_guest_data),
