@@ -13,6 +13,7 @@
 #      BENCH_JOBS_LOADS (idle,capped,uncapped), BENCH_JOBS_ONLY (comma-separated substrings of
 #      scenario names, e.g. "mirror-full,stream"), BENCH_JOBS_RATE_IOPS (capped load, 2000),
 #      BENCH_JOBS_FIO_SECS (baseline fio run, 10), BENCH_JOBS_RAMP (fio seconds before the job, 1),
+#      BENCH_JOBS_COMPLETE_AFTER (seconds the job stays READY before block-job-complete, 0),
 #      BENCH_JOBS_TIMEOUT (seconds per job phase before cancelling it; 60 + 240 * scale),
 #      BENCH_JOBS_SEED, BENCH_JOBS_WORK (cached chain + run dir: /var/tmp/vdisk-bench-jobs),
 #      BENCH_JOBS_DAEMONS (vdiskd,qsd), BENCH_JOBS_VERIFY (1: qemu-img compare after idle mirrors),
@@ -50,6 +51,7 @@ exec /usr/bin/python3 "$ROOT/bench/jobs_bench.py" \
     --rate-iops "${BENCH_JOBS_RATE_IOPS:-2000}" \
     --fio-secs "${BENCH_JOBS_FIO_SECS:-10}" \
     --ramp "${BENCH_JOBS_RAMP:-1}" \
+    --complete-after "${BENCH_JOBS_COMPLETE_AFTER:-0}" \
     --timeout "${BENCH_JOBS_TIMEOUT:-0}" \
     --daemons "${BENCH_JOBS_DAEMONS:-vdiskd,qsd}" \
     --note "${BENCH_JOBS_NOTE:-}" \

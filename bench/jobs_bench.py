@@ -519,6 +519,8 @@ def run_one(kind, load, daemon_kind, src, work, a, vsize):
                 return res
             res["ready_s"] = ev[0] - t0
             res["copied_bytes"] = ev[1]["data"].get("len")
+            if a.complete_after:
+                time.sleep(a.complete_after)  # the job stays READY (mirroring) meanwhile
             tc, r = q.send("block-job-complete", {"device": "j"})
             if "error" in r:
                 raise RuntimeError(f"block-job-complete: {r['error'].get('desc')}")
@@ -807,6 +809,8 @@ def main():
     ap.add_argument("--rate-iops", type=int, default=2000)
     ap.add_argument("--fio-secs", type=int, default=10)
     ap.add_argument("--ramp", type=int, default=1)
+    ap.add_argument("--complete-after", type=float, default=0,
+                    help="seconds between READY and block-job-complete (0: at once)")
     ap.add_argument("--timeout", type=float, default=0)
     ap.add_argument("--daemons", default="vdiskd,qsd")
     ap.add_argument("--perf", action="store_true")
