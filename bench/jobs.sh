@@ -22,7 +22,9 @@
 #      BENCH_JOBS_PERF=1 (perf record vdiskd during its mirror runs into
 #      bench/out/perf-jobs-[TAG-]SCENARIO-LOAD.data; BENCH_JOBS_PERF_LOADS (idle),
 #      BENCH_JOBS_PERF_CALLGRAPH (dwarf,8192), BENCH_JOBS_PERF_FREQ (499); then
-#      `perf report -i FILE --no-children --sort pid,sym`),
+#      `perf report -i FILE --no-children --sort pid,sym`), BENCH_JOBS_PERF_KINDS (prefixes of
+#      the scenarios it watches: mirror), BENCH_JOBS_PERF_TRACE=1 (`strace -f -tt -T` instead:
+#      every syscall of every thread with its duration, in bench/out/perf-jobs-...strace),
 #      VDISKD (default build/src/tools/vdiskd; the default debugoptimized build is fine).
 #      vdiskd's copy-engine knobs pass through the environment: VDISK_COPY_WORKERS, VDISK_COPY_UNIT,
 #      VDISK_COPY_NICE, VDISK_COPY_GUEST_PRIORITY, VDISK_COPY_GUEST_FLOOR, VDISK_COPY_GUEST_CONVERGE,
@@ -59,5 +61,7 @@ exec /usr/bin/python3 "$ROOT/bench/jobs_bench.py" \
     --perf-loads "${BENCH_JOBS_PERF_LOADS:-idle}" \
     --perf-callgraph "${BENCH_JOBS_PERF_CALLGRAPH:-dwarf,8192}" \
     --perf-freq "${BENCH_JOBS_PERF_FREQ:-499}" \
+    --perf-kinds "${BENCH_JOBS_PERF_KINDS:-mirror}" \
+    $([ "${BENCH_JOBS_PERF_TRACE:-0}" = 1 ] && echo --perf-trace) \
     $([ "${BENCH_JOBS_PERF:-0}" = 1 ] && echo --perf) \
     $([ "${BENCH_JOBS_VERIFY:-1}" = 0 ] && echo --no-verify)

@@ -449,12 +449,20 @@ def run_one(kind, load, daemon_kind, src, work, a, vsize):
         nodes = {}
         if kind in ("stream", "commit", "commit-active"):
             nodes = {n: d.node_of(os.path.join(rd, f"{n}.qcow2")) for n in ("base", "sn1")}
-        if a.perf and daemon_kind == "vdiskd" and kind.startswith("mirror") and load in a.perf_loads:
-            pf = os.path.join(a.out, f"perf-jobs-{a.tag + '-' if a.tag else ''}{kind}-{load}.data")
-            # dwarf unwinding: the default build has no frame pointers
-            perf = subprocess.Popen(["perf", "record", "-q", "--call-graph", a.perf_callgraph,
-                                     "-F", str(a.perf_freq), "-o", pf, "-p", str(d.pid)],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if (a.perf and daemon_kind == "vdiskd" and kind.startswith(a.perf_kinds)
+                and load in a.perf_loads):
+            stem = os.path.join(a.out, f"perf-jobs-{a.tag + '-' if a.tag else ''}{kind}-{load}")
+            if a.perf_trace:
+                # every syscall of every thread (threads made later too: the job's, the NBD
+                # connection's) with its time and duration: where the guest's requests wait
+                pf = stem + ".strace"
+                argv = ["strace", "-f", "-tt", "-T", "-o", pf, "-p", str(d.pid)]
+            else:
+                pf = stem + ".data"
+                # dwarf unwinding: the default build has no frame pointers
+                argv = ["perf", "record", "-q", "--call-graph", a.perf_callgraph,
+                        "-F", str(a.perf_freq), "-o", pf, "-p", str(d.pid)]
+            perf = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(0.5)
             res["perf"] = pf
         if load != "idle":
@@ -815,6 +823,10 @@ def main():
     ap.add_argument("--daemons", default="vdiskd,qsd")
     ap.add_argument("--perf", action="store_true")
     ap.add_argument("--perf-loads", default="idle")
+    ap.add_argument("--perf-kinds", default="mirror",
+                    help="comma-separated prefixes of the scenario kinds perf watches")
+    ap.add_argument("--perf-trace", action="store_true",
+                    help="strace -f -tt -T (every syscall, per thread) instead of perf record")
     ap.add_argument("--perf-callgraph", default="dwarf,8192")
     ap.add_argument("--perf-freq", type=int, default=499)
     ap.add_argument("--no-verify", dest="verify", action="store_false")
@@ -834,6 +846,7 @@ def main():
     if not (a.vdiskd and a.work and a.out):
         sys.exit("jobs-bench: --vdiskd, --work and --out are required")
     a.perf_loads = a.perf_loads.split(",")
+    a.perf_kinds = tuple(x for x in a.perf_kinds.split(",") if x)
     if not a.timeout:
         a.timeout = 60 + 240 * a.scale
     work = os.path.abspath(a.work)
