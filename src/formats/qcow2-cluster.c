@@ -764,6 +764,119 @@ static int write_new_clusters(Qcow2State *s, const Q2AllocInFlight *me, uint64_t
     return ret;
 }
 
+/*
+ * The guest view of [off, off + n) (zeroes past the virtual size), read under s->lock: the old
+ * contents of a subcluster that a write covers only in part.
+ */
+static int read_guest_range(Qcow2State *s, uint64_t off, uint64_t n, uint8_t *buf)
+{
+    uint64_t have = off >= s->h.size ? 0 : (n < s->h.size - off ? n : s->h.size - off);
+    memset(buf + have, 0, n - have);
+    return have ? q2_read(s, off, have, buf) : 0;
+}
+
+/*
+ * Extended L2: may a write that covers the guest cluster with entry e only in part allocate just
+ * the subclusters it touches? Yes when the cluster has no host cluster yet, or one this image
+ * owns alone (COPIED, not compressed), as QEMU's qcow2 does: a 4 KiB write into a 64 KiB
+ * cluster after a snapshot then copies one 2 KiB subcluster's worth from the backing file at
+ * most, not the whole cluster, which is what extended L2 is for.
+ */
+static bool subcluster_write(const Qcow2State *s, uint64_t e, uint64_t in_off, uint64_t bytes)
+{
+    if (!s->extl2 || (e & QCOW2_OFLAG_COMPRESSED) || (in_off == 0 && bytes >= s->cluster_size)) {
+        return false;
+    }
+    return !q2_l2e_has_host(s, e) || (e & QCOW2_OFLAG_COPIED);
+}
+
+/*
+ * One step of a write that subcluster_write() allows, inside the cluster at l2 index idx0:
+ * the touched subclusters get the new bytes (the untouched part of the first and last one
+ * keeps its old guest view), their allocation bits are set and zero bits cleared; the other
+ * subclusters stay as they were (unallocated ones read through to the backing file). The data
+ * goes in without the lock as in write_step. Returns bytes done, 0 to redo, or -errno.
+ */
+static int64_t write_subclusters(Qcow2State *s, uint64_t l1i, uint64_t idx0, uint8_t *l2,
+                                 uint64_t offset, uint64_t bytes, const uint8_t *buf,
+                                 bool may_unlock)
+{
+    uint64_t cs = s->cluster_size, scs = s->sc_size;
+    uint64_t in_off = offset & (cs - 1), cstart = offset - in_off;
+    uint64_t n = bytes < cs - in_off ? bytes : cs - in_off;
+    unsigned sc0 = (unsigned)(in_off / scs), sc1 = (unsigned)((in_off + n - 1) / scs);
+    uint64_t span = cstart + sc0 * scs, span_len = (uint64_t)(sc1 - sc0 + 1) * scs;
+    uint64_t mask = ((1ULL << (sc1 + 1)) - 1) & ~((1ULL << sc0) - 1); /* sc0..sc1 */
+    uint64_t e0 = l2e_get(s, l2, idx0);
+    uint8_t *sbuf = NULL;
+    int ret = 0;
+
+    Q2AllocInFlight me = {.start = cstart, .end = cstart + cs};
+    if (alloc_overlaps(s, me.start, me.end)) {
+        q2_cache_put(&s->l2_cache, &l2);
+        vd_cond_wait(&s->alloc_done, &s->lock);
+        return 0;
+    }
+    const uint8_t *src = buf;
+    if (offset != span || n != span_len) {
+        /* old guest view of the first and last subcluster, overlaid with the new bytes */
+        sbuf = malloc(span_len);
+        if (!sbuf) {
+            ret = -ENOMEM;
+            goto out;
+        }
+        if (offset != span) {
+            ret = read_guest_range(s, span, scs, sbuf);
+        }
+        if (ret == 0 && offset + n != span + span_len) {
+            ret = read_guest_range(s, span + span_len - scs, scs, sbuf + span_len - scs);
+        }
+        if (ret < 0) {
+            goto out;
+        }
+        memcpy(sbuf + (offset - span), buf, n);
+        src = sbuf;
+    }
+    uint64_t host = e0 & QCOW2_L2E_OFFSET_MASK;
+    if (!q2_l2e_has_host(s, e0)) {
+        if (s->has_data_file) {
+            host = cstart; /* data file: the guest offset, not refcounted */
+        } else if ((ret = q2_alloc_clusters(s, 1, &host)) < 0) {
+            goto out;
+        }
+    }
+    if (host & (cs - 1)) {
+        ret = -EIO;
+        goto out;
+    }
+    if ((ret = overlap_check(s, host + sc0 * scs, span_len)) < 0) {
+        goto out;
+    }
+    q2_cache_put(&s->l2_cache, &l2);
+    me.next = s->allocs;
+    s->allocs = &me;
+    bool unlocked = may_unlock && lockless_begin(s);
+    ret = data_pwrite(s, host + sc0 * scs, span_len, src);
+    if (unlocked) {
+        lockless_end(s);
+    }
+    q2_data_written(s);
+    if (ret == 0) {
+        ret = get_l2_for_write(s, l1i, &l2);
+    }
+    if (ret == 0) {
+        /* others of this cluster waited on `me`; zero/discard wait for lockless idle */
+        uint64_t bm = l2e_bitmap(s, l2, idx0);
+        q2_cache_mark_dirty(&s->l2_cache, l2);
+        l2e_set(s, l2, idx0, host | QCOW2_OFLAG_COPIED, (bm | mask) & ~(mask << 32));
+    }
+    alloc_done(s, &me); /* a new host cluster leaks on failure; the old mapping is untouched */
+out:
+    free(sbuf);
+    q2_cache_put(&s->l2_cache, &l2);
+    return ret < 0 ? ret : (int64_t)n;
+}
+
 /* One step of a write: at most one L2 table's worth. Returns bytes done or -errno. */
 static int64_t write_step(Qcow2State *s, uint64_t offset, uint64_t bytes, const uint8_t *buf,
                           bool may_unlock)
@@ -815,6 +928,10 @@ static int64_t write_step(Qcow2State *s, uint64_t offset, uint64_t bytes, const 
         return ret < 0 ? ret : (int64_t)n;
     }
 
+    if (subcluster_write(s, e0, in_off, bytes)) {
+        return write_subclusters(s, l1i, idx0, l2, offset, bytes, buf, may_unlock);
+    }
+
     /* New contents for k whole clusters. */
     uint64_t reuse = entry_reusable_host(s, e0);
     uint64_t k = 1;
@@ -834,6 +951,10 @@ static int64_t write_step(Qcow2State *s, uint64_t offset, uint64_t bytes, const 
     uint64_t n = k * cs - in_off;
     if (n > bytes) {
         n = bytes;
+        if (s->extl2 && k > 1 && in_off == 0) {
+            k--; /* whole clusters only: the partial last one is the next step's, by subcluster */
+            n = k * cs;
+        }
     }
     uint64_t cstart = offset - in_off;
     uint64_t end = offset + n;
@@ -1180,6 +1301,105 @@ static int set_entries(Qcow2State *s, uint64_t first, uint64_t count, int mode, 
     return ret;
 }
 
+/*
+ * Extended L2: make the subclusters in mask of the cluster at cstart read as zeroes in metadata
+ * (zero bits set, allocation bits cleared; a host cluster stays where it is). The caller made
+ * sure the cluster is not compressed.
+ */
+static int set_subclusters_zero(Qcow2State *s, uint64_t cstart, uint64_t mask)
+{
+    uint64_t c = cstart >> s->cluster_bits;
+    uint64_t l1i = c >> s->l2_bits, idx = c & (s->l2_entries - 1);
+    uint8_t *l2;
+    int ret = get_l2_for_write(s, l1i, &l2);
+    if (ret < 0) {
+        return ret;
+    }
+    uint64_t bm = l2e_bitmap(s, l2, idx);
+    uint64_t nbm = (bm & ~mask) | (mask << 32);
+    if (nbm != bm) {
+        l2e_set(s, l2, idx, l2e_get(s, l2, idx), nbm);
+        q2_cache_mark_dirty(&s->l2_cache, l2);
+    }
+    q2_cache_put(&s->l2_cache, &l2);
+    return 0;
+}
+
+/* The subclusters sc of [a, b) (subcluster-aligned, inside one cluster) as a bitmap mask. */
+static uint64_t subcluster_mask(const Qcow2State *s, uint64_t a, uint64_t b)
+{
+    uint64_t in = a & (s->cluster_size - 1);
+    unsigned sc0 = (unsigned)(in / s->sc_size);
+    unsigned sc1 = (unsigned)((in + (b - a)) / s->sc_size); /* exclusive */
+    return ((1ULL << sc1) - 1) & ~((1ULL << sc0) - 1);
+}
+
+/*
+ * Zero [ps, pe), inside one subcluster, of a cluster with extended L2. As QEMU: when the rest
+ * of the subcluster reads as zeroes and the subcluster holds no data of its own, its zero bit
+ * is set; otherwise the zeroes are written as data (a partial write of that subcluster).
+ */
+static int zero_partial_subcluster(Qcow2State *s, uint64_t ps, uint64_t pe, int flags)
+{
+    bool z, z1 = true, z2 = true;
+    int ret = reads_zero(s, ps, pe - ps, &z);
+    if (ret < 0 || z) {
+        return ret;
+    }
+    uint64_t sc = ps & ~(s->sc_size - 1);
+    uint64_t sce = sc + s->sc_size < s->h.size ? sc + s->sc_size : s->h.size;
+    ret = sc < ps ? reads_zero(s, sc, ps - sc, &z1) : 0;
+    if (ret == 0 && z1 && pe < sce) {
+        ret = reads_zero(s, pe, sce - pe, &z2);
+    }
+    Q2Extent x = {0};
+    if (ret == 0 && z1 && z2) {
+        ret = get_extent(s, sc, sce - sc, false, &x);
+    }
+    if (ret < 0) {
+        return ret;
+    }
+    if (z1 && z2 && x.type != QCOW2_CLUSTER_NORMAL && x.type != QCOW2_CLUSTER_COMPRESSED) {
+        return set_subclusters_zero(s, sc & ~(s->cluster_size - 1),
+                                    subcluster_mask(s, sc, sc + s->sc_size));
+    }
+    if (flags & VD_REQ_NO_FALLBACK) {
+        return -ENOTSUP;
+    }
+    return write_zero_bytes(s, ps, pe - ps);
+}
+
+/*
+ * Zero a piece inside one cluster of an image with extended L2, at subcluster granularity as
+ * QEMU's (its block layer aligns write-zeroes to the subcluster): whole subclusters get their
+ * zero bit, a partial first or last one zero_partial_subcluster's treatment. A compressed
+ * cluster has no subclusters: its zeroes are written (that rewrites the cluster).
+ */
+static int zero_in_subclusters(Qcow2State *s, uint64_t ps, uint64_t pe, int flags)
+{
+    uint64_t scs = s->sc_size;
+    uint64_t cstart = ps & ~(s->cluster_size - 1);
+    Q2Extent x;
+    int ret = get_extent(s, cstart, s->cluster_size, false, &x);
+    if (ret < 0) {
+        return ret;
+    }
+    if (x.type == QCOW2_CLUSTER_COMPRESSED) {
+        return (flags & VD_REQ_NO_FALLBACK) ? -ENOTSUP : write_zero_bytes(s, ps, pe - ps);
+    }
+    /* the partial last subcluster of the image counts as whole */
+    uint64_t a = (ps + scs - 1) & ~(scs - 1);
+    uint64_t b = pe >= s->h.size ? (pe + scs - 1) & ~(scs - 1) : pe & ~(scs - 1);
+    if (a >= b) {
+        return zero_partial_subcluster(s, ps, pe, flags);
+    }
+    ret = ps < a ? zero_partial_subcluster(s, ps, a, flags) : 0;
+    if (ret == 0 && b < pe) {
+        ret = zero_partial_subcluster(s, b, pe, flags);
+    }
+    return ret < 0 ? ret : set_subclusters_zero(s, cstart, subcluster_mask(s, a, b));
+}
+
 /* Zero a piece lying within one cluster. */
 static int zero_in_cluster(Qcow2State *s, uint64_t ps, uint64_t pe, int flags)
 {
@@ -1187,6 +1407,9 @@ static int zero_in_cluster(Qcow2State *s, uint64_t ps, uint64_t pe, int flags)
     int ret = reads_zero(s, ps, pe - ps, &z);
     if (ret < 0 || z) {
         return ret;
+    }
+    if (s->extl2 && !s->has_data_file) {
+        return zero_in_subclusters(s, ps, pe, flags);
     }
     if (s->h.version >= 3) {
         /* if the rest of the cluster already reads as zeroes, zero it whole in metadata */

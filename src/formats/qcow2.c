@@ -26,6 +26,9 @@
  *    registered in s->allocs: another allocating write of the same guest clusters waits on
  *    alloc_done and redoes its step on the new mapping, so two writers never both allocate one
  *    guest cluster. Data is written before its L2 entry, as before.
+ *  - extended L2: a write covering a cluster in part allocates only the subclusters it touches
+ *    (write_subclusters: the same `me` registration and lockless data write, then the bits are
+ *    merged into the entry's current bitmap); write-zeroes sets zero bits per whole subcluster.
  *  - compressed writes, zero writes and other reads stay under the lock;
  *    metadata-only frees (old L2 / L1 / refcount tables) need no wait: data I/O never maps there.
  *  - data_dirty is set before and after a lockless write, so the next flush syncs the file.

@@ -10,6 +10,7 @@ behaviour and gives vdisk's read path a QEMU-written image to read.
 Seed: $VDISK_TEST_SEED, else random; it is printed in every failure message.
 Scale: $VDISK_TEST_SCALE multiplies the number of ops.
 """
+import json
 import os
 import random
 import shutil
@@ -168,6 +169,10 @@ def test_random_writes(tmp, cluster, opts, backing):
     # block status: vdisk's map of both images is qemu-img's map
     assert_map_agrees(img)
     assert_map_agrees(twin)
+    if "extended_l2=on" in opts:
+        # what extended L2 is for: a write allocates only the subclusters it touches, as QEMU's
+        # do, so the same writes leave the same guest ranges allocated as data in both images
+        assert data_ranges(img) == data_ranges(twin), f"{tag} vdisk allocated otherwise than qemu-io"
 
     # vdisk reads its own image and QEMU's twin the same way as the model
     vdisk("convert", "-f", "qcow2", "-O", "raw", img, tmp / "v.raw")
@@ -176,6 +181,19 @@ def test_random_writes(tmp, cluster, opts, backing):
     vdisk("convert", "-f", "qcow2", "-O", "raw", twin, tmp / "vq.raw")
     d = first_diff(tmp / "vq.raw", model.data)
     assert d is None, f"{tag} vdisk convert of qemu-io's twin: {d}"
+
+
+def data_ranges(img):
+    """The guest ranges qemu-img map shows as data held by img itself (not its backing file)."""
+    m = json.loads(qemu_img("map", "--output=json", "-f", "qcow2", img).stdout)
+    out = []
+    for e in m:
+        if e["depth"] == 0 and e["data"]:
+            if out and out[-1][1] == e["start"]:
+                out[-1][1] += e["length"]
+            else:
+                out.append([e["start"], e["start"] + e["length"]])
+    return out
 
 
 def first_diff_qemu(img, model_raw, out_raw):
