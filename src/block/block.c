@@ -490,7 +490,8 @@ static BlockNode *open_one(const VdOpenOptions *opts, ChainSeen *seen, bool is_b
         vd_error_setg(errp, EINVAL, "No image filename given");
         return NULL;
     }
-    if (!opts->file && !strncmp(filename, "json:", 5)) {
+    /* a json: name parses into a tree, unless it comes from one (QEMU's name for such a node) */
+    if (!opts->file && !opts->options && !strncmp(filename, "json:", 5)) {
         return vd_open_json(filename, opts->format, opts->flags, errp);
     }
     if (chain_note_file(seen, filename, errp) < 0) {

@@ -242,6 +242,12 @@ struct BlockDriver {
      * options; a new string, or NULL with *errp set. NULL: the "filename" member as it is.
      */
     char *(*blockdev_filename)(const VdOptReader *opts, VdError **errp);
+    /*
+     * Protocols: the options that, given, make QEMU name the node by its options - a "json:{...}"
+     * filename of the driver and these options - instead of its URI (its strong_runtime_opts).
+     * NULL-terminated; NULL: none.
+     */
+    const char *const *json_name_options;
     /* Protocols: reads past the end return zeroes (a host file), so raw may round up its length. */
     bool reads_zero_past_end;
     /*

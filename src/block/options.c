@@ -13,6 +13,7 @@
 #include <jansson.h>
 
 #include "block/block.h"
+#include "util/qjson.h"
 
 /* json: trees inside json: backing names inside ... stop somewhere. */
 #define MAX_TREE_DEPTH 16
@@ -239,6 +240,44 @@ static int node_flags(json_t *o, int flags, VdError **errp)
            (no_flush ? VD_OPEN_NO_FLUSH : 0) | (share ? VD_OPEN_FORCE_SHARE : 0);
 }
 
+/*
+ * QEMU's name for a node its options describe (bdrv_refresh_filename): "json:" and the driver
+ * with the options that name it - drv's json_name_options present in o, or (child given) the
+ * "file" child's own json: name. NULL when neither applies (the URI or file name stands);
+ * a new string, or NULL with *errp set out of memory.
+ */
+static char *json_node_name(const BlockDriver *drv, json_t *o, const char *child, bool *failed)
+{
+    json_t *name = NULL;
+    *failed = false;
+    if (child && !strncmp(child, "json:", 5)) {
+        json_t *c = json_loads(child + 5, 0, NULL);
+        name = c ? json_pack("{s:s, s:o}", "driver", drv->name, "file", c) : NULL;
+    } else {
+        for (const char *const *k = drv->json_name_options; k && *k; k++) {
+            json_t *v = json_object_get(o, *k);
+            if (v && !name && !(name = json_pack("{s:s}", "driver", drv->name))) {
+                break;
+            }
+            if (v) {
+                json_object_set(name, *k, v);
+            }
+        }
+        if (!name) {
+            return NULL;
+        }
+    }
+    char *text = name ? vd_qjson_compact(name) : NULL;
+    json_decref(name);
+    char *out = NULL;
+    if (!text || asprintf(&out, "json:%s", text) < 0) {
+        out = NULL;
+        *failed = true;
+    }
+    free(text);
+    return out;
+}
+
 static BlockNode *open_tree(json_t *o, int flags, bool protocol, VdError **errp);
 
 /* A protocol node for a file name: the protocol it names (path: file, nbd://: nbd ...). */
@@ -315,6 +354,16 @@ static BlockNode *open_tree_format(json_t *o, const BlockDriver *drv, int flags,
         return NULL;
     }
     BlockNode *bs = vd_open(&opts, errp);
+    bool failed = false;
+    char *name = bs ? json_node_name(bs->drv, o, file->filename, &failed) : NULL;
+    if (name) { /* over a child QEMU names by its options, the node is named by them too */
+        free(bs->filename);
+        bs->filename = name;
+    } else if (failed) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+        vd_node_unref(bs);
+        bs = NULL;
+    }
     vd_node_unref(file);
     vd_node_unref(opts.data_file);
     vd_node_unref(opts.backing);
@@ -350,12 +399,14 @@ static BlockNode *open_tree(json_t *o, int flags, bool protocol, VdError **errp)
                       : vd_open_image(filename, NULL, flags, errp);
     } else if (drv && drv->is_protocol) {
         /* a protocol named without a filename: its URI ("null-co://") or its name */
-        char *uri = NULL;
-        if (!filename && drv->uri_schemes && asprintf(&uri, "%s://", drv->uri_schemes[0]) < 0) {
+        bool failed;
+        char *uri = json_node_name(drv, o, NULL, &failed);
+        if (failed || (!uri && !filename && drv->uri_schemes &&
+                       asprintf(&uri, "%s://", drv->uri_schemes[0]) < 0)) {
             vd_error_setg(errp, ENOMEM, "Out of memory");
             goto out;
         }
-        VdOpenOptions po = { .filename = filename ? filename : uri ? uri : drv->name,
+        VdOpenOptions po = { .filename = uri ? uri : filename ? filename : drv->name,
                              .format = drv->name,
                              .flags = flags, .options = o,
                              .node_name = vd_options_str(o, "node-name") };

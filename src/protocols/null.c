@@ -1,7 +1,7 @@
 /*
- * null.c - QEMU's null-co protocol: a device of `size` bytes (default 1 GiB) that
- * discards writes and, with read-zeroes=on, reads zeroes (else reads leave the buffer as it was,
- * as QEMU's). For benchmarks and tests; opened as "null-co://" or through json:/--image-opts /
+ * null.c - QEMU's null-co protocol: a device of `size` bytes (default 1 GiB; rounded up to whole
+ * sectors, as QEMU counts lengths) that discards writes and, with read-zeroes=on, reads zeroes
+ * (else reads leave the buffer as it was, as QEMU's). For benchmarks and tests; opened as "null-co://" or through json:/--image-opts /
  * blockdev-add with its options. No state beyond the two options; any thread may call anything.
  */
 #include <errno.h>
@@ -35,6 +35,10 @@ static int null_open(BlockNode *bs, const VdOpenOptions *opts, VdError **errp)
             vd_error_setg(errp, EINVAL, "Parameter 'size' expects a non-negative number below 2^63");
             return -EINVAL;
         }
+    }
+    /* QEMU counts a node's length in whole 512-byte sectors: size=1000 is a 1024-byte device */
+    if (s->size <= (uint64_t)INT64_MAX - 511) {
+        s->size = (s->size + 511) / 512 * 512;
     }
     return 0;
 }
@@ -92,6 +96,8 @@ static int64_t null_allocated_size(BlockNode *bs)
 }
 
 static const char *const null_schemes[] = {"null-co", NULL};
+/* QEMU names the node "null-co://" unless one of these is given (latency-ns does not count) */
+static const char *const null_json_name_options[] = {"size", "read-zeroes", NULL};
 
 static const VdOptSpec null_blockdev_options[] = {
     {"size", VD_OPT_INT},
@@ -104,6 +110,7 @@ const BlockDriver vd_drv_null_co = {
     .is_protocol = true,
     .uri_schemes = null_schemes,
     .blockdev_options = null_blockdev_options,
+    .json_name_options = null_json_name_options,
     .state_size = sizeof(NullState),
     .open = null_open,
     .close = null_close,

@@ -147,3 +147,30 @@ def test_blkdebug_unknown_event_refused(raw_src):
     q = qemu_img("info", blkdebug_raw(raw_src, {"event": "nosuch"}), check=False)
     assert p.returncode == q.returncode == 1
     assert "invalid parameter value: nosuch" in p.stderr and "nosuch" in q.stderr
+
+
+@pytest.mark.parametrize("image", [
+    ["--image-opts", "driver=null-co,size=1000"], ["--image-opts", "driver=null-co"],
+    ["--image-opts", "driver=null-co,size=1000,read-zeroes=on"],
+    ["--image-opts", "driver=null-co,read-zeroes=on"],
+    ["--image-opts", "driver=null-co,size=4096,latency-ns=5"],
+    ["--image-opts", "driver=raw,file.driver=null-co,file.size=1000"],
+    ["--image-opts", "driver=raw,file.driver=null-co"],
+    [null_json(size=1000)], [null_json(size=1000, **{"read-zeroes": True})], ["null-co://"],
+    ["json:" + json.dumps({"driver": "raw", "file": {"driver": "null-co", "size": 1000}})],
+])
+@pytest.mark.parametrize("output", [[], ["--output=json"]])
+def test_null_co_name_and_size_as_qemu_img(image, output):
+    """QEMU names a null-co node by its options (a json: name, keys in QEMU's order, values as
+    given) once size or read-zeroes is set, and counts its length in whole sectors."""
+    v = same(["info", *output, *image])
+    if "1000" in " ".join(image):
+        assert "1024" in v.stdout and "json:" in v.stdout
+
+
+def test_null_co_json_name_opens_again():
+    """The json: name vdisk prints opens the same device (QEMU's users paste it back)."""
+    first = json.loads(vdisk("info", "--output=json", "--image-opts",
+                             "driver=raw,file.driver=null-co,file.size=1000").stdout)
+    assert first["filename"].startswith("json:")
+    same(["info", "--output=json", first["filename"]])
