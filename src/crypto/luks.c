@@ -896,6 +896,36 @@ int vd_luks_check_options(const VdLuksCreateOptions *o, VdError **errp)
     return create_names(&scratch, o, errp);
 }
 
+/* Layout: header, then eight aligned slot areas, then the payload (QEMU's); the key material
+ * bytes of one slot. */
+static size_t layout_slots(VdLuks *l)
+{
+    size_t split = material_len(l, LUKS_STRIPES);
+    uint32_t area = (uint32_t)((split + LUKS_SLOT_ALIGN - 1) / LUKS_SLOT_ALIGN * LUKS_SLOT_ALIGN /
+                               VD_LUKS_SECTOR_SIZE);
+    uint32_t first = LUKS_SLOT_AREA_OFFSET / VD_LUKS_SECTOR_SIZE;
+    for (int i = 0; i < LUKS_NUM_SLOTS; i++) {
+        l->slots[i].active = LUKS_SLOT_DISABLED;
+        l->slots[i].key_offset = first + (uint32_t)i * area;
+        l->slots[i].stripes = LUKS_STRIPES;
+    }
+    l->payload_offset = first + LUKS_NUM_SLOTS * area;
+    return split;
+}
+
+int vd_luks_header_size(const VdLuksCreateOptions *o, uint64_t *len, VdError **errp)
+{
+    VdLuks scratch;
+    memset(&scratch, 0, sizeof(scratch));
+    int r = create_names(&scratch, o, errp);
+    if (r < 0) {
+        return r;
+    }
+    layout_slots(&scratch);
+    *len = vd_luks_header_len(&scratch);
+    return 0;
+}
+
 /* Iterations for iter_time ms at rate/s, divided (QEMU divides the digest's by 8), >= 1000. */
 static int iters_for(uint64_t rate, uint64_t iter_time, uint32_t div, uint32_t *out,
                      VdError **errp)
@@ -942,17 +972,7 @@ int vd_luks_create(const VdLuksCreateOptions *o, const char *password, size_t pw
                     LUKS_DIGEST_LEN)) < 0) {
         goto fail;
     }
-    /* Layout: header, then eight aligned slot areas, then the payload (QEMU's). */
-    size_t split = material_len(l, LUKS_STRIPES);
-    uint32_t area = (uint32_t)((split + LUKS_SLOT_ALIGN - 1) / LUKS_SLOT_ALIGN * LUKS_SLOT_ALIGN /
-                               VD_LUKS_SECTOR_SIZE);
-    uint32_t first = LUKS_SLOT_AREA_OFFSET / VD_LUKS_SECTOR_SIZE;
-    for (int i = 0; i < LUKS_NUM_SLOTS; i++) {
-        l->slots[i].active = LUKS_SLOT_DISABLED;
-        l->slots[i].key_offset = first + (uint32_t)i * area;
-        l->slots[i].stripes = LUKS_STRIPES;
-    }
-    l->payload_offset = first + LUKS_NUM_SLOTS * area;
+    size_t split = layout_slots(l);
     LuksSlot *s = &l->slots[0];
     if ((r = iters_for(rate, iter_time, 1, &s->iters, errp)) < 0) {
         goto fail;

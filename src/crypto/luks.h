@@ -48,6 +48,8 @@ int vd_luks_create(const VdLuksCreateOptions *o, const char *password, size_t pw
                    VdLuks **out, VdError **errp);
 /* Would vd_luks_create take these options? QEMU's refusals and messages; 0 or -errno. */
 int vd_luks_check_options(const VdLuksCreateOptions *o, VdError **errp);
+/* The bytes vd_luks_create's header would take with these options (qemu-img measure's). */
+int vd_luks_header_size(const VdLuksCreateOptions *o, uint64_t *len, VdError **errp);
 /* Write a created header and its key material at offsets 0 .. vd_luks_header_len(). */
 int vd_luks_write_header(VdLuks *l, VdLuksWriteFn wr, void *opaque, VdError **errp);
 /* The bytes the header and key slots take (= the payload offset of a raw LUKS image). */

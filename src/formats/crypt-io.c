@@ -55,6 +55,20 @@ int vd_crypt_create(VdLuks **out, const VdLuksCreateOptions *o, const char *key_
     return r;
 }
 
+int vd_crypt_header_size(const VdLuksCreateOptions *o, const char *key_secret, const char *param,
+                         uint64_t *len, VdError **errp)
+{
+    char *pw = NULL;
+    size_t pwlen = 0;
+    if (!key_secret) {
+        vd_error_setg(errp, EINVAL, "Parameter '%s' is required for cipher", param);
+        return -EINVAL;
+    }
+    int r = vd_secret_lookup_utf8(key_secret, &pw, &pwlen, errp);
+    vd_secret_free(pw, pwlen);
+    return r < 0 ? r : vd_luks_header_size(o, len, errp);
+}
+
 void vd_crypt_close(VdCryptIO *c)
 {
     if (c->luks) {

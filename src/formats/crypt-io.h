@@ -28,6 +28,12 @@ int vd_crypt_open(VdCryptIO *c, VdLuksReadFn rd, void *opaque, const char *key_s
 /* A new LUKS header (unlocked) with the password in secret object key_secret. */
 int vd_crypt_create(VdLuks **out, const VdLuksCreateOptions *o, const char *key_secret,
                     const char *param, VdError **errp);
+/*
+ * The bytes the LUKS header of vd_crypt_create(o, key_secret, param) would take (qemu-img
+ * measure): the same refusals - no key_secret, no such secret object, options LUKS refuses.
+ */
+int vd_crypt_header_size(const VdLuksCreateOptions *o, const char *key_secret, const char *param,
+                         uint64_t *len, VdError **errp);
 void vd_crypt_close(VdCryptIO *c);
 /*
  * Read / write bytes at host offset host of file, whose first byte has IV offset iv (host and iv

@@ -148,6 +148,29 @@ static int luks_create(const char *filename, const VdCreateOptions *o, VdError *
     return r;
 }
 
+/* qemu-img measure -O luks: the header, then every (sector-rounded) byte, allocated or not. */
+static int luks_measure(const VdCreateOptions *o, BlockNode *src, uint64_t *required,
+                        uint64_t *fully_allocated, VdError **errp)
+{
+    uint64_t size = o->size;
+    if (src) {
+        int64_t len = vd_getlength(src);
+        if (len < 0) {
+            vd_error_setg_errno(errp, (int)-len, "Unable to get image virtual_size");
+            return (int)len;
+        }
+        size = (uint64_t)len;
+    }
+    uint64_t hlen;
+    int r = vd_crypt_header_size(&o->luks, o->key_secret, "key-secret", &hlen, errp);
+    if (r < 0) {
+        return r;
+    }
+    size = (size + 511) / 512 * 512;
+    *required = *fully_allocated = hlen + size;
+    return 0;
+}
+
 /* BlockdevOptionsLUKS. */
 static const VdOptSpec luks_blockdev_options[] = {
     {"file", VD_OPT_REF, true},
@@ -163,6 +186,7 @@ const BlockDriver vd_drv_luks = {
     .open = luks_open,
     .close = luks_close,
     .create = luks_create,
+    .measure = luks_measure,
     .pread = luks_pread,
     .pwrite = luks_pwrite,
     .flush = luks_flush,

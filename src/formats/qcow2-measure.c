@@ -8,6 +8,7 @@
 #include <stdbool.h>
 #include <stdlib.h>
 
+#include "formats/crypt-io.h"
 #include "formats/qcow2-check.h"
 #include "formats/qcow2-format.h"
 
@@ -144,7 +145,17 @@ int qcow2_measure(const VdCreateOptions *opts, BlockNode *src, uint64_t *require
         needed = virtual_size;
     }
     uint64_t full = prealloc_size(virtual_size, cs, refcount_order, opts->extended_l2);
-    *fully_allocated = full;
-    *required = full - virtual_size + needed;
+    /* an encrypted image's LUKS header takes whole clusters after the metadata (QEMU's count) */
+    uint64_t luks = 0;
+    if (opts->encrypt_format) {
+        int r = vd_crypt_header_size(&opts->luks, opts->key_secret, "encrypt.key-secret", &luks,
+                                     errp);
+        if (r < 0) {
+            return r;
+        }
+        luks = div_round_up(luks, cs) * cs;
+    }
+    *fully_allocated = full + luks;
+    *required = full + luks - virtual_size + needed;
     return 0;
 }
