@@ -157,18 +157,18 @@ static int parse_create_opts(const VdCreateOptions *o, uint32_t *cbits, uint32_t
     *rorder = (uint32_t)__builtin_ctz((unsigned)rb);
     if (*version == 2 && rb != 16) {
         vd_error_setg(errp, EINVAL, "Different refcount widths than 16 bits require "
-                      "compatibility level 1.1 or above (use compat=1.1 or greater)");
+                      "compatibility level 1.1 or above (use version=v3 or greater)");
         return -EINVAL;
     }
     if (*version == 2 && o->lazy_refcounts) {
         vd_error_setg(errp, EINVAL, "Lazy refcounts only supported with compatibility level 1.1 "
-                      "and above (use compat=1.1 or greater)");
+                      "and above (use version=v3 or greater)");
         return -EINVAL;
     }
     if (o->extended_l2) {
         if (*version == 2) {
             vd_error_setg(errp, EINVAL, "Extended L2 entries are only supported with "
-                          "compatibility level 1.1 and above (use compat=1.1 or greater)");
+                          "compatibility level 1.1 and above (use version=v3 or greater)");
             return -EINVAL;
         }
         if (cs < 16384) {
@@ -199,7 +199,7 @@ static int parse_create_opts(const VdCreateOptions *o, uint32_t *cbits, uint32_t
         }
         if (*version == 2) {
             vd_error_setg(errp, EINVAL, "Non-zlib compression type is only supported with "
-                          "compatibility level 1.1 and above (use compat=1.1 or greater)");
+                          "compatibility level 1.1 and above (use version=v3 or greater)");
             return -EINVAL;
         }
         *ctype = QCOW2_COMPRESSION_ZSTD;

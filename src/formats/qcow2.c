@@ -1029,10 +1029,10 @@ static int qcow2_change_backing_file(BlockNode *bs, const char *backing_file,
         free(nfmt);
         free(buf);
         vd_mutex_unlock(&s->lock);
-        if (ret == -ENOSPC) {
-            vd_error_setg(errp, EINVAL, "qcow2: the backing file name does not fit in the "
+        if (ret == -ENOSPC) { /* ENOSPC as QEMU's: qemu-img words that case itself */
+            vd_error_setg(errp, ENOSPC, "qcow2: the backing file name does not fit in the "
                           "header cluster");
-            return -EINVAL;
+            return -ENOSPC;
         }
         vd_error_setg_errno(errp, -ret, "qcow2: could not update the header");
         return ret;

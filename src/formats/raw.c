@@ -40,9 +40,14 @@ static int raw_open(BlockNode *bs, const VdOpenOptions *opts, VdError **errp)
     }
     s->probed = opts->format == NULL;
     if (s->probed && !bs->read_only) {
-        vd_log(VD_LOG_WARN, "Image format was not specified for '%s' and probing guessed raw; "
-               "writes that would change the detected format are refused. Specify the format "
-               "(-f raw) to remove the restrictions.", bs->filename);
+        /* QEMU's words and lines, naming the file (raw_check_write is the restriction) */
+        vd_log_verbatim(VD_LOG_WARN,
+                        "WARNING: Image format was not specified for '%s' and probing guessed "
+                        "raw.\n"
+                        "         Automatically detecting the format is dangerous for raw images, "
+                        "write operations on block 0 will be restricted.\n"
+                        "         Specify the 'raw' format explicitly to remove the restrictions."
+                        "\n", bs->file->filename);
     }
     return 0;
 }

@@ -150,18 +150,6 @@ static void amend_progress(void *opaque, uint64_t done, uint64_t total)
     progress_print(total ? 100.0f * (float)done / (float)total : 100.0f, 0);
 }
 
-/* Join the -o arguments with ',' as qemu-img does (later keys win). */
-static int add_optstr(char **all, const char *arg)
-{
-    char *n = NULL;
-    if (asprintf(&n, "%s%s%s", *all ? *all : "", *all ? "," : "", arg) < 0) {
-        return -1;
-    }
-    free(*all);
-    *all = n;
-    return 0;
-}
-
 int img_amend(int argc, char **argv)
 {
     enum { OPT_FORCE = OPT_OBJECT + 1 };
@@ -183,8 +171,7 @@ int img_amend(int argc, char **argv)
     while ((c = getopt_long(argc, argv, ":ho:f:t:pq", longopts, NULL)) != -1) {
         switch (c) {
         case 'o':
-            if (add_optstr(&optstr, optarg) < 0) {
-                tool_error("out of memory");
+            if (tool_append_opts(&optstr, optarg) < 0) {
                 goto out;
             }
             break;
@@ -198,7 +185,7 @@ int img_amend(int argc, char **argv)
         }
     }
     if (!optstr) {
-        tool_error("Must specify options (-o)");
+        tool_usage_error("Must specify options (-o)");
         goto out;
     }
     if (tool_opts_parse(&o, optstr) < 0) {
@@ -207,11 +194,12 @@ int img_amend(int argc, char **argv)
     }
     bool help = tool_opts_get(&o, "help") || tool_opts_get(&o, "?");
     const char *filename = optind == argc - 1 ? argv[optind] : NULL;
-    if (help && fmt && !filename) {
+    if (help && fmt) { /* with or without a file name, as qemu-img */
         ret = print_amend_help(fmt);
         goto out;
     }
-    if (!(filename = tool_one_image(argc, argv))) {
+    if (!filename) { /* qemu-img's amend says it without the usage hint */
+        tool_error("Expecting one image file name");
         goto out;
     }
     int flags;

@@ -91,12 +91,10 @@ static void *bench_worker(void *arg)
 static int bench_num(const char *arg, bool sized, uint64_t min, uint64_t max, const char *what,
                      uint64_t *out)
 {
-    int r = sized ? tool_parse_size(arg, out) : tool_parse_uint(arg, out);
-    if (r < 0 && sized) {
-        tool_invalid_size(what);
-        return -1;
+    if (sized) {
+        return tool_cvtnum(what, arg, min, max, out);
     }
-    if (r < 0 || *out < min || *out > max) {
+    if (tool_parse_uint(arg, out) < 0 || *out < min || *out > max) {
         tool_error("Invalid %s specified", what);
         return -1;
     }
@@ -107,6 +105,7 @@ int img_bench(int argc, char **argv)
 {
     static const struct option longopts[] = {
         { "help", no_argument, NULL, 'h' },
+        { "force-share", no_argument, NULL, 'U' },
         { "flush-interval", required_argument, NULL, OPT_FLUSH_INTERVAL },
         { "pattern", required_argument, NULL, OPT_PATTERN },
         { "no-drain", no_argument, NULL, OPT_NO_DRAIN },

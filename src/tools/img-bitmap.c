@@ -63,6 +63,9 @@ int img_bitmap(int argc, char **argv)
         { "enable", no_argument, NULL, OPT_ENABLE },
         { "disable", no_argument, NULL, OPT_DISABLE },
         { "merge", required_argument, NULL, OPT_MERGE },
+        { "granularity", required_argument, NULL, 'g' },
+        { "source-file", required_argument, NULL, 'b' },
+        { "source-format", required_argument, NULL, 'F' },
         { NULL, 0, NULL, 0 }
     };
     const char *fmt = NULL, *src_filename = NULL, *src_fmt = NULL;
@@ -82,8 +85,7 @@ int img_bitmap(int argc, char **argv)
         case 'F': src_fmt = optarg; break;
         case 'f': fmt = optarg; break;
         case 'g':
-            if (tool_parse_size(optarg, &granularity) < 0) {
-                tool_invalid_size("granularity");
+            if (tool_cvtnum("granularity", optarg, 0, INT64_MAX, &granularity) < 0) {
                 goto out;
             }
             break;

@@ -102,6 +102,12 @@ int img_commit(int argc, char **argv)
         return 1;
     }
     if (!probe->backing) {
+        /* qemu-img opened the image read-write before finding out: so does this, quietly, for
+         * the warnings such an open gives (a probed raw image's) */
+        VdError *werr = NULL;
+        vd_node_unref(vd_open_image(probe->filename, fmt, tool_open_flags(VD_OPEN_RDWR, false),
+                                    &werr));
+        vd_error_free(werr);
         tool_error("Image does not have a backing file");
         vd_node_unref(probe);
         return 1;
@@ -409,9 +415,14 @@ int img_rebase(int argc, char **argv)
     if (!filename) {
         return 1;
     }
-    if (!new_name) {
-        tool_error("Must specify backing file (-b)");
+    if (!new_name && !unsafe) {
+        tool_usage_error("Must specify backing file (-b) or use unsafe mode (-u)");
         return 1;
+    }
+    /* -u alone drops the backing file name, as qemu-img's (whose messages then say "(null)") */
+    const char *shown_name = new_name ? new_name : "(null)";
+    if (!new_name) {
+        new_name = "";
     }
     bool flatten = new_name[0] == '\0';
     if (!flatten && !new_fmt) {
@@ -582,7 +593,10 @@ int img_rebase(int argc, char **argv)
 
     if (vd_change_backing_file(bs, flatten ? NULL : new_name, flatten ? NULL : new_fmt,
                                &err) < 0) {
-        tool_error("Could not change the backing file to '%s': %s", new_name, vd_error_msg(err));
+        /* qemu-img's words: the errno's, or its own for a header with no room for the name */
+        int code = vd_error_code(err);
+        tool_error("Could not change the backing file to '%s': %s", shown_name,
+                   code == ENOSPC ? "No space left in the file header" : strerror(code));
         vd_error_free(err);
         goto out;
     }

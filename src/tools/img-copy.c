@@ -101,15 +101,15 @@ int img_compare(int argc, char **argv)
         case 's': strict = true; break;
         case 'U': force_share = true; break;
         case 'h': tool_print_usage("compare"); return 0;
-        default: tool_bad_option(argv[0], c, argv[optind - 1]); return 2;
+        default: tool_bad_option(argv[0], c, argv[optind - 1]); return 1;
         }
     }
     if (quiet) {
         progress = false;
     }
-    if (optind != argc - 2) {
-        tool_error("Expecting two image file names");
-        return 2;
+    if (optind != argc - 2) { /* usage errors exit 1, as in qemu-img (not compare's 2) */
+        tool_usage_error("Expecting two image file names");
+        return 1;
     }
     const char *filename1 = argv[optind], *filename2 = argv[optind + 1];
     int cflags;
@@ -881,16 +881,11 @@ int img_convert(int argc, char **argv)
         case 'F': base_fmt = optarg; break;
         case 'C': copy_range = true; break;
         case 'c': compress = true; break;
-        case 'o': {
-            char *n;
-            if (optstr ? asprintf(&n, "%s,%s", optstr, optarg) < 0 : !(n = strdup(optarg))) {
-                tool_error("out of memory");
+        case 'o':
+            if (tool_append_opts(&optstr, optarg) < 0) {
                 goto out;
             }
-            free(optstr);
-            optstr = n;
             break;
-        }
         case 'l':
             tool_opts_free(&snap.opts);
             if (tool_snapshot_param_parse(optarg, &snap) < 0) {
@@ -899,7 +894,10 @@ int img_convert(int argc, char **argv)
             break;
         case 'S': {
             uint64_t v;
-            if (tool_parse_size(optarg, &v) < 0 || v % SECTOR || v / SECTOR > 32768) {
+            if (tool_cvtnum("buffer size for sparse output", optarg, 0, INT64_MAX, &v) < 0) {
+                goto out;
+            }
+            if (v % SECTOR || v / SECTOR > 32768) {
                 tool_error("Invalid buffer size for sparse output specified. Valid sizes are "
                            "multiples of 512 up to 16777216. Select 0 to disable sparse "
                            "detection (fully allocates output).");
@@ -1023,7 +1021,7 @@ int img_convert(int argc, char **argv)
 
     if (!skip_create) {
         CreateSpec spec;
-        if (tool_create_options(&spec, out_fmt, &o, out_filename) < 0) {
+        if (tool_create_options(&spec, out_fmt, &o, out_filename, TOOL_OPTS_CONVERT) < 0) {
             goto out;
         }
         if (out_base) {
@@ -1060,7 +1058,7 @@ int img_convert(int argc, char **argv)
         spec.co.unsafe = true; /* the backing is opened below, with the target */
         VdError *err = NULL;
         if (vd_create(&spec.co, out_filename, &err) < 0) {
-            tool_report(err, out_filename);
+            tool_create_report(err, out_fmt, out_filename, TOOL_OPTS_CONVERT);
             goto out;
         }
         s.has_zero_init = !out_base;

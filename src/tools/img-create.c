@@ -12,25 +12,7 @@
 
 #include "tools/tool.h"
 
-/* Append "-o" text to an accumulated option string (multiple -o are joined with ','). */
-static int append_opts(char **acc, const char *add)
-{
-    char *n;
-    if (*acc) {
-        if (asprintf(&n, "%s,%s", *acc, add) < 0) {
-            return -1;
-        }
-        free(*acc);
-    } else {
-        n = strdup(add);
-        if (!n) {
-            return -1;
-        }
-    }
-    *acc = n;
-    return 0;
-}
-
+/* -o help (or -o ?) asks for the option list */
 static bool opts_want_help(const ToolOpts *o)
 {
     for (int i = 0; i < o->n; i++) {
@@ -60,8 +42,7 @@ int img_create(int argc, char **argv)
         case 'u': unsafe = true; break;
         case 'q': quiet = true; break;
         case 'o':
-            if (append_opts(&optstr, optarg) < 0) {
-                tool_error("out of memory");
+            if (tool_append_opts(&optstr, optarg) < 0) {
                 goto out;
             }
             break;
@@ -70,41 +51,44 @@ int img_create(int argc, char **argv)
         default: tool_bad_option(argv[0], c, argv[optind - 1]); goto out;
         }
     }
-    if (!tool_create_format(fmt, optstr, &o)) {
+    /* qemu-img's order: the option list's help, the operands, then the format (named after
+     * the file, as bdrv_img_create's errors are) */
+    if (optstr && tool_opts_parse(&o, optstr) < 0) {
+        tool_error("out of memory");
         goto out;
     }
     if (opts_want_help(&o)) {
-        tool_print_create_help(fmt, optind < argc ? argv[optind] : NULL);
-        ret = 0;
+        if (tool_create_format(fmt, NULL, &o)) {
+            tool_print_create_help(fmt, optind < argc ? argv[optind] : NULL);
+            ret = 0;
+        }
         goto out;
     }
     if (optind >= argc) {
-        tool_error("Expecting image file name");
+        tool_usage_error("Expecting image file name");
         goto out;
     }
     const char *filename = argv[optind++];
     uint64_t img_size = 0;
     bool size_given = false;
     if (optind < argc) {
-        int r = tool_parse_size(argv[optind++], &img_size);
-        if (r == -ERANGE || (r == 0 && img_size > INT64_MAX)) {
-            tool_error("Invalid image size specified. Must be between 0 and "
-                       "9223372036854775807.");
-            goto out;
-        }
-        if (r < 0) {
-            tool_invalid_size("image size");
+        if (tool_cvtnum("image size", argv[optind++], 0, INT64_MAX, &img_size) < 0) {
             goto out;
         }
         size_given = true;
     }
     if (optind != argc) {
-        tool_error("Unexpected argument: %s", argv[optind]);
+        tool_usage_error("Unexpected argument: %s", argv[optind]);
+        goto out;
+    }
+    const BlockDriver *drv = vd_find_driver(fmt);
+    if (!drv || drv->is_protocol) {
+        tool_error("%s: Unknown file format '%s'", filename, fmt);
         goto out;
     }
 
     CreateSpec spec;
-    if (tool_create_options(&spec, fmt, &o, filename) < 0) {
+    if (tool_create_options(&spec, fmt, &o, filename, TOOL_OPTS_CREATE) < 0) {
         goto out;
     }
     VdCreateOptions *co = &spec.co;
@@ -124,7 +108,7 @@ int img_create(int argc, char **argv)
         goto out;
     }
     if (co->backing_file) {
-        if (!vd_find_driver(fmt)->supports_backing) {
+        if (!drv->supports_backing) {
             tool_error("%s: Backing file not supported for file format '%s'", filename, fmt);
             goto out;
         }
@@ -148,8 +132,9 @@ int img_create(int argc, char **argv)
                                           VD_OPEN_NO_BACKING | VD_OPEN_FORCE_SHARE, &err);
             free(path);
             if (!bs) {
-                tool_error("%s: %s (Could not open backing image.)", filename,
-                           vd_error_msg(err));
+                /* qemu-img's hint, on a line of its own */
+                tool_error("%s: %s", filename, vd_error_msg(err));
+                fputs("Could not open backing image.\n", stderr);
                 vd_error_free(err);
                 goto out;
             }
@@ -203,7 +188,7 @@ int img_resize(int argc, char **argv)
             tool_print_usage("resize");
             return 0;
         }
-        tool_error("Expecting image file name and size");
+        tool_usage_error("Not enough arguments");
         return 1;
     }
     const char *size_arg = argv[--argc];
@@ -236,7 +221,7 @@ int img_resize(int argc, char **argv)
         }
     }
     if (optind != argc - 1) {
-        tool_error("Expecting image file name and size");
+        tool_usage_error("Expecting image file name and size");
         return 1;
     }
     const char *filename = argv[optind];
@@ -251,8 +236,7 @@ int img_resize(int argc, char **argv)
     }
     uint64_t n;
     if (tool_parse_size(p, &n) < 0 || n > INT64_MAX) {
-        tool_error("Parameter 'size' expects a non-negative number below 2^64 (optional suffix "
-                   "k, M, G, T, P or E)");
+        tool_size_opt_error("", "size");
         return 1;
     }
     BlockNode *bs = tool_open(filename, fmt, VD_OPEN_RDWR);
@@ -332,8 +316,7 @@ int img_measure(int argc, char **argv)
         case 'f': fmt = optarg; break;
         case 'O': out_fmt = optarg; break;
         case 'o':
-            if (append_opts(&optstr, optarg) < 0) {
-                tool_error("out of memory");
+            if (tool_append_opts(&optstr, optarg) < 0) {
                 goto out;
             }
             break;
@@ -344,10 +327,14 @@ int img_measure(int argc, char **argv)
             }
             break;
         case 'U': force_share = true; break;
-        case OPT_OUTPUT: output = optarg; break;
+        case OPT_OUTPUT: /* checked here, as qemu-img's measure does */
+            output = optarg;
+            if (tool_parse_output(output) < 0) {
+                goto out;
+            }
+            break;
         case OPT_SIZE:
-            if (tool_parse_size(optarg, &img_size) < 0 || img_size > INT64_MAX) {
-                tool_invalid_size("image size");
+            if (tool_cvtnum("image size", optarg, 0, INT64_MAX, &img_size) < 0) {
                 goto out;
             }
             size_given = true;
@@ -363,7 +350,11 @@ int img_measure(int argc, char **argv)
     }
     const char *filename = optind < argc ? argv[optind] : NULL;
     if (optind < argc - 1) {
-        tool_error("Expecting at most one filename");
+        tool_error("At most one filename argument is allowed.");
+        goto out;
+    }
+    if (!filename && (tool_image_opts || fmt || snap.given || snap.id_or_name)) {
+        tool_error("--image-opts, -f, and -l require a filename argument.");
         goto out;
     }
     if (filename && size_given) {
@@ -388,7 +379,7 @@ int img_measure(int argc, char **argv)
         goto out;
     }
     CreateSpec spec;
-    if (tool_create_options(&spec, out_fmt, &o, filename ? filename : "measure") < 0) {
+    if (tool_create_options(&spec, out_fmt, &o, filename, TOOL_OPTS_MEASURE) < 0) {
         goto out;
     }
     if (filename) {

@@ -16,12 +16,6 @@ typedef struct DdArgs {
     const char *in, *out;
 } DdArgs;
 
-static int bad_number(const char *what)
-{
-    tool_invalid_size(what);
-    return -1;
-}
-
 /* One "name=value" operand; 0 or -1 after the error is printed. */
 static int dd_operand(DdArgs *a, const char *arg)
 {
@@ -29,21 +23,17 @@ static int dd_operand(DdArgs *a, const char *arg)
     size_t klen = eq ? (size_t)(eq - arg) : 0;
     const char *v = eq ? eq + 1 : "";
     if (klen == 2 && !strncmp(arg, "bs", 2)) {
-        if (tool_parse_size(v, &a->bs) < 0) {
-            return bad_number("bs");
-        }
-        if (a->bs < 1 || a->bs > INT32_MAX) {
-            tool_error("Invalid bs specified. Must be between 1 and 2147483647.");
+        if (tool_cvtnum("bs", v, 1, INT32_MAX, &a->bs) < 0) {
             return -1;
         }
     } else if (klen == 5 && !strncmp(arg, "count", 5)) {
-        if (tool_parse_size(v, &a->count) < 0 || a->count > INT64_MAX) {
-            return bad_number("count");
+        if (tool_cvtnum("count", v, 0, INT64_MAX, &a->count) < 0) {
+            return -1;
         }
         a->has_count = true;
     } else if (klen == 4 && !strncmp(arg, "skip", 4)) {
-        if (tool_parse_size(v, &a->skip) < 0 || a->skip > INT64_MAX) {
-            return bad_number("skip");
+        if (tool_cvtnum("skip", v, 0, INT64_MAX, &a->skip) < 0) {
+            return -1;
         }
         a->has_skip = true;
     } else if (klen == 2 && !strncmp(arg, "if", 2)) {
@@ -61,6 +51,7 @@ int img_dd(int argc, char **argv)
 {
     static const struct option longopts[] = {
         { "help", no_argument, NULL, 'h' },
+        { "force-share", no_argument, NULL, 'U' },
         { NULL, 0, NULL, 0 }
     };
     const char *fmt = NULL, *out_fmt = "raw";
@@ -110,7 +101,7 @@ int img_dd(int argc, char **argv)
     uint64_t in_pos = skip_past ? size : a.skip * a.bs;
     uint64_t out_size = size - in_pos;
     CreateSpec spec;
-    if (tool_create_options(&spec, out_fmt, &o, a.out) < 0) {
+    if (tool_create_options(&spec, out_fmt, &o, a.out, TOOL_OPTS_CREATE) < 0) {
         goto out;
     }
     spec.co.size = out_size;

@@ -315,28 +315,26 @@ int img_map(int argc, char **argv)
         { "format", required_argument, NULL, 'f' },
         { "output", required_argument, NULL, OPT_OUTPUT },
         { "force-share", no_argument, NULL, 'U' },
-        { "start-offset", required_argument, NULL, OPT_START_OFFSET },
-        { "max-length", required_argument, NULL, OPT_MAX_LENGTH },
+        { "start-offset", required_argument, NULL, 's' },
+        { "max-length", required_argument, NULL, 'l' },
         { NULL, 0, NULL, 0 }
     };
     const char *fmt = NULL, *output = NULL;
     bool force_share = false;
     uint64_t start = 0, max_length = UINT64_MAX;
     int c;
-    while ((c = getopt_long(argc, argv, ":hf:U", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, ":hf:s:l:U", longopts, NULL)) != -1) {
         switch (c) {
         case 'f': fmt = optarg; break;
         case OPT_OUTPUT: output = optarg; break;
         case 'U': force_share = true; break;
-        case OPT_START_OFFSET:
-            if (tool_parse_size(optarg, &start) < 0 || start > INT64_MAX) {
-                tool_invalid_size("start offset");
+        case 's':
+            if (tool_cvtnum("start offset", optarg, 0, INT64_MAX, &start) < 0) {
                 return 1;
             }
             break;
-        case OPT_MAX_LENGTH:
-            if (tool_parse_size(optarg, &max_length) < 0 || max_length > INT64_MAX) {
-                tool_invalid_size("max length");
+        case 'l':
+            if (tool_cvtnum("max length", optarg, 0, INT64_MAX, &max_length) < 0) {
                 return 1;
             }
             break;
@@ -516,8 +514,8 @@ int img_check(int argc, char **argv)
             } else if (!strcmp(optarg, "all")) {
                 fix = VD_FIX_LEAKS | VD_FIX_ERRORS;
             } else {
-                tool_error("Unknown option value for -r (expecting 'leaks' or 'all'): %s",
-                           optarg);
+                tool_usage_error("Unknown option value for -r (expecting 'leaks' or 'all'): "
+                                 "%s", optarg);
                 return 1;
             }
             break;

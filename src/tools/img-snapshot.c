@@ -34,6 +34,7 @@ int img_snapshot(int argc, char **argv)
 {
     static const struct option longopts[] = {
         { "help", no_argument, NULL, 'h' },
+        { "force-share", no_argument, NULL, 'U' },
         { NULL, 0, NULL, 0 }
     };
     char action = 0;
@@ -44,7 +45,7 @@ int img_snapshot(int argc, char **argv)
         switch (c) {
         case 'l': case 'a': case 'c': case 'd':
             if (action) {
-                tool_error("Cannot mix '-l', '-a', '-c', '-d'");
+                tool_usage_error("Cannot mix '-l', '-a', '-c', '-d'");
                 return 1;
             }
             action = (char)c;

@@ -20,8 +20,7 @@ static double mono_now(void)
 
 int tool_parse_rate(const char *arg, uint64_t *rate)
 {
-    if (tool_parse_size(arg, rate) < 0 || *rate > INT64_MAX) {
-        tool_invalid_size("rate limit");
+    if (tool_cvtnum("rate limit", arg, 0, INT64_MAX, rate) < 0) {
         return -EINVAL;
     }
     return 0;

@@ -2,7 +2,8 @@
  * tool.h - shared helpers of the offline `vdisk` tool (qemu-img / qemu-io compatible front end).
  *
  * Every command is `int img_<name>(int argc, char **argv)` with argv[0] = the command name; it
- * returns the process exit status. Errors reach the user as ONE line "vdisk: ..." on stderr.
+ * returns the process exit status. Errors reach the user as "vdisk: ..." lines on stderr, worded
+ * and split into lines as qemu-img 7.2 does (usage errors add qemu-img's "Try ..." line).
  * The tool never implements image-format logic: everything goes through src/block/block.h.
  */
 #ifndef VDISK_TOOLS_TOOL_H
@@ -27,8 +28,6 @@ extern bool tool_allow_probe;
 enum {
     OPT_OUTPUT = 256,
     OPT_BACKING_CHAIN,
-    OPT_START_OFFSET,
-    OPT_MAX_LENGTH,
     OPT_SIZE,
     OPT_SHRINK,
     OPT_PREALLOCATION,
@@ -44,13 +43,23 @@ void tool_print_usage(const char *cmd);
 void tool_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* Print err (optionally prefixed "prefix: ") and free it. */
 void tool_report(VdError *err, const char *prefix);
-/* getopt helpers: report an unknown option / missing argument the qemu-img way. */
+/*
+ * A usage error as qemu-img's error_exit prints it: "vdisk: msg", then the line
+ * "Try 'vdisk --help' for more information". The caller exits 1.
+ */
+void tool_usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* getopt helpers: report an unknown option / missing argument the qemu-img way (a usage error). */
 void tool_bad_option(const char *cmd, int optopt_char, const char *arg);
 
 /* Parse a size with optional k/M/G/T/P/E suffix (qemu_strtosz rules; fractions allowed). */
 int tool_parse_size(const char *s, uint64_t *out);
 /* qemu-img's cvtnum message for a size it cannot parse (on one line; qemu-img uses two). */
 void tool_invalid_size(const char *what);
+/*
+ * qemu-img's cvtnum: VALUE as a size in [min, max] into *out; -1 after its message ("Invalid NAME
+ * specified. You may use k, M, ..." for junk, "... Must be between MIN and MAX." out of range).
+ */
+int tool_cvtnum(const char *name, const char *value, uint64_t min, uint64_t max, uint64_t *out);
 /* Parse a plain non-negative integer (decimal/hex/octal) fully; -EINVAL on junk. */
 int tool_parse_uint(const char *s, uint64_t *out);
 /* Parse an --output argument; returns 0 human, 1 json, -1 error (already reported). */
@@ -143,6 +152,9 @@ typedef struct ToolOpts {
     int n;
 } ToolOpts;
 int tool_opts_parse(ToolOpts *o, const char *s);
+/* Add one -o argument to *acc (joined with ','; later keys win); qemu-img's "Invalid option
+ * list" (or out of memory) is printed and -1 returned when it cannot be added. */
+int tool_append_opts(char **acc, const char *arg);
 const char *tool_opts_get(const ToolOpts *o, const char *key);
 void tool_opts_free(ToolOpts *o);
 /* The image format (not a protocol) named FMT, with the -o string OPTSTR (may be NULL) parsed into
@@ -159,7 +171,19 @@ typedef struct CreateSpec {
     const ToolOpts *o;
     char size_buf[32];
 } CreateSpec;
-int tool_create_options(CreateSpec *spec, const char *fmt, const ToolOpts *o, const char *filename);
+/*
+ * Who reads the -o list decides how its errors read, as in qemu-img: create puts "FILE: " before
+ * every one; convert names nothing for a malformed list and says "FILE: error while converting
+ * FMT: " before a value the format refuses; measure names nothing and ends a malformed list's
+ * error with "Invalid options for file format 'FMT'".
+ */
+typedef enum { TOOL_OPTS_CREATE, TOOL_OPTS_CONVERT, TOOL_OPTS_MEASURE } ToolOptsUse;
+int tool_create_options(CreateSpec *spec, const char *fmt, const ToolOpts *o, const char *filename,
+                        ToolOptsUse use);
+/* A create error of the library (vd_create's), as USE's qemu-img command words it. */
+void tool_create_report(VdError *err, const char *fmt, const char *filename, ToolOptsUse use);
+/* QEMU's three lines for a size option (or resize's size) it cannot parse, after PREFIX. */
+void tool_size_opt_error(const char *prefix, const char *name);
 /* "Formatting 'f', fmt=qcow2 cluster_size=65536 ..." exactly like qemu-img. */
 void tool_print_formatting(const char *filename, const CreateSpec *spec);
 /* Print the -o help for a format. */

@@ -14,6 +14,7 @@
 
 #include "tools/tool.h"
 #include "tools/virsh.h"
+#include "util/qjson.h"
 #include "util/secret.h"
 
 bool tool_allow_probe;
@@ -40,14 +41,24 @@ void tool_report(VdError *err, const char *prefix)
     vd_error_free(err);
 }
 
+void tool_usage_error(const char *fmt, ...)
+{
+    va_list ap;
+    fflush(stdout);
+    fputs(TOOL_NAME ": ", stderr);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputs("\nTry '" TOOL_NAME " --help' for more information\n", stderr);
+}
+
 void tool_bad_option(const char *cmd, int c, const char *arg)
 {
     (void)cmd;
-    /* qemu-img's words; its "Try 'qemu-img --help'" second line is left out (one-line errors) */
     if (c == ':') {
-        tool_error("missing argument for option '%s'", arg);
+        tool_usage_error("missing argument for option '%s'", arg);
     } else {
-        tool_error("unrecognized option '%s'", arg);
+        tool_usage_error("unrecognized option '%s'", arg);
     }
 }
 
@@ -58,6 +69,23 @@ void tool_invalid_size(const char *what)
     /* qemu-img's two lines, each with the program's name */
     tool_error("Invalid %s specified. You may use k, M, G, T, P or E suffixes for", what);
     tool_error("kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.");
+}
+
+int tool_cvtnum(const char *name, const char *value, uint64_t min, uint64_t max, uint64_t *out)
+{
+    uint64_t v;
+    int r = tool_parse_size(value, &v);
+    if (r < 0 && r != -ERANGE) {
+        tool_invalid_size(name);
+        return -1;
+    }
+    if (r < 0 || v < min || v > max) {
+        tool_error("Invalid %s specified. Must be between %" PRIu64 " and %" PRIu64 ".", name,
+                   min, max);
+        return -1;
+    }
+    *out = v;
+    return 0;
 }
 
 int tool_parse_uint(const char *s, uint64_t *out)
@@ -159,7 +187,7 @@ int tool_parse_output(const char *arg)
 const char *tool_one_image(int argc, char **argv)
 {
     if (optind != argc - 1) {
-        tool_error("Expecting one image file name");
+        tool_usage_error("Expecting one image file name");
         return NULL;
     }
     return argv[optind];
@@ -363,114 +391,16 @@ void progress_end(void)
 
 /* ---- QEMU-style JSON ---- */
 
-/* QEMU's QDict hash (tdb_hash): its 512 buckets decide the key order QEMU prints. */
-static unsigned qdict_bucket(const char *name)
-{
-    unsigned value = 0x238F13AF * (unsigned)strlen(name);
-    for (unsigned i = 0; name[i]; i++) {
-        value = value + (((unsigned)(unsigned char)name[i]) << (i * 5 % 24));
-    }
-    return (1103515243 * value + 12345) % 512;
-}
-
-typedef struct {
-    const char *key;
-    json_t *val;
-    unsigned bucket;
-    int idx;
-} KeyEnt;
-
-static int keyent_cmp(const void *a, const void *b)
-{
-    const KeyEnt *x = a, *y = b;
-    if (x->bucket != y->bucket) {
-        return x->bucket < y->bucket ? -1 : 1;
-    }
-    /* Same bucket: QEMU inserts at the head, so later keys come first. */
-    return y->idx - x->idx;
-}
-
-/* Keys of obj in QEMU's iteration order; caller frees. */
-static KeyEnt *qdict_order(json_t *obj, size_t *n)
-{
-    size_t cnt = json_object_size(obj);
-    KeyEnt *ents = calloc(cnt ? cnt : 1, sizeof(*ents));
-    if (!ents) {
-        *n = 0;
-        return NULL;
-    }
-    const char *key;
-    json_t *val;
-    size_t i = 0;
-    json_object_foreach(obj, key, val) {
-        ents[i].key = key;
-        ents[i].val = val;
-        ents[i].bucket = qdict_bucket(key);
-        ents[i].idx = (int)i;
-        i++;
-    }
-    qsort(ents, i, sizeof(*ents), keyent_cmp);
-    *n = i;
-    return ents;
-}
-
-static void qjson_string(FILE *f, const char *s)
-{
-    const unsigned char *p = (const unsigned char *)s;
-    fputc('"', f);
-    while (*p) {
-        unsigned cp = *p;
-        int extra = 0;
-        if (cp >= 0x80) {
-            if ((cp & 0xE0) == 0xC0) { cp &= 0x1F; extra = 1; }
-            else if ((cp & 0xF0) == 0xE0) { cp &= 0x0F; extra = 2; }
-            else if ((cp & 0xF8) == 0xF0) { cp &= 0x07; extra = 3; }
-            else { cp = 0xFFFD; }
-            p++;
-            for (int i = 0; i < extra; i++) {
-                if ((*p & 0xC0) != 0x80) {
-                    cp = 0xFFFD;
-                    break;
-                }
-                cp = (cp << 6) | (*p++ & 0x3F);
-            }
-        } else {
-            p++;
-        }
-        switch (cp) {
-        case '"': fputs("\\\"", f); break;
-        case '\\': fputs("\\\\", f); break;
-        case '\b': fputs("\\b", f); break;
-        case '\f': fputs("\\f", f); break;
-        case '\n': fputs("\\n", f); break;
-        case '\r': fputs("\\r", f); break;
-        case '\t': fputs("\\t", f); break;
-        default:
-            if (cp < 0x20 || cp >= 0x7F) {
-                if (cp >= 0x10000) {
-                    cp -= 0x10000;
-                    fprintf(f, "\\u%04X\\u%04X", 0xD800 | (cp >> 10), 0xDC00 | (cp & 0x3FF));
-                } else {
-                    fprintf(f, "\\u%04X", cp);
-                }
-            } else {
-                fputc((int)cp, f);
-            }
-        }
-    }
-    fputc('"', f);
-}
-
 static void qjson_value(FILE *f, json_t *v, int depth)
 {
     switch (json_typeof(v)) {
     case JSON_OBJECT: {
         size_t n;
-        KeyEnt *ents = qdict_order(v, &n);
+        VdQKey *ents = vd_qdict_order(v, &n);
         fputc('{', f);
         for (size_t i = 0; i < n; i++) {
             fprintf(f, "%s\n%*s", i ? "," : "", (depth + 1) * 4, "");
-            qjson_string(f, ents[i].key);
+            vd_qjson_string(f, ents[i].key);
             fputs(": ", f);
             qjson_value(f, ents[i].val, depth + 1);
         }
@@ -490,7 +420,7 @@ static void qjson_value(FILE *f, json_t *v, int depth)
         break;
     }
     case JSON_STRING:
-        qjson_string(f, json_string_value(v));
+        vd_qjson_string(f, json_string_value(v));
         break;
     case JSON_INTEGER:
         fprintf(f, "%" JSON_INTEGER_FORMAT, json_integer_value(v));
@@ -535,7 +465,7 @@ static void dump_qlist(FILE *f, int indent, json_t *list)
 void qdict_dump_human(FILE *f, json_t *obj, int indent)
 {
     size_t n;
-    KeyEnt *ents = qdict_order(obj, &n);
+    VdQKey *ents = vd_qdict_order(obj, &n);
     for (size_t i = 0; i < n; i++) {
         bool composite = json_is_object(ents[i].val) || json_is_array(ents[i].val);
         fprintf(f, "%*s", indent * 4, "");
@@ -633,6 +563,28 @@ int tool_opts_parse(ToolOpts *o, const char *s)
     return 0;
 }
 
+int tool_append_opts(char **acc, const char *arg)
+{
+    /* qemu-img refuses a list that would merge wrongly with its neighbours once joined with
+     * ',': empty, starting with ',' or ending with an odd number of ',' (an escaped one) */
+    size_t len = strlen(arg), i = len;
+    while (i > 0 && arg[i - 1] == ',') {
+        i--;
+    }
+    if (!len || arg[0] == ',' || (len - i) % 2) {
+        tool_error("Invalid option list: %s", arg);
+        return -1;
+    }
+    char *n = NULL;
+    if (asprintf(&n, "%s%s%s", *acc ? *acc : "", *acc ? "," : "", arg) < 0) {
+        tool_error("out of memory");
+        return -1;
+    }
+    free(*acc);
+    *acc = n;
+    return 0;
+}
+
 const BlockDriver *tool_create_format(const char *fmt, const char *optstr, ToolOpts *o)
 {
     const BlockDriver *drv = vd_find_driver(fmt);
@@ -682,9 +634,111 @@ static const char *const luks_opt_names[] = {
     "hash-alg", "iter-time", "preallocation", NULL
 };
 
+/* Where -o errors go and how they read (ToolOptsUse in tool.h). */
+typedef struct OptsCtx {
+    const char *fmt, *filename;
+    ToolOptsUse use;
+} OptsCtx;
+
+void tool_size_opt_error(const char *prefix, const char *name)
+{
+    tool_error("%sParameter '%s' expects a non-negative number below 2^64", prefix, name);
+    fputs("Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
+          "and exabytes, respectively.\n", stderr);
+}
+
+/* The list itself is malformed (QemuOpts' errors: unknown key, a value of the wrong type). */
+static void opts_syntax_error(const OptsCtx *c, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+static void opts_syntax_error(const OptsCtx *c, const char *fmt, ...)
+{
+    char *msg = NULL;
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vasprintf(&msg, fmt, ap);
+    va_end(ap);
+    if (n < 0) {
+        tool_error("out of memory");
+        return;
+    }
+    if (c->use == TOOL_OPTS_CREATE) {
+        tool_error("%s: %s", c->filename, msg);
+    } else {
+        tool_error("%s", msg);
+    }
+    if (c->use == TOOL_OPTS_MEASURE) {
+        tool_error("Invalid options for file format '%s'", c->fmt);
+    }
+    free(msg);
+}
+
+/* A size-typed option's value QemuOpts cannot take: junk, or beyond 2^64. */
+static void opts_size_error(const OptsCtx *c, const char *name, const char *value, int r)
+{
+    if (r == -ERANGE) {
+        opts_syntax_error(c, "Value '%s' is out of range for parameter '%s'", value, name);
+        return;
+    }
+    char *prefix = NULL;
+    if (c->use == TOOL_OPTS_CREATE && asprintf(&prefix, "%s: ", c->filename) < 0) {
+        prefix = NULL;
+    }
+    tool_size_opt_error(prefix ? prefix : "", name);
+    free(prefix);
+    if (c->use == TOOL_OPTS_MEASURE) {
+        tool_error("Invalid options for file format '%s'", c->fmt);
+    }
+}
+
+static void create_error(const OptsCtx *c, const char *msg)
+{
+    switch (c->use) {
+    case TOOL_OPTS_CREATE: tool_error("%s: %s", c->filename, msg); break;
+    case TOOL_OPTS_CONVERT:
+        tool_error("%s: error while converting %s: %s", c->filename, c->fmt, msg);
+        break;
+    case TOOL_OPTS_MEASURE: tool_error("%s", msg); break;
+    }
+}
+
+/* The format refuses a well-formed value (the driver's create errors). */
+static void opts_value_error(const OptsCtx *c, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+static void opts_value_error(const OptsCtx *c, const char *fmt, ...)
+{
+    char *msg = NULL;
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vasprintf(&msg, fmt, ap);
+    va_end(ap);
+    if (n < 0) {
+        tool_error("out of memory");
+        return;
+    }
+    create_error(c, msg);
+    free(msg);
+}
+
+void tool_create_report(VdError *err, const char *fmt, const char *filename, ToolOptsUse use)
+{
+    OptsCtx c = { .fmt = fmt, .filename = filename, .use = use };
+    create_error(&c, vd_error_msg(err));
+    vd_error_free(err);
+}
+
+/* A number-typed option (QemuOpts' NUMBER). */
+static int opts_number(const OptsCtx *c, const char *name, const char *v, uint64_t *out)
+{
+    if (tool_parse_uint(v, out) < 0) {
+        opts_syntax_error(c, "Parameter '%s' expects a number", name);
+        return -1;
+    }
+    return 0;
+}
+
 /* The LUKS members of co from -o (names after prefix: "" for luks, "encrypt." for qcow2). */
 static int luks_create_options(VdCreateOptions *co, const ToolOpts *o, const char *prefix,
-                               const char *filename)
+                               const OptsCtx *c)
 {
     char key[64];
 #define LUKS_OPT(name) (snprintf(key, sizeof(key), "%s%s", prefix, name), tool_opts_get(o, key))
@@ -696,20 +750,19 @@ static int luks_create_options(VdCreateOptions *co, const ToolOpts *o, const cha
     co->luks.hash_alg = LUKS_OPT("hash-alg");
     const char *v = LUKS_OPT("iter-time");
 #undef LUKS_OPT
-    if (v && tool_parse_uint(v, &co->luks.iter_time) < 0) {
-        tool_error("%s: Parameter '%s' expects a number", filename, key);
+    if (v && opts_number(c, key, v, &co->luks.iter_time) < 0) {
         return -1;
     }
-    if (v && co->luks.iter_time == 0) {
-        /* qemu-img 7.2 divides by it (erratic results): refused */
-        tool_error("%s: Parameter '%s' expects a positive number", filename, key);
+    if (v && co->luks.iter_time == 0 && co->key_secret) {
+        /* qemu-img 7.2 divides by it (erratic results): refused (after its missing key check) */
+        opts_value_error(c, "Parameter '%s' expects a positive number", key);
         return -1;
     }
     return 0;
 }
 
 /* qcow2's encryption=on / encrypt.*: only encrypt.format=luks (QEMU's legacy AES is refused). */
-static int qcow2_encrypt_options(VdCreateOptions *co, const ToolOpts *o, const char *filename)
+static int qcow2_encrypt_options(VdCreateOptions *co, const ToolOpts *o, const OptsCtx *c)
 {
     const char *fmt = tool_opts_get(o, "encrypt.format");
     const char *legacy = tool_opts_get(o, "encryption");
@@ -718,41 +771,44 @@ static int qcow2_encrypt_options(VdCreateOptions *co, const ToolOpts *o, const c
         any |= !strncmp(o->v[i].key, "encrypt.", 8);
     }
     if ((legacy && strcmp(legacy, "off") != 0) || (fmt && !strcmp(fmt, "aes"))) {
-        tool_error("%s: Legacy AES-CBC qcow2 encryption (encryption=on, encrypt.format=aes) is "
-                   "not supported: use encrypt.format=luks", filename);
+        opts_value_error(c, "Legacy AES-CBC qcow2 encryption (encryption=on, "
+                         "encrypt.format=aes) is not supported: use encrypt.format=luks");
         return -1;
     }
     if (fmt && strcmp(fmt, "luks") != 0) {
-        tool_error("%s: Parameter 'encrypt.format' does not accept value '%s'", filename, fmt);
+        /* QEMU names the member inside "encrypt" */
+        opts_value_error(c, "Parameter 'format' does not accept value '%s'", fmt);
         return -1;
     }
     if (any && !fmt) {
-        tool_error("%s: Parameter 'encrypt.format' is missing", filename);
+        opts_value_error(c, "Parameter 'encrypt.format' is missing");
         return -1;
     }
     co->encrypt_format = fmt;
-    return fmt ? luks_create_options(co, o, "encrypt.", filename) : 0;
+    return fmt ? luks_create_options(co, o, "encrypt.", c) : 0;
 }
 
-static int parse_bool_opt(const char *key, const char *v, bool *out)
+static int parse_bool_opt(const OptsCtx *c, const char *key, const char *v, bool *out)
 {
     if (!strcmp(v, "on") || !strcmp(v, "yes") || !strcmp(v, "true")) {
         *out = true;
     } else if (!strcmp(v, "off") || !strcmp(v, "no") || !strcmp(v, "false")) {
         *out = false;
     } else {
-        tool_error("Parameter '%s' expects 'on' or 'off'", key);
+        opts_syntax_error(c, "Parameter '%s' expects 'on' or 'off'", key);
         return -1;
     }
     return 0;
 }
 
-int tool_create_options(CreateSpec *spec, const char *fmt, const ToolOpts *o, const char *filename)
+int tool_create_options(CreateSpec *spec, const char *fmt, const ToolOpts *o, const char *filename,
+                        ToolOptsUse use)
 {
     VdCreateOptions *co = &spec->co;
     memset(spec, 0, sizeof(*spec));
     spec->o = o;
     co->format = fmt;
+    OptsCtx ctx = { .fmt = fmt, .filename = filename ? filename : "", .use = use }, *c = &ctx;
     bool is_qcow2 = !strcmp(fmt, "qcow2"), is_luks = !strcmp(fmt, "luks");
     const char *const *names = is_qcow2 ? qcow2_opt_names
                              : is_luks ? luks_opt_names : raw_opt_names;
@@ -764,51 +820,67 @@ int tool_create_options(CreateSpec *spec, const char *fmt, const ToolOpts *o, co
             }
         }
         if (!known) {
-            tool_error("%s: Invalid parameter '%s'", filename, o->v[i].key);
+            opts_syntax_error(c, "Invalid parameter '%s'", o->v[i].key);
             return -1;
         }
     }
     const char *v;
+    int r;
     if ((v = tool_opts_get(o, "size"))) {
-        if (tool_parse_size(v, &co->size) < 0 || co->size > INT64_MAX) {
-            tool_error("%s: Parameter 'size' expects a non-negative number below 2^63", filename);
+        if ((r = tool_parse_size(v, &co->size)) < 0) {
+            opts_size_error(c, "size", v, r);
+            return -1;
+        }
+        if (co->size > INT64_MAX) {
+            opts_value_error(c, "Parameter 'size' expects a non-negative number below 2^63");
             return -1;
         }
         co->size_given = true;
     }
     co->backing_file = tool_opts_get(o, "backing_file");
     co->backing_fmt = tool_opts_get(o, "backing_fmt");
-    if ((v = tool_opts_get(o, "cluster_size"))) {
-        if (tool_parse_size(v, &co->cluster_size) < 0) {
-            tool_error("%s: Parameter 'cluster_size' expects a non-negative number below 2^64",
-                       filename);
-            return -1;
-        }
-    }
-    co->compat = tool_opts_get(o, "compat");
-    if (co->compat && strcmp(co->compat, "0.10") && strcmp(co->compat, "v2") &&
-        strcmp(co->compat, "1.1") && strcmp(co->compat, "v3")) {
-        tool_error("%s: Parameter 'version' does not accept value '%s'", filename, co->compat);
+    if ((v = tool_opts_get(o, "cluster_size")) &&
+        (r = tool_parse_size(v, &co->cluster_size)) < 0) {
+        opts_size_error(c, "cluster_size", v, r);
         return -1;
     }
     if ((v = tool_opts_get(o, "lazy_refcounts")) &&
-        parse_bool_opt("lazy_refcounts", v, &co->lazy_refcounts) < 0) {
+        parse_bool_opt(c, "lazy_refcounts", v, &co->lazy_refcounts) < 0) {
         return -1;
     }
     if ((v = tool_opts_get(o, "extended_l2")) &&
-        parse_bool_opt("extended_l2", v, &co->extended_l2) < 0) {
+        parse_bool_opt(c, "extended_l2", v, &co->extended_l2) < 0) {
         return -1;
     }
     co->data_file = tool_opts_get(o, "data_file");
     if ((v = tool_opts_get(o, "data_file_raw")) &&
-        parse_bool_opt("data_file_raw", v, &co->data_file_raw) < 0) {
+        parse_bool_opt(c, "data_file_raw", v, &co->data_file_raw) < 0) {
         return -1;
     }
-    if ((v = tool_opts_get(o, "refcount_bits"))) {
-        uint64_t rb;
-        if (tool_parse_uint(v, &rb) < 0 || rb > 64) {
-            tool_error("%s: Refcount width must be a power of two and may not exceed 64 bits",
-                       filename);
+    const char *iter_key = is_luks ? "iter-time" : "encrypt.iter-time";
+    uint64_t iter;
+    if ((v = tool_opts_get(o, iter_key)) && opts_number(c, iter_key, v, &iter) < 0) {
+        return -1;
+    }
+    uint64_t rb = 0;
+    if ((v = tool_opts_get(o, "refcount_bits")) && opts_number(c, "refcount_bits", v, &rb) < 0) {
+        return -1;
+    }
+    /* the format's own checks come after the list parsed, as qemu-img's */
+    co->compat = tool_opts_get(o, "compat");
+    if (co->compat && strcmp(co->compat, "0.10") && strcmp(co->compat, "v2") &&
+        strcmp(co->compat, "1.1") && strcmp(co->compat, "v3")) {
+        if (use == TOOL_OPTS_MEASURE) { /* qcow2_measure's own words */
+            tool_error("Invalid compatibility level: '%s'", co->compat);
+        } else {
+            opts_value_error(c, "Parameter 'version' does not accept value '%s'", co->compat);
+        }
+        return -1;
+    }
+    if (v) {
+        if (rb > 64) {
+            opts_value_error(c, "Refcount width must be a power of two and may not exceed 64 "
+                             "bits");
             return -1;
         }
         co->refcount_bits = (int)rb;
@@ -822,22 +894,25 @@ int tool_create_options(CreateSpec *spec, const char *fmt, const ToolOpts *o, co
             co->prealloc = VD_PREALLOC_FALLOC;
         } else if (!strcmp(v, "full")) {
             co->prealloc = VD_PREALLOC_FULL;
+        } else if (use == TOOL_OPTS_MEASURE) {
+            tool_error("invalid parameter value: %s", v);
+            return -1;
         } else {
-            tool_error("%s: Parameter 'preallocation' does not accept value '%s'", filename, v);
+            opts_value_error(c, "Parameter 'preallocation' does not accept value '%s'", v);
             return -1;
         }
     }
     co->compression_type = tool_opts_get(o, "compression_type");
     if (co->compression_type && strcmp(co->compression_type, "zlib") &&
         strcmp(co->compression_type, "zstd")) {
-        tool_error("%s: Parameter 'compression-type' does not accept value '%s'", filename,
-                   co->compression_type);
+        opts_value_error(c, "Parameter 'compression-type' does not accept value '%s'",
+                         co->compression_type);
         return -1;
     }
     if (is_luks) {
-        return luks_create_options(co, o, "", filename);
+        return luks_create_options(co, o, "", c);
     }
-    return is_qcow2 ? qcow2_encrypt_options(co, o, filename) : 0;
+    return is_qcow2 ? qcow2_encrypt_options(co, o, c) : 0;
 }
 
 /* " key=value" for each of names[] set in o (after prefix), in names' order. */
@@ -1129,8 +1204,8 @@ static void print_help(void)
            "\n"
            "Exit codes follow qemu-img: check exits 0 (clean), 1 (check failed), 2 (corruptions),\n"
            "3 (leaks only), 63 (format cannot be checked); compare exits 0 (identical),\n"
-           "1 (different), 2 (cannot open), 3/4 (error while comparing); other commands\n"
-           "exit 0 on success and 1 on failure.\n"
+           "1 (different, or a usage error), 2 (cannot open), 3/4 (error while comparing);\n"
+           "other commands exit 0 on success and 1 on failure.\n"
            "\n"
            "Notes (as in qemu-img): commit -b implies -d (the top image is not emptied);\n"
            "convert writes the target with cache=unsafe (no flushes) unless -t says otherwise;\n"
@@ -1240,16 +1315,33 @@ int main(int argc, char **argv)
     argv[argc] = NULL;
 
     if (argc < 2) {
-        tool_error("Not enough arguments (try '" TOOL_NAME " --help')");
+        tool_usage_error("Not enough arguments");
         return 1;
     }
-    const char *cmd = argv[1];
-    if (!strcmp(cmd, "-h") || !strcmp(cmd, "--help") || !strcmp(cmd, "help")) {
-        print_help();
-        return 0;
+    /* The options before the command, as qemu-img's ("+": stop at the command name) */
+    static const struct option main_longopts[] = {
+        { "help", no_argument, NULL, 'h' },
+        { "version", no_argument, NULL, 'V' },
+        { NULL, 0, NULL, 0 }
+    };
+    int c;
+    opterr = 0;
+    while ((c = getopt_long(argc, argv, "+:hV", main_longopts, NULL)) != -1) {
+        switch (c) {
+        case 'h':
+            print_help();
+            return 0;
+        case 'V':
+            printf("vdisk version " VDISK_VERSION "\n");
+            return 0;
+        default:
+            tool_bad_option(NULL, c, argv[optind - 1]);
+            return 1;
+        }
     }
-    if (!strcmp(cmd, "-V") || !strcmp(cmd, "--version")) {
-        printf("vdisk version " VDISK_VERSION "\n");
+    const char *cmd = argv[1];
+    if (!strcmp(cmd, "help")) {
+        print_help();
         return 0;
     }
     for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++) {
@@ -1269,6 +1361,6 @@ int main(int argc, char **argv)
             return ret;
         }
     }
-    tool_error("Command not found: %s (try '" TOOL_NAME " --help')", cmd);
+    tool_usage_error("Command not found: %s", cmd);
     return 1;
 }

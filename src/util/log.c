@@ -6,6 +6,7 @@
 #include "util/log.h"
 
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -55,20 +56,33 @@ void vd_log_set_level(VdLogLevel level)
     __atomic_store_n(&log_level, (int)level, __ATOMIC_RELAXED);
 }
 
-void vd_log(VdLogLevel level, const char *fmt, ...)
+static void log_msg(VdLogLevel level, bool tagged, const char *fmt, va_list ap)
 {
     static const char *tags[] = { "error", "warning", "info", "debug" };
-    if (!vd_log_enabled(level)) {
+    char *msg = NULL;
+    if (!vd_log_enabled(level) || vasprintf(&msg, fmt, ap) < 0) {
         return;
     }
-    char *msg = NULL;
+    if (tagged) {
+        fprintf(stderr, "vdisk[%s]: %s\n", tags[level <= VD_LOG_DEBUG ? level : VD_LOG_DEBUG], msg);
+    } else {
+        fputs(msg, stderr);
+    }
+    free(msg);
+}
+
+void vd_log(VdLogLevel level, const char *fmt, ...)
+{
     va_list ap;
     va_start(ap, fmt);
-    int n = vasprintf(&msg, fmt, ap);
+    log_msg(level, true, fmt, ap);
     va_end(ap);
-    if (n < 0) {
-        return;
-    }
-    fprintf(stderr, "vdisk[%s]: %s\n", tags[level <= VD_LOG_DEBUG ? level : VD_LOG_DEBUG], msg);
-    free(msg);
+}
+
+void vd_log_verbatim(VdLogLevel level, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    log_msg(level, false, fmt, ap);
+    va_end(ap);
 }

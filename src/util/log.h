@@ -15,6 +15,9 @@ typedef enum {
 
 /* Print "vdisk[level]: message\n" on stderr when level <= the configured threshold. */
 void vd_log(VdLogLevel level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* The same threshold, but the text as it is (no "vdisk[level]: " tag): a message whose wording a
+ * QEMU peer's users match, as QEMU prints it (the text ends with its own newline). */
+void vd_log_verbatim(VdLogLevel level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* Would vd_log(level, ...) print anything? (avoid building expensive messages) */
 int vd_log_enabled(VdLogLevel level);
 /* Override the threshold (tests, -v flags). */

@@ -306,3 +306,48 @@ def test_open_errors_word_for_word(imgs, cmd):
     pv = vdisk(*cmd, check=False)
     same_error(pq, pv)
     assert pv.returncode in (1, 2)
+
+
+# ---- the warning for a raw image whose format was probed ----
+
+@pytest.mark.parametrize("cmd", [
+    ["resize", "IMG", "2M"], ["amend", "-o", "size=1M", "IMG"], ["rebase", "-u", "-b", "", "IMG"],
+    ["rebase", "-u", "IMG"],
+    ["snapshot", "-c", "s1", "IMG"], ["commit", "IMG"], ["bitmap", "--add", "IMG", "b0"],
+    ["check", "-r", "all", "IMG"], ["info", "IMG"], ["map", "IMG"], ["compare", "IMG", "IMG"],
+    ["convert", "IMG", "out.raw"], ["convert", "-n", "-O", "raw", "IMG", "IMG2"],
+])
+def test_probed_raw_warning_word_for_word(tmp, cmd):
+    """Opened read-write without -f, a raw image gets QEMU's three-line warning (naming the
+    file) before anything else the command says; opened read-only, none - as qemu-img."""
+    os.chdir(tmp)
+    out = {}
+    for tool, argv0 in (("q", ["qemu-img"]), ("v", [VDISK])):
+        qemu_img("create", "-f", "raw", f"{tool}.raw", "1M")
+        qemu_img("create", "-f", "raw", f"{tool}2.raw", "1M")
+        args = [a.replace("IMG2", f"{tool}2.raw").replace("IMG", f"{tool}.raw") for a in cmd]
+        p = run([*argv0, *args], check=False)
+        err = p.stderr.replace(f"{tool}.raw", "IMG").replace("vdisk", "qemu-img")
+        out[tool] = (p.returncode, re.sub(r"#block\d+", "#blockN", err))  # QEMU's node names
+        if os.path.exists("out.raw"):
+            os.unlink("out.raw")
+    assert out["v"] == out["q"]
+    warned = out["q"][1].startswith("WARNING: Image format was not specified for 'IMG' and "
+                                    "probing guessed raw.\n")
+    assert warned == (cmd[0] not in ("info", "map", "compare", "convert") and cmd[:2] != ["check", "IMG"])
+
+
+@pytest.mark.parametrize("name_len", [600, 1100])
+def test_rebase_header_room_errors_as_qemu_img(tmp, name_len):
+    """A backing name with no room in a 512-byte header cluster (ENOSPC: qemu-img's own words)
+    or longer than 1023 bytes (EINVAL): the same message, the image unchanged."""
+    os.chdir(tmp)
+    for tool in ("q", "v"):
+        qemu_img("create", "-f", "qcow2", "-o", "cluster_size=512", f"{tool}.qcow2", "1M")
+    before = sha256("v.qcow2")
+    name = "x" * name_len
+    pq = qemu_img("rebase", "-u", "-b", name, "-F", "raw", "q.qcow2", check=False)
+    pv = vdisk("rebase", "-u", "-b", name, "-F", "raw", "v.qcow2", check=False)
+    same_error(pq, pv)
+    assert pv.stderr.replace("vdisk", "qemu-img") == pq.stderr
+    assert sha256("v.qcow2") == before
