@@ -849,6 +849,7 @@ int img_convert(int argc, char **argv)
         { "help", no_argument, NULL, 'h' },
         { "force-share", no_argument, NULL, 'U' },
         { "target-is-zero", no_argument, NULL, OPT_TARGET_IS_ZERO },
+        { "target-image-opts", no_argument, NULL, OPT_TARGET_IMAGE_OPTS },
         { NULL, 0, NULL, 0 }
     };
     const char *fmt = NULL, *out_fmt = NULL, *out_base = NULL, *base_fmt = NULL;
@@ -856,7 +857,7 @@ int img_convert(int argc, char **argv)
     char *optstr = NULL;
     bool compress = false, skip_create = false, progress = false, quiet = false;
     bool force_share = false, ooo = false, target_is_zero = false;
-    bool copy_range = false, explicit_sparse = false;
+    bool copy_range = false, explicit_sparse = false, tgt_image_opts = false;
     uint64_t sparse = 4096, coroutines = 8, rate = 0;
     ToolSnapParam snap = { 0 };
     int c, ret = 1;
@@ -927,6 +928,7 @@ int img_convert(int argc, char **argv)
             }
             break;
         case OPT_TARGET_IS_ZERO: target_is_zero = true; break;
+        case OPT_TARGET_IMAGE_OPTS: tgt_image_opts = true; break;
         case 'h': tool_print_usage("convert");
             ret = 0; goto out;
         default: tool_bad_option(argv[0], c, argv[optind - 1]); goto out;
@@ -935,7 +937,7 @@ int img_convert(int argc, char **argv)
     if (quiet) {
         progress = false;
     }
-    if (!out_fmt) {
+    if (!out_fmt && !tgt_image_opts) { /* the target's options name its driver */
         out_fmt = "raw";
     }
     /* qemu-img's order of these checks */
@@ -945,6 +947,10 @@ int img_convert(int argc, char **argv)
     }
     if (explicit_sparse && copy_range) {
         tool_error("Cannot enable copy offloading when -S is used");
+        goto out;
+    }
+    if (tgt_image_opts && !skip_create) {
+        tool_error("--target-image-opts requires use of -n flag");
         goto out;
     }
     if (skip_create && optstr) {
@@ -965,8 +971,10 @@ int img_convert(int argc, char **argv)
         goto out;
     }
     int nsrc = argc - optind - 1;
-    const BlockDriver *drv = tool_create_format(out_fmt, optstr, &o);
-    if (!drv) {
+    /* with --target-image-opts (and so -n) nothing is created: the target's driver counts */
+    const BlockDriver *drv = tgt_image_opts && !out_fmt ? NULL
+                                                        : tool_create_format(out_fmt, optstr, &o);
+    if (!drv && !tgt_image_opts) {
         goto out;
     }
     if (tool_opts_get(&o, "help")) { /* before the file names, as qemu-img */
@@ -987,7 +995,7 @@ int img_convert(int argc, char **argv)
         tool_error("Specifying backing image makes no sense when -n is used");
         goto out;
     }
-    if (compress && !drv->pwrite_compressed) {
+    if (compress && drv && !drv->pwrite_compressed) {
         tool_error("Compression not supported for this file format");
         goto out;
     }
@@ -1069,9 +1077,15 @@ int img_convert(int argc, char **argv)
     /* cache=unsafe (convert's default target cache, as in qemu-img): never sync the target. */
     /* an encrypted target opens with the secret it was created with (qemu-img's key secrets) */
     const char *key = tool_opts_get(&o, "key-secret");
-    s.target = tool_open_keyed(out_filename, out_fmt, VD_OPEN_RDWR | dst_cflags,
-                               key ? key : tool_opts_get(&o, "encrypt.key-secret"));
+    s.target = tgt_image_opts
+                   ? tool_open_image_opts(out_filename, out_fmt, VD_OPEN_RDWR | dst_cflags)
+                   : tool_open_keyed(out_filename, out_fmt, VD_OPEN_RDWR | dst_cflags,
+                                     key ? key : tool_opts_get(&o, "encrypt.key-secret"));
     if (!s.target) {
+        goto out;
+    }
+    if (compress && !s.target->drv->pwrite_compressed) {
+        tool_error("Compression not supported for this file format");
         goto out;
     }
     int64_t tlen = vd_getlength(s.target);

@@ -32,6 +32,7 @@ enum {
     OPT_SHRINK,
     OPT_PREALLOCATION,
     OPT_TARGET_IS_ZERO,
+    OPT_TARGET_IMAGE_OPTS,
     OPT_HELP,
     OPT_IMAGE_OPTS,
     OPT_OBJECT,
@@ -85,6 +86,8 @@ extern bool tool_image_opts;
  * filename is an option list. tool_open_plain: always a file name (convert's and dd's targets).
  */
 BlockNode *tool_open(const char *filename, const char *fmt, int flags);
+/* Open an image named by an option list (--image-opts, convert's --target-image-opts). */
+BlockNode *tool_open_image_opts(const char *optstr, const char *fmt, int flags);
 BlockNode *tool_open_plain(const char *filename, const char *fmt, int flags);
 /* tool_open of an encrypted image with the password in secret object key_secret (NULL: none). */
 BlockNode *tool_open_keyed(const char *filename, const char *fmt, int flags,

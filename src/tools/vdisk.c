@@ -292,7 +292,7 @@ int tool_cache_flags(const char *mode, int *flags)
 }
 
 /* --image-opts: FILENAME is "driver=...,file.filename=..." (QEMU's keyval). */
-static BlockNode *open_image_opts(const char *optstr, const char *fmt, int flags)
+BlockNode *tool_open_image_opts(const char *optstr, const char *fmt, int flags)
 {
     if (fmt) {
         tool_error("--image-opts and --format are mutually exclusive");
@@ -311,7 +311,7 @@ static BlockNode *open_image_opts(const char *optstr, const char *fmt, int flags
 
 BlockNode *tool_open(const char *filename, const char *fmt, int flags)
 {
-    return tool_image_opts ? open_image_opts(filename, fmt, flags)
+    return tool_image_opts ? tool_open_image_opts(filename, fmt, flags)
                            : tool_open_plain(filename, fmt, flags);
 }
 

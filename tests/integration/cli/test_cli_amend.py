@@ -207,7 +207,8 @@ def test_refused_on_images_with_bitmaps_for_downgrade(tmp_path):
 
 def test_missing_options_and_operands():
     p = vdisk("amend", "x.qcow2", check=False)
-    assert (p.returncode, p.stderr) == (1, "vdisk: Must specify options (-o)\n")
+    assert (p.returncode, p.stderr) == (1, "vdisk: Must specify options (-o)\n"
+                                           "Try 'vdisk --help' for more information\n")
     p = vdisk("amend", "-o", "compat=1.1", check=False)
     assert (p.returncode, p.stderr) == (1, "vdisk: Expecting one image file name\n")
     assert run([*["qemu-img"], "amend", "-o", "compat=1.1"], check=False).returncode == 1

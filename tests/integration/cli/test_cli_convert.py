@@ -150,6 +150,27 @@ def test_convert_no_create(src):
     assert sha256("v.raw") == sha256("src.raw")
 
 
+@pytest.mark.parametrize("target", ["driver=qcow2,file.filename={}.qcow2",
+                                    "driver=raw,file.driver=file,file.filename={}.raw"])
+def test_convert_target_image_opts(src, target):
+    """--target-image-opts (with -n): the target named by an option list, written as qemu-img
+    writes it; without -n, or with -O as well, qemu-img's refusals."""
+    for t in ("q", "v"):
+        qemu_img("create", "-f", "qcow2", f"{t}.qcow2", "8M")
+        qemu_io("-c", "write -P 7 0 8M", f"{t}.qcow2")
+        with open(f"{t}.raw", "wb") as f:
+            f.write(b"\xff" * (8 << 20))
+    convert_both(["-n", "--target-image-opts", "top.qcow2"], target.format("q"),
+                 target.format("v"))
+    out = "qcow2" if "qcow2" in target else "raw"
+    qemu_img("compare", "-f", "qcow2", "-F", out, "top.qcow2", f"v.{out}")
+    assert sha256(f"v.{out}") == sha256(f"q.{out}") or out == "qcow2"
+    for args in (["--target-image-opts"], ["-n", "--target-image-opts", "-O", out]):
+        pq, pv = convert_both([*args, "top.qcow2"], target.format("q"), target.format("v"))
+        assert pq.returncode == 1
+        assert pv.stderr.replace("vdisk", "qemu-img").replace("v.", "q.") == pq.stderr
+
+
 def test_convert_target_is_zero(src):
     qemu_img("create", "-f", "raw", "v.raw", "8M")
     vdisk("convert", "-n", "--target-is-zero", "-O", "raw", "top.qcow2", "v.raw")

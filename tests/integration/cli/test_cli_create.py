@@ -193,7 +193,8 @@ def test_resize_quiet_and_errors(tmp):
     assert vdisk("resize", "-q", p, "+1M").stdout == ""
     for bad in ("0x", "-10M"):
         r = vdisk("resize", "--shrink", p, bad, check=False)
-        assert r.returncode == 1 and r.stderr.startswith("vdisk: ") and r.stderr.count("\n") == 1
+        q = qemu_img("resize", "--shrink", p, bad, check=False)  # its size hint: three lines
+        assert (r.returncode, r.stderr.replace("vdisk", "qemu-img")) == (q.returncode, q.stderr)
     r = vdisk("resize", tmp / "missing", "1M", check=False)
     assert r.returncode == 1 and r.stderr.count("\n") == 1
 
