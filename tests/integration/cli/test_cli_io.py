@@ -177,10 +177,13 @@ def test_help_lists_the_drivers_it_has(tmp):
 
 @pytest.mark.parametrize("args", [[], ["frobnicate"], ["info"], ["info", "--bogus", "x"],
                                   ["convert", "-O"], ["map", "a", "b"]])
-def test_usage_errors_are_one_line(args):
+def test_usage_errors_as_qemu_img(args):
+    """qemu-img's message and its "Try '... --help' for more information" line, exit 1."""
     p = vdisk(*args, check=False)
-    assert p.returncode == 1
-    assert p.stderr.startswith("vdisk: ") and p.stderr.count("\n") == 1, p.stderr
+    q = qemu_img(*args, check=False)
+    assert p.returncode == q.returncode == 1
+    assert p.stderr.replace("vdisk", "qemu-img") == q.stderr
+    assert p.stderr.endswith("\nTry 'vdisk --help' for more information\n"), p.stderr
 
 
 def test_backing_without_format_needs_allow_probe(tmp):
