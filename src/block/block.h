@@ -383,7 +383,7 @@ struct BlockNode {
     void *opaque;            /* driver state, drv->state_size bytes */
     char *node_name;
     char *filename;          /* what the user named: path or URI */
-    BlockNode *file;         /* protocol child of a format node */
+    BlockNode *file;         /* protocol child of a format node (blkdebug's: its image) */
     BlockNode *backing;      /* backing child (format nodes) or NULL */
     /* A format's external data child (qcow2 data_file), set by its open, or NULL. */
     BlockNode *data_file;

@@ -42,8 +42,8 @@ typedef struct Rule {
     bool spent;        /* a once rule that fired */
 } Rule;
 
+/* The image is bs->file (QEMU's blkdebug: its "image" child), so graph walkers see the link. */
 typedef struct BlkdebugState {
-    BlockNode *image;
     pthread_mutex_t lock;
     Rule *rules;
     size_t n;
@@ -253,6 +253,7 @@ static int blkdebug_open(BlockNode *bs, const VdOpenOptions *opts, VdError **err
         return ret;
     }
     json_t *img = json_object_get(o, "image");
+    BlockNode *image = NULL;
     int flags = bs->open_flags & ~VD_OPEN_NO_BACKING;
     /* a node name (vdiskd's blockdev-add, as QSD): that node; elsewhere a string is a filename */
     BlockNode *named = json_is_string(img) ? graph_find_node(json_string_value(img)) : NULL;
@@ -262,26 +263,26 @@ static int blkdebug_open(BlockNode *bs, const VdOpenOptions *opts, VdError **err
                                                                         : "blkdebug");
     } else if (named) {
         vd_node_ref(named);
-        s->image = named;
+        image = named;
     } else if (json_is_object(img)) {
-        s->image = vd_open_options(img, flags, true, errp);
+        image = vd_open_options(img, flags, true, errp);
     } else if (json_is_string(img) || image_name) {
         const char *name = image_name ? image_name : json_string_value(img);
-        s->image = vd_open_protocol(name, flags, errp);
+        image = vd_open_protocol(name, flags, errp);
     } else {
         vd_error_setg(errp, EINVAL, "A block device must be specified for \"image\"");
     }
-    if (!s->image) {
+    if (!image) {
         free(s->rules);
         return -EINVAL;
     }
+    bs->file = image; /* the node's reference, dropped with the node after close */
     return 0;
 }
 
 static void blkdebug_close(BlockNode *bs)
 {
     BlkdebugState *s = bs->opaque;
-    vd_node_unref(s->image);
     free(s->rules);
     pthread_mutex_destroy(&s->lock);
 }
@@ -331,7 +332,7 @@ static int rule_check(BlockNode *bs, uint64_t offset, uint64_t bytes)
 
 static BlockNode *image_of(BlockNode *bs)
 {
-    return ((BlkdebugState *)bs->opaque)->image;
+    return bs->file;
 }
 
 static int blkdebug_pread(BlockNode *bs, uint64_t offset, uint64_t bytes, void *buf)
@@ -417,6 +418,7 @@ const BlockDriver vd_drv_blkdebug = {
     .pwrite_zeroes = blkdebug_pwrite_zeroes,
     .pdiscard = blkdebug_pdiscard,
     .flush = blkdebug_flush,
+    .flush_syncs_file = true, /* blkdebug_flush flushes the image (after its rule check) */
     .block_status = blkdebug_block_status,
     .getlength = blkdebug_getlength,
     .truncate = blkdebug_truncate,

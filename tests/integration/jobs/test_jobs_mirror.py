@@ -470,12 +470,15 @@ def test_export_added_during_mirror_writes_through_the_copy(tmp, cmd):
     assert_reads(tmp, tgt, "late.raw", model)
 
 
-@pytest.mark.parametrize("sync_mode", ["background", "write-blocking"])
-def test_pivot_with_a_writer_through_a_node_over_the_source(tmp, sync_mode):
+@pytest.mark.parametrize("sync_mode,via", [("background", None), ("write-blocking", None),
+                                           ("background", "blkdebug")])
+def test_pivot_with_a_writer_through_a_node_over_the_source(tmp, sync_mode, via):
     """A raw node added over the source with its own export: a client writing through it without
     pause while the guest writes too and the mirror pivots. The pivot drains that writer as well as
     the guests (no write races the drained tail) and, as QEMU's node replacement, points the node at
-    the target: every write of both, before, during and after the pivot, is in the target."""
+    the target: every write of both, before, during and after the pivot, is in the target.
+    via blkdebug: the raw node sits on a blkdebug node whose image names the source, a child link
+    the graph walkers must see as well."""
     from blockops_helpers import PipelinedGuest
     base, top, model = make_chain(tmp)
     tgt = tmp / "over.qcow2"
@@ -489,7 +492,11 @@ def test_pivot_with_a_writer_through_a_node_over_the_source(tmp, sync_mode):
             q.cmd("blockdev-mirror", job_id="mo", device="disk0", target="tgt0", sync="top",
                   copy_mode=sync_mode)
             q.get_event("BLOCK_JOB_READY", timeout=30)
-            q.cmd("blockdev-add", driver="raw", node_name="over", file="disk0")
+            under = "disk0"
+            if via:
+                q.cmd("blockdev-add", driver="blkdebug", node_name="dbg", image="disk0")
+                under = "dbg"
+            q.cmd("blockdev-add", driver="raw", node_name="over", file=under)
             q.cmd("block-export-add", type="nbd", id="late", node_name="over", name="late",
                   writable=True)
             # disjoint halves: each writer's order is its own, the model needs no order between them
