@@ -477,10 +477,26 @@ typedef struct Repoint {
     BlockNode *from, *to, *skip;
 } Repoint;
 
+/* Does `from` reach n through its children (itself included)? Bounded as the chains are. */
+static bool reaches(BlockNode *from, BlockNode *n, int depth)
+{
+    for (; from && depth < 4096; from = from->backing, depth++) {
+        if (from == n || (from->file && reaches(from->file, n, depth + 1)) ||
+            (from->data_file && reaches(from->data_file, n, depth + 1))) {
+            return true;
+        }
+    }
+    return false;
+}
+
 static void repoint_visit(BlockNode *n, void *opaque)
 {
     Repoint *r = opaque;
-    if (n == r->skip || n == r->to) {
+    /*
+     * A parent `to` reaches keeps its child (QEMU's should_update_child): a target whose own
+     * chain holds the source (target -> mid -> source) must not become mid's backing (a loop).
+     */
+    if (n == r->skip || reaches(r->to, n, 0)) {
         return;
     }
     if (n->backing == r->from) {

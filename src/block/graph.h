@@ -46,7 +46,8 @@ BlockNode *graph_backing_parent(BlockNode *bs);
 int graph_ancestors(BlockNode *bs, BlockNode ***out, size_t *n);
 /*
  * A pivot: every registered node whose file or backing child is `from` (except `skip`, and `to`
- * itself) has `to` there from now on. Its users must be drained (nothing in flight through it).
+ * and the nodes below it: no loop) has `to` there from now on. Its users must be drained
+ * (nothing in flight through it).
  */
 void graph_repoint_parents(BlockNode *from, BlockNode *to, BlockNode *skip);
 /*

@@ -578,3 +578,37 @@ def test_start_waits_for_a_write_in_flight_through_another_node(tmp):
         srv.wait()
     assert_qemu_check_clean(tgt)
     assert_reads(tmp, tgt, "delay.raw", model)
+
+
+def test_pivot_onto_a_target_whose_chain_holds_the_source(tmp):
+    """A user-built target chain that contains the source: tgt -> mid -> disk0 (the served
+    source). The pivot points the nodes over the source at the target except those the target
+    itself reaches (QEMU's should_update_child): mid keeps disk0, no tgt -> mid -> tgt loop, and the
+    guest reads and writes the chain on. (QSD refuses this blockdev-mirror outright: disk0 has a
+    parent, "Need a root block node"; vdiskd copies a node another one backs when an export serves
+    it, so it must repoint without a loop.)"""
+    base, top, model = make_chain(tmp)
+    mid, tgt = tmp / "mid.qcow2", tmp / "tgt.qcow2"
+    for p in (mid, tgt):
+        qemu_img("create", "-q", "-f", "qcow2", p, SIZE)
+    rng = random.Random(9)
+    with served(tmp, top) as (d, q, uri):
+        q.cmd("blockdev-add", driver="qcow2", node_name="mid",
+              file={"driver": "file", "filename": str(mid)}, backing="disk0")
+        q.cmd("blockdev-add", driver="qcow2", node_name="tgt",
+              file={"driver": "file", "filename": str(tgt)}, backing="mid")
+        q.cmd("blockdev-mirror", job_id="mc", device="disk0", target="tgt", sync="full")
+        guest_writes(uri, model, rng, 20, 0)
+        q.get_event("BLOCK_JOB_READY", timeout=30)
+        q.cmd("block-job-complete", device="mc")
+        done = q.get_event("BLOCK_JOB_COMPLETED", timeout=30)
+        assert "error" not in done["data"], done
+        nodes = {n["node-name"]: n.get("backing_file") for n in q.cmd("query-named-block-nodes")}
+        assert (nodes["tgt"], nodes["mid"]) == (str(mid), str(top)), nodes
+        guest_writes(uri, model, rng, 20, 100)  # after the pivot: into tgt
+        qemu_img("convert", "-f", "raw", "-O", "raw", uri, tmp / "guest.raw")
+        got = (tmp / "guest.raw").read_bytes()
+        assert got == bytes(model), first_diff(got, model)
+        assert "backing hd of 'tgt'" in q.error("blockdev-del", {"node-name": "mid"})
+    for p in (top, mid, tgt):
+        assert_qemu_check_clean(p)
