@@ -23,6 +23,7 @@
 typedef struct Q2Extent {
     Qcow2ClusterType type;
     uint64_t host;  /* host offset of the extent's first byte (NORMAL, ZERO_ALLOC) */
+    bool host_valid; /* host means something (offset 0 is valid in an external data file) */
     uint64_t entry; /* L2 entry of the first cluster (COMPRESSED) */
     uint64_t len;
 } Q2Extent;
@@ -63,12 +64,16 @@ static Qcow2ClusterType cluster_type(const Qcow2State *s, uint64_t e)
     return q2_l2e_has_host(s, e) ? QCOW2_CLUSTER_NORMAL : QCOW2_CLUSTER_UNALLOCATED;
 }
 
-/* Type of subcluster sc of an entry; *host = host offset of the subcluster. -EIO if invalid. */
+/*
+ * Type of subcluster sc of an entry; *host = host offset of the subcluster when *has (host offset
+ * 0 is a real one in an external data file: guest cluster 0's). -EIO if invalid.
+ */
 static int subcluster_type(const Qcow2State *s, uint64_t e, uint64_t bm, unsigned sc,
-                           Qcow2ClusterType *t, uint64_t *host)
+                           Qcow2ClusterType *t, uint64_t *host, bool *has)
 {
     uint64_t off = e & QCOW2_L2E_OFFSET_MASK;
     *host = 0;
+    *has = false;
     if (e & QCOW2_OFLAG_COMPRESSED) {
         *t = QCOW2_CLUSTER_COMPRESSED;
         return 0;
@@ -78,18 +83,20 @@ static int subcluster_type(const Qcow2State *s, uint64_t e, uint64_t bm, unsigne
     }
     if (!s->extl2) {
         *t = cluster_type(s, e);
+        *has = *t == QCOW2_CLUSTER_NORMAL || *t == QCOW2_CLUSTER_ZERO_ALLOC;
         *host = off;
         return 0;
     }
     bool alloc = (bm >> sc) & 1;
     bool zero = (bm >> (32 + sc)) & 1;
+    *has = q2_l2e_has_host(s, e);
     if (alloc && zero) {
         return -EIO;
     }
     if (zero) {
-        *t = off ? QCOW2_CLUSTER_ZERO_ALLOC : QCOW2_CLUSTER_ZERO_PLAIN;
+        *t = *has ? QCOW2_CLUSTER_ZERO_ALLOC : QCOW2_CLUSTER_ZERO_PLAIN;
     } else if (alloc) {
-        if (!q2_l2e_has_host(s, e)) {
+        if (!*has) {
             return -EIO;
         }
         *t = QCOW2_CLUSTER_NORMAL;
@@ -97,7 +104,7 @@ static int subcluster_type(const Qcow2State *s, uint64_t e, uint64_t bm, unsigne
         /* unallocated subcluster; a host cluster may exist (qemu reports its offset) */
         *t = QCOW2_CLUSTER_UNALLOCATED;
     }
-    *host = off ? off + (uint64_t)sc * s->sc_size : 0;
+    *host = *has ? off + (uint64_t)sc * s->sc_size : 0;
     return 0;
 }
 
@@ -142,8 +149,9 @@ static int get_extent(Qcow2State *s, uint64_t offset, uint64_t bytes, bool merge
             if (first) {
                 x->type = QCOW2_CLUSTER_UNALLOCATED;
                 x->host = x->entry = 0;
+                x->host_valid = false;
                 first = false;
-            } else if (x->type != QCOW2_CLUSTER_UNALLOCATED || x->host) {
+            } else if (x->type != QCOW2_CLUSTER_UNALLOCATED || x->host_valid) {
                 break;
             }
             pos = tend < end ? tend : end;
@@ -159,6 +167,7 @@ static int get_extent(Qcow2State *s, uint64_t offset, uint64_t bytes, bool merge
                     x->type = QCOW2_CLUSTER_COMPRESSED;
                     x->entry = e;
                     x->host = 0;
+                    x->host_valid = false;
                     first = false;
                 } else if (x->type != QCOW2_CLUSTER_COMPRESSED || !merge_compressed) {
                     stop = true;
@@ -176,20 +185,22 @@ static int get_extent(Qcow2State *s, uint64_t offset, uint64_t bytes, bool merge
             for (; sc < nsc && pos < end; sc++) {
                 Qcow2ClusterType t;
                 uint64_t h;
-                ret = subcluster_type(s, e, bm, sc, &t, &h);
+                bool has;
+                ret = subcluster_type(s, e, bm, sc, &t, &h, &has);
                 if (ret < 0) {
                     q2_cache_put(&s->l2_cache, &l2);
                     return ret;
                 }
                 uint64_t scstart = cstart + (uint64_t)sc * s->sc_size;
-                uint64_t hpos = h ? h + (pos - scstart) : 0;
+                uint64_t hpos = has ? h + (pos - scstart) : 0;
                 if (first) {
                     x->type = t;
                     x->host = hpos;
+                    x->host_valid = has;
                     x->entry = e;
                     first = false;
-                } else if (t != x->type || (hpos != 0) != (x->host != 0) ||
-                           (hpos && hpos != x->host + (pos - offset))) {
+                } else if (t != x->type || has != x->host_valid ||
+                           (has && hpos != x->host + (pos - offset))) {
                     stop = true;
                     break;
                 }
@@ -1391,7 +1402,10 @@ static int zero_in_subclusters(Qcow2State *s, uint64_t ps, uint64_t pe, int flag
     uint64_t a = (ps + scs - 1) & ~(scs - 1);
     uint64_t b = pe >= s->h.size ? (pe + scs - 1) & ~(scs - 1) : pe & ~(scs - 1);
     if (a >= b) {
-        return zero_partial_subcluster(s, ps, pe, flags);
+        /* no whole subcluster: [ps, pe) lies in one, or across the boundary of two */
+        uint64_t m = (ps | (scs - 1)) + 1;
+        ret = zero_partial_subcluster(s, ps, m < pe ? m : pe, flags);
+        return ret < 0 || m >= pe ? ret : zero_partial_subcluster(s, m, pe, flags);
     }
     ret = ps < a ? zero_partial_subcluster(s, ps, a, flags) : 0;
     if (ret == 0 && b < pe) {
@@ -1584,7 +1598,7 @@ int q2_block_status(Qcow2State *s, uint64_t offset, uint64_t bytes, uint64_t *pn
     case QCOW2_CLUSTER_COMPRESSED:
         return VD_BS_DATA | VD_BS_ALLOCATED;
     default:
-        if (x.host) {
+        if (x.host_valid) {
             *map = x.host; /* extended L2: unallocated subclusters of a host cluster */
             return VD_BS_OFFSET_VALID;
         }

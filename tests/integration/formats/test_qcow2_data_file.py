@@ -325,3 +325,21 @@ def test_encrypted_data_file_image_reads_both_ways(tmp):
         assert "Pattern verification failed" not in out and out.count("read ") == 3
         assert b"\x5a" * 4096 not in (d / "d.raw").read_bytes()  # ciphertext only
         in_dir(d, "qemu-img", "check", *sec, "--image-opts", spec)
+
+
+@pytest.mark.parametrize("opts", ["data_file=c0.data", "data_file=c0.data,extended_l2=on"])
+def test_guest_cluster_0_inside_reads_and_writes(tmp, opts):
+    """Guest cluster 0 of a data-file image sits at host offset 0, a real offset there (not "no
+    cluster"): reads and partial writes starting inside it must use it. vdisk once read the data
+    file from 0 for any read starting inside cluster 0, and a partial write copied those wrong
+    bytes back."""
+    img = tmp / "c0.qcow2"
+    in_dir(tmp, "qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, img.name, "1M")
+    in_dir(tmp, "qemu-io", "-f", "qcow2", "-c", "write -P 1 0 4096", "-c", "write -P 2 4096 4096",
+           "-c", "write -P 27 22528 8192", img.name)
+    in_dir(tmp, VDISK, "io", "-f", "qcow2", "-c", "read -P 2 4096 4096", "-c", "read -P 27 22528 8192",
+           "-c", "write -P 235 26847 100", img.name)
+    in_dir(tmp, "qemu-io", "-f", "qcow2", "-c", "read -P 1 0 4096", "-c", "read -P 2 4096 4096",
+           "-c", "read -P 27 22528 4319", "-c", "read -P 235 26847 100",
+           "-c", "read -P 27 26947 3773", img.name)
+    assert in_dir(tmp, "qemu-img", "check", img.name, check=False).returncode == 0
