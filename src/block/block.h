@@ -351,7 +351,10 @@ struct BlockDriver {
      * keeps what the image has for that name. bitmaps_can_store checks a new bitmap's name and
      * granularity against the format's limits (with the set already stored). bitmaps_remove
      * deletes one stored bitmap now (the others stay as the image has them), as QEMU's remove.
+     * bitmaps_supported (NULL: always, given bitmaps_can_store) says whether this image can hold
+     * any (QEMU's bdrv_supports_persistent_dirty_bitmap: a qcow2 v2 image cannot).
      */
+    bool (*bitmaps_supported)(BlockNode *bs);
     int (*bitmaps_load)(BlockNode *bs, VdStoredBitmap **list, size_t *n, VdError **errp);
     int (*bitmaps_store)(BlockNode *bs, const VdStoredBitmap *list, size_t n, VdError **errp);
     int (*bitmaps_can_store)(BlockNode *bs, const char *name, uint32_t granularity_bits,

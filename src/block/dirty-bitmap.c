@@ -24,6 +24,7 @@ typedef struct VdDirtyBitmap {
     uint8_t *bits;
     bool enabled, persistent, inconsistent, readonly;
     int busy;        /* users holding it */
+    int64_t slot;    /* its place in the image's bitmap directory; -1: not stored yet */
     struct VdDirtyBitmap *next;
 } VdDirtyBitmap;
 
@@ -83,6 +84,7 @@ static VdDirtyBitmap *bitmap_new(const char *name, uint32_t gran_bits, uint64_t 
         return NULL;
     }
     bm->name = strdup(name);
+    bm->slot = -1;
     bm->gran_bits = gran_bits;
     bm->size = size;
     bm->nbits = nbits_for(size, gran_bits);
@@ -169,6 +171,7 @@ int vd_bitmaps_load(BlockNode *bs, VdError **errp)
             }
         }
         bm->persistent = true;
+        bm->slot = (int64_t)i;
         bm->enabled = list[i].enabled && !list[i].inconsistent; /* QEMU: not recording */
         bm->inconsistent = list[i].inconsistent;
         bm->readonly = bs->read_only;
@@ -195,14 +198,31 @@ int vd_bitmaps_store(BlockNode *bs, VdError **errp)
         n += bm->persistent;
     }
     VdStoredBitmap *out = calloc(n ? n : 1, sizeof(*out));
-    int ret = out ? 0 : -ENOMEM;
-    size_t i = n;
-    /* oldest first in the image: the list is newest first */
+    VdDirtyBitmap **ord = calloc(n ? n : 1, sizeof(*ord));
+    int ret = out && ord ? 0 : -ENOMEM;
+    /*
+     * QEMU's directory order: what the image holds keeps its place, bitmaps new since then
+     * follow in list order (newest first).
+     */
+    size_t k = 0;
     for (VdDirtyBitmap *bm = l ? l->head : NULL; bm && ret == 0; bm = bm->next) {
-        if (!bm->persistent) {
-            continue;
+        if (bm->persistent && bm->slot >= 0) {
+            size_t j = k++; /* insertion by slot */
+            for (; j > 0 && ord[j - 1]->slot > bm->slot; j--) {
+                ord[j] = ord[j - 1];
+            }
+            ord[j] = bm;
         }
-        VdStoredBitmap *sb = &out[--i];
+    }
+    for (VdDirtyBitmap *bm = l ? l->head : NULL; bm && ret == 0; bm = bm->next) {
+        if (bm->persistent && bm->slot < 0) {
+            ord[k++] = bm;
+        }
+    }
+    for (size_t i = 0; i < k && ret == 0; i++) {
+        VdDirtyBitmap *bm = ord[i];
+        bm->slot = (int64_t)i;
+        VdStoredBitmap *sb = &out[i];
         sb->name = strdup(bm->name);
         sb->granularity_bits = bm->gran_bits;
         sb->enabled = bm->enabled;
@@ -222,6 +242,7 @@ int vd_bitmaps_store(BlockNode *bs, VdError **errp)
     } else {
         ret = bs->drv->bitmaps_store(bs, out, n, errp);
     }
+    free(ord);
     vd_stored_bitmaps_free(out, n);
     return ret;
 }
@@ -295,6 +316,12 @@ int vd_bitmaps_resize(BlockNode *bs, uint64_t size)
     }
     vd_mutex_unlock(&l->lock);
     return ret;
+}
+
+bool vd_bitmaps_persistent_supported(BlockNode *bs)
+{
+    const BlockDriver *drv = bs->drv;
+    return drv->bitmaps_can_store && (!drv->bitmaps_supported || drv->bitmaps_supported(bs));
 }
 
 bool vd_bitmaps_any(BlockNode *bs)

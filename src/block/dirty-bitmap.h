@@ -39,6 +39,8 @@ void vd_bitmaps_free(BlockNode *bs);
 void vd_bitmaps_note_write(BlockNode *bs, uint64_t offset, uint64_t bytes);
 /* bs's virtual size changed: every bitmap follows (new granules clean). */
 int vd_bitmaps_resize(BlockNode *bs, uint64_t size);
+/* Can bs's format store persistent bitmaps in this image (QEMU: qcow2 v3, not v2 nor raw)? */
+bool vd_bitmaps_persistent_supported(BlockNode *bs);
 /* Does bs hold any bitmap (persistent ones count for resize checks too)? */
 bool vd_bitmaps_any(BlockNode *bs);
 

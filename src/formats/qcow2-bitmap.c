@@ -664,11 +664,16 @@ int q2_bitmaps_remove(BlockNode *bs, const char *name, VdError **errp)
     return ret;
 }
 
+bool q2_bitmaps_supported(BlockNode *bs)
+{
+    return q2_state(bs)->h.version >= 3;
+}
+
 int q2_bitmaps_can_store(BlockNode *bs, const char *name, uint32_t granularity_bits,
                          VdError **errp)
 {
     Qcow2State *s = q2_state(bs);
-    if (s->h.version < 3) {
+    if (!q2_bitmaps_supported(bs)) {
         vd_error_setg(errp, ENOTSUP, "Cannot store dirty bitmaps in qcow2 v2 files");
         return -ENOTSUP;
     }

@@ -1255,6 +1255,7 @@ const BlockDriver vd_drv_qcow2 = {
     .snapshot_delete = q2_snapshot_delete,
     .amend = q2_amend,
     .is_dirty = qcow2_is_dirty,
+    .bitmaps_supported = q2_bitmaps_supported,
     .bitmaps_load = q2_bitmaps_load,
     .bitmaps_store = q2_bitmaps_store,
     .bitmaps_can_store = q2_bitmaps_can_store,

@@ -363,6 +363,7 @@ int q2_update_header_ext(Qcow2State *s, uint32_t type, const uint8_t *data, uint
                          uint64_t autoclear);
 
 /* ---- qcow2-bitmap.c: the bitmaps extension (vtable hooks, block.h) ---- */
+bool q2_bitmaps_supported(BlockNode *bs);
 int q2_bitmaps_load(BlockNode *bs, VdStoredBitmap **list, size_t *n, VdError **errp);
 int q2_bitmaps_store(BlockNode *bs, const VdStoredBitmap *list, size_t n, VdError **errp);
 int q2_bitmaps_can_store(BlockNode *bs, const char *name, uint32_t granularity_bits,
