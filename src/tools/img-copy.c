@@ -13,6 +13,9 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include <jansson.h>
+
+#include "block/dirty-bitmap.h"
 #include "tools/tool.h"
 #include "util/lock.h"
 
@@ -291,6 +294,8 @@ typedef struct Convert {
     bool diff_backing;        /* -B differs from the source's backing: compare and copy diffs */
     int64_t target_backing_len; /* -1 if no backing */
     bool compressed;
+    bool salvage;             /* --salvage: unreadable sectors are copied as zeroes */
+    bool quiet;
     uint64_t cluster_size;    /* target cluster size (compressed alignment) */
     uint64_t min_sparse;      /* sectors; 0 = write everything */
     uint64_t alignment;       /* sectors */
@@ -399,6 +404,22 @@ static int plan_chunk(Convert *s, Chunk *ch)
         uint64_t pnum = 0;
         VdBlockStatus st;
         int r = vd_block_status_above(src, base, local, want, &pnum, &st);
+        /* --salvage: retry on a quarter of the range, down to one sector read as data (qemu-img) */
+        while (r < 0 && s->salvage) {
+            if (want <= SECTOR) {
+                if (!s->quiet) {
+                    tool_warning("error while reading block status at offset %" PRIu64 ": %s",
+                                 local, strerror(-r));
+                }
+                st.flags = VD_BS_DATA;
+                pnum = want;
+                r = 0;
+                break;
+            }
+            want = (want + SECTOR - 1) / SECTOR;
+            want = MIN((want + 3) / 4 * SECTOR, avail);
+            r = vd_block_status_above(src, base, local, want, &pnum, &st);
+        }
         if (r < 0) {
             vd_error_setg(&s->err, -r, "error while reading block status at offset %" PRIu64
                           ": %s", local, strerror(-r));
@@ -459,6 +480,26 @@ static int plan_chunk(Convert *s, Chunk *ch)
 }
 
 /*
+ * --salvage after a failed read of [local, local+bytes) of src: read it again sector by sector,
+ * an unreadable sector as zeroes with qemu-img's warning (its offset in that source).
+ */
+static void salvage_read(const Convert *s, BlockNode *src, uint64_t local, uint64_t bytes,
+                         uint8_t *buf)
+{
+    for (uint64_t o = 0; o < bytes; o += SECTOR) {
+        uint64_t n = MIN(SECTOR, bytes - o);
+        int r = vd_pread(src, local + o, n, buf + o);
+        if (r < 0) {
+            if (!s->quiet) {
+                tool_warning("error while reading offset %" PRIu64 ": %s", local + o,
+                             strerror(-r));
+            }
+            memset(buf + o, 0, n);
+        }
+    }
+}
+
+/*
  * [offset, offset+bytes) of the concatenated sources, piece by piece: copy=false reads them into
  * buf, copy=true has the kernel copy them into the target at the same offsets (-C).
  */
@@ -473,6 +514,10 @@ static int convert_pieces(Convert *s, uint64_t offset, uint64_t bytes, uint8_t *
         uint64_t n = MIN(bytes, avail);
         int r = copy ? vd_copy_range(s->src[i], local, s->target, offset, n)
                      : vd_pread(s->src[i], local, n, buf);
+        if (r < 0 && !copy && s->salvage) {
+            salvage_read(s, s->src[i], local, n, buf);
+            r = 0;
+        }
         if (r < 0) {
             return r;
         }
@@ -834,6 +879,145 @@ out:
     return NULL;
 }
 
+/* ---------------------------- convert --bitmaps ---------------------------- */
+
+/*
+ * qemu-img's checks of the source before anything is created: its format can hold bitmaps and,
+ * unless skip_broken, none of its persistent bitmaps is inconsistent (in use in the file).
+ */
+static int convert_check_bitmaps(BlockNode *src, bool skip_broken)
+{
+    if (!vd_bitmaps_persistent_supported(src)) {
+        tool_error("Source lacks bitmap support");
+        return -1;
+    }
+    json_t *list = vd_bitmaps_info(src), *b;
+    size_t i;
+    int ret = 0;
+    json_array_foreach(list, i, b) {
+        if (json_is_true(json_object_get(b, "persistent")) && !skip_broken &&
+            json_is_true(json_object_get(b, "inconsistent"))) {
+            tool_error("Cannot copy inconsistent bitmap '%s'",
+                       json_string_value(json_object_get(b, "name")));
+            fprintf(stderr, "Try --skip-broken-bitmaps, or use '" TOOL_NAME " bitmap --remove' "
+                    "to delete it\n");
+            ret = -1;
+            break;
+        }
+    }
+    json_decref(list);
+    return ret;
+}
+
+/* The bitmaps convert added to its target, and which of them record writes once it is done. */
+typedef struct ConvertBitmaps {
+    char **names;
+    bool *enable;
+    size_t n;
+} ConvertBitmaps;
+
+/* Undo convert_add_bitmaps (a failed convert leaves the target's bitmaps as they were). */
+static void convert_drop_bitmaps(BlockNode *dst, ConvertBitmaps *cb)
+{
+    for (size_t i = 0; i < cb->n; i++) {
+        if (dst) {
+            vd_bitmap_remove(dst, cb->names[i], NULL);
+        }
+        free(cb->names[i]);
+    }
+    free(cb->names);
+    free(cb->enable);
+    memset(cb, 0, sizeof(*cb));
+}
+
+/*
+ * Copy every persistent bitmap of src into dst as qemu-img's convert_copy_bitmaps: same name,
+ * granularity and bits, disabled where the source's is, in the source's list order (so the
+ * target's bitmap directory keeps the source's order); with skip_broken an inconsistent one is
+ * skipped with qemu-img's warning. Done before the data copy so that a bitmap the target cannot
+ * take fails the convert before it writes anything; each is disabled until convert_enable_bitmaps
+ * (the copy's own writes must not dirty it). On failure what was added is removed again.
+ */
+static int convert_add_bitmaps(BlockNode *src, BlockNode *dst, bool skip_broken,
+                               ConvertBitmaps *cb)
+{
+    json_t *list = vd_bitmaps_info(src), *b;
+    size_t i, cap = json_array_size(list);
+    int ret = 0;
+    cb->names = calloc(cap ? cap : 1, sizeof(*cb->names));
+    cb->enable = calloc(cap ? cap : 1, sizeof(*cb->enable));
+    if (!cb->names || !cb->enable) {
+        tool_error("out of memory");
+        ret = -1;
+    }
+    json_array_foreach(list, i, b) {
+        const char *name = json_string_value(json_object_get(b, "name"));
+        if (ret < 0 || !name) {
+            break;
+        }
+        if (!json_is_true(json_object_get(b, "persistent"))) {
+            continue;
+        }
+        if (skip_broken && json_is_true(json_object_get(b, "inconsistent"))) {
+            tool_warning("Skipping inconsistent bitmap '%s'", name);
+            continue;
+        }
+        uint64_t gran = (uint64_t)json_integer_value(json_object_get(b, "granularity"));
+        VdError *err = NULL;
+        if (vd_bitmap_add(dst, name, gran, true, true, &err) < 0) {
+            tool_error("Failed to create bitmap %s: %s", name, vd_error_msg(err));
+            vd_error_free(err);
+            ret = -1;
+            break;
+        }
+        cb->names[cb->n] = strdup(name);
+        if (!cb->names[cb->n]) {
+            vd_bitmap_remove(dst, name, NULL);
+            tool_error("out of memory");
+            ret = -1;
+            break;
+        }
+        cb->enable[cb->n++] = json_is_true(json_object_get(b, "recording"));
+        VdBitmapRef ref = { .node = src, .name = name };
+        if (vd_bitmap_merge(dst, name, &ref, 1, &err) < 0) {
+            tool_error("Failed to populate bitmap %s: %s", name, vd_error_msg(err));
+            vd_error_free(err);
+            ret = -1;
+        }
+    }
+    json_decref(list);
+    if (ret < 0) {
+        convert_drop_bitmaps(dst, cb);
+    }
+    return ret;
+}
+
+/* After the data copy: the copied bitmaps that record writes do so from now on; store them. */
+static int convert_enable_bitmaps(BlockNode *dst, const ConvertBitmaps *cb)
+{
+    VdError *err = NULL;
+    for (size_t i = 0; i < cb->n; i++) {
+        if (cb->enable[i] && vd_bitmap_enable(dst, cb->names[i], true, &err) < 0) {
+            tool_error("Failed to populate bitmap %s: %s", cb->names[i], vd_error_msg(err));
+            vd_error_free(err);
+            return -1;
+        }
+    }
+    if (cb->n && vd_bitmaps_store(dst, &err) < 0) {
+        tool_report(err, "Could not store the bitmaps");
+        return -1;
+    }
+    return 0;
+}
+
+/* Can an image created from spec by drv hold persistent bitmaps (qcow2 v3 only, as QEMU)? */
+static bool create_supports_bitmaps(const BlockDriver *drv, const CreateSpec *spec)
+{
+    const char *compat = spec->co.compat;
+    bool v2 = compat && (!strcmp(compat, "0.10") || !strcmp(compat, "v2"));
+    return drv->bitmaps_can_store && !(drv->bitmaps_supported && v2);
+}
+
 static bool same_file(const char *a, const char *b)
 {
     struct stat sa, sb;
@@ -850,6 +1034,9 @@ int img_convert(int argc, char **argv)
         { "force-share", no_argument, NULL, 'U' },
         { "target-is-zero", no_argument, NULL, OPT_TARGET_IS_ZERO },
         { "target-image-opts", no_argument, NULL, OPT_TARGET_IMAGE_OPTS },
+        { "bitmaps", no_argument, NULL, OPT_BITMAPS },
+        { "skip-broken-bitmaps", no_argument, NULL, OPT_SKIP_BROKEN_BITMAPS },
+        { "salvage", no_argument, NULL, OPT_SALVAGE },
         { NULL, 0, NULL, 0 }
     };
     const char *fmt = NULL, *out_fmt = NULL, *out_base = NULL, *base_fmt = NULL;
@@ -858,6 +1045,8 @@ int img_convert(int argc, char **argv)
     bool compress = false, skip_create = false, progress = false, quiet = false;
     bool force_share = false, ooo = false, target_is_zero = false;
     bool copy_range = false, explicit_sparse = false, tgt_image_opts = false;
+    bool bitmaps = false, skip_broken = false, salvage = false;
+    ConvertBitmaps cb = { 0 };
     uint64_t sparse = 4096, coroutines = 8, rate = 0;
     ToolSnapParam snap = { 0 };
     int c, ret = 1;
@@ -929,6 +1118,9 @@ int img_convert(int argc, char **argv)
             break;
         case OPT_TARGET_IS_ZERO: target_is_zero = true; break;
         case OPT_TARGET_IMAGE_OPTS: tgt_image_opts = true; break;
+        case OPT_BITMAPS: bitmaps = true; break;
+        case OPT_SKIP_BROKEN_BITMAPS: skip_broken = true; break;
+        case OPT_SALVAGE: salvage = true; break;
         case 'h': tool_print_usage("convert");
             ret = 0; goto out;
         default: tool_bad_option(argv[0], c, argv[optind - 1]); goto out;
@@ -941,12 +1133,20 @@ int img_convert(int argc, char **argv)
         out_fmt = "raw";
     }
     /* qemu-img's order of these checks */
+    if (skip_broken && !bitmaps) {
+        tool_error("Use of --skip-broken-bitmaps requires --bitmaps");
+        goto out;
+    }
     if (compress && copy_range) {
         tool_error("Cannot enable copy offloading when -c is used");
         goto out;
     }
     if (explicit_sparse && copy_range) {
         tool_error("Cannot enable copy offloading when -S is used");
+        goto out;
+    }
+    if (copy_range && salvage) {
+        tool_error("Cannot use copy offloading in salvaging mode");
         goto out;
     }
     if (tgt_image_opts && !skip_create) {
@@ -1061,6 +1261,18 @@ int img_convert(int argc, char **argv)
             tool_error("Compression and encryption not supported at the same time");
             goto out;
         }
+        if (bitmaps && nsrc > 1) {
+            tool_error("Copying bitmaps only possible with single source");
+            goto out;
+        }
+        if (bitmaps && convert_check_bitmaps(s.src[0], skip_broken) < 0) {
+            goto out;
+        }
+        /* qemu-img says so after creating an empty target; nothing is created here */
+        if (bitmaps && !create_supports_bitmaps(drv, &spec)) {
+            tool_error("Format driver '%s' does not support bitmaps", drv->name);
+            goto out;
+        }
         spec.co.size = s.total;
         spec.co.size_given = true;
         spec.co.unsafe = true; /* the backing is opened below, with the target */
@@ -1071,6 +1283,13 @@ int img_convert(int argc, char **argv)
         }
         s.has_zero_init = !out_base;
     } else {
+        if (bitmaps && nsrc > 1) {
+            tool_error("Copying bitmaps only possible with single source");
+            goto out;
+        }
+        if (bitmaps && convert_check_bitmaps(s.src[0], skip_broken) < 0) {
+            goto out;
+        }
         s.has_zero_init = target_is_zero;
     }
 
@@ -1082,6 +1301,10 @@ int img_convert(int argc, char **argv)
                    : tool_open_keyed(out_filename, out_fmt, VD_OPEN_RDWR | dst_cflags,
                                      key ? key : tool_opts_get(&o, "encrypt.key-secret"));
     if (!s.target) {
+        goto out;
+    }
+    if (bitmaps && !vd_bitmaps_persistent_supported(s.target)) {
+        tool_error("Format driver '%s' does not support bitmaps", s.target->drv->name);
         goto out;
     }
     if (compress && !s.target->drv->pwrite_compressed) {
@@ -1117,6 +1340,11 @@ int img_convert(int argc, char **argv)
     if (s.target->encrypted && !s.target->drv->supports_backing) {
         s.has_zero_init = false; /* raw LUKS: unwritten sectors decrypt to noise, not zeroes */
     }
+    if (bitmaps && convert_add_bitmaps(s.src[0], s.target, skip_broken, &cb) < 0) {
+        goto out;
+    }
+    s.salvage = salvage;
+    s.quiet = quiet;
     s.compressed = compress;
     if (compress) {
         uint32_t cs = s.target->drv->cluster_size ? s.target->drv->cluster_size(s.target) : 0;
@@ -1175,8 +1403,12 @@ int img_convert(int argc, char **argv)
         tool_error("error while flushing %s: %s", out_filename, strerror(-r));
         goto out;
     }
+    if (convert_enable_bitmaps(s.target, &cb) < 0) {
+        goto out;
+    }
     ret = 0;
 out:
+    convert_drop_bitmaps(ret ? s.target : NULL, &cb);
     vd_error_free(s.err);
     if (s.target) {
         vd_node_unref(s.target);

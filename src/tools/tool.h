@@ -36,12 +36,17 @@ enum {
     OPT_HELP,
     OPT_IMAGE_OPTS,
     OPT_OBJECT,
+    OPT_BITMAPS,
+    OPT_SKIP_BROKEN_BITMAPS,
+    OPT_SALVAGE,
 };
 
 /* "usage: vdisk CMD ...": CMD's syntax as `vdisk --help` lists it (the one table, in vdisk.c). */
 void tool_print_usage(const char *cmd);
 /* "vdisk: msg" on stderr. */
 void tool_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* "vdisk: warning: msg" on stderr (QEMU's warn_report). */
+void tool_warning(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* Print err (optionally prefixed "prefix: ") and free it. */
 void tool_report(VdError *err, const char *prefix);
 /*

@@ -31,6 +31,17 @@ void tool_error(const char *fmt, ...)
     fputc('\n', stderr);
 }
 
+void tool_warning(const char *fmt, ...)
+{
+    va_list ap;
+    fflush(stdout);
+    fputs(TOOL_NAME ": warning: ", stderr);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+}
+
 void tool_report(VdError *err, const char *prefix)
 {
     if (prefix) {
@@ -1087,9 +1098,10 @@ static const struct {
     { "compare", img_compare,
       "compare [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2" },
     { "convert", img_convert,
-      "convert [-U] [-C] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt]\n"
-      "          [-B backing_file [-F backing_fmt]] [-o options] [-l snapshot_param]\n"
-      "          [-S sparse_size] [-r rate_limit] [-m num_coroutines] [-W] [--target-is-zero]\n"
+      "convert [--bitmaps [--skip-broken-bitmaps]] [-U] [-C] [-c] [-p] [-q] [-n] [-f fmt]\n"
+      "          [-t cache] [-T src_cache] [-O output_fmt] [-B backing_file [-F backing_fmt]]\n"
+      "          [-o options] [-l snapshot_param] [-S sparse_size] [-r rate_limit]\n"
+      "          [-m num_coroutines] [-W] [--salvage] [--target-is-zero]\n"
       "          filename [filename2 [...]] output_filename" },
     { "create", img_create,
       "create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]" },
