@@ -34,8 +34,11 @@ asan: deps $(ASAN_BUILD)/build.ninja
 	ninja -C $(ASAN_BUILD)
 
 # vdisk, vdiskd, their man pages, the systemd unit and bash completion under $(DESTDIR)$(PREFIX).
+# The prefix is set only when it changes: `meson configure` regenerates the whole build (~10 CPU-s).
 install: all
-	meson configure $(BUILD) -Dprefix=$(PREFIX)
+	@[ "$$(meson introspect --buildoptions $(BUILD) | /usr/bin/python3 -c 'import json, sys; \
+	  print(next(o["value"] for o in json.load(sys.stdin) if o["name"] == "prefix"))')" = "$(PREFIX)" ] || \
+	  meson configure $(BUILD) -Dprefix=$(PREFIX)
 	DESTDIR="$(DESTDIR)" meson install -C $(BUILD)
 
 check: all asan
