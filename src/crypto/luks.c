@@ -790,10 +790,19 @@ static uint64_t thread_cpu_ms(void)
     return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
 }
 
-/* PBKDF2 iterations per second with this hash (QEMU's qcrypto_pbkdf2_count_iters). */
-static int pbkdf2_rate(gnutls_mac_algorithm_t mac, size_t key_len, uint64_t *rate)
+/*
+ * PBKDF2 iterations per second with this hash (QEMU's qcrypto_pbkdf2_count_iters): runs of the
+ * hash until one lasts over min_ms of this thread's CPU time. QEMU always measures over 500 ms;
+ * here min_ms is that for an iter_time of 500 ms or more (the default 2000 is measured as QEMU
+ * does) and iter_time itself below that, but at least 50 ms: the measurement is then no longer
+ * than the work it sizes (a scratch image with iter-time=10 no longer spends ~1 s measuring).
+ * A count sized from a run over 50 ms of CPU time is within a few per cent.
+ */
+static int pbkdf2_rate(gnutls_mac_algorithm_t mac, size_t key_len, uint64_t iter_time,
+                       uint64_t *rate)
 {
     uint8_t key[LUKS_MAX_KEY] = {0}, salt[LUKS_SALT_LEN] = {0}, out[LUKS_MAX_KEY];
+    uint64_t min_ms = iter_time >= 500 ? 500 : iter_time > 50 ? iter_time : 50;
     uint64_t iters = 1u << 15;
     for (int round = 0; round < 40; round++) {
         uint64_t t0 = thread_cpu_ms();
@@ -801,11 +810,12 @@ static int pbkdf2_rate(gnutls_mac_algorithm_t mac, size_t key_len, uint64_t *rat
             return -EIO;
         }
         uint64_t ms = thread_cpu_ms() - t0;
-        if (ms > 500) {
+        if (ms > min_ms) {
             *rate = iters * 1000 / ms;
             return 0;
         }
-        uint64_t next = ms ? iters * 1000 / ms : iters * 2;
+        /* aim at twice the bound, so that one more run is nearly always enough */
+        uint64_t next = ms ? iters * 2 * min_ms / ms : iters * 2;
         iters = next > iters ? next : iters * 2;
         if (iters > UINT32_MAX) {
             iters = UINT32_MAX;
@@ -963,7 +973,7 @@ int vd_luks_create(const VdLuksCreateOptions *o, const char *password, size_t pw
     key = malloc(l->key_bytes);
     if (!key || gnutls_rnd(GNUTLS_RND_KEY, key, l->key_bytes) < 0 ||
         gnutls_rnd(GNUTLS_RND_NONCE, l->mk_salt, LUKS_SALT_LEN) < 0 || random_uuid(l->uuid) < 0 ||
-        pbkdf2_rate(l->mac, l->key_bytes, &rate) < 0) {
+        pbkdf2_rate(l->mac, l->key_bytes, iter_time, &rate) < 0) {
         vd_error_setg(errp, EIO, "Unable to generate LUKS keys");
         goto fail;
     }

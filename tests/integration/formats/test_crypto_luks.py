@@ -3,8 +3,11 @@ encrypt.format=luks made by qemu-img and written by qemu-io are read by vdisk/vd
 vdisk makes and writes are read, checked and compared by qemu-img/qemu-io. Passwords come from
 secret objects (--object secret, QMP object-add). A wrong password fails with QEMU's message and
 leaves the image untouched. iter-time=10 keeps PBKDF2 short (the default is 2 s per open)."""
+import atexit
 import json
 import os
+import shutil
+import tempfile
 
 from conftest import VDISK, assert_not_crashed, qemu_img, qemu_io, run, sha256, vdisk
 from nbd_helpers import start_daemon
@@ -17,10 +20,27 @@ def luks_opts(path, secret="s0"):
     return f"driver=luks,file.filename={path},key-secret={secret}"
 
 
+# qemu-img's images by their create options: QEMU measures PBKDF2 for 0.5-2.5 CPU-s before every
+# encrypted create, whatever iter-time asks for, so a test wanting the same image (format, options,
+# size) as an earlier one in this worker gets a copy of the one qemu-img made then.
+_TEMPLATES = {}
+
+
 def qemu_create(*args):
-    """qemu-img create of an encrypted image (conftest's qemu_img retries QEMU's PBKDF2
-    calibration flake)."""
-    qemu_img("create", "-q", "--object", SECRET, *args)
+    """qemu-img create of an encrypted image: args are qemu-img create's, ending PATH SIZE
+    (conftest's qemu_img retries QEMU's PBKDF2 calibration flake). Made once per distinct
+    options and size, then copied: each test still gets its own file written by qemu-img."""
+    *opts, path, size = map(str, args)
+    key = (*opts, size)
+    if key not in _TEMPLATES:
+        if not _TEMPLATES:
+            tmpl_dir = tempfile.mkdtemp(prefix="vdisk-luks-templates-")
+            atexit.register(shutil.rmtree, tmpl_dir, True)
+            _TEMPLATES[None] = tmpl_dir
+        tmpl = os.path.join(_TEMPLATES[None], f"{len(_TEMPLATES)}.img")
+        qemu_img("create", "-q", "--object", SECRET, *opts, tmpl, size)
+        _TEMPLATES[key] = tmpl
+    shutil.copyfile(_TEMPLATES[key], path)
 
 
 def qemu_create_luks(path, size="4M"):
