@@ -474,6 +474,13 @@ void vd_node_unref(BlockNode *bs);
 json_t *vd_options_parse_json(const char *filename, VdError **errp);
 json_t *vd_options_parse_keyval(const char *s, VdError **errp);
 BlockNode *vd_open_options(json_t *options, int flags, bool protocol, VdError **errp);
+/*
+ * QEMU's name for a node its options o describe (bdrv_refresh_filename): json:{driver, drv's
+ * json_name_options present in o} for a protocol, json:{driver, file: child's tree} for a format
+ * over a child named json:{...}. NULL when neither applies (the URI or file name stands; *failed
+ * false) or out of memory (*failed true).
+ */
+char *vd_json_node_name(const BlockDriver *drv, json_t *o, const char *child, bool *failed);
 BlockNode *vd_open_json(const char *filename, const char *format, int flags, VdError **errp);
 const char *vd_options_str(json_t *o, const char *key);
 int vd_options_bool(json_t *o, const char *key, bool *out, VdError **errp);

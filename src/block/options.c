@@ -246,7 +246,7 @@ static int node_flags(json_t *o, int flags, VdError **errp)
  * "file" child's own json: name. NULL when neither applies (the URI or file name stands);
  * a new string, or NULL with *errp set out of memory.
  */
-static char *json_node_name(const BlockDriver *drv, json_t *o, const char *child, bool *failed)
+char *vd_json_node_name(const BlockDriver *drv, json_t *o, const char *child, bool *failed)
 {
     json_t *name = NULL;
     *failed = false;
@@ -355,7 +355,7 @@ static BlockNode *open_tree_format(json_t *o, const BlockDriver *drv, int flags,
     }
     BlockNode *bs = vd_open(&opts, errp);
     bool failed = false;
-    char *name = bs ? json_node_name(bs->drv, o, file->filename, &failed) : NULL;
+    char *name = bs ? vd_json_node_name(bs->drv, o, file->filename, &failed) : NULL;
     if (name) { /* over a child QEMU names by its options, the node is named by them too */
         free(bs->filename);
         bs->filename = name;
@@ -400,7 +400,7 @@ static BlockNode *open_tree(json_t *o, int flags, bool protocol, VdError **errp)
     } else if (drv && drv->is_protocol) {
         /* a protocol named without a filename: its URI ("null-co://") or its name */
         bool failed;
-        char *uri = json_node_name(drv, o, NULL, &failed);
+        char *uri = vd_json_node_name(drv, o, NULL, &failed);
         if (failed || (!uri && !filename && drv->uri_schemes &&
                        asprintf(&uri, "%s://", drv->uri_schemes[0]) < 0)) {
             vd_error_setg(errp, ENOMEM, "Out of memory");

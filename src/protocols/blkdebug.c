@@ -21,6 +21,7 @@
 #include "block/block.h"
 #include "block/graph.h"
 #include "util/lock.h"
+#include "util/qjson.h"
 
 typedef int Event; /* VD_DEBUG_* */
 
@@ -134,6 +135,17 @@ static int rules_add_array(BlkdebugState *s, json_t *arr, bool inject, VdError *
     if (!arr) {
         return 0;
     }
+    if (json_is_object(arr) && json_object_get(arr, "0")) {
+        /* --image-opts: inject-error.0.event=...,inject-error.1.event=... (QEMU's list form) */
+        char key[24];
+        json_t *o;
+        int ret = 0;
+        for (size_t i = 0; ret == 0 && (snprintf(key, sizeof(key), "%zu", i),
+                                        o = json_object_get(arr, key)); i++) {
+            ret = rule_add(s, o, inject, errp);
+        }
+        return ret;
+    }
     if (json_is_object(arr)) {
         return rule_add(s, arr, inject, errp); /* --image-opts: inject-error.event=... */
     }
@@ -215,6 +227,81 @@ static int read_config(BlkdebugState *s, const char *path, VdError **errp)
     return ret;
 }
 
+/* The options that name a blkdebug node by its options (QEMU's blkdebug_strong_runtime_opts). */
+static const char *const strong_options[] = {
+    "config", "inject-error", "set-state", "align", "max-transfer", "opt-write-zero",
+    "max-write-zero", "opt-discard", "max-discard", NULL
+};
+
+/* Add v under key to out as QEMU keeps options: nested objects and arrays as dotted keys. */
+static int flatten_into(json_t *out, const char *key, json_t *v)
+{
+    if (json_is_object(v) || json_is_array(v)) {
+        size_t n = json_is_array(v) ? json_array_size(v) : 0;
+        const char *k;
+        json_t *m;
+        char *sub;
+        for (size_t i = 0; i < n; i++) {
+            if (asprintf(&sub, "%s.%zu", key, i) < 0) {
+                return -ENOMEM;
+            }
+            int r = flatten_into(out, sub, json_array_get(v, i));
+            free(sub);
+            if (r < 0) {
+                return r;
+            }
+        }
+        json_object_foreach(json_is_object(v) ? v : NULL, k, m) {
+            if (asprintf(&sub, "%s.%s", key, k) < 0) {
+                return -ENOMEM;
+            }
+            int r = flatten_into(out, sub, m);
+            free(sub);
+            if (r < 0) {
+                return r;
+            }
+        }
+        return 0;
+    }
+    return json_object_set(out, key, v) < 0 ? -ENOMEM : 0;
+}
+
+/*
+ * QEMU's name for the node (blkdebug_refresh_filename): "blkdebug:CONFIG:IMAGE" when only the
+ * config file and the image name it, else json:{...} of the image's options, the driver and
+ * the rule options flattened ("inject-error.0.event"). A new string, or NULL out of memory.
+ */
+static char *node_filename(json_t *o, const char *config, BlockNode *image)
+{
+    bool plain = strncmp(image->filename, "json:", 5) != 0;
+    for (const char *const *k = strong_options + 1; *k && plain; k++) {
+        plain = !json_object_get(o, *k);
+    }
+    char *out = NULL;
+    if (plain) {
+        return asprintf(&out, "blkdebug:%s:%s", config ? config : "", image->filename) < 0
+                   ? NULL : out;
+    }
+    json_t *img = plain ? NULL : json_loads(image->filename + 5, 0, NULL);
+    if (!img && strncmp(image->filename, "json:", 5)) {
+        img = json_pack("{s:s, s:s}", "driver", image->drv->name, "filename", image->filename);
+    }
+    json_t *name = json_pack("{s:s}", "driver", "blkdebug");
+    int r = img && name && json_object_set(name, "image", img) == 0 ? 0 : -ENOMEM;
+    for (const char *const *k = strong_options; *k && r == 0; k++) {
+        json_t *v = json_object_get(o, *k);
+        r = v ? flatten_into(name, *k, v) : 0;
+    }
+    char *text = r == 0 ? vd_qjson_compact(name) : NULL;
+    if (text && asprintf(&out, "json:%s", text) < 0) {
+        out = NULL;
+    }
+    free(text);
+    json_decref(img);
+    json_decref(name);
+    return out;
+}
+
 static int blkdebug_open(BlockNode *bs, const VdOpenOptions *opts, VdError **errp)
 {
     BlkdebugState *s = bs->opaque;
@@ -277,6 +364,16 @@ static int blkdebug_open(BlockNode *bs, const VdOpenOptions *opts, VdError **err
         return -EINVAL;
     }
     bs->file = image; /* the node's reference, dropped with the node after close */
+    if (!image_name) { /* "blkdebug:CONFIG:IMAGE" names itself */
+        char *name = node_filename(o, config, image);
+        if (!name) {
+            vd_error_setg(errp, ENOMEM, "Out of memory");
+            free(s->rules);
+            return -ENOMEM;
+        }
+        free(bs->filename);
+        bs->filename = name;
+    }
     return 0;
 }
 

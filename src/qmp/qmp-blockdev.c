@@ -297,6 +297,36 @@ static BlockNode *open_by_name(VdOpenOptions *opts, const char *drv, char *filen
     return bs;
 }
 
+/*
+ * blkdebug's rules as QEMU holds blockdev-add's options: built from the QAPI object, whose
+ * members come out in the reverse of the schema's order (what the json: name lists them by).
+ */
+static int blkdebug_qapi_order(json_t *o)
+{
+    static const char *const order[] = {
+        "new_state", "immediately", "once", "sector", "errno", "iotype", "state", "event", NULL
+    };
+    static const char *const lists[] = {"inject-error", "set-state", NULL};
+    for (const char *const *l = lists; *l; l++) {
+        json_t *arr = json_object_get(o, *l), *r;
+        size_t i;
+        json_array_foreach(json_is_array(arr) ? arr : NULL, i, r) {
+            json_t *n = json_object();
+            for (const char *const *k = order; n && *k; k++) {
+                json_t *v = json_object_get(r, *k);
+                if (v && json_object_set(n, *k, v) < 0) {
+                    json_decref(n);
+                    n = NULL;
+                }
+            }
+            if (!n || json_array_set_new(arr, i, n) < 0) {
+                return -ENOMEM;
+            }
+        }
+    }
+    return 0;
+}
+
 /* Pass 3: open. Returns a node with one reference (the caller's), or NULL. */
 static BlockNode *open_tree(json_t *o, const Inherit *parent, bool is_backing, VdError **errp)
 {
@@ -320,15 +350,23 @@ static BlockNode *open_tree(json_t *o, const Inherit *parent, bool is_backing, V
         if (!d->blockdev_filename) {
             /*
              * The driver reads its own members from the option tree (null-co's size, blkdebug's
-             * image and rules); one without a filename is named by its URI ("null-co://").
+             * image and rules); one without a filename is named as QEMU names it: by the options
+             * that name it (json:{...}), else by its URI ("null-co://").
              */
-            char *uri = NULL;
+            bool failed = false;
+            char *uri = vd_json_node_name(d, o, NULL, &failed);
             const char *fn = qmp_arg_str(o, "filename", NULL);
-            if (!fn && d->uri_schemes && asprintf(&uri, "%s://", d->uri_schemes[0]) < 0) {
+            if (failed || (!uri && !fn && d->uri_schemes &&
+                           asprintf(&uri, "%s://", d->uri_schemes[0]) < 0)) {
                 vd_error_setg(errp, ENOMEM, "Out of memory");
                 return NULL;
             }
-            opts.filename = fn ? fn : uri ? uri : drv;
+            if (!strcmp(drv, "blkdebug") && blkdebug_qapi_order(o) < 0) {
+                free(uri);
+                vd_error_setg(errp, ENOMEM, "Out of memory");
+                return NULL;
+            }
+            opts.filename = uri ? uri : fn ? fn : drv;
             opts.format = drv;
             opts.options = o;
             BlockNode *bs = vd_open(&opts, errp);
@@ -391,6 +429,16 @@ static BlockNode *open_tree(json_t *o, const Inherit *parent, bool is_backing, V
         return NULL;
     }
     BlockNode *bs = vd_open(&opts, errp);
+    bool failed = false;
+    char *name = bs ? vd_json_node_name(bs->drv, o, file->filename, &failed) : NULL;
+    if (name) { /* over a child named json:{...}, QEMU names the format node by its tree too */
+        free(bs->filename);
+        bs->filename = name;
+    } else if (failed) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+        vd_node_unref(bs);
+        bs = NULL;
+    }
     /* vd_open took its own references on file, backing and data file. */
     vd_node_unref(file);
     vd_node_unref(backing);
