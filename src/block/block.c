@@ -439,7 +439,8 @@ static int open_backing(BlockNode *bs, const VdOpenOptions *opts, ChainSeen *see
         return 0;
     }
     const char *full = bs->full_backing_filename;
-    if (!bs->backing_format && !(opts->flags & VD_OPEN_ALLOW_PROBE)) {
+    if (!bs->backing_format && !vd_options_str(opts->backing_options, "driver") &&
+        !(opts->flags & VD_OPEN_ALLOW_PROBE)) {
         vd_error_setg(errp, EPERM,
                       "Backing file '%s' of '%s' has no recorded format, and probing a backing "
                       "file's format is unsafe, so it is not done; give the format (-F FMT) or "
@@ -460,7 +461,9 @@ static int open_backing(BlockNode *bs, const VdOpenOptions *opts, ChainSeen *see
     const char *key = vd_options_str(bopt, "key-secret");
     VdOpenOptions bo = {
         .filename = full,
-        .format = bs->backing_format,
+        /* backing.driver= (--image-opts, json:) overrides the format the image records */
+        .format = vd_options_str(bopt, "driver") ? vd_options_str(bopt, "driver")
+                                                 : bs->backing_format,
         /* luks: key-secret; qcow2: encrypt.key-secret */
         .key_secret = key ? key : vd_options_str(json_object_get(bopt, "encrypt"), "key-secret"),
         .backing_options = json_object_get(bopt, "backing"),

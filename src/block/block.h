@@ -481,6 +481,13 @@ BlockNode *vd_open_options(json_t *options, int flags, bool protocol, VdError **
  * false) or out of memory (*failed true).
  */
 char *vd_json_node_name(const BlockDriver *drv, json_t *o, const char *child, bool *failed);
+/*
+ * blkdebug's rule objects (inject-error, set-state) of option tree o put in the order QEMU holds
+ * their members, which its json: names list them by where two keys share a QDict bucket:
+ * blockdev-add's (qapi) builds them from the QAPI object, a json: filename or --image-opts from
+ * its option parser. 0, or -ENOMEM.
+ */
+int vd_blkdebug_order_rules(json_t *o, bool qapi);
 BlockNode *vd_open_json(const char *filename, const char *format, int flags, VdError **errp);
 const char *vd_options_str(json_t *o, const char *key);
 int vd_options_bool(json_t *o, const char *key, bool *out, VdError **errp);

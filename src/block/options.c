@@ -241,6 +241,33 @@ static int node_flags(json_t *o, int flags, VdError **errp)
 }
 
 /*
+ * A json: name's tree read back so that it prints as it was printed: QEMU's writer lists keys
+ * of one QDict bucket newest first, so each object's members are inserted in reverse.
+ */
+static json_t *reinsert_reversed(json_t *v)
+{
+    if (!json_is_object(v)) {
+        return json_incref(v);
+    }
+    size_t n = json_object_size(v), i = 0;
+    const char **keys = calloc(n ? n : 1, sizeof(*keys));
+    json_t *out = keys ? json_object() : NULL, *m;
+    const char *k;
+    json_object_foreach(out ? v : NULL, k, m) {
+        keys[i++] = k;
+    }
+    while (out && i > 0) {
+        i--;
+        if (json_object_set_new(out, keys[i], reinsert_reversed(json_object_get(v, keys[i])))) {
+            json_decref(out);
+            out = NULL;
+        }
+    }
+    free(keys);
+    return out;
+}
+
+/*
  * QEMU's name for a node its options describe (bdrv_refresh_filename): "json:" and the driver
  * with the options that name it - drv's json_name_options present in o, or (child given) the
  * "file" child's own json: name. NULL when neither applies (the URI or file name stands);
@@ -251,7 +278,9 @@ char *vd_json_node_name(const BlockDriver *drv, json_t *o, const char *child, bo
     json_t *name = NULL;
     *failed = false;
     if (child && !strncmp(child, "json:", 5)) {
-        json_t *c = json_loads(child + 5, 0, NULL);
+        json_t *parsed = json_loads(child + 5, 0, NULL);
+        json_t *c = parsed ? reinsert_reversed(parsed) : NULL;
+        json_decref(parsed);
         name = c ? json_pack("{s:s, s:o}", "driver", drv->name, "file", c) : NULL;
     } else {
         for (const char *const *k = drv->json_name_options; k && *k; k++) {
@@ -341,11 +370,32 @@ static BlockNode *open_tree_format(json_t *o, const BlockDriver *drv, int flags,
         return NULL;
     }
     json_t *bref = json_object_get(o, "backing");
+    if (bref && !json_is_null(bref) && (flags & VD_OPEN_NO_BACKING)) {
+        /* QEMU: an open without the backing chain leaves backing.* unused, which it refuses */
+        char *key = strdup("backing");
+        for (json_t *v = bref; key && json_is_object(v) && json_object_size(v);) {
+            const char *k = json_object_iter_key(json_object_iter(v));
+            char *longer = NULL;
+            if (asprintf(&longer, "%s.%s", key, k) < 0) {
+                longer = NULL;
+            }
+            free(key);
+            key = longer;
+            v = json_object_get(v, k);
+        }
+        vd_error_setg(errp, EINVAL, "Block format '%s' does not support the option '%s'",
+                      drv ? drv->name : vd_options_str(o, "driver"), key ? key : "backing");
+        free(key);
+        vd_node_unref(file);
+        vd_node_unref(opts.data_file);
+        return NULL;
+    }
     if (json_is_null(bref)) {
         opts.flags |= VD_OPEN_NO_BACKING;
-    } else if (json_is_object(bref) && !json_object_get(bref, "driver") &&
-               !json_object_get(bref, "file") && !json_object_get(bref, "filename")) {
-        opts.backing_options = bref; /* options for the backing the image names */
+    } else if (json_is_object(bref) && !json_object_get(bref, "file") &&
+               !json_object_get(bref, "filename")) {
+        /* options for the backing the image names (its "driver" overrides the recorded format) */
+        opts.backing_options = bref;
     } else if (bref && !(opts.backing = open_child(bref, "backing", flags & ~VD_OPEN_RDWR,
                                                     false, errp))) {
         vd_error_prepend(errp, "Could not open backing file: ");
@@ -400,6 +450,10 @@ static BlockNode *open_tree(json_t *o, int flags, bool protocol, VdError **errp)
     } else if (drv && drv->is_protocol) {
         /* a protocol named without a filename: its URI ("null-co://") or its name */
         bool failed;
+        if (!strcmp(drv->name, "blkdebug") && vd_blkdebug_order_rules(o, false) < 0) {
+            vd_error_setg(errp, ENOMEM, "Out of memory");
+            goto out;
+        }
         char *uri = vd_json_node_name(drv, o, NULL, &failed);
         if (failed || (!uri && !filename && drv->uri_schemes &&
                        asprintf(&uri, "%s://", drv->uri_schemes[0]) < 0)) {

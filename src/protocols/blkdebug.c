@@ -233,6 +233,49 @@ static const char *const strong_options[] = {
     "max-write-zero", "opt-discard", "max-discard", NULL
 };
 
+int vd_blkdebug_order_rules(json_t *o, bool qapi)
+{
+    static const char *const order[] = {
+        "event", "state", "iotype", "errno", "sector", "once", "immediately", "new_state", NULL
+    };
+    static const char *const lists[] = {"inject-error", "set-state", NULL};
+    const size_t last = sizeof(order) / sizeof(order[0]) - 2;
+    for (const char *const *l = lists; *l; l++) {
+        json_t *arr = json_object_get(o, *l), *r;
+        size_t i;
+        char idx[24];
+        /* a list, or --image-opts' {"0": {...}, "1": ...} */
+        for (i = 0; (r = json_is_array(arr) ? json_array_get(arr, i)
+                               : json_is_object(arr) ? (snprintf(idx, sizeof(idx), "%zu", i),
+                                                        json_object_get(arr, idx))
+                                                     : NULL); i++) {
+            json_t *n = json_object();
+            for (size_t j = 0; n && j <= last; j++) {
+                const char *k = order[qapi ? last - j : j];
+                json_t *v = json_object_get(r, k);
+                if (v && json_object_set(n, k, v) < 0) {
+                    json_decref(n);
+                    n = NULL;
+                }
+            }
+            const char *k;
+            json_t *v;
+            json_object_foreach(n ? r : NULL, k, v) { /* members blkdebug refuses later */
+                if (!json_object_get(n, k) && json_object_set(n, k, v) < 0) {
+                    json_decref(n);
+                    n = NULL;
+                    break;
+                }
+            }
+            if (!n || (json_is_array(arr) ? json_array_set_new(arr, i, n)
+                                          : json_object_set_new(arr, idx, n)) < 0) {
+                return -ENOMEM;
+            }
+        }
+    }
+    return 0;
+}
+
 /* Add v under key to out as QEMU keeps options: nested objects and arrays as dotted keys. */
 static int flatten_into(json_t *out, const char *key, json_t *v)
 {

@@ -297,36 +297,6 @@ static BlockNode *open_by_name(VdOpenOptions *opts, const char *drv, char *filen
     return bs;
 }
 
-/*
- * blkdebug's rules as QEMU holds blockdev-add's options: built from the QAPI object, whose
- * members come out in the reverse of the schema's order (what the json: name lists them by).
- */
-static int blkdebug_qapi_order(json_t *o)
-{
-    static const char *const order[] = {
-        "new_state", "immediately", "once", "sector", "errno", "iotype", "state", "event", NULL
-    };
-    static const char *const lists[] = {"inject-error", "set-state", NULL};
-    for (const char *const *l = lists; *l; l++) {
-        json_t *arr = json_object_get(o, *l), *r;
-        size_t i;
-        json_array_foreach(json_is_array(arr) ? arr : NULL, i, r) {
-            json_t *n = json_object();
-            for (const char *const *k = order; n && *k; k++) {
-                json_t *v = json_object_get(r, *k);
-                if (v && json_object_set(n, *k, v) < 0) {
-                    json_decref(n);
-                    n = NULL;
-                }
-            }
-            if (!n || json_array_set_new(arr, i, n) < 0) {
-                return -ENOMEM;
-            }
-        }
-    }
-    return 0;
-}
-
 /* Pass 3: open. Returns a node with one reference (the caller's), or NULL. */
 static BlockNode *open_tree(json_t *o, const Inherit *parent, bool is_backing, VdError **errp)
 {
@@ -361,7 +331,7 @@ static BlockNode *open_tree(json_t *o, const Inherit *parent, bool is_backing, V
                 vd_error_setg(errp, ENOMEM, "Out of memory");
                 return NULL;
             }
-            if (!strcmp(drv, "blkdebug") && blkdebug_qapi_order(o) < 0) {
+            if (!strcmp(drv, "blkdebug") && vd_blkdebug_order_rules(o, true) < 0) {
                 free(uri);
                 vd_error_setg(errp, ENOMEM, "Out of memory");
                 return NULL;

@@ -174,3 +174,61 @@ def test_null_co_json_name_opens_again():
                              "driver=raw,file.driver=null-co,file.size=1000").stdout)
     assert first["filename"].startswith("json:")
     same(["info", "--output=json", first["filename"]])
+
+
+def _blkdebug_names(src, cfg):
+    img = {"driver": "file", "filename": src}
+    tree = lambda **kw: "json:" + json.dumps({"driver": "raw", "file": {  # noqa: E731
+        "driver": "blkdebug", "image": img, **kw}})
+    return [
+        ["-f", "raw", f"blkdebug::{src}"], ["-f", "raw", f"blkdebug:{cfg}:{src}"], [tree()],
+        [tree(config=cfg)], [tree(config=cfg, align=512)],
+        [tree(**{"inject-error": [{"event": "read_aio", "errno": 5}]})],
+        [tree(**{"inject-error": [{"errno": 5, "event": "read_aio", "sector": 9, "once": True}],
+                 "set-state": [{"event": "read_aio", "state": 1, "new_state": 2}]})],
+        ["--image-opts", f"driver=raw,file.driver=blkdebug,file.image.filename={src},"
+                         f"file.inject-error.0.event=read_aio,file.inject-error.0.errno=5"],
+        ["--image-opts", f"driver=raw,file.driver=blkdebug,file.image.filename={src},"
+                         f"file.config={cfg}"],
+    ]
+
+
+def test_blkdebug_node_named_as_qemu_img(tmp_path, raw_src):
+    """QEMU names a blkdebug node blkdebug:CONFIG:IMAGE when only its config file and image name
+    it, else json:{...} with its rules flattened (inject-error.0.event) in QEMU's key order; the
+    raw node over it takes that name. vdisk's names are qemu-img's, and open again."""
+    cfg = tmp_path / "rules.cfg"
+    cfg.write_text('[inject-error]\nevent = "read_aio"\nsector = "9000"\n')
+    names = []
+    for image in _blkdebug_names(raw_src, str(cfg)):
+        q = json.loads(qemu_img("info", "--output=json", *image).stdout)["filename"]
+        v = json.loads(vdisk("info", "--output=json", *image).stdout)["filename"]
+        assert v == q, image
+        names.append(v)
+    assert names[0] == f"blkdebug::{raw_src}" and names[3] == f"blkdebug:{cfg}:{raw_src}"
+    assert all(n.startswith("json:") for n in names[4:8])
+    again = json.loads(vdisk("info", "--output=json", names[6]).stdout)["filename"]
+    assert again == names[6]
+
+
+@pytest.mark.parametrize("cmd,backing", [
+    ("info", "backing.driver=qcow2"), ("info", "backing.node-name=x"),
+    ("info", "backing.driver=qcow2,backing.file.filename={base}"),
+    ("map", "backing.driver=qcow2"), ("map", "backing.driver=raw"),
+    ("check", "backing.driver=qcow2"), ("compare", "backing.driver=raw"),
+])
+def test_backing_options_in_image_opts_as_qemu_img(tmp_path, cmd, backing):
+    """backing.* options of --image-opts: refused by a command that opens no backing file (info)
+    with qemu-img's message; elsewhere options for the backing file the image names, its driver
+    overriding the recorded format (raw: the qcow2 base is read as raw bytes)."""
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", base, "1M")
+    qemu_io("-f", "qcow2", "-c", "write -P 7 0 64k", base)
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
+    opts = f"driver=qcow2,file.filename={top}," + backing.format(base=base)
+    v = same([cmd, "--image-opts", opts,
+              *([f"driver=qcow2,file.filename={top}"] if cmd == "compare" else [])])
+    if cmd == "info":
+        assert v.returncode == 1 and "does not support the option 'backing." in v.stderr
+    else:
+        assert v.returncode == (1 if (cmd, backing) == ("compare", "backing.driver=raw") else 0)

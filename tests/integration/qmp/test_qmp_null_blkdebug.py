@@ -122,3 +122,39 @@ def test_blkdebug_image_by_node_name_as_qsd(tmp, vd, qsd):
     assert v == ("Cannot find device='nosuch' nor node-name='nosuch'", "Block device f0 is in use",
                  [True, False, True],
                  [False, True, False], False)
+
+
+def test_node_file_names_as_qsd(tmp, vd, qsd):
+    """query-named-block-nodes' "file" of null-co and blkdebug nodes (and a raw node over them)
+    as QSD names them: null-co:// or json:{...} once size / read-zeroes are given, blkdebug::IMAGE
+    or json:{...} with the rules flattened in QEMU's key order."""
+    for i in range(3):
+        (tmp / f"d{i}.raw").write_bytes(bytes(MiB))
+    adds = [
+        {"driver": "null-co", "node-name": "n0"},
+        {"driver": "null-co", "node-name": "n1", "size": MiB},
+        {"driver": "null-co", "node-name": "n2", "size": MiB, "read-zeroes": True,
+         "latency-ns": 5},
+        {"driver": "raw", "node-name": "r0", "file": {"driver": "null-co", "size": 1000}},
+        {"driver": "blkdebug", "node-name": "b0",
+         "image": {"driver": "file", "filename": str(tmp / "d0.raw")}},
+        {"driver": "blkdebug", "node-name": "b1",
+         "image": {"driver": "file", "filename": str(tmp / "d1.raw")}, "align": 512,
+         "inject-error": [{"event": "read_aio", "sector": 5, "errno": 5, "once": True}],
+         "set-state": [{"event": "read_aio", "state": 1, "new_state": 2}]},
+        {"driver": "file", "node-name": "f2", "filename": str(tmp / "d2.raw")},
+        {"driver": "blkdebug", "node-name": "b2", "image": "f2"},
+        {"driver": "raw", "node-name": "r1", "file": "b1"},
+        {"driver": "raw", "node-name": "r2", "file": "b2"},
+    ]
+
+    def go(d, name):
+        with d.client() as c:
+            for a in adds:
+                c.cmd("blockdev-add", **a)
+            return {n["node-name"]: n["file"] for n in c.cmd("query-named-block-nodes", flat=True)
+                    if not n["node-name"].startswith("#")}
+    v, q = _both(vd, qsd, go)
+    assert v == q
+    assert q["n0"] == "null-co://" and q["r2"] == f"blkdebug::{tmp / 'd2.raw'}"
+    assert q["r1"].startswith('json:{"driver": "raw", "file": {') and "inject-error.0.once" in q["b1"]
