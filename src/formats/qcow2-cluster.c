@@ -428,7 +428,18 @@ static int read_impl(Qcow2State *s, uint64_t offset, uint64_t bytes, uint8_t *bu
             memset(buf, 0, x.len);
             break;
         case QCOW2_CLUSTER_UNALLOCATED:
-            ret = read_backing(s, offset, x.len, buf);
+            /*
+             * The backing file's own locks order its I/O; holding ours across it made every
+             * allocating write of this image wait for the backing's reads (and for whatever
+             * holds the backing's lock: an active commit's copies into it). Registered in
+             * lockless_inflight like a data read, so a backing-file change or a close waits.
+             */
+            if (may_unlock && lockless_begin(s)) {
+                ret = read_backing(s, offset, x.len, buf);
+                lockless_end(s);
+            } else {
+                ret = read_backing(s, offset, x.len, buf);
+            }
             break;
         case QCOW2_CLUSTER_COMPRESSED:
             if (!cbuf && !(cbuf = malloc(s->cluster_size))) {
@@ -608,6 +619,7 @@ static uint64_t entry_reusable_host(const Qcow2State *s, uint64_t e)
 
 /* Does the guest cluster at cstart read as zeroes (clipped to the virtual size)? */
 static int cluster_reads_zero(Qcow2State *s, uint64_t cstart, bool *zero);
+static int backing_cluster_reads_zero(Qcow2State *s, uint64_t cstart, bool *zero);
 static int reads_zero(Qcow2State *s, uint64_t offset, uint64_t bytes, bool *zero);
 
 /* Copy the part of the write [offset, end) (bytes buf) that falls in cluster cstart into b. */
@@ -735,8 +747,9 @@ static int zero_new_cluster(Qcow2State *s, uint64_t host)
 /*
  * The data of an allocating write into the k host clusters at host, for guest [offset, end)
  * inside me's clusters: head/tail copy-on-write (mode 1: zero the cluster, 2: the merged buffer
- * in *hbuf / *tbuf, read here from the backing file when *_backing) and the guest bytes. May run
- * without s->lock (it touches no metadata).
+ * in *hbuf / *tbuf, read here from the backing file when *_backing, or mode 1 after all when the
+ * backing reads zeroes there) and the guest bytes. May run without s->lock (it touches no
+ * metadata).
  */
 static int write_new_clusters(Qcow2State *s, const Q2AllocInFlight *me, uint64_t host, uint64_t k,
                               int head_mode, int tail_mode, bool head_backing, bool tail_backing,
@@ -745,7 +758,25 @@ static int write_new_clusters(Qcow2State *s, const Q2AllocInFlight *me, uint64_t
 {
     uint64_t cs = s->cluster_size, cstart = me->start, tstart = me->end - cs;
     int ret = 0;
+    /*
+     * A partial cluster that reads whole from the backing file: does the backing read it as
+     * zeroes (then zero the new cluster, mode 1)? Asked here, without s->lock when unlocked,
+     * rather than in write_step: the backing's block status takes the backing's lock, and
+     * waiting for it while holding ours stalled every writer of this image behind the
+     * backing's I/O (an active commit writing into it). `me` keeps other writers of these guest
+     * clusters out meanwhile, and what the backing decides there does not change under us.
+     */
     if (head_mode == 2 && head_backing) {
+        bool z = false;
+        ret = backing_cluster_reads_zero(s, cstart, &z);
+        head_mode = ret == 0 && z ? 1 : head_mode;
+    }
+    if (ret == 0 && tail_mode == 2 && tail_backing) {
+        bool z = false;
+        ret = backing_cluster_reads_zero(s, tstart, &z);
+        tail_mode = ret == 0 && z ? 1 : tail_mode;
+    }
+    if (ret == 0 && head_mode == 2 && head_backing) {
         ret = cow_buffer_backing(s, cstart, buf, offset, end, hbuf);
     }
     if (ret == 0 && tail_mode == 2 && tail_backing) {
@@ -1186,10 +1217,12 @@ static int backing_reads_zero(Qcow2State *s, uint64_t offset, uint64_t bytes, bo
 }
 
 /*
- * Does the guest cluster at cstart read as zeroes, its backing chain included? A partial write
- * into such a cluster zeroes the new host cluster in the file (fallocate) and writes only the
- * guest's bytes, instead of a cluster-sized buffer that is mostly zeroes: after a snapshot, every
- * first write into an empty area of the disk is such a write (QEMU's is_zero_cow does the same).
+ * Does the guest cluster at cstart read as zeroes in this image (zero flags, or nothing here and
+ * nothing in a shorter backing file)? A partial write into such a cluster zeroes the new host
+ * cluster in the file (fallocate) and writes only the guest's bytes, instead of a cluster-sized
+ * buffer that is mostly zeroes: after a snapshot, every first write into an empty area of the
+ * disk is such a write (QEMU's is_zero_cow does the same). A cluster this image leaves whole to
+ * the backing file reads false here: write_new_clusters asks the backing (without our lock).
  */
 static int cluster_reads_zero(Qcow2State *s, uint64_t cstart, bool *zero)
 {
@@ -1201,14 +1234,23 @@ static int cluster_reads_zero(Qcow2State *s, uint64_t cstart, bool *zero)
     if (cstart + n > s->h.size) {
         n = s->h.size - cstart;
     }
-    int ret = reads_zero(s, cstart, n, zero);
-    if (ret < 0 || *zero || !s->bs->backing) {
-        return ret;
+    return reads_zero(s, cstart, n, zero);
+}
+
+/*
+ * Does the backing chain read the guest cluster at cstart (which this image leaves to it whole)
+ * as zeroes? Block status only. Needs no s->lock (it reads no metadata of this image).
+ */
+static int backing_cluster_reads_zero(Qcow2State *s, uint64_t cstart, bool *zero)
+{
+    uint64_t size = __atomic_load_n(&s->size_pub, __ATOMIC_ACQUIRE);
+    uint64_t n = s->cluster_size;
+    *zero = true;
+    if (cstart >= size) {
+        return 0;
     }
-    Q2Extent x;
-    ret = get_extent(s, cstart, n, false, &x);
-    if (ret < 0 || x.type != QCOW2_CLUSTER_UNALLOCATED || x.len != n) {
-        return ret;
+    if (cstart + n > size) {
+        n = size - cstart;
     }
     return backing_reads_zero(s, cstart, n, zero);
 }

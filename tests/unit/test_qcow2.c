@@ -1050,8 +1050,11 @@ static void test_lockless_stress(void **state)
  * a raw caller may do) must not both allocate it, or one's L2 entry would drop the other's
  * bytes. Threads own interleaved 8 KiB slots (pairs straddling cluster boundaries, so multi-
  * cluster allocations with head and tail copy-on-write race too) of an overlay whose backing
- * holds data in half of the clusters; a flusher runs meanwhile and the unlocked windows are
- * widened. Every byte is checked against the model, live and after reopening.
+ * holds data in half of the clusters (the others read zeroes, so a partial write's copy-on-write
+ * decides between zeroing and copying, asking the backing without the lock); each thread reads
+ * its own slots back meanwhile (through the backing, unlocked, where nothing is allocated yet),
+ * a flusher runs, and the unlocked windows are widened. Every byte is checked against the
+ * model, live and after reopening.
  */
 #define AC_CS 65536ULL
 #define AC_SLOT (AC_CS / 8)
@@ -1082,6 +1085,15 @@ static void *alloc_worker(void *p)
         uint64_t s0 = st_rand(&a->rng) % sectors;
         uint64_t n = 1 + st_rand(&a->rng) % (sectors - s0);
         uint64_t off = g * AC_SLOT + s0 * 512, len = n * 512;
+        if (it % 3 == 2) {
+            /* read it back meanwhile: unallocated clusters read through the backing unlocked */
+            if (vd_pread(a->bs, off, len, buf) != 0 || memcmp(buf, a->model + off, len) != 0) {
+                fprintf(stderr, "alloc race: thread %d read %llu+%llu differs\n", a->id,
+                        (unsigned long long)off, (unsigned long long)len);
+                a->fail = 1;
+            }
+            continue;
+        }
         uint64_t seed = st_rand(&a->rng);
         for (uint64_t i = 0; i < len; i += 8) {
             uint64_t v = seed ^ (i * 0x9e3779b97f4a7c15ULL);
