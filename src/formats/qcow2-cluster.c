@@ -620,7 +620,6 @@ static uint64_t entry_reusable_host(const Qcow2State *s, uint64_t e)
 /* Does the guest cluster at cstart read as zeroes (clipped to the virtual size)? */
 static int cluster_reads_zero(Qcow2State *s, uint64_t cstart, bool *zero);
 static int backing_cluster_reads_zero(Qcow2State *s, uint64_t cstart, bool *zero);
-static int reads_zero(Qcow2State *s, uint64_t offset, uint64_t bytes, bool *zero);
 
 /* Copy the part of the write [offset, end) (bytes buf) that falls in cluster cstart into b. */
 static void overlay_guest_bytes(const Qcow2State *s, uint64_t cstart, uint8_t *b,
@@ -819,25 +818,26 @@ static int read_guest_range(Qcow2State *s, uint64_t off, uint64_t n, uint8_t *bu
 
 /*
  * Extended L2: may a write that covers the guest cluster with entry e only in part allocate just
- * the subclusters it touches? Yes when the cluster has no host cluster yet, or one this image
- * owns alone (COPIED, not compressed), as QEMU's qcow2 does: a 4 KiB write into a 64 KiB
- * cluster after a snapshot then copies one 2 KiB subcluster's worth from the backing file at
- * most, not the whole cluster, which is what extended L2 is for.
+ * the subclusters it touches? Yes unless the cluster is compressed, as QEMU's qcow2 does: a 4 KiB
+ * write into a 64 KiB cluster after an external snapshot then copies one 2 KiB subcluster's
+ * worth from the backing file at most, not the whole cluster, which is what extended L2 is for.
+ * A host cluster shared with an internal snapshot is copied from its first allocated subcluster
+ * to its last one (write_subclusters).
  */
 static bool subcluster_write(const Qcow2State *s, uint64_t e, uint64_t in_off, uint64_t bytes)
 {
-    if (!s->extl2 || (e & QCOW2_OFLAG_COMPRESSED) || (in_off == 0 && bytes >= s->cluster_size)) {
-        return false;
-    }
-    return !q2_l2e_has_host(s, e) || (e & QCOW2_OFLAG_COPIED);
+    return s->extl2 && !(e & QCOW2_OFLAG_COMPRESSED) && (in_off != 0 || bytes < s->cluster_size);
 }
 
 /*
  * One step of a write that subcluster_write() allows, inside the cluster at l2 index idx0:
  * the touched subclusters get the new bytes (the untouched part of the first and last one
  * keeps its old guest view), their allocation bits are set and zero bits cleared; the other
- * subclusters stay as they were (unallocated ones read through to the backing file). The data
- * goes in without the lock as in write_step. Returns bytes done, 0 to redo, or -errno.
+ * subclusters stay as they were (unallocated ones read through to the backing file). A host
+ * cluster shared with a snapshot (not COPIED) moves to a new one, as QEMU's copy-on-write: the
+ * span from the first allocated or touched subcluster to the last one is copied (its old
+ * guest view), the subclusters outside it keep their bits. The data goes in without the lock
+ * as in write_step. Returns bytes done, 0 to redo, or -errno.
  */
 static int64_t write_subclusters(Qcow2State *s, uint64_t l1i, uint64_t idx0, uint8_t *l2,
                                  uint64_t offset, uint64_t bytes, const uint8_t *buf,
@@ -847,9 +847,16 @@ static int64_t write_subclusters(Qcow2State *s, uint64_t l1i, uint64_t idx0, uin
     uint64_t in_off = offset & (cs - 1), cstart = offset - in_off;
     uint64_t n = bytes < cs - in_off ? bytes : cs - in_off;
     unsigned sc0 = (unsigned)(in_off / scs), sc1 = (unsigned)((in_off + n - 1) / scs);
+    uint64_t e0 = l2e_get(s, l2, idx0);
+    uint32_t alloc0 = (uint32_t)l2e_bitmap(s, l2, idx0);
+    bool shared = q2_l2e_has_host(s, e0) && !(e0 & QCOW2_OFLAG_COPIED);
+    if (shared && alloc0) {
+        unsigned first = (unsigned)__builtin_ctz(alloc0), last = 31u - __builtin_clz(alloc0);
+        sc0 = first < sc0 ? first : sc0;
+        sc1 = last > sc1 ? last : sc1;
+    }
     uint64_t span = cstart + sc0 * scs, span_len = (uint64_t)(sc1 - sc0 + 1) * scs;
     uint64_t mask = ((1ULL << (sc1 + 1)) - 1) & ~((1ULL << sc0) - 1); /* sc0..sc1 */
-    uint64_t e0 = l2e_get(s, l2, idx0);
     uint8_t *sbuf = NULL;
     int ret = 0;
 
@@ -867,10 +874,12 @@ static int64_t write_subclusters(Qcow2State *s, uint64_t l1i, uint64_t idx0, uin
             ret = -ENOMEM;
             goto out;
         }
-        if (offset != span) {
+        if (shared) {
+            ret = read_guest_range(s, span, span_len, sbuf);
+        } else if (offset != span) {
             ret = read_guest_range(s, span, scs, sbuf);
         }
-        if (ret == 0 && offset + n != span + span_len) {
+        if (ret == 0 && !shared && offset + n != span + span_len) {
             ret = read_guest_range(s, span + span_len - scs, scs, sbuf + span_len - scs);
         }
         if (ret < 0) {
@@ -880,8 +889,8 @@ static int64_t write_subclusters(Qcow2State *s, uint64_t l1i, uint64_t idx0, uin
         src = sbuf;
     }
     uint64_t host = e0 & QCOW2_L2E_OFFSET_MASK;
-    if (!q2_l2e_has_host(s, e0)) {
-        if (s->has_data_file) {
+    if (!q2_l2e_has_host(s, e0) || shared) {
+        if (s->has_data_file && !shared) {
             host = cstart; /* data file: the guest offset, not refcounted */
         } else if ((ret = q2_alloc_clusters(s, 1, &host)) < 0) {
             goto out;
@@ -908,9 +917,12 @@ static int64_t write_subclusters(Qcow2State *s, uint64_t l1i, uint64_t idx0, uin
     }
     if (ret == 0) {
         /* others of this cluster waited on `me`; zero/discard wait for lockless idle */
-        uint64_t bm = l2e_bitmap(s, l2, idx0);
+        uint64_t bm = l2e_bitmap(s, l2, idx0), old = l2e_get(s, l2, idx0);
         q2_cache_mark_dirty(&s->l2_cache, l2);
         l2e_set(s, l2, idx0, host | QCOW2_OFLAG_COPIED, (bm | mask) & ~(mask << 32));
+        if (shared) {
+            ret = q2_defer_free_l2_entry(s, old); /* the snapshot's reference stays */
+        }
     }
     alloc_done(s, &me); /* a new host cluster leaks on failure; the old mapping is untouched */
 out:
@@ -993,9 +1005,9 @@ static int64_t write_step(Qcow2State *s, uint64_t offset, uint64_t bytes, const 
     uint64_t n = k * cs - in_off;
     if (n > bytes) {
         n = bytes;
-        if (s->extl2 && k > 1 && in_off == 0) {
-            k--; /* whole clusters only: the partial last one is the next step's, by subcluster */
-            n = k * cs;
+        if (s->extl2 && k > 1) {
+            k--; /* the partial last cluster is the next step's, by subcluster (as QEMU's) */
+            n = k * cs - in_off;
         }
     }
     uint64_t cstart = offset - in_off;
@@ -1162,34 +1174,6 @@ static int write_zero_bytes(Qcow2State *s, uint64_t offset, uint64_t bytes)
     return ret;
 }
 
-/* Does [offset, offset+bytes) already read as zeroes through this layer? */
-static int reads_zero(Qcow2State *s, uint64_t offset, uint64_t bytes, bool *zero)
-{
-    *zero = true;
-    while (bytes > 0) {
-        Q2Extent x;
-        int ret = get_extent(s, offset, bytes, true, &x);
-        if (ret < 0) {
-            return ret;
-        }
-        if (x.type == QCOW2_CLUSTER_UNALLOCATED) {
-            if (s->bs->backing) {
-                int64_t bl = vd_getlength(s->bs->backing);
-                if (bl < 0 || offset < (uint64_t)bl) {
-                    *zero = false;
-                    return 0;
-                }
-            }
-        } else if (x.type != QCOW2_CLUSTER_ZERO_PLAIN && x.type != QCOW2_CLUSTER_ZERO_ALLOC) {
-            *zero = false;
-            return 0;
-        }
-        offset += x.len;
-        bytes -= x.len;
-    }
-    return 0;
-}
-
 /* Does the backing chain read [offset, offset+bytes) as zeroes? Block status only, no data read. */
 static int backing_reads_zero(Qcow2State *s, uint64_t offset, uint64_t bytes, bool *zero)
 {
@@ -1217,12 +1201,14 @@ static int backing_reads_zero(Qcow2State *s, uint64_t offset, uint64_t bytes, bo
 }
 
 /*
- * Does the guest cluster at cstart read as zeroes in this image (zero flags, or nothing here and
- * nothing in a shorter backing file)? A partial write into such a cluster zeroes the new host
- * cluster in the file (fallocate) and writes only the guest's bytes, instead of a cluster-sized
- * buffer that is mostly zeroes: after a snapshot, every first write into an empty area of the
- * disk is such a write (QEMU's is_zero_cow does the same). A cluster this image leaves whole to
- * the backing file reads false here: write_new_clusters asks the backing (without our lock).
+ * Is the guest cluster at cstart unallocated in every layer of its chain (QEMU's is_zero_cow)?
+ * A partial write into such a cluster zeroes the new host cluster in the file (fallocate) and
+ * writes only the guest's bytes, instead of a cluster-sized buffer that is mostly zeroes: after
+ * a snapshot, every first write into an empty area of the disk is such a write. A zero cluster,
+ * or a backing file that allocates the range or ends before it, gets its zeroes written as
+ * QEMU's does (their blocks then hold data in the file, as qemu-img map shows). This answers
+ * for this image only: a cluster it leaves whole to a backing file reads false here, and
+ * write_new_clusters asks the backing (backing_cluster_reads_zero, without our lock).
  */
 static int cluster_reads_zero(Qcow2State *s, uint64_t cstart, bool *zero)
 {
@@ -1234,12 +1220,17 @@ static int cluster_reads_zero(Qcow2State *s, uint64_t cstart, bool *zero)
     if (cstart + n > s->h.size) {
         n = s->h.size - cstart;
     }
-    return reads_zero(s, cstart, n, zero);
+    Q2Extent x;
+    int ret = get_extent(s, cstart, n, false, &x);
+    *zero = ret == 0 && x.type == QCOW2_CLUSTER_UNALLOCATED && x.len == n && !s->bs->backing;
+    return ret;
 }
 
 /*
- * Does the backing chain read the guest cluster at cstart (which this image leaves to it whole)
- * as zeroes? Block status only. Needs no s->lock (it reads no metadata of this image).
+ * Does no layer of the backing chain allocate the guest cluster at cstart (which this image
+ * leaves to it whole)? A backing file ending before it counts as allocating it, as QEMU's
+ * block status says of zeroes past a layer's end. Block status only. Needs no s->lock (it reads
+ * no metadata of this image).
  */
 static int backing_cluster_reads_zero(Qcow2State *s, uint64_t cstart, bool *zero)
 {
@@ -1252,7 +1243,25 @@ static int backing_cluster_reads_zero(Qcow2State *s, uint64_t cstart, bool *zero
     if (cstart + n > size) {
         n = size - cstart;
     }
-    return backing_reads_zero(s, cstart, n, zero);
+    BlockNode *b = s->bs->backing;
+    int64_t bl = vd_getlength(b);
+    if (bl < 0) {
+        return (int)bl;
+    }
+    if (cstart + n > (uint64_t)bl) {
+        *zero = false;
+        return 0;
+    }
+    for (uint64_t off = cstart, end = cstart + n; off < end && *zero;) {
+        uint64_t pnum;
+        int ret = vd_is_allocated_above(b, NULL, off, end - off, &pnum);
+        if (ret < 0) {
+            return ret;
+        }
+        *zero = ret == 0 && pnum > 0;
+        off += pnum;
+    }
+    return 0;
 }
 
 enum { SET_UNALLOC, SET_ZERO };
@@ -1296,24 +1305,20 @@ static int set_entries(Qcow2State *s, uint64_t first, uint64_t count, int mode, 
             uint64_t ne = 0, nbm = 0;
             bool release;
             Qcow2ClusterType t = cluster_type(s, old);
-            bool owned = (old & QCOW2_OFLAG_COPIED) && t != QCOW2_CLUSTER_COMPRESSED;
             if (mode == SET_UNALLOC) {
                 release = true;
-            } else if (unmap || !owned || !q2_l2e_has_host(s, old)) {
-                release = true;
-                if (s->extl2) {
-                    nbm = QCOW2_L2_BITMAP_ALL_ZEROES;
-                } else {
-                    ne = QCOW2_OFLAG_ZERO;
-                }
             } else {
-                release = false; /* keep the preallocated host cluster */
-                uint64_t host = old & QCOW2_L2E_OFFSET_MASK;
+                /*
+                 * As QEMU: a compressed cluster is always dropped, an allocated one only on
+                 * unmap; otherwise the entry keeps its host cluster (owned or shared with a
+                 * snapshot) and only reads as zeroes.
+                 */
+                release = t == QCOW2_CLUSTER_COMPRESSED || (unmap && q2_l2e_has_host(s, old));
+                ne = release ? 0 : old;
                 if (s->extl2) {
-                    ne = host | QCOW2_OFLAG_COPIED;
                     nbm = QCOW2_L2_BITMAP_ALL_ZEROES;
                 } else {
-                    ne = host | QCOW2_OFLAG_COPIED | QCOW2_OFLAG_ZERO;
+                    ne |= QCOW2_OFLAG_ZERO;
                 }
             }
             if (ne == old && nbm == obm) {
@@ -1388,158 +1393,160 @@ static uint64_t subcluster_mask(const Qcow2State *s, uint64_t a, uint64_t b)
 }
 
 /*
- * Zero [ps, pe), inside one subcluster, of a cluster with extended L2. As QEMU: when the rest
- * of the subcluster reads as zeroes and the subcluster holds no data of its own, its zero bit
- * is set; otherwise the zeroes are written as data (a partial write of that subcluster).
+ * Does [offset, offset+bytes) read as zeroes through the whole chain, by metadata and block
+ * status only (QEMU's is_zero for a partial zero request)? Clipped to the virtual size.
  */
-static int zero_partial_subcluster(Qcow2State *s, uint64_t ps, uint64_t pe, int flags)
+static int chain_reads_zero(Qcow2State *s, uint64_t offset, uint64_t bytes, bool *zero)
 {
-    bool z, z1 = true, z2 = true;
-    int ret = reads_zero(s, ps, pe - ps, &z);
-    if (ret < 0 || z) {
-        return ret;
+    uint64_t end = offset + bytes < s->h.size ? offset + bytes : s->h.size;
+    *zero = true;
+    while (offset < end && *zero) {
+        Q2Extent x;
+        int ret = get_extent(s, offset, end - offset, true, &x);
+        if (ret < 0) {
+            return ret;
+        }
+        if (x.type == QCOW2_CLUSTER_UNALLOCATED) {
+            if (s->bs->backing && (ret = backing_reads_zero(s, offset, x.len, zero)) < 0) {
+                return ret;
+            }
+        } else if (x.type != QCOW2_CLUSTER_ZERO_PLAIN && x.type != QCOW2_CLUSTER_ZERO_ALLOC) {
+            *zero = false;
+        }
+        offset += x.len;
     }
-    uint64_t sc = ps & ~(s->sc_size - 1);
-    uint64_t sce = sc + s->sc_size < s->h.size ? sc + s->sc_size : s->h.size;
-    ret = sc < ps ? reads_zero(s, sc, ps - sc, &z1) : 0;
-    if (ret == 0 && z1 && pe < sce) {
-        ret = reads_zero(s, pe, sce - pe, &z2);
-    }
-    Q2Extent x = {0};
-    if (ret == 0 && z1 && z2) {
-        ret = get_extent(s, sc, sce - sc, false, &x);
-    }
-    if (ret < 0) {
-        return ret;
-    }
-    if (z1 && z2 && x.type != QCOW2_CLUSTER_NORMAL && x.type != QCOW2_CLUSTER_COMPRESSED) {
-        return set_subclusters_zero(s, sc & ~(s->cluster_size - 1),
-                                    subcluster_mask(s, sc, sc + s->sc_size));
-    }
-    if (flags & VD_REQ_NO_FALLBACK) {
-        return -ENOTSUP;
-    }
-    return write_zero_bytes(s, ps, pe - ps);
+    return 0;
 }
 
 /*
- * Zero a piece inside one cluster of an image with extended L2, at subcluster granularity as
- * QEMU's (its block layer aligns write-zeroes to the subcluster): whole subclusters get their
- * zero bit, a partial first or last one zero_partial_subcluster's treatment. A compressed
- * cluster has no subclusters: its zeroes are written (that rewrites the cluster).
+ * Extended L2: make the subclusters of [a, b) (subcluster-aligned, inside the cluster at
+ * cstart) read as zeroes in metadata, as QEMU's; a compressed cluster cannot be zeroed in part
+ * (-ENOTSUP: the caller writes the zeroes). A raw data file is zeroed there too.
  */
-static int zero_in_subclusters(Qcow2State *s, uint64_t ps, uint64_t pe, int flags)
+static int zero_subclusters(Qcow2State *s, uint64_t cstart, uint64_t a, uint64_t b)
 {
-    uint64_t scs = s->sc_size;
-    uint64_t cstart = ps & ~(s->cluster_size - 1);
     Q2Extent x;
     int ret = get_extent(s, cstart, s->cluster_size, false, &x);
     if (ret < 0) {
         return ret;
     }
     if (x.type == QCOW2_CLUSTER_COMPRESSED) {
-        return (flags & VD_REQ_NO_FALLBACK) ? -ENOTSUP : write_zero_bytes(s, ps, pe - ps);
-    }
-    /* the partial last subcluster of the image counts as whole */
-    uint64_t a = (ps + scs - 1) & ~(scs - 1);
-    uint64_t b = pe >= s->h.size ? (pe + scs - 1) & ~(scs - 1) : pe & ~(scs - 1);
-    if (a >= b) {
-        /* no whole subcluster: [ps, pe) lies in one, or across the boundary of two */
-        uint64_t m = (ps | (scs - 1)) + 1;
-        ret = zero_partial_subcluster(s, ps, m < pe ? m : pe, flags);
-        return ret < 0 || m >= pe ? ret : zero_partial_subcluster(s, m, pe, flags);
-    }
-    ret = ps < a ? zero_partial_subcluster(s, ps, a, flags) : 0;
-    if (ret == 0 && b < pe) {
-        ret = zero_partial_subcluster(s, b, pe, flags);
-    }
-    return ret < 0 ? ret : set_subclusters_zero(s, cstart, subcluster_mask(s, a, b));
-}
-
-/* Zero a piece lying within one cluster. */
-static int zero_in_cluster(Qcow2State *s, uint64_t ps, uint64_t pe, int flags)
-{
-    bool z;
-    int ret = reads_zero(s, ps, pe - ps, &z);
-    if (ret < 0 || z) {
-        return ret;
-    }
-    if (s->extl2 && !s->has_data_file) {
-        return zero_in_subclusters(s, ps, pe, flags);
-    }
-    if (s->h.version >= 3) {
-        /* if the rest of the cluster already reads as zeroes, zero it whole in metadata */
-        uint64_t c0 = ps & ~(s->cluster_size - 1);
-        uint64_t c1 = c0 + s->cluster_size < s->h.size ? c0 + s->cluster_size : s->h.size;
-        bool z1 = true, z2 = true;
-        ret = c0 < ps ? reads_zero(s, c0, ps - c0, &z1) : 0;
-        if (ret == 0 && pe < c1) {
-            ret = reads_zero(s, pe, c1 - pe, &z2);
-        }
-        if (ret < 0) {
-            return ret;
-        }
-        if (z1 && z2) {
-            return set_entries(s, c0 >> s->cluster_bits, 1, SET_ZERO,
-                               flags & VD_REQ_MAY_UNMAP);
-        }
-    }
-    if (flags & VD_REQ_NO_FALLBACK) {
         return -ENOTSUP;
     }
-    return write_zero_bytes(s, ps, pe - ps);
-}
-
-static int zero_piece(Qcow2State *s, uint64_t ps, uint64_t pe, int flags)
-{
-    while (ps < pe) {
-        uint64_t ce = (ps | (s->cluster_size - 1)) + 1;
-        uint64_t e = ce < pe ? ce : pe;
-        int ret = zero_in_cluster(s, ps, e, flags);
+    if (s->has_data_file && s->data_file_raw) {
+        BlockNode *data = s->bs->data_file;
+        ret = data ? vd_pwrite_zeroes(data, a, b - a, 0) : -EIO;
         if (ret < 0) {
             return ret;
         }
-        ps = e;
     }
-    return 0;
+    return set_subclusters_zero(s, cstart, subcluster_mask(s, a, b));
 }
 
-int q2_zero(Qcow2State *s, uint64_t offset, uint64_t bytes, int flags)
+/*
+ * Zero [a, b) in metadata (QEMU's qcow2_subcluster_zeroize): a starts a zero unit and b ends
+ * one or is the image's end. Subclusters of a partial first or last cluster get their zero
+ * bits, whole clusters zero entries; a v2 image without a backing file drops the clusters.
+ * -ENOTSUP: the zeroes have to be written.
+ */
+static int zeroize(Qcow2State *s, uint64_t a, uint64_t b, int flags)
 {
     uint64_t cs = s->cluster_size;
+    if (s->h.version < 3) {
+        if (s->bs->backing) {
+            return -ENOTSUP;
+        }
+        return set_entries(s, a >> s->cluster_bits, ((b + cs - 1) >> s->cluster_bits) -
+                           (a >> s->cluster_bits), SET_UNALLOC, true);
+    }
+    uint64_t scs = s->sc_size;
+    bool at_end = b >= s->h.size;
+    int ret = 0;
+    if (a & (cs - 1)) {
+        /* a partial first cluster, by subclusters (the image's partial last one counts whole) */
+        uint64_t cstart = a & ~(cs - 1);
+        uint64_t he = at_end ? (b + scs - 1) & ~(scs - 1) : b;
+        if (he > cstart + cs) {
+            he = cstart + cs;
+        }
+        ret = zero_subclusters(s, cstart, a, he);
+        a = cstart + cs;
+    }
+    uint64_t tstart = b & ~(cs - 1);
+    uint64_t wend = at_end ? (b + cs - 1) & ~(cs - 1) : tstart;
+    if (ret == 0 && a < wend) {
+        ret = set_entries(s, a >> s->cluster_bits, (wend - a) >> s->cluster_bits, SET_ZERO,
+                          flags & VD_REQ_MAY_UNMAP);
+    }
+    if (ret == 0 && !at_end && (b & (cs - 1)) && tstart >= a) {
+        ret = zero_subclusters(s, tstart, tstart, b); /* a partial last cluster */
+    }
+    return ret;
+}
+
+/*
+ * One zero request as QEMU's qcow2 driver gets it from its block layer (qcow2_co_pwrite_zeroes):
+ * [o, e) lies inside one zero unit unless both ends are unit-aligned (or e is the image's end).
+ * A partial unit is zeroed whole in metadata when the rest of it reads as zeroes through the
+ * chain and it holds no data of its own; otherwise -ENOTSUP (the caller writes the zeroes).
+ */
+static int zero_request(Qcow2State *s, uint64_t o, uint64_t e, int flags)
+{
+    uint64_t unit = s->extl2 ? s->sc_size : s->cluster_size;
+    uint64_t head = o & (unit - 1);
+    uint64_t tail = e >= s->h.size ? 0 : ((e + unit - 1) & ~(unit - 1)) - e;
+    if (head || tail) {
+        bool z1, z2 = false;
+        int ret = chain_reads_zero(s, o - head, head, &z1);
+        if (ret == 0 && z1) {
+            ret = chain_reads_zero(s, e, tail, &z2);
+        }
+        if (ret < 0 || !z2) {
+            return ret < 0 ? ret : -ENOTSUP;
+        }
+        o -= head;
+        e = o + unit;
+        Q2Extent x;
+        ret = get_extent(s, o, unit, false, &x);
+        if (ret < 0) {
+            return ret;
+        }
+        if (x.type != QCOW2_CLUSTER_UNALLOCATED && x.type != QCOW2_CLUSTER_ZERO_PLAIN &&
+            x.type != QCOW2_CLUSTER_ZERO_ALLOC) {
+            return -ENOTSUP;
+        }
+    }
+    return zeroize(s, o, e, flags);
+}
+
+/*
+ * Write-zeroes, cut into requests as QEMU's block layer cuts them for qcow2 (a partial unit at
+ * either end on its own; the unit is the subcluster with extended L2, else the cluster), each
+ * zeroed in metadata where QEMU's qcow2 does, else written as zeroes, so that the image's
+ * allocation (qemu-img map) equals QEMU's for the same requests.
+ */
+int q2_zero(Qcow2State *s, uint64_t offset, uint64_t bytes, int flags)
+{
+    uint64_t unit = s->extl2 ? s->sc_size : s->cluster_size;
     uint64_t end = offset + bytes;
-    /* the partial last cluster of the image counts as whole */
-    uint64_t a = (offset + cs - 1) & ~(cs - 1);
-    uint64_t b = end >= s->h.size ? (end + cs - 1) & ~(cs - 1) : end & ~(cs - 1);
-    int ret;
-    if (a >= b) {
-        return zero_piece(s, offset, end, flags);
+    while (offset < end) {
+        uint64_t pe = end;
+        if (offset & (unit - 1)) {
+            uint64_t next = (offset | (unit - 1)) + 1;
+            pe = next < end ? next : end;
+        } else if ((end & (unit - 1)) && end - offset > unit) {
+            pe = end & ~(unit - 1);
+        }
+        int ret = zero_request(s, offset, pe, flags);
+        if (ret == -ENOTSUP && !(flags & VD_REQ_NO_FALLBACK)) {
+            ret = write_zero_bytes(s, offset, pe - offset);
+        }
+        if (ret < 0) {
+            return ret;
+        }
+        offset = pe;
     }
-    ret = zero_piece(s, offset, a, flags);
-    if (ret == 0 && b < end) {
-        ret = zero_piece(s, b, end, flags);
-    }
-    if (ret < 0) {
-        return ret;
-    }
-    uint64_t first = a >> s->cluster_bits, count = (b - a) >> s->cluster_bits;
-    if (s->h.version >= 3) {
-        return set_entries(s, first, count, SET_ZERO, flags & VD_REQ_MAY_UNMAP);
-    }
-    /* v2: no zero flag */
-    bool z;
-    ret = reads_zero(s, a, (b > s->h.size ? s->h.size : b) - a, &z);
-    if (ret < 0 || z) {
-        return ret;
-    }
-    if (!s->bs->backing && (flags & VD_REQ_MAY_UNMAP)) {
-        return set_entries(s, first, count, SET_UNALLOC, true);
-    }
-    if (flags & VD_REQ_NO_FALLBACK) {
-        return -ENOTSUP;
-    }
-    uint64_t wend = b > s->h.size ? s->h.size : b;
-    return write_zero_bytes(s, a, wend - a);
+    return 0;
 }
 
 int q2_discard(Qcow2State *s, uint64_t offset, uint64_t bytes, int flags)
