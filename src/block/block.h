@@ -477,10 +477,12 @@ BlockNode *vd_open_options(json_t *options, int flags, bool protocol, VdError **
 /*
  * QEMU's name for a node its options o describe (bdrv_refresh_filename): json:{driver, drv's
  * json_name_options present in o} for a protocol, json:{driver, file: child's tree} for a format
- * over a child named json:{...}. NULL when neither applies (the URI or file name stands; *failed
- * false) or out of memory (*failed true).
+ * over a child named json:{...} or given its own json_name_options (raw's offset, size).
+ * NULL when neither applies (the URI or file name stands; *failed false) or out of memory
+ * (*failed true).
  */
-char *vd_json_node_name(const BlockDriver *drv, json_t *o, const char *child, bool *failed);
+char *vd_json_node_name(const BlockDriver *drv, json_t *o, const BlockNode *child,
+                        bool *failed);
 /*
  * blkdebug's rule objects (inject-error, set-state) of option tree o put in the order QEMU holds
  * their members, which its json: names list them by where two keys share a QDict bucket:

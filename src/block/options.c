@@ -273,15 +273,35 @@ static json_t *reinsert_reversed(json_t *v)
  * "file" child's own json: name. NULL when neither applies (the URI or file name stands);
  * a new string, or NULL with *errp set out of memory.
  */
-char *vd_json_node_name(const BlockDriver *drv, json_t *o, const char *child, bool *failed)
+char *vd_json_node_name(const BlockDriver *drv, json_t *o, const BlockNode *child,
+                        bool *failed)
 {
     json_t *name = NULL;
     *failed = false;
-    if (child && !strncmp(child, "json:", 5)) {
-        json_t *parsed = json_loads(child + 5, 0, NULL);
-        json_t *c = parsed ? reinsert_reversed(parsed) : NULL;
-        json_decref(parsed);
-        name = c ? json_pack("{s:s, s:o}", "driver", drv->name, "file", c) : NULL;
+    bool own = false; /* a format given options that name it (raw's offset, size) */
+    for (const char *const *k = drv->json_name_options; child && k && *k; k++) {
+        own |= json_object_get(o, *k) != NULL;
+    }
+    if (child && (own || !strncmp(child->filename, "json:", 5))) {
+        json_t *c;
+        if (!strncmp(child->filename, "json:", 5)) {
+            json_t *parsed = json_loads(child->filename + 5, 0, NULL);
+            c = parsed ? reinsert_reversed(parsed) : NULL;
+            json_decref(parsed);
+        } else {
+            c = json_pack("{s:s, s:s}", "driver", child->drv->name, "filename", child->filename);
+        }
+        name = c ? json_pack("{s:s}", "driver", drv->name) : NULL;
+        for (const char *const *k = drv->json_name_options; name && k && *k; k++) {
+            json_t *v = json_object_get(o, *k);
+            if (v) {
+                json_object_set(name, *k, v);
+            }
+        }
+        if (name) {
+            json_object_set(name, "file", c);
+        }
+        json_decref(c);
     } else {
         for (const char *const *k = drv->json_name_options; k && *k; k++) {
             json_t *v = json_object_get(o, *k);
@@ -343,12 +363,6 @@ static BlockNode *open_tree_format(json_t *o, const BlockDriver *drv, int flags,
         vd_error_setg(errp, EINVAL, "A block device must be specified for \"file\"");
         return NULL;
     }
-    uint64_t raw_off = 0;
-    if (drv && !strcmp(drv->name, "raw") &&
-        (json_object_get(o, "size") || (vd_options_u64(o, "offset", &raw_off, errp) == 0 && raw_off))) {
-        vd_error_setg(errp, ENOTSUP, "raw: 'offset' and 'size' are not supported");
-        return NULL;
-    }
     BlockNode *file = open_child(fref, "file", flags & ~(VD_OPEN_NO_BACKING | VD_OPEN_WRITETHROUGH),
                                  true, errp);
     if (!file) {
@@ -405,7 +419,7 @@ static BlockNode *open_tree_format(json_t *o, const BlockDriver *drv, int flags,
     }
     BlockNode *bs = vd_open(&opts, errp);
     bool failed = false;
-    char *name = bs ? vd_json_node_name(bs->drv, o, file->filename, &failed) : NULL;
+    char *name = bs ? vd_json_node_name(bs->drv, o, file, &failed) : NULL;
     if (name) { /* over a child QEMU names by its options, the node is named by them too */
         free(bs->filename);
         bs->filename = name;

@@ -1,5 +1,6 @@
 /*
- * raw.c - the "raw" format: guest bytes are the file child's bytes, offset for offset.
+ * raw.c - the "raw" format: guest bytes are the file child's bytes, offset for offset, or (QEMU's
+ * `offset` and `size` options) those of a window [offset, offset+size) of it.
  *
  * Every call passes straight through to bs->file via the vd_* layer, so the file node's range
  * rules, zero-emulation and thread safety apply unchanged; raw keeps no state and needs no lock.
@@ -8,8 +9,11 @@
  * otherwise a guest could turn its disk into, say, a qcow2 file pointing at host files.
  */
 #include <errno.h>
+#include <inttypes.h>
 #include <stdint.h>
 #include <string.h>
+
+#include <jansson.h>
 
 #include "block/block.h"
 #include "util/log.h"
@@ -18,6 +22,9 @@
 
 typedef struct RawState {
     bool probed; /* format was guessed, not given */
+    uint64_t offset; /* the window's start in the file (0: none) */
+    uint64_t size;   /* its length when has_size, else up to the file's end */
+    bool has_size;
 } RawState;
 
 /* raw has no metadata of its own: the dirty-flag is its file's (QEMU's raw_get_info). */
@@ -39,6 +46,37 @@ static int raw_open(BlockNode *bs, const VdOpenOptions *opts, VdError **errp)
         return -EINVAL;
     }
     s->probed = opts->format == NULL;
+    /* QEMU's raw_apply_options: a window onto the file, checked against its size now */
+    json_t *o = opts->options;
+    if (vd_options_u64(o, "offset", &s->offset, errp) < 0 ||
+        vd_options_u64(o, "size", &s->size, errp) < 0) {
+        return -EINVAL;
+    }
+    s->has_size = json_object_get(o, "size") != NULL;
+    if (s->offset || s->has_size) {
+        int64_t real = vd_getlength(bs->file);
+        if (real < 0) {
+            vd_error_setg_errno(errp, (int)-real, "Could not get the size of '%s'",
+                                bs->file->filename);
+            return (int)real;
+        }
+        if (s->offset > (uint64_t)real) {
+            vd_error_setg(errp, EINVAL, "Offset (%" PRIu64 ") cannot be greater than size of "
+                          "the containing file (%" PRId64 ")", s->offset, real);
+            return -EINVAL;
+        }
+        if (s->has_size && (uint64_t)real - s->offset < s->size) {
+            /* sic: two spaces, as QEMU 7.2 prints it */
+            vd_error_setg(errp, EINVAL, "The sum of offset (%" PRIu64 ") and size (%" PRIu64
+                          ") has to be smaller or equal to the  actual size of the containing "
+                          "file (%" PRId64 ")", s->offset, s->size, real);
+            return -EINVAL;
+        }
+        if (s->has_size && s->size % 512) {
+            vd_error_setg(errp, EINVAL, "Specified size is not multiple of 512");
+            return -EINVAL;
+        }
+    }
     if (s->probed && !bs->read_only) {
         /* QEMU's words and lines, naming the file (raw_check_write is the restriction) */
         vd_log_verbatim(VD_LOG_WARN,
@@ -75,9 +113,14 @@ static void raw_close(BlockNode *bs)
 {
 }
 
+static uint64_t at(BlockNode *bs, uint64_t offset)
+{
+    return ((RawState *)bs->opaque)->offset + offset;
+}
+
 static int raw_pread(BlockNode *bs, uint64_t offset, uint64_t bytes, void *buf)
 {
-    return vd_pread(bs->file, offset, bytes, buf);
+    return vd_pread(bs->file, at(bs, offset), bytes, buf);
 }
 
 static int raw_pwrite(BlockNode *bs, uint64_t offset, uint64_t bytes, const void *buf, int flags)
@@ -86,7 +129,7 @@ static int raw_pwrite(BlockNode *bs, uint64_t offset, uint64_t bytes, const void
     if (s->probed && offset < RAW_PROBE_BYTES && raw_write_changes_format(bs, offset, bytes, buf)) {
         return -EPERM;
     }
-    return vd_pwrite(bs->file, offset, bytes, buf, flags);
+    return vd_pwrite(bs->file, at(bs, offset), bytes, buf, flags);
 }
 
 /* Offloaded writes skip raw_pwrite's guard: the probed-format head goes through a buffer. */
@@ -100,38 +143,40 @@ static int raw_copy_range_to(BlockNode *bs, uint64_t offset, uint64_t bytes, Blo
     if (bs->read_only || bs->file->read_only) {
         return -EPERM;
     }
-    return bs->file->drv->copy_range_to(bs->file, offset, bytes, src, src_offset);
+    return bs->file->drv->copy_range_to(bs->file, at(bs, offset), bytes, src, src_offset);
 }
 
 static int raw_pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags)
 {
-    return vd_pwrite_zeroes(bs->file, offset, bytes, flags);
+    return vd_pwrite_zeroes(bs->file, at(bs, offset), bytes, flags);
 }
 
 static int raw_pdiscard(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags)
 {
-    return vd_pdiscard(bs->file, offset, bytes, flags);
+    return vd_pdiscard(bs->file, at(bs, offset), bytes, flags);
 }
 
 static int raw_block_status(BlockNode *bs, uint64_t offset, uint64_t bytes, uint64_t *pnum,
                             uint64_t *map, BlockNode **file)
 {
     VdBlockStatus st;
+    RawState *s = bs->opaque;
     int64_t flen = vd_getlength(bs->file);
     if (flen < 0) {
         return (int)flen;
     }
+    flen = flen > (int64_t)s->offset ? flen - (int64_t)s->offset : 0; /* the window's view */
     if (offset >= (uint64_t)flen) {
         /* The sector-rounding tail past the file's end (raw_getlength) reads as zeroes. */
         *pnum = bytes;
-        *map = offset;
+        *map = at(bs, offset);
         *file = bs->file;
         return VD_BS_ZERO | VD_BS_OFFSET_VALID | VD_BS_ALLOCATED;
     }
     if (bytes > (uint64_t)flen - offset) {
         bytes = (uint64_t)flen - offset;
     }
-    int ret = vd_block_status(bs->file, offset, bytes, pnum, &st);
+    int ret = vd_block_status(bs->file, at(bs, offset), bytes, pnum, &st);
     if (ret < 0) {
         return ret;
     }
@@ -140,7 +185,7 @@ static int raw_block_status(BlockNode *bs, uint64_t offset, uint64_t bytes, uint
         *file = st.file;
     } else {
         /* A protocol without host offsets (e.g. NBD): the data is still at offset in file. */
-        *map = offset;
+        *map = at(bs, offset);
         *file = bs->file;
     }
     /* Raw decides every byte itself (no backing). */
@@ -160,7 +205,14 @@ static int raw_flush(BlockNode *bs)
  */
 static int64_t raw_getlength(BlockNode *bs)
 {
+    RawState *s = bs->opaque;
+    if (s->has_size) {
+        return (int64_t)s->size;
+    }
     int64_t len = vd_getlength(bs->file);
+    if (len >= 0 && s->offset) {
+        return len > (int64_t)s->offset ? len - (int64_t)s->offset : 0;
+    }
     if (len > 0 && bs->file->drv->reads_zero_past_end && (len % 512) != 0 &&
         len <= INT64_MAX - 511) {
         len = (len + 511) / 512 * 512;
@@ -203,7 +255,16 @@ static int64_t raw_allocated_size(BlockNode *bs)
 static int raw_truncate(BlockNode *bs, uint64_t size, bool shrink, VdPrealloc prealloc,
                         VdError **errp)
 {
-    return vd_truncate(bs->file, size, shrink, prealloc, errp);
+    RawState *s = bs->opaque;
+    if (s->has_size) {
+        vd_error_setg(errp, ENOTSUP, "Cannot resize fixed-size raw disks");
+        return -ENOTSUP;
+    }
+    if (size > INT64_MAX - s->offset) {
+        vd_error_setg(errp, EINVAL, "Disk size too large for the chosen offset");
+        return -EINVAL;
+    }
+    return vd_truncate(bs->file, at(bs, size), shrink, prealloc, errp);
 }
 
 static int raw_create(const char *filename, const VdCreateOptions *opts, VdError **errp)
@@ -219,12 +280,15 @@ static int raw_create(const char *filename, const VdCreateOptions *opts, VdError
     return vd_protocol_create(filename, opts, errp); /* file or nbd, as the name says */
 }
 
-/* BlockdevOptionsRaw; a non-zero offset or a size is refused by the QMP layer. */
+/* BlockdevOptionsRaw: the file child and a window onto it. */
 static const VdOptSpec raw_blockdev_options[] = {
     {"file", VD_OPT_REF, true},
     {"offset", VD_OPT_INT},
     {"size", VD_OPT_INT},
     {NULL}};
+
+/* QEMU names a raw node by these when given (its strong runtime options) */
+static const char *const raw_json_name_options[] = {"offset", "size", NULL};
 
 const BlockDriver vd_drv_raw = {
     .name = "raw",
@@ -232,6 +296,7 @@ const BlockDriver vd_drv_raw = {
     .supports_backing = false,
     .passthrough = true,
     .blockdev_options = raw_blockdev_options,
+    .json_name_options = raw_json_name_options,
     .state_size = sizeof(RawState),
     .probe = raw_probe,
     .open = raw_open,

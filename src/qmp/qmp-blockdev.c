@@ -160,12 +160,6 @@ static int check_options(json_t *o, const char *prefix, VdError **errp)
                       "vdiskd", prefix, encfmt);
         return -ENOTSUP;
     }
-    json_t *off = json_object_get(o, "offset"), *size = json_object_get(o, "size");
-    if (!strcmp(dname, "raw") && ((off && json_integer_value(off) != 0) || size)) {
-        vd_error_setg(errp, ENOTSUP, "'%s%s' of the raw driver is not supported by vdiskd",
-                      prefix, size ? "size" : "offset");
-        return -ENOTSUP;
-    }
     const char *dz = qmp_arg_str(o, "detect-zeroes", "off");
     if (strcmp(dz, "off") != 0) {
         vd_error_setg(errp, ENOTSUP, "'%sdetect-zeroes': '%s' is not supported by vdiskd", prefix,
@@ -385,6 +379,7 @@ static BlockNode *open_tree(json_t *o, const Inherit *parent, bool is_backing, V
     }
     opts.format = drv;
     opts.file = file;
+    opts.options = o; /* the format's own members (raw's offset and size) */
     opts.backing = backing;
     opts.snapshot = qmp_arg_str(o, "snapshot", NULL);
     /* the password of an encrypted format: luks "key-secret", qcow2 "encrypt": {"key-secret"} */
@@ -400,7 +395,7 @@ static BlockNode *open_tree(json_t *o, const Inherit *parent, bool is_backing, V
     }
     BlockNode *bs = vd_open(&opts, errp);
     bool failed = false;
-    char *name = bs ? vd_json_node_name(bs->drv, o, file->filename, &failed) : NULL;
+    char *name = bs ? vd_json_node_name(bs->drv, o, file, &failed) : NULL;
     if (name) { /* over a child named json:{...}, QEMU names the format node by its tree too */
         free(bs->filename);
         bs->filename = name;

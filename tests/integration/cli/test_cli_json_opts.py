@@ -3,10 +3,11 @@ qemu-img / qemu-io as the oracle: the same command line must give the same outpu
 error text (vdisk's errors say "vdisk:" where QEMU's say "qemu-img:").
 """
 import json
+import os
 
 import pytest
 
-from conftest import qemu_img, qemu_io, run, vdisk
+from conftest import VDISK, qemu_img, qemu_io, run, vdisk
 
 
 
@@ -232,3 +233,45 @@ def test_backing_options_in_image_opts_as_qemu_img(tmp_path, cmd, backing):
         assert v.returncode == 1 and "does not support the option 'backing." in v.stderr
     else:
         assert v.returncode == (1 if (cmd, backing) == ("compare", "backing.driver=raw") else 0)
+
+
+@pytest.fixture(scope="module")
+def window_src(tmp_path_factory):
+    p = tmp_path_factory.mktemp("window") / "w.raw"
+    p.write_bytes(os.urandom(1 << 20))
+    return p
+
+
+@pytest.mark.parametrize("window", ["offset=4096,size=65536", "offset=4096", "offset=0",
+                                    "offset=100,size=512", "size=1000", "offset=2000000",
+                                    "offset=1000000,size=65536"])
+def test_raw_offset_and_size_as_qemu_img(window_src, window):
+    """raw's offset and size make the node a window onto its file: qemu-img's size, json: name,
+    map and refusals (a size not in whole sectors, a window past the file's end)."""
+    opts = f"driver=raw,file.filename={window_src},{window}"
+    same(["info", "--output=json", "--image-opts", opts])
+    same(["map", "--output=json", "--image-opts", opts])
+
+
+def test_raw_window_reads_and_writes_as_qemu(window_src, tmp_path):
+    """convert reads exactly the window; writes land inside it, one past its end fails (qemu-io
+    and vdisk io leave the same file)."""
+    opts = f"driver=raw,file.filename={window_src},offset=4096,size=65536"
+    for tool, out in (("qemu-img", "q.raw"), ("vdisk", "v.raw")):
+        run([VDISK if tool == "vdisk" else tool, "convert", "-O", "raw", "--image-opts", opts,
+             tmp_path / out])
+    want = window_src.read_bytes()[4096:4096 + 65536]
+    assert (tmp_path / "q.raw").read_bytes() == (tmp_path / "v.raw").read_bytes() == want
+    ops = ["write -P 5 0 4k", "write -P 6 61440 4k", "write -P 7 61440 8k", "write -z 8k 8k"]
+    files = {}
+    for name in ("q", "v"):
+        f = tmp_path / f"{name}-w.raw"
+        f.write_bytes(window_src.read_bytes())
+        o = f"driver=raw,file.filename={f},offset=4096,size=65536"
+        args = ["--image-opts", *[a for op in ops for a in ("-c", op)], o]
+        p = run(["qemu-io", *args] if name == "q" else [VDISK, "io", *args], check=False)
+        assert p.stdout.count("write failed: Input/output error") == 1, p.stdout
+        files[name] = f.read_bytes()
+    assert files["q"] == files["v"]
+    assert files["v"][4096:8192] == b"\x05" * 4096 and files["v"][12288:20480] == bytes(8192)
+    assert files["v"][69632:] == window_src.read_bytes()[69632:]

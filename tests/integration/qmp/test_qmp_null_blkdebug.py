@@ -127,8 +127,9 @@ def test_blkdebug_image_by_node_name_as_qsd(tmp, vd, qsd):
 def test_node_file_names_as_qsd(tmp, vd, qsd):
     """query-named-block-nodes' "file" of null-co and blkdebug nodes (and a raw node over them)
     as QSD names them: null-co:// or json:{...} once size / read-zeroes are given, blkdebug::IMAGE
-    or json:{...} with the rules flattened in QEMU's key order."""
-    for i in range(3):
+    or json:{...} with the rules flattened in QEMU's key order; a raw node with offset and size is a
+    window of that size, named by them."""
+    for i in range(4):
         (tmp / f"d{i}.raw").write_bytes(bytes(MiB))
     adds = [
         {"driver": "null-co", "node-name": "n0"},
@@ -146,15 +147,20 @@ def test_node_file_names_as_qsd(tmp, vd, qsd):
         {"driver": "blkdebug", "node-name": "b2", "image": "f2"},
         {"driver": "raw", "node-name": "r1", "file": "b1"},
         {"driver": "raw", "node-name": "r2", "file": "b2"},
+        {"driver": "raw", "node-name": "w0", "offset": 4096, "size": 65536,
+         "file": {"driver": "file", "filename": str(tmp / "d3.raw")}},
     ]
 
     def go(d, name):
         with d.client() as c:
             for a in adds:
                 c.cmd("blockdev-add", **a)
-            return {n["node-name"]: n["file"] for n in c.cmd("query-named-block-nodes", flat=True)
+            return {n["node-name"]: (n["file"], n["image"]["virtual-size"])
+                    for n in c.cmd("query-named-block-nodes", flat=True)
                     if not n["node-name"].startswith("#")}
     v, q = _both(vd, qsd, go)
     assert v == q
+    assert q["w0"][1] == 65536 and q["w0"][0].startswith('json:{"offset": 4096')
+    q = {k: f for k, (f, _) in q.items()}
     assert q["n0"] == "null-co://" and q["r2"] == f"blkdebug::{tmp / 'd2.raw'}"
     assert q["r1"].startswith('json:{"driver": "raw", "file": {') and "inject-error.0.once" in q["b1"]
