@@ -1,5 +1,7 @@
 #!/usr/bin/python3
-"""Resume campaign: live copies survive kill -9 of vdiskd (make resume-campaign TRIALS=N).
+"""Resume campaign: block jobs survive kill -9 of vdiskd (make resume-campaign TRIALS=N).
+
+The trials take the job kinds in turn (RESUME_JOBS=mirror,stream,commit,active-commit: a subset).
 
 Each trial: base <- top served by vdiskd --state-dir over NBD; a guest (a small NBD client)
 writes random 4 KiB blocks and flushes now and then; drive-mirror sync=full copies top to a new
@@ -13,6 +15,18 @@ top's chain byte for byte (qemu-img compare) and holds every write the guest's c
 covered (and every write after the restart); qemu-img check finds no corruption; the bytes the
 job copied after the restart are at most (left + what the guest dirtied after the restart, in
 granules) x 1.1. Exits 1 on the first failure, with the seed and the trial's directory kept.
+
+stream / commit / active-commit: base <- mid <- top, the guest writing to top; block-stream
+(base), block-commit of mid into base, or active commit of top (and mid) into base, mostly under a
+speed limit; kill -9 at a random moment (an active commit sometimes just after block-job-complete,
+in or after its pivot). "left", from the files alone: stream - the bytes of top's chain that mid
+still decides (qemu-img map); commit - the granules where base differs from mid's chain; active -
+from top's chain. The restarted job must be PAUSED with vdisk-resumed, resume and finish (active:
+READY, then complete); checks: the guest's disk (top's chain; base after the pivot) holds every
+acknowledged write by the model, a commit's base holds what mid's chain read, top's header names
+base at the end, qemu-img check of every image, no journal left, and the bytes copied after the
+restart <= (left + dirtied) x 1.1. An active commit whose journal is gone after the kill (it
+pivoted) must leave base holding every write its flushes covered.
 """
 import importlib.util
 import json
@@ -41,9 +55,10 @@ class Guest(threading.Thread):
     """Writes until stopped or the daemon dies; appends (block, value) to history before each
     write and advances durable past a completed flush (history is shared across restarts)."""
 
-    def __init__(self, path, rng, history, state, pause=0.002):
+    def __init__(self, path, rng, history, state, pause=0.002, nblk=NBLK):
         super().__init__(daemon=True)
         self.path, self.rng, self.history, self.state = path, rng, history, state
+        self.nblk = nblk  # writes blocks [0, nblk)
         self.pause = pause  # at most this long between two flushes
         self.stop = threading.Event()
         self.error = None
@@ -53,7 +68,7 @@ class Guest(threading.Thread):
             c = cc.Nbd(self.path)
             while not self.stop.is_set():
                 for _ in range(self.rng.randrange(1, 8)):
-                    b, v = self.rng.randrange(NBLK), self.rng.randrange(1, 256)
+                    b, v = self.rng.randrange(self.nblk), self.rng.randrange(1, 256)
                     self.history.append((b, v))
                     c.write(b * BLK, bytes([v]) * BLK)
                 n = len(self.history)
@@ -109,7 +124,7 @@ def differing_granules(a, b):
     return sum(1 for g in range(0, SIZE, GRAN) if a[g:g + GRAN] != b[g:g + GRAN])
 
 
-def trial(d, rng):
+def trial_mirror(d, rng):
     base, top, copy = (os.path.join(d, n) for n in ("base.qcow2", "top.qcow2", "copy.qcow2"))
     state_dir = os.path.join(d, "state")
     os.mkdir(state_dir)
@@ -202,39 +217,194 @@ def trial(d, rng):
             "wb": wb, "quiet": quiet}
 
 
+def mid_decides(top):
+    """Bytes of top's chain that mid (depth 1) decides: what a stream to base has left."""
+    m = json.loads(cc.run("qemu-img", "map", "-U", "--output=json", top).stdout)
+    return sum(e["length"] for e in m if e.get("depth") == 1 and e.get("data"))
+
+
+def check_all(d):
+    for img in sorted(os.listdir(d)):
+        if img.endswith(".qcow2"):
+            c = cc.run("qemu-img", "check", "-U", "-f", "qcow2", os.path.join(d, img), check=False)
+            assert c.returncode in (0, 3), f"{img}: qemu-img check {c.returncode}\n{c.stdout}"
+
+
+def backing_of(img):
+    info = json.loads(cc.run("qemu-img", "info", "-U", "--output=json", img).stdout)
+    return info.get("full-backing-filename") or info.get("backing-filename")
+
+
+def trial_chain(d, rng, kind):
+    """stream / commit / active-commit (see the module's text)."""
+    base, mid, top = (os.path.join(d, n) for n in ("base.qcow2", "mid.qcow2", "top.qcow2"))
+    state_dir = os.path.join(d, "state")
+    os.mkdir(state_dir)
+    cc.run("qemu-img", "create", "-q", "-f", "qcow2", base, str(SIZE))
+    cc.run("qemu-io", "-f", "qcow2", "-c", f"write -P 7 0 {SIZE // 2}", base)
+    cc.run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", mid)
+    cc.run("qemu-io", "-f", "qcow2", "-c", f"write -P 9 {SIZE // 8} {3 * SIZE // 4}", mid)
+    cc.run("qemu-img", "create", "-q", "-f", "qcow2", "-b", mid, "-F", "qcow2", top)
+    initial = bytearray(SIZE)
+    initial[:SIZE // 2] = b"\x07" * (SIZE // 2)
+    initial[SIZE // 8:7 * SIZE // 8] = b"\x09" * (3 * SIZE // 4)
+    mid_view = bytes(initial)  # what mid's chain reads (the guest writes only to top)
+    history, gstate = [], {"durable": 0}
+    complete_first = kind == "active-commit" and rng.random() < 0.3
+    # mostly slow enough to be killed in the middle; an active commit must converge (READY)
+    speed = 0 if complete_first else rng.choice([0, 4 << 20, 4 << 20, 8 << 20])
+    quiet = rng.random() < 1 / 3
+    # a stream has nothing left to copy where the guest wrote: it writes the first 2 MiB only
+    nblk = NBLK // 8 if kind == "stream" else NBLK
+    p, s, cmd, nsock = start_daemon(d, top, state_dir)
+    guest = None
+    try:
+        guest = Guest(nsock, rng, history, gstate, nblk=nblk)
+        guest.start()
+        time.sleep(rng.uniform(0, 0.2))
+        common = {"job_id": "j", "auto_dismiss": False, "speed": speed}
+        if kind == "stream":
+            r = cmd("block-stream", device="top", base=base, **common)
+        elif kind == "commit":
+            r = cmd("block-commit", device="top", top=mid, base=base, **common)
+        else:
+            r = cmd("block-commit", device="top", base=base, **common)
+        assert "return" in r, r
+        if complete_first:
+            wait_for(lambda: (block_job(cmd) or {}).get("ready"), "READY")
+            cmd.send("block-job-complete", device="j")  # kill inside or after the pivot
+            time.sleep(rng.uniform(0, 0.05))
+        else:
+            time.sleep(rng.uniform(0, 3.0))
+        phase = "completing" if complete_first else (block_job(cmd) or {}).get("status", "?")
+        cc.kill9(p, guest, s)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    kill_writes, durable_at_kill = len(history), gstate["durable"]
+    model = types.SimpleNamespace(history=history, durable=durable_at_kill)
+    if kind == "stream":
+        left = mid_decides(top)
+    else:
+        src = raw_of(d, mid if kind == "commit" else top, "src.raw")
+        left = differing_granules(src, raw_of(d, base, "dst.raw")) * GRAN
+    if not os.listdir(state_dir):
+        # no journal: an active commit's pivot removed it (guests drained), or the job had ended
+        assert complete_first or phase == "concluded", f"{kind}: no journal after the kill ({phase})"
+        check_all(d)
+        disk = base if kind == "active-commit" else top
+        err = cc.model_error(raw_of(d, disk, "final.raw"), model, initial)
+        assert err is None, f"{os.path.basename(disk)} (job over) misses guest writes: {err}"
+        return {"phase": "pivoted" if complete_first else "over", "left": 0, "dirtied": 0,
+                "copied": 0, "quiet": False}
+
+    p, s, cmd, nsock = start_daemon(d, top, state_dir)
+    try:
+        j = block_job(cmd)
+        assert j and j["status"] == "paused" and j.get("vdisk-resumed") is True, j
+        if kind == "active-commit":  # the guest writes as fast as a limited copy: no READY
+            r = cmd("block-job-set-speed", device="j", speed=0)
+            assert "return" in r, r
+        guest = Guest(nsock, rng, history, gstate, pause=0.02, nblk=nblk) if not quiet else None
+        if guest:
+            guest.start()
+        time.sleep(rng.uniform(0, 0.3))  # guest writes while the job is paused
+        r = cmd("job-resume", id="j")
+        assert "return" in r, r
+        if kind == "active-commit":
+            wait_for(lambda: (block_job(cmd) or {}).get("ready"), "READY")
+            time.sleep(rng.uniform(0, 0.3))
+        else:
+            wait_for(lambda: (lambda b: b if b and b["status"] == "concluded" else None)(
+                block_job(cmd)), "the job to conclude")
+        if guest:
+            guest.stop.set()
+            guest.join(timeout=30)
+            assert guest.error is None, f"guest failed after the restart: {guest.error}"
+        if kind == "active-commit":
+            r = cmd("block-job-complete", device="j")
+            assert "return" in r, r
+        done = wait_for(lambda: (lambda b: b if b and b["status"] == "concluded" else None)(
+            block_job(cmd)), "the job to conclude")
+        assert "error" not in done, done
+        copied = done["vdisk-copied-bytes"]
+        r = cmd("job-dismiss", id="j")
+        assert "return" in r, r
+        assert not os.listdir(state_dir), f"journal left at the end: {os.listdir(state_dir)}"
+        cmd("quit")
+        p.wait(timeout=60)
+        assert p.returncode == 0, f"vdiskd exited {p.returncode}"
+        s.close()
+    finally:
+        if guest:
+            guest.stop.set()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    dirtied = (len(history) - kill_writes) * GRAN if kind == "active-commit" else 0
+    check_all(d)
+    disk = base if kind == "active-commit" else top
+    err = cc.model_error(raw_of(d, disk, "final.raw"), model, initial, settled_from=kill_writes)
+    assert err is None, f"{os.path.basename(disk)} does not hold the guest's writes: {err}"
+    if kind != "active-commit":
+        assert os.path.realpath(backing_of(top)) == os.path.realpath(base), backing_of(top)
+    if kind == "commit":
+        assert raw_of(d, base, "base.raw") == mid_view, "base does not read what mid's chain did"
+    bound = (left + dirtied) * 1.1
+    assert copied <= bound, (f"copied {copied} bytes after the restart, more than (left {left} + "
+                             f"dirtied {dirtied}) x 1.1")
+    return {"phase": phase, "left": left, "dirtied": dirtied, "copied": copied, "quiet": quiet}
+
+
+KINDS = ["mirror", "stream", "commit", "active-commit"]
+
+
+def trial(d, rng, kind):
+    return trial_mirror(d, rng) if kind == "mirror" else trial_chain(d, rng, kind)
+
+
 def main():
     trials = int(os.environ.get("TRIALS", sys.argv[1] if len(sys.argv) > 1 else "5"))
     seed = int(os.environ.get("SEED", random.SystemRandom().randrange(1 << 31)))
+    kinds = os.environ.get("RESUME_JOBS", ",".join(KINDS)).split(",")
+    assert set(kinds) <= set(KINDS), f"RESUME_JOBS: known jobs are {KINDS}"
     rng = random.Random(seed)
-    tot = {"left": 0, "dirtied": 0, "copied": 0}
-    qtot = {"n": 0, "left": 0, "copied": 0}  # trials without guest writes after the restart
-    phases, worst = {}, 0.0
+    tot = {k: {"n": 0, "left": 0, "dirtied": 0, "copied": 0, "worst": 0.0, "phases": {},
+               "qn": 0, "qleft": 0, "qcopied": 0} for k in kinds}
     for t in range(trials):
+        kind = kinds[t % len(kinds)]
         d = tempfile.mkdtemp(prefix="vdisk-resume-")
         try:
-            res = trial(d, rng)
+            res = trial(d, rng, kind)
         except BaseException as e:
-            print(f"resume-campaign: trial {t} FAILED, seed {seed}, dir kept: {d}\n{e}")
+            print(f"resume-campaign: trial {t} ({kind}) FAILED, seed {seed}, dir kept: {d}\n{e}")
             sys.exit(1)
         shutil.rmtree(d)
-        for k in tot:
-            tot[k] += res[k]
-        phases[res["phase"]] = phases.get(res["phase"], 0) + 1
+        k = tot[kind]
+        k["n"] += 1
+        for f in ("left", "dirtied", "copied"):
+            k[f] += res[f]
+        k["phases"][res["phase"]] = k["phases"].get(res["phase"], 0) + 1
         if res["quiet"]:
-            qtot["n"] += 1
-            qtot["left"] += res["left"]
-            qtot["copied"] += res["copied"]
+            k["qn"] += 1
+            k["qleft"] += res["left"]
+            k["qcopied"] += res["copied"]
         base = res["left"] + res["dirtied"]
-        worst = max(worst, res["copied"] / base if base else 0.0)
+        k["worst"] = max(k["worst"], res["copied"] / base if base else 0.0)
         if (t + 1) % 25 == 0 and t + 1 < trials:
             print(f"resume-campaign: {t + 1} trials passed (seed {seed})", flush=True)
     mib = 1 << 20
-    print(f"resume-campaign: {trials} trials passed (seed {seed}); killed while {phases}; "
-          f"after the restarts the jobs copied {tot['copied'] / mib:.1f} MiB for "
-          f"{tot['left'] / mib:.1f} MiB left + {tot['dirtied'] / mib:.1f} MiB dirtied "
-          f"(worst trial {worst:.2f}x, bound 1.10x); in the {qtot['n']} trials without guest "
-          f"writes after the restart {qtot['copied'] / mib:.1f} MiB copied for "
-          f"{qtot['left'] / mib:.1f} MiB left; target == source in every trial")
+    for kind, k in tot.items():
+        if k["n"]:
+            print(f"resume-campaign: {kind}: {k['n']} trials, killed while {k['phases']}; after "
+                  f"the restarts the jobs copied {k['copied'] / mib:.1f} MiB for "
+                  f"{k['left'] / mib:.1f} MiB left + {k['dirtied'] / mib:.1f} MiB dirtied (worst "
+                  f"trial {k['worst']:.2f}x, bound 1.10x); in the {k['qn']} trials without guest "
+                  f"writes after the restart {k['qcopied'] / mib:.1f} MiB copied for "
+                  f"{k['qleft'] / mib:.1f} MiB left")
+    print(f"resume-campaign: {trials} trials passed (seed {seed}); target == source in every "
+          f"trial")
 
 
 if __name__ == "__main__":

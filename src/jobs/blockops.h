@@ -14,6 +14,7 @@
 
 #include "block/block.h"
 #include "block/chain.h"
+#include "jobs/journal.h"
 #include "util/error.h"
 
 /*
@@ -43,6 +44,7 @@ typedef struct StreamRequest { /* block-stream */
     int on_error;                       /* JobErrorAction, default JOB_ERR_REPORT */
     bool has_filter_node_name;          /* refused */
     bool auto_finalize, auto_dismiss;   /* default true */
+    JobJournal *resume;                 /* stream_resume_journal: re-create the job, PAUSED */
 } StreamRequest;
 int stream_request_start(const StreamRequest *r, VdError **errp);
 
@@ -54,8 +56,18 @@ typedef struct CommitRequest { /* block-commit */
     int on_error;                       /* JobErrorAction, default JOB_ERR_REPORT */
     bool has_filter_node_name;          /* refused */
     bool auto_finalize, auto_dismiss;   /* default true */
+    JobJournal *resume;                 /* commit_resume_journal: re-create the job, PAUSED */
 } CommitRequest;
 int commit_request_start(const CommitRequest *r, VdError **errp);
+
+/*
+ * vdiskd --state-dir (docs/resumable.md): a stream or commit started with a state directory keeps
+ * a journal there (the request with its names resolved to files, and for commit a segment map);
+ * after a restart these re-create the job from it, PAUSED. 0: the job owns j; else j is the
+ * caller's (kept on disk) and *errp says why it does not resume.
+ */
+int stream_resume_journal(JobJournal *j, VdError **errp);
+int commit_resume_journal(JobJournal *j, VdError **errp);
 
 typedef struct SnapshotSyncRequest { /* blockdev-snapshot-sync */
     const char *device, *node_name;     /* one of them names the node to snapshot */

@@ -21,6 +21,13 @@
  * Pauses: what the job copied is flushed BEFORE the exports are drained, except a few MiB that the
  * drained flush of the tail covers anyway; a non-active commit rewrites the header above top and
  * reopens base read-only before the drain, so the drained section only switches the chain.
+ * Resumable (vdiskd --state-dir, docs/resumable.md): the mirror's segment map. A segment is clean
+ * on disk only once base holds, durably, what the chain above it reads there (the sweep passed it,
+ * or no dirty bit is left in it, with no copy or guest write in flight, after flushes of base and,
+ * active, of the top). A crash leaves base partly updated, which is harmless: the layers above still
+ * decide every range the job copies. A resumed job compares its marked segments and copies what
+ * differs. The journal is deleted before anything relies on base alone: before the header above
+ * top names base (non-active), before guests reach base at the pivot (active).
  */
 #include <errno.h>
 #include <pthread.h>
@@ -35,6 +42,7 @@
 #include "jobs/blockops.h"
 #include "jobs/copy.h"
 #include "jobs/job.h"
+#include "jobs/journal.h"
 #include "util/lock.h"
 #include "util/log.h"
 
@@ -44,6 +52,7 @@
 #define COMMIT_READY_FLUSHES 2 /* flushes of base before READY, at most (commit_run_active) */
 /* After a finishing round, pivot when this little is dirty or not yet flushed (the drained tail). */
 #define COMMIT_QUICK_TAIL (4ULL << 20)
+#define JOURNAL_CLEAR_NS 1000000000ULL /* clear the journal's in-sync segments about every second */
 
 typedef struct Commit {
     Job *job;
@@ -84,6 +93,12 @@ typedef struct Commit {
     uint64_t dirtied_total;
     JobRates rates;
     uint64_t copied_total;   /* bytes the job copied (atomic) */
+
+    JobJournal *journal;     /* progress on disk (NULL: no --state-dir); the job thread clears */
+    bool resumed;            /* re-created from its journal (non-active: the bitmap is the copy) */
+    uint64_t journal_t;      /* last clear (job thread) */
+    uint64_t sweep_done;     /* non-active: the sweep copied everything below (job thread) */
+    uint64_t top_gen, top_flushed_gen; /* active: guest writes to top / covered by a flush */
 } Commit;
 
 /* ---- dirty bitmap (c->lock held) ---- */
@@ -151,11 +166,20 @@ static void commit_after_write(void *opaque, const VdWriteReq *w, int ret)
 {
     Commit *c = opaque;
     (void)ret;
+    __atomic_add_fetch(&c->top_gen, 1, __ATOMIC_SEQ_CST); /* a journal clear flushes it */
     vd_mutex_lock(&c->lock);
     c->dirtied_total += bm_set(c, w->offset, w->bytes, true) * c->gran;
     c->kicked = true;
     vd_cond_broadcast(&c->cond);
     vd_mutex_unlock(&c->lock);
+    job_journal_write_end(c->journal, w->offset, w->bytes);
+}
+
+/* Before the write reaches the top: its segments are marked on disk (write-ahead, as the mirror). */
+static void commit_before_write(void *opaque, const VdWriteReq *w)
+{
+    Commit *c = opaque;
+    job_journal_write_begin(c->journal, w->offset, w->bytes);
 }
 
 /* Writes to top no longer concern the job (waits for those inside the hook: call it drained). */
@@ -230,28 +254,179 @@ static int commit_io_error(Commit *c, int r, bool is_read, int *ignored)
     return 0;
 }
 
+/*
+ * A resumed non-active commit: copy only the granules of the chunk that differ from base
+ * (commit_resume_scan's bits; read-only after it), not the whole chunk around them.
+ */
+static int copy_differing(Commit *c, CopyChunk *ch, uint8_t *buf, uint64_t buf_size)
+{
+    uint64_t end = ch->off + ch->bytes;
+    for (uint64_t off = ch->off; off < end;) {
+        uint64_t i = off / c->gran, n = 0;
+        vd_mutex_lock(&c->lock);
+        bool dirty = bm_get(c, i);
+        while (i + n < c->nbits && (i + n) * c->gran < end && bm_get(c, i + n) == dirty) {
+            n++;
+        }
+        vd_mutex_unlock(&c->lock);
+        uint64_t run_end = (i + n) * c->gran < end ? (i + n) * c->gran : end;
+        if (dirty) {
+            int r = copy_range(c, off, run_end - off, buf, buf_size, &ch->is_read, &ch->copied);
+            if (r < 0) {
+                return r;
+            }
+        }
+        off = run_end;
+    }
+    return 0;
+}
+
 /* One chunk, on a copy worker. Tracked (active run): the range is held; clear its bits only now. */
 static void commit_copy_chunk(void *opaque, CopyChunk *ch, uint8_t *buf, uint64_t buf_size)
 {
     Commit *c = opaque;
     bool bitmap = c->active && ch->tracked;
+    /* Prepare's drained tail (untracked) needs no bookkeeping: the journal goes before the pivot. */
+    JobJournal *j = bitmap || !c->active ? c->journal : NULL;
+    job_journal_copy_begin(j, ch->off, ch->bytes); /* before the range stops counting dirty */
     if (bitmap) {
         vd_mutex_lock(&c->lock);
         bm_set(c, ch->off, ch->bytes, false);
         vd_mutex_unlock(&c->lock);
     }
-    ch->ret = copy_range(c, ch->off, ch->bytes, buf, buf_size, &ch->is_read, &ch->copied);
+    if (c->resumed && !c->active) {
+        ch->ret = copy_differing(c, ch, buf, buf_size);
+    } else {
+        ch->ret = copy_range(c, ch->off, ch->bytes, buf, buf_size, &ch->is_read, &ch->copied);
+    }
     if (ch->ret < 0 && bitmap) {
         vd_mutex_lock(&c->lock); /* back to dirty: retried after stop/ignore */
         bm_set(c, ch->off, ch->bytes, true);
         vd_mutex_unlock(&c->lock);
     }
+    if (!c->active) {
+        __atomic_add_fetch(&c->copied_total, ch->copied, __ATOMIC_RELAXED);
+    }
+    /*
+     * A failed copy keeps its segments "in flight" in the journal for the rest of the job: the
+     * sweep retries it (stop) or fails at the end (ignore) after it has moved past the range,
+     * so nothing but this count keeps them from being cleared.
+     */
+    if (ch->ret == 0) {
+        job_journal_copy_end(j, ch->off, ch->bytes);
+    }
+}
+
+/* ---- progress on disk (jobs/journal.h) ---- */
+
+/* Does the job still have work in [off, off+bytes)? (the journal's clear asks, job thread) */
+static bool commit_range_dirty(void *opaque, uint64_t off, uint64_t bytes)
+{
+    Commit *c = opaque;
+    if (!c->active) {
+        return off + bytes > c->sweep_done;
+    }
+    uint64_t last = (off + bytes - 1) / c->gran;
+    bool dirty = false;
+    vd_mutex_lock(&c->lock);
+    for (uint64_t i = off / c->gran; i <= last && i < c->nbits && !dirty; i++) {
+        dirty = bm_get(c, i);
+    }
+    vd_mutex_unlock(&c->lock);
+    return dirty;
+}
+
+/*
+ * About once a second (job thread): clear the segments where base holds what the chain above it
+ * reads, after flushes that make it so on disk - of base (every copy completed before the flush)
+ * and, active, of the top: a guest write held only in top's cache would be lost by a crash while
+ * its copy in base survives, and the two would differ in a segment the journal calls clean.
+ */
+static void commit_journal_tick(Commit *c)
+{
+    uint64_t t = job_now_ns();
+    if (!c->journal || t - c->journal_t < JOURNAL_CLEAR_NS) {
+        return;
+    }
+    c->journal_t = t;
+    if (job_journal_clear_collect(c->journal, commit_range_dirty, c) == 0) {
+        return;
+    }
+    uint64_t gen = __atomic_load_n(&c->top_gen, __ATOMIC_SEQ_CST);
+    if (c->active && gen != c->top_flushed_gen) {
+        if (vd_flush(c->top) < 0) {
+            return;
+        }
+        c->top_flushed_gen = gen;
+    }
+    if (vd_flush(c->base_rw) == 0) {
+        (void)job_journal_clear_commit(c->journal);
+    }
+}
+
+static void commit_sweep_tick(void *opaque, uint64_t done)
+{
+    Commit *c = opaque;
+    c->sweep_done = done;
+    commit_journal_tick(c);
+}
+
+/*
+ * Resumed from a journal: only its marked segments may differ. Compare them (the chain above base
+ * as its readers see it, base on its own) and mark dirty what differs, so the job copies what was
+ * left, not what the coarse segments cover. Active: guest writes meanwhile dirty their own ranges.
+ */
+static int commit_resume_scan(Commit *c)
+{
+    uint64_t seg = job_journal_segment(c->journal), unit = c->unit;
+    uint8_t *a = malloc(unit), *b = malloc(unit);
+    int r = a && b ? 0 : -ENOMEM;
+    for (uint64_t i = 0; r == 0 && i < job_journal_nsegments(c->journal); i++) {
+        if (!job_journal_marked(c->journal, i)) {
+            continue;
+        }
+        uint64_t end = (i + 1) * seg > c->len ? c->len : (i + 1) * seg;
+        for (uint64_t off = i * seg; r == 0 && off < end; off += unit) {
+            if (job_is_cancelled(c->job)) {
+                r = -ECANCELED;
+                break;
+            }
+            uint64_t n = end - off < unit ? end - off : unit;
+            if ((r = vd_pread(c->top, off, n, a)) < 0 || (r = vd_pread(c->base_rw, off, n, b)) < 0) {
+                break;
+            }
+            for (uint64_t g = 0; g < n; g += c->gran) {
+                uint64_t gn = n - g < c->gran ? n - g : c->gran;
+                if (memcmp(a + g, b + g, gn) != 0) {
+                    vd_mutex_lock(&c->lock);
+                    bm_set(c, off + g, gn, true);
+                    vd_mutex_unlock(&c->lock);
+                }
+            }
+        }
+    }
+    free(a);
+    free(b);
+    return r;
 }
 
 /* top..above-base are read-only: what none of them allocates needs no copy (non-active). */
 static uint64_t commit_skip(void *opaque, uint64_t off, uint64_t max)
 {
     Commit *c = opaque;
+    if (c->resumed) {
+        /* Resumed: only what differs from base (commit_resume_scan) is copied. */
+        uint64_t i = off / c->gran, n = 0;
+        vd_mutex_lock(&c->lock);
+        while (i + n < c->nbits && n * c->gran < max && !bm_get(c, i + n)) {
+            n++;
+        }
+        vd_mutex_unlock(&c->lock);
+        if (n) {
+            uint64_t b = (i + n) * c->gran - off;
+            return b < max ? b : max;
+        }
+    }
     uint64_t pnum = 0;
     int r = vd_is_allocated_above(c->top, c->base_rw, off, max, &pnum);
     return r == 0 && pnum <= max ? pnum : 0;
@@ -259,10 +434,18 @@ static uint64_t commit_skip(void *opaque, uint64_t off, uint64_t max)
 
 static int commit_run_passive(Commit *c, VdError **errp)
 {
+    int r = c->resumed ? commit_resume_scan(c) : 0;
+    if (r < 0) {
+        if (r != -ECANCELED) {
+            vd_error_setg(errp, -r, "Commit read error: %s", strerror(-r));
+        }
+        return r;
+    }
     job_progress_set_remaining(c->job, c->len);
     CopySweep sw = {.job = c->job, .engine = c->engine, .len = c->len, .unit = c->unit,
-                    .align = c->gran, .on_error = c->on_error, .skip = commit_skip, .opaque = c};
-    int r = copy_sweep_run(&sw);
+                    .align = c->gran, .on_error = c->on_error, .skip = commit_skip,
+                    .tick = commit_sweep_tick, .opaque = c};
+    r = copy_sweep_run(&sw);
     if (r == -ECANCELED) {
         return r;
     }
@@ -437,7 +620,7 @@ static int commit_run_active(Commit *c, VdError **errp)
 {
     Job *job = c->job;
     CopyEngine *e = c->engine;
-    int r = commit_scan(c);
+    int r = c->resumed ? commit_resume_scan(c) : commit_scan(c);
     if (r < 0) {
         if (r != -ECANCELED) {
             vd_error_setg(errp, -r, "Cannot read the block status of the top: %s", strerror(-r));
@@ -461,6 +644,7 @@ static int commit_run_active(Commit *c, VdError **errp)
         while (copy_engine_reap(e, &ch, false)) {
             commit_reaped(&cr, &ch);
         }
+        commit_journal_tick(c);
         copy_engine_note_dirty(e, dirty_bytes(c)); /* the convergence floor */
         /* Quiet points (nothing in flight): see mirror_run. */
         uint64_t speed = cr.finishing ? 0 : job_get_speed(job);
@@ -656,6 +840,9 @@ static int commit_run_active(Commit *c, VdError **errp)
 static int commit_run(Job *job, VdError **errp)
 {
     Commit *c = job_opaque(job);
+    if (c->resumed) {
+        job_pause_point(job); /* re-created PAUSED: nothing runs before job-resume */
+    }
     return c->active ? commit_run_active(c, errp) : commit_run_passive(c, errp);
 }
 
@@ -796,6 +983,12 @@ static int commit_prepare(Job *job, VdError **errp)
      */
     BlockNode *final = NULL;
     if (!c->active) {
+        /*
+         * base holds everything durably: the journal goes before the header names base (a job
+         * resumed over the new chain would find no top). A crash from here on leaves a chain
+         * that reads right either way, and no job.
+         */
+        job_journal_remove(c->journal);
         r = rewrite_above_header(c, errp);
         if (r == 0) {
             /* Back to read-only, with metadata read after every write of the copy. */
@@ -870,6 +1063,11 @@ static int commit_prepare(Job *job, VdError **errp)
         /* Still drained: a guest writing without pause cannot starve the hook's removal. */
         commit_unhook(c);
         if (r == 0 && pivot) {
+            /*
+             * Before guests reach base: a journal left behind would bring back a commit of a top
+             * they no longer write, over their writes to base.
+             */
+            job_journal_remove(c->journal);
             c->pivoted = true;
             c->base_swapped = false; /* base_rw is now the guest's image */
             /* As QEMU's bdrv_replace_node: a node over the top reads and writes base now. */
@@ -920,6 +1118,9 @@ static void commit_clean(Job *job)
 {
     Commit *c = job_opaque(job);
     commit_unhook(c);
+    if (!job_journal_keeping_all()) {
+        job_journal_remove(c->journal); /* over (vdiskd's shutdown keeps it: resumed next time) */
+    }
     if (c->claimed) {
         blockops_release(c->dev);
         c->claimed = false;
@@ -954,6 +1155,7 @@ static void commit_free_state(Commit *c)
     free(c->backing_name);
     free(c->backing_fmt);
     free(c->bitmap);
+    job_journal_close(c->journal);
     pthread_mutex_destroy(&c->lock);
     pthread_cond_destroy(&c->cond);
     free(c);
@@ -972,8 +1174,13 @@ static void commit_free(Job *job)
 static void commit_query(Job *job, json_t *info)
 {
     Commit *c = job_opaque(job);
+    if (c->resumed) {
+        json_object_set_new(info, "vdisk-resumed", json_true());
+    }
     if (!c->active) {
-        return; /* QEMU's members only */
+        json_object_set_new(info, "vdisk-copied-bytes", json_integer((json_int_t)__atomic_load_n(
+                                                            &c->copied_total, __ATOMIC_RELAXED)));
+        return;
     }
     bool ready = json_is_true(json_object_get(info, "ready"));
     uint64_t copied = __atomic_load_n(&c->copied_total, __ATOMIC_RELAXED);
@@ -1012,6 +1219,61 @@ static BlockNode *chain_parent(BlockNode *dev, BlockNode *bs)
 static uint64_t pow2_floor(uint64_t v)
 {
     return v ? 1ULL << (63 - __builtin_clzll(v)) : 0;
+}
+
+/*
+ * The job's journal: the one it is resumed from if it still fits (the same images, found again by
+ * their files, the same kind of commit and the same length), else a new one (every segment
+ * marked) when vdiskd has a state directory. Before any copy and before the hook is in place.
+ */
+static int commit_journal_open(Commit *c, const CommitRequest *r, const char *job_id,
+                               VdError **errp)
+{
+    uint64_t seg = job_journal_segment_size(c->len, c->gran);
+    if (r->resume) {
+        json_t *d = job_journal_desc(r->resume);
+        seg = job_journal_segment(r->resume);
+        if (json_is_true(json_object_get(d, "active")) != c->active ||
+            job_journal_len(r->resume) != c->len || seg < c->gran || seg % c->gran) {
+            vd_error_setg(errp, EINVAL, "Job journal of '%s' does not fit the images (%s commit "
+                          "of %llu bytes, segment %llu; now %s, %llu bytes, granularity %llu)",
+                          job_id, json_is_true(json_object_get(d, "active")) ? "active" : "a",
+                          (unsigned long long)job_journal_len(r->resume),
+                          (unsigned long long)seg, c->active ? "active" : "not active",
+                          (unsigned long long)c->len, (unsigned long long)c->gran);
+            return -EINVAL;
+        }
+        c->journal = r->resume;
+        c->resumed = true;
+        return 0;
+    }
+    if (!job_journal_dir()) {
+        return 0;
+    }
+    /* Names resolved to files (node names of a chain opened from headers vary between runs). */
+    json_t *desc = json_pack("{s:s, s:b, s:{s:s, s:s, s:s, s:s, s:s?, s:I, s:i, s:b, s:b}}",
+                             "type", "commit", "active", c->active, "request",
+                             "job-id", job_id, "device", r->device, "top", c->top->filename,
+                             "base", c->base->filename, "backing-file", c->backing_name,
+                             "speed", (json_int_t)r->speed, "on-error", r->on_error,
+                             "auto-finalize", r->auto_finalize, "auto-dismiss", r->auto_dismiss);
+    int ret = desc ? job_journal_create(NULL, job_id, desc, c->len, seg, &c->journal, errp)
+                   : -ENOMEM;
+    if (!desc) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+    }
+    json_decref(desc);
+    return ret;
+}
+
+/* The job did not start: a new journal is deleted, a resumed one is the caller's again (kept). */
+static void commit_journal_drop(Commit *c)
+{
+    if (c->resumed) {
+        c->journal = NULL; /* the caller's again: kept for the next start */
+    } else {
+        job_journal_remove(c->journal);
+    }
 }
 
 int commit_request_start(const CommitRequest *r, VdError **errp)
@@ -1180,23 +1442,30 @@ int commit_request_start(const CommitRequest *r, VdError **errp)
         commit_free_state(c);
         return -ENOMEM;
     }
-    if (active) {
-        c->nbits = (c->len + c->gran - 1) / c->gran;
-        c->bitmap = calloc((c->nbits + 63) / 64 + 1, sizeof(uint64_t));
-        if (!c->bitmap) {
-            vd_error_setg(errp, ENOMEM, "Out of memory");
-            commit_free_state(c);
-            return -ENOMEM;
-        }
-    }
     int ret = blockops_claim(dev, "commit", errp);
     if (ret < 0) {
         commit_free_state(c);
         return ret;
     }
     c->claimed = true;
+    ret = commit_journal_open(c, r, job_id, errp);
+    if (ret < 0) {
+        commit_free_state(c);
+        return ret;
+    }
+    if (active || c->resumed) {
+        c->nbits = (c->len + c->gran - 1) / c->gran;
+        c->bitmap = calloc((c->nbits + 63) / 64 + 1, sizeof(uint64_t));
+        if (!c->bitmap) {
+            commit_journal_drop(c);
+            vd_error_setg(errp, ENOMEM, "Out of memory");
+            commit_free_state(c);
+            return -ENOMEM;
+        }
+    }
     c->base_rw = vd_reopen(base, true, errp);
     if (!c->base_rw) {
+        commit_journal_drop(c);
         commit_free_state(c);
         return -EIO;
     }
@@ -1208,13 +1477,16 @@ int commit_request_start(const CommitRequest *r, VdError **errp)
     GraphDrained set; /* readers of base_parent's chain: everything above it */
     if (graph_drain_writers(c->base_parent, NULL, &set) < 0) {
         vd_error_setg(errp, ENOMEM, "Out of memory");
+        commit_journal_drop(c);
         commit_free_state(c);
         return -ENOMEM;
     }
-    VdWriteHook hook = {.tracker = c->hook_tracker, .after = commit_after_write, .opaque = c};
+    VdWriteHook hook = {.tracker = c->hook_tracker, .before = commit_before_write,
+                        .after = commit_after_write, .opaque = c};
     if (active && vd_write_hook_add(top, &hook) < 0) {
         graph_resume_writers(&set, NULL);
         vd_error_setg(errp, ENOMEM, "Cannot track guest writes");
+        commit_journal_drop(c);
         commit_free_state(c);
         return -ENOMEM;
     }
@@ -1234,11 +1506,41 @@ int commit_request_start(const CommitRequest *r, VdError **errp)
             graph_replace_node(c->base_rw, c->base);
             graph_resume_writers(&set, NULL);
         }
+        commit_journal_drop(c);
         commit_free_state(c);
         return -EINVAL;
     }
     c->job = job;
     /* len from the start; an active commit's is what is dirty, known after its scan. */
     job_progress_set_remaining(job, active ? 1 : c->len);
-    return job_start(job, errp);
+    if (c->resumed) {
+        job_user_pause(job, NULL); /* offered back PAUSED: job-resume continues it */
+    }
+    ret = job_start(job, errp);
+    if (ret == 0 && c->resumed) {
+        job_wait_paused(job);
+    }
+    return ret;
+}
+
+int commit_resume_journal(JobJournal *j, VdError **errp)
+{
+    json_t *req = json_object_get(job_journal_desc(j), "request");
+    CommitRequest r = {.resume = j};
+    json_error_t je;
+    json_int_t speed = 0;
+    json_t *bf = NULL;
+    int fin = 0, dis = 0;
+    if (json_unpack_ex(req, &je, 0, "{s:s, s:s, s:s, s:s, s:o, s:I, s:i, s:b, s:b}", "job-id",
+                       &r.job_id, "device", &r.device, "top", &r.top, "base", &r.base,
+                       "backing-file", &bf, "speed", &speed, "on-error", &r.on_error,
+                       "auto-finalize", &fin, "auto-dismiss", &dis) < 0) {
+        vd_error_setg(errp, EINVAL, "Job journal: %s", je.text);
+        return -EINVAL;
+    }
+    r.backing_file = json_string_value(bf); /* null: active */
+    r.speed = speed;
+    r.auto_finalize = fin;
+    r.auto_dismiss = dis;
+    return commit_request_start(&r, errp);
 }

@@ -703,6 +703,9 @@ int copy_sweep_run(CopySweep *sw)
         while (copy_engine_reap(e, &c, false)) {
             sweep_reaped(&st, &c);
         }
+        if (sw->tick) {
+            sw->tick(sw->opaque, off);
+        }
         uint64_t speed = job_get_speed(sw->job);
         if (copy_engine_take_kick(e) || st.nfailed || speed) {
             copy_engine_drain(e, sweep_reaped, &st);

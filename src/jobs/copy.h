@@ -182,6 +182,11 @@ typedef struct CopySweep {
     JobErrorAction on_error;
     /* Bytes from off (<= max) that need no copy; 0: copy the chunk at off. May be NULL. */
     uint64_t (*skip)(void *opaque, uint64_t off, uint64_t max);
+    /*
+     * Called on the job's thread between copies: every chunk below `done` was submitted or
+     * skipped (those still in flight or failed are the caller's to account for). May be NULL.
+     */
+    void (*tick)(void *opaque, uint64_t done);
     void *opaque;
     int ignored;           /* out: the first ignored error (0: none) */
     bool failed_is_read;   /* out: with a reported error */

@@ -459,6 +459,13 @@ const char *job_type(Job *job)
     return job->drv->type;
 }
 
+void job_wait_paused(Job *job)
+{
+    for (int i = 0; i < 10000 && job_status(job) != JOB_STATUS_PAUSED; i++) {
+        nanosleep(&(struct timespec){.tv_nsec = 1000000}, NULL);
+    }
+}
+
 JobStatus job_status(Job *job)
 {
     vd_mutex_lock(&job_mutex);

@@ -121,6 +121,11 @@ void *job_opaque(Job *job);
 const char *job_id(Job *job);
 const char *job_type(Job *job);
 JobStatus job_status(Job *job);
+/*
+ * A job re-created from its journal (user-paused before job_start) is listed PAUSED from the first
+ * query: wait (at most 10 s) until its thread sits in its first pause point.
+ */
+void job_wait_paused(Job *job);
 
 /* Lookup by id; returns a new reference (job_unref it) since the job may conclude meanwhile. */
 Job *job_find(const char *id);

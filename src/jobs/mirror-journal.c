@@ -1,8 +1,9 @@
 /*
  * mirror-journal.c - what makes a live copy resumable across a vdiskd restart (docs/resumable.md):
  * the drive-mirror / blockdev-mirror request as its journal records it, and the restart that
- * re-creates every journalled copy, PAUSED, before any export serves a guest. A journal that does
- * not resume (images gone, another size) is logged and kept: nothing is deleted behind the user.
+ * re-creates every journalled copy (and stream and commit: blockops.h), PAUSED, before any
+ * export serves a guest. A journal that does not resume (images gone, another size) is logged
+ * and kept: nothing is deleted behind the user.
  */
 #include "jobs/mirror.h"
 
@@ -13,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "jobs/blockops.h"
 #include "util/log.h"
 
 /* The request's members, as the journal names them (QMP's names where QMP has one). */
@@ -125,8 +127,12 @@ static int resume_one(const char *path)
     const char *type = desc ? json_string_value(json_object_get(desc, "type")) : NULL;
     MirrorRequest r;
     int rc = -EINVAL;
-    if (j && (!type || strcmp(type, "mirror") || !json_is_integer(gran))) {
-        vd_error_setg(&err, EINVAL, "not a mirror journal");
+    if (j && type && !strcmp(type, "stream")) {
+        rc = stream_resume_journal(j, &err);
+    } else if (j && type && !strcmp(type, "commit")) {
+        rc = commit_resume_journal(j, &err);
+    } else if (j && (!type || strcmp(type, "mirror") || !json_is_integer(gran))) {
+        vd_error_setg(&err, EINVAL, "not a journal of a mirror, stream or commit");
     } else if (j && mirror_request_from_json(req, &r, &err) == 0) {
         r.granularity = (uint32_t)json_integer_value(gran); /* the segment map's unit */
         r.resume = j;

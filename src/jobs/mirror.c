@@ -1759,12 +1759,8 @@ Job *mirror_start_ex(const MirrorOptions *o, bool unmap, VdError **errp)
     if (job_start(job, errp) < 0) {
         return NULL; /* the job aborted: exports are back on the source */
     }
-    /*
-     * Offered back PAUSED means listed as paused from the first query: wait (at most 10 s) until
-     * the job thread sits in its first pause point (at vdiskd's start, before QMP exists).
-     */
-    for (int i = 0; m->resumed && i < 10000 && job_status(job) != JOB_STATUS_PAUSED; i++) {
-        nanosleep(&(struct timespec){.tv_nsec = 1000000}, NULL);
+    if (m->resumed) {
+        job_wait_paused(job); /* offered back PAUSED: listed so from the first query */
     }
     return job;
 }

@@ -7,6 +7,10 @@
  * allocation is re-checked under it: only ranges the top does not decide are filled. A guest write
  * either finished before (the range is allocated: skipped) or waits until the copy ended (and then
  * overwrites it). The intermediates are read-only, so what is copied cannot change meanwhile.
+ * Resumable (vdiskd --state-dir, docs/resumable.md): the progress is the top's allocation itself
+ * (a copied cluster is allocated in the top and skipped by a later sweep; one a crash lost with an
+ * unflushed qcow2 cache is copied again), so the journal records only the request, with its base
+ * resolved to a file, and is deleted when the job ends.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -32,6 +36,9 @@ typedef struct Stream {
     uint64_t len, gran, unit;
     JobErrorAction on_error;
     bool claimed;
+    JobJournal *journal;      /* NULL: no --state-dir */
+    bool resumed;             /* re-created from its journal after a restart */
+    uint64_t copied;          /* bytes written into the top (atomic; query-block-jobs) */
 } Stream;
 
 /*
@@ -95,7 +102,9 @@ static int stream_range(Stream *s, uint64_t off, uint64_t n, uint8_t *buf, bool 
 /* One chunk, on a copy worker holding [off, off+bytes) of the top exclusively. */
 static void stream_copy_chunk(void *opaque, CopyChunk *c, uint8_t *buf, uint64_t buf_size)
 {
-    c->ret = stream_range(opaque, c->off, c->bytes, buf, &c->is_read, &c->copied);
+    Stream *s = opaque;
+    c->ret = stream_range(s, c->off, c->bytes, buf, &c->is_read, &c->copied);
+    __atomic_add_fetch(&s->copied, c->copied, __ATOMIC_RELAXED);
 }
 
 /*
@@ -120,6 +129,9 @@ static uint64_t stream_skip(void *opaque, uint64_t off, uint64_t max)
 static int stream_run(Job *job, VdError **errp)
 {
     Stream *s = job_opaque(job);
+    if (s->resumed) {
+        job_pause_point(job); /* re-created PAUSED: nothing runs before job-resume */
+    }
     job_progress_set_remaining(job, s->len);
     CopySweep sw = {.job = job, .engine = s->engine, .len = s->len, .unit = s->unit,
                     .align = s->gran, .on_error = s->on_error, .skip = stream_skip, .opaque = s};
@@ -201,6 +213,19 @@ static void stream_clean(Job *job)
         blockops_release(s->top);
         s->claimed = false;
     }
+    if (!job_journal_keeping_all()) {
+        job_journal_remove(s->journal); /* over (vdiskd's shutdown keeps it: resumed next time) */
+    }
+}
+
+static void stream_query(Job *job, json_t *info)
+{
+    Stream *s = job_opaque(job);
+    json_object_set_new(info, "vdisk-copied-bytes",
+                        json_integer((json_int_t)__atomic_load_n(&s->copied, __ATOMIC_RELAXED)));
+    if (s->resumed) {
+        json_object_set_new(info, "vdisk-resumed", json_true());
+    }
 }
 
 static void stream_free_state(Stream *s)
@@ -217,6 +242,7 @@ static void stream_free_state(Stream *s)
     }
     vd_node_unref(s->top);
     vd_node_unref(s->base);
+    job_journal_close(s->journal);
     free(s->backing_name);
     free(s->backing_fmt);
     free(s);
@@ -233,8 +259,51 @@ static const JobDriver stream_driver = {
     .prepare = stream_prepare,
     .clean = stream_clean,
     .kick = stream_kick,
+    .query = stream_query,
     .free = stream_free,
 };
+
+/*
+ * The job's journal: the one it is resumed from if it still fits (the same top file and length:
+ * the base is found again by its file), else a new one when vdiskd has a state directory.
+ */
+static int stream_journal_open(Stream *s, const StreamRequest *r, const char *job_id,
+                               VdError **errp)
+{
+    if (r->resume) {
+        const char *top = json_string_value(json_object_get(job_journal_desc(r->resume), "top"));
+        if (!top || strcmp(top, s->top->filename) || job_journal_len(r->resume) != s->len) {
+            vd_error_setg(errp, EINVAL, "Job journal of '%s' does not fit the images (top '%s', "
+                          "%llu bytes; now '%s', %llu bytes)", job_id, top ? top : "?",
+                          (unsigned long long)job_journal_len(r->resume), s->top->filename,
+                          (unsigned long long)s->len);
+            return -EINVAL;
+        }
+        s->journal = r->resume;
+        s->resumed = true;
+        return 0;
+    }
+    if (!job_journal_dir()) {
+        return 0;
+    }
+    /* Names resolved: the base by its file (node names of a chain opened from headers vary). */
+    json_t *desc = json_pack("{s:s, s:s, s:{s:s, s:s, s:s?, s:s?, s:I, s:i, s:b, s:b}}",
+                             "type", "stream", "top", s->top->filename, "request",
+                             "job-id", job_id, "device", r->device,
+                             "base", s->base ? s->base->filename : NULL,
+                             "backing-file", s->backing_name, "speed", (json_int_t)r->speed,
+                             "on-error", r->on_error, "auto-finalize", r->auto_finalize,
+                             "auto-dismiss", r->auto_dismiss);
+    int ret = desc ? job_journal_create(NULL, job_id, desc, s->len,
+                                        job_journal_segment_size(s->len, s->gran), &s->journal,
+                                        errp)
+                   : -ENOMEM;
+    if (!desc) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+    }
+    json_decref(desc);
+    return ret;
+}
 
 int stream_request_start(const StreamRequest *r, VdError **errp)
 {
@@ -357,14 +426,53 @@ int stream_request_start(const StreamRequest *r, VdError **errp)
         return ret;
     }
     s->claimed = true;
+    ret = stream_journal_open(s, r, job_id, errp);
+    if (ret < 0) {
+        stream_free_state(s);
+        return ret;
+    }
     JobOptions jo = {.id = job_id, .speed = speed, .auto_finalize = r->auto_finalize,
                      .auto_dismiss = r->auto_dismiss, .node = s->top->node_name};
     Job *job = job_create(&stream_driver, &jo, s, errp);
     if (!job) {
+        if (s->resumed) {
+            s->journal = NULL; /* the caller's again: kept for the next start */
+        }
+        job_journal_remove(s->journal);
         stream_free_state(s);
         return -EINVAL;
     }
     s->job = job;
     job_progress_set_remaining(job, s->len); /* query-block-jobs shows len from the start */
-    return job_start(job, errp);
+    if (s->resumed) {
+        job_user_pause(job, NULL); /* offered back PAUSED: job-resume continues it */
+    }
+    ret = job_start(job, errp);
+    if (ret == 0 && s->resumed) {
+        job_wait_paused(job);
+    }
+    return ret;
+}
+
+int stream_resume_journal(JobJournal *j, VdError **errp)
+{
+    json_t *req = json_object_get(job_journal_desc(j), "request");
+    StreamRequest r = {.resume = j};
+    json_error_t je;
+    json_int_t speed = 0;
+    json_t *base = NULL, *bf = NULL;
+    int fin = 0, dis = 0;
+    if (json_unpack_ex(req, &je, 0, "{s:s, s:s, s:o, s:o, s:I, s:i, s:b, s:b}", "job-id",
+                       &r.job_id, "device", &r.device, "base", &base, "backing-file",
+                       &bf, "speed", &speed, "on-error", &r.on_error,
+                       "auto-finalize", &fin, "auto-dismiss", &dis) < 0) {
+        vd_error_setg(errp, EINVAL, "Job journal: %s", je.text);
+        return -EINVAL;
+    }
+    r.base = json_string_value(base); /* null: stream the whole chain */
+    r.backing_file = json_string_value(bf);
+    r.speed = speed;
+    r.auto_finalize = fin;
+    r.auto_dismiss = dis;
+    return stream_request_start(&r, errp);
 }

@@ -210,9 +210,107 @@ def test_state_dir_defaults_to_systemds_state_directory(tmp, monkeypatch, arg):
 
 
 def test_resume_campaign_few_trials():
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "resume-campaign.py"), "3"],
+    """One trial of each kind: mirror, stream, commit, active commit (kill -9, restart, resume)."""
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "resume-campaign.py"), "4"],
                        capture_output=True, text=True, timeout=900,
                        env={**os.environ, "VDISK_BUILD": BUILD})
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "3 trials passed" in p.stdout and "target == source in every trial" in p.stdout, \
+    assert "4 trials passed" in p.stdout and "target == source in every trial" in p.stdout, \
         p.stdout
+
+
+def chain3(tmp):
+    """base (7s in the first half) <- mid (9s in the middle half) <- top (empty)."""
+    base, mid, top = tmp / "base.qcow2", tmp / "mid.qcow2", tmp / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", base, SIZE)
+    qemu_io("-f", "qcow2", "-c", f"write -P 7 0 {SIZE // 2}", base)
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", mid)
+    qemu_io("-f", "qcow2", "-c", f"write -P 9 {SIZE // 4} {SIZE // 2}", mid)
+    qemu_img("create", "-q", "-f", "qcow2", "-b", mid, "-F", "qcow2", top)
+    return base, mid, top
+
+
+def start_slow_chain_job(c, kind, base, mid):
+    if kind == "stream":
+        c.cmd("block-stream", job_id="j", device="top", base=str(base), speed=1 << 20,
+              auto_dismiss=False)
+    elif kind == "commit":
+        c.cmd("block-commit", job_id="j", device="top", top=str(mid), base=str(base),
+              speed=1 << 20, auto_dismiss=False)
+    else:
+        c.cmd("block-commit", job_id="j", device="top", base=str(base), speed=1 << 20,
+              auto_dismiss=False)
+
+
+@pytest.mark.parametrize("kind", ["stream", "commit", "active-commit"])
+def test_stopped_stream_or_commit_comes_back_paused_and_finishes(tmp, kind):
+    """Stopped (SIGTERM) while copying at 1 MiB/s: after the restart the job is PAUSED and
+    resumed-flagged, a guest writes over NBD (qemu-io) while it is paused and after job-resume,
+    and the job finishes with the chain's content and the guest's writes where they belong."""
+    base, mid, top = chain3(tmp)
+    state = tmp / "state"
+    state.mkdir()
+    d = daemon(tmp, top, state)
+    try:
+        with d.client() as c:
+            start_slow_chain_job(c, kind, base, mid)
+            time.sleep(1.5)
+            assert job(c)["status"] == "running"
+        guest_write(tmp, 0x51, 1 << 20, 64 << 10)  # before the stop: in top
+    finally:
+        d.stop_checked()
+    assert sorted(os.listdir(state)) == ["j.json", "j.map"]
+    d = daemon(tmp, top, state)
+    try:
+        with d.client() as c:
+            j = job(c)
+            assert j["status"] == "paused" and j["vdisk-resumed"] is True, j
+            guest_write(tmp, 0x52, 5 << 20, 64 << 10)  # while paused
+            c.cmd("block-job-set-speed", device="j", speed=0)
+            c.cmd("job-resume", id="j")
+            guest_write(tmp, 0x53, 13 << 20, 4096)  # while running (or ready)
+            if kind == "active-commit":
+                wait_status(c, "ready")
+                c.cmd("block-job-complete", device="j")
+            j = wait_status(c, "concluded")
+            assert "error" not in j, j
+            c.cmd("job-dismiss", id="j")
+            assert os.listdir(state) == []
+    finally:
+        d.stop_checked()
+    disk = base if kind == "active-commit" else top
+    for img in (base, mid, top):
+        qemu_img("check", "-f", "qcow2", img)
+    qemu_io("-f", "qcow2", "-c", "read -P 7 0 1M", "-c", "read -P 0x51 1M 64k",
+            "-c", "read -P 7 2M 2M", "-c", "read -P 9 4M 1M", "-c", "read -P 0x52 5M 64k",
+            "-c", f"read -P 9 {(5 << 20) + (64 << 10)} {(7 << 20) - (64 << 10)}",
+            "-c", "read -P 0x53 13M 4k", "-c", "read -P 0 14M 2M", disk)
+    if kind != "active-commit":
+        info = json.loads(qemu_img("info", "--output=json", top).stdout)
+        assert os.path.realpath(info["full-backing-filename"]) == str(base), info
+    if kind == "commit":  # base took mid's data, not the guest's
+        qemu_io("-f", "qcow2", "-c", "read -P 7 0 4M", "-c", "read -P 9 4M 8M",
+                "-c", "read -P 0 12M 4M", base)
+
+
+def test_commit_journal_over_another_chain_is_kept_and_logged(tmp):
+    """The images changed while vdiskd was down (top rebased past mid): the commit of mid is not
+    brought back over a chain that no longer holds it; its journal is kept and logged."""
+    base, mid, top = chain3(tmp)
+    state = tmp / "state"
+    state.mkdir()
+    d = daemon(tmp, top, state)
+    try:
+        with d.client() as c:
+            start_slow_chain_job(c, "commit", base, mid)
+    finally:
+        d.stop_checked()
+    qemu_img("rebase", "-u", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
+    d = daemon(tmp, top, state, "-v")
+    try:
+        with d.client() as c:
+            assert c.cmd("query-block-jobs") == []
+        assert "j.json' not resumed (kept)" in d.output(), d.output()
+        assert sorted(os.listdir(state)) == ["j.json", "j.map"]
+    finally:
+        d.stop_checked()
