@@ -5,6 +5,11 @@
  * the writes already in flight (a list made lazily on the first add let a write that had found none
  * run on unhooked after the add returned: a mirror's first copy could read its range before it
  * landed, and no hook marked it). A node without hooks costs one uncontended read lock per write.
+ * The lock prefers its writer: glibc's default lets new readers in while add/remove waits, so
+ * guests writing without pause (whose requests overlap) could hold it off for ever where the job
+ * could not drain them first. A waiting add/remove now waits for the writes in flight only.
+ * Requests never nest on one node's lock (a hook or a driver writes other nodes), which a
+ * writer-preferring lock needs: a thread re-taking it shared behind a waiting writer would block.
  */
 #include "block/write-hooks.h"
 
@@ -26,7 +31,11 @@ int vd_write_hooks_init(BlockNode *bs)
     if (!h) {
         return -ENOMEM;
     }
-    pthread_rwlock_init(&h->lock, NULL);
+    pthread_rwlockattr_t a;
+    pthread_rwlockattr_init(&a);
+    pthread_rwlockattr_setkind_np(&a, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&h->lock, &a);
+    pthread_rwlockattr_destroy(&a);
     bs->write_hooks = h;
     return 0;
 }
