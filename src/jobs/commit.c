@@ -52,6 +52,8 @@
 #define COMMIT_READY_FLUSHES 2 /* flushes of base before READY, at most (commit_run_active) */
 /* After a finishing round, pivot when this little is dirty or not yet flushed (the drained tail). */
 #define COMMIT_QUICK_TAIL (4ULL << 20)
+#define FLUSH_BACKOFF_MIN_NS 10000000ULL   /* a failed flush of base is retried after 10 ms, */
+#define FLUSH_BACKOFF_MAX_NS 1000000000ULL /* doubling up to 1 s (on-error=ignore, ready loop) */
 #define JOURNAL_CLEAR_NS 1000000000ULL /* clear the journal's in-sync segments about every second */
 
 typedef struct Commit {
@@ -616,6 +618,22 @@ static bool commit_pivot_needs_sync(Commit *c)
     return !c->durable_seen || vd_flush_requests(c->dev) != c->durable_flush_req;
 }
 
+/*
+ * After a flush of base the loop retries when it failed (on-error=ignore, or the ready loop's own
+ * flush): wait first, 10 ms doubling to 1 s, as QEMU's jobs pause between retries, rather than
+ * syncing a failing disk in a tight loop. A success resets the wait.
+ */
+static void flush_retry(Job *job, int r, uint64_t *backoff)
+{
+    if (r == 0) {
+        *backoff = 0;
+        return;
+    }
+    *backoff = *backoff ? *backoff * 2 : FLUSH_BACKOFF_MIN_NS;
+    *backoff = *backoff > FLUSH_BACKOFF_MAX_NS ? FLUSH_BACKOFF_MAX_NS : *backoff;
+    job_sleep_ns(job, *backoff);
+}
+
 static int commit_run_active(Commit *c, VdError **errp)
 {
     Job *job = c->job;
@@ -639,6 +657,7 @@ static int commit_run_active(Commit *c, VdError **errp)
      */
     uint64_t finish_budget = 0, finish_deadline = 0;
     unsigned finish_rounds = 0, ready_flushes = 0;
+    uint64_t flush_backoff = 0; /* after a failed flush of base that is retried: see flush_retry */
     for (;;) {
         CopyChunk ch;
         while (copy_engine_reap(e, &ch, false)) {
@@ -783,6 +802,7 @@ static int commit_run_active(Commit *c, VdError **errp)
                         break;
                     }
                 }
+                flush_retry(job, fr, &flush_backoff);
                 continue;
             }
             job_transition_to_ready(job);
@@ -802,7 +822,7 @@ static int commit_run_active(Commit *c, VdError **errp)
              * syncs nothing, and the coordinator does not stop copying for a flush (a complete
              * arriving during one found what the guest dirtied meanwhile to copy).
              */
-            (void)commit_flush_base(c);
+            flush_retry(job, commit_flush_base(c), &flush_backoff);
             continue;
         }
         uint64_t deadline = job_now_ns() + IDLE_WAIT_NS;
@@ -1111,6 +1131,11 @@ static void commit_abort(Job *job)
         commit_unhook(c); /* every writer drained, as in prepare */
         graph_resume_writers(&set, NULL);
     }
+    /*
+     * A drain that failed (out of memory) still unhooks: the hook list's lock prefers its writer,
+     * so the removal waits for the writes in flight, not for a pause in the guest's writes.
+     */
+    commit_unhook(c);
     restore_ro_base(c, false);
 }
 
