@@ -1092,6 +1092,61 @@ static BlockNode *mem_node(void)
     return bs;
 }
 
+/* Writers that overlap without pause: each write sits 1 ms in a hook, 4 threads in turn. */
+typedef struct HookWriters {
+    BlockNode *bs;
+    int stop;       /* atomic */
+    uint64_t done;  /* atomic: writes completed */
+} HookWriters;
+
+static void slow_before(void *opaque, const VdWriteReq *w)
+{
+    usleep(1000);
+}
+
+static void *hook_writer(void *opaque)
+{
+    HookWriters *hw = opaque;
+    uint8_t buf[512] = {1};
+    while (!__atomic_load_n(&hw->stop, __ATOMIC_SEQ_CST)) {
+        assert_int_equal(vd_pwrite(hw->bs, 0, sizeof(buf), buf, 0), 0);
+        __atomic_add_fetch(&hw->done, 1, __ATOMIC_SEQ_CST);
+    }
+    return NULL;
+}
+
+/*
+ * A hook add/remove while guests write without pause returns while they still write: the list's
+ * lock prefers its writer (with glibc's default, readers overlapping for ever starved it, and the
+ * writers here stop only after the add and remove returned: the test would hang).
+ */
+static void test_write_hook_add_not_starved_by_writes(void **state)
+{
+    HookWriters hw = {.bs = mem_node()};
+    VdWriteHook slow = {.before = slow_before, .opaque = &hw};
+    assert_int_equal(vd_write_hook_add(hw.bs, &slow), 0);
+    pthread_t t[4];
+    for (int i = 0; i < 4; i++) {
+        assert_int_equal(pthread_create(&t[i], NULL, hook_writer, &hw), 0);
+    }
+    while (__atomic_load_n(&hw.done, __ATOMIC_SEQ_CST) < 20) {
+        usleep(1000); /* the writers are running */
+    }
+    int other;
+    VdWriteHook h2 = {.opaque = &other};
+    assert_int_equal(vd_write_hook_add(hw.bs, &h2), 0);
+    vd_write_hook_remove(hw.bs, &other);
+    uint64_t at = __atomic_load_n(&hw.done, __ATOMIC_SEQ_CST);
+    while (__atomic_load_n(&hw.done, __ATOMIC_SEQ_CST) < at + 8) {
+        usleep(1000); /* and still are */
+    }
+    __atomic_store_n(&hw.stop, 1, __ATOMIC_SEQ_CST);
+    for (int i = 0; i < 4; i++) {
+        pthread_join(t[i], NULL);
+    }
+    vd_node_unref(hw.bs);
+}
+
 static Job *start_mem_mirror(MirrorEnv *env, BlockNode *mem, const char *id, JobErrorAction a)
 {
     ev_reset();
@@ -1754,6 +1809,7 @@ int main(void)
         cmocka_unit_test(test_mirror_target_error_stop_then_resume),
         cmocka_unit_test(test_mirror_target_error_report_fails_job),
         cmocka_unit_test(test_mirror_pause_stops_copying),
+        cmocka_unit_test(test_write_hook_add_not_starved_by_writes),
         cmocka_unit_test(test_mirror_switches_to_write_blocking_when_outpaced),
         cmocka_unit_test(test_mirror_copy_never_overwrites_newer_guest_data),
         cmocka_unit_test(test_copy_engine_concurrency_and_no_overlap),
