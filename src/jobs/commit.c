@@ -24,10 +24,10 @@
  * Resumable (vdiskd --state-dir, docs/resumable.md): the mirror's segment map. A segment is clean
  * on disk only once base holds, durably, what the chain above it reads there (the sweep passed it,
  * or no dirty bit is left in it, with no copy or guest write in flight, after flushes of base and,
- * active, of the top). A crash leaves base partly updated, which is harmless: the layers above still
- * decide every range the job copies. A resumed job compares its marked segments and copies what
- * differs. The journal is deleted before anything relies on base alone: before the header above
- * top names base (non-active), before guests reach base at the pivot (active).
+ * active, of the top). A crash leaves base partly updated, which is harmless: the layers above
+ * still decide every range the job copies. A resumed job compares its marked segments and copies
+ * what differs. The journal is deleted before anything relies on base alone: before the header
+ * above top names base (non-active), before guests reach base at the pivot (active).
  */
 #include <errno.h>
 #include <pthread.h>
@@ -177,7 +177,7 @@ static void commit_after_write(void *opaque, const VdWriteReq *w, int ret)
     job_journal_write_end(c->journal, w->offset, w->bytes);
 }
 
-/* Before the write reaches the top: its segments are marked on disk (write-ahead, as the mirror). */
+/* Before the write reaches the top: its segments are marked on disk (write-ahead, as mirror's). */
 static void commit_before_write(void *opaque, const VdWriteReq *w)
 {
     Commit *c = opaque;
@@ -288,7 +288,7 @@ static void commit_copy_chunk(void *opaque, CopyChunk *ch, uint8_t *buf, uint64_
 {
     Commit *c = opaque;
     bool bitmap = c->active && ch->tracked;
-    /* Prepare's drained tail (untracked) needs no bookkeeping: the journal goes before the pivot. */
+    /* Prepare's drained tail (untracked) needs no bookkeeping: the journal goes at the pivot. */
     JobJournal *j = bitmap || !c->active ? c->journal : NULL;
     job_journal_copy_begin(j, ch->off, ch->bytes); /* before the range stops counting dirty */
     if (bitmap) {
@@ -394,7 +394,8 @@ static int commit_resume_scan(Commit *c)
                 break;
             }
             uint64_t n = end - off < unit ? end - off : unit;
-            if ((r = vd_pread(c->top, off, n, a)) < 0 || (r = vd_pread(c->base_rw, off, n, b)) < 0) {
+            if ((r = vd_pread(c->top, off, n, a)) < 0 ||
+                (r = vd_pread(c->base_rw, off, n, b)) < 0) {
                 break;
             }
             for (uint64_t g = 0; g < n; g += c->gran) {
