@@ -27,8 +27,17 @@ deps:
 $(BUILD)/build.ninja:
 	meson setup $(BUILD)
 
+# UBSan's checks trap (-fsanitize-undefined-trap-on-error: an illegal instruction at the undefined
+# behaviour, which ASan reports with its stack, file:line, under handle_sigill=1) instead of
+# calling GCC's libubsan. Every check stays, fatal as with halt_on_error=1. Why: at each ASan
+# process's exit LeakSanitizer reads every loaded module's writable data, and libubsan's 6 MB of
+# BSS plus vdisk's 1.9 MB of UBSan type descriptors were 55% of the 14 MB it read (one page fault
+# per untouched 4 KiB page): `vdisk info` 110-118 -> 69-84 ms CPU with leak checks on, and make
+# check starts thousands of ASan processes. Nothing about leak detection changes.
+UBSAN_TRAP := -fsanitize-undefined-trap-on-error
 $(ASAN_BUILD)/build.ninja:
-	meson setup $(ASAN_BUILD) -Db_sanitize=address,undefined -Db_lundef=false
+	meson setup $(ASAN_BUILD) -Db_sanitize=address,undefined -Db_lundef=false \
+	  -Dc_args=$(UBSAN_TRAP) -Dc_link_args=$(UBSAN_TRAP)
 
 asan: deps $(ASAN_BUILD)/build.ninja
 	ninja -C $(ASAN_BUILD)
@@ -43,7 +52,8 @@ install: all
 
 check: all asan
 	meson test -C $(BUILD) --print-errorlogs --num-processes $(UNIT_JOBS)
-	meson test -C $(ASAN_BUILD) --print-errorlogs --num-processes $(UNIT_JOBS)
+	ASAN_OPTIONS=halt_on_error=1:abort_on_error=1:print_summary=1:handle_sigill=1 \
+	  meson test -C $(ASAN_BUILD) --print-errorlogs --num-processes $(UNIT_JOBS)
 	VDISK_BUILD=$(CURDIR)/$(ASAN_BUILD) $(PYTEST) -q tests/integration
 
 demo: all

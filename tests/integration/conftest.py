@@ -17,8 +17,10 @@ BUILD = os.environ.get("VDISK_BUILD", os.path.join(ROOT, "build"))
 VDISK = os.path.join(BUILD, "src", "tools", "vdisk")
 VDISKD = os.path.join(BUILD, "src", "tools", "vdiskd")
 
-# ASan: abort on the first error so a memory bug is a failed test, not a log line.
-os.environ.setdefault("ASAN_OPTIONS", "abort_on_error=1:detect_leaks=1")
+# ASan: abort on the first error so a memory bug is a failed test, not a log line. make check's
+# ASan build has UBSan trap (an illegal instruction, no libubsan: see the Makefile); handle_sigill
+# makes ASan report that trap with the stack of the undefined behaviour (file:line).
+os.environ.setdefault("ASAN_OPTIONS", "abort_on_error=1:detect_leaks=1:handle_sigill=1")
 os.environ.setdefault("UBSAN_OPTIONS", "halt_on_error=1:print_stacktrace=1")
 
 
