@@ -698,19 +698,25 @@ static int alloc_refblock(Qcow2State *s, uint64_t ri)
     return 0;
 }
 
+/* The order a refcount change needs: increments before the L2 entries, decrements after. */
+static int refcount_order(Qcow2State *s, int64_t addend)
+{
+    if (addend < 0) {
+        return q2_cache_set_dependency(s, &s->rb_cache, &s->l2_cache);
+    }
+    if (!q2_refcounts_lazy(s)) {
+        return q2_cache_set_dependency(s, &s->l2_cache, &s->rb_cache);
+    }
+    return 0; /* lazy: the dirty bit covers increments that are not on disk yet */
+}
+
 int q2_update_refcount(Qcow2State *s, uint64_t offset, uint64_t length, int64_t addend)
 {
     int ret;
     if (length == 0 || addend == 0) {
         return 0;
     }
-    if (addend < 0) {
-        ret = q2_cache_set_dependency(s, &s->rb_cache, &s->l2_cache);
-    } else if (!q2_refcounts_lazy(s)) {
-        ret = q2_cache_set_dependency(s, &s->l2_cache, &s->rb_cache);
-    } else {
-        ret = 0; /* lazy: the dirty bit covers increments that are not on disk yet */
-    }
+    ret = refcount_order(s, addend);
     if (ret < 0) {
         return ret;
     }
@@ -724,7 +730,15 @@ int q2_update_refcount(Qcow2State *s, uint64_t offset, uint64_t length, int64_t 
             if (addend < 0) {
                 return -EIO; /* freeing a cluster that has no refcount: corrupt */
             }
+            /*
+             * A grown table releases the old one: that decrement turned the order around (the
+             * refcount cache waits for the L2 cache). Our increments need theirs back, or an L2
+             * entry could reach the disk before the refcount of the cluster it points at.
+             */
             ret = alloc_refblock(s, ri);
+            if (ret == 0) {
+                ret = refcount_order(s, addend);
+            }
             if (ret < 0) {
                 return ret;
             }

@@ -308,6 +308,31 @@ static void model_flushed(Model *m)
 }
 
 /*
+ * The image and writes of a workload: 64 KiB clusters and 4 KiB writes into a new image, or
+ * 512-byte clusters with 64-bit refcounts (64 clusters a refcount block, a one-cluster refcount
+ * table covering 2 MiB of file) and 128 KiB writes into a copy of an image already filled to
+ * just under that (prefill: its first blocks written with PREFILL_V and flushed, before any
+ * fault), so that the writes under faults allocate refcount blocks and outgrow the refcount
+ * table (growth moves the table: qcow2's most delicate ordering) in few fault points.
+ */
+typedef struct {
+    uint64_t cluster_size;
+    int refcount_bits;
+    unsigned blocks;  /* BLK-sized blocks a write covers */
+    int nops;
+    unsigned prefill; /* blocks of the template image, 0: a new image */
+    int flush_every;  /* every this many ops, the last one is a flush */
+} Shape;
+
+#define PREFILL_V 100
+static const Shape shape_default = {65536, 16, 1, NOPS, 0, 7};
+static const Shape shape_refcount_growth = {512, 64, 32, 6, 480, 3};
+static const Shape *shape = &shape_default;
+static char tmpl[80];
+
+static void copy_file(const char *from, const char *to);
+
+/*
  * The workload over a fault filter with budget n: writes (new clusters, rewrites), a discard
  * and flushes, recorded in the model. Returns how many writes/flushes it issued before the first
  * failure (or all of them).
@@ -315,10 +340,18 @@ static void model_flushed(Model *m)
 static int workload(int n, bool tear, bool cache, Model *model)
 {
     VdCreateOptions co = {.format = "qcow2", .size = IMG_SIZE, .size_given = true,
-                          .cluster_size = 65536};
+                          .cluster_size = shape->cluster_size,
+                          .refcount_bits = shape->refcount_bits};
     unlink(img);
     VdError *err = NULL;
-    assert_int_equal(vd_create(&co, img, &err), 0);
+    if (shape->prefill) {
+        copy_file(tmpl, img);
+        for (unsigned b = 0; b < shape->prefill; b++) {
+            model->flushed[b] = model->pending[b] = PREFILL_V;
+        }
+    } else {
+        assert_int_equal(vd_create(&co, img, &err), 0);
+    }
     BlockNode *filt;
     BlockNode *bs = open_faulty(n, tear, cache, &filt);
     if (!bs) {
@@ -326,22 +359,24 @@ static int workload(int n, bool tear, bool cache, Model *model)
     }
     Fault *f = filt->opaque;
     unsigned seed = 7;
-    uint8_t buf[BLK];
+    static uint8_t buf[BLK * 32];
     int issued = 0;
-    for (int i = 0; i < NOPS; i++) {
+    for (int i = 0; i < shape->nops; i++) {
         seed = seed * 1103515245 + 12345;
-        unsigned b = (seed >> 8) % NBLK;
+        unsigned b = shape->prefill + (seed >> 8) % (NBLK - shape->prefill - shape->blocks + 1);
         uint8_t v = (uint8_t)(i + 1);
-        memset(buf, v, BLK);
+        memset(buf, v, sizeof(buf));
         int r;
-        if (i % 7 == 6) {
+        if (i % shape->flush_every == shape->flush_every - 1) {
             r = vd_flush(bs);
             if (r == 0) {
                 model_flushed(model);
             }
         } else {
-            r = vd_pwrite(bs, (uint64_t)b * BLK, BLK, buf, 0);
-            model_write(model, b, v, r == 0);
+            r = vd_pwrite(bs, (uint64_t)b * BLK, BLK * shape->blocks, buf, 0);
+            for (unsigned k = 0; k < shape->blocks; k++) {
+                model_write(model, b + k, v, r == 0);
+            }
         }
         if (r < 0) {
             break;
@@ -474,14 +509,14 @@ static void every_fault_point(bool tear, bool cache)
         int issued = workload(n, tear, cache, model);
         verify(model, n, tear);
         points++;
-        if (issued == NOPS) {
+        if (issued == shape->nops) {
             break; /* the budget outlived the workload: every point was tried */
         }
     }
     free(model);
     print_message("%d fault points (%s)\n", points,
                   cache ? "volatile cache" : tear ? "torn writes" : "failed writes");
-    assert_true(points > NOPS); /* qcow2 writes metadata too: more points than guest ops */
+    assert_true(points > shape->nops); /* qcow2 writes metadata too: more points than ops */
 }
 
 /*
@@ -1102,15 +1137,89 @@ static void test_cached_write_at_every_point(void **state)
     every_fault_point(false, true);
 }
 
+/* qcow2's refcount table: how many refcount blocks img has, and the table's clusters. */
+static void refcount_layout(unsigned *blocks, unsigned *table_clusters)
+{
+    FILE *f = fopen(img, "rb");
+    assert_non_null(f);
+    uint8_t h[64];
+    assert_int_equal(fread(h, 1, sizeof(h), f), sizeof(h));
+    uint64_t off = 0;
+    uint32_t cl = 0;
+    for (int i = 0; i < 8; i++) {
+        off = off << 8 | h[48 + i];
+    }
+    for (int i = 0; i < 4; i++) {
+        cl = cl << 8 | h[56 + i];
+    }
+    *table_clusters = cl;
+    *blocks = 0;
+    assert_int_equal(fseeko(f, (off_t)off, SEEK_SET), 0);
+    for (uint64_t i = 0; i < (uint64_t)cl * shape->cluster_size / 8; i++) {
+        uint8_t e[8];
+        assert_int_equal(fread(e, 1, 8, f), 8);
+        uint64_t v = 0;
+        for (int k = 0; k < 8; k++) {
+            v |= e[k];
+        }
+        *blocks += v != 0;
+    }
+    fclose(f);
+}
+
+/*
+ * The volatile cache's reordering at every point of a workload that allocates a refcount block
+ * and outgrows its refcount table (issue 11); the clean run is checked to really do both. It
+ * found the table's growth turning the L2-after-refcounts order around (fixed with it).
+ */
+static void test_refcount_growth_at_every_point(void **state)
+{
+    shape = &shape_refcount_growth;
+    /* the template, filled without faults: one table cluster, just under what it can count */
+    VdCreateOptions co = {.format = "qcow2", .size = IMG_SIZE, .size_given = true,
+                          .cluster_size = shape->cluster_size,
+                          .refcount_bits = shape->refcount_bits};
+    VdError *err = NULL;
+    unlink(img);
+    assert_int_equal(vd_create(&co, img, &err), 0);
+    BlockNode *bs = vd_open_image(img, "qcow2", VD_OPEN_RDWR, &err);
+    assert_non_null(bs);
+    uint8_t *fill = malloc(shape->prefill * BLK);
+    assert_non_null(fill);
+    memset(fill, PREFILL_V, shape->prefill * BLK);
+    assert_int_equal(vd_pwrite(bs, 0, shape->prefill * BLK, fill, 0), 0);
+    free(fill);
+    vd_node_unref(bs);
+    unsigned blocks, table_clusters, blocks0, table_clusters0;
+    refcount_layout(&blocks0, &table_clusters0);
+    copy_file(img, tmpl);
+    Model *model = calloc(1, sizeof(Model));
+    assert_non_null(model);
+    assert_int_equal(workload(-1, false, false, model), shape->nops);
+    free(model);
+    refcount_layout(&blocks, &table_clusters);
+    print_message("refcount blocks %u -> %u, table clusters %u -> %u\n", blocks0, blocks,
+                  table_clusters0, table_clusters);
+    assert_int_equal(table_clusters0, 1);
+    assert_true(blocks0 > shape->cluster_size / 8 - 16); /* nearly full */
+    assert_true(table_clusters > 1);
+    assert_true(blocks > shape->cluster_size / 8); /* more than one table cluster holds */
+    every_fault_point(false, true);
+    unlink(tmpl);
+    shape = &shape_default;
+}
+
 /* argv[1], when given, names the one case to run (meson runs each case as its own test). */
 int main(int argc, char **argv)
 {
     snprintf(img, sizeof(img), "/tmp/vdisk-faults-%d.qcow2", (int)getpid());
+    snprintf(tmpl, sizeof(tmpl), "/tmp/vdisk-faults-%d-template.qcow2", (int)getpid());
     vd_log_set_level(VD_LOG_ERROR); /* every close after a fault warns that its flush failed */
     const struct CMUnitTest all[] = {
         cmocka_unit_test(test_failed_write_at_every_point),
         cmocka_unit_test(test_torn_write_at_every_point),
         cmocka_unit_test(test_cached_write_at_every_point),
+        cmocka_unit_test(test_refcount_growth_at_every_point),
         cmocka_unit_test(test_amend_downgrade_crash_at_every_point),
         cmocka_unit_test(test_compressed_crash_at_every_point),
         cmocka_unit_test(test_snapshot_create_crash_at_every_point),
