@@ -1245,5 +1245,6 @@ int main(int argc, char **argv)
         free(clean_checks[i].bytes);
     }
     unlink(img);
+    unlink(tmpl); /* left by a failed refcount-growth case */
     return r;
 }
