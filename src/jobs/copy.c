@@ -449,6 +449,19 @@ unsigned copy_engine_in_flight(CopyEngine *e)
     return n;
 }
 
+uint64_t copy_engine_low_water(CopyEngine *e, uint64_t pos)
+{
+    vd_mutex_lock(&e->lock);
+    for (unsigned i = 0; i < e->o.workers; i++) {
+        const Slot *s = &e->slots[i];
+        if ((s->state == SLOT_QUEUED || s->state == SLOT_RUNNING) && s->c.off < pos) {
+            pos = s->c.off;
+        }
+    }
+    vd_mutex_unlock(&e->lock);
+    return pos;
+}
+
 unsigned copy_engine_max_in_flight(CopyEngine *e)
 {
     return e->o.workers;
@@ -704,7 +717,7 @@ int copy_sweep_run(CopySweep *sw)
             sweep_reaped(&st, &c);
         }
         if (sw->tick) {
-            sw->tick(sw->opaque, off);
+            sw->tick(sw->opaque, copy_engine_low_water(e, off));
         }
         uint64_t speed = job_get_speed(sw->job);
         if (copy_engine_take_kick(e) || st.nfailed || speed) {

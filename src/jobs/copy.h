@@ -78,6 +78,12 @@ void copy_engine_free(CopyEngine *e);
 unsigned copy_engine_in_flight(CopyEngine *e);
 unsigned copy_engine_max_in_flight(CopyEngine *e);
 /*
+ * min(pos, the offset of every request queued or being copied): below it every submitted request
+ * has finished (reaped or not). A queued request has not reached the caller's copy function yet,
+ * so nothing of it is known to the caller.
+ */
+uint64_t copy_engine_low_water(CopyEngine *e, uint64_t pos);
+/*
  * Guest priority (docs/guest-priority.md): how many copies may be in flight now. All workers while
  * the guest is idle; one while it is active, which the worker paces to the budget's share of the
  * time (copy_budget_*). Never 0: the copy always converges.
@@ -183,8 +189,9 @@ typedef struct CopySweep {
     /* Bytes from off (<= max) that need no copy; 0: copy the chunk at off. May be NULL. */
     uint64_t (*skip)(void *opaque, uint64_t off, uint64_t max);
     /*
-     * Called on the job's thread between copies: every chunk below `done` was submitted or
-     * skipped (those still in flight or failed are the caller's to account for). May be NULL.
+     * Called on the job's thread between copies: every chunk below `done` was skipped or its
+     * copy has finished (copy_engine_low_water: not merely submitted - a queued chunk may wait
+     * for a worker or its pacing); the failed ones are the caller's to account for. May be NULL.
      */
     void (*tick)(void *opaque, uint64_t done);
     void *opaque;
