@@ -781,6 +781,19 @@ static int write_new_clusters(Qcow2State *s, const Q2AllocInFlight *me, uint64_t
     if (ret == 0 && tail_mode == 2 && tail_backing) {
         ret = cow_buffer_backing(s, tstart, buf, offset, end, tbuf);
     }
+    /*
+     * As QEMU's qcow2 (is_zero_cow): the copy-on-write areas of one allocation are zeroed in
+     * the file only when all of them read zeroes; when one is merged from old data, the other
+     * is written out as zeroes too (same content, the map QEMU's shows).
+     */
+    if (ret == 0 && head_mode == 1 && tail_mode == 2) {
+        head_mode = 2;
+        ret = cow_buffer(s, cstart, true, buf, offset, end, hbuf);
+    }
+    if (ret == 0 && tail_mode == 1 && head_mode == 2) {
+        tail_mode = 2;
+        ret = cow_buffer(s, tstart, true, buf, offset, end, tbuf);
+    }
     /* data first: zero the untouched parts in the file where that is cheap */
     if (ret == 0 && head_mode == 1 && zero_new_cluster(s, host) < 0) {
         head_mode = 2;

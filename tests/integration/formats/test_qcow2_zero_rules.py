@@ -119,3 +119,24 @@ def test_zero_requests_allocate_as_qemu(tmp, opts, backing):
               for n, (pre, op, c) in enumerate(scen)
               if layout(qm, c, c + SPAN) != layout(vm, c, c + SPAN)]
     assert not differ, "\n".join(f"{d[:3]}:\n  qemu  {d[3]}\n  vdisk {d[4]}" for d in differ)
+
+
+@pytest.mark.parametrize("opts", ["extended_l2=on", "extended_l2=off"])
+def test_cow_areas_zeroed_only_together(tmp, opts):
+    """A write allocating two clusters of an overlay, whose head copy-on-write area comes from
+    data in the backing file and whose tail's reads zeroes (nothing below): QEMU zeroes the new
+    clusters' untouched parts in the file only when both areas read zeroes, so here it writes
+    the tail's zeroes out too; map must say the same of vdisk's image."""
+    base, q, v = tmp / "b.qcow2", tmp / "q.qcow2", tmp / "v.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", opts, base, 4 * CS)
+    qemu_io("-f", "qcow2", "-c", "write -P 3 64k 64k", base)
+    qemu_img("create", "-q", "-f", "qcow2", "-o", opts, "-b", base, "-F", "qcow2", q, 4 * CS)
+    run(["cp", "--sparse=never", str(q), str(v)])
+    op = "write -P 11 91648 67584"  # from inside cluster 1 into cluster 2
+    qemu_io("-f", "qcow2", "-c", op, q)
+    run([VDISK, "io", "-f", "qcow2", "-c", op, str(v)])
+    p = qemu_img("compare", "-f", "qcow2", "-F", "qcow2", v, q, check=False)
+    assert p.returncode == 0, p.stdout + p.stderr
+    qm, vm = (layout(json.loads(qemu_img("map", "--output=json", "-f", "qcow2", i).stdout),
+                     0, 4 * CS) for i in (q, v))
+    assert vm == qm
