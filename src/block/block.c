@@ -478,6 +478,12 @@ static int open_backing(BlockNode *bs, const VdOpenOptions *opts, ChainSeen *see
         vd_error_prepend(errp, "Could not open backing file of '%s': ", bs->filename);
         return code ? -code : -EIO;
     }
+    /* backing.* options the backing's driver does not take: refused as qemu-img does */
+    if (bopt && vd_options_check_keys(bopt, backing->drv, errp) < 0) {
+        vd_error_prepend(errp, "Could not open backing file: ");
+        vd_node_unref(backing);
+        return -EINVAL;
+    }
     bs->backing = backing;
     return 0;
 }

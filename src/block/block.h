@@ -494,6 +494,8 @@ BlockNode *vd_open_json(const char *filename, const char *format, int flags, VdE
 const char *vd_options_str(json_t *o, const char *key);
 int vd_options_bool(json_t *o, const char *key, bool *out, VdError **errp);
 int vd_options_u64(json_t *o, const char *key, uint64_t *out, VdError **errp);
+/* Are all of o's keys options drv's nodes take (its blockdev ones, or every node's)? 0 or -EINVAL. */
+int vd_options_check_keys(json_t *o, const BlockDriver *drv, VdError **errp);
 
 /* Probe a file's format ("qcow2" or "raw"); NULL with *errp on I/O error. */
 const char *vd_probe_format(const char *filename, VdError **errp);

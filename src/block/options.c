@@ -200,7 +200,7 @@ static bool spec_has(const VdOptSpec *spec, const char *key)
     return false;
 }
 
-static int check_keys(json_t *o, const BlockDriver *drv, VdError **errp)
+int vd_options_check_keys(json_t *o, const BlockDriver *drv, VdError **errp)
 {
     const char *key;
     json_t *v;
@@ -450,7 +450,7 @@ static BlockNode *open_tree(json_t *o, int flags, bool protocol, VdError **errp)
     }
     BlockNode *bs = NULL;
     flags = node_flags(o, flags, errp);
-    if (flags < 0 || (drv && check_keys(o, drv, errp) < 0)) {
+    if (flags < 0 || (drv && vd_options_check_keys(o, drv, errp) < 0)) {
         goto out;
     }
     if (!drv && !json_object_get(o, "file")) {

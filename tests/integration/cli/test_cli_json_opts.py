@@ -217,11 +217,13 @@ def test_blkdebug_node_named_as_qemu_img(tmp_path, raw_src):
     ("info", "backing.driver=qcow2,backing.file.filename={base}"),
     ("map", "backing.driver=qcow2"), ("map", "backing.driver=raw"),
     ("check", "backing.driver=qcow2"), ("compare", "backing.driver=raw"),
+    ("map", "backing.bogus=1"), ("map", "backing.driver=raw,backing.bogus=1"),
 ])
 def test_backing_options_in_image_opts_as_qemu_img(tmp_path, cmd, backing):
     """backing.* options of --image-opts: refused by a command that opens no backing file (info)
     with qemu-img's message; elsewhere options for the backing file the image names, its driver
-    overriding the recorded format (raw: the qcow2 base is read as raw bytes)."""
+    overriding the recorded format (raw: the qcow2 base is read as raw bytes), one that driver
+    does not take refused with qemu-img's message."""
     base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", base, "1M")
     qemu_io("-f", "qcow2", "-c", "write -P 7 0 64k", base)
@@ -232,7 +234,9 @@ def test_backing_options_in_image_opts_as_qemu_img(tmp_path, cmd, backing):
     if cmd == "info":
         assert v.returncode == 1 and "does not support the option 'backing." in v.stderr
     else:
-        assert v.returncode == (1 if (cmd, backing) == ("compare", "backing.driver=raw") else 0)
+        fails = (cmd, backing) == ("compare", "backing.driver=raw") or "bogus" in backing
+        assert v.returncode == (1 if fails else 0)
+        assert ("does not support the option 'bogus'" in v.stderr) == ("bogus" in backing)
 
 
 @pytest.fixture(scope="module")
