@@ -111,6 +111,50 @@ def wait_for(pred, what, limit=120):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def reap(p, guest=None):
+    """Stops the guest and kills vdiskd if it still runs (a trial's way out on a failure)."""
+    if guest:
+        guest.stop.set()
+    if p.poll() is None:
+        p.kill()
+        p.wait()
+
+
+def wait_concluded(cmd):
+    """The job's query-block-jobs entry once it has concluded."""
+    return wait_for(lambda: (lambda b: b if b and b["status"] == "concluded" else None)(
+        block_job(cmd)), "the job to conclude")
+
+
+def finish_trial(p, s, cmd, state_dir, guest, complete):
+    """Ends a trial's second run: stops the guest (it must not have failed), completes the job
+    if `complete`, waits for it to conclude without an error, dismisses it (its journal must
+    go) and quits vdiskd (exit 0). Returns the bytes the job copied after the restart."""
+    if guest:
+        guest.stop.set()
+        guest.join(timeout=30)
+        assert guest.error is None, f"guest failed after the restart: {guest.error}"
+    if complete:
+        r = cmd("block-job-complete", device="j")
+        assert "return" in r, r
+    done = wait_concluded(cmd)
+    assert "error" not in done, done
+    r = cmd("job-dismiss", id="j")
+    assert "return" in r, r
+    assert not os.listdir(state_dir), f"journal left at the end: {os.listdir(state_dir)}"
+    cmd("quit")
+    p.wait(timeout=60)
+    assert p.returncode == 0, f"vdiskd exited {p.returncode}"
+    s.close()
+    return done["vdisk-copied-bytes"]
+
+
+def check_copied(copied, left, dirtied):
+    bound = (left + dirtied) * 1.1
+    assert copied <= bound, (f"copied {copied} bytes after the restart, more than (left {left} + "
+                             f"dirtied {dirtied}) x 1.1")
+
+
 def raw_of(d, img, name):
     out = os.path.join(d, name)
     cc.run("qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", img, out)
@@ -124,17 +168,28 @@ def differing_granules(a, b):
     return sum(1 for g in range(0, SIZE, GRAN) if a[g:g + GRAN] != b[g:g + GRAN])
 
 
-def trial_mirror(d, rng):
-    base, top, copy = (os.path.join(d, n) for n in ("base.qcow2", "top.qcow2", "copy.qcow2"))
-    state_dir = os.path.join(d, "state")
-    os.mkdir(state_dir)
-    cc.run("qemu-img", "create", "-q", "-f", "qcow2", base, str(SIZE))
-    cc.run("qemu-io", "-f", "qcow2", "-c", f"write -P 7 0 {SIZE // 2}", base)
-    cc.run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
-    cc.run("qemu-io", "-f", "qcow2", "-c", f"write -P 9 {SIZE // 4} {SIZE // 2}", top)
+def make_chain(d, names, nines_off, nines_len):
+    """The images names[0] <- names[1] <- ... in d (qcow2): 7s in the first half of the base,
+    9s at [nines_off, +nines_len) in the second image. Returns their paths, a new state dir
+    and the bytes the chain reads."""
+    paths = [os.path.join(d, n) for n in names]
+    cc.run("qemu-img", "create", "-q", "-f", "qcow2", paths[0], str(SIZE))
+    cc.run("qemu-io", "-f", "qcow2", "-c", f"write -P 7 0 {SIZE // 2}", paths[0])
+    for below, img in zip(paths, paths[1:]):
+        cc.run("qemu-img", "create", "-q", "-f", "qcow2", "-b", below, "-F", "qcow2", img)
+    cc.run("qemu-io", "-f", "qcow2", "-c", f"write -P 9 {nines_off} {nines_len}", paths[1])
     initial = bytearray(SIZE)
     initial[:SIZE // 2] = b"\x07" * (SIZE // 2)
-    initial[SIZE // 4:3 * SIZE // 4] = b"\x09" * (SIZE // 2)
+    initial[nines_off:nines_off + nines_len] = b"\x09" * nines_len
+    state_dir = os.path.join(d, "state")
+    os.mkdir(state_dir)
+    return paths, state_dir, initial
+
+
+def trial_mirror(d, rng):
+    (base, top), state_dir, initial = make_chain(d, ("base.qcow2", "top.qcow2"), SIZE // 4,
+                                                 SIZE // 2)
+    copy = os.path.join(d, "copy.qcow2")
     history, gstate = [], {"durable": 0}
     speed = rng.choice([0, 0, 8 << 20, 16 << 20])
     wb = rng.random() < 0.25
@@ -155,9 +210,7 @@ def trial_mirror(d, rng):
         phase = (block_job(cmd) or {}).get("status", "?")
         cc.kill9(p, guest, s)
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        reap(p)
     kill_writes, durable_at_kill = len(history), gstate["durable"]
     # what the killed daemon left to copy, from the files alone
     left = differing_granules(raw_of(d, top, "src.raw"), raw_of(d, copy, "dst.raw")) * GRAN
@@ -176,28 +229,9 @@ def trial_mirror(d, rng):
         assert "return" in r, r
         wait_for(lambda: (block_job(cmd) or {}).get("ready"), "READY")
         time.sleep(rng.uniform(0, 0.3))
-        if guest:
-            guest.stop.set()
-            guest.join(timeout=30)
-            assert guest.error is None, f"guest failed after the restart: {guest.error}"
-        r = cmd("block-job-complete", device="j")
-        assert "return" in r, r
-        done = wait_for(lambda: (lambda b: b if b and b["status"] == "concluded" else None)(
-            block_job(cmd)), "the job to conclude")
-        copied = done["vdisk-copied-bytes"]
-        r = cmd("job-dismiss", id="j")
-        assert "return" in r, r
-        assert not os.listdir(state_dir), f"journal left after the pivot: {os.listdir(state_dir)}"
-        cmd("quit")
-        p.wait(timeout=60)
-        assert p.returncode == 0, f"vdiskd exited {p.returncode}"
-        s.close()
+        copied = finish_trial(p, s, cmd, state_dir, guest, complete=True)
     finally:
-        if guest:
-            guest.stop.set()
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        reap(p, guest)
     dirtied = (len(history) - kill_writes) * GRAN  # every write after the restart: one granule
     for img in (top, copy):
         c = cc.run("qemu-img", "check", "-U", "-f", "qcow2", img, check=False)
@@ -210,9 +244,7 @@ def trial_mirror(d, rng):
                          types.SimpleNamespace(history=history, durable=durable_at_kill),
                          initial, settled_from=kill_writes)
     assert err is None, f"copy.qcow2 does not hold the guest's writes: {err}"
-    bound = (left + dirtied) * 1.1
-    assert copied <= bound, (f"copied {copied} bytes after the restart, more than (left {left} + "
-                             f"dirtied {dirtied}) x 1.1")
+    check_copied(copied, left, dirtied)
     return {"phase": phase, "left": left, "dirtied": dirtied, "copied": copied, "speed": speed,
             "wb": wb, "quiet": quiet}
 
@@ -237,17 +269,8 @@ def backing_of(img):
 
 def trial_chain(d, rng, kind):
     """stream / commit / active-commit (see the module's text)."""
-    base, mid, top = (os.path.join(d, n) for n in ("base.qcow2", "mid.qcow2", "top.qcow2"))
-    state_dir = os.path.join(d, "state")
-    os.mkdir(state_dir)
-    cc.run("qemu-img", "create", "-q", "-f", "qcow2", base, str(SIZE))
-    cc.run("qemu-io", "-f", "qcow2", "-c", f"write -P 7 0 {SIZE // 2}", base)
-    cc.run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", mid)
-    cc.run("qemu-io", "-f", "qcow2", "-c", f"write -P 9 {SIZE // 8} {3 * SIZE // 4}", mid)
-    cc.run("qemu-img", "create", "-q", "-f", "qcow2", "-b", mid, "-F", "qcow2", top)
-    initial = bytearray(SIZE)
-    initial[:SIZE // 2] = b"\x07" * (SIZE // 2)
-    initial[SIZE // 8:7 * SIZE // 8] = b"\x09" * (3 * SIZE // 4)
+    (base, mid, top), state_dir, initial = make_chain(
+        d, ("base.qcow2", "mid.qcow2", "top.qcow2"), SIZE // 8, 3 * SIZE // 4)
     mid_view = bytes(initial)  # what mid's chain reads (the guest writes only to top)
     history, gstate = [], {"durable": 0}
     complete_first = kind == "active-commit" and rng.random() < 0.3
@@ -279,9 +302,7 @@ def trial_chain(d, rng, kind):
         phase = "completing" if complete_first else (block_job(cmd) or {}).get("status", "?")
         cc.kill9(p, guest, s)
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        reap(p)
     kill_writes, durable_at_kill = len(history), gstate["durable"]
     model = types.SimpleNamespace(history=history, durable=durable_at_kill)
     if kind == "stream":
@@ -317,32 +338,10 @@ def trial_chain(d, rng, kind):
             wait_for(lambda: (block_job(cmd) or {}).get("ready"), "READY")
             time.sleep(rng.uniform(0, 0.3))
         else:
-            wait_for(lambda: (lambda b: b if b and b["status"] == "concluded" else None)(
-                block_job(cmd)), "the job to conclude")
-        if guest:
-            guest.stop.set()
-            guest.join(timeout=30)
-            assert guest.error is None, f"guest failed after the restart: {guest.error}"
-        if kind == "active-commit":
-            r = cmd("block-job-complete", device="j")
-            assert "return" in r, r
-        done = wait_for(lambda: (lambda b: b if b and b["status"] == "concluded" else None)(
-            block_job(cmd)), "the job to conclude")
-        assert "error" not in done, done
-        copied = done["vdisk-copied-bytes"]
-        r = cmd("job-dismiss", id="j")
-        assert "return" in r, r
-        assert not os.listdir(state_dir), f"journal left at the end: {os.listdir(state_dir)}"
-        cmd("quit")
-        p.wait(timeout=60)
-        assert p.returncode == 0, f"vdiskd exited {p.returncode}"
-        s.close()
+            wait_concluded(cmd)
+        copied = finish_trial(p, s, cmd, state_dir, guest, complete=kind == "active-commit")
     finally:
-        if guest:
-            guest.stop.set()
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        reap(p, guest)
     dirtied = (len(history) - kill_writes) * GRAN if kind == "active-commit" else 0
     check_all(d)
     disk = base if kind == "active-commit" else top
@@ -352,9 +351,7 @@ def trial_chain(d, rng, kind):
         assert os.path.realpath(backing_of(top)) == os.path.realpath(base), backing_of(top)
     if kind == "commit":
         assert raw_of(d, base, "base.raw") == mid_view, "base does not read what mid's chain did"
-    bound = (left + dirtied) * 1.1
-    assert copied <= bound, (f"copied {copied} bytes after the restart, more than (left {left} + "
-                             f"dirtied {dirtied}) x 1.1")
+    check_copied(copied, left, dirtied)
     return {"phase": phase, "left": left, "dirtied": dirtied, "copied": copied, "quiet": quiet}
 
 

@@ -102,17 +102,24 @@ def test_stopped_copy_comes_back_paused_and_finishes(tmp, blockdev):
     assert p.returncode == 1 and "9437184" in p.stdout, p.stdout
 
 
-def stopped_copy(tmp):
-    """A drive-mirror still copying when vdiskd stopped (SIGTERM): (top, state dir)."""
-    top, state = chain(tmp), tmp / "state"
+def stopped_while_copying(tmp, top, start):
+    """vdiskd --state-dir serving top; start(c) starts a slow job; vdiskd stops (SIGTERM) while
+    it copies. Returns the state dir, holding the job's journal."""
+    state = tmp / "state"
     state.mkdir()
     d = daemon(tmp, top, state)
     try:
         with d.client() as c:
-            start_slow_copy(tmp, c, False)
+            start(c)
     finally:
         d.stop_checked()
-    return top, state
+    return state
+
+
+def stopped_copy(tmp):
+    """A drive-mirror still copying when vdiskd stopped (SIGTERM): (top, state dir)."""
+    top = chain(tmp)
+    return top, stopped_while_copying(tmp, top, lambda c: start_slow_copy(tmp, c, False))
 
 
 def test_cancel_of_a_resumed_copy_drops_its_journal(tmp):
@@ -230,16 +237,22 @@ def chain3(tmp):
     return base, mid, top
 
 
-def start_slow_chain_job(c, kind, base, mid):
-    if kind == "stream":
-        c.cmd("block-stream", job_id="j", device="top", base=str(base), speed=1 << 20,
-              auto_dismiss=False)
-    elif kind == "commit":
-        c.cmd("block-commit", job_id="j", device="top", top=str(mid), base=str(base),
-              speed=1 << 20, auto_dismiss=False)
-    else:
-        c.cmd("block-commit", job_id="j", device="top", base=str(base), speed=1 << 20,
-              auto_dismiss=False)
+def stopped_chain_job(tmp, kind, before_stop=lambda c: None):
+    """A stream, commit of mid or active commit (kind) over chain3 at 1 MiB/s, still copying
+    when vdiskd stopped (SIGTERM) after before_stop(c): (base, mid, top, state dir)."""
+    base, mid, top = chain3(tmp)
+
+    def start(c):
+        common = {"job_id": "j", "device": "top", "base": str(base), "speed": 1 << 20,
+                  "auto_dismiss": False}
+        if kind == "stream":
+            c.cmd("block-stream", **common)
+        elif kind == "commit":
+            c.cmd("block-commit", top=str(mid), **common)
+        else:
+            c.cmd("block-commit", **common)
+        before_stop(c)
+    return base, mid, top, stopped_while_copying(tmp, top, start)
 
 
 @pytest.mark.parametrize("kind", ["stream", "commit", "active-commit"])
@@ -247,18 +260,12 @@ def test_stopped_stream_or_commit_comes_back_paused_and_finishes(tmp, kind):
     """Stopped (SIGTERM) while copying at 1 MiB/s: after the restart the job is PAUSED and
     resumed-flagged, a guest writes over NBD (qemu-io) while it is paused and after job-resume,
     and the job finishes with the chain's content and the guest's writes where they belong."""
-    base, mid, top = chain3(tmp)
-    state = tmp / "state"
-    state.mkdir()
-    d = daemon(tmp, top, state)
-    try:
-        with d.client() as c:
-            start_slow_chain_job(c, kind, base, mid)
-            time.sleep(1.5)
-            assert job(c)["status"] == "running"
-        guest_write(tmp, 0x51, 1 << 20, 64 << 10)  # before the stop: in top
-    finally:
-        d.stop_checked()
+    def before_stop(c):
+        time.sleep(1.5)
+        assert job(c)["status"] == "running"
+        guest_write(tmp, 0x51, 1 << 20, 64 << 10)  # in top
+
+    base, mid, top, state = stopped_chain_job(tmp, kind, before_stop)
     assert sorted(os.listdir(state)) == ["j.json", "j.map"]
     d = daemon(tmp, top, state)
     try:
@@ -296,15 +303,7 @@ def test_stopped_stream_or_commit_comes_back_paused_and_finishes(tmp, kind):
 def test_commit_journal_over_another_chain_is_kept_and_logged(tmp):
     """The images changed while vdiskd was down (top rebased past mid): the commit of mid is not
     brought back over a chain that no longer holds it; its journal is kept and logged."""
-    base, mid, top = chain3(tmp)
-    state = tmp / "state"
-    state.mkdir()
-    d = daemon(tmp, top, state)
-    try:
-        with d.client() as c:
-            start_slow_chain_job(c, "commit", base, mid)
-    finally:
-        d.stop_checked()
+    base, mid, top, state = stopped_chain_job(tmp, "commit")
     qemu_img("rebase", "-u", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
     d = daemon(tmp, top, state, "-v")
     try:
