@@ -374,43 +374,24 @@ static void commit_sweep_tick(void *opaque, uint64_t done)
 }
 
 /*
- * Resumed from a journal: only its marked segments may differ. Compare them (the chain above base
- * as its readers see it, base on its own) and mark dirty what differs, so the job copies what was
- * left, not what the coarse segments cover. Active: guest writes meanwhile dirty their own ranges.
+ * Resumed from a journal: compare its marked segments (the chain above base as its readers see
+ * it, base on its own) and mark dirty what differs. Active: guest writes meanwhile dirty their
+ * own ranges.
  */
+static void commit_resume_differs(void *opaque, uint64_t off, uint64_t bytes)
+{
+    Commit *c = opaque;
+    vd_mutex_lock(&c->lock);
+    bm_set(c, off, bytes, true);
+    vd_mutex_unlock(&c->lock);
+}
+
 static int commit_resume_scan(Commit *c)
 {
-    uint64_t seg = job_journal_segment(c->journal), unit = c->unit;
-    uint8_t *a = malloc(unit), *b = malloc(unit);
-    int r = a && b ? 0 : -ENOMEM;
-    for (uint64_t i = 0; r == 0 && i < job_journal_nsegments(c->journal); i++) {
-        if (!job_journal_marked(c->journal, i)) {
-            continue;
-        }
-        uint64_t end = (i + 1) * seg > c->len ? c->len : (i + 1) * seg;
-        for (uint64_t off = i * seg; r == 0 && off < end; off += unit) {
-            if (job_is_cancelled(c->job)) {
-                r = -ECANCELED;
-                break;
-            }
-            uint64_t n = end - off < unit ? end - off : unit;
-            if ((r = vd_pread(c->top, off, n, a)) < 0 ||
-                (r = vd_pread(c->base_rw, off, n, b)) < 0) {
-                break;
-            }
-            for (uint64_t g = 0; g < n; g += c->gran) {
-                uint64_t gn = n - g < c->gran ? n - g : c->gran;
-                if (memcmp(a + g, b + g, gn) != 0) {
-                    vd_mutex_lock(&c->lock);
-                    bm_set(c, off + g, gn, true);
-                    vd_mutex_unlock(&c->lock);
-                }
-            }
-        }
-    }
-    free(a);
-    free(b);
-    return r;
+    JobJournalScan scan = {.job = c->job, .source = c->top, .dest = c->base_rw,
+                           .differs = commit_resume_differs, .opaque = c, .unit = c->unit,
+                           .granularity = c->gran};
+    return job_journal_resume_scan(c->journal, &scan);
 }
 
 /* top..above-base are read-only: what none of them allocates needs no copy (non-active). */

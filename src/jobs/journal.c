@@ -19,6 +19,8 @@
 #include <unistd.h>
 #include <zlib.h>
 
+#include "block/block.h"
+#include "jobs/job.h"
 #include "util/lock.h"
 #include "util/log.h"
 
@@ -616,4 +618,38 @@ int job_journal_clear_commit(JobJournal *j)
     }
     vd_mutex_unlock(&j->lock);
     return r < 0 ? r : (int)(cleared > INT32_MAX ? INT32_MAX : cleared);
+}
+
+int job_journal_resume_scan(JobJournal *j, const JobJournalScan *scan)
+{
+    uint64_t seg = job_journal_segment(j), unit = scan->unit, len = job_journal_len(j);
+    uint8_t *a = malloc(unit), *b = malloc(unit);
+    int r = a && b ? 0 : -ENOMEM;
+    for (uint64_t i = 0; r == 0 && i < job_journal_nsegments(j); i++) {
+        if (!job_journal_marked(j, i)) {
+            continue;
+        }
+        uint64_t end = (i + 1) * seg > len ? len : (i + 1) * seg;
+        for (uint64_t off = i * seg; r == 0 && off < end; off += unit) {
+            if (job_is_cancelled(scan->job)) {
+                r = -ECANCELED;
+                break;
+            }
+            uint64_t n = end - off < unit ? end - off : unit;
+            if ((r = vd_pread(scan->source, off, n, a)) < 0 ||
+                (r = scan->read_dest ? scan->read_dest(scan->opaque, off, n, b)
+                                     : vd_pread(scan->dest, off, n, b)) < 0) {
+                break;
+            }
+            for (uint64_t g = 0; g < n; g += scan->granularity) {
+                uint64_t gn = n - g < scan->granularity ? n - g : scan->granularity;
+                if (memcmp(a + g, b + g, gn) != 0) {
+                    scan->differs(scan->opaque, off + g, gn);
+                }
+            }
+        }
+    }
+    free(a);
+    free(b);
+    return r;
 }

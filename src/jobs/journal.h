@@ -74,6 +74,24 @@ typedef bool JobJournalDirtyFn(void *opaque, uint64_t off, uint64_t bytes);
 uint64_t job_journal_clear_collect(JobJournal *j, JobJournalDirtyFn *still_dirty, void *opaque);
 int job_journal_clear_commit(JobJournal *j);
 
+/*
+ * A job re-created from its journal, on its thread before it copies: only the marked segments may
+ * differ between its source and its destination. resume_scan reads both there, `unit` bytes at a
+ * time, and calls differs() for every piece of `granularity` bytes where they differ, so the job
+ * copies what was left, not what the coarse segments cover. Returns 0, -ENOMEM, the first failed
+ * read's -errno, or -ECANCELED once the job is cancelled.
+ */
+typedef struct JobJournalScan {
+    struct Job *job;
+    struct BlockNode *source, *dest;
+    /* The destination as the job compares it, when that is not vd_pread(dest) (else NULL). */
+    int (*read_dest)(void *opaque, uint64_t off, uint64_t bytes, uint8_t *buf);
+    void (*differs)(void *opaque, uint64_t off, uint64_t bytes);
+    void *opaque;
+    uint64_t unit, granularity;
+} JobJournalScan;
+int job_journal_resume_scan(JobJournal *j, const JobJournalScan *scan);
+
 /* How many map writes (each one fdatasync) the journal made: tests and benchmarks count them. */
 uint64_t job_journal_writes(JobJournal *j);
 

@@ -986,44 +986,30 @@ static void mirror_journal_tick(Mirror *m)
 }
 
 /*
- * Resumed from a journal: only its marked segments may differ. Compare them (the source as the
- * guest reads it, the target as it reads on its own) and mark dirty what differs, so the copy
- * after a restart writes what was left, not what the journal's coarse segments cover. Guest
- * writes meanwhile dirty their own ranges (the hook is in place): this only adds bits.
+ * Resumed from a journal: compare its marked segments (the source as the guest reads it, the
+ * target as it reads on its own) and mark dirty what differs. Guest writes meanwhile dirty their
+ * own ranges (the hook is in place): this only adds bits.
  */
+static int mirror_resume_read_target(void *opaque, uint64_t off, uint64_t bytes, uint8_t *buf)
+{
+    return target_final_pread(opaque, off, bytes, buf);
+}
+
+static void mirror_resume_differs(void *opaque, uint64_t off, uint64_t bytes)
+{
+    Mirror *m = opaque;
+    vd_mutex_lock(&m->lock);
+    bm_set(m, off, bytes, true);
+    vd_mutex_unlock(&m->lock);
+}
+
 static int mirror_resume_scan(Mirror *m)
 {
-    uint64_t seg = job_journal_segment(m->journal), unit = m->chunk;
-    uint8_t *a = malloc(unit), *b = malloc(unit);
-    int r = a && b ? 0 : -ENOMEM;
-    for (uint64_t i = 0; r == 0 && i < job_journal_nsegments(m->journal); i++) {
-        if (!job_journal_marked(m->journal, i)) {
-            continue;
-        }
-        uint64_t end = (i + 1) * seg > m->len ? m->len : (i + 1) * seg;
-        for (uint64_t off = i * seg; r == 0 && off < end; off += unit) {
-            if (job_is_cancelled(m->job)) {
-                r = -ECANCELED;
-                break;
-            }
-            uint64_t n = end - off < unit ? end - off : unit;
-            if ((r = vd_pread(m->source, off, n, a)) < 0 ||
-                (r = target_final_pread(m, off, n, b)) < 0) {
-                break;
-            }
-            for (uint64_t g = 0; g < n; g += m->granularity) {
-                uint64_t gn = n - g < m->granularity ? n - g : m->granularity;
-                if (memcmp(a + g, b + g, gn) != 0) {
-                    vd_mutex_lock(&m->lock);
-                    bm_set(m, off + g, gn, true);
-                    vd_mutex_unlock(&m->lock);
-                }
-            }
-        }
-    }
-    free(a);
-    free(b);
-    return r;
+    JobJournalScan scan = {.job = m->job, .source = m->source, .dest = m->target,
+                           .read_dest = mirror_resume_read_target,
+                           .differs = mirror_resume_differs, .opaque = m, .unit = m->chunk,
+                           .granularity = m->granularity};
+    return job_journal_resume_scan(m->journal, &scan);
 }
 
 static int mirror_run(Job *job, VdError **errp)
