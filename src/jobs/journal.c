@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 #include <zlib.h>
@@ -37,6 +38,7 @@ struct JobJournal {
     uint64_t len, segment, nseg, nwords, instance;
     int map_fd;
     size_t slot_size;
+    const char *map_lost;  /* job_journal_open: why no map was read (NULL: one was) */
 
     pthread_mutex_t lock;  /* everything below */
     pthread_cond_t cond;
@@ -351,8 +353,10 @@ JobJournal *job_journal_open(const char *json_path, VdError **errp)
         return NULL;
     }
     if (!map_load(j)) {
-        vd_log(VD_LOG_WARN, "job journal '%s': no valid segment map, every segment counts as "
-               "marked", j->map_path);
+        /* The caller says whether it matters: a stream never writes its map (stream.c). */
+        struct stat st;
+        j->map_lost = fstat(j->map_fd, &st) == 0 && st.st_size == 0
+                          ? "none was written" : "damaged, or another job's";
     }
     memcpy(j->durable, j->mem, j->nwords * 8);
     return j;
@@ -416,6 +420,7 @@ json_t *job_journal_desc(const JobJournal *j) { return j->desc; }
 uint64_t job_journal_len(const JobJournal *j) { return j->len; }
 uint64_t job_journal_segment(const JobJournal *j) { return j->segment; }
 uint64_t job_journal_nsegments(const JobJournal *j) { return j->nseg; }
+const char *job_journal_map_lost(const JobJournal *j) { return j->map_lost; }
 
 bool job_journal_marked(JobJournal *j, uint64_t i)
 {

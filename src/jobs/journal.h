@@ -38,6 +38,8 @@ int job_journal_create(const char *dir, const char *id, json_t *desc, uint64_t l
                        uint64_t segment, JobJournal **out, VdError **errp);
 /* Open DIR/<id>.json and its map (a missing or damaged map: every segment marked). */
 JobJournal *job_journal_open(const char *json_path, VdError **errp);
+/* After job_journal_open: NULL if a valid map was read, else why not ("none was written"...). */
+const char *job_journal_map_lost(const JobJournal *j);
 /* Release the memory; the files stay. NULL is a no-op. */
 void job_journal_close(JobJournal *j);
 /* Delete both files durably (the job is over); the journal then marks and clears nothing. */

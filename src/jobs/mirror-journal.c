@@ -145,6 +145,16 @@ static int resume_one(const char *path)
         job_journal_close(j);
         return rc;
     }
+    if (!strcmp(type, "stream")) {
+        /* Its map stays empty by design: the top's allocation is its progress (stream.c). */
+        vd_log(VD_LOG_INFO, "job '%s' resumed from its journal, PAUSED (a stream: it skips what "
+               "the top already holds)", job_journal_id(j));
+        return 0;
+    }
+    if (job_journal_map_lost(j)) {
+        vd_log(VD_LOG_WARN, "job journal '%s': no valid segment map (%s), every segment counts "
+               "as marked", path, job_journal_map_lost(j));
+    }
     vd_log(VD_LOG_INFO, "job '%s' resumed from its journal, PAUSED (%llu bytes to compare)",
            job_journal_id(j), (unsigned long long)job_journal_marked_bytes(j));
     return 0;

@@ -1,12 +1,15 @@
 """Resumable jobs (docs/resumable.md) beyond test_jobs_resume.py: a non-active commit killed
 (kill -9) while a submitted chunk still waits in its worker before the copy starts resumes every
-range (the journal's progress mark once passed such a chunk: data loss, fixed in 66d3849)."""
+range (the journal's progress mark once passed such a chunk: data loss, fixed in 66d3849), and
+the restart's log says truthfully what each journal holds (a stream's empty map is no problem)."""
 import os
 import re
 import time
 
+import pytest
+
 from conftest import qemu_img, qemu_io
-from test_jobs_resume import chain3, daemon, job, wait_status
+from test_jobs_resume import chain3, daemon, job, stopped_chain_job, wait_status
 
 
 def wait_for(pred, what, limit=60):
@@ -71,3 +74,32 @@ def test_commit_killed_while_a_chunk_waits_for_its_worker_resumes_every_range(tm
             "-c", "read -P 0 12M 4M", top)
     for img in (base, mid, top):
         qemu_img("check", "-f", "qcow2", img)
+
+
+@pytest.mark.parametrize("case", ["stream", "commit-empty-map", "commit-damaged-map"])
+def test_restart_log_says_what_the_journal_holds(tmp, case):
+    """A stream's map stays empty by design (the top's allocation is its progress): its restart
+    logs no map problem, and says it skips what the top holds. A commit's map that is empty (no
+    write reached it) or damaged is logged as such, every segment then counting as marked."""
+    base, mid, top, state = stopped_chain_job(tmp, "stream" if case == "stream" else "commit")
+    if case == "commit-empty-map":
+        (state / "j.map").write_bytes(b"")
+    elif case == "commit-damaged-map":
+        (state / "j.map").write_bytes(b"\x5a" * 8192)
+    d = daemon(tmp, top, state, "-v")
+    try:
+        with d.client() as c:
+            j = job(c)
+            assert j["status"] == "paused" and j["vdisk-resumed"] is True, j
+        out = d.output()
+    finally:
+        d.stop_checked()
+    if case == "stream":
+        assert "segment map" not in out, out
+        assert "job 'j' resumed from its journal, PAUSED (a stream: it skips what the top " \
+               "already holds)" in out, out
+    else:
+        why = "none was written" if case == "commit-empty-map" else "damaged, or another job's"
+        assert f"j.json': no valid segment map ({why}), every segment counts as marked" in out, \
+            out
+        assert f"job 'j' resumed from its journal, PAUSED ({16 << 20} bytes to compare)" in out, out
