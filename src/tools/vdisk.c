@@ -658,10 +658,28 @@ void tool_size_opt_error(const char *prefix, const char *name)
           "and exabytes, respectively.\n", stderr);
 }
 
-/* The list itself is malformed (QemuOpts' errors: unknown key, a value of the wrong type). */
-static void opts_syntax_error(const OptsCtx *c, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
-static void opts_syntax_error(const OptsCtx *c, const char *fmt, ...)
+static void create_error(const OptsCtx *c, const char *msg)
+{
+    switch (c->use) {
+    case TOOL_OPTS_CREATE: tool_error("%s: %s", c->filename, msg); break;
+    case TOOL_OPTS_CONVERT:
+        tool_error("%s: error while converting %s: %s", c->filename, c->fmt, msg);
+        break;
+    case TOOL_OPTS_MEASURE: tool_error("%s", msg); break;
+    }
+}
+
+/*
+ * What an -o error is: OPTS_SYNTAX, the list itself is malformed (QemuOpts' errors: unknown key,
+ * a value of the wrong type); OPTS_VALUE, the format refuses a well-formed value (the driver's
+ * create errors). They read alike but for convert (the create error's prefix) and measure (a
+ * second line after a syntax error).
+ */
+typedef enum { OPTS_SYNTAX, OPTS_VALUE } OptsFault;
+
+static void opts_error(const OptsCtx *c, OptsFault kind, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void opts_error(const OptsCtx *c, OptsFault kind, const char *fmt, ...)
 {
     char *msg = NULL;
     va_list ap;
@@ -672,12 +690,12 @@ static void opts_syntax_error(const OptsCtx *c, const char *fmt, ...)
         tool_error("out of memory");
         return;
     }
-    if (c->use == TOOL_OPTS_CREATE) {
-        tool_error("%s: %s", c->filename, msg);
-    } else {
+    if (kind == OPTS_SYNTAX && c->use == TOOL_OPTS_CONVERT) {
         tool_error("%s", msg);
+    } else {
+        create_error(c, msg);
     }
-    if (c->use == TOOL_OPTS_MEASURE) {
+    if (kind == OPTS_SYNTAX && c->use == TOOL_OPTS_MEASURE) {
         tool_error("Invalid options for file format '%s'", c->fmt);
     }
     free(msg);
@@ -687,7 +705,7 @@ static void opts_syntax_error(const OptsCtx *c, const char *fmt, ...)
 static void opts_size_error(const OptsCtx *c, const char *name, const char *value, int r)
 {
     if (r == -ERANGE) {
-        opts_syntax_error(c, "Value '%s' is out of range for parameter '%s'", value, name);
+        opts_error(c, OPTS_SYNTAX, "Value '%s' is out of range for parameter '%s'", value, name);
         return;
     }
     char *prefix = NULL;
@@ -701,35 +719,6 @@ static void opts_size_error(const OptsCtx *c, const char *name, const char *valu
     }
 }
 
-static void create_error(const OptsCtx *c, const char *msg)
-{
-    switch (c->use) {
-    case TOOL_OPTS_CREATE: tool_error("%s: %s", c->filename, msg); break;
-    case TOOL_OPTS_CONVERT:
-        tool_error("%s: error while converting %s: %s", c->filename, c->fmt, msg);
-        break;
-    case TOOL_OPTS_MEASURE: tool_error("%s", msg); break;
-    }
-}
-
-/* The format refuses a well-formed value (the driver's create errors). */
-static void opts_value_error(const OptsCtx *c, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
-static void opts_value_error(const OptsCtx *c, const char *fmt, ...)
-{
-    char *msg = NULL;
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vasprintf(&msg, fmt, ap);
-    va_end(ap);
-    if (n < 0) {
-        tool_error("out of memory");
-        return;
-    }
-    create_error(c, msg);
-    free(msg);
-}
-
 void tool_create_report(VdError *err, const char *fmt, const char *filename, ToolOptsUse use)
 {
     OptsCtx c = { .fmt = fmt, .filename = filename, .use = use };
@@ -741,7 +730,7 @@ void tool_create_report(VdError *err, const char *fmt, const char *filename, Too
 static int opts_number(const OptsCtx *c, const char *name, const char *v, uint64_t *out)
 {
     if (tool_parse_uint(v, out) < 0) {
-        opts_syntax_error(c, "Parameter '%s' expects a number", name);
+        opts_error(c, OPTS_SYNTAX, "Parameter '%s' expects a number", name);
         return -1;
     }
     return 0;
@@ -766,7 +755,7 @@ static int luks_create_options(VdCreateOptions *co, const ToolOpts *o, const cha
     }
     if (v && co->luks.iter_time == 0 && co->key_secret) {
         /* qemu-img 7.2 divides by it (erratic results): refused (after its missing key check) */
-        opts_value_error(c, "Parameter '%s' expects a positive number", key);
+        opts_error(c, OPTS_VALUE, "Parameter '%s' expects a positive number", key);
         return -1;
     }
     return 0;
@@ -782,17 +771,17 @@ static int qcow2_encrypt_options(VdCreateOptions *co, const ToolOpts *o, const O
         any |= !strncmp(o->v[i].key, "encrypt.", 8);
     }
     if ((legacy && strcmp(legacy, "off") != 0) || (fmt && !strcmp(fmt, "aes"))) {
-        opts_value_error(c, "Legacy AES-CBC qcow2 encryption (encryption=on, "
-                         "encrypt.format=aes) is not supported: use encrypt.format=luks");
+        opts_error(c, OPTS_VALUE, "Legacy AES-CBC qcow2 encryption (encryption=on, "
+                   "encrypt.format=aes) is not supported: use encrypt.format=luks");
         return -1;
     }
     if (fmt && strcmp(fmt, "luks") != 0) {
         /* QEMU names the member inside "encrypt" */
-        opts_value_error(c, "Parameter 'format' does not accept value '%s'", fmt);
+        opts_error(c, OPTS_VALUE, "Parameter 'format' does not accept value '%s'", fmt);
         return -1;
     }
     if (any && !fmt) {
-        opts_value_error(c, "Parameter 'encrypt.format' is missing");
+        opts_error(c, OPTS_VALUE, "Parameter 'encrypt.format' is missing");
         return -1;
     }
     co->encrypt_format = fmt;
@@ -806,7 +795,7 @@ static int parse_bool_opt(const OptsCtx *c, const char *key, const char *v, bool
     } else if (!strcmp(v, "off") || !strcmp(v, "no") || !strcmp(v, "false")) {
         *out = false;
     } else {
-        opts_syntax_error(c, "Parameter '%s' expects 'on' or 'off'", key);
+        opts_error(c, OPTS_SYNTAX, "Parameter '%s' expects 'on' or 'off'", key);
         return -1;
     }
     return 0;
@@ -831,7 +820,7 @@ int tool_create_options(CreateSpec *spec, const char *fmt, const ToolOpts *o, co
             }
         }
         if (!known) {
-            opts_syntax_error(c, "Invalid parameter '%s'", o->v[i].key);
+            opts_error(c, OPTS_SYNTAX, "Invalid parameter '%s'", o->v[i].key);
             return -1;
         }
     }
@@ -843,7 +832,7 @@ int tool_create_options(CreateSpec *spec, const char *fmt, const ToolOpts *o, co
             return -1;
         }
         if (co->size > INT64_MAX) {
-            opts_value_error(c, "Parameter 'size' expects a non-negative number below 2^63");
+            opts_error(c, OPTS_VALUE, "Parameter 'size' expects a non-negative number below 2^63");
             return -1;
         }
         co->size_given = true;
@@ -884,14 +873,14 @@ int tool_create_options(CreateSpec *spec, const char *fmt, const ToolOpts *o, co
         if (use == TOOL_OPTS_MEASURE) { /* qcow2_measure's own words */
             tool_error("Invalid compatibility level: '%s'", co->compat);
         } else {
-            opts_value_error(c, "Parameter 'version' does not accept value '%s'", co->compat);
+            opts_error(c, OPTS_VALUE, "Parameter 'version' does not accept value '%s'", co->compat);
         }
         return -1;
     }
     if (v) {
         if (rb > 64) {
-            opts_value_error(c, "Refcount width must be a power of two and may not exceed 64 "
-                             "bits");
+            opts_error(c, OPTS_VALUE, "Refcount width must be a power of two and may not "
+                       "exceed 64 bits");
             return -1;
         }
         co->refcount_bits = (int)rb;
@@ -909,15 +898,15 @@ int tool_create_options(CreateSpec *spec, const char *fmt, const ToolOpts *o, co
             tool_error("invalid parameter value: %s", v);
             return -1;
         } else {
-            opts_value_error(c, "Parameter 'preallocation' does not accept value '%s'", v);
+            opts_error(c, OPTS_VALUE, "Parameter 'preallocation' does not accept value '%s'", v);
             return -1;
         }
     }
     co->compression_type = tool_opts_get(o, "compression_type");
     if (co->compression_type && strcmp(co->compression_type, "zlib") &&
         strcmp(co->compression_type, "zstd")) {
-        opts_value_error(c, "Parameter 'compression-type' does not accept value '%s'",
-                         co->compression_type);
+        opts_error(c, OPTS_VALUE, "Parameter 'compression-type' does not accept value '%s'",
+                   co->compression_type);
         return -1;
     }
     if (is_luks) {
