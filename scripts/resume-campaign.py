@@ -16,17 +16,18 @@ covered (and every write after the restart); qemu-img check finds no corruption;
 job copied after the restart are at most (left + what the guest dirtied after the restart, in
 granules) x 1.1. Exits 1 on the first failure, with the seed and the trial's directory kept.
 
-stream / commit / active-commit: base <- mid <- top, the guest writing to top; block-stream
-(base), block-commit of mid into base, or active commit of top (and mid) into base, mostly under a
-speed limit; kill -9 at a random moment (an active commit sometimes just after block-job-complete,
-in or after its pivot). "left", from the files alone: stream - the bytes of top's chain that mid
-still decides (qemu-img map); commit - the granules where base differs from mid's chain; active -
-from top's chain. The restarted job must be PAUSED with vdisk-resumed, resume and finish (active:
-READY, then complete); checks: the guest's disk (top's chain; base after the pivot) holds every
-acknowledged write by the model, a commit's base holds what mid's chain read, top's header names
-base at the end, qemu-img check of every image, no journal left, and the bytes copied after the
-restart <= (left + dirtied) x 1.1. An active commit whose journal is gone after the kill (it
-pivoted) must leave base holding every write its flushes covered.
+stream / commit / active-commit: base <- mid <- top, the guest writing to top; block-stream (base),
+block-commit of mid into base, or active commit of top (and mid) into base, mostly under a speed
+limit; kill -9 at a random moment (a stream or commit, capped at 2-8 MiB/s, at a random point of its
+progress, so that the kill lands while it copies; an active commit at a random time, sometimes just
+after block-job-complete, in or after its pivot). "left", from the files alone: stream - the bytes
+of top's chain that mid still decides (qemu-img map); commit - the granules where base differs from
+mid's chain; active - from top's chain. The restarted job must be PAUSED with vdisk-resumed, resume
+and finish (active: READY, then complete); checks: the guest's disk (top's chain; base after the
+pivot) holds every acknowledged write by the model, a commit's base holds what mid's chain read,
+top's header names base at the end, qemu-img check of every image, no journal left, and the bytes
+copied after the restart <= (left + dirtied) x 1.1. An active commit whose journal is gone after the
+kill (it pivoted) must leave base holding every write its flushes covered.
 """
 import importlib.util
 import json
@@ -246,7 +247,7 @@ def trial_mirror(d, rng):
     assert err is None, f"copy.qcow2 does not hold the guest's writes: {err}"
     check_copied(copied, left, dirtied)
     return {"phase": phase, "left": left, "dirtied": dirtied, "copied": copied, "speed": speed,
-            "wb": wb, "quiet": quiet}
+            "wb": wb, "quiet": quiet, "resumed": True}
 
 
 def mid_decides(top):
@@ -273,9 +274,13 @@ def trial_chain(d, rng, kind):
         d, ("base.qcow2", "mid.qcow2", "top.qcow2"), SIZE // 8, 3 * SIZE // 4)
     mid_view = bytes(initial)  # what mid's chain reads (the guest writes only to top)
     history, gstate = [], {"durable": 0}
-    complete_first = kind == "active-commit" and rng.random() < 0.3
-    # mostly slow enough to be killed in the middle; an active commit must converge (READY)
-    speed = 0 if complete_first else rng.choice([0, 4 << 20, 4 << 20, 8 << 20])
+    complete_first = kind == "active-commit" and rng.random() < 0.15
+    # mostly slow enough to be killed in the middle; an active commit must converge (READY);
+    # a stream or commit always copies for > 1 s (~12 MiB): the kill below lands while it runs
+    if kind in ("stream", "commit"):
+        speed = rng.choice([2 << 20, 4 << 20, 8 << 20])
+    else:
+        speed = 0 if complete_first else rng.choice([0, 4 << 20, 4 << 20, 8 << 20])
     quiet = rng.random() < 1 / 3
     # a stream has nothing left to copy where the guest wrote: it writes the first 2 MiB only
     nblk = NBLK // 8 if kind == "stream" else NBLK
@@ -297,6 +302,10 @@ def trial_chain(d, rng, kind):
             wait_for(lambda: (block_job(cmd) or {}).get("ready"), "READY")
             cmd.send("block-job-complete", device="j")  # kill inside or after the pivot
             time.sleep(rng.uniform(0, 0.05))
+        elif kind in ("stream", "commit"):
+            at = rng.uniform(0, 0.9)  # of the job's progress, not of a time it may outlive
+            wait_for(lambda: (lambda b: not b or b["status"] != "running" or
+                              b["offset"] >= at * b["len"])(block_job(cmd)), "the kill point")
         else:
             time.sleep(rng.uniform(0, 3.0))
         phase = "completing" if complete_first else (block_job(cmd) or {}).get("status", "?")
@@ -319,7 +328,7 @@ def trial_chain(d, rng, kind):
         err = cc.model_error(raw_of(d, disk, "final.raw"), model, initial)
         assert err is None, f"{os.path.basename(disk)} (job over) misses guest writes: {err}"
         return {"phase": "pivoted" if complete_first else "over", "left": 0, "dirtied": 0,
-                "copied": 0, "quiet": False}
+                "copied": 0, "quiet": False, "resumed": False}
 
     p, s, cmd, nsock = start_daemon(d, top, state_dir)
     try:
@@ -352,7 +361,8 @@ def trial_chain(d, rng, kind):
     if kind == "commit":
         assert raw_of(d, base, "base.raw") == mid_view, "base does not read what mid's chain did"
     check_copied(copied, left, dirtied)
-    return {"phase": phase, "left": left, "dirtied": dirtied, "copied": copied, "quiet": quiet}
+    return {"phase": phase, "left": left, "dirtied": dirtied, "copied": copied, "quiet": quiet,
+            "resumed": True}
 
 
 KINDS = ["mirror", "stream", "commit", "active-commit"]
@@ -369,7 +379,7 @@ def main():
     assert set(kinds) <= set(KINDS), f"RESUME_JOBS: known jobs are {KINDS}"
     rng = random.Random(seed)
     tot = {k: {"n": 0, "left": 0, "dirtied": 0, "copied": 0, "worst": 0.0, "phases": {},
-               "qn": 0, "qleft": 0, "qcopied": 0} for k in kinds}
+               "qn": 0, "qleft": 0, "qcopied": 0, "resumed": 0} for k in kinds}
     for t in range(trials):
         kind = kinds[t % len(kinds)]
         d = tempfile.mkdtemp(prefix="vdisk-resume-")
@@ -380,7 +390,11 @@ def main():
             sys.exit(1)
         shutil.rmtree(d)
         k = tot[kind]
+        print(f"resume-campaign: trial {t} {kind}: killed while {res['phase']}, "
+              f"{'resumed' if res['resumed'] else 'no job to resume'}, left {res['left']}, "
+              f"dirtied {res['dirtied']}, copied {res['copied']}", flush=True)
         k["n"] += 1
+        k["resumed"] += res["resumed"]
         for f in ("left", "dirtied", "copied"):
             k[f] += res[f]
         k["phases"][res["phase"]] = k["phases"].get(res["phase"], 0) + 1
@@ -395,7 +409,8 @@ def main():
     mib = 1 << 20
     for kind, k in tot.items():
         if k["n"]:
-            print(f"resume-campaign: {kind}: {k['n']} trials, killed while {k['phases']}; after "
+            print(f"resume-campaign: {kind}: {k['n']} trials, killed while {k['phases']}, "
+                  f"{k['resumed']} resumed after the restart; after "
                   f"the restarts the jobs copied {k['copied'] / mib:.1f} MiB for "
                   f"{k['left'] / mib:.1f} MiB left + {k['dirtied'] / mib:.1f} MiB dirtied (worst "
                   f"trial {k['worst']:.2f}x, bound 1.10x); in the {k['qn']} trials without guest "
