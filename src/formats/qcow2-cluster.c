@@ -1,7 +1,7 @@
 /*
  * qcow2-cluster.c - qcow2 guest->host mapping (L1/L2, standard and extended entries) and the
- * data paths: read, write with copy-on-write, write-zeroes, discard, compressed read/write
- * (zlib raw deflate, zstd), block status and preallocation.
+ * data paths: read, write with copy-on-write, compressed read/write (zlib raw deflate, zstd),
+ * block status and preallocation (write-zeroes and discard: qcow2-zero.c).
  *
  * Promises: a cluster is written in place only when its L2 entry has OFLAG_COPIED (refcount 1)
  * and it is fully allocated; otherwise the whole cluster gets new contents (partial writes merge
@@ -20,45 +20,14 @@
 #include "formats/qcow2.h"
 #include "util/lock.h"
 
-typedef struct Q2Extent {
-    Qcow2ClusterType type;
-    uint64_t host;  /* host offset of the extent's first byte (NORMAL, ZERO_ALLOC) */
-    bool host_valid; /* host means something (offset 0 is valid in an external data file) */
-    uint64_t entry; /* L2 entry of the first cluster (COMPRESSED) */
-    uint64_t len;
-} Q2Extent;
-
-static inline uint64_t l2e_get(const Qcow2State *s, const uint8_t *l2, uint64_t i)
-{
-    return qcow2_be64(l2 + i * s->l2e_size);
-}
-
-static inline uint64_t l2e_bitmap(const Qcow2State *s, const uint8_t *l2, uint64_t i)
-{
-    return s->extl2 ? qcow2_be64(l2 + i * 16 + 8) : 0;
-}
-
-static inline void l2e_set(const Qcow2State *s, uint8_t *l2, uint64_t i, uint64_t e, uint64_t bm)
-{
-    qcow2_put_be64(l2 + i * s->l2e_size, e);
-    if (s->extl2) {
-        qcow2_put_be64(l2 + i * 16 + 8, bm);
-    }
-}
-
-static inline bool has_zero_flag(const Qcow2State *s)
-{
-    return s->h.version >= 3 && !s->extl2;
-}
-
 /* Cluster-level type (ignores extended-L2 bitmaps). */
-static Qcow2ClusterType cluster_type(const Qcow2State *s, uint64_t e)
+Qcow2ClusterType q2_cluster_type(const Qcow2State *s, uint64_t e)
 {
     if (e & QCOW2_OFLAG_COMPRESSED) {
         return QCOW2_CLUSTER_COMPRESSED;
     }
     uint64_t off = e & QCOW2_L2E_OFFSET_MASK;
-    if (has_zero_flag(s) && (e & QCOW2_OFLAG_ZERO)) {
+    if (q2_has_zero_flag(s) && (e & QCOW2_OFLAG_ZERO)) {
         return off ? QCOW2_CLUSTER_ZERO_ALLOC : QCOW2_CLUSTER_ZERO_PLAIN;
     }
     return q2_l2e_has_host(s, e) ? QCOW2_CLUSTER_NORMAL : QCOW2_CLUSTER_UNALLOCATED;
@@ -82,7 +51,7 @@ static int subcluster_type(const Qcow2State *s, uint64_t e, uint64_t bm, unsigne
         return -EIO; /* unaligned data cluster: corrupt image */
     }
     if (!s->extl2) {
-        *t = cluster_type(s, e);
+        *t = q2_cluster_type(s, e);
         *has = *t == QCOW2_CLUSTER_NORMAL || *t == QCOW2_CLUSTER_ZERO_ALLOC;
         *host = off;
         return 0;
@@ -129,8 +98,8 @@ static int get_l2_ro(Qcow2State *s, uint64_t l1i, uint8_t **l2)
  * (and for NORMAL / ZERO_ALLOC, contiguous host offsets). Compressed clusters are merged only
  * when merge_compressed (block status); otherwise the run stops at the cluster's end.
  */
-static int get_extent(Qcow2State *s, uint64_t offset, uint64_t bytes, bool merge_compressed,
-                      Q2Extent *x)
+int q2_get_extent(Qcow2State *s, uint64_t offset, uint64_t bytes, bool merge_compressed,
+                  Q2Extent *x)
 {
     uint64_t cs = s->cluster_size;
     uint64_t pos = offset, end = offset + bytes;
@@ -159,8 +128,8 @@ static int get_extent(Qcow2State *s, uint64_t offset, uint64_t bytes, bool merge
         }
         uint64_t idx = (pos >> s->cluster_bits) & (s->l2_entries - 1);
         for (; idx < s->l2_entries && pos < end && !stop; idx++) {
-            uint64_t e = l2e_get(s, l2, idx);
-            uint64_t bm = l2e_bitmap(s, l2, idx);
+            uint64_t e = q2_l2e_get(s, l2, idx);
+            uint64_t bm = q2_l2e_bitmap(s, l2, idx);
             uint64_t cstart = pos & ~(cs - 1);
             if (e & QCOW2_OFLAG_COMPRESSED) {
                 if (first) {
@@ -406,7 +375,7 @@ static int read_impl(Qcow2State *s, uint64_t offset, uint64_t bytes, uint8_t *bu
     int ret = 0;
     while (bytes > 0) {
         Q2Extent x;
-        ret = get_extent(s, offset, bytes, false, &x);
+        ret = q2_get_extent(s, offset, bytes, false, &x);
         if (ret < 0) {
             break;
         }
@@ -512,7 +481,7 @@ static int overlap_check(Qcow2State *s, uint64_t host, uint64_t len)
  * Return the L2 table for l1i, writable: allocated and not shared (OFLAG_COPIED in L1).
  * A shared table is copied first; a missing one is created zeroed. Pinned in the cache.
  */
-static int get_l2_for_write(Qcow2State *s, uint64_t l1i, uint8_t **l2)
+int q2_get_l2_for_write(Qcow2State *s, uint64_t l1i, uint8_t **l2)
 {
     int ret;
     *l2 = NULL;
@@ -599,7 +568,7 @@ static bool entry_inplace(const Qcow2State *s, uint64_t e, uint64_t bm)
     if ((e & QCOW2_OFLAG_COMPRESSED) || !(e & QCOW2_OFLAG_COPIED) || !q2_l2e_has_host(s, e)) {
         return false;
     }
-    if (has_zero_flag(s) && (e & QCOW2_OFLAG_ZERO)) {
+    if (q2_has_zero_flag(s) && (e & QCOW2_OFLAG_ZERO)) {
         return false;
     }
     if (s->extl2 && (bm & QCOW2_L2_BITMAP_ALL_ALLOC) != QCOW2_L2_BITMAP_ALL_ALLOC) {
@@ -616,10 +585,6 @@ static uint64_t entry_reusable_host(const Qcow2State *s, uint64_t e)
     }
     return e & QCOW2_L2E_OFFSET_MASK;
 }
-
-/* Does the guest cluster at cstart read as zeroes (clipped to the virtual size)? */
-static int cluster_reads_zero(Qcow2State *s, uint64_t cstart, bool *zero);
-static int backing_cluster_reads_zero(Qcow2State *s, uint64_t cstart, bool *zero);
 
 /* Copy the part of the write [offset, end) (bytes buf) that falls in cluster cstart into b. */
 static void overlay_guest_bytes(const Qcow2State *s, uint64_t cstart, uint8_t *b,
@@ -689,7 +654,7 @@ static int cow_from_backing(Qcow2State *s, uint64_t cstart, bool *backing)
         n = s->h.size - cstart;
     }
     Q2Extent x;
-    int ret = get_extent(s, cstart, n, false, &x);
+    int ret = q2_get_extent(s, cstart, n, false, &x);
     if (ret == 0) {
         *backing = x.type == QCOW2_CLUSTER_UNALLOCATED && x.len == n;
     }
@@ -750,10 +715,10 @@ static int zero_new_cluster(Qcow2State *s, uint64_t host)
  * backing reads zeroes there) and the guest bytes. May run without s->lock (it touches no
  * metadata).
  */
-static int write_new_clusters(Qcow2State *s, const Q2AllocInFlight *me, uint64_t host, uint64_t k,
-                              int head_mode, int tail_mode, bool head_backing, bool tail_backing,
-                              uint8_t **hbuf, uint8_t **tbuf, const uint8_t *buf, uint64_t offset,
-                              uint64_t end)
+int q2_write_new_clusters(Qcow2State *s, const Q2AllocInFlight *me, uint64_t host, uint64_t k,
+                          int head_mode, int tail_mode, bool head_backing, bool tail_backing,
+                          uint8_t **hbuf, uint8_t **tbuf, const uint8_t *buf, uint64_t offset,
+                          uint64_t end)
 {
     uint64_t cs = s->cluster_size, cstart = me->start, tstart = me->end - cs;
     int ret = 0;
@@ -767,12 +732,12 @@ static int write_new_clusters(Qcow2State *s, const Q2AllocInFlight *me, uint64_t
      */
     if (head_mode == 2 && head_backing) {
         bool z = false;
-        ret = backing_cluster_reads_zero(s, cstart, &z);
+        ret = q2_backing_cluster_reads_zero(s, cstart, &z);
         head_mode = ret == 0 && z ? 1 : head_mode;
     }
     if (ret == 0 && tail_mode == 2 && tail_backing) {
         bool z = false;
-        ret = backing_cluster_reads_zero(s, tstart, &z);
+        ret = q2_backing_cluster_reads_zero(s, tstart, &z);
         tail_mode = ret == 0 && z ? 1 : tail_mode;
     }
     if (ret == 0 && head_mode == 2 && head_backing) {
@@ -860,8 +825,8 @@ static int64_t write_subclusters(Qcow2State *s, uint64_t l1i, uint64_t idx0, uin
     uint64_t in_off = offset & (cs - 1), cstart = offset - in_off;
     uint64_t n = bytes < cs - in_off ? bytes : cs - in_off;
     unsigned sc0 = (unsigned)(in_off / scs), sc1 = (unsigned)((in_off + n - 1) / scs);
-    uint64_t e0 = l2e_get(s, l2, idx0);
-    uint32_t alloc0 = (uint32_t)l2e_bitmap(s, l2, idx0);
+    uint64_t e0 = q2_l2e_get(s, l2, idx0);
+    uint32_t alloc0 = (uint32_t)q2_l2e_bitmap(s, l2, idx0);
     bool shared = q2_l2e_has_host(s, e0) && !(e0 & QCOW2_OFLAG_COPIED);
     if (shared && alloc0) {
         unsigned first = (unsigned)__builtin_ctz(alloc0), last = 31u - __builtin_clz(alloc0);
@@ -926,13 +891,13 @@ static int64_t write_subclusters(Qcow2State *s, uint64_t l1i, uint64_t idx0, uin
     }
     q2_data_written(s);
     if (ret == 0) {
-        ret = get_l2_for_write(s, l1i, &l2);
+        ret = q2_get_l2_for_write(s, l1i, &l2);
     }
     if (ret == 0) {
         /* others of this cluster waited on `me`; zero/discard wait for lockless idle */
-        uint64_t bm = l2e_bitmap(s, l2, idx0), old = l2e_get(s, l2, idx0);
+        uint64_t bm = q2_l2e_bitmap(s, l2, idx0), old = q2_l2e_get(s, l2, idx0);
         q2_cache_mark_dirty(&s->l2_cache, l2);
-        l2e_set(s, l2, idx0, host | QCOW2_OFLAG_COPIED, (bm | mask) & ~(mask << 32));
+        q2_l2e_set(s, l2, idx0, host | QCOW2_OFLAG_COPIED, (bm | mask) & ~(mask << 32));
         if (shared) {
             ret = q2_defer_free_l2_entry(s, old); /* the snapshot's reference stays */
         }
@@ -953,20 +918,20 @@ static int64_t write_step(Qcow2State *s, uint64_t offset, uint64_t bytes, const 
     uint64_t idx0 = (offset >> s->cluster_bits) & (s->l2_entries - 1);
     uint64_t in_off = offset & (cs - 1);
     uint8_t *l2;
-    int ret = get_l2_for_write(s, l1i, &l2);
+    int ret = q2_get_l2_for_write(s, l1i, &l2);
     if (ret < 0) {
         return ret;
     }
-    uint64_t e0 = l2e_get(s, l2, idx0);
-    uint64_t bm0 = l2e_bitmap(s, l2, idx0);
+    uint64_t e0 = q2_l2e_get(s, l2, idx0);
+    uint64_t bm0 = q2_l2e_bitmap(s, l2, idx0);
 
     if (entry_inplace(s, e0, bm0)) {
         uint64_t base = e0 & QCOW2_L2E_OFFSET_MASK;
         uint64_t n = cs - in_off < bytes ? cs - in_off : bytes;
         uint64_t idx = idx0 + 1;
         while (n < bytes && idx < s->l2_entries) {
-            uint64_t e = l2e_get(s, l2, idx);
-            if (!entry_inplace(s, e, l2e_bitmap(s, l2, idx)) ||
+            uint64_t e = q2_l2e_get(s, l2, idx);
+            if (!entry_inplace(s, e, q2_l2e_bitmap(s, l2, idx)) ||
                 (e & QCOW2_L2E_OFFSET_MASK) != base + (idx - idx0) * cs) {
                 break;
             }
@@ -1006,8 +971,8 @@ static int64_t write_step(Qcow2State *s, uint64_t offset, uint64_t bytes, const 
         uint64_t covered = cs - in_off;
         uint64_t idx = idx0 + 1;
         while (covered < bytes && idx < s->l2_entries) {
-            uint64_t e = l2e_get(s, l2, idx);
-            if (entry_inplace(s, e, l2e_bitmap(s, l2, idx)) || entry_reusable_host(s, e)) {
+            uint64_t e = q2_l2e_get(s, l2, idx);
+            if (entry_inplace(s, e, q2_l2e_bitmap(s, l2, idx)) || entry_reusable_host(s, e)) {
                 break;
             }
             covered += cs;
@@ -1035,14 +1000,14 @@ static int64_t write_step(Qcow2State *s, uint64_t offset, uint64_t bytes, const 
 
     bool z;
     if (head_partial) {
-        ret = cluster_reads_zero(s, cstart, &z);
+        ret = q2_cluster_reads_zero(s, cstart, &z);
         if (ret < 0) {
             goto out;
         }
         head_mode = z ? 1 : 2;
     }
     if (tail_partial) {
-        ret = cluster_reads_zero(s, tstart, &z);
+        ret = q2_cluster_reads_zero(s, tstart, &z);
         if (ret < 0) {
             goto out;
         }
@@ -1110,14 +1075,14 @@ static int64_t write_step(Qcow2State *s, uint64_t offset, uint64_t bytes, const 
     me.next = s->allocs;
     s->allocs = &me;
     bool unlocked = may_unlock && lockless_begin(s);
-    ret = write_new_clusters(s, &me, host, k, head_mode, tail_mode, head_backing, tail_backing,
-                             &hbuf, &tbuf, buf, offset, end);
+    ret = q2_write_new_clusters(s, &me, host, k, head_mode, tail_mode, head_backing, tail_backing,
+                                &hbuf, &tbuf, buf, offset, end);
     if (unlocked) {
         lockless_end(s);
     }
     q2_data_written(s);
     if (ret == 0) {
-        ret = get_l2_for_write(s, l1i, &l2);
+        ret = q2_get_l2_for_write(s, l1i, &l2);
     }
     if (ret < 0) {
         alloc_done(s, &me);
@@ -1126,9 +1091,9 @@ static int64_t write_step(Qcow2State *s, uint64_t offset, uint64_t bytes, const 
     /* then the mapping; old clusters are released later (batched, after the new entries) */
     q2_cache_mark_dirty(&s->l2_cache, l2);
     for (uint64_t i = 0; i < k; i++) {
-        uint64_t old = l2e_get(s, l2, idx0 + i);
-        l2e_set(s, l2, idx0 + i, (host + i * cs) | QCOW2_OFLAG_COPIED,
-                QCOW2_L2_BITMAP_ALL_ALLOC);
+        uint64_t old = q2_l2e_get(s, l2, idx0 + i);
+        q2_l2e_set(s, l2, idx0 + i, (host + i * cs) | QCOW2_OFLAG_COPIED,
+                   QCOW2_L2_BITMAP_ALL_ALLOC);
         if (!reuse && ((old & QCOW2_OFLAG_COMPRESSED) || (old & QCOW2_L2E_OFFSET_MASK))) {
             int r = q2_defer_free_l2_entry(s, old);
             if (r < 0 && ret == 0) {
@@ -1169,423 +1134,6 @@ int q2_write_unlocked_data(Qcow2State *s, uint64_t offset, uint64_t bytes, const
     return write_impl(s, offset, bytes, buf, true);
 }
 
-static int write_zero_bytes(Qcow2State *s, uint64_t offset, uint64_t bytes)
-{
-    uint64_t chunk = bytes < (1ULL << 20) ? bytes : (1ULL << 20);
-    uint8_t *z = calloc(1, chunk);
-    if (!z) {
-        return -ENOMEM;
-    }
-    int ret = 0;
-    while (bytes > 0 && ret == 0) {
-        uint64_t n = bytes < chunk ? bytes : chunk;
-        ret = q2_write(s, offset, n, z);
-        offset += n;
-        bytes -= n;
-    }
-    free(z);
-    return ret;
-}
-
-/* Does the backing chain read [offset, offset+bytes) as zeroes? Block status only, no data read. */
-static int backing_reads_zero(Qcow2State *s, uint64_t offset, uint64_t bytes, bool *zero)
-{
-    BlockNode *b = s->bs->backing;
-    int64_t bl = vd_getlength(b);
-    if (bl < 0) {
-        return (int)bl;
-    }
-    uint64_t end = offset + bytes < (uint64_t)bl ? offset + bytes : (uint64_t)bl;
-    *zero = true;
-    while (offset < end) {
-        VdBlockStatus st;
-        uint64_t pnum;
-        int ret = vd_block_status_above(b, NULL, offset, end - offset, &pnum, &st);
-        if (ret < 0) {
-            return ret;
-        }
-        if (pnum == 0 || !(st.flags & VD_BS_ZERO)) {
-            *zero = false;
-            return 0;
-        }
-        offset += pnum;
-    }
-    return 0;
-}
-
-/*
- * Is the guest cluster at cstart unallocated in every layer of its chain (QEMU's is_zero_cow)?
- * A partial write into such a cluster zeroes the new host cluster in the file (fallocate) and
- * writes only the guest's bytes, instead of a cluster-sized buffer that is mostly zeroes: after
- * a snapshot, every first write into an empty area of the disk is such a write. A zero cluster,
- * or a backing file that allocates the range or ends before it, gets its zeroes written as
- * QEMU's does (their blocks then hold data in the file, as qemu-img map shows). This answers
- * for this image only: a cluster it leaves whole to a backing file reads false here, and
- * write_new_clusters asks the backing (backing_cluster_reads_zero, without our lock).
- */
-static int cluster_reads_zero(Qcow2State *s, uint64_t cstart, bool *zero)
-{
-    uint64_t n = s->cluster_size;
-    *zero = true;
-    if (cstart >= s->h.size) {
-        return 0;
-    }
-    if (cstart + n > s->h.size) {
-        n = s->h.size - cstart;
-    }
-    Q2Extent x;
-    int ret = get_extent(s, cstart, n, false, &x);
-    *zero = ret == 0 && x.type == QCOW2_CLUSTER_UNALLOCATED && x.len == n && !s->bs->backing;
-    return ret;
-}
-
-/*
- * Does no layer of the backing chain allocate the guest cluster at cstart (which this image
- * leaves to it whole)? A backing file ending before it counts as allocating it, as QEMU's
- * block status says of zeroes past a layer's end. Block status only. Needs no s->lock (it reads
- * no metadata of this image).
- */
-static int backing_cluster_reads_zero(Qcow2State *s, uint64_t cstart, bool *zero)
-{
-    uint64_t size = __atomic_load_n(&s->size_pub, __ATOMIC_ACQUIRE);
-    uint64_t n = s->cluster_size;
-    *zero = true;
-    if (cstart >= size) {
-        return 0;
-    }
-    if (cstart + n > size) {
-        n = size - cstart;
-    }
-    BlockNode *b = s->bs->backing;
-    int64_t bl = vd_getlength(b);
-    if (bl < 0) {
-        return (int)bl;
-    }
-    if (cstart + n > (uint64_t)bl) {
-        *zero = false;
-        return 0;
-    }
-    for (uint64_t off = cstart, end = cstart + n; off < end && *zero;) {
-        uint64_t pnum;
-        int ret = vd_is_allocated_above(b, NULL, off, end - off, &pnum);
-        if (ret < 0) {
-            return ret;
-        }
-        *zero = ret == 0 && pnum > 0;
-        off += pnum;
-    }
-    return 0;
-}
-
-enum { SET_UNALLOC, SET_ZERO };
-
-/*
- * Rewrite the entries of whole clusters [first, first+count) (guest cluster indexes):
- * SET_UNALLOC makes them unallocated; SET_ZERO makes them read as zeroes (keeping an owned,
- * uncompressed host cluster unless unmap). Old host clusters are released afterwards.
- */
-static int set_entries(Qcow2State *s, uint64_t first, uint64_t count, int mode, bool unmap)
-{
-    int ret = 0;
-    uint64_t c = first, endc = first + count;
-    while (c < endc && ret == 0) {
-        uint64_t l1i = c >> s->l2_bits;
-        uint64_t idx = c & (s->l2_entries - 1);
-        uint64_t n = s->l2_entries - idx;
-        if (n > endc - c) {
-            n = endc - c;
-        }
-        uint64_t l1e = l1i < s->l1_size ? s->l1[l1i] : 0;
-        if (mode == SET_UNALLOC && !(l1e & QCOW2_L1E_OFFSET_MASK)) {
-            c += n; /* nothing mapped here */
-            continue;
-        }
-        uint8_t *l2;
-        ret = get_l2_for_write(s, l1i, &l2);
-        if (ret < 0) {
-            return ret;
-        }
-        uint64_t *olds = malloc(n * sizeof(uint64_t));
-        if (!olds) {
-            q2_cache_put(&s->l2_cache, &l2);
-            return -ENOMEM;
-        }
-        uint64_t nold = 0;
-        bool changed = false;
-        for (uint64_t i = 0; i < n; i++) {
-            uint64_t old = l2e_get(s, l2, idx + i);
-            uint64_t obm = l2e_bitmap(s, l2, idx + i);
-            uint64_t ne = 0, nbm = 0;
-            bool release;
-            Qcow2ClusterType t = cluster_type(s, old);
-            if (mode == SET_UNALLOC) {
-                release = true;
-            } else {
-                /*
-                 * As QEMU: a compressed cluster is always dropped, an allocated one only on
-                 * unmap; otherwise the entry keeps its host cluster (owned or shared with a
-                 * snapshot) and only reads as zeroes.
-                 */
-                release = t == QCOW2_CLUSTER_COMPRESSED || (unmap && q2_l2e_has_host(s, old));
-                ne = release ? 0 : old;
-                if (s->extl2) {
-                    nbm = QCOW2_L2_BITMAP_ALL_ZEROES;
-                } else {
-                    ne |= QCOW2_OFLAG_ZERO;
-                }
-            }
-            if (ne == old && nbm == obm) {
-                continue;
-            }
-            if (s->has_data_file && t != QCOW2_CLUSTER_COMPRESSED && q2_l2e_has_host(s, old) &&
-                (release || s->data_file_raw)) {
-                /*
-                 * As QEMU: a released data file cluster is discarded there, and a raw data file
-                 * must read what the guest reads, so its zeroed clusters are zeroed there too.
-                 */
-                uint64_t host = old & QCOW2_L2E_OFFSET_MASK;
-                BlockNode *data = s->bs->data_file;
-                int r = data ? vd_pwrite_zeroes(data, host, s->cluster_size,
-                                                release ? VD_REQ_MAY_UNMAP : 0)
-                             : -EIO;
-                if (r < 0) {
-                    ret = r;
-                    break;
-                }
-            }
-            l2e_set(s, l2, idx + i, ne, nbm);
-            changed = true;
-            if (release && ((old & QCOW2_OFLAG_COMPRESSED) || (old & QCOW2_L2E_OFFSET_MASK))) {
-                olds[nold++] = old;
-            }
-        }
-        if (changed) {
-            q2_cache_mark_dirty(&s->l2_cache, l2);
-        }
-        q2_cache_put(&s->l2_cache, &l2);
-        for (uint64_t j = 0; j < nold && ret == 0; j++) {
-            ret = q2_free_l2_entry_cluster(s, olds[j]);
-        }
-        free(olds);
-        c += n;
-    }
-    return ret;
-}
-
-/*
- * Extended L2: make the subclusters in mask of the cluster at cstart read as zeroes in metadata
- * (zero bits set, allocation bits cleared; a host cluster stays where it is). The caller made
- * sure the cluster is not compressed.
- */
-static int set_subclusters_zero(Qcow2State *s, uint64_t cstart, uint64_t mask)
-{
-    uint64_t c = cstart >> s->cluster_bits;
-    uint64_t l1i = c >> s->l2_bits, idx = c & (s->l2_entries - 1);
-    uint8_t *l2;
-    int ret = get_l2_for_write(s, l1i, &l2);
-    if (ret < 0) {
-        return ret;
-    }
-    uint64_t bm = l2e_bitmap(s, l2, idx);
-    uint64_t nbm = (bm & ~mask) | (mask << 32);
-    if (nbm != bm) {
-        l2e_set(s, l2, idx, l2e_get(s, l2, idx), nbm);
-        q2_cache_mark_dirty(&s->l2_cache, l2);
-    }
-    q2_cache_put(&s->l2_cache, &l2);
-    return 0;
-}
-
-/* The subclusters sc of [a, b) (subcluster-aligned, inside one cluster) as a bitmap mask. */
-static uint64_t subcluster_mask(const Qcow2State *s, uint64_t a, uint64_t b)
-{
-    uint64_t in = a & (s->cluster_size - 1);
-    unsigned sc0 = (unsigned)(in / s->sc_size);
-    unsigned sc1 = (unsigned)((in + (b - a)) / s->sc_size); /* exclusive */
-    return ((1ULL << sc1) - 1) & ~((1ULL << sc0) - 1);
-}
-
-/*
- * Does [offset, offset+bytes) read as zeroes through the whole chain, by metadata and block
- * status only (QEMU's is_zero for a partial zero request)? Clipped to the virtual size.
- */
-static int chain_reads_zero(Qcow2State *s, uint64_t offset, uint64_t bytes, bool *zero)
-{
-    uint64_t end = offset + bytes < s->h.size ? offset + bytes : s->h.size;
-    *zero = true;
-    while (offset < end && *zero) {
-        Q2Extent x;
-        int ret = get_extent(s, offset, end - offset, true, &x);
-        if (ret < 0) {
-            return ret;
-        }
-        if (x.type == QCOW2_CLUSTER_UNALLOCATED) {
-            if (s->bs->backing && (ret = backing_reads_zero(s, offset, x.len, zero)) < 0) {
-                return ret;
-            }
-        } else if (x.type != QCOW2_CLUSTER_ZERO_PLAIN && x.type != QCOW2_CLUSTER_ZERO_ALLOC) {
-            *zero = false;
-        }
-        offset += x.len;
-    }
-    return 0;
-}
-
-/*
- * Extended L2: make the subclusters of [a, b) (subcluster-aligned, inside the cluster at
- * cstart) read as zeroes in metadata, as QEMU's; a compressed cluster cannot be zeroed in part
- * (-ENOTSUP: the caller writes the zeroes). A raw data file is zeroed there too.
- */
-static int zero_subclusters(Qcow2State *s, uint64_t cstart, uint64_t a, uint64_t b)
-{
-    Q2Extent x;
-    int ret = get_extent(s, cstart, s->cluster_size, false, &x);
-    if (ret < 0) {
-        return ret;
-    }
-    if (x.type == QCOW2_CLUSTER_COMPRESSED) {
-        return -ENOTSUP;
-    }
-    if (s->has_data_file && s->data_file_raw) {
-        BlockNode *data = s->bs->data_file;
-        ret = data ? vd_pwrite_zeroes(data, a, b - a, 0) : -EIO;
-        if (ret < 0) {
-            return ret;
-        }
-    }
-    return set_subclusters_zero(s, cstart, subcluster_mask(s, a, b));
-}
-
-/*
- * Zero [a, b) in metadata (QEMU's qcow2_subcluster_zeroize): a starts a zero unit and b ends
- * one or is the image's end. Subclusters of a partial first or last cluster get their zero
- * bits, whole clusters zero entries; a v2 image without a backing file drops the clusters.
- * -ENOTSUP: the zeroes have to be written.
- */
-static int zeroize(Qcow2State *s, uint64_t a, uint64_t b, int flags)
-{
-    uint64_t cs = s->cluster_size;
-    if (s->h.version < 3) {
-        if (s->bs->backing) {
-            return -ENOTSUP;
-        }
-        return set_entries(s, a >> s->cluster_bits, ((b + cs - 1) >> s->cluster_bits) -
-                           (a >> s->cluster_bits), SET_UNALLOC, true);
-    }
-    uint64_t scs = s->sc_size;
-    bool at_end = b >= s->h.size;
-    int ret = 0;
-    if (a & (cs - 1)) {
-        /* a partial first cluster, by subclusters (the image's partial last one counts whole) */
-        uint64_t cstart = a & ~(cs - 1);
-        uint64_t he = at_end ? (b + scs - 1) & ~(scs - 1) : b;
-        if (he > cstart + cs) {
-            he = cstart + cs;
-        }
-        ret = zero_subclusters(s, cstart, a, he);
-        a = cstart + cs;
-    }
-    uint64_t tstart = b & ~(cs - 1);
-    uint64_t wend = at_end ? (b + cs - 1) & ~(cs - 1) : tstart;
-    if (ret == 0 && a < wend) {
-        ret = set_entries(s, a >> s->cluster_bits, (wend - a) >> s->cluster_bits, SET_ZERO,
-                          flags & VD_REQ_MAY_UNMAP);
-    }
-    if (ret == 0 && !at_end && (b & (cs - 1)) && tstart >= a) {
-        ret = zero_subclusters(s, tstart, tstart, b); /* a partial last cluster */
-    }
-    return ret;
-}
-
-/*
- * One zero request as QEMU's qcow2 driver gets it from its block layer (qcow2_co_pwrite_zeroes):
- * [o, e) lies inside one zero unit unless both ends are unit-aligned (or e is the image's end).
- * A partial unit is zeroed whole in metadata when the rest of it reads as zeroes through the
- * chain and it holds no data of its own; otherwise -ENOTSUP (the caller writes the zeroes).
- */
-static int zero_request(Qcow2State *s, uint64_t o, uint64_t e, int flags)
-{
-    uint64_t unit = s->extl2 ? s->sc_size : s->cluster_size;
-    uint64_t head = o & (unit - 1);
-    uint64_t tail = e >= s->h.size ? 0 : ((e + unit - 1) & ~(unit - 1)) - e;
-    if (head || tail) {
-        bool z1, z2 = false;
-        int ret = chain_reads_zero(s, o - head, head, &z1);
-        if (ret == 0 && z1) {
-            ret = chain_reads_zero(s, e, tail, &z2);
-        }
-        if (ret < 0 || !z2) {
-            return ret < 0 ? ret : -ENOTSUP;
-        }
-        o -= head;
-        e = o + unit;
-        Q2Extent x;
-        ret = get_extent(s, o, unit, false, &x);
-        if (ret < 0) {
-            return ret;
-        }
-        if (x.type != QCOW2_CLUSTER_UNALLOCATED && x.type != QCOW2_CLUSTER_ZERO_PLAIN &&
-            x.type != QCOW2_CLUSTER_ZERO_ALLOC) {
-            return -ENOTSUP;
-        }
-    }
-    return zeroize(s, o, e, flags);
-}
-
-/*
- * Write-zeroes, cut into requests as QEMU's block layer cuts them for qcow2 (a partial unit at
- * either end on its own; the unit is the subcluster with extended L2, else the cluster), each
- * zeroed in metadata where QEMU's qcow2 does, else written as zeroes, so that the image's
- * allocation (qemu-img map) equals QEMU's for the same requests.
- */
-int q2_zero(Qcow2State *s, uint64_t offset, uint64_t bytes, int flags)
-{
-    uint64_t unit = s->extl2 ? s->sc_size : s->cluster_size;
-    uint64_t end = offset + bytes;
-    while (offset < end) {
-        uint64_t pe = end;
-        if (offset & (unit - 1)) {
-            uint64_t next = (offset | (unit - 1)) + 1;
-            pe = next < end ? next : end;
-        } else if ((end & (unit - 1)) && end - offset > unit) {
-            pe = end & ~(unit - 1);
-        }
-        int ret = zero_request(s, offset, pe, flags);
-        if (ret == -ENOTSUP && !(flags & VD_REQ_NO_FALLBACK)) {
-            ret = write_zero_bytes(s, offset, pe - offset);
-        }
-        if (ret < 0) {
-            return ret;
-        }
-        offset = pe;
-    }
-    return 0;
-}
-
-int q2_discard(Qcow2State *s, uint64_t offset, uint64_t bytes, int flags)
-{
-    uint64_t cs = s->cluster_size;
-    uint64_t end = offset + bytes;
-    uint64_t a = (offset + cs - 1) & ~(cs - 1);
-    uint64_t b = end >= s->h.size ? (end + cs - 1) & ~(cs - 1) : end & ~(cs - 1);
-    if (a >= b) {
-        return 0;
-    }
-    uint64_t first = a >> s->cluster_bits, count = (b - a) >> s->cluster_bits;
-    if (s->h.version < 3 && s->bs->backing && !(flags & VD_REQ_FULL_DISCARD)) {
-        return 0; /* v2 cannot hide backing data: discarding would expose it (as QEMU) */
-    }
-    if ((flags & VD_REQ_FULL_DISCARD) || s->h.version < 3) {
-        return set_entries(s, first, count, SET_UNALLOC, true);
-    }
-    if (s->bs->backing || s->has_data_file) {
-        /* a data file's discarded clusters read zero, as QEMU marks them (and data file raw) */
-        return set_entries(s, first, count, SET_ZERO, true);
-    }
-    /* no backing: unallocated reads as zeroes, so just drop allocations */
-    return set_entries(s, first, count, SET_UNALLOC, true);
-}
-
 int q2_compress_cluster(Qcow2State *s, uint64_t offset, uint64_t n, const uint8_t *buf,
                         uint8_t *in, uint8_t *out)
 {
@@ -1611,7 +1159,7 @@ int q2_write_compressed_cluster(Qcow2State *s, uint64_t offset, uint64_t n, cons
     uint8_t *l2;
     uint64_t l1i = offset >> (s->cluster_bits + s->l2_bits);
     uint64_t idx = (offset >> s->cluster_bits) & (s->l2_entries - 1);
-    int ret = get_l2_for_write(s, l1i, &l2);
+    int ret = q2_get_l2_for_write(s, l1i, &l2);
     if (ret < 0) {
         return ret;
     }
@@ -1629,8 +1177,8 @@ int q2_write_compressed_cluster(Qcow2State *s, uint64_t offset, uint64_t n, cons
         return ret;
     }
     uint64_t nsec = ((host + (uint64_t)clen - 1) >> 9) - (host >> 9);
-    uint64_t old = l2e_get(s, l2, idx);
-    l2e_set(s, l2, idx, QCOW2_OFLAG_COMPRESSED | (nsec << s->csize_shift) | host, 0);
+    uint64_t old = q2_l2e_get(s, l2, idx);
+    q2_l2e_set(s, l2, idx, QCOW2_OFLAG_COMPRESSED | (nsec << s->csize_shift) | host, 0);
     q2_cache_mark_dirty(&s->l2_cache, l2);
     q2_cache_put(&s->l2_cache, &l2);
     if ((old & QCOW2_OFLAG_COMPRESSED) || (old & QCOW2_L2E_OFFSET_MASK)) {
@@ -1643,7 +1191,7 @@ int q2_block_status(Qcow2State *s, uint64_t offset, uint64_t bytes, uint64_t *pn
                     uint64_t *map)
 {
     Q2Extent x;
-    int ret = get_extent(s, offset, bytes, true, &x);
+    int ret = q2_get_extent(s, offset, bytes, true, &x);
     if (ret < 0) {
         return ret;
     }
@@ -1696,12 +1244,12 @@ int q2_preallocate(Qcow2State *s, uint64_t offset, uint64_t end, VdPrealloc mode
         uint64_t l1i = c >> s->l2_bits;
         uint64_t idx = c & (s->l2_entries - 1);
         uint8_t *l2;
-        ret = get_l2_for_write(s, l1i, &l2);
+        ret = q2_get_l2_for_write(s, l1i, &l2);
         if (ret < 0) {
             return ret;
         }
         while (idx < s->l2_entries && c < endc) {
-            uint64_t e = l2e_get(s, l2, idx);
+            uint64_t e = q2_l2e_get(s, l2, idx);
             if ((e & QCOW2_OFLAG_COMPRESSED) || q2_l2e_has_host(s, e)) {
                 idx++;
                 c++;
@@ -1709,8 +1257,8 @@ int q2_preallocate(Qcow2State *s, uint64_t offset, uint64_t end, VdPrealloc mode
             }
             uint64_t k = 1;
             while (idx + k < s->l2_entries && c + k < endc &&
-                   !(l2e_get(s, l2, idx + k) & QCOW2_OFLAG_COMPRESSED) &&
-                   !q2_l2e_has_host(s, l2e_get(s, l2, idx + k))) {
+                   !(q2_l2e_get(s, l2, idx + k) & QCOW2_OFLAG_COMPRESSED) &&
+                   !q2_l2e_has_host(s, q2_l2e_get(s, l2, idx + k))) {
                 k++;
             }
             uint64_t host = c << s->cluster_bits; /* data file: identity, not refcounted */
@@ -1730,17 +1278,17 @@ int q2_preallocate(Qcow2State *s, uint64_t offset, uint64_t end, VdPrealloc mode
             }
             q2_data_written(s);
             for (uint64_t i = 0; i < k; i++) {
-                uint64_t old = l2e_get(s, l2, idx + i);
+                uint64_t old = q2_l2e_get(s, l2, idx + i);
                 uint64_t ne = (host + i * cs) | QCOW2_OFLAG_COPIED;
                 /*
                  * Extended L2 (as qemu): the subclusters stay unallocated, so a backing file
                  * still shows through; zero bits are kept.
                  */
-                uint64_t nbm = l2e_bitmap(s, l2, idx + i) & QCOW2_L2_BITMAP_ALL_ZEROES;
-                if (has_zero_flag(s) && (old & QCOW2_OFLAG_ZERO)) {
+                uint64_t nbm = q2_l2e_bitmap(s, l2, idx + i) & QCOW2_L2_BITMAP_ALL_ZEROES;
+                if (q2_has_zero_flag(s) && (old & QCOW2_OFLAG_ZERO)) {
                     ne |= QCOW2_OFLAG_ZERO; /* stays zero, now preallocated */
                 }
-                l2e_set(s, l2, idx + i, ne, nbm);
+                q2_l2e_set(s, l2, idx + i, ne, nbm);
             }
             q2_cache_mark_dirty(&s->l2_cache, l2);
             idx += k;

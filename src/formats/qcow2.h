@@ -1,7 +1,8 @@
 /*
  * qcow2.h - internal state of the qcow2 driver (vd_drv_qcow2), shared by qcow2.c (open/create/
- * header), qcow2-cluster.c (guest->host mapping and data paths) and qcow2-refcount.c (metadata
- * caches, refcounts, cluster allocator). Nothing here is a public contract.
+ * header), qcow2-cluster.c (guest->host mapping and data paths), qcow2-zero.c (write-zeroes and
+ * discard) and qcow2-refcount.c (metadata caches, refcounts, cluster allocator). Nothing here is
+ * a public contract.
  *
  * Locking: every field of Qcow2State is protected by s->lock, which each vtable entry point holds
  * for the whole request, except the data I/O of reads of NORMAL clusters and in-place overwrites
@@ -272,7 +273,67 @@ int q2_apply_pending_frees(Qcow2State *s);
 uint64_t q2_refblock_get(const Qcow2State *s, const uint8_t *rb, uint64_t index);
 void q2_refblock_set(const Qcow2State *s, uint8_t *rb, uint64_t index, uint64_t value);
 
-/* ---- qcow2-cluster.c ---- */
+/* ---- qcow2-cluster.c: L2 entries and the mapping (shared with qcow2-zero.c) ---- */
+typedef struct Q2Extent {
+    Qcow2ClusterType type;
+    uint64_t host;  /* host offset of the extent's first byte (NORMAL, ZERO_ALLOC) */
+    bool host_valid; /* host means something (offset 0 is valid in an external data file) */
+    uint64_t entry; /* L2 entry of the first cluster (COMPRESSED) */
+    uint64_t len;
+} Q2Extent;
+
+static inline uint64_t q2_l2e_get(const Qcow2State *s, const uint8_t *l2, uint64_t i)
+{
+    return qcow2_be64(l2 + i * s->l2e_size);
+}
+
+static inline uint64_t q2_l2e_bitmap(const Qcow2State *s, const uint8_t *l2, uint64_t i)
+{
+    return s->extl2 ? qcow2_be64(l2 + i * 16 + 8) : 0;
+}
+
+static inline void q2_l2e_set(const Qcow2State *s, uint8_t *l2, uint64_t i, uint64_t e, uint64_t bm)
+{
+    qcow2_put_be64(l2 + i * s->l2e_size, e);
+    if (s->extl2) {
+        qcow2_put_be64(l2 + i * 16 + 8, bm);
+    }
+}
+
+static inline bool q2_has_zero_flag(const Qcow2State *s)
+{
+    return s->h.version >= 3 && !s->extl2;
+}
+
+/* Cluster-level type (ignores extended-L2 bitmaps). */
+Qcow2ClusterType q2_cluster_type(const Qcow2State *s, uint64_t e);
+/*
+ * The longest run from offset (<= bytes) whose (sub)clusters share one type (and for NORMAL /
+ * ZERO_ALLOC, contiguous host offsets); compressed clusters merge only when merge_compressed.
+ */
+int q2_get_extent(Qcow2State *s, uint64_t offset, uint64_t bytes, bool merge_compressed,
+                  Q2Extent *x);
+/* The L2 table for l1i, writable (a shared one copied, a missing one created); pinned. */
+int q2_get_l2_for_write(Qcow2State *s, uint64_t l1i, uint8_t **l2);
+/*
+ * The data of an allocating write into the k host clusters at host, for guest [offset, end) in
+ * me's clusters, with its head/tail copy-on-write (head_mode/tail_mode: 1 zero the cluster, 2 the
+ * merged buffer in *hbuf / *tbuf). May run without s->lock.
+ */
+int q2_write_new_clusters(Qcow2State *s, const Q2AllocInFlight *me, uint64_t host, uint64_t k,
+                          int head_mode, int tail_mode, bool head_backing, bool tail_backing,
+                          uint8_t **hbuf, uint8_t **tbuf, const uint8_t *buf, uint64_t offset,
+                          uint64_t end);
+
+/* ---- qcow2-zero.c ---- */
+/* Does the guest cluster at cstart read as zeroes (clipped to the virtual size)? */
+int q2_cluster_reads_zero(Qcow2State *s, uint64_t cstart, bool *zero);
+/* Does no layer of the backing chain allocate the guest cluster at cstart? (needs no s->lock) */
+int q2_backing_cluster_reads_zero(Qcow2State *s, uint64_t cstart, bool *zero);
+int q2_zero(Qcow2State *s, uint64_t offset, uint64_t bytes, int flags);
+int q2_discard(Qcow2State *s, uint64_t offset, uint64_t bytes, int flags);
+
+/* ---- qcow2-cluster.c: data paths ---- */
 int q2_read(Qcow2State *s, uint64_t offset, uint64_t bytes, uint8_t *buf);
 int q2_write(Qcow2State *s, uint64_t offset, uint64_t bytes, const uint8_t *buf);
 /*
@@ -295,8 +356,6 @@ static inline void q2_publish_size(Qcow2State *s)
 {
     __atomic_store_n(&s->size_pub, s->h.size, __ATOMIC_RELEASE);
 }
-int q2_zero(Qcow2State *s, uint64_t offset, uint64_t bytes, int flags);
-int q2_discard(Qcow2State *s, uint64_t offset, uint64_t bytes, int flags);
 /*
  * Compressed writes, in two steps so the costly one runs without s->lock:
  * q2_compress_cluster (no lock needed; in and out are cluster-sized scratch buffers) compresses
