@@ -31,6 +31,7 @@
 #include <unistd.h>
 
 #include "util/lock.h"
+#include "util/thread-cache.h"
 
 /* Early writeback of the destination's file every 256 MiB copied (copy_engine_writeback_node). */
 #define DEFAULT_WRITEBACK_BYTES (256ULL << 20)
@@ -97,6 +98,7 @@ struct CopyEngine {
 static void *wb_main(void *arg)
 {
     CopyEngine *e = arg;
+    vd_thread_name("copy-wb");
     (void)vd_flush_own(e->o.writeback);
     __atomic_store_n(&e->wb_running, false, __ATOMIC_RELEASE);
     return NULL;
@@ -313,6 +315,7 @@ static void *worker_main(void *arg)
     WorkerArg *wa = arg;
     CopyEngine *e = wa->e;
     uint8_t *buf = e->bufs[wa->idx];
+    vd_thread_name("copy/%u", wa->idx);
     free(wa);
     const char *ns = getenv("VDISK_COPY_NICE");
     int nice_v = ns ? atoi(ns) : 0;

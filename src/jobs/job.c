@@ -22,6 +22,7 @@
 
 #include "util/lock.h"
 #include "util/log.h"
+#include "util/thread-cache.h"
 
 /* ---- the tables (qapi/job.json semantics; same shape as QEMU 7.2's job.c tables) ---- */
 
@@ -653,6 +654,7 @@ static void job_run_done(void *opaque)
 static void *job_thread(void *arg)
 {
     Job *job = arg;
+    vd_thread_name("job %s", job->id);
     job->run_err = NULL;
     job->run_ret = job->drv->run(job, &job->run_err);
     job->done_bh.fn = job_run_done;

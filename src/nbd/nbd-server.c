@@ -561,6 +561,7 @@ static void conn_free(NbdConn *c)
 static void conn_thread(void *arg)
 {
     NbdConn *c = arg;
+    vd_thread_name("nbd-conn fd%d", c->fd);
     /* A client that stalls the handshake only holds its own thread, and not for ever. */
     set_timeout(c->fd, SO_RCVTIMEO, NBD_HANDSHAKE_TIMEOUT_S);
     int r = nbd_handshake(c);
@@ -642,6 +643,7 @@ static void accept_one(int fd)
 static void *accept_thread(void *arg)
 {
     (void)arg;
+    vd_thread_name("nbd-accept");
     for (;;) {
         struct pollfd p[2] = {{.fd = srv.listen_fd, .events = POLLIN},
                               {.fd = srv.wake[0], .events = POLLIN}};

@@ -83,6 +83,7 @@ static void handle_request(NbdRequest *req);
 static void *pool_worker(void *arg)
 {
     PoolWorker *w = arg;
+    vd_thread_name("nbd-pool");
     vd_mutex_lock(&pool.lock);
     for (;;) {
         NbdRequest *req = pool.head;
@@ -561,6 +562,7 @@ static void queue_reply(NbdConn *c, uint8_t *buf, size_t bufsize, size_t off, si
 static void writer_thread(void *arg)
 {
     NbdConn *c = arg;
+    vd_thread_name("nbd-writer fd%d", c->fd);
     vd_mutex_lock(&c->lock);
     for (;;) {
         /* a worker sending directly owns the socket and sends what is queued */

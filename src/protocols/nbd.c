@@ -45,6 +45,7 @@
 #include "protocols/nbd.h"
 #include "util/log.h"
 #include "util/lock.h"
+#include "util/thread-cache.h"
 #include "util/tls-creds.h"
 
 #define NBD_MAX_CONNS 4
@@ -663,6 +664,7 @@ static void link_restore(NbdConn *c)
 static void *pump_main(void *opaque)
 {
     NbdConn *c = opaque;
+    vd_thread_name("nbd-pump");
     int64_t stall_ms = c->s->stall_ms;
     int64_t moved = now_ms();
     while (!pump_stopping(c)) {

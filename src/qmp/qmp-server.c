@@ -28,6 +28,7 @@
 #include "util/lock.h"
 #include "util/log.h"
 #include "util/sockperm.h"
+#include "util/thread-cache.h"
 
 #define QMP_MAX_VALUE (16u << 20)   /* one JSON value from a client */
 #define QMP_MAX_DEPTH 1024          /* nesting of one value */
@@ -731,6 +732,7 @@ static bool accept_client(void)
 static void *server_thread(void *arg)
 {
     (void)arg;
+    vd_thread_name("qmp");
     struct pollfd *pfds = NULL;
     size_t pfds_cap = 0;
     for (;;) {

@@ -5,6 +5,8 @@
  */
 #include <errno.h>
 #include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
 
@@ -45,6 +47,7 @@ static void *tc_main(void *arg)
         void *a = t->arg;
         vd_mutex_unlock(&tc_lock);
         fn(a);
+        vd_thread_name("idle");
         vd_mutex_lock(&tc_lock);
         t->fn = NULL;
         if (tc_nidle >= TC_MAX_IDLE) {
@@ -112,4 +115,14 @@ int vd_thread_run(void (*fn)(void *), void *arg)
         return -r;
     }
     return 0;
+}
+
+void vd_thread_name(const char *fmt, ...)
+{
+    char name[16]; /* TASK_COMM_LEN: longer names are cut, not refused */
+    va_list ap;
+    va_start(ap, fmt);
+    (void)vsnprintf(name, sizeof(name), fmt, ap);
+    va_end(ap);
+    (void)pthread_setname_np(pthread_self(), name);
 }

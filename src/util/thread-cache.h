@@ -15,4 +15,11 @@
 /* Run fn(arg) on an idle recycled thread, or a new one: 0, or -errno when none could start. */
 int vd_thread_run(void (*fn)(void *), void *arg);
 
+/*
+ * Name the calling thread (printf format, cut to the kernel's 15 characters) so top -H, perf
+ * sched and gdb tell vdiskd's threads apart: "copy-commit/0", "nbd-conn 3", "qmp"... A recycled
+ * thread takes the name of the work it runs and is "idle" between pieces.
+ */
+void vd_thread_name(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
 #endif

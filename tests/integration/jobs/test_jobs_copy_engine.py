@@ -9,6 +9,7 @@ a copy of old data landing after a newer guest write would show up as a differen
 """
 import contextlib
 import json
+import os
 import random
 import threading
 
@@ -171,6 +172,35 @@ def test_unthrottled_active_commit_with_guest(tmp_path):
         done = s.q.get_event("BLOCK_JOB_COMPLETED", timeout=120)
         assert "error" not in done["data"], done
         g.wait_done(g.done + 20)  # now onto base
+    check_clean(base, top)
+    assert_same(image_content(tmp_path, base, "base.raw"), bytes(model), "base after pivot")
+
+
+def thread_names(pid):
+    """The comm of every thread of process pid (what top -H and perf sched show)."""
+    names = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+    return names
+
+
+def test_threads_named_by_role(tmp_path):
+    """vdiskd's threads carry their role while an active commit copies under a guest: the job's
+    thread, its copy workers, the NBD connection's reader and writer, the request pool, QMP."""
+    base, top, model = big_chain(tmp_path)
+    with guest_running(tmp_path, top, model, seed=8) as (s, g):
+        s.q.cmd("block-commit", **{"job-id": "c", "device": "disk0"})
+        s.q.get_event("BLOCK_JOB_READY", timeout=120)
+        names = thread_names(s.d.proc.pid)  # the job and its engine live until complete
+        s.q.cmd("block-job-complete", device="c")
+        done = s.q.get_event("BLOCK_JOB_COMPLETED", timeout=120)
+        assert "error" not in done["data"], done
+    for want in ("qmp", "nbd-accept", "nbd-pool", "job c", "copy/0", "copy/1"):
+        assert want in names, (want, sorted(set(names)))
+    assert any(n.startswith("nbd-conn fd") for n in names), sorted(names)
+    assert any(n.startswith("nbd-writer fd") for n in names), sorted(names)
     check_clean(base, top)
     assert_same(image_content(tmp_path, base, "base.raw"), bytes(model), "base after pivot")
 
