@@ -20,26 +20,30 @@
 bool tool_allow_probe;
 bool tool_image_opts;
 
+/* "vdisk: " and kind, the message, then end; stdout is flushed first, so lines keep their order. */
+static void tool_vmessage(const char *kind, const char *end, const char *fmt, va_list ap)
+{
+    fflush(stdout);
+    fputs(TOOL_NAME ": ", stderr);
+    fputs(kind, stderr);
+    vfprintf(stderr, fmt, ap);
+    fputs(end, stderr);
+}
+
 void tool_error(const char *fmt, ...)
 {
     va_list ap;
-    fflush(stdout);
-    fputs(TOOL_NAME ": ", stderr);
     va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
+    tool_vmessage("", "\n", fmt, ap);
     va_end(ap);
-    fputc('\n', stderr);
 }
 
 void tool_warning(const char *fmt, ...)
 {
     va_list ap;
-    fflush(stdout);
-    fputs(TOOL_NAME ": warning: ", stderr);
     va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
+    tool_vmessage("warning: ", "\n", fmt, ap);
     va_end(ap);
-    fputc('\n', stderr);
 }
 
 void tool_report(VdError *err, const char *prefix)
@@ -55,12 +59,9 @@ void tool_report(VdError *err, const char *prefix)
 void tool_usage_error(const char *fmt, ...)
 {
     va_list ap;
-    fflush(stdout);
-    fputs(TOOL_NAME ": ", stderr);
     va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
+    tool_vmessage("", "\nTry '" TOOL_NAME " --help' for more information\n", fmt, ap);
     va_end(ap);
-    fputs("\nTry '" TOOL_NAME " --help' for more information\n", stderr);
 }
 
 void tool_bad_option(const char *cmd, int c, const char *arg)
