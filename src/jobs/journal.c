@@ -503,7 +503,12 @@ static bool all_durable(JobJournal *j, uint64_t first, uint64_t last)
     return true;
 }
 
-void job_journal_write_begin(JobJournal *j, uint64_t off, uint64_t bytes)
+/*
+ * Count one operation into [off, off+bytes) in the per-segment counters `in` and bump the
+ * segments' epochs; a guest write (mark) also marks them and returns once the marks are on disk.
+ * NULL j (no journal): nothing.
+ */
+static void begin_op(JobJournal *j, uint32_t *in, uint64_t off, uint64_t bytes, bool mark)
 {
     if (!j) {
         return;
@@ -512,11 +517,13 @@ void job_journal_write_begin(JobJournal *j, uint64_t off, uint64_t bytes)
     seg_range(j, off, bytes, &first, &last);
     vd_mutex_lock(&j->lock);
     for (uint64_t i = first; i <= last; i++) {
-        j->writes_in[i]++;
+        in[i]++;
         j->epoch[i]++;
-        j->mem[i / 64] |= 1ULL << (i % 64);
+        if (mark) {
+            j->mem[i / 64] |= 1ULL << (i % 64);
+        }
     }
-    while (!j->dead && !all_durable(j, first, last)) {
+    while (mark && !j->dead && !all_durable(j, first, last)) {
         if (!j->writing) {
             write_locked(j);
         } else {
@@ -541,6 +548,11 @@ static void end_op(JobJournal *j, uint32_t *in, uint64_t off, uint64_t bytes)
     vd_mutex_unlock(&j->lock);
 }
 
+void job_journal_write_begin(JobJournal *j, uint64_t off, uint64_t bytes)
+{
+    begin_op(j, j ? j->writes_in : NULL, off, bytes, true);
+}
+
 void job_journal_write_end(JobJournal *j, uint64_t off, uint64_t bytes)
 {
     end_op(j, j ? j->writes_in : NULL, off, bytes);
@@ -548,17 +560,7 @@ void job_journal_write_end(JobJournal *j, uint64_t off, uint64_t bytes)
 
 void job_journal_copy_begin(JobJournal *j, uint64_t off, uint64_t bytes)
 {
-    if (!j) {
-        return;
-    }
-    uint64_t first, last;
-    seg_range(j, off, bytes, &first, &last);
-    vd_mutex_lock(&j->lock);
-    for (uint64_t i = first; i <= last; i++) {
-        j->copies_in[i]++;
-        j->epoch[i]++;
-    }
-    vd_mutex_unlock(&j->lock);
+    begin_op(j, j ? j->copies_in : NULL, off, bytes, false);
 }
 
 void job_journal_copy_end(JobJournal *j, uint64_t off, uint64_t bytes)
