@@ -99,6 +99,28 @@ static BlockNode *find_parent(BlockNode *bs)
     return p.parent;
 }
 
+/*
+ * May an overlay go on old? Not while a job holds it, nor while it is another node's backing.
+ * The job's claim first (as QEMU's op blockers): a drive-mirror target has the source as its
+ * backing while the copy runs, which would otherwise be reported instead.
+ */
+static int check_not_busy(BlockNode *old, VdError **errp)
+{
+    const char *job_type = blockops_busy(old);
+    if (job_type) {
+        vd_error_setg(errp, EBUSY, "Node '%s' is busy: block device is in use by block job: %s",
+                      old->node_name, job_type);
+        return -EBUSY;
+    }
+    BlockNode *parent = find_parent(old);
+    if (parent) {
+        vd_error_setg(errp, EBUSY, "Node '%s' is busy: node is used as backing hd of '%s'",
+                      old->node_name, parent->node_name);
+        return -EBUSY;
+    }
+    return 0;
+}
+
 static void pending_add(SnapshotPrepared *prep)
 {
     prep->next = pending;
@@ -192,20 +214,7 @@ int snapshot_sync_prepare(const SnapshotSyncRequest *req, SnapshotPrepared *prep
         vd_error_setg(errp, EINVAL, "Unknown driver '%s'", format);
         return -EINVAL;
     }
-    /*
-     * The job's claim first (as QEMU's op blockers): a drive-mirror target has the source as its
-     * backing while the copy runs, which would otherwise be reported instead.
-     */
-    const char *job_type = blockops_busy(old);
-    if (job_type) {
-        vd_error_setg(errp, EBUSY, "Node '%s' is busy: block device is in use by block job: %s",
-                      old->node_name, job_type);
-        return -EBUSY;
-    }
-    BlockNode *parent = find_parent(old);
-    if (parent) {
-        vd_error_setg(errp, EBUSY, "Node '%s' is busy: node is used as backing hd of '%s'",
-                      old->node_name, parent->node_name);
+    if (check_not_busy(old, errp) < 0) {
         return -EBUSY;
     }
     if (!existing) {
@@ -301,16 +310,7 @@ int snapshot_blockdev_prepare(const char *node, const char *ov, SnapshotPrepared
         vd_error_setg(errp, EINVAL, "Cannot find device='%s' nor node-name='%s'", node, node);
         return -EINVAL;
     }
-    const char *job_type = blockops_busy(old); /* before find_parent: see snapshot_sync */
-    if (job_type) {
-        vd_error_setg(errp, EBUSY, "Node '%s' is busy: block device is in use by block job: %s",
-                      old->node_name, job_type);
-        return -EBUSY;
-    }
-    BlockNode *parent = find_parent(old);
-    if (parent) {
-        vd_error_setg(errp, EBUSY, "Node '%s' is busy: node is used as backing hd of '%s'",
-                      old->node_name, parent->node_name);
+    if (check_not_busy(old, errp) < 0) {
         return -EBUSY;
     }
     /* the overlay is looked up after the node's blockers, as QEMU's */
