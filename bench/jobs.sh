@@ -16,7 +16,9 @@
 #      BENCH_JOBS_COMPLETE_AFTER (seconds the job stays READY before block-job-complete, 0),
 #      BENCH_JOBS_TIMEOUT (seconds per job phase before cancelling it; 60 + 240 * scale),
 #      BENCH_JOBS_SEED, BENCH_JOBS_WORK (cached chain + run dir: /var/tmp/vdisk-bench-jobs),
-#      BENCH_JOBS_DAEMONS (vdiskd,qsd), BENCH_JOBS_VERIFY (1: qemu-img compare after idle mirrors),
+#      BENCH_JOBS_DAEMONS (vdiskd,qsd; vdiskd,vdiskd-state compares vdiskd without and with
+#      --state-dir, its jobs journalling their progress: the guest's cost of docs/resumable.md),
+#      BENCH_JOBS_VERIFY (1: qemu-img compare after idle mirrors),
 #      BENCH_JOBS_TAG (write bench/out/jobs-TAG.md/.json instead, e.g. for a profiling run),
 #      BENCH_JOBS_NOTE (a line of text put at the top of the report),
 #      BENCH_JOBS_PERF=1 (perf record vdiskd during its mirror runs into

@@ -169,12 +169,16 @@ class Daemon:
             if os.path.exists(p):
                 os.unlink(p)
         # Same options for both: page cache (cache.direct=off), the chain opened from the headers.
-        if kind == "vdiskd":
+        if kind.startswith("vdiskd"):
             node = json.dumps({"driver": "qcow2", "node-name": "sn2",
                                "file": {"driver": "file", "node-name": "f2", "filename": image,
                                         "cache": {"direct": False}}})
             argv = [vdiskd, "-v", "--qmp", self.qmp_path, "--pidfile", self.pidfile,
                     "--blockdev", node]
+            if kind == "vdiskd-state":  # jobs journal their progress (docs/resumable.md)
+                state = os.path.join(rd, "state")
+                os.makedirs(state, exist_ok=True)
+                argv += ["--state-dir", state]
         else:
             argv = ["qemu-storage-daemon", "--pidfile", self.pidfile,
                     "--blockdev", f"driver=file,node-name=f2,filename={image},cache.direct=off",
@@ -449,7 +453,7 @@ def run_one(kind, load, daemon_kind, src, work, a, vsize):
         nodes = {}
         if kind in ("stream", "commit", "commit-active"):
             nodes = {n: d.node_of(os.path.join(rd, f"{n}.qcow2")) for n in ("base", "sn1")}
-        if (a.perf and daemon_kind == "vdiskd" and kind.startswith(a.perf_kinds)
+        if (a.perf and daemon_kind.startswith("vdiskd") and kind.startswith(a.perf_kinds)
                 and load in a.perf_loads):
             stem = os.path.join(a.out, f"perf-jobs-{a.tag + '-' if a.tag else ''}{kind}-{load}")
             if a.perf_trace:
@@ -560,7 +564,7 @@ def run_one(kind, load, daemon_kind, src, work, a, vsize):
             res["fio"] = guest.stop(w0, w0 + res["completed_s"], sub,
                                     (w0 - a.ramp + 0.2, w0 + res["completed_s"] + TAIL_S))
             guest = None
-        if daemon_kind == "vdiskd" and kind.startswith("mirror"):
+        if daemon_kind.startswith("vdiskd") and kind.startswith("mirror"):
             m = None
             for _ in range(20):  # the log line is written by the job thread around the event
                 m = re.search(r"mirror 'j': pivoted to the target; guest I/O paused (\d+\.\d+) ms "
@@ -571,7 +575,7 @@ def run_one(kind, load, daemon_kind, src, work, a, vsize):
             if m:
                 res["logged_pause_ms"] = float(m.group(1))
                 res["paused_copy_bytes"] = int(m.group(2))
-        if daemon_kind == "vdiskd" and kind == "commit-active":
+        if daemon_kind.startswith("vdiskd") and kind == "commit-active":
             m = None
             for _ in range(20):  # written by prepare around the event
                 m = re.search(r"commit 'j': pivoted to the base; guest I/O paused (\d+) us "
@@ -644,8 +648,14 @@ def ratio(a, b):
     return f"{a / b:.2f}" if a is not None and b else "-"
 
 
+LABELS = {"vdiskd": "vdiskd", "qsd": "QSD", "vdiskd-state": "vdiskd --state-dir"}
+
+
 def report(meta, results, scen):
-    L = ["# Block jobs: vdiskd vs qemu-storage-daemon\n"]
+    # the two daemons compared: vdiskd and QSD, or vdiskd without and with --state-dir
+    A, B = ((meta.get("daemons") or ["vdiskd"]) + ["qsd"])[:2]
+    LA, LB = LABELS.get(A, A), LABELS.get(B, B)
+    L = [f"# Block jobs: {LA} vs {'qemu-storage-daemon' if B == 'qsd' else LB}\n"]
     m = meta["machine"]
     L.append(f"Date: {meta['date']}  ")
     L.append(f"Machine: {m['nproc']} CPUs ({m.get('cpu', '?')}), {m['mem']} RAM, kernel "
@@ -658,7 +668,7 @@ def report(meta, results, scen):
              + ", ".join(f"{n} {ly[n]['data_bytes'] / MiB:.0f} MiB in {ly[n]['extents']} extents"
                          for n in ("base", "sn1", "sn2")) + "  ")
     L.append(f"Daemons serve sn2 over NBD (unix socket), cache.direct=off (host page cache) for "
-             f"both; each scenario on fresh copies with a freshly started daemon, vdiskd and QSD "
+             f"both; each scenario on fresh copies with a freshly started daemon, {LA} and {LB} "
              f"interleaved; {meta['reps']} repetition(s), median shown. Job defaults (no speed, "
              f"granularity or buf-size given).  ")
     L.append(f"Guest load: fio {meta['fio']} ioengine=nbd, randwrite 4k iodepth 16, 1 connection, "
@@ -706,7 +716,7 @@ def report(meta, results, scen):
         L.append(f"## {title}\n")
         if unit_note:
             L.append(unit_note + "\n")
-        L.append("| scenario | vdiskd | QSD | vdiskd/QSD |")
+        L.append(f"| scenario | {LA} | {LB} | {LA}/{LB} |")
         L.append("|---|---|---|---|")
         for label, v, qv, digits in rows:
             def cell(x):
@@ -726,57 +736,57 @@ def report(meta, results, scen):
     names = [s[0] for s in scen]
     jobs = [n for n in names if not n.startswith("baseline")]
     mirrors = [n for n in names if n.startswith("mirror") or n.startswith("commit-active")]
-    L.append("vdiskd/QSD below 1 is better for vdiskd in every table except guest IOPS (above 1 "
+    L.append(f"{LA}/{LB} below 1 is better for {LA} in every table except guest IOPS (above 1 "
              "is better there).\n")
-    table("Time to READY (s)", [(n, get(n, "vdiskd", "ready_s"), get(n, "qsd", "ready_s"), 3)
+    table("Time to READY (s)", [(n, get(n, A, "ready_s"), get(n, B, "ready_s"), 3)
                                 for n in mirrors])
     table("Time to COMPLETED (s, from the job command)",
-          [(n, get(n, "vdiskd", "completed_s"), get(n, "qsd", "completed_s"), 3) for n in jobs])
+          [(n, get(n, A, "completed_s"), get(n, B, "completed_s"), 3) for n in jobs])
     table("Pivot pause (ms): block-job-complete sent -> BLOCK_JOB_COMPLETED received",
-          [(n, _ms(get(n, "vdiskd", "pivot_s")), _ms(get(n, "qsd", "pivot_s")), 1)
+          [(n, _ms(get(n, A, "pivot_s")), _ms(get(n, B, "pivot_s")), 1)
            for n in mirrors],
           "vdiskd's own measure of the guest-visible pause (drain -> exports resumed), from its "
-          "log: " + ", ".join(f"{n}: {f2(get(n, 'vdiskd', 'logged_pause_ms'), 1)} ms"
-                              + (f" ({f2(get(n, 'vdiskd', 'paused_syncs'), 0)} syncs)"
+          "log: " + ", ".join(f"{n}: {f2(get(n, A, 'logged_pause_ms'), 1)} ms"
+                              + (f" ({f2(get(n, A, 'paused_syncs'), 0)} syncs)"
                                  if n.startswith("commit-active") else "")
                               for n in mirrors) + "; the bench's fio guest never flushes, so "
           "an active commit's pivot syncs nothing while it waits (docs/guest-priority.md)")
     table("Job length (MiB, the job's len at READY / COMPLETED: what the job copied, including "
           "re-copies of guest-dirtied data; stream/commit count the whole disk in both daemons)",
-          [(n, _mib(get(n, "vdiskd", "copied_bytes")), _mib(get(n, "qsd", "copied_bytes")), 1)
+          [(n, _mib(get(n, A, "copied_bytes")), _mib(get(n, B, "copied_bytes")), 1)
            for n in jobs])
     loaded = [n for n in names if "(idle)" not in n]
     table("Guest IOPS during the job (fio 4k randwrite over NBD)",
-          [(n, get(n, "vdiskd", "iops", "fio"), get(n, "qsd", "iops", "fio"), 0) for n in loaded])
+          [(n, get(n, A, "iops", "fio"), get(n, B, "iops", "fio"), 0) for n in loaded])
     shares = [n for n in loaded if not n.startswith("baseline")]
     table("Guest IOPS during the job as a share of the same daemon's no-job IOPS (goal >= 0.5, "
           "aim 0.8)",
-          [(n, rel(n, "vdiskd", "iops"), rel(n, "qsd", "iops"), 2) for n in shares])
+          [(n, rel(n, A, "iops"), rel(n, B, "iops"), 2) for n in shares])
     table("Guest mean latency during the job over the no-job mean (goal <= 2)",
-          [(n, rel(n, "vdiskd", "mean_ms"), rel(n, "qsd", "mean_ms"), 2) for n in shares])
+          [(n, rel(n, A, "mean_ms"), rel(n, B, "mean_ms"), 2) for n in shares])
     table("Guest p99 latency during the job over the no-job p99 (goal <= 3)",
-          [(n, rel(n, "vdiskd", "p99_ms"), rel(n, "qsd", "p99_ms"), 2) for n in shares])
+          [(n, rel(n, A, "p99_ms"), rel(n, B, "p99_ms"), 2) for n in shares])
     table("Guest IOPS during the copy only (job command -> READY; stream/commit: the whole job)",
-          [(n, get(n, "vdiskd", "iops_copy", "fio"), get(n, "qsd", "iops_copy", "fio"), 0)
+          [(n, get(n, A, "iops_copy", "fio"), get(n, B, "iops_copy", "fio"), 0)
            for n in loaded])
     table("Guest IOPS during the pivot phase (block-job-complete -> COMPLETED)",
-          [(n, get(n, "vdiskd", "iops_pivot", "fio"), get(n, "qsd", "iops_pivot", "fio"), 0)
+          [(n, get(n, A, "iops_pivot", "fio"), get(n, B, "iops_pivot", "fio"), 0)
            for n in loaded if n in mirrors])
     table("Guest p99 write latency during the job (ms, fio clat)",
-          [(n, get(n, "vdiskd", "p99_ms", "fio"), get(n, "qsd", "p99_ms", "fio"), 2)
+          [(n, get(n, A, "p99_ms", "fio"), get(n, B, "p99_ms", "fio"), 2)
            for n in loaded])
     table("Guest max write latency during the job (ms, fio clat: the longest stall, usually "
           "the pivot)",
-          [(n, get(n, "vdiskd", "max_ms", "fio"), get(n, "qsd", "max_ms", "fio"), 1)
+          [(n, get(n, A, "max_ms", "fio"), get(n, B, "max_ms", "fio"), 1)
            for n in loaded])
     table("Daemon CPU time during the job (s, utime+stime, all threads)",
-          [(n, get(n, "vdiskd", "cpu_s"), get(n, "qsd", "cpu_s"), 2) for n in names])
+          [(n, get(n, A, "cpu_s"), get(n, B, "cpu_s"), 2) for n in names])
     table("Peak RSS of the daemon (MiB, VmHWM at the end of the scenario)",
-          [(n, _mib(get(n, "vdiskd", "hwm_kib"), 1024), _mib(get(n, "qsd", "hwm_kib"), 1024), 1)
+          [(n, _mib(get(n, A, "hwm_kib"), 1024), _mib(get(n, B, "hwm_kib"), 1024), 1)
            for n in names])
-    errs = [(n, dk, r["error"]) for n in names for dk in ("vdiskd", "qsd")
+    errs = [(n, dk, r["error"]) for n in names for dk in (A, B)
             for r in results.get(n, {}).get(dk, []) if r.get("error")]
-    ver = [(n, dk, r["verified"]) for n in names for dk in ("vdiskd", "qsd")
+    ver = [(n, dk, r["verified"]) for n in names for dk in (A, B)
            for r in results.get(n, {}).get(dk, []) if "verified" in r]
     if ver:
         agg = {}
@@ -863,7 +873,7 @@ def main():
             "machine": machine(work), "scale": a.scale, "seed": a.seed, "reps": a.reps,
             "rate_iops": a.rate_iops, "ramp": a.ramp, "fio_secs": a.fio_secs,
             "timeout": a.timeout, "note": a.note, "fio": sh("fio", "--version").stdout.strip(),
-            "loads": a.loads, "only": a.only}
+            "loads": a.loads, "only": a.only, "daemons": daemons}
     if a.perf:
         meta["note"] = (a.note + " " if a.note else "") + \
             "perf was recording vdiskd during mirror runs: those numbers include its overhead."
