@@ -20,6 +20,7 @@
 #include "block/write-hooks.h"
 #include "jobs/copy.h"
 #include "jobs/journal.h"
+#include "jobs/mirror-internal.h"
 #include "util/lock.h"
 #include "util/log.h"
 
@@ -62,77 +63,10 @@
 #define MIRROR_QUICK_TAIL (4ULL << 20) /* ... only while more than this is dirty after one */
 #define JOURNAL_CLEAR_NS 1000000000ULL /* clear the journal's in-sync segments about every second */
 
-typedef struct Mirror Mirror;
-
 /* The filter node's state: the way back to the job for a guest's flush (NULL once detached). */
 typedef struct MirrorTop {
     Mirror *m;
 } MirrorTop;
-
-struct Mirror {
-    Job *job;
-    BlockNode *source, *target, *base; /* refs (base may be NULL) */
-    bool base_is_source;
-    BlockNode *filter;                 /* ref */
-    BlockNode *target_orig_backing;    /* ref: restored when there is no pivot */
-    BlockNode *final_backing;          /* the target's backing once done (no ref: base or orig) */
-    bool shares_base;                  /* final_backing reads like base: base's data is skipped */
-    bool backing_unseen;               /* vouched for, or named by the target's header, but not
-                                        * opened: what it reads is unknown, maybe not zero */
-    bool target_holds_base;            /* shares_base on a target without layers (NBD export,
-                                        * raw): where the source reads base, its data is base's */
-    bool target_new;
-    BlockTracker *tracker;             /* the job's: its write hook and its copies */
-    BlockTracker *guest_tracker;       /* the filter's (its exports'): guest-priority pacing */
-    uint64_t len, granularity, chunk, tracker_granularity;
-    uint64_t align;                    /* copies in flight never share an aligned block */
-    CopyEngine *engine;                /* the copy workers (created with the job) */
-    bool unmap;                        /* drive-mirror unmap: zeroes may unmap the target */
-    bool rewrite_backing, skip_target_allocated;
-    char *backing_name, *backing_fmt;
-    JobErrorAction on_source_error, on_target_error;
-
-    pthread_mutex_t lock;  /* guards everything below; never held while calling job_* or vd_* */
-    pthread_cond_t cond;
-    uint64_t *bitmap;      /* 1 bit per granularity chunk: differs (or may differ) from target */
-    uint64_t nbits, dirty_bits;
-    bool kicked;
-    bool write_blocking;   /* effective copy mode */
-    bool auto_write_blocking; /* switched because guest writes outpaced the copy */
-    bool should_complete;
-    bool detached;         /* filter no longer in front of the source */
-    bool pivoted;
-    bool drop_target;      /* drive-mirror registered the target: unregister it unless pivoted */
-    int pending_target_error; /* from a write-blocking guest write: handled by the job thread */
-    uint64_t stop_epoch;      /* bumped each time the job resumes from an error stop */
-
-    /*
-     * Copies written to the target (atomic; bumped after each write completed) and the value the
-     * last successful flush covered (read before it started). Only the job thread, then prepare
-     * on the QMP thread once run returned, flush: flushed_gen needs no lock.
-     */
-    uint64_t target_gen;
-    uint64_t flushed_gen;
-    /*
-     * The same for write-blocking guest writes to the target, counted only for the journal's
-     * clears (job thread): the job's own flushes must not sync after each guest write.
-     */
-    uint64_t guest_gen, guest_flushed_gen;
-    /* Guest writes that reached the source, and the value its last journal flush covered. */
-    uint64_t source_gen, source_flushed_gen;
-
-    /*
-     * Progress report (query-block-jobs): bytes copied by the job (atomic) and bytes guest writes
-     * made dirty (m->lock); rates sampled by job_rates_sample (jobs/job.h).
-     */
-    uint64_t copied_total, dirtied_total;
-    JobRates rates;
-    bool verify;           /* x-verify: compare source and target before finishing */
-    JobJournal *journal;   /* progress on disk (NULL: no --state-dir); the job thread clears */
-    bool resumed;          /* re-created from a journal after a restart */
-    int hook_error;        /* the source's write hook could not be added (the job fails) */
-    uint64_t journal_t;    /* last clear (job thread) */
-};
 
 /* ---- nodes in use by a mirror: its source, target and filter (block/claims.h) ---- */
 
@@ -149,8 +83,7 @@ static void busy_release(Mirror *m)
 
 /* ---- dirty bitmap (m->lock held) ---- */
 
-/* Returns how many chunks changed state. */
-static uint64_t bm_set(Mirror *m, uint64_t offset, uint64_t bytes, bool dirty)
+uint64_t mirror_bm_set(Mirror *m, uint64_t offset, uint64_t bytes, bool dirty)
 {
     uint64_t changed = 0;
     if (bytes == 0 || offset >= m->len) {
@@ -177,7 +110,7 @@ static uint64_t bm_set(Mirror *m, uint64_t offset, uint64_t bytes, bool dirty)
     return changed;
 }
 
-static bool bm_get(Mirror *m, uint64_t i)
+bool mirror_bm_get(Mirror *m, uint64_t i)
 {
     return m->bitmap[i / 64] & (1ULL << (i % 64));
 }
@@ -195,12 +128,7 @@ static bool bm_find(Mirror *m, uint64_t lo, uint64_t hi, uint64_t *out)
     return false;
 }
 
-/*
- * First dirty bit at or after `from` (wrapping once); false if none. The two halves are searched
- * separately: stepping word by word across the wrap of a bitmap whose length is not a multiple of
- * 64 skipped the bits at the start of word 0, and the copy loop then spun forever on them.
- */
-static bool bm_next(Mirror *m, uint64_t from, uint64_t *out)
+bool mirror_bm_next(Mirror *m, uint64_t from, uint64_t *out)
 {
     if (m->dirty_bits == 0) {
         return false;
@@ -209,7 +137,7 @@ static bool bm_next(Mirror *m, uint64_t from, uint64_t *out)
     return bm_find(m, from, m->nbits, out) || bm_find(m, 0, from, out);
 }
 
-static uint64_t dirty_bytes_locked(Mirror *m)
+uint64_t mirror_dirty_bytes_locked(Mirror *m)
 {
     uint64_t b = m->dirty_bits * m->granularity;
     return b > m->len ? m->len : b;
@@ -281,7 +209,7 @@ static void mirror_on_write(Mirror *m, WriteKind kind, uint64_t offset, uint64_t
     vd_mutex_lock(&m->lock);
     if (r < 0) {
         /* Background mode, a discard, or a failed target write: the copy loop takes it from here. */
-        m->dirtied_total += bm_set(m, offset, bytes, true) * m->granularity;
+        m->dirtied_total += mirror_bm_set(m, offset, bytes, true) * m->granularity;
         if (r != -EAGAIN && !stopped && !m->pending_target_error) {
             m->pending_target_error = r;
         }
@@ -425,517 +353,6 @@ static MirrorDrained *drain_every_writer(Mirror *m)
     return d;
 }
 
-/* ---- copying ---- */
-
-/*
- * Does [offset, offset+bytes) of the target read zeroes once it has its final backing? *pnum gets
- * the length of the first extent with one answer. Only the target's own layer is consulted: during
- * the copy its in-memory backing is the source.
- */
-static int target_reads_zero(Mirror *m, uint64_t offset, uint64_t bytes, uint64_t *pnum, bool *zero,
-                             bool *allocated)
-{
-    uint64_t n = bytes, map = 0;
-    BlockNode *file = NULL;
-    int flags = 0;
-    if (m->target->drv->block_status) {
-        flags = m->target->drv->block_status(m->target, offset, bytes, &n, &map, &file);
-        if (flags < 0) {
-            return flags;
-        }
-    } else {
-        flags = VD_BS_DATA | VD_BS_ALLOCATED;
-    }
-    if (n == 0 || n > bytes) {
-        n = bytes;
-    }
-    bool alloc = (flags & (VD_BS_ALLOCATED | VD_BS_DATA | VD_BS_ZERO)) ||
-                 !m->target->drv->supports_backing;
-    *allocated = alloc && !(!m->target->drv->supports_backing && (flags & VD_BS_ZERO));
-    if (alloc) {
-        *zero = (flags & VD_BS_ZERO) != 0;
-    } else if (m->final_backing) {
-        /* unallocated: reads the final backing (zeroes past its end) */
-        int64_t fblen = vd_getlength(m->final_backing);
-        if (fblen < 0) {
-            return (int)fblen;
-        }
-        *zero = offset >= (uint64_t)fblen;
-        if (!*zero) {
-            uint64_t fn = 0;
-            VdBlockStatus st = {0};
-            n = n < (uint64_t)fblen - offset ? n : (uint64_t)fblen - offset;
-            int r = vd_block_status_above(m->final_backing, NULL, offset, n, &fn, &st);
-            if (r < 0) {
-                return r;
-            }
-            n = fn && fn < n ? fn : n;
-            *zero = (st.flags & VD_BS_ZERO) || !(st.flags & VD_BS_ALLOCATED);
-        }
-    } else {
-        /* no backing: zeroes - unless the caller vouched (x-backing-matches) that below the
-         * target lies what base holds */
-        *zero = !m->backing_unseen;
-    }
-    *pnum = n;
-    return 0;
-}
-
-/* A copy of ours reached the target (or may have, on error): the next flush must cover it. */
-static void target_written(Mirror *m)
-{
-    __atomic_add_fetch(&m->target_gen, 1, __ATOMIC_SEQ_CST);
-}
-
-/*
- * Make every copy written to the target so far durable: the target's own layers (format + file),
- * never its backing (the source during the copy, base after). A no-op when nothing was copied
- * since the last successful flush.
- */
-static int mirror_flush_target(Mirror *m)
-{
-    uint64_t gen = __atomic_load_n(&m->target_gen, __ATOMIC_SEQ_CST);
-    if (gen == m->flushed_gen) {
-        return 0;
-    }
-    int r = vd_flush_own(m->target);
-    if (r == 0) {
-        m->flushed_gen = gen;
-    }
-    return r;
-}
-
-/* mirror_flush_target, also covering write-blocking guest writes (the journal's clears). */
-static int mirror_flush_target_all(Mirror *m)
-{
-    uint64_t guest = __atomic_load_n(&m->guest_gen, __ATOMIC_SEQ_CST);
-    if (guest == m->guest_flushed_gen) {
-        return mirror_flush_target(m);
-    }
-    uint64_t gen = __atomic_load_n(&m->target_gen, __ATOMIC_SEQ_CST);
-    int r = vd_flush_own(m->target);
-    if (r == 0) {
-        m->flushed_gen = gen;
-        m->guest_flushed_gen = guest;
-    }
-    return r;
-}
-
-static int copy_data(Mirror *m, BlockNode *from, uint64_t offset, uint64_t bytes, uint8_t *buf,
-                     bool *is_read)
-{
-    while (bytes > 0) {
-        uint64_t n = bytes < m->chunk ? bytes : m->chunk;
-        *is_read = true;
-        int r = vd_pread(from, offset, n, buf);
-        if (r < 0) {
-            return r;
-        }
-        *is_read = false;
-        r = vd_pwrite(m->target, offset, n, buf, 0);
-        target_written(m);
-        if (r < 0) {
-            return r;
-        }
-        offset += n;
-        bytes -= n;
-    }
-    return 0;
-}
-
-static int target_final_pread(Mirror *m, uint64_t off, uint64_t n, uint8_t *buf);
-
-/*
- * The source's allocation says nothing about what the target's final backing holds: a copy with
- * no base in the source's chain (a raw or NBD source, sync=full) onto a target that keeps a
- * backing of its own. There every unit the source reads is compared with what the target reads
- * on its own (its layer, else that backing) and only a unit that differs is written - the source
- * text's third case: "compare the read data with the data in base to decide if a copy is needed".
- */
-static bool compare_with_final_backing(const Mirror *m)
-{
-    return m->base == NULL && m->final_backing != NULL;
-}
-
-/* copy_data where compare_with_final_backing: write only the granularity units that differ. */
-static int copy_differing(Mirror *m, BlockNode *from, uint64_t offset, uint64_t bytes,
-                          uint8_t *buf, bool *is_read)
-{
-    uint8_t *cmp = malloc(m->chunk);
-    int r = cmp ? 0 : -ENOMEM;
-    *is_read = false;
-    while (r == 0 && bytes > 0) {
-        uint64_t n = bytes < m->chunk ? bytes : m->chunk;
-        *is_read = true;
-        if ((r = vd_pread(from, offset, n, buf)) < 0) {
-            break;
-        }
-        *is_read = false;
-        if ((r = target_final_pread(m, offset, n, cmp)) < 0) {
-            break;
-        }
-        for (uint64_t pos = 0; r == 0 && pos < n;) {
-            uint64_t unit = m->granularity - (offset + pos) % m->granularity;
-            unit = unit < n - pos ? unit : n - pos;
-            uint64_t run = 0; /* units that differ, written at once */
-            while (pos + run < n && memcmp(buf + pos + run, cmp + pos + run, unit) != 0) {
-                run += unit;
-                unit = m->granularity < n - pos - run ? m->granularity : n - pos - run;
-            }
-            if (run) {
-                r = vd_pwrite(m->target, offset + pos, run, buf + pos, 0);
-                target_written(m);
-                pos += run;
-            } else {
-                pos += unit;
-            }
-        }
-        offset += n;
-        bytes -= n;
-    }
-    free(cmp);
-    return r;
-}
-
-/*
- * Make the target's [offset, offset+bytes) read what the source reads, for the content above base;
- * what the source takes from base (and the target will too) is skipped, zeroes stay sparse.
- * The caller holds the range (the job's tracker) or has drained every writer.
- */
-static int mirror_copy_range(Mirror *m, uint64_t offset, uint64_t bytes, uint8_t *buf,
-                             bool *is_read)
-{
-    uint64_t end = offset + bytes;
-    while (offset < end) {
-        uint64_t pnum = 0;
-        VdBlockStatus st;
-        *is_read = true;
-        int r;
-        if (m->base_is_source) {
-            /* sync=none: every dirty range is data the guest wrote after the start. */
-            st.flags = VD_BS_ALLOCATED | VD_BS_DATA;
-            pnum = end - offset;
-        } else if ((r = vd_block_status_above(m->source, m->base, offset, end - offset, &pnum,
-                                              &st)) < 0) {
-            return r;
-        }
-        if (pnum == 0 || pnum > end - offset) {
-            pnum = end - offset;
-        }
-        bool src_zero = (st.flags & VD_BS_ZERO) ||
-                        (!(st.flags & VD_BS_ALLOCATED) && m->base == NULL);
-        if ((st.flags & VD_BS_ALLOCATED) && !src_zero) {
-            BlockNode *from = m->base_is_source ? m->source
-                                                : copy_read_layer(m->source, st.layer, offset, pnum);
-            r = compare_with_final_backing(m) ? copy_differing(m, from, offset, pnum, buf, is_read)
-                                              : copy_data(m, from, offset, pnum, buf, is_read);
-            if (r < 0) {
-                return r;
-            }
-        } else {
-            /* Source reads zero, or (unallocated above base) reads base: check the target. */
-            for (uint64_t pos = offset; pos < offset + pnum;) {
-                uint64_t tn;
-                bool tzero, talloc;
-                *is_read = false;
-                if (target_reads_zero(m, pos, offset + pnum - pos, &tn, &tzero, &talloc) < 0) {
-                    /* Unknown target status (an optimisation): write what the source reads. */
-                    tn = offset + pnum - pos;
-                    tzero = false;
-                    talloc = true;
-                }
-                if (src_zero && !tzero) {
-                    r = vd_pwrite_zeroes(m->target, pos, tn, m->unmap ? VD_REQ_MAY_UNMAP : 0);
-                    target_written(m);
-                } else if (!src_zero && talloc && !m->target_holds_base) {
-                    /* The target holds its own data where the source shows base: copy base. */
-                    r = copy_data(m, m->source, pos, tn, buf, is_read);
-                } else {
-                    r = 0;
-                }
-                if (r < 0) {
-                    return r;
-                }
-                pos += tn;
-            }
-        }
-        offset += pnum;
-    }
-    return 0;
-}
-
-/* Initial dirty bitmap: what the source decides above base, plus/minus target allocations. */
-static int mirror_scan(Mirror *m)
-{
-    if (m->base_is_source) {
-        return 0;
-    }
-    for (uint64_t off = 0; off < m->len;) {
-        if (job_is_cancelled(m->job)) {
-            return -ECANCELED;
-        }
-        uint64_t pnum = 0;
-        VdBlockStatus st;
-        int r = vd_block_status_above(m->source, m->base, off, m->len - off, &pnum, &st);
-        if (r < 0) {
-            return r;
-        }
-        if (pnum == 0) {
-            pnum = m->len - off;
-        }
-        /* A target that will not share the source's base must get every byte. */
-        bool src_needs = (st.flags & VD_BS_ALLOCATED) != 0 || !m->shares_base;
-        for (uint64_t pos = off; pos < off + pnum;) {
-            uint64_t tn = off + pnum - pos;
-            bool tzero = true, talloc = false;
-            if ((!m->target_new || m->skip_target_allocated) &&
-                target_reads_zero(m, pos, tn, &tn, &tzero, &talloc) < 0) {
-                /*
-                 * The target's block status is an optimisation: when it fails, assume the
-                 * least (the target may hold anything there) and copy every byte the source
-                 * decides; a real target failure shows up on the copy's writes.
-                 */
-                tn = off + pnum - pos;
-                tzero = false;
-                talloc = !m->skip_target_allocated;
-            }
-            /* A layerless target vouched for by x-backing-matches holds base's data already. */
-            talloc = talloc && !(m->target_holds_base && !src_needs);
-            bool dirty = m->skip_target_allocated ? (src_needs && !talloc)
-                                                  : (src_needs || talloc);
-            if (dirty) {
-                vd_mutex_lock(&m->lock);
-                bm_set(m, pos, tn, true);
-                vd_mutex_unlock(&m->lock);
-            }
-            pos += tn;
-        }
-        off += pnum;
-    }
-    return 0;
-}
-
-static void mirror_update_progress(Mirror *m, bool ready)
-{
-    vd_mutex_lock(&m->lock);
-    uint64_t rem = dirty_bytes_locked(m);
-    vd_mutex_unlock(&m->lock);
-    /* libvirt reads offset == len as "ready": never show it before READY. */
-    job_progress_set_remaining(m->job, (!ready && rem == 0) ? 1 : rem);
-}
-
-/* An I/O error of the copy: returns 0 to carry on (retry later) or the error to fail with. */
-static int mirror_io_error(Mirror *m, int r, bool is_read, VdError **errp)
-{
-    JobErrorAction a = job_handle_io_error(m->job, is_read ? m->on_source_error : m->on_target_error,
-                                           is_read, r);
-    if (a == JOB_ERR_REPORT) {
-        vd_error_setg(errp, -r, "Mirror %s error: %s", is_read ? "read" : "write", strerror(-r));
-        return r;
-    }
-    if (a == JOB_ERR_STOP) {
-        job_pause_point(m->job);
-        /*
-         * Resumed: target errors recorded by guest writes while we were stopped (their ranges are
-         * dirty, so they are re-copied) are stale: the user resumed because the target is fixed.
-         */
-        vd_mutex_lock(&m->lock);
-        __atomic_add_fetch(&m->stop_epoch, 1, __ATOMIC_RELEASE);
-        m->pending_target_error = 0;
-        vd_mutex_unlock(&m->lock);
-    } else {
-        job_sleep_ns(m->job, 10000000); /* ignore: retry, but do not spin */
-    }
-    return 0;
-}
-
-/* ---- the copy loop: the coordinator (job thread) picks dirty ranges, the engine copies them ---- */
-
-/* One chunk, on a copy worker. Tracked (run): the range is held; clear its bits only now. */
-static void mirror_copy_chunk(void *opaque, CopyChunk *c, uint8_t *buf, uint64_t buf_size)
-{
-    Mirror *m = opaque;
-    JobJournal *j = c->tracked ? m->journal : NULL; /* (prepare's tail needs no bookkeeping) */
-    job_journal_copy_begin(j, c->off, c->bytes);    /* before the range stops counting dirty */
-    if (c->tracked) {
-        vd_mutex_lock(&m->lock);
-        bm_set(m, c->off, c->bytes, false);
-        vd_mutex_unlock(&m->lock);
-    }
-    c->ret = mirror_copy_range(m, c->off, c->bytes, buf, &c->is_read);
-    if (c->ret == 0) {
-        __atomic_add_fetch(&m->copied_total, c->bytes, __ATOMIC_RELAXED);
-    }
-    if (c->ret < 0 && c->tracked) {
-        /* A failed chunk goes back to dirty: retried after the error policy's stop/ignore. */
-        vd_mutex_lock(&m->lock);
-        bm_set(m, c->off, c->bytes, true);
-        vd_mutex_unlock(&m->lock);
-    }
-    job_journal_copy_end(j, c->off, c->bytes);
-    c->copied = c->bytes;
-}
-
-/*
- * The next dirty range at or after *cursor (wrapping) that overlaps no copy in flight, at most
- * max_bytes, starting on an `a` boundary (the engine's alignment, or the granularity when only
- * one copy may be in flight). False when there is none right now.
- */
-static bool mirror_pick(Mirror *m, uint64_t *cursor, uint64_t max_bytes, uint64_t a, uint64_t *off,
-                        uint64_t *n)
-{
-    uint64_t g = m->granularity, from = *cursor;
-    unsigned tries = copy_engine_max_in_flight(m->engine) + 2;
-    bool found = false;
-    vd_mutex_lock(&m->lock);
-    for (unsigned t = 0; t < tries && !found; t++) {
-        uint64_t first;
-        if (!bm_next(m, from >= m->nbits ? 0 : from, &first)) {
-            break;
-        }
-        uint64_t start = first * g / a * a;
-        uint64_t limit = start + max_bytes;
-        limit = limit < (first + 1) * g ? (first + 1) * g : limit;
-        uint64_t last = first;
-        while (last + 1 < m->nbits && (last + 2) * g <= limit && bm_get(m, last + 1)) {
-            last++;
-        }
-        uint64_t end = ((last + 1) * g + a - 1) / a * a;
-        end = end > limit ? limit : end;
-        end = end > m->len ? m->len : end;
-        uint64_t skip = 0;
-        uint64_t e2 = copy_engine_clip(m->engine, start, end, &skip);
-        if (e2 == 0) {
-            from = skip / g;
-            continue;
-        }
-        *off = start;
-        *n = e2 - start;
-        *cursor = e2 / g;
-        found = true;
-    }
-    vd_mutex_unlock(&m->lock);
-    return found;
-}
-
-
-typedef struct MirrorReap {
-    Mirror *m;
-    bool failed;           /* the first failure since the last quiet point */
-    CopyChunk first_failure;
-    uint64_t window_copied;
-    uint64_t to_account;   /* bytes for the rate limiter (only while a speed is set) */
-} MirrorReap;
-
-static void mirror_reaped(void *opaque, const CopyChunk *c)
-{
-    MirrorReap *mr = opaque;
-    if (c->ret < 0) {
-        /* Its range is dirty again; only the first failure is reported (the others retry). */
-        if (!mr->failed) {
-            mr->failed = true;
-            mr->first_failure = *c;
-        }
-        return;
-    }
-    mr->window_copied += c->bytes;
-    job_progress_update(mr->m->job, c->bytes);
-    mirror_update_progress(mr->m, job_is_ready(mr->m->job));
-    if (job_get_speed(mr->m->job)) {
-        mr->to_account += c->bytes;
-    }
-}
-
-/*
- * What the target reads at [off, off+n) once it has its final backing (its own layer where it
- * decides, else the final backing, else zeroes): during the copy its in-memory backing is the
- * source, which would hide a range the copy missed.
- */
-static int target_final_pread(Mirror *m, uint64_t off, uint64_t n, uint8_t *buf)
-{
-    while (n > 0) {
-        uint64_t pnum = n;
-        bool zero, alloc;
-        int r = target_reads_zero(m, off, n, &pnum, &zero, &alloc);
-        if (r < 0) {
-            return r;
-        }
-        pnum = pnum ? pnum : n;
-        BlockNode *fb = m->final_backing;
-        int64_t fblen = fb ? vd_getlength(fb) : 0;
-        if (alloc || zero) {
-            r = alloc ? vd_pread(m->target, off, pnum, buf) : (memset(buf, 0, pnum), 0);
-        } else if (fblen < 0) {
-            r = (int)fblen;
-        } else {
-            uint64_t in = (uint64_t)fblen > off ? (uint64_t)fblen - off : 0;
-            in = in < pnum ? in : pnum;
-            memset(buf + in, 0, pnum - in);
-            r = in ? vd_pread(fb, off, in, buf) : 0;
-        }
-        if (r < 0) {
-            return r;
-        }
-        off += pnum;
-        buf += pnum;
-        n -= pnum;
-    }
-    return 0;
-}
-
-/*
- * x-verify: before the pivot (or the end of a soft cancel), compare every byte the guest reads
- * from the source with what the target will read on its own. Each unit holds the job's range
- * (BT_SHARED: guest writes to it wait) and first copies what is dirty in it, so the comparison is
- * exact; writes after a unit was checked are copied by the tail. Reads the whole disk twice.
- */
-static int mirror_verify(Mirror *m, VdError **errp)
-{
-    uint64_t unit = m->chunk;
-    uint8_t *a = malloc(unit), *b = malloc(unit);
-    int r = a && b ? 0 : -ENOMEM;
-    uint64_t bad = UINT64_MAX;
-    for (uint64_t off = 0; r == 0 && off < m->len; off += unit) {
-        if (job_is_cancelled(m->job)) {
-            r = -ECANCELED;
-            break;
-        }
-        uint64_t n = m->len - off < unit ? m->len - off : unit;
-        BtRequest req;
-        block_tracker_begin(m->tracker, &req, off, n, BT_SHARED);
-        vd_mutex_lock(&m->lock);
-        bool dirty = bm_set(m, off, n, false) > 0;
-        vd_mutex_unlock(&m->lock);
-        bool is_read = false;
-        if (dirty && (r = mirror_copy_range(m, off, n, a, &is_read)) < 0) {
-            vd_mutex_lock(&m->lock);
-            bm_set(m, off, n, true);
-            vd_mutex_unlock(&m->lock);
-        }
-        if (r == 0 && (r = vd_pread(m->source, off, n, a)) == 0) {
-            r = target_final_pread(m, off, n, b);
-        }
-        block_tracker_end(m->tracker, &req);
-        for (uint64_t i = 0; r == 0 && i < n && bad == UINT64_MAX; i++) {
-            bad = a[i] != b[i] ? off + i : bad;
-        }
-        if (bad != UINT64_MAX) {
-            break;
-        }
-    }
-    free(a);
-    free(b);
-    if (bad != UINT64_MAX) {
-        vd_error_setg(errp, EIO, "Verification failed: source and target differ at offset %llu; "
-                      "not pivoting", (unsigned long long)bad);
-        return -EIO;
-    }
-    if (r < 0 && r != -ECANCELED) {
-        vd_error_setg(errp, -r, "Verification could not read: %s", strerror(-r));
-    }
-    return r == 0 ? mirror_flush_target(m) : r;
-}
-
 /* ---- progress on disk (jobs/journal.h) ---- */
 
 /* Does the job still have work in [off, off+bytes)? (the journal's clear asks, job thread) */
@@ -992,14 +409,14 @@ static void mirror_journal_tick(Mirror *m)
  */
 static int mirror_resume_read_target(void *opaque, uint64_t off, uint64_t bytes, uint8_t *buf)
 {
-    return target_final_pread(opaque, off, bytes, buf);
+    return mirror_target_final_pread(opaque, off, bytes, buf);
 }
 
 static void mirror_resume_differs(void *opaque, uint64_t off, uint64_t bytes)
 {
     Mirror *m = opaque;
     vd_mutex_lock(&m->lock);
-    bm_set(m, off, bytes, true);
+    mirror_bm_set(m, off, bytes, true);
     vd_mutex_unlock(&m->lock);
 }
 
@@ -1303,13 +720,13 @@ static int mirror_prepare(Job *job, VdError **errp)
         if (r == 0 && copy_engine_in_flight(eng) < copy_engine_max_in_flight(eng)) {
             vd_mutex_lock(&m->lock);
             r = m->pending_target_error;
-            have = r == 0 && bm_next(m, 0, &first);
+            have = r == 0 && mirror_bm_next(m, 0, &first);
             if (have) {
                 /* Aligned start, and whole units: submitted copies never share a cluster. */
                 first = first * m->granularity / m->align * m->align / m->granularity;
                 uint64_t max_bits = m->chunk / m->granularity;
                 while (first + nb < m->nbits && nb < max_bits &&
-                       (bm_get(m, first + nb) || (first + nb) * m->granularity % m->align)) {
+                       (mirror_bm_get(m, first + nb) || (first + nb) * m->granularity % m->align)) {
                     nb++;
                 }
                 nb = nb ? nb : 1;
@@ -1320,7 +737,7 @@ static int mirror_prepare(Job *job, VdError **errp)
                     have = false; /* its cluster is still being copied: wait for that first */
                 } else {
                     nb = (clipped - first * m->granularity + m->granularity - 1) / m->granularity;
-                    bm_set(m, first * m->granularity, nb * m->granularity, false);
+                    mirror_bm_set(m, first * m->granularity, nb * m->granularity, false);
                 }
             }
             vd_mutex_unlock(&m->lock);
@@ -1438,7 +855,7 @@ static void mirror_query(Job *job, json_t *info)
     uint64_t copied = __atomic_load_n(&m->copied_total, __ATOMIC_RELAXED);
     vd_mutex_lock(&m->lock);
     job_rates_sample(&m->rates, job_now_ns(), copied, m->dirtied_total);
-    uint64_t dirty = dirty_bytes_locked(m);
+    uint64_t dirty = mirror_dirty_bytes_locked(m);
     bool synced = ready && m->write_blocking && dirty == 0 && !m->pending_target_error;
     const char *phase = m->detached ? "finished"
                       : m->should_complete ? "completing" : ready ? "mirroring" : "copying";
