@@ -1288,6 +1288,19 @@ static uint8_t *race_setup(BlockNode **src, BlockNode **dst, unsigned mul, unsig
     return model;
 }
 
+/* A race test's mirror (65536-byte granularity, a new target), started and referenced. */
+static Job *race_mirror_start(const char *id, BlockNode *src, BlockNode *dst, bool write_blocking)
+{
+    MirrorOptions o = {.job_id = id, .source = src, .target = dst, .target_new = true,
+                       .write_blocking = write_blocking, .granularity = 65536,
+                       .auto_finalize = true, .auto_dismiss = true};
+    VdError *err = NULL;
+    Job *job = mirror_start(&o, &err);
+    assert_non_null(job);
+    job_ref(job);
+    return job;
+}
+
 /* Complete the mirror (guests stopped): source and target both hold exactly the model. */
 static void race_finish(Job *job, BlockNode *src, BlockNode *dst, uint8_t *model)
 {
@@ -1316,13 +1329,7 @@ static void test_mirror_copy_never_overwrites_newer_guest_data(void **state)
 {
     BlockNode *src, *dst;
     uint8_t *model = race_setup(&src, &dst, 7, 1, 50000);
-    MirrorOptions o = {.job_id = "m10", .source = src, .target = dst, .target_new = true,
-                       .write_blocking = true, .granularity = 65536, .auto_finalize = true,
-                       .auto_dismiss = true};
-    VdError *err = NULL;
-    Job *job = mirror_start(&o, &err);
-    assert_non_null(job);
-    job_ref(job);
+    Job *job = race_mirror_start("m10", src, dst, true);
     Guest g;
     pthread_t th;
     run_guest_at(&g, &th, job, model, 23, 200, 64 * 1024);
@@ -1828,14 +1835,8 @@ static void test_mirror_parallel_copies_never_overwrite_newer_guest_data(void **
      * paced request and this test is about many racing them.
      */
     setenv("VDISK_COPY_GUEST_PRIORITY", "0", 1);
-    MirrorOptions o = {.job_id = "m11", .source = src, .target = dst, .target_new = true,
-                       .write_blocking = false, .granularity = 65536, .auto_finalize = true,
-                       .auto_dismiss = true};
-    VdError *err = NULL;
-    Job *job = mirror_start(&o, &err);
+    Job *job = race_mirror_start("m11", src, dst, false);
     unsetenv("VDISK_COPY_GUEST_PRIORITY"); /* read when the engine was created */
-    assert_non_null(job);
-    job_ref(job);
     Guest g, g2;
     pthread_t th, th2;
     run_guest_at(&g, &th, job, model, 31, 200, 64 * 1024);
