@@ -556,7 +556,9 @@ static BlockNode *open_one(const VdOpenOptions *opts, ChainSeen *seen, bool is_b
         return proto;
     }
 
-    BlockNode *bs = node_new(drv, filename, opts->node_name, opts->flags);
+    /* Over a protocol node opened here, the format node is named as it is (QEMU's nbd name). */
+    BlockNode *bs = node_new(drv, opts->file ? filename : proto->filename, opts->node_name,
+                             opts->flags);
     if (!bs) {
         vd_error_setg(errp, ENOMEM, "Out of memory opening '%s'", filename);
         vd_node_unref(proto);

@@ -301,7 +301,7 @@ struct BlockDriver {
     int (*block_status)(BlockNode *bs, uint64_t offset, uint64_t bytes, uint64_t *pnum,
                         uint64_t *map, BlockNode **file);
 
-    int64_t (*getlength)(BlockNode *bs);
+    int64_t (*getlength)(BlockNode *bs); /* exact bytes; vd_getlength rounds to sectors */
     int64_t (*allocated_size)(BlockNode *bs); /* bytes used on the host (info's disk size) */
     int (*truncate)(BlockNode *bs, uint64_t size, bool shrink, VdPrealloc prealloc,
                     VdError **errp);
@@ -547,6 +547,7 @@ char *vd_relative_path(const char *image_filename, const char *target_path);
  * their file by writing past its end, and a file node reads zeroes past its end. Writes to a
  * read-only node fail with -EPERM. Zero-length requests succeed without calling the driver.
  */
+/* A node's length in bytes, rounded up to whole 512-byte sectors as QEMU counts it. */
 int64_t vd_getlength(BlockNode *bs);
 int vd_pread(BlockNode *bs, uint64_t offset, uint64_t bytes, void *buf);
 int vd_pwrite(BlockNode *bs, uint64_t offset, uint64_t bytes, const void *buf, int flags);

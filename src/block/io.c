@@ -24,6 +24,11 @@
 /* Emulated write-zeroes writes at most this much per request. */
 #define ZERO_EMUL_CHUNK (1U << 20)
 
+/*
+ * QEMU counts every node's length in whole 512-byte sectors (bdrv_getlength is total_sectors *
+ * 512): a 1000-byte file or NBD export is a 1024-byte node, its tail reads as zeroes (every
+ * protocol driver pads reads past its end) and writing it grows a file (an NBD export refuses).
+ */
 int64_t vd_getlength(BlockNode *bs)
 {
     if (!bs || !bs->drv) {
@@ -32,7 +37,11 @@ int64_t vd_getlength(BlockNode *bs)
     if (!bs->drv->getlength) {
         return -ENOTSUP;
     }
-    return bs->drv->getlength(bs);
+    int64_t len = bs->drv->getlength(bs);
+    if (len > 0 && len % 512 && len <= INT64_MAX - 511) {
+        len = (len + 511) / 512 * 512;
+    }
+    return len;
 }
 
 static int check_range(BlockNode *bs, uint64_t offset, uint64_t bytes)

@@ -167,7 +167,7 @@ static int raw_block_status(BlockNode *bs, uint64_t offset, uint64_t bytes, uint
     }
     flen = flen > (int64_t)s->offset ? flen - (int64_t)s->offset : 0; /* the window's view */
     if (offset >= (uint64_t)flen) {
-        /* The sector-rounding tail past the file's end (raw_getlength) reads as zeroes. */
+        /* A window's sector-rounding tail past its file's end reads as zeroes. */
         *pnum = bytes;
         *map = at(bs, offset);
         *file = bs->file;
@@ -180,16 +180,10 @@ static int raw_block_status(BlockNode *bs, uint64_t offset, uint64_t bytes, uint
     if (ret < 0) {
         return ret;
     }
-    if (st.flags & VD_BS_OFFSET_VALID) {
-        *map = st.offset;
-        *file = st.file;
-    } else {
-        /* A protocol without host offsets (e.g. NBD): the data is still at offset in file. */
-        *map = at(bs, offset);
-        *file = bs->file;
-    }
-    /* Raw decides every byte itself (no backing). */
-    return (st.flags & (VD_BS_DATA | VD_BS_ZERO)) | VD_BS_OFFSET_VALID | VD_BS_ALLOCATED;
+    *map = st.offset;
+    *file = st.file;
+    /* Raw decides every byte itself (no backing); an NBD export's tail has no offset. */
+    return (st.flags & (VD_BS_DATA | VD_BS_ZERO | VD_BS_OFFSET_VALID)) | VD_BS_ALLOCATED;
 }
 
 static int raw_flush(BlockNode *bs)
@@ -197,12 +191,7 @@ static int raw_flush(BlockNode *bs)
     return 0; /* vd_flush flushes the file child after this */
 }
 
-/*
- * QEMU counts every node's length in whole 512-byte sectors (rounded up), so a raw image in a
- * host file of 1000 bytes is 1024 bytes long; the tail reads as zeroes (a file node reads zeroes
- * past its end) and writing it grows the file. Only over a protocol that reads zeroes past its
- * end (file): others (NBD) cannot serve reads past their end.
- */
+/* vd_getlength rounds to whole sectors: a 1000-byte file is a 1024-byte image. */
 static int64_t raw_getlength(BlockNode *bs)
 {
     RawState *s = bs->opaque;
@@ -212,10 +201,6 @@ static int64_t raw_getlength(BlockNode *bs)
     int64_t len = vd_getlength(bs->file);
     if (len >= 0 && s->offset) {
         return len > (int64_t)s->offset ? len - (int64_t)s->offset : 0;
-    }
-    if (len > 0 && bs->file->drv->reads_zero_past_end && (len % 512) != 0 &&
-        len <= INT64_MAX - 511) {
-        len = (len + 511) / 512 * 512;
     }
     return len;
 }

@@ -102,6 +102,47 @@ char *vd_nbd_make_uri(const char *host, const char *port, const char *unix_path,
     return uri;
 }
 
+/*
+ * The name QEMU gives an nbd node (nbd_refresh_filename): "nbd://HOST:PORT[/EXPORT]" or
+ * "nbd+unix://[/EXPORT]?socket=PATH" (no "/" when the export name is empty). NULL keeps the
+ * URI as given: nbds://, vsock, an IPv6 literal, other parameters, or any %-escape (QEMU's
+ * name would be the decoded text, no longer a URI that opens the same export).
+ */
+static char *qemu_node_name(const char *uri)
+{
+    bool is_unix = !strncmp(uri, "nbd+unix://", 11);
+    const char *p = is_unix ? uri + 11 : !strncmp(uri, "nbd://", 6) ? uri + 6 : NULL;
+    if (!p || strpbrk(p, "%[#")) {
+        return NULL;
+    }
+    size_t auth = strcspn(p, "/?");
+    const char *path = p + auth;
+    size_t plen = strcspn(path, "?");
+    const char *query = path[plen] == '?' ? path + plen + 1 : NULL;
+    const char *exp = plen > 1 ? path + 1 : "";
+    int elen = plen > 1 ? (int)plen - 1 : 0;
+    char *out = NULL;
+    int r;
+    if (is_unix) {
+        if (auth || !query || strncmp(query, "socket=", 7) || !query[7] || strchr(query, '&')) {
+            return NULL;
+        }
+        r = elen ? asprintf(&out, "nbd+unix:///%.*s?socket=%s", elen, exp, query + 7)
+                 : asprintf(&out, "nbd+unix://?socket=%s", query + 7);
+    } else {
+        const char *colon = memchr(p, ':', auth);
+        int hlen = colon ? (int)(colon - p) : (int)auth;
+        const char *port = colon ? colon + 1 : VD_NBD_DEFAULT_PORT;
+        int portlen = colon ? (int)(auth - (size_t)hlen - 1) : (int)strlen(port);
+        if (query || hlen == 0 || portlen == 0) {
+            return NULL;
+        }
+        r = elen ? asprintf(&out, "nbd://%.*s:%.*s/%.*s", hlen, p, portlen, port, elen, exp)
+                 : asprintf(&out, "nbd://%.*s:%.*s", hlen, p, portlen, port);
+    }
+    return r < 0 ? NULL : out;
+}
+
 /* ---- connecting ---- */
 
 static int first_connect_timeout_ms = -1; /* vd_nbd_set_connect_timeout */
@@ -253,6 +294,11 @@ static int nbd_drv_open(BlockNode *bs, const VdOpenOptions *opts, VdError **errp
     }
     if (r == 0) {
         r = nbd_drv_open_conns(bs, opts, errp);
+    }
+    char *name = r == 0 ? qemu_node_name(s->uri) : NULL;
+    if (name) {
+        free(bs->filename);
+        bs->filename = name;
     }
     if (r < 0) {
         vd_tls_creds_unref(s->tls);
@@ -499,14 +545,18 @@ static int do_write(NbdState *s, uint64_t offset, uint64_t bytes, const uint8_t 
     return ret;
 }
 
-/* A write, zero or trim may go ahead (once no fence covers its range). */
-static int check_write(NbdState *s, uint64_t offset, uint64_t bytes)
+/*
+ * A write, zero or trim may go ahead (once no fence covers its range). Past the export's end
+ * (which cannot grow) a write fails with ENOSPC and a trim with EINVAL, as nbdkit and qemu-nbd
+ * answer QEMU's client.
+ */
+static int check_write(NbdState *s, uint64_t offset, uint64_t bytes, int past_end)
 {
     if (s->read_only) {
         return -EPERM;
     }
     if (offset > s->size || bytes > s->size - offset) {
-        return -ENOSPC; /* an NBD export cannot grow */
+        return past_end;
     }
     nbdc_fence_wait(s, offset, bytes);
     return 0;
@@ -516,7 +566,7 @@ static int nbd_drv_pwrite(BlockNode *bs, uint64_t offset, uint64_t bytes, const 
                           int flags)
 {
     NbdState *s = ns_of(bs);
-    int ret = check_write(s, offset, bytes);
+    int ret = check_write(s, offset, bytes, -ENOSPC);
     if (ret < 0) {
         return ret;
     }
@@ -531,7 +581,7 @@ static int nbd_drv_pwrite(BlockNode *bs, uint64_t offset, uint64_t bytes, const 
 static int nbd_drv_pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags)
 {
     NbdState *s = ns_of(bs);
-    int ret = check_write(s, offset, bytes);
+    int ret = check_write(s, offset, bytes, -ENOSPC);
     if (ret < 0) {
         return ret;
     }
@@ -600,7 +650,7 @@ static int nbd_drv_pwrite_zeroes(BlockNode *bs, uint64_t offset, uint64_t bytes,
 static int nbd_drv_pdiscard(BlockNode *bs, uint64_t offset, uint64_t bytes, int flags)
 {
     NbdState *s = ns_of(bs);
-    int ret = check_write(s, offset, bytes);
+    int ret = check_write(s, offset, bytes, -EINVAL);
     if (ret < 0) {
         return ret;
     }
@@ -659,8 +709,12 @@ static int nbd_drv_block_status(BlockNode *bs, uint64_t offset, uint64_t bytes, 
     *map = offset;
     *file = bs;
     *pnum = bytes;
-    if (!s->has_base_alloc || offset >= s->size) {
+    if (!s->has_base_alloc) {
         return ret | VD_BS_DATA;
+    }
+    if (offset >= s->size) {
+        /* The sector-rounding tail (vd_getlength) reads zeroes and has no offset, as QEMU's. */
+        return VD_BS_ZERO | VD_BS_ALLOCATED;
     }
     uint64_t count = bytes < NBD_CMD_MAX ? bytes : NBD_CMD_MAX;
     if (count > s->size - offset) {

@@ -443,3 +443,79 @@ def test_vdiskd_blockdev_on_nbd_export(srv, tmp_path):
     finally:
         out = _stop(proc, log)
     assert proc.returncode == 0, out
+
+
+# ---- odd-sized exports: QEMU counts lengths in whole 512-byte sectors ----
+
+def _both(*args):
+    return (qemu_img(*args, check=False), vdisk(*args, check=False))
+
+
+def _assert_same(pq, pv):
+    assert (pv.returncode, pv.stdout) == (pq.returncode, pq.stdout), pv.stderr
+
+
+def test_odd_sized_export_is_rounded_up_like_qemu(srv, tmp_path):
+    """A 1000-byte export (nbdkit memory 1000) is a 1024-byte node to QEMU: info, map, measure,
+    compare and convert agree with qemu-img; the tail reads zeroes and writes past the
+    export's real end fail as qemu-io's do (ENOSPC for a write, EINVAL for a discard)."""
+    os.chdir(tmp_path)
+    sock = srv.nbdkit("memory", "1000")
+    u = uri(sock)
+    qemu_io("-f", "raw", "-c", "write -P 0x5a 0 1000", u)
+    assert json.loads(vdisk("info", "--output=json", "-f", "raw", u).stdout) == {
+        "virtual-size": 1024, "filename": f"nbd+unix://?socket={sock}", "format": "raw"}
+    for args in (["info", "--output=json", "-f", "raw", u], ["info", u],
+                 ["map", "--output=json", "-f", "raw", u], ["map", "-f", "raw", u],
+                 ["measure", "-O", "raw", "-f", "raw", u],
+                 ["measure", "--output=json", "-O", "qcow2", "-f", "raw", u]):
+        _assert_same(*_both(*args))
+    with open("ref.raw", "wb") as f:
+        f.write(b"\x5a" * 1000 + b"\0" * 24)
+    _assert_same(*_both("compare", "-f", "raw", "-F", "raw", u, "ref.raw"))
+    assert vdisk("compare", "-f", "raw", "-F", "raw", u, "ref.raw").returncode == 0
+    for fmt in ("raw", "qcow2"):
+        qemu_img("convert", "-f", "raw", "-O", fmt, u, f"q.{fmt}")
+        vdisk("convert", "-f", "raw", "-O", fmt, u, f"v.{fmt}")
+        _assert_same(*_both("info", "--output=json", f"v.{fmt}"))
+        assert qemu_img("compare", "-F", "raw", f"v.{fmt}", "ref.raw").returncode == 0
+        assert qemu_img("compare", f"q.{fmt}", f"v.{fmt}").returncode == 0
+    ops = ["read -P 0x5a 990 10", "read -P 0 1000 24", "write -P 7 1000 24",
+           "write -P 7 990 20", "write -z 1000 24", "discard 1000 24", "read -P 0 1024 1"]
+    pq = qemu_io("-f", "raw", *(a for op in ops for a in ("-c", op)), u, check=False)
+    pv = vdisk("io", "-f", "raw", *(a for op in ops for a in ("-c", op)), u, check=False)
+    assert [ln for ln in pv.stdout.splitlines() if "/sec" not in ln] == \
+        [ln for ln in pq.stdout.splitlines() if "/sec" not in ln]
+    assert "write failed: No space left on device" in pv.stdout
+    assert "discard failed: Invalid argument" in pv.stdout
+    # Nothing of the refused writes reached the export.
+    assert run(["nbdcopy", u, "-"]).stdout == "\x5a" * 1000
+
+
+def test_qemu_nbd_odd_sized_file_read_and_written_by_vdisk(srv, tmp_path):
+    """qemu-nbd serves a 1000-byte file as 1024 bytes; vdisk reads the zero tail and its write
+    there grows the file, as qemu-io's does."""
+    data = bytes(range(250)) * 4
+    for tool, name in ((lambda *a: qemu_io(*a), "q.raw"), (lambda *a: vdisk("io", *a), "v.raw")):
+        p = str(tmp_path / name)
+        with open(p, "wb") as f:
+            f.write(data)
+        u = uri(srv.qemu_nbd(p, "raw"))
+        assert json.loads(vdisk("info", "--output=json", "-f", "raw", u).stdout)[
+            "virtual-size"] == 1024
+        tool("-f", "raw", "-c", "read -P 0 1000 24", "-c", "write -P 0x41 1000 24", u)
+        srv.kill_all()
+        with open(p, "rb") as f:
+            assert f.read() == data + b"\x41" * 24
+
+
+def test_node_named_as_qemu_names_it(srv):
+    """QEMU names an nbd node nbd://HOST:PORT[/EXPORT] or nbd+unix://[/EXPORT]?socket=PATH
+    whatever form the URI had (default port spelled out, no "/" for the empty export)."""
+    port = free_port()
+    base = srv.nbdkit("memory", "64k", tcp_port=port)
+    sock = srv.nbdkit("memory", "64k")
+    for u in (base, base + "/", base + "/exp", f"nbd://127.0.0.1:{port}/exp",
+              uri(sock), uri(sock, "exp"), f"nbd+unix://?socket={sock}"):
+        for args in (["info", u], ["info", "--output=json", "-f", "raw", u], ["map", u]):
+            _assert_same(*_both(*args))

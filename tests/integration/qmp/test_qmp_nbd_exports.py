@@ -381,3 +381,63 @@ def test_cmdline_export_listed_over_qmp(tmp):
         assert d.stop() == 0, d.output()
     finally:
         d.kill()
+
+
+def test_odd_sized_nodes_and_exports_match_qsd(tmp):
+    """A 1000-byte file and a 1000-byte NBD export (nbdkit memory 1000) are 1024-byte nodes and
+    exports in both daemons: node sizes, export sizes, the zero tail served, a write into the
+    file's tail growing it to 1024 bytes, and one into the NBD export's tail refused (ENOSPC)."""
+    data = bytes(range(200)) * 5
+    msock = str(tmp / "mem.sock")
+    mem = subprocess.Popen(["nbdkit", "-f", "-U", msock, "memory", "1000"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    results = []
+    try:
+        wait_unix_listening(msock, mem)
+        for start in (start_qsd, start_vdiskd):
+            name = "qsd" if start is start_qsd else "vd"
+            path = tmp / f"{name}.raw"
+            path.write_bytes(data)
+            d = start(tmp)
+            sock = str(tmp / f"{name}-exp.sock")
+            try:
+                with d.client() as c:
+                    c.cmd("blockdev-add", **file_node(path, "f"))
+                    c.cmd("blockdev-add", driver="raw", node_name="r", file="f")
+                    c.cmd("blockdev-add", driver="nbd", node_name="n",
+                          server={"type": "unix", "path": msock})
+                    sizes = {n["node-name"]: n["image"]["virtual-size"]
+                             for n in c.cmd("query-named-block-nodes")}
+                    c.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
+                    for node, w in (("f", True), ("n", True), ("r", False)):
+                        c.cmd("block-export-add", type="nbd", id=node, node_name=node,
+                              name=node, writable=w)
+                    u = {e: f"nbd+unix:///{e}?socket={sock}" for e in ("f", "n", "r")}
+                    export_sizes = {e: run(["nbdinfo", "--size", u[e]]).stdout.strip()
+                                    for e in u}
+                    served = subprocess.run(["nbdcopy", u["r"], "-"], capture_output=True,
+                                            check=True).stdout
+                    wf = qemu_io("-f", "raw", "-c", "write -P 0x41 1000 24", u["f"])
+                    wn = qemu_io("-f", "raw", "-c", "write -P 0x41 1000 24", u["n"],
+                                 check=False)
+                    for node in ("f", "n", "r"):
+                        c.cmd("block-export-del", id=node, mode="hard")
+            except BaseException:
+                d.kill()
+                raise
+            if start is start_vdiskd:
+                d.stop_checked()
+            else:
+                d.kill()
+            results.append((sizes, export_sizes, served, "wrote 24/24" in wf.stdout,
+                            wn.stdout.strip(), path.read_bytes()))
+    finally:
+        mem.terminate()
+        mem.wait(15)
+    assert results[1] == results[0]
+    sizes, export_sizes, served, wrote, wn, content = results[1]
+    assert sizes == {"f": 1024, "r": 1024, "n": 1024}
+    assert export_sizes == {"f": "1024", "n": "1024", "r": "1024"}
+    assert served == data + bytes(24)
+    assert wrote and wn == "write failed: No space left on device"
+    assert content == data + b"\x41" * 24
