@@ -731,13 +731,17 @@ int q2_write_new_clusters(Qcow2State *s, const Q2AllocInFlight *me, uint64_t hos
      * clusters out meanwhile, and what the backing decides there does not change under us.
      */
     if (head_mode == 2 && head_backing) {
-        bool z = false;
-        ret = q2_backing_cluster_reads_zero(s, cstart, &z);
-        head_mode = ret == 0 && z ? 1 : head_mode;
+        /* the head cluster's areas around the write: before it, and after it if it ends here */
+        bool z = false, z2 = true;
+        ret = q2_backing_range_unallocated(s, cstart, offset - cstart, &z);
+        if (ret == 0 && z && end < cstart + cs) {
+            ret = q2_backing_range_unallocated(s, end, cstart + cs - end, &z2);
+        }
+        head_mode = ret == 0 && z && z2 ? 1 : head_mode;
     }
     if (ret == 0 && tail_mode == 2 && tail_backing) {
         bool z = false;
-        ret = q2_backing_cluster_reads_zero(s, tstart, &z);
+        ret = q2_backing_range_unallocated(s, end, tstart + cs - end, &z);
         tail_mode = ret == 0 && z ? 1 : tail_mode;
     }
     if (ret == 0 && head_mode == 2 && head_backing) {

@@ -65,7 +65,7 @@ static int backing_reads_zero(Qcow2State *s, uint64_t offset, uint64_t bytes, bo
  * or a backing file that allocates the range or ends before it, gets its zeroes written as
  * QEMU's does (their blocks then hold data in the file, as qemu-img map shows). This answers
  * for this image only: a cluster it leaves whole to a backing file reads false here, and
- * q2_write_new_clusters asks the backing (q2_backing_cluster_reads_zero, without our lock).
+ * q2_write_new_clusters asks the backing (q2_backing_range_unallocated, without our lock).
  */
 int q2_cluster_reads_zero(Qcow2State *s, uint64_t cstart, bool *zero)
 {
@@ -84,32 +84,32 @@ int q2_cluster_reads_zero(Qcow2State *s, uint64_t cstart, bool *zero)
 }
 
 /*
- * Does no layer of the backing chain allocate the guest cluster at cstart (which this image
- * leaves to it whole)? A backing file ending before it counts as allocating it, as QEMU's
- * block status says of zeroes past a layer's end. Block status only. Needs no s->lock (it reads
- * no metadata of this image).
+ * Does no layer of the backing chain allocate [off, off + n) (a copy-on-write area of a cluster
+ * this image leaves to it whole)? QEMU's is_zero_cow asks the areas the write does not cover,
+ * not the whole cluster. A backing file ending before the area's end counts as allocating it,
+ * as QEMU's block status says of zeroes past a layer's end. Block status only. Needs no
+ * s->lock (it reads no metadata of this image).
  */
-int q2_backing_cluster_reads_zero(Qcow2State *s, uint64_t cstart, bool *zero)
+int q2_backing_range_unallocated(Qcow2State *s, uint64_t off, uint64_t n, bool *zero)
 {
     uint64_t size = __atomic_load_n(&s->size_pub, __ATOMIC_ACQUIRE);
-    uint64_t n = s->cluster_size;
     *zero = true;
-    if (cstart >= size) {
+    if (off >= size || n == 0) {
         return 0;
     }
-    if (cstart + n > size) {
-        n = size - cstart;
+    if (off + n > size) {
+        n = size - off;
     }
     BlockNode *b = s->bs->backing;
     int64_t bl = vd_getlength(b);
     if (bl < 0) {
         return (int)bl;
     }
-    if (cstart + n > (uint64_t)bl) {
+    if (off + n > (uint64_t)bl) {
         *zero = false;
         return 0;
     }
-    for (uint64_t off = cstart, end = cstart + n; off < end && *zero;) {
+    for (uint64_t end = off + n; off < end && *zero;) {
         uint64_t pnum;
         int ret = vd_is_allocated_above(b, NULL, off, end - off, &pnum);
         if (ret < 0) {

@@ -328,8 +328,8 @@ int q2_write_new_clusters(Qcow2State *s, const Q2AllocInFlight *me, uint64_t hos
 /* ---- qcow2-zero.c ---- */
 /* Does the guest cluster at cstart read as zeroes (clipped to the virtual size)? */
 int q2_cluster_reads_zero(Qcow2State *s, uint64_t cstart, bool *zero);
-/* Does no layer of the backing chain allocate the guest cluster at cstart? (needs no s->lock) */
-int q2_backing_cluster_reads_zero(Qcow2State *s, uint64_t cstart, bool *zero);
+/* Does no layer of the backing chain allocate [off, off + n)? (needs no s->lock) */
+int q2_backing_range_unallocated(Qcow2State *s, uint64_t off, uint64_t n, bool *zero);
 int q2_zero(Qcow2State *s, uint64_t offset, uint64_t bytes, int flags);
 int q2_discard(Qcow2State *s, uint64_t offset, uint64_t bytes, int flags);
 

@@ -140,3 +140,31 @@ def test_cow_areas_zeroed_only_together(tmp, opts):
     qm, vm = (layout(json.loads(qemu_img("map", "--output=json", "-f", "qcow2", i).stdout),
                      0, 4 * CS) for i in (q, v))
     assert vm == qm
+
+
+def test_cow_zero_check_asks_the_areas_only(tmp):
+    """QEMU's is_zero_cow asks whether the copy-on-write areas (the parts of the new cluster the
+    write leaves) are unallocated below, not the whole cluster: over a 4 KiB-cluster backing
+    file holding data only where the write lands, the rest of the new cluster is zeroed in the
+    file, not written. The file's own map (qemu-img map -f raw) then matches qemu-io's, up to
+    vdisk's end of file (where vdisk leaves a new cluster's unwritten tail a hole: zeroes)."""
+    base = tmp / "b.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", base, 4 * CS)
+    qemu_io("-f", "qcow2", "-c", "write -P 1 4k 4k", "-c", "write -P 1 136k 4k", base)
+    q, v = tmp / "q.qcow2", tmp / "v.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", q, 4 * CS)
+    run(["cp", "--sparse=never", str(q), str(v)])
+    before = v.stat().st_size
+    ops = ["write -P 2 0 12k", "write -P 3 132k 8k", "write -P 4 200k 4k"]
+    qemu_io("-f", "qcow2", *c_args(ops), q)
+    run([VDISK, "io", "-f", "qcow2", *c_args(ops), str(v)])
+    # The file maps first: a read caches pages, and ext4 then calls QEMU's zeroed (unwritten)
+    # ranges data.
+    vend = v.stat().st_size
+    qf, vf = (layout(json.loads(qemu_img("map", "--output=json", "-f", "raw", i).stdout),
+                     0, vend) for i in (q, v))
+    assert vf == qf
+    assert any(e[2][2] and e[0] >= before for e in vf), vf  # zeroed, not written, parts
+    p = qemu_img("compare", "-f", "qcow2", "-F", "qcow2", v, q, check=False)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert_qemu_check_clean(str(v))
