@@ -427,6 +427,43 @@ static int chain_note_file(ChainSeen *seen, const char *filename, VdError **errp
 static BlockNode *open_one(const VdOpenOptions *opts, ChainSeen *seen, bool is_backing,
                            VdError **errp);
 
+int vd_backing_format_check(const BlockNode *bs, int flags, VdError **errp)
+{
+    if (bs->backing_format || (flags & VD_OPEN_ALLOW_PROBE)) {
+        return 0;
+    }
+    vd_error_setg(errp, EPERM,
+                  "Backing file '%s' of '%s' has no recorded format, and probing a backing "
+                  "file's format is unsafe, so it is not done; give the format (-F FMT) or "
+                  "record it with 'rebase -u -b %s -F FMT %s'",
+                  bs->backing_file, bs->filename, bs->backing_file, bs->filename);
+    return -EPERM;
+}
+
+/* The backing file bs names, opened with backing.* options that include its file child's. */
+static int open_backing_tree(BlockNode *bs, json_t *bopt, int flags, VdError **errp)
+{
+    json_t *tree = json_deep_copy(bopt);
+    json_t *file = json_object_get(tree, "file");
+    const char *fmt = vd_options_str(bopt, "driver") ? NULL : bs->backing_format;
+    if (!tree || json_object_set_new(file, "filename",
+                                     json_string(bs->full_backing_filename)) < 0 ||
+        (fmt && json_object_set_new(tree, "driver", json_string(fmt)) < 0)) {
+        json_decref(tree);
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+        return -ENOMEM;
+    }
+    flags &= VD_OPEN_ALLOW_PROBE | VD_OPEN_DIRECT | VD_OPEN_FORCE_SHARE | VD_OPEN_NO_IO;
+    BlockNode *backing = vd_open_options(tree, flags, false, errp);
+    json_decref(tree);
+    if (!backing) {
+        vd_error_prepend(errp, "Could not open backing file: ");
+        return -EINVAL;
+    }
+    bs->backing = backing;
+    return 0;
+}
+
 static int open_backing(BlockNode *bs, const VdOpenOptions *opts, ChainSeen *seen,
                         VdError **errp)
 {
@@ -435,29 +472,40 @@ static int open_backing(BlockNode *bs, const VdOpenOptions *opts, ChainSeen *see
         bs->backing = opts->backing;
         return 0;
     }
-    if ((opts->flags & VD_OPEN_NO_BACKING) || !bs->backing_file || !bs->backing_file[0]) {
+    if (opts->flags & VD_OPEN_NO_BACKING) {
         return 0;
     }
+    json_t *bopt = opts->backing_options;
+    if (!bs->backing_file || !bs->backing_file[0]) {
+        if (json_object_size(bopt) == 0) {
+            return 0;
+        }
+        /* QEMU opens a backing from the options alone then, which these cannot name */
+        vd_error_setg(errp, EINVAL, "Could not open backing file: %s",
+                      vd_options_str(bopt, "driver") ? "A block device must be specified for "
+                                                       "\"file\""
+                                                     : "Must specify either driver or file");
+        return -EINVAL;
+    }
     const char *full = bs->full_backing_filename;
-    if (!bs->backing_format && !vd_options_str(opts->backing_options, "driver") &&
-        !(opts->flags & VD_OPEN_ALLOW_PROBE)) {
-        vd_error_setg(errp, EPERM,
-                      "Backing file '%s' of '%s' has no recorded format, and probing a backing "
-                      "file's format is unsafe, so it is not done; give the format (-F FMT) or "
-                      "record it with 'rebase -u -b %s -F FMT %s'",
-                      bs->backing_file, bs->filename, bs->backing_file, bs->filename);
+    if (!vd_options_str(opts->backing_options, "driver") &&
+        vd_backing_format_check(bs, opts->flags, errp) < 0) {
         return -EPERM;
     }
     if (!vd_filename_is_uri(full)) {
         struct stat st;
         if (stat(full, &st) < 0) {
             int err = errno;
-            vd_error_setg_errno(errp, err, "Could not open backing file '%s' of '%s'", full,
-                                bs->filename);
+            vd_error_setg_errno(errp, err, "Could not open backing file: Could not open '%s'",
+                                full);
             return -err;
         }
     }
-    json_t *bopt = opts->backing_options;
+    json_t *fopt = json_object_get(bopt, "file");
+    if (json_is_object(fopt)) {
+        /* backing.file.*: options of the protocol node under the file the image names */
+        return open_backing_tree(bs, bopt, opts->flags, errp);
+    }
     const char *key = vd_options_str(bopt, "key-secret");
     VdOpenOptions bo = {
         .filename = full,
@@ -475,7 +523,7 @@ static int open_backing(BlockNode *bs, const VdOpenOptions *opts, ChainSeen *see
     if (!backing) {
         int code = vd_error_code(local);
         vd_error_propagate(errp, local);
-        vd_error_prepend(errp, "Could not open backing file of '%s': ", bs->filename);
+        vd_error_prepend(errp, "Could not open backing file: ");
         return code ? -code : -EIO;
     }
     /* backing.* options the backing's driver does not take: refused as qemu-img does */

@@ -475,6 +475,11 @@ json_t *vd_options_parse_json(const char *filename, VdError **errp);
 json_t *vd_options_parse_keyval(const char *s, VdError **errp);
 BlockNode *vd_open_options(json_t *options, int flags, bool protocol, VdError **errp);
 /*
+ * 0 if the backing file bs names may be opened: its format is recorded, or flags allow
+ * probing (VD_OPEN_ALLOW_PROBE); else -EPERM with the reason (vdisk never guesses it).
+ */
+int vd_backing_format_check(const BlockNode *bs, int flags, VdError **errp);
+/*
  * QEMU's name for a node its options o describe (bdrv_refresh_filename): json:{driver, drv's
  * json_name_options present in o} for a protocol, json:{driver, file: child's tree} for a format
  * over a child named json:{...} or given its own json_name_options (raw's offset, size).

@@ -211,8 +211,11 @@ int vd_options_check_keys(json_t *o, const BlockDriver *drv, VdError **errp)
             ok = !strcmp(common_keys[i], key);
         }
         if (!ok) {
-            vd_error_setg(errp, EINVAL, "Block %s '%s' does not support the option '%s'",
-                          drv->is_protocol ? "protocol" : "format", drv->name, key);
+            /* QEMU's two wordings (bdrv_open_inherit) */
+            vd_error_setg(errp, EINVAL, drv->is_protocol
+                              ? "Block protocol '%s' doesn't support the option '%s'"
+                              : "Block format '%s' does not support the option '%s'",
+                          drv->name, key);
             return -EINVAL;
         }
     }
@@ -406,9 +409,12 @@ static BlockNode *open_tree_format(json_t *o, const BlockDriver *drv, int flags,
     }
     if (json_is_null(bref)) {
         opts.flags |= VD_OPEN_NO_BACKING;
-    } else if (json_is_object(bref) && !json_object_get(bref, "file") &&
-               !json_object_get(bref, "filename")) {
-        /* options for the backing the image names (its "driver" overrides the recorded format) */
+    } else if (json_is_object(bref) && !json_object_get(bref, "filename") &&
+               (!json_object_get(bref, "file") ||
+                (json_is_object(json_object_get(bref, "file")) &&
+                 !json_object_get(json_object_get(bref, "file"), "filename")))) {
+        /* options for the backing the image names (its "driver" overrides the recorded format,
+           "file.*" are its protocol node's) */
         opts.backing_options = bref;
     } else if (bref && !(opts.backing = open_child(bref, "backing", flags & ~VD_OPEN_RDWR,
                                                     false, errp))) {
@@ -442,6 +448,10 @@ static BlockNode *open_tree(json_t *o, int flags, bool protocol, VdError **errp)
     if (driver && !drv) {
         vd_error_setg(errp, EINVAL, "Unknown driver '%s'", driver);
         return NULL;
+    }
+    if (!drv && protocol && filename && json_object_size(o) > 1 &&
+        !(drv = vd_protocol_for(filename, errp))) {
+        return NULL; /* {"filename": F, ...}: the options are F's protocol's, checked as such */
     }
     if (++tree_depth > MAX_TREE_DEPTH) {
         tree_depth--;

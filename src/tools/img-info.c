@@ -163,14 +163,19 @@ int img_info(int argc, char **argv)
     if (!filename) {
         return 1;
     }
-    int flags = tool_open_flags(VD_OPEN_NO_IO | (chain ? 0 : VD_OPEN_NO_BACKING), force_share);
+    /*
+     * One image at a time, each without its backing file, as qemu-img's collect_image_info_list:
+     * backing.* options are refused, a backing file that cannot be opened is named itself.
+     */
+    int flags = tool_open_flags(VD_OPEN_NO_IO | VD_OPEN_NO_BACKING, force_share);
     BlockNode *top = tool_open(filename, fmt, flags);
     if (!top) {
         return 1;
     }
     json_t *list = json_array();
     int ret = 0;
-    for (BlockNode *bs = top; bs && list; bs = chain ? bs->backing : NULL) {
+    BlockNode *bs = top;
+    for (int depth = 0; list; depth++) {
         VdError *err = NULL;
         json_t *info = vd_image_info(bs, &err);
         if (!info) {
@@ -179,6 +184,39 @@ int img_info(int argc, char **argv)
             break;
         }
         json_array_append_new(list, info);
+        if (!chain || !bs->backing_file || !*bs->backing_file) {
+            break;
+        }
+        const char *next = bs->full_backing_filename;
+        bool loop = depth >= 1000; /* as the block layer's deepest chain */
+        size_t i;
+        json_t *seen;
+        json_array_foreach(list, i, seen) {
+            loop = loop || !strcmp(json_string_value(json_object_get(seen, "filename")), next);
+        }
+        if (loop) {
+            tool_error("Backing file '%s' creates an infinite loop.", next);
+            ret = 1;
+            break;
+        }
+        if (vd_backing_format_check(bs, flags, &err) < 0) {
+            tool_error("Could not open '%s': %s", filename, vd_error_msg(err));
+            vd_error_free(err);
+            ret = 1;
+            break;
+        }
+        BlockNode *b = tool_open_plain(next, bs->backing_format, flags);
+        if (bs != top) {
+            vd_node_unref(bs);
+        }
+        bs = b;
+        if (!bs) {
+            ret = 1;
+            break;
+        }
+    }
+    if (bs && bs != top) {
+        vd_node_unref(bs);
     }
     if (!list) {
         tool_error("out of memory");

@@ -240,6 +240,55 @@ def test_backing_options_in_image_opts_as_qemu_img(tmp_path, cmd, backing):
 
 
 @pytest.fixture(scope="module")
+def chain3(tmp_path_factory):
+    """base <- mid <- top, nob (no backing), one whose backing file is missing, one whose
+    backing file is no qcow2, one over that, and a two-image backing loop."""
+    d = tmp_path_factory.mktemp("chain3")
+    q = lambda *a: qemu_img("create", "-q", "-f", "qcow2", *a)
+    q(d / "base.qcow2", "1M")
+    qemu_io("-f", "qcow2", "-c", "write -P 7 0 64k", d / "base.qcow2")
+    q("-b", "base.qcow2", "-F", "qcow2", d / "mid.qcow2")
+    q("-b", "mid.qcow2", "-F", "qcow2", d / "top.qcow2")
+    q(d / "nob.qcow2", "1M")
+    q("-u", "-b", "missing.qcow2", "-F", "qcow2", d / "t2.qcow2", "1M")
+    (d / "bad.qcow2").write_text("garbage\n")
+    q("-u", "-b", "bad.qcow2", "-F", "qcow2", d / "t3.qcow2", "1M")
+    q("-u", "-b", "t3.qcow2", "-F", "qcow2", d / "t4.qcow2", "1M")
+    q(d / "l1.qcow2", "1M")
+    q("-u", "-b", "l1.qcow2", "-F", "qcow2", d / "l2.qcow2", "1M")
+    qemu_img("rebase", "-u", "-b", "l2.qcow2", "-F", "qcow2", d / "l1.qcow2")
+    return d
+
+
+@pytest.mark.parametrize("args", [
+    "info --backing-chain --image-opts driver=qcow2,file.filename=top.qcow2,backing.driver=qcow2",
+    "info --backing-chain --image-opts driver=qcow2,file.filename=top.qcow2,backing.bogus=1",
+    "info --backing-chain --output=json --image-opts driver=qcow2,file.filename=top.qcow2",
+    "info --backing-chain t2.qcow2", "info --backing-chain --output=json t4.qcow2",
+    "info --backing-chain l1.qcow2", "info --backing-chain top.qcow2",
+    "map t2.qcow2", "map t3.qcow2", "map t4.qcow2", "compare t4.qcow2 base.qcow2",
+    "convert -O raw t4.qcow2 out.raw",
+    "map --image-opts driver=qcow2,file.filename=top.qcow2,backing.backing.bogus=1",
+    "map --image-opts driver=qcow2,file.filename=mid.qcow2,backing.backing.bogus=1",
+    "map --image-opts driver=qcow2,file.filename=nob.qcow2,backing.bogus=1",
+    "map --image-opts driver=qcow2,file.filename=nob.qcow2,backing.driver=qcow2",
+    "map --image-opts driver=qcow2,file.filename=top.qcow2,backing.file.bogus=1",
+    "map --output=json --image-opts driver=qcow2,file.filename=top.qcow2,backing.file.driver=file",
+    "map --output=json --image-opts driver=qcow2,file.filename=top.qcow2,"
+    "backing.file.locking=off,backing.backing.file.locking=off",
+    "map --image-opts driver=raw,file.filename=base.qcow2,file.bogus=1",
+])
+def test_backing_errors_as_qemu_img(chain3, args, monkeypatch):
+    """What qemu-img says when a backing file cannot be opened or its options are wrong: the
+    "Could not open backing file: " prefix once per level, backing.* options on an image with
+    no backing file, backing.file.* as the options of its protocol node, and info
+    --backing-chain opening one image at a time (a missing backing file named itself, a loop
+    as "creates an infinite loop", backing.* refused as by info alone)."""
+    monkeypatch.chdir(chain3)
+    same(args.split())
+
+
+@pytest.fixture(scope="module")
 def window_src(tmp_path_factory):
     p = tmp_path_factory.mktemp("window") / "w.raw"
     p.write_bytes(os.urandom(1 << 20))
