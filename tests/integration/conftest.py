@@ -16,6 +16,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 BUILD = os.environ.get("VDISK_BUILD", os.path.join(ROOT, "build"))
 VDISK = os.path.join(BUILD, "src", "tools", "vdisk")
 VDISKD = os.path.join(BUILD, "src", "tools", "vdiskd")
+# Preloaded into QEMU's tools by run(): their PBKDF2 calibration reads a scaled thread clock,
+# so an encrypted create costs ~0.1 instead of 1-3 CPU-s (tests/peers/pbkdf-clock.c says why
+# that changes nothing the tests compare).
+PBKDF_CLOCK = os.path.join(BUILD, "tests", "peers", "pbkdf-clock.so")
 
 # ASan: abort on the first error so a memory bug is a failed test, not a log line. make check's
 # ASan build has UBSan trap (an illegal instruction, no libubsan: see the Makefile); handle_sigill
@@ -25,8 +29,11 @@ os.environ.setdefault("UBSAN_OPTIONS", "halt_on_error=1:print_stacktrace=1")
 
 
 def run(cmd, check=True, timeout=120, input=None):
-    """Run a command; return CompletedProcess with text output. check=True asserts exit 0."""
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=input)
+    """Run a command; return CompletedProcess with text output. check=True asserts exit 0.
+    QEMU's tools (qemu-*) run with PBKDF_CLOCK preloaded."""
+    peer = os.path.basename(str(cmd[0])).startswith("qemu-")
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=input,
+                       env=dict(os.environ, LD_PRELOAD=PBKDF_CLOCK) if peer else None)
     if check and p.returncode != 0:
         raise AssertionError(
             f"{' '.join(map(str, cmd))} exited {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
@@ -98,7 +105,7 @@ PEERS = ("qemu-img", "qemu-io", "qemu-nbd", "qemu-storage-daemon", "nbdinfo", "n
 def pytest_sessionstart(session):
     """A missing binary or peer fails the run: no test skips because vdisk or vdiskd was not
     built or a peer is not installed."""
-    missing = [p for p in (VDISK, VDISKD) if not os.access(p, os.X_OK)]
+    missing = [p for p in (VDISK, VDISKD, PBKDF_CLOCK) if not os.access(p, os.X_OK)]
     if missing:
         raise pytest.UsageError(f"not built: {', '.join(missing)} (run make, or set VDISK_BUILD)")
     missing = [p for p in PEERS if not shutil.which(p)]
