@@ -285,6 +285,12 @@ struct BlockDriver {
     int (*pwrite_compressed)(BlockNode *bs, uint64_t offset, uint64_t bytes, const void *buf);
     int (*flush)(BlockNode *bs);
     /*
+     * Start writing the node's dirty cached data to its device and return without waiting for it
+     * or syncing anything (Linux: sync_file_range SYNC_FILE_RANGE_WRITE). Durability still needs
+     * flush; this only spreads the disk writes so that a later flush finds little left. NULL: none.
+     */
+    int (*start_writeback)(BlockNode *bs);
+    /*
      * Copy offloading (convert -C): write [offset, offset+bytes) of bs with the bytes at
      * src_offset of the protocol node src, without passing them through this process. -ENOTSUP
      * when this pair of nodes cannot (the caller then copies through a buffer).
@@ -576,6 +582,8 @@ int vd_flush(BlockNode *bs);
  * the source (the source's durability is not the target's business) flushes with this.
  */
 int vd_flush_own(BlockNode *bs);
+/* bs->drv->start_writeback (protocol nodes): 0, -ENOTSUP when the driver has none, or -errno. */
+int vd_start_writeback(BlockNode *bs);
 /* How many syncs (protocol-node flushes) the calling thread has issued so far (diagnostics). */
 uint64_t vd_flush_thread_syncs(void);
 /* ... and every thread of the process together (tests count the syncs made while drained). */

@@ -307,6 +307,14 @@ int vd_flush_own(BlockNode *bs)
     return flush_node(bs, false);
 }
 
+int vd_start_writeback(BlockNode *bs)
+{
+    if (!bs || !bs->drv || !bs->drv->start_writeback) {
+        return -ENOTSUP;
+    }
+    return bs->drv->start_writeback(bs);
+}
+
 int vd_truncate(BlockNode *bs, uint64_t size, bool shrink, VdPrealloc prealloc, VdError **errp)
 {
     if (bs->read_only) {

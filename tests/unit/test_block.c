@@ -726,6 +726,31 @@ static void test_file_protocol(void **state)
     vd_node_unref(bs);
 }
 
+/*
+ * vd_start_writeback queues a file's dirty pages for the disk without syncing (a copy job's early
+ * writeback): the bytes read back unchanged, the node counts no sync, and a format node (whose
+ * driver has none) answers -ENOTSUP so the caller falls back to a flush of its file.
+ */
+static void test_start_writeback(void **state)
+{
+    make_raw("wb.raw", 1 << 20);
+    BlockNode *bs = open_ok("wb.raw", "raw", VD_OPEN_RDWR);
+    fill(bs, 4096, 300000, 0x5a);
+    uint64_t syncs = vd_flush_thread_syncs();
+    assert_int_equal(vd_start_writeback(bs->file), 0);
+    assert_int_equal(vd_flush_thread_syncs(), syncs);
+    assert_int_equal(vd_start_writeback(bs), -ENOTSUP);
+    assert_int_equal(vd_start_writeback(NULL), -ENOTSUP);
+    fill(bs, 100000, 5000, 0xa5); /* written while the writeback may still run */
+    assert_int_equal(vd_start_writeback(bs->file), 0);
+    expect_bytes(bs, 0, 4096, 0);
+    expect_bytes(bs, 4096, 100000 - 4096, 0x5a);
+    expect_bytes(bs, 100000, 5000, 0xa5);
+    expect_bytes(bs, 105000, 304096 - 105000, 0x5a);
+    expect_bytes(bs, 304096, (1 << 20) - 304096, 0);
+    vd_node_unref(bs);
+}
+
 static void test_direct_io(void **state)
 {
     make_raw("d.raw", 1 << 20);
@@ -1483,6 +1508,7 @@ int main(void)
         cmocka_unit_test(test_protocol_by_scheme),
         cmocka_unit_test(test_new_protocol_carries_formats),
         cmocka_unit_test(test_file_protocol),
+        cmocka_unit_test(test_start_writeback),
         cmocka_unit_test(test_direct_io),
         cmocka_unit_test(test_direct_concurrent_rmw),
         cmocka_unit_test(test_direct_bounce_sizes),

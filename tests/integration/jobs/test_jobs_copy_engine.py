@@ -176,6 +176,31 @@ def test_unthrottled_active_commit_with_guest(tmp_path):
     assert_same(image_content(tmp_path, base, "base.raw"), bytes(model), "base after pivot")
 
 
+@pytest.mark.parametrize("kind", ["commit", "mirror"])
+def test_early_writeback_after_every_copy_with_guest(tmp_path, monkeypatch, kind):
+    """The copy engine's early writeback (sync_file_range of the destination's file, no sync)
+    started after every 64 KiB copied while a guest writes: an active commit's base and a
+    mirror's target still read exactly what the guest's model holds after the pivot."""
+    monkeypatch.setenv("VDISK_COPY_WRITEBACK", str(64 * KiB))
+    base, top, model = big_chain(tmp_path)
+    tgt = tmp_path / "tgt.qcow2"
+    with guest_running(tmp_path, top, model, seed=9) as (s, g):
+        if kind == "commit":
+            s.q.cmd("block-commit", **{"job-id": "j", "device": "disk0"})
+        else:
+            s.q.cmd("drive-mirror", **{"job-id": "j", "device": "disk0", "target": str(tgt),
+                                       "sync": "full", "format": "qcow2"})
+        s.q.get_event("BLOCK_JOB_READY", timeout=120)
+        g.wait_done(g.done + 50)
+        s.q.cmd("block-job-complete", device="j")
+        done = s.q.get_event("BLOCK_JOB_COMPLETED", timeout=120)
+        assert "error" not in done["data"], done
+        g.wait_done(g.done + 20)
+    dst = base if kind == "commit" else tgt
+    check_clean(dst)
+    assert_same(image_content(tmp_path, dst, "dst.raw"), bytes(model), f"{kind} destination")
+
+
 def thread_names(pid):
     """The comm of every thread of process pid (what top -H and perf sched show)."""
     names = []
