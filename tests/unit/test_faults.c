@@ -1212,8 +1212,15 @@ static void test_refcount_growth_at_every_point(void **state)
 /* argv[1], when given, names the one case to run (meson runs each case as its own test). */
 int main(int argc, char **argv)
 {
-    snprintf(img, sizeof(img), "/tmp/vdisk-faults-%d.qcow2", (int)getpid());
-    snprintf(tmpl, sizeof(tmpl), "/tmp/vdisk-faults-%d-template.qcow2", (int)getpid());
+    /*
+     * The images live in memory (tmpfs) where there is one: the power cuts are the filter's,
+     * and each of the thousands of flushes the cases make would otherwise be a real fdatasync
+     * (refcount-growth alone makes ~4,600), which on a disk busy with other writers is most of
+     * the run (ASan refcount-growth: 69 s -> 26 s of wall for the same 7.7 CPU-s).
+     */
+    const char *dir = access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp";
+    snprintf(img, sizeof(img), "%s/vdisk-faults-%d.qcow2", dir, (int)getpid());
+    snprintf(tmpl, sizeof(tmpl), "%s/vdisk-faults-%d-template.qcow2", dir, (int)getpid());
     vd_log_set_level(VD_LOG_ERROR); /* every close after a fault warns that its flush failed */
     const struct CMUnitTest all[] = {
         cmocka_unit_test(test_failed_write_at_every_point),
