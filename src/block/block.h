@@ -480,6 +480,12 @@ void vd_node_unref(BlockNode *bs);
 json_t *vd_options_parse_json(const char *filename, VdError **errp);
 json_t *vd_options_parse_keyval(const char *s, VdError **errp);
 BlockNode *vd_open_options(json_t *options, int flags, bool protocol, VdError **errp);
+/* A VdOptReader over a JSON option tree (dotted paths; numbers also as decimal strings). */
+typedef struct VdJsonOptReader {
+    VdOptReader r;
+    json_t *obj;
+} VdJsonOptReader;
+void vd_json_opt_reader_init(VdJsonOptReader *jr, json_t *obj);
 /*
  * 0 if the backing file bs names may be opened: its format is recorded, or flags allow
  * probing (VD_OPEN_ALLOW_PROBE); else -EPERM with the reason (vdisk never guesses it).

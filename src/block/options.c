@@ -330,6 +330,59 @@ char *vd_json_node_name(const BlockDriver *drv, json_t *o, const BlockNode *chil
     return out;
 }
 
+static json_t *json_reader_get(const VdOptReader *r, const char *path)
+{
+    json_t *v = ((const VdJsonOptReader *)r)->obj;
+    char key[256];
+    while (v && *path) {
+        const char *dot = strchr(path, '.');
+        size_t n = dot ? (size_t)(dot - path) : strlen(path);
+        if (n >= sizeof(key)) {
+            return NULL;
+        }
+        memcpy(key, path, n);
+        key[n] = '\0';
+        v = json_object_get(v, key);
+        path += dot ? n + 1 : n;
+    }
+    return v;
+}
+
+static const char *json_reader_str(const VdOptReader *r, const char *path)
+{
+    json_t *v = json_reader_get(r, path);
+    return json_is_string(v) ? json_string_value(v) : NULL;
+}
+
+/* A number, or (--image-opts' keyval has only strings) its decimal digits. */
+static bool json_reader_num(const VdOptReader *r, const char *path, unsigned long long *out)
+{
+    json_t *v = json_reader_get(r, path);
+    if (json_is_string(v)) {
+        const char *t = json_string_value(v);
+        char *end;
+        errno = 0;
+        unsigned long long n = strtoull(t, &end, 10);
+        if (!*t || *end || errno || *t == '-') {
+            return false;
+        }
+        *out = n;
+        return true;
+    }
+    if (!json_is_integer(v) || json_integer_value(v) < 0) {
+        return false;
+    }
+    *out = (unsigned long long)json_integer_value(v);
+    return true;
+}
+
+void vd_json_opt_reader_init(VdJsonOptReader *jr, json_t *obj)
+{
+    jr->r.str = json_reader_str;
+    jr->r.num = json_reader_num;
+    jr->obj = obj;
+}
+
 static BlockNode *open_tree(json_t *o, int flags, bool protocol, VdError **errp);
 
 /* A protocol node for a file name: the protocol it names (path: file, nbd://: nbd ...). */
@@ -478,15 +531,26 @@ static BlockNode *open_tree(json_t *o, int flags, bool protocol, VdError **errp)
             vd_error_setg(errp, ENOMEM, "Out of memory");
             goto out;
         }
-        char *uri = vd_json_node_name(drv, o, NULL, &failed);
-        if (failed || (!uri && !filename && drv->uri_schemes &&
-                       asprintf(&uri, "%s://", drv->uri_schemes[0]) < 0)) {
-            vd_error_setg(errp, ENOMEM, "Out of memory");
-            goto out;
+        char *uri = NULL;
+        if (!filename && drv->blockdev_filename) {
+            /* nbd's server.* and export, as blockdev-add gives them */
+            VdJsonOptReader jr;
+            vd_json_opt_reader_init(&jr, o);
+            if (!(uri = drv->blockdev_filename(&jr.r, errp))) {
+                goto out;
+            }
+        } else {
+            uri = vd_json_node_name(drv, o, NULL, &failed);
+            if (failed || (!uri && !filename && drv->uri_schemes &&
+                           asprintf(&uri, "%s://", drv->uri_schemes[0]) < 0)) {
+                vd_error_setg(errp, ENOMEM, "Out of memory");
+                goto out;
+            }
         }
         VdOpenOptions po = { .filename = uri ? uri : filename ? filename : drv->name,
                              .format = drv->name,
                              .flags = flags, .options = o,
+                             .tls_creds = vd_options_str(o, "tls-creds"),
                              .node_name = vd_options_str(o, "node-name") };
         bs = vd_open(&po, errp);
         free(uri);

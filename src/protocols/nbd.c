@@ -844,6 +844,13 @@ static char *nbd_blockdev_filename(const VdOptReader *o, VdError **errp)
 {
     const char *type = o->str(o, "server.type");
     bool is_unix = type && !strcmp(type, "unix");
+    /* what QEMU says of an incomplete address (blockdev-add checks it before this) */
+    const char *missing = !type ? NULL : is_unix ? "path" : "host";
+    if (!type || !o->str(o, is_unix ? "server.path" : "server.host")) {
+        vd_error_setg(errp, EINVAL, missing ? "Parameter '%s' is missing"
+                                            : "NBD server address missing", missing);
+        return NULL;
+    }
     const char *exp = o->str(o, "export");
     char *uri = vd_nbd_make_uri(is_unix ? NULL : o->str(o, "server.host"),
                                 is_unix ? NULL : o->str(o, "server.port"),

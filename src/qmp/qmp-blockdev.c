@@ -237,46 +237,6 @@ static BlockNode *child_node(json_t *ref, const Inherit *inh, bool is_backing, V
     return open_tree(ref, inh, is_backing, errp);
 }
 
-/* The driver's view of its checked options (VdOptReader): string members by dotted path. */
-typedef struct JsonReader {
-    VdOptReader r;
-    json_t *obj;
-} JsonReader;
-
-static json_t *json_reader_get(const VdOptReader *r, const char *path)
-{
-    json_t *v = ((const JsonReader *)r)->obj;
-    char key[PREFIX_MAX];
-    while (v && *path) {
-        const char *dot = strchr(path, '.');
-        size_t n = dot ? (size_t)(dot - path) : strlen(path);
-        if (n >= sizeof(key)) {
-            return NULL;
-        }
-        memcpy(key, path, n);
-        key[n] = '\0';
-        v = json_object_get(v, key);
-        path += dot ? n + 1 : n;
-    }
-    return v;
-}
-
-static const char *json_reader_str(const VdOptReader *r, const char *path)
-{
-    json_t *v = json_reader_get(r, path);
-    return json_is_string(v) ? json_string_value(v) : NULL;
-}
-
-static bool json_reader_num(const VdOptReader *r, const char *path, unsigned long long *out)
-{
-    json_t *v = json_reader_get(r, path);
-    if (!json_is_integer(v) || json_integer_value(v) < 0) {
-        return false;
-    }
-    *out = (unsigned long long)json_integer_value(v);
-    return true;
-}
-
 /* Open a protocol node by the filename built for it (freed here; NULL: *errp is set already). */
 static BlockNode *open_by_name(VdOpenOptions *opts, const char *drv, char *filename,
                                VdError **errp)
@@ -337,7 +297,8 @@ static BlockNode *open_tree(json_t *o, const Inherit *parent, bool is_backing, V
             free(uri);
             return bs;
         }
-        JsonReader reader = {{json_reader_str, json_reader_num}, o};
+        VdJsonOptReader reader;
+        vd_json_opt_reader_init(&reader, o);
         opts.tls_creds = qmp_arg_str(o, "tls-creds", NULL); /* nbd: NBD over TLS */
         return open_by_name(&opts, drv, d->blockdev_filename(&reader.r, errp), errp);
     }
