@@ -244,19 +244,12 @@ int q2_create(const char *filename, const VdCreateOptions *o, VdError **errp)
     }
     uint32_t l2_bits = cbits - (o->extended_l2 ? 4 : 3);
     uint64_t per_l1 = cs << l2_bits;
-    if (size > (1ULL << 62)) {
-        vd_error_setg(errp, EFBIG, "Image size too large");
-        return -EFBIG;
-    }
-    size = (size + 511) & ~511ULL; /* qemu-img rounds virtual sizes up to whole sectors */
-    if (size > (1ULL << 62)) {
-        vd_error_setg(errp, EFBIG, "Image size too large");
-        return -EFBIG;
-    }
+    size = size > (1ULL << 62) ? size : (size + 511) & ~511ULL; /* qemu-img: whole sectors */
     uint64_t l1_size = (size + per_l1 - 1) / per_l1;
-    if (l1_size * 8 > QCOW2_MAX_L1_SIZE) {
-        vd_error_setg(errp, EFBIG, "Image size too large for this cluster size: the L1 table "
-                      "would exceed %u bytes", QCOW2_MAX_L1_SIZE);
+    if (size > (1ULL << 62) || l1_size * 8 > QCOW2_MAX_L1_SIZE) {
+        /* qemu-img's words (its L1 table would exceed QCOW_MAX_L1_SIZE) */
+        vd_error_setg(errp, EFBIG, "The image size is too large for file format 'qcow2' (try "
+                      "using a larger cluster size)");
         return -EFBIG;
     }
     if (o->backing_file && strlen(o->backing_file) > Q2_MAX_BACKING_NAME) {

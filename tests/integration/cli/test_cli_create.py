@@ -111,6 +111,9 @@ def test_create_backing_unsafe(tmp):
     ["-f", "raw", "-b", "x", "-F", "raw", "1M"],       # raw has no backing
     ["-f", "qcow2", "-F", "qcow2", "1M"],              # backing format without backing file
     ["-f", "qcow2", "-b", "nonexist.qcow2", "-F", "qcow2", ""],
+    ["-f", "qcow2", "1E"],                             # the L1 table would be too large
+    ["-f", "qcow2", "-o", "cluster_size=512", "3E"],
+    ["-f", "qcow2", "-o", "cluster_size=2M", "4611686018427387905"],  # over 2^62
 ])
 def test_create_errors_like_qemu(tmp, args):
     q, v, pq, pv = create_both(tmp, args)
