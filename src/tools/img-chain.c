@@ -425,15 +425,6 @@ int img_rebase(int argc, char **argv)
         new_name = "";
     }
     bool flatten = new_name[0] == '\0';
-    if (!flatten && !new_fmt) {
-        tool_error("Could not change the backing file to '%s': backing format must be "
-                   "specified", new_name);
-        return 1;
-    }
-    if (new_fmt && !vd_find_driver(new_fmt)) {
-        tool_error("Invalid format name: '%s'", new_fmt);
-        return 1;
-    }
     int cache_flags, src_flags;
     if (cache_flags_or_error(cache, "", &cache_flags) < 0 ||
         cache_flags_or_error(src_cache, "source ", &src_flags) < 0) {
@@ -443,6 +434,18 @@ int img_rebase(int argc, char **argv)
     src_flags = tool_open_flags(src_flags, force_share);
     BlockNode *bs = tool_open(filename, fmt, VD_OPEN_RDWR | cache_flags | VD_OPEN_NO_BACKING);
     if (!bs) {
+        return 1;
+    }
+    /* after the open, as qemu-img finds these */
+    if (new_fmt && !vd_find_driver(new_fmt)) {
+        tool_error("Invalid format name: '%s'", new_fmt);
+        vd_node_unref(bs);
+        return 1;
+    }
+    if (!flatten && !new_fmt) {
+        tool_error("Could not change the backing file to '%s': backing format must be "
+                   "specified", new_name);
+        vd_node_unref(bs);
         return 1;
     }
     if (!unsafe && bs->backing_file && bs->backing_file[0]) {

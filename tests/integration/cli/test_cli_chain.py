@@ -209,6 +209,9 @@ def test_rebase_progress_and_quiet(chains):
     ["-b", "nonexist.qcow2", "-F", "qcow2", "qtop.qcow2"],
     ["qtop.qcow2"],                                    # no -b
     ["-b", "", "nonexist.qcow2"],
+    ["-b", "qmid.qcow2", "nonexist.qcow2"],            # the image's open fails first
+    ["-b", "qmid.qcow2", "-F", "bogus", "nonexist.qcow2"],
+    ["-b", "qmid.qcow2", "-F", "bogus", "qtop.qcow2"],
 ])
 def test_rebase_errors(chains, args):
     pq = qemu_img("rebase", *args, check=False)
