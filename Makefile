@@ -2,13 +2,14 @@
 # Each target first installs missing Debian packages (scripts/install-deps.sh, idempotent).
 BUILD      ?= build
 ASAN_BUILD ?= build-asan
-# pytest-xdist: three workers per two cores (tests use tmp_path, kernel-chosen ports and
-# per-process netns names). A test spends most of its time waiting (for a daemon, a peer's
-# process start, a rate-limited job), so one worker per core left a third of the CPU idle;
+# pytest-xdist: two workers per core (tests use tmp_path, kernel-chosen ports and per-process
+# netns names). A test spends most of its time waiting (for a daemon, a peer's process start, a
+# rate-limited job): the whole run uses ~290 CPU-s where 2 cores x ~530 s of three workers
+# offered ~1,060 (tests/README.md);
 # --dist loadgroup keeps the tests sharing one costly module fixture (the Ceph cluster,
 # `make install`) on one worker (pytest.mark.xdist_group).
 NPROC      := $(shell nproc)
-PYTEST_JOBS ?= $(shell echo $$(( ($(NPROC) * 3 + 1) / 2 )))
+PYTEST_JOBS ?= $(shell echo $$(( $(NPROC) * 2 )))
 # The unit suites sleep too (threads handing work over, timed waits): two per core.
 UNIT_JOBS  ?= $(shell echo $$(( $(NPROC) * 2 )))
 PYTEST     ?= /usr/bin/python3 -m pytest -p timeout --timeout=300 --durations=25 -n $(PYTEST_JOBS) --dist loadgroup
