@@ -28,11 +28,11 @@ os.environ.setdefault("ASAN_OPTIONS", "abort_on_error=1:detect_leaks=1:handle_si
 os.environ.setdefault("UBSAN_OPTIONS", "halt_on_error=1:print_stacktrace=1")
 
 
-def run(cmd, check=True, timeout=120, input=None):
+def run(cmd, check=True, timeout=120, input=None, cwd=None):
     """Run a command; return CompletedProcess with text output. check=True asserts exit 0.
     QEMU's tools (qemu-*) run with PBKDF_CLOCK preloaded."""
     peer = os.path.basename(str(cmd[0])).startswith("qemu-")
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=input,
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=input, cwd=cwd,
                        env=dict(os.environ, LD_PRELOAD=PBKDF_CLOCK) if peer else None)
     if check and p.returncode != 0:
         raise AssertionError(

@@ -26,11 +26,7 @@ def in_dir(d, *cmd, check=True):
 
 
 def run_cwd(d, cmd, check):
-    import subprocess
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=str(d))
-    if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n{p.stdout}{p.stderr}")
-    return p
+    return run(cmd, check=check, cwd=str(d))
 
 
 def io_args(cmds):
