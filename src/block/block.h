@@ -243,6 +243,12 @@ struct BlockDriver {
      */
     char *(*blockdev_filename)(const VdOptReader *opts, VdError **errp);
     /*
+     * Protocols: the tools' option trees (--image-opts, json:) may use QEMU's legacy option names
+     * that blockdev-add does not take (nbd: host, port, path); rewritten here, in place, into the
+     * blockdev-add ones before the options are checked. 0, or -errno with *errp set. NULL: none.
+     */
+    int (*legacy_options)(json_t *o, VdError **errp);
+    /*
      * Protocols: the options that, given, make QEMU name the node by its options - a "json:{...}"
      * filename of the driver and these options - instead of its URI (its strong_runtime_opts).
      * NULL-terminated; NULL: none.

@@ -513,7 +513,8 @@ static BlockNode *open_tree(json_t *o, int flags, bool protocol, VdError **errp)
     }
     BlockNode *bs = NULL;
     flags = node_flags(o, flags, errp);
-    if (flags < 0 || (drv && vd_options_check_keys(o, drv, errp) < 0)) {
+    if (flags < 0 || (drv && drv->legacy_options && drv->legacy_options(o, errp) < 0) ||
+        (drv && vd_options_check_keys(o, drv, errp) < 0)) {
         goto out;
     }
     if (!drv && !json_object_get(o, "file")) {

@@ -836,6 +836,87 @@ static const VdOptSpec nbd_blockdev_options[] = {
     {NBD_URI_CC, VD_OPT_STR},
     {NULL}};
 
+/* A legacy option's value as QemuOpts holds it: a string, or a number's decimal digits. */
+static char *legacy_value(json_t *o, const char *key, VdError **errp)
+{
+    json_t *v = json_object_get(o, key);
+    char *out = NULL;
+    if (json_is_string(v)) {
+        out = strdup(json_string_value(v));
+    } else if (json_is_integer(v)) {
+        if (asprintf(&out, "%" JSON_INTEGER_FORMAT, json_integer_value(v)) < 0) {
+            out = NULL;
+        }
+    } else {
+        vd_error_setg(errp, EINVAL, "Invalid parameter type for '%s', expected: string", key);
+        return NULL;
+    }
+    if (!out) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+    }
+    return out;
+}
+
+/*
+ * QEMU's legacy nbd address options (qemu-img --image-opts driver=nbd,path=SOCK or
+ * host=H[,port=P], and json:): made server.* as QEMU's nbd_process_legacy_socket_options does,
+ * with its checks and messages; a missing port is NBD's 10809. Only port: dropped, so the node
+ * has no address ("NBD server address missing", as QEMU says).
+ */
+static int nbd_legacy_options(json_t *o, VdError **errp)
+{
+    static const char *const keys[] = {"path", "host", "port"};
+    char *val[3] = {NULL, NULL, NULL};
+    bool any = false;
+    int ret = 0;
+    for (int i = 0; i < 3; i++) {
+        if (json_object_get(o, keys[i])) {
+            any = true;
+            if (!(val[i] = legacy_value(o, keys[i], errp))) {
+                ret = -EINVAL;
+                goto out;
+            }
+        }
+    }
+    const char *path = val[0], *host = val[1], *port = val[2];
+    if (!any) {
+        return 0;
+    }
+    ret = -EINVAL;
+    if (json_object_get(o, "server")) {
+        vd_error_setg(errp, EINVAL, "Cannot use 'server' and path/host/port at the same time");
+        goto out;
+    }
+    if (path && host) {
+        vd_error_setg(errp, EINVAL, "path and host may not be used at the same time");
+        goto out;
+    }
+    if (path && port) {
+        vd_error_setg(errp, EINVAL, "port may not be used without host");
+        goto out;
+    }
+    json_t *server = NULL;
+    if (path) {
+        server = json_pack("{s:s, s:s}", "type", "unix", "path", path);
+    } else if (host) {
+        server = json_pack("{s:s, s:s, s:s}", "type", "inet", "host", host, "port",
+                           port ? port : "10809");
+    }
+    if ((path || host) && (!server || json_object_set_new(o, "server", server) < 0)) {
+        vd_error_setg(errp, ENOMEM, "Out of memory");
+        goto out;
+    }
+    for (int i = 0; i < 3; i++) {
+        json_object_del(o, keys[i]);
+    }
+    ret = 0;
+out:
+    for (int i = 0; i < 3; i++) {
+        free(val[i]);
+    }
+    return ret;
+}
+
 /*
  * The libnbd URI of a blockdev-add nbd node: percent-encoded, so any export name works; nbds://
  * (TLS) with tls-creds, whose files nbd_drv_open gives libnbd itself.
@@ -844,16 +925,35 @@ static char *nbd_blockdev_filename(const VdOptReader *o, VdError **errp)
 {
     const char *type = o->str(o, "server.type");
     bool is_unix = type && !strcmp(type, "unix");
-    /* what QEMU says of an incomplete address (blockdev-add checks it before this) */
-    const char *missing = !type ? NULL : is_unix ? "path" : "host";
-    if (!type || !o->str(o, is_unix ? "server.path" : "server.host")) {
-        vd_error_setg(errp, EINVAL, missing ? "Parameter '%s' is missing"
-                                            : "NBD server address missing", missing);
+    /*
+     * What QEMU says of an incomplete address (blockdev-add checks it before this; the tools'
+     * trees reach here unchecked). An inet server has no default port there, unlike a URI.
+     */
+    const char *port = o->str(o, "server.port");
+    char port_num[24]; /* json: may give it as a number, as QEMU takes it there */
+    unsigned long long pn;
+    if (!port && o->num(o, "server.port", &pn)) {
+        snprintf(port_num, sizeof(port_num), "%llu", pn);
+        port = port_num;
+    }
+    const char *missing = !type ? "type"
+                          : !o->str(o, is_unix ? "server.path" : "server.host")
+                              ? (is_unix ? "path" : "host")
+                          : !is_unix && !port ? "port" : NULL;
+    if (missing) {
+        bool has_server = false;
+        static const char *const members[] = {"server.type", "server.path", "server.host",
+                                              "server.port"};
+        for (size_t i = 0; i < sizeof(members) / sizeof(members[0]); i++) {
+            has_server = has_server || o->str(o, members[i]) || o->num(o, members[i], &pn);
+        }
+        vd_error_setg(errp, EINVAL, has_server ? "Parameter '%s' is missing"
+                                               : "NBD server address missing", missing);
         return NULL;
     }
     const char *exp = o->str(o, "export");
     char *uri = vd_nbd_make_uri(is_unix ? NULL : o->str(o, "server.host"),
-                                is_unix ? NULL : o->str(o, "server.port"),
+                                is_unix ? NULL : port,
                                 is_unix ? o->str(o, "server.path") : NULL, exp ? exp : "");
     if (uri && o->str(o, "tls-creds")) {
         char *tls_uri = NULL; /* "nbd://..." / "nbd+unix://...": the same with "nbds" */
@@ -913,6 +1013,7 @@ const BlockDriver vd_drv_nbd = {
     .uri_schemes = nbd_uri_schemes,
     .blockdev_options = nbd_blockdev_options,
     .blockdev_filename = nbd_blockdev_filename,
+    .legacy_options = nbd_legacy_options,
     .may_block = true,
     .state_size = sizeof(NbdState),
     .probe = nbd_drv_probe,

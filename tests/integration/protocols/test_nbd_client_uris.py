@@ -541,3 +541,40 @@ def test_nbd_by_options_as_qemu_img(srv):
         pq, pv = _both("info", "--image-opts", opts)
         assert pq.returncode == pv.returncode == 1
         assert pv.stderr.replace("vdisk: ", "qemu-img: ") == pq.stderr
+
+
+def test_nbd_legacy_address_options_as_qemu_img(srv):
+    """QEMU's legacy nbd options (path=, host=[,port=], export=) as qemu-img takes them in
+    --image-opts, a raw node's file.* and json:; a missing port is 10809; mixed with server.*,
+    path with host or port, or only a port: refused in qemu-img's words, exit 1."""
+    sock = srv.nbdkit("-e", "foo", "memory", "1M")
+    port = free_port()
+    srv.nbdkit("memory", "2M", tcp_port=port)
+    for args in (["info", "--image-opts", f"driver=nbd,path={sock}"],
+                 ["info", "--image-opts", f"driver=nbd,path={sock},export=foo"],
+                 ["info", "--image-opts", f"driver=nbd,host=127.0.0.1,port={port}"],
+                 ["info", "--output=json", "--image-opts",
+                  f"driver=raw,file.driver=nbd,file.path={sock},file.export=foo"],
+                 ["map", "--output=json", "--image-opts",
+                  f"driver=raw,file.driver=nbd,file.host=127.0.0.1,file.port={port}"],
+                 ["info", "json:" + json.dumps({"driver": "nbd", "host": "127.0.0.1",
+                                                "port": port})],
+                 ["info", "json:" + json.dumps({"driver": "nbd", "server": {
+                     "type": "inet", "host": "127.0.0.1", "port": port}})],
+                 ["info", "--output=json", "json:" + json.dumps(
+                     {"file": {"driver": "nbd", "path": sock, "export": "foo"}})]):
+        pq, pv = _both(*args)
+        assert pq.returncode == 0 and ("1048576" in pq.stdout or "2097152" in pq.stdout), \
+            pq.stderr
+        _assert_same(pq, pv)
+    for opts in (f"driver=nbd,path={sock},host=127.0.0.1",
+                 f"driver=nbd,path={sock},port={port}",
+                 f"driver=nbd,path={sock},server.type=unix,server.path={sock}",
+                 f"driver=nbd,host=127.0.0.1,port={port},server.type=inet",
+                 f"driver=nbd,port={port}",
+                 "driver=nbd,server.type=inet,server.host=127.0.0.1",
+                 f"driver=nbd,server.host=127.0.0.1,server.port={port}"):
+        pq, pv = _both("info", "--image-opts", opts)
+        assert pq.returncode == pv.returncode == 1, opts
+        assert pv.stdout == pq.stdout == ""
+        assert pv.stderr.replace("vdisk: ", "qemu-img: ", 1) == pq.stderr
