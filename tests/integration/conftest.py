@@ -101,6 +101,8 @@ def tmp(tmp_path):
 # one's stays for the post-mortem). pytest 7.2 keeps every test's directory until the session
 # ends: a whole run grew /tmp by ~12 GB, and CI's machine had 15 GiB free. The autouse fixture
 # is set up before the test's other fixtures, so it is torn down after them (daemons stopped).
+# Tests that os.chdir(tmp) get the worker's directory back first, so no later test starts in a
+# removed one.
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     rep = (yield).get_result()
@@ -110,7 +112,9 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture(autouse=True)
 def _remove_tmp_path_of_passed_test(request):
+    cwd = os.getcwd()
     yield
+    os.chdir(cwd)
     path = request.node.funcargs.get("tmp_path")
     if path is not None and getattr(request.node, "vdisk_passed", False):
         shutil.rmtree(path, ignore_errors=True)
