@@ -129,6 +129,99 @@ static int conn_set_tls(struct nbd_handle *h, const VdTlsCreds *tls)
     return r == -1 ? -1 : nbd_set_tls_username(h, vd_tls_creds_username(tls));
 }
 
+/* s[0, n) percent-decoded into a new string (NULL: out of memory). */
+static char *pct_decode(const char *s, size_t n)
+{
+    char *out = malloc(n + 1), *o = out;
+    for (size_t i = 0; out && i < n; i++) {
+        unsigned v;
+        if (s[i] == '%' && i + 2 < n && sscanf(s + i + 1, "%2x", &v) == 1) {
+            *o++ = (char)v;
+            i += 2;
+        } else {
+            *o++ = s[i];
+        }
+    }
+    if (out) {
+        *o = '\0';
+    }
+    return out;
+}
+
+/*
+ * The server's address as QEMU names it in its connect errors: "HOST:PORT" (no IPv6 brackets;
+ * NBD's port 10809 when the URI has none) or a unix socket's path. NULL: not a URI of these.
+ */
+static char *conn_addr(const char *uri)
+{
+    const char *p = strstr(uri, "://");
+    if (!p || strncmp(uri, "nbd", 3)) {
+        return NULL;
+    }
+    size_t sl = (size_t)(p - uri); /* the scheme's length */
+    p += 3;
+    if (sl >= 5 && !memcmp(p - 8, "+unix", 5)) {
+        const char *q = strchr(p, '?');
+        while (q && strncmp(q + 1, "socket=", 7)) {
+            q = strchr(q + 1, '&');
+        }
+        return q ? pct_decode(q + 8, strcspn(q + 8, "&#")) : NULL;
+    }
+    if (sl >= 6 && !memcmp(p - 9, "+vsock", 6)) {
+        return NULL;
+    }
+    size_t auth = strcspn(p, "/?#");
+    const char *at = memchr(p, '@', auth); /* user@host */
+    if (at) {
+        auth -= (size_t)(at + 1 - p);
+        p = at + 1;
+    }
+    const char *end = p + auth, *hs = p, *he, *port = NULL;
+    if (*p == '[') { /* an IPv6 literal */
+        const char *rb = memchr(p, ']', auth);
+        if (!rb) {
+            return NULL;
+        }
+        hs = p + 1;
+        he = rb;
+        port = rb + 1 < end && rb[1] == ':' ? rb + 2 : NULL;
+    } else {
+        const char *colon = memchr(p, ':', auth);
+        he = colon ? colon : end;
+        port = colon ? colon + 1 : NULL;
+    }
+    int plen = port ? (int)(end - port) : 0;
+    if (he == hs) {
+        return NULL; /* "nbd://": libnbd's error, which names the URI */
+    }
+    char *host = pct_decode(hs, (size_t)(he - hs));
+    char *out = NULL;
+    if (host && asprintf(&out, "%s:%.*s", host, plen ? plen : 5, plen ? port : "10809") < 0) {
+        out = NULL;
+    }
+    free(host);
+    return out;
+}
+
+/*
+ * A failed connection's error: libnbd's, or, where the socket did not connect or the host name
+ * did not resolve, QEMU's words (qemu-img and qemu-storage-daemon say the same).
+ */
+static void conn_error(const char *uri, int err, VdError **errp)
+{
+    const char *m = nbdc_msg();
+    char *addr = NULL;
+    if (!strncmp(m, "connect: ", 9) && (addr = conn_addr(uri))) {
+        vd_error_setg(errp, err, "Failed to connect to '%s': %s", addr, strerror(err));
+    } else if (!strncmp(m, "getaddrinfo: ", 13) && (addr = conn_addr(uri))) {
+        const char *why = strrchr(m, ':'); /* "getaddrinfo: hostname "H" port "P": WHY" */
+        vd_error_setg(errp, err, "address resolution failed for %s: %s", addr, why + 2);
+    } else {
+        vd_error_setg(errp, err, "Could not open '%s': %s", uri, m);
+    }
+    free(addr);
+}
+
 static struct nbd_handle *conn_open_uri(const char *uri, const VdTlsCreds *tls, int timeout_ms,
                                         int *perr, VdError **errp)
 {
@@ -177,7 +270,7 @@ static struct nbd_handle *conn_open_uri(const char *uri, const VdTlsCreds *tls, 
 fail:;
     int err = nbd_get_errno();
     *perr = err > 0 ? err : EIO;
-    vd_error_setg(errp, *perr, "Could not open '%s': %s", uri, nbdc_msg());
+    conn_error(uri, *perr, errp);
     nbd_close(h);
     return NULL;
 }

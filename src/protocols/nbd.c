@@ -14,10 +14,12 @@
 #include <errno.h>
 #include <jansson.h>
 #include <libnbd.h>
+#include <netdb.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 
 #include "block/block.h"
 #include "protocols/nbd.h"
@@ -787,6 +789,9 @@ static int nbd_drv_create(const char *filename, const VdCreateOptions *opts, VdE
     BlockNode *bs = vd_open(&o, &local);
     if (!bs) {
         int code = vd_error_code(local);
+        /* QEMU's bdrv_create_file_fallback */
+        vd_error_prepend(&local, "Protocol driver 'nbd' does not support image creation, and "
+                         "opening the image failed: ");
         vd_error_propagate(errp, local);
         return code > 0 ? -code : -EIO;
     }
@@ -996,11 +1001,21 @@ static char *nbd_blockdev_filename(const VdOptReader *o, VdError **errp)
         uri = with;
     }
     if (!uri) {
-        if (errno == EINVAL) {
+        struct addrinfo hints = {.ai_socktype = SOCK_STREAM}, *ai = NULL;
+        int gai = 0;
+        if (errno == EINVAL && !is_unix && port && *port &&
+            (gai = getaddrinfo(o->str(o, "server.host"), port, &hints, &ai)) != 0) {
+            /* a port that is no number: what QEMU's resolver says of it */
+            vd_error_setg(errp, EINVAL, "address resolution failed for %s:%s: %s",
+                          o->str(o, "server.host"), port, gai_strerror(gai));
+        } else if (errno == EINVAL || ai) {
             vd_error_setg(errp, EINVAL, "NBD server: invalid %s", is_unix ? "socket path"
-                          : "host or port");
+                          : "host or port (a port is a number)");
         } else {
             vd_error_setg(errp, ENOMEM, "Out of memory");
+        }
+        if (ai) {
+            freeaddrinfo(ai);
         }
     }
     return uri;

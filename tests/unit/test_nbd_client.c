@@ -84,11 +84,8 @@ static void expect_open_error(const char *uri, const char *needle)
     assert_null(bs);
     assert_non_null(err);
     const char *m = vd_error_msg(err);
-    assert_non_null(strstr(m, uri));
-    if (needle) {
-        if (!strstr(m, needle)) {
-            fail_msg("error '%s' does not contain '%s'", m, needle);
-        }
+    if (!strstr(m, needle ? needle : uri)) { /* NULL: the URI */
+        fail_msg("error '%s' does not contain '%s'", m, needle ? needle : uri);
     }
     assert_null(strchr(m, '\n')); /* one line */
     assert_true(vd_error_code(err) > 0);
@@ -97,14 +94,20 @@ static void expect_open_error(const char *uri, const char *needle)
 
 static void test_unreachable(void **state)
 {
-    char uri[128];
-    snprintf(uri, sizeof(uri), "nbd://127.0.0.1:%d/exp", free_port());
-    expect_open_error(uri, "refused");
-    expect_open_error("nbd+unix:///exp?socket=/nonexistent/vdisk-test.sock", NULL);
+    char uri[128], refused[128];
+    int port = free_port();
+    snprintf(uri, sizeof(uri), "nbd://127.0.0.1:%d/exp", port);
+    /* QEMU's words: the address, not the URI (qemu-img and QSD prefix nothing else) */
+    snprintf(refused, sizeof(refused), "Failed to connect to '127.0.0.1:%d': Connection refused",
+             port);
+    expect_open_error(uri, refused);
+    expect_open_error("nbd+unix:///exp?socket=/nonexistent/vdisk-test.sock",
+                      "Failed to connect to '/nonexistent/vdisk-test.sock': No such file or "
+                      "directory");
     /* Format probing also goes through the nbd protocol, so the same error. */
     VdError *err = NULL;
     assert_null(vd_open_image(uri, NULL, 0, &err));
-    assert_non_null(strstr(vd_error_msg(err), uri));
+    assert_string_equal(vd_error_msg(err), refused);
     vd_error_free(err);
     /* Not a usable URI for libnbd: still an error naming it, not a crash. */
     expect_open_error("nbd://", NULL);
@@ -145,12 +148,13 @@ static void test_open_options_errors(void **state)
         vd_error_free(err);
         json_decref(o);
     }
-    /* Well-formed but nobody listening: the error names the URI built from the options. */
+    /* Well-formed but nobody listening: the error names the socket given in the options. */
     json_t *o = json_pack("{s:s, s:{s:s, s:s}, s:s}", "driver", "nbd", "server", "type", "unix",
                           "path", "/nonexistent/x.sock", "export", "my exp");
     err = NULL;
     assert_null(vd_nbd_open_qmp(o, VD_OPEN_RDWR, &err));
-    assert_non_null(strstr(vd_error_msg(err), "nbd+unix:///my%20exp?socket=/nonexistent/x.sock"));
+    assert_string_equal(vd_error_msg(err), "Failed to connect to '/nonexistent/x.sock': No such "
+                        "file or directory");
     vd_error_free(err);
     json_decref(o);
 }

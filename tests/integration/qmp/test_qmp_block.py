@@ -197,7 +197,12 @@ def test_vdiskd_specific_refusals(vd, images):
         nbd = c.execute("blockdev-add", {"driver": "nbd", "node-name": "n",
                                          "server": {"type": "unix", "path": "/nonexistent"},
                                          "export": "e"})
-        assert "error" in nbd and nbd["error"]["class"] == "GenericError"
+        assert nbd["error"] == {"class": "GenericError", "desc": "Failed to connect to "
+                                "'/nonexistent': No such file or directory"}  # as QSD says
+        assert "address resolution failed for localhost:nbdport: Servname not supported for " \
+            "ai_socktype" == c.error("blockdev-add", {
+                "driver": "nbd", "node-name": "n",
+                "server": {"type": "inet", "host": "localhost", "port": "nbdport"}})
         assert "Parameter 'server.type' is missing" == c.error(
             "blockdev-add", {"driver": "nbd", "node-name": "n", "server": {}})
         assert "Parameter 'server.port' is missing" == c.error(
