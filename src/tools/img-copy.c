@@ -255,7 +255,7 @@ int img_compare(int argc, char **argv)
             progress_print(((float)chunk / progress_base) * 100, 100);
         }
     }
-    progress_print(100, 0);
+    /* no closing 100 %: qemu-img's compare shows what the last chunk reached */
     if (!quiet) {
         printf("Images are identical.\n");
     }
@@ -315,7 +315,8 @@ typedef struct Convert {
     uint64_t status_end;      /* end (global) of the cached status extent */
     int status;
     uint64_t next_seq, write_seq;
-    uint64_t done;            /* bytes finished (progress) */
+    uint64_t allocated;       /* -p: bytes that count (chunk_counts), counted before the copy */
+    uint64_t done;            /* -p: of those, bytes planned so far */
     int ret;
     VdError *err;
 } Convert;
@@ -783,12 +784,51 @@ static int convert_write_chunk(Convert *s, ConvertTurn *t)
     return r;
 }
 
-/* Under s->lock: a chunk is written. */
-static void convert_chunk_done(Convert *s, const Chunk *ch)
+/*
+ * -p weighs a chunk by what qemu-img copies: data, and zeroes when -S 0 writes them; holes and
+ * ranges left to the backing count nothing (its allocated_sectors).
+ */
+static bool chunk_counts(const Convert *s, int status)
 {
-    s->done += ch->bytes;
-    float pct = s->total ? 100.0f * (float)s->done / (float)s->total : 100.0f;
-    progress_print(pct, 0);
+    return status == ST_DATA || (status == ST_ZERO && s->min_sparse == 0);
+}
+
+/*
+ * -p: the bytes that will count, by the planning the copy does, run once before it (qemu-img's
+ * first pass over the block status). The planner is left as it was. <0: block status failed.
+ */
+static int convert_count_allocated(Convert *s)
+{
+    uint64_t pos = s->pos, status_end = s->status_end, seq = s->next_seq;
+    int status = s->status, r;
+    Chunk ch;
+    s->allocated = 0;
+    while ((r = plan_chunk(s, &ch)) == 0) { /* each chunk advances pos: bounded by the size */
+        if (chunk_counts(s, ch.status)) {
+            s->allocated += ch.bytes;
+        }
+    }
+    s->pos = pos;
+    s->status_end = status_end;
+    s->status = status;
+    s->next_seq = seq;
+    return r < 0 ? r : 0;
+}
+
+/*
+ * Under s->lock: a chunk is planned; qemu-img shows its progress then, before the copy. A
+ * compressed chunk is a cluster at a time there (its buffer holds one): one step per cluster.
+ */
+static void convert_chunk_planned(Convert *s, const Chunk *ch)
+{
+    if (!s->allocated || !chunk_counts(s, ch->status)) {
+        return;
+    }
+    uint64_t step = s->compressed ? s->cluster_size : ch->bytes;
+    for (uint64_t o = 0; o < ch->bytes; o += step) {
+        s->done += MIN(step, ch->bytes - o);
+        progress_print(100.0f * (float)s->done / (float)s->allocated, 0);
+    }
 }
 
 /*
@@ -817,7 +857,6 @@ static void convert_write_ready(Convert *s)
         t->ready = false;
         if (r == 0) {
             s->write_seq++;
-            convert_chunk_done(s, &t->ch);
         }
         vd_cond_signal(&t->cond);
     }
@@ -842,6 +881,8 @@ static void *convert_worker(void *opaque)
         if (p < 0) {
             s->ret = p;
             convert_wake_all(s);
+        } else if (p == 0) {
+            convert_chunk_planned(s, &me->ch);
         }
         vd_mutex_unlock(&s->lock);
         if (p != 0 || convert_fill_chunk(s, me) < 0) {
@@ -851,9 +892,6 @@ static void *convert_worker(void *opaque)
             if (convert_write_chunk(s, me) < 0) {
                 break;
             }
-            vd_mutex_lock(&s->lock);
-            convert_chunk_done(s, &me->ch);
-            vd_mutex_unlock(&s->lock);
             continue;
         }
         vd_mutex_lock(&s->lock);
@@ -1370,8 +1408,11 @@ int img_convert(int argc, char **argv)
 
     progress_init(progress, 1.0);
     progress_print(0, 100);
+    if (progress) {
+        s.ret = convert_count_allocated(&s); /* failed: the workers stop at once */
+    }
     int nthreads = (int)MIN(coroutines, CONVERT_MAX_THREADS);
-    if (s.total < 4 * (uint64_t)TOOL_BUF_SIZE) {
+    if (s.total < 4 * (uint64_t)TOOL_BUF_SIZE || s.ret) {
         nthreads = 1; /* small images: threads cost more than they save */
     }
     pthread_t tids[CONVERT_MAX_THREADS];

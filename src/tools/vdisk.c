@@ -385,10 +385,10 @@ void progress_print(float delta, int max)
         return;
     }
     float current = max == 0 ? delta : progress.current + delta / 100 * max;
+    progress.current = current; /* also when not shown: small steps add up (QEMU's) */
     if (current > progress.last_print + progress.min_skip ||
         current < progress.last_print - progress.min_skip || current == 100 || current == 0) {
         progress.last_print = current;
-        progress.current = current;
         progress_show();
     }
 }

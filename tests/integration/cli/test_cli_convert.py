@@ -358,3 +358,46 @@ def test_convert_progress_after_a_read_error_ends_at_100_as_qemu_img(tmp):
     for out in outs:
         assert out.startswith(b"    (0.00/100%)\r")
         assert out.endswith(b"\r    (100.00/100%)\r\n")
+
+
+def _progress_both(*args):
+    """stdout (bytes: the \r are qemu-img's) and exit code of qemu-img and of vdisk."""
+    outs = []
+    for tool in ("qemu-img", VDISK):
+        p = subprocess.run([tool, *args], capture_output=True, timeout=120)
+        assert p.returncode in (0, 1), p.stderr
+        outs.append((p.returncode, p.stdout))
+    return outs
+
+
+@pytest.mark.parametrize("args", [
+    ["convert", "-p", "-O", "qcow2", "sparse.raw"],
+    ["convert", "-p", "-O", "raw", "few.qcow2"],
+    ["convert", "-p", "-O", "qcow2", "full.raw"],
+    ["convert", "-p", "-S", "0", "-O", "qcow2", "sparse.raw"],
+    ["convert", "-p", "-c", "-O", "qcow2", "few.qcow2"],
+    ["convert", "-p", "-O", "qcow2", "odd.raw"],
+    ["convert", "-p", "-O", "qcow2", "-B", "sparse.raw", "-F", "raw", "few.qcow2"],
+    ["compare", "-p", "sparse.raw", "sparse.qcow2"],
+    ["compare", "-p", "few.qcow2", "few.qcow2"],
+    ["compare", "-p", "full.raw", "full.raw"],
+    ["compare", "-p", "odd.raw", "full.raw"],
+    ["compare", "-p", "top.qcow2", "src.raw"],
+])
+def test_progress_steps_as_qemu_img(src, args):
+    """-p prints the steps qemu-img prints: convert weighs chunks by the data it copies (and
+    zeroes under -S 0; a compressed chunk a cluster at a time), compare by bytes compared,
+    small steps add up until one is shown, and compare ends at its last step."""
+    qemu_img("create", "-f", "raw", "sparse.raw", "4M")
+    qemu_io("-f", "raw", "-c", "write -P 1 0 64k", "-c", "write -P 2 2M 64k", "sparse.raw")
+    qemu_img("convert", "-O", "qcow2", "sparse.raw", "sparse.qcow2")
+    qemu_img("create", "-f", "qcow2", "few.qcow2", "4M")
+    qemu_io("-c", "write -P 1 0 64k", "-c", "write -P 2 1M 128k", "-c", "write -P 3 3M 64k",
+            "few.qcow2")
+    qemu_img("create", "-f", "raw", "full.raw", "9M")
+    qemu_io("-f", "raw", "-c", "write -P 1 0 9M", "full.raw")
+    qemu_img("create", "-f", "raw", "odd.raw", "300k")
+    qemu_io("-f", "raw", "-c", "write -P 1 10k 200k", "odd.raw")
+    (rq, oq), (rv, ov) = _progress_both(*(args + ["q.out"] if args[0] == "convert" else args))
+    assert oq.startswith(b"    (0.00/100%)\r") and (oq.count(b"\r") >= 2 or rq == 1), oq
+    assert (rv, ov) == (rq, oq)
