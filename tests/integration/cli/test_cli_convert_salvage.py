@@ -101,7 +101,8 @@ esac
 def test_salvage_block_status_and_read_errors_over_nbd(tmp):
     """A failing block-status query is retried on a quarter of the range down to one sector,
     which is then read as data, with qemu-img's warning; qemu-img prints that warning twice (its
-    first pass over the image counts allocated sectors for -p), vdisk once. Output as qemu-img's."""
+    first pass over the image counts allocated sectors for -p), vdisk once, and twice as well
+    under -p (README's deliberate differences). Output as qemu-img's."""
     script = tmp / "plugin.sh"
     script.write_text(SCRIPT)
     os.chmod(script, 0o755)
@@ -122,6 +123,10 @@ def test_salvage_block_status_and_read_errors_over_nbd(tmp):
         assert pq.stderr == f"qemu-img: {status}\n" * 2 + f"qemu-img: {read}\n"
         assert pv.stderr == f"vdisk: {status}\nvdisk: {read}\n"
         assert sha256(tmp / "q.raw") == sha256(tmp / "v.raw")
+        pq = qemu_img("convert", "-p", *args[1:], tmp / "q2.raw")
+        pv = run([VDISK, "convert", "-p", *args[1:], tmp / "v2.raw"])
+        assert pq.stderr == f"qemu-img: {status}\n" * 2 + f"qemu-img: {read}\n"
+        assert (pv.stdout, pv.stderr.replace("vdisk: ", "qemu-img: ")) == (pq.stdout, pq.stderr)
         data = (tmp / "v.raw").read_bytes()
         assert data[11776:12288] == bytes(512) and data.count(0) == 512
         pv = run([VDISK, "convert", "-m", "1", "-f", "raw", "-O", "raw", uri, tmp / "x.raw"],

@@ -1,4 +1,5 @@
 """vdisk io (qemu-io style) compared with qemu-io, plus the tool's global behaviour."""
+import json
 import os
 import re
 import subprocess
@@ -293,3 +294,27 @@ def test_cache_mode_syncs_each_write_as_qemu(tmp, tool, cache):
     else:
         assert seq.startswith("wwww"), seq
     qemu_io("-f", "raw", "-c", "read -P 4 2M 4k", "-c", "read -P 2 64k 64k", img)
+
+
+def test_untouched_parts_of_a_new_overlay_cluster_stay_holes(tmp):
+    """README's deliberate difference: a 4 KiB write into a new cluster of an overlay whose
+    backing has nothing there leaves the rest of the cluster unwritten (a hole before the data,
+    and past the end of the file after it) where qemu-io writes zeroes: the images read the same
+    and check clean; qemu-img map shows those parts as zero:true data:true in vdisk's only."""
+    qemu_img("create", "-f", "qcow2", tmp / "base.qcow2", "4M")
+    for tool in ("q", "v"):
+        qemu_img("create", "-f", "qcow2", "-b", tmp / "base.qcow2", "-F", "qcow2",
+                 tmp / f"{tool}.qcow2")
+    qemu_io("-c", "write -P 1 1056k 4k", tmp / "q.qcow2")
+    vdisk("io", "-c", "write -P 1 1056k 4k", tmp / "v.qcow2")
+    qemu_img("compare", tmp / "q.qcow2", tmp / "v.qcow2")
+    assert_qemu_check_clean(tmp / "v.qcow2")
+
+    def top(tool):
+        m = qemu_img("map", "--output=json", tmp / f"{tool}.qcow2").stdout
+        return [(e["start"], e["length"], e["zero"], e["data"]) for e in json.loads(m)
+                if e["depth"] == 0]
+    assert top("q") == [(1 << 20, 65536, False, True)]
+    assert top("v") == [(1 << 20, 32768, True, True), (1056 << 10, 4096, False, True),
+                        (1060 << 10, 28672, True, True)]
+    assert os.path.getsize(tmp / "v.qcow2") < os.path.getsize(tmp / "q.qcow2")
