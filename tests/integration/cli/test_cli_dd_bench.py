@@ -72,6 +72,10 @@ BENCH_CASES = [
     ["-q", "-c", "10", "-U"],
     ["-c", "0"],
     ["-c", "10", "-t", "none"],
+    # native AIO with O_DIRECT, io_uring with or without: vdisk's one engine does the I/O
+    ["-n", "-c", "10", "-t", "none"], ["-i", "native", "-w", "-c", "10", "-t", "directsync"],
+    ["-i", "io_uring", "-c", "10"], ["-n", "-i", "io_uring", "-c", "10", "-t", "none"],
+    ["-i", "threads", "-c", "10"],
 ]
 
 
@@ -94,6 +98,10 @@ def test_bench_prints_like_qemu_img(tmp, args):
     ["-c", "abc"], ["-d", "x"], ["-s", "-1"], ["--pattern=300"], ["--flush-interval=10"],
     ["-w", "--flush-interval=10"], ["-t", "bogus"], ["-o", "5M", "-c", "1"], ["-x"],
     ["-S", "1Q"], ["-o", "-1"], ["-i", "bogus"],
+    # native AIO needs cache.direct=on; -i threads never clears -n; -i and -t fail where given
+    ["-n"], ["-i", "native", "-w"], ["-i", "io_uring", "-n"], ["-n", "-i", "threads"],
+    ["-n", "-t", "unsafe"], ["-t", "bogus", "-i", "bogus"], ["-i", "bogus", "-t", "bogus"],
+    ["-n", "-U", "-w"],
 ])
 def test_bench_errors_like_qemu_img(tmp, args):
     img = tmp / "a.qcow2"
@@ -106,6 +114,20 @@ def test_bench_errors_like_qemu_img(tmp, args):
     # word for word, usage errors' "Try '... --help'" line included (the program's name aside)
     assert v.stderr.replace("vdisk", "qemu-img") == q.stderr
     assert sha256(img) == before
+
+
+@pytest.mark.parametrize("name", ["missing.raw", "null-co://"])
+def test_bench_native_checks_only_files_like_qemu_img(tmp, name):
+    """-n's cache.direct check is file-posix's: an absent file fails to open first, null-co has
+    no check."""
+    q = run(["qemu-img", "bench", "-n", "-c", "1", name], check=False, cwd=tmp)
+    v = run([VDISK, "bench", "-n", "-c", "1", name], check=False, cwd=tmp)
+    assert v.returncode == q.returncode
+    assert v.stderr.replace("vdisk", "qemu-img") == q.stderr
+    if q.returncode == 0:
+        assert bench_lines(v.stdout) == bench_lines(q.stdout)
+    else:
+        assert v.stdout == q.stdout == ""
 
 
 def test_bench_write_pattern_lands_where_asked(tmp):
