@@ -119,6 +119,17 @@ typedef struct VdOpenOptions {
     json_t *options;
 } VdOpenOptions;
 
+/*
+ * The file protocol's create options (QEMU's file-posix): nocow sets FS_NOCOW_FL (btrfs), the
+ * extent size hint FS_XFLAG_EXTSIZE (XFS); both are best effort. extent_size_hint_set: the user
+ * gave the hint (only then is a failure to set it warned about); unset means QEMU's 1 MiB.
+ */
+typedef struct VdFileCreateOptions {
+    bool nocow;
+    bool extent_size_hint_set;
+    uint64_t extent_size_hint;
+} VdFileCreateOptions;
+
 typedef struct VdCreateOptions {
     const char *format;        /* "qcow2" or "raw" */
     uint64_t size;             /* virtual size; 0 with backing_file = take the backing's size */
@@ -142,6 +153,7 @@ typedef struct VdCreateOptions {
     const char *encrypt_format;
     const char *key_secret;
     VdLuksCreateOptions luks;
+    VdFileCreateOptions file;  /* for the protocol layer, when it is a file */
 } VdCreateOptions;
 
 /*

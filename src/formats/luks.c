@@ -123,7 +123,7 @@ static int luks_create(const char *filename, const VdCreateOptions *o, VdError *
     }
     uint64_t hlen = vd_luks_header_len(l);
     uint64_t size = (o->size + 511) / 512 * 512;
-    VdCreateOptions fo = {.format = "file", .prealloc = VD_PREALLOC_OFF};
+    VdCreateOptions fo = {.format = "file", .prealloc = VD_PREALLOC_OFF, .file = o->file};
     BlockNode *file = NULL;
     if (size > (uint64_t)INT64_MAX - hlen) {
         vd_error_setg(errp, EFBIG, "The image size is too large for file format 'luks'");

@@ -108,7 +108,7 @@ static int add_luks(const char *filename, const VdCreateOptions *o, VdError **er
  * opens it (QEMU 7.2: the working directory).
  */
 static int create_data_file(const char *filename, const char *data_file, uint64_t size,
-                            VdError **errp)
+                            const VdFileCreateOptions *file_opts, VdError **errp)
 {
     if (strlen(data_file) > 1023) {
         vd_error_setg(errp, EINVAL, "data-file name too long");
@@ -125,6 +125,7 @@ static int create_data_file(const char *filename, const char *data_file, uint64_
     fo.format = "file";
     fo.size = size;
     fo.size_given = true;
+    fo.file = *file_opts; /* qemu-img creates it with the image's protocol options */
     int ret = vd_protocol_create(path, &fo, errp);
     free(path);
     return ret;
@@ -277,7 +278,9 @@ int q2_create(const char *filename, const VdCreateOptions *o, VdError **errp)
     memset(&fo, 0, sizeof(fo));
     fo.format = "file";
     fo.prealloc = VD_PREALLOC_OFF;
-    if (o->data_file && (ret = create_data_file(filename, o->data_file, size, errp)) < 0) {
+    fo.file = o->file;
+    if (o->data_file &&
+        (ret = create_data_file(filename, o->data_file, size, &o->file, errp)) < 0) {
         return ret;
     }
     ret = vd_protocol_create(filename, &fo, errp); /* file or nbd, as the name says */

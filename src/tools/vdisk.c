@@ -637,13 +637,16 @@ static const char *const qcow2_opt_names[] = {
     "refcount_bits", "preallocation", "extended_l2", "compression_type", "data_file",
     "data_file_raw", "encryption",
     "encrypt.format", "encrypt.key-secret", "encrypt.cipher-alg", "encrypt.cipher-mode",
-    "encrypt.ivgen-alg", "encrypt.ivgen-hash-alg", "encrypt.hash-alg", "encrypt.iter-time", NULL
+    "encrypt.ivgen-alg", "encrypt.ivgen-hash-alg", "encrypt.hash-alg", "encrypt.iter-time",
+    "nocow", "extent_size_hint", NULL
 };
-static const char *const raw_opt_names[] = { "size", "preallocation", NULL };
+static const char *const raw_opt_names[] = {
+    "size", "preallocation", "nocow", "extent_size_hint", NULL
+};
 /* QEMU's LUKS create options, in the order qemu-img prints them (qcow2: "encrypt." before each) */
 static const char *const luks_opt_names[] = {
     "size", "key-secret", "cipher-alg", "cipher-mode", "ivgen-alg", "ivgen-hash-alg",
-    "hash-alg", "iter-time", "preallocation", NULL
+    "hash-alg", "iter-time", "preallocation", "nocow", "extent_size_hint", NULL
 };
 
 /* Where -o errors go and how they read (ToolOptsUse in tool.h). */
@@ -853,6 +856,17 @@ int tool_create_options(CreateSpec *spec, const char *fmt, const ToolOpts *o, co
         parse_bool_opt(c, "extended_l2", v, &co->extended_l2) < 0) {
         return -1;
     }
+    /* the file protocol's: qemu-img takes them with every format it creates on a file */
+    if ((v = tool_opts_get(o, "nocow")) && parse_bool_opt(c, "nocow", v, &co->file.nocow) < 0) {
+        return -1;
+    }
+    if ((v = tool_opts_get(o, "extent_size_hint"))) {
+        if ((r = tool_parse_size(v, &co->file.extent_size_hint)) < 0) {
+            opts_size_error(c, "extent_size_hint", v, r);
+            return -1;
+        }
+        co->file.extent_size_hint_set = true;
+    }
     co->data_file = tool_opts_get(o, "data_file");
     if ((v = tool_opts_get(o, "data_file_raw")) &&
         parse_bool_opt(c, "data_file_raw", v, &co->data_file_raw) < 0) {
@@ -923,7 +937,8 @@ static void print_given(const ToolOpts *o, const char *prefix, const char *const
     for (int i = 0; names[i]; i++) {
         snprintf(key, sizeof(key), "%s%s", prefix, names[i]);
         const char *v = tool_opts_get(o, key);
-        if (v && strcmp(names[i], "size") != 0 && strcmp(names[i], "preallocation") != 0) {
+        if (v && strcmp(names[i], "size") != 0 && strcmp(names[i], "preallocation") != 0 &&
+            strcmp(names[i], "nocow") != 0 && strcmp(names[i], "extent_size_hint") != 0) {
             printf(" %s=%s", key, v);
         }
     }
@@ -975,9 +990,19 @@ void tool_print_formatting(const char *filename, const CreateSpec *spec)
         if (!strcmp(co->format, "luks")) {
             print_given(o, "", luks_opt_names);
         }
+        /* then file-posix's own, in its order: nocow, preallocation, extent_size_hint */
+        if ((v = tool_opts_get(o, "nocow"))) {
+            printf(" nocow=%s", v);
+        }
         if ((v = tool_opts_get(o, "preallocation"))) {
             printf(" preallocation=%s", v);
         }
+    }
+    if (!strcmp(co->format, "qcow2") && (v = tool_opts_get(o, "nocow"))) {
+        printf(" nocow=%s", v); /* qcow2 has its own preallocation: file's two come last */
+    }
+    if (co->file.extent_size_hint_set) {
+        printf(" extent_size_hint=%" PRIu64, co->file.extent_size_hint);
     }
     printf("\n");
     fflush(stdout);
@@ -1031,6 +1056,8 @@ static const CreateOptHelp raw_help[] = {
 };
 /* The file protocol's own (qemu-img adds them once a target filename is given). */
 static const CreateOptHelp file_help[] = {
+    { "extent_size_hint", "<size> - Extent size hint for the image file, 0 to disable" },
+    { "nocow", "<bool (on/off)>  - Turn off copy-on-write (valid only on btrfs)" },
     { "preallocation", "<str>    - Preallocation mode (allowed values: off, falloc, full)" },
     { "size", "<size>            - Virtual disk size" },
     { NULL, NULL }
@@ -1038,8 +1065,7 @@ static const CreateOptHelp file_help[] = {
 
 /*
  * qemu-img's "-o help": without a target filename the format's options and two closing lines;
- * with one, "Supported options:" and the format's and the protocol's merged by name (qemu-img
- * 7.2 also lists file's extent_size_hint and nocow, which vdisk does not take).
+ * with one, "Supported options:" and the format's and the protocol's merged by name.
  */
 void tool_print_create_help(const char *fmt, const char *target)
 {

@@ -1,6 +1,8 @@
 """vdisk create / resize / measure compared with qemu-img 7.2 on the same inputs."""
 import json
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -146,16 +148,68 @@ def test_option_help_without_target_is_qemu_imgs(tmp, fmt, cmd):
 
 
 @pytest.mark.parametrize("fmt", ["qcow2", "raw", "luks"])
-def test_option_help_with_target_merges_the_file_protocols(tmp, fmt):
-    """With a target: one merged list; qemu-img's also has file's extent_size_hint and nocow,
-    which vdisk does not take (README), and nothing is created."""
-    pv = vdisk("create", "-f", fmt, "-o", "help", tmp / "x.img")
-    pq = qemu_img("create", "-f", fmt, "-o", "help", tmp / "x.img")
-    qemu_lines = [l for l in pq.stdout.splitlines()
-                  if not l.startswith(("  extent_size_hint=", "  nocow="))]
-    assert pv.stdout.splitlines() == qemu_lines
+@pytest.mark.parametrize("cmd", ["create -f", "convert -O"])
+def test_option_help_with_target_merges_the_file_protocols(tmp, fmt, cmd):
+    """With a target: one merged list, file's extent_size_hint and nocow included, byte for byte
+    as qemu-img 7.2, and nothing is created."""
+    qemu_img("create", "-f", "raw", tmp / "src.raw", "1M")
+    src = [tmp / "src.raw"] if cmd.startswith("convert") else []
+    pv = vdisk(*cmd.split(), fmt, "-o", "help", *src, tmp / "x.img")
+    pq = qemu_img(*cmd.split(), fmt, "-o", "help", *src, tmp / "x.img")
+    assert pv.stdout == pq.stdout
     assert pv.stdout.startswith("Supported options:\n")
+    assert "  nocow=<bool (on/off)>  - Turn off copy-on-write (valid only on btrfs)\n" in pv.stdout
     assert not (tmp / "x.img").exists()
+
+
+FILE_OPTS = ["nocow=on", "nocow=off", "nocow=yes", "extent_size_hint=1M", "extent_size_hint=0",
+             "extent_size_hint=1.5k", "nocow=on,extent_size_hint=64k,preallocation=falloc",
+             "extent_size_hint=4G", "extent_size_hint=-1", "extent_size_hint=abc", "nocow=bogus"]
+
+
+@pytest.mark.parametrize("opts", FILE_OPTS)
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_file_protocol_create_options_as_qemu_img(tmp, fmt, opts):
+    """nocow and extent_size_hint: qemu-img's Formatting line (file's options last, raw's in
+    file-posix's order), exit code, errors and warnings (on ext4: none, the hint is taken and
+    FS_NOCOW_FL's refusal ignored); a hint over 4 GiB creates nothing."""
+    q, v = tmp / f"q.{fmt}", tmp / f"v.{fmt}"
+    pq = qemu_img("create", "-f", fmt, "-o", opts, q, "1M", check=False)
+    pv = vdisk("create", "-f", fmt, "-o", opts, v, "1M", check=False)
+    assert pv.returncode == pq.returncode
+    assert pv.stdout == pq.stdout.replace(str(q), str(v))
+    assert pv.stderr.replace(str(v), "IMG").replace("vdisk", "qemu-img") == \
+        pq.stderr.replace(str(q), "IMG")
+    assert v.exists() == q.exists()
+    if pq.returncode == 0:
+        assert info_json(v, fmt) == info_json(q, fmt)
+
+
+@pytest.mark.parametrize("opts, warns", [
+    ("extent_size_hint=1M", True), ("extent_size_hint=4k", True), ("", False),
+    ("extent_size_hint=0", False), ("nocow=on", False),
+])
+@pytest.mark.parametrize("cmd", ["create", "convert"])
+def test_extent_size_hint_failure_warns_only_when_given(cmd, opts, warns):
+    """On tmpfs (no FS_XFLAG_EXTSIZE, no FS_NOCOW_FL) the image is made all the same; only a hint
+    the user gave is warned about, in qemu-img's words."""
+    d = tempfile.mkdtemp(dir="/dev/shm")
+    try:
+        qemu_img("create", "-f", "raw", os.path.join(d, "src.raw"), "1M")
+        res = {}
+        for tool, prog in (("q", "qemu-img"), ("v", VDISK)):
+            out = os.path.join(d, f"{tool}.raw")
+            o = ["-o", opts] if opts else []
+            argv = ["create", "-f", "raw", *o, out, "1M"] if cmd == "create" else \
+                ["convert", "-O", "raw", *o, os.path.join(d, "src.raw"), out]
+            p = run([prog, *argv], check=False)
+            res[tool] = (p.returncode, p.stderr.replace(os.path.basename(prog), "PROG"),
+                         os.path.getsize(out))
+        assert res["v"] == res["q"]
+        warning = "PROG: warning: Failed to set extent size hint: Operation not supported\n"
+        assert res["v"] == (0, warning if warns else "", 1 << 20)
+    finally:
+        shutil.rmtree(d)
 
 
 # ---- resize ----
