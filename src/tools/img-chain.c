@@ -55,6 +55,19 @@ static int commit_write_task(void *arg)
     return vd_pwrite(w->base, w->off, w->n, w->buf, 0);
 }
 
+/* Block status of [off, len) of top above base; a failure is reported (-1). */
+static int commit_status(BlockNode *top, BlockNode *base, uint64_t off, uint64_t len,
+                         uint64_t *n, VdBlockStatus *st)
+{
+    int r = vd_block_status_above(top, base, off, len - off, n, st);
+    if (r < 0 || *n == 0) {
+        tool_error("Block status failed at offset %" PRIu64 ": %s", off,
+                   strerror(r < 0 ? -r : EIO));
+        return -1;
+    }
+    return 0;
+}
+
 int img_commit(int argc, char **argv)
 {
     static const struct option longopts[] = {
@@ -200,13 +213,25 @@ int img_commit(int argc, char **argv)
     int zflags = base->backing ? 0 : VD_REQ_MAY_UNMAP;
     /* -r: what commit writes into base (its data and zeroes), as qemu-img's job speed. */
     uint64_t chunk = tool_rate_chunk(&rl, TOOL_BUF_SIZE);
+    /*
+     * -p weighs by what is written into base, as qemu-img's commit job (a mirror of what is
+     * allocated above base) does: a first pass counts it, and a range left alone adds nothing.
+     */
+    uint64_t work = 0, done = 0;
+    for (uint64_t off = 0; progress && off < len;) {
+        VdBlockStatus st;
+        uint64_t n;
+        if (commit_status(top, base, off, len, &n, &st) < 0) {
+            goto out_progress;
+        }
+        work += st.flags & (VD_BS_ALLOCATED | VD_BS_ZERO) ? n : 0;
+        off += n;
+    }
     for (uint64_t off = 0; off < len;) {
         VdBlockStatus st;
         uint64_t n;
-        int r = vd_block_status_above(top, base, off, len - off, &n, &st);
-        if (r < 0 || n == 0) {
-            tool_error("Block status failed at offset %" PRIu64 ": %s", off,
-                       strerror(r < 0 ? -r : EIO));
+        int r = commit_status(top, base, off, len, &n, &st);
+        if (r < 0) {
             goto out_progress;
         }
         /*
@@ -240,9 +265,12 @@ int img_commit(int argc, char **argv)
                 tool_error("Commit failed at offset %" PRIu64 ": %s", eoff, strerror(-r));
                 goto out_progress;
             }
+            done += n;
+            if (work) { /* 0 when not under -p */
+                progress_print(100.0f * (float)done / (float)work, 0);
+            }
         }
         off += n;
-        progress_print(100.0f * (float)off / (float)len, 0);
     }
     int r = writing ? tool_worker_wait(worker) : 0;
     writing = false;

@@ -61,6 +61,63 @@ def test_commit_into_backing(chains, extra):
     qemu_img("compare", "-f", "raw", "ref.raw", "vtop.qcow2")
 
 
+def _commit_chain(p):
+    """{p}base (4M data 1M) <- {p}mid (64k at 1M, 128k at 3M) <- {p}top (zeroes at 512k, 64k at
+    2M): what each commit writes is a few clusters, far from the image's size."""
+    qemu_img("create", "-f", "qcow2", f"{p}base.qcow2", "4M")
+    qemu_io("-c", "write -P 1 0 1M", f"{p}base.qcow2")
+    for lower, upper, cmds in (("base", "mid", ["write -P 2 1M 64k", "write -P 3 3M 128k"]),
+                               ("mid", "top", ["write -z 512k 64k", "write -P 4 2M 64k"]),
+                               ("base", "lone", ["write -P 5 1M 1M"]), ("base", "none", [])):
+        qemu_img("create", "-f", "qcow2", "-b", f"{p}{lower}.qcow2", "-F", "qcow2",
+                 f"{p}{upper}.qcow2")
+        if cmds:
+            qemu_io(*[a for c in cmds for a in ("-c", c)], f"{p}{upper}.qcow2")
+
+
+def _steps(out):
+    """-p output's steps, each repeat shown once: qemu-img's job loop prints its current step
+    once per event-loop turn, how many times depends on timing."""
+    lines = out.split(b"\r")
+    return [l for i, l in enumerate(lines) if i == 0 or l != lines[i - 1]]
+
+
+@pytest.mark.parametrize("args, exact", [
+    (["top.qcow2"], True), (["-d", "mid.qcow2"], False), (["-b", "BASE", "top.qcow2"], False),
+    (["lone.qcow2"], True), (["none.qcow2"], True),
+])
+def test_commit_progress_steps_as_qemu_img(tmp, args, exact):
+    """commit -p weighs by what it writes into base (qemu-img's job mirrors what is allocated
+    above base), not by the image's size: 0, a step per range written, 100 twice. Where
+    qemu-img's job finishes ranges together (timing), vdisk shows every step qemu-img shows and
+    only steps of the same weighing."""
+    os.chdir(tmp)
+    _commit_chain("q")
+    _commit_chain("v")
+    outs = {}
+    for t, prog in (("q", "qemu-img"), ("v", VDISK)):
+        argv = [a.replace("BASE", f"{t}base.qcow2") if a == "BASE" else
+                a if a.startswith("-") else t + a for a in args]
+        p = subprocess.run([prog, "commit", "-p", *argv], capture_output=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        outs[t] = p.stdout
+    q, v = _steps(outs["q"]), _steps(outs["v"])
+    assert q[0] == b"    (0.00/100%)" and q[-2:] == [b"    (100.00/100%)", b"\nImage committed.\n"]
+    if exact:
+        assert v == q
+    else:
+        assert set(q) <= set(v)
+    # vdisk's bytes: 0 once, each step once, 100 from the job's end and from the command's (once
+    # when nothing is written: qemu-img's job is over before its loop looks)
+    expect = {("top.qcow2",): ["50.00"], ("-d", "mid.qcow2"): ["33.33"],
+              ("-b", "BASE", "top.qcow2"): ["20.00", "40.00", "60.00"]}.get(tuple(args), [])
+    hundreds = 1 if args == ["none.qcow2"] else 2
+    assert outs["q"].count(b"(100.00/100%)") >= hundreds
+    assert outs["v"] == b"".join(f"    ({s}/100%)\r".encode()
+                                 for s in ["0.00", *expect, *["100.00"] * hundreds]) + \
+        b"\nImage committed.\n"
+
+
 def test_commit_to_base_through_intermediate(chains):
     pq = qemu_img("commit", "-b", "qbase.qcow2", "qtop.qcow2")
     pv = vdisk("commit", "-b", "vbase.qcow2", "vtop.qcow2")
