@@ -145,6 +145,27 @@ static char *qemu_node_name(const char *uri)
     return r < 0 ? NULL : out;
 }
 
+/*
+ * Would QEMU's nbd_parse_uri take this nbd:// or nbd+unix:// URI (vdisk's own parameters taken
+ * out)? nbd:// needs a host and no query; nbd+unix:// no host or port and exactly one query
+ * parameter, socket. Other schemes (nbds://, vsock) are vdisk's and libnbd's to check.
+ */
+static bool qemu_uri_valid(const char *uri)
+{
+    bool is_unix = !strncmp(uri, "nbd+unix://", 11);
+    const char *p = is_unix ? uri + 11 : !strncmp(uri, "nbd://", 6) ? uri + 6 : NULL;
+    if (!p) {
+        return true;
+    }
+    size_t auth = strcspn(p, "/?#");
+    const char *query = strchr(p, '?');
+    if (is_unix) {
+        return auth == 0 && query && !strncmp(query + 1, "socket=", 7) && !strchr(query, '&');
+    }
+    size_t host = p[0] == '[' ? auth : strcspn(p, ":/?#");
+    return host > 0 && !query;
+}
+
 /* ---- connecting ---- */
 
 static int first_connect_timeout_ms = -1; /* vd_nbd_set_connect_timeout */
@@ -294,10 +315,24 @@ static int nbd_drv_open(BlockNode *bs, const VdOpenOptions *opts, VdError **errp
     if (r == 0) {
         r = uri_take_options(s, opts->filename, errp);
     }
+    if (r == 0 && !qemu_uri_valid(s->uri)) {
+        vd_error_setg(errp, EINVAL, "No valid URL specified"); /* QEMU's words for all of it */
+        r = -EINVAL;
+    }
     if (r == 0) {
         r = nbd_drv_open_conns(bs, opts, errp);
     }
     char *name = r == 0 ? qemu_node_name(s->uri) : NULL;
+    /* an export given as "" (options, not a URI): QEMU's name keeps the path's "/" */
+    const char *exp = opts->options ? vd_options_str(opts->options, "export") : NULL;
+    if (name && exp && !*exp) {
+        char *slashed = NULL;
+        size_t at = strcspn(name, "?"); /* nbd://H:P, nbd+unix://?socket=S */
+        if (asprintf(&slashed, "%.*s/%s", (int)at, name, name + at) >= 0) {
+            free(name);
+            name = slashed;
+        }
+    }
     if (name) {
         free(bs->filename);
         bs->filename = name;

@@ -543,6 +543,44 @@ def test_node_named_as_qemu_names_it(srv):
             _assert_same(*_both(*args))
 
 
+def test_node_with_empty_export_option_named_as_qemu_names_it(srv):
+    """An export given as "" by options (not a URI) keeps the path's "/" in QEMU's name:
+    nbd://HOST:PORT/ and nbd+unix:///?socket=PATH; absent, there is none."""
+    port = free_port()
+    srv.nbdkit("memory", "64k", tcp_port=port)
+    sock = srv.nbdkit("memory", "64k")
+    inet = f"server.type=inet,server.host=127.0.0.1,server.port={port}"
+    unix = f"server.type=unix,server.path={sock}"
+    for opts, name in ((f"{inet},export=", f"nbd://127.0.0.1:{port}/"),
+                       (f"host=127.0.0.1,port={port},export=", f"nbd://127.0.0.1:{port}/"),
+                       (f"{unix},export=", f"nbd+unix:///?socket={sock}"),
+                       (unix, f"nbd+unix://?socket={sock}"), (inet, f"nbd://127.0.0.1:{port}")):
+        for args in (["info", "--image-opts", f"driver=nbd,{opts}"],
+                     ["info", "--output=json", "--image-opts", f"driver=nbd,{opts}"]):
+            pq, pv = _both(*args)
+            _assert_same(pq, pv)
+            assert pq.returncode == 0 and name in pq.stdout, pq.stdout
+    tree = {"driver": "nbd", "server": {"type": "inet", "host": "127.0.0.1", "port": str(port)},
+            "export": ""}
+    pq, pv = _both("info", "json:" + json.dumps(tree))
+    _assert_same(pq, pv)
+    assert f"image: nbd://127.0.0.1:{port}/\n" in pv.stdout
+
+
+def test_invalid_nbd_urls_as_qemu_img(tmp_path):
+    """What QEMU's nbd_parse_uri refuses - nbd:// without a host or with a query, nbd+unix://
+    without exactly one socket= or with a host - is "No valid URL specified", exit 1, before
+    any connection."""
+    sock = str(tmp_path / "s.sock")
+    for u in ("nbd://", "nbd:///exp", "nbd://:10809", "nbd://:10809/exp", "nbd://localhost/?x=y",
+              "nbd+unix://", "nbd+unix:///", "nbd+unix:///exp",
+              f"nbd+unix:///?socket={sock}&x=y", f"nbd+unix://localhost/?socket={sock}"):
+        pq, pv = _both("info", u)
+        assert (pv.returncode, pv.stdout) == (pq.returncode, pq.stdout) == (1, "")
+        assert pv.stderr.replace("vdisk: ", "qemu-img: ") == pq.stderr == \
+            f"qemu-img: Could not open '{u}': No valid URL specified\n"
+
+
 def test_nbd_by_options_as_qemu_img(srv):
     """An nbd node named by options (--image-opts, json:) as qemu-img takes them: server.*
     and export, also as a raw node's file; an incomplete address refused in QEMU's words."""
