@@ -103,11 +103,10 @@ static void *wb_main(void *arg)
      * Start the writeback, do not sync: the fdatasync every 256 MiB this once made wrote 256 MiB
      * at once and committed the journal, and a guest reading that file meanwhile (an active
      * commit's copy-on-write reads base) waited for all of it: 28-224 ms preads ending with the
-     * sync, measured (docs/guest-priority.md).
+     * sync, measured (docs/guest-priority.md). Only nodes that can start one get here
+     * (copy_engine_writeback_node).
      */
-    if (vd_start_writeback(e->o.writeback) == -ENOTSUP) {
-        (void)vd_flush_own(e->o.writeback);
-    }
+    (void)vd_start_writeback(e->o.writeback);
     __atomic_store_n(&e->wb_running, false, __ATOMIC_RELEASE);
     return NULL;
 }
@@ -688,7 +687,12 @@ void copy_engine_wait_writeback(CopyEngine *e)
 BlockNode *copy_engine_writeback_node(BlockNode *dst, uint64_t *every)
 {
     BlockNode *f = dst ? dst->file : NULL;
-    if (!f || !f->drv->is_protocol || f->drv->may_block ||
+    /*
+     * Only a file can start its writeback without a sync. Others get no background flush: it
+     * was a sync (what the guest waited for, above), null-co has nothing to write, and a
+     * blkdebug flush rule must see the job's own flushes, not one of ours (its error lost).
+     */
+    if (!f || !f->drv->is_protocol || f->drv->may_block || !f->drv->start_writeback ||
         (f->open_flags & VD_OPEN_NO_FLUSH) || (dst->open_flags & VD_OPEN_NO_FLUSH)) {
         *every = 0;
         return NULL;

@@ -57,7 +57,7 @@ typedef struct CopyEngineOptions {
     /*
      * Early writeback: every writeback_every bytes written by finished copies, a helper thread
      * starts the writeback of `writeback` (the destination's protocol node: vd_start_writeback,
-     * no sync, no format lock, copies go on; a flush where the driver cannot), so the disk writes
+     * no sync, no format lock, copies go on; nothing where the driver cannot), so the disk writes
      * while the job copies and the job's final flush (which alone makes the copy durable) finds
      * little left. NULL / 0 = off.
      */
@@ -216,7 +216,8 @@ BlockNode *copy_read_layer(BlockNode *top, BlockNode *layer, uint64_t offset, ui
 uint64_t copy_engine_default_unit(void);
 /*
  * The node to write back early for a destination format node `dst` (its file, when that is a local
- * file that syncs), and how often (8 MiB; VDISK_COPY_WRITEBACK, bytes, 0 = off); NULL if none.
+ * file that syncs and can start a writeback: never a background flush), and how often (8 MiB;
+ * VDISK_COPY_WRITEBACK, bytes, 0 = off); NULL if none.
  */
 BlockNode *copy_engine_writeback_node(BlockNode *dst, uint64_t *every);
 unsigned copy_engine_default_workers(void);

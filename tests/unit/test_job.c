@@ -1533,6 +1533,62 @@ static void test_copy_engine_concurrency_and_no_overlap(void **state)
     pthread_cond_destroy(&p.cond);
 }
 
+static void copy_all_fn(void *opaque, CopyChunk *c, uint8_t *buf, uint64_t buf_size)
+{
+    (void)opaque;
+    (void)buf;
+    (void)buf_size;
+    c->ret = 0;
+    c->copied = c->bytes;
+}
+
+/*
+ * The early writeback never flushes: a destination whose file cannot start a writeback without a
+ * sync (null-co here, blkdebug, ...) gets none, not the fdatasync every 8 MiB it once got (a
+ * blkdebug flush rule consumed by it, its error lost). A local file gets one every 8 MiB.
+ */
+static void test_copy_engine_early_writeback_never_flushes(void **state)
+{
+    (void)state;
+    VdError *err = NULL;
+    BlockNode *dst = vd_open_json("json:{\"driver\": \"raw\", \"file\": {\"driver\": "
+                                  "\"null-co\", \"size\": 67108864}}",
+                                  NULL, VD_OPEN_RDWR, &err);
+    assert_null(err);
+    assert_non_null(dst);
+    uint64_t every = 1;
+    assert_null(copy_engine_writeback_node(dst, &every));
+    assert_int_equal(every, 0);
+    /* Even when handed one, the engine only starts writebacks: 32 MiB copied, no flush. */
+    CopyEngineOptions o = {.workers = 2, .buf_size = 1 << 20, .align = PROBE_ALIGN,
+                           .fn = copy_all_fn, .writeback = dst->file,
+                           .writeback_every = 1 << 20};
+    CopyEngine *e = copy_engine_new(&o);
+    assert_non_null(e);
+    uint64_t before = vd_flush_requests(dst->file);
+    for (uint64_t off = 0; off < (32u << 20); off += 1u << 20) {
+        copy_engine_submit(e, off, 1u << 20, false);
+        CopyChunk c;
+        assert_true(copy_engine_reap(e, &c, true));
+        assert_int_equal(c.ret, 0);
+    }
+    copy_engine_free(e);
+    assert_int_equal(vd_flush_requests(dst->file) - before, 0);
+    vd_node_unref(dst);
+
+    char path[] = "/tmp/vdisk-test-wb-XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    close(fd);
+    BlockNode *f = vd_open_image(path, "raw", VD_OPEN_RDWR, &err);
+    assert_null(err);
+    assert_non_null(f);
+    assert_ptr_equal(copy_engine_writeback_node(f, &every), f->file);
+    assert_int_equal(every, 8u << 20);
+    vd_node_unref(f);
+    unlink(path);
+}
+
 /* ---- guest priority: the copy budget (docs/guest-priority.md) ---- */
 
 static CopyWindow busy_window(uint64_t mean_ns)
@@ -1883,6 +1939,7 @@ int main(void)
         cmocka_unit_test(test_mirror_copy_never_overwrites_newer_guest_data),
         cmocka_unit_test(test_copy_engine_concurrency_and_no_overlap),
         cmocka_unit_test(test_copy_engine_low_water_holds_at_unfinished_copies),
+        cmocka_unit_test(test_copy_engine_early_writeback_never_flushes),
         cmocka_unit_test(test_copy_budget_shrinks_under_a_busy_guest_but_never_to_zero),
         cmocka_unit_test(test_copy_budget_idle_guest_gets_everything_and_share_recovers),
         cmocka_unit_test(test_copy_budget_floor_rises_until_the_copy_gains_on_the_guest),
