@@ -236,6 +236,12 @@ int q2_parse_header(BlockNode *bs, Qcow2State *s, int flags, VdError **errp)
         free(hbuf);
         return ret;
     }
+    /*
+     * QEMU counts the disk in whole sectors, rounded down (total_sectors = size / 512): a
+     * crafted size of 1000 is a 512-byte disk, and a header it rewrites says 512. Validation
+     * above saw the size as stored, as QEMU's checks do.
+     */
+    h->size &= ~511ULL;
     free(s->hdr_raw);
     s->hdr_raw_len = h->header_length;
     s->hdr_raw = malloc(h->header_length);

@@ -871,6 +871,15 @@ static int qcow2_truncate(BlockNode *bs, uint64_t size, bool shrink, VdPrealloc 
         goto out;
     }
     if (size == old) {
+        /* a crafted size (1000) read as 512: QEMU writes the field even when it is the same */
+        uint8_t be[8];
+        ret = vd_pread(bs->file, 24, 8, be);
+        if (ret == 0 && qcow2_be64(be) != size) {
+            ret = update_size_field(s, size);
+        }
+        if (ret < 0) {
+            vd_error_setg_errno(errp, -ret, "qcow2: could not update the header");
+        }
         goto out;
     }
     if (size < old) {

@@ -3,6 +3,7 @@ and `vdisk io` (a read-write open) give qemu-img's / qemu-io's exit code and, wh
 image, its error line word for word ("vdisk:" for "qemu-img:"). The driver's open and the
 checker share one validator (qcow2_header_validate), so info and check must agree with QEMU alike;
 a refused image is never modified."""
+import json
 import shutil
 import struct
 
@@ -131,3 +132,55 @@ def test_unknown_feature_named_by_the_feature_table(tmp):
     assert "teleportation" in q.stderr
     assert last_error(v, "vdisk").replace(str(img), "X") == \
         last_error(q, "qemu-img").replace(str(copy), "X")
+
+
+def unaligned_size_image(tmp, name):
+    """A 1024-byte qcow2 whose header says 1000 bytes (a crafted size)."""
+    p = tmp / name
+    qemu_img("create", "-f", "qcow2", p, "1024")
+    with open(p, "r+b") as f:
+        f.seek(24)
+        f.write(struct.pack(">Q", 1000))
+    return p
+
+
+def size_field(p):
+    with open(p, "rb") as f:
+        f.seek(24)
+        return struct.unpack(">Q", f.read(8))[0]
+
+
+def test_size_not_a_sector_multiple_rounds_down_as_qemu(tmp):
+    """A header size of 1000 is a 512-byte disk, as QEMU counts it (total_sectors = size / 512):
+    info says 512, a write past 512 fails and changes nothing, a write inside leaves the field
+    as it was, a resize (even to the same 512) writes the new size, convert copies 512 bytes."""
+    q = unaligned_size_image(tmp, "q.qcow2")
+    v = tmp / "v.qcow2"
+    shutil.copy(q, v)
+    assert json.loads(vdisk("info", "--output=json", v).stdout)["virtual-size"] == 512
+    assert json.loads(qemu_img("info", "--output=json", q).stdout)["virtual-size"] == 512
+    before = sha256(v)
+    pv = vdisk("io", "-c", "write -P 0x41 1000 24", v, check=False)
+    pq = run(["qemu-io", "-c", "write -P 0x41 1000 24", q], check=False)
+    assert_not_crashed(pv)
+    assert pq.returncode != 0 and pv.returncode == pq.returncode, (pq, pv)
+    assert sha256(v) == before
+    vdisk("io", "-c", "write -P 0x41 0 512", v)
+    run(["qemu-io", "-c", "write -P 0x41 0 512", q])
+    run(["qemu-io", "-c", "read -P 0x41 0 512", v])
+    assert size_field(v) == size_field(q) == 1000
+    qemu_img("check", v)
+    out = tmp / "v.raw"
+    vdisk("convert", "-O", "raw", v, out)
+    assert out.read_bytes() == b"A" * 512
+    for args, want in ((["512"], 512), (["--shrink", "512"], 512), (["2048"], 2048)):
+        for tool in (qemu_img, vdisk):
+            c = unaligned_size_image(tmp, "r.qcow2")
+            tool("resize", c, *args)
+            assert size_field(c) == want, (tool, args)
+            assert json.loads(qemu_img("info", "--output=json", c).stdout)["virtual-size"] == want
+    pq = qemu_img("resize", q, "1000", check=False)
+    pv = vdisk("resize", v, "1000", check=False)
+    assert pq.returncode == pv.returncode == 1
+    assert pv.stderr.replace("vdisk:", "qemu-img:") == pq.stderr
+    assert size_field(v) == 1000
