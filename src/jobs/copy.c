@@ -85,7 +85,7 @@ struct CopyEngine {
     uint64_t prog_start, prog_dirty, prog_copied;
     bool prog_started;
 #ifndef NDEBUG
-    /* VDISK_TEST_COPY_PACE_MS (tests only): tracked copies start this far apart (test_pace_locked) */
+    /* VDISK_TEST_COPY_PACE_MS (test hook): tracked copies start this far apart, test_pace_locked */
     uint64_t test_pace_ns, test_next_ns;
 #endif
     /* early writeback (coordinator only, but wb_running is atomic) */
@@ -285,11 +285,13 @@ static void pace_locked(CopyEngine *e)
 
 #ifndef NDEBUG
 /*
- * Test hook, not in a build with NDEBUG: VDISK_TEST_COPY_PACE_MS=N makes each tracked copy start at
- * least N ms after the previous one started, as the guest-priority pacing can hold a submitted
- * chunk in its worker before the job's copy function sees it (tests/integration/jobs/
- * test_jobs_resume_kill.py: a journal must not call such a chunk's range copied). nbdkit's delay
- * filter cannot widen that gap: it delays the copy's I/O, after the job has marked the range.
+ * Test hook: VDISK_TEST_COPY_PACE_MS=N makes each tracked copy start at least N ms after the
+ * previous one started, as the guest-priority pacing can hold a submitted chunk in its worker
+ * before the job's copy function sees it (tests/integration/jobs/test_jobs_resume_kill.py: a
+ * journal must not call such a chunk's range copied). nbdkit's delay filter cannot widen that
+ * gap: it delays the copy's I/O, after the job has marked the range. It ships in vdiskd (the
+ * default debugoptimized build does not define NDEBUG; only -Db_ndebug=true leaves it out), and
+ * does nothing unless the variable is set.
  */
 static void test_pace_locked(CopyEngine *e)
 {
