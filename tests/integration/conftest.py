@@ -97,12 +97,13 @@ def tmp(tmp_path):
     return tmp_path
 
 
-# A passed test's tmp_path is removed when its fixtures are done with it (a failed or skipped
-# one's stays for the post-mortem). pytest 7.2 keeps every test's directory until the session
-# ends: a whole run grew /tmp by ~12 GB, and CI's machine had 15 GiB free. The autouse fixture
-# is set up before the test's other fixtures, so it is torn down after them (daemons stopped).
-# Tests that os.chdir(tmp) get the worker's directory back first, so no later test starts in a
-# removed one.
+# A passed test's tmp_path is removed once its teardown is over and raised nothing (a failed or
+# skipped one's stays for the post-mortem, and so does that of a test whose teardown failed: a
+# daemon's sanitizer report found when the vd fixture stops it). pytest 7.2 keeps every test's
+# directory until the session ends: a whole run grew /tmp by ~12 GB, and CI's machine had
+# 15 GiB free. The autouse fixture is set up before the test's other fixtures, so it is torn
+# down after them: tests that os.chdir(tmp) get the worker's directory back first, so no later
+# test starts in a removed one.
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     rep = (yield).get_result()
@@ -110,14 +111,20 @@ def pytest_runtest_makereport(item, call):
         item.vdisk_passed = rep.passed
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    outcome = yield
+    path = getattr(item, "vdisk_tmp_path", None)
+    if path is not None and getattr(item, "vdisk_passed", False) and outcome.excinfo is None:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
 def _remove_tmp_path_of_passed_test(request):
     cwd = os.getcwd()
     yield
     os.chdir(cwd)
-    path = request.node.funcargs.get("tmp_path")
-    if path is not None and getattr(request.node, "vdisk_passed", False):
-        shutil.rmtree(path, ignore_errors=True)
+    request.node.vdisk_tmp_path = request.node.funcargs.get("tmp_path")
 
 
 # The real peers the tests use as the oracle (scripts/install-deps.sh installs them all).
