@@ -823,12 +823,13 @@ static int commit_run_active(Commit *c, VdError **errp)
     }
     copy_engine_drain(e, commit_reaped, &cr); /* failed/cancelled copies re-dirtied their ranges */
     /*
-     * An early writeback may still be syncing base's file. Wait for it here, while guests run,
-     * when prepare syncs base (it would wait behind it while guests are drained): a failure, a
-     * soft cancel, a guest flush since base was durable. A pivot that syncs nothing need not
-     * wait for a disk sync it does not rely on (the wait was once 49 ms of complete ->
-     * COMPLETED): the writeback ends on its own and is joined when the job is freed, after
-     * the event; base_rw, whose file it syncs, lives as long as the job.
+     * An early writeback may still be starting the disk writes of base's file
+     * (sync_file_range, no sync). Wait for it here, while guests run, when prepare syncs base
+     * (that sync would wait behind it while guests are drained): a failure, a soft cancel, a
+     * guest flush since base was durable. A pivot that syncs nothing need not wait for a
+     * writeback it does not rely on (the wait was once 49 ms of complete -> COMPLETED): the
+     * writeback ends on its own and is joined when the job is freed, after the event; base_rw,
+     * whose file it writes back, lives as long as the job.
      */
     vd_mutex_lock(&c->lock);
     bool pivot = c->should_complete;

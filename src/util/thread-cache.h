@@ -17,7 +17,7 @@ int vd_thread_run(void (*fn)(void *), void *arg);
 
 /*
  * Name the calling thread (printf format, cut to the kernel's 15 characters) so top -H, perf
- * sched and gdb tell vdiskd's threads apart: "copy-commit/0", "nbd-conn 3", "qmp"... A recycled
+ * sched and gdb tell vdiskd's threads apart: "copy/0", "nbd-conn fd7", "qmp"... A recycled
  * thread takes the name of the work it runs and is "idle" between pieces.
  */
 void vd_thread_name(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
