@@ -453,33 +453,43 @@ int img_rebase(int argc, char **argv)
         new_name = "";
     }
     bool flatten = new_name[0] == '\0';
+    /* qemu-img shows 0 % before opening anything, and 100 % once the name is changed or not */
+    progress_init(progress, 2.0);
+    progress_print(0, 100);
     int cache_flags, src_flags;
     if (cache_flags_or_error(cache, "", &cache_flags) < 0 ||
         cache_flags_or_error(src_cache, "source ", &src_flags) < 0) {
+        progress_end();
         return 1;
     }
     /* The backing files (old and new) are opened with -T and -U, as qemu-img does. */
     src_flags = tool_open_flags(src_flags, force_share);
     BlockNode *bs = tool_open(filename, fmt, VD_OPEN_RDWR | cache_flags | VD_OPEN_NO_BACKING);
     if (!bs) {
+        progress_end();
         return 1;
     }
     /* after the open, as qemu-img finds these */
     if (new_fmt && !vd_find_driver(new_fmt)) {
         tool_error("Invalid format name: '%s'", new_fmt);
         vd_node_unref(bs);
+        progress_end();
         return 1;
     }
     if (!flatten && !new_fmt) {
+        /* qemu-img finds this when it changes the name, after any copying: then 100 % */
         tool_error("Could not change the backing file to '%s': backing format must be "
                    "specified", new_name);
         vd_node_unref(bs);
+        progress_print(100, 0);
+        progress_end();
         return 1;
     }
     if (!unsafe && bs->backing_file && bs->backing_file[0]) {
         BlockNode *old = open_old_backing(bs, src_flags);
         if (!old) {
             vd_node_unref(bs);
+            progress_end();
             return 1;
         }
         vd_node_set_backing(bs, old);
@@ -540,8 +550,12 @@ int img_rebase(int argc, char **argv)
             tool_error("out of memory");
             goto out;
         }
-        progress_init(progress, 2.0);
-        progress_print(0, 100);
+        /*
+         * qemu-img's steps: each piece it reads (not allocated in the image and, with a prefix,
+         * allocated above it; at most 2 MiB) adds 100 / (size / 2 MiB) %, however long it is.
+         */
+        uint64_t usize = (uint64_t)size, stepped_to = 0;
+        float step = usize ? 100.0f / (float)(usize / MIN(usize, TOOL_BUF_SIZE)) : 0;
         int cur = 0;
         bool writing = false; /* the writer holds slot[!cur] */
         for (uint64_t off = 0; off < (uint64_t)size;) {
@@ -552,7 +566,7 @@ int img_rebase(int argc, char **argv)
             int r = vd_block_status(bs, off, n, &pn, &st);
             if (r < 0 || pn == 0) {
                 tool_error("error while reading image metadata: %s", strerror(r < 0 ? -r : EIO));
-                goto out_progress;
+                goto out;
             }
             n = pn;
             if (st.flags & VD_BS_ALLOCATED) {
@@ -565,7 +579,7 @@ int img_rebase(int argc, char **argv)
                 if (r < 0 || pn == 0) {
                     tool_error("error while reading image metadata: %s",
                                strerror(r < 0 ? -r : EIO));
-                    goto out_progress;
+                    goto out;
                 }
                 n = pn;
                 if (!(st.flags & VD_BS_ALLOCATED)) {
@@ -573,12 +587,17 @@ int img_rebase(int argc, char **argv)
                     continue;
                 }
             }
+            bool stepping = off >= stepped_to; /* a piece qemu-img reads starts here */
+            stepped_to = stepping ? off + n : stepped_to;
             /* Both read zero: nothing to do. */
             uint64_t z1, z2;
             bool zo = chain_reads_zero(bs->backing, old_size, off, n, &z1);
             bool zn = chain_reads_zero(newb, new_size, off, n, &z2);
             if (zo && zn) {
                 off += MIN(z1, z2);
+                if (stepping) {
+                    progress_print(step, 100);
+                }
                 continue;
             }
             /*
@@ -597,29 +616,29 @@ int img_rebase(int argc, char **argv)
             r = r < 0 ? r : r2;
             if (r < 0) {
                 tool_error("error while reading from backing file: %s", strerror(-r));
-                goto out_progress;
+                goto out;
             }
             if (writing && (r = tool_worker_wait(writer)) < 0) {
                 writing = false;
                 tool_error("error while writing to the image: %s", strerror(-r));
-                goto out_progress;
+                goto out;
             }
             tool_worker_submit(writer, rebase_write_task, sl);
             writing = true;
             cur = !cur;
             off += n;
-            progress_print(100.0f * (float)off / (float)size, 0);
+            if (stepping) {
+                progress_print(step, 100);
+            }
         }
         if (writing) {
             writing = false;
             int r = tool_worker_wait(writer);
             if (r < 0) {
                 tool_error("error while writing to the image: %s", strerror(-r));
-                goto out_progress;
+                goto out;
             }
         }
-        progress_print(100, 0);
-        progress_end();
     }
 
     if (vd_change_backing_file(bs, flatten ? NULL : new_name, flatten ? NULL : new_fmt,
@@ -629,18 +648,18 @@ int img_rebase(int argc, char **argv)
         tool_error("Could not change the backing file to '%s': %s", shown_name,
                    code == ENOSPC ? "No space left in the file header" : strerror(code));
         vd_error_free(err);
+        progress_print(100, 0);
         goto out;
     }
+    progress_print(100, 0);
     int r = vd_flush(bs);
     if (r < 0) {
         tool_error("Could not flush the image: %s", strerror(-r));
         goto out;
     }
     ret = 0;
-    goto out;
-out_progress:
-    progress_end();
 out:
+    progress_end();
     tool_worker_free(writer); /* waits for a write still running */
     tool_worker_free(worker);
     for (int k = 0; k < 2; k++) {

@@ -385,6 +385,7 @@ void progress_print(float delta, int max)
         return;
     }
     float current = max == 0 ? delta : progress.current + delta / 100 * max;
+    current = current > 100 ? 100 : current; /* rebase's fixed steps can add up past it */
     progress.current = current; /* also when not shown: small steps add up (QEMU's) */
     if (current > progress.last_print + progress.min_skip ||
         current < progress.last_print - progress.min_skip || current == 100 || current == 0) {

@@ -262,6 +262,36 @@ def test_rebase_progress_and_quiet(chains):
 
 
 @pytest.mark.parametrize("args", [
+    ["-b", "base.qcow2", "-F", "qcow2", "top.qcow2"],    # onto a layer of its chain
+    ["-b", "", "top.qcow2"],                              # flatten: a piece past 100 %
+    ["-b", "base.qcow2", "-F", "qcow2", "mid.qcow2"],
+    ["-u", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"],
+    ["-u", "-b", "x", "top.qcow2"],                       # no -F: refused, 100 % all the same
+    ["-b", "x", "-F", "qcow2", "top.qcow2"], ["-u", "-b", "x", "-F", "qcow2", "gone.qcow2"],
+    ["-t", "bogus", "-u", "-b", "x", "-F", "qcow2", "top.qcow2"],
+    ["-u", "-b", "x", "-F", "bogus", "top.qcow2"],
+])
+def test_rebase_progress_bytes_as_qemu_img(tmp, args):
+    """rebase -p prints qemu-img's bytes: 0 % before anything is opened (so also before an
+    error), a fixed 100 / (size / 2 MiB) % per piece read from the backing files, never past
+    100, and 100 % once the backing name is set (or refused); -u prints 0 and 100."""
+    os.chdir(tmp)
+    _commit_chain("q")
+    _commit_chain("v")
+    outs = {}
+    for t, prog in (("q", "qemu-img"), ("v", VDISK)):
+        argv = [a if a.startswith("-") or a in ("", "x", "qcow2", "bogus") else t + a
+                for a in args]
+        p = subprocess.run([prog, "rebase", "-p", *argv], capture_output=True, timeout=120)
+        outs[t] = (p.returncode, p.stdout, p.stderr.replace(os.path.basename(prog).encode(), b"P")
+                   .replace(b"vgone", b"qgone").replace(b"vtop", b"qtop"))
+    assert outs["v"] == outs["q"]
+    assert outs["q"][1].startswith(b"    (0.00/100%)\r") and outs["q"][1].endswith(b"\r\n")
+    if args[0] == "-b" and args[1] == "":
+        assert outs["q"][1].count(b"(100.00/100%)") == 3  # the third piece stops at 100
+
+
+@pytest.mark.parametrize("args", [
     ["-b", "qmid.qcow2", "qtop.qcow2"],                # no -F
     ["-b", "nonexist.qcow2", "-F", "qcow2", "qtop.qcow2"],
     ["qtop.qcow2"],                                    # no -b
