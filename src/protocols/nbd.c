@@ -315,6 +315,10 @@ static int nbd_drv_open(BlockNode *bs, const VdOpenOptions *opts, VdError **errp
     if (r == 0) {
         r = uri_take_options(s, opts->filename, errp);
     }
+    if (r == 0 && !strncmp(s->uri, "nbd+tcp://", 10)) {
+        /* QEMU's other spelling of nbd://; libnbd knows only that one */
+        memmove(s->uri + 3, s->uri + 7, strlen(s->uri + 7) + 1);
+    }
     if (r == 0 && !qemu_uri_valid(s->uri)) {
         vd_error_setg(errp, EINVAL, "No valid URL specified"); /* QEMU's words for all of it */
         r = -EINVAL;
@@ -854,7 +858,7 @@ static int nbd_drv_create(const char *filename, const VdCreateOptions *opts, VdE
 
 /* The schemes libnbd's nbd_connect_uri takes (TLS: nbds; a Unix socket: +unix; vsock). */
 static const char *const nbd_uri_schemes[] = {
-    "nbd", "nbds", "nbd+unix", "nbds+unix", "nbd+vsock", "nbds+vsock", NULL,
+    "nbd", "nbds", "nbd+unix", "nbds+unix", "nbd+vsock", "nbds+vsock", "nbd+tcp", NULL,
 };
 
 static int nbd_drv_probe(const uint8_t *buf, size_t len, const char *filename)

@@ -533,12 +533,14 @@ def test_qemu_nbd_odd_sized_file_read_and_written_by_vdisk(srv, tmp_path):
 
 def test_node_named_as_qemu_names_it(srv):
     """QEMU names an nbd node nbd://HOST:PORT[/EXPORT] or nbd+unix://[/EXPORT]?socket=PATH
-    whatever form the URI had (default port spelled out, no "/" for the empty export)."""
+    whatever form the URI had (default port spelled out, no "/" for the empty export, nbd+tcp://
+    its other spelling of nbd://)."""
     port = free_port()
     base = srv.nbdkit("memory", "64k", tcp_port=port)
     sock = srv.nbdkit("memory", "64k")
     for u in (base, base + "/", base + "/exp", f"nbd://127.0.0.1:{port}/exp",
-              uri(sock), uri(sock, "exp"), f"nbd+unix://?socket={sock}"):
+              uri(sock), uri(sock, "exp"), f"nbd+unix://?socket={sock}",
+              f"nbd+tcp://127.0.0.1:{port}/exp", f"nbd+tcp://127.0.0.1:{port}"):
         for args in (["info", u], ["info", "--output=json", "-f", "raw", u], ["map", u]):
             _assert_same(*_both(*args))
 
@@ -573,7 +575,7 @@ def test_invalid_nbd_urls_as_qemu_img(tmp_path):
     any connection."""
     sock = str(tmp_path / "s.sock")
     for u in ("nbd://", "nbd:///exp", "nbd://:10809", "nbd://:10809/exp", "nbd://localhost/?x=y",
-              "nbd+unix://", "nbd+unix:///", "nbd+unix:///exp",
+              "nbd+unix://", "nbd+unix:///", "nbd+unix:///exp", "nbd+tcp://", "nbd+tcp://h/?x=y",
               f"nbd+unix:///?socket={sock}&x=y", f"nbd+unix://localhost/?socket={sock}"):
         pq, pv = _both("info", u)
         assert (pv.returncode, pv.stdout) == (pq.returncode, pq.stdout) == (1, "")
