@@ -54,7 +54,18 @@ def vdisk(*args, check=True, timeout=120, input=None):
 
 
 def qemu_img(*args, check=True, timeout=120):
-    return run(["qemu-img", *map(str, args)], check=check, timeout=timeout)
+    """qemu-img, retried only where QEMU itself failed to calibrate PBKDF2: making an encrypted
+    image measures its thread's CPU time, which reads 0 ms now and then on a fast or busy machine
+    ("Unable to get accurate CPU usage", QEMU's crypto/pbkdf.c). That is the peer's own flake,
+    not an answer about the image, so it gets up to 10 tries; any other failure is returned."""
+    for _ in range(10):
+        p = run(["qemu-img", *map(str, args)], check=False, timeout=timeout)
+        if p.returncode == 0 or "Unable to get accurate CPU usage" not in p.stderr:
+            break
+    if check and p.returncode != 0:
+        raise AssertionError(f"qemu-img {' '.join(map(str, args))} exited {p.returncode}\n"
+                             f"stdout:\n{p.stdout}\nstderr:\n{p.stderr}")
+    return p
 
 
 def qemu_io(*args, check=True, timeout=120):
