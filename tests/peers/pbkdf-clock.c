@@ -11,7 +11,8 @@
  * tests) drop to QEMU's own floor of 1000 for the key slot and the master key digest. Everything
  * else QEMU does - the header, the key material, the ciphers, every byte of data - is unchanged,
  * and vdisk opens those images with the iteration count the header names, as with any other.
- * Also gone: QEMU's "Unable to get accurate CPU usage" flake (a run measured at 0 ms).
+ * Not gone: QEMU's "Unable to get accurate CPU usage" (a run measured at 0 ms) still comes
+ * often on a loaded machine, so conftest.py's qemu_img() retries it.
  *
  * Built without sanitizers (the peers are not instrumented; an ASan shim could not be preloaded).
  */
