@@ -75,6 +75,48 @@ static int amend_header(BlockNode *bs, int version, int lazy, const VdAmendOptio
     return ret;
 }
 
+/*
+ * QEMU's progress over several operations (qcow2_amend_helper_cb): each operation reports
+ * (done, total) of its own; the caller sees them one after another, the operations still to
+ * come projected to cost as much as the average of those begun.
+ */
+enum { AMEND_NONE, AMEND_UPGRADE, AMEND_REFCOUNT, AMEND_DOWNGRADE };
+typedef struct AmendSteps {
+    const VdAmendOptions *o;
+    int ops, ops_done, op, last_op;
+    uint64_t done_before, last_total;
+} AmendSteps;
+
+static void amend_step(AmendSteps *st, int op, uint64_t done, uint64_t total)
+{
+    if (!st->o->progress) {
+        return;
+    }
+    st->op = op;
+    if (st->op != st->last_op) {
+        if (st->last_op != AMEND_NONE) {
+            st->done_before += st->last_total;
+            st->ops_done++;
+        }
+        st->last_op = st->op;
+    }
+    st->last_total = total;
+    uint64_t cur = st->done_before + total;
+    uint64_t left = (uint64_t)(st->ops - st->ops_done - 1), begun = (uint64_t)(st->ops_done + 1);
+    uint64_t projected = cur * left / begun;
+    st->o->progress(st->o->opaque, st->done_before + done, cur + projected);
+}
+
+static void step_refcount(void *opaque, uint64_t done, uint64_t total)
+{
+    amend_step(opaque, AMEND_REFCOUNT, done, total);
+}
+
+static void step_downgrade(void *opaque, uint64_t done, uint64_t total)
+{
+    amend_step(opaque, AMEND_DOWNGRADE, done, total);
+}
+
 /* Refusals, in QEMU's words, before anything changes. */
 static int amend_check(Qcow2State *s, const VdAmendOptions *o, int version, int rbits,
                        VdError **errp)
@@ -144,25 +186,30 @@ int q2_amend(BlockNode *bs, const VdAmendOptions *o, VdError **errp)
     if (ret < 0) {
         return ret;
     }
+    AmendSteps st = { .o = o, .ops = (version != old_version) + (rbits != old_bits) };
     /* From here on the file is changed with the driver state closed (flushed, not dirty). */
     q2_close_state(bs);
     if (version == 3 && old_version == 2) {
+        amend_step(&st, AMEND_UPGRADE, 0, 2); /* QEMU's: snapshot table, header, done */
         ret = q2_open_state(bs, errp);
         if (ret == 0) {
+            amend_step(&st, AMEND_UPGRADE, 1, 2);
             ret = amend_header(bs, 3, -1, NULL, errp);
             q2_close_state(bs);
         }
         if (ret < 0) {
             goto reopen;
         }
+        amend_step(&st, AMEND_UPGRADE, 2, 2);
     }
     if (rbits != old_bits || version < old_version) {
         Qcow2AmendFile a = {
             .refcount_bits = (uint32_t)rbits,
             .expand_zeroes = version < old_version,
             .has_backing = bs->backing_file != NULL,
-            .progress = o->progress,
-            .opaque = o->opaque,
+            .progress = step_downgrade,
+            .refcount_progress = step_refcount,
+            .opaque = &st,
         };
         ret = qcow2_amend_file(bs->file, &a, errp);
         if (ret < 0) {

@@ -253,6 +253,24 @@ static int expand_plan(Chk *c, Expand *x, bool has_backing, const Qcow2AmendFile
     return 0;
 }
 
+/*
+ * QEMU's steps for a refcount width change (walk_over_reftable): walk `walk` of `walks` reports
+ * each entry of the old refcount table as it comes to it, then the walk's end. QEMU walks twice
+ * to allocate the new structure and once to write it (one more allocating walk, and a larger
+ * total, when its second walk still had to allocate: not seen on the images tested, not shown).
+ */
+static void refcount_walk_progress(const Qcow2AmendFile *a, uint64_t entries, uint64_t walk,
+                                   uint64_t walks)
+{
+    if (!a->refcount_progress) {
+        return;
+    }
+    for (uint64_t i = 0; i < entries; i++) {
+        a->refcount_progress(a->opaque, walk * entries + i, walks * entries);
+    }
+    a->refcount_progress(a->opaque, (walk + 1) * entries, walks * entries);
+}
+
 int qcow2_amend_file(BlockNode *file, const Qcow2AmendFile *a, VdError **errp)
 {
     VdCheckResult res;
@@ -285,6 +303,12 @@ int qcow2_amend_file(BlockNode *file, const Qcow2AmendFile *a, VdError **errp)
             goto out;
         }
     }
+    bool new_width = order != c.refcount_order;
+    uint64_t old_entries = c.reftable_entries;
+    if (new_width) { /* QEMU's allocating walks (vdisk counted above) */
+        refcount_walk_progress(a, old_entries, 0, 3);
+        refcount_walk_progress(a, old_entries, 1, 3);
+    }
     /* (a new cluster gets as many references as its L2 table has: checked above) */
     if (a->expand_zeroes && (ret = expand_plan(&c, &x, a->has_backing, a, errp)) < 0) {
         goto out;
@@ -298,6 +322,9 @@ int qcow2_amend_file(BlockNode *file, const Qcow2AmendFile *a, VdError **errp)
     if (ret < 0) {
         vd_error_setg_errno(errp, -ret, "Could not write the new refcount structure");
         goto out;
+    }
+    if (new_width) {
+        refcount_walk_progress(a, old_entries, 2, 3);
     }
     if (a->expand_zeroes) {
         ret = walk_zero_entries(&c, &x, a->has_backing, true, a, errp);

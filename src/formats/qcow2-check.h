@@ -53,6 +53,8 @@ typedef struct Qcow2AmendFile {
     bool expand_zeroes;
     bool has_backing;
     void (*progress)(void *opaque, uint64_t done, uint64_t total);
+    /* a width change's steps: QEMU's three walks over the old refcount table, one per entry */
+    void (*refcount_progress)(void *opaque, uint64_t done, uint64_t total);
     void *opaque;
 } Qcow2AmendFile;
 int qcow2_amend_file(BlockNode *file, const Qcow2AmendFile *a, VdError **errp);

@@ -6,10 +6,11 @@ texts and exit codes for the same command line on a copy of the same image.
 """
 import json
 import shutil
+import subprocess
 
 import pytest
 
-from conftest import assert_qemu_check_clean, qemu_img, qemu_io, run, vdisk
+from conftest import VDISK, assert_qemu_check_clean, qemu_img, qemu_io, run, vdisk
 
 
 def info(path):
@@ -142,6 +143,42 @@ def test_progress_and_quiet(tmp_path):
     v = vdisk("amend", "-p", "-o", "compat=0.10", img)
     assert v.stdout == q.stdout
     assert vdisk("amend", "-q", "-p", "-o", "compat=1.1", img).stdout == ""
+
+
+@pytest.mark.parametrize("create,data,opts", [
+    ("compat=0.10", None, "compat=1.1"),
+    ("compat=0.10", "64M", "compat=1.1"),
+    ("compat=1.1", None, "refcount_bits=64"),
+    ("compat=1.1", None, "refcount_bits=1"),
+    ("compat=1.1", "64M", "refcount_bits=64"),
+    ("compat=1.1", "64M", "refcount_bits=1"),
+    ("compat=1.1,cluster_size=4096", "64M", "refcount_bits=64"),
+    ("compat=1.1,size=1G", None, "refcount_bits=8"),
+    ("compat=0.10", "64M", "compat=1.1,refcount_bits=64"),
+    ("refcount_bits=64", "1M", "compat=0.10,refcount_bits=16"),
+])
+def test_progress_bytes_as_qemu_img(tmp_path, create, data, opts):
+    """amend -p prints qemu-img's bytes: an upgrade's 0/50/100 %, a refcount width change's
+    steps over three walks of the old refcount table (about 100 lines of 1 %), and, with both,
+    the upgrade weighed against the projected cost of the change still to come."""
+    outs = {}
+    for t, prog in (("q", "qemu-img"), ("v", VDISK)):
+        img = str(tmp_path / (t + ".qcow2"))
+        size = "1G" if "size=" in create else "64M"
+        qemu_img("create", "-f", "qcow2", "-o", create.replace(",size=1G", ""), img, size)
+        if data:
+            qemu_io("-c", "write -P 7 0 " + data, img)
+        p = subprocess.run([prog, "amend", "-p", "-o", opts, img], capture_output=True,
+                           timeout=120)
+        outs[t] = (p.returncode, p.stdout, p.stderr)
+        io_ok(img, "read -P 7 0 " + data if data else "read -P 0 0 1M")
+    assert outs["v"] == outs["q"]
+    assert outs["q"][0] == 0 and outs["q"][1].startswith(b"    (0.00/100%)\r    (0.00/100%)\r")
+    assert outs["q"][1].endswith(b"    (100.00/100%)\r    (100.00/100%)\r\n")
+    if opts.startswith("refcount_bits"):
+        assert outs["q"][1].count(b"\r") > 90
+    elif opts == "compat=1.1":
+        assert b"    (50.00/100%)\r" in outs["q"][1]
 
 
 def test_help_lists_qemu_img_amend_options(tmp_path):
