@@ -4,6 +4,7 @@ QMPClient reads the greeting, negotiates (unless told not to), runs commands, an
 it sees while waiting for replies in .events (get_event() waits for more). Every daemon started
 here must be stopped by the caller's finally (the fixtures in the test modules do it).
 """
+import contextlib
 import json
 import os
 import socket
@@ -214,6 +215,23 @@ def start_qsd(tmp):
                   # QEMU's monitor serves one connection at a time: don't spend a connection
                   # on probing it (wait_socket watches for its listening socket instead).
                   probe=False)
+
+
+@contextlib.contextmanager
+def running(start, tmp):
+    """start(tmp)'s daemon for a with-block (the QSD-vs-vdiskd comparisons): killed if the block
+    raises; else vdiskd is stopped with its exit and log checked (stop_checked) and
+    qemu-storage-daemon, which has no such check, killed."""
+    d = start(tmp)
+    try:
+        yield d
+    except BaseException:
+        d.kill()
+        raise
+    if start is start_vdiskd:
+        d.stop_checked()
+    else:
+        d.kill()
 
 
 def file_node(path, node=None, **extra):

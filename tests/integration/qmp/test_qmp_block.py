@@ -5,7 +5,7 @@ import os
 import pytest
 
 from conftest import qemu_img
-from qmp_client import file_node, fmt_node, start_qsd, start_vdiskd
+from qmp_client import file_node, fmt_node, running, start_qsd, start_vdiskd
 
 
 @pytest.fixture
@@ -23,17 +23,8 @@ def run_both(tmp, steps):
     """Run steps (list of (cmd, args)) on qemu-storage-daemon, then on vdiskd; return replies."""
     out = []
     for start in (start_qsd, start_vdiskd):
-        d = start(tmp)
-        try:
-            with d.client() as c:
-                out.append([c.execute(cmd, args) for cmd, args in steps])
-        except BaseException:
-            d.kill()
-            raise
-        if start is start_vdiskd:
-            d.stop_checked()
-        else:
-            d.kill()
+        with running(start, tmp) as d, d.client() as c:
+            out.append([c.execute(cmd, args) for cmd, args in steps])
     return out
 
 

@@ -11,7 +11,7 @@ import pytest
 
 import nbd_helpers as H
 from conftest import free_port, qemu_img, qemu_io, run, wait_unix_listening
-from qmp_client import file_node, fmt_node, start_qsd, start_vdiskd
+from qmp_client import file_node, fmt_node, running, start_qsd, start_vdiskd
 
 
 @pytest.fixture
@@ -29,20 +29,11 @@ def strip_events(replies):
 def run_both(tmp, steps):
     out = []
     for start in (start_qsd, start_vdiskd):
-        d = start(tmp)
-        try:
-            with d.client() as c:
-                replies = []
-                for cmd, args in steps:
-                    replies.append(c.execute(cmd, args))
-                out.append((replies, [(e["event"], e.get("data")) for e in c.events]))
-        except BaseException:
-            d.kill()
-            raise
-        if start is start_vdiskd:
-            d.stop_checked()
-        else:
-            d.kill()
+        with running(start, tmp) as d, d.client() as c:
+            replies = []
+            for cmd, args in steps:
+                replies.append(c.execute(cmd, args))
+            out.append((replies, [(e["event"], e.get("data")) for e in c.events]))
     return out
 
 
@@ -398,37 +389,28 @@ def test_odd_sized_nodes_and_exports_match_qsd(tmp):
             name = "qsd" if start is start_qsd else "vd"
             path = tmp / f"{name}.raw"
             path.write_bytes(data)
-            d = start(tmp)
             sock = str(tmp / f"{name}-exp.sock")
-            try:
-                with d.client() as c:
-                    c.cmd("blockdev-add", **file_node(path, "f"))
-                    c.cmd("blockdev-add", driver="raw", node_name="r", file="f")
-                    c.cmd("blockdev-add", driver="nbd", node_name="n",
-                          server={"type": "unix", "path": msock})
-                    sizes = {n["node-name"]: n["image"]["virtual-size"]
-                             for n in c.cmd("query-named-block-nodes")}
-                    c.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
-                    for node, w in (("f", True), ("n", True), ("r", False)):
-                        c.cmd("block-export-add", type="nbd", id=node, node_name=node,
-                              name=node, writable=w)
-                    u = {e: f"nbd+unix:///{e}?socket={sock}" for e in ("f", "n", "r")}
-                    export_sizes = {e: run(["nbdinfo", "--size", u[e]]).stdout.strip()
-                                    for e in u}
-                    served = subprocess.run(["nbdcopy", u["r"], "-"], capture_output=True,
-                                            check=True).stdout
-                    wf = qemu_io("-f", "raw", "-c", "write -P 0x41 1000 24", u["f"])
-                    wn = qemu_io("-f", "raw", "-c", "write -P 0x41 1000 24", u["n"],
-                                 check=False)
-                    for node in ("f", "n", "r"):
-                        c.cmd("block-export-del", id=node, mode="hard")
-            except BaseException:
-                d.kill()
-                raise
-            if start is start_vdiskd:
-                d.stop_checked()
-            else:
-                d.kill()
+            with running(start, tmp) as d, d.client() as c:
+                c.cmd("blockdev-add", **file_node(path, "f"))
+                c.cmd("blockdev-add", driver="raw", node_name="r", file="f")
+                c.cmd("blockdev-add", driver="nbd", node_name="n",
+                      server={"type": "unix", "path": msock})
+                sizes = {n["node-name"]: n["image"]["virtual-size"]
+                         for n in c.cmd("query-named-block-nodes")}
+                c.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
+                for node, w in (("f", True), ("n", True), ("r", False)):
+                    c.cmd("block-export-add", type="nbd", id=node, node_name=node,
+                          name=node, writable=w)
+                u = {e: f"nbd+unix:///{e}?socket={sock}" for e in ("f", "n", "r")}
+                export_sizes = {e: run(["nbdinfo", "--size", u[e]]).stdout.strip()
+                                for e in u}
+                served = subprocess.run(["nbdcopy", u["r"], "-"], capture_output=True,
+                                        check=True).stdout
+                wf = qemu_io("-f", "raw", "-c", "write -P 0x41 1000 24", u["f"])
+                wn = qemu_io("-f", "raw", "-c", "write -P 0x41 1000 24", u["n"],
+                             check=False)
+                for node in ("f", "n", "r"):
+                    c.cmd("block-export-del", id=node, mode="hard")
             results.append((sizes, export_sizes, served, "wrote 24/24" in wf.stdout,
                             wn.stdout.strip(), path.read_bytes()))
     finally:
